@@ -1,0 +1,274 @@
+//! Vocabulary shared by every device of the chip: vectors, APIC IDs, delivery modes and the
+//! interrupt message that travels on the (virtual) APIC bus.
+//!
+//! One message type serves every source: an ICR write (SDM vol. 3 §11.6.1), an IOAPIC
+//! redirection entry (82093AA §3.2.4) and a PCI MSI (SDM vol. 3 §11.11) all decode into an
+//! [`InterruptMessage`], and the bus resolves it to target vCPUs the same way.
+
+use serde::{Deserialize, Serialize};
+
+/// An interrupt vector (0-255). Vectors 0-15 are illegal for fixed and lowest-priority delivery
+/// (SDM vol. 3 §11.5.2, "illegal vector" ESR bits).
+pub type Vector = u8;
+
+/// Index of a vCPU in the VM (0 = bootstrap processor). Not the APIC ID.
+pub type VcpuIndex = usize;
+
+/// Time as the caller sees it, in nanoseconds of a monotonic clock that starts when the VM is
+/// created. The chip never reads a host clock: every call that depends on time takes one of these.
+pub type Nanos = u64;
+
+/// A local APIC ID. xAPIC IDs are 8 bits (bits 31:24 of the ID register); x2APIC IDs are 32 bits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ApicId(pub u32);
+
+/// Delivery mode field, bits 10:8 of the ICR, of an IOAPIC redirection entry and of MSI data
+/// (SDM vol. 3 §11.6.1). Encoding 3 is reserved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DeliveryMode {
+    Fixed = 0,
+    LowestPriority = 1,
+    Smi = 2,
+    Nmi = 4,
+    Init = 5,
+    StartUp = 6,
+    ExtInt = 7,
+}
+
+impl DeliveryMode {
+    /// Decodes the 3-bit field; `None` for the reserved encoding 3.
+    pub fn from_bits(bits: u32) -> Option<Self> {
+        match bits & 0x7 {
+            0 => Some(Self::Fixed),
+            1 => Some(Self::LowestPriority),
+            2 => Some(Self::Smi),
+            4 => Some(Self::Nmi),
+            5 => Some(Self::Init),
+            6 => Some(Self::StartUp),
+            7 => Some(Self::ExtInt),
+            _ => None,
+        }
+    }
+
+    /// The 3-bit encoding.
+    pub fn bits(self) -> u32 {
+        self as u32
+    }
+
+    /// Fixed and lowest-priority interrupts carry a vector that lands in IRR; the others are
+    /// events with their own pins on the processor (NMI, SMI, INIT, SIPI, ExtINT).
+    pub fn uses_irr(self) -> bool {
+        matches!(self, Self::Fixed | Self::LowestPriority)
+    }
+}
+
+/// Destination mode, bit 11 of the ICR (SDM vol. 3 §11.6.2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DestinationMode {
+    Physical,
+    Logical,
+}
+
+/// Trigger mode, bit 15 of the ICR / redirection entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum TriggerMode {
+    Edge,
+    Level,
+}
+
+/// Destination shorthand, bits 19:18 of the ICR (SDM vol. 3 §11.6.1). Only IPIs use it; IOAPIC
+/// and MSI messages always have `None`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Shorthand {
+    None,
+    SelfOnly,
+    AllIncludingSelf,
+    AllExcludingSelf,
+}
+
+impl Shorthand {
+    pub fn from_bits(bits: u32) -> Self {
+        match bits & 0x3 {
+            0 => Self::None,
+            1 => Self::SelfOnly,
+            2 => Self::AllIncludingSelf,
+            _ => Self::AllExcludingSelf,
+        }
+    }
+}
+
+/// How the destination field of a message must be read.
+///
+/// An xAPIC-mode sender and the IOAPIC / MSI write 8-bit destinations where 0xFF is broadcast;
+/// an x2APIC-mode sender writes 32-bit destinations where 0xFFFF_FFFF is broadcast
+/// (SDM vol. 3 §11.12.9). MSIs with the extended destination ID (bits 11:5 of the address) carry
+/// up to 15 bits and use `Xapic` format with a wider value: 0xFF stays broadcast.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DestinationFormat {
+    Xapic,
+    X2apic,
+}
+
+/// Who put a message on the bus. Shorthands and "all excluding self" need the sender.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum MessageSource {
+    /// An IPI written to the ICR (or SELF_IPI) of this vCPU's local APIC.
+    Vcpu(VcpuIndex),
+    /// An IOAPIC redirection entry, an MSI, or the VMM itself.
+    Device,
+}
+
+/// An interrupt message on the APIC bus: what an ICR write, an IOAPIC redirection entry or an MSI
+/// produces, before it is resolved to destination vCPUs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct InterruptMessage {
+    pub vector: Vector,
+    pub delivery_mode: DeliveryMode,
+    pub destination_mode: DestinationMode,
+    pub trigger: TriggerMode,
+    /// Level field of the ICR (bit 14). Only meaningful for INIT: `false` with level trigger is
+    /// the "INIT level de-assert" message, which modern processors ignore (SDM vol. 3 §11.6.1).
+    pub level_assert: bool,
+    pub shorthand: Shorthand,
+    pub destination: u32,
+    pub format: DestinationFormat,
+    pub source: MessageSource,
+}
+
+impl InterruptMessage {
+    /// A fixed, edge-triggered, physically addressed device interrupt: the common case.
+    pub fn fixed(vector: Vector, apic_id: u32) -> Self {
+        Self {
+            vector,
+            delivery_mode: DeliveryMode::Fixed,
+            destination_mode: DestinationMode::Physical,
+            trigger: TriggerMode::Edge,
+            level_assert: true,
+            shorthand: Shorthand::None,
+            destination: apic_id,
+            format: DestinationFormat::Xapic,
+            source: MessageSource::Device,
+        }
+    }
+
+    /// True for the INIT level de-assert IPI, which is accepted by the bus and then ignored.
+    pub fn is_init_deassert(&self) -> bool {
+        self.delivery_mode == DeliveryMode::Init
+            && self.trigger == TriggerMode::Level
+            && !self.level_assert
+    }
+}
+
+/// The EOI message a local APIC broadcasts to the IOAPICs when a level-triggered vector is
+/// acknowledged (SDM vol. 3 §11.8.5), unless EOI broadcast is suppressed (SVR bit 12), and the
+/// message of a directed EOI (write to the IOAPIC EOI register, version 0x20).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct EoiMessage {
+    pub vector: Vector,
+}
+
+/// What the bus needs to know about one local APIC to resolve destinations: its ID, its logical
+/// addressing and whether it accepts anything at all. A local APIC publishes a new one whenever
+/// the guest changes any of these (ID, LDR, DFR, APIC base mode or enable bit, SVR enable).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TopologyEntry {
+    pub apic_id: ApicId,
+    /// x2APIC mode (IA32_APIC_BASE.EXTD set).
+    pub x2apic: bool,
+    /// Globally enabled (IA32_APIC_BASE.EN). A globally disabled APIC receives nothing
+    /// (SDM vol. 3 §11.4.3).
+    pub hw_enabled: bool,
+    /// Software enabled (SVR bit 8). A software-disabled APIC still accepts INIT, SIPI, NMI and
+    /// SMI, and its IRR/ISR keep their state (SDM vol. 3 §11.4.7.2).
+    pub sw_enabled: bool,
+    /// Logical destination register as read: xAPIC bits 31:24, x2APIC the whole 32 bits.
+    pub ldr: u32,
+    /// DFR model: `true` for flat (0xF), `false` for cluster (0x0). Ignored in x2APIC mode,
+    /// which is always cluster.
+    pub dfr_flat: bool,
+}
+
+/// An error the guest sees as a general-protection fault (#GP(0)) on the access that caused it.
+/// The VMM turns it into an injected #GP (or, for MSR exits, the `error` flag).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum GuestFault {
+    #[error("general protection fault: {0}")]
+    GeneralProtection(&'static str),
+}
+
+/// The non-vector events a local APIC latches for its processor: INIT, SIPI (with its vector),
+/// NMI, SMI and ExtINT (SDM vol. 3 §11.6.1, §8.4). Posters set them from any thread (see
+/// `posting`); only the target vCPU, in its own context, consumes them (see `mpstate`), so an INIT
+/// can never be lost to a HLT the target executes at the same moment (seed 000).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ApicEvents {
+    pub init: bool,
+    /// A pending start-up IPI and its vector. A second SIPI before the first is consumed
+    /// replaces the vector, as the latch on a real APIC holds one.
+    pub sipi: Option<Vector>,
+    pub nmi: bool,
+    pub smi: bool,
+    /// The APIC was asked to take an interrupt vector from the 8259 PIC (an INTA cycle).
+    pub extint: bool,
+}
+
+impl ApicEvents {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Adds `other` to the latch: flags OR together, a newer SIPI vector wins.
+    pub fn merge(&mut self, other: ApicEvents) {
+        self.init |= other.init;
+        self.sipi = other.sipi.or(self.sipi);
+        self.nmi |= other.nmi;
+        self.smi |= other.smi;
+        self.extint |= other.extint;
+    }
+}
+
+/// How the chip converts the caller's [`Nanos`] to the two clocks the local APIC timer counts:
+/// the APIC timer's input clock (the "bus clock", before the divide configuration register;
+/// KVM uses 1 GHz) and the guest's time-stamp counter (for TSC-deadline mode,
+/// SDM vol. 3 §11.5.4.1). The guest TSC at time `t` is `tsc_at_zero + t * tsc_hz / 1e9`; the VMM
+/// keeps the guest's real TSC consistent with that.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ClockConfig {
+    pub apic_bus_hz: u64,
+    pub tsc_hz: u64,
+    pub tsc_at_zero: u64,
+}
+
+impl Default for ClockConfig {
+    fn default() -> Self {
+        Self {
+            apic_bus_hz: 1_000_000_000,
+            tsc_hz: 1_000_000_000,
+            tsc_at_zero: 0,
+        }
+    }
+}
+
+/// What a poster must do to the target vCPU's thread after posting to it (seed 001).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Notify {
+    /// Nothing: the target is outside guest mode and will look at its posted work before it
+    /// next enters, or another poster already owns the notification.
+    None,
+    /// The target is (or is about to be) in guest mode: force it out (signal + immediate_exit).
+    Kick,
+    /// The target is blocked waiting for work (halted, or waiting for SIPI): wake its thread.
+    Wake,
+}
+
+/// Anything that can receive interrupts from the bus: the posting inbox of a vCPU in a VMM, or a
+/// fake vCPU in a test. Every method may be called from any thread and must not block.
+pub trait InterruptSink: Send + Sync {
+    /// Posts a fixed or lowest-priority vector (level-triggered ones must set TMR on acceptance).
+    fn post_vector(&self, vector: Vector, trigger: TriggerMode) -> Notify;
+    /// Latches non-vector events (INIT, SIPI, NMI, SMI, ExtINT).
+    fn post_events(&self, events: ApicEvents) -> Notify;
+    /// The processor priority (PPR, SDM vol. 3 §11.8.3.1) the target last published, used for
+    /// lowest-priority arbitration.
+    fn published_ppr(&self) -> u8;
+}

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Runs every test of irqvm: the unit, property and integration tests of the workspace, then the
+# loom model of the cross-thread protocols (a separate build, since loom replaces the atomics).
+set -euo pipefail
+cd "$(dirname "$0")"
+cargo test --workspace
+cargo test -p irqchip --release --features loom --test loom_posting
