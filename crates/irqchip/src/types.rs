@@ -19,7 +19,9 @@ pub type VcpuIndex = usize;
 pub type Nanos = u64;
 
 /// A local APIC ID. xAPIC IDs are 8 bits (bits 31:24 of the ID register); x2APIC IDs are 32 bits.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct ApicId(pub u32);
 
 /// Delivery mode field, bits 10:8 of the ICR, of an IOAPIC redirection entry and of MSI data
