@@ -14,6 +14,7 @@ pub mod bus;
 pub mod ioapic;
 pub mod lapic;
 pub mod mpstate;
+pub mod msi;
 pub mod pic;
 pub mod posting;
 pub mod sync;
