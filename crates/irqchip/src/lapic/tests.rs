@@ -842,10 +842,7 @@ fn x2apic_mode_keeps_registers_from_xapic_11_12_5_1() {
     write(&mut apic, REG_TPR, 0x20);
     write(&mut apic, REG_LVT_LINT1, 0x400);
     apic.accept_vector(0x55, TriggerMode::Edge);
-    let mut apic = {
-        apic.set_apic_base(0xFEE0_0C00, false).unwrap();
-        apic
-    };
+    apic.set_apic_base(0xFEE0_0C00, false).unwrap();
     assert_eq!(apic.msr_read(msr(REG_TPR), 0), Ok(0x20));
     assert_eq!(apic.msr_read(msr(REG_LVT_LINT1), 0), Ok(0x400));
     assert_eq!(apic.msr_read(msr(REG_IRR0 + 0x20), 0), Ok(1 << 0x15));
