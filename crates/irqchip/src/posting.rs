@@ -397,12 +397,24 @@ impl InterruptSink for VcpuInbox {
         self.raise_notification()
     }
 
-    /// Event bits (a SIPI replaces the vector of a pending one), then ON. Empty: no-op.
+    /// Event bits, then ON. Empty: no-op. A SIPI replaces the vector of a pending one, and an
+    /// INIT discards a pending SIPI posted before it (as `ApicEvents::merge` says: the INIT
+    /// resets the target first, so that SIPI would no longer find it waiting).
     fn post_events(&self, events: ApicEvents) -> Notify {
         let flags = encode_flags(&events);
-        if let Some(vector) = events.sipi {
-            let sipi = EV_SIPI | (u32::from(vector) << EV_SIPI_VECTOR_SHIFT);
-            let replace = |word: u32| Some((word & !EV_SIPI_VECTOR_MASK) | flags | sipi);
+        let new_sipi = events
+            .sipi
+            .map(|vector| EV_SIPI | (u32::from(vector) << EV_SIPI_VECTOR_SHIFT));
+        if events.init || new_sipi.is_some() {
+            let replace = |word: u32| {
+                let kept_sipi = if events.init {
+                    0
+                } else {
+                    word & (EV_SIPI | EV_SIPI_VECTOR_MASK)
+                };
+                let others = word & !(EV_SIPI | EV_SIPI_VECTOR_MASK);
+                Some(others | flags | new_sipi.unwrap_or(kept_sipi))
+            };
             // The closure always returns Some, so this cannot fail.
             let _ = self
                 .events
