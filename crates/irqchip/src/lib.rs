@@ -19,5 +19,6 @@ pub mod pic;
 pub mod posting;
 pub mod sync;
 pub mod types;
+pub mod vcpu;
 
 pub use types::*;
