@@ -16,6 +16,7 @@ pub mod lapic;
 pub mod mpstate;
 pub mod pic;
 pub mod posting;
+pub mod routing;
 pub mod sync;
 pub mod types;
 

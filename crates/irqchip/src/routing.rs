@@ -1,0 +1,1 @@
+//! GSI routing (filled in by the next commit).
