@@ -17,6 +17,7 @@ pub mod mpstate;
 pub mod msi;
 pub mod pic;
 pub mod posting;
+pub mod routing;
 pub mod sync;
 pub mod types;
 pub mod vcpu;
