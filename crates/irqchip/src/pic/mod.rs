@@ -2,7 +2,7 @@
 //! 0x20/0x21, a slave at 0xA0/0xA1 whose INT output drives the master's IR2, and the edge/level
 //! control registers (ELCR) of the PIIX/ICH chipsets at 0x4D0 (master) and 0x4D1 (slave).
 //!
-//! The chip-level rules (command words, priority, EOI, poll) are in [`chip`]; this module wires
+//! The chip-level rules (command words, priority, EOI, poll) are in the `chip` submodule ([`Pic8259`]); this module wires
 //! the two chips together and gives the VMM its view: ISA lines in ([`DualPic::set_irq`]), the
 //! master's INT pin out ([`DualPic::output`]), and the INTA cycle ([`DualPic::acknowledge`]).
 //! Datasheet references are to the Intel 8259A data sheet (order no. 231468) by section name.
