@@ -715,7 +715,7 @@ impl LocalApic {
         }
     }
 
-    /// The LDR as read (§11.6.2.2, §11.12.10.2): in x2APIC mode, cluster = ID[31:4] in bits
+    /// The LDR as read (§11.6.2.2, §11.12.10.2): in x2APIC mode, cluster = ID\[31:4\] in bits
     /// 31:16 and bit `ID[3:0]` set in bits 15:0.
     pub fn ldr(&self) -> u32 {
         if self.x2apic() {
@@ -941,12 +941,12 @@ impl LocalApic {
         }
     }
 
-    /// CR8 reads TPR[7:4] (§11.8.6).
+    /// CR8 reads TPR\[7:4\] (§11.8.6).
     pub fn cr8(&self) -> u64 {
         u64::from(self.tpr >> 4)
     }
 
-    /// A CR8 write sets TPR[7:4] = CR8[3:0] and TPR[3:0] = 0 (§11.8.6).
+    /// A CR8 write sets `TPR[7:4]` = `CR8[3:0]` and `TPR[3:0]` = 0 (§11.8.6).
     pub fn set_cr8(&mut self, cr8: u64) {
         // Truncation keeps CR8[3:0].
         self.tpr = ((cr8 & 0xF) as u8) << 4;

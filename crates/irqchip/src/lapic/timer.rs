@@ -9,7 +9,7 @@
 //!
 //! In one-shot and periodic modes the timer counts down at `apic_bus_hz / divisor` counts per
 //! second. A running count is stored as the exact time of its next expiry, a rational number of
-//! nanoseconds (`expiry + expiry_frac / den`, see [`Rate`]); the current count is derived from the
+//! nanoseconds (`expiry + expiry_frac / den`, see `Rate`); the current count is derived from the
 //! time left, rounded up (a count that has started but not finished still reads as not done). A
 //! periodic timer advances its expiry by exactly one period in that rational form, so its
 //! deadlines stay on the grid `start + k * period` forever (no rounding drift). A deadline that is
