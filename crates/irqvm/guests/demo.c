@@ -1,0 +1,4 @@
+/* demo: not written yet. */
+#include "guest.h"
+
+void guest_main(void) { skip("demo", "not written yet"); }

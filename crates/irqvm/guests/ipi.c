@@ -1,0 +1,4 @@
+/* ipi: not written yet. */
+#include "guest.h"
+
+void guest_main(void) { skip("ipi", "not written yet"); }

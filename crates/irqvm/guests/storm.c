@@ -1,0 +1,4 @@
+/* storm: not written yet. */
+#include "guest.h"
+
+void guest_main(void) { skip("storm", "not written yet"); }

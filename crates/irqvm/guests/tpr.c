@@ -1,0 +1,4 @@
+/* tpr: not written yet. */
+#include "guest.h"
+
+void guest_main(void) { skip("tpr", "not written yet"); }

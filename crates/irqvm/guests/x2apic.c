@@ -1,0 +1,4 @@
+/* x2apic: not written yet. */
+#include "guest.h"
+
+void guest_main(void) { skip("x2apic", "not written yet"); }
