@@ -87,13 +87,19 @@ impl VmConfig {
 
 /// A VM ready to start: every vCPU created and the boot vCPU's registers set.
 pub struct Vm {
-    // Drop order matters: vCPU fds, then the VM fd, then the memory KVM maps.
+    // Drop order matters: the vCPU fds go before the VM fd and the memory (in `machine`).
     vcpus: Vec<VcpuThread>,
+    machine: Machine,
+}
+
+/// The parts of a VM shared by its threads, kept alive until every vCPU thread is joined.
+struct Machine {
     chip: Arc<dyn Irqchip>,
     devices: Arc<Devices>,
     control: Arc<VmControl>,
     shared: Vec<Arc<VcpuShared>>,
     loaded: LoadedKernel,
+    // Drop order: the VM fd before the memory KVM maps.
     _vm_fd: Arc<VmFd>,
     _kvm: Kvm,
     memory: GuestRam,
@@ -169,24 +175,26 @@ impl Vm {
         }
         Ok(Self {
             vcpus,
-            chip,
-            devices,
-            control,
-            shared,
-            loaded,
-            _vm_fd: vm_fd,
-            _kvm: kvm,
-            memory,
+            machine: Machine {
+                chip,
+                devices,
+                control,
+                shared,
+                loaded,
+                _vm_fd: vm_fd,
+                _kvm: kvm,
+                memory,
+            },
         })
     }
 
     /// What the loader did.
     pub fn loaded_kernel(&self) -> &LoadedKernel {
-        &self.loaded
+        &self.machine.loaded
     }
 
     pub fn memory(&self) -> &GuestRam {
-        &self.memory
+        &self.machine.memory
     }
 
     /// Starts one thread per vCPU.
@@ -202,14 +210,13 @@ impl Vm {
             match handle {
                 Ok(h) => threads.push(h),
                 Err(e) => {
-                    let running = RunningVm::from_parts(self, threads, started);
-                    running.stop();
-                    drop(running);
+                    // Dropping the RunningVm stops and joins the threads already started.
+                    drop(RunningVm::new(self.machine, threads, started));
                     return Err(VmError::Spawn(e));
                 }
             }
         }
-        Ok(RunningVm::from_parts(self, threads, started))
+        Ok(RunningVm::new(self.machine, threads, started))
     }
 
     /// Runs the VM to completion, or until `timeout`.
@@ -241,12 +248,11 @@ pub struct RunReport {
 pub struct RunningVm {
     threads: Vec<JoinHandle<()>>,
     started: Instant,
-    // Keeps the fds and the memory alive until every thread is joined.
-    vm: Vm,
+    vm: Machine,
 }
 
 impl RunningVm {
-    fn from_parts(vm: Vm, threads: Vec<JoinHandle<()>>, started: Instant) -> Self {
+    fn new(vm: Machine, threads: Vec<JoinHandle<()>>, started: Instant) -> Self {
         Self {
             threads,
             started,
