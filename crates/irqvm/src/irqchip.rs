@@ -39,7 +39,8 @@
 //!   IF allow it, else sets `request_interrupt_window`. Its `block` waits on the inbox's doorbell
 //!   (a condvar latch from `irqchip::posting`) with the APIC timer deadline as the timeout; its
 //!   `wake_vcpu` rings that doorbell, and posters that get `Notify::Kick` call the vCPU's
-//!   [`crate::vcpu::KickTarget`], handed to the backend when it is created.
+//!   [`crate::vcpu::kick::KickTarget`] (from [`ChipContext::vcpus`]). Its VM-wide setup
+//!   (KVM_CAP_X86_USER_SPACE_MSR, the MSR filter) happens in its constructor.
 //! * `split` (later): LAPICs in KVM (KVM_CAP_SPLIT_IRQCHIP), IOAPIC and PIC in userspace; its
 //!   `handle_exit` takes IOAPIC MMIO and KVM_EXIT_IOAPIC_EOI.
 
@@ -50,6 +51,7 @@ use kvm_bindings::{kvm_mp_state, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZ
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 
 use crate::kvm::KvmError;
+use crate::vcpu::VcpuShared;
 
 /// Number of ISA / IOAPIC input lines a device can drive (GSIs 0-23).
 pub const IRQ_LINES: u32 = 24;
@@ -89,9 +91,9 @@ pub trait InterruptLines: Send + Sync {
 /// CPUID features whose presence depends on the interrupt controller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChipFeatures {
-    /// x2APIC mode can be enabled (CPUID.1:ECX[21]).
+    /// x2APIC mode can be enabled (CPUID.1:ECX bit 21).
     pub x2apic: bool,
-    /// The LAPIC timer supports TSC-deadline mode (CPUID.1:ECX[24]).
+    /// The LAPIC timer supports TSC-deadline mode (CPUID.1:ECX bit 24).
     pub tsc_deadline: bool,
 }
 
@@ -202,14 +204,25 @@ pub trait VcpuIrqchip: Send {
     fn block(&mut self, deadline: Option<Instant>);
 }
 
+/// What a backend gets when it is created, before any vCPU exists.
+pub struct ChipContext<'a> {
+    pub kvm: &'a Kvm,
+    pub vm: Arc<VmFd>,
+    /// The vCPUs-to-be, index = vCPU index (0 = BSP): their kick targets, states and stats.
+    /// A userspace backend kicks a vCPU through `vcpus[i].kick` when posting returns
+    /// `Notify::Kick`.
+    pub vcpus: Vec<Arc<VcpuShared>>,
+    /// Time zero of the VM: the backend converts `Instant`s to `irqchip::Nanos` from here.
+    pub epoch: Instant,
+}
+
 /// Creates the backend for `mode` on a VM that has no vCPUs yet.
 pub fn create_irqchip(
     mode: IrqchipMode,
-    kvm: &Kvm,
-    vm: Arc<VmFd>,
+    ctx: ChipContext<'_>,
 ) -> Result<Arc<dyn Irqchip>, IrqchipError> {
     match mode {
-        IrqchipMode::Kernel => Ok(Arc::new(KernelIrqchip::new(kvm, vm)?)),
+        IrqchipMode::Kernel => Ok(Arc::new(KernelIrqchip::new(ctx.kvm, ctx.vm)?)),
     }
 }
 

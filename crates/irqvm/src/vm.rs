@@ -15,7 +15,7 @@ use kvm_ioctls::{Kvm, VmFd};
 
 use crate::cpuid::{self, CpuidConfig};
 use crate::devices::{DeviceConfig, Devices, SerialOutput};
-use crate::irqchip::{self, Irqchip, IrqchipError, IrqchipMode};
+use crate::irqchip::{self, ChipContext, Irqchip, IrqchipError, IrqchipMode};
 use crate::kvm::{self, KvmError};
 use crate::loader::{self, LoadRequest, LoadedKernel, LoaderError, Module, RawImage};
 use crate::memory::{self, GuestRam, MemoryError};
@@ -133,8 +133,19 @@ impl Vm {
         let kvm = kvm::open_kvm()?;
         let vm_fd = Arc::new(kvm::create_vm(&kvm)?);
         memory::register_guest_memory(&vm_fd, &memory)?;
+        let shared: Vec<Arc<VcpuShared>> = (0..cfg.cpus as usize)
+            .map(|index| Arc::new(VcpuShared::new(index)))
+            .collect();
         // The backend's VM-wide setup must precede KVM_CREATE_VCPU.
-        let chip = irqchip::create_irqchip(cfg.irqchip, &kvm, vm_fd.clone())?;
+        let chip = irqchip::create_irqchip(
+            cfg.irqchip,
+            ChipContext {
+                kvm: &kvm,
+                vm: vm_fd.clone(),
+                vcpus: shared.clone(),
+                epoch: Instant::now(),
+            },
+        )?;
         let devices = Arc::new(Devices::new(
             DeviceConfig {
                 cpus: cfg.cpus as u16,
@@ -152,8 +163,7 @@ impl Vm {
         };
         let supported = cpuid::supported_cpuid(&kvm)?;
         let mut vcpus = Vec::new();
-        let mut shared = Vec::new();
-        for index in 0..cfg.cpus as usize {
+        for (index, vcpu_shared) in shared.iter().enumerate() {
             let fd = vm_fd
                 .create_vcpu(index as u64)
                 .map_err(KvmError::ioctl("KVM_CREATE_VCPU"))?;
@@ -163,13 +173,11 @@ impl Vm {
             if index == 0 {
                 set_boot_registers(&fd, &loaded)?;
             }
-            let vcpu_shared = Arc::new(VcpuShared::new(index));
-            shared.push(vcpu_shared.clone());
             vcpus.push(VcpuThread {
                 fd,
                 chip: vcpu_chip,
                 devices: devices.clone(),
-                shared: vcpu_shared,
+                shared: vcpu_shared.clone(),
                 control: control.clone(),
             });
         }
