@@ -157,7 +157,7 @@ static void lowest_priority(u32 logical_all)
 	const char *policy = by_tpr == LOWEST_SENDS ? "tpr" : by_hash == LOWEST_SENDS ? "vector hashing" : NULL;
 	if (policy)
 		printf("INFO: lowest priority arbitration policy: %s\n", policy);
-	check(policy != NULL, "lowest priority follows tpr (or kvm vector hashing)",
+	check(policy != NULL, "lowest priority follows tpr (or kvm vector hashing) [tcg-apic-gap]",
 	      "receivers %u %u %u %u; lowest-TPR cpu is %u", who[0], who[1], who[2], who[3], target);
 	apic_write(APIC_TPR, 0);
 	for (u32 c = 1; c < ncpus; c++)
