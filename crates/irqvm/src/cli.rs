@@ -1,0 +1,273 @@
+//! Command line: `irqvm run --kernel FILE ...`, and `irqvm` alone for the built-in demo.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::devices::SerialOutput;
+use crate::irqchip::IrqchipMode;
+use crate::memory;
+use crate::vm::{RunReport, Vm, VmConfig, VmError};
+
+/// The built-in demo guest: four CPUs come online and exchange IPIs.
+pub static DEMO_GUEST: &[u8] = include_bytes!(concat!(env!("IRQVM_GUESTS_DIR"), "/demo.elf"));
+/// vCPUs of the built-in demo.
+pub const DEMO_CPUS: u32 = 4;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "irqvm",
+    version,
+    about = "A VMM on KVM with the interrupt controllers in userspace",
+    long_about = "A VMM on KVM. Without a subcommand it runs the built-in demo guest on 4 vCPUs. \
+                  The serial port is on stdio; the exit status follows the guest's isa-debug-exit \
+                  write v as (v << 1) | 1."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot a kernel: multiboot v1 (ELF32, ELF64 with a 32-bit entry, a.out kludge), plain ELF64,
+    /// or a raw binary (--raw-at).
+    Run(RunArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The kernel image.
+    #[arg(long, value_name = "FILE")]
+    pub kernel: PathBuf,
+    /// A file passed to the kernel as a multiboot module.
+    #[arg(long, value_name = "FILE")]
+    pub initrd: Option<PathBuf>,
+    /// Arguments after the kernel's file name on its command line.
+    #[arg(long, value_name = "STR", default_value = "")]
+    pub cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub cpus: u32,
+    /// Guest memory: a number of MiB, or with a K/M/G/T suffix.
+    #[arg(long, value_name = "SIZE", default_value = "128M", value_parser = parse_memory)]
+    pub memory: u64,
+    /// Interrupt controller implementation.
+    #[arg(long, value_enum, default_value_t = IrqchipMode::Kernel)]
+    pub irqchip: IrqchipMode,
+    /// Load the kernel as a raw binary at this guest-physical address (hex with 0x, or decimal)
+    /// and enter it there in 32-bit protected mode.
+    #[arg(long, value_name = "ADDR", value_parser = parse_address)]
+    pub raw_at: Option<u64>,
+    /// Stop the VM after this many seconds (exit status 124).
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<f64>,
+}
+
+fn parse_memory(text: &str) -> Result<u64, String> {
+    memory::parse_size(text)
+}
+
+fn parse_address(text: &str) -> Result<u64, String> {
+    let parsed = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => text.parse(),
+    };
+    parsed.map_err(|_| format!("'{text}' is not an address"))
+}
+
+/// Errors of the command line front end.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("cannot read {what} {path}: {source}")]
+    ReadFile {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--timeout must be a positive number of seconds")]
+    BadTimeout,
+    #[error(transparent)]
+    Vm(#[from] VmError),
+}
+
+/// Exit status when --timeout expires (as timeout(1) uses).
+pub const TIMEOUT_STATUS: i32 = 124;
+
+fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, CliError> {
+    std::fs::read(path).map_err(|source| CliError::ReadFile {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// The VM configuration for `irqvm run`.
+pub fn run_config(args: &RunArgs) -> Result<VmConfig, CliError> {
+    let kernel = read_file("kernel", &args.kernel)?;
+    let mut cfg = VmConfig::new(kernel, &args.kernel.display().to_string());
+    cfg.cmdline = args.cmdline.clone();
+    if let Some(path) = &args.initrd {
+        cfg.initrd = Some((read_file("initrd", path)?, path.display().to_string()));
+    }
+    cfg.cpus = args.cpus;
+    cfg.memory = args.memory;
+    cfg.irqchip = args.irqchip;
+    cfg.raw = args.raw_at.map(|addr| crate::loader::RawImage {
+        load_addr: addr,
+        entry: addr,
+        mode: crate::loader::CpuMode::Protected32,
+    });
+    cfg.serial = SerialOutput::Stdout;
+    Ok(cfg)
+}
+
+/// The VM configuration of the built-in demo.
+pub fn demo_config() -> VmConfig {
+    let mut cfg = VmConfig::new(DEMO_GUEST.to_vec(), "demo.elf");
+    cfg.cpus = DEMO_CPUS;
+    cfg
+}
+
+/// Runs the command line; returns the process exit status.
+pub fn main_with(cli: Cli) -> Result<i32, CliError> {
+    let (cfg, timeout) = match &cli.command {
+        None => (demo_config(), None),
+        Some(Command::Run(args)) => {
+            let timeout = match args.timeout {
+                None => None,
+                Some(t) if t.is_finite() && t > 0.0 => Some(Duration::from_secs_f64(t)),
+                Some(_) => return Err(CliError::BadTimeout),
+            };
+            (run_config(args)?, timeout)
+        }
+    };
+    let vm = Vm::new(&cfg)?.start()?;
+    spawn_stdin_reader(vm.devices().clone());
+    match vm.wait(timeout) {
+        Ok(report) => {
+            log_report(&report);
+            Ok(report.exit.exit_status())
+        }
+        Err(VmError::Timeout(t)) => {
+            eprintln!("irqvm: the guest did not finish within {t:?}");
+            Ok(TIMEOUT_STATUS)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn log_report(report: &RunReport) {
+    tracing::info!(exit = ?report.exit, elapsed = ?report.elapsed, "VM finished");
+    for (i, s) in report.vcpus.iter().enumerate() {
+        tracing::debug!(vcpu = i, ?s, "vCPU statistics");
+    }
+}
+
+/// Feeds the VMM's stdin to the serial port. The thread ends at EOF; it is never joined (a read
+/// of a terminal cannot be interrupted portably), which is harmless as the process exits after
+/// the VM.
+fn spawn_stdin_reader(devices: std::sync::Arc<crate::devices::Devices>) {
+    use std::io::Read;
+    let spawned = std::thread::Builder::new()
+        .name("serial-stdin".into())
+        .spawn(move || {
+            let mut stdin = std::io::stdin().lock();
+            let mut buf = [0u8; 64];
+            while let Ok(n) = stdin.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let mut rest = &buf[..n];
+                while !rest.is_empty() {
+                    let taken = devices.serial_input(rest);
+                    rest = &rest[taken..];
+                    if taken == 0 {
+                        // FIFO full: the guest has not read it yet.
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("no serial input: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn no_arguments_means_demo() {
+        let cli = Cli::try_parse_from(["irqvm"]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(demo_config().cpus, 4);
+        assert!(!DEMO_GUEST.is_empty());
+    }
+
+    #[test]
+    fn run_arguments_parse() {
+        let cli = Cli::try_parse_from([
+            "irqvm",
+            "run",
+            "--kernel",
+            "k.elf",
+            "--cpus",
+            "2",
+            "--memory",
+            "1G",
+            "--cmdline",
+            "a b",
+            "--irqchip",
+            "kernel",
+        ])
+        .unwrap();
+        let Some(Command::Run(args)) = cli.command else {
+            panic!("not run");
+        };
+        assert_eq!(args.cpus, 2);
+        assert_eq!(args.memory, 1 << 30);
+        assert_eq!(args.cmdline, "a b");
+        assert_eq!(args.irqchip, IrqchipMode::Kernel);
+    }
+
+    #[test]
+    fn only_working_irqchip_modes_are_offered() {
+        for mode in ["user", "split", "bogus"] {
+            let r = Cli::try_parse_from(["irqvm", "run", "--kernel", "k", "--irqchip", mode]);
+            assert!(r.is_err(), "{mode} accepted");
+        }
+    }
+
+    #[test]
+    fn bad_memory_size_is_rejected() {
+        let r = Cli::try_parse_from(["irqvm", "run", "--kernel", "k", "--memory", "12Q"]);
+        assert!(r.is_err());
+    }
+
+    #[test]
+    fn missing_kernel_file_is_named() {
+        let cli = Cli::try_parse_from(["irqvm", "run", "--kernel", "/nonexistent/k.elf"]).unwrap();
+        let Some(Command::Run(args)) = cli.command else {
+            panic!("not run");
+        };
+        let err = run_config(&args).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/k.elf"), "{err}");
+    }
+
+    #[test]
+    fn raw_address_parses_hex_and_decimal() {
+        assert_eq!(parse_address("0x100000").unwrap(), 0x100000);
+        assert_eq!(parse_address("4096").unwrap(), 4096);
+        assert!(parse_address("zz").is_err());
+    }
+}

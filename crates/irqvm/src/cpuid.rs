@@ -1,0 +1,274 @@
+//! The CPUID table each vCPU gets: KVM's supported set, less what this host's instruction
+//! emulator cannot run, with per-vCPU APIC IDs and a consistent topology.
+//!
+//! kvm_pvm emulates ring-0 guest code; it fails on xsave/xrstor and clac/stac (see
+//! `kvm-facts.md`), so XSAVE and everything that needs it (AVX, AVX2, AVX-512, AMX, PKU/OSPKE)
+//! and SMAP are hidden. The APIC (leaf 1 EDX bit 9), x2APIC (leaf 1 ECX bit 21) and the
+//! TSC-deadline timer (leaf 1 ECX bit 24) stay as KVM reports them; the irqchip backend may
+//! adjust them with [`CpuidConfig`].
+
+use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::Kvm;
+
+use crate::kvm::KvmError;
+
+/// Leaf 1 bits (SDM vol. 2A, CPUID, "Feature Information").
+pub mod leaf1 {
+    pub const ECX_MONITOR: u32 = 1 << 3;
+    pub const ECX_VMX: u32 = 1 << 5;
+    pub const ECX_SMX: u32 = 1 << 6;
+    pub const ECX_FMA: u32 = 1 << 12;
+    pub const ECX_PCID: u32 = 1 << 17;
+    pub const ECX_X2APIC: u32 = 1 << 21;
+    pub const ECX_TSC_DEADLINE: u32 = 1 << 24;
+    pub const ECX_XSAVE: u32 = 1 << 26;
+    pub const ECX_OSXSAVE: u32 = 1 << 27;
+    pub const ECX_AVX: u32 = 1 << 28;
+    pub const ECX_F16C: u32 = 1 << 29;
+    pub const ECX_HYPERVISOR: u32 = 1 << 31;
+    pub const EDX_APIC: u32 = 1 << 9;
+    pub const EDX_HTT: u32 = 1 << 28;
+}
+
+/// Leaf 7 subleaf 0 bits (SDM vol. 2A, CPUID, "Structured Extended Feature Flags").
+pub mod leaf7 {
+    pub const EBX_AVX2: u32 = 1 << 5;
+    pub const EBX_SMAP: u32 = 1 << 20;
+    /// AVX512F, DQ, IFMA, PF, ER, CD, BW, VL.
+    pub const EBX_AVX512: u32 = (1 << 16)
+        | (1 << 17)
+        | (1 << 21)
+        | (1 << 26)
+        | (1 << 27)
+        | (1 << 28)
+        | (1 << 30)
+        | (1 << 31);
+    /// AVX512_VBMI, PKU, OSPKE, AVX512_VBMI2, GFNI, VAES, VPCLMULQDQ, AVX512_VNNI, AVX512_BITALG,
+    /// AVX512_VPOPCNTDQ.
+    pub const ECX_AVX_PKU: u32 = (1 << 1)
+        | (1 << 3)
+        | (1 << 4)
+        | (1 << 6)
+        | (1 << 8)
+        | (1 << 9)
+        | (1 << 10)
+        | (1 << 11)
+        | (1 << 12)
+        | (1 << 14);
+    /// AVX512_4VNNIW, AVX512_4FMAPS, AVX512_VP2INTERSECT, AMX-BF16, AVX512_FP16, AMX-TILE,
+    /// AMX-INT8.
+    pub const EDX_AVX_AMX: u32 =
+        (1 << 2) | (1 << 3) | (1 << 8) | (1 << 22) | (1 << 23) | (1 << 24) | (1 << 25);
+}
+
+/// Leaf 0xD enumerates XSAVE state; hidden with XSAVE.
+const LEAF_XSAVE: u32 = 0xD;
+/// Extended topology leaves (SDM vol. 2A, CPUID leaf 0BH / 1FH).
+const LEAF_TOPOLOGY: u32 = 0xB;
+const LEAF_TOPOLOGY_V2: u32 = 0x1F;
+
+/// What the VMM wants the guest to see.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuidConfig {
+    /// Number of vCPUs (all in one package, one thread per core).
+    pub cpus: u32,
+    /// Advertise x2APIC (leaf 1 ECX bit 21).
+    pub x2apic: bool,
+    /// Advertise the TSC-deadline timer (leaf 1 ECX bit 24).
+    pub tsc_deadline: bool,
+}
+
+/// KVM's supported CPUID table.
+pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, KvmError> {
+    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(KvmError::ioctl("KVM_GET_SUPPORTED_CPUID"))
+}
+
+/// The table for vCPU `index` (whose APIC ID is `index`), derived from KVM's supported table.
+pub fn vcpu_cpuid(supported: &CpuId, cfg: &CpuidConfig, index: u32) -> CpuId {
+    let mut entries: Vec<kvm_cpuid_entry2> = supported
+        .as_slice()
+        .iter()
+        .copied()
+        .filter(|e| e.function != LEAF_XSAVE)
+        .collect();
+    for entry in entries.iter_mut() {
+        adjust_entry(entry, cfg, index);
+    }
+    CpuId::from_entries(&entries).expect("no more entries than KVM gave us")
+}
+
+/// Number of APIC-ID bits that distinguish `cpus` logical processors.
+fn id_bits(cpus: u32) -> u32 {
+    cpus.max(1).next_power_of_two().trailing_zeros()
+}
+
+fn adjust_entry(e: &mut kvm_cpuid_entry2, cfg: &CpuidConfig, apic_id: u32) {
+    match e.function {
+        1 => {
+            use leaf1::*;
+            e.ecx &= !(ECX_MONITOR
+                | ECX_VMX
+                | ECX_SMX
+                | ECX_FMA
+                | ECX_PCID
+                | ECX_XSAVE
+                | ECX_OSXSAVE
+                | ECX_AVX
+                | ECX_F16C);
+            e.ecx |= ECX_HYPERVISOR;
+            set_bit(&mut e.ecx, ECX_X2APIC, cfg.x2apic);
+            set_bit(&mut e.ecx, ECX_TSC_DEADLINE, cfg.tsc_deadline);
+            e.edx |= EDX_APIC;
+            set_bit(&mut e.edx, EDX_HTT, cfg.cpus > 1);
+            // EBX[31:24] initial APIC ID, [23:16] logical processors per package (SDM vol. 2A).
+            let count = cfg.cpus.next_power_of_two().min(255);
+            e.ebx = (e.ebx & 0xFFFF) | ((count & 0xFF) << 16) | ((apic_id & 0xFF) << 24);
+        }
+        7 if e.index == 0 => {
+            use leaf7::*;
+            e.ebx &= !(EBX_AVX2 | EBX_SMAP | EBX_AVX512);
+            e.ecx &= !ECX_AVX_PKU;
+            e.edx &= !EDX_AVX_AMX;
+        }
+        7 => {
+            // Subleaf 1 lists AVX-VNNI, AVX512_BF16 and newer AVX forms.
+            e.eax = 0;
+        }
+        LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2 => topology_entry(e, cfg.cpus, apic_id),
+        _ => {}
+    }
+}
+
+/// Extended topology (SDM vol. 2A, CPUID leaf 0BH): level 0 SMT (one thread per core),
+/// level 1 core (all vCPUs), then the invalid level. EDX is the x2APIC ID at every level.
+fn topology_entry(e: &mut kvm_cpuid_entry2, cpus: u32, apic_id: u32) {
+    const LEVEL_SMT: u32 = 1;
+    const LEVEL_CORE: u32 = 2;
+    let (eax, ebx, ecx_type) = match e.index {
+        0 => (0, 1, LEVEL_SMT),
+        1 => (id_bits(cpus), cpus, LEVEL_CORE),
+        _ => (0, 0, 0),
+    };
+    e.eax = eax;
+    e.ebx = ebx;
+    e.ecx = (ecx_type << 8) | (e.index & 0xFF);
+    e.edx = apic_id;
+}
+
+fn set_bit(word: &mut u32, bit: u32, on: bool) {
+    if on {
+        *word |= bit;
+    } else {
+        *word &= !bit;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            flags: 0,
+            eax: !0,
+            ebx: !0,
+            ecx: !0,
+            edx: !0,
+            ..Default::default()
+        }
+    }
+
+    fn table() -> CpuId {
+        CpuId::from_entries(&[
+            entry(0, 0),
+            entry(1, 0),
+            entry(7, 0),
+            entry(7, 1),
+            entry(0xB, 0),
+            entry(0xB, 1),
+            entry(0xB, 2),
+            entry(0xD, 0),
+            entry(0xD, 1),
+        ])
+        .unwrap()
+    }
+
+    fn find(c: &CpuId, function: u32, index: u32) -> Option<kvm_cpuid_entry2> {
+        c.as_slice()
+            .iter()
+            .copied()
+            .find(|e| e.function == function && e.index == index)
+    }
+
+    const CFG: CpuidConfig = CpuidConfig {
+        cpus: 4,
+        x2apic: true,
+        tsc_deadline: true,
+    };
+
+    #[test]
+    fn leaf1_carries_the_apic_id_and_count_sdm_vol2_cpuid() {
+        let c = vcpu_cpuid(&table(), &CFG, 3);
+        let e = find(&c, 1, 0).unwrap();
+        assert_eq!(e.ebx >> 24, 3);
+        assert_eq!((e.ebx >> 16) & 0xFF, 4);
+        assert_ne!(e.edx & leaf1::EDX_APIC, 0);
+        assert_ne!(e.edx & leaf1::EDX_HTT, 0);
+    }
+
+    #[test]
+    fn xsave_and_avx_are_hidden() {
+        let c = vcpu_cpuid(&table(), &CFG, 0);
+        let e = find(&c, 1, 0).unwrap();
+        assert_eq!(
+            e.ecx & (leaf1::ECX_XSAVE | leaf1::ECX_OSXSAVE | leaf1::ECX_AVX),
+            0
+        );
+        let l7 = find(&c, 7, 0).unwrap();
+        assert_eq!(
+            l7.ebx & (leaf7::EBX_AVX2 | leaf7::EBX_SMAP | leaf7::EBX_AVX512),
+            0
+        );
+        assert_eq!(find(&c, 7, 1).unwrap().eax, 0);
+        assert!(find(&c, 0xD, 0).is_none());
+        assert!(find(&c, 0xD, 1).is_none());
+    }
+
+    #[test]
+    fn x2apic_and_tsc_deadline_follow_the_config() {
+        let c = vcpu_cpuid(&table(), &CFG, 0);
+        let e = find(&c, 1, 0).unwrap();
+        assert_ne!(e.ecx & leaf1::ECX_X2APIC, 0);
+        assert_ne!(e.ecx & leaf1::ECX_TSC_DEADLINE, 0);
+        let off = CpuidConfig {
+            x2apic: false,
+            tsc_deadline: false,
+            ..CFG
+        };
+        let e = find(&vcpu_cpuid(&table(), &off, 0), 1, 0).unwrap();
+        assert_eq!(e.ecx & (leaf1::ECX_X2APIC | leaf1::ECX_TSC_DEADLINE), 0);
+    }
+
+    #[test]
+    fn leaf_0b_reports_x2apic_id_and_core_count_sdm_vol2_cpuid_0bh() {
+        let c = vcpu_cpuid(&table(), &CFG, 2);
+        let smt = find(&c, 0xB, 0).unwrap();
+        assert_eq!((smt.eax, smt.ebx, smt.ecx, smt.edx), (0, 1, 0x100, 2));
+        let core = find(&c, 0xB, 1).unwrap();
+        assert_eq!((core.eax, core.ebx, core.ecx, core.edx), (2, 4, 0x201, 2));
+        let end = find(&c, 0xB, 2).unwrap();
+        assert_eq!((end.eax, end.ebx, end.ecx >> 8), (0, 0, 0));
+    }
+
+    #[test]
+    fn single_cpu_has_no_htt() {
+        let cfg = CpuidConfig { cpus: 1, ..CFG };
+        let e = find(&vcpu_cpuid(&table(), &cfg, 0), 1, 0).unwrap();
+        assert_eq!(e.edx & leaf1::EDX_HTT, 0);
+        assert_eq!(id_bits(1), 0);
+        assert_eq!(id_bits(3), 2);
+    }
+}

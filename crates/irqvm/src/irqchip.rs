@@ -1,0 +1,313 @@
+//! The one interface the VMM uses for interrupt controllers.
+//!
+//! A backend is chosen per VM ([`IrqchipMode`]) and comes in two halves:
+//!
+//! * [`Irqchip`], shared by every thread (`Arc<dyn Irqchip>`): device interrupt lines
+//!   ([`InterruptLines`]), the CPUID features the chip supports, creation of the per-vCPU half,
+//!   and waking a blocked vCPU.
+//! * [`VcpuIrqchip`], owned by one vCPU thread and called only from it, without locks: the hooks
+//!   around `KVM_RUN` where interrupts are injected and interrupt-controller exits handled.
+//!
+//! The vCPU loop (`crate::vcpu`) drives a backend like this:
+//!
+//! ```text
+//! loop {
+//!     stop requested?                              -> leave
+//!     chip.before_entry(vcpu)                      -> Enter | Block { reason, deadline }
+//!         Block: chip.block(deadline); continue     (thread sleeps, no KVM_RUN)
+//!     KVM_RUN
+//!     exit: chip.handle_exit(&mut ChipExit)        -> Handled | NotMine (then devices)
+//!     chip.after_exit(vcpu)
+//! }
+//! ```
+//!
+//! Three backends are planned; only `kernel` exists today:
+//!
+//! * `kernel`: KVM's in-kernel PIC, IOAPIC and LAPICs (KVM_CREATE_IRQCHIP). Device lines go to
+//!   KVM_IRQ_LINE; KVM runs INIT/SIPI itself (APs sit in KVM_MP_STATE_UNINITIALIZED inside
+//!   KVM_RUN until their SIPI) and blocks halted vCPUs inside KVM_RUN, so `before_entry` always
+//!   says `Enter` and no exit is the chip's.
+//! * `user` (next): every controller in userspace, from the pure `irqchip` crate. Its
+//!   `handle_exit` takes xAPIC MMIO at the vCPU's APIC base (relocatable through IA32_APIC_BASE),
+//!   x2APIC MSRs 0x800-0x8FF (KVM_CAP_X86_USER_SPACE_MSR, exit reason INVAL), the TSC-deadline
+//!   MSR 0x6E0 (MSR filter deny range, reason FILTER), IOAPIC MMIO at 0xFEC00000, HLT (the vCPU
+//!   becomes halted: `before_entry` then returns `Block` until an interrupt is pending) and
+//!   IRQ-window-open exits. Its `before_entry` drains the vCPU's posting inbox, applies INIT
+//!   (architectural reset) and SIPI (real mode at the vector) through KVM_SET_REGS/SREGS, keeps
+//!   an AP that has not had its SIPI out of KVM_RUN (`Block { WaitForSipi }`), syncs CR8 with the
+//!   TPR, and injects with KVM_INTERRUPT / KVM_NMI only when `ready_for_interrupt_injection` and
+//!   IF allow it, else sets `request_interrupt_window`. Its `block` waits on the inbox's doorbell
+//!   (a condvar latch from `irqchip::posting`) with the APIC timer deadline as the timeout; its
+//!   `wake_vcpu` rings that doorbell, and posters that get `Notify::Kick` call the vCPU's
+//!   [`crate::vcpu::kick::KickTarget`] (from [`ChipContext::vcpus`]). Its VM-wide setup
+//!   (KVM_CAP_X86_USER_SPACE_MSR, the MSR filter) happens in its constructor.
+//! * `split` (later): LAPICs in KVM (KVM_CAP_SPLIT_IRQCHIP), IOAPIC and PIC in userspace; its
+//!   `handle_exit` takes IOAPIC MMIO and KVM_EXIT_IOAPIC_EOI.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use kvm_bindings::{kvm_mp_state, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+
+use crate::kvm::KvmError;
+use crate::vcpu::VcpuShared;
+
+/// Number of ISA / IOAPIC input lines a device can drive (GSIs 0-23).
+pub const IRQ_LINES: u32 = 24;
+
+/// The interrupt-controller implementations. Only modes that work are listed: the CLI offers
+/// exactly these.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum IrqchipMode {
+    /// KVM's in-kernel PIC, IOAPIC and local APICs.
+    #[default]
+    Kernel,
+}
+
+/// Errors from an interrupt-controller backend.
+#[derive(Debug, thiserror::Error)]
+pub enum IrqchipError {
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    #[error("interrupt line {0} does not exist (lines are 0-{max})", max = IRQ_LINES - 1)]
+    NoSuchLine(u32),
+}
+
+/// Device interrupt lines (ISA IRQs / IOAPIC pins). Devices hold an `Arc<dyn InterruptLines>`
+/// and call it from any thread.
+pub trait InterruptLines: Send + Sync {
+    /// Drives `line` (0-23) to `level` (true = asserted). Edge-triggered inputs see a rising
+    /// edge when the line goes from low to high.
+    fn set_line(&self, line: u32, level: bool) -> Result<(), IrqchipError>;
+
+    /// A rising then falling edge: how an edge-triggered ISA device signals an interrupt.
+    fn pulse_line(&self, line: u32) -> Result<(), IrqchipError> {
+        self.set_line(line, true)?;
+        self.set_line(line, false)
+    }
+}
+
+/// CPUID features whose presence depends on the interrupt controller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChipFeatures {
+    /// x2APIC mode can be enabled (CPUID.1:ECX bit 21).
+    pub x2apic: bool,
+    /// The LAPIC timer supports TSC-deadline mode (CPUID.1:ECX bit 24).
+    pub tsc_deadline: bool,
+}
+
+/// Why a vCPU stays out of KVM_RUN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockReason {
+    /// The vCPU executed HLT and has no deliverable interrupt.
+    Halted,
+    /// An AP after power-on or INIT, waiting for its start-up IPI.
+    WaitForSipi,
+}
+
+/// What the vCPU loop does next, decided by [`VcpuIrqchip::before_entry`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryDecision {
+    /// Run the guest (KVM_RUN).
+    Enter,
+    /// Do not enter: call [`VcpuIrqchip::block`] with this deadline (the next timer expiry, if
+    /// any), then ask again.
+    Block {
+        reason: BlockReason,
+        deadline: Option<Instant>,
+    },
+}
+
+/// The KVM exits a backend may claim. Read exits carry the buffer the answer goes into.
+#[derive(Debug)]
+pub enum ChipExit<'a> {
+    MmioRead {
+        addr: u64,
+        data: &'a mut [u8],
+    },
+    MmioWrite {
+        addr: u64,
+        data: &'a [u8],
+    },
+    /// RDMSR that exited to userspace (`reason` is KVM_MSR_EXIT_REASON_*). Set `*error = 1` to
+    /// make the guest take #GP.
+    RdMsr {
+        index: u32,
+        reason: u32,
+        data: &'a mut u64,
+        error: &'a mut u8,
+    },
+    /// WRMSR that exited to userspace. Set `*error = 1` to make the guest take #GP.
+    WrMsr {
+        index: u32,
+        reason: u32,
+        data: u64,
+        error: &'a mut u8,
+    },
+    /// HLT (only without an in-kernel LAPIC).
+    Hlt,
+    /// KVM_EXIT_IRQ_WINDOW_OPEN after `request_interrupt_window`.
+    IrqWindowOpen,
+    /// KVM_EXIT_IOAPIC_EOI (split mode): the guest's EOI of a level-triggered vector.
+    IoapicEoi {
+        vector: u8,
+    },
+}
+
+/// Whether a backend took an exit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitHandled {
+    /// Handled (read data filled in where there is any).
+    Handled,
+    /// Not the chip's: the VMM's devices (or its default) handle it.
+    NotMine,
+}
+
+/// The VM-wide half of an interrupt-controller backend. See the module documentation.
+pub trait Irqchip: InterruptLines {
+    fn mode(&self) -> IrqchipMode;
+
+    /// The APIC features CPUID may advertise with this backend.
+    fn features(&self) -> ChipFeatures;
+
+    /// Called right after KVM_CREATE_VCPU for vCPU `index` (0 = BSP), before its registers are
+    /// set: per-vCPU KVM setup (MP state, LAPIC state, MSR exits), returning the half that moves
+    /// to the vCPU's thread.
+    fn create_vcpu_chip(
+        &self,
+        index: usize,
+        vcpu: &VcpuFd,
+    ) -> Result<Box<dyn VcpuIrqchip>, IrqchipError>;
+
+    /// Makes [`VcpuIrqchip::block`] of vCPU `index` return (the VMM calls it after setting the
+    /// stop flag; the backend's own posters use it for interrupts to halted vCPUs). Must latch:
+    /// a wake that comes before `block` is called makes that `block` return at once.
+    fn wake_vcpu(&self, index: usize);
+}
+
+/// The per-vCPU half of a backend, owned by (and only called from) that vCPU's thread.
+pub trait VcpuIrqchip: Send {
+    /// Before every KVM_RUN: apply pending INIT/SIPI, inject what can be injected (or request an
+    /// interrupt window), sync CR8; say whether to enter or block.
+    fn before_entry(&mut self, vcpu: &mut VcpuFd) -> Result<EntryDecision, IrqchipError>;
+
+    /// After every KVM_RUN return, including EINTR returns: read back what the guest changed
+    /// (CR8/TPR, whether an injected interrupt was taken).
+    fn after_exit(&mut self, vcpu: &mut VcpuFd) -> Result<(), IrqchipError>;
+
+    /// Offers an exit to the chip.
+    fn handle_exit(&mut self, exit: &mut ChipExit<'_>) -> Result<ExitHandled, IrqchipError>;
+
+    /// Sleeps until the vCPU may have become runnable, `deadline` passes or
+    /// [`Irqchip::wake_vcpu`] is called. Spurious returns are allowed; busy-waiting is not.
+    fn block(&mut self, deadline: Option<Instant>);
+}
+
+/// What a backend gets when it is created, before any vCPU exists.
+pub struct ChipContext<'a> {
+    pub kvm: &'a Kvm,
+    pub vm: Arc<VmFd>,
+    /// The vCPUs-to-be, index = vCPU index (0 = BSP): their kick targets, states and stats.
+    /// A userspace backend kicks a vCPU through `vcpus[i].kick` when posting returns
+    /// `Notify::Kick`.
+    pub vcpus: Vec<Arc<VcpuShared>>,
+    /// Time zero of the VM: the backend converts `Instant`s to `irqchip::Nanos` from here.
+    pub epoch: Instant,
+}
+
+/// Creates the backend for `mode` on a VM that has no vCPUs yet.
+pub fn create_irqchip(
+    mode: IrqchipMode,
+    ctx: ChipContext<'_>,
+) -> Result<Arc<dyn Irqchip>, IrqchipError> {
+    match mode {
+        IrqchipMode::Kernel => Ok(Arc::new(KernelIrqchip::new(ctx.kvm, ctx.vm)?)),
+    }
+}
+
+/// `kernel` mode: KVM's own PIC, IOAPIC and LAPICs.
+pub struct KernelIrqchip {
+    vm: Arc<VmFd>,
+    features: ChipFeatures,
+}
+
+impl KernelIrqchip {
+    /// KVM_CREATE_IRQCHIP (before any vCPU exists). No PIT: timers come from the LAPIC in every
+    /// mode.
+    pub fn new(kvm: &Kvm, vm: Arc<VmFd>) -> Result<Self, IrqchipError> {
+        crate::kvm::require_cap(kvm, Cap::Irqchip, "KVM_CAP_IRQCHIP")?;
+        vm.create_irq_chip()
+            .map_err(KvmError::ioctl("KVM_CREATE_IRQCHIP"))?;
+        let features = ChipFeatures {
+            x2apic: true,
+            tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
+        };
+        Ok(Self { vm, features })
+    }
+}
+
+impl InterruptLines for KernelIrqchip {
+    /// KVM_IRQ_LINE: KVM's default routing sends line n to PIC input n and IOAPIC pin n (line 0
+    /// to IOAPIC pin 2, as on a PC).
+    fn set_line(&self, line: u32, level: bool) -> Result<(), IrqchipError> {
+        if line >= IRQ_LINES {
+            return Err(IrqchipError::NoSuchLine(line));
+        }
+        self.vm
+            .set_irq_line(line, level)
+            .map_err(KvmError::ioctl("KVM_IRQ_LINE"))?;
+        Ok(())
+    }
+}
+
+impl Irqchip for KernelIrqchip {
+    fn mode(&self) -> IrqchipMode {
+        IrqchipMode::Kernel
+    }
+
+    fn features(&self) -> ChipFeatures {
+        self.features
+    }
+
+    /// KVM puts the BSP (vCPU 0) in RUNNABLE and APs in UNINITIALIZED; we set it explicitly so
+    /// that the start state does not depend on KVM's default. An UNINITIALIZED AP blocks inside
+    /// KVM_RUN until KVM's LAPIC takes INIT and SIPI.
+    fn create_vcpu_chip(
+        &self,
+        index: usize,
+        vcpu: &VcpuFd,
+    ) -> Result<Box<dyn VcpuIrqchip>, IrqchipError> {
+        let mp_state = if index == 0 {
+            KVM_MP_STATE_RUNNABLE
+        } else {
+            KVM_MP_STATE_UNINITIALIZED
+        };
+        vcpu.set_mp_state(kvm_mp_state { mp_state })
+            .map_err(KvmError::ioctl("KVM_SET_MP_STATE"))?;
+        Ok(Box::new(KernelVcpuChip))
+    }
+
+    /// Nothing to do: a kernel-mode vCPU blocks inside KVM_RUN, which the kick interrupts.
+    fn wake_vcpu(&self, _index: usize) {}
+}
+
+/// The per-vCPU half of `kernel` mode: KVM does everything.
+struct KernelVcpuChip;
+
+impl VcpuIrqchip for KernelVcpuChip {
+    fn before_entry(&mut self, _vcpu: &mut VcpuFd) -> Result<EntryDecision, IrqchipError> {
+        Ok(EntryDecision::Enter)
+    }
+
+    fn after_exit(&mut self, _vcpu: &mut VcpuFd) -> Result<(), IrqchipError> {
+        Ok(())
+    }
+
+    fn handle_exit(&mut self, _exit: &mut ChipExit<'_>) -> Result<ExitHandled, IrqchipError> {
+        Ok(ExitHandled::NotMine)
+    }
+
+    /// Never called: `before_entry` always says `Enter`.
+    fn block(&mut self, _deadline: Option<Instant>) {}
+}

@@ -1,0 +1,175 @@
+//! Guest RAM: anonymous mappings registered with KVM as memory slots.
+//!
+//! Layout of the guest-physical address space (a PC without PCI):
+//! RAM from 0 up to [`LOW_RAM_END`] (3 GiB), then the 32-bit device hole (IOAPIC at 0xFEC00000,
+//! LAPIC at 0xFEE00000: no memory slot there, so accesses exit as MMIO), and any remaining RAM
+//! from 4 GiB up.
+
+use kvm_ioctls::VmFd;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+/// End of the RAM below the 32-bit device hole.
+pub const LOW_RAM_END: u64 = 0xC000_0000;
+/// Start of the RAM above 4 GiB.
+pub const HIGH_RAM_START: u64 = 0x1_0000_0000;
+/// Smallest guest the loader can boot: low memory plus a little above 1 MiB.
+pub const MIN_MEMORY: u64 = 2 << 20;
+/// Largest guest memory accepted; far above what the host has, but keeps sizes sane.
+pub const MAX_MEMORY: u64 = 1 << 40;
+/// Guest page size; memory sizes are rounded to it.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// The guest's RAM as vm-memory sees it.
+pub type GuestRam = GuestMemoryMmap;
+
+/// Errors creating or registering guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("memory size {size} bytes is too small: the minimum is {MIN_MEMORY} bytes (2 MiB)")]
+    TooSmall { size: u64 },
+    #[error("memory size {size} bytes is too large: the maximum is {MAX_MEMORY} bytes (1 TiB)")]
+    TooLarge { size: u64 },
+    #[error("memory size {size} bytes is not a multiple of 4 KiB")]
+    Unaligned { size: u64 },
+    #[error("cannot map guest memory: {0}")]
+    Mmap(#[from] vm_memory::mmap::FromRangesError),
+    #[error("KVM_SET_USER_MEMORY_REGION failed for slot {slot}: {source}")]
+    Register {
+        slot: u32,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// The RAM ranges (start, length) a guest of `size` bytes gets.
+pub fn ram_ranges(size: u64) -> Result<Vec<(u64, u64)>, MemoryError> {
+    if size < MIN_MEMORY {
+        return Err(MemoryError::TooSmall { size });
+    }
+    if size > MAX_MEMORY {
+        return Err(MemoryError::TooLarge { size });
+    }
+    if size % PAGE_SIZE != 0 {
+        return Err(MemoryError::Unaligned { size });
+    }
+    let low = size.min(LOW_RAM_END);
+    let mut ranges = vec![(0, low)];
+    if size > low {
+        ranges.push((HIGH_RAM_START, size - low));
+    }
+    Ok(ranges)
+}
+
+/// Maps `size` bytes of guest RAM (not yet registered with KVM).
+pub fn create_guest_memory(size: u64) -> Result<GuestRam, MemoryError> {
+    let ranges: Vec<(GuestAddress, usize)> = ram_ranges(size)?
+        .into_iter()
+        .map(|(start, len)| (GuestAddress(start), len as usize))
+        .collect();
+    Ok(GuestMemoryMmap::from_ranges(&ranges)?)
+}
+
+/// Registers every region of `mem` with the VM as one memory slot each.
+pub fn register_guest_memory(vm: &VmFd, mem: &GuestRam) -> Result<(), MemoryError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let slot = slot as u32;
+        let host = mem
+            .get_host_address(region.start_addr())
+            .expect("a region's start address is inside guest memory");
+        let desc = kvm_bindings::kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the host range [host, host + len) is a live mapping owned by `mem`, and the VMM
+        // keeps `mem` alive for as long as the VM (the `Vm` owns both and drops the VM fd first).
+        unsafe { vm.set_user_memory_region(desc) }
+            .map_err(|source| MemoryError::Register { slot, source })?;
+    }
+    Ok(())
+}
+
+/// Total RAM in `mem`.
+pub fn ram_size(mem: &GuestRam) -> u64 {
+    mem.iter().map(|r| r.len()).sum()
+}
+
+/// Parses a memory size as QEMU's `-m` does: a plain number is MiB; suffixes K, M, G, T (with an
+/// optional "iB" or "B") scale by powers of 1024.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let digits_end = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, suffix) = text.split_at(digits_end);
+    if digits.is_empty() {
+        return Err(format!("memory size '{text}' does not start with a number"));
+    }
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("memory size '{text}' is too large"))?;
+    let shift = match suffix.trim().to_ascii_lowercase().as_str() {
+        "" | "m" | "mb" | "mib" => 20,
+        "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        other => return Err(format!("unknown memory size suffix '{other}' in '{text}'")),
+    };
+    number
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("memory size '{text}' is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_guest_has_one_low_range() {
+        assert_eq!(ram_ranges(64 << 20).unwrap(), vec![(0, 64 << 20)]);
+    }
+
+    #[test]
+    fn large_guest_is_split_around_the_device_hole() {
+        let ranges = ram_ranges(4 << 30).unwrap();
+        assert_eq!(ranges, vec![(0, LOW_RAM_END), (HIGH_RAM_START, 1 << 30)]);
+    }
+
+    #[test]
+    fn bad_sizes_are_named() {
+        assert!(matches!(
+            ram_ranges(1 << 20),
+            Err(MemoryError::TooSmall { .. })
+        ));
+        assert!(matches!(
+            ram_ranges((64 << 20) + 1),
+            Err(MemoryError::Unaligned { .. })
+        ));
+        assert!(matches!(
+            ram_ranges(MAX_MEMORY + PAGE_SIZE),
+            Err(MemoryError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn sizes_parse_like_qemu() {
+        assert_eq!(parse_size("128").unwrap(), 128 << 20);
+        assert_eq!(parse_size("128M").unwrap(), 128 << 20);
+        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
+        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_size("4096k").unwrap(), 4 << 20);
+        assert!(parse_size("").is_err());
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("99999999999999999999").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn guest_memory_maps_the_requested_size() {
+        let mem = create_guest_memory(8 << 20).unwrap();
+        assert_eq!(ram_size(&mem), 8 << 20);
+    }
+}

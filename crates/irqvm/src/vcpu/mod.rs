@@ -1,0 +1,431 @@
+//! One thread per vCPU: the run loop, its state, and how other threads reach it.
+//!
+//! Each vCPU thread owns its `VcpuFd` and the per-vCPU half of the irqchip backend; other
+//! threads reach it only through [`VcpuShared`] (kick, ping, state, statistics) and the
+//! VM-wide [`VmControl`] (stop flag and outcome).
+//!
+//! States ([`VcpuState`]) and transitions, all made by the vCPU thread itself:
+//!
+//! ```text
+//! Created --start--> Running <--> Halted / WaitingForSipi   (user-mode backends: no KVM_RUN)
+//!                      |
+//!                      +--> Stopped  (stop requested, guest ended the VM, or an error)
+//! ```
+//!
+//! `Running` means "in or around KVM_RUN". In `kernel` mode a halted vCPU, and an AP waiting for
+//! its SIPI, stay `Running` from the VMM's view: KVM blocks them inside KVM_RUN, and a kick
+//! brings them out.
+
+pub mod kick;
+pub mod regs;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::devices::{Devices, PioAction};
+use crate::irqchip::{
+    BlockReason, ChipExit, EntryDecision, ExitHandled, IrqchipError, VcpuIrqchip,
+};
+use kick::{ImmediateExit, KickTarget};
+
+/// Where a vCPU thread is. See the module documentation for the transitions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum VcpuState {
+    /// Thread not started yet.
+    Created = 0,
+    /// In or around KVM_RUN.
+    Running = 1,
+    /// Blocked outside KVM_RUN after HLT (user-mode backends).
+    Halted = 2,
+    /// Blocked outside KVM_RUN until its SIPI (user-mode backends).
+    WaitingForSipi = 3,
+    /// Left its loop.
+    Stopped = 4,
+}
+
+impl VcpuState {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => Self::Created,
+            1 => Self::Running,
+            2 => Self::Halted,
+            3 => Self::WaitingForSipi,
+            _ => Self::Stopped,
+        }
+    }
+}
+
+impl From<BlockReason> for VcpuState {
+    fn from(r: BlockReason) -> Self {
+        match r {
+            BlockReason::Halted => Self::Halted,
+            BlockReason::WaitForSipi => Self::WaitingForSipi,
+        }
+    }
+}
+
+/// Counters of one vCPU (relaxed; for reports and tests).
+#[derive(Debug, Default)]
+pub struct VcpuStats {
+    pub kvm_runs: AtomicU64,
+    pub eintr_returns: AtomicU64,
+    pub pio_exits: AtomicU64,
+    pub mmio_exits: AtomicU64,
+    pub msr_exits: AtomicU64,
+    pub hlt_exits: AtomicU64,
+    pub other_exits: AtomicU64,
+    pub blocks: AtomicU64,
+}
+
+/// A plain copy of [`VcpuStats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VcpuStatsSnapshot {
+    pub kvm_runs: u64,
+    pub eintr_returns: u64,
+    pub pio_exits: u64,
+    pub mmio_exits: u64,
+    pub msr_exits: u64,
+    pub hlt_exits: u64,
+    pub other_exits: u64,
+    pub blocks: u64,
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+impl VcpuStats {
+    pub fn snapshot(&self) -> VcpuStatsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        VcpuStatsSnapshot {
+            kvm_runs: get(&self.kvm_runs),
+            eintr_returns: get(&self.eintr_returns),
+            pio_exits: get(&self.pio_exits),
+            mmio_exits: get(&self.mmio_exits),
+            msr_exits: get(&self.msr_exits),
+            hlt_exits: get(&self.hlt_exits),
+            other_exits: get(&self.other_exits),
+            blocks: get(&self.blocks),
+        }
+    }
+}
+
+/// The part of a vCPU other threads can see and use.
+#[derive(Debug)]
+pub struct VcpuShared {
+    pub index: usize,
+    pub kick: KickTarget,
+    pub stats: VcpuStats,
+    state: AtomicU8,
+    pings_requested: AtomicU64,
+    pings_answered: AtomicU64,
+}
+
+impl VcpuShared {
+    pub fn new(index: usize) -> Self {
+        Self {
+            index,
+            kick: KickTarget::default(),
+            stats: VcpuStats::default(),
+            state: AtomicU8::new(VcpuState::Created as u8),
+            pings_requested: AtomicU64::new(0),
+            pings_answered: AtomicU64::new(0),
+        }
+    }
+
+    pub fn state(&self) -> VcpuState {
+        VcpuState::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    fn set_state(&self, state: VcpuState) {
+        self.state.store(state as u8, Ordering::Release);
+    }
+
+    /// Asks the vCPU thread to show it has passed through its loop (a KVM_RUN return, or a
+    /// wake-up from blocking) after this call. Returns the ping number to wait for with
+    /// [`Self::pings_answered`]. The caller must also kick (and wake) the vCPU.
+    pub fn request_ping(&self) -> u64 {
+        self.pings_requested.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// The highest ping number the vCPU thread has answered.
+    pub fn pings_answered(&self) -> u64 {
+        self.pings_answered.load(Ordering::SeqCst)
+    }
+
+    fn answer_pings(&self) {
+        let requested = self.pings_requested.load(Ordering::SeqCst);
+        self.pings_answered.store(requested, Ordering::SeqCst);
+    }
+}
+
+/// How the guest ended the VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GuestExit {
+    /// isa-debug-exit was written; the VMM exits with this status.
+    DebugExit { status: i32 },
+    /// Triple fault (KVM_EXIT_SHUTDOWN).
+    Shutdown,
+    /// KVM_EXIT_SYSTEM_EVENT of this type (reset, shutdown, crash).
+    SystemEvent { kind: u32 },
+    /// The host asked the VM to stop.
+    Stopped,
+}
+
+impl GuestExit {
+    /// The process exit status this outcome maps to.
+    pub fn exit_status(&self) -> i32 {
+        match self {
+            Self::DebugExit { status } => *status,
+            Self::Shutdown | Self::SystemEvent { .. } | Self::Stopped => 0,
+        }
+    }
+}
+
+/// Errors that end a vCPU (and with it the VM).
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("KVM_RUN failed: {0}")]
+    Run(#[source] kvm_ioctls::Error),
+    #[error(
+        "KVM could not emulate the guest's instruction (internal error, suberror {suberror}) at rip {rip:#x}"
+    )]
+    Internal { suberror: u32, rip: u64 },
+    #[error("VM entry failed (hardware reason {0:#x})")]
+    FailEntry(u64),
+    #[error("unexpected KVM exit: {0}")]
+    UnexpectedExit(String),
+    #[error(transparent)]
+    Irqchip(#[from] IrqchipError),
+}
+
+/// The VM-wide run control shared by all vCPU threads and the thread waiting for the VM.
+#[derive(Debug, Default)]
+pub struct VmControl {
+    stop: AtomicBool,
+    outcome: Mutex<Option<Result<GuestExit, (usize, String)>>>,
+    finished: Condvar,
+}
+
+impl VmControl {
+    /// True once any vCPU or the host has ended the VM.
+    pub fn stop_requested(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    /// Records how the VM ended (the first outcome wins) and raises the stop flag. The caller
+    /// then kicks and wakes every vCPU.
+    pub fn finish(&self, outcome: Result<GuestExit, (usize, String)>) {
+        let mut slot = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(outcome);
+        }
+        self.stop.store(true, Ordering::SeqCst);
+        self.finished.notify_all();
+    }
+
+    /// Waits for the outcome until `deadline`; `None` if it passed first.
+    pub fn wait(&self, deadline: Option<Instant>) -> Option<Result<GuestExit, (usize, String)>> {
+        let mut slot = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(outcome) = slot.as_ref() {
+                return Some(outcome.clone());
+            }
+            match deadline {
+                None => slot = self.finished.wait(slot).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return None;
+                    }
+                    slot = self
+                        .finished
+                        .wait_timeout(slot, d - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            }
+        }
+    }
+}
+
+/// What the loop does after an exit.
+enum Step {
+    Continue,
+    Finish(GuestExit),
+    InternalError,
+}
+
+/// Everything a vCPU thread owns.
+pub(crate) struct VcpuThread {
+    pub(crate) fd: VcpuFd,
+    pub(crate) chip: Box<dyn VcpuIrqchip>,
+    pub(crate) devices: Arc<Devices>,
+    pub(crate) shared: Arc<VcpuShared>,
+    pub(crate) control: Arc<VmControl>,
+}
+
+impl VcpuThread {
+    /// The thread body: registers for kicks, runs the loop, records a failure as the VM's
+    /// outcome. Returns when the VM stops.
+    pub(crate) fn run(mut self) {
+        let shared = self.shared.clone();
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the pointer is into the kvm_run mapping owned by `self.fd`, which lives until
+        // the end of this function, after the registration below is dropped.
+        let immediate_exit =
+            unsafe { ImmediateExit::new(std::ptr::addr_of_mut!(run.immediate_exit)) };
+        let registration = shared.kick.register(immediate_exit);
+        let result = self.run_loop(immediate_exit);
+        drop(registration);
+        shared.set_state(VcpuState::Stopped);
+        if let Err(e) = result {
+            tracing::error!(vcpu = shared.index, "{e}");
+            self.control.finish(Err((shared.index, e.to_string())));
+        }
+    }
+
+    fn run_loop(&mut self, immediate_exit: ImmediateExit) -> Result<(), VcpuError> {
+        let shared = self.shared.clone();
+        shared.set_state(VcpuState::Running);
+        loop {
+            shared.answer_pings();
+            if self.control.stop_requested() {
+                return Ok(());
+            }
+            if let EntryDecision::Block { reason, deadline } =
+                self.chip.before_entry(&mut self.fd)?
+            {
+                shared.set_state(reason.into());
+                bump(&shared.stats.blocks);
+                self.chip.block(deadline);
+                continue;
+            }
+            shared.set_state(VcpuState::Running);
+            bump(&shared.stats.kvm_runs);
+            let step = match self.fd.run() {
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    // Clear before the next request check (top of the loop): see `kick`.
+                    immediate_exit.clear();
+                    bump(&shared.stats.eintr_returns);
+                    Step::Continue
+                }
+                Err(e) => return Err(VcpuError::Run(e)),
+                Ok(exit) => handle_exit(exit, self.chip.as_mut(), &self.devices, &shared.stats)?,
+            };
+            self.chip.after_exit(&mut self.fd)?;
+            match step {
+                Step::Continue => {}
+                Step::Finish(exit) => {
+                    tracing::debug!(vcpu = shared.index, ?exit, "guest ended the VM");
+                    self.control.finish(Ok(exit));
+                    return Ok(());
+                }
+                Step::InternalError => return Err(self.internal_error()),
+            }
+        }
+    }
+
+    fn internal_error(&mut self) -> VcpuError {
+        // SAFETY: the last exit was KVM_EXIT_INTERNAL_ERROR, so `internal` is the union member
+        // KVM filled in.
+        let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+        let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+        VcpuError::Internal { suberror, rip }
+    }
+}
+
+/// Dispatches one exit: the irqchip backend first where it may claim it, then the devices.
+fn handle_exit(
+    exit: VcpuExit<'_>,
+    chip: &mut dyn VcpuIrqchip,
+    devices: &Devices,
+    stats: &VcpuStats,
+) -> Result<Step, VcpuError> {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            bump(&stats.pio_exits);
+            devices.pio_read(port, data);
+        }
+        VcpuExit::IoOut(port, data) => {
+            bump(&stats.pio_exits);
+            if let PioAction::Exit(status) = devices.pio_write(port, data) {
+                return Ok(Step::Finish(GuestExit::DebugExit { status }));
+            }
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            bump(&stats.mmio_exits);
+            let mut exit = ChipExit::MmioRead { addr, data };
+            if chip.handle_exit(&mut exit)? == ExitHandled::NotMine {
+                if let ChipExit::MmioRead { data, .. } = exit {
+                    devices.mmio_read(addr, data);
+                }
+            }
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            bump(&stats.mmio_exits);
+            if chip.handle_exit(&mut ChipExit::MmioWrite { addr, data })? == ExitHandled::NotMine {
+                devices.mmio_write(addr, data);
+            }
+        }
+        VcpuExit::X86Rdmsr(msr) => {
+            bump(&stats.msr_exits);
+            let index = msr.index;
+            let mut exit = ChipExit::RdMsr {
+                index,
+                reason: msr.reason.bits(),
+                data: msr.data,
+                error: msr.error,
+            };
+            if chip.handle_exit(&mut exit)? == ExitHandled::NotMine {
+                if let ChipExit::RdMsr { error, .. } = exit {
+                    tracing::debug!(index, "RDMSR of an MSR nobody handles: #GP");
+                    *error = 1;
+                }
+            }
+        }
+        VcpuExit::X86Wrmsr(msr) => {
+            bump(&stats.msr_exits);
+            let index = msr.index;
+            let mut exit = ChipExit::WrMsr {
+                index,
+                reason: msr.reason.bits(),
+                data: msr.data,
+                error: msr.error,
+            };
+            if chip.handle_exit(&mut exit)? == ExitHandled::NotMine {
+                if let ChipExit::WrMsr { error, .. } = exit {
+                    tracing::debug!(index, "WRMSR of an MSR nobody handles: #GP");
+                    *error = 1;
+                }
+            }
+        }
+        VcpuExit::Hlt => {
+            bump(&stats.hlt_exits);
+            if chip.handle_exit(&mut ChipExit::Hlt)? == ExitHandled::NotMine {
+                return Err(VcpuError::UnexpectedExit(
+                    "HLT exit, but the irqchip backend does not handle HLT".into(),
+                ));
+            }
+        }
+        VcpuExit::IrqWindowOpen => {
+            bump(&stats.other_exits);
+            chip.handle_exit(&mut ChipExit::IrqWindowOpen)?;
+        }
+        VcpuExit::IoapicEoi(vector) => {
+            bump(&stats.other_exits);
+            chip.handle_exit(&mut ChipExit::IoapicEoi { vector })?;
+        }
+        VcpuExit::Intr => bump(&stats.other_exits),
+        VcpuExit::Shutdown => return Ok(Step::Finish(GuestExit::Shutdown)),
+        VcpuExit::SystemEvent(kind, _) => return Ok(Step::Finish(GuestExit::SystemEvent { kind })),
+        VcpuExit::InternalError => return Ok(Step::InternalError),
+        VcpuExit::FailEntry(reason, _) => return Err(VcpuError::FailEntry(reason)),
+        other => return Err(VcpuError::UnexpectedExit(format!("{other:?}"))),
+    }
+    Ok(Step::Continue)
+}

@@ -1,0 +1,351 @@
+//! Building and running a VM: memory, kernel, devices, irqchip backend, vCPU threads.
+//!
+//! ```no_run
+//! use irqvm::vm::{VmConfig, Vm};
+//! let cfg = VmConfig::new(std::fs::read("hello.elf").unwrap(), "hello.elf");
+//! let report = Vm::new(&cfg).unwrap().run(None).unwrap();
+//! std::process::exit(report.exit.exit_status());
+//! ```
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::{Kvm, VmFd};
+
+use crate::cpuid::{self, CpuidConfig};
+use crate::devices::{DeviceConfig, Devices, SerialOutput};
+use crate::irqchip::{self, ChipContext, Irqchip, IrqchipError, IrqchipMode};
+use crate::kvm::{self, KvmError};
+use crate::loader::{self, LoadRequest, LoadedKernel, LoaderError, Module, RawImage};
+use crate::memory::{self, GuestRam, MemoryError};
+use crate::vcpu::kick::install_kick_handler;
+use crate::vcpu::{regs, GuestExit, VcpuShared, VcpuStatsSnapshot, VcpuThread, VmControl};
+
+/// Most vCPUs a VM may have: xAPIC IDs are 8 bits and 0xFF is the broadcast ID.
+pub const MAX_VCPUS: u32 = 254;
+/// Default guest memory.
+pub const DEFAULT_MEMORY: u64 = 128 << 20;
+
+/// Errors building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error("cannot load the kernel: {0}")]
+    Loader(#[from] LoaderError),
+    #[error("interrupt controller: {0}")]
+    Irqchip(#[from] IrqchipError),
+    #[error("vCPU count {0} is out of range: 1 to {MAX_VCPUS}")]
+    BadCpuCount(u32),
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    Signal(#[source] std::io::Error),
+    #[error("cannot start a vCPU thread: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("vCPU {vcpu} failed: {message}")]
+    Vcpu { vcpu: usize, message: String },
+    #[error("the guest did not finish within {0:?}")]
+    Timeout(Duration),
+}
+
+/// Everything that defines a VM.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    pub kernel: Vec<u8>,
+    /// The kernel's file name, first word of its command line.
+    pub kernel_name: String,
+    /// The arguments after the file name.
+    pub cmdline: String,
+    /// `--initrd`: a multiboot module (bytes, name).
+    pub initrd: Option<(Vec<u8>, String)>,
+    /// Load the kernel as a raw binary.
+    pub raw: Option<RawImage>,
+    pub cpus: u32,
+    pub memory: u64,
+    pub irqchip: IrqchipMode,
+    pub serial: SerialOutput,
+}
+
+impl VmConfig {
+    /// A 1-vCPU, 128 MiB, kernel-irqchip VM with serial on stdout.
+    pub fn new(kernel: Vec<u8>, kernel_name: &str) -> Self {
+        Self {
+            kernel,
+            kernel_name: kernel_name.to_string(),
+            cmdline: String::new(),
+            initrd: None,
+            raw: None,
+            cpus: 1,
+            memory: DEFAULT_MEMORY,
+            irqchip: IrqchipMode::default(),
+            serial: SerialOutput::Stdout,
+        }
+    }
+}
+
+/// A VM ready to start: every vCPU created and the boot vCPU's registers set.
+pub struct Vm {
+    // Drop order matters: the vCPU fds go before the VM fd and the memory (in `machine`).
+    vcpus: Vec<VcpuThread>,
+    machine: Machine,
+}
+
+/// The parts of a VM shared by its threads, kept alive until every vCPU thread is joined.
+struct Machine {
+    chip: Arc<dyn Irqchip>,
+    devices: Arc<Devices>,
+    control: Arc<VmControl>,
+    shared: Vec<Arc<VcpuShared>>,
+    loaded: LoadedKernel,
+    // Drop order: the VM fd before the memory KVM maps.
+    _vm_fd: Arc<VmFd>,
+    _kvm: Kvm,
+    memory: GuestRam,
+}
+
+impl Vm {
+    pub fn new(cfg: &VmConfig) -> Result<Self, VmError> {
+        if cfg.cpus == 0 || cfg.cpus > MAX_VCPUS {
+            return Err(VmError::BadCpuCount(cfg.cpus));
+        }
+        let memory = memory::create_guest_memory(cfg.memory)?;
+        let modules: Vec<Module<'_>> = cfg
+            .initrd
+            .iter()
+            .map(|(data, name)| Module {
+                data,
+                cmdline: name.clone(),
+            })
+            .collect();
+        let loaded = loader::load(
+            &memory,
+            &LoadRequest {
+                kernel: &cfg.kernel,
+                cmdline: loader::kernel_cmdline(&cfg.kernel_name, &cfg.cmdline),
+                modules,
+                raw: cfg.raw,
+            },
+        )?;
+        tracing::debug!(?loaded, "kernel loaded");
+
+        let kvm = kvm::open_kvm()?;
+        let vm_fd = Arc::new(kvm::create_vm(&kvm)?);
+        memory::register_guest_memory(&vm_fd, &memory)?;
+        let shared: Vec<Arc<VcpuShared>> = (0..cfg.cpus as usize)
+            .map(|index| Arc::new(VcpuShared::new(index)))
+            .collect();
+        // The backend's VM-wide setup must precede KVM_CREATE_VCPU.
+        let chip = irqchip::create_irqchip(
+            cfg.irqchip,
+            ChipContext {
+                kvm: &kvm,
+                vm: vm_fd.clone(),
+                vcpus: shared.clone(),
+                epoch: Instant::now(),
+            },
+        )?;
+        let devices = Arc::new(Devices::new(
+            DeviceConfig {
+                cpus: cfg.cpus as u16,
+                ram_size: memory::ram_size(&memory),
+                serial: cfg.serial.clone(),
+            },
+            chip.clone(),
+        ));
+        let control = Arc::new(VmControl::default());
+        let features = chip.features();
+        let cpuid_cfg = CpuidConfig {
+            cpus: cfg.cpus,
+            x2apic: features.x2apic,
+            tsc_deadline: features.tsc_deadline,
+        };
+        let supported = cpuid::supported_cpuid(&kvm)?;
+        let mut vcpus = Vec::new();
+        for (index, vcpu_shared) in shared.iter().enumerate() {
+            let fd = vm_fd
+                .create_vcpu(index as u64)
+                .map_err(KvmError::ioctl("KVM_CREATE_VCPU"))?;
+            fd.set_cpuid2(&cpuid::vcpu_cpuid(&supported, &cpuid_cfg, index as u32))
+                .map_err(KvmError::ioctl("KVM_SET_CPUID2"))?;
+            let vcpu_chip = chip.create_vcpu_chip(index, &fd)?;
+            if index == 0 {
+                set_boot_registers(&fd, &loaded)?;
+            }
+            vcpus.push(VcpuThread {
+                fd,
+                chip: vcpu_chip,
+                devices: devices.clone(),
+                shared: vcpu_shared.clone(),
+                control: control.clone(),
+            });
+        }
+        Ok(Self {
+            vcpus,
+            machine: Machine {
+                chip,
+                devices,
+                control,
+                shared,
+                loaded,
+                _vm_fd: vm_fd,
+                _kvm: kvm,
+                memory,
+            },
+        })
+    }
+
+    /// What the loader did.
+    pub fn loaded_kernel(&self) -> &LoadedKernel {
+        &self.machine.loaded
+    }
+
+    pub fn memory(&self) -> &GuestRam {
+        &self.machine.memory
+    }
+
+    /// Starts one thread per vCPU.
+    pub fn start(mut self) -> Result<RunningVm, VmError> {
+        install_kick_handler().map_err(VmError::Signal)?;
+        let started = Instant::now();
+        let mut threads = Vec::new();
+        for vcpu in std::mem::take(&mut self.vcpus) {
+            let name = format!("vcpu{}", vcpu.shared.index);
+            let handle = std::thread::Builder::new()
+                .name(name)
+                .spawn(move || vcpu.run());
+            match handle {
+                Ok(h) => threads.push(h),
+                Err(e) => {
+                    // Dropping the RunningVm stops and joins the threads already started.
+                    drop(RunningVm::new(self.machine, threads, started));
+                    return Err(VmError::Spawn(e));
+                }
+            }
+        }
+        Ok(RunningVm::new(self.machine, threads, started))
+    }
+
+    /// Runs the VM to completion, or until `timeout`.
+    pub fn run(self, timeout: Option<Duration>) -> Result<RunReport, VmError> {
+        self.start()?.wait(timeout)
+    }
+}
+
+fn set_boot_registers(fd: &kvm_ioctls::VcpuFd, loaded: &LoadedKernel) -> Result<(), KvmError> {
+    let mut sregs = fd.get_sregs().map_err(KvmError::ioctl("KVM_GET_SREGS"))?;
+    let mut kregs = fd.get_regs().map_err(KvmError::ioctl("KVM_GET_REGS"))?;
+    regs::apply_boot_state(&loaded.boot, &mut sregs, &mut kregs);
+    fd.set_sregs(&sregs)
+        .map_err(KvmError::ioctl("KVM_SET_SREGS"))?;
+    fd.set_regs(&kregs)
+        .map_err(KvmError::ioctl("KVM_SET_REGS"))?;
+    Ok(())
+}
+
+/// How a VM run ended.
+#[derive(Clone, Debug)]
+pub struct RunReport {
+    pub exit: GuestExit,
+    pub elapsed: Duration,
+    pub vcpus: Vec<VcpuStatsSnapshot>,
+}
+
+/// A started VM.
+pub struct RunningVm {
+    threads: Vec<JoinHandle<()>>,
+    started: Instant,
+    vm: Machine,
+}
+
+impl RunningVm {
+    fn new(vm: Machine, threads: Vec<JoinHandle<()>>, started: Instant) -> Self {
+        Self {
+            threads,
+            started,
+            vm,
+        }
+    }
+
+    pub fn vcpu_count(&self) -> usize {
+        self.vm.shared.len()
+    }
+
+    pub fn vcpu(&self, index: usize) -> &VcpuShared {
+        &self.vm.shared[index]
+    }
+
+    pub fn devices(&self) -> &Arc<Devices> {
+        &self.vm.devices
+    }
+
+    /// Kicks vCPU `index` out of KVM_RUN (and out of blocking).
+    pub fn kick(&self, index: usize) {
+        self.vm.shared[index].kick.kick();
+        self.vm.chip.wake_vcpu(index);
+    }
+
+    /// Requests a ping from vCPU `index` and kicks it; returns the ping number (see
+    /// [`VcpuShared::request_ping`]).
+    pub fn ping(&self, index: usize) -> u64 {
+        let n = self.vm.shared[index].request_ping();
+        self.kick(index);
+        n
+    }
+
+    /// Ends the VM from the host side.
+    pub fn stop(&self) {
+        self.vm.control.finish(Ok(GuestExit::Stopped));
+        self.stop_all_vcpus();
+    }
+
+    fn stop_all_vcpus(&self) {
+        for index in 0..self.vm.shared.len() {
+            self.kick(index);
+        }
+    }
+
+    /// Waits until the guest ends the VM (or `timeout` passes: then the VM is stopped and
+    /// [`VmError::Timeout`] returned), stops every vCPU and joins their threads.
+    pub fn wait(mut self, timeout: Option<Duration>) -> Result<RunReport, VmError> {
+        let deadline = timeout.map(|t| self.started + t);
+        let outcome = self.vm.control.wait(deadline);
+        if outcome.is_none() {
+            self.stop();
+        } else {
+            self.stop_all_vcpus();
+        }
+        self.join();
+        let vcpus = self.vm.shared.iter().map(|s| s.stats.snapshot()).collect();
+        let elapsed = self.started.elapsed();
+        match outcome {
+            None => Err(VmError::Timeout(timeout.unwrap_or_default())),
+            Some(Ok(exit)) => Ok(RunReport {
+                exit,
+                elapsed,
+                vcpus,
+            }),
+            Some(Err((vcpu, message))) => Err(VmError::Vcpu { vcpu, message }),
+        }
+    }
+
+    fn join(&mut self) {
+        for t in self.threads.drain(..) {
+            if t.join().is_err() {
+                tracing::error!("a vCPU thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for RunningVm {
+    /// A VM dropped while running is stopped, and its threads joined before the fds and the
+    /// guest memory go away.
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.stop();
+            self.join();
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! Kernel formats and entry modes on a real vCPU: each tiny guest ends with a debug-exit whose
+//! value proves it ran in the expected mode with the expected registers.
+
+mod common;
+
+use common::*;
+use irqvm::loader::CpuMode;
+use irqvm::vcpu::GuestExit;
+use irqvm::vm::{Vm, VmConfig, VmError};
+
+fn exit_status(cfg: VmConfig) -> i32 {
+    let run = run_vm(cfg);
+    match run.result {
+        Ok(report) => report.exit.exit_status(),
+        Err(e) => panic!("{e}\n{}", run.output),
+    }
+}
+
+#[test]
+fn debug_exit_status_is_value_shifted_left_with_bit_0() {
+    let cfg = raw_config(&debug_exit32(0x10), CpuMode::Protected32, 1);
+    assert_eq!(exit_status(cfg), 0x21);
+}
+
+#[test]
+fn raw_real_mode_entry() {
+    // mov ax, 7; out 0xF4, ax (16-bit operand size in real mode).
+    let code = [0xB8, 0x07, 0x00, 0xE7, 0xF4];
+    let mut cfg = raw_config(&code, CpuMode::Real, 1);
+    cfg.raw = Some(irqvm::loader::RawImage {
+        load_addr: 0x9_F000 + 0x1000,
+        entry: 0x9_F000 + 0x1000,
+        mode: CpuMode::Real,
+    });
+    assert_eq!(exit_status(cfg), 15);
+}
+
+/// An ELF64 executable with one PT_LOAD of `code` at 2 MiB.
+fn elf64(code: &[u8]) -> Vec<u8> {
+    let addr: u64 = 0x20_0000;
+    let mut f = vec![0u8; 0x78];
+    f[..4].copy_from_slice(b"\x7fELF");
+    f[4] = 2;
+    f[5] = 1;
+    f[6] = 1;
+    f[16..18].copy_from_slice(&2u16.to_le_bytes());
+    f[18..20].copy_from_slice(&62u16.to_le_bytes());
+    f[24..32].copy_from_slice(&addr.to_le_bytes());
+    f[32..40].copy_from_slice(&0x40u64.to_le_bytes());
+    f[54..56].copy_from_slice(&56u16.to_le_bytes());
+    f[56..58].copy_from_slice(&1u16.to_le_bytes());
+    let ph = 0x40;
+    f[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes());
+    f[ph + 8..ph + 16].copy_from_slice(&0x78u64.to_le_bytes());
+    f[ph + 16..ph + 24].copy_from_slice(&addr.to_le_bytes());
+    f[ph + 24..ph + 32].copy_from_slice(&addr.to_le_bytes());
+    f[ph + 32..ph + 40].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    f[ph + 40..ph + 48].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    f.extend_from_slice(code);
+    f
+}
+
+#[test]
+fn plain_elf64_runs_in_long_mode() {
+    // A 64-bit-only instruction sequence: mov rax, 0x100000003; shr rax, 32 (-> 1 only if the
+    // register is 64 bits wide); add eax, 2; out 0xF4, eax. Status (3 << 1) | 1 = 7.
+    let code = [
+        0x48, 0xB8, 0x03, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, // mov rax, imm64
+        0x48, 0xC1, 0xE8, 0x20, // shr rax, 32
+        0x83, 0xC0, 0x02, // add eax, 2
+        0xE7, 0xF4, // out 0xF4, eax
+    ];
+    let cfg = VmConfig::new(elf64(&code), "k64.elf");
+    assert_eq!(exit_status(cfg), 7);
+}
+
+/// An a.out-kludge multiboot image at 2 MiB whose code checks EAX = 0x2BADB002.
+fn aout_checking_magic() -> Vec<u8> {
+    const MAGIC: u32 = 0x1BAD_B002;
+    let flags: u32 = 1 << 16;
+    let load: u32 = 0x20_0000;
+    let code = [
+        0x3D, 0x02, 0xB0, 0xAD, 0x2B, // cmp eax, 0x2BADB002
+        0x75, 0x07, // jne fail
+        0xB8, 0x05, 0x00, 0x00, 0x00, // mov eax, 5
+        0xE7, 0xF4, // out 0xF4, eax
+        0xB8, 0x09, 0x00, 0x00, 0x00, // fail: mov eax, 9
+        0xE7, 0xF4, // out 0xF4, eax
+    ];
+    let header_len = 32u32;
+    let total = header_len + code.len() as u32;
+    let mut f = Vec::new();
+    for word in [
+        MAGIC,
+        flags,
+        0u32.wrapping_sub(MAGIC).wrapping_sub(flags),
+        load,                // header_addr
+        load,                // load_addr
+        load + total,        // load_end_addr
+        load + total + 4096, // bss_end_addr
+        load + header_len,   // entry_addr
+    ] {
+        f.extend_from_slice(&word.to_le_bytes());
+    }
+    f.extend_from_slice(&code);
+    f
+}
+
+#[test]
+fn multiboot_aout_kludge_gets_the_magic_in_eax() {
+    let cfg = VmConfig::new(aout_checking_magic(), "aout.bin");
+    assert_eq!(exit_status(cfg), 11);
+}
+
+#[test]
+fn malformed_kernel_is_a_named_error() {
+    let cfg = VmConfig::new(b"definitely not a kernel".to_vec(), "junk");
+    let err = Vm::new(&cfg).err().expect("junk must not load");
+    assert!(matches!(err, VmError::Loader(_)), "{err}");
+    assert!(err.to_string().contains("unknown kernel format"), "{err}");
+}
+
+#[test]
+fn bad_vcpu_counts_are_rejected() {
+    for cpus in [0, 255, 1000] {
+        let mut cfg = raw_config(&SPIN, CpuMode::Protected32, 1);
+        cfg.cpus = cpus;
+        assert!(matches!(Vm::new(&cfg), Err(VmError::BadCpuCount(n)) if n == cpus));
+    }
+}
+
+#[test]
+fn bad_memory_size_is_rejected() {
+    let mut cfg = raw_config(&SPIN, CpuMode::Protected32, 1);
+    cfg.memory = 1 << 20;
+    assert!(matches!(Vm::new(&cfg), Err(VmError::Memory(_))));
+}
+
+#[test]
+fn triple_fault_is_a_shutdown() {
+    // Load a null IDT, then raise an exception: #UD -> #DF -> shutdown.
+    let code = [
+        0x0F, 0x01, 0x1D, 0x10, 0x00, 0x10, 0x00, // lidt [0x100010]
+        0x0F, 0x0B, // ud2
+        0xEB, 0xFE, // (not reached)
+        0x00, 0x00, 0x00, 0x00, 0x00, // pad to 0x10
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // IDTR: limit 0, base 0
+    ];
+    let run = run_vm(raw_config(&code, CpuMode::Protected32, 1));
+    let report = run.result.expect("VM runs");
+    assert_eq!(report.exit, GuestExit::Shutdown);
+}
