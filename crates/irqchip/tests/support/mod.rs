@@ -4,6 +4,7 @@
 
 use irqchip::chip::{PcIrqChip, PcIrqChipConfig};
 use irqchip::mpstate::{AcceptOutcome, InitBlocking, StandardSipi};
+use irqchip::snapshot::{ChipSnapshot, SnapshotError};
 use irqchip::vcpu::{ApicAccessResult, Injection, VcpuInterrupts};
 use irqchip::{Nanos, Notify, VcpuIndex, Vector};
 
@@ -190,6 +191,8 @@ impl Machine {
         vcpu.drain();
         let outcome = vcpu.accept_events(InitBlocking::NONE, &mut StandardSipi);
         vcpu.poll_timer(self.now);
+        // A halted vCPU with something deliverable becomes runnable here.
+        vcpu.should_block(InitBlocking::NONE, self.chip.pic_intr());
         let mut taken = Vec::new();
         // Bounded: each turn consumes an NMI, an ExtINT request or an IRR bit.
         for _ in 0..600 {
@@ -216,5 +219,50 @@ impl Machine {
     /// What vCPU `cpu` takes at its next turn.
     pub fn take(&mut self, cpu: VcpuIndex) -> Vec<Taken> {
         self.run(cpu).1
+    }
+}
+
+impl Machine {
+    pub fn with_config(config: PcIrqChipConfig) -> Self {
+        let (chip, cpus) = PcIrqChip::new(config);
+        Self {
+            chip,
+            cpus,
+            now: 0,
+            notes: Vec::new(),
+        }
+    }
+
+    /// Saves the whole chip at `self.now`, as a paused VM does: every vCPU, then the devices.
+    pub fn snapshot(&mut self) -> ChipSnapshot {
+        let now = self.now;
+        let vcpus = self.cpus.iter_mut().map(|cpu| cpu.save(now)).collect();
+        ChipSnapshot::new(vcpus, self.chip.save_devices())
+    }
+
+    /// Restores `snapshot` into this machine at time `now`: devices, then every vCPU.
+    pub fn restore(&mut self, snapshot: &ChipSnapshot, now: Nanos) -> Result<(), SnapshotError> {
+        self.chip.restore_devices(snapshot)?;
+        self.now = now;
+        for cpu in &mut self.cpus {
+            let index = cpu.index();
+            cpu.restore(&snapshot.vcpus[index], now)?;
+        }
+        Ok(())
+    }
+
+    /// Every defined xAPIC register of vCPU `cpu` as the guest reads it now (reserved slots
+    /// are left out: reading them sets ESR).
+    pub fn apic_registers(&mut self, cpu: VcpuIndex) -> Vec<(u64, u32)> {
+        let mut offsets = vec![0x20, 0x30, 0x80, 0x90, 0xA0, 0xD0, 0xE0, 0xF0];
+        offsets.extend((0..8).flat_map(|i| [0x100 + 0x10 * i, 0x180 + 0x10 * i, 0x200 + 0x10 * i]));
+        offsets.extend([
+            0x280, 0x300, 0x310, 0x320, 0x330, 0x340, 0x350, 0x360, 0x370,
+        ]);
+        offsets.extend([0x380, 0x390, 0x3E0]);
+        offsets
+            .into_iter()
+            .map(|offset| (offset, self.apic_read(cpu, offset)))
+            .collect()
     }
 }
