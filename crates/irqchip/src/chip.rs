@@ -436,3 +436,96 @@ pub enum BindMsiError {
     #[error(transparent)]
     Routing(#[from] RoutingError),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chip(vcpus: usize) -> (PcIrqChip, Vec<VcpuInterrupts>) {
+        PcIrqChip::new(PcIrqChipConfig::new(vcpus))
+    }
+
+    /// The decision documented under "Polarity": ISA pins active-high, PCI pins active-low.
+    #[test]
+    fn pci_pins_are_active_low_and_idle_high() {
+        assert!(ioapic_wire_level(4, true));
+        assert!(!ioapic_wire_level(4, false));
+        assert!(!ioapic_wire_level(16, true));
+        assert!(ioapic_wire_level(23, false));
+        let (chip, _) = chip(1);
+        let devices = chip.save_devices();
+        for pin in 0..devices.ioapic.pins() {
+            assert_eq!(devices.ioapic.line(pin), Some(pin >= 16), "pin {pin}");
+        }
+    }
+
+    /// A GSI change reaches the PIC line and the IOAPIC wire (inverted for PCI pins), and a
+    /// route change under an asserted wire moves the level (routing module, "Changing routes").
+    #[test]
+    fn gsi_levels_reach_pic_and_ioapic_wires() {
+        let (chip, _) = chip(1);
+        let source = SourceId(3);
+        chip.set_gsi(5, source, true, &mut |_, _| {}).unwrap();
+        chip.set_gsi(17, source, true, &mut |_, _| {}).unwrap();
+        let devices = chip.save_devices();
+        assert!(devices.pic.line(5));
+        assert_eq!(devices.ioapic.line(5), Some(true));
+        assert_eq!(
+            devices.ioapic.line(17),
+            Some(false),
+            "asserted PCI pin is low"
+        );
+        chip.set_route(5, &[RouteTarget::IoApic { pin: 7 }], &mut |_, _| {})
+            .unwrap();
+        let devices = chip.save_devices();
+        assert!(!devices.pic.line(5), "the old target is lowered");
+        assert_eq!(devices.ioapic.line(7), Some(true), "the new one raised");
+        assert!(chip.gsi_level(5));
+        assert_eq!(
+            chip.set_gsi(5000, source, true, &mut |_, _| {}),
+            Err(RoutingError::GsiOutOfRange(5000))
+        );
+    }
+
+    /// The notify callback runs with no chip lock held: it may call back into the chip.
+    #[test]
+    fn notify_may_call_back_into_the_chip() {
+        let (chip, mut cpus) = chip(1);
+        let lint0_extint = (7u32 << 8).to_le_bytes();
+        cpus[0].mmio_write(0xF0, &0x1FFu32.to_le_bytes(), 0, &mut |_, _| {});
+        cpus[0].mmio_write(0x350, &lint0_extint, 0, &mut |_, _| {});
+        for (port, value) in [(0x20, 0x11), (0x21, 0x30), (0x21, 0x04), (0x21, 0x01)] {
+            chip.pic_port_write(port, value, &mut |_, _| {});
+        }
+        chip.pic_port_write(0x21, 0xFE, &mut |_, _| {});
+        assert!(cpus[0].inbox().try_block(), "the BSP sleeps");
+        let mut seen = Vec::new();
+        chip.pulse_gsi(0, SourceId(0), &mut |index, how| {
+            seen.push((index, how, chip.pic_intr(), chip.gsi_level(0)));
+        })
+        .unwrap();
+        assert_eq!(seen, vec![(0, Notify::Wake, true, false)]);
+    }
+
+    /// Guest hostility: odd MMIO sizes and offsets, unknown ports, EOIs of unknown vectors and
+    /// INTA with nothing pending do nothing harmful.
+    #[test]
+    fn hostile_accesses_are_harmless() {
+        let (chip, _) = chip(2);
+        for offset in [0u64, 1, 0xF, 0x10, 0x13, 0x3F, 0x40, 0xFFF, u64::MAX] {
+            for len in [0usize, 1, 2, 3, 4, 8, 16] {
+                let mut data = vec![0xA5; len];
+                chip.ioapic_mmio_read(offset, &mut data);
+                chip.ioapic_mmio_write(offset, &data, &mut |_, _| {});
+            }
+        }
+        for port in [0u16, 0x20, 0x21, 0x22, 0xA0, 0xA1, 0x4D0, 0x4D1, 0xFFFF] {
+            chip.pic_port_write(port, 0xFF, &mut |_, _| {});
+            let _ = chip.pic_port_read(port, &mut |_, _| {});
+        }
+        chip.eoi(EoiMessage { vector: 0 }, &mut |_, _| {});
+        let _ = chip.pic_acknowledge();
+        chip.reset_devices(&mut |_, _| {});
+        assert!(!chip.pic_intr());
+    }
+}
