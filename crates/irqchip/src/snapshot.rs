@@ -59,11 +59,13 @@
 //!   pending: { nmi, smi, extint }      // latched for injection, not yet taken
 //! }
 //! DeviceSnapshot {
-//!   pic: DualPic { master, slave }     // each 8259A's registers, latches, lines, ELCR
+//!   pic: DualPic { master, slave }     // each 8259A: role, lines, irr, isr, imr, elcr, init
+//!                                      // sequencer, ICW/OCW modes, rotation, read select, poll
 //!   ioapic: IoApic { config: { pins, id, version }, extended_destination_id, id, ioregsel,
 //!                    pins: [{ entry: u64 (incl. remote IRR), wire_high }] }
-//!   routing: GsiRouting { ioapic_pins, gsis: { "<gsi>": { targets: [RouteTarget],
-//!                                                          asserted: [source ids] } } }
+//!   routing: GsiRouting { ioapic_pins, gsis: { "<gsi>": {
+//!              targets: [{ "Pic": { irq } } | { "IoApic": { pin } } | { "Msi": InterruptMessage }],
+//!              asserted: [u32 source id] } } }        // a GSI's level = asserted is not empty
 //! }
 //! ```
 //!

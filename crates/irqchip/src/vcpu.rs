@@ -56,7 +56,7 @@ pub type VmBus = ApicBus<VcpuInbox>;
 pub struct ApicSystemConfig {
     pub vcpus: usize,
     pub clock: ClockConfig,
-    /// Offer x2APIC mode (the VMM must then also advertise CPUID.1:ECX[21]).
+    /// Offer x2APIC mode (the VMM must then also advertise CPUID.1:ECX\[21\]).
     pub x2apic: bool,
     /// Offer directed EOI (version register bit 24, SVR bit 12).
     pub directed_eoi: bool,
@@ -432,7 +432,7 @@ impl VcpuInterrupts {
         Ok(())
     }
 
-    /// CR8 as the guest left it (kvm_run.cr8 on exit): TPR[7:4] (SDM vol. 3 §11.8.6).
+    /// CR8 as the guest left it (kvm_run.cr8 on exit): TPR\[7:4\] (SDM vol. 3 §11.8.6).
     pub fn sync_cr8(&mut self, cr8: u64) {
         if cr8 != self.lapic.cr8() {
             self.lapic.set_cr8(cr8);
