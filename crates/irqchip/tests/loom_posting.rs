@@ -22,8 +22,8 @@ use loom::thread;
 const VECTOR_A: Vector = 0x41;
 const VECTOR_B: Vector = 0xB2;
 
-/// Three threads and a retry loop: at most 5 preemptions keeps this model at ~30,000 executions
-/// (about 2 s). The exhaustive run (LOOM_MAX_PREEMPTIONS=100: ~830,000 executions, ~50 s
+/// Three threads and a retry loop: at most 5 preemptions keeps this model at ~35,000 executions
+/// (about 2 s). The exhaustive run (LOOM_MAX_PREEMPTIONS=100: ~4.6 million executions, ~4.5 min
 /// here) passes too.
 const TWO_POSTER_BOUND: Option<usize> = Some(5);
 
