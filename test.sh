@@ -5,3 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")"
 cargo test --workspace
 cargo test -p irqchip --release --features loom --test loom_posting
+cargo test -p irqchip --release --features loom,broken-ordering --test loom_posting

@@ -23,20 +23,35 @@
 //!
 //! # Memory ordering
 //!
-//! Both halves are the store-buffering (Dekker) pattern: the poster writes ON then reads the
-//! mode, the vCPU writes the mode then reads (or swaps) ON. With anything weaker than sequential
-//! consistency both reads may miss the other side's write: the poster sees `OutsideGuest` and does
-//! not kick, the vCPU sees ON clear and enters the guest (or sleeps) with work pending. So the
-//! ON swap, the mode stores and loads and the ON load of [`VcpuInbox::try_block`] are all
-//! `SeqCst`: in the single total order either the poster's ON swap comes after the vCPU's mode
-//! store (the poster then reads that mode and notifies) or before the vCPU's ON swap/load (the
-//! vCPU then sees ON set and drains, or refuses to sleep). On x86 every atomic read-modify-write
-//! is a locked instruction whatever its ordering, so only the mode stores cost an `xchg` more.
+//! Both halves have the shape of the store-buffering (Dekker) pattern: the poster writes ON then
+//! reads the mode, the vCPU writes the mode then reads ON. If the two reads were plain loads,
+//! acquire/release would not be enough (each write may still sit in its core's store buffer
+//! when the other side reads): the poster would see `OutsideGuest` and not kick while the vCPU
+//! sees ON clear and enters the guest (or sleeps) with work pending. The usual cures are SeqCst
+//! on all four accesses or a `fence(SeqCst)` between each write and read.
+//!
+//! This inbox instead makes the vCPU's access to ON a read-modify-write too: the drain clears it
+//! with `swap(false)` and [`VcpuInbox::try_block`] reads it with `fetch_or(false)`; the poster sets
+//! it with `swap(true)`; all `AcqRel`. RMWs of one location are totally ordered (its
+//! modification order) and each reads the value just before it, so one of two things holds:
+//! - the vCPU's RMW comes first: the poster's swap reads the value the vCPU wrote (or one written
+//!   after it by other posters' RMWs, which continue its release sequence), so it synchronizes
+//!   with the vCPU's RMW, and the mode store sequenced before that RMW happens-before the
+//!   poster's mode load: the poster sees `InGuest` / `Blocked` (or a later mode) and notifies;
+//! - the poster's swap comes first: the vCPU's RMW reads ON = 1 and synchronizes with it, so the
+//!   drain sees the poster's payload, and `try_block` refuses to sleep.
+//!
+//! That is the Dekker guarantee without a fence or a SeqCst access (C++20 [intro.races],
+//! [atomics.order] release sequences); on x86 the RMWs are the `lock`-prefixed instructions the
+//! protocol needs anyway, so it costs no `mfence`. It is also the form loom checks exactly (loom
+//! treats SeqCst accesses as AcqRel, and a SeqCst-loads version made it report false deadlocks).
 //!
 //! The payload rides on release/acquire: a poster's PIR `fetch_or` is `Release` and the drain's
-//! PIR `swap` is `Acquire`, so the level bit written before it (`Relaxed`) is visible to the
-//! drain that takes the PIR bit. The event word is its own payload (`Release`/`Acquire` too).
-//! The published PPR is a hint for arbitration and is `Relaxed`.
+//! PIR `swap` is `Acquire`, so the trigger bit written before it (`Relaxed`) is visible to the
+//! drain that takes the PIR bit. The event word is its own payload (`Release`/`Acquire`). The
+//! mode carries no data (`Relaxed`, ordered by the ON RMWs above), and the published PPR is a
+//! hint for arbitration (`Relaxed`). [`VcpuInbox::has_pending`] is a plain load: a hint, never
+//! used for a decision that could lose a notification.
 //!
 //! # The vCPU's loop (what the VMM does)
 //!
@@ -273,9 +288,11 @@ impl VcpuInbox {
 
     /// Sets ON; the poster that turns it from 0 to 1 owns the notification (see module doc).
     fn raise_notification(&self) -> Notify {
-        if self.on.swap(true, Ordering::SeqCst) {
+        if self.on.swap(true, Ordering::AcqRel) {
             return Notify::None;
         }
+        // Reading the mode after an AcqRel RMW of ON is what makes this race-free against the
+        // vCPU's "mode, then RMW of ON" (see module doc).
         match self.mode() {
             VcpuMode::InGuest => Notify::Kick,
             VcpuMode::Blocked => Notify::Wake,
@@ -285,12 +302,13 @@ impl VcpuInbox {
 
     /// The mode the vCPU last published.
     pub fn mode(&self) -> VcpuMode {
-        VcpuMode::from_u8(self.mode.load(Ordering::SeqCst))
+        VcpuMode::from_u8(self.mode.load(Ordering::Relaxed))
     }
 
-    /// True while a notification is outstanding (something posted and not yet drained).
+    /// True while a notification is outstanding (something posted and not yet drained). A hint
+    /// (plain load): the protocol itself decides with [`Self::try_block`].
     pub fn has_pending(&self) -> bool {
-        self.on.load(Ordering::SeqCst)
+        self.on.load(Ordering::Acquire)
     }
 
     // ---- vCPU side (the vCPU's own thread only) ----
@@ -327,7 +345,7 @@ impl VcpuInbox {
     /// Takes everything posted so far. Safe in any mode on the vCPU's thread; a post that races
     /// with it is either taken now or has set ON again (and notified by the mode it saw).
     pub fn drain(&self) -> Posted {
-        if !self.on.swap(false, Ordering::SeqCst) {
+        if !self.on.swap(false, Ordering::AcqRel) {
             // Nothing announced. A poster whose payload is already in but whose ON is not yet
             // set will set ON after this swap and notify by the mode it reads then.
             return Posted::default();
@@ -351,7 +369,8 @@ impl VcpuInbox {
     /// and returns [`Notify::Wake`].
     pub fn try_block(&self) -> bool {
         self.set_mode(VcpuMode::Blocked);
-        if self.on.load(Ordering::SeqCst) {
+        // An RMW, not a load, so that it is ordered against the posters' swaps (module doc).
+        if self.on.fetch_or(false, Ordering::AcqRel) {
             self.set_mode(VcpuMode::OutsideGuest);
             return false;
         }
@@ -367,8 +386,11 @@ impl VcpuInbox {
         self.set_mode(VcpuMode::OutsideGuest);
     }
 
+    /// `Relaxed`: entering `InGuest` / `Blocked` is always followed by an `AcqRel` RMW of ON,
+    /// which publishes it to the next poster (module doc); leaving them needs no ordering (a
+    /// poster that still sees the old mode sends a harmless extra kick or ring).
     fn set_mode(&self, mode: VcpuMode) {
-        self.mode.store(mode as u8, Ordering::SeqCst);
+        self.mode.store(mode as u8, Ordering::Relaxed);
     }
 
     fn post_level_bit(&self, vector: Vector, trigger: TriggerMode) {

@@ -42,17 +42,17 @@ static void edge(void)
 {
 	ioapic_set_entry(EDGE_LINE, (u64)cpu_to_apic_id(0) << 56 | V_EDGE); /* fixed, physical, edge, high */
 	testdev_set_irq(EDGE_LINE, 1);
-	check(wait_ge(&irq_count[0][V_EDGE], 1, WAIT_MS), "edge: rising edge interrupts", "no interrupt");
+	check(wait_ge(&irq_count[0][V_EDGE], 1, WAIT_MS), "edge, rising edge interrupts", "no interrupt");
 	delay_ms(20);
-	check(irq_count[0][V_EDGE] == 1, "edge: held line interrupts once", "%u interrupts", irq_count[0][V_EDGE]);
-	check(!remote_irr(EDGE_LINE), "edge: remote irr stays clear", "entry %lx", ioapic_get_entry(EDGE_LINE));
+	check(irq_count[0][V_EDGE] == 1, "edge, held line interrupts once", "%u interrupts", irq_count[0][V_EDGE]);
+	check(!remote_irr(EDGE_LINE), "edge, remote irr stays clear", "entry %lx", ioapic_get_entry(EDGE_LINE));
 	testdev_set_irq(EDGE_LINE, 0);
 	testdev_set_irq(EDGE_LINE, 1);
-	check(wait_ge(&irq_count[0][V_EDGE], 2, WAIT_MS), "edge: second edge interrupts again", "%u interrupts",
+	check(wait_ge(&irq_count[0][V_EDGE], 2, WAIT_MS), "edge, second edge interrupts again", "%u interrupts",
 	      irq_count[0][V_EDGE]);
 	testdev_set_irq(EDGE_LINE, 0);
 	delay_ms(10);
-	check(irq_count[0][V_EDGE] == 2, "edge: falling edge does not interrupt", "%u interrupts",
+	check(irq_count[0][V_EDGE] == 2, "edge, falling edge does not interrupt", "%u interrupts",
 	      irq_count[0][V_EDGE]);
 	ioapic_set_entry(EDGE_LINE, IOAPIC_MASKED);
 }
@@ -64,26 +64,26 @@ static void level(void)
 	ioapic_set_entry(LEVEL_LINE, (u64)cpu_to_apic_id(0) << 56 | IOAPIC_LEVEL | V_LEVEL);
 	testdev_set_irq(LEVEL_LINE, 1);
 	bool got = wait_ge(&irq_count[0][V_LEVEL], 1, WAIT_MS);
-	check(got, "level: held line interrupts", "no interrupt");
-	check(remote_irr_in_handler, "level: remote irr set in the handler", "entry %lx",
+	check(got, "level, held line interrupts", "no interrupt");
+	check(remote_irr_in_handler, "level, remote irr set in the handler", "entry %lx",
 	      ioapic_get_entry(LEVEL_LINE));
-	check(tmr_in_handler, "level: lapic tmr bit set", "TMR bit for %x clear", V_LEVEL);
+	check(tmr_in_handler, "level, lapic tmr bit set", "TMR bit for %x clear", V_LEVEL);
 	delay_ms(30);
 	/* The handler did not EOI: Remote IRR blocks a second message; the LAPIC's ISR would block it as well. */
-	check(irq_count[0][V_LEVEL] == 1 && remote_irr(LEVEL_LINE), "level: no redelivery before eoi [isr-kept]",
+	check(irq_count[0][V_LEVEL] == 1 && remote_irr(LEVEL_LINE), "level, no redelivery before eoi [isr-kept]",
 	      "%u interrupts, remote irr %u", irq_count[0][V_LEVEL], remote_irr(LEVEL_LINE));
 	u32 n = irq_count[0][V_LEVEL];
 	apic_eoi(); /* the EOI reaches the IOAPIC (TMR set): Remote IRR clears, the line is still high */
-	check(wait_ge(&irq_count[0][V_LEVEL], n + 1, WAIT_MS), "level: redelivered after eoi while high",
+	check(wait_ge(&irq_count[0][V_LEVEL], n + 1, WAIT_MS), "level, redelivered after eoi while high",
 	      "%u interrupts", irq_count[0][V_LEVEL]);
 	delay_ms(10);
 	n = irq_count[0][V_LEVEL];
 	testdev_set_irq(LEVEL_LINE, 0);
 	apic_eoi();
 	delay_ms(30);
-	check(irq_count[0][V_LEVEL] == n, "level: no redelivery after the line is lowered [isr-kept]", "%u more",
+	check(irq_count[0][V_LEVEL] == n, "level, no redelivery after the line is lowered [isr-kept]", "%u more",
 	      irq_count[0][V_LEVEL] - n);
-	check(!remote_irr(LEVEL_LINE), "level: remote irr clear after eoi", "entry %lx",
+	check(!remote_irr(LEVEL_LINE), "level, remote irr clear after eoi", "entry %lx",
 	      ioapic_get_entry(LEVEL_LINE));
 
 	/* With the EOI in the handler: one interrupt per raise of the line, no storm after it is lowered. */
@@ -95,7 +95,7 @@ static void level(void)
 	delay_ms(20);
 	u32 m = irq_count[0][V_LEVEL];
 	delay_ms(20);
-	check(ok && irq_count[0][V_LEVEL] == m && !remote_irr(LEVEL_LINE), "level: eoi in handler, line lowered",
+	check(ok && irq_count[0][V_LEVEL] == m && !remote_irr(LEVEL_LINE), "level, eoi in handler, line lowered",
 	      "%u interrupts, remote irr %u", irq_count[0][V_LEVEL] - n, remote_irr(LEVEL_LINE));
 	ioapic_set_entry(LEVEL_LINE, IOAPIC_MASKED);
 	irq_set_handler(V_LEVEL, NULL);

@@ -9,6 +9,27 @@ static void record(u32 cpu)
 	base_of[cpu] = (u32)rdmsr(APIC_BASE_MSR);
 }
 
+/* #GP from a WRMSR: count it and step over the 2-byte instruction. */
+static volatile u32 gp_count;
+static void gp_handler(struct irq_frame *f, u32 cpu)
+{
+	gp_count++;
+	f->rip += 2;
+}
+/* SDM 11.12.1.2: the DFR has no x2APIC MSR (0x80E is reserved): access faults. ICR2 (0x831) does not exist. */
+static void reserved_msrs(void)
+{
+	irq_set_handler(13, gp_handler);
+	gp_count = 0;
+	__asm__ volatile("wrmsr" : : "c"(0x80E), "a"(0xFFFFFFFFu), "d"(0) : "memory");
+	check(gp_count == 1, "x2apic dfr msr write faults", "%u #GP", gp_count);
+	gp_count = 0;
+	u32 lo, hi;
+	__asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(0x831) : "memory");
+	check(gp_count == 1, "x2apic icr2 msr read faults", "%u #GP", gp_count);
+	irq_set_handler(13, NULL);
+}
+
 void guest_main(void)
 {
 	if (!cpu_has_x2apic()) {
@@ -22,6 +43,7 @@ void guest_main(void)
 	check((base_of[0] & (APIC_BASE_EXTD | APIC_BASE_EN)) == (APIC_BASE_EXTD | APIC_BASE_EN), "extd enabled",
 	      "IA32_APIC_BASE %x", base_of[0]);
 	check(rdmsr(0x802) == 0, "x2apic id msr on cpu 0", "APIC ID %lx", rdmsr(0x802));
+	reserved_msrs();
 	if (!start_cpus())
 		return;
 	bool ok = true;

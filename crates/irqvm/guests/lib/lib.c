@@ -58,7 +58,7 @@ void serial_init(void)
 void putc_raw(char c)
 {
 	/* LSR bit 5: transmit holding register empty. Bounded: a missing UART must not hang the guest. */
-	for (int i = 0; i < 100000 && !(inb(COM1 + 5) & 0x20); i++)
+	for (int i = 0; i < 1000 && !(inb(COM1 + 5) & 0x20); i++)
 		cpu_relax();
 	outb(COM1, (u8)c);
 }

@@ -1,0 +1,295 @@
+//! Loom model check of the posting protocol (seed 001): every interleaving, and every outcome the
+//! C++11 memory model allows for the orderings used, of a vCPU entering the guest or blocking
+//! while other threads post to it.
+//!
+//!     cargo test -p irqchip --release --features loom --test loom_posting
+//!     cargo test -p irqchip --release --features loom,broken-ordering --test loom_posting
+//!
+//! The second run builds `begin_guest_entry` with the drain BEFORE `InGuest` is published (seed
+//! 001's second race) and expects loom to find the lost interrupt.
+//!
+//! A kick is modelled by its effect: the poster told [`Notify::Kick`] sets `immediate_exit` (in
+//! the VMM, a real-time signal whose handler sets `kvm_run.immediate_exit`, which makes KVM_RUN
+//! return at once, or interrupts it). A vector is lost when the guest runs without it and no kick
+//! is pending: it was not drained by the entry and `immediate_exit` is still clear.
+#![cfg(feature = "loom")]
+
+use irqchip::posting::{Posted, VcpuInbox};
+use irqchip::sync::{Arc, AtomicBool, Ordering};
+use irqchip::{ApicEvents, InterruptSink, Notify, TriggerMode, Vector};
+use loom::thread;
+
+const VECTOR_A: Vector = 0x41;
+const VECTOR_B: Vector = 0xB2;
+
+/// Three threads and a retry loop: at most 5 preemptions keeps this model at ~35,000 executions
+/// (about 2 s). The exhaustive run (LOOM_MAX_PREEMPTIONS=100: ~4.6 million executions, ~4.5 min
+/// here) passes too.
+const TWO_POSTER_BOUND: Option<usize> = Some(5);
+
+/// A vCPU as the posters see it: its inbox and the `immediate_exit` byte of its `kvm_run`.
+struct FakeVcpu {
+    inbox: VcpuInbox,
+    immediate_exit: AtomicBool,
+}
+
+impl FakeVcpu {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            inbox: VcpuInbox::new(),
+            immediate_exit: AtomicBool::new(false),
+        })
+    }
+
+    /// What the caller of a post does with the answer (the bus's `notify` callback).
+    fn notify(&self, notify: Notify) {
+        match notify {
+            Notify::Kick => self.immediate_exit.store(true, Ordering::SeqCst),
+            Notify::Wake => self.inbox.ring_doorbell(),
+            Notify::None => {}
+        }
+    }
+
+    fn post(&self, vector: Vector, trigger: TriggerMode) {
+        self.notify(self.inbox.post_vector(vector, trigger));
+    }
+
+    fn kicked(&self) -> bool {
+        self.immediate_exit.load(Ordering::SeqCst)
+    }
+
+    /// One iteration of the VMM's run loop up to KVM_RUN: clear `immediate_exit` (before
+    /// publishing `InGuest`, so that no kick aimed at this entry is wiped), then enter.
+    fn enter(&self) -> Posted {
+        self.immediate_exit.store(false, Ordering::SeqCst);
+        self.inbox.begin_guest_entry()
+    }
+
+    /// The vCPU halts with nothing to do: block unless work is pending, then drain.
+    fn halt(&self) -> Posted {
+        if self.inbox.try_block() {
+            self.inbox.block_until_rung();
+        }
+        self.inbox.drain()
+    }
+}
+
+/// Runs `model` under loom and prints how many executions it explored. Exhaustive unless a
+/// preemption bound is given; LOOM_MAX_PREEMPTIONS overrides `bound` (a large value such as 100
+/// makes the bounded models exhaustive again).
+fn check(bound: Option<usize>, model: impl Fn() + Sync + Send + 'static) {
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+    let executions = std::sync::Arc::new(AtomicUsize::new(0));
+    let mut builder = loom::model::Builder::new();
+    if builder.preemption_bound.is_none() {
+        builder.preemption_bound = bound;
+    }
+    let bound = builder.preemption_bound;
+    let counter = std::sync::Arc::clone(&executions);
+    builder.check(move || {
+        counter.fetch_add(1, Relaxed);
+        model();
+    });
+    let explored = executions.load(Relaxed);
+    eprintln!("loom explored {explored} executions (preemption bound {bound:?})");
+}
+
+/// The vCPU enters the guest once while another thread posts `trigger` vector A. After both:
+/// the entry drained A (with its trigger), or a kick is pending.
+fn entry_vs_post(trigger: TriggerMode) {
+    check(None, move || {
+        let vcpu = FakeVcpu::new();
+        let guest = {
+            let vcpu = Arc::clone(&vcpu);
+            thread::spawn(move || vcpu.enter())
+        };
+        vcpu.post(VECTOR_A, trigger);
+        let drained = guest.join().unwrap();
+        assert!(
+            drained.contains(VECTOR_A) || vcpu.kicked(),
+            "lost interrupt: guest entered without the vector and without a kick"
+        );
+        if drained.contains(VECTOR_A) {
+            assert_eq!(drained.is_level(VECTOR_A), trigger == TriggerMode::Level);
+        }
+    });
+}
+
+/// Two posters, one ON: only one of them notifies. The vCPU re-enters while kicked (at most
+/// three entries: two posters cause at most two kicks). Both vectors must be drained, by an
+/// entry or, when a kick is still pending at the end, by the entry after it.
+fn two_posters_one_notification() {
+    check(TWO_POSTER_BOUND, || {
+        let vcpu = FakeVcpu::new();
+        let guest = {
+            let vcpu = Arc::clone(&vcpu);
+            thread::spawn(move || {
+                let mut got = Posted::default();
+                for _ in 0..3 {
+                    got.merge(vcpu.enter());
+                    if !vcpu.kicked() {
+                        break; // the guest runs
+                    }
+                    vcpu.inbox.end_guest_entry(); // KVM_RUN returned at once
+                }
+                got
+            })
+        };
+        let poster = {
+            let vcpu = Arc::clone(&vcpu);
+            thread::spawn(move || vcpu.post(VECTOR_B, TriggerMode::Edge))
+        };
+        vcpu.post(VECTOR_A, TriggerMode::Edge);
+        poster.join().unwrap();
+        let mut got = guest.join().unwrap();
+        if vcpu.kicked() {
+            vcpu.inbox.end_guest_entry();
+            got.merge(vcpu.enter());
+        }
+        assert!(
+            got.contains(VECTOR_A),
+            "lost interrupt: vector A never drained"
+        );
+        assert!(
+            got.contains(VECTOR_B),
+            "lost interrupt: vector B never drained"
+        );
+    });
+}
+
+/// A drain may take a PIR bit whose poster has not set ON yet (ON was already set by an earlier
+/// poster): the trigger bit must still come with it, carried by the PIR bit's release.
+fn drain_vs_level_post_behind_an_earlier_notification() {
+    check(None, || {
+        let vcpu = FakeVcpu::new();
+        vcpu.post(VECTOR_A, TriggerMode::Edge); // ON set, before the threads start
+        let poster = {
+            let vcpu = Arc::clone(&vcpu);
+            thread::spawn(move || vcpu.post(VECTOR_B, TriggerMode::Level))
+        };
+        let drained = vcpu.enter();
+        poster.join().unwrap();
+        assert!(drained.contains(VECTOR_A));
+        if drained.contains(VECTOR_B) {
+            assert!(
+                drained.is_level(VECTOR_B),
+                "vector B drained without its level trigger"
+            );
+        }
+    });
+}
+
+#[test]
+fn drain_sees_the_trigger_of_a_post_it_got_no_notification_for() {
+    drain_vs_level_post_behind_an_earlier_notification();
+}
+
+/// The vCPU halts while another thread posts: it never sleeps through the post (a lost wakeup
+/// leaves it blocked forever, which loom reports as a deadlock), and its drain finds the work.
+fn halt_vs(post: fn(&FakeVcpu), found: fn(&Posted) -> bool) {
+    check(None, move || {
+        let vcpu = FakeVcpu::new();
+        let guest = {
+            let vcpu = Arc::clone(&vcpu);
+            thread::spawn(move || vcpu.halt())
+        };
+        post(&vcpu);
+        let drained = guest.join().unwrap();
+        assert!(
+            found(&drained),
+            "woken or not blocked, but the posted work was not drained"
+        );
+    });
+}
+
+/// The vCPU halts until it has both vectors while another thread posts them one after the
+/// other: two notification cycles, a ring that may arrive after the vCPU already refused to
+/// sleep (and so wakes a later block spuriously), and a second block that must still be woken.
+#[test]
+fn repeated_halts_vs_two_posts_never_lose_a_wakeup() {
+    check(None, || {
+        let vcpu = FakeVcpu::new();
+        let guest = {
+            let vcpu = Arc::clone(&vcpu);
+            thread::spawn(move || {
+                let mut got = Posted::default();
+                while !(got.contains(VECTOR_A) && got.contains(VECTOR_B)) {
+                    got.merge(vcpu.halt());
+                }
+            })
+        };
+        vcpu.post(VECTOR_A, TriggerMode::Edge);
+        vcpu.post(VECTOR_B, TriggerMode::Edge);
+        guest.join().unwrap();
+    });
+}
+
+#[test]
+fn halt_vs_post_vector_never_loses_the_wakeup() {
+    halt_vs(
+        |vcpu| vcpu.post(VECTOR_A, TriggerMode::Edge),
+        |posted| posted.contains(VECTOR_A),
+    );
+}
+
+/// The VMM's timer thread waking a vCPU halted until its own LAPIC timer fires.
+#[test]
+fn halt_vs_post_wakeup_never_loses_the_wakeup() {
+    halt_vs(
+        |vcpu| vcpu.notify(vcpu.inbox.post_wakeup()),
+        |posted| posted.wakeup,
+    );
+}
+
+/// An AP waiting for SIPI is woken by it (seed 000: INIT/SIPI consumed on the target's thread).
+#[test]
+fn halt_vs_post_sipi_never_loses_the_wakeup() {
+    halt_vs(
+        |vcpu| {
+            let sipi = ApicEvents {
+                sipi: Some(0x9A),
+                ..Default::default()
+            };
+            vcpu.notify(vcpu.inbox.post_events(sipi));
+        },
+        |posted| posted.events.sipi == Some(0x9A),
+    );
+}
+
+#[cfg(not(feature = "broken-ordering"))]
+mod correct_ordering {
+    use super::*;
+
+    #[test]
+    fn entry_vs_edge_post_never_loses_the_vector() {
+        entry_vs_post(TriggerMode::Edge);
+    }
+
+    #[test]
+    fn entry_vs_level_post_never_loses_the_vector_or_its_trigger() {
+        entry_vs_post(TriggerMode::Level);
+    }
+
+    #[test]
+    fn two_posters_with_one_notification_both_get_drained() {
+        two_posters_one_notification();
+    }
+}
+
+/// With `broken-ordering` the model must FAIL: this is the proof that the check bites.
+#[cfg(feature = "broken-ordering")]
+mod broken_ordering {
+    use super::*;
+
+    #[test]
+    #[should_panic(expected = "lost interrupt")]
+    fn loom_finds_the_vector_lost_when_draining_before_in_guest() {
+        entry_vs_post(TriggerMode::Edge);
+    }
+
+    #[test]
+    #[should_panic(expected = "lost interrupt")]
+    fn loom_finds_the_loss_with_two_posters_too() {
+        two_posters_one_notification();
+    }
+}
