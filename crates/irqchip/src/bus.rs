@@ -1,1 +1,1283 @@
-//! (work in progress)
+//! The (virtual) APIC bus: resolves an [`InterruptMessage`] to the vCPUs it addresses and posts it
+//! to their [`InterruptSink`]s.
+//!
+//! Every local APIC publishes a [`TopologyEntry`] (ID, LDR, DFR model, xAPIC/x2APIC mode, enable
+//! bits). The bus keeps an immutable snapshot of all entries plus lookup tables built from them
+//! behind an [`ArcSwap`]: delivery loads the snapshot without taking a lock, and
+//! [`ApicBus::update_topology`] rebuilds it copy-on-write (changes are rare: boot, CPU bring-up,
+//! mode switches).
+//!
+//! # Destination rules (SDM vol. 3 §11.6.2, §11.12.9, §11.12.10)
+//! * Shorthands (§11.6.1) ignore the destination field and need a [`MessageSource::Vcpu`]; a
+//!   device message with a shorthand reaches nobody.
+//! * Physical: the destination equals the target's APIC ID. xAPIC-mode targets are addressed by
+//!   their 8-bit ID; x2APIC-mode targets by their full 32-bit ID (also when the message has xAPIC
+//!   format: KVM compares the full ID, so an xAPIC-format destination 0x05 never reaches an
+//!   x2APIC-mode target whose ID is 0x105). An xAPIC-mode target whose published ID does not fit
+//!   8 bits is matched on its full ID by destinations above 0xFF (KVM's "hotplug hack", which
+//!   makes such vCPUs addressable through extended-destination-ID MSIs).
+//! * Logical, per target model: xAPIC flat (`LDR[31:24] & MDA != 0`), xAPIC cluster (high
+//!   nibbles equal, low nibbles intersect), x2APIC cluster (bits 31:16 equal, bits 15:0
+//!   intersect). Each target applies its own model to the destination value.
+//! * Broadcast is decided by the message format: 0xFF for [`DestinationFormat::Xapic`],
+//!   0xFFFF_FFFF for [`DestinationFormat::X2apic`], in both physical and logical mode. An
+//!   xAPIC-format 0xFF reaches x2APIC-mode targets as a broadcast only when it comes from a
+//!   device (IOAPIC/MSI): KVM's "x2APIC broadcast quirk", which keeps legacy IOAPIC broadcasts
+//!   working after the guest switches to x2APIC. From a vCPU (a mixed-mode system, which the SDM
+//!   does not support) it is a unicast to x2APIC ID 0xFF, as in KVM. Deviation from KVM: KVM keys
+//!   broadcast on the *target's* mode, so there an x2APIC-format 0xFF is a broadcast for xAPIC-mode
+//!   targets and 0xFFFF_FFFF never reaches them; we carry the format in the message and use it.
+//!
+//! # Acceptance (SDM vol. 3 §11.4.3, §11.4.7.2)
+//! A hardware-disabled APIC (IA32_APIC_BASE.EN = 0) receives nothing. A software-disabled APIC
+//! (SVR bit 8 = 0) receives INIT, SIPI, NMI and SMI only — the four messages §11.4.7.2 says it
+//! "responds normally" to; fixed, lowest-priority and ExtINT messages are dropped for it (KVM
+//! drops fixed/lowest-priority there and never delivers ExtINT through the bus at all).
+//!
+//! # Lowest priority (SDM vol. 3 §11.6.2.4)
+//! Exactly one accepting target of the destination set receives the vector: the one with the
+//! lowest published PPR (full 8-bit compare). Ties are broken round-robin: the bus keeps one
+//! rotation counter; among the `n` tied targets (in vCPU index order) the one at position
+//! `counter % n` wins, and a delivery that had a tie advances the counter. [`ApicBus::resolve`]
+//! reports the target the next delivery would pick without advancing it. KVM arbitrates with its
+//! own arbitration counter or vector hashing; we do real PPR arbitration. The SDM's "focus
+//! processor" rule (a target already servicing the vector wins) is not modelled.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::types::{
+    ApicEvents, DeliveryMode, DestinationFormat, DestinationMode, InterruptMessage, InterruptSink,
+    MessageSource, Notify, Shorthand, TopologyEntry, TriggerMode, VcpuIndex, Vector,
+};
+
+/// Broadcast destination in xAPIC format (8-bit IDs, SDM vol. 3 §11.6.2.1).
+pub const XAPIC_BROADCAST: u32 = 0xFF;
+/// Broadcast destination in x2APIC format (32-bit IDs, SDM vol. 3 §11.12.9).
+pub const X2APIC_BROADCAST: u32 = 0xFFFF_FFFF;
+
+/// Bits of an xAPIC ID / logical ID (the ID and LDR registers hold them in bits 31:24).
+const XAPIC_ID_MASK: u32 = 0xFF;
+/// Position of the 8-bit logical ID inside a raw xAPIC LDR register value.
+const XAPIC_LDR_SHIFT: u32 = 24;
+/// xAPIC cluster model: cluster number in the high nibble, member bitmap in the low nibble
+/// (SDM vol. 3 §11.6.2.2).
+const XAPIC_CLUSTER_SHIFT: u32 = 4;
+const XAPIC_MEMBER_MASK: u32 = 0xF;
+/// x2APIC logical ID: cluster ID in bits 31:16, member bitmap in bits 15:0 (SDM vol. 3 §11.12.10).
+const X2APIC_CLUSTER_SHIFT: u32 = 16;
+const X2APIC_MEMBER_MASK: u32 = 0xFFFF;
+
+/// The interrupt bus of one VM: the vCPUs' sinks and a lock-free topology snapshot.
+pub struct ApicBus<S: InterruptSink> {
+    sinks: Vec<Arc<S>>,
+    snapshot: ArcSwap<Snapshot>,
+    /// Round-robin position for lowest-priority ties (see the module documentation).
+    lowest_priority_turn: AtomicU32,
+}
+
+impl<S: InterruptSink> ApicBus<S> {
+    /// A bus for these vCPUs (index = position). Every vCPU starts with a default, hardware-disabled
+    /// topology entry, so it receives nothing until its local APIC publishes one.
+    pub fn new(sinks: Vec<Arc<S>>) -> Self {
+        let entries = vec![TopologyEntry::default(); sinks.len()];
+        Self::with_topology(sinks, entries)
+    }
+
+    /// A bus whose vCPUs already published these entries. Missing entries default (disabled);
+    /// extra entries are ignored.
+    pub fn with_topology(sinks: Vec<Arc<S>>, mut entries: Vec<TopologyEntry>) -> Self {
+        entries.resize(sinks.len(), TopologyEntry::default());
+        Self {
+            snapshot: ArcSwap::from_pointee(Snapshot::build(entries)),
+            sinks,
+            lowest_priority_turn: AtomicU32::new(0),
+        }
+    }
+
+    /// Number of vCPUs on the bus.
+    pub fn len(&self) -> usize {
+        self.sinks.len()
+    }
+
+    /// True when the bus has no vCPU.
+    pub fn is_empty(&self) -> bool {
+        self.sinks.is_empty()
+    }
+
+    /// The sink of vCPU `index`, if it exists.
+    pub fn sink(&self, index: VcpuIndex) -> Option<&Arc<S>> {
+        self.sinks.get(index)
+    }
+
+    /// The entry vCPU `index` last published.
+    pub fn topology_entry(&self, index: VcpuIndex) -> Option<TopologyEntry> {
+        self.snapshot.load().entries.get(index).copied()
+    }
+
+    /// Publishes vCPU `index`'s new addressing state. The next resolution sees it. An index outside
+    /// the bus is ignored (a VMM bug, not something a guest can cause).
+    pub fn update_topology(&self, index: VcpuIndex, entry: TopologyEntry) {
+        if index >= self.sinks.len() {
+            return;
+        }
+        // rcu: concurrent publishers each retry on top of the other's snapshot, so no update is lost.
+        self.snapshot.rcu(|current| {
+            if current.entries[index] == entry {
+                return Arc::clone(current);
+            }
+            let mut entries = current.entries.clone();
+            entries[index] = entry;
+            Arc::new(Snapshot::build(entries))
+        });
+    }
+
+    /// The vCPUs `msg` would be posted to: every accepting destination, or for lowest priority the
+    /// single winner the next delivery would pick. Sorted by index, no duplicates.
+    pub fn resolve(&self, msg: &InterruptMessage) -> Vec<VcpuIndex> {
+        self.targets(msg, TieBreak::Peek)
+    }
+
+    /// Posts `msg` to its destinations, calls `notify` for every post that asks the caller to kick
+    /// or wake the target, and returns the number of targets posted to.
+    pub fn deliver(
+        &self,
+        msg: &InterruptMessage,
+        notify: &mut dyn FnMut(VcpuIndex, Notify),
+    ) -> usize {
+        let Some(post) = Post::for_message(msg) else {
+            return 0;
+        };
+        let targets = self.targets(msg, TieBreak::Advance);
+        for &index in &targets {
+            let outcome = post.apply(self.sinks[index].as_ref());
+            if outcome != Notify::None {
+                notify(index, outcome);
+            }
+        }
+        targets.len()
+    }
+
+    fn targets(&self, msg: &InterruptMessage, tie_break: TieBreak) -> Vec<VcpuIndex> {
+        if msg.is_init_deassert() {
+            // SDM vol. 3 §11.6.1: the INIT level de-assert message is not supported by Pentium 4
+            // and Xeon processors and is ignored; it reaches nobody.
+            return Vec::new();
+        }
+        let snapshot = self.snapshot.load();
+        let mut targets = snapshot.destinations(msg);
+        targets.retain(|&index| accepts(&snapshot.entries[index], msg.delivery_mode));
+        targets.sort_unstable();
+        targets.dedup();
+        if msg.delivery_mode == DeliveryMode::LowestPriority {
+            return self
+                .lowest_priority_winner(&targets, tie_break)
+                .into_iter()
+                .collect();
+        }
+        targets
+    }
+
+    /// SDM vol. 3 §11.6.2.4: the candidate with the lowest PPR, ties rotated round-robin.
+    fn lowest_priority_winner(
+        &self,
+        candidates: &[VcpuIndex],
+        tie_break: TieBreak,
+    ) -> Option<VcpuIndex> {
+        let priorities: Vec<(u8, VcpuIndex)> = candidates
+            .iter()
+            .map(|&index| (self.sinks[index].published_ppr(), index))
+            .collect();
+        let lowest = priorities.iter().map(|&(ppr, _)| ppr).min()?;
+        let tied: Vec<VcpuIndex> = priorities
+            .iter()
+            .filter(|&&(ppr, _)| ppr == lowest)
+            .map(|&(_, index)| index)
+            .collect();
+        if tied.len() == 1 {
+            return Some(tied[0]);
+        }
+        let turn = match tie_break {
+            TieBreak::Peek => self.lowest_priority_turn.load(Ordering::Relaxed),
+            TieBreak::Advance => self.lowest_priority_turn.fetch_add(1, Ordering::Relaxed),
+        };
+        // u32 -> usize is lossless on every target this VMM supports (64-bit Linux).
+        Some(tied[turn as usize % tied.len()])
+    }
+}
+
+/// Whether a lowest-priority resolution consumes its round-robin turn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TieBreak {
+    /// `resolve`: report the next winner, leave the counter alone.
+    Peek,
+    /// `deliver`: pick the winner and move the rotation on.
+    Advance,
+}
+
+/// What a message does to each of its targets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Post {
+    Vector(Vector, TriggerMode),
+    Events(ApicEvents),
+}
+
+impl Post {
+    /// `None` for the ignored INIT level de-assert.
+    fn for_message(msg: &InterruptMessage) -> Option<Self> {
+        if msg.is_init_deassert() {
+            return None;
+        }
+        let event = |events: ApicEvents| Some(Self::Events(events));
+        let none = ApicEvents::default();
+        match msg.delivery_mode {
+            DeliveryMode::Fixed | DeliveryMode::LowestPriority => {
+                Some(Self::Vector(msg.vector, msg.trigger))
+            }
+            DeliveryMode::Nmi => event(ApicEvents { nmi: true, ..none }),
+            DeliveryMode::Smi => event(ApicEvents { smi: true, ..none }),
+            DeliveryMode::Init => event(ApicEvents { init: true, ..none }),
+            DeliveryMode::StartUp => event(ApicEvents {
+                sipi: Some(msg.vector),
+                ..none
+            }),
+            DeliveryMode::ExtInt => event(ApicEvents {
+                extint: true,
+                ..none
+            }),
+        }
+    }
+
+    fn apply<S: InterruptSink + ?Sized>(self, sink: &S) -> Notify {
+        match self {
+            Self::Vector(vector, trigger) => sink.post_vector(vector, trigger),
+            Self::Events(events) => sink.post_events(events),
+        }
+    }
+}
+
+/// SDM vol. 3 §11.4.3 / §11.4.7.2: whether this APIC accepts a message of this mode at all.
+fn accepts(entry: &TopologyEntry, mode: DeliveryMode) -> bool {
+    let delivered_while_sw_disabled = matches!(
+        mode,
+        DeliveryMode::Init | DeliveryMode::StartUp | DeliveryMode::Nmi | DeliveryMode::Smi
+    );
+    entry.hw_enabled && (entry.sw_enabled || delivered_while_sw_disabled)
+}
+
+/// The ID an xAPIC-mode target is addressed by when the destination fits 8 bits.
+fn xapic_id(entry: &TopologyEntry) -> u32 {
+    entry.apic_id.0 & XAPIC_ID_MASK
+}
+
+/// The 8-bit xAPIC logical ID. Accepts both conventions for `ldr` (the 8-bit field, or the raw
+/// register with the field in bits 31:24 and bits 23:0 reserved as zero).
+fn xapic_logical_id(entry: &TopologyEntry) -> u32 {
+    if entry.ldr > XAPIC_ID_MASK {
+        entry.ldr >> XAPIC_LDR_SHIFT
+    } else {
+        entry.ldr
+    }
+}
+
+/// One immutable view of the topology with lookup tables. Only hardware-enabled APICs appear in
+/// the tables; `entries` keeps every vCPU's last published entry.
+#[derive(Debug, Default)]
+struct Snapshot {
+    entries: Vec<TopologyEntry>,
+    /// Hardware-enabled vCPUs in xAPIC mode / in x2APIC mode, by index.
+    xapic_mode: Vec<VcpuIndex>,
+    x2apic_mode: Vec<VcpuIndex>,
+    /// Sorted (8-bit xAPIC ID, index) of xAPIC-mode vCPUs.
+    xapic_ids: Vec<(u32, VcpuIndex)>,
+    /// Sorted (full ID, index) of xAPIC-mode vCPUs whose published ID exceeds 8 bits (hotplug hack).
+    xapic_wide_ids: Vec<(u32, VcpuIndex)>,
+    /// Sorted (32-bit ID, index) of x2APIC-mode vCPUs.
+    x2apic_ids: Vec<(u32, VcpuIndex)>,
+    /// (8-bit logical ID, index) of xAPIC-mode vCPUs in the flat model.
+    flat: Vec<(u32, VcpuIndex)>,
+    /// Sorted (cluster, member bits, index) of xAPIC-mode vCPUs in the cluster model.
+    xapic_clusters: Vec<(u32, u32, VcpuIndex)>,
+    /// Sorted (cluster, member bits, index) of x2APIC-mode vCPUs.
+    x2apic_clusters: Vec<(u32, u32, VcpuIndex)>,
+}
+
+impl Snapshot {
+    fn build(entries: Vec<TopologyEntry>) -> Self {
+        let mut snapshot = Self::default();
+        for (index, entry) in entries.iter().enumerate().filter(|(_, e)| e.hw_enabled) {
+            if entry.x2apic {
+                snapshot.add_x2apic(index, entry);
+            } else {
+                snapshot.add_xapic(index, entry);
+            }
+        }
+        snapshot.xapic_ids.sort_unstable();
+        snapshot.xapic_wide_ids.sort_unstable();
+        snapshot.x2apic_ids.sort_unstable();
+        snapshot.xapic_clusters.sort_unstable();
+        snapshot.x2apic_clusters.sort_unstable();
+        snapshot.entries = entries;
+        snapshot
+    }
+
+    fn add_xapic(&mut self, index: VcpuIndex, entry: &TopologyEntry) {
+        self.xapic_mode.push(index);
+        self.xapic_ids.push((xapic_id(entry), index));
+        if entry.apic_id.0 > XAPIC_ID_MASK {
+            self.xapic_wide_ids.push((entry.apic_id.0, index));
+        }
+        let logical = xapic_logical_id(entry);
+        if entry.dfr_flat {
+            self.flat.push((logical, index));
+        } else {
+            let cluster = logical >> XAPIC_CLUSTER_SHIFT;
+            let members = logical & XAPIC_MEMBER_MASK;
+            self.xapic_clusters.push((cluster, members, index));
+        }
+    }
+
+    fn add_x2apic(&mut self, index: VcpuIndex, entry: &TopologyEntry) {
+        self.x2apic_mode.push(index);
+        self.x2apic_ids.push((entry.apic_id.0, index));
+        let cluster = entry.ldr >> X2APIC_CLUSTER_SHIFT;
+        let members = entry.ldr & X2APIC_MEMBER_MASK;
+        self.x2apic_clusters.push((cluster, members, index));
+    }
+
+    /// Every hardware-enabled vCPU `msg` addresses (unsorted, before the acceptance filter).
+    fn destinations(&self, msg: &InterruptMessage) -> Vec<VcpuIndex> {
+        match msg.shorthand {
+            Shorthand::None => self.addressed(msg),
+            shorthand => self.shorthand_targets(shorthand, msg.source),
+        }
+    }
+
+    /// SDM vol. 3 §11.6.1 destination shorthands; they need a sending vCPU.
+    fn shorthand_targets(&self, shorthand: Shorthand, source: MessageSource) -> Vec<VcpuIndex> {
+        let MessageSource::Vcpu(sender) = source else {
+            return Vec::new();
+        };
+        let enabled = self.enabled();
+        match shorthand {
+            Shorthand::SelfOnly => enabled.filter(|&i| i == sender).collect(),
+            Shorthand::AllExcludingSelf => enabled.filter(|&i| i != sender).collect(),
+            Shorthand::AllIncludingSelf | Shorthand::None => enabled.collect(),
+        }
+    }
+
+    fn enabled(&self) -> impl Iterator<Item = VcpuIndex> + '_ {
+        self.xapic_mode
+            .iter()
+            .chain(self.x2apic_mode.iter())
+            .copied()
+    }
+
+    fn addressed(&self, msg: &InterruptMessage) -> Vec<VcpuIndex> {
+        let dest = msg.destination;
+        let mut targets = Vec::new();
+        match broadcast_reach(msg) {
+            BroadcastReach::All => return self.enabled().collect(),
+            BroadcastReach::XapicModeOnly => targets.extend_from_slice(&self.xapic_mode),
+            BroadcastReach::NotBroadcast => self.addressed_xapic_mode(msg, &mut targets),
+        }
+        // x2APIC-mode targets only get here for non-broadcasts (and for a vCPU's xAPIC-format
+        // 0xFF in a mixed-mode system, which they read as an ordinary 32-bit destination).
+        match msg.destination_mode {
+            DestinationMode::Physical => extend_with_key(&mut targets, &self.x2apic_ids, dest),
+            DestinationMode::Logical => extend_with_cluster(
+                &mut targets,
+                &self.x2apic_clusters,
+                dest >> X2APIC_CLUSTER_SHIFT,
+                dest & X2APIC_MEMBER_MASK,
+            ),
+        }
+        targets
+    }
+
+    /// Non-broadcast destinations among xAPIC-mode targets (SDM vol. 3 §11.6.2.1-2).
+    fn addressed_xapic_mode(&self, msg: &InterruptMessage, targets: &mut Vec<VcpuIndex>) {
+        let dest = msg.destination;
+        match msg.destination_mode {
+            DestinationMode::Physical if dest > XAPIC_ID_MASK => {
+                extend_with_key(targets, &self.xapic_wide_ids, dest)
+            }
+            DestinationMode::Physical => extend_with_key(targets, &self.xapic_ids, dest),
+            DestinationMode::Logical => {
+                let flat_hits = self.flat.iter().filter(|&&(ldr, _)| ldr & dest != 0);
+                targets.extend(flat_hits.map(|&(_, index)| index));
+                extend_with_cluster(
+                    targets,
+                    &self.xapic_clusters,
+                    dest >> XAPIC_CLUSTER_SHIFT,
+                    dest & XAPIC_MEMBER_MASK,
+                );
+            }
+        }
+    }
+}
+
+/// Which targets a message reaches as a broadcast (see the module documentation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BroadcastReach {
+    NotBroadcast,
+    /// An xAPIC-format 0xFF from a vCPU: broadcast for xAPIC-mode targets only.
+    XapicModeOnly,
+    All,
+}
+
+fn broadcast_reach(msg: &InterruptMessage) -> BroadcastReach {
+    match (msg.format, msg.destination, msg.source) {
+        (DestinationFormat::X2apic, X2APIC_BROADCAST, _) => BroadcastReach::All,
+        // KVM's x2APIC broadcast quirk: devices still speak 8-bit destinations.
+        (DestinationFormat::Xapic, XAPIC_BROADCAST, MessageSource::Device) => BroadcastReach::All,
+        (DestinationFormat::Xapic, XAPIC_BROADCAST, MessageSource::Vcpu(_)) => {
+            BroadcastReach::XapicModeOnly
+        }
+        _ => BroadcastReach::NotBroadcast,
+    }
+}
+
+/// Appends the indices whose key equals `key` in a table sorted by key.
+fn extend_with_key(targets: &mut Vec<VcpuIndex>, table: &[(u32, VcpuIndex)], key: u32) {
+    let start = table.partition_point(|&(k, _)| k < key);
+    let hits = table[start..].iter().take_while(|&&(k, _)| k == key);
+    targets.extend(hits.map(|&(_, index)| index));
+}
+
+/// Appends the members of `cluster` whose member bits intersect `members`, from a table sorted
+/// by cluster.
+fn extend_with_cluster(
+    targets: &mut Vec<VcpuIndex>,
+    table: &[(u32, u32, VcpuIndex)],
+    cluster: u32,
+    members: u32,
+) {
+    let start = table.partition_point(|&(c, _, _)| c < cluster);
+    let in_cluster = table[start..].iter().take_while(|&&(c, _, _)| c == cluster);
+    let hits = in_cluster.filter(|&&(_, bits, _)| bits & members != 0);
+    targets.extend(hits.map(|&(_, _, index)| index));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::ApicId;
+    use proptest::prelude::*;
+    use std::sync::atomic::AtomicU8;
+    use std::sync::Mutex;
+
+    /// One post a fake vCPU received.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Posted {
+        Vector(Vector, TriggerMode),
+        Events(ApicEvents),
+    }
+
+    /// A fake vCPU: records posts, answers with a configurable `Notify` and PPR.
+    struct FakeVcpu {
+        posts: Mutex<Vec<Posted>>,
+        answer: Mutex<Notify>,
+        ppr: AtomicU8,
+    }
+
+    impl FakeVcpu {
+        fn new() -> Self {
+            Self {
+                posts: Mutex::new(Vec::new()),
+                answer: Mutex::new(Notify::None),
+                ppr: AtomicU8::new(0),
+            }
+        }
+
+        fn posts(&self) -> Vec<Posted> {
+            self.posts.lock().unwrap().clone()
+        }
+
+        fn record(&self, posted: Posted) -> Notify {
+            self.posts.lock().unwrap().push(posted);
+            *self.answer.lock().unwrap()
+        }
+    }
+
+    impl InterruptSink for FakeVcpu {
+        fn post_vector(&self, vector: Vector, trigger: TriggerMode) -> Notify {
+            self.record(Posted::Vector(vector, trigger))
+        }
+        fn post_events(&self, events: ApicEvents) -> Notify {
+            self.record(Posted::Events(events))
+        }
+        fn published_ppr(&self) -> u8 {
+            self.ppr.load(Ordering::Relaxed)
+        }
+    }
+
+    fn bus(entries: &[TopologyEntry]) -> ApicBus<FakeVcpu> {
+        let sinks = entries.iter().map(|_| Arc::new(FakeVcpu::new())).collect();
+        ApicBus::with_topology(sinks, entries.to_vec())
+    }
+
+    fn xapic(id: u32, ldr: u32, flat: bool) -> TopologyEntry {
+        TopologyEntry {
+            apic_id: ApicId(id),
+            x2apic: false,
+            hw_enabled: true,
+            sw_enabled: true,
+            ldr,
+            dfr_flat: flat,
+        }
+    }
+
+    fn flat(id: u32, ldr: u32) -> TopologyEntry {
+        xapic(id, ldr, true)
+    }
+
+    fn cluster(id: u32, ldr: u32) -> TopologyEntry {
+        xapic(id, ldr, false)
+    }
+
+    /// x2APIC mode with the LDR the hardware derives from the ID (SDM vol. 3 §11.12.10.2).
+    fn x2(id: u32) -> TopologyEntry {
+        TopologyEntry {
+            apic_id: ApicId(id),
+            x2apic: true,
+            hw_enabled: true,
+            sw_enabled: true,
+            ldr: ((id >> 4) << 16) | (1 << (id & 0xF)),
+            dfr_flat: false,
+        }
+    }
+
+    fn msg(mode: DestinationMode, format: DestinationFormat, dest: u32) -> InterruptMessage {
+        InterruptMessage {
+            destination_mode: mode,
+            format,
+            destination: dest,
+            ..InterruptMessage::fixed(0x40, 0)
+        }
+    }
+
+    fn phys(dest: u32) -> InterruptMessage {
+        msg(DestinationMode::Physical, DestinationFormat::Xapic, dest)
+    }
+
+    fn phys_x2(dest: u32) -> InterruptMessage {
+        msg(DestinationMode::Physical, DestinationFormat::X2apic, dest)
+    }
+
+    fn logical(dest: u32) -> InterruptMessage {
+        msg(DestinationMode::Logical, DestinationFormat::Xapic, dest)
+    }
+
+    fn logical_x2(dest: u32) -> InterruptMessage {
+        msg(DestinationMode::Logical, DestinationFormat::X2apic, dest)
+    }
+
+    fn from_vcpu(m: InterruptMessage, sender: VcpuIndex) -> InterruptMessage {
+        InterruptMessage {
+            source: MessageSource::Vcpu(sender),
+            ..m
+        }
+    }
+
+    fn shorthand(
+        s: Shorthand,
+        sender: MessageSource,
+        format: DestinationFormat,
+    ) -> InterruptMessage {
+        InterruptMessage {
+            shorthand: s,
+            source: sender,
+            format,
+            destination: 0x1234_5678, // ignored with a shorthand
+            ..InterruptMessage::fixed(0x41, 0)
+        }
+    }
+
+    fn with_mode(m: InterruptMessage, mode: DeliveryMode) -> InterruptMessage {
+        InterruptMessage {
+            delivery_mode: mode,
+            ..m
+        }
+    }
+
+    fn deliver_collect(
+        bus: &ApicBus<FakeVcpu>,
+        m: &InterruptMessage,
+    ) -> (usize, Vec<(VcpuIndex, Notify)>) {
+        let mut notified = Vec::new();
+        let reached = bus.deliver(m, &mut |i, n| notified.push((i, n)));
+        (reached, notified)
+    }
+
+    // ---- physical destinations, SDM vol. 3 §11.6.2.1 ----
+
+    #[test]
+    fn sdm_11_6_2_1_physical_xapic_unicast_reaches_matching_id() {
+        let b = bus(&[flat(0, 1), flat(1, 2), flat(7, 4)]);
+        assert_eq!(b.resolve(&phys(7)), vec![2]);
+        assert_eq!(b.resolve(&phys(0)), vec![0]);
+    }
+
+    #[test]
+    fn sdm_11_6_2_1_physical_xapic_broadcast_ff_reaches_all() {
+        let b = bus(&[flat(0, 1), flat(1, 2), flat(2, 4)]);
+        assert_eq!(b.resolve(&phys(0xFF)), vec![0, 1, 2]);
+        assert_eq!(b.resolve(&from_vcpu(phys(0xFF), 1)), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn sdm_11_6_2_1_physical_to_nonexistent_id_reaches_nobody() {
+        let b = bus(&[flat(0, 1), x2(1)]);
+        let m = phys(9);
+        assert!(b.resolve(&m).is_empty());
+        assert_eq!(deliver_collect(&b, &m).0, 0);
+        assert!(b.sink(0).unwrap().posts().is_empty());
+        assert!(b.sink(1).unwrap().posts().is_empty());
+        assert!(b.resolve(&phys_x2(0x1_0000)).is_empty());
+    }
+
+    #[test]
+    fn sdm_11_6_2_1_duplicate_xapic_ids_all_receive() {
+        // Two APICs given the same (writable) xAPIC ID both match, as on hardware.
+        let b = bus(&[flat(3, 1), flat(3, 2), flat(4, 4)]);
+        assert_eq!(b.resolve(&phys(3)), vec![0, 1]);
+    }
+
+    #[test]
+    fn sdm_11_12_9_physical_x2apic_32bit_ids_and_broadcast() {
+        let b = bus(&[x2(0), x2(0x1234), x2(0xFF), x2(0x0001_0000)]);
+        assert_eq!(b.resolve(&phys_x2(0x1234)), vec![1]);
+        assert_eq!(b.resolve(&phys_x2(0x0001_0000)), vec![3]);
+        // In x2APIC format 0xFF is an ordinary ID.
+        assert_eq!(b.resolve(&from_vcpu(phys_x2(0xFF), 0)), vec![2]);
+        assert_eq!(
+            b.resolve(&from_vcpu(phys_x2(X2APIC_BROADCAST), 0)),
+            vec![0, 1, 2, 3]
+        );
+    }
+
+    #[test]
+    fn kvm_quirk_device_xapic_broadcast_reaches_x2apic_targets() {
+        let b = bus(&[x2(0), x2(0x300), flat(5, 1)]);
+        // IOAPIC / MSI broadcast 0xFF: every target, x2APIC mode included.
+        assert_eq!(b.resolve(&phys(0xFF)), vec![0, 1, 2]);
+        assert_eq!(b.resolve(&logical(0xFF)), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn mixed_mode_vcpu_xapic_ff_is_unicast_for_x2apic_targets() {
+        // An xAPIC-mode sender's 0xFF: broadcast for xAPIC-mode targets, x2APIC ID 0xFF otherwise.
+        let b = bus(&[x2(0), x2(0xFF), flat(5, 1)]);
+        assert_eq!(b.resolve(&from_vcpu(phys(0xFF), 2)), vec![1, 2]);
+    }
+
+    #[test]
+    fn mixed_mode_xapic_format_compares_full_x2apic_id() {
+        // KVM compares the full 32-bit ID: destination 0x05 does not reach x2APIC ID 0x105.
+        let b = bus(&[x2(0x105), x2(0x05)]);
+        assert_eq!(b.resolve(&phys(0x05)), vec![1]);
+    }
+
+    #[test]
+    fn x2apic_format_broadcast_reaches_xapic_mode_targets_too() {
+        let b = bus(&[x2(1), flat(2, 1)]);
+        assert_eq!(
+            b.resolve(&from_vcpu(phys_x2(X2APIC_BROADCAST), 0)),
+            vec![0, 1]
+        );
+        assert_eq!(
+            b.resolve(&from_vcpu(logical_x2(X2APIC_BROADCAST), 0)),
+            vec![0, 1]
+        );
+    }
+
+    #[test]
+    fn kvm_hotplug_hack_wide_destination_reaches_xapic_mode_target_with_wide_id() {
+        // An xAPIC-mode vCPU whose (initial) ID does not fit 8 bits is reachable by an
+        // extended-destination-ID MSI carrying the full ID, and by its truncated 8-bit ID.
+        let b = bus(&[flat(0x123, 1), flat(0x23, 2)]);
+        assert_eq!(b.resolve(&phys(0x123)), vec![0]);
+        assert_eq!(b.resolve(&phys(0x23)), vec![0, 1]);
+    }
+
+    // ---- logical destinations, SDM vol. 3 §11.6.2.2 ----
+
+    #[test]
+    fn sdm_11_6_2_2_flat_model_mda_and_ldr_intersect() {
+        let b = bus(&[flat(0, 0x01), flat(1, 0x02), flat(2, 0x04), flat(3, 0x0C)]);
+        assert_eq!(b.resolve(&logical(0x01)), vec![0]);
+        assert_eq!(b.resolve(&logical(0x06)), vec![1, 2, 3]);
+        assert_eq!(b.resolve(&logical(0x08)), vec![3]);
+        assert!(b.resolve(&logical(0x30)).is_empty());
+    }
+
+    #[test]
+    fn sdm_11_6_2_2_flat_model_ff_is_broadcast_even_for_ldr_zero() {
+        let b = bus(&[flat(0, 0x00), flat(1, 0x02)]);
+        assert_eq!(b.resolve(&logical(0xFF)), vec![0, 1]);
+        assert_eq!(b.resolve(&from_vcpu(logical(0xFF), 1)), vec![0, 1]);
+        assert_eq!(b.resolve(&logical(0x7F)), vec![1]);
+    }
+
+    #[test]
+    fn sdm_11_6_2_2_cluster_model_cluster_equal_members_intersect() {
+        let b = bus(&[
+            cluster(0, 0x11),
+            cluster(1, 0x12),
+            cluster(2, 0x21),
+            cluster(3, 0x2C),
+        ]);
+        assert_eq!(b.resolve(&logical(0x13)), vec![0, 1]);
+        assert_eq!(b.resolve(&logical(0x21)), vec![2]);
+        assert_eq!(b.resolve(&logical(0x24)), vec![3]);
+        assert!(b.resolve(&logical(0x31)).is_empty());
+        assert!(b.resolve(&logical(0x10)).is_empty());
+        assert_eq!(b.resolve(&logical(0xFF)), vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn ldr_accepts_raw_register_convention() {
+        // 0x0200_0000 is the LDR register with logical ID 0x02 in bits 31:24.
+        let b = bus(&[flat(0, 0x0200_0000), cluster(1, 0x1100_0000)]);
+        assert_eq!(b.resolve(&logical(0x02)), vec![0]);
+        assert_eq!(b.resolve(&logical(0x11)), vec![1]);
+    }
+
+    #[test]
+    fn sdm_11_12_10_x2apic_logical_cluster_and_members() {
+        let b = bus(&[x2(0x00), x2(0x01), x2(0x11), x2(0x12)]);
+        // cluster 0, members bits 0 and 1
+        assert_eq!(b.resolve(&logical_x2(0x0000_0003)), vec![0, 1]);
+        // cluster 1, member bit 2 = ID 0x12
+        assert_eq!(b.resolve(&logical_x2(0x0001_0004)), vec![3]);
+        assert_eq!(b.resolve(&logical_x2(0x0001_0006)), vec![2, 3]);
+        // member bits of the wrong cluster reach nobody
+        assert!(b.resolve(&logical_x2(0x0002_0006)).is_empty());
+        assert_eq!(
+            b.resolve(&from_vcpu(logical_x2(X2APIC_BROADCAST), 0)),
+            vec![0, 1, 2, 3]
+        );
+    }
+
+    // ---- shorthands, SDM vol. 3 §11.6.1 ----
+
+    #[test]
+    fn sdm_11_6_1_shorthands_xapic_and_x2apic() {
+        for (format, entries) in [
+            (
+                DestinationFormat::Xapic,
+                vec![flat(0, 1), flat(1, 2), flat(2, 4)],
+            ),
+            (DestinationFormat::X2apic, vec![x2(0), x2(1), x2(2)]),
+        ] {
+            let b = bus(&entries);
+            let me = MessageSource::Vcpu(1);
+            assert_eq!(
+                b.resolve(&shorthand(Shorthand::SelfOnly, me, format)),
+                vec![1]
+            );
+            assert_eq!(
+                b.resolve(&shorthand(Shorthand::AllIncludingSelf, me, format)),
+                vec![0, 1, 2]
+            );
+            assert_eq!(
+                b.resolve(&shorthand(Shorthand::AllExcludingSelf, me, format)),
+                vec![0, 2]
+            );
+        }
+    }
+
+    #[test]
+    fn shorthand_without_sending_vcpu_reaches_nobody() {
+        let b = bus(&[flat(0, 1), flat(1, 2)]);
+        for s in [
+            Shorthand::SelfOnly,
+            Shorthand::AllIncludingSelf,
+            Shorthand::AllExcludingSelf,
+        ] {
+            let m = shorthand(s, MessageSource::Device, DestinationFormat::Xapic);
+            assert!(b.resolve(&m).is_empty(), "{s:?}");
+        }
+        // A sender index outside the bus is not "self" for anyone.
+        let m = shorthand(
+            Shorthand::SelfOnly,
+            MessageSource::Vcpu(9),
+            DestinationFormat::Xapic,
+        );
+        assert!(b.resolve(&m).is_empty());
+    }
+
+    #[test]
+    fn shorthands_skip_hw_disabled_targets() {
+        let mut off = flat(2, 4);
+        off.hw_enabled = false;
+        let b = bus(&[flat(0, 1), flat(1, 2), off]);
+        let m = shorthand(
+            Shorthand::AllIncludingSelf,
+            MessageSource::Vcpu(0),
+            DestinationFormat::Xapic,
+        );
+        assert_eq!(b.resolve(&m), vec![0, 1]);
+    }
+
+    // ---- acceptance, SDM vol. 3 §11.4.3 and §11.4.7.2 ----
+
+    const ALL_MODES: [DeliveryMode; 7] = [
+        DeliveryMode::Fixed,
+        DeliveryMode::LowestPriority,
+        DeliveryMode::Smi,
+        DeliveryMode::Nmi,
+        DeliveryMode::Init,
+        DeliveryMode::StartUp,
+        DeliveryMode::ExtInt,
+    ];
+
+    #[test]
+    fn sdm_11_4_3_hw_disabled_target_receives_nothing() {
+        let mut off = flat(0, 1);
+        off.hw_enabled = false;
+        let b = bus(&[off]);
+        for mode in ALL_MODES {
+            for m in [phys(0), phys(0xFF), logical(0xFF), logical(1)] {
+                let m = with_mode(m, mode);
+                assert!(b.resolve(&m).is_empty(), "{mode:?}");
+                assert_eq!(deliver_collect(&b, &m).0, 0);
+            }
+        }
+        assert!(b.sink(0).unwrap().posts().is_empty());
+    }
+
+    #[test]
+    fn sdm_11_4_7_2_sw_disabled_target_takes_init_sipi_nmi_smi_only() {
+        let mut sleepy = flat(0, 1);
+        sleepy.sw_enabled = false;
+        let b = bus(&[sleepy]);
+        for mode in ALL_MODES {
+            let expected = matches!(
+                mode,
+                DeliveryMode::Init | DeliveryMode::StartUp | DeliveryMode::Nmi | DeliveryMode::Smi
+            );
+            let reached = b.resolve(&with_mode(phys(0), mode));
+            assert_eq!(reached == vec![0], expected, "{mode:?}");
+        }
+    }
+
+    // ---- delivery modes, SDM vol. 3 §11.6.1 ----
+
+    fn single_post(mode: DeliveryMode, trigger: TriggerMode) -> Vec<Posted> {
+        let b = bus(&[flat(0, 1)]);
+        let m = InterruptMessage {
+            trigger,
+            ..with_mode(phys(0), mode)
+        };
+        assert_eq!(deliver_collect(&b, &m).0, 1, "{mode:?}");
+        b.sink(0).unwrap().posts()
+    }
+
+    #[test]
+    fn sdm_11_6_1_fixed_and_lowest_post_vector_with_trigger() {
+        use TriggerMode::{Edge, Level};
+        assert_eq!(
+            single_post(DeliveryMode::Fixed, Edge),
+            vec![Posted::Vector(0x40, Edge)]
+        );
+        assert_eq!(
+            single_post(DeliveryMode::Fixed, Level),
+            vec![Posted::Vector(0x40, Level)]
+        );
+        assert_eq!(
+            single_post(DeliveryMode::LowestPriority, Level),
+            vec![Posted::Vector(0x40, Level)]
+        );
+    }
+
+    #[test]
+    fn sdm_11_6_1_event_modes_post_matching_event() {
+        let none = ApicEvents::default();
+        let cases = [
+            (DeliveryMode::Nmi, ApicEvents { nmi: true, ..none }),
+            (DeliveryMode::Smi, ApicEvents { smi: true, ..none }),
+            (DeliveryMode::Init, ApicEvents { init: true, ..none }),
+            (
+                DeliveryMode::StartUp,
+                ApicEvents {
+                    sipi: Some(0x40),
+                    ..none
+                },
+            ),
+            (
+                DeliveryMode::ExtInt,
+                ApicEvents {
+                    extint: true,
+                    ..none
+                },
+            ),
+        ];
+        for (mode, events) in cases {
+            assert_eq!(
+                single_post(mode, TriggerMode::Edge),
+                vec![Posted::Events(events)],
+                "{mode:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn sdm_11_6_1_init_level_deassert_reaches_nobody() {
+        let b = bus(&[flat(0, 1), flat(1, 2)]);
+        let deassert = InterruptMessage {
+            trigger: TriggerMode::Level,
+            level_assert: false,
+            ..with_mode(from_vcpu(phys(0xFF), 0), DeliveryMode::Init)
+        };
+        assert!(deassert.is_init_deassert());
+        assert!(b.resolve(&deassert).is_empty());
+        assert_eq!(deliver_collect(&b, &deassert).0, 0);
+        // The asserting INIT (level, assert) is delivered.
+        let assert_init = InterruptMessage {
+            level_assert: true,
+            ..deassert
+        };
+        assert_eq!(deliver_collect(&b, &assert_init).0, 2);
+        assert!(b.sink(0).unwrap().posts().len() == 1);
+    }
+
+    #[test]
+    fn notify_called_only_for_kick_or_wake() {
+        let b = bus(&[flat(0, 1), flat(1, 2), flat(2, 4)]);
+        *b.sink(1).unwrap().answer.lock().unwrap() = Notify::Kick;
+        *b.sink(2).unwrap().answer.lock().unwrap() = Notify::Wake;
+        let (reached, notified) = deliver_collect(&b, &phys(0xFF));
+        assert_eq!(reached, 3);
+        assert_eq!(notified, vec![(1, Notify::Kick), (2, Notify::Wake)]);
+    }
+
+    // ---- lowest priority, SDM vol. 3 §11.6.2.4 ----
+
+    fn lowest(m: InterruptMessage) -> InterruptMessage {
+        with_mode(m, DeliveryMode::LowestPriority)
+    }
+
+    fn set_ppr(b: &ApicBus<FakeVcpu>, index: VcpuIndex, ppr: u8) {
+        b.sink(index).unwrap().ppr.store(ppr, Ordering::Relaxed);
+    }
+
+    #[test]
+    fn sdm_11_6_2_4_lowest_priority_picks_lowest_ppr() {
+        let b = bus(&[flat(0, 1), flat(1, 2), flat(2, 4)]);
+        set_ppr(&b, 0, 0x30);
+        set_ppr(&b, 1, 0x10);
+        set_ppr(&b, 2, 0x20);
+        let m = lowest(logical(0x07));
+        assert_eq!(b.resolve(&m), vec![1]);
+        assert_eq!(deliver_collect(&b, &m).0, 1);
+        assert_eq!(b.sink(1).unwrap().posts().len(), 1);
+        assert!(b.sink(0).unwrap().posts().is_empty());
+        // Only the destination set competes: vCPU 1 is not addressed by 0x05.
+        assert_eq!(b.resolve(&lowest(logical(0x05))), vec![2]);
+        // Full 8-bit compare: 0x21 loses to 0x20 within the same class.
+        set_ppr(&b, 0, 0x21);
+        assert_eq!(b.resolve(&lowest(logical(0x05))), vec![2]);
+    }
+
+    #[test]
+    fn sdm_11_6_2_4_lowest_priority_skips_sw_disabled_candidates() {
+        let mut sleepy = flat(0, 1);
+        sleepy.sw_enabled = false;
+        let b = bus(&[sleepy, flat(1, 2)]);
+        set_ppr(&b, 1, 0xF0);
+        assert_eq!(b.resolve(&lowest(logical(0x03))), vec![1]);
+        assert!(b.resolve(&lowest(logical(0x01))).is_empty());
+    }
+
+    #[test]
+    fn lowest_priority_ties_rotate_round_robin_in_index_order() {
+        let b = bus(&[flat(0, 1), flat(1, 2), flat(2, 4), flat(3, 8)]);
+        set_ppr(&b, 3, 0x50); // not tied
+        let m = lowest(logical(0x0F));
+        let mut winners = Vec::new();
+        for _ in 0..7 {
+            let predicted = b.resolve(&m);
+            // resolve peeks: asking twice does not move the rotation.
+            assert_eq!(b.resolve(&m), predicted);
+            let before: Vec<usize> = (0..4).map(|i| b.sink(i).unwrap().posts().len()).collect();
+            assert_eq!(deliver_collect(&b, &m).0, 1);
+            let after: Vec<usize> = (0..4).map(|i| b.sink(i).unwrap().posts().len()).collect();
+            let got: Vec<usize> = (0..4).filter(|&i| after[i] != before[i]).collect();
+            assert_eq!(got, predicted);
+            winners.push(got[0]);
+        }
+        assert_eq!(winners, vec![0, 1, 2, 0, 1, 2, 0]);
+    }
+
+    #[test]
+    fn lowest_priority_without_tie_does_not_advance_rotation() {
+        let b = bus(&[flat(0, 1), flat(1, 2)]);
+        set_ppr(&b, 0, 0x10);
+        let m = lowest(logical(0x03));
+        for _ in 0..3 {
+            assert_eq!(deliver_collect(&b, &m).0, 1);
+        }
+        set_ppr(&b, 0, 0);
+        assert_eq!(b.resolve(&m), vec![0]);
+    }
+
+    #[test]
+    fn lowest_priority_physical_broadcast_picks_one() {
+        let b = bus(&[flat(0, 1), flat(1, 2), flat(2, 4)]);
+        set_ppr(&b, 0, 0x40);
+        set_ppr(&b, 2, 0x40);
+        assert_eq!(b.resolve(&lowest(phys(0xFF))), vec![1]);
+    }
+
+    // ---- topology updates ----
+
+    #[test]
+    fn topology_update_is_visible_to_next_delivery() {
+        let b = ApicBus::new(vec![Arc::new(FakeVcpu::new()), Arc::new(FakeVcpu::new())]);
+        // Nothing published yet: everyone is disabled.
+        assert!(b.resolve(&phys(0xFF)).is_empty());
+        b.update_topology(0, flat(0, 1));
+        b.update_topology(1, flat(1, 2));
+        assert_eq!(b.resolve(&phys(1)), vec![1]);
+        // The guest moves vCPU 1 to ID 5 and to x2APIC mode later.
+        b.update_topology(1, flat(5, 2));
+        assert!(b.resolve(&phys(1)).is_empty());
+        assert_eq!(deliver_collect(&b, &phys(5)).0, 1);
+        assert_eq!(b.sink(1).unwrap().posts().len(), 1);
+        b.update_topology(1, x2(0x500));
+        assert!(b.resolve(&phys(5)).is_empty());
+        assert_eq!(b.resolve(&from_vcpu(phys_x2(0x500), 0)), vec![1]);
+        assert_eq!(b.topology_entry(1), Some(x2(0x500)));
+    }
+
+    #[test]
+    fn topology_update_outside_bus_is_ignored() {
+        let b = bus(&[flat(0, 1)]);
+        b.update_topology(7, flat(7, 2));
+        assert_eq!(b.len(), 1);
+        assert!(b.resolve(&phys(7)).is_empty());
+        assert_eq!(b.topology_entry(7), None);
+    }
+
+    // ---- property tests ----
+
+    fn arb_id() -> impl Strategy<Value = u32> {
+        prop_oneof![
+            0u32..6,
+            Just(0xFF),
+            0x100u32..0x103,
+            0x1_0000u32..0x1_0002,
+            any::<u32>()
+        ]
+    }
+
+    fn arb_ldr() -> impl Strategy<Value = u32> {
+        prop_oneof![
+            0u32..0x100,
+            0u32..0x4_0000,
+            (0u32..0x100).prop_map(|l| l << 24),
+            any::<u32>()
+        ]
+    }
+
+    fn arb_entry() -> impl Strategy<Value = TopologyEntry> {
+        (arb_id(), any::<bool>(), 0u8..8, arb_ldr(), any::<bool>()).prop_map(
+            |(id, x2apic, enables, ldr, dfr_flat)| TopologyEntry {
+                apic_id: ApicId(id),
+                x2apic,
+                // mostly enabled, sometimes hardware- or software-disabled
+                hw_enabled: enables != 0,
+                sw_enabled: enables != 1,
+                ldr,
+                dfr_flat,
+            },
+        )
+    }
+
+    fn arb_mode() -> impl Strategy<Value = DeliveryMode> {
+        (0u32..8).prop_filter_map("reserved", DeliveryMode::from_bits)
+    }
+
+    fn arb_message(vcpus: usize) -> impl Strategy<Value = InterruptMessage> {
+        let dest = prop_oneof![arb_id(), arb_ldr(), Just(X2APIC_BROADCAST)];
+        let source = prop_oneof![
+            Just(MessageSource::Device),
+            (0..vcpus + 1).prop_map(MessageSource::Vcpu)
+        ];
+        let shorthand = prop_oneof![
+            4 => Just(Shorthand::None),
+            1 => (0u32..4).prop_map(Shorthand::from_bits)
+        ];
+        (
+            (
+                any::<u8>(),
+                arb_mode(),
+                any::<bool>(),
+                any::<bool>(),
+                any::<bool>(),
+            ),
+            (shorthand, dest, any::<bool>(), source),
+        )
+            .prop_map(
+                |((vector, mode, logical, level, assert), (shorthand, dest, x2, source))| {
+                    InterruptMessage {
+                        vector,
+                        delivery_mode: mode,
+                        destination_mode: if logical {
+                            DestinationMode::Logical
+                        } else {
+                            DestinationMode::Physical
+                        },
+                        trigger: if level {
+                            TriggerMode::Level
+                        } else {
+                            TriggerMode::Edge
+                        },
+                        level_assert: assert,
+                        shorthand,
+                        destination: dest,
+                        format: if x2 {
+                            DestinationFormat::X2apic
+                        } else {
+                            DestinationFormat::Xapic
+                        },
+                        source,
+                    }
+                },
+            )
+    }
+
+    fn arb_system() -> impl Strategy<Value = (Vec<TopologyEntry>, Vec<u8>, InterruptMessage)> {
+        (1usize..9).prop_flat_map(|n| {
+            (
+                proptest::collection::vec(arb_entry(), n),
+                proptest::collection::vec(prop_oneof![Just(0u8), Just(0x20), any::<u8>()], n),
+                arb_message(n),
+            )
+        })
+    }
+
+    /// The SDM's rules, one target at a time, with no tables: does `msg` address `entry`?
+    fn reference_addresses(
+        entry: &TopologyEntry,
+        index: VcpuIndex,
+        msg: &InterruptMessage,
+    ) -> bool {
+        let sender = match msg.source {
+            MessageSource::Vcpu(s) => Some(s),
+            MessageSource::Device => None,
+        };
+        match msg.shorthand {
+            Shorthand::SelfOnly => return sender == Some(index),
+            Shorthand::AllIncludingSelf => return sender.is_some(),
+            Shorthand::AllExcludingSelf => return sender.is_some() && sender != Some(index),
+            Shorthand::None => {}
+        }
+        let d = msg.destination;
+        let broadcast = match msg.format {
+            DestinationFormat::X2apic => d == 0xFFFF_FFFF,
+            // 0xFF: always for xAPIC-mode targets; for x2APIC-mode ones only from a device.
+            DestinationFormat::Xapic => d == 0xFF && (!entry.x2apic || sender.is_none()),
+        };
+        if broadcast {
+            return true;
+        }
+        match (msg.destination_mode, entry.x2apic) {
+            (DestinationMode::Physical, true) => d == entry.apic_id.0,
+            (DestinationMode::Physical, false) if d > 0xFF => d == entry.apic_id.0,
+            (DestinationMode::Physical, false) => d == entry.apic_id.0 % 256,
+            (DestinationMode::Logical, true) => {
+                entry.ldr >> 16 == d >> 16 && entry.ldr & d & 0xFFFF != 0
+            }
+            (DestinationMode::Logical, false) => {
+                let l = if entry.ldr >= 256 {
+                    entry.ldr >> 24
+                } else {
+                    entry.ldr
+                };
+                if entry.dfr_flat {
+                    l & d != 0
+                } else {
+                    l >> 4 == d >> 4 && l & d & 0xF != 0
+                }
+            }
+        }
+    }
+
+    fn reference_accepts(entry: &TopologyEntry, mode: DeliveryMode) -> bool {
+        let always = [
+            DeliveryMode::Init,
+            DeliveryMode::StartUp,
+            DeliveryMode::Nmi,
+            DeliveryMode::Smi,
+        ];
+        entry.hw_enabled && (entry.sw_enabled || always.contains(&mode))
+    }
+
+    fn reference_set(entries: &[TopologyEntry], msg: &InterruptMessage) -> Vec<VcpuIndex> {
+        if msg.is_init_deassert() {
+            return Vec::new();
+        }
+        (0..entries.len())
+            .filter(|&i| reference_addresses(&entries[i], i, msg))
+            .filter(|&i| reference_accepts(&entries[i], msg.delivery_mode))
+            .collect()
+    }
+
+    fn bus_with_pprs(entries: &[TopologyEntry], pprs: &[u8]) -> ApicBus<FakeVcpu> {
+        let b = bus(entries);
+        for (i, &ppr) in pprs.iter().enumerate() {
+            set_ppr(&b, i, ppr);
+        }
+        b
+    }
+
+    proptest! {
+        #[test]
+        fn resolve_agrees_with_sdm_reference((entries, pprs, msg) in arb_system()) {
+            let b = bus_with_pprs(&entries, &pprs);
+            let expected = reference_set(&entries, &msg);
+            let got = b.resolve(&msg);
+            if msg.delivery_mode == DeliveryMode::LowestPriority {
+                prop_assert_eq!(got.len(), expected.len().min(1));
+                if let Some(&winner) = got.first() {
+                    prop_assert!(expected.contains(&winner));
+                    let lowest = expected.iter().map(|&i| pprs[i]).min().unwrap();
+                    prop_assert_eq!(pprs[winner], lowest);
+                }
+            } else {
+                prop_assert_eq!(got, expected);
+            }
+        }
+
+        #[test]
+        fn deliver_posts_once_per_target_and_matches_resolve((entries, pprs, msg) in arb_system()) {
+            let b = bus_with_pprs(&entries, &pprs);
+            let predicted = b.resolve(&msg);
+            let mut notified = Vec::new();
+            for i in 0..entries.len() {
+                *b.sink(i).unwrap().answer.lock().unwrap() =
+                    [Notify::None, Notify::Kick, Notify::Wake][i % 3];
+            }
+            let reached = b.deliver(&msg, &mut |i, n| notified.push((i, n)));
+            let posted: Vec<VcpuIndex> = (0..entries.len())
+                .filter(|&i| !b.sink(i).unwrap().posts().is_empty())
+                .collect();
+            for i in 0..entries.len() {
+                prop_assert!(b.sink(i).unwrap().posts().len() <= 1);
+            }
+            prop_assert_eq!(reached, posted.len());
+            prop_assert_eq!(&posted, &predicted);
+            let expected_notes: Vec<(VcpuIndex, Notify)> = posted
+                .iter()
+                .filter(|&&i| i % 3 != 0)
+                .map(|&i| (i, [Notify::None, Notify::Kick, Notify::Wake][i % 3]))
+                .collect();
+            prop_assert_eq!(notified, expected_notes);
+        }
+    }
+}

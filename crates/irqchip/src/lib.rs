@@ -14,9 +14,12 @@ pub mod bus;
 pub mod ioapic;
 pub mod lapic;
 pub mod mpstate;
+pub mod msi;
 pub mod pic;
 pub mod posting;
+pub mod routing;
 pub mod sync;
 pub mod types;
+pub mod vcpu;
 
 pub use types::*;

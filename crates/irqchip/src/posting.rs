@@ -1,1 +1,818 @@
-//! (work in progress)
+//! Lock-free posting of interrupts to a vCPU from any thread (seed 001).
+//!
+//! Every vCPU owns one [`VcpuInbox`], shared through an `Arc` with the threads that send it
+//! interrupts (other vCPUs' IPIs, device threads, the VMM's timer thread). It plays the part of
+//! the posted-interrupt descriptor of VMX APIC virtualization (SDM vol. 3C, "Posted-Interrupt
+//! Processing", §29.6 / §30.6 by edition): a 256-bit posted-interrupt request bitmap (PIR), an
+//! "outstanding notification" bit (ON), plus what a userspace APIC also needs: the trigger mode
+//! of each posted vector (the TMR the local APIC sets on acceptance, SDM vol. 3 §11.5.5), a latch
+//! for INIT/SIPI/NMI/SMI/ExtINT, a "wakeup" request, the vCPU's execution mode and its published
+//! processor priority (PPR, SDM vol. 3 §11.8.3.1, for lowest-priority arbitration).
+//!
+//! # Protocol
+//!
+//! A poster writes the payload (level bit, PIR bit or event bits), then sets ON. Only the poster
+//! that turns ON from 0 to 1 owns the notification: it reads the target's mode and returns what
+//! its caller must do ([`Notify::Kick`] for a vCPU in guest mode, [`Notify::Wake`] for a blocked
+//! one, [`Notify::None`] for one outside guest mode, which will drain before it enters). Every
+//! later poster finds ON set and returns [`Notify::None`]: the first notification covers it.
+//!
+//! The vCPU clears ON before it takes the payload, so a post that lands after the clear sets ON
+//! again and notifies again. Before entering the guest the vCPU publishes `InGuest` FIRST and
+//! drains after; before sleeping it publishes `Blocked` first and checks ON after.
+//!
+//! # Memory ordering
+//!
+//! Both halves are the store-buffering (Dekker) pattern: the poster writes ON then reads the
+//! mode, the vCPU writes the mode then reads (or swaps) ON. With anything weaker than sequential
+//! consistency both reads may miss the other side's write: the poster sees `OutsideGuest` and does
+//! not kick, the vCPU sees ON clear and enters the guest (or sleeps) with work pending. So the
+//! ON swap, the mode stores and loads and the ON load of [`VcpuInbox::try_block`] are all
+//! `SeqCst`: in the single total order either the poster's ON swap comes after the vCPU's mode
+//! store (the poster then reads that mode and notifies) or before the vCPU's ON swap/load (the
+//! vCPU then sees ON set and drains, or refuses to sleep). On x86 every atomic read-modify-write
+//! is a locked instruction whatever its ordering, so only the mode stores cost an `xchg` more.
+//!
+//! The payload rides on release/acquire: a poster's PIR `fetch_or` is `Release` and the drain's
+//! PIR `swap` is `Acquire`, so the level bit written before it (`Relaxed`) is visible to the
+//! drain that takes the PIR bit. The event word is its own payload (`Release`/`Acquire` too).
+//! The published PPR is a hint for arbitration and is `Relaxed`.
+//!
+//! # The vCPU's loop (what the VMM does)
+//!
+//! ```text
+//! loop {
+//!     kvm_run.immediate_exit = 0;             // before begin_guest_entry, or a kick is lost
+//!     let posted = inbox.begin_guest_entry(); // publishes InGuest, then drains
+//!     /* feed `posted` to the LAPIC / MP state, inject */
+//!     KVM_RUN;                                // a Kick = signal whose handler sets immediate_exit
+//!     inbox.end_guest_entry();
+//!     /* on HLT with nothing deliverable: */
+//!     if inbox.try_block() { inbox.block_until_rung(); }   // else: work pending, drain it
+//! }
+//! ```
+
+use crate::sync::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use crate::types::{ApicEvents, InterruptSink, Notify, TriggerMode, Vector};
+use std::sync::PoisonError;
+
+#[cfg(feature = "loom")]
+use loom::sync::{Condvar, Mutex};
+#[cfg(not(feature = "loom"))]
+use std::sync::{Condvar, Mutex};
+
+/// Number of 64-bit words in a 256-bit vector bitmap.
+pub const BITMAP_WORDS: usize = 4;
+
+/// A 256-bit bitmap indexed by vector: bit `v % 64` of word `v / 64`.
+pub type VectorBitmap = [u64; BITMAP_WORDS];
+
+// Layout of the event word. The SIPI vector lives in the word itself, so a newer SIPI replaces
+// the vector of one not yet consumed (a real APIC latches one start-up vector).
+const EV_INIT: u32 = 1 << 0;
+const EV_NMI: u32 = 1 << 1;
+const EV_SMI: u32 = 1 << 2;
+const EV_EXTINT: u32 = 1 << 3;
+const EV_SIPI: u32 = 1 << 4;
+const EV_WAKEUP: u32 = 1 << 5;
+const EV_SIPI_VECTOR_SHIFT: u32 = 8;
+const EV_SIPI_VECTOR_MASK: u32 = 0xFF << EV_SIPI_VECTOR_SHIFT;
+
+/// Where a vCPU's thread is, as posters see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum VcpuMode {
+    /// Running VMM code (exit handling, device emulation): it drains before it next enters.
+    OutsideGuest = 0,
+    /// Inside (or committed to entering) `KVM_RUN`: it must be kicked out to see new work.
+    InGuest = 1,
+    /// Asleep (halted, or waiting for SIPI) until its doorbell rings.
+    Blocked = 2,
+}
+
+impl VcpuMode {
+    fn from_u8(raw: u8) -> Self {
+        match raw {
+            1 => Self::InGuest,
+            2 => Self::Blocked,
+            _ => Self::OutsideGuest,
+        }
+    }
+}
+
+/// Everything taken from an inbox by one drain.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Posted {
+    /// Posted vectors (to set in IRR).
+    pub pir: VectorBitmap,
+    /// The subset of `pir` posted level-triggered (to set in TMR; the others clear their TMR bit).
+    pub level: VectorBitmap,
+    /// INIT / SIPI / NMI / SMI / ExtINT latched since the last drain.
+    pub events: ApicEvents,
+    /// Someone asked the vCPU to re-evaluate its local state (e.g. its LAPIC timer expired).
+    pub wakeup: bool,
+}
+
+impl Posted {
+    /// True when the drain found nothing at all.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// True when `vector` was posted.
+    pub fn contains(&self, vector: Vector) -> bool {
+        bitmap_test(&self.pir, vector)
+    }
+
+    /// True when `vector` was posted level-triggered.
+    pub fn is_level(&self, vector: Vector) -> bool {
+        bitmap_test(&self.level, vector)
+    }
+
+    /// The posted vectors, lowest first.
+    pub fn vectors(&self) -> impl Iterator<Item = Vector> + '_ {
+        (0..=u8::MAX).filter(move |&v| self.contains(v))
+    }
+
+    /// Adds a later drain to this one (vectors and flags OR together, a newer SIPI wins).
+    pub fn merge(&mut self, later: Posted) {
+        for word in 0..BITMAP_WORDS {
+            self.pir[word] |= later.pir[word];
+            self.level[word] = (self.level[word] & !later.pir[word]) | later.level[word];
+        }
+        self.events.merge(later.events);
+        self.wakeup |= later.wakeup;
+    }
+}
+
+fn word_and_mask(vector: Vector) -> (usize, u64) {
+    (usize::from(vector >> 6), 1u64 << (vector & 63))
+}
+
+fn bitmap_test(bitmap: &VectorBitmap, vector: Vector) -> bool {
+    let (word, mask) = word_and_mask(vector);
+    bitmap[word] & mask != 0
+}
+
+fn encode_flags(events: &ApicEvents) -> u32 {
+    let mut bits = 0;
+    if events.init {
+        bits |= EV_INIT;
+    }
+    if events.nmi {
+        bits |= EV_NMI;
+    }
+    if events.smi {
+        bits |= EV_SMI;
+    }
+    if events.extint {
+        bits |= EV_EXTINT;
+    }
+    bits
+}
+
+fn decode_events(word: u32) -> (ApicEvents, bool) {
+    let sipi_vector = ((word & EV_SIPI_VECTOR_MASK) >> EV_SIPI_VECTOR_SHIFT) as Vector;
+    let events = ApicEvents {
+        init: word & EV_INIT != 0,
+        sipi: (word & EV_SIPI != 0).then_some(sipi_vector),
+        nmi: word & EV_NMI != 0,
+        smi: word & EV_SMI != 0,
+        extint: word & EV_EXTINT != 0,
+    };
+    (events, word & EV_WAKEUP != 0)
+}
+
+/// A sleep/wake primitive that does not lose a ring that comes before the sleep: `ring` sets a
+/// flag under the lock, `wait` sleeps only while the flag is clear and consumes it.
+pub struct Doorbell {
+    rung: Mutex<bool>,
+    bell: Condvar,
+}
+
+impl Default for Doorbell {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Doorbell {
+    pub fn new() -> Self {
+        Self {
+            rung: Mutex::new(false),
+            bell: Condvar::new(),
+        }
+    }
+
+    /// Wakes the waiter, or makes its next `wait` return at once.
+    pub fn ring(&self) {
+        let mut rung = self.rung.lock().unwrap_or_else(PoisonError::into_inner);
+        *rung = true;
+        self.bell.notify_one();
+    }
+
+    /// Sleeps until rung (returns at once if it was rung since the last `wait`), then clears it.
+    pub fn wait(&self) {
+        let mut rung = self.rung.lock().unwrap_or_else(PoisonError::into_inner);
+        while !*rung {
+            rung = self.bell.wait(rung).unwrap_or_else(PoisonError::into_inner);
+        }
+        *rung = false;
+    }
+}
+
+/// The posting inbox of one vCPU: written by any thread, drained only by the vCPU's own thread.
+pub struct VcpuInbox {
+    pir: [AtomicU64; BITMAP_WORDS],
+    /// Trigger mode of the last post of each vector (1 = level). Not cleared by a drain: a level
+    /// post sets its bit and an edge post clears it, both before the PIR bit, as the TMR is
+    /// written on every acceptance (SDM vol. 3 §11.5.5).
+    level: [AtomicU64; BITMAP_WORDS],
+    /// Outstanding notification: set by posters after their payload, cleared by the drain.
+    on: AtomicBool,
+    events: AtomicU32,
+    mode: AtomicU8,
+    ppr: AtomicU8,
+    doorbell: Doorbell,
+}
+
+impl Default for VcpuInbox {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl VcpuInbox {
+    /// An empty inbox for a vCPU outside guest mode, PPR 0.
+    pub fn new() -> Self {
+        Self {
+            pir: std::array::from_fn(|_| AtomicU64::new(0)),
+            level: std::array::from_fn(|_| AtomicU64::new(0)),
+            on: AtomicBool::new(false),
+            events: AtomicU32::new(0),
+            mode: AtomicU8::new(VcpuMode::OutsideGuest as u8),
+            ppr: AtomicU8::new(0),
+            doorbell: Doorbell::new(),
+        }
+    }
+
+    // ---- poster side (any thread, lock-free, no syscalls) ----
+
+    /// Asks the vCPU to re-evaluate its local state (its own LAPIC timer expired, a pause
+    /// request...). Delivered as `Posted::wakeup` by the next drain.
+    pub fn post_wakeup(&self) -> Notify {
+        self.events.fetch_or(EV_WAKEUP, Ordering::Release);
+        self.raise_notification()
+    }
+
+    /// Rings the vCPU's doorbell: what the caller of a post does when told [`Notify::Wake`].
+    /// May take a lock and make a syscall, unlike the posts.
+    pub fn ring_doorbell(&self) {
+        self.doorbell.ring();
+    }
+
+    /// Sets ON; the poster that turns it from 0 to 1 owns the notification (see module doc).
+    fn raise_notification(&self) -> Notify {
+        if self.on.swap(true, Ordering::SeqCst) {
+            return Notify::None;
+        }
+        match self.mode() {
+            VcpuMode::InGuest => Notify::Kick,
+            VcpuMode::Blocked => Notify::Wake,
+            VcpuMode::OutsideGuest => Notify::None,
+        }
+    }
+
+    /// The mode the vCPU last published.
+    pub fn mode(&self) -> VcpuMode {
+        VcpuMode::from_u8(self.mode.load(Ordering::SeqCst))
+    }
+
+    /// True while a notification is outstanding (something posted and not yet drained).
+    pub fn has_pending(&self) -> bool {
+        self.on.load(Ordering::SeqCst)
+    }
+
+    // ---- vCPU side (the vCPU's own thread only) ----
+
+    /// Publishes the priority lowest-priority arbitration should see (SDM vol. 3 §11.8.3.1).
+    pub fn publish_ppr(&self, ppr: u8) {
+        self.ppr.store(ppr, Ordering::Relaxed);
+    }
+
+    /// Call right before `KVM_RUN`: publishes `InGuest`, THEN drains. Any post the drain misses
+    /// sees `InGuest` and kicks. Draining first would lose a post that lands in between: it sees
+    /// `OutsideGuest` and does not kick, and the guest runs without it (seed 001, second race).
+    #[cfg(not(feature = "broken-ordering"))]
+    pub fn begin_guest_entry(&self) -> Posted {
+        self.set_mode(VcpuMode::InGuest);
+        self.drain()
+    }
+
+    /// Test-only broken variant (feature `broken-ordering`): drains before publishing
+    /// `InGuest`, the race of seed 001 that the loom model must catch.
+    #[cfg(feature = "broken-ordering")]
+    pub fn begin_guest_entry(&self) -> Posted {
+        let posted = self.drain();
+        self.set_mode(VcpuMode::InGuest);
+        posted
+    }
+
+    /// Call right after `KVM_RUN` returns: posts now return [`Notify::None`], since the vCPU
+    /// drains before it enters again (or refuses to block).
+    pub fn end_guest_entry(&self) {
+        self.set_mode(VcpuMode::OutsideGuest);
+    }
+
+    /// Takes everything posted so far. Safe in any mode on the vCPU's thread; a post that races
+    /// with it is either taken now or has set ON again (and notified by the mode it saw).
+    pub fn drain(&self) -> Posted {
+        if !self.on.swap(false, Ordering::SeqCst) {
+            // Nothing announced. A poster whose payload is already in but whose ON is not yet
+            // set will set ON after this swap and notify by the mode it reads then.
+            return Posted::default();
+        }
+        let mut posted = Posted::default();
+        for word in 0..BITMAP_WORDS {
+            let pir = self.pir[word].swap(0, Ordering::Acquire);
+            posted.pir[word] = pir;
+            posted.level[word] = self.level[word].load(Ordering::Relaxed) & pir;
+        }
+        let (events, wakeup) = decode_events(self.events.swap(0, Ordering::Acquire));
+        posted.events = events;
+        posted.wakeup = wakeup;
+        posted
+    }
+
+    /// First half of blocking (HLT with nothing deliverable, or waiting for SIPI): publishes
+    /// `Blocked`, THEN checks for posted work. Returns `true` when the caller must now call
+    /// [`Self::block_until_rung`]; `false` (mode back to `OutsideGuest`) when work is pending:
+    /// drain it and re-evaluate instead of sleeping. Any post the check misses sees `Blocked`
+    /// and returns [`Notify::Wake`].
+    pub fn try_block(&self) -> bool {
+        self.set_mode(VcpuMode::Blocked);
+        if self.on.load(Ordering::SeqCst) {
+            self.set_mode(VcpuMode::OutsideGuest);
+            return false;
+        }
+        true
+    }
+
+    /// Second half of blocking, only after [`Self::try_block`] returned `true`: sleeps until the
+    /// doorbell rings, then publishes `OutsideGuest`. It may return with nothing posted (a ring
+    /// left over from a post that [`Self::try_block`] had already seen): the caller drains,
+    /// re-evaluates and blocks again if there is still nothing to do.
+    pub fn block_until_rung(&self) {
+        self.doorbell.wait();
+        self.set_mode(VcpuMode::OutsideGuest);
+    }
+
+    fn set_mode(&self, mode: VcpuMode) {
+        self.mode.store(mode as u8, Ordering::SeqCst);
+    }
+
+    fn post_level_bit(&self, vector: Vector, trigger: TriggerMode) {
+        let (word, mask) = word_and_mask(vector);
+        let slot = &self.level[word];
+        match trigger {
+            TriggerMode::Level => {
+                slot.fetch_or(mask, Ordering::Relaxed);
+            }
+            // Skip the RMW in the common case (the bit is already clear): a level post that
+            // happened before this one is visible here by coherence.
+            TriggerMode::Edge if slot.load(Ordering::Relaxed) & mask != 0 => {
+                slot.fetch_and(!mask, Ordering::Relaxed);
+            }
+            TriggerMode::Edge => {}
+        }
+    }
+}
+
+impl InterruptSink for VcpuInbox {
+    /// Trigger bit, then PIR bit (`Release`, carries the trigger bit), then ON.
+    fn post_vector(&self, vector: Vector, trigger: TriggerMode) -> Notify {
+        self.post_level_bit(vector, trigger);
+        let (word, mask) = word_and_mask(vector);
+        self.pir[word].fetch_or(mask, Ordering::Release);
+        self.raise_notification()
+    }
+
+    /// Event bits, then ON. Empty: no-op. A SIPI replaces the vector of a pending one, and an
+    /// INIT discards a pending SIPI posted before it (as `ApicEvents::merge` says: the INIT
+    /// resets the target first, so that SIPI would no longer find it waiting).
+    fn post_events(&self, events: ApicEvents) -> Notify {
+        let flags = encode_flags(&events);
+        let new_sipi = events
+            .sipi
+            .map(|vector| EV_SIPI | (u32::from(vector) << EV_SIPI_VECTOR_SHIFT));
+        if events.init || new_sipi.is_some() {
+            let replace = |word: u32| {
+                let kept_sipi = if events.init {
+                    0
+                } else {
+                    word & (EV_SIPI | EV_SIPI_VECTOR_MASK)
+                };
+                let others = word & !(EV_SIPI | EV_SIPI_VECTOR_MASK);
+                Some(others | flags | new_sipi.unwrap_or(kept_sipi))
+            };
+            // The closure always returns Some, so this cannot fail.
+            let _ = self
+                .events
+                .fetch_update(Ordering::Release, Ordering::Relaxed, replace);
+        } else if flags != 0 {
+            self.events.fetch_or(flags, Ordering::Release);
+        } else {
+            return Notify::None;
+        }
+        self.raise_notification()
+    }
+
+    fn published_ppr(&self) -> u8 {
+        self.ppr.load(Ordering::Relaxed)
+    }
+}
+
+// Unit tests use std atomics; under `--features loom` the atomics are loom's and only work
+// inside a loom model (tests/loom_posting.rs).
+#[cfg(all(test, not(feature = "loom")))]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeSet;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
+    use std::thread;
+
+    fn edge(inbox: &VcpuInbox, vector: Vector) -> Notify {
+        inbox.post_vector(vector, TriggerMode::Edge)
+    }
+
+    // SDM vol. 3C "Posted-Interrupt Processing": every one of the 256 PIR bits is distinct.
+    #[test]
+    fn pir_posts_and_drains_every_vector() {
+        let inbox = VcpuInbox::new();
+        for vector in 0..=u8::MAX {
+            edge(&inbox, vector);
+            let posted = inbox.drain();
+            assert_eq!(posted.vectors().collect::<Vec<_>>(), vec![vector]);
+            assert!(!posted.is_level(vector));
+            assert!(inbox.drain().is_empty(), "vector {vector} drained twice");
+        }
+    }
+
+    #[test]
+    fn pir_holds_all_256_vectors_at_once() {
+        let inbox = VcpuInbox::new();
+        for vector in 0..=u8::MAX {
+            edge(&inbox, vector);
+        }
+        let posted = inbox.drain();
+        assert_eq!(posted.pir, [u64::MAX; BITMAP_WORDS]);
+        assert_eq!(posted.vectors().count(), 256);
+    }
+
+    // SDM vol. 3 §11.5.5: TMR set on acceptance of a level-triggered vector, cleared for edge.
+    #[test]
+    fn level_bit_follows_the_trigger_of_the_last_post() {
+        let inbox = VcpuInbox::new();
+        for vector in (0..=u8::MAX).step_by(7) {
+            inbox.post_vector(vector, TriggerMode::Level);
+            let posted = inbox.drain();
+            assert!(posted.contains(vector) && posted.is_level(vector));
+            edge(&inbox, vector);
+            let posted = inbox.drain();
+            assert!(posted.contains(vector) && !posted.is_level(vector));
+        }
+    }
+
+    #[test]
+    fn level_bits_are_reported_only_for_posted_vectors() {
+        let inbox = VcpuInbox::new();
+        inbox.post_vector(0x30, TriggerMode::Level);
+        inbox.drain();
+        edge(&inbox, 0x31);
+        let posted = inbox.drain();
+        assert_eq!(posted.level, [0; BITMAP_WORDS]);
+        inbox.post_vector(0x30, TriggerMode::Level);
+        assert!(inbox.drain().is_level(0x30));
+    }
+
+    #[test]
+    fn only_the_first_post_notifies_until_drained() {
+        let inbox = VcpuInbox::new();
+        inbox.begin_guest_entry();
+        assert_eq!(edge(&inbox, 0x40), Notify::Kick);
+        assert_eq!(edge(&inbox, 0x41), Notify::None);
+        assert_eq!(
+            inbox.post_events(ApicEvents {
+                nmi: true,
+                ..Default::default()
+            }),
+            Notify::None
+        );
+        assert_eq!(inbox.post_wakeup(), Notify::None);
+        inbox.end_guest_entry();
+        let posted = inbox.begin_guest_entry();
+        assert!(posted.contains(0x40) && posted.contains(0x41) && posted.events.nmi);
+        assert!(posted.wakeup);
+        assert_eq!(edge(&inbox, 0x42), Notify::Kick);
+    }
+
+    #[test]
+    fn notify_depends_on_the_published_mode() {
+        let inbox = VcpuInbox::new();
+        assert_eq!(inbox.mode(), VcpuMode::OutsideGuest);
+        assert_eq!(edge(&inbox, 0x50), Notify::None);
+        assert!(inbox.begin_guest_entry().contains(0x50));
+        assert_eq!(inbox.mode(), VcpuMode::InGuest);
+        assert_eq!(edge(&inbox, 0x51), Notify::Kick);
+        inbox.end_guest_entry();
+        inbox.drain();
+        assert!(inbox.try_block());
+        assert_eq!(inbox.mode(), VcpuMode::Blocked);
+        assert_eq!(edge(&inbox, 0x52), Notify::Wake);
+        inbox.ring_doorbell();
+        inbox.block_until_rung();
+        assert_eq!(inbox.mode(), VcpuMode::OutsideGuest);
+        assert!(inbox.drain().contains(0x52));
+    }
+
+    #[test]
+    fn every_kind_of_post_notifies() {
+        let cases: [&dyn Fn(&VcpuInbox) -> Notify; 4] = [
+            &|i| edge(i, 0x20),
+            &|i| i.post_vector(0x21, TriggerMode::Level),
+            &|i| {
+                i.post_events(ApicEvents {
+                    init: true,
+                    ..Default::default()
+                })
+            },
+            &|i| i.post_wakeup(),
+        ];
+        for post in cases {
+            let inbox = VcpuInbox::new();
+            inbox.begin_guest_entry();
+            assert_eq!(post(&inbox), Notify::Kick);
+            assert!(!inbox.drain().is_empty());
+        }
+    }
+
+    #[test]
+    fn empty_events_post_nothing() {
+        let inbox = VcpuInbox::new();
+        inbox.begin_guest_entry();
+        assert_eq!(inbox.post_events(ApicEvents::default()), Notify::None);
+        assert!(!inbox.has_pending());
+    }
+
+    // SDM vol. 3 §11.6.1 / §8.4: INIT, NMI, SMI, ExtINT latch; one start-up vector is held.
+    #[test]
+    fn event_word_merges_flags_and_newer_sipi_wins() {
+        let inbox = VcpuInbox::new();
+        inbox.post_events(ApicEvents {
+            init: true,
+            ..Default::default()
+        });
+        inbox.post_events(ApicEvents {
+            sipi: Some(0x10),
+            ..Default::default()
+        });
+        inbox.post_events(ApicEvents {
+            sipi: Some(0x9F),
+            nmi: true,
+            ..Default::default()
+        });
+        inbox.post_events(ApicEvents {
+            smi: true,
+            extint: true,
+            ..Default::default()
+        });
+        let posted = inbox.drain();
+        let expected = ApicEvents {
+            init: true,
+            sipi: Some(0x9F),
+            nmi: true,
+            smi: true,
+            extint: true,
+        };
+        assert_eq!(posted.events, expected);
+        assert!(!posted.wakeup);
+        assert!(inbox.drain().is_empty());
+    }
+
+    #[test]
+    fn every_sipi_vector_round_trips() {
+        let inbox = VcpuInbox::new();
+        for vector in 0..=u8::MAX {
+            inbox.post_events(ApicEvents {
+                sipi: Some(vector),
+                ..Default::default()
+            });
+            assert_eq!(inbox.drain().events.sipi, Some(vector));
+        }
+    }
+
+    #[test]
+    fn wakeup_is_drained_once() {
+        let inbox = VcpuInbox::new();
+        assert_eq!(inbox.post_wakeup(), Notify::None);
+        let posted = inbox.drain();
+        assert!(posted.wakeup && posted.events.is_empty() && posted.pir == [0; 4]);
+        assert!(!inbox.drain().wakeup);
+    }
+
+    #[test]
+    fn try_block_refuses_while_work_is_pending() {
+        let inbox = VcpuInbox::new();
+        edge(&inbox, 0x60);
+        assert!(!inbox.try_block());
+        assert_eq!(inbox.mode(), VcpuMode::OutsideGuest);
+        assert!(inbox.drain().contains(0x60));
+        inbox.post_wakeup();
+        assert!(!inbox.try_block());
+        inbox.drain();
+        assert!(inbox.try_block());
+    }
+
+    #[test]
+    fn published_ppr_is_what_was_published() {
+        let inbox = VcpuInbox::new();
+        assert_eq!(inbox.published_ppr(), 0);
+        inbox.publish_ppr(0x7F);
+        assert_eq!(inbox.published_ppr(), 0x7F);
+    }
+
+    #[test]
+    fn doorbell_rung_before_wait_is_not_lost() {
+        let bell = Doorbell::new();
+        bell.ring();
+        bell.wait(); // returns at once: the ring was remembered
+    }
+
+    #[test]
+    fn doorbell_wakes_a_waiting_thread() {
+        let bell = Arc::new(Doorbell::new());
+        let waiter = {
+            let bell = Arc::clone(&bell);
+            thread::spawn(move || bell.wait())
+        };
+        bell.ring();
+        waiter.join().unwrap();
+    }
+
+    #[test]
+    fn blocked_vcpu_is_woken_by_a_post_from_another_thread() {
+        for round in 0..200u32 {
+            let inbox = Arc::new(VcpuInbox::new());
+            let vector = (round % 240 + 16) as Vector;
+            let vcpu = {
+                let inbox = Arc::clone(&inbox);
+                thread::spawn(move || {
+                    if inbox.try_block() {
+                        inbox.block_until_rung();
+                    }
+                    inbox.drain()
+                })
+            };
+            if edge(&inbox, vector) == Notify::Wake {
+                inbox.ring_doorbell();
+            }
+            assert!(vcpu.join().unwrap().contains(vector));
+        }
+    }
+
+    /// Posters each post their share of the vectors, then wait until the consumer has seen it
+    /// before posting it again, so every post is counted exactly once (no coalescing).
+    #[test]
+    fn stress_every_post_is_drained_exactly_once() {
+        const POSTERS: usize = 4;
+        const ROUNDS: usize = 50;
+        const SPIN_LIMIT: usize = 50_000_000;
+        let inbox = Arc::new(VcpuInbox::new());
+        let seen: Arc<Vec<AtomicUsize>> = Arc::new((0..256).map(|_| AtomicUsize::new(0)).collect());
+        let posters_done = Arc::new(AtomicUsize::new(0));
+
+        let consumer = {
+            let (inbox, seen, done) = (
+                Arc::clone(&inbox),
+                Arc::clone(&seen),
+                Arc::clone(&posters_done),
+            );
+            thread::spawn(move || {
+                let record = |posted: Posted| {
+                    for v in posted.vectors() {
+                        seen[usize::from(v)].fetch_add(1, Ordering::SeqCst);
+                    }
+                };
+                while done.load(Ordering::SeqCst) < POSTERS {
+                    record(inbox.begin_guest_entry());
+                    inbox.end_guest_entry();
+                    thread::yield_now();
+                }
+                record(inbox.drain());
+            })
+        };
+        let posters: Vec<_> = (0..POSTERS)
+            .map(|p| {
+                let (inbox, seen, done) = (
+                    Arc::clone(&inbox),
+                    Arc::clone(&seen),
+                    Arc::clone(&posters_done),
+                );
+                thread::spawn(move || {
+                    let mine: Vec<Vector> = (0..=u8::MAX)
+                        .filter(|v| usize::from(*v) % POSTERS == p)
+                        .collect();
+                    for round in 0..ROUNDS {
+                        for &v in &mine {
+                            inbox.post_vector(v, TriggerMode::Edge);
+                        }
+                        for &v in &mine {
+                            let slot = &seen[usize::from(v)];
+                            let mut spins = 0;
+                            while slot.load(Ordering::SeqCst) <= round {
+                                spins += 1;
+                                assert!(
+                                    spins < SPIN_LIMIT,
+                                    "vector {v} of round {round} never drained"
+                                );
+                                thread::yield_now();
+                            }
+                        }
+                    }
+                    done.fetch_add(1, Ordering::SeqCst);
+                })
+            })
+            .collect();
+        for poster in posters {
+            poster.join().unwrap();
+        }
+        consumer.join().unwrap();
+        for (v, count) in seen.iter().enumerate() {
+            assert_eq!(count.load(Ordering::SeqCst), ROUNDS, "vector {v}");
+        }
+        assert!(inbox.drain().is_empty());
+    }
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        Post(Vector, bool),
+        Events(u8, Option<Vector>),
+        Drain,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            6 => (any::<u8>(), any::<bool>()).prop_map(|(v, level)| Step::Post(v, level)),
+            1 => (0u8..16, proptest::option::of(any::<u8>())).prop_map(|(f, s)| Step::Events(f, s)),
+            2 => Just(Step::Drain),
+        ]
+    }
+
+    proptest! {
+        /// One thread, any interleaving of posts and drains: every posted vector comes out of
+        /// exactly one drain (posts of a vector already pending coalesce, as in IRR), with the
+        /// trigger of its last post; events come out once, the newest SIPI vector winning.
+        #[test]
+        fn drains_return_exactly_what_was_posted(steps in proptest::collection::vec(step(), 0..64)) {
+            let inbox = VcpuInbox::new();
+            let mut pending: BTreeSet<Vector> = BTreeSet::new();
+            let mut level_of = [false; 256];
+            let mut pending_events = ApicEvents::default();
+            let check = |posted: Posted, pending: &mut BTreeSet<Vector>, events: &mut ApicEvents, level_of: &[bool; 256]| {
+                let drained: BTreeSet<Vector> = posted.vectors().collect();
+                prop_assert_eq!(&drained, &*pending);
+                for v in drained {
+                    prop_assert_eq!(posted.is_level(v), level_of[usize::from(v)]);
+                }
+                prop_assert_eq!(posted.events, *events);
+                pending.clear();
+                *events = ApicEvents::default();
+                Ok(())
+            };
+            for step in steps {
+                match step {
+                    Step::Post(v, level) => {
+                        let trigger = if level { TriggerMode::Level } else { TriggerMode::Edge };
+                        inbox.post_vector(v, trigger);
+                        pending.insert(v);
+                        level_of[usize::from(v)] = level;
+                    }
+                    Step::Events(flags, sipi) => {
+                        let events = ApicEvents {
+                            init: flags & 1 != 0, nmi: flags & 2 != 0, smi: flags & 4 != 0,
+                            extint: flags & 8 != 0, sipi,
+                        };
+                        inbox.post_events(events);
+                        pending_events.merge(events);
+                    }
+                    Step::Drain => check(inbox.drain(), &mut pending, &mut pending_events, &level_of)?,
+                }
+                prop_assert_eq!(inbox.has_pending(), !pending.is_empty() || !pending_events.is_empty());
+            }
+            check(inbox.drain(), &mut pending, &mut pending_events, &level_of)?;
+            prop_assert!(inbox.drain().is_empty());
+        }
+    }
+}

@@ -19,7 +19,9 @@ pub type VcpuIndex = usize;
 pub type Nanos = u64;
 
 /// A local APIC ID. xAPIC IDs are 8 bits (bits 31:24 of the ID register); x2APIC IDs are 32 bits.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct ApicId(pub u32);
 
 /// Delivery mode field, bits 10:8 of the ICR, of an IOAPIC redirection entry and of MSI data
@@ -213,12 +215,18 @@ pub struct ApicEvents {
 }
 
 impl ApicEvents {
+    /// True when nothing is latched.
     pub fn is_empty(&self) -> bool {
         *self == Self::default()
     }
 
-    /// Adds `other` to the latch: flags OR together, a newer SIPI vector wins.
+    /// Adds the newer events `other` to the latch: flags OR together, a newer SIPI vector wins,
+    /// and a newer INIT discards an older pending SIPI (the INIT resets the processor, so that
+    /// SIPI can no longer find it in wait-for-SIPI; KVM drops it the same way).
     pub fn merge(&mut self, other: ApicEvents) {
+        if other.init {
+            self.sipi = None;
+        }
         self.init |= other.init;
         self.sipi = other.sipi.or(self.sipi);
         self.nmi |= other.nmi;
@@ -271,4 +279,59 @@ pub trait InterruptSink: Send + Sync {
     /// The processor priority (PPR, SDM vol. 3 §11.8.3.1) the target last published, used for
     /// lowest-priority arbitration.
     fn published_ppr(&self) -> u8;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_newer_sipi_vector_wins() {
+        let mut latch = ApicEvents {
+            sipi: Some(1),
+            ..Default::default()
+        };
+        latch.merge(ApicEvents {
+            sipi: Some(2),
+            ..Default::default()
+        });
+        assert_eq!(latch.sipi, Some(2));
+    }
+
+    /// SDM vol. 3 §9.4.4 (MP init): a SIPI only means something to a processor in
+    /// wait-for-SIPI; an INIT that arrives after it resets the processor first.
+    #[test]
+    fn merge_newer_init_discards_older_sipi() {
+        let mut latch = ApicEvents {
+            sipi: Some(1),
+            ..Default::default()
+        };
+        latch.merge(ApicEvents {
+            init: true,
+            ..Default::default()
+        });
+        assert_eq!(
+            latch,
+            ApicEvents {
+                init: true,
+                ..Default::default()
+            }
+        );
+        latch.merge(ApicEvents {
+            sipi: Some(3),
+            ..Default::default()
+        });
+        assert_eq!(latch.sipi, Some(3));
+        assert!(latch.init);
+    }
+
+    #[test]
+    fn delivery_mode_round_trips_and_rejects_reserved() {
+        for bits in 0..8 {
+            match DeliveryMode::from_bits(bits) {
+                Some(mode) => assert_eq!(mode.bits(), bits),
+                None => assert_eq!(bits, 3),
+            }
+        }
+    }
 }

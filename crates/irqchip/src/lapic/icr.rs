@@ -1,0 +1,55 @@
+//! Decoding of the interrupt command register into a bus message (SDM vol. 3 §11.6.1, §11.12.9).
+
+use super::regs::*;
+use crate::types::{
+    DeliveryMode, DestinationFormat, DestinationMode, InterruptMessage, MessageSource, Shorthand,
+    TriggerMode,
+};
+
+/// Why an ICR write sends nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IcrError {
+    /// Delivery mode 011b or 111b: reserved in the ICR (ExtINT cannot be sent as an IPI,
+    /// SDM §11.6.1 figure "Interrupt Command Register"). The write is ignored.
+    ReservedDeliveryMode,
+    /// Fixed or lowest-priority with a vector below 16: the sender sets ESR "send illegal
+    /// vector" and sends nothing (SDM §11.5.3).
+    IllegalVector,
+}
+
+/// Decodes ICR bits 31:0 plus the already-extracted destination (xAPIC: ICR bits 63:56,
+/// x2APIC: ICR bits 63:32) into the message this APIC puts on the bus.
+pub fn decode_icr(
+    low: u32,
+    destination: u32,
+    format: DestinationFormat,
+    source: MessageSource,
+) -> Result<InterruptMessage, IcrError> {
+    let delivery_mode = DeliveryMode::from_bits(low >> ICR_DELIVERY_MODE_SHIFT)
+        .filter(|mode| *mode != DeliveryMode::ExtInt)
+        .ok_or(IcrError::ReservedDeliveryMode)?;
+    // Truncation keeps bits 7:0, the vector field.
+    let vector = (low & ICR_VECTOR_MASK) as u8;
+    if delivery_mode.uses_irr() && vector < FIRST_LEGAL_VECTOR {
+        return Err(IcrError::IllegalVector);
+    }
+    Ok(InterruptMessage {
+        vector,
+        delivery_mode,
+        destination_mode: if low & ICR_DEST_LOGICAL != 0 {
+            DestinationMode::Logical
+        } else {
+            DestinationMode::Physical
+        },
+        trigger: if low & ICR_TRIGGER_LEVEL != 0 {
+            TriggerMode::Level
+        } else {
+            TriggerMode::Edge
+        },
+        level_assert: low & ICR_LEVEL_ASSERT != 0,
+        shorthand: Shorthand::from_bits(low >> ICR_SHORTHAND_SHIFT),
+        destination,
+        format,
+        source,
+    })
+}

@@ -1,0 +1,536 @@
+//! One Intel 8259A: its registers, initialization sequencer, priority resolver and the
+//! command words. The cascade wiring of two chips lives in the parent module.
+//!
+//! Section names in comments refer to the 8259A datasheet (Intel order no. 231468):
+//! "Initialization Command Words", "Operation Command Words", "Interrupt Sequence",
+//! "End of Interrupt", "Automatic Rotation", "Specific Rotation", "Special Mask Mode",
+//! "Poll Command", "Reading the 8259A Status", "Edge and Level Triggered Modes",
+//! "Special Fully Nested Mode", "Cascade Mode".
+
+use serde::{Deserialize, Serialize};
+
+use crate::types::Vector;
+
+/// Command-port byte decoding (datasheet, "Initialization Command Words" and "Operation
+/// Command Words"): D4 set is ICW1; D4 clear with D3 clear is OCW2, with D3 set is OCW3.
+pub const CMD_ICW1: u8 = 1 << 4;
+pub const CMD_OCW3: u8 = 1 << 3;
+
+/// ICW1 bits.
+pub const ICW1_IC4: u8 = 1 << 0;
+pub const ICW1_SNGL: u8 = 1 << 1;
+/// Call address interval (MCS-80/85 only): stored nowhere, ignored.
+pub const ICW1_ADI: u8 = 1 << 2;
+pub const ICW1_LTIM: u8 = 1 << 3;
+
+/// ICW2 in 8086 mode: T7-T3 are the vector base, bits 2:0 are replaced by the IR level.
+pub const ICW2_VECTOR_BASE_MASK: u8 = 0xF8;
+
+/// ICW3 of a slave: its cascade identity in bits 2:0.
+pub const ICW3_SLAVE_ID_MASK: u8 = 0x07;
+
+/// ICW4 bits.
+pub const ICW4_UPM: u8 = 1 << 0;
+pub const ICW4_AEOI: u8 = 1 << 1;
+pub const ICW4_MS: u8 = 1 << 2;
+pub const ICW4_BUF: u8 = 1 << 3;
+pub const ICW4_SFNM: u8 = 1 << 4;
+
+/// OCW2 fields: R (rotate), SL (specific level), EOI, and the level L2-L0.
+pub const OCW2_R: u8 = 1 << 7;
+pub const OCW2_SL: u8 = 1 << 6;
+pub const OCW2_EOI: u8 = 1 << 5;
+pub const OCW2_LEVEL_MASK: u8 = 0x07;
+/// The R/SL/EOI triple, bits 7:5.
+pub const OCW2_COMMAND_MASK: u8 = OCW2_R | OCW2_SL | OCW2_EOI;
+
+/// OCW3 bits: ESMM enables the SMM bit, P is the poll command, RR enables RIS.
+pub const OCW3_ESMM: u8 = 1 << 6;
+pub const OCW3_SMM: u8 = 1 << 5;
+pub const OCW3_POLL: u8 = 1 << 2;
+pub const OCW3_RR: u8 = 1 << 1;
+pub const OCW3_RIS: u8 = 1 << 0;
+
+/// The poll word: I (bit 7) set when a request was found, W2-W0 the level.
+pub const POLL_INTERRUPT: u8 = 1 << 7;
+
+/// The IR level a chip answers with when its request vanished before INTA ("Interrupt
+/// Sequence": "a default IR7 will occur").
+pub const SPURIOUS_IR: u8 = 7;
+
+/// Priority is resolved over 8 levels; the lowest-priority pointer is 3 bits.
+const LEVELS: u8 = 8;
+const LEVEL_MASK: u8 = LEVELS - 1;
+
+/// Which of the two chips of a PC this is. It decides the ELCR bits the chipset lets software
+/// set and whether IR2 can be a cascade input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Role {
+    Master,
+    Slave,
+}
+
+/// ELCR bits the PC chipsets (PIIX, ICH) leave settable: IRQ 0, 1 and 2 are always edge on the
+/// master, IRQ 8 and 13 on the slave.
+pub const ELCR_MASTER_WRITABLE: u8 = 0xF8;
+pub const ELCR_SLAVE_WRITABLE: u8 = 0xDE;
+
+impl Role {
+    pub fn elcr_writable(self) -> u8 {
+        match self {
+            Role::Master => ELCR_MASTER_WRITABLE,
+            Role::Slave => ELCR_SLAVE_WRITABLE,
+        }
+    }
+}
+
+/// Where the initialization sequencer stands ("Initialization Command Words", flowchart).
+/// ICW1 on the command port moves any state to `AwaitIcw2`; data-port writes advance it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum InitState {
+    /// Initialized: data-port writes are OCW1.
+    Ready,
+    AwaitIcw2,
+    AwaitIcw3,
+    AwaitIcw4,
+}
+
+/// Which register a command-port read returns ("Reading the 8259A Status").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ReadSelect {
+    Irr,
+    Isr,
+}
+
+/// One 8259A. Fields are the chip's registers and mode latches; `lines` are the levels of its
+/// IR input pins (for the master's IR2: the slave's INT output).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Pic8259 {
+    pub(super) role: Role,
+    pub(super) lines: u8,
+    pub(super) irr: u8,
+    pub(super) isr: u8,
+    pub(super) imr: u8,
+    pub(super) elcr: u8,
+    pub(super) init: InitState,
+    /// ICW1: level-triggered mode for all eight inputs (LTIM).
+    pub(super) ltim: bool,
+    /// ICW1: single mode, no ICW3 and no cascade (SNGL).
+    pub(super) single: bool,
+    /// ICW1: ICW4 follows (IC4).
+    pub(super) icw4_needed: bool,
+    /// ICW2: vector base, bits 7:3.
+    pub(super) vector_base: u8,
+    /// ICW3 as written: slave inputs (master) or cascade ID (slave).
+    pub(super) icw3: u8,
+    /// ICW4 µPM: 8086 mode. Recorded only; vectors are always 8086-style.
+    pub(super) mode_8086: bool,
+    pub(super) auto_eoi: bool,
+    /// ICW4 BUF and M/S. Recorded only: roles are fixed by the board wiring.
+    pub(super) buffered: bool,
+    pub(super) buffered_master: bool,
+    pub(super) special_fully_nested: bool,
+    /// OCW2 "rotate in automatic EOI mode" latch.
+    pub(super) rotate_on_auto_eoi: bool,
+    /// The IR level with the lowest priority (7 after ICW1: IR0 highest).
+    pub(super) lowest_priority: u8,
+    pub(super) special_mask: bool,
+    pub(super) read_select: ReadSelect,
+    /// OCW3 poll command issued: the next read of either port is the poll word.
+    pub(super) poll: bool,
+}
+
+impl Pic8259 {
+    /// The power-on state chosen here (the datasheet leaves it undefined and requires an
+    /// initialization sequence): initialized, vector base 0, every input masked, PC cascade
+    /// wiring in ICW3, 8086 mode, IR0 highest priority, IRR selected for reads.
+    pub fn power_on(role: Role) -> Self {
+        Self {
+            role,
+            lines: 0,
+            irr: 0,
+            isr: 0,
+            imr: 0xFF,
+            elcr: 0,
+            init: InitState::Ready,
+            ltim: false,
+            single: false,
+            icw4_needed: true,
+            vector_base: 0,
+            icw3: match role {
+                Role::Master => 1 << super::CASCADE_IR,
+                Role::Slave => super::CASCADE_IR,
+            },
+            mode_8086: true,
+            auto_eoi: false,
+            buffered: false,
+            buffered_master: false,
+            special_fully_nested: false,
+            rotate_on_auto_eoi: false,
+            lowest_priority: LEVEL_MASK,
+            special_mask: false,
+            read_select: ReadSelect::Irr,
+            poll: false,
+        }
+    }
+
+    // ---- Read-only views ----
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+    pub fn irr(&self) -> u8 {
+        self.irr
+    }
+    pub fn isr(&self) -> u8 {
+        self.isr
+    }
+    pub fn imr(&self) -> u8 {
+        self.imr
+    }
+    pub fn elcr(&self) -> u8 {
+        self.elcr
+    }
+    pub fn lines(&self) -> u8 {
+        self.lines
+    }
+    pub fn init_state(&self) -> InitState {
+        self.init
+    }
+    pub fn vector_base(&self) -> u8 {
+        self.vector_base
+    }
+    pub fn icw3(&self) -> u8 {
+        self.icw3
+    }
+    pub fn auto_eoi(&self) -> bool {
+        self.auto_eoi
+    }
+    pub fn special_mask_mode(&self) -> bool {
+        self.special_mask
+    }
+    pub fn special_fully_nested(&self) -> bool {
+        self.special_fully_nested
+    }
+    pub fn single_mode(&self) -> bool {
+        self.single
+    }
+    pub fn lowest_priority(&self) -> u8 {
+        self.lowest_priority
+    }
+    pub fn read_select(&self) -> ReadSelect {
+        self.read_select
+    }
+    pub fn poll_pending(&self) -> bool {
+        self.poll
+    }
+
+    /// Inputs that are level-sensitive: all with LTIM, else the ELCR bits
+    /// ("Edge and Level Triggered Modes"; PC chipsets add the ELCR).
+    pub fn level_mask(&self) -> u8 {
+        if self.ltim {
+            0xFF
+        } else {
+            self.elcr
+        }
+    }
+
+    /// The vector for `ir` in 8086 mode: T7-T3 from ICW2, the level in bits 2:0.
+    pub fn vector(&self, ir: u8) -> Vector {
+        self.vector_base | (ir & LEVEL_MASK)
+    }
+
+    /// The IR7 vector a chip supplies when its request vanished before INTA.
+    pub fn spurious_vector(&self) -> Vector {
+        self.vector(SPURIOUS_IR)
+    }
+
+    /// For the master: IR2 has a slave behind it (ICW3 S2 in cascade mode). The slave then
+    /// supplies the vector in the INTA sequence ("Cascade Mode").
+    pub fn has_slave_on(&self, ir: u8) -> bool {
+        self.role == Role::Master && !self.single && self.icw3 & bit(ir) != 0
+    }
+
+    // ---- Inputs ----
+
+    /// Drives IR input `ir` (0-7). A level input's IRR bit follows the pin; an edge input's
+    /// IRR bit is set on the rising edge and stays set until INTA ("Edge and Level Triggered
+    /// Modes"). The datasheet asks edge inputs to stay high until INTA; devices emulated by a
+    /// VMM pulse them, so the latch is kept (as KVM does).
+    pub fn set_line(&mut self, ir: u8, high: bool) {
+        let mask = bit(ir);
+        let was_high = self.lines & mask != 0;
+        if high {
+            self.lines |= mask;
+        } else {
+            self.lines &= !mask;
+        }
+        if self.level_mask() & mask != 0 {
+            self.sync_level_irr();
+        } else if high && !was_high {
+            self.irr |= mask;
+        }
+    }
+
+    /// Makes the IRR bits of level inputs equal to their pins; edge bits keep their latch.
+    pub fn sync_level_irr(&mut self) {
+        let level = self.level_mask();
+        self.irr = (self.irr & !level) | (self.lines & level);
+    }
+
+    pub fn write_elcr(&mut self, value: u8) {
+        self.elcr = value & self.role.elcr_writable();
+        self.sync_level_irr();
+    }
+
+    // ---- Priority resolution ("Interrupt Sequence", "Automatic Rotation") ----
+
+    /// Rank of `ir` in the current rotation: 0 is the highest priority, 7 the lowest.
+    fn rank(&self, ir: u8) -> u8 {
+        ir.wrapping_sub(self.lowest_priority).wrapping_sub(1) & LEVEL_MASK
+    }
+
+    /// The highest-priority level set in `mask`.
+    fn highest(&self, mask: u8) -> Option<u8> {
+        (0..LEVELS)
+            .map(|k| self.lowest_priority.wrapping_add(1).wrapping_add(k) & LEVEL_MASK)
+            .find(|&ir| mask & bit(ir) != 0)
+    }
+
+    /// In-service levels that block requests of equal or lower priority. In special mask
+    /// mode masked levels do not ("Special Mask Mode"); in special fully nested mode the
+    /// master's cascade input does not, so a higher-priority slave request can nest
+    /// ("Special Fully Nested Mode").
+    fn blocking_in_service(&self) -> u8 {
+        let mut isr = self.isr;
+        if self.special_mask {
+            isr &= !self.imr;
+        }
+        if self.special_fully_nested && self.has_slave_on(super::CASCADE_IR) {
+            isr &= !bit(super::CASCADE_IR);
+        }
+        isr
+    }
+
+    /// The level this chip would put on INT now, if any: the highest unmasked request that
+    /// no in-service level of equal or higher priority blocks. An uninitialized chip (ICW
+    /// sequence incomplete) requests nothing.
+    pub fn resolve(&self) -> Option<u8> {
+        if self.init != InitState::Ready {
+            return None;
+        }
+        let request = self.highest(self.irr & !self.imr)?;
+        match self.highest(self.blocking_in_service()) {
+            Some(serving) if self.rank(serving) <= self.rank(request) => None,
+            _ => Some(request),
+        }
+    }
+
+    /// The INT output pin.
+    pub fn int_output(&self) -> bool {
+        self.resolve().is_some()
+    }
+
+    /// The first INTA pulse for level `ir` ("Interrupt Sequence"): the IRR bit is cleared
+    /// (a level input's bit is set again at once while the pin stays high) and the ISR bit
+    /// set, unless in auto-EOI mode, where the ISR bit is cleared again at the end of the
+    /// sequence and "rotate in automatic EOI mode" makes `ir` the lowest priority.
+    pub fn acknowledge(&mut self, ir: u8) {
+        let mask = bit(ir);
+        self.irr &= !mask;
+        self.sync_level_irr();
+        if self.auto_eoi {
+            if self.rotate_on_auto_eoi {
+                self.lowest_priority = ir & LEVEL_MASK;
+            }
+        } else {
+            self.isr |= mask;
+        }
+    }
+
+    // ---- Port accesses ----
+
+    /// A write to the command port (A0 = 0).
+    pub fn write_command(&mut self, value: u8) {
+        if value & CMD_ICW1 != 0 {
+            self.write_icw1(value);
+        } else if value & CMD_OCW3 != 0 {
+            self.write_ocw3(value);
+        } else {
+            self.write_ocw2(value);
+        }
+    }
+
+    /// A write to the data port (A0 = 1): the next ICW while initializing, else OCW1.
+    pub fn write_data(&mut self, value: u8) {
+        match self.init {
+            InitState::Ready => self.imr = value,
+            InitState::AwaitIcw2 => self.write_icw2(value),
+            InitState::AwaitIcw3 => self.write_icw3(value),
+            InitState::AwaitIcw4 => self.write_icw4(value),
+        }
+    }
+
+    /// A command-port read without a pending poll: IRR or ISR per OCW3.
+    pub fn read_status(&self) -> u8 {
+        match self.read_select {
+            ReadSelect::Irr => self.irr,
+            ReadSelect::Isr => self.isr,
+        }
+    }
+
+    /// A read after the poll command ("Poll Command"): the read is an interrupt acknowledge
+    /// (ISR bit set, IRR bit cleared) and returns I in bit 7 and the level in bits 2:0. With
+    /// no request the word is 0 (the datasheet leaves W2-W0 undefined then). Returns the
+    /// acknowledged level with the word.
+    pub fn poll_read(&mut self) -> (u8, Option<u8>) {
+        self.poll = false;
+        match self.resolve() {
+            Some(ir) => {
+                self.acknowledge(ir);
+                (POLL_INTERRUPT | ir, Some(ir))
+            }
+            None => (0, None),
+        }
+    }
+
+    // ---- Initialization Command Words ----
+
+    /// ICW1 starts the sequence and ("Initialization Command Words", a-f): resets the edge
+    /// sense circuit (an edge input must go low-to-high again; its IRR latch is cleared),
+    /// clears the IMR, gives IR7 the lowest priority, clears special mask mode, selects IRR
+    /// for reads, and zeroes the ICW4 functions (ICW4, when IC4 asks for one, sets them
+    /// again before the chip can interrupt). Choices beyond the datasheet's list: ISR, the
+    /// poll latch and "rotate in AEOI" are cleared too, so a re-initialized chip carries
+    /// nothing from before (QEMU clears ISR, KVM keeps it); the slave ID is not reset to 7
+    /// because cascade addressing is fixed by the board (see the parent module).
+    fn write_icw1(&mut self, value: u8) {
+        self.ltim = value & ICW1_LTIM != 0;
+        self.single = value & ICW1_SNGL != 0;
+        self.icw4_needed = value & ICW1_IC4 != 0;
+        self.irr = self.lines & self.level_mask();
+        self.isr = 0;
+        self.imr = 0;
+        self.lowest_priority = LEVEL_MASK;
+        self.special_mask = false;
+        self.read_select = ReadSelect::Irr;
+        self.poll = false;
+        self.rotate_on_auto_eoi = false;
+        self.mode_8086 = false;
+        self.auto_eoi = false;
+        self.buffered = false;
+        self.buffered_master = false;
+        self.special_fully_nested = false;
+        self.init = InitState::AwaitIcw2;
+    }
+
+    /// ICW2: the vector base (8086 mode: T7-T3; A10-A8 of the MCS-80/85 call address are
+    /// dropped). Next comes ICW3 in cascade mode, else ICW4 or the end of the sequence.
+    fn write_icw2(&mut self, value: u8) {
+        self.vector_base = value & ICW2_VECTOR_BASE_MASK;
+        self.init = if !self.single {
+            InitState::AwaitIcw3
+        } else {
+            self.after_icw3()
+        };
+    }
+
+    /// ICW3: slave inputs (master) or cascade ID (slave), kept whole.
+    fn write_icw3(&mut self, value: u8) {
+        self.icw3 = value;
+        self.init = self.after_icw3();
+    }
+
+    fn after_icw3(&self) -> InitState {
+        if self.icw4_needed {
+            InitState::AwaitIcw4
+        } else {
+            InitState::Ready
+        }
+    }
+
+    /// ICW4: µPM, AEOI, M/S, BUF, SFNM. The sequence ends.
+    fn write_icw4(&mut self, value: u8) {
+        self.mode_8086 = value & ICW4_UPM != 0;
+        self.auto_eoi = value & ICW4_AEOI != 0;
+        self.buffered_master = value & ICW4_MS != 0;
+        self.buffered = value & ICW4_BUF != 0;
+        self.special_fully_nested = value & ICW4_SFNM != 0;
+        self.init = InitState::Ready;
+    }
+
+    // ---- Operation Command Words ----
+
+    /// OCW2: EOI, rotation and priority commands, decoded on R, SL, EOI.
+    fn write_ocw2(&mut self, value: u8) {
+        let level = value & OCW2_LEVEL_MASK;
+        match value & OCW2_COMMAND_MASK {
+            OCW2_EOI => self.nonspecific_eoi(false),
+            c if c == OCW2_SL | OCW2_EOI => self.specific_eoi(level, false),
+            c if c == OCW2_R | OCW2_EOI => self.nonspecific_eoi(true),
+            OCW2_R => self.rotate_on_auto_eoi = true,
+            0 => self.rotate_on_auto_eoi = false,
+            c if c == OCW2_R | OCW2_SL | OCW2_EOI => self.specific_eoi(level, true),
+            c if c == OCW2_R | OCW2_SL => self.lowest_priority = level,
+            _ => {} // SL alone: no operation
+        }
+    }
+
+    /// Non-specific EOI ("End of Interrupt"): clears the highest-priority ISR bit. In special
+    /// mask mode an ISR bit masked in the IMR is not cleared by it. With `rotate`, the level
+    /// cleared becomes the lowest priority ("Automatic Rotation").
+    fn nonspecific_eoi(&mut self, rotate: bool) {
+        let candidates = if self.special_mask {
+            self.isr & !self.imr
+        } else {
+            self.isr
+        };
+        if let Some(ir) = self.highest(candidates) {
+            self.isr &= !bit(ir);
+            if rotate {
+                self.lowest_priority = ir;
+            }
+        }
+    }
+
+    /// Specific EOI: clears ISR bit `ir`; with `rotate` ("Specific Rotation"), `ir` becomes the
+    /// lowest priority whether or not it was in service.
+    fn specific_eoi(&mut self, ir: u8, rotate: bool) {
+        self.isr &= !bit(ir);
+        if rotate {
+            self.lowest_priority = ir & LEVEL_MASK;
+        }
+    }
+
+    /// OCW3: special mask mode set/reset (when ESMM), poll command, read-register select
+    /// (when RR).
+    fn write_ocw3(&mut self, value: u8) {
+        if value & OCW3_ESMM != 0 {
+            self.special_mask = value & OCW3_SMM != 0;
+        }
+        if value & OCW3_POLL != 0 {
+            self.poll = true;
+        }
+        if value & OCW3_RR != 0 {
+            self.read_select = if value & OCW3_RIS != 0 {
+                ReadSelect::Isr
+            } else {
+                ReadSelect::Irr
+            };
+        }
+    }
+
+    /// Brings a deserialized chip back inside the values a guest could have produced.
+    pub(super) fn sanitize(&mut self, role: Role) {
+        self.role = role;
+        self.elcr &= role.elcr_writable();
+        self.vector_base &= ICW2_VECTOR_BASE_MASK;
+        self.lowest_priority &= LEVEL_MASK;
+        self.sync_level_irr();
+    }
+}
+
+/// The mask bit of IR level `ir` (only bits 2:0 are used).
+pub(super) fn bit(ir: u8) -> u8 {
+    1 << (ir & LEVEL_MASK)
+}

@@ -1,0 +1,306 @@
+//! The dual Intel 8259A programmable interrupt controller of a PC/AT: a master at ports
+//! 0x20/0x21, a slave at 0xA0/0xA1 whose INT output drives the master's IR2, and the edge/level
+//! control registers (ELCR) of the PIIX/ICH chipsets at 0x4D0 (master) and 0x4D1 (slave).
+//!
+//! The chip-level rules (command words, priority, EOI, poll) are in the `chip` submodule ([`Pic8259`]); this module wires
+//! the two chips together and gives the VMM its view: ISA lines in ([`DualPic::set_irq`]), the
+//! master's INT pin out ([`DualPic::output`]), and the INTA cycle ([`DualPic::acknowledge`]).
+//! Datasheet references are to the Intel 8259A data sheet (order no. 231468) by section name.
+//!
+//! # Lines and trigger modes ("Edge and Level Triggered Modes")
+//!
+//! `set_irq(irq, level)` takes the logical level of ISA line 0-15 (asserted = true; a PCI INTx
+//! routed through the chipset is inverted before it reaches the PIC, so the caller passes
+//! "asserted"). An input is level-sensitive when its chip was initialized with ICW1.LTIM or its
+//! ELCR bit is set. Edge inputs latch IRR on a rising edge, and the latch survives the line
+//! dropping (devices emulated by a VMM pulse their line; the datasheet asks the line to stay
+//! high until INTA, KVM latches as we do). Level inputs have IRR equal to the line, so a line
+//! that drops before INTA leaves nothing and INTA yields the spurious vector. IRR sits before the
+//! mask: an edge on a masked input is remembered and delivered when it is unmasked.
+//!
+//! ISA IRQ 2 does not exist on an AT (the master's IR2 pin is wired to the slave's INT; the ISA
+//! bus's IRQ2 pin is IRQ 9), so `set_irq(2, _)` is ignored, as is any irq above 15. ELCR bits
+//! for IRQ 0, 1, 2, 8 and 13 are hard-wired to 0 (edge) as on PIIX/ICH chipsets (KVM and QEMU
+//! use the same masks, 0xF8 and 0xDE). ELCR is not touched by ICW1, only by [`DualPic::reset`].
+//!
+//! # Cascade ("Cascade Mode")
+//!
+//! The master's IR2 input follows the slave's INT output after every operation, through the
+//! master's own edge/level logic (IR2 is edge-sensitive unless the master was initialized with
+//! LTIM). When the master acknowledges IR2 and has a slave there (cascade mode and ICW3 bit 2
+//! set) the slave runs its own INTA and supplies the vector; if it has nothing to give it
+//! supplies its IR7 vector without setting its ISR, while the master's IR2 stays in service
+//! ("spurious IRQ 15": the guest must EOI the master only). Other ICW3 bits of the master have
+//! no chip behind them: those inputs, and IR2 when the master is in single mode or ICW3 bit 2
+//! is clear, are acknowledged by the master with its own vector (real hardware would leave the
+//! data bus floating). The slave's ICW3 ID is recorded but not compared with the cascade
+//! address: the board wiring makes the slave answer for IR2. During an INTA or poll of the
+//! slave its INT is taken low, so a request still pending on the slave afterwards (auto-EOI,
+//! special mask mode) is a fresh edge on the master's IR2 and is not lost.
+//!
+//! # Power-on, incomplete initialization, hostile guests
+//!
+//! The datasheet leaves the power-on state undefined. [`DualPic::new`] and [`DualPic::reset`]
+//! give initialized chips with vector base 0, every input masked (so an unprogrammed PIC never
+//! interrupts with exception vectors; KVM and QEMU leave IMR 0), ELCR 0, IR0 highest priority,
+//! ICW3 as a PC wires it, 8086 mode, normal EOI. A chip whose ICW sequence is incomplete
+//! requests nothing (its INT stays low, INTA sees nothing pending) while IRR keeps latching;
+//! data-port writes feed the sequence as on hardware, and a command-port ICW1 restarts it.
+//! Command-port OCW2/OCW3 writes are decoded even in mid-sequence. Every port byte in any order
+//! is accepted; all arithmetic is on 3-bit level numbers and 8-bit masks, so nothing can panic
+//! or loop.
+//!
+//! # Modes recorded but not modelled
+//!
+//! MCS-80/85 mode (ICW4.µPM = 0, or no ICW4): vectors are always 8086-style (base | level),
+//! which is what every x86 guest programs. Buffered mode (ICW4.BUF, M/S): only changes the
+//! SP/EN pin, which has no meaning here. ICW1.ADI and the call-address bits are ignored.
+//! Special fully nested mode is modelled on the master (an in-service IR2 does not block IR2).
+//!
+//! # Snapshots
+//!
+//! [`DualPic`] serializes every register, latch, line level, the init sequencer position, the
+//! rotation pointer and the modes. Deserializing scrubs values a guest could not produce (ELCR
+//! fixed bits, vector base low bits, level IRR bits inconsistent with their lines) and settles
+//! the cascade wire, so a restored PIC is always self-consistent.
+
+mod chip;
+#[cfg(test)]
+mod tests;
+
+pub use chip::*;
+
+use serde::{Deserialize, Serialize};
+
+use crate::types::Vector;
+
+pub const MASTER_COMMAND_PORT: u16 = 0x20;
+pub const MASTER_DATA_PORT: u16 = 0x21;
+pub const SLAVE_COMMAND_PORT: u16 = 0xA0;
+pub const SLAVE_DATA_PORT: u16 = 0xA1;
+pub const ELCR_MASTER_PORT: u16 = 0x4D0;
+pub const ELCR_SLAVE_PORT: u16 = 0x4D1;
+
+/// The master input the slave's INT is wired to.
+pub const CASCADE_IR: u8 = 2;
+/// ISA lines handled: 0-7 on the master, 8-15 on the slave.
+pub const ISA_IRQS: u8 = 16;
+const SLAVE_FIRST_IRQ: u8 = 8;
+
+/// What a read of a port no chip decodes returns (an undriven ISA data bus).
+pub const UNDECODED_READ: u8 = 0xFF;
+
+/// The master/slave 8259A pair with its ELCRs. See the module documentation.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(from = "DualPicState")]
+pub struct DualPic {
+    master: Pic8259,
+    slave: Pic8259,
+}
+
+/// The serialized form of [`DualPic`], scrubbed before it becomes one.
+#[derive(Deserialize)]
+struct DualPicState {
+    master: Pic8259,
+    slave: Pic8259,
+}
+
+impl From<DualPicState> for DualPic {
+    fn from(state: DualPicState) -> Self {
+        let mut pic = Self {
+            master: state.master,
+            slave: state.slave,
+        };
+        pic.master.sanitize(Role::Master);
+        pic.slave.sanitize(Role::Slave);
+        pic.settle_cascade();
+        pic
+    }
+}
+
+impl Default for DualPic {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl DualPic {
+    /// The power-on state (see the module documentation).
+    pub fn new() -> Self {
+        Self {
+            master: Pic8259::power_on(Role::Master),
+            slave: Pic8259::power_on(Role::Slave),
+        }
+    }
+
+    /// A system reset: both chips and the ELCRs return to the power-on state. ISA line levels
+    /// are outside the chips and are kept; a line that is high is not an edge.
+    pub fn reset(&mut self) {
+        let (master_lines, slave_lines) = (self.master.lines, self.slave.lines);
+        *self = Self::new();
+        self.master.lines = master_lines & !chip::bit(CASCADE_IR);
+        self.slave.lines = slave_lines;
+        self.settle_cascade();
+    }
+
+    /// The ports this device decodes: both chips' command and data ports and the two ELCRs.
+    pub fn handles_port(port: u16) -> bool {
+        matches!(
+            port,
+            MASTER_COMMAND_PORT
+                | MASTER_DATA_PORT
+                | SLAVE_COMMAND_PORT
+                | SLAVE_DATA_PORT
+                | ELCR_MASTER_PORT
+                | ELCR_SLAVE_PORT
+        )
+    }
+
+    pub fn master(&self) -> &Pic8259 {
+        &self.master
+    }
+
+    pub fn slave(&self) -> &Pic8259 {
+        &self.slave
+    }
+
+    /// The level last set on ISA line `irq` (false for 2 and out-of-range lines).
+    pub fn line(&self, irq: u8) -> bool {
+        match Self::route(irq) {
+            Some((Role::Master, ir)) => self.master.lines & chip::bit(ir) != 0,
+            Some((Role::Slave, ir)) => self.slave.lines & chip::bit(ir) != 0,
+            None => false,
+        }
+    }
+
+    /// A one-byte guest read. Reads after an OCW3 poll command are the poll word and
+    /// acknowledge like INTA; the command port otherwise reads IRR or ISR per OCW3, the data
+    /// port reads the IMR ("Reading the 8259A Status"). Undecoded ports read 0xFF.
+    pub fn port_read(&mut self, port: u16) -> u8 {
+        match port {
+            MASTER_COMMAND_PORT => self.chip_read(Role::Master, false),
+            MASTER_DATA_PORT => self.chip_read(Role::Master, true),
+            SLAVE_COMMAND_PORT => self.chip_read(Role::Slave, false),
+            SLAVE_DATA_PORT => self.chip_read(Role::Slave, true),
+            ELCR_MASTER_PORT => self.master.elcr,
+            ELCR_SLAVE_PORT => self.slave.elcr,
+            _ => UNDECODED_READ,
+        }
+    }
+
+    /// A one-byte guest write. Command ports take ICW1/OCW2/OCW3, data ports ICW2-4 or OCW1,
+    /// ELCR ports the trigger-mode bits (fixed bits ignored). Undecoded ports are ignored.
+    pub fn port_write(&mut self, port: u16, value: u8) {
+        match port {
+            MASTER_COMMAND_PORT => self.master.write_command(value),
+            MASTER_DATA_PORT => self.master.write_data(value),
+            SLAVE_COMMAND_PORT => self.slave.write_command(value),
+            SLAVE_DATA_PORT => self.slave.write_data(value),
+            ELCR_MASTER_PORT => self.master.write_elcr(value),
+            ELCR_SLAVE_PORT => self.slave.write_elcr(value),
+            _ => return,
+        }
+        self.settle_cascade();
+    }
+
+    /// Sets the logical level of ISA line `irq` (0-15). IRQ 2 and lines above 15 are ignored.
+    pub fn set_irq(&mut self, irq: u8, level: bool) {
+        match Self::route(irq) {
+            Some((Role::Master, ir)) => self.master.set_line(ir, level),
+            Some((Role::Slave, ir)) => self.slave.set_line(ir, level),
+            None => return,
+        }
+        self.settle_cascade();
+    }
+
+    /// The master's INT pin: an interrupt is waiting for an INTA cycle. Connect it to LINT0
+    /// (ExtINT) or to the processor's INTR when the local APIC is disabled.
+    pub fn output(&self) -> bool {
+        self.master.int_output()
+    }
+
+    /// The INTA cycle ("Interrupt Sequence"): returns the vector and moves the request from
+    /// IRR to ISR on the chip(s) involved. With nothing pending the master answers with its
+    /// IR7 vector and changes nothing; a cascade with nothing on the slave gives the slave's
+    /// IR7 vector (see the module documentation).
+    pub fn acknowledge(&mut self) -> Vector {
+        let Some(ir) = self.master.resolve() else {
+            return self.master.spurious_vector();
+        };
+        self.master.acknowledge(ir);
+        if !self.slave_supplies_vector(ir) {
+            self.settle_cascade();
+            return self.master.vector(ir);
+        }
+        let vector = match self.slave.resolve() {
+            Some(slave_ir) => {
+                self.slave.acknowledge(slave_ir);
+                self.slave.vector(slave_ir)
+            }
+            None => self.slave.spurious_vector(),
+        };
+        self.slave_int_pulsed_low();
+        vector
+    }
+
+    /// The vector [`DualPic::acknowledge`] would return now, or `None` when the master's INT is
+    /// low (acknowledge would then return the spurious IR7 vector). No side effects.
+    pub fn pending_vector(&self) -> Option<Vector> {
+        let ir = self.master.resolve()?;
+        if !self.slave_supplies_vector(ir) {
+            return Some(self.master.vector(ir));
+        }
+        Some(match self.slave.resolve() {
+            Some(slave_ir) => self.slave.vector(slave_ir),
+            None => self.slave.spurious_vector(),
+        })
+    }
+
+    /// Master input `ir` was acknowledged: does the slave put the vector on the bus?
+    fn slave_supplies_vector(&self, ir: u8) -> bool {
+        ir == CASCADE_IR && self.master.has_slave_on(CASCADE_IR)
+    }
+
+    fn chip_read(&mut self, role: Role, data_port: bool) -> u8 {
+        let chip = match role {
+            Role::Master => &mut self.master,
+            Role::Slave => &mut self.slave,
+        };
+        if chip.poll {
+            let (word, acknowledged) = chip.poll_read();
+            if role == Role::Slave && acknowledged.is_some() {
+                self.slave_int_pulsed_low();
+            } else {
+                self.settle_cascade();
+            }
+            word
+        } else if data_port {
+            chip.imr
+        } else {
+            chip.read_status()
+        }
+    }
+
+    /// The slave's INT went low for its acknowledge; whatever it requests afterwards reaches
+    /// the master's IR2 as a new edge.
+    fn slave_int_pulsed_low(&mut self) {
+        self.master.set_line(CASCADE_IR, false);
+        self.settle_cascade();
+    }
+
+    /// Drives the master's IR2 with the slave's INT output.
+    fn settle_cascade(&mut self) {
+        let slave_int = self.slave.int_output();
+        self.master.set_line(CASCADE_IR, slave_int);
+    }
+
+    /// The chip and input an ISA line lands on; `None` for IRQ 2 and lines above 15.
+    fn route(irq: u8) -> Option<(Role, u8)> {
+        match irq {
+            CASCADE_IR => None,
+            0..SLAVE_FIRST_IRQ => Some((Role::Master, irq)),
+            SLAVE_FIRST_IRQ..ISA_IRQS => Some((Role::Slave, irq - SLAVE_FIRST_IRQ)),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,423 @@
+//! Everything of the interrupt architecture that belongs to one vCPU, put together: its local
+//! APIC, its multiprocessor state, its posting inbox and its port on the APIC bus.
+//!
+//! A VMM creates one [`ApicSystem`] per VM, which hands out one [`VcpuInterrupts`] per vCPU to be
+//! moved into that vCPU's thread. The thread then drives it around each guest entry:
+//!
+//! 1. [`VcpuInterrupts::begin_guest_entry`] publishes "in guest" and drains the inbox, in the
+//!    order that makes a lost kick impossible (seed 001, see `posting`);
+//! 2. [`VcpuInterrupts::accept_events`] consumes INIT/SIPI in the vCPU's own context (seed 000)
+//!    and says what reset or start to apply;
+//! 3. [`VcpuInterrupts::next_injection`] says what to inject (NMI, ExtINT, or an APIC vector) and
+//!    the `take_*`/`acknowledge_*` methods consume it once the VMM is sure to inject it;
+//! 4. guest accesses to the APIC (MMIO page, x2APIC MSRs, APIC base) go through the `*_read` /
+//!    `*_write` methods here, which route IPIs on the bus, republish the topology and PPR, and
+//!    return only what the VMM itself must act on (an EOI for the IOAPIC, a timer to re-arm);
+//! 5. on HLT, [`VcpuInterrupts::halt`] and [`VcpuInterrupts::should_block`] decide whether the
+//!    thread may sleep, and [`VcpuInterrupts::block`] sleeps without losing a wake-up.
+//!
+//! Other threads never touch a `VcpuInterrupts`: they post through the bus or an inbox.
+
+use std::sync::Arc;
+
+use crate::bus::ApicBus;
+use crate::lapic::{LapicConfig, LapicEffect, LocalApic};
+use crate::mpstate::{AcceptOutcome, InitBlocking, MpState, MpStateMachine, SipiDelivery};
+use crate::posting::{Posted, VcpuInbox};
+use crate::types::{
+    ApicId, ClockConfig, EoiMessage, GuestFault, InterruptMessage, Nanos, Notify, TopologyEntry,
+    VcpuIndex, Vector,
+};
+
+/// The bus every vCPU of a VM posts on.
+pub type VmBus = ApicBus<VcpuInbox>;
+
+/// Shape of a VM's APIC system.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ApicSystemConfig {
+    pub vcpus: usize,
+    pub clock: ClockConfig,
+    /// Offer x2APIC mode (the VMM must then also advertise `CPUID.1:ECX[21]`).
+    pub x2apic: bool,
+    /// Offer directed EOI (version register bit 24, SVR bit 12).
+    pub directed_eoi: bool,
+}
+
+/// The VM-wide part: the bus and the inboxes, shared by every thread.
+pub struct ApicSystem {
+    bus: Arc<VmBus>,
+}
+
+impl ApicSystem {
+    /// Builds the bus and one `VcpuInterrupts` per vCPU, vCPU 0 being the bootstrap processor
+    /// with APIC ID 0 and vCPU n having APIC ID n.
+    pub fn new(config: ApicSystemConfig) -> (Self, Vec<VcpuInterrupts>) {
+        let inboxes: Vec<Arc<VcpuInbox>> = (0..config.vcpus)
+            .map(|_| Arc::new(VcpuInbox::new()))
+            .collect();
+        let lapics: Vec<LocalApic> = (0..config.vcpus)
+            .map(|index| LocalApic::new(lapic_config(&config, index)))
+            .collect();
+        let topology = lapics.iter().map(LocalApic::topology).collect();
+        let bus = Arc::new(ApicBus::with_topology(inboxes.clone(), topology));
+        let vcpus = lapics
+            .into_iter()
+            .zip(inboxes)
+            .enumerate()
+            .map(|(index, (lapic, inbox))| VcpuInterrupts::new(index, lapic, inbox, bus.clone()))
+            .collect();
+        (Self { bus }, vcpus)
+    }
+
+    /// The bus, for devices (IOAPIC, MSIs) and other threads.
+    pub fn bus(&self) -> &Arc<VmBus> {
+        &self.bus
+    }
+
+    /// The inbox of a vCPU, for the VMM's kick/wake and timer paths.
+    pub fn inbox(&self, index: VcpuIndex) -> Option<&Arc<VcpuInbox>> {
+        self.bus.sink(index)
+    }
+}
+
+fn lapic_config(config: &ApicSystemConfig, index: VcpuIndex) -> LapicConfig {
+    LapicConfig {
+        index,
+        apic_id: ApicId(index as u32),
+        bsp: index == 0,
+        clock: config.clock,
+        x2apic_supported: config.x2apic,
+        directed_eoi_supported: config.directed_eoi,
+    }
+}
+
+/// What the VMM must do after a guest access to the APIC, beyond completing the access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ApicAccessResult {
+    /// Nothing more.
+    Done,
+    /// A level-triggered vector was EOIed with broadcast: hand this to the IOAPIC(s).
+    Eoi(EoiMessage),
+    /// The APIC timer was (re)programmed: re-arm the VMM's timer at `next_timer_deadline`.
+    TimerChanged,
+}
+
+/// What the vCPU should receive next, by priority: NMI before external interrupts
+/// (SDM vol. 3 §7.7, "Priority Among Simultaneous Exceptions and Interrupts").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Injection {
+    Nmi,
+    /// An interrupt whose vector comes from the 8259 PIC (an INTA cycle on the PIC).
+    ExtInt,
+    /// An interrupt from the local APIC's IRR.
+    Vector(Vector),
+}
+
+/// One vCPU's interrupt state, owned by that vCPU's thread.
+pub struct VcpuInterrupts {
+    index: VcpuIndex,
+    lapic: LocalApic,
+    mp: MpStateMachine,
+    inbox: Arc<VcpuInbox>,
+    bus: Arc<VmBus>,
+    /// Latched NMI/SMI/ExtINT requests taken from the inbox, not yet injected.
+    nmi_pending: bool,
+    smi_pending: bool,
+    extint_pending: bool,
+    published_topology: TopologyEntry,
+}
+
+impl VcpuInterrupts {
+    fn new(index: VcpuIndex, lapic: LocalApic, inbox: Arc<VcpuInbox>, bus: Arc<VmBus>) -> Self {
+        let published_topology = lapic.topology();
+        inbox.publish_ppr(lapic.ppr());
+        Self {
+            index,
+            mp: MpStateMachine::new(index == 0),
+            lapic,
+            inbox,
+            bus,
+            nmi_pending: false,
+            smi_pending: false,
+            extint_pending: false,
+            published_topology,
+        }
+    }
+
+    pub fn index(&self) -> VcpuIndex {
+        self.index
+    }
+
+    pub fn lapic(&self) -> &LocalApic {
+        &self.lapic
+    }
+
+    pub fn mp_state(&self) -> MpState {
+        self.mp.state()
+    }
+
+    pub fn inbox(&self) -> &Arc<VcpuInbox> {
+        &self.inbox
+    }
+
+    pub fn bus(&self) -> &Arc<VmBus> {
+        &self.bus
+    }
+
+    // ---- guest entry and exit (seed 001) ----
+
+    /// Right before entering the guest: publishes "in guest", then drains what was posted.
+    /// Anything posted after this drain kicks the vCPU.
+    pub fn begin_guest_entry(&mut self) {
+        let posted = self.inbox.begin_guest_entry();
+        self.absorb(posted);
+    }
+
+    /// Right after the guest exits.
+    pub fn end_guest_entry(&mut self) {
+        self.inbox.end_guest_entry();
+    }
+
+    /// Takes what was posted, outside guest mode (after a wake-up, before deciding to block).
+    pub fn drain(&mut self) {
+        let posted = self.inbox.drain();
+        self.absorb(posted);
+    }
+
+    fn absorb(&mut self, posted: Posted) {
+        if posted.is_empty() {
+            return;
+        }
+        self.lapic.accept_posted(&posted.pir, &posted.level);
+        self.mp.latch(posted.events);
+        self.nmi_pending |= posted.events.nmi;
+        self.smi_pending |= posted.events.smi;
+        self.extint_pending |= posted.events.extint;
+        self.publish_priority();
+    }
+
+    // ---- INIT / SIPI (seeds 000, 002, 004) ----
+
+    /// Consumes latched INIT/SIPI in this vCPU's own context. On INIT the local APIC is reset
+    /// here; the caller applies `outcome.reset` to the registers and `outcome.start` (SIPI).
+    pub fn accept_events(
+        &mut self,
+        blocking: InitBlocking,
+        sipi: &mut dyn SipiDelivery,
+    ) -> AcceptOutcome {
+        let outcome = self.mp.accept_events(blocking, sipi);
+        if outcome.reset.is_some() {
+            // INIT clears pending NMI/SMI/ExtINT requests along with the processor state.
+            self.lapic.init_reset();
+            self.nmi_pending = false;
+            self.smi_pending = false;
+            self.extint_pending = false;
+            self.publish_topology();
+            self.publish_priority();
+        }
+        outcome
+    }
+
+    /// True when INIT or SIPI wait to be consumed by [`Self::accept_events`].
+    pub fn needs_accept(&self, blocking: InitBlocking) -> bool {
+        self.mp.needs_accept(blocking)
+    }
+
+    // ---- injection ----
+
+    /// What to inject next, if anything, given whether the 8259's INTR output is high. Only a
+    /// running vCPU takes interrupts; an SMI is reported by [`Self::smi_pending`].
+    pub fn next_injection(&self, pic_intr: bool) -> Option<Injection> {
+        if !self.mp.state().runs_guest() {
+            return None;
+        }
+        if self.nmi_pending {
+            return Some(Injection::Nmi);
+        }
+        if self.extint_pending || (pic_intr && self.lapic.accepts_pic_interrupts()) {
+            return Some(Injection::ExtInt);
+        }
+        self.lapic.pending_interrupt().map(Injection::Vector)
+    }
+
+    /// The NMI is being injected: consume it.
+    pub fn take_nmi(&mut self) -> bool {
+        std::mem::take(&mut self.nmi_pending)
+    }
+
+    /// The ExtINT is being injected (the VMM acknowledges the PIC): consume the request.
+    pub fn take_extint(&mut self) {
+        self.extint_pending = false;
+    }
+
+    pub fn smi_pending(&self) -> bool {
+        self.smi_pending
+    }
+
+    /// The SMI is being delivered: consume it.
+    pub fn take_smi(&mut self) -> bool {
+        std::mem::take(&mut self.smi_pending)
+    }
+
+    /// The vector is being injected: the INTA cycle moves it from IRR to ISR.
+    pub fn acknowledge_interrupt(&mut self) -> Option<Vector> {
+        let vector = self.lapic.acknowledge_interrupt();
+        self.publish_priority();
+        vector
+    }
+
+    // ---- halting ----
+
+    /// The guest executed HLT.
+    pub fn halt(&mut self) {
+        self.mp.halt();
+    }
+
+    /// The guest parked itself with an AP Reset Hold request (protected-state guests).
+    pub fn ap_reset_hold(&mut self) {
+        self.mp.ap_reset_hold();
+    }
+
+    /// True when the vCPU has nothing to do: not runnable and nothing that would wake it. A
+    /// halted vCPU with a deliverable interrupt or NMI is made runnable here.
+    pub fn should_block(&mut self, blocking: InitBlocking, pic_intr: bool) -> bool {
+        if self.mp.needs_accept(blocking) {
+            return false;
+        }
+        if self.mp.state() == MpState::Halted && self.halt_wake_pending(pic_intr) {
+            self.mp.wake();
+        }
+        !self.mp.state().runs_guest()
+    }
+
+    fn halt_wake_pending(&self, pic_intr: bool) -> bool {
+        self.nmi_pending
+            || self.smi_pending
+            || self.extint_pending
+            || (pic_intr && self.lapic.accepts_pic_interrupts())
+            || self.lapic.pending_interrupt().is_some()
+    }
+
+    /// Sleeps until something is posted to this vCPU, unless something already was. Returns
+    /// after any post (or a spurious ring); the caller drains and re-evaluates.
+    pub fn block(&mut self) {
+        if self.inbox.try_block() {
+            self.inbox.block_until_rung();
+        }
+        self.drain();
+    }
+
+    // ---- guest accesses ----
+
+    /// A read of the xAPIC MMIO page at `offset` from its base.
+    pub fn mmio_read(&mut self, offset: u64, data: &mut [u8], now: Nanos) {
+        self.lapic.mmio_read(offset, data, now);
+    }
+
+    /// A write to the xAPIC MMIO page. `notify` receives the kicks/wakes the IPI requires.
+    pub fn mmio_write(
+        &mut self,
+        offset: u64,
+        data: &[u8],
+        now: Nanos,
+        notify: &mut dyn FnMut(VcpuIndex, Notify),
+    ) -> ApicAccessResult {
+        let effect = self.lapic.mmio_write(offset, data, now);
+        self.after_write(effect, notify)
+    }
+
+    /// RDMSR of IA32_APIC_BASE, IA32_TSC_DEADLINE or an x2APIC register.
+    pub fn msr_read(&mut self, msr: u32, now: Nanos) -> Result<u64, GuestFault> {
+        self.lapic.msr_read(msr, now)
+    }
+
+    /// WRMSR of IA32_APIC_BASE, IA32_TSC_DEADLINE or an x2APIC register.
+    pub fn msr_write(
+        &mut self,
+        msr: u32,
+        value: u64,
+        now: Nanos,
+        notify: &mut dyn FnMut(VcpuIndex, Notify),
+    ) -> Result<ApicAccessResult, GuestFault> {
+        let effect = self.lapic.msr_write(msr, value, now)?;
+        Ok(self.after_write(effect, notify))
+    }
+
+    /// The guest (or, with `host_initiated`, the VMM restoring state) writes IA32_APIC_BASE.
+    pub fn set_apic_base(&mut self, value: u64, host_initiated: bool) -> Result<(), GuestFault> {
+        let effect = self.lapic.set_apic_base(value, host_initiated)?;
+        self.after_write(effect, &mut |_, _| {});
+        Ok(())
+    }
+
+    /// CR8 as the guest left it (kvm_run.cr8 on exit): `TPR[7:4]` (SDM vol. 3 §11.8.6).
+    pub fn sync_cr8(&mut self, cr8: u64) {
+        if cr8 != self.lapic.cr8() {
+            self.lapic.set_cr8(cr8);
+            self.publish_priority();
+        }
+    }
+
+    /// Runs the APIC timer up to `now`; an expiry sets its vector in IRR.
+    pub fn poll_timer(&mut self, now: Nanos) {
+        self.lapic.poll_timer(now);
+    }
+
+    /// When the VMM must next call [`Self::poll_timer`].
+    pub fn next_timer_deadline(&self) -> Option<Nanos> {
+        self.lapic.next_timer_deadline()
+    }
+
+    fn after_write(
+        &mut self,
+        effect: LapicEffect,
+        notify: &mut dyn FnMut(VcpuIndex, Notify),
+    ) -> ApicAccessResult {
+        let result = match effect {
+            LapicEffect::None => ApicAccessResult::Done,
+            LapicEffect::SendIpi(message) => {
+                self.send(&message, notify);
+                ApicAccessResult::Done
+            }
+            LapicEffect::Eoi(eoi) => ApicAccessResult::Eoi(eoi),
+            // A mode change may also have reset the APIC (global disable stops its timer), so
+            // the VMM re-reads the timer deadline too.
+            LapicEffect::TopologyChanged => {
+                self.publish_topology();
+                ApicAccessResult::TimerChanged
+            }
+            LapicEffect::TimerChanged => ApicAccessResult::TimerChanged,
+        };
+        // SVR writes change what the bus may deliver (software enable) without being a
+        // topology change of the APIC's addressing; TPR writes, EOIs and self-IPIs change the
+        // priority lowest-priority arbitration sees. Both republish only on a real change.
+        self.publish_topology();
+        self.publish_priority();
+        result
+    }
+
+    /// Puts an IPI on the bus. A message to this very vCPU lands in its own inbox and is taken
+    /// at the next drain, like any other.
+    fn send(&mut self, message: &InterruptMessage, notify: &mut dyn FnMut(VcpuIndex, Notify)) {
+        let own = self.index;
+        self.bus.deliver(message, &mut |target, how| {
+            if target != own {
+                notify(target, how);
+            }
+        });
+        // A self-IPI must be visible before the next entry without a kick.
+        self.drain();
+    }
+
+    fn publish_topology(&mut self) {
+        let topology = self.lapic.topology();
+        if topology != self.published_topology {
+            self.published_topology = topology;
+            self.bus.update_topology(self.index, topology);
+        }
+    }
+
+    fn publish_priority(&self) {
+        self.inbox.publish_ppr(self.lapic.ppr());
+    }
+}
