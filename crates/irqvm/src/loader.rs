@@ -172,7 +172,7 @@ pub enum LoaderError {
     },
     #[error("the entry point {0:#x} is not inside a loaded segment")]
     EntryOutsideImage(u64),
-    #[error("the entry point {0:#x} is not reachable in 32-bit mode")]
+    #[error("the entry point {0:#x} is above 4 GiB, out of reach of the boot mode (32-bit, or long mode with the first 4 GiB mapped)")]
     EntryAbove4G(u64),
     #[error("the command line and module names do not fit in the boot information area")]
     BootInfoTooLarge,
@@ -603,6 +603,9 @@ pub fn load(mem: &GuestRam, req: &LoadRequest<'_>) -> Result<LoadedKernel, Loade
     write_boot_gdt(mem)?;
     let boot = match kind {
         ImageKind::Elf64 => {
+            if entry > u64::from(u32::MAX) {
+                return Err(LoaderError::EntryAbove4G(entry));
+            }
             write_identity_page_tables(mem)?;
             BootState {
                 mode: CpuMode::Long64,
@@ -652,12 +655,12 @@ fn load_raw(
     let info_addr = write_boot_info(mem, req, kernel_end)?;
     write_boot_gdt(mem)?;
     match raw.mode {
+        CpuMode::Long64 | CpuMode::Protected32 if raw.entry > u64::from(u32::MAX) => {
+            return Err(LoaderError::EntryAbove4G(raw.entry))
+        }
         CpuMode::Long64 => write_identity_page_tables(mem)?,
         CpuMode::Real if raw.entry >= EXTENDED_MEMORY_START => {
             return Err(LoaderError::RealModeEntry(raw.entry))
-        }
-        CpuMode::Protected32 if raw.entry > u64::from(u32::MAX) => {
-            return Err(LoaderError::EntryAbove4G(raw.entry))
         }
         _ => {}
     }

@@ -12,11 +12,17 @@ fn main() {
     match irqvm::cli::main_with(cli) {
         Ok(status) => std::process::exit(status),
         Err(e) => {
-            eprintln!("irqvm: {e}");
+            let mut message = e.to_string();
+            eprintln!("irqvm: {message}");
+            // Print the causes the message does not already include.
             let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                eprintln!("  caused by: {s}");
-                source = s.source();
+            while let Some(cause) = source {
+                let text = cause.to_string();
+                if !message.contains(&text) {
+                    eprintln!("  caused by: {text}");
+                }
+                message = text;
+                source = cause.source();
             }
             // 2: an error of the VMM itself (a guest's debug-exit status is always odd).
             std::process::exit(2);

@@ -556,3 +556,13 @@ proptest! {
         let _ = load(&mem, &request(&image));
     }
 }
+
+#[test]
+fn elf64_entry_above_4g_is_refused() {
+    let mem = ram(3 * 1024 * MIB + 64 * MIB);
+    let image = elf64(HIGH_RAM_START, HIGH_RAM_START, &[0xF4; 8]);
+    assert_eq!(
+        load(&mem, &request(&image)).unwrap_err(),
+        LoaderError::EntryAbove4G(HIGH_RAM_START)
+    );
+}

@@ -1,0 +1,208 @@
+/* ipi_core.h: the IPI checks shared by the `ipi` (xAPIC) and `x2apic` guests. Included by exactly one .c file
+ * per guest. The APs idle in `sti; hlt` and count every vector they take (irq_count); vectors without their own
+ * handler get an automatic EOI. Logical destinations use "cluster 0, one bit per CPU": in xAPIC flat mode
+ * LDR[31:24] = 1 << cpu, in x2APIC mode the LDR is fixed by hardware to (id >> 4) << 16 | 1 << (id & 15),
+ * which for APIC IDs below 16 is the same bit mask in the low 16 bits (SDM vol. 3, 11.6.2.2 and 11.12.10.2). */
+#include "guest.h"
+
+#define V_PING 0x40
+#define V_PONG 0x41
+#define V_SELF 0x42
+#define V_SELF_MSR 0x43
+#define V_OTHERS 0x44
+#define V_ALL 0x45
+#define V_LOGICAL 0x46
+#define V_CLUSTER 0x47
+#define V_LOWEST 0x58
+#define V_PHYS_BCAST 0x49
+#define PING_ROUNDS 20
+#define QUIET_MS 30 /* how long "nobody else received it" is watched for */
+
+static char name[96];
+
+static void ping_handler(struct irq_frame *f, u32 cpu)
+{
+	apic_eoi();
+	apic_icr_write(cpu_to_apic_id(0), V_PONG); /* answer the BSP */
+}
+
+/* Count snapshot for one vector on every CPU. */
+static void snapshot(u32 v, u32 *out)
+{
+	for (u32 c = 0; c < ncpus; c++)
+		out[c] = irq_count[c][v];
+}
+/* Wait until every CPU in `mask` took `v` once more than in `before`, then watch the others for QUIET_MS.
+ * Returns true if exactly the CPUs in mask got exactly one more. Reports the first difference in `why`. */
+static bool expect_delivery(u32 v, const u32 *before, u32 mask, char *why, usize n)
+{
+	for (u32 c = 0; c < ncpus; c++)
+		if (mask & (1u << c))
+			wait_ge(&irq_count[c][v], before[c] + 1, WAIT_MS);
+	delay_ms(QUIET_MS);
+	for (u32 c = 0; c < ncpus; c++) {
+		u32 got = irq_count[c][v] - before[c], want = (mask >> c) & 1;
+		if (got != want) {
+			sfmt(why, n, "cpu %u took vector %x %u times, expected %u", c, v, got, want);
+			return false;
+		}
+	}
+	return true;
+}
+
+static void ping_pong(void)
+{
+	irq_set_handler(V_PING, ping_handler);
+	for (u32 ap = 1; ap < ncpus; ap++) {
+		u32 pong0 = irq_count[0][V_PONG], ping0 = irq_count[ap][V_PING], i;
+		for (i = 0; i < PING_ROUNDS; i++) {
+			apic_send_fixed(cpu_to_apic_id(ap), V_PING);
+			if (!wait_ge(&irq_count[0][V_PONG], pong0 + i + 1, WAIT_MS))
+				break;
+		}
+		check(i == PING_ROUNDS && irq_count[ap][V_PING] - ping0 == PING_ROUNDS,
+		      sfmt(name, sizeof name, "fixed ipi ping-pong cpu 0 <-> cpu %u", ap),
+		      "%u of %u rounds; AP took %u pings", i, PING_ROUNDS, irq_count[ap][V_PING] - ping0);
+	}
+}
+
+static void self_ipis(void)
+{
+	char why[96];
+	u32 before[MAX_CPUS];
+	snapshot(V_SELF, before);
+	apic_icr_write(0, APIC_SH_SELF | V_SELF);
+	check(expect_delivery(V_SELF, before, 1, why, sizeof why), "self ipi (icr shorthand)", "%s", why);
+	if (apic_x2) {
+		snapshot(V_SELF_MSR, before);
+		wrmsr(0x83F, V_SELF_MSR); /* x2APIC SELF IPI register (SDM 11.12.11) */
+		check(expect_delivery(V_SELF_MSR, before, 1, why, sizeof why), "self ipi (x2apic SELF_IPI msr)", "%s",
+		      why);
+	}
+}
+
+static void broadcasts(void)
+{
+	char why[96];
+	u32 before[MAX_CPUS], all = (1u << ncpus) - 1;
+	snapshot(V_OTHERS, before);
+	apic_icr_write(0, APIC_SH_OTHERS | V_OTHERS);
+	check(expect_delivery(V_OTHERS, before, all & ~1u, why, sizeof why), "broadcast all-excluding-self", "%s",
+	      why);
+	snapshot(V_ALL, before);
+	apic_icr_write(0, APIC_SH_ALL | V_ALL);
+	check(expect_delivery(V_ALL, before, all, why, sizeof why), "broadcast all-including-self", "%s", why);
+	/* Physical destination 0xFF (xAPIC) / 0xFFFFFFFF (x2APIC) is a broadcast (SDM 11.6.2.1, 11.12.9). */
+	snapshot(V_PHYS_BCAST, before);
+	apic_icr_write(apic_x2 ? 0xFFFFFFFFu : 0xFF, V_PHYS_BCAST);
+	check(expect_delivery(V_PHYS_BCAST, before, all, why, sizeof why), "physical broadcast destination", "%s",
+	      why);
+}
+
+/* Sends `vector` with logical destination `dest` and checks exactly the CPUs in `expect` took it. */
+static void logical_ipi(const char *what, u32 dest, u32 expect, u32 vector)
+{
+	char why[96];
+	u32 before[MAX_CPUS];
+	snapshot(vector, before);
+	apic_icr_write(dest, APIC_DEST_LOGICAL | vector);
+	check(expect_delivery(vector, before, expect, why, sizeof why), what, "dest %x: %s", dest, why);
+}
+
+static void set_tpr(void *arg) { apic_write(APIC_TPR, (u32)(usize)arg); }
+
+/* Lowest priority (SDM 11.6.2.4): the destination set is every CPU; all but one (the last) run at a higher TPR.
+ * Four vectors are sent. Two arbitration policies are accepted, and the guest reports which one it saw:
+ *  - "tpr": every delivery goes to the lowest-TPR CPU (the SDM's arbitration by priority);
+ *  - "vector hashing": delivery i goes to the (vector mod n)-th CPU of the set, whatever the TPRs (Linux KVM's
+ *    default, module parameter kvm.vector_hashing=1, which the SDM permits as a chipset choice).
+ * Any other pattern (e.g. always the first CPU of the set, as QEMU's TCG APIC does) fails. */
+#define LOWEST_SENDS 4
+static void lowest_priority(u32 logical_all)
+{
+	if (ncpus < 2) {
+		skip("lowest priority", "only %u CPU", ncpus);
+		return;
+	}
+	u32 target = ncpus - 1;
+	bool ok = true;
+	for (u32 c = 1; c < ncpus; c++)
+		ok &= smp_call(c, set_tpr, (void *)(usize)(c == target ? 0x00 : 0x20));
+	apic_write(APIC_TPR, 0x30);
+	check(ok, "lowest priority tpr setup", "an smp_call timed out");
+	u32 singles = 0, by_tpr = 0, by_hash = 0;
+	u32 who[LOWEST_SENDS];
+	for (u32 i = 0; i < LOWEST_SENDS; i++) {
+		u32 v = V_LOWEST + i, before[MAX_CPUS], got = 0;
+		snapshot(v, before);
+		apic_icr_write(logical_all, APIC_DEST_LOGICAL | APIC_DM_LOWEST | v);
+		u64 t0 = rdtsc(), limit = ms_to_tsc(WAIT_MS);
+		while (!got && rdtsc() - t0 < limit)
+			for (u32 c = 0; c < ncpus; c++)
+				got += irq_count[c][v] != before[c];
+		delay_ms(QUIET_MS);
+		got = 0;
+		who[i] = MAX_CPUS;
+		for (u32 c = 0; c < ncpus; c++)
+			if (irq_count[c][v] != before[c]) {
+				got += irq_count[c][v] - before[c];
+				who[i] = c;
+			}
+		singles += got == 1;
+		by_tpr += got == 1 && who[i] == target;
+		by_hash += got == 1 && who[i] == v % ncpus;
+	}
+	check(singles == LOWEST_SENDS, "lowest priority delivers to exactly one cpu", "%u of %u sends did",
+	      singles, LOWEST_SENDS);
+	const char *policy = by_tpr == LOWEST_SENDS ? "tpr" : by_hash == LOWEST_SENDS ? "vector hashing" : NULL;
+	if (policy)
+		printf("INFO: lowest priority arbitration policy: %s\n", policy);
+	check(policy != NULL, "lowest priority follows tpr (or kvm vector hashing) [tcg-apic-gap]",
+	      "receivers %u %u %u %u; lowest-TPR cpu is %u", who[0], who[1], who[2], who[3], target);
+	apic_write(APIC_TPR, 0);
+	for (u32 c = 1; c < ncpus; c++)
+		smp_call(c, set_tpr, (void *)0);
+}
+
+static volatile u32 nmi_count[MAX_CPUS];
+static void nmi_handler(struct irq_frame *f, u32 cpu) { nmi_count[cpu]++; }
+
+static void nmi_ipi(void)
+{
+	if (ncpus < 2) {
+		skip("nmi ipi", "only %u CPU", ncpus);
+		return;
+	}
+	irq_set_handler(2, nmi_handler);
+	u32 ap = ncpus - 1, b = nmi_count[ap];
+	apic_icr_write(cpu_to_apic_id(ap), APIC_DM_NMI);
+	bool ok = wait_ge(&nmi_count[ap], b + 1, WAIT_MS);
+	delay_ms(QUIET_MS);
+	u32 others = 0;
+	for (u32 c = 0; c < ncpus; c++)
+		if (c != ap)
+			others += nmi_count[c];
+	check(ok && nmi_count[ap] == b + 1 && others == 0, sfmt(name, sizeof name, "nmi ipi to cpu %u", ap),
+	      "target took %u NMIs, others %u", nmi_count[ap] - b, others);
+	/* A second one: NMI blocking must have ended with the handler's IRETQ. */
+	apic_icr_write(cpu_to_apic_id(ap), APIC_DM_NMI);
+	check(wait_ge(&nmi_count[ap], b + 2, WAIT_MS), "second nmi after iretq", "target took %u NMIs",
+	      nmi_count[ap] - b);
+}
+
+/* Brings up the APs and runs the checks common to both APIC modes. */
+static bool start_cpus(void)
+{
+	u32 n = smp_start_all();
+	return check(n == ncpus, "all cpus online", "%u of %u", n, ncpus);
+}
+
+static void core_ipi_checks(void)
+{
+	if (ncpus < 2)
+		skip("fixed ipi ping-pong", "only %u CPU", ncpus);
+	else
+		ping_pong();
+	self_ipis();
+	broadcasts();
+}

@@ -1,0 +1,98 @@
+//! The `irqvm` binary end to end: serial on stdout, exit status from the guest's debug-exit,
+//! errors on stderr with status 2.
+
+mod common;
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Runs the binary with `args`, killing it after the harness timeout; (status, stdout, stderr).
+fn irqvm(args: &[&str]) -> (i32, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_irqvm"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn irqvm");
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > common::HARNESS_TIMEOUT {
+            let _ = child.kill();
+            panic!("irqvm {args:?} did not finish");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut out = String::new();
+    let mut err = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    (status.code().unwrap_or(-1), out, err)
+}
+
+#[test]
+fn run_hello_prints_on_stdout_and_exits_with_the_guest_status() {
+    let kernel = common::guest_path("hello");
+    let (status, out, _) = irqvm(&["run", "--kernel", &kernel, "--cpus", "2", "--timeout", "30"]);
+    assert_eq!(status, 1, "{out}");
+    assert!(out.contains("PASS: fw_cfg signature"), "{out}");
+    assert!(out.contains("2 CPU(s)"), "{out}");
+}
+
+#[test]
+fn no_arguments_runs_the_demo() {
+    let (status, out, err) = irqvm(&[]);
+    assert_eq!(status, 1, "{out}{err}");
+    assert!(out.contains("DONE: "), "{out}");
+}
+
+#[test]
+fn unreadable_kernel_is_reported_with_status_2() {
+    let (status, _, err) = irqvm(&["run", "--kernel", "/nonexistent/kernel.elf"]);
+    assert_eq!(status, 2);
+    assert!(
+        err.contains("cannot read kernel /nonexistent/kernel.elf"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unavailable_irqchip_modes_are_refused() {
+    let kernel = common::guest_path("hello");
+    let (status, _, err) = irqvm(&["run", "--kernel", &kernel, "--irqchip", "user"]);
+    assert_eq!(status, 2);
+    assert!(err.contains("possible values: kernel"), "{err}");
+}
+
+#[test]
+fn timeout_gives_status_124() {
+    let dir = std::env::temp_dir().join(format!("irqvm-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("spin.bin");
+    std::fs::write(&path, common::HALT_FOREVER).unwrap();
+    let (status, _, err) = irqvm(&[
+        "run",
+        "--kernel",
+        path.to_str().unwrap(),
+        "--raw-at",
+        "0x100000",
+        "--timeout",
+        "0.3",
+    ]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(status, 124, "{err}");
+}
