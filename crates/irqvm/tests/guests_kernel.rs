@@ -1,5 +1,9 @@
 //! The guest test kernels on the `kernel` irqchip (KVM's in-kernel PIC, IOAPIC and LAPICs), on
 //! 1, 2 and 4 vCPUs: every guest prints PASS/FAIL lines and ends with debug-exit 0.
+//!
+//! Checks a guest tags `[isr-kept]` need a delivered vector to stay in the LAPIC's ISR until its
+//! EOI; KVM's in-kernel LAPIC on this host does not keep it (kvm-facts.md, "KVM's own in-kernel
+//! LAPIC here"), so in kernel mode those checks may fail, and only those.
 
 mod common;
 
@@ -31,20 +35,19 @@ fn hello_reports_cpu_count_and_ram_from_fw_cfg() {
 
 #[test]
 fn smp_boot_brings_every_ap_online() {
-    run_on_1_2_4("smp_boot");
-    for cpus in [2, 4] {
+    for cpus in [1, 2, 4] {
         let run = run_guest("smp_boot", cpus, IrqchipMode::Kernel);
-        assert!(
-            run.output.contains("PASS: all cpus online"),
-            "{}",
-            run.output
-        );
-        for ap in 1..cpus {
+        run.assert_all_passed(&format!("smp_boot on {cpus} vCPU(s)"));
+        if cpus > 1 {
             assert!(
-                run.output.contains(&format!("PASS: cpu {ap} online")),
+                run.output.contains("PASS: all cpus online"),
                 "{}",
                 run.output
             );
+        }
+        for ap in 1..cpus {
+            let line = format!("PASS: cpu {ap} online");
+            assert!(run.output.contains(&line), "{}", run.output);
         }
     }
 }
@@ -55,7 +58,55 @@ fn init_again_passes() {
 }
 
 #[test]
+fn ipi_passes() {
+    run_on_1_2_4("ipi");
+}
+
+#[test]
+fn x2apic_passes() {
+    run_on_1_2_4("x2apic");
+}
+
+#[test]
+fn timer_passes() {
+    run_on_1_2_4("timer");
+}
+
+#[test]
+fn pic_passes() {
+    run_on_1_2_4("pic");
+}
+
+#[test]
+fn storm_passes() {
+    run_on_1_2_4("storm");
+}
+
+#[test]
+fn tpr_passes_except_isr_kept_checks_host_limit_of_kernel_lapic() {
+    for cpus in [1, 2, 4] {
+        let run = run_guest("tpr", cpus, IrqchipMode::Kernel);
+        run.assert_passed_except(&format!("tpr on {cpus} vCPU(s)"), "isr-kept");
+    }
+}
+
+#[test]
+fn ioapic_passes_except_isr_kept_checks_host_limit_of_kernel_lapic() {
+    for cpus in [1, 2, 4] {
+        let run = run_guest("ioapic", cpus, IrqchipMode::Kernel);
+        run.assert_passed_except(&format!("ioapic on {cpus} vCPU(s)"), "isr-kept");
+    }
+}
+
+#[test]
 fn demo_runs_on_four_vcpus() {
     let run = common::run_vm(irqvm::cli::demo_config());
     run.assert_all_passed("demo");
+    for cpu in 0..4 {
+        assert!(
+            run.output.contains(&format!("CPU {cpu} online")),
+            "{}",
+            run.output
+        );
+    }
 }

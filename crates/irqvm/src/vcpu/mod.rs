@@ -261,18 +261,18 @@ enum Step {
 }
 
 /// Everything a vCPU thread owns.
-pub struct VcpuThread {
-    pub fd: VcpuFd,
-    pub chip: Box<dyn VcpuIrqchip>,
-    pub devices: Arc<Devices>,
-    pub shared: Arc<VcpuShared>,
-    pub control: Arc<VmControl>,
+pub(crate) struct VcpuThread {
+    pub(crate) fd: VcpuFd,
+    pub(crate) chip: Box<dyn VcpuIrqchip>,
+    pub(crate) devices: Arc<Devices>,
+    pub(crate) shared: Arc<VcpuShared>,
+    pub(crate) control: Arc<VmControl>,
 }
 
 impl VcpuThread {
     /// The thread body: registers for kicks, runs the loop, records a failure as the VM's
     /// outcome. Returns when the VM stops.
-    pub fn run(mut self) {
+    pub(crate) fn run(mut self) {
         let shared = self.shared.clone();
         let run = self.fd.get_kvm_run();
         // SAFETY: the pointer is into the kvm_run mapping owned by `self.fd`, which lives until
