@@ -6,8 +6,8 @@
 //! * KVM_CAP_X86_USER_SPACE_MSR with reasons INVAL (x2APIC MSRs 0x800-0x8FF, which no filter can
 //!   catch) and FILTER, and an MSR filter denying IA32_APIC_BASE (0x1B) and IA32_TSC_DEADLINE
 //!   (0x6E0) so both exit to the LAPIC model instead of being absorbed by KVM.
-//! * an [`irqchip::vcpu::ApicSystem`] (bus + one inbox per vCPU), the [`platform::Platform`]
-//!   (IOAPIC, PIC, GSI routing), one timer thread ([`timers::VmTimers`]).
+//! * an [`irqchip::chip::PcIrqChip`] (IOAPIC, PIC, GSI routing, APIC bus with one inbox per
+//!   vCPU) wrapped in `platform::Platform`, and one timer thread (`timers::VmTimers`).
 //! * the VM clock: `Nanos` since the VM's epoch. The guest TSC is tied to it: each vCPU's
 //!   IA32_TSC is written at creation to `tsc_hz * (now - epoch)`, so TSC-deadline compares
 //!   against `ClockConfig { tsc_hz, tsc_at_zero: 0 }`; `tsc_hz` is KVM_GET_TSC_KHZ of a probe
@@ -32,7 +32,8 @@ use kvm_ioctls::{
     Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuFd, VmFd,
 };
 
-use irqchip::vcpu::{ApicSystem, ApicSystemConfig, VcpuInterrupts};
+use irqchip::chip::{PcIrqChip, PcIrqChipConfig};
+use irqchip::vcpu::VcpuInterrupts;
 use irqchip::{ClockConfig, Nanos};
 
 use crate::irqchip::{
@@ -95,7 +96,6 @@ pub(crate) struct Shared {
 /// The VM-wide half of the `user` backend.
 pub struct UserIrqchip {
     shared: Arc<Shared>,
-    system: ApicSystem,
     /// The per-vCPU halves not yet handed to their vCPUs.
     unclaimed: Mutex<Vec<Option<VcpuInterrupts>>>,
 }
@@ -116,13 +116,10 @@ impl UserIrqchip {
             tsc_at_zero: tsc.at_zero,
             ..ClockConfig::default()
         };
-        let (system, vcpus) = ApicSystem::new(ApicSystemConfig {
-            vcpus: ctx.vcpus.len(),
-            clock,
-            x2apic: true,
-            directed_eoi: true,
-        });
-        let bus = system.bus().clone();
+        let mut config = PcIrqChipConfig::new(ctx.vcpus.len());
+        config.apic.clock = clock;
+        let (chip, vcpus) = PcIrqChip::new(config);
+        let bus = chip.bus().clone();
         let notifier = Arc::new(notify::Notifier::new(ctx.vcpus.clone(), bus.clone()));
         let timers = {
             let notifier = notifier.clone();
@@ -132,13 +129,12 @@ impl UserIrqchip {
         let shared = Arc::new(Shared {
             clock: vm_clock,
             tsc,
-            platform: platform::Platform::new(bus, notifier.clone()),
+            platform: platform::Platform::new(chip, notifier.clone()),
             notifier,
             timers,
         });
         Ok(Self {
             shared,
-            system,
             unclaimed: Mutex::new(vcpus.into_iter().map(Some).collect()),
         })
     }
@@ -294,9 +290,9 @@ impl UserIrqchip {
         Ok(())
     }
 
-    /// The APIC system (bus, inboxes), for tests and measurements.
-    pub fn apic_system(&self) -> &ApicSystem {
-        &self.system
+    /// The PC interrupt chip (IOAPIC, PIC, routing, APIC bus), for tests and measurements.
+    pub fn pc_chip(&self) -> &PcIrqChip {
+        self.shared.platform.chip()
     }
 }
 

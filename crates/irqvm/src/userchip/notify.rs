@@ -40,18 +40,11 @@ impl Notifier {
         }
     }
 
-    /// Asks vCPU `target` to re-evaluate its local state (its timer expired, INTR rose).
+    /// Asks vCPU `target` to re-evaluate its local state (its APIC timer expired).
     pub fn wake(&self, target: VcpuIndex) {
         if let Some(inbox) = self.bus.sink(target) {
             let how = inbox.post_wakeup();
             self.notify(target, how);
-        }
-    }
-
-    /// [`Self::wake`] for every vCPU.
-    pub fn wake_all(&self) {
-        for target in 0..self.vcpus.len() {
-            self.wake(target);
         }
     }
 }
