@@ -21,13 +21,13 @@
 //! }
 //! ```
 //!
-//! Three backends are planned; only `kernel` exists today:
+//! Three backends are planned; `kernel` and `user` exist:
 //!
 //! * `kernel`: KVM's in-kernel PIC, IOAPIC and LAPICs (KVM_CREATE_IRQCHIP). Device lines go to
 //!   KVM_IRQ_LINE; KVM runs INIT/SIPI itself (APs sit in KVM_MP_STATE_UNINITIALIZED inside
 //!   KVM_RUN until their SIPI) and blocks halted vCPUs inside KVM_RUN, so `before_entry` always
 //!   says `Enter` and no exit is the chip's.
-//! * `user` (next): every controller in userspace, from the pure `irqchip` crate. Its
+//! * `user` ([`crate::userchip`]): every controller in userspace, from the pure `irqchip` crate. Its
 //!   `handle_exit` takes xAPIC MMIO at the vCPU's APIC base (relocatable through IA32_APIC_BASE),
 //!   x2APIC MSRs 0x800-0x8FF (KVM_CAP_X86_USER_SPACE_MSR, exit reason INVAL), the TSC-deadline
 //!   MSR 0x6E0 (MSR filter deny range, reason FILTER), IOAPIC MMIO at 0xFEC00000, HLT (the vCPU

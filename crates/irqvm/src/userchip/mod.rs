@@ -13,7 +13,8 @@
 //!   against `ClockConfig { tsc_hz, tsc_at_zero: 0 }`; `tsc_hz` is KVM_GET_TSC_KHZ of a probe
 //!   vCPU (the frequency KVM gives guests by default).
 //!
-//! Per vCPU ([`vcpu::UserVcpuChip`]): see that module.
+//! Per vCPU (`vcpu::UserVcpuChip`): see the `vcpu` submodule: publish, drain, accept INIT/SIPI,
+//! poll the timer, block or inject, with CR8 kept in step with the TPR.
 
 mod notify;
 mod platform;
