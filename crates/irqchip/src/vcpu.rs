@@ -332,6 +332,11 @@ impl VcpuInterrupts {
         self.extint_pending = false;
     }
 
+    /// True while an NMI waits to be injected (it wakes a vCPU halted with IF=0).
+    pub fn nmi_pending(&self) -> bool {
+        self.nmi_pending
+    }
+
     pub fn smi_pending(&self) -> bool {
         self.smi_pending
     }

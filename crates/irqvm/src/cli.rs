@@ -54,7 +54,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "SIZE", default_value = "128M", value_parser = parse_memory)]
     pub memory: u64,
     /// Interrupt controller implementation.
-    #[arg(long, value_enum, default_value_t = IrqchipMode::Kernel)]
+    #[arg(long, value_enum, default_value_t = IrqchipMode::User)]
     pub irqchip: IrqchipMode,
     /// Load the kernel as a raw binary at this guest-physical address (hex with 0x, or decimal)
     /// and enter it there in 32-bit protected mode.
@@ -128,6 +128,7 @@ pub fn run_config(args: &RunArgs) -> Result<VmConfig, CliError> {
 pub fn demo_config() -> VmConfig {
     let mut cfg = VmConfig::new(DEMO_GUEST.to_vec(), "demo.elf");
     cfg.cpus = DEMO_CPUS;
+    cfg.irqchip = IrqchipMode::User;
     cfg
 }
 
@@ -211,6 +212,7 @@ mod tests {
         let cli = Cli::try_parse_from(["irqvm"]).unwrap();
         assert!(cli.command.is_none());
         assert_eq!(demo_config().cpus, 4);
+        assert_eq!(demo_config().irqchip, IrqchipMode::User);
         assert!(!DEMO_GUEST.is_empty());
     }
 
@@ -241,8 +243,17 @@ mod tests {
     }
 
     #[test]
+    fn run_defaults_to_the_user_irqchip() {
+        let cli = Cli::try_parse_from(["irqvm", "run", "--kernel", "k.elf"]).unwrap();
+        let Some(Command::Run(args)) = cli.command else {
+            panic!("not run");
+        };
+        assert_eq!(args.irqchip, IrqchipMode::User);
+    }
+
+    #[test]
     fn only_working_irqchip_modes_are_offered() {
-        for mode in ["user", "split", "bogus"] {
+        for mode in ["split", "bogus"] {
             let r = Cli::try_parse_from(["irqvm", "run", "--kernel", "k", "--irqchip", mode]);
             assert!(r.is_err(), "{mode} accepted");
         }

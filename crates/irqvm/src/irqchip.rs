@@ -21,13 +21,13 @@
 //! }
 //! ```
 //!
-//! Three backends are planned; only `kernel` exists today:
+//! Three backends are planned; `kernel` and `user` exist:
 //!
 //! * `kernel`: KVM's in-kernel PIC, IOAPIC and LAPICs (KVM_CREATE_IRQCHIP). Device lines go to
 //!   KVM_IRQ_LINE; KVM runs INIT/SIPI itself (APs sit in KVM_MP_STATE_UNINITIALIZED inside
 //!   KVM_RUN until their SIPI) and blocks halted vCPUs inside KVM_RUN, so `before_entry` always
 //!   says `Enter` and no exit is the chip's.
-//! * `user` (next): every controller in userspace, from the pure `irqchip` crate. Its
+//! * `user` ([`crate::userchip`]): every controller in userspace, from the pure `irqchip` crate. Its
 //!   `handle_exit` takes xAPIC MMIO at the vCPU's APIC base (relocatable through IA32_APIC_BASE),
 //!   x2APIC MSRs 0x800-0x8FF (KVM_CAP_X86_USER_SPACE_MSR, exit reason INVAL), the TSC-deadline
 //!   MSR 0x6E0 (MSR filter deny range, reason FILTER), IOAPIC MMIO at 0xFEC00000, HLT (the vCPU
@@ -63,6 +63,8 @@ pub enum IrqchipMode {
     /// KVM's in-kernel PIC, IOAPIC and local APICs.
     #[default]
     Kernel,
+    /// Every interrupt controller in userspace (the `irqchip` crate); see [`crate::userchip`].
+    User,
 }
 
 /// Errors from an interrupt-controller backend.
@@ -70,6 +72,8 @@ pub enum IrqchipMode {
 pub enum IrqchipError {
     #[error(transparent)]
     Kvm(#[from] KvmError),
+    #[error("user irqchip: {0}")]
+    User(String),
     #[error("interrupt line {0} does not exist (lines are 0-{max})", max = IRQ_LINES - 1)]
     NoSuchLine(u32),
 }
@@ -122,6 +126,16 @@ pub enum EntryDecision {
 /// The KVM exits a backend may claim. Read exits carry the buffer the answer goes into.
 #[derive(Debug)]
 pub enum ChipExit<'a> {
+    /// A guest `in` (the PIC's ports in `user` mode).
+    PioRead {
+        port: u16,
+        data: &'a mut [u8],
+    },
+    /// A guest `out`.
+    PioWrite {
+        port: u16,
+        data: &'a [u8],
+    },
     MmioRead {
         addr: u64,
         data: &'a mut [u8],
@@ -223,6 +237,7 @@ pub fn create_irqchip(
 ) -> Result<Arc<dyn Irqchip>, IrqchipError> {
     match mode {
         IrqchipMode::Kernel => Ok(Arc::new(KernelIrqchip::new(ctx.kvm, ctx.vm)?)),
+        IrqchipMode::User => Ok(Arc::new(crate::userchip::UserIrqchip::new(ctx)?)),
     }
 }
 

@@ -9,6 +9,7 @@
 //! | [`cpuid`] | the CPUID table each vCPU sees |
 //! | [`devices`] | serial, isa-debug-exit, fw_cfg, pc-testdev interrupt lines |
 //! | [`irqchip`] | the interface to interrupt-controller backends, and the `kernel` backend |
+//! | [`userchip`] | the `user` irqchip backend: every interrupt controller in userspace |
 //! | [`vcpu`] | the vCPU threads, their run loop and the kick |
 //! | [`vm`] | building and running a VM |
 //! | [`cli`] | the `irqvm` command line |
@@ -20,6 +21,7 @@ pub mod irqchip;
 pub mod kvm;
 pub mod loader;
 pub mod memory;
+pub mod userchip;
 pub mod vcpu;
 pub mod vm;
 

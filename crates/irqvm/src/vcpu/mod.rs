@@ -349,10 +349,18 @@ fn handle_exit(
     match exit {
         VcpuExit::IoIn(port, data) => {
             bump(&stats.pio_exits);
-            devices.pio_read(port, data);
+            let mut exit = ChipExit::PioRead { port, data };
+            if chip.handle_exit(&mut exit)? == ExitHandled::NotMine {
+                if let ChipExit::PioRead { data, .. } = exit {
+                    devices.pio_read(port, data);
+                }
+            }
         }
         VcpuExit::IoOut(port, data) => {
             bump(&stats.pio_exits);
+            if chip.handle_exit(&mut ChipExit::PioWrite { port, data })? == ExitHandled::Handled {
+                return Ok(Step::Continue);
+            }
             if let PioAction::Exit(status) = devices.pio_write(port, data) {
                 return Ok(Step::Finish(GuestExit::DebugExit { status }));
             }
@@ -421,6 +429,8 @@ fn handle_exit(
             chip.handle_exit(&mut ChipExit::IoapicEoi { vector })?;
         }
         VcpuExit::Intr => bump(&stats.other_exits),
+        // The guest lowered CR8 without an in-kernel LAPIC: `after_exit` syncs the TPR.
+        VcpuExit::SetTpr => bump(&stats.other_exits),
         VcpuExit::Shutdown => return Ok(Step::Finish(GuestExit::Shutdown)),
         VcpuExit::SystemEvent(kind, _) => return Ok(Step::Finish(GuestExit::SystemEvent { kind })),
         VcpuExit::InternalError => return Ok(Step::InternalError),

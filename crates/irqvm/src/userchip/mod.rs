@@ -1,0 +1,312 @@
+//! The `user` irqchip backend: every interrupt controller in userspace, from the pure `irqchip`
+//! crate. KVM gets no irqchip at all (no KVM_CREATE_IRQCHIP); the VMM sees the guest's APIC
+//! accesses as exits and injects with KVM_INTERRUPT / KVM_NMI.
+//!
+//! VM-wide ([`UserIrqchip`]):
+//! * KVM_CAP_X86_USER_SPACE_MSR with reasons INVAL (x2APIC MSRs 0x800-0x8FF, which no filter can
+//!   catch) and FILTER, and an MSR filter denying IA32_APIC_BASE (0x1B) and IA32_TSC_DEADLINE
+//!   (0x6E0) so both exit to the LAPIC model instead of being absorbed by KVM.
+//! * an [`irqchip::chip::PcIrqChip`] (IOAPIC, PIC, GSI routing, APIC bus with one inbox per
+//!   vCPU) wrapped in `platform::Platform`, and one timer thread (`timers::VmTimers`).
+//! * the VM clock: `Nanos` since the VM's epoch. The guest TSC is tied to it: each vCPU's
+//!   IA32_TSC is written at creation to `tsc_hz * (now - epoch)`, so TSC-deadline compares
+//!   against `ClockConfig { tsc_hz, tsc_at_zero: 0 }`; `tsc_hz` is KVM_GET_TSC_KHZ of a probe
+//!   vCPU (the frequency KVM gives guests by default).
+//!
+//! Per vCPU (`vcpu::UserVcpuChip`): see the `vcpu` submodule: publish, drain, accept INIT/SIPI,
+//! poll the timer, block or inject, with CR8 kept in step with the TPR.
+
+mod notify;
+mod platform;
+mod reset;
+mod timers;
+mod vcpu;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{
+    kvm_enable_cap, KVM_CAP_X86_USER_SPACE_MSR, KVM_MSR_EXIT_REASON_FILTER,
+    KVM_MSR_EXIT_REASON_INVAL,
+};
+use kvm_ioctls::{
+    Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuFd, VmFd,
+};
+
+use irqchip::chip::{PcIrqChip, PcIrqChipConfig};
+use irqchip::vcpu::VcpuInterrupts;
+use irqchip::{ClockConfig, Nanos};
+
+use crate::irqchip::{
+    ChipContext, ChipFeatures, InterruptLines, Irqchip, IrqchipError, IrqchipMode, VcpuIrqchip,
+    IRQ_LINES,
+};
+use crate::kvm::{require_cap, KvmError};
+
+pub use platform::{IOAPIC_BASE, IOAPIC_SIZE};
+
+/// IA32_APIC_BASE.
+pub const MSR_APIC_BASE: u32 = 0x1B;
+/// IA32_TSC_DEADLINE.
+pub const MSR_TSC_DEADLINE: u32 = 0x6E0;
+/// IA32_TIME_STAMP_COUNTER.
+const MSR_TSC: u32 = 0x10;
+/// The x2APIC register MSRs (SDM vol. 3 §11.12.1.2).
+pub const X2APIC_MSRS: std::ops::RangeInclusive<u32> = 0x800..=0x8FF;
+
+/// True for the MSRs the local APIC model owns.
+pub fn is_apic_msr(index: u32) -> bool {
+    index == MSR_APIC_BASE || index == MSR_TSC_DEADLINE || X2APIC_MSRS.contains(&index)
+}
+
+/// The VM clock: `Nanos` since the VM's epoch.
+#[derive(Clone, Copy, Debug)]
+pub struct VmClock {
+    epoch: Instant,
+}
+
+impl VmClock {
+    pub fn new(epoch: Instant) -> Self {
+        Self { epoch }
+    }
+
+    pub fn now(&self) -> Nanos {
+        self.to_nanos(Instant::now())
+    }
+
+    pub fn to_nanos(&self, t: Instant) -> Nanos {
+        u64::try_from(t.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    pub fn to_instant(&self, n: Nanos) -> Instant {
+        self.epoch
+            .checked_add(Duration::from_nanos(n))
+            .unwrap_or_else(|| self.epoch + Duration::from_secs(1 << 32))
+    }
+}
+
+/// What every vCPU half shares.
+pub(crate) struct Shared {
+    pub clock: VmClock,
+    tsc: TscProbe,
+    pub platform: platform::Platform,
+    pub notifier: Arc<notify::Notifier>,
+    pub timers: timers::VmTimers,
+}
+
+/// The VM-wide half of the `user` backend.
+pub struct UserIrqchip {
+    shared: Arc<Shared>,
+    /// The per-vCPU halves not yet handed to their vCPUs.
+    unclaimed: Mutex<Vec<Option<VcpuInterrupts>>>,
+}
+
+impl UserIrqchip {
+    pub fn new(ctx: ChipContext<'_>) -> Result<Self, IrqchipError> {
+        enable_msr_exits(ctx.kvm, &ctx.vm)?;
+        let vm_clock = VmClock::new(ctx.epoch);
+        let tsc = probe_tsc(ctx.kvm, &vm_clock)?;
+        tracing::debug!(
+            hz = tsc.hz,
+            writable = tsc.writable,
+            at_zero = tsc.at_zero,
+            "guest TSC"
+        );
+        let clock = ClockConfig {
+            tsc_hz: tsc.hz,
+            tsc_at_zero: tsc.at_zero,
+            ..ClockConfig::default()
+        };
+        let mut config = PcIrqChipConfig::new(ctx.vcpus.len());
+        config.apic.clock = clock;
+        let (chip, vcpus) = PcIrqChip::new(config);
+        let bus = chip.bus().clone();
+        let notifier = Arc::new(notify::Notifier::new(ctx.vcpus.clone(), bus.clone()));
+        let timers = {
+            let notifier = notifier.clone();
+            timers::VmTimers::start(ctx.vcpus.len(), Box::new(move |i| notifier.wake(i)))
+                .map_err(|e| IrqchipError::User(format!("cannot start the timer thread: {e}")))?
+        };
+        let shared = Arc::new(Shared {
+            clock: vm_clock,
+            tsc,
+            platform: platform::Platform::new(chip, notifier.clone()),
+            notifier,
+            timers,
+        });
+        Ok(Self {
+            shared,
+            unclaimed: Mutex::new(vcpus.into_iter().map(Some).collect()),
+        })
+    }
+}
+
+/// KVM_CAP_X86_USER_SPACE_MSR (INVAL | FILTER) and the filter that sends 0x1B and 0x6E0 out.
+fn enable_msr_exits(kvm: &Kvm, vm: &VmFd) -> Result<(), KvmError> {
+    require_cap(kvm, Cap::X86UserSpaceMsr, "KVM_CAP_X86_USER_SPACE_MSR")?;
+    require_cap(kvm, Cap::X86MsrFilter, "KVM_CAP_X86_MSR_FILTER")?;
+    let mut cap = kvm_enable_cap {
+        cap: KVM_CAP_X86_USER_SPACE_MSR,
+        ..Default::default()
+    };
+    cap.args[0] = u64::from(KVM_MSR_EXIT_REASON_INVAL | KVM_MSR_EXIT_REASON_FILTER);
+    vm.enable_cap(&cap)
+        .map_err(KvmError::ioctl("KVM_ENABLE_CAP(X86_USER_SPACE_MSR)"))?;
+    // A 0 bit denies: one single-MSR range per MSR the LAPIC model owns.
+    let deny = [0u8];
+    let ranges = [MSR_APIC_BASE, MSR_TSC_DEADLINE].map(|base| MsrFilterRange {
+        flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
+        base,
+        msr_count: 1,
+        bitmap: &deny,
+    });
+    vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges)
+        .map_err(KvmError::ioctl("KVM_X86_SET_MSR_FILTER"))?;
+    Ok(())
+}
+
+/// The guest TSC as the VM clock sees it, learnt from a throw-away VM's vCPU (the real VM has no
+/// vCPU yet when the APIC system is built): its frequency (KVM_GET_TSC_KHZ) and whether KVM
+/// honours host writes of IA32_TSC. Where it does, every vCPU's TSC is written at creation to
+/// `tsc_hz * (now - epoch)` (`tsc_at_zero` = 0). Where it does not (kvm_pvm runs guests on the
+/// host TSC and ignores the write), `tsc_at_zero` is the guest TSC measured at the epoch.
+struct TscProbe {
+    hz: u64,
+    writable: bool,
+    at_zero: u64,
+}
+
+fn probe_tsc(kvm: &Kvm, clock: &VmClock) -> Result<TscProbe, KvmError> {
+    let vm = kvm.create_vm().map_err(KvmError::ioctl("KVM_CREATE_VM"))?;
+    let vcpu = vm
+        .create_vcpu(0)
+        .map_err(KvmError::ioctl("KVM_CREATE_VCPU"))?;
+    let khz = vcpu
+        .get_tsc_khz()
+        .map_err(KvmError::ioctl("KVM_GET_TSC_KHZ"))?;
+    let hz = u64::from(khz) * 1000;
+    // Write a value far from anything the TSC could hold by itself, read it back.
+    const MARKER: u64 = 1 << 20;
+    write_tsc(&vcpu, MARKER)?;
+    let back = read_tsc(&vcpu)?;
+    let writable = back.wrapping_sub(MARKER) < hz; // within one second of the write
+    let at_zero = if writable {
+        0
+    } else {
+        let now = clock.now();
+        read_tsc(&vcpu)?.wrapping_sub(tsc_ticks(now, hz))
+    };
+    Ok(TscProbe {
+        hz,
+        writable,
+        at_zero,
+    })
+}
+
+/// TSC ticks in `ns` nanoseconds at `hz`.
+fn tsc_ticks(ns: Nanos, hz: u64) -> u64 {
+    (u128::from(ns) * u128::from(hz) / 1_000_000_000) as u64
+}
+
+fn tsc_msr(value: u64) -> Result<kvm_bindings::Msrs, KvmError> {
+    kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+        index: MSR_TSC,
+        data: value,
+        ..Default::default()
+    }])
+    .map_err(|_| KvmError::MissingCap("an MSR list"))
+}
+
+fn write_tsc(vcpu: &VcpuFd, value: u64) -> Result<(), KvmError> {
+    vcpu.set_msrs(&tsc_msr(value)?)
+        .map_err(KvmError::ioctl("KVM_SET_MSRS(IA32_TSC)"))?;
+    Ok(())
+}
+
+fn read_tsc(vcpu: &VcpuFd) -> Result<u64, KvmError> {
+    let mut msrs = tsc_msr(0)?;
+    vcpu.get_msrs(&mut msrs)
+        .map_err(KvmError::ioctl("KVM_GET_MSRS(IA32_TSC)"))?;
+    Ok(msrs.as_slice().first().map_or(0, |e| e.data))
+}
+
+impl InterruptLines for UserIrqchip {
+    fn set_line(&self, line: u32, level: bool) -> Result<(), IrqchipError> {
+        if line >= IRQ_LINES {
+            return Err(IrqchipError::NoSuchLine(line));
+        }
+        self.shared.platform.set_gsi(line, level);
+        Ok(())
+    }
+}
+
+impl Irqchip for UserIrqchip {
+    fn mode(&self) -> IrqchipMode {
+        IrqchipMode::User
+    }
+
+    fn features(&self) -> ChipFeatures {
+        ChipFeatures {
+            x2apic: true,
+            tsc_deadline: true,
+        }
+    }
+
+    /// Hands out vCPU `index`'s `VcpuInterrupts` and sets its TSC on the VM clock.
+    fn create_vcpu_chip(
+        &self,
+        index: usize,
+        vcpu: &VcpuFd,
+    ) -> Result<Box<dyn VcpuIrqchip>, IrqchipError> {
+        let interrupts = self
+            .unclaimed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get_mut(index)
+            .and_then(Option::take)
+            .ok_or_else(|| IrqchipError::User(format!("vCPU {index} created twice")))?;
+        self.set_guest_tsc(vcpu)?;
+        let signature = processor_signature(vcpu);
+        Ok(Box::new(vcpu::UserVcpuChip::new(
+            interrupts,
+            self.shared.clone(),
+            signature,
+        )))
+    }
+
+    fn wake_vcpu(&self, index: usize) {
+        self.shared.notifier.ring(index);
+    }
+}
+
+impl UserIrqchip {
+    /// IA32_TSC = tsc_hz * (now - epoch): the relation `ClockConfig` assumes (see
+    /// [`TscProbe`]). KVM matches later vCPUs' writes to the first one's offset, so all vCPUs
+    /// share one TSC.
+    fn set_guest_tsc(&self, vcpu: &VcpuFd) -> Result<(), KvmError> {
+        let tsc = &self.shared.tsc;
+        if tsc.writable {
+            write_tsc(vcpu, tsc_ticks(self.shared.clock.now(), tsc.hz))?;
+        }
+        Ok(())
+    }
+
+    /// The PC interrupt chip (IOAPIC, PIC, routing, APIC bus), for tests and measurements.
+    pub fn pc_chip(&self) -> &PcIrqChip {
+        self.shared.platform.chip()
+    }
+}
+
+/// CPUID.1:EAX of the vCPU (the RDX value after INIT), or the crate's default.
+fn processor_signature(vcpu: &VcpuFd) -> u32 {
+    vcpu.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .ok()
+        .and_then(|cpuid| {
+            cpuid
+                .as_slice()
+                .iter()
+                .find(|e| e.function == 1)
+                .map(|e| e.eax)
+        })
+        .unwrap_or(irqchip::mpstate::DEFAULT_PROCESSOR_SIGNATURE)
+}

@@ -1,0 +1,194 @@
+//! The guest test kernels on the `user` irqchip (every interrupt controller in userspace, from
+//! the `irqchip` crate), on 1, 2 and 4 vCPUs. Checks the guests tag as host-limited in kernel
+//! mode ([isr-kept], [tcg-apic-gap]: limits of KVM's in-kernel LAPIC here) must PASS here.
+
+mod common;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use common::{guest_path, run_guest, GuestRun, HARNESS_TIMEOUT, VM_TIMEOUT};
+use irqvm::devices::{SerialCapture, SerialOutput};
+use irqvm::irqchip::IrqchipMode;
+use irqvm::vcpu::VcpuState;
+use irqvm::vm::{Vm, VmConfig};
+
+const MODE: IrqchipMode = IrqchipMode::User;
+
+/// One guest VM at a time: the guests time themselves with the TSC (a 1 ms APIC count must
+/// still be running at the next register read), and a dozen VMs on 2 shared cores would starve
+/// their vCPU threads for milliseconds.
+static ONE_VM_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn exclusive() -> MutexGuard<'static, ()> {
+    ONE_VM_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn run_on_1_2_4(name: &str) -> Vec<GuestRun> {
+    [1, 2, 4]
+        .into_iter()
+        .map(|cpus| {
+            let _one = exclusive();
+            let run = run_guest(name, cpus, MODE);
+            run.assert_all_passed(&format!("{name} on {cpus} vCPU(s), user irqchip"));
+            run
+        })
+        .collect()
+}
+
+/// Every line `PASS: ... [tag]` the guests print for `tag` is there, and no such check failed.
+fn assert_tagged_checks_pass(run: &GuestRun, tag: &str, at_least: usize) {
+    let passed = run
+        .output
+        .lines()
+        .filter(|l| l.starts_with("PASS: ") && l.contains(tag))
+        .count();
+    assert!(
+        passed >= at_least,
+        "expected {at_least} passing {tag} checks:\n{}",
+        run.output
+    );
+}
+
+#[test]
+fn hello_passes() {
+    run_on_1_2_4("hello");
+}
+
+#[test]
+fn smp_boot_brings_every_ap_online() {
+    for run in run_on_1_2_4("smp_boot").iter().skip(1) {
+        assert!(
+            run.output.contains("PASS: all cpus online"),
+            "{}",
+            run.output
+        );
+    }
+}
+
+#[test]
+fn init_again_passes() {
+    run_on_1_2_4("init_again");
+}
+
+#[test]
+fn ipi_passes_including_tcg_apic_gap_checks() {
+    let runs = run_on_1_2_4("ipi");
+    for run in runs.iter().skip(1) {
+        assert_tagged_checks_pass(run, "[tcg-apic-gap]", 1);
+    }
+}
+
+#[test]
+fn x2apic_passes() {
+    run_on_1_2_4("x2apic");
+}
+
+#[test]
+fn timer_passes() {
+    run_on_1_2_4("timer");
+}
+
+#[test]
+fn tpr_passes_including_isr_kept_checks() {
+    for run in run_on_1_2_4("tpr") {
+        assert_tagged_checks_pass(&run, "[isr-kept]", 4);
+    }
+}
+
+#[test]
+fn ioapic_passes_including_isr_kept_checks() {
+    for run in run_on_1_2_4("ioapic") {
+        assert_tagged_checks_pass(&run, "[isr-kept]", 2);
+    }
+}
+
+#[test]
+fn pic_passes() {
+    run_on_1_2_4("pic");
+}
+
+#[test]
+fn storm_passes() {
+    run_on_1_2_4("storm");
+}
+
+#[test]
+fn demo_passes() {
+    run_on_1_2_4("demo");
+}
+
+/// The storm guest while a host thread pulses IOAPIC lines 10 and 11 from "STORM: start" to
+/// "STORM: end": every IPI sent is received exactly once, every device interrupt the guest
+/// counted was raised (edges may merge in IRR, so the guest sees at most what was pulsed), and
+/// the guest's own pulses all arrive.
+#[test]
+fn storm_with_host_device_lines_counts_exactly() {
+    for cpus in [2, 4] {
+        let _one = exclusive();
+        let capture = SerialCapture::new();
+        let kernel = std::fs::read(guest_path("storm")).unwrap();
+        let mut cfg = VmConfig::new(kernel, "storm.elf");
+        cfg.cpus = cpus;
+        cfg.irqchip = MODE;
+        cfg.serial = SerialOutput::Capture(capture.clone());
+        let host_pulses = Arc::new(AtomicU32::new(0));
+        let (tx, rx) = mpsc::channel();
+        {
+            let (capture, host_pulses) = (capture.clone(), host_pulses.clone());
+            std::thread::spawn(move || {
+                let vm = Vm::new(&cfg).unwrap().start().unwrap();
+                std::thread::scope(|s| {
+                    s.spawn(|| pulse_during_storm(&vm, &capture, &host_pulses));
+                });
+                let _ = tx.send(vm.wait(Some(VM_TIMEOUT)));
+            });
+        }
+        let result = rx.recv_timeout(HARNESS_TIMEOUT).expect("VM did not stop");
+        let run = GuestRun {
+            result,
+            output: capture.text(),
+        };
+        run.assert_all_passed(&format!("storm with host lines on {cpus} vCPUs"));
+        let line = run
+            .output
+            .lines()
+            .find(|l| l.starts_with("COUNT: ipi_sent="))
+            .unwrap_or_else(|| panic!("no COUNT line:\n{}", run.output));
+        let field = |name: &str| -> u32 {
+            let v = line.split(&format!("{name}=")).nth(1).unwrap();
+            v.split_whitespace().next().unwrap().parse().unwrap()
+        };
+        let (sent, received, dev) = (field("ipi_sent"), field("ipi_received"), field("dev"));
+        assert_eq!(sent, 200 * cpus, "{}", run.output);
+        assert_eq!(sent, received, "{}", run.output);
+        let pulsed = host_pulses.load(Ordering::SeqCst);
+        assert!(pulsed > 0, "the host never pulsed:\n{}", run.output);
+        assert!(
+            (20..=20 + pulsed).contains(&dev),
+            "dev={dev}, guest pulses 20, host pulses {pulsed}:\n{}",
+            run.output
+        );
+    }
+}
+
+/// Pulses lines 10 and 11 between the guest's STORM markers (bounded by the VM timeout and the
+/// VM's end).
+fn pulse_during_storm(vm: &irqvm::vm::RunningVm, capture: &SerialCapture, count: &AtomicU32) {
+    let start = Instant::now();
+    let vm_over = || start.elapsed() > VM_TIMEOUT || vm.vcpu(0).state() == VcpuState::Stopped;
+    while !capture.text().contains("STORM: start") {
+        if vm_over() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut line = 10;
+    while !capture.text().contains("STORM: end") && !vm_over() {
+        vm.irqchip().pulse_line(line).unwrap();
+        count.fetch_add(1, Ordering::SeqCst);
+        line = if line == 10 { 11 } else { 10 };
+        std::thread::sleep(Duration::from_micros(500));
+    }
+}
