@@ -1245,7 +1245,7 @@ impl Ledger {
                 let blocked = self
                     .pending
                     .highest()
-                    .map_or(true, |v| v >> 4 <= ppr_before >> 4);
+                    .is_none_or(|v| v >> 4 <= ppr_before >> 4);
                 prop_assert!(blocked, "a deliverable vector was not acknowledged");
             }
         }

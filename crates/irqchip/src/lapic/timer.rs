@@ -936,7 +936,7 @@ mod tests {
                     Op::Poll => {
                         let due = matches!(before, Some(d) if d <= now);
                         prop_assert_eq!(t.poll(now), due);
-                        prop_assert!(t.next_deadline().map_or(true, |d| d > now));
+                        prop_assert!(t.next_deadline().is_none_or(|d| d > now));
                     }
                     Op::Rebase(to) => {
                         // A new timeline starting at `to`; time stays monotonic within it.
