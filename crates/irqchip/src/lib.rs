@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bus;
+pub mod chip;
 pub mod ioapic;
 pub mod lapic;
 pub mod mpstate;
@@ -18,6 +19,7 @@ pub mod msi;
 pub mod pic;
 pub mod posting;
 pub mod routing;
+pub mod snapshot;
 pub mod sync;
 pub mod types;
 pub mod vcpu;

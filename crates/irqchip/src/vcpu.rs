@@ -17,13 +17,32 @@
 //!    thread may sleep, and [`VcpuInterrupts::block`] sleeps without losing a wake-up.
 //!
 //! Other threads never touch a `VcpuInterrupts`: they post through the bus or an inbox.
+//!
+//! # Who takes the 8259's INTR
+//!
+//! Each vCPU publishes, in an atomic flag of the [`ApicSystem`], whether its local APIC would
+//! take an interrupt from the 8259 PIC now ([`LocalApic::accepts_pic_interrupts`]: LINT0
+//! unmasked in ExtINT mode, or the APIC globally disabled). The flag is republished after every
+//! guest access to the APIC, every INIT and every restore. When the PIC's INTR output rises, the
+//! chip wakes (or kicks) exactly the vCPUs whose flag is set ([`ApicSystem::wake_pic_acceptors`]).
+//! No wake-up can be lost: the flag changes only on the vCPU's own thread while it runs guest
+//! code, and a running vCPU reads INTR before every entry; a vCPU that blocks reads INTR in
+//! [`VcpuInterrupts::should_block`] after its flag was published, and the wake-up post makes its
+//! [`VcpuInterrupts::block`] return.
+//!
+//! # Snapshots
+//!
+//! [`VcpuInterrupts::save`] and [`VcpuInterrupts::restore`] run on the vCPU's own thread, with
+//! the VM paused (no device or vCPU posting). See the `snapshot` module for the format.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::bus::ApicBus;
 use crate::lapic::{LapicConfig, LapicEffect, LocalApic};
 use crate::mpstate::{AcceptOutcome, InitBlocking, MpState, MpStateMachine, SipiDelivery};
 use crate::posting::{Posted, VcpuInbox};
+use crate::snapshot::{PendingEvents, SnapshotError, VcpuSnapshot};
 use crate::types::{
     ApicId, ClockConfig, EoiMessage, GuestFault, InterruptMessage, Nanos, Notify, TopologyEntry,
     VcpuIndex, Vector,
@@ -43,9 +62,15 @@ pub struct ApicSystemConfig {
     pub directed_eoi: bool,
 }
 
+/// One flag per vCPU: "my local APIC takes interrupts from the 8259 PIC now". Written by the
+/// vCPU's thread, read by whoever raises the PIC's INTR (see the module documentation).
+type PicAcceptors = Arc<[AtomicBool]>;
+
 /// The VM-wide part: the bus and the inboxes, shared by every thread.
 pub struct ApicSystem {
+    config: ApicSystemConfig,
     bus: Arc<VmBus>,
+    pic_acceptors: PicAcceptors,
 }
 
 impl ApicSystem {
@@ -60,13 +85,74 @@ impl ApicSystem {
             .collect();
         let topology = lapics.iter().map(LocalApic::topology).collect();
         let bus = Arc::new(ApicBus::with_topology(inboxes.clone(), topology));
+        let pic_acceptors: PicAcceptors = lapics
+            .iter()
+            .map(|lapic| AtomicBool::new(lapic.accepts_pic_interrupts()))
+            .collect();
         let vcpus = lapics
             .into_iter()
             .zip(inboxes)
             .enumerate()
-            .map(|(index, (lapic, inbox))| VcpuInterrupts::new(index, lapic, inbox, bus.clone()))
+            .map(|(index, (lapic, inbox))| VcpuInterrupts {
+                index,
+                lapic,
+                mp: MpStateMachine::new(index == 0),
+                inbox,
+                bus: bus.clone(),
+                pic_acceptors: pic_acceptors.clone(),
+                nmi_pending: false,
+                smi_pending: false,
+                extint_pending: false,
+                published_topology: TopologyEntry::default(),
+            })
+            .map(|mut cpu| {
+                cpu.publish_all();
+                cpu
+            })
             .collect();
-        (Self { bus }, vcpus)
+        let system = Self {
+            config,
+            bus,
+            pic_acceptors,
+        };
+        (system, vcpus)
+    }
+
+    pub fn config(&self) -> ApicSystemConfig {
+        self.config
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpus(&self) -> usize {
+        self.config.vcpus
+    }
+
+    /// The static configuration of vCPU `index`'s local APIC (`None` past the last vCPU).
+    pub fn lapic_config(&self, index: VcpuIndex) -> Option<LapicConfig> {
+        (index < self.config.vcpus).then(|| lapic_config(&self.config, index))
+    }
+
+    /// Whether vCPU `index` last published that it takes interrupts from the 8259 PIC.
+    pub fn accepts_pic_interrupts(&self, index: VcpuIndex) -> bool {
+        self.pic_acceptors
+            .get(index)
+            .is_some_and(|flag| flag.load(Ordering::SeqCst))
+    }
+
+    /// The 8259's INTR output rose: posts a wake-up to every vCPU that would take it and
+    /// reports the kicks/wakes the posts ask for. Returns how many vCPUs were told.
+    pub fn wake_pic_acceptors(&self, notify: &mut dyn FnMut(VcpuIndex, Notify)) -> usize {
+        let mut told = 0;
+        for index in (0..self.bus.len()).filter(|&i| self.accepts_pic_interrupts(i)) {
+            if let Some(inbox) = self.bus.sink(index) {
+                told += 1;
+                let how = inbox.post_wakeup();
+                if how != Notify::None {
+                    notify(index, how);
+                }
+            }
+        }
+        told
     }
 
     /// The bus, for devices (IOAPIC, MSIs) and other threads.
@@ -125,23 +211,18 @@ pub struct VcpuInterrupts {
     smi_pending: bool,
     extint_pending: bool,
     published_topology: TopologyEntry,
+    pic_acceptors: PicAcceptors,
 }
 
 impl VcpuInterrupts {
-    fn new(index: VcpuIndex, lapic: LocalApic, inbox: Arc<VcpuInbox>, bus: Arc<VmBus>) -> Self {
-        let published_topology = lapic.topology();
-        inbox.publish_ppr(lapic.ppr());
-        Self {
-            index,
-            mp: MpStateMachine::new(index == 0),
-            lapic,
-            inbox,
-            bus,
-            nmi_pending: false,
-            smi_pending: false,
-            extint_pending: false,
-            published_topology,
-        }
+    /// Publishes everything other threads read about this vCPU (topology, PPR, PIC acceptance),
+    /// unconditionally: at creation and after a restore.
+    fn publish_all(&mut self) {
+        self.published_topology = self.lapic.topology();
+        self.bus
+            .update_topology(self.index, self.published_topology);
+        self.publish_priority();
+        self.publish_pic_acceptance();
     }
 
     pub fn index(&self) -> VcpuIndex {
@@ -214,6 +295,7 @@ impl VcpuInterrupts {
             self.extint_pending = false;
             self.publish_topology();
             self.publish_priority();
+            self.publish_pic_acceptance();
         }
         outcome
     }
@@ -393,6 +475,7 @@ impl VcpuInterrupts {
         // priority lowest-priority arbitration sees. Both republish only on a real change.
         self.publish_topology();
         self.publish_priority();
+        self.publish_pic_acceptance();
         result
     }
 
@@ -419,5 +502,67 @@ impl VcpuInterrupts {
 
     fn publish_priority(&self) {
         self.inbox.publish_ppr(self.lapic.ppr());
+    }
+
+    /// SeqCst: pairs with the load in [`ApicSystem::wake_pic_acceptors`] (module documentation).
+    fn publish_pic_acceptance(&self) {
+        if let Some(flag) = self.pic_acceptors.get(self.index) {
+            flag.store(self.lapic.accepts_pic_interrupts(), Ordering::SeqCst);
+        }
+    }
+
+    // ---- snapshots ----
+
+    /// The guest TSC at `now` as this vCPU's APIC timer sees it (after a restore, the VMM sets
+    /// the vCPU's real TSC to this value).
+    pub fn guest_tsc(&self, now: Nanos) -> u64 {
+        self.lapic.timer().guest_tsc(now)
+    }
+
+    /// Saves this vCPU's interrupt state at `now`, on its own thread, with the VM paused.
+    ///
+    /// The inbox is drained into the state first (vectors into IRR/TMR, INIT/SIPI into the MP
+    /// latch, NMI/SMI/ExtINT into the pending flags), exactly as the next drain would have done,
+    /// so a posted interrupt is in the snapshot once and nowhere else. The local APIC is stored
+    /// on the snapshot's own timeline, where the save instant is time 0: its timer holds the
+    /// time left, not absolute times (see `snapshot`).
+    pub fn save(&mut self, now: Nanos) -> VcpuSnapshot {
+        self.drain();
+        let mut lapic = self.lapic.clone();
+        lapic.rebase_timeline(now, 0);
+        VcpuSnapshot {
+            index: self.index,
+            lapic,
+            mp: self.mp.clone(),
+            pending: PendingEvents {
+                nmi: self.nmi_pending,
+                smi: self.smi_pending,
+                extint: self.extint_pending,
+            },
+        }
+    }
+
+    /// Checks that `snapshot` can be restored into this vCPU (see [`VcpuSnapshot::check`]).
+    pub fn check_snapshot(&self, snapshot: &VcpuSnapshot) -> Result<(), SnapshotError> {
+        snapshot.check(self.index, self.lapic.config())
+    }
+
+    /// Replaces this vCPU's interrupt state by `snapshot`, at `now`, on its own thread, with
+    /// the VM paused. Anything posted to the inbox before the restore is discarded (it belongs
+    /// to the state being replaced). The timer continues with the time it had left, the guest
+    /// TSC continues from its saved value, and the topology, PPR and PIC acceptance are
+    /// republished. A snapshot that fails [`Self::check_snapshot`] changes nothing.
+    pub fn restore(&mut self, snapshot: &VcpuSnapshot, now: Nanos) -> Result<(), SnapshotError> {
+        self.check_snapshot(snapshot)?;
+        let _discarded = self.inbox.drain();
+        let mut lapic = snapshot.lapic.clone();
+        lapic.rebase_timeline(0, now);
+        self.lapic = lapic;
+        self.mp = snapshot.mp.clone();
+        self.nmi_pending = snapshot.pending.nmi;
+        self.smi_pending = snapshot.pending.smi;
+        self.extint_pending = snapshot.pending.extint;
+        self.publish_all();
+        Ok(())
     }
 }

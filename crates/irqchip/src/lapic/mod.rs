@@ -1056,4 +1056,36 @@ impl LocalApic {
     pub fn timer(&self) -> &ApicTimer {
         &self.timer
     }
+
+    // ----- Snapshots -----------------------------------------------------------------------
+
+    /// Moves the APIC from the timeline it was saved on to the one it is restored into: the
+    /// timer keeps the time left to every pending or future expiry ([`ApicTimer::rebase`]), and
+    /// the guest TSC origin moves so that the guest TSC at `restored_at` equals the guest TSC at
+    /// `saved_at` (a TSC deadline keeps its distance too). If the new timeline is so far ahead
+    /// that the origin would go below 0, it saturates at 0 (the guest TSC then jumps forward).
+    pub fn rebase_timeline(&mut self, saved_at: Nanos, restored_at: Nanos) {
+        let tsc = self.timer.guest_tsc(saved_at);
+        self.timer.rebase(saved_at, restored_at);
+        let origin = self.timer.clock().tsc_at_zero;
+        let ticks_to_restore = self.timer.guest_tsc(restored_at).wrapping_sub(origin);
+        let anchor = tsc.saturating_sub(ticks_to_restore);
+        self.timer.set_tsc_at_zero(anchor);
+        self.cfg.clock.tsc_at_zero = anchor;
+    }
+
+    /// Checks a deserialized APIC (a snapshot may be malformed) before it is used: IA32_APIC_BASE
+    /// must be in a reachable mode and the timer consistent ([`ApicTimer::validate`]).
+    pub fn validate(&self) -> Result<(), &'static str> {
+        if self.mode() == ApicMode::Invalid {
+            return Err("local APIC: IA32_APIC_BASE has EXTD without EN");
+        }
+        if self.apic_base & APIC_BASE_RESERVED != 0 {
+            return Err("local APIC: IA32_APIC_BASE reserved bits set");
+        }
+        if self.x2apic() && !self.cfg.x2apic_supported {
+            return Err("local APIC: x2APIC mode without x2APIC support");
+        }
+        self.timer.validate()
+    }
 }

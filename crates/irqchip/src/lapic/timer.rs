@@ -320,6 +320,37 @@ impl ApicTimer {
         }
     }
 
+    /// Moves the origin of the guest TSC (`ClockConfig::tsc_at_zero`) and nothing else: a TSC
+    /// deadline keeps its guest-TSC value, and countdowns keep their exact expiry (unlike
+    /// [`set_clock`](Self::set_clock), which restarts them from the rounded current count).
+    /// Snapshot restore uses it to keep the guest TSC continuous across a [`rebase`](Self::rebase).
+    pub fn set_tsc_at_zero(&mut self, tsc_at_zero: u64) {
+        self.clock.tsc_at_zero = tsc_at_zero;
+    }
+
+    /// Checks the invariants every operation relies on, for a timer that was deserialized
+    /// rather than built by [`new`](Self::new) (a snapshot may be malformed): nonzero clock rates
+    /// (conversions divide by them), DCR within its writable bits, no countdown in TSC-deadline
+    /// mode or with a zero initial count, and a countdown fraction below the denominator of the
+    /// current rate.
+    pub fn validate(&self) -> Result<(), &'static str> {
+        if self.clock.apic_bus_hz == 0 || self.clock.tsc_hz == 0 {
+            return Err("APIC timer: zero clock rate");
+        }
+        if self.dcr & !DCR_WRITABLE_MASK != 0 {
+            return Err("APIC timer: reserved DCR bits set");
+        }
+        if let Countdown::Counting { expiry_frac, .. } = self.countdown {
+            if self.mode == TimerMode::TscDeadline || self.initial_count == 0 {
+                return Err("APIC timer: countdown without an initial count");
+            }
+            if expiry_frac >= self.rate().den {
+                return Err("APIC timer: countdown fraction out of range");
+            }
+        }
+        Ok(())
+    }
+
     /// Length of one count in the current configuration. In periodic mode a period shorter than
     /// [`MIN_PERIODIC_PERIOD_NS`] is stretched to it by slowing the count down, so the current
     /// count still runs from the initial count to 0 over one (clamped) period.
