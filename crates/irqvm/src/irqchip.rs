@@ -41,8 +41,9 @@
 //!   `wake_vcpu` rings that doorbell, and posters that get `Notify::Kick` call the vCPU's
 //!   [`crate::vcpu::kick::KickTarget`] (from [`ChipContext::vcpus`]). Its VM-wide setup
 //!   (KVM_CAP_X86_USER_SPACE_MSR, the MSR filter) happens in its constructor.
-//! * `split` (later): LAPICs in KVM (KVM_CAP_SPLIT_IRQCHIP), IOAPIC and PIC in userspace; its
-//!   `handle_exit` takes IOAPIC MMIO and KVM_EXIT_IOAPIC_EOI.
+//! * `split` ([`split`]): LAPICs in KVM (KVM_CAP_SPLIT_IRQCHIP), IOAPIC and PIC in userspace; its
+//!   `handle_exit` takes IOAPIC MMIO, the PIC's ports and KVM_EXIT_IOAPIC_EOI, and its
+//!   `before_entry` injects the PIC's ExtINT (KVM_INTERRUPT or an interrupt window).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -52,6 +53,8 @@ use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 
 use crate::kvm::KvmError;
 use crate::vcpu::VcpuShared;
+
+pub mod split;
 
 /// Number of ISA / IOAPIC input lines a device can drive (GSIs 0-23).
 pub const IRQ_LINES: u32 = 24;
@@ -63,6 +66,8 @@ pub enum IrqchipMode {
     /// KVM's in-kernel PIC, IOAPIC and local APICs.
     #[default]
     Kernel,
+    /// Local APICs in KVM, IOAPIC and PIC in userspace; see [`split`].
+    Split,
 }
 
 /// Errors from an interrupt-controller backend.
@@ -122,6 +127,16 @@ pub enum EntryDecision {
 /// The KVM exits a backend may claim. Read exits carry the buffer the answer goes into.
 #[derive(Debug)]
 pub enum ChipExit<'a> {
+    /// A guest `in` (the PIC's ports in `user` mode).
+    PioRead {
+        port: u16,
+        data: &'a mut [u8],
+    },
+    /// A guest `out`.
+    PioWrite {
+        port: u16,
+        data: &'a [u8],
+    },
     MmioRead {
         addr: u64,
         data: &'a mut [u8],
@@ -223,6 +238,7 @@ pub fn create_irqchip(
 ) -> Result<Arc<dyn Irqchip>, IrqchipError> {
     match mode {
         IrqchipMode::Kernel => Ok(Arc::new(KernelIrqchip::new(ctx.kvm, ctx.vm)?)),
+        IrqchipMode::Split => Ok(Arc::new(split::SplitIrqchip::new(ctx)?)),
     }
 }
 

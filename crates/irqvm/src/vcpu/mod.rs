@@ -349,10 +349,18 @@ fn handle_exit(
     match exit {
         VcpuExit::IoIn(port, data) => {
             bump(&stats.pio_exits);
-            devices.pio_read(port, data);
+            let mut exit = ChipExit::PioRead { port, data };
+            if chip.handle_exit(&mut exit)? == ExitHandled::NotMine {
+                if let ChipExit::PioRead { data, .. } = exit {
+                    devices.pio_read(port, data);
+                }
+            }
         }
         VcpuExit::IoOut(port, data) => {
             bump(&stats.pio_exits);
+            if chip.handle_exit(&mut ChipExit::PioWrite { port, data })? == ExitHandled::Handled {
+                return Ok(Step::Continue);
+            }
             if let PioAction::Exit(status) = devices.pio_write(port, data) {
                 return Ok(Step::Finish(GuestExit::DebugExit { status }));
             }
