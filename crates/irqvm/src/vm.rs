@@ -280,6 +280,11 @@ impl RunningVm {
         &self.vm.devices
     }
 
+    /// The VM's interrupt controller: host threads (tests) drive device lines through it.
+    pub fn irqchip(&self) -> &Arc<dyn Irqchip> {
+        &self.vm.chip
+    }
+
     /// Kicks vCPU `index` out of KVM_RUN (and out of blocking).
     pub fn kick(&self, index: usize) {
         self.vm.shared[index].kick.kick();

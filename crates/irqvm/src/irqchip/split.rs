@@ -206,7 +206,10 @@ fn signal_msi(vm: &VmFd, stats: &SplitStats, message: &InterruptMessage) {
         // An IOAPIC entry in ExtINT mode asks the target to fetch the vector from the 8259
         // (virtual wire through the IOAPIC). The PC wiring here connects INTR to LINT0 only
         // and KVM's LAPIC cannot take an ExtINT message, so it is dropped.
-        tracing::debug!(?message, "IOAPIC ExtINT message dropped (not wired in split mode)");
+        tracing::debug!(
+            ?message,
+            "IOAPIC ExtINT message dropped (not wired in split mode)"
+        );
         return;
     }
     let msi = match MsiMessage::encode(message) {
@@ -248,7 +251,10 @@ impl SplitShared {
     }
 
     /// Runs `change` on the platform, then publishes INTR and kicks the other vCPUs if it rose.
-    fn with_platform<R>(&self, change: impl FnOnce(&mut Platform, &dyn Fn(&InterruptMessage)) -> R) -> R {
+    fn with_platform<R>(
+        &self,
+        change: impl FnOnce(&mut Platform, &dyn Fn(&InterruptMessage)) -> R,
+    ) -> R {
         let (result, rose) = {
             let mut platform = self.lock();
             let before = platform.pic.output();
@@ -284,16 +290,19 @@ impl SplitShared {
                 ioapic,
                 ..
             } = p;
-            routing.set_source_level(gsi, DEVICE_SOURCE, level, &mut |target, level| {
-                match target {
+            routing.set_source_level(
+                gsi,
+                DEVICE_SOURCE,
+                level,
+                &mut |target, level| match target {
                     RouteTarget::Pic { irq } => pic.set_irq(irq, level),
                     RouteTarget::IoApic { pin } => {
                         ioapic.set_line(pin, ioapic_wire_level(pin, level), &mut |m| send(&m))
                     }
                     RouteTarget::Msi(message) if level => send(&message),
                     RouteTarget::Msi(_) => {}
-                }
-            })
+                },
+            )
         })
         .or_else(|e| {
             // Only a GSI above the table or too many sources can fail; neither is reachable
