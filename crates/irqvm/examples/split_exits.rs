@@ -15,7 +15,9 @@ fn main() {
     let cpus: u32 = args.next().and_then(|a| a.parse().ok()).unwrap_or(2);
     let mut guests: Vec<String> = args.collect();
     if guests.is_empty() {
-        guests = ["pic", "ioapic", "once", "storm"].map(String::from).to_vec();
+        guests = ["pic", "ioapic", "once", "storm"]
+            .map(String::from)
+            .to_vec();
     }
     println!("guest   mode    runs  eintr   pio  mmio  other   hlt  elapsed");
     for guest in &guests {

@@ -37,7 +37,7 @@
 //! interrupt shadow, no ExtINT already queued). The protocol:
 //!
 //! 1. Any change that raises the PIC's INTR (a device line, a PIC port write) publishes it in
-//!    [`SplitShared::pic_intr`] and kicks every other vCPU: an acceptor in the guest or halted
+//!    `SplitShared::pic_intr` and kicks every other vCPU: an acceptor in the guest or halted
 //!    inside KVM_RUN must come out to rendezvous, and which vCPUs accept is not known here.
 //! 2. At every entry, a vCPU that sees INTR high reads `ready_for_interrupt_injection` from its
 //!    last exit. If set, it takes the platform lock, checks INTR again, runs the PIC's INTA
