@@ -252,8 +252,12 @@ mod tests {
     }
 
     #[test]
-    fn only_working_irqchip_modes_are_offered() {
-        for mode in ["split", "bogus"] {
+    fn the_three_irqchip_modes_are_offered_and_nothing_else() {
+        for mode in ["user", "split", "kernel"] {
+            let r = Cli::try_parse_from(["irqvm", "run", "--kernel", "k", "--irqchip", mode]);
+            assert!(r.is_ok(), "{mode} refused");
+        }
+        for mode in ["bogus", "none", ""] {
             let r = Cli::try_parse_from(["irqvm", "run", "--kernel", "k", "--irqchip", mode]);
             assert!(r.is_err(), "{mode} accepted");
         }

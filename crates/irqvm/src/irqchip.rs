@@ -41,8 +41,9 @@
 //!   `wake_vcpu` rings that doorbell, and posters that get `Notify::Kick` call the vCPU's
 //!   [`crate::vcpu::kick::KickTarget`] (from [`ChipContext::vcpus`]). Its VM-wide setup
 //!   (KVM_CAP_X86_USER_SPACE_MSR, the MSR filter) happens in its constructor.
-//! * `split` (later): LAPICs in KVM (KVM_CAP_SPLIT_IRQCHIP), IOAPIC and PIC in userspace; its
-//!   `handle_exit` takes IOAPIC MMIO and KVM_EXIT_IOAPIC_EOI.
+//! * `split` ([`split`]): LAPICs in KVM (KVM_CAP_SPLIT_IRQCHIP), IOAPIC and PIC in userspace; its
+//!   `handle_exit` takes IOAPIC MMIO, the PIC's ports and KVM_EXIT_IOAPIC_EOI, and its
+//!   `before_entry` injects the PIC's ExtINT (KVM_INTERRUPT or an interrupt window).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -52,6 +53,8 @@ use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 
 use crate::kvm::KvmError;
 use crate::vcpu::VcpuShared;
+
+pub mod split;
 
 /// Number of ISA / IOAPIC input lines a device can drive (GSIs 0-23).
 pub const IRQ_LINES: u32 = 24;
@@ -65,6 +68,8 @@ pub enum IrqchipMode {
     Kernel,
     /// Every interrupt controller in userspace (the `irqchip` crate); see [`crate::userchip`].
     User,
+    /// Local APICs in KVM, IOAPIC and PIC in userspace; see [`split`].
+    Split,
 }
 
 /// Errors from an interrupt-controller backend.
@@ -238,6 +243,7 @@ pub fn create_irqchip(
     match mode {
         IrqchipMode::Kernel => Ok(Arc::new(KernelIrqchip::new(ctx.kvm, ctx.vm)?)),
         IrqchipMode::User => Ok(Arc::new(crate::userchip::UserIrqchip::new(ctx)?)),
+        IrqchipMode::Split => Ok(Arc::new(split::SplitIrqchip::new(ctx)?)),
     }
 }
 

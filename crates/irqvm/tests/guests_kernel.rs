@@ -110,3 +110,11 @@ fn demo_runs_on_four_vcpus() {
         );
     }
 }
+
+#[test]
+fn once_passes_except_isr_kept_checks_host_limit_of_kernel_lapic() {
+    for cpus in [1, 2, 4] {
+        let run = run_guest("once", cpus, IrqchipMode::Kernel);
+        run.assert_passed_except(&format!("once on {cpus} vCPU(s)"), "isr-kept");
+    }
+}

@@ -1,0 +1,571 @@
+//! `split` mode: the local APICs are KVM's (KVM_CAP_SPLIT_IRQCHIP), the IOAPIC, the dual 8259
+//! PIC and the GSI routing table are userspace models from the `irqchip` crate.
+//!
+//! # What runs where
+//!
+//! * KVM: every LAPIC register (no exit), the APIC timer, IPIs, HLT (a halted vCPU blocks
+//!   inside KVM_RUN), INIT/SIPI and the MP state. `before_entry` therefore always says `Enter`.
+//! * Userspace ([`SplitShared`], one mutex): `GsiRouting::pc_default` (ISA IRQ n to PIC line n
+//!   and IOAPIC pin n, IRQ 0 to pin 2, GSIs 16-23 to the IOAPIC only), the `DualPic` at ports
+//!   0x20/0x21, 0xA0/0xA1 and 0x4D0/0x4D1, and the `IoApic` at 0xFEC00000. Pin polarity is the
+//!   one `irqchip::chip` uses (PCI pins 16 and up active-low), so `user` and `split` guests see
+//!   the same machine.
+//!
+//! # IOAPIC messages
+//!
+//! The IOAPIC model decides when a pin sends (edge, level with remote IRR, re-delivery after
+//! EOI, unmasking a held level pin); each message it sends is encoded as an MSI
+//! (`irqchip::msi::MsiMessage::encode`) and handed to KVM's LAPICs with KVM_SIGNAL_MSI, under
+//! the platform lock so messages reach KVM in the order the model produced them.
+//!
+//! KVM must also report the guest's EOI of a level-triggered IOAPIC vector, which its LAPIC
+//! otherwise keeps to itself: KVM reserves GSIs `0..pins` for the userspace IOAPIC and, for each
+//! MSI route on those GSIs whose data says "level", makes its LAPIC exit with
+//! KVM_EXIT_IOAPIC_EOI when that vector is EOIed on a vCPU the route targets. So pin i is
+//! routed as GSI i with the message its redirection entry describes, masked or not (an entry
+//! masked while its interrupt is in service must still see the EOI, or remote IRR would stick),
+//! and every redirection-table write that changes a route reinstalls the table
+//! (KVM_SET_GSI_ROUTING). The routes are never fired: delivery is KVM_SIGNAL_MSI, decided by the
+//! model. The EOI exit is handled on the vCPU thread before it re-enters: remote IRR clears and
+//! a line still asserted is delivered again.
+//!
+//! # The PIC's ExtINT (seed 003)
+//!
+//! With the LAPIC in KVM, only KVM knows whether a vCPU's LINT0 accepts the PIC (unmasked
+//! ExtINT, or the APIC hardware-disabled): it sets `kvm_run.ready_for_interrupt_injection` only
+//! when that LAPIC accepts PIC interrupts *and* the vCPU can take an interrupt now (IF=1, no
+//! interrupt shadow, no ExtINT already queued). The protocol:
+//!
+//! 1. Any change that raises the PIC's INTR (a device line, a PIC port write) publishes it in
+//!    `SplitShared::pic_intr` and kicks every other vCPU: an acceptor in the guest or halted
+//!    inside KVM_RUN must come out to rendezvous, and which vCPUs accept is not known here.
+//! 2. At every entry, a vCPU that sees INTR high reads `ready_for_interrupt_injection` from its
+//!    last exit. If set, it takes the platform lock, checks INTR again, runs the PIC's INTA
+//!    (`DualPic::acknowledge`) and queues the vector with KVM_INTERRUPT: KVM said it will inject
+//!    it at this entry, so the PIC is acknowledged only when the injection is certain, and the
+//!    lock makes exactly one vCPU win each request. A halted acceptor wakes (KVM's halt loop
+//!    sees the queued ExtINT).
+//! 3. Otherwise (IF=0, or KVM still holds an ExtINT) it sets `request_interrupt_window`; KVM
+//!    returns KVM_EXIT_IRQ_WINDOW_OPEN when the vCPU can take an interrupt, and step 2 runs at
+//!    that entry. A vCPU whose LINT0 does not accept never gets that exit: the request costs it
+//!    nothing.
+//!
+//! A vector queued with KVM_INTERRUPT is not in KVM_GET_VCPU_EVENTS until KVM injects it at the
+//! next guest entry (`kvm-facts.md`); as injection happens in `before_entry`, right before
+//! KVM_RUN, only a KVM_RUN that returns before entering (a kick's `immediate_exit`) leaves it
+//! queued across a loop iteration. A snapshot taken at the top of the vCPU loop must therefore
+//! first run the vCPU into the guest, or inject with KVM_SET_VCPU_EVENTS instead (not done:
+//! irqvm has no snapshots yet).
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
+
+use irqchip::chip::ioapic_wire_level;
+use irqchip::ioapic::{IoApic, IoApicConfig, IOAPIC_DEFAULT_BASE};
+use irqchip::msi::MsiMessage;
+use irqchip::pic::DualPic;
+use irqchip::routing::{GsiRouting, RouteTarget, SourceId};
+use irqchip::{DeliveryMode, InterruptMessage, MessageSource, TriggerMode, Vector};
+use kvm_bindings::{
+    kvm_enable_cap, kvm_irq_routing_entry, kvm_mp_state, kvm_msi, KvmIrqRouting,
+    KVM_CAP_SPLIT_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED,
+};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+
+use super::{
+    ChipContext, ChipExit, ChipFeatures, EntryDecision, ExitHandled, InterruptLines, Irqchip,
+    IrqchipError, IrqchipMode, VcpuIrqchip, IRQ_LINES,
+};
+use crate::kvm::{self, KvmError};
+use crate::vcpu::VcpuShared;
+
+/// Size of the IOAPIC's MMIO window claimed from the exits.
+const IOAPIC_WINDOW: u64 = 0x1000;
+/// The one source that drives every GSI from the VMM's devices.
+const DEVICE_SOURCE: SourceId = SourceId(0);
+
+thread_local! {
+    /// The index of the split-mode vCPU this thread runs, so that a PIC change made by a vCPU's
+    /// own exit does not kick that vCPU (it looks at INTR before re-entering anyway).
+    static CURRENT_VCPU: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// Counters of the split backend (relaxed; reports, tests and the docs' measurements).
+#[derive(Debug, Default)]
+pub struct SplitStats {
+    /// IOAPIC messages handed to KVM with KVM_SIGNAL_MSI.
+    pub msis_signalled: AtomicU64,
+    /// KVM_EXIT_IOAPIC_EOI exits handled.
+    pub ioapic_eois: AtomicU64,
+    /// KVM_SET_GSI_ROUTING calls made after redirection-table changes.
+    pub route_updates: AtomicU64,
+    /// PIC vectors acknowledged and queued with KVM_INTERRUPT.
+    pub extints_injected: AtomicU64,
+    /// Entries made with `request_interrupt_window` set for a pending ExtINT.
+    pub window_requests: AtomicU64,
+    /// Kicks sent because the PIC's INTR rose.
+    pub extint_kicks: AtomicU64,
+}
+
+/// A plain copy of [`SplitStats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SplitStatsSnapshot {
+    pub msis_signalled: u64,
+    pub ioapic_eois: u64,
+    pub route_updates: u64,
+    pub extints_injected: u64,
+    pub window_requests: u64,
+    pub extint_kicks: u64,
+}
+
+impl SplitStats {
+    pub fn snapshot(&self) -> SplitStatsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        SplitStatsSnapshot {
+            msis_signalled: get(&self.msis_signalled),
+            ioapic_eois: get(&self.ioapic_eois),
+            route_updates: get(&self.route_updates),
+            extints_injected: get(&self.extints_injected),
+            window_requests: get(&self.window_requests),
+            extint_kicks: get(&self.extint_kicks),
+        }
+    }
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The userspace interrupt controllers, behind one lock.
+struct Platform {
+    routing: GsiRouting,
+    pic: DualPic,
+    ioapic: IoApic,
+    /// The MSI route of each IOAPIC pin as last installed in KVM (index = pin = GSI).
+    installed_routes: Vec<Option<MsiMessage>>,
+}
+
+impl Platform {
+    fn new() -> Self {
+        let mut ioapic = IoApic::new(IoApicConfig::default());
+        for pin in 0..ioapic.pins() {
+            // PCI pins idle high (active-low); every entry is masked, so nothing is sent.
+            ioapic.set_line(pin, ioapic_wire_level(pin, false), &mut |_| {});
+        }
+        let routing = GsiRouting::pc_default(ioapic.pins());
+        Self {
+            routing,
+            pic: DualPic::new(),
+            installed_routes: vec![None; ioapic.pins()],
+            ioapic,
+        }
+    }
+
+    /// The MSI route pin `pin` needs now: its entry's message whether masked or not, with the
+    /// entry's trigger mode (a level route is what makes KVM exit on the EOI). `None` for
+    /// delivery modes that have no EOI and no MSI form here (ExtINT, reserved).
+    fn route_for_pin(&self, pin: usize) -> Option<MsiMessage> {
+        let entry = self.ioapic.entry(pin)?;
+        let delivery_mode = entry.sendable_mode()?;
+        if !matches!(
+            delivery_mode,
+            DeliveryMode::Fixed | DeliveryMode::LowestPriority
+        ) {
+            return None;
+        }
+        let message = InterruptMessage {
+            vector: entry.vector(),
+            delivery_mode,
+            destination_mode: entry.destination_mode(),
+            trigger: if entry.level_sensitive() {
+                TriggerMode::Level
+            } else {
+                TriggerMode::Edge
+            },
+            level_assert: true,
+            shorthand: irqchip::Shorthand::None,
+            destination: entry.destination(self.ioapic.extended_destination_id()),
+            format: irqchip::DestinationFormat::Xapic,
+            source: MessageSource::Device,
+        };
+        MsiMessage::encode(&message).ok()
+    }
+
+    fn wanted_routes(&self) -> Vec<Option<MsiMessage>> {
+        (0..self.ioapic.pins())
+            .map(|pin| self.route_for_pin(pin))
+            .collect()
+    }
+}
+
+/// Hands a message of the userspace IOAPIC to KVM's LAPICs.
+fn signal_msi(vm: &VmFd, stats: &SplitStats, message: &InterruptMessage) {
+    if message.delivery_mode == DeliveryMode::ExtInt {
+        // An IOAPIC entry in ExtINT mode asks the target to fetch the vector from the 8259
+        // (virtual wire through the IOAPIC). The PC wiring here connects INTR to LINT0 only
+        // and KVM's LAPIC cannot take an ExtINT message, so it is dropped.
+        tracing::debug!(
+            ?message,
+            "IOAPIC ExtINT message dropped (not wired in split mode)"
+        );
+        return;
+    }
+    let msi = match MsiMessage::encode(message) {
+        Ok(msi) => msi,
+        Err(e) => {
+            tracing::warn!(?message, "IOAPIC message has no MSI form: {e}");
+            return;
+        }
+    };
+    let request = kvm_msi {
+        address_lo: msi.address as u32,
+        address_hi: (msi.address >> 32) as u32,
+        data: msi.data,
+        ..Default::default()
+    };
+    bump(&stats.msis_signalled);
+    match vm.signal_msi(request) {
+        Ok(0) => tracing::debug!(?message, "KVM_SIGNAL_MSI reached no vCPU"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(?message, "KVM_SIGNAL_MSI failed: {e}"),
+    }
+}
+
+/// Everything the split backend shares between threads.
+pub struct SplitShared {
+    vm: Arc<VmFd>,
+    platform: Mutex<Platform>,
+    /// The PIC's INTR output, written under the platform lock after every PIC change and read
+    /// by vCPU threads before every entry without taking the lock.
+    pic_intr: AtomicBool,
+    vcpus: Vec<Arc<VcpuShared>>,
+    stats: SplitStats,
+}
+
+impl SplitShared {
+    fn lock(&self) -> MutexGuard<'_, Platform> {
+        // Every platform state is valid between calls; a panic elsewhere does not corrupt it.
+        self.platform.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `change` on the platform, then publishes INTR and kicks the other vCPUs if it rose.
+    fn with_platform<R>(
+        &self,
+        change: impl FnOnce(&mut Platform, &dyn Fn(&InterruptMessage)) -> R,
+    ) -> R {
+        let (result, rose) = {
+            let mut platform = self.lock();
+            let before = platform.pic.output();
+            let send = |m: &InterruptMessage| signal_msi(&self.vm, &self.stats, m);
+            let result = change(&mut platform, &send);
+            let after = platform.pic.output();
+            // SeqCst pairs with the vCPU's load in `before_entry`: the kick below comes after
+            // this store (kick protocol, `vcpu::kick`).
+            self.pic_intr.store(after, Ordering::SeqCst);
+            (result, !before && after)
+        };
+        if rose {
+            self.kick_for_extint();
+        }
+        result
+    }
+
+    /// INTR rose: every vCPU except the calling one comes out of KVM_RUN once to check whether
+    /// its LAPIC takes the PIC's interrupt (only KVM knows, see the module documentation).
+    fn kick_for_extint(&self) {
+        let me = CURRENT_VCPU.with(Cell::get);
+        for vcpu in self.vcpus.iter().filter(|v| Some(v.index) != me) {
+            bump(&self.stats.extint_kicks);
+            vcpu.kick.kick();
+        }
+    }
+
+    fn set_gsi(&self, gsi: u32, level: bool) -> Result<(), IrqchipError> {
+        self.with_platform(|p, send| {
+            let Platform {
+                routing,
+                pic,
+                ioapic,
+                ..
+            } = p;
+            routing.set_source_level(
+                gsi,
+                DEVICE_SOURCE,
+                level,
+                &mut |target, level| match target {
+                    RouteTarget::Pic { irq } => pic.set_irq(irq, level),
+                    RouteTarget::IoApic { pin } => {
+                        ioapic.set_line(pin, ioapic_wire_level(pin, level), &mut |m| send(&m))
+                    }
+                    RouteTarget::Msi(message) if level => send(&message),
+                    RouteTarget::Msi(_) => {}
+                },
+            )
+        })
+        .or_else(|e| {
+            // Only a GSI above the table or too many sources can fail; neither is reachable
+            // through `InterruptLines` (lines are checked, one source), so it is only logged.
+            tracing::warn!(gsi, level, "GSI routing: {e}");
+            Ok(())
+        })
+    }
+
+    fn ioapic_read(&self, offset: u64, data: &mut [u8]) {
+        self.lock().ioapic.mmio_read(offset, data);
+    }
+
+    /// A guest write to the IOAPIC window: may send (unmasking a held level pin, the EOI
+    /// register) and may change routes, which are reinstalled before the vCPU re-enters.
+    fn ioapic_write(&self, offset: u64, data: &[u8]) -> Result<(), IrqchipError> {
+        self.with_platform(|p, send| {
+            p.ioapic.mmio_write(offset, data, &mut |m| send(&m));
+            self.update_routes(p)
+        })
+    }
+
+    /// Installs the IOAPIC pins' MSI routes in KVM if they changed (KVM_SET_GSI_ROUTING replaces
+    /// the whole table; KVM then rescans which vectors need an EOI exit on each vCPU).
+    fn update_routes(&self, p: &mut Platform) -> Result<(), IrqchipError> {
+        let wanted = p.wanted_routes();
+        if wanted == p.installed_routes {
+            return Ok(());
+        }
+        let routes: Vec<(u32, MsiMessage)> = wanted
+            .iter()
+            .enumerate()
+            .filter_map(|(pin, r)| r.map(|msi| (pin as u32, msi)))
+            .collect();
+        let mut table =
+            KvmIrqRouting::new(routes.len()).map_err(|_| KvmError::MissingCap("routes"))?;
+        for (slot, (gsi, msi)) in table.as_mut_slice().iter_mut().zip(&routes) {
+            *slot = msi_route(*gsi, *msi);
+        }
+        self.vm
+            .set_gsi_routing(&table)
+            .map_err(KvmError::ioctl("KVM_SET_GSI_ROUTING"))?;
+        bump(&self.stats.route_updates);
+        p.installed_routes = wanted;
+        Ok(())
+    }
+
+    /// KVM_EXIT_IOAPIC_EOI: the guest EOIed a level-triggered vector of the IOAPIC.
+    fn ioapic_eoi(&self, vector: Vector) {
+        bump(&self.stats.ioapic_eois);
+        self.with_platform(|p, send| p.ioapic.end_of_interrupt(vector, &mut |m| send(&m)));
+    }
+
+    fn pic_read(&self, port: u16, data: &mut [u8]) {
+        self.with_platform(|p, _| {
+            for (i, byte) in data.iter_mut().enumerate() {
+                let port = port.wrapping_add(i as u16);
+                // A poll-mode read is an INTA: it can change INTR.
+                *byte = if DualPic::handles_port(port) {
+                    p.pic.port_read(port)
+                } else {
+                    0xFF
+                };
+            }
+        });
+    }
+
+    fn pic_write(&self, port: u16, data: &[u8]) {
+        self.with_platform(|p, _| {
+            for (i, byte) in data.iter().enumerate() {
+                let port = port.wrapping_add(i as u16);
+                if DualPic::handles_port(port) {
+                    p.pic.port_write(port, *byte);
+                }
+            }
+        });
+    }
+
+    /// The INTA cycle for a vCPU that KVM says will take the interrupt at this entry: the
+    /// vector, or `None` if another vCPU acknowledged the request first (or it went away).
+    fn acknowledge_pic(&self) -> Option<Vector> {
+        self.with_platform(|p, _| p.pic.output().then(|| p.pic.acknowledge()))
+    }
+}
+
+/// One `KVM_IRQ_ROUTING_MSI` entry.
+fn msi_route(gsi: u32, msi: MsiMessage) -> kvm_irq_routing_entry {
+    let mut entry = kvm_irq_routing_entry {
+        gsi,
+        type_: KVM_IRQ_ROUTING_MSI,
+        ..Default::default()
+    };
+    entry.u.msi.address_lo = msi.address as u32;
+    entry.u.msi.address_hi = (msi.address >> 32) as u32;
+    entry.u.msi.data = msi.data;
+    entry
+}
+
+/// `split` mode. See the module documentation.
+pub struct SplitIrqchip {
+    shared: Arc<SplitShared>,
+    features: ChipFeatures,
+}
+
+impl SplitIrqchip {
+    /// KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP) with the IOAPIC's pin count as the number of
+    /// reserved GSIs, before any vCPU exists.
+    pub fn new(ctx: ChipContext<'_>) -> Result<Self, IrqchipError> {
+        crate::kvm::require_cap(ctx.kvm, Cap::SplitIrqchip, "KVM_CAP_SPLIT_IRQCHIP")?;
+        let platform = Platform::new();
+        let mut cap = kvm_enable_cap {
+            cap: KVM_CAP_SPLIT_IRQCHIP,
+            ..Default::default()
+        };
+        cap.args[0] = platform.ioapic.pins() as u64;
+        ctx.vm
+            .enable_cap(&cap)
+            .map_err(KvmError::ioctl("KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)"))?;
+        Ok(Self {
+            features: features(ctx.kvm),
+            shared: Arc::new(SplitShared {
+                vm: ctx.vm,
+                platform: Mutex::new(platform),
+                pic_intr: AtomicBool::new(false),
+                vcpus: ctx.vcpus,
+                stats: SplitStats::default(),
+            }),
+        })
+    }
+
+    pub fn stats(&self) -> SplitStatsSnapshot {
+        self.shared.stats.snapshot()
+    }
+}
+
+impl Drop for SplitIrqchip {
+    fn drop(&mut self) {
+        tracing::debug!(stats = ?self.stats(), "split irqchip");
+    }
+}
+
+/// KVM's LAPIC offers x2APIC, and TSC-deadline where the host has it.
+fn features(kvm: &Kvm) -> ChipFeatures {
+    ChipFeatures {
+        x2apic: true,
+        tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
+    }
+}
+
+impl InterruptLines for SplitIrqchip {
+    fn set_line(&self, line: u32, level: bool) -> Result<(), IrqchipError> {
+        if line >= IRQ_LINES {
+            return Err(IrqchipError::NoSuchLine(line));
+        }
+        self.shared.set_gsi(line, level)
+    }
+}
+
+impl Irqchip for SplitIrqchip {
+    fn mode(&self) -> IrqchipMode {
+        IrqchipMode::Split
+    }
+
+    fn features(&self) -> ChipFeatures {
+        self.features
+    }
+
+    /// The MP state is KVM's, as in `kernel` mode: the BSP runnable, APs waiting for their SIPI
+    /// inside KVM_RUN.
+    fn create_vcpu_chip(
+        &self,
+        index: usize,
+        vcpu: &VcpuFd,
+    ) -> Result<Box<dyn VcpuIrqchip>, IrqchipError> {
+        let mp_state = if index == 0 {
+            KVM_MP_STATE_RUNNABLE
+        } else {
+            KVM_MP_STATE_UNINITIALIZED
+        };
+        vcpu.set_mp_state(kvm_mp_state { mp_state })
+            .map_err(KvmError::ioctl("KVM_SET_MP_STATE"))?;
+        Ok(Box::new(SplitVcpuChip {
+            index,
+            shared: self.shared.clone(),
+        }))
+    }
+
+    /// Nothing to do: a halted vCPU blocks inside KVM_RUN, which the kick interrupts.
+    fn wake_vcpu(&self, _index: usize) {}
+}
+
+/// The per-vCPU half of `split` mode: ExtINT injection and the exits of the userspace chips.
+struct SplitVcpuChip {
+    index: usize,
+    shared: Arc<SplitShared>,
+}
+
+impl SplitVcpuChip {
+    /// Step 2 and 3 of the ExtINT protocol (module documentation). Returns whether to request
+    /// an interrupt window.
+    fn offer_extint(&self, vcpu: &mut VcpuFd) -> Result<bool, IrqchipError> {
+        if !self.shared.pic_intr.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        // KVM computed this at the last exit, for the state the vCPU is still in: LINT0
+        // accepts the PIC, IF=1, no interrupt shadow, no ExtINT already queued.
+        if vcpu.get_kvm_run().ready_for_interrupt_injection == 0 {
+            return Ok(true);
+        }
+        if let Some(vector) = self.shared.acknowledge_pic() {
+            kvm::inject_interrupt(vcpu, vector)?;
+            bump(&self.shared.stats.extints_injected);
+        }
+        // KVM holds one ExtINT at a time: a further request waits for the next window.
+        Ok(self.shared.pic_intr.load(Ordering::SeqCst))
+    }
+}
+
+impl VcpuIrqchip for SplitVcpuChip {
+    fn before_entry(&mut self, vcpu: &mut VcpuFd) -> Result<EntryDecision, IrqchipError> {
+        CURRENT_VCPU.with(|c| c.set(Some(self.index)));
+        let window = self.offer_extint(vcpu)?;
+        if window {
+            bump(&self.shared.stats.window_requests);
+        }
+        vcpu.get_kvm_run().request_interrupt_window = u8::from(window);
+        Ok(EntryDecision::Enter)
+    }
+
+    fn after_exit(&mut self, _vcpu: &mut VcpuFd) -> Result<(), IrqchipError> {
+        Ok(())
+    }
+
+    fn handle_exit(&mut self, exit: &mut ChipExit<'_>) -> Result<ExitHandled, IrqchipError> {
+        match exit {
+            ChipExit::MmioRead { addr, data } => match ioapic_offset(*addr) {
+                Some(offset) => self.shared.ioapic_read(offset, data),
+                None => return Ok(ExitHandled::NotMine),
+            },
+            ChipExit::MmioWrite { addr, data } => match ioapic_offset(*addr) {
+                Some(offset) => self.shared.ioapic_write(offset, data)?,
+                None => return Ok(ExitHandled::NotMine),
+            },
+            ChipExit::PioRead { port, data } if DualPic::handles_port(*port) => {
+                self.shared.pic_read(*port, data)
+            }
+            ChipExit::PioWrite { port, data } if DualPic::handles_port(*port) => {
+                self.shared.pic_write(*port, data)
+            }
+            ChipExit::IoapicEoi { vector } => self.shared.ioapic_eoi(*vector),
+            // `before_entry` injects at this entry.
+            ChipExit::IrqWindowOpen => {}
+            _ => return Ok(ExitHandled::NotMine),
+        }
+        Ok(ExitHandled::Handled)
+    }
+
+    /// Never called: `before_entry` always says `Enter`.
+    fn block(&mut self, _deadline: Option<Instant>) {}
+}
+
+/// The offset of `addr` in the IOAPIC's window, if it is there.
+fn ioapic_offset(addr: u64) -> Option<u64> {
+    let offset = addr.checked_sub(IOAPIC_DEFAULT_BASE)?;
+    (offset < IOAPIC_WINDOW).then_some(offset)
+}
