@@ -282,6 +282,20 @@ impl InterruptLines for KernelIrqchip {
     }
 }
 
+/// Where KVM runs INIT/SIPI (`kernel` and `split` modes): the BSP (vCPU 0) RUNNABLE and every AP
+/// UNINITIALIZED, set explicitly so the start state does not depend on KVM's default. An
+/// UNINITIALIZED AP blocks inside KVM_RUN until KVM's LAPIC takes INIT and SIPI.
+pub(crate) fn set_initial_kvm_mp_state(index: usize, vcpu: &VcpuFd) -> Result<(), IrqchipError> {
+    let mp_state = if index == 0 {
+        KVM_MP_STATE_RUNNABLE
+    } else {
+        KVM_MP_STATE_UNINITIALIZED
+    };
+    vcpu.set_mp_state(kvm_mp_state { mp_state })
+        .map_err(KvmError::ioctl("KVM_SET_MP_STATE"))?;
+    Ok(())
+}
+
 impl Irqchip for KernelIrqchip {
     fn mode(&self) -> IrqchipMode {
         IrqchipMode::Kernel
@@ -291,21 +305,13 @@ impl Irqchip for KernelIrqchip {
         self.features
     }
 
-    /// KVM puts the BSP (vCPU 0) in RUNNABLE and APs in UNINITIALIZED; we set it explicitly so
-    /// that the start state does not depend on KVM's default. An UNINITIALIZED AP blocks inside
-    /// KVM_RUN until KVM's LAPIC takes INIT and SIPI.
+    /// KVM runs INIT/SIPI: see [`set_initial_kvm_mp_state`].
     fn create_vcpu_chip(
         &self,
         index: usize,
         vcpu: &VcpuFd,
     ) -> Result<Box<dyn VcpuIrqchip>, IrqchipError> {
-        let mp_state = if index == 0 {
-            KVM_MP_STATE_RUNNABLE
-        } else {
-            KVM_MP_STATE_UNINITIALIZED
-        };
-        vcpu.set_mp_state(kvm_mp_state { mp_state })
-            .map_err(KvmError::ioctl("KVM_SET_MP_STATE"))?;
+        set_initial_kvm_mp_state(index, vcpu)?;
         Ok(Box::new(KernelVcpuChip))
     }
 

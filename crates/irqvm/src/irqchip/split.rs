@@ -69,8 +69,8 @@ use irqchip::pic::DualPic;
 use irqchip::routing::{GsiRouting, RouteTarget, SourceId};
 use irqchip::{DeliveryMode, InterruptMessage, MessageSource, TriggerMode, Vector};
 use kvm_bindings::{
-    kvm_enable_cap, kvm_irq_routing_entry, kvm_mp_state, kvm_msi, KvmIrqRouting,
-    KVM_CAP_SPLIT_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED,
+    kvm_enable_cap, kvm_irq_routing_entry, kvm_msi, KvmIrqRouting, KVM_CAP_SPLIT_IRQCHIP,
+    KVM_IRQ_ROUTING_MSI,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 
@@ -477,13 +477,7 @@ impl Irqchip for SplitIrqchip {
         index: usize,
         vcpu: &VcpuFd,
     ) -> Result<Box<dyn VcpuIrqchip>, IrqchipError> {
-        let mp_state = if index == 0 {
-            KVM_MP_STATE_RUNNABLE
-        } else {
-            KVM_MP_STATE_UNINITIALIZED
-        };
-        vcpu.set_mp_state(kvm_mp_state { mp_state })
-            .map_err(KvmError::ioctl("KVM_SET_MP_STATE"))?;
+        super::set_initial_kvm_mp_state(index, vcpu)?;
         Ok(Box::new(SplitVcpuChip {
             index,
             shared: self.shared.clone(),
