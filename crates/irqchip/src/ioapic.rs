@@ -596,10 +596,16 @@ impl IoApic {
     /// reserved, or the pin does not exist. For VMMs that turn the redirection table into KVM
     /// MSI routes (split irqchip).
     pub fn pin_message(&self, pin: usize) -> Option<InterruptMessage> {
-        let entry = self.pins.get(pin)?.entry;
-        if entry.masked() {
+        if self.pins.get(pin)?.entry.masked() {
             return None;
         }
+        self.entry_message(pin)
+    }
+
+    /// The message `pin`'s redirection entry describes, whether masked or not; `None` when its
+    /// delivery mode is reserved or the pin does not exist.
+    pub fn entry_message(&self, pin: usize) -> Option<InterruptMessage> {
+        let entry = self.pins.get(pin)?.entry;
         let delivery_mode = entry.sendable_mode()?;
         Some(InterruptMessage {
             vector: entry.vector(),
@@ -1323,6 +1329,21 @@ mod tests {
         level_pin(&mut io, 0, 0x50);
         let msg = io.pin_message(0).unwrap();
         assert_eq!(set_line(&mut io, 0, true), vec![msg]);
+    }
+
+    /// Split irqchip routes are installed for masked entries too, so that unmasking needs no
+    /// route change: `entry_message` ignores the mask bit (82093AA §3.2.4, bit 16).
+    #[test]
+    fn entry_message_ignores_the_mask_bit_only() {
+        let mut io = ioapic();
+        level_pin(&mut io, 0, 0x50);
+        let unmasked = io.pin_message(0).unwrap();
+        assert_eq!(io.entry_message(0), Some(unmasked));
+        let low = io.entry(0).unwrap().0 as u32;
+        write_reg(&mut io, 0x10, low | (1 << 16));
+        assert_eq!(io.pin_message(0), None);
+        assert_eq!(io.entry_message(0), Some(unmasked));
+        assert_eq!(io.entry_message(24), None);
     }
 
     #[test]

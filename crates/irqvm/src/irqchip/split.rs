@@ -67,7 +67,7 @@ use irqchip::ioapic::{IoApic, IoApicConfig, IOAPIC_DEFAULT_BASE};
 use irqchip::msi::MsiMessage;
 use irqchip::pic::DualPic;
 use irqchip::routing::{GsiRouting, RouteTarget, SourceId};
-use irqchip::{DeliveryMode, InterruptMessage, MessageSource, TriggerMode, Vector};
+use irqchip::{DeliveryMode, InterruptMessage, Vector};
 use kvm_bindings::{
     kvm_enable_cap, kvm_irq_routing_entry, kvm_msi, KvmIrqRouting, KVM_CAP_SPLIT_IRQCHIP,
     KVM_IRQ_ROUTING_MSI,
@@ -167,29 +167,13 @@ impl Platform {
     /// entry's trigger mode (a level route is what makes KVM exit on the EOI). `None` for
     /// delivery modes that have no EOI and no MSI form here (ExtINT, reserved).
     fn route_for_pin(&self, pin: usize) -> Option<MsiMessage> {
-        let entry = self.ioapic.entry(pin)?;
-        let delivery_mode = entry.sendable_mode()?;
+        let message = self.ioapic.entry_message(pin)?;
         if !matches!(
-            delivery_mode,
+            message.delivery_mode,
             DeliveryMode::Fixed | DeliveryMode::LowestPriority
         ) {
             return None;
         }
-        let message = InterruptMessage {
-            vector: entry.vector(),
-            delivery_mode,
-            destination_mode: entry.destination_mode(),
-            trigger: if entry.level_sensitive() {
-                TriggerMode::Level
-            } else {
-                TriggerMode::Edge
-            },
-            level_assert: true,
-            shorthand: irqchip::Shorthand::None,
-            destination: entry.destination(self.ioapic.extended_destination_id()),
-            format: irqchip::DestinationFormat::Xapic,
-            source: MessageSource::Device,
-        };
         MsiMessage::encode(&message).ok()
     }
 
