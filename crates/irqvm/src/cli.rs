@@ -34,6 +34,9 @@ pub enum Command {
     /// Boot a kernel: multiboot v1 (ELF32, ELF64 with a 32-bit entry, a.out kludge), plain ELF64,
     /// or a raw binary (--raw-at).
     Run(RunArgs),
+    /// Benchmark interrupt delivery in every irqchip mode and under QEMU (same guests); prints a
+    /// table of ratios against the fastest peer and writes JSON.
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -144,6 +147,7 @@ pub fn main_with(cli: Cli) -> Result<i32, CliError> {
             };
             (run_config(args)?, timeout)
         }
+        Some(Command::Bench(args)) => return Ok(crate::bench::main(args)),
     };
     let vm = Vm::new(&cfg)?.start()?;
     spawn_stdin_reader(vm.devices().clone());

@@ -1,0 +1,220 @@
+/* bench_lat: interrupt delivery latencies, one workload after the other (see bench.h for the output):
+ *   selfipi         self-IPI by the ICR shorthand: send, take, EOI, back in the loop
+ *   selfipi_tpr     the same held back by TPR = 0xF0 and released by lowering the TPR (raise, send, lower, take)
+ *   irq_guest       pc-testdev line 10 raised by the guest -> IOAPIC pin 10 (edge) -> its handler
+ *   timer_oneshot   LAPIC one-shot timer: programmed (TMICT write) to handler, minus the programmed interval
+ *   timer_deadline  TSC-deadline timer: handler TSC minus the deadline
+ *   ipi_halted      IPI round trip CPU 0 -> CPU 1 -> CPU 0, both halted between IPIs (needs 2 CPUs)
+ *   ipi_spin        the same with both CPUs spinning with interrupts enabled
+ * Waits for halted delivery are bounded by the host's timeout; spinning waits by SPIN_WAIT_MS. */
+#include "bench.h"
+
+#define V_SELF 0x50
+#define V_DEV 0x51
+#define V_TIMER 0x52
+#define V_PING 0x53
+#define V_PONG 0x54
+#define DEV_LINE 10
+#define TIMER_NS 50000u /* programmed timer interval: 50 us */
+
+static volatile u64 handler_tsc;
+static volatile u32 taken; /* interrupts taken by the workload's handler */
+
+static void stamp_handler(struct irq_frame *f, u32 cpu)
+{
+	handler_tsc = rdtsc();
+	taken++;
+	apic_eoi();
+}
+
+/* Spins with interrupts enabled until `taken` passes `before` (bounded). */
+static bool spin_until_taken(u32 before)
+{
+	u64 t0 = rdtsc(), limit = ms_to_tsc(SPIN_WAIT_MS);
+	while (READ_ONCE(taken) == before)
+		if (rdtsc() - t0 > limit)
+			return false;
+	return true;
+}
+
+/* Halts with interrupts enabled until `taken` passes `before`: `sti; hlt` cannot lose a wake-up. */
+static void halt_until_taken(u32 before)
+{
+	cli();
+	while (READ_ONCE(taken) == before) {
+		sti_hlt();
+		cli();
+	}
+	sti();
+}
+
+static void self_ipi(bool tpr)
+{
+	const char *name = tpr ? "selfipi_tpr" : "selfipi";
+	u32 n = bench_iterations(), sent = 0;
+	irq_set_handler(V_SELF, stamp_handler);
+	taken = 0;
+	for (u32 i = 0; i < BENCH_WARMUP + n; i++) {
+		if (i == BENCH_WARMUP) {
+			bench_begin(name);
+			taken = 0;
+		}
+		u32 before = taken;
+		u64 t0 = rdtsc();
+		if (tpr)
+			apic_write(APIC_TPR, 0xF0);
+		apic_icr_write(0, APIC_SH_SELF | V_SELF);
+		if (tpr)
+			apic_write(APIC_TPR, 0);
+		bool ok = spin_until_taken(before);
+		u64 t1 = rdtsc();
+		if (i >= BENCH_WARMUP) {
+			sent++;
+			if (ok)
+				record(t1 - t0);
+		}
+	}
+	bench_end(name);
+	bench_report(name, sent, taken, taken, 0);
+}
+
+static void irq_guest(void)
+{
+	u32 n = bench_iterations(), sent = 0;
+	irq_set_handler(V_DEV, stamp_handler);
+	ioapic_set_entry(DEV_LINE, (u64)cpu_to_apic_id(0) << 56 | V_DEV);
+	taken = 0;
+	for (u32 i = 0; i < BENCH_WARMUP + n; i++) {
+		if (i == BENCH_WARMUP) {
+			bench_begin("irq_guest");
+			taken = 0;
+		}
+		u32 before = taken;
+		u64 t0 = rdtsc();
+		testdev_set_irq(DEV_LINE, 1);
+		bool ok = spin_until_taken(before);
+		testdev_set_irq(DEV_LINE, 0);
+		if (i >= BENCH_WARMUP) {
+			sent++;
+			if (ok)
+				record(handler_tsc - t0);
+		}
+	}
+	bench_end("irq_guest");
+	ioapic_set_entry(DEV_LINE, IOAPIC_MASKED);
+	bench_report("irq_guest", sent, taken, taken, 0);
+}
+
+static void timer(bool deadline)
+{
+	const char *name = deadline ? "timer_deadline" : "timer_oneshot";
+	if (deadline && !cpu_has_tsc_deadline()) {
+		skip(name, "CPUID.1:ECX[24] is clear");
+		return;
+	}
+	u32 n = bench_iterations(), sent = 0;
+	u64 interval = ms_to_tsc(1) * TIMER_NS / 1000000u;
+	irq_set_handler(V_TIMER, stamp_handler);
+	apic_write(APIC_TDCR, 0xB); /* divide by 1: one tick per ns */
+	taken = 0;
+	for (u32 i = 0; i < BENCH_WARMUP + n; i++) {
+		if (i == BENCH_WARMUP) {
+			bench_begin(name); /* the pause uses the timer: program it again afterwards */
+			apic_write(APIC_TDCR, 0xB);
+			taken = 0;
+		}
+		u32 before = taken;
+		u64 due;
+		if (deadline) {
+			apic_write(APIC_LVT_TIMER, APIC_TIMER_TSCDEADLINE | V_TIMER);
+			due = rdtsc() + interval;
+			wrmsr(MSR_TSC_DEADLINE, due);
+		} else {
+			apic_write(APIC_LVT_TIMER, APIC_TIMER_ONESHOT | V_TIMER);
+			due = rdtsc();
+			apic_write(APIC_TMICT, TIMER_NS);
+		}
+		halt_until_taken(before);
+		if (i >= BENCH_WARMUP) {
+			sent++;
+			record(handler_tsc > due ? handler_tsc - due : 0);
+		}
+	}
+	bench_end(name);
+	apic_write(APIC_LVT_TIMER, APIC_LVT_MASKED);
+	bench_report(name, sent, taken, taken, deadline ? 0 : TIMER_NS);
+}
+
+/* ---- IPI round trips between CPU 0 and CPU 1 ---- */
+static volatile u32 pings, stop_spinning;
+
+static void ping_handler(struct irq_frame *f, u32 cpu)
+{
+	pings++;
+	apic_eoi();
+	apic_send_fixed(cpu_to_apic_id(0), V_PONG);
+}
+
+static void spin_on_ap(void *unused)
+{
+	sti();
+	while (!READ_ONCE(stop_spinning))
+		cpu_relax();
+}
+
+static void ipi_round_trips(bool spin)
+{
+	const char *name = spin ? "ipi_spin" : "ipi_halted";
+	if (ncpus < 2) {
+		skip(name, "needs 2 CPUs, has %u", ncpus);
+		return;
+	}
+	u32 n = bench_iterations(), sent = 0;
+	irq_set_handler(V_PING, ping_handler);
+	irq_set_handler(V_PONG, stamp_handler);
+	stop_spinning = 0;
+	if (spin && !smp_call_async(1, spin_on_ap, NULL)) {
+		fail(name, "CPU 1 did not take the call");
+		return;
+	}
+	taken = pings = 0;
+	for (u32 i = 0; i < BENCH_WARMUP + n; i++) {
+		if (i == BENCH_WARMUP) {
+			bench_begin(name);
+			taken = pings = 0;
+		}
+		u32 before = taken;
+		u64 t0 = rdtsc();
+		apic_send_fixed(cpu_to_apic_id(1), V_PING);
+		bool ok = true;
+		if (spin)
+			ok = spin_until_taken(before);
+		else
+			halt_until_taken(before);
+		u64 t1 = rdtsc();
+		if (i >= BENCH_WARMUP) {
+			sent++;
+			if (ok)
+				record(t1 - t0);
+		}
+	}
+	bench_end(name);
+	WRITE_ONCE(stop_spinning, 1);
+	if (spin)
+		smp_wait(1, WAIT_MS);
+	bench_report(name, sent, taken, taken + pings, 0);
+}
+
+void guest_main(void)
+{
+	platform_init(false);
+	if (ncpus >= 2)
+		check(smp_start_all() == ncpus, "all cpus online", "not all APs came up");
+	self_ipi(false);
+	self_ipi(true);
+	irq_guest();
+	timer(false);
+	timer(true);
+	ipi_round_trips(false);
+	ipi_round_trips(true);
+}

@@ -1,0 +1,208 @@
+//! Parsing what a benchmark run printed: the guest's lines (`crates/irqvm/guests/bench.h`) and the
+//! lines the irqvm child adds (`EXITS:`, `HOST...:`, see `child.rs`).
+
+use std::collections::BTreeMap;
+
+/// One workload's figures as its run reported them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Workload {
+    pub sent: u64,
+    pub counted: u64,
+    /// Interrupts the phase delivered in all (a round trip counts two).
+    pub interrupts: u64,
+    /// Subtracted from every sample after conversion to ns.
+    pub offset_ns: f64,
+    /// Guest samples in TSC cycles.
+    pub cycles: Vec<u64>,
+    /// Host-measured samples in ns (host-driven workloads).
+    pub host_ns: Vec<f64>,
+    /// Exits and host CPU ns over the phase, when the child measured them itself.
+    pub host_cost: Option<(u64, u64)>,
+}
+
+/// One host-driven rate step: pulses sent at `hz`, interrupts the guest counted.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RatePoint {
+    pub hz: u64,
+    pub sent: u64,
+    pub delivered: u64,
+    pub elapsed_ns: u64,
+}
+
+/// Everything parsed from one run's output.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RunOutput {
+    pub workloads: BTreeMap<String, Workload>,
+    /// `(begin|end, workload)` → userspace exits so far (irqvm only).
+    pub exits: BTreeMap<(String, String), u64>,
+    pub rates: Vec<RatePoint>,
+    pub failures: Vec<String>,
+    pub done: bool,
+    /// The guest's own total of host-driven interrupts (`COUNT: irq_host=`).
+    pub host_count: Option<u64>,
+    /// What the host thread sent in all (`HOSTSENT: irq_host=`).
+    pub host_sent: Option<u64>,
+}
+
+/// `key=value` pairs of a line, in order.
+fn pairs(text: &str) -> impl Iterator<Item = (&str, &str)> {
+    text.split_whitespace().filter_map(|w| w.split_once('='))
+}
+
+fn field(text: &str, key: &str) -> Option<u64> {
+    pairs(text).find(|(k, _)| *k == key)?.1.parse().ok()
+}
+
+fn name_of(text: &str) -> Option<String> {
+    pairs(text)
+        .find(|(k, _)| *k == "name")
+        .map(|(_, v)| v.to_string())
+}
+
+/// Values after the `name=` word.
+fn values(text: &str) -> impl Iterator<Item = &str> {
+    text.split_whitespace().filter(|w| !w.starts_with("name="))
+}
+
+impl RunOutput {
+    pub fn parse(text: &str) -> Self {
+        let mut out = Self::default();
+        for line in text.lines() {
+            out.parse_line(line.trim_end_matches('\r'));
+        }
+        out
+    }
+
+    fn workload(&mut self, rest: &str) -> Option<&mut Workload> {
+        let name = name_of(rest)?;
+        Some(self.workloads.entry(name).or_default())
+    }
+
+    fn parse_line(&mut self, line: &str) {
+        let Some((tag, rest)) = line.split_once(": ") else {
+            return;
+        };
+        match tag {
+            "BENCH" => {
+                if let Some(w) = self.workload(rest) {
+                    w.sent = field(rest, "sent").unwrap_or(0);
+                    w.counted = field(rest, "counted").unwrap_or(0);
+                    w.interrupts = field(rest, "interrupts").unwrap_or(0);
+                    w.offset_ns = field(rest, "offset_ns").unwrap_or(0) as f64;
+                }
+            }
+            "SAMPLES" => {
+                if let Some(w) = self.workload(rest) {
+                    let parsed = values(rest).filter_map(|v| u64::from_str_radix(v, 16).ok());
+                    w.cycles.extend(parsed);
+                }
+            }
+            "HOSTSAMPLES" => {
+                if let Some(w) = self.workload(rest) {
+                    w.host_ns
+                        .extend(values(rest).filter_map(|v| v.parse::<f64>().ok()));
+                }
+            }
+            "HOSTLAT" => {
+                if let Some(w) = self.workload(rest) {
+                    w.sent = field(rest, "sent").unwrap_or(0);
+                    w.counted = field(rest, "counted").unwrap_or(0);
+                    w.interrupts = w.counted;
+                    if let (Some(e), Some(c)) = (field(rest, "exits"), field(rest, "cpu_ns")) {
+                        w.host_cost = Some((e, c));
+                    }
+                }
+            }
+            "HOSTRATE" => {
+                let get = |k| field(rest, k).unwrap_or(0);
+                self.rates.push(RatePoint {
+                    hz: get("hz"),
+                    sent: get("sent"),
+                    delivered: get("delivered"),
+                    elapsed_ns: get("elapsed_ns"),
+                });
+            }
+            "EXITS" => {
+                let mut words = rest.split_whitespace();
+                if let (Some(edge), Some(name), Some(Ok(n))) =
+                    (words.next(), words.next(), words.next().map(str::parse))
+                {
+                    self.exits.insert((edge.to_string(), name.to_string()), n);
+                }
+            }
+            "COUNT" => self.host_count = field(rest, "irq_host"),
+            "HOSTSENT" => self.host_sent = field(rest, "irq_host"),
+            "FAIL" => self.failures.push(rest.to_string()),
+            "DONE" => self.done = true,
+            _ => {}
+        }
+    }
+
+    /// Userspace exits between the `begin` and `end` marks of `name`.
+    pub fn phase_exits(&self, name: &str) -> Option<u64> {
+        let get = |edge: &str| {
+            self.exits
+                .get(&(edge.to_string(), name.to_string()))
+                .copied()
+        };
+        Some(get("end")?.saturating_sub(get("begin")?))
+    }
+}
+
+/// The workload a `MARK:` line opens or closes: `("begin", name)`.
+pub fn mark(line: &str) -> Option<(&str, &str)> {
+    let rest = line.strip_prefix("MARK: ")?;
+    let (edge, name) = rest.trim().split_once(' ')?;
+    matches!(edge, "begin" | "end").then_some((edge, name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "PASS: all cpus online\n\
+        MARK: begin selfipi\n\
+        EXITS: begin selfipi 100\n\
+        MARK: end selfipi\n\
+        BENCH: name=selfipi sent=3 counted=3 interrupts=3 offset_ns=50\n\
+        SAMPLES: name=selfipi 10 ff\n\
+        SAMPLES: name=selfipi 1a\n\
+        EXITS: end selfipi 160\n\
+        HOSTRATE: hz=1000 sent=10 delivered=9 elapsed_ns=9000000\n\
+        HOSTLAT: name=irq_host sent=5 counted=5 exits=20 cpu_ns=1000\n\
+        HOSTSAMPLES: name=irq_host 1500 2500.5\n\
+        COUNT: irq_host=15\n\
+        FAIL: x: y\n\
+        DONE: 1 passed, 1 failed\n";
+
+    #[test]
+    fn guest_lines_become_workloads() {
+        let out = RunOutput::parse(SAMPLE);
+        let w = &out.workloads["selfipi"];
+        assert_eq!((w.sent, w.counted, w.interrupts), (3, 3, 3));
+        assert_eq!(w.offset_ns, 50.0);
+        assert_eq!(w.cycles, vec![0x10, 0xff, 0x1a]);
+        assert_eq!(out.phase_exits("selfipi"), Some(60));
+        assert!(out.done);
+        assert_eq!(out.failures, vec!["x: y".to_string()]);
+    }
+
+    #[test]
+    fn host_lines_become_rates_and_costs() {
+        let out = RunOutput::parse(SAMPLE);
+        assert_eq!(out.rates[0].delivered, 9);
+        let w = &out.workloads["irq_host"];
+        assert_eq!(w.host_cost, Some((20, 1000)));
+        assert_eq!(w.host_ns, vec![1500.0, 2500.5]);
+        assert_eq!(out.host_count, Some(15));
+    }
+
+    #[test]
+    fn garbage_is_ignored() {
+        let out = RunOutput::parse("BENCH: sent=x\nSAMPLES: name=a zz 1\nEXITS: begin\nMARK:\n");
+        assert_eq!(out.workloads["a"].cycles, vec![1]);
+        assert!(out.exits.is_empty());
+        assert_eq!(mark("MARK: begin a"), Some(("begin", "a")));
+        assert_eq!(mark("MARK: middle a"), None);
+    }
+}
