@@ -75,7 +75,10 @@ fn unknown_irqchip_modes_are_refused_with_the_list_of_modes() {
     let kernel = common::guest_path("hello");
     let (status, _, err) = irqvm(&["run", "--kernel", &kernel, "--irqchip", "userspace"]);
     assert_eq!(status, 2);
-    assert!(err.contains("possible values: kernel, user, split"), "{err}");
+    assert!(
+        err.contains("possible values: kernel, user, split"),
+        "{err}"
+    );
 }
 
 #[test]
