@@ -72,6 +72,50 @@ fn init_again_passes() {
     run_on_1_2_4("init_again");
 }
 
+/// The checks of `init_state` that must PASS (not SKIP) on this host in every mode.
+const INIT_STATE_CHECKS: &[&str] = &[
+    "PASS: init clears the general registers",
+    "PASS: init loads edx with the cpuid signature",
+    "PASS: init loads eflags 2",
+    "PASS: init cr0 is et with cd and nw kept [tcg-init-cr0]",
+    "PASS: init clears cr2 cr3 cr4",
+    "PASS: init clears efer",
+    "PASS: init and sipi load the selectors",
+    "PASS: init clears the fs and gs bases",
+    "PASS: init loads gdtr and idtr base 0 limit ffff",
+    "PASS: init loads the debug registers",
+    "PASS: init clears tr and ldtr",
+    "PASS: init keeps ia32_sysenter_cs",
+    "PASS: init keeps ia32_star",
+    "PASS: init keeps ia32_lstar",
+    "PASS: init keeps ia32_kernel_gs_base",
+    "PASS: init keeps ia32_pat",
+    "PASS: init keeps the tsc running",
+    "PASS: init keeps the x87 control word",
+    "PASS: init keeps mxcsr",
+    "PASS: init keeps xmm0",
+    "PASS: init disables the kvm clock msr",
+];
+
+/// SDM Table 10-1 from inside the guest: after INIT-SIPI the AP finds every register INIT
+/// resets at its reset value (including IA32_EFER, the FS/GS bases as RDMSR reports them, and
+/// KVM's clock MSR, which user mode clears itself) and every MSR, the TSC and the x87/SSE state
+/// INIT keeps as it left them.
+#[test]
+fn init_state_resets_what_table_10_1_resets_and_keeps_the_rest() {
+    for cpus in [2, 4] {
+        let _one = exclusive();
+        let run = run_guest("init_state", cpus, MODE);
+        run.assert_all_passed(&format!("init_state on {cpus} vCPUs, user irqchip"));
+        for line in INIT_STATE_CHECKS
+            .iter()
+            .chain(&["PASS: init clears ia32_fs_base and ia32_gs_base [kvm-init-fsgs-msr]"])
+        {
+            assert!(run.output.contains(line), "no {line:?}:\n{}", run.output);
+        }
+    }
+}
+
 #[test]
 fn ipi_passes_including_tcg_apic_gap_checks() {
     let runs = run_on_1_2_4("ipi");
