@@ -7,11 +7,13 @@
 //! std::process::exit(report.exit.exit_status());
 //! ```
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::cpuid::{self, CpuidConfig};
 use crate::devices::{DeviceConfig, Devices, SerialOutput};
@@ -283,6 +285,25 @@ impl RunningVm {
     /// The VM's interrupt controller: host threads (tests) drive device lines through it.
     pub fn irqchip(&self) -> &Arc<dyn Irqchip> {
         &self.vm.chip
+    }
+
+    /// The aligned 32-bit word at guest-physical `addr`, read as one atomic access (SeqCst):
+    /// how a host thread (a test) follows a flag or counter the guest shares with it. `None`
+    /// outside guest RAM or unaligned.
+    pub fn load_guest_u32(&self, addr: u64) -> Option<u32> {
+        self.vm
+            .memory
+            .load(GuestAddress(addr), Ordering::SeqCst)
+            .ok()
+    }
+
+    /// Writes the aligned 32-bit word at guest-physical `addr` as one atomic access (SeqCst,
+    /// a full fence on x86). Returns false outside guest RAM or unaligned.
+    pub fn store_guest_u32(&self, addr: u64, value: u32) -> bool {
+        self.vm
+            .memory
+            .store(value, GuestAddress(addr), Ordering::SeqCst)
+            .is_ok()
     }
 
     /// Kicks vCPU `index` out of KVM_RUN (and out of blocking).

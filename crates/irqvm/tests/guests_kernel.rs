@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::run_guest;
+use common::{assert_storm_counts_exact, run_guest, run_storm_with_host_line};
 use irqvm::irqchip::IrqchipMode;
 
 fn run_on_1_2_4(name: &str) {
@@ -149,5 +149,21 @@ fn once_passes_except_isr_kept_checks_host_limit_of_kernel_lapic() {
     for cpus in [1, 2, 4] {
         let run = run_guest("once", cpus, IrqchipMode::Kernel);
         run.assert_passed_except(&format!("once on {cpus} vCPU(s)"), "isr-kept");
+    }
+}
+
+/// The storm guest while a host thread pulses IOAPIC line 10 through KVM_IRQ_LINE (storm.c's
+/// `host_link` handshake): KVM's IOAPIC and LAPICs deliver exactly the device interrupts raised
+/// and every IPI once.
+#[test]
+fn storm_with_host_device_lines_counts_exactly() {
+    for cpus in [2, 4] {
+        let (run, pulses) = run_storm_with_host_line(IrqchipMode::Kernel, cpus);
+        assert_storm_counts_exact(
+            &run,
+            cpus,
+            pulses,
+            &format!("storm, host line, {cpus} vCPUs, kernel"),
+        );
     }
 }
