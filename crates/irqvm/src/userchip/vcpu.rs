@@ -320,4 +320,12 @@ impl VcpuIrqchip for UserVcpuChip {
     fn block(&mut self, _deadline: Option<Instant>) {
         self.interrupts.block();
     }
+
+    /// The model's state (`MpStateMachine::get_for_user`'s value), after taking what was posted
+    /// and accepting INIT/SIPI, as KVM does before it answers KVM_GET_MP_STATE.
+    fn mp_state(&mut self, vcpu: &mut VcpuFd) -> Result<u32, IrqchipError> {
+        self.interrupts.drain();
+        self.accept_init_sipi(vcpu)?;
+        Ok(self.interrupts.mp_state().to_kvm())
+    }
 }
