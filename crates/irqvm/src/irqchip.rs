@@ -221,6 +221,20 @@ pub trait VcpuIrqchip: Send {
     /// Sleeps until the vCPU may have become runnable, `deadline` passes or
     /// [`Irqchip::wake_vcpu`] is called. Spurious returns are allowed; busy-waiting is not.
     fn block(&mut self, deadline: Option<Instant>);
+
+    /// The vCPU's multiprocessor state as KVM_GET_MP_STATE reports it (a `KVM_MP_STATE_*`
+    /// value), after accepting a pending INIT or SIPI as KVM does before it answers: KVM's own
+    /// in `kernel` and `split` mode, the `irqchip` model's in `user` mode (where KVM's is always
+    /// RUNNABLE). Called on the vCPU's thread, outside KVM_RUN, for reports and snapshots.
+    fn mp_state(&mut self, vcpu: &mut VcpuFd) -> Result<u32, IrqchipError>;
+}
+
+/// KVM_GET_MP_STATE of a vCPU whose LAPIC is KVM's (`kernel` and `split` mode).
+pub(crate) fn kvm_mp_state(vcpu: &VcpuFd) -> Result<u32, IrqchipError> {
+    let state = vcpu
+        .get_mp_state()
+        .map_err(KvmError::ioctl("KVM_GET_MP_STATE"))?;
+    Ok(state.mp_state)
 }
 
 /// What a backend gets when it is created, before any vCPU exists.
@@ -337,4 +351,8 @@ impl VcpuIrqchip for KernelVcpuChip {
 
     /// Never called: `before_entry` always says `Enter`.
     fn block(&mut self, _deadline: Option<Instant>) {}
+
+    fn mp_state(&mut self, vcpu: &mut VcpuFd) -> Result<u32, IrqchipError> {
+        kvm_mp_state(vcpu)
+    }
 }

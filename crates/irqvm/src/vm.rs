@@ -7,11 +7,13 @@
 //! std::process::exit(report.exit.exit_status());
 //! ```
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::cpuid::{self, CpuidConfig};
 use crate::devices::{DeviceConfig, Devices, SerialOutput};
@@ -20,7 +22,10 @@ use crate::kvm::{self, KvmError};
 use crate::loader::{self, LoadRequest, LoadedKernel, LoaderError, Module, RawImage};
 use crate::memory::{self, GuestRam, MemoryError};
 use crate::vcpu::kick::install_kick_handler;
-use crate::vcpu::{regs, GuestExit, VcpuShared, VcpuStatsSnapshot, VcpuThread, VmControl};
+use crate::vcpu::{
+    regs, GuestExit, VcpuShared, VcpuState, VcpuStatsSnapshot, VcpuThread, VmControl,
+};
+use ::irqchip::mpstate::MpState;
 
 /// Most vCPUs a VM may have: xAPIC IDs are 8 bits and 0xFF is the broadcast ID.
 pub const MAX_VCPUS: u32 = 254;
@@ -250,6 +255,9 @@ pub struct RunReport {
     pub exit: GuestExit,
     pub elapsed: Duration,
     pub vcpus: Vec<VcpuStatsSnapshot>,
+    /// Each vCPU's multiprocessor state when it stopped (KVM_GET_MP_STATE in kernel and split
+    /// mode, the irqchip model's in user mode), index = vCPU; `None` if it could not be read.
+    pub mp_states: Vec<Option<MpState>>,
 }
 
 /// A started VM.
@@ -283,6 +291,44 @@ impl RunningVm {
     /// The VM's interrupt controller: host threads (tests) drive device lines through it.
     pub fn irqchip(&self) -> &Arc<dyn Irqchip> {
         &self.vm.chip
+    }
+
+    /// The aligned 32-bit word at guest-physical `addr`, read as one atomic access (SeqCst):
+    /// how a host thread (a test) follows a flag or counter the guest shares with it. `None`
+    /// outside guest RAM or unaligned.
+    pub fn load_guest_u32(&self, addr: u64) -> Option<u32> {
+        self.vm
+            .memory
+            .load(GuestAddress(addr), Ordering::SeqCst)
+            .ok()
+    }
+
+    /// Writes the aligned 32-bit word at guest-physical `addr` as one atomic access (SeqCst,
+    /// a full fence on x86). Returns false outside guest RAM or unaligned.
+    pub fn store_guest_u32(&self, addr: u64, value: u32) -> bool {
+        self.vm
+            .memory
+            .store(value, GuestAddress(addr), Ordering::SeqCst)
+            .is_ok()
+    }
+
+    /// vCPU `index`'s multiprocessor state now, as KVM_GET_MP_STATE would report it (see
+    /// [`crate::irqchip::VcpuIrqchip::mp_state`]): the vCPU's thread reads it when it answers a
+    /// ping, so this kicks the vCPU and waits up to `timeout` for the answer. A stopped vCPU gives
+    /// the state it stopped in. `None` on timeout.
+    pub fn mp_state(&self, index: usize, timeout: Duration) -> Option<MpState> {
+        let shared = &self.vm.shared[index];
+        if shared.state() != VcpuState::Stopped {
+            let deadline = Instant::now() + timeout;
+            let n = self.ping(index);
+            while shared.pings_answered() < n && shared.state() != VcpuState::Stopped {
+                if Instant::now() >= deadline {
+                    return None;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        shared.mp_state()
     }
 
     /// Kicks vCPU `index` out of KVM_RUN (and out of blocking).
@@ -323,6 +369,7 @@ impl RunningVm {
         }
         self.join();
         let vcpus = self.vm.shared.iter().map(|s| s.stats.snapshot()).collect();
+        let mp_states = self.vm.shared.iter().map(|s| s.mp_state()).collect();
         let elapsed = self.started.elapsed();
         match outcome {
             None => Err(VmError::Timeout(timeout.unwrap_or_default())),
@@ -330,6 +377,7 @@ impl RunningVm {
                 exit,
                 elapsed,
                 vcpus,
+                mp_states,
             }),
             Some(Err((vcpu, message))) => Err(VmError::Vcpu { vcpu, message }),
         }

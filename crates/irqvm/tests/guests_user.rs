@@ -4,15 +4,10 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::{Mutex, MutexGuard};
 
-use common::{guest_path, run_guest, GuestRun, HARNESS_TIMEOUT, VM_TIMEOUT};
-use irqvm::devices::{SerialCapture, SerialOutput};
+use common::{assert_storm_counts_exact, run_guest, run_storm_with_host_line, GuestRun};
 use irqvm::irqchip::IrqchipMode;
-use irqvm::vcpu::VcpuState;
-use irqvm::vm::{Vm, VmConfig};
 
 const MODE: IrqchipMode = IrqchipMode::User;
 
@@ -72,6 +67,50 @@ fn init_again_passes() {
     run_on_1_2_4("init_again");
 }
 
+/// The checks of `init_state` that must PASS (not SKIP) on this host in every mode.
+const INIT_STATE_CHECKS: &[&str] = &[
+    "PASS: init clears the general registers",
+    "PASS: init loads edx with the cpuid signature",
+    "PASS: init loads eflags 2",
+    "PASS: init cr0 is et with cd and nw kept [tcg-init-cr0]",
+    "PASS: init clears cr2 cr3 cr4",
+    "PASS: init clears efer",
+    "PASS: init and sipi load the selectors",
+    "PASS: init clears the fs and gs bases",
+    "PASS: init loads gdtr and idtr base 0 limit ffff",
+    "PASS: init loads the debug registers",
+    "PASS: init clears tr and ldtr",
+    "PASS: init keeps ia32_sysenter_cs",
+    "PASS: init keeps ia32_star",
+    "PASS: init keeps ia32_lstar",
+    "PASS: init keeps ia32_kernel_gs_base",
+    "PASS: init keeps ia32_pat",
+    "PASS: init keeps the tsc running",
+    "PASS: init keeps the x87 control word",
+    "PASS: init keeps mxcsr",
+    "PASS: init keeps xmm0",
+    "PASS: init disables the kvm clock msr",
+];
+
+/// SDM Table 10-1 from inside the guest: after INIT-SIPI the AP finds every register INIT
+/// resets at its reset value (including IA32_EFER, the FS/GS bases as RDMSR reports them, and
+/// KVM's clock MSR, which user mode clears itself) and every MSR, the TSC and the x87/SSE state
+/// INIT keeps as it left them.
+#[test]
+fn init_state_resets_what_table_10_1_resets_and_keeps_the_rest() {
+    for cpus in [2, 4] {
+        let _one = exclusive();
+        let run = run_guest("init_state", cpus, MODE);
+        run.assert_all_passed(&format!("init_state on {cpus} vCPUs, user irqchip"));
+        for line in INIT_STATE_CHECKS
+            .iter()
+            .chain(&["PASS: init clears ia32_fs_base and ia32_gs_base [kvm-init-fsgs-msr]"])
+        {
+            assert!(run.output.contains(line), "no {line:?}:\n{}", run.output);
+        }
+    }
+}
+
 #[test]
 fn ipi_passes_including_tcg_apic_gap_checks() {
     let runs = run_on_1_2_4("ipi");
@@ -119,76 +158,20 @@ fn demo_passes() {
     run_on_1_2_4("demo");
 }
 
-/// The storm guest while a host thread pulses IOAPIC lines 10 and 11 from "STORM: start" to
-/// "STORM: end": every IPI sent is received exactly once, every device interrupt the guest
-/// counted was raised (edges may merge in IRR, so the guest sees at most what was pulsed), and
-/// the guest's own pulses all arrive.
+/// The storm guest while a host thread pulses IOAPIC line 10 (storm.c's `host_link` handshake:
+/// one host edge outstanding at a time, none after the guest closed the window): every IPI sent
+/// is received exactly once, and the guest counts exactly the device interrupts raised, the
+/// host's pulses of line 10 and its own 20 of line 11.
 #[test]
 fn storm_with_host_device_lines_counts_exactly() {
     for cpus in [2, 4] {
         let _one = exclusive();
-        let capture = SerialCapture::new();
-        let kernel = std::fs::read(guest_path("storm")).unwrap();
-        let mut cfg = VmConfig::new(kernel, "storm.elf");
-        cfg.cpus = cpus;
-        cfg.irqchip = MODE;
-        cfg.serial = SerialOutput::Capture(capture.clone());
-        let host_pulses = Arc::new(AtomicU32::new(0));
-        let (tx, rx) = mpsc::channel();
-        {
-            let (capture, host_pulses) = (capture.clone(), host_pulses.clone());
-            std::thread::spawn(move || {
-                let vm = Vm::new(&cfg).unwrap().start().unwrap();
-                std::thread::scope(|s| {
-                    s.spawn(|| pulse_during_storm(&vm, &capture, &host_pulses));
-                });
-                let _ = tx.send(vm.wait(Some(VM_TIMEOUT)));
-            });
-        }
-        let result = rx.recv_timeout(HARNESS_TIMEOUT).expect("VM did not stop");
-        let run = GuestRun {
-            result,
-            output: capture.text(),
-        };
-        run.assert_all_passed(&format!("storm with host lines on {cpus} vCPUs"));
-        let line = run
-            .output
-            .lines()
-            .find(|l| l.starts_with("COUNT: ipi_sent="))
-            .unwrap_or_else(|| panic!("no COUNT line:\n{}", run.output));
-        let field = |name: &str| -> u32 {
-            let v = line.split(&format!("{name}=")).nth(1).unwrap();
-            v.split_whitespace().next().unwrap().parse().unwrap()
-        };
-        let (sent, received, dev) = (field("ipi_sent"), field("ipi_received"), field("dev"));
-        assert_eq!(sent, 200 * cpus, "{}", run.output);
-        assert_eq!(sent, received, "{}", run.output);
-        let pulsed = host_pulses.load(Ordering::SeqCst);
-        assert!(pulsed > 0, "the host never pulsed:\n{}", run.output);
-        assert!(
-            (20..=20 + pulsed).contains(&dev),
-            "dev={dev}, guest pulses 20, host pulses {pulsed}:\n{}",
-            run.output
+        let (run, pulses) = run_storm_with_host_line(MODE, cpus);
+        assert_storm_counts_exact(
+            &run,
+            cpus,
+            pulses,
+            &format!("storm, host line, {cpus} vCPUs, user"),
         );
-    }
-}
-
-/// Pulses lines 10 and 11 between the guest's STORM markers (bounded by the VM timeout and the
-/// VM's end).
-fn pulse_during_storm(vm: &irqvm::vm::RunningVm, capture: &SerialCapture, count: &AtomicU32) {
-    let start = Instant::now();
-    let vm_over = || start.elapsed() > VM_TIMEOUT || vm.vcpu(0).state() == VcpuState::Stopped;
-    while !capture.text().contains("STORM: start") {
-        if vm_over() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    let mut line = 10;
-    while !capture.text().contains("STORM: end") && !vm_over() {
-        vm.irqchip().pulse_line(line).unwrap();
-        count.fetch_add(1, Ordering::SeqCst);
-        line = if line == 10 { 11 } else { 10 };
-        std::thread::sleep(Duration::from_micros(500));
     }
 }

@@ -540,6 +540,11 @@ impl VcpuIrqchip for SplitVcpuChip {
 
     /// Never called: `before_entry` always says `Enter`.
     fn block(&mut self, _deadline: Option<Instant>) {}
+
+    /// KVM's: MP state, INIT and SIPI belong to its LAPIC in split mode.
+    fn mp_state(&mut self, vcpu: &mut VcpuFd) -> Result<u32, IrqchipError> {
+        crate::irqchip::kvm_mp_state(vcpu)
+    }
 }
 
 /// The offset of `addr` in the IOAPIC's window, if it is there.

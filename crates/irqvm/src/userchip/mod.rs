@@ -88,6 +88,8 @@ impl VmClock {
 /// What every vCPU half shares.
 pub(crate) struct Shared {
     pub clock: VmClock,
+    /// The MSRs INIT clears that this KVM knows (`reset::init_cleared_msrs`).
+    pub init_msrs: Vec<reset::InitClearedMsr>,
     tsc: TscProbe,
     pub platform: platform::Platform,
     pub notifier: Arc<notify::Notifier>,
@@ -127,8 +129,13 @@ impl UserIrqchip {
             timers::VmTimers::start(ctx.vcpus.len(), Box::new(move |i| notifier.wake(i)))
                 .map_err(|e| IrqchipError::User(format!("cannot start the timer thread: {e}")))?
         };
+        let msr_index = ctx
+            .kvm
+            .get_msr_index_list()
+            .map_err(KvmError::ioctl("KVM_GET_MSR_INDEX_LIST"))?;
         let shared = Arc::new(Shared {
             clock: vm_clock,
+            init_msrs: reset::init_cleared_msrs(msr_index.as_slice()),
             tsc,
             platform: platform::Platform::new(chip, notifier.clone()),
             notifier,

@@ -1,18 +1,85 @@
 //! Applying INIT and SIPI to a KVM vCPU: the architectural state after INIT (SDM vol. 3 Table
 //! 10-1, as data in `irqchip::mpstate::reset_state`) through KVM_SET_SREGS / KVM_SET_REGS /
-//! KVM_SET_DEBUGREGS / KVM_SET_VCPU_EVENTS, and the SIPI start (real mode at CS = vector << 8,
-//! base vector << 12, RIP 0; SDM §9.4.3).
+//! KVM_SET_DEBUGREGS / KVM_SET_VCPU_EVENTS / KVM_SET_MSRS, and the SIPI start (real mode at CS =
+//! vector << 8, base vector << 12, RIP 0; SDM §9.4.3).
 //!
-//! What INIT keeps is not written: CR0.CD/NW (through `cr0_from`), x87/SSE state, XCR0, MSRs
-//! other than EFER (EFER goes through `kvm_sregs`), the TSC, IA32_APIC_BASE.
+//! In `user` mode KVM never sees the INIT, so its own `kvm_vcpu_reset(init_event = true)` does
+//! not run: everything INIT changes is written here.
+//!
+//! * Written: RIP, RFLAGS, the sixteen general registers (RDX = the processor signature), CR0
+//!   (CD and NW kept, `cr0_from`), CR2, CR3, CR4, CR8 (the TPR, which `LocalApic::init_reset`
+//!   clears), IA32_EFER, every segment register with its hidden part (so IA32_FS_BASE and
+//!   IA32_GS_BASE, which are the FS and GS bases), GDTR, IDTR, LDTR, TR, DR0-DR3, DR6, DR7; pending
+//!   exceptions, a queued interrupt, NMI state and the interrupt shadow are dropped; and the MSRs
+//!   of [`INIT_CLEARED_MSRS`] go to 0.
+//! * Kept, as the table says (`ArchResetState::preserved`: the fields INIT leaves `None`): x87,
+//!   MMX and SSE state, XCR0, the TSC, IA32_PAT, MTRRs, SMBASE, performance counters, machine
+//!   check, IA32_APIC_BASE and every other MSR (SYSENTER_*, STAR, LSTAR, CSTAR, FMASK,
+//!   KERNEL_GS_BASE, TSC_AUX, ...).
+//!
+//! The guest `init_state` (crates/irqvm/guests) checks both lists from inside a real vCPU.
 
-use kvm_bindings::{kvm_dtable, kvm_segment};
+use kvm_bindings::{kvm_dtable, kvm_msr_entry, kvm_segment, Msrs};
 use kvm_ioctls::VcpuFd;
 
 use irqchip::mpstate::SipiAction;
-use irqchip::mpstate::{gpr, ArchResetState, DescriptorTable, SegmentState};
+use irqchip::mpstate::{gpr, ArchResetState, DescriptorTable, ResetCause, SegmentState};
 
+use crate::irqchip::IrqchipError;
 use crate::kvm::KvmError;
+
+/// An MSR that INIT clears although it is not part of the register state `kvm_sregs` carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InitClearedMsr {
+    pub index: u32,
+    pub name: &'static str,
+}
+
+const fn msr(index: u32, name: &'static str) -> InitClearedMsr {
+    InitClearedMsr { index, name }
+}
+
+/// The MSRs INIT sets to 0 besides IA32_EFER (which goes through `kvm_sregs`). Table 10-1 keeps
+/// "all other MSRs"; these are the exceptions a VMM must apply itself:
+/// * KVM's paravirtual MSRs: the guest OS that INIT restarts has not asked for a clock page,
+///   steal-time record, async-PF area or PV-EOI word, and KVM must stop writing guest memory for
+///   the old one. KVM's own INIT (`kvm_vcpu_reset`, and `kvm_lapic_reset` for PV EOI) clears
+///   them; kernel and split mode get that from KVM, user mode from here.
+/// * IA32_SPEC_CTRL and IA32_UMWAIT_CONTROL: KVM's VMX and SVM INIT paths clear them, so the
+///   guest sees the same in every irqchip mode.
+/// * IA32_BNDCFGS (MPX) and the CET MSRs: INIT clears them (the MPX and CET chapters of SDM vol.
+///   1; KVM clears BNDCFGS at INIT too).
+///
+/// Only those KVM lists in KVM_GET_MSR_INDEX_LIST are touched ([`init_cleared_msrs`]), and only
+/// when they are not already 0.
+pub const INIT_CLEARED_MSRS: &[InitClearedMsr] = &[
+    msr(0x12, "MSR_KVM_SYSTEM_TIME"),
+    msr(0x4B56_4D01, "MSR_KVM_SYSTEM_TIME_NEW"),
+    msr(0x4B56_4D02, "MSR_KVM_ASYNC_PF_EN"),
+    msr(0x4B56_4D03, "MSR_KVM_STEAL_TIME"),
+    msr(0x4B56_4D04, "MSR_KVM_PV_EOI_EN"),
+    msr(0x4B56_4D06, "MSR_KVM_ASYNC_PF_INT"),
+    msr(0x48, "IA32_SPEC_CTRL"),
+    msr(0xE1, "IA32_UMWAIT_CONTROL"),
+    msr(0xD90, "IA32_BNDCFGS"),
+    msr(0x6A0, "IA32_U_CET"),
+    msr(0x6A2, "IA32_S_CET"),
+    msr(0x6A4, "IA32_PL0_SSP"),
+    msr(0x6A5, "IA32_PL1_SSP"),
+    msr(0x6A6, "IA32_PL2_SSP"),
+    msr(0x6A7, "IA32_PL3_SSP"),
+    msr(0x6A8, "IA32_INTERRUPT_SSP_TABLE_ADDR"),
+];
+
+/// The entries of [`INIT_CLEARED_MSRS`] that KVM knows (`kvm_msrs`: its KVM_GET_MSR_INDEX_LIST).
+/// An MSR KVM does not list cannot hold a value a guest wrote.
+pub fn init_cleared_msrs(kvm_msrs: &[u32]) -> Vec<InitClearedMsr> {
+    INIT_CLEARED_MSRS
+        .iter()
+        .copied()
+        .filter(|m| kvm_msrs.contains(&m.index))
+        .collect()
+}
 
 /// A segment in `kvm_segment` form from the VMX access-rights layout the reset table uses
 /// (type 3:0, S 4, DPL 6:5, P 7, AVL 12, L 13, D/B 14, G 15).
@@ -44,8 +111,74 @@ fn kvm_dtable_of(t: DescriptorTable) -> kvm_dtable {
     }
 }
 
-/// Loads the state after INIT into `vcpu`.
-pub fn apply_init(vcpu: &VcpuFd, state: &ArchResetState) -> Result<(), KvmError> {
+/// Loads the state after INIT into `vcpu`: `state` is `ArchResetState::after_init`, whose `None`
+/// fields are what INIT keeps; `msrs` are the [`init_cleared_msrs`] of this KVM. A power-up
+/// state is refused: KVM_CREATE_VCPU already did the power-up, and user mode has no RESET.
+pub fn apply_init(
+    vcpu: &VcpuFd,
+    state: &ArchResetState,
+    msrs: &[InitClearedMsr],
+) -> Result<(), IrqchipError> {
+    if state.cause != ResetCause::Init {
+        return Err(IrqchipError::User(
+            "apply_init takes the state after INIT, not a power-up state".into(),
+        ));
+    }
+    apply_init_registers(vcpu, state)?;
+    clear_msrs(vcpu, msrs)
+}
+
+/// Sets every MSR of `msrs` that is not 0 to 0. One that cannot be read is skipped (the guest
+/// cannot have set it either); one that reads non-zero and cannot be cleared is an error.
+fn clear_msrs(vcpu: &VcpuFd, msrs: &[InitClearedMsr]) -> Result<(), IrqchipError> {
+    for m in msrs {
+        match read_msr(vcpu, m.index) {
+            Some(0) | None => {}
+            Some(_) => write_msr(vcpu, m.index, 0).map_err(|e| {
+                IrqchipError::User(format!(
+                    "INIT: cannot clear {} ({:#x}): {e}",
+                    m.name, m.index
+                ))
+            })?,
+        }
+    }
+    Ok(())
+}
+
+fn one_msr(index: u32, data: u64) -> Result<Msrs, KvmError> {
+    Msrs::from_entries(&[kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    }])
+    .map_err(|_| KvmError::MissingCap("an MSR list"))
+}
+
+fn read_msr(vcpu: &VcpuFd, index: u32) -> Option<u64> {
+    let mut msrs = one_msr(index, 0).ok()?;
+    match vcpu.get_msrs(&mut msrs) {
+        Ok(1) => msrs.as_slice().first().map(|e| e.data),
+        _ => None,
+    }
+}
+
+fn write_msr(vcpu: &VcpuFd, index: u32, value: u64) -> Result<(), KvmError> {
+    let written = vcpu
+        .set_msrs(&one_msr(index, value)?)
+        .map_err(KvmError::ioctl("KVM_SET_MSRS"))?;
+    if written == 1 {
+        Ok(())
+    } else {
+        Err(KvmError::Ioctl {
+            what: "KVM_SET_MSRS",
+            source: kvm_ioctls::Error::new(libc::EINVAL),
+        })
+    }
+}
+
+/// The register part of INIT: sregs (with EFER and CR8), general registers, debug registers,
+/// pending events.
+fn apply_init_registers(vcpu: &VcpuFd, state: &ArchResetState) -> Result<(), KvmError> {
     let mut sregs = vcpu.get_sregs().map_err(KvmError::ioctl("KVM_GET_SREGS"))?;
     sregs.cs = kvm_segment_of(state.cs);
     sregs.ds = kvm_segment_of(state.ds);
@@ -62,6 +195,8 @@ pub fn apply_init(vcpu: &VcpuFd, state: &ArchResetState) -> Result<(), KvmError>
     sregs.cr3 = state.cr3;
     sregs.cr4 = state.cr4;
     sregs.efer = state.efer;
+    // The TPR: LocalApic::init_reset cleared it; KVM keeps CR8 as its mirror.
+    sregs.cr8 = 0;
     // INIT discards an interrupt KVM still had queued for injection.
     sregs.interrupt_bitmap = [0; 4];
     vcpu.set_sregs(&sregs)
@@ -143,6 +278,72 @@ pub fn apply_sipi(vcpu: &VcpuFd, start: &SipiAction) -> Result<(), KvmError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use irqchip::mpstate::PreservedState;
+
+    /// Only the MSRs KVM lists are cleared: the others cannot hold a guest's value.
+    #[test]
+    fn init_cleared_msrs_are_those_kvm_lists() {
+        let kvm = [0x10, 0x4B56_4D01, 0x48, 0x277];
+        let got: Vec<u32> = init_cleared_msrs(&kvm).iter().map(|m| m.index).collect();
+        assert_eq!(got, vec![0x4B56_4D01, 0x48]);
+        assert!(init_cleared_msrs(&[]).is_empty());
+    }
+
+    /// SDM Table 10-1: INIT keeps "all other MSRs". None of those may be in the cleared list: the
+    /// TSC, PAT, MTRRs, SYSENTER_*, STAR/LSTAR/CSTAR/FMASK, KERNEL_GS_BASE, TSC_AUX, APIC base;
+    /// FS/GS base and EFER go through `kvm_sregs`.
+    #[test]
+    fn msrs_init_keeps_are_not_cleared_table_10_1() {
+        let kept = [
+            0x10,
+            0x1B,
+            0x174,
+            0x175,
+            0x176,
+            0x277,
+            0x2FF,
+            0xC000_0080,
+            0xC000_0081,
+            0xC000_0082,
+            0xC000_0083,
+            0xC000_0084,
+            0xC000_0100,
+            0xC000_0101,
+            0xC000_0102,
+            0xC000_0103,
+        ];
+        for m in INIT_CLEARED_MSRS {
+            assert!(!kept.contains(&m.index), "{} is kept by INIT", m.name);
+        }
+    }
+
+    /// What `apply_init` leaves alone is exactly what the INIT state leaves `None` and lists as
+    /// preserved (Table 10-1, INIT column "unchanged"): x87/SSE, XCR0, TSC, PAT, MTRRs, SMBASE.
+    #[test]
+    fn init_state_leaves_fpu_xcr0_tsc_pat_mtrr_smbase_unchanged_table_10_1() {
+        let s = ArchResetState::after_init(0x806F8);
+        assert_eq!(s.cause, ResetCause::Init);
+        assert_eq!(
+            (s.xcr0, s.pat, s.tsc, s.smbase, s.mtrr_def_type, s.fpu),
+            (None, None, None, None, None, None)
+        );
+        for p in [
+            PreservedState::X87,
+            PreservedState::Mmx,
+            PreservedState::SseAvx,
+            PreservedState::ExtendedControlRegisters,
+            PreservedState::Tsc,
+            PreservedState::Pat,
+            PreservedState::Mtrrs,
+            PreservedState::Smbase,
+            PreservedState::OtherMsrs,
+            PreservedState::Cr0CacheControl,
+        ] {
+            assert!(s.preserved().contains(&p), "{p:?}");
+        }
+        assert_eq!(s.efer, 0, "INIT clears IA32_EFER");
+        assert_eq!(s.gprs[gpr::RDX], 0x806F8);
+    }
 
     /// Table 10-1's CS (code, execute/read, accessed, present) maps to KVM's fields.
     #[test]

@@ -3,8 +3,8 @@
 //! `before_entry`, in this order (seed 001: publish, then drain, then decide):
 //! 1. `begin_guest_entry`: mode InGuest, then drain the inbox. From here a post kicks us, so
 //!    nothing posted later can be missed: at worst KVM_RUN returns EINTR at once.
-//! 2. `accept_events` (seed 000): INIT -> architectural reset of the registers, SIPI -> real-mode
-//!    start. The APIC's own reset happens inside the model.
+//! 2. `accept_events` (seed 000): INIT -> architectural reset of the registers and the MSRs INIT
+//!    clears (`reset`), SIPI -> real-mode start. The APIC's own reset happens inside the model.
 //! 3. poll the APIC timer with the VM clock; arm the VM timer thread with the next deadline.
 //! 4. block? (halted with nothing deliverable, or an AP waiting for SIPI): `end_guest_entry`
 //!    first, then `Block`; `block` sleeps on the inbox doorbell (try_block re-checks ON after
@@ -97,12 +97,13 @@ impl UserVcpuChip {
         &self.shared.platform
     }
 
-    fn accept_init_sipi(&mut self, vcpu: &VcpuFd) -> Result<(), KvmError> {
+    fn accept_init_sipi(&mut self, vcpu: &VcpuFd) -> Result<(), IrqchipError> {
         let outcome = self
             .interrupts
             .accept_events(InitBlocking::NONE, &mut StandardSipi);
         if outcome.reset.is_some() {
-            apply_init(vcpu, &ArchResetState::after_init(self.signature))?;
+            let state = ArchResetState::after_init(self.signature);
+            apply_init(vcpu, &state, &self.shared.init_msrs)?;
             self.halted_with_if_clear = false;
             self.regs_rewritten = true;
         }
@@ -318,5 +319,13 @@ impl VcpuIrqchip for UserVcpuChip {
     /// posts a wake-up when it passes, which rings this doorbell.
     fn block(&mut self, _deadline: Option<Instant>) {
         self.interrupts.block();
+    }
+
+    /// The model's state (`MpStateMachine::get_for_user`'s value), after taking what was posted
+    /// and accepting INIT/SIPI, as KVM does before it answers KVM_GET_MP_STATE.
+    fn mp_state(&mut self, vcpu: &mut VcpuFd) -> Result<u32, IrqchipError> {
+        self.interrupts.drain();
+        self.accept_init_sipi(vcpu)?;
+        Ok(self.interrupts.mp_state().to_kvm())
     }
 }

@@ -19,10 +19,11 @@
 pub mod kick;
 pub mod regs;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
+use irqchip::mpstate::{kvm_abi, MpState};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::devices::{Devices, PioAction};
@@ -114,6 +115,22 @@ impl VcpuStats {
     }
 }
 
+/// The multiprocessor state for a `KVM_MP_STATE_*` value KVM_GET_MP_STATE can report on x86
+/// (`None` for the others, e.g. SIPI_RECEIVED, which KVM no longer reports).
+pub fn mp_state_from_kvm(value: u32) -> Option<MpState> {
+    match value {
+        kvm_abi::RUNNABLE => Some(MpState::Runnable),
+        kvm_abi::UNINITIALIZED => Some(MpState::Uninitialized),
+        kvm_abi::INIT_RECEIVED => Some(MpState::InitReceived),
+        kvm_abi::HALTED => Some(MpState::Halted),
+        kvm_abi::AP_RESET_HOLD => Some(MpState::ApResetHold),
+        _ => None,
+    }
+}
+
+/// No MP state recorded yet.
+const MP_STATE_UNKNOWN: u32 = u32::MAX;
+
 /// The part of a vCPU other threads can see and use.
 #[derive(Debug)]
 pub struct VcpuShared {
@@ -123,6 +140,8 @@ pub struct VcpuShared {
     state: AtomicU8,
     pings_requested: AtomicU64,
     pings_answered: AtomicU64,
+    /// The KVM_GET_MP_STATE value the vCPU thread read last (at a ping, and when it stopped).
+    mp_state: AtomicU32,
 }
 
 impl VcpuShared {
@@ -134,6 +153,7 @@ impl VcpuShared {
             state: AtomicU8::new(VcpuState::Created as u8),
             pings_requested: AtomicU64::new(0),
             pings_answered: AtomicU64::new(0),
+            mp_state: AtomicU32::new(MP_STATE_UNKNOWN),
         }
     }
 
@@ -160,6 +180,21 @@ impl VcpuShared {
     fn answer_pings(&self) {
         let requested = self.pings_requested.load(Ordering::SeqCst);
         self.pings_answered.store(requested, Ordering::SeqCst);
+    }
+
+    fn ping_pending(&self) -> bool {
+        self.pings_requested.load(Ordering::SeqCst) != self.pings_answered.load(Ordering::SeqCst)
+    }
+
+    /// The MP state the vCPU thread recorded last: when it answered the latest ping (see
+    /// [`crate::vm::RunningVm::mp_state`]) or, once [`VcpuState::Stopped`], when it stopped.
+    /// `None` before the first record, or if KVM reported a value x86 does not use.
+    pub fn mp_state(&self) -> Option<MpState> {
+        mp_state_from_kvm(self.mp_state.load(Ordering::SeqCst))
+    }
+
+    fn set_mp_state(&self, value: u32) {
+        self.mp_state.store(value, Ordering::SeqCst);
     }
 }
 
@@ -282,6 +317,8 @@ impl VcpuThread {
         let registration = shared.kick.register(immediate_exit);
         let result = self.run_loop(immediate_exit);
         drop(registration);
+        // The final MP state, for the run report, before anyone can see Stopped.
+        self.record_mp_state();
         shared.set_state(VcpuState::Stopped);
         if let Err(e) = result {
             tracing::error!(vcpu = shared.index, "{e}");
@@ -293,6 +330,9 @@ impl VcpuThread {
         let shared = self.shared.clone();
         shared.set_state(VcpuState::Running);
         loop {
+            if shared.ping_pending() {
+                self.record_mp_state();
+            }
             shared.answer_pings();
             if self.control.stop_requested() {
                 return Ok(());
@@ -327,6 +367,15 @@ impl VcpuThread {
                 }
                 Step::InternalError => return Err(self.internal_error()),
             }
+        }
+    }
+
+    /// Reads the MP state through the backend into [`VcpuShared`]; a failure is logged (the
+    /// record then keeps its previous value).
+    fn record_mp_state(&mut self) {
+        match self.chip.mp_state(&mut self.fd) {
+            Ok(value) => self.shared.set_mp_state(value),
+            Err(e) => tracing::warn!(vcpu = self.shared.index, "cannot read the MP state: {e}"),
         }
     }
 

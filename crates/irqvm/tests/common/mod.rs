@@ -3,12 +3,13 @@
 #![allow(dead_code)]
 
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use irqvm::devices::{SerialCapture, SerialOutput};
 use irqvm::irqchip::IrqchipMode;
 use irqvm::loader::{CpuMode, RawImage};
-use irqvm::vm::{RunReport, Vm, VmConfig, VmError};
+use irqvm::vcpu::VcpuState;
+use irqvm::vm::{RunReport, RunningVm, Vm, VmConfig, VmError};
 
 /// How long the VM may run before `Vm::run` stops it.
 pub const VM_TIMEOUT: Duration = Duration::from_secs(30);
@@ -134,3 +135,127 @@ pub fn debug_exit32(value: u32) -> Vec<u8> {
 pub const SPIN: [u8; 2] = [0xEB, 0xFE];
 /// `cli; hlt; jmp $-1`.
 pub const HALT_FOREVER: [u8; 4] = [0xFA, 0xF4, 0xEB, 0xFD];
+
+/// The storm guest on `cpus` vCPUs while a host thread pulses IOAPIC line 10 under the guest's
+/// `host_link` handshake (guests/storm.c): one host edge outstanding at a time, and none after
+/// the guest closed the window. Returns the run and how many times the host pulsed.
+pub fn run_storm_with_host_line(mode: IrqchipMode, cpus: u32) -> (GuestRun, u32) {
+    let capture = SerialCapture::new();
+    let kernel = std::fs::read(guest_path("storm")).unwrap();
+    let mut cfg = VmConfig::new(kernel, "storm.elf");
+    cfg.cpus = cpus;
+    cfg.irqchip = mode;
+    cfg.serial = SerialOutput::Capture(capture.clone());
+    let (tx, rx) = mpsc::channel();
+    {
+        let capture = capture.clone();
+        std::thread::spawn(move || {
+            let vm = Vm::new(&cfg).unwrap().start().unwrap();
+            let pulses =
+                std::thread::scope(|s| s.spawn(|| pulse_host_line(&vm, &capture)).join().unwrap());
+            let _ = tx.send((vm.wait(Some(VM_TIMEOUT)), pulses));
+        });
+    }
+    let (result, pulses) = rx.recv_timeout(HARNESS_TIMEOUT).expect("VM did not stop");
+    let run = GuestRun {
+        result,
+        output: capture.text(),
+    };
+    (run, pulses)
+}
+
+/// The guest's `host_link` words: the guest writes `stop` and counts `dev10`, the host writes
+/// `busy`.
+const LINK_STOP: u64 = 0;
+const LINK_BUSY: u64 = 4;
+const LINK_DEV10: u64 = 8;
+/// The line the host drives (the guest pulses line 11 itself).
+const HOST_LINE: u32 = 10;
+
+/// The host half of storm.c's handshake: `busy` = 1, then read `stop` (the guest writes `stop`,
+/// then reads `busy`: one side always sees the other), pulse, wait until the guest counted it,
+/// `busy` = 0. Bounded by the VM's end.
+fn pulse_host_line(vm: &RunningVm, capture: &SerialCapture) -> u32 {
+    let start = Instant::now();
+    let over = || start.elapsed() > VM_TIMEOUT || vm.vcpu(0).state() == VcpuState::Stopped;
+    let Some(link) = wait_for_host_link(capture, &over) else {
+        return 0;
+    };
+    let word = |offset| {
+        vm.load_guest_u32(link + offset)
+            .expect("host_link is in RAM")
+    };
+    let mut pulses = 0;
+    loop {
+        assert!(
+            vm.store_guest_u32(link + LINK_BUSY, 1),
+            "{link:#x} is not in RAM"
+        );
+        if word(LINK_STOP) != 0 || over() {
+            vm.store_guest_u32(link + LINK_BUSY, 0);
+            return pulses;
+        }
+        let counted = word(LINK_DEV10);
+        vm.irqchip().pulse_line(HOST_LINE).unwrap();
+        pulses += 1;
+        while word(LINK_DEV10) == counted && !over() {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        vm.store_guest_u32(link + LINK_BUSY, 0);
+        std::thread::sleep(Duration::from_micros(300));
+    }
+}
+
+/// The address in "STORM: start host_link=0x..." once the guest printed the whole line.
+fn wait_for_host_link(capture: &SerialCapture, over: &dyn Fn() -> bool) -> Option<u64> {
+    loop {
+        let text = capture.text();
+        let line = text
+            .split("STORM: start host_link=0x")
+            .nth(1)
+            .and_then(|rest| rest.split_once('\n'));
+        if let Some((line, _)) = line {
+            let hex: String = line.chars().take_while(char::is_ascii_hexdigit).collect();
+            return Some(u64::from_str_radix(&hex, 16).expect("an address"));
+        }
+        if over() {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The storm run passed, and its counts are exact: every IPI sent was received once, the guest's
+/// 20 pulses of line 11 gave 20 interrupts, and the host's `pulses` of line 10 gave exactly
+/// `pulses` interrupts.
+pub fn assert_storm_counts_exact(run: &GuestRun, cpus: u32, pulses: u32, what: &str) {
+    run.assert_all_passed(what);
+    let line = run
+        .output
+        .lines()
+        .find(|l| l.starts_with("COUNT: ipi_sent="))
+        .unwrap_or_else(|| panic!("{what}: no COUNT line:\n{}", run.output));
+    // Every field follows a space, so " dev=" does not match "dev10=".
+    let field = |name: &str| -> u32 {
+        let v = line.split(&format!(" {name}=")).nth(1).unwrap();
+        v.split_whitespace().next().unwrap().parse().unwrap()
+    };
+    let (sent, received) = (field("ipi_sent"), field("ipi_received"));
+    let (dev, dev10, dev11) = (field("dev"), field("dev10"), field("dev11"));
+    assert_eq!(sent, 200 * cpus, "{what}: IPIs sent\n{}", run.output);
+    assert_eq!(received, sent, "{what}: IPIs received\n{}", run.output);
+    assert!(pulses > 0, "{what}: the host never pulsed\n{}", run.output);
+    assert_eq!(
+        dev10, pulses,
+        "{what}: host pulses of line 10\n{}",
+        run.output
+    );
+    assert_eq!(dev11, 20, "{what}: guest pulses of line 11\n{}", run.output);
+    assert_eq!(
+        dev,
+        dev10 + dev11,
+        "{what}: device interrupts\n{}",
+        run.output
+    );
+    eprintln!("{what}: {pulses} host pulses; {line}");
+}
