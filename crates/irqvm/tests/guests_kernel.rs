@@ -7,14 +7,17 @@
 
 mod common;
 
-use common::{assert_storm_counts_exact, run_guest, run_storm_with_host_line};
+use common::{check_init_state, check_storm_with_host_line, run_guest};
 use irqvm::irqchip::IrqchipMode;
 
+const MODE: IrqchipMode = IrqchipMode::Kernel;
+
 fn run_on_1_2_4(name: &str) {
-    for cpus in [1, 2, 4] {
-        let run = run_guest(name, cpus, IrqchipMode::Kernel);
-        run.assert_all_passed(&format!("{name} on {cpus} vCPU(s), kernel irqchip"));
-    }
+    common::run_on_1_2_4(name, MODE, None);
+}
+
+fn run_on_1_2_4_except(name: &str, host_limit: &str) {
+    common::run_on_1_2_4(name, MODE, Some(host_limit));
 }
 
 #[test]
@@ -24,7 +27,7 @@ fn hello_passes() {
 
 #[test]
 fn hello_reports_cpu_count_and_ram_from_fw_cfg() {
-    let run = run_guest("hello", 2, IrqchipMode::Kernel);
+    let run = run_guest("hello", 2, MODE);
     assert!(
         run.output
             .contains("2 CPU(s), fw_cfg present, RAM 128 MiB, multiboot magic 2badb002"),
@@ -36,7 +39,7 @@ fn hello_reports_cpu_count_and_ram_from_fw_cfg() {
 #[test]
 fn smp_boot_brings_every_ap_online() {
     for cpus in [1, 2, 4] {
-        let run = run_guest("smp_boot", cpus, IrqchipMode::Kernel);
+        let run = run_guest("smp_boot", cpus, MODE);
         run.assert_all_passed(&format!("smp_boot on {cpus} vCPU(s)"));
         if cpus > 1 {
             assert!(
@@ -62,32 +65,7 @@ fn init_again_passes() {
 /// (`[kvm-init-fsgs-msr]`, a host limit; user mode, which loads the bases itself, passes it).
 #[test]
 fn init_state_passes_except_kvm_init_fsgs_msr_host_limit() {
-    for cpus in [2, 4] {
-        let run = run_guest("init_state", cpus, IrqchipMode::Kernel);
-        run.assert_passed_except(
-            &format!("init_state on {cpus} vCPUs, kernel irqchip"),
-            "kvm-init-fsgs-msr",
-        );
-        for line in [
-            "PASS: init clears the general registers",
-            "PASS: init loads edx with the cpuid signature",
-            "PASS: init cr0 is et with cd and nw kept [tcg-init-cr0]",
-            "PASS: init clears efer",
-            "PASS: init clears the fs and gs bases",
-            "PASS: init loads the debug registers",
-            "PASS: init clears tr and ldtr",
-            "PASS: init keeps ia32_pat",
-            "PASS: init keeps the x87 control word",
-            "PASS: init keeps xmm0",
-            "PASS: init disables the kvm clock msr",
-        ] {
-            assert!(
-                run.output.contains(line),
-                "{cpus} vCPUs: no {line:?}\n{}",
-                run.output
-            );
-        }
-    }
+    check_init_state(MODE, Some("kvm-init-fsgs-msr"), &[]);
 }
 
 #[test]
@@ -117,18 +95,12 @@ fn storm_passes() {
 
 #[test]
 fn tpr_passes_except_isr_kept_checks_host_limit_of_kernel_lapic() {
-    for cpus in [1, 2, 4] {
-        let run = run_guest("tpr", cpus, IrqchipMode::Kernel);
-        run.assert_passed_except(&format!("tpr on {cpus} vCPU(s)"), "isr-kept");
-    }
+    run_on_1_2_4_except("tpr", "isr-kept");
 }
 
 #[test]
 fn ioapic_passes_except_isr_kept_checks_host_limit_of_kernel_lapic() {
-    for cpus in [1, 2, 4] {
-        let run = run_guest("ioapic", cpus, IrqchipMode::Kernel);
-        run.assert_passed_except(&format!("ioapic on {cpus} vCPU(s)"), "isr-kept");
-    }
+    run_on_1_2_4_except("ioapic", "isr-kept");
 }
 
 #[test]
@@ -146,10 +118,7 @@ fn demo_runs_on_four_vcpus() {
 
 #[test]
 fn once_passes_except_isr_kept_checks_host_limit_of_kernel_lapic() {
-    for cpus in [1, 2, 4] {
-        let run = run_guest("once", cpus, IrqchipMode::Kernel);
-        run.assert_passed_except(&format!("once on {cpus} vCPU(s)"), "isr-kept");
-    }
+    run_on_1_2_4_except("once", "isr-kept");
 }
 
 /// The storm guest while a host thread pulses IOAPIC line 10 through KVM_IRQ_LINE (storm.c's
@@ -157,13 +126,5 @@ fn once_passes_except_isr_kept_checks_host_limit_of_kernel_lapic() {
 /// and every IPI once.
 #[test]
 fn storm_with_host_device_lines_counts_exactly() {
-    for cpus in [2, 4] {
-        let (run, pulses) = run_storm_with_host_line(IrqchipMode::Kernel, cpus);
-        assert_storm_counts_exact(
-            &run,
-            cpus,
-            pulses,
-            &format!("storm, host line, {cpus} vCPUs, kernel"),
-        );
-    }
+    check_storm_with_host_line(MODE);
 }

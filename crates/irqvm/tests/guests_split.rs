@@ -14,23 +14,17 @@
 
 mod common;
 
-use common::{assert_storm_counts_exact, run_guest, run_storm_with_host_line};
+use common::{check_init_state, check_storm_with_host_line, run_guest};
 use irqvm::irqchip::IrqchipMode;
 
 const MODE: IrqchipMode = IrqchipMode::Split;
 
 fn run_on_1_2_4(name: &str) {
-    for cpus in [1, 2, 4] {
-        let run = run_guest(name, cpus, MODE);
-        run.assert_all_passed(&format!("{name} on {cpus} vCPU(s), split irqchip"));
-    }
+    common::run_on_1_2_4(name, MODE, None);
 }
 
-fn run_on_1_2_4_except(name: &str, tag: &str) {
-    for cpus in [1, 2, 4] {
-        let run = run_guest(name, cpus, MODE);
-        run.assert_passed_except(&format!("{name} on {cpus} vCPU(s), split irqchip"), tag);
-    }
+fn run_on_1_2_4_except(name: &str, host_limit: &str) {
+    common::run_on_1_2_4(name, MODE, Some(host_limit));
 }
 
 #[test]
@@ -60,32 +54,7 @@ fn init_again_passes() {
 /// (`[kvm-init-fsgs-msr]`, a host limit; user mode, which loads the bases itself, passes it).
 #[test]
 fn init_state_passes_except_kvm_init_fsgs_msr_host_limit() {
-    for cpus in [2, 4] {
-        let run = run_guest("init_state", cpus, MODE);
-        run.assert_passed_except(
-            &format!("init_state on {cpus} vCPUs, split irqchip"),
-            "kvm-init-fsgs-msr",
-        );
-        for line in [
-            "PASS: init clears the general registers",
-            "PASS: init loads edx with the cpuid signature",
-            "PASS: init cr0 is et with cd and nw kept [tcg-init-cr0]",
-            "PASS: init clears efer",
-            "PASS: init clears the fs and gs bases",
-            "PASS: init loads the debug registers",
-            "PASS: init clears tr and ldtr",
-            "PASS: init keeps ia32_pat",
-            "PASS: init keeps the x87 control word",
-            "PASS: init keeps xmm0",
-            "PASS: init disables the kvm clock msr",
-        ] {
-            assert!(
-                run.output.contains(line),
-                "{cpus} vCPUs: no {line:?}\n{}",
-                run.output
-            );
-        }
-    }
+    check_init_state(MODE, Some("kvm-init-fsgs-msr"), &[]);
 }
 
 #[test]
@@ -160,19 +129,7 @@ fn once_delivers_extint_and_level_lines_exactly_once() {
     }
 }
 
-/// The storm guest while a host thread pulses IOAPIC line 10 (storm.c's `host_link` handshake:
-/// one host edge outstanding at a time, none after the guest closed the window): every IPI sent
-/// is received exactly once (KVM's LAPICs), and the guest counts exactly the device interrupts
-/// raised, the host's pulses of line 10 and its own 20 of line 11.
 #[test]
 fn storm_with_host_device_lines_counts_exactly() {
-    for cpus in [2, 4] {
-        let (run, pulses) = run_storm_with_host_line(MODE, cpus);
-        assert_storm_counts_exact(
-            &run,
-            cpus,
-            pulses,
-            &format!("storm, host line, {cpus} vCPUs, split"),
-        );
-    }
+    check_storm_with_host_line(MODE);
 }
