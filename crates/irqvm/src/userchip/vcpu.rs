@@ -17,7 +17,7 @@
 //! After an exit, CR8 is read back into the TPR before the exit is handled (an MMIO TPR write in
 //! the same exit must win over the older CR8), and the mode goes back to OutsideGuest.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_run;
 use kvm_ioctls::VcpuFd;
@@ -34,9 +34,140 @@ use crate::irqchip::{
     BlockReason, ChipExit, EntryDecision, ExitHandled, IrqchipError, VcpuIrqchip,
 };
 use crate::kvm::{inject_interrupt, KvmError};
+use crate::vcpu::kick::{kick_self, KickTimer};
 
 /// Size of the xAPIC register page.
 const APIC_PAGE_SIZE: u64 = 0x1000;
+
+/// First delay of the self-kick that replaces KVM's interrupt window (see [`WindowKick`]).
+const WINDOW_KICK_FIRST: Duration = Duration::from_micros(20);
+/// Past this delay KVM's own exits (about one a millisecond here) come as soon: stop kicking.
+const WINDOW_KICK_LAST: Duration = Duration::from_micros(640);
+
+/// Longest halt poll (KVM's default `halt_poll_ns`).
+const HALT_POLL_MAX: Duration = Duration::from_micros(200);
+/// How close to a timer deadline the poll stops yielding and spins.
+const HALT_POLL_SPIN: Duration = Duration::from_micros(25);
+/// First poll window after a sleep that a poll would have caught.
+const HALT_POLL_START: Duration = Duration::from_micros(10);
+
+/// Halt polling, as KVM does for halted vCPUs with an in-kernel LAPIC: before sleeping on the
+/// doorbell, spin for a while watching the inbox's ON flag (a plain load) and the APIC timer
+/// deadline. A post that lands during the poll sees the vCPU OutsideGuest, so the poster makes
+/// no syscall at all, and the vCPU needs no futex wake-up and no scheduler round trip (tens to
+/// hundreds of µs on this shared host). The window adapts like KVM's: it doubles (from 10 µs,
+/// up to 200 µs) after a sleep short enough that a poll would have caught it, and halves after
+/// a sleep longer than the maximum; a timer deadline within 200 µs is always polled for. The
+/// poll yields the core at each turn, so it never delays another runnable thread (KVM's poll
+/// likewise stops when another task is runnable on its CPU).
+#[derive(Debug)]
+struct HaltPoll {
+    window: Duration,
+}
+
+impl HaltPoll {
+    /// Spins until work is posted, `deadline` passes, or the window ends. True if the vCPU has
+    /// something to do (the caller then skips the sleep).
+    fn poll(&self, inbox: &irqchip::posting::VcpuInbox, deadline: Option<Instant>) -> bool {
+        let start = Instant::now();
+        let mut until = start + self.window;
+        if let Some(d) = deadline.filter(|&d| d <= start + HALT_POLL_MAX) {
+            until = until.max(d);
+        }
+        loop {
+            if inbox.has_pending() {
+                return true;
+            }
+            let now = Instant::now();
+            if deadline.is_some_and(|d| d <= now) {
+                return true;
+            }
+            if now >= until {
+                return false;
+            }
+            // Not a bare spin: on this shared 2-core host the vCPU that will post to us often
+            // waits for this very core (KVM stops polling when another task is runnable here;
+            // from userspace, yielding is how to let it run). A yield is a syscall (~10 µs
+            // here), so the last stretch before a timer deadline is spun.
+            if deadline.is_some_and(|d| d <= now + HALT_POLL_SPIN) {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    /// A sleep of `slept` ended: adapt the window.
+    fn slept(&mut self, slept: Duration) {
+        if slept <= HALT_POLL_MAX {
+            self.window = (self.window * 2).clamp(HALT_POLL_START, HALT_POLL_MAX);
+        } else {
+            self.window /= 2;
+        }
+    }
+}
+
+/// The wait for an interrupt window, shortened. Without an in-kernel LAPIC, KVM reports an open
+/// window (KVM_EXIT_IRQ_WINDOW_OPEN) only at its next exit, which for a spinning guest on this
+/// host comes about once a millisecond (`kvm-facts.md`). So while an interrupt waits for the
+/// guest to set IF (or leave an STI/MOV-SS shadow), the vCPU also kicks itself with a one-shot
+/// timer: after 20 µs, then doubling each time the guest still cannot take it, up to 640 µs
+/// (a guest that keeps IF=0 that long costs about six extra KVM_RUN returns, then none). Every
+/// kick is a KVM_RUN return with fresh `if_flag` / `ready_for_interrupt_injection`.
+#[derive(Debug)]
+struct WindowKick {
+    /// Created on the vCPU thread at its first use (it signals the thread that creates it).
+    timer: Option<KickTimer>,
+    /// When the armed timer fires; `None` when disarmed.
+    due: Option<Instant>,
+    /// The next delay.
+    delay: Duration,
+}
+
+impl WindowKick {
+    fn new() -> Self {
+        Self {
+            timer: None,
+            due: None,
+            delay: WINDOW_KICK_FIRST,
+        }
+    }
+
+    /// Arms the next self-kick unless one is pending or the backoff is exhausted.
+    fn arm(&mut self, now: Instant) {
+        if self.due.is_some_and(|due| due > now) || self.delay > WINDOW_KICK_LAST {
+            return;
+        }
+        if self.timer.is_none() {
+            match KickTimer::for_current_thread() {
+                Ok(t) => self.timer = Some(t),
+                Err(e) => {
+                    tracing::debug!("no window kick timer ({e}): waiting for KVM's window");
+                    self.delay = Duration::MAX;
+                    return;
+                }
+            }
+        }
+        if let Some(timer) = &self.timer {
+            timer.arm(self.delay);
+            self.due = Some(now + self.delay);
+            self.delay = self.delay.saturating_mul(2);
+        }
+    }
+
+    /// The interrupt went in: disarm (one syscall, cheaper than a spurious KVM_RUN return) and
+    /// start the backoff again.
+    fn reset(&mut self, now: Instant) {
+        self.delay = WINDOW_KICK_FIRST;
+        if let Some(due) = self.due.take() {
+            if due > now {
+                if let Some(timer) = &self.timer {
+                    timer.disarm();
+                }
+            }
+        }
+    }
+}
 
 /// `kvm_run` of the vCPU this chip belongs to, captured on the vCPU thread in `before_entry`.
 #[derive(Clone, Copy)]
@@ -73,6 +204,12 @@ pub(crate) struct UserVcpuChip {
     regs_rewritten: bool,
     /// The deadline last given to the timer thread.
     armed: Option<Nanos>,
+    /// KVM's `if_flag` / `ready_for_interrupt_injection` come from an exit handled here, not
+    /// from a KVM_RUN that returned EINTR: the exiting instruction may not have completed yet
+    /// (at an MMIO read exit RIP is still on it), so "not ready" may be stale.
+    flags_from_exit: bool,
+    window_kick: WindowKick,
+    halt_poll: HaltPoll,
 }
 
 impl UserVcpuChip {
@@ -90,6 +227,11 @@ impl UserVcpuChip {
             halted_with_if_clear: false,
             regs_rewritten: false,
             armed: None,
+            flags_from_exit: false,
+            window_kick: WindowKick::new(),
+            halt_poll: HaltPoll {
+                window: Duration::ZERO,
+            },
         }
     }
 
@@ -146,10 +288,12 @@ impl UserVcpuChip {
 
     /// Injects what can be injected now, or asks KVM for an interrupt window.
     fn inject(&mut self, vcpu: &mut VcpuFd, pic_intr: bool) -> Result<(), IrqchipError> {
-        let can_inject = {
+        let (can_inject, if_set) = {
             let run = vcpu.get_kvm_run();
             run.request_interrupt_window = 0;
-            !self.regs_rewritten && run.ready_for_interrupt_injection != 0 && run.if_flag != 0
+            let if_set = run.if_flag != 0;
+            let ready = !self.regs_rewritten && run.ready_for_interrupt_injection != 0;
+            (ready && if_set, if_set)
         };
         let mut next = self.interrupts.next_injection(pic_intr);
         if next == Some(Injection::Nmi) {
@@ -167,6 +311,7 @@ impl UserVcpuChip {
         };
         if !can_inject {
             vcpu.get_kvm_run().request_interrupt_window = 1;
+            self.expedite_window(if_set);
             return Ok(());
         }
         let vector = match next {
@@ -181,7 +326,23 @@ impl UserVcpuChip {
             },
         };
         inject_interrupt(vcpu, vector)?;
+        self.window_kick.reset(Instant::now());
         Ok(())
+    }
+
+    /// An interrupt waits and KVM said "not ready" (or IF=0): get fresh flags sooner than KVM's
+    /// window exit would. IF=1 but "not ready" at an exit means the exiting instruction (at an
+    /// MMIO read RIP is still on it) or the registers just rewritten by INIT/SIPI hold it: a
+    /// KVM_RUN with `immediate_exit` completes the instruction and returns EINTR with the flags
+    /// refreshed, for ~10 µs. With IF=0 (or flags already fresh) the guest itself is not ready:
+    /// kick again shortly ([`WindowKick`]).
+    fn expedite_window(&mut self, if_set: bool) {
+        let stale = self.regs_rewritten || (self.flags_from_exit && if_set);
+        if stale {
+            kick_self();
+        } else {
+            self.window_kick.arm(Instant::now());
+        }
     }
 
     fn sync_cr8_from_exit(&mut self) {
@@ -251,6 +412,7 @@ impl VcpuIrqchip for UserVcpuChip {
         }
         self.inject(vcpu, pic_intr)?;
         self.regs_rewritten = false;
+        self.flags_from_exit = false;
         vcpu.get_kvm_run().cr8 = self.interrupts.lapic().cr8();
         Ok(EntryDecision::Enter)
     }
@@ -266,6 +428,7 @@ impl VcpuIrqchip for UserVcpuChip {
     fn handle_exit(&mut self, exit: &mut ChipExit<'_>) -> Result<ExitHandled, IrqchipError> {
         self.sync_cr8_from_exit();
         self.cr8_synced = true;
+        self.flags_from_exit = true;
         let notifier = self.shared.notifier.clone();
         match exit {
             ChipExit::MmioRead { addr, data } => {
@@ -316,7 +479,57 @@ impl VcpuIrqchip for UserVcpuChip {
 
     /// Sleeps on the inbox doorbell. The deadline needs no timeout here: the VM timer thread
     /// posts a wake-up when it passes, which rings this doorbell.
-    fn block(&mut self, _deadline: Option<Instant>) {
+    fn block(&mut self, deadline: Option<Instant>) {
+        if self.halt_poll.poll(self.interrupts.inbox(), deadline) {
+            return;
+        }
+        let start = Instant::now();
         self.interrupts.block();
+        self.halt_poll.slept(start.elapsed());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The halt-poll window grows after short sleeps (from 10 µs, doubling, capped at KVM's
+    /// 200 µs) and halves after long ones.
+    #[test]
+    fn halt_poll_window_adapts() {
+        let mut poll = HaltPoll {
+            window: Duration::ZERO,
+        };
+        poll.slept(Duration::from_micros(50));
+        assert_eq!(poll.window, HALT_POLL_START);
+        for _ in 0..10 {
+            poll.slept(Duration::from_micros(50));
+        }
+        assert_eq!(poll.window, HALT_POLL_MAX);
+        poll.slept(Duration::from_millis(5));
+        assert_eq!(poll.window, HALT_POLL_MAX / 2);
+    }
+
+    /// A poll returns at once when something is posted, and without work or deadline it gives
+    /// up (a zero window), so the caller sleeps on the doorbell.
+    #[test]
+    fn halt_poll_sees_a_post_and_gives_up_without_one() {
+        let inbox = irqchip::posting::VcpuInbox::new();
+        let poll = HaltPoll {
+            window: Duration::ZERO,
+        };
+        assert!(!poll.poll(&inbox, None));
+        let _ = inbox.post_wakeup();
+        assert!(poll.poll(&inbox, None));
+    }
+
+    /// A passed timer deadline ends the poll: the vCPU re-enters and polls its APIC timer.
+    #[test]
+    fn halt_poll_ends_at_the_deadline() {
+        let inbox = irqchip::posting::VcpuInbox::new();
+        let poll = HaltPoll {
+            window: Duration::ZERO,
+        };
+        assert!(poll.poll(&inbox, Some(Instant::now())));
     }
 }
