@@ -8,10 +8,13 @@
 //! 3. poll the APIC timer with the VM clock; arm the VM timer thread with the next deadline.
 //! 4. block? (halted with nothing deliverable, or an AP waiting for SIPI): `end_guest_entry`
 //!    first, then `Block`; `block` sleeps on the inbox doorbell (try_block re-checks ON after
-//!    publishing Blocked). The timer thread's wake-up ends a block at the timer deadline.
+//!    publishing Blocked). The timer thread's wake-up ends a block at the timer deadline. Before
+//!    sleeping, the vCPU polls its inbox and a near timer deadline for a while ([`HaltPoll`]).
 //! 5. inject: NMI with KVM_NMI; ExtINT and APIC vectors with KVM_INTERRUPT only if KVM said
 //!    `ready_for_interrupt_injection` and IF=1 at the last exit (then the PIC / APIC is
-//!    acknowledged, right before KVM_INTERRUPT); otherwise `request_interrupt_window`.
+//!    acknowledged, right before KVM_INTERRUPT); otherwise `request_interrupt_window`, and,
+//!    since KVM reports the window only at its next exit (~1 ms for a spinning guest here), a
+//!    self-kick soon after ([`WindowKick`]; at once if the flags may just be stale).
 //! 6. `kvm_run.cr8` = TPR[7:4] (KVM loads it into CR8 on entry without an in-kernel LAPIC).
 //!
 //! After an exit, CR8 is read back into the TPR before the exit is handled (an MMIO TPR write in
@@ -477,8 +480,9 @@ impl VcpuIrqchip for UserVcpuChip {
         Ok(ExitHandled::Handled)
     }
 
-    /// Sleeps on the inbox doorbell. The deadline needs no timeout here: the VM timer thread
-    /// posts a wake-up when it passes, which rings this doorbell.
+    /// Polls for work or the timer deadline ([`HaltPoll`]), then sleeps on the inbox doorbell.
+    /// The sleep needs no timeout: the VM timer thread posts a wake-up when the deadline passes,
+    /// which rings this doorbell.
     fn block(&mut self, deadline: Option<Instant>) {
         if self.halt_poll.poll(self.interrupts.inbox(), deadline) {
             return;
