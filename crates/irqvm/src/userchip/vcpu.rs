@@ -43,14 +43,14 @@ use crate::vcpu::kick::{kick_self, KickTimer};
 const APIC_PAGE_SIZE: u64 = 0x1000;
 
 /// First delay of the self-kick that replaces KVM's interrupt window (see [`WindowKick`]).
-const WINDOW_KICK_FIRST: Duration = Duration::from_micros(20);
+const WINDOW_KICK_FIRST: Duration = Duration::from_micros(35);
 /// Past this delay KVM's own exits (about one a millisecond here) come as soon: stop kicking.
-const WINDOW_KICK_LAST: Duration = Duration::from_micros(640);
+const WINDOW_KICK_LAST: Duration = Duration::from_micros(560);
 
 /// Longest halt poll (KVM's default `halt_poll_ns`).
 const HALT_POLL_MAX: Duration = Duration::from_micros(200);
-/// How close to a timer deadline the poll stops yielding and spins.
-const HALT_POLL_SPIN: Duration = Duration::from_micros(25);
+/// A gap this long between two turns of the poll loop means another task ran: stop polling.
+const HALT_POLL_PREEMPTED: Duration = Duration::from_micros(50);
 /// First poll window after a sleep that a poll would have caught.
 const HALT_POLL_START: Duration = Duration::from_micros(10);
 
@@ -60,9 +60,9 @@ const HALT_POLL_START: Duration = Duration::from_micros(10);
 /// no syscall at all, and the vCPU needs no futex wake-up and no scheduler round trip (tens to
 /// hundreds of µs on this shared host). The window adapts like KVM's: it doubles (from 10 µs,
 /// up to 200 µs) after a sleep short enough that a poll would have caught it, and halves after
-/// a sleep longer than the maximum; a timer deadline within 200 µs is always polled for. The
-/// poll yields the core at each turn, so it never delays another runnable thread (KVM's poll
-/// likewise stops when another task is runnable on its CPU).
+/// a sleep longer than the maximum; a timer deadline within 200 µs is always polled for. Like
+/// KVM's, the poll stops when another task wants the core (here: when the scheduler preempted
+/// it).
 #[derive(Debug)]
 struct HaltPoll {
     window: Duration,
@@ -77,6 +77,7 @@ impl HaltPoll {
         if let Some(d) = deadline.filter(|&d| d <= start + HALT_POLL_MAX) {
             until = until.max(d);
         }
+        let mut last = start;
         loop {
             if inbox.has_pending() {
                 return true;
@@ -85,18 +86,16 @@ impl HaltPoll {
             if deadline.is_some_and(|d| d <= now) {
                 return true;
             }
-            if now >= until {
+            // KVM stops polling when another task is runnable on its CPU. From userspace, a
+            // gap between two turns of this tight loop says the scheduler ran something else
+            // here: stop polling and sleep, so a waker's futex wake-up (which the scheduler
+            // favours) brings us back rather than our leftover slice. Yielding instead was
+            // measured worse: under load a yield hands the core away for a whole slice.
+            if now >= until || now.duration_since(last) > HALT_POLL_PREEMPTED {
                 return false;
             }
-            // Not a bare spin: on this shared 2-core host the vCPU that will post to us often
-            // waits for this very core (KVM stops polling when another task is runnable here;
-            // from userspace, yielding is how to let it run). A yield is a syscall (~10 µs
-            // here), so the last stretch before a timer deadline is spun.
-            if deadline.is_some_and(|d| d <= now + HALT_POLL_SPIN) {
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
+            last = now;
+            std::hint::spin_loop();
         }
     }
 
@@ -114,9 +113,12 @@ impl HaltPoll {
 /// window (KVM_EXIT_IRQ_WINDOW_OPEN) only at its next exit, which for a spinning guest on this
 /// host comes about once a millisecond (`kvm-facts.md`). So while an interrupt waits for the
 /// guest to set IF (or leave an STI/MOV-SS shadow), the vCPU also kicks itself with a one-shot
-/// timer: after 20 µs, then doubling each time the guest still cannot take it, up to 640 µs
-/// (a guest that keeps IF=0 that long costs about six extra KVM_RUN returns, then none). Every
-/// kick is a KVM_RUN return with fresh `if_flag` / `ready_for_interrupt_injection`.
+/// timer: after 35 µs, then doubling each time the guest still cannot take it, up to 560 µs
+/// (a guest that keeps IF=0 that long costs five extra KVM_RUN returns, then none). Every
+/// kick is a KVM_RUN return with fresh `if_flag` / `ready_for_interrupt_injection`. Each kick
+/// also costs the guest progress (a KVM_RUN round trip, ~10 µs, plus the arming syscall), so
+/// the first delay is a compromise measured on the bench guests: 20 µs kicked guests that were
+/// about to `sti; hlt` or `iretq` anyway, 50-80 µs left self-IPIs waiting longer.
 #[derive(Debug)]
 struct WindowKick {
     /// Created on the vCPU thread at its first use (it signals the thread that creates it).
@@ -158,17 +160,13 @@ impl WindowKick {
         }
     }
 
-    /// The interrupt went in: disarm (one syscall, cheaper than a spurious KVM_RUN return) and
-    /// start the backoff again.
-    fn reset(&mut self, now: Instant) {
+    /// The interrupt went in: start the backoff again. An armed timer is left to fire: a
+    /// disarm is a syscall (~9 µs here) right before the entry that delivers the interrupt,
+    /// where a late kick costs at most one KVM_RUN return (~7-10 µs) later, and the next arm
+    /// replaces it anyway.
+    fn reset(&mut self) {
         self.delay = WINDOW_KICK_FIRST;
-        if let Some(due) = self.due.take() {
-            if due > now {
-                if let Some(timer) = &self.timer {
-                    timer.disarm();
-                }
-            }
-        }
+        self.due = None;
     }
 }
 
@@ -329,7 +327,7 @@ impl UserVcpuChip {
             },
         };
         inject_interrupt(vcpu, vector)?;
-        self.window_kick.reset(Instant::now());
+        self.window_kick.reset();
         Ok(())
     }
 
