@@ -42,8 +42,10 @@ use crate::vcpu::kick::{kick_self, KickTimer};
 /// Size of the xAPIC register page.
 const APIC_PAGE_SIZE: u64 = 0x1000;
 
-/// First delay of the self-kick that replaces KVM's interrupt window (see [`WindowKick`]).
-const WINDOW_KICK_FIRST: Duration = Duration::from_micros(35);
+/// Initial first delay of the self-kick that replaces KVM's interrupt window ([`WindowKick`]).
+const WINDOW_KICK_START: Duration = Duration::from_micros(35);
+/// The shortest first delay the adaptation goes down to.
+const WINDOW_KICK_MIN: Duration = Duration::from_micros(20);
 /// Past this delay KVM's own exits (about one a millisecond here) come as soon: stop kicking.
 const WINDOW_KICK_LAST: Duration = Duration::from_micros(560);
 
@@ -112,21 +114,33 @@ impl HaltPoll {
 /// The wait for an interrupt window, shortened. Without an in-kernel LAPIC, KVM reports an open
 /// window (KVM_EXIT_IRQ_WINDOW_OPEN) only at its next exit, which for a spinning guest on this
 /// host comes about once a millisecond (`kvm-facts.md`). So while an interrupt waits for the
-/// guest to set IF (or leave an STI/MOV-SS shadow), the vCPU also kicks itself with a one-shot
-/// timer: after 35 µs, then doubling each time the guest still cannot take it, up to 560 µs
-/// (a guest that keeps IF=0 that long costs five extra KVM_RUN returns, then none). Every
-/// kick is a KVM_RUN return with fresh `if_flag` / `ready_for_interrupt_injection`. Each kick
-/// also costs the guest progress (a KVM_RUN round trip, ~10 µs, plus the arming syscall), so
-/// the first delay is a compromise measured on the bench guests: 20 µs kicked guests that were
-/// about to `sti; hlt` or `iretq` anyway, 50-80 µs left self-IPIs waiting longer.
+/// guest to set IF (or leave an STI/MOV-SS shadow), the vCPU may also kick itself with a one-shot
+/// timer; every kick is a KVM_RUN return with fresh `if_flag` / `ready_for_interrupt_injection`.
+/// Within one wait (an *episode*, from the first "not ready" to the injection) the delay doubles
+/// from the current first delay up to 560 µs, then the vCPU leaves it to KVM.
+///
+/// A kick is not free: a KVM_RUN round trip (~10 µs of guest progress) plus the arming syscall
+/// (~7-9 µs here). It pays when the guest spins with IF=1 after the window opened (a self-IPI
+/// sent inside `cli`/`popf`, then a wait loop: ~1 ms saved); it is waste when the guest is on its
+/// way to an exit anyway (an interrupt handler's `iretq` back to `sti; hlt`). The first delay
+/// therefore adapts per vCPU, from 35 µs: an episode ended by a kick halves it (down to 20 µs);
+/// an episode that a guest exit ended while a kick was armed (the arming was wasted, and the
+/// leftover kick will cost a KVM_RUN return), or in which a kick found the guest still not
+/// ready, or a kick left over from an episode that had already ended, doubles it (beyond
+/// 560 µs: no kicks at all); an episode that lasted longer than 560 µs with no kick armed (so
+/// KVM's own exit ended it) brings kicks back.
 #[derive(Debug)]
 struct WindowKick {
     /// Created on the vCPU thread at its first use (it signals the thread that creates it).
     timer: Option<KickTimer>,
-    /// When the armed timer fires; `None` when disarmed.
+    /// When the armed timer fires; `None` once seen fired, or forgotten at an injection.
     due: Option<Instant>,
-    /// The next delay.
+    /// The first delay of the next episode (adaptive, see above).
+    first: Duration,
+    /// The next delay within the current episode.
     delay: Duration,
+    /// The current episode: when it began and how many kicks found the guest still not ready.
+    episode: Option<(Instant, u32)>,
 }
 
 impl WindowKick {
@@ -134,13 +148,32 @@ impl WindowKick {
         Self {
             timer: None,
             due: None,
-            delay: WINDOW_KICK_FIRST,
+            first: WINDOW_KICK_START,
+            delay: WINDOW_KICK_START,
+            episode: None,
         }
     }
 
-    /// Arms the next self-kick unless one is pending or the backoff is exhausted.
-    fn arm(&mut self, now: Instant) {
-        if self.due.is_some_and(|due| due > now) || self.delay > WINDOW_KICK_LAST {
+    /// True (once) when the armed kick's time has passed: this entry follows our kick.
+    fn take_fired(&mut self, now: Instant) -> bool {
+        let fired = self.due.is_some_and(|due| due <= now);
+        if fired {
+            self.due = None;
+        }
+        fired
+    }
+
+    /// An interrupt waits and the guest cannot take it: arm the next kick of the episode, unless
+    /// one is pending or the backoff is exhausted.
+    fn not_ready(&mut self, now: Instant, fired: bool) {
+        let (_, useless) = self.episode.get_or_insert_with(|| {
+            self.delay = self.first;
+            (now, 0)
+        });
+        if fired {
+            *useless += 1;
+        }
+        if self.due.is_some() || self.delay > WINDOW_KICK_LAST {
             return;
         }
         if self.timer.is_none() {
@@ -148,6 +181,7 @@ impl WindowKick {
                 Ok(t) => self.timer = Some(t),
                 Err(e) => {
                     tracing::debug!("no window kick timer ({e}): waiting for KVM's window");
+                    self.first = Duration::MAX;
                     self.delay = Duration::MAX;
                     return;
                 }
@@ -160,13 +194,31 @@ impl WindowKick {
         }
     }
 
-    /// The interrupt went in: start the backoff again. An armed timer is left to fire: a
-    /// disarm is a syscall (~9 µs here) right before the entry that delivers the interrupt,
-    /// where a late kick costs at most one KVM_RUN return (~7-10 µs) later, and the next arm
-    /// replaces it anyway.
-    fn reset(&mut self) {
-        self.delay = WINDOW_KICK_FIRST;
+    /// The interrupt went in (`fired`: right after our kick): end the episode and adapt. An
+    /// armed timer is left to fire: a disarm is a syscall right before the entry that delivers
+    /// the interrupt, and a leftover kick costs at most one KVM_RUN return (and is counted).
+    fn injected(&mut self, now: Instant, fired: bool) {
+        let Some((start, useless)) = self.episode.take() else {
+            if fired {
+                self.leftover();
+            }
+            return;
+        };
+        if fired {
+            self.first = (self.first / 2).max(WINDOW_KICK_MIN);
+        } else if useless > 0 || self.due.is_some() {
+            self.first = self.first.saturating_mul(2);
+        } else if now.saturating_duration_since(start) > WINDOW_KICK_LAST {
+            self.first = (self.first.min(WINDOW_KICK_LAST) / 2).max(WINDOW_KICK_MIN);
+        }
         self.due = None;
+    }
+
+    /// A kick fired with no episode going on: it only cost a KVM_RUN return.
+    fn leftover(&mut self) {
+        if self.episode.is_none() {
+            self.first = self.first.saturating_mul(2);
+        }
     }
 }
 
@@ -289,6 +341,8 @@ impl UserVcpuChip {
 
     /// Injects what can be injected now, or asks KVM for an interrupt window.
     fn inject(&mut self, vcpu: &mut VcpuFd, pic_intr: bool) -> Result<(), IrqchipError> {
+        let now = Instant::now();
+        let fired = self.window_kick.take_fired(now);
         let (can_inject, if_set) = {
             let run = vcpu.get_kvm_run();
             run.request_interrupt_window = 0;
@@ -308,11 +362,14 @@ impl UserVcpuChip {
             }
         }
         let Some(next) = next else {
+            if fired {
+                self.window_kick.leftover();
+            }
             return Ok(());
         };
         if !can_inject {
             vcpu.get_kvm_run().request_interrupt_window = 1;
-            self.expedite_window(if_set);
+            self.expedite_window(if_set, now, fired);
             return Ok(());
         }
         let vector = match next {
@@ -327,7 +384,7 @@ impl UserVcpuChip {
             },
         };
         inject_interrupt(vcpu, vector)?;
-        self.window_kick.reset();
+        self.window_kick.injected(now, fired);
         Ok(())
     }
 
@@ -337,12 +394,12 @@ impl UserVcpuChip {
     /// KVM_RUN with `immediate_exit` completes the instruction and returns EINTR with the flags
     /// refreshed, for ~10 µs. With IF=0 (or flags already fresh) the guest itself is not ready:
     /// kick again shortly ([`WindowKick`]).
-    fn expedite_window(&mut self, if_set: bool) {
+    fn expedite_window(&mut self, if_set: bool, now: Instant, fired: bool) {
         let stale = self.regs_rewritten || (self.flags_from_exit && if_set);
         if stale {
             kick_self();
         } else {
-            self.window_kick.arm(Instant::now());
+            self.window_kick.not_ready(now, fired);
         }
     }
 
@@ -533,5 +590,39 @@ mod tests {
             window: Duration::ZERO,
         };
         assert!(poll.poll(&inbox, Some(Instant::now())));
+    }
+
+    /// The window kick's first delay: halved by an episode a kick ended (not below 20 µs),
+    /// doubled by one a guest exit ended while a kick was armed, off beyond 560 µs (then nothing
+    /// is armed), and back on after an episode that waited longer than 560 µs.
+    #[test]
+    fn window_kick_first_delay_adapts() {
+        let t0 = Instant::now();
+        let mut kick = WindowKick::new();
+        kick.episode = Some((t0, 0));
+        kick.injected(t0, true);
+        assert_eq!(kick.first, WINDOW_KICK_MIN, "35 µs halved, floored at 20 µs");
+        for _ in 0..6 {
+            kick.episode = Some((t0, 0));
+            kick.due = Some(t0 + Duration::from_secs(1));
+            kick.injected(t0, false);
+            assert_eq!(kick.due, None, "an injection forgets the armed kick");
+        }
+        assert!(kick.first > WINDOW_KICK_LAST);
+        kick.not_ready(t0, false);
+        assert_eq!(kick.due, None, "off: nothing armed");
+        assert!(kick.timer.is_none());
+        let later = t0 + 2 * WINDOW_KICK_LAST;
+        kick.injected(later, false);
+        assert_eq!(
+            kick.first,
+            WINDOW_KICK_LAST / 2,
+            "a long wait brings kicks back"
+        );
+        kick.leftover();
+        assert_eq!(
+            kick.first, WINDOW_KICK_LAST,
+            "a leftover kick counts against kicking"
+        );
     }
 }
