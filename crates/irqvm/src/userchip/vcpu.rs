@@ -601,7 +601,10 @@ mod tests {
         let mut kick = WindowKick::new();
         kick.episode = Some((t0, 0));
         kick.injected(t0, true);
-        assert_eq!(kick.first, WINDOW_KICK_MIN, "35 µs halved, floored at 20 µs");
+        assert_eq!(
+            kick.first, WINDOW_KICK_MIN,
+            "35 µs halved, floored at 20 µs"
+        );
         for _ in 0..6 {
             kick.episode = Some((t0, 0));
             kick.due = Some(t0 + Duration::from_secs(1));
