@@ -53,6 +53,11 @@ use crate::types::{
     MessageSource, Notify, Shorthand, TopologyEntry, TriggerMode, VcpuIndex, Vector,
 };
 
+thread_local! {
+    /// `ApicBus::deliver`'s target list, kept per thread so delivery does not allocate.
+    static SCRATCH: std::cell::Cell<Vec<VcpuIndex>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 /// Broadcast destination in xAPIC format (8-bit IDs, SDM vol. 3 §11.6.2.1).
 pub const XAPIC_BROADCAST: u32 = 0xFF;
 /// Broadcast destination in x2APIC format (32-bit IDs, SDM vol. 3 §11.12.9).
@@ -137,7 +142,9 @@ impl<S: InterruptSink> ApicBus<S> {
     /// The vCPUs `msg` would be posted to: every accepting destination, or for lowest priority the
     /// single winner the next delivery would pick. Sorted by index, no duplicates.
     pub fn resolve(&self, msg: &InterruptMessage) -> Vec<VcpuIndex> {
-        self.targets(msg, TieBreak::Peek)
+        let mut targets = Vec::new();
+        self.targets(msg, TieBreak::Peek, &mut targets);
+        targets
     }
 
     /// Posts `msg` to its destinations, calls `notify` for every post that asks the caller to kick
@@ -150,34 +157,40 @@ impl<S: InterruptSink> ApicBus<S> {
         let Some(post) = Post::for_message(msg) else {
             return 0;
         };
-        let targets = self.targets(msg, TieBreak::Advance);
+        // The delivery path allocates nothing (an interrupt's post-to-injection path takes no
+        // lock, and an allocator may): the target list is a per-thread scratch buffer, taken
+        // out for the call (a re-entrant delivery from `notify` would just get a fresh one).
+        let mut targets = SCRATCH.with(std::cell::Cell::take);
+        self.targets(msg, TieBreak::Advance, &mut targets);
         for &index in &targets {
             let outcome = post.apply(self.sinks[index].as_ref());
             if outcome != Notify::None {
                 notify(index, outcome);
             }
         }
-        targets.len()
+        let delivered = targets.len();
+        SCRATCH.with(|cell| cell.set(targets));
+        delivered
     }
 
-    fn targets(&self, msg: &InterruptMessage, tie_break: TieBreak) -> Vec<VcpuIndex> {
+    /// Fills `targets` (cleared first) with the vCPUs `msg` is posted to, sorted, no duplicates.
+    fn targets(&self, msg: &InterruptMessage, tie_break: TieBreak, targets: &mut Vec<VcpuIndex>) {
+        targets.clear();
         if msg.is_init_deassert() {
             // SDM vol. 3 §11.6.1: the INIT level de-assert message is not supported by Pentium 4
             // and Xeon processors and is ignored; it reaches nobody.
-            return Vec::new();
+            return;
         }
         let snapshot = self.snapshot.load();
-        let mut targets = snapshot.destinations(msg);
+        snapshot.destinations(msg, targets);
         targets.retain(|&index| accepts(&snapshot.entries[index], msg.delivery_mode));
         targets.sort_unstable();
         targets.dedup();
         if msg.delivery_mode == DeliveryMode::LowestPriority {
-            return self
-                .lowest_priority_winner(&targets, tie_break)
-                .into_iter()
-                .collect();
+            let winner = self.lowest_priority_winner(targets, tie_break);
+            targets.clear();
+            targets.extend(winner);
         }
-        targets
     }
 
     /// SDM vol. 3 §11.6.2.4: the candidate with the lowest PPR, ties rotated round-robin.
@@ -186,25 +199,24 @@ impl<S: InterruptSink> ApicBus<S> {
         candidates: &[VcpuIndex],
         tie_break: TieBreak,
     ) -> Option<VcpuIndex> {
-        let priorities: Vec<(u8, VcpuIndex)> = candidates
+        let ppr = |index: VcpuIndex| self.sinks[index].published_ppr();
+        let lowest = candidates.iter().map(|&index| ppr(index)).min()?;
+        let mut tied = candidates
             .iter()
-            .map(|&index| (self.sinks[index].published_ppr(), index))
-            .collect();
-        let lowest = priorities.iter().map(|&(ppr, _)| ppr).min()?;
-        let tied: Vec<VcpuIndex> = priorities
-            .iter()
-            .filter(|&&(ppr, _)| ppr == lowest)
-            .map(|&(_, index)| index)
-            .collect();
-        if tied.len() == 1 {
-            return Some(tied[0]);
+            .copied()
+            .filter(|&index| ppr(index) == lowest);
+        let count = tied.clone().count();
+        if count == 1 {
+            return tied.next();
         }
         let turn = match tie_break {
             TieBreak::Peek => self.lowest_priority_turn.load(Ordering::Relaxed),
             TieBreak::Advance => self.lowest_priority_turn.fetch_add(1, Ordering::Relaxed),
         };
-        // u32 -> usize is lossless on every target this VMM supports (64-bit Linux).
-        Some(tied[turn as usize % tied.len()])
+        // u32 -> usize is lossless on every target this VMM supports (64-bit Linux). A PPR that
+        // changes between the two passes can only shorten the second: fall back to the first.
+        tied.nth(turn as usize % count)
+            .or_else(|| candidates.iter().copied().find(|&i| ppr(i) == lowest))
     }
 }
 
@@ -347,24 +359,30 @@ impl Snapshot {
         self.x2apic_clusters.push((cluster, members, index));
     }
 
-    /// Every hardware-enabled vCPU `msg` addresses (unsorted, before the acceptance filter).
-    fn destinations(&self, msg: &InterruptMessage) -> Vec<VcpuIndex> {
+    /// Appends every hardware-enabled vCPU `msg` addresses (unsorted, before the acceptance
+    /// filter).
+    fn destinations(&self, msg: &InterruptMessage, targets: &mut Vec<VcpuIndex>) {
         match msg.shorthand {
-            Shorthand::None => self.addressed(msg),
-            shorthand => self.shorthand_targets(shorthand, msg.source),
+            Shorthand::None => self.addressed(msg, targets),
+            shorthand => self.shorthand_targets(shorthand, msg.source, targets),
         }
     }
 
     /// SDM vol. 3 §11.6.1 destination shorthands; they need a sending vCPU.
-    fn shorthand_targets(&self, shorthand: Shorthand, source: MessageSource) -> Vec<VcpuIndex> {
+    fn shorthand_targets(
+        &self,
+        shorthand: Shorthand,
+        source: MessageSource,
+        targets: &mut Vec<VcpuIndex>,
+    ) {
         let MessageSource::Vcpu(sender) = source else {
-            return Vec::new();
+            return;
         };
         let enabled = self.enabled();
         match shorthand {
-            Shorthand::SelfOnly => enabled.filter(|&i| i == sender).collect(),
-            Shorthand::AllExcludingSelf => enabled.filter(|&i| i != sender).collect(),
-            Shorthand::AllIncludingSelf | Shorthand::None => enabled.collect(),
+            Shorthand::SelfOnly => targets.extend(enabled.filter(|&i| i == sender)),
+            Shorthand::AllExcludingSelf => targets.extend(enabled.filter(|&i| i != sender)),
+            Shorthand::AllIncludingSelf | Shorthand::None => targets.extend(enabled),
         }
     }
 
@@ -375,26 +393,24 @@ impl Snapshot {
             .copied()
     }
 
-    fn addressed(&self, msg: &InterruptMessage) -> Vec<VcpuIndex> {
+    fn addressed(&self, msg: &InterruptMessage, targets: &mut Vec<VcpuIndex>) {
         let dest = msg.destination;
-        let mut targets = Vec::new();
         match broadcast_reach(msg) {
-            BroadcastReach::All => return self.enabled().collect(),
+            BroadcastReach::All => return targets.extend(self.enabled()),
             BroadcastReach::XapicModeOnly => targets.extend_from_slice(&self.xapic_mode),
-            BroadcastReach::NotBroadcast => self.addressed_xapic_mode(msg, &mut targets),
+            BroadcastReach::NotBroadcast => self.addressed_xapic_mode(msg, targets),
         }
         // x2APIC-mode targets only get here for non-broadcasts (and for a vCPU's xAPIC-format
         // 0xFF in a mixed-mode system, which they read as an ordinary 32-bit destination).
         match msg.destination_mode {
-            DestinationMode::Physical => extend_with_key(&mut targets, &self.x2apic_ids, dest),
+            DestinationMode::Physical => extend_with_key(targets, &self.x2apic_ids, dest),
             DestinationMode::Logical => extend_with_cluster(
-                &mut targets,
+                targets,
                 &self.x2apic_clusters,
                 dest >> X2APIC_CLUSTER_SHIFT,
                 dest & X2APIC_MEMBER_MASK,
             ),
         }
-        targets
     }
 
     /// Non-broadcast destinations among xAPIC-mode targets (SDM vol. 3 §11.6.2.1-2).

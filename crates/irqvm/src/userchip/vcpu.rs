@@ -8,16 +8,19 @@
 //! 3. poll the APIC timer with the VM clock; arm the VM timer thread with the next deadline.
 //! 4. block? (halted with nothing deliverable, or an AP waiting for SIPI): `end_guest_entry`
 //!    first, then `Block`; `block` sleeps on the inbox doorbell (try_block re-checks ON after
-//!    publishing Blocked). The timer thread's wake-up ends a block at the timer deadline.
+//!    publishing Blocked). The timer thread's wake-up ends a block at the timer deadline. Before
+//!    sleeping, the vCPU polls its inbox and a near timer deadline for a while ([`HaltPoll`]).
 //! 5. inject: NMI with KVM_NMI; ExtINT and APIC vectors with KVM_INTERRUPT only if KVM said
 //!    `ready_for_interrupt_injection` and IF=1 at the last exit (then the PIC / APIC is
-//!    acknowledged, right before KVM_INTERRUPT); otherwise `request_interrupt_window`.
+//!    acknowledged, right before KVM_INTERRUPT); otherwise `request_interrupt_window`, and,
+//!    since KVM reports the window only at its next exit (~1 ms for a spinning guest here), a
+//!    self-kick soon after ([`WindowKick`]; at once if the flags may just be stale).
 //! 6. `kvm_run.cr8` = TPR[7:4] (KVM loads it into CR8 on entry without an in-kernel LAPIC).
 //!
 //! After an exit, CR8 is read back into the TPR before the exit is handled (an MMIO TPR write in
 //! the same exit must win over the older CR8), and the mode goes back to OutsideGuest.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_run;
 use kvm_ioctls::VcpuFd;
@@ -34,9 +37,190 @@ use crate::irqchip::{
     BlockReason, ChipExit, EntryDecision, ExitHandled, IrqchipError, VcpuIrqchip,
 };
 use crate::kvm::{inject_interrupt, KvmError};
+use crate::vcpu::kick::{kick_self, KickTimer};
 
 /// Size of the xAPIC register page.
 const APIC_PAGE_SIZE: u64 = 0x1000;
+
+/// Initial first delay of the self-kick that replaces KVM's interrupt window ([`WindowKick`]).
+const WINDOW_KICK_START: Duration = Duration::from_micros(35);
+/// The shortest first delay the adaptation goes down to.
+const WINDOW_KICK_MIN: Duration = Duration::from_micros(20);
+/// Past this delay KVM's own exits (about one a millisecond here) come as soon: stop kicking.
+const WINDOW_KICK_LAST: Duration = Duration::from_micros(560);
+
+/// Longest halt poll (KVM's default `halt_poll_ns`).
+const HALT_POLL_MAX: Duration = Duration::from_micros(200);
+/// A gap this long between two turns of the poll loop means another task ran: stop polling.
+const HALT_POLL_PREEMPTED: Duration = Duration::from_micros(50);
+/// First poll window after a sleep that a poll would have caught.
+const HALT_POLL_START: Duration = Duration::from_micros(10);
+
+/// Halt polling, as KVM does for halted vCPUs with an in-kernel LAPIC: before sleeping on the
+/// doorbell, spin for a while watching the inbox's ON flag (a plain load) and the APIC timer
+/// deadline. A post that lands during the poll sees the vCPU OutsideGuest, so the poster makes
+/// no syscall at all, and the vCPU needs no futex wake-up and no scheduler round trip (tens to
+/// hundreds of µs on this shared host). The window adapts like KVM's: it doubles (from 10 µs,
+/// up to 200 µs) after a sleep short enough that a poll would have caught it, and halves after
+/// a sleep longer than the maximum; a timer deadline within 200 µs is always polled for. Like
+/// KVM's, the poll stops when another task wants the core (here: when the scheduler preempted
+/// it).
+#[derive(Debug)]
+struct HaltPoll {
+    window: Duration,
+}
+
+impl HaltPoll {
+    /// Spins until work is posted, `deadline` passes, or the window ends. True if the vCPU has
+    /// something to do (the caller then skips the sleep).
+    fn poll(&self, inbox: &irqchip::posting::VcpuInbox, deadline: Option<Instant>) -> bool {
+        let start = Instant::now();
+        let mut until = start + self.window;
+        if let Some(d) = deadline.filter(|&d| d <= start + HALT_POLL_MAX) {
+            until = until.max(d);
+        }
+        let mut last = start;
+        loop {
+            if inbox.has_pending() {
+                return true;
+            }
+            let now = Instant::now();
+            if deadline.is_some_and(|d| d <= now) {
+                return true;
+            }
+            // KVM stops polling when another task is runnable on its CPU. From userspace, a
+            // gap between two turns of this tight loop says the scheduler ran something else
+            // here: stop polling and sleep, so a waker's futex wake-up (which the scheduler
+            // favours) brings us back rather than our leftover slice. Yielding instead was
+            // measured worse: under load a yield hands the core away for a whole slice.
+            if now >= until || now.duration_since(last) > HALT_POLL_PREEMPTED {
+                return false;
+            }
+            last = now;
+            std::hint::spin_loop();
+        }
+    }
+
+    /// A sleep of `slept` ended: adapt the window.
+    fn slept(&mut self, slept: Duration) {
+        if slept <= HALT_POLL_MAX {
+            self.window = (self.window * 2).clamp(HALT_POLL_START, HALT_POLL_MAX);
+        } else {
+            self.window /= 2;
+        }
+    }
+}
+
+/// The wait for an interrupt window, shortened. Without an in-kernel LAPIC, KVM reports an open
+/// window (KVM_EXIT_IRQ_WINDOW_OPEN) only at its next exit, which for a spinning guest on this
+/// host comes about once a millisecond (`kvm-facts.md`). So while an interrupt waits for the
+/// guest to set IF (or leave an STI/MOV-SS shadow), the vCPU may also kick itself with a one-shot
+/// timer; every kick is a KVM_RUN return with fresh `if_flag` / `ready_for_interrupt_injection`.
+/// Within one wait (an *episode*, from the first "not ready" to the injection) the delay doubles
+/// from the current first delay up to 560 µs, then the vCPU leaves it to KVM.
+///
+/// A kick is not free: a KVM_RUN round trip (~10 µs of guest progress) plus the arming syscall
+/// (~7-9 µs here). It pays when the guest spins with IF=1 after the window opened (a self-IPI
+/// sent inside `cli`/`popf`, then a wait loop: ~1 ms saved); it is waste when the guest is on its
+/// way to an exit anyway (an interrupt handler's `iretq` back to `sti; hlt`). The first delay
+/// therefore adapts per vCPU, from 35 µs: an episode ended by a kick halves it (down to 20 µs);
+/// an episode that a guest exit ended while a kick was armed (the arming was wasted, and the
+/// leftover kick will cost a KVM_RUN return), or in which a kick found the guest still not
+/// ready, or a kick left over from an episode that had already ended, doubles it (beyond
+/// 560 µs: no kicks at all); an episode that lasted longer than 560 µs with no kick armed (so
+/// KVM's own exit ended it) brings kicks back.
+#[derive(Debug)]
+struct WindowKick {
+    /// Created on the vCPU thread at its first use (it signals the thread that creates it).
+    timer: Option<KickTimer>,
+    /// When the armed timer fires; `None` once seen fired, or forgotten at an injection.
+    due: Option<Instant>,
+    /// The first delay of the next episode (adaptive, see above).
+    first: Duration,
+    /// The next delay within the current episode.
+    delay: Duration,
+    /// The current episode: when it began and how many kicks found the guest still not ready.
+    episode: Option<(Instant, u32)>,
+}
+
+impl WindowKick {
+    fn new() -> Self {
+        Self {
+            timer: None,
+            due: None,
+            first: WINDOW_KICK_START,
+            delay: WINDOW_KICK_START,
+            episode: None,
+        }
+    }
+
+    /// True (once) when the armed kick's time has passed: this entry follows our kick.
+    fn take_fired(&mut self, now: Instant) -> bool {
+        let fired = self.due.is_some_and(|due| due <= now);
+        if fired {
+            self.due = None;
+        }
+        fired
+    }
+
+    /// An interrupt waits and the guest cannot take it: arm the next kick of the episode, unless
+    /// one is pending or the backoff is exhausted.
+    fn not_ready(&mut self, now: Instant, fired: bool) {
+        let (_, useless) = self.episode.get_or_insert_with(|| {
+            self.delay = self.first;
+            (now, 0)
+        });
+        if fired {
+            *useless += 1;
+        }
+        if self.due.is_some() || self.delay > WINDOW_KICK_LAST {
+            return;
+        }
+        if self.timer.is_none() {
+            match KickTimer::for_current_thread() {
+                Ok(t) => self.timer = Some(t),
+                Err(e) => {
+                    tracing::debug!("no window kick timer ({e}): waiting for KVM's window");
+                    self.first = Duration::MAX;
+                    self.delay = Duration::MAX;
+                    return;
+                }
+            }
+        }
+        if let Some(timer) = &self.timer {
+            timer.arm(self.delay);
+            self.due = Some(now + self.delay);
+            self.delay = self.delay.saturating_mul(2);
+        }
+    }
+
+    /// The interrupt went in (`fired`: right after our kick): end the episode and adapt. An
+    /// armed timer is left to fire: a disarm is a syscall right before the entry that delivers
+    /// the interrupt, and a leftover kick costs at most one KVM_RUN return (and is counted).
+    fn injected(&mut self, now: Instant, fired: bool) {
+        let Some((start, useless)) = self.episode.take() else {
+            if fired {
+                self.leftover();
+            }
+            return;
+        };
+        if fired {
+            self.first = (self.first / 2).max(WINDOW_KICK_MIN);
+        } else if useless > 0 || self.due.is_some() {
+            self.first = self.first.saturating_mul(2);
+        } else if now.saturating_duration_since(start) > WINDOW_KICK_LAST {
+            self.first = (self.first.min(WINDOW_KICK_LAST) / 2).max(WINDOW_KICK_MIN);
+        }
+        self.due = None;
+    }
+
+    /// A kick fired with no episode going on: it only cost a KVM_RUN return.
+    fn leftover(&mut self) {
+        if self.episode.is_none() {
+            self.first = self.first.saturating_mul(2);
+        }
+    }
+}
 
 /// `kvm_run` of the vCPU this chip belongs to, captured on the vCPU thread in `before_entry`.
 #[derive(Clone, Copy)]
@@ -73,6 +257,12 @@ pub(crate) struct UserVcpuChip {
     regs_rewritten: bool,
     /// The deadline last given to the timer thread.
     armed: Option<Nanos>,
+    /// KVM's `if_flag` / `ready_for_interrupt_injection` come from an exit handled here, not
+    /// from a KVM_RUN that returned EINTR: the exiting instruction may not have completed yet
+    /// (at an MMIO read exit RIP is still on it), so "not ready" may be stale.
+    flags_from_exit: bool,
+    window_kick: WindowKick,
+    halt_poll: HaltPoll,
 }
 
 impl UserVcpuChip {
@@ -90,6 +280,11 @@ impl UserVcpuChip {
             halted_with_if_clear: false,
             regs_rewritten: false,
             armed: None,
+            flags_from_exit: false,
+            window_kick: WindowKick::new(),
+            halt_poll: HaltPoll {
+                window: Duration::ZERO,
+            },
         }
     }
 
@@ -147,10 +342,14 @@ impl UserVcpuChip {
 
     /// Injects what can be injected now, or asks KVM for an interrupt window.
     fn inject(&mut self, vcpu: &mut VcpuFd, pic_intr: bool) -> Result<(), IrqchipError> {
-        let can_inject = {
+        let now = Instant::now();
+        let fired = self.window_kick.take_fired(now);
+        let (can_inject, if_set) = {
             let run = vcpu.get_kvm_run();
             run.request_interrupt_window = 0;
-            !self.regs_rewritten && run.ready_for_interrupt_injection != 0 && run.if_flag != 0
+            let if_set = run.if_flag != 0;
+            let ready = !self.regs_rewritten && run.ready_for_interrupt_injection != 0;
+            (ready && if_set, if_set)
         };
         let mut next = self.interrupts.next_injection(pic_intr);
         if next == Some(Injection::Nmi) {
@@ -164,10 +363,14 @@ impl UserVcpuChip {
             }
         }
         let Some(next) = next else {
+            if fired {
+                self.window_kick.leftover();
+            }
             return Ok(());
         };
         if !can_inject {
             vcpu.get_kvm_run().request_interrupt_window = 1;
+            self.expedite_window(if_set, now, fired);
             return Ok(());
         }
         let vector = match next {
@@ -182,7 +385,23 @@ impl UserVcpuChip {
             },
         };
         inject_interrupt(vcpu, vector)?;
+        self.window_kick.injected(now, fired);
         Ok(())
+    }
+
+    /// An interrupt waits and KVM said "not ready" (or IF=0): get fresh flags sooner than KVM's
+    /// window exit would. IF=1 but "not ready" at an exit means the exiting instruction (at an
+    /// MMIO read RIP is still on it) or the registers just rewritten by INIT/SIPI hold it: a
+    /// KVM_RUN with `immediate_exit` completes the instruction and returns EINTR with the flags
+    /// refreshed, for ~10 µs. With IF=0 (or flags already fresh) the guest itself is not ready:
+    /// kick again shortly ([`WindowKick`]).
+    fn expedite_window(&mut self, if_set: bool, now: Instant, fired: bool) {
+        let stale = self.regs_rewritten || (self.flags_from_exit && if_set);
+        if stale {
+            kick_self();
+        } else {
+            self.window_kick.not_ready(now, fired);
+        }
     }
 
     fn sync_cr8_from_exit(&mut self) {
@@ -252,6 +471,7 @@ impl VcpuIrqchip for UserVcpuChip {
         }
         self.inject(vcpu, pic_intr)?;
         self.regs_rewritten = false;
+        self.flags_from_exit = false;
         vcpu.get_kvm_run().cr8 = self.interrupts.lapic().cr8();
         Ok(EntryDecision::Enter)
     }
@@ -267,6 +487,7 @@ impl VcpuIrqchip for UserVcpuChip {
     fn handle_exit(&mut self, exit: &mut ChipExit<'_>) -> Result<ExitHandled, IrqchipError> {
         self.sync_cr8_from_exit();
         self.cr8_synced = true;
+        self.flags_from_exit = true;
         let notifier = self.shared.notifier.clone();
         match exit {
             ChipExit::MmioRead { addr, data } => {
@@ -315,10 +536,16 @@ impl VcpuIrqchip for UserVcpuChip {
         Ok(ExitHandled::Handled)
     }
 
-    /// Sleeps on the inbox doorbell. The deadline needs no timeout here: the VM timer thread
-    /// posts a wake-up when it passes, which rings this doorbell.
-    fn block(&mut self, _deadline: Option<Instant>) {
+    /// Polls for work or the timer deadline ([`HaltPoll`]), then sleeps on the inbox doorbell.
+    /// The sleep needs no timeout: the VM timer thread posts a wake-up when the deadline passes,
+    /// which rings this doorbell.
+    fn block(&mut self, deadline: Option<Instant>) {
+        if self.halt_poll.poll(self.interrupts.inbox(), deadline) {
+            return;
+        }
+        let start = Instant::now();
         self.interrupts.block();
+        self.halt_poll.slept(start.elapsed());
     }
 
     /// The model's state (`MpStateMachine::get_for_user`'s value), after taking what was posted
@@ -327,5 +554,87 @@ impl VcpuIrqchip for UserVcpuChip {
         self.interrupts.drain();
         self.accept_init_sipi(vcpu)?;
         Ok(self.interrupts.mp_state().to_kvm())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The halt-poll window grows after short sleeps (from 10 µs, doubling, capped at KVM's
+    /// 200 µs) and halves after long ones.
+    #[test]
+    fn halt_poll_window_adapts() {
+        let mut poll = HaltPoll {
+            window: Duration::ZERO,
+        };
+        poll.slept(Duration::from_micros(50));
+        assert_eq!(poll.window, HALT_POLL_START);
+        for _ in 0..10 {
+            poll.slept(Duration::from_micros(50));
+        }
+        assert_eq!(poll.window, HALT_POLL_MAX);
+        poll.slept(Duration::from_millis(5));
+        assert_eq!(poll.window, HALT_POLL_MAX / 2);
+    }
+
+    /// A poll returns at once when something is posted, and without work or deadline it gives
+    /// up (a zero window), so the caller sleeps on the doorbell.
+    #[test]
+    fn halt_poll_sees_a_post_and_gives_up_without_one() {
+        let inbox = irqchip::posting::VcpuInbox::new();
+        let poll = HaltPoll {
+            window: Duration::ZERO,
+        };
+        assert!(!poll.poll(&inbox, None));
+        let _ = inbox.post_wakeup();
+        assert!(poll.poll(&inbox, None));
+    }
+
+    /// A passed timer deadline ends the poll: the vCPU re-enters and polls its APIC timer.
+    #[test]
+    fn halt_poll_ends_at_the_deadline() {
+        let inbox = irqchip::posting::VcpuInbox::new();
+        let poll = HaltPoll {
+            window: Duration::ZERO,
+        };
+        assert!(poll.poll(&inbox, Some(Instant::now())));
+    }
+
+    /// The window kick's first delay: halved by an episode a kick ended (not below 20 µs),
+    /// doubled by one a guest exit ended while a kick was armed, off beyond 560 µs (then nothing
+    /// is armed), and back on after an episode that waited longer than 560 µs.
+    #[test]
+    fn window_kick_first_delay_adapts() {
+        let t0 = Instant::now();
+        let mut kick = WindowKick::new();
+        kick.episode = Some((t0, 0));
+        kick.injected(t0, true);
+        assert_eq!(
+            kick.first, WINDOW_KICK_MIN,
+            "35 µs halved, floored at 20 µs"
+        );
+        for _ in 0..6 {
+            kick.episode = Some((t0, 0));
+            kick.due = Some(t0 + Duration::from_secs(1));
+            kick.injected(t0, false);
+            assert_eq!(kick.due, None, "an injection forgets the armed kick");
+        }
+        assert!(kick.first > WINDOW_KICK_LAST);
+        kick.not_ready(t0, false);
+        assert_eq!(kick.due, None, "off: nothing armed");
+        assert!(kick.timer.is_none());
+        let later = t0 + 2 * WINDOW_KICK_LAST;
+        kick.injected(later, false);
+        assert_eq!(
+            kick.first,
+            WINDOW_KICK_LAST / 2,
+            "a long wait brings kicks back"
+        );
+        kick.leftover();
+        assert_eq!(
+            kick.first, WINDOW_KICK_LAST,
+            "a leftover kick counts against kicking"
+        );
     }
 }

@@ -330,6 +330,9 @@ impl VcpuThread {
         let shared = self.shared.clone();
         shared.set_state(VcpuState::Running);
         loop {
+            // Clear, then check every request (see `kick`): a kick that set it before this line
+            // has its request seen below; one that sets it after makes KVM_RUN return at once.
+            immediate_exit.clear();
             if shared.ping_pending() {
                 self.record_mp_state();
             }
@@ -349,8 +352,7 @@ impl VcpuThread {
             bump(&shared.stats.kvm_runs);
             let step = match self.fd.run() {
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    // Clear before the next request check (top of the loop): see `kick`.
-                    immediate_exit.clear();
+                    // `immediate_exit` is cleared at the top of the loop, before the checks.
                     bump(&shared.stats.eintr_returns);
                     Step::Continue
                 }
