@@ -236,9 +236,10 @@ impl RunPtr {
         if self.0.is_null() {
             return None;
         }
-        // SAFETY: non-null means it was set from `VcpuFd::get_kvm_run` of the VcpuFd whose KVM_RUN
-        // just returned on this thread; the mapping lives as long as that VcpuFd, which outlives
-        // the chip's use in the vCPU loop. KVM writes these fields only inside KVM_RUN.
+        // Non-null means it was set from `VcpuFd::get_kvm_run` of the VcpuFd whose KVM_RUN just
+        // returned on this thread; the mapping lives as long as that VcpuFd, which outlives the
+        // chip's use in the vCPU loop.
+        // SAFETY: so the mapping is live, and KVM writes these fields only inside KVM_RUN.
         let run = unsafe { &*self.0 };
         Some((run.cr8, run.if_flag != 0))
     }

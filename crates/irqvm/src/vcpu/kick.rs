@@ -56,9 +56,9 @@ extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
         .try_with(Cell::get)
         .unwrap_or(ptr::null_mut());
     if !target.is_null() {
-        // SAFETY: a non-null pointer is `&kvm_run.immediate_exit` of the VcpuFd this thread owns,
-        // live until `KickRegistration::drop` resets the pointer on this same thread (see the
-        // module docs). The byte is shared with the kernel and written atomically.
+        // A non-null pointer is `&kvm_run.immediate_exit` of the VcpuFd this thread owns, live
+        // until `KickRegistration::drop` resets the pointer on this same thread (module docs).
+        // SAFETY: so it is live here; the byte is shared with the kernel and written atomically.
         unsafe { AtomicU8::from_ptr(target) }.store(1, Ordering::SeqCst);
     }
 }
@@ -81,8 +81,8 @@ pub struct ImmediateExit(*mut u8);
 
 impl ImmediateExit {
     /// # Safety
-    /// `ptr` must point at `immediate_exit` inside a live `kvm_run` mapping that outlives every
-    /// use of the returned value.
+    /// The caller's SAFETY obligation: `ptr` points at `immediate_exit` inside a live `kvm_run`
+    /// mapping that outlives every use of the returned value.
     pub unsafe fn new(ptr: *mut u8) -> Self {
         Self(ptr)
     }

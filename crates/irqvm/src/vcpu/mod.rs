@@ -310,10 +310,10 @@ impl VcpuThread {
     pub(crate) fn run(mut self) {
         let shared = self.shared.clone();
         let run = self.fd.get_kvm_run();
-        // SAFETY: the pointer is into the kvm_run mapping owned by `self.fd`, which lives until
-        // the end of this function, after the registration below is dropped.
-        let immediate_exit =
-            unsafe { ImmediateExit::new(std::ptr::addr_of_mut!(run.immediate_exit)) };
+        let field = std::ptr::addr_of_mut!(run.immediate_exit);
+        // SAFETY: `field` is in the kvm_run mapping owned by `self.fd`, which lives until the end
+        // of this function, after the registration below is dropped.
+        let immediate_exit = unsafe { ImmediateExit::new(field) };
         let registration = shared.kick.register(immediate_exit);
         let result = self.run_loop(immediate_exit);
         drop(registration);
