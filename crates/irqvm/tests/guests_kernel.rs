@@ -128,3 +128,12 @@ fn once_passes_except_isr_kept_checks_host_limit_of_kernel_lapic() {
 fn storm_with_host_device_lines_counts_exactly() {
     check_storm_with_host_line(MODE);
 }
+
+/// `apic_base` with KVM's LAPIC (kernel mode): relocation, the #GP checks, the x2APIC transitions and
+/// CPUID.1:EDX[9] pass; after EN = 0 -> 1 KVM keeps SVR, TPR, LDR, DFR and the LVTs as they were
+/// instead of loading the power-up state (SDM §11.4.3), so only the checks tagged
+/// `[kvm-apic-en-keeps-regs]` may fail (a host limit; user mode passes them).
+#[test]
+fn apic_base_passes_except_kvm_apic_en_keeps_regs_host_limit() {
+    run_on_1_2_4_except("apic_base", "kvm-apic-en-keeps-regs");
+}

@@ -112,3 +112,15 @@ fn demo_passes() {
 fn storm_with_host_device_lines_counts_exactly() {
     check_storm_with_host_line(MODE);
 }
+
+/// `apic_base` (IA32_APIC_BASE, SDM §11.4.3-§11.4.5, §11.12.5) passes whole: relocation, #GP
+/// on illegal writes, x2APIC transitions, and global disable/enable including the power-up
+/// register state KVM's in-kernel LAPIC does not load (`[kvm-apic-en-keeps-regs]`) and
+/// CPUID.1:EDX[9] following EN.
+#[test]
+fn apic_base_passes_including_kvm_apic_en_keeps_regs_checks() {
+    for run in run_on_1_2_4("apic_base") {
+        assert_tagged_checks_pass(&run, "[kvm-apic-en-keeps-regs]", 6);
+        assert_tagged_checks_pass(&run, "[tcg-apic-gap]", 12);
+    }
+}

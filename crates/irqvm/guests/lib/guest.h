@@ -43,6 +43,11 @@ static inline void wrmsr(u32 msr, u64 v)
 {
 	__asm__ volatile("wrmsr" : : "c"(msr), "a"((u32)v), "d"((u32)(v >> 32)) : "memory");
 }
+/* RDMSR / WRMSR that survive an exception (#GP for a reserved MSR, a reserved bit or an illegal
+ * IA32_APIC_BASE transition): the library's exception path steps over the 2-byte instruction. They return
+ * 0 if the instruction completed, else the vector taken + 1 (14 for #GP); rdmsr_catch stores 0 on a fault. */
+u32 rdmsr_catch(u32 msr, u64 *val);
+u32 wrmsr_catch(u32 msr, u64 v);
 static inline u64 rdtsc(void)
 {
 	u32 lo, hi;

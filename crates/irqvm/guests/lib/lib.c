@@ -418,12 +418,48 @@ u32 irq_count_total(u32 v)
 }
 void irq_reset_counts(void) { memset((void *)irq_count, 0, sizeof(irq_count)); }
 
+/* rdmsr_catch / wrmsr_catch: while a CPU has a catch armed, an exception raised by an RDMSR (0F 32) or WRMSR
+ * (0F 30) is recorded and the instruction skipped instead of reaching the handler table. */
+static volatile u32 msr_catch_armed[MAX_CPUS], msr_caught[MAX_CPUS];
+static bool msr_fault_caught(struct irq_frame *f, u32 cpu, u32 v)
+{
+	if (v >= 32 || !msr_catch_armed[cpu])
+		return false;
+	const volatile u8 *ip = (const volatile u8 *)f->rip;
+	if (ip[0] != 0x0F || (ip[1] != 0x30 && ip[1] != 0x32))
+		return false;
+	msr_caught[cpu] = v + 1;
+	f->rip += 2;
+	return true;
+}
+u32 rdmsr_catch(u32 msr, u64 *val)
+{
+	u32 cpu = this_cpu(), lo = 0, hi = 0;
+	msr_caught[cpu] = 0;
+	WRITE_ONCE(msr_catch_armed[cpu], 1);
+	__asm__ volatile("rdmsr" : "+a"(lo), "+d"(hi) : "c"(msr) : "memory");
+	WRITE_ONCE(msr_catch_armed[cpu], 0);
+	*val = ((u64)hi << 32) | lo;
+	return msr_caught[cpu];
+}
+u32 wrmsr_catch(u32 msr, u64 v)
+{
+	u32 cpu = this_cpu();
+	msr_caught[cpu] = 0;
+	WRITE_ONCE(msr_catch_armed[cpu], 1);
+	__asm__ volatile("wrmsr" : : "c"(msr), "a"((u32)v), "d"((u32)(v >> 32)) : "memory");
+	WRITE_ONCE(msr_catch_armed[cpu], 0);
+	return msr_caught[cpu];
+}
+
 void isr_dispatch(struct irq_frame *f)
 {
 	u32 cpu = this_cpu(), v = (u32)f->vector & 255;
 	irq_count[cpu][v]++;
 	irq_last_vector[cpu] = v;
-	if (handlers[v]) {
+	if (msr_fault_caught(f, cpu, v)) {
+		return;
+	} else if (handlers[v]) {
 		handlers[v](f, cpu);
 	} else if (v < 32 && v != 2) {
 		panic("exception %u on CPU %u, error %lx, rip %lx", v, cpu, f->error, f->rip);

@@ -162,7 +162,7 @@ fn read_msr(vcpu: &VcpuFd, index: u32) -> Option<u64> {
     }
 }
 
-fn write_msr(vcpu: &VcpuFd, index: u32, value: u64) -> Result<(), KvmError> {
+pub(super) fn write_msr(vcpu: &VcpuFd, index: u32, value: u64) -> Result<(), KvmError> {
     let written = vcpu
         .set_msrs(&one_msr(index, value)?)
         .map_err(KvmError::ioctl("KVM_SET_MSRS"))?;

@@ -31,8 +31,8 @@ use irqchip::vcpu::{ApicAccessResult, Injection, VcpuInterrupts};
 use irqchip::{GuestFault, Nanos};
 
 use super::platform::{Platform, IOAPIC_BASE, IOAPIC_SIZE};
-use super::reset::{apply_init, apply_sipi};
-use super::{is_apic_msr, Shared};
+use super::reset::{apply_init, apply_sipi, write_msr};
+use super::{is_apic_msr, Shared, MSR_APIC_BASE};
 use crate::irqchip::{
     BlockReason, ChipExit, EntryDecision, ExitHandled, IrqchipError, VcpuIrqchip,
 };
@@ -264,6 +264,9 @@ pub(crate) struct UserVcpuChip {
     flags_from_exit: bool,
     window_kick: WindowKick,
     halt_poll: HaltPoll,
+    /// IA32_APIC_BASE as KVM last saw it. KVM derives CPUID.1:EDX[9] (APIC present) from its own
+    /// copy, which the MSR filter keeps it from updating: `after_exit` pushes the model's value.
+    kvm_apic_base: u64,
 }
 
 impl UserVcpuChip {
@@ -272,7 +275,9 @@ impl UserVcpuChip {
         shared: std::sync::Arc<Shared>,
         signature: u32,
     ) -> Self {
+        let kvm_apic_base = interrupts.lapic().apic_base();
         Self {
+            kvm_apic_base,
             interrupts,
             shared,
             signature,
@@ -420,6 +425,18 @@ impl UserVcpuChip {
         }
     }
 
+    /// SDM §11.4.3: a globally disabled APIC reads as absent in CPUID.1:EDX[9]. KVM computes
+    /// that bit from its IA32_APIC_BASE, so a guest write the model accepted is copied there
+    /// (KVM_SET_MSRS is host-initiated: the filter does not apply, no transition checks).
+    fn sync_kvm_apic_base(&mut self, vcpu: &VcpuFd) -> Result<(), IrqchipError> {
+        let base = self.interrupts.lapic().apic_base();
+        if base != self.kvm_apic_base {
+            write_msr(vcpu, MSR_APIC_BASE, base)?;
+            self.kvm_apic_base = base;
+        }
+        Ok(())
+    }
+
     fn apic_page_offset(&self, addr: u64) -> Option<u64> {
         let base = self.interrupts.lapic().mmio_base()?;
         let offset = addr.checked_sub(base)?;
@@ -477,10 +494,11 @@ impl VcpuIrqchip for UserVcpuChip {
         Ok(EntryDecision::Enter)
     }
 
-    fn after_exit(&mut self, _vcpu: &mut VcpuFd) -> Result<(), IrqchipError> {
+    fn after_exit(&mut self, vcpu: &mut VcpuFd) -> Result<(), IrqchipError> {
         if !std::mem::take(&mut self.cr8_synced) {
             self.sync_cr8_from_exit();
         }
+        self.sync_kvm_apic_base(vcpu)?;
         self.interrupts.end_guest_entry();
         Ok(())
     }

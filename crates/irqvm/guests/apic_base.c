@@ -1,0 +1,283 @@
+/* apic_base: IA32_APIC_BASE (MSR 0x1B) from inside the guest (SDM vol. 3 §11.4.3-§11.4.5, §11.12.5).
+ *
+ *  1. reset value: base FEE00000H, EN set, BSP set on CPU 0 only; CPUID.1:EDX[9] set.
+ *  2. relocation (§11.4.5): the xAPIC page moved to RELOC_BASE answers there (version, ID, a self-IPI taken
+ *     and EOI'd through the new page); the old page reads all ones (nothing else claims it: irqvm answers an
+ *     unclaimed MMIO read with all ones, QEMU's kvm-apic region reads all ones); moved back, the old page
+ *     answers again.
+ *  3. reserved bits and EXTD without EN raise #GP and leave the MSR alone (§11.4.4, §11.12.5); without
+ *     x2APIC support EXTD is reserved.
+ *  4. x2APIC (if CPUID.1:ECX[21]): EXTD makes the xAPIC page dead and MSR 0x802 the 32-bit ID (on each CPU);
+ *     x2APIC -> xAPIC and disabled -> x2APIC raise #GP; x2APIC -> disabled -> xAPIC works.
+ *  5. global disable (§11.4.3): EN = 0 clears CPUID.1:EDX[9], kills the xAPIC page and makes the APIC drop
+ *     IPIs; EN = 1 again gives the power-up register state (SVR 0xFF, LVTs masked, TPR 0, LDR 0, DFR all
+ *     ones) and the dropped IPI is not delivered late.  Last, because QEMU 7.2's TCG cannot re-enable.
+ *
+ * Tags: [tcg-apic-gap] (QEMU 7.2 TCG: the APIC page never moves, no #GP checks on IA32_APIC_BASE, a disabled
+ * APIC can never be enabled again and still answers its page); [kvm-apic-en-keeps-regs] (KVM's in-kernel
+ * LAPIC keeps SVR/LVT/TPR/LDR/DFR across EN = 0 -> 1 instead of loading the power-up state).
+ */
+#include "guest.h"
+
+#define XAPIC_BASE 0xFEE00000ul
+/* Free in irqvm's map (RAM ends at 3 GiB; the only devices above are the IOAPIC at FEC00000 and the LAPIC)
+ * and in QEMU's pc machine with this command line (SeaBIOS puts the std-VGA BARs at FD000000 and FEBFxxxx,
+ * HPET is at FED00000); uncached in the library's page tables (>= FE000000). */
+#define RELOC_BASE 0xFEB00000ul
+#define BASE_ADDR_MASK 0xFFFFFF000ul
+#define V_RELOC 0x40
+#define V_DISABLED 0x42
+#define GP_CAUGHT (13 + 1)
+
+static u32 page_read(u64 base, u32 reg) { return *(volatile u32 *)(base + reg); }
+static void page_write(u64 base, u32 reg, u32 v) { *(volatile u32 *)(base + reg) = v; }
+static bool cpuid_apic_bit(void)
+{
+	u32 a, b, c, d;
+	cpuid(1, 0, &a, &b, &c, &d);
+	return (d >> 9) & 1;
+}
+static u64 base_msr(void) { return rdmsr(APIC_BASE_MSR); }
+
+/* A write of IA32_APIC_BASE that must fault: #GP taken and the MSR unchanged. */
+static void expect_gp(const char *name, u64 value)
+{
+	u64 before = base_msr();
+	u32 r = wrmsr_catch(APIC_BASE_MSR, value);
+	u64 after = base_msr();
+	check(r == GP_CAUGHT && after == before, name, "write %lx: vector+1 %u, MSR %lx -> %lx", value, r, before,
+	      after);
+	if (after != before) /* accepted after all: undo it, the later checks start from `before` */
+		wrmsr_catch(APIC_BASE_MSR, before);
+}
+/* A write of IA32_APIC_BASE that must be accepted and read back as written. */
+static bool expect_ok(const char *name, u64 value)
+{
+	u32 r = wrmsr_catch(APIC_BASE_MSR, value);
+	u64 now = base_msr();
+	return check(r == 0 && now == value, name, "write %lx: vector+1 %u, reads %lx", value, r, now);
+}
+
+/* ---- 1. reset value (§11.4.4, Table 10-1) ------------------------------------------------------------------ */
+static volatile u64 ap_base[MAX_CPUS];
+static void read_base_on_ap(void *unused) { ap_base[this_cpu()] = base_msr(); }
+
+static void reset_value(u64 bsp_base)
+{
+	check(bsp_base == (XAPIC_BASE | APIC_BASE_EN | APIC_BASE_BSP), "reset value on cpu 0 is FEE00900",
+	      "IA32_APIC_BASE %lx", bsp_base);
+	check(cpuid_apic_bit(), "cpuid.1 edx apic bit set at reset", "CPUID.1:EDX[9] clear");
+	if (ncpus < 2) {
+		skip("reset value on cpu 1 is FEE00800", "one CPU");
+		return;
+	}
+	/* Read after the library's apic_enable, which rewrites base | EN: base and BSP are as reset left them. */
+	bool ok = smp_call(1, read_base_on_ap, NULL);
+	check(ok && ap_base[1] == (XAPIC_BASE | APIC_BASE_EN), "reset value on cpu 1 is FEE00800",
+	      "call %d, IA32_APIC_BASE %lx", ok, ap_base[1]);
+}
+
+/* ---- 2. relocation (§11.4.5) -------------------------------------------------------------------------------- */
+static volatile u32 reloc_taken;
+static void reloc_handler(struct irq_frame *f, u32 cpu)
+{
+	reloc_taken++;
+	page_write(RELOC_BASE, APIC_EOI, 0);
+}
+
+static void self_ipi_at_new_base(void)
+{
+	irq_set_handler(V_RELOC, reloc_handler);
+	reloc_taken = 0;
+	cli();
+	page_write(RELOC_BASE, APIC_ICR2, 0);
+	page_write(RELOC_BASE, APIC_ICR, APIC_SH_SELF | V_RELOC);
+	bool pending = (page_read(RELOC_BASE, APIC_IRR + 0x10 * (V_RELOC / 32)) >> (V_RELOC % 32)) & 1;
+	sti();
+	bool taken = wait_eq(&reloc_taken, 1, WAIT_MS);
+	u32 isr = page_read(RELOC_BASE, APIC_ISR + 0x10 * (V_RELOC / 32));
+	check(taken, "self-ipi through the relocated icr is taken [tcg-apic-gap]", "taken %u, pending in IRR %d",
+	      reloc_taken, pending);
+	check(taken && !((isr >> (V_RELOC % 32)) & 1), "eoi at the relocated base clears isr [tcg-apic-gap]",
+	      "ISR word %x", isr);
+	irq_set_handler(V_RELOC, NULL);
+}
+
+static void relocation(u32 version)
+{
+	u64 home = base_msr();
+	if (!expect_ok("relocate to FEB00000", (home & ~BASE_ADDR_MASK) | RELOC_BASE))
+		return;
+	u32 v_new = page_read(RELOC_BASE, APIC_VERSION), id_new = page_read(RELOC_BASE, APIC_ID);
+	check(v_new == version, "version readable at the new base [tcg-apic-gap]", "reads %x, want %x", v_new,
+	      version);
+	check(id_new == 0, "apic id readable at the new base [tcg-apic-gap]", "reads %x", id_new);
+	/* Nothing answers at FEE00000 now: irqvm's unclaimed-MMIO read and QEMU's kvm-apic region both give
+	 * all ones. QEMU 7.2 TCG keeps its APIC region at FEE00000 whatever the MSR says. */
+	u32 v_old = page_read(XAPIC_BASE, APIC_VERSION);
+	check(v_old == 0xFFFFFFFF, "old base reads all ones after relocation [tcg-apic-gap]", "version reads %x",
+	      v_old);
+	self_ipi_at_new_base();
+	expect_ok("relocate back to FEE00000", home);
+	u32 v_back = page_read(XAPIC_BASE, APIC_VERSION), v_left = page_read(RELOC_BASE, APIC_VERSION);
+	check(v_back == version, "version readable at FEE00000 again", "reads %x, want %x", v_back, version);
+	check(v_left != version, "FEB00000 no longer answers after moving back", "version reads %x", v_left);
+}
+
+/* ---- 3. reserved bits, EXTD without EN (§11.4.4, §11.12.5) -------------------------------------------------- */
+static void illegal_writes(void)
+{
+	u64 home = base_msr();
+	expect_gp("reserved bit 9 raises gp [tcg-apic-gap]", home | (1ul << 9));
+	expect_gp("reserved bit 0 raises gp [tcg-apic-gap]", home | 1);
+	expect_gp("bit 63 raises gp [tcg-apic-gap]", home | (1ul << 63));
+	expect_gp("extd without en raises gp [tcg-apic-gap]", (home & ~(u64)APIC_BASE_EN) | APIC_BASE_EXTD);
+	if (!cpu_has_x2apic())
+		expect_gp("extd without x2apic support raises gp [tcg-apic-gap]", home | APIC_BASE_EXTD);
+}
+
+/* ---- 4. x2APIC transitions (§11.12.5, figure "Local x2APIC State Transitions") ------------------------------ */
+static volatile u64 ap_x2_id, ap_x2_base, ap_back_base;
+static void x2apic_round_trip_on_ap(void *unused)
+{
+	u64 home = base_msr();
+	if (wrmsr_catch(APIC_BASE_MSR, home | APIC_BASE_EXTD) == 0) {
+		ap_x2_base = base_msr();
+		ap_x2_id = rdmsr(0x802);
+	}
+	apic_enable(); /* xAPIC again, through the disabled state (the library's way back) */
+	ap_back_base = base_msr();
+}
+
+static void x2apic_transitions(u32 version)
+{
+	if (!cpu_has_x2apic()) {
+		skip("x2apic transitions", "CPUID.1:ECX[21] is clear");
+		return;
+	}
+	u64 home = base_msr(), x2 = home | APIC_BASE_EXTD;
+	u64 off = home & ~(u64)(APIC_BASE_EN | APIC_BASE_EXTD);
+	cli();
+	if (!expect_ok("xapic to x2apic", x2)) {
+		sti();
+		return;
+	}
+	u32 mmio = page_read(XAPIC_BASE, APIC_VERSION);
+	check(mmio == 0xFFFFFFFF, "xapic page reads all ones in x2apic mode", "version reads %x", mmio);
+	u64 id = rdmsr(0x802), ver = rdmsr(0x803);
+	check(id == 0, "x2apic id msr gives the 32-bit id on cpu 0", "MSR 0x802 %lx", id);
+	check(ver == version, "x2apic version msr matches the xapic version", "MSR 0x803 %lx, xAPIC %x", ver,
+	      version);
+	expect_gp("x2apic to xapic directly raises gp", home);
+	expect_gp("x2apic extd without en raises gp", (x2 & ~(u64)APIC_BASE_EN));
+	expect_ok("x2apic to disabled", off);
+	check(!cpuid_apic_bit(), "cpuid.1 edx apic bit clear after x2apic to disabled", "still set");
+	expect_gp("disabled to x2apic directly raises gp", x2);
+	expect_ok("disabled to xapic", home);
+	u32 v = page_read(XAPIC_BASE, APIC_VERSION), xid = page_read(XAPIC_BASE, APIC_ID);
+	check(v == version && xid == 0, "xapic page answers again after the round trip", "version %x ID %x", v, xid);
+	apic_enable(); /* SVR, TPR and LVTs as the library wants them */
+	sti();
+	if (ncpus < 2) {
+		skip("x2apic id msr on cpu 1", "one CPU");
+		return;
+	}
+	bool ok = smp_call(1, x2apic_round_trip_on_ap, NULL);
+	check(ok && (ap_x2_base & APIC_BASE_EXTD) && ap_x2_id == 1, "x2apic id msr gives the 32-bit id on cpu 1",
+	      "call %d, base %lx, MSR 0x802 %lx", ok, ap_x2_base, ap_x2_id);
+	check(ap_back_base == (XAPIC_BASE | APIC_BASE_EN), "cpu 1 back in xapic mode", "base %lx", ap_back_base);
+}
+
+/* ---- 5. global disable and enable (§11.4.3) ----------------------------------------------------------------- */
+/* CPU 0 cannot kick CPU 1 while its own APIC is disabled: CPU 1 is called first and waits for `ipi_go`. */
+static volatile u32 ipi_go, ipi_sent;
+static void ipi_to_cpu0_on_go(void *unused)
+{
+	if (wait_nonzero(&ipi_go, WAIT_MS))
+		ipi_sent = apic_send_fixed(0, V_DISABLED) ? 1 : 2;
+}
+
+static void dirty_registers(void)
+{
+	apic_write(APIC_SVR, 0x100 | SPURIOUS_VECTOR);
+	apic_write(APIC_TPR, 0x10);
+	apic_write(APIC_DFR, 0x0FFFFFFF);
+	apic_write(APIC_LDR, 0x01000000);
+	apic_write(APIC_LVT_TIMER, 0x50);
+	apic_write(APIC_LVT_ERROR, 0x51);
+}
+
+static void check_power_up_state(void)
+{
+	struct {
+		const char *name, *tags;
+		u32 reg, want;
+	} regs[] = {
+		{ "svr", "[kvm-apic-en-keeps-regs]", APIC_SVR, 0xFF },
+		{ "tpr", "[kvm-apic-en-keeps-regs] [tcg-apic-gap]", APIC_TPR, 0 },
+		{ "ldr", "[kvm-apic-en-keeps-regs] [tcg-apic-gap]", APIC_LDR, 0 },
+		{ "dfr", "[kvm-apic-en-keeps-regs] [tcg-apic-gap]", APIC_DFR, 0xFFFFFFFF },
+		{ "lvt timer", "[kvm-apic-en-keeps-regs] [tcg-apic-gap]", APIC_LVT_TIMER, APIC_LVT_MASKED },
+		{ "lvt error", "[kvm-apic-en-keeps-regs] [tcg-apic-gap]", APIC_LVT_ERROR, APIC_LVT_MASKED },
+	};
+	char name[96];
+	for (u32 i = 0; i < sizeof(regs) / sizeof(regs[0]); i++) {
+		u32 v = apic_read(regs[i].reg);
+		check(v == regs[i].want,
+		      sfmt(name, sizeof(name), "%s at power-up value after re-enable %s", regs[i].name, regs[i].tags),
+		      "reads %x, want %x", v, regs[i].want);
+	}
+}
+
+static void global_disable(u32 version)
+{
+	u64 home = base_msr(), off = home & ~(u64)APIC_BASE_EN;
+	dirty_registers();
+	irq_reset_counts();
+	bool called = ncpus >= 2 && smp_call_async(1, ipi_to_cpu0_on_go, NULL);
+	if (!expect_ok("global disable", off)) {
+		ipi_go = 1;
+		return;
+	}
+	check(!cpuid_apic_bit(), "cpuid.1 edx apic bit clear while disabled [tcg-apic-gap]", "still set");
+	u32 v = page_read(XAPIC_BASE, APIC_VERSION);
+	check(v == 0xFFFFFFFF, "xapic page reads all ones while disabled [tcg-apic-gap]", "version reads %x", v);
+	if (ncpus >= 2) {
+		ipi_go = 1;
+		bool sent = called && wait_nonzero(&ipi_sent, WAIT_MS) && ipi_sent == 1;
+		delay_ms(50);
+		check(sent && irq_count[0][V_DISABLED] == 0, "disabled apic drops an ipi [tcg-apic-gap]",
+		      "call %d, sent %u, taken %u", called, ipi_sent, irq_count[0][V_DISABLED]);
+	} else {
+		skip("disabled apic drops an ipi", "one CPU");
+	}
+	u32 r = wrmsr_catch(APIC_BASE_MSR, home);
+	u64 now = base_msr();
+	if (!check(r == 0 && now == home, "global re-enable [tcg-apic-gap]", "vector+1 %u, reads %lx", r, now))
+		return;
+	check(cpuid_apic_bit(), "cpuid.1 edx apic bit set after re-enable [tcg-apic-gap]", "still clear");
+	v = page_read(XAPIC_BASE, APIC_VERSION);
+	u32 id = page_read(XAPIC_BASE, APIC_ID);
+	check(v == version && id == 0, "xapic page answers after re-enable", "version %x ID %x", v, id);
+	check_power_up_state();
+	bool irr = apic_vector_bit(APIC_IRR, V_DISABLED);
+	apic_enable();
+	delay_ms(20);
+	check(!irr && irq_count[0][V_DISABLED] == 0, "ipi dropped while disabled is not delivered after re-enable [tcg-apic-gap]",
+	      "IRR %d, taken %u", irr, irq_count[0][V_DISABLED]);
+}
+
+void guest_main(void)
+{
+	u64 bsp_base = base_msr(); /* before platform_init's apic_enable rewrites it */
+	platform_init(false);
+	u32 started = smp_start_all();
+	check(started == ncpus, "all cpus online", "%u of %u", started, ncpus);
+	u32 version = apic_read(APIC_VERSION);
+	printf("INFO: %u CPU(s), APIC version %x, x2APIC %s\n", ncpus, version, cpu_has_x2apic() ? "yes" : "no");
+	reset_value(bsp_base);
+	relocation(version);
+	illegal_writes();
+	x2apic_transitions(version);
+	global_disable(version);
+}
