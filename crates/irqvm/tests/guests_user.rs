@@ -112,3 +112,9 @@ fn demo_passes() {
 fn storm_with_host_device_lines_counts_exactly() {
     check_storm_with_host_line(MODE);
 }
+
+/// MSIs from a host thread (`RunningVm::signal_msi`): see `common::check_msi_from_host`.
+#[test]
+fn msi_from_host_reaches_the_addressed_cpu_exactly_once() {
+    common::check_msi_from_host(MODE);
+}
