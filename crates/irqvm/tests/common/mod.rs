@@ -473,7 +473,7 @@ fn send_msis(vm: &RunningVm, capture: &SerialCapture) -> MsiRun {
     out.delivered = vec![0; cpus.len()];
     // One MSI, then wait (bounded) until one more interrupt was counted; returns the CPU that
     // took it.
-    let mut send_one = |address: u64, data: u32| -> Option<usize> {
+    let send_one = |address: u64, data: u32| -> Option<usize> {
         let before = counts();
         let result = vm.signal_msi(address, data);
         assert!(
