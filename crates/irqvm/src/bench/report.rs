@@ -41,6 +41,9 @@ pub const WORKLOADS: &[(&str, &str)] = &[
 /// The host-driven workloads (`bench_irqhost`), with the label of their rows in the rates table.
 const HOST_WORKLOADS: &[(&str, &str)] = &[("irq_host", "line"), ("irq_host_msi", "MSI")];
 
+/// (host workload, hz) → (sent, delivered, elapsed ns), summed over repeats.
+pub type RateSteps = BTreeMap<(String, u64), (u64, u64, u64)>;
+
 /// One workload on one peer, over every repeat.
 #[derive(Clone, Debug, Default)]
 pub struct Cell {
@@ -74,7 +77,7 @@ pub struct Summary<'a> {
     /// vCPU count → peer → boot figures.
     pub boot: BTreeMap<u32, BTreeMap<Peer, BootCell>>,
     /// peer → (host workload, hz) → (sent, delivered, elapsed ns) summed over repeats.
-    pub rates: BTreeMap<Peer, BTreeMap<(String, u64), (u64, u64, u64)>>,
+    pub rates: BTreeMap<Peer, RateSteps>,
     problems: Vec<String>,
 }
 
