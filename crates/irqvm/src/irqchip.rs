@@ -2,7 +2,7 @@
 //!
 //! A backend is chosen per VM ([`IrqchipMode`]) and comes in two halves:
 //!
-//! * [`Irqchip`], shared by every thread (`Arc<dyn Irqchip>`): device interrupt lines
+//! * [`Irqchip`], shared by every thread (`Arc<dyn Irqchip>`): device interrupt lines and MSIs
 //!   ([`InterruptLines`]), the CPUID features the chip supports, creation of the per-vCPU half,
 //!   and waking a blocked vCPU.
 //! * [`VcpuIrqchip`], owned by one vCPU thread and called only from it, without locks: the hooks
@@ -134,8 +134,9 @@ pub(crate) fn kvm_signal_msi(vm: &VmFd, msi: MsiMessage) -> Result<MsiDelivery, 
     }
 }
 
-/// Device interrupt lines (ISA IRQs / IOAPIC pins). Devices hold an `Arc<dyn InterruptLines>`
-/// and call it from any thread.
+/// Device interrupt lines (ISA IRQs / IOAPIC pins) and message-signalled interrupts. Devices
+/// (and host threads, through `RunningVm`) hold an `Arc<dyn InterruptLines>` and call it from
+/// any thread.
 pub trait InterruptLines: Send + Sync {
     /// Drives `line` (0-23) to `level` (true = asserted). Edge-triggered inputs see a rising
     /// edge when the line goes from low to high.
