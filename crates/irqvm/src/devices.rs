@@ -338,6 +338,14 @@ mod tests {
             lock(&self.0).push((line, level));
             Ok(())
         }
+
+        fn signal_msi(
+            &self,
+            _address: u64,
+            _data: u32,
+        ) -> Result<crate::irqchip::MsiDelivery, IrqchipError> {
+            unreachable!("no device here sends MSIs")
+        }
     }
 
     fn devices() -> (Devices, Arc<Lines>, SerialCapture) {

@@ -2,7 +2,7 @@
 //!
 //! A backend is chosen per VM ([`IrqchipMode`]) and comes in two halves:
 //!
-//! * [`Irqchip`], shared by every thread (`Arc<dyn Irqchip>`): device interrupt lines
+//! * [`Irqchip`], shared by every thread (`Arc<dyn Irqchip>`): device interrupt lines and MSIs
 //!   ([`InterruptLines`]), the CPUID features the chip supports, creation of the per-vCPU half,
 //!   and waking a blocked vCPU.
 //! * [`VcpuIrqchip`], owned by one vCPU thread and called only from it, without locks: the hooks
@@ -48,7 +48,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use kvm_bindings::{kvm_mp_state, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED};
+use irqchip::msi::{MsiError, MsiMessage};
+use kvm_bindings::{kvm_mp_state, kvm_msi, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 
 use crate::kvm::KvmError;
@@ -81,10 +82,61 @@ pub enum IrqchipError {
     User(String),
     #[error("interrupt line {0} does not exist (lines are 0-{max})", max = IRQ_LINES - 1)]
     NoSuchLine(u32),
+    /// A message-signalled interrupt that is not one (address outside 0xFEExxxxx, a reserved
+    /// delivery mode): hardware drops such a write, so nothing reaches the guest.
+    #[error("malformed MSI (address {address:#x}, data {data:#x}): {reason}")]
+    InvalidMsi {
+        address: u64,
+        data: u32,
+        reason: MsiError,
+    },
 }
 
-/// Device interrupt lines (ISA IRQs / IOAPIC pins). Devices hold an `Arc<dyn InterruptLines>`
-/// and call it from any thread.
+/// What became of a well-formed MSI.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MsiDelivery {
+    /// At least one local APIC accepted the message.
+    Delivered,
+    /// No local APIC took it (no APIC with that destination, or every target disabled): as on
+    /// hardware, the message is lost.
+    NoTarget,
+}
+
+/// Checks that `address`/`data` form an interrupt message the guest's APICs can take (SDM vol. 3
+/// §11.11: address 0xFEExxxxx, bits 63:32 zero, no reserved delivery mode). KVM does not check
+/// (it reads the fields of any address and logs reserved delivery modes), so every backend
+/// validates here first, and all three refuse the same messages.
+pub fn validate_msi(address: u64, data: u32) -> Result<MsiMessage, IrqchipError> {
+    let msi = MsiMessage { address, data };
+    match msi.decode() {
+        Ok(_) => Ok(msi),
+        Err(reason) => Err(IrqchipError::InvalidMsi {
+            address,
+            data,
+            reason,
+        }),
+    }
+}
+
+/// KVM_SIGNAL_MSI of a validated message (`kernel` and `split` mode). KVM returns the number of
+/// LAPICs that accepted it: > 0 delivered, 0 no target or blocked.
+pub(crate) fn kvm_signal_msi(vm: &VmFd, msi: MsiMessage) -> Result<MsiDelivery, IrqchipError> {
+    let request = kvm_msi {
+        address_lo: msi.address as u32,
+        address_hi: (msi.address >> 32) as u32,
+        data: msi.data,
+        ..Default::default()
+    };
+    match vm.signal_msi(request) {
+        Ok(0) => Ok(MsiDelivery::NoTarget),
+        Ok(_) => Ok(MsiDelivery::Delivered),
+        Err(e) => Err(KvmError::ioctl("KVM_SIGNAL_MSI")(e).into()),
+    }
+}
+
+/// Device interrupt lines (ISA IRQs / IOAPIC pins) and message-signalled interrupts. Devices
+/// (and host threads, through `RunningVm`) hold an `Arc<dyn InterruptLines>` and call it from
+/// any thread.
 pub trait InterruptLines: Send + Sync {
     /// Drives `line` (0-23) to `level` (true = asserted). Edge-triggered inputs see a rising
     /// edge when the line goes from low to high.
@@ -95,6 +147,14 @@ pub trait InterruptLines: Send + Sync {
         self.set_line(line, true)?;
         self.set_line(line, false)
     }
+
+    /// A message-signalled interrupt: the 32-bit `data` written to `address` (SDM vol. 3
+    /// §11.11), as a PCI device's MSI/MSI-X or a host thread sends it. A malformed message
+    /// (address outside 0xFEE00000-0xFEEFFFFF, reserved delivery mode) is refused with
+    /// [`IrqchipError::InvalidMsi`] and reaches no vCPU. `user` mode decodes it and posts it on
+    /// its APIC bus (kicking or waking the target); `split` and `kernel` hand it to KVM's LAPICs
+    /// with KVM_SIGNAL_MSI.
+    fn signal_msi(&self, address: u64, data: u32) -> Result<MsiDelivery, IrqchipError>;
 }
 
 /// CPUID features whose presence depends on the interrupt controller.
@@ -294,6 +354,11 @@ impl InterruptLines for KernelIrqchip {
             .map_err(KvmError::ioctl("KVM_IRQ_LINE"))?;
         Ok(())
     }
+
+    /// KVM_SIGNAL_MSI to KVM's LAPICs (validated first).
+    fn signal_msi(&self, address: u64, data: u32) -> Result<MsiDelivery, IrqchipError> {
+        kvm_signal_msi(&self.vm, validate_msi(address, data)?)
+    }
 }
 
 /// Where KVM runs INIT/SIPI (`kernel` and `split` modes): the BSP (vCPU 0) RUNNABLE and every AP
@@ -354,5 +419,52 @@ impl VcpuIrqchip for KernelVcpuChip {
 
     fn mp_state(&mut self, vcpu: &mut VcpuFd) -> Result<u32, IrqchipError> {
         kvm_mp_state(vcpu)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SDM vol. 3 §11.11.1: only 0xFEExxxxx (bits 63:32 zero) is an interrupt address.
+    #[test]
+    fn validate_msi_refuses_addresses_outside_the_interrupt_window() {
+        for address in [0, 0xFED0_0000, 0xFEF0_0000, 0x1_FEE0_0000, u64::MAX] {
+            assert!(
+                matches!(
+                    validate_msi(address, 0x41),
+                    Err(IrqchipError::InvalidMsi {
+                        reason: MsiError::NotInterruptAddress(_),
+                        ..
+                    })
+                ),
+                "{address:#x}"
+            );
+        }
+        assert!(validate_msi(0xFEEF_FFFF, 0x41).is_ok());
+    }
+
+    /// SDM vol. 3 §11.11.2: delivery modes 011 and 110 (no start-up by MSI) are reserved.
+    #[test]
+    fn validate_msi_refuses_reserved_delivery_modes() {
+        for mode in [3u32, 6] {
+            let err = validate_msi(0xFEE0_0000, mode << 8 | 0x41).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    IrqchipError::InvalidMsi {
+                        reason: MsiError::ReservedDeliveryMode(m),
+                        ..
+                    } if m == mode
+                ),
+                "{err}"
+            );
+        }
+        for mode in [0u32, 1, 2, 4, 5, 7] {
+            assert!(
+                validate_msi(0xFEE0_0000, mode << 8 | 0x41).is_ok(),
+                "{mode}"
+            );
+        }
     }
 }

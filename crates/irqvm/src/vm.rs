@@ -17,7 +17,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::cpuid::{self, CpuidConfig};
 use crate::devices::{DeviceConfig, Devices, SerialOutput};
-use crate::irqchip::{self, ChipContext, Irqchip, IrqchipError, IrqchipMode};
+use crate::irqchip::{self, ChipContext, Irqchip, IrqchipError, IrqchipMode, MsiDelivery};
 use crate::kvm::{self, KvmError};
 use crate::loader::{self, LoadRequest, LoadedKernel, LoaderError, Module, RawImage};
 use crate::memory::{self, GuestRam, MemoryError};
@@ -291,6 +291,14 @@ impl RunningVm {
     /// The VM's interrupt controller: host threads (tests) drive device lines through it.
     pub fn irqchip(&self) -> &Arc<dyn Irqchip> {
         &self.vm.chip
+    }
+
+    /// A message-signalled interrupt from a host thread (a test, a device model's thread):
+    /// `data` written to `address` (SDM vol. 3 §11.11). See
+    /// [`crate::irqchip::InterruptLines::signal_msi`]: malformed messages are refused and
+    /// reach no vCPU.
+    pub fn signal_msi(&self, address: u64, data: u32) -> Result<MsiDelivery, IrqchipError> {
+        self.vm.chip.signal_msi(address, data)
     }
 
     /// The aligned 32-bit word at guest-physical `addr`, read as one atomic access (SeqCst):

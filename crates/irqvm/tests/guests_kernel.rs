@@ -137,3 +137,9 @@ fn storm_with_host_device_lines_counts_exactly() {
 fn apic_base_passes_except_kvm_apic_en_keeps_regs_host_limit() {
     run_on_1_2_4_except("apic_base", "kvm-apic-en-keeps-regs");
 }
+
+/// MSIs from a host thread (`RunningVm::signal_msi`): see `common::check_msi_from_host`.
+#[test]
+fn msi_from_host_reaches_the_addressed_cpu_exactly_once() {
+    common::check_msi_from_host(MODE);
+}

@@ -124,3 +124,9 @@ fn apic_base_passes_including_kvm_apic_en_keeps_regs_checks() {
         assert_tagged_checks_pass(&run, "[tcg-apic-gap]", 12);
     }
 }
+
+/// MSIs from a host thread (`RunningVm::signal_msi`): see `common::check_msi_from_host`.
+#[test]
+fn msi_from_host_reaches_the_addressed_cpu_exactly_once() {
+    common::check_msi_from_host(MODE);
+}

@@ -10,7 +10,9 @@
 //!   guest's counter from guest memory: `HOSTRATE:` lines for fixed rates (open loop: pulses that
 //!   merge in the IOAPIC/IRR before the guest took the previous one are lost), and a closed loop
 //!   (next pulse once the previous one was counted) for latency (`HOSTSAMPLES:`, line raised →
-//!   count visible to the host, ns) and costs (`HOSTLAT:`, CPU time without the driver thread).
+//!   count visible to the host, ns) and costs (`HOSTLAT:`, CPU time without the driver thread);
+//!   then the same again with MSIs (`RunningVm::signal_msi`, fixed, physical, edge) of the same
+//!   vector to CPU 0 (workload `irq_host_msi`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -135,19 +137,29 @@ fn thread_cpu_ns() -> u64 {
         .unwrap_or(0)
 }
 
-/// Addresses from the guest's `READY: count=0x... stop=0x...` line.
-fn wait_ready(capture: &SerialCapture, finished: &AtomicBool) -> Option<(u64, u64)> {
+/// What the guest's `READY: count=0x... stop=0x... apic=N` line says: the counter's and the stop
+/// flag's addresses, and CPU 0's APIC ID (0 if the line has none).
+struct Ready {
+    count: u64,
+    stop: u64,
+    apic_id: u32,
+}
+
+fn wait_ready(capture: &SerialCapture, finished: &AtomicBool) -> Option<Ready> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline && !finished.load(Ordering::SeqCst) {
         let text = capture.text();
         // Only complete lines: the serial port delivers the line one byte at a time.
         let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
         if let Some(line) = complete.lines().find(|l| l.starts_with("READY: ")) {
-            let addr = |key: &str| {
-                let v = line.split_whitespace().find_map(|w| w.strip_prefix(key))?;
-                u64::from_str_radix(v.trim_start_matches("0x"), 16).ok()
-            };
-            return Some((addr("count=")?, addr("stop=")?));
+            let value = |key: &str| line.split_whitespace().find_map(|w| w.strip_prefix(key));
+            let addr =
+                |key: &str| u64::from_str_radix(value(key)?.trim_start_matches("0x"), 16).ok();
+            return Some(Ready {
+                count: addr("count=")?,
+                stop: addr("stop=")?,
+                apic_id: value("apic=").and_then(|v| v.parse().ok()).unwrap_or(0),
+            });
         }
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -159,7 +171,19 @@ fn pulse(devices: &Devices, line: u16) {
     devices.pio_write(TESTDEV_IRQ_PORT + line, &[0]);
 }
 
-/// The host-driven device interrupt workload. Returns the lines to print.
+/// The fixed, physical, edge MSI for vector `vector` on APIC ID `apic_id` (SDM vol. 3 §11.11:
+/// destination ID in address bits 19:12, vector in data bits 7:0, delivery mode 0 = fixed).
+fn msi_to(apic_id: u32, vector: u32) -> (u64, u32) {
+    (0xFEE0_0000 | u64::from(apic_id & 0xFF) << 12, vector)
+}
+
+/// The guest's vector for the host's interrupts (`bench_irqhost.c`, V_HOST; IOAPIC pin 11 sends it too).
+const HOST_VECTOR: u32 = 0x70;
+
+/// The host-driven device interrupt workloads: `irq_host` pulses line 11 through the
+/// pc-testdev model (IOAPIC pin 11 → V_HOST on CPU 0), `irq_host_msi` sends the same vector to
+/// CPU 0 as an MSI (`RunningVm::signal_msi`). Each gets its open-loop rates and its closed loop.
+/// Returns the lines to print.
 fn drive(
     vm: &RunningVm,
     memory: &GuestRam,
@@ -168,19 +192,54 @@ fn drive(
     spec: &ChildSpec,
 ) -> Vec<String> {
     let mut out = Vec::new();
-    let Some((count_addr, stop_addr)) = wait_ready(capture, finished) else {
+    let Some(ready) = wait_ready(capture, finished) else {
         out.push("FAIL: irq_host: the guest never printed READY".into());
         return out;
     };
     let count = || -> u64 {
         memory
-            .load::<u32>(GuestAddress(count_addr), Ordering::Acquire)
+            .load::<u32>(GuestAddress(ready.count), Ordering::Acquire)
             .map_or(0, u64::from)
     };
     let devices = vm.devices().clone();
     // The guest is still printing the READY line (interrupts off in printf): let it reach its
     // halt loop, or the first two pulses merge.
     std::thread::sleep(Duration::from_millis(20));
+    let line = || pulse(&devices, HOST_LINE);
+    let (address, data) = msi_to(ready.apic_id, HOST_VECTOR);
+    let msi_failed = AtomicBool::new(false);
+    let msi = || {
+        if let Err(e) = vm.signal_msi(address, data) {
+            if !msi_failed.swap(true, Ordering::Relaxed) {
+                eprintln!("irq_host_msi: {e}");
+            }
+        }
+    };
+    let mut sent_total = 0u64;
+    let sources: [(&str, &dyn Fn()); 2] = [("irq_host", &line), ("irq_host_msi", &msi)];
+    for (name, send) in sources {
+        sent_total += drive_one(vm, &count, finished, spec, name, send, &mut out);
+    }
+    if msi_failed.load(Ordering::Relaxed) {
+        out.push("FAIL: irq_host_msi: signal_msi refused a well-formed MSI".into());
+    }
+    out.push(format!("HOSTSENT: irq_host={sent_total}"));
+    let _ = memory.store(1u32, GuestAddress(ready.stop), Ordering::Release);
+    pulse(&devices, WAKE_LINE);
+    out
+}
+
+/// One host-driven workload: `send` at each open-loop rate (`HOSTRATE:`), then a closed loop
+/// (`HOSTLAT:`, `HOSTSAMPLES:`). Returns how many it sent.
+fn drive_one(
+    vm: &RunningVm,
+    count: &dyn Fn() -> u64,
+    finished: &AtomicBool,
+    spec: &ChildSpec,
+    name: &str,
+    send: &dyn Fn(),
+    out: &mut Vec<String>,
+) -> u64 {
     let mut sent_total = 0u64;
     for &hz in &spec.rates {
         let c0 = count();
@@ -199,24 +258,24 @@ fn drive(
                     std::thread::yield_now();
                 }
             }
-            pulse(&devices, HOST_LINE);
+            send();
         }
         let elapsed = start.elapsed();
         sent_total += u64::from(spec.pulses);
         let delivered = settle(&count, c0, u64::from(spec.pulses));
         out.push(format!(
-            "HOSTRATE: hz={hz} sent={} delivered={delivered} elapsed_ns={}",
+            "HOSTRATE: name={name} hz={hz} sent={} delivered={delivered} elapsed_ns={}",
             spec.pulses,
             elapsed.as_nanos()
         ));
     }
-    // Closed loop: each pulse waits for the previous one to be counted.
+    // Closed loop: each interrupt waits for the previous one to be counted.
     let (c0, exits0, cpu0, drv0) = (count(), exits_so_far(vm), own_cpu_ns(), thread_cpu_ns());
     let mut samples = Vec::new();
     for _ in 0..spec.pulses {
         let before = count();
         let t0 = Instant::now();
-        pulse(&devices, HOST_LINE);
+        send();
         while count() == before
             && t0.elapsed() < Duration::from_secs(1)
             && !finished.load(Ordering::SeqCst)
@@ -229,18 +288,15 @@ fn drive(
     sent_total += u64::from(spec.pulses);
     let cpu = (cpu1 - cpu0).saturating_sub(drv1 - drv0);
     out.push(format!(
-        "HOSTLAT: name=irq_host sent={} counted={} exits={} cpu_ns={cpu}",
+        "HOSTLAT: name={name} sent={} counted={} exits={} cpu_ns={cpu}",
         spec.pulses,
         c1 - c0,
         exits1 - exits0
     ));
     for chunk in samples.chunks(16) {
-        out.push(format!("HOSTSAMPLES: name=irq_host {}", chunk.join(" ")));
+        out.push(format!("HOSTSAMPLES: name={name} {}", chunk.join(" ")));
     }
-    out.push(format!("HOSTSENT: irq_host={sent_total}"));
-    let _ = memory.store(1u32, GuestAddress(stop_addr), Ordering::Release);
-    pulse(&devices, WAKE_LINE);
-    out
+    sent_total
 }
 
 /// Waits until the counter reaches `c0 + sent` or stops moving for 100 ms; returns the increase.

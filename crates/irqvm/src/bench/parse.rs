@@ -20,9 +20,11 @@ pub struct Workload {
     pub host_cost: Option<(u64, u64)>,
 }
 
-/// One host-driven rate step: pulses sent at `hz`, interrupts the guest counted.
+/// One host-driven rate step: interrupts of workload `name` (`irq_host` line pulses,
+/// `irq_host_msi` MSIs) sent at `hz`, interrupts the guest counted.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RatePoint {
+    pub name: String,
     pub hz: u64,
     pub sent: u64,
     pub delivered: u64,
@@ -116,6 +118,7 @@ impl RunOutput {
             "HOSTRATE" => {
                 let get = |k| field(rest, k).unwrap_or(0);
                 self.rates.push(RatePoint {
+                    name: name_of(rest).unwrap_or_else(|| "irq_host".into()),
                     hz: get("hz"),
                     sent: get("sent"),
                     delivered: get("delivered"),
@@ -169,6 +172,7 @@ mod tests {
         SAMPLES: name=selfipi 1a\n\
         EXITS: end selfipi 160\n\
         HOSTRATE: hz=1000 sent=10 delivered=9 elapsed_ns=9000000\n\
+        HOSTRATE: name=irq_host_msi hz=1000 sent=10 delivered=10 elapsed_ns=9000000\n\
         HOSTLAT: name=irq_host sent=5 counted=5 exits=20 cpu_ns=1000\n\
         HOSTSAMPLES: name=irq_host 1500 2500.5\n\
         COUNT: irq_host=15\n\
@@ -191,6 +195,11 @@ mod tests {
     fn host_lines_become_rates_and_costs() {
         let out = RunOutput::parse(SAMPLE);
         assert_eq!(out.rates[0].delivered, 9);
+        assert_eq!(out.rates[0].name, "irq_host", "no name: the line workload");
+        assert_eq!(
+            (out.rates[1].name.as_str(), out.rates[1].delivered),
+            ("irq_host_msi", 10)
+        );
         let w = &out.workloads["irq_host"];
         assert_eq!(w.host_cost, Some((20, 1000)));
         assert_eq!(w.host_ns, vec![1500.0, 2500.5]);

@@ -32,7 +32,17 @@ pub const WORKLOADS: &[(&str, &str)] = &[
         "irq_host",
         "device line raised by a host thread (irqvm only), host-observed",
     ),
+    (
+        "irq_host_msi",
+        "MSI sent by a host thread (irqvm only), host-observed",
+    ),
 ];
+
+/// The host-driven workloads (`bench_irqhost`), with the label of their rows in the rates table.
+const HOST_WORKLOADS: &[(&str, &str)] = &[("irq_host", "line"), ("irq_host_msi", "MSI")];
+
+/// (host workload, hz) → (sent, delivered, elapsed ns), summed over repeats.
+pub type RateSteps = BTreeMap<(String, u64), (u64, u64, u64)>;
 
 /// One workload on one peer, over every repeat.
 #[derive(Clone, Debug, Default)]
@@ -66,8 +76,8 @@ pub struct Summary<'a> {
     pub cells: BTreeMap<&'static str, BTreeMap<Peer, Cell>>,
     /// vCPU count → peer → boot figures.
     pub boot: BTreeMap<u32, BTreeMap<Peer, BootCell>>,
-    /// peer → hz → (sent, delivered, elapsed ns) summed over repeats.
-    pub rates: BTreeMap<Peer, BTreeMap<u64, (u64, u64, u64)>>,
+    /// peer → (host workload, hz) → (sent, delivered, elapsed ns) summed over repeats.
+    pub rates: BTreeMap<Peer, RateSteps>,
     problems: Vec<String>,
 }
 
@@ -151,7 +161,7 @@ impl<'a> Summary<'a> {
                 "ipi_halted",
                 "ipi_spin",
             ],
-            RunKind::HostIrq => &["irq_host"],
+            RunKind::HostIrq => &["irq_host", "irq_host_msi"],
             RunKind::Boot(_) => &["boot"],
         };
         for name in expected {
@@ -203,7 +213,7 @@ impl<'a> Summary<'a> {
                 .rates
                 .entry(run.peer)
                 .or_default()
-                .entry(p.hz)
+                .entry((p.name.clone(), p.hz))
                 .or_default();
             e.0 += p.sent;
             e.1 += p.delivered;
@@ -357,35 +367,39 @@ impl<'a> Summary<'a> {
 
         let mut rows = Vec::new();
         let irqvm_peers: Vec<Peer> = peers.iter().copied().filter(Peer::is_irqvm).collect();
-        let all_hz: std::collections::BTreeSet<u64> = self
-            .rates
-            .values()
-            .flat_map(|m| m.keys().copied())
-            .collect();
-        for hz in all_hz {
-            let mut row = vec![format!("{hz} Hz")];
-            for p in &irqvm_peers {
-                row.push(match self.rates.get(p).and_then(|m| m.get(&hz)) {
-                    Some((sent, delivered, _)) => format!("{delivered}/{sent} delivered"),
-                    None => "—".into(),
-                });
+        for (workload, label) in HOST_WORKLOADS {
+            let all_hz: std::collections::BTreeSet<u64> = self
+                .rates
+                .values()
+                .flat_map(|m| m.keys())
+                .filter(|(w, _)| w == workload)
+                .map(|(_, hz)| *hz)
+                .collect();
+            for hz in all_hz {
+                let mut row = vec![format!("{label} {hz} Hz")];
+                for p in &irqvm_peers {
+                    let key = (workload.to_string(), hz);
+                    row.push(match self.rates.get(p).and_then(|m| m.get(&key)) {
+                        Some((sent, delivered, _)) => format!("{delivered}/{sent} delivered"),
+                        None => "—".into(),
+                    });
+                }
+                rows.push(row);
             }
-            rows.push(row);
+            let Some(cells) = self.cells.get(workload) else {
+                continue;
+            };
+            let mut sat = vec![format!("{label} saturation (closed loop)")];
+            for p in &irqvm_peers {
+                let m = cells.get(p).and_then(Cell::median);
+                sat.push(m.map_or("—".into(), |m| format!("{:.0} /s", 1e9 / m)));
+            }
+            rows.push(sat);
         }
-        let mut sat = vec!["saturation (closed loop)".to_string()];
-        for p in &irqvm_peers {
-            let m = self
-                .cells
-                .get("irq_host")
-                .and_then(|c| c.get(p))
-                .and_then(Cell::median);
-            sat.push(m.map_or("—".into(), |m| format!("{:.0} /s", 1e9 / m)));
-        }
-        rows.push(sat);
         let mut h = vec!["rate".to_string()];
         h.extend(irqvm_peers.iter().map(Peer::name));
         out.push((
-            "Device interrupts from a host thread (irqvm only: QEMU has no such thread, no ratio against it)".into(),
+            "Device interrupts from a host thread, by line (`irq_host`) and by MSI (`irq_host_msi`) (irqvm only: QEMU has no such thread, no ratio against it)".into(),
             h,
             rows,
         ));
@@ -492,7 +506,7 @@ impl<'a> Summary<'a> {
             .map(|(p, m)| {
                 let steps: Vec<Value> = m
                     .iter()
-                    .map(|(hz, (s, d, e))| json!({"hz": hz, "sent": s, "delivered": d, "elapsed_ns": e}))
+                    .map(|((w, hz), (s, d, e))| json!({"workload": w, "hz": hz, "sent": s, "delivered": d, "elapsed_ns": e}))
                     .collect();
                 (p.name(), Value::Array(steps))
             })

@@ -38,8 +38,8 @@ use irqchip::vcpu::VcpuInterrupts;
 use irqchip::{ClockConfig, Nanos};
 
 use crate::irqchip::{
-    ChipContext, ChipFeatures, InterruptLines, Irqchip, IrqchipError, IrqchipMode, VcpuIrqchip,
-    IRQ_LINES,
+    validate_msi, ChipContext, ChipFeatures, InterruptLines, Irqchip, IrqchipError, IrqchipMode,
+    MsiDelivery, VcpuIrqchip, IRQ_LINES,
 };
 use crate::kvm::{require_cap, KvmError};
 
@@ -244,6 +244,26 @@ impl InterruptLines for UserIrqchip {
         }
         self.shared.platform.set_gsi(line, level);
         Ok(())
+    }
+
+    /// Decodes the message and posts it on the APIC bus, kicking a target in guest mode and
+    /// waking a blocked one (the chip's notify).
+    fn signal_msi(&self, address: u64, data: u32) -> Result<MsiDelivery, IrqchipError> {
+        let msi = validate_msi(address, data)?;
+        let reached =
+            self.shared
+                .platform
+                .signal_msi(msi)
+                .map_err(|reason| IrqchipError::InvalidMsi {
+                    address,
+                    data,
+                    reason,
+                })?;
+        Ok(if reached > 0 {
+            MsiDelivery::Delivered
+        } else {
+            MsiDelivery::NoTarget
+        })
     }
 }
 

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use irqchip::chip::PcIrqChip;
+use irqchip::msi::{MsiError, MsiMessage};
 use irqchip::pic::DualPic;
 use irqchip::routing::SourceId;
 use irqchip::{EoiMessage, Vector};
@@ -45,6 +46,12 @@ impl Platform {
         {
             tracing::warn!(gsi, level, "GSI routing: {e}");
         }
+    }
+
+    /// A message-signalled interrupt from a host thread or device: decoded with the chip's
+    /// destination layout and posted on the APIC bus. Returns how many vCPUs it reached.
+    pub fn signal_msi(&self, msi: MsiMessage) -> Result<usize, MsiError> {
+        self.chip.signal_msi(msi, &mut self.notify())
     }
 
     /// A guest read of the IOAPIC window.

@@ -359,3 +359,245 @@ pub fn check_storm_with_host_line(mode: IrqchipMode) {
         );
     }
 }
+
+/// msi.c's vector and its `msi_link` layout (see the guest's header).
+const MSI_VECTOR: u32 = 0x61;
+const MSI_LINK_ATTACHED: u64 = 0;
+const MSI_LINK_DONE: u64 = 4;
+const MSI_LINK_COUNT: u64 = 8;
+const MSI_LINK_EXPECTED: u64 = 8 + 4 * 16;
+/// MSIs of each kind the host sends.
+pub const MSIS_PER_KIND: u32 = 20;
+/// SDM vol. 3 §11.11.1-2: address 0xFEE, destination ID in bits 19:12, DM (logical) bit 2,
+/// RH bit 3; data: vector, delivery mode in bits 10:8, edge trigger.
+const MSI_BASE: u64 = 0xFEE0_0000;
+const MSI_LOGICAL: u64 = 1 << 2;
+const MSI_REDIRECTION_HINT: u64 = 1 << 3;
+const MSI_LOWEST_PRIORITY: u32 = 1 << 8;
+
+/// What the host thread of [`run_msi_from_host`] found.
+#[derive(Debug, Default)]
+pub struct MsiRun {
+    /// MSIs the API accepted and the guest counted, per vCPU.
+    pub delivered: Vec<u32>,
+    /// Each kind's name and how many of its MSIs were taken by the CPU(s) they addressed.
+    pub kinds: Vec<(&'static str, u32)>,
+    /// The API's answers to the malformed messages (must all be `InvalidMsi`).
+    pub malformed: Vec<String>,
+    /// The API's answer to a well-formed MSI for an APIC ID no vCPU has.
+    pub no_target: Option<String>,
+    /// Per-vCPU counts unchanged across the malformed and no-target messages.
+    pub nothing_after_refused: bool,
+}
+
+/// msi.c on `cpus` vCPUs in `mode` while a host thread sends it MSIs through
+/// `RunningVm::signal_msi`, one at a time: each is sent only after the previous one was counted
+/// by the guest (read from guest memory), so none can merge in an IRR bit.
+pub fn run_msi_from_host(mode: IrqchipMode, cpus: u32) -> (GuestRun, MsiRun) {
+    let capture = SerialCapture::new();
+    let kernel = std::fs::read(guest_path("msi")).unwrap();
+    let mut cfg = VmConfig::new(kernel, "msi.elf");
+    cfg.cpus = cpus;
+    cfg.irqchip = mode;
+    cfg.serial = SerialOutput::Capture(capture.clone());
+    let (tx, rx) = mpsc::channel();
+    {
+        let capture = capture.clone();
+        std::thread::spawn(move || {
+            let vm = Vm::new(&cfg).unwrap().start().unwrap();
+            let msi = std::thread::scope(|s| s.spawn(|| send_msis(&vm, &capture)).join());
+            let _ = tx.send((vm.wait(Some(VM_TIMEOUT)), msi));
+        });
+    }
+    let (result, msi) = rx.recv_timeout(HARNESS_TIMEOUT).expect("VM did not stop");
+    let run = GuestRun {
+        result,
+        output: capture.text(),
+    };
+    let msi = msi.unwrap_or_else(|_| panic!("the MSI thread panicked:\n{}", run.output));
+    (run, msi)
+}
+
+/// The `READY: msi link=0x...` address and `MSI: cpu C apic_id=A ldr=L` lines, once printed.
+fn wait_for_msi_ready(
+    capture: &SerialCapture,
+    over: &dyn Fn() -> bool,
+) -> Option<(u64, Vec<(u32, u32)>)> {
+    loop {
+        let text = capture.text();
+        let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        if let Some(line) = complete
+            .lines()
+            .find(|l| l.starts_with("READY: msi link=0x"))
+        {
+            let hex: String = line["READY: msi link=0x".len()..]
+                .chars()
+                .take_while(char::is_ascii_hexdigit)
+                .collect();
+            let link = u64::from_str_radix(&hex, 16).expect("an address");
+            let value = |line: &str, key: &str, radix| {
+                let w = line.split_whitespace().find_map(|w| w.strip_prefix(key))?;
+                u32::from_str_radix(w, radix).ok()
+            };
+            let cpus = complete
+                .lines()
+                .filter(|l| l.starts_with("MSI: cpu "))
+                .filter_map(|l| Some((value(l, "apic_id=", 10)?, value(l, "ldr=", 16)?)))
+                .collect();
+            return Some((link, cpus));
+        }
+        if over() {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn send_msis(vm: &RunningVm, capture: &SerialCapture) -> MsiRun {
+    let start = Instant::now();
+    let over = || start.elapsed() > VM_TIMEOUT || vm.vcpu(0).state() == VcpuState::Stopped;
+    let mut out = MsiRun::default();
+    let Some((link, cpus)) = wait_for_msi_ready(capture, &over) else {
+        return out;
+    };
+    let word = |offset: u64| {
+        vm.load_guest_u32(link + offset)
+            .expect("msi_link is in RAM")
+    };
+    let counts = || -> Vec<u32> {
+        (0..cpus.len() as u64)
+            .map(|c| word(MSI_LINK_COUNT + 4 * c))
+            .collect()
+    };
+    assert!(vm.store_guest_u32(link + MSI_LINK_ATTACHED, 1));
+    out.delivered = vec![0; cpus.len()];
+    // One MSI, then wait (bounded) until one more interrupt was counted; returns the CPU that
+    // took it.
+    let send_one = |address: u64, data: u32| -> Option<usize> {
+        let before = counts();
+        let result = vm.signal_msi(address, data);
+        assert!(
+            matches!(result, Ok(irqvm::irqchip::MsiDelivery::Delivered)),
+            "MSI {address:#x}/{data:#x}: {result:?}"
+        );
+        let t0 = Instant::now();
+        loop {
+            let now = counts();
+            if now.iter().sum::<u32>() > before.iter().sum::<u32>() {
+                return now.iter().zip(&before).position(|(a, b)| a > b);
+            }
+            if t0.elapsed() > Duration::from_secs(5) || over() {
+                return None;
+            }
+            std::thread::sleep(Duration::from_micros(20));
+        }
+    };
+    let mut kinds: Vec<(&'static str, u64, u32, Vec<usize>)> = vec![(
+        "fixed physical to cpu 0",
+        MSI_BASE | u64::from(cpus[0].0) << 12,
+        MSI_VECTOR,
+        vec![0],
+    )];
+    if cpus.len() >= 2 {
+        kinds.push((
+            "fixed physical to cpu 1",
+            MSI_BASE | u64::from(cpus[1].0) << 12,
+            MSI_VECTOR,
+            vec![1],
+        ));
+        kinds.push((
+            "fixed logical to cpu 1",
+            MSI_BASE | MSI_LOGICAL | u64::from(cpus[1].1) << 12,
+            MSI_VECTOR,
+            vec![1],
+        ));
+        kinds.push((
+            "lowest priority logical to cpus 0-1",
+            MSI_BASE | MSI_LOGICAL | MSI_REDIRECTION_HINT | u64::from(cpus[0].1 | cpus[1].1) << 12,
+            MSI_LOWEST_PRIORITY | MSI_VECTOR,
+            vec![0, 1],
+        ));
+    }
+    for (name, address, data, targets) in kinds {
+        let mut right = 0;
+        for _ in 0..MSIS_PER_KIND {
+            if let Some(cpu) = send_one(address, data) {
+                out.delivered[cpu] += 1;
+                right += u32::from(targets.contains(&cpu));
+            }
+        }
+        out.kinds.push((name, right));
+    }
+    // Refused by the API; and a well-formed one nobody has the APIC ID of.
+    let before = counts();
+    for (address, data) in [
+        (0xFED0_0000, MSI_VECTOR),
+        (0x1_FEE0_0000, MSI_VECTOR),
+        (MSI_BASE, 3 << 8 | MSI_VECTOR),
+        (MSI_BASE, 6 << 8 | MSI_VECTOR),
+    ] {
+        out.malformed
+            .push(format!("{:?}", vm.signal_msi(address, data)));
+    }
+    out.no_target = Some(format!(
+        "{:?}",
+        vm.signal_msi(MSI_BASE | 0x7E << 12, MSI_VECTOR)
+    ));
+    std::thread::sleep(Duration::from_millis(50));
+    out.nothing_after_refused = counts() == before;
+    for (c, n) in out.delivered.iter().enumerate() {
+        assert!(vm.store_guest_u32(link + MSI_LINK_EXPECTED + 4 * c as u64, *n));
+    }
+    assert!(vm.store_guest_u32(link + MSI_LINK_DONE, 1));
+    out
+}
+
+/// msi.c on 1 and 2 vCPUs in `mode`: every MSI the host sent was accepted by the API and taken
+/// exactly once by the CPU it addressed (physical, logical, lowest priority among two), the
+/// guest agrees with the host's per-CPU counts, malformed MSIs are refused with `InvalidMsi`,
+/// an MSI to an absent APIC ID reports `NoTarget`, and neither delivers anything.
+pub fn check_msi_from_host(mode: IrqchipMode) {
+    for cpus in [1, 2] {
+        let _one = exclusive();
+        let (run, msi) = run_msi_from_host(mode, cpus);
+        let what = format!("msi from the host, {cpus} vCPU(s), {mode:?}");
+        run.assert_all_passed(&what);
+        let expect_kinds = if cpus == 1 { 1 } else { 4 };
+        assert_eq!(
+            msi.kinds.len(),
+            expect_kinds,
+            "{what}: {msi:?}\n{}",
+            run.output
+        );
+        for (name, right) in &msi.kinds {
+            assert_eq!(
+                *right, MSIS_PER_KIND,
+                "{what}: {name}: {msi:?}\n{}",
+                run.output
+            );
+        }
+        let total: u32 = msi.delivered.iter().sum();
+        assert_eq!(
+            total,
+            MSIS_PER_KIND * expect_kinds as u32,
+            "{what}: {msi:?}"
+        );
+        assert_eq!(msi.malformed.len(), 4, "{what}");
+        for answer in &msi.malformed {
+            assert!(answer.starts_with("Err(InvalidMsi"), "{what}: {answer}");
+        }
+        assert_eq!(msi.no_target.as_deref(), Some("Ok(NoTarget)"), "{what}");
+        assert!(
+            msi.nothing_after_refused,
+            "{what}: refused MSIs delivered\n{}",
+            run.output
+        );
+        assert!(
+            run.output
+                .contains("PASS: cpu 0 took exactly the msis sent to it"),
+            "{what}:\n{}",
+            run.output
+        );
+        eprintln!("{what}: {msi:?}");
+    }
+}
