@@ -100,14 +100,19 @@ pub fn guest_path(name: &str) -> String {
     format!("{}/{name}.elf", irqvm::GUESTS_DIR)
 }
 
-/// Runs guest `name` on `cpus` vCPUs in `mode`.
-pub fn run_guest(name: &str, cpus: u32, mode: IrqchipMode) -> GuestRun {
+/// The config of guest `name` on `cpus` vCPUs in `mode`.
+pub fn guest_config(name: &str, cpus: u32, mode: IrqchipMode) -> VmConfig {
     let path = guest_path(name);
     let kernel = std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
     let mut cfg = VmConfig::new(kernel, &format!("{name}.elf"));
     cfg.cpus = cpus;
     cfg.irqchip = mode;
-    run_vm(cfg)
+    cfg
+}
+
+/// Runs guest `name` on `cpus` vCPUs in `mode`.
+pub fn run_guest(name: &str, cpus: u32, mode: IrqchipMode) -> GuestRun {
+    run_vm(guest_config(name, cpus, mode))
 }
 
 /// A VM config for raw machine code loaded and entered at 1 MiB.
@@ -140,28 +145,38 @@ pub const HALT_FOREVER: [u8; 4] = [0xFA, 0xF4, 0xEB, 0xFD];
 /// `host_link` handshake (guests/storm.c): one host edge outstanding at a time, and none after
 /// the guest closed the window. Returns the run and how many times the host pulsed.
 pub fn run_storm_with_host_line(mode: IrqchipMode, cpus: u32) -> (GuestRun, u32) {
+    let (run, pulses) = run_with_host_thread("storm", mode, cpus, pulse_host_line);
+    let pulses = pulses.unwrap_or_else(|_| panic!("the pulsing thread panicked:\n{}", run.output));
+    (run, pulses)
+}
+
+/// Runs guest `name` on `cpus` vCPUs in `mode` with `host` running on a thread of its own beside
+/// it (given the running VM and the serial capture), then waits for the VM to end. Returns the
+/// run and what `host` returned (`Err` if it panicked).
+pub fn run_with_host_thread<T: Send + 'static>(
+    name: &str,
+    mode: IrqchipMode,
+    cpus: u32,
+    host: fn(&RunningVm, &SerialCapture) -> T,
+) -> (GuestRun, std::thread::Result<T>) {
     let capture = SerialCapture::new();
-    let kernel = std::fs::read(guest_path("storm")).unwrap();
-    let mut cfg = VmConfig::new(kernel, "storm.elf");
-    cfg.cpus = cpus;
-    cfg.irqchip = mode;
+    let mut cfg = guest_config(name, cpus, mode);
     cfg.serial = SerialOutput::Capture(capture.clone());
     let (tx, rx) = mpsc::channel();
     {
         let capture = capture.clone();
         std::thread::spawn(move || {
             let vm = Vm::new(&cfg).unwrap().start().unwrap();
-            let pulses =
-                std::thread::scope(|s| s.spawn(|| pulse_host_line(&vm, &capture)).join().unwrap());
-            let _ = tx.send((vm.wait(Some(VM_TIMEOUT)), pulses));
+            let out = std::thread::scope(|s| s.spawn(|| host(&vm, &capture)).join());
+            let _ = tx.send((vm.wait(Some(VM_TIMEOUT)), out));
         });
     }
-    let (result, pulses) = rx.recv_timeout(HARNESS_TIMEOUT).expect("VM did not stop");
+    let (result, out) = rx.recv_timeout(HARNESS_TIMEOUT).expect("VM did not stop");
     let run = GuestRun {
         result,
         output: capture.text(),
     };
-    (run, pulses)
+    (run, out)
 }
 
 /// The guest's `host_link` words: the guest writes `stop` and counts `dev10`, the host writes
@@ -394,26 +409,7 @@ pub struct MsiRun {
 /// `RunningVm::signal_msi`, one at a time: each is sent only after the previous one was counted
 /// by the guest (read from guest memory), so none can merge in an IRR bit.
 pub fn run_msi_from_host(mode: IrqchipMode, cpus: u32) -> (GuestRun, MsiRun) {
-    let capture = SerialCapture::new();
-    let kernel = std::fs::read(guest_path("msi")).unwrap();
-    let mut cfg = VmConfig::new(kernel, "msi.elf");
-    cfg.cpus = cpus;
-    cfg.irqchip = mode;
-    cfg.serial = SerialOutput::Capture(capture.clone());
-    let (tx, rx) = mpsc::channel();
-    {
-        let capture = capture.clone();
-        std::thread::spawn(move || {
-            let vm = Vm::new(&cfg).unwrap().start().unwrap();
-            let msi = std::thread::scope(|s| s.spawn(|| send_msis(&vm, &capture)).join());
-            let _ = tx.send((vm.wait(Some(VM_TIMEOUT)), msi));
-        });
-    }
-    let (result, msi) = rx.recv_timeout(HARNESS_TIMEOUT).expect("VM did not stop");
-    let run = GuestRun {
-        result,
-        output: capture.text(),
-    };
+    let (run, msi) = run_with_host_thread("msi", mode, cpus, send_msis);
     let msi = msi.unwrap_or_else(|_| panic!("the MSI thread panicked:\n{}", run.output));
     (run, msi)
 }
