@@ -4,9 +4,32 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use super::report::{Summary, WORKLOADS};
+use super::report::{BootCell, Summary, WORKLOADS};
 use super::runner::Peer;
 use super::stats;
+
+/// One line per peer of the median of `field` at each vCPU count of the boot runs, divided by
+/// `scale` (ns -> µs, KiB -> MiB).
+fn per_vcpu_series(
+    summary: &Summary<'_>,
+    peers: &[Peer],
+    field: fn(&BootCell) -> &Vec<f64>,
+    scale: f64,
+) -> Vec<(Peer, Vec<(f64, f64)>)> {
+    peers
+        .iter()
+        .map(|p| {
+            let points = summary
+                .boot
+                .iter()
+                .filter_map(|(n, cells)| {
+                    Some((f64::from(*n), stats::median(field(cells.get(p)?))? / scale))
+                })
+                .collect();
+            (*p, points)
+        })
+        .collect()
+}
 
 fn io_err(e: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::other(e.to_string())
@@ -32,38 +55,8 @@ pub fn write_all(dir: &Path, summary: &Summary<'_>) -> std::io::Result<Vec<Strin
         files.push(file);
     }
     let peers = &summary.suite.peers;
-    let boot: Vec<(Peer, Vec<(f64, f64)>)> = peers
-        .iter()
-        .map(|p| {
-            let pts = summary
-                .boot
-                .iter()
-                .filter_map(|(n, cells)| {
-                    Some((
-                        f64::from(*n),
-                        stats::median(&cells.get(p)?.boot_ns)? / 1000.0,
-                    ))
-                })
-                .collect();
-            (*p, pts)
-        })
-        .collect();
-    let rss: Vec<(Peer, Vec<(f64, f64)>)> = peers
-        .iter()
-        .map(|p| {
-            let pts = summary
-                .boot
-                .iter()
-                .filter_map(|(n, cells)| {
-                    Some((
-                        f64::from(*n),
-                        stats::median(&cells.get(p)?.rss_kib)? / 1024.0,
-                    ))
-                })
-                .collect();
-            (*p, pts)
-        })
-        .collect();
+    let boot = per_vcpu_series(summary, peers, |c| &c.boot_ns, 1000.0);
+    let rss = per_vcpu_series(summary, peers, |c| &c.rss_kib, 1024.0);
     for (file, title, y, data) in [
         (
             "boot_vs_vcpus.svg",
