@@ -5,6 +5,13 @@
 //!
 //! Plain images become [`ImageKind::Elf32`] (entered in protected mode) or [`ImageKind::Elf64`]
 //! (entered in long mode); multiboot ELF kernels are parsed here too, from `multiboot`.
+//!
+//! Why not linux-loader's `Elf` (0.14, the release built on vm-memory 0.18): it reads every
+//! image as ELF64, while the guests crates/irqvm/build.rs makes are ELF32 (converted so QEMU's
+//! multiboot loader takes them too); and it copies each segment into guest memory as it reads
+//! it, where this loader checks all of them (RAM, boot area, overlap) before writing any.
+//! linux-loader is the right tool for the Linux boot protocols (the PVH note of a vmlinux, the
+//! bzImage setup header), which are formats of their own beside this one.
 
 use object::elf::{
     FileHeader32, FileHeader64, ELFCLASS32, ELFCLASS64, ELFDATA2LSB, EM_386, EM_X86_64, ET_EXEC,
@@ -72,7 +79,7 @@ pub(super) fn parse_plain(image: &[u8]) -> Result<KernelImage<'_>, LoaderError> 
 /// Parses the ELF header and its PT_LOAD program headers.
 pub(super) fn parse(image: &[u8]) -> Result<ElfImage<'_>, ElfError> {
     if !is_elf(image) {
-        return Err(ElfError::HeaderTruncated);
+        return Err(ElfError::NoMagic);
     }
     let class = *image.get(EI_CLASS).ok_or(ElfError::HeaderTruncated)?;
     if image.get(EI_DATA).ok_or(ElfError::HeaderTruncated)? != &ELFDATA2LSB.0 {

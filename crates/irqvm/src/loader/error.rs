@@ -41,6 +41,8 @@ pub enum LoaderError {
 /// What is wrong with an ELF image (System V ABI, "ELF Header" and "Program Header" chapters).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ElfError {
+    #[error("no ELF magic")]
+    NoMagic,
     #[error("unknown ELF class {0} (neither ELF32 nor ELF64)")]
     UnknownClass(u8),
     #[error("not little-endian")]

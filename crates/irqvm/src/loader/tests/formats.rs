@@ -49,6 +49,18 @@ fn every_built_guest_loads_as_multiboot_elf32() {
     assert!(loaded_count >= 10, "only {loaded_count} guests in {dir:?}");
 }
 
+/// The reader takes headers at any alignment: an image that starts at an odd host address
+/// (as a slice of a larger buffer may) loads like any other.
+#[test]
+fn image_at_an_odd_host_address_loads() {
+    for image in [multiboot_elf32(), elf64(0x20_0000, 0x20_0000, &[0xF4; 8])] {
+        let mut buffer = vec![0u8; 1];
+        buffer.extend_from_slice(&image);
+        let mem = ram(64 * MIB);
+        load(&mem, &request(&buffer[1..])).unwrap();
+    }
+}
+
 #[test]
 fn multiboot_elf64_is_entered_in_32_bit_mode_spec_3_2() {
     let mem = ram(64 * MIB);

@@ -221,6 +221,8 @@ fn elf_header_errors_are_named() {
     filesz_gt_memsz.push(0xF4);
     let cases = [
         (good[..40].to_vec(), HeaderTruncated),
+        (good[..5].to_vec(), HeaderTruncated),
+        (with(0, b"\x7fELG"), NoMagic),
         (with(4, &[3]), UnknownClass(3)),
         (with(5, &[2]), NotLittleEndian),
         (with(6, &[0]), UnsupportedVersion),
