@@ -115,8 +115,8 @@ fn write_boot_gdt(mem: &GuestRam) -> Result<(), LoaderError> {
     write_guest(mem, "boot GDT", BOOT_GDT_ADDR, &bytes)
 }
 
-/// Identity-maps the first 4 GiB with 2 MiB pages (SDM vol. 3 §4.5): PML4[0] -> PDPT,
-/// PDPT[0..4] -> four page directories.
+/// Identity-maps the first 4 GiB with 2 MiB pages (SDM vol. 3 §4.5): `PML4[0]` -> PDPT,
+/// `PDPT[0..4]` -> four page directories.
 fn write_identity_page_tables(mem: &GuestRam) -> Result<(), LoaderError> {
     const PRESENT_RW: u64 = 0x3;
     const PAGE_SIZE_2M: u64 = 0x80;
