@@ -1,6 +1,6 @@
 /* bench.h: what the benchmark guests (bench_*.c) share. Included by exactly one .c file per guest.
  *
- * Output protocol, read by `irqvm bench` (crates/irqvm/src/bench/parse.rs):
+ * Output protocol, read by `irqvm-bench` (crates/bench/src/parse.rs):
  *   MARK: begin <workload>      then a quiet pause (halted on the APIC timer) while the host takes a snapshot
  *   MARK: end <workload>        of its counters (exits, CPU time), so a phase's costs are end minus begin
  *   BENCH: name=<w> sent=<s> counted=<c> interrupts=<i> offset_ns=<o>

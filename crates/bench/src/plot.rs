@@ -4,9 +4,9 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use super::report::{BootCell, Summary, WORKLOADS};
-use super::runner::Peer;
-use super::stats;
+use crate::runner::Peer;
+use crate::stats;
+use crate::summary::{BootCell, Summary, WORKLOADS};
 
 /// One line per peer of the median of `field` at each vCPU count of the boot runs, divided by
 /// `scale` (ns -> µs, KiB -> MiB).

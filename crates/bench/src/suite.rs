@@ -1,71 +1,14 @@
-//! `irqvm bench`: how fast interrupt delivery is, in every irqchip mode of irqvm and under QEMU,
-//! with the same guest binaries (`crates/irqvm/guests/bench_*.c`).
-//!
-//! One invocation runs, for each repeat, each peer ([`runner::Peer`]: every [`IrqchipMode`] of
-//! irqvm, QEMU with KVM, QEMU with TCG) on the latency guest (`bench_lat`, 2 vCPUs), the AP
-//! bring-up guest (`bench_boot`) at each vCPU count, and, irqvm only, the host-driven device
-//! interrupt guest (`bench_irqhost`). Every VM is a child process measured the same way
-//! (`runner.rs`). Figures are medians over the repeats with their spread; ratios are taken
-//! against the fastest peer of the same invocation.
-
-mod child;
-mod parse;
-mod plot;
-mod report;
-mod runner;
-mod stats;
+//! One invocation of the suite: what it runs ([`Plan`]), in which order, and what it measured
+//! ([`Suite`]). Every VM is a child process measured the same way (`runner.rs`).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::ValueEnum;
+use irqvm::irqchip::IrqchipMode;
 
-use crate::irqchip::IrqchipMode;
-use runner::{Peer, RunResult, RunSpec};
-
-/// `irqvm bench` arguments.
-#[derive(Debug, clap::Args)]
-pub struct BenchArgs {
-    /// A short run for CI: fewer iterations, one repeat, 1-2 vCPUs; QEMU is skipped if absent.
-    #[arg(long)]
-    pub quick: bool,
-    /// Repeats of every run (default 3, 1 with --quick).
-    #[arg(long, value_name = "N")]
-    pub repeats: Option<u32>,
-    /// Where the machine-readable results go.
-    #[arg(
-        long,
-        value_name = "FILE",
-        default_value = "target/irqvm-bench/results.json"
-    )]
-    pub json: PathBuf,
-    /// Also write DIR/benchmarks.md (its generated section) and the plots in DIR/bench/.
-    #[arg(long, value_name = "DIR")]
-    pub docs: Option<PathBuf>,
-    /// Compare the irqvm modes only.
-    #[arg(long)]
-    pub no_qemu: bool,
-    /// Internal: run one benchmark VM in this process (the parent's child).
-    #[arg(long, hide = true, value_name = "KERNEL")]
-    pub vm_child: Option<PathBuf>,
-    #[arg(long, hide = true, default_value_t = 1)]
-    pub child_cpus: u32,
-    #[arg(long, hide = true, value_enum, default_value_t = IrqchipMode::Kernel)]
-    pub child_irqchip: IrqchipMode,
-    #[arg(long, hide = true, default_value = "")]
-    pub child_cmdline: String,
-    #[arg(long, hide = true)]
-    pub child_host_driver: bool,
-    #[arg(long, hide = true, default_value_t = 200)]
-    pub child_pulses: u32,
-    #[arg(
-        long,
-        hide = true,
-        value_delimiter = ',',
-        default_value = "1000,4000,16000"
-    )]
-    pub child_rates: Vec<u64>,
-}
+use crate::cli::Args;
+use crate::runner::{self, Peer, RunResult, RunSpec};
 
 /// How much work a suite does.
 #[derive(Clone, Debug)]
@@ -81,7 +24,7 @@ pub struct Plan {
 }
 
 impl Plan {
-    fn new(args: &BenchArgs) -> Self {
+    pub fn new(args: &Args) -> Self {
         if args.quick {
             Self {
                 quick: true,
@@ -136,43 +79,11 @@ pub struct Suite {
     pub elapsed: Duration,
 }
 
-/// Entry point of `irqvm bench`; returns the exit status.
-pub fn main(args: &BenchArgs) -> i32 {
-    if let Some(kernel) = &args.vm_child {
-        let spec = child::ChildSpec {
-            kernel: kernel.clone(),
-            cpus: args.child_cpus,
-            irqchip: args.child_irqchip,
-            cmdline: args.child_cmdline.clone(),
-            host_driver: args.child_host_driver,
-            pulses: args.child_pulses,
-            rates: args.child_rates.clone(),
-        };
-        return match child::main(spec) {
-            Ok(status) => status,
-            Err(e) => {
-                eprintln!("irqvm bench child: {e}");
-                2
-            }
-        };
-    }
-    match run_suite(args) {
-        Ok(suite) => finish(args, &suite),
-        Err(e) => {
-            eprintln!("irqvm bench: {e}");
-            2
-        }
-    }
-}
-
 /// The install hint for QEMU.
 pub const QEMU_HINT: &str =
     "install QEMU with `apt-get install -y qemu-system-x86` (Debian), or pass --no-qemu";
 
-fn peers(
-    args: &BenchArgs,
-    notes: &mut Vec<String>,
-) -> Result<(Vec<Peer>, Option<PathBuf>), String> {
+fn peers(args: &Args, notes: &mut Vec<String>) -> Result<(Vec<Peer>, Option<PathBuf>), String> {
     let mut peers: Vec<Peer> = IrqchipMode::value_variants()
         .iter()
         .map(|m| Peer::Irqvm(*m))
@@ -215,7 +126,7 @@ fn host_tsc_hz() -> f64 {
 }
 
 fn guest(name: &str) -> PathBuf {
-    Path::new(crate::GUESTS_DIR).join(format!("{name}.elf"))
+    Path::new(irqvm::GUESTS_DIR).join(format!("{name}.elf"))
 }
 
 fn spec(plan: &Plan, peer: Peer, kind: RunKind) -> RunSpec {
@@ -237,7 +148,7 @@ fn spec(plan: &Plan, peer: Peer, kind: RunKind) -> RunSpec {
     }
 }
 
-fn run_suite(args: &BenchArgs) -> Result<Suite, String> {
+pub fn run_suite(args: &Args) -> Result<Suite, String> {
     let started = Instant::now();
     let plan = Plan::new(args);
     let mut notes = Vec::new();
@@ -256,7 +167,7 @@ fn run_suite(args: &BenchArgs) -> Result<Suite, String> {
                 }
                 let spec = spec(&plan, peer, kind);
                 eprint!(
-                    "irqvm bench: repeat {}/{} {} {kind:?} ... ",
+                    "irqvm-bench: repeat {}/{} {} {kind:?} ... ",
                     repeat + 1,
                     plan.repeats,
                     peer.name()
@@ -286,50 +197,6 @@ fn run_suite(args: &BenchArgs) -> Result<Suite, String> {
 
 fn command_line() -> String {
     let mut words: Vec<String> = std::env::args().skip(1).collect();
-    words.insert(0, "irqvm".into());
+    words.insert(0, "irqvm-bench".into());
     words.join(" ")
-}
-
-/// Prints the tables, writes the JSON (and the docs), checks completion; the exit status is 1
-/// if any workload did not complete or did not count what it sent.
-fn finish(args: &BenchArgs, suite: &Suite) -> i32 {
-    let summary = report::Summary::new(suite);
-    println!("{}", summary.text());
-    let problems = summary.problems();
-    let mut status = 0;
-    if let Err(e) = write_json(&args.json, &summary) {
-        eprintln!("irqvm bench: cannot write {}: {e}", args.json.display());
-        status = 2;
-    } else {
-        println!("results: {}", args.json.display());
-    }
-    if let Some(dir) = &args.docs {
-        match report::write_docs(dir, &summary) {
-            Ok(()) => println!("docs: {}", dir.join("benchmarks.md").display()),
-            Err(e) => {
-                eprintln!(
-                    "irqvm bench: cannot write the docs in {}: {e}",
-                    dir.display()
-                );
-                status = 2;
-            }
-        }
-    }
-    if problems.is_empty() {
-        println!("bench: every workload completed and counted what it sent");
-        status
-    } else {
-        for p in &problems {
-            println!("PROBLEM: {p}");
-        }
-        1
-    }
-}
-
-fn write_json(path: &Path, summary: &report::Summary) -> std::io::Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    let text = serde_json::to_string_pretty(&summary.json()).map_err(std::io::Error::other)?;
-    std::fs::write(path, text + "\n")
 }

@@ -1,4 +1,4 @@
-//! The irqvm side of one benchmark run (`irqvm bench --vm-child KERNEL ...`, started by the
+//! The irqvm side of one benchmark run (`irqvm-bench --vm-child KERNEL ...`, started by the
 //! parent): boots the VM in this process with the serial port on stdout, and adds what only
 //! the VMM can see:
 //!
@@ -18,13 +18,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use irqvm::devices::{Devices, SerialCapture, SerialOutput, TESTDEV_IRQ_PORT};
+use irqvm::irqchip::IrqchipMode;
+use irqvm::memory::GuestRam;
+use irqvm::vcpu::VcpuState;
+use irqvm::vm::{RunReport, RunningVm, Vm, VmConfig, VmError};
 use vm_memory::{Bytes, GuestAddress};
-
-use crate::devices::{Devices, SerialCapture, SerialOutput, TESTDEV_IRQ_PORT};
-use crate::irqchip::IrqchipMode;
-use crate::memory::GuestRam;
-use crate::vcpu::VcpuState;
-use crate::vm::{RunningVm, Vm, VmConfig};
 
 /// Line the host pulses (guest: IOAPIC pin 11 → counting handler); line 12 only wakes the guest.
 const HOST_LINE: u16 = 11;
@@ -82,7 +81,7 @@ fn wait_shared(
     mut vm: Arc<RunningVm>,
     finished: &AtomicBool,
     timeout: Duration,
-) -> Result<crate::vm::RunReport, crate::vm::VmError> {
+) -> Result<RunReport, VmError> {
     let deadline = Instant::now() + timeout;
     loop {
         match Arc::try_unwrap(vm) {
@@ -117,7 +116,7 @@ fn monitor_marks(vm: &RunningVm, capture: &SerialCapture, finished: &AtomicBool)
         let text = capture.text();
         let complete = text.rfind('\n').map_or(0, |i| i + 1);
         for line in text.get(seen..complete).unwrap_or("").lines() {
-            if let Some((edge, name)) = super::parse::mark(line) {
+            if let Some((edge, name)) = crate::parse::mark(line) {
                 out.push(format!("EXITS: {edge} {name} {}", exits_so_far(vm)));
             }
         }
@@ -315,5 +314,5 @@ fn settle(count: &impl Fn() -> u64, c0: u64, sent: u64) -> u64 {
 }
 
 fn own_cpu_ns() -> u64 {
-    super::runner::process_cpu_ns(std::process::id())
+    crate::runner::process_cpu_ns(std::process::id())
 }

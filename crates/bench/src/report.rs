@@ -1,267 +1,17 @@
-//! Turning the runs into figures: tables (text and markdown), JSON, the docs page.
+//! Turning the [`Summary`] into output: tables (text and markdown), JSON, the docs page (with
+//! the plots of `plot.rs`).
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
 use serde_json::{json, Value};
 
-use super::runner::Peer;
-use super::stats::{self, Spread};
-use super::{RunKind, Suite};
+use crate::plot;
+use crate::runner::Peer;
+use crate::stats::{self, Spread};
+use crate::summary::{Cell, Summary, HOST_WORKLOADS, WORKLOADS};
 
-/// The latency workloads, in table order: (name, what it measures).
-pub const WORKLOADS: &[(&str, &str)] = &[
-    ("selfipi", "self-IPI: send, take, EOI"),
-    (
-        "selfipi_tpr",
-        "self-IPI held by TPR, released by lowering it",
-    ),
-    (
-        "irq_guest",
-        "device line raised by the guest (pc-testdev) to handler",
-    ),
-    (
-        "timer_oneshot",
-        "LAPIC one-shot timer: past its programmed expiry",
-    ),
-    ("timer_deadline", "TSC-deadline timer: past its deadline"),
-    ("ipi_halted", "IPI round trip, both vCPUs halted"),
-    ("ipi_spin", "IPI round trip, both vCPUs spinning"),
-    (
-        "irq_host",
-        "device line raised by a host thread (irqvm only), host-observed",
-    ),
-    (
-        "irq_host_msi",
-        "MSI sent by a host thread (irqvm only), host-observed",
-    ),
-];
-
-/// The host-driven workloads (`bench_irqhost`), with the label of their rows in the rates table.
-const HOST_WORKLOADS: &[(&str, &str)] = &[("irq_host", "line"), ("irq_host_msi", "MSI")];
-
-/// (host workload, hz) → (sent, delivered, elapsed ns), summed over repeats.
-pub type RateSteps = BTreeMap<(String, u64), (u64, u64, u64)>;
-
-/// One workload on one peer, over every repeat.
-#[derive(Clone, Debug, Default)]
-pub struct Cell {
-    /// Median latency (ns) of each run.
-    pub run_medians: Vec<f64>,
-    /// Every sample of every run (ns).
-    pub pooled: Vec<f64>,
-    pub exits_per_irq: Vec<f64>,
-    pub cpu_ns_per_irq: Vec<f64>,
-}
-
-impl Cell {
-    pub fn median(&self) -> Option<f64> {
-        stats::median(&self.run_medians)
-    }
-}
-
-/// Boot runs of one peer at one vCPU count.
-#[derive(Clone, Debug, Default)]
-pub struct BootCell {
-    pub boot_ns: Vec<f64>,
-    pub rss_kib: Vec<f64>,
-    pub cpu_ns: Vec<f64>,
-}
-
-/// Everything the suite's output is made of.
-pub struct Summary<'a> {
-    pub suite: &'a Suite,
-    /// workload → peer → cell.
-    pub cells: BTreeMap<&'static str, BTreeMap<Peer, Cell>>,
-    /// vCPU count → peer → boot figures.
-    pub boot: BTreeMap<u32, BTreeMap<Peer, BootCell>>,
-    /// peer → (host workload, hz) → (sent, delivered, elapsed ns) summed over repeats.
-    pub rates: BTreeMap<Peer, RateSteps>,
-    problems: Vec<String>,
-}
-
-fn workload_key(name: &str) -> Option<&'static str> {
-    WORKLOADS.iter().map(|w| w.0).find(|w| *w == name)
-}
-
-impl<'a> Summary<'a> {
-    pub fn new(suite: &'a Suite) -> Self {
-        let mut s = Self {
-            suite,
-            cells: BTreeMap::new(),
-            boot: BTreeMap::new(),
-            rates: BTreeMap::new(),
-            problems: Vec::new(),
-        };
-        for run in &suite.runs {
-            s.check_run(run);
-            match run.kind {
-                RunKind::Boot(n) => s.add_boot(run, n),
-                _ => s.add_latencies(run),
-            }
-        }
-        s
-    }
-
-    fn check_run(&mut self, run: &super::Run) {
-        let r = &run.result;
-        let what = format!(
-            "{} {:?} repeat {}",
-            run.peer.name(),
-            run.kind,
-            run.repeat + 1
-        );
-        if r.timed_out {
-            self.problems.push(format!("{what}: timed out"));
-        }
-        if r.exit_status != Some(1) {
-            self.problems.push(format!(
-                "{what}: exit status {:?} (the guest's debug-exit 0 gives 1)",
-                r.exit_status
-            ));
-        }
-        if !r.output.done {
-            self.problems.push(format!("{what}: no DONE line"));
-        }
-        for f in &r.output.failures {
-            self.problems.push(format!("{what}: FAIL: {f}"));
-        }
-        for (name, w) in &r.output.workloads {
-            if w.counted != w.sent {
-                self.problems.push(format!(
-                    "{what}: {name} sent {} but counted {}",
-                    w.sent, w.counted
-                ));
-            }
-        }
-        if run.kind == RunKind::HostIrq && r.output.host_count != r.output.host_sent {
-            // Open-loop pulses may merge (edge-triggered, not yet taken): only the closed loop
-            // must count exactly; the totals are reported.
-            let lost = r
-                .output
-                .rates
-                .iter()
-                .map(|p| p.sent - p.delivered.min(p.sent))
-                .sum::<u64>();
-            let expect = r.output.host_sent.map(|s| s - lost);
-            if r.output.host_count != expect {
-                self.problems.push(format!(
-                    "{what}: the host sent {:?} ({lost} merged at fixed rates), the guest counted {:?}",
-                    r.output.host_sent, r.output.host_count
-                ));
-            }
-        }
-        let expected: &[&str] = match run.kind {
-            RunKind::Latency => &[
-                "selfipi",
-                "selfipi_tpr",
-                "irq_guest",
-                "timer_oneshot",
-                "ipi_halted",
-                "ipi_spin",
-            ],
-            RunKind::HostIrq => &["irq_host", "irq_host_msi"],
-            RunKind::Boot(_) => &["boot"],
-        };
-        for name in expected {
-            if !r.output.workloads.contains_key(*name) {
-                self.problems
-                    .push(format!("{what}: workload {name} missing"));
-            }
-        }
-    }
-
-    fn add_latencies(&mut self, run: &super::Run) {
-        let r = &run.result;
-        for (name, w) in &r.output.workloads {
-            let Some(key) = workload_key(name) else {
-                continue;
-            };
-            let ns: Vec<f64> = if w.host_ns.is_empty() {
-                w.cycles
-                    .iter()
-                    .map(|&c| c as f64 * 1e9 / self.suite.tsc_hz - w.offset_ns)
-                    .collect()
-            } else {
-                w.host_ns.clone()
-            };
-            let cell = self
-                .cells
-                .entry(key)
-                .or_default()
-                .entry(run.peer)
-                .or_default();
-            if let Some(m) = stats::median(&ns) {
-                cell.run_medians.push(m);
-            }
-            cell.pooled.extend(&ns);
-            let irqs = w.interrupts.max(1) as f64;
-            let (exits, cpu) = match w.host_cost {
-                Some((e, c)) => (Some(e), Some(c)),
-                None => (r.output.phase_exits(name), r.phase_cpu_ns(name)),
-            };
-            if let Some(e) = exits {
-                cell.exits_per_irq.push(e as f64 / irqs);
-            }
-            if let Some(c) = cpu {
-                cell.cpu_ns_per_irq.push(c as f64 / irqs);
-            }
-        }
-        for p in &r.output.rates {
-            let e = self
-                .rates
-                .entry(run.peer)
-                .or_default()
-                .entry((p.name.clone(), p.hz))
-                .or_default();
-            e.0 += p.sent;
-            e.1 += p.delivered;
-            e.2 += p.elapsed_ns;
-        }
-    }
-
-    fn add_boot(&mut self, run: &super::Run, cpus: u32) {
-        let r = &run.result;
-        let cell = self
-            .boot
-            .entry(cpus)
-            .or_default()
-            .entry(run.peer)
-            .or_default();
-        if let Some(w) = r.output.workloads.get("boot") {
-            let last = w.cycles.last().copied().unwrap_or(0);
-            cell.boot_ns.push(last as f64 * 1e9 / self.suite.tsc_hz);
-        }
-        cell.rss_kib.push(r.max_rss_kib as f64);
-        cell.cpu_ns.push(r.cpu_total_ns as f64);
-    }
-
-    pub fn problems(&self) -> Vec<String> {
-        self.problems.clone()
-    }
-
-    /// Resident memory per vCPU: slope of the peak RSS (median per count) against the count.
-    pub fn rss_per_vcpu_kib(&self, peer: Peer) -> Option<f64> {
-        let points: Vec<(f64, f64)> = self
-            .boot
-            .iter()
-            .filter_map(|(n, peers)| {
-                Some((f64::from(*n), stats::median(&peers.get(&peer)?.rss_kib)?))
-            })
-            .collect();
-        stats::slope(&points)
-    }
-
-    /// The smallest median of `workload` among `peers` (the fastest peer).
-    fn fastest(&self, workload: &str, peers: impl Iterator<Item = Peer>) -> Option<f64> {
-        let cells = self.cells.get(workload)?;
-        peers
-            .filter_map(|p| cells.get(&p)?.median())
-            .filter(|m| *m > 0.0)
-            .min_by(f64::total_cmp)
-    }
-
+impl Summary<'_> {
     /// The tables, each as (title, header, rows).
     pub fn tables(&self) -> Vec<(String, Vec<String>, Vec<Vec<String>>)> {
         let peers = &self.suite.peers;
@@ -524,7 +274,7 @@ impl<'a> Summary<'a> {
             "rss_per_vcpu_kib": rss,
             "host_rates": rates,
             "notes": self.suite.notes,
-            "problems": self.problems,
+            "problems": self.problems(),
             "elapsed_s": self.suite.elapsed.as_secs_f64(),
         })
     }
@@ -575,7 +325,7 @@ const END: &str = "<!-- irqvm bench: generated section end -->";
 pub fn write_docs(dir: &Path, summary: &Summary<'_>) -> std::io::Result<()> {
     let plots = dir.join("bench");
     std::fs::create_dir_all(&plots)?;
-    let files = super::plot::write_all(&plots, summary)?;
+    let files = plot::write_all(&plots, summary)?;
     let mut section = String::new();
     let _ = writeln!(section, "{BEGIN}\n");
     let _ = writeln!(

@@ -1,5 +1,5 @@
-//! Running one benchmark VM as a child process: irqvm itself (`irqvm bench --vm-child ...`) or
-//! QEMU, measured the same way. The parent reads the child's serial output as it comes; at every
+//! Running one benchmark VM as a child process: irqvm (this binary again, `irqvm-bench
+//! --vm-child ...`) or QEMU, measured the same way. The parent reads the child's serial output as it comes; at every
 //! `MARK:` line it sums the on-CPU time of the child's threads (`/proc/PID/task/*/schedstat`, ns),
 //! and at the end `wait4` gives the child's CPU time and peak resident memory.
 
@@ -9,8 +9,9 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::parse;
-use crate::irqchip::IrqchipMode;
+use irqvm::irqchip::IrqchipMode;
+
+use crate::parse;
 
 /// A VMM the suite compares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -124,7 +125,7 @@ fn command(spec: &RunSpec, qemu: Option<&Path>) -> std::io::Result<Command> {
                 .to_possible_value()
                 .map(|v| v.get_name().to_string())
                 .unwrap_or_default();
-            c.args(["bench", "--vm-child"])
+            c.arg("--vm-child")
                 .arg(&spec.kernel)
                 .args(["--child-cpus", &spec.cpus.to_string()])
                 .args(["--child-irqchip", &mode])
@@ -242,5 +243,53 @@ fn reap(pid: u32, reaped: &Mutex<bool>) -> (libc::c_int, libc::rusage) {
         }
         drop(done);
         std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    /// The parent starts an irqvm child as this binary with `--vm-child`: the words it passes
+    /// must be ones `Args` accepts, and carry the spec through unchanged.
+    #[test]
+    fn an_irqvm_child_command_is_one_this_binary_parses() {
+        let spec = RunSpec {
+            peer: Peer::Irqvm(IrqchipMode::User),
+            kernel: PathBuf::from("k.elf"),
+            cpus: 2,
+            cmdline: "n=20".into(),
+            host_driver: true,
+            host_pulses: 40,
+            host_rates: vec![1000, 4000],
+            timeout: Duration::from_secs(1),
+        };
+        let cmd = command(&spec, None).unwrap();
+        assert_eq!(cmd.get_program(), std::env::current_exe().unwrap());
+        let words = std::iter::once(std::ffi::OsStr::new("irqvm-bench")).chain(cmd.get_args());
+        let args = crate::cli::Args::try_parse_from(words).unwrap();
+        assert_eq!(args.vm_child.as_deref(), Some(Path::new("k.elf")));
+        assert_eq!(args.child_cpus, 2);
+        assert_eq!(args.child_irqchip, IrqchipMode::User);
+        assert_eq!(args.child_cmdline, "n=20");
+        assert!(args.child_host_driver);
+        assert_eq!(args.child_pulses, 40);
+        assert_eq!(args.child_rates, vec![1000, 4000]);
+    }
+
+    #[test]
+    fn a_qemu_peer_needs_qemu() {
+        let spec = RunSpec {
+            peer: Peer::QemuKvm,
+            kernel: PathBuf::from("k.elf"),
+            cpus: 1,
+            cmdline: String::new(),
+            host_driver: false,
+            host_pulses: 0,
+            host_rates: Vec::new(),
+            timeout: Duration::from_secs(1),
+        };
+        assert!(command(&spec, None).is_err());
     }
 }
