@@ -178,6 +178,8 @@ impl VcpuSnapshot {
             Some("x2APIC support")
         } else if saved.directed_eoi_supported != config.directed_eoi_supported {
             Some("directed EOI support")
+        } else if saved.max_phys_addr != config.max_phys_addr {
+            Some("MAXPHYADDR")
         } else {
             None
         };

@@ -60,6 +60,9 @@ pub struct ApicSystemConfig {
     pub x2apic: bool,
     /// Offer directed EOI (version register bit 24, SVR bit 12).
     pub directed_eoi: bool,
+    /// MAXPHYADDR as the VMM advertises it in CPUID 80000008H EAX\[7:0\]: IA32_APIC_BASE
+    /// bits at and above it are reserved ([`LapicConfig::max_phys_addr`]).
+    pub max_phys_addr: u8,
 }
 
 /// One flag per vCPU: "my local APIC takes interrupts from the 8259 PIC now". Written by the
@@ -174,6 +177,7 @@ fn lapic_config(config: &ApicSystemConfig, index: VcpuIndex) -> LapicConfig {
         clock: config.clock,
         x2apic_supported: config.x2apic,
         directed_eoi_supported: config.directed_eoi,
+        max_phys_addr: config.max_phys_addr,
     }
 }
 
