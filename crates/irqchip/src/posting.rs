@@ -672,7 +672,10 @@ mod tests {
             ..Default::default()
         });
         let two = inbox.drain();
-        assert_eq!((two.events.nmi, two.nmis, two.events.sipi), (true, 2, Some(0x10)));
+        assert_eq!(
+            (two.events.nmi, two.nmis, two.events.sipi),
+            (true, 2, Some(0x10))
+        );
         for _ in 0..5 {
             inbox.post_events(nmi);
         }

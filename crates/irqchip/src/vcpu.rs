@@ -684,7 +684,11 @@ mod tests {
         cpu.drain();
         post_nmi(cpu);
         cpu.drain();
-        assert_eq!(inject_nmis(cpu, true), 1, "one more held, the other coalesced");
+        assert_eq!(
+            inject_nmis(cpu, true),
+            1,
+            "one more held, the other coalesced"
+        );
         assert_eq!(inject_nmis(cpu, true), 0);
     }
 

@@ -921,7 +921,10 @@ fn apic_base_bits_at_or_above_maxphyaddr_fault_11_4_4() {
         let value = 0xFEE0_0800 | (1u64 << bit);
         assert!(apic.set_apic_base(value, false).is_err(), "bit {bit}");
         assert!(apic.set_apic_base(value, true).is_err(), "bit {bit}");
-        assert!(apic.msr_write(MSR_APIC_BASE, value, 0).is_err(), "bit {bit}");
+        assert!(
+            apic.msr_write(MSR_APIC_BASE, value, 0).is_err(),
+            "bit {bit}"
+        );
         assert_eq!(apic, before, "bit {bit}: nothing changed");
     }
     assert_eq!(
@@ -946,7 +949,11 @@ fn apic_base_reserved_mask_clamps_maxphyaddr() {
     assert_eq!(apic_base_reserved(200), APIC_BASE_RESERVED);
     assert_eq!(apic_base_reserved(36) & (1 << 36), 1 << 36);
     assert_eq!(apic_base_reserved(36) & (1 << 35), 0);
-    assert_eq!(apic_base_reserved(52) & 0x1FF, 0xFF, "bits 0-7 reserved, BSP not");
+    assert_eq!(
+        apic_base_reserved(52) & 0x1FF,
+        0xFF,
+        "bits 0-7 reserved, BSP not"
+    );
 }
 
 #[test]

@@ -870,7 +870,11 @@ mod tests {
         assert_eq!(u.current_count(1600), 0);
         assert!(!u.poll(1_000_000));
         u.write_initial_count(1000, 2_000_000);
-        assert_eq!(u.next_deadline(), Some(2_200_000), "periodic, clamped to 200 us");
+        assert_eq!(
+            u.next_deadline(),
+            Some(2_200_000),
+            "periodic, clamped to 200 us"
+        );
     }
 
     /// When the period is below the 200 us floor, periodic mode counts slower: the switch keeps
