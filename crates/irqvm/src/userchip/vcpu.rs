@@ -445,7 +445,10 @@ impl UserVcpuChip {
 
     /// SDM §11.4.3: a globally disabled APIC reads as absent in CPUID.1:EDX[9]. KVM computes
     /// that bit from its IA32_APIC_BASE, so a guest write the model accepted is copied there
-    /// (KVM_SET_MSRS is host-initiated: the filter does not apply, no transition checks).
+    /// (KVM_SET_MSRS is host-initiated: the filter does not apply, no transition checks). KVM
+    /// still refuses reserved bits, MAXPHYADDR and above included; the model #GPs every such
+    /// write first (its `max_phys_addr` is the guest's CPUID 80000008H), so this cannot fail on
+    /// a guest's say-so.
     fn sync_kvm_apic_base(&mut self, vcpu: &VcpuFd) -> Result<(), IrqchipError> {
         let base = self.interrupts.lapic().apic_base();
         if base != self.kvm_apic_base {
