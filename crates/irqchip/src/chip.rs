@@ -71,8 +71,9 @@ pub struct PcIrqChipConfig {
 }
 
 impl PcIrqChipConfig {
-    /// `vcpus` vCPUs with the default clocks, x2APIC and directed EOI offered, a 24-pin
-    /// IOAPIC with the EOI register (version 0x20), 8-bit destinations.
+    /// `vcpus` vCPUs with the default clocks, x2APIC and directed EOI offered, MAXPHYADDR 52
+    /// (set `apic.max_phys_addr` to what the guest's CPUID says), a 24-pin IOAPIC with the EOI
+    /// register (version 0x20), 8-bit destinations.
     pub fn new(vcpus: usize) -> Self {
         Self {
             apic: ApicSystemConfig {
@@ -80,6 +81,7 @@ impl PcIrqChipConfig {
                 clock: Default::default(),
                 x2apic: true,
                 directed_eoi: true,
+                max_phys_addr: crate::lapic::regs::MAX_PHYS_ADDR_LIMIT,
             },
             ioapic: IoApicConfig::default(),
             extended_destination_id: false,

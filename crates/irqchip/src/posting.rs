@@ -82,6 +82,10 @@ pub const BITMAP_WORDS: usize = 4;
 /// A 256-bit bitmap indexed by vector: bit `v % 64` of word `v / 64`.
 pub type VectorBitmap = [u64; BITMAP_WORDS];
 
+/// The most NMIs one drain reports: KVM's `process_nmi` lets at most two be pending, so further
+/// NMIs posted before the same drain coalesce.
+pub const MAX_POSTED_NMIS: u8 = 2;
+
 // Layout of the event word. The SIPI vector lives in the word itself, so a newer SIPI replaces
 // the vector of one not yet consumed (a real APIC latches one start-up vector).
 const EV_INIT: u32 = 1 << 0;
@@ -90,6 +94,10 @@ const EV_SMI: u32 = 1 << 2;
 const EV_EXTINT: u32 = 1 << 3;
 const EV_SIPI: u32 = 1 << 4;
 const EV_WAKEUP: u32 = 1 << 5;
+/// A second NMI posted while `EV_NMI` was already set: the inbox counts NMIs up to
+/// [`MAX_POSTED_NMIS`] (KVM's `nmi_queued` counts them all, and its `process_nmi` keeps at most
+/// two, so more than two between drains can never make a difference).
+const EV_NMI_SECOND: u32 = 1 << 6;
 const EV_SIPI_VECTOR_SHIFT: u32 = 8;
 const EV_SIPI_VECTOR_MASK: u32 = 0xFF << EV_SIPI_VECTOR_SHIFT;
 
@@ -122,8 +130,11 @@ pub struct Posted {
     pub pir: VectorBitmap,
     /// The subset of `pir` posted level-triggered (to set in TMR; the others clear their TMR bit).
     pub level: VectorBitmap,
-    /// INIT / SIPI / NMI / SMI / ExtINT latched since the last drain.
+    /// INIT / SIPI / NMI / SMI / ExtINT latched since the last drain (`events.nmi`: at least
+    /// one NMI; `nmis` says how many).
     pub events: ApicEvents,
+    /// How many NMIs were posted since the last drain, up to [`MAX_POSTED_NMIS`].
+    pub nmis: u8,
     /// Someone asked the vCPU to re-evaluate its local state (e.g. its LAPIC timer expired).
     pub wakeup: bool,
 }
@@ -156,6 +167,7 @@ impl Posted {
             self.level[word] = (self.level[word] & !later.pir[word]) | later.level[word];
         }
         self.events.merge(later.events);
+        self.nmis = self.nmis.saturating_add(later.nmis).min(MAX_POSTED_NMIS);
         self.wakeup |= later.wakeup;
     }
 }
@@ -169,13 +181,11 @@ fn bitmap_test(bitmap: &VectorBitmap, vector: Vector) -> bool {
     bitmap[word] & mask != 0
 }
 
+/// The flags of `events` other than NMI, which is counted (`add_nmi`).
 fn encode_flags(events: &ApicEvents) -> u32 {
     let mut bits = 0;
     if events.init {
         bits |= EV_INIT;
-    }
-    if events.nmi {
-        bits |= EV_NMI;
     }
     if events.smi {
         bits |= EV_SMI;
@@ -184,6 +194,20 @@ fn encode_flags(events: &ApicEvents) -> u32 {
         bits |= EV_EXTINT;
     }
     bits
+}
+
+/// One more NMI in the event word: the first sets `EV_NMI`, the second `EV_NMI_SECOND`, and
+/// later ones coalesce.
+fn add_nmi(word: u32) -> u32 {
+    if word & EV_NMI == 0 {
+        word | EV_NMI
+    } else {
+        word | EV_NMI_SECOND
+    }
+}
+
+fn nmi_count(word: u32) -> u8 {
+    u8::from(word & EV_NMI != 0) + u8::from(word & EV_NMI_SECOND != 0)
 }
 
 fn decode_events(word: u32) -> (ApicEvents, bool) {
@@ -356,7 +380,9 @@ impl VcpuInbox {
             posted.pir[word] = pir;
             posted.level[word] = self.level[word].load(Ordering::Relaxed) & pir;
         }
-        let (events, wakeup) = decode_events(self.events.swap(0, Ordering::Acquire));
+        let word = self.events.swap(0, Ordering::Acquire);
+        let (events, wakeup) = decode_events(word);
+        posted.nmis = nmi_count(word);
         posted.events = events;
         posted.wakeup = wakeup;
         posted
@@ -421,13 +447,15 @@ impl InterruptSink for VcpuInbox {
 
     /// Event bits, then ON. Empty: no-op. A SIPI replaces the vector of a pending one, and an
     /// INIT discards a pending SIPI posted before it (as `ApicEvents::merge` says: the INIT
-    /// resets the target first, so that SIPI would no longer find it waiting).
+    /// resets the target first, so that SIPI would no longer find it waiting). An NMI is counted
+    /// (up to [`MAX_POSTED_NMIS`]), not just flagged: two NMIs from two senders must not become
+    /// one before the target decides how many it may keep pending (KVM's `process_nmi`).
     fn post_events(&self, events: ApicEvents) -> Notify {
         let flags = encode_flags(&events);
         let new_sipi = events
             .sipi
             .map(|vector| EV_SIPI | (u32::from(vector) << EV_SIPI_VECTOR_SHIFT));
-        if events.init || new_sipi.is_some() {
+        if events.init || new_sipi.is_some() || events.nmi {
             let replace = |word: u32| {
                 let kept_sipi = if events.init {
                     0
@@ -435,6 +463,7 @@ impl InterruptSink for VcpuInbox {
                     word & (EV_SIPI | EV_SIPI_VECTOR_MASK)
                 };
                 let others = word & !(EV_SIPI | EV_SIPI_VECTOR_MASK);
+                let others = if events.nmi { add_nmi(others) } else { others };
                 Some(others | flags | new_sipi.unwrap_or(kept_sipi))
             };
             // The closure always returns Some, so this cannot fail.
@@ -623,6 +652,66 @@ mod tests {
         assert!(inbox.drain().is_empty());
     }
 
+    /// Two NMIs posted before a drain are two (KVM's `nmi_queued` counts them); a third
+    /// coalesces, since no state lets more than two be pending (`process_nmi`).
+    #[test]
+    fn nmis_are_counted_up_to_two_per_drain() {
+        let inbox = VcpuInbox::new();
+        let nmi = ApicEvents {
+            nmi: true,
+            ..Default::default()
+        };
+        assert!(inbox.drain().is_empty());
+        inbox.post_events(nmi);
+        let one = inbox.drain();
+        assert_eq!((one.events.nmi, one.nmis), (true, 1));
+        inbox.post_events(nmi);
+        inbox.post_events(ApicEvents {
+            nmi: true,
+            sipi: Some(0x10),
+            ..Default::default()
+        });
+        let two = inbox.drain();
+        assert_eq!(
+            (two.events.nmi, two.nmis, two.events.sipi),
+            (true, 2, Some(0x10))
+        );
+        for _ in 0..5 {
+            inbox.post_events(nmi);
+        }
+        assert_eq!(inbox.drain().nmis, MAX_POSTED_NMIS);
+        let mut merged = Posted::default();
+        merged.merge(two);
+        merged.merge(one);
+        assert_eq!(merged.nmis, MAX_POSTED_NMIS);
+        assert_eq!(inbox.drain().nmis, 0);
+    }
+
+    /// Two threads posting an NMI at the same moment: the drains see exactly two.
+    #[test]
+    fn concurrent_nmis_from_two_threads_both_count() {
+        for _ in 0..200 {
+            let inbox = Arc::new(VcpuInbox::new());
+            let senders: Vec<_> = (0..2)
+                .map(|_| {
+                    let inbox = inbox.clone();
+                    thread::spawn(move || {
+                        inbox.post_events(ApicEvents {
+                            nmi: true,
+                            ..Default::default()
+                        })
+                    })
+                })
+                .collect();
+            let mut total = inbox.drain().nmis;
+            for sender in senders {
+                sender.join().unwrap();
+            }
+            total += inbox.drain().nmis;
+            assert_eq!(total, 2);
+        }
+    }
+
     #[test]
     fn every_sipi_vector_round_trips() {
         let inbox = VcpuInbox::new();
@@ -802,15 +891,18 @@ mod tests {
             let mut pending: BTreeSet<Vector> = BTreeSet::new();
             let mut level_of = [false; 256];
             let mut pending_events = ApicEvents::default();
-            let check = |posted: Posted, pending: &mut BTreeSet<Vector>, events: &mut ApicEvents, level_of: &[bool; 256]| {
+            let mut pending_nmis = 0u8;
+            let check = |posted: Posted, pending: &mut BTreeSet<Vector>, events: &mut ApicEvents, nmis: &mut u8, level_of: &[bool; 256]| {
                 let drained: BTreeSet<Vector> = posted.vectors().collect();
                 prop_assert_eq!(&drained, &*pending);
                 for v in drained {
                     prop_assert_eq!(posted.is_level(v), level_of[usize::from(v)]);
                 }
                 prop_assert_eq!(posted.events, *events);
+                prop_assert_eq!(posted.nmis, *nmis);
                 pending.clear();
                 *events = ApicEvents::default();
+                *nmis = 0;
                 Ok(())
             };
             for step in steps {
@@ -828,12 +920,15 @@ mod tests {
                         };
                         inbox.post_events(events);
                         pending_events.merge(events);
+                        if events.nmi {
+                            pending_nmis = (pending_nmis + 1).min(MAX_POSTED_NMIS);
+                        }
                     }
-                    Step::Drain => check(inbox.drain(), &mut pending, &mut pending_events, &level_of)?,
+                    Step::Drain => check(inbox.drain(), &mut pending, &mut pending_events, &mut pending_nmis, &level_of)?,
                 }
                 prop_assert_eq!(inbox.has_pending(), !pending.is_empty() || !pending_events.is_empty());
             }
-            check(inbox.drain(), &mut pending, &mut pending_events, &level_of)?;
+            check(inbox.drain(), &mut pending, &mut pending_events, &mut pending_nmis, &level_of)?;
             prop_assert!(inbox.drain().is_empty());
         }
     }

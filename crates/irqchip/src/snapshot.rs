@@ -56,7 +56,7 @@
 //!   }
 //!   mp: MpStateMachine { bsp, state, init_latched, sipi_latched: null | vector,
 //!                        last_sipi_vector }
-//!   pending: { nmi, smi, extint }      // latched for injection, not yet taken
+//!   pending: { nmi, nmi_held, smi, extint }  // latched for injection, not yet taken
 //! }
 //! DeviceSnapshot {
 //!   pic: DualPic { master, slave }     // each 8259A: role, lines, irr, isr, imr, elcr, init
@@ -143,7 +143,12 @@ impl ChipSnapshot {
 /// NMI, SMI and ExtINT requests a vCPU took from its inbox and has not injected yet.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct PendingEvents {
+    /// An NMI waits to be injected.
     pub nmi: bool,
+    /// A second NMI waits behind it (KVM keeps up to two pending, `process_nmi`). Snapshots
+    /// written before this field existed read as false.
+    #[serde(default)]
+    pub nmi_held: bool,
     pub smi: bool,
     pub extint: bool,
 }
@@ -178,6 +183,8 @@ impl VcpuSnapshot {
             Some("x2APIC support")
         } else if saved.directed_eoi_supported != config.directed_eoi_supported {
             Some("directed EOI support")
+        } else if saved.max_phys_addr != config.max_phys_addr {
+            Some("MAXPHYADDR")
         } else {
             None
         };

@@ -48,6 +48,9 @@ use crate::types::{
     VcpuIndex, Vector,
 };
 
+/// The most NMIs a vCPU keeps pending (KVM's `process_nmi`): one injected, one held behind it.
+pub const MAX_PENDING_NMIS: u8 = crate::posting::MAX_POSTED_NMIS;
+
 /// The bus every vCPU of a VM posts on.
 pub type VmBus = ApicBus<VcpuInbox>;
 
@@ -60,6 +63,9 @@ pub struct ApicSystemConfig {
     pub x2apic: bool,
     /// Offer directed EOI (version register bit 24, SVR bit 12).
     pub directed_eoi: bool,
+    /// MAXPHYADDR as the VMM advertises it in CPUID 80000008H EAX\[7:0\]: IA32_APIC_BASE
+    /// bits at and above it are reserved ([`LapicConfig::max_phys_addr`]).
+    pub max_phys_addr: u8,
 }
 
 /// One flag per vCPU: "my local APIC takes interrupts from the 8259 PIC now". Written by the
@@ -100,7 +106,7 @@ impl ApicSystem {
                 inbox,
                 bus: bus.clone(),
                 pic_acceptors: pic_acceptors.clone(),
-                nmi_pending: false,
+                nmi_pending: 0,
                 smi_pending: false,
                 extint_pending: false,
                 published_topology: TopologyEntry::default(),
@@ -174,6 +180,7 @@ fn lapic_config(config: &ApicSystemConfig, index: VcpuIndex) -> LapicConfig {
         clock: config.clock,
         x2apic_supported: config.x2apic,
         directed_eoi_supported: config.directed_eoi,
+        max_phys_addr: config.max_phys_addr,
     }
 }
 
@@ -206,8 +213,9 @@ pub struct VcpuInterrupts {
     mp: MpStateMachine,
     inbox: Arc<VcpuInbox>,
     bus: Arc<VmBus>,
-    /// Latched NMI/SMI/ExtINT requests taken from the inbox, not yet injected.
-    nmi_pending: bool,
+    /// NMIs taken from the inbox and not yet injected, at most two (see [`Self::process_nmi`]).
+    nmi_pending: u8,
+    /// Latched SMI/ExtINT requests taken from the inbox, not yet injected.
     smi_pending: bool,
     extint_pending: bool,
     published_topology: TopologyEntry,
@@ -271,7 +279,7 @@ impl VcpuInterrupts {
         }
         self.lapic.accept_posted(&posted.pir, &posted.level);
         self.mp.latch(posted.events);
-        self.nmi_pending |= posted.events.nmi;
+        self.nmi_pending = (self.nmi_pending + posted.nmis).min(MAX_PENDING_NMIS);
         self.smi_pending |= posted.events.smi;
         self.extint_pending |= posted.events.extint;
         self.publish_priority();
@@ -290,7 +298,7 @@ impl VcpuInterrupts {
         if outcome.reset.is_some() {
             // INIT clears pending NMI/SMI/ExtINT requests along with the processor state.
             self.lapic.init_reset();
-            self.nmi_pending = false;
+            self.nmi_pending = 0;
             self.smi_pending = false;
             self.extint_pending = false;
             self.publish_topology();
@@ -313,7 +321,7 @@ impl VcpuInterrupts {
         if !self.mp.state().runs_guest() {
             return None;
         }
-        if self.nmi_pending {
+        if self.nmi_pending > 0 {
             return Some(Injection::Nmi);
         }
         if self.extint_pending || (pic_intr && self.lapic.accepts_pic_interrupts()) {
@@ -322,9 +330,31 @@ impl VcpuInterrupts {
         self.lapic.pending_interrupt().map(Injection::Vector)
     }
 
-    /// The NMI is being injected: consume it.
+    /// How many NMIs may stay pending, as KVM's `process_nmi` decides it: while no NMI is in
+    /// service, two (one to inject now, one held until the first one's IRET); while one is in
+    /// service (`blocked`: NMIs blocked until the next IRET, or an NMI injection still in flight),
+    /// one, held until that IRET. Pending NMIs beyond the limit coalesce, here and now. Call it
+    /// with the CPU's NMI blocking state before injecting; returns the NMIs left pending.
+    ///
+    /// Hardware keeps one NMI latched behind one in service (SDM vol. 3 §6.7.1); KVM allows a
+    /// second one while none is in service because it cannot react to NMIs as fast as hardware
+    /// (two that arrive together would otherwise become one).
+    pub fn process_nmi(&mut self, blocked: bool) -> u8 {
+        let limit = if blocked { 1 } else { MAX_PENDING_NMIS };
+        self.nmi_pending = self.nmi_pending.min(limit);
+        self.nmi_pending
+    }
+
+    /// One NMI is being injected: consume it. False if none was pending.
     pub fn take_nmi(&mut self) -> bool {
-        std::mem::take(&mut self.nmi_pending)
+        let pending = self.nmi_pending > 0;
+        self.nmi_pending = self.nmi_pending.saturating_sub(1);
+        pending
+    }
+
+    /// How many NMIs wait to be injected (0, 1 or 2).
+    pub fn pending_nmis(&self) -> u8 {
+        self.nmi_pending
     }
 
     /// The ExtINT is being injected (the VMM acknowledges the PIC): consume the request.
@@ -334,7 +364,7 @@ impl VcpuInterrupts {
 
     /// True while an NMI waits to be injected (it wakes a vCPU halted with IF=0).
     pub fn nmi_pending(&self) -> bool {
-        self.nmi_pending
+        self.nmi_pending > 0
     }
 
     pub fn smi_pending(&self) -> bool {
@@ -378,7 +408,7 @@ impl VcpuInterrupts {
     }
 
     fn halt_wake_pending(&self, pic_intr: bool) -> bool {
-        self.nmi_pending
+        self.nmi_pending > 0
             || self.smi_pending
             || self.extint_pending
             || (pic_intr && self.lapic.accepts_pic_interrupts())
@@ -540,7 +570,8 @@ impl VcpuInterrupts {
             lapic,
             mp: self.mp.clone(),
             pending: PendingEvents {
-                nmi: self.nmi_pending,
+                nmi: self.nmi_pending > 0,
+                nmi_held: self.nmi_pending > 1,
                 smi: self.smi_pending,
                 extint: self.extint_pending,
             },
@@ -564,10 +595,175 @@ impl VcpuInterrupts {
         lapic.rebase_timeline(0, now);
         self.lapic = lapic;
         self.mp = snapshot.mp.clone();
-        self.nmi_pending = snapshot.pending.nmi;
+        self.nmi_pending = u8::from(snapshot.pending.nmi) + u8::from(snapshot.pending.nmi_held);
         self.smi_pending = snapshot.pending.smi;
         self.extint_pending = snapshot.pending.extint;
         self.publish_all();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! NMI queueing as KVM's `process_nmi` does it, through the real bus and inboxes (no
+    //! threads; the clock is a constant, nothing here depends on time).
+    use super::*;
+    use crate::mpstate::StandardSipi;
+    use crate::types::{ApicEvents, InterruptSink};
+
+    const NOW: Nanos = 0;
+    /// xAPIC ICR low for an NMI (delivery mode 100b), physical destination.
+    const ICR_NMI: u32 = 0x400;
+    const SVR_ENABLED: u32 = 0x1FF;
+
+    fn system(vcpus: usize) -> (ApicSystem, Vec<VcpuInterrupts>) {
+        ApicSystem::new(ApicSystemConfig {
+            vcpus,
+            clock: ClockConfig::default(),
+            x2apic: true,
+            directed_eoi: true,
+            max_phys_addr: 39,
+        })
+    }
+
+    fn write(cpu: &mut VcpuInterrupts, offset: u64, value: u32) {
+        cpu.mmio_write(offset, &value.to_le_bytes(), NOW, &mut |_, _| {});
+    }
+
+    /// vCPU `from` sends an NMI IPI to APIC ID `to` through its ICR.
+    fn send_nmi(cpu: &mut VcpuInterrupts, to: u32) {
+        write(cpu, 0xF0, SVR_ENABLED);
+        write(cpu, 0x310, to << 24);
+        write(cpu, 0x300, ICR_NMI);
+    }
+
+    fn post_nmi(cpu: &VcpuInterrupts) {
+        let _ = cpu.inbox().post_events(ApicEvents {
+            nmi: true,
+            ..Default::default()
+        });
+    }
+
+    /// Injects NMIs the way a VMM does after `process_nmi(blocked)`; returns how many.
+    fn inject_nmis(cpu: &mut VcpuInterrupts, blocked: bool) -> u8 {
+        cpu.process_nmi(blocked);
+        let mut n = 0;
+        while cpu.next_injection(false) == Some(Injection::Nmi) {
+            assert!(cpu.take_nmi());
+            n += 1;
+        }
+        n
+    }
+
+    /// Two CPUs send vCPU 0 an NMI at the same moment (both before vCPU 0 drains), while no
+    /// NMI is in service: both are taken, one injected and one held (KVM `process_nmi`).
+    #[test]
+    fn two_simultaneous_nmis_with_none_in_service_are_both_kept() {
+        let (_system, mut cpus) = system(3);
+        let (first, rest) = cpus.split_at_mut(1);
+        send_nmi(&mut rest[0], 0);
+        send_nmi(&mut rest[1], 0);
+        let bsp = &mut first[0];
+        bsp.begin_guest_entry();
+        assert_eq!(bsp.pending_nmis(), 2);
+        assert_eq!(inject_nmis(bsp, false), 2);
+        assert!(!bsp.nmi_pending());
+    }
+
+    /// While one NMI is in service (blocked until IRET), one more is held; the rest coalesce.
+    #[test]
+    fn nmis_while_one_is_in_service_hold_one() {
+        let (_system, mut cpus) = system(1);
+        let cpu = &mut cpus[0];
+        for _ in 0..3 {
+            post_nmi(cpu);
+        }
+        cpu.drain();
+        assert_eq!(inject_nmis(cpu, true), 1, "blocked: one held");
+        post_nmi(cpu);
+        cpu.drain();
+        post_nmi(cpu);
+        cpu.drain();
+        assert_eq!(
+            inject_nmis(cpu, true),
+            1,
+            "one more held, the other coalesced"
+        );
+        assert_eq!(inject_nmis(cpu, true), 0);
+    }
+
+    /// More than two NMIs with none in service: two are kept, the rest coalesce; a held NMI
+    /// counts against the limit once an NMI is in service.
+    #[test]
+    fn more_than_two_nmis_coalesce_to_the_limit() {
+        let (_system, mut cpus) = system(1);
+        let cpu = &mut cpus[0];
+        for _ in 0..5 {
+            post_nmi(cpu);
+            cpu.drain();
+        }
+        assert_eq!(cpu.pending_nmis(), 2);
+        assert_eq!(cpu.process_nmi(false), 2);
+        // One injected; the second is now held behind an NMI in service.
+        assert!(cpu.take_nmi());
+        post_nmi(cpu);
+        cpu.drain();
+        assert_eq!(cpu.process_nmi(true), 1);
+        assert!(cpu.take_nmi());
+        assert!(!cpu.take_nmi());
+    }
+
+    /// INIT discards pending NMIs; a halted vCPU (even with none in service) wakes for one.
+    #[test]
+    fn init_discards_pending_nmis_and_an_nmi_wakes_a_halted_vcpu() {
+        let (_system, mut cpus) = system(1);
+        let cpu = &mut cpus[0];
+        post_nmi(cpu);
+        post_nmi(cpu);
+        cpu.drain();
+        let _ = cpu.inbox().post_events(ApicEvents {
+            init: true,
+            ..Default::default()
+        });
+        cpu.drain();
+        let _ = cpu.accept_events(InitBlocking::NONE, &mut StandardSipi);
+        assert_eq!(cpu.pending_nmis(), 0);
+        cpu.halt();
+        assert!(cpu.should_block(InitBlocking::NONE, false));
+        post_nmi(cpu);
+        cpu.drain();
+        assert!(!cpu.should_block(InitBlocking::NONE, false));
+        assert_eq!(cpu.next_injection(false), Some(Injection::Nmi));
+    }
+
+    /// A snapshot keeps both pending NMIs, and an old snapshot without `nmi_held` reads as one.
+    #[test]
+    fn snapshot_keeps_a_held_nmi() {
+        let (_system, mut cpus) = system(1);
+        let cpu = &mut cpus[0];
+        post_nmi(cpu);
+        post_nmi(cpu);
+        let saved = cpu.save(NOW);
+        assert!(saved.pending.nmi && saved.pending.nmi_held);
+        let (_other, mut fresh) = system(1);
+        fresh[0].restore(&saved, NOW).unwrap();
+        assert_eq!(fresh[0].pending_nmis(), 2);
+        let json = r#"{"nmi":true,"smi":false,"extint":false}"#;
+        let old: PendingEvents = serde_json::from_str(json).unwrap();
+        assert!(old.nmi && !old.nmi_held);
+    }
+
+    /// The APIC system hands its MAXPHYADDR to every local APIC.
+    #[test]
+    fn max_phys_addr_reaches_every_lapic() {
+        let (system, cpus) = system(2);
+        for cpu in &cpus {
+            assert_eq!(cpu.lapic().config().max_phys_addr, 39);
+        }
+        assert_eq!(system.lapic_config(1).map(|c| c.max_phys_addr), Some(39));
+        let mut cpus = cpus;
+        let base = cpus[1].lapic().apic_base();
+        assert!(cpus[1].set_apic_base(base | (1 << 39), false).is_err());
+        assert_eq!(cpus[1].lapic().apic_base(), base);
     }
 }

@@ -67,6 +67,22 @@ const LEAF_XSAVE: u32 = 0xD;
 const LEAF_TOPOLOGY: u32 = 0xB;
 const LEAF_TOPOLOGY_V2: u32 = 0x1F;
 
+/// The address-size leaf (SDM vol. 2A, CPUID 80000008H): EAX\[7:0\] is MAXPHYADDR.
+const LEAF_ADDRESS_SIZES: u32 = 0x8000_0008;
+/// MAXPHYADDR of a processor without that leaf (SDM vol. 3 §4.1.4: 36 with PAE; KVM's choice too).
+const MAX_PHYS_ADDR_WITHOUT_LEAF: u8 = 36;
+
+/// MAXPHYADDR as a guest given `table` (or a table derived from it by [`vcpu_cpuid`], which
+/// leaves the leaf alone) sees it: CPUID 80000008H EAX\[7:0\], or 36 without the leaf. KVM
+/// refuses an IA32_APIC_BASE with a bit at or above it, so the userspace LAPIC must #GP first.
+pub fn max_phys_addr(table: &CpuId) -> u8 {
+    table
+        .as_slice()
+        .iter()
+        .find(|e| e.function == LEAF_ADDRESS_SIZES && e.index == 0)
+        .map_or(MAX_PHYS_ADDR_WITHOUT_LEAF, |e| (e.eax & 0xFF) as u8)
+}
+
 /// What the VMM wants the guest to see.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CpuidConfig {
@@ -261,6 +277,17 @@ mod tests {
         assert_eq!((core.eax, core.ebx, core.ecx, core.edx), (2, 4, 0x201, 2));
         let end = find(&c, 0xB, 2).unwrap();
         assert_eq!((end.eax, end.ebx, end.ecx >> 8), (0, 0, 0));
+    }
+
+    #[test]
+    fn max_phys_addr_is_leaf_80000008_eax_low_byte_or_36() {
+        assert_eq!(max_phys_addr(&table()), MAX_PHYS_ADDR_WITHOUT_LEAF);
+        let mut leaf = entry(LEAF_ADDRESS_SIZES, 0);
+        leaf.eax = 0x3027; // 39 physical, 48 linear address bits
+        let with = CpuId::from_entries(&[entry(1, 0), leaf]).unwrap();
+        assert_eq!(max_phys_addr(&with), 39);
+        let cfg = CpuidConfig { cpus: 2, ..CFG };
+        assert_eq!(max_phys_addr(&vcpu_cpuid(&with, &cfg, 1)), 39);
     }
 
     #[test]

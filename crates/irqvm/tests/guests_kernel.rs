@@ -6,6 +6,8 @@
 //! LAPIC here"), so in kernel mode those checks may fail, and only those.
 
 mod common;
+#[path = "common/kvm_rules.rs"]
+mod kvm_rules;
 
 use common::{check_init_state, check_storm_with_host_line, run_guest};
 use irqvm::irqchip::IrqchipMode;
@@ -142,4 +144,33 @@ fn apic_base_passes_except_kvm_apic_en_keeps_regs_host_limit() {
 #[test]
 fn msi_from_host_reaches_the_addressed_cpu_exactly_once() {
     common::check_msi_from_host(MODE);
+}
+
+/// Issue 10: the guests that pin three of KVM's rules pass whole, with every check that their vCPU
+/// count allows passing (`kvm_rules::required_passes`).
+fn run_kvm_rule_guest(name: &str) {
+    for (run, cpus) in common::run_on_1_2_4(name, MODE, None).iter().zip([1, 2, 4]) {
+        kvm_rules::assert_required_passes(name, cpus, &run.output);
+    }
+}
+
+/// IA32_APIC_BASE: a bit at or above MAXPHYADDR (CPUID 80000008H) or a reserved low bit raises
+/// #GP and changes nothing, on the BSP and an AP, and the VM runs on (SDM §11.4.4).
+#[test]
+fn apic_base_rsvd_bits_at_or_above_maxphyaddr_raise_gp() {
+    run_kvm_rule_guest("apic_base_rsvd");
+}
+
+/// LVT timer mode changes as KVM's `apic_update_lvtt`: one-shot <-> periodic keeps TMICT and
+/// the running count; into or out of TSC-deadline mode stops the timer and clears TMICT.
+#[test]
+fn timer_mode_switches_follow_kvm() {
+    run_kvm_rule_guest("timer_mode");
+}
+
+/// NMI queueing as KVM's `process_nmi`: two pending while none is in service, one held while
+/// one is; two CPUs sending CPU 0 an NMI at the same moment make it take exactly two.
+#[test]
+fn nmi_queue_follows_kvm_process_nmi() {
+    run_kvm_rule_guest("nmi_queue");
 }

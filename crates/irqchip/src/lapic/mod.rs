@@ -46,7 +46,7 @@ use crate::types::{
 };
 
 /// Static properties of one local APIC, chosen by the VMM when it creates the vCPU.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LapicConfig {
     pub index: VcpuIndex,
     /// The initial APIC ID (the x2APIC ID; xAPIC mode sees its low 8 bits).
@@ -57,6 +57,31 @@ pub struct LapicConfig {
     pub x2apic_supported: bool,
     /// Version bit 24: SVR bit 12 (suppress EOI broadcast) is writable.
     pub directed_eoi_supported: bool,
+    /// The processor's MAXPHYADDR as the guest sees it (CPUID 80000008H EAX\[7:0\]): the
+    /// IA32_APIC_BASE bits at and above it are reserved (SDM vol. 3 §11.4.4). Taken within
+    /// 32..=52. Snapshots written before this field existed read as 52.
+    #[serde(default = "default_max_phys_addr")]
+    pub max_phys_addr: u8,
+}
+
+fn default_max_phys_addr() -> u8 {
+    MAX_PHYS_ADDR_LIMIT
+}
+
+impl Default for LapicConfig {
+    /// vCPU 0 with APIC ID 0, not the BSP, default clocks, no x2APIC, no directed EOI, and
+    /// MAXPHYADDR 52 (the architectural maximum: only bits 52-63 of the base are reserved).
+    fn default() -> Self {
+        Self {
+            index: 0,
+            apic_id: ApicId::default(),
+            bsp: false,
+            clock: ClockConfig::default(),
+            x2apic_supported: false,
+            directed_eoi_supported: false,
+            max_phys_addr: MAX_PHYS_ADDR_LIMIT,
+        }
+    }
 }
 
 /// What a register access asks the VMM to do.
@@ -376,8 +401,9 @@ impl LocalApic {
         self.svr & SVR_APIC_ENABLED != 0
     }
 
-    /// Writes IA32_APIC_BASE (SDM §11.4.4, §11.12.5). Reserved bits (0-7, 9, 52-63; EXTD when
-    /// x2APIC is not supported) and EN=0/EXTD=1 always fault. A guest write keeps the BSP bit
+    /// Writes IA32_APIC_BASE (SDM §11.4.4, §11.12.5). Reserved bits (0-7, 9, MAXPHYADDR-63;
+    /// EXTD when x2APIC is not supported) and EN=0/EXTD=1 always fault, host-initiated or not
+    /// (KVM refuses them from userspace too), and change nothing. A guest write keeps the BSP bit
     /// (read-only to the guest) and may only make the legal transitions disabled->xAPIC,
     /// xAPIC->x2APIC, xAPIC->disabled, x2APIC->disabled; `host_initiated` (the VMM restoring
     /// state) may also write the BSP bit and go x2APIC->xAPIC or disabled->x2APIC.
@@ -394,7 +420,7 @@ impl LocalApic {
         if value == self.apic_base {
             return Ok(LapicEffect::None);
         }
-        let mut reserved = APIC_BASE_RESERVED;
+        let mut reserved = apic_base_reserved(self.cfg.max_phys_addr);
         if !self.cfg.x2apic_supported {
             reserved |= APIC_BASE_EXTD;
         }
@@ -1080,7 +1106,7 @@ impl LocalApic {
         if self.mode() == ApicMode::Invalid {
             return Err("local APIC: IA32_APIC_BASE has EXTD without EN");
         }
-        if self.apic_base & APIC_BASE_RESERVED != 0 {
+        if self.apic_base & apic_base_reserved(self.cfg.max_phys_addr) != 0 {
             return Err("local APIC: IA32_APIC_BASE reserved bits set");
         }
         if self.x2apic() && !self.cfg.x2apic_supported {

@@ -54,11 +54,24 @@ pub const VERSION_DIRECTED_EOI: u32 = 1 << 24;
 pub const APIC_BASE_BSP: u64 = 1 << 8;
 pub const APIC_BASE_EXTD: u64 = 1 << 10;
 pub const APIC_BASE_EN: u64 = 1 << 11;
-/// Base address bits 12..MAXPHYADDR; irqvm assumes MAXPHYADDR = 52 (the architectural maximum).
+/// Base address bits 12..52 (52 is the architectural maximum MAXPHYADDR); the bits at and above
+/// the processor's own MAXPHYADDR are reserved too ([`apic_base_reserved`]).
 pub const APIC_BASE_ADDR_MASK: u64 = 0x000F_FFFF_FFFF_F000;
-/// Bits 0-7, 9 and 52-63 are reserved.
+/// Bits 0-7, 9 and 52-63 are reserved whatever the MAXPHYADDR.
 pub const APIC_BASE_RESERVED: u64 =
     !(APIC_BASE_ADDR_MASK | APIC_BASE_BSP | APIC_BASE_EXTD | APIC_BASE_EN);
+/// The architectural maximum of MAXPHYADDR (SDM vol. 3 §4.1.4): address bits 0-51.
+pub const MAX_PHYS_ADDR_LIMIT: u8 = 52;
+/// The least MAXPHYADDR the model accepts: the reset base FEE00000H needs address bit 31.
+pub const MAX_PHYS_ADDR_MIN: u8 = 32;
+
+/// The reserved bits of IA32_APIC_BASE for a processor whose MAXPHYADDR is `max_phys_addr`
+/// (SDM vol. 3 §11.4.4, Figure 11-5: the base field is bits 12 to MAXPHYADDR - 1, and bits
+/// MAXPHYADDR to 63 are reserved). Values outside 32..=52 are taken as the nearer bound.
+pub fn apic_base_reserved(max_phys_addr: u8) -> u64 {
+    let bits = max_phys_addr.clamp(MAX_PHYS_ADDR_MIN, MAX_PHYS_ADDR_LIMIT);
+    APIC_BASE_RESERVED | (u64::MAX << bits)
+}
 pub const APIC_BASE_DEFAULT_ADDR: u64 = 0xFEE0_0000;
 
 // Writable bits (SDM §11.4.6 ID, §11.8.3.1 TPR, §11.6.2.2 LDR/DFR, §11.9 SVR).

@@ -16,6 +16,7 @@ fn config() -> LapicConfig {
         clock: ClockConfig::default(),
         x2apic_supported: true,
         directed_eoi_supported: true,
+        max_phys_addr: 52,
     }
 }
 
@@ -906,6 +907,55 @@ fn apic_base_illegal_transitions_fault_11_12_5() {
     assert_eq!(no_x2.apic_base(), 0xFEE0_0800);
 }
 
+/// SDM §11.4.4 (Figure 11-5): the base field ends at MAXPHYADDR - 1; a write that sets a bit at
+/// or above MAXPHYADDR faults, from the guest and from the host alike (KVM refuses such a value
+/// from userspace), and leaves the APIC exactly as it was. The bit just below is a base bit.
+#[test]
+fn apic_base_bits_at_or_above_maxphyaddr_fault_11_4_4() {
+    let mut apic = LocalApic::new(LapicConfig {
+        max_phys_addr: 39,
+        ..config()
+    });
+    let before = apic.clone();
+    for bit in [39u32, 40, 47, 51, 52, 63] {
+        let value = 0xFEE0_0800 | (1u64 << bit);
+        assert!(apic.set_apic_base(value, false).is_err(), "bit {bit}");
+        assert!(apic.set_apic_base(value, true).is_err(), "bit {bit}");
+        assert!(
+            apic.msr_write(MSR_APIC_BASE, value, 0).is_err(),
+            "bit {bit}"
+        );
+        assert_eq!(apic, before, "bit {bit}: nothing changed");
+    }
+    assert_eq!(
+        apic.set_apic_base(0xFEE0_0800 | (1 << 38), false),
+        Ok(LapicEffect::TopologyChanged)
+    );
+    assert_eq!(apic.mmio_base(), Some(0x40_FEE0_0000));
+    assert_eq!(apic.validate(), Ok(()));
+    // The default (and the architectural maximum) reserves only bits 52-63.
+    let mut wide = xapic();
+    assert_eq!(wide.config().max_phys_addr, 52);
+    wide.set_apic_base(0xFEE0_0800 | (1 << 51), false).unwrap();
+    assert_eq!(LapicConfig::default().max_phys_addr, 52);
+}
+
+/// A nonsensical MAXPHYADDR is taken within 32..=52: the reset base FEE00000H stays legal and
+/// bits 52-63 stay reserved.
+#[test]
+fn apic_base_reserved_mask_clamps_maxphyaddr() {
+    assert_eq!(apic_base_reserved(0), apic_base_reserved(32));
+    assert_eq!(apic_base_reserved(0) & 0xFEE0_0000, 0);
+    assert_eq!(apic_base_reserved(200), APIC_BASE_RESERVED);
+    assert_eq!(apic_base_reserved(36) & (1 << 36), 1 << 36);
+    assert_eq!(apic_base_reserved(36) & (1 << 35), 0);
+    assert_eq!(
+        apic_base_reserved(52) & 0x1FF,
+        0xFF,
+        "bits 0-7 reserved, BSP not"
+    );
+}
+
 #[test]
 fn apic_base_host_initiated_bypasses_transition_checks() {
     let mut apic = x2apic();
@@ -1103,6 +1153,43 @@ fn timer_count_registers_go_to_the_timer_11_5_4() {
     // Current count is read-only.
     write(&mut apic, REG_TIMER_CURRENT, 5);
     assert_eq!(read(&mut apic, REG_TIMER_INITIAL), 1000);
+}
+
+fn write_at(apic: &mut LocalApic, offset: u32, value: u32, now: Nanos) -> LapicEffect {
+    apic.mmio_write(u64::from(offset), &value.to_le_bytes(), now)
+}
+
+fn read_at(apic: &mut LocalApic, offset: u32, now: Nanos) -> u32 {
+    let mut data = [0u8; 4];
+    apic.mmio_read(u64::from(offset), &mut data, now);
+    u32::from_le_bytes(data)
+}
+
+/// LVT timer mode changes as KVM's `apic_update_lvtt` makes them: one-shot <-> periodic keeps
+/// TMICT and the running TMCCT; into or out of TSC-deadline mode stops the timer and clears
+/// TMICT.
+#[test]
+fn lvt_timer_mode_switch_keeps_the_count_unless_tsc_deadline_is_involved() {
+    let mut apic = xapic();
+    write(&mut apic, REG_TIMER_DCR, 0xB);
+    write(&mut apic, REG_LVT_TIMER, 0xE0);
+    write_at(&mut apic, REG_TIMER_INITIAL, 1_000_000, 0);
+    assert_eq!(
+        write_at(&mut apic, REG_LVT_TIMER, 0x2_00E0, 300_000),
+        LapicEffect::TimerChanged
+    );
+    assert_eq!(read_at(&mut apic, REG_TIMER_INITIAL, 300_000), 1_000_000);
+    assert_eq!(read_at(&mut apic, REG_TIMER_CURRENT, 300_000), 700_000);
+    apic.poll_timer(1_000_000);
+    assert_eq!(apic.acknowledge_interrupt(), Some(0xE0));
+    assert_eq!(read_at(&mut apic, REG_TIMER_CURRENT, 1_100_000), 900_000);
+    write_at(&mut apic, REG_LVT_TIMER, 0xE0, 1_100_000);
+    assert_eq!(read_at(&mut apic, REG_TIMER_CURRENT, 1_200_000), 800_000);
+    assert_eq!(apic.next_timer_deadline(), Some(2_000_000));
+    write_at(&mut apic, REG_LVT_TIMER, 0x4_00E0, 1_500_000);
+    assert_eq!(read_at(&mut apic, REG_TIMER_INITIAL, 1_500_000), 0);
+    assert_eq!(read_at(&mut apic, REG_TIMER_CURRENT, 1_500_000), 0);
+    assert_eq!(apic.next_timer_deadline(), None);
 }
 
 #[test]

@@ -168,19 +168,43 @@ impl ApicTimer {
         self.mode
     }
 
-    /// The LVT timer mode field was written. Switching to another mode disarms the timer: the
-    /// initial count and the TSC deadline become 0 (SDM vol. 3 §11.5.4.1: "a write to the LVT
-    /// Timer Register that changes the timer mode disarms the local APIC timer"). Writing the
-    /// same mode changes nothing. An expiry already due at `now` stays pending.
+    /// The LVT timer mode field was written; writing the same mode changes nothing. As KVM does
+    /// (`apic_update_lvtt`), only a switch into or out of TSC-deadline mode disarms the timer:
+    /// the initial count and the TSC deadline become 0 and the count stops (SDM vol. 3 §11.5.4.1:
+    /// "a write to the LVT Timer Register that changes the timer mode disarms the local APIC
+    /// timer", said of TSC-deadline mode). A switch between one-shot and periodic leaves the
+    /// initial count and the running count alone: the count goes on from where it is, a periodic
+    /// count reloads from the initial count when it reaches 0, a one-shot count stops there, and
+    /// a one-shot count that already reached 0 stays stopped. An expiry already due at `now`
+    /// stays pending.
     pub fn set_mode(&mut self, mode: TimerMode, now: Nanos) {
         if mode == self.mode {
             return;
         }
         self.settle(now);
+        let tsc_deadline_involved =
+            mode == TimerMode::TscDeadline || self.mode == TimerMode::TscDeadline;
+        if tsc_deadline_involved {
+            self.mode = mode;
+            self.initial_count = 0;
+            self.tsc_deadline = 0;
+            self.countdown = Countdown::Stopped;
+            return;
+        }
+        self.switch_counting_mode(mode, now);
+    }
+
+    /// One-shot <-> periodic with the count running or stopped. The exact expiry is kept unless
+    /// the count rate changes with the mode (a periodic period shorter than
+    /// [`MIN_PERIODIC_PERIOD_NS`] counts slower, see `rate`); then the count restarts from the
+    /// value it has at `now` at the new rate, as for a DCR write.
+    fn switch_counting_mode(&mut self, mode: TimerMode, now: Nanos) {
+        let old_rate = self.rate();
+        let count = self.current_count(now);
         self.mode = mode;
-        self.initial_count = 0;
-        self.tsc_deadline = 0;
-        self.countdown = Countdown::Stopped;
+        if self.countdown != Countdown::Stopped && self.rate() != old_rate {
+            self.countdown = self.start_countdown(count, now);
+        }
     }
 
     /// DCR write (SDM vol. 3 §11.5.4). Only bits 0, 1 and 3 are kept. A running count keeps the
@@ -769,24 +793,106 @@ mod tests {
     }
 
     #[test]
-    fn sdm_11_5_4_1_mode_change_disarms() {
+    fn sdm_11_5_4_1_switch_into_or_out_of_tsc_deadline_disarms() {
         let mut t = counting(TimerMode::OneShot, 0, 100, 0);
         t.set_mode(TimerMode::OneShot, 10);
         assert_eq!(t.next_deadline(), Some(200), "same mode: nothing changes");
-        t.set_mode(TimerMode::Periodic, 10);
+        t.set_mode(TimerMode::TscDeadline, 10);
         assert_eq!(t.initial_count(), 0);
         assert_eq!(t.current_count(10), 0);
         assert_eq!(t.next_deadline(), None);
         assert!(!t.poll(1000));
 
+        let mut p = counting(TimerMode::Periodic, 0, 100, 0);
+        p.set_mode(TimerMode::TscDeadline, 10);
+        assert_eq!((p.initial_count(), p.next_deadline()), (0, None));
+
         let mut d = tsc_timer(GHZ, 0);
         d.write_tsc_deadline(500, 0);
         d.set_mode(TimerMode::OneShot, 10);
         assert_eq!(d.tsc_deadline(), 0);
+        assert_eq!((d.initial_count(), d.current_count(10)), (0, 0));
         assert_eq!(d.next_deadline(), None);
         d.set_mode(TimerMode::TscDeadline, 20);
         assert_eq!(d.tsc_deadline(), 0, "the old deadline does not come back");
         assert!(!d.poll(1000));
+    }
+
+    /// KVM `apic_update_lvtt`: one-shot -> periodic leaves the initial count and the running
+    /// count alone; the count goes on from where it was and reloads from the initial count at 0.
+    #[test]
+    fn one_shot_to_periodic_keeps_counting_and_then_reloads() {
+        // Divide by 1 at 1 GHz: 1_000_000 counts = 1 ms, started at 0.
+        let mut t = counting(TimerMode::OneShot, 0b1011, 1_000_000, 0);
+        t.set_mode(TimerMode::Periodic, 400_000);
+        assert_eq!(t.mode(), TimerMode::Periodic);
+        assert_eq!(t.initial_count(), 1_000_000, "TMICT reads back unchanged");
+        assert_eq!(t.current_count(400_000), 600_000, "the count goes on");
+        assert_eq!(t.current_count(900_000), 100_000);
+        assert_eq!(t.next_deadline(), Some(1_000_000), "same expiry");
+        assert!(t.poll(1_000_000));
+        assert_eq!(t.current_count(1_250_000), 750_000, "reloaded from TMICT");
+        assert_eq!(t.next_deadline(), Some(2_000_000));
+        assert!(t.poll(2_000_000));
+    }
+
+    /// Periodic -> one-shot: the count in progress finishes, fires once, and stops at 0.
+    #[test]
+    fn periodic_to_one_shot_finishes_the_count_in_progress_once() {
+        let mut t = counting(TimerMode::Periodic, 0b1011, 1_000_000, 0);
+        assert!(t.poll(1_000_000));
+        t.set_mode(TimerMode::OneShot, 1_300_000);
+        assert_eq!(t.initial_count(), 1_000_000);
+        assert_eq!(t.current_count(1_300_000), 700_000);
+        assert_eq!(t.next_deadline(), Some(2_000_000));
+        assert!(t.poll(2_000_000));
+        assert_eq!(t.current_count(2_000_001), 0, "no reload in one-shot mode");
+        assert_eq!(t.next_deadline(), None);
+        assert!(!t.poll(10_000_000));
+        assert_eq!(t.initial_count(), 1_000_000);
+    }
+
+    /// A one-shot count that already reached 0 stays at 0 after a switch to periodic (KVM's
+    /// timer is no longer running, so nothing reloads it); a new initial count starts it.
+    #[test]
+    fn expired_one_shot_switched_to_periodic_stays_at_zero() {
+        let mut t = counting(TimerMode::OneShot, 0b1011, 1000, 0);
+        assert!(t.poll(1000));
+        t.set_mode(TimerMode::Periodic, 5000);
+        assert_eq!(t.initial_count(), 1000);
+        assert_eq!(t.current_count(5000), 0);
+        assert_eq!(t.next_deadline(), None);
+        assert!(!t.poll(1_000_000));
+        // Expired but not yet polled when the mode changes: the expiry is reported, then 0.
+        let mut u = counting(TimerMode::OneShot, 0b1011, 1000, 0);
+        u.set_mode(TimerMode::Periodic, 1500);
+        assert!(u.poll(1500));
+        assert_eq!(u.current_count(1600), 0);
+        assert!(!u.poll(1_000_000));
+        u.write_initial_count(1000, 2_000_000);
+        assert_eq!(
+            u.next_deadline(),
+            Some(2_200_000),
+            "periodic, clamped to 200 us"
+        );
+    }
+
+    /// When the period is below the 200 us floor, periodic mode counts slower: the switch keeps
+    /// the current count and continues it at the new rate (in both directions).
+    #[test]
+    fn switch_across_the_periodic_floor_keeps_the_current_count() {
+        // 10 counts at divide by 1: 10 ns one-shot, 200 us (20 us a count) periodic.
+        let mut t = counting(TimerMode::OneShot, 0b1011, 10, 0);
+        t.set_mode(TimerMode::Periodic, 4);
+        assert_eq!(t.current_count(4), 6);
+        assert_eq!(t.next_deadline(), Some(4 + 6 * 20_000));
+        assert!(t.poll(120_004));
+        assert_eq!(t.next_deadline(), Some(320_004));
+        t.set_mode(TimerMode::OneShot, 220_004);
+        assert_eq!(t.current_count(220_004), 5);
+        assert_eq!(t.next_deadline(), Some(220_009), "back to 1 ns a count");
+        assert!(t.poll(220_009));
+        assert_eq!(t.next_deadline(), None);
     }
 
     #[test]

@@ -121,6 +121,9 @@ impl UserIrqchip {
         };
         let mut config = PcIrqChipConfig::new(ctx.vcpus.len());
         config.apic.clock = clock;
+        // The guest's CPUID is derived from this table with leaf 80000008H unchanged.
+        config.apic.max_phys_addr =
+            crate::cpuid::max_phys_addr(&crate::cpuid::supported_cpuid(ctx.kvm)?);
         let (chip, vcpus) = PcIrqChip::new(config);
         let bus = chip.bus().clone();
         let notifier = Arc::new(notify::Notifier::new(ctx.vcpus.clone(), bus.clone()));

@@ -10,7 +10,8 @@
 //!    first, then `Block`; `block` sleeps on the inbox doorbell (try_block re-checks ON after
 //!    publishing Blocked). The timer thread's wake-up ends a block at the timer deadline. Before
 //!    sleeping, the vCPU polls its inbox and a near timer deadline for a while ([`HaltPoll`]).
-//! 5. inject: NMI with KVM_NMI; ExtINT and APIC vectors with KVM_INTERRUPT only if KVM said
+//! 5. inject: NMIs with KVM_NMI, up to two while none is in service and one while one is
+//!    (KVM's `process_nmi`; blocking read with KVM_GET_VCPU_EVENTS); ExtINT and APIC vectors with KVM_INTERRUPT only if KVM said
 //!    `ready_for_interrupt_injection` and IF=1 at the last exit (then the PIC / APIC is
 //!    acknowledged, right before KVM_INTERRUPT); otherwise `request_interrupt_window`, and,
 //!    since KVM reports the window only at its next exit (~1 ms for a spinning guest here), a
@@ -359,8 +360,7 @@ impl UserVcpuChip {
         };
         let mut next = self.interrupts.next_injection(pic_intr);
         if next == Some(Injection::Nmi) {
-            self.interrupts.take_nmi();
-            vcpu.nmi().map_err(KvmError::ioctl("KVM_NMI"))?;
+            self.inject_nmis(vcpu)?;
             next = self.interrupts.next_injection(pic_intr);
             if next.is_some() {
                 // KVM takes the NMI first; the interrupt after the next exit.
@@ -392,6 +392,24 @@ impl UserVcpuChip {
         };
         inject_interrupt(vcpu, vector)?;
         self.window_kick.injected(now, fired);
+        Ok(())
+    }
+
+    /// Hands the pending NMIs to KVM, as many as KVM's `process_nmi` rule lets stay pending
+    /// (`VcpuInterrupts::process_nmi`): two while no NMI is in service, one while one is (NMIs
+    /// blocked until IRET, KVM_GET_VCPU_EVENTS `nmi.masked`, or an NMI injection in flight,
+    /// `nmi.injected`). Each goes in with its own KVM_NMI: KVM queues them and injects the
+    /// second one itself right after the first one's IRET, which userspace cannot see. KVM
+    /// applies the same limit to what it holds in total, so nothing beyond the rule gets in.
+    fn inject_nmis(&mut self, vcpu: &VcpuFd) -> Result<(), IrqchipError> {
+        let events = vcpu
+            .get_vcpu_events()
+            .map_err(KvmError::ioctl("KVM_GET_VCPU_EVENTS"))?;
+        let blocked = events.nmi.masked != 0 || events.nmi.injected != 0;
+        self.interrupts.process_nmi(blocked);
+        while self.interrupts.take_nmi() {
+            vcpu.nmi().map_err(KvmError::ioctl("KVM_NMI"))?;
+        }
         Ok(())
     }
 
@@ -427,7 +445,10 @@ impl UserVcpuChip {
 
     /// SDM §11.4.3: a globally disabled APIC reads as absent in CPUID.1:EDX[9]. KVM computes
     /// that bit from its IA32_APIC_BASE, so a guest write the model accepted is copied there
-    /// (KVM_SET_MSRS is host-initiated: the filter does not apply, no transition checks).
+    /// (KVM_SET_MSRS is host-initiated: the filter does not apply, no transition checks). KVM
+    /// still refuses reserved bits, MAXPHYADDR and above included; the model #GPs every such
+    /// write first (its `max_phys_addr` is the guest's CPUID 80000008H), so this cannot fail on
+    /// a guest's say-so.
     fn sync_kvm_apic_base(&mut self, vcpu: &VcpuFd) -> Result<(), IrqchipError> {
         let base = self.interrupts.lapic().apic_base();
         if base != self.kvm_apic_base {

@@ -1,0 +1,130 @@
+/* nmi_queue: how many NMIs a CPU takes when several arrive close together, with KVM's `process_nmi` as the
+ * reference: while no NMI is in service, up to two may be pending (one injected, one held); while one is in
+ * service (NMIs blocked until its IRET, SDM vol. 3 §6.7.1), one more is held and the rest coalesce.
+ *  1. CPU 0, inside its own NMI handler, sends itself three more NMIs: exactly one more is taken, after the
+ *     handler's IRETQ, and none nests inside the handler.
+ *  2. (2+ CPUs) CPU 1 sends CPU 0 two NMIs back to back: CPU 0 takes both (whether the second arrives while
+ *     the first is pending or in service, the rule keeps it).
+ *  3. (3+ CPUs) CPUs 1 and 2, released by one shared flag, each send CPU 0 an NMI at the same moment, ROUNDS
+ *     times: CPU 0 takes exactly two every round.
+ * The handler never prints (printf takes a lock) and needs no EOI (an NMI is not in the ISR). */
+#include "guest.h"
+
+#define ROUNDS 20
+#define QUIET_MS 50 /* how long "no more NMIs" is watched for */
+
+static volatile u32 nmis[MAX_CPUS], nested[MAX_CPUS], in_nmi[MAX_CPUS];
+/* Set by CPU 0 before sending the NMI whose handler sends SELF_BURST more to itself. */
+static volatile u32 burst_armed, burst_sent_ok;
+#define SELF_BURST 3
+
+static void nmi_handler(struct irq_frame *f, u32 cpu)
+{
+	if (in_nmi[cpu])
+		nested[cpu]++;
+	in_nmi[cpu] = 1;
+	nmis[cpu]++;
+	if (cpu == 0 && burst_armed) {
+		burst_armed = 0;
+		u32 ok = 0;
+		for (u32 i = 0; i < SELF_BURST; i++)
+			ok += apic_icr_write(cpu_to_apic_id(0), APIC_DM_NMI);
+		burst_sent_ok = ok;
+		delay_ms(20); /* still blocked: the ones sent must wait for the IRETQ */
+	}
+	in_nmi[cpu] = 0;
+}
+
+static void burst_while_in_service(void)
+{
+	u32 before = nmis[0];
+	burst_sent_ok = 0;
+	burst_armed = 1;
+	apic_icr_write(cpu_to_apic_id(0), APIC_DM_NMI);
+	wait_ge(&nmis[0], before + 2, WAIT_MS);
+	delay_ms(QUIET_MS);
+	u32 got = nmis[0] - before;
+	check(burst_sent_ok == SELF_BURST && got == 2,
+	      "nmis sent while one is in service: one is held and the rest coalesce",
+	      "%u NMIs sent from the handler, %u taken in all (want 1 + 1)", burst_sent_ok, got);
+	check(nested[0] == 0, "no nmi nests inside the nmi handler", "%u nested", nested[0]);
+}
+
+static volatile u32 pair_sent;
+static void send_two_to_cpu0(void *unused)
+{
+	u32 ok = apic_icr_write(cpu_to_apic_id(0), APIC_DM_NMI);
+	ok += apic_icr_write(cpu_to_apic_id(0), APIC_DM_NMI);
+	pair_sent = ok;
+}
+
+static void back_to_back(void)
+{
+	if (ncpus < 2) {
+		skip("two nmis sent back to back are both taken", "one CPU");
+		return;
+	}
+	u32 before = nmis[0];
+	pair_sent = 0;
+	bool called = smp_call(1, send_two_to_cpu0, NULL);
+	wait_ge(&nmis[0], before + 2, WAIT_MS);
+	delay_ms(QUIET_MS);
+	u32 got = nmis[0] - before;
+	check(called && pair_sent == 2 && got == 2, "two nmis sent back to back are both taken",
+	      "call %d, %u sent, %u taken", called, pair_sent, got);
+}
+
+/* Round r: each sender waits for `go` == r, sends, then sets its `sent` to r. */
+static volatile u32 go, sent[MAX_CPUS], send_failed;
+static void sender(void *unused)
+{
+	u32 cpu = this_cpu();
+	for (u32 r = 1; r <= ROUNDS; r++) {
+		if (!wait_ge(&go, r, 2 * WAIT_MS) || go > ROUNDS)
+			return;
+		if (!apic_icr_write(cpu_to_apic_id(0), APIC_DM_NMI))
+			send_failed++;
+		WRITE_ONCE(sent[cpu], r);
+	}
+}
+
+static void same_moment(void)
+{
+	const char *name = "two cpus sending an nmi at the same moment: cpu 0 takes exactly two";
+	if (ncpus < 3) {
+		skip(name, "%u CPU(s)", ncpus);
+		return;
+	}
+	go = 0;
+	bool called = smp_call_async(1, sender, NULL) && smp_call_async(2, sender, NULL);
+	u32 bad_round = 0, bad_got = 0, got = 0;
+	for (u32 r = 1; called && r <= ROUNDS && !bad_round; r++) {
+		u32 before = nmis[0];
+		WRITE_ONCE(go, r);
+		bool both = wait_eq(&sent[1], r, WAIT_MS) && wait_eq(&sent[2], r, WAIT_MS);
+		wait_ge(&nmis[0], before + 2, WAIT_MS);
+		delay_ms(QUIET_MS);
+		got = nmis[0] - before;
+		if (!both || got != 2)
+			bad_round = r, bad_got = got;
+	}
+	WRITE_ONCE(go, ROUNDS + 1);
+	bool done = called && smp_wait(1, WAIT_MS) && smp_wait(2, WAIT_MS);
+	check(done && !bad_round && send_failed == 0, name, "calls %d, round %u of %u: %u taken, %u sends failed",
+	      called, bad_round, ROUNDS, bad_got, send_failed);
+}
+
+void guest_main(void)
+{
+	platform_init(false);
+	irq_set_handler(2, nmi_handler);
+	u32 started = smp_start_all();
+	check(started == ncpus, "all cpus online", "%u of %u", started, ncpus);
+	burst_while_in_service();
+	back_to_back();
+	same_moment();
+	u32 others = 0;
+	for (u32 c = 1; c < ncpus; c++)
+		others += nmis[c];
+	check(others == 0, "no nmi reaches another cpu", "%u", others);
+}
