@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use irqvm::devices::{SerialCapture, SerialOutput};
-use irqvm::irqchip::IrqchipMode;
+use irqvm::IrqchipMode;
 use irqvm::vcpu::VcpuStatsSnapshot;
 use irqvm::vm::{RunningVm, Vm, VmConfig};
 

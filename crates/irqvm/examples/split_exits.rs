@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use irqvm::devices::SerialOutput;
-use irqvm::irqchip::IrqchipMode;
+use irqvm::IrqchipMode;
 use irqvm::vm::{Vm, VmConfig};
 
 fn main() {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::devices::SerialOutput;
-use crate::irqchip::IrqchipMode;
+use crate::IrqchipMode;
 use crate::memory;
 use crate::vm::{RunReport, Vm, VmConfig, VmError};
 

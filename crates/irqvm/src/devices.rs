@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 
-use crate::irqchip::{InterruptLines, IrqchipError, IRQ_LINES};
+use crate::backend::{InterruptLines, IrqchipError, IRQ_LINES};
 
 pub const SERIAL_PORT: u16 = 0x3F8;
 const SERIAL_PORTS: u16 = 8;
@@ -343,7 +343,7 @@ mod tests {
             &self,
             _address: u64,
             _data: u32,
-        ) -> Result<crate::irqchip::MsiDelivery, IrqchipError> {
+        ) -> Result<crate::backend::MsiDelivery, IrqchipError> {
             unreachable!("no device here sends MSIs")
         }
     }

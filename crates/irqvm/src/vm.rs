@@ -17,11 +17,16 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::cpuid::{self, CpuidConfig};
 use crate::devices::{DeviceConfig, Devices, SerialOutput};
-use crate::irqchip::{self, ChipContext, Irqchip, IrqchipError, IrqchipMode, MsiDelivery};
+use crate::backend::kernel::KernelIrqchip;
+use crate::backend::split::SplitIrqchip;
+use crate::backend::user::UserIrqchip;
+use crate::backend::{
+    ChipContext, Irqchip, IrqchipError, IrqchipMode, MsiDelivery, VcpuKicker,
+};
 use crate::kvm::{self, KvmError};
 use crate::loader::{self, LoadRequest, LoadedKernel, LoaderError, Module, RawImage};
 use crate::memory::{self, GuestRam, MemoryError};
-use crate::vcpu::kick::install_kick_handler;
+use crate::kick::install_kick_handler;
 use crate::vcpu::{
     regs, GuestExit, VcpuShared, VcpuState, VcpuStatsSnapshot, VcpuThread, VmControl,
 };
@@ -142,12 +147,12 @@ impl Vm {
             .map(|index| Arc::new(VcpuShared::new(index)))
             .collect();
         // The backend's VM-wide setup must precede KVM_CREATE_VCPU.
-        let chip = irqchip::create_irqchip(
+        let chip = create_irqchip(
             cfg.irqchip,
             ChipContext {
                 kvm: &kvm,
                 vm: vm_fd.clone(),
-                vcpus: shared.clone(),
+                kicker: Arc::new(VcpuKicks(shared.clone())),
                 epoch: Instant::now(),
             },
         )?;
@@ -238,6 +243,34 @@ impl Vm {
     }
 }
 
+/// Creates the backend for `mode` on a VM that has no vCPUs yet (the backend's VM-wide KVM
+/// setup must precede KVM_CREATE_VCPU).
+pub fn create_irqchip(
+    mode: IrqchipMode,
+    ctx: ChipContext<'_>,
+) -> Result<Arc<dyn Irqchip>, IrqchipError> {
+    Ok(match mode {
+        IrqchipMode::Kernel => Arc::new(KernelIrqchip::new(ctx.kvm, ctx.vm)?),
+        IrqchipMode::User => Arc::new(UserIrqchip::new(ctx)?),
+        IrqchipMode::Split => Arc::new(SplitIrqchip::new(ctx)?),
+    })
+}
+
+/// The vCPU threads as a backend sees them: kick targets, nothing else.
+struct VcpuKicks(Vec<Arc<VcpuShared>>);
+
+impl VcpuKicker for VcpuKicks {
+    fn vcpus(&self) -> usize {
+        self.0.len()
+    }
+
+    fn kick(&self, index: usize) {
+        if let Some(vcpu) = self.0.get(index) {
+            vcpu.kick.kick();
+        }
+    }
+}
+
 fn set_boot_registers(fd: &kvm_ioctls::VcpuFd, loaded: &LoadedKernel) -> Result<(), KvmError> {
     let mut sregs = fd.get_sregs().map_err(KvmError::ioctl("KVM_GET_SREGS"))?;
     let mut kregs = fd.get_regs().map_err(KvmError::ioctl("KVM_GET_REGS"))?;
@@ -295,7 +328,7 @@ impl RunningVm {
 
     /// A message-signalled interrupt from a host thread (a test, a device model's thread):
     /// `data` written to `address` (SDM vol. 3 §11.11). See
-    /// [`crate::irqchip::InterruptLines::signal_msi`]: malformed messages are refused and
+    /// [`crate::backend::InterruptLines::signal_msi`]: malformed messages are refused and
     /// reach no vCPU.
     pub fn signal_msi(&self, address: u64, data: u32) -> Result<MsiDelivery, IrqchipError> {
         self.vm.chip.signal_msi(address, data)
@@ -321,7 +354,7 @@ impl RunningVm {
     }
 
     /// vCPU `index`'s multiprocessor state now, as KVM_GET_MP_STATE would report it (see
-    /// [`crate::irqchip::VcpuIrqchip::mp_state`]): the vCPU's thread reads it when it answers a
+    /// [`crate::backend::VcpuIrqchip::mp_state`]): the vCPU's thread reads it when it answers a
     /// ping, so this kicks the vCPU and waits up to `timeout` for the answer. A stopped vCPU gives
     /// the state it stopped in. `None` on timeout.
     pub fn mp_state(&self, index: usize, timeout: Duration) -> Option<MpState> {

@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use irqvm::irqchip::IrqchipMode;
+use irqvm::IrqchipMode;
 use irqvm::loader::CpuMode;
 use irqvm::vcpu::{GuestExit, VcpuState};
 use irqvm::vm::{RunningVm, Vm};

@@ -5,18 +5,19 @@
 //!
 //! * KVM: every LAPIC register (no exit), the APIC timer, IPIs, HLT (a halted vCPU blocks
 //!   inside KVM_RUN), INIT/SIPI and the MP state. `before_entry` therefore always says `Enter`.
-//! * Userspace ([`SplitShared`], one mutex): `GsiRouting::pc_default` (ISA IRQ n to PIC line n
-//!   and IOAPIC pin n, IRQ 0 to pin 2, GSIs 16-23 to the IOAPIC only), the `DualPic` at ports
-//!   0x20/0x21, 0xA0/0xA1 and 0x4D0/0x4D1, and the `IoApic` at 0xFEC00000. Pin polarity is the
-//!   one `irqchip::chip` uses (PCI pins 16 and up active-low), so `user` and `split` guests see
-//!   the same machine.
+//! * Userspace: the same `irqchip::chip::PcIrqChip` as in `user` mode (`GsiRouting::pc_default`:
+//!   ISA IRQ n to PIC line n and IOAPIC pin n, IRQ 0 to pin 2, GSIs 16-23 to the IOAPIC only;
+//!   the `DualPic` at ports 0x20/0x21, 0xA0/0xA1 and 0x4D0/0x4D1; the `IoApic` at 0xFEC00000;
+//!   PCI pins 16 and up active-low), so `user` and `split` guests see the same machine. Only
+//!   its [`MessageSink`] differs: [`KvmSink`] instead of the APIC bus.
 //!
 //! # IOAPIC messages
 //!
 //! The IOAPIC model decides when a pin sends (edge, level with remote IRR, re-delivery after
-//! EOI, unmasking a held level pin); each message it sends is encoded as an MSI
-//! (`irqchip::msi::MsiMessage::encode`) and handed to KVM's LAPICs with KVM_SIGNAL_MSI, under
-//! the platform lock so messages reach KVM in the order the model produced them.
+//! EOI, unmasking a held level pin); each message it sends reaches [`KvmSink::deliver`], is
+//! encoded as an MSI (`irqchip::msi::MsiMessage::encode`) and handed to KVM's LAPICs with
+//! KVM_SIGNAL_MSI, under the chip's device locks, so messages reach KVM in the order the model
+//! produced them.
 //!
 //! KVM must also report the guest's EOI of a level-triggered IOAPIC vector, which its LAPIC
 //! otherwise keeps to itself: KVM reserves GSIs `0..pins` for the userspace IOAPIC and, for each
@@ -25,7 +26,7 @@
 //! routed as GSI i with the message its redirection entry describes, masked or not (an entry
 //! masked while its interrupt is in service must still see the EOI, or remote IRR would stick),
 //! and every redirection-table write that changes a route reinstalls the table
-//! (KVM_SET_GSI_ROUTING). The routes are never fired: delivery is KVM_SIGNAL_MSI, decided by the
+//! (KVM_SET_GSI_ROUTING, from [`KvmSink::redirection_changed`], under the IOAPIC lock). The routes are never fired: delivery is KVM_SIGNAL_MSI, decided by the
 //! model. The EOI exit is handled on the vCPU thread before it re-enters: remote IRR clears and
 //! a line still asserted is delivered again.
 //!
@@ -36,12 +37,13 @@
 //! when that LAPIC accepts PIC interrupts *and* the vCPU can take an interrupt now (IF=1, no
 //! interrupt shadow, no ExtINT already queued). The protocol:
 //!
-//! 1. Any change that raises the PIC's INTR (a device line, a PIC port write) publishes it in
-//!    `SplitShared::pic_intr` and kicks every other vCPU: an acceptor in the guest or halted
-//!    inside KVM_RUN must come out to rendezvous, and which vCPUs accept is not known here.
+//! 1. Any change that raises the PIC's INTR (a device line, a PIC port write) publishes it
+//!    (`PcIrqChip::pic_intr`, one atomic) and, through [`KvmSink::pic_intr_rose`], kicks every
+//!    other vCPU: an acceptor in the guest or halted inside KVM_RUN must come out to
+//!    rendezvous, and which vCPUs accept is not known here.
 //! 2. At every entry, a vCPU that sees INTR high reads `ready_for_interrupt_injection` from its
-//!    last exit. If set, it takes the platform lock, checks INTR again, runs the PIC's INTA
-//!    (`DualPic::acknowledge`) and queues the vector with KVM_INTERRUPT: KVM said it will inject
+//!    last exit. If set, it takes the PIC lock, checks INTR again and runs the PIC's INTA
+//!    (`PcIrqChip::pic_acknowledge_if_pending`), and queues the vector with KVM_INTERRUPT: KVM said it will inject
 //!    it at this entry, so the PIC is acknowledged only when the injection is certain, and the
 //!    lock makes exactly one vCPU win each request. A halted acceptor wakes (KVM's halt loop
 //!    sees the queued ExtINT).
@@ -58,28 +60,29 @@
 //! irqvm has no snapshots yet).
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
-use irqchip::chip::ioapic_wire_level;
-use irqchip::ioapic::{IoApic, IoApicConfig, IOAPIC_DEFAULT_BASE};
+use irqchip::chip::{MessageSink, PcIrqChip, PcIrqChipConfig};
+use irqchip::ioapic::{IoApic, IOAPIC_DEFAULT_BASE};
 use irqchip::msi::MsiMessage;
 use irqchip::pic::DualPic;
-use irqchip::routing::{GsiRouting, RouteTarget, SourceId};
-use irqchip::{DeliveryMode, InterruptMessage, Vector};
+use irqchip::routing::SourceId;
+use irqchip::{DeliveryMode, EoiMessage, InterruptMessage, Notify, VcpuIndex, Vector};
 use kvm_bindings::{
-    kvm_enable_cap, kvm_irq_routing_entry, kvm_msi, KvmIrqRouting, KVM_CAP_SPLIT_IRQCHIP,
+    kvm_enable_cap, kvm_irq_routing_entry, KvmIrqRouting, KVM_CAP_SPLIT_IRQCHIP,
     KVM_IRQ_ROUTING_MSI,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 
+use super::kernel::{kvm_mp_state, kvm_signal_msi, set_initial_kvm_mp_state};
 use super::{
-    ChipContext, ChipExit, ChipFeatures, EntryDecision, ExitHandled, InterruptLines, Irqchip,
-    IrqchipError, IrqchipMode, MsiDelivery, VcpuIrqchip, IRQ_LINES,
+    validate_msi, ChipContext, ChipExit, ChipFeatures, EntryDecision, ExitHandled,
+    InterruptLines, Irqchip, IrqchipError, IrqchipMode, MsiDelivery, VcpuIrqchip, VcpuKicker,
+    IRQ_LINES,
 };
 use crate::kvm::{self, KvmError};
-use crate::vcpu::VcpuShared;
 
 /// Size of the IOAPIC's MMIO window claimed from the exits.
 const IOAPIC_WINDOW: u64 = 0x1000;
@@ -142,184 +145,32 @@ fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
-/// The userspace interrupt controllers, behind one lock.
-struct Platform {
-    routing: GsiRouting,
-    pic: DualPic,
-    ioapic: IoApic,
-    /// The MSI route of each IOAPIC pin as last installed in KVM (index = pin = GSI).
-    installed_routes: Vec<Option<MsiMessage>>,
-}
-
-impl Platform {
-    fn new() -> Self {
-        let mut ioapic = IoApic::new(IoApicConfig::default());
-        for pin in 0..ioapic.pins() {
-            // PCI pins idle high (active-low); every entry is masked, so nothing is sent.
-            ioapic.set_line(pin, ioapic_wire_level(pin, false), &mut |_| {});
-        }
-        let routing = GsiRouting::pc_default(ioapic.pins());
-        Self {
-            routing,
-            pic: DualPic::new(),
-            installed_routes: vec![None; ioapic.pins()],
-            ioapic,
-        }
-    }
-
-    /// The MSI route pin `pin` needs now: its entry's message whether masked or not, with the
-    /// entry's trigger mode (a level route is what makes KVM exit on the EOI). `None` for
-    /// delivery modes that have no EOI and no MSI form here (ExtINT, reserved).
-    fn route_for_pin(&self, pin: usize) -> Option<MsiMessage> {
-        let message = self.ioapic.entry_message(pin)?;
-        if !matches!(
-            message.delivery_mode,
-            DeliveryMode::Fixed | DeliveryMode::LowestPriority
-        ) {
-            return None;
-        }
-        MsiMessage::encode(&message).ok()
-    }
-
-    fn wanted_routes(&self) -> Vec<Option<MsiMessage>> {
-        (0..self.ioapic.pins())
-            .map(|pin| self.route_for_pin(pin))
-            .collect()
-    }
-}
-
-/// Hands a message of the userspace IOAPIC to KVM's LAPICs.
-fn signal_msi(vm: &VmFd, stats: &SplitStats, message: &InterruptMessage) {
-    if message.delivery_mode == DeliveryMode::ExtInt {
-        // An IOAPIC entry in ExtINT mode asks the target to fetch the vector from the 8259
-        // (virtual wire through the IOAPIC). The PC wiring here connects INTR to LINT0 only
-        // and KVM's LAPIC cannot take an ExtINT message, so it is dropped.
-        tracing::debug!(
-            ?message,
-            "IOAPIC ExtINT message dropped (not wired in split mode)"
-        );
-        return;
-    }
-    let msi = match MsiMessage::encode(message) {
-        Ok(msi) => msi,
-        Err(e) => {
-            tracing::warn!(?message, "IOAPIC message has no MSI form: {e}");
-            return;
-        }
-    };
-    let request = kvm_msi {
-        address_lo: msi.address as u32,
-        address_hi: (msi.address >> 32) as u32,
-        data: msi.data,
-        ..Default::default()
-    };
-    bump(&stats.msis_signalled);
-    match vm.signal_msi(request) {
-        Ok(0) => tracing::debug!(?message, "KVM_SIGNAL_MSI reached no vCPU"),
-        Ok(_) => {}
-        Err(e) => tracing::warn!(?message, "KVM_SIGNAL_MSI failed: {e}"),
-    }
-}
-
-/// Everything the split backend shares between threads.
-pub struct SplitShared {
+/// Where the userspace IOAPIC's messages go in `split` mode: KVM's LAPICs (KVM_SIGNAL_MSI), with
+/// the redirection table mirrored into KVM's EOI routes (module documentation).
+pub struct KvmSink {
     vm: Arc<VmFd>,
-    platform: Mutex<Platform>,
-    /// The PIC's INTR output, written under the platform lock after every PIC change and read
-    /// by vCPU threads before every entry without taking the lock.
-    pic_intr: AtomicBool,
-    vcpus: Vec<Arc<VcpuShared>>,
+    kicker: Arc<dyn VcpuKicker>,
     stats: SplitStats,
+    /// The MSI route of each IOAPIC pin as last installed in KVM (index = pin = GSI), and the
+    /// last KVM_SET_GSI_ROUTING failure, which the vCPU whose IOAPIC write caused it reports.
+    routes: Mutex<InstalledRoutes>,
 }
 
-impl SplitShared {
-    fn lock(&self) -> MutexGuard<'_, Platform> {
-        // Every platform state is valid between calls; a panic elsewhere does not corrupt it.
-        self.platform.lock().unwrap_or_else(PoisonError::into_inner)
+#[derive(Default)]
+struct InstalledRoutes {
+    installed: Vec<Option<MsiMessage>>,
+    failure: Option<KvmError>,
+}
+
+impl KvmSink {
+    fn routes(&self) -> std::sync::MutexGuard<'_, InstalledRoutes> {
+        // Plain data, valid between calls: a panic elsewhere does not corrupt it.
+        self.routes.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Runs `change` on the platform, then publishes INTR and kicks the other vCPUs if it rose.
-    fn with_platform<R>(
-        &self,
-        change: impl FnOnce(&mut Platform, &dyn Fn(&InterruptMessage)) -> R,
-    ) -> R {
-        let (result, rose) = {
-            let mut platform = self.lock();
-            let before = platform.pic.output();
-            let send = |m: &InterruptMessage| signal_msi(&self.vm, &self.stats, m);
-            let result = change(&mut platform, &send);
-            let after = platform.pic.output();
-            // SeqCst pairs with the vCPU's load in `before_entry`: the kick below comes after
-            // this store (kick protocol, `vcpu::kick`).
-            self.pic_intr.store(after, Ordering::SeqCst);
-            (result, !before && after)
-        };
-        if rose {
-            self.kick_for_extint();
-        }
-        result
-    }
-
-    /// INTR rose: every vCPU except the calling one comes out of KVM_RUN once to check whether
-    /// its LAPIC takes the PIC's interrupt (only KVM knows, see the module documentation).
-    fn kick_for_extint(&self) {
-        let me = CURRENT_VCPU.with(Cell::get);
-        for vcpu in self.vcpus.iter().filter(|v| Some(v.index) != me) {
-            bump(&self.stats.extint_kicks);
-            vcpu.kick.kick();
-        }
-    }
-
-    fn set_gsi(&self, gsi: u32, level: bool) -> Result<(), IrqchipError> {
-        self.with_platform(|p, send| {
-            let Platform {
-                routing,
-                pic,
-                ioapic,
-                ..
-            } = p;
-            routing.set_source_level(
-                gsi,
-                DEVICE_SOURCE,
-                level,
-                &mut |target, level| match target {
-                    RouteTarget::Pic { irq } => pic.set_irq(irq, level),
-                    RouteTarget::IoApic { pin } => {
-                        ioapic.set_line(pin, ioapic_wire_level(pin, level), &mut |m| send(&m))
-                    }
-                    RouteTarget::Msi(message) if level => send(&message),
-                    RouteTarget::Msi(_) => {}
-                },
-            )
-        })
-        .or_else(|e| {
-            // Only a GSI above the table or too many sources can fail; neither is reachable
-            // through `InterruptLines` (lines are checked, one source), so it is only logged.
-            tracing::warn!(gsi, level, "GSI routing: {e}");
-            Ok(())
-        })
-    }
-
-    fn ioapic_read(&self, offset: u64, data: &mut [u8]) {
-        self.lock().ioapic.mmio_read(offset, data);
-    }
-
-    /// A guest write to the IOAPIC window: may send (unmasking a held level pin, the EOI
-    /// register) and may change routes, which are reinstalled before the vCPU re-enters.
-    fn ioapic_write(&self, offset: u64, data: &[u8]) -> Result<(), IrqchipError> {
-        self.with_platform(|p, send| {
-            p.ioapic.mmio_write(offset, data, &mut |m| send(&m));
-            self.update_routes(p)
-        })
-    }
-
-    /// Installs the IOAPIC pins' MSI routes in KVM if they changed (KVM_SET_GSI_ROUTING replaces
-    /// the whole table; KVM then rescans which vectors need an EOI exit on each vCPU).
-    fn update_routes(&self, p: &mut Platform) -> Result<(), IrqchipError> {
-        let wanted = p.wanted_routes();
-        if wanted == p.installed_routes {
-            return Ok(());
-        }
+    /// Installs the pins' MSI routes in KVM (KVM_SET_GSI_ROUTING replaces the whole table; KVM
+    /// then rescans which vectors need an EOI exit on each vCPU).
+    fn install(&self, wanted: &[Option<MsiMessage>]) -> Result<(), KvmError> {
         let routes: Vec<(u32, MsiMessage)> = wanted
             .iter()
             .enumerate()
@@ -334,46 +185,86 @@ impl SplitShared {
             .set_gsi_routing(&table)
             .map_err(KvmError::ioctl("KVM_SET_GSI_ROUTING"))?;
         bump(&self.stats.route_updates);
-        p.installed_routes = wanted;
         Ok(())
     }
 
-    /// KVM_EXIT_IOAPIC_EOI: the guest EOIed a level-triggered vector of the IOAPIC.
-    fn ioapic_eoi(&self, vector: Vector) {
-        bump(&self.stats.ioapic_eois);
-        self.with_platform(|p, send| p.ioapic.end_of_interrupt(vector, &mut |m| send(&m)));
+    /// The KVM_SET_GSI_ROUTING failure of the last redirection-table change, if any.
+    fn take_route_failure(&self) -> Option<KvmError> {
+        self.routes().failure.take()
     }
+}
 
-    fn pic_read(&self, port: u16, data: &mut [u8]) {
-        self.with_platform(|p, _| {
-            for (i, byte) in data.iter_mut().enumerate() {
-                let port = port.wrapping_add(i as u16);
-                // A poll-mode read is an INTA: it can change INTR.
-                *byte = if DualPic::handles_port(port) {
-                    p.pic.port_read(port)
-                } else {
-                    0xFF
-                };
+impl MessageSink for KvmSink {
+    /// KVM_SIGNAL_MSI of the message (under the chip's locks: in the model's order).
+    fn deliver(&self, message: &InterruptMessage, _: &mut dyn FnMut(VcpuIndex, Notify)) -> usize {
+        if message.delivery_mode == DeliveryMode::ExtInt {
+            // An IOAPIC entry in ExtINT mode asks the target to fetch the vector from the 8259
+            // (virtual wire through the IOAPIC). The PC wiring here connects INTR to LINT0 only
+            // and KVM's LAPIC cannot take an ExtINT message, so it is dropped.
+            tracing::debug!(
+                ?message,
+                "IOAPIC ExtINT message dropped (not wired in split mode)"
+            );
+            return 0;
+        }
+        let msi = match MsiMessage::encode(message) {
+            Ok(msi) => msi,
+            Err(e) => {
+                tracing::warn!(?message, "IOAPIC message has no MSI form: {e}");
+                return 0;
             }
-        });
-    }
-
-    fn pic_write(&self, port: u16, data: &[u8]) {
-        self.with_platform(|p, _| {
-            for (i, byte) in data.iter().enumerate() {
-                let port = port.wrapping_add(i as u16);
-                if DualPic::handles_port(port) {
-                    p.pic.port_write(port, *byte);
-                }
+        };
+        bump(&self.stats.msis_signalled);
+        match kvm_signal_msi(&self.vm, msi) {
+            Ok(MsiDelivery::Delivered) => 1,
+            Ok(MsiDelivery::NoTarget) => {
+                tracing::debug!(?message, "KVM_SIGNAL_MSI reached no vCPU");
+                0
             }
-        });
+            Err(e) => {
+                tracing::warn!(?message, "{e}");
+                0
+            }
+        }
     }
 
-    /// The INTA cycle for a vCPU that KVM says will take the interrupt at this entry: the
-    /// vector, or `None` if another vCPU acknowledged the request first (or it went away).
-    fn acknowledge_pic(&self) -> Option<Vector> {
-        self.with_platform(|p, _| p.pic.output().then(|| p.pic.acknowledge()))
+    /// INTR rose: every vCPU except the calling one comes out of KVM_RUN once to check whether
+    /// its LAPIC takes the PIC's interrupt (only KVM knows, see the module documentation).
+    fn pic_intr_rose(&self, notify: &mut dyn FnMut(VcpuIndex, Notify)) {
+        let me = CURRENT_VCPU.with(Cell::get);
+        for index in (0..self.kicker.vcpus()).filter(|&i| Some(i) != me) {
+            bump(&self.stats.extint_kicks);
+            notify(index, Notify::Kick);
+        }
     }
+
+    /// Reinstalls the EOI routes if a pin's wanted route changed.
+    fn redirection_changed(&self, ioapic: &IoApic) {
+        let wanted: Vec<Option<MsiMessage>> =
+            (0..ioapic.pins()).map(|pin| eoi_route(ioapic, pin)).collect();
+        let mut routes = self.routes();
+        if wanted == routes.installed {
+            return;
+        }
+        match self.install(&wanted) {
+            Ok(()) => routes.installed = wanted,
+            Err(e) => routes.failure = Some(e),
+        }
+    }
+}
+
+/// The MSI route pin `pin` needs now: its entry's message whether masked or not, with the
+/// entry's trigger mode (a level route is what makes KVM exit on the EOI). `None` for delivery
+/// modes that have no EOI and no MSI form here (ExtINT, reserved).
+fn eoi_route(ioapic: &IoApic, pin: usize) -> Option<MsiMessage> {
+    let message = ioapic.entry_message(pin)?;
+    if !matches!(
+        message.delivery_mode,
+        DeliveryMode::Fixed | DeliveryMode::LowestPriority
+    ) {
+        return None;
+    }
+    MsiMessage::encode(&message).ok()
 }
 
 /// One `KVM_IRQ_ROUTING_MSI` entry.
@@ -389,6 +280,77 @@ fn msi_route(gsi: u32, msi: MsiMessage) -> kvm_irq_routing_entry {
     entry
 }
 
+/// Everything the split backend shares between threads: the PC platform with its KVM sink.
+pub struct SplitShared {
+    chip: PcIrqChip<KvmSink>,
+    kicker: Arc<dyn VcpuKicker>,
+}
+
+impl SplitShared {
+    fn stats(&self) -> &SplitStats {
+        &self.chip.sink().stats
+    }
+
+    /// Carries out what a chip call asks for: the sink only ever asks for kicks.
+    fn notify(&self) -> impl FnMut(VcpuIndex, Notify) + '_ {
+        |index, how| {
+            if how != Notify::None {
+                self.kicker.kick(index);
+            }
+        }
+    }
+
+    fn set_gsi(&self, gsi: u32, level: bool) {
+        if let Err(e) = self
+            .chip
+            .set_gsi(gsi, DEVICE_SOURCE, level, &mut self.notify())
+        {
+            // Only a GSI above the table or too many sources can fail; neither is reachable
+            // through `InterruptLines` (lines are checked, one source), so it is only logged.
+            tracing::warn!(gsi, level, "GSI routing: {e}");
+        }
+    }
+
+    /// A guest write to the IOAPIC window: may send (unmasking a held level pin, the EOI
+    /// register) and may change routes, which are reinstalled before the vCPU re-enters.
+    fn ioapic_write(&self, offset: u64, data: &[u8]) -> Result<(), IrqchipError> {
+        self.chip
+            .ioapic_mmio_write(offset, data, &mut self.notify());
+        match self.chip.sink().take_route_failure() {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
+    }
+
+    /// KVM_EXIT_IOAPIC_EOI: the guest EOIed a level-triggered vector of the IOAPIC.
+    fn ioapic_eoi(&self, vector: Vector) {
+        bump(&self.stats().ioapic_eois);
+        self.chip.eoi(EoiMessage { vector }, &mut self.notify());
+    }
+
+    /// A guest `in` from PIC ports, byte by byte (a poll-mode read is an INTA).
+    fn pic_read(&self, port: u16, data: &mut [u8]) {
+        for (i, byte) in data.iter_mut().enumerate() {
+            let p = port.wrapping_add(i as u16);
+            *byte = if DualPic::handles_port(p) {
+                self.chip.pic_port_read(p, &mut self.notify())
+            } else {
+                0xFF
+            };
+        }
+    }
+
+    /// A guest `out` to PIC ports, byte by byte.
+    fn pic_write(&self, port: u16, data: &[u8]) {
+        for (i, byte) in data.iter().enumerate() {
+            let p = port.wrapping_add(i as u16);
+            if DualPic::handles_port(p) {
+                self.chip.pic_port_write(p, *byte, &mut self.notify());
+            }
+        }
+    }
+}
+
 /// `split` mode. See the module documentation.
 pub struct SplitIrqchip {
     shared: Arc<SplitShared>,
@@ -400,29 +362,37 @@ impl SplitIrqchip {
     /// reserved GSIs, before any vCPU exists.
     pub fn new(ctx: ChipContext<'_>) -> Result<Self, IrqchipError> {
         crate::kvm::require_cap(ctx.kvm, Cap::SplitIrqchip, "KVM_CAP_SPLIT_IRQCHIP")?;
-        let platform = Platform::new();
+        let config = PcIrqChipConfig::new(ctx.kicker.vcpus());
+        let pins = config.ioapic.clamped().pins;
+        let sink = KvmSink {
+            vm: ctx.vm.clone(),
+            kicker: ctx.kicker.clone(),
+            stats: SplitStats::default(),
+            routes: Mutex::new(InstalledRoutes {
+                installed: vec![None; pins],
+                failure: None,
+            }),
+        };
+        let chip = PcIrqChip::with_sink(config, sink);
         let mut cap = kvm_enable_cap {
             cap: KVM_CAP_SPLIT_IRQCHIP,
             ..Default::default()
         };
-        cap.args[0] = platform.ioapic.pins() as u64;
+        cap.args[0] = pins as u64;
         ctx.vm
             .enable_cap(&cap)
             .map_err(KvmError::ioctl("KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)"))?;
         Ok(Self {
             features: features(ctx.kvm),
             shared: Arc::new(SplitShared {
-                vm: ctx.vm,
-                platform: Mutex::new(platform),
-                pic_intr: AtomicBool::new(false),
-                vcpus: ctx.vcpus,
-                stats: SplitStats::default(),
+                chip,
+                kicker: ctx.kicker,
             }),
         })
     }
 
     pub fn stats(&self) -> SplitStatsSnapshot {
-        self.shared.stats.snapshot()
+        self.shared.stats().snapshot()
     }
 }
 
@@ -445,15 +415,16 @@ impl InterruptLines for SplitIrqchip {
         if line >= IRQ_LINES {
             return Err(IrqchipError::NoSuchLine(line));
         }
-        self.shared.set_gsi(line, level)
+        self.shared.set_gsi(line, level);
+        Ok(())
     }
 
-    /// KVM_SIGNAL_MSI straight to KVM's LAPICs (validated first). No platform lock: a host MSI
+    /// KVM_SIGNAL_MSI straight to KVM's LAPICs (validated first). No chip lock: a host MSI
     /// does not pass through the userspace IOAPIC, so it has no order to keep with its messages.
     fn signal_msi(&self, address: u64, data: u32) -> Result<MsiDelivery, IrqchipError> {
-        let msi = super::validate_msi(address, data)?;
-        bump(&self.shared.stats.host_msis);
-        super::kvm_signal_msi(&self.shared.vm, msi)
+        let msi = validate_msi(address, data)?;
+        bump(&self.shared.stats().host_msis);
+        kvm_signal_msi(&self.shared.chip.sink().vm, msi)
     }
 }
 
@@ -473,7 +444,7 @@ impl Irqchip for SplitIrqchip {
         index: usize,
         vcpu: &VcpuFd,
     ) -> Result<Box<dyn VcpuIrqchip>, IrqchipError> {
-        super::set_initial_kvm_mp_state(index, vcpu)?;
+        set_initial_kvm_mp_state(index, vcpu)?;
         Ok(Box::new(SplitVcpuChip {
             index,
             shared: self.shared.clone(),
@@ -494,7 +465,8 @@ impl SplitVcpuChip {
     /// Step 2 and 3 of the ExtINT protocol (module documentation). Returns whether to request
     /// an interrupt window.
     fn offer_extint(&self, vcpu: &mut VcpuFd) -> Result<bool, IrqchipError> {
-        if !self.shared.pic_intr.load(Ordering::SeqCst) {
+        let chip = &self.shared.chip;
+        if !chip.pic_intr() {
             return Ok(false);
         }
         // KVM computed this at the last exit, for the state the vCPU is still in: LINT0
@@ -502,12 +474,12 @@ impl SplitVcpuChip {
         if vcpu.get_kvm_run().ready_for_interrupt_injection == 0 {
             return Ok(true);
         }
-        if let Some(vector) = self.shared.acknowledge_pic() {
+        if let Some(vector) = chip.pic_acknowledge_if_pending() {
             kvm::inject_interrupt(vcpu, vector)?;
-            bump(&self.shared.stats.extints_injected);
+            bump(&self.shared.stats().extints_injected);
         }
         // KVM holds one ExtINT at a time: a further request waits for the next window.
-        Ok(self.shared.pic_intr.load(Ordering::SeqCst))
+        Ok(chip.pic_intr())
     }
 }
 
@@ -516,7 +488,7 @@ impl VcpuIrqchip for SplitVcpuChip {
         CURRENT_VCPU.with(|c| c.set(Some(self.index)));
         let window = self.offer_extint(vcpu)?;
         if window {
-            bump(&self.shared.stats.window_requests);
+            bump(&self.shared.stats().window_requests);
         }
         vcpu.get_kvm_run().request_interrupt_window = u8::from(window);
         Ok(EntryDecision::Enter)
@@ -527,22 +499,23 @@ impl VcpuIrqchip for SplitVcpuChip {
     }
 
     fn handle_exit(&mut self, exit: &mut ChipExit<'_>) -> Result<ExitHandled, IrqchipError> {
+        let shared = &self.shared;
         match exit {
             ChipExit::MmioRead { addr, data } => match ioapic_offset(*addr) {
-                Some(offset) => self.shared.ioapic_read(offset, data),
+                Some(offset) => shared.chip.ioapic_mmio_read(offset, data),
                 None => return Ok(ExitHandled::NotMine),
             },
             ChipExit::MmioWrite { addr, data } => match ioapic_offset(*addr) {
-                Some(offset) => self.shared.ioapic_write(offset, data)?,
+                Some(offset) => shared.ioapic_write(offset, data)?,
                 None => return Ok(ExitHandled::NotMine),
             },
             ChipExit::PioRead { port, data } if DualPic::handles_port(*port) => {
-                self.shared.pic_read(*port, data)
+                shared.pic_read(*port, data)
             }
             ChipExit::PioWrite { port, data } if DualPic::handles_port(*port) => {
-                self.shared.pic_write(*port, data)
+                shared.pic_write(*port, data)
             }
-            ChipExit::IoapicEoi { vector } => self.shared.ioapic_eoi(*vector),
+            ChipExit::IoapicEoi { vector } => shared.ioapic_eoi(*vector),
             // `before_entry` injects at this entry.
             ChipExit::IrqWindowOpen => {}
             _ => return Ok(ExitHandled::NotMine),
@@ -555,7 +528,7 @@ impl VcpuIrqchip for SplitVcpuChip {
 
     /// KVM's: MP state, INIT and SIPI belong to its LAPIC in split mode.
     fn mp_state(&mut self, vcpu: &mut VcpuFd) -> Result<u32, IrqchipError> {
-        crate::irqchip::kvm_mp_state(vcpu)
+        kvm_mp_state(vcpu)
     }
 }
 

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::devices::{Devices, SerialCapture, SerialOutput, TESTDEV_IRQ_PORT};
-use crate::irqchip::IrqchipMode;
+use crate::IrqchipMode;
 use crate::memory::GuestRam;
 use crate::vcpu::VcpuState;
 use crate::vm::{RunningVm, Vm, VmConfig};

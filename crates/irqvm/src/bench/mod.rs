@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use clap::ValueEnum;
 
-use crate::irqchip::IrqchipMode;
+use crate::IrqchipMode;
 use runner::{Peer, RunResult, RunSpec};
 
 /// `irqvm bench` arguments.

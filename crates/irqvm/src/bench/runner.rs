@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::parse;
-use crate::irqchip::IrqchipMode;
+use crate::IrqchipMode;
 
 /// A VMM the suite compares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

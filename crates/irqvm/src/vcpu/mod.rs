@@ -16,7 +16,6 @@
 //! its SIPI, stay `Running` from the VMM's view: KVM blocks them inside KVM_RUN, and a kick
 //! brings them out.
 
-pub mod kick;
 pub mod regs;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
@@ -27,10 +26,10 @@ use irqchip::mpstate::{kvm_abi, MpState};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::devices::{Devices, PioAction};
-use crate::irqchip::{
+use crate::backend::{
     BlockReason, ChipExit, EntryDecision, ExitHandled, IrqchipError, VcpuIrqchip,
 };
-use kick::{ImmediateExit, KickTarget};
+use crate::kick::{ImmediateExit, KickTarget};
 
 /// Where a vCPU thread is. See the module documentation for the transitions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -25,7 +25,7 @@ use kvm_ioctls::VcpuFd;
 use irqchip::mpstate::SipiAction;
 use irqchip::mpstate::{gpr, ArchResetState, DescriptorTable, ResetCause, SegmentState};
 
-use crate::irqchip::IrqchipError;
+use crate::backend::IrqchipError;
 use crate::kvm::KvmError;
 
 /// An MSR that INIT clears although it is not part of the register state `kvm_sregs` carries.
