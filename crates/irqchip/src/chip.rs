@@ -673,7 +673,7 @@ mod tests {
     /// Writes the low dword of pin `pin`'s redirection entry (82093AA §3.2.4: IOREGSEL at 0,
     /// IOWIN at 0x10, entry n at index 0x10 + 2n) and its destination (APIC ID 0).
     fn program_pin(chip: &PcIrqChip<RecordingSink>, pin: u8, low: u32) {
-        let mut write = |index: u8, value: u32| {
+        let write = |index: u8, value: u32| {
             chip.ioapic_mmio_write(0, &u32::from(index).to_le_bytes(), &mut |_, _| {});
             chip.ioapic_mmio_write(0x10, &value.to_le_bytes(), &mut |_, _| {});
         };

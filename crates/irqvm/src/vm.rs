@@ -15,20 +15,19 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::cpuid::{self, CpuidConfig};
-use crate::devices::{DeviceConfig, Devices, SerialOutput};
 use crate::backend::kernel::KernelIrqchip;
 use crate::backend::split::SplitIrqchip;
 use crate::backend::user::UserIrqchip;
-use crate::backend::{
-    ChipContext, Irqchip, IrqchipError, IrqchipMode, MsiDelivery, VcpuKicker,
-};
+use crate::backend::{ChipContext, Irqchip, IrqchipError, IrqchipMode, MsiDelivery, VcpuKicker};
+use crate::cpuid::{self, CpuidConfig};
+use crate::devices::{DeviceConfig, Devices, SerialOutput};
+use crate::iobus::BusError;
+use crate::kick::install_kick_handler;
 use crate::kvm::{self, KvmError};
 use crate::loader::{self, LoadRequest, LoadedKernel, LoaderError, Module, RawImage};
 use crate::memory::{self, GuestRam, MemoryError};
-use crate::kick::install_kick_handler;
 use crate::vcpu::{
-    regs, GuestExit, VcpuShared, VcpuState, VcpuStatsSnapshot, VcpuThread, VmControl,
+    regs, GuestExit, VcpuFailure, VcpuShared, VcpuState, VcpuStatsSnapshot, VcpuThread, VmControl,
 };
 use ::irqchip::mpstate::MpState;
 
@@ -54,8 +53,10 @@ pub enum VmError {
     Signal(#[source] std::io::Error),
     #[error("cannot start a vCPU thread: {0}")]
     Spawn(#[source] std::io::Error),
-    #[error("vCPU {vcpu} failed: {message}")]
-    Vcpu { vcpu: usize, message: String },
+    #[error(transparent)]
+    Vcpu(#[from] VcpuFailure),
+    #[error("cannot place a device on the I/O bus: {0}")]
+    Bus(#[from] BusError),
     #[error("the guest did not finish within {0:?}")]
     Timeout(Duration),
 }
@@ -156,15 +157,16 @@ impl Vm {
                 epoch: Instant::now(),
             },
         )?;
+        let control = Arc::new(VmControl::default());
         let devices = Arc::new(Devices::new(
             DeviceConfig {
                 cpus: cfg.cpus as u16,
                 ram_size: memory::ram_size(&memory),
                 serial: cfg.serial.clone(),
+                on_debug_exit: debug_exit_ends(control.clone()),
             },
             chip.clone(),
-        ));
-        let control = Arc::new(VmControl::default());
+        )?);
         let features = chip.features();
         let cpuid_cfg = CpuidConfig {
             cpus: cfg.cpus,
@@ -186,7 +188,7 @@ impl Vm {
             vcpus.push(VcpuThread {
                 fd,
                 chip: vcpu_chip,
-                devices: devices.clone(),
+                bus: devices.bus().clone(),
                 shared: vcpu_shared.clone(),
                 control: control.clone(),
             });
@@ -253,6 +255,15 @@ pub fn create_irqchip(
         IrqchipMode::Kernel => Arc::new(KernelIrqchip::new(ctx.kvm, ctx.vm)?),
         IrqchipMode::User => Arc::new(UserIrqchip::new(ctx)?),
         IrqchipMode::Split => Arc::new(SplitIrqchip::new(ctx)?),
+    })
+}
+
+/// isa-debug-exit's action: the VM ends with the status, as any guest outcome does (the first
+/// wins; the writing vCPU sees the stop flag before it re-enters, the others are kicked).
+fn debug_exit_ends(control: Arc<VmControl>) -> crate::devices::OnDebugExit {
+    Box::new(move |status| {
+        tracing::debug!(status, "guest ended the VM through isa-debug-exit");
+        control.finish(Ok(GuestExit::DebugExit { status }));
     })
 }
 
@@ -420,7 +431,7 @@ impl RunningVm {
                 vcpus,
                 mp_states,
             }),
-            Some(Err((vcpu, message))) => Err(VmError::Vcpu { vcpu, message }),
+            Some(Err(failure)) => Err(VmError::Vcpu(failure)),
         }
     }
 

@@ -115,7 +115,6 @@ impl VcpuIrqchip for KernelVcpuChip {
     }
 }
 
-
 /// KVM_SIGNAL_MSI of a validated message (`kernel` and `split` mode). KVM returns the number of
 /// LAPICs that accepted it: > 0 delivered, 0 no target or blocked.
 pub(crate) fn kvm_signal_msi(vm: &VmFd, msi: MsiMessage) -> Result<MsiDelivery, IrqchipError> {

@@ -85,8 +85,25 @@ pub enum IrqchipMode {
 pub enum IrqchipError {
     #[error(transparent)]
     Kvm(#[from] KvmError),
-    #[error("user irqchip: {0}")]
-    User(String),
+    /// `user` mode: the thread that runs every vCPU's APIC timer could not start.
+    #[error("user irqchip: cannot start the timer thread: {0}")]
+    TimerThread(#[source] std::io::Error),
+    /// `create_vcpu_chip` was called twice for one vCPU (or for an index the chip was not built
+    /// for).
+    #[error("irqchip: vCPU {0} created twice, or not one of this VM's")]
+    VcpuCreatedTwice(usize),
+    /// `user` mode applies INIT itself: only the state after INIT can be loaded (KVM_CREATE_VCPU
+    /// did the power-up, and there is no RESET).
+    #[error("user irqchip: only the state after INIT can be applied, not a power-up state")]
+    NotInitState,
+    /// `user` mode's INIT could not clear an MSR INIT clears (the guest set it).
+    #[error("user irqchip: INIT cannot clear {name} ({index:#x}): {source}")]
+    InitMsr {
+        name: &'static str,
+        index: u32,
+        #[source]
+        source: KvmError,
+    },
     #[error("interrupt line {0} does not exist (lines are 0-{max})", max = IRQ_LINES - 1)]
     NoSuchLine(u32),
     /// A message-signalled interrupt that is not one (address outside 0xFEExxxxx, a reserved
@@ -124,7 +141,6 @@ pub fn validate_msi(address: u64, data: u32) -> Result<MsiMessage, IrqchipError>
         }),
     }
 }
-
 
 /// Device interrupt lines (ISA IRQs / IOAPIC pins) and message-signalled interrupts. Devices
 /// (and host threads, through `RunningVm`) hold an `Arc<dyn InterruptLines>` and call it from
@@ -280,7 +296,6 @@ pub trait VcpuIrqchip: Send {
     /// RUNNABLE). Called on the vCPU's thread, outside KVM_RUN, for reports and snapshots.
     fn mp_state(&mut self, vcpu: &mut VcpuFd) -> Result<u32, IrqchipError>;
 }
-
 
 /// How a backend forces vCPU `index` out of KVM_RUN (seed 001's kick: a signal plus
 /// `kvm_run.immediate_exit`, see `crate::kick`). The only handle on the vCPU threads a backend

@@ -78,9 +78,8 @@ use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 
 use super::kernel::{kvm_mp_state, kvm_signal_msi, set_initial_kvm_mp_state};
 use super::{
-    validate_msi, ChipContext, ChipExit, ChipFeatures, EntryDecision, ExitHandled,
-    InterruptLines, Irqchip, IrqchipError, IrqchipMode, MsiDelivery, VcpuIrqchip, VcpuKicker,
-    IRQ_LINES,
+    validate_msi, ChipContext, ChipExit, ChipFeatures, EntryDecision, ExitHandled, InterruptLines,
+    Irqchip, IrqchipError, IrqchipMode, MsiDelivery, VcpuIrqchip, VcpuKicker, IRQ_LINES,
 };
 use crate::kvm::{self, KvmError};
 
@@ -240,8 +239,9 @@ impl MessageSink for KvmSink {
 
     /// Reinstalls the EOI routes if a pin's wanted route changed.
     fn redirection_changed(&self, ioapic: &IoApic) {
-        let wanted: Vec<Option<MsiMessage>> =
-            (0..ioapic.pins()).map(|pin| eoi_route(ioapic, pin)).collect();
+        let wanted: Vec<Option<MsiMessage>> = (0..ioapic.pins())
+            .map(|pin| eoi_route(ioapic, pin))
+            .collect();
         let mut routes = self.routes();
         if wanted == routes.installed {
             return;

@@ -21,10 +21,10 @@ use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::devices::{Devices, SerialCapture, SerialOutput, TESTDEV_IRQ_PORT};
-use crate::IrqchipMode;
 use crate::memory::GuestRam;
 use crate::vcpu::VcpuState;
 use crate::vm::{RunningVm, Vm, VmConfig};
+use crate::IrqchipMode;
 
 /// Line the host pulses (guest: IOAPIC pin 11 → counting handler); line 12 only wakes the guest.
 const HOST_LINE: u16 = 11;

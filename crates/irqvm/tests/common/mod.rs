@@ -6,10 +6,10 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use irqvm::devices::{SerialCapture, SerialOutput};
-use irqvm::IrqchipMode;
 use irqvm::loader::{CpuMode, RawImage};
 use irqvm::vcpu::VcpuState;
 use irqvm::vm::{RunReport, RunningVm, Vm, VmConfig, VmError};
+use irqvm::IrqchipMode;
 
 /// How long the VM may run before `Vm::run` stops it.
 pub const VM_TIMEOUT: Duration = Duration::from_secs(30);

@@ -17,10 +17,10 @@
 //! poll the timer, block or inject, with CR8 kept in step with the TPR.
 
 mod notify;
+mod percpu;
 mod platform;
 mod reset;
 mod timers;
-mod percpu;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -39,8 +39,8 @@ use irqchip::vcpu::VcpuInterrupts;
 use irqchip::{ClockConfig, Nanos};
 
 use crate::backend::{
-    ChipContext, ChipFeatures, InterruptLines, Irqchip, IrqchipError, IrqchipMode,
-    MsiDelivery, VcpuIrqchip, IRQ_LINES,
+    ChipContext, ChipFeatures, InterruptLines, Irqchip, IrqchipError, IrqchipMode, MsiDelivery,
+    VcpuIrqchip, IRQ_LINES,
 };
 use crate::kvm::{require_cap, KvmError};
 
@@ -128,7 +128,7 @@ impl UserIrqchip {
         let timers = {
             let notifier = notifier.clone();
             timers::VmTimers::start(ctx.kicker.vcpus(), Box::new(move |i| notifier.wake(i)))
-                .map_err(|e| IrqchipError::User(format!("cannot start the timer thread: {e}")))?
+                .map_err(IrqchipError::TimerThread)?
         };
         let msr_index = ctx
             .kvm
@@ -293,7 +293,7 @@ impl Irqchip for UserIrqchip {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get_mut(index)
             .and_then(Option::take)
-            .ok_or_else(|| IrqchipError::User(format!("vCPU {index} created twice")))?;
+            .ok_or(IrqchipError::VcpuCreatedTwice(index))?;
         self.set_guest_tsc(vcpu)?;
         let signature = processor_signature(vcpu);
         Ok(Box::new(percpu::UserVcpuChip::new(

@@ -36,8 +36,8 @@ use super::{is_apic_msr, Shared, MSR_APIC_BASE};
 use crate::backend::{
     BlockReason, ChipExit, EntryDecision, ExitHandled, IrqchipError, VcpuIrqchip,
 };
-use crate::kvm::{inject_interrupt, KvmError};
 use crate::kick::{kick_self, KickTimer};
+use crate::kvm::{inject_interrupt, KvmError};
 
 /// Size of the xAPIC register page.
 const APIC_PAGE_SIZE: u64 = 0x1000;
