@@ -1,5 +1,5 @@
 //! The port-I/O devices of the machine, each a `vm-device` `DevicePio` on the VM's
-//! [`IoBus`](crate::iobus::IoBus):
+//! [`crate::iobus::IoBus`]:
 //!
 //! | ports | device |
 //! |---|---|

@@ -14,7 +14,7 @@
 //! | [`vcpu`] | the vCPU threads and their run loop |
 //! | [`vm`] | building and running a VM (and choosing the backend) |
 //! | [`cli`] | the `irqvm` command line |
-//! | [`bench`] | `irqvm bench`: the benchmark suite |
+//! | [`bench`](mod@bench) | `irqvm bench`: the benchmark suite |
 
 pub mod backend;
 pub mod bench;

@@ -16,7 +16,7 @@
 //!     chip.before_entry(vcpu)                      -> Enter | Block { reason, deadline }
 //!         Block: chip.block(deadline); continue     (thread sleeps, no KVM_RUN)
 //!     KVM_RUN
-//!     exit: chip.handle_exit(&mut ChipExit)        -> Handled | NotMine (then devices)
+//!     exit: chip.handle_exit(&mut ChipExit)        -> Handled | NotMine (then the I/O bus)
 //!     chip.after_exit(vcpu)
 //! }
 //! ```
