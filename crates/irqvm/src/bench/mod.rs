@@ -304,7 +304,11 @@ fn finish(args: &BenchArgs, suite: &Suite) -> i32 {
         println!("results: {}", args.json.display());
     }
     if let Some(dir) = &args.docs {
-        match report::write_docs(dir, &summary) {
+        let plots = dir.join("bench");
+        let written = std::fs::create_dir_all(&plots)
+            .and_then(|()| plot::write_all(&plots, &summary))
+            .and_then(|files| report::write_docs(dir, &summary, files));
+        match written {
             Ok(()) => println!("docs: {}", dir.join("benchmarks.md").display()),
             Err(e) => {
                 eprintln!(

@@ -570,12 +570,9 @@ pub fn machine() -> String {
 const BEGIN: &str = "<!-- irqvm bench: generated section begin -->";
 const END: &str = "<!-- irqvm bench: generated section end -->";
 
-/// Writes the plots into `dir/bench/` and the generated section of `dir/benchmarks.md` (the rest
-/// of the page, written by hand, is kept).
-pub fn write_docs(dir: &Path, summary: &Summary<'_>) -> std::io::Result<()> {
-    let plots = dir.join("bench");
-    std::fs::create_dir_all(&plots)?;
-    let files = super::plot::write_all(&plots, summary)?;
+/// Writes the generated section of `dir/benchmarks.md` (the rest of the page, written by hand, is
+/// kept), showing `files`, the plots already written into `dir/bench/`.
+pub fn write_docs(dir: &Path, summary: &Summary<'_>, files: Vec<String>) -> std::io::Result<()> {
     let mut section = String::new();
     let _ = writeln!(section, "{BEGIN}\n");
     let _ = writeln!(
