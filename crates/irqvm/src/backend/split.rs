@@ -537,3 +537,32 @@ fn ioapic_offset(addr: u64) -> Option<u64> {
     let offset = addr.checked_sub(IOAPIC_DEFAULT_BASE)?;
     (offset < IOAPIC_WINDOW).then_some(offset)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use irqchip::ioapic::IoApicConfig;
+    use irqchip::TriggerMode;
+
+    /// Writes redirection entry `pin` (82093AA §3.2.4: IOREGSEL at 0, IOWIN at 0x10).
+    fn program(ioapic: &mut IoApic, pin: u32, low: u32) {
+        for (index, value) in [(0x11 + 2 * pin, 0u32), (0x10 + 2 * pin, low)] {
+            ioapic.mmio_write(0, &index.to_le_bytes(), &mut |_| {});
+            ioapic.mmio_write(0x10, &value.to_le_bytes(), &mut |_| {});
+        }
+    }
+
+    /// The EOI route of a pin is its entry as an MSI, masked or not, with the entry's trigger
+    /// mode (a level route is what makes KVM exit on the EOI); ExtINT entries have none.
+    #[test]
+    fn eoi_routes_follow_the_redirection_entries() {
+        let mut ioapic = IoApic::new(IoApicConfig::default());
+        program(&mut ioapic, 4, 0x41 | 1 << 15 | 1 << 16);
+        let route = eoi_route(&ioapic, 4).expect("a masked level entry keeps its route");
+        let message = route.decode().unwrap();
+        assert_eq!(message.vector, 0x41);
+        assert_eq!(message.trigger, TriggerMode::Level);
+        program(&mut ioapic, 5, 0x42 | 7 << 8);
+        assert_eq!(eoi_route(&ioapic, 5), None, "ExtINT has no MSI form");
+    }
+}
