@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use irqvm::devices::{Devices, SerialCapture, SerialOutput, TESTDEV_IRQ_PORT};
-use irqvm::irqchip::IrqchipMode;
+use irqvm::IrqchipMode;
 use irqvm::memory::GuestRam;
 use irqvm::vcpu::VcpuState;
 use irqvm::vm::{RunReport, RunningVm, Vm, VmConfig, VmError};

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use irqvm::irqchip::IrqchipMode;
+use irqvm::IrqchipMode;
 
 /// `irqvm-bench` arguments.
 #[derive(Debug, clap::Parser)]

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use irqvm::irqchip::IrqchipMode;
+use irqvm::IrqchipMode;
 
 use crate::parse;
 

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::ValueEnum;
-use irqvm::irqchip::IrqchipMode;
+use irqvm::IrqchipMode;
 
 use crate::cli::Args;
 use crate::runner::{self, Peer, RunResult, RunSpec};

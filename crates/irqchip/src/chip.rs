@@ -18,6 +18,24 @@
 //! ioapic_mmio_write, eoi (IOAPIC re-delivery) ------------------+
 //! ```
 //!
+//! # Where messages go: the [`MessageSink`]
+//!
+//! The chip does not deliver an [`InterruptMessage`] itself: it hands every message its IOAPIC
+//! sends, every MSI route it fires and every MSI it decodes to a [`MessageSink`], and tells the
+//! sink when the PIC's INTR rises and when the IOAPIC's redirection table may have changed. So the
+//! PC platform exists once, whoever owns the local APICs:
+//!
+//! * [`ApicSystem`] is the sink when the local APICs are this crate's too (a VMM's "all in
+//!   userspace" mode): messages go on the APIC bus to the vCPUs' posting inboxes, INTR wakes the
+//!   vCPUs whose LINT0 takes ExtINT. [`PcIrqChip::new`] builds the chip with it.
+//! * A VMM whose local APICs live elsewhere (KVM's split irqchip) passes its own sink to
+//!   [`PcIrqChip::with_sink`]: it encodes each message as an MSI for the hypervisor, mirrors the
+//!   redirection table into the hypervisor's EOI routes, and decides whom to tell about INTR.
+//!
+//! Messages reach the sink in the order the devices produced them: the sink is called with the
+//! device locks held (see "Locking"), except for [`PcIrqChip::signal_msi`] and
+//! [`PcIrqChip::deliver`], which pass through no device.
+//!
 //! # Locking
 //!
 //! Three mutexes, always taken in the order routing, PIC, IOAPIC; [`PcIrqChip::pic_intr`] and
@@ -50,6 +68,7 @@
 //! once it is certain to inject the vector. An INTA never raises INTR from low, so it needs no
 //! notification.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::ioapic::{IoApic, IoApicConfig};
@@ -111,22 +130,67 @@ fn pin_is_active_low(pin: usize) -> bool {
     pin >= ISA_IRQS as usize
 }
 
-/// The interrupt chip of a PC: 8259 pair, IOAPIC, GSI routing, APIC bus and inboxes. See the
-/// module documentation.
-pub struct PcIrqChip {
+/// Where the chip's interrupt messages go (see "Where messages go" in the module
+/// documentation). Called from any thread, with the chip's device locks held except where
+/// [`PcIrqChip`] says otherwise: a sink must not call back into the chip.
+pub trait MessageSink: Send + Sync {
+    /// Delivers one message (an IOAPIC pin, an MSI route, a decoded MSI) to the local APICs it
+    /// names, reporting through `notify` which vCPUs to kick or wake. Returns how many local
+    /// APICs it reached, as far as the sink knows (a sink that cannot tell returns 1 for a
+    /// message it handed on, 0 for one it dropped).
+    fn deliver(
+        &self,
+        message: &InterruptMessage,
+        notify: &mut dyn FnMut(VcpuIndex, Notify),
+    ) -> usize;
+
+    /// The 8259's INTR output rose: tell, through `notify`, the vCPUs that must look at it
+    /// (those whose LINT0 may take ExtINT).
+    fn pic_intr_rose(&self, notify: &mut dyn FnMut(VcpuIndex, Notify));
+
+    /// The IOAPIC's redirection table may have changed (a guest write to its window, a reset,
+    /// a restore). A sink that mirrors the entries elsewhere (a hypervisor's EOI routes) reads
+    /// them here; the default does nothing.
+    fn redirection_changed(&self, ioapic: &IoApic) {
+        let _ = ioapic;
+    }
+}
+
+/// The local APICs are this crate's: messages go on the APIC bus to the posting inboxes, and a
+/// rising INTR wakes the vCPUs whose APIC takes PIC interrupts.
+impl MessageSink for ApicSystem {
+    fn deliver(
+        &self,
+        message: &InterruptMessage,
+        notify: &mut dyn FnMut(VcpuIndex, Notify),
+    ) -> usize {
+        self.bus().deliver(message, notify)
+    }
+
+    fn pic_intr_rose(&self, notify: &mut dyn FnMut(VcpuIndex, Notify)) {
+        self.wake_pic_acceptors(notify);
+    }
+}
+
+/// The interrupt chip of a PC: 8259 pair, IOAPIC, GSI routing, and the [`MessageSink`] its
+/// messages go to (by default the APIC bus and inboxes). See the module documentation.
+pub struct PcIrqChip<S: MessageSink = ApicSystem> {
     config: PcIrqChipConfig,
     // Lock order: routing, pic, ioapic.
     routing: Mutex<GsiRouting>,
     pic: Mutex<DualPic>,
     ioapic: Mutex<IoApic>,
-    apic: ApicSystem,
+    /// The PIC's INTR as of the last change, stored under the PIC lock (SeqCst) before anyone
+    /// is told it rose, so [`PcIrqChip::pic_intr`] is one load, with no lock.
+    intr: AtomicBool,
+    sink: S,
 }
 
 /// The devices a routed change reaches, with the notifications it produced.
 struct Sinks<'a> {
     pic: &'a mut DualPic,
     ioapic: &'a mut IoApic,
-    bus: &'a VmBus,
+    sink: &'a dyn MessageSink,
     notes: &'a mut Vec<(VcpuIndex, Notify)>,
 }
 
@@ -136,24 +200,28 @@ impl Sinks<'_> {
         match target {
             RouteTarget::Pic { irq } => self.pic.set_irq(irq, level),
             RouteTarget::IoApic { pin } => {
-                let (bus, notes) = (self.bus, &mut *self.notes);
+                let (sink, notes) = (self.sink, &mut *self.notes);
                 self.ioapic
                     .set_line(pin, ioapic_wire_level(pin, level), &mut |message| {
-                        post(bus, &message, notes);
+                        post(sink, &message, notes);
                     });
             }
             // The table sends an MSI target on rising edges only.
             RouteTarget::Msi(message) if level => {
-                post(self.bus, &message, self.notes);
+                post(self.sink, &message, self.notes);
             }
             RouteTarget::Msi(_) => {}
         }
     }
 }
 
-/// Puts `message` on the bus and records the notifications its posts ask for.
-fn post(bus: &VmBus, message: &InterruptMessage, notes: &mut Vec<(VcpuIndex, Notify)>) -> usize {
-    bus.deliver(message, &mut |index, how| notes.push((index, how)))
+/// Hands `message` to the sink and records the notifications it asks for.
+fn post(
+    sink: &dyn MessageSink,
+    message: &InterruptMessage,
+    notes: &mut Vec<(VcpuIndex, Notify)>,
+) -> usize {
+    sink.deliver(message, &mut |index, how| notes.push((index, how)))
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -169,10 +237,49 @@ fn send_notes(notes: Vec<(VcpuIndex, Notify)>, notify: &mut dyn FnMut(VcpuIndex,
 }
 
 impl PcIrqChip {
-    /// Builds the chip and the per-vCPU halves (vCPU i at position i, to move into its thread).
-    /// The routing table is the PC default and the PCI pins (16 and up) are driven idle-high.
+    /// Builds the chip with its local APICs ([`ApicSystem`] as the sink) and the per-vCPU
+    /// halves (vCPU i at position i, to move into its thread). The routing table is the PC
+    /// default and the PCI pins (16 and up) are driven idle-high.
     pub fn new(config: PcIrqChipConfig) -> (Self, Vec<VcpuInterrupts>) {
         let (apic, vcpus) = ApicSystem::new(config.apic);
+        (Self::with_sink(config, apic), vcpus)
+    }
+
+    /// The APIC bus and inboxes (for the VMM's kick/wake paths and VMM-originated messages).
+    pub fn apic_system(&self) -> &ApicSystem {
+        &self.sink
+    }
+
+    /// The APIC bus.
+    pub fn bus(&self) -> &Arc<VmBus> {
+        self.sink.bus()
+    }
+
+    /// Checks a whole snapshot against this chip without changing anything: version, vCPU
+    /// count, every vCPU part against its vCPU's configuration, and the devices (see
+    /// `snapshot`).
+    pub fn check_snapshot(&self, snapshot: &ChipSnapshot) -> Result<(), SnapshotError> {
+        let configs: Vec<_> = (0..self.sink.vcpus())
+            .filter_map(|index| self.sink.lapic_config(index))
+            .collect();
+        snapshot.check_vcpus(&configs)?;
+        self.check_devices(snapshot)
+    }
+
+    /// Checks `snapshot` ([`Self::check_snapshot`]) and installs its devices. Then each vCPU
+    /// thread restores its own part with [`VcpuInterrupts::restore`]. The VM must be paused.
+    pub fn restore_devices(&self, snapshot: &ChipSnapshot) -> Result<(), SnapshotError> {
+        self.check_snapshot(snapshot)?;
+        self.install_devices(snapshot);
+        Ok(())
+    }
+}
+
+impl<S: MessageSink> PcIrqChip<S> {
+    /// Builds the PC platform (PIC, IOAPIC, routing) around `sink`, which receives every
+    /// message (see "Where messages go"); `config.apic` is the sink's business and unused here.
+    /// The routing table is the PC default and the PCI pins (16 and up) are driven idle-high.
+    pub fn with_sink(config: PcIrqChipConfig, sink: S) -> Self {
         let mut ioapic =
             IoApic::new(config.ioapic).with_extended_destination_id(config.extended_destination_id);
         for pin in (0..ioapic.pins()).filter(|pin| pin_is_active_low(*pin)) {
@@ -180,27 +287,24 @@ impl PcIrqChip {
             ioapic.set_line(pin, ioapic_wire_level(pin, false), &mut |_| {});
         }
         let routing = GsiRouting::pc_default(ioapic.pins());
-        let chip = Self {
+        Self {
             config,
             routing: Mutex::new(routing),
             pic: Mutex::new(DualPic::new()),
             ioapic: Mutex::new(ioapic),
-            apic,
-        };
-        (chip, vcpus)
+            intr: AtomicBool::new(false),
+            sink,
+        }
     }
 
+    /// The configuration the chip was built with.
     pub fn config(&self) -> PcIrqChipConfig {
         self.config
     }
 
-    /// The APIC bus and inboxes (for the VMM's kick/wake paths and VMM-originated messages).
-    pub fn apic_system(&self) -> &ApicSystem {
-        &self.apic
-    }
-
-    pub fn bus(&self) -> &Arc<VmBus> {
-        self.apic.bus()
+    /// The sink the chip's messages go to.
+    pub fn sink(&self) -> &S {
+        &self.sink
     }
 
     /// Runs `change` on the devices under the locks, wakes the PIC's acceptors if INTR rose,
@@ -219,13 +323,17 @@ impl PcIrqChip {
             let mut sinks = Sinks {
                 pic: &mut pic,
                 ioapic: &mut ioapic,
-                bus: self.apic.bus(),
+                sink: &self.sink,
                 notes: &mut notes,
             };
             let result = change(&mut routing, &mut sinks);
-            if !intr_before && pic.output() {
-                self.apic
-                    .wake_pic_acceptors(&mut |index, how| notes.push((index, how)));
+            let intr = pic.output();
+            // Published before anyone is told (below, and the notifications after the
+            // unlock), so a vCPU woken for INTR reads it high.
+            self.intr.store(intr, Ordering::SeqCst);
+            if !intr_before && intr {
+                self.sink
+                    .pic_intr_rose(&mut |index, how| notes.push((index, how)));
             }
             result
         };
@@ -299,7 +407,9 @@ impl PcIrqChip {
 
     // ---- messages ----
 
-    /// A device's MSI write. Returns the number of vCPUs it reached.
+    /// A device's MSI write, decoded once and handed to the sink (no device lock: an MSI passes
+    /// through no device). Returns the number of vCPUs it reached. A message that does not
+    /// decode (address outside 0xFEExxxxx, reserved delivery mode) reaches nobody.
     pub fn signal_msi(
         &self,
         msi: MsiMessage,
@@ -309,15 +419,15 @@ impl PcIrqChip {
         Ok(self.deliver(&message, notify))
     }
 
-    /// Puts a message of the VMM's own on the bus (an NMI from the watchdog, for instance).
+    /// Hands a message of the VMM's own to the sink (an NMI from the watchdog, for instance).
     pub fn deliver(
         &self,
         message: &InterruptMessage,
         notify: &mut dyn FnMut(VcpuIndex, Notify),
     ) -> usize {
-        // No device lock is held here, so the notifications need no buffering: the bus hands
-        // them straight to `notify` (and allocates nothing).
-        self.apic.bus().deliver(message, notify)
+        // No device lock is held here, so the notifications need no buffering: the sink hands
+        // them straight to `notify` (and the APIC bus allocates nothing).
+        self.sink.deliver(message, notify)
     }
 
     /// A local APIC's broadcast EOI of a level-triggered vector: clears remote IRR of the IOAPIC
@@ -325,9 +435,9 @@ impl PcIrqChip {
     /// §3.2.4; SDM vol. 3 §11.8.5).
     pub fn eoi(&self, eoi: EoiMessage, notify: &mut dyn FnMut(VcpuIndex, Notify)) {
         self.with_devices(notify, |_, sinks| {
-            let (bus, notes) = (sinks.bus, &mut *sinks.notes);
+            let (sink, notes) = (sinks.sink, &mut *sinks.notes);
             sinks.ioapic.end_of_interrupt(eoi.vector, &mut |message| {
-                post(bus, &message, notes);
+                post(sink, &message, notes);
             });
         });
     }
@@ -340,7 +450,8 @@ impl PcIrqChip {
     }
 
     /// A guest write to the IOAPIC's MMIO window; deliveries it causes (an unmasked asserted
-    /// level entry, the EOI register) go to the bus.
+    /// level entry, the EOI register) go to the sink, which then sees the redirection table
+    /// ([`MessageSink::redirection_changed`]), still under the IOAPIC lock.
     pub fn ioapic_mmio_write(
         &self,
         offset: u64,
@@ -348,10 +459,11 @@ impl PcIrqChip {
         notify: &mut dyn FnMut(VcpuIndex, Notify),
     ) {
         self.with_devices(notify, |_, sinks| {
-            let (bus, notes) = (sinks.bus, &mut *sinks.notes);
+            let (sink, notes) = (sinks.sink, &mut *sinks.notes);
             sinks.ioapic.mmio_write(offset, data, &mut |message| {
-                post(bus, &message, notes);
+                post(sink, &message, notes);
             });
+            sink.redirection_changed(sinks.ioapic);
         });
     }
 
@@ -365,15 +477,29 @@ impl PcIrqChip {
         self.with_devices(notify, |_, sinks| sinks.pic.port_write(port, value));
     }
 
-    /// The 8259's INTR output: pass it to [`VcpuInterrupts::next_injection`].
+    /// The 8259's INTR output: pass it to [`VcpuInterrupts::next_injection`]. One atomic load
+    /// (the value every change of the PIC publishes), so a vCPU may read it before each entry.
     pub fn pic_intr(&self) -> bool {
-        lock(&self.pic).output()
+        self.intr.load(Ordering::SeqCst)
     }
 
     /// The INTA cycle: the vector to inject for an ExtINT. Call it only when the vCPU is
     /// certain to inject (it moves the request into the PIC's ISR).
     pub fn pic_acknowledge(&self) -> Vector {
-        lock(&self.pic).acknowledge()
+        let mut pic = lock(&self.pic);
+        let vector = pic.acknowledge();
+        self.intr.store(pic.output(), Ordering::SeqCst);
+        vector
+    }
+
+    /// The INTA cycle only if INTR is still high, checked and acknowledged under one lock: of
+    /// several vCPUs that race for one request, exactly one gets its vector (the others
+    /// `None`). For a VMM that cannot tell in advance which vCPU takes the PIC's interrupt.
+    pub fn pic_acknowledge_if_pending(&self) -> Option<Vector> {
+        let mut pic = lock(&self.pic);
+        let vector = pic.output().then(|| pic.acknowledge());
+        self.intr.store(pic.output(), Ordering::SeqCst);
+        vector
     }
 
     /// A system reset of the devices (PIC and IOAPIC to their power-on registers). Line levels
@@ -382,6 +508,7 @@ impl PcIrqChip {
         self.with_devices(notify, |_, sinks| {
             sinks.pic.reset();
             sinks.ioapic.reset();
+            sinks.sink.redirection_changed(sinks.ioapic);
         });
     }
 
@@ -399,14 +526,9 @@ impl PcIrqChip {
         }
     }
 
-    /// Checks a whole snapshot against this chip without changing anything: version, vCPU
-    /// count, every vCPU part against its vCPU's configuration, and the devices (see
-    /// `snapshot`).
-    pub fn check_snapshot(&self, snapshot: &ChipSnapshot) -> Result<(), SnapshotError> {
-        let configs: Vec<_> = (0..self.apic.vcpus())
-            .filter_map(|index| self.apic.lapic_config(index))
-            .collect();
-        snapshot.check_vcpus(&configs)?;
+    /// Checks the device part of `snapshot` against this chip's shape (IOAPIC, destinations,
+    /// levels consistent with routing).
+    fn check_devices(&self, snapshot: &ChipSnapshot) -> Result<(), SnapshotError> {
         snapshot.devices.check(
             self.config.ioapic.clamped(),
             self.config.extended_destination_id,
@@ -414,10 +536,8 @@ impl PcIrqChip {
         )
     }
 
-    /// Checks `snapshot` ([`Self::check_snapshot`]) and installs its devices. Then each vCPU
-    /// thread restores its own part with [`VcpuInterrupts::restore`]. The VM must be paused.
-    pub fn restore_devices(&self, snapshot: &ChipSnapshot) -> Result<(), SnapshotError> {
-        self.check_snapshot(snapshot)?;
+    /// Installs the (checked) devices of `snapshot`.
+    fn install_devices(&self, snapshot: &ChipSnapshot) {
         let devices = &snapshot.devices;
         let mut routing = lock(&self.routing);
         let mut pic = lock(&self.pic);
@@ -425,7 +545,8 @@ impl PcIrqChip {
         *routing = devices.routing.clone();
         *pic = devices.pic.clone();
         *ioapic = devices.ioapic.clone();
-        Ok(())
+        self.intr.store(pic.output(), Ordering::SeqCst);
+        self.sink.redirection_changed(&ioapic);
     }
 }
 
@@ -506,6 +627,151 @@ mod tests {
         })
         .unwrap();
         assert_eq!(seen, vec![(0, Notify::Wake, true, false)]);
+    }
+
+    /// What a [`MessageSink`] was told, in order.
+    #[derive(Debug, PartialEq)]
+    enum SinkEvent {
+        Message(InterruptMessage),
+        IntrRose,
+        /// The vector of pin 4's entry when the redirection table was shown.
+        Table(Option<Vector>),
+    }
+
+    /// A sink that records every call: the chip's side of a VMM whose APICs are elsewhere.
+    #[derive(Default)]
+    struct RecordingSink(Mutex<Vec<SinkEvent>>);
+
+    impl MessageSink for RecordingSink {
+        fn deliver(
+            &self,
+            message: &InterruptMessage,
+            notify: &mut dyn FnMut(VcpuIndex, Notify),
+        ) -> usize {
+            lock(&self.0).push(SinkEvent::Message(*message));
+            notify(0, Notify::Kick);
+            1
+        }
+
+        fn pic_intr_rose(&self, notify: &mut dyn FnMut(VcpuIndex, Notify)) {
+            lock(&self.0).push(SinkEvent::IntrRose);
+            notify(1, Notify::Kick);
+        }
+
+        fn redirection_changed(&self, ioapic: &IoApic) {
+            let vector = ioapic.entry_message(4).map(|m| m.vector);
+            lock(&self.0).push(SinkEvent::Table(vector));
+        }
+    }
+
+    fn sink_chip() -> PcIrqChip<RecordingSink> {
+        PcIrqChip::with_sink(PcIrqChipConfig::new(2), RecordingSink::default())
+    }
+
+    fn take(chip: &PcIrqChip<RecordingSink>) -> Vec<SinkEvent> {
+        std::mem::take(&mut *lock(&chip.sink().0))
+    }
+
+    /// Writes the low dword of pin `pin`'s redirection entry (82093AA §3.2.4: IOREGSEL at 0,
+    /// IOWIN at 0x10, entry n at index 0x10 + 2n) and its destination (APIC ID 0).
+    fn program_pin(chip: &PcIrqChip<RecordingSink>, pin: u8, low: u32) {
+        let write = |index: u8, value: u32| {
+            chip.ioapic_mmio_write(0, &u32::from(index).to_le_bytes(), &mut |_, _| {});
+            chip.ioapic_mmio_write(0x10, &value.to_le_bytes(), &mut |_, _| {});
+        };
+        write(0x11 + 2 * pin, 0);
+        write(0x10 + 2 * pin, low);
+    }
+
+    /// An edge on a device line reaches the sink as the IOAPIC entry's message, and the
+    /// notifications the sink asks for reach the caller.
+    #[test]
+    fn ioapic_messages_go_to_the_sink() {
+        let chip = sink_chip();
+        program_pin(&chip, 4, 0x41);
+        let shown = take(&chip);
+        assert_eq!(
+            shown.len(),
+            4,
+            "every IOAPIC write shows the table: {shown:?}"
+        );
+        assert_eq!(shown.last(), Some(&SinkEvent::Table(Some(0x41))));
+        let mut notes = Vec::new();
+        chip.pulse_gsi(4, SourceId(0), &mut |i, how| notes.push((i, how)))
+            .unwrap();
+        assert_eq!(
+            take(&chip),
+            vec![SinkEvent::Message(InterruptMessage::fixed(0x41, 0))]
+        );
+        assert_eq!(notes, vec![(0, Notify::Kick)]);
+    }
+
+    /// A level pin sends once, holds (remote IRR) while the line stays high, and sends again
+    /// after the EOI the VMM reports: the EOI bookkeeping a split irqchip relies on.
+    #[test]
+    fn level_pins_resend_after_eoi_through_the_sink() {
+        let chip = sink_chip();
+        program_pin(&chip, 4, 0x42 | 1 << 15);
+        take(&chip);
+        chip.set_gsi(4, SourceId(0), true, &mut |_, _| {}).unwrap();
+        chip.set_gsi(4, SourceId(1), true, &mut |_, _| {}).unwrap();
+        let sent = take(&chip);
+        assert_eq!(
+            sent.len(),
+            1,
+            "remote IRR holds the second assertion: {sent:?}"
+        );
+        assert!(matches!(&sent[0], SinkEvent::Message(m) if m.vector == 0x42));
+        chip.eoi(EoiMessage { vector: 0x42 }, &mut |_, _| {});
+        assert!(matches!(&take(&chip)[..], [SinkEvent::Message(m)] if m.vector == 0x42));
+        chip.set_gsi(4, SourceId(0), false, &mut |_, _| {}).unwrap();
+        chip.set_gsi(4, SourceId(1), false, &mut |_, _| {}).unwrap();
+        chip.eoi(EoiMessage { vector: 0x42 }, &mut |_, _| {});
+        assert_eq!(take(&chip), vec![], "a lowered line is not sent again");
+    }
+
+    /// INTR rising is reported to the sink once, `pic_intr` follows it without a lock, and of
+    /// two acknowledgements racing for one request only the first gets the vector.
+    #[test]
+    fn pic_intr_rises_through_the_sink_and_is_acknowledged_once() {
+        let chip = sink_chip();
+        // ICW1-4: vectors 0x30-0x37, slave on IRQ 2, 8086 mode; unmask IRQ 0.
+        for (port, value) in [(0x20, 0x11), (0x21, 0x30), (0x21, 0x04), (0x21, 0x01)] {
+            chip.pic_port_write(port, value, &mut |_, _| {});
+        }
+        chip.pic_port_write(0x21, 0xFE, &mut |_, _| {});
+        take(&chip);
+        assert!(!chip.pic_intr());
+        let mut notes = Vec::new();
+        chip.set_gsi(0, SourceId(0), true, &mut |i, how| notes.push((i, how)))
+            .unwrap();
+        assert!(chip.pic_intr());
+        assert_eq!(take(&chip), vec![SinkEvent::IntrRose]);
+        assert_eq!(notes, vec![(1, Notify::Kick)]);
+        assert_eq!(chip.pic_acknowledge_if_pending(), Some(0x30));
+        assert_eq!(chip.pic_acknowledge_if_pending(), None);
+        assert!(!chip.pic_intr());
+    }
+
+    /// An MSI is decoded once and handed to the sink; a malformed one reaches nobody.
+    #[test]
+    fn msis_are_decoded_and_handed_to_the_sink() {
+        let chip = sink_chip();
+        let msi = MsiMessage {
+            address: 0xFEE0_1000,
+            data: 0x45,
+        };
+        assert_eq!(chip.signal_msi(msi, &mut |_, _| {}), Ok(1));
+        assert_eq!(
+            take(&chip),
+            vec![SinkEvent::Message(InterruptMessage::fixed(0x45, 1))]
+        );
+        let bad = MsiMessage {
+            address: 0xFED0_0000,
+            data: 0x45,
+        };
+        assert!(chip.signal_msi(bad, &mut |_, _| {}).is_err());
+        assert_eq!(take(&chip), vec![]);
     }
 
     /// Guest hostility: odd MMIO sizes and offsets, unknown ports, EOIs of unknown vectors and

@@ -7,9 +7,9 @@
 use std::time::{Duration, Instant};
 
 use irqvm::devices::{SerialCapture, SerialOutput};
-use irqvm::irqchip::IrqchipMode;
 use irqvm::vcpu::VcpuStatsSnapshot;
 use irqvm::vm::{RunningVm, Vm, VmConfig};
+use irqvm::IrqchipMode;
 
 const ROUNDS: u64 = 200;
 const CASES: [&str; 2] = ["ipi to halted cpu", "ipi to spinning cpu"];

@@ -7,8 +7,8 @@
 use std::time::Duration;
 
 use irqvm::devices::SerialOutput;
-use irqvm::irqchip::IrqchipMode;
 use irqvm::vm::{Vm, VmConfig};
+use irqvm::IrqchipMode;
 
 fn main() {
     let mut args = std::env::args().skip(1);

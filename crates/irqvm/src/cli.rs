@@ -6,9 +6,9 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::devices::SerialOutput;
-use crate::irqchip::IrqchipMode;
 use crate::memory;
 use crate::vm::{RunReport, Vm, VmConfig, VmError};
+use crate::IrqchipMode;
 
 /// The built-in demo guest: four CPUs come online and exchange IPIs.
 pub static DEMO_GUEST: &[u8] = include_bytes!(concat!(env!("IRQVM_GUESTS_DIR"), "/demo.elf"));

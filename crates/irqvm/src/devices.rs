@@ -1,4 +1,5 @@
-//! The port-I/O devices of the machine:
+//! The port-I/O devices of the machine, each a `vm-device` `DevicePio` on the VM's
+//! [`crate::iobus::IoBus`]:
 //!
 //! | ports | device |
 //! |---|---|
@@ -8,20 +9,25 @@
 //! | 0x2000-0x2017 | pc-testdev interrupt lines: a byte write of 1 / 0 raises / lowers line n |
 //!
 //! Unclaimed ports read as all ones and ignore writes, as on an ISA bus with nothing decoding the
-//! address; so do unclaimed MMIO addresses. Every device is behind its own lock: vCPU threads
-//! access them concurrently.
+//! address; so do unclaimed MMIO addresses (the bus's rule). Every device is behind its own lock:
+//! vCPU threads access them concurrently.
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use vm_device::bus::{PioAddress, PioAddressOffset};
+use vm_device::DevicePio;
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 
-use crate::irqchip::{InterruptLines, IrqchipError, IRQ_LINES};
+use crate::backend::{InterruptLines, IrqchipError, IRQ_LINES};
+use crate::iobus::{BusError, IoBus};
 
 pub const SERIAL_PORT: u16 = 0x3F8;
 const SERIAL_PORTS: u16 = 8;
+/// isa-debug-exit decodes a 32-bit port (QEMU's `iosize` 4); only a write at its base counts.
+const DEBUG_EXIT_PORTS: u16 = 4;
 pub const SERIAL_IRQ: u32 = 4;
 pub const DEBUG_EXIT_PORT: u16 = 0xF4;
 pub const FW_CFG_SELECTOR_PORT: u16 = 0x510;
@@ -44,13 +50,9 @@ pub mod fw_cfg_key {
 const FW_CFG_ARCH_LOCAL: u16 = 0x8000;
 const FW_CFG_ENTRY_MASK: u16 = 0x3FFF;
 
-/// What a port write asks the VMM to do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PioAction {
-    Continue,
-    /// isa-debug-exit was written: the VM ends with this exit status.
-    Exit(i32),
-}
+/// What isa-debug-exit calls with the exit status (`(v << 1) | 1`) when the guest writes `v`:
+/// the VMM ends the VM. Called on the writing vCPU's thread.
+pub type OnDebugExit = Box<dyn Fn(i32) + Send + Sync>;
 
 /// Where the serial port's output goes.
 #[derive(Clone, Debug, Default)]
@@ -206,106 +208,143 @@ pub struct DeviceConfig {
     pub cpus: u16,
     pub ram_size: u64,
     pub serial: SerialOutput,
+    /// What a write to isa-debug-exit does.
+    pub on_debug_exit: OnDebugExit,
 }
 
-/// All port-I/O devices of the VM.
+/// The 16550A UART at 0x3F8 (vm-superio), byte by byte.
+struct SerialPort(Mutex<Serial<SerialIrq, NoEvents, SerialWriter>>);
+
+impl DevicePio for SerialPort {
+    fn pio_read(&self, _base: PioAddress, offset: PioAddressOffset, data: &mut [u8]) {
+        let mut serial = lock(&self.0);
+        for (byte, offset) in data.iter_mut().zip(offset..) {
+            *byte = serial.read(offset as u8);
+        }
+    }
+
+    fn pio_write(&self, _base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
+        let mut serial = lock(&self.0);
+        for (byte, offset) in data.iter().zip(offset..) {
+            if let Err(e) = serial.write(offset as u8, *byte) {
+                tracing::warn!("serial port: {e}");
+            }
+        }
+    }
+}
+
+/// isa-debug-exit at 0xF4: a write of `v` at the base ends the VM with `(v << 1) | 1`.
+struct DebugExit(OnDebugExit);
+
+impl DevicePio for DebugExit {
+    /// Nothing to read: the port floats high.
+    fn pio_read(&self, _base: PioAddress, _offset: PioAddressOffset, data: &mut [u8]) {
+        data.fill(0xFF);
+    }
+
+    fn pio_write(&self, _base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
+        if offset == 0 {
+            (self.0)(debug_exit_status(le_value(data)));
+        }
+    }
+}
+
+/// fw_cfg's legacy I/O interface: selector at offset 0 (0x510), data at offset 1 (0x511).
+struct FwCfgPorts(Mutex<FwCfg>);
+
+impl DevicePio for FwCfgPorts {
+    fn pio_read(&self, _base: PioAddress, offset: PioAddressOffset, data: &mut [u8]) {
+        let mut fw_cfg = lock(&self.0);
+        for (byte, offset) in data.iter_mut().zip(offset..) {
+            *byte = match offset {
+                1 => fw_cfg.read_byte(),
+                _ => 0xFF,
+            };
+        }
+    }
+
+    /// A selector write; the data port's write interface is not offered (writes dropped).
+    fn pio_write(&self, _base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
+        if offset == 0 {
+            lock(&self.0).select(le_value(data) as u16);
+        }
+    }
+}
+
+/// pc-testdev's interrupt lines at 0x2000: a byte write of 1 / 0 raises / lowers line n.
+struct TestDevLines(Arc<dyn InterruptLines>);
+
+impl DevicePio for TestDevLines {
+    fn pio_read(&self, _base: PioAddress, _offset: PioAddressOffset, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn pio_write(&self, _base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
+        for (byte, line) in data.iter().zip(u32::from(offset)..) {
+            if let Err(e) = self.0.set_line(line, *byte != 0) {
+                tracing::warn!(line, "pc-testdev: {e}");
+            }
+        }
+    }
+}
+
+/// The VM's devices, registered on its bus.
 pub struct Devices {
-    serial: Mutex<Serial<SerialIrq, NoEvents, SerialWriter>>,
-    fw_cfg: Mutex<FwCfg>,
-    lines: Arc<dyn InterruptLines>,
+    serial: Arc<SerialPort>,
+    bus: Arc<IoBus>,
 }
 
 impl Devices {
-    pub fn new(cfg: DeviceConfig, lines: Arc<dyn InterruptLines>) -> Self {
+    /// Builds every device and the bus that carries them.
+    pub fn new(cfg: DeviceConfig, lines: Arc<dyn InterruptLines>) -> Result<Self, BusError> {
         let irq = SerialIrq {
             lines: lines.clone(),
         };
-        Self {
-            serial: Mutex::new(Serial::new(irq, SerialWriter::from(cfg.serial))),
-            fw_cfg: Mutex::new(FwCfg::new(cfg.cpus, cfg.ram_size)),
-            lines,
-        }
+        let serial = Arc::new(SerialPort(Mutex::new(Serial::new(
+            irq,
+            SerialWriter::from(cfg.serial),
+        ))));
+        let mut bus = IoBus::new();
+        bus.register_pio(SERIAL_PORT, SERIAL_PORTS, serial.clone())?;
+        bus.register_pio(
+            DEBUG_EXIT_PORT,
+            DEBUG_EXIT_PORTS,
+            Arc::new(DebugExit(cfg.on_debug_exit)),
+        )?;
+        let fw_cfg = FwCfgPorts(Mutex::new(FwCfg::new(cfg.cpus, cfg.ram_size)));
+        bus.register_pio(FW_CFG_SELECTOR_PORT, 2, Arc::new(fw_cfg))?;
+        bus.register_pio(
+            TESTDEV_IRQ_PORT,
+            IRQ_LINES as u16,
+            Arc::new(TestDevLines(lines)),
+        )?;
+        Ok(Self {
+            serial,
+            bus: Arc::new(bus),
+        })
     }
 
-    /// A guest `in` from `port`; `data` is filled (its length is the access size).
+    /// The port-I/O and MMIO bus the vCPUs' exits go to.
+    pub fn bus(&self) -> &Arc<IoBus> {
+        &self.bus
+    }
+
+    /// A port read through the bus, as a vCPU's `in` would do it (for host threads: tests,
+    /// benchmarks).
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = self.read_port_byte(port.wrapping_add(i as u16));
-        }
+        self.bus.pio_read(port, data);
     }
 
-    fn read_port_byte(&self, port: u16) -> u8 {
-        match port {
-            p if serial_offset(p).is_some() => {
-                lock(&self.serial).read(serial_offset(p).unwrap_or(0))
-            }
-            FW_CFG_DATA_PORT => lock(&self.fw_cfg).read_byte(),
-            p if testdev_line(p).is_some() => 0,
-            _ => 0xFF,
-        }
-    }
-
-    /// A guest `out` to `port` with `data` (little-endian, 1, 2 or 4 bytes).
-    pub fn pio_write(&self, port: u16, data: &[u8]) -> PioAction {
-        match port {
-            DEBUG_EXIT_PORT => return PioAction::Exit(debug_exit_status(le_value(data))),
-            FW_CFG_SELECTOR_PORT => lock(&self.fw_cfg).select(le_value(data) as u16),
-            p if testdev_line(p).is_some() => {
-                for (i, byte) in data.iter().enumerate() {
-                    if let Some(line) = testdev_line(p.wrapping_add(i as u16)) {
-                        self.drive_line(line, *byte != 0);
-                    }
-                }
-            }
-            p if serial_offset(p).is_some() => {
-                for (i, byte) in data.iter().enumerate() {
-                    if let Some(offset) = serial_offset(p.wrapping_add(i as u16)) {
-                        self.write_serial(offset, *byte);
-                    }
-                }
-            }
-            _ => tracing::trace!(port, ?data, "write to an unclaimed port"),
-        }
-        PioAction::Continue
-    }
-
-    fn write_serial(&self, offset: u8, byte: u8) {
-        if let Err(e) = lock(&self.serial).write(offset, byte) {
-            tracing::warn!("serial port: {e}");
-        }
-    }
-
-    fn drive_line(&self, line: u32, level: bool) {
-        if let Err(e) = self.lines.set_line(line, level) {
-            tracing::warn!(line, level, "pc-testdev: {e}");
-        }
+    /// A port write through the bus, as a vCPU's `out` would do it (for host threads: tests,
+    /// benchmarks driving pc-testdev lines).
+    pub fn pio_write(&self, port: u16, data: &[u8]) {
+        self.bus.pio_write(port, data);
     }
 
     /// Bytes typed into the serial port; returns how many fit in its FIFO.
     pub fn serial_input(&self, bytes: &[u8]) -> usize {
-        lock(&self.serial).enqueue_raw_bytes(bytes).unwrap_or(0)
+        lock(&self.serial.0).enqueue_raw_bytes(bytes).unwrap_or(0)
     }
-
-    /// A guest read of an address no device claims: all ones.
-    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
-        tracing::debug!(addr, len = data.len(), "read of unclaimed MMIO");
-        data.fill(0xFF);
-    }
-
-    /// A guest write to an address no device claims: dropped.
-    pub fn mmio_write(&self, addr: u64, data: &[u8]) {
-        tracing::debug!(addr, ?data, "write to unclaimed MMIO");
-    }
-}
-
-fn serial_offset(port: u16) -> Option<u8> {
-    let offset = port.checked_sub(SERIAL_PORT)?;
-    (offset < SERIAL_PORTS).then_some(offset as u8)
-}
-
-fn testdev_line(port: u16) -> Option<u32> {
-    let line = u32::from(port.checked_sub(TESTDEV_IRQ_PORT)?);
-    (line < IRQ_LINES).then_some(line)
 }
 
 /// Little-endian value of an access of up to 4 bytes (longer data is cut to 4).
@@ -343,28 +382,33 @@ mod tests {
             &self,
             _address: u64,
             _data: u32,
-        ) -> Result<crate::irqchip::MsiDelivery, IrqchipError> {
+        ) -> Result<crate::backend::MsiDelivery, IrqchipError> {
             unreachable!("no device here sends MSIs")
         }
     }
 
-    fn devices() -> (Devices, Arc<Lines>, SerialCapture) {
+    /// The devices, the line recorder, the serial output and the debug-exit statuses.
+    fn devices() -> (Devices, Arc<Lines>, SerialCapture, Arc<Mutex<Vec<i32>>>) {
         let lines = Arc::new(Lines::default());
         let capture = SerialCapture::new();
+        let exits = Arc::new(Mutex::new(Vec::new()));
+        let seen = exits.clone();
         let cfg = DeviceConfig {
             cpus: 4,
             ram_size: 128 << 20,
             serial: SerialOutput::Capture(capture.clone()),
+            on_debug_exit: Box::new(move |status| lock(&seen).push(status)),
         };
-        (Devices::new(cfg, lines.clone()), lines, capture)
+        let devices = Devices::new(cfg, lines.clone()).unwrap();
+        (devices, lines, capture, exits)
     }
 
     fn read_fw_cfg(d: &Devices, key: u16, len: usize) -> Vec<u8> {
-        d.pio_write(FW_CFG_SELECTOR_PORT, &key.to_le_bytes());
+        d.bus().pio_write(FW_CFG_SELECTOR_PORT, &key.to_le_bytes());
         (0..len)
             .map(|_| {
                 let mut b = [0];
-                d.pio_read(FW_CFG_DATA_PORT, &mut b);
+                d.bus().pio_read(FW_CFG_DATA_PORT, &mut b);
                 b[0]
             })
             .collect()
@@ -372,32 +416,28 @@ mod tests {
 
     #[test]
     fn debug_exit_status_is_value_shifted_with_low_bit_set() {
-        let (d, ..) = devices();
-        assert_eq!(
-            d.pio_write(DEBUG_EXIT_PORT, &0u32.to_le_bytes()),
-            PioAction::Exit(1)
-        );
-        assert_eq!(
-            d.pio_write(DEBUG_EXIT_PORT, &0x10u32.to_le_bytes()),
-            PioAction::Exit(0x21)
-        );
-        assert_eq!(d.pio_write(DEBUG_EXIT_PORT, &[3]), PioAction::Exit(7));
+        let (d, _, _, exits) = devices();
+        d.bus().pio_write(DEBUG_EXIT_PORT, &0u32.to_le_bytes());
+        d.bus().pio_write(DEBUG_EXIT_PORT, &0x10u32.to_le_bytes());
+        d.bus().pio_write(DEBUG_EXIT_PORT, &[3]);
+        d.bus().pio_write(DEBUG_EXIT_PORT + 1, &[3]);
+        assert_eq!(*lock(&exits), vec![1, 0x21, 7], "only the base port counts");
         assert_eq!(debug_exit_status(u32::MAX), 0xFF);
     }
 
     #[test]
     fn serial_bytes_reach_the_output() {
-        let (d, _, capture) = devices();
+        let (d, _, capture, _) = devices();
         for b in b"PASS hello\n" {
-            d.pio_write(SERIAL_PORT, &[*b]);
+            d.bus().pio_write(SERIAL_PORT, &[*b]);
         }
         assert_eq!(capture.text(), "PASS hello\n");
     }
 
     #[test]
     fn serial_thr_empty_interrupt_pulses_line_4_16550_ier() {
-        let (d, lines, _) = devices();
-        d.pio_write(SERIAL_PORT + 1, &[0x02]); // IER: THR empty interrupt
+        let (d, lines, ..) = devices();
+        d.bus().pio_write(SERIAL_PORT + 1, &[0x02]); // IER: THR empty interrupt
         let seen = lock(&lines.0).clone();
         assert_eq!(seen, vec![(4, true), (4, false)]);
     }
@@ -407,10 +447,10 @@ mod tests {
         let (d, ..) = devices();
         assert_eq!(d.serial_input(b"x"), 1);
         let mut lsr = [0];
-        d.pio_read(SERIAL_PORT + 5, &mut lsr);
+        d.bus().pio_read(SERIAL_PORT + 5, &mut lsr);
         assert_eq!(lsr[0] & 1, 1, "data ready");
         let mut b = [0];
-        d.pio_read(SERIAL_PORT, &mut b);
+        d.bus().pio_read(SERIAL_PORT, &mut b);
         assert_eq!(b[0], b'x');
     }
 
@@ -443,28 +483,29 @@ mod tests {
 
     #[test]
     fn testdev_lines_raise_and_lower() {
-        let (d, lines, _) = devices();
-        d.pio_write(TESTDEV_IRQ_PORT + 10, &[1]);
-        d.pio_write(TESTDEV_IRQ_PORT + 10, &[0]);
-        d.pio_write(TESTDEV_IRQ_PORT + 23, &[1]);
+        let (d, lines, ..) = devices();
+        d.bus().pio_write(TESTDEV_IRQ_PORT + 10, &[1]);
+        d.bus().pio_write(TESTDEV_IRQ_PORT + 10, &[0]);
+        d.bus().pio_write(TESTDEV_IRQ_PORT + 23, &[1]);
         assert_eq!(
             lock(&lines.0).clone(),
             vec![(10, true), (10, false), (23, true)]
         );
         // Port 0x2018 is not a line.
-        d.pio_write(TESTDEV_IRQ_PORT + 24, &[1]);
+        d.bus().pio_write(TESTDEV_IRQ_PORT + 24, &[1]);
         assert_eq!(lock(&lines.0).len(), 3);
     }
 
     #[test]
     fn unclaimed_ports_and_mmio_read_all_ones() {
-        let (d, ..) = devices();
+        let (d, _, _, exits) = devices();
         let mut data = [0u8; 4];
-        d.pio_read(0x1234, &mut data);
+        d.bus().pio_read(0x1234, &mut data);
         assert_eq!(data, [0xFF; 4]);
-        assert_eq!(d.pio_write(0x1234, &[1, 2]), PioAction::Continue);
+        d.bus().pio_write(0x1234, &[1, 2]);
+        assert!(lock(&exits).is_empty());
         let mut data = [0u8; 8];
-        d.mmio_read(0xE000_0000, &mut data);
+        d.bus().mmio_read(0xE000_0000, &mut data);
         assert_eq!(data, [0xFF; 8]);
     }
 }

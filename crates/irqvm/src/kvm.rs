@@ -59,7 +59,7 @@ pub fn open_kvm() -> Result<Kvm, KvmError> {
         return Err(KvmError::ApiVersion(version));
     }
     require_cap(&kvm, Cap::UserMemory, "KVM_CAP_USER_MEMORY")?;
-    // The kick (see `vcpu::kick`) relies on kvm_run.immediate_exit.
+    // The kick (see `crate::kick`) relies on kvm_run.immediate_exit.
     require_cap(&kvm, Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT")?;
     Ok(kvm)
 }

@@ -7,23 +7,27 @@
 //! | [`memory`] | guest RAM (vm-memory) and its KVM memory slots |
 //! | [`loader`] | multiboot v1, ELF32/ELF64 and raw kernels, boot information |
 //! | [`cpuid`] | the CPUID table each vCPU sees |
-//! | [`devices`] | serial, isa-debug-exit, fw_cfg, pc-testdev interrupt lines |
-//! | [`irqchip`] | the interface to interrupt-controller backends, and the `kernel` backend |
-//! | [`userchip`] | the `user` irqchip backend: every interrupt controller in userspace |
-//! | [`vcpu`] | the vCPU threads, their run loop and the kick |
-//! | [`vm`] | building and running a VM |
+//! | [`iobus`] | the port-I/O and MMIO bus exits reach devices through (rust-vmm `vm-device`) |
+//! | [`devices`] | serial, isa-debug-exit, fw_cfg, pc-testdev interrupt lines, on the bus |
+//! | [`backend`] | the interrupt-controller interface and its three backends, `kernel`, `split`, `user` |
+//! | [`kick`] | forcing a vCPU thread out of KVM_RUN, race-free |
+//! | [`vcpu`] | the vCPU threads and their run loop |
+//! | [`vm`] | building and running a VM (and choosing the backend) |
 //! | [`cli`] | the `irqvm` command line |
 
+pub mod backend;
 pub mod cli;
 pub mod cpuid;
 pub mod devices;
-pub mod irqchip;
+pub mod iobus;
+pub mod kick;
 pub mod kvm;
 pub mod loader;
 pub mod memory;
-pub mod userchip;
 pub mod vcpu;
 pub mod vm;
+
+pub use backend::IrqchipMode;
 
 /// Directory holding the guest test kernels built by build.rs (`NAME.elf`).
 pub const GUESTS_DIR: &str = env!("IRQVM_GUESTS_DIR");

@@ -15,15 +15,19 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::backend::kernel::KernelIrqchip;
+use crate::backend::split::SplitIrqchip;
+use crate::backend::user::UserIrqchip;
+use crate::backend::{ChipContext, Irqchip, IrqchipError, IrqchipMode, MsiDelivery, VcpuKicker};
 use crate::cpuid::{self, CpuidConfig};
 use crate::devices::{DeviceConfig, Devices, SerialOutput};
-use crate::irqchip::{self, ChipContext, Irqchip, IrqchipError, IrqchipMode, MsiDelivery};
+use crate::iobus::BusError;
+use crate::kick::install_kick_handler;
 use crate::kvm::{self, KvmError};
 use crate::loader::{self, LoadRequest, LoadedKernel, LoaderError, Module, RawImage};
 use crate::memory::{self, GuestRam, MemoryError};
-use crate::vcpu::kick::install_kick_handler;
 use crate::vcpu::{
-    regs, GuestExit, VcpuShared, VcpuState, VcpuStatsSnapshot, VcpuThread, VmControl,
+    regs, GuestExit, VcpuFailure, VcpuShared, VcpuState, VcpuStatsSnapshot, VcpuThread, VmControl,
 };
 use ::irqchip::mpstate::MpState;
 
@@ -49,8 +53,10 @@ pub enum VmError {
     Signal(#[source] std::io::Error),
     #[error("cannot start a vCPU thread: {0}")]
     Spawn(#[source] std::io::Error),
-    #[error("vCPU {vcpu} failed: {message}")]
-    Vcpu { vcpu: usize, message: String },
+    #[error(transparent)]
+    Vcpu(#[from] VcpuFailure),
+    #[error("cannot place a device on the I/O bus: {0}")]
+    Bus(#[from] BusError),
     #[error("the guest did not finish within {0:?}")]
     Timeout(Duration),
 }
@@ -142,24 +148,25 @@ impl Vm {
             .map(|index| Arc::new(VcpuShared::new(index)))
             .collect();
         // The backend's VM-wide setup must precede KVM_CREATE_VCPU.
-        let chip = irqchip::create_irqchip(
+        let chip = create_irqchip(
             cfg.irqchip,
             ChipContext {
                 kvm: &kvm,
                 vm: vm_fd.clone(),
-                vcpus: shared.clone(),
+                kicker: Arc::new(VcpuKicks(shared.clone())),
                 epoch: Instant::now(),
             },
         )?;
+        let control = Arc::new(VmControl::default());
         let devices = Arc::new(Devices::new(
             DeviceConfig {
                 cpus: cfg.cpus as u16,
                 ram_size: memory::ram_size(&memory),
                 serial: cfg.serial.clone(),
+                on_debug_exit: debug_exit_ends(control.clone()),
             },
             chip.clone(),
-        ));
-        let control = Arc::new(VmControl::default());
+        )?);
         let features = chip.features();
         let cpuid_cfg = CpuidConfig {
             cpus: cfg.cpus,
@@ -181,7 +188,7 @@ impl Vm {
             vcpus.push(VcpuThread {
                 fd,
                 chip: vcpu_chip,
-                devices: devices.clone(),
+                bus: devices.bus().clone(),
                 shared: vcpu_shared.clone(),
                 control: control.clone(),
             });
@@ -235,6 +242,43 @@ impl Vm {
     /// Runs the VM to completion, or until `timeout`.
     pub fn run(self, timeout: Option<Duration>) -> Result<RunReport, VmError> {
         self.start()?.wait(timeout)
+    }
+}
+
+/// Creates the backend for `mode` on a VM that has no vCPUs yet (the backend's VM-wide KVM
+/// setup must precede KVM_CREATE_VCPU).
+pub fn create_irqchip(
+    mode: IrqchipMode,
+    ctx: ChipContext<'_>,
+) -> Result<Arc<dyn Irqchip>, IrqchipError> {
+    Ok(match mode {
+        IrqchipMode::Kernel => Arc::new(KernelIrqchip::new(ctx.kvm, ctx.vm)?),
+        IrqchipMode::User => Arc::new(UserIrqchip::new(ctx)?),
+        IrqchipMode::Split => Arc::new(SplitIrqchip::new(ctx)?),
+    })
+}
+
+/// isa-debug-exit's action: the VM ends with the status, as any guest outcome does (the first
+/// wins; the writing vCPU sees the stop flag before it re-enters, the others are kicked).
+fn debug_exit_ends(control: Arc<VmControl>) -> crate::devices::OnDebugExit {
+    Box::new(move |status| {
+        tracing::debug!(status, "guest ended the VM through isa-debug-exit");
+        control.finish(Ok(GuestExit::DebugExit { status }));
+    })
+}
+
+/// The vCPU threads as a backend sees them: kick targets, nothing else.
+struct VcpuKicks(Vec<Arc<VcpuShared>>);
+
+impl VcpuKicker for VcpuKicks {
+    fn vcpus(&self) -> usize {
+        self.0.len()
+    }
+
+    fn kick(&self, index: usize) {
+        if let Some(vcpu) = self.0.get(index) {
+            vcpu.kick.kick();
+        }
     }
 }
 
@@ -295,7 +339,7 @@ impl RunningVm {
 
     /// A message-signalled interrupt from a host thread (a test, a device model's thread):
     /// `data` written to `address` (SDM vol. 3 §11.11). See
-    /// [`crate::irqchip::InterruptLines::signal_msi`]: malformed messages are refused and
+    /// [`crate::backend::InterruptLines::signal_msi`]: malformed messages are refused and
     /// reach no vCPU.
     pub fn signal_msi(&self, address: u64, data: u32) -> Result<MsiDelivery, IrqchipError> {
         self.vm.chip.signal_msi(address, data)
@@ -321,7 +365,7 @@ impl RunningVm {
     }
 
     /// vCPU `index`'s multiprocessor state now, as KVM_GET_MP_STATE would report it (see
-    /// [`crate::irqchip::VcpuIrqchip::mp_state`]): the vCPU's thread reads it when it answers a
+    /// [`crate::backend::VcpuIrqchip::mp_state`]): the vCPU's thread reads it when it answers a
     /// ping, so this kicks the vCPU and waits up to `timeout` for the answer. A stopped vCPU gives
     /// the state it stopped in. `None` on timeout.
     pub fn mp_state(&self, index: usize, timeout: Duration) -> Option<MpState> {
@@ -387,7 +431,7 @@ impl RunningVm {
                 vcpus,
                 mp_states,
             }),
-            Some(Err((vcpu, message))) => Err(VmError::Vcpu { vcpu, message }),
+            Some(Err(failure)) => Err(VmError::Vcpu(failure)),
         }
     }
 

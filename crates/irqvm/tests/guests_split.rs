@@ -17,7 +17,7 @@ mod common;
 mod kvm_rules;
 
 use common::{check_init_state, check_storm_with_host_line, run_guest};
-use irqvm::irqchip::IrqchipMode;
+use irqvm::IrqchipMode;
 
 const MODE: IrqchipMode = IrqchipMode::Split;
 

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use common::{debug_exit32, raw_config, run_guest, run_vm, HALT_FOREVER, VM_TIMEOUT};
 use irqchip::mpstate::MpState;
-use irqvm::irqchip::IrqchipMode;
 use irqvm::loader::CpuMode;
 use irqvm::vm::{RunReport, RunningVm, Vm};
+use irqvm::IrqchipMode;
 
 const MODES: [IrqchipMode; 3] = [IrqchipMode::Kernel, IrqchipMode::Split, IrqchipMode::User];
 

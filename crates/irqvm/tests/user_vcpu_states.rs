@@ -7,10 +7,10 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use irqvm::irqchip::IrqchipMode;
 use irqvm::loader::CpuMode;
 use irqvm::vcpu::{GuestExit, VcpuState};
 use irqvm::vm::{RunningVm, Vm};
+use irqvm::IrqchipMode;
 
 const LIMIT: Duration = Duration::from_secs(5);
 

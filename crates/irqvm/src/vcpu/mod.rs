@@ -16,7 +16,6 @@
 //! its SIPI, stay `Running` from the VMM's view: KVM blocks them inside KVM_RUN, and a kick
 //! brings them out.
 
-pub mod kick;
 pub mod regs;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
@@ -26,11 +25,11 @@ use std::time::Instant;
 use irqchip::mpstate::{kvm_abi, MpState};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
-use crate::devices::{Devices, PioAction};
-use crate::irqchip::{
+use crate::backend::{
     BlockReason, ChipExit, EntryDecision, ExitHandled, IrqchipError, VcpuIrqchip,
 };
-use kick::{ImmediateExit, KickTarget};
+use crate::iobus::IoBus;
+use crate::kick::{ImmediateExit, KickTarget};
 
 /// Where a vCPU thread is. See the module documentation for the transitions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -232,17 +231,35 @@ pub enum VcpuError {
     Internal { suberror: u32, rip: u64 },
     #[error("VM entry failed (hardware reason {0:#x})")]
     FailEntry(u64),
-    #[error("unexpected KVM exit: {0}")]
-    UnexpectedExit(String),
+    /// A KVM exit this VMM never asks for (`kvm_run.exit_reason`, a `KVM_EXIT_*` value).
+    #[error("unexpected KVM exit (exit reason {reason})")]
+    UnexpectedExit { reason: u32 },
+    /// KVM_EXIT_HLT, which only a backend with a userspace LAPIC asks for, with a backend that
+    /// does not handle it.
+    #[error("HLT exit, but the irqchip backend does not handle HLT")]
+    UnhandledHlt,
     #[error(transparent)]
     Irqchip(#[from] IrqchipError),
 }
+
+/// How a vCPU failed, as the VM's outcome: which vCPU, and its error (shared, so that every
+/// thread waiting for the outcome gets it).
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("vCPU {vcpu} failed: {error}")]
+pub struct VcpuFailure {
+    pub vcpu: usize,
+    #[source]
+    pub error: Arc<VcpuError>,
+}
+
+/// How a VM ended: the guest's (or host's) way out, or the first vCPU failure.
+pub type VmOutcome = Result<GuestExit, VcpuFailure>;
 
 /// The VM-wide run control shared by all vCPU threads and the thread waiting for the VM.
 #[derive(Debug, Default)]
 pub struct VmControl {
     stop: AtomicBool,
-    outcome: Mutex<Option<Result<GuestExit, (usize, String)>>>,
+    outcome: Mutex<Option<VmOutcome>>,
     finished: Condvar,
 }
 
@@ -254,7 +271,7 @@ impl VmControl {
 
     /// Records how the VM ended (the first outcome wins) and raises the stop flag. The caller
     /// then kicks and wakes every vCPU.
-    pub fn finish(&self, outcome: Result<GuestExit, (usize, String)>) {
+    pub fn finish(&self, outcome: VmOutcome) {
         let mut slot = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
             *slot = Some(outcome);
@@ -264,7 +281,7 @@ impl VmControl {
     }
 
     /// Waits for the outcome until `deadline`; `None` if it passed first.
-    pub fn wait(&self, deadline: Option<Instant>) -> Option<Result<GuestExit, (usize, String)>> {
+    pub fn wait(&self, deadline: Option<Instant>) -> Option<VmOutcome> {
         let mut slot = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if let Some(outcome) = slot.as_ref() {
@@ -292,14 +309,17 @@ impl VmControl {
 enum Step {
     Continue,
     Finish(GuestExit),
+    /// KVM_EXIT_INTERNAL_ERROR: the details are read from `kvm_run` once the exit is released.
     InternalError,
+    /// An exit no one asked for: its reason is read from `kvm_run`.
+    Unexpected,
 }
 
 /// Everything a vCPU thread owns.
 pub(crate) struct VcpuThread {
     pub(crate) fd: VcpuFd,
     pub(crate) chip: Box<dyn VcpuIrqchip>,
-    pub(crate) devices: Arc<Devices>,
+    pub(crate) bus: Arc<IoBus>,
     pub(crate) shared: Arc<VcpuShared>,
     pub(crate) control: Arc<VmControl>,
 }
@@ -322,7 +342,10 @@ impl VcpuThread {
         shared.set_state(VcpuState::Stopped);
         if let Err(e) = result {
             tracing::error!(vcpu = shared.index, "{e}");
-            self.control.finish(Err((shared.index, e.to_string())));
+            self.control.finish(Err(VcpuFailure {
+                vcpu: shared.index,
+                error: Arc::new(e),
+            }));
         }
     }
 
@@ -357,7 +380,7 @@ impl VcpuThread {
                     Step::Continue
                 }
                 Err(e) => return Err(VcpuError::Run(e)),
-                Ok(exit) => handle_exit(exit, self.chip.as_mut(), &self.devices, &shared.stats)?,
+                Ok(exit) => handle_exit(exit, self.chip.as_mut(), &self.bus, &shared.stats)?,
             };
             self.chip.after_exit(&mut self.fd)?;
             match step {
@@ -368,6 +391,10 @@ impl VcpuThread {
                     return Ok(());
                 }
                 Step::InternalError => return Err(self.internal_error()),
+                Step::Unexpected => {
+                    let reason = self.fd.get_kvm_run().exit_reason;
+                    return Err(VcpuError::UnexpectedExit { reason });
+                }
             }
         }
     }
@@ -390,103 +417,81 @@ impl VcpuThread {
     }
 }
 
-/// Dispatches one exit: the irqchip backend first where it may claim it, then the devices.
+/// Dispatches one exit. Every exit a device or the irqchip may answer becomes a [`ChipExit`]
+/// and takes one path: the irqchip backend first, then, if it is not the chip's, the bus
+/// ([`unclaimed`]). The others end the VM or are only counted.
 fn handle_exit(
     exit: VcpuExit<'_>,
     chip: &mut dyn VcpuIrqchip,
-    devices: &Devices,
+    bus: &IoBus,
     stats: &VcpuStats,
 ) -> Result<Step, VcpuError> {
-    match exit {
-        VcpuExit::IoIn(port, data) => {
-            bump(&stats.pio_exits);
-            let mut exit = ChipExit::PioRead { port, data };
-            if chip.handle_exit(&mut exit)? == ExitHandled::NotMine {
-                if let ChipExit::PioRead { data, .. } = exit {
-                    devices.pio_read(port, data);
-                }
-            }
-        }
-        VcpuExit::IoOut(port, data) => {
-            bump(&stats.pio_exits);
-            if chip.handle_exit(&mut ChipExit::PioWrite { port, data })? == ExitHandled::Handled {
-                return Ok(Step::Continue);
-            }
-            if let PioAction::Exit(status) = devices.pio_write(port, data) {
-                return Ok(Step::Finish(GuestExit::DebugExit { status }));
-            }
-        }
-        VcpuExit::MmioRead(addr, data) => {
-            bump(&stats.mmio_exits);
-            let mut exit = ChipExit::MmioRead { addr, data };
-            if chip.handle_exit(&mut exit)? == ExitHandled::NotMine {
-                if let ChipExit::MmioRead { data, .. } = exit {
-                    devices.mmio_read(addr, data);
-                }
-            }
-        }
-        VcpuExit::MmioWrite(addr, data) => {
-            bump(&stats.mmio_exits);
-            if chip.handle_exit(&mut ChipExit::MmioWrite { addr, data })? == ExitHandled::NotMine {
-                devices.mmio_write(addr, data);
-            }
-        }
-        VcpuExit::X86Rdmsr(msr) => {
-            bump(&stats.msr_exits);
-            let index = msr.index;
-            let mut exit = ChipExit::RdMsr {
-                index,
+    let (counter, mut exit) = match exit {
+        VcpuExit::IoIn(port, data) => (&stats.pio_exits, ChipExit::PioRead { port, data }),
+        VcpuExit::IoOut(port, data) => (&stats.pio_exits, ChipExit::PioWrite { port, data }),
+        VcpuExit::MmioRead(addr, data) => (&stats.mmio_exits, ChipExit::MmioRead { addr, data }),
+        VcpuExit::MmioWrite(addr, data) => (&stats.mmio_exits, ChipExit::MmioWrite { addr, data }),
+        VcpuExit::X86Rdmsr(msr) => (
+            &stats.msr_exits,
+            ChipExit::RdMsr {
+                index: msr.index,
                 reason: msr.reason.bits(),
                 data: msr.data,
                 error: msr.error,
-            };
-            if chip.handle_exit(&mut exit)? == ExitHandled::NotMine {
-                if let ChipExit::RdMsr { error, .. } = exit {
-                    tracing::debug!(index, "RDMSR of an MSR nobody handles: #GP");
-                    *error = 1;
-                }
-            }
-        }
-        VcpuExit::X86Wrmsr(msr) => {
-            bump(&stats.msr_exits);
-            let index = msr.index;
-            let mut exit = ChipExit::WrMsr {
-                index,
+            },
+        ),
+        VcpuExit::X86Wrmsr(msr) => (
+            &stats.msr_exits,
+            ChipExit::WrMsr {
+                index: msr.index,
                 reason: msr.reason.bits(),
                 data: msr.data,
                 error: msr.error,
-            };
-            if chip.handle_exit(&mut exit)? == ExitHandled::NotMine {
-                if let ChipExit::WrMsr { error, .. } = exit {
-                    tracing::debug!(index, "WRMSR of an MSR nobody handles: #GP");
-                    *error = 1;
-                }
-            }
-        }
-        VcpuExit::Hlt => {
-            bump(&stats.hlt_exits);
-            if chip.handle_exit(&mut ChipExit::Hlt)? == ExitHandled::NotMine {
-                return Err(VcpuError::UnexpectedExit(
-                    "HLT exit, but the irqchip backend does not handle HLT".into(),
-                ));
-            }
-        }
-        VcpuExit::IrqWindowOpen => {
-            bump(&stats.other_exits);
-            chip.handle_exit(&mut ChipExit::IrqWindowOpen)?;
-        }
-        VcpuExit::IoapicEoi(vector) => {
-            bump(&stats.other_exits);
-            chip.handle_exit(&mut ChipExit::IoapicEoi { vector })?;
-        }
-        VcpuExit::Intr => bump(&stats.other_exits),
+            },
+        ),
+        VcpuExit::Hlt => (&stats.hlt_exits, ChipExit::Hlt),
+        VcpuExit::IrqWindowOpen => (&stats.other_exits, ChipExit::IrqWindowOpen),
+        VcpuExit::IoapicEoi(vector) => (&stats.other_exits, ChipExit::IoapicEoi { vector }),
         // The guest lowered CR8 without an in-kernel LAPIC: `after_exit` syncs the TPR.
-        VcpuExit::SetTpr => bump(&stats.other_exits),
+        VcpuExit::Intr | VcpuExit::SetTpr => {
+            bump(&stats.other_exits);
+            return Ok(Step::Continue);
+        }
         VcpuExit::Shutdown => return Ok(Step::Finish(GuestExit::Shutdown)),
         VcpuExit::SystemEvent(kind, _) => return Ok(Step::Finish(GuestExit::SystemEvent { kind })),
         VcpuExit::InternalError => return Ok(Step::InternalError),
         VcpuExit::FailEntry(reason, _) => return Err(VcpuError::FailEntry(reason)),
-        other => return Err(VcpuError::UnexpectedExit(format!("{other:?}"))),
+        other => {
+            tracing::debug!(?other, "unexpected KVM exit");
+            return Ok(Step::Unexpected);
+        }
+    };
+    bump(counter);
+    if chip.handle_exit(&mut exit)? == ExitHandled::NotMine {
+        unclaimed(exit, bus)?;
     }
     Ok(Step::Continue)
+}
+
+/// An exit the irqchip did not take: port and MMIO accesses go to the bus (which reads all ones
+/// and drops writes where no device is); an MSR nobody models is #GP.
+fn unclaimed(exit: ChipExit<'_>, bus: &IoBus) -> Result<(), VcpuError> {
+    match exit {
+        ChipExit::PioRead { port, data } => bus.pio_read(port, data),
+        ChipExit::PioWrite { port, data } => bus.pio_write(port, data),
+        ChipExit::MmioRead { addr, data } => bus.mmio_read(addr, data),
+        ChipExit::MmioWrite { addr, data } => bus.mmio_write(addr, data),
+        ChipExit::RdMsr { index, error, .. } => {
+            tracing::debug!(index, "RDMSR of an MSR nobody handles: #GP");
+            *error = 1;
+        }
+        ChipExit::WrMsr { index, error, .. } => {
+            tracing::debug!(index, "WRMSR of an MSR nobody handles: #GP");
+            *error = 1;
+        }
+        ChipExit::Hlt => return Err(VcpuError::UnhandledHlt),
+        // Asked for only by a backend, which handles them: nothing to do.
+        ChipExit::IrqWindowOpen | ChipExit::IoapicEoi { .. } => {}
+    }
+    Ok(())
 }

@@ -6,10 +6,10 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use irqvm::devices::{SerialCapture, SerialOutput};
-use irqvm::irqchip::IrqchipMode;
 use irqvm::loader::{CpuMode, RawImage};
 use irqvm::vcpu::VcpuState;
 use irqvm::vm::{RunReport, RunningVm, Vm, VmConfig, VmError};
+use irqvm::IrqchipMode;
 
 /// How long the VM may run before `Vm::run` stops it.
 pub const VM_TIMEOUT: Duration = Duration::from_secs(30);
@@ -473,7 +473,7 @@ fn send_msis(vm: &RunningVm, capture: &SerialCapture) -> MsiRun {
         let before = counts();
         let result = vm.signal_msi(address, data);
         assert!(
-            matches!(result, Ok(irqvm::irqchip::MsiDelivery::Delivered)),
+            matches!(result, Ok(irqvm::backend::MsiDelivery::Delivered)),
             "MSI {address:#x}/{data:#x}: {result:?}"
         );
         let t0 = Instant::now();

@@ -1,5 +1,5 @@
 //! What a poster does with the [`Notify`] the posting protocol returns (seed 001): `Kick` forces
-//! the target out of KVM_RUN (real-time signal + `immediate_exit`, see `vcpu::kick`), `Wake`
+//! the target out of KVM_RUN (real-time signal + `immediate_exit`, see `crate::kick`), `Wake`
 //! rings the doorbell the blocked target sleeps on.
 
 use std::sync::Arc;
@@ -7,28 +7,24 @@ use std::sync::Arc;
 use irqchip::vcpu::VmBus;
 use irqchip::{Notify, VcpuIndex};
 
-use crate::vcpu::VcpuShared;
+use crate::backend::VcpuKicker;
 
 /// Kick targets and inboxes of every vCPU of a VM.
 pub struct Notifier {
-    vcpus: Vec<Arc<VcpuShared>>,
+    kicker: Arc<dyn VcpuKicker>,
     bus: Arc<VmBus>,
 }
 
 impl Notifier {
-    pub fn new(vcpus: Vec<Arc<VcpuShared>>, bus: Arc<VmBus>) -> Self {
-        Self { vcpus, bus }
+    pub fn new(kicker: Arc<dyn VcpuKicker>, bus: Arc<VmBus>) -> Self {
+        Self { kicker, bus }
     }
 
     /// Acts on the result of a post to vCPU `target`.
     pub fn notify(&self, target: VcpuIndex, how: Notify) {
         match how {
             Notify::None => {}
-            Notify::Kick => {
-                if let Some(vcpu) = self.vcpus.get(target) {
-                    vcpu.kick.kick();
-                }
-            }
+            Notify::Kick => self.kicker.kick(target),
             Notify::Wake => self.ring(target),
         }
     }

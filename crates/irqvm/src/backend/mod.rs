@@ -16,46 +16,53 @@
 //!     chip.before_entry(vcpu)                      -> Enter | Block { reason, deadline }
 //!         Block: chip.block(deadline); continue     (thread sleeps, no KVM_RUN)
 //!     KVM_RUN
-//!     exit: chip.handle_exit(&mut ChipExit)        -> Handled | NotMine (then devices)
+//!     exit: chip.handle_exit(&mut ChipExit)        -> Handled | NotMine (then the I/O bus)
 //!     chip.after_exit(vcpu)
 //! }
 //! ```
 //!
-//! Three backends are planned; `kernel` and `user` exist:
+//! The three backends sit side by side, each in its own module, and depend on this interface
+//! only (the factory that picks one is `crate::vm`'s):
 //!
-//! * `kernel`: KVM's in-kernel PIC, IOAPIC and LAPICs (KVM_CREATE_IRQCHIP). Device lines go to
+//! * [`kernel`]: KVM's in-kernel PIC, IOAPIC and LAPICs (KVM_CREATE_IRQCHIP). Device lines go to
 //!   KVM_IRQ_LINE; KVM runs INIT/SIPI itself (APs sit in KVM_MP_STATE_UNINITIALIZED inside
 //!   KVM_RUN until their SIPI) and blocks halted vCPUs inside KVM_RUN, so `before_entry` always
 //!   says `Enter` and no exit is the chip's.
-//! * `user` ([`crate::userchip`]): every controller in userspace, from the pure `irqchip` crate. Its
+//! * [`user`]: every controller in userspace, from the pure `irqchip` crate. Its
 //!   `handle_exit` takes xAPIC MMIO at the vCPU's APIC base (relocatable through IA32_APIC_BASE),
 //!   x2APIC MSRs 0x800-0x8FF (KVM_CAP_X86_USER_SPACE_MSR, exit reason INVAL), the TSC-deadline
-//!   MSR 0x6E0 (MSR filter deny range, reason FILTER), IOAPIC MMIO at 0xFEC00000, HLT (the vCPU
-//!   becomes halted: `before_entry` then returns `Block` until an interrupt is pending) and
-//!   IRQ-window-open exits. Its `before_entry` drains the vCPU's posting inbox, applies INIT
-//!   (architectural reset) and SIPI (real mode at the vector) through KVM_SET_REGS/SREGS, keeps
-//!   an AP that has not had its SIPI out of KVM_RUN (`Block { WaitForSipi }`), syncs CR8 with the
-//!   TPR, and injects with KVM_INTERRUPT / KVM_NMI only when `ready_for_interrupt_injection` and
-//!   IF allow it, else sets `request_interrupt_window`. Its `block` waits on the inbox's doorbell
-//!   (a condvar latch from `irqchip::posting`) with the APIC timer deadline as the timeout; its
-//!   `wake_vcpu` rings that doorbell, and posters that get `Notify::Kick` call the vCPU's
-//!   [`crate::vcpu::kick::KickTarget`] (from [`ChipContext::vcpus`]). Its VM-wide setup
-//!   (KVM_CAP_X86_USER_SPACE_MSR, the MSR filter) happens in its constructor.
-//! * `split` ([`split`]): LAPICs in KVM (KVM_CAP_SPLIT_IRQCHIP), IOAPIC and PIC in userspace; its
+//!   MSR 0x6E0 (MSR filter deny range, reason FILTER), IOAPIC MMIO at 0xFEC00000, the PIC's
+//!   ports, HLT (the vCPU becomes halted: `before_entry` then returns `Block` until an interrupt
+//!   is pending) and IRQ-window-open exits. Its `before_entry` drains the vCPU's posting inbox,
+//!   applies INIT (architectural reset) and SIPI (real mode at the vector) through
+//!   KVM_SET_REGS/SREGS, keeps an AP that has not had its SIPI out of KVM_RUN
+//!   (`Block { WaitForSipi }`), syncs CR8 with the TPR, and injects with KVM_INTERRUPT / KVM_NMI
+//!   only when `ready_for_interrupt_injection` and IF allow it, else sets
+//!   `request_interrupt_window`. Its `block` waits on the inbox's doorbell (a condvar latch from
+//!   `irqchip::posting`) with the APIC timer deadline as the timeout; its `wake_vcpu` rings that
+//!   doorbell, and posters that get `Notify::Kick` call [`VcpuKicker::kick`] (from
+//!   [`ChipContext::kicker`]). Its VM-wide setup (KVM_CAP_X86_USER_SPACE_MSR, the MSR filter)
+//!   happens in its constructor.
+//! * [`split`]: LAPICs in KVM (KVM_CAP_SPLIT_IRQCHIP), IOAPIC and PIC in userspace (the same
+//!   `irqchip::chip::PcIrqChip` as `user`, whose messages go to KVM_SIGNAL_MSI); its
 //!   `handle_exit` takes IOAPIC MMIO, the PIC's ports and KVM_EXIT_IOAPIC_EOI, and its
 //!   `before_entry` injects the PIC's ExtINT (KVM_INTERRUPT or an interrupt window).
+//!
+//! A backend reaches the vCPU threads only through a [`VcpuKicker`] (force vCPU `i` out of
+//! KVM_RUN), never through the vCPU thread module: like OpenVMM's `ApicClient`, the chip gets a
+//! narrow handle, not the vCPU objects.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use irqchip::msi::{MsiError, MsiMessage};
-use kvm_bindings::{kvm_mp_state, kvm_msi, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED};
-use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
 use crate::kvm::KvmError;
-use crate::vcpu::VcpuShared;
 
+pub mod kernel;
 pub mod split;
+pub mod user;
 
 /// Number of ISA / IOAPIC input lines a device can drive (GSIs 0-23).
 pub const IRQ_LINES: u32 = 24;
@@ -67,7 +74,7 @@ pub enum IrqchipMode {
     /// KVM's in-kernel PIC, IOAPIC and local APICs.
     #[default]
     Kernel,
-    /// Every interrupt controller in userspace (the `irqchip` crate); see [`crate::userchip`].
+    /// Every interrupt controller in userspace (the `irqchip` crate); see [`user`].
     User,
     /// Local APICs in KVM, IOAPIC and PIC in userspace; see [`split`].
     Split,
@@ -78,8 +85,25 @@ pub enum IrqchipMode {
 pub enum IrqchipError {
     #[error(transparent)]
     Kvm(#[from] KvmError),
-    #[error("user irqchip: {0}")]
-    User(String),
+    /// `user` mode: the thread that runs every vCPU's APIC timer could not start.
+    #[error("user irqchip: cannot start the timer thread: {0}")]
+    TimerThread(#[source] std::io::Error),
+    /// `create_vcpu_chip` was called twice for one vCPU (or for an index the chip was not built
+    /// for).
+    #[error("irqchip: vCPU {0} created twice, or not one of this VM's")]
+    VcpuCreatedTwice(usize),
+    /// `user` mode applies INIT itself: only the state after INIT can be loaded (KVM_CREATE_VCPU
+    /// did the power-up, and there is no RESET).
+    #[error("user irqchip: only the state after INIT can be applied, not a power-up state")]
+    NotInitState,
+    /// `user` mode's INIT could not clear an MSR INIT clears (the guest set it).
+    #[error("user irqchip: INIT cannot clear {name} ({index:#x}): {source}")]
+    InitMsr {
+        name: &'static str,
+        index: u32,
+        #[source]
+        source: KvmError,
+    },
     #[error("interrupt line {0} does not exist (lines are 0-{max})", max = IRQ_LINES - 1)]
     NoSuchLine(u32),
     /// A message-signalled interrupt that is not one (address outside 0xFEExxxxx, a reserved
@@ -115,22 +139,6 @@ pub fn validate_msi(address: u64, data: u32) -> Result<MsiMessage, IrqchipError>
             data,
             reason,
         }),
-    }
-}
-
-/// KVM_SIGNAL_MSI of a validated message (`kernel` and `split` mode). KVM returns the number of
-/// LAPICs that accepted it: > 0 delivered, 0 no target or blocked.
-pub(crate) fn kvm_signal_msi(vm: &VmFd, msi: MsiMessage) -> Result<MsiDelivery, IrqchipError> {
-    let request = kvm_msi {
-        address_lo: msi.address as u32,
-        address_hi: (msi.address >> 32) as u32,
-        data: msi.data,
-        ..Default::default()
-    };
-    match vm.signal_msi(request) {
-        Ok(0) => Ok(MsiDelivery::NoTarget),
-        Ok(_) => Ok(MsiDelivery::Delivered),
-        Err(e) => Err(KvmError::ioctl("KVM_SIGNAL_MSI")(e).into()),
     }
 }
 
@@ -289,137 +297,27 @@ pub trait VcpuIrqchip: Send {
     fn mp_state(&mut self, vcpu: &mut VcpuFd) -> Result<u32, IrqchipError>;
 }
 
-/// KVM_GET_MP_STATE of a vCPU whose LAPIC is KVM's (`kernel` and `split` mode).
-pub(crate) fn kvm_mp_state(vcpu: &VcpuFd) -> Result<u32, IrqchipError> {
-    let state = vcpu
-        .get_mp_state()
-        .map_err(KvmError::ioctl("KVM_GET_MP_STATE"))?;
-    Ok(state.mp_state)
+/// How a backend forces vCPU `index` out of KVM_RUN (seed 001's kick: a signal plus
+/// `kvm_run.immediate_exit`, see `crate::kick`). The only handle on the vCPU threads a backend
+/// gets; the VMM implements it over its vCPU threads.
+pub trait VcpuKicker: Send + Sync {
+    /// Number of vCPUs (indices `0..vcpus()`).
+    fn vcpus(&self) -> usize;
+
+    /// Kicks vCPU `index` out of KVM_RUN (lock-free; a no-op for an index out of range or a
+    /// vCPU whose thread is not in its loop).
+    fn kick(&self, index: usize);
 }
 
 /// What a backend gets when it is created, before any vCPU exists.
 pub struct ChipContext<'a> {
     pub kvm: &'a Kvm,
     pub vm: Arc<VmFd>,
-    /// The vCPUs-to-be, index = vCPU index (0 = BSP): their kick targets, states and stats.
-    /// A userspace backend kicks a vCPU through `vcpus[i].kick` when posting returns
-    /// `Notify::Kick`.
-    pub vcpus: Vec<Arc<VcpuShared>>,
+    /// The vCPUs-to-be (index = vCPU index, 0 = BSP), as far as a backend may touch them: a
+    /// userspace backend kicks vCPU `i` through it when posting returns `Notify::Kick`.
+    pub kicker: Arc<dyn VcpuKicker>,
     /// Time zero of the VM: the backend converts `Instant`s to `irqchip::Nanos` from here.
     pub epoch: Instant,
-}
-
-/// Creates the backend for `mode` on a VM that has no vCPUs yet.
-pub fn create_irqchip(
-    mode: IrqchipMode,
-    ctx: ChipContext<'_>,
-) -> Result<Arc<dyn Irqchip>, IrqchipError> {
-    match mode {
-        IrqchipMode::Kernel => Ok(Arc::new(KernelIrqchip::new(ctx.kvm, ctx.vm)?)),
-        IrqchipMode::User => Ok(Arc::new(crate::userchip::UserIrqchip::new(ctx)?)),
-        IrqchipMode::Split => Ok(Arc::new(split::SplitIrqchip::new(ctx)?)),
-    }
-}
-
-/// `kernel` mode: KVM's own PIC, IOAPIC and LAPICs.
-pub struct KernelIrqchip {
-    vm: Arc<VmFd>,
-    features: ChipFeatures,
-}
-
-impl KernelIrqchip {
-    /// KVM_CREATE_IRQCHIP (before any vCPU exists). No PIT: timers come from the LAPIC in every
-    /// mode.
-    pub fn new(kvm: &Kvm, vm: Arc<VmFd>) -> Result<Self, IrqchipError> {
-        crate::kvm::require_cap(kvm, Cap::Irqchip, "KVM_CAP_IRQCHIP")?;
-        vm.create_irq_chip()
-            .map_err(KvmError::ioctl("KVM_CREATE_IRQCHIP"))?;
-        let features = ChipFeatures {
-            x2apic: true,
-            tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
-        };
-        Ok(Self { vm, features })
-    }
-}
-
-impl InterruptLines for KernelIrqchip {
-    /// KVM_IRQ_LINE: KVM's default routing sends line n to PIC input n and IOAPIC pin n (line 0
-    /// to IOAPIC pin 2, as on a PC).
-    fn set_line(&self, line: u32, level: bool) -> Result<(), IrqchipError> {
-        if line >= IRQ_LINES {
-            return Err(IrqchipError::NoSuchLine(line));
-        }
-        self.vm
-            .set_irq_line(line, level)
-            .map_err(KvmError::ioctl("KVM_IRQ_LINE"))?;
-        Ok(())
-    }
-
-    /// KVM_SIGNAL_MSI to KVM's LAPICs (validated first).
-    fn signal_msi(&self, address: u64, data: u32) -> Result<MsiDelivery, IrqchipError> {
-        kvm_signal_msi(&self.vm, validate_msi(address, data)?)
-    }
-}
-
-/// Where KVM runs INIT/SIPI (`kernel` and `split` modes): the BSP (vCPU 0) RUNNABLE and every AP
-/// UNINITIALIZED, set explicitly so the start state does not depend on KVM's default. An
-/// UNINITIALIZED AP blocks inside KVM_RUN until KVM's LAPIC takes INIT and SIPI.
-pub(crate) fn set_initial_kvm_mp_state(index: usize, vcpu: &VcpuFd) -> Result<(), IrqchipError> {
-    let mp_state = if index == 0 {
-        KVM_MP_STATE_RUNNABLE
-    } else {
-        KVM_MP_STATE_UNINITIALIZED
-    };
-    vcpu.set_mp_state(kvm_mp_state { mp_state })
-        .map_err(KvmError::ioctl("KVM_SET_MP_STATE"))?;
-    Ok(())
-}
-
-impl Irqchip for KernelIrqchip {
-    fn mode(&self) -> IrqchipMode {
-        IrqchipMode::Kernel
-    }
-
-    fn features(&self) -> ChipFeatures {
-        self.features
-    }
-
-    /// KVM runs INIT/SIPI: see [`set_initial_kvm_mp_state`].
-    fn create_vcpu_chip(
-        &self,
-        index: usize,
-        vcpu: &VcpuFd,
-    ) -> Result<Box<dyn VcpuIrqchip>, IrqchipError> {
-        set_initial_kvm_mp_state(index, vcpu)?;
-        Ok(Box::new(KernelVcpuChip))
-    }
-
-    /// Nothing to do: a kernel-mode vCPU blocks inside KVM_RUN, which the kick interrupts.
-    fn wake_vcpu(&self, _index: usize) {}
-}
-
-/// The per-vCPU half of `kernel` mode: KVM does everything.
-struct KernelVcpuChip;
-
-impl VcpuIrqchip for KernelVcpuChip {
-    fn before_entry(&mut self, _vcpu: &mut VcpuFd) -> Result<EntryDecision, IrqchipError> {
-        Ok(EntryDecision::Enter)
-    }
-
-    fn after_exit(&mut self, _vcpu: &mut VcpuFd) -> Result<(), IrqchipError> {
-        Ok(())
-    }
-
-    fn handle_exit(&mut self, _exit: &mut ChipExit<'_>) -> Result<ExitHandled, IrqchipError> {
-        Ok(ExitHandled::NotMine)
-    }
-
-    /// Never called: `before_entry` always says `Enter`.
-    fn block(&mut self, _deadline: Option<Instant>) {}
-
-    fn mp_state(&mut self, vcpu: &mut VcpuFd) -> Result<u32, IrqchipError> {
-        kvm_mp_state(vcpu)
-    }
 }
 
 #[cfg(test)]

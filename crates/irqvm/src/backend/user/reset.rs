@@ -25,7 +25,7 @@ use kvm_ioctls::VcpuFd;
 use irqchip::mpstate::SipiAction;
 use irqchip::mpstate::{gpr, ArchResetState, DescriptorTable, ResetCause, SegmentState};
 
-use crate::irqchip::IrqchipError;
+use crate::backend::IrqchipError;
 use crate::kvm::KvmError;
 
 /// An MSR that INIT clears although it is not part of the register state `kvm_sregs` carries.
@@ -120,9 +120,7 @@ pub fn apply_init(
     msrs: &[InitClearedMsr],
 ) -> Result<(), IrqchipError> {
     if state.cause != ResetCause::Init {
-        return Err(IrqchipError::User(
-            "apply_init takes the state after INIT, not a power-up state".into(),
-        ));
+        return Err(IrqchipError::NotInitState);
     }
     apply_init_registers(vcpu, state)?;
     clear_msrs(vcpu, msrs)
@@ -134,11 +132,10 @@ fn clear_msrs(vcpu: &VcpuFd, msrs: &[InitClearedMsr]) -> Result<(), IrqchipError
     for m in msrs {
         match read_msr(vcpu, m.index) {
             Some(0) | None => {}
-            Some(_) => write_msr(vcpu, m.index, 0).map_err(|e| {
-                IrqchipError::User(format!(
-                    "INIT: cannot clear {} ({:#x}): {e}",
-                    m.name, m.index
-                ))
+            Some(_) => write_msr(vcpu, m.index, 0).map_err(|source| IrqchipError::InitMsr {
+                name: m.name,
+                index: m.index,
+                source,
             })?,
         }
     }

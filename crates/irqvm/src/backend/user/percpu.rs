@@ -34,11 +34,11 @@ use irqchip::{GuestFault, Nanos};
 use super::platform::{Platform, IOAPIC_BASE, IOAPIC_SIZE};
 use super::reset::{apply_init, apply_sipi, write_msr};
 use super::{is_apic_msr, Shared, MSR_APIC_BASE};
-use crate::irqchip::{
+use crate::backend::{
     BlockReason, ChipExit, EntryDecision, ExitHandled, IrqchipError, VcpuIrqchip,
 };
+use crate::kick::{kick_self, KickTimer};
 use crate::kvm::{inject_interrupt, KvmError};
-use crate::vcpu::kick::{kick_self, KickTimer};
 
 /// Size of the xAPIC register page.
 const APIC_PAGE_SIZE: u64 = 0x1000;

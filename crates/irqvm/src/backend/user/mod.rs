@@ -13,14 +13,14 @@
 //!   against `ClockConfig { tsc_hz, tsc_at_zero: 0 }`; `tsc_hz` is KVM_GET_TSC_KHZ of a probe
 //!   vCPU (the frequency KVM gives guests by default).
 //!
-//! Per vCPU (`vcpu::UserVcpuChip`): see the `vcpu` submodule: publish, drain, accept INIT/SIPI,
+//! Per vCPU (`percpu::UserVcpuChip`): see the `percpu` submodule: publish, drain, accept INIT/SIPI,
 //! poll the timer, block or inject, with CR8 kept in step with the TPR.
 
 mod notify;
+mod percpu;
 mod platform;
 mod reset;
 mod timers;
-mod vcpu;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -34,12 +34,13 @@ use kvm_ioctls::{
 };
 
 use irqchip::chip::{PcIrqChip, PcIrqChipConfig};
+use irqchip::msi::MsiMessage;
 use irqchip::vcpu::VcpuInterrupts;
 use irqchip::{ClockConfig, Nanos};
 
-use crate::irqchip::{
-    validate_msi, ChipContext, ChipFeatures, InterruptLines, Irqchip, IrqchipError, IrqchipMode,
-    MsiDelivery, VcpuIrqchip, IRQ_LINES,
+use crate::backend::{
+    ChipContext, ChipFeatures, InterruptLines, Irqchip, IrqchipError, IrqchipMode, MsiDelivery,
+    VcpuIrqchip, IRQ_LINES,
 };
 use crate::kvm::{require_cap, KvmError};
 
@@ -119,18 +120,18 @@ impl UserIrqchip {
             tsc_at_zero: tsc.at_zero,
             ..ClockConfig::default()
         };
-        let mut config = PcIrqChipConfig::new(ctx.vcpus.len());
+        let mut config = PcIrqChipConfig::new(ctx.kicker.vcpus());
         config.apic.clock = clock;
         // The guest's CPUID is derived from this table with leaf 80000008H unchanged.
         config.apic.max_phys_addr =
             crate::cpuid::max_phys_addr(&crate::cpuid::supported_cpuid(ctx.kvm)?);
         let (chip, vcpus) = PcIrqChip::new(config);
         let bus = chip.bus().clone();
-        let notifier = Arc::new(notify::Notifier::new(ctx.vcpus.clone(), bus.clone()));
+        let notifier = Arc::new(notify::Notifier::new(ctx.kicker.clone(), bus.clone()));
         let timers = {
             let notifier = notifier.clone();
-            timers::VmTimers::start(ctx.vcpus.len(), Box::new(move |i| notifier.wake(i)))
-                .map_err(|e| IrqchipError::User(format!("cannot start the timer thread: {e}")))?
+            timers::VmTimers::start(ctx.kicker.vcpus(), Box::new(move |i| notifier.wake(i)))
+                .map_err(IrqchipError::TimerThread)?
         };
         let msr_index = ctx
             .kvm
@@ -249,10 +250,11 @@ impl InterruptLines for UserIrqchip {
         Ok(())
     }
 
-    /// Decodes the message and posts it on the APIC bus, kicking a target in guest mode and
-    /// waking a blocked one (the chip's notify).
+    /// Decodes the message (once: a message that does not decode is refused, as
+    /// [`crate::backend::validate_msi`] refuses it in the other modes) and posts it on the APIC
+    /// bus, kicking a target in guest mode and waking a blocked one (the chip's notify).
     fn signal_msi(&self, address: u64, data: u32) -> Result<MsiDelivery, IrqchipError> {
-        let msi = validate_msi(address, data)?;
+        let msi = MsiMessage { address, data };
         let reached =
             self.shared
                 .platform
@@ -294,10 +296,10 @@ impl Irqchip for UserIrqchip {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get_mut(index)
             .and_then(Option::take)
-            .ok_or_else(|| IrqchipError::User(format!("vCPU {index} created twice")))?;
+            .ok_or(IrqchipError::VcpuCreatedTwice(index))?;
         self.set_guest_tsc(vcpu)?;
         let signature = processor_signature(vcpu);
-        Ok(Box::new(vcpu::UserVcpuChip::new(
+        Ok(Box::new(percpu::UserVcpuChip::new(
             interrupts,
             self.shared.clone(),
             signature,

@@ -1,0 +1,140 @@
+//! `kernel` mode: KVM's in-kernel PIC, IOAPIC and LAPICs; and the KVM helpers the two backends
+//! whose LAPICs are KVM's (`kernel`, `split`) share.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use irqchip::msi::MsiMessage;
+use kvm_bindings::{kvm_mp_state, kvm_msi, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+
+use super::{
+    validate_msi, ChipExit, ChipFeatures, EntryDecision, ExitHandled, InterruptLines, Irqchip,
+    IrqchipError, IrqchipMode, MsiDelivery, VcpuIrqchip, IRQ_LINES,
+};
+use crate::kvm::KvmError;
+
+/// `kernel` mode: KVM's own PIC, IOAPIC and LAPICs.
+pub struct KernelIrqchip {
+    vm: Arc<VmFd>,
+    features: ChipFeatures,
+}
+
+impl KernelIrqchip {
+    /// KVM_CREATE_IRQCHIP (before any vCPU exists). No PIT: timers come from the LAPIC in every
+    /// mode.
+    pub fn new(kvm: &Kvm, vm: Arc<VmFd>) -> Result<Self, IrqchipError> {
+        crate::kvm::require_cap(kvm, Cap::Irqchip, "KVM_CAP_IRQCHIP")?;
+        vm.create_irq_chip()
+            .map_err(KvmError::ioctl("KVM_CREATE_IRQCHIP"))?;
+        let features = ChipFeatures {
+            x2apic: true,
+            tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
+        };
+        Ok(Self { vm, features })
+    }
+}
+
+impl InterruptLines for KernelIrqchip {
+    /// KVM_IRQ_LINE: KVM's default routing sends line n to PIC input n and IOAPIC pin n (line 0
+    /// to IOAPIC pin 2, as on a PC).
+    fn set_line(&self, line: u32, level: bool) -> Result<(), IrqchipError> {
+        if line >= IRQ_LINES {
+            return Err(IrqchipError::NoSuchLine(line));
+        }
+        self.vm
+            .set_irq_line(line, level)
+            .map_err(KvmError::ioctl("KVM_IRQ_LINE"))?;
+        Ok(())
+    }
+
+    /// KVM_SIGNAL_MSI to KVM's LAPICs (validated first).
+    fn signal_msi(&self, address: u64, data: u32) -> Result<MsiDelivery, IrqchipError> {
+        kvm_signal_msi(&self.vm, validate_msi(address, data)?)
+    }
+}
+
+/// Where KVM runs INIT/SIPI (`kernel` and `split` modes): the BSP (vCPU 0) RUNNABLE and every AP
+/// UNINITIALIZED, set explicitly so the start state does not depend on KVM's default. An
+/// UNINITIALIZED AP blocks inside KVM_RUN until KVM's LAPIC takes INIT and SIPI.
+pub(crate) fn set_initial_kvm_mp_state(index: usize, vcpu: &VcpuFd) -> Result<(), IrqchipError> {
+    let mp_state = if index == 0 {
+        KVM_MP_STATE_RUNNABLE
+    } else {
+        KVM_MP_STATE_UNINITIALIZED
+    };
+    vcpu.set_mp_state(kvm_mp_state { mp_state })
+        .map_err(KvmError::ioctl("KVM_SET_MP_STATE"))?;
+    Ok(())
+}
+
+impl Irqchip for KernelIrqchip {
+    fn mode(&self) -> IrqchipMode {
+        IrqchipMode::Kernel
+    }
+
+    fn features(&self) -> ChipFeatures {
+        self.features
+    }
+
+    /// KVM runs INIT/SIPI: see `set_initial_kvm_mp_state`.
+    fn create_vcpu_chip(
+        &self,
+        index: usize,
+        vcpu: &VcpuFd,
+    ) -> Result<Box<dyn VcpuIrqchip>, IrqchipError> {
+        set_initial_kvm_mp_state(index, vcpu)?;
+        Ok(Box::new(KernelVcpuChip))
+    }
+
+    /// Nothing to do: a kernel-mode vCPU blocks inside KVM_RUN, which the kick interrupts.
+    fn wake_vcpu(&self, _index: usize) {}
+}
+
+/// The per-vCPU half of `kernel` mode: KVM does everything.
+struct KernelVcpuChip;
+
+impl VcpuIrqchip for KernelVcpuChip {
+    fn before_entry(&mut self, _vcpu: &mut VcpuFd) -> Result<EntryDecision, IrqchipError> {
+        Ok(EntryDecision::Enter)
+    }
+
+    fn after_exit(&mut self, _vcpu: &mut VcpuFd) -> Result<(), IrqchipError> {
+        Ok(())
+    }
+
+    fn handle_exit(&mut self, _exit: &mut ChipExit<'_>) -> Result<ExitHandled, IrqchipError> {
+        Ok(ExitHandled::NotMine)
+    }
+
+    /// Never called: `before_entry` always says `Enter`.
+    fn block(&mut self, _deadline: Option<Instant>) {}
+
+    fn mp_state(&mut self, vcpu: &mut VcpuFd) -> Result<u32, IrqchipError> {
+        kvm_mp_state(vcpu)
+    }
+}
+
+/// KVM_SIGNAL_MSI of a validated message (`kernel` and `split` mode). KVM returns the number of
+/// LAPICs that accepted it: > 0 delivered, 0 no target or blocked.
+pub(crate) fn kvm_signal_msi(vm: &VmFd, msi: MsiMessage) -> Result<MsiDelivery, IrqchipError> {
+    let request = kvm_msi {
+        address_lo: msi.address as u32,
+        address_hi: (msi.address >> 32) as u32,
+        data: msi.data,
+        ..Default::default()
+    };
+    match vm.signal_msi(request) {
+        Ok(0) => Ok(MsiDelivery::NoTarget),
+        Ok(_) => Ok(MsiDelivery::Delivered),
+        Err(e) => Err(KvmError::ioctl("KVM_SIGNAL_MSI")(e).into()),
+    }
+}
+
+/// KVM_GET_MP_STATE of a vCPU whose LAPIC is KVM's (`kernel` and `split` mode).
+pub(crate) fn kvm_mp_state(vcpu: &VcpuFd) -> Result<u32, IrqchipError> {
+    let state = vcpu
+        .get_mp_state()
+        .map_err(KvmError::ioctl("KVM_GET_MP_STATE"))?;
+    Ok(state.mp_state)
+}

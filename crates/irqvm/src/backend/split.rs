@@ -1,0 +1,568 @@
+//! `split` mode: the local APICs are KVM's (KVM_CAP_SPLIT_IRQCHIP), the IOAPIC, the dual 8259
+//! PIC and the GSI routing table are userspace models from the `irqchip` crate.
+//!
+//! # What runs where
+//!
+//! * KVM: every LAPIC register (no exit), the APIC timer, IPIs, HLT (a halted vCPU blocks
+//!   inside KVM_RUN), INIT/SIPI and the MP state. `before_entry` therefore always says `Enter`.
+//! * Userspace: the same `irqchip::chip::PcIrqChip` as in `user` mode (`GsiRouting::pc_default`:
+//!   ISA IRQ n to PIC line n and IOAPIC pin n, IRQ 0 to pin 2, GSIs 16-23 to the IOAPIC only;
+//!   the `DualPic` at ports 0x20/0x21, 0xA0/0xA1 and 0x4D0/0x4D1; the `IoApic` at 0xFEC00000;
+//!   PCI pins 16 and up active-low), so `user` and `split` guests see the same machine. Only
+//!   its [`MessageSink`] differs: [`KvmSink`] instead of the APIC bus.
+//!
+//! # IOAPIC messages
+//!
+//! The IOAPIC model decides when a pin sends (edge, level with remote IRR, re-delivery after
+//! EOI, unmasking a held level pin); each message it sends reaches [`KvmSink::deliver`], is
+//! encoded as an MSI (`irqchip::msi::MsiMessage::encode`) and handed to KVM's LAPICs with
+//! KVM_SIGNAL_MSI, under the chip's device locks, so messages reach KVM in the order the model
+//! produced them.
+//!
+//! KVM must also report the guest's EOI of a level-triggered IOAPIC vector, which its LAPIC
+//! otherwise keeps to itself: KVM reserves GSIs `0..pins` for the userspace IOAPIC and, for each
+//! MSI route on those GSIs whose data says "level", makes its LAPIC exit with
+//! KVM_EXIT_IOAPIC_EOI when that vector is EOIed on a vCPU the route targets. So pin i is
+//! routed as GSI i with the message its redirection entry describes, masked or not (an entry
+//! masked while its interrupt is in service must still see the EOI, or remote IRR would stick),
+//! and every redirection-table write that changes a route reinstalls the table
+//! (KVM_SET_GSI_ROUTING, from [`KvmSink::redirection_changed`], under the IOAPIC lock). The routes are never fired: delivery is KVM_SIGNAL_MSI, decided by the
+//! model. The EOI exit is handled on the vCPU thread before it re-enters: remote IRR clears and
+//! a line still asserted is delivered again.
+//!
+//! # The PIC's ExtINT (seed 003)
+//!
+//! With the LAPIC in KVM, only KVM knows whether a vCPU's LINT0 accepts the PIC (unmasked
+//! ExtINT, or the APIC hardware-disabled): it sets `kvm_run.ready_for_interrupt_injection` only
+//! when that LAPIC accepts PIC interrupts *and* the vCPU can take an interrupt now (IF=1, no
+//! interrupt shadow, no ExtINT already queued). The protocol:
+//!
+//! 1. Any change that raises the PIC's INTR (a device line, a PIC port write) publishes it
+//!    (`PcIrqChip::pic_intr`, one atomic) and, through [`KvmSink::pic_intr_rose`], kicks every
+//!    other vCPU: an acceptor in the guest or halted inside KVM_RUN must come out to
+//!    rendezvous, and which vCPUs accept is not known here.
+//! 2. At every entry, a vCPU that sees INTR high reads `ready_for_interrupt_injection` from its
+//!    last exit. If set, it takes the PIC lock, checks INTR again and runs the PIC's INTA
+//!    (`PcIrqChip::pic_acknowledge_if_pending`), and queues the vector with KVM_INTERRUPT: KVM said it will inject
+//!    it at this entry, so the PIC is acknowledged only when the injection is certain, and the
+//!    lock makes exactly one vCPU win each request. A halted acceptor wakes (KVM's halt loop
+//!    sees the queued ExtINT).
+//! 3. Otherwise (IF=0, or KVM still holds an ExtINT) it sets `request_interrupt_window`; KVM
+//!    returns KVM_EXIT_IRQ_WINDOW_OPEN when the vCPU can take an interrupt, and step 2 runs at
+//!    that entry. A vCPU whose LINT0 does not accept never gets that exit: the request costs it
+//!    nothing.
+//!
+//! A vector queued with KVM_INTERRUPT is not in KVM_GET_VCPU_EVENTS until KVM injects it at the
+//! next guest entry (`kvm-facts.md`); as injection happens in `before_entry`, right before
+//! KVM_RUN, only a KVM_RUN that returns before entering (a kick's `immediate_exit`) leaves it
+//! queued across a loop iteration. A snapshot taken at the top of the vCPU loop must therefore
+//! first run the vCPU into the guest, or inject with KVM_SET_VCPU_EVENTS instead (not done:
+//! irqvm has no snapshots yet).
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use irqchip::chip::{MessageSink, PcIrqChip, PcIrqChipConfig};
+use irqchip::ioapic::{IoApic, IOAPIC_DEFAULT_BASE};
+use irqchip::msi::MsiMessage;
+use irqchip::pic::DualPic;
+use irqchip::routing::SourceId;
+use irqchip::{DeliveryMode, EoiMessage, InterruptMessage, Notify, VcpuIndex, Vector};
+use kvm_bindings::{
+    kvm_enable_cap, kvm_irq_routing_entry, KvmIrqRouting, KVM_CAP_SPLIT_IRQCHIP,
+    KVM_IRQ_ROUTING_MSI,
+};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+
+use super::kernel::{kvm_mp_state, kvm_signal_msi, set_initial_kvm_mp_state};
+use super::{
+    validate_msi, ChipContext, ChipExit, ChipFeatures, EntryDecision, ExitHandled, InterruptLines,
+    Irqchip, IrqchipError, IrqchipMode, MsiDelivery, VcpuIrqchip, VcpuKicker, IRQ_LINES,
+};
+use crate::kvm::{self, KvmError};
+
+/// Size of the IOAPIC's MMIO window claimed from the exits.
+const IOAPIC_WINDOW: u64 = 0x1000;
+/// The one source that drives every GSI from the VMM's devices.
+const DEVICE_SOURCE: SourceId = SourceId(0);
+
+thread_local! {
+    /// The index of the split-mode vCPU this thread runs, so that a PIC change made by a vCPU's
+    /// own exit does not kick that vCPU (it looks at INTR before re-entering anyway).
+    static CURRENT_VCPU: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// Counters of the split backend (relaxed; reports, tests and the docs' measurements).
+#[derive(Debug, Default)]
+pub struct SplitStats {
+    /// IOAPIC messages handed to KVM with KVM_SIGNAL_MSI.
+    pub msis_signalled: AtomicU64,
+    /// KVM_EXIT_IOAPIC_EOI exits handled.
+    pub ioapic_eois: AtomicU64,
+    /// KVM_SET_GSI_ROUTING calls made after redirection-table changes.
+    pub route_updates: AtomicU64,
+    /// PIC vectors acknowledged and queued with KVM_INTERRUPT.
+    pub extints_injected: AtomicU64,
+    /// Entries made with `request_interrupt_window` set for a pending ExtINT.
+    pub window_requests: AtomicU64,
+    /// Kicks sent because the PIC's INTR rose.
+    pub extint_kicks: AtomicU64,
+    /// Well-formed MSIs from host threads and devices (`InterruptLines::signal_msi`).
+    pub host_msis: AtomicU64,
+}
+
+/// A plain copy of [`SplitStats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SplitStatsSnapshot {
+    pub msis_signalled: u64,
+    pub ioapic_eois: u64,
+    pub route_updates: u64,
+    pub extints_injected: u64,
+    pub window_requests: u64,
+    pub extint_kicks: u64,
+    pub host_msis: u64,
+}
+
+impl SplitStats {
+    pub fn snapshot(&self) -> SplitStatsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        SplitStatsSnapshot {
+            msis_signalled: get(&self.msis_signalled),
+            ioapic_eois: get(&self.ioapic_eois),
+            route_updates: get(&self.route_updates),
+            extints_injected: get(&self.extints_injected),
+            window_requests: get(&self.window_requests),
+            extint_kicks: get(&self.extint_kicks),
+            host_msis: get(&self.host_msis),
+        }
+    }
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Where the userspace IOAPIC's messages go in `split` mode: KVM's LAPICs (KVM_SIGNAL_MSI), with
+/// the redirection table mirrored into KVM's EOI routes (module documentation).
+pub struct KvmSink {
+    vm: Arc<VmFd>,
+    kicker: Arc<dyn VcpuKicker>,
+    stats: SplitStats,
+    /// The MSI route of each IOAPIC pin as last installed in KVM (index = pin = GSI), and the
+    /// last KVM_SET_GSI_ROUTING failure, which the vCPU whose IOAPIC write caused it reports.
+    routes: Mutex<InstalledRoutes>,
+}
+
+#[derive(Default)]
+struct InstalledRoutes {
+    installed: Vec<Option<MsiMessage>>,
+    failure: Option<KvmError>,
+}
+
+impl KvmSink {
+    fn routes(&self) -> std::sync::MutexGuard<'_, InstalledRoutes> {
+        // Plain data, valid between calls: a panic elsewhere does not corrupt it.
+        self.routes.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Installs the pins' MSI routes in KVM (KVM_SET_GSI_ROUTING replaces the whole table; KVM
+    /// then rescans which vectors need an EOI exit on each vCPU).
+    fn install(&self, wanted: &[Option<MsiMessage>]) -> Result<(), KvmError> {
+        let routes: Vec<(u32, MsiMessage)> = wanted
+            .iter()
+            .enumerate()
+            .filter_map(|(pin, r)| r.map(|msi| (pin as u32, msi)))
+            .collect();
+        let mut table =
+            KvmIrqRouting::new(routes.len()).map_err(|_| KvmError::MissingCap("routes"))?;
+        for (slot, (gsi, msi)) in table.as_mut_slice().iter_mut().zip(&routes) {
+            *slot = msi_route(*gsi, *msi);
+        }
+        self.vm
+            .set_gsi_routing(&table)
+            .map_err(KvmError::ioctl("KVM_SET_GSI_ROUTING"))?;
+        bump(&self.stats.route_updates);
+        Ok(())
+    }
+
+    /// The KVM_SET_GSI_ROUTING failure of the last redirection-table change, if any.
+    fn take_route_failure(&self) -> Option<KvmError> {
+        self.routes().failure.take()
+    }
+}
+
+impl MessageSink for KvmSink {
+    /// KVM_SIGNAL_MSI of the message (under the chip's locks: in the model's order).
+    fn deliver(&self, message: &InterruptMessage, _: &mut dyn FnMut(VcpuIndex, Notify)) -> usize {
+        if message.delivery_mode == DeliveryMode::ExtInt {
+            // An IOAPIC entry in ExtINT mode asks the target to fetch the vector from the 8259
+            // (virtual wire through the IOAPIC). The PC wiring here connects INTR to LINT0 only
+            // and KVM's LAPIC cannot take an ExtINT message, so it is dropped.
+            tracing::debug!(
+                ?message,
+                "IOAPIC ExtINT message dropped (not wired in split mode)"
+            );
+            return 0;
+        }
+        let msi = match MsiMessage::encode(message) {
+            Ok(msi) => msi,
+            Err(e) => {
+                tracing::warn!(?message, "IOAPIC message has no MSI form: {e}");
+                return 0;
+            }
+        };
+        bump(&self.stats.msis_signalled);
+        match kvm_signal_msi(&self.vm, msi) {
+            Ok(MsiDelivery::Delivered) => 1,
+            Ok(MsiDelivery::NoTarget) => {
+                tracing::debug!(?message, "KVM_SIGNAL_MSI reached no vCPU");
+                0
+            }
+            Err(e) => {
+                tracing::warn!(?message, "{e}");
+                0
+            }
+        }
+    }
+
+    /// INTR rose: every vCPU except the calling one comes out of KVM_RUN once to check whether
+    /// its LAPIC takes the PIC's interrupt (only KVM knows, see the module documentation).
+    fn pic_intr_rose(&self, notify: &mut dyn FnMut(VcpuIndex, Notify)) {
+        let me = CURRENT_VCPU.with(Cell::get);
+        for index in (0..self.kicker.vcpus()).filter(|&i| Some(i) != me) {
+            bump(&self.stats.extint_kicks);
+            notify(index, Notify::Kick);
+        }
+    }
+
+    /// Reinstalls the EOI routes if a pin's wanted route changed.
+    fn redirection_changed(&self, ioapic: &IoApic) {
+        let wanted: Vec<Option<MsiMessage>> = (0..ioapic.pins())
+            .map(|pin| eoi_route(ioapic, pin))
+            .collect();
+        let mut routes = self.routes();
+        if wanted == routes.installed {
+            return;
+        }
+        match self.install(&wanted) {
+            Ok(()) => routes.installed = wanted,
+            Err(e) => routes.failure = Some(e),
+        }
+    }
+}
+
+/// The MSI route pin `pin` needs now: its entry's message whether masked or not, with the
+/// entry's trigger mode (a level route is what makes KVM exit on the EOI). `None` for delivery
+/// modes that have no EOI and no MSI form here (ExtINT, reserved).
+fn eoi_route(ioapic: &IoApic, pin: usize) -> Option<MsiMessage> {
+    let message = ioapic.entry_message(pin)?;
+    if !matches!(
+        message.delivery_mode,
+        DeliveryMode::Fixed | DeliveryMode::LowestPriority
+    ) {
+        return None;
+    }
+    MsiMessage::encode(&message).ok()
+}
+
+/// One `KVM_IRQ_ROUTING_MSI` entry.
+fn msi_route(gsi: u32, msi: MsiMessage) -> kvm_irq_routing_entry {
+    let mut entry = kvm_irq_routing_entry {
+        gsi,
+        type_: KVM_IRQ_ROUTING_MSI,
+        ..Default::default()
+    };
+    entry.u.msi.address_lo = msi.address as u32;
+    entry.u.msi.address_hi = (msi.address >> 32) as u32;
+    entry.u.msi.data = msi.data;
+    entry
+}
+
+/// Everything the split backend shares between threads: the PC platform with its KVM sink.
+pub struct SplitShared {
+    chip: PcIrqChip<KvmSink>,
+    kicker: Arc<dyn VcpuKicker>,
+}
+
+impl SplitShared {
+    fn stats(&self) -> &SplitStats {
+        &self.chip.sink().stats
+    }
+
+    /// Carries out what a chip call asks for: the sink only ever asks for kicks.
+    fn notify(&self) -> impl FnMut(VcpuIndex, Notify) + '_ {
+        |index, how| {
+            if how != Notify::None {
+                self.kicker.kick(index);
+            }
+        }
+    }
+
+    fn set_gsi(&self, gsi: u32, level: bool) {
+        if let Err(e) = self
+            .chip
+            .set_gsi(gsi, DEVICE_SOURCE, level, &mut self.notify())
+        {
+            // Only a GSI above the table or too many sources can fail; neither is reachable
+            // through `InterruptLines` (lines are checked, one source), so it is only logged.
+            tracing::warn!(gsi, level, "GSI routing: {e}");
+        }
+    }
+
+    /// A guest write to the IOAPIC window: may send (unmasking a held level pin, the EOI
+    /// register) and may change routes, which are reinstalled before the vCPU re-enters.
+    fn ioapic_write(&self, offset: u64, data: &[u8]) -> Result<(), IrqchipError> {
+        self.chip
+            .ioapic_mmio_write(offset, data, &mut self.notify());
+        match self.chip.sink().take_route_failure() {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
+    }
+
+    /// KVM_EXIT_IOAPIC_EOI: the guest EOIed a level-triggered vector of the IOAPIC.
+    fn ioapic_eoi(&self, vector: Vector) {
+        bump(&self.stats().ioapic_eois);
+        self.chip.eoi(EoiMessage { vector }, &mut self.notify());
+    }
+
+    /// A guest `in` from PIC ports, byte by byte (a poll-mode read is an INTA).
+    fn pic_read(&self, port: u16, data: &mut [u8]) {
+        for (i, byte) in data.iter_mut().enumerate() {
+            let p = port.wrapping_add(i as u16);
+            *byte = if DualPic::handles_port(p) {
+                self.chip.pic_port_read(p, &mut self.notify())
+            } else {
+                0xFF
+            };
+        }
+    }
+
+    /// A guest `out` to PIC ports, byte by byte.
+    fn pic_write(&self, port: u16, data: &[u8]) {
+        for (i, byte) in data.iter().enumerate() {
+            let p = port.wrapping_add(i as u16);
+            if DualPic::handles_port(p) {
+                self.chip.pic_port_write(p, *byte, &mut self.notify());
+            }
+        }
+    }
+}
+
+/// `split` mode. See the module documentation.
+pub struct SplitIrqchip {
+    shared: Arc<SplitShared>,
+    features: ChipFeatures,
+}
+
+impl SplitIrqchip {
+    /// KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP) with the IOAPIC's pin count as the number of
+    /// reserved GSIs, before any vCPU exists.
+    pub fn new(ctx: ChipContext<'_>) -> Result<Self, IrqchipError> {
+        crate::kvm::require_cap(ctx.kvm, Cap::SplitIrqchip, "KVM_CAP_SPLIT_IRQCHIP")?;
+        let config = PcIrqChipConfig::new(ctx.kicker.vcpus());
+        let pins = config.ioapic.clamped().pins;
+        let sink = KvmSink {
+            vm: ctx.vm.clone(),
+            kicker: ctx.kicker.clone(),
+            stats: SplitStats::default(),
+            routes: Mutex::new(InstalledRoutes {
+                installed: vec![None; pins],
+                failure: None,
+            }),
+        };
+        let chip = PcIrqChip::with_sink(config, sink);
+        let mut cap = kvm_enable_cap {
+            cap: KVM_CAP_SPLIT_IRQCHIP,
+            ..Default::default()
+        };
+        cap.args[0] = pins as u64;
+        ctx.vm
+            .enable_cap(&cap)
+            .map_err(KvmError::ioctl("KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)"))?;
+        Ok(Self {
+            features: features(ctx.kvm),
+            shared: Arc::new(SplitShared {
+                chip,
+                kicker: ctx.kicker,
+            }),
+        })
+    }
+
+    pub fn stats(&self) -> SplitStatsSnapshot {
+        self.shared.stats().snapshot()
+    }
+}
+
+impl Drop for SplitIrqchip {
+    fn drop(&mut self) {
+        tracing::debug!(stats = ?self.stats(), "split irqchip");
+    }
+}
+
+/// KVM's LAPIC offers x2APIC, and TSC-deadline where the host has it.
+fn features(kvm: &Kvm) -> ChipFeatures {
+    ChipFeatures {
+        x2apic: true,
+        tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
+    }
+}
+
+impl InterruptLines for SplitIrqchip {
+    fn set_line(&self, line: u32, level: bool) -> Result<(), IrqchipError> {
+        if line >= IRQ_LINES {
+            return Err(IrqchipError::NoSuchLine(line));
+        }
+        self.shared.set_gsi(line, level);
+        Ok(())
+    }
+
+    /// KVM_SIGNAL_MSI straight to KVM's LAPICs (validated first). No chip lock: a host MSI
+    /// does not pass through the userspace IOAPIC, so it has no order to keep with its messages.
+    fn signal_msi(&self, address: u64, data: u32) -> Result<MsiDelivery, IrqchipError> {
+        let msi = validate_msi(address, data)?;
+        bump(&self.shared.stats().host_msis);
+        kvm_signal_msi(&self.shared.chip.sink().vm, msi)
+    }
+}
+
+impl Irqchip for SplitIrqchip {
+    fn mode(&self) -> IrqchipMode {
+        IrqchipMode::Split
+    }
+
+    fn features(&self) -> ChipFeatures {
+        self.features
+    }
+
+    /// The MP state is KVM's, as in `kernel` mode: the BSP runnable, APs waiting for their SIPI
+    /// inside KVM_RUN.
+    fn create_vcpu_chip(
+        &self,
+        index: usize,
+        vcpu: &VcpuFd,
+    ) -> Result<Box<dyn VcpuIrqchip>, IrqchipError> {
+        set_initial_kvm_mp_state(index, vcpu)?;
+        Ok(Box::new(SplitVcpuChip {
+            index,
+            shared: self.shared.clone(),
+        }))
+    }
+
+    /// Nothing to do: a halted vCPU blocks inside KVM_RUN, which the kick interrupts.
+    fn wake_vcpu(&self, _index: usize) {}
+}
+
+/// The per-vCPU half of `split` mode: ExtINT injection and the exits of the userspace chips.
+struct SplitVcpuChip {
+    index: usize,
+    shared: Arc<SplitShared>,
+}
+
+impl SplitVcpuChip {
+    /// Step 2 and 3 of the ExtINT protocol (module documentation). Returns whether to request
+    /// an interrupt window.
+    fn offer_extint(&self, vcpu: &mut VcpuFd) -> Result<bool, IrqchipError> {
+        let chip = &self.shared.chip;
+        if !chip.pic_intr() {
+            return Ok(false);
+        }
+        // KVM computed this at the last exit, for the state the vCPU is still in: LINT0
+        // accepts the PIC, IF=1, no interrupt shadow, no ExtINT already queued.
+        if vcpu.get_kvm_run().ready_for_interrupt_injection == 0 {
+            return Ok(true);
+        }
+        if let Some(vector) = chip.pic_acknowledge_if_pending() {
+            kvm::inject_interrupt(vcpu, vector)?;
+            bump(&self.shared.stats().extints_injected);
+        }
+        // KVM holds one ExtINT at a time: a further request waits for the next window.
+        Ok(chip.pic_intr())
+    }
+}
+
+impl VcpuIrqchip for SplitVcpuChip {
+    fn before_entry(&mut self, vcpu: &mut VcpuFd) -> Result<EntryDecision, IrqchipError> {
+        CURRENT_VCPU.with(|c| c.set(Some(self.index)));
+        let window = self.offer_extint(vcpu)?;
+        if window {
+            bump(&self.shared.stats().window_requests);
+        }
+        vcpu.get_kvm_run().request_interrupt_window = u8::from(window);
+        Ok(EntryDecision::Enter)
+    }
+
+    fn after_exit(&mut self, _vcpu: &mut VcpuFd) -> Result<(), IrqchipError> {
+        Ok(())
+    }
+
+    fn handle_exit(&mut self, exit: &mut ChipExit<'_>) -> Result<ExitHandled, IrqchipError> {
+        let shared = &self.shared;
+        match exit {
+            ChipExit::MmioRead { addr, data } => match ioapic_offset(*addr) {
+                Some(offset) => shared.chip.ioapic_mmio_read(offset, data),
+                None => return Ok(ExitHandled::NotMine),
+            },
+            ChipExit::MmioWrite { addr, data } => match ioapic_offset(*addr) {
+                Some(offset) => shared.ioapic_write(offset, data)?,
+                None => return Ok(ExitHandled::NotMine),
+            },
+            ChipExit::PioRead { port, data } if DualPic::handles_port(*port) => {
+                shared.pic_read(*port, data)
+            }
+            ChipExit::PioWrite { port, data } if DualPic::handles_port(*port) => {
+                shared.pic_write(*port, data)
+            }
+            ChipExit::IoapicEoi { vector } => shared.ioapic_eoi(*vector),
+            // `before_entry` injects at this entry.
+            ChipExit::IrqWindowOpen => {}
+            _ => return Ok(ExitHandled::NotMine),
+        }
+        Ok(ExitHandled::Handled)
+    }
+
+    /// Never called: `before_entry` always says `Enter`.
+    fn block(&mut self, _deadline: Option<Instant>) {}
+
+    /// KVM's: MP state, INIT and SIPI belong to its LAPIC in split mode.
+    fn mp_state(&mut self, vcpu: &mut VcpuFd) -> Result<u32, IrqchipError> {
+        kvm_mp_state(vcpu)
+    }
+}
+
+/// The offset of `addr` in the IOAPIC's window, if it is there.
+fn ioapic_offset(addr: u64) -> Option<u64> {
+    let offset = addr.checked_sub(IOAPIC_DEFAULT_BASE)?;
+    (offset < IOAPIC_WINDOW).then_some(offset)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use irqchip::ioapic::IoApicConfig;
+    use irqchip::TriggerMode;
+
+    /// Writes redirection entry `pin` (82093AA §3.2.4: IOREGSEL at 0, IOWIN at 0x10).
+    fn program(ioapic: &mut IoApic, pin: u32, low: u32) {
+        for (index, value) in [(0x11 + 2 * pin, 0u32), (0x10 + 2 * pin, low)] {
+            ioapic.mmio_write(0, &index.to_le_bytes(), &mut |_| {});
+            ioapic.mmio_write(0x10, &value.to_le_bytes(), &mut |_| {});
+        }
+    }
+
+    /// The EOI route of a pin is its entry as an MSI, masked or not, with the entry's trigger
+    /// mode (a level route is what makes KVM exit on the EOI); ExtINT entries have none.
+    #[test]
+    fn eoi_routes_follow_the_redirection_entries() {
+        let mut ioapic = IoApic::new(IoApicConfig::default());
+        program(&mut ioapic, 4, 0x41 | 1 << 15 | 1 << 16);
+        let route = eoi_route(&ioapic, 4).expect("a masked level entry keeps its route");
+        let message = route.decode().unwrap();
+        assert_eq!(message.vector, 0x41);
+        assert_eq!(message.trigger, TriggerMode::Level);
+        program(&mut ioapic, 5, 0x42 | 7 << 8);
+        assert_eq!(eoi_route(&ioapic, 5), None, "ExtINT has no MSI form");
+    }
+}
