@@ -498,6 +498,55 @@ mod tests {
         inbox.post_vector(vector, TriggerMode::Edge)
     }
 
+    fn bitmap(vectors: &[Vector]) -> VectorBitmap {
+        let mut bits = VectorBitmap::default();
+        for &v in vectors {
+            let (word, mask) = word_and_mask(v);
+            bits[word] |= mask;
+        }
+        bits
+    }
+
+    /// `Posted::merge` (what a vCPU does with two drains before it injects): vectors OR
+    /// together; a vector the later drain posted takes that drain's trigger mode, the others keep
+    /// theirs; events merge as `ApicEvents::merge` (a newer SIPI wins); `wakeup` ORs.
+    #[test]
+    fn merge_ors_vectors_and_the_later_trigger_mode_wins() {
+        let mut earlier = Posted {
+            pir: bitmap(&[0x30, 0x41, 0x80, 0xC1]),
+            level: bitmap(&[0x41, 0xC1]),
+            events: ApicEvents {
+                sipi: Some(0x10),
+                ..ApicEvents::default()
+            },
+            wakeup: true,
+        };
+        let later = Posted {
+            pir: bitmap(&[0x41, 0x80, 0xFE]),
+            level: bitmap(&[0x80]),
+            events: ApicEvents {
+                sipi: Some(0x20),
+                nmi: true,
+                ..ApicEvents::default()
+            },
+            wakeup: false,
+        };
+        earlier.merge(later);
+        let vectors: Vec<Vector> = earlier.vectors().collect();
+        assert_eq!(vectors, [0x30, 0x41, 0x80, 0xC1, 0xFE]);
+        let level: Vec<Vector> = vectors
+            .into_iter()
+            .filter(|&v| earlier.is_level(v))
+            .collect();
+        assert_eq!(level, [0x80, 0xC1], "0x41 was re-posted edge, 0xC1 kept");
+        assert_eq!(earlier.events.sipi, Some(0x20));
+        assert!(earlier.events.nmi);
+        assert!(earlier.wakeup);
+        let mut empty = Posted::default();
+        empty.merge(Posted::default());
+        assert!(empty.is_empty());
+    }
+
     // SDM vol. 3C "Posted-Interrupt Processing": every one of the 256 PIR bits is distinct.
     #[test]
     fn pir_posts_and_drains_every_vector() {

@@ -109,33 +109,44 @@ static void logical_ipi(const char *what, u32 dest, u32 expect, u32 vector)
 	check(expect_delivery(vector, before, expect, why, sizeof why), what, "dest %x: %s", dest, why);
 }
 
+/* Lowest priority (SDM 11.6.2.4). The destination set is every CPU. The guest cannot know which arbitration its
+ * host implements, so each policy is a check of its own and the harness says which must pass where:
+ *  - "lowest ppr": all but the last CPU run at a higher TPR; every delivery must go to the last CPU, the one
+ *    with the lowest processor priority (the SDM's arbitration; irqvm's `user` mode);
+ *  - "ties rotate round-robin": the last two CPUs share the lowest priority (TPR 0), the others run higher;
+ *    the deliveries must alternate between the two and nobody else may take one (irqvm's `user` mode breaks
+ *    ties round-robin). The vectors are all even, so KVM's vector hashing (below) cannot pass it by chance;
+ *  - "tpr or kvm vector hashing": the lowest-PPR pattern, or delivery i going to the (vector mod n)-th CPU of
+ *    the set whatever the TPRs (Linux KVM's default, kvm.vector_hashing=1, which the SDM permits as a chipset
+ *    choice). The guest reports which of the two it saw in an INFO line.
+ * Any other pattern (e.g. always the first CPU of the set, as QEMU's TCG APIC does) fails all three. */
+#define LOWEST_SENDS 4
+#define V_LOWEST_TIE 0x50 /* 0x50, 0x52, 0x54, 0x56: even, see above */
+
 static void set_tpr(void *arg) { apic_write(APIC_TPR, (u32)(usize)arg); }
 
-/* Lowest priority (SDM 11.6.2.4): the destination set is every CPU; all but one (the last) run at a higher TPR.
- * Four vectors are sent. Two arbitration policies are accepted, and the guest reports which one it saw:
- *  - "tpr": every delivery goes to the lowest-TPR CPU (the SDM's arbitration by priority);
- *  - "vector hashing": delivery i goes to the (vector mod n)-th CPU of the set, whatever the TPRs (Linux KVM's
- *    default, module parameter kvm.vector_hashing=1, which the SDM permits as a chipset choice).
- * Any other pattern (e.g. always the first CPU of the set, as QEMU's TCG APIC does) fails. */
-#define LOWEST_SENDS 4
-static void lowest_priority(u32 logical_all)
+/* TPR `tpr_of(c)` on every CPU. Returns false if an smp_call timed out. */
+static bool set_tprs(u32 (*tpr_of)(u32 cpu))
 {
-	if (ncpus < 2) {
-		skip("lowest priority", "only %u CPU", ncpus);
-		return;
-	}
-	u32 target = ncpus - 1;
 	bool ok = true;
 	for (u32 c = 1; c < ncpus; c++)
-		ok &= smp_call(c, set_tpr, (void *)(usize)(c == target ? 0x00 : 0x20));
-	apic_write(APIC_TPR, 0x30);
-	check(ok, "lowest priority tpr setup", "an smp_call timed out");
-	u32 singles = 0, by_tpr = 0, by_hash = 0;
-	u32 who[LOWEST_SENDS];
+		ok &= smp_call(c, set_tpr, (void *)(usize)tpr_of(c));
+	apic_write(APIC_TPR, tpr_of(0));
+	return ok;
+}
+static u32 tpr_last_lowest(u32 c) { return c == ncpus - 1 ? 0x00 : c == 0 ? 0x30 : 0x20; }
+static u32 tpr_last_two_tied(u32 c) { return c + 2 >= ncpus ? 0x00 : c == 0 ? 0x30 : 0x20; }
+static u32 tpr_zero(u32 c) { return 0; }
+
+/* Sends LOWEST_SENDS lowest-priority IPIs (vector base + i * step) to `dest`; who[i] is the CPU that took send i
+ * (MAX_CPUS if none, or if more than one did). Returns how many sends reached exactly one CPU. */
+static u32 send_lowest(u32 dest, u32 base, u32 step, u32 *who)
+{
+	u32 singles = 0;
 	for (u32 i = 0; i < LOWEST_SENDS; i++) {
-		u32 v = V_LOWEST + i, before[MAX_CPUS], got = 0;
+		u32 v = base + i * step, before[MAX_CPUS], got = 0;
 		snapshot(v, before);
-		apic_icr_write(logical_all, APIC_DEST_LOGICAL | APIC_DM_LOWEST | v);
+		apic_icr_write(dest, APIC_DEST_LOGICAL | APIC_DM_LOWEST | v);
 		u64 t0 = rdtsc(), limit = ms_to_tsc(WAIT_MS);
 		while (!got && rdtsc() - t0 < limit)
 			for (u32 c = 0; c < ncpus; c++)
@@ -148,20 +159,58 @@ static void lowest_priority(u32 logical_all)
 				got += irq_count[c][v] - before[c];
 				who[i] = c;
 			}
-		singles += got == 1;
-		by_tpr += got == 1 && who[i] == target;
-		by_hash += got == 1 && who[i] == v % ncpus;
+		if (got == 1)
+			singles++;
+		else
+			who[i] = MAX_CPUS;
+	}
+	return singles;
+}
+
+static void lowest_by_ppr(u32 logical_all)
+{
+	u32 target = ncpus - 1, who[LOWEST_SENDS], by_ppr = 0, by_hash = 0;
+	check(set_tprs(tpr_last_lowest), "lowest priority tpr setup", "an smp_call timed out");
+	u32 singles = send_lowest(logical_all, V_LOWEST, 1, who);
+	for (u32 i = 0; i < LOWEST_SENDS; i++) {
+		by_ppr += who[i] == target;
+		by_hash += who[i] == (V_LOWEST + i) % ncpus;
 	}
 	check(singles == LOWEST_SENDS, "lowest priority delivers to exactly one cpu", "%u of %u sends did",
 	      singles, LOWEST_SENDS);
-	const char *policy = by_tpr == LOWEST_SENDS ? "tpr" : by_hash == LOWEST_SENDS ? "vector hashing" : NULL;
+	const char *policy = by_ppr == LOWEST_SENDS ? "tpr" : by_hash == LOWEST_SENDS ? "vector hashing" : NULL;
 	if (policy)
 		printf("INFO: lowest priority arbitration policy: %s\n", policy);
 	check(policy != NULL, "lowest priority follows tpr (or kvm vector hashing) [tcg-apic-gap]",
 	      "receivers %u %u %u %u; lowest-TPR cpu is %u", who[0], who[1], who[2], who[3], target);
-	apic_write(APIC_TPR, 0);
-	for (u32 c = 1; c < ncpus; c++)
-		smp_call(c, set_tpr, (void *)0);
+	check(by_ppr == LOWEST_SENDS, "lowest priority goes to the lowest ppr cpu [kvm-vector-hashing] [tcg-apic-gap]",
+	      "receivers %u %u %u %u; lowest-PPR cpu is %u", who[0], who[1], who[2], who[3], target);
+}
+
+/* The two tied CPUs each take every other send: the first receiver is either of them. */
+static void lowest_ties_round_robin(u32 logical_all)
+{
+	u32 a = ncpus - 2, who[LOWEST_SENDS], rotating = 0;
+	check(set_tprs(tpr_last_two_tied), "lowest priority tie tpr setup", "an smp_call timed out");
+	send_lowest(logical_all, V_LOWEST_TIE, 2, who);
+	for (u32 i = 0; i < LOWEST_SENDS; i++) {
+		bool tied = who[i] == a || who[i] == a + 1;
+		rotating += tied && (i == 0 || who[i] != who[i - 1]);
+	}
+	check(rotating == LOWEST_SENDS,
+	      "lowest priority ties rotate round-robin [kvm-vector-hashing] [tcg-apic-gap]",
+	      "receivers %u %u %u %u; tied cpus %u and %u", who[0], who[1], who[2], who[3], a, a + 1);
+}
+
+static void lowest_priority(u32 logical_all)
+{
+	if (ncpus < 2) {
+		skip("lowest priority", "only %u CPU", ncpus);
+		return;
+	}
+	lowest_by_ppr(logical_all);
+	lowest_ties_round_robin(logical_all);
+	set_tprs(tpr_zero);
 }
 
 static volatile u32 nmi_count[MAX_CPUS];

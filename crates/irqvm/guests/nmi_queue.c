@@ -45,7 +45,7 @@ static void burst_while_in_service(void)
 	delay_ms(QUIET_MS);
 	u32 got = nmis[0] - before;
 	check(burst_sent_ok == SELF_BURST && got == 2,
-	      "nmis sent while one is in service: one is held and the rest coalesce",
+	      "nmis sent while one is in service, one is held and the rest coalesce",
 	      "%u NMIs sent from the handler, %u taken in all (want 1 + 1)", burst_sent_ok, got);
 	check(nested[0] == 0, "no nmi nests inside the nmi handler", "%u nested", nested[0]);
 }
@@ -90,7 +90,7 @@ static void sender(void *unused)
 
 static void same_moment(void)
 {
-	const char *name = "two cpus sending an nmi at the same moment: cpu 0 takes exactly two";
+	const char *name = "two cpus sending an nmi at the same moment, cpu 0 takes exactly two";
 	if (ncpus < 3) {
 		skip(name, "%u CPU(s)", ncpus);
 		return;

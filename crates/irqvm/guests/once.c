@@ -53,14 +53,14 @@ static void extint_running(void)
 	bool got = wait_ge(&irq_count[0][V_PIC], n + 1, WAIT_MS);
 	settle_raiser();
 	delay_ms(SETTLE_MS);
-	check(got && irq_count[0][V_PIC] == n + 1, "extint to a running cpu: exactly once", "%u interrupts",
+	check(got && irq_count[0][V_PIC] == n + 1, "extint to a running cpu, exactly once", "%u interrupts",
 	      irq_count[0][V_PIC] - n);
 }
 
 static void extint_halted(void)
 {
 	if (raiser == 0) {
-		skip("extint to a halted cpu: exactly once", "needs a second CPU to raise the line");
+		skip("extint to a halted cpu, exactly once", "needs a second CPU to raise the line");
 		return;
 	}
 	u32 n = irq_count[0][V_PIC];
@@ -73,7 +73,7 @@ static void extint_halted(void)
 	}
 	settle_raiser();
 	delay_ms(SETTLE_MS);
-	check(irq_count[0][V_PIC] == n + 1 && halts >= 1, "extint to a halted cpu: exactly once",
+	check(irq_count[0][V_PIC] == n + 1 && halts >= 1, "extint to a halted cpu, exactly once",
 	      "%u interrupts after %u halts", irq_count[0][V_PIC] - n, halts);
 }
 
@@ -90,7 +90,7 @@ static void extint_if_disabled(void)
 	bool got = wait_ge(&irq_count[0][V_PIC], n + 1, WAIT_MS);
 	delay_ms(SETTLE_MS);
 	check(held == 0 && in_irr, "extint held while if=0", "%u interrupts with IF=0, IRR bit %u", held, in_irr);
-	check(got && irq_count[0][V_PIC] == n + 1, "extint after sti: exactly once", "%u interrupts",
+	check(got && irq_count[0][V_PIC] == n + 1, "extint after sti, exactly once", "%u interrupts",
 	      irq_count[0][V_PIC] - n);
 }
 
@@ -139,9 +139,9 @@ void guest_main(void)
 			raiser = 0;
 	}
 	extint();
-	level_once_to(0, "level line lowered before eoi: exactly once [isr-kept]");
+	level_once_to(0, "level line lowered before eoi, exactly once [isr-kept]");
 	if (raiser != 0)
-		level_once_to(raiser, "level line to a halted ap, lowered before eoi: exactly once [isr-kept]");
+		level_once_to(raiser, "level line to a halted ap, lowered before eoi, exactly once [isr-kept]");
 	else
-		skip("level line to a halted ap, lowered before eoi: exactly once [isr-kept]", "only %u CPU", ncpus);
+		skip("level line to a halted ap, lowered before eoi, exactly once [isr-kept]", "only %u CPU", ncpus);
 }

@@ -39,7 +39,7 @@ fn report(result: &Result<RunReport, irqvm::vm::VmError>, output: &str) -> RunRe
 fn after_smp_boot_the_bsp_is_runnable_and_the_aps_halted() {
     for mode in MODES {
         let run = run_guest("smp_boot", 4, mode);
-        run.assert_all_passed(&format!("smp_boot, {mode:?}"));
+        run.assert_expected("smp_boot", mode, 4);
         let states = report(&run.result, &run.output).mp_states;
         assert_eq!(
             states,
@@ -60,7 +60,7 @@ fn after_smp_boot_the_bsp_is_runnable_and_the_aps_halted() {
 fn an_ap_nobody_started_is_uninitialized() {
     for mode in MODES {
         let run = run_guest("hello", 2, mode);
-        run.assert_all_passed(&format!("hello, {mode:?}"));
+        run.assert_expected("hello", mode, 2);
         let states = report(&run.result, &run.output).mp_states;
         assert_eq!(
             states,

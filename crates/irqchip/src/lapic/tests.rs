@@ -204,6 +204,23 @@ fn apr_11_6_2_4() {
     assert_eq!(read(&mut apic, REG_APR), 0x80);
 }
 
+/// SDM vol. 3 §11.6.2.4: APR = TPR (all eight bits) when TPR[7:4] >= IRRV[7:4] and TPR[7:4] >
+/// ISRV[7:4]. A request in TPR's own class leaves APR at TPR; a vector in service in TPR's class
+/// makes it that class (low nibble 0).
+#[test]
+fn apr_11_6_2_4_tpr_and_irr_or_isr_in_the_same_class() {
+    let mut apic = xapic();
+    write(&mut apic, REG_TPR, 0x45);
+    apic.accept_vector(0x41, TriggerMode::Edge);
+    assert_eq!(read(&mut apic, REG_APR), 0x45, "IRR class equal to TPR's");
+
+    let mut apic = xapic();
+    apic.accept_vector(0x41, TriggerMode::Edge);
+    assert_eq!(apic.acknowledge_interrupt(), Some(0x41));
+    write(&mut apic, REG_TPR, 0x45);
+    assert_eq!(read(&mut apic, REG_APR), 0x40, "ISR class equal to TPR's");
+}
+
 #[test]
 fn eoi_is_write_only_and_rrd_reads_zero_11_4_1() {
     let mut apic = xapic();

@@ -1,6 +1,9 @@
 //! Shared helpers of the integration tests: run a VM on a helper thread with a hard timeout,
-//! build tiny raw / ELF64 / a.out guests from machine code.
+//! run the guest test kernels and compare what they print with guests/expect (`expect`), build
+//! tiny raw / ELF64 / a.out guests from machine code.
 #![allow(dead_code)]
+
+pub mod expect;
 
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -24,56 +27,38 @@ pub struct GuestRun {
 }
 
 impl GuestRun {
-    /// Like [`Self::assert_all_passed`], except that checks tagged `[tag]` (a host limit the
-    /// guest names, see kvm-facts.md) may fail: the run must have at least one such failure or
-    /// none, no other failure, and a DONE line. Returns the tolerated failures.
-    pub fn assert_passed_except(&self, what: &str, tag: &str) -> Vec<String> {
-        if let Err(e) = &self.result {
-            panic!("{what}: {e}\n--- output ---\n{}", self.output);
-        }
-        let marker = format!("[{tag}]");
-        let fails: Vec<String> = self
-            .output
-            .lines()
-            .filter(|l| l.starts_with("FAIL"))
-            .map(str::to_string)
-            .collect();
-        let untagged: Vec<&String> = fails.iter().filter(|l| !l.contains(&marker)).collect();
-        assert!(
-            untagged.is_empty(),
-            "{what}: failures not explained by {marker}: {untagged:?}\n{}",
-            self.output
-        );
-        assert!(
-            self.output.contains("DONE: "),
-            "{what}: no DONE line:\n{}",
-            self.output
-        );
-        fails
-    }
-
-    /// Asserts the guest library's protocol: a DONE line, no FAIL line, debug-exit 0 (status 1).
-    pub fn assert_all_passed(&self, what: &str) {
+    /// Asserts that the run of `guest` in `mode` on `cpus` vCPUs printed exactly what
+    /// guests/expect/`guest`.txt says (see [`expect::Expectations::verify`]) and ended with the
+    /// exit status its DONE line implies (debug-exit 0 gives 1, debug-exit 1 after a FAIL gives 3).
+    /// Panics listing every difference, then the output. Returns the tolerated host-limit
+    /// failures, which are also printed to stderr.
+    pub fn assert_expected(&self, guest: &str, mode: IrqchipMode, cpus: u32) -> Vec<String> {
+        let what = format!("{guest} on {cpus} vCPU(s), {mode:?} irqchip");
         let report = self
             .result
             .as_ref()
             .unwrap_or_else(|e| panic!("{what}: {e}\n--- output ---\n{}", self.output));
-        assert!(
-            !self.output.contains("FAIL"),
-            "{what} failed:\n{}",
-            self.output
-        );
-        assert!(
-            self.output.contains("DONE: "),
-            "{what}: no DONE line:\n{}",
-            self.output
-        );
+        let verdict = expect::Expectations::load(guest)
+            .verify(mode, cpus, &self.output)
+            .unwrap_or_else(|problems| {
+                panic!(
+                    "{what}: the run differs from guests/expect/{guest}.txt:\n{problems}--- output ---\n{}",
+                    self.output
+                )
+            });
+        let failed = expect::done_counts(&self.output).map_or(0, |(_, failed)| failed);
+        let status = if failed == 0 { 1 } else { 3 };
         assert_eq!(
             report.exit.exit_status(),
-            1,
-            "{what}: exit status (debug-exit 0 gives 1):\n{}",
+            status,
+            "{what}: exit status (debug-exit {} gives {status}):\n{}",
+            status >> 1,
             self.output
         );
+        for check in &verdict.tolerated {
+            eprintln!("{what}: host limit met, as listed: {check}");
+        }
+        verdict.tolerated
     }
 }
 
@@ -243,8 +228,14 @@ fn wait_for_host_link(capture: &SerialCapture, over: &dyn Fn() -> bool) -> Optio
 /// The storm run passed, and its counts are exact: every IPI sent was received once, the guest's
 /// 20 pulses of line 11 gave 20 interrupts, and the host's `pulses` of line 10 gave exactly
 /// `pulses` interrupts.
-pub fn assert_storm_counts_exact(run: &GuestRun, cpus: u32, pulses: u32, what: &str) {
-    run.assert_all_passed(what);
+pub fn assert_storm_counts_exact(
+    run: &GuestRun,
+    mode: IrqchipMode,
+    cpus: u32,
+    pulses: u32,
+    what: &str,
+) {
+    run.assert_expected("storm", mode, cpus);
     let line = run
         .output
         .lines()
@@ -287,75 +278,51 @@ pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Runs guest `name` on 1, 2 and 4 vCPUs in `mode`, one VM at a time. With `host_limit`, checks
-/// the guest tags `[host_limit]` may fail (see [`GuestRun::assert_passed_except`]); without,
-/// every check must pass.
-pub fn run_on_1_2_4(name: &str, mode: IrqchipMode, host_limit: Option<&str>) -> Vec<GuestRun> {
-    [1, 2, 4]
+/// Runs guest `name` alone in `mode` on every vCPU count guests/expect/`name`.txt lists, one VM
+/// at a time, and asserts each run printed what the file expects (see
+/// [`GuestRun::assert_expected`]).
+pub fn check_guest(name: &str, mode: IrqchipMode) -> Vec<GuestRun> {
+    expect::Expectations::load(name)
+        .cpu_counts()
         .into_iter()
         .map(|cpus| {
             let _one = exclusive();
             let run = run_guest(name, cpus, mode);
-            let what = format!("{name} on {cpus} vCPU(s), {mode:?} irqchip");
-            match host_limit {
-                Some(tag) => {
-                    run.assert_passed_except(&what, tag);
-                }
-                None => run.assert_all_passed(&what),
-            }
+            run.assert_expected(name, mode, cpus);
             run
         })
         .collect()
 }
 
-/// The checks of `init_state` that must PASS (not SKIP) on this host in every mode.
-pub const INIT_STATE_CHECKS: &[&str] = &[
-    "PASS: init clears the general registers",
-    "PASS: init loads edx with the cpuid signature",
-    "PASS: init loads eflags 2",
-    "PASS: init cr0 is et with cd and nw kept [tcg-init-cr0]",
-    "PASS: init clears cr2 cr3 cr4",
-    "PASS: init clears efer",
-    "PASS: init and sipi load the selectors",
-    "PASS: init clears the fs and gs bases",
-    "PASS: init loads gdtr and idtr base 0 limit ffff",
-    "PASS: init loads the debug registers",
-    "PASS: init clears tr and ldtr",
-    "PASS: init keeps ia32_sysenter_cs",
-    "PASS: init keeps ia32_star",
-    "PASS: init keeps ia32_lstar",
-    "PASS: init keeps ia32_kernel_gs_base",
-    "PASS: init keeps ia32_pat",
-    "PASS: init keeps the tsc running",
-    "PASS: init keeps the x87 control word",
-    "PASS: init keeps mxcsr",
-    "PASS: init keeps xmm0",
-    "PASS: init disables the kvm clock msr",
-];
-
-/// SDM Table 10-1 from inside the guest, on 2 and 4 vCPUs: after INIT-SIPI the AP finds every
-/// register INIT resets at its reset value and everything INIT keeps as it left it. With
-/// `host_limit`, checks tagged with it may fail (KVM doing the INIT here leaves RDMSR of the
-/// FS/GS bases stale: `[kvm-init-fsgs-msr]`); `extra` lists checks that must pass too.
-pub fn check_init_state(mode: IrqchipMode, host_limit: Option<&str>, extra: &[&str]) {
-    for cpus in [2, 4] {
-        let _one = exclusive();
-        let run = run_guest("init_state", cpus, mode);
-        let what = format!("init_state on {cpus} vCPUs, {mode:?} irqchip");
-        match host_limit {
-            Some(tag) => {
-                run.assert_passed_except(&what, tag);
+/// One `#[test]` per guest, named after it, that runs it alone in `$mode` with [`check_guest`];
+/// also defines `STANDALONE`, the list of those guests, for [`assert_every_guest_runs`].
+#[macro_export]
+macro_rules! guest_tests {
+    ($mode:expr; $($name:ident),+ $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                $crate::common::check_guest(stringify!($name), $mode);
             }
-            None => run.assert_all_passed(&what),
-        }
-        for line in INIT_STATE_CHECKS.iter().chain(extra) {
-            assert!(
-                run.output.contains(line),
-                "{what}: no {line:?}:\n{}",
-                run.output
-            );
-        }
-    }
+        )+
+        /// The guests this file runs alone (one test each).
+        const STANDALONE: &[&str] = &[$(stringify!($name)),+];
+    };
+}
+
+/// Every guest that exists (`expect::all_guests`) is run by a test of this mode: alone
+/// (`standalone`, from [`guest_tests!`]) or beside a host thread (`host_driven`).
+pub fn assert_every_guest_runs(standalone: &[&str], host_driven: &[&str]) {
+    let covered: std::collections::BTreeSet<&str> =
+        standalone.iter().chain(host_driven).copied().collect();
+    let missing: Vec<String> = expect::all_guests()
+        .into_iter()
+        .filter(|g| !covered.contains(g.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "guests with no test in this mode: {missing:?} (add them to guest_tests!)"
+    );
 }
 
 /// The storm guest on 2 and 4 vCPUs while a host thread pulses IOAPIC line 10 (storm.c's
@@ -368,6 +335,7 @@ pub fn check_storm_with_host_line(mode: IrqchipMode) {
         let (run, pulses) = run_storm_with_host_line(mode, cpus);
         assert_storm_counts_exact(
             &run,
+            mode,
             cpus,
             pulses,
             &format!("storm, host line, {cpus} vCPUs, {mode:?}"),
@@ -557,7 +525,7 @@ pub fn check_msi_from_host(mode: IrqchipMode) {
         let _one = exclusive();
         let (run, msi) = run_msi_from_host(mode, cpus);
         let what = format!("msi from the host, {cpus} vCPU(s), {mode:?}");
-        run.assert_all_passed(&what);
+        run.assert_expected("msi", mode, cpus);
         let expect_kinds = if cpus == 1 { 1 } else { 4 };
         assert_eq!(
             msi.kinds.len(),
@@ -586,12 +554,6 @@ pub fn check_msi_from_host(mode: IrqchipMode) {
         assert!(
             msi.nothing_after_refused,
             "{what}: refused MSIs delivered\n{}",
-            run.output
-        );
-        assert!(
-            run.output
-                .contains("PASS: cpu 0 took exactly the msis sent to it"),
-            "{what}:\n{}",
             run.output
         );
         eprintln!("{what}: {msi:?}");
