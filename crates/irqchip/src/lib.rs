@@ -9,6 +9,7 @@
 //! IPI to route, an EOI returns the EOI message for the IOAPIC), and time is passed in by the
 //! caller. See `docs/architecture.md` in the repository for the whole design.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod bus;
 pub mod chip;

@@ -2,7 +2,7 @@
 //! 1, 2 and 4 vCPUs: every guest prints PASS/FAIL lines and ends with debug-exit 0.
 //!
 //! Checks a guest tags `[isr-kept]` need a delivered vector to stay in the LAPIC's ISR until its
-//! EOI; KVM's in-kernel LAPIC on this host does not keep it (kvm-facts.md, "KVM's own in-kernel
+//! EOI; KVM's in-kernel LAPIC on this host does not keep it (docs/kvm-facts.md, "KVM's own in-kernel
 //! LAPIC here"), so in kernel mode those checks may fail, and only those.
 
 mod common;

@@ -2,7 +2,7 @@
 //! userspace), on 1, 2 and 4 vCPUs: every guest prints PASS/FAIL lines and ends with
 //! debug-exit 0.
 //!
-//! Expected failures, by host limit (kvm-facts.md, "KVM's own in-kernel LAPIC here"), the same
+//! Expected failures, by host limit (docs/kvm-facts.md, "KVM's own in-kernel LAPIC here"), the same
 //! as in kernel mode because the LAPIC is KVM's in both:
 //! * `[isr-kept]` (tpr, ioapic): a delivered vector does not stay in KVM's LAPIC ISR until the
 //!   guest's EOI. For a level-triggered IOAPIC pin this means KVM reports the EOI

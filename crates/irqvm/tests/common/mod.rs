@@ -25,7 +25,7 @@ pub struct GuestRun {
 
 impl GuestRun {
     /// Like [`Self::assert_all_passed`], except that checks tagged `[tag]` (a host limit the
-    /// guest names, see kvm-facts.md) may fail: the run must have at least one such failure or
+    /// guest names, see docs/kvm-facts.md) may fail: the run must have at least one such failure or
     /// none, no other failure, and a DONE line. Returns the tolerated failures.
     pub fn assert_passed_except(&self, what: &str, tag: &str) -> Vec<String> {
         if let Err(e) = &self.result {
