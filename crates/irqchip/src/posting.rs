@@ -454,6 +454,96 @@ impl InterruptSink for VcpuInbox {
     }
 }
 
+// `Posted` is plain data (no atomics), so its tests run in every build, loom's included.
+#[cfg(test)]
+mod posted_tests {
+    use super::*;
+
+    fn posted(edge: &[Vector], level: &[Vector]) -> Posted {
+        let mut out = Posted::default();
+        for &vector in edge.iter().chain(level) {
+            let (word, mask) = word_and_mask(vector);
+            out.pir[word] |= mask;
+        }
+        for &vector in level {
+            let (word, mask) = word_and_mask(vector);
+            out.level[word] |= mask;
+        }
+        out
+    }
+
+    #[test]
+    fn merge_ors_the_vectors_of_both_drains() {
+        let mut earlier = posted(&[0x20, 0x41], &[]);
+        earlier.merge(posted(&[0x41, 0xFF], &[]));
+        assert_eq!(
+            earlier.vectors().collect::<Vec<_>>(),
+            vec![0x20, 0x41, 0xFF]
+        );
+        assert_eq!(earlier.level, [0; BITMAP_WORDS]);
+    }
+
+    /// The trigger of a vector posted in both drains is the later one's (SDM vol. 3 §11.5.5:
+    /// TMR follows the trigger of the last acceptance); a vector posted only earlier keeps its own.
+    #[test]
+    fn merge_takes_the_later_trigger_of_a_vector_posted_twice() {
+        let mut earlier = posted(&[0x30], &[0x31, 0x32, 0x80]);
+        earlier.merge(posted(&[0x31], &[0x30, 0x90]));
+        assert_eq!(
+            earlier,
+            posted(&[0x31], &[0x30, 0x32, 0x80, 0x90]),
+            "0x30 edge->level, 0x31 level->edge, 0x32/0x80 kept, 0x90 new"
+        );
+    }
+
+    #[test]
+    fn merge_combines_events_and_wakeup() {
+        let mut earlier = Posted {
+            events: ApicEvents {
+                sipi: Some(0x10),
+                nmi: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        earlier.merge(Posted {
+            events: ApicEvents {
+                sipi: Some(0x9A),
+                extint: true,
+                ..Default::default()
+            },
+            wakeup: true,
+            ..Default::default()
+        });
+        let expected = ApicEvents {
+            sipi: Some(0x9A),
+            nmi: true,
+            extint: true,
+            ..Default::default()
+        };
+        assert_eq!(earlier.events, expected, "flags OR, the newer SIPI wins");
+        assert!(earlier.wakeup);
+        earlier.merge(Posted::default());
+        assert!(earlier.wakeup, "a later drain without a wakeup keeps it");
+        assert_eq!(earlier.events, expected);
+    }
+
+    #[test]
+    fn merge_with_an_empty_drain_is_the_identity_both_ways() {
+        let full = Posted {
+            wakeup: true,
+            ..posted(&[0x22, 0xEF], &[0x23])
+        };
+        let mut into_full = full;
+        into_full.merge(Posted::default());
+        assert_eq!(into_full, full);
+        let mut into_empty = Posted::default();
+        into_empty.merge(full);
+        assert_eq!(into_empty, full);
+        assert!(!into_empty.is_empty());
+    }
+}
+
 // Unit tests use std atomics; under `--features loom` the atomics are loom's and only work
 // inside a loom model (tests/loom_posting.rs).
 #[cfg(all(test, not(feature = "loom")))]

@@ -203,6 +203,28 @@ fn apr_11_6_2_4() {
     assert_eq!(read(&mut apic, REG_APR), 0x80);
 }
 
+/// APR when TPR and the highest requested vector share a priority class (SDM vol. 3 §11.6.2.4,
+/// Figure 11-15's formula: `TPR[7:4] >= IRRV[7:4]` and `TPR[7:4] > ISRV[7:4]` give APR = TPR,
+/// sub-class included). With `>` in place of `>=` the tie would read 0x40 instead of 0x45. The
+/// in-service comparison is strict: an in-service vector of TPR's class gives the class alone.
+#[test]
+fn apr_when_tpr_and_irr_share_a_class_11_6_2_4() {
+    let mut apic = xapic();
+    write(&mut apic, REG_TPR, 0x45);
+    apic.accept_vector(0x41, TriggerMode::Edge);
+    assert_eq!(read(&mut apic, REG_APR), 0x45, "IRRV class == TPR class");
+    apic.accept_vector(0x5F, TriggerMode::Edge);
+    assert_eq!(read(&mut apic, REG_APR), 0x50, "IRRV class above TPR class");
+    assert_eq!(apic.acknowledge_interrupt(), Some(0x5F));
+    assert_eq!(read(&mut apic, REG_APR), 0x50, "ISRV class above TPR class");
+
+    let mut apic = xapic();
+    apic.accept_vector(0x4A, TriggerMode::Edge);
+    assert_eq!(apic.acknowledge_interrupt(), Some(0x4A));
+    write(&mut apic, REG_TPR, 0x45);
+    assert_eq!(read(&mut apic, REG_APR), 0x40, "ISRV class == TPR class");
+}
+
 #[test]
 fn eoi_is_write_only_and_rrd_reads_zero_11_4_1() {
     let mut apic = xapic();
