@@ -63,7 +63,9 @@ use crate::vcpu::{ApicSystem, ApicSystemConfig, VcpuInterrupts, VmBus};
 /// Shape of a PC's interrupt chip.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PcIrqChipConfig {
+    /// The local APICs: how many vCPUs and the clocks their timers count.
     pub apic: ApicSystemConfig,
+    /// The IOAPIC: pin count, ID and version (82093AA §3.2.2).
     pub ioapic: IoApicConfig,
     /// Extended destination ID (15-bit APIC IDs) in IOAPIC entries and MSI addresses; only for
     /// VMMs that advertise it to the guest (KVM_FEATURE_MSI_EXT_DEST_ID).
@@ -188,6 +190,7 @@ impl PcIrqChip {
         (chip, vcpus)
     }
 
+    /// The configuration this chip was built with.
     pub fn config(&self) -> PcIrqChipConfig {
         self.config
     }
@@ -197,6 +200,7 @@ impl PcIrqChip {
         &self.apic
     }
 
+    /// The APIC bus shared by every vCPU: routes interrupt messages to the target inboxes.
     pub fn bus(&self) -> &Arc<VmBus> {
         self.apic.bus()
     }
@@ -431,8 +435,10 @@ impl PcIrqChip {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum BindMsiError {
     #[error(transparent)]
+    /// The MSI address/data pair does not decode to an interrupt message.
     Msi(#[from] MsiError),
     #[error(transparent)]
+    /// The routing table refused the route (for example a GSI past the table).
     Routing(#[from] RoutingError),
 }
 

@@ -64,7 +64,11 @@ const X2APIC_BROADCAST: u32 = 0xFFFF_FFFF;
 /// One MSI write: the 64-bit address and 32-bit data a device sends.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct MsiMessage {
+    /// Address: in the window 0xFEE00000-0xFEEFFFFF; destination ID in bits 19:12, redirection
+    /// hint bit 3, destination mode bit 2 (SDM vol. 3 §11.11.1).
     pub address: u64,
+    /// Data: vector in bits 7:0, delivery mode 10:8, level bit 14, trigger mode bit 15
+    /// (SDM vol. 3 §11.11.2).
     pub data: u32,
 }
 
@@ -95,16 +99,28 @@ impl MsiAddressing {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum MsiError {
     #[error("address {0:#x} is outside the MSI window 0xFEE00000-0xFEEFFFFF")]
+    /// The address is outside the interrupt window 0xFEE00000-0xFEEFFFFF (SDM vol. 3 §11.11.1).
     NotInterruptAddress(u64),
     #[error("delivery mode {0:#05b} is reserved in MSI data")]
+    /// The data's delivery mode is a reserved encoding (3), or start-up, which MSI cannot send.
     ReservedDeliveryMode(u32),
     #[error("address {0:#x} uses the interrupt-remapping format")]
+    /// With the extended destination ID, the address sets bit 4: the interrupt-remapping
+    /// (remappable) format, whose other bits are not a destination.
     RemappableFormat(u64),
     #[error("destination {destination:#x} does not fit an MSI destination (max {max:#x})")]
-    DestinationOutOfRange { destination: u32, max: u32 },
+    /// The destination does not fit in the address's destination field(s).
+    DestinationOutOfRange {
+        /// The destination asked for.
+        destination: u32,
+        /// The widest destination the addressing mode carries.
+        max: u32,
+    },
     #[error("x2APIC destination 0xFF would read as the xAPIC broadcast in an MSI")]
+    /// The x2APIC destination 0xFF would be read back as the xAPIC broadcast.
     AmbiguousBroadcast,
     #[error("destination shorthands cannot be sent by MSI")]
+    /// The message uses a destination shorthand, which only the ICR can express.
     Shorthand,
 }
 

@@ -212,6 +212,7 @@ impl Default for Doorbell {
 }
 
 impl Doorbell {
+    /// A doorbell that has not been rung.
     pub fn new() -> Self {
         Self {
             rung: Mutex::new(false),

@@ -48,10 +48,13 @@ use crate::types::{
 /// Static properties of one local APIC, chosen by the VMM when it creates the vCPU.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LapicConfig {
+    /// The vCPU this APIC belongs to (the index the VMM and the bus use, not the APIC ID).
     pub index: VcpuIndex,
     /// The initial APIC ID (the x2APIC ID; xAPIC mode sees its low 8 bits).
     pub apic_id: ApicId,
+    /// True for the bootstrap processor: IA32_APIC_BASE.BSP (bit 8) is set at power-up (SDM §11.4.4).
     pub bsp: bool,
+    /// The clocks the timer counts: APIC bus frequency and guest TSC (for TSC-deadline mode).
     pub clock: ClockConfig,
     /// CPUID.1:ECX.x2APIC[bit 21]: IA32_APIC_BASE.EXTD may be set.
     pub x2apic_supported: bool,
@@ -62,6 +65,7 @@ pub struct LapicConfig {
 /// What a register access asks the VMM to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LapicEffect {
+    /// Nothing for the VMM to do.
     None,
     /// Route this IPI on the bus (ICR write).
     SendIpi(InterruptMessage),
@@ -78,16 +82,24 @@ pub enum LapicEffect {
 /// The sources of the local vector table (SDM §11.5.1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum LocalSource {
+    /// LVT timer (0x320): the APIC timer's expiry (SDM §11.5.4).
     Timer,
+    /// LVT thermal sensor (0x330): the thermal monitor's interrupt.
     Thermal,
+    /// LVT performance counter (0x340): a performance-counter overflow.
     Performance,
+    /// LVT LINT0 (0x350): the LINT0 pin, where a PC wires the 8259's INTR (ExtINT delivery).
     Lint0,
+    /// LVT LINT1 (0x360): the LINT1 pin, where a PC wires NMI.
     Lint1,
+    /// LVT error (0x370): the APIC signalling an error it recorded in ESR (SDM §11.5.3).
     Error,
+    /// LVT CMCI (0x2F0): corrected machine-check error interrupt (SDM vol. 3 §16.5.1).
     Cmci,
 }
 
 impl LocalSource {
+    /// Every source, in the order of [`LocalApic::lvt`]'s storage.
     pub const ALL: [LocalSource; 7] = [
         Self::Timer,
         Self::Thermal,
@@ -140,14 +152,18 @@ impl LocalSource {
 /// Transitions").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ApicMode {
+    /// EN=0, EXTD=0: the APIC is off; its registers do not answer (SDM §11.4.3).
     Disabled,
+    /// EN=1, EXTD=0: xAPIC mode, registers in the MMIO page at the APIC base.
     XApic,
+    /// EN=1, EXTD=1: x2APIC mode, registers as MSRs 0x800-0x8FF (SDM §11.12.1).
     X2Apic,
     /// EXTD without EN: never reachable.
     Invalid,
 }
 
 impl ApicMode {
+    /// The mode that IA32_APIC_BASE's EN (bit 11) and EXTD (bit 10) select.
     pub fn of_base(base: u64) -> Self {
         match (base & APIC_BASE_EN != 0, base & APIC_BASE_EXTD != 0) {
             (false, false) => Self::Disabled,
@@ -337,6 +353,7 @@ impl LocalApic {
         }
     }
 
+    /// The static configuration this APIC was created with.
     pub fn config(&self) -> &LapicConfig {
         &self.cfg
     }
@@ -356,22 +373,28 @@ impl LocalApic {
 
     // ----- IA32_APIC_BASE -------------------------------------------------------------------
 
+    /// The current value of IA32_APIC_BASE (base address, EN, EXTD, BSP; SDM §11.4.4).
     pub fn apic_base(&self) -> u64 {
         self.apic_base
     }
 
+    /// The mode IA32_APIC_BASE selects (disabled, xAPIC or x2APIC).
     pub fn mode(&self) -> ApicMode {
         ApicMode::of_base(self.apic_base)
     }
 
+    /// True when IA32_APIC_BASE.EN (bit 11) is set: the APIC is globally enabled (SDM §11.4.3).
     pub fn hw_enabled(&self) -> bool {
         self.apic_base & APIC_BASE_EN != 0
     }
 
+    /// True in x2APIC mode (EN and EXTD set): registers are MSRs, the ID is 32 bits.
     pub fn x2apic(&self) -> bool {
         self.mode() == ApicMode::X2Apic
     }
 
+    /// True when SVR bit 8 is set: the APIC is software-enabled (SDM §11.4.7.2). While it is
+    /// clear every LVT is masked and no fixed interrupt is accepted.
     pub fn sw_enabled(&self) -> bool {
         self.svr & SVR_APIC_ENABLED != 0
     }
@@ -908,6 +931,8 @@ impl LocalApic {
         }
     }
 
+    /// The task-priority register: the priority class (bits 7:4) below which fixed interrupts wait
+    /// in IRR (SDM §11.8.3.1).
     pub fn tpr(&self) -> u8 {
         self.tpr
     }
@@ -952,14 +977,18 @@ impl LocalApic {
         self.tpr = ((cr8 & 0xF) as u8) << 4;
     }
 
+    /// The interrupt request register: vectors accepted but not yet delivered (SDM §11.8.4).
     pub fn irr(&self) -> VectorSet {
         self.irr
     }
 
+    /// The in-service register: vectors delivered to the CPU and awaiting their EOI (SDM §11.8.4).
     pub fn isr(&self) -> VectorSet {
         self.isr
     }
 
+    /// The trigger-mode register: the vectors accepted level-triggered, whose EOI is broadcast to
+    /// the IOAPICs (SDM §11.8.4, §11.8.5).
     pub fn tmr(&self) -> VectorSet {
         self.tmr
     }

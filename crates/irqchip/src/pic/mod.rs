@@ -74,11 +74,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::types::Vector;
 
+/// The master's command port: ICW1, OCW2, OCW3; reads IRR, ISR or the poll word.
 pub const MASTER_COMMAND_PORT: u16 = 0x20;
+/// The master's data port: ICW2-ICW4 during initialization, then OCW1 (the IMR).
 pub const MASTER_DATA_PORT: u16 = 0x21;
+/// The slave's command port.
 pub const SLAVE_COMMAND_PORT: u16 = 0xA0;
+/// The slave's data port.
 pub const SLAVE_DATA_PORT: u16 = 0xA1;
+/// The master's edge/level control register (PIIX/ICH ELCR1, IRQ 0-7).
 pub const ELCR_MASTER_PORT: u16 = 0x4D0;
+/// The slave's edge/level control register (ELCR2, IRQ 8-15).
 pub const ELCR_SLAVE_PORT: u16 = 0x4D1;
 
 /// The master input the slave's INT is wired to.
@@ -156,10 +162,12 @@ impl DualPic {
         )
     }
 
+    /// The master 8259A (IRQ 0-7).
     pub fn master(&self) -> &Pic8259 {
         &self.master
     }
 
+    /// The slave 8259A (IRQ 8-15), cascaded on the master's IR2.
     pub fn slave(&self) -> &Pic8259 {
         &self.slave
     }
