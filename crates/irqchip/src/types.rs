@@ -86,7 +86,8 @@ pub enum DestinationMode {
 pub enum TriggerMode {
     /// Accepted once per message; TMR clear, no EOI broadcast.
     Edge,
-    /// The source holds the line until the EOI; TMR set, the EOI is broadcast (SDM vol. 3 §11.8.5).
+    /// The source holds the line until the EOI; TMR set, the EOI is broadcast
+    /// (SDM vol. 3 §11.8.5).
     Level,
 }
 

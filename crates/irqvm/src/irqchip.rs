@@ -384,7 +384,7 @@ impl Irqchip for KernelIrqchip {
         self.features
     }
 
-    /// KVM runs INIT/SIPI: see [`set_initial_kvm_mp_state`].
+    /// KVM runs INIT/SIPI: see `set_initial_kvm_mp_state`.
     fn create_vcpu_chip(
         &self,
         index: usize,

@@ -13,7 +13,7 @@
 //! | [`vcpu`] | the vCPU threads, their run loop and the kick |
 //! | [`vm`] | building and running a VM |
 //! | [`cli`] | the `irqvm` command line |
-//! | [`bench`] | `irqvm bench`: the benchmark suite |
+//! | [`bench`](mod@bench) | `irqvm bench`: the benchmark suite |
 
 pub mod bench;
 pub mod cli;

@@ -52,7 +52,8 @@ pub struct LapicConfig {
     pub index: VcpuIndex,
     /// The initial APIC ID (the x2APIC ID; xAPIC mode sees its low 8 bits).
     pub apic_id: ApicId,
-    /// True for the bootstrap processor: IA32_APIC_BASE.BSP (bit 8) is set at power-up (SDM §11.4.4).
+    /// True for the bootstrap processor: IA32_APIC_BASE.BSP (bit 8) is set at power-up
+    /// (SDM §11.4.4).
     pub bsp: bool,
     /// The clocks the timer counts: APIC bus frequency and guest TSC (for TSC-deadline mode).
     pub clock: ClockConfig,

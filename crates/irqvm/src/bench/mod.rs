@@ -1,7 +1,7 @@
 //! `irqvm bench`: how fast interrupt delivery is, in every irqchip mode of irqvm and under QEMU,
 //! with the same guest binaries (`crates/irqvm/guests/bench_*.c`).
 //!
-//! One invocation runs, for each repeat, each peer ([`runner::Peer`]: every [`IrqchipMode`] of
+//! One invocation runs, for each repeat, each peer (`runner::Peer`: every [`IrqchipMode`] of
 //! irqvm, QEMU with KVM, QEMU with TCG) on the latency guest (`bench_lat`, 2 vCPUs), the AP
 //! bring-up guest (`bench_boot`) at each vCPU count, and, irqvm only, the host-driven device
 //! interrupt guest (`bench_irqhost`). Every VM is a child process measured the same way
