@@ -339,6 +339,39 @@ impl Pin {
 ///
 /// Serializes its whole state (configuration, ID, IOREGSEL, every entry including remote IRR,
 /// and every wire level); deserializing validates it and rejects inconsistent snapshots.
+///
+/// A level-triggered, active-low PCI pin: the message goes out once per assertion, and while
+/// the device keeps the line asserted the EOI makes the IOAPIC send it again (82093AA §3.2.4,
+/// remote IRR):
+///
+/// ```
+/// use irqchip::ioapic::{IoApic, IoApicConfig, IOREGSEL_OFFSET, IOWIN_OFFSET};
+/// use irqchip::{DeliveryMode, TriggerMode};
+///
+/// let mut ioapic = IoApic::new(IoApicConfig::default());
+/// let mut sent = Vec::new();
+/// ioapic.set_line(16, true, &mut |m| sent.push(m)); // PCI idles high
+/// let mut program = |ioapic: &mut IoApic, index: u32, value: u32| {
+///     ioapic.mmio_write(IOREGSEL_OFFSET.into(), &index.to_le_bytes(), &mut |_| {});
+///     ioapic.mmio_write(IOWIN_OFFSET.into(), &value.to_le_bytes(), &mut |_| {});
+/// };
+/// program(&mut ioapic, 0x10 + 2 * 16 + 1, 3 << 24); // destination APIC ID 3
+/// program(&mut ioapic, 0x10 + 2 * 16, 0x41 | 1 << 13 | 1 << 15); // vector, active low, level
+///
+/// ioapic.set_line(16, false, &mut |m| sent.push(m)); // the device pulls the wire low
+/// assert_eq!(sent.len(), 1);
+/// assert_eq!((sent[0].vector, sent[0].destination), (0x41, 3));
+/// assert_eq!((sent[0].delivery_mode, sent[0].trigger), (DeliveryMode::Fixed, TriggerMode::Level));
+/// assert!(ioapic.entry(16).unwrap().remote_irr());
+///
+/// // Still asserted at the EOI: delivered again. Deasserted: the EOI only clears remote IRR.
+/// ioapic.end_of_interrupt(0x41, &mut |m| sent.push(m));
+/// assert_eq!(sent.len(), 2);
+/// ioapic.set_line(16, true, &mut |m| sent.push(m));
+/// ioapic.end_of_interrupt(0x41, &mut |m| sent.push(m));
+/// assert_eq!(sent.len(), 2);
+/// assert!(!ioapic.entry(16).unwrap().remote_irr());
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "IoApicState")]
 pub struct IoApic {

@@ -43,6 +43,46 @@
 //!   ignored). Hence INIT-SIPI-SIPI starts an AP exactly once: the second SIPI finds it Runnable.
 //! * While INIT is blocked ([`InitBlocking`]: SMM, VMX root operation, GIF=0) the INIT stays
 //!   latched, any latched SIPI is dropped and nothing else changes (seed 002).
+//!
+//! # Example: starting an AP
+//!
+//! ```
+//! use irqchip::mpstate::{
+//!     ArchResetState, InitBlocking, MpState, MpStateMachine, ResetKind, SipiAction, StandardSipi,
+//! };
+//! use irqchip::ApicEvents;
+//!
+//! let mut ap = MpStateMachine::new(false);
+//! assert_eq!(ap.state(), MpState::Uninitialized);
+//!
+//! // A SIPI before any INIT finds no wait-for-SIPI state: dropped.
+//! ap.latch(ApicEvents { sipi: Some(0x9A), ..Default::default() });
+//! let outcome = ap.accept_events(InitBlocking::NONE, &mut StandardSipi);
+//! assert!(outcome.dropped_sipi && outcome.start.is_none());
+//!
+//! // INIT while the AP is in SMM stays latched until SMM ends.
+//! let in_smm = InitBlocking { smm: true, ..InitBlocking::NONE };
+//! ap.latch(ApicEvents { init: true, ..Default::default() });
+//! assert!(ap.accept_events(in_smm, &mut StandardSipi).init_blocked);
+//! assert_eq!(ap.state(), MpState::Uninitialized);
+//!
+//! // Then the SIPI of INIT-SIPI: one accept step resets the AP and starts it at page 0x9A.
+//! ap.latch(ApicEvents { sipi: Some(0x9A), ..Default::default() });
+//! let outcome = ap.accept_events(InitBlocking::NONE, &mut StandardSipi);
+//! assert_eq!(outcome.reset, Some(ResetKind::Init { write_registers: true }));
+//! let start = outcome.start.unwrap();
+//! assert_eq!(start, SipiAction::StartRealMode { cs_selector: 0x9A00, cs_base: 0x9A000, rip: 0 });
+//! assert_eq!(ap.state(), MpState::Runnable);
+//!
+//! // The registers the VMM loads: INIT's state (RDX = the CPUID signature), then the start.
+//! let mut regs = outcome.reset.unwrap().arch_state(0x000A_0652).unwrap();
+//! regs.apply_start(&start);
+//! assert_eq!((regs.cs.base + regs.rip, regs.gprs[2]), (0x9A000, 0x000A_0652));
+//!
+//! // The second SIPI of INIT-SIPI-SIPI finds the AP running: dropped, it starts only once.
+//! ap.latch(ApicEvents { sipi: Some(0x9A), ..Default::default() });
+//! assert!(ap.accept_events(InitBlocking::NONE, &mut StandardSipi).dropped_sipi);
+//! ```
 
 mod reset_state;
 #[cfg(test)]

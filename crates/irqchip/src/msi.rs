@@ -62,6 +62,31 @@ const XAPIC_BROADCAST: u32 = 0xFF;
 const X2APIC_BROADCAST: u32 = 0xFFFF_FFFF;
 
 /// One MSI write: the 64-bit address and 32-bit data a device sends.
+///
+/// ```
+/// use irqchip::msi::{MsiError, MsiMessage};
+/// use irqchip::{DeliveryMode, DestinationMode, TriggerMode};
+///
+/// // Destination APIC ID 2 (address bits 19:12); vector 0x51, fixed, edge, level bit 14 set
+/// // (asserted), as Linux writes it.
+/// let msi = MsiMessage { address: 0xFEE0_2000, data: 0x4051 };
+/// let message = msi.decode().unwrap();
+/// assert_eq!((message.vector, message.destination), (0x51, 2));
+/// assert_eq!(message.delivery_mode, DeliveryMode::Fixed);
+/// assert_eq!(message.destination_mode, DestinationMode::Physical);
+/// assert_eq!(message.trigger, TriggerMode::Edge);
+/// assert_eq!(MsiMessage::encode(&message), Ok(msi));
+///
+/// // Redirection hint (bit 3) with logical destination (bit 2): lowest priority.
+/// let hinted = MsiMessage { address: 0xFEE0_300C, data: 0x0051 };
+/// assert_eq!(hinted.decode().unwrap().delivery_mode, DeliveryMode::LowestPriority);
+///
+/// // Outside the 0xFEExxxxx window, or a reserved delivery mode: refused, never guessed.
+/// let stray = MsiMessage { address: 0xFEC0_0000, data: 0x0051 };
+/// assert_eq!(stray.decode(), Err(MsiError::NotInterruptAddress(0xFEC0_0000)));
+/// let reserved = MsiMessage { address: 0xFEE0_0000, data: 0x0351 };
+/// assert_eq!(reserved.decode(), Err(MsiError::ReservedDeliveryMode(0b011)));
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct MsiMessage {
     /// Address: in the window 0xFEE00000-0xFEEFFFFF; destination ID in bits 19:12, redirection

@@ -66,6 +66,41 @@
 //!     if inbox.try_block() { inbox.block_until_rung(); }   // else: work pending, drain it
 //! }
 //! ```
+//!
+//! # Example: post, notify, drain
+//!
+//! ```
+//! # #[cfg(feature = "loom")] loom::model(example);
+//! # #[cfg(not(feature = "loom"))] example();
+//! # fn example() {
+//! use irqchip::posting::{VcpuInbox, VcpuMode};
+//! use irqchip::{ApicEvents, InterruptSink, Notify, TriggerMode};
+//!
+//! let inbox = VcpuInbox::new(); // shared as Arc<VcpuInbox> in a VMM
+//!
+//! // The vCPU is about to run the guest: posts from now on must kick it out.
+//! assert!(inbox.begin_guest_entry().is_empty());
+//! assert_eq!(inbox.mode(), VcpuMode::InGuest);
+//! assert_eq!(inbox.post_vector(0x30, TriggerMode::Edge), Notify::Kick);
+//! // ON is already set: the first poster's kick covers this one.
+//! assert_eq!(inbox.post_vector(0x31, TriggerMode::Level), Notify::None);
+//!
+//! // Kicked out, the vCPU drains both vectors at once, with their trigger modes.
+//! inbox.end_guest_entry();
+//! let posted = inbox.drain();
+//! assert_eq!(posted.vectors().collect::<Vec<_>>(), [0x30, 0x31]);
+//! assert!(!posted.is_level(0x30) && posted.is_level(0x31));
+//!
+//! // Halted with nothing to do, it blocks; a post now asks the poster to wake it.
+//! assert!(inbox.try_block());
+//! let nmi = ApicEvents { nmi: true, ..Default::default() };
+//! assert_eq!(inbox.post_events(nmi), Notify::Wake);
+//! inbox.ring_doorbell(); // what the poster does for Notify::Wake
+//! inbox.block_until_rung(); // returns at once: the ring came first and is not lost
+//! assert!(inbox.drain().events.nmi);
+//! assert_eq!(inbox.mode(), VcpuMode::OutsideGuest);
+//! # }
+//! ```
 
 use crate::sync::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use crate::types::{ApicEvents, InterruptSink, Notify, TriggerMode, Vector};

@@ -303,6 +303,53 @@ fn priority_class(vector: u8) -> u8 {
 }
 
 /// One local APIC. See the module documentation for the access rules.
+///
+/// It is plain data: the vCPU's thread forwards the guest's accesses to it with the current
+/// time, and acts on the [`LapicEffect`] each write returns. Time never passes on its own: the
+/// caller polls the timer at [`LocalApic::next_timer_deadline`].
+///
+/// ```
+/// use irqchip::lapic::regs::{REG_ICR_HIGH, REG_ICR_LOW, REG_LVT_TIMER, REG_PPR, REG_SVR};
+/// use irqchip::lapic::regs::{REG_TIMER_CURRENT, REG_TIMER_DCR, REG_TIMER_INITIAL, REG_TPR};
+/// use irqchip::lapic::{LapicConfig, LapicEffect, LocalApic};
+/// use irqchip::{ApicId, DeliveryMode, Shorthand};
+///
+/// // The default clock counts the APIC bus at 1 GHz: one timer tick per nanosecond.
+/// let config = LapicConfig { apic_id: ApicId(0), bsp: true, ..Default::default() };
+/// let mut apic = LocalApic::new(config);
+/// let write = |apic: &mut LocalApic, offset: u32, value: u32, now: u64| {
+///     apic.mmio_write(u64::from(offset), &value.to_le_bytes(), now)
+/// };
+/// let read = |apic: &mut LocalApic, offset: u32, now: u64| {
+///     let mut data = [0; 4];
+///     apic.mmio_read(u64::from(offset), &mut data, now);
+///     u32::from_le_bytes(data)
+/// };
+///
+/// // Software-enable the APIC (SVR bit 8), then raise the task priority: PPR follows TPR.
+/// write(&mut apic, REG_SVR, 0x1FF, 0);
+/// write(&mut apic, REG_TPR, 0x20, 0);
+/// assert_eq!(read(&mut apic, REG_PPR, 0), 0x20);
+///
+/// // One-shot timer, vector 0xEC, divide by 1 (DCR 1011b), 1000 ticks from t = 0 ns.
+/// write(&mut apic, REG_LVT_TIMER, 0xEC, 0);
+/// write(&mut apic, REG_TIMER_DCR, 0b1011, 0);
+/// assert_eq!(write(&mut apic, REG_TIMER_INITIAL, 1000, 0), LapicEffect::TimerChanged);
+/// assert_eq!(apic.next_timer_deadline(), Some(1000));
+/// assert_eq!(read(&mut apic, REG_TIMER_CURRENT, 400), 600);
+/// apic.poll_timer(1000); // the VMM's timer fired: the expiry sets the vector in IRR
+/// assert_eq!(apic.pending_interrupt(), Some(0xEC));
+/// assert_eq!(apic.acknowledge_interrupt(), Some(0xEC));
+/// assert!(apic.isr().contains(0xEC));
+///
+/// // An ICR write does not deliver anything itself: it returns the IPI for the VMM to route.
+/// write(&mut apic, REG_ICR_HIGH, 1 << 24, 1000); // destination APIC ID 1
+/// let LapicEffect::SendIpi(ipi) = write(&mut apic, REG_ICR_LOW, 0x4041, 1000) else {
+///     panic!("an ICR write sends an IPI");
+/// };
+/// assert_eq!((ipi.vector, ipi.delivery_mode, ipi.destination), (0x41, DeliveryMode::Fixed, 1));
+/// assert_eq!(ipi.shorthand, Shorthand::None);
+/// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LocalApic {
     cfg: LapicConfig,
