@@ -442,10 +442,10 @@ pub enum BindMsiError {
     Routing(#[from] RoutingError),
 }
 
-// Single-threaded tests of the chip's logic. Every chip owns `VcpuInterrupts`, whose inboxes use the
-// `sync` wrappers; under `--features loom` those are loom's and panic outside a loom model. The
-// cross-thread protocol they wrap is model-checked by tests/loom_posting.rs, and these tests run in
-// the default build (`cargo test`), as posting.rs's own unit tests do.
+// Single-threaded tests of the chip's logic. Every chip owns `VcpuInterrupts`, whose inboxes use
+// the `sync` wrappers; under `--features loom` those are loom's and panic outside a loom model.
+// The cross-thread protocol they wrap is model-checked by tests/loom_posting.rs, and these tests
+// run in the default build (`cargo test`), as posting.rs's own unit tests do.
 #[cfg(all(test, not(feature = "loom")))]
 mod tests {
     use super::*;

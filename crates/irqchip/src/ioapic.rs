@@ -361,7 +361,8 @@ impl Pin {
 /// ioapic.set_line(16, false, &mut |m| sent.push(m)); // the device pulls the wire low
 /// assert_eq!(sent.len(), 1);
 /// assert_eq!((sent[0].vector, sent[0].destination), (0x41, 3));
-/// assert_eq!((sent[0].delivery_mode, sent[0].trigger), (DeliveryMode::Fixed, TriggerMode::Level));
+/// assert_eq!(sent[0].delivery_mode, DeliveryMode::Fixed);
+/// assert_eq!(sent[0].trigger, TriggerMode::Level);
 /// assert!(ioapic.entry(16).unwrap().remote_irr());
 ///
 /// // Still asserted at the EOI: delivered again. Deasserted: the EOI only clears remote IRR.
@@ -479,7 +480,8 @@ impl IoApic {
         self.pins.len()
     }
 
-    /// The current IOAPIC ID, as the guest last wrote it into IOAPICID.
+    /// The current IOAPIC ID: the configured one after reset, then what the guest writes into
+    /// IOAPICID.
     pub fn id(&self) -> u8 {
         self.id
     }

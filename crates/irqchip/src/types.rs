@@ -40,7 +40,8 @@ pub enum DeliveryMode {
     Init = 5,
     /// Start-up IPI: a processor in wait-for-SIPI starts at `vector << 12` (SDM vol. 3 §9.4.3).
     StartUp = 6,
-    /// The destination asks the 8259 PIC for the vector (an INTA cycle), as if on its LINT0.
+    /// The destination takes the vector from the 8259-compatible PIC by an INTA cycle, as for an
+    /// interrupt from an external controller (SDM vol. 3 §11.6.1).
     ExtInt = 7,
 }
 
