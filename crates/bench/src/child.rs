@@ -19,10 +19,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use irqvm::devices::{Devices, SerialCapture, SerialOutput, TESTDEV_IRQ_PORT};
-use irqvm::IrqchipMode;
 use irqvm::memory::GuestRam;
 use irqvm::vcpu::VcpuState;
 use irqvm::vm::{RunReport, RunningVm, Vm, VmConfig, VmError};
+use irqvm::IrqchipMode;
 use vm_memory::{Bytes, GuestAddress};
 
 /// Line the host pulses (guest: IOAPIC pin 11 → counting handler); line 12 only wakes the guest.

@@ -82,7 +82,9 @@ use crate::vcpu::{ApicSystem, ApicSystemConfig, VcpuInterrupts, VmBus};
 /// Shape of a PC's interrupt chip.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PcIrqChipConfig {
+    /// The local APICs: how many vCPUs and the clocks their timers count.
     pub apic: ApicSystemConfig,
+    /// The IOAPIC: pin count, ID and version (82093AA §3.2.2).
     pub ioapic: IoApicConfig,
     /// Extended destination ID (15-bit APIC IDs) in IOAPIC entries and MSI addresses; only for
     /// VMMs that advertise it to the guest (KVM_FEATURE_MSI_EXT_DEST_ID).
@@ -554,12 +556,18 @@ impl<S: MessageSink> PcIrqChip<S> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum BindMsiError {
     #[error(transparent)]
+    /// The MSI address/data pair does not decode to an interrupt message.
     Msi(#[from] MsiError),
     #[error(transparent)]
+    /// The routing table refused the route (for example a GSI past the table).
     Routing(#[from] RoutingError),
 }
 
-#[cfg(test)]
+// Single-threaded tests of the chip's logic. Every chip owns `VcpuInterrupts`, whose inboxes use
+// the `sync` wrappers; under `--features loom` those are loom's and panic outside a loom model.
+// The cross-thread protocol they wrap is model-checked by tests/loom_posting.rs, and these tests
+// run in the default build (`cargo test`), as posting.rs's own unit tests do.
+#[cfg(all(test, not(feature = "loom")))]
 mod tests {
     use super::*;
 

@@ -99,6 +99,7 @@ pub const IOAPIC_DEFAULT_BASE: u64 = 0xFEC0_0000;
 
 /// Offsets in the MMIO window (82093AA §3.1). Only the low 8 bits of an offset are decoded.
 pub const IOREGSEL_OFFSET: u8 = 0x00;
+/// IOWIN: the 32-bit data window onto the register IOREGSEL selects (82093AA §3.1).
 pub const IOWIN_OFFSET: u8 = 0x10;
 /// The EOI register of version 0x20 IOAPICs.
 pub const EOI_OFFSET: u8 = 0x40;
@@ -107,12 +108,17 @@ const IOWIN_BYTES: usize = 4;
 
 /// Indirect register indexes, written to IOREGSEL (82093AA §3.2).
 pub const REG_ID: u8 = 0x00;
+/// IOAPICVER: version in bits 7:0, maximum redirection entry in bits 23:16 (82093AA §3.2.2).
 pub const REG_VERSION: u8 = 0x01;
+/// IOAPICARB: the bus arbitration ID, read-only (82093AA §3.2.3).
 pub const REG_ARBITRATION: u8 = 0x02;
+/// Index of the low half of redirection entry 0; entry `n` is at `0x10 + 2n` (low) and
+/// `0x11 + 2n` (high) (82093AA §3.2.4).
 pub const REG_REDIRECTION_BASE: u8 = 0x10;
 
 /// IOAPICID / IOAPICARB: the 4-bit ID in bits 27:24 (82093AA §3.2.1, §3.2.3).
 pub const ID_SHIFT: u32 = 24;
+/// Width mask of the 4-bit IOAPIC ID (after shifting by [`ID_SHIFT`]).
 pub const ID_MASK: u8 = 0xF;
 /// IOAPICVER: maximum redirection entry (pins - 1) in bits 23:16 (82093AA §3.2.2).
 pub const VERSION_MAX_ENTRY_SHIFT: u32 = 16;
@@ -124,18 +130,30 @@ pub const VERSION_WITH_EOI_REGISTER: u8 = 0x20;
 
 /// Redirection entry fields (82093AA §3.2.4).
 pub const RTE_VECTOR_MASK: u64 = 0xFF;
+/// Delivery mode, bits 10:8 (same encoding as [`DeliveryMode`]).
 pub const RTE_DELIVERY_MODE_SHIFT: u32 = 8;
+/// Mask of the delivery mode field.
 pub const RTE_DELIVERY_MODE_MASK: u64 = 0x7 << RTE_DELIVERY_MODE_SHIFT;
+/// Destination mode: set for logical, clear for physical (bit 11).
 pub const RTE_DEST_MODE_LOGICAL: u64 = 1 << 11;
+/// Delivery status, read-only: set while a message is pending on the bus (bit 12).
 pub const RTE_DELIVERY_STATUS: u64 = 1 << 12;
+/// Interrupt input pin polarity: set for active low (bit 13).
 pub const RTE_POLARITY_ACTIVE_LOW: u64 = 1 << 13;
+/// Remote IRR, read-only: set when a level-triggered interrupt is accepted by a local APIC,
+/// cleared by its EOI (bit 14).
 pub const RTE_REMOTE_IRR: u64 = 1 << 14;
+/// Trigger mode: set for level, clear for edge (bit 15).
 pub const RTE_TRIGGER_LEVEL: u64 = 1 << 15;
+/// Interrupt mask: a masked pin sends nothing (bit 16).
 pub const RTE_MASKED: u64 = 1 << 16;
 /// Destination bits 14:8 when the extended destination ID is enabled (Linux `virt_destid_8_14`).
 pub const RTE_EXT_DEST_SHIFT: u32 = 49;
+/// Mask of the extended destination bits 14:8 (bits 55:49 of the entry).
 pub const RTE_EXT_DEST_MASK: u64 = 0x7F << RTE_EXT_DEST_SHIFT;
+/// Destination field, bits 63:56: an APIC ID (physical) or a logical destination (logical).
 pub const RTE_DEST_SHIFT: u32 = 56;
+/// Mask of the destination field.
 pub const RTE_DEST_MASK: u64 = 0xFF << RTE_DEST_SHIFT;
 /// Bits the guest can write (without the extended destination ID).
 pub const RTE_WRITABLE: u64 = RTE_VECTOR_MASK
@@ -179,11 +197,19 @@ impl Default for IoApicConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum IoApicConfigError {
     #[error("IOAPIC pin count {0} is outside 1..={MAX_PINS} (IOREGSEL can index 120 entries)")]
+    /// The pin count is not in `1..=MAX_PINS`.
     PinCount(usize),
     #[error("IOAPIC ID {0} does not fit the 4-bit IOAPICID field")]
+    /// The ID does not fit in 4 bits.
     Id(u8),
     #[error("IOAPIC snapshot has {found} pin states for {expected} configured pins")]
-    PinStateCount { expected: usize, found: usize },
+    /// A snapshot's pin states do not match the configured pin count.
+    PinStateCount {
+        /// The configured pin count.
+        expected: usize,
+        /// The snapshot's pin states.
+        found: usize,
+    },
 }
 
 impl IoApicConfig {
@@ -221,6 +247,7 @@ impl RedirectionEntry {
     /// The power-on value: masked, everything else 0 (the datasheet leaves the rest undefined).
     pub const RESET: Self = Self(RTE_MASKED);
 
+    /// The vector delivered for this pin (bits 7:0).
     pub fn vector(self) -> Vector {
         (self.0 & RTE_VECTOR_MASK) as Vector
     }
@@ -232,6 +259,7 @@ impl RedirectionEntry {
         )
     }
 
+    /// Physical or logical destination (bit 11).
     pub fn destination_mode(self) -> DestinationMode {
         if self.0 & RTE_DEST_MODE_LOGICAL != 0 {
             DestinationMode::Logical
@@ -240,10 +268,12 @@ impl RedirectionEntry {
         }
     }
 
+    /// True when the pin is active low (bit 13); the IOAPIC inverts the wire level.
     pub fn active_low(self) -> bool {
         self.0 & RTE_POLARITY_ACTIVE_LOW != 0
     }
 
+    /// True while a delivered level-triggered interrupt awaits its EOI (bit 14).
     pub fn remote_irr(self) -> bool {
         self.0 & RTE_REMOTE_IRR != 0
     }
@@ -253,6 +283,7 @@ impl RedirectionEntry {
         self.0 & RTE_TRIGGER_LEVEL != 0
     }
 
+    /// True when the pin is masked (bit 16).
     pub fn masked(self) -> bool {
         self.0 & RTE_MASKED != 0
     }
@@ -308,6 +339,40 @@ impl Pin {
 ///
 /// Serializes its whole state (configuration, ID, IOREGSEL, every entry including remote IRR,
 /// and every wire level); deserializing validates it and rejects inconsistent snapshots.
+///
+/// A level-triggered, active-low PCI pin: the message goes out once per assertion, and while
+/// the device keeps the line asserted the EOI makes the IOAPIC send it again (82093AA §3.2.4,
+/// remote IRR):
+///
+/// ```
+/// use irqchip::ioapic::{IoApic, IoApicConfig, IOREGSEL_OFFSET, IOWIN_OFFSET};
+/// use irqchip::{DeliveryMode, TriggerMode};
+///
+/// let mut ioapic = IoApic::new(IoApicConfig::default());
+/// let mut sent = Vec::new();
+/// ioapic.set_line(16, true, &mut |m| sent.push(m)); // PCI idles high
+/// let mut program = |ioapic: &mut IoApic, index: u32, value: u32| {
+///     ioapic.mmio_write(IOREGSEL_OFFSET.into(), &index.to_le_bytes(), &mut |_| {});
+///     ioapic.mmio_write(IOWIN_OFFSET.into(), &value.to_le_bytes(), &mut |_| {});
+/// };
+/// program(&mut ioapic, 0x10 + 2 * 16 + 1, 3 << 24); // destination APIC ID 3
+/// program(&mut ioapic, 0x10 + 2 * 16, 0x41 | 1 << 13 | 1 << 15); // vector, active low, level
+///
+/// ioapic.set_line(16, false, &mut |m| sent.push(m)); // the device pulls the wire low
+/// assert_eq!(sent.len(), 1);
+/// assert_eq!((sent[0].vector, sent[0].destination), (0x41, 3));
+/// assert_eq!(sent[0].delivery_mode, DeliveryMode::Fixed);
+/// assert_eq!(sent[0].trigger, TriggerMode::Level);
+/// assert!(ioapic.entry(16).unwrap().remote_irr());
+///
+/// // Still asserted at the EOI: delivered again. Deasserted: the EOI only clears remote IRR.
+/// ioapic.end_of_interrupt(0x41, &mut |m| sent.push(m));
+/// assert_eq!(sent.len(), 2);
+/// ioapic.set_line(16, true, &mut |m| sent.push(m));
+/// ioapic.end_of_interrupt(0x41, &mut |m| sent.push(m));
+/// assert_eq!(sent.len(), 2);
+/// assert!(!ioapic.entry(16).unwrap().remote_irr());
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "IoApicState")]
 pub struct IoApic {
@@ -405,22 +470,28 @@ impl IoApic {
         }
     }
 
+    /// The configuration this IOAPIC was built with.
     pub fn config(&self) -> IoApicConfig {
         self.config
     }
 
+    /// Number of pins (redirection entries).
     pub fn pins(&self) -> usize {
         self.pins.len()
     }
 
+    /// The current IOAPIC ID: the configured one after reset, then what the guest writes into
+    /// IOAPICID.
     pub fn id(&self) -> u8 {
         self.id
     }
 
+    /// The register index the guest last wrote to IOREGSEL.
     pub fn ioregsel(&self) -> u8 {
         self.ioregsel
     }
 
+    /// True when the entries' bits 55:49 extend the destination to 15 bits.
     pub fn extended_destination_id(&self) -> bool {
         self.extended_destination_id
     }

@@ -43,6 +43,46 @@
 //!   ignored). Hence INIT-SIPI-SIPI starts an AP exactly once: the second SIPI finds it Runnable.
 //! * While INIT is blocked ([`InitBlocking`]: SMM, VMX root operation, GIF=0) the INIT stays
 //!   latched, any latched SIPI is dropped and nothing else changes (seed 002).
+//!
+//! # Example: starting an AP
+//!
+//! ```
+//! use irqchip::mpstate::{
+//!     ArchResetState, InitBlocking, MpState, MpStateMachine, ResetKind, SipiAction, StandardSipi,
+//! };
+//! use irqchip::ApicEvents;
+//!
+//! let mut ap = MpStateMachine::new(false);
+//! assert_eq!(ap.state(), MpState::Uninitialized);
+//!
+//! // A SIPI before any INIT finds no wait-for-SIPI state: dropped.
+//! ap.latch(ApicEvents { sipi: Some(0x9A), ..Default::default() });
+//! let outcome = ap.accept_events(InitBlocking::NONE, &mut StandardSipi);
+//! assert!(outcome.dropped_sipi && outcome.start.is_none());
+//!
+//! // INIT while the AP is in SMM stays latched until SMM ends.
+//! let in_smm = InitBlocking { smm: true, ..InitBlocking::NONE };
+//! ap.latch(ApicEvents { init: true, ..Default::default() });
+//! assert!(ap.accept_events(in_smm, &mut StandardSipi).init_blocked);
+//! assert_eq!(ap.state(), MpState::Uninitialized);
+//!
+//! // Then the SIPI of INIT-SIPI: one accept step resets the AP and starts it at page 0x9A.
+//! ap.latch(ApicEvents { sipi: Some(0x9A), ..Default::default() });
+//! let outcome = ap.accept_events(InitBlocking::NONE, &mut StandardSipi);
+//! assert_eq!(outcome.reset, Some(ResetKind::Init { write_registers: true }));
+//! let start = outcome.start.unwrap();
+//! assert_eq!(start, SipiAction::StartRealMode { cs_selector: 0x9A00, cs_base: 0x9A000, rip: 0 });
+//! assert_eq!(ap.state(), MpState::Runnable);
+//!
+//! // The registers the VMM loads: INIT's state (RDX = the CPUID signature), then the start.
+//! let mut regs = outcome.reset.unwrap().arch_state(0x000A_0652).unwrap();
+//! regs.apply_start(&start);
+//! assert_eq!((regs.cs.base + regs.rip, regs.gprs[2]), (0x9A000, 0x000A_0652));
+//!
+//! // The second SIPI of INIT-SIPI-SIPI finds the AP running: dropped, it starts only once.
+//! ap.latch(ApicEvents { sipi: Some(0x9A), ..Default::default() });
+//! assert!(ap.accept_events(InitBlocking::NONE, &mut StandardSipi).dropped_sipi);
+//! ```
 
 mod reset_state;
 #[cfg(test)]
@@ -57,12 +97,17 @@ use crate::types::{ApicEvents, Vector};
 /// The `mp_state` values of the KVM ABI (`struct kvm_mp_state`), for
 /// [`MpStateMachine::set_from_user`] and [`MpStateMachine::get_for_user`].
 pub mod kvm_abi {
+    /// The vCPU runs (`KVM_MP_STATE_RUNNABLE`).
     pub const RUNNABLE: u32 = 0;
+    /// An AP that has not received INIT (`KVM_MP_STATE_UNINITIALIZED`).
     pub const UNINITIALIZED: u32 = 1;
+    /// Wait-for-SIPI (`KVM_MP_STATE_INIT_RECEIVED`).
     pub const INIT_RECEIVED: u32 = 2;
+    /// Halted by HLT (`KVM_MP_STATE_HALTED`).
     pub const HALTED: u32 = 3;
     /// Accepted from userspace only; never reported back (seed 000).
     pub const SIPI_RECEIVED: u32 = 4;
+    /// A protected-state AP parked by the AP Reset Hold request (`KVM_MP_STATE_AP_RESET_HOLD`).
     pub const AP_RESET_HOLD: u32 = 9;
 }
 
@@ -88,9 +133,13 @@ pub enum MpState {
 pub enum WakeEvent {
     /// A maskable interrupt that the vCPU would take now (IF=1 and above PPR).
     Interrupt,
+    /// A non-maskable interrupt (NMI delivery mode or LINT1).
     Nmi,
+    /// A system-management interrupt.
     Smi,
+    /// An INIT (INIT delivery mode, level assert).
     Init,
+    /// A start-up IPI; it only wakes a vCPU in wait-for-SIPI.
     Sipi,
 }
 
@@ -228,8 +277,11 @@ impl MpState {
 /// "Global Interrupt Flag"). Any one blocks INIT.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct InitBlocking {
+    /// The processor is in system-management mode.
     pub smm: bool,
+    /// The processor is in VMX root operation.
     pub vmx_root: bool,
+    /// The global interrupt flag (AMD SVM) is clear.
     pub gif_clear: bool,
 }
 
@@ -241,6 +293,7 @@ impl InitBlocking {
         gif_clear: false,
     };
 
+    /// True when any of the three conditions holds, so INIT stays latched.
     pub fn blocks_init(&self) -> bool {
         self.smm || self.vmx_root || self.gif_clear
     }
@@ -252,15 +305,21 @@ pub enum SipiAction {
     /// Load CS (selector and base; limit and access rights stay as INIT left them) and RIP, then
     /// run: real mode at physical address `vector << 12` (SDM §9.4.3).
     StartRealMode {
+        /// CS selector: `vector << 8`.
         cs_selector: u16,
+        /// CS base: `vector << 12`.
         cs_base: u64,
+        /// RIP: 0.
         rip: u64,
     },
     /// Run the vCPU without touching its registers (protected guest state, seed 004).
     /// `first_boot`: this is the first start, from the state initialised and measured at launch;
     /// otherwise it resumes from the AP Reset Hold and the VMM must tell the guest that a SIPI
     /// ended the hold (KVM: SW_EXITINFO2 = 1 in the GHCB).
-    ResumeUntouched { first_boot: bool },
+    ResumeUntouched {
+        /// First start from the launch state (true) or a resume from AP Reset Hold (false).
+        first_boot: bool,
+    },
 }
 
 impl SipiAction {
@@ -305,6 +364,7 @@ pub struct ProtectedStateSipi {
 }
 
 impl ProtectedStateSipi {
+    /// A vCPU that has not been started yet.
     pub fn new() -> Self {
         Self::default()
     }
@@ -333,7 +393,10 @@ pub enum ResetKind {
     /// INIT: always apply `LocalApic::init_reset` (SDM §11.4.7.3). When `write_registers`, also
     /// load [`ArchResetState::after_init`] into the vCPU; when false (protected guest state) leave
     /// the registers alone.
-    Init { write_registers: bool },
+    Init {
+        /// Load [`ArchResetState::after_init`]; false when the guest state is protected.
+        write_registers: bool,
+    },
 }
 
 impl ResetKind {
@@ -364,8 +427,10 @@ pub struct AcceptOutcome {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum MpStateError {
     #[error("mp_state {0} is unknown or not supported")]
+    /// The value is not a KVM `mp_state` this model accepts from userspace.
     Unsupported(u32),
     #[error("INIT_RECEIVED and SIPI_RECEIVED cannot be set while INIT is blocked")]
+    /// INIT_RECEIVED or SIPI_RECEIVED was set while INIT is blocked ([`InitBlocking`]).
     InitBlocked,
 }
 
@@ -393,10 +458,12 @@ impl MpStateMachine {
         }
     }
 
+    /// The current MP state.
     pub fn state(&self) -> MpState {
         self.state
     }
 
+    /// True for the bootstrap processor (INIT restarts it instead of parking it in wait-for-SIPI).
     pub fn is_bsp(&self) -> bool {
         self.bsp
     }

@@ -62,9 +62,38 @@ const XAPIC_BROADCAST: u32 = 0xFF;
 const X2APIC_BROADCAST: u32 = 0xFFFF_FFFF;
 
 /// One MSI write: the 64-bit address and 32-bit data a device sends.
+///
+/// ```
+/// use irqchip::msi::{MsiError, MsiMessage};
+/// use irqchip::{DeliveryMode, DestinationMode, TriggerMode};
+///
+/// // Destination APIC ID 2 (address bits 19:12); vector 0x51, fixed, edge, level bit 14 set
+/// // (asserted), as Linux writes it.
+/// let msi = MsiMessage { address: 0xFEE0_2000, data: 0x4051 };
+/// let message = msi.decode().unwrap();
+/// assert_eq!((message.vector, message.destination), (0x51, 2));
+/// assert_eq!(message.delivery_mode, DeliveryMode::Fixed);
+/// assert_eq!(message.destination_mode, DestinationMode::Physical);
+/// assert_eq!(message.trigger, TriggerMode::Edge);
+/// assert_eq!(MsiMessage::encode(&message), Ok(msi));
+///
+/// // Redirection hint (bit 3) with logical destination (bit 2): lowest priority.
+/// let hinted = MsiMessage { address: 0xFEE0_300C, data: 0x0051 };
+/// assert_eq!(hinted.decode().unwrap().delivery_mode, DeliveryMode::LowestPriority);
+///
+/// // Outside the 0xFEExxxxx window, or a reserved delivery mode: refused, never guessed.
+/// let stray = MsiMessage { address: 0xFEC0_0000, data: 0x0051 };
+/// assert_eq!(stray.decode(), Err(MsiError::NotInterruptAddress(0xFEC0_0000)));
+/// let reserved = MsiMessage { address: 0xFEE0_0000, data: 0x0351 };
+/// assert_eq!(reserved.decode(), Err(MsiError::ReservedDeliveryMode(0b011)));
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct MsiMessage {
+    /// Address: in the window 0xFEE00000-0xFEEFFFFF; destination ID in bits 19:12, redirection
+    /// hint bit 3, destination mode bit 2 (SDM vol. 3 §11.11.1).
     pub address: u64,
+    /// Data: vector in bits 7:0, delivery mode 10:8, level bit 14, trigger mode bit 15
+    /// (SDM vol. 3 §11.11.2).
     pub data: u32,
 }
 
@@ -95,16 +124,28 @@ impl MsiAddressing {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum MsiError {
     #[error("address {0:#x} is outside the MSI window 0xFEE00000-0xFEEFFFFF")]
+    /// The address is outside the interrupt window 0xFEE00000-0xFEEFFFFF (SDM vol. 3 §11.11.1).
     NotInterruptAddress(u64),
     #[error("delivery mode {0:#05b} is reserved in MSI data")]
+    /// The data's delivery mode is a reserved encoding (3), or start-up, which MSI cannot send.
     ReservedDeliveryMode(u32),
     #[error("address {0:#x} uses the interrupt-remapping format")]
+    /// With the extended destination ID, the address sets bit 4: the interrupt-remapping
+    /// (remappable) format, whose other bits are not a destination.
     RemappableFormat(u64),
     #[error("destination {destination:#x} does not fit an MSI destination (max {max:#x})")]
-    DestinationOutOfRange { destination: u32, max: u32 },
+    /// The destination does not fit in the address's destination field(s).
+    DestinationOutOfRange {
+        /// The destination asked for.
+        destination: u32,
+        /// The widest destination the addressing mode carries.
+        max: u32,
+    },
     #[error("x2APIC destination 0xFF would read as the xAPIC broadcast in an MSI")]
+    /// The x2APIC destination 0xFF would be read back as the xAPIC broadcast.
     AmbiguousBroadcast,
     #[error("destination shorthands cannot be sent by MSI")]
+    /// The message uses a destination shorthand, which only the ICR can express.
     Shorthand,
 }
 

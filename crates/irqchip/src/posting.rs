@@ -66,6 +66,41 @@
 //!     if inbox.try_block() { inbox.block_until_rung(); }   // else: work pending, drain it
 //! }
 //! ```
+//!
+//! # Example: post, notify, drain
+//!
+//! ```
+//! # #[cfg(feature = "loom")] loom::model(example);
+//! # #[cfg(not(feature = "loom"))] example();
+//! # fn example() {
+//! use irqchip::posting::{VcpuInbox, VcpuMode};
+//! use irqchip::{ApicEvents, InterruptSink, Notify, TriggerMode};
+//!
+//! let inbox = VcpuInbox::new(); // shared as Arc<VcpuInbox> in a VMM
+//!
+//! // The vCPU is about to run the guest: posts from now on must kick it out.
+//! assert!(inbox.begin_guest_entry().is_empty());
+//! assert_eq!(inbox.mode(), VcpuMode::InGuest);
+//! assert_eq!(inbox.post_vector(0x30, TriggerMode::Edge), Notify::Kick);
+//! // ON is already set: the first poster's kick covers this one.
+//! assert_eq!(inbox.post_vector(0x31, TriggerMode::Level), Notify::None);
+//!
+//! // Kicked out, the vCPU drains both vectors at once, with their trigger modes.
+//! inbox.end_guest_entry();
+//! let posted = inbox.drain();
+//! assert_eq!(posted.vectors().collect::<Vec<_>>(), [0x30, 0x31]);
+//! assert!(!posted.is_level(0x30) && posted.is_level(0x31));
+//!
+//! // Halted with nothing to do, it blocks; a post now asks the poster to wake it.
+//! assert!(inbox.try_block());
+//! let nmi = ApicEvents { nmi: true, ..Default::default() };
+//! assert_eq!(inbox.post_events(nmi), Notify::Wake);
+//! inbox.ring_doorbell(); // what the poster does for Notify::Wake
+//! inbox.block_until_rung(); // returns at once: the ring came first and is not lost
+//! assert!(inbox.drain().events.nmi);
+//! assert_eq!(inbox.mode(), VcpuMode::OutsideGuest);
+//! # }
+//! ```
 
 use crate::sync::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use crate::types::{ApicEvents, InterruptSink, Notify, TriggerMode, Vector};
@@ -236,6 +271,7 @@ impl Default for Doorbell {
 }
 
 impl Doorbell {
+    /// A doorbell that has not been rung.
     pub fn new() -> Self {
         Self {
             rung: Mutex::new(false),
@@ -483,6 +519,96 @@ impl InterruptSink for VcpuInbox {
     }
 }
 
+// `Posted` is plain data (no atomics), so its tests run in every build, loom's included.
+#[cfg(test)]
+mod posted_tests {
+    use super::*;
+
+    fn posted(edge: &[Vector], level: &[Vector]) -> Posted {
+        let mut out = Posted::default();
+        for &vector in edge.iter().chain(level) {
+            let (word, mask) = word_and_mask(vector);
+            out.pir[word] |= mask;
+        }
+        for &vector in level {
+            let (word, mask) = word_and_mask(vector);
+            out.level[word] |= mask;
+        }
+        out
+    }
+
+    #[test]
+    fn merge_ors_the_vectors_of_both_drains() {
+        let mut earlier = posted(&[0x20, 0x41], &[]);
+        earlier.merge(posted(&[0x41, 0xFF], &[]));
+        assert_eq!(
+            earlier.vectors().collect::<Vec<_>>(),
+            vec![0x20, 0x41, 0xFF]
+        );
+        assert_eq!(earlier.level, [0; BITMAP_WORDS]);
+    }
+
+    /// The trigger of a vector posted in both drains is the later one's (SDM vol. 3 §11.5.5:
+    /// TMR follows the trigger of the last acceptance); a vector posted only earlier keeps its own.
+    #[test]
+    fn merge_takes_the_later_trigger_of_a_vector_posted_twice() {
+        let mut earlier = posted(&[0x30], &[0x31, 0x32, 0x80]);
+        earlier.merge(posted(&[0x31], &[0x30, 0x90]));
+        assert_eq!(
+            earlier,
+            posted(&[0x31], &[0x30, 0x32, 0x80, 0x90]),
+            "0x30 edge->level, 0x31 level->edge, 0x32/0x80 kept, 0x90 new"
+        );
+    }
+
+    #[test]
+    fn merge_combines_events_and_wakeup() {
+        let mut earlier = Posted {
+            events: ApicEvents {
+                sipi: Some(0x10),
+                nmi: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        earlier.merge(Posted {
+            events: ApicEvents {
+                sipi: Some(0x9A),
+                extint: true,
+                ..Default::default()
+            },
+            wakeup: true,
+            ..Default::default()
+        });
+        let expected = ApicEvents {
+            sipi: Some(0x9A),
+            nmi: true,
+            extint: true,
+            ..Default::default()
+        };
+        assert_eq!(earlier.events, expected, "flags OR, the newer SIPI wins");
+        assert!(earlier.wakeup);
+        earlier.merge(Posted::default());
+        assert!(earlier.wakeup, "a later drain without a wakeup keeps it");
+        assert_eq!(earlier.events, expected);
+    }
+
+    #[test]
+    fn merge_with_an_empty_drain_is_the_identity_both_ways() {
+        let full = Posted {
+            wakeup: true,
+            ..posted(&[0x22, 0xEF], &[0x23])
+        };
+        let mut into_full = full;
+        into_full.merge(Posted::default());
+        assert_eq!(into_full, full);
+        let mut into_empty = Posted::default();
+        into_empty.merge(full);
+        assert_eq!(into_empty, full);
+        assert!(!into_empty.is_empty());
+    }
+}
+
 // Unit tests use std atomics; under `--features loom` the atomics are loom's and only work
 // inside a loom model (tests/loom_posting.rs).
 #[cfg(all(test, not(feature = "loom")))]
@@ -496,55 +622,6 @@ mod tests {
 
     fn edge(inbox: &VcpuInbox, vector: Vector) -> Notify {
         inbox.post_vector(vector, TriggerMode::Edge)
-    }
-
-    fn bitmap(vectors: &[Vector]) -> VectorBitmap {
-        let mut bits = VectorBitmap::default();
-        for &v in vectors {
-            let (word, mask) = word_and_mask(v);
-            bits[word] |= mask;
-        }
-        bits
-    }
-
-    /// `Posted::merge` (what a vCPU does with two drains before it injects): vectors OR
-    /// together; a vector the later drain posted takes that drain's trigger mode, the others keep
-    /// theirs; events merge as `ApicEvents::merge` (a newer SIPI wins); `wakeup` ORs.
-    #[test]
-    fn merge_ors_vectors_and_the_later_trigger_mode_wins() {
-        let mut earlier = Posted {
-            pir: bitmap(&[0x30, 0x41, 0x80, 0xC1]),
-            level: bitmap(&[0x41, 0xC1]),
-            events: ApicEvents {
-                sipi: Some(0x10),
-                ..ApicEvents::default()
-            },
-            wakeup: true,
-        };
-        let later = Posted {
-            pir: bitmap(&[0x41, 0x80, 0xFE]),
-            level: bitmap(&[0x80]),
-            events: ApicEvents {
-                sipi: Some(0x20),
-                nmi: true,
-                ..ApicEvents::default()
-            },
-            wakeup: false,
-        };
-        earlier.merge(later);
-        let vectors: Vec<Vector> = earlier.vectors().collect();
-        assert_eq!(vectors, [0x30, 0x41, 0x80, 0xC1, 0xFE]);
-        let level: Vec<Vector> = vectors
-            .into_iter()
-            .filter(|&v| earlier.is_level(v))
-            .collect();
-        assert_eq!(level, [0x80, 0xC1], "0x41 was re-posted edge, 0xC1 kept");
-        assert_eq!(earlier.events.sipi, Some(0x20));
-        assert!(earlier.events.nmi);
-        assert!(earlier.wakeup);
-        let mut empty = Posted::default();
-        empty.merge(Posted::default());
-        assert!(empty.is_empty());
     }
 
     // SDM vol. 3C "Posted-Interrupt Processing": every one of the 256 PIR bits is distinct.

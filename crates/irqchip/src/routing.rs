@@ -96,9 +96,15 @@ pub struct SourceId(pub u32);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum RouteTarget {
     /// A line of the dual 8259 PIC, 0..[`PIC_LINES`] (`DualPic::set_irq`).
-    Pic { irq: u8 },
+    Pic {
+        /// The ISA IRQ line, 0..[`PIC_LINES`].
+        irq: u8,
+    },
     /// An IOAPIC input pin (`IoApic::set_line`).
-    IoApic { pin: usize },
+    IoApic {
+        /// The pin, 0..the IOAPIC's pin count.
+        pin: usize,
+    },
     /// A message put on the APIC bus on each rising edge of the wire (a device's MSI).
     Msi(InterruptMessage),
 }
@@ -133,20 +139,53 @@ impl Line {
 /// Why a routing change or a level change was refused. The table is left unchanged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RoutingError {
+    /// The GSI is past the table ([`MAX_GSIS`]).
     #[error("GSI {0} is outside 0..{MAX_GSIS}")]
     GsiOutOfRange(u32),
     #[error("GSI {gsi}: {count} targets, at most {MAX_TARGETS_PER_GSI} allowed")]
-    TooManyTargets { gsi: u32, count: usize },
+    /// A route lists more than [`MAX_TARGETS_PER_GSI`] targets.
+    TooManyTargets {
+        /// The GSI being routed.
+        gsi: u32,
+        /// How many targets the route listed.
+        count: usize,
+    },
     #[error("GSI {gsi}: the same target is listed twice")]
-    DuplicateTarget { gsi: u32 },
+    /// A route lists the same target twice.
+    DuplicateTarget {
+        /// The GSI being routed.
+        gsi: u32,
+    },
     #[error("GSI {gsi}: PIC line {irq} is outside 0..{PIC_LINES}")]
-    PicLineOutOfRange { gsi: u32, irq: u8 },
+    /// A PIC target names a line past [`PIC_LINES`].
+    PicLineOutOfRange {
+        /// The GSI being routed.
+        gsi: u32,
+        /// The line asked for.
+        irq: u8,
+    },
     #[error("GSI {gsi}: IOAPIC pin {pin} does not exist ({pins} pins)")]
-    IoApicPinOutOfRange { gsi: u32, pin: usize, pins: usize },
+    /// An IOAPIC target names a pin the IOAPIC does not have.
+    IoApicPinOutOfRange {
+        /// The GSI being routed.
+        gsi: u32,
+        /// The pin asked for.
+        pin: usize,
+        /// The IOAPIC's pin count.
+        pins: usize,
+    },
     #[error("GSI {gsi}: more than {MAX_SOURCES_PER_GSI} sources asserting it at once")]
-    TooManySources { gsi: u32 },
+    /// More than [`MAX_SOURCES_PER_GSI`] sources would assert one GSI's wire at once.
+    TooManySources {
+        /// The GSI being asserted.
+        gsi: u32,
+    },
     #[error("routing snapshot has {found} IOAPIC pins, at most {MAX_PINS} allowed")]
-    IoApicPinCount { found: usize },
+    /// A routing snapshot names more IOAPIC pins than an IOAPIC can have ([`MAX_PINS`]).
+    IoApicPinCount {
+        /// The pin count in the snapshot.
+        found: usize,
+    },
 }
 
 /// One GSI: its targets and the sources currently asserting its wire.

@@ -103,8 +103,11 @@ pub const SNAPSHOT_VERSION: u32 = 1;
 /// The complete state of the chip. See the module documentation for the format.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ChipSnapshot {
+    /// The format version, [`SNAPSHOT_VERSION`] when written by this build.
     pub version: u32,
+    /// One part per vCPU, in index order.
     pub vcpus: Vec<VcpuSnapshot>,
+    /// The PIC, IOAPIC and routing table.
     pub devices: DeviceSnapshot,
 }
 
@@ -149,17 +152,22 @@ pub struct PendingEvents {
     /// written before this field existed read as false.
     #[serde(default)]
     pub nmi_held: bool,
+    /// An SMI waits for injection.
     pub smi: bool,
+    /// An ExtINT waits: the vector comes from the PIC's acknowledge at injection.
     pub extint: bool,
 }
 
 /// One vCPU's interrupt state, on the snapshot's timeline (the save instant is time 0).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VcpuSnapshot {
+    /// The vCPU this part was saved from.
     pub index: VcpuIndex,
+    /// The local APIC: every register, the timer on the snapshot's timeline.
     pub lapic: LocalApic,
     /// MP state, latched INIT and SIPI (with its vector), last SIPI vector.
     pub mp: MpStateMachine,
+    /// Events taken from the inbox but not injected yet.
     pub pending: PendingEvents,
 }
 
@@ -210,7 +218,9 @@ impl VcpuSnapshot {
 /// The VM-wide devices.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DeviceSnapshot {
+    /// The two 8259As and their input levels.
     pub pic: DualPic,
+    /// The IOAPIC: ID, IOREGSEL, redirection entries and wire levels.
     pub ioapic: IoApic,
     /// Routes and every source's level.
     pub routing: GsiRouting,
@@ -260,38 +270,84 @@ impl DeviceSnapshot {
 /// Why a snapshot was refused. Nothing was changed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SnapshotError {
+    /// The snapshot was written in another format version.
     #[error("snapshot version {found} is not supported (this build reads version {supported})")]
-    Version { found: u32, supported: u32 },
+    Version {
+        /// The snapshot's version.
+        found: u32,
+        /// [`SNAPSHOT_VERSION`].
+        supported: u32,
+    },
+    /// The snapshot has another number of vCPUs than the chip.
     #[error("snapshot has {found} vCPUs, the chip has {expected}")]
-    VcpuCount { expected: usize, found: usize },
+    VcpuCount {
+        /// The chip's vCPU count.
+        expected: usize,
+        /// The snapshot's vCPU count.
+        found: usize,
+    },
+    /// A vCPU's part was given to another vCPU.
     #[error("the snapshot of vCPU {found} was given to vCPU {expected}")]
     VcpuIndex {
+        /// The vCPU restoring it.
         expected: VcpuIndex,
+        /// The vCPU the part was saved from.
         found: VcpuIndex,
     },
+    /// The saved local APIC was created with another configuration (index, APIC ID, BSP flag,
+    /// x2APIC or directed-EOI support).
     #[error("vCPU {vcpu}: the saved local APIC has another {field} than this vCPU's")]
     LapicConfig {
+        /// The vCPU.
         vcpu: VcpuIndex,
+        /// The configuration field that differs.
         field: &'static str,
     },
+    /// The saved local APIC's registers are inconsistent ([`LocalApic::validate`]).
     #[error("vCPU {vcpu}: invalid local APIC state: {reason}")]
     LapicState {
+        /// The vCPU.
         vcpu: VcpuIndex,
+        /// What is inconsistent.
         reason: &'static str,
     },
+    /// The MP state machine's BSP flag is not the vCPU's.
     #[error("vCPU {vcpu}: the MP state's BSP flag ({found}) contradicts the vCPU's role")]
-    MpBsp { vcpu: VcpuIndex, found: bool },
+    MpBsp {
+        /// The vCPU.
+        vcpu: VcpuIndex,
+        /// The saved flag.
+        found: bool,
+    },
+    /// The saved IOAPIC has another pin count, ID or version than the chip's.
     #[error("IOAPIC configuration {found:?} differs from the chip's {expected:?}")]
     IoApicConfig {
+        /// The chip's configuration.
         expected: IoApicConfig,
+        /// The snapshot's.
         found: IoApicConfig,
     },
+    /// The saved IOAPIC's extended destination ID setting is not the chip's.
     #[error("IOAPIC extended destination ID setting differs from the chip's")]
     IoApicExtendedDestination,
+    /// The routing table knows another number of IOAPIC pins than the IOAPIC has.
     #[error("routing table has {found} IOAPIC pins, the IOAPIC has {expected}")]
-    RoutingPins { expected: usize, found: usize },
+    RoutingPins {
+        /// The IOAPIC's pin count.
+        expected: usize,
+        /// The routing table's.
+        found: usize,
+    },
+    /// A PIC line's level is not the OR of the sources the routing table holds for it.
     #[error("PIC line {irq}: its level disagrees with the routing table's")]
-    PicLineLevel { irq: u8 },
+    PicLineLevel {
+        /// The ISA line.
+        irq: u8,
+    },
+    /// An IOAPIC pin's wire level is not what the routing table's sources make it.
     #[error("IOAPIC pin {pin}: its wire level disagrees with the routing table's")]
-    IoApicLineLevel { pin: usize },
+    IoApicLineLevel {
+        /// The pin.
+        pin: usize,
+    },
 }

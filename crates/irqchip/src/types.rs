@@ -28,12 +28,20 @@ pub struct ApicId(pub u32);
 /// (SDM vol. 3 §11.6.1). Encoding 3 is reserved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum DeliveryMode {
+    /// The vector goes to every destination; it is accepted into IRR.
     Fixed = 0,
+    /// The vector goes to the destination with the lowest priority (SDM vol. 3 §11.6.2.4).
     LowestPriority = 1,
+    /// A system-management interrupt; the vector is ignored (must be 0).
     Smi = 2,
+    /// A non-maskable interrupt; the vector is ignored.
     Nmi = 4,
+    /// INIT: the destination resets (SDM vol. 3 §9.4, §11.4.7.3); the vector is ignored.
     Init = 5,
+    /// Start-up IPI: a processor in wait-for-SIPI starts at `vector << 12` (SDM vol. 3 §9.4.3).
     StartUp = 6,
+    /// The destination takes the vector from the 8259-compatible PIC by an INTA cycle, as for an
+    /// interrupt from an external controller (SDM vol. 3 §11.6.1).
     ExtInt = 7,
 }
 
@@ -67,14 +75,20 @@ impl DeliveryMode {
 /// Destination mode, bit 11 of the ICR (SDM vol. 3 §11.6.2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum DestinationMode {
+    /// The destination is an APIC ID.
     Physical,
+    /// The destination is matched against each APIC's logical destination (LDR and DFR,
+    /// SDM vol. 3 §11.6.2.2).
     Logical,
 }
 
 /// Trigger mode, bit 15 of the ICR / redirection entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum TriggerMode {
+    /// Accepted once per message; TMR clear, no EOI broadcast.
     Edge,
+    /// The source holds the line until the EOI; TMR set, the EOI is broadcast
+    /// (SDM vol. 3 §11.8.5).
     Level,
 }
 
@@ -82,13 +96,18 @@ pub enum TriggerMode {
 /// and MSI messages always have `None`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Shorthand {
+    /// No shorthand: the destination field decides.
     None,
+    /// Only the sending APIC.
     SelfOnly,
+    /// Every APIC, the sender included.
     AllIncludingSelf,
+    /// Every APIC but the sender.
     AllExcludingSelf,
 }
 
 impl Shorthand {
+    /// Decodes ICR bits 19:18, already shifted to bits 1:0.
     pub fn from_bits(bits: u32) -> Self {
         match bits & 0x3 {
             0 => Self::None,
@@ -107,7 +126,9 @@ impl Shorthand {
 /// up to 15 bits and use `Xapic` format with a wider value: 0xFF stays broadcast.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum DestinationFormat {
+    /// 8-bit destinations, 0xFF is the broadcast.
     Xapic,
+    /// 32-bit destinations, 0xFFFF_FFFF is the broadcast.
     X2apic,
 }
 
@@ -124,16 +145,24 @@ pub enum MessageSource {
 /// produces, before it is resolved to destination vCPUs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct InterruptMessage {
+    /// The interrupt vector (ignored for NMI, SMI and INIT; the start page for SIPI).
     pub vector: Vector,
+    /// How the destination handles the message.
     pub delivery_mode: DeliveryMode,
+    /// Physical (APIC ID) or logical (LDR match) destination.
     pub destination_mode: DestinationMode,
+    /// Edge or level trigger mode (bit 15); level makes the target set TMR.
     pub trigger: TriggerMode,
     /// Level field of the ICR (bit 14). Only meaningful for INIT: `false` with level trigger is
     /// the "INIT level de-assert" message, which modern processors ignore (SDM vol. 3 §11.6.1).
     pub level_assert: bool,
+    /// Destination shorthand (IPIs only).
     pub shorthand: Shorthand,
+    /// The destination ID, read according to `destination_mode` and `format`.
     pub destination: u32,
+    /// How wide `destination` is and which value is the broadcast.
     pub format: DestinationFormat,
+    /// Who sent it: the shorthands "self" and "all excluding self" need the sender.
     pub source: MessageSource,
 }
 
@@ -166,6 +195,7 @@ impl InterruptMessage {
 /// message of a directed EOI (write to the IOAPIC EOI register, version 0x20).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct EoiMessage {
+    /// The vector being acknowledged, matched against each IOAPIC entry's vector.
     pub vector: Vector,
 }
 
@@ -174,6 +204,7 @@ pub struct EoiMessage {
 /// the guest changes any of these (ID, LDR, DFR, APIC base mode or enable bit, SVR enable).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct TopologyEntry {
+    /// The APIC ID (xAPIC mode uses bits 7:0).
     pub apic_id: ApicId,
     /// x2APIC mode (IA32_APIC_BASE.EXTD set).
     pub x2apic: bool,
@@ -195,6 +226,7 @@ pub struct TopologyEntry {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum GuestFault {
     #[error("general protection fault: {0}")]
+    /// The access faults, with what was wrong.
     GeneralProtection(&'static str),
 }
 
@@ -204,11 +236,14 @@ pub enum GuestFault {
 /// can never be lost to a HLT the target executes at the same moment (seed 000).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ApicEvents {
+    /// INIT, to be accepted in the target's own context.
     pub init: bool,
     /// A pending start-up IPI and its vector. A second SIPI before the first is consumed
     /// replaces the vector, as the latch on a real APIC holds one.
     pub sipi: Option<Vector>,
+    /// A non-maskable interrupt.
     pub nmi: bool,
+    /// A system-management interrupt.
     pub smi: bool,
     /// The APIC was asked to take an interrupt vector from the 8259 PIC (an INTA cycle).
     pub extint: bool,
@@ -242,8 +277,11 @@ impl ApicEvents {
 /// keeps the guest's real TSC consistent with that.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ClockConfig {
+    /// The APIC timer's input clock in Hz (before the divide configuration); KVM uses 1 GHz.
     pub apic_bus_hz: u64,
+    /// The guest's time-stamp counter frequency in Hz.
     pub tsc_hz: u64,
+    /// The guest TSC at time 0 of the caller's timeline.
     pub tsc_at_zero: u64,
 }
 

@@ -57,7 +57,9 @@ pub type VmBus = ApicBus<VcpuInbox>;
 /// Shape of a VM's APIC system.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ApicSystemConfig {
+    /// Number of vCPUs; vCPU `i` gets APIC ID `i`, vCPU 0 is the BSP.
     pub vcpus: usize,
+    /// The clocks every local APIC timer counts.
     pub clock: ClockConfig,
     /// Offer x2APIC mode (the VMM must then also advertise `CPUID.1:ECX[21]`).
     pub x2apic: bool,
@@ -124,6 +126,7 @@ impl ApicSystem {
         (system, vcpus)
     }
 
+    /// The configuration this system was built with.
     pub fn config(&self) -> ApicSystemConfig {
         self.config
     }
@@ -199,6 +202,7 @@ pub enum ApicAccessResult {
 /// (SDM vol. 3 §7.7, "Priority Among Simultaneous Exceptions and Interrupts").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Injection {
+    /// A non-maskable interrupt (vector 2).
     Nmi,
     /// An interrupt whose vector comes from the 8259 PIC (an INTA cycle on the PIC).
     ExtInt,
@@ -233,22 +237,27 @@ impl VcpuInterrupts {
         self.publish_pic_acceptance();
     }
 
+    /// This vCPU's index on the bus.
     pub fn index(&self) -> VcpuIndex {
         self.index
     }
 
+    /// The local APIC's registers (read-only; writes go through this type so effects are routed).
     pub fn lapic(&self) -> &LocalApic {
         &self.lapic
     }
 
+    /// The MP state: runnable, halted, wait-for-SIPI, ...
     pub fn mp_state(&self) -> MpState {
         self.mp.state()
     }
 
+    /// The inbox other threads post to; the VMM's kick path reads its mode.
     pub fn inbox(&self) -> &Arc<VcpuInbox> {
         &self.inbox
     }
 
+    /// The APIC bus this vCPU sends its IPIs on.
     pub fn bus(&self) -> &Arc<VmBus> {
         &self.bus
     }
@@ -367,6 +376,7 @@ impl VcpuInterrupts {
         self.nmi_pending > 0
     }
 
+    /// True while an SMI waits to be delivered.
     pub fn smi_pending(&self) -> bool {
         self.smi_pending
     }

@@ -3,7 +3,7 @@
  * vector stays in IRR until TPR (or an EOI) lowers PPR. EOI retires the highest-priority ISR bit, so nested
  * interrupts unwind in priority order. All interrupts here are self-IPIs on CPU 0.
  * Checks tagged [isr-kept] need a delivered vector to stay in ISR until its EOI: KVM's in-kernel LAPIC on the
- * kvm_pvm hosts (QEMU -accel kvm, irqvm split/kernel modes) does not keep it (see shared/kvm-facts.md). */
+ * kvm_pvm hosts (QEMU -accel kvm, irqvm split/kernel modes) does not keep it (see docs/kvm-facts.md). */
 #include "guest.h"
 
 #define V_LOW 0x45   /* class 4 */

@@ -2,7 +2,7 @@
 //! emulator cannot run, with per-vCPU APIC IDs and a consistent topology.
 //!
 //! kvm_pvm emulates ring-0 guest code; it fails on xsave/xrstor and clac/stac (see
-//! `kvm-facts.md`), so XSAVE and everything that needs it (AVX, AVX2, AVX-512, AMX, PKU/OSPKE)
+//! `docs/kvm-facts.md`), so XSAVE and everything that needs it (AVX, AVX2, AVX-512, AMX, PKU/OSPKE)
 //! and SMAP are hidden. The APIC (leaf 1 EDX bit 9), x2APIC (leaf 1 ECX bit 21) and the
 //! TSC-deadline timer (leaf 1 ECX bit 24) stay as KVM reports them; the irqchip backend may
 //! adjust them with [`CpuidConfig`].

@@ -26,7 +26,7 @@
 //! exit sets `immediate_exit` directly, and the clear before the drain takes it back, so the
 //! next KVM_RUN enters the guest instead of returning EINTR at once.) A handler that does nothing would
 //! lose kicks in case 2 (the signal is consumed before the ioctl starts): measured 121 lost of
-//! 300 in `kvm-facts.md`.
+//! 300 in `docs/kvm-facts.md`.
 //!
 //! Async-signal safety: the handler reads a const-initialised thread-local `Cell` (no lazy
 //! initialisation, no allocation, no destructor registration) and does one atomic byte store.

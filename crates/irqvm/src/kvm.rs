@@ -93,7 +93,7 @@ ioctl_iow_nr!(
 ///
 /// Only valid without an in-kernel LAPIC (user mode) or for ExtINT with a split irqchip. KVM
 /// delivers the vector even if the guest has IF=0: the caller must have checked
-/// `kvm_run.ready_for_interrupt_injection` and RFLAGS.IF first (see `kvm-facts.md`).
+/// `kvm_run.ready_for_interrupt_injection` and RFLAGS.IF first (see `docs/kvm-facts.md`).
 pub fn inject_interrupt(vcpu: &VcpuFd, vector: u8) -> Result<(), KvmError> {
     let irq = kvm_interrupt {
         irq: u32::from(vector),

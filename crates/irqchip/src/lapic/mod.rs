@@ -48,10 +48,14 @@ use crate::types::{
 /// Static properties of one local APIC, chosen by the VMM when it creates the vCPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LapicConfig {
+    /// The vCPU this APIC belongs to (the index the VMM and the bus use, not the APIC ID).
     pub index: VcpuIndex,
     /// The initial APIC ID (the x2APIC ID; xAPIC mode sees its low 8 bits).
     pub apic_id: ApicId,
+    /// True for the bootstrap processor: IA32_APIC_BASE.BSP (bit 8) is set at power-up
+    /// (SDM §11.4.4).
     pub bsp: bool,
+    /// The clocks the timer counts: APIC bus frequency and guest TSC (for TSC-deadline mode).
     pub clock: ClockConfig,
     /// CPUID.1:ECX.x2APIC[bit 21]: IA32_APIC_BASE.EXTD may be set.
     pub x2apic_supported: bool,
@@ -87,6 +91,7 @@ impl Default for LapicConfig {
 /// What a register access asks the VMM to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LapicEffect {
+    /// Nothing for the VMM to do.
     None,
     /// Route this IPI on the bus (ICR write).
     SendIpi(InterruptMessage),
@@ -103,16 +108,24 @@ pub enum LapicEffect {
 /// The sources of the local vector table (SDM §11.5.1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum LocalSource {
+    /// LVT timer (0x320): the APIC timer's expiry (SDM §11.5.4).
     Timer,
+    /// LVT thermal sensor (0x330): the thermal monitor's interrupt.
     Thermal,
+    /// LVT performance counter (0x340): a performance-counter overflow.
     Performance,
+    /// LVT LINT0 (0x350): the LINT0 pin, where a PC wires the 8259's INTR (ExtINT delivery).
     Lint0,
+    /// LVT LINT1 (0x360): the LINT1 pin, where a PC wires NMI.
     Lint1,
+    /// LVT error (0x370): the APIC signalling an error it recorded in ESR (SDM §11.5.3).
     Error,
+    /// LVT CMCI (0x2F0): corrected machine-check error interrupt (SDM vol. 3 §16.5.1).
     Cmci,
 }
 
 impl LocalSource {
+    /// Every source, in the order of [`LocalApic::lvt`]'s storage.
     pub const ALL: [LocalSource; 7] = [
         Self::Timer,
         Self::Thermal,
@@ -165,14 +178,18 @@ impl LocalSource {
 /// Transitions").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ApicMode {
+    /// EN=0, EXTD=0: the APIC is off; its registers do not answer (SDM §11.4.3).
     Disabled,
+    /// EN=1, EXTD=0: xAPIC mode, registers in the MMIO page at the APIC base.
     XApic,
+    /// EN=1, EXTD=1: x2APIC mode, registers as MSRs 0x800-0x8FF (SDM §11.12.1).
     X2Apic,
     /// EXTD without EN: never reachable.
     Invalid,
 }
 
 impl ApicMode {
+    /// The mode that IA32_APIC_BASE's EN (bit 11) and EXTD (bit 10) select.
     pub fn of_base(base: u64) -> Self {
         match (base & APIC_BASE_EN != 0, base & APIC_BASE_EXTD != 0) {
             (false, false) => Self::Disabled,
@@ -311,6 +328,53 @@ fn priority_class(vector: u8) -> u8 {
 }
 
 /// One local APIC. See the module documentation for the access rules.
+///
+/// It is plain data: the vCPU's thread forwards the guest's accesses to it with the current
+/// time, and acts on the [`LapicEffect`] each write returns. Time never passes on its own: the
+/// caller polls the timer at [`LocalApic::next_timer_deadline`].
+///
+/// ```
+/// use irqchip::lapic::regs::{REG_ICR_HIGH, REG_ICR_LOW, REG_LVT_TIMER, REG_PPR, REG_SVR};
+/// use irqchip::lapic::regs::{REG_TIMER_CURRENT, REG_TIMER_DCR, REG_TIMER_INITIAL, REG_TPR};
+/// use irqchip::lapic::{LapicConfig, LapicEffect, LocalApic};
+/// use irqchip::{ApicId, DeliveryMode, Shorthand};
+///
+/// // The default clock counts the APIC bus at 1 GHz: one timer tick per nanosecond.
+/// let config = LapicConfig { apic_id: ApicId(0), bsp: true, ..Default::default() };
+/// let mut apic = LocalApic::new(config);
+/// let write = |apic: &mut LocalApic, offset: u32, value: u32, now: u64| {
+///     apic.mmio_write(u64::from(offset), &value.to_le_bytes(), now)
+/// };
+/// let read = |apic: &mut LocalApic, offset: u32, now: u64| {
+///     let mut data = [0; 4];
+///     apic.mmio_read(u64::from(offset), &mut data, now);
+///     u32::from_le_bytes(data)
+/// };
+///
+/// // Software-enable the APIC (SVR bit 8), then raise the task priority: PPR follows TPR.
+/// write(&mut apic, REG_SVR, 0x1FF, 0);
+/// write(&mut apic, REG_TPR, 0x20, 0);
+/// assert_eq!(read(&mut apic, REG_PPR, 0), 0x20);
+///
+/// // One-shot timer, vector 0xEC, divide by 1 (DCR 1011b), 1000 ticks from t = 0 ns.
+/// write(&mut apic, REG_LVT_TIMER, 0xEC, 0);
+/// write(&mut apic, REG_TIMER_DCR, 0b1011, 0);
+/// assert_eq!(write(&mut apic, REG_TIMER_INITIAL, 1000, 0), LapicEffect::TimerChanged);
+/// assert_eq!(apic.next_timer_deadline(), Some(1000));
+/// assert_eq!(read(&mut apic, REG_TIMER_CURRENT, 400), 600);
+/// apic.poll_timer(1000); // the VMM's timer fired: the expiry sets the vector in IRR
+/// assert_eq!(apic.pending_interrupt(), Some(0xEC));
+/// assert_eq!(apic.acknowledge_interrupt(), Some(0xEC));
+/// assert!(apic.isr().contains(0xEC));
+///
+/// // An ICR write does not deliver anything itself: it returns the IPI for the VMM to route.
+/// write(&mut apic, REG_ICR_HIGH, 1 << 24, 1000); // destination APIC ID 1
+/// let LapicEffect::SendIpi(ipi) = write(&mut apic, REG_ICR_LOW, 0x4041, 1000) else {
+///     panic!("an ICR write sends an IPI");
+/// };
+/// assert_eq!((ipi.vector, ipi.delivery_mode, ipi.destination), (0x41, DeliveryMode::Fixed, 1));
+/// assert_eq!(ipi.shorthand, Shorthand::None);
+/// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LocalApic {
     cfg: LapicConfig,
@@ -362,6 +426,7 @@ impl LocalApic {
         }
     }
 
+    /// The static configuration this APIC was created with.
     pub fn config(&self) -> &LapicConfig {
         &self.cfg
     }
@@ -381,22 +446,28 @@ impl LocalApic {
 
     // ----- IA32_APIC_BASE -------------------------------------------------------------------
 
+    /// The current value of IA32_APIC_BASE (base address, EN, EXTD, BSP; SDM §11.4.4).
     pub fn apic_base(&self) -> u64 {
         self.apic_base
     }
 
+    /// The mode IA32_APIC_BASE selects (disabled, xAPIC or x2APIC).
     pub fn mode(&self) -> ApicMode {
         ApicMode::of_base(self.apic_base)
     }
 
+    /// True when IA32_APIC_BASE.EN (bit 11) is set: the APIC is globally enabled (SDM §11.4.3).
     pub fn hw_enabled(&self) -> bool {
         self.apic_base & APIC_BASE_EN != 0
     }
 
+    /// True in x2APIC mode (EN and EXTD set): registers are MSRs, the ID is 32 bits.
     pub fn x2apic(&self) -> bool {
         self.mode() == ApicMode::X2Apic
     }
 
+    /// True when SVR bit 8 is set: the APIC is software-enabled (SDM §11.4.7.2). While it is
+    /// clear every LVT is masked and no fixed interrupt is accepted.
     pub fn sw_enabled(&self) -> bool {
         self.svr & SVR_APIC_ENABLED != 0
     }
@@ -934,6 +1005,8 @@ impl LocalApic {
         }
     }
 
+    /// The task-priority register: the priority class (bits 7:4) below which fixed interrupts wait
+    /// in IRR (SDM §11.8.3.1).
     pub fn tpr(&self) -> u8 {
         self.tpr
     }
@@ -978,14 +1051,18 @@ impl LocalApic {
         self.tpr = ((cr8 & 0xF) as u8) << 4;
     }
 
+    /// The interrupt request register: vectors accepted but not yet delivered (SDM §11.8.4).
     pub fn irr(&self) -> VectorSet {
         self.irr
     }
 
+    /// The in-service register: vectors delivered to the CPU and awaiting their EOI (SDM §11.8.4).
     pub fn isr(&self) -> VectorSet {
         self.isr
     }
 
+    /// The trigger-mode register: the vectors accepted level-triggered, whose EOI is broadcast to
+    /// the IOAPICs (SDM §11.8.4, §11.8.5).
     pub fn tmr(&self) -> VectorSet {
         self.tmr
     }

@@ -204,21 +204,26 @@ fn apr_11_6_2_4() {
     assert_eq!(read(&mut apic, REG_APR), 0x80);
 }
 
-/// SDM vol. 3 §11.6.2.4: APR = TPR (all eight bits) when TPR[7:4] >= IRRV[7:4] and TPR[7:4] >
-/// ISRV[7:4]. A request in TPR's own class leaves APR at TPR; a vector in service in TPR's class
-/// makes it that class (low nibble 0).
+/// APR when TPR and the highest requested vector share a priority class (SDM vol. 3 §11.6.2.4,
+/// Figure 11-15's formula: `TPR[7:4] >= IRRV[7:4]` and `TPR[7:4] > ISRV[7:4]` give APR = TPR,
+/// sub-class included). With `>` in place of `>=` the tie would read 0x40 instead of 0x45. The
+/// in-service comparison is strict: an in-service vector of TPR's class gives the class alone.
 #[test]
-fn apr_11_6_2_4_tpr_and_irr_or_isr_in_the_same_class() {
+fn apr_when_tpr_and_irr_share_a_class_11_6_2_4() {
     let mut apic = xapic();
     write(&mut apic, REG_TPR, 0x45);
     apic.accept_vector(0x41, TriggerMode::Edge);
-    assert_eq!(read(&mut apic, REG_APR), 0x45, "IRR class equal to TPR's");
+    assert_eq!(read(&mut apic, REG_APR), 0x45, "IRRV class == TPR class");
+    apic.accept_vector(0x5F, TriggerMode::Edge);
+    assert_eq!(read(&mut apic, REG_APR), 0x50, "IRRV class above TPR class");
+    assert_eq!(apic.acknowledge_interrupt(), Some(0x5F));
+    assert_eq!(read(&mut apic, REG_APR), 0x50, "ISRV class above TPR class");
 
     let mut apic = xapic();
-    apic.accept_vector(0x41, TriggerMode::Edge);
-    assert_eq!(apic.acknowledge_interrupt(), Some(0x41));
+    apic.accept_vector(0x4A, TriggerMode::Edge);
+    assert_eq!(apic.acknowledge_interrupt(), Some(0x4A));
     write(&mut apic, REG_TPR, 0x45);
-    assert_eq!(read(&mut apic, REG_APR), 0x40, "ISR class equal to TPR's");
+    assert_eq!(read(&mut apic, REG_APR), 0x40, "ISRV class == TPR class");
 }
 
 #[test]

@@ -39,6 +39,7 @@ pub const DCR_WRITABLE_MASK: u32 = 0b1011;
 
 /// Timer mode field of the LVT timer register, bits 18:17 (SDM vol. 3 §11.5.1).
 pub const LVT_TIMER_MODE_SHIFT: u32 = 17;
+/// Mask of the timer mode field.
 pub const LVT_TIMER_MODE_MASK: u32 = 0b11 << LVT_TIMER_MODE_SHIFT;
 
 /// The timer mode selected by LVT timer bits 18:17 (SDM vol. 3 §11.5.1, §11.5.4).
@@ -150,6 +151,7 @@ impl ApicTimer {
         *self = Self::new(self.clock);
     }
 
+    /// The clocks this timer counts (bus clock before the divider, guest TSC).
     pub fn clock(&self) -> ClockConfig {
         self.clock
     }
@@ -164,6 +166,7 @@ impl ApicTimer {
         self.countdown = self.start_countdown(count, now);
     }
 
+    /// The mode selected by the LVT timer register: one-shot, periodic or TSC-deadline.
     pub fn mode(&self) -> TimerMode {
         self.mode
     }
@@ -218,6 +221,7 @@ impl ApicTimer {
         self.countdown = self.start_countdown(count, now);
     }
 
+    /// The divide configuration register as written, bits 0, 1 and 3 only (SDM vol. 3 §11.5.4).
     pub fn divide_config(&self) -> u32 {
         self.dcr
     }
@@ -238,6 +242,7 @@ impl ApicTimer {
         self.countdown = self.start_countdown(count, now);
     }
 
+    /// The initial-count register: the count the timer last (re)started from.
     pub fn initial_count(&self) -> u32 {
         self.initial_count
     }

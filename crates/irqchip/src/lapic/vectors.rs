@@ -9,14 +9,17 @@ use serde::{Deserialize, Serialize};
 pub struct VectorSet([u64; 4]);
 
 impl VectorSet {
+    /// The empty set.
     pub const fn new() -> Self {
         Self([0; 4])
     }
 
+    /// The set whose bit `v % 64` of word `v / 64` is vector `v`.
     pub const fn from_words(words: [u64; 4]) -> Self {
         Self(words)
     }
 
+    /// The four 64-bit words, vector `v` in bit `v % 64` of word `v / 64`.
     pub const fn words(&self) -> [u64; 4] {
         self.0
     }
@@ -25,6 +28,7 @@ impl VectorSet {
         (usize::from(vector >> 6), 1u64 << (vector & 63))
     }
 
+    /// True when `vector` is in the set.
     pub fn contains(&self, vector: Vector) -> bool {
         let (word, bit) = Self::slot(vector);
         self.0[word] & bit != 0
@@ -46,6 +50,7 @@ impl VectorSet {
         was_set
     }
 
+    /// Sets (`value` true) or clears `vector`.
     pub fn set(&mut self, vector: Vector, value: bool) {
         if value {
             self.insert(vector);
@@ -65,10 +70,12 @@ impl VectorSet {
         })
     }
 
+    /// True when no vector is set.
     pub fn is_empty(&self) -> bool {
         self.0 == [0; 4]
     }
 
+    /// Removes every vector.
     pub fn clear(&mut self) {
         self.0 = [0; 4];
     }

@@ -55,30 +55,51 @@ pub const AR_TSS_BUSY: u16 = 0x8B;
 
 /// Indices of [`ArchResetState::gprs`], in x86 register encoding order.
 pub mod gpr {
+    /// RAX (encoding 0): 0 after reset (no BIST result).
     pub const RAX: usize = 0;
+    /// RCX (encoding 1).
     pub const RCX: usize = 1;
+    /// RDX (encoding 2): holds the processor signature after reset.
     pub const RDX: usize = 2;
+    /// RBX (encoding 3).
     pub const RBX: usize = 3;
+    /// RSP (encoding 4).
     pub const RSP: usize = 4;
+    /// RBP (encoding 5).
     pub const RBP: usize = 5;
+    /// RSI (encoding 6).
     pub const RSI: usize = 6;
+    /// RDI (encoding 7).
     pub const RDI: usize = 7;
+    /// R8 (encoding 8).
     pub const R8: usize = 8;
+    /// R9 (encoding 9).
     pub const R9: usize = 9;
+    /// R10 (encoding 10).
     pub const R10: usize = 10;
+    /// R11 (encoding 11).
     pub const R11: usize = 11;
+    /// R12 (encoding 12).
     pub const R12: usize = 12;
+    /// R13 (encoding 13).
     pub const R13: usize = 13;
+    /// R14 (encoding 14).
     pub const R14: usize = 14;
+    /// R15 (encoding 15).
     pub const R15: usize = 15;
 }
 
 /// One segment register with its hidden part.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct SegmentState {
+    /// The visible selector.
     pub selector: u16,
+    /// Hidden part: the linear base address.
     pub base: u64,
+    /// Hidden part: the limit, in bytes (byte granularity).
     pub limit: u32,
+    /// Hidden part: the access rights (type, S, DPL, P; the `AR_*` constants), in the 16-bit VMCS
+    /// layout (type in bits 3:0, S bit 4, DPL bits 6:5, P bit 7).
     pub access_rights: u16,
 }
 
@@ -116,7 +137,9 @@ impl SegmentState {
 /// GDTR or IDTR.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct DescriptorTable {
+    /// Linear base address of the table.
     pub base: u64,
+    /// Limit of the table, in bytes minus one.
     pub limit: u16,
 }
 
@@ -134,6 +157,7 @@ impl DescriptorTable {
 pub struct FpuResetState {
     /// Control word 0040H (not FNINIT's 037FH).
     pub fcw: u16,
+    /// Status word 0000H.
     pub fsw: u16,
     /// Full tag word 5555H: every register tagged "zero". In the abridged FXSAVE form (KVM's
     /// `kvm_fpu.ftwx`) that is 0xFF, every register valid.
@@ -142,10 +166,12 @@ pub struct FpuResetState {
     pub pointers: u64,
     /// ST0-ST7 = +0.0, MM0-MM7 = 0, XMM/YMM = 0.
     pub registers_zero: bool,
+    /// MXCSR 1F80H: all SIMD exceptions masked, round to nearest.
     pub mxcsr: u32,
 }
 
 impl FpuResetState {
+    /// The "Pwr up or Reset" column of Table 10-1.
     pub const POWER_UP: Self = Self {
         fcw: 0x0040,
         fsw: 0,
@@ -222,41 +248,65 @@ pub const PRESERVED_BY_INIT: &[PreservedState] = &[
 /// "unchanged": leave what the vCPU has.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ArchResetState {
+    /// Which reset this is: power-up/RESET or INIT.
     pub cause: ResetCause,
+    /// RIP: 0000FFF0H, so with the CS base the first fetch is at FFFFFFF0H.
     pub rip: u64,
+    /// RFLAGS: 00000002H (only the always-one bit 1).
     pub rflags: u64,
     /// RAX..R15 in encoding order (see [`gpr`]). All zero (RAX = 0: BIST passed or not run)
     /// except RDX = the processor signature, `000n06xxH` (CPUID.1:EAX).
     pub gprs: [u64; 16],
     /// CR0 = `(old & cr0_kept) | (cr0 & !cr0_kept)`; see [`cr0_from`](Self::cr0_from).
     pub cr0: u64,
+    /// CR0 bits INIT keeps from the old value (CD and NW, Table 10-1 note); 0 for power-up.
     pub cr0_kept: u64,
+    /// CR2: 0.
     pub cr2: u64,
+    /// CR3: 0.
     pub cr3: u64,
+    /// CR4: 0.
     pub cr4: u64,
     /// IA32_EFER = 0 after power-up and INIT alike: the processor leaves long mode (KVM's
     /// `kvm_vcpu_reset` writes 0 in both cases).
     pub efer: u64,
+    /// CS: selector F000H, base FFFF0000H, limit FFFFH ([`SegmentState::RESET_CODE`]).
     pub cs: SegmentState,
+    /// DS: [`SegmentState::RESET_DATA`].
     pub ds: SegmentState,
+    /// ES: [`SegmentState::RESET_DATA`].
     pub es: SegmentState,
+    /// FS: [`SegmentState::RESET_DATA`].
     pub fs: SegmentState,
+    /// GS: [`SegmentState::RESET_DATA`].
     pub gs: SegmentState,
+    /// SS: [`SegmentState::RESET_DATA`].
     pub ss: SegmentState,
+    /// LDTR: [`SegmentState::RESET_LDTR`].
     pub ldtr: SegmentState,
+    /// TR: [`SegmentState::RESET_TR`].
     pub tr: SegmentState,
+    /// GDTR: base 0, limit FFFFH.
     pub gdtr: DescriptorTable,
+    /// IDTR: base 0, limit FFFFH.
     pub idtr: DescriptorTable,
     /// DR0-DR3 = 0.
     pub dr0_3: [u64; 4],
+    /// DR6: FFFF0FF0H.
     pub dr6: u64,
+    /// DR7: 00000400H.
     pub dr7: u64,
+    /// XCR0: 1 (x87 only) after power-up; `None` (unchanged) after INIT.
     pub xcr0: Option<u64>,
+    /// IA32_PAT: 0007040600070406H after power-up; `None` after INIT.
     pub pat: Option<u64>,
+    /// Time-stamp counter: 0 after power-up; `None` after INIT.
     pub tsc: Option<u64>,
+    /// SMBASE: 30000H after power-up; `None` after INIT.
     pub smbase: Option<u64>,
     /// IA32_MTRR_DEF_TYPE: 0 (MTRRs disabled) after power-up.
     pub mtrr_def_type: Option<u64>,
+    /// x87/SSE state after power-up; `None` after INIT, which leaves it unchanged.
     pub fpu: Option<FpuResetState>,
 }
 

@@ -14,13 +14,16 @@ use crate::types::Vector;
 /// Command-port byte decoding (datasheet, "Initialization Command Words" and "Operation
 /// Command Words"): D4 set is ICW1; D4 clear with D3 clear is OCW2, with D3 set is OCW3.
 pub const CMD_ICW1: u8 = 1 << 4;
+/// D3 of a command-port byte with D4 clear: set selects OCW3, clear OCW2.
 pub const CMD_OCW3: u8 = 1 << 3;
 
 /// ICW1 bits.
 pub const ICW1_IC4: u8 = 1 << 0;
+/// SNGL: single 8259A, no ICW3 follows (clear: cascade mode).
 pub const ICW1_SNGL: u8 = 1 << 1;
 /// Call address interval (MCS-80/85 only): stored nowhere, ignored.
 pub const ICW1_ADI: u8 = 1 << 2;
+/// LTIM: level-triggered mode for all eight inputs (clear: edge, or per input by ELCR).
 pub const ICW1_LTIM: u8 = 1 << 3;
 
 /// ICW2 in 8086 mode: T7-T3 are the vector base, bits 2:0 are replaced by the IR level.
@@ -31,24 +34,35 @@ pub const ICW3_SLAVE_ID_MASK: u8 = 0x07;
 
 /// ICW4 bits.
 pub const ICW4_UPM: u8 = 1 << 0;
+/// AEOI: automatic EOI at the end of the interrupt acknowledge ("End of Interrupt").
 pub const ICW4_AEOI: u8 = 1 << 1;
+/// M/S: in buffered mode, set when this chip is the master.
 pub const ICW4_MS: u8 = 1 << 2;
+/// BUF: buffered mode (SP/EN becomes an output).
 pub const ICW4_BUF: u8 = 1 << 3;
+/// SFNM: special fully nested mode, for a master whose slave's inputs must nest.
 pub const ICW4_SFNM: u8 = 1 << 4;
 
 /// OCW2 fields: R (rotate), SL (specific level), EOI, and the level L2-L0.
 pub const OCW2_R: u8 = 1 << 7;
+/// SL: the command acts on the level in L2-L0 rather than the highest ISR bit.
 pub const OCW2_SL: u8 = 1 << 6;
+/// EOI: end-of-interrupt command.
 pub const OCW2_EOI: u8 = 1 << 5;
+/// L2-L0: the IR level a specific command acts on.
 pub const OCW2_LEVEL_MASK: u8 = 0x07;
 /// The R/SL/EOI triple, bits 7:5.
 pub const OCW2_COMMAND_MASK: u8 = OCW2_R | OCW2_SL | OCW2_EOI;
 
 /// OCW3 bits: ESMM enables the SMM bit, P is the poll command, RR enables RIS.
 pub const OCW3_ESMM: u8 = 1 << 6;
+/// SMM: set (with ESMM) enters special mask mode, clear (with ESMM) leaves it.
 pub const OCW3_SMM: u8 = 1 << 5;
+/// P: poll command; the next command-port read returns the poll word ("Poll Command").
 pub const OCW3_POLL: u8 = 1 << 2;
+/// RR: read-register command; RIS chooses ISR or IRR ("Reading the 8259A Status").
 pub const OCW3_RR: u8 = 1 << 1;
+/// RIS: with RR, set reads ISR on the next command-port read, clear reads IRR.
 pub const OCW3_RIS: u8 = 1 << 0;
 
 /// The poll word: I (bit 7) set when a request was found, W2-W0 the level.
@@ -66,16 +80,21 @@ const LEVEL_MASK: u8 = LEVELS - 1;
 /// set and whether IR2 can be a cascade input.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Role {
+    /// The first chip (ports 0x20/0x21, IRQ 0-7), its IR2 the slave's cascade input.
     Master,
+    /// The second chip (ports 0xA0/0xA1, IRQ 8-15), its INT wired to the master's IR2.
     Slave,
 }
 
 /// ELCR bits the PC chipsets (PIIX, ICH) leave settable: IRQ 0, 1 and 2 are always edge on the
 /// master, IRQ 8 and 13 on the slave.
 pub const ELCR_MASTER_WRITABLE: u8 = 0xF8;
+/// ELCR bits the PC chipsets leave settable on the slave: IRQ 8 (RTC) and 13 (FPU) stay edge.
 pub const ELCR_SLAVE_WRITABLE: u8 = 0xDE;
 
 impl Role {
+    /// The ELCR bits software may set on this chip ([`ELCR_MASTER_WRITABLE`],
+    /// [`ELCR_SLAVE_WRITABLE`]).
     pub fn elcr_writable(self) -> u8 {
         match self {
             Role::Master => ELCR_MASTER_WRITABLE,
@@ -90,15 +109,20 @@ impl Role {
 pub enum InitState {
     /// Initialized: data-port writes are OCW1.
     Ready,
+    /// ICW1 was written: the next data-port write is ICW2 (the vector base).
     AwaitIcw2,
+    /// ICW2 was written in cascade mode: the next data-port write is ICW3.
     AwaitIcw3,
+    /// ICW2 (or ICW3) was written and ICW1 asked for ICW4: the next data-port write is ICW4.
     AwaitIcw4,
 }
 
 /// Which register a command-port read returns ("Reading the 8259A Status").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ReadSelect {
+    /// Interrupt request register: inputs requesting service.
     Irr,
+    /// In-service register: levels being serviced, awaiting their EOI.
     Isr,
 }
 
@@ -176,51 +200,70 @@ impl Pic8259 {
 
     // ---- Read-only views ----
 
+    /// Master or slave.
     pub fn role(&self) -> Role {
         self.role
     }
+    /// Interrupt request register: bit `n` is set while IR`n` requests service.
     pub fn irr(&self) -> u8 {
         self.irr
     }
+    /// In-service register: bit `n` is set from IR`n`'s acknowledge until its EOI.
     pub fn isr(&self) -> u8 {
         self.isr
     }
+    /// Interrupt mask register (OCW1): bit `n` set masks IR`n`.
     pub fn imr(&self) -> u8 {
         self.imr
     }
+    /// Edge/level control register (PC chipset, ports 0x4D0/0x4D1): bit `n` set makes IR`n`
+    /// level-sensitive.
     pub fn elcr(&self) -> u8 {
         self.elcr
     }
+    /// The levels of the eight input pins, as the devices drive them.
     pub fn lines(&self) -> u8 {
         self.lines
     }
+    /// Where the initialization sequencer stands.
     pub fn init_state(&self) -> InitState {
         self.init
     }
+    /// Vector base from ICW2 (bits 7:3); IR`n` is delivered as `vector_base + n`.
     pub fn vector_base(&self) -> u8 {
         self.vector_base
     }
+    /// ICW3 as written: on the master the inputs with a slave, on a slave its cascade ID.
     pub fn icw3(&self) -> u8 {
         self.icw3
     }
+    /// True when ICW4 selected automatic EOI.
     pub fn auto_eoi(&self) -> bool {
         self.auto_eoi
     }
+    /// True in special mask mode: masking a level in IMR also lets lower levels in while that level
+    /// is in service ("Special Mask Mode").
     pub fn special_mask_mode(&self) -> bool {
         self.special_mask
     }
+    /// True when ICW4 selected special fully nested mode.
     pub fn special_fully_nested(&self) -> bool {
         self.special_fully_nested
     }
+    /// True when ICW1 selected single mode (no cascade).
     pub fn single_mode(&self) -> bool {
         self.single
     }
+    /// The lowest-priority level (0-7); the highest is the one after it. Rotation moves it
+    /// ("Automatic Rotation", "Specific Rotation"); after initialization it is 7.
     pub fn lowest_priority(&self) -> u8 {
         self.lowest_priority
     }
+    /// Which register a command-port read returns (set by OCW3 RR/RIS).
     pub fn read_select(&self) -> ReadSelect {
         self.read_select
     }
+    /// True after a poll command, until the next command-port read answers it.
     pub fn poll_pending(&self) -> bool {
         self.poll
     }
@@ -278,6 +321,7 @@ impl Pic8259 {
         self.irr = (self.irr & !level) | (self.lines & level);
     }
 
+    /// Writes the ELCR; bits the chipset fixes as edge are ignored ([`Role::elcr_writable`]).
     pub fn write_elcr(&mut self, value: u8) {
         self.elcr = value & self.role.elcr_writable();
         self.sync_level_irr();

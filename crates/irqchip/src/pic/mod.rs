@@ -74,11 +74,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::types::Vector;
 
+/// The master's command port: ICW1, OCW2, OCW3; reads IRR, ISR or the poll word.
 pub const MASTER_COMMAND_PORT: u16 = 0x20;
+/// The master's data port: ICW2-ICW4 during initialization, then OCW1 (the IMR).
 pub const MASTER_DATA_PORT: u16 = 0x21;
+/// The slave's command port.
 pub const SLAVE_COMMAND_PORT: u16 = 0xA0;
+/// The slave's data port.
 pub const SLAVE_DATA_PORT: u16 = 0xA1;
+/// The master's edge/level control register (PIIX/ICH ELCR1, IRQ 0-7).
 pub const ELCR_MASTER_PORT: u16 = 0x4D0;
+/// The slave's edge/level control register (ELCR2, IRQ 8-15).
 pub const ELCR_SLAVE_PORT: u16 = 0x4D1;
 
 /// The master input the slave's INT is wired to.
@@ -91,6 +97,38 @@ const SLAVE_FIRST_IRQ: u8 = 8;
 pub const UNDECODED_READ: u8 = 0xFF;
 
 /// The master/slave 8259A pair with its ELCRs. See the module documentation.
+///
+/// Programmed as Linux programs it (vectors 0x30 and 0x38, slave on IR2), an edge on IRQ 12
+/// (the slave's IR4) raises the master's INT; the INTA cycle returns the slave's vector and
+/// puts IR4 in service on the slave and the cascade input IR2 on the master, so the guest ends
+/// it with an EOI to each chip ("Interrupt Sequence", "Cascade Mode"):
+///
+/// ```
+/// use irqchip::pic::{DualPic, MASTER_COMMAND_PORT as M_CMD, MASTER_DATA_PORT as M_DATA};
+/// use irqchip::pic::{SLAVE_COMMAND_PORT as S_CMD, SLAVE_DATA_PORT as S_DATA};
+///
+/// let mut pic = DualPic::new();
+/// for (command, data, base, icw3) in [(M_CMD, M_DATA, 0x30, 0x04), (S_CMD, S_DATA, 0x38, 0x02)] {
+///     pic.port_write(command, 0x11); // ICW1: edge, cascade, ICW4 follows
+///     pic.port_write(data, base); // ICW2: vector base
+///     pic.port_write(data, icw3); // ICW3: slave on IR2 / slave ID 2
+///     pic.port_write(data, 0x01); // ICW4: 8086 mode, normal EOI
+/// }
+/// pic.port_write(M_DATA, !0x04); // OCW1: only the cascade input unmasked on the master
+/// pic.port_write(S_DATA, !0x10); // and IR4 (IRQ 12) on the slave
+///
+/// pic.set_irq(12, true);
+/// assert!(pic.output(), "INT to the CPU");
+/// assert_eq!(pic.acknowledge(), 0x38 + 4);
+/// assert!(!pic.output());
+/// assert_eq!((pic.master().isr(), pic.slave().isr()), (0x04, 0x10));
+///
+/// pic.port_write(M_CMD, 0x0B); // OCW3: the next command-port read returns ISR
+/// assert_eq!(pic.port_read(M_CMD), 0x04);
+/// pic.port_write(S_CMD, 0x20); // OCW2: non-specific EOI, slave first
+/// pic.port_write(M_CMD, 0x20);
+/// assert_eq!((pic.master().isr(), pic.slave().isr()), (0, 0));
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(from = "DualPicState")]
 pub struct DualPic {
@@ -156,10 +194,12 @@ impl DualPic {
         )
     }
 
+    /// The master 8259A (IRQ 0-7).
     pub fn master(&self) -> &Pic8259 {
         &self.master
     }
 
+    /// The slave 8259A (IRQ 8-15), cascaded on the master's IR2.
     pub fn slave(&self) -> &Pic8259 {
         &self.slave
     }

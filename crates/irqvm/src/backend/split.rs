@@ -53,7 +53,7 @@
 //!    nothing.
 //!
 //! A vector queued with KVM_INTERRUPT is not in KVM_GET_VCPU_EVENTS until KVM injects it at the
-//! next guest entry (`kvm-facts.md`); as injection happens in `before_entry`, right before
+//! next guest entry (`docs/kvm-facts.md`); as injection happens in `before_entry`, right before
 //! KVM_RUN, only a KVM_RUN that returns before entering (a kick's `immediate_exit`) leaves it
 //! queued across a loop iteration. A snapshot taken at the top of the vCPU loop must therefore
 //! first run the vCPU into the guest, or inject with KVM_SET_VCPU_EVENTS instead (not done:

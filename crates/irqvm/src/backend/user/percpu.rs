@@ -114,7 +114,7 @@ impl HaltPoll {
 
 /// The wait for an interrupt window, shortened. Without an in-kernel LAPIC, KVM reports an open
 /// window (KVM_EXIT_IRQ_WINDOW_OPEN) only at its next exit, which for a spinning guest on this
-/// host comes about once a millisecond (`kvm-facts.md`). So while an interrupt waits for the
+/// host comes about once a millisecond (`docs/kvm-facts.md`). So while an interrupt waits for the
 /// guest to set IF (or leave an STI/MOV-SS shadow), the vCPU may also kick itself with a one-shot
 /// timer; every kick is a KVM_RUN return with fresh `if_flag` / `ready_for_interrupt_injection`.
 /// Within one wait (an *episode*, from the first "not ready" to the injection) the delay doubles
