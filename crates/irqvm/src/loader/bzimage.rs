@@ -8,13 +8,21 @@
 //! identity page tables (covering the kernel's `init_size`, the zero page and the command line)
 //! and RSI = the zero page.
 //!
+//! boot.rst asks for a GDT with a flat 64-bit code segment at selector 0x10 (`__BOOT_CS`) and
+//! data at 0x18 (`__BOOT_DS`). The boot vCPU starts in [`CpuMode::Long64`] with irqvm's boot GDT,
+//! whose 64-bit code is at 0x18 and data at 0x10 (the layout the multiboot guests use), because
+//! `startup_64` depends on neither selector: its first instructions (Debian's 6.1, disassembled)
+//! load 0 into DS/ES/SS/FS/GS, then `lgdt` its own GDT and `lretq` to its own CS before using a
+//! selector. What it does need is RSI = the zero page (it reads `kernel_alignment` and
+//! `init_size` from it at once), which [`crate::loader::LoadedKernel::rsi`] carries.
+//!
 //! From linux-loader this takes the `setup_header` and `boot_params` structs (the ABI, packed and
 //! `ByteValued`) and `LinuxBootConfigurator`, which writes the zero page after checking it fits
 //! in guest memory. It leaves linux-loader's `BzImage` loader: that copies the kernel into guest
 //! memory while it reads the header, loads at `code32_start` (1 MiB) rather than `pref_address`,
 //! and checks neither the protocol version, nor the 64-bit entry flag, nor that `init_size`
 //! (the memory the kernel decompresses into) fits in RAM; here the header is checked first and
-//! the kernel becomes one [`Segment`] that `layout::load_segments` checks like any other.
+//! the kernel becomes one `Segment` that `layout::load_segments` checks like any other.
 
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
