@@ -77,7 +77,7 @@ fn check_bzimage(c: &mut Checks, image: &[u8], initrd: Option<&[u8]>) {
         loader::detect(image).ok() == Some(ImageKind::BzImage),
         "bzImage detected as BzImage".into(),
     );
-    let header = match bzimage::setup_header(image) {
+    let header = match bzimage::read_setup_header(image) {
         Ok(h) => h,
         Err(e) => return c.check(false, format!("bzImage setup header: {e}")),
     };

@@ -69,7 +69,7 @@ pub(super) fn is_bzimage(image: &[u8]) -> bool {
 
 /// Reads and checks the setup header: boot_flag, protocol 2.12 or later, a bzImage (loaded
 /// high) with the 64-bit entry point.
-pub fn setup_header(image: &[u8]) -> Result<setup_header, BzImageError> {
+pub fn read_setup_header(image: &[u8]) -> Result<setup_header, BzImageError> {
     let mut header = setup_header::default();
     let len = std::mem::size_of::<setup_header>();
     let bytes = image
@@ -126,8 +126,11 @@ fn protected_mode_kernel<'a>(
 /// Parses a bzImage into its protected-mode kernel segment (reserving `init_size` bytes from the
 /// load address) and the 64-bit entry.
 pub(super) fn parse(image: &[u8]) -> Result<KernelImage<'_>, LoaderError> {
-    let header = setup_header(image)?;
+    let header = read_setup_header(image)?;
     let kernel = protected_mode_kernel(image, &header)?;
+    if (kernel.len() as u64) <= STARTUP_64_OFFSET {
+        return Err(BzImageError::NoStartup64(kernel.len()).into());
+    }
     let paddr = load_address(&header);
     let init_size = u64::from(header.init_size);
     Ok(KernelImage {
@@ -154,7 +157,7 @@ pub(super) fn write_zero_page(
     kernel_end: u64,
     platform: &BootPlatform,
 ) -> Result<u64, LoaderError> {
-    let header = setup_header(req.kernel)?;
+    let header = read_setup_header(req.kernel)?;
     if req.modules.len() > 1 {
         return Err(LoaderError::TooManyModules {
             count: req.modules.len(),

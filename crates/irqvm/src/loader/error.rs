@@ -42,6 +42,8 @@ pub enum LoaderError {
     BadPvhNote(#[from] PvhError),
     #[error("the command line is {len} bytes, more than the {max} the kernel accepts")]
     CmdlineTooLong { len: usize, max: usize },
+    #[error("the command line contains a NUL byte, which would end it early")]
+    CmdlineHasNul,
     #[error("{count} modules given; this boot protocol takes at most {max}")]
     TooManyModules { count: usize, max: usize },
 }
@@ -63,6 +65,8 @@ pub enum BzImageError {
         "the setup code ({setup} bytes) leaves no protected-mode kernel in the {file}-byte file"
     )]
     NoProtectedModeKernel { setup: usize, file: usize },
+    #[error("the protected-mode kernel ({0} bytes) ends before startup_64 at offset 0x200")]
+    NoStartup64(usize),
 }
 
 /// What is wrong with the Xen PVH entry note of an ELF kernel (Xen's elfnote.h,

@@ -35,11 +35,14 @@ pub struct BootPlatform {
 /// accepts, without the NUL. Returns its address.
 pub(super) fn write_cmdline(mem: &GuestRam, cmdline: &str, max: usize) -> Result<u64, LoaderError> {
     let max = max.min(CMDLINE_MAX);
-    if cmdline.len() > max || cmdline.contains('\0') {
+    if cmdline.len() > max {
         return Err(LoaderError::CmdlineTooLong {
             len: cmdline.len(),
             max,
         });
+    }
+    if cmdline.contains('\0') {
+        return Err(LoaderError::CmdlineHasNul);
     }
     let mut bytes = Vec::with_capacity(cmdline.len() + 1);
     bytes.extend_from_slice(cmdline.as_bytes());

@@ -159,6 +159,11 @@ fn detection_order_multiboot_bzimage_pvh_plain_elf() {
         detect(&elf64(0x20_0000, 0x20_0000, &[0xF4])).unwrap(),
         ImageKind::Elf64
     );
+    // A multiboot kernel that happens to hold "HdrS" at 0x202 is still a multiboot kernel.
+    let mut both = multiboot_elf32();
+    both.resize(0x300, 0);
+    both[0x202..0x206].copy_from_slice(b"HdrS");
+    assert_eq!(detect(&both).unwrap(), ImageKind::MultibootElf32);
     assert!(ImageKind::Pvh.is_linux() && ImageKind::BzImage.is_linux());
     assert!(!ImageKind::MultibootElf32.is_linux() && !ImageKind::Elf64.is_linux());
 }
@@ -422,6 +427,11 @@ fn bzimage_header_errors_are_named() {
             file: 1024
         })
     );
+    let short = bzimage_with(&d(), &[0xF4; 0x200]);
+    assert_eq!(
+        load(&mem, &linux_request(&short, "", &[])).unwrap_err(),
+        bz(BzImageError::NoStartup64(0x200))
+    );
     let truncated = &bzimage()[..0x210];
     assert_eq!(
         load(&mem, &linux_request(truncated, "", &[])).unwrap_err(),
@@ -449,6 +459,10 @@ fn linux_request_errors_are_named() {
     assert_eq!(
         load(&mem, &linux_request(&image, &long, &[])).unwrap_err(),
         LoaderError::CmdlineTooLong { len: 256, max: 255 }
+    );
+    assert_eq!(
+        load(&mem, &linux_request(&pvh_elf64(), "a\0b", &[])).unwrap_err(),
+        LoaderError::CmdlineHasNul
     );
     let two: [&[u8]; 2] = [&[1], &[2]];
     assert_eq!(
