@@ -6,7 +6,9 @@
 pub enum LoaderError {
     #[error("the kernel image is empty")]
     Empty,
-    #[error("unknown kernel format: not ELF and no multiboot header in the first 8 KiB")]
+    #[error(
+        "unknown kernel format: no multiboot header in the first 8 KiB, not a bzImage, not ELF"
+    )]
     UnknownFormat,
     #[error("malformed ELF image: {0}")]
     BadElf(#[from] ElfError),

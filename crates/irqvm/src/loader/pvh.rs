@@ -56,9 +56,11 @@ pub(super) fn parse(image: &[u8]) -> Result<Option<KernelImage<'_>>, LoaderError
     };
     let elf = elf::parse(image)?;
     let segments = elf.segments();
-    let inside =
-        |s: &&crate::loader::layout::Segment<'_>| rip >= s.paddr && rip - s.paddr < s.mem_size;
-    if !segments.iter().any(|s| inside(&s)) {
+    // The note gives a physical address: it must lie in a segment's physical range.
+    if !segments
+        .iter()
+        .any(|s| rip >= s.paddr && rip - s.paddr < s.mem_size)
+    {
         return Err(LoaderError::EntryOutsideImage(rip));
     }
     Ok(Some(KernelImage {
