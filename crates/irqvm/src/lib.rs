@@ -3,9 +3,10 @@
 //!
 //! | module | what |
 //! |---|---|
+//! | [`acpi`] | ACPI tables (RSDP, XSDT, FADT, MADT, DSDT) for booting Linux |
 //! | [`kvm`] | opening KVM, creating the VM, ioctls kvm-ioctls lacks |
 //! | [`memory`] | guest RAM (vm-memory) and its KVM memory slots |
-//! | [`loader`] | multiboot v1, ELF32/ELF64 and raw kernels, boot information |
+//! | [`loader`] | multiboot v1, Linux (bzImage, PVH vmlinux), ELF32/ELF64 and raw kernels, boot information |
 //! | [`cpuid`] | the CPUID table each vCPU sees |
 //! | [`iobus`] | the port-I/O and MMIO bus exits reach devices through (rust-vmm `vm-device`) |
 //! | [`devices`] | serial, isa-debug-exit, fw_cfg, pc-testdev interrupt lines, on the bus |
@@ -15,6 +16,7 @@
 //! | [`vm`] | building and running a VM (and choosing the backend) |
 //! | [`cli`] | the `irqvm` command line |
 
+pub mod acpi;
 pub mod backend;
 pub mod cli;
 pub mod cpuid;

@@ -56,6 +56,9 @@ pub(super) enum Handoff {
     /// Plain ELF64 and raw images: RBX and RDI = the info block (RDI is the first argument of
     /// the System V AMD64 calling convention, so a C entry point receives it).
     RbxRdi,
+    /// Linux's 64-bit boot protocol (boot.rst): RSI = the zero page, nothing else. [`BootState`]
+    /// has no RSI: `LoadedKernel::rsi` carries it to the vCPU setup.
+    Rsi,
 }
 
 /// Where and how a format wants its image entered.
@@ -84,18 +87,27 @@ impl Entry {
 
     /// The registers the boot vCPU starts with when the boot information is at `info_addr`.
     pub fn boot_state(&self, info_addr: u64) -> BootState {
-        let (rax, rdi) = match self.handoff {
-            Handoff::Multiboot => (u64::from(MULTIBOOT_BOOTLOADER_MAGIC), 0),
-            Handoff::Ebx => (0, 0),
-            Handoff::RbxRdi => (0, info_addr),
+        let (rax, rbx, rdi) = match self.handoff {
+            Handoff::Multiboot => (u64::from(MULTIBOOT_BOOTLOADER_MAGIC), info_addr, 0),
+            Handoff::Ebx => (0, info_addr, 0),
+            Handoff::RbxRdi => (0, info_addr, info_addr),
+            Handoff::Rsi => (0, 0, 0),
         };
         BootState {
             mode: self.mode,
             rip: self.rip,
             rsp: BOOT_STACK_TOP,
             rax,
-            rbx: info_addr,
+            rbx,
             rdi,
+        }
+    }
+
+    /// RSI of the boot vCPU: the zero page for Linux's 64-bit boot protocol, 0 otherwise.
+    pub fn rsi(&self, info_addr: u64) -> u64 {
+        match self.handoff {
+            Handoff::Rsi => info_addr,
+            _ => 0,
         }
     }
 }

@@ -6,7 +6,9 @@
 pub enum LoaderError {
     #[error("the kernel image is empty")]
     Empty,
-    #[error("unknown kernel format: not ELF and no multiboot header in the first 8 KiB")]
+    #[error(
+        "unknown kernel format: no multiboot header in the first 8 KiB, not a bzImage, not ELF"
+    )]
     UnknownFormat,
     #[error("malformed ELF image: {0}")]
     BadElf(#[from] ElfError),
@@ -36,6 +38,49 @@ pub enum LoaderError {
     BootInfoTooLarge,
     #[error("a raw image in real mode must be entered below 1 MiB (entry {0:#x})")]
     RealModeEntry(u64),
+    #[error("malformed bzImage: {0}")]
+    BadBzImage(#[from] BzImageError),
+    #[error("malformed PVH note: {0}")]
+    BadPvhNote(#[from] PvhError),
+    #[error("the command line is {len} bytes, more than the {max} the kernel accepts")]
+    CmdlineTooLong { len: usize, max: usize },
+    #[error("the command line contains a NUL byte, which would end it early")]
+    CmdlineHasNul,
+    #[error("{count} modules given; this boot protocol takes at most {max}")]
+    TooManyModules { count: usize, max: usize },
+}
+
+/// What is wrong with a bzImage's setup header (Linux Documentation/arch/x86/boot.rst).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BzImageError {
+    #[error("the image ends inside the setup header")]
+    HeaderTruncated,
+    #[error("boot_flag is {0:#x}, not 0xaa55")]
+    BadBootFlag(u16),
+    #[error("boot protocol {0:#x} is older than 2.12, the first with the 64-bit entry flag")]
+    ProtocolTooOld(u16),
+    #[error("the kernel has no 64-bit entry point (xloadflags bit XLF_KERNEL_64 clear)")]
+    No64BitEntry,
+    #[error("not a bzImage (loadflags LOADED_HIGH clear: a zImage loads below 1 MiB)")]
+    NotLoadedHigh,
+    #[error(
+        "the setup code ({setup} bytes) leaves no protected-mode kernel in the {file}-byte file"
+    )]
+    NoProtectedModeKernel { setup: usize, file: usize },
+    #[error("the protected-mode kernel ({0} bytes) ends before startup_64 at offset 0x200")]
+    NoStartup64(usize),
+}
+
+/// What is wrong with the Xen PVH entry note of an ELF kernel (Xen's elfnote.h,
+/// XEN_ELFNOTE_PHYS32_ENTRY).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PvhError {
+    #[error("a PT_NOTE segment is malformed or outside the file")]
+    MalformedNotes,
+    #[error("the PHYS32_ENTRY descriptor is {0} bytes, not 4 or 8")]
+    DescriptorSize(usize),
+    #[error("the PHYS32_ENTRY address {0:#x} is above 4 GiB")]
+    EntryAbove4G(u64),
 }
 
 /// What is wrong with an ELF image (System V ABI, "ELF Header" and "Program Header" chapters).

@@ -13,6 +13,18 @@ pub enum ImageKind {
     Elf32,
     Elf64,
     Raw,
+    /// An ELF kernel with the Xen PVH entry note (a Linux vmlinux), entered in 32-bit mode.
+    Pvh,
+    /// A Linux bzImage, entered through the 64-bit boot protocol.
+    BzImage,
+}
+
+impl ImageKind {
+    /// True for the Linux boot protocols, whose command line is the arguments alone (no file
+    /// name first, unlike multiboot's: see [`crate::loader::kernel_cmdline`]).
+    pub fn is_linux(self) -> bool {
+        matches!(self, ImageKind::Pvh | ImageKind::BzImage)
+    }
 }
 
 /// A parsed image, ready to be checked against guest memory and copied there.

@@ -95,6 +95,69 @@ pub(super) fn memory_map(mem: &GuestRam) -> Vec<MapEntry> {
     map
 }
 
+/// Start of the PC BIOS area (0xE0000-0xFFFFF): where a BIOS keeps its ROM and the ACPI RSDP
+/// (ACPI 6.5 §5.2.5.1: the OS scans 0xE0000-0xFFFFF for it). irqvm's ACPI tables live there.
+pub const BIOS_AREA_START: u64 = 0xE_0000;
+/// The 32-bit MMIO hole the devices use: IOAPIC at 0xFEC00000, LAPIC at 0xFEE00000, up to 4 GiB.
+pub const MMIO_HOLE_START: u64 = 0xFEC0_0000;
+
+/// The memory map a Linux boot protocol passes (e820 in the zero page, `hvm_memmap_table_entry`s
+/// for PVH): the multiboot map with the whole BIOS area 0xE0000-0xFFFFF reserved (the ACPI tables
+/// are there) and the MMIO hole 0xFEC00000-0xFFFFFFFF reserved, as a PC BIOS reports them, so
+/// Linux never takes either for RAM or gives it to a PCI BAR.
+pub(super) fn linux_memory_map(mem: &GuestRam) -> Vec<MapEntry> {
+    let mut map: Vec<MapEntry> = memory_map(mem)
+        .into_iter()
+        .map(|e| match e {
+            MapEntry {
+                base: 0xF_0000,
+                kind: RangeKind::Reserved,
+                ..
+            } => MapEntry {
+                base: BIOS_AREA_START,
+                len: EXTENDED_MEMORY_START - BIOS_AREA_START,
+                kind: RangeKind::Reserved,
+            },
+            other => other,
+        })
+        .collect();
+    map.push(MapEntry {
+        base: MMIO_HOLE_START,
+        len: HIGH_RAM_START - MMIO_HOLE_START,
+        kind: RangeKind::Reserved,
+    });
+    map.sort_by_key(|e| e.base);
+    map
+}
+
+/// Copies boot modules (an initrd) into guest memory one after the other from `start`, each page
+/// aligned, and returns where each went. Every module must end at or below `limit` (4 GiB for
+/// 32-bit address fields, or a kernel's `initrd_addr_max`) and lie in RAM.
+pub(super) fn place_modules(
+    mem: &GuestRam,
+    modules: &[&[u8]],
+    start: u64,
+    limit: u64,
+) -> Result<Vec<(u64, u64)>, LoaderError> {
+    let mut placed = Vec::with_capacity(modules.len());
+    let mut next = start.max(EXTENDED_MEMORY_START);
+    for data in modules {
+        let addr = next.next_multiple_of(PAGE);
+        let len = data.len() as u64;
+        if !in_ram(mem, addr, len) || addr.saturating_add(len) > limit {
+            return Err(LoaderError::OutOfRam {
+                what: "module",
+                addr,
+                len,
+            });
+        }
+        write_guest(mem, "module", addr, data)?;
+        placed.push((addr, len));
+        next = addr + len;
+    }
+    Ok(placed)
+}
+
 /// True if `[addr, addr+len)` is RAM (one region: the loader never straddles the hole).
 pub(super) fn in_ram(mem: &GuestRam, addr: u64, len: u64) -> bool {
     let Some(last) = addr.checked_add(len.max(1) - 1) else {

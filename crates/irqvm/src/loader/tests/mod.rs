@@ -8,6 +8,7 @@
 mod boot_info;
 mod formats;
 mod fuzz;
+mod linux;
 mod malformed;
 
 use vm_memory::{Bytes, GuestAddress};
