@@ -48,6 +48,10 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+mod id_table;
+
+use id_table::IdTable;
+
 use crate::types::{
     ApicEvents, DeliveryMode, DestinationFormat, DestinationMode, InterruptMessage, InterruptSink,
     MessageSource, Notify, Shorthand, TopologyEntry, TriggerMode, VcpuIndex, Vector,
@@ -147,6 +151,20 @@ impl<S: InterruptSink> ApicBus<S> {
         targets
     }
 
+    /// [`Self::resolve`], also reporting the work the resolution did (see [`ResolveCost`]).
+    pub fn resolve_with_cost(&self, msg: &InterruptMessage) -> (Vec<VcpuIndex>, ResolveCost) {
+        let mut targets = Vec::new();
+        let mut cost = ResolveCost::default();
+        self.targets_counted(msg, TieBreak::Peek, &mut targets, &mut cost);
+        (targets, cost)
+    }
+
+    /// Heap bytes of the current topology snapshot (entries, candidate lists and ID tables):
+    /// the bus's share of the memory per vCPU.
+    pub fn topology_heap_bytes(&self) -> usize {
+        self.snapshot.load().heap_bytes()
+    }
+
     /// Posts `msg` to its destinations, calls `notify` for every post that asks the caller to kick
     /// or wake the target, and returns the number of targets posted to.
     pub fn deliver(
@@ -175,6 +193,17 @@ impl<S: InterruptSink> ApicBus<S> {
 
     /// Fills `targets` (cleared first) with the vCPUs `msg` is posted to, sorted, no duplicates.
     fn targets(&self, msg: &InterruptMessage, tie_break: TieBreak, targets: &mut Vec<VcpuIndex>) {
+        self.targets_counted(msg, tie_break, targets, &mut ResolveCost::default());
+    }
+
+    /// [`Self::targets`], adding its work to `cost`.
+    fn targets_counted(
+        &self,
+        msg: &InterruptMessage,
+        tie_break: TieBreak,
+        targets: &mut Vec<VcpuIndex>,
+        cost: &mut ResolveCost,
+    ) {
         targets.clear();
         if msg.is_init_deassert() {
             // SDM vol. 3 §11.6.1: the INIT level de-assert message is not supported by Pentium 4
@@ -182,11 +211,15 @@ impl<S: InterruptSink> ApicBus<S> {
             return;
         }
         let snapshot = self.snapshot.load();
-        snapshot.destinations(msg, targets);
+        snapshot.destinations(msg, targets, cost);
         targets.retain(|&index| accepts(&snapshot.entries[index], msg.delivery_mode));
+        // Candidates come from one list (already ascending) or a few (xAPIC- and x2APIC-mode
+        // tables, flat-model bits); the sort is linear on an ascending list.
         targets.sort_unstable();
         targets.dedup();
         if msg.delivery_mode == DeliveryMode::LowestPriority {
+            // Only the accepting destinations compete: their PPRs are read, nobody else's.
+            cost.visited += targets.len();
             let winner = self.lowest_priority_winner(targets, tie_break);
             targets.clear();
             targets.extend(winner);
@@ -218,6 +251,20 @@ impl<S: InterruptSink> ApicBus<S> {
         tied.nth(turn as usize % count)
             .or_else(|| candidates.iter().copied().find(|&i| ppr(i) == lowest))
     }
+}
+
+/// The work of one resolution ([`ApicBus::resolve_with_cost`]), counted in steps rather than
+/// time so tests can check how delivery scales with the number of vCPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResolveCost {
+    /// Table probes: ID, logical-cluster and flat-model-bit lookups. At most 2 for a physical
+    /// destination, 2 for a logical cluster and 10 for any logical destination, whatever the
+    /// number of vCPUs.
+    pub lookups: usize,
+    /// vCPU entries examined: the candidates the tables or broadcast lists returned (each then
+    /// gets one acceptance check), plus, for lowest priority, the accepting candidates whose PPR
+    /// is compared.
+    pub visited: usize,
 }
 
 /// Whether a lowest-priority resolution consumes its round-robin turn.
@@ -279,7 +326,7 @@ fn accepts(entry: &TopologyEntry, mode: DeliveryMode) -> bool {
     entry.hw_enabled && (entry.sw_enabled || delivered_while_sw_disabled)
 }
 
-/// The ID an xAPIC-mode target is addressed by when the destination fits 8 bits.
+/// The 8-bit ID an xAPIC-mode target is addressed by (the xAPIC ID register's bits 31:24).
 fn xapic_id(entry: &TopologyEntry) -> u32 {
     entry.apic_id.0 & XAPIC_ID_MASK
 }
@@ -294,77 +341,122 @@ fn xapic_logical_id(entry: &TopologyEntry) -> u32 {
     }
 }
 
-/// One immutable view of the topology with lookup tables. Only hardware-enabled APICs appear in
-/// the tables; `entries` keeps every vCPU's last published entry.
+/// One immutable view of the topology with its lookup tables (see "Scaling" in the module
+/// documentation). Only hardware-enabled APICs appear in the tables; `entries` keeps every
+/// vCPU's last published entry.
 #[derive(Debug, Default)]
 struct Snapshot {
     entries: Vec<TopologyEntry>,
-    /// Hardware-enabled vCPUs in xAPIC mode / in x2APIC mode, by index.
+    /// Hardware-enabled vCPUs, ascending: the candidates of a broadcast or an "all" shorthand.
+    enabled: Vec<VcpuIndex>,
+    /// Hardware-enabled vCPUs in xAPIC mode, ascending.
     xapic_mode: Vec<VcpuIndex>,
-    x2apic_mode: Vec<VcpuIndex>,
-    /// Sorted (8-bit xAPIC ID, index) of xAPIC-mode vCPUs.
-    xapic_ids: Vec<(u32, VcpuIndex)>,
-    /// Sorted (full ID, index) of xAPIC-mode vCPUs whose published ID exceeds 8 bits (hotplug hack).
-    xapic_wide_ids: Vec<(u32, VcpuIndex)>,
-    /// Sorted (32-bit ID, index) of x2APIC-mode vCPUs.
-    x2apic_ids: Vec<(u32, VcpuIndex)>,
-    /// (8-bit logical ID, index) of xAPIC-mode vCPUs in the flat model.
-    flat: Vec<(u32, VcpuIndex)>,
-    /// Sorted (cluster, member bits, index) of xAPIC-mode vCPUs in the cluster model.
-    xapic_clusters: Vec<(u32, u32, VcpuIndex)>,
-    /// Sorted (cluster, member bits, index) of x2APIC-mode vCPUs.
-    x2apic_clusters: Vec<(u32, u32, VcpuIndex)>,
+    /// 8-bit xAPIC ID -> xAPIC-mode vCPUs.
+    xapic_ids: IdTable,
+    /// Initial (x2APIC) ID above 0xFF -> xAPIC-mode vCPUs (KVM's hotplug rule).
+    xapic_wide_ids: IdTable,
+    /// 32-bit x2APIC ID -> x2APIC-mode vCPUs.
+    x2apic_ids: IdTable,
+    /// Bit number 0-7 of the 8-bit logical ID -> xAPIC flat-model vCPUs with that bit set.
+    flat_bits: IdTable,
+    /// Cluster (logical ID bits 7:4) -> xAPIC cluster-model vCPUs.
+    xapic_clusters: IdTable,
+    /// Cluster (LDR bits 31:16) -> x2APIC-mode vCPUs.
+    x2apic_clusters: IdTable,
 }
 
-impl Snapshot {
-    fn build(entries: Vec<TopologyEntry>) -> Self {
-        let mut snapshot = Self::default();
-        for (index, entry) in entries.iter().enumerate().filter(|(_, e)| e.hw_enabled) {
-            if entry.x2apic {
-                snapshot.add_x2apic(index, entry);
-            } else {
-                snapshot.add_xapic(index, entry);
-            }
-        }
-        snapshot.xapic_ids.sort_unstable();
-        snapshot.xapic_wide_ids.sort_unstable();
-        snapshot.x2apic_ids.sort_unstable();
-        snapshot.xapic_clusters.sort_unstable();
-        snapshot.x2apic_clusters.sort_unstable();
-        snapshot.entries = entries;
-        snapshot
-    }
+/// The (key, vCPU) pairs the tables of a [`Snapshot`] are built from.
+#[derive(Default)]
+struct TablePairs {
+    xapic_ids: Vec<(u32, VcpuIndex)>,
+    xapic_wide_ids: Vec<(u32, VcpuIndex)>,
+    x2apic_ids: Vec<(u32, VcpuIndex)>,
+    flat_bits: Vec<(u32, VcpuIndex)>,
+    xapic_clusters: Vec<(u32, VcpuIndex)>,
+    x2apic_clusters: Vec<(u32, VcpuIndex)>,
+}
 
+impl TablePairs {
     fn add_xapic(&mut self, index: VcpuIndex, entry: &TopologyEntry) {
-        self.xapic_mode.push(index);
         self.xapic_ids.push((xapic_id(entry), index));
-        if entry.apic_id.0 > XAPIC_ID_MASK {
-            self.xapic_wide_ids.push((entry.apic_id.0, index));
+        if entry.initial_id.0 > XAPIC_ID_MASK {
+            self.xapic_wide_ids.push((entry.initial_id.0, index));
         }
         let logical = xapic_logical_id(entry);
         if entry.dfr_flat {
-            self.flat.push((logical, index));
+            let bits = (0..XAPIC_FLAT_BITS).filter(|bit| logical & (1 << bit) != 0);
+            self.flat_bits.extend(bits.map(|bit| (bit, index)));
         } else {
-            let cluster = logical >> XAPIC_CLUSTER_SHIFT;
-            let members = logical & XAPIC_MEMBER_MASK;
-            self.xapic_clusters.push((cluster, members, index));
+            self.xapic_clusters
+                .push((logical >> XAPIC_CLUSTER_SHIFT, index));
         }
     }
 
     fn add_x2apic(&mut self, index: VcpuIndex, entry: &TopologyEntry) {
-        self.x2apic_mode.push(index);
         self.x2apic_ids.push((entry.apic_id.0, index));
-        let cluster = entry.ldr >> X2APIC_CLUSTER_SHIFT;
-        let members = entry.ldr & X2APIC_MEMBER_MASK;
-        self.x2apic_clusters.push((cluster, members, index));
+        self.x2apic_clusters
+            .push((entry.ldr >> X2APIC_CLUSTER_SHIFT, index));
+    }
+}
+
+impl Snapshot {
+    /// O(N + largest key) per rebuild; rebuilds happen only when a vCPU's entry changes.
+    fn build(entries: Vec<TopologyEntry>) -> Self {
+        let mut pairs = TablePairs::default();
+        let mut enabled = Vec::with_capacity(entries.len());
+        let mut xapic_mode = Vec::new();
+        for (index, entry) in entries.iter().enumerate().filter(|(_, e)| e.hw_enabled) {
+            enabled.push(index);
+            if entry.x2apic {
+                pairs.add_x2apic(index, entry);
+            } else {
+                xapic_mode.push(index);
+                pairs.add_xapic(index, entry);
+            }
+        }
+        Self {
+            entries,
+            enabled,
+            xapic_mode,
+            xapic_ids: IdTable::build(pairs.xapic_ids),
+            xapic_wide_ids: IdTable::build(pairs.xapic_wide_ids),
+            x2apic_ids: IdTable::build(pairs.x2apic_ids),
+            flat_bits: IdTable::build(pairs.flat_bits),
+            xapic_clusters: IdTable::build(pairs.xapic_clusters),
+            x2apic_clusters: IdTable::build(pairs.x2apic_clusters),
+        }
+    }
+
+    /// Heap bytes of this snapshot (entries, candidate lists and tables).
+    fn heap_bytes(&self) -> usize {
+        let list = |v: &Vec<VcpuIndex>| v.capacity() * std::mem::size_of::<VcpuIndex>();
+        self.entries.capacity() * std::mem::size_of::<TopologyEntry>()
+            + list(&self.enabled)
+            + list(&self.xapic_mode)
+            + [
+                &self.xapic_ids,
+                &self.xapic_wide_ids,
+                &self.x2apic_ids,
+                &self.flat_bits,
+                &self.xapic_clusters,
+                &self.x2apic_clusters,
+            ]
+            .iter()
+            .map(|table| table.heap_bytes())
+            .sum::<usize>()
     }
 
     /// Appends every hardware-enabled vCPU `msg` addresses (unsorted, before the acceptance
     /// filter).
-    fn destinations(&self, msg: &InterruptMessage, targets: &mut Vec<VcpuIndex>) {
+    fn destinations(
+        &self,
+        msg: &InterruptMessage,
+        targets: &mut Vec<VcpuIndex>,
+        cost: &mut ResolveCost,
+    ) {
         match msg.shorthand {
-            Shorthand::None => self.addressed(msg, targets),
-            shorthand => self.shorthand_targets(shorthand, msg.source, targets),
+            Shorthand::None => self.addressed(msg, targets, cost),
+            shorthand => self.shorthand_targets(shorthand, msg.source, targets, cost),
         }
     }
 
@@ -374,65 +466,108 @@ impl Snapshot {
         shorthand: Shorthand,
         source: MessageSource,
         targets: &mut Vec<VcpuIndex>,
+        cost: &mut ResolveCost,
     ) {
         let MessageSource::Vcpu(sender) = source else {
             return;
         };
-        let enabled = self.enabled();
         match shorthand {
-            Shorthand::SelfOnly => targets.extend(enabled.filter(|&i| i == sender)),
-            Shorthand::AllExcludingSelf => targets.extend(enabled.filter(|&i| i != sender)),
-            Shorthand::AllIncludingSelf | Shorthand::None => targets.extend(enabled),
+            Shorthand::SelfOnly => {
+                cost.visited += 1;
+                let enabled = self.entries.get(sender).is_some_and(|e| e.hw_enabled);
+                targets.extend(enabled.then_some(sender));
+            }
+            Shorthand::AllExcludingSelf => {
+                extend_list(targets, &self.enabled, cost);
+                targets.retain(|&index| index != sender);
+            }
+            Shorthand::AllIncludingSelf | Shorthand::None => {
+                extend_list(targets, &self.enabled, cost)
+            }
         }
     }
 
-    fn enabled(&self) -> impl Iterator<Item = VcpuIndex> + '_ {
-        self.xapic_mode
-            .iter()
-            .chain(self.x2apic_mode.iter())
-            .copied()
-    }
-
-    fn addressed(&self, msg: &InterruptMessage, targets: &mut Vec<VcpuIndex>) {
+    fn addressed(
+        &self,
+        msg: &InterruptMessage,
+        targets: &mut Vec<VcpuIndex>,
+        cost: &mut ResolveCost,
+    ) {
         let dest = msg.destination;
         match broadcast_reach(msg) {
-            BroadcastReach::All => return targets.extend(self.enabled()),
-            BroadcastReach::XapicModeOnly => targets.extend_from_slice(&self.xapic_mode),
-            BroadcastReach::NotBroadcast => self.addressed_xapic_mode(msg, targets),
+            BroadcastReach::All => return extend_list(targets, &self.enabled, cost),
+            BroadcastReach::XapicModeOnly => extend_list(targets, &self.xapic_mode, cost),
+            BroadcastReach::NotBroadcast => self.addressed_xapic_mode(msg, targets, cost),
         }
         // x2APIC-mode targets only get here for non-broadcasts (and for a vCPU's xAPIC-format
         // 0xFF in a mixed-mode system, which they read as an ordinary 32-bit destination).
         match msg.destination_mode {
-            DestinationMode::Physical => extend_with_key(targets, &self.x2apic_ids, dest),
-            DestinationMode::Logical => extend_with_cluster(
-                targets,
-                &self.x2apic_clusters,
-                dest >> X2APIC_CLUSTER_SHIFT,
-                dest & X2APIC_MEMBER_MASK,
-            ),
+            DestinationMode::Physical => extend_key(targets, &self.x2apic_ids, dest, cost),
+            DestinationMode::Logical => {
+                let members = dest & X2APIC_MEMBER_MASK;
+                let cluster = (&self.x2apic_clusters, dest >> X2APIC_CLUSTER_SHIFT);
+                self.extend_members(targets, cluster, cost, |entry| entry.ldr & members != 0);
+            }
         }
     }
 
     /// Non-broadcast destinations among xAPIC-mode targets (SDM vol. 3 §11.6.2.1-2).
-    fn addressed_xapic_mode(&self, msg: &InterruptMessage, targets: &mut Vec<VcpuIndex>) {
+    fn addressed_xapic_mode(
+        &self,
+        msg: &InterruptMessage,
+        targets: &mut Vec<VcpuIndex>,
+        cost: &mut ResolveCost,
+    ) {
         let dest = msg.destination;
         match msg.destination_mode {
             DestinationMode::Physical if dest > XAPIC_ID_MASK => {
-                extend_with_key(targets, &self.xapic_wide_ids, dest)
+                extend_key(targets, &self.xapic_wide_ids, dest, cost)
             }
-            DestinationMode::Physical => extend_with_key(targets, &self.xapic_ids, dest),
+            DestinationMode::Physical => extend_key(targets, &self.xapic_ids, dest, cost),
             DestinationMode::Logical => {
-                let flat_hits = self.flat.iter().filter(|&&(ldr, _)| ldr & dest != 0);
-                targets.extend(flat_hits.map(|&(_, index)| index));
-                extend_with_cluster(
-                    targets,
-                    &self.xapic_clusters,
-                    dest >> XAPIC_CLUSTER_SHIFT,
-                    dest & XAPIC_MEMBER_MASK,
-                );
+                // Flat model: every target whose logical ID shares a bit with the MDA's low
+                // 8 bits (the logical ID has no others).
+                let bits = (0..XAPIC_FLAT_BITS).filter(|bit| dest & (1 << bit) != 0);
+                bits.for_each(|bit| extend_key(targets, &self.flat_bits, bit, cost));
+                let members = dest & XAPIC_MEMBER_MASK;
+                let cluster = (&self.xapic_clusters, dest >> XAPIC_CLUSTER_SHIFT);
+                self.extend_members(targets, cluster, cost, |entry| {
+                    xapic_logical_id(entry) & members != 0
+                });
             }
         }
     }
+
+    /// Appends the vCPUs of one logical cluster (a table and its key: one probe) whose member
+    /// bits pass `hit`.
+    fn extend_members(
+        &self,
+        targets: &mut Vec<VcpuIndex>,
+        (table, key): (&IdTable, u32),
+        cost: &mut ResolveCost,
+        hit: impl Fn(&TopologyEntry) -> bool,
+    ) {
+        let cluster = table.get(key);
+        cost.lookups += 1;
+        cost.visited += cluster.len();
+        targets.extend(cluster.iter().filter(|&&i| hit(&self.entries[i])));
+    }
+}
+
+/// Bits of an xAPIC flat-model logical ID (SDM vol. 3 §11.6.2.2).
+const XAPIC_FLAT_BITS: u32 = 8;
+
+/// Appends a whole candidate list.
+fn extend_list(targets: &mut Vec<VcpuIndex>, list: &[VcpuIndex], cost: &mut ResolveCost) {
+    cost.visited += list.len();
+    targets.extend_from_slice(list);
+}
+
+/// Appends the vCPUs `table` holds under `key`: one probe.
+fn extend_key(targets: &mut Vec<VcpuIndex>, table: &IdTable, key: u32, cost: &mut ResolveCost) {
+    let hits = table.get(key);
+    cost.lookups += 1;
+    extend_list(targets, hits, cost);
 }
 
 /// Which targets a message reaches as a broadcast (see the module documentation).
@@ -454,27 +589,6 @@ fn broadcast_reach(msg: &InterruptMessage) -> BroadcastReach {
         }
         _ => BroadcastReach::NotBroadcast,
     }
-}
-
-/// Appends the indices whose key equals `key` in a table sorted by key.
-fn extend_with_key(targets: &mut Vec<VcpuIndex>, table: &[(u32, VcpuIndex)], key: u32) {
-    let start = table.partition_point(|&(k, _)| k < key);
-    let hits = table[start..].iter().take_while(|&&(k, _)| k == key);
-    targets.extend(hits.map(|&(_, index)| index));
-}
-
-/// Appends the members of `cluster` whose member bits intersect `members`, from a table sorted
-/// by cluster.
-fn extend_with_cluster(
-    targets: &mut Vec<VcpuIndex>,
-    table: &[(u32, u32, VcpuIndex)],
-    cluster: u32,
-    members: u32,
-) {
-    let start = table.partition_point(|&(c, _, _)| c < cluster);
-    let in_cluster = table[start..].iter().take_while(|&&(c, _, _)| c == cluster);
-    let hits = in_cluster.filter(|&&(_, bits, _)| bits & members != 0);
-    targets.extend(hits.map(|&(_, _, index)| index));
 }
 
 #[cfg(test)]
@@ -538,6 +652,7 @@ mod tests {
     fn xapic(id: u32, ldr: u32, flat: bool) -> TopologyEntry {
         TopologyEntry {
             apic_id: ApicId(id),
+            initial_id: ApicId(id),
             x2apic: false,
             hw_enabled: true,
             sw_enabled: true,
@@ -558,6 +673,7 @@ mod tests {
     fn x2(id: u32) -> TopologyEntry {
         TopologyEntry {
             apic_id: ApicId(id),
+            initial_id: ApicId(id),
             x2apic: true,
             hw_enabled: true,
             sw_enabled: true,
@@ -1104,6 +1220,7 @@ mod tests {
         (arb_id(), any::<bool>(), 0u8..8, arb_ldr(), any::<bool>()).prop_map(
             |(id, x2apic, enables, ldr, dfr_flat)| TopologyEntry {
                 apic_id: ApicId(id),
+                initial_id: ApicId(id),
                 x2apic,
                 // mostly enabled, sometimes hardware- or software-disabled
                 hw_enabled: enables != 0,
@@ -1204,7 +1321,7 @@ mod tests {
         }
         match (msg.destination_mode, entry.x2apic) {
             (DestinationMode::Physical, true) => d == entry.apic_id.0,
-            (DestinationMode::Physical, false) if d > 0xFF => d == entry.apic_id.0,
+            (DestinationMode::Physical, false) if d > 0xFF => d == entry.initial_id.0,
             (DestinationMode::Physical, false) => d == entry.apic_id.0 % 256,
             (DestinationMode::Logical, true) => {
                 entry.ldr >> 16 == d >> 16 && entry.ldr & d & 0xFFFF != 0
