@@ -1413,4 +1413,235 @@ mod tests {
             prop_assert_eq!(notified, expected_notes);
         }
     }
+
+    // ---- scale: up to 1024 vCPUs (KVM_CAP_MAX_VCPUS here) ----
+
+    /// `n` x2APIC-mode vCPUs with IDs 0..n and the LDRs the hardware derives.
+    fn x2_system(n: usize) -> ApicBus<FakeVcpu> {
+        bus(&(0..n as u32).map(x2).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn unicast_work_is_constant_whatever_the_vcpu_count() {
+        for n in [1usize, 16, 255, 256, 1024] {
+            let b = x2_system(n);
+            let last = n as u32 - 1;
+            for m in [from_vcpu(phys_x2(last), 0), phys(last & 0x7F)] {
+                let (got, cost) = b.resolve_with_cost(&m);
+                assert_eq!(got.len(), 1, "n {n} {m:?}");
+                // One probe of the xAPIC-mode table, one of the x2APIC-mode table, one hit.
+                assert_eq!(
+                    cost,
+                    ResolveCost {
+                        lookups: 2,
+                        visited: 1
+                    },
+                    "n {n}"
+                );
+                let (_, cost) = b.resolve_with_cost(&lowest(m));
+                assert_eq!(
+                    cost,
+                    ResolveCost {
+                        lookups: 2,
+                        visited: 2
+                    },
+                    "n {n}"
+                );
+            }
+            // An ID nobody has costs the same probes and visits nobody.
+            let (got, cost) = b.resolve_with_cost(&from_vcpu(phys_x2(5000), 0));
+            assert!(got.is_empty());
+            assert_eq!(
+                cost,
+                ResolveCost {
+                    lookups: 2,
+                    visited: 0
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn logical_cluster_work_is_the_cluster_whatever_the_vcpu_count() {
+        for n in [16usize, 256, 1024] {
+            let b = x2_system(n);
+            let cluster = (n as u32 - 1) >> 4;
+            let m = from_vcpu(logical_x2(cluster << 16 | 0x8001), 0);
+            let (got, cost) = b.resolve_with_cost(&m);
+            let first = (cluster << 4) as usize;
+            assert_eq!(got, vec![first, first + 15]);
+            // The flat-model bit of MDA bit 0 + the xAPIC cluster (both empty here) + the
+            // x2APIC cluster; its 16 members are examined, nobody else.
+            assert_eq!(
+                cost,
+                ResolveCost {
+                    lookups: 3,
+                    visited: 16
+                },
+                "n {n}"
+            );
+            // Lowest priority compares the PPRs of the 2 addressed targets only.
+            set_ppr(&b, first, 0x20);
+            let (got, cost) = b.resolve_with_cost(&lowest(m));
+            assert_eq!(got, vec![first + 15]);
+            assert_eq!(
+                cost,
+                ResolveCost {
+                    lookups: 3,
+                    visited: 18
+                },
+                "n {n}"
+            );
+        }
+    }
+
+    #[test]
+    fn broadcast_and_shorthand_work_is_the_targets() {
+        for n in [1usize, 256, 1024] {
+            let b = x2_system(n);
+            let (got, cost) = b.resolve_with_cost(&from_vcpu(phys_x2(X2APIC_BROADCAST), 0));
+            assert_eq!(got.len(), n);
+            assert_eq!(
+                cost,
+                ResolveCost {
+                    lookups: 0,
+                    visited: n
+                }
+            );
+            let all_but = shorthand(
+                Shorthand::AllExcludingSelf,
+                MessageSource::Vcpu(0),
+                DestinationFormat::X2apic,
+            );
+            assert_eq!(b.resolve_with_cost(&all_but).1.visited, n);
+            let own = InterruptMessage {
+                shorthand: Shorthand::SelfOnly,
+                ..all_but
+            };
+            let (got, cost) = b.resolve_with_cost(&own);
+            assert_eq!(got, vec![0]);
+            assert_eq!(
+                cost,
+                ResolveCost {
+                    lookups: 0,
+                    visited: 1
+                },
+                "self IPI is O(1)"
+            );
+        }
+    }
+
+    #[test]
+    fn snapshot_is_rebuilt_only_when_an_entry_changes() {
+        let b = x2_system(64);
+        let before = b.snapshot.load_full();
+        b.update_topology(7, x2(7));
+        assert!(
+            Arc::ptr_eq(&before, &b.snapshot.load_full()),
+            "same entry: no rebuild"
+        );
+        let mut disabled = x2(7);
+        disabled.sw_enabled = false;
+        b.update_topology(7, disabled);
+        assert!(!Arc::ptr_eq(&before, &b.snapshot.load_full()));
+        assert!(b.resolve(&from_vcpu(phys_x2(7), 0)).is_empty());
+    }
+
+    #[test]
+    fn ids_past_the_dense_range_are_still_found() {
+        let ids = [0u32, 4095, 4096, 0x7FFF, 0xFFFF_FFFE];
+        let b = bus(&ids.map(x2));
+        for (index, id) in ids.into_iter().enumerate() {
+            assert_eq!(
+                b.resolve(&from_vcpu(phys_x2(id), 0)),
+                vec![index],
+                "ID {id:#x}"
+            );
+        }
+    }
+
+    #[test]
+    fn topology_tables_cost_little_memory_per_vcpu() {
+        let b = x2_system(1024);
+        let per_vcpu = b.topology_heap_bytes() / 1024;
+        // Entry (16) + enabled list (8) + ID table (8 + 4) + cluster table (8 + 1/4) ...
+        assert!(per_vcpu <= 64, "{per_vcpu} bytes per vCPU");
+    }
+
+    /// A topology as a guest of `n` vCPUs can make it: IDs mostly in the machine's range
+    /// (colliding, with gaps) and sometimes anything; x2APIC LDRs mostly as the hardware derives
+    /// them; every mode, model and enable state.
+    fn arb_scaled_entry(n: u32) -> impl Strategy<Value = TopologyEntry> {
+        let id = prop_oneof![4 => 0..2 * n, 1 => arb_id()];
+        let ldr = prop_oneof![3 => Just(None), 1 => arb_ldr().prop_map(Some)];
+        (id.clone(), id, 0u8..4, ldr, any::<bool>(), 0u8..8).prop_map(
+            move |(id, initial, mode, ldr, dfr_flat, enables)| {
+                let x2apic = mode != 0;
+                let derived = ((id >> 4) << 16) | (1 << (id & 0xF));
+                TopologyEntry {
+                    apic_id: ApicId(if x2apic { id } else { id & 0xFF }),
+                    initial_id: ApicId(if x2apic { id } else { initial }),
+                    x2apic,
+                    hw_enabled: enables != 0,
+                    sw_enabled: enables != 1,
+                    ldr: ldr.unwrap_or(if x2apic { derived } else { (id & 0xFF) << 24 }),
+                    dfr_flat,
+                }
+            },
+        )
+    }
+
+    /// Messages aimed mostly at what exists: IDs and clusters of the machine's range.
+    fn arb_scaled_message(n: u32) -> impl Strategy<Value = InterruptMessage> {
+        let dest = prop_oneof![
+            0..2 * n,
+            (0..(2 * n >> 4) + 1, any::<u16>()).prop_map(|(c, bits)| c << 16 | u32::from(bits)),
+            any::<u8>().prop_map(u32::from),
+            Just(XAPIC_BROADCAST),
+            Just(X2APIC_BROADCAST),
+        ];
+        (arb_message(n as usize), dest)
+            .prop_map(|(m, destination)| InterruptMessage { destination, ..m })
+    }
+
+    fn arb_scaled_system(
+    ) -> impl Strategy<Value = (Vec<TopologyEntry>, Vec<u8>, Vec<InterruptMessage>)> {
+        prop_oneof![1u32..=64, 1u32..=1024].prop_flat_map(|n| {
+            (
+                proptest::collection::vec(arb_scaled_entry(n), n as usize),
+                proptest::collection::vec(prop_oneof![Just(0u8), any::<u8>()], n as usize),
+                proptest::collection::vec(arb_scaled_message(n), 1..24),
+            )
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(96))]
+
+        /// The tables agree with the one-target-at-a-time reference on machines of up to 1024
+        /// vCPUs, and a resolution never examines more entries than the reference would.
+        #[test]
+        fn tables_agree_with_reference_up_to_1024_vcpus(
+            (entries, pprs, msgs) in arb_scaled_system()
+        ) {
+            let b = bus_with_pprs(&entries, &pprs);
+            for msg in &msgs {
+                let expected = reference_set(&entries, msg);
+                let (got, cost) = b.resolve_with_cost(msg);
+                if msg.delivery_mode == DeliveryMode::LowestPriority {
+                    prop_assert_eq!(got.len(), expected.len().min(1));
+                    if let Some(&winner) = got.first() {
+                        let lowest = expected.iter().map(|&i| pprs[i]).min().unwrap();
+                        prop_assert!(expected.contains(&winner));
+                        prop_assert_eq!(pprs[winner], lowest);
+                    }
+                } else {
+                    prop_assert_eq!(&got, &expected, "{:?}", msg);
+                }
+                prop_assert!(cost.lookups <= 10);
+                // Flat-model vCPUs can be found once per shared bit: at most 8 times each.
+                prop_assert!(cost.visited <= 8 * entries.len() + expected.len());
+            }
+        }
+    }
 }

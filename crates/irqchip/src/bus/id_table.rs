@@ -80,3 +80,41 @@ impl IdTable {
             + self.sparse_members.capacity() * std::mem::size_of::<VcpuIndex>()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_table_finds_nothing() {
+        let table = IdTable::build(Vec::new());
+        for key in [0, 1, DENSE_KEY_LIMIT, u32::MAX] {
+            assert!(table.get(key).is_empty());
+        }
+        assert_eq!(table.heap_bytes(), 0);
+    }
+
+    #[test]
+    fn dense_keys_group_duplicates_in_index_order() {
+        let table = IdTable::build(vec![(5, 9), (0, 3), (5, 1), (7, 2), (5, 4)]);
+        assert_eq!(table.get(0), &[3]);
+        assert_eq!(table.get(5), &[1, 4, 9]);
+        assert_eq!(table.get(7), &[2]);
+        for absent in [1, 4, 6, 8, 100] {
+            assert!(table.get(absent).is_empty(), "key {absent}");
+        }
+    }
+
+    #[test]
+    fn keys_at_or_past_the_limit_use_the_sparse_list() {
+        let keys = [DENSE_KEY_LIMIT - 1, DENSE_KEY_LIMIT, 0x8000, u32::MAX];
+        let pairs = keys.iter().enumerate().map(|(i, &k)| (k, i)).collect();
+        let table = IdTable::build(pairs);
+        for (index, key) in keys.into_iter().enumerate() {
+            assert_eq!(table.get(key), &[index], "key {key:#x}");
+        }
+        assert!(table.get(DENSE_KEY_LIMIT + 1).is_empty());
+        // The dense part stops at the largest dense key.
+        assert_eq!(table.starts.len(), DENSE_KEY_LIMIT as usize + 1);
+    }
+}
