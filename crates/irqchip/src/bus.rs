@@ -13,9 +13,12 @@
 //! * Physical: the destination equals the target's APIC ID. xAPIC-mode targets are addressed by
 //!   their 8-bit ID; x2APIC-mode targets by their full 32-bit ID (also when the message has xAPIC
 //!   format: KVM compares the full ID, so an xAPIC-format destination 0x05 never reaches an
-//!   x2APIC-mode target whose ID is 0x105). An xAPIC-mode target whose published ID does not fit
-//!   8 bits is matched on its full ID by destinations above 0xFF (KVM's "hotplug hack", which
-//!   makes such vCPUs addressable through extended-destination-ID MSIs).
+//!   x2APIC-mode target whose ID is 0x105). A destination above 0xFF reaches an xAPIC-mode
+//!   target whose initial (x2APIC) ID, [`TopologyEntry::initial_id`], equals it — KVM's "hotplug"
+//!   rule (with 32-bit APIC IDs enabled), which makes a vCPU with an ID past 255 addressable by
+//!   extended-destination-ID MSIs before it switches to x2APIC mode. Several targets with the
+//!   same ID all receive (xAPIC IDs are writable, and an xAPIC-mode vCPU with initial ID 300
+//!   reads ID 300 & 0xFF = 44): each APIC compares the destination for itself.
 //! * Logical, per target model: xAPIC flat (`LDR[31:24] & MDA != 0`), xAPIC cluster (high
 //!   nibbles equal, low nibbles intersect), x2APIC cluster (bits 31:16 equal, bits 15:0
 //!   intersect). Each target applies its own model to the destination value.
@@ -27,6 +30,30 @@
 //!   does not support) it is a unicast to x2APIC ID 0xFF, as in KVM. Deviation from KVM: KVM keys
 //!   broadcast on the *target's* mode, so there an x2APIC-format 0xFF is a broadcast for xAPIC-mode
 //!   targets and 0xFFFF_FFFF never reaches them; we carry the format in the message and use it.
+//!
+//! # Destinations a source cannot express
+//! xAPIC mode has 8-bit destinations where 0xFF is the broadcast, so an xAPIC-mode vCPU's IPI,
+//! an IOAPIC entry or an MSI without the extended destination ID can only name APIC IDs 0-254.
+//! The decoders read only the bits the format has (`msi`, `ioapic`: address bits 11:5 and entry
+//! bits 55:49 are reserved and ignored unless the VMM enables the extended destination ID), so
+//! a guest that tries to name APIC ID 300 writes 300 & 0xFF = 44 and reaches the APIC(s) whose ID
+//! is 44; nothing is widened or guessed. With the extended destination ID, devices name 15-bit
+//! IDs (up to 32767), except that 0xFF stays the broadcast (the quirk above): a device message
+//! cannot reach APIC ID 255 alone, an x2APIC IPI can. Encoding a wider destination into an MSI
+//! is an error ([`crate::msi::MsiError::DestinationOutOfRange`]).
+//!
+//! # Scaling (up to KVM's 1024 vCPUs and past)
+//! The snapshot holds an ID -> vCPUs table per addressing kind (8-bit xAPIC ID, initial ID for
+//! the hotplug rule, 32-bit x2APIC ID, x2APIC cluster, xAPIC cluster, flat-model bit), indexed
+//! directly for keys below 4096 (`id_table`). A physical destination costs two probes (the
+//! xAPIC-mode and x2APIC-mode tables) whatever the number of vCPUs; a logical destination one
+//! probe per cluster table plus one per set bit of the MDA's low byte (flat model), then only
+//! the members found; a broadcast or an "all" shorthand walks the enabled list once; "self" is
+//! one check. Lowest priority compares the PPRs of the accepting addressed targets only.
+//! [`ApicBus::resolve_with_cost`] counts this work ([`ResolveCost`]) so tests pin it. A rebuild
+//! is O(N + largest ID) and happens only when a vCPU publishes a changed entry (APIC ID, mode,
+//! hardware or software enable, LDR, DFR); the snapshot is a few dozen bytes per vCPU
+//! ([`ApicBus::topology_heap_bytes`]).
 //!
 //! # Acceptance (SDM vol. 3 §11.4.3, §11.4.7.2)
 //! A hardware-disabled APIC (IA32_APIC_BASE.EN = 0) receives nothing. A software-disabled APIC
@@ -1595,7 +1622,7 @@ mod tests {
     fn arb_scaled_message(n: u32) -> impl Strategy<Value = InterruptMessage> {
         let dest = prop_oneof![
             0..2 * n,
-            (0..(2 * n >> 4) + 1, any::<u16>()).prop_map(|(c, bits)| c << 16 | u32::from(bits)),
+            (0..((2 * n) >> 4) + 1, any::<u16>()).prop_map(|(c, bits)| c << 16 | u32::from(bits)),
             any::<u8>().prop_map(u32::from),
             Just(XAPIC_BROADCAST),
             Just(X2APIC_BROADCAST),
