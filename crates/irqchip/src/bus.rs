@@ -285,8 +285,8 @@ impl<S: InterruptSink> ApicBus<S> {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ResolveCost {
     /// Table probes: ID, logical-cluster and flat-model-bit lookups. At most 2 for a physical
-    /// destination, 2 for a logical cluster and 10 for any logical destination, whatever the
-    /// number of vCPUs.
+    /// destination and 10 for a logical one (one per set bit of the MDA's low byte for the
+    /// flat model, plus the two cluster tables), whatever the number of vCPUs.
     pub lookups: usize,
     /// vCPU entries examined: the candidates the tables or broadcast lists returned (each then
     /// gets one acceptance check), plus, for lowest priority, the accepting candidates whose PPR
