@@ -80,6 +80,7 @@ impl PcIrqChipConfig {
                 clock: Default::default(),
                 x2apic: true,
                 directed_eoi: true,
+                apic_ids: Default::default(),
             },
             ioapic: IoApicConfig::default(),
             extended_destination_id: false,

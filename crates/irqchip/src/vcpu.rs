@@ -43,6 +43,7 @@ use crate::lapic::{LapicConfig, LapicEffect, LocalApic};
 use crate::mpstate::{AcceptOutcome, InitBlocking, MpState, MpStateMachine, SipiDelivery};
 use crate::posting::{Posted, VcpuInbox};
 use crate::snapshot::{PendingEvents, SnapshotError, VcpuSnapshot};
+use crate::topology::ApicIdLayout;
 use crate::types::{
     ApicId, ClockConfig, EoiMessage, GuestFault, InterruptMessage, Nanos, Notify, TopologyEntry,
     VcpuIndex, Vector,
@@ -60,7 +61,41 @@ pub struct ApicSystemConfig {
     pub x2apic: bool,
     /// Offer directed EOI (version register bit 24, SVR bit 12).
     pub directed_eoi: bool,
+    /// The initial APIC ID of each vCPU (the VMM's CPUID topology must match it).
+    pub apic_ids: ApicIdLayout,
 }
+
+/// Why an [`ApicSystemConfig`] cannot be built as asked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ApicSystemConfigError {
+    #[error("vCPU {index}'s APIC ID does not fit 32 bits in this topology")]
+    ApicIdOverflow { index: VcpuIndex },
+    #[error("APIC ID {0:#x} needs x2APIC mode (xAPIC IDs stop at 254), which is not offered")]
+    NeedsX2apic(u32),
+}
+
+impl ApicSystemConfig {
+    /// Checks that every vCPU gets an APIC ID and, if any ID is past 254 (xAPIC's 8-bit IDs,
+    /// 0xFF being the broadcast), that x2APIC is offered. [`ApicSystem::new`] expects a config
+    /// that passes; otherwise a vCPU whose ID overflows gets ID 0xFFFF_FFFF, which nothing can
+    /// address alone (it is the x2APIC broadcast).
+    pub fn check(&self) -> Result<(), ApicSystemConfigError> {
+        let Some(last) = self.vcpus.checked_sub(1) else {
+            return Ok(());
+        };
+        let max = self
+            .apic_ids
+            .max_apic_id(self.vcpus)
+            .ok_or(ApicSystemConfigError::ApicIdOverflow { index: last })?;
+        if max.0 >= XAPIC_BROADCAST_ID && !self.x2apic {
+            return Err(ApicSystemConfigError::NeedsX2apic(max.0));
+        }
+        Ok(())
+    }
+}
+
+/// The xAPIC broadcast ID: the first ID xAPIC mode cannot give a single APIC.
+const XAPIC_BROADCAST_ID: u32 = 0xFF;
 
 /// One flag per vCPU: "my local APIC takes interrupts from the 8259 PIC now". Written by the
 /// vCPU's thread, read by whoever raises the PIC's INTR (see the module documentation).
@@ -75,7 +110,8 @@ pub struct ApicSystem {
 
 impl ApicSystem {
     /// Builds the bus and one `VcpuInterrupts` per vCPU, vCPU 0 being the bootstrap processor
-    /// with APIC ID 0 and vCPU n having APIC ID n.
+    /// with APIC ID 0 and vCPU n having the APIC ID `config.apic_ids` gives it (n when packed);
+    /// see [`ApicSystemConfig::check`].
     pub fn new(config: ApicSystemConfig) -> (Self, Vec<VcpuInterrupts>) {
         let inboxes: Vec<Arc<VcpuInbox>> = (0..config.vcpus)
             .map(|_| Arc::new(VcpuInbox::new()))
@@ -169,7 +205,7 @@ impl ApicSystem {
 fn lapic_config(config: &ApicSystemConfig, index: VcpuIndex) -> LapicConfig {
     LapicConfig {
         index,
-        apic_id: ApicId(index as u32),
+        apic_id: config.apic_ids.apic_id(index).unwrap_or(ApicId(u32::MAX)),
         bsp: index == 0,
         clock: config.clock,
         x2apic_supported: config.x2apic,

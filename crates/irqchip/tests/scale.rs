@@ -5,13 +5,15 @@
 
 mod support;
 
-use irqchip::chip::PcIrqChipConfig;
+use irqchip::bus::ResolveCost;
+use irqchip::chip::{PcIrqChip, PcIrqChipConfig};
 use irqchip::lapic::LocalApic;
 use irqchip::mpstate::MpStateMachine;
 use irqchip::msi::MsiMessage;
 use irqchip::posting::VcpuInbox;
-use irqchip::vcpu::VcpuInterrupts;
-use irqchip::TopologyEntry;
+use irqchip::topology::ApicIdLayout;
+use irqchip::vcpu::{ApicSystemConfigError, VcpuInterrupts};
+use irqchip::{DeliveryMode, DestinationFormat, InterruptMessage, MessageSource, TopologyEntry};
 use support::*;
 
 const VCPUS: usize = 1024;
@@ -227,5 +229,80 @@ fn memory_per_vcpu_stays_small() {
     assert!(
         table_bytes < 256,
         "{table_bytes} bytes of bus tables per vCPU"
+    );
+}
+
+/// SDM vol. 3 §9.9.1: a 6-core, 2-thread socket layout leaves gaps in the IDs (cores 6 and 7 of
+/// each socket do not exist); every vCPU still gets its own ID, reads it, and is reached by it
+/// with the same constant work; an ID in a gap reaches nobody.
+#[test]
+fn hierarchical_apic_ids_with_gaps_at_1024_vcpus() {
+    let layout = ApicIdLayout::Hierarchy {
+        threads: 2,
+        cores: 6,
+        dies: 1,
+    };
+    let mut config = PcIrqChipConfig::new(VCPUS);
+    config.apic.apic_ids = layout;
+    assert_eq!(config.apic.check(), Ok(()));
+    let (chip, mut cpus) = PcIrqChip::new(config);
+    let ids: Vec<u32> = (0..VCPUS).map(|i| layout.apic_id(i).unwrap().0).collect();
+    assert_eq!(ids[12], 16, "socket 1 starts at bit 4");
+    for (cpu, &id) in cpus.iter_mut().zip(&ids) {
+        cpu.set_apic_base(APIC_BASE_X2APIC, false).unwrap();
+        assert_eq!(cpu.msr_read(0x802, 0), Ok(u64::from(id)));
+    }
+    for (index, &id) in ids.iter().enumerate() {
+        let m = InterruptMessage {
+            format: DestinationFormat::X2apic,
+            source: MessageSource::Vcpu(0),
+            ..InterruptMessage::fixed(VECTOR as u8, id)
+        };
+        let (got, cost) = chip.bus().resolve_with_cost(&InterruptMessage {
+            delivery_mode: DeliveryMode::Init,
+            ..m
+        });
+        assert_eq!(got, vec![index]);
+        assert_eq!(
+            cost,
+            ResolveCost {
+                lookups: 2,
+                visited: 1
+            }
+        );
+    }
+    let gap = InterruptMessage {
+        format: DestinationFormat::X2apic,
+        delivery_mode: DeliveryMode::Init,
+        ..InterruptMessage::fixed(0, 12)
+    };
+    assert!(chip.bus().resolve(&gap).is_empty());
+}
+
+#[test]
+fn config_check_rejects_ids_past_254_without_x2apic_and_overflows() {
+    let mut config = PcIrqChipConfig::new(255).apic;
+    assert_eq!(config.check(), Ok(()));
+    config.x2apic = false;
+    // 255 vCPUs have IDs 0-254: xAPIC can address them all.
+    assert_eq!(config.check(), Ok(()));
+    config.vcpus = 256;
+    assert_eq!(
+        config.check(),
+        Err(ApicSystemConfigError::NeedsX2apic(0xFF))
+    );
+    config.x2apic = true;
+    // 2^31 + 1 threads take 32 bits: the second socket's first thread needs ID bit 32.
+    config.vcpus = (1 << 31) + 2;
+    config.apic_ids = ApicIdLayout::Hierarchy {
+        threads: (1 << 31) + 1,
+        cores: 1,
+        dies: 1,
+    };
+    assert_eq!(
+        config.check(),
+        Err(ApicSystemConfigError::ApicIdOverflow {
+            index: (1 << 31) + 1
+        })
     );
 }

@@ -100,6 +100,7 @@ pub fn run(vcpus: usize, rounds: u64, echo: bool) -> Report {
         clock: ClockConfig::default(),
         x2apic: true,
         directed_eoi: true,
+        apic_ids: Default::default(),
     };
     let (system, cpus) = ApicSystem::new(config);
     let shared = Arc::new(Shared {
