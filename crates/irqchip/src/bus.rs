@@ -862,6 +862,23 @@ mod tests {
         assert_eq!(b.resolve(&phys(0x23)), vec![0, 1]);
     }
 
+    #[test]
+    fn kvm_hotplug_rule_keys_on_the_initial_id_not_the_writable_xapic_id() {
+        // The guest rewrote the xAPIC ID of the vCPU with initial ID 300 to 5: 5 reaches it as
+        // an 8-bit ID, 300 still does as a wide one (KVM compares its x2APIC ID), 44 (300's low
+        // byte) no longer does. A destination that fits 8 bits never uses the initial ID.
+        let mut moved = flat(5, 1);
+        moved.initial_id = ApicId(300);
+        let mut small = flat(7, 2);
+        small.initial_id = ApicId(0x12);
+        let b = bus(&[moved, small]);
+        assert_eq!(b.resolve(&phys(5)), vec![0]);
+        assert_eq!(b.resolve(&phys(300)), vec![0]);
+        assert!(b.resolve(&phys(44)).is_empty());
+        assert!(b.resolve(&phys(0x12)).is_empty());
+        assert_eq!(b.resolve(&phys(7)), vec![1]);
+    }
+
     // ---- logical destinations, SDM vol. 3 §11.6.2.2 ----
 
     #[test]
