@@ -13,9 +13,12 @@
 //! * Physical: the destination equals the target's APIC ID. xAPIC-mode targets are addressed by
 //!   their 8-bit ID; x2APIC-mode targets by their full 32-bit ID (also when the message has xAPIC
 //!   format: KVM compares the full ID, so an xAPIC-format destination 0x05 never reaches an
-//!   x2APIC-mode target whose ID is 0x105). An xAPIC-mode target whose published ID does not fit
-//!   8 bits is matched on its full ID by destinations above 0xFF (KVM's "hotplug hack", which
-//!   makes such vCPUs addressable through extended-destination-ID MSIs).
+//!   x2APIC-mode target whose ID is 0x105). A destination above 0xFF reaches an xAPIC-mode
+//!   target whose initial (x2APIC) ID, [`TopologyEntry::initial_id`], equals it — KVM's "hotplug"
+//!   rule (with 32-bit APIC IDs enabled), which makes a vCPU with an ID past 255 addressable by
+//!   extended-destination-ID MSIs before it switches to x2APIC mode. Several targets with the
+//!   same ID all receive (xAPIC IDs are writable, and an xAPIC-mode vCPU with initial ID 300
+//!   reads ID 300 & 0xFF = 44): each APIC compares the destination for itself.
 //! * Logical, per target model: xAPIC flat (`LDR[31:24] & MDA != 0`), xAPIC cluster (high
 //!   nibbles equal, low nibbles intersect), x2APIC cluster (bits 31:16 equal, bits 15:0
 //!   intersect). Each target applies its own model to the destination value.
@@ -27,6 +30,30 @@
 //!   does not support) it is a unicast to x2APIC ID 0xFF, as in KVM. Deviation from KVM: KVM keys
 //!   broadcast on the *target's* mode, so there an x2APIC-format 0xFF is a broadcast for xAPIC-mode
 //!   targets and 0xFFFF_FFFF never reaches them; we carry the format in the message and use it.
+//!
+//! # Destinations a source cannot express
+//! xAPIC mode has 8-bit destinations where 0xFF is the broadcast, so an xAPIC-mode vCPU's IPI,
+//! an IOAPIC entry or an MSI without the extended destination ID can only name APIC IDs 0-254.
+//! The decoders read only the bits the format has (`msi`, `ioapic`: address bits 11:5 and entry
+//! bits 55:49 are reserved and ignored unless the VMM enables the extended destination ID), so
+//! a guest that tries to name APIC ID 300 writes 300 & 0xFF = 44 and reaches the APIC(s) whose ID
+//! is 44; nothing is widened or guessed. With the extended destination ID, devices name 15-bit
+//! IDs (up to 32767), except that 0xFF stays the broadcast (the quirk above): a device message
+//! cannot reach APIC ID 255 alone, an x2APIC IPI can. Encoding a wider destination into an MSI
+//! is an error ([`crate::msi::MsiError::DestinationOutOfRange`]).
+//!
+//! # Scaling (up to KVM's 1024 vCPUs and past)
+//! The snapshot holds an ID -> vCPUs table per addressing kind (8-bit xAPIC ID, initial ID for
+//! the hotplug rule, 32-bit x2APIC ID, x2APIC cluster, xAPIC cluster, flat-model bit), indexed
+//! directly for keys below 4096 (`id_table`). A physical destination costs two probes (the
+//! xAPIC-mode and x2APIC-mode tables) whatever the number of vCPUs; a logical destination one
+//! probe per cluster table plus one per set bit of the MDA's low byte (flat model), then only
+//! the members found; a broadcast or an "all" shorthand walks the enabled list once; "self" is
+//! one check. Lowest priority compares the PPRs of the accepting addressed targets only.
+//! [`ApicBus::resolve_with_cost`] counts this work ([`ResolveCost`]) so tests pin it. A rebuild
+//! is O(N + largest ID) and happens only when a vCPU publishes a changed entry (APIC ID, mode,
+//! hardware or software enable, LDR, DFR); the snapshot is a few dozen bytes per vCPU
+//! ([`ApicBus::topology_heap_bytes`]).
 //!
 //! # Acceptance (SDM vol. 3 §11.4.3, §11.4.7.2)
 //! A hardware-disabled APIC (IA32_APIC_BASE.EN = 0) receives nothing. A software-disabled APIC
@@ -47,6 +74,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+
+mod id_table;
+
+use id_table::IdTable;
 
 use crate::types::{
     ApicEvents, DeliveryMode, DestinationFormat, DestinationMode, InterruptMessage, InterruptSink,
@@ -147,6 +178,20 @@ impl<S: InterruptSink> ApicBus<S> {
         targets
     }
 
+    /// [`Self::resolve`], also reporting the work the resolution did (see [`ResolveCost`]).
+    pub fn resolve_with_cost(&self, msg: &InterruptMessage) -> (Vec<VcpuIndex>, ResolveCost) {
+        let mut targets = Vec::new();
+        let mut cost = ResolveCost::default();
+        self.targets_counted(msg, TieBreak::Peek, &mut targets, &mut cost);
+        (targets, cost)
+    }
+
+    /// Heap bytes of the current topology snapshot (entries, candidate lists and ID tables):
+    /// the bus's share of the memory per vCPU.
+    pub fn topology_heap_bytes(&self) -> usize {
+        self.snapshot.load().heap_bytes()
+    }
+
     /// Posts `msg` to its destinations, calls `notify` for every post that asks the caller to kick
     /// or wake the target, and returns the number of targets posted to.
     pub fn deliver(
@@ -175,6 +220,17 @@ impl<S: InterruptSink> ApicBus<S> {
 
     /// Fills `targets` (cleared first) with the vCPUs `msg` is posted to, sorted, no duplicates.
     fn targets(&self, msg: &InterruptMessage, tie_break: TieBreak, targets: &mut Vec<VcpuIndex>) {
+        self.targets_counted(msg, tie_break, targets, &mut ResolveCost::default());
+    }
+
+    /// [`Self::targets`], adding its work to `cost`.
+    fn targets_counted(
+        &self,
+        msg: &InterruptMessage,
+        tie_break: TieBreak,
+        targets: &mut Vec<VcpuIndex>,
+        cost: &mut ResolveCost,
+    ) {
         targets.clear();
         if msg.is_init_deassert() {
             // SDM vol. 3 §11.6.1: the INIT level de-assert message is not supported by Pentium 4
@@ -182,11 +238,15 @@ impl<S: InterruptSink> ApicBus<S> {
             return;
         }
         let snapshot = self.snapshot.load();
-        snapshot.destinations(msg, targets);
+        snapshot.destinations(msg, targets, cost);
         targets.retain(|&index| accepts(&snapshot.entries[index], msg.delivery_mode));
+        // Candidates come from one list (already ascending) or a few (xAPIC- and x2APIC-mode
+        // tables, flat-model bits); the sort is linear on an ascending list.
         targets.sort_unstable();
         targets.dedup();
         if msg.delivery_mode == DeliveryMode::LowestPriority {
+            // Only the accepting destinations compete: their PPRs are read, nobody else's.
+            cost.visited += targets.len();
             let winner = self.lowest_priority_winner(targets, tie_break);
             targets.clear();
             targets.extend(winner);
@@ -218,6 +278,20 @@ impl<S: InterruptSink> ApicBus<S> {
         tied.nth(turn as usize % count)
             .or_else(|| candidates.iter().copied().find(|&i| ppr(i) == lowest))
     }
+}
+
+/// The work of one resolution ([`ApicBus::resolve_with_cost`]), counted in steps rather than
+/// time so tests can check how delivery scales with the number of vCPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResolveCost {
+    /// Table probes: ID, logical-cluster and flat-model-bit lookups. At most 2 for a physical
+    /// destination and 10 for a logical one (one per set bit of the MDA's low byte for the
+    /// flat model, plus the two cluster tables), whatever the number of vCPUs.
+    pub lookups: usize,
+    /// vCPU entries examined: the candidates the tables or broadcast lists returned (each then
+    /// gets one acceptance check), plus, for lowest priority, the accepting candidates whose PPR
+    /// is compared.
+    pub visited: usize,
 }
 
 /// Whether a lowest-priority resolution consumes its round-robin turn.
@@ -279,7 +353,7 @@ fn accepts(entry: &TopologyEntry, mode: DeliveryMode) -> bool {
     entry.hw_enabled && (entry.sw_enabled || delivered_while_sw_disabled)
 }
 
-/// The ID an xAPIC-mode target is addressed by when the destination fits 8 bits.
+/// The 8-bit ID an xAPIC-mode target is addressed by (the xAPIC ID register's bits 31:24).
 fn xapic_id(entry: &TopologyEntry) -> u32 {
     entry.apic_id.0 & XAPIC_ID_MASK
 }
@@ -294,77 +368,122 @@ fn xapic_logical_id(entry: &TopologyEntry) -> u32 {
     }
 }
 
-/// One immutable view of the topology with lookup tables. Only hardware-enabled APICs appear in
-/// the tables; `entries` keeps every vCPU's last published entry.
+/// One immutable view of the topology with its lookup tables (see "Scaling" in the module
+/// documentation). Only hardware-enabled APICs appear in the tables; `entries` keeps every
+/// vCPU's last published entry.
 #[derive(Debug, Default)]
 struct Snapshot {
     entries: Vec<TopologyEntry>,
-    /// Hardware-enabled vCPUs in xAPIC mode / in x2APIC mode, by index.
+    /// Hardware-enabled vCPUs, ascending: the candidates of a broadcast or an "all" shorthand.
+    enabled: Vec<VcpuIndex>,
+    /// Hardware-enabled vCPUs in xAPIC mode, ascending.
     xapic_mode: Vec<VcpuIndex>,
-    x2apic_mode: Vec<VcpuIndex>,
-    /// Sorted (8-bit xAPIC ID, index) of xAPIC-mode vCPUs.
-    xapic_ids: Vec<(u32, VcpuIndex)>,
-    /// Sorted (full ID, index) of xAPIC-mode vCPUs whose published ID exceeds 8 bits (hotplug hack).
-    xapic_wide_ids: Vec<(u32, VcpuIndex)>,
-    /// Sorted (32-bit ID, index) of x2APIC-mode vCPUs.
-    x2apic_ids: Vec<(u32, VcpuIndex)>,
-    /// (8-bit logical ID, index) of xAPIC-mode vCPUs in the flat model.
-    flat: Vec<(u32, VcpuIndex)>,
-    /// Sorted (cluster, member bits, index) of xAPIC-mode vCPUs in the cluster model.
-    xapic_clusters: Vec<(u32, u32, VcpuIndex)>,
-    /// Sorted (cluster, member bits, index) of x2APIC-mode vCPUs.
-    x2apic_clusters: Vec<(u32, u32, VcpuIndex)>,
+    /// 8-bit xAPIC ID -> xAPIC-mode vCPUs.
+    xapic_ids: IdTable,
+    /// Initial (x2APIC) ID above 0xFF -> xAPIC-mode vCPUs (KVM's hotplug rule).
+    xapic_wide_ids: IdTable,
+    /// 32-bit x2APIC ID -> x2APIC-mode vCPUs.
+    x2apic_ids: IdTable,
+    /// Bit number 0-7 of the 8-bit logical ID -> xAPIC flat-model vCPUs with that bit set.
+    flat_bits: IdTable,
+    /// Cluster (logical ID bits 7:4) -> xAPIC cluster-model vCPUs.
+    xapic_clusters: IdTable,
+    /// Cluster (LDR bits 31:16) -> x2APIC-mode vCPUs.
+    x2apic_clusters: IdTable,
 }
 
-impl Snapshot {
-    fn build(entries: Vec<TopologyEntry>) -> Self {
-        let mut snapshot = Self::default();
-        for (index, entry) in entries.iter().enumerate().filter(|(_, e)| e.hw_enabled) {
-            if entry.x2apic {
-                snapshot.add_x2apic(index, entry);
-            } else {
-                snapshot.add_xapic(index, entry);
-            }
-        }
-        snapshot.xapic_ids.sort_unstable();
-        snapshot.xapic_wide_ids.sort_unstable();
-        snapshot.x2apic_ids.sort_unstable();
-        snapshot.xapic_clusters.sort_unstable();
-        snapshot.x2apic_clusters.sort_unstable();
-        snapshot.entries = entries;
-        snapshot
-    }
+/// The (key, vCPU) pairs the tables of a [`Snapshot`] are built from.
+#[derive(Default)]
+struct TablePairs {
+    xapic_ids: Vec<(u32, VcpuIndex)>,
+    xapic_wide_ids: Vec<(u32, VcpuIndex)>,
+    x2apic_ids: Vec<(u32, VcpuIndex)>,
+    flat_bits: Vec<(u32, VcpuIndex)>,
+    xapic_clusters: Vec<(u32, VcpuIndex)>,
+    x2apic_clusters: Vec<(u32, VcpuIndex)>,
+}
 
+impl TablePairs {
     fn add_xapic(&mut self, index: VcpuIndex, entry: &TopologyEntry) {
-        self.xapic_mode.push(index);
         self.xapic_ids.push((xapic_id(entry), index));
-        if entry.apic_id.0 > XAPIC_ID_MASK {
-            self.xapic_wide_ids.push((entry.apic_id.0, index));
+        if entry.initial_id.0 > XAPIC_ID_MASK {
+            self.xapic_wide_ids.push((entry.initial_id.0, index));
         }
         let logical = xapic_logical_id(entry);
         if entry.dfr_flat {
-            self.flat.push((logical, index));
+            let bits = (0..XAPIC_FLAT_BITS).filter(|bit| logical & (1 << bit) != 0);
+            self.flat_bits.extend(bits.map(|bit| (bit, index)));
         } else {
-            let cluster = logical >> XAPIC_CLUSTER_SHIFT;
-            let members = logical & XAPIC_MEMBER_MASK;
-            self.xapic_clusters.push((cluster, members, index));
+            self.xapic_clusters
+                .push((logical >> XAPIC_CLUSTER_SHIFT, index));
         }
     }
 
     fn add_x2apic(&mut self, index: VcpuIndex, entry: &TopologyEntry) {
-        self.x2apic_mode.push(index);
         self.x2apic_ids.push((entry.apic_id.0, index));
-        let cluster = entry.ldr >> X2APIC_CLUSTER_SHIFT;
-        let members = entry.ldr & X2APIC_MEMBER_MASK;
-        self.x2apic_clusters.push((cluster, members, index));
+        self.x2apic_clusters
+            .push((entry.ldr >> X2APIC_CLUSTER_SHIFT, index));
+    }
+}
+
+impl Snapshot {
+    /// O(N + largest key) per rebuild; rebuilds happen only when a vCPU's entry changes.
+    fn build(entries: Vec<TopologyEntry>) -> Self {
+        let mut pairs = TablePairs::default();
+        let mut enabled = Vec::with_capacity(entries.len());
+        let mut xapic_mode = Vec::new();
+        for (index, entry) in entries.iter().enumerate().filter(|(_, e)| e.hw_enabled) {
+            enabled.push(index);
+            if entry.x2apic {
+                pairs.add_x2apic(index, entry);
+            } else {
+                xapic_mode.push(index);
+                pairs.add_xapic(index, entry);
+            }
+        }
+        Self {
+            entries,
+            enabled,
+            xapic_mode,
+            xapic_ids: IdTable::build(pairs.xapic_ids),
+            xapic_wide_ids: IdTable::build(pairs.xapic_wide_ids),
+            x2apic_ids: IdTable::build(pairs.x2apic_ids),
+            flat_bits: IdTable::build(pairs.flat_bits),
+            xapic_clusters: IdTable::build(pairs.xapic_clusters),
+            x2apic_clusters: IdTable::build(pairs.x2apic_clusters),
+        }
+    }
+
+    /// Heap bytes of this snapshot (entries, candidate lists and tables).
+    fn heap_bytes(&self) -> usize {
+        let list = |v: &Vec<VcpuIndex>| v.capacity() * std::mem::size_of::<VcpuIndex>();
+        self.entries.capacity() * std::mem::size_of::<TopologyEntry>()
+            + list(&self.enabled)
+            + list(&self.xapic_mode)
+            + [
+                &self.xapic_ids,
+                &self.xapic_wide_ids,
+                &self.x2apic_ids,
+                &self.flat_bits,
+                &self.xapic_clusters,
+                &self.x2apic_clusters,
+            ]
+            .iter()
+            .map(|table| table.heap_bytes())
+            .sum::<usize>()
     }
 
     /// Appends every hardware-enabled vCPU `msg` addresses (unsorted, before the acceptance
     /// filter).
-    fn destinations(&self, msg: &InterruptMessage, targets: &mut Vec<VcpuIndex>) {
+    fn destinations(
+        &self,
+        msg: &InterruptMessage,
+        targets: &mut Vec<VcpuIndex>,
+        cost: &mut ResolveCost,
+    ) {
         match msg.shorthand {
-            Shorthand::None => self.addressed(msg, targets),
-            shorthand => self.shorthand_targets(shorthand, msg.source, targets),
+            Shorthand::None => self.addressed(msg, targets, cost),
+            shorthand => self.shorthand_targets(shorthand, msg.source, targets, cost),
         }
     }
 
@@ -374,65 +493,108 @@ impl Snapshot {
         shorthand: Shorthand,
         source: MessageSource,
         targets: &mut Vec<VcpuIndex>,
+        cost: &mut ResolveCost,
     ) {
         let MessageSource::Vcpu(sender) = source else {
             return;
         };
-        let enabled = self.enabled();
         match shorthand {
-            Shorthand::SelfOnly => targets.extend(enabled.filter(|&i| i == sender)),
-            Shorthand::AllExcludingSelf => targets.extend(enabled.filter(|&i| i != sender)),
-            Shorthand::AllIncludingSelf | Shorthand::None => targets.extend(enabled),
+            Shorthand::SelfOnly => {
+                cost.visited += 1;
+                let enabled = self.entries.get(sender).is_some_and(|e| e.hw_enabled);
+                targets.extend(enabled.then_some(sender));
+            }
+            Shorthand::AllExcludingSelf => {
+                extend_list(targets, &self.enabled, cost);
+                targets.retain(|&index| index != sender);
+            }
+            Shorthand::AllIncludingSelf | Shorthand::None => {
+                extend_list(targets, &self.enabled, cost)
+            }
         }
     }
 
-    fn enabled(&self) -> impl Iterator<Item = VcpuIndex> + '_ {
-        self.xapic_mode
-            .iter()
-            .chain(self.x2apic_mode.iter())
-            .copied()
-    }
-
-    fn addressed(&self, msg: &InterruptMessage, targets: &mut Vec<VcpuIndex>) {
+    fn addressed(
+        &self,
+        msg: &InterruptMessage,
+        targets: &mut Vec<VcpuIndex>,
+        cost: &mut ResolveCost,
+    ) {
         let dest = msg.destination;
         match broadcast_reach(msg) {
-            BroadcastReach::All => return targets.extend(self.enabled()),
-            BroadcastReach::XapicModeOnly => targets.extend_from_slice(&self.xapic_mode),
-            BroadcastReach::NotBroadcast => self.addressed_xapic_mode(msg, targets),
+            BroadcastReach::All => return extend_list(targets, &self.enabled, cost),
+            BroadcastReach::XapicModeOnly => extend_list(targets, &self.xapic_mode, cost),
+            BroadcastReach::NotBroadcast => self.addressed_xapic_mode(msg, targets, cost),
         }
         // x2APIC-mode targets only get here for non-broadcasts (and for a vCPU's xAPIC-format
         // 0xFF in a mixed-mode system, which they read as an ordinary 32-bit destination).
         match msg.destination_mode {
-            DestinationMode::Physical => extend_with_key(targets, &self.x2apic_ids, dest),
-            DestinationMode::Logical => extend_with_cluster(
-                targets,
-                &self.x2apic_clusters,
-                dest >> X2APIC_CLUSTER_SHIFT,
-                dest & X2APIC_MEMBER_MASK,
-            ),
+            DestinationMode::Physical => extend_key(targets, &self.x2apic_ids, dest, cost),
+            DestinationMode::Logical => {
+                let members = dest & X2APIC_MEMBER_MASK;
+                let cluster = (&self.x2apic_clusters, dest >> X2APIC_CLUSTER_SHIFT);
+                self.extend_members(targets, cluster, cost, |entry| entry.ldr & members != 0);
+            }
         }
     }
 
     /// Non-broadcast destinations among xAPIC-mode targets (SDM vol. 3 §11.6.2.1-2).
-    fn addressed_xapic_mode(&self, msg: &InterruptMessage, targets: &mut Vec<VcpuIndex>) {
+    fn addressed_xapic_mode(
+        &self,
+        msg: &InterruptMessage,
+        targets: &mut Vec<VcpuIndex>,
+        cost: &mut ResolveCost,
+    ) {
         let dest = msg.destination;
         match msg.destination_mode {
             DestinationMode::Physical if dest > XAPIC_ID_MASK => {
-                extend_with_key(targets, &self.xapic_wide_ids, dest)
+                extend_key(targets, &self.xapic_wide_ids, dest, cost)
             }
-            DestinationMode::Physical => extend_with_key(targets, &self.xapic_ids, dest),
+            DestinationMode::Physical => extend_key(targets, &self.xapic_ids, dest, cost),
             DestinationMode::Logical => {
-                let flat_hits = self.flat.iter().filter(|&&(ldr, _)| ldr & dest != 0);
-                targets.extend(flat_hits.map(|&(_, index)| index));
-                extend_with_cluster(
-                    targets,
-                    &self.xapic_clusters,
-                    dest >> XAPIC_CLUSTER_SHIFT,
-                    dest & XAPIC_MEMBER_MASK,
-                );
+                // Flat model: every target whose logical ID shares a bit with the MDA's low
+                // 8 bits (the logical ID has no others).
+                let bits = (0..XAPIC_FLAT_BITS).filter(|bit| dest & (1 << bit) != 0);
+                bits.for_each(|bit| extend_key(targets, &self.flat_bits, bit, cost));
+                let members = dest & XAPIC_MEMBER_MASK;
+                let cluster = (&self.xapic_clusters, dest >> XAPIC_CLUSTER_SHIFT);
+                self.extend_members(targets, cluster, cost, |entry| {
+                    xapic_logical_id(entry) & members != 0
+                });
             }
         }
     }
+
+    /// Appends the vCPUs of one logical cluster (a table and its key: one probe) whose member
+    /// bits pass `hit`.
+    fn extend_members(
+        &self,
+        targets: &mut Vec<VcpuIndex>,
+        (table, key): (&IdTable, u32),
+        cost: &mut ResolveCost,
+        hit: impl Fn(&TopologyEntry) -> bool,
+    ) {
+        let cluster = table.get(key);
+        cost.lookups += 1;
+        cost.visited += cluster.len();
+        targets.extend(cluster.iter().filter(|&&i| hit(&self.entries[i])));
+    }
+}
+
+/// Bits of an xAPIC flat-model logical ID (SDM vol. 3 §11.6.2.2).
+const XAPIC_FLAT_BITS: u32 = 8;
+
+/// Appends a whole candidate list.
+fn extend_list(targets: &mut Vec<VcpuIndex>, list: &[VcpuIndex], cost: &mut ResolveCost) {
+    cost.visited += list.len();
+    targets.extend_from_slice(list);
+}
+
+/// Appends the vCPUs `table` holds under `key`: one probe.
+fn extend_key(targets: &mut Vec<VcpuIndex>, table: &IdTable, key: u32, cost: &mut ResolveCost) {
+    let hits = table.get(key);
+    cost.lookups += 1;
+    extend_list(targets, hits, cost);
 }
 
 /// Which targets a message reaches as a broadcast (see the module documentation).
@@ -454,27 +616,6 @@ fn broadcast_reach(msg: &InterruptMessage) -> BroadcastReach {
         }
         _ => BroadcastReach::NotBroadcast,
     }
-}
-
-/// Appends the indices whose key equals `key` in a table sorted by key.
-fn extend_with_key(targets: &mut Vec<VcpuIndex>, table: &[(u32, VcpuIndex)], key: u32) {
-    let start = table.partition_point(|&(k, _)| k < key);
-    let hits = table[start..].iter().take_while(|&&(k, _)| k == key);
-    targets.extend(hits.map(|&(_, index)| index));
-}
-
-/// Appends the members of `cluster` whose member bits intersect `members`, from a table sorted
-/// by cluster.
-fn extend_with_cluster(
-    targets: &mut Vec<VcpuIndex>,
-    table: &[(u32, u32, VcpuIndex)],
-    cluster: u32,
-    members: u32,
-) {
-    let start = table.partition_point(|&(c, _, _)| c < cluster);
-    let in_cluster = table[start..].iter().take_while(|&&(c, _, _)| c == cluster);
-    let hits = in_cluster.filter(|&&(_, bits, _)| bits & members != 0);
-    targets.extend(hits.map(|&(_, _, index)| index));
 }
 
 #[cfg(test)]
@@ -538,6 +679,7 @@ mod tests {
     fn xapic(id: u32, ldr: u32, flat: bool) -> TopologyEntry {
         TopologyEntry {
             apic_id: ApicId(id),
+            initial_id: ApicId(id),
             x2apic: false,
             hw_enabled: true,
             sw_enabled: true,
@@ -558,6 +700,7 @@ mod tests {
     fn x2(id: u32) -> TopologyEntry {
         TopologyEntry {
             apic_id: ApicId(id),
+            initial_id: ApicId(id),
             x2apic: true,
             hw_enabled: true,
             sw_enabled: true,
@@ -717,6 +860,23 @@ mod tests {
         let b = bus(&[flat(0x123, 1), flat(0x23, 2)]);
         assert_eq!(b.resolve(&phys(0x123)), vec![0]);
         assert_eq!(b.resolve(&phys(0x23)), vec![0, 1]);
+    }
+
+    #[test]
+    fn kvm_hotplug_rule_keys_on_the_initial_id_not_the_writable_xapic_id() {
+        // The guest rewrote the xAPIC ID of the vCPU with initial ID 300 to 5: 5 reaches it as
+        // an 8-bit ID, 300 still does as a wide one (KVM compares its x2APIC ID), 44 (300's low
+        // byte) no longer does. A destination that fits 8 bits never uses the initial ID.
+        let mut moved = flat(5, 1);
+        moved.initial_id = ApicId(300);
+        let mut small = flat(7, 2);
+        small.initial_id = ApicId(0x12);
+        let b = bus(&[moved, small]);
+        assert_eq!(b.resolve(&phys(5)), vec![0]);
+        assert_eq!(b.resolve(&phys(300)), vec![0]);
+        assert!(b.resolve(&phys(44)).is_empty());
+        assert!(b.resolve(&phys(0x12)).is_empty());
+        assert_eq!(b.resolve(&phys(7)), vec![1]);
     }
 
     // ---- logical destinations, SDM vol. 3 §11.6.2.2 ----
@@ -1104,6 +1264,7 @@ mod tests {
         (arb_id(), any::<bool>(), 0u8..8, arb_ldr(), any::<bool>()).prop_map(
             |(id, x2apic, enables, ldr, dfr_flat)| TopologyEntry {
                 apic_id: ApicId(id),
+                initial_id: ApicId(id),
                 x2apic,
                 // mostly enabled, sometimes hardware- or software-disabled
                 hw_enabled: enables != 0,
@@ -1204,7 +1365,7 @@ mod tests {
         }
         match (msg.destination_mode, entry.x2apic) {
             (DestinationMode::Physical, true) => d == entry.apic_id.0,
-            (DestinationMode::Physical, false) if d > 0xFF => d == entry.apic_id.0,
+            (DestinationMode::Physical, false) if d > 0xFF => d == entry.initial_id.0,
             (DestinationMode::Physical, false) => d == entry.apic_id.0 % 256,
             (DestinationMode::Logical, true) => {
                 entry.ldr >> 16 == d >> 16 && entry.ldr & d & 0xFFFF != 0
@@ -1294,6 +1455,237 @@ mod tests {
                 .map(|&i| (i, [Notify::None, Notify::Kick, Notify::Wake][i % 3]))
                 .collect();
             prop_assert_eq!(notified, expected_notes);
+        }
+    }
+
+    // ---- scale: up to 1024 vCPUs (KVM_CAP_MAX_VCPUS here) ----
+
+    /// `n` x2APIC-mode vCPUs with IDs 0..n and the LDRs the hardware derives.
+    fn x2_system(n: usize) -> ApicBus<FakeVcpu> {
+        bus(&(0..n as u32).map(x2).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn unicast_work_is_constant_whatever_the_vcpu_count() {
+        for n in [1usize, 16, 255, 256, 1024] {
+            let b = x2_system(n);
+            let last = n as u32 - 1;
+            for m in [from_vcpu(phys_x2(last), 0), phys(last & 0x7F)] {
+                let (got, cost) = b.resolve_with_cost(&m);
+                assert_eq!(got.len(), 1, "n {n} {m:?}");
+                // One probe of the xAPIC-mode table, one of the x2APIC-mode table, one hit.
+                assert_eq!(
+                    cost,
+                    ResolveCost {
+                        lookups: 2,
+                        visited: 1
+                    },
+                    "n {n}"
+                );
+                let (_, cost) = b.resolve_with_cost(&lowest(m));
+                assert_eq!(
+                    cost,
+                    ResolveCost {
+                        lookups: 2,
+                        visited: 2
+                    },
+                    "n {n}"
+                );
+            }
+            // An ID nobody has costs the same probes and visits nobody.
+            let (got, cost) = b.resolve_with_cost(&from_vcpu(phys_x2(5000), 0));
+            assert!(got.is_empty());
+            assert_eq!(
+                cost,
+                ResolveCost {
+                    lookups: 2,
+                    visited: 0
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn logical_cluster_work_is_the_cluster_whatever_the_vcpu_count() {
+        for n in [16usize, 256, 1024] {
+            let b = x2_system(n);
+            let cluster = (n as u32 - 1) >> 4;
+            let m = from_vcpu(logical_x2(cluster << 16 | 0x8001), 0);
+            let (got, cost) = b.resolve_with_cost(&m);
+            let first = (cluster << 4) as usize;
+            assert_eq!(got, vec![first, first + 15]);
+            // The flat-model bit of MDA bit 0 + the xAPIC cluster (both empty here) + the
+            // x2APIC cluster; its 16 members are examined, nobody else.
+            assert_eq!(
+                cost,
+                ResolveCost {
+                    lookups: 3,
+                    visited: 16
+                },
+                "n {n}"
+            );
+            // Lowest priority compares the PPRs of the 2 addressed targets only.
+            set_ppr(&b, first, 0x20);
+            let (got, cost) = b.resolve_with_cost(&lowest(m));
+            assert_eq!(got, vec![first + 15]);
+            assert_eq!(
+                cost,
+                ResolveCost {
+                    lookups: 3,
+                    visited: 18
+                },
+                "n {n}"
+            );
+        }
+    }
+
+    #[test]
+    fn broadcast_and_shorthand_work_is_the_targets() {
+        for n in [1usize, 256, 1024] {
+            let b = x2_system(n);
+            let (got, cost) = b.resolve_with_cost(&from_vcpu(phys_x2(X2APIC_BROADCAST), 0));
+            assert_eq!(got.len(), n);
+            assert_eq!(
+                cost,
+                ResolveCost {
+                    lookups: 0,
+                    visited: n
+                }
+            );
+            let all_but = shorthand(
+                Shorthand::AllExcludingSelf,
+                MessageSource::Vcpu(0),
+                DestinationFormat::X2apic,
+            );
+            assert_eq!(b.resolve_with_cost(&all_but).1.visited, n);
+            let own = InterruptMessage {
+                shorthand: Shorthand::SelfOnly,
+                ..all_but
+            };
+            let (got, cost) = b.resolve_with_cost(&own);
+            assert_eq!(got, vec![0]);
+            assert_eq!(
+                cost,
+                ResolveCost {
+                    lookups: 0,
+                    visited: 1
+                },
+                "self IPI is O(1)"
+            );
+        }
+    }
+
+    #[test]
+    fn snapshot_is_rebuilt_only_when_an_entry_changes() {
+        let b = x2_system(64);
+        let before = b.snapshot.load_full();
+        b.update_topology(7, x2(7));
+        assert!(
+            Arc::ptr_eq(&before, &b.snapshot.load_full()),
+            "same entry: no rebuild"
+        );
+        let mut disabled = x2(7);
+        disabled.sw_enabled = false;
+        b.update_topology(7, disabled);
+        assert!(!Arc::ptr_eq(&before, &b.snapshot.load_full()));
+        assert!(b.resolve(&from_vcpu(phys_x2(7), 0)).is_empty());
+    }
+
+    #[test]
+    fn ids_past_the_dense_range_are_still_found() {
+        let ids = [0u32, 4095, 4096, 0x7FFF, 0xFFFF_FFFE];
+        let b = bus(&ids.map(x2));
+        for (index, id) in ids.into_iter().enumerate() {
+            assert_eq!(
+                b.resolve(&from_vcpu(phys_x2(id), 0)),
+                vec![index],
+                "ID {id:#x}"
+            );
+        }
+    }
+
+    #[test]
+    fn topology_tables_cost_little_memory_per_vcpu() {
+        let b = x2_system(1024);
+        let per_vcpu = b.topology_heap_bytes() / 1024;
+        // Entry (16) + enabled list (8) + ID table (8 + 4) + cluster table (8 + 1/4) ...
+        assert!(per_vcpu <= 64, "{per_vcpu} bytes per vCPU");
+    }
+
+    /// A topology as a guest of `n` vCPUs can make it: IDs mostly in the machine's range
+    /// (colliding, with gaps) and sometimes anything; x2APIC LDRs mostly as the hardware derives
+    /// them; every mode, model and enable state.
+    fn arb_scaled_entry(n: u32) -> impl Strategy<Value = TopologyEntry> {
+        let id = prop_oneof![4 => 0..2 * n, 1 => arb_id()];
+        let ldr = prop_oneof![3 => Just(None), 1 => arb_ldr().prop_map(Some)];
+        (id.clone(), id, 0u8..4, ldr, any::<bool>(), 0u8..8).prop_map(
+            move |(id, initial, mode, ldr, dfr_flat, enables)| {
+                let x2apic = mode != 0;
+                let derived = ((id >> 4) << 16) | (1 << (id & 0xF));
+                TopologyEntry {
+                    apic_id: ApicId(if x2apic { id } else { id & 0xFF }),
+                    initial_id: ApicId(if x2apic { id } else { initial }),
+                    x2apic,
+                    hw_enabled: enables != 0,
+                    sw_enabled: enables != 1,
+                    ldr: ldr.unwrap_or(if x2apic { derived } else { (id & 0xFF) << 24 }),
+                    dfr_flat,
+                }
+            },
+        )
+    }
+
+    /// Messages aimed mostly at what exists: IDs and clusters of the machine's range.
+    fn arb_scaled_message(n: u32) -> impl Strategy<Value = InterruptMessage> {
+        let dest = prop_oneof![
+            0..2 * n,
+            (0..((2 * n) >> 4) + 1, any::<u16>()).prop_map(|(c, bits)| c << 16 | u32::from(bits)),
+            any::<u8>().prop_map(u32::from),
+            Just(XAPIC_BROADCAST),
+            Just(X2APIC_BROADCAST),
+        ];
+        (arb_message(n as usize), dest)
+            .prop_map(|(m, destination)| InterruptMessage { destination, ..m })
+    }
+
+    fn arb_scaled_system(
+    ) -> impl Strategy<Value = (Vec<TopologyEntry>, Vec<u8>, Vec<InterruptMessage>)> {
+        prop_oneof![1u32..=64, 1u32..=1024].prop_flat_map(|n| {
+            (
+                proptest::collection::vec(arb_scaled_entry(n), n as usize),
+                proptest::collection::vec(prop_oneof![Just(0u8), any::<u8>()], n as usize),
+                proptest::collection::vec(arb_scaled_message(n), 1..24),
+            )
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(96))]
+
+        /// The tables agree with the one-target-at-a-time reference on machines of up to 1024
+        /// vCPUs, and a resolution never examines more entries than the reference would.
+        #[test]
+        fn tables_agree_with_reference_up_to_1024_vcpus(
+            (entries, pprs, msgs) in arb_scaled_system()
+        ) {
+            let b = bus_with_pprs(&entries, &pprs);
+            for msg in &msgs {
+                let expected = reference_set(&entries, msg);
+                let (got, cost) = b.resolve_with_cost(msg);
+                if msg.delivery_mode == DeliveryMode::LowestPriority {
+                    prop_assert_eq!(got.len(), expected.len().min(1));
+                    if let Some(&winner) = got.first() {
+                        let lowest = expected.iter().map(|&i| pprs[i]).min().unwrap();
+                        prop_assert!(expected.contains(&winner));
+                        prop_assert_eq!(pprs[winner], lowest);
+                    }
+                } else {
+                    prop_assert_eq!(&got, &expected, "{:?}", msg);
+                }
+                prop_assert!(cost.lookups <= 10);
+                // Flat-model vCPUs can be found once per shared bit: at most 8 times each.
+                prop_assert!(cost.visited <= 8 * entries.len() + expected.len());
+            }
         }
     }
 }

@@ -103,6 +103,7 @@ impl PcIrqChipConfig {
                 x2apic: true,
                 directed_eoi: true,
                 max_phys_addr: crate::lapic::regs::MAX_PHYS_ADDR_LIMIT,
+                apic_ids: Default::default(),
             },
             ioapic: IoApicConfig::default(),
             extended_destination_id: false,

@@ -516,6 +516,7 @@ mod tests {
     fn extended_dest_id_msi_reaches_x2apic_vcpu_above_255() {
         let entry = |id| TopologyEntry {
             apic_id: ApicId(id),
+            initial_id: ApicId(id),
             x2apic: true,
             hw_enabled: true,
             sw_enabled: true,

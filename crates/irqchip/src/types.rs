@@ -204,8 +204,15 @@ pub struct EoiMessage {
 /// the guest changes any of these (ID, LDR, DFR, APIC base mode or enable bit, SVR enable).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct TopologyEntry {
-    /// The APIC ID (xAPIC mode uses bits 7:0).
+    /// The ID the APIC answers to now: the 8-bit (guest-writable) xAPIC ID in xAPIC mode, the
+    /// 32-bit x2APIC ID in x2APIC mode.
     pub apic_id: ApicId,
+    /// The initial APIC ID the VMM assigned (the x2APIC ID, also in xAPIC mode, where the ID
+    /// register shows only its low 8 bits). The bus matches an xAPIC-mode APIC against a
+    /// physical destination above 0xFF by this ID (KVM's "hotplug" rule, see `bus`). Entries
+    /// saved before this field existed read it as 0.
+    #[serde(default)]
+    pub initial_id: ApicId,
     /// x2APIC mode (IA32_APIC_BASE.EXTD set).
     pub x2apic: bool,
     /// Globally enabled (IA32_APIC_BASE.EN). A globally disabled APIC receives nothing

@@ -43,6 +43,7 @@ use crate::lapic::{LapicConfig, LapicEffect, LocalApic};
 use crate::mpstate::{AcceptOutcome, InitBlocking, MpState, MpStateMachine, SipiDelivery};
 use crate::posting::{Posted, VcpuInbox};
 use crate::snapshot::{PendingEvents, SnapshotError, VcpuSnapshot};
+use crate::topology::ApicIdLayout;
 use crate::types::{
     ApicId, ClockConfig, EoiMessage, GuestFault, InterruptMessage, Nanos, Notify, TopologyEntry,
     VcpuIndex, Vector,
@@ -68,7 +69,46 @@ pub struct ApicSystemConfig {
     /// MAXPHYADDR as the VMM advertises it in CPUID 80000008H EAX\[7:0\]: IA32_APIC_BASE
     /// bits at and above it are reserved ([`LapicConfig::max_phys_addr`]).
     pub max_phys_addr: u8,
+    /// The initial APIC ID of each vCPU (the VMM's CPUID topology must match it).
+    pub apic_ids: ApicIdLayout,
 }
+
+/// Why an [`ApicSystemConfig`] cannot be built as asked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ApicSystemConfigError {
+    /// The topology gives a vCPU an APIC ID wider than 32 bits.
+    #[error("vCPU {index}'s APIC ID does not fit 32 bits in this topology")]
+    ApicIdOverflow {
+        /// The vCPU whose ID overflows.
+        index: VcpuIndex,
+    },
+    /// An APIC ID of 255 or more without x2APIC, which alone can address it (SDM §11.12).
+    #[error("APIC ID {0:#x} needs x2APIC mode (xAPIC IDs stop at 254), which is not offered")]
+    NeedsX2apic(u32),
+}
+
+impl ApicSystemConfig {
+    /// Checks that every vCPU gets an APIC ID and, if any ID is past 254 (xAPIC's 8-bit IDs,
+    /// 0xFF being the broadcast), that x2APIC is offered. [`ApicSystem::new`] expects a config
+    /// that passes; otherwise a vCPU whose ID overflows gets ID 0xFFFF_FFFF, which nothing can
+    /// address alone (it is the x2APIC broadcast).
+    pub fn check(&self) -> Result<(), ApicSystemConfigError> {
+        let Some(last) = self.vcpus.checked_sub(1) else {
+            return Ok(());
+        };
+        let max = self
+            .apic_ids
+            .max_apic_id(self.vcpus)
+            .ok_or(ApicSystemConfigError::ApicIdOverflow { index: last })?;
+        if max.0 >= XAPIC_BROADCAST_ID && !self.x2apic {
+            return Err(ApicSystemConfigError::NeedsX2apic(max.0));
+        }
+        Ok(())
+    }
+}
+
+/// The xAPIC broadcast ID: the first ID xAPIC mode cannot give a single APIC.
+const XAPIC_BROADCAST_ID: u32 = 0xFF;
 
 /// One flag per vCPU: "my local APIC takes interrupts from the 8259 PIC now". Written by the
 /// vCPU's thread, read by whoever raises the PIC's INTR (see the module documentation).
@@ -83,7 +123,8 @@ pub struct ApicSystem {
 
 impl ApicSystem {
     /// Builds the bus and one `VcpuInterrupts` per vCPU, vCPU 0 being the bootstrap processor
-    /// with APIC ID 0 and vCPU n having APIC ID n.
+    /// with APIC ID 0 and vCPU n having the APIC ID `config.apic_ids` gives it (n when packed);
+    /// see [`ApicSystemConfig::check`].
     pub fn new(config: ApicSystemConfig) -> (Self, Vec<VcpuInterrupts>) {
         let inboxes: Vec<Arc<VcpuInbox>> = (0..config.vcpus)
             .map(|_| Arc::new(VcpuInbox::new()))
@@ -178,7 +219,7 @@ impl ApicSystem {
 fn lapic_config(config: &ApicSystemConfig, index: VcpuIndex) -> LapicConfig {
     LapicConfig {
         index,
-        apic_id: ApicId(index as u32),
+        apic_id: config.apic_ids.apic_id(index).unwrap_or(ApicId(u32::MAX)),
         bsp: index == 0,
         clock: config.clock,
         x2apic_supported: config.x2apic,
@@ -633,6 +674,7 @@ mod tests {
             x2apic: true,
             directed_eoi: true,
             max_phys_addr: 39,
+            apic_ids: Default::default(),
         })
     }
 

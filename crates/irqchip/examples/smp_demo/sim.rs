@@ -101,6 +101,7 @@ pub fn run(vcpus: usize, rounds: u64, echo: bool) -> Report {
         x2apic: true,
         directed_eoi: true,
         max_phys_addr: irqchip::lapic::regs::MAX_PHYS_ADDR_LIMIT,
+        apic_ids: Default::default(),
     };
     let (system, cpus) = ApicSystem::new(config);
     let shared = Arc::new(Shared {

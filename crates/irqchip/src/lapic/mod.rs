@@ -812,8 +812,8 @@ impl LocalApic {
         }
     }
 
-    /// The LDR as read (§11.6.2.2, §11.12.10.2): in x2APIC mode, cluster = ID\[31:4\] in bits
-    /// 31:16 and bit `ID[3:0]` set in bits 15:0.
+    /// The LDR as read (§11.6.2.2, §11.12.10.2): in x2APIC mode, cluster = ID\[19:4\] in bits
+    /// 31:16 and bit `ID[3:0]` set in bits 15:0 (the shift drops ID bits 31:20).
     pub fn ldr(&self) -> u32 {
         if self.x2apic() {
             ((self.id >> 4) << 16) | (1 << (self.id & 0xF))
@@ -1073,6 +1073,7 @@ impl LocalApic {
     pub fn topology(&self) -> TopologyEntry {
         TopologyEntry {
             apic_id: ApicId(self.id),
+            initial_id: self.cfg.apic_id,
             x2apic: self.x2apic(),
             hw_enabled: self.hw_enabled(),
             sw_enabled: self.sw_enabled(),

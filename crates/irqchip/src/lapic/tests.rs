@@ -741,6 +741,8 @@ fn x2apic_ldr_derived_from_id_11_12_10_2() {
         (0x12, 0x0001_0004),
         (0x3F, 0x0003_8000),
         (0x1_2345, 0x1234_0020),
+        // Cluster = ID[19:4] only: ID bits 31:20 do not reach the LDR (SDM vol. 3 §11.12.10.2).
+        (0x0123_4567, 0x3456_0080),
     ] {
         let mut apic = LocalApic::new(LapicConfig {
             apic_id: ApicId(id),
