@@ -60,11 +60,24 @@ fn vector_set_from_page(page: &kvm_lapic_state, base: u32) -> VectorSet {
     }))
 }
 
+/// TMICT for KVM. A one-shot count that already expired is written as 0: KVM_SET_LAPIC takes
+/// TMCCT 0 with a nonzero TMICT as "due now" (`set_target_expiration`) and would fire the timer
+/// a second time; with TMICT 0 it stays stopped, at the cost of the guest reading TMICT 0
+/// instead of the spent count.
+fn kvm_initial_count(timer: &ApicTimer) -> u32 {
+    if timer.mode() == TimerMode::OneShot && timer.current_count(0) == 0 {
+        0
+    } else {
+        timer.initial_count()
+    }
+}
+
 /// The model's APIC (on the snapshot's timeline: the save instant is time 0) in KVM's terms.
 ///
 /// An expiry the timer reached but nobody polled yet is folded first, as the next poll would
 /// have: its vector goes to IRR if the timer LVT is unmasked. Then TMCCT holds the count left
-/// at the save, rounded up to whole counts (KVM_SET_LAPIC restarts the count from it), and the
+/// at the save, rounded up to whole counts (KVM_SET_LAPIC restarts the count from it; a spent
+/// one-shot count has TMICT 0 too, see `kvm_initial_count`), and the
 /// page holds what KVM_GET_LAPIC would report: PPR computed, APR 0 (KVM does not keep it), the
 /// LDR derived from the ID in x2APIC mode, and in x2APIC mode the ICR destination at 0x310 and
 /// also in the high dword of the 64-bit ICR at 0x300. The ESR errors detected since the last
@@ -98,7 +111,7 @@ pub fn lapic_to_kvm(apic: &LocalApic, format: LapicFormat) -> KvmLapic {
         set_page_reg(&mut page, REG_ICR_LOW + 4, regs.icr_high);
     }
     let timer = apic.timer();
-    set_page_reg(&mut page, REG_TIMER_INITIAL, timer.initial_count());
+    set_page_reg(&mut page, REG_TIMER_INITIAL, kvm_initial_count(timer));
     set_page_reg(&mut page, REG_TIMER_CURRENT, timer.current_count(0));
     set_page_reg(&mut page, REG_TIMER_DCR, timer.divide_config());
     let tsc_deadline = if apic.hw_enabled() {

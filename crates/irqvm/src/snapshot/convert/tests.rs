@@ -206,6 +206,11 @@ fn an_expiry_not_yet_polled_is_folded_into_irr() {
         "IRR: vector 0xEC"
     );
     assert_eq!(page_reg(&kvm.page, 0x390), 0, "the one-shot count is done");
+    assert_eq!(
+        page_reg(&kvm.page, 0x380),
+        0,
+        "spent: KVM would fire TMICT again"
+    );
     let back = lapic_from_kvm(config(false, 0), &kvm, XAPIC).unwrap();
     assert_eq!(back.next_timer_deadline(), None, "no second expiry");
     assert_eq!(back.pending_interrupt(), Some(0xEC));
@@ -328,6 +333,11 @@ proptest! {
         let back = lapic_from_kvm(*apic.config(), &kvm, format).unwrap();
         let mut folded = apic.clone();
         folded.poll_timer(0);
+        let timer = folded.timer();
+        if timer.mode() == TimerMode::OneShot && timer.current_count(0) == 0 {
+            // A spent one-shot count travels as TMICT 0.
+            folded.mmio_write(u64::from(REG_TIMER_INITIAL), &[0; 4], 0);
+        }
         prop_assert_eq!(view(&back), view(&folded));
         let (before, after) = (folded.next_timer_deadline(), back.next_timer_deadline());
         if let (Some(before), Some(after)) = (before, after) {
@@ -344,7 +354,13 @@ proptest! {
 fn xapic_page() -> impl Strategy<Value = KvmLapic> {
     let vectors = prop::array::uniform8(any::<u32>());
     let lvts = (any::<u32>(), prop::array::uniform6(any::<u32>()), 0u32..3);
-    let timer = (1u32..=u32::MAX, any::<u32>(), any::<u32>(), 1u64..1 << 40);
+    let timer = (
+        1u32..=u32::MAX,
+        any::<u32>(),
+        any::<u32>(),
+        1u64..1 << 40,
+        any::<bool>(),
+    );
     (
         (
             any::<u8>(),
@@ -361,7 +377,7 @@ fn xapic_page() -> impl Strategy<Value = KvmLapic> {
     )
         .prop_map(|(scalars, (irr, isr, tmr), lvts, icr, timer)| {
             let (id, tpr, ldr, cluster, svr, esr) = scalars;
-            let (initial, current, dcr, deadline) = timer;
+            let (initial, current, dcr, deadline, spent) = timer;
             let mut page = kvm_lapic_state::default();
             set_page_reg(&mut page, REG_ID, u32::from(id) << 24);
             set_page_reg(&mut page, REG_TPR, u32::from(tpr));
@@ -408,10 +424,14 @@ fn xapic_page() -> impl Strategy<Value = KvmLapic> {
                 (0, 0)
             } else {
                 // One-shot counts may have expired (0); periodic ones never read 0.
-                let least = u32::from(mode == 1);
+                let least = u32::from(mode == 1 || !spent);
                 (
                     initial,
-                    least.max(current % initial.saturating_add(1)).min(initial),
+                    if least == 0 {
+                        0
+                    } else {
+                        least.max(current % initial.saturating_add(1)).min(initial)
+                    },
                 )
             };
             set_page_reg(&mut page, REG_TIMER_INITIAL, initial);
@@ -424,9 +444,15 @@ fn xapic_page() -> impl Strategy<Value = KvmLapic> {
         })
 }
 
-/// The page without the registers KVM computes itself on KVM_SET_LAPIC (version, APR, PPR).
+/// The page without the registers KVM computes itself on KVM_SET_LAPIC (version, APR, PPR),
+/// and with a spent one-shot count's TMICT at 0 (the documented fold).
 fn written_part(kvm: &KvmLapic) -> KvmLapic {
     let mut kvm = *kvm;
+    let one_shot =
+        TimerMode::from_lvt(page_reg(&kvm.page, REG_LVT_TIMER)) == Some(TimerMode::OneShot);
+    if one_shot && page_reg(&kvm.page, REG_TIMER_CURRENT) == 0 {
+        set_page_reg(&mut kvm.page, REG_TIMER_INITIAL, 0);
+    }
     for offset in [REG_VERSION, REG_APR, REG_PPR] {
         set_page_reg(&mut kvm.page, offset, 0);
     }
