@@ -28,7 +28,8 @@ pub struct KvmVcpuEvents {
 ///
 /// * NMIs: `nmi.pending` counts the model's (one, two with `nmi_held`) plus any `cpu` already
 ///   holds (queued by KVM_NMI in `user` mode), at most 2, as KVM's `process_nmi` keeps them
-///   (KVM_SET_VCPU_EVENTS takes a count since Linux 6.4).
+///   (KVM_SET_VCPU_EVENTS queues that many since KVM's "Save/restore all NMIs when multiple
+///   NMIs are pending").
 /// * SMI: `smi.pending`; a latched INIT: `smi.latched_init` (both under
 ///   KVM_VCPUEVENT_VALID_SMM).
 /// * The last SIPI vector: `sipi_vector` (KVM_VCPUEVENT_VALID_SIPI_VECTOR; KVM keeps it in
