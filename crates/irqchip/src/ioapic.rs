@@ -443,6 +443,30 @@ impl IoApic {
         }
     }
 
+    /// An IOAPIC built from register values and wire levels, for converting another
+    /// implementation's state (KVM's `kvm_ioapic_state` in irqvm): `pins[i]` is pin i's
+    /// redirection entry (remote IRR included) and the electrical level of its wire. Checked and
+    /// scrubbed as a deserialized snapshot is: the configuration must be valid and give one
+    /// entry per pin; bits no guest write can set are dropped, and remote IRR on edge entries.
+    pub fn from_parts(
+        config: IoApicConfig,
+        extended_destination_id: bool,
+        id: u8,
+        ioregsel: u8,
+        pins: &[(RedirectionEntry, bool)],
+    ) -> Result<Self, IoApicConfigError> {
+        Self::try_from(IoApicState {
+            config,
+            extended_destination_id,
+            id,
+            ioregsel,
+            pins: pins
+                .iter()
+                .map(|&(entry, wire_high)| Pin { entry, wire_high })
+                .collect(),
+        })
+    }
+
     /// Like [`IoApic::new`], but an out-of-range pin count or ID is an error.
     pub fn try_new(cfg: IoApicConfig) -> Result<Self, IoApicConfigError> {
         cfg.validate()?;

@@ -458,6 +458,30 @@ impl MpStateMachine {
         }
     }
 
+    /// A state machine with the given state and latch, for converting another implementation's
+    /// MP state (KVM_GET_MP_STATE and the latched INIT of KVM_GET_VCPU_EVENTS). No transition
+    /// rule is checked, as KVM_SET_MP_STATE checks none.
+    pub fn from_parts(
+        bsp: bool,
+        state: MpState,
+        init_latched: bool,
+        sipi_latched: Option<Vector>,
+        last_sipi_vector: Vector,
+    ) -> Self {
+        Self {
+            bsp,
+            state,
+            init_latched,
+            sipi_latched,
+            last_sipi_vector,
+        }
+    }
+
+    /// The vector of the last SIPI latched, kept after it was consumed (KVM's `sipi_vector`).
+    pub fn last_sipi_vector(&self) -> Vector {
+        self.last_sipi_vector
+    }
+
     /// The current MP state.
     pub fn state(&self) -> MpState {
         self.state

@@ -13,6 +13,7 @@
 //! | [`backend`] | the interrupt-controller interface and its three backends, `kernel`, `split`, `user` |
 //! | [`kick`] | forcing a vCPU thread out of KVM_RUN, race-free |
 //! | [`vcpu`] | the vCPU threads and their run loop |
+//! | [`snapshot`] | snapshots; the conversion between the model's state and KVM's |
 //! | [`vm`] | building and running a VM (and choosing the backend) |
 //! | [`cli`] | the `irqvm` command line |
 
@@ -26,6 +27,7 @@ pub mod kick;
 pub mod kvm;
 pub mod loader;
 pub mod memory;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 

@@ -26,6 +26,7 @@
 //! the x2APIC MSRs raise #GP.
 
 mod icr;
+mod parts;
 pub mod regs;
 pub mod timer;
 mod vectors;
@@ -38,6 +39,7 @@ use serde::{Deserialize, Serialize};
 use timer::{ApicTimer, TimerMode};
 
 pub use icr::{decode_icr, IcrError};
+pub use parts::LapicRegisters;
 pub use vectors::VectorSet;
 
 use crate::types::{

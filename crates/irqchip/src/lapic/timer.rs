@@ -357,6 +357,34 @@ impl ApicTimer {
         self.clock.tsc_at_zero = tsc_at_zero;
     }
 
+    /// A timer rebuilt from register values at `now`, for converting another implementation's
+    /// state (KVM's `kvm_lapic_state` page with its TMCCT, and IA32_TSC_DEADLINE): mode, DCR
+    /// (reserved bits dropped), initial count, and `current_count` counts left before the next
+    /// expiry (capped at the initial count; 0 means stopped, as a one-shot that already fired).
+    /// The deadline is kept only in TSC-deadline mode (it reads 0 in the others), and there no
+    /// count runs. Nothing is pending: a deadline at or before the guest TSC at `now` fires at
+    /// the next poll.
+    pub fn from_counts(
+        clock: ClockConfig,
+        mode: TimerMode,
+        dcr: u32,
+        initial_count: u32,
+        current_count: u32,
+        tsc_deadline: u64,
+        now: Nanos,
+    ) -> Self {
+        let mut timer = Self::new(clock);
+        timer.mode = mode;
+        timer.dcr = dcr & DCR_WRITABLE_MASK;
+        if mode == TimerMode::TscDeadline {
+            timer.tsc_deadline = tsc_deadline;
+            return timer;
+        }
+        timer.initial_count = initial_count;
+        timer.countdown = timer.start_countdown(current_count.min(initial_count), now);
+        timer
+    }
+
     /// Checks the invariants every operation relies on, for a timer that was deserialized
     /// rather than built by [`new`](Self::new) (a snapshot may be malformed): nonzero clock rates
     /// (conversions divide by them), DCR within its writable bits, no countdown in TSC-deadline

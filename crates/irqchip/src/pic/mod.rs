@@ -65,10 +65,12 @@
 //! the cascade wire, so a restored PIC is always self-consistent.
 
 mod chip;
+mod parts;
 #[cfg(test)]
 mod tests;
 
 pub use chip::*;
+pub use parts::PicRegisters;
 
 use serde::{Deserialize, Serialize};
 
