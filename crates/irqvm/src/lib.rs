@@ -13,6 +13,7 @@
 //! | [`kick`] | forcing a vCPU thread out of KVM_RUN, race-free |
 //! | [`vcpu`] | the vCPU threads and their run loop |
 //! | [`vm`] | building and running a VM (and choosing the backend) |
+//! | [`seccomp`] | the per-thread seccomp filters (least privilege) |
 //! | [`cli`] | the `irqvm` command line |
 
 pub mod backend;
@@ -24,6 +25,7 @@ pub mod kick;
 pub mod kvm;
 pub mod loader;
 pub mod memory;
+pub mod seccomp;
 pub mod vcpu;
 pub mod vm;
 
