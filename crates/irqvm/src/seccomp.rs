@@ -283,7 +283,9 @@ fn vcpu_ioctls(mode: IrqchipMode) -> Vec<u64> {
 /// thread, serial input on the stdin thread); `user` mode raises lines without KVM.
 fn line_ioctls(mode: IrqchipMode) -> Vec<u64> {
     match mode {
-        IrqchipMode::Kernel => vec![KVM_IRQ_LINE(), KVM_SIGNAL_MSI()],
+        // MSIs in `kernel` mode come only from host threads (`RunningVm::signal_msi`) or the
+        // guest's own writes, which KVM handles.
+        IrqchipMode::Kernel => vec![KVM_IRQ_LINE()],
         IrqchipMode::Split => vec![KVM_SIGNAL_MSI()],
         IrqchipMode::User => vec![],
     }
@@ -349,22 +351,29 @@ fn install_sigsys_handler() -> Result<(), SeccompError> {
 /// Offset of `si_syscall` in the kernel's siginfo for SIGSYS on x86-64: signo, errno, code and
 /// padding (16 bytes), then `_call_addr` (8), then the syscall number.
 const SI_SYSCALL_OFFSET: usize = 24;
+/// `si_code` of a SIGSYS sent by a seccomp filter (linux/siginfo.h).
+const SYS_SECCOMP: libc::c_int = 1;
 
 extern "C" fn on_sigsys(_signal: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
-    // SAFETY: the kernel passes a valid siginfo for an SA_SIGINFO handler; the syscall number
-    // of a seccomp trap sits at SI_SYSCALL_OFFSET (linux/signal.h `_sigsys`).
-    let nr = unsafe {
-        (info as *const u8)
+    // SAFETY: the kernel passes a valid siginfo for an SA_SIGINFO handler; a seccomp trap has
+    // si_code SYS_SECCOMP and the syscall number at SI_SYSCALL_OFFSET (linux/signal.h `_sigsys`).
+    let (code, nr) = unsafe {
+        let nr = (info as *const u8)
             .add(SI_SYSCALL_OFFSET)
             .cast::<i32>()
-            .read_unaligned()
+            .read_unaligned();
+        ((*info).si_code, nr)
     };
     let mut line = Line::default();
     line.push(b"irqvm: seccomp: thread ");
     let (label, len) = LABEL.with(Cell::get);
     line.push(&label[..len]);
-    line.push(b" made the forbidden syscall ");
-    line.push_number(nr);
+    if code == SYS_SECCOMP {
+        line.push(b" made the forbidden syscall ");
+        line.push_number(nr);
+    } else {
+        line.push(b" got a SIGSYS not from its filter");
+    }
     line.push(b"; stopping irqvm (run with --no-seccomp to debug)\n");
     // SAFETY: write, getpid, gettid and tgkill are async-signal-safe and allowed by every filter.
     // SIGSYS is blocked while this handler runs and its action is now the default (SA_RESETHAND),
@@ -511,43 +520,47 @@ pub(crate) mod tests {
     const THIS_TEST: &str =
         "seccomp::tests::a_forbidden_syscall_on_a_vcpu_thread_kills_irqvm_with_a_report";
 
-    /// The documented refusal: a vCPU thread of a running VM (in each irqchip mode) opens a
-    /// file, which no filter allows; irqvm prints one line naming the thread and the syscall
-    /// (openat = 257 on x86-64) and dies of SIGSYS. The refusal kills the process, so the VM
-    /// runs in a child: this test binary re-run on this test alone, told by `CHILD_ENV`.
+    /// The documented refusal: a vCPU thread of a running VM (in each irqchip mode) makes a call
+    /// no filter allows, a syscall (opening a file: openat = 257 on x86-64) or an ioctl request
+    /// outside its list (KVM_CREATE_VM, ioctl = 16); irqvm prints one line naming the thread and
+    /// the syscall and dies of SIGSYS. The refusal kills the process, so the VM runs in a child:
+    /// this test binary re-run on this test alone, told by `CHILD_ENV` ("MODE:CALL").
     #[test]
     fn a_forbidden_syscall_on_a_vcpu_thread_kills_irqvm_with_a_report() {
-        if let Ok(mode) = std::env::var(CHILD_ENV) {
-            forbidden_syscall_child(&mode);
+        if let Ok(what) = std::env::var(CHILD_ENV) {
+            forbidden_syscall_child(&what);
             return;
         }
         for mode in ["user", "split", "kernel"] {
-            let out = std::process::Command::new(std::env::current_exe().unwrap())
-                .args([THIS_TEST, "--exact", "--nocapture", "--test-threads=1"])
-                .env(CHILD_ENV, mode)
-                .output()
-                .unwrap();
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            use std::os::unix::process::ExitStatusExt;
-            assert_eq!(
-                out.status.signal(),
-                Some(libc::SIGSYS),
-                "{mode}: {:?}\n{stderr}",
-                out.status
-            );
-            assert!(
-                stderr.contains("irqvm: seccomp: thread vcpu0 made the forbidden syscall 257;"),
-                "{mode}: {stderr}"
-            );
-            assert!(!stderr.contains("hook returned"), "{mode}: {stderr}");
+            for (call, nr) in [("open", libc::SYS_openat), ("ioctl", libc::SYS_ioctl)] {
+                let what = format!("{mode}:{call}");
+                let out = std::process::Command::new(std::env::current_exe().unwrap())
+                    .args([THIS_TEST, "--exact", "--nocapture", "--test-threads=1"])
+                    .env(CHILD_ENV, &what)
+                    .output()
+                    .unwrap();
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                use std::os::unix::process::ExitStatusExt;
+                assert_eq!(
+                    out.status.signal(),
+                    Some(libc::SIGSYS),
+                    "{what}: {:?}\n{stderr}",
+                    out.status
+                );
+                let report =
+                    format!("irqvm: seccomp: thread vcpu0 made the forbidden syscall {nr};");
+                assert!(stderr.contains(&report), "{what}: {stderr}");
+                assert!(!stderr.contains("hook returned"), "{what}: {stderr}");
+            }
         }
     }
 
-    /// The child: a 1-vCPU VM whose vCPU 0 runs the forbidden call through the test hook, after
+    /// The child: a 1-vCPU VM whose vCPU 0 makes the forbidden call through the test hook, after
     /// its filter is installed and before its run loop. Returning at all is the failure.
-    fn forbidden_syscall_child(mode: &str) {
+    fn forbidden_syscall_child(what: &str) {
         use crate::loader::{CpuMode, RawImage};
         use crate::vm::{Vm, VmConfig};
+        let (mode, call) = what.split_once(':').unwrap();
         let mut cfg = VmConfig::new(vec![0xf4, 0xeb, 0xfd], "raw"); // hlt; jmp back to hlt
         cfg.raw = Some(RawImage {
             load_addr: 0x10_0000,
@@ -561,13 +574,21 @@ pub(crate) mod tests {
             _ => IrqchipMode::User,
         };
         assert!(cfg.seccomp, "seccomp is the library default");
-        set_hook(
-            "vcpu0",
+        let hook: Box<dyn FnOnce() + Send> = if call == "open" {
             Box::new(|| {
                 let opened = std::fs::File::open("/dev/null");
                 eprintln!("hook returned: {opened:?}");
-            }),
-        );
+            })
+        } else {
+            Box::new(|| {
+                // KVM_CREATE_VM = _IO(KVMIO, 0x01). The filter looks at the request before the
+                // kernel looks at the fd, so fd -1 is refused by the filter, not by EBADF.
+                // SAFETY: an ioctl on an invalid fd touches no memory of this process.
+                let r = unsafe { libc::ioctl(-1, 0xae01) };
+                eprintln!("hook returned: {r}");
+            })
+        };
+        set_hook("vcpu0", hook);
         let _ = Vm::new(&cfg)
             .unwrap()
             .run(Some(std::time::Duration::from_secs(5)));
