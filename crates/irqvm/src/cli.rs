@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 use crate::devices::SerialOutput;
 use crate::memory;
+use crate::seccomp::{Role, ThreadFilter};
 use crate::vm::{RunReport, Vm, VmConfig, VmError};
 use crate::IrqchipMode;
 
@@ -64,6 +65,10 @@ pub struct RunArgs {
     /// Stop the VM after this many seconds (exit status 124).
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<f64>,
+    /// Run without the seccomp filters (for debugging: strace, gdb, a panic backtrace); see
+    /// docs/security.md.
+    #[arg(long)]
+    pub no_seccomp: bool,
 }
 
 fn parse_memory(text: &str) -> Result<u64, String> {
@@ -122,6 +127,7 @@ pub fn run_config(args: &RunArgs) -> Result<VmConfig, CliError> {
         mode: crate::loader::CpuMode::Protected32,
     });
     cfg.serial = SerialOutput::Stdout;
+    cfg.seccomp = !args.no_seccomp;
     Ok(cfg)
 }
 
@@ -147,7 +153,16 @@ pub fn main_with(cli: Cli) -> Result<i32, CliError> {
         }
     };
     let vm = Vm::new(&cfg)?.start()?;
-    spawn_stdin_reader(vm.devices().clone());
+    let filter = cfg
+        .seccomp
+        .then(|| ThreadFilter::new(Role::Main(cfg.irqchip)))
+        .transpose()
+        .map_err(VmError::from)?;
+    spawn_stdin_reader(vm.devices().clone(), filter.clone());
+    // Setup is over: from here the main thread only waits, tears down and reports.
+    if let Some(filter) = &filter {
+        filter.apply("main").map_err(VmError::from)?;
+    }
     match vm.wait(timeout) {
         Ok(report) => {
             log_report(&report);
@@ -171,28 +186,29 @@ fn log_report(report: &RunReport) {
 /// Feeds the VMM's stdin to the serial port. The thread ends at EOF; it is never joined (a read
 /// of a terminal cannot be interrupted portably), which is harmless as the process exits after
 /// the VM.
-fn spawn_stdin_reader(devices: std::sync::Arc<crate::devices::Devices>) {
+fn spawn_stdin_reader(
+    devices: std::sync::Arc<crate::devices::Devices>,
+    filter: Option<ThreadFilter>,
+) {
     use std::io::Read;
-    let spawned = std::thread::Builder::new()
-        .name("serial-stdin".into())
-        .spawn(move || {
-            let mut stdin = std::io::stdin().lock();
-            let mut buf = [0u8; 64];
-            while let Ok(n) = stdin.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                let mut rest = &buf[..n];
-                while !rest.is_empty() {
-                    let taken = devices.serial_input(rest);
-                    rest = &rest[taken..];
-                    if taken == 0 {
-                        // FIFO full: the guest has not read it yet.
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
+    let spawned = crate::seccomp::spawn("serial-stdin".into(), filter, move || {
+        let mut stdin = std::io::stdin().lock();
+        let mut buf = [0u8; 64];
+        while let Ok(n) = stdin.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            let mut rest = &buf[..n];
+            while !rest.is_empty() {
+                let taken = devices.serial_input(rest);
+                rest = &rest[taken..];
+                if taken == 0 {
+                    // FIFO full: the guest has not read it yet.
+                    std::thread::sleep(Duration::from_millis(5));
                 }
             }
-        });
+        }
+    });
     if let Err(e) = spawned {
         tracing::warn!("no serial input: {e}");
     }

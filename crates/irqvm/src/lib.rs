@@ -15,6 +15,7 @@
 //! | [`vcpu`] | the vCPU threads and their run loop |
 //! | [`snapshot`] | snapshots; the conversion between the model's state and KVM's |
 //! | [`vm`] | building and running a VM (and choosing the backend) |
+//! | [`seccomp`] | the per-thread seccomp filters (least privilege) |
 //! | [`cli`] | the `irqvm` command line |
 
 pub mod acpi;
@@ -27,6 +28,7 @@ pub mod kick;
 pub mod kvm;
 pub mod loader;
 pub mod memory;
+pub mod seccomp;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vm;

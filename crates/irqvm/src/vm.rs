@@ -26,6 +26,7 @@ use crate::kick::install_kick_handler;
 use crate::kvm::{self, KvmError};
 use crate::loader::{self, LoadRequest, LoadedKernel, LoaderError, Module, RawImage};
 use crate::memory::{self, GuestRam, MemoryError};
+use crate::seccomp::{self, Role, SeccompError, ThreadFilter};
 use crate::vcpu::{
     regs, GuestExit, VcpuFailure, VcpuShared, VcpuState, VcpuStatsSnapshot, VcpuThread, VmControl,
 };
@@ -59,6 +60,8 @@ pub enum VmError {
     Bus(#[from] BusError),
     #[error("the guest did not finish within {0:?}")]
     Timeout(Duration),
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
 }
 
 /// Everything that defines a VM.
@@ -77,6 +80,10 @@ pub struct VmConfig {
     pub memory: u64,
     pub irqchip: IrqchipMode,
     pub serial: SerialOutput,
+    /// Run irqvm's threads of this VM (vCPUs, the `user` timer thread) under their seccomp
+    /// filters (`crate::seccomp`, docs/security.md). On by default: the filters are per thread,
+    /// so a process embedding the library (a test harness) keeps its own threads unfiltered.
+    pub seccomp: bool,
 }
 
 impl VmConfig {
@@ -92,6 +99,7 @@ impl VmConfig {
             memory: DEFAULT_MEMORY,
             irqchip: IrqchipMode::default(),
             serial: SerialOutput::Stdout,
+            seccomp: true,
         }
     }
 }
@@ -100,6 +108,8 @@ impl VmConfig {
 pub struct Vm {
     // Drop order matters: the vCPU fds go before the VM fd and the memory (in `machine`).
     vcpus: Vec<VcpuThread>,
+    /// The vCPU threads' seccomp filter, `None` without seccomp.
+    vcpu_filter: Option<ThreadFilter>,
     machine: Machine,
 }
 
@@ -155,6 +165,7 @@ impl Vm {
                 vm: vm_fd.clone(),
                 kicker: Arc::new(VcpuKicks(shared.clone())),
                 epoch: Instant::now(),
+                seccomp: cfg.seccomp,
             },
         )?;
         let control = Arc::new(VmControl::default());
@@ -193,8 +204,13 @@ impl Vm {
                 control: control.clone(),
             });
         }
+        let vcpu_filter = cfg
+            .seccomp
+            .then(|| ThreadFilter::new(Role::Vcpu(cfg.irqchip)))
+            .transpose()?;
         Ok(Self {
             vcpus,
+            vcpu_filter,
             machine: Machine {
                 chip,
                 devices,
@@ -224,15 +240,16 @@ impl Vm {
         let mut threads = Vec::new();
         for vcpu in std::mem::take(&mut self.vcpus) {
             let name = format!("vcpu{}", vcpu.shared.index);
-            let handle = std::thread::Builder::new()
-                .name(name)
-                .spawn(move || vcpu.run());
-            match handle {
+            // Each thread installs its filter before it runs anything of the VM.
+            match seccomp::spawn(name, self.vcpu_filter.clone(), move || vcpu.run()) {
                 Ok(h) => threads.push(h),
                 Err(e) => {
                     // Dropping the RunningVm stops and joins the threads already started.
                     drop(RunningVm::new(self.machine, threads, started));
-                    return Err(VmError::Spawn(e));
+                    return Err(match e {
+                        SeccompError::Spawn { source, .. } => VmError::Spawn(source),
+                        other => VmError::Seccomp(other),
+                    });
                 }
             }
         }

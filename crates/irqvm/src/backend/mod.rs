@@ -318,6 +318,8 @@ pub struct ChipContext<'a> {
     pub kicker: Arc<dyn VcpuKicker>,
     /// Time zero of the VM: the backend converts `Instant`s to `irqchip::Nanos` from here.
     pub epoch: Instant,
+    /// Whether threads the backend starts run under their seccomp filter (`crate::seccomp`).
+    pub seccomp: bool,
 }
 
 #[cfg(test)]

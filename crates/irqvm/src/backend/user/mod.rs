@@ -130,7 +130,8 @@ impl UserIrqchip {
         let notifier = Arc::new(notify::Notifier::new(ctx.kicker.clone(), bus.clone()));
         let timers = {
             let notifier = notifier.clone();
-            timers::VmTimers::start(ctx.kicker.vcpus(), Box::new(move |i| notifier.wake(i)))
+            let on_expiry = Box::new(move |i| notifier.wake(i));
+            timers::VmTimers::start(ctx.kicker.vcpus(), on_expiry, ctx.seccomp)
                 .map_err(IrqchipError::TimerThread)?
         };
         let msr_index = ctx

@@ -11,6 +11,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use crate::seccomp::{Role, ThreadFilter};
+
 struct State {
     deadlines: Vec<Option<Instant>>,
     stop: bool,
@@ -37,7 +39,8 @@ pub struct VmTimers {
 pub type OnExpiry = Box<dyn Fn(usize) + Send>;
 
 impl VmTimers {
-    pub fn start(vcpus: usize, on_expiry: OnExpiry) -> std::io::Result<Self> {
+    /// Starts the thread, under its seccomp filter if `seccomp`.
+    pub fn start(vcpus: usize, on_expiry: OnExpiry, seccomp: bool) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 deadlines: vec![None; vcpus],
@@ -45,11 +48,14 @@ impl VmTimers {
             }),
             changed: Condvar::new(),
         });
+        let filter = seccomp
+            .then(|| ThreadFilter::new(Role::Timer))
+            .transpose()
+            .map_err(std::io::Error::other)?;
         let thread = {
             let shared = shared.clone();
-            std::thread::Builder::new()
-                .name("vm-timers".into())
-                .spawn(move || run(&shared, on_expiry))?
+            crate::seccomp::spawn("vm-timers".into(), filter, move || run(&shared, on_expiry))
+                .map_err(std::io::Error::other)?
         };
         Ok(Self {
             shared,
@@ -136,6 +142,7 @@ mod tests {
             Box::new(move |i| {
                 let _ = tx.send(i);
             }),
+            true,
         )
         .unwrap();
         timers.arm(1, Some(Instant::now() + Duration::from_secs(3600)));
