@@ -15,6 +15,7 @@
 //! | [`vm`] | building and running a VM (and choosing the backend) |
 //! | [`cli`] | the `irqvm` command line |
 
+pub mod api;
 pub mod backend;
 pub mod cli;
 pub mod cpuid;

@@ -383,6 +383,16 @@ impl RunningVm {
         shared.mp_state()
     }
 
+    /// What the control API needs of this VM (see `crate::api`).
+    pub fn handle(&self) -> crate::api::VmHandle {
+        crate::api::VmHandle {
+            chip: self.vm.chip.clone(),
+            control: self.vm.control.clone(),
+            vcpus: self.vm.shared.clone(),
+            started: self.started,
+        }
+    }
+
     /// Kicks vCPU `index` out of KVM_RUN (and out of blocking).
     pub fn kick(&self, index: usize) {
         self.vm.shared[index].kick.kick();

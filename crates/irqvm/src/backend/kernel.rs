@@ -9,9 +9,10 @@ use kvm_bindings::{kvm_mp_state, kvm_msi, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UN
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 
 use super::{
-    validate_msi, ChipExit, ChipFeatures, EntryDecision, ExitHandled, InterruptLines, Irqchip,
-    IrqchipError, IrqchipMode, MsiDelivery, VcpuIrqchip, IRQ_LINES,
+    validate_msi, ChipExit, ChipFeatures, EntryDecision, ExitHandled, HostEvent, InterruptLines,
+    Irqchip, IrqchipError, IrqchipMode, MsiDelivery, VcpuIrqchip, IRQ_LINES,
 };
+use crate::api::model::PlatformInfo;
 use crate::kvm::KvmError;
 
 /// `kernel` mode: KVM's own PIC, IOAPIC and LAPICs.
@@ -89,6 +90,15 @@ impl Irqchip for KernelIrqchip {
 
     /// Nothing to do: a kernel-mode vCPU blocks inside KVM_RUN, which the kick interrupts.
     fn wake_vcpu(&self, _index: usize) {}
+
+    /// KVM_GET_IRQCHIP of both PICs and the IOAPIC.
+    fn platform_info(&self) -> Result<PlatformInfo, IrqchipError> {
+        Ok(crate::api::platform::from_kvm(&self.vm)?)
+    }
+
+    fn send_event(&self, index: usize, event: HostEvent) -> Result<(), IrqchipError> {
+        super::kvm_send_event(&self.vm, index, event)
+    }
 }
 
 /// The per-vCPU half of `kernel` mode: KVM does everything.

@@ -38,11 +38,13 @@ use irqchip::msi::MsiMessage;
 use irqchip::vcpu::VcpuInterrupts;
 use irqchip::{ClockConfig, Nanos};
 
+use crate::api::model::PlatformInfo;
 use crate::backend::{
-    ChipContext, ChipFeatures, InterruptLines, Irqchip, IrqchipError, IrqchipMode, MsiDelivery,
-    VcpuIrqchip, IRQ_LINES,
+    ChipContext, ChipFeatures, HostEvent, InterruptLines, Irqchip, IrqchipError, IrqchipMode,
+    MsiDelivery, VcpuIrqchip, IRQ_LINES,
 };
 use crate::kvm::{require_cap, KvmError};
+use irqchip::{ApicEvents, InterruptSink};
 
 pub use platform::{IOAPIC_BASE, IOAPIC_SIZE};
 
@@ -308,6 +310,37 @@ impl Irqchip for UserIrqchip {
 
     fn wake_vcpu(&self, index: usize) {
         self.shared.notifier.ring(index);
+    }
+
+    /// The model's PICs, IOAPIC and routing (one short hold of the chip's device locks).
+    fn platform_info(&self) -> Result<PlatformInfo, IrqchipError> {
+        Ok(crate::api::platform::from_devices(
+            &self.shared.platform.chip().save_devices(),
+        ))
+    }
+
+    /// Latches the event in vCPU `index`'s inbox, as the APIC bus does for an IPI with that
+    /// delivery mode, and kicks or wakes it.
+    fn send_event(&self, index: usize, event: HostEvent) -> Result<(), IrqchipError> {
+        let inbox = self
+            .shared
+            .platform
+            .chip()
+            .bus()
+            .sink(index)
+            .ok_or(IrqchipError::NoSuchVcpu(index))?;
+        let events = ApicEvents {
+            nmi: event == HostEvent::Nmi,
+            init: event == HostEvent::Init,
+            sipi: match event {
+                HostEvent::Sipi(vector) => Some(vector),
+                _ => None,
+            },
+            ..ApicEvents::default()
+        };
+        let how = inbox.post_events(events);
+        self.shared.notifier.notify(index, how);
+        Ok(())
     }
 }
 

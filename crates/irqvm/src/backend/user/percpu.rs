@@ -595,6 +595,17 @@ impl VcpuIrqchip for UserVcpuChip {
         self.accept_init_sipi(vcpu)?;
         Ok(self.interrupts.mp_state().to_kvm())
     }
+
+    /// The model's local APIC; NMIs the model holds plus those KVM queued (KVM_NMI).
+    fn introspect(
+        &mut self,
+        vcpu: &mut VcpuFd,
+    ) -> Result<(crate::api::model::LapicInfo, crate::api::model::PendingInfo), IrqchipError> {
+        let lapic =
+            crate::api::lapic::model_lapic(self.interrupts.lapic(), self.shared.clock.now());
+        let held = u32::from(self.interrupts.pending_nmis());
+        Ok((lapic, crate::api::lapic::kvm_pending(vcpu, held)?))
+    }
 }
 
 #[cfg(test)]
