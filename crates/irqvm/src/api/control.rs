@@ -221,10 +221,11 @@ impl Control for VmHandle {
         Ok(delivery == MsiDelivery::Delivered)
     }
 
-    fn event(&self, index: usize, event: HostEvent) -> Result<(), ApiError> {
+    fn event(&self, index: usize, event: HostEvent) -> Result<bool, ApiError> {
         if index >= self.vcpus.len() {
             return Err(ApiError::NotFound(format!("vCPU {index} does not exist")));
         }
-        self.chip.send_event(index, event).map_err(chip_error)
+        let delivery = self.chip.send_event(index, event).map_err(chip_error)?;
+        Ok(delivery == MsiDelivery::Delivered)
     }
 }

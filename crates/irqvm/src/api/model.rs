@@ -26,9 +26,9 @@ pub struct VcpuInfo {
     /// The thread: `created`, `running` (in or around KVM_RUN), `halted` / `waiting_for_sipi`
     /// (blocked outside KVM_RUN: `user` mode), `paused`, `stopped`.
     pub thread: String,
-    /// The architectural state as KVM_GET_MP_STATE names it: `runnable`, `halted`,
-    /// `wait_for_sipi` (KVM_MP_STATE_UNINITIALIZED), `init_received`, `ap_reset_hold`, or
-    /// `unknown`.
+    /// The architectural state as KVM_GET_MP_STATE names it, after accepting a latched INIT or
+    /// SIPI: `runnable`, `halted`, `uninitialized` (an AP since power-on, before its first
+    /// INIT), `init_received` (wait-for-SIPI after INIT), `ap_reset_hold`, or `unknown`.
     pub mp_state: String,
     /// True when the processor is in the HLT state (its MP state is `halted`).
     pub halted: bool,

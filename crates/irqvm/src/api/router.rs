@@ -28,8 +28,8 @@ pub trait Control {
     fn line(&self, request: &LineRequest) -> Result<(), ApiError>;
     /// Returns whether a local APIC took the message.
     fn msi(&self, request: &MsiRequest) -> Result<bool, ApiError>;
-    /// Raises `event` at vCPU `index` (`index` < `vcpu_count()`).
-    fn event(&self, index: usize, event: HostEvent) -> Result<(), ApiError>;
+    /// Raises `event` at vCPU `index` (`index` < `vcpu_count()`); whether its LAPIC took it.
+    fn event(&self, index: usize, event: HostEvent) -> Result<bool, ApiError>;
 }
 
 /// An answer: status and body (empty for 204).
@@ -178,8 +178,8 @@ fn vcpus(method: &str, rest: &str, body: &[u8], ctl: &dyn Control) -> Result<Rep
         "init" => HostEvent::Init,
         _ => HostEvent::Sipi(parse::<SipiRequest>(body)?.vector),
     };
-    ctl.event(index, event)?;
-    Ok(Reply::no_content())
+    let delivered = ctl.event(index, event)?;
+    Ok(Reply::json(&serde_json::json!({ "delivered": delivered })))
 }
 
 #[cfg(test)]

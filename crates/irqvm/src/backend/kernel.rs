@@ -66,6 +66,14 @@ pub(crate) fn set_initial_kvm_mp_state(index: usize, vcpu: &VcpuFd) -> Result<()
     };
     vcpu.set_mp_state(kvm_mp_state { mp_state })
         .map_err(KvmError::ioctl("KVM_SET_MP_STATE"))?;
+    // KVM rebuilds its APIC ID -> vCPU map when a LAPIC is reset, which for a new vCPU happens
+    // inside KVM_CREATE_VCPU before the vCPU is online: the newest vCPU stays out of the map
+    // until some LAPIC changes (on this host a host MSI, NMI or INIT to the last AP reached
+    // nobody until the guest wrote an APIC register). Writing its own LAPIC state back
+    // rebuilds the map with it.
+    let lapic = vcpu.get_lapic().map_err(KvmError::ioctl("KVM_GET_LAPIC"))?;
+    vcpu.set_lapic(&lapic)
+        .map_err(KvmError::ioctl("KVM_SET_LAPIC"))?;
     Ok(())
 }
 
@@ -96,7 +104,7 @@ impl Irqchip for KernelIrqchip {
         Ok(crate::api::platform::from_kvm(&self.vm)?)
     }
 
-    fn send_event(&self, index: usize, event: HostEvent) -> Result<(), IrqchipError> {
+    fn send_event(&self, index: usize, event: HostEvent) -> Result<MsiDelivery, IrqchipError> {
         super::kvm_send_event(&self.vm, index, event)
     }
 }

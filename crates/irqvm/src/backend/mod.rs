@@ -309,8 +309,8 @@ pub trait Irqchip: InterruptLines {
     fn platform_info(&self) -> Result<PlatformInfo, IrqchipError>;
 
     /// Raises `event` at vCPU `index` from the host (the control API), as the APIC bus would
-    /// deliver it to that vCPU's local APIC.
-    fn send_event(&self, index: usize, event: HostEvent) -> Result<(), IrqchipError>;
+    /// deliver it to that vCPU's local APIC; says whether the LAPIC took it.
+    fn send_event(&self, index: usize, event: HostEvent) -> Result<MsiDelivery, IrqchipError>;
 
     /// The backend's own counters (relaxed loads), by name.
     fn counters(&self) -> Vec<(&'static str, u64)> {
@@ -359,7 +359,7 @@ pub(crate) fn kvm_send_event(
     vm: &VmFd,
     index: usize,
     event: HostEvent,
-) -> Result<(), IrqchipError> {
+) -> Result<MsiDelivery, IrqchipError> {
     let id = u64::try_from(index).ok().filter(|&id| id < 0xFF);
     let Some(id) = id else {
         return Err(IrqchipError::NoSuchVcpu(index));
@@ -368,8 +368,9 @@ pub(crate) fn kvm_send_event(
         address: 0xFEE0_0000 | id << 12,
         data: event.delivery_mode() << 8 | u32::from(event.vector()),
     };
-    kernel::kvm_signal_msi(vm, msi)?;
-    Ok(())
+    let delivery = kernel::kvm_signal_msi(vm, msi)?;
+    tracing::debug!(index, ?event, ?delivery, "host event sent to KVM's LAPICs");
+    Ok(delivery)
 }
 
 /// How a backend forces vCPU `index` out of KVM_RUN (seed 001's kick: a signal plus

@@ -463,7 +463,7 @@ impl Irqchip for SplitIrqchip {
         ))
     }
 
-    fn send_event(&self, index: usize, event: HostEvent) -> Result<(), IrqchipError> {
+    fn send_event(&self, index: usize, event: HostEvent) -> Result<MsiDelivery, IrqchipError> {
         super::kvm_send_event(&self.shared.chip.sink().vm, index, event)
     }
 

@@ -150,12 +150,11 @@ pub fn mp_state_from_kvm(value: u32) -> Option<MpState> {
     }
 }
 
-/// The control API's name of an MP state (KVM_MP_STATE_UNINITIALIZED is an AP waiting for
-/// its SIPI).
+/// The control API's name of an MP state (KVM's names, lower case).
 pub fn mp_state_name(state: MpState) -> &'static str {
     match state {
         MpState::Runnable => "runnable",
-        MpState::Uninitialized => "wait_for_sipi",
+        MpState::Uninitialized => "uninitialized",
         MpState::InitReceived => "init_received",
         MpState::Halted => "halted",
         MpState::ApResetHold => "ap_reset_hold",

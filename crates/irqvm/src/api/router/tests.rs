@@ -90,10 +90,10 @@ impl Control for Fake {
         }
         Ok(true)
     }
-    fn event(&self, index: usize, event: HostEvent) -> Result<(), ApiError> {
+    fn event(&self, index: usize, event: HostEvent) -> Result<bool, ApiError> {
         assert!(index < 2, "the router raised an event at vCPU {index}");
         self.record(format!("{event:?} {index}"));
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -138,10 +138,13 @@ fn vcpu_paths_answer_and_refuse() {
     );
     assert_eq!(call(&fake, "GET", "/api/v1/vcpus/01", "").status, 404);
     assert_eq!(call(&fake, "PUT", "/api/v1/vcpus/1", "").status, 405);
-    assert_eq!(call(&fake, "PUT", "/api/v1/vcpus/1/nmi", "").status, 204);
-    assert_eq!(call(&fake, "PUT", "/api/v1/vcpus/0/init", "").status, 204);
+    assert_eq!(call(&fake, "PUT", "/api/v1/vcpus/1/nmi", "").status, 200);
+    assert_eq!(call(&fake, "PUT", "/api/v1/vcpus/0/init", "").status, 200);
     let sipi = call(&fake, "PUT", "/api/v1/vcpus/1/sipi", r#"{"vector": 16}"#);
-    assert_eq!(sipi.status, 204);
+    assert_eq!(
+        (sipi.status, sipi.body.as_str()),
+        (200, r#"{"delivered":true}"#)
+    );
     assert_eq!(call(&fake, "PUT", "/api/v1/vcpus/1/sipi", "{}").status, 400);
     assert_eq!(
         call(&fake, "PUT", "/api/v1/vcpus/1/sipi", r#"{"vector": 256}"#).status,

@@ -321,7 +321,7 @@ impl Irqchip for UserIrqchip {
 
     /// Latches the event in vCPU `index`'s inbox, as the APIC bus does for an IPI with that
     /// delivery mode, and kicks or wakes it.
-    fn send_event(&self, index: usize, event: HostEvent) -> Result<(), IrqchipError> {
+    fn send_event(&self, index: usize, event: HostEvent) -> Result<MsiDelivery, IrqchipError> {
         let inbox = self
             .shared
             .platform
@@ -340,7 +340,7 @@ impl Irqchip for UserIrqchip {
         };
         let how = inbox.post_events(events);
         self.shared.notifier.notify(index, how);
-        Ok(())
+        Ok(MsiDelivery::Delivered)
     }
 }
 
