@@ -172,6 +172,18 @@ fn check_api(sock: &Path, mode: IrqchipMode) {
     assert_eq!(curl(sock, "PUT", "/api/v1/vcpus/1/nmi", None), delivered);
     let info: VmInfo = get(sock, "/api/v1/vm.info");
     assert_eq!(info.state, "running", "{info:?}");
+    if mode == IrqchipMode::User {
+        // The user backend injects the host's NMI with KVM_NMI and counts it.
+        let start = Instant::now();
+        loop {
+            let counters: serde_json::Value = get(sock, "/api/v1/vm.counters");
+            if counters["vcpu1"]["nmis_injected"].as_u64() == Some(1) {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(2), "{counters}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
     let counters: serde_json::Value = get(sock, "/api/v1/vm.counters");
     assert!(
         counters["vcpu0"]["kvm_runs"].as_u64().unwrap() > 0,

@@ -190,11 +190,12 @@ impl Control for VmHandle {
             .collect();
             all.insert(format!("vcpu{}", v.index), map);
         }
-        let chip = self.chip.counters();
-        if !chip.is_empty() {
-            let chip = chip.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
-            all.insert("irqchip".into(), chip);
-        }
+        self.chip.counters(&mut |vcpu, name, value| {
+            let group = vcpu.map_or_else(|| "irqchip".to_string(), |i| format!("vcpu{i}"));
+            all.entry(group)
+                .or_default()
+                .insert(name.to_string(), value);
+        });
         all
     }
 

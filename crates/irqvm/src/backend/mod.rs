@@ -312,9 +312,10 @@ pub trait Irqchip: InterruptLines {
     /// deliver it to that vCPU's local APIC; says whether the LAPIC took it.
     fn send_event(&self, index: usize, event: HostEvent) -> Result<MsiDelivery, IrqchipError>;
 
-    /// The backend's own counters (relaxed loads), by name.
-    fn counters(&self) -> Vec<(&'static str, u64)> {
-        Vec::new()
+    /// The backend's own counters (relaxed loads) by name: `out(None, ..)` for the VM-wide
+    /// ones, `out(Some(i), ..)` for vCPU `i`'s.
+    fn counters(&self, out: &mut dyn FnMut(Option<usize>, &str, u64)) {
+        let _ = out;
     }
 }
 

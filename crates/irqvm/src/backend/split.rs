@@ -467,9 +467,9 @@ impl Irqchip for SplitIrqchip {
         super::kvm_send_event(&self.shared.chip.sink().vm, index, event)
     }
 
-    fn counters(&self) -> Vec<(&'static str, u64)> {
+    fn counters(&self, out: &mut dyn FnMut(Option<usize>, &str, u64)) {
         let s = self.stats();
-        vec![
+        let all = [
             ("msis_signalled", s.msis_signalled),
             ("ioapic_eois", s.ioapic_eois),
             ("route_updates", s.route_updates),
@@ -477,7 +477,10 @@ impl Irqchip for SplitIrqchip {
             ("window_requests", s.window_requests),
             ("extint_kicks", s.extint_kicks),
             ("host_msis", s.host_msis),
-        ]
+        ];
+        for (name, value) in all {
+            out(None, name, value);
+        }
     }
 }
 

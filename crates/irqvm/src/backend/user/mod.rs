@@ -16,6 +16,7 @@
 //! Per vCPU (`percpu::UserVcpuChip`): see the `percpu` submodule: publish, drain, accept INIT/SIPI,
 //! poll the timer, block or inject, with CR8 kept in step with the TPR.
 
+mod counters;
 mod notify;
 mod percpu;
 mod platform;
@@ -97,6 +98,8 @@ pub(crate) struct Shared {
     pub platform: platform::Platform,
     pub notifier: Arc<notify::Notifier>,
     pub timers: timers::VmTimers,
+    /// Index = vCPU; each written only by its vCPU's thread.
+    pub counters: Vec<counters::VcpuCounters>,
 }
 
 /// The VM-wide half of the `user` backend.
@@ -146,6 +149,9 @@ impl UserIrqchip {
             platform: platform::Platform::new(chip, notifier.clone()),
             notifier,
             timers,
+            counters: (0..ctx.kicker.vcpus())
+                .map(|_| counters::VcpuCounters::default())
+                .collect(),
         });
         Ok(Self {
             shared,
@@ -341,6 +347,15 @@ impl Irqchip for UserIrqchip {
         let how = inbox.post_events(events);
         self.shared.notifier.notify(index, how);
         Ok(MsiDelivery::Delivered)
+    }
+
+    fn counters(&self, out: &mut dyn FnMut(Option<usize>, &str, u64)) {
+        for (index, c) in self.shared.counters.iter().enumerate() {
+            c.visit(&mut |name, value| out(Some(index), name, value));
+        }
+        self.shared
+            .notifier
+            .visit(&mut |index, name, value| out(Some(index), name, value));
     }
 }
 
