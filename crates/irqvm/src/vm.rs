@@ -393,10 +393,11 @@ impl RunningVm {
         }
     }
 
-    /// Kicks vCPU `index` out of KVM_RUN (and out of blocking).
+    /// Kicks vCPU `index` out of KVM_RUN (and out of blocking), and nudges it if paused.
     pub fn kick(&self, index: usize) {
         self.vm.shared[index].kick.kick();
         self.vm.chip.wake_vcpu(index);
+        self.vm.control.nudge_paused();
     }
 
     /// Requests a ping from vCPU `index` and kicks it; returns the ping number (see

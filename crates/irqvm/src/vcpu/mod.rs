@@ -514,6 +514,10 @@ impl VcpuThread {
         let shared = self.shared.clone();
         shared.set_state(VcpuState::Paused);
         while self.control.pause_requested() && !self.control.stop_requested() {
+            if shared.ping_pending() {
+                self.record_mp_state();
+                shared.answer_pings();
+            }
             if shared.info_pending() {
                 self.answer_info();
             }
