@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -155,7 +156,7 @@ fn check_api(sock: &Path, mode: IrqchipMode) {
     assert_eq!(ap.lapic.id, 1);
 
     check_bad_requests(sock);
-    check_pause(sock);
+    check_pause(sock, mode);
     check_lines_and_msis(sock);
 
     // INIT-SIPI from the host starts the AP at vector << 12 in real mode.
@@ -225,6 +226,15 @@ fn check_bad_requests(sock: &Path) {
     let reserved = r#"{"address": 4276092928, "data": 816}"#;
     refused(sock, "PUT", "/api/v1/irq.msi", Some(reserved), 400);
     refused(sock, "PUT", "/api/v1/vcpus/1/sipi", Some("[]"), 400);
+    let huge = format!("{{\"gsi\": 1, \"action\": \"{}\"}}", "a".repeat(70_000));
+    refused(sock, "PUT", "/api/v1/irq.line", Some(&huge), 413);
+    // Not HTTP at all: the server answers 400 and goes on serving.
+    let mut raw = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    raw.write_all(b"GARBAGE\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    let _ = raw.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
     let info: VmInfo = get(sock, "/api/v1/vm.info");
     assert_eq!(
         info.state, "running",
@@ -232,7 +242,7 @@ fn check_bad_requests(sock: &Path) {
     );
 }
 
-fn check_pause(sock: &Path) {
+fn check_pause(sock: &Path, mode: IrqchipMode) {
     assert_eq!(curl(sock, "PUT", "/api/v1/vm.pause", None).0, 204);
     refused(sock, "PUT", "/api/v1/vm.pause", None, 409);
     let info: VmInfo = get(sock, "/api/v1/vm.info");
@@ -241,6 +251,14 @@ fn check_pause(sock: &Path) {
         info.vcpu_threads.iter().all(|t| t != "running"),
         "a vCPU runs while paused: {info:?}"
     );
+    // The AP waits for its SIPI: blocked outside KVM_RUN in user mode, where the pause leaves it
+    // blocked; inside KVM_RUN in the other modes, which the pause kicks it out of.
+    let ap = if mode == IrqchipMode::User {
+        "waiting_for_sipi"
+    } else {
+        "paused"
+    };
+    assert_eq!(info.vcpu_threads, ["paused", ap]);
     // Paused vCPUs still answer, and stay where they were.
     let a: VcpuInfo = get(sock, "/api/v1/vcpus/0");
     let b: VcpuInfo = get(sock, "/api/v1/vcpus/0");
