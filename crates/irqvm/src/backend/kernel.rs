@@ -37,8 +37,9 @@ impl KernelIrqchip {
 }
 
 impl InterruptLines for KernelIrqchip {
-    /// KVM_IRQ_LINE: KVM's default routing sends line n to PIC input n and IOAPIC pin n (line 0
-    /// to IOAPIC pin 2, as on a PC).
+    /// KVM_IRQ_LINE: KVM's default routing sends line n to PIC input n and IOAPIC pin n, line 0
+    /// included (pin 0, not a PC's pin 2: the control API's `platform` shows the IOAPIC's input
+    /// levels, and line 0 raises pin 0).
     fn set_line(&self, line: u32, level: bool) -> Result<(), IrqchipError> {
         if line >= IRQ_LINES {
             return Err(IrqchipError::NoSuchLine(line));
