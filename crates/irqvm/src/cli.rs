@@ -69,6 +69,9 @@ pub struct RunArgs {
     /// docs/security.md.
     #[arg(long)]
     pub no_seccomp: bool,
+    /// Serve the control API (HTTP/1.1, JSON) on this Unix socket; see docs/operations.md.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
 }
 
 fn parse_memory(text: &str) -> Result<u64, String> {
@@ -97,6 +100,8 @@ pub enum CliError {
     BadTimeout,
     #[error(transparent)]
     Vm(#[from] VmError),
+    #[error("control API: {0}")]
+    Api(#[from] crate::api::ServerError),
 }
 
 /// Exit status when --timeout expires (as timeout(1) uses).
@@ -141,15 +146,15 @@ pub fn demo_config() -> VmConfig {
 
 /// Runs the command line; returns the process exit status.
 pub fn main_with(cli: Cli) -> Result<i32, CliError> {
-    let (cfg, timeout) = match &cli.command {
-        None => (demo_config(), None),
+    let (cfg, timeout, api_sock) = match &cli.command {
+        None => (demo_config(), None, None),
         Some(Command::Run(args)) => {
             let timeout = match args.timeout {
                 None => None,
                 Some(t) if t.is_finite() && t > 0.0 => Some(Duration::from_secs_f64(t)),
                 Some(_) => return Err(CliError::BadTimeout),
             };
-            (run_config(args)?, timeout)
+            (run_config(args)?, timeout, args.api_sock.clone())
         }
     };
     let vm = Vm::new(&cfg)?.start()?;
@@ -159,11 +164,26 @@ pub fn main_with(cli: Cli) -> Result<i32, CliError> {
         .transpose()
         .map_err(VmError::from)?;
     spawn_stdin_reader(vm.devices().clone(), filter.clone());
+    // The API server's threads are created before the main thread's filter goes on, so they are
+    // not filtered (docs/security.md, "Not covered yet").
+    let api = match api_sock {
+        Some(path) => match crate::api::ApiServer::start(&path, vm.handle()) {
+            Ok(server) => Some(server),
+            Err(e) => {
+                vm.stop();
+                let _ = vm.wait(None);
+                return Err(e.into());
+            }
+        },
+        None => None,
+    };
     // Setup is over: from here the main thread only waits, tears down and reports.
     if let Some(filter) = &filter {
         filter.apply("main").map_err(VmError::from)?;
     }
-    match vm.wait(timeout) {
+    let result = vm.wait(timeout);
+    drop(api);
+    match result {
         Ok(report) => {
             log_report(&report);
             Ok(report.exit.exit_status())

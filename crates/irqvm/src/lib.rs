@@ -19,6 +19,7 @@
 //! | [`cli`] | the `irqvm` command line |
 
 pub mod acpi;
+pub mod api;
 pub mod backend;
 pub mod cli;
 pub mod cpuid;

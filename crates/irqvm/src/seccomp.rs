@@ -49,6 +49,7 @@ ioctl_iow_nr!(KVM_SET_DEBUGREGS, KVMIO, 0xa2, kvm_debugregs);
 ioctl_iow_nr!(KVM_IRQ_LINE, KVMIO, 0x61, kvm_irq_level);
 ioctl_iow_nr!(KVM_SET_GSI_ROUTING, KVMIO, 0x6a, kvm_irq_routing);
 ioctl_iow_nr!(KVM_SIGNAL_MSI, KVMIO, 0xa5, kvm_msi);
+ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_bindings::kvm_lapic_state);
 
 /// Errors setting up a filtered thread.
 #[derive(Debug, thiserror::Error)]
@@ -199,6 +200,9 @@ fn rules(role: Role) -> Result<Rules, seccompiler::Error> {
             let stdin = arg_eq(0, libc::STDIN_FILENO as u64)?;
             rules.insert(libc::SYS_read, vec![SeccompRule::new(vec![stdin])?]);
             rules.insert(libc::SYS_exit_group, vec![]);
+            // Tearing down the control API: its socket file is removed when the VM ends.
+            rules.insert(libc::SYS_unlink, vec![]);
+            rules.insert(libc::SYS_unlinkat, vec![]);
         }
     }
     Ok(rules)
@@ -258,10 +262,24 @@ fn vcpu_ioctls(mode: IrqchipMode) -> Vec<u64> {
     let mut list = vec![KVM_RUN(), KVM_GET_REGS(), KVM_GET_SREGS()];
     list.extend(line_ioctls(mode));
     list.extend(match mode {
-        // KVM's MP state for the run report.
-        IrqchipMode::Kernel => vec![KVM_GET_MP_STATE()],
-        // ExtINT by KVM_INTERRUPT; the IOAPIC's redirection table as MSI routes.
-        IrqchipMode::Split => vec![KVM_GET_MP_STATE(), KVM_INTERRUPT(), KVM_SET_GSI_ROUTING()],
+        // KVM's MP state for the run report; KVM's LAPIC, APIC base / TSC deadline MSRs and
+        // events for the control API's state queries (`VcpuIrqchip::introspect`).
+        IrqchipMode::Kernel => vec![
+            KVM_GET_MP_STATE(),
+            KVM_GET_LAPIC(),
+            KVM_GET_MSRS(),
+            KVM_GET_VCPU_EVENTS(),
+        ],
+        // ExtINT by KVM_INTERRUPT; the IOAPIC's redirection table as MSI routes; the same
+        // state queries as `kernel`.
+        IrqchipMode::Split => vec![
+            KVM_GET_MP_STATE(),
+            KVM_INTERRUPT(),
+            KVM_SET_GSI_ROUTING(),
+            KVM_GET_LAPIC(),
+            KVM_GET_MSRS(),
+            KVM_GET_VCPU_EVENTS(),
+        ],
         // Injection, NMI blocking, and the INIT reset of registers, events and MSRs.
         IrqchipMode::User => vec![
             KVM_INTERRUPT(),

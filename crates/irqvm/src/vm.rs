@@ -400,10 +400,21 @@ impl RunningVm {
         shared.mp_state()
     }
 
-    /// Kicks vCPU `index` out of KVM_RUN (and out of blocking).
+    /// What the control API needs of this VM (see `crate::api`).
+    pub fn handle(&self) -> crate::api::VmHandle {
+        crate::api::VmHandle {
+            chip: self.vm.chip.clone(),
+            control: self.vm.control.clone(),
+            vcpus: self.vm.shared.clone(),
+            started: self.started,
+        }
+    }
+
+    /// Kicks vCPU `index` out of KVM_RUN (and out of blocking), and nudges it if paused.
     pub fn kick(&self, index: usize) {
         self.vm.shared[index].kick.kick();
         self.vm.chip.wake_vcpu(index);
+        self.vm.control.nudge_paused();
     }
 
     /// Requests a ping from vCPU `index` and kicks it; returns the ping number (see

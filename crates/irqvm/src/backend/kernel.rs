@@ -9,9 +9,10 @@ use kvm_bindings::{kvm_mp_state, kvm_msi, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UN
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 
 use super::{
-    validate_msi, ChipExit, ChipFeatures, EntryDecision, ExitHandled, InterruptLines, Irqchip,
-    IrqchipError, IrqchipMode, MsiDelivery, VcpuIrqchip, IRQ_LINES,
+    validate_msi, ChipExit, ChipFeatures, EntryDecision, ExitHandled, HostEvent, InterruptLines,
+    Irqchip, IrqchipError, IrqchipMode, MsiDelivery, VcpuIrqchip, IRQ_LINES,
 };
+use crate::api::model::PlatformInfo;
 use crate::kvm::KvmError;
 
 /// `kernel` mode: KVM's own PIC, IOAPIC and LAPICs.
@@ -36,8 +37,9 @@ impl KernelIrqchip {
 }
 
 impl InterruptLines for KernelIrqchip {
-    /// KVM_IRQ_LINE: KVM's default routing sends line n to PIC input n and IOAPIC pin n (line 0
-    /// to IOAPIC pin 2, as on a PC).
+    /// KVM_IRQ_LINE: KVM's default routing sends line n to PIC input n and IOAPIC pin n, line 0
+    /// included (pin 0, not a PC's pin 2: the control API's `platform` shows the IOAPIC's input
+    /// levels, and line 0 raises pin 0).
     fn set_line(&self, line: u32, level: bool) -> Result<(), IrqchipError> {
         if line >= IRQ_LINES {
             return Err(IrqchipError::NoSuchLine(line));
@@ -65,6 +67,14 @@ pub(crate) fn set_initial_kvm_mp_state(index: usize, vcpu: &VcpuFd) -> Result<()
     };
     vcpu.set_mp_state(kvm_mp_state { mp_state })
         .map_err(KvmError::ioctl("KVM_SET_MP_STATE"))?;
+    // KVM rebuilds its APIC ID -> vCPU map when a LAPIC is reset, which for a new vCPU happens
+    // inside KVM_CREATE_VCPU before the vCPU is online: the newest vCPU stays out of the map
+    // until some LAPIC changes (on this host a host MSI, NMI or INIT to the last AP reached
+    // nobody until the guest wrote an APIC register). Writing its own LAPIC state back
+    // rebuilds the map with it.
+    let lapic = vcpu.get_lapic().map_err(KvmError::ioctl("KVM_GET_LAPIC"))?;
+    vcpu.set_lapic(&lapic)
+        .map_err(KvmError::ioctl("KVM_SET_LAPIC"))?;
     Ok(())
 }
 
@@ -89,6 +99,15 @@ impl Irqchip for KernelIrqchip {
 
     /// Nothing to do: a kernel-mode vCPU blocks inside KVM_RUN, which the kick interrupts.
     fn wake_vcpu(&self, _index: usize) {}
+
+    /// KVM_GET_IRQCHIP of both PICs and the IOAPIC.
+    fn platform_info(&self) -> Result<PlatformInfo, IrqchipError> {
+        Ok(crate::api::platform::from_kvm(&self.vm)?)
+    }
+
+    fn send_event(&self, index: usize, event: HostEvent) -> Result<MsiDelivery, IrqchipError> {
+        super::kvm_send_event(&self.vm, index, event)
+    }
 }
 
 /// The per-vCPU half of `kernel` mode: KVM does everything.

@@ -58,6 +58,7 @@ use std::time::Instant;
 use irqchip::msi::{MsiError, MsiMessage};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
+use crate::api::model::{LapicInfo, PendingInfo, PlatformInfo};
 use crate::kvm::KvmError;
 
 pub mod kernel;
@@ -104,6 +105,9 @@ pub enum IrqchipError {
         #[source]
         source: KvmError,
     },
+    /// A host request named a vCPU the VM does not have.
+    #[error("vCPU {0} does not exist")]
+    NoSuchVcpu(usize),
     #[error("interrupt line {0} does not exist (lines are 0-{max})", max = IRQ_LINES - 1)]
     NoSuchLine(u32),
     /// A message-signalled interrupt that is not one (address outside 0xFEExxxxx, a reserved
@@ -163,6 +167,35 @@ pub trait InterruptLines: Send + Sync {
     /// its APIC bus (kicking or waking the target); `split` and `kernel` hand it to KVM's LAPICs
     /// with KVM_SIGNAL_MSI.
     fn signal_msi(&self, address: u64, data: u32) -> Result<MsiDelivery, IrqchipError>;
+}
+
+/// An event the host raises at one vCPU (the control API's injection), as a local APIC would
+/// receive it from the APIC bus.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostEvent {
+    Nmi,
+    Init,
+    /// Start-up IPI with this vector (the AP starts at vector << 12).
+    Sipi(u8),
+}
+
+impl HostEvent {
+    /// The delivery mode (SDM vol. 3 §11.6.1: 100b NMI, 101b INIT, 110b start-up).
+    pub fn delivery_mode(self) -> u32 {
+        match self {
+            Self::Nmi => 4,
+            Self::Init => 5,
+            Self::Sipi(_) => 6,
+        }
+    }
+
+    /// The message's vector field (only start-up uses it).
+    pub fn vector(self) -> u8 {
+        match self {
+            Self::Sipi(v) => v,
+            Self::Nmi | Self::Init => 0,
+        }
+    }
 }
 
 /// CPUID features whose presence depends on the interrupt controller.
@@ -271,6 +304,19 @@ pub trait Irqchip: InterruptLines {
     /// stop flag; the backend's own posters use it for interrupts to halted vCPUs). Must latch:
     /// a wake that comes before `block` is called makes that `block` return at once.
     fn wake_vcpu(&self, index: usize);
+
+    /// The PICs, the IOAPIC and the GSI routing now (the control API).
+    fn platform_info(&self) -> Result<PlatformInfo, IrqchipError>;
+
+    /// Raises `event` at vCPU `index` from the host (the control API), as the APIC bus would
+    /// deliver it to that vCPU's local APIC; says whether the LAPIC took it.
+    fn send_event(&self, index: usize, event: HostEvent) -> Result<MsiDelivery, IrqchipError>;
+
+    /// The backend's own counters (relaxed loads) by name: `out(None, ..)` for the VM-wide
+    /// ones, `out(Some(i), ..)` for vCPU `i`'s.
+    fn counters(&self, out: &mut dyn FnMut(Option<usize>, &str, u64)) {
+        let _ = out;
+    }
 }
 
 /// The per-vCPU half of a backend, owned by (and only called from) that vCPU's thread.
@@ -295,6 +341,37 @@ pub trait VcpuIrqchip: Send {
     /// in `kernel` and `split` mode, the `irqchip` model's in `user` mode (where KVM's is always
     /// RUNNABLE). Called on the vCPU's thread, outside KVM_RUN, for reports and snapshots.
     fn mp_state(&mut self, vcpu: &mut VcpuFd) -> Result<u32, IrqchipError>;
+
+    /// The vCPU's local APIC and pending events for the control API, on the vCPU's thread
+    /// outside KVM_RUN. The default reads KVM's LAPIC (`kernel` and `split` mode).
+    fn introspect(&mut self, vcpu: &mut VcpuFd) -> Result<(LapicInfo, PendingInfo), IrqchipError> {
+        let lapic = crate::api::lapic::kvm_lapic(vcpu)?;
+        let pending = crate::api::lapic::kvm_pending(vcpu, 0)?;
+        Ok((lapic, pending))
+    }
+}
+
+/// `kernel` and `split` mode: a host event as an MSI to KVM's LAPICs, physical destination =
+/// the vCPU's initial APIC ID (its index). KVM_SIGNAL_MSI hands every delivery mode to the
+/// same `__apic_accept_irq` an ICR write reaches, so NMI, INIT and start-up all arrive as
+/// IPIs would (a start-up MSI is reserved for devices, SDM §11.11.2, which is why this path
+/// skips [`validate_msi`]).
+pub(crate) fn kvm_send_event(
+    vm: &VmFd,
+    index: usize,
+    event: HostEvent,
+) -> Result<MsiDelivery, IrqchipError> {
+    let id = u64::try_from(index).ok().filter(|&id| id < 0xFF);
+    let Some(id) = id else {
+        return Err(IrqchipError::NoSuchVcpu(index));
+    };
+    let msi = MsiMessage {
+        address: 0xFEE0_0000 | id << 12,
+        data: event.delivery_mode() << 8 | u32::from(event.vector()),
+    };
+    let delivery = kernel::kvm_signal_msi(vm, msi)?;
+    tracing::debug!(index, ?event, ?delivery, "host event sent to KVM's LAPICs");
+    Ok(delivery)
 }
 
 /// How a backend forces vCPU `index` out of KVM_RUN (seed 001's kick: a signal plus

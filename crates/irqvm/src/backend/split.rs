@@ -78,9 +78,11 @@ use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 
 use super::kernel::{kvm_mp_state, kvm_signal_msi, set_initial_kvm_mp_state};
 use super::{
-    validate_msi, ChipContext, ChipExit, ChipFeatures, EntryDecision, ExitHandled, InterruptLines,
-    Irqchip, IrqchipError, IrqchipMode, MsiDelivery, VcpuIrqchip, VcpuKicker, IRQ_LINES,
+    validate_msi, ChipContext, ChipExit, ChipFeatures, EntryDecision, ExitHandled, HostEvent,
+    InterruptLines, Irqchip, IrqchipError, IrqchipMode, MsiDelivery, VcpuIrqchip, VcpuKicker,
+    IRQ_LINES,
 };
+use crate::api::model::PlatformInfo;
 use crate::kvm::{self, KvmError};
 
 /// Size of the IOAPIC's MMIO window claimed from the exits.
@@ -453,6 +455,33 @@ impl Irqchip for SplitIrqchip {
 
     /// Nothing to do: a halted vCPU blocks inside KVM_RUN, which the kick interrupts.
     fn wake_vcpu(&self, _index: usize) {}
+
+    /// The userspace PICs, IOAPIC and routing (one short hold of the chip's device locks).
+    fn platform_info(&self) -> Result<PlatformInfo, IrqchipError> {
+        Ok(crate::api::platform::from_devices(
+            &self.shared.chip.save_devices(),
+        ))
+    }
+
+    fn send_event(&self, index: usize, event: HostEvent) -> Result<MsiDelivery, IrqchipError> {
+        super::kvm_send_event(&self.shared.chip.sink().vm, index, event)
+    }
+
+    fn counters(&self, out: &mut dyn FnMut(Option<usize>, &str, u64)) {
+        let s = self.stats();
+        let all = [
+            ("msis_signalled", s.msis_signalled),
+            ("ioapic_eois", s.ioapic_eois),
+            ("route_updates", s.route_updates),
+            ("extints_injected", s.extints_injected),
+            ("window_requests", s.window_requests),
+            ("extint_kicks", s.extint_kicks),
+            ("host_msis", s.host_msis),
+        ];
+        for (name, value) in all {
+            out(None, name, value);
+        }
+    }
 }
 
 /// The per-vCPU half of `split` mode: ExtINT injection and the exits of the userspace chips.

@@ -10,7 +10,12 @@
 //! Created --start--> Running <--> Halted / WaitingForSipi   (user-mode backends: no KVM_RUN)
 //!                      |
 //!                      +--> Stopped  (stop requested, guest ended the VM, or an error)
+//!   Running / Halted / WaitingForSipi --pause--> Paused --resume--> Running
 //! ```
+//!
+//! A vCPU takes a pause request at the top of its loop, so outside KVM_RUN (the pauser kicks it
+//! out); one blocked in a `user`-mode HLT or wait-for-SIPI stays blocked and pauses when it
+//! next wakes. While paused it still answers state requests ([`VcpuShared::request_info`]).
 //!
 //! `Running` means "in or around KVM_RUN". In `kernel` mode a halted vCPU, and an AP waiting for
 //! its SIPI, stay `Running` from the VMM's view: KVM blocks them inside KVM_RUN, and a kick
@@ -20,11 +25,12 @@ pub mod regs;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use irqchip::mpstate::{kvm_abi, MpState};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
+use crate::api::model::VcpuInfo;
 use crate::backend::{
     BlockReason, ChipExit, EntryDecision, ExitHandled, IrqchipError, VcpuIrqchip,
 };
@@ -45,6 +51,8 @@ pub enum VcpuState {
     WaitingForSipi = 3,
     /// Left its loop.
     Stopped = 4,
+    /// Held outside KVM_RUN by a pause of the VM.
+    Paused = 5,
 }
 
 impl VcpuState {
@@ -54,7 +62,22 @@ impl VcpuState {
             1 => Self::Running,
             2 => Self::Halted,
             3 => Self::WaitingForSipi,
+            5 => Self::Paused,
             _ => Self::Stopped,
+        }
+    }
+}
+
+impl VcpuState {
+    /// The name the control API uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::Running => "running",
+            Self::Halted => "halted",
+            Self::WaitingForSipi => "waiting_for_sipi",
+            Self::Stopped => "stopped",
+            Self::Paused => "paused",
         }
     }
 }
@@ -127,6 +150,17 @@ pub fn mp_state_from_kvm(value: u32) -> Option<MpState> {
     }
 }
 
+/// The control API's name of an MP state (KVM's names, lower case).
+pub fn mp_state_name(state: MpState) -> &'static str {
+    match state {
+        MpState::Runnable => "runnable",
+        MpState::Uninitialized => "uninitialized",
+        MpState::InitReceived => "init_received",
+        MpState::Halted => "halted",
+        MpState::ApResetHold => "ap_reset_hold",
+    }
+}
+
 /// No MP state recorded yet.
 const MP_STATE_UNKNOWN: u32 = u32::MAX;
 
@@ -141,6 +175,11 @@ pub struct VcpuShared {
     pings_answered: AtomicU64,
     /// The KVM_GET_MP_STATE value the vCPU thread read last (at a ping, and when it stopped).
     mp_state: AtomicU32,
+    info_requested: AtomicU64,
+    info_answered: AtomicU64,
+    /// The state the vCPU thread read at its latest answered info request. The vCPU thread
+    /// locks it only to answer a request, never on its fast path.
+    info: Mutex<Option<Result<VcpuInfo, String>>>,
 }
 
 impl VcpuShared {
@@ -153,7 +192,31 @@ impl VcpuShared {
             pings_requested: AtomicU64::new(0),
             pings_answered: AtomicU64::new(0),
             mp_state: AtomicU32::new(MP_STATE_UNKNOWN),
+            info_requested: AtomicU64::new(0),
+            info_answered: AtomicU64::new(0),
+            info: Mutex::new(None),
         }
+    }
+
+    /// Asks the vCPU thread for its state (answered at the top of its loop, or while paused).
+    /// Returns the request number to wait for with [`Self::info_answered`]; the caller must
+    /// also kick and wake the vCPU.
+    pub fn request_info(&self) -> u64 {
+        self.info_requested.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// The highest info request number the vCPU thread has answered.
+    pub fn info_answered(&self) -> u64 {
+        self.info_answered.load(Ordering::SeqCst)
+    }
+
+    /// The state read at the latest answered request (`Err` with the reason if a read failed).
+    pub fn last_info(&self) -> Option<Result<VcpuInfo, String>> {
+        self.info.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn info_pending(&self) -> bool {
+        self.info_requested.load(Ordering::Acquire) != self.info_answered.load(Ordering::Acquire)
     }
 
     pub fn state(&self) -> VcpuState {
@@ -261,6 +324,12 @@ pub struct VmControl {
     stop: AtomicBool,
     outcome: Mutex<Option<VmOutcome>>,
     finished: Condvar,
+    /// A pause is requested: every vCPU holds at the top of its loop until it clears.
+    paused: AtomicBool,
+    /// What paused vCPUs sleep on. Only the slow paths take it (pause, resume, stop, a state
+    /// request to a paused vCPU), each for a notify, never while waiting for anything else.
+    pause_lock: Mutex<()>,
+    pause_changed: Condvar,
 }
 
 impl VmControl {
@@ -278,6 +347,40 @@ impl VmControl {
         }
         self.stop.store(true, Ordering::SeqCst);
         self.finished.notify_all();
+        drop(slot);
+        self.nudge_paused();
+    }
+
+    /// True while a pause is requested.
+    pub fn pause_requested(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    /// Requests a pause (false if one was already requested). The caller then kicks every
+    /// vCPU out of KVM_RUN.
+    pub fn pause(&self) -> bool {
+        !self.paused.swap(true, Ordering::SeqCst)
+    }
+
+    /// Ends a pause (false if none was requested) and releases the paused vCPUs.
+    pub fn resume(&self) -> bool {
+        let was = self.paused.swap(false, Ordering::SeqCst);
+        self.nudge_paused();
+        was
+    }
+
+    /// Wakes paused vCPUs to look at their requests (resume, stop, a state request).
+    pub fn nudge_paused(&self) {
+        let _guard = self.pause_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.pause_changed.notify_all();
+    }
+
+    /// A paused vCPU's sleep: until nudged or `limit` passes (a backstop; every change nudges).
+    fn wait_paused(&self, limit: Duration) {
+        let guard = self.pause_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if self.pause_requested() && !self.stop_requested() {
+            let _ = self.pause_changed.wait_timeout(guard, limit);
+        }
     }
 
     /// Waits for the outcome until `deadline`; `None` if it passed first.
@@ -360,8 +463,15 @@ impl VcpuThread {
                 self.record_mp_state();
             }
             shared.answer_pings();
+            if shared.info_pending() {
+                self.answer_info();
+            }
             if self.control.stop_requested() {
                 return Ok(());
+            }
+            if self.control.pause_requested() {
+                self.hold_paused();
+                continue;
             }
             if let EntryDecision::Block { reason, deadline } =
                 self.chip.before_entry(&mut self.fd)?
@@ -397,6 +507,54 @@ impl VcpuThread {
                 }
             }
         }
+    }
+
+    /// Holds the vCPU outside KVM_RUN while the VM is paused, answering state requests.
+    fn hold_paused(&mut self) {
+        let shared = self.shared.clone();
+        shared.set_state(VcpuState::Paused);
+        while self.control.pause_requested() && !self.control.stop_requested() {
+            if shared.ping_pending() {
+                self.record_mp_state();
+                shared.answer_pings();
+            }
+            if shared.info_pending() {
+                self.answer_info();
+            }
+            self.control.wait_paused(Duration::from_millis(50));
+        }
+        shared.set_state(VcpuState::Running);
+    }
+
+    /// Answers the pending state requests: reads everything (the backend's LAPIC view, the MP
+    /// state, RIP), stores it, then publishes the request number it answers.
+    fn answer_info(&mut self) {
+        let requested = self.shared.info_requested.load(Ordering::SeqCst);
+        let info = self.read_info().map_err(|e| e.to_string());
+        *self.shared.info.lock().unwrap_or_else(|p| p.into_inner()) = Some(info);
+        self.shared.info_answered.store(requested, Ordering::SeqCst);
+    }
+
+    fn read_info(&mut self) -> Result<VcpuInfo, VcpuError> {
+        let mp = self.chip.mp_state(&mut self.fd)?;
+        self.shared.set_mp_state(mp);
+        let (lapic, pending) = self.chip.introspect(&mut self.fd)?;
+        let rip = self
+            .fd
+            .get_regs()
+            .map_err(crate::kvm::KvmError::ioctl("KVM_GET_REGS"))
+            .map_err(IrqchipError::from)?
+            .rip;
+        let mp_state = mp_state_from_kvm(mp);
+        Ok(VcpuInfo {
+            index: self.shared.index,
+            thread: self.shared.state().name().into(),
+            mp_state: mp_state.map_or("unknown", mp_state_name).into(),
+            halted: mp_state == Some(MpState::Halted),
+            rip,
+            pending,
+            lapic,
+        })
     }
 
     /// Reads the MP state through the backend into [`VcpuShared`]; a failure is logged (the

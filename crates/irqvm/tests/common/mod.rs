@@ -175,7 +175,7 @@ const HOST_LINE: u32 = 10;
 /// The host half of storm.c's handshake: `busy` = 1, then read `stop` (the guest writes `stop`,
 /// then reads `busy`: one side always sees the other), pulse, wait until the guest counted it,
 /// `busy` = 0. Bounded by the VM's end.
-fn pulse_host_line(vm: &RunningVm, capture: &SerialCapture) -> u32 {
+pub fn pulse_host_line(vm: &RunningVm, capture: &SerialCapture) -> u32 {
     let start = Instant::now();
     let over = || start.elapsed() > VM_TIMEOUT || vm.vcpu(0).state() == VcpuState::Stopped;
     let Some(link) = wait_for_host_link(capture, &over) else {

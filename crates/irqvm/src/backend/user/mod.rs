@@ -16,6 +16,7 @@
 //! Per vCPU (`percpu::UserVcpuChip`): see the `percpu` submodule: publish, drain, accept INIT/SIPI,
 //! poll the timer, block or inject, with CR8 kept in step with the TPR.
 
+mod counters;
 mod notify;
 mod percpu;
 mod platform;
@@ -38,11 +39,13 @@ use irqchip::msi::MsiMessage;
 use irqchip::vcpu::VcpuInterrupts;
 use irqchip::{ClockConfig, Nanos};
 
+use crate::api::model::PlatformInfo;
 use crate::backend::{
-    ChipContext, ChipFeatures, InterruptLines, Irqchip, IrqchipError, IrqchipMode, MsiDelivery,
-    VcpuIrqchip, IRQ_LINES,
+    ChipContext, ChipFeatures, HostEvent, InterruptLines, Irqchip, IrqchipError, IrqchipMode,
+    MsiDelivery, VcpuIrqchip, IRQ_LINES,
 };
 use crate::kvm::{require_cap, KvmError};
+use irqchip::{ApicEvents, InterruptSink};
 
 pub use platform::{IOAPIC_BASE, IOAPIC_SIZE};
 
@@ -95,6 +98,8 @@ pub(crate) struct Shared {
     pub platform: platform::Platform,
     pub notifier: Arc<notify::Notifier>,
     pub timers: timers::VmTimers,
+    /// Index = vCPU; each written only by its vCPU's thread.
+    pub counters: Vec<counters::VcpuCounters>,
 }
 
 /// The VM-wide half of the `user` backend.
@@ -145,6 +150,9 @@ impl UserIrqchip {
             platform: platform::Platform::new(chip, notifier.clone()),
             notifier,
             timers,
+            counters: (0..ctx.kicker.vcpus())
+                .map(|_| counters::VcpuCounters::default())
+                .collect(),
         });
         Ok(Self {
             shared,
@@ -309,6 +317,46 @@ impl Irqchip for UserIrqchip {
 
     fn wake_vcpu(&self, index: usize) {
         self.shared.notifier.ring(index);
+    }
+
+    /// The model's PICs, IOAPIC and routing (one short hold of the chip's device locks).
+    fn platform_info(&self) -> Result<PlatformInfo, IrqchipError> {
+        Ok(crate::api::platform::from_devices(
+            &self.shared.platform.chip().save_devices(),
+        ))
+    }
+
+    /// Latches the event in vCPU `index`'s inbox, as the APIC bus does for an IPI with that
+    /// delivery mode, and kicks or wakes it.
+    fn send_event(&self, index: usize, event: HostEvent) -> Result<MsiDelivery, IrqchipError> {
+        let inbox = self
+            .shared
+            .platform
+            .chip()
+            .bus()
+            .sink(index)
+            .ok_or(IrqchipError::NoSuchVcpu(index))?;
+        let events = ApicEvents {
+            nmi: event == HostEvent::Nmi,
+            init: event == HostEvent::Init,
+            sipi: match event {
+                HostEvent::Sipi(vector) => Some(vector),
+                _ => None,
+            },
+            ..ApicEvents::default()
+        };
+        let how = inbox.post_events(events);
+        self.shared.notifier.notify(index, how);
+        Ok(MsiDelivery::Delivered)
+    }
+
+    fn counters(&self, out: &mut dyn FnMut(Option<usize>, &str, u64)) {
+        for (index, c) in self.shared.counters.iter().enumerate() {
+            c.visit(&mut |name, value| out(Some(index), name, value));
+        }
+        self.shared
+            .notifier
+            .visit(&mut |index, name, value| out(Some(index), name, value));
     }
 }
 

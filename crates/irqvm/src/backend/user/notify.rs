@@ -2,6 +2,7 @@
 //! the target out of KVM_RUN (real-time signal + `immediate_exit`, see `crate::kick`), `Wake`
 //! rings the doorbell the blocked target sleeps on.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use irqchip::vcpu::VmBus;
@@ -13,19 +14,49 @@ use crate::backend::VcpuKicker;
 pub struct Notifier {
     kicker: Arc<dyn VcpuKicker>,
     bus: Arc<VmBus>,
+    /// Per target: posts that asked for a kick, for a doorbell wake-up (relaxed counts for the
+    /// control API; each sits beside a signal or a futex wake, which cost far more).
+    kicks: Vec<AtomicU64>,
+    wakes: Vec<AtomicU64>,
 }
 
 impl Notifier {
     pub fn new(kicker: Arc<dyn VcpuKicker>, bus: Arc<VmBus>) -> Self {
-        Self { kicker, bus }
+        let counts = || (0..kicker.vcpus()).map(|_| AtomicU64::new(0)).collect();
+        Self {
+            kicks: counts(),
+            wakes: counts(),
+            kicker,
+            bus,
+        }
+    }
+
+    /// The notification counts per vCPU.
+    pub fn visit(&self, out: &mut dyn FnMut(usize, &str, u64)) {
+        for (i, (k, w)) in self.kicks.iter().zip(&self.wakes).enumerate() {
+            out(i, "post_kicks", k.load(Ordering::Relaxed));
+            out(i, "post_wakes", w.load(Ordering::Relaxed));
+        }
+    }
+
+    fn count(counts: &[AtomicU64], target: VcpuIndex) {
+        if let Some(c) = counts.get(target) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Acts on the result of a post to vCPU `target`.
     pub fn notify(&self, target: VcpuIndex, how: Notify) {
         match how {
             Notify::None => {}
-            Notify::Kick => self.kicker.kick(target),
-            Notify::Wake => self.ring(target),
+            Notify::Kick => {
+                Self::count(&self.kicks, target);
+                self.kicker.kick(target);
+            }
+            Notify::Wake => {
+                Self::count(&self.wakes, target);
+                self.ring(target);
+            }
         }
     }
 

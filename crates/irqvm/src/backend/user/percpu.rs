@@ -295,6 +295,10 @@ impl UserVcpuChip {
         }
     }
 
+    fn counters(&self) -> &super::counters::VcpuCounters {
+        &self.shared.counters[self.interrupts.index()]
+    }
+
     fn platform(&self) -> &Platform {
         &self.shared.platform
     }
@@ -391,6 +395,7 @@ impl UserVcpuChip {
             },
         };
         inject_interrupt(vcpu, vector)?;
+        self.counters().injected(vector);
         self.window_kick.injected(now, fired);
         Ok(())
     }
@@ -409,6 +414,7 @@ impl UserVcpuChip {
         self.interrupts.process_nmi(blocked);
         while self.interrupts.take_nmi() {
             vcpu.nmi().map_err(KvmError::ioctl("KVM_NMI"))?;
+            super::counters::bump(&self.counters().nmis_injected);
         }
         Ok(())
     }
@@ -581,8 +587,10 @@ impl VcpuIrqchip for UserVcpuChip {
     /// which rings this doorbell.
     fn block(&mut self, deadline: Option<Instant>) {
         if self.halt_poll.poll(self.interrupts.inbox(), deadline) {
+            super::counters::bump(&self.counters().halt_polls_ok);
             return;
         }
+        super::counters::bump(&self.counters().halt_sleeps);
         let start = Instant::now();
         self.interrupts.block();
         self.halt_poll.slept(start.elapsed());
@@ -594,6 +602,17 @@ impl VcpuIrqchip for UserVcpuChip {
         self.interrupts.drain();
         self.accept_init_sipi(vcpu)?;
         Ok(self.interrupts.mp_state().to_kvm())
+    }
+
+    /// The model's local APIC; NMIs the model holds plus those KVM queued (KVM_NMI).
+    fn introspect(
+        &mut self,
+        vcpu: &mut VcpuFd,
+    ) -> Result<(crate::api::model::LapicInfo, crate::api::model::PendingInfo), IrqchipError> {
+        let lapic =
+            crate::api::lapic::model_lapic(self.interrupts.lapic(), self.shared.clock.now());
+        let held = u32::from(self.interrupts.pending_nmis());
+        Ok((lapic, crate::api::lapic::kvm_pending(vcpu, held)?))
     }
 }
 

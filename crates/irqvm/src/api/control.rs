@@ -1,0 +1,232 @@
+//! [`Control`] over a running VM: what the API thread may touch (atomics, kicks, the chip's
+//! `&self` methods) and nothing a vCPU owns.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::model::{Counters, LineRequest, MsiRequest, PlatformInfo, VcpuInfo, VmInfo};
+use super::router::Control;
+use super::ApiError;
+use crate::backend::{HostEvent, Irqchip, IrqchipError, IrqchipMode, MsiDelivery};
+use crate::vcpu::{GuestExit, VcpuShared, VcpuState, VmControl};
+
+/// How long the API waits for a vCPU to answer a state request or to pause.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The parts of a running VM the API thread uses (`RunningVm::handle`).
+#[derive(Clone)]
+pub struct VmHandle {
+    pub(crate) chip: Arc<dyn Irqchip>,
+    pub(crate) control: Arc<VmControl>,
+    pub(crate) vcpus: Vec<Arc<VcpuShared>>,
+    pub(crate) started: Instant,
+}
+
+fn mode_name(mode: IrqchipMode) -> &'static str {
+    match mode {
+        IrqchipMode::User => "user",
+        IrqchipMode::Split => "split",
+        IrqchipMode::Kernel => "kernel",
+    }
+}
+
+fn chip_error(e: IrqchipError) -> ApiError {
+    match e {
+        IrqchipError::NoSuchLine(_) | IrqchipError::InvalidMsi { .. } => {
+            ApiError::BadRequest(e.to_string())
+        }
+        IrqchipError::NoSuchVcpu(_) => ApiError::NotFound(e.to_string()),
+        other => ApiError::Internal(other.to_string()),
+    }
+}
+
+impl VmHandle {
+    fn stopped(&self) -> bool {
+        self.control.stop_requested()
+    }
+
+    fn require_running(&self) -> Result<(), ApiError> {
+        if self.stopped() {
+            return Err(ApiError::Conflict("the VM has stopped".into()));
+        }
+        Ok(())
+    }
+
+    /// Kicks vCPU `index` out of KVM_RUN and, with `wake`, out of a `user`-mode block.
+    fn kick(&self, index: usize, wake: bool) {
+        self.vcpus[index].kick.kick();
+        if wake {
+            self.chip.wake_vcpu(index);
+        }
+    }
+
+    /// Polls `done` every millisecond until it holds or [`ANSWER_TIMEOUT`] passes.
+    fn wait_for(&self, done: impl Fn() -> bool) -> bool {
+        let deadline = Instant::now() + ANSWER_TIMEOUT;
+        while !done() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+
+    /// Outside KVM_RUN and held there: paused, or blocked in a `user`-mode HLT / wait-for-SIPI
+    /// (which pauses when it next wakes, before any guest entry).
+    fn held(state: VcpuState) -> bool {
+        !matches!(state, VcpuState::Running)
+    }
+}
+
+impl Control for VmHandle {
+    fn info(&self) -> VmInfo {
+        let state = if self.stopped() {
+            "stopped"
+        } else if self.control.pause_requested() {
+            "paused"
+        } else {
+            "running"
+        };
+        VmInfo {
+            state: state.into(),
+            irqchip: mode_name(self.chip.mode()).into(),
+            vcpus: self.vcpus.len(),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            vcpu_threads: self.vcpus.iter().map(|v| v.state().name().into()).collect(),
+        }
+    }
+
+    /// Requests the pause, kicks every vCPU out of KVM_RUN (a blocked one is not woken: it
+    /// stays blocked), and waits until none is in or around KVM_RUN.
+    fn pause(&self) -> Result<(), ApiError> {
+        self.require_running()?;
+        if !self.control.pause() {
+            return Err(ApiError::Conflict("the VM is already paused".into()));
+        }
+        for index in 0..self.vcpus.len() {
+            self.kick(index, false);
+        }
+        let all_held = || self.vcpus.iter().all(|v| Self::held(v.state()));
+        if !self.wait_for(all_held) {
+            self.control.resume();
+            return Err(ApiError::Unavailable(
+                "a vCPU did not leave KVM_RUN in time; the VM keeps running".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn resume(&self) -> Result<(), ApiError> {
+        self.require_running()?;
+        if !self.control.resume() {
+            return Err(ApiError::Conflict("the VM is not paused".into()));
+        }
+        Ok(())
+    }
+
+    /// Cloud Hypervisor's `vm.shutdown`: the VM ends as a host stop does (exit status 0).
+    fn shutdown(&self) -> Result<(), ApiError> {
+        self.require_running()?;
+        self.control.finish(Ok(GuestExit::Stopped));
+        for index in 0..self.vcpus.len() {
+            self.kick(index, true);
+        }
+        Ok(())
+    }
+
+    fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    /// Asks the vCPU's thread (kicked out of KVM_RUN, woken from a block, nudged if paused) and
+    /// polls for its answer.
+    fn vcpu(&self, index: usize) -> Result<VcpuInfo, ApiError> {
+        let shared = self
+            .vcpus
+            .get(index)
+            .ok_or_else(|| ApiError::NotFound(format!("vCPU {index} does not exist")))?;
+        let n = shared.request_info();
+        self.kick(index, true);
+        self.control.nudge_paused();
+        let answered = || shared.info_answered() >= n || shared.state() == VcpuState::Stopped;
+        if !self.wait_for(answered) {
+            return Err(ApiError::Unavailable(format!(
+                "vCPU {index} did not answer in time"
+            )));
+        }
+        if shared.info_answered() < n {
+            return Err(ApiError::Conflict(format!("vCPU {index} has stopped")));
+        }
+        match shared.last_info() {
+            Some(Ok(info)) => Ok(info),
+            Some(Err(e)) => Err(ApiError::Internal(format!("vCPU {index}: {e}"))),
+            None => Err(ApiError::Internal(format!("vCPU {index}: no answer"))),
+        }
+    }
+
+    fn platform(&self) -> Result<PlatformInfo, ApiError> {
+        self.chip.platform_info().map_err(chip_error)
+    }
+
+    fn counters(&self) -> Counters {
+        let mut all = Counters::new();
+        for v in &self.vcpus {
+            let s = v.stats.snapshot();
+            let map: BTreeMap<String, u64> = [
+                ("kvm_runs", s.kvm_runs),
+                ("eintr_returns", s.eintr_returns),
+                ("pio_exits", s.pio_exits),
+                ("mmio_exits", s.mmio_exits),
+                ("msr_exits", s.msr_exits),
+                ("hlt_exits", s.hlt_exits),
+                ("other_exits", s.other_exits),
+                ("blocks", s.blocks),
+                ("kicks", v.kick.kicks_sent()),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+            all.insert(format!("vcpu{}", v.index), map);
+        }
+        self.chip.counters(&mut |vcpu, name, value| {
+            let group = vcpu.map_or_else(|| "irqchip".to_string(), |i| format!("vcpu{i}"));
+            all.entry(group)
+                .or_default()
+                .insert(name.to_string(), value);
+        });
+        all
+    }
+
+    fn line(&self, request: &LineRequest) -> Result<(), ApiError> {
+        let gsi = request.gsi;
+        match request.action.as_str() {
+            "assert" => self.chip.set_line(gsi, true),
+            "deassert" => self.chip.set_line(gsi, false),
+            "pulse" => self.chip.pulse_line(gsi),
+            other => {
+                return Err(ApiError::BadRequest(format!(
+                    "action {other:?} is not one of assert, deassert, pulse"
+                )))
+            }
+        }
+        .map_err(chip_error)
+    }
+
+    fn msi(&self, request: &MsiRequest) -> Result<bool, ApiError> {
+        let delivery = self
+            .chip
+            .signal_msi(request.address, request.data)
+            .map_err(chip_error)?;
+        Ok(delivery == MsiDelivery::Delivered)
+    }
+
+    fn event(&self, index: usize, event: HostEvent) -> Result<bool, ApiError> {
+        if index >= self.vcpus.len() {
+            return Err(ApiError::NotFound(format!("vCPU {index} does not exist")));
+        }
+        let delivery = self.chip.send_event(index, event).map_err(chip_error)?;
+        Ok(delivery == MsiDelivery::Delivered)
+    }
+}

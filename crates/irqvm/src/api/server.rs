@@ -1,0 +1,125 @@
+//! The listening side: `tiny_http` on a Unix socket, one `api` thread that reads each request
+//! (body capped at [`MAX_BODY`]), routes it and writes the answer. `tiny_http` was chosen as the
+//! lightest well-kept synchronous HTTP/1.1 server that listens on a Unix socket: Firecracker's
+//! `micro_http` is not published on crates.io (the crate of that name there is an unrelated
+//! async server), and hyper would bring an async runtime for a handful of requests a second.
+
+use std::io::Read;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use tiny_http::{Header, Response, Server};
+
+use super::router::{self, Control};
+
+/// Largest request body read; the rest is refused.
+pub const MAX_BODY: u64 = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("{0} exists and is not a socket: not replacing it")]
+    NotASocket(PathBuf),
+    #[error("cannot remove the stale socket {path}: {source}")]
+    Stale {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {path}: {reason}")]
+    Listen { path: PathBuf, reason: String },
+    #[error("cannot start the API thread: {0}")]
+    Spawn(#[source] std::io::Error),
+}
+
+/// A running API server; dropping it stops the thread and removes the socket.
+pub struct ApiServer {
+    server: Arc<Server>,
+    thread: Option<JoinHandle<()>>,
+    path: PathBuf,
+}
+
+/// Removes a socket a previous run left behind (never another kind of file).
+fn remove_stale(path: &Path) -> Result<(), ServerError> {
+    match std::fs::symlink_metadata(path) {
+        Err(_) => Ok(()),
+        Ok(meta) if meta.file_type().is_socket() => {
+            std::fs::remove_file(path).map_err(|source| ServerError::Stale {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+        Ok(_) => Err(ServerError::NotASocket(path.to_path_buf())),
+    }
+}
+
+impl ApiServer {
+    /// Listens on `path` and serves `control` on a thread named `api`.
+    pub fn start<C: Control + Send + Sync + 'static>(
+        path: &Path,
+        control: C,
+    ) -> Result<Self, ServerError> {
+        remove_stale(path)?;
+        let server = Server::http_unix(path).map_err(|e| ServerError::Listen {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let server = Arc::new(server);
+        let thread = {
+            let server = server.clone();
+            std::thread::Builder::new()
+                .name("api".into())
+                .spawn(move || serve(&server, &control))
+                .map_err(ServerError::Spawn)?
+        };
+        Ok(Self {
+            server,
+            thread: Some(thread),
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.server.unblock();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn serve(server: &Server, control: &dyn Control) {
+    for mut request in server.incoming_requests() {
+        let mut body = Vec::new();
+        let read = request
+            .as_reader()
+            .take(MAX_BODY + 1)
+            .read_to_end(&mut body);
+        let reply = match read {
+            Err(e) => too_bad(400, &format!("cannot read the body: {e}")),
+            Ok(_) if body.len() as u64 > MAX_BODY => {
+                too_bad(413, &format!("the body exceeds {MAX_BODY} bytes"))
+            }
+            Ok(_) => router::route(request.method().as_str(), request.url(), &body, control),
+        };
+        let mut response = Response::from_string(reply.body).with_status_code(reply.status);
+        if reply.status != 204 {
+            if let Ok(header) = Header::from_bytes("Content-Type", "application/json") {
+                response = response.with_header(header);
+            }
+        }
+        if let Err(e) = request.respond(response) {
+            tracing::debug!("API client went away: {e}");
+        }
+    }
+}
+
+fn too_bad(status: u16, message: &str) -> router::Reply {
+    router::Reply {
+        status,
+        body: serde_json::json!({ "error": message }).to_string(),
+    }
+}

@@ -1,0 +1,365 @@
+//! The control API driven with curl (Debian's `curl`) in every irqchip mode:
+//! - the `irqvm` binary with `--api-sock` on a spinning 2-vCPU guest: state, pause/resume,
+//!   bad requests (each a 4xx with `{"error": ...}`, the VM running untouched), INIT/SIPI of
+//!   the AP from the host, lines, MSIs, `vm.shutdown`;
+//! - the storm guest on 2 vCPUs while the API is hammered with state queries and pauses: it must
+//!   still count every IPI and every device interrupt exactly once (guests/expect/storm.txt).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use irqvm::api::model::{PlatformInfo, VcpuInfo, VmInfo};
+use irqvm::api::ApiServer;
+use irqvm::devices::SerialCapture;
+use irqvm::vcpu::VcpuState;
+use irqvm::vm::RunningVm;
+use irqvm::IrqchipMode;
+
+const MODES: [IrqchipMode; 3] = [IrqchipMode::User, IrqchipMode::Split, IrqchipMode::Kernel];
+
+fn mode_name(mode: IrqchipMode) -> &'static str {
+    match mode {
+        IrqchipMode::User => "user",
+        IrqchipMode::Split => "split",
+        IrqchipMode::Kernel => "kernel",
+    }
+}
+
+fn socket_path(tag: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("irqvm-api-{}-{tag}.sock", std::process::id()))
+}
+
+/// One curl request: (HTTP status, body).
+fn curl(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-s", "-m", "10", "-w", "\n%{http_code}", "-X", method])
+        .arg("--unix-socket")
+        .arg(sock)
+        .arg(format!("http://localhost{path}"));
+    if let Some(body) = body {
+        cmd.args([
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            body,
+        ]);
+    }
+    let out = cmd
+        .output()
+        .expect("curl must be installed (apt-get install curl)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    let code = code
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("curl {method} {path}: no status in {text:?}"));
+    (code, body.to_string())
+}
+
+fn get<T: serde::de::DeserializeOwned>(sock: &Path, path: &str) -> T {
+    let (code, body) = curl(sock, "GET", path, None);
+    assert_eq!(code, 200, "GET {path}: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))
+}
+
+/// Asserts a refusal: `status` and a JSON `{"error": "..."}` body.
+fn refused(sock: &Path, method: &str, path: &str, body: Option<&str>, status: u16) {
+    let (code, text) = curl(sock, method, path, body);
+    assert_eq!(code, status, "{method} {path} {body:?}: {text}");
+    let v: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{text}");
+}
+
+fn wait_for_socket(sock: &Path, child: &mut Child) {
+    let start = Instant::now();
+    while !sock.exists() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("irqvm exited with {status} before listening");
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "no socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Polls vCPU `index` until `pred` holds (2 s).
+fn wait_vcpu(sock: &Path, index: usize, pred: impl Fn(&VcpuInfo) -> bool) -> VcpuInfo {
+    let start = Instant::now();
+    loop {
+        let info: VcpuInfo = get(sock, &format!("/api/v1/vcpus/{index}"));
+        if pred(&info) || start.elapsed() > Duration::from_secs(2) {
+            return info;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The API of one `irqvm run --api-sock` on `jmp $` with 2 vCPUs (the AP waits for its SIPI).
+fn drive_the_binary(mode: IrqchipMode) {
+    let dir = std::env::temp_dir();
+    let kernel = dir.join(format!("irqvm-api-spin-{}.bin", std::process::id()));
+    std::fs::write(&kernel, common::SPIN).unwrap();
+    let sock = socket_path(mode_name(mode));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_irqvm"))
+        .args([
+            "run",
+            "--cpus",
+            "2",
+            "--raw-at",
+            "0x100000",
+            "--timeout",
+            "40",
+        ])
+        .args(["--irqchip", mode_name(mode)])
+        .arg("--kernel")
+        .arg(&kernel)
+        .arg("--api-sock")
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn irqvm");
+    wait_for_socket(&sock, &mut child);
+    check_api(&sock, mode);
+    // vm.shutdown ends the VM as a host stop: status 0, socket removed.
+    assert_eq!(curl(&sock, "PUT", "/api/v1/vm.shutdown", None).0, 204);
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > common::HARNESS_TIMEOUT {
+            let _ = child.kill();
+            panic!("irqvm did not end after vm.shutdown");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(0));
+    assert!(!sock.exists(), "the socket outlived the VM");
+    let _ = std::fs::remove_file(kernel);
+}
+
+fn check_api(sock: &Path, mode: IrqchipMode) {
+    let info: VmInfo = get(sock, "/api/v1/vm.info");
+    assert_eq!(info.state, "running");
+    assert_eq!(info.irqchip, mode_name(mode));
+    assert_eq!(info.vcpus, 2);
+    let ap = wait_vcpu(sock, 1, |v| v.mp_state == "uninitialized");
+    assert_eq!(ap.mp_state, "uninitialized", "{ap:?}");
+    let bsp: VcpuInfo = get(sock, "/api/v1/vcpus/0");
+    assert_eq!((bsp.mp_state.as_str(), bsp.rip), ("runnable", 0x10_0000));
+    assert_eq!((bsp.lapic.id, bsp.lapic.mode.as_str()), (0, "xapic"));
+    assert_eq!(ap.lapic.id, 1);
+
+    check_bad_requests(sock);
+    check_pause(sock, mode);
+    check_lines_and_msis(sock);
+
+    // INIT-SIPI from the host starts the AP at vector << 12 in real mode.
+    let delivered = (200, r#"{"delivered":true}"#.to_string());
+    assert_eq!(curl(sock, "PUT", "/api/v1/vcpus/1/init", None), delivered);
+    let ap = wait_vcpu(sock, 1, |v| v.mp_state == "init_received");
+    assert_eq!(ap.mp_state, "init_received", "{ap:?}");
+    let sipi = Some(r#"{"vector": 16}"#);
+    assert_eq!(curl(sock, "PUT", "/api/v1/vcpus/1/sipi", sipi), delivered);
+    let ap = wait_vcpu(sock, 1, |v| v.mp_state == "runnable");
+    assert_eq!(ap.mp_state, "runnable", "{ap:?}");
+    // Real mode at 0x10000: CS = vector << 8, so RIP counts from 0 within that segment.
+    assert!(ap.rip < 0x1_0000, "{ap:?}");
+    assert_eq!(curl(sock, "PUT", "/api/v1/vcpus/1/nmi", None), delivered);
+    let info: VmInfo = get(sock, "/api/v1/vm.info");
+    assert_eq!(info.state, "running", "{info:?}");
+    if mode == IrqchipMode::User {
+        // The user backend injects the host's NMI with KVM_NMI and counts it.
+        let start = Instant::now();
+        loop {
+            let counters: serde_json::Value = get(sock, "/api/v1/vm.counters");
+            if counters["vcpu1"]["nmis_injected"].as_u64() == Some(1) {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(2), "{counters}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let counters: serde_json::Value = get(sock, "/api/v1/vm.counters");
+    assert!(
+        counters["vcpu0"]["kvm_runs"].as_u64().unwrap() > 0,
+        "{counters}"
+    );
+}
+
+fn check_bad_requests(sock: &Path) {
+    refused(sock, "GET", "/api/v1/no.such", None, 404);
+    refused(sock, "GET", "/nope", None, 404);
+    refused(sock, "DELETE", "/api/v1/vm.info", None, 405);
+    refused(sock, "GET", "/api/v1/vm.pause", None, 405);
+    refused(sock, "GET", "/api/v1/vcpus/7", None, 404);
+    refused(sock, "PUT", "/api/v1/vcpus/7/nmi", None, 404);
+    refused(sock, "PUT", "/api/v1/vm.resume", None, 409);
+    refused(sock, "PUT", "/api/v1/irq.line", Some("{\"gsi\": "), 400);
+    refused(
+        sock,
+        "PUT",
+        "/api/v1/irq.line",
+        Some(r#"{"gsi": 40, "action": "pulse"}"#),
+        400,
+    );
+    refused(
+        sock,
+        "PUT",
+        "/api/v1/irq.line",
+        Some(r#"{"gsi": 4, "action": "wiggle"}"#),
+        400,
+    );
+    // Outside 0xFEExxxxx, and a reserved delivery mode (SDM vol. 3 §11.11).
+    refused(
+        sock,
+        "PUT",
+        "/api/v1/irq.msi",
+        Some(r#"{"address": 4096, "data": 48}"#),
+        400,
+    );
+    let reserved = r#"{"address": 4276092928, "data": 816}"#;
+    refused(sock, "PUT", "/api/v1/irq.msi", Some(reserved), 400);
+    refused(sock, "PUT", "/api/v1/vcpus/1/sipi", Some("[]"), 400);
+    let huge = format!("{{\"gsi\": 1, \"action\": \"{}\"}}", "a".repeat(70_000));
+    refused(sock, "PUT", "/api/v1/irq.line", Some(&huge), 413);
+    // Not HTTP at all: the server answers 400 and goes on serving.
+    let mut raw = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    raw.write_all(b"GARBAGE\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    let _ = raw.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
+    let info: VmInfo = get(sock, "/api/v1/vm.info");
+    assert_eq!(
+        info.state, "running",
+        "a bad request changed the VM: {info:?}"
+    );
+}
+
+fn check_pause(sock: &Path, mode: IrqchipMode) {
+    assert_eq!(curl(sock, "PUT", "/api/v1/vm.pause", None).0, 204);
+    refused(sock, "PUT", "/api/v1/vm.pause", None, 409);
+    let info: VmInfo = get(sock, "/api/v1/vm.info");
+    assert_eq!(info.state, "paused");
+    assert!(
+        info.vcpu_threads.iter().all(|t| t != "running"),
+        "a vCPU runs while paused: {info:?}"
+    );
+    // The AP waits for its SIPI: blocked outside KVM_RUN in user mode, where the pause leaves it
+    // blocked; inside KVM_RUN in the other modes, which the pause kicks it out of.
+    let ap = if mode == IrqchipMode::User {
+        "waiting_for_sipi"
+    } else {
+        "paused"
+    };
+    assert_eq!(info.vcpu_threads, ["paused", ap]);
+    // Paused vCPUs still answer, and stay where they were.
+    let a: VcpuInfo = get(sock, "/api/v1/vcpus/0");
+    let b: VcpuInfo = get(sock, "/api/v1/vcpus/0");
+    assert_eq!((a.thread.as_str(), a.rip), ("paused", b.rip));
+    assert_eq!(curl(sock, "PUT", "/api/v1/vm.resume", None).0, 204);
+    let info: VmInfo = get(sock, "/api/v1/vm.info");
+    assert_eq!(info.state, "running");
+}
+
+fn check_lines_and_msis(sock: &Path) {
+    let assert = r#"{"gsi": 3, "action": "assert"}"#;
+    assert_eq!(curl(sock, "PUT", "/api/v1/irq.line", Some(assert)).0, 204);
+    let platform: PlatformInfo = get(sock, "/api/v1/platform");
+    assert_eq!(platform.pics.len(), 2);
+    assert!(platform.ioapic.pins.len() >= 24);
+    assert!(
+        platform.ioapic.pins[3].asserted,
+        "{:?}",
+        platform.ioapic.pins[3]
+    );
+    assert!(platform.gsi_routing.iter().any(|r| r.gsi == 3));
+    let deassert = r#"{"gsi": 3, "action": "deassert"}"#;
+    assert_eq!(curl(sock, "PUT", "/api/v1/irq.line", Some(deassert)).0, 204);
+    let platform: PlatformInfo = get(sock, "/api/v1/platform");
+    assert!(!platform.ioapic.pins[3].asserted);
+    let pulse = r#"{"gsi": 5, "action": "pulse"}"#;
+    assert_eq!(curl(sock, "PUT", "/api/v1/irq.line", Some(pulse)).0, 204);
+    // Fixed, vector 0x30, to APIC 0.
+    let msi = r#"{"address": 4276092928, "data": 48}"#;
+    let (code, body) = curl(sock, "PUT", "/api/v1/irq.msi", Some(msi));
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("delivered"), "{body}");
+}
+
+#[test]
+fn the_binary_serves_the_api_in_every_mode() {
+    for mode in MODES {
+        let _one = common::exclusive();
+        drive_the_binary(mode);
+    }
+}
+
+/// What the hammering thread saw.
+#[derive(Debug, Default)]
+struct Hammered {
+    queries: u32,
+    pauses: u32,
+}
+
+/// Beside storm's host-line pulser: state queries and pause/resume cycles until the VM ends.
+fn hammer(vm: &RunningVm, capture: &SerialCapture) -> (u32, Hammered) {
+    let sock = socket_path(&format!("storm-{}", vm.vcpu_count()));
+    let server = ApiServer::start(&sock, vm.handle()).expect("API server");
+    let mut seen = Hammered::default();
+    let pulses = std::thread::scope(|s| {
+        let pulser = s.spawn(|| common::pulse_host_line(vm, capture));
+        let over = || vm.vcpu(0).state() == VcpuState::Stopped;
+        while !over() {
+            for path in [
+                "/api/v1/vm.info",
+                "/api/v1/vcpus",
+                "/api/v1/platform",
+                "/api/v1/vm.counters",
+            ] {
+                let (code, body) = curl(&sock, "GET", path, None);
+                // A request racing with the guest's end may find a vCPU stopped (409).
+                assert!(
+                    code == 200 || (code == 409 && over()),
+                    "GET {path}: {code} {body}"
+                );
+                seen.queries += 1;
+            }
+            let (code, body) = curl(&sock, "PUT", "/api/v1/vm.pause", None);
+            if code == 204 {
+                seen.pauses += 1;
+                let (code, body) = curl(&sock, "GET", "/api/v1/vcpus/1", None);
+                assert!(code == 200 || over(), "{code} {body}");
+                assert_eq!(curl(&sock, "PUT", "/api/v1/vm.pause", None).0, 409);
+                let (code, body) = curl(&sock, "PUT", "/api/v1/vm.resume", None);
+                assert!(code == 204 || over(), "resume: {code} {body}");
+            } else {
+                assert!(code == 409 && over(), "pause: {code} {body}");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        pulser.join().expect("the pulsing thread panicked")
+    });
+    drop(server);
+    (pulses, seen)
+}
+
+#[test]
+fn storm_counts_exactly_once_while_the_api_is_hammered() {
+    for mode in MODES {
+        let _one = common::exclusive();
+        let (run, out) = common::run_with_host_thread("storm", mode, 2, hammer);
+        let (pulses, seen) =
+            out.unwrap_or_else(|_| panic!("{mode:?}: hammering panicked:\n{}", run.output));
+        let what = format!("storm under the API, {mode:?}");
+        common::assert_storm_counts_exact(&run, mode, 2, pulses, &what);
+        assert!(seen.pauses > 0 && seen.queries > 0, "{what}: {seen:?}");
+        eprintln!("{what}: {seen:?}");
+    }
+}
