@@ -200,7 +200,12 @@ fn rules(role: Role) -> Result<Rules, seccompiler::Error> {
             let stdin = arg_eq(0, libc::STDIN_FILENO as u64)?;
             rules.insert(libc::SYS_read, vec![SeccompRule::new(vec![stdin])?]);
             rules.insert(libc::SYS_exit_group, vec![]);
-            // Tearing down the control API: its socket file is removed when the VM ends.
+            // Tearing down the control API: `tiny_http` wakes its accept thread by connecting
+            // to its own Unix socket (AF_UNIX only), then the socket file is removed.
+            let unix = arg_eq(0, libc::AF_UNIX as u64)?;
+            rules.insert(libc::SYS_socket, vec![SeccompRule::new(vec![unix])?]);
+            rules.insert(libc::SYS_connect, vec![]);
+            rules.insert(libc::SYS_shutdown, vec![]);
             rules.insert(libc::SYS_unlink, vec![]);
             rules.insert(libc::SYS_unlinkat, vec![]);
         }
