@@ -7,7 +7,7 @@
 //! States ([`VcpuState`]) and transitions, all made by the vCPU thread itself:
 //!
 //! ```text
-//! Created --start--> Running <--> Halted / WaitingForSipi   (user-mode backends: no KVM_RUN)
+//! Created --start--> Running <--> Halted / WaitingForSipi / ApResetHold   (user-mode backends: no KVM_RUN)
 //!                      |
 //!                      +--> Stopped  (stop requested, guest ended the VM, or an error)
 //! ```
@@ -45,6 +45,8 @@ pub enum VcpuState {
     WaitingForSipi = 3,
     /// Left its loop.
     Stopped = 4,
+    /// Blocked outside KVM_RUN in AP Reset Hold until INIT-SIPI (`--protected-state-aps`).
+    ApResetHold = 5,
 }
 
 impl VcpuState {
@@ -54,6 +56,7 @@ impl VcpuState {
             1 => Self::Running,
             2 => Self::Halted,
             3 => Self::WaitingForSipi,
+            5 => Self::ApResetHold,
             _ => Self::Stopped,
         }
     }
@@ -64,6 +67,7 @@ impl From<BlockReason> for VcpuState {
         match r {
             BlockReason::Halted => Self::Halted,
             BlockReason::WaitForSipi => Self::WaitingForSipi,
+            BlockReason::ApResetHold => Self::ApResetHold,
         }
     }
 }

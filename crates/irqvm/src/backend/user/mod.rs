@@ -15,7 +15,15 @@
 //!
 //! Per vCPU (`percpu::UserVcpuChip`): see the `percpu` submodule: publish, drain, accept INIT/SIPI,
 //! poll the timer, block or inject, with CR8 kept in step with the TPR.
+//!
+//! With `--protected-state-aps` ([`crate::backend::ProtectedStateAps`], seed 004 emulated): each
+//! AP gets its launch state at creation and no register write after that (INIT resets only the
+//! LAPIC, the first SIPI runs the launch state, later SIPIs end an AP Reset Hold); the filter also
+//! denies the GHCB MSR 0xC0010130, whose WRMSR of the AP Reset Hold request parks the AP and
+//! whose value irqvm keeps (`ghcb`). Without the option that MSR is not filtered and a guest
+//! access takes #GP, as before (KVM does not know it without SEV-ES).
 
+mod ghcb;
 mod notify;
 mod percpu;
 mod platform;
@@ -40,10 +48,11 @@ use irqchip::{ClockConfig, Nanos};
 
 use crate::backend::{
     ChipContext, ChipFeatures, InterruptLines, Irqchip, IrqchipError, IrqchipMode, MsiDelivery,
-    VcpuIrqchip, IRQ_LINES,
+    ProtectedStateAps, VcpuIrqchip, IRQ_LINES,
 };
 use crate::kvm::{require_cap, KvmError};
 
+pub use ghcb::{AP_RESET_HOLD_RELEASED, MSR_GHCB};
 pub use platform::{IOAPIC_BASE, IOAPIC_SIZE};
 
 /// IA32_APIC_BASE.
@@ -95,6 +104,8 @@ pub(crate) struct Shared {
     pub platform: platform::Platform,
     pub notifier: Arc<notify::Notifier>,
     pub timers: timers::VmTimers,
+    /// `--protected-state-aps`: APs' registers are off limits after launch.
+    pub protected_state_aps: Option<ProtectedStateAps>,
 }
 
 /// The VM-wide half of the `user` backend.
@@ -106,7 +117,7 @@ pub struct UserIrqchip {
 
 impl UserIrqchip {
     pub fn new(ctx: ChipContext<'_>) -> Result<Self, IrqchipError> {
-        enable_msr_exits(ctx.kvm, &ctx.vm)?;
+        enable_msr_exits(ctx.kvm, &ctx.vm, ctx.protected_state_aps.is_some())?;
         let vm_clock = VmClock::new(ctx.epoch);
         let tsc = probe_tsc(ctx.kvm, &vm_clock)?;
         tracing::debug!(
@@ -144,6 +155,7 @@ impl UserIrqchip {
             platform: platform::Platform::new(chip, notifier.clone()),
             notifier,
             timers,
+            protected_state_aps: ctx.protected_state_aps,
         });
         Ok(Self {
             shared,
@@ -152,8 +164,9 @@ impl UserIrqchip {
     }
 }
 
-/// KVM_CAP_X86_USER_SPACE_MSR (INVAL | FILTER) and the filter that sends 0x1B and 0x6E0 out.
-fn enable_msr_exits(kvm: &Kvm, vm: &VmFd) -> Result<(), KvmError> {
+/// KVM_CAP_X86_USER_SPACE_MSR (INVAL | FILTER) and the filter that sends 0x1B and 0x6E0 out,
+/// and with `ghcb` (`--protected-state-aps`) the GHCB MSR too.
+fn enable_msr_exits(kvm: &Kvm, vm: &VmFd, ghcb: bool) -> Result<(), KvmError> {
     require_cap(kvm, Cap::X86UserSpaceMsr, "KVM_CAP_X86_USER_SPACE_MSR")?;
     require_cap(kvm, Cap::X86MsrFilter, "KVM_CAP_X86_MSR_FILTER")?;
     let mut cap = kvm_enable_cap {
@@ -165,12 +178,20 @@ fn enable_msr_exits(kvm: &Kvm, vm: &VmFd) -> Result<(), KvmError> {
         .map_err(KvmError::ioctl("KVM_ENABLE_CAP(X86_USER_SPACE_MSR)"))?;
     // A 0 bit denies: one single-MSR range per MSR the LAPIC model owns.
     let deny = [0u8];
-    let ranges = [MSR_APIC_BASE, MSR_TSC_DEADLINE].map(|base| MsrFilterRange {
-        flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
-        base,
-        msr_count: 1,
-        bitmap: &deny,
-    });
+    let denied: &[u32] = if ghcb {
+        &[MSR_APIC_BASE, MSR_TSC_DEADLINE, MSR_GHCB]
+    } else {
+        &[MSR_APIC_BASE, MSR_TSC_DEADLINE]
+    };
+    let ranges: Vec<MsrFilterRange<'_>> = denied
+        .iter()
+        .map(|&base| MsrFilterRange {
+            flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
+            base,
+            msr_count: 1,
+            bitmap: &deny,
+        })
+        .collect();
     vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges)
         .map_err(KvmError::ioctl("KVM_X86_SET_MSR_FILTER"))?;
     Ok(())
@@ -299,10 +320,20 @@ impl Irqchip for UserIrqchip {
             .ok_or(IrqchipError::VcpuCreatedTwice(index))?;
         self.set_guest_tsc(vcpu)?;
         let signature = processor_signature(vcpu);
+        // Seed 004: an AP's launch state, the last register write irqvm makes to it.
+        let protected = match self.shared.protected_state_aps {
+            Some(aps) if index != 0 => {
+                let launch = irqchip::mpstate::SipiAction::real_mode(aps.launch_page);
+                reset::apply_sipi(vcpu, &launch)?;
+                true
+            }
+            _ => false,
+        };
         Ok(Box::new(percpu::UserVcpuChip::new(
             interrupts,
             self.shared.clone(),
             signature,
+            protected,
         )))
     }
 
