@@ -31,7 +31,8 @@
 //! * [`user`]: every controller in userspace, from the pure `irqchip` crate. Its
 //!   `handle_exit` takes xAPIC MMIO at the vCPU's APIC base (relocatable through IA32_APIC_BASE),
 //!   x2APIC MSRs 0x800-0x8FF (KVM_CAP_X86_USER_SPACE_MSR, exit reason INVAL), the TSC-deadline
-//!   MSR 0x6E0 (MSR filter deny range, reason FILTER), IOAPIC MMIO at 0xFEC00000, the PIC's
+//!   MSR 0x6E0 (MSR filter deny range, reason FILTER; with `--protected-state-aps` also the GHCB
+//!   MSR 0xC0010130, whose AP Reset Hold request parks an AP), IOAPIC MMIO at 0xFEC00000, the PIC's
 //!   ports, HLT (the vCPU becomes halted: `before_entry` then returns `Block` until an interrupt
 //!   is pending) and IRQ-window-open exits. Its `before_entry` drains the vCPU's posting inbox,
 //!   applies INIT (architectural reset) and SIPI (real mode at the vector) through
