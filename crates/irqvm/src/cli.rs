@@ -72,10 +72,33 @@ pub struct RunArgs {
     /// Serve the control API (HTTP/1.1, JSON) on this Unix socket; see docs/operations.md.
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
+    /// Emulate seed 004's protected-state AP boot (user irqchip only; a test of the protocol,
+    /// not a protection): no register writes to APs after launch, the first SIPI runs the launch
+    /// state (real mode at PAGE << 12, default 0x08), an AP parks with the GHCB MSR's AP Reset
+    /// Hold request (WRMSR 0xC0010130 = 0x006) and INIT-SIPI resumes it after that WRMSR with
+    /// the answer 0x1007 in the MSR.
+    #[arg(
+        long,
+        value_name = "PAGE",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "0x08",
+        value_parser = parse_page
+    )]
+    pub protected_state_aps: Option<u8>,
 }
 
 fn parse_memory(text: &str) -> Result<u64, String> {
     memory::parse_size(text)
+}
+
+/// A launch page: like a SIPI vector, 0x01-0xFF (page 0 holds the real-mode IVT).
+fn parse_page(text: &str) -> Result<u8, String> {
+    let page = parse_address(text)?;
+    u8::try_from(page)
+        .ok()
+        .filter(|&p| p != 0)
+        .ok_or_else(|| format!("'{text}' is not a page number from 0x01 to 0xFF (address >> 12)"))
 }
 
 fn parse_address(text: &str) -> Result<u64, String> {
@@ -133,6 +156,9 @@ pub fn run_config(args: &RunArgs) -> Result<VmConfig, CliError> {
     });
     cfg.serial = SerialOutput::Stdout;
     cfg.seccomp = !args.no_seccomp;
+    cfg.protected_state_aps = args
+        .protected_state_aps
+        .map(|launch_page| crate::backend::ProtectedStateAps { launch_page });
     Ok(cfg)
 }
 
@@ -314,6 +340,24 @@ mod tests {
         };
         let err = run_config(&args).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/k.elf"), "{err}");
+    }
+
+    #[test]
+    fn protected_state_aps_takes_an_optional_launch_page() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["irqvm", "run", "--kernel", "k"];
+            argv.extend_from_slice(extra);
+            match Cli::try_parse_from(argv).map(|c| c.command) {
+                Ok(Some(Command::Run(args))) => Ok(args.protected_state_aps),
+                Ok(None) => panic!("not run"),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        assert_eq!(parse(&[]), Ok(None));
+        assert_eq!(parse(&["--protected-state-aps"]), Ok(Some(0x08)));
+        assert_eq!(parse(&["--protected-state-aps=0x9a"]), Ok(Some(0x9A)));
+        assert!(parse(&["--protected-state-aps=0"]).is_err());
+        assert!(parse(&["--protected-state-aps=0x100"]).is_err());
     }
 
     #[test]

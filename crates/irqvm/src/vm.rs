@@ -18,7 +18,9 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::backend::kernel::KernelIrqchip;
 use crate::backend::split::SplitIrqchip;
 use crate::backend::user::UserIrqchip;
-use crate::backend::{ChipContext, Irqchip, IrqchipError, IrqchipMode, MsiDelivery, VcpuKicker};
+use crate::backend::{
+    ChipContext, Irqchip, IrqchipError, IrqchipMode, MsiDelivery, ProtectedStateAps, VcpuKicker,
+};
 use crate::cpuid::{self, CpuidConfig};
 use crate::devices::{DeviceConfig, Devices, SerialOutput};
 use crate::iobus::BusError;
@@ -84,6 +86,9 @@ pub struct VmConfig {
     /// filters (`crate::seccomp`, docs/security.md). On by default: the filters are per thread,
     /// so a process embedding the library (a test harness) keeps its own threads unfiltered.
     pub seccomp: bool,
+    /// `--protected-state-aps`: seed 004's protected-state AP boot, emulated (`user` irqchip
+    /// only; the other modes refuse it). See [`ProtectedStateAps`].
+    pub protected_state_aps: Option<ProtectedStateAps>,
 }
 
 impl VmConfig {
@@ -100,6 +105,7 @@ impl VmConfig {
             irqchip: IrqchipMode::default(),
             serial: SerialOutput::Stdout,
             seccomp: true,
+            protected_state_aps: None,
         }
     }
 }
@@ -166,6 +172,7 @@ impl Vm {
                 kicker: Arc::new(VcpuKicks(shared.clone())),
                 epoch: Instant::now(),
                 seccomp: cfg.seccomp,
+                protected_state_aps: cfg.protected_state_aps,
             },
         )?;
         let control = Arc::new(VmControl::default());
@@ -263,16 +270,31 @@ impl Vm {
 }
 
 /// Creates the backend for `mode` on a VM that has no vCPUs yet (the backend's VM-wide KVM
-/// setup must precede KVM_CREATE_VCPU).
+/// setup must precede KVM_CREATE_VCPU). `ctx.protected_state_aps` is refused outside `user` mode.
 pub fn create_irqchip(
     mode: IrqchipMode,
     ctx: ChipContext<'_>,
 ) -> Result<Arc<dyn Irqchip>, IrqchipError> {
+    check_protected_state(mode, ctx.protected_state_aps)?;
     Ok(match mode {
         IrqchipMode::Kernel => Arc::new(KernelIrqchip::new(ctx.kvm, ctx.vm)?),
         IrqchipMode::User => Arc::new(UserIrqchip::new(ctx)?),
         IrqchipMode::Split => Arc::new(SplitIrqchip::new(ctx)?),
     })
+}
+
+/// Seed 004's emulation needs irqvm to run INIT and SIPI: in `kernel` and `split` mode KVM's
+/// LAPICs do, and KVM writes an AP's registers unless the guest is SEV-ES, which this host lacks.
+fn check_protected_state(
+    mode: IrqchipMode,
+    protected: Option<ProtectedStateAps>,
+) -> Result<(), IrqchipError> {
+    match (mode, protected) {
+        (IrqchipMode::Kernel | IrqchipMode::Split, Some(_)) => {
+            Err(IrqchipError::ProtectedStateUnsupported(mode))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// isa-debug-exit's action: the VM ends with the status, as any guest outcome does (the first
@@ -479,6 +501,31 @@ impl Drop for RunningVm {
         if !self.threads.is_empty() {
             self.stop();
             self.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--protected-state-aps` only in `user` mode, with an error that names the option and mode.
+    #[test]
+    fn protected_state_aps_is_refused_outside_user_mode() {
+        let aps = Some(ProtectedStateAps::default());
+        assert!(check_protected_state(IrqchipMode::User, aps).is_ok());
+        for mode in [IrqchipMode::Kernel, IrqchipMode::Split] {
+            let err = check_protected_state(mode, aps).unwrap_err();
+            assert!(
+                matches!(err, IrqchipError::ProtectedStateUnsupported(m) if m == mode),
+                "{err}"
+            );
+            let text = err.to_string();
+            assert!(
+                text.contains("--protected-state-aps needs the user irqchip"),
+                "{text}"
+            );
+            assert!(check_protected_state(mode, None).is_ok());
         }
     }
 }

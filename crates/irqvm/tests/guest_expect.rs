@@ -186,11 +186,30 @@ fn malformed_files_are_refused() {
         ("1 pass pass pass a: b\n", "no colon"),
         ("1,2 pass pass pass a\n2 pass pass pass a\n", "listed twice"),
         ("1 skip pass pass a\n", "no check must pass in User mode"),
+        (
+            "1 pass - pass a\n1 pass pass pass b\n",
+            "a column is all `-`",
+        ),
+        ("1 - pass pass a\n", "a column is all `-`"),
     ];
     for (text, why) in bad {
         let e = Expectations::parse("bad", text).unwrap_err();
         assert!(e.contains(why), "{text:?}: {e}");
     }
+}
+
+/// `-` in a whole column: the guest is not run in that mode (only `user` mode runs every
+/// guest); a run in that mode is reported as one.
+#[test]
+fn a_dash_column_means_not_run_in_that_mode() {
+    let e = Expectations::parse("user_only", "1,2 pass - - a\n2 pass - - b\n").unwrap();
+    assert!(e.runs_in(User) && !e.runs_in(Split) && !e.runs_in(Kernel));
+    assert_eq!(e.cpu_counts(), [1, 2]);
+    e.verify(User, 2, &output(&["PASS: a", "PASS: b"])).unwrap();
+    let p = e
+        .verify(Split, 2, &output(&["PASS: a", "PASS: b"]))
+        .unwrap_err();
+    assert!(p.contains("not run in Split mode"), "{p}");
 }
 
 /// Every guest has an expectation file, every file belongs to a guest, and each parses.

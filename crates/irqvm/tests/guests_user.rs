@@ -19,10 +19,41 @@ guest_tests!(MODE;
 
 /// The guests that need a host thread beside them (tests below).
 const HOST_DRIVEN: &[&str] = &["msi"];
+/// The guests that need a VM option, and so a test of their own (below): `protected_aps` needs
+/// `--protected-state-aps`, which only this mode takes (its expectation file says `-` for the
+/// others, and their `every_guest_runs_in_*_mode` tests leave it out).
+const WITH_OPTIONS: &[&str] = &["protected_aps"];
 
 #[test]
 fn every_guest_runs_in_user_mode() {
-    common::assert_every_guest_runs(STANDALONE, HOST_DRIVEN);
+    common::assert_every_guest_runs(MODE, STANDALONE, &[HOST_DRIVEN, WITH_OPTIONS].concat());
+}
+
+/// Seed 004 end to end: see `common::check_protected_aps` and guests/protected_aps.c.
+#[test]
+fn protected_aps() {
+    common::check_protected_aps();
+}
+
+/// Without `--protected-state-aps` the GHCB MSR is not irqvm's: RDMSR 0xC0010130 takes #GP (as
+/// before the option existed), and the guest stops at its first check.
+#[test]
+fn protected_aps_without_the_option_sees_no_ghcb_msr() {
+    let _one = common::exclusive();
+    let run = common::run_guest("protected_aps", 2, MODE);
+    let report = run.result.as_ref().expect("the VM runs");
+    assert!(
+        run.output
+            .contains("FAIL: ghcb msr present: RDMSR 0xc0010130 took vector 13"),
+        "{}",
+        run.output
+    );
+    assert!(
+        run.output.contains("DONE: 0 passed, 1 failed"),
+        "{}",
+        run.output
+    );
+    assert_eq!(report.exit.exit_status(), 3, "{}", run.output);
 }
 
 #[test]

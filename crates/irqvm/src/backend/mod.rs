@@ -31,7 +31,8 @@
 //! * [`user`]: every controller in userspace, from the pure `irqchip` crate. Its
 //!   `handle_exit` takes xAPIC MMIO at the vCPU's APIC base (relocatable through IA32_APIC_BASE),
 //!   x2APIC MSRs 0x800-0x8FF (KVM_CAP_X86_USER_SPACE_MSR, exit reason INVAL), the TSC-deadline
-//!   MSR 0x6E0 (MSR filter deny range, reason FILTER), IOAPIC MMIO at 0xFEC00000, the PIC's
+//!   MSR 0x6E0 (MSR filter deny range, reason FILTER; with `--protected-state-aps` also the GHCB
+//!   MSR 0xC0010130, whose AP Reset Hold request parks an AP), IOAPIC MMIO at 0xFEC00000, the PIC's
 //!   ports, HLT (the vCPU becomes halted: `before_entry` then returns `Block` until an interrupt
 //!   is pending) and IRQ-window-open exits. Its `before_entry` drains the vCPU's posting inbox,
 //!   applies INIT (architectural reset) and SIPI (real mode at the vector) through
@@ -110,6 +111,13 @@ pub enum IrqchipError {
     NoSuchVcpu(usize),
     #[error("interrupt line {0} does not exist (lines are 0-{max})", max = IRQ_LINES - 1)]
     NoSuchLine(u32),
+    /// `--protected-state-aps` asked of a mode whose INIT and SIPI are KVM's: KVM writes an AP's
+    /// registers at INIT and SIPI, and without SEV-ES nothing tells it not to.
+    #[error(
+        "--protected-state-aps needs the user irqchip: in {0:?} mode KVM's local APICs run INIT \
+         and SIPI and write the AP's registers (this host has no SEV-ES)"
+    )]
+    ProtectedStateUnsupported(IrqchipMode),
     /// A message-signalled interrupt that is not one (address outside 0xFEExxxxx, a reserved
     /// delivery mode): hardware drops such a write, so nothing reaches the guest.
     #[error("malformed MSI (address {address:#x}, data {data:#x}): {reason}")]
@@ -214,6 +222,8 @@ pub enum BlockReason {
     Halted,
     /// An AP after power-on or INIT, waiting for its start-up IPI.
     WaitForSipi,
+    /// A protected-state AP parked by its AP Reset Hold request (seed 004), until INIT-SIPI.
+    ApResetHold,
 }
 
 /// What the vCPU loop does next, decided by [`VcpuIrqchip::before_entry`].
@@ -397,6 +407,29 @@ pub struct ChipContext<'a> {
     pub epoch: Instant,
     /// Whether threads the backend starts run under their seccomp filter (`crate::seccomp`).
     pub seccomp: bool,
+    /// `--protected-state-aps` (seed 004, `user` mode only; the factory refuses it for the others).
+    pub protected_state_aps: Option<ProtectedStateAps>,
+}
+
+/// `--protected-state-aps`: seed 004's protected-state AP boot, emulated in `user` mode for
+/// testing (this host has no SEV-ES; nothing is protected). After launch irqvm treats each AP's
+/// register state as inaccessible: INIT and SIPI write no register of an AP; the first SIPI runs
+/// the AP from its launch state, later ones end an AP Reset Hold, which the AP requests through
+/// the GHCB MSR (0xC0010130, GHCBInfo 0x006) and which irqvm answers in that MSR (0x007 with
+/// GHCBData 1). See `backend::user` and docs/irqchip-modes.md.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProtectedStateAps {
+    /// The APs' launch state (written before the VM starts, the last time irqvm writes an AP's
+    /// registers): real mode at `launch_page << 12`, CS = `launch_page << 8`, IP = 0 — where a SIPI
+    /// with this vector would start it (SDM vol. 3 §9.4.3).
+    pub launch_page: u8,
+}
+
+impl Default for ProtectedStateAps {
+    /// Launch page 0x08 (0x8000), where the guest test kernels put their AP trampoline.
+    fn default() -> Self {
+        Self { launch_page: 0x08 }
+    }
 }
 
 #[cfg(test)]

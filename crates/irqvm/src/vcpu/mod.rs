@@ -7,7 +7,7 @@
 //! States ([`VcpuState`]) and transitions, all made by the vCPU thread itself:
 //!
 //! ```text
-//! Created --start--> Running <--> Halted / WaitingForSipi   (user-mode backends: no KVM_RUN)
+//! Created --start--> Running <--> Halted / WaitingForSipi / ApResetHold   (user-mode backends: no KVM_RUN)
 //!                      |
 //!                      +--> Stopped  (stop requested, guest ended the VM, or an error)
 //!   Running / Halted / WaitingForSipi --pause--> Paused --resume--> Running
@@ -53,6 +53,8 @@ pub enum VcpuState {
     Stopped = 4,
     /// Held outside KVM_RUN by a pause of the VM.
     Paused = 5,
+    /// Blocked outside KVM_RUN in AP Reset Hold until INIT-SIPI (`--protected-state-aps`).
+    ApResetHold = 6,
 }
 
 impl VcpuState {
@@ -63,6 +65,7 @@ impl VcpuState {
             2 => Self::Halted,
             3 => Self::WaitingForSipi,
             5 => Self::Paused,
+            6 => Self::ApResetHold,
             _ => Self::Stopped,
         }
     }
@@ -78,6 +81,7 @@ impl VcpuState {
             Self::WaitingForSipi => "waiting_for_sipi",
             Self::Stopped => "stopped",
             Self::Paused => "paused",
+            Self::ApResetHold => "ap_reset_hold",
         }
     }
 }
@@ -87,6 +91,7 @@ impl From<BlockReason> for VcpuState {
         match r {
             BlockReason::Halted => Self::Halted,
             BlockReason::WaitForSipi => Self::WaitingForSipi,
+            BlockReason::ApResetHold => Self::ApResetHold,
         }
     }
 }

@@ -30,6 +30,10 @@ pub enum Expect {
     Fail,
     /// `flaky`: a host limit that depends on timing; PASS or FAIL (never SKIP), reported.
     Flaky,
+    /// `-`: the guest is not run in this mode at all (it needs an option the mode refuses, as
+    /// `protected_aps` needs `--protected-state-aps`, which only `user` mode takes). A column is
+    /// all `-` or has none.
+    NotRun,
 }
 
 impl Expect {
@@ -39,6 +43,7 @@ impl Expect {
             "skip" => Self::Skip,
             "fail" => Self::Fail,
             "flaky" => Self::Flaky,
+            "-" => Self::NotRun,
             _ => return None,
         })
     }
@@ -159,6 +164,19 @@ impl Expectations {
         }
         for mode in MODES {
             let column = mode_column(mode);
+            let not_run = lines
+                .iter()
+                .filter(|l| l.outcome[column] == Expect::NotRun)
+                .count();
+            if not_run == lines.len() && mode != IrqchipMode::User {
+                continue;
+            }
+            if not_run > 0 {
+                return Err(format!(
+                    "`-` in {mode:?} mode: a column is all `-` (the guest is not run in that \
+                     mode; user mode runs every guest) or has none"
+                ));
+            }
             if !lines.iter().any(|l| l.outcome[column] == Expect::Pass) {
                 return Err(format!(
                     "no check must pass in {mode:?} mode: such a test would pass by skipping"
@@ -169,6 +187,14 @@ impl Expectations {
             guest: guest.to_string(),
             lines,
         })
+    }
+
+    /// Whether the guest runs in `mode` (its column is not all `-`).
+    pub fn runs_in(&self, mode: IrqchipMode) -> bool {
+        let column = mode_column(mode);
+        self.lines
+            .iter()
+            .any(|l| l.outcome[column] != Expect::NotRun)
     }
 
     /// The vCPU counts the guest is run on: every count a line names.
@@ -195,6 +221,11 @@ impl Expectations {
         let expected = self.for_run(mode, cpus);
         let file = format!("guests/expect/{}.txt", self.guest);
         let mut problems = Vec::new();
+        if !self.runs_in(mode) {
+            problems.push(format!(
+                "{file} says the guest is not run in {mode:?} mode (`-`)"
+            ));
+        }
         if expected.is_empty() {
             problems.push(format!("{file} lists no check for {cpus} vCPU(s)"));
         }
@@ -265,7 +296,7 @@ fn parse_line(raw: &str) -> Result<Line, String> {
     let mut outcome = [Expect::Pass; 3];
     for (slot, word) in outcome.iter_mut().zip(&fields[1..]) {
         *slot = Expect::parse(word)
-            .ok_or_else(|| format!("{word:?}: an outcome is pass, skip, fail or flaky"))?;
+            .ok_or_else(|| format!("{word:?}: an outcome is pass, skip, fail, flaky or -"))?;
     }
     Ok(Line {
         cpus,
@@ -289,6 +320,7 @@ fn judge(want: Expect, p: &Printed, file: &str, mode: IrqchipMode) -> Option<Str
         Expect::Skip => p.seen == Seen::Skip,
         Expect::Fail => p.seen == Seen::Fail,
         Expect::Flaky => p.seen != Seen::Skip,
+        Expect::NotRun => false,
     };
     if ok {
         return None;

@@ -144,8 +144,15 @@ pub fn run_with_host_thread<T: Send + 'static>(
     cpus: u32,
     host: fn(&RunningVm, &SerialCapture) -> T,
 ) -> (GuestRun, std::thread::Result<T>) {
+    run_cfg_with_host_thread(guest_config(name, cpus, mode), host)
+}
+
+/// [`run_with_host_thread`] with a config of the caller's (for guests that need a VM option).
+pub fn run_cfg_with_host_thread<T: Send + 'static>(
+    mut cfg: VmConfig,
+    host: fn(&RunningVm, &SerialCapture) -> T,
+) -> (GuestRun, std::thread::Result<T>) {
     let capture = SerialCapture::new();
-    let mut cfg = guest_config(name, cpus, mode);
     cfg.serial = SerialOutput::Capture(capture.clone());
     let (tx, rx) = mpsc::channel();
     {
@@ -310,15 +317,24 @@ macro_rules! guest_tests {
     };
 }
 
-/// Every guest that exists (`expect::all_guests`) is run by a test of this mode: alone
-/// (`standalone`, from [`guest_tests!`]) or beside a host thread (`host_driven`).
-pub fn assert_every_guest_runs(standalone: &[&str], host_driven: &[&str]) {
+/// Every guest that exists (`expect::all_guests`) and runs in `mode` (its expectation file's
+/// column for `mode` is not all `-`: `protected_aps` runs only in `user` mode) is run by a test
+/// of this mode: alone (`standalone`, from [`guest_tests!`]) or by a test of its own
+/// (`others`: beside a host thread, or with a VM option).
+pub fn assert_every_guest_runs(mode: IrqchipMode, standalone: &[&str], others: &[&str]) {
     let covered: std::collections::BTreeSet<&str> =
-        standalone.iter().chain(host_driven).copied().collect();
+        standalone.iter().chain(others).copied().collect();
     let missing: Vec<String> = expect::all_guests()
         .into_iter()
+        .filter(|g| expect::Expectations::load(g).runs_in(mode))
         .filter(|g| !covered.contains(g.as_str()))
         .collect();
+    for g in standalone.iter().chain(others) {
+        assert!(
+            expect::Expectations::load(g).runs_in(mode),
+            "{g} is run in {mode:?} mode although guests/expect/{g}.txt says `-` there"
+        );
+    }
     assert!(
         missing.is_empty(),
         "guests with no test in this mode: {missing:?} (add them to guest_tests!)"
@@ -557,5 +573,116 @@ pub fn check_msi_from_host(mode: IrqchipMode) {
             run.output
         );
         eprintln!("{what}: {msi:?}");
+    }
+}
+
+/// protected_aps.c's `hold_link` (see the guest's header): word offsets.
+const HOLD_ATTACHED: u64 = 0;
+const HOLD_REQ_SEQ: u64 = 4;
+const HOLD_REQ_CPU: u64 = 8;
+const HOLD_ACK_SEQ: u64 = 12;
+const HOLD_STATE: u64 = 16;
+const HOLD_CONFIRMED: u64 = 20;
+
+/// What the host thread of [`check_protected_aps`] read.
+#[derive(Debug, Default)]
+pub struct HoldReadback {
+    /// Requests answered.
+    pub answered: u32,
+    /// Of those, answered with AP_RESET_HOLD.
+    pub held: u32,
+    /// Requests answered otherwise: (vCPU, state read).
+    pub other: Vec<(u32, Option<irqchip::mpstate::MpState>)>,
+}
+
+/// The address in "READY: protected_aps link=0x..." once the guest printed the whole line.
+fn wait_for_ready_link(
+    capture: &SerialCapture,
+    prefix: &str,
+    over: &dyn Fn() -> bool,
+) -> Option<u64> {
+    loop {
+        let text = capture.text();
+        if let Some((line, _)) = text.split(prefix).nth(1).and_then(|r| r.split_once('\n')) {
+            let hex: String = line.chars().take_while(char::is_ascii_hexdigit).collect();
+            return Some(u64::from_str_radix(&hex, 16).expect("an address"));
+        }
+        if over() {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The host half of protected_aps.c: for each request, read the vCPU's MP state through
+/// `RunningVm::mp_state` (the KVM_GET_MP_STATE view) until it is AP_RESET_HOLD or 2 s pass, and
+/// answer with its KVM value (`u32::MAX` if none could be read).
+fn read_holds(vm: &RunningVm, capture: &SerialCapture) -> HoldReadback {
+    use irqchip::mpstate::MpState;
+    let start = Instant::now();
+    let over = || start.elapsed() > VM_TIMEOUT || vm.vcpu(0).state() == VcpuState::Stopped;
+    let mut out = HoldReadback::default();
+    let Some(link) = wait_for_ready_link(capture, "READY: protected_aps link=0x", &over) else {
+        return out;
+    };
+    let word = |offset| {
+        vm.load_guest_u32(link + offset)
+            .expect("hold_link is in RAM")
+    };
+    assert!(vm.store_guest_u32(link + HOLD_ATTACHED, 1));
+    let mut answered_seq = 0;
+    while !over() {
+        let seq = word(HOLD_REQ_SEQ);
+        if seq == answered_seq {
+            std::thread::sleep(Duration::from_micros(100));
+            continue;
+        }
+        let cpu = word(HOLD_REQ_CPU);
+        let t0 = Instant::now();
+        let state = loop {
+            let state = vm.mp_state(cpu as usize, Duration::from_secs(1));
+            if state == Some(MpState::ApResetHold) || t0.elapsed() > Duration::from_secs(2) {
+                break state;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        };
+        out.answered += 1;
+        if state == Some(MpState::ApResetHold) {
+            out.held += 1;
+        } else {
+            out.other.push((cpu, state));
+        }
+        assert!(vm.store_guest_u32(link + HOLD_STATE, state.map_or(u32::MAX, MpState::to_kvm)));
+        assert!(vm.store_guest_u32(link + HOLD_CONFIRMED, out.held));
+        assert!(vm.store_guest_u32(link + HOLD_ACK_SEQ, seq));
+        answered_seq = seq;
+    }
+    out
+}
+
+/// The config of protected_aps.c: `user` mode with `--protected-state-aps` (launch page 0x08,
+/// where the guest library puts its AP trampoline).
+pub fn protected_aps_config(cpus: u32) -> VmConfig {
+    let mut cfg = guest_config("protected_aps", cpus, IrqchipMode::User);
+    cfg.protected_state_aps = Some(irqvm::backend::ProtectedStateAps::default());
+    cfg
+}
+
+/// protected_aps.c (seed 004) on every vCPU count its expectation file names, in `user` mode with
+/// `--protected-state-aps`, beside the host thread that reads each parked AP's MP state: the run
+/// prints what the file expects, and every parked AP the guest asked about read as AP_RESET_HOLD
+/// (KVM_MP_STATE_AP_RESET_HOLD, 9) through `RunningVm::mp_state`.
+pub fn check_protected_aps() {
+    for cpus in expect::Expectations::load("protected_aps").cpu_counts() {
+        let _one = exclusive();
+        let (run, holds) = run_cfg_with_host_thread(protected_aps_config(cpus), read_holds);
+        let holds = holds.unwrap_or_else(|_| panic!("the host thread panicked:\n{}", run.output));
+        run.assert_expected("protected_aps", IrqchipMode::User, cpus);
+        let what = format!("protected_aps, {cpus} vCPU(s)");
+        assert!(holds.other.is_empty(), "{what}: {holds:?}\n{}", run.output);
+        if cpus > 1 {
+            assert!(holds.held > 0, "{what}: {holds:?}\n{}", run.output);
+        }
+        eprintln!("{what}: {holds:?}");
     }
 }

@@ -15,8 +15,16 @@
 //!
 //! Per vCPU (`percpu::UserVcpuChip`): see the `percpu` submodule: publish, drain, accept INIT/SIPI,
 //! poll the timer, block or inject, with CR8 kept in step with the TPR.
+//!
+//! With `--protected-state-aps` ([`crate::backend::ProtectedStateAps`], seed 004 emulated): each
+//! AP gets its launch state at creation and no register write after that (INIT resets only the
+//! LAPIC, the first SIPI runs the launch state, later SIPIs end an AP Reset Hold); the filter also
+//! denies the GHCB MSR 0xC0010130, whose WRMSR of the AP Reset Hold request parks the AP and
+//! whose value irqvm keeps (`ghcb`). Without the option that MSR is not filtered and a guest
+//! access takes #GP, as before (KVM does not know it without SEV-ES).
 
 mod counters;
+mod ghcb;
 mod notify;
 mod percpu;
 mod platform;
@@ -42,11 +50,12 @@ use irqchip::{ClockConfig, Nanos};
 use crate::api::model::PlatformInfo;
 use crate::backend::{
     ChipContext, ChipFeatures, HostEvent, InterruptLines, Irqchip, IrqchipError, IrqchipMode,
-    MsiDelivery, VcpuIrqchip, IRQ_LINES,
+    MsiDelivery, ProtectedStateAps, VcpuIrqchip, IRQ_LINES,
 };
 use crate::kvm::{require_cap, KvmError};
 use irqchip::{ApicEvents, InterruptSink};
 
+pub use ghcb::{AP_RESET_HOLD_RELEASED, MSR_GHCB};
 pub use platform::{IOAPIC_BASE, IOAPIC_SIZE};
 
 /// IA32_APIC_BASE.
@@ -100,6 +109,8 @@ pub(crate) struct Shared {
     pub timers: timers::VmTimers,
     /// Index = vCPU; each written only by its vCPU's thread.
     pub counters: Vec<counters::VcpuCounters>,
+    /// `--protected-state-aps`: APs' registers are off limits after launch.
+    pub protected_state_aps: Option<ProtectedStateAps>,
 }
 
 /// The VM-wide half of the `user` backend.
@@ -111,7 +122,7 @@ pub struct UserIrqchip {
 
 impl UserIrqchip {
     pub fn new(ctx: ChipContext<'_>) -> Result<Self, IrqchipError> {
-        enable_msr_exits(ctx.kvm, &ctx.vm)?;
+        enable_msr_exits(ctx.kvm, &ctx.vm, ctx.protected_state_aps.is_some())?;
         let vm_clock = VmClock::new(ctx.epoch);
         let tsc = probe_tsc(ctx.kvm, &vm_clock)?;
         tracing::debug!(
@@ -153,6 +164,7 @@ impl UserIrqchip {
             counters: (0..ctx.kicker.vcpus())
                 .map(|_| counters::VcpuCounters::default())
                 .collect(),
+            protected_state_aps: ctx.protected_state_aps,
         });
         Ok(Self {
             shared,
@@ -161,8 +173,9 @@ impl UserIrqchip {
     }
 }
 
-/// KVM_CAP_X86_USER_SPACE_MSR (INVAL | FILTER) and the filter that sends 0x1B and 0x6E0 out.
-fn enable_msr_exits(kvm: &Kvm, vm: &VmFd) -> Result<(), KvmError> {
+/// KVM_CAP_X86_USER_SPACE_MSR (INVAL | FILTER) and the filter that sends 0x1B and 0x6E0 out,
+/// and with `ghcb` (`--protected-state-aps`) the GHCB MSR too.
+fn enable_msr_exits(kvm: &Kvm, vm: &VmFd, ghcb: bool) -> Result<(), KvmError> {
     require_cap(kvm, Cap::X86UserSpaceMsr, "KVM_CAP_X86_USER_SPACE_MSR")?;
     require_cap(kvm, Cap::X86MsrFilter, "KVM_CAP_X86_MSR_FILTER")?;
     let mut cap = kvm_enable_cap {
@@ -174,12 +187,20 @@ fn enable_msr_exits(kvm: &Kvm, vm: &VmFd) -> Result<(), KvmError> {
         .map_err(KvmError::ioctl("KVM_ENABLE_CAP(X86_USER_SPACE_MSR)"))?;
     // A 0 bit denies: one single-MSR range per MSR the LAPIC model owns.
     let deny = [0u8];
-    let ranges = [MSR_APIC_BASE, MSR_TSC_DEADLINE].map(|base| MsrFilterRange {
-        flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
-        base,
-        msr_count: 1,
-        bitmap: &deny,
-    });
+    let denied: &[u32] = if ghcb {
+        &[MSR_APIC_BASE, MSR_TSC_DEADLINE, MSR_GHCB]
+    } else {
+        &[MSR_APIC_BASE, MSR_TSC_DEADLINE]
+    };
+    let ranges: Vec<MsrFilterRange<'_>> = denied
+        .iter()
+        .map(|&base| MsrFilterRange {
+            flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
+            base,
+            msr_count: 1,
+            bitmap: &deny,
+        })
+        .collect();
     vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges)
         .map_err(KvmError::ioctl("KVM_X86_SET_MSR_FILTER"))?;
     Ok(())
@@ -308,10 +329,20 @@ impl Irqchip for UserIrqchip {
             .ok_or(IrqchipError::VcpuCreatedTwice(index))?;
         self.set_guest_tsc(vcpu)?;
         let signature = processor_signature(vcpu);
+        // Seed 004: an AP's launch state, the last register write irqvm makes to it.
+        let protected = match self.shared.protected_state_aps {
+            Some(aps) if index != 0 => {
+                let launch = irqchip::mpstate::SipiAction::real_mode(aps.launch_page);
+                reset::apply_sipi(vcpu, &launch)?;
+                true
+            }
+            _ => false,
+        };
         Ok(Box::new(percpu::UserVcpuChip::new(
             interrupts,
             self.shared.clone(),
             signature,
+            protected,
         )))
     }
 

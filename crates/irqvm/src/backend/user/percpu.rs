@@ -5,6 +5,8 @@
 //!    nothing posted later can be missed: at worst KVM_RUN returns EINTR at once.
 //! 2. `accept_events` (seed 000): INIT -> architectural reset of the registers and the MSRs INIT
 //!    clears (`reset`), SIPI -> real-mode start. The APIC's own reset happens inside the model.
+//!    A protected-state AP (`--protected-state-aps`, seed 004) gets no register write: its first
+//!    SIPI runs its launch state, a later one ends its AP Reset Hold (the GHCB MSR answer).
 //! 3. poll the APIC timer with the VM clock; arm the VM timer thread with the next deadline.
 //! 4. block? (halted with nothing deliverable, or an AP waiting for SIPI): `end_guest_entry`
 //!    first, then `Block`; `block` sleeps on the inbox doorbell (try_block re-checks ON after
@@ -26,11 +28,13 @@ use std::time::{Duration, Instant};
 use kvm_bindings::kvm_run;
 use kvm_ioctls::VcpuFd;
 
-use irqchip::mpstate::ArchResetState;
-use irqchip::mpstate::{InitBlocking, MpState, StandardSipi};
+use irqchip::mpstate::{
+    InitBlocking, MpState, ProtectedStateSipi, SipiAction, SipiDelivery, StandardSipi,
+};
 use irqchip::vcpu::{ApicAccessResult, Injection, VcpuInterrupts};
 use irqchip::{GuestFault, Nanos};
 
+use super::ghcb::{GhcbMsr, MSR_GHCB};
 use super::platform::{Platform, IOAPIC_BASE, IOAPIC_SIZE};
 use super::reset::{apply_init, apply_sipi, write_msr};
 use super::{is_apic_msr, Shared, MSR_APIC_BASE};
@@ -246,8 +250,30 @@ impl RunPtr {
     }
 }
 
+/// How INIT and SIPI treat this vCPU's registers (seed 004).
+enum Sipi {
+    /// INIT loads the state after INIT, SIPI starts real mode at the vector.
+    Standard(StandardSipi),
+    /// `--protected-state-aps`, an AP: no register writes; the first SIPI runs the launch state,
+    /// later ones end the AP Reset Hold.
+    Protected(ProtectedStateSipi),
+}
+
+impl Sipi {
+    fn plug(&mut self) -> &mut dyn SipiDelivery {
+        match self {
+            Self::Standard(s) => s,
+            Self::Protected(p) => p,
+        }
+    }
+}
+
 pub(crate) struct UserVcpuChip {
     interrupts: VcpuInterrupts,
+    sipi: Sipi,
+    /// The GHCB MSR, present with `--protected-state-aps` (on every vCPU; only an AP's AP Reset
+    /// Hold request parks it).
+    ghcb: Option<GhcbMsr>,
     shared: std::sync::Arc<Shared>,
     signature: u32,
     run: RunPtr,
@@ -275,11 +301,20 @@ impl UserVcpuChip {
         interrupts: VcpuInterrupts,
         shared: std::sync::Arc<Shared>,
         signature: u32,
+        protected: bool,
     ) -> Self {
         let kvm_apic_base = interrupts.lapic().apic_base();
+        let sipi = if protected {
+            Sipi::Protected(ProtectedStateSipi::new())
+        } else {
+            Sipi::Standard(StandardSipi)
+        };
+        let ghcb = shared.protected_state_aps.map(|_| GhcbMsr::default());
         Self {
             kvm_apic_base,
             interrupts,
+            sipi,
+            ghcb,
             shared,
             signature,
             run: RunPtr(std::ptr::null()),
@@ -306,18 +341,47 @@ impl UserVcpuChip {
     fn accept_init_sipi(&mut self, vcpu: &VcpuFd) -> Result<(), IrqchipError> {
         let outcome = self
             .interrupts
-            .accept_events(InitBlocking::NONE, &mut StandardSipi);
-        if outcome.reset.is_some() {
-            let state = ArchResetState::after_init(self.signature);
-            apply_init(vcpu, &state, &self.shared.init_msrs)?;
+            .accept_events(InitBlocking::NONE, self.sipi.plug());
+        if let Some(reset) = outcome.reset {
+            // `None` for a protected-state AP: INIT resets only its LAPIC (done by the model).
+            if let Some(state) = reset.arch_state(self.signature) {
+                apply_init(vcpu, &state, &self.shared.init_msrs)?;
+                self.regs_rewritten = true;
+            }
             self.halted_with_if_clear = false;
-            self.regs_rewritten = true;
         }
-        if let Some(start) = outcome.start {
-            apply_sipi(vcpu, &start)?;
-            self.regs_rewritten = true;
+        match outcome.start {
+            Some(start @ SipiAction::StartRealMode { .. }) => {
+                apply_sipi(vcpu, &start)?;
+                self.regs_rewritten = true;
+            }
+            Some(SipiAction::ResumeUntouched { first_boot }) => self.resume_untouched(first_boot),
+            None => {}
         }
         Ok(())
+    }
+
+    /// Seed 004: a protected-state AP runs on from where it is, registers untouched (KVM's flags
+    /// of its last exit stay true). The first SIPI runs the launch state; a later one ends the AP
+    /// Reset Hold and answers it in the GHCB MSR (sev.c `sev_vcpu_deliver_sipi_vector`).
+    fn resume_untouched(&mut self, first_boot: bool) {
+        let answered = !first_boot && self.ghcb.as_mut().is_some_and(GhcbMsr::release);
+        tracing::debug!(
+            vcpu = self.interrupts.index(),
+            first_boot,
+            answered,
+            "protected-state SIPI"
+        );
+    }
+
+    /// A guest WRMSR of the GHCB MSR: an AP's AP Reset Hold request parks it (seed 004).
+    fn write_ghcb(&mut self, value: u64) {
+        let Some(ghcb) = self.ghcb.as_mut() else {
+            return;
+        };
+        if ghcb.write(value) && matches!(self.sipi, Sipi::Protected(_)) {
+            self.interrupts.ap_reset_hold();
+        }
     }
 
     /// Polls the APIC timer and keeps the timer thread's deadline in step.
@@ -509,6 +573,7 @@ impl VcpuIrqchip for UserVcpuChip {
             self.interrupts.end_guest_entry();
             let reason = match self.interrupts.mp_state() {
                 MpState::Halted => BlockReason::Halted,
+                MpState::ApResetHold => BlockReason::ApResetHold,
                 _ => BlockReason::WaitForSipi,
             };
             let deadline = self.armed.map(|n| self.shared.clock.to_instant(n));
@@ -571,6 +636,12 @@ impl VcpuIrqchip for UserVcpuChip {
             ChipExit::WrMsr {
                 index, data, error, ..
             } if is_apic_msr(*index) => self.handle_msr_write(*index, *data, error),
+            ChipExit::RdMsr { index, data, .. } if *index == MSR_GHCB && self.ghcb.is_some() => {
+                **data = self.ghcb.map_or(0, |g| g.read());
+            }
+            ChipExit::WrMsr { index, data, .. } if *index == MSR_GHCB && self.ghcb.is_some() => {
+                self.write_ghcb(*data);
+            }
             ChipExit::Hlt => {
                 self.halted_with_if_clear = !self.run.cr8_and_if().is_some_and(|(_, i)| i);
                 self.interrupts.halt();
