@@ -1086,6 +1086,11 @@ impl LocalApic {
         if self.x2apic() && !self.cfg.x2apic_supported {
             return Err("local APIC: x2APIC mode without x2APIC support");
         }
+        // The clock is stored twice (configuration and timer) and moved together by
+        // `rebase_timeline`; a snapshot where they differ was not written by this crate.
+        if self.timer.clock() != self.cfg.clock {
+            return Err("local APIC: the timer's clock differs from the configuration's");
+        }
         self.timer.validate()
     }
 }
