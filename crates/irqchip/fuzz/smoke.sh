@@ -32,6 +32,6 @@ for target in "${targets[@]}"; do
     echo "$target: FAILED (the input is in artifacts/$target/)"
     exit 1
   fi
-  grep -E '^#[0-9]+ +DONE|^stat::number_of_executed_units' "$log" || true
+  grep -E '^#[0-9]+[[:space:]]+DONE|^stat::number_of_executed_units' "$log" || true
 done
 echo "smoke: ${#targets[@]} targets, ${per_target}s each, no failure"
