@@ -540,7 +540,7 @@ impl Sim {
             }
             9 | 10 => {
                 let (gsi, source, level) = (gsi(input), SourceId(input.u32() % 3), input.bool());
-                let pulse = input.u8() % 2 == 0;
+                let pulse = input.u8() & 1 == 0;
                 self.device_op(|sim| {
                     let _ = if pulse {
                         sim.chip.pulse_gsi(gsi, source, &mut ignore)
@@ -635,7 +635,7 @@ impl Sim {
                 }
             }
             24 => {
-                let enable = u32::from(input.u8() % 4 != 0) << 8;
+                let enable = u32::from(input.u8() & 3 != 0) << 8;
                 let rest = u32::from(input.u8()) | (u32::from(input.bool()) << 12);
                 self.reg_write(cpu, apic::SVR, enable | rest);
             }

@@ -153,7 +153,7 @@ impl Harness {
                 self.settle(Step::default());
             }
             4 => {
-                let (value, host) = (apic_base(input), input.u8() % 4 == 0);
+                let (value, host) = (apic_base(input), input.u8() & 3 == 0);
                 let reset = self.apic.set_apic_base(value, host).is_ok();
                 self.settle(Step {
                     reset,
