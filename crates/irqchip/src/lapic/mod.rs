@@ -1075,7 +1075,8 @@ impl LocalApic {
     }
 
     /// Checks a deserialized APIC (a snapshot may be malformed) before it is used: IA32_APIC_BASE
-    /// must be in a reachable mode and the timer consistent ([`ApicTimer::validate`]).
+    /// must be in a reachable mode, the clock the same in the configuration and the timer, and the
+    /// timer consistent ([`ApicTimer::validate`]).
     pub fn validate(&self) -> Result<(), &'static str> {
         if self.mode() == ApicMode::Invalid {
             return Err("local APIC: IA32_APIC_BASE has EXTD without EN");
