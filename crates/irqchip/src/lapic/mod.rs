@@ -1181,7 +1181,8 @@ impl LocalApic {
     }
 
     /// Checks a deserialized APIC (a snapshot may be malformed) before it is used: IA32_APIC_BASE
-    /// must be in a reachable mode and the timer consistent ([`ApicTimer::validate`]).
+    /// must be in a reachable mode, the clock the same in the configuration and the timer, and the
+    /// timer consistent ([`ApicTimer::validate`]).
     pub fn validate(&self) -> Result<(), &'static str> {
         if self.mode() == ApicMode::Invalid {
             return Err("local APIC: IA32_APIC_BASE has EXTD without EN");
@@ -1191,6 +1192,11 @@ impl LocalApic {
         }
         if self.x2apic() && !self.cfg.x2apic_supported {
             return Err("local APIC: x2APIC mode without x2APIC support");
+        }
+        // The clock is stored twice (configuration and timer) and moved together by
+        // `rebase_timeline`; a snapshot where they differ was not written by this crate.
+        if self.timer.clock() != self.cfg.clock {
+            return Err("local APIC: the timer's clock differs from the configuration's");
         }
         self.timer.validate()
     }

@@ -1440,3 +1440,15 @@ proptest! {
         prop_assert_eq!(ledger.accepted.to_vec(), ledger.acknowledged.to_vec());
     }
 }
+
+/// Found by the `snapshot_restore` fuzz target: a deserialized APIC whose two copies of the clock
+/// (configuration and timer) disagree was accepted, and the restore silently kept one of them.
+#[test]
+fn validate_refuses_disagreeing_clock_copies() {
+    let apic = xapic();
+    assert_eq!(apic.validate(), Ok(()));
+    let mut json = serde_json::to_value(&apic).unwrap();
+    json["cfg"]["clock"]["tsc_at_zero"] = serde_json::json!(5);
+    let tampered: LocalApic = serde_json::from_value(json).unwrap();
+    assert!(tampered.validate().is_err());
+}

@@ -1,0 +1,3 @@
+#![no_main]
+// The body and its invariants: irqchip_fuzz::chip_sequence (docs/fuzzing.md).
+libfuzzer_sys::fuzz_target!(|data: &[u8]| irqchip_fuzz::chip_sequence(data));
