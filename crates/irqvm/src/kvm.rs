@@ -32,6 +32,15 @@ pub enum KvmError {
     ApiVersion(i32),
     #[error("KVM lacks a capability irqvm needs: {0}")]
     MissingCap(&'static str),
+    /// A variable-length KVM argument (an MSR list, a routing table) could not be built: more
+    /// entries than kvm-bindings' wrapper allows.
+    #[error("cannot build the KVM argument {what}: {entries} entries is too many")]
+    TooManyEntries {
+        /// Which argument.
+        what: &'static str,
+        /// How many entries were asked for.
+        entries: usize,
+    },
     #[error("KVM ioctl {what} failed: {source}")]
     Ioctl {
         what: &'static str,

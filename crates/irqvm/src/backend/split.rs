@@ -177,8 +177,10 @@ impl KvmSink {
             .enumerate()
             .filter_map(|(pin, r)| r.map(|msi| (pin as u32, msi)))
             .collect();
-        let mut table =
-            KvmIrqRouting::new(routes.len()).map_err(|_| KvmError::MissingCap("routes"))?;
+        let mut table = KvmIrqRouting::new(routes.len()).map_err(|_| KvmError::TooManyEntries {
+            what: "KVM_SET_GSI_ROUTING table",
+            entries: routes.len(),
+        })?;
         for (slot, (gsi, msi)) in table.as_mut_slice().iter_mut().zip(&routes) {
             *slot = msi_route(*gsi, *msi);
         }

@@ -255,7 +255,10 @@ fn tsc_msr(value: u64) -> Result<kvm_bindings::Msrs, KvmError> {
         data: value,
         ..Default::default()
     }])
-    .map_err(|_| KvmError::MissingCap("an MSR list"))
+    .map_err(|_| KvmError::TooManyEntries {
+        what: "KVM_SET_MSRS list",
+        entries: 1,
+    })
 }
 
 fn write_tsc(vcpu: &VcpuFd, value: u64) -> Result<(), KvmError> {

@@ -148,7 +148,10 @@ fn one_msr(index: u32, data: u64) -> Result<Msrs, KvmError> {
         data,
         ..Default::default()
     }])
-    .map_err(|_| KvmError::MissingCap("an MSR list"))
+    .map_err(|_| KvmError::TooManyEntries {
+        what: "KVM_SET_MSRS list",
+        entries: 1,
+    })
 }
 
 fn read_msr(vcpu: &VcpuFd, index: u32) -> Option<u64> {
