@@ -13,17 +13,20 @@
 //! | [`kick`] | forcing a vCPU thread out of KVM_RUN, race-free |
 //! | [`vcpu`] | the vCPU threads and their run loop |
 //! | [`vm`] | building and running a VM (and choosing the backend) |
+//! | [`fuzzguest`] | `irqvm fuzz-guest`: the hostile-guest fuzzer, seed after seed, under a watchdog |
 //! | [`cli`] | the `irqvm` command line |
 
 pub mod backend;
 pub mod cli;
 pub mod cpuid;
 pub mod devices;
+pub mod fuzzguest;
 pub mod iobus;
 pub mod kick;
 pub mod kvm;
 pub mod loader;
 pub mod memory;
+pub mod ratelimit;
 pub mod vcpu;
 pub mod vm;
 

@@ -191,6 +191,7 @@ impl Vm {
                 bus: devices.bus().clone(),
                 shared: vcpu_shared.clone(),
                 control: control.clone(),
+                last_exit: Default::default(),
             });
         }
         Ok(Self {
