@@ -273,8 +273,9 @@ pub struct VcpuFailure {
     pub error: Arc<VcpuError>,
     /// The exit the vCPU was handling (or handled last) when it failed.
     pub exit: LastExit,
-    /// The guest's registers at the failure; `None` if KVM could not give them.
-    pub state: Option<GuestState>,
+    /// The guest's registers at the failure (boxed: errors stay small); `None` if KVM could
+    /// not give them.
+    pub state: Option<Box<GuestState>>,
 }
 
 impl VcpuFailure {
@@ -393,7 +394,7 @@ impl VcpuThread {
                 vcpu: shared.index,
                 error: Arc::new(e),
                 exit: self.last_exit,
-                state: GuestState::capture(&self.fd),
+                state: GuestState::capture(&self.fd).map(Box::new),
             };
             tracing::error!(vcpu = shared.index, "{failure}");
             self.control.finish(Err(failure));
