@@ -32,9 +32,19 @@ fn int3_guest(mode: IrqchipMode) {
         ),
     };
     assert_eq!(failure.vcpu, 0);
-    let VcpuError::Internal { rip, .. } = *failure.error else {
+    let VcpuError::Internal {
+        rip,
+        ref instruction,
+        ..
+    } = *failure.error
+    else {
         panic!("{mode:?}: not an internal error: {}", failure.error);
     };
+    eprintln!("{mode:?}: {}", failure.report());
+    // When KVM gives the instruction bytes, they are the INT3's.
+    if let Some(bytes) = instruction {
+        assert_eq!(bytes.first(), Some(&0xCC), "instruction bytes {bytes:02x?}");
+    }
     // KVM reports the RIP of the instruction it could not run (the INT3 at ENTRY + 10), or the
     // next one.
     assert!((ENTRY + 10..=ENTRY + 11).contains(&rip), "rip {rip:#x}");

@@ -189,23 +189,24 @@ impl fmt::Display for GuestState {
     }
 }
 
-/// KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES (linux/kvm.h): `data[0]` is the flags
-/// word, `data[1]` the number of instruction bytes, `data[2..]` the bytes.
+/// KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES (linux/kvm.h, `kvm_run.emulation_failure`):
+/// `data[0]` is the flags word; then 16 bytes (`data[1]` and `data[2]`, little-endian): the
+/// instruction's length (one byte) and up to 15 instruction bytes.
 const EMULATION_FLAG_INSTRUCTION_BYTES: u64 = 1;
 /// KVM_INTERNAL_ERROR_EMULATION.
 pub const SUBERROR_EMULATION: u32 = 1;
 
 /// The instruction bytes an emulation failure carries, if KVM supplied them.
 pub fn emulation_instruction_bytes(suberror: u32, data: &[u64]) -> Option<Vec<u8>> {
-    if suberror != SUBERROR_EMULATION || data.len() < 2 {
+    if suberror != SUBERROR_EMULATION || data.len() < 3 {
         return None;
     }
     if data[0] & EMULATION_FLAG_INSTRUCTION_BYTES == 0 {
         return None;
     }
-    let len = usize::try_from(data[1]).ok()?.min(15);
-    let bytes: Vec<u8> = data[2..].iter().flat_map(|w| w.to_le_bytes()).collect();
-    bytes.get(..len).map(<[u8]>::to_vec)
+    let raw: Vec<u8> = data[1..3].iter().flat_map(|w| w.to_le_bytes()).collect();
+    let len = usize::from(raw[0]);
+    raw.get(1..1 + len).map(<[u8]>::to_vec)
 }
 
 #[cfg(test)]
@@ -214,17 +215,21 @@ mod tests {
 
     #[test]
     fn instruction_bytes_come_from_the_flagged_data_words() {
-        let data = [1, 3, 0x00CC_0F0F];
+        // Length 3, bytes 0F 0F CC, the rest NOP filler; then the exit info words.
+        let data = [1, 0x9090_9090_CC0F_0F03, 0x9090_9090_9090_9090, 7];
         assert_eq!(
             emulation_instruction_bytes(SUBERROR_EMULATION, &data),
             Some(vec![0x0F, 0x0F, 0xCC])
         );
+        // All 15 bytes.
+        let full = emulation_instruction_bytes(1, &[1, 0x0F, 0]).unwrap();
+        assert_eq!(full.len(), 15);
         // No flag, another suberror, or too few words: no bytes.
-        assert_eq!(emulation_instruction_bytes(1, &[0, 3, 0]), None);
+        assert_eq!(emulation_instruction_bytes(1, &[0, 0x0F, 0]), None);
         assert_eq!(emulation_instruction_bytes(2, &data), None);
-        assert_eq!(emulation_instruction_bytes(1, &[1]), None);
-        // A length beyond the words KVM filled is refused, not read past.
-        assert_eq!(emulation_instruction_bytes(1, &[1, 15, 0]), None);
+        assert_eq!(emulation_instruction_bytes(1, &[1, 3]), None);
+        // A length beyond the 15 bytes there is room for is refused, not read past.
+        assert_eq!(emulation_instruction_bytes(1, &[1, 16, 0]), None);
     }
 
     #[test]
