@@ -36,6 +36,29 @@ pub enum Command {
     /// Boot a kernel: multiboot v1 (ELF32, ELF64 with a 32-bit entry, a.out kludge), plain ELF64,
     /// or a raw binary (--raw-at).
     Run(RunArgs),
+    /// Run the hostile-guest fuzzer (guests/fuzz.c) seed after seed in every irqchip mode and on
+    /// 1, 2 and 4 vCPUs (or those given), each run under a watchdog; stops at the first failing
+    /// seed and prints the command that replays it.
+    FuzzGuest(FuzzArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct FuzzArgs {
+    /// Keep running seeds for this many seconds (without it: one round with one seed).
+    #[arg(long, value_name = "N")]
+    pub seconds: Option<u64>,
+    /// The first seed (default: from the clock); later rounds count up from it.
+    #[arg(long, value_name = "S")]
+    pub seed: Option<u64>,
+    /// Only this irqchip mode (default: user, split and kernel).
+    #[arg(long, value_enum)]
+    pub irqchip: Option<IrqchipMode>,
+    /// Only this vCPU count (default: 1, 2 and 4).
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<u32>,
+    /// Operations per vCPU in each run.
+    #[arg(long, value_name = "N", default_value_t = crate::fuzzguest::DEFAULT_OPS)]
+    pub ops: u32,
 }
 
 #[derive(Debug, clap::Args)]
@@ -174,6 +197,7 @@ pub fn demo_config() -> VmConfig {
 pub fn main_with(cli: Cli) -> Result<i32, CliError> {
     let (cfg, timeout, api_sock) = match &cli.command {
         None => (demo_config(), None, None),
+        Some(Command::FuzzGuest(args)) => return Ok(fuzz_guest(args)),
         Some(Command::Run(args)) => {
             let timeout = match args.timeout {
                 None => None,
@@ -218,7 +242,47 @@ pub fn main_with(cli: Cli) -> Result<i32, CliError> {
             eprintln!("irqvm: the guest did not finish within {t:?}");
             Ok(TIMEOUT_STATUS)
         }
+        Err(VmError::Vcpu(failure)) => {
+            // The whole report (exit, registers), not just the one-line summary.
+            eprintln!("irqvm: {}", failure.report());
+            Ok(VMM_ERROR_STATUS)
+        }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// Exit status when the VMM stops the VM on an error (as for any other VMM error).
+pub const VMM_ERROR_STATUS: i32 = 2;
+
+/// `irqvm fuzz-guest`: 0 if every run passed, 1 at the first failure (reported on stderr).
+fn fuzz_guest(args: &FuzzArgs) -> i32 {
+    use crate::fuzzguest::{clock_seed, run_plan, FuzzPlan};
+    let plan = FuzzPlan {
+        first_seed: args.seed.unwrap_or_else(clock_seed),
+        duration: args.seconds.map(Duration::from_secs),
+        modes: match args.irqchip {
+            Some(mode) => vec![mode],
+            None => vec![IrqchipMode::User, IrqchipMode::Split, IrqchipMode::Kernel],
+        },
+        cpus: args.cpus.map_or_else(|| vec![1, 2, 4], |n| vec![n]),
+        ops: args.ops,
+    };
+    println!("fuzz-guest: first seed {}", plan.first_seed);
+    match run_plan(&plan) {
+        Ok(runs) => {
+            println!("fuzz-guest: {runs} runs, no failure");
+            0
+        }
+        Err((run, failure, output)) => {
+            eprintln!(
+                "fuzz-guest: FAILED: seed {} {:?} {} vCPU(s): {failure}\n--- guest output ---\n{output}--- replay ---\n{}",
+                run.seed,
+                run.mode,
+                run.cpus,
+                run.replay_command()
+            );
+            1
+        }
     }
 }
 
@@ -349,7 +413,7 @@ mod tests {
             argv.extend_from_slice(extra);
             match Cli::try_parse_from(argv).map(|c| c.command) {
                 Ok(Some(Command::Run(args))) => Ok(args.protected_state_aps),
-                Ok(None) => panic!("not run"),
+                Ok(_) => panic!("not run"),
                 Err(e) => Err(e.to_string()),
             }
         };

@@ -282,7 +282,7 @@ impl DevicePio for TestDevLines {
     fn pio_write(&self, _base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
         for (byte, line) in data.iter().zip(u32::from(offset)..) {
             if let Err(e) = self.0.set_line(line, *byte != 0) {
-                tracing::warn!(line, "pc-testdev: {e}");
+                crate::warn_ratelimited!(line, "pc-testdev: {e}");
             }
         }
     }

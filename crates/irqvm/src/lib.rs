@@ -16,6 +16,9 @@
 //! | [`snapshot`] | snapshots; the conversion between the model's state and KVM's |
 //! | [`vm`] | building and running a VM (and choosing the backend) |
 //! | [`seccomp`] | the per-thread seccomp filters (least privilege) |
+//! | [`api`] | the control API over a Unix socket (`--api-sock`) |
+//! | [`ratelimit`] | rate-limited warnings for what a guest can trigger at will |
+//! | [`fuzzguest`] | `irqvm fuzz-guest`: the hostile-guest fuzzer, seed after seed, under a watchdog |
 //! | [`cli`] | the `irqvm` command line |
 
 pub mod acpi;
@@ -24,11 +27,13 @@ pub mod backend;
 pub mod cli;
 pub mod cpuid;
 pub mod devices;
+pub mod fuzzguest;
 pub mod iobus;
 pub mod kick;
 pub mod kvm;
 pub mod loader;
 pub mod memory;
+pub mod ratelimit;
 pub mod seccomp;
 pub mod snapshot;
 pub mod vcpu;

@@ -209,6 +209,7 @@ impl Vm {
                 bus: devices.bus().clone(),
                 shared: vcpu_shared.clone(),
                 control: control.clone(),
+                last_exit: Default::default(),
             });
         }
         let vcpu_filter = cfg

@@ -213,7 +213,7 @@ impl MessageSink for KvmSink {
         let msi = match MsiMessage::encode(message) {
             Ok(msi) => msi,
             Err(e) => {
-                tracing::warn!(?message, "IOAPIC message has no MSI form: {e}");
+                crate::warn_ratelimited!(?message, "IOAPIC message has no MSI form: {e}");
                 return 0;
             }
         };
@@ -225,7 +225,8 @@ impl MessageSink for KvmSink {
                 0
             }
             Err(e) => {
-                tracing::warn!(?message, "{e}");
+                // What the guest programmed cannot reach a vCPU: dropped, as hardware would.
+                crate::warn_ratelimited!(?message, "{e}");
                 0
             }
         }
@@ -311,7 +312,7 @@ impl SplitShared {
         {
             // Only a GSI above the table or too many sources can fail; neither is reachable
             // through `InterruptLines` (lines are checked, one source), so it is only logged.
-            tracing::warn!(gsi, level, "GSI routing: {e}");
+            crate::warn_ratelimited!(gsi, level, "GSI routing: {e}");
         }
     }
 

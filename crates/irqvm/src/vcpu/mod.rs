@@ -22,6 +22,7 @@
 //! brings them out.
 
 pub mod regs;
+pub mod report;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -36,6 +37,7 @@ use crate::backend::{
 };
 use crate::iobus::IoBus;
 use crate::kick::{ImmediateExit, KickTarget};
+use report::{emulation_instruction_bytes, GuestState, LastExit};
 
 /// Where a vCPU thread is. See the module documentation for the transitions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -293,10 +295,18 @@ impl GuestExit {
 pub enum VcpuError {
     #[error("KVM_RUN failed: {0}")]
     Run(#[source] kvm_ioctls::Error),
+    /// KVM_EXIT_INTERNAL_ERROR: `data` is what KVM put in `kvm_run.internal.data` (for an
+    /// emulation failure with instruction bytes, `instruction` holds them).
     #[error(
-        "KVM could not emulate the guest's instruction (internal error, suberror {suberror}) at rip {rip:#x}"
+        "KVM could not emulate the guest's instruction (internal error, suberror {suberror}) at rip {rip:#x}{}",
+        fmt_instruction(instruction.as_deref(), data)
     )]
-    Internal { suberror: u32, rip: u64 },
+    Internal {
+        suberror: u32,
+        rip: u64,
+        data: Vec<u64>,
+        instruction: Option<Vec<u8>>,
+    },
     #[error("VM entry failed (hardware reason {0:#x})")]
     FailEntry(u64),
     /// A KVM exit this VMM never asks for (`kvm_run.exit_reason`, a `KVM_EXIT_*` value).
@@ -310,14 +320,51 @@ pub enum VcpuError {
     Irqchip(#[from] IrqchipError),
 }
 
-/// How a vCPU failed, as the VM's outcome: which vCPU, and its error (shared, so that every
-/// thread waiting for the outcome gets it).
+fn fmt_instruction(instruction: Option<&[u8]>, data: &[u64]) -> String {
+    match instruction {
+        Some(bytes) => {
+            let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            format!(", instruction bytes [{}]", hex.join(" "))
+        }
+        None if data.is_empty() => String::new(),
+        None => format!(", data {data:x?}"),
+    }
+}
+
+/// How a vCPU failed, as the VM's outcome: which vCPU, its error (shared, so that every
+/// thread waiting for the outcome gets it), the last exit it handled and its registers then.
 #[derive(Clone, Debug, thiserror::Error)]
-#[error("vCPU {vcpu} failed: {error}")]
+#[error("vCPU {vcpu} failed: {error} (last exit: {exit})")]
 pub struct VcpuFailure {
     pub vcpu: usize,
     #[source]
     pub error: Arc<VcpuError>,
+    /// The exit the vCPU was handling (or handled last) when it failed.
+    pub exit: LastExit,
+    /// The guest's registers at the failure (boxed: errors stay small); `None` if KVM could
+    /// not give them.
+    pub state: Option<Box<GuestState>>,
+}
+
+impl VcpuFailure {
+    /// A failure of `vcpu` with no exit and no register state (for failures outside a vCPU
+    /// thread's loop, and tests).
+    pub fn new(vcpu: usize, error: VcpuError) -> Self {
+        Self {
+            vcpu,
+            error: Arc::new(error),
+            exit: LastExit::None,
+            state: None,
+        }
+    }
+
+    /// The full report: the one-line summary, then the register dump.
+    pub fn report(&self) -> String {
+        match &self.state {
+            Some(state) => format!("{self}\n{state}"),
+            None => format!("{self}\n  (registers unavailable)"),
+        }
+    }
 }
 
 /// How a VM ended: the guest's (or host's) way out, or the first vCPU failure.
@@ -430,6 +477,8 @@ pub(crate) struct VcpuThread {
     pub(crate) bus: Arc<IoBus>,
     pub(crate) shared: Arc<VcpuShared>,
     pub(crate) control: Arc<VmControl>,
+    /// The last exit handled, for the failure report.
+    pub(crate) last_exit: LastExit,
 }
 
 impl VcpuThread {
@@ -449,11 +498,14 @@ impl VcpuThread {
         self.record_mp_state();
         shared.set_state(VcpuState::Stopped);
         if let Err(e) = result {
-            tracing::error!(vcpu = shared.index, "{e}");
-            self.control.finish(Err(VcpuFailure {
+            let failure = VcpuFailure {
                 vcpu: shared.index,
                 error: Arc::new(e),
-            }));
+                exit: self.last_exit,
+                state: GuestState::capture(&self.fd).map(Box::new),
+            };
+            tracing::error!(vcpu = shared.index, "{failure}");
+            self.control.finish(Err(failure));
         }
     }
 
@@ -491,11 +543,15 @@ impl VcpuThread {
             let step = match self.fd.run() {
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     // `immediate_exit` is cleared at the top of the loop, before the checks.
+                    self.last_exit = LastExit::Interrupted;
                     bump(&shared.stats.eintr_returns);
                     Step::Continue
                 }
                 Err(e) => return Err(VcpuError::Run(e)),
-                Ok(exit) => handle_exit(exit, self.chip.as_mut(), &self.bus, &shared.stats)?,
+                Ok(exit) => {
+                    self.last_exit = last_exit(&exit);
+                    handle_exit(exit, self.chip.as_mut(), &self.bus, &shared.stats)?
+                }
             };
             self.chip.after_exit(&mut self.fd)?;
             match step {
@@ -574,9 +630,59 @@ impl VcpuThread {
     fn internal_error(&mut self) -> VcpuError {
         // SAFETY: the last exit was KVM_EXIT_INTERNAL_ERROR, so `internal` is the union member
         // KVM filled in.
-        let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+        let internal = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal };
+        let ndata = (internal.ndata as usize).min(internal.data.len());
+        let data = internal.data[..ndata].to_vec();
         let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
-        VcpuError::Internal { suberror, rip }
+        VcpuError::Internal {
+            suberror: internal.suberror,
+            rip,
+            instruction: emulation_instruction_bytes(internal.suberror, &data),
+            data,
+        }
+    }
+}
+
+/// The report's record of `exit`.
+fn last_exit(exit: &VcpuExit<'_>) -> LastExit {
+    match exit {
+        VcpuExit::IoIn(port, data) => LastExit::Pio {
+            port: *port,
+            size: data.len(),
+            write: false,
+        },
+        VcpuExit::IoOut(port, data) => LastExit::Pio {
+            port: *port,
+            size: data.len(),
+            write: true,
+        },
+        VcpuExit::MmioRead(addr, data) => LastExit::Mmio {
+            addr: *addr,
+            size: data.len(),
+            write: false,
+        },
+        VcpuExit::MmioWrite(addr, data) => LastExit::Mmio {
+            addr: *addr,
+            size: data.len(),
+            write: true,
+        },
+        VcpuExit::X86Rdmsr(msr) => LastExit::Msr {
+            index: msr.index,
+            write: false,
+        },
+        VcpuExit::X86Wrmsr(msr) => LastExit::Msr {
+            index: msr.index,
+            write: true,
+        },
+        VcpuExit::Hlt => LastExit::Hlt,
+        VcpuExit::IrqWindowOpen => LastExit::IrqWindowOpen,
+        VcpuExit::IoapicEoi(vector) => LastExit::IoapicEoi { vector: *vector },
+        VcpuExit::Intr | VcpuExit::SetTpr => LastExit::IntrOrTpr,
+        VcpuExit::Shutdown => LastExit::Shutdown,
+        VcpuExit::SystemEvent(..) => LastExit::SystemEvent,
+        VcpuExit::InternalError => LastExit::InternalError,
+        VcpuExit::FailEntry(..) => LastExit::FailEntry,
+        _ => LastExit::Other,
     }
 }
 

@@ -44,7 +44,7 @@ impl Platform {
             .chip
             .set_gsi(gsi, DEVICE_SOURCE, level, &mut self.notify())
         {
-            tracing::warn!(gsi, level, "GSI routing: {e}");
+            crate::warn_ratelimited!(gsi, level, "GSI routing: {e}");
         }
     }
 
