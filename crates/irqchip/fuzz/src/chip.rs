@@ -453,7 +453,7 @@ impl Sim {
         assert!(
             second == first,
             "snapshot -> restore -> snapshot differs {}",
-            super::snapshot::first_difference(&first, &second)
+            super::diff::first_difference(&first, &second)
         );
         let json2 = serde_json::to_vec(&second).expect("a snapshot serializes");
         assert!(json == json2, "snapshot JSON differs after restore");

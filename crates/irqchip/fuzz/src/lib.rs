@@ -9,6 +9,7 @@
 pub mod apic;
 pub mod chip;
 pub mod devices;
+pub mod diff;
 pub mod input;
 pub mod lapic;
 pub mod prio;

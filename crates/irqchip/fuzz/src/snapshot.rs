@@ -8,6 +8,7 @@ use irqchip::chip::PcIrqChipConfig;
 use irqchip::snapshot::ChipSnapshot;
 
 use super::chip::Sim;
+use super::diff::first_difference;
 use super::input::Input;
 
 /// The chip a snapshot could come from (its vCPU count and device configuration).
@@ -55,25 +56,4 @@ pub fn run(data: &[u8]) {
     while !workout.is_empty() {
         sim.step(&mut workout);
     }
-}
-
-/// Where two snapshots first differ, as JSON with some context (the full dumps are too long to
-/// read in a crash report).
-pub fn first_difference(a: &ChipSnapshot, b: &ChipSnapshot) -> String {
-    let (a, b) = (
-        serde_json::to_string(a).unwrap_or_default(),
-        serde_json::to_string(b).unwrap_or_default(),
-    );
-    let at = a
-        .bytes()
-        .zip(b.bytes())
-        .position(|(x, y)| x != y)
-        .unwrap_or(a.len().min(b.len()));
-    let from = at.saturating_sub(300);
-    let context = |s: &str| {
-        s.get(from..(at + 100).min(s.len()))
-            .unwrap_or("")
-            .to_string()
-    };
-    format!("at byte {at}:\n  {}\n  {}", context(&a), context(&b))
 }
