@@ -1,9 +1,12 @@
 //! The CPUID table each vCPU gets: KVM's supported set, less what this host's instruction
 //! emulator cannot run, with per-vCPU APIC IDs and a consistent topology.
 //!
-//! kvm_pvm emulates ring-0 guest code; it fails on xsave/xrstor and clac/stac (see
-//! `docs/kvm-facts.md`), so XSAVE and everything that needs it (AVX, AVX2, AVX-512, AMX, PKU/OSPKE)
-//! and SMAP are hidden. The APIC (leaf 1 EDX bit 9), x2APIC (leaf 1 ECX bit 21) and the
+//! kvm_pvm emulates ring-0 guest code; it fails on xsave/xrstor, clac/stac and cmpxchg16b (see
+//! `docs/kvm-facts.md`), so XSAVE and everything that needs it (AVX, AVX2, AVX-512, AMX, PKU/OSPKE),
+//! SMAP and CX16 are hidden (Linux's SLUB uses cmpxchg16b whenever CX16 is advertised). So are
+//! instructions KVM's emulator has no entry for and Linux would run in ring 0 once advertised:
+//! RDRAND/RDSEED (random seeding at boot), RDFSBASE/WRGSBASE and friends (FSGSBASE: the entry
+//! code and context switch), and PCID/INVPCID (TLB flushes). The APIC (leaf 1 EDX bit 9), x2APIC (leaf 1 ECX bit 21) and the
 //! TSC-deadline timer (leaf 1 ECX bit 24) stay as KVM reports them; the irqchip backend may
 //! adjust them with [`CpuidConfig`].
 
@@ -18,6 +21,7 @@ pub mod leaf1 {
     pub const ECX_VMX: u32 = 1 << 5;
     pub const ECX_SMX: u32 = 1 << 6;
     pub const ECX_FMA: u32 = 1 << 12;
+    pub const ECX_CX16: u32 = 1 << 13;
     pub const ECX_PCID: u32 = 1 << 17;
     pub const ECX_X2APIC: u32 = 1 << 21;
     pub const ECX_TSC_DEADLINE: u32 = 1 << 24;
@@ -25,6 +29,7 @@ pub mod leaf1 {
     pub const ECX_OSXSAVE: u32 = 1 << 27;
     pub const ECX_AVX: u32 = 1 << 28;
     pub const ECX_F16C: u32 = 1 << 29;
+    pub const ECX_RDRAND: u32 = 1 << 30;
     pub const ECX_HYPERVISOR: u32 = 1 << 31;
     pub const EDX_APIC: u32 = 1 << 9;
     pub const EDX_HTT: u32 = 1 << 28;
@@ -32,6 +37,9 @@ pub mod leaf1 {
 
 /// Leaf 7 subleaf 0 bits (SDM vol. 2A, CPUID, "Structured Extended Feature Flags").
 pub mod leaf7 {
+    pub const EBX_FSGSBASE: u32 = 1 << 0;
+    pub const EBX_INVPCID: u32 = 1 << 10;
+    pub const EBX_RDSEED: u32 = 1 << 18;
     pub const EBX_AVX2: u32 = 1 << 5;
     pub const EBX_SMAP: u32 = 1 << 20;
     /// AVX512F, DQ, IFMA, PF, ER, CD, BW, VL.
@@ -127,11 +135,13 @@ fn adjust_entry(e: &mut kvm_cpuid_entry2, cfg: &CpuidConfig, apic_id: u32) {
                 | ECX_VMX
                 | ECX_SMX
                 | ECX_FMA
+                | ECX_CX16
                 | ECX_PCID
                 | ECX_XSAVE
                 | ECX_OSXSAVE
                 | ECX_AVX
-                | ECX_F16C);
+                | ECX_F16C
+                | ECX_RDRAND);
             e.ecx |= ECX_HYPERVISOR;
             set_bit(&mut e.ecx, ECX_X2APIC, cfg.x2apic);
             set_bit(&mut e.ecx, ECX_TSC_DEADLINE, cfg.tsc_deadline);
@@ -143,7 +153,7 @@ fn adjust_entry(e: &mut kvm_cpuid_entry2, cfg: &CpuidConfig, apic_id: u32) {
         }
         7 if e.index == 0 => {
             use leaf7::*;
-            e.ebx &= !(EBX_AVX2 | EBX_SMAP | EBX_AVX512);
+            e.ebx &= !(EBX_FSGSBASE | EBX_INVPCID | EBX_RDSEED | EBX_AVX2 | EBX_SMAP | EBX_AVX512);
             e.ecx &= !ECX_AVX_PKU;
             e.edx &= !EDX_AVX_AMX;
         }
