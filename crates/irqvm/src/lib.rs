@@ -13,6 +13,7 @@
 //! | [`backend`] | the interrupt-controller interface and its three backends, `kernel`, `split`, `user` |
 //! | [`kick`] | forcing a vCPU thread out of KVM_RUN, race-free |
 //! | [`vcpu`] | the vCPU threads and their run loop |
+//! | [`emulate`] | finishing instructions this host's KVM emulator gives up on (`int3`, `int n`) |
 //! | [`vm`] | building and running a VM (and choosing the backend) |
 //! | [`cli`] | the `irqvm` command line |
 
@@ -21,6 +22,7 @@ pub mod backend;
 pub mod cli;
 pub mod cpuid;
 pub mod devices;
+pub mod emulate;
 pub mod iobus;
 pub mod kick;
 pub mod kvm;
