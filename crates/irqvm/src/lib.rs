@@ -10,6 +10,7 @@
 //! | [`cpuid`] | the CPUID table each vCPU sees |
 //! | [`iobus`] | the port-I/O and MMIO bus exits reach devices through (rust-vmm `vm-device`) |
 //! | [`devices`] | serial, isa-debug-exit, fw_cfg, pc-testdev interrupt lines, on the bus |
+//! | [`cmos`], [`i8042`] | the CMOS RTC and the keyboard controller Linux expects on a PC |
 //! | [`backend`] | the interrupt-controller interface and its three backends, `kernel`, `split`, `user` |
 //! | [`kick`] | forcing a vCPU thread out of KVM_RUN, race-free |
 //! | [`vcpu`] | the vCPU threads and their run loop |
@@ -20,9 +21,11 @@
 pub mod acpi;
 pub mod backend;
 pub mod cli;
+pub mod cmos;
 pub mod cpuid;
 pub mod devices;
 pub mod emulate;
+pub mod i8042;
 pub mod iobus;
 pub mod kick;
 pub mod kvm;
