@@ -8,6 +8,9 @@
 //! RDRAND/RDSEED (random seeding at boot), RDFSBASE/WRGSBASE and friends (FSGSBASE: the entry
 //! code and context switch), PCID/INVPCID (TLB flushes), RDTSCP (Linux's `rdtsc_ordered`, on
 //! every kvmclock read; KVM's emulator decodes it for intercepts only) and POPCNT (`hweight`).
+//! On this host the guest does not see all of the table: XSAVE, AVX, FMA, F16C, RDRAND (leaf 1)
+//! and leaf 7 stay as the host has them (docs/kvm-facts.md, "CPUID here"), so a Linux guest also
+//! needs `noxsave nosmap nofsgsbase`; the table is still what a host that honours it must see.
 //! KVM's paravirtual features that use hypercalls or KVM's own LAPIC are hidden too
 //! ([`kvm_features::HIDDEN`]); kvmclock and its TSC frequency stay as KVM offers them, so Linux
 //! needs no PIT to calibrate the TSC. The APIC (leaf 1 EDX bit 9), x2APIC (leaf 1 ECX bit 21) and the
