@@ -59,9 +59,11 @@ log=$work/boot-$format-$irqchip-$cpus.log
 # init_on_alloc=0: Debian zeroes every page allocation by default, which under the emulator costs
 # minutes of boot. noxsave nosmap nofsgsbase: on this host the guest's CPUID shows XSAVE, SMAP and
 # FSGSBASE whatever KVM_SET_CPUID2 says (docs/kvm-facts.md), and the emulator cannot run xrstor or
-# clac/stac; Linux's own switches turn the features off.
+# clac/stac; Linux's own switches turn the features off. clearcpuid=151,158,306 (POPCNT, RDRAND,
+# RDSEED: X86_FEATURE_* word*32+bit) likewise: Linux patches `popcnt` into hweight (the emulator stops
+# on it) once CPUID shows POPCNT.
 cmdline="console=ttyS0 earlyprintk=ttyS0 printk.time=1 panic=-1 reboot=k init_on_alloc=0"
-cmdline="$cmdline noxsave nosmap nofsgsbase irqvm.cpus=$cpus"
+cmdline="$cmdline noxsave nosmap nofsgsbase clearcpuid=151,158,306 irqvm.cpus=$cpus"
 echo "linux-boot: $(basename "$kernel") ($format), $cpus vCPUs, $irqchip irqchip; log $log"
 start=$(date +%s.%N)
 set +e
