@@ -57,13 +57,13 @@ mknod -m 600 "$root/dev/console" c 5 1 2>/dev/null || true
 
 log=$work/boot-$format-$irqchip-$cpus.log
 # init_on_alloc=0: Debian zeroes every page allocation by default, which under the emulator costs
-# minutes of boot. noxsave nosmap nofsgsbase: on this host the guest's CPUID shows XSAVE, SMAP and
-# FSGSBASE whatever KVM_SET_CPUID2 says (docs/kvm-facts.md), and the emulator cannot run xrstor or
-# clac/stac; Linux's own switches turn the features off. clearcpuid=151,158,306 (POPCNT, RDRAND,
-# RDSEED: X86_FEATURE_* word*32+bit) likewise: Linux patches `popcnt` into hweight (the emulator stops
-# on it) once CPUID shows POPCNT.
+# minutes of boot. On this host the guest's CPUID shows XSAVE, SMAP, FSGSBASE, POPCNT, RDRAND and
+# RDSEED whatever KVM_SET_CPUID2 says (docs/kvm-facts.md, "CPUID here"), and the emulator cannot run
+# xrstor, clac/stac or popcnt: Linux's own switches turn them off. noxsave and nofsgsbase exist in
+# 6.1; the others through clearcpuid= (X86_FEATURE_* as word*32+bit: POPCNT 151, RDRAND 158,
+# RDSEED 306, SMAP 308; 6.1 has no nosmap any more).
 cmdline="console=ttyS0 earlyprintk=ttyS0 printk.time=1 panic=-1 reboot=k init_on_alloc=0"
-cmdline="$cmdline noxsave nosmap nofsgsbase clearcpuid=151,158,306 irqvm.cpus=$cpus"
+cmdline="$cmdline noxsave nofsgsbase clearcpuid=151,158,306,308 irqvm.cpus=$cpus"
 echo "linux-boot: $(basename "$kernel") ($format), $cpus vCPUs, $irqchip irqchip; log $log"
 start=$(date +%s.%N)
 set +e

@@ -10,7 +10,7 @@
 //! every kvmclock read; KVM's emulator decodes it for intercepts only) and POPCNT (`hweight`).
 //! On this host the guest does not see all of the table: XSAVE, AVX, FMA, F16C, RDRAND (leaf 1)
 //! and leaf 7 stay as the host has them (docs/kvm-facts.md, "CPUID here"), so a Linux guest also
-//! needs `noxsave nosmap nofsgsbase`; the table is still what a host that honours it must see.
+//! needs `noxsave nofsgsbase clearcpuid=151,158,306,308` (scripts/linux-boot.sh); the table is still what a host that honours it must see.
 //! KVM's paravirtual features that use hypercalls or KVM's own LAPIC are hidden too
 //! ([`kvm_features::HIDDEN`]); kvmclock and its TSC frequency stay as KVM offers them, so Linux
 //! needs no PIT to calibrate the TSC. The APIC (leaf 1 EDX bit 9), x2APIC (leaf 1 ECX bit 21) and the
