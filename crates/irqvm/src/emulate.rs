@@ -8,7 +8,10 @@
 //! vCPU runs on; every other failure stays a VM-stopping error. On a host whose CPU runs guest
 //! code (VMX, SVM) these exits do not happen for these instructions and this module is unused.
 //!
-//! Handled: the software interrupts `int3` (CC) and `int imm8` (CD ib) at CPL 0 in 64-bit mode,
+//! Handled: `fwait` (9B), which Linux's FPU code executes (seen on an AP right after SMP
+//! bring-up): with no unmasked x87 exception pending (FSW.ES, bit 7, clear; SDM vol. 1 §8.1.3,
+//! vol. 2A "WAIT/FWAIT") it does nothing, so RIP is advanced past it; with one pending it would
+//! raise #MF, which this module leaves to the error report. And the software interrupts `int3` (CC) and `int imm8` (CD ib) at CPL 0 in 64-bit mode,
 //! which Linux executes on purpose (the alternatives self-test, `text_poke_bp`). Their effect
 //! (SDM vol. 2A, "INT n/INTO/INT3/INT1"; vol. 3 §6.12.1) is the delivery of the vector through
 //! the IDT with the *next* instruction's address as the saved RIP (#BP is a trap, vol. 3 §6.5),
@@ -34,11 +37,31 @@ const OP_INT_N: u8 = 0xCD;
 /// #BP, the vector `int3` raises.
 const BP_VECTOR: u8 = 3;
 
+/// `fwait` (opcode 9B).
+const OP_FWAIT: u8 = 0x9B;
+/// x87 status word: exception summary (SDM vol. 1 §8.1.3).
+const FSW_ES: u16 = 1 << 7;
+
 /// An instruction this module can finish: a software interrupt to `vector`, `len` bytes long.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SoftInterrupt {
     pub vector: u8,
     pub len: u8,
+}
+
+/// What [`decode_any`] recognised.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finishable {
+    SoftInterrupt(SoftInterrupt),
+    Fwait,
+}
+
+/// [`decode`], plus `fwait`.
+pub fn decode_any(bytes: &[u8]) -> Option<Finishable> {
+    match bytes {
+        [OP_FWAIT, ..] => Some(Finishable::Fwait),
+        _ => decode(bytes).map(Finishable::SoftInterrupt),
+    }
 }
 
 /// Decodes the instruction bytes KVM reported. Only unprefixed `int3` and `int imm8` are
@@ -64,13 +87,15 @@ pub fn decode(bytes: &[u8]) -> Option<SoftInterrupt> {
 /// already being delivered), produces the instruction's effect and returns true: the vCPU may
 /// re-enter. Returns false, touching nothing, in every other case.
 pub fn try_recover(fd: &mut VcpuFd) -> bool {
-    let Some(insn) = failed_instruction(fd).and_then(|b| decode(&b)) else {
-        return false;
+    let result = match failed_instruction(fd).and_then(|b| decode_any(&b)) {
+        None => return false,
+        Some(Finishable::Fwait) => finish_fwait(fd),
+        Some(Finishable::SoftInterrupt(insn)) => deliver(fd, insn),
     };
-    match deliver(fd, insn) {
+    match result {
         Ok(done) => done,
         Err(e) => {
-            tracing::warn!(?insn, "cannot finish the software interrupt: {e}");
+            tracing::warn!("cannot finish the instruction the emulator gave up on: {e}");
             false
         }
     }
@@ -96,6 +121,18 @@ fn failed_instruction(fd: &mut VcpuFd) -> Option<Vec<u8>> {
     let insn = unsafe { failure.__bindgen_anon_1.__bindgen_anon_1 };
     let size = usize::from(insn.insn_size).min(insn.insn_bytes.len());
     Some(insn.insn_bytes[..size].to_vec())
+}
+
+/// `fwait` with no x87 exception pending is a no-op: RIP moves past it. Refuses (Ok(false))
+/// when FSW.ES says #MF is due.
+fn finish_fwait(fd: &VcpuFd) -> Result<bool, kvm_ioctls::Error> {
+    if fd.get_fpu()?.fsw & FSW_ES != 0 {
+        return Ok(false);
+    }
+    let mut regs = fd.get_regs()?;
+    regs.rip = regs.rip.wrapping_add(1);
+    fd.set_regs(&regs)?;
+    Ok(true)
 }
 
 /// Advances RIP past `insn` and hands its vector to KVM as an interrupt in delivery. Refuses
@@ -155,6 +192,19 @@ mod tests {
             decode(&[0xCD, 3]),
             Some(SoftInterrupt { vector: 3, len: 2 })
         );
+    }
+
+    #[test]
+    fn fwait_is_recognised_and_int3_still_is() {
+        assert_eq!(decode_any(&[0x9B, 0x65]), Some(Finishable::Fwait));
+        assert_eq!(
+            decode_any(&[0xCC]),
+            Some(Finishable::SoftInterrupt(SoftInterrupt {
+                vector: 3,
+                len: 1
+            }))
+        );
+        assert_eq!(decode_any(&[0x0F, 0x01, 0xCA]), None, "clac");
     }
 
     #[test]
