@@ -66,10 +66,11 @@ pub struct RunArgs {
     /// The kernel image.
     #[arg(long, value_name = "FILE")]
     pub kernel: PathBuf,
-    /// A file passed to the kernel as a multiboot module.
+    /// A file passed to the kernel: a multiboot module, or a Linux kernel's initrd.
     #[arg(long, value_name = "FILE")]
     pub initrd: Option<PathBuf>,
-    /// Arguments after the kernel's file name on its command line.
+    /// The kernel's arguments: after its file name for a multiboot kernel, the whole command line
+    /// for Linux.
     #[arg(long, value_name = "STR", default_value = "")]
     pub cmdline: String,
     /// Number of vCPUs.

@@ -1,9 +1,19 @@
 //! The CPUID table each vCPU gets: KVM's supported set, less what this host's instruction
 //! emulator cannot run, with per-vCPU APIC IDs and a consistent topology.
 //!
-//! kvm_pvm emulates ring-0 guest code; it fails on xsave/xrstor and clac/stac (see
-//! `docs/kvm-facts.md`), so XSAVE and everything that needs it (AVX, AVX2, AVX-512, AMX, PKU/OSPKE)
-//! and SMAP are hidden. The APIC (leaf 1 EDX bit 9), x2APIC (leaf 1 ECX bit 21) and the
+//! kvm_pvm emulates ring-0 guest code; it fails on xsave/xrstor, clac/stac and cmpxchg16b (see
+//! `docs/kvm-facts.md`), so XSAVE and everything that needs it (AVX, AVX2, AVX-512, AMX, PKU/OSPKE),
+//! SMAP and CX16 are hidden (Linux's SLUB uses cmpxchg16b whenever CX16 is advertised). So are
+//! instructions KVM's emulator has no entry for and Linux would run in ring 0 once advertised:
+//! RDRAND/RDSEED (random seeding at boot), RDFSBASE/WRGSBASE and friends (FSGSBASE: the entry
+//! code and context switch), PCID/INVPCID (TLB flushes), RDTSCP (Linux's `rdtsc_ordered`, on
+//! every kvmclock read; KVM's emulator decodes it for intercepts only) and POPCNT (`hweight`).
+//! On this host the guest does not see all of the table: XSAVE, AVX, FMA, F16C, RDRAND (leaf 1)
+//! and leaf 7 stay as the host has them (docs/kvm-facts.md, "CPUID here"), so a Linux guest also
+//! needs `noxsave nofsgsbase clearcpuid=151,158,306,308` (scripts/linux-boot.sh); the table is still what a host that honours it must see.
+//! KVM's paravirtual features that use hypercalls or KVM's own LAPIC are hidden too
+//! ([`kvm_features::HIDDEN`]); kvmclock and its TSC frequency stay as KVM offers them, so Linux
+//! needs no PIT to calibrate the TSC. The APIC (leaf 1 EDX bit 9), x2APIC (leaf 1 ECX bit 21) and the
 //! TSC-deadline timer (leaf 1 ECX bit 24) stay as KVM reports them; the irqchip backend may
 //! adjust them with [`CpuidConfig`].
 
@@ -18,6 +28,8 @@ pub mod leaf1 {
     pub const ECX_VMX: u32 = 1 << 5;
     pub const ECX_SMX: u32 = 1 << 6;
     pub const ECX_FMA: u32 = 1 << 12;
+    pub const ECX_CX16: u32 = 1 << 13;
+    pub const ECX_POPCNT: u32 = 1 << 23;
     pub const ECX_PCID: u32 = 1 << 17;
     pub const ECX_X2APIC: u32 = 1 << 21;
     pub const ECX_TSC_DEADLINE: u32 = 1 << 24;
@@ -25,6 +37,7 @@ pub mod leaf1 {
     pub const ECX_OSXSAVE: u32 = 1 << 27;
     pub const ECX_AVX: u32 = 1 << 28;
     pub const ECX_F16C: u32 = 1 << 29;
+    pub const ECX_RDRAND: u32 = 1 << 30;
     pub const ECX_HYPERVISOR: u32 = 1 << 31;
     pub const EDX_APIC: u32 = 1 << 9;
     pub const EDX_HTT: u32 = 1 << 28;
@@ -32,6 +45,9 @@ pub mod leaf1 {
 
 /// Leaf 7 subleaf 0 bits (SDM vol. 2A, CPUID, "Structured Extended Feature Flags").
 pub mod leaf7 {
+    pub const EBX_FSGSBASE: u32 = 1 << 0;
+    pub const EBX_INVPCID: u32 = 1 << 10;
+    pub const EBX_RDSEED: u32 = 1 << 18;
     pub const EBX_AVX2: u32 = 1 << 5;
     pub const EBX_SMAP: u32 = 1 << 20;
     /// AVX512F, DQ, IFMA, PF, ER, CD, BW, VL.
@@ -60,6 +76,29 @@ pub mod leaf7 {
     pub const EDX_AVX_AMX: u32 =
         (1 << 2) | (1 << 3) | (1 << 8) | (1 << 22) | (1 << 23) | (1 << 24) | (1 << 25);
 }
+
+/// Extended feature leaf 80000001H (SDM vol. 2A; AMD APM vol. 3 E.4.2): EDX bit 27 RDTSCP.
+pub mod leaf_ext1 {
+    pub const EDX_RDTSCP: u32 = 1 << 27;
+}
+
+/// KVM's paravirtual feature leaf 0x40000001 EAX (Linux Documentation/virt/kvm/x86/cpuid.rst).
+pub mod kvm_features {
+    pub const ASYNC_PF: u32 = 1 << 4;
+    pub const PV_EOI: u32 = 1 << 6;
+    pub const PV_UNHALT: u32 = 1 << 7;
+    pub const PV_SEND_IPI: u32 = 1 << 11;
+    pub const PV_SCHED_YIELD: u32 = 1 << 13;
+    pub const ASYNC_PF_INT: u32 = 1 << 14;
+    /// What irqvm hides: the hypercalls (`vmcall` never completes on this host; PV_SEND_IPI
+    /// would also send IPIs around a userspace LAPIC, PV_UNHALT and PV_SCHED_YIELD are
+    /// hypercalls too) and what KVM delivers through its own LAPIC, which the `user` mode does
+    /// not have (PV EOI, async page faults).
+    pub const HIDDEN: u32 =
+        ASYNC_PF | PV_EOI | PV_UNHALT | PV_SEND_IPI | PV_SCHED_YIELD | ASYNC_PF_INT;
+}
+const LEAF_KVM_FEATURES: u32 = 0x4000_0001;
+const LEAF_EXT1: u32 = 0x8000_0001;
 
 /// Leaf 0xD enumerates XSAVE state; hidden with XSAVE.
 const LEAF_XSAVE: u32 = 0xD;
@@ -127,11 +166,14 @@ fn adjust_entry(e: &mut kvm_cpuid_entry2, cfg: &CpuidConfig, apic_id: u32) {
                 | ECX_VMX
                 | ECX_SMX
                 | ECX_FMA
+                | ECX_CX16
                 | ECX_PCID
+                | ECX_POPCNT
                 | ECX_XSAVE
                 | ECX_OSXSAVE
                 | ECX_AVX
-                | ECX_F16C);
+                | ECX_F16C
+                | ECX_RDRAND);
             e.ecx |= ECX_HYPERVISOR;
             set_bit(&mut e.ecx, ECX_X2APIC, cfg.x2apic);
             set_bit(&mut e.ecx, ECX_TSC_DEADLINE, cfg.tsc_deadline);
@@ -143,7 +185,7 @@ fn adjust_entry(e: &mut kvm_cpuid_entry2, cfg: &CpuidConfig, apic_id: u32) {
         }
         7 if e.index == 0 => {
             use leaf7::*;
-            e.ebx &= !(EBX_AVX2 | EBX_SMAP | EBX_AVX512);
+            e.ebx &= !(EBX_FSGSBASE | EBX_INVPCID | EBX_RDSEED | EBX_AVX2 | EBX_SMAP | EBX_AVX512);
             e.ecx &= !ECX_AVX_PKU;
             e.edx &= !EDX_AVX_AMX;
         }
@@ -152,6 +194,8 @@ fn adjust_entry(e: &mut kvm_cpuid_entry2, cfg: &CpuidConfig, apic_id: u32) {
             e.eax = 0;
         }
         LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2 => topology_entry(e, cfg.cpus, apic_id),
+        LEAF_EXT1 => e.edx &= !leaf_ext1::EDX_RDTSCP,
+        LEAF_KVM_FEATURES => e.eax &= !kvm_features::HIDDEN,
         _ => {}
     }
 }
@@ -208,6 +252,8 @@ mod tests {
             entry(0xB, 2),
             entry(0xD, 0),
             entry(0xD, 1),
+            entry(LEAF_EXT1, 0),
+            entry(LEAF_KVM_FEATURES, 0),
         ])
         .unwrap()
     }
@@ -251,6 +297,25 @@ mod tests {
         assert_eq!(find(&c, 7, 1).unwrap().eax, 0);
         assert!(find(&c, 0xD, 0).is_none());
         assert!(find(&c, 0xD, 1).is_none());
+    }
+
+    #[test]
+    fn emulator_gaps_and_kvm_hypercall_features_are_hidden() {
+        let c = vcpu_cpuid(&table(), &CFG, 0);
+        let l1 = find(&c, 1, 0).unwrap();
+        assert_eq!(
+            l1.ecx & (leaf1::ECX_CX16 | leaf1::ECX_RDRAND | leaf1::ECX_POPCNT),
+            0
+        );
+        let l7 = find(&c, 7, 0).unwrap();
+        assert_eq!(l7.ebx & (leaf7::EBX_FSGSBASE | leaf7::EBX_RDSEED), 0);
+        assert_eq!(
+            find(&c, LEAF_EXT1, 0).unwrap().edx & leaf_ext1::EDX_RDTSCP,
+            0
+        );
+        let kvm = find(&c, LEAF_KVM_FEATURES, 0).unwrap();
+        assert_eq!(kvm.eax & kvm_features::HIDDEN, 0);
+        assert_ne!(kvm.eax & 1, 0, "kvmclock stays");
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //! | 0xF4 | isa-debug-exit: a write of `v` ends the VM with exit status `(v << 1) \| 1` |
 //! | 0x510 / 0x511 | fw_cfg, legacy I/O interface: selector / data |
 //! | 0x2000-0x2017 | pc-testdev interrupt lines: a byte write of 1 / 0 raises / lowers line n |
+//! | 0x60, 0x64 | i8042 keyboard controller without devices: probing and reset ([`crate::i8042`]) |
+//! | 0x70 / 0x71 | CMOS RTC: index / data ([`crate::cmos`]) |
 //!
 //! Unclaimed ports read as all ones and ignore writes, as on an ISA bus with nothing decoding the
 //! address; so do unclaimed MMIO addresses (the bus's rule). Every device is behind its own lock:
@@ -22,6 +24,8 @@ use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 
 use crate::backend::{InterruptLines, IrqchipError, IRQ_LINES};
+use crate::cmos::{CmosPorts, CMOS_PORT, CMOS_PORTS};
+use crate::i8042::{I8042Port, OnReset, I8042_COMMAND_PORT, I8042_DATA_PORT};
 use crate::iobus::{BusError, IoBus};
 
 pub const SERIAL_PORT: u16 = 0x3F8;
@@ -210,6 +214,8 @@ pub struct DeviceConfig {
     pub serial: SerialOutput,
     /// What a write to isa-debug-exit does.
     pub on_debug_exit: OnDebugExit,
+    /// What a reset pulse from the i8042 (command 0xFE) does.
+    pub on_reset: OnReset,
 }
 
 /// The 16550A UART at 0x3F8 (vm-superio), byte by byte.
@@ -318,6 +324,10 @@ impl Devices {
             IRQ_LINES as u16,
             Arc::new(TestDevLines(lines)),
         )?;
+        let (i8042_data, i8042_command) = I8042Port::pair(cfg.on_reset);
+        bus.register_pio(I8042_DATA_PORT, 1, Arc::new(i8042_data))?;
+        bus.register_pio(I8042_COMMAND_PORT, 1, Arc::new(i8042_command))?;
+        bus.register_pio(CMOS_PORT, CMOS_PORTS, Arc::new(CmosPorts::default()))?;
         Ok(Self {
             serial,
             bus: Arc::new(bus),
@@ -398,6 +408,7 @@ mod tests {
             ram_size: 128 << 20,
             serial: SerialOutput::Capture(capture.clone()),
             on_debug_exit: Box::new(move |status| lock(&seen).push(status)),
+            on_reset: Box::new(|| {}),
         };
         let devices = Devices::new(cfg, lines.clone()).unwrap();
         (devices, lines, capture, exits)

@@ -10,10 +10,12 @@
 //! | [`cpuid`] | the CPUID table each vCPU sees |
 //! | [`iobus`] | the port-I/O and MMIO bus exits reach devices through (rust-vmm `vm-device`) |
 //! | [`devices`] | serial, isa-debug-exit, fw_cfg, pc-testdev interrupt lines, on the bus |
+//! | [`cmos`], [`i8042`] | the CMOS RTC and the keyboard controller Linux expects on a PC |
 //! | [`backend`] | the interrupt-controller interface and its three backends, `kernel`, `split`, `user` |
 //! | [`kick`] | forcing a vCPU thread out of KVM_RUN, race-free |
 //! | [`vcpu`] | the vCPU threads and their run loop |
 //! | [`snapshot`] | snapshots; the conversion between the model's state and KVM's |
+//! | [`emulate`] | finishing instructions this host's KVM emulator gives up on (`int3`, `int n`) |
 //! | [`vm`] | building and running a VM (and choosing the backend) |
 //! | [`seccomp`] | the per-thread seccomp filters (least privilege) |
 //! | [`api`] | the control API over a Unix socket (`--api-sock`) |
@@ -25,9 +27,12 @@ pub mod acpi;
 pub mod api;
 pub mod backend;
 pub mod cli;
+pub mod cmos;
 pub mod cpuid;
 pub mod devices;
+pub mod emulate;
 pub mod fuzzguest;
+pub mod i8042;
 pub mod iobus;
 pub mod kick;
 pub mod kvm;

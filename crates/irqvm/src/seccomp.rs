@@ -49,6 +49,7 @@ ioctl_iow_nr!(KVM_SET_DEBUGREGS, KVMIO, 0xa2, kvm_debugregs);
 ioctl_iow_nr!(KVM_IRQ_LINE, KVMIO, 0x61, kvm_irq_level);
 ioctl_iow_nr!(KVM_SET_GSI_ROUTING, KVMIO, 0x6a, kvm_irq_routing);
 ioctl_iow_nr!(KVM_SIGNAL_MSI, KVMIO, 0xa5, kvm_msi);
+ioctl_ior_nr!(KVM_GET_FPU, KVMIO, 0x8c, kvm_bindings::kvm_fpu);
 ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_bindings::kvm_lapic_state);
 
 /// Errors setting up a filtered thread.
@@ -265,6 +266,9 @@ fn common_rules() -> Result<Rules, seccompiler::Error> {
 /// The ioctls of a vCPU thread in `mode`. All modes read registers for error reports.
 fn vcpu_ioctls(mode: IrqchipMode) -> Vec<u64> {
     let mut list = vec![KVM_RUN(), KVM_GET_REGS(), KVM_GET_SREGS()];
+    // `emulate`: finishing an instruction KVM's emulator gave up on (x87 status, RIP, the
+    // injected vector), in every mode.
+    list.extend([KVM_GET_FPU(), KVM_SET_REGS(), KVM_SET_VCPU_EVENTS()]);
     list.extend(line_ioctls(mode));
     list.extend(match mode {
         // KVM's MP state for the run report; KVM's LAPIC, APIC base / TSC deadline MSRs and
@@ -299,6 +303,8 @@ fn vcpu_ioctls(mode: IrqchipMode) -> Vec<u64> {
             KVM_SET_MSRS(),
         ],
     });
+    list.sort_unstable();
+    list.dedup();
     list
 }
 

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::acpi::{self, AcpiConfig, AcpiError};
 use crate::backend::kernel::KernelIrqchip;
 use crate::backend::split::SplitIrqchip;
 use crate::backend::user::UserIrqchip;
@@ -26,7 +27,7 @@ use crate::devices::{DeviceConfig, Devices, SerialOutput};
 use crate::iobus::BusError;
 use crate::kick::install_kick_handler;
 use crate::kvm::{self, KvmError};
-use crate::loader::{self, LoadRequest, LoadedKernel, LoaderError, Module, RawImage};
+use crate::loader::{self, BootPlatform, LoadRequest, LoadedKernel, LoaderError, Module, RawImage};
 use crate::memory::{self, GuestRam, MemoryError};
 use crate::seccomp::{self, Role, SeccompError, ThreadFilter};
 use crate::vcpu::{
@@ -60,6 +61,8 @@ pub enum VmError {
     Vcpu(#[from] VcpuFailure),
     #[error("cannot place a device on the I/O bus: {0}")]
     Bus(#[from] BusError),
+    #[error("cannot write the ACPI tables: {0}")]
+    Acpi(#[from] AcpiError),
     #[error("the guest did not finish within {0:?}")]
     Timeout(Duration),
     #[error(transparent)]
@@ -146,15 +149,7 @@ impl Vm {
                 cmdline: name.clone(),
             })
             .collect();
-        let loaded = loader::load(
-            &memory,
-            &LoadRequest {
-                kernel: &cfg.kernel,
-                cmdline: loader::kernel_cmdline(&cfg.kernel_name, &cfg.cmdline),
-                modules,
-                raw: cfg.raw,
-            },
-        )?;
+        let loaded = load_kernel(&memory, cfg, modules)?;
         tracing::debug!(?loaded, "kernel loaded");
 
         let kvm = kvm::open_kvm()?;
@@ -182,6 +177,7 @@ impl Vm {
                 ram_size: memory::ram_size(&memory),
                 serial: cfg.serial.clone(),
                 on_debug_exit: debug_exit_ends(control.clone()),
+                on_reset: reset_ends(control.clone()),
             },
             chip.clone(),
         )?);
@@ -307,6 +303,17 @@ fn debug_exit_ends(control: Arc<VmControl>) -> crate::devices::OnDebugExit {
     })
 }
 
+/// The i8042's reset pulse: irqvm cannot reset a VM, so it ends it as KVM's
+/// KVM_SYSTEM_EVENT_RESET would (Linux's `reboot=k` and its fallback after `panic`).
+fn reset_ends(control: Arc<VmControl>) -> crate::i8042::OnReset {
+    Box::new(move || {
+        tracing::debug!("guest reset the machine through the i8042");
+        control.finish(Ok(GuestExit::SystemEvent {
+            kind: kvm_bindings::KVM_SYSTEM_EVENT_RESET,
+        }));
+    })
+}
+
 /// The vCPU threads as a backend sees them: kick targets, nothing else.
 struct VcpuKicks(Vec<Arc<VcpuShared>>);
 
@@ -322,10 +329,50 @@ impl VcpuKicker for VcpuKicks {
     }
 }
 
+/// Loads the kernel. A Linux image (bzImage or PVH vmlinux) gets the command line as the
+/// arguments alone and the ACPI tables (whose RSDP its boot protocol passes); any other image
+/// gets multiboot's "FILENAME ARGS" and no tables.
+fn load_kernel(
+    memory: &GuestRam,
+    cfg: &VmConfig,
+    modules: Vec<Module<'_>>,
+) -> Result<LoadedKernel, VmError> {
+    let linux = cfg.raw.is_none() && loader::detect(&cfg.kernel)?.is_linux();
+    let mut platform = BootPlatform::default();
+    let cmdline = if linux {
+        platform.acpi_rsdp = Some(acpi::write(memory, &acpi_config(cfg.cpus))?);
+        cfg.cmdline.clone()
+    } else {
+        loader::kernel_cmdline(&cfg.kernel_name, &cfg.cmdline)
+    };
+    let req = LoadRequest {
+        kernel: &cfg.kernel,
+        cmdline,
+        modules,
+        raw: cfg.raw,
+    };
+    Ok(loader::load_with(memory, &req, &platform)?)
+}
+
+/// What the ACPI tables describe: vCPU `i` has APIC ID `i` (as `cpuid::vcpu_cpuid` says), the
+/// IOAPIC has ID 0 (`IoApicConfig::default`), every irqchip mode has the dual 8259 (in KVM or in
+/// irqvm), and the I/O bus has the i8042 and CMOS RTC of `devices.rs`.
+fn acpi_config(cpus: u32) -> AcpiConfig {
+    AcpiConfig {
+        apic_ids: (0..cpus).collect(),
+        ioapic_id: 0,
+        pic: true,
+        i8042: true,
+        cmos_rtc: true,
+    }
+}
+
 fn set_boot_registers(fd: &kvm_ioctls::VcpuFd, loaded: &LoadedKernel) -> Result<(), KvmError> {
     let mut sregs = fd.get_sregs().map_err(KvmError::ioctl("KVM_GET_SREGS"))?;
     let mut kregs = fd.get_regs().map_err(KvmError::ioctl("KVM_GET_REGS"))?;
     regs::apply_boot_state(&loaded.boot, &mut sregs, &mut kregs);
+    // Linux's 64-bit boot protocol passes the zero page in RSI (0 for every other format).
+    kregs.rsi = loaded.rsi;
     fd.set_sregs(&sregs)
         .map_err(KvmError::ioctl("KVM_SET_SREGS"))?;
     fd.set_regs(&kregs)

@@ -561,6 +561,7 @@ impl VcpuThread {
                     self.control.finish(Ok(exit));
                     return Ok(());
                 }
+                Step::InternalError if crate::emulate::try_recover(&mut self.fd) => {}
                 Step::InternalError => return Err(self.internal_error()),
                 Step::Unexpected => {
                     let reason = self.fd.get_kvm_run().exit_reason;
