@@ -76,9 +76,9 @@ pub enum IrqchipMode {
     /// KVM's in-kernel PIC, IOAPIC and local APICs.
     #[default]
     Kernel,
-    /// Every interrupt controller in userspace (the `irqchip` crate); see [`user`].
+    /// Every interrupt controller in userspace, from the `irqchip` crate (module `backend::user`).
     User,
-    /// Local APICs in KVM, IOAPIC and PIC in userspace; see [`split`].
+    /// Local APICs in KVM, IOAPIC and PIC in userspace (module `backend::split`).
     Split,
 }
 
