@@ -107,9 +107,9 @@ fn failed_instruction(fd: &mut VcpuFd) -> Option<Vec<u8>> {
     if run.exit_reason != KVM_EXIT_INTERNAL_ERROR {
         return None;
     }
-    // SAFETY: the exit is KVM_EXIT_INTERNAL_ERROR, for which KVM fills the `internal` /
-    // `emulation_failure` union member (they share the suberror field); the bytes are plain
-    // data, read only when the flag says KVM wrote them.
+    // `internal` and `emulation_failure` share the suberror field; the bytes are plain data,
+    // read below only when the flag says KVM wrote them.
+    // SAFETY: the exit is KVM_EXIT_INTERNAL_ERROR, for which KVM fills this union member.
     let failure = unsafe { run.__bindgen_anon_1.emulation_failure };
     if failure.suberror != KVM_INTERNAL_ERROR_EMULATION
         || failure.ndata < 2

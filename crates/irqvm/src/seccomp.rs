@@ -404,9 +404,9 @@ extern "C" fn on_sigsys(_signal: libc::c_int, info: *mut libc::siginfo_t, _ctx: 
         line.push(b" got a SIGSYS not from its filter");
     }
     line.push(b"; stopping irqvm (run with --no-seccomp to debug)\n");
-    // SAFETY: write, getpid, gettid and tgkill are async-signal-safe and allowed by every filter.
     // SIGSYS is blocked while this handler runs and its action is now the default (SA_RESETHAND),
     // so the re-raised signal kills the process as soon as the handler returns.
+    // SAFETY: write, getpid, gettid and tgkill are async-signal-safe and allowed by every filter.
     unsafe {
         libc::write(libc::STDERR_FILENO, line.buf.as_ptr().cast(), line.len);
         libc::syscall(

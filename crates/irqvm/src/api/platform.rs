@@ -105,10 +105,11 @@ pub fn from_kvm(vm: &VmFd) -> Result<PlatformInfo, KvmError> {
     let master = get_chip(vm, 0)?;
     let slave = get_chip(vm, 1)?;
     let ioapic = get_chip(vm, 2)?;
-    // SAFETY: KVM_GET_IRQCHIP filled the union member of the chip asked for: `pic` for chips
-    // 0 and 1, `ioapic` for chip 2; both are plain integers, valid for any bit pattern.
-    let (master, slave, ioapic): (kvm_pic_state, kvm_pic_state, kvm_ioapic_state) =
-        unsafe { (master.chip.pic, slave.chip.pic, ioapic.chip.ioapic) };
+    // KVM_GET_IRQCHIP fills `pic` for chips 0 and 1, `ioapic` for chip 2.
+    type Chips = (kvm_pic_state, kvm_pic_state, kvm_ioapic_state);
+    // SAFETY: each member read is the one KVM filled; all are plain integers (any bit pattern).
+    let chips: Chips = unsafe { (master.chip.pic, slave.chip.pic, ioapic.chip.ioapic) };
+    let (master, slave, ioapic) = chips;
     let pins = (0..ioapic.redirtbl.len() as u32)
         .map(|pin| {
             // SAFETY: `bits` views the whole 64-bit redirection entry, valid for any bits.
