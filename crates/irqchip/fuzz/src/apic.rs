@@ -9,6 +9,7 @@ use irqchip::lapic::{ApicMode, LocalApic};
 use irqchip::vcpu::VcpuInterrupts;
 use irqchip::Nanos;
 
+use super::input::Input;
 use super::prio::{sdm_apr, sdm_ppr, Vectors};
 
 /// Guest access to one APIC, for the model's two owners of a `LocalApic`.
@@ -252,5 +253,25 @@ impl Step {
             "ISR lost {retired:?} (EOI: {})",
             self.eoi
         );
+    }
+}
+
+/// An MSR for a guest access: mostly the x2APIC range, sometimes IA32_APIC_BASE, the TSC
+/// deadline or any index.
+pub fn msr(input: &mut Input) -> u32 {
+    match input.u8() {
+        0..=199 => 0x800 + u32::from(input.u8() & 0x3F),
+        200..=219 => 0x800 + u32::from(input.u8()),
+        220..=229 => MSR_APIC_BASE,
+        230..=239 => MSR_TSC_DEADLINE,
+        _ => input.u32(),
+    }
+}
+
+/// An IA32_APIC_BASE value: mostly the default base with EN/EXTD/BSP bits, sometimes any value.
+pub fn apic_base(input: &mut Input) -> u64 {
+    match input.u8() {
+        0..=199 => 0xFEE0_0000 | u64::from(input.u8() & 0xD) << 8,
+        _ => input.u64(),
     }
 }

@@ -17,7 +17,7 @@ use irqchip::snapshot::ChipSnapshot;
 use irqchip::vcpu::{ApicAccessResult, Injection, VcpuInterrupts};
 use irqchip::{ClockConfig, GuestFault, Nanos, VcpuIndex};
 
-use super::apic::{self, msr_of, ApicPort, Reading, Step};
+use super::apic::{self, apic_base, msr, msr_of, ApicPort, Reading, Step};
 use super::input::Input;
 use super::prio::{deliverable, Vectors};
 
@@ -707,23 +707,6 @@ fn offset(input: &mut Input) -> u64 {
     match input.u8() {
         0..=199 => u64::from(input.u8() & 0x3F) << 4,
         200..=239 => u64::from(input.u16() & 0x1FFF),
-        _ => input.u64(),
-    }
-}
-
-fn msr(input: &mut Input) -> u32 {
-    match input.u8() {
-        0..=199 => 0x800 + u32::from(input.u8() & 0x3F),
-        200..=219 => 0x800 + u32::from(input.u8()),
-        220..=229 => apic::MSR_APIC_BASE,
-        230..=239 => apic::MSR_TSC_DEADLINE,
-        _ => input.u32(),
-    }
-}
-
-fn apic_base(input: &mut Input) -> u64 {
-    match input.u8() {
-        0..=199 => 0xFEE0_0000 | u64::from(input.u8() & 0xD) << 8,
         _ => input.u64(),
     }
 }

@@ -9,7 +9,7 @@ use irqchip::lapic::{ApicMode, LapicConfig, LapicEffect, LocalApic, LocalSource}
 use irqchip::types::DestinationFormat;
 use irqchip::{ApicId, ClockConfig, Nanos, TriggerMode};
 
-use super::apic::{self, msr_of, ApicPort, Reading, Step};
+use super::apic::{self, apic_base, msr, msr_of, ApicPort, Reading, Step};
 use super::input::Input;
 use super::prio::{deliverable, Vectors};
 
@@ -261,23 +261,6 @@ fn offset(input: &mut Input) -> u64 {
             slot | if input.bool() { within } else { 0 }
         }
         200..=239 => u64::from(input.u16() & 0x1FFF),
-        _ => input.u64(),
-    }
-}
-
-fn msr(input: &mut Input) -> u32 {
-    match input.u8() {
-        0..=199 => 0x800 + u32::from(input.u8() & 0x3F),
-        200..=219 => 0x800 + u32::from(input.u8()),
-        220..=229 => apic::MSR_APIC_BASE,
-        230..=239 => apic::MSR_TSC_DEADLINE,
-        _ => input.u32(),
-    }
-}
-
-fn apic_base(input: &mut Input) -> u64 {
-    match input.u8() {
-        0..=199 => 0xFEE0_0000 | u64::from(input.u8() & 0xD) << 8,
         _ => input.u64(),
     }
 }
