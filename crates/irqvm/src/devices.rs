@@ -7,6 +7,7 @@
 //! | 0xF4 | isa-debug-exit: a write of `v` ends the VM with exit status `(v << 1) \| 1` |
 //! | 0x510 / 0x511 | fw_cfg, legacy I/O interface: selector / data |
 //! | 0x2000-0x2017 | pc-testdev interrupt lines: a byte write of 1 / 0 raises / lowers line n |
+//! | 0x2020-0x2023 | MSI doorbell (irqvm's own, not in QEMU): a 32-bit write sends one MSI ([`MsiDoorbell`]) |
 //! | 0x60, 0x64 | i8042 keyboard controller without devices: probing and reset ([`crate::i8042`]) |
 //! | 0x70 / 0x71 | CMOS RTC: index / data ([`crate::cmos`]) |
 //!
@@ -37,6 +38,10 @@ pub const DEBUG_EXIT_PORT: u16 = 0xF4;
 pub const FW_CFG_SELECTOR_PORT: u16 = 0x510;
 pub const FW_CFG_DATA_PORT: u16 = 0x511;
 pub const TESTDEV_IRQ_PORT: u16 = 0x2000;
+pub const MSI_DOORBELL_PORT: u16 = 0x2020;
+/// What a 32-bit read of the doorbell returns ("MSI1" in memory order): a guest probes for it,
+/// an unclaimed port reads all ones.
+pub const MSI_DOORBELL_ID: u32 = u32::from_le_bytes(*b"MSI1");
 
 /// fw_cfg keys (QEMU docs/specs/fw_cfg.rst, "Legacy selector keys").
 pub mod fw_cfg_key {
@@ -294,6 +299,54 @@ impl DevicePio for TestDevLines {
     }
 }
 
+/// The MSI doorbell: lets a guest send itself message-signalled interrupts, as a PCI device's
+/// MSI write would, with no PCI bus. One 32-bit write at the base port is one message (SDM vol. 3
+/// §11.11): value bits 15:0 are the MSI data (vector, delivery mode, level, trigger mode), bits
+/// 31:24 the destination ID (address bits 19:12), bit 16 the destination mode (address bit 2),
+/// bit 17 the redirection hint (address bit 3); bits 23:18 are reserved and a write with any of
+/// them set is dropped. The message goes through [`InterruptLines::signal_msi`], which refuses a
+/// reserved delivery mode ([`IrqchipError::InvalidMsi`]: dropped, as hardware drops such a
+/// write). Other widths and offsets are ignored. It has no state: nothing to snapshot.
+struct MsiDoorbell(Arc<dyn InterruptLines>);
+
+impl MsiDoorbell {
+    const RESERVED: u32 = 0x00FC_0000;
+
+    /// The MSI address and data a doorbell value stands for, or `None` if a reserved bit is set.
+    fn message(value: u32) -> Option<(u64, u32)> {
+        if value & Self::RESERVED != 0 {
+            return None;
+        }
+        let dest = u64::from(value >> 24);
+        let dm = u64::from((value >> 16) & 1);
+        let rh = u64::from((value >> 17) & 1);
+        Some((0xFEE0_0000 | dest << 12 | rh << 3 | dm << 2, value & 0xFFFF))
+    }
+}
+
+impl DevicePio for MsiDoorbell {
+    fn pio_read(&self, _base: PioAddress, offset: PioAddressOffset, data: &mut [u8]) {
+        let id = MSI_DOORBELL_ID.to_le_bytes();
+        for (i, byte) in data.iter_mut().enumerate() {
+            *byte = id.get(usize::from(offset) + i).copied().unwrap_or(0xFF);
+        }
+    }
+
+    fn pio_write(&self, _base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
+        if offset != 0 || data.len() != 4 {
+            return;
+        }
+        let value = le_value(data);
+        let Some((address, msi_data)) = Self::message(value) else {
+            crate::warn_ratelimited!(value, "msi doorbell: reserved bits set, dropped");
+            return;
+        };
+        if let Err(e) = self.0.signal_msi(address, msi_data) {
+            crate::warn_ratelimited!(value, "msi doorbell: {e}");
+        }
+    }
+}
+
 /// The VM's devices, registered on its bus.
 pub struct Devices {
     serial: Arc<SerialPort>,
@@ -322,8 +375,9 @@ impl Devices {
         bus.register_pio(
             TESTDEV_IRQ_PORT,
             IRQ_LINES as u16,
-            Arc::new(TestDevLines(lines)),
+            Arc::new(TestDevLines(lines.clone())),
         )?;
+        bus.register_pio(MSI_DOORBELL_PORT, 4, Arc::new(MsiDoorbell(lines)))?;
         let (i8042_data, i8042_command) = I8042Port::pair(cfg.on_reset);
         bus.register_pio(I8042_DATA_PORT, 1, Arc::new(i8042_data))?;
         bus.register_pio(I8042_COMMAND_PORT, 1, Arc::new(i8042_command))?;
@@ -375,9 +429,9 @@ pub fn debug_exit_status(value: u32) -> i32 {
 mod tests {
     use super::*;
 
-    /// Records every line change.
+    /// Records every line change and every MSI.
     #[derive(Default)]
-    struct Lines(Mutex<Vec<(u32, bool)>>);
+    struct Lines(Mutex<Vec<(u32, bool)>>, Mutex<Vec<(u64, u32)>>);
 
     impl InterruptLines for Lines {
         fn set_line(&self, line: u32, level: bool) -> Result<(), IrqchipError> {
@@ -390,10 +444,11 @@ mod tests {
 
         fn signal_msi(
             &self,
-            _address: u64,
-            _data: u32,
+            address: u64,
+            data: u32,
         ) -> Result<crate::backend::MsiDelivery, IrqchipError> {
-            unreachable!("no device here sends MSIs")
+            lock(&self.1).push((address, data));
+            Ok(crate::backend::MsiDelivery::Delivered)
         }
     }
 
@@ -505,6 +560,31 @@ mod tests {
         // Port 0x2018 is not a line.
         d.bus().pio_write(TESTDEV_IRQ_PORT + 24, &[1]);
         assert_eq!(lock(&lines.0).len(), 3);
+    }
+
+    #[test]
+    fn msi_doorbell_reads_its_id_and_sends_one_msi_per_32_bit_write() {
+        let (d, lines, ..) = devices();
+        let mut id = [0u8; 4];
+        d.bus().pio_read(MSI_DOORBELL_PORT, &mut id);
+        assert_eq!(&id, b"MSI1");
+        // Fixed, physical, edge, vector 0x62 to APIC ID 3; then lowest priority (data bit 8),
+        // logical (bit 16) with the redirection hint (bit 17) to logical ID 0x0F.
+        d.bus()
+            .pio_write(MSI_DOORBELL_PORT, &(3u32 << 24 | 0x62).to_le_bytes());
+        let lowest = 0x0Fu32 << 24 | 1 << 17 | 1 << 16 | 1 << 8 | 0x41;
+        d.bus().pio_write(MSI_DOORBELL_PORT, &lowest.to_le_bytes());
+        assert_eq!(
+            lock(&lines.1).clone(),
+            vec![(0xFEE0_3000, 0x62), (0xFEE0_F00C, 0x141)]
+        );
+        // Dropped: a reserved bit (23:18), a narrow write, a write at another offset.
+        d.bus()
+            .pio_write(MSI_DOORBELL_PORT, &(1u32 << 20 | 0x62).to_le_bytes());
+        d.bus().pio_write(MSI_DOORBELL_PORT, &[0x62, 0]);
+        d.bus().pio_write(MSI_DOORBELL_PORT + 1, &[0x62, 0, 0]);
+        assert_eq!(lock(&lines.1).len(), 2);
+        assert!(lock(&lines.0).is_empty(), "no line moved");
     }
 
     #[test]

@@ -312,9 +312,8 @@ fn vcpu_ioctls(mode: IrqchipMode) -> Vec<u64> {
 /// thread, serial input on the stdin thread); `user` mode raises lines without KVM.
 fn line_ioctls(mode: IrqchipMode) -> Vec<u64> {
     match mode {
-        // MSIs in `kernel` mode come only from host threads (`RunningVm::signal_msi`) or the
-        // guest's own writes, which KVM handles.
-        IrqchipMode::Kernel => vec![KVM_IRQ_LINE()],
+        // KVM_SIGNAL_MSI: the MSI doorbell (`devices`), and host threads (`RunningVm::signal_msi`).
+        IrqchipMode::Kernel => vec![KVM_IRQ_LINE(), KVM_SIGNAL_MSI()],
         IrqchipMode::Split => vec![KVM_SIGNAL_MSI()],
         IrqchipMode::User => vec![],
     }

@@ -255,6 +255,11 @@ u32 this_cpu(void);                        /* CPU index, from the stack pointer 
 /* Start AP `cpu` with INIT, 10 ms, SIPI, 200 us, SIPI (SDM vol. 3 "MP initialization", the universal start-up
  * algorithm); waits until it is online. Returns true on success. */
 bool smp_start_ap(u32 cpu);
+/* The two halves of smp_start_ap, for a guest that keeps an AP in wait-for-SIPI a while (SDM vol. 3 §9.4.2): an
+ * INIT (the AP stops and waits for a SIPI; cpu_online[cpu] is cleared), and any time later SIPI, 200 us, SIPI
+ * (trampoline copied first). Neither waits for the AP; callers check cpu_online (0 < cpu < MAX_CPUS). */
+void smp_send_init(u32 cpu);
+void smp_send_sipis(u32 cpu);
 u32 smp_start_all(void);                   /* starts CPUs 1..ncpus-1, returns how many came online (incl. BSP) */
 /* Hook run by each AP once on arrival (after the APIC is enabled, interrupts still off). */
 extern void (*ap_arrival_hook)(u32 cpu);
@@ -275,4 +280,6 @@ void platform_init(bool x2apic);
 
 /* ---- misc ---------------------------------------------------------------------------------------------------- */
 extern u32 multiboot_magic, multiboot_info;
+/* The decimal value of `key=` on the multiboot command line (a word starting with it), else `dflt`. */
+u64 cmdline_u64(const char *key, u64 dflt);
 #endif

@@ -708,23 +708,31 @@ bool smp_wait(u32 cpu, u64 ms)
 }
 bool smp_call(u32 cpu, void (*fn)(void *), void *arg) { return smp_call_async(cpu, fn, arg) && smp_wait(cpu, WAIT_MS); }
 
-bool smp_start_ap(u32 cpu)
+void smp_send_init(u32 cpu)
 {
-	if (cpu == 0 || cpu >= MAX_CPUS)
-		return false;
-	memcpy((void *)TRAMPOLINE_ADDR, trampoline_start, trampoline_end - trampoline_start);
 	WRITE_ONCE(cpu_online[cpu], 0);
+	apic_icr_write(cpu_to_apic_id(cpu), APIC_DM_INIT | APIC_LEVEL_ASSERT);
+}
+void smp_send_sipis(u32 cpu)
+{
+	memcpy((void *)TRAMPOLINE_ADDR, trampoline_start, trampoline_end - trampoline_start);
 	ap_boot_cpu = cpu;
 	ap_boot_stack = (u64)&cpu_stacks[cpu][STACK_SIZE];
 	barrier();
 	u32 id = cpu_to_apic_id(cpu);
-	/* SDM vol. 3, "MP initialization" (universal start-up): INIT, 10 ms, SIPI, 200 us, SIPI, 200 us. */
-	apic_icr_write(id, APIC_DM_INIT | APIC_LEVEL_ASSERT);
-	delay_ms(10);
 	apic_icr_write(id, APIC_DM_STARTUP | (TRAMPOLINE_ADDR >> 12));
 	delay_us(200);
 	apic_icr_write(id, APIC_DM_STARTUP | (TRAMPOLINE_ADDR >> 12)); /* ignored if the AP already left wait-for-SIPI */
 	delay_us(200);
+}
+bool smp_start_ap(u32 cpu)
+{
+	if (cpu == 0 || cpu >= MAX_CPUS)
+		return false;
+	/* SDM vol. 3, "MP initialization" (universal start-up): INIT, 10 ms, SIPI, 200 us, SIPI, 200 us. */
+	smp_send_init(cpu);
+	delay_ms(10);
+	smp_send_sipis(cpu);
 	return wait_nonzero(&cpu_online[cpu], WAIT_MS);
 }
 u32 smp_start_all(void)
@@ -743,6 +751,27 @@ void platform_init(bool x2apic)
 	apic_enable();
 	cpu_apic_id[0] = apic_id();
 	sti();
+}
+
+/* ---- multiboot command line -------------------------------------------------------------------------------- */
+u64 cmdline_u64(const char *key, u64 dflt)
+{
+	const u32 *info = (const u32 *)(u64)multiboot_info;
+	if (!info || !(info[0] & (1u << 2))) /* flags bit 2: cmdline valid (multiboot v1 spec, 3.3) */
+		return dflt;
+	usize n = 0;
+	while (key[n])
+		n++;
+	const char *p = (const char *)(u64)info[4];
+	for (const char *t = p; *t; t++) {
+		if ((t != p && t[-1] != ' ') || memcmp(t, key, n) || t[n] != '=' || t[n + 1] < '0' || t[n + 1] > '9')
+			continue;
+		u64 v = 0;
+		for (t += n + 1; *t >= '0' && *t <= '9'; t++)
+			v = v * 10 + (u64)(*t - '0');
+		return v;
+	}
+	return dflt;
 }
 
 /* ---- BSP entry (from entry.S) ------------------------------------------------------------------------------- */
