@@ -52,3 +52,41 @@ fn fuzz_seeds_in_split_mode() {
 fn fuzz_seeds_in_kernel_mode() {
     fuzz(IrqchipMode::Kernel);
 }
+
+/// The split-mode "stalls" of issue 10: an AP INITed inside the guest's IOAPIC/PIC critical section
+/// never releases its try-lock, and each later IOAPIC/PIC op of the heartbeat spun on it. This host
+/// emulates every guest instruction, so 2000 tries per op (the guest's old bound) kept vCPU 0 inside
+/// KVM_RUN, in system time, for minutes (docs/fuzzing.md). `dead_holder=1` makes CPU 1 take the lock
+/// and stop with it, as such an AP would: the heartbeat must still run every op, and spend at most
+/// the guest's 16 tries on each op it skips.
+#[test]
+fn a_lock_holder_stopped_in_its_critical_section_costs_the_heartbeat_a_few_tries_per_op() {
+    const TRIES: u64 = 16;
+    for mode in [IrqchipMode::User, IrqchipMode::Split, IrqchipMode::Kernel] {
+        let _one = common::exclusive();
+        let mut cfg = common::guest_config("fuzz", 2, mode);
+        cfg.cmdline = format!("seed=2 ops={OPS} dead_holder=1");
+        let run = common::run_vm(cfg);
+        let out = &run.output;
+        assert!(run.result.is_ok(), "{mode:?}: {:?}\n{out}", run.result.err());
+        assert!(out.contains("PASS: heartbeat cpu ran every op"), "{mode:?}\n{out}");
+        assert!(
+            out.contains("FUZZ: the ioapic/pic lock is still held by cpu 1"),
+            "{mode:?}: CPU 1 did not keep the lock\n{out}"
+        );
+        let cpu0 = out
+            .lines()
+            .find(|l| l.starts_with("FUZZ: cpu 0: "))
+            .unwrap_or_else(|| panic!("{mode:?}: no FUZZ line for cpu 0\n{out}"));
+        let number_before = |what: &str| -> u64 {
+            let head = cpu0.split(what).next().unwrap();
+            head.rsplit(' ').next().unwrap().parse().unwrap()
+        };
+        let (skipped, spins) = (
+            number_before(" ioapic/pic ops skipped"),
+            number_before(" lock spins"),
+        );
+        assert!(skipped > 0, "{mode:?}: no op met the held lock\n{out}");
+        assert!(spins <= skipped * TRIES, "{mode:?}: {cpu0}");
+    }
+}
