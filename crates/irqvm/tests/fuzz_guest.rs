@@ -68,8 +68,15 @@ fn a_lock_holder_stopped_in_its_critical_section_costs_the_heartbeat_a_few_tries
         cfg.cmdline = format!("seed=2 ops={OPS} dead_holder=1");
         let run = common::run_vm(cfg);
         let out = &run.output;
-        assert!(run.result.is_ok(), "{mode:?}: {:?}\n{out}", run.result.err());
-        assert!(out.contains("PASS: heartbeat cpu ran every op"), "{mode:?}\n{out}");
+        assert!(
+            run.result.is_ok(),
+            "{mode:?}: {:?}\n{out}",
+            run.result.err()
+        );
+        assert!(
+            out.contains("PASS: heartbeat cpu ran every op"),
+            "{mode:?}\n{out}"
+        );
         assert!(
             out.contains("FUZZ: the ioapic/pic lock is still held by cpu 1"),
             "{mode:?}: CPU 1 did not keep the lock\n{out}"
