@@ -2,7 +2,7 @@
  * default 400; `trace=1`: CPU 0 prints every op; `dead_holder=1`: see worker()) every CPU issues a long random sequence over every
  * guest-facing interrupt surface: the xAPIC page at any offset with 1/2/4/8-byte and unaligned accesses, x2APIC MSRs 0x800-0x8FF, IA32_APIC_BASE
  * transitions (illegal ones and reserved bits included), TSC_DEADLINE, IOAPIC IOREGSEL/IOWIN with any index,
- * the PIC and ELCR ports, pc-testdev lines (raised far more often than lowered), ICRs of every delivery mode,
+ * the PIC and ELCR ports, pc-testdev lines (raised far more often than lowered), irqvm's MSI doorbell, ICRs of every delivery mode,
  * trigger, shorthand and destination (to itself, to others, to absent IDs), TPR/CR8 games and EOIs with
  * nothing in service. The VMM must survive all of it; the guest only has to survive itself.
  *
@@ -435,6 +435,17 @@ static void op_testdev(u32 cpu)
 	outb(0x2000 + below(cpu, 24), below(cpu, 8) != 0); /* level lines are raised far more than lowered */
 }
 
+/* irqvm's MSI doorbell (port 0x2020; an unclaimed port on QEMU): one message to any destination, physical or
+ * logical, with the data sanitised as an IOAPIC entry's (no INIT, SMI or SIPI: a logical destination may
+ * include CPU 0; reserved delivery mode 011 is kept, and refused), and now and then a reserved bit (23:18) set,
+ * which drops the write. */
+static void op_doorbell(u32 cpu)
+{
+	u32 v = (u32)rnd(cpu);
+	u32 reserved = below(cpu, 8) == 0 ? 0x00FC0000u : 0;
+	outl(0x2020, (v & (0xFF030000u | reserved)) | (sanitize_rte(v) & 0xFFFFu));
+}
+
 static void op_tpr(u32 cpu)
 {
 	if (below(cpu, 2)) {
@@ -473,7 +484,7 @@ static void op_window(u32 cpu)
 static void (*const ops[])(u32) = {
 	op_xapic_mmio, op_xapic_mmio, op_xapic_mmio, op_x2apic_msr, op_x2apic_msr, op_apic_base, op_tsc_deadline,
 	op_icr,        op_icr,        op_ioapic,     op_ioapic,     op_pic,        op_testdev,    op_tpr,
-	op_eoi,        op_timer,      op_window,     op_window,
+	op_eoi,        op_timer,      op_window,     op_window,     op_doorbell,
 };
 
 static volatile u32 started[MAX_CPUS];
