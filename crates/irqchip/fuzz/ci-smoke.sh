@@ -56,7 +56,7 @@ for target in "${targets[@]}"; do
     tail -n 60 "$log"
     artifact=$(grep -o "artifacts/$target/[^ ]*" "$log" | tail -n 1 || true)
     echo "ci-smoke: $target FAILED; input: crates/irqchip/fuzz/${artifact:-artifacts/$target/ (none written)}"
-    echo "ci-smoke: reproduce with $bin_dir/$target ${artifact:-FILE} (built by this script)"
+    echo "ci-smoke: reproduce: cd crates/irqchip/fuzz && $bin_dir/$target ${artifact:-FILE}"
     exit 1
   fi
   runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")
