@@ -199,6 +199,8 @@ fn apply_init_registers(vcpu: &VcpuFd, state: &ArchResetState) -> Result<(), Kvm
     sregs.cr8 = 0;
     // INIT discards an interrupt KVM still had queued for injection.
     sregs.interrupt_bitmap = [0; 4];
+    #[cfg(test)]
+    tests::injected_failure("KVM_SET_SREGS")?;
     vcpu.set_sregs(&sregs)
         .map_err(KvmError::ioctl("KVM_SET_SREGS"))?;
 
@@ -279,6 +281,66 @@ pub fn apply_sipi(vcpu: &VcpuFd, start: &SipiAction) -> Result<(), KvmError> {
 mod tests {
     use super::*;
     use irqchip::mpstate::PreservedState;
+    use std::sync::Mutex;
+
+    /// The ioctl whose next call in `apply_init` fails (test builds only): how a test makes a
+    /// sync that cannot fail for any guest value fail anyway, as host trouble would.
+    static FAIL_NEXT: Mutex<Option<&'static str>> = Mutex::new(None);
+
+    pub(super) fn injected_failure(what: &'static str) -> Result<(), KvmError> {
+        let mut slot = FAIL_NEXT.lock().unwrap_or_else(|p| p.into_inner());
+        if *slot == Some(what) {
+            *slot = None;
+            return Err(KvmError::Ioctl {
+                what,
+                source: kvm_ioctls::Error::new(libc::EIO),
+            });
+        }
+        Ok(())
+    }
+
+    /// The policy for an ioctl on a guest-driven path that fails anyway (docs/architecture.md,
+    /// "When the guest misbehaves"): the VM stops cleanly with the full report. A 2-vCPU `user`
+    /// VM whose BSP sends INIT to the AP; the AP's KVM_SET_SREGS of the INIT state fails (EIO,
+    /// injected): the VM ends with a `VcpuFailure` naming vCPU 1 and the ioctl, with the AP's
+    /// registers, instead of an abort or an unexplained stop.
+    #[test]
+    fn a_failing_init_sync_stops_the_vm_with_a_report() {
+        use crate::loader::{CpuMode, RawImage};
+        use crate::vm::{Vm, VmConfig, VmError};
+        // 32-bit flat code, paging off; the xAPIC page is irqvm's (user mode).
+        let code = [
+            0xC7, 0x05, 0xF0, 0x00, 0xE0, 0xFE, 0xFF, 0x01, 0x00,
+            0x00, // SVR = 0x1FF (enabled)
+            0xC7, 0x05, 0x10, 0x03, 0xE0, 0xFE, 0x00, 0x00, 0x00, 0x01, // ICR high: APIC ID 1
+            0xC7, 0x05, 0x00, 0x03, 0xE0, 0xFE, 0x00, 0x45, 0x00,
+            0x00, // ICR low: INIT, assert
+            0xF4, 0xEB, 0xFD, // hlt; jmp back to hlt
+        ];
+        let mut cfg = VmConfig::new(code.to_vec(), "init-sender");
+        cfg.raw = Some(RawImage {
+            load_addr: 0x10_0000,
+            entry: 0x10_0000,
+            mode: CpuMode::Protected32,
+        });
+        cfg.cpus = 2;
+        cfg.irqchip = crate::IrqchipMode::User;
+        *FAIL_NEXT.lock().unwrap() = Some("KVM_SET_SREGS");
+        let result = Vm::new(&cfg)
+            .unwrap()
+            .run(Some(std::time::Duration::from_secs(20)));
+        let armed = FAIL_NEXT.lock().unwrap().take();
+        assert_eq!(armed, None, "the AP never applied the INIT");
+        let Err(VmError::Vcpu(failure)) = result else {
+            panic!("expected a vCPU failure, got {result:?}");
+        };
+        assert_eq!(failure.vcpu, 1);
+        let report = failure.report();
+        eprintln!("{report}");
+        assert!(report.contains("KVM_SET_SREGS"), "{report}");
+        assert!(failure.state.is_some(), "registers captured: {report}");
+        assert!(report.contains("rip 0x"), "{report}");
+    }
 
     /// Only the MSRs KVM lists are cleared: the others cannot hold a guest's value.
     #[test]
