@@ -1,13 +1,13 @@
 //! The listening side: `tiny_http` on a Unix socket, one `api` thread that reads each request
-//! (body capped at [`MAX_BODY`]), routes it and writes the answer.
+//! (body capped at [`MAX_BODY`]), routes it and writes the answer. `tiny_http` was chosen as the
+//! lightest well-kept synchronous HTTP/1.1 server that listens on a Unix socket: Firecracker's
+//! `micro_http` is not published on crates.io (the crate of that name there is an unrelated
+//! async server), and hyper would bring an async runtime for a handful of requests a second.
 //!
 //! Least privilege (docs/security.md): the socket is bound on the caller's thread, then the `api`
 //! thread installs its seccomp filter (`Role::Api`) before it hands the listener to `tiny_http`,
 //! so `tiny_http`'s accept thread and its connection workers, which that call starts, inherit the
-//! filter (a filter passes to every thread the filtered thread creates). `tiny_http` was chosen as the
-//! lightest well-kept synchronous HTTP/1.1 server that listens on a Unix socket: Firecracker's
-//! `micro_http` is not published on crates.io (the crate of that name there is an unrelated
-//! async server), and hyper would bring an async runtime for a handful of requests a second.
+//! filter (a filter passes to every thread the filtered thread creates).
 
 use std::io::Read;
 use std::os::unix::fs::FileTypeExt;
