@@ -215,8 +215,7 @@ pub fn main_with(cli: Cli) -> Result<i32, CliError> {
         .transpose()
         .map_err(VmError::from)?;
     spawn_stdin_reader(vm.devices().clone(), filter.clone());
-    // The API server's threads are created before the main thread's filter goes on, so they are
-    // not filtered (docs/security.md, "Not covered yet").
+    // The API's threads install their own filter (`Role::Api`, with the VM's seccomp setting).
     let api = match api_sock {
         Some(path) => match crate::api::ApiServer::start(&path, vm.handle()) {
             Ok(server) => Some(server),

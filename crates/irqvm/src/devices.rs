@@ -238,7 +238,7 @@ impl DevicePio for SerialPort {
         let mut serial = lock(&self.0);
         for (byte, offset) in data.iter().zip(offset..) {
             if let Err(e) = serial.write(offset as u8, *byte) {
-                tracing::warn!("serial port: {e}");
+                crate::warn_ratelimited!("serial port: {e}");
             }
         }
     }

@@ -95,7 +95,7 @@ pub fn try_recover(fd: &mut VcpuFd) -> bool {
     match result {
         Ok(done) => done,
         Err(e) => {
-            tracing::warn!("cannot finish the instruction the emulator gave up on: {e}");
+            crate::warn_ratelimited!("cannot finish the instruction the emulator gave up on: {e}");
             false
         }
     }

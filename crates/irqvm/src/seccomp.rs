@@ -51,6 +51,7 @@ ioctl_iow_nr!(KVM_SET_GSI_ROUTING, KVMIO, 0x6a, kvm_irq_routing);
 ioctl_iow_nr!(KVM_SIGNAL_MSI, KVMIO, 0xa5, kvm_msi);
 ioctl_ior_nr!(KVM_GET_FPU, KVMIO, 0x8c, kvm_bindings::kvm_fpu);
 ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_bindings::kvm_lapic_state);
+ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_bindings::kvm_irqchip);
 
 /// Errors setting up a filtered thread.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +91,11 @@ pub enum Role {
     /// The `irqvm` binary's main thread after setup, and its serial-stdin reader: waits for the
     /// VM, raises the serial line, stops, joins and tears down, prints the report.
     Main(IrqchipMode),
+    /// The control API of a VM in this irqchip mode (`crate::api::server`): the `api` thread and
+    /// the threads `tiny_http` starts from it (accept, connection workers), which inherit it.
+    /// Serves requests on the listening socket it was given, reads VM state, raises lines and
+    /// signals MSIs.
+    Api(IrqchipMode),
 }
 
 /// A compiled filter for one role, ready to install on a thread.
@@ -121,6 +127,7 @@ impl ThreadFilter {
     /// until the thread ends and cannot be removed.
     pub fn apply(&self, thread: &str) -> Result<(), SeccompError> {
         install_sigsys_handler()?;
+        pin_malloc_arena_limit();
         set_thread_label(thread);
         seccompiler::apply_filter(&self.program).map_err(|source| SeccompError::Apply {
             thread: thread.to_string(),
@@ -209,6 +216,33 @@ fn rules(role: Role) -> Result<Rules, seccompiler::Error> {
             rules.insert(libc::SYS_shutdown, vec![]);
             rules.insert(libc::SYS_unlink, vec![]);
             rules.insert(libc::SYS_unlinkat, vec![]);
+        }
+        Role::Api(mode) => {
+            allow_ioctls(&mut rules, &api_ioctls(mode))?;
+            for nr in [
+                // Serving: accept on the listening socket, requests in, answers out
+                // (tiny_http reads with recvfrom, writes with sendto(MSG_NOSIGNAL), and shuts a
+                // connection down before closing it); `getsockname` when it takes the listener.
+                libc::SYS_accept4,
+                libc::SYS_recvfrom,
+                libc::SYS_sendto,
+                libc::SYS_shutdown,
+                libc::SYS_getsockname,
+                // tiny_http starts its accept thread and its connection workers from here:
+                // glibc's pthread_create (clone3; its flags are in memory, which a filter cannot
+                // read) and each new thread's start-up (robust futex list, rseq, the affinity
+                // std reads for the stack guard).
+                libc::SYS_clone3,
+                libc::SYS_set_robust_list,
+                libc::SYS_rseq,
+                libc::SYS_sched_getaffinity,
+            ] {
+                rules.insert(nr, vec![]);
+            }
+            // tiny_http splits each accepted connection into a read and a write half
+            // (`UnixStream::try_clone`: fcntl F_DUPFD_CLOEXEC).
+            let dup = SeccompRule::new(vec![arg_eq(1, libc::F_DUPFD_CLOEXEC as u64)?])?;
+            rules.entry(libc::SYS_fcntl).or_default().push(dup);
         }
     }
     Ok(rules)
@@ -308,6 +342,19 @@ fn vcpu_ioctls(mode: IrqchipMode) -> Vec<u64> {
     list
 }
 
+/// The ioctls of the control API's threads: the lines, MSIs and host events of `irq.line`,
+/// `irq.msi` and `vcpus/N/{nmi,init,sipi}` (KVM_IRQ_LINE, KVM_SIGNAL_MSI), and `platform`'s
+/// KVM_GET_IRQCHIP in `kernel` mode. The per-vCPU state (`vcpus/N`) is read by each vCPU's own
+/// thread (KVM_GET_LAPIC, KVM_GET_MP_STATE, ... are in `vcpu_ioctls`), and `user` mode's
+/// controllers are irqvm's own, so its API makes no ioctl at all.
+fn api_ioctls(mode: IrqchipMode) -> Vec<u64> {
+    match mode {
+        IrqchipMode::Kernel => vec![KVM_IRQ_LINE(), KVM_SIGNAL_MSI(), KVM_GET_IRQCHIP()],
+        IrqchipMode::Split => vec![KVM_SIGNAL_MSI()],
+        IrqchipMode::User => vec![],
+    }
+}
+
 /// The ioctls that raise a device line or signal an MSI in `mode` (a device write on a vCPU
 /// thread, serial input on the stdin thread); `user` mode raises lines without KVM.
 fn line_ioctls(mode: IrqchipMode) -> Vec<u64> {
@@ -320,6 +367,11 @@ fn line_ioctls(mode: IrqchipMode) -> Vec<u64> {
 }
 
 fn allow_ioctls(rules: &mut Rules, requests: &[u64]) -> Result<(), seccompiler::Error> {
+    // An empty rule list would allow every ioctl (seccompiler matches a syscall with no rules
+    // unconditionally): no request allowed means no entry at all.
+    if requests.is_empty() {
+        return Ok(());
+    }
     // The kernel takes the request as an unsigned int, so only the low 32 bits count.
     let list = requests
         .iter()
@@ -353,6 +405,22 @@ fn set_thread_label(name: &str) {
     let len = name.len().min(LABEL_LEN);
     buf[..len].copy_from_slice(&name.as_bytes()[..len]);
     LABEL.with(|l| l.set((buf, len)));
+}
+
+/// Fixes glibc malloc's arena limit before any filter is in place. Otherwise the first thread
+/// that needs a ninth arena computes the limit itself by opening
+/// /sys/devices/system/cpu/online (glibc 2.36 `arena_get2`, seen with strace in an API worker),
+/// and on a filtered thread that `openat` is fatal. The value is glibc's own default, 8 arenas
+/// per online CPU on 64-bit; only where it is computed changes.
+fn pin_malloc_arena_limit() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: sysconf and mallopt take plain integers and touch no memory of ours.
+        unsafe {
+            let cpus = libc::sysconf(libc::_SC_NPROCESSORS_ONLN).clamp(1, 1 << 16) as libc::c_int;
+            libc::mallopt(libc::M_ARENA_MAX, 8 * cpus);
+        }
+    });
 }
 
 /// Installs the process-wide SIGSYS handler once. SA_RESETHAND: the first trapped syscall
@@ -395,6 +463,11 @@ extern "C" fn on_sigsys(_signal: libc::c_int, info: *mut libc::siginfo_t, _ctx: 
     let mut line = Line::default();
     line.push(b"irqvm: seccomp: thread ");
     let (label, len) = LABEL.with(Cell::get);
+    if len == 0 {
+        // A thread a filtered thread started (tiny_http's under `api`): it inherited the filter
+        // but never named itself here.
+        line.push(b"(unnamed, started by a filtered thread)");
+    }
     line.push(&label[..len]);
     if code == SYS_SECCOMP {
         line.push(b" made the forbidden syscall ");
@@ -493,7 +566,12 @@ pub(crate) mod tests {
     #[test]
     fn every_role_compiles_in_every_mode() {
         for mode in [IrqchipMode::User, IrqchipMode::Split, IrqchipMode::Kernel] {
-            for role in [Role::Vcpu(mode), Role::Main(mode), Role::Timer] {
+            for role in [
+                Role::Vcpu(mode),
+                Role::Main(mode),
+                Role::Api(mode),
+                Role::Timer,
+            ] {
                 let f = ThreadFilter::new(role).unwrap();
                 assert!(!f.program.is_empty());
             }
@@ -514,6 +592,31 @@ pub(crate) mod tests {
         assert_eq!(KVM_SIGNAL_MSI(), 0x4020_aea5);
         assert_eq!(KVM_SET_GSI_ROUTING(), 0x4008_ae6a);
         assert_eq!(KVM_GET_MP_STATE(), 0x8004_ae98);
+        assert_eq!(KVM_GET_IRQCHIP(), 0xc208_ae62);
+    }
+
+    /// A role with no ioctl allows none: an empty rule list would match every request.
+    #[test]
+    fn a_role_without_ioctls_has_no_ioctl_entry() {
+        for role in [
+            Role::Main(IrqchipMode::User),
+            Role::Api(IrqchipMode::User),
+            Role::Timer,
+        ] {
+            assert!(
+                !rules(role).unwrap().contains_key(&libc::SYS_ioctl),
+                "{role:?}"
+            );
+        }
+        for role in [
+            Role::Api(IrqchipMode::Kernel),
+            Role::Vcpu(IrqchipMode::User),
+        ] {
+            assert!(
+                !rules(role).unwrap()[&libc::SYS_ioctl].is_empty(),
+                "{role:?}"
+            );
+        }
     }
 
     #[test]
@@ -561,35 +664,54 @@ pub(crate) mod tests {
         }
         for mode in ["user", "split", "kernel"] {
             for (call, nr) in [("open", libc::SYS_openat), ("ioctl", libc::SYS_ioctl)] {
-                let what = format!("{mode}:{call}");
-                let out = std::process::Command::new(std::env::current_exe().unwrap())
-                    .args([THIS_TEST, "--exact", "--nocapture", "--test-threads=1"])
-                    .env(CHILD_ENV, &what)
-                    .output()
-                    .unwrap();
-                let stderr = String::from_utf8_lossy(&out.stderr);
-                use std::os::unix::process::ExitStatusExt;
-                assert_eq!(
-                    out.status.signal(),
-                    Some(libc::SIGSYS),
-                    "{what}: {:?}\n{stderr}",
-                    out.status
-                );
-                let report =
-                    format!("irqvm: seccomp: thread vcpu0 made the forbidden syscall {nr};");
-                assert!(stderr.contains(&report), "{what}: {stderr}");
-                assert!(!stderr.contains("hook returned"), "{what}: {stderr}");
+                expect_sigsys(THIS_TEST, &format!("{mode}:{call}"), "vcpu0", nr);
             }
         }
     }
 
-    /// The child: a 1-vCPU VM whose vCPU 0 makes the forbidden call through the test hook, after
-    /// its filter is installed and before its run loop. Returning at all is the failure.
-    fn forbidden_syscall_child(what: &str) {
+    /// Runs test `test` of this binary in a child told `what` by `CHILD_ENV`; it must die of
+    /// SIGSYS after the report line naming `thread` and syscall `nr`, and the hook must not return.
+    fn expect_sigsys(test: &str, what: &str, thread: &str, nr: i64) {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([test, "--exact", "--nocapture", "--test-threads=1"])
+            .env(CHILD_ENV, what)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGSYS),
+            "{what}: {:?}\n{stderr}",
+            out.status
+        );
+        let report = format!("irqvm: seccomp: thread {thread} made the forbidden syscall {nr};");
+        assert!(stderr.contains(&report), "{what}: {stderr}");
+        assert!(!stderr.contains("hook returned"), "{what}: {stderr}");
+    }
+
+    /// A hook that makes the forbidden call `call`: opening a file, or an ioctl request no
+    /// filter lists (KVM_CREATE_VM = _IO(KVMIO, 0x01)).
+    fn forbidden_call(call: &str) -> Box<dyn FnOnce() + Send> {
+        if call == "open" {
+            Box::new(|| {
+                let opened = std::fs::File::open("/dev/null");
+                eprintln!("hook returned: {opened:?}");
+            })
+        } else {
+            Box::new(|| {
+                // The filter looks at the request before the kernel looks at the fd, so fd -1
+                // is refused by the filter, not by EBADF.
+                // SAFETY: an ioctl on an invalid fd touches no memory of this process.
+                let r = unsafe { libc::ioctl(-1, 0xae01) };
+                eprintln!("hook returned: {r}");
+            })
+        }
+    }
+
+    fn child_config(mode: &str) -> crate::vm::VmConfig {
         use crate::loader::{CpuMode, RawImage};
-        use crate::vm::{Vm, VmConfig};
-        let (mode, call) = what.split_once(':').unwrap();
-        let mut cfg = VmConfig::new(vec![0xf4, 0xeb, 0xfd], "raw"); // hlt; jmp back to hlt
+        let mut cfg = crate::vm::VmConfig::new(vec![0xf4, 0xeb, 0xfd], "raw"); // hlt; jmp back
         cfg.raw = Some(RawImage {
             load_addr: 0x10_0000,
             entry: 0x10_0000,
@@ -602,22 +724,53 @@ pub(crate) mod tests {
             _ => IrqchipMode::User,
         };
         assert!(cfg.seccomp, "seccomp is the library default");
-        let hook: Box<dyn FnOnce() + Send> = if call == "open" {
-            Box::new(|| {
-                let opened = std::fs::File::open("/dev/null");
-                eprintln!("hook returned: {opened:?}");
-            })
-        } else {
-            Box::new(|| {
-                // KVM_CREATE_VM = _IO(KVMIO, 0x01). The filter looks at the request before the
-                // kernel looks at the fd, so fd -1 is refused by the filter, not by EBADF.
-                // SAFETY: an ioctl on an invalid fd touches no memory of this process.
-                let r = unsafe { libc::ioctl(-1, 0xae01) };
-                eprintln!("hook returned: {r}");
-            })
-        };
-        set_hook("vcpu0", hook);
-        let _ = Vm::new(&cfg)
+        cfg
+    }
+
+    const API_TEST: &str =
+        "seccomp::tests::a_forbidden_syscall_on_the_api_thread_kills_irqvm_with_a_report";
+
+    /// The same refusal on the control API's thread (`Role::Api`), started as `irqvm run
+    /// --api-sock` starts it, with the VM's default (seccomp on): in each mode its thread makes
+    /// a forbidden syscall, or a KVM ioctl outside the API's list, before serving.
+    #[test]
+    fn a_forbidden_syscall_on_the_api_thread_kills_irqvm_with_a_report() {
+        if let Ok(what) = std::env::var(CHILD_ENV) {
+            api_child(&what);
+            return;
+        }
+        for mode in ["user", "split", "kernel"] {
+            for (call, nr) in [("open", libc::SYS_openat), ("ioctl", libc::SYS_ioctl)] {
+                expect_sigsys(API_TEST, &format!("{mode}:{call}"), "api", nr);
+            }
+        }
+    }
+
+    fn api_child(what: &str) {
+        let (mode, call) = what.split_once(':').unwrap();
+        let vm = crate::vm::Vm::new(&child_config(mode))
+            .unwrap()
+            .start()
+            .unwrap();
+        let sock = std::env::temp_dir().join(format!(
+            "irqvm-seccomp-api-{}-{mode}-{call}.sock",
+            std::process::id()
+        ));
+        set_hook("api", forbidden_call(call));
+        let server = crate::api::ApiServer::start(&sock, vm.handle());
+        // The hook runs before the server listens; give the refusal time to land.
+        std::thread::sleep(std::time::Duration::from_secs(5));
+        drop(server);
+        vm.stop();
+        panic!("the forbidden syscall did not stop irqvm");
+    }
+
+    /// The child: a 1-vCPU VM whose vCPU 0 makes the forbidden call through the test hook, after
+    /// its filter is installed and before its run loop. Returning at all is the failure.
+    fn forbidden_syscall_child(what: &str) {
+        let (mode, call) = what.split_once(':').unwrap();
+        set_hook("vcpu0", forbidden_call(call));
+        let _ = crate::vm::Vm::new(&child_config(mode))
             .unwrap()
             .run(Some(std::time::Duration::from_secs(5)));
         panic!("the forbidden syscall did not stop irqvm");

@@ -129,6 +129,8 @@ struct Machine {
     control: Arc<VmControl>,
     shared: Vec<Arc<VcpuShared>>,
     loaded: LoadedKernel,
+    /// `VmConfig::seccomp`: threads started for this VM later (the control API's) are filtered too.
+    seccomp: bool,
     // Drop order: the VM fd before the memory KVM maps.
     _vm_fd: Arc<VmFd>,
     _kvm: Kvm,
@@ -221,6 +223,7 @@ impl Vm {
                 control,
                 shared,
                 loaded,
+                seccomp: cfg.seccomp,
                 _vm_fd: vm_fd,
                 _kvm: kvm,
                 memory,
@@ -477,6 +480,7 @@ impl RunningVm {
             control: self.vm.control.clone(),
             vcpus: self.vm.shared.clone(),
             started: self.started,
+            seccomp: self.vm.seccomp,
         }
     }
 

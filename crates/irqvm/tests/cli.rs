@@ -99,3 +99,35 @@ fn timeout_gives_status_124() {
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(status, 124, "{err}");
 }
+
+/// A guest cannot flood the host's log (docs/architecture.md, "When the guest misbehaves"):
+/// with irqvm's stdout a pipe nobody reads (closed before the guest starts), every serial byte
+/// the guest writes fails (EPIPE), and each failure is a warning, rate-limited to one per
+/// 5 s per site. The guest, which prints well over a hundred bytes, still runs to its end.
+#[test]
+fn a_broken_stdout_costs_one_warning_not_one_per_byte() {
+    let kernel = common::guest_path("hello");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_irqvm"))
+        .args(["run", "--kernel", &kernel, "--cpus", "1", "--timeout", "30"])
+        .env("IRQVM_LOG", "warn") // warnings are not shown by default
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn irqvm");
+    drop(child.stdout.take()); // the read end: every write to stdout now fails
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(1), "the guest's own exit: {err}");
+    let warnings = err.matches("serial port:").count();
+    assert!(
+        (1..=2).contains(&warnings),
+        "{warnings} serial warnings (one, or two if the run spans the 5 s interval):\n{err}"
+    );
+}

@@ -1,5 +1,6 @@
 //! Which threads run under a seccomp filter (docs/security.md): irqvm's own threads (vCPUs, the
-//! `user` timer thread, the binary's main and serial-stdin threads) do, in every irqchip mode,
+//! `user` timer thread, the binary's main and serial-stdin threads, the control API's `api`
+//! thread and the accept and worker threads `tiny_http` starts from it) do, in every irqchip mode,
 //! with the library defaults the guest suites use; the embedding process's threads do not; and
 //! `--no-seccomp` / `VmConfig::seccomp = false` turn it off. The refusal itself is tested in
 //! `irqvm::seccomp`'s unit tests (it kills the process).
@@ -11,6 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{raw_config, HALT_FOREVER};
+use irqvm::api::ApiServer;
 use irqvm::loader::CpuMode;
 use irqvm::vm::Vm;
 use irqvm::IrqchipMode;
@@ -44,6 +46,45 @@ fn seccomp_modes(pid: &str) -> BTreeMap<String, u32> {
     modes
 }
 
+/// The `Seccomp:` field of every thread of `pid` named `name`.
+fn modes_of(pid: &str, name: &str) -> Vec<u32> {
+    let mut modes = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        let field = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .map(str::trim)
+        };
+        if field("Name:") == Some(name) {
+            modes.extend(field("Seccomp:").and_then(|m| m.parse::<u32>().ok()));
+        }
+    }
+    modes
+}
+
+/// The control API's threads: `api` itself, tiny_http's accept thread and the 4 connection
+/// workers its pool starts at once (tiny_http 0.12 `TaskPool::new`), all named `api` (a thread
+/// inherits its creator's name). Polls until all six are there (or 10 s pass).
+const API_THREADS: usize = 6;
+
+fn wait_for_api_threads(pid: &str) -> Vec<u32> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let modes = modes_of(pid, "api");
+        if modes.len() >= API_THREADS || Instant::now() > deadline {
+            return modes;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Polls `pid`'s threads until `names` all show up (or 10 s pass).
 fn wait_for_threads(pid: &str, names: &[&str]) -> BTreeMap<String, u32> {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -75,13 +116,24 @@ fn library_default_filters_irqvm_threads_only() {
         cfg.irqchip = mode;
         assert!(cfg.seccomp, "seccomp is on by default");
         let vm = Vm::new(&cfg).unwrap().start().unwrap();
+        let sock = std::env::temp_dir().join(format!(
+            "irqvm-seccomp-lib-{}-{mode:?}.sock",
+            std::process::id()
+        ));
+        let api = ApiServer::start(&sock, vm.handle()).unwrap();
         let names = expected_threads(mode);
         let modes = wait_for_threads("self", &names);
+        let api_modes = wait_for_api_threads("self");
+        drop(api);
         vm.stop();
         drop(vm);
         for name in &names {
             assert_eq!(modes.get(*name), Some(&2), "{mode:?}: {name} in {modes:?}");
         }
+        assert!(
+            api_modes.len() >= API_THREADS && api_modes.iter().all(|&m| m == 2),
+            "{mode:?}: API threads {api_modes:?}"
+        );
         let me = std::fs::read_to_string("/proc/thread-self/status").unwrap();
         assert!(
             me.contains("\nSeccomp:\t0\n"),
@@ -120,6 +172,8 @@ fn binary_filters_main_and_its_threads_unless_told_not_to() {
             let mut args = vec!["run", "--kernel", image.to_str().unwrap()];
             args.extend(["--raw-at", "0x100000", "--cpus", "2", "--irqchip", mode]);
             args.extend(["--timeout", "20"]);
+            let sock = dir.join(format!("{mode}.sock"));
+            args.extend(["--api-sock", sock.to_str().unwrap()]);
             args.extend(flag);
             let mut child = Command::new(env!("CARGO_BIN_EXE_irqvm"))
                 .args(&args)
@@ -142,8 +196,13 @@ fn binary_filters_main_and_its_threads_unless_told_not_to() {
                 }
                 std::thread::sleep(Duration::from_millis(10));
             };
+            let api_modes = wait_for_api_threads(&pid);
             let _ = child.kill();
             let _ = child.wait();
+            assert!(
+                api_modes.len() >= API_THREADS && api_modes.iter().all(|&m| m == want),
+                "{mode} {flag:?}: API threads {api_modes:?}"
+            );
             for name in &names {
                 assert_eq!(
                     modes.get(*name),

@@ -9,6 +9,7 @@ use super::model::{Counters, LineRequest, MsiRequest, PlatformInfo, VcpuInfo, Vm
 use super::router::Control;
 use super::ApiError;
 use crate::backend::{HostEvent, Irqchip, IrqchipError, IrqchipMode, MsiDelivery};
+use crate::seccomp::{Role, SeccompError, ThreadFilter};
 use crate::vcpu::{GuestExit, VcpuShared, VcpuState, VmControl};
 
 /// How long the API waits for a vCPU to answer a state request or to pause.
@@ -21,6 +22,8 @@ pub struct VmHandle {
     pub(crate) control: Arc<VmControl>,
     pub(crate) vcpus: Vec<Arc<VcpuShared>>,
     pub(crate) started: Instant,
+    /// Whether the API's threads run under `seccomp::Role::Api` (the VM's `VmConfig::seccomp`).
+    pub(crate) seccomp: bool,
 }
 
 fn mode_name(mode: IrqchipMode) -> &'static str {
@@ -42,6 +45,13 @@ fn chip_error(e: IrqchipError) -> ApiError {
 }
 
 impl VmHandle {
+    /// The filter of the API's threads for this VM (`None` when the VM runs without seccomp).
+    pub fn api_filter(&self) -> Result<Option<ThreadFilter>, SeccompError> {
+        self.seccomp
+            .then(|| ThreadFilter::new(Role::Api(self.chip.mode())))
+            .transpose()
+    }
+
     fn stopped(&self) -> bool {
         self.control.stop_requested()
     }

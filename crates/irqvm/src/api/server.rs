@@ -3,16 +3,24 @@
 //! lightest well-kept synchronous HTTP/1.1 server that listens on a Unix socket: Firecracker's
 //! `micro_http` is not published on crates.io (the crate of that name there is an unrelated
 //! async server), and hyper would bring an async runtime for a handful of requests a second.
+//!
+//! Least privilege (docs/security.md): the socket is bound on the caller's thread, then the `api`
+//! thread installs its seccomp filter (`Role::Api`) before it hands the listener to `tiny_http`,
+//! so `tiny_http`'s accept thread and its connection workers, which that call starts, inherit the
+//! filter (a filter passes to every thread the filtered thread creates).
 
 use std::io::Read;
 use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
 use tiny_http::{Header, Response, Server};
 
 use super::router::{self, Control};
+use super::VmHandle;
+use crate::seccomp::{self, SeccompError, ThreadFilter};
 
 /// Largest request body read; the rest is refused.
 pub const MAX_BODY: u64 = 64 * 1024;
@@ -31,6 +39,8 @@ pub enum ServerError {
     Listen { path: PathBuf, reason: String },
     #[error("cannot start the API thread: {0}")]
     Spawn(#[source] std::io::Error),
+    #[error("the API thread's seccomp filter: {0}")]
+    Seccomp(#[source] SeccompError),
 }
 
 /// A running API server; dropping it stops the thread and removes the socket.
@@ -55,23 +65,57 @@ fn remove_stale(path: &Path) -> Result<(), ServerError> {
 }
 
 impl ApiServer {
-    /// Listens on `path` and serves `control` on a thread named `api`.
-    pub fn start<C: Control + Send + Sync + 'static>(
+    /// Listens on `path` and serves `control` on a thread named `api`, under the API's seccomp
+    /// filter when the VM has seccomp on (`VmHandle::api_filter`).
+    pub fn start(path: &Path, control: VmHandle) -> Result<Self, ServerError> {
+        let filter = control.api_filter().map_err(ServerError::Seccomp)?;
+        Self::start_with(path, control, filter)
+    }
+
+    /// [`ApiServer::start`] for any [`Control`], under `filter` (`None`: unfiltered).
+    pub fn start_with<C: Control + Send + Sync + 'static>(
         path: &Path,
         control: C,
+        filter: Option<ThreadFilter>,
     ) -> Result<Self, ServerError> {
         remove_stale(path)?;
-        let server = Server::http_unix(path).map_err(|e| ServerError::Listen {
+        let listen_error = |reason: String| ServerError::Listen {
             path: path.to_path_buf(),
-            reason: e.to_string(),
+            reason,
+        };
+        let listener = UnixListener::bind(path).map_err(|e| listen_error(e.to_string()))?;
+        let (tx, rx) = mpsc::sync_channel(1);
+        let thread = seccomp::spawn("api".into(), filter, move || {
+            // Filtered from here: `from_listener` starts tiny_http's accept thread.
+            match Server::from_listener(listener, None) {
+                Ok(server) => {
+                    let server = Arc::new(server);
+                    let _ = tx.send(Ok(server.clone()));
+                    serve(&server, &control);
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string()));
+                }
+            }
+        })
+        .map_err(|e| {
+            let _ = std::fs::remove_file(path);
+            match e {
+                SeccompError::Spawn { source, .. } => ServerError::Spawn(source),
+                other => ServerError::Seccomp(other),
+            }
         })?;
-        let server = Arc::new(server);
-        let thread = {
-            let server = server.clone();
-            std::thread::Builder::new()
-                .name("api".into())
-                .spawn(move || serve(&server, &control))
-                .map_err(ServerError::Spawn)?
+        let server = match rx.recv() {
+            Ok(Ok(server)) => server,
+            outcome => {
+                let _ = thread.join();
+                let _ = std::fs::remove_file(path);
+                let reason = match outcome {
+                    Ok(Err(reason)) => reason,
+                    _ => "the API thread ended before it listened".into(),
+                };
+                return Err(listen_error(reason));
+            }
         };
         Ok(Self {
             server,
@@ -82,6 +126,9 @@ impl ApiServer {
 }
 
 impl Drop for ApiServer {
+    /// Runs on the thread that owns the server (unfiltered, or `main` under `Role::Main`): the
+    /// last `Arc<Server>` goes here, after the `api` thread ended, so `tiny_http`'s wake-up
+    /// connection to its own socket is made from this thread, not from a filtered API thread.
     fn drop(&mut self) {
         self.server.unblock();
         if let Some(thread) = self.thread.take() {

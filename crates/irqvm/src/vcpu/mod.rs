@@ -624,7 +624,9 @@ impl VcpuThread {
     fn record_mp_state(&mut self) {
         match self.chip.mp_state(&mut self.fd) {
             Ok(value) => self.shared.set_mp_state(value),
-            Err(e) => tracing::warn!(vcpu = self.shared.index, "cannot read the MP state: {e}"),
+            Err(e) => {
+                crate::warn_ratelimited!(vcpu = self.shared.index, "cannot read the MP state: {e}")
+            }
         }
     }
 

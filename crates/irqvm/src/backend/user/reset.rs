@@ -19,7 +19,10 @@
 //!
 //! The guest `init_state` (crates/irqvm/guests) checks both lists from inside a real vCPU.
 
-use kvm_bindings::{kvm_dtable, kvm_msr_entry, kvm_segment, Msrs};
+use kvm_bindings::{
+    kvm_dtable, kvm_msr_entry, kvm_segment, Msrs, KVM_VCPUEVENT_VALID_NMI_PENDING,
+    KVM_VCPUEVENT_VALID_SHADOW,
+};
 use kvm_ioctls::VcpuFd;
 
 use irqchip::mpstate::SipiAction;
@@ -199,6 +202,8 @@ fn apply_init_registers(vcpu: &VcpuFd, state: &ArchResetState) -> Result<(), Kvm
     sregs.cr8 = 0;
     // INIT discards an interrupt KVM still had queued for injection.
     sregs.interrupt_bitmap = [0; 4];
+    #[cfg(test)]
+    tests::injected_failure("KVM_SET_SREGS")?;
     vcpu.set_sregs(&sregs)
         .map_err(KvmError::ioctl("KVM_SET_SREGS"))?;
 
@@ -235,8 +240,11 @@ fn apply_init_registers(vcpu: &VcpuFd, state: &ArchResetState) -> Result<(), Kvm
     vcpu.set_debug_regs(&debug)
         .map_err(KvmError::ioctl("KVM_SET_DEBUGREGS"))?;
 
-    // Pending exceptions, a queued interrupt and NMI blocking end with INIT (KVM's
-    // kvm_vcpu_reset clears them too).
+    // Pending exceptions, a queued interrupt, NMIs KVM still holds (from KVM_NMI while the vCPU
+    // was in an NMI handler), NMI blocking and the interrupt shadow end with INIT, as KVM's
+    // kvm_vcpu_reset(init_event) clears them in the other modes. KVM applies `nmi.pending` and
+    // `interrupt.shadow` only when their VALID flags say so: without them, an NMI queued before
+    // the INIT would be injected at the first instruction after the SIPI.
     let mut events = vcpu
         .get_vcpu_events()
         .map_err(KvmError::ioctl("KVM_GET_VCPU_EVENTS"))?;
@@ -247,7 +255,7 @@ fn apply_init_registers(vcpu: &VcpuFd, state: &ArchResetState) -> Result<(), Kvm
     events.nmi.injected = 0;
     events.nmi.pending = 0;
     events.nmi.masked = 0;
-    events.flags = 0;
+    events.flags = KVM_VCPUEVENT_VALID_NMI_PENDING | KVM_VCPUEVENT_VALID_SHADOW;
     vcpu.set_vcpu_events(&events)
         .map_err(KvmError::ioctl("KVM_SET_VCPU_EVENTS"))?;
     Ok(())
@@ -279,6 +287,93 @@ pub fn apply_sipi(vcpu: &VcpuFd, start: &SipiAction) -> Result<(), KvmError> {
 mod tests {
     use super::*;
     use irqchip::mpstate::PreservedState;
+    use std::sync::Mutex;
+
+    /// The thread and the ioctl whose next call in `apply_init` fails (test builds only): how a
+    /// test makes a sync that cannot fail for any guest value fail anyway, as host trouble would.
+    /// Tied to a thread name so that tests running beside it are not hit.
+    static FAIL_NEXT: Mutex<Option<(&'static str, &'static str)>> = Mutex::new(None);
+
+    pub(super) fn injected_failure(what: &'static str) -> Result<(), KvmError> {
+        let mut slot = FAIL_NEXT.lock().unwrap_or_else(|p| p.into_inner());
+        let thread = std::thread::current();
+        if *slot == Some((thread.name().unwrap_or(""), what)) {
+            *slot = None;
+            return Err(KvmError::Ioctl {
+                what,
+                source: kvm_ioctls::Error::new(libc::EIO),
+            });
+        }
+        Ok(())
+    }
+
+    /// INIT drops what KVM holds for the vCPU besides its registers: NMIs queued with KVM_NMI
+    /// (KVM keeps up to two while one is in service) and the interrupt shadow. On a bare KVM
+    /// vCPU (no irqchip, as in `user` mode): two NMIs and a MOV-SS shadow go in, `apply_init`
+    /// runs, and KVM_GET_VCPU_EVENTS must show none of them.
+    #[test]
+    fn init_drops_the_nmis_and_the_shadow_kvm_holds() {
+        use irqchip::mpstate::ArchResetState;
+        let kvm = kvm_ioctls::Kvm::new().unwrap();
+        let vm = kvm.create_vm().unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        vcpu.nmi().unwrap();
+        vcpu.nmi().unwrap();
+        let mut events = vcpu.get_vcpu_events().unwrap();
+        assert_ne!(events.nmi.pending, 0, "KVM holds the NMIs: {events:?}");
+        events.interrupt.shadow = 2; // KVM_X86_SHADOW_INT_MOV_SS
+        events.flags = KVM_VCPUEVENT_VALID_SHADOW;
+        vcpu.set_vcpu_events(&events).unwrap();
+        assert_ne!(vcpu.get_vcpu_events().unwrap().interrupt.shadow, 0);
+        apply_init(&vcpu, &ArchResetState::after_init(0x600), &[]).unwrap();
+        let after = vcpu.get_vcpu_events().unwrap();
+        assert_eq!(after.nmi.pending, 0, "{after:?}");
+        assert_eq!(after.nmi.injected, 0, "{after:?}");
+        assert_eq!(after.interrupt.shadow, 0, "{after:?}");
+    }
+
+    /// The policy for an ioctl on a guest-driven path that fails anyway (docs/architecture.md,
+    /// "When the guest misbehaves"): the VM stops cleanly with the full report. A 2-vCPU `user`
+    /// VM whose BSP sends INIT to the AP; the AP's KVM_SET_SREGS of the INIT state fails (EIO,
+    /// injected): the VM ends with a `VcpuFailure` naming vCPU 1 and the ioctl, with the AP's
+    /// registers, instead of an abort or an unexplained stop.
+    #[test]
+    fn a_failing_init_sync_stops_the_vm_with_a_report() {
+        use crate::loader::{CpuMode, RawImage};
+        use crate::vm::{Vm, VmConfig, VmError};
+        // 32-bit flat code, paging off; the xAPIC page is irqvm's (user mode).
+        let code = [
+            0xC7, 0x05, 0xF0, 0x00, 0xE0, 0xFE, 0xFF, 0x01, 0x00,
+            0x00, // SVR = 0x1FF (enabled)
+            0xC7, 0x05, 0x10, 0x03, 0xE0, 0xFE, 0x00, 0x00, 0x00, 0x01, // ICR high: APIC ID 1
+            0xC7, 0x05, 0x00, 0x03, 0xE0, 0xFE, 0x00, 0x45, 0x00,
+            0x00, // ICR low: INIT, assert
+            0xF4, 0xEB, 0xFD, // hlt; jmp back to hlt
+        ];
+        let mut cfg = VmConfig::new(code.to_vec(), "init-sender");
+        cfg.raw = Some(RawImage {
+            load_addr: 0x10_0000,
+            entry: 0x10_0000,
+            mode: CpuMode::Protected32,
+        });
+        cfg.cpus = 2;
+        cfg.irqchip = crate::IrqchipMode::User;
+        *FAIL_NEXT.lock().unwrap() = Some(("vcpu1", "KVM_SET_SREGS"));
+        let result = Vm::new(&cfg)
+            .unwrap()
+            .run(Some(std::time::Duration::from_secs(20)));
+        let armed = FAIL_NEXT.lock().unwrap().take();
+        assert_eq!(armed, None, "the AP never applied the INIT");
+        let Err(VmError::Vcpu(failure)) = result else {
+            panic!("expected a vCPU failure, got {result:?}");
+        };
+        assert_eq!(failure.vcpu, 1);
+        let report = failure.report();
+        eprintln!("{report}");
+        assert!(report.contains("KVM_SET_SREGS"), "{report}");
+        assert!(failure.state.is_some(), "registers captured: {report}");
+        assert!(report.contains("rip 0x"), "{report}");
+    }
 
     /// Only the MSRs KVM lists are cleared: the others cannot hold a guest's value.
     #[test]
