@@ -409,6 +409,8 @@ pub struct ChipContext<'a> {
     pub seccomp: bool,
     /// `--protected-state-aps` (seed 004, `user` mode only; the factory refuses it for the others).
     pub protected_state_aps: Option<ProtectedStateAps>,
+    /// The CPU model: APIC IDs, x2APIC offered, extended destination ID honoured.
+    pub cpu: crate::cpumodel::CpuModel,
 }
 
 /// `--protected-state-aps`: seed 004's protected-state AP boot, emulated in `user` mode for

@@ -138,6 +138,9 @@ impl UserIrqchip {
         };
         let mut config = PcIrqChipConfig::new(ctx.kicker.vcpus());
         config.apic.clock = clock;
+        config.apic.x2apic = ctx.cpu.x2apic;
+        config.apic.apic_ids = ctx.cpu.layout;
+        config.extended_destination_id = ctx.cpu.ext_dest_id;
         // The guest's CPUID is derived from this table with leaf 80000008H unchanged.
         config.apic.max_phys_addr =
             crate::cpuid::max_phys_addr(&crate::cpuid::supported_cpuid(ctx.kvm)?);
