@@ -153,26 +153,38 @@ pub fn vcpu_cpuid(supported: &CpuId, model: &CpuModel, index: usize) -> CpuId {
     CpuId::from_entries(&entries).expect("no more entries than KVM gave us")
 }
 
-/// Leaf 0x1F is only in KVM's table if the host has it; a hierarchy with dies needs it (SDM
-/// vol. 2A: "leaf 1FH is preferred"), so irqvm adds its subleaves when the table's maximum
-/// basic leaf reaches it.
+/// Leaves 0BH and 1FH are irqvm's own: KVM's supported table may hold only subleaf 0 of leaf
+/// 0BH (this AMD host's does) and no leaf 1FH, and a subleaf missing from the vCPU's table reads
+/// as zeros. So every subleaf, up to and including the first invalid one, is generated. Leaf 1FH
+/// is added when the table reaches it, or when the model has dies (only 1FH can describe them;
+/// the maximum basic leaf is then raised to 1FH, as QEMU does for a multi-die CPU).
 fn add_missing_topology(entries: &mut Vec<kvm_cpuid_entry2>, model: &CpuModel, apic_id: u32) {
-    let max_leaf = entries
-        .iter()
-        .find(|e| e.function == 0)
-        .map_or(0, |e| e.eax);
-    if max_leaf < LEAF_TOPOLOGY_V2 || entries.iter().any(|e| e.function == LEAF_TOPOLOGY_V2) {
-        return;
-    }
-    for index in 0..=TopologyLevels::of(model).v2.len() as u32 {
-        let mut e = kvm_cpuid_entry2 {
-            function: LEAF_TOPOLOGY_V2,
-            index,
-            flags: kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
-            ..Default::default()
-        };
-        topology_entry(&mut e, model, apic_id);
-        entries.push(e);
+    entries.retain(|e| e.function != LEAF_TOPOLOGY && e.function != LEAF_TOPOLOGY_V2);
+    let levels = TopologyLevels::of(model);
+    let max_leaf = entries.iter_mut().find(|e| e.function == 0);
+    let want_v2 = match max_leaf {
+        Some(leaf0) if model.topology.dies > 1 => {
+            leaf0.eax = leaf0.eax.max(LEAF_TOPOLOGY_V2);
+            true
+        }
+        Some(leaf0) => leaf0.eax >= LEAF_TOPOLOGY_V2,
+        None => false,
+    };
+    let mut add = |function: u32, count: usize| {
+        for index in 0..=count as u32 {
+            let mut e = kvm_cpuid_entry2 {
+                function,
+                index,
+                flags: kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+                ..Default::default()
+            };
+            topology_entry(&mut e, model, apic_id);
+            entries.push(e);
+        }
+    };
+    add(LEAF_TOPOLOGY, levels.v1.len());
+    if want_v2 {
+        add(LEAF_TOPOLOGY_V2, levels.v2.len());
     }
 }
 
@@ -214,7 +226,6 @@ fn adjust_entry(e: &mut kvm_cpuid_entry2, model: &CpuModel, apic_id: u32) {
             // Subleaf 1 lists AVX-VNNI, AVX512_BF16 and newer AVX forms.
             e.eax = 0;
         }
-        LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2 => topology_entry(e, model, apic_id),
         LEAF_EXT1 => e.edx &= !leaf_ext1::EDX_RDTSCP,
         LEAF_KVM_FEATURES => {
             e.eax &= !kvm_features::HIDDEN;
@@ -486,6 +497,30 @@ mod tests {
         assert_eq!((core.eax, core.ebx, core.ecx, core.edx), (3, 6, 0x201, 9));
         assert_eq!(find(&c, 0x1F, 1).unwrap().eax, 3);
         assert_eq!(find(&c, 0x1F, 2).unwrap().ecx >> 8, 0);
+    }
+
+    /// This host's KVM lists only subleaf 0 of leaf 0BH and stops at leaf 0x10: the other
+    /// subleaves are generated, and leaf 1FH appears (with the maximum leaf raised) only for dies.
+    #[test]
+    fn missing_topology_subleaves_are_generated() {
+        let mut leaf0 = entry(0, 0);
+        leaf0.eax = 0x10;
+        let host = CpuId::from_entries(&[leaf0, entry(1, 0), entry(0xB, 0)]).unwrap();
+        let c = vcpu_cpuid(&host, &model(4, None, ""), 3);
+        let core = find(&c, 0xB, 1).unwrap();
+        assert_eq!((core.eax, core.ebx, core.ecx, core.edx), (2, 4, 0x201, 3));
+        assert_ne!(
+            core.flags & kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+            0
+        );
+        assert_eq!(find(&c, 0xB, 2).unwrap().ecx, 2);
+        assert!(find(&c, 0x1F, 0).is_none());
+        assert_eq!(find(&c, 0, 0).unwrap().eax, 0x10);
+        let dies = model(8, Some("dies=2,cores=4"), "");
+        let c = vcpu_cpuid(&host, &dies, 0);
+        assert_eq!(find(&c, 0, 0).unwrap().eax, 0x1F);
+        assert_eq!(find(&c, 0x1F, 2).unwrap().ecx >> 8, 5);
+        assert_eq!(find(&c, 0x1F, 3).unwrap().ecx >> 8, 0);
     }
 
     /// Dies appear in leaf 1FH only; leaf 0BH folds them into its core level.

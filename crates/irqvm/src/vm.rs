@@ -38,6 +38,9 @@ use ::irqchip::mpstate::MpState;
 
 /// Most vCPUs a VM may have (KVM's KVM_MAX_VCPUS; the host's KVM_CAP_MAX_VCPUS may be lower).
 pub const MAX_VCPUS: u32 = crate::cpumodel::MAX_VCPUS;
+/// Stack of each vCPU thread: the run loop needs little, and 1024 threads of Rust's default 2 MiB
+/// would reserve 2 GiB of address space.
+pub const VCPU_STACK_SIZE: usize = 256 << 10;
 /// Default guest memory.
 pub const DEFAULT_MEMORY: u64 = 128 << 20;
 
@@ -257,7 +260,8 @@ impl Vm {
         for vcpu in std::mem::take(&mut self.vcpus) {
             let name = format!("vcpu{}", vcpu.shared.index);
             // Each thread installs its filter before it runs anything of the VM.
-            match seccomp::spawn(name, self.vcpu_filter.clone(), move || vcpu.run()) {
+            let filter = self.vcpu_filter.clone();
+            match seccomp::spawn_sized(name, filter, Some(VCPU_STACK_SIZE), move || vcpu.run()) {
                 Ok(h) => threads.push(h),
                 Err(e) => {
                     // Dropping the RunningVm stops and joins the threads already started.
