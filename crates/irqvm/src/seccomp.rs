@@ -129,6 +129,26 @@ impl ThreadFilter {
     }
 }
 
+/// Makes glibc's malloc use one arena for the whole process, before filtered threads start.
+///
+/// glibc opens files from inside malloc in whichever thread gets there first: once more than 8
+/// threads allocate, `arena_get2` reads `/sys/devices/system/cpu/online` to size its arena limit,
+/// and shrinking a thread arena's heap reads `/proc/sys/vm/overcommit_memory` once. Both are
+/// `openat`, which no vCPU or timer filter allows: a VM with 255 vCPUs was stopped with SIGSYS
+/// in `vm-timers` at its end. With M_ARENA_MAX = 1 the limit is known and every thread shares
+/// the main (brk) arena, which has no heaps to shrink. The lock that shares is uncontended on
+/// the hot path (vCPU exits hardly allocate); the setting is process-wide and idempotent.
+pub fn prepare_allocator() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        #[cfg(target_env = "gnu")]
+        // SAFETY: mallopt only sets a parameter of glibc's allocator; no memory is touched.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+        }
+    });
+}
+
 /// Starts thread `name` running `body` under `filter` (none: unfiltered), and returns once the
 /// thread has installed it; a thread whose filter fails to install never runs `body`.
 pub fn spawn<F>(

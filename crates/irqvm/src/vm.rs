@@ -153,6 +153,7 @@ impl Vm {
         if cfg.cpus == 0 || cfg.cpus > MAX_VCPUS {
             return Err(VmError::BadCpuCount(cfg.cpus));
         }
+        seccomp::prepare_allocator();
         let kvm = kvm::open_kvm()?;
         let model = CpuModel::resolve(
             cfg.cpus,
@@ -317,7 +318,7 @@ pub fn create_irqchip(
 ) -> Result<Arc<dyn Irqchip>, IrqchipError> {
     check_protected_state(mode, ctx.protected_state_aps)?;
     Ok(match mode {
-        IrqchipMode::Kernel => Arc::new(KernelIrqchip::new(ctx.kvm, ctx.vm)?),
+        IrqchipMode::Kernel => Arc::new(KernelIrqchip::new(ctx.kvm, ctx.vm, ctx.cpu)?),
         IrqchipMode::User => Arc::new(UserIrqchip::new(ctx)?),
         IrqchipMode::Split => Arc::new(SplitIrqchip::new(ctx)?),
     })

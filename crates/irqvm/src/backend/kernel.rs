@@ -19,12 +19,17 @@ use crate::kvm::KvmError;
 pub struct KernelIrqchip {
     vm: Arc<VmFd>,
     features: ChipFeatures,
+    cpu: crate::cpumodel::CpuModel,
 }
 
 impl KernelIrqchip {
     /// KVM_CREATE_IRQCHIP (before any vCPU exists). No PIT: timers come from the LAPIC in every
     /// mode.
-    pub fn new(kvm: &Kvm, vm: Arc<VmFd>) -> Result<Self, IrqchipError> {
+    pub fn new(
+        kvm: &Kvm,
+        vm: Arc<VmFd>,
+        cpu: crate::cpumodel::CpuModel,
+    ) -> Result<Self, IrqchipError> {
         crate::kvm::require_cap(kvm, Cap::Irqchip, "KVM_CAP_IRQCHIP")?;
         vm.create_irq_chip()
             .map_err(KvmError::ioctl("KVM_CREATE_IRQCHIP"))?;
@@ -33,7 +38,7 @@ impl KernelIrqchip {
             x2apic: true,
             tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
         };
-        Ok(Self { vm, features })
+        Ok(Self { vm, features, cpu })
     }
 }
 
@@ -127,7 +132,7 @@ impl Irqchip for KernelIrqchip {
     }
 
     fn send_event(&self, index: usize, event: HostEvent) -> Result<MsiDelivery, IrqchipError> {
-        super::kvm_send_event(&self.vm, index, event)
+        super::kvm_send_event(&self.vm, &self.cpu, index, event)
     }
 }
 

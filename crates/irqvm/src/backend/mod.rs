@@ -362,21 +362,23 @@ pub trait VcpuIrqchip: Send {
 }
 
 /// `kernel` and `split` mode: a host event as an MSI to KVM's LAPICs, physical destination =
-/// the vCPU's initial APIC ID (its index). KVM_SIGNAL_MSI hands every delivery mode to the
+/// the vCPU's initial APIC ID (`cpu.apic_id(index)`, its index without a `--topology`), in
+/// KVM's 32-bit form (`address_hi[31:8]` holds bits 31:8, KVM_X2APIC_API is on). KVM_SIGNAL_MSI hands every delivery mode to the
 /// same `__apic_accept_irq` an ICR write reaches, so NMI, INIT and start-up all arrive as
 /// IPIs would (a start-up MSI is reserved for devices, SDM §11.11.2, which is why this path
 /// skips [`validate_msi`]).
 pub(crate) fn kvm_send_event(
     vm: &VmFd,
+    cpu: &crate::cpumodel::CpuModel,
     index: usize,
     event: HostEvent,
 ) -> Result<MsiDelivery, IrqchipError> {
-    let id = u64::try_from(index).ok().filter(|&id| id < 0xFF);
-    let Some(id) = id else {
+    if index >= cpu.cpus as usize {
         return Err(IrqchipError::NoSuchVcpu(index));
-    };
+    }
+    let id = u64::from(cpu.apic_id(index));
     let msi = MsiMessage {
-        address: 0xFEE0_0000 | id << 12,
+        address: (id & !0xFF) << 32 | 0xFEE0_0000 | (id & 0xFF) << 12,
         data: event.delivery_mode() << 8 | u32::from(event.vector()),
     };
     let delivery = kernel::kvm_signal_msi(vm, msi)?;

@@ -384,6 +384,7 @@ impl SplitShared {
 pub struct SplitIrqchip {
     shared: Arc<SplitShared>,
     features: ChipFeatures,
+    cpu: crate::cpumodel::CpuModel,
 }
 
 impl SplitIrqchip {
@@ -420,6 +421,7 @@ impl SplitIrqchip {
         super::kernel::enable_x2apic_api(ctx.kvm, &ctx.vm)?;
         Ok(Self {
             features: features(ctx.kvm),
+            cpu: ctx.cpu,
             shared: Arc::new(SplitShared {
                 chip,
                 kicker: ctx.kicker,
@@ -503,7 +505,7 @@ impl Irqchip for SplitIrqchip {
     }
 
     fn send_event(&self, index: usize, event: HostEvent) -> Result<MsiDelivery, IrqchipError> {
-        super::kvm_send_event(&self.shared.chip.sink().vm, index, event)
+        super::kvm_send_event(&self.shared.chip.sink().vm, &self.cpu, index, event)
     }
 
     fn counters(&self, out: &mut dyn FnMut(Option<usize>, &str, u64)) {
