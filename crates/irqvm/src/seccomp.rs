@@ -129,22 +129,24 @@ impl ThreadFilter {
     }
 }
 
-/// Makes glibc's malloc use one arena for the whole process, before filtered threads start.
+/// Keeps glibc's malloc from opening files in filtered threads; called before the first VM.
 ///
 /// glibc opens files from inside malloc in whichever thread gets there first: once more than 8
 /// threads allocate, `arena_get2` reads `/sys/devices/system/cpu/online` to size its arena limit,
-/// and shrinking a thread arena's heap reads `/proc/sys/vm/overcommit_memory` once. Both are
-/// `openat`, which no vCPU or timer filter allows: a VM with 255 vCPUs was stopped with SIGSYS
-/// in `vm-timers` at its end. With M_ARENA_MAX = 1 the limit is known and every thread shares
-/// the main (brk) arena, which has no heaps to shrink. The lock that shares is uncontended on
-/// the hot path (vCPU exits hardly allocate); the setting is process-wide and idempotent.
+/// and the first shrink of a thread arena's heap reads `/proc/sys/vm/overcommit_memory`. Both are
+/// `openat`, which no filter allows: a VM with 255 vCPUs was stopped with SIGSYS in `vm-timers`
+/// at its end. Setting M_ARENA_MAX (8, glibc's own threshold) makes the limit known, and a
+/// M_TRIM_THRESHOLD of `i32::MAX` means no heap is ever trimmed, so neither file is read.
+/// The cost: freed memory stays in the process instead of going back to the system (irqvm
+/// allocates little after start-up). Process-wide and idempotent; the settings cannot be undone.
 pub fn prepare_allocator() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         #[cfg(target_env = "gnu")]
-        // SAFETY: mallopt only sets a parameter of glibc's allocator; no memory is touched.
+        // SAFETY: mallopt only sets parameters of glibc's allocator; no memory is touched.
         unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 1);
+            libc::mallopt(libc::M_ARENA_MAX, 8);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
         }
     });
 }
