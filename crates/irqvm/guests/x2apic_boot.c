@@ -16,6 +16,8 @@
  *    every round), the all-ones physical destination (x2APIC 0xFFFFFFFF, xAPIC 0xFF) to every CPU including
  *    the sender, and a logical IPI that reaches exactly its set (x2APIC: a cluster, from the ID, SDM §11.12.10;
  *    xAPIC: flat model with LDR bit (cpu mod 8), set by each CPU).
+ * 5. Devices: IOAPIC pin 10 reaches the highest APIC ID below 255 with an 8-bit destination and, where CPUID
+ *    offers KVM_FEATURE_MSI_EXT_DEST_ID, the highest APIC ID with the extended destination ID (bits 55:49).
  * The command line's `x2apic=0/1` and `tscdl=0/1` (default 1) say what CPUID.1:ECX[21] and [24] must show
  * (irqvm's --cpu-features); with x2apic=0 the guest stays in xAPIC mode and checks that EXTD cannot be set. */
 #include "guest.h"
@@ -24,6 +26,8 @@
 #define V_STORM 0x61
 #define V_ALL 0x62
 #define V_LOGICAL 0x63
+#define V_DEVICE 0x64
+#define DEVICE_LINE 10
 #define STORM_ROUNDS 6
 
 static u32 want_x2apic, want_tscdl, topo_s, topo_d, topo_c, topo_t;
@@ -291,6 +295,52 @@ static void logical_set(void)
 	      bad < ncpus ? seen[bad].id : 0, bad < ncpus ? irq_count[bad][V_LOGICAL] : 0);
 }
 
+/* KVM_FEATURE_MSI_EXT_DEST_ID: CPUID 0x40000001 EAX[15] under the "KVMKVMKVM" signature. */
+static bool has_ext_dest_id(void)
+{
+	u32 max, b, c, d, a;
+	cpuid(0x40000000, 0, &max, &b, &c, &d);
+	if (b != 0x4b4d564b || c != 0x564b4d56 || d != 0x4d || max < 0x40000001)
+		return false;
+	cpuid(0x40000001, 0, &a, &b, &c, &d);
+	return a & (1u << 15);
+}
+
+/* IOAPIC pin DEVICE_LINE (edge, active high, fixed, physical) to APIC ID `id`: bits 63:56 hold ID[7:0], and with
+ * the extended destination ID bits 55:49 hold ID[14:8]. Pulses the line and waits for CPU `cpu` to take it. */
+static bool device_reaches(u32 cpu, u32 id)
+{
+	u32 before = irq_count[cpu][V_DEVICE];
+	u64 dest = ((u64)(id & 0xFF) << 56) | ((u64)((id >> 8) & 0x7F) << 49);
+	ioapic_set_entry(DEVICE_LINE, dest | V_DEVICE);
+	testdev_set_irq(DEVICE_LINE, true);
+	testdev_set_irq(DEVICE_LINE, false);
+	bool ok = wait_ge(&irq_count[cpu][V_DEVICE], before + 1, slow_ms());
+	ioapic_set_entry(DEVICE_LINE, IOAPIC_MASKED);
+	return ok;
+}
+
+/* Devices reach the CPUs: an 8-bit destination names IDs up to 254, the extended destination ID up to 32767. */
+static void device_destinations(void)
+{
+	u32 low = ncpus;
+	for (u32 c = 0; c < ncpus; c++)
+		if (seen[c].id < 0xFF && (low == ncpus || seen[c].id > seen[low].id))
+			low = c;
+	check(low < ncpus && device_reaches(low, seen[low].id), "ioapic 8-bit destination reaches the highest id below 255",
+	      "cpu %u (APIC ID %u) did not take it", low, low < ncpus ? seen[low].id : 0);
+	if (!has_ext_dest_id()) {
+		skip("ioapic extended destination id reaches the highest apic id", "KVM_FEATURE_MSI_EXT_DEST_ID is clear");
+		return;
+	}
+	u32 high = 0;
+	for (u32 c = 0; c < ncpus; c++)
+		if (seen[c].id > seen[high].id)
+			high = c;
+	check(device_reaches(high, seen[high].id), "ioapic extended destination id reaches the highest apic id",
+	      "cpu %u (APIC ID %u) did not take it", high, seen[high].id);
+}
+
 static void features(void)
 {
 	u32 a, b, c, d;
@@ -378,6 +428,7 @@ void guest_main(void)
 	broadcast_storm();
 	all_ones_destination();
 	logical_set();
+	device_destinations();
 	sfmt(name, sizeof name, "%u cpus", ncpus);
 	printf("INFO: %s done\n", name);
 }
