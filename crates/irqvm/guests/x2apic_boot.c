@@ -203,16 +203,29 @@ static void cpuid_checks(void)
 	      bad < ncpus ? seen[bad].id : 0);
 }
 
+/* The APIC IDs the CPUs read are exactly the MADT's: each MADT ID marked once in a bitmap, then each CPU's ID
+ * must find its mark (O(n): ring-0 guest code is slow on an emulating host, and n reaches 1024). */
+#define ID_BITMAP_BITS 65536
+static u64 id_marks[ID_BITMAP_BITS / 64];
+static bool mark(u32 id, bool set)
+{
+	if (id >= ID_BITMAP_BITS)
+		return false;
+	u64 bit = 1ul << (id % 64), *word = &id_marks[id / 64];
+	bool was = *word & bit;
+	*word = set ? *word | bit : *word & ~bit;
+	return was;
+}
 static bool apic_ids_match_madt(void)
 {
-	for (u32 c = 0; c < ncpus; c++) {
-		u32 found = 0;
-		for (u32 k = 0; k < ncpus; k++)
-			found += cpu_apic_id[k] == cpu_enum_id[c];
-		if (found != 1)
-			return false;
-	}
-	return true;
+	bool ok = true;
+	for (u32 c = 0; c < ncpus; c++)
+		ok &= cpu_enum_id[c] < ID_BITMAP_BITS && !mark(cpu_enum_id[c], true);
+	for (u32 c = 0; c < ncpus; c++)
+		ok &= mark(cpu_apic_id[c], false); /* a second CPU with the same ID finds the mark gone */
+	for (u32 c = 0; c < ncpus; c++)
+		mark(cpu_enum_id[c], false);
+	return ok;
 }
 
 /* Wait until every CPU in [first, ncpus) took `vector` `want` times; returns the first CPU that did not. */
@@ -361,9 +374,19 @@ static void features(void)
 	}
 }
 
+/* INFO line with the time since the last one (guest TSC): where a large machine's run spends its time. */
+static u64 phase_tsc;
+static void phase(const char *what)
+{
+	u64 now = rdtsc();
+	printf("INFO: phase %s: %lu ms\n", what, (now - phase_tsc) / (tsc_khz() ? tsc_khz() : 1));
+	phase_tsc = now;
+}
+
 void guest_main(void)
 {
 	char name[80];
+	phase_tsc = rdtsc();
 	want_x2apic = (u32)cmdline_u64("x2apic", 1);
 	want_tscdl = (u32)cmdline_u64("tscdl", 1);
 	apic_use_x2apic(want_x2apic);
@@ -395,12 +418,15 @@ void guest_main(void)
 
 	/* 2. Broadcast start-up, firmware's way: every AP at once; each switches itself to x2APIC mode (which INIT
 	 * keeps, SDM §11.12.5.1), so that later INITs and SIPIs reach IDs past 255 by their 32-bit ID alone. */
+	phase("set-up");
 	ap_arrival_hook = record;
 	u32 online = smp_start_all_broadcast(slow_ms());
+	phase("broadcast start-up");
 	check(online == ncpus && ap_tickets == ncpus - 1, "broadcast init-sipi-sipi brings every ap online",
 	      "%u of %u online, %u tickets", online, ncpus, ap_tickets);
 	check(apic_ids_match_madt(), "broadcast start-up finds exactly the madt's apic ids", "see the CPU list");
 	cpuid_checks();
+	phase("checks");
 	u32 bad = ncpus;
 	for (u32 c = 0; c < ncpus && bad == ncpus; c++)
 		if (seen[c].ldr != want_ldr(c, seen[c].id))
@@ -408,6 +434,7 @@ void guest_main(void)
 	check(bad == ncpus, "ldr as the apic mode defines on every cpu", "cpu %u: LDR %x, want %x", bad,
 	      bad < ncpus ? seen[bad].ldr : 0, bad < ncpus ? want_ldr(bad, seen[bad].id) : 0);
 	ipi_round("ipi to every cpu by apic id, exactly once");
+	phase("ipi round");
 
 	/* 3. Targeted start-up, Linux's way, to the IDs the APs reported. */
 	irq_reset_counts();
@@ -416,6 +443,7 @@ void guest_main(void)
 	online = 1;
 	for (u32 c = 1; c < ncpus; c++)
 		online += smp_start_ap(c);
+	phase("targeted start-up");
 	check(online == ncpus, "targeted init-sipi-sipi brings every ap online", "%u of %u", online, ncpus);
 	bad = ncpus;
 	for (u32 c = 1; c < ncpus && bad == ncpus; c++)
@@ -425,10 +453,13 @@ void guest_main(void)
 	      bad, bad < ncpus ? cpu_apic_id[bad] : 0, bad < ncpus ? cpu_to_apic_id(bad) : 0,
 	      bad < ncpus ? cpu_boot_count[bad] : 0);
 	ipi_round("ipi to every cpu by apic id after the targeted start-up");
+	phase("ipi round");
 	broadcast_storm();
+	phase("broadcast storm");
 	all_ones_destination();
 	logical_set();
 	device_destinations();
+	phase("all-ones, logical, device");
 	sfmt(name, sizeof name, "%u cpus", ncpus);
 	printf("INFO: %s done\n", name);
 }

@@ -34,10 +34,7 @@ impl KernelIrqchip {
         vm.create_irq_chip()
             .map_err(KvmError::ioctl("KVM_CREATE_IRQCHIP"))?;
         enable_x2apic_api(kvm, &vm)?;
-        let features = ChipFeatures {
-            x2apic: true,
-            tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
-        };
+        let features = ChipFeatures::from(&cpu);
         Ok(Self { vm, features, cpu })
     }
 }

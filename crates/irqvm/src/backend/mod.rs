@@ -215,6 +215,15 @@ pub struct ChipFeatures {
     pub tsc_deadline: bool,
 }
 
+impl From<&crate::cpumodel::CpuModel> for ChipFeatures {
+    fn from(cpu: &crate::cpumodel::CpuModel) -> Self {
+        Self {
+            x2apic: cpu.x2apic,
+            tsc_deadline: cpu.tsc_deadline,
+        }
+    }
+}
+
 /// Why a vCPU stays out of KVM_RUN.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BlockReason {
@@ -298,7 +307,9 @@ pub enum ExitHandled {
 pub trait Irqchip: InterruptLines {
     fn mode(&self) -> IrqchipMode;
 
-    /// The APIC features CPUID may advertise with this backend.
+    /// The APIC features CPUID advertises with this backend: those of the VM's
+    /// [`crate::cpumodel::CpuModel`], which was checked against the mode before the backend was
+    /// created.
     fn features(&self) -> ChipFeatures;
 
     /// Called right after KVM_CREATE_VCPU for vCPU `index` (0 = BSP), before its registers are

@@ -74,7 +74,7 @@ use kvm_bindings::{
     kvm_enable_cap, kvm_irq_routing_entry, KvmIrqRouting, KVM_CAP_SPLIT_IRQCHIP,
     KVM_IRQ_ROUTING_MSI,
 };
-use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, VcpuFd, VmFd};
 
 use super::kernel::{kvm_mp_state, kvm_signal_msi, set_initial_kvm_mp_state};
 use super::{
@@ -420,7 +420,7 @@ impl SplitIrqchip {
             .map_err(KvmError::ioctl("KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)"))?;
         super::kernel::enable_x2apic_api(ctx.kvm, &ctx.vm)?;
         Ok(Self {
-            features: features(ctx.kvm),
+            features: ChipFeatures::from(&ctx.cpu),
             cpu: ctx.cpu,
             shared: Arc::new(SplitShared {
                 chip,
@@ -437,14 +437,6 @@ impl SplitIrqchip {
 impl Drop for SplitIrqchip {
     fn drop(&mut self) {
         tracing::debug!(stats = ?self.stats(), "split irqchip");
-    }
-}
-
-/// KVM's LAPIC offers x2APIC, and TSC-deadline where the host has it.
-fn features(kvm: &Kvm) -> ChipFeatures {
-    ChipFeatures {
-        x2apic: true,
-        tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
     }
 }
 

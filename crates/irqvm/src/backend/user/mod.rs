@@ -116,6 +116,7 @@ pub(crate) struct Shared {
 /// The VM-wide half of the `user` backend.
 pub struct UserIrqchip {
     shared: Arc<Shared>,
+    features: ChipFeatures,
     /// The per-vCPU halves not yet handed to their vCPUs.
     unclaimed: Mutex<Vec<Option<VcpuInterrupts>>>,
 }
@@ -171,6 +172,7 @@ impl UserIrqchip {
         });
         Ok(Self {
             shared,
+            features: (&ctx.cpu).into(),
             unclaimed: Mutex::new(vcpus.into_iter().map(Some).collect()),
         })
     }
@@ -314,10 +316,7 @@ impl Irqchip for UserIrqchip {
     }
 
     fn features(&self) -> ChipFeatures {
-        ChipFeatures {
-            x2apic: true,
-            tsc_deadline: true,
-        }
+        self.features
     }
 
     /// Hands out vCPU `index`'s `VcpuInterrupts` and sets its TSC on the VM clock.
