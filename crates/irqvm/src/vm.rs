@@ -608,6 +608,35 @@ impl Drop for RunningVm {
 mod tests {
     use super::*;
 
+    /// The MADT lists the model's APIC IDs, gaps and all, BSP first: 2 sockets of 3 cores of 2
+    /// threads put socket 1 at ID 8; past 254 the IDs get x2APIC entries (type 9).
+    #[test]
+    fn acpi_tables_list_the_models_apic_ids() {
+        let host = HostLimits {
+            max_vcpus: 1024,
+            max_vcpu_id: 4096,
+            tsc_deadline: true,
+        };
+        let topology = Some("sockets=2,cores=3,threads=2".parse().unwrap());
+        let edits = FeatureEdits::default();
+        let model = CpuModel::resolve(12, topology, &edits, IrqchipMode::User, host).unwrap();
+        let cfg = acpi_config(&model);
+        assert_eq!(cfg.apic_ids, vec![0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12, 13]);
+        let big = CpuModel::resolve(300, None, &edits, IrqchipMode::Kernel, host).unwrap();
+        let madt = acpi::build(&acpi_config(&big)).unwrap();
+        let madt = &madt.get("APIC").unwrap().bytes;
+        let mut entries = Vec::new();
+        let mut off = 44;
+        while off + 2 <= madt.len() {
+            entries.push(madt[off]);
+            off += usize::from(madt[off + 1]);
+        }
+        assert_eq!(entries.iter().filter(|&&t| t == 0).count(), 255);
+        assert_eq!(entries.iter().filter(|&&t| t == 9).count(), 45);
+        assert_eq!(kvm_vcpu_id(IrqchipMode::Split, &model, 6), 8);
+        assert_eq!(kvm_vcpu_id(IrqchipMode::User, &model, 6), 6);
+    }
+
     /// `--protected-state-aps` only in `user` mode, with an error that names the option and mode.
     #[test]
     fn protected_state_aps_is_refused_outside_user_mode() {
