@@ -73,9 +73,21 @@ pub struct RunArgs {
     /// for Linux.
     #[arg(long, value_name = "STR", default_value = "")]
     pub cmdline: String,
-    /// Number of vCPUs.
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    pub cpus: u32,
+    /// Number of vCPUs, 1 to KVM_CAP_MAX_VCPUS (1024 here); APIC IDs past 254 need x2APIC.
+    /// Default: the --topology's product, else 1.
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<u32>,
+    /// The package hierarchy, QEMU-style: `sockets=S,dies=D,cores=C,threads=T` (missing levels
+    /// are 1). APIC IDs get one bit field per level, as wide as its count rounded up to a power
+    /// of two (gaps as on real hardware); CPUID leaves 1, 4, 0xB, 0x1F and the MADT agree.
+    #[arg(long, value_name = "SPEC")]
+    pub topology: Option<crate::cpumodel::Topology>,
+    /// CPUID features, QEMU-style `+name,-name` items: x2apic, tsc-deadline,
+    /// kvm-msi-ext-dest-id, kvmclock; the features hidden for this host's emulator (cx16,
+    /// popcnt, rdrand, ...) may only be turned off. What the mode or host cannot honour is
+    /// refused (e.g. -x2apic with an APIC ID past 254, +kvm-msi-ext-dest-id in kernel mode).
+    #[arg(long, value_name = "LIST", allow_hyphen_values = true)]
+    pub cpu_features: Option<crate::cpumodel::FeatureEdits>,
     /// Guest memory: a number of MiB, or with a K/M/G/T suffix.
     #[arg(long, value_name = "SIZE", default_value = "128M", value_parser = parse_memory)]
     pub memory: u64,
@@ -170,7 +182,13 @@ pub fn run_config(args: &RunArgs) -> Result<VmConfig, CliError> {
     if let Some(path) = &args.initrd {
         cfg.initrd = Some((read_file("initrd", path)?, path.display().to_string()));
     }
-    cfg.cpus = args.cpus;
+    cfg.topology = args.topology;
+    cfg.cpus = match (args.cpus, args.topology) {
+        (Some(n), _) => n,
+        (None, Some(t)) => u32::try_from(t.cpus()).unwrap_or(u32::MAX),
+        (None, None) => 1,
+    };
+    cfg.cpu_features = args.cpu_features.clone().unwrap_or_default();
     cfg.memory = args.memory;
     cfg.irqchip = args.irqchip;
     cfg.raw = args.raw_at.map(|addr| crate::loader::RawImage {
@@ -363,10 +381,40 @@ mod tests {
         let Some(Command::Run(args)) = cli.command else {
             panic!("not run");
         };
-        assert_eq!(args.cpus, 2);
+        assert_eq!(args.cpus, Some(2));
         assert_eq!(args.memory, 1 << 30);
         assert_eq!(args.cmdline, "a b");
         assert_eq!(args.irqchip, IrqchipMode::Kernel);
+    }
+
+    #[test]
+    fn topology_and_cpu_features_parse_and_set_the_count() {
+        let cli = Cli::try_parse_from([
+            "irqvm",
+            "run",
+            "--kernel",
+            "k.elf",
+            "--topology",
+            "sockets=2,cores=3,threads=2",
+            "--cpu-features",
+            "-x2apic,+tsc-deadline",
+        ])
+        .unwrap();
+        let Some(Command::Run(args)) = cli.command else {
+            panic!("not run");
+        };
+        let topology = args.topology.unwrap();
+        assert_eq!(topology.cpus(), 12);
+        let edits = args.cpu_features.clone().unwrap();
+        assert_eq!(edits.get(crate::cpumodel::Feature::X2apic), Some(false));
+        assert!(
+            Cli::try_parse_from(["irqvm", "run", "--kernel", "k", "--topology", "cores=0"])
+                .is_err()
+        );
+        assert!(
+            Cli::try_parse_from(["irqvm", "run", "--kernel", "k", "--cpu-features", "+nope"])
+                .is_err()
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! | [`memory`] | guest RAM (vm-memory) and its KVM memory slots |
 //! | [`loader`] | multiboot v1, Linux (bzImage, PVH vmlinux), ELF32/ELF64 and raw kernels, boot information |
 //! | [`cpuid`] | the CPUID table each vCPU sees |
+//! | [`cpumodel`] | vCPU count, `--topology` (APIC IDs) and `--cpu-features`, checked per mode |
 //! | [`iobus`] | the port-I/O and MMIO bus exits reach devices through (rust-vmm `vm-device`) |
 //! | [`devices`] | serial, isa-debug-exit, fw_cfg, pc-testdev interrupt lines, on the bus |
 //! | [`cmos`], [`i8042`] | the CMOS RTC and the keyboard controller Linux expects on a PC |
@@ -29,6 +30,7 @@ pub mod backend;
 pub mod cli;
 pub mod cmos;
 pub mod cpuid;
+pub mod cpumodel;
 pub mod devices;
 pub mod emulate;
 pub mod fuzzguest;

@@ -127,13 +127,39 @@ impl ThreadFilter {
     /// until the thread ends and cannot be removed.
     pub fn apply(&self, thread: &str) -> Result<(), SeccompError> {
         install_sigsys_handler()?;
-        pin_malloc_arena_limit();
+        prepare_allocator();
         set_thread_label(thread);
         seccompiler::apply_filter(&self.program).map_err(|source| SeccompError::Apply {
             thread: thread.to_string(),
             source,
         })
     }
+}
+
+/// Keeps glibc's malloc from opening files in filtered threads; called before the first VM.
+///
+/// glibc opens files from inside malloc in whichever thread gets there first: once more than 8
+/// threads allocate, `arena_get2` reads `/sys/devices/system/cpu/online` to size its arena limit,
+/// and the first shrink of a thread arena's heap reads `/proc/sys/vm/overcommit_memory`. Both are
+/// `openat`, which no filter allows: a VM with 255 vCPUs was stopped with SIGSYS in `vm-timers`
+/// at its end, and strace caught a `tiny_http` worker of the API doing the same. Setting
+/// M_ARENA_MAX (glibc's own default, 8 per online CPU on 64-bit) makes the limit known, and a
+/// M_TRIM_THRESHOLD of `i32::MAX` means no heap is ever trimmed, so neither file is read.
+/// Called before the first VM and again (a no-op then) by the first `ThreadFilter::apply`.
+/// The cost: freed memory stays in the process instead of going back to the system (irqvm
+/// allocates little after start-up). Process-wide and idempotent; the settings cannot be undone.
+pub fn prepare_allocator() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        #[cfg(target_env = "gnu")]
+        // SAFETY: sysconf reads a system value; mallopt only sets parameters of glibc's
+        // allocator; no memory of ours is touched.
+        unsafe {
+            let cpus = libc::sysconf(libc::_SC_NPROCESSORS_ONLN).clamp(1, 1 << 16) as libc::c_int;
+            libc::mallopt(libc::M_ARENA_MAX, 8 * cpus);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        }
+    });
 }
 
 /// Starts thread `name` running `body` under `filter` (none: unfiltered), and returns once the
@@ -146,10 +172,27 @@ pub fn spawn<F>(
 where
     F: FnOnce() + Send + 'static,
 {
+    spawn_sized(name, filter, None, body)
+}
+
+/// [`spawn`] with a stack of `stack` bytes instead of Rust's default (2 MiB): vCPU threads,
+/// of which a VM may have 1024, take a small one.
+pub fn spawn_sized<F>(
+    name: String,
+    filter: Option<ThreadFilter>,
+    stack: Option<usize>,
+    body: F,
+) -> Result<JoinHandle<()>, SeccompError>
+where
+    F: FnOnce() + Send + 'static,
+{
     let (tx, rx) = mpsc::sync_channel(1);
     let label = name.clone();
-    let handle = std::thread::Builder::new()
-        .name(name.clone())
+    let mut builder = std::thread::Builder::new().name(name.clone());
+    if let Some(bytes) = stack {
+        builder = builder.stack_size(bytes);
+    }
+    let handle = builder
         .spawn(move || {
             let applied = filter.as_ref().map_or(Ok(()), |f| f.apply(&label));
             let ok = applied.is_ok();
@@ -405,22 +448,6 @@ fn set_thread_label(name: &str) {
     let len = name.len().min(LABEL_LEN);
     buf[..len].copy_from_slice(&name.as_bytes()[..len]);
     LABEL.with(|l| l.set((buf, len)));
-}
-
-/// Fixes glibc malloc's arena limit before any filter is in place. Otherwise the first thread
-/// that needs a ninth arena computes the limit itself by opening
-/// /sys/devices/system/cpu/online (glibc 2.36 `arena_get2`, seen with strace in an API worker),
-/// and on a filtered thread that `openat` is fatal. The value is glibc's own default, 8 arenas
-/// per online CPU on 64-bit; only where it is computed changes.
-fn pin_malloc_arena_limit() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        // SAFETY: sysconf and mallopt take plain integers and touch no memory of ours.
-        unsafe {
-            let cpus = libc::sysconf(libc::_SC_NPROCESSORS_ONLN).clamp(1, 1 << 16) as libc::c_int;
-            libc::mallopt(libc::M_ARENA_MAX, 8 * cpus);
-        }
-    });
 }
 
 /// Installs the process-wide SIGSYS handler once. SA_RESETHAND: the first trapped syscall

@@ -22,7 +22,8 @@ use crate::backend::user::UserIrqchip;
 use crate::backend::{
     ChipContext, Irqchip, IrqchipError, IrqchipMode, MsiDelivery, ProtectedStateAps, VcpuKicker,
 };
-use crate::cpuid::{self, CpuidConfig};
+use crate::cpuid;
+use crate::cpumodel::{CpuModel, CpuModelError, FeatureEdits, HostLimits, Topology};
 use crate::devices::{DeviceConfig, Devices, SerialOutput};
 use crate::iobus::BusError;
 use crate::kick::install_kick_handler;
@@ -35,8 +36,11 @@ use crate::vcpu::{
 };
 use ::irqchip::mpstate::MpState;
 
-/// Most vCPUs a VM may have: xAPIC IDs are 8 bits and 0xFF is the broadcast ID.
-pub const MAX_VCPUS: u32 = 254;
+/// Most vCPUs a VM may have (KVM's KVM_MAX_VCPUS; the host's KVM_CAP_MAX_VCPUS may be lower).
+pub const MAX_VCPUS: u32 = crate::cpumodel::MAX_VCPUS;
+/// Stack of each vCPU thread: the run loop needs little, and 1024 threads of Rust's default 2 MiB
+/// would reserve 2 GiB of address space.
+pub const VCPU_STACK_SIZE: usize = 256 << 10;
 /// Default guest memory.
 pub const DEFAULT_MEMORY: u64 = 128 << 20;
 
@@ -53,6 +57,8 @@ pub enum VmError {
     Irqchip(#[from] IrqchipError),
     #[error("vCPU count {0} is out of range: 1 to {MAX_VCPUS}")]
     BadCpuCount(u32),
+    #[error(transparent)]
+    CpuModel(#[from] CpuModelError),
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(#[source] std::io::Error),
     #[error("cannot start a vCPU thread: {0}")]
@@ -92,6 +98,11 @@ pub struct VmConfig {
     /// `--protected-state-aps`: seed 004's protected-state AP boot, emulated (`user` irqchip
     /// only; the other modes refuse it). See [`ProtectedStateAps`].
     pub protected_state_aps: Option<ProtectedStateAps>,
+    /// `--topology`: the package hierarchy and the APIC IDs it implies (`None`: one socket of
+    /// `cpus` cores, APIC ID = vCPU index).
+    pub topology: Option<Topology>,
+    /// `--cpu-features`: `+name`/`-name` edits of the CPUID features (see [`crate::cpumodel`]).
+    pub cpu_features: FeatureEdits,
 }
 
 impl VmConfig {
@@ -109,6 +120,8 @@ impl VmConfig {
             serial: SerialOutput::Stdout,
             seccomp: true,
             protected_state_aps: None,
+            topology: None,
+            cpu_features: FeatureEdits::default(),
         }
     }
 }
@@ -142,6 +155,15 @@ impl Vm {
         if cfg.cpus == 0 || cfg.cpus > MAX_VCPUS {
             return Err(VmError::BadCpuCount(cfg.cpus));
         }
+        seccomp::prepare_allocator();
+        let kvm = kvm::open_kvm()?;
+        let model = CpuModel::resolve(
+            cfg.cpus,
+            cfg.topology,
+            &cfg.cpu_features,
+            cfg.irqchip,
+            host_limits(&kvm),
+        )?;
         let memory = memory::create_guest_memory(cfg.memory)?;
         let modules: Vec<Module<'_>> = cfg
             .initrd
@@ -151,10 +173,9 @@ impl Vm {
                 cmdline: name.clone(),
             })
             .collect();
-        let loaded = load_kernel(&memory, cfg, modules)?;
+        let loaded = load_kernel(&memory, cfg, &model, modules)?;
         tracing::debug!(?loaded, "kernel loaded");
 
-        let kvm = kvm::open_kvm()?;
         let vm_fd = Arc::new(kvm::create_vm(&kvm)?);
         memory::register_guest_memory(&vm_fd, &memory)?;
         let shared: Vec<Arc<VcpuShared>> = (0..cfg.cpus as usize)
@@ -170,6 +191,7 @@ impl Vm {
                 epoch: Instant::now(),
                 seccomp: cfg.seccomp,
                 protected_state_aps: cfg.protected_state_aps,
+                cpu: model,
             },
         )?;
         let control = Arc::new(VmControl::default());
@@ -183,19 +205,13 @@ impl Vm {
             },
             chip.clone(),
         )?);
-        let features = chip.features();
-        let cpuid_cfg = CpuidConfig {
-            cpus: cfg.cpus,
-            x2apic: features.x2apic,
-            tsc_deadline: features.tsc_deadline,
-        };
         let supported = cpuid::supported_cpuid(&kvm)?;
         let mut vcpus = Vec::new();
         for (index, vcpu_shared) in shared.iter().enumerate() {
             let fd = vm_fd
-                .create_vcpu(index as u64)
+                .create_vcpu(kvm_vcpu_id(cfg.irqchip, &model, index))
                 .map_err(KvmError::ioctl("KVM_CREATE_VCPU"))?;
-            fd.set_cpuid2(&cpuid::vcpu_cpuid(&supported, &cpuid_cfg, index as u32))
+            fd.set_cpuid2(&cpuid::vcpu_cpuid(&supported, &model, index))
                 .map_err(KvmError::ioctl("KVM_SET_CPUID2"))?;
             let vcpu_chip = chip.create_vcpu_chip(index, &fd)?;
             if index == 0 {
@@ -248,7 +264,8 @@ impl Vm {
         for vcpu in std::mem::take(&mut self.vcpus) {
             let name = format!("vcpu{}", vcpu.shared.index);
             // Each thread installs its filter before it runs anything of the VM.
-            match seccomp::spawn(name, self.vcpu_filter.clone(), move || vcpu.run()) {
+            let filter = self.vcpu_filter.clone();
+            match seccomp::spawn_sized(name, filter, Some(VCPU_STACK_SIZE), move || vcpu.run()) {
                 Ok(h) => threads.push(h),
                 Err(e) => {
                     // Dropping the RunningVm stops and joins the threads already started.
@@ -269,6 +286,33 @@ impl Vm {
     }
 }
 
+/// What this KVM allows: KVM_CAP_MAX_VCPUS, KVM_CAP_MAX_VCPU_ID (0 from an old KVM means
+/// "as many as vCPUs"), KVM_CAP_TSC_DEADLINE_TIMER.
+fn host_limits(kvm: &Kvm) -> HostLimits {
+    use kvm_ioctls::Cap;
+    let max_vcpus = u32::try_from(kvm.get_max_vcpus()).unwrap_or(0);
+    let max_vcpu_id = u32::try_from(kvm.get_max_vcpu_id()).unwrap_or(0);
+    HostLimits {
+        max_vcpus,
+        max_vcpu_id: if max_vcpu_id == 0 {
+            max_vcpus
+        } else {
+            max_vcpu_id
+        },
+        tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
+    }
+}
+
+/// The KVM vCPU ID of vCPU `index`. KVM's in-kernel LAPIC (`kernel`, `split`) takes its APIC
+/// ID from the vCPU ID, so there it is the model's APIC ID (with gaps for a `--topology`, as
+/// QEMU does); in `user` mode KVM has no LAPIC and the index serves.
+fn kvm_vcpu_id(mode: IrqchipMode, model: &CpuModel, index: usize) -> u64 {
+    match mode {
+        IrqchipMode::User => index as u64,
+        IrqchipMode::Kernel | IrqchipMode::Split => u64::from(model.apic_id(index)),
+    }
+}
+
 /// Creates the backend for `mode` on a VM that has no vCPUs yet (the backend's VM-wide KVM
 /// setup must precede KVM_CREATE_VCPU). `ctx.protected_state_aps` is refused outside `user` mode.
 pub fn create_irqchip(
@@ -277,7 +321,7 @@ pub fn create_irqchip(
 ) -> Result<Arc<dyn Irqchip>, IrqchipError> {
     check_protected_state(mode, ctx.protected_state_aps)?;
     Ok(match mode {
-        IrqchipMode::Kernel => Arc::new(KernelIrqchip::new(ctx.kvm, ctx.vm)?),
+        IrqchipMode::Kernel => Arc::new(KernelIrqchip::new(ctx.kvm, ctx.vm, ctx.cpu)?),
         IrqchipMode::User => Arc::new(UserIrqchip::new(ctx)?),
         IrqchipMode::Split => Arc::new(SplitIrqchip::new(ctx)?),
     })
@@ -338,12 +382,19 @@ impl VcpuKicker for VcpuKicks {
 fn load_kernel(
     memory: &GuestRam,
     cfg: &VmConfig,
+    model: &CpuModel,
     modules: Vec<Module<'_>>,
 ) -> Result<LoadedKernel, VmError> {
     let linux = cfg.raw.is_none() && loader::detect(&cfg.kernel)?.is_linux();
     let mut platform = BootPlatform::default();
+    // Every kernel but a raw binary gets the tables in the BIOS area, where an OS scans for the
+    // RSDP (ACPI 6.5 §5.2.5.1): the guest library enumerates CPUs from the MADT too.
+    let rsdp = match cfg.raw {
+        None => Some(acpi::write(memory, &acpi_config(model))?),
+        Some(_) => None,
+    };
     let cmdline = if linux {
-        platform.acpi_rsdp = Some(acpi::write(memory, &acpi_config(cfg.cpus))?);
+        platform.acpi_rsdp = rsdp;
         cfg.cmdline.clone()
     } else {
         loader::kernel_cmdline(&cfg.kernel_name, &cfg.cmdline)
@@ -357,12 +408,12 @@ fn load_kernel(
     Ok(loader::load_with(memory, &req, &platform)?)
 }
 
-/// What the ACPI tables describe: vCPU `i` has APIC ID `i` (as `cpuid::vcpu_cpuid` says), the
-/// IOAPIC has ID 0 (`IoApicConfig::default`), every irqchip mode has the dual 8259 (in KVM or in
-/// irqvm), and the I/O bus has the i8042 and CMOS RTC of `devices.rs`.
-fn acpi_config(cpus: u32) -> AcpiConfig {
+/// What the ACPI tables describe: vCPU `i` has the model's APIC ID (as `cpuid::vcpu_cpuid` says),
+/// the IOAPIC has ID 0 (`IoApicConfig::default`), every irqchip mode has the dual 8259 (in KVM or
+/// in irqvm), and the I/O bus has the i8042 and CMOS RTC of `devices.rs`.
+fn acpi_config(model: &CpuModel) -> AcpiConfig {
     AcpiConfig {
-        apic_ids: (0..cpus).collect(),
+        apic_ids: model.apic_ids(),
         ioapic_id: 0,
         pic: true,
         i8042: true,
@@ -560,6 +611,35 @@ impl Drop for RunningVm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The MADT lists the model's APIC IDs, gaps and all, BSP first: 2 sockets of 3 cores of 2
+    /// threads put socket 1 at ID 8; past 254 the IDs get x2APIC entries (type 9).
+    #[test]
+    fn acpi_tables_list_the_models_apic_ids() {
+        let host = HostLimits {
+            max_vcpus: 1024,
+            max_vcpu_id: 4096,
+            tsc_deadline: true,
+        };
+        let topology = Some("sockets=2,cores=3,threads=2".parse().unwrap());
+        let edits = FeatureEdits::default();
+        let model = CpuModel::resolve(12, topology, &edits, IrqchipMode::User, host).unwrap();
+        let cfg = acpi_config(&model);
+        assert_eq!(cfg.apic_ids, vec![0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12, 13]);
+        let big = CpuModel::resolve(300, None, &edits, IrqchipMode::Kernel, host).unwrap();
+        let madt = acpi::build(&acpi_config(&big)).unwrap();
+        let madt = &madt.get("APIC").unwrap().bytes;
+        let mut entries = Vec::new();
+        let mut off = 44;
+        while off + 2 <= madt.len() {
+            entries.push(madt[off]);
+            off += usize::from(madt[off + 1]);
+        }
+        assert_eq!(entries.iter().filter(|&&t| t == 0).count(), 255);
+        assert_eq!(entries.iter().filter(|&&t| t == 9).count(), 45);
+        assert_eq!(kvm_vcpu_id(IrqchipMode::Split, &model, 6), 8);
+        assert_eq!(kvm_vcpu_id(IrqchipMode::User, &model, 6), 6);
+    }
 
     /// `--protected-state-aps` only in `user` mode, with an error that names the option and mode.
     #[test]

@@ -190,11 +190,48 @@ fn malformed_kernel_is_a_named_error() {
 
 #[test]
 fn bad_vcpu_counts_are_rejected() {
-    for cpus in [0, 255, 1000] {
+    for cpus in [0, 1025, 5000] {
         let mut cfg = raw_config(&SPIN, CpuMode::Protected32, 1);
         cfg.cpus = cpus;
         assert!(matches!(Vm::new(&cfg), Err(VmError::BadCpuCount(n)) if n == cpus));
     }
+}
+
+/// APIC IDs past 254 need x2APIC: `--cpu-features -x2apic` is refused there, and kernel mode
+/// refuses to advertise the extended destination ID its in-kernel IOAPIC cannot honour.
+#[test]
+fn cpu_models_the_mode_cannot_honour_are_rejected() {
+    use irqvm::cpumodel::CpuModelError;
+    let mut cfg = raw_config(&SPIN, CpuMode::Protected32, 1);
+    cfg.cpus = 256;
+    cfg.cpu_features = "-x2apic".parse().unwrap();
+    let err = Vm::new(&cfg).err().expect("refused");
+    assert!(
+        matches!(
+            err,
+            VmError::CpuModel(CpuModelError::X2apicRequired { max_id: 255 })
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("-x2apic refused"), "{err}");
+    cfg.cpus = 2;
+    cfg.cpu_features = "+kvm-msi-ext-dest-id".parse().unwrap();
+    cfg.irqchip = irqvm::IrqchipMode::Kernel;
+    let err = Vm::new(&cfg).err().expect("refused");
+    assert!(
+        matches!(err, VmError::CpuModel(CpuModelError::ExtDestIdUnsupported)),
+        "{err}"
+    );
+    cfg.topology = Some("sockets=2,cores=2".parse().unwrap());
+    cfg.cpu_features = Default::default();
+    let err = Vm::new(&cfg).err().expect("refused");
+    assert!(
+        matches!(
+            err,
+            VmError::CpuModel(CpuModelError::TopologyMismatch { .. })
+        ),
+        "{err}"
+    );
 }
 
 #[test]

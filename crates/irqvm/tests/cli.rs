@@ -70,6 +70,41 @@ fn unreadable_kernel_is_reported_with_status_2() {
     );
 }
 
+/// `--topology` alone sets the vCPU count; a CPU model the mode cannot honour is an error with
+/// status 2 that says why.
+#[test]
+fn topology_and_cpu_features_reach_the_guest_or_are_refused() {
+    let kernel = common::guest_path("hello");
+    let (status, out, err) = irqvm(&[
+        "run",
+        "--kernel",
+        &kernel,
+        "--topology",
+        "sockets=1,cores=3",
+        "--timeout",
+        "30",
+    ]);
+    assert_eq!(status, 1, "{out}{err}");
+    assert!(out.contains("3 CPU(s)"), "{out}");
+    let (status, _, err) = irqvm(&[
+        "run",
+        "--kernel",
+        &kernel,
+        "--cpus",
+        "300",
+        "--cpu-features",
+        "-x2apic",
+    ]);
+    assert_eq!(status, 2, "{err}");
+    assert!(err.contains("-x2apic refused: APIC ID 299"), "{err}");
+    let (status, _, err) = irqvm(&["run", "--kernel", &kernel, "--cpu-features", "+cx16"]);
+    assert_eq!(status, 2, "{err}");
+    assert!(err.contains("+cx16 refused"), "{err}");
+    let (status, _, err) = irqvm(&["run", "--kernel", &kernel, "--cpus", "1025"]);
+    assert_eq!(status, 2, "{err}");
+    assert!(err.contains("out of range: 1 to 1024"), "{err}");
+}
+
 #[test]
 fn unknown_irqchip_modes_are_refused_with_the_list_of_modes() {
     let kernel = common::guest_path("hello");

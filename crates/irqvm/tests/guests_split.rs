@@ -29,6 +29,14 @@ const MODE: IrqchipMode = IrqchipMode::Split;
 guest_tests!(MODE;
     hello, smp_boot, init_again, init_state, ipi, x2apic, timer, tpr, ioapic, pic, storm, demo,
     once, latency, apic_base, apic_base_rsvd, timer_mode, nmi_queue, fuzz, soft_int, snapstorm,
+    x2apic_boot,
+);
+
+// x2apic_boot on the larger counts its expectation file lists (guest_tests! runs 1, 2 and 4).
+x2apic_boot_tests!(MODE;
+    ci: x2apic_boot_on_64 = 64, x2apic_boot_on_255 = 255, x2apic_boot_on_256 = 256,
+        x2apic_boot_on_288 = 288;
+    too_slow: x2apic_boot_on_1024 = 1024
 );
 
 /// The guests that need a host thread beside them (tests below).

@@ -115,8 +115,25 @@ ap_long_entry:
 	movw %ax, %ss
 	movw %ax, %fs
 	movw %ax, %gs
+	cmpl $0, ap_broadcast(%rip)
+	jne 5f
 	movq ap_boot_stack, %rsp
 	movl ap_boot_cpu, %edi
+	xorl %ebp, %ebp
+	call ap_main
+	jmp 4f
+	/* Broadcast start-up (smp_start_all_broadcast): every AP runs this at once. A locked ticket gives each its
+	 * CPU index (ticket + 1) and so its stack; an AP past the library's MAX_CPUS halts. */
+5:	movl $1, %edi
+	lock xaddl %edi, ap_tickets(%rip)
+	incl %edi
+	cmpl ap_max_cpus(%rip), %edi
+	jae 4f
+	movl %edi, %eax
+	incq %rax
+	imulq $STACK_SIZE, %rax
+	leaq cpu_stacks(%rip), %rsp
+	addq %rax, %rsp
 	xorl %ebp, %ebp
 	call ap_main
 4:	cli

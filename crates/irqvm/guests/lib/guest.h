@@ -20,7 +20,11 @@ typedef _Bool bool;
 #define false 0
 #define NULL ((void *)0)
 
+/* Per-CPU arrays are MAX_CPUS long. The Makefile builds a second copy of the library with -DMAX_CPUS=1024
+ * (KVM's vCPU limit) for the guests in its BIG_GUESTS list; loops run to ncpus, not MAX_CPUS. */
+#ifndef MAX_CPUS
 #define MAX_CPUS 16
+#endif
 #define STACK_SIZE 16384
 
 /* ---- the test itself --------------------------------------------------------------------------------------- */
@@ -249,8 +253,14 @@ extern u32 ncpus;                          /* from fw_cfg (capped at MAX_CPUS) *
 extern volatile u32 cpu_online[MAX_CPUS];  /* set by each CPU when it reaches ap_main / at boot for CPU 0 */
 extern volatile u32 cpu_apic_id[MAX_CPUS]; /* APIC ID each CPU read from its own APIC */
 extern volatile u32 cpu_boot_count[MAX_CPUS]; /* times each CPU ran the trampoline (INIT/SIPI again) */
-/* Assumes APIC IDs 0..ncpus-1 (as QEMU and irqvm assign them); CPU index i is APIC ID i. */
-static inline u32 cpu_to_apic_id(u32 cpu) { return cpu; }
+/* The APIC ID of CPU index i: from the ACPI MADT when the firmware/VMM provides one (found by scanning
+ * 0xE0000-0xFFFFF for the RSDP, ACPI 6.5 §5.2.5.1; Processor Local APIC and x2APIC entries, enabled ones, the
+ * BSP moved to index 0), else i. ncpus is the MADT's CPU count then (fw_cfg's otherwise), capped at MAX_CPUS.
+ * A broadcast start-up (smp_start_all_broadcast) renumbers CPUs in arrival order and rewrites the table. */
+extern volatile u32 cpu_enum_id[MAX_CPUS];
+static inline u32 cpu_to_apic_id(u32 cpu) { return cpu_enum_id[cpu]; }
+extern u32 madt_cpus;                      /* enabled CPUs the MADT lists (0 without one), uncapped */
+extern u32 fwcfg_cpus;                     /* fw_cfg's CPU count (1 without fw_cfg), uncapped */
 u32 this_cpu(void);                        /* CPU index, from the stack pointer (no register access) */
 /* Start AP `cpu` with INIT, 10 ms, SIPI, 200 us, SIPI (SDM vol. 3 "MP initialization", the universal start-up
  * algorithm); waits until it is online. Returns true on success. */
@@ -261,6 +271,15 @@ bool smp_start_ap(u32 cpu);
 void smp_send_init(u32 cpu);
 void smp_send_sipis(u32 cpu);
 u32 smp_start_all(void);                   /* starts CPUs 1..ncpus-1, returns how many came online (incl. BSP) */
+/* The delays of smp_start_ap: after INIT (default 10000 us, the SDM's 10 ms) and after each SIPI (default 200 us).
+ * Linux uses 0 and 10 us on CPUs that do not need the legacy waits (x2APIC-era CPUs and hypervisors). */
+extern u32 smp_init_delay_us, smp_sipi_delay_us;
+/* Starts every AP at once, the way firmware does: INIT, SIPI, SIPI to "all excluding self" (ICR shorthand 11b),
+ * with the delays above. Each AP takes the next CPU index in arrival order (a locked ticket in the trampoline)
+ * and its stack; once ncpus-1 APs are online (bounded wait, `ms`), cpu_enum_id[c] becomes the APIC ID CPU c
+ * read. Returns how many CPUs are online (incl. the BSP); APs past MAX_CPUS halt. */
+u32 smp_start_all_broadcast(u64 ms);
+extern volatile u32 ap_tickets;            /* APs that entered the trampoline during the broadcast start */
 /* Hook run by each AP once on arrival (after the APIC is enabled, interrupts still off). */
 extern void (*ap_arrival_hook)(u32 cpu);
 /* Run fn(arg) on an idle AP: sets its mailbox, sends KICK_VECTOR and waits (bounded) until fn returned.
@@ -282,4 +301,5 @@ void platform_init(bool x2apic);
 extern u32 multiboot_magic, multiboot_info;
 /* The decimal value of `key=` on the multiboot command line (a word starting with it), else `dflt`. */
 u64 cmdline_u64(const char *key, u64 dflt);
+void delay_us(u64 us);
 #endif

@@ -340,7 +340,7 @@ bool wait_eq(volatile u32 *p, u32 v, u64 ms)
 }
 static bool never(void *unused) { (void)unused; return false; }
 void delay_ms(u64 ms) { wait_until(never, NULL, ms); }
-static void delay_us(u64 us)
+void delay_us(u64 us)
 {
 	u64 start = rdtsc(), limit = us * tsc_khz() / 1000;
 	for (u64 i = 0; i < us * 100 + 1000 && rdtsc() - start < limit; i++)
@@ -412,11 +412,12 @@ void irq_set_handler(u32 v, irq_handler_t h) { handlers[v & 255] = h; }
 u32 irq_count_total(u32 v)
 {
 	u32 n = 0;
-	for (int c = 0; c < MAX_CPUS; c++)
+	for (u32 c = 0; c < ncpus; c++)
 		n += irq_count[c][v & 255];
 	return n;
 }
-void irq_reset_counts(void) { memset((void *)irq_count, 0, sizeof(irq_count)); }
+/* Only the CPUs that exist: guest ring-0 code is slow on emulating hosts, and the array is 1 MiB at 1024 CPUs. */
+void irq_reset_counts(void) { memset((void *)irq_count, 0, ncpus * sizeof(irq_count[0])); }
 
 /* rdmsr_catch / wrmsr_catch: while a CPU has a catch armed, an exception raised by an RDMSR (0F 32) or WRMSR
  * (0F 30) is recorded and the instruction skipped instead of reaching the handler table. */
@@ -623,8 +624,15 @@ volatile u32 cpu_online[MAX_CPUS];
 volatile u32 cpu_apic_id[MAX_CPUS];
 volatile u32 cpu_boot_count[MAX_CPUS];
 volatile u32 cpu_parked[MAX_CPUS];
+volatile u32 cpu_enum_id[MAX_CPUS];
+u32 madt_cpus, fwcfg_cpus = 1;
 volatile u64 ap_boot_stack;
 volatile u32 ap_boot_cpu;
+/* Read by the trampoline's 64-bit part (entry.S): broadcast start-up on, the ticket counter, the CPU limit. */
+volatile u32 ap_broadcast, ap_tickets;
+static volatile u32 broadcast_online; /* APs online since the broadcast start-up began */
+const u32 ap_max_cpus = MAX_CPUS;
+u32 smp_init_delay_us = 10000, smp_sipi_delay_us = 200;
 void (*ap_arrival_hook)(u32 cpu);
 extern char trampoline_start[], trampoline_end[];
 
@@ -663,6 +671,8 @@ void ap_main(u32 cpu)
 		ap_arrival_hook(cpu);
 	barrier();
 	WRITE_ONCE(cpu_online[cpu], 1);
+	if (READ_ONCE(ap_broadcast))
+		atomic_inc(&broadcast_online);
 	for (;;) {
 		cli();
 		u32 r = READ_ONCE(m->req);
@@ -721,9 +731,9 @@ void smp_send_sipis(u32 cpu)
 	barrier();
 	u32 id = cpu_to_apic_id(cpu);
 	apic_icr_write(id, APIC_DM_STARTUP | (TRAMPOLINE_ADDR >> 12));
-	delay_us(200);
+	delay_us(smp_sipi_delay_us);
 	apic_icr_write(id, APIC_DM_STARTUP | (TRAMPOLINE_ADDR >> 12)); /* ignored if the AP already left wait-for-SIPI */
-	delay_us(200);
+	delay_us(smp_sipi_delay_us);
 }
 bool smp_start_ap(u32 cpu)
 {
@@ -731,10 +741,135 @@ bool smp_start_ap(u32 cpu)
 		return false;
 	/* SDM vol. 3, "MP initialization" (universal start-up): INIT, 10 ms, SIPI, 200 us, SIPI, 200 us. */
 	smp_send_init(cpu);
-	delay_ms(10);
+	delay_us(smp_init_delay_us);
 	smp_send_sipis(cpu);
 	return wait_nonzero(&cpu_online[cpu], WAIT_MS);
 }
+
+static bool all_aps_online(void *arg)
+{
+	(void)arg;
+	return READ_ONCE(broadcast_online) >= ncpus - 1;
+}
+u32 smp_start_all_broadcast(u64 ms)
+{
+	memcpy((void *)TRAMPOLINE_ADDR, trampoline_start, trampoline_end - trampoline_start);
+	for (u32 c = 1; c < ncpus; c++)
+		WRITE_ONCE(cpu_online[c], 0);
+	WRITE_ONCE(broadcast_online, 0);
+	WRITE_ONCE(ap_tickets, 0);
+	WRITE_ONCE(ap_broadcast, 1);
+	barrier();
+	apic_icr_write(0, APIC_SH_OTHERS | APIC_DM_INIT | APIC_LEVEL_ASSERT);
+	delay_us(smp_init_delay_us);
+	apic_icr_write(0, APIC_SH_OTHERS | APIC_DM_STARTUP | (TRAMPOLINE_ADDR >> 12));
+	delay_us(smp_sipi_delay_us);
+	apic_icr_write(0, APIC_SH_OTHERS | APIC_DM_STARTUP | (TRAMPOLINE_ADDR >> 12));
+	delay_us(smp_sipi_delay_us);
+	wait_until(all_aps_online, NULL, ms);
+	WRITE_ONCE(ap_broadcast, 0);
+	u32 n = 1;
+	for (u32 c = 1; c < ncpus; c++)
+		if (READ_ONCE(cpu_online[c])) {
+			cpu_enum_id[c] = cpu_apic_id[c];
+			n++;
+		}
+	return n;
+}
+
+/* ---- CPU enumeration from the ACPI MADT (ACPI 6.5 §5.2.5 RSDP, §5.2.7 RSDT, §5.2.8 XSDT, §5.2.12 MADT) ---- */
+static bool acpi_sum_ok(const u8 *p, u32 len)
+{
+	u8 sum = 0;
+	for (u32 i = 0; i < len; i++)
+		sum += p[i];
+	return sum == 0;
+}
+static const u8 *find_rsdp(void)
+{
+	for (u64 a = 0xE0000; a < 0x100000; a += 16) {
+		const u8 *p = (const u8 *)a;
+		if (!memcmp(p, "RSD PTR ", 8) && acpi_sum_ok(p, 20))
+			return p;
+	}
+	return NULL;
+}
+/* The table with `sig` that the RSDP's XSDT (revision 2+) or RSDT lists, or NULL. Tables must sit below 4 GiB
+ * (the guests map only that). */
+static const u8 *find_acpi_table(const char *sig)
+{
+	const u8 *rsdp = find_rsdp();
+	if (!rsdp)
+		return NULL;
+	u64 root = rsdp[15] >= 2 ? *(const u64 *)(rsdp + 24) : *(const u32 *)(rsdp + 16);
+	u32 width = rsdp[15] >= 2 ? 8 : 4;
+	if (!root || root >= (1ul << 32))
+		return NULL;
+	const u8 *sdt = (const u8 *)root;
+	u32 len = *(const u32 *)(sdt + 4);
+	for (u32 off = 36; off + width <= len; off += width) {
+		u64 t = width == 8 ? *(const u64 *)(sdt + off) : *(const u32 *)(sdt + off);
+		if (t && t < (1ul << 32) && !memcmp((const u8 *)t, sig, 4))
+			return (const u8 *)t;
+	}
+	return NULL;
+}
+/* This CPU's initial APIC ID: CPUID 0BH EDX (32 bits) if the leaf exists, else CPUID 1 EBX[31:24]. */
+static u32 initial_apic_id(void)
+{
+	u32 max, b, c, d, a;
+	cpuid(0, 0, &max, &b, &c, &d);
+	if (max >= 0xB) {
+		cpuid(0xB, 0, &a, &b, &c, &d);
+		if (b & 0xFFFF)
+			return d;
+	}
+	cpuid(1, 0, &a, &b, &c, &d);
+	return b >> 24;
+}
+static void enumerate_cpus(void)
+{
+	const u8 *madt = find_acpi_table("APIC");
+	u32 n = 0;
+	if (madt) {
+		u32 len = *(const u32 *)(madt + 4);
+		for (u32 off = 44; off + 2 <= len && madt[off + 1] >= 2; off += madt[off + 1]) {
+			const u8 *e = madt + off;
+			u32 id, enabled;
+			if (e[0] == 0 && e[1] >= 8) { /* Processor Local APIC: UID, 8-bit ID, flags */
+				id = e[3];
+				enabled = *(const u32 *)(e + 4) & 1;
+			} else if (e[0] == 9 && e[1] >= 16) { /* Processor Local x2APIC: 32-bit ID, flags, UID */
+				id = *(const u32 *)(e + 4);
+				enabled = *(const u32 *)(e + 8) & 1;
+			} else {
+				continue;
+			}
+			if (!enabled)
+				continue;
+			if (n < MAX_CPUS)
+				cpu_enum_id[n] = id;
+			n++;
+		}
+	}
+	madt_cpus = n;
+	fwcfg_cpus = fwcfg_cpu_count();
+	ncpus = n ? n : fwcfg_cpus;
+	if (ncpus > MAX_CPUS)
+		ncpus = MAX_CPUS;
+	if (!n) {
+		for (u32 c = 0; c < ncpus; c++)
+			cpu_enum_id[c] = c;
+		return;
+	}
+	u32 bsp = initial_apic_id();
+	for (u32 c = 1; c < ncpus; c++)
+		if (cpu_enum_id[c] == bsp) {
+			cpu_enum_id[c] = cpu_enum_id[0];
+			cpu_enum_id[0] = bsp;
+		}
+}
+
 u32 smp_start_all(void)
 {
 	u32 n = 1;
@@ -781,9 +916,7 @@ void bsp_main(void)
 	idt_build();
 	idt_load();
 	irq_set_handler(KICK_VECTOR, kick_handler);
-	ncpus = fwcfg_cpu_count();
-	if (ncpus > MAX_CPUS)
-		ncpus = MAX_CPUS;
+	enumerate_cpus();
 	cpu_online[0] = 1;
 	cpu_boot_count[0] = 1;
 	guest_main();

@@ -57,14 +57,21 @@ fn page_vectors(page: &[u8; 1024], base: usize) -> Vec<u8> {
 }
 
 /// Decodes a KVM_GET_LAPIC register page with the IA32_APIC_BASE and IA32_TSC_DEADLINE values.
-/// KVM returns the ID in the xAPIC position (bits 31:24) in both modes unless userspace enabled
-/// KVM_CAP_X2APIC_API, which irqvm does not.
+/// irqvm enables KVM_CAP_X2APIC_API with 32-bit IDs (`backend::kernel::enable_x2apic_api`), so
+/// KVM returns the ID in the xAPIC position (bits 31:24) in xAPIC mode and whole in x2APIC mode
+/// (IA32_APIC_BASE.EXTD, bit 10).
 pub fn decode_kvm_page(page: &[u8; 1024], apic_base: u64, tsc_deadline: u64) -> LapicInfo {
     let r = |o| page_reg(page, o);
+    const EXTD: u64 = 1 << 10;
+    let id = if apic_base & EXTD != 0 {
+        r(reg::ID)
+    } else {
+        r(reg::ID) >> 24
+    };
     let lvt_timer = r(reg::LVT_TIMER);
     let mode = timer_mode_name(lvt_timer);
     LapicInfo {
-        id: r(reg::ID) >> 24,
+        id,
         mode: apic_mode_name(apic_base).into(),
         apic_base,
         software_enabled: r(reg::SVR) & (1 << 8) != 0,

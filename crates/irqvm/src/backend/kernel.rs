@@ -19,20 +19,23 @@ use crate::kvm::KvmError;
 pub struct KernelIrqchip {
     vm: Arc<VmFd>,
     features: ChipFeatures,
+    cpu: crate::cpumodel::CpuModel,
 }
 
 impl KernelIrqchip {
     /// KVM_CREATE_IRQCHIP (before any vCPU exists). No PIT: timers come from the LAPIC in every
     /// mode.
-    pub fn new(kvm: &Kvm, vm: Arc<VmFd>) -> Result<Self, IrqchipError> {
+    pub fn new(
+        kvm: &Kvm,
+        vm: Arc<VmFd>,
+        cpu: crate::cpumodel::CpuModel,
+    ) -> Result<Self, IrqchipError> {
         crate::kvm::require_cap(kvm, Cap::Irqchip, "KVM_CAP_IRQCHIP")?;
         vm.create_irq_chip()
             .map_err(KvmError::ioctl("KVM_CREATE_IRQCHIP"))?;
-        let features = ChipFeatures {
-            x2apic: true,
-            tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
-        };
-        Ok(Self { vm, features })
+        enable_x2apic_api(kvm, &vm)?;
+        let features = ChipFeatures::from(&cpu);
+        Ok(Self { vm, features, cpu })
     }
 }
 
@@ -54,6 +57,26 @@ impl InterruptLines for KernelIrqchip {
     fn signal_msi(&self, address: u64, data: u32) -> Result<MsiDelivery, IrqchipError> {
         kvm_signal_msi(&self.vm, validate_msi(address, data)?)
     }
+}
+
+/// KVM_ENABLE_CAP(KVM_CAP_X2APIC_API) with 32-bit APIC IDs and the x2APIC broadcast quirk
+/// disabled, as QEMU does for every in-kernel LAPIC (Linux Documentation/virt/kvm/api.rst,
+/// 7.8): KVM then gives an x2APIC-mode vCPU its whole vCPU ID as x2APIC ID (vCPU IDs past 255
+/// become addressable), reads destinations past 8 bits from MSI address bits 63:40
+/// (`address_hi[31:8]`), and no longer treats a device's destination 0xFF as a broadcast to
+/// x2APIC-mode vCPUs (it names APIC ID 255). Before any vCPU exists.
+pub(crate) fn enable_x2apic_api(kvm: &Kvm, vm: &VmFd) -> Result<(), KvmError> {
+    crate::kvm::require_cap(kvm, Cap::X2ApicApi, "KVM_CAP_X2APIC_API")?;
+    let mut cap = kvm_bindings::kvm_enable_cap {
+        cap: kvm_bindings::KVM_CAP_X2APIC_API,
+        ..Default::default()
+    };
+    cap.args[0] = u64::from(
+        kvm_bindings::KVM_X2APIC_API_USE_32BIT_IDS
+            | kvm_bindings::KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK,
+    );
+    vm.enable_cap(&cap)
+        .map_err(KvmError::ioctl("KVM_ENABLE_CAP(KVM_CAP_X2APIC_API)"))
 }
 
 /// Where KVM runs INIT/SIPI (`kernel` and `split` modes): the BSP (vCPU 0) RUNNABLE and every AP
@@ -106,7 +129,7 @@ impl Irqchip for KernelIrqchip {
     }
 
     fn send_event(&self, index: usize, event: HostEvent) -> Result<MsiDelivery, IrqchipError> {
-        super::kvm_send_event(&self.vm, index, event)
+        super::kvm_send_event(&self.vm, &self.cpu, index, event)
     }
 }
 

@@ -215,6 +215,15 @@ pub struct ChipFeatures {
     pub tsc_deadline: bool,
 }
 
+impl From<&crate::cpumodel::CpuModel> for ChipFeatures {
+    fn from(cpu: &crate::cpumodel::CpuModel) -> Self {
+        Self {
+            x2apic: cpu.x2apic,
+            tsc_deadline: cpu.tsc_deadline,
+        }
+    }
+}
+
 /// Why a vCPU stays out of KVM_RUN.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BlockReason {
@@ -298,7 +307,9 @@ pub enum ExitHandled {
 pub trait Irqchip: InterruptLines {
     fn mode(&self) -> IrqchipMode;
 
-    /// The APIC features CPUID may advertise with this backend.
+    /// The APIC features CPUID advertises with this backend: those of the VM's
+    /// [`crate::cpumodel::CpuModel`], which was checked against the mode before the backend was
+    /// created.
     fn features(&self) -> ChipFeatures;
 
     /// Called right after KVM_CREATE_VCPU for vCPU `index` (0 = BSP), before its registers are
@@ -362,21 +373,23 @@ pub trait VcpuIrqchip: Send {
 }
 
 /// `kernel` and `split` mode: a host event as an MSI to KVM's LAPICs, physical destination =
-/// the vCPU's initial APIC ID (its index). KVM_SIGNAL_MSI hands every delivery mode to the
+/// the vCPU's initial APIC ID (`cpu.apic_id(index)`, its index without a `--topology`), in
+/// KVM's 32-bit form (`address_hi[31:8]` holds bits 31:8, KVM_X2APIC_API is on). KVM_SIGNAL_MSI hands every delivery mode to the
 /// same `__apic_accept_irq` an ICR write reaches, so NMI, INIT and start-up all arrive as
 /// IPIs would (a start-up MSI is reserved for devices, SDM §11.11.2, which is why this path
 /// skips [`validate_msi`]).
 pub(crate) fn kvm_send_event(
     vm: &VmFd,
+    cpu: &crate::cpumodel::CpuModel,
     index: usize,
     event: HostEvent,
 ) -> Result<MsiDelivery, IrqchipError> {
-    let id = u64::try_from(index).ok().filter(|&id| id < 0xFF);
-    let Some(id) = id else {
+    if index >= cpu.cpus as usize {
         return Err(IrqchipError::NoSuchVcpu(index));
-    };
+    }
+    let id = u64::from(cpu.apic_id(index));
     let msi = MsiMessage {
-        address: 0xFEE0_0000 | id << 12,
+        address: (id & !0xFF) << 32 | 0xFEE0_0000 | (id & 0xFF) << 12,
         data: event.delivery_mode() << 8 | u32::from(event.vector()),
     };
     let delivery = kernel::kvm_signal_msi(vm, msi)?;
@@ -409,6 +422,8 @@ pub struct ChipContext<'a> {
     pub seccomp: bool,
     /// `--protected-state-aps` (seed 004, `user` mode only; the factory refuses it for the others).
     pub protected_state_aps: Option<ProtectedStateAps>,
+    /// The CPU model: APIC IDs, x2APIC offered, extended destination ID honoured.
+    pub cpu: crate::cpumodel::CpuModel,
 }
 
 /// `--protected-state-aps`: seed 004's protected-state AP boot, emulated in `user` mode for

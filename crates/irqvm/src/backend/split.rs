@@ -66,7 +66,7 @@ use std::time::Instant;
 
 use irqchip::chip::{MessageSink, PcIrqChip, PcIrqChipConfig};
 use irqchip::ioapic::{IoApic, IOAPIC_DEFAULT_BASE};
-use irqchip::msi::MsiMessage;
+use irqchip::msi::{MsiAddressing, MsiError, MsiMessage};
 use irqchip::pic::DualPic;
 use irqchip::routing::SourceId;
 use irqchip::{DeliveryMode, EoiMessage, InterruptMessage, Notify, VcpuIndex, Vector};
@@ -74,7 +74,7 @@ use kvm_bindings::{
     kvm_enable_cap, kvm_irq_routing_entry, KvmIrqRouting, KVM_CAP_SPLIT_IRQCHIP,
     KVM_IRQ_ROUTING_MSI,
 };
-use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, VcpuFd, VmFd};
 
 use super::kernel::{kvm_mp_state, kvm_signal_msi, set_initial_kvm_mp_state};
 use super::{
@@ -152,6 +152,9 @@ pub struct KvmSink {
     vm: Arc<VmFd>,
     kicker: Arc<dyn VcpuKicker>,
     stats: SplitStats,
+    /// How the guest's IOAPIC entries and MSIs carry destinations (extended destination ID
+    /// when advertised).
+    addressing: MsiAddressing,
     /// The MSI route of each IOAPIC pin as last installed in KVM (index = pin = GSI), and the
     /// last KVM_SET_GSI_ROUTING failure, which the vCPU whose IOAPIC write caused it reports.
     routes: Mutex<InstalledRoutes>,
@@ -210,7 +213,7 @@ impl MessageSink for KvmSink {
             );
             return 0;
         }
-        let msi = match MsiMessage::encode(message) {
+        let msi = match kvm_msi(message, self.addressing) {
             Ok(msi) => msi,
             Err(e) => {
                 crate::warn_ratelimited!(?message, "IOAPIC message has no MSI form: {e}");
@@ -245,7 +248,7 @@ impl MessageSink for KvmSink {
     /// Reinstalls the EOI routes if a pin's wanted route changed.
     fn redirection_changed(&self, ioapic: &IoApic) {
         let wanted: Vec<Option<MsiMessage>> = (0..ioapic.pins())
-            .map(|pin| eoi_route(ioapic, pin))
+            .map(|pin| eoi_route(ioapic, pin, self.addressing))
             .collect();
         let mut routes = self.routes();
         if wanted == routes.installed {
@@ -261,7 +264,7 @@ impl MessageSink for KvmSink {
 /// The MSI route pin `pin` needs now: its entry's message whether masked or not, with the
 /// entry's trigger mode (a level route is what makes KVM exit on the EOI). `None` for delivery
 /// modes that have no EOI and no MSI form here (ExtINT, reserved).
-fn eoi_route(ioapic: &IoApic, pin: usize) -> Option<MsiMessage> {
+fn eoi_route(ioapic: &IoApic, pin: usize, addressing: MsiAddressing) -> Option<MsiMessage> {
     let message = ioapic.entry_message(pin)?;
     if !matches!(
         message.delivery_mode,
@@ -269,7 +272,28 @@ fn eoi_route(ioapic: &IoApic, pin: usize) -> Option<MsiMessage> {
     ) {
         return None;
     }
-    MsiMessage::encode(&message).ok()
+    kvm_msi(&message, addressing).ok()
+}
+
+/// `message` as an MSI in the form KVM reads with KVM_X2APIC_API_USE_32BIT_IDS (enabled by
+/// `kernel::enable_x2apic_api`).
+fn kvm_msi(message: &InterruptMessage, addressing: MsiAddressing) -> Result<MsiMessage, MsiError> {
+    MsiMessage::encode_with(message, addressing).map(to_kvm_format)
+}
+
+/// Moves an extended destination ID (address bits 11:5, destination bits 14:8) to where KVM
+/// with 32-bit APIC IDs reads destination bits 31:8: `address_hi[31:8]` (KVM's
+/// `x86_msi_msg_get_destid`). KVM itself ignores bits 11:5, and QEMU, which advertises
+/// KVM_FEATURE_MSI_EXT_DEST_ID the same way, translates the same way before handing an MSI to
+/// KVM. A message without the extended bits is unchanged.
+pub(crate) fn to_kvm_format(msi: MsiMessage) -> MsiMessage {
+    const EXT_DEST_SHIFT: u32 = 5;
+    const EXT_DEST_MASK: u64 = 0x7F << EXT_DEST_SHIFT;
+    let ext = (msi.address & EXT_DEST_MASK) >> EXT_DEST_SHIFT;
+    MsiMessage {
+        address: (msi.address & !EXT_DEST_MASK) | (ext << 8) << 32,
+        data: msi.data,
+    }
 }
 
 /// One `KVM_IRQ_ROUTING_MSI` entry.
@@ -360,6 +384,7 @@ impl SplitShared {
 pub struct SplitIrqchip {
     shared: Arc<SplitShared>,
     features: ChipFeatures,
+    cpu: crate::cpumodel::CpuModel,
 }
 
 impl SplitIrqchip {
@@ -367,9 +392,15 @@ impl SplitIrqchip {
     /// reserved GSIs, before any vCPU exists.
     pub fn new(ctx: ChipContext<'_>) -> Result<Self, IrqchipError> {
         crate::kvm::require_cap(ctx.kvm, Cap::SplitIrqchip, "KVM_CAP_SPLIT_IRQCHIP")?;
-        let config = PcIrqChipConfig::new(ctx.kicker.vcpus());
+        let mut config = PcIrqChipConfig::new(ctx.kicker.vcpus());
+        config.extended_destination_id = ctx.cpu.ext_dest_id;
         let pins = config.ioapic.clamped().pins;
         let sink = KvmSink {
+            addressing: if ctx.cpu.ext_dest_id {
+                MsiAddressing::ExtendedDestId
+            } else {
+                MsiAddressing::Standard
+            },
             vm: ctx.vm.clone(),
             kicker: ctx.kicker.clone(),
             stats: SplitStats::default(),
@@ -387,8 +418,10 @@ impl SplitIrqchip {
         ctx.vm
             .enable_cap(&cap)
             .map_err(KvmError::ioctl("KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)"))?;
+        super::kernel::enable_x2apic_api(ctx.kvm, &ctx.vm)?;
         Ok(Self {
-            features: features(ctx.kvm),
+            features: ChipFeatures::from(&ctx.cpu),
+            cpu: ctx.cpu,
             shared: Arc::new(SplitShared {
                 chip,
                 kicker: ctx.kicker,
@@ -407,14 +440,6 @@ impl Drop for SplitIrqchip {
     }
 }
 
-/// KVM's LAPIC offers x2APIC, and TSC-deadline where the host has it.
-fn features(kvm: &Kvm) -> ChipFeatures {
-    ChipFeatures {
-        x2apic: true,
-        tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
-    }
-}
-
 impl InterruptLines for SplitIrqchip {
     fn set_line(&self, line: u32, level: bool) -> Result<(), IrqchipError> {
         if line >= IRQ_LINES {
@@ -429,7 +454,12 @@ impl InterruptLines for SplitIrqchip {
     fn signal_msi(&self, address: u64, data: u32) -> Result<MsiDelivery, IrqchipError> {
         let msi = validate_msi(address, data)?;
         bump(&self.shared.stats().host_msis);
-        kvm_signal_msi(&self.shared.chip.sink().vm, msi)
+        let sink = self.shared.chip.sink();
+        let msi = match sink.addressing {
+            MsiAddressing::ExtendedDestId => to_kvm_format(msi),
+            MsiAddressing::Standard => msi,
+        };
+        kvm_signal_msi(&sink.vm, msi)
     }
 }
 
@@ -467,7 +497,7 @@ impl Irqchip for SplitIrqchip {
     }
 
     fn send_event(&self, index: usize, event: HostEvent) -> Result<MsiDelivery, IrqchipError> {
-        super::kvm_send_event(&self.shared.chip.sink().vm, index, event)
+        super::kvm_send_event(&self.shared.chip.sink().vm, &self.cpu, index, event)
     }
 
     fn counters(&self, out: &mut dyn FnMut(Option<usize>, &str, u64)) {
@@ -590,11 +620,37 @@ mod tests {
     fn eoi_routes_follow_the_redirection_entries() {
         let mut ioapic = IoApic::new(IoApicConfig::default());
         program(&mut ioapic, 4, 0x41 | 1 << 15 | 1 << 16);
-        let route = eoi_route(&ioapic, 4).expect("a masked level entry keeps its route");
+        let route = eoi_route(&ioapic, 4, MsiAddressing::Standard)
+            .expect("a masked level entry keeps its route");
         let message = route.decode().unwrap();
         assert_eq!(message.vector, 0x41);
         assert_eq!(message.trigger, TriggerMode::Level);
         program(&mut ioapic, 5, 0x42 | 7 << 8);
-        assert_eq!(eoi_route(&ioapic, 5), None, "ExtINT has no MSI form");
+        assert_eq!(
+            eoi_route(&ioapic, 5, MsiAddressing::Standard),
+            None,
+            "ExtINT has no MSI form"
+        );
+    }
+
+    /// APIC ID 0x123 through the extended destination ID (bits 11:5 = 0x01, bits 19:12 = 0x23)
+    /// reaches KVM as destination bits 31:8 in address_hi; an 8-bit destination is unchanged.
+    #[test]
+    fn extended_destination_ids_move_to_address_hi_for_kvm() {
+        let ext = MsiMessage {
+            address: 0xFEE0_0000 | 0x23 << 12 | 0x01 << 5,
+            data: 0x4041, // edge, asserted (as the model encodes it), vector 0x41
+        };
+        let kvm = to_kvm_format(ext);
+        assert_eq!(kvm.address, 0x0000_0100_FEE2_3000);
+        assert_eq!(kvm.data, 0x4041);
+        let plain = MsiMessage {
+            address: 0xFEE0_5000,
+            data: 0x41,
+        };
+        assert_eq!(to_kvm_format(plain), plain);
+        let message = ext.decode_with(MsiAddressing::ExtendedDestId).unwrap();
+        assert_eq!(message.destination, 0x123);
+        assert_eq!(kvm_msi(&message, MsiAddressing::ExtendedDestId), Ok(kvm));
     }
 }

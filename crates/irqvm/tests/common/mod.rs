@@ -63,16 +63,21 @@ impl GuestRun {
 }
 
 /// Runs `cfg` with serial captured, under both timeouts.
-pub fn run_vm(mut cfg: VmConfig) -> GuestRun {
+pub fn run_vm(cfg: VmConfig) -> GuestRun {
+    run_vm_for(cfg, VM_TIMEOUT)
+}
+
+/// [`run_vm`] with the VM stopped after `timeout` (the harness waits 15 s more).
+pub fn run_vm_for(mut cfg: VmConfig, timeout: Duration) -> GuestRun {
     let capture = SerialCapture::new();
     cfg.serial = SerialOutput::Capture(capture.clone());
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        let result = Vm::new(&cfg).and_then(|vm| vm.run(Some(VM_TIMEOUT)));
+        let result = Vm::new(&cfg).and_then(|vm| vm.run(Some(timeout)));
         let _ = tx.send(result);
     });
     let result = rx
-        .recv_timeout(HARNESS_TIMEOUT)
+        .recv_timeout(timeout + (HARNESS_TIMEOUT - VM_TIMEOUT))
         .unwrap_or_else(|_| panic!("VM did not stop:\n{}", capture.text()));
     GuestRun {
         result,
@@ -285,13 +290,19 @@ pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Runs guest `name` alone in `mode` on every vCPU count guests/expect/`name`.txt lists, one VM
-/// at a time, and asserts each run printed what the file expects (see
-/// [`GuestRun::assert_expected`]).
+/// The largest vCPU count [`check_guest`] runs: every guest lists 1, 2 and 4. A guest that lists
+/// larger counts (`x2apic_boot`) runs them in tests of their own ([`check_guest_with`]), one
+/// count per test, so that each stays CI-sized.
+pub const SMALL_COUNTS_MAX: u32 = 4;
+
+/// Runs guest `name` alone in `mode` on every vCPU count up to [`SMALL_COUNTS_MAX`] that
+/// guests/expect/`name`.txt lists, one VM at a time, and asserts each run printed what the file
+/// expects (see [`GuestRun::assert_expected`]).
 pub fn check_guest(name: &str, mode: IrqchipMode) -> Vec<GuestRun> {
     expect::Expectations::load(name)
         .cpu_counts()
         .into_iter()
+        .filter(|&cpus| cpus <= SMALL_COUNTS_MAX)
         .map(|cpus| {
             let _one = exclusive();
             let run = run_guest(name, cpus, mode);
@@ -299,6 +310,90 @@ pub fn check_guest(name: &str, mode: IrqchipMode) -> Vec<GuestRun> {
             run
         })
         .collect()
+}
+
+/// Runs guest `name` once in `mode` on `cpus` vCPUs with `edit` applied to its VM config (a
+/// `--topology`, `--cpu-features`, a command line), and asserts the run printed what
+/// guests/expect/`name`.txt lists for that count. Returns the run (its report has the timing).
+pub fn check_guest_with(
+    name: &str,
+    mode: IrqchipMode,
+    cpus: u32,
+    edit: impl FnOnce(&mut VmConfig),
+) -> GuestRun {
+    check_guest_for(name, mode, cpus, edit, VM_TIMEOUT)
+}
+
+/// [`check_guest_with`] with the VM stopped after `timeout` instead of [`VM_TIMEOUT`].
+pub fn check_guest_for(
+    name: &str,
+    mode: IrqchipMode,
+    cpus: u32,
+    edit: impl FnOnce(&mut VmConfig),
+    timeout: Duration,
+) -> GuestRun {
+    let _one = exclusive();
+    let mut cfg = guest_config(name, cpus, mode);
+    edit(&mut cfg);
+    let run = run_vm_for(cfg, timeout);
+    run.assert_expected(name, mode, cpus);
+    if let Ok(report) = &run.result {
+        eprintln!("{name} on {cpus} vCPUs, {mode:?}: {:?}", report.elapsed);
+    }
+    run
+}
+
+/// `x2apic_boot` with `--topology sockets=2,dies=2,cores=3,threads=2` (24 vCPUs, APIC IDs with
+/// gaps: 3 cores take 2 bits) and the same topology on its command line, so the guest checks
+/// CPUID leaves 1, 4, 0BH, 1FH and the APIC IDs against it.
+pub fn check_x2apic_boot_topology(mode: IrqchipMode) {
+    check_guest_with("x2apic_boot", mode, 24, |cfg| {
+        cfg.topology = Some("sockets=2,dies=2,cores=3,threads=2".parse().unwrap());
+        cfg.cmdline = "topo=2,2,3,2".into();
+    });
+}
+
+/// `x2apic_boot` on an xAPIC-only machine without the TSC-deadline timer (`--cpu-features
+/// -x2apic,-tsc-deadline`): CPUID must show neither, setting EXTD must #GP, and every start-up
+/// and IPI check passes in xAPIC mode.
+pub fn check_x2apic_boot_xapic_only(mode: IrqchipMode) {
+    check_guest_with("x2apic_boot", mode, 4, |cfg| {
+        cfg.cpu_features = "-x2apic,-tsc-deadline".parse().unwrap();
+        cfg.cmdline = "x2apic=0 tscdl=0".into();
+    });
+}
+
+/// The `x2apic_boot` tests of one mode beyond `guest_tests!`'s 1, 2 and 4 vCPUs: one test per
+/// CI-sized count (`$name = $cpus`), the `--topology` and xAPIC-only runs, and the counts that
+/// only fit the benchmark's budget as ignored tests (`cargo test -- --ignored` runs them).
+#[macro_export]
+macro_rules! x2apic_boot_tests {
+    ($mode:expr; ci: $($name:ident = $cpus:expr),+; too_slow: $($slow:ident = $slow_cpus:expr),*) => {
+        $(
+            #[test]
+            fn $name() {
+                // 10-25 s on an idle 2-core host; the margin is for a loaded one.
+                let minute = std::time::Duration::from_secs(60);
+                $crate::common::check_guest_for("x2apic_boot", $mode, $cpus, |_| {}, minute);
+            }
+        )+
+        $(
+            #[test]
+            #[ignore = "over a CI-sized run on the 2-core host (docs/benchmarks.md, \"Large vCPU counts\")"]
+            fn $slow() {
+                let ten_minutes = std::time::Duration::from_secs(600);
+                $crate::common::check_guest_for("x2apic_boot", $mode, $slow_cpus, |_| {}, ten_minutes);
+            }
+        )*
+        #[test]
+        fn x2apic_boot_with_topology() {
+            $crate::common::check_x2apic_boot_topology($mode);
+        }
+        #[test]
+        fn x2apic_boot_xapic_only_without_tsc_deadline() {
+            $crate::common::check_x2apic_boot_xapic_only($mode);
+        }
+    };
 }
 
 /// One `#[test]` per guest, named after it, that runs it alone in `$mode` with [`check_guest`];

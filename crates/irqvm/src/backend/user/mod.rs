@@ -116,6 +116,7 @@ pub(crate) struct Shared {
 /// The VM-wide half of the `user` backend.
 pub struct UserIrqchip {
     shared: Arc<Shared>,
+    features: ChipFeatures,
     /// The per-vCPU halves not yet handed to their vCPUs.
     unclaimed: Mutex<Vec<Option<VcpuInterrupts>>>,
 }
@@ -138,6 +139,9 @@ impl UserIrqchip {
         };
         let mut config = PcIrqChipConfig::new(ctx.kicker.vcpus());
         config.apic.clock = clock;
+        config.apic.x2apic = ctx.cpu.x2apic;
+        config.apic.apic_ids = ctx.cpu.layout;
+        config.extended_destination_id = ctx.cpu.ext_dest_id;
         // The guest's CPUID is derived from this table with leaf 80000008H unchanged.
         config.apic.max_phys_addr =
             crate::cpuid::max_phys_addr(&crate::cpuid::supported_cpuid(ctx.kvm)?);
@@ -168,6 +172,7 @@ impl UserIrqchip {
         });
         Ok(Self {
             shared,
+            features: (&ctx.cpu).into(),
             unclaimed: Mutex::new(vcpus.into_iter().map(Some).collect()),
         })
     }
@@ -311,10 +316,7 @@ impl Irqchip for UserIrqchip {
     }
 
     fn features(&self) -> ChipFeatures {
-        ChipFeatures {
-            x2apic: true,
-            tsc_deadline: true,
-        }
+        self.features
     }
 
     /// Hands out vCPU `index`'s `VcpuInterrupts` and sets its TSC on the VM clock.
