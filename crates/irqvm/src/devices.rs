@@ -7,7 +7,7 @@
 //! | 0xF4 | isa-debug-exit: a write of `v` ends the VM with exit status `(v << 1) \| 1` |
 //! | 0x510 / 0x511 | fw_cfg, legacy I/O interface: selector / data |
 //! | 0x2000-0x2017 | pc-testdev interrupt lines: a byte write of 1 / 0 raises / lowers line n |
-//! | 0x2020-0x2023 | MSI doorbell (irqvm's own, not in QEMU): a 32-bit write sends one MSI ([`MsiDoorbell`]) |
+//! | 0x2020-0x2023 | MSI doorbell (irqvm's own, not in QEMU): a 32-bit write sends one MSI (`MsiDoorbell`) |
 //! | 0x60, 0x64 | i8042 keyboard controller without devices: probing and reset ([`crate::i8042`]) |
 //! | 0x70 / 0x71 | CMOS RTC: index / data ([`crate::cmos`]) |
 //!
