@@ -10,11 +10,12 @@
 //! spread; ratios are taken against the fastest peer of the same invocation.
 //!
 //! Modules, each depending only on those listed before it: [`stats`], [`parse`], [`cli`],
-//! [`runner`], [`child`], [`suite`], [`summary`], [`plot`], [`report`].
+//! [`perfstat`], [`runner`], [`child`], [`suite`], [`summary`], [`plot`], [`report`].
 
 mod child;
 mod cli;
 mod parse;
+mod perfstat;
 mod plot;
 mod report;
 mod runner;

@@ -145,6 +145,7 @@ fn spec(plan: &Plan, peer: Peer, kind: RunKind) -> RunSpec {
         timeout: plan.timeout,
         host_pulses: plan.pulses,
         host_rates: plan.rates.clone(),
+        perf: !matches!(kind, RunKind::Boot(_)),
     }
 }
 
