@@ -10,7 +10,8 @@
 //! * with `--child-host-driver` (guest `bench_irqhost`): a host thread pulses device line 11 through
 //!   the VM's pc-testdev device model (the irqchip backend's `InterruptLines`) and reads the
 //!   guest's counter from guest memory: `HOSTRATE:` lines for fixed rates (open loop: pulses that
-//!   merge in the IOAPIC/IRR before the guest took the previous one are lost), and a closed loop
+//!   merge in the IOAPIC/IRR before the guest took the previous one are lost; with the VMM's CPU
+//!   time over the step, without the driver thread), and a closed loop
 //!   (next pulse once the previous one was counted) for latency (`HOSTSAMPLES:`, line raised →
 //!   count visible to the host, ns) and costs (`HOSTLAT:`, CPU time without the driver thread);
 //!   then the same again with MSIs (`RunningVm::signal_msi`, fixed, physical, edge) of the same
@@ -281,7 +282,8 @@ fn drive_one(
 ) -> u64 {
     let mut sent_total = 0u64;
     for &hz in &spec.rates {
-        let c0 = count();
+        // Host CPU time of the VMM at this offered rate: the process minus this driver thread.
+        let (c0, cpu0, drv0) = (count(), own_cpu_ns(), thread_cpu_ns());
         let start = Instant::now();
         let period = Duration::from_secs_f64(1.0 / hz as f64);
         for i in 0..spec.pulses {
@@ -302,8 +304,9 @@ fn drive_one(
         let elapsed = start.elapsed();
         sent_total += u64::from(spec.pulses);
         let delivered = settle(&count, c0, u64::from(spec.pulses));
+        let cpu = (own_cpu_ns() - cpu0).saturating_sub(thread_cpu_ns() - drv0);
         out.push(format!(
-            "HOSTRATE: name={name} hz={hz} sent={} delivered={delivered} elapsed_ns={}",
+            "HOSTRATE: name={name} hz={hz} sent={} delivered={delivered} elapsed_ns={} cpu_ns={cpu}",
             spec.pulses,
             elapsed.as_nanos()
         ));

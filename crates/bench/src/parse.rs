@@ -29,6 +29,8 @@ pub struct RatePoint {
     pub sent: u64,
     pub delivered: u64,
     pub elapsed_ns: u64,
+    /// Host CPU ns of the VMM (without the driver thread) over the step.
+    pub cpu_ns: u64,
 }
 
 /// Everything parsed from one run's output.
@@ -125,6 +127,7 @@ impl RunOutput {
                     sent: get("sent"),
                     delivered: get("delivered"),
                     elapsed_ns: get("elapsed_ns"),
+                    cpu_ns: get("cpu_ns"),
                 });
             }
             "EXITS" => {

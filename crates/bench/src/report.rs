@@ -132,7 +132,10 @@ impl Summary<'_> {
                 for p in &irqvm_peers {
                     let key = (workload.to_string(), hz);
                     row.push(match self.rates.get(p).and_then(|m| m.get(&key)) {
-                        Some((sent, delivered, _)) => format!("{delivered}/{sent} delivered"),
+                        Some((sent, delivered, _, cpu)) => format!(
+                            "{delivered}/{sent} delivered, {} µs CPU/irq",
+                            us(*cpu as f64 / (*delivered).max(1) as f64)
+                        ),
                         None => "—".into(),
                     });
                 }
@@ -151,7 +154,7 @@ impl Summary<'_> {
         let mut h = vec!["rate".to_string()];
         h.extend(irqvm_peers.iter().map(Peer::name));
         out.push((
-            "Device interrupts from a host thread, by line (`irq_host`) and by MSI (`irq_host_msi`) (irqvm only: QEMU has no such thread, no ratio against it)".into(),
+            "Device interrupts from a host thread, by line (`irq_host`) and by MSI (`irq_host_msi`), with the VMM's host CPU time per delivered interrupt at each offered rate (irqvm only: QEMU has no such thread, no ratio against it)".into(),
             h,
             rows,
         ));
@@ -259,7 +262,7 @@ impl Summary<'_> {
             .map(|(p, m)| {
                 let steps: Vec<Value> = m
                     .iter()
-                    .map(|((w, hz), (s, d, e))| json!({"workload": w, "hz": hz, "sent": s, "delivered": d, "elapsed_ns": e}))
+                    .map(|((w, hz), (s, d, e, c))| json!({"workload": w, "hz": hz, "sent": s, "delivered": d, "elapsed_ns": e, "cpu_ns": c}))
                     .collect();
                 (p.name(), Value::Array(steps))
             })

@@ -20,6 +20,10 @@ pub const WORKLOADS: &[(&str, &str)] = &[
         "device line raised by the guest (pc-testdev) to handler",
     ),
     (
+        "irq_level",
+        "level-triggered line raised by the guest, lowered by its handler",
+    ),
+    (
         "timer_oneshot",
         "LAPIC one-shot timer: past its programmed expiry",
     ),
@@ -38,6 +42,38 @@ pub const WORKLOADS: &[(&str, &str)] = &[
         "irq_host_msi",
         "MSI sent by a host thread (irqvm only), host-observed",
     ),
+    (
+        "ipi_storm_2",
+        "many-to-one IPIs, 2 vCPUs: time per interrupt",
+    ),
+    (
+        "ipi_storm_4",
+        "many-to-one IPIs, 4 vCPUs: time per interrupt",
+    ),
+    (
+        "ipi_storm_8",
+        "many-to-one IPIs, 8 vCPUs: time per interrupt",
+    ),
+    (
+        "ipi_storm_16",
+        "many-to-one IPIs, 16 vCPUs: time per interrupt",
+    ),
+    (
+        "ipi_broadcast_2",
+        "broadcast IPI, 2 vCPUs: send to last taken",
+    ),
+    (
+        "ipi_broadcast_4",
+        "broadcast IPI, 4 vCPUs: send to last taken",
+    ),
+    (
+        "ipi_broadcast_8",
+        "broadcast IPI, 8 vCPUs: send to last taken",
+    ),
+    (
+        "ipi_broadcast_16",
+        "broadcast IPI, 16 vCPUs: send to last taken",
+    ),
 ];
 
 /// The architectural floor of each workload: the guest's accesses per delivered interrupt that
@@ -47,12 +83,49 @@ pub const FLOORS: &[(&str, f64, &str)] = &[
     ("selfipi", 4.0, "ICR2, ICR writes, ICR busy read, EOI"),
     ("selfipi_tpr", 6.0, "TPR, ICR2, ICR, ICR read, TPR, EOI"),
     ("irq_guest", 3.0, "port write up, EOI, port write down"),
+    ("irq_level", 3.0, "port write up, port write down, EOI"),
     ("timer_oneshot", 4.0, "LVT, TMICT writes, HLT, EOI"),
     ("timer_deadline", 4.0, "LVT, WRMSR deadline, HLT, EOI"),
     ("timer_deadline_expired", 2.0, "WRMSR deadline, EOI"),
     ("ipi_halted", 5.0, "ICR2, ICR, ICR read, HLT, EOI"),
     ("ipi_spin", 4.0, "ICR2, ICR, ICR read, EOI"),
     ("irq_host", 2.0, "HLT, EOI"),
+    ("ipi_storm_2", 5.0, "ICR2, ICR, ICR read, HLT, EOI"),
+    (
+        "ipi_storm_4",
+        4.0,
+        "ICR2, ICR, ICR read, EOI; CPU 0 rarely halts",
+    ),
+    (
+        "ipi_storm_8",
+        4.0,
+        "ICR2, ICR, ICR read, EOI; CPU 0 rarely halts",
+    ),
+    (
+        "ipi_storm_16",
+        4.0,
+        "ICR2, ICR, ICR read, EOI; CPU 0 rarely halts",
+    ),
+    (
+        "ipi_broadcast_2",
+        5.0,
+        "per target: HLT, EOI; ICR2, ICR, ICR read / 1",
+    ),
+    (
+        "ipi_broadcast_4",
+        3.0,
+        "per target: HLT, EOI; ICR2, ICR, ICR read / 3",
+    ),
+    (
+        "ipi_broadcast_8",
+        2.4,
+        "per target: HLT, EOI; ICR2, ICR, ICR read / 7",
+    ),
+    (
+        "ipi_broadcast_16",
+        2.2,
+        "per target: HLT, EOI; ICR2, ICR, ICR read / 15",
+    ),
     ("irq_host_msi", 2.0, "HLT, EOI"),
 ];
 
@@ -87,8 +160,8 @@ pub fn mark_exits(name: &str) -> u64 {
 /// The host-driven workloads (`bench_irqhost`), with the label of their rows in the rates table.
 pub const HOST_WORKLOADS: &[(&str, &str)] = &[("irq_host", "line"), ("irq_host_msi", "MSI")];
 
-/// (host workload, hz) → (sent, delivered, elapsed ns), summed over repeats.
-pub type RateSteps = BTreeMap<(String, u64), (u64, u64, u64)>;
+/// (host workload, hz) → (sent, delivered, elapsed ns, VMM CPU ns), summed over repeats.
+pub type RateSteps = BTreeMap<(String, u64), (u64, u64, u64, u64)>;
 
 /// One workload on one peer, over every repeat.
 #[derive(Clone, Debug, Default)]
@@ -130,7 +203,7 @@ pub struct Summary<'a> {
     pub cells: BTreeMap<&'static str, BTreeMap<Peer, Cell>>,
     /// vCPU count → peer → boot figures.
     pub boot: BTreeMap<u32, BTreeMap<Peer, BootCell>>,
-    /// peer → (host workload, hz) → (sent, delivered, elapsed ns) summed over repeats.
+    /// peer → (host workload, hz) → (sent, delivered, elapsed ns, CPU ns) summed over repeats.
     pub rates: BTreeMap<Peer, RateSteps>,
     problems: Vec<String>,
 }
@@ -211,11 +284,19 @@ impl<'a> Summary<'a> {
                 "selfipi",
                 "selfipi_tpr",
                 "irq_guest",
+                "irq_level",
                 "timer_oneshot",
                 "ipi_halted",
                 "ipi_spin",
             ],
             RunKind::HostIrq => &["irq_host", "irq_host_msi"],
+            RunKind::Ipi(n) => match n {
+                2 => &["ipi_storm_2", "ipi_broadcast_2"],
+                4 => &["ipi_storm_4", "ipi_broadcast_4"],
+                8 => &["ipi_storm_8", "ipi_broadcast_8"],
+                16 => &["ipi_storm_16", "ipi_broadcast_16"],
+                _ => &[],
+            },
             RunKind::Boot(_) => &["boot"],
         };
         for name in expected {
@@ -292,6 +373,7 @@ impl<'a> Summary<'a> {
             e.0 += p.sent;
             e.1 += p.delivered;
             e.2 += p.elapsed_ns;
+            e.3 += p.cpu_ns;
         }
     }
 
