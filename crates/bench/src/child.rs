@@ -5,14 +5,18 @@
 //! * `EXITS: begin|end <workload> <n>`: the vCPUs' userspace exits (KVM_RUN returns) when the
 //!   guest printed the workload's `MARK:` line (a monitor thread watches the serial output; the
 //!   guest pauses, halted, after each mark while the snapshot is taken);
+//! * `COUNTERS: begin|end <workload> key=value ...`: at the same moments, the exits by reason
+//!   and the irqchip backend's counters, summed over the vCPUs (`counters_so_far`);
 //! * with `--child-host-driver` (guest `bench_irqhost`): a host thread pulses device line 11 through
 //!   the VM's pc-testdev device model (the irqchip backend's `InterruptLines`) and reads the
 //!   guest's counter from guest memory: `HOSTRATE:` lines for fixed rates (open loop: pulses that
-//!   merge in the IOAPIC/IRR before the guest took the previous one are lost), and a closed loop
+//!   merge in the IOAPIC/IRR before the guest took the previous one are lost; with the VMM's CPU
+//!   time over the step, without the driver thread), and a closed loop
 //!   (next pulse once the previous one was counted) for latency (`HOSTSAMPLES:`, line raised →
 //!   count visible to the host, ns) and costs (`HOSTLAT:`, CPU time without the driver thread);
 //!   then the same again with MSIs (`RunningVm::signal_msi`, fixed, physical, edge) of the same
-//!   vector to CPU 0 (workload `irq_host_msi`).
+//!   vector to CPU 0 (workload `irq_host_msi`). The closed loops are marked (`MARK:` lines
+//!   printed by the child itself, with the guests' quiet pause after each) like guest workloads.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -107,6 +111,41 @@ fn exits_so_far(vm: &RunningVm) -> u64 {
         .sum()
 }
 
+/// The VMM's counters summed over the vCPUs, by name: userspace exits by reason (the vCPU
+/// statistics) and what the irqchip backend counts (`vm.counters` of the control API: in
+/// `user` mode KVM_INTERRUPT injections, halts that polled or slept, posts that kicked or
+/// woke). Per-vector injection counts are left out (their total is `interrupts_injected`).
+fn counters_so_far(vm: &RunningVm) -> std::collections::BTreeMap<String, u64> {
+    let mut all = std::collections::BTreeMap::new();
+    let mut add = |name: &str, v: u64| *all.entry(name.to_string()).or_insert(0) += v;
+    for i in 0..vm.vcpu_count() {
+        let s = vm.vcpu(i).stats.snapshot();
+        add("kvm_runs", s.kvm_runs);
+        add("eintr_returns", s.eintr_returns);
+        add("pio_exits", s.pio_exits);
+        add("mmio_exits", s.mmio_exits);
+        add("msr_exits", s.msr_exits);
+        add("hlt_exits", s.hlt_exits);
+        add("other_exits", s.other_exits);
+        add("blocks", s.blocks);
+    }
+    vm.irqchip().counters(&mut |_, name, v| {
+        if !name.starts_with("injected_vector_") {
+            add(name, v);
+        }
+    });
+    all
+}
+
+/// The `COUNTERS:` line of a mark.
+fn counters_line(vm: &RunningVm, edge: &str, name: &str) -> String {
+    let words: Vec<String> = counters_so_far(vm)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    format!("COUNTERS: {edge} {name} {}", words.join(" "))
+}
+
 /// Watches the serial output for `MARK:` lines and snapshots the exit counters at each. Returns
 /// the `EXITS:` lines. Ends when the guest prints DONE or the VM finished.
 fn monitor_marks(vm: &RunningVm, capture: &SerialCapture, finished: &AtomicBool) -> Vec<String> {
@@ -118,6 +157,7 @@ fn monitor_marks(vm: &RunningVm, capture: &SerialCapture, finished: &AtomicBool)
         for line in text.get(seen..complete).unwrap_or("").lines() {
             if let Some((edge, name)) = crate::parse::mark(line) {
                 out.push(format!("EXITS: {edge} {name} {}", exits_so_far(vm)));
+                out.push(counters_line(vm, edge, name));
             }
         }
         seen = seen.max(complete);
@@ -202,8 +242,9 @@ fn drive(
     };
     let devices = vm.devices().clone();
     // The guest is still printing the READY line (interrupts off in printf): let it reach its
-    // halt loop, or the first two pulses merge.
-    std::thread::sleep(Duration::from_millis(20));
+    // halt loop, or the first two pulses merge. The parent also attaches its syscall counter
+    // (perf, `perfstat.rs`) at the first line: give it the time the latency guest gives it.
+    std::thread::sleep(Duration::from_millis(500));
     let line = || pulse(&devices, HOST_LINE);
     let (address, data) = msi_to(ready.apic_id, HOST_VECTOR);
     let msi_failed = AtomicBool::new(false);
@@ -241,7 +282,8 @@ fn drive_one(
 ) -> u64 {
     let mut sent_total = 0u64;
     for &hz in &spec.rates {
-        let c0 = count();
+        // Host CPU time of the VMM at this offered rate: the process minus this driver thread.
+        let (c0, cpu0, drv0) = (count(), own_cpu_ns(), thread_cpu_ns());
         let start = Instant::now();
         let period = Duration::from_secs_f64(1.0 / hz as f64);
         for i in 0..spec.pulses {
@@ -262,13 +304,16 @@ fn drive_one(
         let elapsed = start.elapsed();
         sent_total += u64::from(spec.pulses);
         let delivered = settle(&count, c0, u64::from(spec.pulses));
+        let cpu = (own_cpu_ns() - cpu0).saturating_sub(thread_cpu_ns() - drv0);
         out.push(format!(
-            "HOSTRATE: name={name} hz={hz} sent={} delivered={delivered} elapsed_ns={}",
+            "HOSTRATE: name={name} hz={hz} sent={} delivered={delivered} elapsed_ns={} cpu_ns={cpu}",
             spec.pulses,
             elapsed.as_nanos()
         ));
     }
-    // Closed loop: each interrupt waits for the previous one to be counted.
+    // Closed loop: each interrupt waits for the previous one to be counted. Marked like a guest
+    // workload, with the same quiet pauses, for the parent's per-workload syscall counts.
+    mark(vm, "begin", name, out);
     let (c0, exits0, cpu0, drv0) = (count(), exits_so_far(vm), own_cpu_ns(), thread_cpu_ns());
     let mut samples = Vec::new();
     for _ in 0..spec.pulses {
@@ -284,6 +329,7 @@ fn drive_one(
         samples.push(t0.elapsed().as_nanos().to_string());
     }
     let (c1, exits1, cpu1, drv1) = (count(), exits_so_far(vm), own_cpu_ns(), thread_cpu_ns());
+    mark(vm, "end", name, out);
     sent_total += u64::from(spec.pulses);
     let cpu = (cpu1 - cpu0).saturating_sub(drv1 - drv0);
     out.push(format!(
@@ -296,6 +342,19 @@ fn drive_one(
         out.push(format!("HOSTSAMPLES: name={name} {}", chunk.join(" ")));
     }
     sent_total
+}
+
+/// Prints a `MARK:` line now (the guest is halted and prints nothing meanwhile), records the
+/// counters, and pauses as the guests do after a mark (`bench.h`, PAUSE_MS). A begin mark is
+/// also preceded by a pause, as a guest's is by the previous workload's end pause: the open
+/// loop before it makes syscalls of its own (sleeps, yields).
+fn mark(vm: &RunningVm, edge: &str, name: &str, out: &mut Vec<String>) {
+    if edge == "begin" {
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    println!("MARK: {edge} {name}");
+    out.push(counters_line(vm, edge, name));
+    std::thread::sleep(Duration::from_millis(30));
 }
 
 /// Waits until the counter reaches `c0 + sent` or stops moving for 100 ms; returns the increase.

@@ -3,18 +3,20 @@
 //!
 //! One invocation runs, for each repeat, each peer ([`runner::Peer`]: every `IrqchipMode` of
 //! irqvm, QEMU with KVM, QEMU with TCG) on the latency guest (`bench_lat`, 2 vCPUs), the AP
-//! bring-up guest (`bench_boot`) at each vCPU count, and, irqvm only, the host-driven device
-//! interrupt guest (`bench_irqhost`). Every VM is a child process measured the same way
+//! bring-up guest (`bench_boot`) at each vCPU count, the all-vCPU IPI guest (`bench_ipi`: storm
+//! and broadcast) at each of its vCPU counts, and, irqvm only, the host-driven device interrupt
+//! guest (`bench_irqhost`). Every VM is a child process measured the same way
 //! (`runner.rs`); an irqvm child is this binary again (`--vm-child`), running the VM in process
 //! through the irqvm library (`child.rs`). Figures are medians over the repeats with their
 //! spread; ratios are taken against the fastest peer of the same invocation.
 //!
 //! Modules, each depending only on those listed before it: [`stats`], [`parse`], [`cli`],
-//! [`runner`], [`child`], [`suite`], [`summary`], [`plot`], [`report`].
+//! [`perfstat`], [`runner`], [`child`], [`suite`], [`summary`], [`plot`], [`report`].
 
 mod child;
 mod cli;
 mod parse;
+mod perfstat;
 mod plot;
 mod report;
 mod runner;

@@ -29,6 +29,8 @@ pub struct RatePoint {
     pub sent: u64,
     pub delivered: u64,
     pub elapsed_ns: u64,
+    /// Host CPU ns of the VMM (without the driver thread) over the step.
+    pub cpu_ns: u64,
 }
 
 /// Everything parsed from one run's output.
@@ -37,6 +39,8 @@ pub struct RunOutput {
     pub workloads: BTreeMap<String, Workload>,
     /// `(begin|end, workload)` → userspace exits so far (irqvm only).
     pub exits: BTreeMap<(String, String), u64>,
+    /// `(begin|end, workload)` → the VMM's counters by name (irqvm only, `COUNTERS:`).
+    pub counters: BTreeMap<(String, String), BTreeMap<String, u64>>,
     pub rates: Vec<RatePoint>,
     pub failures: Vec<String>,
     pub done: bool,
@@ -123,6 +127,7 @@ impl RunOutput {
                     sent: get("sent"),
                     delivered: get("delivered"),
                     elapsed_ns: get("elapsed_ns"),
+                    cpu_ns: get("cpu_ns"),
                 });
             }
             "EXITS" => {
@@ -131,6 +136,17 @@ impl RunOutput {
                     (words.next(), words.next(), words.next().map(str::parse))
                 {
                     self.exits.insert((edge.to_string(), name.to_string()), n);
+                }
+            }
+            "COUNTERS" => {
+                let mut words = rest.split_whitespace();
+                if let (Some(edge), Some(name)) = (words.next(), words.next()) {
+                    let values = words
+                        .filter_map(|w| w.split_once('='))
+                        .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+                        .collect();
+                    self.counters
+                        .insert((edge.to_string(), name.to_string()), values);
                 }
             }
             "COUNT" => self.host_count = field(rest, "irq_host"),
@@ -149,6 +165,24 @@ impl RunOutput {
                 .copied()
         };
         Some(get("end")?.saturating_sub(get("begin")?))
+    }
+}
+
+impl RunOutput {
+    /// The VMM's counters' increase between the `begin` and `end` marks of `name`.
+    pub fn phase_counters(&self, name: &str) -> Option<BTreeMap<String, u64>> {
+        let get = |edge: &str| self.counters.get(&(edge.to_string(), name.to_string()));
+        let (begin, end) = (get("begin")?, get("end")?);
+        Some(
+            end.iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        v.saturating_sub(begin.get(k).copied().unwrap_or(0)),
+                    )
+                })
+                .collect(),
+        )
     }
 }
 
@@ -171,6 +205,8 @@ mod tests {
         SAMPLES: name=selfipi 10 ff\n\
         SAMPLES: name=selfipi 1a\n\
         EXITS: end selfipi 160\n\
+        COUNTERS: begin selfipi kvm_runs=100 mmio_exits=40\n\
+        COUNTERS: end selfipi kvm_runs=160 mmio_exits=70 hlt_exits=3\n\
         HOSTRATE: hz=1000 sent=10 delivered=9 elapsed_ns=9000000\n\
         HOSTRATE: name=irq_host_msi hz=1000 sent=10 delivered=10 elapsed_ns=9000000\n\
         HOSTLAT: name=irq_host sent=5 counted=5 exits=20 cpu_ns=1000\n\
@@ -187,6 +223,11 @@ mod tests {
         assert_eq!(w.offset_ns, 50.0);
         assert_eq!(w.cycles, vec![0x10, 0xff, 0x1a]);
         assert_eq!(out.phase_exits("selfipi"), Some(60));
+        let c = out.phase_counters("selfipi").unwrap();
+        assert_eq!(
+            (c["kvm_runs"], c["mmio_exits"], c["hlt_exits"]),
+            (60, 30, 3)
+        );
         assert!(out.done);
         assert_eq!(out.failures, vec!["x: y".to_string()]);
     }

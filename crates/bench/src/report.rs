@@ -6,10 +6,11 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
+use crate::perfstat::{KERNEL_APIC_ACCESSES, SYSCALLS, SYSCALL_KINDS, USERSPACE_EXITS};
 use crate::plot;
 use crate::runner::Peer;
 use crate::stats::{self, Spread};
-use crate::summary::{Cell, Summary, HOST_WORKLOADS, WORKLOADS};
+use crate::summary::{Cell, Summary, EXIT_REASONS, FLOORS, HOST_WORKLOADS, WORKLOADS};
 
 impl Summary<'_> {
     /// The tables, each as (title, header, rows).
@@ -57,16 +58,14 @@ impl Summary<'_> {
             };
             let mut row = vec![name.to_string()];
             for p in peers {
-                row.push(match cells.get(p) {
-                    Some(c) => {
-                        let exits = stats::median(&c.exits_per_irq)
-                            .map_or("n/a".into(), |e| format!("{e:.1}"));
-                        let cpu = stats::median(&c.cpu_ns_per_irq).map_or("—".into(), us);
-                        format!("{exits} exits, {cpu} µs CPU")
-                    }
-                    None => "—".into(),
-                });
+                row.push(cells.get(p).map_or("—".into(), cost_cell));
             }
+            row.push(
+                FLOORS
+                    .iter()
+                    .find(|f| f.0 == *name)
+                    .map_or("—".into(), |(_, n, what)| format!("{n:.0} ({what})")),
+            );
             rows.push(row);
         }
         let mut rss_row = vec!["resident memory per vCPU".to_string()];
@@ -76,10 +75,13 @@ impl Summary<'_> {
                     .map_or("—".into(), |k| format!("{k:.0} KiB")),
             );
         }
+        rss_row.push("—".into());
         rows.push(rss_row);
+        let mut cost_header = header.clone();
+        cost_header.push("floor: exits any VMM without APIC virtualisation takes".into());
         out.push((
-            "VMM cost per delivered interrupt: userspace exits (irqvm only; n/a under QEMU) and host CPU time of the VMM process".into(),
-            header.clone(),
+            "VMM cost per delivered interrupt: exits to userspace [by reason, irqvm's counters; perf's count under QEMU], APIC accesses KVM emulated in the kernel, syscalls of the VMM process [by kind, perf], its host CPU time".into(),
+            cost_header,
             rows,
         ));
 
@@ -130,7 +132,10 @@ impl Summary<'_> {
                 for p in &irqvm_peers {
                     let key = (workload.to_string(), hz);
                     row.push(match self.rates.get(p).and_then(|m| m.get(&key)) {
-                        Some((sent, delivered, _)) => format!("{delivered}/{sent} delivered"),
+                        Some((sent, delivered, _, cpu)) => format!(
+                            "{delivered}/{sent} delivered, {} µs CPU/irq",
+                            us(*cpu as f64 / (*delivered).max(1) as f64)
+                        ),
                         None => "—".into(),
                     });
                 }
@@ -149,7 +154,7 @@ impl Summary<'_> {
         let mut h = vec!["rate".to_string()];
         h.extend(irqvm_peers.iter().map(Peer::name));
         out.push((
-            "Device interrupts from a host thread, by line (`irq_host`) and by MSI (`irq_host_msi`) (irqvm only: QEMU has no such thread, no ratio against it)".into(),
+            "Device interrupts from a host thread, by line (`irq_host`) and by MSI (`irq_host_msi`), with the VMM's host CPU time per delivered interrupt at each offered rate (irqvm only: QEMU has no such thread, no ratio against it)".into(),
             h,
             rows,
         ));
@@ -228,6 +233,7 @@ impl Summary<'_> {
                         "samples_ns": spread(&c.pooled),
                         "exits_per_interrupt": spread(&c.exits_per_irq),
                         "cpu_ns_per_interrupt": spread(&c.cpu_ns_per_irq),
+                        "per_interrupt": c.per_irq.iter().map(|(k, v)| (k.clone(), spread(v))).collect::<serde_json::Map<String, Value>>(),
                     }),
                 );
             }
@@ -256,7 +262,7 @@ impl Summary<'_> {
             .map(|(p, m)| {
                 let steps: Vec<Value> = m
                     .iter()
-                    .map(|((w, hz), (s, d, e))| json!({"workload": w, "hz": hz, "sent": s, "delivered": d, "elapsed_ns": e}))
+                    .map(|((w, hz), (s, d, e, c))| json!({"workload": w, "hz": hz, "sent": s, "delivered": d, "elapsed_ns": e, "cpu_ns": c}))
                     .collect();
                 (p.name(), Value::Array(steps))
             })
@@ -278,6 +284,42 @@ impl Summary<'_> {
             "elapsed_s": self.suite.elapsed.as_secs_f64(),
         })
     }
+}
+
+/// `name a, name b` for the figures of `keys` in `cell` that are not about zero.
+fn breakdown(cell: &Cell, keys: &[(&str, &str)]) -> String {
+    let parts: Vec<String> = keys
+        .iter()
+        .filter_map(|(key, short)| {
+            let v = cell.per_irq(key)?;
+            (v >= 0.05).then(|| format!("{short} {v:.1}"))
+        })
+        .collect();
+    parts.join(", ")
+}
+
+/// One peer's cost of one workload: exits (by reason), in-kernel APIC accesses, syscalls (by
+/// kind), CPU time.
+fn cost_cell(c: &Cell) -> String {
+    let exits = match (stats::median(&c.exits_per_irq), c.per_irq(USERSPACE_EXITS)) {
+        (Some(e), _) => match breakdown(c, EXIT_REASONS) {
+            b if b.is_empty() => format!("{e:.1} exits"),
+            b => format!("{e:.1} exits [{b}]"),
+        },
+        (None, Some(e)) => format!("{e:.1} exits"),
+        (None, None) => "n/a exits".into(),
+    };
+    let apic = c
+        .per_irq(KERNEL_APIC_ACCESSES)
+        .filter(|a| *a >= 0.05)
+        .map_or(String::new(), |a| format!(", {a:.1} in-kernel APIC"));
+    let sys = match (c.per_irq(SYSCALLS), breakdown(c, SYSCALL_KINDS)) {
+        (None, _) => ", n/a syscalls".into(),
+        (Some(n), b) if b.is_empty() => format!(", {n:.1} syscalls"),
+        (Some(n), b) => format!(", {n:.1} syscalls [{b}]"),
+    };
+    let cpu = stats::median(&c.cpu_ns_per_irq).map_or("—".into(), us);
+    format!("{exits}{apic}{sys}, {cpu} µs CPU")
 }
 
 /// ns as µs with 3 significant-ish digits.

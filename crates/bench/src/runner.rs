@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use irqvm::IrqchipMode;
 
 use crate::parse;
+use crate::perfstat::{PerfStat, PerfTrace};
 
 /// A VMM the suite compares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,6 +89,8 @@ pub struct RunSpec {
     pub host_pulses: u32,
     pub host_rates: Vec<u64>,
     pub timeout: Duration,
+    /// Count syscalls and KVM events per workload with `perf stat` (`perfstat.rs`).
+    pub perf: bool,
 }
 
 /// What one child run produced.
@@ -96,6 +99,10 @@ pub struct RunResult {
     pub output: parse::RunOutput,
     /// `(begin|end, workload)` → on-CPU ns of the child's threads at that mark.
     pub cpu_marks: std::collections::BTreeMap<(String, String), u64>,
+    /// `(begin|end, workload)` → when the parent read that mark.
+    pub mark_times: std::collections::BTreeMap<(String, String), Instant>,
+    /// Per-interval syscall and KVM event counts (`perfstat.rs`), if perf ran.
+    pub perf: Option<PerfTrace>,
     pub cpu_total_ns: u64,
     pub max_rss_kib: u64,
     pub wall: Duration,
@@ -113,6 +120,16 @@ impl RunResult {
                 .copied()
         };
         Some(get("end")?.saturating_sub(get("begin")?))
+    }
+
+    /// perf's counts per event between the `begin` and `end` marks of `name`.
+    pub fn phase_perf(&self, name: &str) -> Option<std::collections::BTreeMap<String, u64>> {
+        let get = |edge: &str| {
+            self.mark_times
+                .get(&(edge.to_string(), name.to_string()))
+                .copied()
+        };
+        self.perf.as_ref()?.phase(get("begin")?, get("end")?)
     }
 }
 
@@ -206,16 +223,23 @@ pub fn run(spec: &RunSpec, qemu: Option<&Path>) -> std::io::Result<RunResult> {
         })
     };
     let mut result = RunResult::default();
+    let mut perf = None;
     for line in BufReader::new(stdout).lines() {
         let Ok(line) = line else { break };
+        // The first line: the VM's threads exist (`perfstat.rs`).
+        if perf.is_none() && spec.perf {
+            perf = Some(PerfStat::attach(pid));
+        }
         if let Some((edge, name)) = parse::mark(&line) {
             let key = (edge.to_string(), name.to_string());
+            result.mark_times.insert(key.clone(), Instant::now());
             result.cpu_marks.insert(key, process_cpu_ns(pid));
         }
         result.text.push_str(&line);
         result.text.push('\n');
     }
     let (status, usage) = reap(pid, &reaped);
+    result.perf = perf.flatten().map(PerfStat::finish);
     let _ = watchdog.join();
     drop(child); // already reaped: dropping a std Child does not wait
     result.output = parse::RunOutput::parse(&result.text);
@@ -264,6 +288,7 @@ mod tests {
             host_pulses: 40,
             host_rates: vec![1000, 4000],
             timeout: Duration::from_secs(1),
+            perf: false,
         };
         let cmd = command(&spec, None).unwrap();
         assert_eq!(cmd.get_program(), std::env::current_exe().unwrap());
@@ -289,6 +314,7 @@ mod tests {
             host_pulses: 0,
             host_rates: Vec::new(),
             timeout: Duration::from_secs(1),
+            perf: false,
         };
         assert!(command(&spec, None).is_err());
     }

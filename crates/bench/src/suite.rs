@@ -18,6 +18,8 @@ pub struct Plan {
     /// Iterations of each latency workload.
     pub iterations: u32,
     pub boot_cpus: Vec<u32>,
+    /// vCPU counts of the all-vCPU IPI guest (`bench_ipi`).
+    pub ipi_cpus: Vec<u32>,
     pub rates: Vec<u64>,
     pub pulses: u32,
     pub timeout: Duration,
@@ -31,6 +33,7 @@ impl Plan {
                 repeats: args.repeats.unwrap_or(1).max(1),
                 iterations: 20,
                 boot_cpus: vec![1, 2],
+                ipi_cpus: vec![2],
                 rates: vec![1000],
                 pulses: 40,
                 timeout: Duration::from_secs(40),
@@ -41,6 +44,7 @@ impl Plan {
                 repeats: args.repeats.unwrap_or(3).max(1),
                 iterations: 100,
                 boot_cpus: vec![1, 2, 4, 8, 16],
+                ipi_cpus: vec![2, 4, 8, 16],
                 rates: vec![1000, 4000, 16000],
                 pulses: 200,
                 timeout: Duration::from_secs(90),
@@ -58,6 +62,8 @@ pub enum RunKind {
     Boot(u32),
     /// `bench_irqhost` (irqvm only).
     HostIrq,
+    /// `bench_ipi` on this many vCPUs: the many-to-one storm and the broadcast.
+    Ipi(u32),
 }
 
 /// One finished run.
@@ -135,6 +141,7 @@ fn spec(plan: &Plan, peer: Peer, kind: RunKind) -> RunSpec {
         RunKind::Latency => (guest("bench_lat"), 2, format!("n={n}"), false),
         RunKind::Boot(cpus) => (guest("bench_boot"), cpus, String::new(), false),
         RunKind::HostIrq => (guest("bench_irqhost"), 1, String::new(), true),
+        RunKind::Ipi(cpus) => (guest("bench_ipi"), cpus, format!("n={n}"), false),
     };
     RunSpec {
         peer,
@@ -145,6 +152,7 @@ fn spec(plan: &Plan, peer: Peer, kind: RunKind) -> RunSpec {
         timeout: plan.timeout,
         host_pulses: plan.pulses,
         host_rates: plan.rates.clone(),
+        perf: !matches!(kind, RunKind::Boot(_)),
     }
 }
 
@@ -157,6 +165,7 @@ pub fn run_suite(args: &Args) -> Result<Suite, String> {
     let mut kinds = vec![RunKind::Latency];
     kinds.extend(plan.boot_cpus.iter().map(|&n| RunKind::Boot(n)));
     kinds.push(RunKind::HostIrq);
+    kinds.extend(plan.ipi_cpus.iter().map(|&n| RunKind::Ipi(n)));
     let mut runs = Vec::new();
     for repeat in 0..plan.repeats {
         // Peers interleaved within a repeat, so a slow phase of the host hits them alike.

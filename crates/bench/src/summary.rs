@@ -20,10 +20,18 @@ pub const WORKLOADS: &[(&str, &str)] = &[
         "device line raised by the guest (pc-testdev) to handler",
     ),
     (
+        "irq_level",
+        "level-triggered line raised by the guest, lowered by its handler",
+    ),
+    (
         "timer_oneshot",
         "LAPIC one-shot timer: past its programmed expiry",
     ),
     ("timer_deadline", "TSC-deadline timer: past its deadline"),
+    (
+        "timer_deadline_expired",
+        "TSC deadline already passed when written: WRMSR to handler",
+    ),
     ("ipi_halted", "IPI round trip, both vCPUs halted"),
     ("ipi_spin", "IPI round trip, both vCPUs spinning"),
     (
@@ -34,13 +42,126 @@ pub const WORKLOADS: &[(&str, &str)] = &[
         "irq_host_msi",
         "MSI sent by a host thread (irqvm only), host-observed",
     ),
+    (
+        "ipi_storm_2",
+        "many-to-one IPIs, 2 vCPUs: time per interrupt",
+    ),
+    (
+        "ipi_storm_4",
+        "many-to-one IPIs, 4 vCPUs: time per interrupt",
+    ),
+    (
+        "ipi_storm_8",
+        "many-to-one IPIs, 8 vCPUs: time per interrupt",
+    ),
+    (
+        "ipi_storm_16",
+        "many-to-one IPIs, 16 vCPUs: time per interrupt",
+    ),
+    (
+        "ipi_broadcast_2",
+        "broadcast IPI, 2 vCPUs: send to last taken",
+    ),
+    (
+        "ipi_broadcast_4",
+        "broadcast IPI, 4 vCPUs: send to last taken",
+    ),
+    (
+        "ipi_broadcast_8",
+        "broadcast IPI, 8 vCPUs: send to last taken",
+    ),
+    (
+        "ipi_broadcast_16",
+        "broadcast IPI, 16 vCPUs: send to last taken",
+    ),
 ];
+
+/// The architectural floor of each workload: the guest's accesses per delivered interrupt that
+/// trap to the hypervisor in any mode without APIC virtualisation (xAPIC, as the guests run),
+/// whether KVM handles them in the kernel or userspace does. (workload, exits, which).
+pub const FLOORS: &[(&str, f64, &str)] = &[
+    ("selfipi", 4.0, "ICR2, ICR writes, ICR busy read, EOI"),
+    ("selfipi_tpr", 6.0, "TPR, ICR2, ICR, ICR read, TPR, EOI"),
+    ("irq_guest", 3.0, "port write up, EOI, port write down"),
+    ("irq_level", 3.0, "port write up, port write down, EOI"),
+    ("timer_oneshot", 4.0, "LVT, TMICT writes, HLT, EOI"),
+    ("timer_deadline", 4.0, "LVT, WRMSR deadline, HLT, EOI"),
+    ("timer_deadline_expired", 2.0, "WRMSR deadline, EOI"),
+    ("ipi_halted", 5.0, "ICR2, ICR, ICR read, HLT, EOI"),
+    ("ipi_spin", 4.0, "ICR2, ICR, ICR read, EOI"),
+    ("irq_host", 2.0, "HLT, EOI"),
+    ("ipi_storm_2", 5.0, "ICR2, ICR, ICR read, HLT, EOI"),
+    (
+        "ipi_storm_4",
+        4.0,
+        "ICR2, ICR, ICR read, EOI; CPU 0 rarely halts",
+    ),
+    (
+        "ipi_storm_8",
+        4.0,
+        "ICR2, ICR, ICR read, EOI; CPU 0 rarely halts",
+    ),
+    (
+        "ipi_storm_16",
+        4.0,
+        "ICR2, ICR, ICR read, EOI; CPU 0 rarely halts",
+    ),
+    (
+        "ipi_broadcast_2",
+        5.0,
+        "per target: HLT, EOI; ICR2, ICR, ICR read / 1",
+    ),
+    (
+        "ipi_broadcast_4",
+        3.0,
+        "per target: HLT, EOI; ICR2, ICR, ICR read / 3",
+    ),
+    (
+        "ipi_broadcast_8",
+        2.4,
+        "per target: HLT, EOI; ICR2, ICR, ICR read / 7",
+    ),
+    (
+        "ipi_broadcast_16",
+        2.2,
+        "per target: HLT, EOI; ICR2, ICR, ICR read / 15",
+    ),
+    ("irq_host_msi", 2.0, "HLT, EOI"),
+];
+
+/// The exit reasons the VMM counts (`COUNTERS:` keys) with their short names.
+pub const EXIT_REASONS: &[(&str, &str)] = &[
+    ("mmio_exits", "mmio"),
+    ("pio_exits", "pio"),
+    ("msr_exits", "msr"),
+    ("hlt_exits", "hlt"),
+    ("eintr_returns", "eintr"),
+    ("other_exits", "other"),
+];
+
+/// The figures that count the port exits of the guest's end mark (each also a KVM_RUN ioctl
+/// and a syscall), from the VMM's counters and from perf.
+const MARK_EXIT_KEYS: &[&str] = &[
+    "kvm_runs",
+    "pio_exits",
+    crate::perfstat::USERSPACE_EXITS,
+    crate::perfstat::SYSCALLS,
+    "syscalls:sys_enter_ioctl",
+];
+
+/// Exits to userspace the guest's `MARK: end <name>` line costs, in every mode and VMM: the
+/// serial port is emulated in userspace, and the guest's polled output (`putc_raw`) takes two
+/// port accesses per character (the LSR read, the THR write). The VMM's own write of the line
+/// to its stdout is not taken out (one or a few syscalls per phase).
+pub fn mark_exits(name: &str) -> u64 {
+    2 * (format!("MARK: end {name}\n").len() as u64)
+}
 
 /// The host-driven workloads (`bench_irqhost`), with the label of their rows in the rates table.
 pub const HOST_WORKLOADS: &[(&str, &str)] = &[("irq_host", "line"), ("irq_host_msi", "MSI")];
 
-/// (host workload, hz) → (sent, delivered, elapsed ns), summed over repeats.
-pub type RateSteps = BTreeMap<(String, u64), (u64, u64, u64)>;
+/// (host workload, hz) → (sent, delivered, elapsed ns, VMM CPU ns), summed over repeats.
+pub type RateSteps = BTreeMap<(String, u64), (u64, u64, u64, u64)>;
 
 /// One workload on one peer, over every repeat.
 #[derive(Clone, Debug, Default)]
@@ -51,11 +172,19 @@ pub struct Cell {
     pub pooled: Vec<f64>,
     pub exits_per_irq: Vec<f64>,
     pub cpu_ns_per_irq: Vec<f64>,
+    /// Per delivered interrupt, one value per run: the VMM's counters (`COUNTERS:` keys, e.g.
+    /// `mmio_exits`, `halt_sleeps`) and perf's events (`perfstat::EVENTS`).
+    pub per_irq: BTreeMap<String, Vec<f64>>,
 }
 
 impl Cell {
     pub fn median(&self) -> Option<f64> {
         stats::median(&self.run_medians)
+    }
+
+    /// The median over the runs of a per-interrupt figure (`per_irq` key).
+    pub fn per_irq(&self, key: &str) -> Option<f64> {
+        stats::median(self.per_irq.get(key)?)
     }
 }
 
@@ -74,7 +203,7 @@ pub struct Summary<'a> {
     pub cells: BTreeMap<&'static str, BTreeMap<Peer, Cell>>,
     /// vCPU count → peer → boot figures.
     pub boot: BTreeMap<u32, BTreeMap<Peer, BootCell>>,
-    /// peer → (host workload, hz) → (sent, delivered, elapsed ns) summed over repeats.
+    /// peer → (host workload, hz) → (sent, delivered, elapsed ns, CPU ns) summed over repeats.
     pub rates: BTreeMap<Peer, RateSteps>,
     problems: Vec<String>,
 }
@@ -155,11 +284,19 @@ impl<'a> Summary<'a> {
                 "selfipi",
                 "selfipi_tpr",
                 "irq_guest",
+                "irq_level",
                 "timer_oneshot",
                 "ipi_halted",
                 "ipi_spin",
             ],
             RunKind::HostIrq => &["irq_host", "irq_host_msi"],
+            RunKind::Ipi(n) => match n {
+                2 => &["ipi_storm_2", "ipi_broadcast_2"],
+                4 => &["ipi_storm_4", "ipi_broadcast_4"],
+                8 => &["ipi_storm_8", "ipi_broadcast_8"],
+                16 => &["ipi_storm_16", "ipi_broadcast_16"],
+                _ => &[],
+            },
             RunKind::Boot(_) => &["boot"],
         };
         for name in expected {
@@ -195,15 +332,35 @@ impl<'a> Summary<'a> {
             }
             cell.pooled.extend(&ns);
             let irqs = w.interrupts.max(1) as f64;
+            // A guest-marked phase ends with the guest printing its end mark, which the figures
+            // include: take its port exits out (`mark_exits`).
+            let marks = if w.host_ns.is_empty() {
+                mark_exits(name)
+            } else {
+                0
+            };
             let (exits, cpu) = match w.host_cost {
                 Some((e, c)) => (Some(e), Some(c)),
-                None => (r.output.phase_exits(name), r.phase_cpu_ns(name)),
+                None => (
+                    r.output.phase_exits(name).map(|e| e.saturating_sub(marks)),
+                    r.phase_cpu_ns(name),
+                ),
             };
             if let Some(e) = exits {
                 cell.exits_per_irq.push(e as f64 / irqs);
             }
             if let Some(c) = cpu {
                 cell.cpu_ns_per_irq.push(c as f64 / irqs);
+            }
+            let counted = r.output.phase_counters(name).into_iter().flatten();
+            let perf = r.phase_perf(name).into_iter().flatten();
+            for (k, v) in counted.chain(perf) {
+                let v = if MARK_EXIT_KEYS.contains(&k.as_str()) {
+                    v.saturating_sub(marks)
+                } else {
+                    v
+                };
+                cell.per_irq.entry(k).or_default().push(v as f64 / irqs);
             }
         }
         for p in &r.output.rates {
@@ -216,6 +373,7 @@ impl<'a> Summary<'a> {
             e.0 += p.sent;
             e.1 += p.delivered;
             e.2 += p.elapsed_ns;
+            e.3 += p.cpu_ns;
         }
     }
 
