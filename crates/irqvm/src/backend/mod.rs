@@ -409,6 +409,9 @@ pub struct ChipContext<'a> {
     pub seccomp: bool,
     /// `--protected-state-aps` (seed 004, `user` mode only; the factory refuses it for the others).
     pub protected_state_aps: Option<ProtectedStateAps>,
+    /// The VM's flight recorder and latency histograms (`crate::trace`), for the hooks of a
+    /// backend that sees interrupts (`user`: all of them; `split`: the PIC's and EOI exits).
+    pub tracer: Arc<crate::trace::Tracer>,
 }
 
 /// `--protected-state-aps`: seed 004's protected-state AP boot, emulated in `user` mode for
