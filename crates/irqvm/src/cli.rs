@@ -65,6 +65,16 @@ pub struct ReportArgs {
     /// End of the SVG's window, in µs since the VM started (default: the last event).
     #[arg(long, value_name = "US")]
     pub to: Option<f64>,
+    /// Centre the SVG's window on the first interrupt of this vector (hex with 0x, or decimal)
+    /// posted after --from that was injected and EOIed: from a little before its post to a
+    /// little after its EOI.
+    #[arg(long, value_name = "VECTOR", value_parser = parse_vector)]
+    pub focus: Option<u8>,
+}
+
+fn parse_vector(text: &str) -> Result<u8, String> {
+    parse_address(text)
+        .and_then(|v| u8::try_from(v).map_err(|_| format!("'{text}' is not a vector")))
 }
 
 #[derive(Debug, clap::Args)]
@@ -184,6 +194,8 @@ pub enum CliError {
     Svg(String),
     #[error("--from and --to must be numbers of µs with --from < --to")]
     BadWindow,
+    #[error("no interrupt of vector {0:#04x} with its injection and EOI in the trace")]
+    NoSuchVector(u8),
 }
 
 /// Exit status when --timeout expires (as timeout(1) uses).
@@ -328,10 +340,14 @@ fn trace_report(args: &ReportArgs) -> Result<i32, CliError> {
     if let Some(svg) = &args.svg {
         let span = report::span(&trace);
         let ns = |us: f64| (us * 1000.0).round() as u64;
-        let window = report::Window {
+        let mut window = report::Window {
             from: args.from.map_or(span.from, ns),
             to: args.to.map_or(span.to, ns),
         };
+        if let Some(vector) = args.focus {
+            window =
+                report::focus(&trace, vector, window.from).ok_or(CliError::NoSuchVector(vector))?;
+        }
         let finite = [args.from, args.to]
             .iter()
             .flatten()

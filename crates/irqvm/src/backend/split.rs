@@ -360,6 +360,9 @@ impl SplitShared {
 pub struct SplitIrqchip {
     shared: Arc<SplitShared>,
     features: ChipFeatures,
+    /// The flight recorder: entries and exits (the vCPU loop), ExtINT injections and the
+    /// EOI exits of level-triggered IOAPIC vectors (here); KVM's LAPICs show nothing else.
+    tracer: Arc<crate::trace::Tracer>,
 }
 
 impl SplitIrqchip {
@@ -388,6 +391,7 @@ impl SplitIrqchip {
             .enable_cap(&cap)
             .map_err(KvmError::ioctl("KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)"))?;
         Ok(Self {
+            tracer: ctx.tracer,
             features: features(ctx.kvm),
             shared: Arc::new(SplitShared {
                 chip,
@@ -453,6 +457,7 @@ impl Irqchip for SplitIrqchip {
         Ok(Box::new(SplitVcpuChip {
             index,
             shared: self.shared.clone(),
+            probe: crate::trace::VcpuProbe::new(self.tracer.clone(), index),
         }))
     }
 
@@ -491,12 +496,13 @@ impl Irqchip for SplitIrqchip {
 struct SplitVcpuChip {
     index: usize,
     shared: Arc<SplitShared>,
+    probe: crate::trace::VcpuProbe,
 }
 
 impl SplitVcpuChip {
     /// Step 2 and 3 of the ExtINT protocol (module documentation). Returns whether to request
     /// an interrupt window.
-    fn offer_extint(&self, vcpu: &mut VcpuFd) -> Result<bool, IrqchipError> {
+    fn offer_extint(&mut self, vcpu: &mut VcpuFd) -> Result<bool, IrqchipError> {
         let chip = &self.shared.chip;
         if !chip.pic_intr() {
             return Ok(false);
@@ -509,6 +515,7 @@ impl SplitVcpuChip {
         if let Some(vector) = chip.pic_acknowledge_if_pending() {
             kvm::inject_interrupt(vcpu, vector)?;
             bump(&self.shared.stats().extints_injected);
+            self.probe.injected(vector, true);
         }
         // KVM holds one ExtINT at a time: a further request waits for the next window.
         Ok(chip.pic_intr())
@@ -547,7 +554,11 @@ impl VcpuIrqchip for SplitVcpuChip {
             ChipExit::PioWrite { port, data } if DualPic::handles_port(*port) => {
                 shared.pic_write(*port, data)
             }
-            ChipExit::IoapicEoi { vector } => shared.ioapic_eoi(*vector),
+            ChipExit::IoapicEoi { vector } => {
+                self.probe.eoi(*vector);
+                crate::trace::hooks::ioapic_eoi(self.probe.tracer(), *vector);
+                shared.ioapic_eoi(*vector)
+            }
             // `before_entry` injects at this entry.
             ChipExit::IrqWindowOpen => {}
             _ => return Ok(ExitHandled::NotMine),

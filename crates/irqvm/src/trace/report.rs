@@ -305,6 +305,7 @@ pub fn svg(trace: &Trace, path: &Path, window: Window) -> PlotResult {
             ("sans-serif", 18),
         )
         .margin(12)
+        .margin_top(40)
         .x_label_area_size(40)
         .y_label_area_size(110)
         .build_cartesian_2d(0f64..width, -0.5f64..lanes - 0.5)?;
@@ -341,11 +342,23 @@ pub fn svg(trace: &Trace, path: &Path, window: Window) -> PlotResult {
             style,
         )))?;
     }
+    remote_irr_bars(&mut chart, trace, &tracks, &x, (from, to))?;
     let all = deliveries(trace);
-    for d in all
-        .iter()
-        .filter(|d| d.post <= to && d.eoi.or(d.inject).map_or(d.post, |(_, t)| t) >= from)
-    {
+    let in_window =
+        |d: &&Delivery| d.post <= to && d.eoi.or(d.inject).map_or(d.post, |(_, t)| t) >= from;
+    // In service: a thin bar under the vCPU's lane from injection to EOI.
+    for d in all.iter().filter(in_window) {
+        if let (Some((tid, i)), Some((_, e))) = (d.inject, d.eoi) {
+            if let Some(row) = row_of(&tracks, tid) {
+                let style = RGBColor(250, 160, 40).filled();
+                chart.draw_series(std::iter::once(Rectangle::new(
+                    [(x(i), row - 0.42), (x(e), row - 0.34)],
+                    style,
+                )))?;
+            }
+        }
+    }
+    for d in all.iter().filter(in_window) {
         let mut points = vec![];
         if let Some(row) = row_of(&tracks, d.post_tid) {
             points.push((x(d.post), row));
@@ -388,28 +401,83 @@ pub fn svg(trace: &Trace, path: &Path, window: Window) -> PlotResult {
     Ok(())
 }
 
+type Chart<'a, 'b> = ChartContext<
+    'a,
+    SVGBackend<'b>,
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+>;
+
+/// On the IOAPIC lane, a bar per vector from remote IRR set to its clearing by the EOI.
+fn remote_irr_bars(
+    chart: &mut Chart<'_, '_>,
+    trace: &Trace,
+    tracks: &[(u64, String)],
+    x: &dyn Fn(u64) -> f64,
+    (from, to): (u64, u64),
+) -> PlotResult {
+    let Some(row) = row_of(tracks, TID_IOAPIC) else {
+        return Ok(());
+    };
+    let mut held: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut bars = Vec::new();
+    for s in trace.slices.iter().filter(|s| s.cat == "ioapic") {
+        let vector = arg_u64(s, "vector").unwrap_or(0);
+        if s.args.get("set").and_then(Value::as_bool) == Some(true) {
+            held.entry(vector).or_insert(s.start_ns);
+        } else if let Some(start) = held.remove(&vector) {
+            bars.push((start, s.start_ns));
+        }
+    }
+    bars.extend(held.into_values().map(|start| (start, to)));
+    for (a, b) in bars.into_iter().filter(|&(a, b)| b >= from && a <= to) {
+        let style = RGBColor(240, 150, 150).filled();
+        chart.draw_series(std::iter::once(Rectangle::new(
+            [(x(a), row - 0.2), (x(b), row + 0.2)],
+            style,
+        )))?;
+    }
+    Ok(())
+}
+
 fn legend(root: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>) -> PlotResult {
-    let items: [(&str, RGBColor); 5] = [
+    let items: [(&str, RGBColor); 8] = [
         ("post", RED),
         ("injection", GREEN),
         ("EOI", MAGENTA),
-        ("remote IRR set", RED),
-        ("remote IRR cleared (EOI)", BLUE),
+        ("in the guest", RGBColor(120, 170, 230)),
+        ("halted", RGBColor(220, 220, 220)),
+        ("in service (ISR)", RGBColor(250, 160, 40)),
+        ("remote IRR held", RGBColor(240, 150, 150)),
+        ("remote IRR cleared", BLUE),
     ];
     let mut x = 130;
     for (i, (label, color)) in items.iter().enumerate() {
-        if i < 3 {
-            root.draw(&Circle::new((x, 40), 4, color.filled()))?;
-        } else {
-            root.draw(&PathElement::new(
-                vec![(x, 34), (x, 46)],
+        match i {
+            0..=2 => root.draw(&Circle::new((x, 16), 4, color.filled()))?,
+            7 => root.draw(&PathElement::new(
+                vec![(x, 10), (x, 22)],
                 color.stroke_width(2),
-            ))?;
+            ))?,
+            _ => root.draw(&Rectangle::new([(x - 5, 11), (x + 5, 21)], color.filled()))?,
         }
-        root.draw(&Text::new(*label, (x + 8, 34), ("sans-serif", 13)))?;
-        x += 30 + 8 * label.len() as i32;
+        root.draw(&Text::new(*label, (x + 8, 10), ("sans-serif", 13)))?;
+        x += 24 + 7 * label.len() as i32;
     }
     Ok(())
+}
+
+/// The window around the first delivery of `vector` posted at or after `after` that has its
+/// injection and EOI: from before its post to after its EOI by half its life plus 20 µs.
+pub fn focus(trace: &Trace, vector: u8, after: u64) -> Option<Window> {
+    let d = deliveries(trace)
+        .into_iter()
+        .find(|d| d.vector == vector && d.post >= after && d.eoi.is_some())?;
+    let end = d.eoi.map_or(d.post, |(_, t)| t);
+    let pad = (end - d.post) / 2 + 20_000;
+    Some(Window {
+        from: d.post.saturating_sub(pad),
+        to: end + pad,
+    })
 }
 
 /// The whole trace's time span (ns).
