@@ -793,6 +793,39 @@ mod tests {
         (reached, notified)
     }
 
+    /// Records what an observer is shown, and checks the post had not landed yet.
+    struct Watch {
+        seen: Mutex<Vec<(VcpuIndex, Vector)>>,
+        bus: std::sync::OnceLock<std::sync::Arc<ApicBus<FakeVcpu>>>,
+    }
+
+    impl PostObserver for Watch {
+        fn posting(&self, target: VcpuIndex, message: &InterruptMessage) {
+            if let Some(bus) = self.bus.get() {
+                let sink = bus.sink(target).unwrap();
+                assert!(sink.posts().is_empty(), "the observer runs before the post");
+            }
+            self.seen.lock().unwrap().push((target, message.vector));
+        }
+    }
+
+    /// The observer sees each target of a broadcast once, before its post; only one can be set.
+    #[test]
+    fn the_post_observer_sees_every_target_before_its_post() {
+        let b = std::sync::Arc::new(bus(&[flat(0, 1), flat(1, 2), flat(2, 4)]));
+        let watch = std::sync::Arc::new(Watch {
+            seen: Mutex::new(Vec::new()),
+            bus: std::sync::OnceLock::new(),
+        });
+        let _ = watch.bus.set(b.clone());
+        assert!(b.set_observer(watch.clone()));
+        assert!(!b.set_observer(watch.clone()), "set once");
+        let m = phys(0xFF);
+        assert_eq!(deliver_collect(&b, &m).0, 3);
+        let seen = watch.seen.lock().unwrap().clone();
+        assert_eq!(seen, [(0, m.vector), (1, m.vector), (2, m.vector)]);
+    }
+
     // ---- physical destinations, SDM vol. 3 §11.6.2.1 ----
 
     #[test]
