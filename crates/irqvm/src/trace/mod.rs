@@ -34,8 +34,11 @@ use irqchip::{DeliveryMode, InterruptMessage, MessageSource, VcpuIndex};
 
 pub use latency::Latency;
 
-/// Events each ring keeps by default (per vCPU, and for the platform ring).
-pub const DEFAULT_CAPACITY: usize = 1 << 18;
+/// Events each ring keeps by default (per vCPU, and for the platform ring): 5 MiB a ring.
+pub const DEFAULT_CAPACITY: usize = 1 << 17;
+/// Events all rings of a VM keep together at most by default (80 MiB): a VM with many vCPUs gets
+/// smaller rings.
+pub const DEFAULT_TOTAL: usize = 1 << 21;
 /// "No vCPU" in [`Event::vcpu`].
 pub const NO_VCPU: u16 = u16::MAX;
 
@@ -373,7 +376,7 @@ impl Tracer {
             vcpus,
             mode: mode.to_string(),
             rings: OnceLock::new(),
-            capacity: AtomicU64::new(DEFAULT_CAPACITY as u64),
+            capacity: AtomicU64::new(DEFAULT_CAPACITY.min(DEFAULT_TOTAL / (vcpus + 1)) as u64),
             next_id: AtomicU64::new(1),
             pending: (0..vcpus)
                 .map(|_| std::array::from_fn(|_| AtomicU64::new(0)))

@@ -120,3 +120,9 @@ fn report_prints_percentiles_per_vector_and_source() {
     assert_eq!(cols[10], "5.0", "p50 inject -> EOI in µs: {row}");
     assert!(text.lines().any(|l| l.starts_with("timer")), "{text}");
 }
+
+/// An event is 32 bytes (40 in the ring with its slot's stamp): what the docs' ring sizes assume.
+#[test]
+fn an_event_is_32_bytes() {
+    assert_eq!(std::mem::size_of::<Event>(), 32);
+}
