@@ -607,7 +607,10 @@ impl VcpuProbe {
                 .arg(u64::from(extint));
             self.tracer.record(event);
         }
-        self.in_service[usize::from(vector)] = (id, now);
+        // An ExtINT vector never enters the local APIC's ISR: its EOI goes to the PIC.
+        if !extint {
+            self.in_service[usize::from(vector)] = (id, now);
+        }
     }
 
     /// An NMI went in with KVM_NMI.
