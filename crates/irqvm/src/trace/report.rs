@@ -9,7 +9,7 @@ use std::path::Path;
 use plotters::prelude::*;
 use serde_json::Value;
 
-use super::chrome::{TID_DEVICES, TID_IOAPIC, TID_PIC, TID_TIMERS};
+use super::chrome::TID_IOAPIC;
 use super::TraceError;
 
 /// One `X` event of the file.
@@ -490,9 +490,4 @@ pub fn span(trace: &Trace) -> Window {
         .max()
         .unwrap_or(from + 1);
     Window { from, to }
-}
-
-/// The track names the report knows (for the legend of platform tracks in tests).
-pub fn platform_tracks() -> [u64; 4] {
-    [TID_IOAPIC, TID_PIC, TID_TIMERS, TID_DEVICES]
 }
