@@ -57,6 +57,11 @@ pub fn main(spec: ChildSpec) -> Result<i32, String> {
     let capture = SerialCapture::new();
     cfg.serial = SerialOutput::StdoutAndCapture(capture.clone());
     let vm = Vm::new(&cfg).map_err(|e| e.to_string())?;
+    // IRQVM_BENCH_TRACE=1: the flight recorder on for the whole run, to measure its cost
+    // (docs/benchmarks.md, "Flight recorder overhead"); what it records is dropped.
+    if std::env::var_os("IRQVM_BENCH_TRACE").is_some() {
+        vm.tracer().start().map_err(|e| e.to_string())?;
+    }
     let memory = vm.memory().clone();
     let vm = Arc::new(vm.start().map_err(|e| e.to_string())?);
     let finished = Arc::new(AtomicBool::new(false));

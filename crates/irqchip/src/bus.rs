@@ -106,12 +106,23 @@ const XAPIC_MEMBER_MASK: u32 = 0xF;
 const X2APIC_CLUSTER_SHIFT: u32 = 16;
 const X2APIC_MEMBER_MASK: u32 = 0xFFFF;
 
+/// Watches the posts the bus makes: a VMM's flight recorder and delivery-latency metrics. The
+/// bus calls it on the poster's thread, once per target, right before the post lands (so a
+/// record made here precedes anything the target can do with the interrupt). It must not call
+/// back into the bus and should be short: it runs on every delivery.
+pub trait PostObserver: Send + Sync {
+    /// `message` is about to be posted to vCPU `target`.
+    fn posting(&self, target: VcpuIndex, message: &InterruptMessage);
+}
+
 /// The interrupt bus of one VM: the vCPUs' sinks and a lock-free topology snapshot.
 pub struct ApicBus<S: InterruptSink> {
     sinks: Vec<Arc<S>>,
     snapshot: ArcSwap<Snapshot>,
     /// Round-robin position for lowest-priority ties (see the module documentation).
     lowest_priority_turn: AtomicU32,
+    /// Set at most once, by the VMM, before the vCPUs run ([`ApicBus::set_observer`]).
+    observer: std::sync::OnceLock<std::sync::Arc<dyn PostObserver>>,
 }
 
 impl<S: InterruptSink> ApicBus<S> {
@@ -130,7 +141,14 @@ impl<S: InterruptSink> ApicBus<S> {
             snapshot: ArcSwap::from_pointee(Snapshot::build(entries)),
             sinks,
             lowest_priority_turn: AtomicU32::new(0),
+            observer: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Installs the observer of every later post; false (and nothing changes) if one is
+    /// installed already. Without one, delivery pays one load and branch for it.
+    pub fn set_observer(&self, observer: std::sync::Arc<dyn PostObserver>) -> bool {
+        self.observer.set(observer).is_ok()
     }
 
     /// Number of vCPUs on the bus.
@@ -207,7 +225,11 @@ impl<S: InterruptSink> ApicBus<S> {
         // out for the call (a re-entrant delivery from `notify` would just get a fresh one).
         let mut targets = SCRATCH.with(std::cell::Cell::take);
         self.targets(msg, TieBreak::Advance, &mut targets);
+        let observer = self.observer.get();
         for &index in &targets {
+            if let Some(observer) = observer {
+                observer.posting(index, msg);
+            }
             let outcome = post.apply(self.sinks[index].as_ref());
             if outcome != Notify::None {
                 notify(index, outcome);
@@ -769,6 +791,39 @@ mod tests {
         let mut notified = Vec::new();
         let reached = bus.deliver(m, &mut |i, n| notified.push((i, n)));
         (reached, notified)
+    }
+
+    /// Records what an observer is shown, and checks the post had not landed yet.
+    struct Watch {
+        seen: Mutex<Vec<(VcpuIndex, Vector)>>,
+        bus: std::sync::OnceLock<std::sync::Arc<ApicBus<FakeVcpu>>>,
+    }
+
+    impl PostObserver for Watch {
+        fn posting(&self, target: VcpuIndex, message: &InterruptMessage) {
+            if let Some(bus) = self.bus.get() {
+                let sink = bus.sink(target).unwrap();
+                assert!(sink.posts().is_empty(), "the observer runs before the post");
+            }
+            self.seen.lock().unwrap().push((target, message.vector));
+        }
+    }
+
+    /// The observer sees each target of a broadcast once, before its post; only one can be set.
+    #[test]
+    fn the_post_observer_sees_every_target_before_its_post() {
+        let b = std::sync::Arc::new(bus(&[flat(0, 1), flat(1, 2), flat(2, 4)]));
+        let watch = std::sync::Arc::new(Watch {
+            seen: Mutex::new(Vec::new()),
+            bus: std::sync::OnceLock::new(),
+        });
+        let _ = watch.bus.set(b.clone());
+        assert!(b.set_observer(watch.clone()));
+        assert!(!b.set_observer(watch.clone()), "set once");
+        let m = phys(0xFF);
+        assert_eq!(deliver_collect(&b, &m).0, 3);
+        let seen = watch.seen.lock().unwrap().clone();
+        assert_eq!(seen, [(0, m.vector), (1, m.vector), (2, m.vector)]);
     }
 
     // ---- physical destinations, SDM vol. 3 §11.6.2.1 ----

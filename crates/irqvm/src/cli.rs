@@ -40,6 +40,41 @@ pub enum Command {
     /// 1, 2 and 4 vCPUs (or those given), each run under a watchdog; stops at the first failing
     /// seed and prints the command that replays it.
     FuzzGuest(FuzzArgs),
+    /// Read a flight-recorder trace (`run --trace FILE`, or the API's trace.start/stop).
+    #[command(subcommand)]
+    Trace(TraceCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TraceCommand {
+    /// Print per-vector and per-source latency percentiles (post to injection, injection to
+    /// EOI) and optionally draw a window of the timeline as SVG.
+    Report(ReportArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ReportArgs {
+    /// The trace file (Chrome Trace Event JSON written by irqvm).
+    pub file: PathBuf,
+    /// Draw the timeline of the window into this SVG file.
+    #[arg(long, value_name = "OUT.svg")]
+    pub svg: Option<PathBuf>,
+    /// Start of the SVG's window, in µs since the VM started (default: the first event).
+    #[arg(long, value_name = "US")]
+    pub from: Option<f64>,
+    /// End of the SVG's window, in µs since the VM started (default: the last event).
+    #[arg(long, value_name = "US")]
+    pub to: Option<f64>,
+    /// Centre the SVG's window on the first interrupt of this vector (hex with 0x, or decimal)
+    /// posted after --from that was injected and EOIed: from a little before its post to a
+    /// little after its EOI.
+    #[arg(long, value_name = "VECTOR", value_parser = parse_vector)]
+    pub focus: Option<u8>,
+}
+
+fn parse_vector(text: &str) -> Result<u8, String> {
+    parse_address(text)
+        .and_then(|v| u8::try_from(v).map_err(|_| format!("'{text}' is not a vector")))
 }
 
 #[derive(Debug, clap::Args)]
@@ -108,6 +143,10 @@ pub struct RunArgs {
     /// Serve the control API (HTTP/1.1, JSON) on this Unix socket; see docs/operations.md.
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
+    /// Record every interrupt of the run with the flight recorder and write the trace (Chrome
+    /// Trace Event JSON: Perfetto, chrome://tracing) to FILE when the VM ends.
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<PathBuf>,
     /// Emulate seed 004's protected-state AP boot (user irqchip only; a test of the protocol,
     /// not a protection): no register writes to APs after launch, the first SIPI runs the launch
     /// state (real mode at PAGE << 12, default 0x08), an AP parks with the GHCB MSR's AP Reset
@@ -161,6 +200,14 @@ pub enum CliError {
     Vm(#[from] VmError),
     #[error("control API: {0}")]
     Api(#[from] crate::api::ServerError),
+    #[error(transparent)]
+    Trace(#[from] crate::trace::TraceError),
+    #[error("cannot draw the timeline: {0}")]
+    Svg(String),
+    #[error("--from and --to must be numbers of µs with --from < --to")]
+    BadWindow,
+    #[error("no interrupt of vector {0:#04x} with its injection and EOI in the trace")]
+    NoSuchVector(u8),
 }
 
 /// Exit status when --timeout expires (as timeout(1) uses).
@@ -214,19 +261,26 @@ pub fn demo_config() -> VmConfig {
 
 /// Runs the command line; returns the process exit status.
 pub fn main_with(cli: Cli) -> Result<i32, CliError> {
-    let (cfg, timeout, api_sock) = match &cli.command {
-        None => (demo_config(), None, None),
+    let (cfg, timeout, api_sock, trace) = match &cli.command {
+        None => (demo_config(), None, None, None),
         Some(Command::FuzzGuest(args)) => return Ok(fuzz_guest(args)),
+        Some(Command::Trace(TraceCommand::Report(args))) => return trace_report(args),
         Some(Command::Run(args)) => {
             let timeout = match args.timeout {
                 None => None,
                 Some(t) if t.is_finite() && t > 0.0 => Some(Duration::from_secs_f64(t)),
                 Some(_) => return Err(CliError::BadTimeout),
             };
-            (run_config(args)?, timeout, args.api_sock.clone())
+            let trace = args.trace.as_deref().map(create_trace_file).transpose()?;
+            (run_config(args)?, timeout, args.api_sock.clone(), trace)
         }
     };
-    let vm = Vm::new(&cfg)?.start()?;
+    let vm = Vm::new(&cfg)?;
+    let tracer = vm.tracer().clone();
+    if trace.is_some() {
+        tracer.start()?;
+    }
+    let vm = vm.start()?;
     let filter = cfg
         .seccomp
         .then(|| ThreadFilter::new(Role::Main(cfg.irqchip)))
@@ -251,6 +305,22 @@ pub fn main_with(cli: Cli) -> Result<i32, CliError> {
     }
     let result = vm.wait(timeout);
     drop(api);
+    if let Some((path, file)) = trace {
+        // The file was created before the main thread's filter went on: only writes now.
+        let dump = tracer.stop()?;
+        crate::trace::chrome::write(&dump, file).map_err(|source| {
+            crate::trace::TraceError::Write {
+                path: path.display().to_string(),
+                source,
+            }
+        })?;
+        eprintln!(
+            "irqvm: trace of {} events written to {} ({} dropped)",
+            dump.events.len(),
+            path.display(),
+            dump.dropped_total()
+        );
+    }
     match result {
         Ok(report) => {
             log_report(&report);
@@ -267,6 +337,45 @@ pub fn main_with(cli: Cli) -> Result<i32, CliError> {
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// `--trace FILE`: created before the VM starts (and before the seccomp filter, which allows
+/// no `open`), written when it ends.
+fn create_trace_file(path: &Path) -> Result<(PathBuf, std::fs::File), CliError> {
+    let file = std::fs::File::create(path).map_err(|source| crate::trace::TraceError::Write {
+        path: path.display().to_string(),
+        source,
+    })?;
+    Ok((path.to_path_buf(), file))
+}
+
+/// `irqvm trace report`: the latency table on stdout, and the SVG if asked.
+fn trace_report(args: &ReportArgs) -> Result<i32, CliError> {
+    use crate::trace::report;
+    let trace = report::load(&args.file)?;
+    print!("{}", report::text(&trace));
+    if let Some(svg) = &args.svg {
+        let span = report::span(&trace);
+        let ns = |us: f64| (us * 1000.0).round() as u64;
+        let mut window = report::Window {
+            from: args.from.map_or(span.from, ns),
+            to: args.to.map_or(span.to, ns),
+        };
+        if let Some(vector) = args.focus {
+            window =
+                report::focus(&trace, vector, window.from).ok_or(CliError::NoSuchVector(vector))?;
+        }
+        let finite = [args.from, args.to]
+            .iter()
+            .flatten()
+            .all(|v| v.is_finite() && *v >= 0.0);
+        if !finite || window.from >= window.to {
+            return Err(CliError::BadWindow);
+        }
+        report::svg(&trace, svg, window).map_err(|e| CliError::Svg(e.to_string()))?;
+        println!("\ntimeline written to {}", svg.display());
+    }
+    Ok(0)
 }
 
 /// Exit status when the VMM stops the VM on an error (as for any other VMM error).

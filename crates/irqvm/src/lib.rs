@@ -20,6 +20,7 @@
 //! | [`vm`] | building and running a VM (and choosing the backend) |
 //! | [`seccomp`] | the per-thread seccomp filters (least privilege) |
 //! | [`api`] | the control API over a Unix socket (`--api-sock`) |
+//! | [`trace`] | the interrupt flight recorder (`--trace`, Chrome Trace Event JSON) and latency histograms |
 //! | [`ratelimit`] | rate-limited warnings for what a guest can trigger at will |
 //! | [`fuzzguest`] | `irqvm fuzz-guest`: the hostile-guest fuzzer, seed after seed, under a watchdog |
 //! | [`cli`] | the `irqvm` command line |
@@ -43,6 +44,7 @@ pub mod memory;
 pub mod ratelimit;
 pub mod seccomp;
 pub mod snapshot;
+pub mod trace;
 pub mod vcpu;
 pub mod vm;
 

@@ -31,6 +31,7 @@ use crate::kvm::{self, KvmError};
 use crate::loader::{self, BootPlatform, LoadRequest, LoadedKernel, LoaderError, Module, RawImage};
 use crate::memory::{self, GuestRam, MemoryError};
 use crate::seccomp::{self, Role, SeccompError, ThreadFilter};
+use crate::trace::Tracer;
 use crate::vcpu::{
     regs, GuestExit, VcpuFailure, VcpuShared, VcpuState, VcpuStatsSnapshot, VcpuThread, VmControl,
 };
@@ -138,6 +139,7 @@ pub struct Vm {
 /// The parts of a VM shared by its threads, kept alive until every vCPU thread is joined.
 struct Machine {
     chip: Arc<dyn Irqchip>,
+    tracer: Arc<Tracer>,
     devices: Arc<Devices>,
     control: Arc<VmControl>,
     shared: Vec<Arc<VcpuShared>>,
@@ -181,6 +183,12 @@ impl Vm {
         let shared: Vec<Arc<VcpuShared>> = (0..cfg.cpus as usize)
             .map(|index| Arc::new(VcpuShared::new(index)))
             .collect();
+        let epoch = Instant::now();
+        let tracer = Arc::new(Tracer::new(
+            cfg.cpus as usize,
+            epoch,
+            crate::api::control::mode_name(cfg.irqchip),
+        ));
         // The backend's VM-wide setup must precede KVM_CREATE_VCPU.
         let chip = create_irqchip(
             cfg.irqchip,
@@ -188,10 +196,11 @@ impl Vm {
                 kvm: &kvm,
                 vm: vm_fd.clone(),
                 kicker: Arc::new(VcpuKicks(shared.clone())),
-                epoch: Instant::now(),
+                epoch,
                 seccomp: cfg.seccomp,
                 protected_state_aps: cfg.protected_state_aps,
                 cpu: model,
+                tracer: tracer.clone(),
             },
         )?;
         let control = Arc::new(VmControl::default());
@@ -224,6 +233,7 @@ impl Vm {
                 shared: vcpu_shared.clone(),
                 control: control.clone(),
                 last_exit: Default::default(),
+                tracer: tracer.clone(),
             });
         }
         let vcpu_filter = cfg
@@ -235,6 +245,7 @@ impl Vm {
             vcpu_filter,
             machine: Machine {
                 chip,
+                tracer,
                 devices,
                 control,
                 shared,
@@ -245,6 +256,11 @@ impl Vm {
                 memory,
             },
         })
+    }
+
+    /// The VM's flight recorder: start it here to record from the first instruction.
+    pub fn tracer(&self) -> &Arc<Tracer> {
+        &self.machine.tracer
     }
 
     /// What the loader did.
@@ -532,7 +548,14 @@ impl RunningVm {
             vcpus: self.vm.shared.clone(),
             started: self.started,
             seccomp: self.vm.seccomp,
+            tracer: self.vm.tracer.clone(),
+            trace_file: Arc::default(),
         }
+    }
+
+    /// The VM's flight recorder (`crate::trace`).
+    pub fn tracer(&self) -> &Arc<Tracer> {
+        &self.vm.tracer
     }
 
     /// Kicks vCPU `index` out of KVM_RUN (and out of blocking), and nudges it if paused.

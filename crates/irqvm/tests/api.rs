@@ -159,6 +159,8 @@ fn check_api(sock: &Path, mode: IrqchipMode) {
     check_pause(sock, mode);
     check_lines_and_msis(sock);
 
+    // The flight recorder through the API, around the host's INIT, SIPI and NMI.
+    let trace = trace_start(sock, mode);
     // INIT-SIPI from the host starts the AP at vector << 12 in real mode.
     let delivered = (200, r#"{"delivered":true}"#.to_string());
     assert_eq!(curl(sock, "PUT", "/api/v1/vcpus/1/init", None), delivered);
@@ -190,6 +192,64 @@ fn check_api(sock: &Path, mode: IrqchipMode) {
         counters["vcpu0"]["kvm_runs"].as_u64().unwrap() > 0,
         "{counters}"
     );
+    trace_stop(sock, mode, &trace);
+}
+
+/// `trace.start` with a file that cannot be created is refused (400); a good one starts the
+/// recorder, and a second start is refused (409) while it records.
+fn trace_start(sock: &Path, mode: IrqchipMode) -> PathBuf {
+    let path = std::env::temp_dir().join(format!(
+        "irqvm-api-trace-{}-{}.json",
+        std::process::id(),
+        mode_name(mode)
+    ));
+    let body = |p: &Path| serde_json::json!({ "path": p }).to_string();
+    let bad = Path::new("/nonexistent-dir/t.json");
+    refused(sock, "PUT", "/api/v1/trace.start", Some(&body(bad)), 400);
+    refused(sock, "PUT", "/api/v1/trace.stop", None, 409);
+    let (code, text) = curl(sock, "PUT", "/api/v1/trace.start", Some(&body(&path)));
+    assert_eq!(code, 204, "{text}");
+    refused(sock, "PUT", "/api/v1/trace.start", Some(&body(&path)), 409);
+    path
+}
+
+/// `trace.stop` writes the file: it parses, nothing was dropped, vCPU 1's exits are there in
+/// every mode, and in `user` mode the host's INIT, SIPI and NMI to vCPU 1 are posts
+/// of source `host`, with the AP accepting INIT and SIPI and the NMI injected.
+fn trace_stop(sock: &Path, mode: IrqchipMode, path: &Path) {
+    let (code, text) = curl(sock, "PUT", "/api/v1/trace.stop", None);
+    assert_eq!(code, 200, "{text}");
+    let answer: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(answer["dropped_events"], 0, "{answer}");
+    assert!(answer["events"].as_u64().unwrap() > 0, "{answer}");
+    refused(sock, "PUT", "/api/v1/trace.stop", None, 409);
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let _ = std::fs::remove_file(path);
+    let events = json["traceEvents"].as_array().unwrap();
+    let has = |pred: &dyn Fn(&serde_json::Value) -> bool| events.iter().any(pred);
+    // The queries kick vCPU 1 out of the guest (or, in `kernel` mode, out of KVM's wait for
+    // its SIPI): each return from KVM_RUN is an exit on its track.
+    assert!(
+        has(&|e| e["name"] == "guest" && e["tid"] == 1),
+        "no guest time"
+    );
+    assert_eq!(json["otherData"]["irqchip"], mode_name(mode));
+    if mode != IrqchipMode::User {
+        return;
+    }
+    let trace = irqvm::trace::report::parse(&json).unwrap();
+    let host: Vec<String> = irqvm::trace::report::deliveries(&trace)
+        .into_iter()
+        .filter(|d| d.source == "host" && d.target == 1)
+        .map(|d| d.delivery)
+        .collect();
+    assert_eq!(host, ["init", "startup", "nmi"], "{host:?}");
+    for name in ["init_accept", "sipi_accept"] {
+        assert!(has(&|e| e["name"] == name && e["tid"] == 1), "no {name}");
+    }
+    assert!(has(&|e| e["cat"] == "inject"
+        && e["args"]["kind"] == "nmi"
+        && e["tid"] == 1));
 }
 
 fn check_bad_requests(sock: &Path) {

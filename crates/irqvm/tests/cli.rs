@@ -166,3 +166,55 @@ fn a_broken_stdout_costs_one_warning_not_one_per_byte() {
         "{warnings} serial warnings (one, or two if the run spans the 5 s interval):\n{err}"
     );
 }
+
+/// `run --trace` (under the binary's seccomp filters, which allow no `open` after setup) writes
+/// the trace when the guest ends; `trace report` prints a table whose rows add up (every fixed
+/// IPI of the ipi guest injected and EOIed) and draws the SVG.
+#[test]
+fn run_trace_then_report() {
+    let dir = std::env::temp_dir();
+    let trace = dir.join(format!("irqvm-cli-trace-{}.json", std::process::id()));
+    let svg = dir.join(format!("irqvm-cli-trace-{}.svg", std::process::id()));
+    let kernel = common::guest_path("ipi");
+    let trace_arg = trace.to_str().unwrap();
+    let (status, out, err) = irqvm(&[
+        "run", "--kernel", &kernel, "--cpus", "2", "--trace", trace_arg,
+    ]);
+    assert_eq!(status, 1, "{out}\n{err}");
+    assert!(err.contains("(0 dropped)"), "{err}");
+    let svg_arg = svg.to_str().unwrap();
+    let (status, report, err) = irqvm(&["trace", "report", trace_arg, "--svg", svg_arg]);
+    assert_eq!(status, 0, "{err}");
+    // "0x40  POSTS | INJ p50 p90 p99 max | EOI p50 p90 p99 max", one row per fixed vector (NMI,
+    // INIT and start-up have rows of their own).
+    let rows: Vec<Vec<u64>> = report
+        .lines()
+        .skip_while(|l| !l.starts_with("per vector"))
+        .take_while(|l| !l.is_empty())
+        .filter(|l| l.starts_with("0x"))
+        .map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            [1, 3, 9]
+                .iter()
+                .map(|&i| cols[i].parse().unwrap_or_else(|_| panic!("{l}")))
+                .collect()
+        })
+        .collect();
+    for row in &rows {
+        assert!(row[0] == row[1] && row[1] == row[2], "{row:?}:\n{report}");
+    }
+    let posts: u64 = rows.iter().map(|r| r[0]).sum();
+    assert!(
+        posts >= 20,
+        "the ipi guest sends dozens of fixed IPIs:\n{report}"
+    );
+    assert!(report.contains("\nper source\n"), "{report}");
+    let picture = std::fs::read_to_string(&svg).unwrap();
+    assert!(picture.starts_with("<svg") && picture.contains("vCPU 1"));
+    let (status, _, err) = irqvm(&[
+        "trace", "report", trace_arg, "--focus", "0x05", "--svg", svg_arg,
+    ]);
+    assert_eq!(status, 2, "no vector 0x05 in the trace: {err}");
+    let _ = std::fs::remove_file(trace);
+    let _ = std::fs::remove_file(svg);
+}

@@ -5,7 +5,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::model::{Counters, LineRequest, MsiRequest, PlatformInfo, VcpuInfo, VmInfo};
+use super::model::{
+    Counters, LineRequest, MsiRequest, PlatformInfo, TraceStartRequest, TraceStopped, VcpuInfo,
+    VmInfo,
+};
 use super::router::Control;
 use super::ApiError;
 use crate::backend::{HostEvent, Irqchip, IrqchipError, IrqchipMode, MsiDelivery};
@@ -24,9 +27,13 @@ pub struct VmHandle {
     pub(crate) started: Instant,
     /// Whether the API's threads run under `seccomp::Role::Api` (the VM's `VmConfig::seccomp`).
     pub(crate) seccomp: bool,
+    pub(crate) tracer: Arc<crate::trace::Tracer>,
+    /// The file of the recording `trace.start` began (shared by the handle's clones).
+    pub(crate) trace_file: Arc<std::sync::Mutex<Option<(String, std::fs::File)>>>,
 }
 
-fn mode_name(mode: IrqchipMode) -> &'static str {
+/// The API's (and the trace file's) name of an irqchip mode.
+pub fn mode_name(mode: IrqchipMode) -> &'static str {
     match mode {
         IrqchipMode::User => "user",
         IrqchipMode::Split => "split",
@@ -238,5 +245,55 @@ impl Control for VmHandle {
         }
         let delivery = self.chip.send_event(index, event).map_err(chip_error)?;
         Ok(delivery == MsiDelivery::Delivered)
+    }
+
+    /// Creates the file (so a bad path fails here, with 400), then starts the recorder (409 if
+    /// it is on already, from `--trace` or an earlier start).
+    fn trace_start(&self, request: &TraceStartRequest) -> Result<(), ApiError> {
+        self.require_running()?;
+        let mut slot = self
+            .trace_file
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if slot.is_some() || self.tracer.on() {
+            return Err(ApiError::Conflict(
+                "a trace is already being recorded".into(),
+            ));
+        }
+        let file = std::fs::File::create(&request.path).map_err(|e| {
+            ApiError::BadRequest(format!(
+                "cannot create the trace file {}: {e}",
+                request.path
+            ))
+        })?;
+        self.tracer
+            .start()
+            .map_err(|e| ApiError::Conflict(e.to_string()))?;
+        *slot = Some((request.path.clone(), file));
+        Ok(())
+    }
+
+    /// Stops the recording `trace.start` began and writes the file (on this thread).
+    fn trace_stop(&self) -> Result<TraceStopped, ApiError> {
+        let mut slot = self
+            .trace_file
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some((path, file)) = slot.take() else {
+            return Err(ApiError::Conflict(
+                "no trace started through the API is being recorded".into(),
+            ));
+        };
+        let dump = self
+            .tracer
+            .stop()
+            .map_err(|e| ApiError::Conflict(e.to_string()))?;
+        crate::trace::chrome::write(&dump, file)
+            .map_err(|e| ApiError::Internal(format!("cannot write {path}: {e}")))?;
+        Ok(TraceStopped {
+            path,
+            events: dump.events.len() as u64,
+            dropped_events: dump.dropped_total(),
+        })
     }
 }

@@ -227,6 +227,23 @@ pub struct GsiRoute {
 /// device (here: `vcpuN` and `irqchip`) to counter name to value.
 pub type Counters = std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>;
 
+/// `PUT /api/v1/trace.start`: record interrupts into the flight recorder; the trace file goes
+/// to `path` (created now, written at `trace.stop`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TraceStartRequest {
+    pub path: String,
+}
+
+/// The answer of `PUT /api/v1/trace.stop`: where the trace went, how many events it holds and
+/// how many the full rings dropped (the oldest).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceStopped {
+    pub path: String,
+    pub events: u64,
+    pub dropped_events: u64,
+}
+
 /// `PUT /api/v1/irq.line`: drive a GSI (`action`: `assert`, `deassert` or `pulse`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

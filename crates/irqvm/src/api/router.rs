@@ -6,7 +6,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::model::{
-    Counters, ErrorBody, LineRequest, MsiRequest, PlatformInfo, SipiRequest, VcpuInfo, VmInfo,
+    Counters, ErrorBody, LineRequest, MsiRequest, PlatformInfo, SipiRequest, TraceStartRequest,
+    TraceStopped, VcpuInfo, VmInfo,
 };
 use super::ApiError;
 use crate::backend::HostEvent;
@@ -30,6 +31,10 @@ pub trait Control {
     fn msi(&self, request: &MsiRequest) -> Result<bool, ApiError>;
     /// Raises `event` at vCPU `index` (`index` < `vcpu_count()`); whether its LAPIC took it.
     fn event(&self, index: usize, event: HostEvent) -> Result<bool, ApiError>;
+    /// Starts the flight recorder; the trace file is `request.path` (created now).
+    fn trace_start(&self, request: &TraceStartRequest) -> Result<(), ApiError>;
+    /// Stops the recording that `trace_start` began and writes its file.
+    fn trace_stop(&self) -> Result<TraceStopped, ApiError>;
 }
 
 /// An answer: status and body (empty for 204).
@@ -115,8 +120,12 @@ fn dispatch(method: &str, url: &str, body: &[u8], ctl: &dyn Control) -> Result<R
         "irq.msi" if put => ctl
             .msi(&parse(body)?)
             .map(|delivered| Reply::json(&serde_json::json!({ "delivered": delivered }))),
+        "trace.start" if put => done(ctl.trace_start(&parse(body)?)),
+        "trace.stop" if put => ctl.trace_stop().map(|t| Reply::json(&t)),
         "vmm.ping" | "vm.info" | "vm.counters" | "platform" | "vm.pause" | "vm.resume"
-        | "vm.shutdown" | "irq.line" | "irq.msi" => Err(wrong_method()),
+        | "vm.shutdown" | "irq.line" | "irq.msi" | "trace.start" | "trace.stop" => {
+            Err(wrong_method())
+        }
         _ => Err(ApiError::NotFound(format!("no such path: {path}"))),
     }
 }

@@ -424,6 +424,9 @@ pub struct ChipContext<'a> {
     pub protected_state_aps: Option<ProtectedStateAps>,
     /// The CPU model: APIC IDs, x2APIC offered, extended destination ID honoured.
     pub cpu: crate::cpumodel::CpuModel,
+    /// The VM's flight recorder and latency histograms (`crate::trace`), for the hooks of a
+    /// backend that sees interrupts (`user`: all of them; `split`: the PIC's and EOI exits).
+    pub tracer: Arc<crate::trace::Tracer>,
 }
 
 /// `--protected-state-aps`: seed 004's protected-state AP boot, emulated in `user` mode for

@@ -385,6 +385,9 @@ pub struct SplitIrqchip {
     shared: Arc<SplitShared>,
     features: ChipFeatures,
     cpu: crate::cpumodel::CpuModel,
+    /// The flight recorder: entries and exits (the vCPU loop), ExtINT injections and the
+    /// EOI exits of level-triggered IOAPIC vectors (here); KVM's LAPICs show nothing else.
+    tracer: Arc<crate::trace::Tracer>,
 }
 
 impl SplitIrqchip {
@@ -422,6 +425,7 @@ impl SplitIrqchip {
         Ok(Self {
             features: ChipFeatures::from(&ctx.cpu),
             cpu: ctx.cpu,
+            tracer: ctx.tracer,
             shared: Arc::new(SplitShared {
                 chip,
                 kicker: ctx.kicker,
@@ -483,6 +487,7 @@ impl Irqchip for SplitIrqchip {
         Ok(Box::new(SplitVcpuChip {
             index,
             shared: self.shared.clone(),
+            probe: crate::trace::VcpuProbe::new(self.tracer.clone(), index),
         }))
     }
 
@@ -521,12 +526,13 @@ impl Irqchip for SplitIrqchip {
 struct SplitVcpuChip {
     index: usize,
     shared: Arc<SplitShared>,
+    probe: crate::trace::VcpuProbe,
 }
 
 impl SplitVcpuChip {
     /// Step 2 and 3 of the ExtINT protocol (module documentation). Returns whether to request
     /// an interrupt window.
-    fn offer_extint(&self, vcpu: &mut VcpuFd) -> Result<bool, IrqchipError> {
+    fn offer_extint(&mut self, vcpu: &mut VcpuFd) -> Result<bool, IrqchipError> {
         let chip = &self.shared.chip;
         if !chip.pic_intr() {
             return Ok(false);
@@ -539,6 +545,7 @@ impl SplitVcpuChip {
         if let Some(vector) = chip.pic_acknowledge_if_pending() {
             kvm::inject_interrupt(vcpu, vector)?;
             bump(&self.shared.stats().extints_injected);
+            self.probe.injected(vector, true);
         }
         // KVM holds one ExtINT at a time: a further request waits for the next window.
         Ok(chip.pic_intr())
@@ -577,7 +584,11 @@ impl VcpuIrqchip for SplitVcpuChip {
             ChipExit::PioWrite { port, data } if DualPic::handles_port(*port) => {
                 shared.pic_write(*port, data)
             }
-            ChipExit::IoapicEoi { vector } => shared.ioapic_eoi(*vector),
+            ChipExit::IoapicEoi { vector } => {
+                self.probe.eoi(*vector);
+                crate::trace::hooks::ioapic_eoi(self.probe.tracer(), *vector);
+                shared.ioapic_eoi(*vector)
+            }
             // `before_entry` injects at this entry.
             ChipExit::IrqWindowOpen => {}
             _ => return Ok(ExitHandled::NotMine),

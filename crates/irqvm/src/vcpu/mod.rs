@@ -479,6 +479,8 @@ pub(crate) struct VcpuThread {
     pub(crate) control: Arc<VmControl>,
     /// The last exit handled, for the failure report.
     pub(crate) last_exit: LastExit,
+    /// The flight recorder: entries, exits and blocks are recorded while it is on.
+    pub(crate) tracer: Arc<crate::trace::Tracer>,
 }
 
 impl VcpuThread {
@@ -492,6 +494,7 @@ impl VcpuThread {
         // of this function, after the registration below is dropped.
         let immediate_exit = unsafe { ImmediateExit::new(field) };
         let registration = shared.kick.register(immediate_exit);
+        crate::trace::set_thread_vcpu(shared.index);
         let result = self.run_loop(immediate_exit);
         drop(registration);
         // The final MP state, for the run report, before anyone can see Stopped.
@@ -535,12 +538,17 @@ impl VcpuThread {
             {
                 shared.set_state(reason.into());
                 bump(&shared.stats.blocks);
+                crate::trace::hooks::block(&self.tracer, shared.index, Some(reason));
                 self.chip.block(deadline);
+                crate::trace::hooks::block(&self.tracer, shared.index, None);
                 continue;
             }
             shared.set_state(VcpuState::Running);
             bump(&shared.stats.kvm_runs);
-            let step = match self.fd.run() {
+            crate::trace::hooks::entry(&self.tracer, shared.index);
+            let ran = self.fd.run();
+            let exited = crate::trace::hooks::stamp(&self.tracer);
+            let step = match ran {
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     // `immediate_exit` is cleared at the top of the loop, before the checks.
                     self.last_exit = LastExit::Interrupted;
@@ -553,6 +561,7 @@ impl VcpuThread {
                     handle_exit(exit, self.chip.as_mut(), &self.bus, &shared.stats)?
                 }
             };
+            crate::trace::hooks::exit(&self.tracer, shared.index, exited, &self.last_exit);
             self.chip.after_exit(&mut self.fd)?;
             match step {
                 Step::Continue => {}

@@ -13,6 +13,7 @@ use crate::api::model::{LapicInfo, PendingInfo};
 struct Fake {
     paused: Mutex<bool>,
     calls: Mutex<Vec<String>>,
+    tracing: Mutex<Option<String>>,
 }
 
 impl Fake {
@@ -94,6 +95,23 @@ impl Control for Fake {
         assert!(index < 2, "the router raised an event at vCPU {index}");
         self.record(format!("{event:?} {index}"));
         Ok(true)
+    }
+    fn trace_start(&self, request: &TraceStartRequest) -> Result<(), ApiError> {
+        let mut on = self.tracing.lock().unwrap();
+        if on.is_some() {
+            return Err(ApiError::Conflict("already recording".into()));
+        }
+        *on = Some(request.path.clone());
+        Ok(())
+    }
+    fn trace_stop(&self) -> Result<TraceStopped, ApiError> {
+        let path = self.tracing.lock().unwrap().take();
+        let path = path.ok_or_else(|| ApiError::Conflict("not recording".into()))?;
+        Ok(TraceStopped {
+            path,
+            events: 3,
+            dropped_events: 0,
+        })
     }
 }
 
@@ -291,4 +309,40 @@ proptest! {
             }
         }
     }
+}
+
+/// trace.start takes `{"path": ...}` (nothing else), trace.stop answers what it wrote; both
+/// refuse the wrong state with 409 and other methods with 405.
+#[test]
+fn trace_start_and_stop_route() {
+    let fake = Fake::default();
+    assert_eq!(call(&fake, "PUT", "/api/v1/trace.stop", "").status, 409);
+    let bad = call(&fake, "PUT", "/api/v1/trace.start", r#"{"path": 1}"#);
+    assert_eq!(bad.status, 400);
+    let extra = call(
+        &fake,
+        "PUT",
+        "/api/v1/trace.start",
+        r#"{"path": "/t", "x": 1}"#,
+    );
+    assert_eq!(extra.status, 400);
+    let start = call(
+        &fake,
+        "PUT",
+        "/api/v1/trace.start",
+        r#"{"path": "/tmp/t.json"}"#,
+    );
+    assert_eq!(start.status, 204);
+    let again = call(
+        &fake,
+        "PUT",
+        "/api/v1/trace.start",
+        r#"{"path": "/tmp/t.json"}"#,
+    );
+    assert_eq!(again.status, 409);
+    assert_eq!(call(&fake, "GET", "/api/v1/trace.start", "").status, 405);
+    let stop = call(&fake, "PUT", "/api/v1/trace.stop", "");
+    assert_eq!(stop.status, 200);
+    let stopped: TraceStopped = serde_json::from_str(&stop.body).unwrap();
+    assert_eq!(stopped.path, "/tmp/t.json");
 }

@@ -111,6 +111,8 @@ pub(crate) struct Shared {
     pub counters: Vec<counters::VcpuCounters>,
     /// `--protected-state-aps`: APs' registers are off limits after launch.
     pub protected_state_aps: Option<ProtectedStateAps>,
+    /// The flight recorder and latency histograms (`crate::trace`).
+    pub tracer: Arc<crate::trace::Tracer>,
 }
 
 /// The VM-wide half of the `user` backend.
@@ -147,7 +149,12 @@ impl UserIrqchip {
             crate::cpuid::max_phys_addr(&crate::cpuid::supported_cpuid(ctx.kvm)?);
         let (chip, vcpus) = PcIrqChip::new(config);
         let bus = chip.bus().clone();
-        let notifier = Arc::new(notify::Notifier::new(ctx.kicker.clone(), bus.clone()));
+        bus.set_observer(Arc::new(crate::trace::BusObserver(ctx.tracer.clone())));
+        let notifier = Arc::new(notify::Notifier::new(
+            ctx.kicker.clone(),
+            bus.clone(),
+            ctx.tracer.clone(),
+        ));
         let timers = {
             let notifier = notifier.clone();
             let on_expiry = Box::new(move |i| notifier.wake(i));
@@ -162,13 +169,14 @@ impl UserIrqchip {
             clock: vm_clock,
             init_msrs: reset::init_cleared_msrs(msr_index.as_slice()),
             tsc,
-            platform: platform::Platform::new(chip, notifier.clone()),
+            platform: platform::Platform::new(chip, notifier.clone(), ctx.tracer.clone()),
             notifier,
             timers,
             counters: (0..ctx.kicker.vcpus())
                 .map(|_| counters::VcpuCounters::default())
                 .collect(),
             protected_state_aps: ctx.protected_state_aps,
+            tracer: ctx.tracer,
         });
         Ok(Self {
             shared,
@@ -293,15 +301,16 @@ impl InterruptLines for UserIrqchip {
     /// bus, kicking a target in guest mode and waking a blocked one (the chip's notify).
     fn signal_msi(&self, address: u64, data: u32) -> Result<MsiDelivery, IrqchipError> {
         let msi = MsiMessage { address, data };
-        let reached =
-            self.shared
-                .platform
-                .signal_msi(msi)
-                .map_err(|reason| IrqchipError::InvalidMsi {
-                    address,
-                    data,
-                    reason,
-                })?;
+        let reached = crate::trace::hooks::posting_for(
+            &self.shared.tracer,
+            crate::trace::Source::Msi,
+            || self.shared.platform.signal_msi(msi),
+        )
+        .map_err(|reason| IrqchipError::InvalidMsi {
+            address,
+            data,
+            reason,
+        })?;
         Ok(if reached > 0 {
             MsiDelivery::Delivered
         } else {
@@ -381,6 +390,9 @@ impl Irqchip for UserIrqchip {
             },
             ..ApicEvents::default()
         };
+        self.shared
+            .tracer
+            .host_event(index, event.vector(), event.delivery_mode());
         let how = inbox.post_events(events);
         self.shared.notifier.notify(index, how);
         Ok(MsiDelivery::Delivered)
@@ -393,6 +405,10 @@ impl Irqchip for UserIrqchip {
         self.shared
             .notifier
             .visit(&mut |index, name, value| out(Some(index), name, value));
+        self.shared
+            .tracer
+            .latency()
+            .visit(&mut |name, value| out(None, name, value));
     }
 }
 

@@ -18,16 +18,22 @@ pub struct Notifier {
     /// control API; each sits beside a signal or a futex wake, which cost far more).
     kicks: Vec<AtomicU64>,
     wakes: Vec<AtomicU64>,
+    tracer: Arc<crate::trace::Tracer>,
 }
 
 impl Notifier {
-    pub fn new(kicker: Arc<dyn VcpuKicker>, bus: Arc<VmBus>) -> Self {
+    pub fn new(
+        kicker: Arc<dyn VcpuKicker>,
+        bus: Arc<VmBus>,
+        tracer: Arc<crate::trace::Tracer>,
+    ) -> Self {
         let counts = || (0..kicker.vcpus()).map(|_| AtomicU64::new(0)).collect();
         Self {
             kicks: counts(),
             wakes: counts(),
             kicker,
             bus,
+            tracer,
         }
     }
 
@@ -51,10 +57,12 @@ impl Notifier {
             Notify::None => {}
             Notify::Kick => {
                 Self::count(&self.kicks, target);
+                crate::trace::hooks::notified(&self.tracer, target, true);
                 self.kicker.kick(target);
             }
             Notify::Wake => {
                 Self::count(&self.wakes, target);
+                crate::trace::hooks::notified(&self.tracer, target, false);
                 self.ring(target);
             }
         }

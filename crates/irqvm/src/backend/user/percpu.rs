@@ -43,9 +43,13 @@ use crate::backend::{
 };
 use crate::kick::{kick_self, KickTimer};
 use crate::kvm::{inject_interrupt, KvmError};
+use crate::trace::{Kind, VcpuProbe};
 
 /// Size of the xAPIC register page.
 const APIC_PAGE_SIZE: u64 = 0x1000;
+/// The EOI register: xAPIC offset 0xB0, x2APIC MSR 0x80B (SDM vol. 3 §11.8.5, §11.12.1.2).
+const APIC_EOI_OFFSET: u64 = 0xB0;
+const X2APIC_EOI_MSR: u32 = 0x80B;
 
 /// Initial first delay of the self-kick that replaces KVM's interrupt window ([`WindowKick`]).
 const WINDOW_KICK_START: Duration = Duration::from_micros(35);
@@ -294,6 +298,8 @@ pub(crate) struct UserVcpuChip {
     /// IA32_APIC_BASE as KVM last saw it. KVM derives CPUID.1:EDX[9] (APIC present) from its own
     /// copy, which the MSR filter keeps it from updating: `after_exit` pushes the model's value.
     kvm_apic_base: u64,
+    /// The flight recorder's and latency histograms' view of this vCPU (`crate::trace`).
+    probe: VcpuProbe,
 }
 
 impl UserVcpuChip {
@@ -311,6 +317,7 @@ impl UserVcpuChip {
         };
         let ghcb = shared.protected_state_aps.map(|_| GhcbMsr::default());
         Self {
+            probe: VcpuProbe::new(shared.tracer.clone(), interrupts.index()),
             kvm_apic_base,
             interrupts,
             sipi,
@@ -342,6 +349,14 @@ impl UserVcpuChip {
         let outcome = self
             .interrupts
             .accept_events(InitBlocking::NONE, self.sipi.plug());
+        if self.probe.on() {
+            if outcome.reset.is_some() {
+                self.probe.event(Kind::InitAccept, 0);
+            }
+            if let Some(SipiAction::StartRealMode { cs_base, .. }) = outcome.start {
+                self.probe.event(Kind::SipiAccept, cs_base >> 12);
+            }
+        }
         if let Some(reset) = outcome.reset {
             // `None` for a protected-state AP: INIT resets only its LAPIC (done by the model).
             if let Some(state) = reset.arch_state(self.signature) {
@@ -386,15 +401,36 @@ impl UserVcpuChip {
 
     /// Polls the APIC timer and keeps the timer thread's deadline in step.
     fn run_timer(&mut self, now: Nanos) {
+        let due = self.armed.filter(|&d| d <= now);
         self.interrupts.poll_timer(now);
+        if let Some(deadline) = due {
+            self.timer_fired(deadline);
+        }
         let next = self.interrupts.next_timer_deadline();
         if next != self.armed {
+            if self.probe.on() {
+                self.probe.event(Kind::TimerArm, next.unwrap_or(0));
+            }
             self.armed = next;
             let index = self.interrupts.index();
             let clock = self.shared.clock;
             self.shared
                 .timers
                 .arm(index, next.map(|n| clock.to_instant(n)));
+        }
+    }
+
+    /// The APIC timer's deadline passed: if its LVT is unmasked and its vector is now pending,
+    /// that is a post from the timer, dated at the deadline.
+    fn timer_fired(&self, deadline: Nanos) {
+        let lvt = self
+            .interrupts
+            .lapic()
+            .lvt(irqchip::lapic::LocalSource::Timer);
+        // Truncation keeps bits 7:0, the vector; bit 16 is the mask (SDM §11.5.1).
+        let vector = (lvt & 0xFF) as u8;
+        if lvt & (1 << 16) == 0 && self.interrupts.lapic().irr().contains(vector) {
+            self.probe.timer_fired(deadline, vector);
         }
     }
 
@@ -460,6 +496,8 @@ impl UserVcpuChip {
         };
         inject_interrupt(vcpu, vector)?;
         self.counters().injected(vector);
+        self.probe
+            .injected(vector, matches!(next, Injection::ExtInt));
         self.window_kick.injected(now, fired);
         Ok(())
     }
@@ -479,6 +517,7 @@ impl UserVcpuChip {
         while self.interrupts.take_nmi() {
             vcpu.nmi().map_err(KvmError::ioctl("KVM_NMI"))?;
             super::counters::bump(&self.counters().nmis_injected);
+            self.probe.injected_nmi();
         }
         Ok(())
     }
@@ -495,6 +534,22 @@ impl UserVcpuChip {
             kick_self();
         } else {
             self.window_kick.not_ready(now, fired);
+        }
+    }
+
+    /// Before a write that may be an EOI: the vector it would end (the highest in service).
+    fn in_service_before(&self, is_eoi: bool) -> Option<u8> {
+        if is_eoi {
+            self.interrupts.lapic().isr().highest()
+        } else {
+            None
+        }
+    }
+
+    /// After that write: if the vector left ISR, the guest's EOI took it (trace and latency).
+    fn eoi_done(&mut self, vector: Option<u8>) {
+        if let Some(v) = vector.filter(|&v| !self.interrupts.lapic().isr().contains(v)) {
+            self.probe.eoi(v);
         }
     }
 
@@ -548,9 +603,11 @@ impl UserVcpuChip {
     fn handle_msr_write(&mut self, index: u32, value: u64, error: &mut u8) {
         let now = self.shared.clock.now();
         let notifier = self.shared.notifier.clone();
+        let eoi = self.in_service_before(index == X2APIC_EOI_MSR);
         let result = self
             .interrupts
             .msr_write(index, value, now, &mut |t, how| notifier.notify(t, how));
+        self.eoi_done(eoi);
         match result {
             Ok(r) => self.notify_result(r),
             Err(GuestFault::GeneralProtection(why)) => {
@@ -569,7 +626,11 @@ impl VcpuIrqchip for UserVcpuChip {
         let now = self.shared.clock.now();
         self.run_timer(now);
         let pic_intr = self.platform().pic_intr();
-        if self.should_block(pic_intr) {
+        let block = self.should_block(pic_intr);
+        if self.probe.on() {
+            self.probe.mp_state(self.interrupts.mp_state().to_kvm());
+        }
+        if block {
             self.interrupts.end_guest_entry();
             let reason = match self.interrupts.mp_state() {
                 MpState::Halted => BlockReason::Halted,
@@ -614,9 +675,11 @@ impl VcpuIrqchip for UserVcpuChip {
             ChipExit::MmioWrite { addr, data } => {
                 if let Some(offset) = self.apic_page_offset(*addr) {
                     let now = self.shared.clock.now();
+                    let eoi = self.in_service_before(offset == APIC_EOI_OFFSET);
                     let r = self
                         .interrupts
                         .mmio_write(offset, data, now, &mut |t, how| notifier.notify(t, how));
+                    self.eoi_done(eoi);
                     self.notify_result(r);
                 } else if (IOAPIC_BASE..IOAPIC_BASE + IOAPIC_SIZE).contains(addr) {
                     self.platform().ioapic_write(*addr - IOAPIC_BASE, data);

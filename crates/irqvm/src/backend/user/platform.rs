@@ -11,6 +11,7 @@ use irqchip::routing::SourceId;
 use irqchip::{EoiMessage, Vector};
 
 use super::notify::Notifier;
+use crate::trace::{hooks, Source, Tracer};
 
 /// Guest-physical base of the IOAPIC's register window (MP spec / ACPI MADT default).
 pub const IOAPIC_BASE: u64 = 0xFEC0_0000;
@@ -23,11 +24,16 @@ const DEVICE_SOURCE: SourceId = SourceId(0);
 pub struct Platform {
     chip: PcIrqChip,
     notifier: Arc<Notifier>,
+    tracer: Arc<Tracer>,
 }
 
 impl Platform {
-    pub fn new(chip: PcIrqChip, notifier: Arc<Notifier>) -> Self {
-        Self { chip, notifier }
+    pub fn new(chip: PcIrqChip, notifier: Arc<Notifier>, tracer: Arc<Tracer>) -> Self {
+        Self {
+            chip,
+            notifier,
+            tracer,
+        }
     }
 
     pub fn chip(&self) -> &PcIrqChip {
@@ -40,10 +46,12 @@ impl Platform {
 
     /// Drives GSI `gsi` to `level` (device lines: serial IRQ 4, pc-testdev lines).
     pub fn set_gsi(&self, gsi: u32, level: bool) {
-        if let Err(e) = self
-            .chip
-            .set_gsi(gsi, DEVICE_SOURCE, level, &mut self.notify())
-        {
+        let source = Source::Ioapic(u8::try_from(gsi).ok());
+        let set = || {
+            self.chip
+                .set_gsi(gsi, DEVICE_SOURCE, level, &mut self.notify())
+        };
+        if let Err(e) = hooks::posting_for(&self.tracer, source, set) {
             crate::warn_ratelimited!(gsi, level, "GSI routing: {e}");
         }
     }
@@ -62,14 +70,19 @@ impl Platform {
     /// A guest write to the IOAPIC window (may deliver: unmasking an asserted level pin, the EOI
     /// register).
     pub fn ioapic_write(&self, offset: u64, data: &[u8]) {
-        self.chip
-            .ioapic_mmio_write(offset, data, &mut self.notify());
+        hooks::posting_for(&self.tracer, Source::Ioapic(None), || {
+            self.chip
+                .ioapic_mmio_write(offset, data, &mut self.notify())
+        });
     }
 
     /// A local APIC's EOI broadcast for a level-triggered vector: clears remote IRR, re-delivers
     /// a still-asserted line.
     pub fn eoi(&self, vector: Vector) {
-        self.chip.eoi(EoiMessage { vector }, &mut self.notify());
+        hooks::ioapic_eoi(&self.tracer, vector);
+        hooks::posting_for(&self.tracer, Source::Ioapic(None), || {
+            self.chip.eoi(EoiMessage { vector }, &mut self.notify())
+        });
     }
 
     /// True for the PIC's ports (0x20/0x21, 0xA0/0xA1, ELCR 0x4D0/0x4D1).
