@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::model::{Counters, LineRequest, MsiRequest, PlatformInfo, VcpuInfo, VmInfo};
+use super::model::{
+    Counters, LineRequest, MsiRequest, PlatformInfo, SnapshotRequest, VcpuInfo, VmInfo,
+};
 use super::router::Control;
 use super::ApiError;
 use crate::backend::{HostEvent, Irqchip, IrqchipError, IrqchipMode, MsiDelivery};
@@ -21,6 +23,7 @@ pub struct VmHandle {
     pub(crate) control: Arc<VmControl>,
     pub(crate) vcpus: Vec<Arc<VcpuShared>>,
     pub(crate) started: Instant,
+    pub(crate) snapshot: Arc<crate::snapshot::take::SnapshotSource>,
 }
 
 fn mode_name(mode: IrqchipMode) -> &'static str {
@@ -222,6 +225,20 @@ impl Control for VmHandle {
         Ok(delivery == MsiDelivery::Delivered)
     }
 
+    /// Cloud Hypervisor's `vm.snapshot`: `destination_url` must be `file://` and an absolute
+    /// directory (created if missing). The VM is paused first if it runs, and stays paused.
+    fn snapshot(&self, request: &SnapshotRequest) -> Result<(), ApiError> {
+        let dir = snapshot_dir(&request.destination_url)?;
+        self.require_running()?;
+        let times = crate::snapshot::take::take(self, &dir).map_err(|e| match e {
+            crate::snapshot::SnapshotError::Io { .. } => ApiError::BadRequest(e.to_string()),
+            crate::snapshot::SnapshotError::NotReady(_) => ApiError::Conflict(e.to_string()),
+            other => ApiError::Internal(other.to_string()),
+        })?;
+        tracing::info!(dir = %dir.display(), ?times, "snapshot taken");
+        Ok(())
+    }
+
     fn event(&self, index: usize, event: HostEvent) -> Result<bool, ApiError> {
         if index >= self.vcpus.len() {
             return Err(ApiError::NotFound(format!("vCPU {index} does not exist")));
@@ -229,4 +246,19 @@ impl Control for VmHandle {
         let delivery = self.chip.send_event(index, event).map_err(chip_error)?;
         Ok(delivery == MsiDelivery::Delivered)
     }
+}
+
+/// The directory of a `file://` URL: an absolute path, no host, no query.
+pub fn snapshot_dir(url: &str) -> Result<std::path::PathBuf, ApiError> {
+    let bad = |why: &str| ApiError::BadRequest(format!("destination_url {url:?}: {why}"));
+    let path = url
+        .strip_prefix("file://")
+        .ok_or_else(|| bad("only file:// URLs are supported"))?;
+    if !path.starts_with('/') {
+        return Err(bad("the path must be absolute (file:///DIR)"));
+    }
+    if path.contains(['?', '#']) || path.split('/').any(|part| part == "..") {
+        return Err(bad("no query, fragment or '..' allowed"));
+    }
+    Ok(std::path::PathBuf::from(path))
 }

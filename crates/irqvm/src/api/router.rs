@@ -6,7 +6,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::model::{
-    Counters, ErrorBody, LineRequest, MsiRequest, PlatformInfo, SipiRequest, VcpuInfo, VmInfo,
+    Counters, ErrorBody, LineRequest, MsiRequest, PlatformInfo, SipiRequest, SnapshotRequest,
+    VcpuInfo, VmInfo,
 };
 use super::ApiError;
 use crate::backend::HostEvent;
@@ -30,6 +31,11 @@ pub trait Control {
     fn msi(&self, request: &MsiRequest) -> Result<bool, ApiError>;
     /// Raises `event` at vCPU `index` (`index` < `vcpu_count()`); whether its LAPIC took it.
     fn event(&self, index: usize, event: HostEvent) -> Result<bool, ApiError>;
+    /// Snapshots the VM into the request's directory, leaving it paused.
+    fn snapshot(&self, request: &SnapshotRequest) -> Result<(), ApiError> {
+        let _ = request;
+        Err(ApiError::Conflict("this VM cannot be snapshotted".into()))
+    }
 }
 
 /// An answer: status and body (empty for 204).
@@ -111,12 +117,13 @@ fn dispatch(method: &str, url: &str, body: &[u8], ctl: &dyn Control) -> Result<R
         "vm.pause" if put => done(ctl.pause()),
         "vm.resume" if put => done(ctl.resume()),
         "vm.shutdown" if put => done(ctl.shutdown()),
+        "vm.snapshot" if put => done(ctl.snapshot(&parse::<SnapshotRequest>(body)?)),
         "irq.line" if put => done(ctl.line(&parse(body)?)),
         "irq.msi" if put => ctl
             .msi(&parse(body)?)
             .map(|delivered| Reply::json(&serde_json::json!({ "delivered": delivered }))),
         "vmm.ping" | "vm.info" | "vm.counters" | "platform" | "vm.pause" | "vm.resume"
-        | "vm.shutdown" | "irq.line" | "irq.msi" => Err(wrong_method()),
+        | "vm.shutdown" | "vm.snapshot" | "irq.line" | "irq.msi" => Err(wrong_method()),
         _ => Err(ApiError::NotFound(format!("no such path: {path}"))),
     }
 }
