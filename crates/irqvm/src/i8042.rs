@@ -76,7 +76,11 @@ pub type I8042State = (u8, Vec<(u8, bool)>, Option<u8>);
 impl I8042 {
     /// The state (snapshots).
     pub fn state(&self) -> I8042State {
-        (self.ctr, self.output.iter().copied().collect(), self.pending)
+        (
+            self.ctr,
+            self.output.iter().copied().collect(),
+            self.pending,
+        )
     }
 
     /// Restores [`Self::state`].

@@ -298,7 +298,13 @@ impl Vm {
             .iter_mut()
             .zip(state.vcpus.iter().zip(&state.chip.vcpus))
         {
-            crate::snapshot::restore::apply_vcpu(&mut vcpu.fd, vcpu.chip.as_mut(), cpu, part, xcrs)?;
+            crate::snapshot::restore::apply_vcpu(
+                &mut vcpu.fd,
+                vcpu.chip.as_mut(),
+                cpu,
+                part,
+                xcrs,
+            )?;
         }
         crate::snapshot::restore::apply_vm(
             state,
@@ -590,7 +596,6 @@ impl RunningVm {
             }),
         }
     }
-
 
     /// Kicks vCPU `index` out of KVM_RUN (and out of blocking), and nudges it if paused.
     pub fn kick(&self, index: usize) {

@@ -412,8 +412,11 @@ pub trait VcpuIrqchip: Send {
     ) -> Result<Option<u64>, IrqchipError>;
 
     /// Restores the events and the MP state, last.
-    fn restore_events(&mut self, vcpu: &mut VcpuFd, fabric: &VcpuFabric)
-        -> Result<(), IrqchipError>;
+    fn restore_events(
+        &mut self,
+        vcpu: &mut VcpuFd,
+        fabric: &VcpuFabric,
+    ) -> Result<(), IrqchipError>;
 
     /// True while an interrupt queued with KVM_INTERRUPT may not have entered the guest yet:
     /// KVM_GET_VCPU_EVENTS cannot see it, so a snapshot lets the vCPU enter once more first.

@@ -69,7 +69,11 @@ pub fn read_msr(vcpu: &VcpuFd, index: u32) -> Result<u64, KvmError> {
     let read = vcpu
         .get_msrs(&mut msrs)
         .map_err(KvmError::ioctl("KVM_GET_MSRS"))?;
-    Ok(if read == 1 { msrs.as_slice()[0].data } else { 0 })
+    Ok(if read == 1 {
+        msrs.as_slice()[0].data
+    } else {
+        0
+    })
 }
 
 /// Reads the processor state (the vCPU is outside KVM_RUN with no exit half-handled).

@@ -10,8 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use kvm_ioctls::VmFd;
 
 use super::format::{
-    self, DeviceState, Header, SnapshotError, SnapshotState, TimeState, FORMAT_VERSION,
-    MEMORY_FILE,
+    self, DeviceState, Header, SnapshotError, SnapshotState, TimeState, FORMAT_VERSION, MEMORY_FILE,
 };
 use crate::api::VmHandle;
 use crate::backend::IrqchipMode;
@@ -57,10 +56,8 @@ pub fn take(handle: &VmHandle, dir: &Path) -> Result<SnapshotTimes, SnapshotErro
         .map_err(|e| SnapshotError::NotReady(format!("platform: {e}")))?;
     let devices: DeviceState = source.devices.save_state();
     let kvm_clock_ns = source.vm_fd.get_clock().map(|c| c.clock).unwrap_or(0);
-    let (cpus, parts): (Vec<_>, Vec<_>) = saved
-        .into_iter()
-        .map(|s| (s.cpu, s.fabric.model))
-        .unzip();
+    let (cpus, parts): (Vec<_>, Vec<_>) =
+        saved.into_iter().map(|s| (s.cpu, s.fabric.model)).unzip();
     // The processor's part of the events travels with the CPU state.
     let memory_size = crate::memory::ram_size(&source.memory);
     let state = SnapshotState {

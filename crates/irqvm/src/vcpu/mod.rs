@@ -659,11 +659,12 @@ impl VcpuThread {
     /// Answers the pending snapshot requests (paused): completes the last exit, then saves.
     fn answer_snapshot(&mut self) {
         let requested = self.shared.snapshot_requested.load(Ordering::SeqCst);
-        let saved = self
-            .save_state()
-            .map(Box::new)
-            .map_err(|e| e.to_string());
-        *self.shared.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = Some(saved);
+        let saved = self.save_state().map(Box::new).map_err(|e| e.to_string());
+        *self
+            .shared
+            .snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(saved);
         self.shared
             .snapshot_answered
             .store(requested, Ordering::SeqCst);
