@@ -673,14 +673,19 @@ impl VcpuThread {
     fn save_state(&mut self) -> Result<VcpuSaved, VcpuError> {
         self.complete_pending_exit()?;
         let ctx = self.snapshot.clone();
-        let cpu = crate::snapshot::cpu::capture(&self.fd, &ctx.msrs, ctx.xcrs)
-            .map_err(IrqchipError::from)?;
         let lapic = ctx
             .lapics
             .get(self.shared.index)
             .copied()
             .ok_or(IrqchipError::NoSuchVcpu(self.shared.index))?;
+        // The interrupt state first: KVM_GET_MP_STATE accepts a pending INIT or SIPI, which
+        // rewrites the registers read next (KVM's local APIC; the model accepts nothing here).
         let fabric = self.chip.save_fabric(&mut self.fd, lapic)?;
+        let mut cpu = crate::snapshot::cpu::capture(&self.fd, &ctx.msrs, ctx.xcrs)
+            .map_err(IrqchipError::from)?;
+        // The processor's events without the model's parts (NMI/SMI pending, latched INIT),
+        // which the interrupt state holds.
+        cpu.events = fabric.cpu_events;
         Ok(VcpuSaved { cpu, fabric })
     }
 
