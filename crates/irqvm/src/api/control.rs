@@ -262,3 +262,30 @@ pub fn snapshot_dir(url: &str) -> Result<std::path::PathBuf, ApiError> {
     }
     Ok(std::path::PathBuf::from(path))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only `file://` with an absolute path, no query, fragment or `..` (Cloud Hypervisor's
+    /// `destination_url` names a local directory).
+    #[test]
+    fn snapshot_urls_must_be_absolute_file_urls() {
+        assert_eq!(
+            snapshot_dir("file:///var/tmp/snap").unwrap(),
+            std::path::PathBuf::from("/var/tmp/snap")
+        );
+        for bad in [
+            "/var/tmp/snap",
+            "http://host/snap",
+            "file://relative",
+            "file:///a/../b",
+            "file:///a?x",
+            "file:///a#b",
+            "",
+        ] {
+            let err = snapshot_dir(bad).unwrap_err();
+            assert!(matches!(err, ApiError::BadRequest(_)), "{bad}: {err}");
+        }
+    }
+}

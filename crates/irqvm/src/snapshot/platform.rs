@@ -129,3 +129,48 @@ pub fn devices_to_kvm(
 ) -> Result<([kvm_pic_state; 2], kvm_ioapic_state), super::convert::ConvertError> {
     Ok((pic_to_kvm(&devices.pic), ioapic_to_kvm(&devices.ioapic)?))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use irqchip::ioapic::IOAPIC_DEFAULT_BASE;
+
+    /// KVM's chips as Linux leaves them (PIC vectors 0x20/0x28, ELCR, line 9 held high as a
+    /// level-triggered ACPI SCI, line 17 a level PCI pin asserted), converted to the model's
+    /// devices: the model's level checks pass, the levels are the lines', and back in KVM's
+    /// terms the entries, the level pins' `irr` and the PIC registers are unchanged.
+    #[test]
+    fn kvm_chips_become_consistent_model_devices_and_back() {
+        let mut pics = [kvm_pic_state::default(); 2];
+        pics[0].irq_base = 0x20;
+        pics[1].irq_base = 0x28;
+        pics[1].elcr = 0x02;
+        pics[1].last_irr = 0x02; // line 9
+        pics[0].imr = 0xFB;
+        let mut ioapic = kvm_ioapic_state {
+            base_address: IOAPIC_DEFAULT_BASE,
+            ..Default::default()
+        };
+        ioapic.redirtbl[9].bits = 0x41 | 1 << 15; // level, active high
+        ioapic.redirtbl[17].bits = 0x51 | 1 << 15 | 1 << 13; // level, active low
+        ioapic.irr = 1 << 9 | 1 << 17;
+        let devices = devices_from_kvm(&pics, &ioapic).unwrap();
+        devices
+            .check(IoApicConfig::default(), false, ioapic_wire_level)
+            .unwrap();
+        assert!(devices.routing.wire_level(9));
+        assert!(devices.routing.wire_level(17));
+        assert!(!devices.routing.wire_level(4));
+        assert!(devices.pic.line(9));
+        let (pics2, ioapic2) = devices_to_kvm(&devices).unwrap();
+        assert_eq!(ioapic2.irr, 1 << 9 | 1 << 17);
+        for pin in [9, 17] {
+            // SAFETY: `bits` views the whole 64-bit entry.
+            let (a, b) = unsafe { (ioapic.redirtbl[pin].bits, ioapic2.redirtbl[pin].bits) };
+            assert_eq!(a, b, "pin {pin}");
+        }
+        assert_eq!(pics2[1].elcr, 0x02);
+        assert_eq!(pics2[1].last_irr & 0x02, 0x02);
+        assert_eq!((pics2[0].irq_base, pics2[0].imr), (0x20, 0xFB));
+    }
+}
