@@ -356,8 +356,10 @@ mod tests {
     fn state(n: usize) -> SnapshotState {
         let (chip, mut parts) = PcIrqChip::new(PcIrqChipConfig::new(n));
         let parts = parts.iter_mut().map(|v| v.save(0)).collect();
-        let mut regs = kvm_regs::default();
-        regs.rip = 0x1234_5678;
+        let regs = kvm_regs {
+            rip: 0x1234_5678,
+            ..Default::default()
+        };
         let cpu = VcpuCpuState {
             regs,
             sregs: kvm_sregs::default(),
@@ -427,7 +429,8 @@ mod tests {
     /// Each inconsistency is refused by name.
     #[test]
     fn shape_checks_name_the_problem() {
-        let cases: [(&str, fn(&mut SnapshotState)); 6] = [
+        type Break = fn(&mut SnapshotState);
+        let cases: [(&str, Break); 6] = [
             ("version", |s| s.header.format_version = 2),
             ("source mode", |s| s.header.source_mode = "qemu".into()),
             ("3 vCPUs", |s| s.header.vcpus = 3),
