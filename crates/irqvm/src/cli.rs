@@ -235,6 +235,7 @@ fn restore_vm(args: &RestoreArgs) -> Result<(VmConfig, Vm), CliError> {
     if args.paused && args.api_sock.is_none() {
         return Err(CliError::PausedWithoutApi);
     }
+    let start = std::time::Instant::now();
     let snapshot = crate::snapshot::load(&args.snapshot).map_err(VmError::from)?;
     let mut cfg = VmConfig::new(Vec::new(), "snapshot");
     cfg.irqchip = args.irqchip.unwrap_or(snapshot.source_mode);
@@ -242,6 +243,7 @@ fn restore_vm(args: &RestoreArgs) -> Result<(VmConfig, Vm), CliError> {
     cfg.cpus = snapshot.state.header.vcpus;
     cfg.memory = snapshot.state.header.memory_size;
     let vm = Vm::restore(&snapshot, &cfg)?;
+    tracing::info!(elapsed = ?start.elapsed(), mode = ?cfg.irqchip, "snapshot restored");
     Ok((cfg, vm))
 }
 

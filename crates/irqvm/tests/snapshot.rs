@@ -1,9 +1,9 @@
 //! Snapshots through the `irqvm` binary (curl for the control API):
 //! - a counting SMP guest (`storm`: every IPI and device interrupt counted exactly once) is
-//!   snapshotted with `vm.snapshot` at a host-chosen random moment in each irqchip mode, and each
-//!   snapshot is restored in a fresh `irqvm restore` process in each of the three modes (the 9
-//!   pairs): the guest's own checks, before the snapshot in the first process and after it in the
-//!   second, must be exactly its expectations (guests/expect/storm.txt);
+//!   snapshotted with `vm.snapshot` at a host-chosen random moment in one irqchip mode and
+//!   restored at once in a fresh `irqvm restore` process in another, for each of the 9 pairs: the
+//!   guest's own checks, before the snapshot in the first process and after it in the second,
+//!   must be exactly its expectations (guests/expect/storm.txt); a snapshot also resumes in place;
 //! - snapshot -> restore (paused) -> snapshot gives the same state file apart from the fields
 //!   that move with time, and the same memory;
 //! - truncated, corrupted, wrong-version and wrong-shape snapshots are refused with an error
@@ -185,26 +185,32 @@ fn snapshot_pair(guest: &str, cpus: u32, dir: &Path, before: &str, target: Irqch
     }
 }
 
-/// The 9 pairs: one snapshot per source mode at a random moment of the storm, restored in
-/// each mode.
+/// The 9 pairs: for each, a snapshot at a random moment of the storm, restored at once in the
+/// target mode. At once: this host's KVM ignores the guest TSC's restore (docs/kvm-facts.md),
+/// so the guest's TSC includes the time between save and restore, and a guest wait in progress
+/// at the save with a TSC bound (3 s for storm's) would see that time pass.
 #[test]
 fn storm_restores_in_every_mode_pair() {
     let _guard = common::exclusive();
     let mut rng = Rng::from_clock();
     for source in MODES {
-        let dir = scratch(&format!("pairs-{}", mode_name(source)));
-        let before = snapshot_at_random(
-            "storm",
-            2,
-            source,
-            &dir,
-            Duration::from_millis(1500),
-            &mut rng,
-        );
         for target in MODES {
+            let dir = scratch(&format!(
+                "pairs-{}-{}",
+                mode_name(source),
+                mode_name(target)
+            ));
+            let before = snapshot_at_random(
+                "storm",
+                2,
+                source,
+                &dir,
+                Duration::from_millis(1500),
+                &mut rng,
+            );
             snapshot_pair("storm", 2, &dir, &before, target);
+            let _ = std::fs::remove_dir_all(&dir);
         }
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
 

@@ -47,6 +47,7 @@ pub fn take(handle: &VmHandle, dir: &Path) -> Result<SnapshotTimes, SnapshotErro
     let start = Instant::now();
     std::fs::create_dir_all(dir).map_err(SnapshotError::io(dir))?;
     pause(handle)?;
+    all_paused(handle)?;
     let saved = save_vcpus(handle)?;
     let pause_and_vcpus = start.elapsed();
     let source = &handle.snapshot;
@@ -96,6 +97,48 @@ fn pause(handle: &VmHandle) -> Result<(), SnapshotError> {
             .map_err(|e| SnapshotError::NotReady(e.to_string()))?;
     }
     Ok(())
+}
+
+/// Waits until every vCPU holds in its pause loop, kicking and waking the others. A pause
+/// returns once no vCPU is in or around KVM_RUN, which counts a `user`-mode vCPU blocked in HLT as
+/// held; but one that has just been woken is still "halted" while it prepares its next entry, and
+/// would enter the guest once more. A vCPU that saved its state while another still ran guest
+/// code could miss what that one sends it (an IPI, a device line it raises): so no vCPU saves
+/// before all are paused, and none leaves its pause loop until the resume.
+fn all_paused(handle: &VmHandle) -> Result<(), SnapshotError> {
+    let deadline = Instant::now() + VCPU_TIMEOUT;
+    loop {
+        let mut waiting = false;
+        for (index, vcpu) in handle.vcpus.iter().enumerate() {
+            match vcpu.state() {
+                VcpuState::Paused => {}
+                VcpuState::Stopped => {
+                    return Err(SnapshotError::NotReady(format!(
+                        "vCPU {index} stopped during the snapshot"
+                    )))
+                }
+                _ => {
+                    waiting = true;
+                    vcpu.kick.kick();
+                    handle.chip.wake_vcpu(index);
+                }
+            }
+        }
+        if !waiting {
+            return Ok(());
+        }
+        if handle.control.stop_requested() || !handle.control.pause_requested() {
+            return Err(SnapshotError::NotReady(
+                "the VM stopped or was resumed during the snapshot".into(),
+            ));
+        }
+        if Instant::now() >= deadline {
+            return Err(SnapshotError::NotReady(
+                "a vCPU did not pause in time".into(),
+            ));
+        }
+        std::thread::sleep(REKICK);
+    }
 }
 
 /// Asks every vCPU for its state and waits, kicking (and waking, and nudging) the ones that
