@@ -486,6 +486,38 @@ mod tests {
     }
 
     #[test]
+    fn restore_arguments_parse_and_paused_needs_the_api() {
+        let cli = Cli::try_parse_from([
+            "irqvm",
+            "restore",
+            "--snapshot",
+            "/nonexistent/snap",
+            "--irqchip",
+            "split",
+            "--paused",
+        ])
+        .unwrap();
+        let Some(Command::Restore(args)) = cli.command else {
+            panic!("not restore");
+        };
+        assert_eq!(args.irqchip, Some(IrqchipMode::Split));
+        assert!(matches!(restore_vm(&args), Err(CliError::PausedWithoutApi)));
+        let cli = Cli::try_parse_from(["irqvm", "restore", "--snapshot", "/nonexistent/snap"]);
+        let Ok(Cli {
+            command: Some(Command::Restore(args)),
+        }) = cli
+        else {
+            panic!("not restore");
+        };
+        assert_eq!(args.irqchip, None, "the snapshot's mode by default");
+        let err = restore_vm(&args)
+            .err()
+            .expect("no such snapshot")
+            .to_string();
+        assert!(err.contains("/nonexistent/snap"), "{err}");
+    }
+
+    #[test]
     fn raw_address_parses_hex_and_decimal() {
         assert_eq!(parse_address("0x100000").unwrap(), 0x100000);
         assert_eq!(parse_address("4096").unwrap(), 4096);
