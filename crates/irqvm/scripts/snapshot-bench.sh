@@ -37,8 +37,8 @@ run_one() { # memory cpus
 	curl -s -X PUT --unix-socket "$sock" http://localhost/api/v1/vm.shutdown >/dev/null || true
 	wait "$pid" || true
 	local restore
-	restore=$(sed -n 's/.*elapsed=\([0-9.]*\)\(m\?s\|µs\).*snapshot restored.*/\1 \2/p;s/.*snapshot restored.*elapsed=\([0-9.]*\)\(m\?s\|µs\).*/\1 \2/p' \
-		"$work/restore.log" | head -1 |
+	restore=$(sed 's/\x1b\[[0-9;]*m//g' "$work/restore.log" |
+		sed -n 's/.*snapshot restored elapsed=\([0-9.]*\)\(ms\|s\|µs\) .*/\1 \2/p' | head -1 |
 		awk '{ v=$1; if ($2=="s") v*=1000; else if ($2=="µs") v/=1000; printf "%.1f", v }')
 	printf '%s %s %s %.1f %s\n' "$mode" "$mem" "$cpus" "$(echo "$snap * 1000" | bc -l)" "${restore:-?}"
 }
