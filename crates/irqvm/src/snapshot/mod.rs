@@ -3,7 +3,7 @@
 //!
 //! | module | what |
 //! |---|---|
-//! | [`format`] | the directory (`memory`, `state.json`), its types, the checks before restore |
+//! | [`format`](mod@format) | the directory (`memory`, `state.json`), its types, the checks before restore |
 //! | [`cpu`] | one vCPU's processor state: read at a safe point, written in KVM's order |
 //! | [`platform`] | `kernel` mode's in-kernel PICs and IOAPIC as the model's devices |
 //! | [`memory`] | guest RAM to the file, and back as a private mapping of it |
