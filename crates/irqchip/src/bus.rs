@@ -126,6 +126,17 @@ pub struct ApicBus<S: InterruptSink> {
 }
 
 impl<S: InterruptSink> ApicBus<S> {
+    /// The lowest-priority round-robin position (a VMM snapshot carries it, so that ties after a
+    /// restore go where they would have gone).
+    pub fn lowest_priority_turn(&self) -> u32 {
+        self.lowest_priority_turn.load(Ordering::Relaxed)
+    }
+
+    /// Sets the round-robin position (snapshot restore, with the VM paused).
+    pub fn set_lowest_priority_turn(&self, turn: u32) {
+        self.lowest_priority_turn.store(turn, Ordering::Relaxed);
+    }
+
     /// A bus for these vCPUs (index = position). Every vCPU starts with a default, hardware-disabled
     /// topology entry, so it receives nothing until its local APIC publishes one.
     pub fn new(sinks: Vec<Arc<S>>) -> Self {

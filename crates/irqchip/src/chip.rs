@@ -532,16 +532,34 @@ impl<S: MessageSink> PcIrqChip<S> {
     /// Checks the device part of `snapshot` against this chip's shape (IOAPIC, destinations,
     /// levels consistent with routing).
     fn check_devices(&self, snapshot: &ChipSnapshot) -> Result<(), SnapshotError> {
-        snapshot.devices.check(
+        self.check_device_state(&snapshot.devices)
+    }
+
+    /// Checks a device snapshot alone against this chip's shape (IOAPIC, destinations, levels
+    /// consistent with routing), whatever the sink: for a VMM whose local APICs are not the
+    /// model's (KVM's in `split` mode).
+    pub fn check_device_state(&self, devices: &DeviceSnapshot) -> Result<(), SnapshotError> {
+        devices.check(
             self.config.ioapic.clamped(),
             self.config.extended_destination_id,
             ioapic_wire_level,
         )
     }
 
+    /// Checks ([`Self::check_device_state`]) and installs a device snapshot alone, telling the
+    /// sink the new redirection table. The VM must be paused.
+    pub fn restore_device_state(&self, devices: &DeviceSnapshot) -> Result<(), SnapshotError> {
+        self.check_device_state(devices)?;
+        self.install_device_state(devices);
+        Ok(())
+    }
+
     /// Installs the (checked) devices of `snapshot`.
     fn install_devices(&self, snapshot: &ChipSnapshot) {
-        let devices = &snapshot.devices;
+        self.install_device_state(&snapshot.devices);
+    }
+
+    fn install_device_state(&self, devices: &DeviceSnapshot) {
         let mut routing = lock(&self.routing);
         let mut pic = lock(&self.pic);
         let mut ioapic = lock(&self.ioapic);

@@ -88,6 +88,13 @@ pub enum ApicSystemConfigError {
 }
 
 impl ApicSystemConfig {
+    /// The configuration vCPU `index`'s local APIC gets in a system built from this (`None`
+    /// past the last vCPU): what a VMM converting another implementation's APIC state (KVM's)
+    /// into the model needs, without building the system.
+    pub fn lapic(&self, index: VcpuIndex) -> Option<LapicConfig> {
+        (index < self.vcpus).then(|| lapic_config(self, index))
+    }
+
     /// Checks that every vCPU gets an APIC ID and, if any ID is past 254 (xAPIC's 8-bit IDs,
     /// 0xFF being the broadcast), that x2APIC is offered. [`ApicSystem::new`] expects a config
     /// that passes; otherwise a vCPU whose ID overflows gets ID 0xFFFF_FFFF, which nothing can

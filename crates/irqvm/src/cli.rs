@@ -36,6 +36,9 @@ pub enum Command {
     /// Boot a kernel: multiboot v1 (ELF32, ELF64 with a 32-bit entry, a.out kludge), plain ELF64,
     /// or a raw binary (--raw-at).
     Run(RunArgs),
+    /// Restore a snapshot taken with the control API's `vm.snapshot` and run it, in any irqchip
+    /// mode (by default the one it was taken in).
+    Restore(RestoreArgs),
     /// Run the hostile-guest fuzzer (guests/fuzz.c) seed after seed in every irqchip mode and on
     /// 1, 2 and 4 vCPUs (or those given), each run under a watchdog; stops at the first failing
     /// seed and prints the command that replays it.
@@ -94,6 +97,28 @@ pub struct FuzzArgs {
     /// Operations per vCPU in each run.
     #[arg(long, value_name = "N", default_value_t = crate::fuzzguest::DEFAULT_OPS)]
     pub ops: u32,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RestoreArgs {
+    /// The snapshot directory (`memory` and `state.json`).
+    #[arg(long, value_name = "DIR")]
+    pub snapshot: PathBuf,
+    /// Interrupt controller implementation (default: the snapshot's).
+    #[arg(long, value_enum)]
+    pub irqchip: Option<IrqchipMode>,
+    /// Serve the control API on this Unix socket; see docs/operations.md.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
+    /// Stay paused until `PUT /api/v1/vm.resume`.
+    #[arg(long)]
+    pub paused: bool,
+    /// Stop the VM after this many seconds (exit status 124).
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<f64>,
+    /// Run without the seccomp filters.
+    #[arg(long)]
+    pub no_seccomp: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -208,6 +233,8 @@ pub enum CliError {
     BadWindow,
     #[error("no interrupt of vector {0:#04x} with its injection and EOI in the trace")]
     NoSuchVector(u8),
+    #[error("--paused needs --api-sock (nothing else can resume the VM)")]
+    PausedWithoutApi,
 }
 
 /// Exit status when --timeout expires (as timeout(1) uses).
@@ -259,28 +286,60 @@ pub fn demo_config() -> VmConfig {
     cfg
 }
 
+fn parse_timeout(timeout: Option<f64>) -> Result<Option<Duration>, CliError> {
+    match timeout {
+        None => Ok(None),
+        Some(t) if t.is_finite() && t > 0.0 => Ok(Some(Duration::from_secs_f64(t))),
+        Some(_) => Err(CliError::BadTimeout),
+    }
+}
+
+/// `irqvm restore`: the snapshot read and checked, a VM of its shape built in the chosen mode
+/// with its state applied, started (or held paused).
+fn restore_vm(args: &RestoreArgs) -> Result<(VmConfig, Vm), CliError> {
+    if args.paused && args.api_sock.is_none() {
+        return Err(CliError::PausedWithoutApi);
+    }
+    let start = std::time::Instant::now();
+    let snapshot = crate::snapshot::load(&args.snapshot).map_err(VmError::from)?;
+    let mut cfg = VmConfig::new(Vec::new(), "snapshot");
+    cfg.irqchip = args.irqchip.unwrap_or(snapshot.source_mode);
+    cfg.seccomp = !args.no_seccomp;
+    cfg.cpus = snapshot.state.header.vcpus;
+    cfg.memory = snapshot.state.header.memory_size;
+    let vm = Vm::restore(&snapshot, &cfg)?;
+    tracing::info!(elapsed = ?start.elapsed(), mode = ?cfg.irqchip, "snapshot restored");
+    Ok((cfg, vm))
+}
+
 /// Runs the command line; returns the process exit status.
 pub fn main_with(cli: Cli) -> Result<i32, CliError> {
-    let (cfg, timeout, api_sock, trace) = match &cli.command {
-        None => (demo_config(), None, None, None),
+    let (cfg, timeout, api_sock, vm, paused, trace) = match &cli.command {
+        None => {
+            let cfg = demo_config();
+            let vm = Vm::new(&cfg)?;
+            (cfg, None, None, vm, false, None)
+        }
         Some(Command::FuzzGuest(args)) => return Ok(fuzz_guest(args)),
         Some(Command::Trace(TraceCommand::Report(args))) => return trace_report(args),
         Some(Command::Run(args)) => {
-            let timeout = match args.timeout {
-                None => None,
-                Some(t) if t.is_finite() && t > 0.0 => Some(Duration::from_secs_f64(t)),
-                Some(_) => return Err(CliError::BadTimeout),
-            };
+            let timeout = parse_timeout(args.timeout)?;
             let trace = args.trace.as_deref().map(create_trace_file).transpose()?;
-            (run_config(args)?, timeout, args.api_sock.clone(), trace)
+            let cfg = run_config(args)?;
+            let vm = Vm::new(&cfg)?;
+            (cfg, timeout, args.api_sock.clone(), vm, false, trace)
+        }
+        Some(Command::Restore(args)) => {
+            let timeout = parse_timeout(args.timeout)?;
+            let (cfg, vm) = restore_vm(args)?;
+            (cfg, timeout, args.api_sock.clone(), vm, args.paused, None)
         }
     };
-    let vm = Vm::new(&cfg)?;
     let tracer = vm.tracer().clone();
     if trace.is_some() {
         tracer.start()?;
     }
-    let vm = vm.start()?;
+    let vm = vm.start_paused(paused)?;
     let filter = cfg
         .seccomp
         .then(|| ThreadFilter::new(Role::Main(cfg.irqchip)))
@@ -579,6 +638,38 @@ mod tests {
         assert_eq!(parse(&["--protected-state-aps=0x9a"]), Ok(Some(0x9A)));
         assert!(parse(&["--protected-state-aps=0"]).is_err());
         assert!(parse(&["--protected-state-aps=0x100"]).is_err());
+    }
+
+    #[test]
+    fn restore_arguments_parse_and_paused_needs_the_api() {
+        let cli = Cli::try_parse_from([
+            "irqvm",
+            "restore",
+            "--snapshot",
+            "/nonexistent/snap",
+            "--irqchip",
+            "split",
+            "--paused",
+        ])
+        .unwrap();
+        let Some(Command::Restore(args)) = cli.command else {
+            panic!("not restore");
+        };
+        assert_eq!(args.irqchip, Some(IrqchipMode::Split));
+        assert!(matches!(restore_vm(&args), Err(CliError::PausedWithoutApi)));
+        let cli = Cli::try_parse_from(["irqvm", "restore", "--snapshot", "/nonexistent/snap"]);
+        let Ok(Cli {
+            command: Some(Command::Restore(args)),
+        }) = cli
+        else {
+            panic!("not restore");
+        };
+        assert_eq!(args.irqchip, None, "the snapshot's mode by default");
+        let err = restore_vm(&args)
+            .err()
+            .expect("no such snapshot")
+            .to_string();
+        assert!(err.contains("/nonexistent/snap"), "{err}");
     }
 
     #[test]

@@ -117,6 +117,20 @@ impl Default for Cmos {
 }
 
 impl Cmos {
+    /// The RAM and the selected index (snapshots).
+    pub fn state(&self) -> (Vec<u8>, u8) {
+        (self.ram.to_vec(), self.index)
+    }
+
+    /// Restores [`Self::state`]: `ram` must have 128 bytes (a snapshot's checks say so), else
+    /// nothing changes.
+    pub fn restore(&mut self, ram: &[u8], index: u8) {
+        if let Ok(ram) = ram.try_into() {
+            self.ram = ram;
+            self.index = index & 0x7F;
+        }
+    }
+
     /// Port 0x70: bits 6:0 select the register; bit 7 (NMI disable) has no effect here.
     pub fn select(&mut self, value: u8) {
         self.index = value & 0x7F;
@@ -173,6 +187,13 @@ impl Cmos {
 /// The RTC on the I/O bus.
 #[derive(Debug, Default)]
 pub struct CmosPorts(Mutex<Cmos>);
+
+impl CmosPorts {
+    /// The register file, locked.
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, Cmos> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
 
 impl DevicePio for CmosPorts {
     fn pio_read(&self, _base: PioAddress, offset: PioAddressOffset, data: &mut [u8]) {

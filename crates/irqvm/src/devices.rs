@@ -25,6 +25,12 @@ use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 
 use crate::backend::{InterruptLines, IrqchipError, IRQ_LINES};
+use crate::snapshot::format::{DeviceState, SerialRegs};
+
+/// A device state a snapshot holds that the device cannot take.
+#[derive(Debug, thiserror::Error)]
+#[error("device state refused: {0}")]
+pub struct DeviceStateError(pub String);
 use crate::cmos::{CmosPorts, CMOS_PORT, CMOS_PORTS};
 use crate::i8042::{I8042Port, OnReset, I8042_COMMAND_PORT, I8042_DATA_PORT};
 use crate::iobus::{BusError, IoBus};
@@ -350,6 +356,12 @@ impl DevicePio for MsiDoorbell {
 /// The VM's devices, registered on its bus.
 pub struct Devices {
     serial: Arc<SerialPort>,
+    /// What a restored UART is rebuilt with: its interrupt line and its output.
+    lines: Arc<dyn InterruptLines>,
+    serial_output: SerialOutput,
+    fw_cfg: Arc<FwCfgPorts>,
+    cmos: Arc<CmosPorts>,
+    i8042: Arc<I8042Port>,
     bus: Arc<IoBus>,
 }
 
@@ -359,6 +371,7 @@ impl Devices {
         let irq = SerialIrq {
             lines: lines.clone(),
         };
+        let serial_output = cfg.serial.clone();
         let serial = Arc::new(SerialPort(Mutex::new(Serial::new(
             irq,
             SerialWriter::from(cfg.serial),
@@ -370,8 +383,8 @@ impl Devices {
             DEBUG_EXIT_PORTS,
             Arc::new(DebugExit(cfg.on_debug_exit)),
         )?;
-        let fw_cfg = FwCfgPorts(Mutex::new(FwCfg::new(cfg.cpus, cfg.ram_size)));
-        bus.register_pio(FW_CFG_SELECTOR_PORT, 2, Arc::new(fw_cfg))?;
+        let fw_cfg = Arc::new(FwCfgPorts(Mutex::new(FwCfg::new(cfg.cpus, cfg.ram_size))));
+        bus.register_pio(FW_CFG_SELECTOR_PORT, 2, fw_cfg.clone())?;
         bus.register_pio(
             TESTDEV_IRQ_PORT,
             IRQ_LINES as u16,
@@ -379,13 +392,94 @@ impl Devices {
         )?;
         bus.register_pio(MSI_DOORBELL_PORT, 4, Arc::new(MsiDoorbell(lines)))?;
         let (i8042_data, i8042_command) = I8042Port::pair(cfg.on_reset);
-        bus.register_pio(I8042_DATA_PORT, 1, Arc::new(i8042_data))?;
+        let i8042 = Arc::new(i8042_data);
+        bus.register_pio(I8042_DATA_PORT, 1, i8042.clone())?;
         bus.register_pio(I8042_COMMAND_PORT, 1, Arc::new(i8042_command))?;
-        bus.register_pio(CMOS_PORT, CMOS_PORTS, Arc::new(CmosPorts::default()))?;
+        let cmos = Arc::new(CmosPorts::default());
+        bus.register_pio(CMOS_PORT, CMOS_PORTS, cmos.clone())?;
         Ok(Self {
             serial,
+            lines,
+            serial_output,
+            fw_cfg,
+            cmos,
+            i8042,
             bus: Arc::new(bus),
         })
+    }
+
+    /// Every device's state (snapshots; the VM paused). pc-testdev keeps none: its lines'
+    /// levels are the interrupt chip's.
+    pub fn save_state(&self) -> DeviceState {
+        let s = lock(&self.serial.0).state();
+        let (selected, offset) = {
+            let f = lock(&self.fw_cfg.0);
+            (f.selected, f.offset as u64)
+        };
+        let (cmos_ram, cmos_index) = self.cmos.lock().state();
+        let (i8042_ctr, i8042_output, i8042_pending) = self.i8042.lock().state();
+        DeviceState {
+            serial: SerialRegs {
+                baud_divisor_low: s.baud_divisor_low,
+                baud_divisor_high: s.baud_divisor_high,
+                interrupt_enable: s.interrupt_enable,
+                interrupt_identification: s.interrupt_identification,
+                line_control: s.line_control,
+                line_status: s.line_status,
+                modem_control: s.modem_control,
+                modem_status: s.modem_status,
+                scratch: s.scratch,
+                in_buffer: s.in_buffer,
+            },
+            fw_cfg_selected: selected,
+            fw_cfg_offset: offset,
+            cmos_ram,
+            cmos_index,
+            i8042_ctr,
+            i8042_output,
+            i8042_pending,
+        }
+    }
+
+    /// Restores [`Self::save_state`] before the VM runs. The UART is rebuilt with the same
+    /// interrupt line and output; an over-full receive FIFO is refused.
+    pub fn restore_state(&self, state: &DeviceState) -> Result<(), DeviceStateError> {
+        let r = &state.serial;
+        let regs = vm_superio::serial::SerialState {
+            baud_divisor_low: r.baud_divisor_low,
+            baud_divisor_high: r.baud_divisor_high,
+            interrupt_enable: r.interrupt_enable,
+            interrupt_identification: r.interrupt_identification,
+            line_control: r.line_control,
+            line_status: r.line_status,
+            modem_control: r.modem_control,
+            modem_status: r.modem_status,
+            scratch: r.scratch,
+            in_buffer: r.in_buffer.clone(),
+        };
+        let irq = SerialIrq {
+            lines: self.lines.clone(),
+        };
+        let serial = Serial::from_state(
+            &regs,
+            irq,
+            NoEvents,
+            SerialWriter::from(self.serial_output.clone()),
+        )
+        .map_err(|e| DeviceStateError(format!("serial port: {e:?}")))?;
+        *lock(&self.serial.0) = serial;
+        {
+            let mut f = lock(&self.fw_cfg.0);
+            f.selected = state.fw_cfg_selected;
+            f.offset = usize::try_from(state.fw_cfg_offset).unwrap_or(usize::MAX);
+        }
+        self.cmos.lock().restore(&state.cmos_ram, state.cmos_index);
+        self.i8042.lock().restore(&(
+            state.i8042_ctr,
+            state.i8042_output.clone(),
+            state.i8042_pending,
+        ));
+        Ok(())
     }
 
     /// The port-I/O and MMIO bus the vCPUs' exits go to.

@@ -69,7 +69,27 @@ pub enum Action {
     Reset,
 }
 
+/// The controller's state as plain values (snapshots): configuration byte, output buffer
+/// (byte, from aux), command awaiting its data byte.
+pub type I8042State = (u8, Vec<(u8, bool)>, Option<u8>);
+
 impl I8042 {
+    /// The state (snapshots).
+    pub fn state(&self) -> I8042State {
+        (
+            self.ctr,
+            self.output.iter().copied().collect(),
+            self.pending,
+        )
+    }
+
+    /// Restores [`Self::state`].
+    pub fn restore(&mut self, (ctr, output, pending): &I8042State) {
+        self.ctr = *ctr;
+        self.output = output.iter().copied().collect();
+        self.pending = *pending;
+    }
+
     pub fn status(&self) -> u8 {
         let mut s = STATUS_SYSTEM;
         if let Some(&(_, aux)) = self.output.front() {
@@ -136,7 +156,8 @@ impl I8042Port {
         (port(false), port(true))
     }
 
-    fn lock(&self) -> MutexGuard<'_, I8042> {
+    /// The controller (shared by both ports), locked.
+    pub fn lock(&self) -> MutexGuard<'_, I8042> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

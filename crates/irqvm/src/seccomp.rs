@@ -52,6 +52,7 @@ ioctl_iow_nr!(KVM_SIGNAL_MSI, KVMIO, 0xa5, kvm_msi);
 ioctl_ior_nr!(KVM_GET_FPU, KVMIO, 0x8c, kvm_bindings::kvm_fpu);
 ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_bindings::kvm_lapic_state);
 ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_bindings::kvm_irqchip);
+ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_bindings::kvm_xcrs);
 
 /// Errors setting up a filtered thread.
 #[derive(Debug, thiserror::Error)]
@@ -347,6 +348,14 @@ fn vcpu_ioctls(mode: IrqchipMode) -> Vec<u64> {
     // injected vector), in every mode.
     list.extend([KVM_GET_FPU(), KVM_SET_REGS(), KVM_SET_VCPU_EVENTS()]);
     list.extend(line_ioctls(mode));
+    // A snapshot's save, on the paused vCPU's thread (`crate::snapshot`): the processor state
+    // in every mode (KVM_RUN with immediate_exit completes the last exit first).
+    list.extend([
+        KVM_GET_XCRS(),
+        KVM_GET_DEBUGREGS(),
+        KVM_GET_MSRS(),
+        KVM_GET_VCPU_EVENTS(),
+    ]);
     list.extend(match mode {
         // KVM's MP state for the run report; KVM's LAPIC, APIC base / TSC deadline MSRs and
         // events for the control API's state queries (`VcpuIrqchip::introspect`).

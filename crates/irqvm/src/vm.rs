@@ -33,7 +33,8 @@ use crate::memory::{self, GuestRam, MemoryError};
 use crate::seccomp::{self, Role, SeccompError, ThreadFilter};
 use crate::trace::Tracer;
 use crate::vcpu::{
-    regs, GuestExit, VcpuFailure, VcpuShared, VcpuState, VcpuStatsSnapshot, VcpuThread, VmControl,
+    regs, GuestExit, SnapshotContext, VcpuFailure, VcpuShared, VcpuState, VcpuStatsSnapshot,
+    VcpuThread, VmControl,
 };
 use ::irqchip::mpstate::MpState;
 
@@ -74,6 +75,8 @@ pub enum VmError {
     Timeout(Duration),
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
+    #[error("cannot restore the snapshot: {0}")]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
 }
 
 /// Everything that defines a VM.
@@ -143,11 +146,13 @@ struct Machine {
     devices: Arc<Devices>,
     control: Arc<VmControl>,
     shared: Vec<Arc<VcpuShared>>,
-    loaded: LoadedKernel,
+    /// What the loader did (`None` for a VM restored from a snapshot).
+    loaded: Option<LoadedKernel>,
+    mode: IrqchipMode,
     /// `VmConfig::seccomp`: threads started for this VM later (the control API's) are filtered too.
     seccomp: bool,
     // Drop order: the VM fd before the memory KVM maps.
-    _vm_fd: Arc<VmFd>,
+    vm_fd: Arc<VmFd>,
     _kvm: Kvm,
     memory: GuestRam,
 }
@@ -177,7 +182,18 @@ impl Vm {
             .collect();
         let loaded = load_kernel(&memory, cfg, &model, modules)?;
         tracing::debug!(?loaded, "kernel loaded");
+        Self::build(cfg, kvm, model, memory, Some(loaded))
+    }
 
+    /// The VM around `memory`: KVM, the backend, the devices, the vCPUs (the boot vCPU's
+    /// registers from `loaded`, if a kernel was loaded).
+    fn build(
+        cfg: &VmConfig,
+        kvm: Kvm,
+        model: CpuModel,
+        memory: GuestRam,
+        loaded: Option<LoadedKernel>,
+    ) -> Result<Self, VmError> {
         let vm_fd = Arc::new(kvm::create_vm(&kvm)?);
         memory::register_guest_memory(&vm_fd, &memory)?;
         let shared: Vec<Arc<VcpuShared>> = (0..cfg.cpus as usize)
@@ -215,6 +231,15 @@ impl Vm {
             chip.clone(),
         )?);
         let supported = cpuid::supported_cpuid(&kvm)?;
+        let mut snapshot = SnapshotContext {
+            msrs: crate::snapshot::cpu::snapshot_msrs(
+                kvm.get_msr_index_list()
+                    .map_err(KvmError::ioctl("KVM_GET_MSR_INDEX_LIST"))?
+                    .as_slice(),
+            ),
+            xcrs: kvm.check_extension(kvm_ioctls::Cap::Xcrs),
+            lapics: Vec::new(),
+        };
         let mut vcpus = Vec::new();
         for (index, vcpu_shared) in shared.iter().enumerate() {
             let fd = vm_fd
@@ -223,19 +248,32 @@ impl Vm {
             fd.set_cpuid2(&cpuid::vcpu_cpuid(&supported, &model, index))
                 .map_err(KvmError::ioctl("KVM_SET_CPUID2"))?;
             let vcpu_chip = chip.create_vcpu_chip(index, &fd)?;
-            if index == 0 {
-                set_boot_registers(&fd, &loaded)?;
+            if let (0, Some(loaded)) = (index, &loaded) {
+                set_boot_registers(&fd, loaded)?;
             }
-            vcpus.push(VcpuThread {
+            if index == 0 {
+                let tsc_khz = fd
+                    .get_tsc_khz()
+                    .map_err(KvmError::ioctl("KVM_GET_TSC_KHZ"))?;
+                snapshot.lapics =
+                    model_lapic_configs(cfg.cpus, &model, tsc_khz, cpuid::max_phys_addr(&supported));
+            }
+            vcpus.push((fd, vcpu_chip, vcpu_shared.clone()));
+        }
+        let snapshot = Arc::new(snapshot);
+        let vcpus = vcpus
+            .into_iter()
+            .map(|(fd, chip, shared)| VcpuThread {
                 fd,
-                chip: vcpu_chip,
+                chip,
                 bus: devices.bus().clone(),
-                shared: vcpu_shared.clone(),
+                shared,
                 control: control.clone(),
                 last_exit: Default::default(),
                 tracer: tracer.clone(),
-            });
-        }
+                snapshot: snapshot.clone(),
+            })
+            .collect();
         let vcpu_filter = cfg
             .seccomp
             .then(|| ThreadFilter::new(Role::Vcpu(cfg.irqchip)))
@@ -251,7 +289,8 @@ impl Vm {
                 shared,
                 loaded,
                 seccomp: cfg.seccomp,
-                _vm_fd: vm_fd,
+                mode: cfg.irqchip,
+                vm_fd,
                 _kvm: kvm,
                 memory,
             },
@@ -263,13 +302,77 @@ impl Vm {
         &self.machine.tracer
     }
 
-    /// What the loader did.
-    pub fn loaded_kernel(&self) -> &LoadedKernel {
-        &self.machine.loaded
+    /// A VM of `snapshot`'s shape in irqchip mode `cfg.irqchip` (any, whatever the snapshot's
+    /// source mode), its RAM a private mapping of the snapshot's memory file, with the
+    /// snapshot's state applied; not started. `cfg`'s kernel, CPU count and memory are not
+    /// used. Everything is checked before anything is applied
+    /// (`snapshot::restore::check`); then each vCPU in KVM's order: SREGS, REGS, FPU, XCRS, the
+    /// local APIC, the MSRs (IA32_TSC first, IA32_TSC_DEADLINE last), debug registers, events,
+    /// MP state; then the platform (PICs, IOAPIC, routing), the devices and kvmclock.
+    pub fn restore(
+        snapshot: &crate::snapshot::LoadedSnapshot,
+        cfg: &VmConfig,
+    ) -> Result<Self, VmError> {
+        let state = &snapshot.state;
+        let mut cfg = cfg.clone();
+        cfg.cpus = state.header.vcpus;
+        cfg.memory = state.header.memory_size;
+        cfg.protected_state_aps = None;
+        let memory = crate::snapshot::memory::map_private(&snapshot.memory, cfg.memory)?;
+        seccomp::prepare_allocator();
+        let kvm = kvm::open_kvm()?;
+        let model = CpuModel::resolve(
+            cfg.cpus,
+            cfg.topology,
+            &cfg.cpu_features,
+            cfg.irqchip,
+            host_limits(&kvm),
+        )?;
+        let mut vm = Self::build(&cfg, kvm, model, memory, None)?;
+        let lapics = vm
+            .vcpus
+            .first()
+            .map(|v| v.snapshot.lapics.clone())
+            .unwrap_or_default();
+        crate::snapshot::restore::check(state, cfg.irqchip, &lapics)?;
+        let xcrs = vm.vcpus.first().is_some_and(|v| v.snapshot.xcrs);
+        for (vcpu, (cpu, part)) in vm
+            .vcpus
+            .iter_mut()
+            .zip(state.vcpus.iter().zip(&state.chip.vcpus))
+        {
+            crate::snapshot::restore::apply_vcpu(
+                &mut vcpu.fd,
+                vcpu.chip.as_mut(),
+                cpu,
+                part,
+                xcrs,
+            )?;
+        }
+        crate::snapshot::restore::apply_vm(
+            state,
+            vm.machine.chip.as_ref(),
+            &vm.machine.devices,
+            &vm.machine.vm_fd,
+        )?;
+        Ok(vm)
+    }
+
+    /// What the loader did (`None` for a restored VM).
+    pub fn loaded_kernel(&self) -> Option<&LoadedKernel> {
+        self.machine.loaded.as_ref()
     }
 
     pub fn memory(&self) -> &GuestRam {
         &self.machine.memory
+    }
+
+    /// Starts one thread per vCPU, held paused (until `vm.resume`) if `paused`.
+    pub fn start_paused(self, paused: bool) -> Result<RunningVm, VmError> {
+        if paused {
+            self.machine.control.pause();
+        }
+        self.start()
     }
 
     /// Starts one thread per vCPU.
@@ -327,6 +430,26 @@ fn kvm_vcpu_id(mode: IrqchipMode, model: &CpuModel, index: usize) -> u64 {
         IrqchipMode::User => index as u64,
         IrqchipMode::Kernel | IrqchipMode::Split => u64::from(model.apic_id(index)),
     }
+}
+
+/// The model configuration of each vCPU's local APIC, as the `user` backend builds it (KVM's
+/// 1 GHz APIC bus, the guest TSC rate, the guest's MAXPHYADDR): what a snapshot's APIC state is
+/// converted with and checked against, in every mode.
+fn model_lapic_configs(
+    cpus: u32,
+    model: &CpuModel,
+    tsc_khz: u32,
+    max_phys_addr: u8,
+) -> Vec<::irqchip::lapic::LapicConfig> {
+    let cpus = cpus as usize;
+    let mut config = ::irqchip::chip::PcIrqChipConfig::new(cpus);
+    config.apic.clock.tsc_hz = u64::from(tsc_khz) * 1000;
+    config.apic.max_phys_addr = max_phys_addr;
+    config.apic.x2apic = model.x2apic;
+    config.apic.apic_ids = model.layout;
+    (0..cpus)
+        .filter_map(|index| config.apic.lapic(index))
+        .collect()
 }
 
 /// Creates the backend for `mode` on a VM that has no vCPUs yet (the backend's VM-wide KVM
@@ -550,6 +673,12 @@ impl RunningVm {
             seccomp: self.vm.seccomp,
             tracer: self.vm.tracer.clone(),
             trace_file: Arc::default(),
+            snapshot: Arc::new(crate::snapshot::take::SnapshotSource {
+                vm_fd: self.vm.vm_fd.clone(),
+                memory: self.vm.memory.clone(),
+                devices: self.vm.devices.clone(),
+                mode: self.vm.mode,
+            }),
         }
     }
 

@@ -1180,6 +1180,16 @@ impl LocalApic {
         self.cfg.clock.tsc_at_zero = anchor;
     }
 
+    /// Moves the guest TSC's origin by `ticks` (wrapping) and nothing else: countdowns keep
+    /// their expiry, a TSC deadline its guest-TSC value. A VMM restoring a snapshot on a host
+    /// whose guest TSC could not be set back to the saved value (it kept running) uses it so that
+    /// the model's TSC is the one the guest reads.
+    pub fn shift_guest_tsc(&mut self, ticks: u64) {
+        let origin = self.timer.clock().tsc_at_zero.wrapping_add(ticks);
+        self.timer.set_tsc_at_zero(origin);
+        self.cfg.clock.tsc_at_zero = origin;
+    }
+
     /// Checks a deserialized APIC (a snapshot may be malformed) before it is used: IA32_APIC_BASE
     /// must be in a reachable mode, the clock the same in the configuration and the timer, and the
     /// timer consistent ([`ApicTimer::validate`]).

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::model::{
-    Counters, LineRequest, MsiRequest, PlatformInfo, TraceStartRequest, TraceStopped, VcpuInfo,
-    VmInfo,
+    Counters, LineRequest, MsiRequest, PlatformInfo, SnapshotRequest, TraceStartRequest, TraceStopped,
+    VcpuInfo, VmInfo,
 };
 use super::router::Control;
 use super::ApiError;
@@ -30,6 +30,7 @@ pub struct VmHandle {
     pub(crate) tracer: Arc<crate::trace::Tracer>,
     /// The file of the recording `trace.start` began (shared by the handle's clones).
     pub(crate) trace_file: Arc<std::sync::Mutex<Option<(String, std::fs::File)>>>,
+    pub(crate) snapshot: Arc<crate::snapshot::take::SnapshotSource>,
 }
 
 /// The API's (and the trace file's) name of an irqchip mode.
@@ -239,6 +240,20 @@ impl Control for VmHandle {
         Ok(delivery == MsiDelivery::Delivered)
     }
 
+    /// Cloud Hypervisor's `vm.snapshot`: `destination_url` must be `file://` and an absolute
+    /// directory (created if missing). The VM is paused first if it runs, and stays paused.
+    fn snapshot(&self, request: &SnapshotRequest) -> Result<(), ApiError> {
+        let dir = snapshot_dir(&request.destination_url)?;
+        self.require_running()?;
+        let times = crate::snapshot::take::take(self, &dir).map_err(|e| match e {
+            crate::snapshot::SnapshotError::Io { .. } => ApiError::BadRequest(e.to_string()),
+            crate::snapshot::SnapshotError::NotReady(_) => ApiError::Conflict(e.to_string()),
+            other => ApiError::Internal(other.to_string()),
+        })?;
+        tracing::info!(dir = %dir.display(), ?times, "snapshot taken");
+        Ok(())
+    }
+
     fn event(&self, index: usize, event: HostEvent) -> Result<bool, ApiError> {
         if index >= self.vcpus.len() {
             return Err(ApiError::NotFound(format!("vCPU {index} does not exist")));
@@ -295,5 +310,47 @@ impl Control for VmHandle {
             events: dump.events.len() as u64,
             dropped_events: dump.dropped_total(),
         })
+    }
+}
+
+/// The directory of a `file://` URL: an absolute path, no host, no query.
+pub fn snapshot_dir(url: &str) -> Result<std::path::PathBuf, ApiError> {
+    let bad = |why: &str| ApiError::BadRequest(format!("destination_url {url:?}: {why}"));
+    let path = url
+        .strip_prefix("file://")
+        .ok_or_else(|| bad("only file:// URLs are supported"))?;
+    if !path.starts_with('/') {
+        return Err(bad("the path must be absolute (file:///DIR)"));
+    }
+    if path.contains(['?', '#']) || path.split('/').any(|part| part == "..") {
+        return Err(bad("no query, fragment or '..' allowed"));
+    }
+    Ok(std::path::PathBuf::from(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only `file://` with an absolute path, no query, fragment or `..` (Cloud Hypervisor's
+    /// `destination_url` names a local directory).
+    #[test]
+    fn snapshot_urls_must_be_absolute_file_urls() {
+        assert_eq!(
+            snapshot_dir("file:///var/tmp/snap").unwrap(),
+            std::path::PathBuf::from("/var/tmp/snap")
+        );
+        for bad in [
+            "/var/tmp/snap",
+            "http://host/snap",
+            "file://relative",
+            "file:///a/../b",
+            "file:///a?x",
+            "file:///a#b",
+            "",
+        ] {
+            let err = snapshot_dir(bad).unwrap_err();
+            assert!(matches!(err, ApiError::BadRequest(_)), "{bad}: {err}");
+        }
     }
 }

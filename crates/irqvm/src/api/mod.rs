@@ -1,7 +1,7 @@
 //! The control API: `irqvm run --api-sock PATH` serves HTTP/1.1 with JSON bodies on a Unix
 //! socket (`curl --unix-socket PATH http://localhost/api/v1/vm.info`). Paths, verbs and bodies
 //! follow Cloud Hypervisor's where it has the operation (`vm.info`, `vm.pause`, `vm.resume`,
-//! `vm.shutdown`, `vm.counters`, `vmm.ping`); irqvm's own (vCPU and platform state, injection)
+//! `vm.shutdown`, `vm.snapshot`, `vm.counters`, `vmm.ping`); irqvm's own (vCPU and platform state, injection)
 //! sit under the same `/api/v1/` prefix. The reference with examples is docs/operations.md.
 //!
 //! Layout: [`model`] (the JSON shapes, one per object for all three irqchip modes), [`lapic`]

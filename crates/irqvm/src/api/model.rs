@@ -267,6 +267,13 @@ pub struct SipiRequest {
     pub vector: u8,
 }
 
+/// `PUT /api/v1/vm.snapshot`: Cloud Hypervisor's body (`file:///DIR`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    pub destination_url: String,
+}
+
 /// The body of every error response.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {

@@ -6,8 +6,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::model::{
-    Counters, ErrorBody, LineRequest, MsiRequest, PlatformInfo, SipiRequest, TraceStartRequest,
-    TraceStopped, VcpuInfo, VmInfo,
+    Counters, ErrorBody, LineRequest, MsiRequest, PlatformInfo, SipiRequest, SnapshotRequest,
+    TraceStartRequest, TraceStopped, VcpuInfo, VmInfo,
 };
 use super::ApiError;
 use crate::backend::HostEvent;
@@ -35,6 +35,11 @@ pub trait Control {
     fn trace_start(&self, request: &TraceStartRequest) -> Result<(), ApiError>;
     /// Stops the recording that `trace_start` began and writes its file.
     fn trace_stop(&self) -> Result<TraceStopped, ApiError>;
+    /// Snapshots the VM into the request's directory, leaving it paused.
+    fn snapshot(&self, request: &SnapshotRequest) -> Result<(), ApiError> {
+        let _ = request;
+        Err(ApiError::Conflict("this VM cannot be snapshotted".into()))
+    }
 }
 
 /// An answer: status and body (empty for 204).
@@ -116,6 +121,7 @@ fn dispatch(method: &str, url: &str, body: &[u8], ctl: &dyn Control) -> Result<R
         "vm.pause" if put => done(ctl.pause()),
         "vm.resume" if put => done(ctl.resume()),
         "vm.shutdown" if put => done(ctl.shutdown()),
+        "vm.snapshot" if put => done(ctl.snapshot(&parse::<SnapshotRequest>(body)?)),
         "irq.line" if put => done(ctl.line(&parse(body)?)),
         "irq.msi" if put => ctl
             .msi(&parse(body)?)
@@ -123,7 +129,7 @@ fn dispatch(method: &str, url: &str, body: &[u8], ctl: &dyn Control) -> Result<R
         "trace.start" if put => done(ctl.trace_start(&parse(body)?)),
         "trace.stop" if put => ctl.trace_stop().map(|t| Reply::json(&t)),
         "vmm.ping" | "vm.info" | "vm.counters" | "platform" | "vm.pause" | "vm.resume"
-        | "vm.shutdown" | "irq.line" | "irq.msi" | "trace.start" | "trace.stop" => {
+        | "vm.shutdown" | "vm.snapshot" | "irq.line" | "irq.msi" | "trace.start" | "trace.stop" => {
             Err(wrong_method())
         }
         _ => Err(ApiError::NotFound(format!("no such path: {path}"))),

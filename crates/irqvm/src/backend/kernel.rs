@@ -4,13 +4,15 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use irqchip::lapic::LapicConfig;
 use irqchip::msi::MsiMessage;
 use kvm_bindings::{kvm_mp_state, kvm_msi, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 
 use super::{
     validate_msi, ChipExit, ChipFeatures, EntryDecision, ExitHandled, HostEvent, InterruptLines,
-    Irqchip, IrqchipError, IrqchipMode, MsiDelivery, VcpuIrqchip, IRQ_LINES,
+    Irqchip, IrqchipError, IrqchipMode, MsiDelivery, PlatformFabric, VcpuFabric, VcpuIrqchip,
+    IRQ_LINES,
 };
 use crate::api::model::PlatformInfo;
 use crate::kvm::KvmError;
@@ -131,6 +133,22 @@ impl Irqchip for KernelIrqchip {
     fn send_event(&self, index: usize, event: HostEvent) -> Result<MsiDelivery, IrqchipError> {
         super::kvm_send_event(&self.vm, &self.cpu, index, event)
     }
+
+    /// KVM_GET_IRQCHIP of both PICs and the IOAPIC, in the model's format.
+    fn save_platform(&self) -> Result<PlatformFabric, IrqchipError> {
+        let (pics, ioapic) = crate::snapshot::platform::read_kvm(&self.vm)?;
+        Ok(PlatformFabric {
+            devices: crate::snapshot::platform::devices_from_kvm(&pics, &ioapic)?,
+            lowest_priority_turn: 0,
+        })
+    }
+
+    /// KVM_SET_IRQCHIP of both PICs and the IOAPIC (KVM's round-robin is not settable).
+    fn restore_platform(&self, platform: &PlatformFabric) -> Result<(), IrqchipError> {
+        let (pics, ioapic) = crate::snapshot::platform::devices_to_kvm(&platform.devices)?;
+        crate::snapshot::platform::write_kvm(&self.vm, &pics, &ioapic)?;
+        Ok(())
+    }
 }
 
 /// The per-vCPU half of `kernel` mode: KVM does everything.
@@ -155,6 +173,92 @@ impl VcpuIrqchip for KernelVcpuChip {
     fn mp_state(&mut self, vcpu: &mut VcpuFd) -> Result<u32, IrqchipError> {
         kvm_mp_state(vcpu)
     }
+
+    fn save_fabric(
+        &mut self,
+        vcpu: &mut VcpuFd,
+        lapic: LapicConfig,
+    ) -> Result<VcpuFabric, IrqchipError> {
+        kvm_save_fabric(vcpu, lapic)
+    }
+
+    fn restore_apic(
+        &mut self,
+        vcpu: &mut VcpuFd,
+        fabric: &VcpuFabric,
+        _saved_tsc: u64,
+    ) -> Result<Option<u64>, IrqchipError> {
+        kvm_restore_apic(vcpu, fabric)
+    }
+
+    fn restore_events(
+        &mut self,
+        vcpu: &mut VcpuFd,
+        fabric: &VcpuFabric,
+    ) -> Result<(), IrqchipError> {
+        kvm_restore_events(vcpu, fabric)
+    }
+}
+
+/// A KVM local APIC's vCPU (`kernel`, `split`): KVM_GET_MP_STATE first (it accepts a pending
+/// INIT/SIPI, as the model's accept step would), then the events, KVM_GET_LAPIC with
+/// IA32_APIC_BASE and IA32_TSC_DEADLINE, and IA32_TSC as the clock's `tsc_at_zero`: all
+/// converted to the model's format (`snapshot::convert`).
+pub(crate) fn kvm_save_fabric(
+    vcpu: &VcpuFd,
+    mut cfg: LapicConfig,
+) -> Result<VcpuFabric, IrqchipError> {
+    use crate::snapshot::convert::{events_from_kvm, lapic_from_kvm, KvmLapic, KvmVcpuEvents};
+    use crate::snapshot::cpu::{read_msr, MSR_TSC};
+    let mp_state = kvm_mp_state(vcpu)?;
+    let events = vcpu
+        .get_vcpu_events()
+        .map_err(KvmError::ioctl("KVM_GET_VCPU_EVENTS"))?;
+    let page = vcpu.get_lapic().map_err(KvmError::ioctl("KVM_GET_LAPIC"))?;
+    let apic_base = read_msr(vcpu, 0x1B)?;
+    let tsc_deadline = read_msr(vcpu, 0x6E0)?;
+    cfg.clock.tsc_at_zero = read_msr(vcpu, MSR_TSC)?;
+    let state = KvmLapic {
+        page,
+        apic_base,
+        tsc_deadline,
+    };
+    let lapic = lapic_from_kvm(cfg, &state, Default::default())?;
+    let model = events_from_kvm(&KvmVcpuEvents { events, mp_state }, cfg.bsp)?;
+    Ok(VcpuFabric {
+        model: irqchip::snapshot::VcpuSnapshot {
+            index: cfg.index,
+            lapic,
+            mp: model.mp,
+            pending: model.pending,
+        },
+        cpu_events: model.cpu,
+    })
+}
+
+/// KVM_SET_LAPIC of the model's APIC; its TSC deadline goes in with the MSRs, after IA32_TSC.
+pub(crate) fn kvm_restore_apic(
+    vcpu: &VcpuFd,
+    fabric: &VcpuFabric,
+) -> Result<Option<u64>, IrqchipError> {
+    let state = crate::snapshot::convert::lapic_to_kvm(&fabric.model.lapic, Default::default());
+    vcpu.set_lapic(&state.page)
+        .map_err(KvmError::ioctl("KVM_SET_LAPIC"))?;
+    Ok(Some(state.tsc_deadline))
+}
+
+/// KVM_SET_VCPU_EVENTS, then KVM_SET_MP_STATE last (a latched SIPI becomes SIPI_RECEIVED).
+pub(crate) fn kvm_restore_events(vcpu: &VcpuFd, fabric: &VcpuFabric) -> Result<(), IrqchipError> {
+    let model = &fabric.model;
+    let kvm =
+        crate::snapshot::convert::events_to_kvm(&model.pending, &model.mp, &fabric.cpu_events);
+    vcpu.set_vcpu_events(&kvm.events)
+        .map_err(KvmError::ioctl("KVM_SET_VCPU_EVENTS"))?;
+    vcpu.set_mp_state(kvm_mp_state {
+        mp_state: kvm.mp_state,
+    })
+    .map_err(KvmError::ioctl("KVM_SET_MP_STATE"))?;
+    Ok(())
 }
 
 /// KVM_SIGNAL_MSI of a validated message (`kernel` and `split` mode). KVM returns the number of

@@ -126,6 +126,31 @@ pub enum IrqchipError {
         data: u32,
         reason: MsiError,
     },
+    /// A snapshot's interrupt state was refused by the model's checks.
+    #[error("snapshot: {0}")]
+    Snapshot(#[from] irqchip::snapshot::SnapshotError),
+    /// A snapshot's interrupt state has no form in KVM's (or KVM's none in the model's).
+    #[error("snapshot conversion: {0}")]
+    Convert(#[from] crate::snapshot::convert::ConvertError),
+}
+
+/// One vCPU's interrupt state in the `irqchip` model's format, whatever the mode (snapshots;
+/// docs/architecture.md, "Snapshots").
+#[derive(Clone, Debug)]
+pub struct VcpuFabric {
+    /// Local APIC (timer as time left), MP state with latched INIT/SIPI, pending NMI/SMI.
+    pub model: irqchip::snapshot::VcpuSnapshot,
+    /// KVM_GET_VCPU_EVENTS with the model's parts cleared (what stays with the processor).
+    pub cpu_events: kvm_bindings::kvm_vcpu_events,
+}
+
+/// The VM-wide interrupt state in the model's format.
+#[derive(Clone, Debug)]
+pub struct PlatformFabric {
+    /// PICs, IOAPIC, routing with every line's level.
+    pub devices: irqchip::snapshot::DeviceSnapshot,
+    /// The APIC bus's lowest-priority round-robin position.
+    pub lowest_priority_turn: u32,
 }
 
 /// What became of a well-formed MSI.
@@ -338,6 +363,13 @@ pub trait Irqchip: InterruptLines {
     fn counters(&self, out: &mut dyn FnMut(Option<usize>, &str, u64)) {
         let _ = out;
     }
+
+    /// The PICs, IOAPIC and routing in the model's format, with the VM paused (snapshots).
+    fn save_platform(&self) -> Result<PlatformFabric, IrqchipError>;
+
+    /// Installs a (checked) platform state, before any vCPU runs and after every vCPU's local
+    /// APIC is restored (KVM_SET_IRQCHIP re-delivers asserted level pins).
+    fn restore_platform(&self, platform: &PlatformFabric) -> Result<(), IrqchipError>;
 }
 
 /// The per-vCPU half of a backend, owned by (and only called from) that vCPU's thread.
@@ -370,6 +402,41 @@ pub trait VcpuIrqchip: Send {
         let pending = crate::api::lapic::kvm_pending(vcpu, 0)?;
         Ok((lapic, pending))
     }
+
+    /// The vCPU's interrupt state in the model's format (snapshots), on its thread, paused, with
+    /// no exit half-handled. `lapic` is the model configuration of this vCPU's local APIC
+    /// (clock: KVM's APIC bus and TSC rate; `tsc_at_zero` is filled in here).
+    fn save_fabric(
+        &mut self,
+        vcpu: &mut VcpuFd,
+        lapic: irqchip::lapic::LapicConfig,
+    ) -> Result<VcpuFabric, IrqchipError>;
+
+    /// Restores the local APIC and the model's state (after the registers, before the MSRs).
+    /// `saved_tsc` is the guest TSC at the save. Returns the IA32_TSC_DEADLINE to write after
+    /// IA32_TSC when the local APIC is KVM's.
+    fn restore_apic(
+        &mut self,
+        vcpu: &mut VcpuFd,
+        fabric: &VcpuFabric,
+        saved_tsc: u64,
+    ) -> Result<Option<u64>, IrqchipError>;
+
+    /// Restores the events and the MP state, last.
+    fn restore_events(
+        &mut self,
+        vcpu: &mut VcpuFd,
+        fabric: &VcpuFabric,
+    ) -> Result<(), IrqchipError>;
+
+    /// True while an interrupt queued with KVM_INTERRUPT may not have entered the guest yet:
+    /// KVM_GET_VCPU_EVENTS cannot see it, so a snapshot lets the vCPU enter once more first.
+    fn injection_in_flight(&self) -> bool {
+        false
+    }
+
+    /// KVM_RUN returned with an exit: the guest ran, so a queued interrupt went in.
+    fn guest_ran(&mut self) {}
 }
 
 /// `kernel` and `split` mode: a host event as an MSI to KVM's LAPICs, physical destination =

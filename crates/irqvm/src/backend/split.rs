@@ -55,9 +55,9 @@
 //! A vector queued with KVM_INTERRUPT is not in KVM_GET_VCPU_EVENTS until KVM injects it at the
 //! next guest entry (`docs/kvm-facts.md`); as injection happens in `before_entry`, right before
 //! KVM_RUN, only a KVM_RUN that returns before entering (a kick's `immediate_exit`) leaves it
-//! queued across a loop iteration. A snapshot taken at the top of the vCPU loop must therefore
-//! first run the vCPU into the guest, or inject with KVM_SET_VCPU_EVENTS instead (not done:
-//! irqvm has no snapshots yet).
+//! queued across a loop iteration. A snapshot taken at the top of the vCPU loop therefore first
+//! runs the vCPU into the guest once more (`VcpuIrqchip::injection_in_flight`, see
+//! `crate::snapshot`).
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -76,11 +76,14 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Cap, VcpuFd, VmFd};
 
-use super::kernel::{kvm_mp_state, kvm_signal_msi, set_initial_kvm_mp_state};
+use super::kernel::{
+    kvm_mp_state, kvm_restore_apic, kvm_restore_events, kvm_save_fabric, kvm_signal_msi,
+    set_initial_kvm_mp_state,
+};
 use super::{
     validate_msi, ChipContext, ChipExit, ChipFeatures, EntryDecision, ExitHandled, HostEvent,
-    InterruptLines, Irqchip, IrqchipError, IrqchipMode, MsiDelivery, VcpuIrqchip, VcpuKicker,
-    IRQ_LINES,
+    InterruptLines, Irqchip, IrqchipError, IrqchipMode, MsiDelivery, PlatformFabric, VcpuFabric,
+    VcpuIrqchip, VcpuKicker, IRQ_LINES,
 };
 use crate::api::model::PlatformInfo;
 use crate::kvm::{self, KvmError};
@@ -488,6 +491,7 @@ impl Irqchip for SplitIrqchip {
             index,
             shared: self.shared.clone(),
             probe: crate::trace::VcpuProbe::new(self.tracer.clone(), index),
+            in_flight: false,
         }))
     }
 
@@ -520,6 +524,24 @@ impl Irqchip for SplitIrqchip {
             out(None, name, value);
         }
     }
+
+    /// The userspace PICs, IOAPIC and routing (KVM's LAPICs keep no readable round-robin).
+    fn save_platform(&self) -> Result<PlatformFabric, IrqchipError> {
+        Ok(PlatformFabric {
+            devices: self.shared.chip.save_devices(),
+            lowest_priority_turn: 0,
+        })
+    }
+
+    /// Installs the devices (checked again) and mirrors the redirection table into KVM's EOI
+    /// routes.
+    fn restore_platform(&self, platform: &PlatformFabric) -> Result<(), IrqchipError> {
+        self.shared.chip.restore_device_state(&platform.devices)?;
+        match self.shared.chip.sink().take_route_failure() {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
+    }
 }
 
 /// The per-vCPU half of `split` mode: ExtINT injection and the exits of the userspace chips.
@@ -527,6 +549,8 @@ struct SplitVcpuChip {
     index: usize,
     shared: Arc<SplitShared>,
     probe: crate::trace::VcpuProbe,
+    /// A PIC vector was queued with KVM_INTERRUPT and no guest exit has been seen since.
+    in_flight: bool,
 }
 
 impl SplitVcpuChip {
@@ -544,6 +568,7 @@ impl SplitVcpuChip {
         }
         if let Some(vector) = chip.pic_acknowledge_if_pending() {
             kvm::inject_interrupt(vcpu, vector)?;
+            self.in_flight = true;
             bump(&self.shared.stats().extints_injected);
             self.probe.injected(vector, true);
         }
@@ -602,6 +627,41 @@ impl VcpuIrqchip for SplitVcpuChip {
     /// KVM's: MP state, INIT and SIPI belong to its LAPIC in split mode.
     fn mp_state(&mut self, vcpu: &mut VcpuFd) -> Result<u32, IrqchipError> {
         kvm_mp_state(vcpu)
+    }
+
+    fn save_fabric(
+        &mut self,
+        vcpu: &mut VcpuFd,
+        lapic: irqchip::lapic::LapicConfig,
+    ) -> Result<VcpuFabric, IrqchipError> {
+        kvm_save_fabric(vcpu, lapic)
+    }
+
+    fn restore_apic(
+        &mut self,
+        vcpu: &mut VcpuFd,
+        fabric: &VcpuFabric,
+        _saved_tsc: u64,
+    ) -> Result<Option<u64>, IrqchipError> {
+        kvm_restore_apic(vcpu, fabric)
+    }
+
+    fn restore_events(
+        &mut self,
+        vcpu: &mut VcpuFd,
+        fabric: &VcpuFabric,
+    ) -> Result<(), IrqchipError> {
+        kvm_restore_events(vcpu, fabric)
+    }
+
+    /// The ExtINT queued with KVM_INTERRUPT is invisible to KVM_GET_VCPU_EVENTS until the guest
+    /// has entered with it (docs/kvm-facts.md).
+    fn injection_in_flight(&self) -> bool {
+        self.in_flight
+    }
+
+    fn guest_ran(&mut self) {
+        self.in_flight = false;
     }
 }
 

@@ -1,5 +1,22 @@
-//! Snapshots of a VM. So far: [`convert`], the one conversion between the `irqchip` model's
-//! state and KVM's formats, which lets a snapshot taken in any irqchip mode restore into any
-//! other (docs/architecture.md, "Snapshots across modes: the conversion").
+//! Snapshots of a running VM, in any irqchip mode, restorable into any irqchip mode
+//! (docs/architecture.md, "Snapshots").
+//!
+//! | module | what |
+//! |---|---|
+//! | [`format`](mod@format) | the directory (`memory`, `state.json`), its types, the checks before restore |
+//! | [`cpu`] | one vCPU's processor state: read at a safe point, written in KVM's order |
+//! | [`platform`] | `kernel` mode's in-kernel PICs and IOAPIC as the model's devices |
+//! | [`memory`] | guest RAM to the file, and back as a private mapping of it |
+//! | [`take`] | the whole save: pause, every vCPU, the platform, the devices, the files |
+//! | [`restore`] | the checks before a restore, and the order state is applied in |
+//! | [`convert`] | the one conversion between the model's state and KVM's formats |
 
 pub mod convert;
+pub mod cpu;
+pub mod format;
+pub mod memory;
+pub mod platform;
+pub mod restore;
+pub mod take;
+
+pub use format::{load, LoadedSnapshot, SnapshotError, SnapshotState};

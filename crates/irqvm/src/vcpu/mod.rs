@@ -187,6 +187,26 @@ pub struct VcpuShared {
     /// The state the vCPU thread read at its latest answered info request. The vCPU thread
     /// locks it only to answer a request, never on its fast path.
     info: Mutex<Option<Result<VcpuInfo, String>>>,
+    snapshot_requested: AtomicU64,
+    snapshot_answered: AtomicU64,
+    /// The state the vCPU thread saved at its latest answered snapshot request (paused only).
+    snapshot: Mutex<Option<Result<Box<VcpuSaved>, String>>>,
+}
+
+/// One vCPU's part of a snapshot: processor state and interrupt state (model format).
+#[derive(Clone, Debug)]
+pub struct VcpuSaved {
+    pub cpu: crate::snapshot::format::VcpuCpuState,
+    pub fabric: crate::backend::VcpuFabric,
+}
+
+/// What a vCPU thread needs to save its state: the MSRs to read, whether KVM has XCRs, the
+/// model configuration of every vCPU's local APIC (for converting KVM's).
+#[derive(Debug)]
+pub struct SnapshotContext {
+    pub msrs: Vec<u32>,
+    pub xcrs: bool,
+    pub lapics: Vec<irqchip::lapic::LapicConfig>,
 }
 
 impl VcpuShared {
@@ -202,7 +222,35 @@ impl VcpuShared {
             info_requested: AtomicU64::new(0),
             info_answered: AtomicU64::new(0),
             info: Mutex::new(None),
+            snapshot_requested: AtomicU64::new(0),
+            snapshot_answered: AtomicU64::new(0),
+            snapshot: Mutex::new(None),
         }
+    }
+
+    /// Asks the vCPU thread to save its state (answered only while paused, at a safe point).
+    /// Returns the request number to wait for with [`Self::snapshot_answered`]; the caller must
+    /// also kick, wake and nudge the vCPU.
+    pub fn request_snapshot(&self) -> u64 {
+        self.snapshot_requested.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// The highest snapshot request number the vCPU thread has answered.
+    pub fn snapshot_answered(&self) -> u64 {
+        self.snapshot_answered.load(Ordering::SeqCst)
+    }
+
+    /// Takes the state saved at the latest answered snapshot request.
+    pub fn take_snapshot(&self) -> Option<Result<Box<VcpuSaved>, String>> {
+        self.snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    fn snapshot_pending(&self) -> bool {
+        self.snapshot_requested.load(Ordering::Acquire)
+            != self.snapshot_answered.load(Ordering::Acquire)
     }
 
     /// Asks the vCPU thread for its state (answered at the top of its loop, or while paused).
@@ -481,6 +529,7 @@ pub(crate) struct VcpuThread {
     pub(crate) last_exit: LastExit,
     /// The flight recorder: entries, exits and blocks are recorded while it is on.
     pub(crate) tracer: Arc<crate::trace::Tracer>,
+    pub(crate) snapshot: Arc<SnapshotContext>,
 }
 
 impl VcpuThread {
@@ -529,19 +578,25 @@ impl VcpuThread {
             if self.control.stop_requested() {
                 return Ok(());
             }
-            if self.control.pause_requested() {
+            // A pause with an interrupt queued by KVM_INTERRUPT that may not have entered the
+            // guest yet (invisible to KVM_GET_VCPU_EVENTS): enter once more, injecting nothing
+            // new, so that a snapshot finds it in the guest's state. The pauser kicks again.
+            let settling = self.control.pause_requested();
+            if settling && !self.chip.injection_in_flight() {
                 self.hold_paused();
                 continue;
             }
-            if let EntryDecision::Block { reason, deadline } =
-                self.chip.before_entry(&mut self.fd)?
-            {
-                shared.set_state(reason.into());
-                bump(&shared.stats.blocks);
-                crate::trace::hooks::block(&self.tracer, shared.index, Some(reason));
-                self.chip.block(deadline);
-                crate::trace::hooks::block(&self.tracer, shared.index, None);
-                continue;
+            if !settling {
+                if let EntryDecision::Block { reason, deadline } =
+                    self.chip.before_entry(&mut self.fd)?
+                {
+                    shared.set_state(reason.into());
+                    bump(&shared.stats.blocks);
+                    crate::trace::hooks::block(&self.tracer, shared.index, Some(reason));
+                    self.chip.block(deadline);
+                    crate::trace::hooks::block(&self.tracer, shared.index, None);
+                    continue;
+                }
             }
             shared.set_state(VcpuState::Running);
             bump(&shared.stats.kvm_runs);
@@ -557,6 +612,7 @@ impl VcpuThread {
                 }
                 Err(e) => return Err(VcpuError::Run(e)),
                 Ok(exit) => {
+                    self.chip.guest_ran();
                     self.last_exit = last_exit(&exit);
                     handle_exit(exit, self.chip.as_mut(), &self.bus, &shared.stats)?
                 }
@@ -592,6 +648,9 @@ impl VcpuThread {
             if shared.info_pending() {
                 self.answer_info();
             }
+            if shared.snapshot_pending() {
+                self.answer_snapshot();
+            }
             self.control.wait_paused(Duration::from_millis(50));
         }
         shared.set_state(VcpuState::Running);
@@ -604,6 +663,69 @@ impl VcpuThread {
         let info = self.read_info().map_err(|e| e.to_string());
         *self.shared.info.lock().unwrap_or_else(|p| p.into_inner()) = Some(info);
         self.shared.info_answered.store(requested, Ordering::SeqCst);
+    }
+
+    /// Answers the pending snapshot requests (paused): completes the last exit, then saves.
+    fn answer_snapshot(&mut self) {
+        let requested = self.shared.snapshot_requested.load(Ordering::SeqCst);
+        let saved = self.save_state().map(Box::new).map_err(|e| e.to_string());
+        *self
+            .shared
+            .snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(saved);
+        self.shared
+            .snapshot_answered
+            .store(requested, Ordering::SeqCst);
+    }
+
+    fn save_state(&mut self) -> Result<VcpuSaved, VcpuError> {
+        self.complete_pending_exit()?;
+        let ctx = self.snapshot.clone();
+        let lapic = ctx
+            .lapics
+            .get(self.shared.index)
+            .copied()
+            .ok_or(IrqchipError::NoSuchVcpu(self.shared.index))?;
+        // The interrupt state first: KVM_GET_MP_STATE accepts a pending INIT or SIPI, which
+        // rewrites the registers read next (KVM's local APIC; the model accepts nothing here).
+        let fabric = self.chip.save_fabric(&mut self.fd, lapic)?;
+        let mut cpu = crate::snapshot::cpu::capture(&self.fd, &ctx.msrs, ctx.xcrs)
+            .map_err(IrqchipError::from)?;
+        // The processor's events without the model's parts (NMI/SMI pending, latched INIT),
+        // which the interrupt state holds.
+        cpu.events = fabric.cpu_events;
+        Ok(VcpuSaved { cpu, fabric })
+    }
+
+    /// The safe point: KVM completes an exit's operation (an MMIO or port read's data into the
+    /// register, an MSR read's, a string instruction's next step) only at the next KVM_RUN, so
+    /// KVM_RUN runs with `immediate_exit` set, which completes it and returns EINTR without
+    /// entering the guest (KVM's API documentation). A string instruction may exit again: that
+    /// exit is handled and the step repeated.
+    fn complete_pending_exit(&mut self) -> Result<(), VcpuError> {
+        const MAX_STEPS: usize = 4096;
+        for _ in 0..MAX_STEPS {
+            self.fd.get_kvm_run().immediate_exit = 1;
+            let step = match self.fd.run() {
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.fd.get_kvm_run().immediate_exit = 0;
+                    return Ok(());
+                }
+                Err(e) => return Err(VcpuError::Run(e)),
+                Ok(exit) => {
+                    self.last_exit = last_exit(&exit);
+                    handle_exit(exit, self.chip.as_mut(), &self.bus, &self.shared.stats)?
+                }
+            };
+            self.chip.after_exit(&mut self.fd)?;
+            if !matches!(step, Step::Continue) {
+                let reason = self.fd.get_kvm_run().exit_reason;
+                return Err(VcpuError::UnexpectedExit { reason });
+            }
+        }
+        let reason = self.fd.get_kvm_run().exit_reason;
+        Err(VcpuError::UnexpectedExit { reason })
     }
 
     fn read_info(&mut self) -> Result<VcpuInfo, VcpuError> {

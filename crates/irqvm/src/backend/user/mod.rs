@@ -50,7 +50,7 @@ use irqchip::{ClockConfig, Nanos};
 use crate::api::model::PlatformInfo;
 use crate::backend::{
     ChipContext, ChipFeatures, HostEvent, InterruptLines, Irqchip, IrqchipError, IrqchipMode,
-    MsiDelivery, ProtectedStateAps, VcpuIrqchip, IRQ_LINES,
+    MsiDelivery, PlatformFabric, ProtectedStateAps, VcpuIrqchip, IRQ_LINES,
 };
 use crate::kvm::{require_cap, KvmError};
 use irqchip::{ApicEvents, InterruptSink};
@@ -409,6 +409,23 @@ impl Irqchip for UserIrqchip {
             .tracer
             .latency()
             .visit(&mut |name, value| out(None, name, value));
+    }
+
+    /// The model's PICs, IOAPIC and routing, and the bus's round-robin position.
+    fn save_platform(&self) -> Result<PlatformFabric, IrqchipError> {
+        let chip = self.shared.platform.chip();
+        Ok(PlatformFabric {
+            devices: chip.save_devices(),
+            lowest_priority_turn: chip.bus().lowest_priority_turn(),
+        })
+    }
+
+    fn restore_platform(&self, platform: &PlatformFabric) -> Result<(), IrqchipError> {
+        let chip = self.shared.platform.chip();
+        chip.restore_device_state(&platform.devices)?;
+        chip.bus()
+            .set_lowest_priority_turn(platform.lowest_priority_turn);
+        Ok(())
     }
 }
 

@@ -39,7 +39,7 @@ use super::platform::{Platform, IOAPIC_BASE, IOAPIC_SIZE};
 use super::reset::{apply_init, apply_sipi, write_msr};
 use super::{is_apic_msr, Shared, MSR_APIC_BASE};
 use crate::backend::{
-    BlockReason, ChipExit, EntryDecision, ExitHandled, IrqchipError, VcpuIrqchip,
+    BlockReason, ChipExit, EntryDecision, ExitHandled, IrqchipError, VcpuFabric, VcpuIrqchip,
 };
 use crate::kick::{kick_self, KickTimer};
 use crate::kvm::{inject_interrupt, KvmError};
@@ -300,6 +300,8 @@ pub(crate) struct UserVcpuChip {
     kvm_apic_base: u64,
     /// The flight recorder's and latency histograms' view of this vCPU (`crate::trace`).
     probe: VcpuProbe,
+    /// A vector was queued with KVM_INTERRUPT and no guest exit has been seen since.
+    in_flight: bool,
 }
 
 impl UserVcpuChip {
@@ -334,6 +336,7 @@ impl UserVcpuChip {
             halt_poll: HaltPoll {
                 window: Duration::ZERO,
             },
+            in_flight: false,
         }
     }
 
@@ -495,6 +498,7 @@ impl UserVcpuChip {
             },
         };
         inject_interrupt(vcpu, vector)?;
+        self.in_flight = true;
         self.counters().injected(vector);
         self.probe
             .injected(vector, matches!(next, Injection::ExtInt));
@@ -736,6 +740,84 @@ impl VcpuIrqchip for UserVcpuChip {
         self.interrupts.drain();
         self.accept_init_sipi(vcpu)?;
         Ok(self.interrupts.mp_state().to_kvm())
+    }
+
+    /// The model's state, drained (`VcpuInterrupts::save`), with the NMIs KVM queued
+    /// (KVM_NMI) joined to the model's (at most two, as `process_nmi` keeps), and KVM's events
+    /// as the processor's part. A latched INIT or SIPI stays latched: it is not accepted here.
+    fn save_fabric(
+        &mut self,
+        vcpu: &mut VcpuFd,
+        _lapic: irqchip::lapic::LapicConfig,
+    ) -> Result<VcpuFabric, IrqchipError> {
+        let mut model = self.interrupts.save(self.shared.clock.now());
+        let mut events = vcpu
+            .get_vcpu_events()
+            .map_err(KvmError::ioctl("KVM_GET_VCPU_EVENTS"))?;
+        let nmis = (u8::from(model.pending.nmi) + u8::from(model.pending.nmi_held))
+            .saturating_add(events.nmi.pending)
+            .min(2);
+        model.pending.nmi = nmis >= 1;
+        model.pending.nmi_held = nmis >= 2;
+        events.nmi.pending = 0;
+        events.smi.pending = 0;
+        events.smi.latched_init = 0;
+        Ok(VcpuFabric {
+            model,
+            cpu_events: events,
+        })
+    }
+
+    /// The model's state onto the VM clock. Where KVM ignored the host's IA32_TSC write (this
+    /// host: the guest runs on the host TSC, which kept counting while the VM was stopped), the
+    /// model's TSC origin moves by the gap, so that a TSC deadline is compared with the TSC the
+    /// guest reads; the APIC timer's counts keep the time they had left.
+    fn restore_apic(
+        &mut self,
+        vcpu: &mut VcpuFd,
+        fabric: &VcpuFabric,
+        _saved_tsc: u64,
+    ) -> Result<Option<u64>, IrqchipError> {
+        let mut model = fabric.model.clone();
+        if !self.shared.tsc.writable {
+            let saved = model.lapic.timer().clock().tsc_at_zero;
+            let now = crate::snapshot::cpu::read_msr(vcpu, crate::snapshot::cpu::MSR_TSC)?;
+            model.lapic.shift_guest_tsc(now.wrapping_sub(saved));
+        }
+        self.interrupts.restore(&model, self.shared.clock.now())?;
+        // KVM_SET_SREGS wrote the model's IA32_APIC_BASE into KVM's copy.
+        self.kvm_apic_base = model.lapic.apic_base();
+        self.regs_rewritten = true;
+        Ok(None)
+    }
+
+    /// KVM gets the processor's events only: the model injects its own NMIs, and KVM's MP state
+    /// stays RUNNABLE (the only one it takes without an in-kernel LAPIC).
+    fn restore_events(
+        &mut self,
+        vcpu: &mut VcpuFd,
+        fabric: &VcpuFabric,
+    ) -> Result<(), IrqchipError> {
+        let mut events = fabric.cpu_events;
+        events.nmi.pending = 0;
+        events.smi = Default::default();
+        events.flags &= !(kvm_bindings::KVM_VCPUEVENT_VALID_SMM
+            | kvm_bindings::KVM_VCPUEVENT_VALID_SIPI_VECTOR);
+        vcpu.set_vcpu_events(&events)
+            .map_err(KvmError::ioctl("KVM_SET_VCPU_EVENTS"))?;
+        if self.interrupts.mp_state() == MpState::Halted {
+            let regs = vcpu.get_regs().map_err(KvmError::ioctl("KVM_GET_REGS"))?;
+            self.halted_with_if_clear = regs.rflags & (1 << 9) == 0;
+        }
+        Ok(())
+    }
+
+    fn injection_in_flight(&self) -> bool {
+        self.in_flight
+    }
+
+    fn guest_ran(&mut self) {
+        self.in_flight = false;
     }
 
     /// The model's local APIC; NMIs the model holds plus those KVM queued (KVM_NMI).

@@ -1,0 +1,98 @@
+//! Applying a snapshot to a freshly built VM (`Vm::restore`): the checks first, then each
+//! vCPU in KVM's order, then the VM-wide state.
+
+use irqchip::chip::{ioapic_wire_level, PcIrqChipConfig};
+use irqchip::lapic::LapicConfig;
+use irqchip::snapshot::VcpuSnapshot;
+use kvm_ioctls::{VcpuFd, VmFd};
+
+use super::format::{SnapshotError, SnapshotState, VcpuCpuState};
+use crate::backend::{Irqchip, IrqchipError, IrqchipMode, PlatformFabric, VcpuFabric, VcpuIrqchip};
+use crate::devices::Devices;
+
+/// Every check that needs the target VM, before anything is applied: the model's checks of
+/// the interrupt state (version, vCPUs against the target's local APIC configuration, APIC
+/// state, MP state, IOAPIC shape, levels against routing), and what KVM's local APIC cannot
+/// take (a pending SMI: no SMM on this host; an IOAPIC past 24 pins).
+pub fn check(
+    state: &SnapshotState,
+    target: IrqchipMode,
+    lapics: &[LapicConfig],
+) -> Result<(), SnapshotError> {
+    state.check_shape()?;
+    state.chip.check_vcpus(lapics)?;
+    let config = PcIrqChipConfig::new(lapics.len());
+    state.chip.devices.check(
+        config.ioapic.clamped(),
+        config.extended_destination_id,
+        ioapic_wire_level,
+    )?;
+    if target != IrqchipMode::User {
+        super::convert::ioapic_to_kvm(&state.chip.devices.ioapic)?;
+        if let Some(vcpu) = state.chip.vcpus.iter().position(|v| v.pending.smi) {
+            return Err(SnapshotError::Vcpu {
+                vcpu,
+                what: "a pending SMI cannot be given to KVM's local APIC here (no SMM)".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn vcpu_error(vcpu: usize) -> impl Fn(IrqchipError) -> SnapshotError {
+    move |e| SnapshotError::Vcpu {
+        vcpu,
+        what: e.to_string(),
+    }
+}
+
+/// One vCPU, in KVM's order: SREGS (IA32_APIC_BASE the model's), REGS, FPU, XCRS; the local
+/// APIC; the MSRs (IA32_TSC first, IA32_TSC_DEADLINE last) and debug registers; the events
+/// and the MP state.
+pub fn apply_vcpu(
+    fd: &mut VcpuFd,
+    chip: &mut dyn VcpuIrqchip,
+    cpu: &VcpuCpuState,
+    part: &VcpuSnapshot,
+    xcrs: bool,
+) -> Result<(), SnapshotError> {
+    let index = part.index;
+    let fail = vcpu_error(index);
+    let fabric = VcpuFabric {
+        model: part.clone(),
+        cpu_events: cpu.events,
+    };
+    super::cpu::apply_registers(fd, cpu, part.lapic.apic_base(), xcrs)
+        .map_err(|e| fail(e.into()))?;
+    let saved_tsc = super::cpu::saved_tsc(cpu).unwrap_or(0);
+    let deadline = chip.restore_apic(fd, &fabric, saved_tsc).map_err(&fail)?;
+    super::cpu::apply_msrs(fd, cpu, deadline).map_err(|e| fail(e.into()))?;
+    chip.restore_events(fd, &fabric).map_err(&fail)?;
+    Ok(())
+}
+
+/// The VM-wide state, after every vCPU: the platform (KVM_SET_IRQCHIP re-delivers asserted
+/// level pins into the restored local APICs), the round-robin position, the devices, kvmclock.
+pub fn apply_vm(
+    state: &SnapshotState,
+    chip: &dyn Irqchip,
+    devices: &Devices,
+    vm: &VmFd,
+) -> Result<(), SnapshotError> {
+    chip.restore_platform(&PlatformFabric {
+        devices: state.chip.devices.clone(),
+        lowest_priority_turn: state.lowest_priority_turn,
+    })
+    .map_err(|e| SnapshotError::Shape(format!("platform: {e}")))?;
+    devices
+        .restore_state(&state.devices)
+        .map_err(|e| SnapshotError::Shape(e.to_string()))?;
+    let clock = kvm_bindings::kvm_clock_data {
+        clock: state.time.kvm_clock_ns,
+        ..Default::default()
+    };
+    if let Err(e) = vm.set_clock(&clock) {
+        tracing::warn!("KVM_SET_CLOCK refused the saved kvmclock: {e}");
+    }
+    Ok(())
+}
