@@ -390,7 +390,7 @@ impl Devices {
             IRQ_LINES as u16,
             Arc::new(TestDevLines(lines.clone())),
         )?;
-        bus.register_pio(MSI_DOORBELL_PORT, 4, Arc::new(MsiDoorbell(lines)))?;
+        bus.register_pio(MSI_DOORBELL_PORT, 4, Arc::new(MsiDoorbell(lines.clone())))?;
         let (i8042_data, i8042_command) = I8042Port::pair(cfg.on_reset);
         let i8042 = Arc::new(i8042_data);
         bus.register_pio(I8042_DATA_PORT, 1, i8042.clone())?;

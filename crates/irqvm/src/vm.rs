@@ -255,8 +255,12 @@ impl Vm {
                 let tsc_khz = fd
                     .get_tsc_khz()
                     .map_err(KvmError::ioctl("KVM_GET_TSC_KHZ"))?;
-                snapshot.lapics =
-                    model_lapic_configs(cfg.cpus, &model, tsc_khz, cpuid::max_phys_addr(&supported));
+                snapshot.lapics = model_lapic_configs(
+                    cfg.cpus,
+                    &model,
+                    tsc_khz,
+                    cpuid::max_phys_addr(&supported),
+                );
             }
             vcpus.push((fd, vcpu_chip, vcpu_shared.clone()));
         }

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::model::{
-    Counters, LineRequest, MsiRequest, PlatformInfo, SnapshotRequest, TraceStartRequest, TraceStopped,
-    VcpuInfo, VmInfo,
+    Counters, LineRequest, MsiRequest, PlatformInfo, SnapshotRequest, TraceStartRequest,
+    TraceStopped, VcpuInfo, VmInfo,
 };
 use super::router::Control;
 use super::ApiError;
