@@ -332,13 +332,23 @@ impl Vm {
             cfg.irqchip,
             host_limits(&kvm),
         )?;
+        // The extended destination ID is a property of the target's platform (offered in
+        // `user` and `split`, never in `kernel`: docs/architecture.md, "Snapshots"), not state.
+        let mut state = snapshot.state.clone();
+        state.chip.devices.ioapic = state
+            .chip
+            .devices
+            .ioapic
+            .clone()
+            .with_extended_destination_id(model.ext_dest_id);
+        let state = &state;
         let mut vm = Self::build(&cfg, kvm, model, memory, None)?;
         let lapics = vm
             .vcpus
             .first()
             .map(|v| v.snapshot.lapics.clone())
             .unwrap_or_default();
-        crate::snapshot::restore::check(state, cfg.irqchip, &lapics)?;
+        crate::snapshot::restore::check(state, cfg.irqchip, &lapics, model.ext_dest_id)?;
         let xcrs = vm.vcpus.first().is_some_and(|v| v.snapshot.xcrs);
         for (vcpu, (cpu, part)) in vm
             .vcpus
@@ -683,6 +693,7 @@ impl RunningVm {
                 devices: self.vm.devices.clone(),
                 mode: self.vm.mode,
             }),
+            files: Arc::default(),
         }
     }
 

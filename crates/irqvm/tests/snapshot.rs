@@ -130,7 +130,8 @@ fn run_and_snapshot(
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     match status {
         204 => Some(text),
-        409 if common::expect::done_counts(&text).is_some() => None,
+        // Already over: 409 from a VM that stopped, no answer at all from one that exited.
+        0 | 409 if common::expect::done_counts(&text).is_some() => None,
         _ => panic!("vm.snapshot answered {status} {body}\n{text}"),
     }
 }
@@ -154,11 +155,12 @@ fn snapshot_at_random(
     dir: &Path,
     window: Duration,
     rng: &mut Rng,
+    extra: &[&str],
 ) -> String {
     let mut delay = Duration::from_millis(rng.below(window.as_millis() as u64));
     for _ in 0..6 {
         eprintln!("{guest} {source:?}: snapshot after {delay:?}");
-        if let Some(before) = run_and_snapshot(guest, cpus, source, dir, delay, &[]) {
+        if let Some(before) = run_and_snapshot(guest, cpus, source, dir, delay, extra) {
             return before;
         }
         // The guest ended first: an earlier moment.
@@ -207,8 +209,40 @@ fn storm_restores_in_every_mode_pair() {
                 &dir,
                 Duration::from_millis(1500),
                 &mut rng,
+                &[],
             );
             snapshot_pair("storm", 2, &dir, &before, target);
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}
+
+/// The proof guest of issue 12 (`snapstorm`: IPIs between all vCPUs, NMIs, edge and level IOAPIC
+/// lines, MSIs, all three LAPIC timer modes, an AP held in wait-for-SIPI in the first half of its
+/// rounds), snapshotted at a random moment and restored at once, in each of the 9 mode pairs on
+/// 4 vCPUs: its exactly-once and ordering checks must come out as its expectations say.
+#[test]
+fn snapstorm_restores_in_every_mode_pair() {
+    let _guard = common::exclusive();
+    let mut rng = Rng::from_clock();
+    for source in MODES {
+        for target in MODES {
+            let dir = scratch(&format!(
+                "snapstorm-{}-{}",
+                mode_name(source),
+                mode_name(target)
+            ));
+            let before = snapshot_at_random(
+                "snapstorm",
+                4,
+                source,
+                &dir,
+                Duration::from_millis(2500),
+                &mut rng,
+                // More rounds than the default 12, so the VM is still running at the moment.
+                &["--cmdline", "rounds=40"],
+            );
+            snapshot_pair("snapstorm", 4, &dir, &before, target);
             let _ = std::fs::remove_dir_all(&dir);
         }
     }
@@ -326,6 +360,7 @@ fn snapshot_of_a_paused_restore_is_the_same_state() {
             &first,
             Duration::from_millis(1000),
             &mut rng,
+            &[],
         );
         let sock = second.with_extension("sock");
         let mut child = irqvm()

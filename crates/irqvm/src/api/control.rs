@@ -31,6 +31,9 @@ pub struct VmHandle {
     /// The file of the recording `trace.start` began (shared by the handle's clones).
     pub(crate) trace_file: Arc<std::sync::Mutex<Option<(String, std::fs::File)>>>,
     pub(crate) snapshot: Arc<crate::snapshot::take::SnapshotSource>,
+    /// The unfiltered thread the API's file work runs on (`super::files`), set by
+    /// `ApiServer::start`; unset, the work runs on the calling thread.
+    pub(crate) files: Arc<std::sync::OnceLock<super::files::FileWorker>>,
 }
 
 /// The API's (and the trace file's) name of an irqchip mode.
@@ -53,6 +56,20 @@ fn chip_error(e: IrqchipError) -> ApiError {
 }
 
 impl VmHandle {
+    /// Runs `job` on the `api-files` thread (`super::files`) if `ApiServer::start` started one,
+    /// else here.
+    fn on_files_thread<T: Send + 'static>(
+        &self,
+        job: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, ApiError> {
+        match self.files.get() {
+            Some(worker) => worker
+                .run(job)
+                .ok_or_else(|| ApiError::Internal("the api-files thread is gone".into())),
+            None => Ok(job()),
+        }
+    }
+
     /// The filter of the API's threads for this VM (`None` when the VM runs without seccomp).
     pub fn api_filter(&self) -> Result<Option<ThreadFilter>, SeccompError> {
         self.seccomp
@@ -245,7 +262,10 @@ impl Control for VmHandle {
     fn snapshot(&self, request: &SnapshotRequest) -> Result<(), ApiError> {
         let dir = snapshot_dir(&request.destination_url)?;
         self.require_running()?;
-        let times = crate::snapshot::take::take(self, &dir).map_err(|e| match e {
+        let handle = self.clone();
+        let target = dir.clone();
+        let taken = self.on_files_thread(move || crate::snapshot::take::take(&handle, &target))?;
+        let times = taken.map_err(|e| match e {
             crate::snapshot::SnapshotError::Io { .. } => ApiError::BadRequest(e.to_string()),
             crate::snapshot::SnapshotError::NotReady(_) => ApiError::Conflict(e.to_string()),
             other => ApiError::Internal(other.to_string()),
@@ -275,7 +295,9 @@ impl Control for VmHandle {
                 "a trace is already being recorded".into(),
             ));
         }
-        let file = std::fs::File::create(&request.path).map_err(|e| {
+        let path = request.path.clone();
+        let created = self.on_files_thread(move || std::fs::File::create(path))?;
+        let file = created.map_err(|e| {
             ApiError::BadRequest(format!(
                 "cannot create the trace file {}: {e}",
                 request.path

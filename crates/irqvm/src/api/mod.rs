@@ -15,6 +15,7 @@
 //! paused) and the API thread polls for the answer without holding anything the vCPU takes.
 
 pub mod control;
+pub mod files;
 pub mod lapic;
 pub mod model;
 pub mod platform;

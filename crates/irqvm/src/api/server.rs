@@ -69,6 +69,11 @@ impl ApiServer {
     /// filter when the VM has seccomp on (`VmHandle::api_filter`).
     pub fn start(path: &Path, control: VmHandle) -> Result<Self, ServerError> {
         let filter = control.api_filter().map_err(ServerError::Seccomp)?;
+        if control.files.get().is_none() {
+            // Started here, before the API thread's filter: see `super::files`.
+            let worker = super::files::FileWorker::start().map_err(ServerError::Spawn)?;
+            let _ = control.files.set(worker);
+        }
         Self::start_with(path, control, filter)
     }
 

@@ -18,13 +18,14 @@ pub fn check(
     state: &SnapshotState,
     target: IrqchipMode,
     lapics: &[LapicConfig],
+    extended_destination_id: bool,
 ) -> Result<(), SnapshotError> {
     state.check_shape()?;
     state.chip.check_vcpus(lapics)?;
     let config = PcIrqChipConfig::new(lapics.len());
     state.chip.devices.check(
         config.ioapic.clamped(),
-        config.extended_destination_id,
+        extended_destination_id,
         ioapic_wire_level,
     )?;
     if target != IrqchipMode::User {
