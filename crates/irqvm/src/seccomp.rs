@@ -51,6 +51,13 @@ ioctl_iow_nr!(KVM_SET_GSI_ROUTING, KVMIO, 0x6a, kvm_irq_routing);
 ioctl_iow_nr!(KVM_SIGNAL_MSI, KVMIO, 0xa5, kvm_msi);
 ioctl_ior_nr!(KVM_GET_FPU, KVMIO, 0x8c, kvm_bindings::kvm_fpu);
 ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_bindings::kvm_lapic_state);
+ioctl_iowr_nr!(KVM_TRANSLATE, KVMIO, 0x85, kvm_bindings::kvm_translation);
+ioctl_iow_nr!(
+    KVM_SET_GUEST_DEBUG,
+    KVMIO,
+    0x9b,
+    kvm_bindings::kvm_guest_debug
+);
 
 /// Errors setting up a filtered thread.
 #[derive(Debug, thiserror::Error)]
@@ -289,8 +296,12 @@ fn vcpu_ioctls(mode: IrqchipMode) -> Vec<u64> {
             KVM_GET_MSRS(),
             KVM_GET_VCPU_EVENTS(),
         ],
-        // Injection, NMI blocking, and the INIT reset of registers, events and MSRs.
+        // Injection, NMI blocking, the INIT reset of registers, events and MSRs, and
+        // single-stepping to an interrupt boundary (`backend::step`: guest debug, DR7, the
+        // instruction at RIP through KVM_TRANSLATE).
         IrqchipMode::User => vec![
+            KVM_SET_GUEST_DEBUG(),
+            KVM_TRANSLATE(),
             KVM_INTERRUPT(),
             KVM_NMI(),
             KVM_SET_REGS(),

@@ -168,6 +168,7 @@ impl Vm {
                 epoch: Instant::now(),
                 seccomp: cfg.seccomp,
                 protected_state_aps: cfg.protected_state_aps,
+                memory: memory.clone(),
             },
         )?;
         let control = Arc::new(VmControl::default());

@@ -111,6 +111,8 @@ pub(crate) struct Shared {
     pub counters: Vec<counters::VcpuCounters>,
     /// `--protected-state-aps`: APs' registers are off limits after launch.
     pub protected_state_aps: Option<ProtectedStateAps>,
+    /// Guest RAM, for reading the instruction at RIP before each single-step.
+    pub memory: crate::memory::GuestRam,
 }
 
 /// The VM-wide half of the `user` backend.
@@ -165,6 +167,7 @@ impl UserIrqchip {
                 .map(|_| counters::VcpuCounters::default())
                 .collect(),
             protected_state_aps: ctx.protected_state_aps,
+            memory: ctx.memory.clone(),
         });
         Ok(Self {
             shared,

@@ -16,8 +16,11 @@
 //!    (KVM's `process_nmi`; blocking read with KVM_GET_VCPU_EVENTS); ExtINT and APIC vectors with KVM_INTERRUPT only if KVM said
 //!    `ready_for_interrupt_injection` and IF=1 at the last exit (then the PIC / APIC is
 //!    acknowledged, right before KVM_INTERRUPT); otherwise `request_interrupt_window`, and,
-//!    since KVM reports the window only at its next exit (~1 ms for a spinning guest here), a
-//!    self-kick soon after ([`WindowKick`]; at once if the flags may just be stale).
+//!    since KVM reports the window only at its next exit (~1 ms for a spinning guest here), the
+//!    guest is single-stepped to the boundary where it can take the interrupt
+//!    ([`crate::backend::step`]: IF=0, an STI / MOV SS shadow, or a TPR that only a CR8 write,
+//!    which does not exit here, will lower), and where stepping is refused or its budget spent,
+//!    kicked soon after ([`WindowKick`]; at once if the flags may just be stale).
 //! 6. `kvm_run.cr8` = TPR[7:4] (KVM loads it into CR8 on entry without an in-kernel LAPIC).
 //!
 //! After an exit, CR8 is read back into the TPR before the exit is handled (an MMIO TPR write in
@@ -38,6 +41,7 @@ use super::ghcb::{GhcbMsr, MSR_GHCB};
 use super::platform::{Platform, IOAPIC_BASE, IOAPIC_SIZE};
 use super::reset::{apply_init, apply_sipi, write_msr};
 use super::{is_apic_msr, Shared, MSR_APIC_BASE};
+use crate::backend::step::Stepper;
 use crate::backend::{
     BlockReason, ChipExit, EntryDecision, ExitHandled, IrqchipError, VcpuIrqchip,
 };
@@ -290,6 +294,8 @@ pub(crate) struct UserVcpuChip {
     /// (at an MMIO read exit RIP is still on it), so "not ready" may be stale.
     flags_from_exit: bool,
     window_kick: WindowKick,
+    /// Single-stepping to the exact interrupt boundary ([`crate::backend::step`]).
+    stepper: Stepper,
     halt_poll: HaltPoll,
     /// IA32_APIC_BASE as KVM last saw it. KVM derives CPUID.1:EDX[9] (APIC present) from its own
     /// copy, which the MSR filter keeps it from updating: `after_exit` pushes the model's value.
@@ -310,6 +316,7 @@ impl UserVcpuChip {
             Sipi::Standard(StandardSipi)
         };
         let ghcb = shared.protected_state_aps.map(|_| GhcbMsr::default());
+        let stepper = Stepper::new(shared.memory.clone());
         Self {
             kvm_apic_base,
             interrupts,
@@ -324,6 +331,7 @@ impl UserVcpuChip {
             armed: None,
             flags_from_exit: false,
             window_kick: WindowKick::new(),
+            stepper,
             halt_poll: HaltPoll {
                 window: Duration::ZERO,
             },
@@ -428,6 +436,8 @@ impl UserVcpuChip {
         };
         let mut next = self.interrupts.next_injection(pic_intr);
         if next == Some(Injection::Nmi) {
+            // No NMI frame may see KVM's TF: stepping off first.
+            self.stepper.end(vcpu)?;
             self.inject_nmis(vcpu)?;
             next = self.interrupts.next_injection(pic_intr);
             if next.is_some() {
@@ -440,13 +450,18 @@ impl UserVcpuChip {
             if fired {
                 self.window_kick.leftover();
             }
-            return Ok(());
+            return self.step_while_tpr_holds(vcpu, if_set);
         };
         if !can_inject {
             vcpu.get_kvm_run().request_interrupt_window = 1;
-            self.expedite_window(if_set, now, fired);
+            if !self.step_to_window(vcpu, if_set)? {
+                self.expedite_window(if_set, now, fired);
+            }
             return Ok(());
         }
+        // The boundary is here: stepping off before the injection, so the frame gets the
+        // guest's own RFLAGS.
+        self.stepper.end(vcpu)?;
         let vector = match next {
             Injection::Nmi => return Ok(()),
             Injection::ExtInt => {
@@ -462,6 +477,55 @@ impl UserVcpuChip {
         self.counters().injected(vector);
         self.window_kick.injected(now, fired);
         Ok(())
+    }
+
+    /// An interrupt waits for the guest to set IF or leave a shadow: single-step towards that
+    /// boundary (false: stepping refused or its budget spent, or the flags may be stale, which
+    /// `expedite_window` handles). At a step exit the flags are fresh.
+    fn step_to_window(&mut self, vcpu: &VcpuFd, if_set: bool) -> Result<bool, IrqchipError> {
+        let stale = self.regs_rewritten || (self.flags_from_exit && if_set);
+        if stale {
+            return Ok(false);
+        }
+        let stepping = self.stepper.step(vcpu)?;
+        self.publish_steps();
+        Ok(stepping)
+    }
+
+    /// Nothing is deliverable. If the highest requested vector is held only by the TPR, a CR8
+    /// write (which does not exit on this host, docs/kvm-facts.md) may release it at any
+    /// instruction: step until one does (`sync_cr8_from_exit` reads CR8 back at every step), as
+    /// long as the budget lasts. Otherwise stepping ends; off the fast path this costs nothing
+    /// (no ioctl unless stepping was on).
+    fn step_while_tpr_holds(&mut self, vcpu: &VcpuFd, if_set: bool) -> Result<(), IrqchipError> {
+        if if_set && !self.regs_rewritten && self.held_by_tpr_only() {
+            self.stepper.step(vcpu)?;
+            self.publish_steps();
+            return Ok(());
+        }
+        self.stepper.end(vcpu)
+    }
+
+    /// The highest vector in IRR beats the in-service class but not the TPR's (SDM §11.8.3.1):
+    /// only a TPR write can make it deliverable.
+    fn held_by_tpr_only(&self) -> bool {
+        let lapic = self.interrupts.lapic();
+        let Some(vector) = lapic.irr().highest() else {
+            return false;
+        };
+        let class = vector >> 4;
+        let in_service = lapic.isr().highest().map_or(0, |v| v >> 4);
+        lapic.hw_enabled() && class > in_service && class <= lapic.tpr() >> 4
+    }
+
+    fn publish_steps(&self) {
+        let counters = self.counters();
+        counters
+            .single_steps
+            .store(self.stepper.steps, std::sync::atomic::Ordering::Relaxed);
+        counters
+            .step_fallbacks
+            .store(self.stepper.fallbacks, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Hands the pending NMIs to KVM, as many as KVM's `process_nmi` rule lets stay pending
@@ -648,6 +712,9 @@ impl VcpuIrqchip for UserVcpuChip {
             }
             // The next `before_entry` injects: KVM now reports ready with IF=1.
             ChipExit::IrqWindowOpen => {}
+            // One stepped instruction completed: its flags are fresh, not those of an
+            // instruction still in flight.
+            ChipExit::SingleStep => self.flags_from_exit = false,
             _ => return Ok(ExitHandled::NotMine),
         }
         Ok(ExitHandled::Handled)
