@@ -50,9 +50,14 @@ _start:
 	mov %dr6, %rax
 	mov %rax, 0x200008
 	out %al, $0x83
-	/* phase 4: CR8 raised, then lowered (not stepped) */
+	/* phase 4: CR8 raised (an MMIO read and a port write show it), then lowered (not stepped) */
 	mov $5, %eax
 	mov %rax, %cr8
+	mov 0xfee00030, %eax
+	out %al, $0x8c
+	mov 0xfee00030, %eax
+	mov %cr8, %rbx
+	mov %rbx, 0x200048
 	xor %eax, %eax
 	mov %rax, %cr8
 	out %al, $0x84
@@ -339,7 +344,15 @@ fn main() {
                             vcpu.get_debug_regs().unwrap().dr6
                         );
                     }
+                    0x8c => {
+                        println!("  phase 4: port write after the raise");
+                        continue;
+                    }
                     0x84 => {
+                        println!(
+                            "  phase 4: guest read CR8 {} after the raise",
+                            read_u64(&mem, DATA + 0x48)
+                        );
                         println!(
                             "  phase 4: guest #DB count so far {}",
                             read_u64(&mem, DATA + 0x20) as u32
@@ -400,6 +413,10 @@ fn main() {
             Ok(VcpuExit::Hlt) => {
                 println!("hlt: done in {:?}", start.elapsed());
                 break;
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                data.fill(0xFF);
+                println!("phase {phase}: mmio read {addr:#x} {}", flags(&mut vcpu));
             }
             Ok(VcpuExit::IrqWindowOpen) => {
                 println!("phase {phase}: window open {}", flags(&mut vcpu));

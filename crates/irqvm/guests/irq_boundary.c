@@ -11,13 +11,12 @@
  *  - an EOI (with IF=1 in the handler) that uncovers a vector held by the in-service one: right after the EOI;
  *  - unmasking an IOAPIC level entry whose line is high: right after the IOWIN write;
  *  - unmasking LVT LINT0 (ExtINT) while the 8259's INTR is high: right after the LVT write;
+ *  - an 8259 interrupt (LINT0 in ExtINT mode) waiting for IF: right after `sti; nop`;
  * and whatever the VMM does to be exact must not show: the guest's own TF still traps, PUSHF sees no TF
  * of the VMM's, and DR6 is unchanged.
  * Checks tagged [kvm-late-window] need the pending interrupt taken at that boundary: KVM's in-kernel LAPIC
  * (and its interrupt window) on the kvm_pvm hosts delivers it only at KVM's next exit (docs/kvm-facts.md).
- * [kvm-cr8]: kvm_pvm does not exit on CR8 writes and, without an in-kernel LAPIC, reported CR8 = 0 at an exit
- * while the guest's CR8 was 15, so irqvm's `user` mode cannot follow a CR8 lowering exactly either. All
- * interrupts go to CPU 0. */
+ * All interrupts go to CPU 0. */
 #include "guest.h"
 
 #define LINE_LOW 10
@@ -169,7 +168,7 @@ static void cr8_write(void)
 	u32 taken = norder;
 	drain();
 	check(held, "vector held by cr8 15", "taken %u", taken);
-	check(taken == 1 && rip_of[V_CR8] == after, "taken right after mov cr8 lowers tpr [kvm-cr8]",
+	check(taken == 1 && rip_of[V_CR8] == after, "taken right after mov cr8 lowers tpr [kvm-late-window]",
 	      "%u taken, saved rip %lx, expected %lx", taken, rip_of[V_CR8], after);
 	irq_set_handler(V_CR8, NULL);
 }
@@ -266,6 +265,34 @@ static void lint0_unmask(void)
 	irq_set_handler(V_EXTINT, NULL);
 }
 
+/* ---- an ExtINT (LINT0 open) waiting for IF: taken right after sti; nop ---- */
+static void extint_sti(void)
+{
+	irq_set_handler(V_EXTINT, extint_handler);
+	reset();
+	pic_init(PIC_BASE, PIC_BASE + 8);
+	pic_set_mask((u16)~((1u << LINE_LOW) | (1u << 2)));
+	apic_write(APIC_LVT_LINT0, APIC_DM_EXTINT);
+	cli();
+	testdev_set_irq(LINE_LOW, 1);
+	bool held = pic_read_irr() & (1u << LINE_LOW);
+	u64 after;
+	__asm__ volatile("sti\n\tnop\n\t"
+			 "1: lea 1b(%%rip), %0\n\tcli"
+			 : "=r"(after)
+			 :
+			 : "memory");
+	u32 taken = norder;
+	drain();
+	apic_write(APIC_LVT_LINT0, APIC_LVT_MASKED);
+	testdev_set_irq(LINE_LOW, 0);
+	pic_disable();
+	check(held && taken == 1 && rip_of[V_EXTINT] == after,
+	      "pic interrupt waiting for IF taken right after sti; nop [kvm-late-window]",
+	      "requested %u, %u taken, saved rip %lx, expected %lx", held, taken, rip_of[V_EXTINT], after);
+	irq_set_handler(V_EXTINT, NULL);
+}
+
 /* ---- nothing of the VMM's shows: the guest's own TF, PUSHF, DR6 ---- */
 static volatile u32 db_count;
 static volatile u64 db_rip[8];
@@ -322,6 +349,7 @@ void guest_main(void)
 	eoi_uncovers();
 	ioapic_unmask();
 	lint0_unmask();
+	extint_sti();
 	no_leaks();
 	sti();
 }

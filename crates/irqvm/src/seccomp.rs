@@ -287,8 +287,11 @@ fn vcpu_ioctls(mode: IrqchipMode) -> Vec<u64> {
             KVM_GET_VCPU_EVENTS(),
         ],
         // ExtINT by KVM_INTERRUPT; the IOAPIC's redirection table as MSI routes; the same
-        // state queries as `kernel`.
+        // state queries as `kernel`; single-stepping to an ExtINT boundary (`backend::step`).
         IrqchipMode::Split => vec![
+            KVM_SET_GUEST_DEBUG(),
+            KVM_TRANSLATE(),
+            KVM_GET_DEBUGREGS(),
             KVM_GET_MP_STATE(),
             KVM_INTERRUPT(),
             KVM_SET_GSI_ROUTING(),

@@ -77,6 +77,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 
 use super::kernel::{kvm_mp_state, kvm_signal_msi, set_initial_kvm_mp_state};
+use super::step::Stepper;
 use super::{
     validate_msi, ChipContext, ChipExit, ChipFeatures, EntryDecision, ExitHandled, HostEvent,
     InterruptLines, Irqchip, IrqchipError, IrqchipMode, MsiDelivery, VcpuIrqchip, VcpuKicker,
@@ -360,6 +361,8 @@ impl SplitShared {
 pub struct SplitIrqchip {
     shared: Arc<SplitShared>,
     features: ChipFeatures,
+    /// Guest RAM, for the vCPUs' single-stepping ([`crate::backend::step`]).
+    memory: crate::memory::GuestRam,
 }
 
 impl SplitIrqchip {
@@ -389,6 +392,7 @@ impl SplitIrqchip {
             .map_err(KvmError::ioctl("KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)"))?;
         Ok(Self {
             features: features(ctx.kvm),
+            memory: ctx.memory.clone(),
             shared: Arc::new(SplitShared {
                 chip,
                 kicker: ctx.kicker,
@@ -453,6 +457,7 @@ impl Irqchip for SplitIrqchip {
         Ok(Box::new(SplitVcpuChip {
             index,
             shared: self.shared.clone(),
+            stepper: Stepper::new(self.memory.clone()),
         }))
     }
 
@@ -491,21 +496,33 @@ impl Irqchip for SplitIrqchip {
 struct SplitVcpuChip {
     index: usize,
     shared: Arc<SplitShared>,
+    /// Single-stepping to the boundary where a waiting ExtINT can go in.
+    stepper: Stepper,
 }
 
 impl SplitVcpuChip {
     /// Step 2 and 3 of the ExtINT protocol (module documentation). Returns whether to request
     /// an interrupt window.
-    fn offer_extint(&self, vcpu: &mut VcpuFd) -> Result<bool, IrqchipError> {
+    fn offer_extint(&mut self, vcpu: &mut VcpuFd) -> Result<bool, IrqchipError> {
         let chip = &self.shared.chip;
         if !chip.pic_intr() {
+            self.stepper.end(vcpu)?;
             return Ok(false);
         }
         // KVM computed this at the last exit, for the state the vCPU is still in: LINT0
         // accepts the PIC, IF=1, no interrupt shadow, no ExtINT already queued.
         if vcpu.get_kvm_run().ready_for_interrupt_injection == 0 {
+            // KVM's window exit comes only at its next exit, ~1 ms late here: if this LAPIC
+            // takes the PIC (so IF or a shadow holds the ExtINT), step to the boundary instead.
+            if lint0_takes_pic(vcpu)? {
+                self.stepper.step(vcpu)?;
+            } else {
+                self.stepper.end(vcpu)?;
+            }
             return Ok(true);
         }
+        // The boundary: stepping off before KVM injects, so the frame gets the guest's RFLAGS.
+        self.stepper.end(vcpu)?;
         if let Some(vector) = chip.pic_acknowledge_if_pending() {
             kvm::inject_interrupt(vcpu, vector)?;
             bump(&self.shared.stats().extints_injected);
@@ -513,6 +530,18 @@ impl SplitVcpuChip {
         // KVM holds one ExtINT at a time: a further request waits for the next window.
         Ok(chip.pic_intr())
     }
+}
+
+/// KVM's LAPIC of this vCPU takes the 8259's INTR: LVT LINT0 unmasked in ExtINT mode (KVM's
+/// `kvm_apic_accept_pic_intr`; a globally disabled APIC, where LINT0 is the INTR pin, is not
+/// looked at, so such a vCPU waits for KVM's window as before).
+fn lint0_takes_pic(vcpu: &VcpuFd) -> Result<bool, IrqchipError> {
+    let lapic = vcpu.get_lapic().map_err(KvmError::ioctl("KVM_GET_LAPIC"))?;
+    // `regs` is the 1 KiB register page as C chars; LVT0 is the little-endian dword at 0x350.
+    let byte = |i: usize| u32::from(lapic.regs[0x350 + i] as u8);
+    let lvt0 = byte(0) | byte(1) << 8 | byte(2) << 16 | byte(3) << 24;
+    // SDM vol. 3 §11.5.1: bit 16 mask, bits 10:8 delivery mode (111b ExtINT).
+    Ok(lvt0 & (1 << 16) == 0 && (lvt0 >> 8) & 7 == 7)
 }
 
 impl VcpuIrqchip for SplitVcpuChip {
@@ -550,6 +579,8 @@ impl VcpuIrqchip for SplitVcpuChip {
             ChipExit::IoapicEoi { vector } => shared.ioapic_eoi(*vector),
             // `before_entry` injects at this entry.
             ChipExit::IrqWindowOpen => {}
+            // One instruction stepped towards an ExtINT boundary: `before_entry` looks again.
+            ChipExit::SingleStep => {}
             _ => return Ok(ExitHandled::NotMine),
         }
         Ok(ExitHandled::Handled)

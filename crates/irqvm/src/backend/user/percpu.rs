@@ -450,7 +450,7 @@ impl UserVcpuChip {
             if fired {
                 self.window_kick.leftover();
             }
-            return self.step_while_tpr_holds(vcpu, if_set);
+            return self.step_while_tpr_holds(vcpu);
         };
         if !can_inject {
             vcpu.get_kvm_run().request_interrupt_window = 1;
@@ -497,8 +497,8 @@ impl UserVcpuChip {
     /// instruction: step until one does (`sync_cr8_from_exit` reads CR8 back at every step), as
     /// long as the budget lasts. Otherwise stepping ends; off the fast path this costs nothing
     /// (no ioctl unless stepping was on).
-    fn step_while_tpr_holds(&mut self, vcpu: &VcpuFd, if_set: bool) -> Result<(), IrqchipError> {
-        if if_set && !self.regs_rewritten && self.held_by_tpr_only() {
+    fn step_while_tpr_holds(&mut self, vcpu: &VcpuFd) -> Result<(), IrqchipError> {
+        if !self.regs_rewritten && self.held_by_tpr_only() {
             self.stepper.step(vcpu)?;
             self.publish_steps();
             return Ok(());
