@@ -11,13 +11,15 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use irqvm::kvm::{create_vm, inject_interrupt, open_kvm};
 use irqvm::loader::{load, CpuMode, LoadRequest, RawImage};
 use irqvm::memory::{create_guest_memory, register_guest_memory, GuestRam};
 use irqvm::vcpu::regs::apply_boot_state;
-use kvm_bindings::{kvm_guest_debug, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP};
+use kvm_bindings::{
+    kvm_guest_debug, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -266,7 +268,7 @@ fn main() {
     let kvm = open_kvm().unwrap();
     let vm = create_vm(&kvm).unwrap();
     register_guest_memory(&vm, &mem).unwrap();
-    let mut vcpu = vm.create_vcpu(0).unwrap();
+    let vcpu = vm.create_vcpu(0).unwrap();
     let supported = irqvm::cpuid::supported_cpuid(&kvm).unwrap();
     vcpu.set_cpuid2(&supported).unwrap();
     let mut sregs = vcpu.get_sregs().unwrap();
@@ -276,161 +278,179 @@ fn main() {
     vcpu.set_regs(&regs).unwrap();
 
     let dr6_before = vcpu.get_debug_regs().unwrap().dr6;
-    set_step(&mut vcpu, true);
-    let mut phase = 0u32;
-    let mut steps = [0u32; 11];
-    let mut injected_at = None;
-    let start = Instant::now();
-    let mut phase0_time = Duration::ZERO;
-    loop {
-        let exit = vcpu.run();
-        match exit {
-            Ok(VcpuExit::Debug(arch)) => {
-                steps[phase as usize] += 1;
-                if phase == 0 {
-                    continue;
+    let mut probe = Probe {
+        vcpu,
+        mem,
+        phase: 0,
+        steps: 0,
+        injected_at: None,
+        start: Instant::now(),
+        dr6_before,
+    };
+    probe.set_step(true);
+    probe.run();
+}
+
+/// The host side of the probe: one phase per `out` marker (port 0x80 + n ends phase n).
+struct Probe {
+    vcpu: VcpuFd,
+    mem: GuestRam,
+    phase: u32,
+    /// Step exits in phase 0.
+    steps: u32,
+    /// Where the phase's interrupt was injected, if it was.
+    injected_at: Option<u64>,
+    start: Instant,
+    dr6_before: u64,
+}
+
+impl Probe {
+    fn set_step(&self, on: bool) {
+        set_step(&self.vcpu, on);
+    }
+
+    fn data(&self, offset: u64) -> u64 {
+        read_u64(&self.mem, DATA + offset)
+    }
+
+    fn run(&mut self) {
+        loop {
+            match self.vcpu.run() {
+                Ok(VcpuExit::Debug(arch)) => self.step_exit(arch.pc, arch.dr6),
+                Ok(VcpuExit::IoOut(port, _)) => self.marker(port),
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    data.fill(0xFF);
+                    let f = flags(&mut self.vcpu);
+                    println!("phase {}: mmio read {addr:#x} {f}", self.phase);
                 }
-                let pc = arch.pc;
-                let dr6 = arch.dr6;
-                let f = flags(&mut vcpu);
-                println!(
-                    "phase {phase}: step exit pc {pc:#x} dr6 {dr6:#x} exception {} {f}",
-                    arch.exception
-                );
-                let run = vcpu.get_kvm_run();
-                let ready = run.if_flag != 0 && run.ready_for_interrupt_injection != 0;
-                if matches!(phase, 2 | 8 | 9 | 10) && ready && injected_at.is_none() {
-                    set_step(&mut vcpu, false);
-                    let vector = if phase == 9 { 0x41 } else { VECTOR };
-                    inject_interrupt(&vcpu, vector).unwrap();
-                    injected_at = Some(pc);
-                    println!("  injected vector {vector:#x} at {pc:#x}, stepping off");
+                Ok(VcpuExit::Hlt) => {
+                    println!("hlt: done in {:?}", self.start.elapsed());
+                    return;
                 }
-            }
-            Ok(VcpuExit::IoOut(port, _)) => {
-                let f = flags(&mut vcpu);
-                let rip = vcpu.get_regs().unwrap().rip;
-                println!("marker {port:#x} rip {rip:#x} {f}");
-                match port {
-                    0x80 => {
-                        phase0_time = start.elapsed();
-                        let n = steps[0];
-                        println!(
-                            "  phase 0: {n} step exits for 2001 instructions, {:?} total, {:.1} us per step",
-                            phase0_time,
-                            phase0_time.as_secs_f64() * 1e6 / f64::from(n.max(1))
-                        );
-                    }
-                    0x81 => {
-                        let flags = read_u64(&mem, DATA);
-                        println!(
-                            "  phase 1: guest PUSHF saw {flags:#x} (TF {})",
-                            (flags >> 8) & 1
-                        );
-                    }
-                    0x82 => {
-                        println!(
-                            "  phase 2: injected at {injected_at:x?}; handler ran {} times, saved rip {:#x}, saved rflags {:#x} (TF {})",
-                            read_u64(&mem, DATA + 0x30) as u32,
-                            read_u64(&mem, DATA + 0x10),
-                            read_u64(&mem, DATA + 0x18),
-                            (read_u64(&mem, DATA + 0x18) >> 8) & 1
-                        );
-                    }
-                    0x83 => {
-                        println!(
-                            "  phase 3: guest DR6 {:#x}; KVM_GET_DEBUGREGS dr6 before {dr6_before:#x} now {:#x}",
-                            read_u64(&mem, DATA + 8),
-                            vcpu.get_debug_regs().unwrap().dr6
-                        );
-                    }
-                    0x8c => {
-                        println!("  phase 4: port write after the raise");
-                        continue;
-                    }
-                    0x84 => {
-                        println!(
-                            "  phase 4: guest read CR8 {} after the raise",
-                            read_u64(&mem, DATA + 0x48)
-                        );
-                        println!(
-                            "  phase 4: guest #DB count so far {}",
-                            read_u64(&mem, DATA + 0x20) as u32
-                        );
-                    }
-                    0x85 => {
-                        println!(
-                            "  phase 5: guest #DB {} times, last at {:#x}, guest DR6 in handler {:#x}; stepping on",
-                            read_u64(&mem, DATA + 0x20) as u32,
-                            read_u64(&mem, DATA + 0x28),
-                            read_u64(&mem, DATA + 0x38)
-                        );
-                        set_step(&mut vcpu, true);
-                    }
-                    0x87 => {
-                        injected_at = None;
-                    }
-                    0x88 => {
-                        injected_at = None;
-                        set_step(&mut vcpu, true);
-                    }
-                    0x89 => {
-                        let target = read_u64(&mem, DATA + 0x40);
-                        println!("  phase 9: in 0x41's handler (saved rip {target:#x}); a hardware breakpoint at it");
-                        injected_at = None;
-                        let mut dbg = kvm_guest_debug {
-                            control: KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_USE_HW_BP,
-                            ..Default::default()
-                        };
-                        dbg.arch.debugreg[0] = target;
-                        dbg.arch.debugreg[7] = 0x1;
-                        vcpu.set_guest_debug(&dbg).unwrap();
-                    }
-                    0x8a => {
-                        println!(
-                            "  phase 9: 0x40 injected at {injected_at:x?} after the handler's IRETQ; saved rip {:#x}",
-                            read_u64(&mem, DATA + 0x10),
-                        );
-                    }
-                    0x88 => {
-                        println!(
-                            "  phase 8: injected at {injected_at:x?} after IRETQ; handler ran {} times in all, saved rip {:#x}",
-                            read_u64(&mem, DATA + 0x30) as u32,
-                            read_u64(&mem, DATA + 0x10),
-                        );
-                    }
-                    0x86 => {
-                        println!(
-                            "  phase 6: guest #DB {} times in all",
-                            read_u64(&mem, DATA + 0x20) as u32
-                        );
-                    }
-                    _ => {}
+                Ok(VcpuExit::SetTpr) => {
+                    let f = flags(&mut self.vcpu);
+                    println!("phase {}: KVM_EXIT_SET_TPR {f}", self.phase);
                 }
-                phase = (u32::from(port) & 0xF) + 1;
-                phase = phase.min(10);
-            }
-            Ok(VcpuExit::Hlt) => {
-                println!("hlt: done in {:?}", start.elapsed());
-                break;
-            }
-            Ok(VcpuExit::MmioRead(addr, data)) => {
-                data.fill(0xFF);
-                println!("phase {phase}: mmio read {addr:#x} {}", flags(&mut vcpu));
-            }
-            Ok(VcpuExit::IrqWindowOpen) => {
-                println!("phase {phase}: window open {}", flags(&mut vcpu));
-                vcpu.get_kvm_run().request_interrupt_window = 0;
-                inject_interrupt(&vcpu, 0x41).unwrap();
-            }
-            Ok(VcpuExit::SetTpr) => {
-                println!("phase {phase}: KVM_EXIT_SET_TPR {}", flags(&mut vcpu))
-            }
-            Ok(other) => println!("phase {phase}: exit {other:?}"),
-            Err(e) => {
-                println!("phase {phase}: KVM_RUN error {e}");
-                break;
+                Ok(other) => println!("phase {}: exit {other:?}", self.phase),
+                Err(e) => {
+                    println!("phase {}: KVM_RUN error {e}", self.phase);
+                    return;
+                }
             }
         }
+    }
+
+    /// A step (or breakpoint) exit. In phases 2, 8, 9 and 10 the first boundary that takes an
+    /// interrupt gets one, with stepping off first.
+    fn step_exit(&mut self, pc: u64, dr6: u64) {
+        if self.phase == 0 {
+            self.steps += 1;
+            return;
+        }
+        let f = flags(&mut self.vcpu);
+        println!(
+            "phase {}: debug exit pc {pc:#x} dr6 {dr6:#x} {f}",
+            self.phase
+        );
+        let run = self.vcpu.get_kvm_run();
+        let ready = run.if_flag != 0 && run.ready_for_interrupt_injection != 0;
+        if matches!(self.phase, 2 | 8 | 9 | 10) && ready && self.injected_at.is_none() {
+            self.set_step(false);
+            let vector = if self.phase == 9 { 0x41 } else { VECTOR };
+            inject_interrupt(&self.vcpu, vector).unwrap();
+            self.injected_at = Some(pc);
+            println!("  injected vector {vector:#x} at {pc:#x}, stepping off");
+        }
+    }
+
+    fn marker(&mut self, port: u16) {
+        let f = flags(&mut self.vcpu);
+        let rip = self.vcpu.get_regs().unwrap().rip;
+        println!("marker {port:#x} rip {rip:#x} {f}");
+        match port {
+            0x80 => {
+                let t = self.start.elapsed();
+                let n = self.steps;
+                println!(
+                    "  phase 0: {n} step exits for 2002 instructions, {t:?}, {:.1} us per step",
+                    t.as_secs_f64() * 1e6 / f64::from(n.max(1))
+                );
+            }
+            0x81 => {
+                let flags = self.data(0);
+                println!("  phase 1: guest PUSHF saw {flags:#x} (TF {})", (flags >> 8) & 1);
+            }
+            0x82 => println!(
+                "  phase 2: injected at {:x?}; handler ran {} times, saved rip {:#x}, saved rflags {:#x}",
+                self.injected_at,
+                self.data(0x30) as u32,
+                self.data(0x10),
+                self.data(0x18)
+            ),
+            0x83 => println!(
+                "  phase 3: guest DR6 {:#x}; KVM_GET_DEBUGREGS dr6 before {:#x} now {:#x}",
+                self.data(8),
+                self.dr6_before,
+                self.vcpu.get_debug_regs().unwrap().dr6
+            ),
+            0x8c => {
+                println!("  phase 4: a port write after the CR8 raise");
+                return;
+            }
+            0x84 => println!(
+                "  phase 4: guest read CR8 {} after the raise; guest #DB so far {}",
+                self.data(0x48),
+                self.data(0x20) as u32
+            ),
+            0x85 => {
+                println!(
+                    "  phase 5: guest #DB {} times, last at {:#x}, guest DR6 in its handler {:#x}; stepping on",
+                    self.data(0x20) as u32,
+                    self.data(0x28),
+                    self.data(0x38)
+                );
+                self.set_step(true);
+            }
+            0x86 => println!("  phase 6: guest #DB {} times in all", self.data(0x20) as u32),
+            0x87 => self.injected_at = None,
+            0x88 => {
+                println!(
+                    "  phase 8: injected at {:x?} after a hand-made IRETQ; saved rip {:#x}",
+                    self.injected_at,
+                    self.data(0x10)
+                );
+                self.injected_at = None;
+                self.set_step(true);
+            }
+            0x89 => {
+                let target = self.data(0x40);
+                println!("  phase 9: in 0x41's handler (saved rip {target:#x}); breakpoint there");
+                self.injected_at = None;
+                self.break_at(target);
+            }
+            0x8a => println!(
+                "  phase 10: 0x40 injected at {:x?} after the handler's IRETQ; saved rip {:#x}",
+                self.injected_at,
+                self.data(0x10)
+            ),
+            _ => {}
+        }
+        self.phase = u32::from(port & 0xF) + 1;
+    }
+
+    /// An execute breakpoint at `target` (KVM_GUESTDBG_USE_HW_BP; DR7 L0, R/W0 = LEN0 = 0).
+    /// `IRQVM_PROBE_STEP_IRET=1` steps the IRETQ instead, which shows this host's overshoot.
+    fn break_at(&self, target: u64) {
+        if std::env::var_os("IRQVM_PROBE_STEP_IRET").is_some() {
+            self.set_step(true);
+            return;
+        }
+        let mut dbg = kvm_guest_debug {
+            control: KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP,
+            ..Default::default()
+        };
+        dbg.arch.debugreg[0] = target;
+        dbg.arch.debugreg[7] = 1;
+        self.vcpu.set_guest_debug(&dbg).unwrap();
     }
 }
