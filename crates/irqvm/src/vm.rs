@@ -92,6 +92,11 @@ pub struct VmConfig {
     /// `--protected-state-aps`: seed 004's protected-state AP boot, emulated (`user` irqchip
     /// only; the other modes refuse it). See [`ProtectedStateAps`].
     pub protected_state_aps: Option<ProtectedStateAps>,
+    /// `--exact-irq-boundaries`: single-step a vCPU to the instruction boundary where a waiting
+    /// interrupt becomes deliverable (`user` mode: every interrupt; `split`: the PIC's ExtINT;
+    /// `kernel`: ignored). Off by default: see `backend::step` and docs/architecture.md, "Exact
+    /// interrupt boundaries", for what it costs and what is still open.
+    pub exact_irq_boundaries: bool,
 }
 
 impl VmConfig {
@@ -109,6 +114,7 @@ impl VmConfig {
             serial: SerialOutput::Stdout,
             seccomp: true,
             protected_state_aps: None,
+            exact_irq_boundaries: false,
         }
     }
 }
@@ -169,6 +175,7 @@ impl Vm {
                 seccomp: cfg.seccomp,
                 protected_state_aps: cfg.protected_state_aps,
                 memory: memory.clone(),
+                exact_irq_boundaries: cfg.exact_irq_boundaries,
             },
         )?;
         let control = Arc::new(VmControl::default());

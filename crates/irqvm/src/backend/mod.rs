@@ -415,6 +415,8 @@ pub struct ChipContext<'a> {
     pub protected_state_aps: Option<ProtectedStateAps>,
     /// Guest RAM: the single-stepping backends read the instruction at RIP from it ([`step`]).
     pub memory: crate::memory::GuestRam,
+    /// Single-step to exact interrupt boundaries (`VmConfig::exact_irq_boundaries`, [`step`]).
+    pub exact_irq_boundaries: bool,
 }
 
 /// `--protected-state-aps`: seed 004's protected-state AP boot, emulated in `user` mode for

@@ -363,6 +363,8 @@ pub struct SplitIrqchip {
     features: ChipFeatures,
     /// Guest RAM, for the vCPUs' single-stepping ([`crate::backend::step`]).
     memory: crate::memory::GuestRam,
+    /// `VmConfig::exact_irq_boundaries`.
+    exact_irq_boundaries: bool,
 }
 
 impl SplitIrqchip {
@@ -393,6 +395,7 @@ impl SplitIrqchip {
         Ok(Self {
             features: features(ctx.kvm),
             memory: ctx.memory.clone(),
+            exact_irq_boundaries: ctx.exact_irq_boundaries,
             shared: Arc::new(SplitShared {
                 chip,
                 kicker: ctx.kicker,
@@ -457,7 +460,7 @@ impl Irqchip for SplitIrqchip {
         Ok(Box::new(SplitVcpuChip {
             index,
             shared: self.shared.clone(),
-            stepper: Stepper::new(self.memory.clone()),
+            stepper: Stepper::new(self.memory.clone(), self.exact_irq_boundaries),
         }))
     }
 

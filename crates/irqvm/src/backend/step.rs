@@ -23,10 +23,28 @@
 //! interrupt-window kicks. Each episode has a budget of [`STEP_BUDGET`] steps (a guest can keep
 //! IF=0 for millions of instructions; stepping them all would slow it a hundredfold), after which
 //! the fallback takes over too.
+//!
+//! Opt-in (`VmConfig::exact_irq_boundaries`, `irqvm run --exact-irq-boundaries`): with it on by
+//! default, the `user`-mode guest suite lost interrupts on 2-4 vCPUs under load (`latency`: IPIs
+//! to a spinning vCPU never arrived; `storm`, `msi` with host threads: a vCPU stuck), for a reason
+//! not found yet (docs/architecture.md, "Exact interrupt boundaries").
+//!
+//! Two more rules keep KVM's TF out of event frames, where KVM puts it when it delivers an event
+//! while stepping (measured: an interrupt queued before a KVM_RUN that returned without entering,
+//! then delivered at a stepped entry, had TF in its frame and the handler's IRET gave the guest a
+//! #DB): stepping is always off before irqvm queues an interrupt or NMI, and never turned on while
+//! one may still sit in KVM (the backends track that). An exception raised by a stepped
+//! instruction itself (a page fault) is delivered by KVM in the same entry and could carry TF the
+//! same way; this is not handled.
+//!
+//! Host limit: a step over an IRETQ that returns from an interrupt KVM injected runs one more
+//! instruction before it exits (docs/kvm-facts.md), so an interrupt waiting for that IRETQ is
+//! taken one instruction late. An execute breakpoint at the return address
+//! (KVM_GUESTDBG_USE_HW_BP) stops exactly there in a one-vCPU probe (`examples/single_step.rs`),
+//! but used here it lost an interrupt in a 4-vCPU IPI storm, so irqvm steps the IRETQ.
 
 use kvm_bindings::{
     kvm_guest_debug, kvm_regs, kvm_sregs, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
-    KVM_GUESTDBG_USE_HW_BP,
 };
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress};
@@ -129,17 +147,13 @@ enum Armed {
     Off,
     /// KVM_GUESTDBG_SINGLESTEP: after the next instruction.
     Step,
-    /// KVM_GUESTDBG_USE_HW_BP with DR0 = this linear address (execute): before the instruction
-    /// there. Used for an IRETQ: on this host a step over an IRETQ that returns from an
-    /// interrupt KVM injected runs the next instruction too before it exits (measured,
-    /// docs/kvm-facts.md), which would take the next interrupt one instruction late; a
-    /// breakpoint at the return address stops exactly at the boundary.
-    Break(u64),
 }
 
 /// One vCPU's stepping state.
 pub struct Stepper {
     memory: GuestRam,
+    /// `VmConfig::exact_irq_boundaries`: without it [`Self::step`] never steps.
+    enabled: bool,
     /// What KVM stops the guest at now.
     armed: Armed,
     /// Guest debugging is on in KVM (the guest's TF and DR7 were clear when it began).
@@ -154,9 +168,10 @@ pub struct Stepper {
 }
 
 impl Stepper {
-    pub fn new(memory: GuestRam) -> Self {
+    pub fn new(memory: GuestRam, enabled: bool) -> Self {
         Self {
             memory,
+            enabled,
             armed: Armed::Off,
             on: false,
             left: STEP_BUDGET,
@@ -174,6 +189,9 @@ impl Stepper {
     /// that is safe and the budget allows (true). False: the caller falls back (and stepping is
     /// off).
     pub fn step(&mut self, vcpu: &VcpuFd) -> Result<bool, IrqchipError> {
+        if !self.enabled {
+            return Ok(false);
+        }
         if self.left == 0 {
             if self.on {
                 self.fallbacks += 1;
@@ -212,17 +230,13 @@ impl Stepper {
         if self.armed == want {
             return Ok(());
         }
-        let mut dbg = kvm_guest_debug::default();
-        match want {
-            Armed::Off => {}
-            Armed::Step => dbg.control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP,
-            Armed::Break(at) => {
-                dbg.control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP;
-                dbg.arch.debugreg[0] = at;
-                // L0, execute breakpoint of length 1 (R/W0 = LEN0 = 00), SDM vol. 3 §18.2.4.
-                dbg.arch.debugreg[7] = 1;
-            }
-        }
+        let dbg = kvm_guest_debug {
+            control: match want {
+                Armed::Off => 0,
+                Armed::Step => KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP,
+            },
+            ..Default::default()
+        };
         vcpu.set_guest_debug(&dbg)
             .map_err(KvmError::ioctl("KVM_SET_GUEST_DEBUG"))?;
         self.armed = want;
@@ -267,18 +281,15 @@ impl Stepper {
                 } else {
                     regs.rsp & 0xFFFF
                 };
-                let image = ss_base.wrapping_add(sp);
                 // TF is bit 0 of the flags image's second byte, whatever its width. An
                 // unreadable image faults instead of loading anything.
                 let mut byte = [0u8; 1];
-                let at = image.wrapping_add(offset).wrapping_add(1);
+                let at = ss_base
+                    .wrapping_add(sp)
+                    .wrapping_add(offset)
+                    .wrapping_add(1);
                 if self.read_linear(vcpu, at, &mut byte) == 1 && byte[0] & 1 != 0 {
                     return None;
-                }
-                // IRETQ in 64-bit code: stop at its return address instead of stepping it.
-                let mut rip = [0u8; 8];
-                if mode.long && offset == 16 && self.read_linear(vcpu, image, &mut rip) == 8 {
-                    return Some(Armed::Break(u64::from_le_bytes(rip)));
                 }
                 Some(Armed::Step)
             }

@@ -113,6 +113,8 @@ pub(crate) struct Shared {
     pub protected_state_aps: Option<ProtectedStateAps>,
     /// Guest RAM, for reading the instruction at RIP before each single-step.
     pub memory: crate::memory::GuestRam,
+    /// `VmConfig::exact_irq_boundaries`.
+    pub exact_irq_boundaries: bool,
 }
 
 /// The VM-wide half of the `user` backend.
@@ -168,6 +170,7 @@ impl UserIrqchip {
                 .collect(),
             protected_state_aps: ctx.protected_state_aps,
             memory: ctx.memory.clone(),
+            exact_irq_boundaries: ctx.exact_irq_boundaries,
         });
         Ok(Self {
             shared,

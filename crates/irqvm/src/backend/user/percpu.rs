@@ -296,6 +296,15 @@ pub(crate) struct UserVcpuChip {
     window_kick: WindowKick,
     /// Single-stepping to the exact interrupt boundary ([`crate::backend::step`]).
     stepper: Stepper,
+    /// The last injection made at a stepped boundary (what, and the RIP it interrupted), and
+    /// whether the one before it was the same: see [`Self::step_to_window`].
+    last_stepped: Option<(Injection, u64)>,
+    stepped_again: bool,
+    /// An interrupt or NMI was handed to KVM (KVM_INTERRUPT, KVM_NMI) and no KVM_RUN has entered
+    /// the guest since (a kick's `immediate_exit` returns before the entry): KVM still holds it
+    /// and delivers it at the next entry. No stepping then: KVM would push its TF into that
+    /// event's frame, and the handler's IRET would hand the guest a #DB of ours.
+    kvm_queued: bool,
     halt_poll: HaltPoll,
     /// IA32_APIC_BASE as KVM last saw it. KVM derives CPUID.1:EDX[9] (APIC present) from its own
     /// copy, which the MSR filter keeps it from updating: `after_exit` pushes the model's value.
@@ -316,7 +325,7 @@ impl UserVcpuChip {
             Sipi::Standard(StandardSipi)
         };
         let ghcb = shared.protected_state_aps.map(|_| GhcbMsr::default());
-        let stepper = Stepper::new(shared.memory.clone());
+        let stepper = Stepper::new(shared.memory.clone(), shared.exact_irq_boundaries);
         Self {
             kvm_apic_base,
             interrupts,
@@ -332,6 +341,9 @@ impl UserVcpuChip {
             flags_from_exit: false,
             window_kick: WindowKick::new(),
             stepper,
+            last_stepped: None,
+            stepped_again: false,
+            kvm_queued: false,
             halt_poll: HaltPoll {
                 window: Duration::ZERO,
             },
@@ -454,14 +466,16 @@ impl UserVcpuChip {
         };
         if !can_inject {
             vcpu.get_kvm_run().request_interrupt_window = 1;
-            if !self.step_to_window(vcpu, if_set)? {
+            if !self.step_to_window(vcpu, if_set, next)? {
                 self.expedite_window(if_set, now, fired);
             }
             return Ok(());
         }
         // The boundary is here: stepping off before the injection, so the frame gets the
         // guest's own RFLAGS.
+        let stepped = self.stepper.active();
         self.stepper.end(vcpu)?;
+        self.note_boundary(vcpu, stepped.then_some(next))?;
         let vector = match next {
             Injection::Nmi => return Ok(()),
             Injection::ExtInt => {
@@ -474,6 +488,7 @@ impl UserVcpuChip {
             },
         };
         inject_interrupt(vcpu, vector)?;
+        self.kvm_queued = true;
         self.counters().injected(vector);
         self.window_kick.injected(now, fired);
         Ok(())
@@ -482,14 +497,48 @@ impl UserVcpuChip {
     /// An interrupt waits for the guest to set IF or leave a shadow: single-step towards that
     /// boundary (false: stepping refused or its budget spent, or the flags may be stale, which
     /// `expedite_window` handles). At a step exit the flags are fresh.
-    fn step_to_window(&mut self, vcpu: &VcpuFd, if_set: bool) -> Result<bool, IrqchipError> {
+    ///
+    /// Forward progress: the same interrupt delivered twice in a row at the same stepped
+    /// boundary (a level line still high re-sent at every EOI, the handler EOIing first) would
+    /// otherwise come back at that boundary forever and the interrupted code would never run
+    /// again. On hardware the IOAPIC's re-send trails the EOI by bus time, during which the
+    /// interrupted code moves on; KVM's IOAPIC has its storm rule for the same guests. So a
+    /// third such delivery is not stepped to, and takes the window kicks instead.
+    fn step_to_window(
+        &mut self,
+        vcpu: &VcpuFd,
+        if_set: bool,
+        next: Injection,
+    ) -> Result<bool, IrqchipError> {
         let stale = self.regs_rewritten || (self.flags_from_exit && if_set);
-        if stale {
+        let looping = self.stepped_again && self.last_stepped.is_some_and(|(what, _)| what == next);
+        if stale || self.kvm_queued || (looping && !self.stepper.active()) {
+            self.stepper.end(vcpu)?;
             return Ok(false);
         }
         let stepping = self.stepper.step(vcpu)?;
         self.publish_steps();
         Ok(stepping)
+    }
+
+    /// Records an injection: `Some(what)` if it is made at a stepped boundary.
+    fn note_boundary(
+        &mut self,
+        vcpu: &VcpuFd,
+        stepped: Option<Injection>,
+    ) -> Result<(), IrqchipError> {
+        let Some(what) = stepped else {
+            self.last_stepped = None;
+            self.stepped_again = false;
+            return Ok(());
+        };
+        let rip = vcpu
+            .get_regs()
+            .map_err(KvmError::ioctl("KVM_GET_REGS"))?
+            .rip;
+        self.stepped_again = self.last_stepped == Some((what, rip));
+        self.last_stepped = Some((what, rip));
+        Ok(())
     }
 
     /// Nothing is deliverable. If the highest requested vector is held only by the TPR, a CR8
@@ -498,7 +547,7 @@ impl UserVcpuChip {
     /// long as the budget lasts. Otherwise stepping ends; off the fast path this costs nothing
     /// (no ioctl unless stepping was on).
     fn step_while_tpr_holds(&mut self, vcpu: &VcpuFd) -> Result<(), IrqchipError> {
-        if !self.regs_rewritten && self.held_by_tpr_only() {
+        if !self.regs_rewritten && !self.kvm_queued && self.held_by_tpr_only() {
             self.stepper.step(vcpu)?;
             self.publish_steps();
             return Ok(());
@@ -542,6 +591,7 @@ impl UserVcpuChip {
         self.interrupts.process_nmi(blocked);
         while self.interrupts.take_nmi() {
             vcpu.nmi().map_err(KvmError::ioctl("KVM_NMI"))?;
+            self.kvm_queued = true;
             super::counters::bump(&self.counters().nmis_injected);
         }
         Ok(())
@@ -660,6 +710,8 @@ impl VcpuIrqchip for UserVcpuChip {
     }
 
     fn handle_exit(&mut self, exit: &mut ChipExit<'_>) -> Result<ExitHandled, IrqchipError> {
+        // A real exit: the guest was entered, so whatever KVM held was delivered.
+        self.kvm_queued = false;
         self.sync_cr8_from_exit();
         self.cr8_synced = true;
         self.flags_from_exit = true;
