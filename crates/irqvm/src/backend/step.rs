@@ -26,8 +26,9 @@
 //!
 //! Opt-in (`VmConfig::exact_irq_boundaries`, `irqvm run --exact-irq-boundaries`): with it on by
 //! default, the `user`-mode guest suite lost interrupts on 2-4 vCPUs under load (`latency`: IPIs
-//! to a spinning vCPU never arrived; `storm`, `msi` with host threads: a vCPU stuck), for a reason
-//! not found yet (docs/architecture.md, "Exact interrupt boundaries").
+//! to a spinning vCPU never arrived; `storm`, `msi` with host threads: a vCPU stuck), and
+//! `bench_lat`'s timer workloads do not finish with it even on 1 vCPU, for reasons not found yet
+//! (docs/architecture.md, "Exact interrupt boundaries").
 //!
 //! Two more rules keep KVM's TF out of event frames, where KVM puts it when it delivers an event
 //! while stepping (measured: an interrupt queued before a KVM_RUN that returned without entering,
