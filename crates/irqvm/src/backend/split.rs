@@ -517,7 +517,7 @@ impl SplitVcpuChip {
         if vcpu.get_kvm_run().ready_for_interrupt_injection == 0 {
             // KVM's window exit comes only at its next exit, ~1 ms late here: if this LAPIC
             // takes the PIC (so IF or a shadow holds the ExtINT), step to the boundary instead.
-            if lint0_takes_pic(vcpu)? {
+            if self.stepper.enabled() && lint0_takes_pic(vcpu)? {
                 self.stepper.step(vcpu)?;
             } else {
                 self.stepper.end(vcpu)?;

@@ -181,6 +181,11 @@ impl Stepper {
         }
     }
 
+    /// `VmConfig::exact_irq_boundaries`.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
     /// True while KVM steps this vCPU.
     pub fn active(&self) -> bool {
         self.on
