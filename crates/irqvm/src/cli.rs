@@ -186,6 +186,11 @@ pub struct RunArgs {
         value_parser = parse_page
     )]
     pub protected_state_aps: Option<u8>,
+    /// Take every pending interrupt at the instruction boundary where it becomes deliverable
+    /// (after `sti; nop`, a CR8 write...), by single-stepping the vCPU while an interrupt waits
+    /// (`user` mode; `split`: the PIC's ExtINT). Costs a KVM exit per stepped instruction.
+    #[arg(long)]
+    pub exact_irq_boundaries: bool,
 }
 
 fn parse_memory(text: &str) -> Result<u64, String> {
@@ -275,6 +280,7 @@ pub fn run_config(args: &RunArgs) -> Result<VmConfig, CliError> {
     cfg.protected_state_aps = args
         .protected_state_aps
         .map(|launch_page| crate::backend::ProtectedStateAps { launch_page });
+    cfg.exact_irq_boundaries = args.exact_irq_boundaries;
     Ok(cfg)
 }
 

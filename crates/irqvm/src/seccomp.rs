@@ -53,6 +53,13 @@ ioctl_ior_nr!(KVM_GET_FPU, KVMIO, 0x8c, kvm_bindings::kvm_fpu);
 ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_bindings::kvm_lapic_state);
 ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_bindings::kvm_irqchip);
 ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_bindings::kvm_xcrs);
+ioctl_iowr_nr!(KVM_TRANSLATE, KVMIO, 0x85, kvm_bindings::kvm_translation);
+ioctl_iow_nr!(
+    KVM_SET_GUEST_DEBUG,
+    KVMIO,
+    0x9b,
+    kvm_bindings::kvm_guest_debug
+);
 
 /// Errors setting up a filtered thread.
 #[derive(Debug, thiserror::Error)]
@@ -369,8 +376,11 @@ fn vcpu_ioctls(mode: IrqchipMode) -> Vec<u64> {
             KVM_GET_VCPU_EVENTS(),
         ],
         // ExtINT by KVM_INTERRUPT; the IOAPIC's redirection table as MSI routes; the same
-        // state queries as `kernel`.
+        // state queries as `kernel`; single-stepping to an ExtINT boundary (`backend::step`).
         IrqchipMode::Split => vec![
+            KVM_SET_GUEST_DEBUG(),
+            KVM_TRANSLATE(),
+            KVM_GET_DEBUGREGS(),
             KVM_GET_MP_STATE(),
             KVM_INTERRUPT(),
             KVM_SET_GSI_ROUTING(),
@@ -378,8 +388,12 @@ fn vcpu_ioctls(mode: IrqchipMode) -> Vec<u64> {
             KVM_GET_MSRS(),
             KVM_GET_VCPU_EVENTS(),
         ],
-        // Injection, NMI blocking, and the INIT reset of registers, events and MSRs.
+        // Injection, NMI blocking, the INIT reset of registers, events and MSRs, and
+        // single-stepping to an interrupt boundary (`backend::step`: guest debug, DR7, the
+        // instruction at RIP through KVM_TRANSLATE).
         IrqchipMode::User => vec![
+            KVM_SET_GUEST_DEBUG(),
+            KVM_TRANSLATE(),
             KVM_INTERRUPT(),
             KVM_NMI(),
             KVM_SET_REGS(),

@@ -107,6 +107,11 @@ pub struct VmConfig {
     pub topology: Option<Topology>,
     /// `--cpu-features`: `+name`/`-name` edits of the CPUID features (see [`crate::cpumodel`]).
     pub cpu_features: FeatureEdits,
+    /// `--exact-irq-boundaries`: single-step a vCPU to the instruction boundary where a waiting
+    /// interrupt becomes deliverable (`user` mode: every interrupt; `split`: the PIC's ExtINT;
+    /// `kernel`: ignored). Off by default: see `backend::step` and docs/architecture.md, "Exact
+    /// interrupt boundaries", for what it costs and what is still open.
+    pub exact_irq_boundaries: bool,
 }
 
 impl VmConfig {
@@ -126,6 +131,7 @@ impl VmConfig {
             protected_state_aps: None,
             topology: None,
             cpu_features: FeatureEdits::default(),
+            exact_irq_boundaries: false,
         }
     }
 }
@@ -217,6 +223,8 @@ impl Vm {
                 protected_state_aps: cfg.protected_state_aps,
                 cpu: model,
                 tracer: tracer.clone(),
+                memory: memory.clone(),
+                exact_irq_boundaries: cfg.exact_irq_boundaries,
             },
         )?;
         let control = Arc::new(VmControl::default());

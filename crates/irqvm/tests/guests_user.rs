@@ -30,7 +30,8 @@ const HOST_DRIVEN: &[&str] = &["msi"];
 /// The guests that need a VM option, and so a test of their own (below): `protected_aps` needs
 /// `--protected-state-aps`, which only this mode takes (its expectation file says `-` for the
 /// others, and their `every_guest_runs_in_*_mode` tests leave it out).
-const WITH_OPTIONS: &[&str] = &["protected_aps"];
+/// `irq_boundary` runs with `--exact-irq-boundaries`.
+const WITH_OPTIONS: &[&str] = &["protected_aps", "irq_boundary"];
 
 #[test]
 fn every_guest_runs_in_user_mode() {
@@ -73,4 +74,11 @@ fn storm_with_host_device_lines_counts_exactly() {
 #[test]
 fn msi_from_host_reaches_the_addressed_cpu_exactly_once() {
     common::check_msi_from_host(MODE);
+}
+
+/// guests/irq_boundary.c with `--exact-irq-boundaries` (docs/architecture.md, "Exact interrupt
+/// boundaries").
+#[test]
+fn irq_boundary() {
+    common::check_irq_boundary(MODE);
 }

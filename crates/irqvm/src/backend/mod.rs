@@ -64,6 +64,7 @@ use crate::kvm::KvmError;
 
 pub mod kernel;
 pub mod split;
+pub mod step;
 pub mod user;
 
 /// Number of ISA / IOAPIC input lines a device can drive (GSIs 0-23).
@@ -313,6 +314,9 @@ pub enum ChipExit<'a> {
     Hlt,
     /// KVM_EXIT_IRQ_WINDOW_OPEN after `request_interrupt_window`.
     IrqWindowOpen,
+    /// KVM_EXIT_DEBUG: one instruction ran while the backend single-steps the guest towards an
+    /// interrupt boundary ([`step`]); `kvm_run`'s flags are fresh.
+    SingleStep,
     /// KVM_EXIT_IOAPIC_EOI (split mode): the guest's EOI of a level-triggered vector.
     IoapicEoi {
         vector: u8,
@@ -494,6 +498,10 @@ pub struct ChipContext<'a> {
     /// The VM's flight recorder and latency histograms (`crate::trace`), for the hooks of a
     /// backend that sees interrupts (`user`: all of them; `split`: the PIC's and EOI exits).
     pub tracer: Arc<crate::trace::Tracer>,
+    /// Guest RAM: the single-stepping backends read the instruction at RIP from it ([`step`]).
+    pub memory: crate::memory::GuestRam,
+    /// Single-step to exact interrupt boundaries (`VmConfig::exact_irq_boundaries`, [`step`]).
+    pub exact_irq_boundaries: bool,
 }
 
 /// `--protected-state-aps`: seed 004's protected-state AP boot, emulated in `user` mode for

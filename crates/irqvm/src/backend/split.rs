@@ -80,6 +80,7 @@ use super::kernel::{
     kvm_mp_state, kvm_restore_apic, kvm_restore_events, kvm_save_fabric, kvm_signal_msi,
     set_initial_kvm_mp_state,
 };
+use super::step::Stepper;
 use super::{
     validate_msi, ChipContext, ChipExit, ChipFeatures, EntryDecision, ExitHandled, HostEvent,
     InterruptLines, Irqchip, IrqchipError, IrqchipMode, MsiDelivery, PlatformFabric, VcpuFabric,
@@ -391,6 +392,10 @@ pub struct SplitIrqchip {
     /// The flight recorder: entries and exits (the vCPU loop), ExtINT injections and the
     /// EOI exits of level-triggered IOAPIC vectors (here); KVM's LAPICs show nothing else.
     tracer: Arc<crate::trace::Tracer>,
+    /// Guest RAM, for the vCPUs' single-stepping ([`crate::backend::step`]).
+    memory: crate::memory::GuestRam,
+    /// `VmConfig::exact_irq_boundaries`.
+    exact_irq_boundaries: bool,
 }
 
 impl SplitIrqchip {
@@ -429,6 +434,8 @@ impl SplitIrqchip {
             features: ChipFeatures::from(&ctx.cpu),
             cpu: ctx.cpu,
             tracer: ctx.tracer,
+            memory: ctx.memory.clone(),
+            exact_irq_boundaries: ctx.exact_irq_boundaries,
             shared: Arc::new(SplitShared {
                 chip,
                 kicker: ctx.kicker,
@@ -492,6 +499,7 @@ impl Irqchip for SplitIrqchip {
             shared: self.shared.clone(),
             probe: crate::trace::VcpuProbe::new(self.tracer.clone(), index),
             in_flight: false,
+            stepper: Stepper::new(self.memory.clone(), self.exact_irq_boundaries),
         }))
     }
 
@@ -551,6 +559,8 @@ struct SplitVcpuChip {
     probe: crate::trace::VcpuProbe,
     /// A PIC vector was queued with KVM_INTERRUPT and no guest exit has been seen since.
     in_flight: bool,
+    /// Single-stepping to the boundary where a waiting ExtINT can go in.
+    stepper: Stepper,
 }
 
 impl SplitVcpuChip {
@@ -559,13 +569,23 @@ impl SplitVcpuChip {
     fn offer_extint(&mut self, vcpu: &mut VcpuFd) -> Result<bool, IrqchipError> {
         let chip = &self.shared.chip;
         if !chip.pic_intr() {
+            self.stepper.end(vcpu)?;
             return Ok(false);
         }
         // KVM computed this at the last exit, for the state the vCPU is still in: LINT0
         // accepts the PIC, IF=1, no interrupt shadow, no ExtINT already queued.
         if vcpu.get_kvm_run().ready_for_interrupt_injection == 0 {
+            // KVM's window exit comes only at its next exit, ~1 ms late here: if this LAPIC
+            // takes the PIC (so IF or a shadow holds the ExtINT), step to the boundary instead.
+            if self.stepper.enabled() && lint0_takes_pic(vcpu)? {
+                self.stepper.step(vcpu)?;
+            } else {
+                self.stepper.end(vcpu)?;
+            }
             return Ok(true);
         }
+        // The boundary: stepping off before KVM injects, so the frame gets the guest's RFLAGS.
+        self.stepper.end(vcpu)?;
         if let Some(vector) = chip.pic_acknowledge_if_pending() {
             kvm::inject_interrupt(vcpu, vector)?;
             self.in_flight = true;
@@ -575,6 +595,18 @@ impl SplitVcpuChip {
         // KVM holds one ExtINT at a time: a further request waits for the next window.
         Ok(chip.pic_intr())
     }
+}
+
+/// KVM's LAPIC of this vCPU takes the 8259's INTR: LVT LINT0 unmasked in ExtINT mode (KVM's
+/// `kvm_apic_accept_pic_intr`; a globally disabled APIC, where LINT0 is the INTR pin, is not
+/// looked at, so such a vCPU waits for KVM's window as before).
+fn lint0_takes_pic(vcpu: &VcpuFd) -> Result<bool, IrqchipError> {
+    let lapic = vcpu.get_lapic().map_err(KvmError::ioctl("KVM_GET_LAPIC"))?;
+    // `regs` is the 1 KiB register page as C chars; LVT0 is the little-endian dword at 0x350.
+    let byte = |i: usize| u32::from(lapic.regs[0x350 + i] as u8);
+    let lvt0 = byte(0) | byte(1) << 8 | byte(2) << 16 | byte(3) << 24;
+    // SDM vol. 3 §11.5.1: bit 16 mask, bits 10:8 delivery mode (111b ExtINT).
+    Ok(lvt0 & (1 << 16) == 0 && (lvt0 >> 8) & 7 == 7)
 }
 
 impl VcpuIrqchip for SplitVcpuChip {
@@ -616,6 +648,8 @@ impl VcpuIrqchip for SplitVcpuChip {
             }
             // `before_entry` injects at this entry.
             ChipExit::IrqWindowOpen => {}
+            // One instruction stepped towards an ExtINT boundary: `before_entry` looks again.
+            ChipExit::SingleStep => {}
             _ => return Ok(ExitHandled::NotMine),
         }
         Ok(ExitHandled::Handled)

@@ -854,6 +854,7 @@ fn handle_exit(
         ),
         VcpuExit::Hlt => (&stats.hlt_exits, ChipExit::Hlt),
         VcpuExit::IrqWindowOpen => (&stats.other_exits, ChipExit::IrqWindowOpen),
+        VcpuExit::Debug(_) => (&stats.other_exits, ChipExit::SingleStep),
         VcpuExit::IoapicEoi(vector) => (&stats.other_exits, ChipExit::IoapicEoi { vector }),
         // The guest lowered CR8 without an in-kernel LAPIC: `after_exit` syncs the TPR.
         VcpuExit::Intr | VcpuExit::SetTpr => {
@@ -894,7 +895,7 @@ fn unclaimed(exit: ChipExit<'_>, bus: &IoBus) -> Result<(), VcpuError> {
         }
         ChipExit::Hlt => return Err(VcpuError::UnhandledHlt),
         // Asked for only by a backend, which handles them: nothing to do.
-        ChipExit::IrqWindowOpen | ChipExit::IoapicEoi { .. } => {}
+        ChipExit::IrqWindowOpen | ChipExit::IoapicEoi { .. } | ChipExit::SingleStep => {}
     }
     Ok(())
 }

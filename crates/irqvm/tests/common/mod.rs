@@ -396,6 +396,21 @@ macro_rules! x2apic_boot_tests {
     };
 }
 
+/// [`check_guest`] for a guest that needs a VM option: `option` adjusts each run's config.
+pub fn check_guest_with_option(name: &str, mode: IrqchipMode, option: fn(&mut VmConfig)) {
+    for cpus in expect::Expectations::load(name).cpu_counts() {
+        let _one = exclusive();
+        let mut cfg = guest_config(name, cpus, mode);
+        option(&mut cfg);
+        run_vm(cfg).assert_expected(name, mode, cpus);
+    }
+}
+
+/// `irq_boundary`: with `--exact-irq-boundaries` (`VmConfig::exact_irq_boundaries`).
+pub fn check_irq_boundary(mode: IrqchipMode) {
+    check_guest_with_option("irq_boundary", mode, |cfg| cfg.exact_irq_boundaries = true);
+}
+
 /// One `#[test]` per guest, named after it, that runs it alone in `$mode` with [`check_guest`];
 /// also defines `STANDALONE`, the list of those guests, for [`assert_every_guest_runs`].
 #[macro_export]

@@ -15,6 +15,10 @@ pub struct VcpuCounters {
     pub halt_polls_ok: AtomicU64,
     /// Halts that polled in vain and slept on the doorbell.
     pub halt_sleeps: AtomicU64,
+    /// Instructions single-stepped towards an interrupt boundary (`backend::step`).
+    pub single_steps: AtomicU64,
+    /// Stepping episodes that gave up (budget spent, or the guest's own TF, DR7 breakpoints).
+    pub step_fallbacks: AtomicU64,
 }
 
 impl Default for VcpuCounters {
@@ -24,6 +28,8 @@ impl Default for VcpuCounters {
             nmis_injected: AtomicU64::new(0),
             halt_polls_ok: AtomicU64::new(0),
             halt_sleeps: AtomicU64::new(0),
+            single_steps: AtomicU64::new(0),
+            step_fallbacks: AtomicU64::new(0),
         }
     }
 }
@@ -44,6 +50,8 @@ impl VcpuCounters {
         out("nmis_injected", get(&self.nmis_injected));
         out("halt_polls_ok", get(&self.halt_polls_ok));
         out("halt_sleeps", get(&self.halt_sleeps));
+        out("single_steps", get(&self.single_steps));
+        out("step_fallbacks", get(&self.step_fallbacks));
         let mut total = 0;
         for (vector, count) in self.injected.iter().enumerate() {
             let n = get(count);

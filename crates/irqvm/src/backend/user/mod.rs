@@ -113,6 +113,10 @@ pub(crate) struct Shared {
     pub protected_state_aps: Option<ProtectedStateAps>,
     /// The flight recorder and latency histograms (`crate::trace`).
     pub tracer: Arc<crate::trace::Tracer>,
+    /// Guest RAM, for reading the instruction at RIP before each single-step.
+    pub memory: crate::memory::GuestRam,
+    /// `VmConfig::exact_irq_boundaries`.
+    pub exact_irq_boundaries: bool,
 }
 
 /// The VM-wide half of the `user` backend.
@@ -177,6 +181,8 @@ impl UserIrqchip {
                 .collect(),
             protected_state_aps: ctx.protected_state_aps,
             tracer: ctx.tracer,
+            memory: ctx.memory.clone(),
+            exact_irq_boundaries: ctx.exact_irq_boundaries,
         });
         Ok(Self {
             shared,

@@ -16,8 +16,11 @@
 //!    (KVM's `process_nmi`; blocking read with KVM_GET_VCPU_EVENTS); ExtINT and APIC vectors with KVM_INTERRUPT only if KVM said
 //!    `ready_for_interrupt_injection` and IF=1 at the last exit (then the PIC / APIC is
 //!    acknowledged, right before KVM_INTERRUPT); otherwise `request_interrupt_window`, and,
-//!    since KVM reports the window only at its next exit (~1 ms for a spinning guest here), a
-//!    self-kick soon after ([`WindowKick`]; at once if the flags may just be stale).
+//!    since KVM reports the window only at its next exit (~1 ms for a spinning guest here), the
+//!    guest is single-stepped to the boundary where it can take the interrupt
+//!    ([`crate::backend::step`]: IF=0, an STI / MOV SS shadow, or a TPR that only a CR8 write,
+//!    which does not exit here, will lower), and where stepping is refused or its budget spent,
+//!    kicked soon after ([`WindowKick`]; at once if the flags may just be stale).
 //! 6. `kvm_run.cr8` = TPR[7:4] (KVM loads it into CR8 on entry without an in-kernel LAPIC).
 //!
 //! After an exit, CR8 is read back into the TPR before the exit is handled (an MMIO TPR write in
@@ -38,6 +41,7 @@ use super::ghcb::{GhcbMsr, MSR_GHCB};
 use super::platform::{Platform, IOAPIC_BASE, IOAPIC_SIZE};
 use super::reset::{apply_init, apply_sipi, write_msr};
 use super::{is_apic_msr, Shared, MSR_APIC_BASE};
+use crate::backend::step::Stepper;
 use crate::backend::{
     BlockReason, ChipExit, EntryDecision, ExitHandled, IrqchipError, VcpuFabric, VcpuIrqchip,
 };
@@ -294,6 +298,17 @@ pub(crate) struct UserVcpuChip {
     /// (at an MMIO read exit RIP is still on it), so "not ready" may be stale.
     flags_from_exit: bool,
     window_kick: WindowKick,
+    /// Single-stepping to the exact interrupt boundary ([`crate::backend::step`]).
+    stepper: Stepper,
+    /// The last injection made at a stepped boundary (what, and the RIP it interrupted), and
+    /// whether the one before it was the same: see [`Self::step_to_window`].
+    last_stepped: Option<(Injection, u64)>,
+    stepped_again: bool,
+    /// An interrupt or NMI was handed to KVM (KVM_INTERRUPT, KVM_NMI) and no KVM_RUN has entered
+    /// the guest since (a kick's `immediate_exit` returns before the entry): KVM still holds it
+    /// and delivers it at the next entry. No stepping then: KVM would push its TF into that
+    /// event's frame, and the handler's IRET would hand the guest a #DB of ours.
+    kvm_queued: bool,
     halt_poll: HaltPoll,
     /// IA32_APIC_BASE as KVM last saw it. KVM derives CPUID.1:EDX[9] (APIC present) from its own
     /// copy, which the MSR filter keeps it from updating: `after_exit` pushes the model's value.
@@ -318,6 +333,7 @@ impl UserVcpuChip {
             Sipi::Standard(StandardSipi)
         };
         let ghcb = shared.protected_state_aps.map(|_| GhcbMsr::default());
+        let stepper = Stepper::new(shared.memory.clone(), shared.exact_irq_boundaries);
         Self {
             probe: VcpuProbe::new(shared.tracer.clone(), interrupts.index()),
             kvm_apic_base,
@@ -333,6 +349,10 @@ impl UserVcpuChip {
             armed: None,
             flags_from_exit: false,
             window_kick: WindowKick::new(),
+            stepper,
+            last_stepped: None,
+            stepped_again: false,
+            kvm_queued: false,
             halt_poll: HaltPoll {
                 window: Duration::ZERO,
             },
@@ -467,6 +487,8 @@ impl UserVcpuChip {
         };
         let mut next = self.interrupts.next_injection(pic_intr);
         if next == Some(Injection::Nmi) {
+            // No NMI frame may see KVM's TF: stepping off first.
+            self.stepper.end(vcpu)?;
             self.inject_nmis(vcpu)?;
             next = self.interrupts.next_injection(pic_intr);
             if next.is_some() {
@@ -479,13 +501,20 @@ impl UserVcpuChip {
             if fired {
                 self.window_kick.leftover();
             }
-            return Ok(());
+            return self.step_while_tpr_holds(vcpu);
         };
         if !can_inject {
             vcpu.get_kvm_run().request_interrupt_window = 1;
-            self.expedite_window(if_set, now, fired);
+            if !self.step_to_window(vcpu, if_set, next)? {
+                self.expedite_window(if_set, now, fired);
+            }
             return Ok(());
         }
+        // The boundary is here: stepping off before the injection, so the frame gets the
+        // guest's own RFLAGS.
+        let stepped = self.stepper.active();
+        self.stepper.end(vcpu)?;
+        self.note_boundary(vcpu, stepped.then_some(next))?;
         let vector = match next {
             Injection::Nmi => return Ok(()),
             Injection::ExtInt => {
@@ -499,11 +528,95 @@ impl UserVcpuChip {
         };
         inject_interrupt(vcpu, vector)?;
         self.in_flight = true;
+        self.kvm_queued = true;
         self.counters().injected(vector);
         self.probe
             .injected(vector, matches!(next, Injection::ExtInt));
         self.window_kick.injected(now, fired);
         Ok(())
+    }
+
+    /// An interrupt waits for the guest to set IF or leave a shadow: single-step towards that
+    /// boundary (false: stepping refused or its budget spent, or the flags may be stale, which
+    /// `expedite_window` handles). At a step exit the flags are fresh.
+    ///
+    /// Forward progress: the same interrupt delivered twice in a row at the same stepped
+    /// boundary (a level line still high re-sent at every EOI, the handler EOIing first) would
+    /// otherwise come back at that boundary forever and the interrupted code would never run
+    /// again. On hardware the IOAPIC's re-send trails the EOI by bus time, during which the
+    /// interrupted code moves on; KVM's IOAPIC has its storm rule for the same guests. So a
+    /// third such delivery is not stepped to, and takes the window kicks instead.
+    fn step_to_window(
+        &mut self,
+        vcpu: &VcpuFd,
+        if_set: bool,
+        next: Injection,
+    ) -> Result<bool, IrqchipError> {
+        let stale = self.regs_rewritten || (self.flags_from_exit && if_set);
+        let looping = self.stepped_again && self.last_stepped.is_some_and(|(what, _)| what == next);
+        if stale || self.kvm_queued || (looping && !self.stepper.active()) {
+            self.stepper.end(vcpu)?;
+            return Ok(false);
+        }
+        let stepping = self.stepper.step(vcpu)?;
+        self.publish_steps();
+        Ok(stepping)
+    }
+
+    /// Records an injection: `Some(what)` if it is made at a stepped boundary.
+    fn note_boundary(
+        &mut self,
+        vcpu: &VcpuFd,
+        stepped: Option<Injection>,
+    ) -> Result<(), IrqchipError> {
+        let Some(what) = stepped else {
+            self.last_stepped = None;
+            self.stepped_again = false;
+            return Ok(());
+        };
+        let rip = vcpu
+            .get_regs()
+            .map_err(KvmError::ioctl("KVM_GET_REGS"))?
+            .rip;
+        self.stepped_again = self.last_stepped == Some((what, rip));
+        self.last_stepped = Some((what, rip));
+        Ok(())
+    }
+
+    /// Nothing is deliverable. If the highest requested vector is held only by the TPR, a CR8
+    /// write (which does not exit on this host, docs/kvm-facts.md) may release it at any
+    /// instruction: step until one does (`sync_cr8_from_exit` reads CR8 back at every step), as
+    /// long as the budget lasts. Otherwise stepping ends; off the fast path this costs nothing
+    /// (no ioctl unless stepping was on).
+    fn step_while_tpr_holds(&mut self, vcpu: &VcpuFd) -> Result<(), IrqchipError> {
+        if !self.regs_rewritten && !self.kvm_queued && self.held_by_tpr_only() {
+            self.stepper.step(vcpu)?;
+            self.publish_steps();
+            return Ok(());
+        }
+        self.stepper.end(vcpu)
+    }
+
+    /// The highest vector in IRR beats the in-service class but not the TPR's (SDM §11.8.3.1):
+    /// only a TPR write can make it deliverable.
+    fn held_by_tpr_only(&self) -> bool {
+        let lapic = self.interrupts.lapic();
+        let Some(vector) = lapic.irr().highest() else {
+            return false;
+        };
+        let class = vector >> 4;
+        let in_service = lapic.isr().highest().map_or(0, |v| v >> 4);
+        lapic.hw_enabled() && class > in_service && class <= lapic.tpr() >> 4
+    }
+
+    fn publish_steps(&self) {
+        let counters = self.counters();
+        counters
+            .single_steps
+            .store(self.stepper.steps, std::sync::atomic::Ordering::Relaxed);
+        counters
+            .step_fallbacks
+            .store(self.stepper.fallbacks, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Hands the pending NMIs to KVM, as many as KVM's `process_nmi` rule lets stay pending
@@ -520,6 +633,7 @@ impl UserVcpuChip {
         self.interrupts.process_nmi(blocked);
         while self.interrupts.take_nmi() {
             vcpu.nmi().map_err(KvmError::ioctl("KVM_NMI"))?;
+            self.kvm_queued = true;
             super::counters::bump(&self.counters().nmis_injected);
             self.probe.injected_nmi();
         }
@@ -661,6 +775,8 @@ impl VcpuIrqchip for UserVcpuChip {
     }
 
     fn handle_exit(&mut self, exit: &mut ChipExit<'_>) -> Result<ExitHandled, IrqchipError> {
+        // A real exit: the guest was entered, so whatever KVM held was delivered.
+        self.kvm_queued = false;
         self.sync_cr8_from_exit();
         self.cr8_synced = true;
         self.flags_from_exit = true;
@@ -715,6 +831,9 @@ impl VcpuIrqchip for UserVcpuChip {
             }
             // The next `before_entry` injects: KVM now reports ready with IF=1.
             ChipExit::IrqWindowOpen => {}
+            // One stepped instruction completed: its flags are fresh, not those of an
+            // instruction still in flight.
+            ChipExit::SingleStep => self.flags_from_exit = false,
             _ => return Ok(ExitHandled::NotMine),
         }
         Ok(ExitHandled::Handled)

@@ -1,0 +1,357 @@
+/* irq_boundary: a pending interrupt is taken at the first instruction boundary where it becomes deliverable
+ * (SDM vol. 3 §6.8.3 "masking maskable hardware interrupts", §6.8.3 STI shadow, §11.8.3.1 task and processor
+ * priority, §11.8.5 EOI, §11.8.6 CR8; 82093AA datasheet §3.2.4 on unmasking), never later. Each check
+ * records the RIP its handler saw and compares it with the address of the instruction right after the one
+ * that made the interrupt deliverable:
+ *  - two IOAPIC edge pins raised with IF=0, then `sti; nop`: the higher vector right after the nop (the end
+ *    of STI's shadow); its handler EOIs and IRETs, and the lower vector comes at that IRET, so both
+ *    handlers see the same interrupted RIP;
+ *  - `sti; nop; cli`: the one-instruction window takes the interrupt;
+ *  - TPR lowered by an xAPIC write, and by MOV CR8: right after that write;
+ *  - an EOI (with IF=1 in the handler) that uncovers a vector held by the in-service one: right after the EOI;
+ *  - unmasking an IOAPIC level entry whose line is high: right after the IOWIN write;
+ *  - unmasking LVT LINT0 (ExtINT) while the 8259's INTR is high: right after the LVT write;
+ *  - an 8259 interrupt (LINT0 in ExtINT mode) waiting for IF: right after `sti; nop`;
+ * and whatever the VMM does to be exact must not show: the guest's own TF still traps, PUSHF sees no TF
+ * of the VMM's, and DR6 is unchanged.
+ * Checks tagged [kvm-late-window] need the pending interrupt taken at that boundary: KVM's in-kernel LAPIC
+ * (and its interrupt window) on the kvm_pvm hosts delivers it only at KVM's next exit (docs/kvm-facts.md).
+ * [kvm-iret-step]: on the kvm_pvm hosts a single-step over an IRETQ that returns from an interrupt KVM injected
+ * runs one more instruction before it exits, so irqvm's `user` mode, which steps there, is one instruction late.
+ * All interrupts go to CPU 0. */
+#include "guest.h"
+
+#define LINE_LOW 10
+#define LINE_HIGH 11
+#define V_LOW 0x61   /* class 6 */
+#define V_HIGH 0x71  /* class 7 */
+#define V_TPR 0x52
+#define V_CR8 0x53
+#define V_OUTER 0x75 /* class 7 */
+#define V_INNER 0x65 /* class 6: held while V_OUTER is in service */
+#define V_UNMASK 0x68
+#define PIC_BASE 0x20
+#define V_EXTINT (PIC_BASE + 8 + (LINE_LOW - 8))
+#define XAPIC 0xFEE00000ul
+#define IOAPIC 0xFEC00000ul
+
+static volatile u64 rip_of[256];
+static volatile u32 order[8], norder;
+static void record(struct irq_frame *f)
+{
+	rip_of[f->vector & 255] = f->rip;
+	if (norder < 8)
+		order[norder++] = (u32)f->vector;
+}
+static void record_eoi(struct irq_frame *f, u32 cpu)
+{
+	record(f);
+	apic_eoi();
+}
+static void reset(void)
+{
+	norder = 0;
+	for (int i = 0; i < 8; i++)
+		order[i] = 0;
+	memset((void *)rip_of, 0, sizeof(rip_of));
+}
+static void self_ipi(u32 v) { apic_icr_write(0, APIC_SH_SELF | v); }
+/* Takes whatever is still pending, so a late delivery does not leak into the next check. */
+static void drain(void)
+{
+	sti();
+	delay_ms(5);
+	cli();
+}
+
+/* 32-bit store to `addr`, then the address right after the store (where an interrupt that the store makes
+ * deliverable must be taken). */
+static u64 store_then_rip(u64 addr, u32 value)
+{
+	u64 after;
+	__asm__ volatile("movl %k1, (%2)\n\t"
+			 "1: lea 1b(%%rip), %0"
+			 : "=&r"(after)
+			 : "r"(value), "r"(addr)
+			 : "memory");
+	return after;
+}
+
+/* ---- two edge pins with IF=0, then sti; nop ---- */
+static void two_pins(void)
+{
+	irq_set_handler(V_LOW, record_eoi);
+	irq_set_handler(V_HIGH, record_eoi);
+	reset();
+	ioapic_set_entry(LINE_LOW, (u64)cpu_to_apic_id(0) << 56 | V_LOW);
+	ioapic_set_entry(LINE_HIGH, (u64)cpu_to_apic_id(0) << 56 | V_HIGH);
+	cli();
+	testdev_set_irq(LINE_LOW, 1);
+	testdev_set_irq(LINE_HIGH, 1);
+	bool pending = apic_vector_bit(APIC_IRR, V_LOW) && apic_vector_bit(APIC_IRR, V_HIGH);
+	u64 after;
+	__asm__ volatile("sti\n\tnop\n\t"
+			 "1: lea 1b(%%rip), %0\n\tcli"
+			 : "=r"(after)
+			 :
+			 : "memory");
+	u32 taken = norder;
+	drain();
+	testdev_set_irq(LINE_LOW, 0);
+	testdev_set_irq(LINE_HIGH, 0);
+	ioapic_set_entry(LINE_LOW, IOAPIC_MASKED);
+	ioapic_set_entry(LINE_HIGH, IOAPIC_MASKED);
+	check(pending, "both pins pending in irr with IF=0", "IRR bits %u %u", apic_vector_bit(APIC_IRR, V_LOW),
+	      apic_vector_bit(APIC_IRR, V_HIGH));
+	check(taken >= 1 && order[0] == V_HIGH && rip_of[V_HIGH] == after,
+	      "sti shadow, higher pin taken right after the shadow [kvm-late-window]",
+	      "%u taken before cli (first %x), saved rip %lx, expected %lx", taken, order[0], rip_of[V_HIGH], after);
+	check(taken == 2 && order[1] == V_LOW && rip_of[V_LOW] == after,
+	      "lower pin taken at the higher handler's iret [kvm-late-window] [kvm-iret-step]",
+	      "%u taken before cli (second %x), saved rip %lx, expected %lx", taken, order[1], rip_of[V_LOW], after);
+	irq_set_handler(V_LOW, NULL);
+	irq_set_handler(V_HIGH, NULL);
+}
+
+/* ---- sti; nop; cli: one instruction boundary with interrupts enabled ---- */
+static void sti_window(void)
+{
+	irq_set_handler(V_LOW, record_eoi);
+	reset();
+	cli();
+	self_ipi(V_LOW);
+	u64 after;
+	__asm__ volatile("sti\n\tnop\n\t"
+			 "1: cli\n\tlea 1b(%%rip), %0"
+			 : "=r"(after)
+			 :
+			 : "memory");
+	u32 taken = norder;
+	drain();
+	check(taken == 1 && rip_of[V_LOW] == after, "sti; nop; cli window takes the interrupt [kvm-late-window]",
+	      "%u taken in the window, saved rip %lx, expected %lx", taken, rip_of[V_LOW], after);
+	irq_set_handler(V_LOW, NULL);
+}
+
+/* ---- TPR lowered by an xAPIC write, and by MOV CR8 ---- */
+static void tpr_write(void)
+{
+	irq_set_handler(V_TPR, record_eoi);
+	reset();
+	sti();
+	apic_write(APIC_TPR, 0xF0);
+	self_ipi(V_TPR);
+	bool held = norder == 0 && apic_vector_bit(APIC_IRR, V_TPR);
+	u64 after = store_then_rip(XAPIC + APIC_TPR, 0);
+	cli();
+	u32 taken = norder;
+	drain();
+	check(held, "vector held by tpr 0xf0", "taken %u, IRR bit %u", taken, apic_vector_bit(APIC_IRR, V_TPR));
+	check(taken == 1 && rip_of[V_TPR] == after, "taken right after the tpr write lowers it [kvm-late-window]",
+	      "%u taken, saved rip %lx, expected %lx", taken, rip_of[V_TPR], after);
+	irq_set_handler(V_TPR, NULL);
+}
+
+static void cr8_write(void)
+{
+	irq_set_handler(V_CR8, record_eoi);
+	reset();
+	sti();
+	__asm__ volatile("mov %0, %%cr8" : : "r"(15ul) : "memory");
+	self_ipi(V_CR8);
+	bool held = norder == 0;
+	u64 after;
+	__asm__ volatile("mov %1, %%cr8\n\t"
+			 "1: lea 1b(%%rip), %0"
+			 : "=r"(after)
+			 : "r"(0ul)
+			 : "memory");
+	cli();
+	u32 taken = norder;
+	drain();
+	check(held, "vector held by cr8 15", "taken %u", taken);
+	check(taken == 1 && rip_of[V_CR8] == after, "taken right after mov cr8 lowers tpr [kvm-late-window]",
+	      "%u taken, saved rip %lx, expected %lx", taken, rip_of[V_CR8], after);
+	irq_set_handler(V_CR8, NULL);
+}
+
+/* ---- an EOI (IF=1 in the handler) uncovers a vector the in-service one held ---- */
+static volatile u64 eoi_after;
+static volatile u32 inner_before_eoi;
+static void outer_handler(struct irq_frame *f, u32 cpu)
+{
+	record(f);
+	sti();
+	self_ipi(V_INNER);
+	inner_before_eoi = irq_count[0][V_INNER];
+	eoi_after = store_then_rip(XAPIC + APIC_EOI, 0);
+	cli();
+}
+static void eoi_uncovers(void)
+{
+	irq_set_handler(V_OUTER, outer_handler);
+	irq_set_handler(V_INNER, record_eoi);
+	reset();
+	u32 before = irq_count[0][V_INNER];
+	sti();
+	self_ipi(V_OUTER);
+	wait_ge(&norder, 2, WAIT_MS);
+	cli();
+	drain();
+	check(inner_before_eoi == before && norder == 2 && order[1] == V_INNER && rip_of[V_INNER] == eoi_after,
+	      "eoi uncovers the held vector, taken right after the eoi [kvm-late-window]",
+	      "taken %u times before the eoi, %u in all, saved rip %lx, expected %lx", inner_before_eoi - before,
+	      norder, rip_of[V_INNER], eoi_after);
+	irq_set_handler(V_OUTER, NULL);
+	irq_set_handler(V_INNER, NULL);
+}
+
+/* ---- unmasking an IOAPIC level entry whose line is high ---- */
+static void unmask_handler(struct irq_frame *f, u32 cpu)
+{
+	record(f);
+	testdev_set_irq(LINE_HIGH, 0);
+	apic_eoi();
+}
+static void ioapic_unmask(void)
+{
+	irq_set_handler(V_UNMASK, unmask_handler);
+	reset();
+	u64 entry = (u64)cpu_to_apic_id(0) << 56 | IOAPIC_LEVEL | V_UNMASK;
+	ioapic_set_entry(LINE_HIGH, entry | IOAPIC_MASKED);
+	sti();
+	testdev_set_irq(LINE_HIGH, 1);
+	bool held = norder == 0;
+	/* The high half is already written: the IOWIN write of the low half unmasks. */
+	*(volatile u32 *)IOAPIC = IOAPIC_REDTBL(LINE_HIGH);
+	u64 after = store_then_rip(IOAPIC + 0x10, (u32)entry);
+	cli();
+	u32 taken = norder;
+	drain();
+	testdev_set_irq(LINE_HIGH, 0);
+	ioapic_set_entry(LINE_HIGH, IOAPIC_MASKED);
+	check(held, "masked level entry holds the raised line", "taken %u", taken);
+	check(taken == 1 && rip_of[V_UNMASK] == after,
+	      "ioapic unmask with the line high, taken right after the iowin write [kvm-late-window]",
+	      "%u taken, saved rip %lx, expected %lx", taken, rip_of[V_UNMASK], after);
+	irq_set_handler(V_UNMASK, NULL);
+}
+
+/* ---- unmasking LVT LINT0 (ExtINT) while the 8259's INTR is high ---- */
+static void extint_handler(struct irq_frame *f, u32 cpu)
+{
+	record(f);
+	testdev_set_irq(LINE_LOW, 0);
+	pic_eoi(LINE_LOW);
+}
+static void lint0_unmask(void)
+{
+	irq_set_handler(V_EXTINT, extint_handler);
+	reset();
+	pic_init(PIC_BASE, PIC_BASE + 8);
+	pic_set_mask((u16)~((1u << LINE_LOW) | (1u << 2)));
+	sti();
+	testdev_set_irq(LINE_LOW, 1);
+	bool held = norder == 0 && (pic_read_irr() & (1u << LINE_LOW));
+	u64 after = store_then_rip(XAPIC + APIC_LVT_LINT0, APIC_DM_EXTINT);
+	cli();
+	u32 taken = norder;
+	drain();
+	apic_write(APIC_LVT_LINT0, APIC_LVT_MASKED);
+	testdev_set_irq(LINE_LOW, 0);
+	pic_disable();
+	check(held, "pic request held by a masked lint0", "taken %u", taken);
+	check(taken == 1 && rip_of[V_EXTINT] == after,
+	      "lint0 unmask with the pic's intr high, taken right after the lvt write [kvm-late-window]",
+	      "%u taken, saved rip %lx, expected %lx", taken, rip_of[V_EXTINT], after);
+	irq_set_handler(V_EXTINT, NULL);
+}
+
+/* ---- an ExtINT (LINT0 open) waiting for IF: taken right after sti; nop ---- */
+static void extint_sti(void)
+{
+	irq_set_handler(V_EXTINT, extint_handler);
+	reset();
+	pic_init(PIC_BASE, PIC_BASE + 8);
+	pic_set_mask((u16)~((1u << LINE_LOW) | (1u << 2)));
+	apic_write(APIC_LVT_LINT0, APIC_DM_EXTINT);
+	cli();
+	testdev_set_irq(LINE_LOW, 1);
+	bool held = pic_read_irr() & (1u << LINE_LOW);
+	u64 after;
+	__asm__ volatile("sti\n\tnop\n\t"
+			 "1: lea 1b(%%rip), %0\n\tcli"
+			 : "=r"(after)
+			 :
+			 : "memory");
+	u32 taken = norder;
+	drain();
+	apic_write(APIC_LVT_LINT0, APIC_LVT_MASKED);
+	testdev_set_irq(LINE_LOW, 0);
+	pic_disable();
+	check(held && taken == 1 && rip_of[V_EXTINT] == after,
+	      "pic interrupt waiting for IF taken right after sti; nop [kvm-late-window]",
+	      "requested %u, %u taken, saved rip %lx, expected %lx", held, taken, rip_of[V_EXTINT], after);
+	irq_set_handler(V_EXTINT, NULL);
+}
+
+/* ---- nothing of the VMM's shows: the guest's own TF, PUSHF, DR6 ---- */
+static volatile u32 db_count;
+static volatile u64 db_rip[8];
+static void db_handler(struct irq_frame *f, u32 cpu)
+{
+	if (db_count < 8)
+		db_rip[db_count] = f->rip;
+	db_count++;
+}
+static void no_leaks(void)
+{
+	irq_set_handler(V_LOW, record_eoi);
+	irq_set_handler(1, db_handler);
+	__asm__ volatile("mov %0, %%dr6" : : "r"(0ul));
+	/* An interrupt waits with IF=0 (what makes a VMM step the guest), while the guest reads RFLAGS and DR6. */
+	reset();
+	cli();
+	self_ipi(V_LOW);
+	u64 flags, dr6;
+	__asm__ volatile("pushfq\n\tpop %0\n\tmov %%dr6, %1" : "=r"(flags), "=r"(dr6));
+	drain();
+	check(!(flags & 0x100), "pushf sees no trap flag while an interrupt waits", "rflags %lx", flags);
+	check((dr6 & 0xF00F) == 0, "dr6 unchanged while an interrupt waits", "dr6 %lx", dr6);
+	/* The guest's own single-stepping, started while an interrupt waits: #DB after each instruction with TF
+	 * set at its start (nop, pushf, and, popf), as with nothing pending. */
+	reset();
+	db_count = 0;
+	cli();
+	self_ipi(V_LOW);
+	u64 start;
+	__asm__ volatile("lea 1f(%%rip), %0\n\t"
+			 "pushfq\n\torq $0x100, (%%rsp)\n\tpopfq\n\t"
+			 "1: nop\n\t"
+			 "pushfq\n\tandq $~0x100, (%%rsp)\n\tpopfq"
+			 : "=r"(start)
+			 :
+			 : "memory", "cc");
+	u32 n = db_count;
+	drain();
+	check(n == 4 && db_rip[0] == start + 1, "guest's own trap flag still traps while an interrupt waits",
+	      "%u #DB (expected 4), first at %lx, expected %lx", n, db_rip[0], start + 1);
+	check(norder == 1, "the waiting interrupt taken once after the guest's single-steps", "%u taken", norder);
+	irq_set_handler(1, NULL);
+	irq_set_handler(V_LOW, NULL);
+}
+
+void guest_main(void)
+{
+	platform_init(false);
+	two_pins();
+	sti_window();
+	tpr_write();
+	cr8_write();
+	eoi_uncovers();
+	ioapic_unmask();
+	lint0_unmask();
+	extint_sti();
+	no_leaks();
+	sti();
+}

@@ -1,0 +1,417 @@
+//! Single-stepping the guest to the instruction boundary where a waiting interrupt becomes
+//! deliverable, for the backends that inject with KVM_INTERRUPT (`user`: every interrupt,
+//! `split`: the PIC's ExtINT).
+//!
+//! Without an in-kernel LAPIC, KVM reports that the guest can take an interrupt only at an exit:
+//! `ready_for_interrupt_injection` and `if_flag` in `kvm_run`, or KVM_EXIT_IRQ_WINDOW_OPEN. On
+//! this host a guest that runs on without exiting leaves KVM only about once a millisecond
+//! (docs/kvm-facts.md), so an interrupt waiting for `sti`, the end of an STI / MOV SS shadow
+//! (SDM vol. 3 §6.8.3), an IRET out of a handler, or a CR8 write that lowers the TPR (CR8 writes
+//! do not exit here) would be taken many instructions late. While an interrupt waits for one of
+//! these, the backend steps the guest one instruction per KVM_RUN (KVM_SET_GUEST_DEBUG with
+//! KVM_GUESTDBG_SINGLESTEP: each step returns as KVM_EXIT_DEBUG with fresh flags) and turns
+//! stepping off right before it injects at the first boundary that takes the interrupt. The
+//! interrupt frame then holds that boundary's RIP and the guest's own RFLAGS.
+//!
+//! Nothing of it may show to the guest (measured here, docs/kvm-facts.md "Single-stepping"):
+//! KVM keeps TF out of what the guest reads (PUSHF, interrupt frames) and DR6 untouched, but
+//! while stepping it also hides the guest's *own* TF: an instruction that sets TF while stepped
+//! would lose the guest's single-step traps. So a stepping episode never starts while the guest
+//! has TF set or a breakpoint enabled in DR7, and each step first decodes the instruction at RIP
+//! ([`tf_source`]): one that may load TF (POPF, IRET, SYSRET, with the TF bit of the image it
+//! loads set) or write DR7 ends the episode before it runs, and the backend falls back to its
+//! interrupt-window kicks. Each episode has a budget of [`STEP_BUDGET`] steps (a guest can keep
+//! IF=0 for millions of instructions; stepping them all would slow it a hundredfold), after which
+//! the fallback takes over too.
+//!
+//! Opt-in (`VmConfig::exact_irq_boundaries`, `irqvm run --exact-irq-boundaries`): with it on by
+//! default, the `user`-mode guest suite lost interrupts on 2-4 vCPUs under load (`latency`: IPIs
+//! to a spinning vCPU never arrived; `storm`, `msi` with host threads: a vCPU stuck), and
+//! `bench_lat`'s timer workloads do not finish with it even on 1 vCPU, for reasons not found yet
+//! (docs/architecture.md, "Exact interrupt boundaries").
+//!
+//! Two more rules keep KVM's TF out of event frames, where KVM puts it when it delivers an event
+//! while stepping (measured: an interrupt queued before a KVM_RUN that returned without entering,
+//! then delivered at a stepped entry, had TF in its frame and the handler's IRET gave the guest a
+//! #DB): stepping is always off before irqvm queues an interrupt or NMI, and never turned on while
+//! one may still sit in KVM (the backends track that). An exception raised by a stepped
+//! instruction itself (a page fault) is delivered by KVM in the same entry and could carry TF the
+//! same way; this is not handled.
+//!
+//! Host limit: a step over an IRETQ that returns from an interrupt KVM injected runs one more
+//! instruction before it exits (docs/kvm-facts.md), so an interrupt waiting for that IRETQ is
+//! taken one instruction late. An execute breakpoint at the return address
+//! (KVM_GUESTDBG_USE_HW_BP) stops exactly there in a one-vCPU probe (`examples/single_step.rs`),
+//! but used here it lost an interrupt in a 4-vCPU IPI storm, so irqvm steps the IRETQ.
+
+use kvm_bindings::{
+    kvm_guest_debug, kvm_regs, kvm_sregs, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
+};
+use kvm_ioctls::VcpuFd;
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::kvm::KvmError;
+use crate::memory::GuestRam;
+
+use super::IrqchipError;
+
+/// Steps one episode may take before the backend falls back to its window kicks: about a
+/// millisecond of stepping here (~11 µs a step), what KVM's own next exit would cost, and far
+/// more than the tens of instructions from an EOI to the handler's IRET.
+pub const STEP_BUDGET: u32 = 96;
+
+/// RFLAGS.TF (SDM vol. 1 §3.4.3.3).
+const RFLAGS_TF: u64 = 1 << 8;
+/// DR7 L0-L3 / G0-G3: a breakpoint of the guest's own is enabled (SDM vol. 3 §18.2.4).
+const DR7_ENABLES: u64 = 0xFF;
+/// The longest x86 instruction (SDM vol. 2 §2.3.11).
+const MAX_INSN: usize = 15;
+const PAGE: u64 = 4096;
+
+/// Where the instruction about to run takes a new TF from, if anywhere.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TfSource {
+    /// A flags image on the stack, this many bytes above the stack pointer (POPF: 0; IRET: two
+    /// slots up, after the return address and CS).
+    Stack { offset: u64 },
+    /// SYSRET loads RFLAGS from R11.
+    R11,
+    /// Not decodable as harmless (a DR7 write, ICEBP): never step it.
+    Refuse,
+}
+
+/// The code-segment state decoding needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CodeMode {
+    /// 64-bit code (CS.L with EFER.LMA).
+    pub long: bool,
+    /// Default operand size 32 (CS.D) outside 64-bit code.
+    pub default32: bool,
+}
+
+/// Decodes the prefixes and opcode of `code` (the bytes at RIP) far enough to say whether the
+/// instruction can load TF (SDM vol. 2: POPF, IRET, SYSRET) or enable a breakpoint (MOV to DR7).
+/// `None`: it cannot change either.
+pub fn tf_source(code: &[u8], mode: CodeMode) -> Option<TfSource> {
+    let mut opsize16 = false;
+    let mut rex_w = false;
+    for (i, &b) in code.iter().enumerate().take(MAX_INSN) {
+        match b {
+            0x66 => {
+                opsize16 = true;
+                rex_w = false;
+            }
+            // A legacy prefix after REX cancels the REX (SDM vol. 2 §2.2.1).
+            0xF0 | 0xF2 | 0xF3 | 0x2E | 0x36 | 0x3E | 0x26 | 0x64 | 0x65 | 0x67 => rex_w = false,
+            0x40..=0x4F if mode.long => rex_w = b & 0x08 != 0,
+            _ => return opcode(&code[i..], mode, opsize16, rex_w),
+        }
+    }
+    None
+}
+
+fn opcode(code: &[u8], mode: CodeMode, opsize16: bool, rex_w: bool) -> Option<TfSource> {
+    // Operand size in bytes (SDM vol. 2 §2.2.1.2, Table 3-4): 64-bit code defaults to 32 (64
+    // with REX.W; POPF defaults to 64), other code to CS.D's size, 0x66 toggles.
+    let legacy = if mode.default32 != opsize16 { 4 } else { 2 };
+    match *code.first()? {
+        // POPF/POPFD/POPFQ: the image at [SP].
+        0x9D => Some(TfSource::Stack { offset: 0 }),
+        // IRET/IRETD/IRETQ: IP, CS, then FLAGS, each one operand wide.
+        0xCF => {
+            let slot = match (mode.long, rex_w, opsize16) {
+                (true, true, _) => 8,
+                (true, false, true) => 2,
+                (true, false, false) => 4,
+                (false, _, _) => legacy,
+            };
+            Some(TfSource::Stack { offset: 2 * slot })
+        }
+        // ICEBP / INT1: a #DB of the guest's own.
+        0xF1 => Some(TfSource::Refuse),
+        0x0F => match *code.get(1)? {
+            0x07 if mode.long => Some(TfSource::R11),
+            // MOV DRn, reg: refuse a DR7 write (ModRM.reg = 7).
+            0x23 => code
+                .get(2)
+                .filter(|modrm| (*modrm >> 3) & 7 == 7)
+                .map(|_| TfSource::Refuse),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// What KVM is asked to stop the guest at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Armed {
+    Off,
+    /// KVM_GUESTDBG_SINGLESTEP: after the next instruction.
+    Step,
+}
+
+/// One vCPU's stepping state.
+pub struct Stepper {
+    memory: GuestRam,
+    /// `VmConfig::exact_irq_boundaries`: without it [`Self::step`] never steps.
+    enabled: bool,
+    /// What KVM stops the guest at now.
+    armed: Armed,
+    /// Guest debugging is on in KVM (the guest's TF and DR7 were clear when it began).
+    on: bool,
+    /// Steps left in this episode.
+    left: u32,
+    /// Steps taken, for the counters.
+    pub steps: u64,
+    /// Episodes that ended without reaching the boundary (budget spent, or the guest's own
+    /// single-stepping or breakpoints): the backend fell back to its window kicks.
+    pub fallbacks: u64,
+}
+
+impl Stepper {
+    pub fn new(memory: GuestRam, enabled: bool) -> Self {
+        Self {
+            memory,
+            enabled,
+            armed: Armed::Off,
+            on: false,
+            left: STEP_BUDGET,
+            steps: 0,
+            fallbacks: 0,
+        }
+    }
+
+    /// `VmConfig::exact_irq_boundaries`.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// True while KVM steps this vCPU.
+    pub fn active(&self) -> bool {
+        self.on
+    }
+
+    /// An interrupt waits for the guest: makes the next KVM_RUN run exactly one instruction, if
+    /// that is safe and the budget allows (true). False: the caller falls back (and stepping is
+    /// off).
+    pub fn step(&mut self, vcpu: &VcpuFd) -> Result<bool, IrqchipError> {
+        if !self.enabled {
+            return Ok(false);
+        }
+        if self.left == 0 {
+            if self.on {
+                self.fallbacks += 1;
+            }
+            self.off(vcpu)?;
+            return Ok(false);
+        }
+        let Some(plan) = self.plan(vcpu)? else {
+            self.left = 0;
+            self.fallbacks += 1;
+            self.off(vcpu)?;
+            return Ok(false);
+        };
+        self.arm(vcpu, plan)?;
+        self.on = true;
+        self.left -= 1;
+        self.steps += 1;
+        Ok(true)
+    }
+
+    /// The episode is over (the interrupt goes in now, or nothing waits any more): stepping off
+    /// before the injection, so the interrupt frame gets the guest's RFLAGS; budget refilled.
+    pub fn end(&mut self, vcpu: &VcpuFd) -> Result<(), IrqchipError> {
+        self.off(vcpu)?;
+        self.left = STEP_BUDGET;
+        Ok(())
+    }
+
+    fn off(&mut self, vcpu: &VcpuFd) -> Result<(), IrqchipError> {
+        self.arm(vcpu, Armed::Off)?;
+        self.on = false;
+        Ok(())
+    }
+
+    fn arm(&mut self, vcpu: &VcpuFd, want: Armed) -> Result<(), IrqchipError> {
+        if self.armed == want {
+            return Ok(());
+        }
+        let dbg = kvm_guest_debug {
+            control: match want {
+                Armed::Off => 0,
+                Armed::Step => KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP,
+            },
+            ..Default::default()
+        };
+        vcpu.set_guest_debug(&dbg)
+            .map_err(KvmError::ioctl("KVM_SET_GUEST_DEBUG"))?;
+        self.armed = want;
+        Ok(())
+    }
+
+    /// How to stop the guest after its next instruction, or `None` if it must not be stepped:
+    /// the guest uses a debug feature of its own that stepping would hide (checked while
+    /// stepping is off: KVM hides TF from KVM_GET_REGS while it steps), or the instruction at
+    /// RIP loads TF or enables a breakpoint.
+    fn plan(&self, vcpu: &VcpuFd) -> Result<Option<Armed>, IrqchipError> {
+        let regs = vcpu.get_regs().map_err(KvmError::ioctl("KVM_GET_REGS"))?;
+        if !self.on {
+            let dr7 = vcpu
+                .get_debug_regs()
+                .map_err(KvmError::ioctl("KVM_GET_DEBUGREGS"))?
+                .dr7;
+            if regs.rflags & RFLAGS_TF != 0 || dr7 & DR7_ENABLES != 0 {
+                return Ok(None);
+            }
+        }
+        let sregs = vcpu.get_sregs().map_err(KvmError::ioctl("KVM_GET_SREGS"))?;
+        Ok(self.plan_for(vcpu, &regs, &sregs))
+    }
+
+    fn plan_for(&self, vcpu: &VcpuFd, regs: &kvm_regs, sregs: &kvm_sregs) -> Option<Armed> {
+        let mode = CodeMode {
+            long: sregs.cs.l != 0 && sregs.efer & (1 << 10) != 0,
+            default32: sregs.cs.db != 0,
+        };
+        let cs_base = if mode.long { 0 } else { sregs.cs.base };
+        let mut code = [0u8; MAX_INSN];
+        let n = self.read_linear(vcpu, cs_base.wrapping_add(regs.rip), &mut code);
+        match tf_source(&code[..n], mode) {
+            None => Some(Armed::Step),
+            Some(TfSource::Refuse) => None,
+            Some(TfSource::R11) => (regs.r11 & RFLAGS_TF == 0).then_some(Armed::Step),
+            Some(TfSource::Stack { offset }) => {
+                let ss_base = if mode.long { 0 } else { sregs.ss.base };
+                let sp = if mode.long || sregs.ss.db != 0 {
+                    regs.rsp
+                } else {
+                    regs.rsp & 0xFFFF
+                };
+                // TF is bit 0 of the flags image's second byte, whatever its width. An
+                // unreadable image faults instead of loading anything.
+                let mut byte = [0u8; 1];
+                let at = ss_base
+                    .wrapping_add(sp)
+                    .wrapping_add(offset)
+                    .wrapping_add(1);
+                if self.read_linear(vcpu, at, &mut byte) == 1 && byte[0] & 1 != 0 {
+                    return None;
+                }
+                Some(Armed::Step)
+            }
+        }
+    }
+
+    /// Reads guest-linear memory through the guest's page tables (KVM_TRANSLATE), page by page;
+    /// returns how many bytes were readable from the start.
+    fn read_linear(&self, vcpu: &VcpuFd, linear: u64, out: &mut [u8]) -> usize {
+        let mut done = 0;
+        while done < out.len() {
+            let addr = linear.wrapping_add(done as u64);
+            let Ok(tr) = vcpu.translate_gva(addr) else {
+                break;
+            };
+            if tr.valid == 0 {
+                break;
+            }
+            let chunk = ((PAGE - (addr % PAGE)) as usize).min(out.len() - done);
+            let gpa = GuestAddress(tr.physical_address);
+            if self
+                .memory
+                .read_slice(&mut out[done..done + chunk], gpa)
+                .is_err()
+            {
+                break;
+            }
+            done += chunk;
+        }
+        done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LONG: CodeMode = CodeMode {
+        long: true,
+        default32: false,
+    };
+    const PROT32: CodeMode = CodeMode {
+        long: false,
+        default32: true,
+    };
+    const REAL: CodeMode = CodeMode {
+        long: false,
+        default32: false,
+    };
+
+    #[test]
+    fn popf_and_iret_read_the_flags_image() {
+        assert_eq!(
+            tf_source(&[0x9D], LONG),
+            Some(TfSource::Stack { offset: 0 })
+        );
+        assert_eq!(
+            tf_source(&[0x66, 0x9D], REAL),
+            Some(TfSource::Stack { offset: 0 })
+        );
+        // IRETQ: RIP, CS, RFLAGS in 8-byte slots; IRETD in 4-byte ones; IRET (16-bit) in 2.
+        assert_eq!(
+            tf_source(&[0x48, 0xCF], LONG),
+            Some(TfSource::Stack { offset: 16 })
+        );
+        assert_eq!(
+            tf_source(&[0xCF], LONG),
+            Some(TfSource::Stack { offset: 8 })
+        );
+        assert_eq!(
+            tf_source(&[0x66, 0xCF], LONG),
+            Some(TfSource::Stack { offset: 4 })
+        );
+        assert_eq!(
+            tf_source(&[0xCF], PROT32),
+            Some(TfSource::Stack { offset: 8 })
+        );
+        assert_eq!(
+            tf_source(&[0xCF], REAL),
+            Some(TfSource::Stack { offset: 4 })
+        );
+        assert_eq!(
+            tf_source(&[0x66, 0xCF], REAL),
+            Some(TfSource::Stack { offset: 8 })
+        );
+    }
+
+    #[test]
+    fn sysret_dr7_writes_and_icebp() {
+        assert_eq!(tf_source(&[0x48, 0x0F, 0x07], LONG), Some(TfSource::R11));
+        // MOV DR7, RAX (0F 23 F8) is refused; MOV DR6, RAX (0F 23 F0) is harmless.
+        assert_eq!(tf_source(&[0x0F, 0x23, 0xF8], LONG), Some(TfSource::Refuse));
+        assert_eq!(tf_source(&[0x0F, 0x23, 0xF0], LONG), None);
+        assert_eq!(tf_source(&[0xF1], LONG), Some(TfSource::Refuse));
+    }
+
+    #[test]
+    fn other_instructions_and_prefixes() {
+        for code in [
+            &[0x90][..],
+            &[0xFB],
+            &[0xFA],
+            &[0x9C],
+            &[0x0F, 0x22, 0xC0],
+            &[0xC7, 0x04, 0x25, 0x80, 0, 0xE0, 0xFE, 0, 0, 0, 0],
+        ] {
+            assert_eq!(tf_source(code, LONG), None, "{code:x?}");
+        }
+        // 0x48 is DEC EAX outside 64-bit code, not a REX prefix.
+        assert_eq!(tf_source(&[0x48, 0xCF], PROT32), None);
+        // A legacy prefix after REX cancels REX.W: IRETD's slots.
+        assert_eq!(
+            tf_source(&[0x48, 0x2E, 0xCF], LONG),
+            Some(TfSource::Stack { offset: 8 })
+        );
+        assert_eq!(tf_source(&[0x66; 15], LONG), None);
+        assert_eq!(tf_source(&[], LONG), None);
+    }
+}
