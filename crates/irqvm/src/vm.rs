@@ -349,6 +349,7 @@ impl Vm {
             .ioapic
             .clone()
             .with_extended_destination_id(model.ext_dest_id);
+        let redeliver = crate::snapshot::restore::settle_held_level_eois(&mut state);
         let state = &state;
         let mut vm = Self::build(&cfg, kvm, model, memory, None)?;
         let lapics = vm
@@ -377,6 +378,18 @@ impl Vm {
             &vm.machine.devices,
             &vm.machine.vm_fd,
         )?;
+        // KVM_SET_IRQCHIP re-delivered the still-asserted lines in `kernel` mode; the model's
+        // IOAPIC (`user`, `split`) delivers what the settled EOIs would have sent.
+        if cfg.irqchip != IrqchipMode::Kernel {
+            for message in &redeliver {
+                let msi = ::irqchip::msi::MsiMessage::encode(message).map_err(|e| {
+                    VmError::Snapshot(crate::snapshot::SnapshotError::Shape(format!(
+                        "an IOAPIC entry's message cannot be sent as an MSI: {e}"
+                    )))
+                })?;
+                vm.machine.chip.signal_msi(msi.address, msi.data)?;
+            }
+        }
         Ok(vm)
     }
 

@@ -237,10 +237,11 @@ fn snapstorm_restores_in_every_mode_pair() {
                 4,
                 source,
                 &dir,
-                Duration::from_millis(2500),
+                Duration::from_millis(2000),
                 &mut rng,
-                // More rounds than the default 12, so the VM is still running at the moment.
-                &["--cmdline", "rounds=40"],
+                // More rounds than the default 12, so the VM is still running at the moment
+                // (80 rounds: about 5 s on an idle host).
+                &["--cmdline", "rounds=80"],
             );
             snapshot_pair("snapstorm", 4, &dir, &before, target);
             let _ = std::fs::remove_dir_all(&dir);
@@ -249,9 +250,9 @@ fn snapstorm_restores_in_every_mode_pair() {
 }
 
 /// `vm.snapshot` leaves the VM paused; `vm.resume` continues it in the same process and the
-/// guest's checks still pass, in each mode.
+/// guest's checks still pass, in each mode (snapstorm: every interrupt counted exactly once).
 #[test]
-fn storm_resumes_after_its_snapshot() {
+fn snapstorm_resumes_after_its_snapshot() {
     let _guard = common::exclusive();
     let mut rng = Rng::from_clock();
     for mode in MODES {
@@ -261,9 +262,12 @@ fn storm_resumes_after_its_snapshot() {
             .args([
                 "run",
                 "--kernel",
-                &common::guest_path("storm"),
+                &common::guest_path("snapstorm"),
                 "--cpus",
                 "2",
+                // Long enough to be running at the moment on an idle host too.
+                "--cmdline",
+                "rounds=150",
             ])
             .args(["--irqchip", mode_name(mode), "--api-sock"])
             .arg(&sock)
@@ -290,7 +294,7 @@ fn storm_resumes_after_its_snapshot() {
         let out = child.wait_with_output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
         assert_eq!(out.status.code(), Some(1), "{mode:?}: {text}");
-        if let Err(problems) = Expectations::load("storm").verify(mode, 2, &text) {
+        if let Err(problems) = Expectations::load("snapstorm").verify(mode, 2, &text) {
             panic!("{mode:?} after snapshot and resume:\n{problems}\n{text}");
         }
         let _ = std::fs::remove_dir_all(&dir);
@@ -395,18 +399,19 @@ fn snapshot_of_a_paused_restore_is_the_same_state() {
     }
 }
 
-/// A small snapshot to break: storm on 2 vCPUs with 32 MiB.
+/// A small snapshot to break: snapstorm (rounds enough to outlast the delay on any host) on 2
+/// vCPUs with 32 MiB.
 fn base_snapshot(dir: &Path) {
     let delay = Duration::from_millis(300);
     let taken = run_and_snapshot(
-        "storm",
+        "snapstorm",
         2,
         IrqchipMode::User,
         dir,
         delay,
-        &["--memory", "32M"],
+        &["--memory", "32M", "--cmdline", "rounds=400"],
     );
-    assert!(taken.is_some(), "storm ended within 300 ms");
+    assert!(taken.is_some(), "snapstorm ended within 300 ms");
 }
 
 /// A copy of `base` whose state file is `edit(text)` and memory file `memory_len` bytes long.
@@ -516,9 +521,11 @@ fn bad_snapshot_urls_are_4xx() {
         .args([
             "run",
             "--kernel",
-            &common::guest_path("storm"),
+            &common::guest_path("snapstorm"),
             "--cpus",
             "2",
+            "--cmdline",
+            "rounds=400",
         ])
         .arg("--api-sock")
         .arg(&sock)

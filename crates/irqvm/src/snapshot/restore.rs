@@ -97,3 +97,35 @@ pub fn apply_vm(
     }
     Ok(())
 }
+
+/// The EOIs a save caught between the guest and the IOAPIC, applied to `state`'s IOAPIC: a
+/// level-triggered entry whose remote IRR is set while no local APIC holds its vector (in IRR
+/// or ISR) was EOIed by the guest, but the IOAPIC has not seen it yet. In `split` mode KVM hands
+/// that EOI to userspace only when the vCPU next returns from KVM_RUN
+/// (docs/irqchip-modes.md, "Known KVM limits"), so a save can fall in between; restored as is,
+/// remote IRR would never clear and the line would never be delivered again. Returns the
+/// messages of the entries whose line is still asserted (82093AA §3.2.4: the EOI re-delivers
+/// them), for a target whose IOAPIC does not re-deliver on its own (`user`, `split`;
+/// KVM_SET_IRQCHIP does it in `kernel` mode).
+pub fn settle_held_level_eois(state: &mut SnapshotState) -> Vec<irqchip::types::InterruptMessage> {
+    let ioapic = &mut state.chip.devices.ioapic;
+    let held = |vector| {
+        state
+            .chip
+            .vcpus
+            .iter()
+            .any(|v| v.lapic.irr().contains(vector) || v.lapic.isr().contains(vector))
+    };
+    let mut settled: Vec<irqchip::types::Vector> = (0..ioapic.pins())
+        .filter_map(|pin| ioapic.entry(pin))
+        .filter(|e| e.level_sensitive() && e.remote_irr() && !held(e.vector()))
+        .map(|e| e.vector())
+        .collect();
+    settled.sort_unstable();
+    settled.dedup();
+    let mut redeliver = Vec::new();
+    for vector in settled {
+        ioapic.end_of_interrupt(vector, &mut |message| redeliver.push(message));
+    }
+    redeliver
+}
