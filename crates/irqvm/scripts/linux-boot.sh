@@ -5,7 +5,9 @@
 # 0.5 M instructions per second under this host's emulator, so one boot takes minutes.
 #
 # Usage: linux-boot.sh [--cpus N] [--irqchip user|split|kernel] [--format vmlinux|bzimage]
-#                      [--memory SIZE] [--timeout SECONDS] [--irqvm PATH]
+#                      [--memory SIZE] [--timeout SECONDS] [--irqvm PATH] [--append ARGS]
+#                      [--api-sock PATH]
+# --append adds kernel arguments; --api-sock serves irqvm's control API, for linux-profile.sh.
 # Needs: apt-get install -y linux-image-cloud-amd64 busybox-static lz4 gcc cpio
 # Exit status: 0 if the guest ended through isa-debug-exit with every check passed, 1 otherwise.
 # Time budget: --timeout (default 1800 s) per boot.
@@ -14,7 +16,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 die() { echo "linux-boot: $*" >&2; exit 1; }
 
-cpus=1 irqchip=user format=vmlinux timeout=1800 irqvm= memory=128M
+cpus=1 irqchip=user format=vmlinux timeout=1800 irqvm= memory=128M append= api=
 while [ $# -gt 0 ]; do
 	case $1 in
 	--cpus) cpus=$2; shift 2 ;;
@@ -23,6 +25,8 @@ while [ $# -gt 0 ]; do
 	--timeout) timeout=$2; shift 2 ;;
 	--irqvm) irqvm=$2; shift 2 ;;
 	--memory) memory=$2; shift 2 ;;
+	--append) append=$2; shift 2 ;;
+	--api-sock) api=$2; shift 2 ;;
 	*) die "unknown argument $1" ;;
 	esac
 done
@@ -64,11 +68,14 @@ log=$work/boot-$format-$irqchip-$cpus.log
 # RDSEED 306, SMAP 308; 6.1 has no nosmap any more).
 cmdline="console=ttyS0 earlyprintk=ttyS0 printk.time=1 panic=-1 reboot=k init_on_alloc=0"
 cmdline="$cmdline noxsave nofsgsbase clearcpuid=151,158,306,308 irqvm.cpus=$cpus"
+[ -z "$append" ] || cmdline="$cmdline $append"
+api_args=()
+[ -z "$api" ] || api_args=(--api-sock "$api")
 echo "linux-boot: $(basename "$kernel") ($format), $cpus vCPUs, $irqchip irqchip; log $log"
 start=$(date +%s.%N)
 set +e
 timeout --signal=TERM "$timeout" "$irqvm" run --kernel "$kernel" --initrd "$work/initramfs.cpio" \
-	--cmdline "$cmdline" --cpus "$cpus" --memory "$memory" --irqchip "$irqchip" 2>&1 | tee "$log"
+	--cmdline "$cmdline" --cpus "$cpus" --memory "$memory" --irqchip "$irqchip" "${api_args[@]}" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 end=$(date +%s.%N)
