@@ -68,6 +68,19 @@ log=$work/boot-$format-$irqchip-$cpus.log
 # RDSEED 306, SMAP 308; 6.1 has no nosmap any more).
 cmdline="console=ttyS0 earlyprintk=ttyS0 printk.time=1 panic=-1 reboot=k init_on_alloc=0"
 cmdline="$cmdline noxsave nofsgsbase clearcpuid=151,158,306,308 irqvm.cpus=$cpus"
+# Boot time under the emulator (docs/benchmarks.md, "Booting Linux", where the time goes): skip
+# the built-in initcalls that only prepare tracing and cost minutes of emulated kallsyms and
+# string work (ftrace's weak-function check looks up all 37,697 ftrace records in kallsyms; the
+# eval-map update and tracefs population rewrite every trace event's format and create
+# thousands of tracefs files; kprobe events wait for them); no hung-task or soft-lockup reports
+# (the ticks and tracing work starve the CPU for minutes; each report prints a stack trace);
+# trust the TSC (no clocksource watchdog, no timer check); no speculation mitigations (their
+# run-time cost is paid per kernel entry); no audit, PSI accounting or crypto self-tests; no
+# PCI (irqvm has none: no probing); nokaslr keeps the symbol addresses of linux-profile.py.
+cmdline="$cmdline initcall_blacklist=ftrace_check_for_weak_functions,trace_eval_init,tracer_init_tracefs,init_kprobe_trace"
+cmdline="$cmdline sysctl.kernel.hung_task_timeout_secs=0 nosoftlockup nmi_watchdog=0"
+cmdline="$cmdline tsc=reliable no_timer_check mitigations=off nokaslr audit=0 psi=0"
+cmdline="$cmdline cryptomgr.notests pci=off rcupdate.rcu_expedited=1"
 [ -z "$append" ] || cmdline="$cmdline $append"
 api_args=()
 [ -z "$api" ] || api_args=(--api-sock "$api")
