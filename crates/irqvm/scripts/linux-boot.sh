@@ -65,9 +65,12 @@ log=$work/boot-$format-$irqchip-$cpus.log
 # RDSEED whatever KVM_SET_CPUID2 says (docs/kvm-facts.md, "CPUID here"), and the emulator cannot run
 # xrstor, clac/stac or popcnt: Linux's own switches turn them off. noxsave and nofsgsbase exist in
 # 6.1; the others through clearcpuid= (X86_FEATURE_* as word*32+bit: POPCNT 151, RDRAND 158,
-# RDSEED 306, SMAP 308; 6.1 has no nosmap any more).
+# RDSEED 306, SMAP 308; 6.1 has no nosmap any more). The kernel's own SIMD code cannot run in the
+# emulator either (it stopped on the ldmxcsr of kernel_fpu_begin_mask once blake2s_mod_init had
+# switched random.c's BLAKE2s to SSSE3): PCLMULQDQ 129, SSSE3 137, SSE4.1 147, SSE4.2 148 and
+# AES 153 are cleared too (AVX and later already go with noxsave).
 cmdline="console=ttyS0 earlyprintk=ttyS0 printk.time=1 panic=-1 reboot=k init_on_alloc=0"
-cmdline="$cmdline noxsave nofsgsbase clearcpuid=151,158,306,308 irqvm.cpus=$cpus"
+cmdline="$cmdline noxsave nofsgsbase clearcpuid=129,137,147,148,151,153,158,306,308 irqvm.cpus=$cpus"
 # Boot time under the emulator (docs/benchmarks.md, "Booting Linux", where the time goes): skip
 # the built-in initcalls that only prepare tracing and cost minutes of emulated kallsyms and
 # string work (ftrace's weak-function check looks up all 37,697 ftrace records in kallsyms; the

@@ -52,7 +52,7 @@ fi
 
 # The same host-specific switches as linux-boot.sh (see there); no initrd: the line comes first.
 cmdline="console=ttyS0 earlyprintk=ttyS0 printk.time=1 panic=-1 reboot=k noxsave nofsgsbase"
-cmdline="$cmdline clearcpuid=151,158,306,308 nokaslr"
+cmdline="$cmdline clearcpuid=129,137,147,148,151,153,158,306,308 nokaslr"
 log=$work/serial.log
 start=$(date +%s%3N)
 "$irqvm" run --kernel "$kernel" --cmdline "$cmdline" --cpus "$cpus" --irqchip "$irqchip" \
