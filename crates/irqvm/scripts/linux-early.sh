@@ -8,7 +8,8 @@
 # Usage: linux-early.sh [--irqchip user|split|kernel] [--cpus N] [--format vmlinux|bzimage]
 #                       [--until TEXT] [--timeout SECONDS] [--irqvm PATH]
 # Default line: "Booting paravirtualized kernel on KVM" (start_kernel, after setup_arch has read the
-# memory map, ACPI tables and kvmclock). Budget: --timeout (default 180 s), measured at ~15-30 s.
+# memory map, ACPI tables and kvmclock). Budget: --timeout (default 300 s); measured times in
+# docs/benchmarks.md, "Booting Linux".
 # Needs: apt-get install -y linux-image-cloud-amd64 lz4
 # Exit status: 0 if the line appeared in time, 1 otherwise (the serial log is printed).
 set -euo pipefail
@@ -16,7 +17,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 die() { echo "linux-early: $*" >&2; exit 1; }
 
-irqchip=user cpus=1 format=vmlinux timeout=180 irqvm=
+irqchip=user cpus=1 format=vmlinux timeout=300 irqvm=
 until_text="Booting paravirtualized kernel on KVM"
 while [ $# -gt 0 ]; do
 	case $1 in
