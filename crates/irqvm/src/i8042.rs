@@ -185,7 +185,11 @@ mod tests {
         let mut c = I8042::default();
         assert_eq!(c.status() & STATUS_UNLOCKED, STATUS_UNLOCKED);
         c.write_command(0xAA);
-        assert_eq!(c.status() & STATUS_UNLOCKED, STATUS_UNLOCKED, "with a byte waiting");
+        assert_eq!(
+            c.status() & STATUS_UNLOCKED,
+            STATUS_UNLOCKED,
+            "with a byte waiting"
+        );
     }
 
     #[test]
