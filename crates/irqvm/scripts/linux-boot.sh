@@ -5,7 +5,9 @@
 # 0.5 M instructions per second under this host's emulator, so one boot takes minutes.
 #
 # Usage: linux-boot.sh [--cpus N] [--irqchip user|split|kernel] [--format vmlinux|bzimage]
-#                      [--memory SIZE] [--timeout SECONDS] [--irqvm PATH]
+#                      [--memory SIZE] [--timeout SECONDS] [--irqvm PATH] [--append ARGS]
+#                      [--api-sock PATH]
+# --append adds kernel arguments; --api-sock serves irqvm's control API, for linux-profile.sh.
 # Needs: apt-get install -y linux-image-cloud-amd64 busybox-static lz4 gcc cpio
 # Exit status: 0 if the guest ended through isa-debug-exit with every check passed, 1 otherwise.
 # Time budget: --timeout (default 1800 s) per boot.
@@ -14,7 +16,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 die() { echo "linux-boot: $*" >&2; exit 1; }
 
-cpus=1 irqchip=user format=vmlinux timeout=1800 irqvm= memory=128M
+cpus=1 irqchip=user format=vmlinux timeout=1800 irqvm= memory=128M append= api=
 while [ $# -gt 0 ]; do
 	case $1 in
 	--cpus) cpus=$2; shift 2 ;;
@@ -23,6 +25,8 @@ while [ $# -gt 0 ]; do
 	--timeout) timeout=$2; shift 2 ;;
 	--irqvm) irqvm=$2; shift 2 ;;
 	--memory) memory=$2; shift 2 ;;
+	--append) append=$2; shift 2 ;;
+	--api-sock) api=$2; shift 2 ;;
 	*) die "unknown argument $1" ;;
 	esac
 done
@@ -61,14 +65,33 @@ log=$work/boot-$format-$irqchip-$cpus.log
 # RDSEED whatever KVM_SET_CPUID2 says (docs/kvm-facts.md, "CPUID here"), and the emulator cannot run
 # xrstor, clac/stac or popcnt: Linux's own switches turn them off. noxsave and nofsgsbase exist in
 # 6.1; the others through clearcpuid= (X86_FEATURE_* as word*32+bit: POPCNT 151, RDRAND 158,
-# RDSEED 306, SMAP 308; 6.1 has no nosmap any more).
+# RDSEED 306, SMAP 308; 6.1 has no nosmap any more). The kernel's own SIMD code cannot run in the
+# emulator either (it stopped on the ldmxcsr of kernel_fpu_begin_mask once blake2s_mod_init had
+# switched random.c's BLAKE2s to SSSE3): PCLMULQDQ 129, SSSE3 137, SSE4.1 147, SSE4.2 148 and
+# AES 153 are cleared too (AVX and later already go with noxsave).
 cmdline="console=ttyS0 earlyprintk=ttyS0 printk.time=1 panic=-1 reboot=k init_on_alloc=0"
-cmdline="$cmdline noxsave nofsgsbase clearcpuid=151,158,306,308 irqvm.cpus=$cpus"
+cmdline="$cmdline noxsave nofsgsbase clearcpuid=129,137,147,148,151,153,158,306,308 irqvm.cpus=$cpus"
+# Boot time under the emulator (docs/benchmarks.md, "Booting Linux", where the time goes): skip
+# the built-in initcalls that only prepare tracing and cost minutes of emulated kallsyms and
+# string work (ftrace's weak-function check looks up all 37,697 ftrace records in kallsyms; the
+# eval-map update and tracefs population rewrite every trace event's format and create
+# thousands of tracefs files; kprobe events wait for them); no hung-task or soft-lockup reports
+# (the ticks and tracing work starve the CPU for minutes; each report prints a stack trace);
+# trust the TSC (no clocksource watchdog, no timer check); no speculation mitigations (their
+# run-time cost is paid per kernel entry); no audit, PSI accounting or crypto self-tests; no
+# PCI (irqvm has none: no probing); nokaslr keeps the symbol addresses of linux-profile.py.
+cmdline="$cmdline initcall_blacklist=ftrace_check_for_weak_functions,trace_eval_init,tracer_init_tracefs,init_kprobe_trace"
+cmdline="$cmdline sysctl.kernel.hung_task_timeout_secs=0 nosoftlockup nmi_watchdog=0"
+cmdline="$cmdline tsc=reliable no_timer_check mitigations=off nokaslr audit=0 psi=0"
+cmdline="$cmdline cryptomgr.notests pci=off rcupdate.rcu_expedited=1"
+[ -z "$append" ] || cmdline="$cmdline $append"
+api_args=()
+[ -z "$api" ] || api_args=(--api-sock "$api")
 echo "linux-boot: $(basename "$kernel") ($format), $cpus vCPUs, $irqchip irqchip; log $log"
 start=$(date +%s.%N)
 set +e
 timeout --signal=TERM "$timeout" "$irqvm" run --kernel "$kernel" --initrd "$work/initramfs.cpio" \
-	--cmdline "$cmdline" --cpus "$cpus" --memory "$memory" --irqchip "$irqchip" 2>&1 | tee "$log"
+	--cmdline "$cmdline" --cpus "$cpus" --memory "$memory" --irqchip "$irqchip" "${api_args[@]}" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 end=$(date +%s.%N)

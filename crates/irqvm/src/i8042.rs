@@ -31,6 +31,9 @@ pub const I8042_COMMAND_PORT: u16 = 0x64;
 const STATUS_OUTPUT_FULL: u8 = 1 << 0;
 /// System flag: set once the self-test passed (a BIOS runs it; irqvm's machine starts tested).
 const STATUS_SYSTEM: u8 = 1 << 2;
+/// Keyboard inhibit switch: set when the keyboard is not locked (IBM PC AT Technical Reference,
+/// 8042 status bit 4). irqvm has no keylock: with the bit clear Linux warns "Keylock active".
+const STATUS_UNLOCKED: u8 = 1 << 4;
 /// The byte in the output buffer came from the aux (mouse) port.
 const STATUS_AUX_DATA: u8 = 1 << 5;
 
@@ -91,7 +94,7 @@ impl I8042 {
     }
 
     pub fn status(&self) -> u8 {
-        let mut s = STATUS_SYSTEM;
+        let mut s = STATUS_SYSTEM | STATUS_UNLOCKED;
         if let Some(&(_, aux)) = self.output.front() {
             s |= STATUS_OUTPUT_FULL;
             if aux {
@@ -197,6 +200,18 @@ impl DevicePio for I8042Port {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keyboard_is_never_locked() {
+        let mut c = I8042::default();
+        assert_eq!(c.status() & STATUS_UNLOCKED, STATUS_UNLOCKED);
+        c.write_command(0xAA);
+        assert_eq!(
+            c.status() & STATUS_UNLOCKED,
+            STATUS_UNLOCKED,
+            "with a byte waiting"
+        );
+    }
 
     #[test]
     fn self_test_and_ctr_round_trip() {
