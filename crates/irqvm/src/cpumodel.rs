@@ -17,7 +17,7 @@ use std::str::FromStr;
 
 use irqchip::topology::ApicIdLayout;
 
-use crate::backend::IrqchipMode;
+use crate::mode::IrqchipMode;
 
 /// Most vCPUs irqvm runs: KVM's KVM_MAX_VCPUS on x86 (the host's KVM_CAP_MAX_VCPUS is checked too).
 pub const MAX_VCPUS: u32 = 1024;

@@ -41,6 +41,7 @@ pub mod kick;
 pub mod kvm;
 pub mod loader;
 pub mod memory;
+pub mod mode;
 pub mod ratelimit;
 pub mod seccomp;
 pub mod snapshot;
@@ -48,7 +49,7 @@ pub mod trace;
 pub mod vcpu;
 pub mod vm;
 
-pub use backend::IrqchipMode;
+pub use mode::IrqchipMode;
 
 /// Directory holding the guest test kernels built by build.rs (`NAME.elf`).
 pub const GUESTS_DIR: &str = env!("IRQVM_GUESTS_DIR");

@@ -29,7 +29,7 @@ use seccompiler::{
 };
 use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
-use crate::backend::IrqchipMode;
+use crate::mode::IrqchipMode;
 
 // The KVM requests a filtered thread may make (linux/kvm.h), encoded as the kernel does.
 ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);

@@ -708,7 +708,7 @@ impl RunningVm {
             seccomp: self.vm.seccomp,
             tracer: self.vm.tracer.clone(),
             trace_file: Arc::default(),
-            snapshot: Arc::new(crate::snapshot::take::SnapshotSource {
+            snapshot: Arc::new(crate::snapshot::source::SnapshotSource {
                 vm_fd: self.vm.vm_fd.clone(),
                 memory: self.vm.memory.clone(),
                 devices: self.vm.devices.clone(),

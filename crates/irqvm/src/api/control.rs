@@ -2,7 +2,6 @@
 //! `&self` methods) and nothing a vCPU owns.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::model::{
@@ -11,30 +10,14 @@ use super::model::{
 };
 use super::router::Control;
 use super::ApiError;
-use crate::backend::{HostEvent, Irqchip, IrqchipError, IrqchipMode, MsiDelivery};
+use crate::backend::{HostEvent, IrqchipError, IrqchipMode, MsiDelivery};
 use crate::seccomp::{Role, SeccompError, ThreadFilter};
-use crate::vcpu::{GuestExit, VcpuShared, VcpuState, VmControl};
+use crate::vcpu::{GuestExit, VcpuState};
 
 /// How long the API waits for a vCPU to answer a state request or to pause.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The parts of a running VM the API thread uses (`RunningVm::handle`).
-#[derive(Clone)]
-pub struct VmHandle {
-    pub(crate) chip: Arc<dyn Irqchip>,
-    pub(crate) control: Arc<VmControl>,
-    pub(crate) vcpus: Vec<Arc<VcpuShared>>,
-    pub(crate) started: Instant,
-    /// Whether the API's threads run under `seccomp::Role::Api` (the VM's `VmConfig::seccomp`).
-    pub(crate) seccomp: bool,
-    pub(crate) tracer: Arc<crate::trace::Tracer>,
-    /// The file of the recording `trace.start` began (shared by the handle's clones).
-    pub(crate) trace_file: Arc<std::sync::Mutex<Option<(String, std::fs::File)>>>,
-    pub(crate) snapshot: Arc<crate::snapshot::take::SnapshotSource>,
-    /// The unfiltered thread the API's file work runs on (`super::files`), set by
-    /// `ApiServer::start`; unset, the work runs on the calling thread.
-    pub(crate) files: Arc<std::sync::OnceLock<super::files::FileWorker>>,
-}
+pub use super::handle::VmHandle;
 
 /// The API's (and the trace file's) name of an irqchip mode.
 pub fn mode_name(mode: IrqchipMode) -> &'static str {

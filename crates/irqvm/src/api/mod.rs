@@ -16,13 +16,14 @@
 
 pub mod control;
 pub mod files;
+pub mod handle;
 pub mod lapic;
 pub mod model;
 pub mod platform;
 pub mod router;
 pub mod server;
 
-pub use control::VmHandle;
+pub use handle::VmHandle;
 pub use server::{ApiServer, ServerError};
 
 /// Why a request failed; each maps to one HTTP status.

@@ -70,18 +70,7 @@ pub mod user;
 /// Number of ISA / IOAPIC input lines a device can drive (GSIs 0-23).
 pub const IRQ_LINES: u32 = 24;
 
-/// The interrupt-controller implementations. Only modes that work are listed: the CLI offers
-/// exactly these.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum IrqchipMode {
-    /// KVM's in-kernel PIC, IOAPIC and local APICs.
-    #[default]
-    Kernel,
-    /// Every interrupt controller in userspace, from the `irqchip` crate (module `backend::user`).
-    User,
-    /// Local APICs in KVM, IOAPIC and PIC in userspace (module `backend::split`).
-    Split,
-}
+pub use crate::mode::IrqchipMode;
 
 /// Errors from an interrupt-controller backend.
 #[derive(Debug, thiserror::Error)]

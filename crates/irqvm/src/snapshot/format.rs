@@ -8,7 +8,7 @@ use irqchip::snapshot::{ChipSnapshot, SnapshotError as ChipSnapshotError};
 use kvm_bindings::{kvm_debugregs, kvm_fpu, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs};
 use serde::{Deserialize, Serialize};
 
-use crate::backend::IrqchipMode;
+use crate::mode::IrqchipMode;
 
 /// The format version this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -238,7 +238,7 @@ impl SnapshotState {
             SnapshotError::Shape(format!("unknown source mode {:?}", h.source_mode))
         })?;
         let n = h.vcpus as usize;
-        if n == 0 || h.vcpus > crate::vm::MAX_VCPUS {
+        if n == 0 || h.vcpus > crate::cpumodel::MAX_VCPUS {
             return Err(SnapshotError::Shape(format!(
                 "{} vCPUs is out of range",
                 h.vcpus

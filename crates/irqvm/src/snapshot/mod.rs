@@ -17,6 +17,7 @@ pub mod format;
 pub mod memory;
 pub mod platform;
 pub mod restore;
+pub mod source;
 pub mod take;
 
 pub use format::{load, LoadedSnapshot, SnapshotError, SnapshotState};

@@ -4,18 +4,12 @@
 //! Hypervisor leaves it.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-
-use kvm_ioctls::VmFd;
 
 use super::format::{
     self, DeviceState, Header, SnapshotError, SnapshotState, TimeState, FORMAT_VERSION, MEMORY_FILE,
 };
 use crate::api::VmHandle;
-use crate::backend::IrqchipMode;
-use crate::devices::Devices;
-use crate::memory::GuestRam;
 use crate::vcpu::{VcpuSaved, VcpuState};
 
 /// How long the vCPUs together may take to reach their safe point and save.
@@ -23,14 +17,6 @@ const VCPU_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often an unanswered vCPU is kicked again (one settling an injection runs the guest
 /// until its next exit).
 const REKICK: Duration = Duration::from_millis(2);
-
-/// What a snapshot needs of a VM beyond the control API's handle.
-pub struct SnapshotSource {
-    pub(crate) vm_fd: Arc<VmFd>,
-    pub(crate) memory: GuestRam,
-    pub(crate) devices: Arc<Devices>,
-    pub(crate) mode: IrqchipMode,
-}
 
 /// How long the parts took.
 #[derive(Clone, Copy, Debug)]
