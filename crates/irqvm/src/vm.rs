@@ -165,18 +165,7 @@ struct Machine {
 
 impl Vm {
     pub fn new(cfg: &VmConfig) -> Result<Self, VmError> {
-        if cfg.cpus == 0 || cfg.cpus > MAX_VCPUS {
-            return Err(VmError::BadCpuCount(cfg.cpus));
-        }
-        seccomp::prepare_allocator();
-        let kvm = kvm::open_kvm()?;
-        let model = CpuModel::resolve(
-            cfg.cpus,
-            cfg.topology,
-            &cfg.cpu_features,
-            cfg.irqchip,
-            host_limits(&kvm),
-        )?;
+        let (kvm, model) = Self::open(cfg)?;
         let memory = memory::create_guest_memory(cfg.memory)?;
         let modules: Vec<Module<'_>> = cfg
             .initrd
@@ -189,6 +178,24 @@ impl Vm {
         let loaded = load_kernel(&memory, cfg, &model, modules)?;
         tracing::debug!(?loaded, "kernel loaded");
         Self::build(cfg, kvm, model, memory, Some(loaded))
+    }
+
+    /// KVM, and the CPU model `cfg` asks for resolved against this host (or refused), after the
+    /// allocator is set up for the seccomp filters to come.
+    fn open(cfg: &VmConfig) -> Result<(Kvm, CpuModel), VmError> {
+        if cfg.cpus == 0 || cfg.cpus > MAX_VCPUS {
+            return Err(VmError::BadCpuCount(cfg.cpus));
+        }
+        seccomp::prepare_allocator();
+        let kvm = kvm::open_kvm()?;
+        let model = CpuModel::resolve(
+            cfg.cpus,
+            cfg.topology,
+            &cfg.cpu_features,
+            cfg.irqchip,
+            host_limits(&kvm),
+        )?;
+        Ok((kvm, model))
     }
 
     /// The VM around `memory`: KVM, the backend, the devices, the vCPUs (the boot vCPU's
@@ -331,15 +338,7 @@ impl Vm {
         cfg.memory = state.header.memory_size;
         cfg.protected_state_aps = None;
         let memory = crate::snapshot::memory::map_private(&snapshot.memory, cfg.memory)?;
-        seccomp::prepare_allocator();
-        let kvm = kvm::open_kvm()?;
-        let model = CpuModel::resolve(
-            cfg.cpus,
-            cfg.topology,
-            &cfg.cpu_features,
-            cfg.irqchip,
-            host_limits(&kvm),
-        )?;
+        let (kvm, model) = Self::open(&cfg)?;
         // The extended destination ID is a property of the target's platform (offered in
         // `user` and `split`, never in `kernel`: docs/architecture.md, "Snapshots"), not state.
         let mut state = snapshot.state.clone();
