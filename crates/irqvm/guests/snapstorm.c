@@ -6,7 +6,8 @@
  * run_wait), so a pause of any length between two instructions changes no outcome.
  *
  * Command line (multiboot): `rounds=N` (default DEFAULT_ROUNDS; a few seconds of host time here), `x2apic=1`
- * (every CPU in x2APIC mode when CPUID offers it).
+ * (every CPU in x2APIC mode when CPUID offers it), `timer_fires=N` (default TIMER_FIRES: how many times each
+ * CPU's timer fires per round; a large N keeps timers counting most of the time, for tests that pause then).
  *
  * Rounds. CPU 0 starts round r by writing `round_now`; every CPU taking part runs round_work and reports
  * `round_done`; CPU 0 starts the next round once all did (a barrier). Each CPU in a round:
@@ -65,7 +66,7 @@
 #define LEVEL_ASSERTS 2   /* per round and CPU */
 #define EDGE_PULSES 4     /* per round, by CPU 0 */
 #define MSIS 4            /* per round, by CPU 0 */
-#define TIMER_FIRES 3     /* per round and CPU */
+#define TIMER_FIRES 3     /* per round and CPU, unless the command line says timer_fires=N */
 #define ONESHOT_TICKS 300000u  /* 300 us at the 1 GHz APIC timer clock of KVM and irqvm, divide by 1 */
 #define PERIODIC_TICKS 500000u /* 500 us (KVM's shortest period is 200 us) */
 #define DEADLINE_US 300
@@ -77,7 +78,7 @@ enum stuck_at { S_NONE, S_ROUND, S_IPI, S_NMI, S_LEVEL, S_EDGE, S_MSI, S_TIMER, 
 static const char *const stuck_names[] = { "-", "round start", "ipi", "nmi", "level line", "edge line", "msi",
 					   "timer", "round barrier", "sipi" };
 
-static u32 rounds, parked, sipi_round, has_deadline, has_doorbell;
+static u32 rounds, timer_fires, parked, sipi_round, has_deadline, has_doorbell;
 static u64 deadline_tsc;
 static volatile u32 online_mask; /* CPUs in the current round: changes only between rounds */
 static volatile u32 round_now, round_done[MAX_CPUS], worker_exited[MAX_CPUS], aborted;
@@ -286,19 +287,19 @@ static struct cmp start_timer(u32 me, u32 r)
 	switch (timer_mode_of(me, r)) {
 	case T_PERIODIC:
 		apic_write(APIC_LVT_TIMER, APIC_TIMER_PERIODIC | V_PERIODIC);
-		pt_target[me] = pt_ticks[me] + TIMER_FIRES;
+		pt_target[me] = pt_ticks[me] + timer_fires;
 		pt_rounds[me]++;
 		pt_running[me] = 1;
 		apic_write(APIC_TMICT, PERIODIC_TICKS);
 		return (struct cmp){ &pt_ticks[me], pt_target[me] };
 	case T_DEADLINE:
 		apic_write(APIC_LVT_TIMER, APIC_TIMER_TSCDEADLINE | V_DEADLINE);
-		dl_target[me] = dl_armed[me] + TIMER_FIRES;
+		dl_target[me] = dl_armed[me] + timer_fires;
 		arm_deadline(me);
 		return (struct cmp){ &dl_fired[me], dl_target[me] };
 	default:
 		apic_write(APIC_LVT_TIMER, APIC_TIMER_ONESHOT | V_ONESHOT);
-		os_target[me] = os_armed[me] + TIMER_FIRES;
+		os_target[me] = os_armed[me] + timer_fires;
 		arm_oneshot(me);
 		return (struct cmp){ &os_fired[me], os_target[me] };
 	}
@@ -551,7 +552,7 @@ static void check_timers(void)
 	u32 extra_bad = 0;
 	for (u32 c = 0; c < ncpus; c++)
 		extra_bad += pt_after_stop[c] > pt_rounds[c];
-	check(sum(pt_rounds) > 0 && sum(pt_ticks) >= sum(pt_rounds) * TIMER_FIRES && sum(pt_count_over) == 0 &&
+	check(sum(pt_rounds) > 0 && sum(pt_ticks) >= sum(pt_rounds) * timer_fires && sum(pt_count_over) == 0 &&
 		      extra_bad == 0,
 	      "periodic timer, every tick within its period, at most one after the stop",
 	      "%u periods run, %u ticks, %u with a count above the period, %u ticks after a stop, %u cpus over",
@@ -611,6 +612,9 @@ void guest_main(void)
 	rounds = (u32)cmdline_u64("rounds", DEFAULT_ROUNDS);
 	if (rounds == 0)
 		rounds = 1;
+	timer_fires = (u32)cmdline_u64("timer_fires", TIMER_FIRES);
+	if (timer_fires == 0 || timer_fires > 100000)
+		timer_fires = TIMER_FIRES;
 	platform_init(cmdline_u64("x2apic", 0) != 0);
 	has_deadline = cpu_has_tsc_deadline();
 	has_doorbell = inl(MSI_DOORBELL) == MSI_DOORBELL_ID;

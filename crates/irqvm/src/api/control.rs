@@ -117,16 +117,24 @@ impl Control for VmHandle {
     }
 
     /// Requests the pause, kicks every vCPU out of KVM_RUN (a blocked one is not woken: it
-    /// stays blocked), and waits until none is in or around KVM_RUN.
+    /// stays blocked), and waits until none is in or around KVM_RUN, kicking again the ones
+    /// still there (a vCPU whose LAPIC is KVM's enters once more to flush a held-back timer
+    /// expiry, `backend::kvm_timer`, and one halted inside KVM leaves only when kicked).
     fn pause(&self) -> Result<(), ApiError> {
         self.require_running()?;
         if !self.control.pause() {
             return Err(ApiError::Conflict("the VM is already paused".into()));
         }
-        for index in 0..self.vcpus.len() {
-            self.kick(index, false);
-        }
-        let all_held = || self.vcpus.iter().all(|v| Self::held(v.state()));
+        let all_held = || {
+            let mut held = true;
+            for (index, vcpu) in self.vcpus.iter().enumerate() {
+                if !Self::held(vcpu.state()) {
+                    held = false;
+                    self.kick(index, false);
+                }
+            }
+            held
+        };
         if !self.wait_for(all_held) {
             self.control.resume();
             return Err(ApiError::Unavailable(

@@ -119,7 +119,7 @@ impl Irqchip for KernelIrqchip {
         vcpu: &VcpuFd,
     ) -> Result<Box<dyn VcpuIrqchip>, IrqchipError> {
         set_initial_kvm_mp_state(index, vcpu)?;
-        Ok(Box::new(KernelVcpuChip))
+        Ok(Box::<KernelVcpuChip>::default())
     }
 
     /// Nothing to do: a kernel-mode vCPU blocks inside KVM_RUN, which the kick interrupts.
@@ -152,7 +152,11 @@ impl Irqchip for KernelIrqchip {
 }
 
 /// The per-vCPU half of `kernel` mode: KVM does everything.
-struct KernelVcpuChip;
+#[derive(Default)]
+struct KernelVcpuChip {
+    /// KVM's held-back LAPIC timer expiry across a pause.
+    held_timer: super::kvm_timer::HeldTimer,
+}
 
 impl VcpuIrqchip for KernelVcpuChip {
     fn before_entry(&mut self, _vcpu: &mut VcpuFd) -> Result<EntryDecision, IrqchipError> {
@@ -179,7 +183,23 @@ impl VcpuIrqchip for KernelVcpuChip {
         vcpu: &mut VcpuFd,
         lapic: LapicConfig,
     ) -> Result<VcpuFabric, IrqchipError> {
-        kvm_save_fabric(vcpu, lapic)
+        kvm_save_fabric(vcpu, lapic, &self.held_timer)
+    }
+
+    fn injection_in_flight(&self) -> bool {
+        self.held_timer.needs_flush()
+    }
+
+    fn pause_started(&mut self, vcpu: &mut VcpuFd, entered: bool) -> Result<(), IrqchipError> {
+        self.held_timer.pause_started(vcpu, entered)
+    }
+
+    fn pause_ended(&mut self) {
+        self.held_timer.pause_ended();
+    }
+
+    fn interrupted(&mut self, vcpu: &mut VcpuFd, through_loop: bool) -> Result<(), IrqchipError> {
+        self.held_timer.interrupted(vcpu, through_loop)
     }
 
     fn restore_apic(
@@ -201,12 +221,14 @@ impl VcpuIrqchip for KernelVcpuChip {
 }
 
 /// A KVM local APIC's vCPU (`kernel`, `split`): KVM_GET_MP_STATE first (it accepts a pending
-/// INIT/SIPI, as the model's accept step would), then the events, KVM_GET_LAPIC with
+/// INIT/SIPI, as the model's accept step would), then the events, KVM_GET_LAPIC (with the
+/// timer expiry KVM held back since the pause's flush added to IRR, `kvm_timer`) with
 /// IA32_APIC_BASE and IA32_TSC_DEADLINE, and IA32_TSC as the clock's `tsc_at_zero`: all
 /// converted to the model's format (`snapshot::convert`).
 pub(crate) fn kvm_save_fabric(
     vcpu: &VcpuFd,
     mut cfg: LapicConfig,
+    held_timer: &super::kvm_timer::HeldTimer,
 ) -> Result<VcpuFabric, IrqchipError> {
     use crate::snapshot::convert::{events_from_kvm, lapic_from_kvm, KvmLapic, KvmVcpuEvents};
     use crate::snapshot::cpu::{read_msr, MSR_TSC};
@@ -214,7 +236,14 @@ pub(crate) fn kvm_save_fabric(
     let events = vcpu
         .get_vcpu_events()
         .map_err(KvmError::ioctl("KVM_GET_VCPU_EVENTS"))?;
-    let page = vcpu.get_lapic().map_err(KvmError::ioctl("KVM_GET_LAPIC"))?;
+    let mut page = vcpu.get_lapic().map_err(KvmError::ioctl("KVM_GET_LAPIC"))?;
+    if let Some(vector) = held_timer.account(&mut page) {
+        tracing::debug!(
+            vcpu = cfg.index,
+            vector,
+            "saved a timer expiry KVM held back"
+        );
+    }
     let apic_base = read_msr(vcpu, 0x1B)?;
     let tsc_deadline = read_msr(vcpu, 0x6E0)?;
     cfg.clock.tsc_at_zero = read_msr(vcpu, MSR_TSC)?;

@@ -63,6 +63,7 @@ use crate::api::model::{LapicInfo, PendingInfo, PlatformInfo};
 use crate::kvm::KvmError;
 
 pub mod kernel;
+mod kvm_timer;
 pub mod split;
 pub mod step;
 pub mod user;
@@ -422,14 +423,30 @@ pub trait VcpuIrqchip: Send {
         fabric: &VcpuFabric,
     ) -> Result<(), IrqchipError>;
 
-    /// True while an interrupt queued with KVM_INTERRUPT may not have entered the guest yet:
-    /// KVM_GET_VCPU_EVENTS cannot see it, so a snapshot lets the vCPU enter once more first.
+    /// True while a paused vCPU must enter KVM_RUN once more before it holds: an interrupt
+    /// queued with KVM_INTERRUPT may not have entered the guest yet (KVM_GET_VCPU_EVENTS
+    /// cannot see it), or KVM may hold back a LAPIC timer expiry (`kvm_timer`).
     fn injection_in_flight(&self) -> bool {
         false
     }
 
     /// KVM_RUN returned with an exit: the guest ran, so a queued interrupt went in.
     fn guest_ran(&mut self) {}
+
+    /// A pause began (before the vCPU settles and holds); `entered`: KVM_RUN ran since the
+    /// vCPU last held (or started), so there may be something to settle.
+    fn pause_started(&mut self, _vcpu: &mut VcpuFd, _entered: bool) -> Result<(), IrqchipError> {
+        Ok(())
+    }
+
+    /// The pause ended; the vCPU goes back to the guest.
+    fn pause_ended(&mut self) {}
+
+    /// KVM_RUN returned EINTR while paused; `through_loop` if KVM wrote KVM_EXIT_INTR, so
+    /// its `vcpu_run` loop ran (and injected any timer expiry it held back).
+    fn interrupted(&mut self, _vcpu: &mut VcpuFd, _through_loop: bool) -> Result<(), IrqchipError> {
+        Ok(())
+    }
 }
 
 /// `kernel` and `split` mode: a host event as an MSI to KVM's LAPICs, physical destination =

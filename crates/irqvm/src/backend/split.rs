@@ -500,6 +500,7 @@ impl Irqchip for SplitIrqchip {
             probe: crate::trace::VcpuProbe::new(self.tracer.clone(), index),
             in_flight: false,
             stepper: Stepper::new(self.memory.clone(), self.exact_irq_boundaries),
+            held_timer: Default::default(),
         }))
     }
 
@@ -561,6 +562,8 @@ struct SplitVcpuChip {
     in_flight: bool,
     /// Single-stepping to the boundary where a waiting ExtINT can go in.
     stepper: Stepper,
+    /// KVM's held-back LAPIC timer expiry across a pause.
+    held_timer: super::kvm_timer::HeldTimer,
 }
 
 impl SplitVcpuChip {
@@ -668,7 +671,7 @@ impl VcpuIrqchip for SplitVcpuChip {
         vcpu: &mut VcpuFd,
         lapic: irqchip::lapic::LapicConfig,
     ) -> Result<VcpuFabric, IrqchipError> {
-        kvm_save_fabric(vcpu, lapic)
+        kvm_save_fabric(vcpu, lapic, &self.held_timer)
     }
 
     fn restore_apic(
@@ -691,11 +694,23 @@ impl VcpuIrqchip for SplitVcpuChip {
     /// The ExtINT queued with KVM_INTERRUPT is invisible to KVM_GET_VCPU_EVENTS until the guest
     /// has entered with it (docs/kvm-facts.md).
     fn injection_in_flight(&self) -> bool {
-        self.in_flight
+        self.in_flight || self.held_timer.needs_flush()
     }
 
     fn guest_ran(&mut self) {
         self.in_flight = false;
+    }
+
+    fn pause_started(&mut self, vcpu: &mut VcpuFd, entered: bool) -> Result<(), IrqchipError> {
+        self.held_timer.pause_started(vcpu, entered)
+    }
+
+    fn pause_ended(&mut self) {
+        self.held_timer.pause_ended();
+    }
+
+    fn interrupted(&mut self, vcpu: &mut VcpuFd, through_loop: bool) -> Result<(), IrqchipError> {
+        self.held_timer.interrupted(vcpu, through_loop)
     }
 }
 

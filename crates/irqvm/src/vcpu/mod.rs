@@ -564,6 +564,10 @@ impl VcpuThread {
     fn run_loop(&mut self, immediate_exit: ImmediateExit) -> Result<(), VcpuError> {
         let shared = self.shared.clone();
         shared.set_state(VcpuState::Running);
+        // A pause seen (and told to the backend); KVM_RUN entered since the last hold (a VM
+        // started paused has nothing to settle and must not enter the guest).
+        let mut pause_seen = false;
+        let mut entered = false;
         loop {
             // Clear, then check every request (see `kick`): a kick that set it before this line
             // has its request seen below; one that sets it after makes KVM_RUN return at once.
@@ -579,11 +583,19 @@ impl VcpuThread {
                 return Ok(());
             }
             // A pause with an interrupt queued by KVM_INTERRUPT that may not have entered the
-            // guest yet (invisible to KVM_GET_VCPU_EVENTS): enter once more, injecting nothing
-            // new, so that a snapshot finds it in the guest's state. The pauser kicks again.
+            // guest yet (invisible to KVM_GET_VCPU_EVENTS), or a LAPIC timer expiry KVM holds
+            // back (backend::kvm_timer): enter once more, injecting nothing new, so that a
+            // snapshot finds it in the guest's state. The pauser kicks again.
             let settling = self.control.pause_requested();
+            if settling && !pause_seen {
+                pause_seen = true;
+                self.chip.pause_started(&mut self.fd, entered)?;
+            }
             if settling && !self.chip.injection_in_flight() {
                 self.hold_paused();
+                pause_seen = false;
+                entered = false;
+                self.chip.pause_ended();
                 continue;
             }
             if !settling {
@@ -601,13 +613,22 @@ impl VcpuThread {
             shared.set_state(VcpuState::Running);
             bump(&shared.stats.kvm_runs);
             crate::trace::hooks::entry(&self.tracer, shared.index);
+            // KVM writes KVM_EXIT_INTR only where its loop returns for a signal, never for
+            // `immediate_exit`: the sentinel tells the two EINTRs apart (backend::kvm_timer).
+            self.fd.get_kvm_run().exit_reason = kvm_bindings::KVM_EXIT_UNKNOWN;
             let ran = self.fd.run();
+            entered = true;
             let exited = crate::trace::hooks::stamp(&self.tracer);
             let step = match ran {
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     // `immediate_exit` is cleared at the top of the loop, before the checks.
                     self.last_exit = LastExit::Interrupted;
                     bump(&shared.stats.eintr_returns);
+                    if settling {
+                        let through_loop =
+                            self.fd.get_kvm_run().exit_reason == kvm_bindings::KVM_EXIT_INTR;
+                        self.chip.interrupted(&mut self.fd, through_loop)?;
+                    }
                     Step::Continue
                 }
                 Err(e) => return Err(VcpuError::Run(e)),
