@@ -117,6 +117,9 @@ pub(crate) struct Shared {
     pub memory: crate::memory::GuestRam,
     /// `VmConfig::exact_irq_boundaries`.
     pub exact_irq_boundaries: bool,
+    /// KVM_CAP_SYNC_REGS has KVM_SYNC_X86_EVENTS: interrupts go in through `kvm_run`'s synced
+    /// events instead of a KVM_INTERRUPT ioctl (`percpu::UserVcpuChip::queue_interrupt`).
+    pub sync_events: bool,
 }
 
 /// The VM-wide half of the `user` backend.
@@ -183,6 +186,7 @@ impl UserIrqchip {
             tracer: ctx.tracer,
             memory: ctx.memory.clone(),
             exact_irq_boundaries: ctx.exact_irq_boundaries,
+            sync_events: sync_events_supported(ctx.kvm),
         });
         Ok(Self {
             shared,
@@ -190,6 +194,13 @@ impl UserIrqchip {
             unclaimed: Mutex::new(vcpus.into_iter().map(Some).collect()),
         })
     }
+}
+
+/// KVM_CAP_SYNC_REGS lists KVM_SYNC_X86_EVENTS (this host: 7, registers, system registers and
+/// events).
+fn sync_events_supported(kvm: &Kvm) -> bool {
+    let fields = kvm.check_extension_int(Cap::SyncRegs);
+    fields > 0 && (fields as u32) & kvm_bindings::KVM_SYNC_X86_EVENTS != 0
 }
 
 /// KVM_CAP_X86_USER_SPACE_MSR (INVAL | FILTER) and the filter that sends 0x1B and 0x6E0 out,

@@ -13,7 +13,8 @@
 //!    publishing Blocked). The timer thread's wake-up ends a block at the timer deadline. Before
 //!    sleeping, the vCPU polls its inbox and a near timer deadline for a while ([`HaltPoll`]).
 //! 5. inject: NMIs with KVM_NMI, up to two while none is in service and one while one is
-//!    (KVM's `process_nmi`; blocking read with KVM_GET_VCPU_EVENTS); ExtINT and APIC vectors with KVM_INTERRUPT only if KVM said
+//!    (KVM's `process_nmi`; blocking read with KVM_GET_VCPU_EVENTS); ExtINT and APIC vectors through
+//!    `kvm_run`'s synced events (KVM_SYNC_X86_EVENTS; KVM_INTERRUPT where they are stale) only if KVM said
 //!    `ready_for_interrupt_injection` and IF=1 at the last exit (then the PIC / APIC is
 //!    acknowledged, right before KVM_INTERRUPT); otherwise `request_interrupt_window`, and,
 //!    since KVM reports the window only at its next exit (~1 ms for a spinning guest here), the
@@ -29,7 +30,7 @@
 use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_run;
-use kvm_ioctls::VcpuFd;
+use kvm_ioctls::{SyncReg, VcpuFd};
 
 use irqchip::mpstate::{
     InitBlocking, MpState, ProtectedStateSipi, SipiAction, SipiDelivery, StandardSipi,
@@ -406,6 +407,11 @@ pub(crate) struct UserVcpuChip {
     probe: VcpuProbe,
     /// A vector was queued with KVM_INTERRUPT and no guest exit has been seen since.
     in_flight: bool,
+    /// `kvm_run.s.regs.events` holds KVM's events as of the last KVM_RUN return and nothing
+    /// has changed them since (see [`Self::queue_interrupt`]).
+    events_synced: bool,
+    /// `kvm_valid_regs` has KVM_SYNC_X86_EVENTS set on this vCPU's `kvm_run`.
+    sync_enabled: bool,
 }
 
 impl UserVcpuChip {
@@ -444,6 +450,8 @@ impl UserVcpuChip {
             kvm_queued: false,
             halt_poll: HaltPoll::new(),
             in_flight: false,
+            events_synced: false,
+            sync_enabled: false,
         }
     }
 
@@ -466,6 +474,9 @@ impl UserVcpuChip {
             if let Some(SipiAction::StartRealMode { cs_base, .. }) = outcome.start {
                 self.probe.event(Kind::SipiAccept, cs_base >> 12);
             }
+        }
+        if outcome.reset.is_some() || outcome.start.is_some() {
+            self.events_synced = false;
         }
         if let Some(reset) = outcome.reset {
             // `None` for a protected-state AP: INIT resets only its LAPIC (done by the model).
@@ -613,7 +624,7 @@ impl UserVcpuChip {
                 None => return Ok(()),
             },
         };
-        inject_interrupt(vcpu, vector)?;
+        self.queue_interrupt(vcpu, vector)?;
         self.in_flight = true;
         self.kvm_queued = true;
         self.counters().injected(vector);
@@ -720,6 +731,7 @@ impl UserVcpuChip {
         self.interrupts.process_nmi(blocked);
         while self.interrupts.take_nmi() {
             vcpu.nmi().map_err(KvmError::ioctl("KVM_NMI"))?;
+            self.events_synced = false;
             self.kvm_queued = true;
             super::counters::bump(&self.counters().nmis_injected);
             self.probe.injected_nmi();
@@ -739,6 +751,45 @@ impl UserVcpuChip {
             kick_self();
         } else {
             self.window_kick.not_ready(now, fired);
+        }
+    }
+
+    /// Hands `vector` to KVM for the next entry. With KVM_SYNC_X86_EVENTS (`Shared::sync_events`)
+    /// and the synced events fresh from the last KVM_RUN return, it goes into
+    /// `kvm_run.s.regs.events` marked dirty: the next KVM_RUN applies them as
+    /// KVM_SET_VCPU_EVENTS would before it enters, which for the interrupt is what KVM_INTERRUPT
+    /// does without a userspace irqchip (`interrupt.injected` = 1, `nr` = the vector, not soft),
+    /// and the ioctl (~7 µs here, one per interrupt) is saved. Only the interrupt changes:
+    /// `flags` = 0 leaves KVM's pending NMI count, interrupt shadow, SIPI vector and SMM state
+    /// alone; the exception and NMI fields go back as KVM reported them at the return, which
+    /// nothing has changed since (`events_synced` is cleared by every ioctl of ours that could:
+    /// INIT/SIPI, KVM_NMI, a restore), and which hold nothing in flight: KVM reported
+    /// `ready_for_interrupt_injection`, which it never does with an exception or NMI pending or
+    /// being re-injected. Anything KVM queues while completing the exit (an MSR write's #GP) is
+    /// queued after the events are applied. Otherwise (first entry, stale events, a KVM without
+    /// the capability) KVM_INTERRUPT.
+    fn queue_interrupt(&mut self, vcpu: &mut VcpuFd, vector: u8) -> Result<(), IrqchipError> {
+        let internal_error =
+            vcpu.get_kvm_run().exit_reason == kvm_bindings::KVM_EXIT_INTERNAL_ERROR;
+        if !std::mem::take(&mut self.events_synced) || internal_error {
+            // An internal error's recovery (`crate::emulate`) may have set events of its own.
+            return Ok(inject_interrupt(vcpu, vector)?);
+        }
+        let events = &mut vcpu.sync_regs_mut().events;
+        events.flags = 0;
+        events.interrupt.injected = 1;
+        events.interrupt.nr = vector;
+        events.interrupt.soft = 0;
+        vcpu.set_sync_dirty_reg(SyncReg::VcpuEvents);
+        super::counters::bump(&self.counters().synced_injections);
+        Ok(())
+    }
+
+    /// Asks KVM to copy its events into `kvm_run` at every KVM_RUN return (once per vCPU).
+    fn enable_event_sync(&mut self, vcpu: &mut VcpuFd) {
+        if self.shared.sync_events && !self.sync_enabled {
+            vcpu.set_sync_valid_reg(SyncReg::VcpuEvents);
+            self.sync_enabled = true;
         }
     }
 
@@ -826,6 +877,7 @@ impl UserVcpuChip {
 impl VcpuIrqchip for UserVcpuChip {
     fn before_entry(&mut self, vcpu: &mut VcpuFd) -> Result<EntryDecision, IrqchipError> {
         self.run = RunPtr(vcpu.get_kvm_run() as *const kvm_run);
+        self.enable_event_sync(vcpu);
         self.interrupts.begin_guest_entry();
         self.accept_init_sipi(vcpu)?;
         let now = self.shared.clock.now();
@@ -858,6 +910,8 @@ impl VcpuIrqchip for UserVcpuChip {
         }
         self.sync_kvm_apic_base(vcpu)?;
         self.interrupts.end_guest_entry();
+        // Every KVM_RUN return, exit or EINTR, copied the events out (`kvm_valid_regs`).
+        self.events_synced = self.sync_enabled;
         Ok(())
     }
 
@@ -1012,6 +1066,7 @@ impl VcpuIrqchip for UserVcpuChip {
             | kvm_bindings::KVM_VCPUEVENT_VALID_SIPI_VECTOR);
         vcpu.set_vcpu_events(&events)
             .map_err(KvmError::ioctl("KVM_SET_VCPU_EVENTS"))?;
+        self.events_synced = false;
         if self.interrupts.mp_state() == MpState::Halted {
             let regs = vcpu.get_regs().map_err(KvmError::ioctl("KVM_GET_REGS"))?;
             self.halted_with_if_clear = regs.rflags & (1 << 9) == 0;
