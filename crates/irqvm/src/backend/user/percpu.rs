@@ -13,10 +13,11 @@
 //!    publishing Blocked). The timer thread's wake-up ends a block at the timer deadline. Before
 //!    sleeping, the vCPU polls its inbox and a near timer deadline for a while ([`HaltPoll`]).
 //! 5. inject: NMIs with KVM_NMI, up to two while none is in service and one while one is
-//!    (KVM's `process_nmi`; blocking read with KVM_GET_VCPU_EVENTS); ExtINT and APIC vectors through
-//!    `kvm_run`'s synced events (KVM_SYNC_X86_EVENTS; KVM_INTERRUPT where they are stale) only if KVM said
-//!    `ready_for_interrupt_injection` and IF=1 at the last exit (then the PIC / APIC is
-//!    acknowledged, right before KVM_INTERRUPT); otherwise `request_interrupt_window`, and,
+//!    (KVM's `process_nmi`; blocking read with KVM_GET_VCPU_EVENTS); ExtINT and APIC vectors
+//!    through `kvm_run`'s synced events (KVM_SYNC_X86_EVENTS; KVM_INTERRUPT where they are
+//!    stale) only if KVM said `ready_for_interrupt_injection` and IF=1 at the last exit (then
+//!    the PIC / APIC is acknowledged, right before the injection); otherwise
+//!    `request_interrupt_window`, and,
 //!    since KVM reports the window only at its next exit (~1 ms for a spinning guest here), the
 //!    guest is single-stepped to the boundary where it can take the interrupt
 //!    ([`crate::backend::step`]: IF=0, an STI / MOV SS shadow, or a TPR that only a CR8 write,
@@ -394,10 +395,10 @@ pub(crate) struct UserVcpuChip {
     /// whether the one before it was the same: see [`Self::step_to_window`].
     last_stepped: Option<(Injection, u64)>,
     stepped_again: bool,
-    /// An interrupt or NMI was handed to KVM (KVM_INTERRUPT, KVM_NMI) and no KVM_RUN has entered
-    /// the guest since (a kick's `immediate_exit` returns before the entry): KVM still holds it
-    /// and delivers it at the next entry. No stepping then: KVM would push its TF into that
-    /// event's frame, and the handler's IRET would hand the guest a #DB of ours.
+    /// An interrupt or NMI was handed to KVM (synced events, KVM_INTERRUPT, KVM_NMI) and no
+    /// KVM_RUN has entered the guest since (a kick's `immediate_exit` returns before the entry):
+    /// KVM still holds it and delivers it at the next entry. No stepping then: KVM would push
+    /// its TF into that event's frame, and the handler's IRET would hand the guest a #DB of ours.
     kvm_queued: bool,
     halt_poll: HaltPoll,
     /// IA32_APIC_BASE as KVM last saw it. KVM derives CPUID.1:EDX[9] (APIC present) from its own
@@ -405,7 +406,8 @@ pub(crate) struct UserVcpuChip {
     kvm_apic_base: u64,
     /// The flight recorder's and latency histograms' view of this vCPU (`crate::trace`).
     probe: VcpuProbe,
-    /// A vector was queued with KVM_INTERRUPT and no guest exit has been seen since.
+    /// A vector was handed to KVM (synced events or KVM_INTERRUPT) and no guest exit has been
+    /// seen since.
     in_flight: bool,
     /// `kvm_run.s.regs.events` holds KVM's events as of the last KVM_RUN return and nothing
     /// has changed them since (see [`Self::queue_interrupt`]).
