@@ -7,8 +7,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// What one vCPU's half of the backend did.
 #[derive(Debug)]
 pub struct VcpuCounters {
-    /// KVM_INTERRUPT injections, by vector (APIC vectors and PIC ExtINT vectors alike).
+    /// Injections (KVM_INTERRUPT or synced events), by vector (APIC vectors and PIC ExtINT vectors alike).
     injected: [AtomicU64; 256],
+    /// Of the injections, those made through `kvm_run`'s synced events (no KVM_INTERRUPT).
+    pub synced_injections: AtomicU64,
     /// KVM_NMI injections.
     pub nmis_injected: AtomicU64,
     /// Halts that ended while polling, with no sleep.
@@ -25,6 +27,7 @@ impl Default for VcpuCounters {
     fn default() -> Self {
         Self {
             injected: std::array::from_fn(|_| AtomicU64::new(0)),
+            synced_injections: AtomicU64::new(0),
             nmis_injected: AtomicU64::new(0),
             halt_polls_ok: AtomicU64::new(0),
             halt_sleeps: AtomicU64::new(0),
@@ -48,6 +51,7 @@ impl VcpuCounters {
     pub fn visit(&self, out: &mut dyn FnMut(&str, u64)) {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         out("nmis_injected", get(&self.nmis_injected));
+        out("synced_injections", get(&self.synced_injections));
         out("halt_polls_ok", get(&self.halt_polls_ok));
         out("halt_sleeps", get(&self.halt_sleeps));
         out("single_steps", get(&self.single_steps));

@@ -117,6 +117,9 @@ pub(crate) struct Shared {
     pub memory: crate::memory::GuestRam,
     /// `VmConfig::exact_irq_boundaries`.
     pub exact_irq_boundaries: bool,
+    /// KVM_CAP_SYNC_REGS has KVM_SYNC_X86_EVENTS: interrupts go in through `kvm_run`'s synced
+    /// events instead of a KVM_INTERRUPT ioctl (`percpu::UserVcpuChip::queue_interrupt`).
+    pub sync_events: bool,
 }
 
 /// The VM-wide half of the `user` backend.
@@ -183,6 +186,7 @@ impl UserIrqchip {
             tracer: ctx.tracer,
             memory: ctx.memory.clone(),
             exact_irq_boundaries: ctx.exact_irq_boundaries,
+            sync_events: sync_events_supported(ctx.kvm),
         });
         Ok(Self {
             shared,
@@ -190,6 +194,13 @@ impl UserIrqchip {
             unclaimed: Mutex::new(vcpus.into_iter().map(Some).collect()),
         })
     }
+}
+
+/// KVM_CAP_SYNC_REGS lists KVM_SYNC_X86_EVENTS (this host: 7, registers, system registers and
+/// events).
+fn sync_events_supported(kvm: &Kvm) -> bool {
+    let fields = kvm.check_extension_int(Cap::SyncRegs);
+    fields > 0 && (fields as u32) & kvm_bindings::KVM_SYNC_X86_EVENTS != 0
 }
 
 /// KVM_CAP_X86_USER_SPACE_MSR (INVAL | FILTER) and the filter that sends 0x1B and 0x6E0 out,
@@ -253,14 +264,42 @@ fn probe_tsc(kvm: &Kvm, clock: &VmClock) -> Result<TscProbe, KvmError> {
     let at_zero = if writable {
         0
     } else {
-        let now = clock.now();
-        read_tsc(&vcpu)?.wrapping_sub(tsc_ticks(now, hz))
+        tsc_origin(|| clock.now(), || read_tsc(&vcpu), hz)?
     };
     Ok(TscProbe {
         hz,
         writable,
         at_zero,
     })
+}
+
+/// Readings of the guest TSC against the VM clock; the one with the narrowest bracket is used.
+const TSC_ORIGIN_SAMPLES: usize = 4;
+
+/// The guest TSC at VM time 0 (`ClockConfig::tsc_at_zero`), from `read` (a KVM_GET_MSRS ioctl,
+/// 7-10 µs here) bracketed by two clock reads. The TSC was read somewhere inside the bracket, so
+/// the origin is computed with the clock read *after* it, the latest time it can have been read
+/// at: the origin is then at most the true one, and a TSC deadline converted to VM time with it
+/// fires late by at most the bracket, never early. SDM vol. 3 §11.5.4.1: the timer fires when
+/// the TSC reaches the deadline, so a handler must never read a TSC below it. (With the read
+/// before, the origin came out late by the ioctl's duration, and every deadline fired that much
+/// early.) The narrowest of a few brackets keeps the lateness to a few µs.
+fn tsc_origin<E>(
+    mut now: impl FnMut() -> Nanos,
+    mut read: impl FnMut() -> Result<u64, E>,
+    hz: u64,
+) -> Result<u64, E> {
+    let mut best: Option<(Nanos, u64)> = None;
+    for _ in 0..TSC_ORIGIN_SAMPLES {
+        let before = now();
+        let tsc = read()?;
+        let after = now();
+        let width = after.saturating_sub(before);
+        if best.is_none_or(|(w, _)| width < w) {
+            best = Some((width, tsc.wrapping_sub(tsc_ticks(after, hz))));
+        }
+    }
+    Ok(best.map_or(0, |(_, origin)| origin))
 }
 
 /// TSC ticks in `ns` nanoseconds at `hz`.
@@ -465,4 +504,138 @@ fn processor_signature(vcpu: &VcpuFd) -> u32 {
                 .map(|e| e.eax)
         })
         .unwrap_or(irqchip::mpstate::DEFAULT_PROCESSOR_SIGNATURE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use irqchip::lapic::timer::{ApicTimer, TimerMode};
+    use std::cell::Cell;
+
+    const HZ: u64 = 2_596_000_000;
+    /// The guest TSC at VM time 0 on the fake host.
+    const TRUE_ORIGIN: u64 = 0x1234_5678_9ABC;
+
+    /// A fake host: a VM clock that advances `step` ns per read, and a TSC read (an ioctl of
+    /// `ioctl` ns) whose value is taken `inside` ns into the ioctl.
+    struct FakeHost {
+        now: Cell<Nanos>,
+        step: Nanos,
+        ioctl: Nanos,
+        inside: Nanos,
+    }
+
+    impl FakeHost {
+        fn clock(&self) -> Nanos {
+            let t = self.now.get();
+            self.now.set(t + self.step);
+            t
+        }
+
+        fn read_tsc(&self) -> Result<u64, ()> {
+            let read_at = self.now.get() + self.inside;
+            self.now.set(self.now.get() + self.ioctl);
+            Ok(TRUE_ORIGIN + tsc_ticks(read_at, HZ))
+        }
+
+        fn origin(&self) -> u64 {
+            tsc_origin(|| self.clock(), || self.read_tsc(), HZ).unwrap()
+        }
+    }
+
+    /// When the model fires a TSC deadline `deadline` (VM ns), with the origin `origin`.
+    fn model_fires_at(origin: u64, deadline: u64) -> Nanos {
+        let mut timer = ApicTimer::new(ClockConfig {
+            tsc_hz: HZ,
+            tsc_at_zero: origin,
+            ..ClockConfig::default()
+        });
+        timer.set_mode(TimerMode::TscDeadline, 0);
+        timer.write_tsc_deadline(deadline, 0);
+        timer.next_deadline().unwrap()
+    }
+
+    /// The first VM ns at which the fake host's real TSC has reached `deadline`.
+    fn tsc_reaches(deadline: u64) -> Nanos {
+        let ticks = u128::from(deadline - TRUE_ORIGIN);
+        (ticks * 1_000_000_000).div_ceil(u128::from(HZ)) as Nanos
+    }
+
+    /// SDM vol. 3 §11.5.4.1: a TSC deadline fires when the TSC reaches it, never before. With
+    /// the origin measured by `tsc_origin`, the model's expiry is never before the moment the
+    /// guest's real TSC reaches the deadline, wherever inside the ioctl the TSC was read, and
+    /// late by no more than the bracket. An origin computed from the clock read before the
+    /// ioctl (the old probe) fires early by up to the ioctl's duration.
+    #[test]
+    fn tsc_deadline_never_fires_before_the_guest_tsc_reaches_it() {
+        for inside in [0, 1, 2_500, 9_999] {
+            let host = FakeHost {
+                now: Cell::new(5_000_000),
+                step: 30,
+                ioctl: 10_000,
+                inside,
+            };
+            let origin = host.origin();
+            assert!(
+                origin <= TRUE_ORIGIN,
+                "origin {origin:#x} after the true one"
+            );
+            let late = TRUE_ORIGIN - origin;
+            assert!(
+                late <= tsc_ticks(10_000 + 30, HZ) + 1,
+                "late by {late} ticks"
+            );
+            for offset_ns in [0u64, 1, 17, 1_000, 50_000, 3_000_000_000] {
+                let deadline = TRUE_ORIGIN + tsc_ticks(7_000_000 + offset_ns, HZ) + 3;
+                let fires = model_fires_at(origin, deadline);
+                assert!(
+                    fires >= tsc_reaches(deadline),
+                    "inside {inside}: fires at {fires} ns, the TSC reaches it at {}",
+                    tsc_reaches(deadline)
+                );
+            }
+        }
+        // The old order (clock, then TSC) with the TSC read at the end of a 10 µs ioctl.
+        let host = FakeHost {
+            now: Cell::new(5_000_000),
+            step: 30,
+            ioctl: 10_000,
+            inside: 9_999,
+        };
+        let before = host.clock();
+        let old_origin = host.read_tsc().unwrap() - tsc_ticks(before, HZ);
+        let deadline = TRUE_ORIGIN + tsc_ticks(7_000_000, HZ);
+        let early = tsc_reaches(deadline) - model_fires_at(old_origin, deadline);
+        assert!(early > 9_000, "the old probe fired {early} ns early");
+    }
+
+    /// The narrowest of the brackets is used: one slow read among fast ones does not widen the
+    /// error.
+    #[test]
+    fn tsc_origin_uses_the_narrowest_bracket() {
+        let calls = Cell::new(0u64);
+        let now = Cell::new(1_000_000u64);
+        let clock = || {
+            let t = now.get();
+            now.set(t + 10);
+            t
+        };
+        let read = || -> Result<u64, ()> {
+            let n = calls.get();
+            calls.set(n + 1);
+            // The first read takes 1 ms and reads the TSC at its start; the others 2 µs.
+            let (len, at) = if n == 0 {
+                (1_000_000, 0)
+            } else {
+                (2_000, 1_000)
+            };
+            let read_at = now.get() + at;
+            now.set(now.get() + len);
+            Ok(TRUE_ORIGIN + tsc_ticks(read_at, HZ))
+        };
+        let origin = tsc_origin(clock, read, HZ).unwrap();
+        assert!(origin <= TRUE_ORIGIN);
+        assert!(TRUE_ORIGIN - origin <= tsc_ticks(1_020, HZ) + 1);
+        assert_eq!(calls.get(), TSC_ORIGIN_SAMPLES as u64);
+    }
 }

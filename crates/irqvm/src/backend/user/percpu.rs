@@ -13,9 +13,11 @@
 //!    publishing Blocked). The timer thread's wake-up ends a block at the timer deadline. Before
 //!    sleeping, the vCPU polls its inbox and a near timer deadline for a while ([`HaltPoll`]).
 //! 5. inject: NMIs with KVM_NMI, up to two while none is in service and one while one is
-//!    (KVM's `process_nmi`; blocking read with KVM_GET_VCPU_EVENTS); ExtINT and APIC vectors with KVM_INTERRUPT only if KVM said
-//!    `ready_for_interrupt_injection` and IF=1 at the last exit (then the PIC / APIC is
-//!    acknowledged, right before KVM_INTERRUPT); otherwise `request_interrupt_window`, and,
+//!    (KVM's `process_nmi`; blocking read with KVM_GET_VCPU_EVENTS); ExtINT and APIC vectors
+//!    through `kvm_run`'s synced events (KVM_SYNC_X86_EVENTS; KVM_INTERRUPT where they are
+//!    stale) only if KVM said `ready_for_interrupt_injection` and IF=1 at the last exit (then
+//!    the PIC / APIC is acknowledged, right before the injection); otherwise
+//!    `request_interrupt_window`, and,
 //!    since KVM reports the window only at its next exit (~1 ms for a spinning guest here), the
 //!    guest is single-stepped to the boundary where it can take the interrupt
 //!    ([`crate::backend::step`]: IF=0, an STI / MOV SS shadow, or a TPR that only a CR8 write,
@@ -29,7 +31,7 @@
 use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_run;
-use kvm_ioctls::VcpuFd;
+use kvm_ioctls::{SyncReg, VcpuFd};
 
 use irqchip::mpstate::{
     InitBlocking, MpState, ProtectedStateSipi, SipiAction, SipiDelivery, StandardSipi,
@@ -68,6 +70,26 @@ const HALT_POLL_MAX: Duration = Duration::from_micros(200);
 const HALT_POLL_PREEMPTED: Duration = Duration::from_micros(50);
 /// First poll window after a sleep that a poll would have caught.
 const HALT_POLL_START: Duration = Duration::from_micros(10);
+/// Open-ended polls in a row that may end in vain (at the full window, or preempted) before
+/// polling is switched off.
+const HALT_POLL_MISSES: u32 = 2;
+/// While switched off, every this many halts one open-ended poll probes whether polling pays
+/// again.
+const HALT_POLL_PROBE_EVERY: u32 = 8;
+
+/// How a halt poll ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PollOutcome {
+    /// Something was posted: the vCPU re-enters without sleeping.
+    Work,
+    /// The APIC timer deadline passed: the vCPU re-enters and polls its timer.
+    Deadline,
+    /// The window ended (or the scheduler ran another task here): sleep.
+    GaveUp {
+        /// The poll was preempted rather than reaching the end of its window.
+        preempted: bool,
+    },
+}
 
 /// Halt polling, as KVM does for halted vCPUs with an in-kernel LAPIC: before sleeping on the
 /// doorbell, spin for a while watching the inbox's ON flag (a plain load) and the APIC timer
@@ -75,42 +97,111 @@ const HALT_POLL_START: Duration = Duration::from_micros(10);
 /// no syscall at all, and the vCPU needs no futex wake-up and no scheduler round trip (tens to
 /// hundreds of µs on this shared host). The window adapts like KVM's: it doubles (from 10 µs,
 /// up to 200 µs) after a sleep short enough that a poll would have caught it, and halves after
-/// a sleep longer than the maximum; a timer deadline within 200 µs is always polled for. Like
-/// KVM's, the poll stops when another task wants the core (here: when the scheduler preempted
-/// it).
+/// a sleep longer than the maximum; a timer deadline within 200 µs is always polled for.
+///
+/// KVM polls only while no other task is runnable on its CPU (`single_task_running`), which
+/// userspace cannot ask cheaply. The poll that waits for another thread (a device thread, a
+/// vCPU sending an IPI) is what that rule protects: on a host with fewer free cores than
+/// spinning threads, the poll takes the core the waker needs, so it never succeeds and delays
+/// the very post it waits for (docs/benchmarks.md: `irq_host` and the many-to-one storm lost
+/// to `kernel` with it, and its CPU time per interrupt doubled). So the open-ended part is
+/// judged by its results: after two polls in a row that ended in vain at the full 200 µs
+/// window (or were preempted), it is switched off, and one poll in eight probes whether it
+/// pays again (a caught post switches it back on). The deadline part needs no other thread and
+/// stays. A poll also stops at once when a gap in its loop shows the scheduler ran another task
+/// here.
 #[derive(Debug)]
 struct HaltPoll {
     window: Duration,
+    /// Open-ended polls in a row that gave up (counted only at the full window or preempted).
+    misses: u32,
+    /// Halts since the open-ended poll was switched off (0: on).
+    off_for: u32,
 }
 
 impl HaltPoll {
-    /// Spins until work is posted, `deadline` passes, or the window ends. True if the vCPU has
-    /// something to do (the caller then skips the sleep).
-    fn poll(&self, inbox: &irqchip::posting::VcpuInbox, deadline: Option<Instant>) -> bool {
+    fn new() -> Self {
+        Self {
+            window: Duration::ZERO,
+            misses: 0,
+            off_for: 0,
+        }
+    }
+
+    /// The open-ended window of this halt's poll: zero while switched off, except for a probe.
+    fn open_window(&mut self) -> Duration {
+        if self.off_for == 0 {
+            return self.window;
+        }
+        self.off_for = self.off_for.saturating_add(1);
+        if self.off_for % HALT_POLL_PROBE_EVERY == 0 {
+            self.window.max(HALT_POLL_START)
+        } else {
+            Duration::ZERO
+        }
+    }
+
+    /// Spins until work is posted, `deadline` passes, or the window ends.
+    fn poll(
+        &mut self,
+        inbox: &irqchip::posting::VcpuInbox,
+        deadline: Option<Instant>,
+    ) -> PollOutcome {
+        let window = self.open_window();
+        let outcome = Self::spin(inbox, deadline, window);
+        self.judge(outcome, window);
+        outcome
+    }
+
+    fn spin(
+        inbox: &irqchip::posting::VcpuInbox,
+        deadline: Option<Instant>,
+        window: Duration,
+    ) -> PollOutcome {
         let start = Instant::now();
-        let mut until = start + self.window;
+        let mut until = start + window;
         if let Some(d) = deadline.filter(|&d| d <= start + HALT_POLL_MAX) {
             until = until.max(d);
         }
         let mut last = start;
         loop {
             if inbox.has_pending() {
-                return true;
+                return PollOutcome::Work;
             }
             let now = Instant::now();
             if deadline.is_some_and(|d| d <= now) {
-                return true;
+                return PollOutcome::Deadline;
             }
             // KVM stops polling when another task is runnable on its CPU. From userspace, a
             // gap between two turns of this tight loop says the scheduler ran something else
             // here: stop polling and sleep, so a waker's futex wake-up (which the scheduler
             // favours) brings us back rather than our leftover slice. Yielding instead was
             // measured worse: under load a yield hands the core away for a whole slice.
-            if now >= until || now.duration_since(last) > HALT_POLL_PREEMPTED {
-                return false;
+            let preempted = now.duration_since(last) > HALT_POLL_PREEMPTED;
+            if now >= until || preempted {
+                return PollOutcome::GaveUp { preempted };
             }
             last = now;
             std::hint::spin_loop();
+        }
+    }
+
+    /// Switches the open-ended poll off after [`HALT_POLL_MISSES`] vain ones, on after a
+    /// caught post. A poll that gave up below the full window says only that the window is
+    /// still growing (KVM's rule, `slept`), not that polling cannot pay.
+    fn judge(&mut self, outcome: PollOutcome, window: Duration) {
+        match outcome {
+            PollOutcome::Work if window > Duration::ZERO => {
+                self.misses = 0;
+                self.off_for = 0;
+            }
+            PollOutcome::GaveUp { preempted } if preempted || window >= HALT_POLL_MAX => {
+                self.misses = self.misses.saturating_add(1);
+                if self.misses >= HALT_POLL_MISSES && self.off_for == 0 {
+                    self.off_for = 1;
+                }
+            }
+            _ => {}
         }
     }
 
@@ -304,10 +395,10 @@ pub(crate) struct UserVcpuChip {
     /// whether the one before it was the same: see [`Self::step_to_window`].
     last_stepped: Option<(Injection, u64)>,
     stepped_again: bool,
-    /// An interrupt or NMI was handed to KVM (KVM_INTERRUPT, KVM_NMI) and no KVM_RUN has entered
-    /// the guest since (a kick's `immediate_exit` returns before the entry): KVM still holds it
-    /// and delivers it at the next entry. No stepping then: KVM would push its TF into that
-    /// event's frame, and the handler's IRET would hand the guest a #DB of ours.
+    /// An interrupt or NMI was handed to KVM (synced events, KVM_INTERRUPT, KVM_NMI) and no
+    /// KVM_RUN has entered the guest since (a kick's `immediate_exit` returns before the entry):
+    /// KVM still holds it and delivers it at the next entry. No stepping then: KVM would push
+    /// its TF into that event's frame, and the handler's IRET would hand the guest a #DB of ours.
     kvm_queued: bool,
     halt_poll: HaltPoll,
     /// IA32_APIC_BASE as KVM last saw it. KVM derives CPUID.1:EDX[9] (APIC present) from its own
@@ -315,8 +406,14 @@ pub(crate) struct UserVcpuChip {
     kvm_apic_base: u64,
     /// The flight recorder's and latency histograms' view of this vCPU (`crate::trace`).
     probe: VcpuProbe,
-    /// A vector was queued with KVM_INTERRUPT and no guest exit has been seen since.
+    /// A vector was handed to KVM (synced events or KVM_INTERRUPT) and no guest exit has been
+    /// seen since.
     in_flight: bool,
+    /// `kvm_run.s.regs.events` holds KVM's events as of the last KVM_RUN return and nothing
+    /// has changed them since (see [`Self::queue_interrupt`]).
+    events_synced: bool,
+    /// `kvm_valid_regs` has KVM_SYNC_X86_EVENTS set on this vCPU's `kvm_run`.
+    sync_enabled: bool,
 }
 
 impl UserVcpuChip {
@@ -353,10 +450,10 @@ impl UserVcpuChip {
             last_stepped: None,
             stepped_again: false,
             kvm_queued: false,
-            halt_poll: HaltPoll {
-                window: Duration::ZERO,
-            },
+            halt_poll: HaltPoll::new(),
             in_flight: false,
+            events_synced: false,
+            sync_enabled: false,
         }
     }
 
@@ -379,6 +476,9 @@ impl UserVcpuChip {
             if let Some(SipiAction::StartRealMode { cs_base, .. }) = outcome.start {
                 self.probe.event(Kind::SipiAccept, cs_base >> 12);
             }
+        }
+        if outcome.reset.is_some() || outcome.start.is_some() {
+            self.events_synced = false;
         }
         if let Some(reset) = outcome.reset {
             // `None` for a protected-state AP: INIT resets only its LAPIC (done by the model).
@@ -526,7 +626,7 @@ impl UserVcpuChip {
                 None => return Ok(()),
             },
         };
-        inject_interrupt(vcpu, vector)?;
+        self.queue_interrupt(vcpu, vector)?;
         self.in_flight = true;
         self.kvm_queued = true;
         self.counters().injected(vector);
@@ -633,6 +733,7 @@ impl UserVcpuChip {
         self.interrupts.process_nmi(blocked);
         while self.interrupts.take_nmi() {
             vcpu.nmi().map_err(KvmError::ioctl("KVM_NMI"))?;
+            self.events_synced = false;
             self.kvm_queued = true;
             super::counters::bump(&self.counters().nmis_injected);
             self.probe.injected_nmi();
@@ -652,6 +753,45 @@ impl UserVcpuChip {
             kick_self();
         } else {
             self.window_kick.not_ready(now, fired);
+        }
+    }
+
+    /// Hands `vector` to KVM for the next entry. With KVM_SYNC_X86_EVENTS (`Shared::sync_events`)
+    /// and the synced events fresh from the last KVM_RUN return, it goes into
+    /// `kvm_run.s.regs.events` marked dirty: the next KVM_RUN applies them as
+    /// KVM_SET_VCPU_EVENTS would before it enters, which for the interrupt is what KVM_INTERRUPT
+    /// does without a userspace irqchip (`interrupt.injected` = 1, `nr` = the vector, not soft),
+    /// and the ioctl (~7 µs here, one per interrupt) is saved. Only the interrupt changes:
+    /// `flags` = 0 leaves KVM's pending NMI count, interrupt shadow, SIPI vector and SMM state
+    /// alone; the exception and NMI fields go back as KVM reported them at the return, which
+    /// nothing has changed since (`events_synced` is cleared by every ioctl of ours that could:
+    /// INIT/SIPI, KVM_NMI, a restore), and which hold nothing in flight: KVM reported
+    /// `ready_for_interrupt_injection`, which it never does with an exception or NMI pending or
+    /// being re-injected. Anything KVM queues while completing the exit (an MSR write's #GP) is
+    /// queued after the events are applied. Otherwise (first entry, stale events, a KVM without
+    /// the capability) KVM_INTERRUPT.
+    fn queue_interrupt(&mut self, vcpu: &mut VcpuFd, vector: u8) -> Result<(), IrqchipError> {
+        let internal_error =
+            vcpu.get_kvm_run().exit_reason == kvm_bindings::KVM_EXIT_INTERNAL_ERROR;
+        if !std::mem::take(&mut self.events_synced) || internal_error {
+            // An internal error's recovery (`crate::emulate`) may have set events of its own.
+            return Ok(inject_interrupt(vcpu, vector)?);
+        }
+        let events = &mut vcpu.sync_regs_mut().events;
+        events.flags = 0;
+        events.interrupt.injected = 1;
+        events.interrupt.nr = vector;
+        events.interrupt.soft = 0;
+        vcpu.set_sync_dirty_reg(SyncReg::VcpuEvents);
+        super::counters::bump(&self.counters().synced_injections);
+        Ok(())
+    }
+
+    /// Asks KVM to copy its events into `kvm_run` at every KVM_RUN return (once per vCPU).
+    fn enable_event_sync(&mut self, vcpu: &mut VcpuFd) {
+        if self.shared.sync_events && !self.sync_enabled {
+            vcpu.set_sync_valid_reg(SyncReg::VcpuEvents);
+            self.sync_enabled = true;
         }
     }
 
@@ -739,6 +879,7 @@ impl UserVcpuChip {
 impl VcpuIrqchip for UserVcpuChip {
     fn before_entry(&mut self, vcpu: &mut VcpuFd) -> Result<EntryDecision, IrqchipError> {
         self.run = RunPtr(vcpu.get_kvm_run() as *const kvm_run);
+        self.enable_event_sync(vcpu);
         self.interrupts.begin_guest_entry();
         self.accept_init_sipi(vcpu)?;
         let now = self.shared.clock.now();
@@ -771,6 +912,8 @@ impl VcpuIrqchip for UserVcpuChip {
         }
         self.sync_kvm_apic_base(vcpu)?;
         self.interrupts.end_guest_entry();
+        // Every KVM_RUN return, exit or EINTR, copied the events out (`kvm_valid_regs`).
+        self.events_synced = self.sync_enabled;
         Ok(())
     }
 
@@ -843,7 +986,8 @@ impl VcpuIrqchip for UserVcpuChip {
     /// The sleep needs no timeout: the VM timer thread posts a wake-up when the deadline passes,
     /// which rings this doorbell.
     fn block(&mut self, deadline: Option<Instant>) {
-        if self.halt_poll.poll(self.interrupts.inbox(), deadline) {
+        let outcome = self.halt_poll.poll(self.interrupts.inbox(), deadline);
+        if !matches!(outcome, PollOutcome::GaveUp { .. }) {
             super::counters::bump(&self.counters().halt_polls_ok);
             return;
         }
@@ -924,6 +1068,7 @@ impl VcpuIrqchip for UserVcpuChip {
             | kvm_bindings::KVM_VCPUEVENT_VALID_SIPI_VECTOR);
         vcpu.set_vcpu_events(&events)
             .map_err(KvmError::ioctl("KVM_SET_VCPU_EVENTS"))?;
+        self.events_synced = false;
         if self.interrupts.mp_state() == MpState::Halted {
             let regs = vcpu.get_regs().map_err(KvmError::ioctl("KVM_GET_REGS"))?;
             self.halted_with_if_clear = regs.rflags & (1 << 9) == 0;
@@ -959,9 +1104,7 @@ mod tests {
     /// 200 µs) and halves after long ones.
     #[test]
     fn halt_poll_window_adapts() {
-        let mut poll = HaltPoll {
-            window: Duration::ZERO,
-        };
+        let mut poll = HaltPoll::new();
         poll.slept(Duration::from_micros(50));
         assert_eq!(poll.window, HALT_POLL_START);
         for _ in 0..10 {
@@ -977,22 +1120,68 @@ mod tests {
     #[test]
     fn halt_poll_sees_a_post_and_gives_up_without_one() {
         let inbox = irqchip::posting::VcpuInbox::new();
-        let poll = HaltPoll {
-            window: Duration::ZERO,
-        };
-        assert!(!poll.poll(&inbox, None));
+        let mut poll = HaltPoll::new();
+        assert!(matches!(
+            poll.poll(&inbox, None),
+            PollOutcome::GaveUp { .. }
+        ));
         let _ = inbox.post_wakeup();
-        assert!(poll.poll(&inbox, None));
+        assert_eq!(poll.poll(&inbox, None), PollOutcome::Work);
     }
 
     /// A passed timer deadline ends the poll: the vCPU re-enters and polls its APIC timer.
     #[test]
     fn halt_poll_ends_at_the_deadline() {
         let inbox = irqchip::posting::VcpuInbox::new();
-        let poll = HaltPoll {
-            window: Duration::ZERO,
-        };
-        assert!(poll.poll(&inbox, Some(Instant::now())));
+        let mut poll = HaltPoll::new();
+        assert_eq!(
+            poll.poll(&inbox, Some(Instant::now())),
+            PollOutcome::Deadline
+        );
+    }
+
+    /// Two vain polls at the full window switch the open-ended poll off; then only every
+    /// eighth halt polls (a probe), and a post the probe catches switches it back on. Vain
+    /// polls below the full window (the window still growing) do not count.
+    #[test]
+    fn halt_poll_switches_off_after_vain_polls_and_probes() {
+        let vain = PollOutcome::GaveUp { preempted: false };
+        let mut poll = HaltPoll::new();
+        poll.window = HALT_POLL_MAX / 2;
+        for _ in 0..5 {
+            let w = poll.open_window();
+            poll.judge(vain, w);
+        }
+        assert_eq!(poll.off_for, 0, "a growing window is not judged");
+        poll.window = HALT_POLL_MAX;
+        let w = poll.open_window();
+        poll.judge(vain, w);
+        assert_eq!(poll.off_for, 0, "one vain poll is not enough");
+        let w = poll.open_window();
+        poll.judge(vain, w);
+        assert_ne!(poll.off_for, 0, "two in a row switch it off");
+        let windows: Vec<Duration> = (0..HALT_POLL_PROBE_EVERY)
+            .map(|_| poll.open_window())
+            .collect();
+        let probes = windows.iter().filter(|w| !w.is_zero()).count();
+        assert_eq!(
+            probes, 1,
+            "one probe in {HALT_POLL_PROBE_EVERY}: {windows:?}"
+        );
+        poll.judge(PollOutcome::Work, Duration::ZERO);
+        assert_ne!(
+            poll.off_for, 0,
+            "work seen without an open window proves nothing"
+        );
+        poll.judge(PollOutcome::Work, HALT_POLL_MAX);
+        assert_eq!(poll.off_for, 0, "a probe that caught a post switches it on");
+        assert_eq!(poll.open_window(), HALT_POLL_MAX);
+        let mut preempted = HaltPoll::new();
+        preempted.window = HALT_POLL_START;
+        for _ in 0..HALT_POLL_MISSES {
+            preempted.judge(PollOutcome::GaveUp { preempted: true }, HALT_POLL_START);
+        }
+        assert_ne!(preempted.off_for, 0, "preempted polls count at any window");
     }
 
     /// The window kick's first delay: halved by an episode a kick ended (not below 20 µs),
