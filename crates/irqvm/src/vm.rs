@@ -346,15 +346,8 @@ impl Vm {
         snapshot: &crate::snapshot::LoadedSnapshot,
         cfg: &VmConfig,
     ) -> Result<Self, VmError> {
-        let state = &snapshot.state;
-        let saved_model = &state.cpu_model;
-        saved_model.check_options(cfg.topology, &cfg.cpu_features)?;
-        let mut cfg = cfg.clone();
-        cfg.cpus = state.header.vcpus;
-        cfg.memory = state.header.memory_size;
-        cfg.protected_state_aps = None;
-        cfg.topology = Some(saved_model.topology);
-        cfg.cpu_features = saved_model.edits_for(cfg.irqchip);
+        let saved_model = &snapshot.state.cpu_model;
+        let cfg = restore_config(&snapshot.state, cfg)?;
         let memory = crate::snapshot::memory::map_private(&snapshot.memory, cfg.memory)?;
         let (kvm, model) = Self::open(&cfg)?;
         // The extended destination ID is a property of the target's platform (offered in
@@ -462,6 +455,23 @@ impl Vm {
     pub fn run(self, timeout: Option<Duration>) -> Result<RunReport, VmError> {
         self.start()?.wait(timeout)
     }
+}
+
+/// `cfg` for a restore of `state`: the snapshot's shape (vCPUs, memory, standard APs) and CPU
+/// model, which `cfg`'s own `topology` and `cpu_features` may repeat but not contradict.
+fn restore_config(
+    state: &crate::snapshot::SnapshotState,
+    cfg: &VmConfig,
+) -> Result<VmConfig, VmError> {
+    let saved_model = &state.cpu_model;
+    saved_model.check_options(cfg.topology, &cfg.cpu_features)?;
+    let mut cfg = cfg.clone();
+    cfg.cpus = state.header.vcpus;
+    cfg.memory = state.header.memory_size;
+    cfg.protected_state_aps = None;
+    cfg.topology = Some(saved_model.topology);
+    cfg.cpu_features = saved_model.edits_for(cfg.irqchip);
+    Ok(cfg)
 }
 
 /// What this KVM allows: KVM_CAP_MAX_VCPUS, KVM_CAP_MAX_VCPU_ID (0 from an old KVM means

@@ -174,8 +174,15 @@ impl CpuModelState {
         Ok(model)
     }
 
-    /// The checks that need no host: a table per vCPU.
+    /// The checks that need no host: the topology's processors and a table per vCPU.
     pub fn check_shape(&self, vcpus: usize) -> Result<(), SnapshotError> {
+        if self.topology.cpus() != vcpus as u64 {
+            return Err(SnapshotError::Shape(format!(
+                "the header says {vcpus} vCPUs, the CPU model's topology {} has {}",
+                self.topology,
+                self.topology.cpus()
+            )));
+        }
         if self.cpuid.len() != vcpus {
             return Err(SnapshotError::Shape(format!(
                 "the header says {vcpus} vCPUs, the CPU model has {} CPUID tables",
@@ -355,6 +362,15 @@ mod tests {
         fewer.cpuid[1].pop();
         let err = saved.check_cpuid(&fewer).unwrap_err().to_string();
         assert!(err.contains("vCPU 1") && err.contains("not here"), "{err}");
-        assert!(saved.check_shape(3).is_err());
+        assert!(saved.check_shape(2).is_ok());
+        let err = saved.check_shape(3).unwrap_err().to_string();
+        assert!(
+            err.contains("topology sockets=1,dies=1,cores=2,threads=1 has 2"),
+            "{err}"
+        );
+        let mut tables = saved.clone();
+        tables.topology.cores = 3;
+        let err = tables.check_shape(3).unwrap_err().to_string();
+        assert!(err.contains("the CPU model has 2 CPUID tables"), "{err}");
     }
 }
