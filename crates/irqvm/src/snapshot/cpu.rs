@@ -110,9 +110,9 @@ pub fn capture(vcpu: &VcpuFd, msrs: &[u32], caps: CpuCaps) -> Result<VcpuCpuStat
 }
 
 /// Writes the registers, in KVM's order: SREGS (with IA32_APIC_BASE = `apic_base`, the chip
-/// snapshot's) before REGS, then XCRS before the XSAVE area (KVM_SET_XSAVE keeps components
-/// XCR0 enables; QEMU orders them so too), or the FPU where the snapshot or this KVM has no
-/// XSAVE area (the area holds x87 and SSE as well). The local APIC comes next (the caller), then
+/// snapshot's) before REGS, then XCRS before the XSAVE area (XCR0 before the state it
+/// enables: the order docs/kvm-facts.md measured), or the FPU where the snapshot or this KVM
+/// has no XSAVE area (the area holds x87 and SSE as well). The local APIC comes next (the caller), then
 /// [`apply_msrs`], then the events. The area and XCR0 were checked against `caps` first
 /// (`snapshot::restore::check`).
 pub fn apply_registers(
