@@ -119,6 +119,14 @@ pub struct RestoreArgs {
     /// Run without the seccomp filters.
     #[arg(long)]
     pub no_seccomp: bool,
+    /// Not needed: the snapshot carries its CPU model. Accepted if it is the snapshot's
+    /// topology, refused otherwise (the guest keeps the CPUs it saw).
+    #[arg(long, value_name = "SPEC")]
+    pub topology: Option<crate::cpumodel::Topology>,
+    /// Not needed: the snapshot carries its CPU model. Items that agree with it are accepted,
+    /// one that differs is refused by name.
+    #[arg(long, value_name = "LIST", allow_hyphen_values = true)]
+    pub cpu_features: Option<crate::cpumodel::FeatureEdits>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -313,6 +321,8 @@ fn restore_vm(args: &RestoreArgs) -> Result<(VmConfig, Vm), CliError> {
     cfg.seccomp = !args.no_seccomp;
     cfg.cpus = snapshot.state.header.vcpus;
     cfg.memory = snapshot.state.header.memory_size;
+    cfg.topology = args.topology;
+    cfg.cpu_features = args.cpu_features.clone().unwrap_or_default();
     let vm = Vm::restore(&snapshot, &cfg)?;
     tracing::info!(elapsed = ?start.elapsed(), mode = ?cfg.irqchip, "snapshot restored");
     Ok((cfg, vm))

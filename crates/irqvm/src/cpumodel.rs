@@ -27,8 +27,9 @@ pub const XAPIC_ID_LIMIT: u32 = 0xFF;
 /// the MSI address and 55:49 of an IOAPIC entry extend the 8-bit field to 15 bits).
 pub const EXT_DEST_ID_LIMIT: u32 = 0x7FFF;
 
-/// `--topology`: the package hierarchy (counts of 0 are refused by the parser).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// `--topology`: the package hierarchy (counts of 0 are refused by the parser; a snapshot's is
+/// checked by [`CpuModel::resolve`]: its product must be the vCPU count).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Topology {
     pub sockets: u32,
     pub dies: u32,

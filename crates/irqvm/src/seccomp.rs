@@ -53,6 +53,8 @@ ioctl_ior_nr!(KVM_GET_FPU, KVMIO, 0x8c, kvm_bindings::kvm_fpu);
 ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_bindings::kvm_lapic_state);
 ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_bindings::kvm_irqchip);
 ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_bindings::kvm_xcrs);
+ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_bindings::kvm_xsave);
+ioctl_ior_nr!(KVM_GET_XSAVE2, KVMIO, 0xcf, kvm_bindings::kvm_xsave);
 ioctl_iowr_nr!(KVM_TRANSLATE, KVMIO, 0x85, kvm_bindings::kvm_translation);
 ioctl_iow_nr!(
     KVM_SET_GUEST_DEBUG,
@@ -362,6 +364,8 @@ fn vcpu_ioctls(mode: IrqchipMode) -> Vec<u64> {
     // in every mode (KVM_RUN with immediate_exit completes the last exit first).
     list.extend([
         KVM_GET_XCRS(),
+        KVM_GET_XSAVE(),
+        KVM_GET_XSAVE2(),
         KVM_GET_DEBUGREGS(),
         KVM_GET_MSRS(),
         KVM_GET_VCPU_EVENTS(),

@@ -31,6 +31,7 @@ use crate::kvm::{self, KvmError};
 use crate::loader::{self, BootPlatform, LoadRequest, LoadedKernel, LoaderError, Module, RawImage};
 use crate::memory::{self, GuestRam, MemoryError};
 use crate::seccomp::{self, Role, SeccompError, ThreadFilter};
+use crate::snapshot::model::CpuModelState;
 use crate::trace::Tracer;
 use crate::vcpu::{
     regs, GuestExit, SnapshotContext, VcpuFailure, VcpuShared, VcpuState, VcpuStatsSnapshot,
@@ -155,6 +156,8 @@ struct Machine {
     /// What the loader did (`None` for a VM restored from a snapshot).
     loaded: Option<LoadedKernel>,
     mode: IrqchipMode,
+    /// The resolved CPU model and the vCPUs' CPUID tables, for a snapshot.
+    cpu_model: Arc<CpuModelState>,
     /// `VmConfig::seccomp`: threads started for this VM later (the control API's) are filtered too.
     seccomp: bool,
     // Drop order: the VM fd before the memory KVM maps.
@@ -252,15 +255,22 @@ impl Vm {
                     .map_err(KvmError::ioctl("KVM_GET_MSR_INDEX_LIST"))?
                     .as_slice(),
             ),
-            xcrs: kvm.check_extension(kvm_ioctls::Cap::Xcrs),
+            caps: crate::snapshot::cpu::CpuCaps {
+                xcrs: kvm.check_extension(kvm_ioctls::Cap::Xcrs),
+                xsave: crate::snapshot::xstate::XsaveHost::probe(&kvm, &vm_fd, &supported),
+            },
             lapics: Vec::new(),
         };
+        let tables: Vec<kvm_bindings::CpuId> = (0..cfg.cpus as usize)
+            .map(|index| cpuid::vcpu_cpuid(&supported, &model, index))
+            .collect();
+        let cpu_model = Arc::new(CpuModelState::new(&model, &tables));
         let mut vcpus = Vec::new();
-        for (index, vcpu_shared) in shared.iter().enumerate() {
+        for ((index, vcpu_shared), table) in shared.iter().enumerate().zip(&tables) {
             let fd = vm_fd
                 .create_vcpu(kvm_vcpu_id(cfg.irqchip, &model, index))
                 .map_err(KvmError::ioctl("KVM_CREATE_VCPU"))?;
-            fd.set_cpuid2(&cpuid::vcpu_cpuid(&supported, &model, index))
+            fd.set_cpuid2(table)
                 .map_err(KvmError::ioctl("KVM_SET_CPUID2"))?;
             let vcpu_chip = chip.create_vcpu_chip(index, &fd)?;
             if let (0, Some(loaded)) = (index, &loaded) {
@@ -309,6 +319,7 @@ impl Vm {
                 loaded,
                 seccomp: cfg.seccomp,
                 mode: cfg.irqchip,
+                cpu_model,
                 vm_fd,
                 _kvm: kvm,
                 memory,
@@ -324,40 +335,47 @@ impl Vm {
     /// A VM of `snapshot`'s shape in irqchip mode `cfg.irqchip` (any, whatever the snapshot's
     /// source mode), its RAM a private mapping of the snapshot's memory file, with the
     /// snapshot's state applied; not started. `cfg`'s kernel, CPU count and memory are not
-    /// used. Everything is checked before anything is applied
-    /// (`snapshot::restore::check`); then each vCPU in KVM's order: SREGS, REGS, FPU, XCRS, the
-    /// local APIC, the MSRs (IA32_TSC first, IA32_TSC_DEADLINE last), debug registers, events,
-    /// MP state; then the platform (PICs, IOAPIC, routing), the devices and kvmclock.
+    /// used; its `topology` and `cpu_features`, if given, must agree with the snapshot's CPU
+    /// model, which the VM is built with (`snapshot::model`). Everything is checked before
+    /// anything is applied (the CPUID tables against the saved ones, then
+    /// `snapshot::restore::check`); then each vCPU in KVM's order: SREGS, REGS, XCRS, the XSAVE
+    /// area (or FPU), the local APIC, the MSRs (IA32_TSC first, IA32_TSC_DEADLINE last), debug
+    /// registers, events, MP state; then the platform (PICs, IOAPIC, routing), the devices and
+    /// kvmclock.
     pub fn restore(
         snapshot: &crate::snapshot::LoadedSnapshot,
         cfg: &VmConfig,
     ) -> Result<Self, VmError> {
-        let state = &snapshot.state;
-        let mut cfg = cfg.clone();
-        cfg.cpus = state.header.vcpus;
-        cfg.memory = state.header.memory_size;
-        cfg.protected_state_aps = None;
+        let saved_model = &snapshot.state.cpu_model;
+        let cfg = restore_config(&snapshot.state, cfg)?;
         let memory = crate::snapshot::memory::map_private(&snapshot.memory, cfg.memory)?;
         let (kvm, model) = Self::open(&cfg)?;
         // The extended destination ID is a property of the target's platform (offered in
-        // `user` and `split`, never in `kernel`: docs/architecture.md, "Snapshots"), not state.
+        // `user` and `split`, never in `kernel`: docs/architecture.md, "Snapshots"), not state;
+        // but the guest keeps the CPUID bit it saw (`CpuModelState::kernel_ext_dest_id`).
+        let platform_ext_dest_id = model.ext_dest_id;
+        let model = saved_model.kernel_ext_dest_id(model)?;
         let mut state = snapshot.state.clone();
         state.chip.devices.ioapic = state
             .chip
             .devices
             .ioapic
             .clone()
-            .with_extended_destination_id(model.ext_dest_id);
+            .with_extended_destination_id(platform_ext_dest_id);
         let redeliver = crate::snapshot::restore::settle_held_level_eois(&mut state);
         let state = &state;
         let mut vm = Self::build(&cfg, kvm, model, memory, None)?;
-        let lapics = vm
-            .vcpus
-            .first()
-            .map(|v| v.snapshot.lapics.clone())
-            .unwrap_or_default();
-        crate::snapshot::restore::check(state, cfg.irqchip, &lapics, model.ext_dest_id)?;
-        let xcrs = vm.vcpus.first().is_some_and(|v| v.snapshot.xcrs);
+        saved_model.check_cpuid(&vm.machine.cpu_model)?;
+        let Some(ctx) = vm.vcpus.first().map(|v| v.snapshot.clone()) else {
+            return Err(VmError::BadCpuCount(0));
+        };
+        crate::snapshot::restore::check(
+            state,
+            cfg.irqchip,
+            &ctx.lapics,
+            platform_ext_dest_id,
+            ctx.caps,
+        )?;
         for (vcpu, (cpu, part)) in vm
             .vcpus
             .iter_mut()
@@ -368,7 +386,7 @@ impl Vm {
                 vcpu.chip.as_mut(),
                 cpu,
                 part,
-                xcrs,
+                ctx.caps,
             )?;
         }
         crate::snapshot::restore::apply_vm(
@@ -437,6 +455,23 @@ impl Vm {
     pub fn run(self, timeout: Option<Duration>) -> Result<RunReport, VmError> {
         self.start()?.wait(timeout)
     }
+}
+
+/// `cfg` for a restore of `state`: the snapshot's shape (vCPUs, memory, standard APs) and CPU
+/// model, which `cfg`'s own `topology` and `cpu_features` may repeat but not contradict.
+fn restore_config(
+    state: &crate::snapshot::SnapshotState,
+    cfg: &VmConfig,
+) -> Result<VmConfig, VmError> {
+    let saved_model = &state.cpu_model;
+    saved_model.check_options(cfg.topology, &cfg.cpu_features)?;
+    let mut cfg = cfg.clone();
+    cfg.cpus = state.header.vcpus;
+    cfg.memory = state.header.memory_size;
+    cfg.protected_state_aps = None;
+    cfg.topology = Some(saved_model.topology);
+    cfg.cpu_features = saved_model.edits_for(cfg.irqchip);
+    Ok(cfg)
 }
 
 /// What this KVM allows: KVM_CAP_MAX_VCPUS, KVM_CAP_MAX_VCPU_ID (0 from an old KVM means
@@ -712,6 +747,7 @@ impl RunningVm {
                 memory: self.vm.memory.clone(),
                 devices: self.vm.devices.clone(),
                 mode: self.vm.mode,
+                cpu_model: self.vm.cpu_model.clone(),
             }),
             files: Arc::default(),
         }

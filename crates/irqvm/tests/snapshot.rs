@@ -624,6 +624,260 @@ fn ap_mid_init_mid_sipi_and_waiting_for_sipi_restore_into_that_state() {
     let _ = std::fs::remove_dir_all(&base);
 }
 
+/// The `xstate` guest's CPU model in these tests: not the default one (2 sockets of 1 core
+/// rather than 1 socket of 2 cores: other CPUID leaves 1 and 4; no TSC-deadline timer), so
+/// that a restore which did not carry the model would change the guest's CPUID.
+const XSTATE_MODEL: [&str; 4] = ["--topology", "sockets=2", "--cpu-features", "-tsc-deadline"];
+/// Long enough a spin that the snapshot, taken when the guest prints `XSTATE: loaded`, falls
+/// inside it on any host.
+const XSTATE_SPIN: &str = "spin=6000";
+
+/// Runs `xstate` on 2 vCPUs in `mode` (`extra` options) and snapshots it into `dir` as soon as
+/// every vCPU holds its XMM pattern and spins (`XSTATE: loaded`), then shuts it down. Returns
+/// the output up to the snapshot, which must not have reached the end of the spin.
+fn snapshot_xstate(mode: IrqchipMode, dir: &Path, extra: &[&str]) -> String {
+    use std::io::BufRead;
+    let sock = dir.with_extension("sock");
+    let mut child = irqvm()
+        .args(["run", "--kernel", &common::guest_path("xstate")])
+        .args(["--cpus", "2", "--irqchip", mode_name(mode)])
+        .args(["--cmdline", XSTATE_SPIN])
+        .args(extra)
+        .arg("--api-sock")
+        .arg(&sock)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if line == "XSTATE: loaded" {
+                let _ = tx.send(());
+            }
+            text.push_str(&line);
+            text.push('\n');
+        }
+        text
+    });
+    wait_for_socket(&sock, &mut child);
+    let loaded = rx.recv_timeout(Duration::from_secs(60)).is_ok();
+    let (status, body) = curl(
+        &sock,
+        "PUT",
+        "/api/v1/vm.snapshot",
+        Some(&snapshot_body(dir)),
+    );
+    let _ = curl(&sock, "PUT", "/api/v1/vm.shutdown", None);
+    let out = child.wait_with_output().unwrap();
+    let text = reader.join().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        loaded,
+        "{mode:?}: the guest never loaded its pattern\n{text}{err}"
+    );
+    assert_eq!(status, 204, "{mode:?}: vm.snapshot: {body}\n{text}{err}");
+    assert!(
+        !text.contains("XSTATE: spun"),
+        "{mode:?}: the spin ended before the snapshot; raise {XSTATE_SPIN}\n{text}"
+    );
+    text
+}
+
+/// A copy of the snapshot `base` whose state file is `edit`ed (as JSON).
+fn edited_copy(base: &Path, tag: &str, edit: impl Fn(&mut serde_json::Value)) -> PathBuf {
+    let len = std::fs::metadata(base.join("memory")).unwrap().len();
+    broken_copy(
+        base,
+        tag,
+        |text| {
+            let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            edit(&mut v);
+            v.to_string()
+        },
+        len,
+    )
+}
+
+/// `irqvm restore` of `dir` in `mode` with `extra` options, run to its end.
+fn restore_with(dir: &Path, mode: IrqchipMode, extra: &[&str]) -> Output {
+    irqvm()
+        .args(["restore", "--snapshot"])
+        .arg(dir)
+        .args(["--irqchip", mode_name(mode), "--timeout", "120"])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// Issue 12's extended CPU state, in each of the 9 mode pairs: `xstate` (2 vCPUs, a
+/// non-default CPU model) is snapshotted while every vCPU holds its own pattern in XMM0-15
+/// (and XCR0 = 7, CR4.OSXSAVE) and restored in the target mode without any CPU option: the
+/// guest's checks over both halves of its life must pass — the XMM registers hold the pattern
+/// after the restore (fresh ones are zero), and CPUID reads the same as before the snapshot.
+#[test]
+fn xstate_restores_in_every_mode_pair() {
+    let _guard = common::exclusive();
+    for source in MODES {
+        for target in MODES {
+            let dir = scratch(&format!(
+                "xstate-{}-{}",
+                mode_name(source),
+                mode_name(target)
+            ));
+            let before = snapshot_xstate(source, &dir, &XSTATE_MODEL);
+            let out = restore_with(&dir, target, &[]);
+            let after = String::from_utf8_lossy(&out.stdout);
+            let what = format!("xstate {source:?} restored in {target:?}");
+            // isa-debug-exit: status 1 when the guest passed (3 when a check failed).
+            assert_eq!(
+                out.status.code(),
+                Some(1),
+                "{what}\n{before}{after}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let whole = format!("{before}{after}");
+            if let Err(problems) = Expectations::load("xstate").verify(target, 2, &whole) {
+                panic!("{what}:\n{problems}\n{whole}");
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}
+
+/// The XSAVE area is what carries the XMM registers (KVM_SET_XSAVE is written after, and
+/// instead of, KVM_SET_FPU) and the guest's check sees a loss: the same snapshot with the XMM
+/// bytes of every vCPU's XSAVE area zeroed makes `xmm0-15 kept across the spin` fail.
+#[test]
+fn xstate_without_its_xmm_bytes_fails_the_guest() {
+    let _guard = common::exclusive();
+    let base = scratch("xstate-lost-base");
+    snapshot_xstate(IrqchipMode::User, &base, &[]);
+    let dir = edited_copy(&base, "xstate-lost", |v| {
+        for cpu in v["vcpus"].as_array_mut().unwrap() {
+            let area = cpu["xsave"].as_array_mut().expect("an XSAVE area");
+            for b in &mut area[160..416] {
+                *b = 0.into();
+            }
+        }
+    });
+    let out = restore_with(&dir, IrqchipMode::User, &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    assert!(
+        text.contains("FAIL: xmm0-15 kept across the spin on every cpu"),
+        "{text}"
+    );
+    assert!(
+        text.contains("PASS: cpuid the same after the spin"),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+/// The CPU model travels with the snapshot: a paused restore (in another mode) snapshotted
+/// again has the same CPU model and CPUID tables, XCR0 = 7 and the same XSAVE areas; options
+/// that agree with the model are accepted; a conflicting `--topology` or `--cpu-features`, a
+/// CPUID table this host and irqvm would not build, a wrong XSAVE area and an older format
+/// are refused (exit status 2) with the problem named, before the guest runs.
+#[test]
+fn the_cpu_model_travels_and_conflicts_are_refused() {
+    let _guard = common::exclusive();
+    let base = scratch("model-base");
+    snapshot_xstate(IrqchipMode::Split, &base, &XSTATE_MODEL);
+    let again = scratch("model-again");
+    restore_paused_and_snapshot(&base, IrqchipMode::Kernel, &again);
+    let (first, second) = (read_state(&base), read_state(&again));
+    assert_eq!(first["cpu_model"], second["cpu_model"]);
+    assert_eq!(first["cpu_model"]["tsc_deadline"], false);
+    assert_eq!(first["cpu_model"]["topology"]["sockets"], 2);
+    for (a, b) in first["vcpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(second["vcpus"].as_array().unwrap())
+    {
+        assert_eq!(a["xsave"], b["xsave"]);
+        assert_eq!(a["xcrs"], b["xcrs"]);
+        // kvm_xcrs: nr_xcrs, flags, then {xcr: u32, reserved: u32, value: u64}.
+        assert_eq!(a["xcrs"][16], 7, "XCR0 as the guest set it");
+    }
+    let _ = std::fs::remove_dir_all(&again);
+
+    let agree = restore_with(
+        &base,
+        IrqchipMode::User,
+        &[
+            "--topology",
+            "sockets=2",
+            "--cpu-features",
+            "-tsc-deadline,+x2apic",
+        ],
+    );
+    assert_eq!(
+        agree.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&agree.stderr)
+    );
+
+    let mut cases: Vec<(&str, PathBuf, Vec<&str>, &str)> = vec![
+        (
+            "cpu features",
+            base.clone(),
+            vec!["--cpu-features", "+tsc-deadline"],
+            "--cpu-features +tsc-deadline conflicts with the snapshot's CPU model (-tsc-deadline)",
+        ),
+        (
+            "topology",
+            base.clone(),
+            vec!["--topology", "cores=2"],
+            "--topology sockets=1,dies=1,cores=2,threads=1 conflicts",
+        ),
+    ];
+    let cpuid = edited_copy(&base, "model-cpuid", |v| {
+        let table = v["cpu_model"]["cpuid"][1].as_array_mut().unwrap();
+        let leaf1 = table.iter_mut().find(|e| e["function"] == 1).unwrap();
+        leaf1["ecx"] = (leaf1["ecx"].as_u64().unwrap() ^ (1 << 24)).into();
+    });
+    cases.push((
+        "cpuid",
+        cpuid,
+        vec![],
+        "vCPU 1: the guest saw another CPUID: leaf 0x1 subleaf 0 ECX",
+    ));
+    let xsave = edited_copy(&base, "model-xsave", |v| {
+        // XSTATE_BV with a component this host lacks (AVX-512's opmask, bit 5; the host
+        // check names what it supports).
+        v["vcpus"][0]["xsave"][512] = 0x22.into();
+    });
+    cases.push((
+        "xsave",
+        xsave,
+        vec![],
+        "(XSTATE_BV) beyond what this host supports",
+    ));
+    let old = edited_copy(&base, "model-old", |v| {
+        v["header"]["format_version"] = 1.into();
+    });
+    cases.push(("old", old, vec![], "format version 1 is not supported"));
+    for (what, dir, extra, message) in cases {
+        let out = restore_with(&dir, IrqchipMode::User, &extra);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{what}: {err}");
+        assert!(err.contains(message), "{what}: {err}");
+        assert!(out.stdout.is_empty(), "{what}: the guest ran");
+        if dir != base {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&base);
+}
+
 /// A LAPIC timer that expires while the VM is held paused, in the modes whose LAPICs are KVM's:
 /// KVM counts the expiry as pending without showing it in KVM_GET_LAPIC (TMCCT reads 0, IRR is
 /// clear), so a snapshot taken after the hold must still carry it (backend::kvm_timer). With

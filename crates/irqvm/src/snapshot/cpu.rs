@@ -5,7 +5,18 @@ use kvm_bindings::{kvm_msr_entry, Msrs};
 use kvm_ioctls::VcpuFd;
 
 use super::format::{FpuState, MsrValue, VcpuCpuState};
+use super::xstate::XsaveHost;
 use crate::kvm::KvmError;
+
+/// What this KVM can save and restore of a processor's register state beyond REGS, SREGS,
+/// FPU and the MSRs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuCaps {
+    /// KVM_CAP_XCRS.
+    pub xcrs: bool,
+    /// KVM_CAP_XSAVE / KVM_CAP_XSAVE2.
+    pub xsave: XsaveHost,
+}
 
 /// IA32_TIME_STAMP_COUNTER.
 pub const MSR_TSC: u32 = 0x10;
@@ -77,16 +88,17 @@ pub fn read_msr(vcpu: &VcpuFd, index: u32) -> Result<u64, KvmError> {
 }
 
 /// Reads the processor state (the vCPU is outside KVM_RUN with no exit half-handled).
-pub fn capture(vcpu: &VcpuFd, msrs: &[u32], xcrs: bool) -> Result<VcpuCpuState, KvmError> {
+pub fn capture(vcpu: &VcpuFd, msrs: &[u32], caps: CpuCaps) -> Result<VcpuCpuState, KvmError> {
     Ok(VcpuCpuState {
         regs: vcpu.get_regs().map_err(KvmError::ioctl("KVM_GET_REGS"))?,
         sregs: vcpu.get_sregs().map_err(KvmError::ioctl("KVM_GET_SREGS"))?,
         fpu: FpuState::from_kvm(&vcpu.get_fpu().map_err(KvmError::ioctl("KVM_GET_FPU"))?),
-        xcrs: if xcrs {
+        xcrs: if caps.xcrs {
             Some(vcpu.get_xcrs().map_err(KvmError::ioctl("KVM_GET_XCRS"))?)
         } else {
             None
         },
+        xsave: super::xstate::read(vcpu, caps.xsave)?,
         msrs: read_msrs(vcpu, msrs)?,
         debugregs: vcpu
             .get_debug_regs()
@@ -98,13 +110,16 @@ pub fn capture(vcpu: &VcpuFd, msrs: &[u32], xcrs: bool) -> Result<VcpuCpuState, 
 }
 
 /// Writes the registers, in KVM's order: SREGS (with IA32_APIC_BASE = `apic_base`, the chip
-/// snapshot's) before REGS, FPU and XCRS. The local APIC comes next (the caller), then
-/// [`apply_msrs`], then the events.
+/// snapshot's) before REGS, then XCRS before the XSAVE area (XCR0 before the state it
+/// enables: the order docs/kvm-facts.md measured), or the FPU where the snapshot or this KVM
+/// has no XSAVE area (the area holds x87 and SSE as well). The local APIC comes next (the caller), then
+/// [`apply_msrs`], then the events. The area and XCR0 were checked against `caps` first
+/// (`snapshot::restore::check`).
 pub fn apply_registers(
     vcpu: &VcpuFd,
     cpu: &VcpuCpuState,
     apic_base: u64,
-    xcrs: bool,
+    caps: CpuCaps,
 ) -> Result<(), KvmError> {
     let mut sregs = cpu.sregs;
     sregs.apic_base = apic_base;
@@ -112,14 +127,17 @@ pub fn apply_registers(
         .map_err(KvmError::ioctl("KVM_SET_SREGS"))?;
     vcpu.set_regs(&cpu.regs)
         .map_err(KvmError::ioctl("KVM_SET_REGS"))?;
-    // `check_shape` refused malformed FPU arrays.
-    if let Some(fpu) = cpu.fpu.to_kvm() {
-        vcpu.set_fpu(&fpu).map_err(KvmError::ioctl("KVM_SET_FPU"))?;
-    }
-    if let (Some(x), true) = (&cpu.xcrs, xcrs) {
+    if let (Some(x), true) = (&cpu.xcrs, caps.xcrs) {
         vcpu.set_xcrs(x).map_err(KvmError::ioctl("KVM_SET_XCRS"))?;
     }
-    Ok(())
+    match (&cpu.xsave, caps.xsave.size) {
+        (Some(area), 1..) => super::xstate::write(vcpu, area, caps.xsave),
+        // `check_shape` refused malformed FPU arrays.
+        _ => match cpu.fpu.to_kvm() {
+            Some(fpu) => vcpu.set_fpu(&fpu).map_err(KvmError::ioctl("KVM_SET_FPU")),
+            None => Ok(()),
+        },
+    }
 }
 
 /// Writes the MSRs: IA32_TSC first, the others, then IA32_TSC_DEADLINE (`tsc_deadline`, for a

@@ -8,10 +8,15 @@ use irqchip::snapshot::{ChipSnapshot, SnapshotError as ChipSnapshotError};
 use kvm_bindings::{kvm_debugregs, kvm_fpu, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs};
 use serde::{Deserialize, Serialize};
 
+use super::model::CpuModelState;
+use super::xstate::XsaveArea;
 use crate::mode::IrqchipMode;
 
-/// The format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this build writes and reads. 1: the first; 2: each vCPU's XSAVE area
+/// (`VcpuCpuState::xsave`) and the CPU model (`SnapshotState::cpu_model`) added. A snapshot of
+/// another version is refused ([`SnapshotError::Version`]): a version 1 snapshot lacks state a
+/// restore needs (AVX and later registers, the CPUID the guest saw).
+pub const FORMAT_VERSION: u32 = 2;
 /// The guest RAM file in a snapshot directory.
 pub const MEMORY_FILE: &str = "memory";
 /// The state file in a snapshot directory.
@@ -28,7 +33,8 @@ pub enum SnapshotError {
     },
     #[error("snapshot state file {path} is not a valid irqvm snapshot: {reason}")]
     Corrupt { path: PathBuf, reason: String },
-    #[error("snapshot format version {found} is not supported (this irqvm reads version {FORMAT_VERSION})")]
+    #[error("snapshot format version {found} is not supported (this irqvm reads version {FORMAT_VERSION}){}",
+        if *found < FORMAT_VERSION { ": it is older, without the vCPUs' XSAVE areas and CPU model; take it again with this irqvm" } else { "" })]
     Version { found: u32 },
     #[error("snapshot shape: {0}")]
     Shape(String),
@@ -46,6 +52,28 @@ pub enum SnapshotError {
     NotReady(String),
     #[error("cannot convert the interrupt state: {0}")]
     Convert(#[from] super::convert::ConvertError),
+    #[error("vCPU {vcpu}: the XSAVE area {problem}")]
+    Xsave {
+        vcpu: usize,
+        problem: super::xstate::XsaveProblem,
+    },
+    #[error(
+        "{option} {given} conflicts with the snapshot's CPU model ({saved}): a restored guest \
+         keeps the CPUs it saw; leave the option out"
+    )]
+    CpuModelConflict {
+        option: &'static str,
+        given: String,
+        saved: String,
+    },
+    #[error("vCPU {vcpu}: the guest saw another CPUID: {what}")]
+    CpuidMismatch { vcpu: usize, what: String },
+    #[error(
+        "the guest saw KVM_FEATURE_MSI_EXT_DEST_ID with APIC IDs up to {max_apic_id}: kernel \
+         mode's in-kernel IOAPIC reads 8 destination bits and could not reach them; restore \
+         into user or split mode"
+    )]
+    ExtDestIdNeeded { max_apic_id: u32 },
 }
 
 impl SnapshotError {
@@ -170,6 +198,9 @@ pub struct VcpuCpuState {
     pub fpu: FpuState,
     /// KVM_GET_XCRS where KVM has KVM_CAP_XCRS.
     pub xcrs: Option<kvm_xcrs>,
+    /// KVM_GET_XSAVE(2) where KVM has KVM_CAP_XSAVE: x87, SSE and every extended component
+    /// (AVX's upper YMM halves, ...). Restored instead of `fpu` when present.
+    pub xsave: Option<XsaveArea>,
     /// Every MSR of KVM_GET_MSR_INDEX_LIST that reads back, IA32_TSC included; not the local
     /// APIC's (IA32_APIC_BASE, IA32_TSC_DEADLINE, x2APIC), which the chip snapshot holds.
     pub msrs: Vec<MsrValue>,
@@ -223,6 +254,8 @@ pub struct SnapshotState {
     /// keeps none that can be read).
     pub lowest_priority_turn: u32,
     pub devices: DeviceState,
+    /// The CPU model and CPUID tables the guest saw (restored with them).
+    pub cpu_model: CpuModelState,
 }
 
 impl SnapshotState {
@@ -271,7 +304,12 @@ impl SnapshotState {
                     what: "malformed FPU registers".into(),
                 });
             }
+            if let Some(area) = &cpu.xsave {
+                area.check_shape()
+                    .map_err(|problem| SnapshotError::Xsave { vcpu, problem })?;
+            }
         }
+        self.cpu_model.check_shape(n)?;
         Ok(mode)
     }
 }
@@ -368,6 +406,7 @@ mod tests {
                 ..Default::default()
             }),
             xcrs: None,
+            xsave: Some(XsaveArea(vec![0; 4096])),
             msrs: vec![MsrValue {
                 index: 0x10,
                 data: 99,
@@ -411,6 +450,14 @@ mod tests {
                 i8042_output: vec![(0xFA, false)],
                 i8042_pending: None,
             },
+            cpu_model: CpuModelState {
+                topology: crate::cpumodel::Topology::flat(n as u32),
+                x2apic: true,
+                tsc_deadline: true,
+                ext_dest_id: true,
+                kvmclock: true,
+                cpuid: vec![Vec::new(); n],
+            },
         }
     }
 
@@ -430,8 +477,9 @@ mod tests {
     #[test]
     fn shape_checks_name_the_problem() {
         type Break = fn(&mut SnapshotState);
-        let cases: [(&str, Break); 6] = [
-            ("version", |s| s.header.format_version = 2),
+        let cases: [(&str, Break); 9] = [
+            ("version", |s| s.header.format_version = 3),
+            ("older", |s| s.header.format_version = 1),
             ("source mode", |s| s.header.source_mode = "qemu".into()),
             ("3 vCPUs", |s| s.header.vcpus = 3),
             ("interrupt state has 1", |s| {
@@ -439,13 +487,20 @@ mod tests {
             }),
             ("CMOS RAM", |s| s.devices.cmos_ram.push(0)),
             ("FPU", |s| s.vcpus[0].fpu.xmm.pop().map(drop).unwrap_or(())),
+            ("XSAVE area has 100 bytes", |s| {
+                s.vcpus[1].xsave = Some(XsaveArea(vec![0; 100]))
+            }),
+            ("CPU model has 1 CPUID tables", |s| {
+                s.cpu_model.cpuid.pop();
+            }),
         ];
         for (what, break_it) in cases {
             let mut s = state(2);
             break_it(&mut s);
             let err = s.check_shape().unwrap_err().to_string();
             let named = match what {
-                "version" => err.contains("format version 2"),
+                "version" => err.contains("format version 3") && !err.contains("older"),
+                "older" => err.contains("format version 1") && err.contains("it is older"),
                 "source mode" => err.contains("unknown source mode"),
                 "3 vCPUs" => err.contains("header says 3 vCPUs"),
                 other => err.contains(other),

@@ -5,6 +5,8 @@
 //! |---|---|
 //! | [`format`](mod@format) | the directory (`memory`, `state.json`), its types, the checks before restore |
 //! | [`cpu`] | one vCPU's processor state: read at a safe point, written in KVM's order |
+//! | [`xstate`] | a vCPU's XSAVE area (x87, SSE, AVX, ...): read, written, checked against this host |
+//! | [`model`](mod@model) | the CPU model and CPUID tables the guest saw, and the checks a restore makes of them |
 //! | [`platform`] | `kernel` mode's in-kernel PICs and IOAPIC as the model's devices |
 //! | [`memory`] | guest RAM to the file, and back as a private mapping of it |
 //! | [`take`] | the whole save: pause, every vCPU, the platform, the devices, the files |
@@ -15,9 +17,11 @@ pub mod convert;
 pub mod cpu;
 pub mod format;
 pub mod memory;
+pub mod model;
 pub mod platform;
 pub mod restore;
 pub mod source;
 pub mod take;
+pub mod xstate;
 
 pub use format::{load, LoadedSnapshot, SnapshotError, SnapshotState};

@@ -6,21 +6,26 @@ use irqchip::lapic::LapicConfig;
 use irqchip::snapshot::VcpuSnapshot;
 use kvm_ioctls::{VcpuFd, VmFd};
 
+use super::cpu::CpuCaps;
 use super::format::{SnapshotError, SnapshotState, VcpuCpuState};
+use super::xstate::check_xcr0;
 use crate::backend::{Irqchip, IrqchipError, IrqchipMode, PlatformFabric, VcpuFabric, VcpuIrqchip};
 use crate::devices::Devices;
 
 /// Every check that needs the target VM, before anything is applied: the model's checks of
 /// the interrupt state (version, vCPUs against the target's local APIC configuration, APIC
-/// state, MP state, IOAPIC shape, levels against routing), and what KVM's local APIC cannot
-/// take (a pending SMI: no SMM on this host; an IOAPIC past 24 pins).
+/// state, MP state, IOAPIC shape, levels against routing), what KVM's local APIC cannot
+/// take (a pending SMI: no SMM on this host; an IOAPIC past 24 pins), and each vCPU's XSAVE
+/// area and XCR0 against what this KVM supports (`caps`).
 pub fn check(
     state: &SnapshotState,
     target: IrqchipMode,
     lapics: &[LapicConfig],
     extended_destination_id: bool,
+    caps: CpuCaps,
 ) -> Result<(), SnapshotError> {
     state.check_shape()?;
+    check_xstate(state, caps)?;
     state.chip.check_vcpus(lapics)?;
     let config = PcIrqChipConfig::new(lapics.len());
     state.chip.devices.check(
@@ -40,6 +45,23 @@ pub fn check(
     Ok(())
 }
 
+/// Each vCPU's XSAVE area and XCR0 against this KVM's (`XsaveArea::check_for`, `check_xcr0`).
+fn check_xstate(state: &SnapshotState, caps: CpuCaps) -> Result<(), SnapshotError> {
+    for (vcpu, cpu) in state.vcpus.iter().enumerate() {
+        let fail = |problem| SnapshotError::Xsave { vcpu, problem };
+        if let Some(area) = &cpu.xsave {
+            area.check_for(caps.xsave).map_err(fail)?;
+        }
+        if let (Some(x), true) = (&cpu.xcrs, caps.xcrs) {
+            let n = (x.nr_xcrs as usize).min(x.xcrs.len());
+            for xcr in x.xcrs[..n].iter().filter(|x| x.xcr == 0) {
+                check_xcr0(xcr.value, caps.xsave).map_err(fail)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 fn vcpu_error(vcpu: usize) -> impl Fn(IrqchipError) -> SnapshotError {
     move |e| SnapshotError::Vcpu {
         vcpu,
@@ -47,15 +69,15 @@ fn vcpu_error(vcpu: usize) -> impl Fn(IrqchipError) -> SnapshotError {
     }
 }
 
-/// One vCPU, in KVM's order: SREGS (IA32_APIC_BASE the model's), REGS, FPU, XCRS; the local
-/// APIC; the MSRs (IA32_TSC first, IA32_TSC_DEADLINE last) and debug registers; the events
-/// and the MP state.
+/// One vCPU, in KVM's order: SREGS (IA32_APIC_BASE the model's), REGS, XCRS, the XSAVE area
+/// (or FPU); the local APIC; the MSRs (IA32_TSC first, IA32_TSC_DEADLINE last) and debug
+/// registers; the events and the MP state.
 pub fn apply_vcpu(
     fd: &mut VcpuFd,
     chip: &mut dyn VcpuIrqchip,
     cpu: &VcpuCpuState,
     part: &VcpuSnapshot,
-    xcrs: bool,
+    caps: CpuCaps,
 ) -> Result<(), SnapshotError> {
     let index = part.index;
     let fail = vcpu_error(index);
@@ -63,7 +85,7 @@ pub fn apply_vcpu(
         model: part.clone(),
         cpu_events: cpu.events,
     };
-    super::cpu::apply_registers(fd, cpu, part.lapic.apic_base(), xcrs)
+    super::cpu::apply_registers(fd, cpu, part.lapic.apic_base(), caps)
         .map_err(|e| fail(e.into()))?;
     let saved_tsc = super::cpu::saved_tsc(cpu).unwrap_or(0);
     let deadline = chip.restore_apic(fd, &fabric, saved_tsc).map_err(&fail)?;

@@ -15,4 +15,6 @@ pub struct SnapshotSource {
     pub(crate) memory: GuestRam,
     pub(crate) devices: Arc<Devices>,
     pub(crate) mode: IrqchipMode,
+    /// The CPU model and CPUID tables the guest was given.
+    pub(crate) cpu_model: Arc<super::model::CpuModelState>,
 }

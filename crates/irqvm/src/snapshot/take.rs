@@ -65,6 +65,7 @@ pub fn take(handle: &VmHandle, dir: &Path) -> Result<SnapshotTimes, SnapshotErro
         chip: irqchip::snapshot::ChipSnapshot::new(parts, platform.devices),
         lowest_priority_turn: platform.lowest_priority_turn,
         devices,
+        cpu_model: (*source.cpu_model).clone(),
     };
     super::memory::write(&source.memory, &dir.join(MEMORY_FILE))?;
     format::write_state(dir, &state)?;

@@ -200,12 +200,13 @@ pub struct VcpuSaved {
     pub fabric: crate::backend::VcpuFabric,
 }
 
-/// What a vCPU thread needs to save its state: the MSRs to read, whether KVM has XCRs, the
-/// model configuration of every vCPU's local APIC (for converting KVM's).
+/// What a vCPU thread needs to save its state: the MSRs to read, what KVM can save beyond them
+/// (XCRs, the XSAVE area), the model configuration of every vCPU's local APIC (for converting
+/// KVM's).
 #[derive(Debug)]
 pub struct SnapshotContext {
     pub msrs: Vec<u32>,
-    pub xcrs: bool,
+    pub caps: crate::snapshot::cpu::CpuCaps,
     pub lapics: Vec<irqchip::lapic::LapicConfig>,
 }
 
@@ -711,7 +712,7 @@ impl VcpuThread {
         // The interrupt state first: KVM_GET_MP_STATE accepts a pending INIT or SIPI, which
         // rewrites the registers read next (KVM's local APIC; the model accepts nothing here).
         let fabric = self.chip.save_fabric(&mut self.fd, lapic)?;
-        let mut cpu = crate::snapshot::cpu::capture(&self.fd, &ctx.msrs, ctx.xcrs)
+        let mut cpu = crate::snapshot::cpu::capture(&self.fd, &ctx.msrs, ctx.caps)
             .map_err(IrqchipError::from)?;
         // The processor's events without the model's parts (NMI/SMI pending, latched INIT),
         // which the interrupt state holds.
