@@ -332,16 +332,27 @@ impl Vm {
         snapshot: &crate::snapshot::LoadedSnapshot,
         cfg: &VmConfig,
     ) -> Result<Self, VmError> {
-        let state = &snapshot.state;
+        let size = snapshot.state.header.memory_size;
+        let memory = crate::snapshot::memory::map_private(&snapshot.memory, size)?;
+        Self::restore_with_memory(&snapshot.state, memory, cfg)
+    }
+
+    /// [`Vm::restore`] of `state` with `memory` as the guest's RAM (of the state's size, as
+    /// `snapshot::format::load` checks a memory file's): live migration's target fills an
+    /// anonymous mapping from the stream (`crate::migrate`).
+    pub fn restore_with_memory(
+        state: &crate::snapshot::SnapshotState,
+        memory: GuestRam,
+        cfg: &VmConfig,
+    ) -> Result<Self, VmError> {
         let mut cfg = cfg.clone();
         cfg.cpus = state.header.vcpus;
         cfg.memory = state.header.memory_size;
         cfg.protected_state_aps = None;
-        let memory = crate::snapshot::memory::map_private(&snapshot.memory, cfg.memory)?;
         let (kvm, model) = Self::open(&cfg)?;
         // The extended destination ID is a property of the target's platform (offered in
         // `user` and `split`, never in `kernel`: docs/architecture.md, "Snapshots"), not state.
-        let mut state = snapshot.state.clone();
+        let mut state = state.clone();
         state.chip.devices.ioapic = state
             .chip
             .devices
