@@ -78,11 +78,9 @@ fn kvm_dirty_log_reports_guest_writes_once() {
         .unwrap()
         .iter()
         .all(|&w| w == 0));
-    loop {
-        match vcpu.run().unwrap() {
-            kvm_ioctls::VcpuExit::Hlt => break,
-            other => panic!("unexpected exit {other:?}"),
-        }
+    match vcpu.run().unwrap() {
+        kvm_ioctls::VcpuExit::Hlt => {}
+        other => panic!("unexpected exit {other:?}"),
     }
     let log = vm.get_dirty_log(0, SIZE as usize).unwrap();
     let dirty: Vec<usize> = (0..(SIZE / 4096) as usize)

@@ -299,7 +299,7 @@ mod tests {
             (record(0, 0), "0 pages"),
             (record(0, MAX_RUN as u32 + 1), "at most"),
             (record((4 << 20) - PAGE_SIZE, 2), "not all guest RAM"),
-            (record(u64::MAX & !0xFFF, 1), "not all guest RAM"),
+            (record(!0xFFF, 1), "not all guest RAM"),
             (vec![9], "unknown record tag 9"),
             (
                 [vec![TAG_STATE], (MAX_STATE + 1).to_le_bytes().to_vec()].concat(),
