@@ -29,6 +29,9 @@ pub const FINAL_PAGES: u64 = 256;
 /// copied is stopped after these, with what it dirtied in the last.
 pub const MAX_ROUNDS: usize = 8;
 
+/// How long the source waits for the target to build and start the VM it sent.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// One copy round while the guest ran.
 #[derive(Clone, Debug, Serialize)]
 pub struct Round {
@@ -164,14 +167,18 @@ fn copy_all(
     })
 }
 
-/// Waits for the target's answer to a VM sent whole.
+/// Waits (up to [`ANSWER_TIMEOUT`]) for the target's answer to a VM sent whole.
 fn answer(
     stream: &UnixStream,
     sent: Sent,
     start: Instant,
 ) -> Result<MigrationReport, MigrateError> {
     let mut r = stream;
-    match wire::read_answer(&mut r) {
+    let answered = stream
+        .set_read_timeout(Some(ANSWER_TIMEOUT))
+        .map_err(MigrateError::from)
+        .and_then(|()| wire::read_answer(&mut r));
+    match answered {
         Ok(Ok(text)) => Ok(MigrationReport {
             rounds: sent.rounds,
             final_pages: sent.final_pages,
