@@ -207,3 +207,70 @@ fn a_migration_that_cannot_start_leaves_the_source_running() {
         panic!("{problems}\n{output}");
     }
 }
+
+/// A stand-in target that reads the whole stream (hello, page records, the state) and refuses the
+/// VM: the source must resume its guest, which ends as expected with nothing lost.
+fn refusing_target(listener: std::os::unix::net::UnixListener) -> std::thread::JoinHandle<u64> {
+    use std::io::{Read, Write};
+    std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut hello = [0u8; 20];
+        s.read_exact(&mut hello).unwrap();
+        assert_eq!(&hello[..8], b"IRQVMMIG");
+        let mut pages = 0u64;
+        loop {
+            let mut tag = [0u8; 1];
+            s.read_exact(&mut tag).unwrap();
+            match tag[0] {
+                1 => {
+                    let mut head = [0u8; 12];
+                    s.read_exact(&mut head).unwrap();
+                    let count = u32::from_le_bytes(head[8..12].try_into().unwrap());
+                    let mut data = vec![0u8; count as usize * 4096];
+                    s.read_exact(&mut data).unwrap();
+                    pages += u64::from(count);
+                }
+                2 => {
+                    let mut len = [0u8; 8];
+                    s.read_exact(&mut len).unwrap();
+                    let mut state = vec![0u8; u64::from_le_bytes(len) as usize];
+                    s.read_exact(&mut state).unwrap();
+                    break;
+                }
+                other => panic!("record tag {other}"),
+            }
+        }
+        let why = b"refused by the test";
+        s.write_all(&[1]).unwrap();
+        s.write_all(&(why.len() as u32).to_le_bytes()).unwrap();
+        s.write_all(why).unwrap();
+        pages
+    })
+}
+
+/// The target refuses the VM once it was sent whole: `vm.send-migration` fails naming the
+/// reason, the source resumes, and its guest's checks still come out as expected.
+#[test]
+fn a_refused_migration_resumes_the_source() {
+    let _guard = common::exclusive();
+    let (api, incoming) = (socket("refused-api"), socket("refused-in"));
+    let target = refusing_target(std::os::unix::net::UnixListener::bind(&incoming).unwrap());
+    let src = source(IrqchipMode::User, &api);
+    std::thread::sleep(Duration::from_millis(300));
+    let (status, body) = curl(
+        &api,
+        "PUT",
+        "/api/v1/vm.send-migration",
+        Some(&migration_body(&incoming)),
+    );
+    let out = src.wait_with_output().unwrap();
+    let output = text(&out.stdout);
+    let _ = std::fs::remove_file(&incoming);
+    assert_eq!(status, 500, "{body}\n{output}");
+    assert!(body.contains("refused by the test"), "{body}");
+    assert!(target.join().unwrap() > 0, "pages were sent");
+    assert_eq!(out.status.code(), Some(1), "{output}");
+    if let Err(problems) = Expectations::load(GUEST).verify(IrqchipMode::User, CPUS, &output) {
+        panic!("{problems}\n{output}");
+    }
+}
