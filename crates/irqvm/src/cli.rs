@@ -37,7 +37,8 @@ pub enum Command {
     /// or a raw binary (--raw-at).
     Run(RunArgs),
     /// Restore a snapshot taken with the control API's `vm.snapshot` and run it, in any irqchip
-    /// mode (by default the one it was taken in).
+    /// mode (by default the one it was taken in); or receive a live migration (--incoming); or,
+    /// with --api-sock alone, wait for `PUT /api/v1/vm.restore`.
     Restore(RestoreArgs),
     /// Run the hostile-guest fuzzer (guests/fuzz.c) seed after seed in every irqchip mode and on
     /// 1, 2 and 4 vCPUs (or those given), each run under a watchdog; stops at the first failing
@@ -102,8 +103,12 @@ pub struct FuzzArgs {
 #[derive(Debug, clap::Args)]
 pub struct RestoreArgs {
     /// The snapshot directory (`memory` and `state.json`).
-    #[arg(long, value_name = "DIR")]
-    pub snapshot: PathBuf,
+    #[arg(long, value_name = "DIR", conflicts_with = "incoming")]
+    pub snapshot: Option<PathBuf>,
+    /// Listen on this Unix socket for one live migration (a source's `vm.send-migration` to
+    /// `unix:PATH`), and run the VM it sends.
+    #[arg(long, value_name = "PATH")]
+    pub incoming: Option<PathBuf>,
     /// Interrupt controller implementation (default: the snapshot's).
     #[arg(long, value_enum)]
     pub irqchip: Option<IrqchipMode>,
@@ -248,6 +253,10 @@ pub enum CliError {
     NoSuchVector(u8),
     #[error("--paused needs --api-sock (nothing else can resume the VM)")]
     PausedWithoutApi,
+    #[error("restore needs --snapshot DIR, --incoming PATH, or --api-sock PATH (then vm.restore)")]
+    NothingToRestore,
+    #[error("live migration: {0}")]
+    Migrate(#[from] crate::migrate::MigrateError),
 }
 
 /// Exit status when --timeout expires (as timeout(1) uses).
@@ -308,28 +317,141 @@ fn parse_timeout(timeout: Option<f64>) -> Result<Option<Duration>, CliError> {
     }
 }
 
-/// `irqvm restore`: the snapshot read and checked, a VM of its shape built in the chosen mode
-/// with its state applied, started (or held paused).
-fn restore_vm(args: &RestoreArgs) -> Result<(VmConfig, Vm), CliError> {
+/// The target's answer to a migration source, with the target's report, given once the VM runs.
+type Incoming = (crate::migrate::receive::Answer, serde_json::Value);
+
+/// `irqvm restore`: the snapshot read and checked (or the migration received), a VM of its
+/// shape built in the chosen mode with its state applied, not started yet.
+fn restore_vm(args: &RestoreArgs) -> Result<(VmConfig, Vm, Option<Incoming>), CliError> {
     if args.paused && args.api_sock.is_none() {
         return Err(CliError::PausedWithoutApi);
     }
-    let start = std::time::Instant::now();
-    let snapshot = crate::snapshot::load(&args.snapshot).map_err(VmError::from)?;
     let mut cfg = VmConfig::new(Vec::new(), "snapshot");
-    cfg.irqchip = args.irqchip.unwrap_or(snapshot.source_mode);
     cfg.seccomp = !args.no_seccomp;
+    if let Some(path) = &args.incoming {
+        return receive_vm(path, args.irqchip, cfg);
+    }
+    let dir = args.snapshot.as_ref().ok_or(CliError::NothingToRestore)?;
+    let start = std::time::Instant::now();
+    let snapshot = crate::snapshot::load(dir).map_err(VmError::from)?;
+    cfg.irqchip = args.irqchip.unwrap_or(snapshot.source_mode);
     cfg.cpus = snapshot.state.header.vcpus;
     cfg.memory = snapshot.state.header.memory_size;
     cfg.topology = args.topology;
     cfg.cpu_features = args.cpu_features.clone().unwrap_or_default();
     let vm = Vm::restore(&snapshot, &cfg)?;
     tracing::info!(elapsed = ?start.elapsed(), mode = ?cfg.irqchip, "snapshot restored");
+    Ok((cfg, vm, None))
+}
+
+/// `irqvm restore --incoming PATH`: one migration received on `path`, its VM built in `mode`
+/// (default: the source's); the source is told if it is refused.
+fn receive_vm(
+    path: &Path,
+    mode: Option<IrqchipMode>,
+    mut cfg: VmConfig,
+) -> Result<(VmConfig, Vm, Option<Incoming>), CliError> {
+    use crate::migrate::receive;
+    let listener = receive::listen(path)?;
+    let received = receive::receive(&listener);
+    let _ = std::fs::remove_file(path);
+    let received = received?;
+    let start = std::time::Instant::now();
+    let source_mode = crate::snapshot::format::mode_from_name(&received.state.header.source_mode);
+    cfg.irqchip = mode.or(source_mode).unwrap_or_default();
+    match Vm::restore_with_memory(&received.state, received.memory, &cfg) {
+        Ok(vm) => {
+            let report = serde_json::json!({
+                "pages_received": received.pages,
+                "receive_ms": received.elapsed.as_secs_f64() * 1000.0,
+                "restore_ms": start.elapsed().as_secs_f64() * 1000.0,
+                "irqchip": crate::api::control::mode_name(cfg.irqchip),
+            });
+            tracing::info!(%report, "migration received");
+            Ok((cfg, vm, Some((received.answer, report))))
+        }
+        Err(e) => {
+            received.answer.refuse(&e.to_string());
+            Err(e.into())
+        }
+    }
+}
+
+/// `irqvm restore --api-sock PATH` alone: serves the API without a VM until `vm.restore`
+/// (restored held paused, as Cloud Hypervisor does) or `vm.shutdown`, then runs the VM as
+/// `irqvm restore` would, on the same socket.
+fn restore_through_api(args: &RestoreArgs) -> Result<i32, CliError> {
+    use crate::api::vmm::{Vmm, VmmRequest};
+    let timeout = parse_timeout(args.timeout)?;
+    let path = args.api_sock.as_ref().ok_or(CliError::NothingToRestore)?;
+    let seccomp = !args.no_seccomp;
+    // Started before the API thread's filter, for the VM's file work (`api::files`).
+    let files = crate::api::files::FileWorker::start().map_err(crate::api::ServerError::Spawn)?;
+    // The mode is not known yet: the API thread gets `kernel` mode's filter, whose ioctls
+    // include `split`'s (`user`'s are none).
+    let filter = seccomp
+        .then(|| ThreadFilter::new(Role::Api(IrqchipMode::Kernel)))
+        .transpose()
+        .map_err(VmError::from)?;
+    let (vmm, queue) = Vmm::new();
+    let api = crate::api::ApiServer::start_with(path, vmm.clone(), filter)?;
+    let mut files = Some(files);
+    let (cfg, vm) = loop {
+        let Ok(VmmRequest::Restore { request, reply }) = queue.recv() else {
+            return Ok(0);
+        };
+        match restore_request(&request, seccomp).and_then(|(cfg, vm)| {
+            let vm = vm
+                .start_paused(true)
+                .map_err(|e| crate::api::ApiError::Internal(e.to_string()))?;
+            Ok((cfg, vm))
+        }) {
+            Ok((cfg, vm)) => {
+                let handle = vm.handle();
+                if let Some(worker) = files.take() {
+                    let _ = handle.files.set(worker);
+                }
+                vmm.set_vm(handle);
+                let _ = reply.send(Ok(()));
+                break (cfg, vm);
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    };
+    run_to_end(&cfg, vm, Some(api), timeout, None)
+}
+
+/// The VM of a `vm.restore` request, not started.
+fn restore_request(
+    request: &crate::api::model::RestoreRequest,
+    seccomp: bool,
+) -> Result<(VmConfig, Vm), crate::api::ApiError> {
+    use crate::api::ApiError;
+    let dir = crate::api::control::file_url_dir("source_url", &request.source_url)?;
+    let snapshot = crate::snapshot::load(&dir).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let mut cfg = VmConfig::new(Vec::new(), "snapshot");
+    cfg.seccomp = seccomp;
+    cfg.irqchip = match &request.irqchip {
+        None => snapshot.source_mode,
+        Some(name) => crate::snapshot::format::mode_from_name(name).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "irqchip {name:?} is not one of user, split, kernel"
+            ))
+        })?,
+    };
+    let vm = Vm::restore(&snapshot, &cfg).map_err(|e| match e {
+        VmError::Snapshot(_) => ApiError::BadRequest(e.to_string()),
+        other => ApiError::Internal(other.to_string()),
+    })?;
+    tracing::info!(dir = %dir.display(), mode = ?cfg.irqchip, "snapshot restored through the API");
     Ok((cfg, vm))
 }
 
 /// Runs the command line; returns the process exit status.
 pub fn main_with(cli: Cli) -> Result<i32, CliError> {
+    let mut incoming = None;
     let (cfg, timeout, api_sock, vm, paused, trace) = match &cli.command {
         None => {
             let cfg = demo_config();
@@ -345,9 +467,13 @@ pub fn main_with(cli: Cli) -> Result<i32, CliError> {
             let vm = Vm::new(&cfg)?;
             (cfg, timeout, args.api_sock.clone(), vm, false, trace)
         }
+        Some(Command::Restore(args)) if args.snapshot.is_none() && args.incoming.is_none() => {
+            return restore_through_api(args)
+        }
         Some(Command::Restore(args)) => {
             let timeout = parse_timeout(args.timeout)?;
-            let (cfg, vm) = restore_vm(args)?;
+            let (cfg, vm, answer) = restore_vm(args)?;
+            incoming = answer;
             (cfg, timeout, args.api_sock.clone(), vm, args.paused, None)
         }
     };
@@ -355,13 +481,21 @@ pub fn main_with(cli: Cli) -> Result<i32, CliError> {
     if trace.is_some() {
         tracer.start()?;
     }
-    let vm = vm.start_paused(paused)?;
-    let filter = cfg
-        .seccomp
-        .then(|| ThreadFilter::new(Role::Main(cfg.irqchip)))
-        .transpose()
-        .map_err(VmError::from)?;
-    spawn_stdin_reader(vm.devices().clone(), filter.clone());
+    let vm = match vm.start_paused(paused) {
+        Ok(vm) => vm,
+        Err(e) => {
+            if let Some((answer, _)) = incoming.take() {
+                answer.refuse(&e.to_string());
+            }
+            return Err(e.into());
+        }
+    };
+    if let Some((answer, report)) = incoming.take() {
+        // The guest runs here now: the source may end.
+        if let Err(e) = answer.running(&report) {
+            tracing::warn!("the migration source did not hear that the VM runs here: {e}");
+        }
+    }
     // The API's threads install their own filter (`Role::Api`, with the VM's seccomp setting).
     let api = match api_sock {
         Some(path) => match crate::api::ApiServer::start(&path, vm.handle()) {
@@ -374,13 +508,34 @@ pub fn main_with(cli: Cli) -> Result<i32, CliError> {
         },
         None => None,
     };
+    run_to_end(&cfg, vm, api, timeout, trace.map(|t| (t, tracer)))
+}
+
+/// A started VM's life from here: serial input, the main thread's filter, the wait, the API
+/// server's end, the trace file, the exit status.
+fn run_to_end(
+    cfg: &VmConfig,
+    vm: crate::vm::RunningVm,
+    api: Option<crate::api::ApiServer>,
+    timeout: Option<Duration>,
+    trace: Option<(
+        (PathBuf, std::fs::File),
+        std::sync::Arc<crate::trace::Tracer>,
+    )>,
+) -> Result<i32, CliError> {
+    let filter = cfg
+        .seccomp
+        .then(|| ThreadFilter::new(Role::Main(cfg.irqchip)))
+        .transpose()
+        .map_err(VmError::from)?;
+    spawn_stdin_reader(vm.devices().clone(), filter.clone());
     // Setup is over: from here the main thread only waits, tears down and reports.
     if let Some(filter) = &filter {
         filter.apply("main").map_err(VmError::from)?;
     }
     let result = vm.wait(timeout);
     drop(api);
-    if let Some((path, file)) = trace {
+    if let Some(((path, file), tracer)) = trace {
         // The file was created before the main thread's filter went on: only writes now.
         let dump = tracer.stop()?;
         crate::trace::chrome::write(&dump, file).map_err(|source| {
@@ -673,6 +828,10 @@ mod tests {
         };
         assert_eq!(args.irqchip, Some(IrqchipMode::Split));
         assert!(matches!(restore_vm(&args), Err(CliError::PausedWithoutApi)));
+        assert!(
+            Cli::try_parse_from(["irqvm", "restore", "--snapshot", "a", "--incoming", "b"])
+                .is_err()
+        );
         let cli = Cli::try_parse_from(["irqvm", "restore", "--snapshot", "/nonexistent/snap"]);
         let Ok(Cli {
             command: Some(Command::Restore(args)),
@@ -681,6 +840,14 @@ mod tests {
             panic!("not restore");
         };
         assert_eq!(args.irqchip, None, "the snapshot's mode by default");
+        let nothing = Cli::try_parse_from(["irqvm", "restore"]).unwrap();
+        let Some(Command::Restore(nothing)) = nothing.command else {
+            panic!("not restore");
+        };
+        assert!(matches!(
+            restore_through_api(&nothing),
+            Err(CliError::NothingToRestore)
+        ));
         let err = restore_vm(&args)
             .err()
             .expect("no such snapshot")

@@ -16,6 +16,7 @@
 //! | [`kick`] | forcing a vCPU thread out of KVM_RUN, race-free |
 //! | [`vcpu`] | the vCPU threads and their run loop |
 //! | [`snapshot`] | snapshots; the conversion between the model's state and KVM's |
+//! | [`migrate`] | live migration to another irqvm over a Unix socket (dirty-log pre-copy, the snapshot state) |
 //! | [`emulate`] | finishing instructions this host's KVM emulator gives up on (`int3`, `int n`) |
 //! | [`vm`] | building and running a VM (and choosing the backend) |
 //! | [`seccomp`] | the per-thread seccomp filters (least privilege) |
@@ -41,6 +42,7 @@ pub mod kick;
 pub mod kvm;
 pub mod loader;
 pub mod memory;
+pub mod migrate;
 pub mod mode;
 pub mod ratelimit;
 pub mod seccomp;

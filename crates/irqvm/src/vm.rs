@@ -346,16 +346,28 @@ impl Vm {
         snapshot: &crate::snapshot::LoadedSnapshot,
         cfg: &VmConfig,
     ) -> Result<Self, VmError> {
-        let saved_model = &snapshot.state.cpu_model;
-        let cfg = restore_config(&snapshot.state, cfg)?;
-        let memory = crate::snapshot::memory::map_private(&snapshot.memory, cfg.memory)?;
+        let size = snapshot.state.header.memory_size;
+        let memory = crate::snapshot::memory::map_private(&snapshot.memory, size)?;
+        Self::restore_with_memory(&snapshot.state, memory, cfg)
+    }
+
+    /// [`Vm::restore`] of `state` with `memory` as the guest's RAM (of the state's size, as
+    /// `snapshot::format::load` checks a memory file's): live migration's target fills an
+    /// anonymous mapping from the stream (`crate::migrate`).
+    pub fn restore_with_memory(
+        state: &crate::snapshot::SnapshotState,
+        memory: GuestRam,
+        cfg: &VmConfig,
+    ) -> Result<Self, VmError> {
+        let saved_model = &state.cpu_model;
+        let cfg = restore_config(state, cfg)?;
         let (kvm, model) = Self::open(&cfg)?;
         // The extended destination ID is a property of the target's platform (offered in
         // `user` and `split`, never in `kernel`: docs/architecture.md, "Snapshots"), not state;
         // but the guest keeps the CPUID bit it saw (`CpuModelState::kernel_ext_dest_id`).
         let platform_ext_dest_id = model.ext_dest_id;
         let model = saved_model.kernel_ext_dest_id(model)?;
-        let mut state = snapshot.state.clone();
+        let mut state = state.clone();
         state.chip.devices.ioapic = state
             .chip
             .devices

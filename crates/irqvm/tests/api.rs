@@ -9,9 +9,10 @@ mod common;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::api::{curl, wait_for_socket};
 use irqvm::api::model::{PlatformInfo, VcpuInfo, VmInfo};
 use irqvm::api::ApiServer;
 use irqvm::devices::SerialCapture;
@@ -33,33 +34,6 @@ fn socket_path(tag: &str) -> PathBuf {
     std::env::temp_dir().join(format!("irqvm-api-{}-{tag}.sock", std::process::id()))
 }
 
-/// One curl request: (HTTP status, body).
-fn curl(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-    let mut cmd = Command::new("curl");
-    cmd.args(["-s", "-m", "10", "-w", "\n%{http_code}", "-X", method])
-        .arg("--unix-socket")
-        .arg(sock)
-        .arg(format!("http://localhost{path}"));
-    if let Some(body) = body {
-        cmd.args([
-            "-H",
-            "Content-Type: application/json",
-            "--data-binary",
-            body,
-        ]);
-    }
-    let out = cmd
-        .output()
-        .expect("curl must be installed (apt-get install curl)");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-    let code = code
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("curl {method} {path}: no status in {text:?}"));
-    (code, body.to_string())
-}
-
 fn get<T: serde::de::DeserializeOwned>(sock: &Path, path: &str) -> T {
     let (code, body) = curl(sock, "GET", path, None);
     assert_eq!(code, 200, "GET {path}: {body}");
@@ -73,17 +47,6 @@ fn refused(sock: &Path, method: &str, path: &str, body: Option<&str>, status: u1
     let v: serde_json::Value =
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
     assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{text}");
-}
-
-fn wait_for_socket(sock: &Path, child: &mut Child) {
-    let start = Instant::now();
-    while !sock.exists() {
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("irqvm exited with {status} before listening");
-        }
-        assert!(start.elapsed() < Duration::from_secs(20), "no socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Polls vCPU `index` until `pred` holds (2 s).

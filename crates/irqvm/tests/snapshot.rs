@@ -15,9 +15,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
+use common::api::{curl, wait_for_socket, Rng};
 use common::expect::Expectations;
 use irqvm::IrqchipMode;
 
@@ -41,54 +42,6 @@ fn scratch(tag: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-/// One curl request: (HTTP status, body).
-fn curl(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-    let mut cmd = Command::new("curl");
-    cmd.args(["-s", "-m", "30", "-w", "\n%{http_code}", "-X", method])
-        .arg("--unix-socket")
-        .arg(sock)
-        .arg(format!("http://localhost{path}"));
-    if let Some(body) = body {
-        cmd.args(["--data-binary", body]);
-    }
-    let out = cmd.output().expect("curl must be installed");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-    (code.trim().parse().unwrap_or(0), body.to_string())
-}
-
-fn wait_for_socket(sock: &Path, child: &mut Child) {
-    let start = Instant::now();
-    while !sock.exists() {
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("irqvm exited with {status} before listening");
-        }
-        assert!(start.elapsed() < Duration::from_secs(20), "no socket");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// A small xorshift: the test's random moments, from a seed it prints.
-struct Rng(u64);
-
-impl Rng {
-    fn from_clock() -> Self {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64)
-            | 1;
-        eprintln!("snapshot test seed {seed}");
-        Self(seed)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
 }
 
 fn snapshot_body(dir: &Path) -> String {
@@ -622,6 +575,122 @@ fn ap_mid_init_mid_sipi_and_waiting_for_sipi_restore_into_that_state() {
         let _ = std::fs::remove_dir_all(&dir);
     }
     let _ = std::fs::remove_dir_all(&base);
+}
+
+/// `PUT /api/v1/vm.restore` on an irqvm started without a VM (`irqvm restore --api-sock PATH`,
+/// as Cloud Hypervisor's VMM without a VM): with no VM yet, `vm.info` says so and what needs a
+/// VM is refused; bad URLs, a missing snapshot and an unknown mode are refused with 400; then a
+/// snapshot taken in `user` mode is restored into `split`, held paused, a second restore is
+/// refused, `vm.resume` runs it, and the guest's checks over both halves of its life come out
+/// as expected.
+#[test]
+fn a_snapshot_restores_through_the_api() {
+    let _guard = common::exclusive();
+    let mut rng = Rng::from_clock();
+    let dir = scratch("api-restore");
+    let before = snapshot_at_random(
+        "snapstorm",
+        2,
+        IrqchipMode::User,
+        &dir,
+        Duration::from_millis(1000),
+        &mut rng,
+        &["--cmdline", "rounds=80"],
+    );
+    let sock = dir.with_extension("vmm.sock");
+    let mut child = irqvm()
+        .args(["restore", "--api-sock"])
+        .arg(&sock)
+        .args(["--timeout", "120"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_socket(&sock, &mut child);
+    let (status, info) = curl(&sock, "GET", "/api/v1/vm.info", None);
+    assert_eq!(status, 200, "{info}");
+    assert!(info.contains(r#""state":"empty""#), "{info}");
+    let restore_body =
+        |url: &str, mode: &str| format!(r#"{{"source_url": "{url}", "irqchip": "{mode}"}}"#);
+    let url = format!("file://{}", dir.display());
+    let missing = format!("file://{}/missing", dir.display());
+    for (path, body, want) in [
+        ("vm.pause", None, 409),
+        ("vm.snapshot", Some(snapshot_body(&dir)), 409),
+        (
+            "vm.send-migration",
+            Some(r#"{"destination_url": "unix:/x"}"#.into()),
+            409,
+        ),
+        (
+            "vm.restore",
+            Some(restore_body("http://host/snap", "user")),
+            400,
+        ),
+        ("vm.restore", Some(restore_body(&missing, "user")), 400),
+        ("vm.restore", Some(restore_body(&url, "qemu")), 400),
+        (
+            "vm.restore",
+            Some(r#"{"source": "file:///tmp"}"#.into()),
+            400,
+        ),
+    ] {
+        let (status, text) = curl(&sock, "PUT", &format!("/api/v1/{path}"), body.as_deref());
+        assert_eq!(status, want, "{path} {body:?}: {text}");
+        assert!(text.contains("\"error\""), "{path}: {text}");
+    }
+    let (status, text) = curl(
+        &sock,
+        "PUT",
+        "/api/v1/vm.restore",
+        Some(&restore_body(&url, "split")),
+    );
+    assert_eq!(status, 204, "{text}");
+    let (_, info) = curl(&sock, "GET", "/api/v1/vm.info", None);
+    assert!(info.contains(r#""state":"paused""#), "{info}");
+    assert!(info.contains(r#""irqchip":"split""#), "{info}");
+    let (status, text) = curl(
+        &sock,
+        "PUT",
+        "/api/v1/vm.restore",
+        Some(&restore_body(&url, "split")),
+    );
+    assert_eq!(status, 409, "a second restore: {text}");
+    let (status, text) = curl(&sock, "PUT", "/api/v1/vm.resume", None);
+    assert_eq!(status, 204, "{text}");
+    let out = child.wait_with_output().unwrap();
+    let after = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "exit status\n{after}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let whole = format!("{before}{after}");
+    if let Err(problems) = Expectations::load("snapstorm").verify(IrqchipMode::Split, 2, &whole) {
+        panic!("{problems}\n--- before ---\n{before}--- after ---\n{after}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An irqvm waiting for `vm.restore` ends on `vm.shutdown` (status 0), never having a VM.
+#[test]
+fn a_vmm_without_a_vm_shuts_down() {
+    let dir = scratch("api-empty");
+    let sock = dir.join("vmm.sock");
+    let mut child = irqvm()
+        .args(["restore", "--api-sock"])
+        .arg(&sock)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_socket(&sock, &mut child);
+    let (status, text) = curl(&sock, "GET", "/api/v1/vcpus", None);
+    assert_eq!((status, text.as_str()), (200, "[]"));
+    let (status, text) = curl(&sock, "PUT", "/api/v1/vm.shutdown", None);
+    assert_eq!(status, 204, "{text}");
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The `xstate` guest's CPU model in these tests: not the default one (2 sockets of 1 core

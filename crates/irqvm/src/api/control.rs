@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use super::model::{
-    Counters, LineRequest, MsiRequest, PlatformInfo, SnapshotRequest, TraceStartRequest,
-    TraceStopped, VcpuInfo, VmInfo,
+    Counters, LineRequest, MsiRequest, PlatformInfo, SendMigrationRequest, SnapshotRequest,
+    TraceStartRequest, TraceStopped, VcpuInfo, VmInfo,
 };
 use super::router::Control;
 use super::ApiError;
@@ -265,6 +265,32 @@ impl Control for VmHandle {
         Ok(())
     }
 
+    /// Cloud Hypervisor's `vm.send-migration` to `unix:/PATH` (docs/operations.md, "Live
+    /// migration"), on the `api-files` thread: the rounds run there while the guest runs, and
+    /// the answer is the report. On success the VM has ended here.
+    fn send_migration(&self, request: &SendMigrationRequest) -> Result<String, ApiError> {
+        let socket = migration_socket(&request.destination_url)?;
+        self.require_running()?;
+        let handle = self.clone();
+        let final_pages = request
+            .final_pages
+            .unwrap_or(crate::migrate::send::FINAL_PAGES);
+        let sent = self
+            .on_files_thread(move || crate::migrate::send::send(&handle, &socket, final_pages))?;
+        let report =
+            sent.map_err(|e| match e {
+                crate::migrate::MigrateError::Socket { .. } => ApiError::BadRequest(e.to_string()),
+                crate::migrate::MigrateError::NotReady(_)
+                | crate::migrate::MigrateError::Snapshot(
+                    crate::snapshot::SnapshotError::NotReady(_),
+                ) => ApiError::Conflict(e.to_string()),
+                other => ApiError::Internal(other.to_string()),
+            })?;
+        tracing::info!(?report, "VM migrated");
+        serde_json::to_string(&report)
+            .map_err(|e| ApiError::Internal(format!("cannot encode the report: {e}")))
+    }
+
     fn event(&self, index: usize, event: HostEvent) -> Result<bool, ApiError> {
         if index >= self.vcpus.len() {
             return Err(ApiError::NotFound(format!("vCPU {index} does not exist")));
@@ -328,7 +354,12 @@ impl Control for VmHandle {
 
 /// The directory of a `file://` URL: an absolute path, no host, no query.
 pub fn snapshot_dir(url: &str) -> Result<std::path::PathBuf, ApiError> {
-    let bad = |why: &str| ApiError::BadRequest(format!("destination_url {url:?}: {why}"));
+    file_url_dir("destination_url", url)
+}
+
+/// The directory of the `file://` URL in the body's `field`.
+pub fn file_url_dir(field: &str, url: &str) -> Result<std::path::PathBuf, ApiError> {
+    let bad = |why: &str| ApiError::BadRequest(format!("{field} {url:?}: {why}"));
     let path = url
         .strip_prefix("file://")
         .ok_or_else(|| bad("only file:// URLs are supported"))?;
@@ -341,9 +372,33 @@ pub fn snapshot_dir(url: &str) -> Result<std::path::PathBuf, ApiError> {
     Ok(std::path::PathBuf::from(path))
 }
 
+/// The socket of a `unix:` URL (Cloud Hypervisor's `unix:/PATH`): an absolute path.
+pub fn migration_socket(url: &str) -> Result<std::path::PathBuf, ApiError> {
+    let bad = |why: &str| ApiError::BadRequest(format!("destination_url {url:?}: {why}"));
+    let path = url
+        .strip_prefix("unix:")
+        .ok_or_else(|| bad("only unix: URLs are supported (unix:/PATH)"))?;
+    if !path.starts_with('/') || path.contains('\0') {
+        return Err(bad("the socket path must be absolute (unix:/PATH)"));
+    }
+    Ok(std::path::PathBuf::from(path))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn migration_urls_must_be_absolute_unix_urls() {
+        assert_eq!(
+            migration_socket("unix:/tmp/m.sock").unwrap(),
+            std::path::PathBuf::from("/tmp/m.sock")
+        );
+        for bad in ["/tmp/m.sock", "unix:m.sock", "tcp:host:1", "unix:/a\0b", ""] {
+            let err = migration_socket(bad).unwrap_err();
+            assert!(matches!(err, ApiError::BadRequest(_)), "{bad}: {err}");
+        }
+    }
 
     /// Only `file://` with an absolute path, no query, fragment or `..` (Cloud Hypervisor's
     /// `destination_url` names a local directory).

@@ -22,6 +22,7 @@ pub mod model;
 pub mod platform;
 pub mod router;
 pub mod server;
+pub mod vmm;
 
 pub use handle::VmHandle;
 pub use server::{ApiServer, ServerError};

@@ -274,6 +274,30 @@ pub struct SnapshotRequest {
     pub destination_url: String,
 }
 
+/// `PUT /api/v1/vm.send-migration`: Cloud Hypervisor's body, `unix:/PATH` (the socket an
+/// `irqvm restore --incoming /PATH` listens on).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendMigrationRequest {
+    pub destination_url: String,
+    /// irqvm's: stop and copy once a round finds at most this many dirty pages (default
+    /// `migrate::send::FINAL_PAGES`, 256; 0 copies rounds until one finds none, or
+    /// `migrate::send::MAX_ROUNDS` have run).
+    #[serde(default)]
+    pub final_pages: Option<u64>,
+}
+
+/// `PUT /api/v1/vm.restore` to an irqvm started without a VM (`irqvm restore --api-sock PATH`):
+/// Cloud Hypervisor's body (`file:///DIR`), and the irqchip mode to restore into (default: the
+/// snapshot's).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRequest {
+    pub source_url: String,
+    #[serde(default)]
+    pub irqchip: Option<String>,
+}
+
 /// The body of every error response.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {

@@ -6,8 +6,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::model::{
-    Counters, ErrorBody, LineRequest, MsiRequest, PlatformInfo, SipiRequest, SnapshotRequest,
-    TraceStartRequest, TraceStopped, VcpuInfo, VmInfo,
+    Counters, ErrorBody, LineRequest, MsiRequest, PlatformInfo, RestoreRequest,
+    SendMigrationRequest, SipiRequest, SnapshotRequest, TraceStartRequest, TraceStopped, VcpuInfo,
+    VmInfo,
 };
 use super::ApiError;
 use crate::backend::HostEvent;
@@ -39,6 +40,21 @@ pub trait Control {
     fn snapshot(&self, request: &SnapshotRequest) -> Result<(), ApiError> {
         let _ = request;
         Err(ApiError::Conflict("this VM cannot be snapshotted".into()))
+    }
+    /// Migrates the VM to the irqvm listening at the request's `unix:` URL; the report is
+    /// `vm.send-migration`'s answer (JSON).
+    fn send_migration(&self, request: &SendMigrationRequest) -> Result<String, ApiError> {
+        let _ = request;
+        Err(ApiError::Conflict("this VM cannot be migrated".into()))
+    }
+    /// Restores a snapshot into this VMM, which must have no VM yet; the VM is left paused.
+    fn restore(&self, request: &RestoreRequest) -> Result<(), ApiError> {
+        let _ = request;
+        Err(ApiError::Conflict(
+            "a VM already runs here: vm.restore needs an irqvm started without one \
+             (irqvm restore --api-sock PATH)"
+                .into(),
+        ))
     }
 }
 
@@ -122,6 +138,13 @@ fn dispatch(method: &str, url: &str, body: &[u8], ctl: &dyn Control) -> Result<R
         "vm.resume" if put => done(ctl.resume()),
         "vm.shutdown" if put => done(ctl.shutdown()),
         "vm.snapshot" if put => done(ctl.snapshot(&parse::<SnapshotRequest>(body)?)),
+        "vm.send-migration" if put => ctl
+            .send_migration(&parse::<SendMigrationRequest>(body)?)
+            .map(|report| Reply {
+                status: 200,
+                body: report,
+            }),
+        "vm.restore" if put => done(ctl.restore(&parse::<RestoreRequest>(body)?)),
         "irq.line" if put => done(ctl.line(&parse(body)?)),
         "irq.msi" if put => ctl
             .msi(&parse(body)?)
@@ -129,9 +152,8 @@ fn dispatch(method: &str, url: &str, body: &[u8], ctl: &dyn Control) -> Result<R
         "trace.start" if put => done(ctl.trace_start(&parse(body)?)),
         "trace.stop" if put => ctl.trace_stop().map(|t| Reply::json(&t)),
         "vmm.ping" | "vm.info" | "vm.counters" | "platform" | "vm.pause" | "vm.resume"
-        | "vm.shutdown" | "vm.snapshot" | "irq.line" | "irq.msi" | "trace.start" | "trace.stop" => {
-            Err(wrong_method())
-        }
+        | "vm.shutdown" | "vm.snapshot" | "vm.send-migration" | "vm.restore" | "irq.line"
+        | "irq.msi" | "trace.start" | "trace.stop" => Err(wrong_method()),
         _ => Err(ApiError::NotFound(format!("no such path: {path}"))),
     }
 }

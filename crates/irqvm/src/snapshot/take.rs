@@ -32,6 +32,21 @@ pub struct SnapshotTimes {
 pub fn take(handle: &VmHandle, dir: &Path) -> Result<SnapshotTimes, SnapshotError> {
     let start = Instant::now();
     std::fs::create_dir_all(dir).map_err(SnapshotError::io(dir))?;
+    let (state, pause_and_vcpus) = capture(handle)?;
+    super::memory::write(&handle.snapshot.memory, &dir.join(MEMORY_FILE))?;
+    format::write_state(dir, &state)?;
+    Ok(SnapshotTimes {
+        pause_and_vcpus,
+        total: start.elapsed(),
+    })
+}
+
+/// Pauses the VM behind `handle` (if it runs) and reads everything but its RAM: every vCPU at
+/// its safe point, the platform, the devices, kvmclock. The VM stays paused; nothing of it runs
+/// guest code after this returns until it is resumed, so its RAM is final (what live migration's
+/// last round relies on). Returns the state and the time from the call to every vCPU saved.
+pub fn capture(handle: &VmHandle) -> Result<(SnapshotState, Duration), SnapshotError> {
+    let start = Instant::now();
     pause(handle)?;
     all_paused(handle)?;
     let saved = save_vcpus(handle)?;
@@ -67,12 +82,7 @@ pub fn take(handle: &VmHandle, dir: &Path) -> Result<SnapshotTimes, SnapshotErro
         devices,
         cpu_model: (*source.cpu_model).clone(),
     };
-    super::memory::write(&source.memory, &dir.join(MEMORY_FILE))?;
-    format::write_state(dir, &state)?;
-    Ok(SnapshotTimes {
-        pause_and_vcpus,
-        total: start.elapsed(),
-    })
+    Ok((state, pause_and_vcpus))
 }
 
 fn pause(handle: &VmHandle) -> Result<(), SnapshotError> {

@@ -3,6 +3,7 @@
 //! tiny raw / ELF64 / a.out guests from machine code.
 #![allow(dead_code)]
 
+pub mod api;
 pub mod expect;
 
 use std::sync::mpsc;
