@@ -161,6 +161,10 @@ fn check_api(sock: &Path, mode: IrqchipMode) {
 
     // The flight recorder through the API, around the host's INIT, SIPI and NMI.
     let trace = trace_start(sock, mode);
+    let pulse = r#"{"gsi": 5, "action": "pulse"}"#;
+    assert_eq!(curl(sock, "PUT", "/api/v1/irq.line", Some(pulse)).0, 204);
+    let msi = r#"{"address": 4276092928, "data": 48}"#;
+    assert_eq!(curl(sock, "PUT", "/api/v1/irq.msi", Some(msi)).0, 200);
     // INIT-SIPI from the host starts the AP at vector << 12 in real mode.
     let delivered = (200, r#"{"delivered":true}"#.to_string());
     assert_eq!(curl(sock, "PUT", "/api/v1/vcpus/1/init", None), delivered);
@@ -214,8 +218,10 @@ fn trace_start(sock: &Path, mode: IrqchipMode) -> PathBuf {
 }
 
 /// `trace.stop` writes the file: it parses, nothing was dropped, vCPU 1's exits are there in
-/// every mode, and in `user` mode the host's INIT, SIPI and NMI to vCPU 1 are posts
-/// of source `host`, with the AP accepting INIT and SIPI and the NMI injected.
+/// every mode; in `user` and `split` mode the host's line pulse is a rise and a fall of GSI 5,
+/// its MSI one post of source `msi` (to vCPU 0 in `user` mode, handed to KVM in `split`), and
+/// its INIT, SIPI and NMI to vCPU 1 are posts of source `host` in that order; in `user` mode the
+/// AP accepts INIT and SIPI and the NMI is injected.
 fn trace_stop(sock: &Path, mode: IrqchipMode, path: &Path) {
     let (code, text) = curl(sock, "PUT", "/api/v1/trace.stop", None);
     assert_eq!(code, 200, "{text}");
@@ -234,16 +240,34 @@ fn trace_stop(sock: &Path, mode: IrqchipMode, path: &Path) {
         "no guest time"
     );
     assert_eq!(json["otherData"]["irqchip"], mode_name(mode));
-    if mode != IrqchipMode::User {
+    if mode == IrqchipMode::Kernel {
         return;
     }
     let trace = irqvm::trace::report::parse(&json).unwrap();
-    let host: Vec<String> = irqvm::trace::report::deliveries(&trace)
-        .into_iter()
-        .filter(|d| d.source == "host" && d.target == 1)
-        .map(|d| d.delivery)
+    let deliveries = irqvm::trace::report::deliveries(&trace);
+    let host: Vec<&str> = deliveries
+        .iter()
+        .filter(|d| d.source == "host" && d.target == Some(1))
+        .map(|d| d.delivery.as_str())
         .collect();
     assert_eq!(host, ["init", "startup", "nmi"], "{host:?}");
+    let lines: Vec<&str> = trace
+        .slices
+        .iter()
+        .filter(|s| s.cat == "line" && s.tid == irqvm::trace::chrome::TID_LINES)
+        .map(|s| s.name.as_str())
+        .collect();
+    assert_eq!(lines, ["line 5 high", "line 5 low"]);
+    let msis: Vec<(u8, Option<u64>)> = deliveries
+        .iter()
+        .filter(|d| d.source == "msi")
+        .map(|d| (d.vector, d.target))
+        .collect();
+    let target = (mode == IrqchipMode::User).then_some(0);
+    assert_eq!(msis, [(0x30, target)]);
+    if mode != IrqchipMode::User {
+        return;
+    }
     for name in ["init_accept", "sipi_accept"] {
         assert!(has(&|e| e["name"] == name && e["tid"] == 1), "no {name}");
     }

@@ -75,11 +75,11 @@ fn nothing_is_recorded_while_off() {
 fn injection_and_eoi_take_the_post_id() {
     let t = std::sync::Arc::new(tracer(2, 64));
     t.start().unwrap();
-    let first = t.post(1, 1, 0x40, Source::Ipi(0), 0);
-    let second = t.post(2, 1, 0x40, Source::Ipi(0), 0);
+    let first = t.post(1, 1, 0x40, Source::Ipi(0), PostArg::mode(0));
+    let second = t.post(2, 1, 0x40, Source::Ipi(0), PostArg::mode(0));
     assert_ne!(first, second);
     let mut probe = VcpuProbe::new(t.clone(), 1);
-    probe.injected(0x40, false);
+    probe.injected(0x40);
     probe.eoi(0x40);
     let dump = t.stop().unwrap();
     let find = |k: Kind| dump.events.iter().find(|e| e.kind == k).unwrap();
@@ -99,7 +99,7 @@ fn injection_and_eoi_take_the_post_id() {
 fn report_prints_percentiles_per_vector_and_source() {
     let t = std::sync::Arc::new(tracer(1, 64));
     t.start().unwrap();
-    t.post(1000, 0, 0x30, Source::Timer, 0);
+    t.post(1000, 0, 0x30, Source::Timer, PostArg::mode(0));
     let dump = {
         let mut d = t.stop().unwrap();
         let id = d.events[0].id;
