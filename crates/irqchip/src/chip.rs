@@ -418,8 +418,13 @@ impl<S: MessageSink> PcIrqChip<S> {
         msi: MsiMessage,
         notify: &mut dyn FnMut(VcpuIndex, Notify),
     ) -> Result<usize, MsiError> {
-        let message = msi.decode_with(self.config.msi_addressing())?;
+        let message = self.decode_msi(msi)?;
         Ok(self.deliver(&message, notify))
+    }
+
+    /// An MSI as the message [`Self::signal_msi`] delivers (the chip's destination layout).
+    pub fn decode_msi(&self, msi: MsiMessage) -> Result<InterruptMessage, MsiError> {
+        msi.decode_with(self.config.msi_addressing())
     }
 
     /// Hands a message of the VMM's own to the sink (an NMI from the watchdog, for instance).

@@ -230,7 +230,7 @@ impl MessageSink for KvmSink {
         let at = crate::trace::hooks::stamp(&self.tracer);
         let result = kvm_signal_msi(&self.vm, msi);
         let reached = matches!(result, Ok(MsiDelivery::Delivered));
-        crate::trace::hooks::kvm_post(&self.tracer, at, message, None, reached);
+        crate::trace::hooks::untargeted_post(&self.tracer, at, message, None, reached);
         match result {
             Ok(MsiDelivery::Delivered) => 1,
             Ok(MsiDelivery::NoTarget) => {
@@ -510,7 +510,7 @@ impl InterruptLines for SplitIrqchip {
         if let Some(message) = at.and_then(|_| msi.decode_with(sink.addressing).ok()) {
             let reached = matches!(result, Ok(MsiDelivery::Delivered));
             let source = Some(crate::trace::Source::Msi);
-            crate::trace::hooks::kvm_post(&sink.tracer, at, &message, source, reached);
+            crate::trace::hooks::untargeted_post(&sink.tracer, at, &message, source, reached);
         }
         result
     }

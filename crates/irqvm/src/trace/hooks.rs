@@ -91,12 +91,13 @@ pub fn line(tracer: &Tracer, gsi: u32, level: bool) {
     }
 }
 
-/// A message handed to KVM's LAPICs with KVM_SIGNAL_MSI (`split`: the IOAPIC's messages and
-/// host MSIs) at `at` ([`stamp`] before the ioctl), attributed to the thread's
-/// [`posting_for`] source (or `source`); `reached`: whether KVM said a LAPIC took it. KVM
-/// chooses the target and injects unseen, so the post has no target and no injection.
+/// A message posted without a target irqvm knows, at `at` ([`stamp`] before it was sent),
+/// attributed to the thread's [`posting_for`] source (or `source`); `reached`: whether a local
+/// APIC took it. `split` mode: each message handed to KVM's LAPICs with KVM_SIGNAL_MSI (the
+/// IOAPIC's, host MSIs), where KVM chooses the target and injects unseen, so the post has no
+/// target and no injection. `user` mode: a host MSI that the APIC bus delivered to nobody.
 #[inline]
-pub fn kvm_post(
+pub fn untargeted_post(
     tracer: &Tracer,
     at: Option<u64>,
     message: &irqchip::InterruptMessage,

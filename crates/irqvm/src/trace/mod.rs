@@ -620,7 +620,9 @@ impl Tracer {
     }
 
     /// An OCW2 took the ISA IRQs in `ended` (bit n = IRQ n) out of service: an EOI for each
-    /// on the writing vCPU, joined with its INTA. Call only when [`Self::on`].
+    /// on the writing vCPU, joined with its INTA. One whose INTA was not recorded (it came
+    /// before the recording started) has no vector to show and is left out. Call only when
+    /// [`Self::on`].
     pub fn pic_eoi(&self, ended: u16) {
         let vcpu = thread_vcpu().unwrap_or(usize::MAX);
         for (irq, slot) in self.pic_in_service.iter().enumerate() {
@@ -628,6 +630,9 @@ impl Tracer {
                 continue;
             }
             let joined = slot.swap(0, Ordering::Acquire);
+            if joined == 0 {
+                continue;
+            }
             let event = Event::new(self.now(), Kind::Eoi, vcpu)
                 .vector(joined as u8)
                 .id(joined >> 8)

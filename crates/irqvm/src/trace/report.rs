@@ -580,14 +580,12 @@ pub fn focus(trace: &Trace, vector: u8, after: u64) -> Option<Window> {
     })
 }
 
-/// The whole trace's time span (ns).
+/// The whole trace's time span (ns): its slices and instants.
 pub fn span(trace: &Trace) -> Window {
-    let from = trace.slices.iter().map(|s| s.start_ns).min().unwrap_or(0);
-    let to = trace
-        .slices
-        .iter()
-        .map(|s| s.start_ns + s.dur_ns)
-        .max()
-        .unwrap_or(from + 1);
+    let starts = trace.slices.iter().map(|s| s.start_ns);
+    let instants = trace.instants.iter().map(|i| i.ns);
+    let from = starts.chain(instants.clone()).min().unwrap_or(0);
+    let ends = trace.slices.iter().map(|s| s.start_ns + s.dur_ns);
+    let to = ends.chain(instants).max().unwrap_or(from + 1);
     Window { from, to }
 }
