@@ -27,6 +27,11 @@ fn traced(name: &str, cpus: u32) -> Dump {
 
 /// [`traced`] in `mode`; the guest's output must be what guests/expect lists for the mode.
 fn traced_in(name: &str, cpus: u32, mode: IrqchipMode) -> Dump {
+    traced_with_counters(name, cpus, mode).0
+}
+
+/// [`traced_in`], with the irqchip's counters at the end (`vm.counters`' `irqchip` part).
+fn traced_with_counters(name: &str, cpus: u32, mode: IrqchipMode) -> (Dump, BTreeMap<String, u64>) {
     let _one = common::exclusive();
     let mut cfg = common::guest_config(name, cpus, mode);
     let capture = SerialCapture::new();
@@ -35,6 +40,7 @@ fn traced_in(name: &str, cpus: u32, mode: IrqchipMode) -> Dump {
     vm.tracer().start().expect("start");
     let vm = vm.start().expect("start");
     let tracer = vm.tracer().clone();
+    let chip = vm.irqchip().clone();
     let report = vm.wait(Some(Duration::from_secs(120)));
     let dump = tracer.stop().expect("stop");
     let output = capture.text();
@@ -43,7 +49,13 @@ fn traced_in(name: &str, cpus: u32, mode: IrqchipMode) -> Dump {
         panic!("{name} in {mode:?}: {problems}\n{output}");
     }
     assert_eq!(dump.dropped_total(), 0, "no event may be dropped");
-    dump
+    let mut counters = BTreeMap::new();
+    chip.counters(&mut |vcpu, name, value| {
+        if vcpu.is_none() {
+            counters.insert(name.to_string(), value);
+        }
+    });
+    (dump, counters)
 }
 
 /// A post, its injection and its EOI.
@@ -360,7 +372,7 @@ fn pic_guest_each_interrupt_runs_from_its_line_to_its_ocw2_in_split_mode() {
 #[test]
 fn ioapic_guest_in_split_mode_joins_lines_messages_and_kvm_eoi_exits() {
     const V_EDGE: u8 = 0x70;
-    let dump = traced_in("ioapic", 1, IrqchipMode::Split);
+    let (dump, counters) = traced_with_counters("ioapic", 1, IrqchipMode::Split);
     let posts: Vec<&Event> = dump
         .events
         .iter()
@@ -434,6 +446,13 @@ fn ioapic_guest_in_split_mode_joins_lines_messages_and_kvm_eoi_exits() {
         }
     }
     assert!(eoied >= 3, "the level lines were EOIed several times");
+    // The always-on histogram counts the same EOIs (post to KVM's EOI exit).
+    let histogram: u64 = counters
+        .iter()
+        .filter(|(name, _)| name.starts_with("post_to_eoi_vector_"))
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(histogram, eoied, "{counters:?}");
     // The file: targets unknown, the post -> EOI latency counted, flows from the line.
     let json = chrome::to_json(&dump);
     let trace = report::parse(&json).unwrap();

@@ -227,6 +227,11 @@ impl MessageSink for KvmSink {
             }
         };
         bump(&self.stats.msis_signalled);
+        if message.trigger == irqchip::TriggerMode::Level {
+            // The one level latency split mode can see: post to KVM's EOI exit.
+            let latency = self.tracer.latency();
+            latency.level_posted(message.vector, self.tracer.now());
+        }
         let at = crate::trace::hooks::stamp(&self.tracer);
         let result = kvm_signal_msi(&self.vm, msi);
         let reached = matches!(result, Ok(MsiDelivery::Delivered));
@@ -574,6 +579,9 @@ impl Irqchip for SplitIrqchip {
         for (name, value) in all {
             out(None, name, value);
         }
+        self.tracer
+            .latency()
+            .visit(&mut |name, value| out(None, name, value));
     }
 
     /// The userspace PICs, IOAPIC and routing (KVM's LAPICs keep no readable round-robin).
@@ -686,6 +694,8 @@ impl VcpuIrqchip for SplitVcpuChip {
                 shared.pic_write(*port, data)
             }
             ChipExit::IoapicEoi { vector } => {
+                let tracer = self.probe.tracer();
+                tracer.latency().level_eoi(*vector, tracer.now());
                 self.probe.kvm_eoi(*vector);
                 shared.ioapic_eoi(*vector)
             }
