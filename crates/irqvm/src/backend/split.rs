@@ -425,8 +425,10 @@ pub struct SplitIrqchip {
     shared: Arc<SplitShared>,
     features: ChipFeatures,
     cpu: crate::cpumodel::CpuModel,
-    /// The flight recorder: entries and exits (the vCPU loop), ExtINT injections and the
-    /// EOI exits of level-triggered IOAPIC vectors (here); KVM's LAPICs show nothing else.
+    /// The flight recorder: entries and exits (the vCPU loop); here the device lines, each
+    /// message handed to KVM (the sink's posts, host MSIs and events), kicks, the PIC's INTA,
+    /// ExtINT injection and OCW2 EOI, and the EOI exits of level-triggered IOAPIC vectors;
+    /// KVM's LAPICs show nothing else.
     tracer: Arc<crate::trace::Tracer>,
     /// Guest RAM, for the vCPUs' single-stepping ([`crate::backend::step`]).
     memory: crate::memory::GuestRam,
