@@ -418,8 +418,13 @@ impl<S: MessageSink> PcIrqChip<S> {
         msi: MsiMessage,
         notify: &mut dyn FnMut(VcpuIndex, Notify),
     ) -> Result<usize, MsiError> {
-        let message = msi.decode_with(self.config.msi_addressing())?;
+        let message = self.decode_msi(msi)?;
         Ok(self.deliver(&message, notify))
+    }
+
+    /// An MSI as the message [`Self::signal_msi`] delivers (the chip's destination layout).
+    pub fn decode_msi(&self, msi: MsiMessage) -> Result<InterruptMessage, MsiError> {
+        msi.decode_with(self.config.msi_addressing())
     }
 
     /// Hands a message of the VMM's own to the sink (an NMI from the watchdog, for instance).
@@ -478,6 +483,27 @@ impl<S: MessageSink> PcIrqChip<S> {
     /// A guest byte write to a PIC port (command, data or ELCR).
     pub fn pic_port_write(&self, port: u16, value: u8, notify: &mut dyn FnMut(VcpuIndex, Notify)) {
         self.with_devices(notify, |_, sinks| sinks.pic.port_write(port, value));
+    }
+
+    /// [`Self::pic_port_write`], returning the ISA IRQs the write took out of service (bit n =
+    /// IRQ n, see `DualPic::in_service_irqs`): what an OCW2 EOI (specific or not) ended, for an
+    /// observer that joins the EOI with the interrupt it ends.
+    pub fn pic_port_write_ending(
+        &self,
+        port: u16,
+        value: u8,
+        notify: &mut dyn FnMut(VcpuIndex, Notify),
+    ) -> u16 {
+        self.with_devices(notify, |_, sinks| {
+            let before = sinks.pic.in_service_irqs();
+            sinks.pic.port_write(port, value);
+            before & !sinks.pic.in_service_irqs()
+        })
+    }
+
+    /// The ISA IRQ whose INTA gave `vector` (`DualPic::irq_of_vector`), read under the PIC lock.
+    pub fn pic_irq_of_vector(&self, vector: Vector) -> Option<u8> {
+        lock(&self.pic).irq_of_vector(vector)
     }
 
     /// The 8259's INTR output: pass it to [`VcpuInterrupts::next_injection`]. One atomic load

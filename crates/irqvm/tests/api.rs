@@ -124,6 +124,12 @@ fn check_api(sock: &Path, mode: IrqchipMode) {
 
     // The flight recorder through the API, around the host's INIT, SIPI and NMI.
     let trace = trace_start(sock, mode);
+    let pulse = r#"{"gsi": 5, "action": "pulse"}"#;
+    assert_eq!(curl(sock, "PUT", "/api/v1/irq.line", Some(pulse)).0, 204);
+    let msi = r#"{"address": 4276092928, "data": 48}"#;
+    let (code, answer) = curl(sock, "PUT", "/api/v1/irq.msi", Some(msi));
+    assert_eq!(code, 200, "{answer}");
+    let msi_reached = answer.contains("true");
     // INIT-SIPI from the host starts the AP at vector << 12 in real mode.
     let delivered = (200, r#"{"delivered":true}"#.to_string());
     assert_eq!(curl(sock, "PUT", "/api/v1/vcpus/1/init", None), delivered);
@@ -155,7 +161,7 @@ fn check_api(sock: &Path, mode: IrqchipMode) {
         counters["vcpu0"]["kvm_runs"].as_u64().unwrap() > 0,
         "{counters}"
     );
-    trace_stop(sock, mode, &trace);
+    trace_stop(sock, mode, &trace, msi_reached);
 }
 
 /// `trace.start` with a file that cannot be created is refused (400); a good one starts the
@@ -177,9 +183,12 @@ fn trace_start(sock: &Path, mode: IrqchipMode) -> PathBuf {
 }
 
 /// `trace.stop` writes the file: it parses, nothing was dropped, vCPU 1's exits are there in
-/// every mode, and in `user` mode the host's INIT, SIPI and NMI to vCPU 1 are posts
-/// of source `host`, with the AP accepting INIT and SIPI and the NMI injected.
-fn trace_stop(sock: &Path, mode: IrqchipMode, path: &Path) {
+/// every mode; in `user` and `split` mode the host's line pulse is a rise and a fall of GSI 5,
+/// its MSI one post of source `msi` (to vCPU 0 in `user` mode if its LAPIC took it, else
+/// without a target and marked as reaching none, as always in `split`, where KVM takes it),
+/// and its INIT, SIPI and NMI to vCPU 1 are posts of source `host` in that order; in `user`
+/// mode the AP accepts INIT and SIPI and the NMI is injected.
+fn trace_stop(sock: &Path, mode: IrqchipMode, path: &Path, msi_reached: bool) {
     let (code, text) = curl(sock, "PUT", "/api/v1/trace.stop", None);
     assert_eq!(code, 200, "{text}");
     let answer: serde_json::Value = serde_json::from_str(&text).unwrap();
@@ -197,16 +206,46 @@ fn trace_stop(sock: &Path, mode: IrqchipMode, path: &Path) {
         "no guest time"
     );
     assert_eq!(json["otherData"]["irqchip"], mode_name(mode));
-    if mode != IrqchipMode::User {
+    if mode == IrqchipMode::Kernel {
         return;
     }
     let trace = irqvm::trace::report::parse(&json).unwrap();
-    let host: Vec<String> = irqvm::trace::report::deliveries(&trace)
-        .into_iter()
-        .filter(|d| d.source == "host" && d.target == 1)
-        .map(|d| d.delivery)
+    let deliveries = irqvm::trace::report::deliveries(&trace);
+    let host: Vec<&str> = deliveries
+        .iter()
+        .filter(|d| d.source == "host" && d.target == Some(1))
+        .map(|d| d.delivery.as_str())
         .collect();
     assert_eq!(host, ["init", "startup", "nmi"], "{host:?}");
+    let lines: Vec<&str> = trace
+        .slices
+        .iter()
+        .filter(|s| s.cat == "line" && s.tid == irqvm::trace::chrome::TID_LINES)
+        .map(|s| s.name.as_str())
+        .collect();
+    assert_eq!(lines, ["line 5 high", "line 5 low"]);
+    let msis: Vec<(u8, Option<u64>)> = deliveries
+        .iter()
+        .filter(|d| d.source == "msi")
+        .map(|d| (d.vector, d.target))
+        .collect();
+    let target = (mode == IrqchipMode::User && msi_reached).then_some(0);
+    assert_eq!(msis, [(0x30, target)]);
+    let reached: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["cat"] == "post" && e["args"]["source"] == "msi")
+        .map(|e| &e["args"]["reached"])
+        .collect();
+    let none = serde_json::Value::from("none");
+    let want = if msi_reached {
+        &serde_json::Value::Null
+    } else {
+        &none
+    };
+    assert_eq!(reached, [want], "reached: {msi_reached}");
+    if mode != IrqchipMode::User {
+        return;
+    }
     for name in ["init_accept", "sipi_accept"] {
         assert!(has(&|e| e["name"] == name && e["tid"] == 1), "no {name}");
     }

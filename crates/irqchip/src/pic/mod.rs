@@ -298,6 +298,30 @@ impl DualPic {
         })
     }
 
+    /// The ISA IRQ (0-15) that INTA answers with `vector` under the current ICW2 bases: the
+    /// slave's IR n is IRQ 8+n, the master's IR n is IRQ n (its cascade input IR2, whose vectors
+    /// the slave supplies, is no IRQ). `None` for a vector of neither chip. For an observer that
+    /// joins an INTA with the line that requested it; no side effects.
+    pub fn irq_of_vector(&self, vector: Vector) -> Option<u8> {
+        let level = vector & 7;
+        if self.master.has_slave_on(CASCADE_IR) && self.slave.vector(level) == vector {
+            return Some(8 + level);
+        }
+        let master = self.master.vector(level) == vector;
+        (master && !self.slave_supplies_vector(level)).then_some(level)
+    }
+
+    /// The ISA IRQs in service (bit n = IRQ n): the slave's ISR as IRQs 8-15, the master's as
+    /// IRQs 0-7 without the cascade input IR2 while a slave is attached there (its bit only
+    /// mirrors the slave's service).
+    pub fn in_service_irqs(&self) -> u16 {
+        let mut master = u16::from(self.master.isr());
+        if self.master.has_slave_on(CASCADE_IR) {
+            master &= !u16::from(chip::bit(CASCADE_IR));
+        }
+        master | u16::from(self.slave.isr()) << 8
+    }
+
     /// Master input `ir` was acknowledged: does the slave put the vector on the bus?
     fn slave_supplies_vector(&self, ir: u8) -> bool {
         ir == CASCADE_IR && self.master.has_slave_on(CASCADE_IR)

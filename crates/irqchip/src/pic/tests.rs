@@ -1099,3 +1099,34 @@ proptest! {
         }
     }
 }
+
+/// The observer's view: INTA's vector names its ISA IRQ under the current bases (the slave's
+/// IR n is IRQ 8+n; the master's cascade input is no IRQ), and the IRQs in service leave out
+/// the master's cascade bit, so an OCW2 EOI to both chips ends IRQ 10 alone.
+#[test]
+fn irq_of_vector_and_in_service_irqs_name_isa_irqs() {
+    let mut pic = linux_pic();
+    assert_eq!(pic.irq_of_vector(master_vector(4)), Some(4));
+    assert_eq!(pic.irq_of_vector(slave_vector(2)), Some(10));
+    assert_eq!(pic.irq_of_vector(master_vector(CASCADE_IR)), None);
+    assert_eq!(pic.irq_of_vector(0x80), None);
+    pulse(&mut pic, 4);
+    assert_eq!(pic.acknowledge(), master_vector(4));
+    pulse(&mut pic, 10);
+    assert_eq!(
+        pic.acknowledge(),
+        slave_vector(2),
+        "IR2 outranks IR4 in service"
+    );
+    assert_eq!(pic.in_service_irqs(), 1 << 10 | 1 << 4);
+    pic.port_write(SLAVE_COMMAND_PORT, OCW2_NONSPECIFIC_EOI);
+    assert_eq!(pic.in_service_irqs(), 1 << 4, "the master's IR2 is no IRQ");
+    pic.port_write(MASTER_COMMAND_PORT, OCW2_NONSPECIFIC_EOI);
+    assert_eq!(
+        pic.in_service_irqs(),
+        1 << 4,
+        "the master ended its cascade input first"
+    );
+    pic.port_write(MASTER_COMMAND_PORT, OCW2_NONSPECIFIC_EOI);
+    assert_eq!(pic.in_service_irqs(), 0);
+}

@@ -502,7 +502,8 @@ pub struct ChipContext<'a> {
     /// The CPU model: APIC IDs, x2APIC offered, extended destination ID honoured.
     pub cpu: crate::cpumodel::CpuModel,
     /// The VM's flight recorder and latency histograms (`crate::trace`), for the hooks of a
-    /// backend that sees interrupts (`user`: all of them; `split`: the PIC's and EOI exits).
+    /// backend that sees interrupts (`user`: all of them; `split`: device lines, the messages it
+    /// hands to KVM, the PIC's and KVM's EOI exits).
     pub tracer: Arc<crate::trace::Tracer>,
     /// Guest RAM: the single-stepping backends read the instruction at RIP from it ([`step`]).
     pub memory: crate::memory::GuestRam,

@@ -154,6 +154,8 @@ fn bump(counter: &AtomicU64) {
 /// the redirection table mirrored into KVM's EOI routes (module documentation).
 pub struct KvmSink {
     vm: Arc<VmFd>,
+    /// The flight recorder: each message handed to KVM is a post without a target.
+    tracer: Arc<crate::trace::Tracer>,
     kicker: Arc<dyn VcpuKicker>,
     stats: SplitStats,
     /// How the guest's IOAPIC entries and MSIs carry destinations (extended destination ID
@@ -225,7 +227,16 @@ impl MessageSink for KvmSink {
             }
         };
         bump(&self.stats.msis_signalled);
-        match kvm_signal_msi(&self.vm, msi) {
+        if message.trigger == irqchip::TriggerMode::Level {
+            // The one level latency split mode can see: post to KVM's EOI exit.
+            let latency = self.tracer.latency();
+            latency.level_posted(message.vector, self.tracer.now());
+        }
+        let at = crate::trace::hooks::stamp(&self.tracer);
+        let result = kvm_signal_msi(&self.vm, msi);
+        let reached = matches!(result, Ok(MsiDelivery::Delivered));
+        crate::trace::hooks::untargeted_post(&self.tracer, at, message, None, reached);
+        match result {
             Ok(MsiDelivery::Delivered) => 1,
             Ok(MsiDelivery::NoTarget) => {
                 tracing::debug!(?message, "KVM_SIGNAL_MSI reached no vCPU");
@@ -324,20 +335,31 @@ impl SplitShared {
         &self.chip.sink().stats
     }
 
+    fn tracer(&self) -> &crate::trace::Tracer {
+        &self.chip.sink().tracer
+    }
+
     /// Carries out what a chip call asks for: the sink only ever asks for kicks.
     fn notify(&self) -> impl FnMut(VcpuIndex, Notify) + '_ {
         |index, how| {
             if how != Notify::None {
+                crate::trace::hooks::notified(self.tracer(), index, true);
                 self.kicker.kick(index);
             }
         }
     }
 
+    /// Drives a device line: recorded as a line change, and the IOAPIC's messages it causes as
+    /// posts from that GSI.
     fn set_gsi(&self, gsi: u32, level: bool) {
-        if let Err(e) = self
-            .chip
-            .set_gsi(gsi, DEVICE_SOURCE, level, &mut self.notify())
-        {
+        let tracer = self.tracer();
+        crate::trace::hooks::line(tracer, gsi, level);
+        let source = crate::trace::Source::Ioapic(u8::try_from(gsi).ok());
+        let set = || {
+            self.chip
+                .set_gsi(gsi, DEVICE_SOURCE, level, &mut self.notify())
+        };
+        if let Err(e) = crate::trace::hooks::posting_for(tracer, source, set) {
             // Only a GSI above the table or too many sources can fail; neither is reachable
             // through `InterruptLines` (lines are checked, one source), so it is only logged.
             crate::warn_ratelimited!(gsi, level, "GSI routing: {e}");
@@ -347,8 +369,11 @@ impl SplitShared {
     /// A guest write to the IOAPIC window: may send (unmasking a held level pin, the EOI
     /// register) and may change routes, which are reinstalled before the vCPU re-enters.
     fn ioapic_write(&self, offset: u64, data: &[u8]) -> Result<(), IrqchipError> {
-        self.chip
-            .ioapic_mmio_write(offset, data, &mut self.notify());
+        let source = crate::trace::Source::Ioapic(None);
+        crate::trace::hooks::posting_for(self.tracer(), source, || {
+            self.chip
+                .ioapic_mmio_write(offset, data, &mut self.notify())
+        });
         match self.chip.sink().take_route_failure() {
             Some(e) => Err(e.into()),
             None => Ok(()),
@@ -358,7 +383,10 @@ impl SplitShared {
     /// KVM_EXIT_IOAPIC_EOI: the guest EOIed a level-triggered vector of the IOAPIC.
     fn ioapic_eoi(&self, vector: Vector) {
         bump(&self.stats().ioapic_eois);
-        self.chip.eoi(EoiMessage { vector }, &mut self.notify());
+        let source = crate::trace::Source::Ioapic(None);
+        crate::trace::hooks::posting_for(self.tracer(), source, || {
+            self.chip.eoi(EoiMessage { vector }, &mut self.notify())
+        });
     }
 
     /// A guest `in` from PIC ports, byte by byte (a poll-mode read is an INTA).
@@ -373,12 +401,20 @@ impl SplitShared {
         }
     }
 
-    /// A guest `out` to PIC ports, byte by byte.
+    /// A guest `out` to PIC ports, byte by byte (an OCW2 that ends a PIC interrupt is recorded
+    /// as its EOI).
     fn pic_write(&self, port: u16, data: &[u8]) {
         for (i, byte) in data.iter().enumerate() {
             let p = port.wrapping_add(i as u16);
             if DualPic::handles_port(p) {
-                self.chip.pic_port_write(p, *byte, &mut self.notify());
+                crate::trace::hooks::pic_write(
+                    self.tracer(),
+                    || {
+                        self.chip
+                            .pic_port_write_ending(p, *byte, &mut self.notify())
+                    },
+                    || self.chip.pic_port_write(p, *byte, &mut self.notify()),
+                );
             }
         }
     }
@@ -389,8 +425,10 @@ pub struct SplitIrqchip {
     shared: Arc<SplitShared>,
     features: ChipFeatures,
     cpu: crate::cpumodel::CpuModel,
-    /// The flight recorder: entries and exits (the vCPU loop), ExtINT injections and the
-    /// EOI exits of level-triggered IOAPIC vectors (here); KVM's LAPICs show nothing else.
+    /// The flight recorder: entries and exits (the vCPU loop); here the device lines, each
+    /// message handed to KVM (the sink's posts, host MSIs and events), kicks, the PIC's INTA,
+    /// ExtINT injection and OCW2 EOI, and the EOI exits of level-triggered IOAPIC vectors;
+    /// KVM's LAPICs show nothing else.
     tracer: Arc<crate::trace::Tracer>,
     /// Guest RAM, for the vCPUs' single-stepping ([`crate::backend::step`]).
     memory: crate::memory::GuestRam,
@@ -413,6 +451,7 @@ impl SplitIrqchip {
                 MsiAddressing::Standard
             },
             vm: ctx.vm.clone(),
+            tracer: ctx.tracer.clone(),
             kicker: ctx.kicker.clone(),
             stats: SplitStats::default(),
             routes: Mutex::new(InstalledRoutes {
@@ -469,11 +508,18 @@ impl InterruptLines for SplitIrqchip {
         let msi = validate_msi(address, data)?;
         bump(&self.shared.stats().host_msis);
         let sink = self.shared.chip.sink();
-        let msi = match sink.addressing {
+        let kvm = match sink.addressing {
             MsiAddressing::ExtendedDestId => to_kvm_format(msi),
             MsiAddressing::Standard => msi,
         };
-        kvm_signal_msi(&sink.vm, msi)
+        let at = crate::trace::hooks::stamp(&sink.tracer);
+        let result = kvm_signal_msi(&sink.vm, kvm);
+        if let Some(message) = at.and_then(|_| msi.decode_with(sink.addressing).ok()) {
+            let reached = matches!(result, Ok(MsiDelivery::Delivered));
+            let source = Some(crate::trace::Source::Msi);
+            crate::trace::hooks::untargeted_post(&sink.tracer, at, &message, source, reached);
+        }
+        result
     }
 }
 
@@ -514,7 +560,11 @@ impl Irqchip for SplitIrqchip {
         ))
     }
 
+    /// KVM_SIGNAL_MSI to the vCPU's initial APIC ID (`kvm_send_event`), recorded as a host post
+    /// to that vCPU.
     fn send_event(&self, index: usize, event: HostEvent) -> Result<MsiDelivery, IrqchipError> {
+        self.tracer
+            .host_event(index, event.vector(), event.delivery_mode());
         super::kvm_send_event(&self.shared.chip.sink().vm, &self.cpu, index, event)
     }
 
@@ -532,6 +582,9 @@ impl Irqchip for SplitIrqchip {
         for (name, value) in all {
             out(None, name, value);
         }
+        self.tracer
+            .latency()
+            .visit(&mut |name, value| out(None, name, value));
     }
 
     /// The userspace PICs, IOAPIC and routing (KVM's LAPICs keep no readable round-robin).
@@ -593,7 +646,8 @@ impl SplitVcpuChip {
             kvm::inject_interrupt(vcpu, vector)?;
             self.in_flight = true;
             bump(&self.shared.stats().extints_injected);
-            self.probe.injected(vector, true);
+            let irq = self.probe.on().then(|| chip.pic_irq_of_vector(vector));
+            self.probe.injected_extint(vector, irq.flatten());
         }
         // KVM holds one ExtINT at a time: a further request waits for the next window.
         Ok(chip.pic_intr())
@@ -645,8 +699,9 @@ impl VcpuIrqchip for SplitVcpuChip {
                 shared.pic_write(*port, data)
             }
             ChipExit::IoapicEoi { vector } => {
-                self.probe.eoi(*vector);
-                crate::trace::hooks::ioapic_eoi(self.probe.tracer(), *vector);
+                let tracer = self.probe.tracer();
+                tracer.latency().level_eoi(*vector, tracer.now());
+                self.probe.kvm_eoi(*vector);
                 shared.ioapic_eoi(*vector)
             }
             // `before_entry` injects at this entry.

@@ -8,8 +8,13 @@
 //!   INIT/SIPI acceptance.
 //! * A post is a zero-length `post` slice on its source's track (the sending vCPU for an IPI,
 //!   the IOAPIC, PIC, timer or device track otherwise); a flow (`ph` s/t/f, `id` = the
-//!   interrupt's id, binding to the enclosing slice) runs from it to its injection and on to its
-//!   EOI.
+//!   interrupt's id, binding to the enclosing slice) runs from the device line's assertion that
+//!   caused it (if recorded) to it, to its injection and on to its EOI, as far as each step was
+//!   seen (`split`: a post handed to KVM has no injection, a level one has KVM's EOI exit).
+//! * Device lines: `line N high` / `line N low` slices on the `IRQ lines` track. An IOAPIC post
+//!   made by a line change names it (`args.asserted_ts`); a PIC interrupt's post is dated at the
+//!   assertion that latched the request (its ISA IRQ's first rise since its last INTA), with its
+//!   INTA as a `pic_inta` slice on the PIC track and `args.inta_ts`.
 //! * `otherData` (shown as metadata) holds the irqchip mode, the vCPU count and the events the
 //!   rings dropped (`dropped_events`, and per ring).
 //!
@@ -20,13 +25,14 @@ use std::io::Write;
 
 use serde_json::{json, Value};
 
-use super::{Dump, Event, ExitReason, Kind, Source};
+use super::{Dump, Event, ExitReason, Kind, PostArg, Source, EOI_KVM, EOI_PIC};
 
 /// Track (thread) ids of the platform tracks.
 pub const TID_IOAPIC: u64 = 1000;
 pub const TID_PIC: u64 = 1001;
 pub const TID_TIMERS: u64 = 1002;
 pub const TID_DEVICES: u64 = 1003;
+pub const TID_LINES: u64 = 1004;
 const PID: u64 = 1;
 
 fn ts(ns: u64) -> f64 {
@@ -69,8 +75,8 @@ fn source_args(source: Source, args: &mut serde_json::Map<String, Value>) {
     }
 }
 
-fn delivery_mode_name(mode: u64) -> &'static str {
-    match mode {
+fn delivery_mode_name(arg: u64) -> &'static str {
+    match PostArg(arg).delivery_mode() {
         0 => "fixed",
         1 => "lowest_priority",
         2 => "smi",
@@ -91,24 +97,29 @@ pub struct Writer<'a> {
     /// Ids with an injection, and with an EOI (a flow ends at the last step it has).
     injected: HashMap<u64, ()>,
     eoied: HashMap<u64, ()>,
+    /// Ids whose post (or INTA) is in the dump (a flow starts there or at its line).
+    posted: HashMap<u64, ()>,
     /// Source of each post id (for the injection's args).
     sources: HashMap<u64, Source>,
+    /// Per GSI: the time of its latest assertion, and the first assertion not yet served by a
+    /// PIC INTA (an edge latches the PIC's IRR at the first rise).
+    rose: HashMap<u8, u64>,
+    pic_request: HashMap<u8, u64>,
 }
 
 impl<'a> Writer<'a> {
     pub fn new(dump: &'a Dump) -> Self {
         let mut injected = HashMap::new();
         let mut eoied = HashMap::new();
+        let mut posted = HashMap::new();
         for e in dump.events.iter().filter(|e| e.id != 0) {
-            match e.kind {
-                Kind::Inject => {
-                    injected.insert(e.id, ());
-                }
-                Kind::Eoi => {
-                    eoied.insert(e.id, ());
-                }
-                _ => {}
-            }
+            let set = match e.kind {
+                Kind::Inject => &mut injected,
+                Kind::Eoi => &mut eoied,
+                Kind::Post | Kind::PicInta => &mut posted,
+                _ => continue,
+            };
+            set.insert(e.id, ());
         }
         Self {
             dump,
@@ -117,7 +128,10 @@ impl<'a> Writer<'a> {
             blocked_since: vec![None; dump.vcpus],
             injected,
             eoied,
+            posted,
             sources: HashMap::new(),
+            rose: HashMap::new(),
+            pic_request: HashMap::new(),
         }
     }
 
@@ -155,6 +169,7 @@ impl<'a> Writer<'a> {
             (TID_PIC, "PIC".to_string()),
             (TID_TIMERS, "APIC timers".to_string()),
             (TID_DEVICES, "MSI / host".to_string()),
+            (TID_LINES, "IRQ lines".to_string()),
         ]);
         for (tid, name) in tracks {
             self.out.push(json!({
@@ -264,7 +279,7 @@ impl<'a> Writer<'a> {
                 } else {
                     ("remote_irr_clear", false)
                 };
-                let args = json!({"vector": e.vector, "set": set});
+                let args = json!({"vector": e.vector, "set": set, "id": e.id});
                 self.slice(
                     format!("{name} {:#04x}", e.vector),
                     "ioapic",
@@ -274,44 +289,100 @@ impl<'a> Writer<'a> {
                     args,
                 );
             }
-            Kind::PicInta => {
-                self.sources.insert(e.id, Source::Pic);
-                let args =
-                    json!({"id": e.id, "vector": e.vector, "target": e.vcpu, "source": "pic"});
-                self.slice(
-                    format!("post {:#04x}", e.vector),
-                    "post",
-                    TID_PIC,
-                    e.ns,
-                    e.ns,
-                    args,
-                );
-                if self.injected.contains_key(&e.id) {
-                    self.flow("s", e.id, TID_PIC, e.ns);
-                }
-            }
+            Kind::PicInta => self.pic_inta(e),
+            Kind::Line => self.line(e),
         }
+    }
+
+    /// The flow's first step, at the line assertion `line` if there is one (on the lines
+    /// track), else at the post itself; then the post's own step.
+    fn flow_from_post(&mut self, id: u64, line: Option<u64>, track: u64, at: u64) {
+        let later = self.injected.contains_key(&id) || self.eoied.contains_key(&id);
+        match line {
+            Some(rise) => {
+                self.flow("s", id, TID_LINES, rise);
+                self.flow(if later { "t" } else { "f" }, id, track, at);
+            }
+            None if later => self.flow("s", id, track, at),
+            None => {}
+        }
+    }
+
+    fn line(&mut self, e: &Event) {
+        let gsi = e.vector;
+        let high = e.arg != 0;
+        if high {
+            self.rose.insert(gsi, e.ns);
+            self.pic_request.entry(gsi).or_insert(e.ns);
+        }
+        let name = format!("line {gsi} {}", if high { "high" } else { "low" });
+        let args = json!({"gsi": gsi, "level": high});
+        self.slice(name, "line", TID_LINES, e.ns, e.ns, args);
+    }
+
+    /// The PIC's INTA: the interrupt's post is dated at the assertion that latched its request
+    /// (if recorded), the INTA itself is a slice of its own.
+    fn pic_inta(&mut self, e: &Event) {
+        self.sources.insert(e.id, Source::Pic);
+        let irq = u8::try_from(e.arg).ok().filter(|&irq| irq < 16);
+        let request = irq.and_then(|irq| self.pic_request.remove(&irq));
+        let start = request.unwrap_or(e.ns);
+        let mut args = json!({
+            "id": e.id, "vector": e.vector, "target": e.vcpu, "source": "pic",
+            "delivery": "extint", "inta_ts": ts(e.ns),
+        });
+        if let Some(irq) = irq {
+            args["irq"] = irq.into();
+        }
+        if let Some(rise) = request {
+            args["asserted_ts"] = ts(rise).into();
+        }
+        let name = format!("post {:#04x}", e.vector);
+        self.slice(name, "post", TID_PIC, start, start, args);
+        let inta = json!({"id": e.id, "vector": e.vector, "vcpu": e.vcpu});
+        let name = format!("pic_inta {:#04x}", e.vector);
+        self.slice(name, "pic", TID_PIC, e.ns, e.ns, inta);
+        self.flow_from_post(e.id, None, TID_PIC, start);
     }
 
     fn post(&mut self, e: &Event) {
         let track = source_track(e.source);
+        let arg = PostArg(e.arg);
         let mut args = serde_json::Map::new();
         args.insert("id".into(), e.id.into());
         args.insert("vector".into(), e.vector.into());
-        args.insert("target".into(), e.vcpu.into());
+        // A message handed to KVM has no target irqvm knows: its destination says where to.
+        let target = (e.vcpu != super::NO_VCPU).then_some(e.vcpu);
+        args.insert("target".into(), target.map_or("kvm".into(), Value::from));
         args.insert("delivery".into(), delivery_mode_name(e.arg).into());
+        let trigger = if arg.level() { "level" } else { "edge" };
+        args.insert("trigger".into(), trigger.into());
+        args.insert("destination".into(), arg.destination().into());
+        if arg.logical() {
+            args.insert("logical".into(), true.into());
+        }
+        if arg.reached_none() {
+            args.insert("reached".into(), "none".into());
+        }
         source_args(e.source, &mut args);
+        // A post from a line change is made while the line's assertion is the latest event
+        // of its GSI.
+        let line = match e.source {
+            Source::Ioapic(Some(gsi)) => self.rose.get(&gsi).copied(),
+            _ => None,
+        };
+        if let Some(rise) = line {
+            args.insert("asserted_ts".into(), ts(rise).into());
+        }
         self.sources.insert(e.id, e.source);
-        let name = match e.arg {
+        let name = match arg.delivery_mode() {
             5 => "init".to_string(),
             6 => format!("sipi {:#04x}", e.vector),
             4 => "nmi".to_string(),
             _ => format!("post {:#04x}", e.vector),
         };
         self.slice(name, "post", track, e.ns, e.ns, Value::Object(args));
-        if self.injected.contains_key(&e.id) {
-            self.flow("s", e.id, track, e.ns);
-        }
+        self.flow_from_post(e.id, line, track, e.ns);
     }
 
     fn inject(&mut self, e: &Event) {
@@ -345,7 +416,12 @@ impl<'a> Writer<'a> {
 
     fn eoi(&mut self, e: &Event) {
         let tid = u64::from(e.vcpu);
-        let args = json!({"id": e.id, "vector": e.vector});
+        let by = match e.arg {
+            EOI_PIC => "pic",
+            EOI_KVM => "kvm_ioapic_eoi_exit",
+            _ => "lapic",
+        };
+        let args = json!({"id": e.id, "vector": e.vector, "by": by});
         self.slice(
             format!("eoi {:#04x}", e.vector),
             "eoi",
@@ -354,7 +430,8 @@ impl<'a> Writer<'a> {
             e.ns,
             args,
         );
-        if e.id != 0 && self.injected.contains_key(&e.id) {
+        let started = self.injected.contains_key(&e.id) || self.posted.contains_key(&e.id);
+        if e.id != 0 && started {
             self.flow("f", e.id, tid, e.ns);
         }
     }

@@ -66,13 +66,65 @@ pub fn posting_for<R>(tracer: &Tracer, source: Source, f: impl FnOnce() -> R) ->
     }
 }
 
-/// An EOI of `vector` reaches the IOAPIC (remote IRR of its entries clears).
+/// An EOI of `vector` reaches the IOAPIC (remote IRR of its entries clears), joined with the
+/// post that set it.
 #[inline]
 pub fn ioapic_eoi(tracer: &Tracer, vector: u8) {
     if tracer.on() {
+        let id = tracer.take_remote_irr(vector);
         let event = Event::new(tracer.now(), Kind::RemoteIrr, usize::MAX)
             .vector(vector)
-            .arg(0);
+            .id(id);
         tracer.record(event);
+    }
+}
+
+/// A device (or the control API) drives GSI `gsi` to `level`: recorded before the change
+/// reaches the chip, so it precedes the posts it causes.
+#[inline]
+pub fn line(tracer: &Tracer, gsi: u32, level: bool) {
+    if tracer.on() {
+        let event = Event::new(tracer.now(), Kind::Line, usize::MAX)
+            .vector(u8::try_from(gsi).unwrap_or(u8::MAX))
+            .arg(u64::from(level));
+        tracer.record(event);
+    }
+}
+
+/// A message posted without a target irqvm knows, at `at` ([`stamp`] before it was sent),
+/// attributed to the thread's [`posting_for`] source (or `source`); `reached`: whether a local
+/// APIC took it. `split` mode: each message handed to KVM's LAPICs with KVM_SIGNAL_MSI (the
+/// IOAPIC's, host MSIs), where KVM chooses the target and injects unseen, so the post has no
+/// target and no injection. `user` mode: a host MSI that the APIC bus delivered to nobody.
+#[inline]
+pub fn untargeted_post(
+    tracer: &Tracer,
+    at: Option<u64>,
+    message: &irqchip::InterruptMessage,
+    source: Option<Source>,
+    reached: bool,
+) {
+    if let Some(at) = at.filter(|_| tracer.on()) {
+        let source = source.unwrap_or_else(super::posting_source);
+        let mut arg = super::PostArg::of(message);
+        if !reached {
+            arg = arg.undelivered();
+        }
+        tracer.post(at, usize::MAX, message.vector, source, arg);
+    }
+}
+
+/// An OCW2 (a guest write of `port`, `value`) on the PIC, through `write`, which returns the
+/// ISA IRQs the write took out of service; their EOIs are recorded, joined with their INTA.
+/// With recording off `plain` does the write.
+#[inline]
+pub fn pic_write(tracer: &Tracer, write: impl FnOnce() -> u16, plain: impl FnOnce()) {
+    if tracer.on() {
+        let ended = write();
+        if ended != 0 {
+            tracer.pic_eoi(ended);
+        }
+    } else {
+        plain();
     }
 }

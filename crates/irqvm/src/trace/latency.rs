@@ -1,5 +1,7 @@
-//! Per-vector delivery latency histograms (`user` mode): post to injection and injection to
-//! EOI, in fixed log2 buckets of relaxed atomic counters, for `GET /api/v1/vm.counters`.
+//! Per-vector delivery latency histograms, in fixed log2 buckets of relaxed atomic counters, for
+//! `GET /api/v1/vm.counters`: post to injection and injection to EOI (`user` mode), and post to
+//! EOI of level-triggered IOAPIC vectors (`split` mode, where KVM's EOI exit is the one step
+//! after the post that irqvm sees).
 //!
 //! The post time of each (target vCPU, vector) is kept in a slot the poster writes before its
 //! post lands and the target's injection takes; a second post of a vector before its injection
@@ -60,6 +62,10 @@ pub struct Latency {
     posted_at: std::sync::OnceLock<Box<[[AtomicU64; 256]]>>,
     post_to_inject: PerVector,
     inject_to_eoi: PerVector,
+    /// Per vector: the post time + 1 of the level-triggered IOAPIC message whose EOI is awaited
+    /// (remote IRR holds the next one back until then).
+    level_posted_at: Box<[AtomicU64; 256]>,
+    post_to_eoi: PerVector,
 }
 
 impl Default for Latency {
@@ -74,6 +80,8 @@ impl Latency {
             posted_at: std::sync::OnceLock::new(),
             post_to_inject: PerVector::new(),
             inject_to_eoi: PerVector::new(),
+            level_posted_at: Box::new(std::array::from_fn(|_| AtomicU64::new(0))),
+            post_to_eoi: PerVector::new(),
         }
     }
 
@@ -111,11 +119,26 @@ impl Latency {
         self.inject_to_eoi.add(vector, ns);
     }
 
+    /// A level-triggered IOAPIC message with `vector` was sent at `ns` (`split`).
+    pub fn level_posted(&self, vector: u8, ns: u64) {
+        self.level_posted_at[usize::from(vector)].store(ns.saturating_add(1), Ordering::Release);
+    }
+
+    /// KVM reported the EOI of level-triggered `vector` at `ns`: adds post-to-EOI if its post
+    /// was timed (once per post).
+    pub fn level_eoi(&self, vector: u8, ns: u64) {
+        let posted = self.level_posted_at[usize::from(vector)].swap(0, Ordering::Acquire);
+        if posted != 0 {
+            self.post_to_eoi.add(vector, ns.saturating_sub(posted - 1));
+        }
+    }
+
     /// Every non-empty bucket as a counter: `post_to_inject_vector_0x30_lt_4096ns` counts the
     /// deliveries of vector 0x30 that took less than 4096 ns (and at least half that).
     pub fn visit(&self, out: &mut dyn FnMut(&str, u64)) {
         self.post_to_inject.visit("post_to_inject", out);
         self.inject_to_eoi.visit("inject_to_eoi", out);
+        self.post_to_eoi.visit("post_to_eoi", out);
     }
 
     /// The buckets of one vector (post to injection, injection to EOI), for tests.
@@ -124,6 +147,11 @@ impl Latency {
             self.post_to_inject.counts(vector),
             self.inject_to_eoi.counts(vector),
         )
+    }
+
+    /// The post-to-EOI buckets of one level-triggered vector, for tests.
+    pub fn level_counts(&self, vector: u8) -> [u64; BUCKETS] {
+        self.post_to_eoi.counts(vector)
     }
 }
 
@@ -166,6 +194,24 @@ mod tests {
                 ("post_to_inject_vector_0x30_lt_4096ns".to_string(), 1),
                 ("inject_to_eoi_vector_0x30_lt_512ns".to_string(), 1)
             ]
+        );
+    }
+
+    /// `split`: a level post's EOI counts once; an EOI with no timed post adds nothing.
+    #[test]
+    fn level_post_to_eoi_is_counted_once() {
+        let l = Latency::new();
+        l.level_posted(0x71, 1000);
+        l.level_eoi(0x71, 1000 + 5000);
+        l.level_eoi(0x71, 9000);
+        let counts = l.level_counts(0x71);
+        assert_eq!(counts[bucket(5000)], 1);
+        assert_eq!(counts.iter().sum::<u64>(), 1);
+        let mut names = Vec::new();
+        l.visit(&mut |name, n| names.push((name.to_string(), n)));
+        assert_eq!(
+            names,
+            [("post_to_eoi_vector_0x71_lt_8192ns".to_string(), 1)]
         );
     }
 }

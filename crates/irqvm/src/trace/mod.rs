@@ -46,8 +46,9 @@ pub const NO_VCPU: u16 = u16::MAX;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Kind {
-    /// An interrupt message posted to vCPU `vcpu`: `vector`, `id`, `source`, `arg` = delivery
-    /// mode (SDM §11.6.1 encoding: 0 fixed, 1 lowest priority, 4 NMI, 5 INIT, 6 start-up).
+    /// An interrupt message posted to vCPU `vcpu` ([`NO_VCPU`]: handed to KVM's LAPICs with
+    /// KVM_SIGNAL_MSI, which choose the target unseen): `vector`, `id`, `source`, `arg` = the
+    /// message as [`PostArg`] packs it (delivery mode, trigger, destination, KVM's answer).
     Post,
     /// The poster kicked `vcpu` out of guest mode.
     Kick,
@@ -64,7 +65,10 @@ pub enum Kind {
     /// `vcpu` injects `vector` (KVM_INTERRUPT): `id` of its post (0 if unknown), `arg` = 0 for an
     /// APIC vector, 1 for a PIC ExtINT, 2 for an NMI (KVM_NMI, vector 2).
     Inject,
-    /// `vcpu`'s guest wrote EOI for `vector` (the highest in-service vector), `id` as injected.
+    /// `vcpu`'s guest ended `vector`, `id` as injected (or, for [`EOI_KVM`], as posted), `arg` =
+    /// how it was seen: [`EOI_LAPIC`] (a write of the model's EOI register, the highest in-service
+    /// vector), [`EOI_PIC`] (an OCW2 that took the PIC interrupt out of service), [`EOI_KVM`]
+    /// (KVM_EXIT_IOAPIC_EOI: KVM's LAPIC retired a level-triggered IOAPIC vector).
     Eoi,
     /// `vcpu` accepted a latched INIT (architectural reset).
     InitAccept,
@@ -77,10 +81,75 @@ pub enum Kind {
     /// `vcpu`'s APIC timer expired and set `vector` (the post of source timer has the id).
     TimerFire,
     /// An IOAPIC entry with `vector` got remote IRR set (`arg` = 1, a level interrupt delivered)
-    /// or an EOI of `vector` reached the IOAPIC, which clears it (`arg` = 0).
+    /// or an EOI of `vector` reached the IOAPIC, which clears it (`arg` = 0); `id` = the post
+    /// that set it (0 if not recorded).
     RemoteIrr,
-    /// The PIC's INTA cycle on `vcpu` supplied `vector` (`id` = the interrupt's id).
+    /// The PIC's INTA cycle on `vcpu` supplied `vector` (`id` = the interrupt's id), `arg` = the
+    /// ISA IRQ it served (255: not one of the PIC's current vectors).
     PicInta,
+    /// A device line changed level: `vector` = the GSI, `arg` = 1 asserted, 0 deasserted.
+    Line,
+}
+
+/// [`Kind::Eoi`]'s `arg`: the local APIC model's EOI register (`user`).
+pub const EOI_LAPIC: u64 = 0;
+/// [`Kind::Eoi`]'s `arg`: an OCW2 to the 8259 ended the PIC interrupt.
+pub const EOI_PIC: u64 = 1;
+/// [`Kind::Eoi`]'s `arg`: KVM's LAPIC retired a level-triggered IOAPIC vector (`split`).
+pub const EOI_KVM: u64 = 2;
+
+/// A post's `arg`: bits 2:0 the delivery mode (SDM §11.6.1 encoding: 0 fixed, 1 lowest
+/// priority, 4 NMI, 5 INIT, 6 start-up), bit 3 level-triggered, bit 4 logical destination,
+/// bit 5 KVM_SIGNAL_MSI reached no LAPIC (or failed), bits 63:32 the destination.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PostArg(pub u64);
+
+impl PostArg {
+    const LEVEL: u64 = 1 << 3;
+    const LOGICAL: u64 = 1 << 4;
+    const UNDELIVERED: u64 = 1 << 5;
+
+    /// A post with this delivery mode only (the target is known).
+    pub fn mode(mode: u64) -> Self {
+        Self(mode & 7)
+    }
+
+    /// The packed form of `message`.
+    pub fn of(message: &InterruptMessage) -> Self {
+        let mut arg = message.delivery_mode as u64 & 7;
+        if message.trigger == irqchip::TriggerMode::Level {
+            arg |= Self::LEVEL;
+        }
+        if message.destination_mode == irqchip::DestinationMode::Logical {
+            arg |= Self::LOGICAL;
+        }
+        Self(arg | u64::from(message.destination) << 32)
+    }
+
+    /// The same, marked as reaching no LAPIC.
+    pub fn undelivered(self) -> Self {
+        Self(self.0 | Self::UNDELIVERED)
+    }
+
+    pub fn delivery_mode(self) -> u64 {
+        self.0 & 7
+    }
+
+    pub fn level(self) -> bool {
+        self.0 & Self::LEVEL != 0
+    }
+
+    pub fn logical(self) -> bool {
+        self.0 & Self::LOGICAL != 0
+    }
+
+    pub fn reached_none(self) -> bool {
+        self.0 & Self::UNDELIVERED != 0
+    }
+
+    pub fn destination(self) -> u32 {
+        (self.0 >> 32) as u32
+    }
 }
 
 impl Kind {
@@ -103,6 +172,7 @@ impl Kind {
             Self::TimerFire => "timer_fire",
             Self::RemoteIrr => "remote_irr",
             Self::PicInta => "pic_inta",
+            Self::Line => "line",
         }
     }
 }
@@ -332,6 +402,11 @@ pub fn set_thread_vcpu(index: usize) {
     RING.with(|r| r.set(Some(index)));
 }
 
+/// The vCPU whose thread this is (a guest's port write is handled on its vCPU's thread).
+pub fn thread_vcpu() -> Option<usize> {
+    RING.with(Cell::get)
+}
+
 /// Runs `f` with device posts attributed to `source` (only call it while recording: it costs
 /// two thread-local writes).
 pub fn posting_for<R>(source: Source, f: impl FnOnce() -> R) -> R {
@@ -339,6 +414,11 @@ pub fn posting_for<R>(source: Source, f: impl FnOnce() -> R) -> R {
     let r = f();
     POSTING_FOR.with(|s| s.set(before));
     r
+}
+
+/// The source the current thread posts for ([`posting_for`]; `Unknown` outside it).
+pub fn posting_source() -> Source {
+    POSTING_FOR.with(Cell::get)
 }
 
 /// The flight recorder of one VM, and its latency histograms.
@@ -353,6 +433,12 @@ pub struct Tracer {
     next_id: AtomicU64,
     /// Per target vCPU and vector: the id of the latest post not yet injected.
     pending: Box<[[AtomicU64; 256]]>,
+    /// Per vector: the id of the latest level-triggered IOAPIC post whose remote IRR its EOI
+    /// has not cleared yet.
+    remote_irr: Box<[AtomicU64; 256]>,
+    /// Per ISA IRQ: the PIC interrupt in service (`id << 8 | vector`, 0 = none), from its INTA
+    /// to the OCW2 that ends it.
+    pic_in_service: [AtomicU64; 16],
     /// Serialises start and stop (never taken by a recording thread).
     control: Mutex<()>,
     latency: Latency,
@@ -381,6 +467,8 @@ impl Tracer {
             pending: (0..vcpus)
                 .map(|_| std::array::from_fn(|_| AtomicU64::new(0)))
                 .collect(),
+            remote_irr: Box::new(std::array::from_fn(|_| AtomicU64::new(0))),
+            pic_in_service: std::array::from_fn(|_| AtomicU64::new(0)),
             control: Mutex::new(()),
             latency: {
                 let latency = Latency::new();
@@ -429,10 +517,12 @@ impl Tracer {
             ring.drain(&mut scratch);
             scratch.clear();
         }
-        for slots in self.pending.iter() {
-            for slot in slots {
-                slot.store(0, Ordering::Relaxed);
-            }
+        let slots = self.pending.iter().flatten();
+        for slot in slots
+            .chain(self.remote_irr.iter())
+            .chain(&self.pic_in_service)
+        {
+            slot.store(0, Ordering::Relaxed);
         }
         self.on.store(true, Ordering::SeqCst);
         Ok(())
@@ -476,12 +566,13 @@ impl Tracer {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Records a post of `vector` to `target` from `source` at `ns` with delivery mode `mode`,
-    /// giving it a fresh id; for a vector that is injected (fixed, lowest priority, NMI as
-    /// vector 2) the target's injection takes the id. Call only when [`Self::on`].
-    pub fn post(&self, ns: u64, target: usize, vector: u8, source: Source, mode: u64) -> u64 {
+    /// Records a post of `vector` to `target` from `source` at `ns` (`arg`: the message), giving
+    /// it a fresh id; for a vector that is injected (fixed, lowest priority, NMI as vector 2)
+    /// the target's injection takes the id, and a level-triggered IOAPIC post's id waits for the
+    /// EOI that clears its remote IRR (recorded here as set). Call only when [`Self::on`].
+    pub fn post(&self, ns: u64, target: usize, vector: u8, source: Source, arg: PostArg) -> u64 {
         let id = self.next_id();
-        let joined = match mode {
+        let joined = match arg.delivery_mode() {
             0 | 1 => Some(vector),
             4 => Some(2),
             _ => None,
@@ -493,9 +584,61 @@ impl Tracer {
             .vector(vector)
             .source(source)
             .id(id)
-            .arg(mode);
+            .arg(arg.0);
         self.record(event);
+        if arg.level() && matches!(source, Source::Ioapic(_)) {
+            self.remote_irr[usize::from(vector)].store(id, Ordering::Release);
+            let set = Event::new(ns, Kind::RemoteIrr, usize::MAX)
+                .vector(vector)
+                .id(id)
+                .arg(1);
+            self.record(set);
+        }
         id
+    }
+
+    /// The id of the level-triggered IOAPIC post of `vector` whose remote IRR an EOI clears
+    /// now (0 if none was recorded).
+    pub fn take_remote_irr(&self, vector: u8) -> u64 {
+        self.remote_irr[usize::from(vector)].swap(0, Ordering::Acquire)
+    }
+
+    /// The PIC's INTA gave `vector` for ISA IRQ `irq` on `vcpu`: records it with a fresh id,
+    /// which the interrupt keeps until the OCW2 that ends it. Call only when [`Self::on`].
+    pub fn pic_inta(&self, ns: u64, vcpu: usize, vector: u8, irq: Option<u8>) -> u64 {
+        let id = self.next_id();
+        if let Some(slot) = irq.and_then(|irq| self.pic_in_service.get(usize::from(irq))) {
+            slot.store(id << 8 | u64::from(vector), Ordering::Release);
+        }
+        let inta = Event::new(ns, Kind::PicInta, vcpu)
+            .vector(vector)
+            .id(id)
+            .arg(irq.map_or(255, u64::from))
+            .source(Source::Pic);
+        self.record(inta);
+        id
+    }
+
+    /// An OCW2 took the ISA IRQs in `ended` (bit n = IRQ n) out of service: an EOI for each
+    /// on the writing vCPU, joined with its INTA. One whose INTA was not recorded (it came
+    /// before the recording started) has no vector to show and is left out. Call only when
+    /// [`Self::on`].
+    pub fn pic_eoi(&self, ended: u16) {
+        let vcpu = thread_vcpu().unwrap_or(usize::MAX);
+        for (irq, slot) in self.pic_in_service.iter().enumerate() {
+            if ended & 1 << irq == 0 {
+                continue;
+            }
+            let joined = slot.swap(0, Ordering::Acquire);
+            if joined == 0 {
+                continue;
+            }
+            let event = Event::new(self.now(), Kind::Eoi, vcpu)
+                .vector(joined as u8)
+                .id(joined >> 8)
+                .arg(EOI_PIC);
+            self.record(event);
+        }
     }
 
     /// Takes the id of the latest post of `vector` to `vcpu` (0 if none was recorded).
@@ -514,7 +657,8 @@ impl Tracer {
     /// The control API's event at `vcpu` (NMI, INIT, SIPI), which bypasses the bus.
     pub fn host_event(&self, vcpu: usize, vector: u8, delivery_mode: u32) {
         if self.on() {
-            self.post(self.now(), vcpu, vector, Source::Host, delivery_mode.into());
+            let arg = PostArg::mode(delivery_mode.into());
+            self.post(self.now(), vcpu, vector, Source::Host, arg);
         }
     }
 }
@@ -541,15 +685,7 @@ impl PostObserver for BusObserver {
             MessageSource::Vcpu(from) => Source::Ipi(u16::try_from(from).unwrap_or(NO_VCPU)),
             MessageSource::Device => POSTING_FOR.with(Cell::get),
         };
-        let mode = message.delivery_mode as u64;
-        tracer.post(now, target, message.vector, source, mode);
-        let level = message.trigger == irqchip::TriggerMode::Level;
-        if level && matches!(source, Source::Ioapic(_)) {
-            let event = Event::new(now, Kind::RemoteIrr, usize::MAX)
-                .vector(message.vector)
-                .arg(1);
-            tracer.record(event);
-        }
+        tracer.post(now, target, message.vector, source, PostArg::of(message));
     }
 }
 
@@ -581,35 +717,33 @@ impl VcpuProbe {
         self.tracer.on()
     }
 
-    /// `vector` went in with KVM_INTERRUPT (`extint`: from the PIC, whose INTA is recorded here
-    /// with a fresh id, as its post).
-    pub fn injected(&mut self, vector: u8, extint: bool) {
+    /// The local APIC's `vector` went in with KVM_INTERRUPT.
+    pub fn injected(&mut self, vector: u8) {
         let now = self.tracer.now();
-        if !extint {
-            self.tracer.latency.injected(self.index, vector, now);
-        }
+        self.tracer.latency.injected(self.index, vector, now);
         let mut id = 0;
         if self.tracer.on() {
-            id = if extint {
-                let id = self.tracer.next_id();
-                let inta = Event::new(now, Kind::PicInta, self.index)
-                    .vector(vector)
-                    .id(id)
-                    .source(Source::Pic);
-                self.tracer.record(inta);
-                id
-            } else {
-                self.tracer.take_pending(self.index, vector)
-            };
+            id = self.tracer.take_pending(self.index, vector);
+            let event = Event::new(now, Kind::Inject, self.index)
+                .vector(vector)
+                .id(id);
+            self.tracer.record(event);
+        }
+        self.in_service[usize::from(vector)] = (id, now);
+    }
+
+    /// The PIC's `vector` (ISA IRQ `irq`) went in with KVM_INTERRUPT after its INTA, which is
+    /// recorded here with a fresh id, as its post. An ExtINT vector never enters the local
+    /// APIC's ISR: its EOI is an OCW2 ([`Tracer::pic_eoi`]).
+    pub fn injected_extint(&mut self, vector: u8, irq: Option<u8>) {
+        if self.tracer.on() {
+            let now = self.tracer.now();
+            let id = self.tracer.pic_inta(now, self.index, vector, irq);
             let event = Event::new(now, Kind::Inject, self.index)
                 .vector(vector)
                 .id(id)
-                .arg(u64::from(extint));
+                .arg(1);
             self.tracer.record(event);
-        }
-        // An ExtINT vector never enters the local APIC's ISR: its EOI goes to the PIC.
-        if !extint {
-            self.in_service[usize::from(vector)] = (id, now);
         }
     }
 
@@ -638,6 +772,24 @@ impl VcpuProbe {
         }
     }
 
+    /// KVM_EXIT_IOAPIC_EOI (`split`): KVM's LAPIC retired level-triggered `vector`; the EOI is
+    /// joined with the IOAPIC post whose remote IRR it clears (recorded here too).
+    pub fn kvm_eoi(&self, vector: u8) {
+        if self.tracer.on() {
+            let id = self.tracer.take_remote_irr(vector);
+            let now = self.tracer.now();
+            let eoi = Event::new(now, Kind::Eoi, self.index)
+                .vector(vector)
+                .id(id)
+                .arg(EOI_KVM);
+            self.tracer.record(eoi);
+            let clear = Event::new(now, Kind::RemoteIrr, usize::MAX)
+                .vector(vector)
+                .id(id);
+            self.tracer.record(clear);
+        }
+    }
+
     /// The APIC timer expired at `deadline` (VM-clock ns) and set `vector` in IRR: a post of
     /// source timer dated at the deadline.
     pub fn timer_fired(&self, deadline: u64, vector: u8) {
@@ -645,8 +797,9 @@ impl VcpuProbe {
         if self.tracer.on() {
             let fire = Event::new(deadline, Kind::TimerFire, self.index).vector(vector);
             self.tracer.record(fire);
+            let arg = PostArg::mode(0);
             self.tracer
-                .post(deadline, self.index, vector, Source::Timer, 0);
+                .post(deadline, self.index, vector, Source::Timer, arg);
         }
     }
 

@@ -1,6 +1,7 @@
 //! `irqvm trace report FILE`: reads a trace file back ([`super::chrome`]'s format), joins each
-//! post with its injection and EOI by interrupt id, and prints latency percentiles per vector and
-//! per source; with `--svg` it draws a window of the timeline (plotters, SVG backend).
+//! post with the line assertion that caused it, its injection and its EOI by interrupt id, and
+//! prints latency percentiles per vector and per source; with `--svg` it draws a window of the
+//! timeline (plotters, SVG backend), kicks and doorbell wake-ups included.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -9,7 +10,7 @@ use std::path::Path;
 use plotters::prelude::*;
 use serde_json::Value;
 
-use super::chrome::TID_IOAPIC;
+use super::chrome::{TID_IOAPIC, TID_LINES};
 use super::TraceError;
 
 /// One `X` event of the file.
@@ -23,12 +24,21 @@ pub struct Slice {
     pub args: Value,
 }
 
+/// One `i` (instant) event of the file: a kick, a doorbell wake-up, an MP-state change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Instant {
+    pub tid: u64,
+    pub name: String,
+    pub ns: u64,
+}
+
 /// A trace file, as the report needs it.
 #[derive(Clone, Debug, Default)]
 pub struct Trace {
     /// Track id and name, in display order.
     pub tracks: Vec<(u64, String)>,
     pub slices: Vec<Slice>,
+    pub instants: Vec<Instant>,
     /// `otherData.dropped_events`.
     pub dropped: u64,
 }
@@ -37,7 +47,7 @@ pub struct Trace {
 /// vector field is not a vector) the delivery mode.
 fn vector_key(d: &Delivery) -> String {
     match d.delivery.as_str() {
-        "fixed" | "lowest_priority" | "" => format!("{:#04x}", d.vector),
+        "fixed" | "lowest_priority" | "extint" | "" => format!("{:#04x}", d.vector),
         other => other.to_string(),
     }
 }
@@ -50,8 +60,11 @@ pub struct Delivery {
     pub source: String,
     /// The post's delivery mode (`fixed`, `nmi`, `init`, ...).
     pub delivery: String,
-    /// The post's target vCPU.
-    pub target: u64,
+    /// The post's target vCPU (`None`: handed to KVM's LAPICs, which chose it unseen).
+    pub target: Option<u64>,
+    /// When the device line whose assertion caused the post rose (a PIC interrupt's post is
+    /// dated there).
+    pub asserted: Option<u64>,
     /// The post's track (the sending vCPU for an IPI).
     pub post_tid: u64,
     pub post: u64,
@@ -101,6 +114,11 @@ pub fn parse(value: &Value) -> Result<Trace, String> {
                     .tracks
                     .push((tid, track.unwrap_or_default().to_string()));
             }
+            Some("i") => trace.instants.push(Instant {
+                tid,
+                name: name.to_string(),
+                ns: ns(e.get("ts").unwrap_or(&Value::Null)),
+            }),
             Some("X") => trace.slices.push(Slice {
                 tid,
                 name: name.to_string(),
@@ -148,7 +166,8 @@ pub fn deliveries(trace: &Trace) -> Vec<Delivery> {
                     .and_then(Value::as_str)
                     .unwrap_or_default()
                     .to_string(),
-                target: arg_u64(s, "target").unwrap_or(0),
+                target: arg_u64(s, "target"),
+                asserted: s.args.get("asserted_ts").map(ns),
                 post_tid: s.tid,
                 post: s.start_ns,
                 inject: None,
@@ -187,6 +206,8 @@ pub struct Row {
     pub posts: usize,
     pub post_to_inject: Vec<u64>,
     pub inject_to_eoi: Vec<u64>,
+    /// Post to EOI, also where the injection was not seen (`split`: KVM's EOI exits).
+    pub post_to_eoi: Vec<u64>,
 }
 
 fn rows(all: &[Delivery], key: impl Fn(&Delivery) -> String) -> Vec<Row> {
@@ -198,6 +219,9 @@ fn rows(all: &[Delivery], key: impl Fn(&Delivery) -> String) -> Vec<Row> {
             ..Row::default()
         });
         row.posts += 1;
+        if let Some((_, e)) = d.eoi {
+            row.post_to_eoi.push(e.saturating_sub(d.post));
+        }
         if let Some((_, i)) = d.inject {
             row.post_to_inject.push(i.saturating_sub(d.post));
             if let Some((_, e)) = d.eoi {
@@ -209,6 +233,7 @@ fn rows(all: &[Delivery], key: impl Fn(&Delivery) -> String) -> Vec<Row> {
     for r in &mut rows {
         r.post_to_inject.sort_unstable();
         r.inject_to_eoi.sort_unstable();
+        r.post_to_eoi.sort_unstable();
     }
     rows
 }
@@ -235,29 +260,32 @@ fn table(out: &mut String, title: &str, rows: &[Row]) {
     let _ = writeln!(out, "{title}");
     let _ = writeln!(
         out,
-        "{:<10} {:>6} | {:>6} {:>8} {:>8} {:>8} {:>8} | {:>6} {:>8} {:>8} {:>8} {:>8}",
-        "", "posts", "inj", "p50", "p90", "p99", "max", "eoi", "p50", "p90", "p99", "max"
+        "{:<10} {:>6} | {:>6} {:>8} {:>8} {:>8} {:>8} | {:>6} {:>8} {:>8} {:>8} {:>8} | {:>6} {:>8} {:>8} {:>8} {:>8}",
+        "", "posts", "inj", "p50", "p90", "p99", "max", "eoi", "p50", "p90", "p99", "max",
+        "eoi", "p50", "p90", "p99", "max"
     );
     for r in rows {
         let _ = writeln!(
             out,
-            "{:<10} {:>6} | {} | {}",
+            "{:<10} {:>6} | {} | {} | {}",
             r.key,
             r.posts,
             stats(&r.post_to_inject),
-            stats(&r.inject_to_eoi)
+            stats(&r.inject_to_eoi),
+            stats(&r.post_to_eoi)
         );
     }
 }
 
-/// The report's text: per vector, then per source, the number of posts, then post-to-injection
-/// and injection-to-EOI latency (count, p50, p90, p99, max in µs).
+/// The report's text: per vector, then per source, the number of posts, then post-to-injection,
+/// injection-to-EOI and post-to-EOI latency (count, p50, p90, p99, max in µs). A PIC
+/// interrupt's post is the line assertion that requested it.
 pub fn text(trace: &Trace) -> String {
     let all = deliveries(trace);
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{} interrupts, {} dropped events; latencies in µs (post -> inject | inject -> EOI)",
+        "{} interrupts, {} dropped events; latencies in µs (post -> inject | inject -> EOI | post -> EOI)",
         all.len(),
         trace.dropped
     );
@@ -280,13 +308,23 @@ fn row_of(tracks: &[(u64, String)], tid: u64) -> Option<f64> {
     tracks.iter().position(|(t, _)| *t == tid).map(|i| i as f64)
 }
 
-/// Draws the window: a lane per track, guest time as bars (blocked time lighter), posts,
-/// injections and EOIs as marks, and a line from each post to its injection and on to its EOI.
+/// Teal: a device line's assertion.
+const LINE_COLOR: RGBColor = RGBColor(0, 140, 140);
+/// Grey: a doorbell wake-up.
+const WAKE_COLOR: RGBColor = RGBColor(150, 150, 150);
+
+/// Draws the window: a lane per track, guest time as bars (blocked time lighter), line
+/// assertions, posts, injections and EOIs as marks, a line from each interrupt's assertion or
+/// post to its injection and on to its EOI, and kicks and wake-ups as triangles over the lane of
+/// the vCPU they reached.
 pub fn svg(trace: &Trace, path: &Path, window: Window) -> PlotResult {
     let tracks: Vec<(u64, String)> = trace
         .tracks
         .iter()
-        .filter(|(tid, _)| trace.slices.iter().any(|s| s.tid == *tid))
+        .filter(|(tid, _)| {
+            trace.slices.iter().any(|s| s.tid == *tid)
+                || trace.instants.iter().any(|i| i.tid == *tid)
+        })
         .cloned()
         .collect();
     let lanes = tracks.len().max(1) as f64;
@@ -358,26 +396,32 @@ pub fn svg(trace: &Trace, path: &Path, window: Window) -> PlotResult {
             }
         }
     }
+    line_marks(&mut chart, trace, &tracks, &x, (from, to))?;
     for d in all.iter().filter(in_window) {
-        let mut points = vec![];
-        if let Some(row) = row_of(&tracks, d.post_tid) {
-            points.push((x(d.post), row));
-        }
-        for (tid, t) in [d.inject, d.eoi].into_iter().flatten() {
-            if let Some(row) = row_of(&tracks, tid) {
-                points.push((x(t), row));
-            }
-        }
+        // The PIC's post is dated at its line's assertion: one mark on the PIC lane says both.
+        let line = d.asserted.filter(|&t| t != d.post).map(|t| (TID_LINES, t));
+        let steps = [
+            (line, LINE_COLOR),
+            (Some((d.post_tid, d.post)), RED),
+            (d.inject, GREEN),
+            (d.eoi, MAGENTA),
+        ];
+        let points: Vec<((f64, f64), RGBColor)> = steps
+            .into_iter()
+            .filter_map(|(step, color)| {
+                let (tid, t) = step?;
+                Some(((x(t), row_of(&tracks, tid)?), color))
+            })
+            .collect();
         chart.draw_series(std::iter::once(PathElement::new(
-            points.clone(),
+            points.iter().map(|(p, _)| *p).collect::<Vec<_>>(),
             BLACK.mix(0.5),
         )))?;
-        let marks = [RED, GREEN, MAGENTA];
-        for (i, p) in points.iter().enumerate() {
-            let color = marks.get(i).copied().unwrap_or(BLACK);
-            chart.draw_series(std::iter::once(Circle::new(*p, 3, color.filled())))?;
+        for (p, color) in points {
+            chart.draw_series(std::iter::once(Circle::new(p, 3, color.filled())))?;
         }
     }
+    notifications(&mut chart, trace, &tracks, &x, (from, to))?;
     for s in trace
         .slices
         .iter()
@@ -439,11 +483,66 @@ fn remote_irr_bars(
     Ok(())
 }
 
+/// On the lines lane, a tick per line change: teal when asserted, grey when deasserted.
+fn line_marks(
+    chart: &mut Chart<'_, '_>,
+    trace: &Trace,
+    tracks: &[(u64, String)],
+    x: &dyn Fn(u64) -> f64,
+    (from, to): (u64, u64),
+) -> PlotResult {
+    let Some(row) = row_of(tracks, TID_LINES) else {
+        return Ok(());
+    };
+    let changes = trace.slices.iter().filter(|s| s.cat == "line");
+    for s in changes.filter(|s| (from..=to).contains(&s.start_ns)) {
+        let high = s.args.get("level").and_then(Value::as_bool) == Some(true);
+        let color = if high { LINE_COLOR } else { WAKE_COLOR };
+        let p = x(s.start_ns);
+        chart.draw_series(std::iter::once(PathElement::new(
+            vec![(p, row - 0.3), (p, row + 0.3)],
+            color.stroke_width(2),
+        )))?;
+    }
+    Ok(())
+}
+
+/// Kicks (black) and doorbell wake-ups (grey) as triangles over the lane of the vCPU they
+/// reached: when a poster (another vCPU, a device, the PIC's INTR) forced it out of KVM_RUN or
+/// woke it from its block.
+fn notifications(
+    chart: &mut Chart<'_, '_>,
+    trace: &Trace,
+    tracks: &[(u64, String)],
+    x: &dyn Fn(u64) -> f64,
+    (from, to): (u64, u64),
+) -> PlotResult {
+    for i in trace
+        .instants
+        .iter()
+        .filter(|i| (from..=to).contains(&i.ns))
+    {
+        let color = match i.name.as_str() {
+            "kick" => BLACK,
+            "wake" => WAKE_COLOR,
+            _ => continue,
+        };
+        if let Some(row) = row_of(tracks, i.tid) {
+            let mark = TriangleMarker::new((x(i.ns), row + 0.4), 5, color.filled());
+            chart.draw_series(std::iter::once(mark))?;
+        }
+    }
+    Ok(())
+}
+
 fn legend(root: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>) -> PlotResult {
-    let items: [(&str, RGBColor); 8] = [
+    let items: [(&str, RGBColor); 11] = [
+        ("line asserted", LINE_COLOR),
         ("post", RED),
         ("injection", GREEN),
         ("EOI", MAGENTA),
+        ("kick", BLACK),
+        ("wake", WAKE_COLOR),
         ("in the guest", RGBColor(120, 170, 230)),
         ("halted", RGBColor(220, 220, 220)),
         ("in service (ISR)", RGBColor(250, 160, 40)),
@@ -453,8 +552,9 @@ fn legend(root: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>) -> PlotRes
     let mut x = 130;
     for (i, (label, color)) in items.iter().enumerate() {
         match i {
-            0..=2 => root.draw(&Circle::new((x, 16), 4, color.filled()))?,
-            7 => root.draw(&PathElement::new(
+            0..=3 => root.draw(&Circle::new((x, 16), 4, color.filled()))?,
+            4 | 5 => root.draw(&TriangleMarker::new((x, 16), 5, color.filled()))?,
+            10 => root.draw(&PathElement::new(
                 vec![(x, 10), (x, 22)],
                 color.stroke_width(2),
             ))?,
@@ -480,14 +580,12 @@ pub fn focus(trace: &Trace, vector: u8, after: u64) -> Option<Window> {
     })
 }
 
-/// The whole trace's time span (ns).
+/// The whole trace's time span (ns): its slices and instants.
 pub fn span(trace: &Trace) -> Window {
-    let from = trace.slices.iter().map(|s| s.start_ns).min().unwrap_or(0);
-    let to = trace
-        .slices
-        .iter()
-        .map(|s| s.start_ns + s.dur_ns)
-        .max()
-        .unwrap_or(from + 1);
+    let starts = trace.slices.iter().map(|s| s.start_ns);
+    let instants = trace.instants.iter().map(|i| i.ns);
+    let from = starts.chain(instants.clone()).min().unwrap_or(0);
+    let ends = trace.slices.iter().map(|s| s.start_ns + s.dur_ns);
+    let to = ends.chain(instants).max().unwrap_or(from + 1);
     Window { from, to }
 }

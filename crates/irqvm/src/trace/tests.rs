@@ -75,11 +75,11 @@ fn nothing_is_recorded_while_off() {
 fn injection_and_eoi_take_the_post_id() {
     let t = std::sync::Arc::new(tracer(2, 64));
     t.start().unwrap();
-    let first = t.post(1, 1, 0x40, Source::Ipi(0), 0);
-    let second = t.post(2, 1, 0x40, Source::Ipi(0), 0);
+    let first = t.post(1, 1, 0x40, Source::Ipi(0), PostArg::mode(0));
+    let second = t.post(2, 1, 0x40, Source::Ipi(0), PostArg::mode(0));
     assert_ne!(first, second);
     let mut probe = VcpuProbe::new(t.clone(), 1);
-    probe.injected(0x40, false);
+    probe.injected(0x40);
     probe.eoi(0x40);
     let dump = t.stop().unwrap();
     let find = |k: Kind| dump.events.iter().find(|e| e.kind == k).unwrap();
@@ -99,7 +99,7 @@ fn injection_and_eoi_take_the_post_id() {
 fn report_prints_percentiles_per_vector_and_source() {
     let t = std::sync::Arc::new(tracer(1, 64));
     t.start().unwrap();
-    t.post(1000, 0, 0x30, Source::Timer, 0);
+    t.post(1000, 0, 0x30, Source::Timer, PostArg::mode(0));
     let dump = {
         let mut d = t.stop().unwrap();
         let id = d.events[0].id;
@@ -125,4 +125,148 @@ fn report_prints_percentiles_per_vector_and_source() {
 #[test]
 fn an_event_is_32_bytes() {
     assert_eq!(std::mem::size_of::<Event>(), 32);
+}
+
+/// A post's `arg` keeps the message's delivery mode, trigger, destination mode and destination,
+/// and KVM's "reached no LAPIC".
+#[test]
+fn post_arg_packs_the_message() {
+    let mut message = InterruptMessage::fixed(0x71, 0x1234);
+    message.trigger = irqchip::TriggerMode::Level;
+    message.destination_mode = irqchip::DestinationMode::Logical;
+    message.delivery_mode = DeliveryMode::LowestPriority;
+    let arg = PostArg::of(&message);
+    assert_eq!(
+        (
+            arg.delivery_mode(),
+            arg.level(),
+            arg.logical(),
+            arg.destination()
+        ),
+        (1, true, true, 0x1234)
+    );
+    assert!(!arg.reached_none());
+    let none = arg.undelivered();
+    assert!(none.reached_none());
+    assert_eq!(none.delivery_mode(), 1);
+    let plain = PostArg::of(&InterruptMessage::fixed(0x30, 2));
+    assert_eq!(plain, PostArg(2 << 32));
+}
+
+/// The PIC's chain: the INTA of IRQ 10 takes a fresh id, the OCW2 that ends IRQ 10 (on the
+/// writing vCPU's thread) gets it; an OCW2 ending an IRQ whose INTA was not recorded, or the
+/// same IRQ again, records nothing.
+#[test]
+fn pic_eoi_takes_the_id_of_its_inta() {
+    let t = std::sync::Arc::new(tracer(1, 64));
+    t.start().unwrap();
+    let t1 = t.clone();
+    std::thread::spawn(move || {
+        set_thread_vcpu(0);
+        let mut probe = VcpuProbe::new(t1.clone(), 0);
+        probe.injected_extint(0x3A, Some(10));
+        t1.pic_eoi(1 << 10 | 1 << 4);
+        t1.pic_eoi(1 << 10);
+    })
+    .join()
+    .unwrap();
+    let dump = t.stop().unwrap();
+    let steps: Vec<(Kind, u16, u8, u64)> = dump
+        .events
+        .iter()
+        .map(|e| (e.kind, e.vcpu, e.vector, e.arg))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            (Kind::PicInta, 0, 0x3A, 10),
+            (Kind::Inject, 0, 0x3A, 1),
+            (Kind::Eoi, 0, 0x3A, EOI_PIC),
+        ]
+    );
+    let id = dump.events[0].id;
+    assert!(id != 0 && dump.events.iter().all(|e| e.id == id));
+}
+
+/// A level-triggered IOAPIC post sets remote IRR with its id; the EOI that reaches the IOAPIC
+/// (here KVM's EOI exit on vCPU 0) takes that id, once.
+#[test]
+fn kvm_eoi_takes_the_id_of_the_level_post() {
+    let t = std::sync::Arc::new(tracer(1, 64));
+    t.start().unwrap();
+    let mut message = InterruptMessage::fixed(0x71, 0);
+    message.trigger = irqchip::TriggerMode::Level;
+    let id = t.post(
+        5,
+        NO_VCPU.into(),
+        0x71,
+        Source::Ioapic(Some(11)),
+        PostArg::of(&message),
+    );
+    let probe = VcpuProbe::new(t.clone(), 0);
+    probe.kvm_eoi(0x71);
+    probe.kvm_eoi(0x71);
+    let dump = t.stop().unwrap();
+    let steps: Vec<(Kind, u8, u64, u64)> = dump
+        .events
+        .iter()
+        .map(|e| (e.kind, e.vector, e.id, e.arg))
+        .collect();
+    let level = PostArg::of(&message).0;
+    assert_eq!(
+        steps,
+        [
+            (Kind::Post, 0x71, id, level),
+            (Kind::RemoteIrr, 0x71, id, 1),
+            (Kind::Eoi, 0x71, id, EOI_KVM),
+            (Kind::RemoteIrr, 0x71, id, 0),
+            (Kind::Eoi, 0x71, 0, EOI_KVM),
+            (Kind::RemoteIrr, 0x71, 0, 0),
+        ]
+    );
+}
+
+/// The SVG draws a triangle per kick and per doorbell wake-up in the window, over the lane of
+/// the vCPU they reached (the legend has one of each too).
+#[test]
+fn svg_draws_kicks_and_wakes() {
+    let t = std::sync::Arc::new(tracer(2, 64));
+    t.start().unwrap();
+    let mut dump = t.stop().unwrap();
+    dump.events = vec![
+        Event::new(1_000, Kind::Entry, 0),
+        Event::new(2_000, Kind::Kick, 0),
+        Event::new(3_000, Kind::Exit, 0),
+        Event::new(4_000, Kind::Block, 1).arg(1),
+        Event::new(5_000, Kind::Wake, 1),
+        Event::new(6_000, Kind::Unblock, 1),
+        Event::new(90_000, Kind::Kick, 1),
+    ];
+    let trace = report::parse(&chrome::to_json(&dump)).unwrap();
+    let kicks: Vec<(u64, &str, u64)> = trace
+        .instants
+        .iter()
+        .map(|i| (i.tid, i.name.as_str(), i.ns))
+        .collect();
+    assert_eq!(
+        kicks,
+        [(0, "kick", 2_000), (1, "wake", 5_000), (1, "kick", 90_000)]
+    );
+    let dir = std::env::temp_dir().join(format!("irqvm-svg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let count = |window: report::Window| {
+        let path = dir.join("t.svg");
+        report::svg(&trace, &path, window).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        text.matches("<polygon").count()
+    };
+    let legend = 2;
+    let all = report::span(&trace);
+    assert_eq!(count(all), legend + 3);
+    let early = report::Window {
+        from: 0,
+        to: 10_000,
+    };
+    assert_eq!(count(early), legend + 2, "the late kick is outside");
+    let _ = std::fs::remove_dir_all(&dir);
 }

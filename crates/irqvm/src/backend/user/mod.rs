@@ -346,16 +346,22 @@ impl InterruptLines for UserIrqchip {
     /// bus, kicking a target in guest mode and waking a blocked one (the chip's notify).
     fn signal_msi(&self, address: u64, data: u32) -> Result<MsiDelivery, IrqchipError> {
         let msi = MsiMessage { address, data };
-        let reached = crate::trace::hooks::posting_for(
-            &self.shared.tracer,
-            crate::trace::Source::Msi,
-            || self.shared.platform.signal_msi(msi),
-        )
+        let tracer = &self.shared.tracer;
+        let source = crate::trace::Source::Msi;
+        let at = crate::trace::hooks::stamp(tracer);
+        let reached = crate::trace::hooks::posting_for(tracer, source, || {
+            self.shared.platform.signal_msi(msi)
+        })
         .map_err(|reason| IrqchipError::InvalidMsi {
             address,
             data,
             reason,
         })?;
+        // The bus recorded a post per LAPIC it reached; one that reached none is recorded here.
+        let decoded = || self.shared.platform.chip().decode_msi(msi).ok();
+        if let Some(message) = at.filter(|_| reached == 0).and_then(|_| decoded()) {
+            crate::trace::hooks::untargeted_post(tracer, at, &message, Some(source), false);
+        }
         Ok(if reached > 0 {
             MsiDelivery::Delivered
         } else {

@@ -630,8 +630,13 @@ impl UserVcpuChip {
         self.in_flight = true;
         self.kvm_queued = true;
         self.counters().injected(vector);
-        self.probe
-            .injected(vector, matches!(next, Injection::ExtInt));
+        if matches!(next, Injection::ExtInt) {
+            let chip = self.platform().chip();
+            let irq = self.probe.on().then(|| chip.pic_irq_of_vector(vector));
+            self.probe.injected_extint(vector, irq.flatten());
+        } else {
+            self.probe.injected(vector);
+        }
         self.window_kick.injected(now, fired);
         Ok(())
     }

@@ -47,6 +47,7 @@ impl Platform {
     /// Drives GSI `gsi` to `level` (device lines: serial IRQ 4, pc-testdev lines).
     pub fn set_gsi(&self, gsi: u32, level: bool) {
         let source = Source::Ioapic(u8::try_from(gsi).ok());
+        hooks::line(&self.tracer, gsi, level);
         let set = || {
             self.chip
                 .set_gsi(gsi, DEVICE_SOURCE, level, &mut self.notify())
@@ -102,12 +103,20 @@ impl Platform {
         }
     }
 
-    /// A guest `out` to PIC ports, byte by byte.
+    /// A guest `out` to PIC ports, byte by byte (an OCW2 that ends a PIC interrupt is recorded
+    /// as its EOI).
     pub fn pic_write(&self, port: u16, data: &[u8]) {
         for (i, byte) in data.iter().enumerate() {
             let p = port.wrapping_add(i as u16);
             if DualPic::handles_port(p) {
-                self.chip.pic_port_write(p, *byte, &mut self.notify());
+                hooks::pic_write(
+                    &self.tracer,
+                    || {
+                        self.chip
+                            .pic_port_write_ending(p, *byte, &mut self.notify())
+                    },
+                    || self.chip.pic_port_write(p, *byte, &mut self.notify()),
+                );
             }
         }
     }
