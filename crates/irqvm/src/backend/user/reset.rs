@@ -429,6 +429,30 @@ mod tests {
         assert!(report.contains("rip 0x"), "{report}");
     }
 
+    /// INIT's MSR clearing reads them in one KVM_GET_MSRS, which stops at the first MSR KVM
+    /// cannot read: the MSRs after it must still be cleared. MSR_KVM_ASYNC_PF_INT (a value KVM
+    /// keeps on a bare vCPU) goes after an index no MSR has, and must read 0 afterwards.
+    #[test]
+    fn init_clears_the_msrs_after_one_kvm_cannot_read() {
+        const ASYNC_PF_INT: u32 = 0x4B56_4D06;
+        let kvm = kvm_ioctls::Kvm::new().unwrap();
+        let vm = kvm.create_vm().unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        write_msr(&vcpu, ASYNC_PF_INT, 0x40).unwrap();
+        let read = |index| {
+            let mut list = one_msr(index, 0).unwrap();
+            assert_eq!(vcpu.get_msrs(&mut list).unwrap(), 1);
+            list.as_slice()[0].data
+        };
+        assert_eq!(read(ASYNC_PF_INT), 0x40, "KVM kept the value");
+        let list = [
+            msr(0x4000_7F3D, "no such MSR"),
+            msr(ASYNC_PF_INT, "MSR_KVM_ASYNC_PF_INT"),
+        ];
+        clear_msrs(&vcpu, &list).unwrap();
+        assert_eq!(read(ASYNC_PF_INT), 0);
+    }
+
     /// Only the MSRs KVM lists are cleared: the others cannot hold a guest's value.
     #[test]
     fn init_cleared_msrs_are_those_kvm_lists() {
