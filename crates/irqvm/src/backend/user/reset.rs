@@ -430,27 +430,30 @@ mod tests {
     }
 
     /// INIT's MSR clearing reads them in one KVM_GET_MSRS, which stops at the first MSR KVM
-    /// cannot read: the MSRs after it must still be cleared. MSR_KVM_ASYNC_PF_INT (a value KVM
-    /// keeps on a bare vCPU) goes after an index no MSR has, and must read 0 afterwards.
+    /// cannot read: the MSRs after it must still be cleared. A kvmclock MSR given a non-zero
+    /// value with its enable bit clear (KVM keeps it without a clock page; the first of those
+    /// KVM takes on a bare vCPU) goes after an index no MSR has, and must read 0 afterwards.
     #[test]
     fn init_clears_the_msrs_after_one_kvm_cannot_read() {
-        const ASYNC_PF_INT: u32 = 0x4B56_4D06;
         let kvm = kvm_ioctls::Kvm::new().unwrap();
         let vm = kvm.create_vm().unwrap();
         let vcpu = vm.create_vcpu(0).unwrap();
-        write_msr(&vcpu, ASYNC_PF_INT, 0x40).unwrap();
+        let candidates = [
+            msr(0x4B56_4D01, "MSR_KVM_SYSTEM_TIME_NEW"),
+            msr(0x12, "MSR_KVM_SYSTEM_TIME"),
+        ];
+        let set = candidates
+            .into_iter()
+            .find(|m| write_msr(&vcpu, m.index, 0x1000).is_ok())
+            .expect("KVM keeps a kvmclock MSR value");
         let read = |index| {
             let mut list = one_msr(index, 0).unwrap();
             assert_eq!(vcpu.get_msrs(&mut list).unwrap(), 1);
             list.as_slice()[0].data
         };
-        assert_eq!(read(ASYNC_PF_INT), 0x40, "KVM kept the value");
-        let list = [
-            msr(0x4000_7F3D, "no such MSR"),
-            msr(ASYNC_PF_INT, "MSR_KVM_ASYNC_PF_INT"),
-        ];
-        clear_msrs(&vcpu, &list).unwrap();
-        assert_eq!(read(ASYNC_PF_INT), 0);
+        assert_eq!(read(set.index), 0x1000, "KVM kept the value");
+        clear_msrs(&vcpu, &[msr(0x4000_7F3D, "no such MSR"), set]).unwrap();
+        assert_eq!(read(set.index), 0, "{} cleared", set.name);
     }
 
     /// Only the MSRs KVM lists are cleared: the others cannot hold a guest's value.
