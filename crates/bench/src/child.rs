@@ -32,12 +32,13 @@ use vm_memory::{Bytes, GuestAddress};
 /// Line the host pulses (guest: IOAPIC pin 11 → counting handler); line 12 only wakes the guest.
 const HOST_LINE: u16 = 11;
 const WAKE_LINE: u16 = 12;
-const CHILD_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// What the parent asks of the child.
 pub struct ChildSpec {
     pub kernel: std::path::PathBuf,
     pub cpus: u32,
+    /// How long the VM may run before it is stopped.
+    pub timeout: Duration,
     pub irqchip: IrqchipMode,
     pub cmdline: String,
     pub host_driver: bool,
@@ -48,6 +49,7 @@ pub struct ChildSpec {
 
 /// Runs the child; returns the process exit status.
 pub fn main(spec: ChildSpec) -> Result<i32, String> {
+    let timeout = spec.timeout;
     let kernel = std::fs::read(&spec.kernel)
         .map_err(|e| format!("cannot read {}: {e}", spec.kernel.display()))?;
     let mut cfg = VmConfig::new(kernel, &spec.kernel.display().to_string());
@@ -72,7 +74,7 @@ pub fn main(spec: ChildSpec) -> Result<i32, String> {
         let (vm, capture, finished) = (vm.clone(), capture.clone(), finished.clone());
         std::thread::spawn(move || monitor_marks(&vm, &capture, &finished))
     };
-    let result = wait_shared(vm, &finished, CHILD_TIMEOUT);
+    let result = wait_shared(vm, &finished, timeout);
     let lines = helper.join().unwrap_or_default();
     for line in lines {
         println!("{line}");

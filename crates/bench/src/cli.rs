@@ -35,11 +35,21 @@ pub struct Args {
     /// Compare the irqvm modes only.
     #[arg(long)]
     pub no_qemu: bool,
+    /// Also time AP bring-up (`boot`) at 64, 255 and 1024 vCPUs: one repeat of each, QEMU/KVM
+    /// up to the 288 vCPUs its q35 machine accepts, QEMU/TCG up to 255. About 20 minutes here.
+    #[arg(long)]
+    pub large: bool,
+    /// Run the AP bring-up workload (`boot`) only: with --large, the large-count part alone.
+    #[arg(long)]
+    pub boot_only: bool,
     /// Internal: run one benchmark VM in this process (the parent's child).
     #[arg(long, hide = true, value_name = "KERNEL")]
     pub vm_child: Option<PathBuf>,
     #[arg(long, hide = true, default_value_t = 1)]
     pub child_cpus: u32,
+    /// Seconds the child's VM may run (the parent's timeout for the run).
+    #[arg(long, hide = true, default_value_t = 120)]
+    pub child_timeout: u64,
     #[arg(long, hide = true, value_enum, default_value_t = IrqchipMode::Kernel)]
     pub child_irqchip: IrqchipMode,
     #[arg(long, hide = true, default_value = "")]

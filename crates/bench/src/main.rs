@@ -47,6 +47,7 @@ fn run(args: &Args) -> i32 {
         let spec = child::ChildSpec {
             kernel: kernel.clone(),
             cpus: args.child_cpus,
+            timeout: std::time::Duration::from_secs(args.child_timeout),
             irqchip: args.child_irqchip,
             cmdline: args.child_cmdline.clone(),
             host_driver: args.child_host_driver,

@@ -57,15 +57,21 @@ pub fn write_all(dir: &Path, summary: &Summary<'_>) -> std::io::Result<Vec<Strin
     let peers = &summary.suite.peers;
     let boot = per_vcpu_series(summary, peers, |c| &c.boot_ns, 1000.0);
     let rss = per_vcpu_series(summary, peers, |c| &c.rss_kib, 1024.0);
+    // A `--boot-only` run's plots have names of their own: they sit beside a full run's.
+    let (boot_file, rss_file) = if summary.suite.plan.boot_only {
+        ("bringup_vs_vcpus.svg", "bringup_rss_vs_vcpus.svg")
+    } else {
+        ("boot_vs_vcpus.svg", "rss_vs_vcpus.svg")
+    };
     for (file, title, y, data) in [
         (
-            "boot_vs_vcpus.svg",
+            boot_file,
             "AP bring-up: first INIT to all APs online",
             "µs",
             &boot,
         ),
         (
-            "rss_vs_vcpus.svg",
+            rss_file,
             "Peak resident memory of the VMM process",
             "MiB",
             &rss,
@@ -129,21 +135,28 @@ fn latency_cdf(path: &Path, title: &str, series: &[(Peer, Vec<f64>)]) -> PlotRes
     Ok(())
 }
 
-/// One line per peer of a figure against the vCPU count.
+/// One line per peer of a figure against the vCPU count, both axes log-scaled (the counts run
+/// from 1 to 1024, the times over four decades). Points without a positive value (no AP to
+/// start on 1 vCPU) are left out.
 fn against_vcpus(
     path: &Path,
     title: &str,
     y_desc: &str,
     data: &[(Peer, Vec<(f64, f64)>)],
 ) -> PlotResult {
-    let xmax = data
+    let data: Vec<(Peer, Vec<(f64, f64)>)> = data
         .iter()
-        .flat_map(|(_, p)| p.iter().map(|q| q.0))
-        .fold(1.0, f64::max);
-    let ymax = data
-        .iter()
-        .flat_map(|(_, p)| p.iter().map(|q| q.1))
-        .fold(1e-9, f64::max);
+        .map(|(p, pts)| {
+            let pts = pts.iter().copied().filter(|q| q.0 >= 1.0 && q.1 > 0.0);
+            (*p, pts.collect())
+        })
+        .collect();
+    let all = || data.iter().flat_map(|(_, p)| p.iter());
+    let xmin = all().map(|q| q.0).fold(f64::INFINITY, f64::min).min(1.0);
+    let xmax = all().map(|q| q.0).fold(2.0, f64::max);
+    let ymin = all().map(|q| q.1).fold(f64::INFINITY, f64::min);
+    let ymax = all().map(|q| q.1).fold(1e-9, f64::max);
+    let ymin = if ymin.is_finite() { ymin } else { ymax / 10.0 };
     let root = SVGBackend::new(path, (760, 440)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
@@ -151,11 +164,14 @@ fn against_vcpus(
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(60)
-        .build_cartesian_2d(0f64..xmax + 1.0, 0f64..ymax * 1.1)?;
+        .build_cartesian_2d(
+            (xmin * 0.8..xmax * 1.25).log_scale(),
+            (ymin * 0.7..ymax * 1.5).log_scale(),
+        )?;
     chart
         .configure_mesh()
-        .x_desc("vCPUs")
-        .y_desc(y_desc)
+        .x_desc("vCPUs (log scale)")
+        .y_desc(format!("{y_desc} (log scale)"))
         .draw()?;
     for (i, (peer, points)) in data.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();

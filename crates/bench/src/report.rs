@@ -10,7 +10,7 @@ use crate::perfstat::{KERNEL_APIC_ACCESSES, SYSCALLS, SYSCALL_KINDS, USERSPACE_E
 use crate::plot;
 use crate::runner::Peer;
 use crate::stats::{self, Spread};
-use crate::summary::{Cell, Summary, EXIT_REASONS, FLOORS, HOST_WORKLOADS, WORKLOADS};
+use crate::summary::{Cell, Summary, BOOT_PHASES, EXIT_REASONS, FLOORS, HOST_WORKLOADS, WORKLOADS};
 
 impl Summary<'_> {
     /// The tables, each as (title, header, rows).
@@ -68,15 +68,13 @@ impl Summary<'_> {
             );
             rows.push(row);
         }
-        let mut rss_row = vec!["resident memory per vCPU".to_string()];
-        for p in peers {
-            rss_row.push(
-                self.rss_per_vcpu_kib(*p)
-                    .map_or("—".into(), |k| format!("{k:.0} KiB")),
-            );
+        // A `--boot-only` run has no per-interrupt costs: no table (its bring-up table has the
+        // memory per vCPU).
+        if !self.cells.is_empty() {
+            let mut rss_row = self.rss_per_vcpu_row();
+            rss_row.push("—".into());
+            rows.push(rss_row);
         }
-        rss_row.push("—".into());
-        rows.push(rss_row);
         let mut cost_header = header.clone();
         cost_header.push("floor: exits any VMM without APIC virtualisation takes".into());
         out.push((
@@ -110,11 +108,19 @@ impl Summary<'_> {
             }
             rows.push(row);
         }
+        if !rows.is_empty() {
+            rows.push(self.rss_per_vcpu_row());
+        }
         out.push((
             "AP bring-up: µs from the first INIT to all APs online ×ratio (peak RSS of the VMM)"
                 .into(),
             header.clone(),
             rows,
+        ));
+        out.push((
+            "AP bring-up by phase: median µs per AP of send (BSP's loop and INIT write) / wake (to the AP's first instruction: SIPI write, INIT and SIPI taken) / ap (trampoline, C entry, local APIC set-up) / notice (AP online → BSP sees it)".into(),
+            header.clone(),
+            self.boot_phase_rows(),
         ));
 
         let mut rows = Vec::new();
@@ -161,9 +167,41 @@ impl Summary<'_> {
         out
     }
 
+    /// Resident memory per vCPU, each peer's slope of peak RSS against the vCPU count.
+    fn rss_per_vcpu_row(&self) -> Vec<String> {
+        let mut row = vec!["resident memory per vCPU".to_string()];
+        for p in &self.suite.peers {
+            row.push(
+                self.rss_per_vcpu_kib(*p)
+                    .map_or("—".into(), |k| format!("{k:.0} KiB")),
+            );
+        }
+        row
+    }
+
+    /// One row per vCPU count (from 2): each peer's median µs per AP of every boot phase.
+    fn boot_phase_rows(&self) -> Vec<Vec<String>> {
+        let peers = &self.suite.peers;
+        let mut rows = Vec::new();
+        for (n, cells) in self.boot.iter().filter(|(n, _)| **n > 1) {
+            let mut row = vec![format!("{n} vCPU")];
+            for p in peers {
+                let medians: Option<Vec<String>> = cells.get(p).and_then(|c| {
+                    BOOT_PHASES
+                        .iter()
+                        .map(|(phase, _)| stats::median(c.phases.get(phase)?).map(us))
+                        .collect()
+                });
+                row.push(medians.map_or("—".into(), |m| m.join(" / ")));
+            }
+            rows.push(row);
+        }
+        rows
+    }
+
     pub fn text(&self) -> String {
         let mut s = String::new();
-        for (title, header, rows) in self.tables() {
+        for (title, header, rows) in self.tables().into_iter().filter(|t| !t.2.is_empty()) {
             let _ = writeln!(s, "\n== {title}");
             let widths: Vec<usize> = (0..header.len())
                 .map(|i| {
@@ -192,6 +230,11 @@ impl Summary<'_> {
         }
         let _ = writeln!(
             s,
+            "host load average {} at the start, {} at the end",
+            self.suite.load_start, self.suite.load_end
+        );
+        let _ = writeln!(
+            s,
             "host TSC {:.3} GHz; {} runs in {:.1} s",
             self.suite.tsc_hz / 1e9,
             self.suite.runs.len(),
@@ -202,7 +245,7 @@ impl Summary<'_> {
 
     pub fn markdown_tables(&self) -> String {
         let mut s = String::new();
-        for (title, header, rows) in self.tables() {
+        for (title, header, rows) in self.tables().into_iter().filter(|t| !t.2.is_empty()) {
             let _ = writeln!(s, "#### {title}\n");
             let _ = writeln!(s, "| {} |", header.join(" | "));
             let _ = writeln!(s, "|{}", "---|".repeat(header.len()));
@@ -245,7 +288,8 @@ impl Summary<'_> {
             for (p, c) in cells {
                 per.insert(
                     p.name(),
-                    json!({"boot_ns": spread(&c.boot_ns), "max_rss_kib": spread(&c.rss_kib), "cpu_ns": spread(&c.cpu_ns)}),
+                    json!({"boot_ns": spread(&c.boot_ns), "max_rss_kib": spread(&c.rss_kib), "cpu_ns": spread(&c.cpu_ns),
+                           "phases_ns_per_ap": c.phases.iter().map(|(k, v)| (k.to_string(), spread(v))).collect::<serde_json::Map<String, Value>>()}),
                 );
             }
             boot.insert(n.to_string(), Value::Object(per));
@@ -273,7 +317,7 @@ impl Summary<'_> {
             "machine": machine(),
             "host_tsc_hz": self.suite.tsc_hz,
             "plan": {"quick": plan.quick, "repeats": plan.repeats, "iterations": plan.iterations,
-                     "boot_cpus": plan.boot_cpus, "rates_hz": plan.rates, "host_pulses": plan.pulses},
+                     "boot_cpus": plan.boot_cpus, "large_boot_cpus": plan.large_boot_cpus, "rates_hz": plan.rates, "host_pulses": plan.pulses},
             "peers": peers,
             "latency": latency,
             "boot": boot,
@@ -361,6 +405,10 @@ pub fn machine() -> String {
 
 const BEGIN: &str = "<!-- irqvm bench: generated section begin -->";
 const END: &str = "<!-- irqvm bench: generated section end -->";
+/// The markers of a `--boot-only` run's section (the AP bring-up part, with `--large` up to
+/// 1024 vCPUs): it has a place of its own, so that it does not replace a full run's figures.
+const BOOT_BEGIN: &str = "<!-- irqvm bench --boot-only: generated section begin -->";
+const BOOT_END: &str = "<!-- irqvm bench --boot-only: generated section end -->";
 
 /// Writes the plots into `dir/bench/` and the generated section of `dir/benchmarks.md` (the rest
 /// of the page, written by hand, is kept).
@@ -368,8 +416,13 @@ pub fn write_docs(dir: &Path, summary: &Summary<'_>) -> std::io::Result<()> {
     let plots = dir.join("bench");
     std::fs::create_dir_all(&plots)?;
     let files = plot::write_all(&plots, summary)?;
+    let (begin, end) = if summary.suite.plan.boot_only {
+        (BOOT_BEGIN, BOOT_END)
+    } else {
+        (BEGIN, END)
+    };
     let mut section = String::new();
-    let _ = writeln!(section, "{BEGIN}\n");
+    let _ = writeln!(section, "{begin}\n");
     let _ = writeln!(
         section,
         "Command: `{}` ({:.0} s, {} runs)\n",
@@ -383,6 +436,11 @@ pub fn write_docs(dir: &Path, summary: &Summary<'_>) -> std::io::Result<()> {
         machine(),
         summary.suite.tsc_hz / 1e9
     );
+    let _ = writeln!(
+        section,
+        "Host load average (1, 5, 15 min; 2 CPUs shared with other work): {} at the start, {} at the end\n",
+        summary.suite.load_start, summary.suite.load_end
+    );
     for n in &summary.suite.notes {
         let _ = writeln!(section, "Note: {n}\n");
     }
@@ -390,15 +448,15 @@ pub fn write_docs(dir: &Path, summary: &Summary<'_>) -> std::io::Result<()> {
     for f in files {
         let _ = writeln!(section, "![{f}](bench/{f})\n");
     }
-    let _ = writeln!(section, "{END}");
+    let _ = writeln!(section, "{end}");
     let page = dir.join("benchmarks.md");
     let old = std::fs::read_to_string(&page).unwrap_or_default();
-    let new = match (old.find(BEGIN), old.find(END)) {
+    let new = match (old.find(begin), old.find(end)) {
         (Some(b), Some(e)) if b < e => format!(
             "{}{}{}",
             &old[..b],
             section.trim_end(),
-            &old[e + END.len()..]
+            &old[e + end.len()..]
         ),
         _ if old.is_empty() => format!("# irqvm benchmarks\n\n{section}"),
         _ => format!("{old}\n{section}"),

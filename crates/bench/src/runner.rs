@@ -54,6 +54,33 @@ impl Peer {
     pub fn is_irqvm(&self) -> bool {
         matches!(self, Self::Irqvm(_))
     }
+
+    /// The most vCPUs this peer is run with: irqvm up to KVM's limit; QEMU 7.2 (Debian 12)
+    /// refuses more than 288 (its q35 machine's limit, "Invalid SMP CPUs 1024. The max CPUs
+    /// supported by machine 'pc-q35-7.2' is 288"); QEMU/TCG to 255, the `pc` machine's limit (its
+    /// APIC model in 7.2 has no x2APIC mode, so IDs past 254 are out of its reach anyway).
+    pub fn max_cpus(&self) -> u32 {
+        match self {
+            Self::Irqvm(_) => u32::MAX,
+            Self::QemuKvm => QEMU_MAX_CPUS,
+            Self::QemuTcg => 255,
+        }
+    }
+}
+
+/// The largest `-smp` QEMU accepts here (q35; the `pc` machine stops at 255).
+pub const QEMU_MAX_CPUS: u32 = 288;
+
+/// QEMU's machine for `cpus` vCPUs: `pc` as far as it goes (255: APIC IDs up to 254, xAPIC can
+/// address them all); past that q35 with the split irqchip, the configuration in which QEMU
+/// with KVM accepts APIC IDs above 254 without an IOMMU (KVM_CAP_X2APIC_API and the extended
+/// destination ID for its IOAPIC).
+fn qemu_machine(cpus: u32) -> &'static str {
+    if cpus <= 255 {
+        "pc"
+    } else {
+        "q35,kernel-irqchip=split"
+    }
 }
 
 impl PartialOrd for Peer {
@@ -145,6 +172,7 @@ fn command(spec: &RunSpec, qemu: Option<&Path>) -> std::io::Result<Command> {
             c.arg("--vm-child")
                 .arg(&spec.kernel)
                 .args(["--child-cpus", &spec.cpus.to_string()])
+                .args(["--child-timeout", &spec.timeout.as_secs().to_string()])
                 .args(["--child-irqchip", &mode])
                 .args(["--child-cmdline", &spec.cmdline]);
             if spec.host_driver {
@@ -164,15 +192,22 @@ fn command(spec: &RunSpec, qemu: Option<&Path>) -> std::io::Result<Command> {
             } else {
                 ("tcg", "max")
             };
-            c.args(["-machine", "pc", "-accel", accel, "-cpu", cpu])
-                .args(["-smp", &spec.cpus.to_string(), "-m", "128"])
-                .arg("-kernel")
-                .arg(&spec.kernel)
-                .args(["-append", &spec.cmdline])
-                .args(["-display", "none", "-serial", "stdio", "-monitor", "none"])
-                .args(["-nic", "none", "-no-reboot"])
-                .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
-                .args(["-device", "pc-testdev"]);
+            c.args([
+                "-machine",
+                qemu_machine(spec.cpus),
+                "-accel",
+                accel,
+                "-cpu",
+                cpu,
+            ])
+            .args(["-smp", &spec.cpus.to_string(), "-m", "128"])
+            .arg("-kernel")
+            .arg(&spec.kernel)
+            .args(["-append", &spec.cmdline])
+            .args(["-display", "none", "-serial", "stdio", "-monitor", "none"])
+            .args(["-nic", "none", "-no-reboot"])
+            .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+            .args(["-device", "pc-testdev"]);
             c
         }
     };
@@ -296,6 +331,7 @@ mod tests {
         let args = crate::cli::Args::try_parse_from(words).unwrap();
         assert_eq!(args.vm_child.as_deref(), Some(Path::new("k.elf")));
         assert_eq!(args.child_cpus, 2);
+        assert_eq!(args.child_timeout, 1);
         assert_eq!(args.child_irqchip, IrqchipMode::User);
         assert_eq!(args.child_cmdline, "n=20");
         assert!(args.child_host_driver);

@@ -18,6 +18,10 @@ pub struct Plan {
     /// Iterations of each latency workload.
     pub iterations: u32,
     pub boot_cpus: Vec<u32>,
+    /// The large vCPU counts of `boot` (`--large`), run in the first repeat only.
+    pub large_boot_cpus: Vec<u32>,
+    /// `--boot-only`: the `boot` workload and nothing else.
+    pub boot_only: bool,
     /// vCPU counts of the all-vCPU IPI guest (`bench_ipi`).
     pub ipi_cpus: Vec<u32>,
     pub rates: Vec<u64>,
@@ -27,12 +31,23 @@ pub struct Plan {
 
 impl Plan {
     pub fn new(args: &Args) -> Self {
+        let mut plan = Self::sized(args);
+        if args.large {
+            plan.large_boot_cpus = LARGE_BOOT_CPUS.to_vec();
+        }
+        plan.boot_only = args.boot_only;
+        plan
+    }
+
+    fn sized(args: &Args) -> Self {
         if args.quick {
             Self {
                 quick: true,
                 repeats: args.repeats.unwrap_or(1).max(1),
                 iterations: 20,
                 boot_cpus: vec![1, 2],
+                large_boot_cpus: Vec::new(),
+                boot_only: false,
                 ipi_cpus: vec![2],
                 rates: vec![1000],
                 pulses: 40,
@@ -44,12 +59,26 @@ impl Plan {
                 repeats: args.repeats.unwrap_or(3).max(1),
                 iterations: 100,
                 boot_cpus: vec![1, 2, 4, 8, 16],
+                large_boot_cpus: Vec::new(),
+                boot_only: false,
                 ipi_cpus: vec![2, 4, 8, 16],
                 rates: vec![1000, 4000, 16000],
                 pulses: 200,
                 timeout: Duration::from_secs(90),
             }
         }
+    }
+}
+
+/// `--large`: the AP bring-up counts past 16, up to KVM's 1024 (x2APIC IDs past 254 from 255 on).
+pub const LARGE_BOOT_CPUS: [u32; 3] = [64, 255, 1024];
+
+/// How long a run may take: the plan's timeout, and for `boot` on many vCPUs 0.3 s more per
+/// vCPU (the guest starts APs one after another; at 1024 vCPUs one AP takes tens of ms here).
+fn run_timeout(plan: &Plan, kind: RunKind) -> Duration {
+    match kind {
+        RunKind::Boot(n) => plan.timeout + Duration::from_millis(300) * n,
+        _ => plan.timeout,
     }
 }
 
@@ -83,6 +112,17 @@ pub struct Suite {
     pub notes: Vec<String>,
     pub command: String,
     pub elapsed: Duration,
+    /// The host's load averages (`/proc/loadavg`: 1, 5, 15 min) when the suite started and ended.
+    pub load_start: String,
+    pub load_end: String,
+}
+
+/// The 1, 5 and 15 minute load averages of the host, or "unknown".
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "unknown".into())
 }
 
 /// The install hint for QEMU.
@@ -125,9 +165,24 @@ fn host_tsc_hz() -> f64 {
             std::arch::x86_64::_rdtsc()
         }
     }
-    let (t0, c0) = (Instant::now(), rdtsc());
+    // A clock reading and a TSC reading taken together: of five tries, the one whose clock
+    // readings around the RDTSC are closest (on a loaded host the thread may lose its CPU
+    // between the two, which skewed the rate by 6% at load average 27).
+    fn stamp() -> (Instant, u64) {
+        (0..5)
+            .map(|_| {
+                let a = Instant::now();
+                let c = rdtsc();
+                let b = Instant::now();
+                (b - a, a + (b - a) / 2, c)
+            })
+            .min_by_key(|s| s.0)
+            .map(|(_, t, c)| (t, c))
+            .unwrap_or_else(|| (Instant::now(), rdtsc()))
+    }
+    let (t0, c0) = stamp();
     std::thread::sleep(Duration::from_millis(200));
-    let (t1, c1) = (Instant::now(), rdtsc());
+    let (t1, c1) = stamp();
     (c1 - c0) as f64 / (t1 - t0).as_secs_f64()
 }
 
@@ -149,7 +204,7 @@ fn spec(plan: &Plan, peer: Peer, kind: RunKind) -> RunSpec {
         cpus,
         cmdline,
         host_driver,
-        timeout: plan.timeout,
+        timeout: run_timeout(plan, kind),
         host_pulses: plan.pulses,
         host_rates: plan.rates.clone(),
         perf: !matches!(kind, RunKind::Boot(_)),
@@ -158,21 +213,34 @@ fn spec(plan: &Plan, peer: Peer, kind: RunKind) -> RunSpec {
 
 pub fn run_suite(args: &Args) -> Result<Suite, String> {
     let started = Instant::now();
+    let load_start = load_average();
     let plan = Plan::new(args);
     let mut notes = Vec::new();
     let (peers, qemu) = peers(args, &mut notes)?;
     let tsc_hz = host_tsc_hz();
-    let mut kinds = vec![RunKind::Latency];
-    kinds.extend(plan.boot_cpus.iter().map(|&n| RunKind::Boot(n)));
-    kinds.push(RunKind::HostIrq);
-    kinds.extend(plan.ipi_cpus.iter().map(|&n| RunKind::Ipi(n)));
+    let kinds = kinds(&plan);
     let mut runs = Vec::new();
     for repeat in 0..plan.repeats {
         // Peers interleaved within a repeat, so a slow phase of the host hits them alike.
         for &kind in &kinds {
+            if matches!(kind, RunKind::Boot(n) if plan.large_boot_cpus.contains(&n)) && repeat > 0 {
+                continue;
+            }
             for &peer in &peers {
                 if kind == RunKind::HostIrq && !peer.is_irqvm() {
                     continue;
+                }
+                if let RunKind::Boot(n) = kind {
+                    if n > peer.max_cpus() {
+                        if repeat == 0 {
+                            notes.push(format!(
+                                "{} not run on {n} vCPUs (its limit here: {})",
+                                peer.name(),
+                                peer.max_cpus()
+                            ));
+                        }
+                        continue;
+                    }
                 }
                 let spec = spec(&plan, peer, kind);
                 eprint!(
@@ -201,7 +269,26 @@ pub fn run_suite(args: &Args) -> Result<Suite, String> {
         notes,
         command: command_line(),
         elapsed: started.elapsed(),
+        load_start,
+        load_end: load_average(),
     })
+}
+
+/// What the plan runs, in order.
+fn kinds(plan: &Plan) -> Vec<RunKind> {
+    let boot = plan
+        .boot_cpus
+        .iter()
+        .chain(&plan.large_boot_cpus)
+        .map(|&n| RunKind::Boot(n));
+    if plan.boot_only {
+        return boot.collect();
+    }
+    let mut kinds = vec![RunKind::Latency];
+    kinds.extend(boot);
+    kinds.push(RunKind::HostIrq);
+    kinds.extend(plan.ipi_cpus.iter().map(|&n| RunKind::Ipi(n)));
+    kinds
 }
 
 fn command_line() -> String {

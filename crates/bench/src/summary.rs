@@ -188,12 +188,29 @@ impl Cell {
     }
 }
 
+/// The phases `bench_boot` splits each AP's start-up into (`guests/bench_boot.c`), in order:
+/// (workload, what it covers).
+pub const BOOT_PHASES: &[(&str, &str)] = &[
+    ("boot_send", "the BSP's loop and INIT ICR write"),
+    (
+        "boot_wake",
+        "INIT write's return → the AP's first instruction (SIPI write, INIT and SIPI taken)",
+    ),
+    (
+        "boot_ap",
+        "the AP's trampoline, C entry and local APIC set-up",
+    ),
+    ("boot_notice", "AP online → the BSP sees it"),
+];
+
 /// Boot runs of one peer at one vCPU count.
 #[derive(Clone, Debug, Default)]
 pub struct BootCell {
     pub boot_ns: Vec<f64>,
     pub rss_kib: Vec<f64>,
     pub cpu_ns: Vec<f64>,
+    /// Phase (a [`BOOT_PHASES`] name) → ns per AP, every AP of every run.
+    pub phases: BTreeMap<&'static str, Vec<f64>>,
 }
 
 /// Everything the suite's output is made of.
@@ -297,7 +314,7 @@ impl<'a> Summary<'a> {
                 16 => &["ipi_storm_16", "ipi_broadcast_16"],
                 _ => &[],
             },
-            RunKind::Boot(_) => &["boot"],
+            RunKind::Boot(_) => &["boot", "boot_send", "boot_wake", "boot_ap", "boot_notice"],
         };
         for name in expected {
             if !r.output.workloads.contains_key(*name) {
@@ -391,6 +408,12 @@ impl<'a> Summary<'a> {
         }
         cell.rss_kib.push(r.max_rss_kib as f64);
         cell.cpu_ns.push(r.cpu_total_ns as f64);
+        for (phase, _) in BOOT_PHASES {
+            if let Some(w) = r.output.workloads.get(*phase) {
+                let ns = w.cycles.iter().map(|&c| c as f64 * 1e9 / self.suite.tsc_hz);
+                cell.phases.entry(phase).or_default().extend(ns);
+            }
+        }
     }
 
     /// What went wrong: runs that timed out, failed, lost a workload or miscounted.

@@ -203,6 +203,9 @@ trampoline_start:
 	cld
 	movw %cs, %ax
 	movw %ax, %ds
+	rdtsc                           /* when this AP started, for bench_boot's phases */
+	movl %eax, (tramp_tsc - trampoline_start)
+	movl %edx, (tramp_tsc - trampoline_start + 4)
 	lgdtl (tramp_gdtr - trampoline_start)
 	movl %cr0, %eax
 	orl $1, %eax
@@ -222,6 +225,10 @@ tramp32:
 tramp_gdtr:
 	.word gdt_end - gdt - 1
 	.long gdt
+	.balign 8
+	.globl tramp_tsc
+tramp_tsc:                              /* the TSC at the first instruction (in the copy at TRAMPOLINE_ADDR) */
+	.quad 0
 	.balign 16
 	.skip 64                        /* a tiny stack for the call above */
 tramp_stack_top:

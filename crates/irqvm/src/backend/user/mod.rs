@@ -203,8 +203,13 @@ fn sync_events_supported(kvm: &Kvm) -> bool {
     fields > 0 && (fields as u32) & kvm_bindings::KVM_SYNC_X86_EVENTS != 0
 }
 
-/// KVM_CAP_X86_USER_SPACE_MSR (INVAL | FILTER) and the filter that sends 0x1B and 0x6E0 out,
-/// and with `ghcb` (`--protected-state-aps`) the GHCB MSR too.
+/// KVM_CAP_X86_USER_SPACE_MSR (INVAL | FILTER) and the filter that sends 0x1B writes and 0x6E0
+/// out, and with `ghcb` (`--protected-state-aps`) the GHCB MSR too.
+///
+/// RDMSR of IA32_APIC_BASE stays in KVM: its copy is the model's value whenever the guest runs
+/// (`percpu::sync_kvm_apic_base` after every exit, the register writes of INIT and restore
+/// carry it), and an AP's start-up reads it first thing, so a read exit would cost every AP
+/// one userspace round trip (issue 13, docs/benchmarks.md "AP bring-up").
 fn enable_msr_exits(kvm: &Kvm, vm: &VmFd, ghcb: bool) -> Result<(), KvmError> {
     require_cap(kvm, Cap::X86UserSpaceMsr, "KVM_CAP_X86_USER_SPACE_MSR")?;
     require_cap(kvm, Cap::X86MsrFilter, "KVM_CAP_X86_MSR_FILTER")?;
@@ -225,7 +230,11 @@ fn enable_msr_exits(kvm: &Kvm, vm: &VmFd, ghcb: bool) -> Result<(), KvmError> {
     let ranges: Vec<MsrFilterRange<'_>> = denied
         .iter()
         .map(|&base| MsrFilterRange {
-            flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
+            flags: if base == MSR_APIC_BASE {
+                MsrFilterRangeFlags::WRITE
+            } else {
+                MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE
+            },
             base,
             msr_count: 1,
             bitmap: &deny,
@@ -398,7 +407,7 @@ impl Irqchip for UserIrqchip {
         let protected = match self.shared.protected_state_aps {
             Some(aps) if index != 0 => {
                 let launch = irqchip::mpstate::SipiAction::real_mode(aps.launch_page);
-                reset::apply_sipi(vcpu, &launch)?;
+                reset::apply_sipi(vcpu, &launch, None)?;
                 true
             }
             _ => false,

@@ -41,7 +41,7 @@ use irqchip::{GuestFault, Nanos};
 
 use super::ghcb::{GhcbMsr, MSR_GHCB};
 use super::platform::{Platform, IOAPIC_BASE, IOAPIC_SIZE};
-use super::reset::{apply_init, apply_sipi, write_msr};
+use super::reset::{apply_init, apply_sipi, write_msr, InitApplied};
 use super::{is_apic_msr, Shared, MSR_APIC_BASE};
 use crate::backend::step::Stepper;
 use crate::backend::{
@@ -414,6 +414,10 @@ pub(crate) struct UserVcpuChip {
     events_synced: bool,
     /// `kvm_valid_regs` has KVM_SYNC_X86_EVENTS set on this vCPU's `kvm_run`.
     sync_enabled: bool,
+
+    /// The registers the last INIT wrote, while the vCPU waits for its SIPI (dropped when it
+    /// enters the guest or its registers are restored): the SIPI starts from them.
+    after_init: Option<InitApplied>,
 }
 
 impl UserVcpuChip {
@@ -454,6 +458,8 @@ impl UserVcpuChip {
             in_flight: false,
             events_synced: false,
             sync_enabled: false,
+
+            after_init: None,
         }
     }
 
@@ -480,17 +486,25 @@ impl UserVcpuChip {
         if outcome.reset.is_some() || outcome.start.is_some() {
             self.events_synced = false;
         }
+        let mut start = outcome.start;
         if let Some(reset) = outcome.reset {
             // `None` for a protected-state AP: INIT resets only its LAPIC (done by the model).
-            if let Some(state) = reset.arch_state(self.signature) {
-                apply_init(vcpu, &state, &self.shared.init_msrs)?;
+            if let Some(mut state) = reset.arch_state(self.signature) {
+                // A SIPI accepted with its INIT is folded into the INIT's register writes.
+                let folded = start.filter(|s| matches!(s, SipiAction::StartRealMode { .. }));
+                if let Some(sipi) = folded {
+                    state.apply_start(&sipi);
+                    start = None;
+                }
+                let applied = apply_init(vcpu, &state, &self.shared.init_msrs)?;
+                self.after_init = folded.is_none().then_some(applied);
                 self.regs_rewritten = true;
             }
             self.halted_with_if_clear = false;
         }
-        match outcome.start {
+        match start {
             Some(start @ SipiAction::StartRealMode { .. }) => {
-                apply_sipi(vcpu, &start)?;
+                apply_sipi(vcpu, &start, self.after_init.take())?;
                 self.regs_rewritten = true;
             }
             Some(SipiAction::ResumeUntouched { first_boot }) => self.resume_untouched(first_boot),
@@ -905,6 +919,7 @@ impl VcpuIrqchip for UserVcpuChip {
             return Ok(EntryDecision::Block { reason, deadline });
         }
         self.inject(vcpu, pic_intr)?;
+        self.after_init = None;
         self.regs_rewritten = false;
         self.flags_from_exit = false;
         vcpu.get_kvm_run().cr8 = self.interrupts.lapic().cr8();
@@ -1055,6 +1070,7 @@ impl VcpuIrqchip for UserVcpuChip {
         self.interrupts.restore(&model, self.shared.clock.now())?;
         // KVM_SET_SREGS wrote the model's IA32_APIC_BASE into KVM's copy.
         self.kvm_apic_base = model.lapic.apic_base();
+        self.after_init = None;
         self.regs_rewritten = true;
         Ok(None)
     }

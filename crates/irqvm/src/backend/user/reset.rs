@@ -18,6 +18,12 @@
 //!   KERNEL_GS_BASE, TSC_AUX, ...).
 //!
 //! The guest `init_state` (crates/irqvm/guests) checks both lists from inside a real vCPU.
+//!
+//! Cost (issue 13, docs/benchmarks.md "AP bring-up"): an ioctl costs ~4-5 µs here and an AP's
+//! start-up waits for them, so INIT takes six (KVM_GET_SREGS, then one KVM_SET_* per group and
+//! one batched KVM_GET_MSRS), a SIPI accepted together with its INIT adds none (the start is
+//! folded into the INIT state, [`ArchResetState::apply_start`]), and a later SIPI two (the
+//! registers INIT wrote are kept, [`InitApplied`], so nothing is read back).
 
 use kvm_bindings::{
     kvm_dtable, kvm_msr_entry, kvm_segment, Msrs, KVM_VCPUEVENT_VALID_NMI_PENDING,
@@ -114,35 +120,74 @@ fn kvm_dtable_of(t: DescriptorTable) -> kvm_dtable {
     }
 }
 
+/// The registers an INIT wrote, kept while the vCPU waits for its SIPI: the SIPI then changes
+/// CS and RIP in them and writes them back without reading them first. Valid only until the
+/// vCPU runs or its registers are written otherwise (the caller drops it then).
+#[derive(Clone, Debug)]
+pub struct InitApplied {
+    sregs: kvm_bindings::kvm_sregs,
+    regs: kvm_bindings::kvm_regs,
+}
+
 /// Loads the state after INIT into `vcpu`: `state` is `ArchResetState::after_init`, whose `None`
-/// fields are what INIT keeps; `msrs` are the [`init_cleared_msrs`] of this KVM. A power-up
-/// state is refused: KVM_CREATE_VCPU already did the power-up, and user mode has no RESET.
+/// fields are what INIT keeps (with [`ArchResetState::apply_start`] already applied when the
+/// SIPI came with it); `msrs` are the [`init_cleared_msrs`] of this KVM. A power-up state is
+/// refused: KVM_CREATE_VCPU already did the power-up, and user mode has no RESET.
 pub fn apply_init(
     vcpu: &VcpuFd,
     state: &ArchResetState,
     msrs: &[InitClearedMsr],
-) -> Result<(), IrqchipError> {
+) -> Result<InitApplied, IrqchipError> {
     if state.cause != ResetCause::Init {
         return Err(IrqchipError::NotInitState);
     }
-    apply_init_registers(vcpu, state)?;
-    clear_msrs(vcpu, msrs)
+    let applied = apply_init_registers(vcpu, state)?;
+    clear_msrs(vcpu, msrs)?;
+    Ok(applied)
 }
 
-/// Sets every MSR of `msrs` that is not 0 to 0. One that cannot be read is skipped (the guest
-/// cannot have set it either); one that reads non-zero and cannot be cleared is an error.
+/// Sets every MSR of `msrs` that is not 0 to 0: one KVM_GET_MSRS for all of them, then a
+/// KVM_SET_MSRS only for those that read non-zero (a guest rarely leaves one set; writing 0
+/// regardless would have side effects, e.g. a kvmclock MSR write asks KVM for a clock update of
+/// every vCPU). KVM_GET_MSRS stops at the first MSR it cannot read: that one is skipped (the
+/// guest cannot have set it either) and the rest read again. One that reads non-zero and cannot
+/// be cleared is an error.
 fn clear_msrs(vcpu: &VcpuFd, msrs: &[InitClearedMsr]) -> Result<(), IrqchipError> {
-    for m in msrs {
-        match read_msr(vcpu, m.index) {
-            Some(0) | None => {}
-            Some(_) => write_msr(vcpu, m.index, 0).map_err(|source| IrqchipError::InitMsr {
-                name: m.name,
-                index: m.index,
-                source,
-            })?,
+    let mut rest = msrs;
+    while !rest.is_empty() {
+        let (values, unreadable) = read_msrs(vcpu, rest);
+        for (m, value) in rest.iter().zip(&values) {
+            if *value != 0 {
+                write_msr(vcpu, m.index, 0).map_err(|source| IrqchipError::InitMsr {
+                    name: m.name,
+                    index: m.index,
+                    source,
+                })?;
+            }
         }
+        // Past the values read, and past the one KVM refused to read.
+        let skip = values.len() + usize::from(unreadable);
+        rest = rest.get(skip..).unwrap_or_default();
     }
     Ok(())
+}
+
+/// One KVM_GET_MSRS of `msrs`: the values KVM read, in order, and whether it stopped early at
+/// one it could not read (the next one). A failed ioctl counts as "could not read the first".
+fn read_msrs(vcpu: &VcpuFd, msrs: &[InitClearedMsr]) -> (Vec<u64>, bool) {
+    let entries: Vec<kvm_msr_entry> = msrs
+        .iter()
+        .map(|m| kvm_msr_entry {
+            index: m.index,
+            ..Default::default()
+        })
+        .collect();
+    let Ok(mut list) = Msrs::from_entries(&entries) else {
+        return (Vec::new(), true);
+    };
+    let read = vcpu.get_msrs(&mut list).unwrap_or(0).min(msrs.len());
+    let values = list.as_slice()[..read].iter().map(|e| e.data).collect();
+    (values, read < msrs.len())
 }
 
 fn one_msr(index: u32, data: u64) -> Result<Msrs, KvmError> {
@@ -155,14 +200,6 @@ fn one_msr(index: u32, data: u64) -> Result<Msrs, KvmError> {
         what: "KVM_SET_MSRS list",
         entries: 1,
     })
-}
-
-fn read_msr(vcpu: &VcpuFd, index: u32) -> Option<u64> {
-    let mut msrs = one_msr(index, 0).ok()?;
-    match vcpu.get_msrs(&mut msrs) {
-        Ok(1) => msrs.as_slice().first().map(|e| e.data),
-        _ => None,
-    }
 }
 
 pub(super) fn write_msr(vcpu: &VcpuFd, index: u32, value: u64) -> Result<(), KvmError> {
@@ -180,8 +217,9 @@ pub(super) fn write_msr(vcpu: &VcpuFd, index: u32, value: u64) -> Result<(), Kvm
 }
 
 /// The register part of INIT: sregs (with EFER and CR8), general registers, debug registers,
-/// pending events.
-fn apply_init_registers(vcpu: &VcpuFd, state: &ArchResetState) -> Result<(), KvmError> {
+/// pending events. Only the sregs are read first (INIT keeps CR0.CD/NW, IA32_APIC_BASE and the
+/// rest `kvm_sregs` carries); the others are written whole.
+fn apply_init_registers(vcpu: &VcpuFd, state: &ArchResetState) -> Result<InitApplied, KvmError> {
     let mut sregs = vcpu.get_sregs().map_err(KvmError::ioctl("KVM_GET_SREGS"))?;
     sregs.cs = kvm_segment_of(state.cs);
     sregs.ds = kvm_segment_of(state.ds);
@@ -231,12 +269,13 @@ fn apply_init_registers(vcpu: &VcpuFd, state: &ArchResetState) -> Result<(), Kvm
     vcpu.set_regs(&regs)
         .map_err(KvmError::ioctl("KVM_SET_REGS"))?;
 
-    let mut debug = vcpu
-        .get_debug_regs()
-        .map_err(KvmError::ioctl("KVM_GET_DEBUGREGS"))?;
-    debug.db = state.dr0_3;
-    debug.dr6 = state.dr6;
-    debug.dr7 = state.dr7;
+    // Every field of kvm_debugregs is INIT's (`flags` must be 0).
+    let debug = kvm_bindings::kvm_debugregs {
+        db: state.dr0_3,
+        dr6: state.dr6,
+        dr7: state.dr7,
+        ..Default::default()
+    };
     vcpu.set_debug_regs(&debug)
         .map_err(KvmError::ioctl("KVM_SET_DEBUGREGS"))?;
 
@@ -244,25 +283,26 @@ fn apply_init_registers(vcpu: &VcpuFd, state: &ArchResetState) -> Result<(), Kvm
     // was in an NMI handler), NMI blocking and the interrupt shadow end with INIT, as KVM's
     // kvm_vcpu_reset(init_event) clears them in the other modes. KVM applies `nmi.pending` and
     // `interrupt.shadow` only when their VALID flags say so: without them, an NMI queued before
-    // the INIT would be injected at the first instruction after the SIPI.
-    let mut events = vcpu
-        .get_vcpu_events()
-        .map_err(KvmError::ioctl("KVM_GET_VCPU_EVENTS"))?;
-    events.exception.injected = 0;
-    events.exception.pending = 0;
-    events.interrupt.injected = 0;
-    events.interrupt.shadow = 0;
-    events.nmi.injected = 0;
-    events.nmi.pending = 0;
-    events.nmi.masked = 0;
-    events.flags = KVM_VCPUEVENT_VALID_NMI_PENDING | KVM_VCPUEVENT_VALID_SHADOW;
+    // the INIT would be injected at the first instruction after the SIPI. All zero but those
+    // flags: what KVM always applies (exception, interrupt, NMI injected and masked) is cleared,
+    // and what it applies only with another flag (SMM, SIPI vector, payload, triple fault) it
+    // leaves alone, as a read-modify-write with these flags did.
+    let events = kvm_bindings::kvm_vcpu_events {
+        flags: KVM_VCPUEVENT_VALID_NMI_PENDING | KVM_VCPUEVENT_VALID_SHADOW,
+        ..Default::default()
+    };
     vcpu.set_vcpu_events(&events)
         .map_err(KvmError::ioctl("KVM_SET_VCPU_EVENTS"))?;
-    Ok(())
+    Ok(InitApplied { sregs, regs })
 }
 
-/// Starts a vCPU in wait-for-SIPI per `start`.
-pub fn apply_sipi(vcpu: &VcpuFd, start: &SipiAction) -> Result<(), KvmError> {
+/// Starts a vCPU in wait-for-SIPI per `start`: from the registers its INIT wrote when they
+/// are known (two ioctls), else read first.
+pub fn apply_sipi(
+    vcpu: &VcpuFd,
+    start: &SipiAction,
+    after_init: Option<InitApplied>,
+) -> Result<(), KvmError> {
     let SipiAction::StartRealMode {
         cs_selector,
         cs_base,
@@ -271,6 +311,20 @@ pub fn apply_sipi(vcpu: &VcpuFd, start: &SipiAction) -> Result<(), KvmError> {
     else {
         return Ok(());
     };
+    if let Some(InitApplied {
+        mut sregs,
+        mut regs,
+    }) = after_init
+    {
+        sregs.cs.selector = cs_selector;
+        sregs.cs.base = cs_base;
+        regs.rip = rip;
+        vcpu.set_sregs(&sregs)
+            .map_err(KvmError::ioctl("KVM_SET_SREGS"))?;
+        return vcpu
+            .set_regs(&regs)
+            .map_err(KvmError::ioctl("KVM_SET_REGS"));
+    }
     let mut sregs = vcpu.get_sregs().map_err(KvmError::ioctl("KVM_GET_SREGS"))?;
     sregs.cs.selector = cs_selector;
     sregs.cs.base = cs_base;
@@ -373,6 +427,33 @@ mod tests {
         assert!(report.contains("KVM_SET_SREGS"), "{report}");
         assert!(failure.state.is_some(), "registers captured: {report}");
         assert!(report.contains("rip 0x"), "{report}");
+    }
+
+    /// INIT's MSR clearing reads them in one KVM_GET_MSRS, which stops at the first MSR KVM
+    /// cannot read: the MSRs after it must still be cleared. A kvmclock MSR given a non-zero
+    /// value with its enable bit clear (KVM keeps it without a clock page; the first of those
+    /// KVM takes on a bare vCPU) goes after an index no MSR has, and must read 0 afterwards.
+    #[test]
+    fn init_clears_the_msrs_after_one_kvm_cannot_read() {
+        let kvm = kvm_ioctls::Kvm::new().unwrap();
+        let vm = kvm.create_vm().unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        let candidates = [
+            msr(0x4B56_4D01, "MSR_KVM_SYSTEM_TIME_NEW"),
+            msr(0x12, "MSR_KVM_SYSTEM_TIME"),
+        ];
+        let set = candidates
+            .into_iter()
+            .find(|m| write_msr(&vcpu, m.index, 0x1000).is_ok())
+            .expect("KVM keeps a kvmclock MSR value");
+        let read = |index| {
+            let mut list = one_msr(index, 0).unwrap();
+            assert_eq!(vcpu.get_msrs(&mut list).unwrap(), 1);
+            list.as_slice()[0].data
+        };
+        assert_eq!(read(set.index), 0x1000, "KVM kept the value");
+        clear_msrs(&vcpu, &[msr(0x4000_7F3D, "no such MSR"), set]).unwrap();
+        assert_eq!(read(set.index), 0, "{} cleared", set.name);
     }
 
     /// Only the MSRs KVM lists are cleared: the others cannot hold a guest's value.
