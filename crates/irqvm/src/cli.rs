@@ -188,14 +188,9 @@ pub struct RunArgs {
     pub protected_state_aps: Option<u8>,
     /// Take every pending interrupt at the instruction boundary where it becomes deliverable
     /// (after `sti; nop`, a CR8 write...), by single-stepping the vCPU while an interrupt waits
-    /// (`user` mode; `split`: the PIC's ExtINT). The default; accepted so that scripts that
-    /// asked for it keep working.
-    #[arg(long, conflicts_with = "no_exact_irq_boundaries")]
-    pub exact_irq_boundaries: bool,
-    /// Take a pending interrupt at the next KVM exit or window kick instead of stepping to its
-    /// exact boundary: no KVM exit per stepped instruction (docs/benchmarks.md).
+    /// (`user` mode; `split`: the PIC's ExtINT). Costs a KVM exit per stepped instruction.
     #[arg(long)]
-    pub no_exact_irq_boundaries: bool,
+    pub exact_irq_boundaries: bool,
 }
 
 fn parse_memory(text: &str) -> Result<u64, String> {
@@ -285,7 +280,7 @@ pub fn run_config(args: &RunArgs) -> Result<VmConfig, CliError> {
     cfg.protected_state_aps = args
         .protected_state_aps
         .map(|launch_page| crate::backend::ProtectedStateAps { launch_page });
-    cfg.exact_irq_boundaries = !args.no_exact_irq_boundaries;
+    cfg.exact_irq_boundaries = args.exact_irq_boundaries;
     Ok(cfg)
 }
 
@@ -603,25 +598,6 @@ mod tests {
             panic!("not run");
         };
         assert_eq!(args.irqchip, IrqchipMode::User);
-    }
-
-    /// Exact interrupt boundaries are on unless `--no-exact-irq-boundaries`; the old opt-in
-    /// flag is still accepted, and the two together are refused.
-    #[test]
-    fn exact_irq_boundaries_by_default() {
-        let parse = |extra: &[&str]| {
-            let argv = ["irqvm", "run", "--kernel", "k.elf"].iter().chain(extra);
-            match Cli::try_parse_from(argv).map(|c| c.command) {
-                Ok(Some(Command::Run(args))) => Ok(!args.no_exact_irq_boundaries),
-                Ok(_) => panic!("not run"),
-                Err(e) => Err(e),
-            }
-        };
-        assert!(parse(&[]).unwrap());
-        assert!(parse(&["--exact-irq-boundaries"]).unwrap());
-        assert!(!parse(&["--no-exact-irq-boundaries"]).unwrap());
-        assert!(parse(&["--exact-irq-boundaries", "--no-exact-irq-boundaries"]).is_err());
-        assert!(VmConfig::new(Vec::new(), "k").exact_irq_boundaries);
     }
 
     #[test]

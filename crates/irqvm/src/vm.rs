@@ -107,10 +107,10 @@ pub struct VmConfig {
     pub topology: Option<Topology>,
     /// `--cpu-features`: `+name`/`-name` edits of the CPUID features (see [`crate::cpumodel`]).
     pub cpu_features: FeatureEdits,
-    /// Single-step a vCPU to the instruction boundary where a waiting interrupt becomes
-    /// deliverable (`user` mode: every interrupt; `split`: the PIC's ExtINT; `kernel`: ignored).
-    /// On by default; `--no-exact-irq-boundaries` turns it off. See `backend::step` and
-    /// docs/architecture.md, "Exact interrupt boundaries", for what it costs.
+    /// `--exact-irq-boundaries`: single-step a vCPU to the instruction boundary where a waiting
+    /// interrupt becomes deliverable (`user` mode: every interrupt; `split`: the PIC's ExtINT;
+    /// `kernel`: ignored). Off by default: see `backend::step` and docs/architecture.md, "Exact
+    /// interrupt boundaries", for what it costs and what is still open.
     pub exact_irq_boundaries: bool,
 }
 
@@ -131,7 +131,7 @@ impl VmConfig {
             protected_state_aps: None,
             topology: None,
             cpu_features: FeatureEdits::default(),
-            exact_irq_boundaries: true,
+            exact_irq_boundaries: false,
         }
     }
 }

@@ -311,10 +311,12 @@ pub(crate) struct UserVcpuChip {
     /// event's frame, and the handler's IRET would hand the guest a #DB of ours.
     kvm_queued: bool,
     /// The last exit was an MSR access that takes #GP (`error` set): KVM raises it when the next
-    /// KVM_RUN completes the exit, before any instruction runs. No stepping may begin at that
-    /// entry: KVM_SET_GUEST_DEBUG puts TF into the guest's RFLAGS while RIP is where stepping was
-    /// armed, so the #GP frame would hold TF and the handler's IRET would give the guest a #DB
-    /// of ours (seen in the `fuzz` guest; [`crate::backend::step`]).
+    /// KVM_RUN completes the exit, before any instruction runs. Stepping is off for that entry:
+    /// KVM_SET_GUEST_DEBUG puts TF into the guest's RFLAGS while RIP is where stepping was armed,
+    /// which is the MSR instruction's RIP when the episode began at it, so the #GP frame would
+    /// hold TF and the handler's IRET would give the guest a #DB of ours (seen in the `fuzz`
+    /// guest, both when stepping began at the exit and one exit earlier;
+    /// [`crate::backend::step`]).
     fault_pending: bool,
     halt_poll: HaltPoll,
     /// IA32_APIC_BASE as KVM last saw it. KVM derives CPUID.1:EDX[9] (APIC present) from its own
@@ -563,8 +565,7 @@ impl UserVcpuChip {
     ) -> Result<bool, IrqchipError> {
         let stale = self.regs_rewritten || (self.flags_from_exit && if_set);
         let looping = self.stepped_again && self.last_stepped.is_some_and(|(what, _)| what == next);
-        let may_begin = !self.fault_pending && !looping;
-        if stale || self.kvm_queued || (!may_begin && !self.stepper.active()) {
+        if stale || self.kvm_queued || self.fault_pending || (looping && !self.stepper.active()) {
             self.stepper.end(vcpu)?;
             return Ok(false);
         }
@@ -599,8 +600,8 @@ impl UserVcpuChip {
     /// long as the budget lasts. Otherwise stepping ends; off the fast path this costs nothing
     /// (no ioctl unless stepping was on).
     fn step_while_tpr_holds(&mut self, vcpu: &VcpuFd) -> Result<(), IrqchipError> {
-        let may_step = !self.fault_pending || self.stepper.active();
-        if !self.regs_rewritten && !self.kvm_queued && may_step && self.held_by_tpr_only() {
+        let event_due = self.kvm_queued || self.fault_pending;
+        if !self.regs_rewritten && !event_due && self.held_by_tpr_only() {
             self.stepper.step(vcpu)?;
             self.publish_steps();
             return Ok(());
