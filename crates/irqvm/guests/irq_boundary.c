@@ -7,6 +7,8 @@
  *    of STI's shadow); its handler EOIs and IRETs, and the lower vector comes at that IRET, so both
  *    handlers see the same interrupted RIP;
  *  - `sti; nop; cli`: the one-instruction window takes the interrupt;
+ *  - a vector that a handler (IF=0) uncovers with its EOI is taken right at the handler's IRETQ, before the
+ *    `cli` the IRETQ returns to: one instruction late, the `cli` would hold it until the next `sti`;
  *  - TPR lowered by an xAPIC write, and by MOV CR8: right after that write;
  *  - an EOI (with IF=1 in the handler) that uncovers a vector held by the in-service one: right after the EOI;
  *  - unmasking an IOAPIC level entry whose line is high: right after the IOWIN write;
@@ -17,7 +19,8 @@
  * Checks tagged [kvm-late-window] need the pending interrupt taken at that boundary: KVM's in-kernel LAPIC
  * (and its interrupt window) on the kvm_pvm hosts delivers it only at KVM's next exit (docs/kvm-facts.md).
  * [kvm-iret-step]: on the kvm_pvm hosts a single-step over an IRETQ that returns from an interrupt KVM injected
- * runs one more instruction before it exits, so irqvm's `user` mode, which steps there, is one instruction late.
+ * runs one more instruction before it exits; irqvm's `user` mode stops at the IRETQ's return address with an
+ * execute breakpoint instead, and these checks fail if it were one instruction late.
  * All interrupts go to CPU 0. */
 #include "guest.h"
 
@@ -30,6 +33,8 @@
 #define V_OUTER 0x75 /* class 7 */
 #define V_INNER 0x65 /* class 6: held while V_OUTER is in service */
 #define V_UNMASK 0x68
+#define V_IRET_OUTER 0x76 /* class 7 */
+#define V_IRET_INNER 0x66 /* class 6: held while V_IRET_OUTER is in service */
 #define PIC_BASE 0x20
 #define V_EXTINT (PIC_BASE + 8 + (LINE_LOW - 8))
 #define XAPIC 0xFEE00000ul
@@ -131,6 +136,36 @@ static void sti_window(void)
 	check(taken == 1 && rip_of[V_LOW] == after, "sti; nop; cli window takes the interrupt [kvm-late-window]",
 	      "%u taken in the window, saved rip %lx, expected %lx", taken, rip_of[V_LOW], after);
 	irq_set_handler(V_LOW, NULL);
+}
+
+/* ---- a handler's EOI uncovers a vector while IF=0: taken at its IRETQ, before the cli it returns to ---- */
+static void iret_outer_handler(struct irq_frame *f, u32 cpu)
+{
+	record(f);
+	self_ipi(V_IRET_INNER); /* held: V_IRET_OUTER's class is in service */
+	apic_eoi();             /* uncovers it; IF=0 until the IRETQ */
+}
+static void iret_to_cli(void)
+{
+	irq_set_handler(V_IRET_OUTER, iret_outer_handler);
+	irq_set_handler(V_IRET_INNER, record_eoi);
+	reset();
+	cli();
+	self_ipi(V_IRET_OUTER);
+	u64 after;
+	__asm__ volatile("sti\n\tnop\n\t"
+			 "1: cli\n\tlea 1b(%%rip), %0"
+			 : "=r"(after)
+			 :
+			 : "memory");
+	u32 taken = norder;
+	drain();
+	check(taken == 2 && order[0] == V_IRET_OUTER && order[1] == V_IRET_INNER && rip_of[V_IRET_INNER] == after,
+	      "vector uncovered in a handler taken at its iretq, before the cli [kvm-late-window] [kvm-iret-step]",
+	      "%u taken before cli (order %x %x), saved rip %lx, expected %lx", taken, order[0], order[1],
+	      rip_of[V_IRET_INNER], after);
+	irq_set_handler(V_IRET_OUTER, NULL);
+	irq_set_handler(V_IRET_INNER, NULL);
 }
 
 /* ---- TPR lowered by an xAPIC write, and by MOV CR8 ---- */
@@ -346,6 +381,7 @@ void guest_main(void)
 	platform_init(false);
 	two_pins();
 	sti_window();
+	iret_to_cli();
 	tpr_write();
 	cr8_write();
 	eoi_uncovers();

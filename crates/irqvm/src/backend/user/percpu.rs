@@ -21,7 +21,8 @@
 //!    since KVM reports the window only at its next exit (~1 ms for a spinning guest here), the
 //!    guest is single-stepped to the boundary where it can take the interrupt
 //!    ([`crate::backend::step`]: IF=0, an STI / MOV SS shadow, or a TPR that only a CR8 write,
-//!    which does not exit here, will lower), and where stepping is refused or its budget spent,
+//!    which does not exit here, will lower; a HLT runs unstepped to its own exit, an IRETQ to a
+//!    breakpoint at its return address), and where stepping is refused or its budget spent,
 //!    kicked soon after ([`WindowKick`]; at once if the flags may just be stale).
 //! 6. `kvm_run.cr8` = TPR[7:4] (KVM loads it into CR8 on entry without an in-kernel LAPIC).
 //!
@@ -43,7 +44,7 @@ use super::ghcb::{GhcbMsr, MSR_GHCB};
 use super::platform::{Platform, IOAPIC_BASE, IOAPIC_SIZE};
 use super::reset::{apply_init, apply_sipi, write_msr, InitApplied};
 use super::{is_apic_msr, Shared, MSR_APIC_BASE};
-use crate::backend::step::Stepper;
+use crate::backend::step::{StepOutcome, Stepper};
 use crate::backend::{
     BlockReason, ChipExit, EntryDecision, ExitHandled, IrqchipError, VcpuFabric, VcpuIrqchip,
 };
@@ -400,6 +401,14 @@ pub(crate) struct UserVcpuChip {
     /// KVM still holds it and delivers it at the next entry. No stepping then: KVM would push
     /// its TF into that event's frame, and the handler's IRET would hand the guest a #DB of ours.
     kvm_queued: bool,
+    /// The last exit was an MSR access that takes #GP (`error` set): KVM raises it when the next
+    /// KVM_RUN completes the exit, before any instruction runs. Stepping is off for that entry:
+    /// KVM_SET_GUEST_DEBUG puts TF into the guest's RFLAGS while RIP is where stepping was armed,
+    /// which is the MSR instruction's RIP when the episode began at it, so the #GP frame would
+    /// hold TF and the handler's IRET would give the guest a #DB of ours (seen in the `fuzz`
+    /// guest, both when stepping began at the exit and one exit earlier;
+    /// [`crate::backend::step`]).
+    fault_pending: bool,
     halt_poll: HaltPoll,
     /// IA32_APIC_BASE as KVM last saw it. KVM derives CPUID.1:EDX[9] (APIC present) from its own
     /// copy, which the MSR filter keeps it from updating: `after_exit` pushes the model's value.
@@ -454,11 +463,11 @@ impl UserVcpuChip {
             last_stepped: None,
             stepped_again: false,
             kvm_queued: false,
+            fault_pending: false,
             halt_poll: HaltPoll::new(),
             in_flight: false,
             events_synced: false,
             sync_enabled: false,
-
             after_init: None,
         }
     }
@@ -656,8 +665,9 @@ impl UserVcpuChip {
     }
 
     /// An interrupt waits for the guest to set IF or leave a shadow: single-step towards that
-    /// boundary (false: stepping refused or its budget spent, or the flags may be stale, which
-    /// `expedite_window` handles). At a step exit the flags are fresh.
+    /// boundary, or let a HLT run to its own exit (true), or false: stepping refused, its budget
+    /// spent, not allowed to begin at this entry (an event KVM delivers here), or the flags may
+    /// be stale, which `expedite_window` handles. At a step exit the flags are fresh.
     ///
     /// Forward progress: the same interrupt delivered twice in a row at the same stepped
     /// boundary (a level line still high re-sent at every EOI, the handler EOIing first) would
@@ -673,13 +683,13 @@ impl UserVcpuChip {
     ) -> Result<bool, IrqchipError> {
         let stale = self.regs_rewritten || (self.flags_from_exit && if_set);
         let looping = self.stepped_again && self.last_stepped.is_some_and(|(what, _)| what == next);
-        if stale || self.kvm_queued || (looping && !self.stepper.active()) {
+        if stale || self.kvm_queued || self.fault_pending || (looping && !self.stepper.active()) {
             self.stepper.end(vcpu)?;
             return Ok(false);
         }
-        let stepping = self.stepper.step(vcpu)?;
+        let outcome = self.stepper.step(vcpu)?;
         self.publish_steps();
-        Ok(stepping)
+        Ok(outcome != StepOutcome::Fallback)
     }
 
     /// Records an injection: `Some(what)` if it is made at a stepped boundary.
@@ -708,7 +718,8 @@ impl UserVcpuChip {
     /// long as the budget lasts. Otherwise stepping ends; off the fast path this costs nothing
     /// (no ioctl unless stepping was on).
     fn step_while_tpr_holds(&mut self, vcpu: &VcpuFd) -> Result<(), IrqchipError> {
-        if !self.regs_rewritten && !self.kvm_queued && self.held_by_tpr_only() {
+        let event_due = self.kvm_queued || self.fault_pending;
+        if !self.regs_rewritten && !event_due && self.held_by_tpr_only() {
             self.stepper.step(vcpu)?;
             self.publish_steps();
             return Ok(());
@@ -940,6 +951,7 @@ impl VcpuIrqchip for UserVcpuChip {
     fn handle_exit(&mut self, exit: &mut ChipExit<'_>) -> Result<ExitHandled, IrqchipError> {
         // A real exit: the guest was entered, so whatever KVM held was delivered.
         self.kvm_queued = false;
+        self.fault_pending = false;
         self.sync_cr8_from_exit();
         self.cr8_synced = true;
         self.flags_from_exit = true;
@@ -978,10 +990,16 @@ impl VcpuIrqchip for UserVcpuChip {
             }
             ChipExit::RdMsr {
                 index, data, error, ..
-            } if is_apic_msr(*index) => self.handle_msr_read(*index, data, error),
+            } if is_apic_msr(*index) => {
+                self.handle_msr_read(*index, data, error);
+                self.fault_pending = **error != 0;
+            }
             ChipExit::WrMsr {
                 index, data, error, ..
-            } if is_apic_msr(*index) => self.handle_msr_write(*index, *data, error),
+            } if is_apic_msr(*index) => {
+                self.handle_msr_write(*index, *data, error);
+                self.fault_pending = **error != 0;
+            }
             ChipExit::RdMsr { index, data, .. } if *index == MSR_GHCB && self.ghcb.is_some() => {
                 **data = self.ghcb.map_or(0, |g| g.read());
             }
@@ -997,6 +1015,11 @@ impl VcpuIrqchip for UserVcpuChip {
             // One stepped instruction completed: its flags are fresh, not those of an
             // instruction still in flight.
             ChipExit::SingleStep => self.flags_from_exit = false,
+            // An MSR nobody models: `vcpu::unclaimed` answers #GP.
+            ChipExit::RdMsr { .. } | ChipExit::WrMsr { .. } => {
+                self.fault_pending = true;
+                return Ok(ExitHandled::NotMine);
+            }
             _ => return Ok(ExitHandled::NotMine),
         }
         Ok(ExitHandled::Handled)
