@@ -10,6 +10,7 @@
 # Default line: "Booting paravirtualized kernel on KVM" (start_kernel, after setup_arch has read the
 # memory map, ACPI tables and kvmclock). Budget: --timeout (default 300 s); measured times in
 # docs/benchmarks.md, "Booting Linux".
+# CI runs it twice: the vmlinux (PVH) and the bzImage (64-bit boot protocol), both `user`.
 # Needs: apt-get install -y linux-image-cloud-amd64 lz4
 # Exit status: 0 if the line appeared in time, 1 otherwise (the serial log is printed).
 set -euo pipefail
@@ -51,13 +52,17 @@ if [ "$format" = vmlinux ]; then
 	"$here/extract-vmlinux.sh" "$bzimage" "$kernel" >/dev/null
 fi
 
-# The same host-specific switches as linux-boot.sh (see there); no initrd: the line comes first.
+# The same host-specific switches as linux-boot.sh (see there). The initrd is 8 KiB of zeros:
+# the line comes long before Linux unpacks it, but setup_arch reserves it ("RAMDISK: [mem ...]"),
+# which shows the boot protocol passed its place (hvm_start_info's module list or the zero
+# page's ramdisk_image / ramdisk_size).
 cmdline="console=ttyS0 earlyprintk=ttyS0 printk.time=1 panic=-1 reboot=k noxsave nofsgsbase"
 cmdline="$cmdline clearcpuid=129,137,147,148,151,153,158,306,308 nokaslr"
+head -c 8192 /dev/zero >"$work/initrd"
 log=$work/serial.log
 start=$(date +%s%3N)
-"$irqvm" run --kernel "$kernel" --cmdline "$cmdline" --cpus "$cpus" --irqchip "$irqchip" \
-	--timeout "$timeout" >"$log" 2>&1 &
+"$irqvm" run --kernel "$kernel" --initrd "$work/initrd" --cmdline "$cmdline" --cpus "$cpus" \
+	--irqchip "$irqchip" --timeout "$timeout" >"$log" 2>&1 &
 pid=$!
 found=0
 while kill -0 "$pid" 2>/dev/null; do
@@ -78,8 +83,10 @@ if [ $found = 0 ]; then
 fi
 echo "linux-early: $(basename "$kernel") ($format), $cpus vCPUs, $irqchip: \"$until_text\" after $elapsed s"
 # What Linux read of irqvm's platform before that line, checked only when the line is the
-# default one (all of these come before it): the ACPI tables found through the RSDP, the MADT's
-# IOAPIC, ISA override and one local APIC per vCPU, TSC-deadline, and kvmclock's TSC frequency.
+# default one (all of these come before it): what the boot protocol (PVH or the bzImage's zero
+# page) passed, the command line, the memory map (irqvm's RAM above 1 MiB) and the initrd; the
+# ACPI tables found through the RSDP, the MADT's IOAPIC, ISA override and one local APIC per
+# vCPU, TSC-deadline, and kvmclock's TSC frequency.
 failed=0
 expect() {
 	if grep -qE "$1" "$log"; then
@@ -90,6 +97,9 @@ expect() {
 	fi
 }
 if [ "$until_text" = "Booting paravirtualized kernel on KVM" ]; then
+	expect "Command line: $cmdline.?\$" "command line from the boot protocol (whole: the line may end in CR)"
+	expect 'BIOS-e820: \[mem 0x0000000000100000-0x[0-9a-f]+\] usable' "RAM above 1 MiB in the memory map"
+	expect 'RAMDISK: \[mem 0x[0-9a-f]+-0x[0-9a-f]+\]' "initrd placed and passed"
 	expect 'ACPI: RSDP 0x00000000000E0000' "RSDP found in the BIOS area"
 	expect 'ACPI: APIC 0x' "MADT listed in the XSDT"
 	expect 'IOAPIC\[0\]: apic_id 0, version [0-9]+, address 0xfec00000, GSI 0-23' "IOAPIC from the MADT (its version is the model's: irqvm's or KVM's)"

@@ -29,9 +29,25 @@
 //!
 //! # DSDT
 //!
-//! The DSDT must exist (the FADT points to it, ACPICA loads it) and holds COM1 (PNP0501 at
-//! 0x3F8-0x3FF, IRQ 4 edge active-high) so Linux's 8250_pnp driver finds the console port
-//! through ACPI rather than its built-in legacy port table.
+//! The DSDT must exist (the FADT points to it, ACPICA loads it) and describes the ISA devices
+//! of this PC, each with its ports and its ISA IRQ (edge, active high, as the ISA bus drives
+//! them; ACPI 6.5 §6.4.3.6, Extended Interrupt Descriptor, GSI = ISA IRQ: irqvm's IOAPIC pins
+//! 1-15 are the ISA IRQs, crates/irqchip/src/routing.rs):
+//!
+//! | device | _HID | ports | IRQ |
+//! |---|---|---|---|
+//! | COM1 | PNP0501 (16550A) | 0x3F8-0x3FF | 4 |
+//! | KBD | PNP0303 (8042 keyboard port), if the 8042 exists | 0x60, 0x64 | 1 |
+//! | MOU | PNP0F13 (8042 aux port), if the 8042 exists | none: it shares the 8042's | 12 |
+//! | RTC | PNP0B00 (AT CMOS RTC), if the CMOS RTC exists | 0x70-0x71 | 8 |
+//!
+//! On a hardware-reduced platform Linux has no legacy IRQs (no PIC: `nr_legacy_irqs()` is 0), so
+//! a driver that asks for ISA IRQ n without a firmware description gets nothing: before these
+//! entries Linux's i8042 and rtc_cmos probes failed with -EINVAL ("probe of rtc_cmos failed with
+//! error -22"). Through PNPACPI each _CRS interrupt is registered as a GSI on the IOAPIC, and
+//! the serial console, i8042 and rtc_cmos drivers bind to these devices by _HID. The 8042's
+//! IRQs are described though irqvm's controller has no keyboard or mouse behind it and raises
+//! neither (crate::i8042): the lines are the PC's, and Linux handles a silent port.
 
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
@@ -62,6 +78,15 @@ const TIMER_GSI: u32 = 2;
 /// COM1: ports 0x3F8-0x3FF, ISA IRQ 4.
 const COM1_PORT: u16 = 0x3F8;
 const COM1_IRQ: u32 = 4;
+/// The 8042's ports (crate::i8042) and ISA IRQs: 1 for the keyboard port, 12 for the aux port.
+const I8042_DATA_PORT: u16 = crate::i8042::I8042_DATA_PORT;
+const I8042_COMMAND_PORT: u16 = crate::i8042::I8042_COMMAND_PORT;
+const I8042_KBD_IRQ: u32 = 1;
+const I8042_AUX_IRQ: u32 = 12;
+/// The CMOS RTC: index and data ports 0x70/0x71 (crate::cmos), ISA IRQ 8.
+const RTC_PORT: u16 = crate::cmos::CMOS_PORT;
+const RTC_PORTS: u8 = crate::cmos::CMOS_PORTS as u8;
+const RTC_IRQ: u32 = 8;
 /// APIC IDs from here on need x2APIC entries: 0xFF is the xAPIC broadcast ID.
 const X2APIC_FROM: u32 = 0xFF;
 /// More vCPUs than KVM allows (KVM_MAX_VCPUS is 1024 on x86), so a bad count is an error.
@@ -158,7 +183,7 @@ pub fn build(config: &AcpiConfig) -> Result<AcpiTables, AcpiError> {
     check_cpus(&config.apic_ids)?;
     let mut placer = Placer { next: RSDP_ADDR };
     let rsdp_addr = placer.place(Rsdp::len())?;
-    let dsdt = bytes(&dsdt());
+    let dsdt = bytes(&dsdt(config));
     let madt = bytes(&madt(config));
     // The XSDT lists two tables: its size is known before their addresses.
     let xsdt_len = 36 + 2 * 8;
@@ -385,19 +410,43 @@ impl Aml for MadtWithFlags {
     }
 }
 
-/// The DSDT: the COM1 device (see the module comment). Revision 2: 64-bit AML integers.
-fn dsdt() -> Sdt {
+/// The DSDT: the ISA devices (see the module comment). Revision 2: 64-bit AML integers.
+fn dsdt(config: &AcpiConfig) -> Sdt {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 2, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
-    let hid = aml::EISAName::new("PNP0501");
-    let io = aml::IO::new(COM1_PORT, COM1_PORT, 0, 8);
-    let irq = aml::Interrupt::new(true, true, false, false, COM1_IRQ);
-    let crs = aml::ResourceTemplate::new(vec![&io, &irq]);
+    let com1 = aml::IO::new(COM1_PORT, COM1_PORT, 0, 8);
+    isa_device(&mut dsdt, "COM1", "PNP0501", &[&com1], COM1_IRQ);
+    if config.i8042 {
+        let data = aml::IO::new(I8042_DATA_PORT, I8042_DATA_PORT, 0, 1);
+        let command = aml::IO::new(I8042_COMMAND_PORT, I8042_COMMAND_PORT, 0, 1);
+        isa_device(
+            &mut dsdt,
+            "KBD_",
+            "PNP0303",
+            &[&data, &command],
+            I8042_KBD_IRQ,
+        );
+        isa_device(&mut dsdt, "MOU_", "PNP0F13", &[], I8042_AUX_IRQ);
+    }
+    if config.cmos_rtc {
+        let rtc = aml::IO::new(RTC_PORT, RTC_PORT, 0, RTC_PORTS);
+        isa_device(&mut dsdt, "RTC_", "PNP0B00", &[&rtc], RTC_IRQ);
+    }
+    dsdt
+}
+
+/// Appends the ISA device `\_SB_.<name>` to `sink`: _HID, _UID 0 and a _CRS of its I/O ranges
+/// and its ISA IRQ, edge-triggered and active high (ISA, "conforms to the bus").
+fn isa_device(sink: &mut dyn AmlSink, name: &str, hid: &str, io: &[&aml::IO], irq: u32) {
+    let hid = aml::EISAName::new(hid);
+    let irq = aml::Interrupt::new(true, true, false, false, irq);
+    let mut resources: Vec<&dyn Aml> = io.iter().map(|r| *r as &dyn Aml).collect();
+    resources.push(&irq);
+    let crs = aml::ResourceTemplate::new(resources);
     let hid = aml::Name::new("_HID".into(), &hid);
     let uid = aml::Name::new("_UID".into(), &aml::ZERO);
     let crs = aml::Name::new("_CRS".into(), &crs);
-    let com1 = aml::Device::new("_SB_.COM1".into(), vec![&hid, &uid, &crs]);
-    com1.to_aml_bytes(&mut dsdt);
-    dsdt
+    let path = format!("_SB_.{name}");
+    aml::Device::new(path.as_str().into(), vec![&hid, &uid, &crs]).to_aml_bytes(sink);
 }
 
 #[cfg(test)]

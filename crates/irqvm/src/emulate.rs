@@ -137,7 +137,16 @@ fn finish_fwait(fd: &VcpuFd) -> Result<bool, kvm_ioctls::Error> {
 
 /// Advances RIP past `insn` and hands its vector to KVM as an interrupt in delivery. Refuses
 /// (Ok(false)) outside 64-bit CPL-0 code or while another event is being delivered.
-fn deliver(fd: &VcpuFd, insn: SoftInterrupt) -> Result<bool, kvm_ioctls::Error> {
+///
+/// KVM then holds an interrupt being delivered, and at an exit it would report the vCPU as not
+/// ready for another (`kvm_run.ready_for_interrupt_injection` is 0 while an event awaits
+/// re-injection): the flag is cleared here to say so, because the exit it comes from predates
+/// the event. Without that, `user` mode saw the failure exit's "ready" and IF=1 and injected a
+/// pending interrupt with KVM_INTERRUPT, which replaces KVM's queued interrupt: the software
+/// interrupt was lost with RIP already past it, and Linux ran the bytes after a `text_poke_bp`
+/// int3 (an Oops at a data address during 4-vCPU SMP bring-up, docs/benchmarks.md). The
+/// backends request an interrupt window instead, which KVM opens after the delivery.
+fn deliver(fd: &mut VcpuFd, insn: SoftInterrupt) -> Result<bool, kvm_ioctls::Error> {
     let sregs = fd.get_sregs()?;
     if sregs.cs.l != 1 || sregs.cs.dpl != 0 {
         return Ok(false);
@@ -159,6 +168,7 @@ fn deliver(fd: &VcpuFd, insn: SoftInterrupt) -> Result<bool, kvm_ioctls::Error> 
     events.flags = 0;
     fd.set_regs(&regs)?;
     fd.set_vcpu_events(&events)?;
+    fd.get_kvm_run().ready_for_interrupt_injection = 0;
     tracing::trace!(
         ?insn,
         rip = regs.rip,

@@ -179,26 +179,7 @@ fn iasl_disassembles_every_table_without_errors() {
         let tables = build(&config(cpus, pic)).unwrap();
         for t in tables.tables.iter().filter(|t| t.name != "RSD PTR ") {
             let name = t.name;
-            let file = dir.join(format!("{name}-{cpus}.dat"));
-            std::fs::write(&file, &t.bytes).unwrap();
-            let out = std::process::Command::new("iasl")
-                .arg("-d")
-                .arg(&file)
-                .current_dir(&dir)
-                .output()
-                .expect("run iasl (apt-get install acpica-tools)");
-            let text = format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            assert!(out.status.success(), "iasl -d {name}: {text}");
-            let lower = text.to_lowercase();
-            assert!(
-                !lower.contains("error") && !lower.contains("warning"),
-                "iasl -d {name} ({cpus} CPUs): {text}"
-            );
-            let dsl = std::fs::read_to_string(file.with_extension("dsl")).unwrap();
+            let dsl = iasl_disassemble(&dir, &format!("{name}-{cpus}.dat"), &t.bytes);
             let signature = format!("\"{name}\"");
             assert!(dsl.contains(&signature), "{name}: {dsl}");
             if name == "APIC" {
@@ -212,5 +193,120 @@ fn iasl_disassembles_every_table_without_errors() {
             }
         }
     }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `bytes` disassembled by `iasl -d` in `dir` (as `file`), checked free of errors and warnings.
+fn iasl_disassemble(dir: &std::path::Path, file: &str, bytes: &[u8]) -> String {
+    let path = dir.join(file);
+    std::fs::write(&path, bytes).unwrap();
+    let out = std::process::Command::new("iasl")
+        .arg("-d")
+        .arg(&path)
+        .current_dir(dir)
+        .output()
+        .expect("run iasl (apt-get install acpica-tools)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "iasl -d {file}: {text}");
+    let lower = text.to_lowercase();
+    assert!(
+        !lower.contains("error") && !lower.contains("warning"),
+        "iasl -d {file}: {text}"
+    );
+    std::fs::read_to_string(path.with_extension("dsl")).unwrap()
+}
+
+/// One ISA device as iasl's disassembly shows it.
+#[derive(Debug, PartialEq, Eq)]
+struct DslDevice {
+    /// The last name segment, without iasl's trailing-underscore trimming differences.
+    name: String,
+    hid: String,
+    /// (minimum, maximum, length) of each `IO (Decode16, ...)` descriptor.
+    io: Vec<(u64, u64, u64)>,
+    /// The number of each `Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ...)`.
+    edge_high_irqs: Vec<u64>,
+}
+
+/// The hexadecimal numbers ("0x...") of `text`, in order.
+fn hex_numbers(text: &str) -> Vec<u64> {
+    text.split(|c: char| !c.is_ascii_alphanumeric())
+        .filter_map(|t| t.strip_prefix("0x"))
+        .map(|t| u64::from_str_radix(t, 16).unwrap())
+        .collect()
+}
+
+/// The `Device (...)` blocks of a disassembled DSDT.
+fn dsl_devices(dsl: &str) -> Vec<DslDevice> {
+    dsl.split("Device (")
+        .skip(1)
+        .map(|block| {
+            let path = &block[..block.find(')').unwrap()];
+            let name = path.rsplit(['.', '\\']).next().unwrap();
+            let hid_at = block.find("EisaId (\"").expect("an EisaId _HID") + 9;
+            let io = block
+                .split("IO (Decode16,")
+                .skip(1)
+                .map(|d| match hex_numbers(&d[..d.find(')').unwrap()])[..] {
+                    [min, max, _align, len] => (min, max, len),
+                    ref other => panic!("IO descriptor {other:?}"),
+                })
+                .collect();
+            let edge_high_irqs = block
+                .split("Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive")
+                .skip(1)
+                .map(|d| hex_numbers(&d[d.find('{').unwrap()..d.find('}').unwrap()])[0])
+                .collect();
+            DslDevice {
+                name: name.trim_end_matches('_').to_string(),
+                hid: block[hid_at..hid_at + 7].to_string(),
+                io,
+                edge_high_irqs,
+            }
+        })
+        .collect()
+}
+
+fn device(name: &str, hid: &str, io: &[(u64, u64, u64)], irq: u64) -> DslDevice {
+    DslDevice {
+        name: name.into(),
+        hid: hid.into(),
+        io: io.to_vec(),
+        edge_high_irqs: vec![irq],
+    }
+}
+
+/// The DSDT, read back through iasl's disassembly, describes the PC's ISA devices with their
+/// _HID, ports and ISA IRQ (edge, active high), which is what Linux's PNPACPI binds the 8250,
+/// i8042 and rtc_cmos drivers by; without an 8042 or an RTC their devices are left out.
+#[test]
+fn dsdt_describes_com1_the_8042_and_the_rtc() {
+    let dir = std::env::temp_dir().join(format!("irqvm-dsdt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let dsdt = |config: &AcpiConfig| {
+        let tables = build(config).unwrap();
+        let dsl = iasl_disassemble(&dir, "DSDT.dat", &tables.get("DSDT").unwrap().bytes);
+        dsl_devices(&dsl)
+    };
+    let com1 = || device("COM1", "PNP0501", &[(0x3F8, 0x3F8, 8)], 4);
+    assert_eq!(
+        dsdt(&config(2, true)),
+        vec![
+            com1(),
+            device("KBD", "PNP0303", &[(0x60, 0x60, 1), (0x64, 0x64, 1)], 1),
+            device("MOU", "PNP0F13", &[], 12),
+            device("RTC", "PNP0B00", &[(0x70, 0x70, 2)], 8),
+        ]
+    );
+    let bare = AcpiConfig {
+        i8042: false,
+        cmos_rtc: false,
+        ..config(2, true)
+    };
+    assert_eq!(dsdt(&bare), vec![com1()]);
     std::fs::remove_dir_all(&dir).unwrap();
 }
