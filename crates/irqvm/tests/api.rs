@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::api::{curl, wait_for_socket};
+use common::api::{curl, mode_name, wait_for_socket};
 use irqvm::api::model::{PlatformInfo, VcpuInfo, VmInfo};
 use irqvm::api::ApiServer;
 use irqvm::devices::SerialCapture;
@@ -21,14 +21,6 @@ use irqvm::vm::RunningVm;
 use irqvm::IrqchipMode;
 
 const MODES: [IrqchipMode; 3] = [IrqchipMode::User, IrqchipMode::Split, IrqchipMode::Kernel];
-
-fn mode_name(mode: IrqchipMode) -> &'static str {
-    match mode {
-        IrqchipMode::User => "user",
-        IrqchipMode::Split => "split",
-        IrqchipMode::Kernel => "kernel",
-    }
-}
 
 fn socket_path(tag: &str) -> PathBuf {
     std::env::temp_dir().join(format!("irqvm-api-{}-{tag}.sock", std::process::id()))

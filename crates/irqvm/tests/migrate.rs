@@ -9,28 +9,16 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use common::api::{curl, wait_for_socket, Rng};
+use common::api::{curl, irqvm, mode_name, run_with_api, wait_for_socket, Rng};
 use common::expect::Expectations;
 use irqvm::IrqchipMode;
 
 const MODES: [IrqchipMode; 3] = [IrqchipMode::User, IrqchipMode::Split, IrqchipMode::Kernel];
 const GUEST: &str = "snapstorm";
 const CPUS: u32 = 4;
-
-fn mode_name(mode: IrqchipMode) -> &'static str {
-    match mode {
-        IrqchipMode::User => "user",
-        IrqchipMode::Split => "split",
-        IrqchipMode::Kernel => "kernel",
-    }
-}
-
-fn irqvm() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_irqvm"))
-}
 
 fn socket(tag: &str) -> PathBuf {
     let path = std::env::temp_dir().join(format!("irqvm-mig-{}-{tag}.sock", std::process::id()));
@@ -40,17 +28,7 @@ fn socket(tag: &str) -> PathBuf {
 
 /// The source: snapstorm with rounds enough to be running at the moment on an idle host.
 fn source(mode: IrqchipMode, api: &Path) -> Child {
-    let mut child = irqvm()
-        .args(["run", "--kernel", &common::guest_path(GUEST)])
-        .args(["--cpus", &CPUS.to_string(), "--irqchip", mode_name(mode)])
-        .args(["--cmdline", "rounds=80", "--api-sock"])
-        .arg(api)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for_socket(api, &mut child);
-    child
+    run_with_api(GUEST, CPUS, mode, &["--cmdline", "rounds=80"], api)
 }
 
 fn text(bytes: &[u8]) -> String {

@@ -15,26 +15,14 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use common::api::{curl, wait_for_socket, Rng};
+use common::api::{curl, irqvm, mode_name, run_with_api, wait_for_socket, Rng};
 use common::expect::Expectations;
 use irqvm::IrqchipMode;
 
 const MODES: [IrqchipMode; 3] = [IrqchipMode::User, IrqchipMode::Split, IrqchipMode::Kernel];
-
-fn mode_name(mode: IrqchipMode) -> &'static str {
-    match mode {
-        IrqchipMode::User => "user",
-        IrqchipMode::Split => "split",
-        IrqchipMode::Kernel => "kernel",
-    }
-}
-
-fn irqvm() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_irqvm"))
-}
 
 /// A scratch directory of this test process.
 fn scratch(tag: &str) -> PathBuf {
@@ -60,17 +48,7 @@ fn run_and_snapshot(
     extra: &[&str],
 ) -> Option<String> {
     let sock = dir.with_extension("sock");
-    let mut child = irqvm()
-        .args(["run", "--kernel", &common::guest_path(guest)])
-        .args(["--cpus", &cpus.to_string(), "--irqchip", mode_name(mode)])
-        .args(extra)
-        .arg("--api-sock")
-        .arg(&sock)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for_socket(&sock, &mut child);
+    let child = run_with_api(guest, cpus, mode, extra, &sock);
     std::thread::sleep(delay);
     let (status, body) = curl(
         &sock,
@@ -983,16 +961,8 @@ fn timers_expiring_while_held_paused_survive_the_snapshot() {
 /// snapshot, or `None` if the guest had already ended.
 fn run_hold_and_snapshot(mode: IrqchipMode, dir: &Path, delay: Duration) -> Option<String> {
     let sock = dir.with_extension("sock");
-    let mut child = irqvm()
-        .args(["run", "--kernel", &common::guest_path("snapstorm")])
-        .args(["--cpus", "4", "--irqchip", mode_name(mode)])
-        .args(["--cmdline", "rounds=6 timer_fires=60", "--api-sock"])
-        .arg(&sock)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for_socket(&sock, &mut child);
+    let extra = ["--cmdline", "rounds=6 timer_fires=60"];
+    let child = run_with_api("snapstorm", 4, mode, &extra, &sock);
     std::thread::sleep(delay);
     let (paused, body) = curl(&sock, "PUT", "/api/v1/vm.pause", None);
     std::thread::sleep(Duration::from_millis(20));

@@ -62,3 +62,40 @@ impl Rng {
         self.0 % n
     }
 }
+
+/// The `--irqchip` value of `mode`.
+pub fn mode_name(mode: irqvm::IrqchipMode) -> &'static str {
+    match mode {
+        irqvm::IrqchipMode::User => "user",
+        irqvm::IrqchipMode::Split => "split",
+        irqvm::IrqchipMode::Kernel => "kernel",
+    }
+}
+
+/// The `irqvm` binary under test.
+pub fn irqvm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_irqvm"))
+}
+
+/// `irqvm run` of the guest test program `guest` on `cpus` vCPUs in `mode` (`extra` options
+/// after), its API on `sock`, stdout and stderr piped; returns once the API listens.
+pub fn run_with_api(
+    guest: &str,
+    cpus: u32,
+    mode: irqvm::IrqchipMode,
+    extra: &[&str],
+    sock: &Path,
+) -> Child {
+    let mut child = irqvm()
+        .args(["run", "--kernel", &super::guest_path(guest)])
+        .args(["--cpus", &cpus.to_string(), "--irqchip", mode_name(mode)])
+        .args(extra)
+        .arg("--api-sock")
+        .arg(sock)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_socket(sock, &mut child);
+    child
+}
