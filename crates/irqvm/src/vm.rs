@@ -366,7 +366,9 @@ impl Vm {
         // `user` and `split`, never in `kernel`: docs/architecture.md, "Snapshots"), not state;
         // but the guest keeps the CPUID bit it saw (`CpuModelState::kernel_ext_dest_id`).
         let platform_ext_dest_id = model.ext_dest_id;
-        let model = saved_model.kernel_ext_dest_id(model)?;
+        let model = saved_model
+            .kernel_ext_dest_id(model)
+            .map_err(crate::snapshot::SnapshotError::from)?;
         let mut state = state.clone();
         state.chip.devices.ioapic = state
             .chip
@@ -377,7 +379,9 @@ impl Vm {
         let redeliver = crate::snapshot::restore::settle_held_level_eois(&mut state);
         let state = &state;
         let mut vm = Self::build(&cfg, kvm, model, memory, None)?;
-        saved_model.check_cpuid(&vm.machine.cpu_model)?;
+        saved_model
+            .check_cpuid(&vm.machine.cpu_model)
+            .map_err(crate::snapshot::SnapshotError::from)?;
         let Some(ctx) = vm.vcpus.first().map(|v| v.snapshot.clone()) else {
             return Err(VmError::BadCpuCount(0));
         };
@@ -476,7 +480,9 @@ fn restore_config(
     cfg: &VmConfig,
 ) -> Result<VmConfig, VmError> {
     let saved_model = &state.cpu_model;
-    saved_model.check_options(cfg.topology, &cfg.cpu_features)?;
+    saved_model
+        .check_options(cfg.topology, &cfg.cpu_features)
+        .map_err(crate::snapshot::SnapshotError::from)?;
     let mut cfg = cfg.clone();
     cfg.cpus = state.header.vcpus;
     cfg.memory = state.header.memory_size;

@@ -8,7 +8,7 @@ use irqchip::snapshot::{ChipSnapshot, SnapshotError as ChipSnapshotError};
 use kvm_bindings::{kvm_debugregs, kvm_fpu, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs};
 use serde::{Deserialize, Serialize};
 
-use super::model::CpuModelState;
+use super::model::{CpuModelMismatch, CpuModelState};
 use super::xstate::XsaveArea;
 use crate::mode::IrqchipMode;
 
@@ -57,23 +57,8 @@ pub enum SnapshotError {
         vcpu: usize,
         problem: super::xstate::XsaveProblem,
     },
-    #[error(
-        "{option} {given} conflicts with the snapshot's CPU model ({saved}): a restored guest \
-         keeps the CPUs it saw; leave the option out"
-    )]
-    CpuModelConflict {
-        option: &'static str,
-        given: String,
-        saved: String,
-    },
-    #[error("vCPU {vcpu}: the guest saw another CPUID: {what}")]
-    CpuidMismatch { vcpu: usize, what: String },
-    #[error(
-        "the guest saw KVM_FEATURE_MSI_EXT_DEST_ID with APIC IDs up to {max_apic_id}: kernel \
-         mode's in-kernel IOAPIC reads 8 destination bits and could not reach them; restore \
-         into user or split mode"
-    )]
-    ExtDestIdNeeded { max_apic_id: u32 },
+    #[error(transparent)]
+    CpuModel(#[from] CpuModelMismatch),
 }
 
 impl SnapshotError {

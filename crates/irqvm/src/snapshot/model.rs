@@ -14,9 +14,32 @@
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 use serde::{Deserialize, Serialize};
 
-use super::format::SnapshotError;
 use crate::cpumodel::{CpuModel, Feature, FeatureEdits, Topology, XAPIC_ID_LIMIT};
 use crate::mode::IrqchipMode;
+
+/// Why a snapshot's CPU model does not fit a restore (a [`super::format::SnapshotError`]).
+#[derive(Debug, thiserror::Error)]
+pub enum CpuModelMismatch {
+    #[error(
+        "{option} {given} conflicts with the snapshot's CPU model ({saved}): a restored guest \
+         keeps the CPUs it saw; leave the option out"
+    )]
+    Conflict {
+        option: &'static str,
+        given: String,
+        saved: String,
+    },
+    #[error("vCPU {vcpu}: the guest saw another CPUID: {what}")]
+    Cpuid { vcpu: usize, what: String },
+    #[error(
+        "the guest saw KVM_FEATURE_MSI_EXT_DEST_ID with APIC IDs up to {max_apic_id}: kernel \
+         mode's in-kernel IOAPIC reads 8 destination bits and could not reach them; restore \
+         into user or split mode"
+    )]
+    ExtDestIdNeeded { max_apic_id: u32 },
+    #[error("snapshot shape: {0}")]
+    Shape(String),
+}
 
 /// One CPUID entry as KVM_SET_CPUID2 took it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -127,9 +150,9 @@ impl CpuModelState {
         &self,
         topology: Option<Topology>,
         edits: &FeatureEdits,
-    ) -> Result<(), SnapshotError> {
+    ) -> Result<(), CpuModelMismatch> {
         if let Some(given) = topology.filter(|t| *t != self.topology) {
-            return Err(SnapshotError::CpuModelConflict {
+            return Err(CpuModelMismatch::Conflict {
                 option: "--topology",
                 given: given.to_string(),
                 saved: self.topology.to_string(),
@@ -149,7 +172,7 @@ impl CpuModelState {
                         .find(|f| f.0 == feature)
                         .map_or("?", |f| f.1),
                 };
-                return Err(SnapshotError::CpuModelConflict {
+                return Err(CpuModelMismatch::Conflict {
                     option: "--cpu-features",
                     given: format!("{}{name}", sign(on)),
                     saved: format!("{}{name}", sign(!on)),
@@ -162,29 +185,29 @@ impl CpuModelState {
     /// `model` (resolved from [`Self::edits_for`]) with the guest's KVM_FEATURE_MSI_EXT_DEST_ID
     /// back for its CPUID where the target's platform dropped it (`kernel` mode), or the refusal
     /// when an APIC ID needs more than the 8 destination bits KVM's IOAPIC reads.
-    pub fn kernel_ext_dest_id(&self, mut model: CpuModel) -> Result<CpuModel, SnapshotError> {
+    pub fn kernel_ext_dest_id(&self, mut model: CpuModel) -> Result<CpuModel, CpuModelMismatch> {
         if !self.ext_dest_id || model.ext_dest_id {
             return Ok(model);
         }
         let max_apic_id = model.max_apic_id();
         if max_apic_id >= XAPIC_ID_LIMIT {
-            return Err(SnapshotError::ExtDestIdNeeded { max_apic_id });
+            return Err(CpuModelMismatch::ExtDestIdNeeded { max_apic_id });
         }
         model.ext_dest_id = true;
         Ok(model)
     }
 
     /// The checks that need no host: the topology's processors and a table per vCPU.
-    pub fn check_shape(&self, vcpus: usize) -> Result<(), SnapshotError> {
+    pub fn check_shape(&self, vcpus: usize) -> Result<(), CpuModelMismatch> {
         if self.topology.cpus() != vcpus as u64 {
-            return Err(SnapshotError::Shape(format!(
+            return Err(CpuModelMismatch::Shape(format!(
                 "the header says {vcpus} vCPUs, the CPU model's topology {} has {}",
                 self.topology,
                 self.topology.cpus()
             )));
         }
         if self.cpuid.len() != vcpus {
-            return Err(SnapshotError::Shape(format!(
+            return Err(CpuModelMismatch::Shape(format!(
                 "the header says {vcpus} vCPUs, the CPU model has {} CPUID tables",
                 self.cpuid.len()
             )));
@@ -194,9 +217,9 @@ impl CpuModelState {
 
     /// Whether `now` (the tables this host and irqvm built for the restored model) are the
     /// saved ones, entry by entry.
-    pub fn check_cpuid(&self, now: &CpuModelState) -> Result<(), SnapshotError> {
+    pub fn check_cpuid(&self, now: &CpuModelState) -> Result<(), CpuModelMismatch> {
         for (vcpu, (saved, built)) in self.cpuid.iter().zip(&now.cpuid).enumerate() {
-            let mismatch = |what: String| SnapshotError::CpuidMismatch { vcpu, what };
+            let mismatch = |what: String| CpuModelMismatch::Cpuid { vcpu, what };
             let key = |e: &CpuidEntry| (e.function, e.index);
             for s in saved {
                 let Some(b) = built.iter().find(|b| key(b) == key(s)) else {
@@ -311,7 +334,7 @@ mod tests {
         let err = saved
             .check_options(None, &"-kvm-msi-ext-dest-id".parse().unwrap())
             .unwrap_err();
-        assert!(matches!(err, SnapshotError::CpuModelConflict { .. }));
+        assert!(matches!(err, CpuModelMismatch::Conflict { .. }));
     }
 
     /// Into `kernel` mode the guest keeps KVM_FEATURE_MSI_EXT_DEST_ID in its CPUID while its
@@ -337,7 +360,7 @@ mod tests {
         assert!(saved.kernel_ext_dest_id(kernel(2)).unwrap().ext_dest_id);
         assert!(matches!(
             saved.kernel_ext_dest_id(kernel(300)),
-            Err(SnapshotError::ExtDestIdNeeded { max_apic_id: 299 })
+            Err(CpuModelMismatch::ExtDestIdNeeded { max_apic_id: 299 })
         ));
         let mut without = saved.clone();
         without.ext_dest_id = false;
