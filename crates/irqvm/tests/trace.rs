@@ -256,11 +256,13 @@ fn line_changes(dump: &Dump, gsi: u8) -> Vec<(u64, bool)> {
         .collect()
 }
 
-/// The events with interrupt id `id`, as (kind, vCPU, vector, arg), in time order.
+/// The events with interrupt id `id`, as (kind, vCPU, vector, arg), in time order. An exit's
+/// `id` field is its detail (a port, an address, an MSR), not an interrupt id, and a line
+/// change's is the line's: neither belongs to a chain.
 fn steps_of(dump: &Dump, id: u64) -> Vec<(Kind, u16, u8, u64)> {
     dump.events
         .iter()
-        .filter(|e| e.id == id && e.kind != Kind::Line)
+        .filter(|e| e.id == id && !matches!(e.kind, Kind::Line | Kind::Exit))
         .map(|e| (e.kind, e.vcpu, e.vector, e.arg))
         .collect()
 }
