@@ -27,7 +27,7 @@ fn fuzz(mode: IrqchipMode) {
                 mode,
                 cpus,
                 ops: OPS,
-                exact_irq_boundaries: false,
+                exact_irq_boundaries: true,
             };
             if let Err((failure, output)) = run_once(&run, TIMEOUT) {
                 panic!(

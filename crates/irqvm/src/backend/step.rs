@@ -24,14 +24,15 @@
 //! IF=0 for millions of instructions; stepping them all would slow it a hundredfold), after which
 //! the fallback takes over too.
 //!
-//! Opt-in (`VmConfig::exact_irq_boundaries`, `irqvm run --exact-irq-boundaries`). With it on by
-//! default the `user`-mode guest suite lost interrupts on 2-4 vCPUs and `bench_lat`'s timer
-//! workloads never finished; two host behaviours were the causes, and the first two rules below
-//! answer them. The hostile `fuzz` guest on 4 vCPUs then still took a single-step #DB of ours in
-//! about one seed in ten (seeds 3, 14: `exception 1`, DR6.BS, TF in the frame's RFLAGS). A
-//! per-exit log of RIP, RFLAGS, the stepping state and KVM's synced events showed each time an
+//! On by default in `user` and `split` (`VmConfig::exact_irq_boundaries`, `irqvm run
+//! --exact-irq-boundaries=off` turns it off; `kernel` mode has nothing to step). An earlier
+//! default-on try lost interrupts in the `user`-mode guest suite on 2-4 vCPUs and never finished
+//! `bench_lat`'s timer workloads; two host behaviours were the causes, and the first two rules
+//! below answer them. The hostile `fuzz` guest on 4 vCPUs then still took a single-step #DB of
+//! ours in about one run in six (seeds 3, 14: `exception 1`, DR6.BS, TF in the frame's RFLAGS).
+//! A per-exit log of RIP, RFLAGS, the stepping state and KVM's synced events showed each time an
 //! NMI that KVM held (`nmi.pending` 1: the second of two KVM_NMIs) delivered at the entry where
-//! stepping was armed, one step landing in the NMI stub; the NMI handler's IRETQ then loaded
+//! stepping was armed, the step landing in the NMI stub; the NMI handler's IRETQ then loaded
 //! KVM's TF. The events check below now counts an NMI KVM holds, and a frame pushed by the first
 //! stepped instruction is cleaned after the fact ([`FirstStep`]), which also covers that
 //! instruction faulting by itself.
