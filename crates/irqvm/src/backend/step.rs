@@ -435,7 +435,10 @@ impl Stepper {
             return Ok(());
         }
         self.first = None;
-        if !first.long {
+        // A frame is five slots: its push moves RSP down by 40 bytes or more, or to another stack
+        // (a privilege change, an IST). Anything closer was an ordinary instruction.
+        let moved = (first.rsp as i64).wrapping_sub(regs.rsp as i64);
+        if !first.long || moved.unsigned_abs() < 40 {
             return Ok(());
         }
         let mut stack = [0u8; FRAME_SCAN];
