@@ -262,8 +262,6 @@ pub struct Stepper {
     left: u32,
     /// Where single-stepping was last armed, until the instruction there has run ([`FirstStep`]).
     first: Option<FirstStep>,
-    /// Exception or interrupt frames found with KVM's TF after a first step, and cleared.
-    pub frames_scrubbed: u64,
     /// Steps taken, for the counters.
     pub steps: u64,
     /// Episodes that ended without reaching the boundary (budget spent, or the guest's own
@@ -280,7 +278,6 @@ impl Stepper {
             on: false,
             left: STEP_BUDGET,
             first: None,
-            frames_scrubbed: 0,
             steps: 0,
             fallbacks: 0,
         }
@@ -451,7 +448,6 @@ impl Stepper {
             let rflags = slots[at + 2] & !RFLAGS_TF;
             let linear = regs.rsp.wrapping_add(8 * (at as u64 + 2));
             if self.write_linear(vcpu, linear, &rflags.to_le_bytes()) {
-                self.frames_scrubbed += 1;
                 tracing::debug!(
                     rip = first.rip,
                     frame = linear,
