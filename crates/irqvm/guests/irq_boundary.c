@@ -15,7 +15,8 @@
  *  - unmasking LVT LINT0 (ExtINT) while the 8259's INTR is high: right after the LVT write;
  *  - an 8259 interrupt (LINT0 in ExtINT mode) waiting for IF: right after `sti; nop`;
  * and whatever the VMM does to be exact must not show: the guest's own TF still traps, PUSHF sees no TF
- * of the VMM's, and DR6 is unchanged.
+ * of the VMM's, DR6 is unchanged, and an instruction that faults right where the VMM starts stepping (the
+ * one after the ICR write that made an interrupt wait for IF) pushes no TF of the VMM's in its frame.
  * Checks tagged [kvm-late-window] need the pending interrupt taken at that boundary: KVM's in-kernel LAPIC
  * (and its interrupt window) on the kvm_pvm hosts delivers it only at KVM's next exit (docs/kvm-facts.md).
  * [kvm-iret-step]: on the kvm_pvm hosts a single-step over an IRETQ that returns from an interrupt KVM injected
@@ -376,6 +377,41 @@ static void no_leaks(void)
 	irq_set_handler(V_LOW, NULL);
 }
 
+/* ---- the first stepped instruction faults: its frame carries no TF of the VMM's ---- */
+static volatile u64 ud_rflags;
+static volatile u32 ud_count;
+static void ud_handler(struct irq_frame *f, u32 cpu)
+{
+	ud_rflags = f->rflags;
+	ud_count++;
+	f->rip += 2; /* past the ud2 */
+}
+static void fault_at_first_step(void)
+{
+	irq_set_handler(V_LOW, record_eoi);
+	irq_set_handler(1, db_handler);
+	irq_set_handler(6, ud_handler);
+	reset();
+	db_count = 0;
+	ud_count = 0;
+	cli();
+	/* The ICR write exits and leaves V_LOW waiting for IF: a VMM that steps to the boundary starts at the ud2,
+	 * where a single-step trap flag in RFLAGS would go into the #UD frame and come back with its IRETQ. */
+	__asm__ volatile("movl %k0, (%1)\n\tud2\n\tnop\n\tnop"
+			 :
+			 : "r"(APIC_SH_SELF | V_LOW), "r"(XAPIC + APIC_ICR)
+			 : "memory");
+	u32 db = db_count;
+	drain();
+	check(ud_count == 1 && !(ud_rflags & 0x100), "a fault where stepping starts pushes no trap flag",
+	      "%u #UD, rflags in its frame %lx", ud_count, ud_rflags);
+	check(db == 0 && norder == 1, "no #DB after that fault's iretq, the waiting interrupt taken once",
+	      "%u #DB, %u taken", db, norder);
+	irq_set_handler(6, NULL);
+	irq_set_handler(1, NULL);
+	irq_set_handler(V_LOW, NULL);
+}
+
 void guest_main(void)
 {
 	platform_init(false);
@@ -389,5 +425,6 @@ void guest_main(void)
 	lint0_unmask();
 	extint_sti();
 	no_leaks();
+	fault_at_first_step();
 	sti();
 }

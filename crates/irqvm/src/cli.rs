@@ -98,6 +98,17 @@ pub struct FuzzArgs {
     /// Operations per vCPU in each run.
     #[arg(long, value_name = "N", default_value_t = crate::fuzzguest::DEFAULT_OPS)]
     pub ops: u32,
+    /// As `irqvm run --exact-irq-boundaries`.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "on|off",
+        num_args = 0..=1,
+        require_equals = true,
+        default_value = "on",
+        default_missing_value = "on"
+    )]
+    pub exact_irq_boundaries: Switch,
 }
 
 #[derive(Debug, clap::Args)]
@@ -201,9 +212,32 @@ pub struct RunArgs {
     pub protected_state_aps: Option<u8>,
     /// Take every pending interrupt at the instruction boundary where it becomes deliverable
     /// (after `sti; nop`, a CR8 write...), by single-stepping the vCPU while an interrupt waits
-    /// (`user` mode; `split`: the PIC's ExtINT). Costs a KVM exit per stepped instruction.
-    #[arg(long)]
-    pub exact_irq_boundaries: bool,
+    /// (`user` mode; `split`: the PIC's ExtINT; `kernel` ignores it). On by default; `off` takes
+    /// it at the next exit or window kick instead (tens of µs to ~1 ms late here), saving the KVM
+    /// exit each stepped instruction costs. `--exact-irq-boundaries` alone means `on`.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "on|off",
+        num_args = 0..=1,
+        require_equals = true,
+        default_value = "on",
+        default_missing_value = "on"
+    )]
+    pub exact_irq_boundaries: Switch,
+}
+
+/// An on/off option (`--exact-irq-boundaries=on|off`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
+}
+
+impl Switch {
+    pub fn on(self) -> bool {
+        self == Switch::On
+    }
 }
 
 fn parse_memory(text: &str) -> Result<u64, String> {
@@ -297,7 +331,7 @@ pub fn run_config(args: &RunArgs) -> Result<VmConfig, CliError> {
     cfg.protected_state_aps = args
         .protected_state_aps
         .map(|launch_page| crate::backend::ProtectedStateAps { launch_page });
-    cfg.exact_irq_boundaries = args.exact_irq_boundaries;
+    cfg.exact_irq_boundaries = args.exact_irq_boundaries.on();
     Ok(cfg)
 }
 
@@ -623,6 +657,7 @@ fn fuzz_guest(args: &FuzzArgs) -> i32 {
         },
         cpus: args.cpus.map_or_else(|| vec![1, 2, 4], |n| vec![n]),
         ops: args.ops,
+        exact_irq_boundaries: args.exact_irq_boundaries.on(),
     };
     println!("fuzz-guest: first seed {}", plan.first_seed);
     match run_plan(&plan) {
@@ -724,6 +759,34 @@ mod tests {
         assert_eq!(args.memory, 1 << 30);
         assert_eq!(args.cmdline, "a b");
         assert_eq!(args.irqchip, IrqchipMode::Kernel);
+    }
+
+    /// Exact boundaries are on unless `--exact-irq-boundaries=off`; the bare flag means on.
+    #[test]
+    fn exact_irq_boundaries_default_on_and_turn_off() {
+        let exact = |extra: &[&str]| {
+            let mut argv = vec!["irqvm", "run", "--kernel", "k.elf"];
+            argv.extend_from_slice(extra);
+            let cli = Cli::try_parse_from(argv).unwrap();
+            let Some(Command::Run(args)) = cli.command else {
+                panic!("not run");
+            };
+            args.exact_irq_boundaries.on()
+        };
+        assert!(exact(&[]));
+        assert!(exact(&["--exact-irq-boundaries"]));
+        assert!(exact(&["--exact-irq-boundaries=on"]));
+        assert!(!exact(&["--exact-irq-boundaries=off"]));
+        assert!(
+            Cli::try_parse_from(["irqvm", "run", "--kernel", "k", "--exact-irq-boundaries=x"])
+                .is_err()
+        );
+        let fuzz =
+            Cli::try_parse_from(["irqvm", "fuzz-guest", "--exact-irq-boundaries=off"]).unwrap();
+        let Some(Command::FuzzGuest(args)) = fuzz.command else {
+            panic!("not fuzz-guest");
+        };
+        assert!(!args.exact_irq_boundaries.on());
     }
 
     #[test]

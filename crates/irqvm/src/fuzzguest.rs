@@ -32,14 +32,21 @@ pub struct FuzzRun {
     pub mode: IrqchipMode,
     pub cpus: u32,
     pub ops: u32,
+    /// `VmConfig::exact_irq_boundaries` (single-stepping to exact interrupt boundaries).
+    pub exact_irq_boundaries: bool,
 }
 
 impl FuzzRun {
     /// The command line that replays this run.
     pub fn replay_command(&self) -> String {
         let mode = format!("{:?}", self.mode).to_lowercase();
+        let exact = if self.exact_irq_boundaries {
+            "on"
+        } else {
+            "off"
+        };
         format!(
-            "cargo run --release -p irqvm -- fuzz-guest --seed {} --irqchip {mode} --cpus {} --ops {}",
+            "cargo run --release -p irqvm -- fuzz-guest --seed {} --irqchip {mode} --cpus {} --ops {} --exact-irq-boundaries={exact}",
             self.seed, self.cpus, self.ops
         )
     }
@@ -49,6 +56,7 @@ impl FuzzRun {
         cfg.cmdline = format!("seed={} ops={}", self.seed, self.ops);
         cfg.cpus = self.cpus;
         cfg.irqchip = self.mode;
+        cfg.exact_irq_boundaries = self.exact_irq_boundaries;
         cfg.serial = SerialOutput::Capture(capture);
         cfg
     }
@@ -121,6 +129,7 @@ pub struct FuzzPlan {
     pub modes: Vec<IrqchipMode>,
     pub cpus: Vec<u32>,
     pub ops: u32,
+    pub exact_irq_boundaries: bool,
 }
 
 /// A seed from the clock, for runs without `--seed`.
@@ -144,6 +153,7 @@ pub fn run_plan(plan: &FuzzPlan) -> Result<u32, (FuzzRun, FuzzFailure, String)> 
                     mode,
                     cpus,
                     ops: plan.ops,
+                    exact_irq_boundaries: plan.exact_irq_boundaries,
                 };
                 let t = Instant::now();
                 match run_once(&run, RUN_TIMEOUT) {
@@ -175,9 +185,16 @@ mod tests {
             mode: IrqchipMode::Split,
             cpus: 4,
             ops: 100,
+            exact_irq_boundaries: false,
         };
         let cmd = run.replay_command();
-        for part in ["--seed 42", "--irqchip split", "--cpus 4", "--ops 100"] {
+        for part in [
+            "--seed 42",
+            "--irqchip split",
+            "--cpus 4",
+            "--ops 100",
+            "--exact-irq-boundaries=off",
+        ] {
             assert!(cmd.contains(part), "{cmd}");
         }
         assert_eq!(run.config(SerialCapture::new()).cmdline, "seed=42 ops=100");

@@ -108,10 +108,10 @@ pub struct VmConfig {
     pub topology: Option<Topology>,
     /// `--cpu-features`: `+name`/`-name` edits of the CPUID features (see [`crate::cpumodel`]).
     pub cpu_features: FeatureEdits,
-    /// `--exact-irq-boundaries`: single-step a vCPU to the instruction boundary where a waiting
-    /// interrupt becomes deliverable (`user` mode: every interrupt; `split`: the PIC's ExtINT;
-    /// `kernel`: ignored). Off by default: see `backend::step` and docs/architecture.md, "Exact
-    /// interrupt boundaries", for what it costs and what is still open.
+    /// `--exact-irq-boundaries[=on|off]`: single-step a vCPU to the instruction boundary where a
+    /// waiting interrupt becomes deliverable (`user` mode: every interrupt; `split`: the PIC's
+    /// ExtINT; `kernel`: ignored). On by default; see `backend::step` and docs/architecture.md,
+    /// "Exact interrupt boundaries", for how and what it costs.
     pub exact_irq_boundaries: bool,
 }
 
@@ -132,7 +132,7 @@ impl VmConfig {
             protected_state_aps: None,
             topology: None,
             cpu_features: FeatureEdits::default(),
-            exact_irq_boundaries: false,
+            exact_irq_boundaries: true,
         }
     }
 }

@@ -29,7 +29,7 @@ const MODE: IrqchipMode = IrqchipMode::Split;
 guest_tests!(MODE;
     hello, smp_boot, init_again, init_state, ipi, x2apic, timer, tpr, ioapic, pic, storm, demo,
     once, latency, apic_base, apic_base_rsvd, timer_mode, nmi_queue, fuzz, soft_int, snapstorm, xstate,
-    x2apic_boot,
+    x2apic_boot, irq_boundary,
 );
 
 // x2apic_boot on the larger counts its expectation file lists (guest_tests! runs 1, 2 and 4).
@@ -45,7 +45,7 @@ const HOST_DRIVEN: &[&str] = &["msi"];
 #[test]
 fn every_guest_runs_in_split_mode() {
     // protected_aps is user-mode only (`-` in this column of its expectation file).
-    common::assert_every_guest_runs(MODE, STANDALONE, &[HOST_DRIVEN, &["irq_boundary"]].concat());
+    common::assert_every_guest_runs(MODE, STANDALONE, HOST_DRIVEN);
 }
 
 /// The built-in demo (`irqvm` with no arguments) on its 4 vCPUs.
@@ -66,11 +66,4 @@ fn storm_with_host_device_lines_counts_exactly() {
 #[test]
 fn msi_from_host_reaches_the_addressed_cpu_exactly_once() {
     common::check_msi_from_host(MODE);
-}
-
-/// guests/irq_boundary.c with `--exact-irq-boundaries` (docs/architecture.md, "Exact interrupt
-/// boundaries").
-#[test]
-fn irq_boundary() {
-    common::check_irq_boundary(MODE);
 }

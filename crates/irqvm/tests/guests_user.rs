@@ -15,7 +15,7 @@ const MODE: IrqchipMode = IrqchipMode::User;
 guest_tests!(MODE;
     hello, smp_boot, init_again, init_state, ipi, x2apic, timer, tpr, ioapic, pic, storm, demo,
     once, latency, apic_base, apic_base_rsvd, timer_mode, nmi_queue, fuzz, soft_int, snapstorm, xstate,
-    x2apic_boot,
+    x2apic_boot, irq_boundary,
 );
 
 // x2apic_boot on the larger counts its expectation file lists (guest_tests! runs 1, 2 and 4).
@@ -30,8 +30,7 @@ const HOST_DRIVEN: &[&str] = &["msi"];
 /// The guests that need a VM option, and so a test of their own (below): `protected_aps` needs
 /// `--protected-state-aps`, which only this mode takes (its expectation file says `-` for the
 /// others, and their `every_guest_runs_in_*_mode` tests leave it out).
-/// `irq_boundary` runs with `--exact-irq-boundaries`.
-const WITH_OPTIONS: &[&str] = &["protected_aps", "irq_boundary"];
+const WITH_OPTIONS: &[&str] = &["protected_aps"];
 
 #[test]
 fn every_guest_runs_in_user_mode() {
@@ -74,11 +73,4 @@ fn storm_with_host_device_lines_counts_exactly() {
 #[test]
 fn msi_from_host_reaches_the_addressed_cpu_exactly_once() {
     common::check_msi_from_host(MODE);
-}
-
-/// guests/irq_boundary.c with `--exact-irq-boundaries` (docs/architecture.md, "Exact interrupt
-/// boundaries").
-#[test]
-fn irq_boundary() {
-    common::check_irq_boundary(MODE);
 }

@@ -24,15 +24,18 @@
 //! IF=0 for millions of instructions; stepping them all would slow it a hundredfold), after which
 //! the fallback takes over too.
 //!
-//! Opt-in (`VmConfig::exact_irq_boundaries`, `irqvm run --exact-irq-boundaries`). With it on by
-//! default the `user`-mode guest suite lost interrupts on 2-4 vCPUs and `bench_lat`'s timer
-//! workloads never finished; two host behaviours were the causes, and the first two rules below
-//! answer them (every guest of the `user` and `split` suites then passes with it on). It stays
-//! opt-in because the hostile `fuzz` guest on 4 vCPUs still takes a #DB of ours in about one seed
-//! in ten to twenty (`irqvm fuzz-guest --irqchip user --cpus 4 --seed 11`, 14, 17 with 400 ops):
-//! a single-step trap right after the instruction that follows a device exit (an xAPIC MMIO read,
-//! an 8259 port write, an IOAPIC IOREGSEL write); the path that leaves TF in its RFLAGS is not
-//! found (docs/architecture.md, "Exact interrupt boundaries").
+//! On by default in `user` and `split` (`VmConfig::exact_irq_boundaries`, `irqvm run
+//! --exact-irq-boundaries=off` turns it off; `kernel` mode has nothing to step). An earlier
+//! default-on try lost interrupts in the `user`-mode guest suite on 2-4 vCPUs and never finished
+//! `bench_lat`'s timer workloads; two host behaviours were the causes, and the first two rules
+//! below answer them. The hostile `fuzz` guest on 4 vCPUs then still took a single-step #DB of
+//! ours in about one run in six (seeds 3, 14: `exception 1`, DR6.BS, TF in the frame's RFLAGS).
+//! A per-exit log of RIP, RFLAGS, the stepping state and KVM's synced events showed each time an
+//! NMI that KVM held (`nmi.pending` 1: the second of two KVM_NMIs) delivered at the entry where
+//! stepping was armed, the step landing in the NMI stub; the NMI handler's IRETQ then loaded
+//! KVM's TF. The events check below now counts an NMI KVM holds, and a frame pushed by the first
+//! stepped instruction is cleaned after the fact ([`FirstStep`]), which also covers that
+//! instruction faulting by itself.
 //!
 //! - **HLT is never stepped** ([`exits_itself`]). A step over HLT returns as a step exit with RIP
 //!   past it, but the halt stays pending inside KVM: the next KVM_RUN delivers the interrupt
@@ -48,10 +51,13 @@
 //!   KVM raises when it completes an MSR exit that userspace failed (`fuzz`: `exception 1` one
 //!   instruction after a faulting RDMSR). So stepping is off before irqvm queues an interrupt or
 //!   NMI, never armed while one may sit in KVM, and off for an entry where an MSR exit's #GP is
-//!   due (the backends track both), nor while KVM_GET_VCPU_EVENTS shows an exception, interrupt or NMI injection pending
-//!   (a soft interrupt irqvm emulated, for one). Not covered: the first
-//!   instruction of an episode faulting by itself (a page fault at the RIP where stepping was
-//!   armed) would deliver its exception with TF in the frame the same way.
+//!   due (the backends track both), nor while KVM_GET_VCPU_EVENTS shows an exception, interrupt or
+//!   NMI injection pending or an NMI held ([`event_due`]: a soft interrupt irqvm emulated, the
+//!   second of two NMIs). What is left, the first stepped instruction faulting by itself (a #UD,
+//!   a page fault at the RIP where stepping was armed) or an event KVM does not report, is
+//!   repaired: after that instruction, a 64-bit frame above RSP with its RIP, CS, RSP and SS and
+//!   TF set gets TF cleared before the handler can IRET with it ([`FirstStep`]; guest
+//!   `irq_boundary`, a `ud2` right after the ICR write that starts an episode).
 //!
 //! An IRETQ is not stepped either: a step over an IRETQ that returns from an interrupt KVM
 //! injected runs one more instruction before it exits (docs/kvm-facts.md), which would take an
@@ -61,8 +67,8 @@
 //! breakpoint seemed to lose an IPI in a 4-vCPU storm: that was the HLT stall above.)
 
 use kvm_bindings::{
-    kvm_guest_debug, kvm_regs, kvm_sregs, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
-    KVM_GUESTDBG_USE_HW_BP,
+    kvm_guest_debug, kvm_regs, kvm_sregs, kvm_vcpu_events, KVM_GUESTDBG_ENABLE,
+    KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP,
 };
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress};
@@ -254,6 +260,8 @@ pub struct Stepper {
     on: bool,
     /// Steps left in this episode.
     left: u32,
+    /// Where single-stepping was last armed, until the instruction there has run ([`FirstStep`]).
+    first: Option<FirstStep>,
     /// Steps taken, for the counters.
     pub steps: u64,
     /// Episodes that ended without reaching the boundary (budget spent, or the guest's own
@@ -269,6 +277,7 @@ impl Stepper {
             armed: Armed::Off,
             on: false,
             left: STEP_BUDGET,
+            first: None,
             steps: 0,
             fallbacks: 0,
         }
@@ -296,15 +305,20 @@ impl Stepper {
             if self.on {
                 self.fallbacks += 1;
             }
-            self.off(vcpu)?;
+            self.end_run(vcpu)?;
             return Ok(StepOutcome::Fallback);
         }
-        match self.plan(vcpu)? {
+        let regs = vcpu.get_regs().map_err(KvmError::ioctl("KVM_GET_REGS"))?;
+        self.settle_first(vcpu, &regs)?;
+        match self.plan(vcpu, &regs)? {
             plan @ (Plan::Step | Plan::Break(_)) => {
                 let armed = match plan {
                     Plan::Break(at) => Armed::Break(at),
                     _ => Armed::Step,
                 };
+                if armed == Armed::Step && self.armed != Armed::Step {
+                    self.first = Some(FirstStep::at(vcpu, &regs)?);
+                }
                 self.arm(vcpu, armed)?;
                 self.on = true;
                 self.left -= 1;
@@ -332,14 +346,25 @@ impl Stepper {
     /// The episode is over (the interrupt goes in now, or nothing waits any more): stepping off
     /// before the injection, so the interrupt frame gets the guest's RFLAGS; budget refilled.
     pub fn end(&mut self, vcpu: &VcpuFd) -> Result<(), IrqchipError> {
-        self.off(vcpu)?;
+        self.end_run(vcpu)?;
         self.left = STEP_BUDGET;
         Ok(())
+    }
+
+    /// Stepping off, after looking at what the first stepped instruction left ([`FirstStep`]).
+    /// No ioctl unless stepping was armed.
+    fn end_run(&mut self, vcpu: &VcpuFd) -> Result<(), IrqchipError> {
+        if self.first.is_some() {
+            let regs = vcpu.get_regs().map_err(KvmError::ioctl("KVM_GET_REGS"))?;
+            self.settle_first(vcpu, &regs)?;
+        }
+        self.off(vcpu)
     }
 
     fn off(&mut self, vcpu: &VcpuFd) -> Result<(), IrqchipError> {
         self.arm(vcpu, Armed::Off)?;
         self.on = false;
+        self.first = None;
         Ok(())
     }
 
@@ -365,12 +390,12 @@ impl Stepper {
         Ok(())
     }
 
-    /// How to stop the guest after its next instruction, or `None` if it must not be stepped:
-    /// the guest uses a debug feature of its own that stepping would hide (checked while
-    /// stepping is off: KVM hides TF from KVM_GET_REGS while it steps), or the instruction at
-    /// RIP loads TF or enables a breakpoint.
-    fn plan(&self, vcpu: &VcpuFd) -> Result<Plan, IrqchipError> {
-        let regs = vcpu.get_regs().map_err(KvmError::ioctl("KVM_GET_REGS"))?;
+    /// How to stop the guest after its next instruction ([`Plan`]): refused if the guest uses a
+    /// debug feature of its own that stepping would hide (checked while stepping is off: KVM hides
+    /// TF from KVM_GET_REGS while it steps) or the instruction at RIP loads TF or enables a
+    /// breakpoint; not now if KVM delivers an event at this entry and stepping would be armed
+    /// here ([`event_due`]).
+    fn plan(&self, vcpu: &VcpuFd, regs: &kvm_regs) -> Result<Plan, IrqchipError> {
         if !self.on {
             let dr7 = vcpu
                 .get_debug_regs()
@@ -379,22 +404,58 @@ impl Stepper {
             if regs.rflags & RFLAGS_TF != 0 || dr7 & DR7_ENABLES != 0 {
                 return Ok(Plan::Refuse);
             }
-            // KVM_SET_GUEST_DEBUG puts TF into the guest's RFLAGS until the first stepped
-            // instruction completes: an event KVM delivers before it (an exception a completed
-            // exit raised, a soft interrupt irqvm emulated) would carry TF in its frame.
+        }
+        // Arming KVM_GUESTDBG_SINGLESTEP here (not yet stepping, or stepping from a breakpoint)
+        // puts TF into the guest's RFLAGS until the instruction at RIP completes: an event KVM
+        // delivers at this entry would carry it in its frame.
+        if self.armed != Armed::Step {
             let events = vcpu
                 .get_vcpu_events()
                 .map_err(KvmError::ioctl("KVM_GET_VCPU_EVENTS"))?;
-            if events.exception.injected != 0
-                || events.exception.pending != 0
-                || events.interrupt.injected != 0
-                || events.nmi.injected != 0
-            {
+            if event_due(&events) {
                 return Ok(Plan::NotNow);
             }
         }
         let sregs = vcpu.get_sregs().map_err(KvmError::ioctl("KVM_GET_SREGS"))?;
-        Ok(self.plan_for(vcpu, &regs, &sregs))
+        Ok(self.plan_for(vcpu, regs, &sregs))
+    }
+
+    /// After the first instruction of a stepping run: if it delivered an exception or interrupt
+    /// (its own fault, a soft interrupt, an event KVM held), that frame holds KVM's TF
+    /// ([`FirstStep`]); clear it there, before the handler's IRET could load it.
+    fn settle_first(&mut self, vcpu: &VcpuFd, regs: &kvm_regs) -> Result<(), IrqchipError> {
+        let Some(first) = self.first else {
+            return Ok(());
+        };
+        if regs.rip == first.rip && regs.rsp == first.rsp {
+            // Nothing ran yet (a KVM_RUN that returned before entering).
+            return Ok(());
+        }
+        self.first = None;
+        // A frame is five slots: its push moves RSP down by 40 bytes or more, or to another stack
+        // (a privilege change, an IST). Anything closer was an ordinary instruction.
+        let moved = (first.rsp as i64).wrapping_sub(regs.rsp as i64);
+        if !first.long || moved.unsigned_abs() < 40 {
+            return Ok(());
+        }
+        let mut stack = [0u8; FRAME_SCAN];
+        let n = self.read_linear(vcpu, regs.rsp, &mut stack);
+        let slots: Vec<u64> = stack[..n]
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+            .collect();
+        if let Some(at) = find_tf_frame(&slots, &first) {
+            let rflags = slots[at + 2] & !RFLAGS_TF;
+            let linear = regs.rsp.wrapping_add(8 * (at as u64 + 2));
+            if self.write_linear(vcpu, linear, &rflags.to_le_bytes()) {
+                tracing::debug!(
+                    rip = first.rip,
+                    frame = linear,
+                    "cleared KVM's TF in a frame pushed by the first stepped instruction"
+                );
+            }
+        }
+        Ok(())
     }
 
     fn plan_for(&self, vcpu: &VcpuFd, regs: &kvm_regs, sregs: &kvm_sregs) -> Plan {
@@ -484,6 +545,88 @@ impl Stepper {
         }
         done
     }
+
+    /// Writes `data` to guest-linear memory if it all translates and lies in guest RAM.
+    fn write_linear(&self, vcpu: &VcpuFd, linear: u64, data: &[u8]) -> bool {
+        let mut done = 0;
+        let mut parts = Vec::new();
+        while done < data.len() {
+            let addr = linear.wrapping_add(done as u64);
+            match vcpu.translate_gva(addr) {
+                Ok(tr) if tr.valid != 0 => {
+                    let chunk = ((PAGE - (addr % PAGE)) as usize).min(data.len() - done);
+                    parts.push((GuestAddress(tr.physical_address), done, chunk));
+                    done += chunk;
+                }
+                _ => return false,
+            }
+        }
+        parts.iter().all(|&(gpa, from, len)| {
+            self.memory
+                .write_slice(&data[from..from + len], gpa)
+                .is_ok()
+        })
+    }
+}
+
+/// True if KVM delivers an event at the next entry: an exception (one a completed exit raised,
+/// or a soft interrupt irqvm emulated), an interrupt, an NMI being injected, or an NMI KVM holds
+/// pending (`nmi.pending`: the second of two KVM_NMIs, which KVM injects itself at a later
+/// entry; seen in the `fuzz` guest on 4 vCPUs: an NMI delivered at the entry where stepping was
+/// armed, its IRETQ then gave the guest a single-step #DB one instruction later).
+pub fn event_due(events: &kvm_vcpu_events) -> bool {
+    events.exception.injected != 0
+        || events.exception.pending != 0
+        || events.interrupt.injected != 0
+        || events.nmi.injected != 0
+        || events.nmi.pending != 0
+}
+
+/// Bytes above RSP searched for a frame after a first step: the frame (5 slots), an error code,
+/// and what the handler's first instruction may have pushed.
+const FRAME_SCAN: usize = 16 * 8;
+
+/// Where stepping was armed (KVM_SET_GUEST_DEBUG sets KVM's `singlestep_rip` there). Until the
+/// instruction at that RIP completes, KVM keeps TF in the guest's RFLAGS (`__kvm_set_rflags`),
+/// so an exception or interrupt delivered at that entry, including a fault of that instruction
+/// itself, pushes a frame with TF set, and the handler's IRET would give the guest a single-step
+/// #DB of ours. Events later in a stepping run are pushed clean (docs/kvm-facts.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FirstStep {
+    rip: u64,
+    rsp: u64,
+    cs: u16,
+    ss: u16,
+    /// 64-bit code: the frame layout [`find_tf_frame`] knows.
+    long: bool,
+}
+
+impl FirstStep {
+    fn at(vcpu: &VcpuFd, regs: &kvm_regs) -> Result<Self, IrqchipError> {
+        let sregs = vcpu.get_sregs().map_err(KvmError::ioctl("KVM_GET_SREGS"))?;
+        Ok(Self {
+            rip: regs.rip,
+            rsp: regs.rsp,
+            cs: sregs.cs.selector,
+            ss: sregs.ss.selector,
+            long: sregs.cs.l != 0 && sregs.efer & (1 << 10) != 0,
+        })
+    }
+}
+
+/// The index in `slots` (qwords from RSP up) of a 64-bit interrupt frame (SDM vol. 3 §6.14.2:
+/// RIP, CS, RFLAGS, RSP, SS) that the first stepped instruction's entry pushed with TF set: its
+/// RIP is that instruction's (a fault, or an event delivered before it) or at most 15 bytes on
+/// (a trap or soft interrupt after it), CS, RSP and SS are those stepping was armed with, and
+/// RFLAGS has TF (the guest's own TF was clear, or stepping would not have begun).
+fn find_tf_frame(slots: &[u64], first: &FirstStep) -> Option<usize> {
+    slots.windows(5).position(|f| {
+        (first.rip..=first.rip.wrapping_add(MAX_INSN as u64)).contains(&f[0])
+            && f[1] & 0xFFFF == u64::from(first.cs)
+            && f[2] & RFLAGS_TF != 0
+            && f[3] == first.rsp
+            && f[4] & 0xFFFF == u64::from(first.ss)
+    })
 }
 
 #[cfg(test)]
@@ -576,6 +719,56 @@ mod tests {
         assert!(!iretq(&[0x48, 0xCF], PROT32));
         assert!(!iretq(&[0x48, 0x9D], LONG));
         assert!(!iretq(&[0x48], LONG));
+    }
+
+    /// An NMI KVM holds (the second of two KVM_NMIs) is delivered at the next entry like an
+    /// injected one: stepping must not be armed there.
+    #[test]
+    fn an_nmi_kvm_holds_is_an_event_due() {
+        let mut events = kvm_vcpu_events::default();
+        assert!(!event_due(&events));
+        events.nmi.masked = 1;
+        assert!(!event_due(&events), "NMIs blocked: nothing delivered");
+        events.nmi.pending = 1;
+        assert!(event_due(&events));
+        let mut events = kvm_vcpu_events::default();
+        events.exception.pending = 1;
+        assert!(event_due(&events));
+        let mut events = kvm_vcpu_events::default();
+        events.interrupt.injected = 1;
+        assert!(event_due(&events));
+    }
+
+    const FIRST: FirstStep = FirstStep {
+        rip: 0x10_2000,
+        rsp: 0x20_0ff8,
+        cs: 0x08,
+        ss: 0x10,
+        long: true,
+    };
+
+    /// A #UD at the first stepped instruction, found one push above RSP (the stub pushed a
+    /// vector); a frame without TF, or of another RSP, is left alone.
+    #[test]
+    fn a_frame_with_tf_from_the_first_step_is_found() {
+        let frame = [FIRST.rip, 0x08, 0x106, FIRST.rsp, 0x10];
+        let mut slots = vec![6, 0];
+        slots.extend_from_slice(&frame);
+        assert_eq!(find_tf_frame(&slots, &FIRST), Some(2));
+        // A soft interrupt or trap: RIP after the instruction.
+        let mut after = slots.clone();
+        after[2] = FIRST.rip + 2;
+        assert_eq!(find_tf_frame(&after, &FIRST), Some(2));
+        let mut clean = slots.clone();
+        clean[4] = 0x6;
+        assert_eq!(find_tf_frame(&clean, &FIRST), None);
+        let mut other = slots.clone();
+        other[5] = FIRST.rsp - 8;
+        assert_eq!(find_tf_frame(&other, &FIRST), None);
+        let mut far = slots;
+        far[2] = FIRST.rip + 16;
+        assert_eq!(find_tf_frame(&far, &FIRST), None);
+        assert_eq!(find_tf_frame(&[], &FIRST), None);
     }
 
     #[test]

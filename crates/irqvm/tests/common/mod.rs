@@ -407,11 +407,6 @@ pub fn check_guest_with_option(name: &str, mode: IrqchipMode, option: fn(&mut Vm
     }
 }
 
-/// `irq_boundary`: with `--exact-irq-boundaries` (`VmConfig::exact_irq_boundaries`).
-pub fn check_irq_boundary(mode: IrqchipMode) {
-    check_guest_with_option("irq_boundary", mode, |cfg| cfg.exact_irq_boundaries = true);
-}
-
 /// One `#[test]` per guest, named after it, that runs it alone in `$mode` with [`check_guest`];
 /// also defines `STANDALONE`, the list of those guests, for [`assert_every_guest_runs`].
 #[macro_export]
