@@ -6,3 +6,4 @@ cd "$(dirname "$0")"
 cargo test --workspace
 cargo test -p irqchip --release --features loom --test loom_posting
 cargo test -p irqchip --release --features loom,broken-ordering --test loom_posting
+cargo test -p irqchip --release --features loom,broken-init-deferral --test loom_posting

@@ -12,10 +12,25 @@
 //! # Protocol
 //!
 //! A poster writes the payload (level bit, PIR bit or event bits), then sets ON. Only the poster
-//! that turns ON from 0 to 1 owns the notification: it reads the target's mode and returns what
+//! that turns ON on owns the notification: it reads the target's mode and returns what
 //! its caller must do ([`Notify::Kick`] for a vCPU in guest mode, [`Notify::Wake`] for a blocked
 //! one, [`Notify::None`] for one outside guest mode, which will drain before it enters). Every
 //! later poster finds ON set and returns [`Notify::None`]: the first notification covers it.
+//!
+//! One exception saves a wake-up per AP start-up (issue 13): an INIT alone, posted to an AP that
+//! sleeps in wait-for-SIPI ([`VcpuMode::AwaitingSipi`]: never started, or INIT already taken),
+//! is announced but not notified. Taking that INIT would change nothing but the registers and the
+//! local APIC the AP already has in their INIT state, and the AP would go back to sleep; the SIPI
+//! that follows wakes it and it takes both in one drain (INIT first, seed 000), still in its own
+//! context and exactly once. ON therefore has two bits: ANNOUNCED (something to drain) and
+//! NOTIFIED (a kick or wake was sent for it). Every post sets ANNOUNCED; ordinary posts set
+//! NOTIFIED too and notify when they turn it on, so the first post after a deferred INIT wakes
+//! the AP. The deferring INIT poster owns nothing when ANNOUNCED was already set (the owner's
+//! notification, or its deferral, covers it). Everything posted while the INIT waits is drained
+//! with it, as it would be had it landed before the AP woke: INIT first, then the SIPI; an NMI,
+//! SMI or ExtINT of the same drain is cleared by the INIT, as KVM clears those queued before its
+//! target accepts an INIT (`kvm_vcpu_reset`). The AP cannot run guest code in between: every
+//! drain and [`VcpuInbox::try_block`] sees ANNOUNCED (memory ordering below).
 //!
 //! The vCPU clears ON before it takes the payload, so a post that lands after the clear sets ON
 //! again and notifies again. Before entering the guest the vCPU publishes `InGuest` FIRST and
@@ -31,20 +46,29 @@
 //! on all four accesses or a `fence(SeqCst)` between each write and read.
 //!
 //! This inbox instead makes the vCPU's access to ON a read-modify-write too: the drain clears it
-//! with `swap(false)` and [`VcpuInbox::try_block`] reads it with `fetch_or(false)`; the poster sets
-//! it with `swap(true)`; all `AcqRel`. RMWs of one location are totally ordered (its
+//! with `swap(0)` and [`VcpuInbox::try_block`] reads it with `fetch_or(0)`; the poster sets
+//! it with `fetch_or`; all `AcqRel`. RMWs of one location are totally ordered (its
 //! modification order) and each reads the value just before it, so one of two things holds:
-//! - the vCPU's RMW comes first: the poster's swap reads the value the vCPU wrote (or one written
+//! - the vCPU's RMW comes first: the poster's RMW reads the value the vCPU wrote (or one written
 //!   after it by other posters' RMWs, which continue its release sequence), so it synchronizes
 //!   with the vCPU's RMW, and the mode store sequenced before that RMW happens-before the
 //!   poster's mode load: the poster sees `InGuest` / `Blocked` (or a later mode) and notifies;
-//! - the poster's swap comes first: the vCPU's RMW reads ON = 1 and synchronizes with it, so the
+//! - the poster's RMW comes first: the vCPU's RMW reads ON set and synchronizes with it, so the
 //!   drain sees the poster's payload, and `try_block` refuses to sleep.
 //!
 //! That is the Dekker guarantee without a fence or a SeqCst access (C++20 [intro.races],
 //! [atomics.order] release sequences); on x86 the RMWs are the `lock`-prefixed instructions the
 //! protocol needs anyway, so it costs no `mfence`. It is also the form loom checks exactly (loom
 //! treats SeqCst accesses as AcqRel, and a SeqCst-loads version made it report false deadlocks).
+//!
+//! The deferred INIT needs one more step: a poster that reads `AwaitingSipi` after its RMW of ON
+//! (which turned ON from 0 to ANNOUNCED) may see a mode the AP has already left, woken by a ring
+//! for an earlier post. It still cannot lose the INIT: the AP, once woken, publishes
+//! `OutsideGuest` and then clears ON with an RMW before it can enter the guest. Had that RMW come
+//! before the poster's, the poster's RMW would synchronize with it and its mode load would see
+//! `OutsideGuest` or a later mode, not the `AwaitingSipi` stored before. So it comes after, reads
+//! ANNOUNCED and drains the INIT. The only sleep the INIT can wait through is the one whose
+//! `try_block` RMW preceded the poster's RMW, which is what the deferral means.
 //!
 //! The payload rides on release/acquire: a poster's PIR `fetch_or` is `Release` and the drain's
 //! PIR `swap` is `Acquire`, so the trigger bit written before it (`Relaxed`) is visible to the
@@ -64,6 +88,7 @@
 //!     inbox.end_guest_entry();
 //!     /* on HLT with nothing deliverable: */
 //!     if inbox.try_block() { inbox.block_until_rung(); }   // else: work pending, drain it
+//!     /* an AP in wait-for-SIPI blocks with try_block_awaiting_sipi() instead */
 //! }
 //! ```
 //!
@@ -102,7 +127,7 @@
 //! # }
 //! ```
 
-use crate::sync::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use crate::sync::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use crate::types::{ApicEvents, InterruptSink, Notify, TriggerMode, Vector};
 use std::sync::PoisonError;
 
@@ -134,6 +159,11 @@ const EV_WAKEUP: u32 = 1 << 5;
 /// two, so more than two between drains can never make a difference).
 const EV_NMI_SECOND: u32 = 1 << 6;
 const EV_SIPI_VECTOR_SHIFT: u32 = 8;
+/// ON bit: something was posted and not yet drained.
+const ON_ANNOUNCED: u8 = 1 << 0;
+/// ON bit: a notification (kick or wake, or none for a vCPU outside guest mode) was decided for
+/// what is announced. Clear while only a deferred INIT is announced (module doc).
+const ON_NOTIFIED: u8 = 1 << 1;
 const EV_SIPI_VECTOR_MASK: u32 = 0xFF << EV_SIPI_VECTOR_SHIFT;
 
 /// Where a vCPU's thread is, as posters see it.
@@ -144,8 +174,11 @@ pub enum VcpuMode {
     OutsideGuest = 0,
     /// Inside (or committed to entering) `KVM_RUN`: it must be kicked out to see new work.
     InGuest = 1,
-    /// Asleep (halted, or waiting for SIPI) until its doorbell rings.
+    /// Asleep (halted, in AP Reset Hold, or a BSP set to wait for SIPI) until its doorbell rings.
     Blocked = 2,
+    /// Asleep as an AP in wait-for-SIPI (never started, or its INIT taken): an INIT alone does
+    /// not wake it (module doc); anything else does.
+    AwaitingSipi = 3,
 }
 
 impl VcpuMode {
@@ -153,7 +186,17 @@ impl VcpuMode {
         match raw {
             1 => Self::InGuest,
             2 => Self::Blocked,
+            3 => Self::AwaitingSipi,
             _ => Self::OutsideGuest,
+        }
+    }
+
+    /// What the poster that owns the notification must do for a vCPU in this mode.
+    fn notify(self) -> Notify {
+        match self {
+            Self::InGuest => Notify::Kick,
+            Self::Blocked | Self::AwaitingSipi => Notify::Wake,
+            Self::OutsideGuest => Notify::None,
         }
     }
 }
@@ -328,8 +371,9 @@ pub struct VcpuInbox {
     /// post sets its bit and an edge post clears it, both before the PIR bit, as the TMR is
     /// written on every acceptance (SDM vol. 3 §11.5.5).
     level: [AtomicU64; BITMAP_WORDS],
-    /// Outstanding notification: set by posters after their payload, cleared by the drain.
-    on: AtomicBool,
+    /// Outstanding notification (`ON_ANNOUNCED`, `ON_NOTIFIED`): set by posters after their
+    /// payload, cleared by the drain.
+    on: AtomicU8,
     events: AtomicU32,
     mode: AtomicU8,
     ppr: AtomicU8,
@@ -348,7 +392,7 @@ impl VcpuInbox {
         Self {
             pir: std::array::from_fn(|_| AtomicU64::new(0)),
             level: std::array::from_fn(|_| AtomicU64::new(0)),
-            on: AtomicBool::new(false),
+            on: AtomicU8::new(0),
             events: AtomicU32::new(0),
             mode: AtomicU8::new(VcpuMode::OutsideGuest as u8),
             ppr: AtomicU8::new(0),
@@ -371,17 +415,39 @@ impl VcpuInbox {
         self.doorbell.ring();
     }
 
-    /// Sets ON; the poster that turns it from 0 to 1 owns the notification (see module doc).
+    /// Sets ON; the poster that turns NOTIFIED on owns the notification (see module doc).
     fn raise_notification(&self) -> Notify {
-        if self.on.swap(true, Ordering::AcqRel) {
+        let old = self
+            .on
+            .fetch_or(ON_ANNOUNCED | ON_NOTIFIED, Ordering::AcqRel);
+        if old & ON_NOTIFIED != 0 {
             return Notify::None;
         }
         // Reading the mode after an AcqRel RMW of ON is what makes this race-free against the
         // vCPU's "mode, then RMW of ON" (see module doc).
-        match self.mode() {
-            VcpuMode::InGuest => Notify::Kick,
-            VcpuMode::Blocked => Notify::Wake,
-            VcpuMode::OutsideGuest => Notify::None,
+        self.mode().notify()
+    }
+
+    /// Announces an INIT alone: like [`Self::raise_notification`], except that an AP asleep in
+    /// wait-for-SIPI is not woken; the next ordinary post notifies (module doc). A poster that
+    /// finds anything announced already owns nothing. One that notifies leaves NOTIFIED clear,
+    /// so a later post may notify once more: a spare kick or ring, which the vCPU tolerates.
+    fn raise_init_notification(&self) -> Notify {
+        #[cfg(feature = "broken-init-deferral")]
+        let early_mode = self.mode();
+        let old = self.on.fetch_or(ON_ANNOUNCED, Ordering::AcqRel);
+        if old != 0 {
+            return Notify::None;
+        }
+        // The test-only broken variant reads the mode before the RMW, which the loom model must
+        // catch (an INIT deferred while the AP was already on its way into the guest).
+        #[cfg(feature = "broken-init-deferral")]
+        let mode = early_mode;
+        #[cfg(not(feature = "broken-init-deferral"))]
+        let mode = self.mode();
+        match mode {
+            VcpuMode::AwaitingSipi => Notify::None,
+            other => other.notify(),
         }
     }
 
@@ -393,7 +459,7 @@ impl VcpuInbox {
     /// True while a notification is outstanding (something posted and not yet drained). A hint
     /// (plain load): the protocol itself decides with [`Self::try_block`].
     pub fn has_pending(&self) -> bool {
-        self.on.load(Ordering::Acquire)
+        self.on.load(Ordering::Acquire) != 0
     }
 
     // ---- vCPU side (the vCPU's own thread only) ----
@@ -430,7 +496,7 @@ impl VcpuInbox {
     /// Takes everything posted so far. Safe in any mode on the vCPU's thread; a post that races
     /// with it is either taken now or has set ON again (and notified by the mode it saw).
     pub fn drain(&self) -> Posted {
-        if !self.on.swap(false, Ordering::AcqRel) {
+        if self.on.swap(0, Ordering::AcqRel) == 0 {
             // Nothing announced. A poster whose payload is already in but whose ON is not yet
             // set will set ON after this swap and notify by the mode it reads then.
             return Posted::default();
@@ -455,9 +521,20 @@ impl VcpuInbox {
     /// drain it and re-evaluate instead of sleeping. Any post the check misses sees `Blocked`
     /// and returns [`Notify::Wake`].
     pub fn try_block(&self) -> bool {
-        self.set_mode(VcpuMode::Blocked);
-        // An RMW, not a load, so that it is ordered against the posters' swaps (module doc).
-        if self.on.fetch_or(false, Ordering::AcqRel) {
+        self.try_block_as(VcpuMode::Blocked)
+    }
+
+    /// [`Self::try_block`] for an AP in wait-for-SIPI (never started, or its INIT taken) whose
+    /// local APIC is in its INIT state: an INIT posted alone while it sleeps is left announced
+    /// and taken with the next post, the SIPI (module doc).
+    pub fn try_block_awaiting_sipi(&self) -> bool {
+        self.try_block_as(VcpuMode::AwaitingSipi)
+    }
+
+    fn try_block_as(&self, mode: VcpuMode) -> bool {
+        self.set_mode(mode);
+        // An RMW, not a load, so that it is ordered against the posters' RMWs (module doc).
+        if self.on.fetch_or(0, Ordering::AcqRel) != 0 {
             self.set_mode(VcpuMode::OutsideGuest);
             return false;
         }
@@ -536,7 +613,15 @@ impl InterruptSink for VcpuInbox {
         } else {
             return Notify::None;
         }
-        self.raise_notification()
+        let init_alone = ApicEvents {
+            init: true,
+            ..ApicEvents::default()
+        };
+        if events == init_alone {
+            self.raise_init_notification()
+        } else {
+            self.raise_notification()
+        }
     }
 
     fn published_ppr(&self) -> u8 {
@@ -737,6 +822,63 @@ mod tests {
         inbox.block_until_rung();
         assert_eq!(inbox.mode(), VcpuMode::OutsideGuest);
         assert!(inbox.drain().contains(0x52));
+    }
+
+    /// Issue 13: an INIT alone does not wake an AP asleep in wait-for-SIPI, but is announced
+    /// (the AP could not sleep through it, nor drain without it), and the next post wakes it.
+    #[test]
+    fn an_init_alone_leaves_an_ap_awaiting_sipi_asleep_until_the_sipi() {
+        let init = ApicEvents {
+            init: true,
+            ..Default::default()
+        };
+        let sipi = ApicEvents {
+            sipi: Some(0x9A),
+            ..Default::default()
+        };
+        let inbox = VcpuInbox::new();
+        assert!(inbox.try_block_awaiting_sipi());
+        assert_eq!(inbox.mode(), VcpuMode::AwaitingSipi);
+        assert_eq!(inbox.post_events(init), Notify::None);
+        assert!(inbox.has_pending());
+        assert_eq!(inbox.post_events(init), Notify::None, "still deferred");
+        assert_eq!(inbox.post_events(sipi), Notify::Wake);
+        assert_eq!(inbox.post_events(sipi), Notify::None, "notified already");
+        inbox.ring_doorbell();
+        inbox.block_until_rung();
+        let posted = inbox.drain();
+        assert!(posted.events.init);
+        assert_eq!(
+            posted.events.sipi,
+            Some(0x9A),
+            "the SIPI came after the INIT"
+        );
+    }
+
+    /// Only an INIT alone to an AP awaiting SIPI is deferred: an INIT wakes a halted vCPU, and
+    /// anything else wakes an AP awaiting SIPI.
+    #[test]
+    fn everything_else_still_wakes() {
+        let init = ApicEvents {
+            init: true,
+            ..Default::default()
+        };
+        let inbox = VcpuInbox::new();
+        assert!(inbox.try_block());
+        assert_eq!(inbox.post_events(init), Notify::Wake);
+        let others: [&dyn Fn(&VcpuInbox) -> Notify; 3] =
+            [&|i| edge(i, 0x20), &|i| i.post_wakeup(), &|i| {
+                i.post_events(ApicEvents {
+                    init: true,
+                    nmi: true,
+                    ..Default::default()
+                })
+            }];
+        for post in others {
+            let inbox = VcpuInbox::new();
+            assert!(inbox.try_block_awaiting_sipi());
+            assert_eq!(post(&inbox), Notify::Wake);
+        }
     }
 
     #[test]

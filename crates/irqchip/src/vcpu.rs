@@ -474,12 +474,32 @@ impl VcpuInterrupts {
     }
 
     /// Sleeps until something is posted to this vCPU, unless something already was. Returns
-    /// after any post (or a spurious ring); the caller drains and re-evaluates.
+    /// after any post (or a spurious ring); the caller drains and re-evaluates. An AP in
+    /// wait-for-SIPI sleeps through an INIT alone and takes it with the SIPI that follows
+    /// (`posting`, issue 13): an INIT would leave it where it is.
     pub fn block(&mut self) {
-        if self.inbox.try_block() {
+        let blocked = if self.init_leaves_blocked() {
+            self.inbox.try_block_awaiting_sipi()
+        } else {
+            self.inbox.try_block()
+        };
+        if blocked {
             self.inbox.block_until_rung();
         }
         self.drain();
+    }
+
+    /// True for an AP that has not run since power-up or since its last INIT (wait-for-SIPI):
+    /// its registers and local APIC are in their INIT state, which only INIT and SIPI leave
+    /// (nothing else is accepted: the APIC is software-disabled, SDM vol. 3 §11.4.7.2), so an
+    /// INIT taken now would change nothing and it would sleep again. Not for the BSP, which an
+    /// INIT restarts (seed 000), nor for an AP Reset Hold, whose INIT resets a used APIC.
+    fn init_leaves_blocked(&self) -> bool {
+        !self.mp.is_bsp()
+            && matches!(
+                self.mp.state(),
+                MpState::Uninitialized | MpState::InitReceived
+            )
     }
 
     // ---- guest accesses ----
@@ -664,7 +684,8 @@ impl VcpuInterrupts {
 #[cfg(test)]
 mod tests {
     //! NMI queueing as KVM's `process_nmi` does it, through the real bus and inboxes (no
-    //! threads; the clock is a constant, nothing here depends on time).
+    //! threads but the AP of the INIT/SIPI test; the clock is a constant, nothing here depends
+    //! on time).
     use super::*;
     use crate::mpstate::StandardSipi;
     use crate::types::{ApicEvents, InterruptSink};
@@ -810,6 +831,56 @@ mod tests {
         let json = r#"{"nmi":true,"smi":false,"extint":false}"#;
         let old: PendingEvents = serde_json::from_str(json).unwrap();
         assert!(old.nmi && !old.nmi_held);
+    }
+
+    /// Issue 13: an INIT alone does not wake an AP asleep in wait-for-SIPI (here: never
+    /// started); the SIPI does, and the AP takes both in its own context, INIT exactly once and
+    /// first, and starts at the SIPI's vector (seed 000). The AP sleeps on a thread of its own.
+    #[test]
+    fn an_ap_awaiting_sipi_sleeps_through_the_init_and_starts_on_the_sipi() {
+        let (system, mut cpus) = system(2);
+        let mut ap = cpus.pop().expect("two vCPUs");
+        let inbox = Arc::clone(ap.inbox());
+        let thread = std::thread::spawn(move || {
+            let (mut inits, mut start) = (0, None);
+            while ap.mp_state() != MpState::Runnable {
+                ap.block();
+                let outcome = ap.accept_events(InitBlocking::NONE, &mut StandardSipi);
+                inits += usize::from(outcome.reset.is_some());
+                start = start.or(outcome.start);
+            }
+            (inits, start)
+        });
+        while inbox.mode() != crate::posting::VcpuMode::AwaitingSipi {
+            std::thread::yield_now();
+        }
+        let bsp = &mut cpus[0];
+        write(bsp, 0xF0, SVR_ENABLED);
+        write(bsp, 0x310, 1 << 24);
+        let mut wakes = Vec::new();
+        let send = |bsp: &mut VcpuInterrupts, icr: u32, wakes: &mut Vec<VcpuIndex>| {
+            bsp.mmio_write(0x300, &icr.to_le_bytes(), NOW, &mut |t, how| {
+                if how == Notify::Wake {
+                    wakes.push(t);
+                }
+            });
+        };
+        send(bsp, 0x4500, &mut wakes);
+        assert!(wakes.is_empty(), "the INIT woke the AP");
+        send(bsp, 0x4610, &mut wakes);
+        for &target in &wakes {
+            system.inbox(target).expect("AP inbox").ring_doorbell();
+        }
+        let (inits, start) = thread.join().expect("AP thread");
+        assert_eq!(inits, 1);
+        assert_eq!(
+            start,
+            Some(crate::mpstate::SipiAction::StartRealMode {
+                cs_selector: 0x1000,
+                cs_base: 0x10000,
+                rip: 0,
+            })
+        );
     }
 
     /// The APIC system hands its MAXPHYADDR to every local APIC.

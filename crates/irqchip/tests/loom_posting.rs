@@ -5,8 +5,12 @@
 //!     cargo test -p irqchip --release --features loom --test loom_posting
 //!     cargo test -p irqchip --release --features loom,broken-ordering --test loom_posting
 //!
+//!     cargo test -p irqchip --release --features loom,broken-init-deferral --test loom_posting
+//!
 //! The second run builds `begin_guest_entry` with the drain BEFORE `InGuest` is published (seed
-//! 001's second race) and expects loom to find the lost interrupt.
+//! 001's second race) and expects loom to find the lost interrupt. The third builds an INIT poster
+//! that reads the target's mode before its RMW of ON, and expects loom to find the INIT that
+//! an AP leaving wait-for-SIPI enters the guest without (the deferred INIT, issue 13).
 //!
 //! A kick is modelled by its effect: the poster told [`Notify::Kick`] sets `immediate_exit` (in
 //! the VMM, a real-time signal whose handler sets `kvm_run.immediate_exit`, which makes KVM_RUN
@@ -71,6 +75,32 @@ impl FakeVcpu {
             self.inbox.block_until_rung();
         }
         self.inbox.drain()
+    }
+
+    /// An AP in wait-for-SIPI sleeps: an INIT alone need not wake it.
+    fn wait_for_sipi(&self) -> Posted {
+        if self.inbox.try_block_awaiting_sipi() {
+            self.inbox.block_until_rung();
+        }
+        self.inbox.drain()
+    }
+
+    fn post_events(&self, events: ApicEvents) {
+        self.notify(self.inbox.post_events(events));
+    }
+}
+
+fn init() -> ApicEvents {
+    ApicEvents {
+        init: true,
+        ..Default::default()
+    }
+}
+
+fn sipi(vector: Vector) -> ApicEvents {
+    ApicEvents {
+        sipi: Some(vector),
+        ..Default::default()
     }
 }
 
@@ -256,6 +286,106 @@ fn halt_vs_post_sipi_never_loses_the_wakeup() {
     );
 }
 
+/// Seed 000 with the deferred INIT (issue 13): the BSP sends INIT, then SIPI, to an AP asleep in
+/// wait-for-SIPI. The INIT may wake nobody; the SIPI must wake the AP (a lost wake-up is a
+/// deadlock to loom), and the AP takes the INIT exactly once, before or with the SIPI, whose
+/// vector survives it (the INIT came first).
+#[cfg(not(feature = "broken-init-deferral"))]
+fn init_then_sipi_to_a_waiting_ap() {
+    check(None, || {
+        let ap = FakeVcpu::new();
+        let thread = {
+            let ap = Arc::clone(&ap);
+            thread::spawn(move || {
+                let mut inits = 0;
+                loop {
+                    let posted = ap.wait_for_sipi();
+                    inits += u32::from(posted.events.init);
+                    if let Some(vector) = posted.events.sipi {
+                        let rest = ap.enter();
+                        inits += u32::from(rest.events.init);
+                        return (inits, vector);
+                    }
+                }
+            })
+        };
+        ap.post_events(init());
+        ap.post_events(sipi(0x9A));
+        let (inits, vector) = thread.join().unwrap();
+        assert_eq!(inits, 1, "the INIT was not taken exactly once");
+        assert_eq!(vector, 0x9A);
+    });
+}
+
+/// The race the deferral must survive: an INIT posted while the AP leaves wait-for-SIPI, woken by
+/// another sender's SIPI. The INIT's poster may still read `AwaitingSipi` and wake nobody; the
+/// AP must then find the INIT when it drains on its way into the guest, or be kicked.
+fn init_vs_an_ap_leaving_wait_for_sipi() {
+    check(TWO_POSTER_BOUND, || {
+        let ap = FakeVcpu::new();
+        let thread = {
+            let ap = Arc::clone(&ap);
+            thread::spawn(move || {
+                let mut got = Posted::default();
+                while got.is_empty() {
+                    got = ap.wait_for_sipi();
+                }
+                // Woken by the SIPI (or the INIT, had it come first): the AP runs.
+                got.merge(ap.enter());
+                got
+            })
+        };
+        let sender = {
+            let ap = Arc::clone(&ap);
+            thread::spawn(move || ap.post_events(sipi(0x10)))
+        };
+        ap.post_events(init());
+        sender.join().unwrap();
+        let got = thread.join().unwrap();
+        assert!(
+            got.events.init || ap.kicked(),
+            "lost INIT: the AP entered the guest without it and without a kick"
+        );
+    });
+}
+
+/// The broken INIT poster also loses the wake-up of a halted vCPU, as a deadlock, which aborts
+/// loom's process instead of panicking: these run in the correct build only.
+#[cfg(not(feature = "broken-init-deferral"))]
+mod init_deferral {
+    use super::*;
+
+    /// A halted vCPU is woken by an INIT (seed 000: HLT cannot lose it); only wait-for-SIPI
+    /// defers it.
+    #[test]
+    fn halt_vs_post_init_never_loses_the_wakeup() {
+        halt_vs(|vcpu| vcpu.post_events(init()), |posted| posted.events.init);
+    }
+
+    #[test]
+    fn init_then_sipi_wakes_a_waiting_ap_once_and_init_is_taken_once() {
+        init_then_sipi_to_a_waiting_ap();
+    }
+
+    #[cfg(not(feature = "broken-ordering"))]
+    #[test]
+    fn an_init_deferred_while_the_ap_leaves_wait_for_sipi_is_not_lost() {
+        init_vs_an_ap_leaving_wait_for_sipi();
+    }
+}
+
+/// With `broken-init-deferral` the model must FAIL: the proof that the deferral's check bites.
+#[cfg(feature = "broken-init-deferral")]
+mod broken_init_deferral {
+    use super::*;
+
+    #[test]
+    #[should_panic(expected = "lost INIT")]
+    fn loom_finds_the_init_lost_when_the_mode_is_read_before_on() {
+        init_vs_an_ap_leaving_wait_for_sipi();
+    }
+}
+
 #[cfg(not(feature = "broken-ordering"))]
 mod correct_ordering {
     use super::*;
@@ -291,5 +421,13 @@ mod broken_ordering {
     #[should_panic(expected = "lost interrupt")]
     fn loom_finds_the_loss_with_two_posters_too() {
         two_posters_one_notification();
+    }
+
+    /// The AP's entry drains before it publishes `InGuest`: the INIT posted in between is lost.
+    #[cfg(not(feature = "broken-init-deferral"))]
+    #[test]
+    #[should_panic(expected = "lost INIT")]
+    fn loom_finds_the_init_lost_by_the_same_race() {
+        init_vs_an_ap_leaving_wait_for_sipi();
     }
 }

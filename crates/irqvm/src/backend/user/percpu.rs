@@ -498,7 +498,11 @@ impl UserVcpuChip {
         let mut start = outcome.start;
         if let Some(reset) = outcome.reset {
             // `None` for a protected-state AP: INIT resets only its LAPIC (done by the model).
-            if let Some(mut state) = reset.arch_state(self.signature) {
+            // With `after_init` kept, the registers already hold INIT's state and nothing ran
+            // or wrote them since (`prepare_wait_for_init`): no write, the SIPI starts from it.
+            let state = reset.arch_state(self.signature);
+            self.regs_rewritten |= state.is_some();
+            if let Some(mut state) = state.filter(|_| self.after_init.is_none()) {
                 // A SIPI accepted with its INIT is folded into the INIT's register writes.
                 let folded = start.filter(|s| matches!(s, SipiAction::StartRealMode { .. }));
                 if let Some(sipi) = folded {
@@ -507,7 +511,6 @@ impl UserVcpuChip {
                 }
                 let applied = apply_init(vcpu, &state, &self.shared.init_msrs)?;
                 self.after_init = folded.is_none().then_some(applied);
-                self.regs_rewritten = true;
             }
             self.halted_with_if_clear = false;
         }
@@ -518,6 +521,31 @@ impl UserVcpuChip {
             }
             Some(SipiAction::ResumeUntouched { first_boot }) => self.resume_untouched(first_boot),
             None => {}
+        }
+        Ok(())
+    }
+
+    /// An AP that has never run (Uninitialized) and is about to sleep until its INIT gets INIT's
+    /// register state now, on its own thread while nothing waits for it, and keeps it in
+    /// `after_init`: its INIT then writes nothing and its SIPI two register sets (issue 13: the
+    /// INIT is taken with the SIPI, `irqchip::posting`, so this work would otherwise sit between
+    /// the SIPI and the AP's first instruction). The state is exactly what the INIT would write
+    /// (an INIT from power-on changes nothing else it keeps), and no guest code can observe it
+    /// before: an Uninitialized vCPU never runs and takes no SIPI. A restore drops `after_init`,
+    /// so an INIT after it writes everything again. Not for a protected-state AP (registers
+    /// never written) nor the BSP (never Uninitialized).
+    fn prepare_wait_for_init(&mut self, vcpu: &VcpuFd) -> Result<(), IrqchipError> {
+        if self.after_init.is_some() || self.interrupts.mp_state() != MpState::Uninitialized {
+            return Ok(());
+        }
+        let writable = !matches!(self.sipi, Sipi::Protected(_));
+        let reset = irqchip::mpstate::ResetKind::Init {
+            write_registers: writable,
+        };
+        if let Some(state) = reset.arch_state(self.signature) {
+            let applied = apply_init(vcpu, &state, &self.shared.init_msrs)?;
+            self.after_init = Some(applied);
+            self.events_synced = false;
         }
         Ok(())
     }
@@ -921,6 +949,7 @@ impl VcpuIrqchip for UserVcpuChip {
         }
         if block {
             self.interrupts.end_guest_entry();
+            self.prepare_wait_for_init(vcpu)?;
             let reason = match self.interrupts.mp_state() {
                 MpState::Halted => BlockReason::Halted,
                 MpState::ApResetHold => BlockReason::ApResetHold,
