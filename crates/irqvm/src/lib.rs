@@ -35,6 +35,7 @@ pub mod cpuid;
 pub mod cpumodel;
 pub mod devices;
 pub mod emulate;
+pub mod flush_signal;
 pub mod fuzzguest;
 pub mod i8042;
 pub mod iobus;

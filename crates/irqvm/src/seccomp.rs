@@ -57,6 +57,12 @@ ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_bindings::kvm_xsave);
 ioctl_ior_nr!(KVM_GET_XSAVE2, KVMIO, 0xcf, kvm_bindings::kvm_xsave);
 ioctl_iowr_nr!(KVM_TRANSLATE, KVMIO, 0x85, kvm_bindings::kvm_translation);
 ioctl_iow_nr!(
+    KVM_SET_SIGNAL_MASK,
+    KVMIO,
+    0x8b,
+    kvm_bindings::kvm_signal_mask
+);
+ioctl_iow_nr!(
     KVM_SET_GUEST_DEBUG,
     KVMIO,
     0x9b,
@@ -239,6 +245,8 @@ fn rules(role: Role) -> Result<Rules, seccompiler::Error> {
     match role {
         Role::Vcpu(mode) => {
             allow_ioctls(&mut rules, &vcpu_ioctls(mode))?;
+            // Consuming the flush signal after a flushing KVM_RUN (`crate::flush_signal::take`).
+            rules.insert(libc::SYS_rt_sigtimedwait, vec![]);
             if mode == IrqchipMode::User {
                 // The per-vCPU kick timer (`kick::KickTimer`), a POSIX timer signalling its thread.
                 for nr in [
@@ -360,6 +368,8 @@ fn vcpu_ioctls(mode: IrqchipMode) -> Vec<u64> {
     // injected vector), in every mode.
     list.extend([KVM_GET_FPU(), KVM_SET_REGS(), KVM_SET_VCPU_EVENTS()]);
     list.extend(line_ioctls(mode));
+    // The flush signal (`crate::flush_signal`): unblocked only inside KVM_RUN.
+    list.push(KVM_SET_SIGNAL_MASK());
     // A snapshot's save, on the paused vCPU's thread (`crate::snapshot`): the processor state
     // in every mode (KVM_RUN with immediate_exit completes the last exit first).
     list.extend([

@@ -446,6 +446,7 @@ impl Vm {
     /// Starts one thread per vCPU.
     pub fn start(mut self) -> Result<RunningVm, VmError> {
         install_kick_handler().map_err(VmError::Signal)?;
+        crate::flush_signal::install_flush_handler().map_err(VmError::Signal)?;
         let started = Instant::now();
         let mut threads = Vec::new();
         for vcpu in std::mem::take(&mut self.vcpus) {

@@ -190,6 +190,10 @@ impl VcpuIrqchip for KernelVcpuChip {
         self.held_timer.needs_flush()
     }
 
+    fn flush_without_entry(&self) -> bool {
+        self.held_timer.needs_flush()
+    }
+
     fn pause_started(&mut self, vcpu: &mut VcpuFd, entered: bool) -> Result<(), IrqchipError> {
         self.held_timer.pause_started(vcpu, entered)
     }

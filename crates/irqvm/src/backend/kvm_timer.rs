@@ -13,7 +13,9 @@
 //!    through the loop: KVM_RUN returning EINTR with `exit_reason` = KVM_EXIT_INTR, which KVM
 //!    writes only where the loop hands a signal back to userspace, after the timer injection.
 //!    (`immediate_exit`'s EINTR writes no exit reason, hence the sentinel written before.) The
-//!    timer is then read: whatever expired before is in IRR now.
+//!    timer is then read: whatever expired before is in IRR now. That KVM_RUN starts with the
+//!    flush signal pending (`crate::flush_signal`, `VcpuIrqchip::flush_without_entry`), so the
+//!    guest is not entered: flushes that entered it lost interrupts here (docs/kvm-facts.md).
 //! 2. **Account.** The save reads the timer again. An expiry between the two readings (the VM
 //!    held, the guest not running) is the one KVM holds back: the save adds the timer's vector
 //!    to IRR, as KVM's injection would have (SDM §11.5.4: the timer's interrupt is a fixed,

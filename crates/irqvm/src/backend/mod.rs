@@ -430,6 +430,14 @@ pub trait VcpuIrqchip: Send {
         false
     }
 
+    /// True if the paused vCPU's next KVM_RUN has only to pass through KVM's `vcpu_run` loop
+    /// (the held timer's flush, `kvm_timer`), so the vCPU thread runs it with the flush signal
+    /// pending and the guest is not entered (`crate::flush_signal`). False while an injection
+    /// of irqvm's own must still enter the guest.
+    fn flush_without_entry(&self) -> bool {
+        false
+    }
+
     /// KVM_RUN returned with an exit: the guest ran, so a queued interrupt went in.
     fn guest_ran(&mut self) {}
 

@@ -752,6 +752,10 @@ impl VcpuIrqchip for SplitVcpuChip {
         self.in_flight || self.held_timer.needs_flush()
     }
 
+    fn flush_without_entry(&self) -> bool {
+        !self.in_flight && self.held_timer.needs_flush()
+    }
+
     fn guest_ran(&mut self) {
         self.in_flight = false;
     }

@@ -545,7 +545,17 @@ impl VcpuThread {
         let immediate_exit = unsafe { ImmediateExit::new(field) };
         let registration = shared.kick.register(immediate_exit);
         crate::trace::set_thread_vcpu(shared.index);
-        let result = self.run_loop(immediate_exit);
+        let flush_armed = match crate::flush_signal::arm(&self.fd) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(
+                    vcpu = shared.index,
+                    "pause flushes will enter the guest: {e}"
+                );
+                false
+            }
+        };
+        let result = self.run_loop(immediate_exit, flush_armed);
         drop(registration);
         // The final MP state, for the run report, before anyone can see Stopped.
         self.record_mp_state();
@@ -562,7 +572,11 @@ impl VcpuThread {
         }
     }
 
-    fn run_loop(&mut self, immediate_exit: ImmediateExit) -> Result<(), VcpuError> {
+    fn run_loop(
+        &mut self,
+        immediate_exit: ImmediateExit,
+        flush_armed: bool,
+    ) -> Result<(), VcpuError> {
         let shared = self.shared.clone();
         shared.set_state(VcpuState::Running);
         // A pause seen (and told to the backend); KVM_RUN entered since the last hold (a VM
@@ -585,8 +599,9 @@ impl VcpuThread {
             }
             // A pause with an interrupt queued by KVM_INTERRUPT that may not have entered the
             // guest yet (invisible to KVM_GET_VCPU_EVENTS), or a LAPIC timer expiry KVM holds
-            // back (backend::kvm_timer): enter once more, injecting nothing new, so that a
-            // snapshot finds it in the guest's state. The pauser kicks again.
+            // back (backend::kvm_timer): KVM_RUN once more, injecting nothing new, so that a
+            // snapshot finds it in the guest's state (the timer's flush without entering the
+            // guest, `crate::flush_signal`). The pauser kicks again.
             let settling = self.control.pause_requested();
             if settling && !pause_seen {
                 pause_seen = true;
@@ -617,7 +632,16 @@ impl VcpuThread {
             // KVM writes KVM_EXIT_INTR only where its loop returns for a signal, never for
             // `immediate_exit`: the sentinel tells the two EINTRs apart (backend::kvm_timer).
             self.fd.get_kvm_run().exit_reason = kvm_bindings::KVM_EXIT_UNKNOWN;
+            // A flush that needs only KVM's loop runs with the flush signal pending, so the
+            // guest is not entered (`crate::flush_signal`).
+            let loop_only = flush_armed && settling && self.chip.flush_without_entry();
+            if loop_only {
+                crate::flush_signal::raise();
+            }
             let ran = self.fd.run();
+            if loop_only {
+                crate::flush_signal::take();
+            }
             entered = true;
             let exited = crate::trace::hooks::stamp(&self.tracer);
             let step = match ran {
