@@ -36,6 +36,7 @@ pub mod cpumodel;
 pub mod devices;
 pub mod emulate;
 pub mod fuzzguest;
+pub mod guest_debug;
 pub mod i8042;
 pub mod iobus;
 pub mod kick;
