@@ -247,19 +247,19 @@ static void check_user_round_trip(u32 left)
 		       fault_rflags, fault_ss, fault_rsp);
 		return;
 	}
-	check(first->cs == KCODE, "syscall loads cs from star[47:32]", "cs %lx", first->cs);
-	check(first->ss == KDATA, "syscall loads ss from star[47:32] + 8", "ss %lx", first->ss);
+	check(first->cs == KCODE, "syscall loads cs from star bits 47-32", "cs %lx", first->cs);
+	check(first->ss == KDATA, "syscall loads ss from star bits 47-32 + 8", "ss %lx", first->ss);
 	check(first->rcx == user_addr(user_after_first), "syscall saves the next rip in rcx", "rcx %lx, expected %lx",
 	      first->rcx, user_addr(user_after_first));
 	check(first->r11 == USER_FLAGS && first->r8 == USER_FLAGS, "syscall saves rflags in r11",
 	      "r11 %lx, the user code's flags %lx, expected %lx", first->r11, first->r8, USER_FLAGS);
 	check(first->rflags == (USER_FLAGS & ~SFMASK), "syscall clears the rflags bits set in sfmask",
 	      "rflags %lx, expected %lx", first->rflags, USER_FLAGS & ~SFMASK);
-	check(second->rbx == UCODE, "sysretq loads cs from star[63:48] + 16, rpl 3", "cs %lx", second->rbx);
-	check(second->rdx == UDATA, "sysretq loads ss from star[63:48] + 8, rpl 3", "ss %lx", second->rdx);
+	check(second->rbx == UCODE, "sysretq loads cs from star bits 63-48 + 16, rpl 3 [pvm-sysret]", "cs %lx", second->rbx);
+	check(second->rdx == UDATA, "sysretq loads ss from star bits 63-48 + 8, rpl 3 [pvm-sysret]", "ss %lx", second->rdx);
 	check(second->r10 == user_addr(user_after_first), "sysretq resumes at rcx with rcx kept", "rcx %lx",
 	      second->r10);
-	check(second->rsi == USER_FLAGS, "sysretq loads rflags from r11", "rflags %lx, expected %lx", second->rsi,
+	check(second->rsi == USER_FLAGS, "sysretq loads rflags from r11 [pvm-sysret]", "rflags %lx, expected %lx", second->rsi,
 	      USER_FLAGS);
 	check(second->cs == KCODE && second->ss == KDATA && second->rcx == user_addr(user_after_second) &&
 		      second->r11 == second->rsi,
