@@ -190,7 +190,10 @@ fn guest_debug_breakpoints_do_not_show_in_the_guests_dr7() {
     let before = vcpu.get_debug_regs().unwrap();
     irqvm::guest_debug::set_watch(&vcpu, irqvm::guest_debug::Want::Break(0x10_0240)).unwrap();
     let during = vcpu.get_debug_regs().unwrap();
-    assert_eq!(during.dr7, before.dr7, "the guest's DR7 while DR3 is the VMM's");
+    assert_eq!(
+        during.dr7, before.dr7,
+        "the guest's DR7 while DR3 is the VMM's"
+    );
     assert_eq!(during.db, before.db, "the guest's DR0-DR3");
     irqvm::guest_debug::set_watch(&vcpu, irqvm::guest_debug::Want::Nothing).unwrap();
     assert_eq!(vcpu.get_debug_regs().unwrap().dr7, before.dr7);
