@@ -23,6 +23,11 @@
 //! length of its own to RIP, which after an emulation failure it does not know. Between the two
 //! forms only the gate's DPL check differs (INT n needs CPL <= DPL, an external interrupt does
 //! not); at CPL 0 it always passes, so only CPL 0 is handled.
+//!
+//! [`syscall`]: the SYSCALL from user mode this host leaves half done (no emulation failure,
+//! a page fault the guest would take instead), finished at the guest's page-fault handler.
+
+pub mod syscall;
 
 use kvm_bindings::{
     KVM_EXIT_INTERNAL_ERROR, KVM_INTERNAL_ERROR_EMULATION,

@@ -37,6 +37,7 @@ pub mod devices;
 pub mod emulate;
 pub mod flush_signal;
 pub mod fuzzguest;
+pub mod guest_debug;
 pub mod i8042;
 pub mod iobus;
 pub mod kick;

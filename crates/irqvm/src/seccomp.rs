@@ -367,6 +367,16 @@ fn vcpu_ioctls(mode: IrqchipMode) -> Vec<u64> {
     // `emulate`: finishing an instruction KVM's emulator gave up on (x87 status, RIP, the
     // injected vector), in every mode.
     list.extend([KVM_GET_FPU(), KVM_SET_REGS(), KVM_SET_VCPU_EVENTS()]);
+    // `emulate::syscall`: the SYSCALL watch (its breakpoint, the IDT gate and the page-fault
+    // frame through KVM_TRANSLATE, STAR/LSTAR/FMASK, the guest's LSTAR write, CS and SS), in
+    // every mode.
+    list.extend([
+        KVM_SET_GUEST_DEBUG(),
+        KVM_TRANSLATE(),
+        KVM_GET_MSRS(),
+        KVM_SET_MSRS(),
+        KVM_SET_SREGS(),
+    ]);
     list.extend(line_ioctls(mode));
     // The flush signal (`crate::flush_signal`): unblocked only inside KVM_RUN.
     list.push(KVM_SET_SIGNAL_MASK());

@@ -237,6 +237,10 @@ impl Vm {
                 exact_irq_boundaries: cfg.exact_irq_boundaries,
             },
         )?;
+        // `user` mode's MSR filter has the SYSCALL watch's MSRs in it already.
+        if cfg.irqchip != IrqchipMode::User {
+            crate::emulate::syscall::enable_msr_exits(&kvm, &vm_fd)?;
+        }
         let control = Arc::new(VmControl::default());
         let devices = Arc::new(Devices::new(
             DeviceConfig {
@@ -301,6 +305,10 @@ impl Vm {
                 last_exit: Default::default(),
                 tracer: tracer.clone(),
                 snapshot: snapshot.clone(),
+                syscall: crate::emulate::syscall::SyscallWatch::new(
+                    memory.clone(),
+                    crate::emulate::syscall::host_needs_it(),
+                ),
             })
             .collect();
         let vcpu_filter = cfg

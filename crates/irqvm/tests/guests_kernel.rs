@@ -36,7 +36,7 @@ const HOST_DRIVEN: &[&str] = &["msi"];
 #[test]
 fn every_guest_runs_in_kernel_mode() {
     // protected_aps is user-mode only (`-` in this column of its expectation file).
-    common::assert_every_guest_runs(MODE, STANDALONE, HOST_DRIVEN);
+    common::assert_every_guest_runs(MODE, STANDALONE, &[HOST_DRIVEN, &["syscall"]].concat());
 }
 
 #[test]
@@ -81,4 +81,11 @@ fn storm_with_host_device_lines_counts_exactly() {
 #[test]
 fn msi_from_host_reaches_the_addressed_cpu_exactly_once() {
     common::check_msi_from_host(MODE);
+}
+
+/// guests/syscall.c: SYSCALL from user mode and SYSRETQ, with irqvm's SYSCALL watch
+/// (`emulate::syscall`) on this host.
+#[test]
+fn syscall() {
+    common::check_syscall(MODE);
 }

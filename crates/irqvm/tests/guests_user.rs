@@ -31,10 +31,16 @@ const HOST_DRIVEN: &[&str] = &["msi"];
 /// `--protected-state-aps`, which only this mode takes (its expectation file says `-` for the
 /// others, and their `every_guest_runs_in_*_mode` tests leave it out).
 const WITH_OPTIONS: &[&str] = &["protected_aps"];
+/// `syscall` checks the run's SYSCALL counters too (`common::check_syscall`).
+const WITH_COUNTERS: &[&str] = &["syscall"];
 
 #[test]
 fn every_guest_runs_in_user_mode() {
-    common::assert_every_guest_runs(MODE, STANDALONE, &[HOST_DRIVEN, WITH_OPTIONS].concat());
+    common::assert_every_guest_runs(
+        MODE,
+        STANDALONE,
+        &[HOST_DRIVEN, WITH_OPTIONS, WITH_COUNTERS].concat(),
+    );
 }
 
 /// Seed 004 end to end: see `common::check_protected_aps` and guests/protected_aps.c.
@@ -73,4 +79,11 @@ fn storm_with_host_device_lines_counts_exactly() {
 #[test]
 fn msi_from_host_reaches_the_addressed_cpu_exactly_once() {
     common::check_msi_from_host(MODE);
+}
+
+/// guests/syscall.c: SYSCALL from user mode and SYSRETQ, with irqvm's SYSCALL watch
+/// (`emulate::syscall`) on this host.
+#[test]
+fn syscall() {
+    common::check_syscall(MODE);
 }

@@ -177,3 +177,24 @@ fn kvm_dirty_log_reports_guest_writes_once() {
     drop(vm);
     drop(mem);
 }
+
+/// KVM_GET_DEBUGREGS reports the guest's own DR7 while the VMM's guest debugging (an execute
+/// breakpoint in DR3, KVM_GUESTDBG_USE_HW_BP) is on: the exact-boundaries Stepper, which refuses
+/// to step a guest whose DR7 enables a breakpoint, still sees the guest's DR7 while the SYSCALL
+/// watch (`emulate::syscall`) holds DR3, and a guest's own DR7 is kept.
+#[test]
+fn guest_debug_breakpoints_do_not_show_in_the_guests_dr7() {
+    let kvm = open_kvm().unwrap();
+    let vm = create_vm(&kvm).unwrap();
+    let vcpu = vm.create_vcpu(0).unwrap();
+    let before = vcpu.get_debug_regs().unwrap();
+    irqvm::guest_debug::set_watch(&vcpu, irqvm::guest_debug::Want::Break(0x10_0240)).unwrap();
+    let during = vcpu.get_debug_regs().unwrap();
+    assert_eq!(
+        during.dr7, before.dr7,
+        "the guest's DR7 while DR3 is the VMM's"
+    );
+    assert_eq!(during.db, before.db, "the guest's DR0-DR3");
+    irqvm::guest_debug::set_watch(&vcpu, irqvm::guest_debug::Want::Nothing).unwrap();
+    assert_eq!(vcpu.get_debug_regs().unwrap().dr7, before.dr7);
+}

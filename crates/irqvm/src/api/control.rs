@@ -209,6 +209,8 @@ impl Control for VmHandle {
                 ("hlt_exits", s.hlt_exits),
                 ("other_exits", s.other_exits),
                 ("blocks", s.blocks),
+                ("syscalls_completed", s.syscalls_completed),
+                ("syscall_watch_hits", s.syscall_watch_hits),
                 ("kicks", v.kick.kicks_sent()),
             ]
             .into_iter()

@@ -66,13 +66,11 @@
 //! right there; the `irq_boundary` guest fails if it were late. (An earlier try of the
 //! breakpoint seemed to lose an IPI in a 4-vCPU storm: that was the HLT stall above.)
 
-use kvm_bindings::{
-    kvm_guest_debug, kvm_regs, kvm_sregs, kvm_vcpu_events, KVM_GUESTDBG_ENABLE,
-    KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP,
-};
+use kvm_bindings::{kvm_regs, kvm_sregs, kvm_vcpu_events};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::guest_debug::{self, Want};
 use crate::kvm::KvmError;
 use crate::memory::GuestRam;
 
@@ -87,8 +85,6 @@ pub const STEP_BUDGET: u32 = 96;
 const RFLAGS_TF: u64 = 1 << 8;
 /// DR7 L0-L3 / G0-G3: a breakpoint of the guest's own is enabled (SDM vol. 3 §18.2.4).
 const DR7_ENABLES: u64 = 0xFF;
-/// DR7 L0: breakpoint 0 enabled; R/W0 = LEN0 = 0 make it an execute breakpoint (§18.2.4).
-const DR7_L0: u64 = 1;
 /// The longest x86 instruction (SDM vol. 2 §2.3.11).
 const MAX_INSN: usize = 15;
 const PAGE: u64 = 4096;
@@ -174,7 +170,8 @@ enum Armed {
     /// KVM_GUESTDBG_SINGLESTEP: after the next instruction.
     Step,
     /// KVM_GUESTDBG_USE_HW_BP: an execute breakpoint at this linear address (DR0, DR7 L0 with
-    /// R/W0 = LEN0 = 0: SDM vol. 3 §18.2.4), which stops the guest before that instruction.
+    /// R/W0 = LEN0 = 0: SDM vol. 3 §18.2.4, set by `crate::guest_debug`), which stops the
+    /// guest before that instruction.
     Break(u64),
 }
 
@@ -372,20 +369,13 @@ impl Stepper {
         if self.armed == want {
             return Ok(());
         }
-        let mut dbg = kvm_guest_debug {
-            control: match want {
-                Armed::Off => 0,
-                Armed::Step => KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP,
-                Armed::Break(_) => KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP,
-            },
-            ..Default::default()
+        // KVM_SET_GUEST_DEBUG is shared with the SYSCALL watch: crate::guest_debug composes.
+        let part = match want {
+            Armed::Off => Want::Nothing,
+            Armed::Step => Want::Step,
+            Armed::Break(at) => Want::Break(at),
         };
-        if let Armed::Break(at) = want {
-            dbg.arch.debugreg[0] = at;
-            dbg.arch.debugreg[7] = DR7_L0;
-        }
-        vcpu.set_guest_debug(&dbg)
-            .map_err(KvmError::ioctl("KVM_SET_GUEST_DEBUG"))?;
+        guest_debug::set_stepper(vcpu, part).map_err(KvmError::ioctl("KVM_SET_GUEST_DEBUG"))?;
         self.armed = want;
         Ok(())
     }

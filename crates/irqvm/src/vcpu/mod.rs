@@ -109,6 +109,10 @@ pub struct VcpuStats {
     pub hlt_exits: AtomicU64,
     pub other_exits: AtomicU64,
     pub blocks: AtomicU64,
+    /// SYSCALLs from user mode irqvm finished for the host (`emulate::syscall`).
+    pub syscalls_completed: AtomicU64,
+    /// Hits of the SYSCALL watch's breakpoint (each guest page fault while it is armed).
+    pub syscall_watch_hits: AtomicU64,
 }
 
 /// A plain copy of [`VcpuStats`].
@@ -122,6 +126,8 @@ pub struct VcpuStatsSnapshot {
     pub hlt_exits: u64,
     pub other_exits: u64,
     pub blocks: u64,
+    pub syscalls_completed: u64,
+    pub syscall_watch_hits: u64,
 }
 
 fn bump(counter: &AtomicU64) {
@@ -140,6 +146,8 @@ impl VcpuStats {
             hlt_exits: get(&self.hlt_exits),
             other_exits: get(&self.other_exits),
             blocks: get(&self.blocks),
+            syscalls_completed: get(&self.syscalls_completed),
+            syscall_watch_hits: get(&self.syscall_watch_hits),
         }
     }
 }
@@ -367,6 +375,8 @@ pub enum VcpuError {
     UnhandledHlt,
     #[error(transparent)]
     Irqchip(#[from] IrqchipError),
+    #[error(transparent)]
+    Kvm(#[from] crate::kvm::KvmError),
 }
 
 fn fmt_instruction(instruction: Option<&[u8]>, data: &[u64]) -> String {
@@ -517,6 +527,13 @@ enum Step {
     InternalError,
     /// An exit no one asked for: its reason is read from `kvm_run`.
     Unexpected,
+    /// The guest wrote IA32_LSTAR (denied in the MSR filter on hosts that need the SYSCALL
+    /// watch): `emulate::syscall` applies it once the exit is released.
+    LstarWrite(u64),
+    /// KVM_EXIT_DEBUG (the backend saw it as a step): DR6 from the exit, for the SYSCALL watch.
+    Debug {
+        dr6: u64,
+    },
 }
 
 /// Everything a vCPU thread owns.
@@ -531,6 +548,8 @@ pub(crate) struct VcpuThread {
     /// The flight recorder: entries, exits and blocks are recorded while it is on.
     pub(crate) tracer: Arc<crate::trace::Tracer>,
     pub(crate) snapshot: Arc<SnapshotContext>,
+    /// Finishes the SYSCALLs this host leaves half done (`emulate::syscall`).
+    pub(crate) syscall: crate::emulate::syscall::SyscallWatch,
 }
 
 impl VcpuThread {
@@ -555,7 +574,11 @@ impl VcpuThread {
                 false
             }
         };
-        let result = self.run_loop(immediate_exit, flush_armed);
+        let result = self
+            .syscall
+            .resume(&self.fd)
+            .map_err(VcpuError::from)
+            .and_then(|()| self.run_loop(immediate_exit, flush_armed));
         drop(registration);
         // The final MP state, for the run report, before anyone can see Stopped.
         self.record_mp_state();
@@ -672,6 +695,8 @@ impl VcpuThread {
                     self.control.finish(Ok(exit));
                     return Ok(());
                 }
+                Step::LstarWrite(value) => self.lstar_written(value)?,
+                Step::Debug { dr6 } => self.syscall_watch(dr6)?,
                 Step::InternalError if crate::emulate::try_recover(&mut self.fd) => {}
                 Step::InternalError => return Err(self.internal_error()),
                 Step::Unexpected => {
@@ -680,6 +705,31 @@ impl VcpuThread {
                 }
             }
         }
+    }
+
+    /// The guest's WRMSR of IA32_LSTAR, applied by the SYSCALL watch; a value KVM refuses is
+    /// #GP, raised the way KVM completes a failed MSR exit.
+    fn lstar_written(&mut self, value: u64) -> Result<(), VcpuError> {
+        let accepted = self.syscall.lstar_written(&self.fd, value)?;
+        if !accepted {
+            if let Some(error) = wrmsr_error(&mut self.fd) {
+                *error = 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// A debug exit for the SYSCALL watch, and its counters.
+    fn syscall_watch(&mut self, dr6: u64) -> Result<(), VcpuError> {
+        self.syscall.debug_exit(&mut self.fd, dr6)?;
+        let stats = &self.shared.stats;
+        stats
+            .syscalls_completed
+            .store(self.syscall.completed, Ordering::Relaxed);
+        stats
+            .syscall_watch_hits
+            .store(self.syscall.hits, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Holds the vCPU outside KVM_RUN while the VM is paused, answering state requests.
@@ -765,9 +815,14 @@ impl VcpuThread {
                 }
             };
             self.chip.after_exit(&mut self.fd)?;
-            if !matches!(step, Step::Continue) {
-                let reason = self.fd.get_kvm_run().exit_reason;
-                return Err(VcpuError::UnexpectedExit { reason });
+            match step {
+                Step::Continue => {}
+                Step::LstarWrite(value) => self.lstar_written(value)?,
+                Step::Debug { dr6 } => self.syscall_watch(dr6)?,
+                _ => {
+                    let reason = self.fd.get_kvm_run().exit_reason;
+                    return Err(VcpuError::UnexpectedExit { reason });
+                }
             }
         }
         let reason = self.fd.get_kvm_run().exit_reason;
@@ -823,6 +878,18 @@ impl VcpuThread {
     }
 }
 
+/// The `error` field of the last exit if it was KVM_EXIT_X86_WRMSR: 1 makes KVM raise #GP
+/// when it completes the WRMSR at the next KVM_RUN.
+fn wrmsr_error(fd: &mut VcpuFd) -> Option<&mut u8> {
+    let run = fd.get_kvm_run();
+    if run.exit_reason != kvm_bindings::KVM_EXIT_X86_WRMSR {
+        return None;
+    }
+    // SAFETY: for KVM_EXIT_X86_WRMSR KVM fills the `msr` member of the exit union; `error`
+    // is a plain byte.
+    Some(unsafe { &mut run.__bindgen_anon_1.msr.error })
+}
+
 /// The report's record of `exit`.
 fn last_exit(exit: &VcpuExit<'_>) -> LastExit {
     match exit {
@@ -876,6 +943,18 @@ fn handle_exit(
     stats: &VcpuStats,
 ) -> Result<Step, VcpuError> {
     let (counter, mut exit) = match exit {
+        VcpuExit::X86Wrmsr(msr) if msr.index == crate::emulate::syscall::MSR_LSTAR => {
+            bump(&stats.msr_exits);
+            // Done unless the SYSCALL watch finds the value refused (`lstar_written`).
+            *msr.error = 0;
+            return Ok(Step::LstarWrite(msr.data));
+        }
+        VcpuExit::Debug(debug) => {
+            bump(&stats.other_exits);
+            let dr6 = debug.dr6;
+            chip.handle_exit(&mut ChipExit::SingleStep)?;
+            return Ok(Step::Debug { dr6 });
+        }
         VcpuExit::IoIn(port, data) => (&stats.pio_exits, ChipExit::PioRead { port, data }),
         VcpuExit::IoOut(port, data) => (&stats.pio_exits, ChipExit::PioWrite { port, data }),
         VcpuExit::MmioRead(addr, data) => (&stats.mmio_exits, ChipExit::MmioRead { addr, data }),
@@ -900,7 +979,6 @@ fn handle_exit(
         ),
         VcpuExit::Hlt => (&stats.hlt_exits, ChipExit::Hlt),
         VcpuExit::IrqWindowOpen => (&stats.other_exits, ChipExit::IrqWindowOpen),
-        VcpuExit::Debug(_) => (&stats.other_exits, ChipExit::SingleStep),
         VcpuExit::IoapicEoi(vector) => (&stats.other_exits, ChipExit::IoapicEoi { vector }),
         // The guest lowered CR8 without an in-kernel LAPIC: `after_exit` syncs the TPR.
         VcpuExit::Intr | VcpuExit::SetTpr => {

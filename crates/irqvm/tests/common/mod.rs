@@ -407,6 +407,30 @@ pub fn check_guest_with_option(name: &str, mode: IrqchipMode, option: fn(&mut Vm
     }
 }
 
+/// `syscall` (guests/syscall.c): the checks of its expectation file, and on a kvm_pvm host the
+/// SYSCALL watch's counters (`emulate::syscall`): both of the guest's SYSCALLs from user mode
+/// finished by irqvm, and exactly four hits of the page-fault handler breakpoint (those two and
+/// the guest's two ordinary page faults, which must reach the guest once each). Elsewhere the
+/// watch is never armed.
+pub fn check_syscall(mode: IrqchipMode) {
+    let _one = exclusive();
+    let run = run_guest("syscall", 1, mode);
+    run.assert_expected("syscall", mode, 1);
+    let report = run.result.as_ref().expect("the VM runs");
+    let vcpu = &report.vcpus[0];
+    let (completed, hits) = if irqvm::emulate::syscall::host_needs_it() {
+        (2, 4)
+    } else {
+        (0, 0)
+    };
+    assert_eq!(
+        (vcpu.syscalls_completed, vcpu.syscall_watch_hits),
+        (completed, hits),
+        "SYSCALLs finished by irqvm, watch hits\n{}",
+        run.output
+    );
+}
+
 /// One `#[test]` per guest, named after it, that runs it alone in `$mode` with [`check_guest`];
 /// also defines `STANDALONE`, the list of those guests, for [`assert_every_guest_runs`].
 #[macro_export]

@@ -227,10 +227,13 @@ fn enable_msr_exits(kvm: &Kvm, vm: &VmFd, ghcb: bool) -> Result<(), KvmError> {
     } else {
         &[MSR_APIC_BASE, MSR_TSC_DEADLINE]
     };
+    // And the writes the SYSCALL watch applies itself (emulate::syscall), on hosts that need it.
+    let watched = crate::emulate::syscall::watched_msr_writes();
     let ranges: Vec<MsrFilterRange<'_>> = denied
         .iter()
+        .chain(watched)
         .map(|&base| MsrFilterRange {
-            flags: if base == MSR_APIC_BASE {
+            flags: if base == MSR_APIC_BASE || watched.contains(&base) {
                 MsrFilterRangeFlags::WRITE
             } else {
                 MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE

@@ -1,0 +1,305 @@
+/* syscall: SYSCALL from CPL 3 and SYSRETQ back, as Linux's system calls use them (SDM vol. 2B, SYSCALL and
+ * SYSRET; vol. 3 5.8.8).
+ *
+ * The guest loads a GDT with a DPL-0 data segment after the library's 64-bit code segment (the SYSCALL pair
+ * STAR[47:32] = 0x18, SS 0x20) and a SYSRET triple at STAR[63:48] = 0x28 (SS 0x30|3, 64-bit CS 0x38|3), a TSS
+ * (RSP0 for exceptions taken in user mode), sets EFER.SCE, STAR, LSTAR and SFMASK, maps one code page and one
+ * stack page with U/S = 1 at USER_VA (everything else stays supervisor, including the LSTAR handler), and
+ * enters CPL 3 with IRETQ. The user code runs SYSCALL; the handler at LSTAR records CS, SS, RCX, R11 and RFLAGS
+ * and returns with SYSRETQ; the user code records its CS, SS and RFLAGS and makes a second SYSCALL, whose
+ * handler goes back to the kernel side. A fault taken on the way (the LSTAR page fetched at CPL 3, a #GP, a
+ * #UD) is recorded and ends the user part. Then the kernel jumps to LSTAR itself at CPL 0, which must just run
+ * the handler (irqvm watches LSTAR on hosts that leave SYSCALL half done: docs/kvm-facts.md, "SYSCALL and
+ * SYSRET here"), and the guest's DR7 must read the same before and after: nothing of such a watch shows.
+ * Linux's first system call from init met the host gap this guest reproduces in a second. */
+#include "guest.h"
+
+#define KCODE 0x18                 /* the library's 64-bit code: STAR[47:32] */
+#define KDATA 0x20                 /* SYSCALL's SS = STAR[47:32] + 8 */
+#define SYSRET_BASE 0x28           /* STAR[63:48] */
+#define UDATA (SYSRET_BASE + 8 + 3)  /* SYSRETQ's SS: 0x33 */
+#define UCODE (SYSRET_BASE + 16 + 3) /* SYSRETQ's 64-bit CS: 0x3B */
+#define TSS_SEL 0x40
+
+#define MSR_EFER 0xC0000080
+#define MSR_STAR 0xC0000081
+#define MSR_LSTAR 0xC0000082
+#define MSR_SFMASK 0xC0000084
+#define EFER_SCE 1ul
+
+#define RFLAGS_CF 0x1ul
+#define RFLAGS_FIXED 0x2ul
+#define RFLAGS_IF 0x200ul
+#define RFLAGS_DF 0x400ul
+#define RFLAGS_AC 0x40000ul
+/* The user code's flags (from the IRETQ frame): CF (kept by SYSCALL), IF, DF and AC (cleared by SFMASK). */
+#define USER_FLAGS (RFLAGS_FIXED | RFLAGS_CF | RFLAGS_IF | RFLAGS_DF | RFLAGS_AC)
+#define SFMASK (RFLAGS_IF | RFLAGS_DF | RFLAGS_AC)
+
+#define USER_VA 0x8000000000ul     /* PML4 slot 1: nothing else is mapped there */
+#define PTE_P 1ul
+#define PTE_W 2ul
+#define PTE_U 4ul
+
+/* What the handler at LSTAR saw, per system call number 1 and 2 (and 3: the kernel's own jump there). */
+struct entry_record {
+	u64 cs, ss, rcx, r11, rflags;
+	/* registers the user code filled in before the call */
+	u64 rbx, rdx, rsi, r8, r9, r10;
+};
+struct entry_record sc_rec[4];
+volatile u32 sc_entries;
+u64 sc_resume_rsp;                 /* enter_user's stack, where the way back to the kernel side resumes */
+u64 sc_user_rsp;
+u64 sc_tmp;
+u32 sc_left_by;                    /* 0: the second system call; else the vector of the fault + 1 */
+
+/* Fault taken on the way to or in user mode. */
+static volatile u64 fault_rip, fault_cs, fault_error, fault_rcx, fault_r11, fault_rflags, fault_ss, fault_rsp;
+
+extern char user_code[], user_code_end[], user_after_first[], user_after_second[], sc_entry[], sc_leave[];
+u32 enter_user(u64 rip, u64 rsp, u64 rflags);
+u32 jump_to_lstar(void);
+u32 touch(u64 addr);
+
+__asm__(
+	"	.text\n"
+	/* enter_user(rip, rsp, rflags): saves the callee-saved registers, points TSS.RSP0 below them, IRETQ to CPL 3.
+	 * Returns (through sc_leave) sc_left_by. */
+	"	.globl enter_user\n"
+	"enter_user:\n"
+	"	pushq %rbp\n	pushq %rbx\n	pushq %r12\n	pushq %r13\n	pushq %r14\n	pushq %r15\n"
+	"	movq %rsp, sc_resume_rsp(%rip)\n"
+	"	leaq -512(%rsp), %rax\n"
+	"	movq %rax, tss+4(%rip)\n"
+	"	pushq $" "0x33" "\n"         /* SS */
+	"	pushq %rsi\n"                /* RSP */
+	"	pushq %rdx\n"                /* RFLAGS */
+	"	pushq $" "0x3B" "\n"         /* CS */
+	"	pushq %rdi\n"                /* RIP */
+	"	iretq\n"
+	/* jump_to_lstar(): the kernel runs the LSTAR handler itself at CPL 0 (system call number 3). */
+	"	.globl jump_to_lstar\n"
+	"jump_to_lstar:\n"
+	"	pushq %rbp\n	pushq %rbx\n	pushq %r12\n	pushq %r13\n	pushq %r14\n	pushq %r15\n"
+	"	movq %rsp, sc_resume_rsp(%rip)\n"
+	"	movl $3, %eax\n"
+	"	xorl %ecx, %ecx\n"
+	"	xorl %r11d, %r11d\n"
+	"	jmp sc_entry\n"
+	/* touch(addr): reads addr at CPL 0; a fault there ends it through sc_leave (returns 0 otherwise). */
+	"	.globl touch\n"
+	"touch:\n"
+	"	pushq %rbp\n	pushq %rbx\n	pushq %r12\n	pushq %r13\n	pushq %r14\n	pushq %r15\n"
+	"	movq %rsp, sc_resume_rsp(%rip)\n"
+	"	movl $0, sc_left_by(%rip)\n"
+	"	movq (%rdi), %rax\n"
+	"	jmp sc_leave\n"
+	/* sc_leave: back to enter_user's / jump_to_lstar's caller with sc_left_by. */
+	"	.globl sc_leave\n"
+	"sc_leave:\n"
+	"	movq sc_resume_rsp(%rip), %rsp\n"
+	"	movl sc_left_by(%rip), %eax\n"
+	"	popq %r15\n	popq %r14\n	popq %r13\n	popq %r12\n	popq %rbx\n	popq %rbp\n"
+	"	ret\n"
+	/* The handler at LSTAR. RSP is still the caller's: switch to the kernel side's stack first. */
+	"	.balign 16\n"
+	"	.globl sc_entry\n"
+	"sc_entry:\n"
+	"	movq %rsp, sc_user_rsp(%rip)\n"
+	"	movq sc_resume_rsp(%rip), %rsp\n"
+	"	leaq -256(%rsp), %rsp\n"    /* not SUB: the flags are recorded next */
+	"	pushfq\n"
+	"	movq %rax, sc_tmp(%rip)\n"
+	"	andq $3, %rax\n"
+	"	imulq $88, %rax\n"           /* sizeof(struct entry_record) */
+	"	leaq sc_rec(%rip), %rdi\n"
+	"	addq %rax, %rdi\n"
+	"	popq %rax\n"
+	"	movq %rax, 32(%rdi)\n"       /* rflags */
+	"	xorl %eax, %eax\n"
+	"	movw %cs, %ax\n"
+	"	movq %rax, 0(%rdi)\n"
+	"	movw %ss, %ax\n"
+	"	movq %rax, 8(%rdi)\n"
+	"	movq %rcx, 16(%rdi)\n"
+	"	movq %r11, 24(%rdi)\n"
+	"	movq %rbx, 40(%rdi)\n"
+	"	movq %rdx, 48(%rdi)\n"
+	"	movq %rsi, 56(%rdi)\n"
+	"	movq %r8, 64(%rdi)\n"
+	"	movq %r9, 72(%rdi)\n"
+	"	movq %r10, 80(%rdi)\n"
+	"	lock incl sc_entries(%rip)\n"
+	"	cmpq $1, sc_tmp(%rip)\n"
+	"	jne 1f\n"
+	/* System call 1: back to the user code, RIP = RCX, RFLAGS = R11. */
+	"	movq sc_user_rsp(%rip), %rsp\n"
+	"	sysretq\n"
+	"1:	movl $0, sc_left_by(%rip)\n"
+	"	jmp sc_leave\n"
+	/* The user code, alone on its page (mapped at USER_VA), position independent. */
+	"	.balign 4096\n"
+	"	.globl user_code, user_after_first, user_after_second, user_code_end\n"
+	"user_code:\n"
+	"	pushfq\n"
+	"	popq %r8\n"                  /* the flags SYSCALL must save in R11 */
+	"	leaq user_after_first(%rip), %r9\n"
+	"	movl $1, %eax\n"
+	"	syscall\n"
+	"user_after_first:\n"
+	"	movq %rcx, %r10\n"           /* SYSRETQ leaves RCX as it was */
+	"	xorl %ebx, %ebx\n"
+	"	movw %cs, %bx\n"
+	"	xorl %edx, %edx\n"
+	"	movw %ss, %dx\n"
+	"	pushfq\n"
+	"	popq %rsi\n"
+	"	movl $2, %eax\n"
+	"	syscall\n"
+	"user_after_second:\n"
+	"	ud2\n"
+	"user_code_end:\n"
+	"	.balign 4096\n");
+
+/* GDT: the library's four descriptors, then this guest's (flat, 4 GiB limit). */
+static u64 gdt_sc[10] __attribute__((aligned(16))) = {
+	0,
+	0x00CF9A000000FFFFul, /* 0x08: 32-bit code */
+	0x00CF92000000FFFFul, /* 0x10: data */
+	0x00AF9A000000FFFFul, /* 0x18: 64-bit code, DPL 0 (KCODE) */
+	0x00CF92000000FFFFul, /* 0x20: data, DPL 0 (KDATA) */
+	0x00CFFA000000FFFFul, /* 0x28: 32-bit code, DPL 3 (SYSRET's compatibility-mode CS) */
+	0x00CFF2000000FFFFul, /* 0x30: data, DPL 3 (UDATA) */
+	0x00AFFA000000FFFFul, /* 0x38: 64-bit code, DPL 3 (UCODE) */
+	0, 0,                 /* 0x40: the TSS (16 bytes, filled in below) */
+};
+/* 64-bit TSS (SDM vol. 3 8.7): RSP0 at offset 4. */
+u8 tss[104] __attribute__((aligned(16)));
+
+static u64 user_pdpt[512] __attribute__((aligned(4096)));
+static u64 user_pd[512] __attribute__((aligned(4096)));
+static u64 user_pt[512] __attribute__((aligned(4096)));
+static u8 user_stack[4096] __attribute__((aligned(4096)));
+extern u64 pml4[512];
+
+static void load_gdt_and_tss(void)
+{
+	u64 base = (u64)tss, limit = sizeof(tss) - 1;
+	/* Available 64-bit TSS, present, DPL 0 (type 9, SDM vol. 3 8.2.3). */
+	gdt_sc[TSS_SEL / 8] = (limit & 0xFFFF) | ((base & 0xFFFFFF) << 16) | (0x89ul << 40) |
+			      (((limit >> 16) & 0xF) << 48) | (((base >> 24) & 0xFF) << 56);
+	gdt_sc[TSS_SEL / 8 + 1] = base >> 32;
+	struct {
+		u16 limit;
+		u64 base;
+	} __attribute__((packed)) d = { sizeof(gdt_sc) - 1, (u64)gdt_sc };
+	__asm__ volatile("lgdt %0" : : "m"(d) : "memory");
+	__asm__ volatile("ltr %w0" : : "r"((u16)TSS_SEL) : "memory");
+}
+
+static void map_user_pages(void)
+{
+	user_pt[0] = (u64)user_code | PTE_P | PTE_U;
+	user_pt[1] = (u64)user_stack | PTE_P | PTE_W | PTE_U;
+	user_pd[0] = (u64)user_pt | PTE_P | PTE_W | PTE_U;
+	user_pdpt[0] = (u64)user_pd | PTE_P | PTE_W | PTE_U;
+	pml4[USER_VA >> 39] = (u64)user_pdpt | PTE_P | PTE_W | PTE_U;
+	u64 cr3;
+	__asm__ volatile("mov %%cr3, %0; mov %0, %%cr3" : "=r"(cr3) : : "memory");
+}
+
+static u64 user_addr(const char *sym) { return USER_VA + (u64)(sym - user_code); }
+
+/* A fault on the way to or in user mode: recorded, and the kernel side resumes at sc_leave. */
+static void user_fault(struct irq_frame *f, u32 cpu)
+{
+	fault_rip = f->rip;
+	fault_cs = f->cs;
+	fault_error = f->error;
+	fault_rcx = f->rcx;
+	fault_r11 = f->r11;
+	fault_rflags = f->rflags;
+	fault_ss = f->ss;
+	fault_rsp = f->rsp;
+	sc_left_by = (u32)f->vector + 1;
+	f->rip = (u64)sc_leave;
+	f->cs = KCODE;
+	f->ss = 0x10;
+	f->rsp = sc_resume_rsp - 1024;
+	f->rflags = RFLAGS_FIXED;
+}
+
+static u64 read_dr7(void)
+{
+	u64 v;
+	__asm__ volatile("mov %%dr7, %0" : "=r"(v));
+	return v;
+}
+
+static void check_user_round_trip(u32 left)
+{
+	const struct entry_record *first = &sc_rec[1], *second = &sc_rec[2];
+	if (!check(left == 0, "syscall from cpl 3 runs the lstar handler at cpl 0",
+		   "left by vector %u at rip %lx cs %lx error %lx (%u handler entries)", left - 1, fault_rip,
+		   fault_cs, fault_error, sc_entries)) {
+		printf("INFO: at the fault rcx %lx r11 %lx rflags %lx ss %lx rsp %lx\n", fault_rcx, fault_r11,
+		       fault_rflags, fault_ss, fault_rsp);
+		return;
+	}
+	check(first->cs == KCODE, "syscall loads cs from star bits 47-32", "cs %lx", first->cs);
+	check(first->ss == KDATA, "syscall loads ss from star bits 47-32 + 8", "ss %lx", first->ss);
+	check(first->rcx == user_addr(user_after_first), "syscall saves the next rip in rcx", "rcx %lx, expected %lx",
+	      first->rcx, user_addr(user_after_first));
+	check(first->r11 == USER_FLAGS && first->r8 == USER_FLAGS, "syscall saves rflags in r11",
+	      "r11 %lx, the user code's flags %lx, expected %lx", first->r11, first->r8, USER_FLAGS);
+	check(first->rflags == (USER_FLAGS & ~SFMASK), "syscall clears the rflags bits set in sfmask",
+	      "rflags %lx, expected %lx", first->rflags, USER_FLAGS & ~SFMASK);
+	check(second->rbx == UCODE, "sysretq loads cs from star bits 63-48 + 16, rpl 3 [pvm-sysret]", "cs %lx", second->rbx);
+	check(second->rdx == UDATA, "sysretq loads ss from star bits 63-48 + 8, rpl 3 [pvm-sysret]", "ss %lx", second->rdx);
+	check(second->r10 == user_addr(user_after_first), "sysretq resumes at rcx with rcx kept", "rcx %lx",
+	      second->r10);
+	check(second->rsi == USER_FLAGS, "sysretq loads rflags from r11 [pvm-sysret]", "rflags %lx, expected %lx", second->rsi,
+	      USER_FLAGS);
+	check(second->cs == KCODE && second->ss == KDATA && second->rcx == user_addr(user_after_second) &&
+		      second->r11 == second->rsi,
+	      "a second syscall after sysretq reaches lstar at cpl 0", "cs %lx ss %lx rcx %lx r11 %lx (flags %lx)",
+	      second->cs, second->ss, second->rcx, second->r11, second->rsi);
+}
+
+void guest_main(void)
+{
+	u64 dr7_before = read_dr7();
+	load_gdt_and_tss();
+	map_user_pages();
+	wrmsr(MSR_STAR, ((u64)SYSRET_BASE << 48) | ((u64)KCODE << 32));
+	wrmsr(MSR_LSTAR, (u64)sc_entry);
+	wrmsr(MSR_SFMASK, SFMASK);
+	wrmsr(MSR_EFER, rdmsr(MSR_EFER) | EFER_SCE);
+	irq_set_handler(6, user_fault);
+	irq_set_handler(13, user_fault);
+	irq_set_handler(14, user_fault);
+	printf("INFO: user code at %lx (physical %lx), lstar %lx\n", USER_VA, (u64)user_code, (u64)sc_entry);
+
+	check_user_round_trip(enter_user(USER_VA, USER_VA + 0x2000, USER_FLAGS));
+
+	/* Page faults that are no system call reach the guest's handler once each, with their own frame. */
+	u32 faults = irq_count[0][14];
+	u32 left = enter_user(USER_VA + 0x5000, USER_VA + 0x2000, USER_FLAGS);
+	check(left == 15 && fault_rip == USER_VA + 0x5000 && (fault_cs & 3) == 3 && irq_count[0][14] == faults + 1,
+	      "a user-mode page fault elsewhere is delivered once", "left by %u at rip %lx cs %lx, %u faults", left,
+	      fault_rip, fault_cs, irq_count[0][14] - faults);
+	u32 touched = touch(USER_VA + 0x400000);
+	check(touched == 15 && fault_cs == KCODE && irq_count[0][14] == faults + 2,
+	      "a kernel-mode page fault is delivered once", "left by %u, cs %lx, %u faults", touched, fault_cs,
+	      irq_count[0][14] - faults - 1);
+
+	u32 entries = sc_entries;
+	u32 again = jump_to_lstar();
+	check(again == 0 && sc_entries == entries + 1 && sc_rec[3].cs == KCODE,
+	      "a jump to lstar at cpl 0 runs the handler once", "left by %u, %u entries, cs %lx", again,
+	      sc_entries - entries, sc_rec[3].cs);
+	u64 dr7_after = read_dr7();
+	check(dr7_after == dr7_before, "the guest's dr7 reads the same before and after", "%lx before, %lx after",
+	      dr7_before, dr7_after);
+}
