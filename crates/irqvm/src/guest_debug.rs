@@ -6,7 +6,7 @@
 //! (single-stepping, or an execute breakpoint in DR0 at an IRETQ's return address) and the
 //! SYSCALL watch of [`crate::emulate::syscall`] (an execute breakpoint in DR3 at the guest's
 //! page-fault handler, and one single step to get past it). Each states what it wants here;
-//! [`apply`] composes the two into one `kvm_guest_debug` and issues the ioctl when the result
+//! `apply` composes the two into one `kvm_guest_debug` and issues the ioctl when the result
 //! changes. DR1 and DR2 are free.
 //!
 //! The state is per vCPU and lives in the vCPU's thread (each vCPU has its own thread, and
