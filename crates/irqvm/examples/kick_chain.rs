@@ -14,8 +14,6 @@
 //!
 //! Needs /dev/kvm and binutils (`as`, `ld`, `objcopy`): the guest is assembled at run time.
 
-use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,6 +24,9 @@ use irqvm::memory::{create_guest_memory, register_guest_memory, GuestRam};
 use irqvm::snapshot::convert::{page_reg, set_page_reg};
 use irqvm::vcpu::regs::apply_boot_state;
 use vm_memory::{Bytes, GuestAddress};
+
+mod probe;
+use probe::gate;
 
 const GUEST: &str = r#"
 	.code64
@@ -59,51 +60,6 @@ const LOAD: u64 = 0x10_0000;
 const IDT: u64 = 0x30_0000;
 const COUNT: u64 = 0x20_0000;
 
-fn assemble(dir: &Path) -> (Vec<u8>, u64) {
-    let src = dir.join("chain.S");
-    std::fs::write(&src, GUEST).expect("write the guest source");
-    let run = |cmd: &mut Command| assert!(cmd.status().expect("binutils").success(), "{cmd:?}");
-    run(Command::new("as")
-        .arg("--64")
-        .arg("-o")
-        .arg(dir.join("chain.o"))
-        .arg(&src));
-    run(Command::new("ld")
-        .arg(format!("-Ttext={LOAD:#x}"))
-        .arg("-o")
-        .arg(dir.join("chain.elf"))
-        .arg(dir.join("chain.o")));
-    run(Command::new("objcopy")
-        .args(["-O", "binary"])
-        .arg(dir.join("chain.elf"))
-        .arg(dir.join("chain.bin")));
-    let nm = Command::new("nm")
-        .arg(dir.join("chain.elf"))
-        .output()
-        .expect("nm");
-    let symbols = String::from_utf8_lossy(&nm.stdout).to_string();
-    let handler = symbols
-        .lines()
-        .find(|l| l.ends_with(" irq_handler"))
-        .and_then(|l| u64::from_str_radix(l.split(' ').next()?, 16).ok())
-        .expect("irq_handler's address");
-    (
-        std::fs::read(dir.join("chain.bin")).expect("chain.bin"),
-        handler,
-    )
-}
-
-/// An interrupt gate (64-bit code selector 0x18, DPL 0, present).
-fn gate(handler: u64) -> [u8; 16] {
-    let mut g = [0u8; 16];
-    g[0..2].copy_from_slice(&(handler as u16).to_le_bytes());
-    g[2..4].copy_from_slice(&0x18u16.to_le_bytes());
-    g[5] = 0x8E;
-    g[6..8].copy_from_slice(&((handler >> 16) as u16).to_le_bytes());
-    g[8..12].copy_from_slice(&((handler >> 32) as u32).to_le_bytes());
-    g
-}
-
 /// `&kvm_run.immediate_exit` when kicks set it as irqvm's handler does (`--immediate-exit`).
 static IMMEDIATE_EXIT: std::sync::atomic::AtomicPtr<u8> =
     std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
@@ -127,7 +83,8 @@ fn main() {
     let set_immediate_exit = args.iter().any(|a| a == "--immediate-exit");
     let dir = std::env::temp_dir().join(format!("irqvm-kick-chain-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let (image, handler) = assemble(&dir);
+    let (image, at) = probe::assemble(&dir, GUEST, LOAD, &["irq_handler"]);
+    let handler = at[0];
     let _ = std::fs::remove_dir_all(&dir);
 
     let mem = create_guest_memory(16 << 20).expect("guest memory");

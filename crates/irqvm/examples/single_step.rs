@@ -10,7 +10,6 @@
 //! Needs /dev/kvm and binutils (`as`, `ld`, `objcopy`): the probe guest is assembled at run time.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Instant;
 
 use irqvm::kvm::{create_vm, inject_interrupt, open_kvm};
@@ -22,6 +21,9 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress};
+
+mod probe;
+use probe::gate;
 
 /// The probe guest (64-bit, loaded at 0x100000). Each phase ends with an `out` to port 0x80+n.
 const PROBE: &str = r#"
@@ -157,53 +159,13 @@ const VECTOR: u8 = 0x40;
 
 /// Assembles the probe; returns the flat binary and the handlers' addresses.
 fn assemble(dir: &Path) -> (Vec<u8>, u64, u64, u64) {
-    let src = dir.join("probe.S");
-    std::fs::write(&src, PROBE).unwrap();
-    let run = |cmd: &mut Command| assert!(cmd.status().unwrap().success(), "{cmd:?}");
-    run(Command::new("as")
-        .arg("--64")
-        .arg("-o")
-        .arg(dir.join("probe.o"))
-        .arg(&src));
-    run(Command::new("ld")
-        .arg(format!("-Ttext={LOAD:#x}"))
-        .arg("-o")
-        .arg(dir.join("probe.elf"))
-        .arg(dir.join("probe.o")));
-    run(Command::new("objcopy")
-        .args(["-O", "binary"])
-        .arg(dir.join("probe.elf"))
-        .arg(dir.join("probe.bin")));
-    let nm = Command::new("nm")
-        .arg(dir.join("probe.elf"))
-        .output()
-        .unwrap();
-    let symbols = String::from_utf8_lossy(&nm.stdout).to_string();
-    let addr = |name: &str| {
-        symbols
-            .lines()
-            .find(|l| l.ends_with(&format!(" {name}")))
-            .and_then(|l| u64::from_str_radix(l.split(' ').next()?, 16).ok())
-            .unwrap()
-    };
-    let bin = std::fs::read(dir.join("probe.bin")).unwrap();
-    (
-        bin,
-        addr("irq_handler"),
-        addr("db_handler"),
-        addr("irq2_handler"),
-    )
-}
-
-/// An interrupt gate (64-bit code selector 0x18, DPL 0, present).
-fn gate(handler: u64) -> [u8; 16] {
-    let mut g = [0u8; 16];
-    g[0..2].copy_from_slice(&(handler as u16).to_le_bytes());
-    g[2..4].copy_from_slice(&0x18u16.to_le_bytes());
-    g[5] = 0x8E;
-    g[6..8].copy_from_slice(&((handler >> 16) as u16).to_le_bytes());
-    g[8..12].copy_from_slice(&((handler >> 32) as u32).to_le_bytes());
-    g
+    let (image, at) = probe::assemble(
+        dir,
+        PROBE,
+        LOAD,
+        &["irq_handler", "db_handler", "irq2_handler"],
+    );
+    (image, at[0], at[1], at[2])
 }
 
 fn read_u64(mem: &GuestRam, addr: u64) -> u64 {

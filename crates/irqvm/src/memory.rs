@@ -175,6 +175,35 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("memory size '{text}' is too large"))
 }
 
+/// Reads guest-linear memory at `linear` through the guest's page tables (KVM_TRANSLATE on
+/// `vcpu`), page by page; returns how many bytes were readable from the start (a page with no
+/// mapping, or none in RAM, ends the read).
+pub fn read_linear(
+    memory: &GuestRam,
+    vcpu: &kvm_ioctls::VcpuFd,
+    linear: u64,
+    out: &mut [u8],
+) -> usize {
+    const PAGE: u64 = 4096;
+    let mut done = 0;
+    while done < out.len() {
+        let addr = linear.wrapping_add(done as u64);
+        let Ok(tr) = vcpu.translate_gva(addr) else {
+            break;
+        };
+        if tr.valid == 0 {
+            break;
+        }
+        let chunk = ((PAGE - (addr % PAGE)) as usize).min(out.len() - done);
+        let gpa = GuestAddress(tr.physical_address);
+        if vm_memory::Bytes::read_slice(memory, &mut out[done..done + chunk], gpa).is_err() {
+            break;
+        }
+        done += chunk;
+    }
+    done
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -34,7 +34,7 @@
 //! NMI that KVM held (`nmi.pending` 1: the second of two KVM_NMIs) delivered at the entry where
 //! stepping was armed, the step landing in the NMI stub; the NMI handler's IRETQ then loaded
 //! KVM's TF. The events check below now counts an NMI KVM holds, and a frame pushed by the first
-//! stepped instruction is cleaned after the fact ([`FirstStep`]), which also covers that
+//! stepped instruction is cleaned after the fact (`FirstStep`), which also covers that
 //! instruction faulting by itself.
 //!
 //! - **HLT is never stepped** ([`exits_itself`]). A step over HLT returns as a step exit with RIP
@@ -56,7 +56,7 @@
 //!   second of two NMIs). What is left, the first stepped instruction faulting by itself (a #UD,
 //!   a page fault at the RIP where stepping was armed) or an event KVM does not report, is
 //!   repaired: after that instruction, a 64-bit frame above RSP with its RIP, CS, RSP and SS and
-//!   TF set gets TF cleared before the handler can IRET with it ([`FirstStep`]; guest
+//!   TF set gets TF cleared before the handler can IRET with it (`FirstStep`; guest
 //!   `irq_boundary`, a `ud2` right after the ICR write that starts an episode).
 //!
 //! An IRETQ is not stepped either: a step over an IRETQ that returns from an interrupt KVM
@@ -510,30 +510,9 @@ impl Stepper {
             .then_some(Plan::Break(rip))
     }
 
-    /// Reads guest-linear memory through the guest's page tables (KVM_TRANSLATE), page by page;
-    /// returns how many bytes were readable from the start.
+    /// Reads guest-linear memory ([`crate::memory::read_linear`]).
     fn read_linear(&self, vcpu: &VcpuFd, linear: u64, out: &mut [u8]) -> usize {
-        let mut done = 0;
-        while done < out.len() {
-            let addr = linear.wrapping_add(done as u64);
-            let Ok(tr) = vcpu.translate_gva(addr) else {
-                break;
-            };
-            if tr.valid == 0 {
-                break;
-            }
-            let chunk = ((PAGE - (addr % PAGE)) as usize).min(out.len() - done);
-            let gpa = GuestAddress(tr.physical_address);
-            if self
-                .memory
-                .read_slice(&mut out[done..done + chunk], gpa)
-                .is_err()
-            {
-                break;
-            }
-            done += chunk;
-        }
-        done
+        crate::memory::read_linear(&self.memory, vcpu, linear, out)
     }
 
     /// Writes `data` to guest-linear memory if it all translates and lies in guest RAM.

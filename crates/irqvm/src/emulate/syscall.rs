@@ -14,7 +14,7 @@
 //! fetch fault at RIP = LSTAR with CR2 = LSTAR, whose RFLAGS image is R11 masked with FMASK
 //! (the host's half of SYSCALL), is the half-done SYSCALL. irqvm then finishes it as the SDM
 //! describes: RIP = LSTAR, RSP = the user RSP from the frame (SYSCALL keeps RSP), RFLAGS = R11
-//! AND NOT FMASK, CS = STAR[47:32] AND FFFCH (flat 64-bit code, DPL 0), SS = STAR[47:32] + 8
+//! AND NOT FMASK, CS = STAR\[47:32\] AND FFFCH (flat 64-bit code, DPL 0), SS = STAR\[47:32\] + 8
 //! (flat read/write data, DPL 0), CPL 0. RCX and R11 are as the host left them. What stays
 //! visible to the guest: CR2 holds LSTAR, and the 48 bytes of the frame stay on the stack the
 //! delivery switched to (below TSS.RSP0), which Linux overwrites at its next kernel entry.
@@ -43,7 +43,6 @@ use kvm_bindings::{
 use kvm_ioctls::{
     Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuFd, VmFd,
 };
-use vm_memory::{Bytes, GuestAddress};
 
 use crate::guest_debug::{self, Want};
 use crate::kvm::KvmError;
@@ -64,7 +63,6 @@ const RFLAGS_FIXED: u64 = 1 << 1;
 /// DR6.B3: breakpoint 3 was hit (SDM vol. 3 §18.2.3).
 const DR6_B3: u64 = 1 << 3;
 const EFER_LMA: u64 = 1 << 10;
-const PAGE: u64 = 4096;
 
 /// True on a host whose KVM leaves SYSCALL from user mode half done: kvm_pvm, found by its
 /// module in sysfs. Read once (before the vCPU threads' seccomp filters apply).
@@ -273,30 +271,9 @@ impl SyscallWatch {
         })
     }
 
-    /// Reads guest-linear memory through the guest's page tables (KVM_TRANSLATE), page by
-    /// page; returns how many bytes were readable from the start.
+    /// Reads guest-linear memory ([`crate::memory::read_linear`]).
     fn read_linear(&self, vcpu: &VcpuFd, linear: u64, out: &mut [u8]) -> usize {
-        let mut done = 0;
-        while done < out.len() {
-            let addr = linear.wrapping_add(done as u64);
-            let Ok(tr) = vcpu.translate_gva(addr) else {
-                break;
-            };
-            if tr.valid == 0 {
-                break;
-            }
-            let chunk = ((PAGE - (addr % PAGE)) as usize).min(out.len() - done);
-            let gpa = GuestAddress(tr.physical_address);
-            if self
-                .memory
-                .read_slice(&mut out[done..done + chunk], gpa)
-                .is_err()
-            {
-                break;
-            }
-            done += chunk;
-        }
-        done
+        crate::memory::read_linear(&self.memory, vcpu, linear, out)
     }
 }
 
@@ -355,24 +332,10 @@ fn finish(
 const CODE_EXECUTE_READ_ACCESSED: u8 = 0xB;
 const DATA_READ_WRITE_ACCESSED: u8 = 0x3;
 
-/// The flat DPL-0 segment SYSCALL loads: base 0, limit 4 GiB with 4-KiB granularity, S = 1,
-/// present; for CS L = 1, D = 0, for SS B = 1 (SDM vol. 2B, SYSCALL).
+/// The flat DPL-0 segment SYSCALL loads (SDM vol. 2B, SYSCALL): for CS L = 1, D = 0, for SS
+/// B = 1.
 fn kernel_segment(selector: u16, type_: u8, code: bool) -> kvm_segment {
-    kvm_segment {
-        base: 0,
-        limit: 0xFFFF_FFFF,
-        selector,
-        type_,
-        present: 1,
-        dpl: 0,
-        db: u8::from(!code),
-        s: 1,
-        l: u8::from(code),
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    }
+    crate::vcpu::regs::flat_segment(selector, type_, code)
 }
 
 fn msr_list(entries: &[(u32, u64)]) -> Result<Msrs, KvmError> {

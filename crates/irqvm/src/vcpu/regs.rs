@@ -22,7 +22,9 @@ pub const RFLAGS_RESERVED: u64 = 0x2;
 const TYPE_CODE: u8 = 0xB;
 const TYPE_DATA: u8 = 0x3;
 
-fn flat_segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
+/// A flat DPL-0 segment: base 0, limit 4 GiB with 4-KiB granularity, S = 1, present; `long`
+/// gives a 64-bit code segment (L = 1, D = 0), else D/B = 1.
+pub(crate) fn flat_segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
     kvm_segment {
         base: 0,
         limit: 0xFFFF_FFFF,
