@@ -898,9 +898,11 @@ fn the_cpu_model_travels_and_conflicts_are_refused() {
         "vCPU 1: the guest saw another CPUID: leaf 0x1 subleaf 0 ECX",
     ));
     let xsave = edited_copy(&base, "model-xsave", |v| {
-        // XSTATE_BV with a component this host lacks (AVX-512's opmask, bit 5; the host
-        // check names what it supports).
-        v["vcpus"][0]["xsave"][512] = 0x22.into();
+        // XSTATE_BV (bytes 512-519) with a component no host has: bit 62 is reserved in XCR0
+        // (SDM vol. 1 §13.3), so the check refuses it on any host, AVX-512 or not (a component
+        // such as AVX-512's opmask, bit 5, is refused only where the host lacks it). The host
+        // check names what it supports.
+        v["vcpus"][0]["xsave"][519] = 0x40.into();
     });
     cases.push((
         "xsave",
