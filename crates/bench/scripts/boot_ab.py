@@ -7,8 +7,10 @@
 `run` starts `BINARY --vm-child <guests>/bench_boot.elf --child-cpus N --child-irqchip MODE` (BINARY: a
 copy of target/release/irqvm-bench of each build) for every count, round and peer in turn, so that the
 host's load falls on every peer alike, and keeps the `SAMPLES:` lines of the five `boot` workloads
-(guest TSC cycles, at TSC_GHZ). `summary` prints, per count and peer, p10 and median per phase in µs
-per AP over all APs of all rounds, and the median [min-max] of the rounds' bring-up times in ms.
+(guest TSC cycles, converted at TSC_GHZ: the environment's, else the host's "cpu MHz", which is
+its TSC rate on the kvm_pvm hosts; each run's log line prints the rate). `summary` prints, per
+count and peer, p10 and median per phase in µs per AP over all APs of all rounds, and the median
+[min-max] of the rounds' bring-up times in ms.
 The guests come from IRQVM_GUESTS (default: the release build's guests of this worktree).
 """
 import glob
@@ -19,7 +21,17 @@ import statistics
 import subprocess
 import sys
 
-TSC_GHZ = float(os.environ.get("TSC_GHZ", "2.445"))
+def host_tsc_ghz():
+    """The TSC rate the guests' cycles are converted at (see the module's text)."""
+    if os.environ.get("TSC_GHZ"):
+        return float(os.environ["TSC_GHZ"])
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("cpu MHz"):
+            return float(line.split(":")[1]) / 1000
+    sys.exit("no TSC rate: set TSC_GHZ")
+
+
+TSC_GHZ = host_tsc_ghz()
 PHASES = ["boot_send", "boot_wake", "boot_ap", "boot_notice"]
 
 
@@ -49,7 +61,8 @@ def run(counts, rounds, peers, out):
                 binary, mode = spec.split(":")
                 for phase, xs in run_one(binary, mode, cpus).items():
                     data.setdefault(f"{name}/{cpus}/{phase}", []).append(xs)
-                print(cpus, r, name, "load", open("/proc/loadavg").read().split()[:3], flush=True)
+                print(cpus, r, name, "load", open("/proc/loadavg").read().split()[:3], "TSC GHz", TSC_GHZ,
+                      flush=True)
             with open(out, "w") as f:
                 json.dump(data, f)
 

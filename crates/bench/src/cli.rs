@@ -36,10 +36,11 @@ pub struct Args {
     #[arg(long)]
     pub no_qemu: bool,
     /// Also time AP bring-up (`boot`) at 64, 255 and 1024 vCPUs: one repeat of each, QEMU/KVM
-    /// up to the 288 vCPUs its q35 machine accepts, QEMU/TCG up to 255. About 20 minutes here.
+    /// up to the 288 vCPUs its q35 machine accepts, QEMU/TCG up to 255. 5-20 minutes here.
     #[arg(long)]
     pub large: bool,
-    /// Run the AP bring-up workload (`boot`) only: with --large, the large-count part alone.
+    /// Run the AP bring-up workload (`boot`) only, at 1-16 vCPUs and with --large also at the
+    /// large counts, all in one invocation (docs: its own generated section and plots).
     #[arg(long)]
     pub boot_only: bool,
     /// Internal: run one benchmark VM in this process (the parent's child).

@@ -198,3 +198,44 @@ fn guest_debug_breakpoints_do_not_show_in_the_guests_dr7() {
     irqvm::guest_debug::set_watch(&vcpu, irqvm::guest_debug::Want::Nothing).unwrap();
     assert_eq!(vcpu.get_debug_regs().unwrap().dr7, before.dr7);
 }
+
+/// Registers handed over through `kvm_run`'s synced registers (KVM_CAP_SYNC_REGS, marked dirty)
+/// are applied by the next KVM_RUN even when it returns at once for `immediate_exit`, before it
+/// checks that flag: the `user` backend relies on it when it writes a SIPI's CS and RIP that way
+/// (`backend::user::reset::stage_sipi`), and a KVM_GET_REGS afterwards reads the new values.
+#[test]
+fn synced_registers_are_applied_by_a_kvm_run_that_returns_at_once() {
+    use kvm_ioctls::SyncReg;
+    let kvm = open_kvm().unwrap();
+    let vm = create_vm(&kvm).unwrap();
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    let fields = kvm.check_extension_int(kvm_ioctls::Cap::SyncRegs) as u32;
+    let wanted = kvm_bindings::KVM_SYNC_X86_REGS | kvm_bindings::KVM_SYNC_X86_SREGS;
+    assert_eq!(
+        fields & wanted,
+        wanted,
+        "KVM_CAP_SYNC_REGS is {fields:#x} here"
+    );
+    let mut sregs = vcpu.get_sregs().unwrap();
+    let mut regs = vcpu.get_regs().unwrap();
+    sregs.cs.selector = 0x0800;
+    sregs.cs.base = 0x8000;
+    regs.rip = 0x42;
+    regs.rbx = 0x1234_5678;
+    let synced = vcpu.sync_regs_mut();
+    synced.sregs = sregs;
+    synced.regs = regs;
+    vcpu.set_sync_dirty_reg(SyncReg::Register);
+    vcpu.set_sync_dirty_reg(SyncReg::SystemRegister);
+    vcpu.get_kvm_run().immediate_exit = 1;
+    let ran = vcpu.run().map(|_| ()).map_err(|e| e.errno());
+    assert_eq!(ran, Err(libc::EINTR));
+    assert_eq!(
+        vcpu.get_kvm_run().kvm_dirty_regs,
+        0,
+        "KVM took the dirty bits"
+    );
+    let (sregs, regs) = (vcpu.get_sregs().unwrap(), vcpu.get_regs().unwrap());
+    assert_eq!((sregs.cs.selector, sregs.cs.base), (0x0800, 0x8000));
+    assert_eq!((regs.rip, regs.rbx), (0x42, 0x1234_5678));
+}

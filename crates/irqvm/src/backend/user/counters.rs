@@ -11,6 +11,9 @@ pub struct VcpuCounters {
     injected: [AtomicU64; 256],
     /// Of the injections, those made through `kvm_run`'s synced events (no KVM_INTERRUPT).
     pub synced_injections: AtomicU64,
+    /// SIPIs whose CS and RIP went in through `kvm_run`'s synced registers, without
+    /// KVM_SET_SREGS and KVM_SET_REGS (`reset::stage_sipi`).
+    pub synced_sipis: AtomicU64,
     /// KVM_NMI injections.
     pub nmis_injected: AtomicU64,
     /// Halts that ended while polling, with no sleep.
@@ -28,6 +31,7 @@ impl Default for VcpuCounters {
         Self {
             injected: std::array::from_fn(|_| AtomicU64::new(0)),
             synced_injections: AtomicU64::new(0),
+            synced_sipis: AtomicU64::new(0),
             nmis_injected: AtomicU64::new(0),
             halt_polls_ok: AtomicU64::new(0),
             halt_sleeps: AtomicU64::new(0),
@@ -52,6 +56,7 @@ impl VcpuCounters {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         out("nmis_injected", get(&self.nmis_injected));
         out("synced_injections", get(&self.synced_injections));
+        out("synced_sipis", get(&self.synced_sipis));
         out("halt_polls_ok", get(&self.halt_polls_ok));
         out("halt_sleeps", get(&self.halt_sleeps));
         out("single_steps", get(&self.single_steps));

@@ -120,6 +120,9 @@ pub(crate) struct Shared {
     /// KVM_CAP_SYNC_REGS has KVM_SYNC_X86_EVENTS: interrupts go in through `kvm_run`'s synced
     /// events instead of a KVM_INTERRUPT ioctl (`percpu::UserVcpuChip::queue_interrupt`).
     pub sync_events: bool,
+    /// KVM_CAP_SYNC_REGS has KVM_SYNC_X86_REGS and KVM_SYNC_X86_SREGS: a SIPI's CS and RIP go in
+    /// through `kvm_run`'s synced registers instead of two ioctls (`reset::stage_sipi`).
+    pub sync_regs: bool,
 }
 
 /// The VM-wide half of the `user` backend.
@@ -187,6 +190,7 @@ impl UserIrqchip {
             memory: ctx.memory.clone(),
             exact_irq_boundaries: ctx.exact_irq_boundaries,
             sync_events: sync_events_supported(ctx.kvm),
+            sync_regs: sync_regs_supported(ctx.kvm),
         });
         Ok(Self {
             shared,
@@ -201,6 +205,13 @@ impl UserIrqchip {
 fn sync_events_supported(kvm: &Kvm) -> bool {
     let fields = kvm.check_extension_int(Cap::SyncRegs);
     fields > 0 && (fields as u32) & kvm_bindings::KVM_SYNC_X86_EVENTS != 0
+}
+
+/// KVM_CAP_SYNC_REGS lists KVM_SYNC_X86_REGS and KVM_SYNC_X86_SREGS (both on this host).
+fn sync_regs_supported(kvm: &Kvm) -> bool {
+    let wanted = kvm_bindings::KVM_SYNC_X86_REGS | kvm_bindings::KVM_SYNC_X86_SREGS;
+    let fields = kvm.check_extension_int(Cap::SyncRegs);
+    fields > 0 && (fields as u32) & wanted == wanted
 }
 
 /// KVM_CAP_X86_USER_SPACE_MSR (INVAL | FILTER) and the filter that sends 0x1B writes and 0x6E0

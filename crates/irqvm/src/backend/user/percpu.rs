@@ -42,7 +42,7 @@ use irqchip::{GuestFault, Nanos};
 
 use super::ghcb::{GhcbMsr, MSR_GHCB};
 use super::platform::{Platform, IOAPIC_BASE, IOAPIC_SIZE};
-use super::reset::{apply_init, apply_sipi, write_msr, InitApplied};
+use super::reset::{apply_init, apply_sipi, flush_staged, stage_sipi, write_msr, InitApplied};
 use super::{is_apic_msr, Shared, MSR_APIC_BASE};
 use crate::backend::step::{StepOutcome, Stepper};
 use crate::backend::{
@@ -480,7 +480,10 @@ impl UserVcpuChip {
         &self.shared.platform
     }
 
-    fn accept_init_sipi(&mut self, vcpu: &VcpuFd) -> Result<(), IrqchipError> {
+    /// Takes a posted INIT and SIPI and writes the registers they set. `entering`: KVM_RUN
+    /// follows at once with no register access before it, so a SIPI's CS and RIP may go in
+    /// through `kvm_run` ([`Self::start_at_sipi`]).
+    fn accept_init_sipi(&mut self, vcpu: &mut VcpuFd, entering: bool) -> Result<(), IrqchipError> {
         let outcome = self
             .interrupts
             .accept_events(InitBlocking::NONE, self.sipi.plug());
@@ -516,11 +519,33 @@ impl UserVcpuChip {
         }
         match start {
             Some(start @ SipiAction::StartRealMode { .. }) => {
-                apply_sipi(vcpu, &start, self.after_init.take())?;
+                self.start_at_sipi(vcpu, &start, entering)?;
                 self.regs_rewritten = true;
             }
             Some(SipiAction::ResumeUntouched { first_boot }) => self.resume_untouched(first_boot),
             None => {}
+        }
+        Ok(())
+    }
+
+    /// The SIPI's CS and RIP over the registers INIT wrote. When those are known (`after_init`)
+    /// and KVM_RUN comes next (`entering`), they go into `kvm_run`'s synced registers for that
+    /// KVM_RUN to load ([`stage_sipi`]): no ioctl between the SIPI and the AP's first
+    /// instruction, where a started AP otherwise made two (issue 13). Otherwise KVM_SET_SREGS and
+    /// KVM_SET_REGS ([`apply_sipi`]).
+    fn start_at_sipi(
+        &mut self,
+        vcpu: &mut VcpuFd,
+        start: &SipiAction,
+        entering: bool,
+    ) -> Result<(), IrqchipError> {
+        match self.after_init.take() {
+            Some(applied) if entering && self.shared.sync_regs => {
+                if stage_sipi(vcpu, start, applied) {
+                    super::counters::bump(&self.counters().synced_sipis);
+                }
+            }
+            after_init => apply_sipi(vcpu, start, after_init)?,
         }
         Ok(())
     }
@@ -939,7 +964,7 @@ impl VcpuIrqchip for UserVcpuChip {
         self.run = RunPtr(vcpu.get_kvm_run() as *const kvm_run);
         self.enable_event_sync(vcpu);
         self.interrupts.begin_guest_entry();
-        self.accept_init_sipi(vcpu)?;
+        self.accept_init_sipi(vcpu, true)?;
         let now = self.shared.clock.now();
         self.run_timer(now);
         let pic_intr = self.platform().pic_intr();
@@ -948,6 +973,9 @@ impl VcpuIrqchip for UserVcpuChip {
             self.probe.mp_state(self.interrupts.mp_state().to_kvm());
         }
         if block {
+            // No KVM_RUN follows: registers a SIPI staged go in now (a vCPU a SIPI just started
+            // does not block, but nothing may stay staged past this point).
+            flush_staged(vcpu)?;
             self.interrupts.end_guest_entry();
             self.prepare_wait_for_init(vcpu)?;
             let reason = match self.interrupts.mp_state() {
@@ -1073,7 +1101,7 @@ impl VcpuIrqchip for UserVcpuChip {
     /// and accepting INIT/SIPI, as KVM does before it answers KVM_GET_MP_STATE.
     fn mp_state(&mut self, vcpu: &mut VcpuFd) -> Result<u32, IrqchipError> {
         self.interrupts.drain();
-        self.accept_init_sipi(vcpu)?;
+        self.accept_init_sipi(vcpu, false)?;
         Ok(self.interrupts.mp_state().to_kvm())
     }
 

@@ -23,13 +23,14 @@
 //! start-up waits for them, so INIT takes six (KVM_GET_SREGS, then one KVM_SET_* per group and
 //! one batched KVM_GET_MSRS), a SIPI accepted together with its INIT adds none (the start is
 //! folded into the INIT state, [`ArchResetState::apply_start`]), and a later SIPI two (the
-//! registers INIT wrote are kept, [`InitApplied`], so nothing is read back).
+//! registers INIT wrote are kept, [`InitApplied`], so nothing is read back), or none where the
+//! next KVM_RUN follows at once ([`stage_sipi`]: through `kvm_run`'s synced registers).
 
 use kvm_bindings::{
     kvm_dtable, kvm_msr_entry, kvm_segment, Msrs, KVM_VCPUEVENT_VALID_NMI_PENDING,
     KVM_VCPUEVENT_VALID_SHADOW,
 };
-use kvm_ioctls::VcpuFd;
+use kvm_ioctls::{SyncReg, VcpuFd};
 
 use irqchip::mpstate::SipiAction;
 use irqchip::mpstate::{gpr, ArchResetState, DescriptorTable, ResetCause, SegmentState};
@@ -303,22 +304,11 @@ pub fn apply_sipi(
     start: &SipiAction,
     after_init: Option<InitApplied>,
 ) -> Result<(), KvmError> {
-    let SipiAction::StartRealMode {
-        cs_selector,
-        cs_base,
-        rip,
-    } = *start
-    else {
+    let Some((cs_selector, cs_base, rip)) = real_mode_start(start) else {
         return Ok(());
     };
-    if let Some(InitApplied {
-        mut sregs,
-        mut regs,
-    }) = after_init
-    {
-        sregs.cs.selector = cs_selector;
-        sregs.cs.base = cs_base;
-        regs.rip = rip;
+    if let Some(applied) = after_init {
+        let (sregs, regs) = applied.started(start);
         vcpu.set_sregs(&sregs)
             .map_err(KvmError::ioctl("KVM_SET_SREGS"))?;
         return vcpu
@@ -335,6 +325,75 @@ pub fn apply_sipi(
     vcpu.set_regs(&regs)
         .map_err(KvmError::ioctl("KVM_SET_REGS"))?;
     Ok(())
+}
+
+/// Starts a vCPU per `start` from the registers its INIT wrote without an ioctl: they go into
+/// `kvm_run`'s synced registers (KVM_CAP_SYNC_REGS), marked dirty, and the next KVM_RUN loads
+/// them before anything else, also when it returns at once for `immediate_exit`
+/// (tests/kvm_ioctls.rs). KVM's `sync_regs` loads them with the same functions KVM_SET_SREGS
+/// and KVM_SET_REGS call, so the vCPU ends up as [`apply_sipi`] leaves it, two ioctls (~5 µs
+/// each here) earlier on the AP's way from its SIPI to its first instruction (issue 13).
+///
+/// Until that KVM_RUN, KVM still holds the old registers: the caller must make it the next
+/// register access of this vCPU (an ioctl reading them would see the old values, one writing
+/// them would be overwritten), or call [`flush_staged`]. Returns false for a start that
+/// changes no register (a protected-state AP's).
+pub fn stage_sipi(vcpu: &mut VcpuFd, start: &SipiAction, after_init: InitApplied) -> bool {
+    if real_mode_start(start).is_none() {
+        return false;
+    }
+    let (sregs, regs) = after_init.started(start);
+    let synced = vcpu.sync_regs_mut();
+    synced.sregs = sregs;
+    synced.regs = regs;
+    vcpu.set_sync_dirty_reg(SyncReg::SystemRegister);
+    vcpu.set_sync_dirty_reg(SyncReg::Register);
+    true
+}
+
+/// Writes what [`stage_sipi`] left in `kvm_run` with the two ioctls instead, now, and takes the
+/// dirty marks back, for a caller that must read or write the registers before the next KVM_RUN.
+pub fn flush_staged(vcpu: &mut VcpuFd) -> Result<(), KvmError> {
+    let wanted = (SyncReg::SystemRegister as u64) | (SyncReg::Register as u64);
+    let dirty = vcpu.get_kvm_run().kvm_dirty_regs & wanted;
+    if dirty == 0 {
+        return Ok(());
+    }
+    let synced = vcpu.sync_regs();
+    vcpu.set_sregs(&synced.sregs)
+        .map_err(KvmError::ioctl("KVM_SET_SREGS"))?;
+    vcpu.set_regs(&synced.regs)
+        .map_err(KvmError::ioctl("KVM_SET_REGS"))?;
+    vcpu.get_kvm_run().kvm_dirty_regs &= !wanted;
+    Ok(())
+}
+
+/// CS selector, CS base and RIP of a SIPI that starts the vCPU in real mode.
+fn real_mode_start(start: &SipiAction) -> Option<(u16, u64, u64)> {
+    match *start {
+        SipiAction::StartRealMode {
+            cs_selector,
+            cs_base,
+            rip,
+        } => Some((cs_selector, cs_base, rip)),
+        _ => None,
+    }
+}
+
+impl InitApplied {
+    /// INIT's registers with the SIPI's CS and RIP (SDM §9.4.3).
+    fn started(self, start: &SipiAction) -> (kvm_bindings::kvm_sregs, kvm_bindings::kvm_regs) {
+        let Self {
+            mut sregs,
+            mut regs,
+        } = self;
+        if let Some((cs_selector, cs_base, rip)) = real_mode_start(start) {
+            sregs.cs.selector = cs_selector;
+            sregs.cs.base = cs_base;
+            regs.rip = rip;
+        }
+        (sregs, regs)
+    }
 }
 
 #[cfg(test)]
