@@ -120,6 +120,10 @@ pub(crate) struct Shared {
     /// KVM_CAP_SYNC_REGS has KVM_SYNC_X86_EVENTS: interrupts go in through `kvm_run`'s synced
     /// events instead of a KVM_INTERRUPT ioctl (`percpu::UserVcpuChip::queue_interrupt`).
     pub sync_events: bool,
+    /// KVM_CAP_SYNC_REGS has KVM_SYNC_X86_REGS and KVM_SYNC_X86_SREGS: while it single-steps,
+    /// a vCPU reads its registers from `kvm_run` instead of two ioctls per step
+    /// (`percpu::UserVcpuChip::offer_synced_regs`).
+    pub sync_regs: bool,
 }
 
 /// The VM-wide half of the `user` backend.
@@ -186,7 +190,8 @@ impl UserIrqchip {
             tracer: ctx.tracer,
             memory: ctx.memory.clone(),
             exact_irq_boundaries: ctx.exact_irq_boundaries,
-            sync_events: sync_events_supported(ctx.kvm),
+            sync_events: sync_fields(ctx.kvm) & kvm_bindings::KVM_SYNC_X86_EVENTS != 0,
+            sync_regs: sync_fields(ctx.kvm) & SYNC_REGS_AND_SREGS == SYNC_REGS_AND_SREGS,
         });
         Ok(Self {
             shared,
@@ -196,11 +201,13 @@ impl UserIrqchip {
     }
 }
 
-/// KVM_CAP_SYNC_REGS lists KVM_SYNC_X86_EVENTS (this host: 7, registers, system registers and
-/// events).
-fn sync_events_supported(kvm: &Kvm) -> bool {
-    let fields = kvm.check_extension_int(Cap::SyncRegs);
-    fields > 0 && (fields as u32) & kvm_bindings::KVM_SYNC_X86_EVENTS != 0
+/// The registers and system registers KVM can copy into `kvm_run` at every KVM_RUN return.
+const SYNC_REGS_AND_SREGS: u32 = kvm_bindings::KVM_SYNC_X86_REGS | kvm_bindings::KVM_SYNC_X86_SREGS;
+
+/// What KVM_CAP_SYNC_REGS lists (this host: 7, registers, system registers and events; 0 where
+/// KVM lacks the capability).
+fn sync_fields(kvm: &Kvm) -> u32 {
+    u32::try_from(kvm.check_extension_int(Cap::SyncRegs)).unwrap_or(0)
 }
 
 /// KVM_CAP_X86_USER_SPACE_MSR (INVAL | FILTER) and the filter that sends 0x1B writes and 0x6E0
