@@ -184,18 +184,95 @@ pub fn read_linear(
     linear: u64,
     out: &mut [u8],
 ) -> usize {
+    read_linear_paged(memory, vcpu, None, linear, out)
+}
+
+/// The control registers a walk of the guest's page tables needs (from a `kvm_sregs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Paging {
+    pub cr0: u64,
+    pub cr3: u64,
+    pub cr4: u64,
+    pub efer: u64,
+}
+
+impl Paging {
+    pub fn of(sregs: &kvm_bindings::kvm_sregs) -> Self {
+        Self {
+            cr0: sregs.cr0,
+            cr3: sregs.cr3,
+            cr4: sregs.cr4,
+            efer: sregs.efer,
+        }
+    }
+
+    /// 4-level paging (SDM vol. 3 §4.5): CR0.PG, CR4.PAE and EFER.LMA set, CR4.LA57 clear.
+    fn four_level(&self) -> bool {
+        const CR0_PG: u64 = 1 << 31;
+        const CR4_PAE: u64 = 1 << 5;
+        const CR4_LA57: u64 = 1 << 12;
+        const EFER_LMA: u64 = 1 << 10;
+        self.cr0 & CR0_PG != 0
+            && self.cr4 & CR4_PAE != 0
+            && self.cr4 & CR4_LA57 == 0
+            && self.efer & EFER_LMA != 0
+    }
+}
+
+/// The guest-physical address `linear` maps to under 4-level paging with `cr3`, walked in guest
+/// RAM as the processor walks it (SDM vol. 3 §4.5, tables 4-15 to 4-20): a present entry at
+/// every level, a 1-GiB page at the PDPTE or a 2-MiB page at the PDE when its PS bit is set.
+/// `None` for anything else (an entry not present or not in RAM, PS in a PML4E), and the
+/// caller then asks KVM: the walk only saves KVM_TRANSLATE where its answer is plain.
+pub fn walk_four_level(memory: &GuestRam, cr3: u64, linear: u64) -> Option<u64> {
+    /// Bits 51:12 of CR3 and of an entry: the next table or the page frame.
+    const ADDRESS: u64 = 0x000F_FFFF_FFFF_F000;
+    const PRESENT: u64 = 1;
+    const PAGE_SIZE_BIT: u64 = 1 << 7;
+    let mut table = cr3 & ADDRESS;
+    // Level 3 is the PML4, 0 the page table; each indexes 9 bits of the address.
+    for level in (0..4u32).rev() {
+        let shift = 12 + 9 * level;
+        let index = (linear >> shift) & 0x1FF;
+        let entry: u64 =
+            vm_memory::Bytes::read_obj(memory, GuestAddress(table + index * 8)).ok()?;
+        if entry & PRESENT == 0 || (level == 3 && entry & PAGE_SIZE_BIT != 0) {
+            return None;
+        }
+        if level == 0 || entry & PAGE_SIZE_BIT != 0 {
+            let offset = (1u64 << shift) - 1;
+            return Some((entry & ADDRESS & !offset) | (linear & offset));
+        }
+        table = entry & ADDRESS;
+    }
+    None
+}
+
+/// [`read_linear`], walking the page tables itself where `paging` is 4-level paging (no
+/// ioctl: ~5 µs a page less here), else, or where its walk has no plain answer, with
+/// KVM_TRANSLATE.
+pub fn read_linear_paged(
+    memory: &GuestRam,
+    vcpu: &kvm_ioctls::VcpuFd,
+    paging: Option<Paging>,
+    linear: u64,
+    out: &mut [u8],
+) -> usize {
     const PAGE: u64 = 4096;
+    let walk = paging.filter(Paging::four_level);
     let mut done = 0;
     while done < out.len() {
         let addr = linear.wrapping_add(done as u64);
-        let Ok(tr) = vcpu.translate_gva(addr) else {
-            break;
+        let walked = walk.and_then(|p| walk_four_level(memory, p.cr3, addr));
+        let gpa = match walked {
+            Some(gpa) => gpa,
+            None => match vcpu.translate_gva(addr) {
+                Ok(tr) if tr.valid != 0 => tr.physical_address,
+                _ => break,
+            },
         };
-        if tr.valid == 0 {
-            break;
-        }
         let chunk = ((PAGE - (addr % PAGE)) as usize).min(out.len() - done);
-        let gpa = GuestAddress(tr.physical_address);
+        let gpa = GuestAddress(gpa);
         if vm_memory::Bytes::read_slice(memory, &mut out[done..done + chunk], gpa).is_err() {
             break;
         }
@@ -207,6 +284,69 @@ pub fn read_linear(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Page tables in guest RAM map a 4-KiB, a 2-MiB and a 1-GiB page; the walk finds each
+    /// one's frame plus the offset, and has no answer for a hole or PS in a PML4E.
+    #[test]
+    fn four_level_walk_finds_each_page_size() {
+        use vm_memory::Bytes;
+        let ram = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let put = |at: u64, entry: u64| ram.write_obj(entry, GuestAddress(at)).unwrap();
+        let (pml4, pdpt, pd, pt) = (0x1000u64, 0x2000u64, 0x3000u64, 0x4000u64);
+        // Linear 0x7F80_0000_0000 (PML4 index 255): PDPT 0 -> PD, PDPT 1 -> 1 GiB page.
+        put(pml4 + 255 * 8, pdpt | 0x3);
+        put(pdpt, pd | 0x3);
+        put(pdpt + 8, 0x4000_0000 | 0x83);
+        // PD 0 -> PT, PD 1 -> 2 MiB page at 0x60_0000 (bit 12, PAT, set: not an address bit).
+        put(pd, pt | 0x3);
+        put(pd + 8, 0x60_0000 | 0x1000 | 0x83);
+        // PT 5 -> 0x9000, with XD (bit 63) set.
+        put(pt + 5 * 8, 0x9000 | (1 << 63) | 0x3);
+        let base = 0x7F80_0000_0000u64;
+        let cr3 = pml4 | 0x5; // PCID bits below 12 are not address bits
+        assert_eq!(walk_four_level(&ram, cr3, base + 0x5123), Some(0x9123));
+        assert_eq!(
+            walk_four_level(&ram, cr3, base + 0x20_0000 + 0x1_2345),
+            Some(0x61_2345)
+        );
+        assert_eq!(
+            walk_four_level(&ram, cr3, base + 0x4000_0000 + 0x123_4567),
+            Some(0x4123_4567)
+        );
+        assert_eq!(
+            walk_four_level(&ram, cr3, base + 0x6000),
+            None,
+            "PTE not present"
+        );
+        assert_eq!(
+            walk_four_level(&ram, cr3, 0x1000),
+            None,
+            "PML4E not present"
+        );
+        put(0x1000, 0x83);
+        assert_eq!(walk_four_level(&ram, cr3, 0x1000), None, "PS in a PML4E");
+    }
+
+    #[test]
+    fn only_four_level_paging_is_walked() {
+        let long = Paging {
+            cr0: 1 << 31,
+            cr3: 0,
+            cr4: 1 << 5,
+            efer: 1 << 10,
+        };
+        assert!(long.four_level());
+        assert!(
+            !Paging {
+                cr4: (1 << 5) | (1 << 12),
+                ..long
+            }
+            .four_level(),
+            "LA57"
+        );
+        assert!(!Paging { efer: 0, ..long }.four_level(), "legacy PAE");
+        assert!(!Paging { cr0: 0, ..long }.four_level(), "no paging");
+    }
 
     #[test]
     fn small_guest_has_one_low_range() {

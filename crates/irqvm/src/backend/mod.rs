@@ -441,6 +441,11 @@ pub trait VcpuIrqchip: Send {
     /// KVM_RUN returned with an exit: the guest ran, so a queued interrupt went in.
     fn guest_ran(&mut self) {}
 
+    /// The vCPU loop wrote the vCPU's registers after the last KVM_RUN return (the SYSCALL
+    /// watch, an internal error's recovery, a pause): a copy of them KVM made at that return
+    /// (KVM_SYNC_X86_REGS) is stale.
+    fn registers_written(&mut self) {}
+
     /// A pause began (before the vCPU settles and holds); `entered`: KVM_RUN ran since the
     /// vCPU last held (or started), so there may be something to settle.
     fn pause_started(&mut self, _vcpu: &mut VcpuFd, _entered: bool) -> Result<(), IrqchipError> {

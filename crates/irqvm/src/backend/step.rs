@@ -246,6 +246,16 @@ fn is_prefix(b: u8, mode: CodeMode) -> bool {
     ) || (mode.long && (0x40..=0x4F).contains(&b))
 }
 
+/// The registers and system registers KVM copied into `kvm_run` at the last KVM_RUN return
+/// (KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS), offered by a backend that knows nothing has written
+/// them since ([`Stepper::offer_synced`]). They stand for a KVM_GET_REGS and a KVM_GET_SREGS,
+/// two ioctls of each step's three (the third reads the instruction: KVM_TRANSLATE).
+#[derive(Clone, Copy)]
+pub struct SyncedRegs {
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+}
+
 /// One vCPU's stepping state.
 pub struct Stepper {
     memory: GuestRam,
@@ -259,6 +269,8 @@ pub struct Stepper {
     left: u32,
     /// Where single-stepping was last armed, until the instruction there has run ([`FirstStep`]).
     first: Option<FirstStep>,
+    /// The registers of this entry, if the backend offered them ([`SyncedRegs`]).
+    synced: Option<SyncedRegs>,
     /// Steps taken, for the counters.
     pub steps: u64,
     /// Episodes that ended without reaching the boundary (budget spent, or the guest's own
@@ -275,6 +287,7 @@ impl Stepper {
             on: false,
             left: STEP_BUDGET,
             first: None,
+            synced: None,
             steps: 0,
             fallbacks: 0,
         }
@@ -288,6 +301,28 @@ impl Stepper {
     /// True while KVM steps this vCPU.
     pub fn active(&self) -> bool {
         self.on
+    }
+
+    /// The registers as of the last KVM_RUN return, for this entry only (`None`: read them with
+    /// ioctls). The caller vouches that no ioctl wrote them since that return.
+    pub fn offer_synced(&mut self, synced: Option<SyncedRegs>) {
+        self.synced = synced;
+    }
+
+    /// The vCPU's registers: the offered copy, else KVM_GET_REGS.
+    pub fn regs(&self, vcpu: &VcpuFd) -> Result<kvm_regs, IrqchipError> {
+        match &self.synced {
+            Some(s) => Ok(s.regs),
+            None => Ok(vcpu.get_regs().map_err(KvmError::ioctl("KVM_GET_REGS"))?),
+        }
+    }
+
+    /// The vCPU's system registers: the offered copy, else KVM_GET_SREGS.
+    fn sregs(&self, vcpu: &VcpuFd) -> Result<kvm_sregs, IrqchipError> {
+        match &self.synced {
+            Some(s) => Ok(s.sregs),
+            None => Ok(vcpu.get_sregs().map_err(KvmError::ioctl("KVM_GET_SREGS"))?),
+        }
     }
 
     /// An interrupt waits for the guest: makes the next KVM_RUN run exactly one instruction, if
@@ -305,7 +340,7 @@ impl Stepper {
             self.end_run(vcpu)?;
             return Ok(StepOutcome::Fallback);
         }
-        let regs = vcpu.get_regs().map_err(KvmError::ioctl("KVM_GET_REGS"))?;
+        let regs = self.regs(vcpu)?;
         self.settle_first(vcpu, &regs)?;
         match self.plan(vcpu, &regs)? {
             plan @ (Plan::Step | Plan::Break(_)) => {
@@ -314,7 +349,7 @@ impl Stepper {
                     _ => Armed::Step,
                 };
                 if armed == Armed::Step && self.armed != Armed::Step {
-                    self.first = Some(FirstStep::at(vcpu, &regs)?);
+                    self.first = Some(FirstStep::at(&regs, &self.sregs(vcpu)?));
                 }
                 self.arm(vcpu, armed)?;
                 self.on = true;
@@ -352,7 +387,7 @@ impl Stepper {
     /// No ioctl unless stepping was armed.
     fn end_run(&mut self, vcpu: &VcpuFd) -> Result<(), IrqchipError> {
         if self.first.is_some() {
-            let regs = vcpu.get_regs().map_err(KvmError::ioctl("KVM_GET_REGS"))?;
+            let regs = self.regs(vcpu)?;
             self.settle_first(vcpu, &regs)?;
         }
         self.off(vcpu)
@@ -406,7 +441,7 @@ impl Stepper {
                 return Ok(Plan::NotNow);
             }
         }
-        let sregs = vcpu.get_sregs().map_err(KvmError::ioctl("KVM_GET_SREGS"))?;
+        let sregs = self.sregs(vcpu)?;
         Ok(self.plan_for(vcpu, regs, &sregs))
     }
 
@@ -510,9 +545,12 @@ impl Stepper {
             .then_some(Plan::Break(rip))
     }
 
-    /// Reads guest-linear memory ([`crate::memory::read_linear`]).
+    /// Reads guest-linear memory: with offered registers, through the guest's page tables
+    /// walked in guest RAM where they are 4-level ([`crate::memory::read_linear_paged`]), else
+    /// with KVM_TRANSLATE.
     fn read_linear(&self, vcpu: &VcpuFd, linear: u64, out: &mut [u8]) -> usize {
-        crate::memory::read_linear(&self.memory, vcpu, linear, out)
+        let paging = self.synced.map(|s| crate::memory::Paging::of(&s.sregs));
+        crate::memory::read_linear_paged(&self.memory, vcpu, paging, linear, out)
     }
 
     /// Writes `data` to guest-linear memory if it all translates and lies in guest RAM.
@@ -571,15 +609,14 @@ struct FirstStep {
 }
 
 impl FirstStep {
-    fn at(vcpu: &VcpuFd, regs: &kvm_regs) -> Result<Self, IrqchipError> {
-        let sregs = vcpu.get_sregs().map_err(KvmError::ioctl("KVM_GET_SREGS"))?;
-        Ok(Self {
+    fn at(regs: &kvm_regs, sregs: &kvm_sregs) -> Self {
+        Self {
             rip: regs.rip,
             rsp: regs.rsp,
             cs: sregs.cs.selector,
             ss: sregs.ss.selector,
             long: sregs.cs.l != 0 && sregs.efer & (1 << 10) != 0,
-        })
+        }
     }
 }
 

@@ -632,6 +632,7 @@ impl VcpuThread {
             }
             if settling && !self.chip.injection_in_flight() {
                 self.hold_paused();
+                self.chip.registers_written();
                 pause_seen = false;
                 entered = false;
                 self.chip.pause_ended();
@@ -696,8 +697,14 @@ impl VcpuThread {
                     return Ok(());
                 }
                 Step::LstarWrite(value) => self.lstar_written(value)?,
-                Step::Debug { dr6 } => self.syscall_watch(dr6)?,
-                Step::InternalError if crate::emulate::try_recover(&mut self.fd) => {}
+                Step::Debug { dr6 } => {
+                    if self.syscall_watch(dr6)? {
+                        self.chip.registers_written();
+                    }
+                }
+                Step::InternalError if crate::emulate::try_recover(&mut self.fd) => {
+                    self.chip.registers_written();
+                }
                 Step::InternalError => return Err(self.internal_error()),
                 Step::Unexpected => {
                     let reason = self.fd.get_kvm_run().exit_reason;
@@ -719,8 +726,10 @@ impl VcpuThread {
         Ok(())
     }
 
-    /// A debug exit for the SYSCALL watch, and its counters.
-    fn syscall_watch(&mut self, dr6: u64) -> Result<(), VcpuError> {
+    /// A debug exit for the SYSCALL watch, and its counters. True if it finished a SYSCALL,
+    /// which writes the vCPU's registers.
+    fn syscall_watch(&mut self, dr6: u64) -> Result<bool, VcpuError> {
+        let completed = self.syscall.completed;
         self.syscall.debug_exit(&mut self.fd, dr6)?;
         let stats = &self.shared.stats;
         stats
@@ -729,7 +738,7 @@ impl VcpuThread {
         stats
             .syscall_watch_hits
             .store(self.syscall.hits, Ordering::Relaxed);
-        Ok(())
+        Ok(self.syscall.completed != completed)
     }
 
     /// Holds the vCPU outside KVM_RUN while the VM is paused, answering state requests.
@@ -818,7 +827,11 @@ impl VcpuThread {
             match step {
                 Step::Continue => {}
                 Step::LstarWrite(value) => self.lstar_written(value)?,
-                Step::Debug { dr6 } => self.syscall_watch(dr6)?,
+                Step::Debug { dr6 } => {
+                    if self.syscall_watch(dr6)? {
+                        self.chip.registers_written();
+                    }
+                }
                 _ => {
                     let reason = self.fd.get_kvm_run().exit_reason;
                     return Err(VcpuError::UnexpectedExit { reason });

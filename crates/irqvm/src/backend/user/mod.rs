@@ -121,7 +121,9 @@ pub(crate) struct Shared {
     /// events instead of a KVM_INTERRUPT ioctl (`percpu::UserVcpuChip::queue_interrupt`).
     pub sync_events: bool,
     /// KVM_CAP_SYNC_REGS has KVM_SYNC_X86_REGS and KVM_SYNC_X86_SREGS: a SIPI's CS and RIP go in
-    /// through `kvm_run`'s synced registers instead of two ioctls (`reset::stage_sipi`).
+    /// through `kvm_run`'s synced registers instead of two ioctls (`reset::stage_sipi`), and
+    /// while it single-steps a vCPU reads its registers from `kvm_run` instead of two ioctls per
+    /// step (`percpu::UserVcpuChip::offer_synced_regs`).
     pub sync_regs: bool,
 }
 
@@ -189,8 +191,8 @@ impl UserIrqchip {
             tracer: ctx.tracer,
             memory: ctx.memory.clone(),
             exact_irq_boundaries: ctx.exact_irq_boundaries,
-            sync_events: sync_events_supported(ctx.kvm),
-            sync_regs: sync_regs_supported(ctx.kvm),
+            sync_events: sync_fields(ctx.kvm) & kvm_bindings::KVM_SYNC_X86_EVENTS != 0,
+            sync_regs: sync_fields(ctx.kvm) & SYNC_REGS_AND_SREGS == SYNC_REGS_AND_SREGS,
         });
         Ok(Self {
             shared,
@@ -200,18 +202,13 @@ impl UserIrqchip {
     }
 }
 
-/// KVM_CAP_SYNC_REGS lists KVM_SYNC_X86_EVENTS (this host: 7, registers, system registers and
-/// events).
-fn sync_events_supported(kvm: &Kvm) -> bool {
-    let fields = kvm.check_extension_int(Cap::SyncRegs);
-    fields > 0 && (fields as u32) & kvm_bindings::KVM_SYNC_X86_EVENTS != 0
-}
+/// The registers and system registers KVM can copy into `kvm_run` at every KVM_RUN return.
+const SYNC_REGS_AND_SREGS: u32 = kvm_bindings::KVM_SYNC_X86_REGS | kvm_bindings::KVM_SYNC_X86_SREGS;
 
-/// KVM_CAP_SYNC_REGS lists KVM_SYNC_X86_REGS and KVM_SYNC_X86_SREGS (both on this host).
-fn sync_regs_supported(kvm: &Kvm) -> bool {
-    let wanted = kvm_bindings::KVM_SYNC_X86_REGS | kvm_bindings::KVM_SYNC_X86_SREGS;
-    let fields = kvm.check_extension_int(Cap::SyncRegs);
-    fields > 0 && (fields as u32) & wanted == wanted
+/// What KVM_CAP_SYNC_REGS lists (this host: 7, registers, system registers and events; 0 where
+/// KVM lacks the capability).
+fn sync_fields(kvm: &Kvm) -> u32 {
+    u32::try_from(kvm.check_extension_int(Cap::SyncRegs)).unwrap_or(0)
 }
 
 /// KVM_CAP_X86_USER_SPACE_MSR (INVAL | FILTER) and the filter that sends 0x1B writes and 0x6E0

@@ -44,7 +44,7 @@ use super::ghcb::{GhcbMsr, MSR_GHCB};
 use super::platform::{Platform, IOAPIC_BASE, IOAPIC_SIZE};
 use super::reset::{apply_init, apply_sipi, flush_staged, stage_sipi, write_msr, InitApplied};
 use super::{is_apic_msr, Shared, MSR_APIC_BASE};
-use crate::backend::step::{StepOutcome, Stepper};
+use crate::backend::step::{StepOutcome, Stepper, SyncedRegs};
 use crate::backend::{
     BlockReason, ChipExit, EntryDecision, ExitHandled, IrqchipError, VcpuFabric, VcpuIrqchip,
 };
@@ -423,6 +423,12 @@ pub(crate) struct UserVcpuChip {
     events_synced: bool,
     /// `kvm_valid_regs` has KVM_SYNC_X86_EVENTS set on this vCPU's `kvm_run`.
     sync_enabled: bool,
+    /// `kvm_valid_regs` has KVM_SYNC_X86_REGS and KVM_SYNC_X86_SREGS set: on while stepping.
+    regs_sync_on: bool,
+    /// `kvm_run.s.regs.regs` and `.sregs` hold the registers as of the last KVM_RUN return and
+    /// no ioctl wrote them since (cleared by `registers_written`, INIT/SIPI and restores set
+    /// `regs_rewritten`).
+    regs_fresh: bool,
 
     /// The registers the last INIT wrote, while the vCPU waits for its SIPI (dropped when it
     /// enters the guest or its registers are restored): the SIPI starts from them.
@@ -468,6 +474,8 @@ impl UserVcpuChip {
             in_flight: false,
             events_synced: false,
             sync_enabled: false,
+            regs_sync_on: false,
+            regs_fresh: false,
             after_init: None,
         }
     }
@@ -756,10 +764,7 @@ impl UserVcpuChip {
             self.stepped_again = false;
             return Ok(());
         };
-        let rip = vcpu
-            .get_regs()
-            .map_err(KvmError::ioctl("KVM_GET_REGS"))?
-            .rip;
+        let rip = self.stepper.regs(vcpu)?.rip;
         self.stepped_again = self.last_stepped == Some((what, rip));
         self.last_stepped = Some((what, rip));
         Ok(())
@@ -878,6 +883,39 @@ impl UserVcpuChip {
         }
     }
 
+    /// Offers the stepper the registers KVM copied at the last KVM_RUN return, if they are fresh
+    /// (this entry only): a step then costs the KVM_RUN and one KVM_TRANSLATE instead of also a
+    /// KVM_GET_REGS and a KVM_GET_SREGS (~20 µs a step here, two thirds of it those ioctls:
+    /// docs/benchmarks.md, "Single steps with synced registers").
+    fn offer_synced_regs(&mut self, vcpu: &VcpuFd) {
+        let fresh = std::mem::take(&mut self.regs_fresh) && !self.regs_rewritten;
+        let synced = fresh.then(|| {
+            let sync = vcpu.sync_regs();
+            SyncedRegs {
+                regs: sync.regs,
+                sregs: sync.sregs,
+            }
+        });
+        self.stepper.offer_synced(synced);
+    }
+
+    /// While stepping, KVM copies the registers into `kvm_run` at every KVM_RUN return; off
+    /// otherwise, so that ordinary exits do not pay for the copy.
+    fn sync_regs_while_stepping(&mut self, vcpu: &mut VcpuFd) {
+        let want = self.shared.sync_regs && self.stepper.active();
+        if want == self.regs_sync_on {
+            return;
+        }
+        for reg in [SyncReg::Register, SyncReg::SystemRegister] {
+            if want {
+                vcpu.set_sync_valid_reg(reg);
+            } else {
+                vcpu.clear_sync_valid_reg(reg);
+            }
+        }
+        self.regs_sync_on = want;
+    }
+
     /// Before a write that may be an EOI: the vector it would end (the highest in service).
     fn in_service_before(&self, is_eoi: bool) -> Option<u8> {
         if is_eoi {
@@ -965,6 +1003,7 @@ impl VcpuIrqchip for UserVcpuChip {
         self.enable_event_sync(vcpu);
         self.interrupts.begin_guest_entry();
         self.accept_init_sipi(vcpu, true)?;
+        self.offer_synced_regs(vcpu);
         let now = self.shared.clock.now();
         self.run_timer(now);
         let pic_intr = self.platform().pic_intr();
@@ -976,6 +1015,7 @@ impl VcpuIrqchip for UserVcpuChip {
             // No KVM_RUN follows: registers a SIPI staged go in now (a vCPU a SIPI just started
             // does not block, but nothing may stay staged past this point).
             flush_staged(vcpu)?;
+            self.stepper.offer_synced(None);
             self.interrupts.end_guest_entry();
             self.prepare_wait_for_init(vcpu)?;
             let reason = match self.interrupts.mp_state() {
@@ -987,6 +1027,8 @@ impl VcpuIrqchip for UserVcpuChip {
             return Ok(EntryDecision::Block { reason, deadline });
         }
         self.inject(vcpu, pic_intr)?;
+        self.stepper.offer_synced(None);
+        self.sync_regs_while_stepping(vcpu);
         self.after_init = None;
         self.regs_rewritten = false;
         self.flags_from_exit = false;
@@ -1000,9 +1042,15 @@ impl VcpuIrqchip for UserVcpuChip {
         }
         self.sync_kvm_apic_base(vcpu)?;
         self.interrupts.end_guest_entry();
-        // Every KVM_RUN return, exit or EINTR, copied the events out (`kvm_valid_regs`).
+        // Every KVM_RUN return, exit or EINTR, copied the events out (`kvm_valid_regs`), and
+        // while stepping the registers.
         self.events_synced = self.sync_enabled;
+        self.regs_fresh = self.regs_sync_on;
         Ok(())
+    }
+
+    fn registers_written(&mut self) {
+        self.regs_fresh = false;
     }
 
     fn handle_exit(&mut self, exit: &mut ChipExit<'_>) -> Result<ExitHandled, IrqchipError> {
