@@ -198,7 +198,9 @@ pub struct HostLine {
 /// The host half of storm.c's handshake: `busy` = 1, then read `stop` (the guest writes `stop`,
 /// then reads `busy`: one side always sees the other), pulse, wait until the guest counted it,
 /// `busy` = 0. Bounded by the VM's end. Once the guest closed the window, dumps every vCPU's
-/// interrupt state if the guest asked (it sets `dump_req` before `stop`).
+/// interrupt state if the guest asked (it sets `dump_req` before `stop`); also once
+/// [`DUMP_BEFORE_TIMEOUT`] before the VM's timeout if the guest is still storming then, so that a
+/// run about to time out shows where each vCPU stood.
 pub fn pulse_host_line(vm: &RunningVm, capture: &SerialCapture) -> HostLine {
     let start = Instant::now();
     let over = || start.elapsed() > VM_TIMEOUT || vm.vcpu(0).state() == VcpuState::Stopped;
@@ -210,6 +212,7 @@ pub fn pulse_host_line(vm: &RunningVm, capture: &SerialCapture) -> HostLine {
             .expect("host_link is in RAM")
     };
     let mut pulses = 0;
+    let mut dump = None;
     loop {
         assert!(
             vm.store_guest_u32(link + LINK_BUSY, 1),
@@ -217,7 +220,9 @@ pub fn pulse_host_line(vm: &RunningVm, capture: &SerialCapture) -> HostLine {
         );
         if word(LINK_STOP) != 0 || over() {
             vm.store_guest_u32(link + LINK_BUSY, 0);
-            let dump = (word(LINK_DUMP_REQ) != 0).then(|| dump_interrupt_state(vm));
+            if word(LINK_DUMP_REQ) != 0 {
+                dump = Some(dump_interrupt_state(vm));
+            }
             vm.store_guest_u32(link + LINK_DUMP_DONE, 1);
             return HostLine { pulses, dump };
         }
@@ -225,10 +230,27 @@ pub fn pulse_host_line(vm: &RunningVm, capture: &SerialCapture) -> HostLine {
         vm.irqchip().pulse_line(HOST_LINE).unwrap();
         pulses += 1;
         while word(LINK_DEV10) == counted && !over() {
+            dump_if_near_timeout(vm, start, &mut dump);
             std::thread::sleep(Duration::from_micros(50));
         }
+        dump_if_near_timeout(vm, start, &mut dump);
         vm.store_guest_u32(link + LINK_BUSY, 0);
         std::thread::sleep(Duration::from_micros(300));
+    }
+}
+
+/// How long before the VM's timeout storm's host thread dumps the vCPUs of a guest still storming.
+const DUMP_BEFORE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The first time the host thread (started at `start`) comes within [`DUMP_BEFORE_TIMEOUT`] of the
+/// VM's timeout, `dump` = every vCPU's interrupt state (the guest has not ended its storm by then).
+fn dump_if_near_timeout(vm: &RunningVm, start: Instant, dump: &mut Option<String>) {
+    if dump.is_none() && start.elapsed() > VM_TIMEOUT - DUMP_BEFORE_TIMEOUT {
+        let state = dump_interrupt_state(vm);
+        *dump = Some(format!(
+            "(the guest was still storming {} s after the host thread started)\n{state}",
+            (VM_TIMEOUT - DUMP_BEFORE_TIMEOUT).as_secs()
+        ));
     }
 }
 
@@ -296,7 +318,9 @@ pub fn assert_storm_counts_exact(
 ) {
     if let Some(dump) = &host.dump {
         // Before the checks below, so that whichever fails, the dump is in the test's output.
-        eprintln!("{what}: the guest found IPIs missing; interrupt state then:\n{dump}");
+        eprintln!(
+            "{what}: IPIs missing or the run about to time out; interrupt state then:\n{dump}"
+        );
     }
     let pulses = host.pulses;
     run.assert_expected("storm", mode, cpus);
