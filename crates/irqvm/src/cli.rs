@@ -81,7 +81,9 @@ fn parse_vector(text: &str) -> Result<u8, String> {
         .and_then(|v| u8::try_from(v).map_err(|_| format!("'{text}' is not a vector")))
 }
 
+// fuzz-guest shares `run`'s flag (`ExactIrqBoundaries`) but keeps its own one-line help.
 #[derive(Debug, clap::Args)]
+#[command(mut_arg("exact_irq_boundaries", |arg| arg.help("As `irqvm run --exact-irq-boundaries`")))]
 pub struct FuzzArgs {
     /// Keep running seeds for this many seconds (without it: one round with one seed).
     #[arg(long, value_name = "N")]
@@ -98,17 +100,8 @@ pub struct FuzzArgs {
     /// Operations per vCPU in each run.
     #[arg(long, value_name = "N", default_value_t = crate::fuzzguest::DEFAULT_OPS)]
     pub ops: u32,
-    /// As `irqvm run --exact-irq-boundaries`.
-    #[arg(
-        long,
-        value_enum,
-        value_name = "on|off",
-        num_args = 0..=1,
-        require_equals = true,
-        default_value = "on",
-        default_missing_value = "on"
-    )]
-    pub exact_irq_boundaries: Switch,
+    #[command(flatten)]
+    pub boundaries: ExactIrqBoundaries,
 }
 
 #[derive(Debug, clap::Args)]
@@ -210,6 +203,13 @@ pub struct RunArgs {
         value_parser = parse_page
     )]
     pub protected_state_aps: Option<u8>,
+    #[command(flatten)]
+    pub boundaries: ExactIrqBoundaries,
+}
+
+/// `--exact-irq-boundaries[=on|off]`, shared by `run` and `fuzz-guest`.
+#[derive(Debug, clap::Args)]
+pub struct ExactIrqBoundaries {
     /// Take every pending interrupt at the instruction boundary where it becomes deliverable
     /// (after `sti; nop`, a CR8 write...), by single-stepping the vCPU while an interrupt waits
     /// (`user` mode; `split`: the PIC's ExtINT; `kernel` ignores it). On by default; `off` takes
@@ -225,6 +225,13 @@ pub struct RunArgs {
         default_missing_value = "on"
     )]
     pub exact_irq_boundaries: Switch,
+}
+
+impl ExactIrqBoundaries {
+    /// Whether exact boundaries are on (`VmConfig::exact_irq_boundaries`).
+    pub fn on(&self) -> bool {
+        self.exact_irq_boundaries.on()
+    }
 }
 
 /// An on/off option (`--exact-irq-boundaries=on|off`).
@@ -331,7 +338,7 @@ pub fn run_config(args: &RunArgs) -> Result<VmConfig, CliError> {
     cfg.protected_state_aps = args
         .protected_state_aps
         .map(|launch_page| crate::backend::ProtectedStateAps { launch_page });
-    cfg.exact_irq_boundaries = args.exact_irq_boundaries.on();
+    cfg.exact_irq_boundaries = args.boundaries.on();
     Ok(cfg)
 }
 
@@ -657,7 +664,7 @@ fn fuzz_guest(args: &FuzzArgs) -> i32 {
         },
         cpus: args.cpus.map_or_else(|| vec![1, 2, 4], |n| vec![n]),
         ops: args.ops,
-        exact_irq_boundaries: args.exact_irq_boundaries.on(),
+        exact_irq_boundaries: args.boundaries.on(),
     };
     println!("fuzz-guest: first seed {}", plan.first_seed);
     match run_plan(&plan) {
@@ -771,7 +778,7 @@ mod tests {
             let Some(Command::Run(args)) = cli.command else {
                 panic!("not run");
             };
-            args.exact_irq_boundaries.on()
+            args.boundaries.on()
         };
         assert!(exact(&[]));
         assert!(exact(&["--exact-irq-boundaries"]));
@@ -786,7 +793,7 @@ mod tests {
         let Some(Command::FuzzGuest(args)) = fuzz.command else {
             panic!("not fuzz-guest");
         };
-        assert!(!args.exact_irq_boundaries.on());
+        assert!(!args.boundaries.on());
     }
 
     #[test]

@@ -363,11 +363,11 @@ struct Hammered {
 }
 
 /// Beside storm's host-line pulser: state queries and pause/resume cycles until the VM ends.
-fn hammer(vm: &RunningVm, capture: &SerialCapture) -> (u32, Hammered) {
+fn hammer(vm: &RunningVm, capture: &SerialCapture) -> (common::HostLine, Hammered) {
     let sock = socket_path(&format!("storm-{}", vm.vcpu_count()));
     let server = ApiServer::start(&sock, vm.handle()).expect("API server");
     let mut seen = Hammered::default();
-    let pulses = std::thread::scope(|s| {
+    let host = std::thread::scope(|s| {
         let pulser = s.spawn(|| common::pulse_host_line(vm, capture));
         let over = || vm.vcpu(0).state() == VcpuState::Stopped;
         while !over() {
@@ -403,7 +403,7 @@ fn hammer(vm: &RunningVm, capture: &SerialCapture) -> (u32, Hammered) {
         pulser.join().expect("the pulsing thread panicked")
     });
     drop(server);
-    (pulses, seen)
+    (host, seen)
 }
 
 #[test]
@@ -411,10 +411,10 @@ fn storm_counts_exactly_once_while_the_api_is_hammered() {
     for mode in MODES {
         let _one = common::exclusive();
         let (run, out) = common::run_with_host_thread("storm", mode, 2, hammer);
-        let (pulses, seen) =
+        let (host, seen) =
             out.unwrap_or_else(|_| panic!("{mode:?}: hammering panicked:\n{}", run.output));
         let what = format!("storm under the API, {mode:?}");
-        common::assert_storm_counts_exact(&run, mode, 2, pulses, &what);
+        common::assert_storm_counts_exact(&run, mode, 2, &host, &what);
         assert!(seen.pauses > 0 && seen.queries > 0, "{what}: {seen:?}");
         eprintln!("{what}: {seen:?}");
     }

@@ -138,8 +138,9 @@ pub fn kvm_lapic(vcpu: &VcpuFd) -> Result<LapicInfo, KvmError> {
     Ok(decode_kvm_page(&page, apic_base, tsc_deadline))
 }
 
-/// KVM_GET_VCPU_EVENTS: pending and in-service NMI, latched INIT. `extra_nmis` are NMIs the
-/// caller's own model holds (`user` mode) on top of KVM's.
+/// KVM_GET_VCPU_EVENTS: pending and in-service NMI, latched INIT, the interrupt being injected
+/// and the interrupt shadow. `extra_nmis` are NMIs the caller's own model holds (`user` mode) on
+/// top of KVM's.
 pub fn kvm_pending(vcpu: &VcpuFd, extra_nmis: u32) -> Result<PendingInfo, KvmError> {
     let events = vcpu
         .get_vcpu_events()
@@ -149,6 +150,8 @@ pub fn kvm_pending(vcpu: &VcpuFd, extra_nmis: u32) -> Result<PendingInfo, KvmErr
         nmi_masked: events.nmi.masked != 0,
         init_latched: events.flags & kvm_bindings::KVM_VCPUEVENT_VALID_SMM != 0
             && events.smi.latched_init != 0,
+        injecting: (events.interrupt.injected != 0).then_some(events.interrupt.nr),
+        interrupt_shadow: events.interrupt.shadow,
     })
 }
 

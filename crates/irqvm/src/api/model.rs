@@ -48,6 +48,15 @@ pub struct PendingInfo {
     /// An INIT latched and not accepted (KVM: `smi.latched_init`, only set while INIT is
     /// blocked; `user` mode accepts INIT before it answers, so false there).
     pub init_latched: bool,
+    /// The external interrupt KVM is injecting at the next entry (KVM_GET_VCPU_EVENTS
+    /// `interrupt.injected` and `nr`): a vector that already left IRR (and, with KVM's LAPIC,
+    /// went to ISR) but that the guest has not taken yet. `None` when nothing is being injected.
+    #[serde(default)]
+    pub injecting: Option<u8>,
+    /// The interrupt shadow KVM reports (`interrupt.shadow`: bit 0 after MOV SS / POP SS, bit 1
+    /// after STI, SDM vol. 3 §6.8.3); interrupts are held for one instruction while it is set.
+    #[serde(default)]
+    pub interrupt_shadow: u8,
 }
 
 /// One local APIC, decoded from KVM_GET_LAPIC's register page or from the `irqchip` model.

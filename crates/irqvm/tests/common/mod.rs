@@ -134,11 +134,11 @@ pub const HALT_FOREVER: [u8; 4] = [0xFA, 0xF4, 0xEB, 0xFD];
 
 /// The storm guest on `cpus` vCPUs while a host thread pulses IOAPIC line 10 under the guest's
 /// `host_link` handshake (guests/storm.c): one host edge outstanding at a time, and none after
-/// the guest closed the window. Returns the run and how many times the host pulsed.
-pub fn run_storm_with_host_line(mode: IrqchipMode, cpus: u32) -> (GuestRun, u32) {
-    let (run, pulses) = run_with_host_thread("storm", mode, cpus, pulse_host_line);
-    let pulses = pulses.unwrap_or_else(|_| panic!("the pulsing thread panicked:\n{}", run.output));
-    (run, pulses)
+/// the guest closed the window. Returns the run and what the host thread did.
+pub fn run_storm_with_host_line(mode: IrqchipMode, cpus: u32) -> (GuestRun, HostLine) {
+    let (run, host) = run_with_host_thread("storm", mode, cpus, pulse_host_line);
+    let host = host.unwrap_or_else(|_| panic!("the pulsing thread panicked:\n{}", run.output));
+    (run, host)
 }
 
 /// Runs guest `name` on `cpus` vCPUs in `mode` with `host` running on a thread of its own beside
@@ -177,28 +177,42 @@ pub fn run_cfg_with_host_thread<T: Send + 'static>(
     (run, out)
 }
 
-/// The guest's `host_link` words: the guest writes `stop` and counts `dev10`, the host writes
-/// `busy`.
+/// The guest's `host_link` words: the guest writes `stop`, counts `dev10` and sets `dump_req`
+/// when an IPI is missing; the host writes `busy` and `dump_done`.
 const LINK_STOP: u64 = 0;
 const LINK_BUSY: u64 = 4;
 const LINK_DEV10: u64 = 8;
+const LINK_DUMP_REQ: u64 = 12;
+const LINK_DUMP_DONE: u64 = 16;
 /// The line the host drives (the guest pulses line 11 itself).
 const HOST_LINE: u32 = 10;
 
+/// What storm's host thread did: its pulses of line 10, and the vCPUs' interrupt state if the
+/// guest found an IPI missing and asked for it (`dump_req`).
+#[derive(Debug, Default)]
+pub struct HostLine {
+    pub pulses: u32,
+    pub dump: Option<String>,
+}
+
 /// The host half of storm.c's handshake: `busy` = 1, then read `stop` (the guest writes `stop`,
 /// then reads `busy`: one side always sees the other), pulse, wait until the guest counted it,
-/// `busy` = 0. Bounded by the VM's end.
-pub fn pulse_host_line(vm: &RunningVm, capture: &SerialCapture) -> u32 {
+/// `busy` = 0. Bounded by the VM's end. Once the guest closed the window, dumps every vCPU's
+/// interrupt state if the guest asked (it sets `dump_req` before `stop`); also once
+/// [`DUMP_BEFORE_TIMEOUT`] before the VM's timeout if the guest is still storming then, so that a
+/// run about to time out shows where each vCPU stood.
+pub fn pulse_host_line(vm: &RunningVm, capture: &SerialCapture) -> HostLine {
     let start = Instant::now();
     let over = || start.elapsed() > VM_TIMEOUT || vm.vcpu(0).state() == VcpuState::Stopped;
     let Some(link) = wait_for_host_link(capture, &over) else {
-        return 0;
+        return HostLine::default();
     };
     let word = |offset| {
         vm.load_guest_u32(link + offset)
             .expect("host_link is in RAM")
     };
     let mut pulses = 0;
+    let mut dump = None;
     loop {
         assert!(
             vm.store_guest_u32(link + LINK_BUSY, 1),
@@ -206,17 +220,70 @@ pub fn pulse_host_line(vm: &RunningVm, capture: &SerialCapture) -> u32 {
         );
         if word(LINK_STOP) != 0 || over() {
             vm.store_guest_u32(link + LINK_BUSY, 0);
-            return pulses;
+            if word(LINK_DUMP_REQ) != 0 {
+                dump = Some(dump_interrupt_state(vm));
+            }
+            vm.store_guest_u32(link + LINK_DUMP_DONE, 1);
+            return HostLine { pulses, dump };
         }
         let counted = word(LINK_DEV10);
         vm.irqchip().pulse_line(HOST_LINE).unwrap();
         pulses += 1;
         while word(LINK_DEV10) == counted && !over() {
+            dump_if_near_timeout(vm, start, &mut dump);
             std::thread::sleep(Duration::from_micros(50));
         }
+        dump_if_near_timeout(vm, start, &mut dump);
         vm.store_guest_u32(link + LINK_BUSY, 0);
         std::thread::sleep(Duration::from_micros(300));
     }
+}
+
+/// How long before the VM's timeout storm's host thread dumps the vCPUs of a guest still storming.
+const DUMP_BEFORE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The first time the host thread (started at `start`) comes within [`DUMP_BEFORE_TIMEOUT`] of the
+/// VM's timeout, `dump` = every vCPU's interrupt state (the guest has not ended its storm by then).
+fn dump_if_near_timeout(vm: &RunningVm, start: Instant, dump: &mut Option<String>) {
+    if dump.is_none() && start.elapsed() > VM_TIMEOUT - DUMP_BEFORE_TIMEOUT {
+        let state = dump_interrupt_state(vm);
+        *dump = Some(format!(
+            "(the guest was still storming {} s after the host thread started)\n{state}",
+            (VM_TIMEOUT - DUMP_BEFORE_TIMEOUT).as_secs()
+        ));
+    }
+}
+
+/// Every vCPU's interrupt state as the control API reads it on the vCPU's thread (kicked out of
+/// KVM_RUN): thread and MP state, RIP, the local APIC's IRR, ISR, TMR, TPR and PPR
+/// (KVM_GET_LAPIC in `kernel` and `split` mode, the model in `user` mode) and the pending events
+/// (KVM_GET_VCPU_EVENTS: the vector being injected, the interrupt shadow, NMIs). One line each.
+pub fn dump_interrupt_state(vm: &RunningVm) -> String {
+    use irqvm::api::router::Control;
+    let handle = vm.handle();
+    let line = |index: usize| match handle.vcpu(index) {
+        Ok(v) => format!(
+            "vCPU {index}: thread={} mp_state={} rip={:#x} irr={:x?} isr={:x?} tmr={:x?} tpr={:#x} \
+             ppr={:#x} injecting={:x?} shadow={} nmis={} nmi_masked={}",
+            v.thread,
+            v.mp_state,
+            v.rip,
+            v.lapic.irr,
+            v.lapic.isr,
+            v.lapic.tmr,
+            v.lapic.tpr,
+            v.lapic.ppr,
+            v.pending.injecting,
+            v.pending.interrupt_shadow,
+            v.pending.nmis,
+            v.pending.nmi_masked
+        ),
+        Err(e) => format!("vCPU {index}: not read: {e}"),
+    };
+    (0..vm.vcpu_count())
+        .map(line)
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// The address in "STORM: start host_link=0x..." once the guest printed the whole line.
@@ -239,15 +306,23 @@ fn wait_for_host_link(capture: &SerialCapture, over: &dyn Fn() -> bool) -> Optio
 }
 
 /// The storm run passed, and its counts are exact: every IPI sent was received once, the guest's
-/// 20 pulses of line 11 gave 20 interrupts, and the host's `pulses` of line 10 gave exactly
-/// `pulses` interrupts.
+/// 20 pulses of line 11 gave 20 interrupts, and the host's pulses of line 10 gave exactly as
+/// many interrupts. A failure shows the host's dump of the vCPUs' interrupt state if the guest
+/// asked for one (an IPI missing).
 pub fn assert_storm_counts_exact(
     run: &GuestRun,
     mode: IrqchipMode,
     cpus: u32,
-    pulses: u32,
+    host: &HostLine,
     what: &str,
 ) {
+    if let Some(dump) = &host.dump {
+        // Before the checks below, so that whichever fails, the dump is in the test's output.
+        eprintln!(
+            "{what}: IPIs missing or the run about to time out; interrupt state then:\n{dump}"
+        );
+    }
+    let pulses = host.pulses;
     run.assert_expected("storm", mode, cpus);
     let line = run
         .output
@@ -276,7 +351,14 @@ pub fn assert_storm_counts_exact(
         "{what}: device interrupts\n{}",
         run.output
     );
-    eprintln!("{what}: {pulses} host pulses; {line}");
+    // Which pairs' last IPI had not landed when the last sender finished (docs/irqchip-modes.md,
+    // "The storm's IPI count"): the figures of that section come from these lines.
+    let late: Vec<&str> = run
+        .output
+        .lines()
+        .filter_map(|l| l.strip_prefix("COUNT: late ipi "))
+        .collect();
+    eprintln!("{what}: {pulses} host pulses; {line}; late: {late:?}");
 }
 
 /// One guest VM at a time per test binary: the guests time themselves with the TSC (a 1 ms APIC
@@ -478,12 +560,12 @@ pub fn assert_every_guest_runs(mode: IrqchipMode, standalone: &[&str], others: &
 pub fn check_storm_with_host_line(mode: IrqchipMode) {
     for cpus in [2, 4] {
         let _one = exclusive();
-        let (run, pulses) = run_storm_with_host_line(mode, cpus);
+        let (run, host) = run_storm_with_host_line(mode, cpus);
         assert_storm_counts_exact(
             &run,
             mode,
             cpus,
-            pulses,
+            &host,
             &format!("storm, host line, {cpus} vCPUs, {mode:?}"),
         );
     }
