@@ -11,7 +11,10 @@
  * #UD) is recorded and ends the user part. Then the kernel jumps to LSTAR itself at CPL 0, which must just run
  * the handler (irqvm watches LSTAR on hosts that leave SYSCALL half done: docs/kvm-facts.md, "SYSCALL and
  * SYSRET here"), and the guest's DR7 must read the same before and after: nothing of such a watch shows.
- * Linux's first system call from init met the host gap this guest reproduces in a second. */
+ * Linux's first system call from init met the host gap this guest reproduces in a second. The first system
+ * call's handler also writes FS base (as Linux's arch_prctl(ARCH_SET_FS) does), and the kernel side checks
+ * that the second system call, which irqvm finishes with KVM_GET_SREGS/KVM_SET_SREGS on this host, left it
+ * alone (docs/benchmarks.md, "Fourth session": a 4-vCPU Linux whose processes lost their FS base). */
 #include "guest.h"
 
 #define KCODE 0x18                 /* the library's 64-bit code: STAR[47:32] */
@@ -133,7 +136,14 @@ __asm__(
 	"	lock incl sc_entries(%rip)\n"
 	"	cmpq $1, sc_tmp(%rip)\n"
 	"	jne 1f\n"
-	/* System call 1: back to the user code, RIP = RCX, RFLAGS = R11. */
+	/* System call 1: FS base changed inside the call (as Linux's arch_prctl does), then back to the
+	 * user code, RIP = RCX, RFLAGS = R11. */
+	"	movq %rcx, %r12\n"
+	"	movl $0xC0000100, %ecx\n"
+	"	movl $0x12345000, %eax\n"
+	"	xorl %edx, %edx\n"
+	"	wrmsr\n"
+	"	movq %r12, %rcx\n"
 	"	movq sc_user_rsp(%rip), %rsp\n"
 	"	sysretq\n"
 	"1:	movl $0, sc_left_by(%rip)\n"
@@ -261,6 +271,9 @@ static void check_user_round_trip(u32 left)
 	      second->r10);
 	check(second->rsi == USER_FLAGS, "sysretq loads rflags from r11 [pvm-sysret]", "rflags %lx, expected %lx", second->rsi,
 	      USER_FLAGS);
+	u64 fs_base = rdmsr(0xC0000100);
+	check(fs_base == 0x12345000, "fs base written in a system call survives the next one", "fs base %lx",
+	      fs_base);
 	check(second->cs == KCODE && second->ss == KDATA && second->rcx == user_addr(user_after_second) &&
 		      second->r11 == second->rsi,
 	      "a second syscall after sysretq reaches lstar at cpl 0", "cs %lx ss %lx rcx %lx r11 %lx (flags %lx)",
