@@ -280,6 +280,43 @@ static void check_user_round_trip(u32 left)
 	      second->cs, second->ss, second->rcx, second->r11, second->rsi);
 }
 
+/* System calls while an interrupt waits for IF: the kernel side sends itself an IPI with IF = 0 and enters CPL 3
+ * with IF = 0 in its IRETQ frame, so irqvm's exact-boundaries stepper (user and split mode) single-steps the
+ * way there, the IRETQ included, and the SYSCALL watch must still finish the host's half of each SYSCALL
+ * (Linux met the two together: "segfault at <LSTAR> ... error 15" in init). The interrupt is taken once: at
+ * the kernel side's STI, or, on this host, where CPL 3 runs with IF = 1 whatever the frame says
+ * (docs/kvm-facts.md, "User mode's IF here"), in user mode. */
+#define WAITING_VECTOR 0x61
+static void check_syscall_while_interrupt_waits(void)
+{
+	memset(sc_rec, 0, sizeof(sc_rec));
+	platform_init(false);
+	cli();
+	u32 taken = irq_count[0][WAITING_VECTOR];
+	u64 flags = USER_FLAGS & ~RFLAGS_IF;
+	apic_icr_write(0, APIC_SH_SELF | WAITING_VECTOR);
+	u32 left = enter_user(USER_VA, USER_VA + 0x2000, flags);
+	u32 in_user = irq_count[0][WAITING_VECTOR] - taken;
+	const struct entry_record *first = &sc_rec[1], *second = &sc_rec[2];
+	if (check(left == 0, "a syscall while an interrupt waits runs the lstar handler at cpl 0",
+		  "left by vector %u at rip %lx cs %lx error %lx rflags %lx (%u handler entries)", left - 1,
+		  fault_rip, fault_cs, fault_error, fault_rflags, sc_entries)) {
+		check(first->cs == KCODE && first->ss == KDATA && first->rcx == user_addr(user_after_first) &&
+			      (first->r11 & ~RFLAGS_IF) == flags && first->rflags == (flags & ~SFMASK) &&
+			      second->cs == KCODE && second->rcx == user_addr(user_after_second),
+		      "syscalls while an interrupt waits load cs, ss, rcx and r11 and mask rflags",
+		      "cs %lx ss %lx rcx %lx r11 %lx (flags %lx) rflags %lx; second cs %lx rcx %lx", first->cs,
+		      first->ss, first->rcx, first->r11, flags, first->rflags, second->cs, second->rcx);
+		check(first->r11 == flags && in_user == 0,
+		      "iretq to cpl 3 with if = 0 keeps the interrupt waiting in user mode [pvm-user-if]",
+		      "r11 %lx (flags %lx), interrupt taken %u times in user mode", first->r11, flags, in_user);
+	}
+	sti_nop_cli();
+	u32 all = irq_count[0][WAITING_VECTOR] - taken;
+	check(all == 1, "the interrupt waiting across the syscalls is taken once", "%u times (%u in user mode)",
+	      all, in_user);
+}
+
 void guest_main(void)
 {
 	u64 dr7_before = read_dr7();
@@ -306,6 +343,8 @@ void guest_main(void)
 	check(touched == 15 && fault_cs == KCODE && irq_count[0][14] == faults + 2,
 	      "a kernel-mode page fault is delivered once", "left by %u, cs %lx, %u faults", touched, fault_cs,
 	      irq_count[0][14] - faults - 1);
+
+	check_syscall_while_interrupt_waits();
 
 	u32 entries = sc_entries;
 	u32 again = jump_to_lstar();

@@ -18,7 +18,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 die() { echo "linux-boot: $*" >&2; exit 1; }
 
-cpus=1 irqchip=user format=vmlinux timeout=2700 irqvm= memory=128M append= api=
+cpus=1 irqchip=user format=vmlinux timeout=2700 irqvm= memory=128M append= api= exact=off
 while [ $# -gt 0 ]; do
 	case $1 in
 	--cpus) cpus=$2; shift 2 ;;
@@ -29,6 +29,7 @@ while [ $# -gt 0 ]; do
 	--memory) memory=$2; shift 2 ;;
 	--append) append=$2; shift 2 ;;
 	--api-sock) api=$2; shift 2 ;;
+	--exact) exact=$2; shift 2 ;;
 	*) die "unknown argument $1" ;;
 	esac
 done
@@ -103,7 +104,7 @@ set +e
 # "Fourth session"). An open bug in how the stepper and the SYSCALL watch share the debug exits.
 timeout --signal=TERM "$timeout" "$irqvm" run --kernel "$kernel" --initrd "$work/initramfs.cpio" \
 	--cmdline "$cmdline" --cpus "$cpus" --memory "$memory" --irqchip "$irqchip" \
-	--exact-irq-boundaries=off "${api_args[@]}" 2>&1 | tee "$log"
+	--exact-irq-boundaries="$exact" "${api_args[@]}" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 end=$(date +%s.%N)

@@ -342,7 +342,15 @@ impl Stepper {
         }
         let regs = self.regs(vcpu)?;
         self.settle_first(vcpu, &regs)?;
-        match self.plan(vcpu, &regs)? {
+        let plan = self.plan(vcpu, &regs)?;
+        tracing::trace!(
+            rip = regs.rip,
+            rflags = regs.rflags,
+            ?plan,
+            left = self.left,
+            "step"
+        );
+        match plan {
             plan @ (Plan::Step | Plan::Break(_)) => {
                 let armed = match plan {
                     Plan::Break(at) => Armed::Break(at),

@@ -241,7 +241,20 @@ impl SyscallWatch {
                 self.completed += 1;
                 Ok(())
             }
-            _ => {
+            frame => {
+                if let Some(frame) = frame.filter(|f| f.rip == msrs.lstar && f.cs & 3 == 3) {
+                    // Never expected from Linux; a guest's own jump to LSTAR at CPL 3 also
+                    // lands here, hence the rate limit.
+                    crate::warn_ratelimited!(
+                        ?frame,
+                        r11 = format_args!("{:#x}", regs.r11),
+                        rcx = format_args!("{:#x}", regs.rcx),
+                        cr2 = format_args!("{:#x}", sregs.cr2),
+                        fmask = format_args!("{:#x}", msrs.fmask),
+                        dr6 = format_args!("{dr6:#x}"),
+                        "a user-mode fault at LSTAR that is not a half-done SYSCALL"
+                    );
+                }
                 // An ordinary page fault: one step over the handler's first instruction with
                 // the breakpoint off (RF does not get past it here).
                 self.stepping_past = true;

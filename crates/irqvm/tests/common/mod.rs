@@ -501,7 +501,7 @@ pub fn check_syscall(mode: IrqchipMode) {
     let report = run.result.as_ref().expect("the VM runs");
     let vcpu = &report.vcpus[0];
     let (completed, hits) = if irqvm::emulate::syscall::host_needs_it() {
-        (2, 4)
+        (4, 6)
     } else {
         (0, 0)
     };
