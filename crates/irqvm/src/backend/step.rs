@@ -59,6 +59,18 @@
 //!   TF set gets TF cleared before the handler can IRET with it (`FirstStep`; guest
 //!   `irq_boundary`, a `ud2` right after the ICR write that starts an episode).
 //!
+//! **User mode is never stepped.** On this host CPL-3 code runs natively: a stepped SYSRETQ or
+//! IRETQ into user mode gives no step exit there (the user code runs on to its next exit), user
+//! code runs with IF = 1 whatever its RFLAGS image said (docs/kvm-facts.md, "User mode's IF
+//! here"), and a frame the host pushes from user mode while stepping stays armed carries KVM's
+//! TF. Measured in a `user`-mode Linux boot: a SYSCALL made while stepping was armed faulted
+//! at LSTAR with RFLAGS image 0x10102 (TF, RF), which the SYSCALL watch
+//! (`crate::emulate::syscall`) did not take for a half-done SYSCALL, and Linux killed init
+//! with "segfault at <LSTAR> ... error 15". So an episode ends, and the backend falls back to
+//! its window kicks, when the vCPU is at CPL 3 or the instruction at RIP can enter it
+//! (SYSRET, SYSEXIT, an IRET whose CS image has RPL 3: [`user_entry`]); the interrupt is then
+//! taken at the next exit, in user mode, where IF is 1.
+//!
 //! An IRETQ is not stepped either: a step over an IRETQ that returns from an interrupt KVM
 //! injected runs one more instruction before it exits (docs/kvm-facts.md), which would take an
 //! interrupt waiting for that IRETQ one instruction late. The backend arms an execute breakpoint
@@ -189,6 +201,37 @@ enum Plan {
     /// Not at this entry: KVM holds an event it delivers at the next entry, whose frame would
     /// get KVM's TF if stepping began now.
     NotNow,
+    /// The guest is at CPL 3, or the instruction at RIP takes it there ([`user_entry`]): not
+    /// stepped ([`Stepper`]'s module documentation, "User mode is never stepped").
+    UserMode,
+}
+
+/// How an instruction may take the guest to CPL 3 ([`user_entry`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UserEntry {
+    /// SYSRET (64-bit code) and SYSEXIT return to CPL 3 by definition (SDM vol. 2B).
+    Always,
+    /// IRET: if the CS image this many bytes above the stack pointer has RPL 3.
+    IfFrameCsAt { offset: u64 },
+}
+
+/// Decodes the instruction at RIP (`code`) far enough to say whether it can enter CPL 3
+/// (SDM vol. 2: SYSRET 0F 07 in 64-bit code, SYSEXIT 0F 35, IRET CF with its operand size).
+pub fn user_entry(code: &[u8], mode: CodeMode) -> Option<UserEntry> {
+    let at = code
+        .iter()
+        .take(MAX_INSN)
+        .position(|&b| !is_prefix(b, mode))?;
+    match (code[at], code.get(at + 1)) {
+        (0x0F, Some(0x07)) if mode.long => Some(UserEntry::Always),
+        (0x0F, Some(0x35)) => Some(UserEntry::Always),
+        // IRET pops IP, CS, FLAGS, one operand each: CS is one slot up, half the FLAGS offset.
+        (0xCF, _) => match tf_source(code, mode) {
+            Some(TfSource::Stack { offset }) => Some(UserEntry::IfFrameCsAt { offset: offset / 2 }),
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 /// What [`Stepper::step`] arranged for the next KVM_RUN.
@@ -375,7 +418,7 @@ impl Stepper {
                 self.off(vcpu)?;
                 Ok(StepOutcome::Fallback)
             }
-            Plan::NotNow => {
+            Plan::NotNow | Plan::UserMode => {
                 self.fallbacks += 1;
                 self.off(vcpu)?;
                 Ok(StepOutcome::Fallback)
@@ -502,6 +545,9 @@ impl Stepper {
         if exits_itself(&code[..n], mode) {
             return Plan::Unstepped;
         }
+        if self.in_or_to_user_mode(vcpu, &code[..n], mode, regs, sregs) {
+            return Plan::UserMode;
+        }
         if iretq(&code[..n], mode) {
             if let Some(plan) = self.iretq_plan(vcpu, regs, sregs) {
                 return plan;
@@ -538,6 +584,37 @@ impl Stepper {
     /// RFLAGS at RSP, 8 bytes each: SDM vol. 2, IRET) returns to the same code segment with TF
     /// clear, so that the address is the linear one (base 0 in 64-bit mode) and the return
     /// loads no TF. `None`: step it (TF set in the image is refused by the caller's TF check).
+    /// The guest runs at CPL 3 (CS.RPL), or the instruction at RIP (`code`) enters it: SYSRET
+    /// and SYSEXIT always, an IRET whose CS image has RPL 3 (an unreadable image faults
+    /// instead, at CPL 0).
+    fn in_or_to_user_mode(
+        &self,
+        vcpu: &VcpuFd,
+        code: &[u8],
+        mode: CodeMode,
+        regs: &kvm_regs,
+        sregs: &kvm_sregs,
+    ) -> bool {
+        if sregs.cs.selector & 3 == 3 {
+            return true;
+        }
+        match user_entry(code, mode) {
+            None => false,
+            Some(UserEntry::Always) => true,
+            Some(UserEntry::IfFrameCsAt { offset }) => {
+                let ss_base = if mode.long { 0 } else { sregs.ss.base };
+                let sp = if mode.long || sregs.ss.db != 0 {
+                    regs.rsp
+                } else {
+                    regs.rsp & 0xFFFF
+                };
+                let mut cs = [0u8; 1];
+                let at = ss_base.wrapping_add(sp).wrapping_add(offset);
+                self.read_linear(vcpu, at, &mut cs) == 1 && cs[0] & 3 == 3
+            }
+        }
+    }
+
     fn iretq_plan(&self, vcpu: &VcpuFd, regs: &kvm_regs, sregs: &kvm_sregs) -> Option<Plan> {
         let mut frame = [0u8; 24];
         if self.read_linear(vcpu, regs.rsp, &mut frame) != frame.len() {
@@ -659,6 +736,36 @@ mod tests {
         long: false,
         default32: false,
     };
+
+    #[test]
+    fn sysret_sysexit_and_iret_may_enter_user_mode() {
+        assert_eq!(
+            user_entry(&[0x48, 0x0F, 0x07], LONG),
+            Some(UserEntry::Always)
+        );
+        assert_eq!(user_entry(&[0x0F, 0x07], LONG), Some(UserEntry::Always));
+        assert_eq!(
+            user_entry(&[0x0F, 0x07], PROT32),
+            None,
+            "SYSRET is 64-bit only here"
+        );
+        assert_eq!(user_entry(&[0x0F, 0x35], PROT32), Some(UserEntry::Always));
+        assert_eq!(
+            user_entry(&[0x48, 0xCF], LONG),
+            Some(UserEntry::IfFrameCsAt { offset: 8 })
+        );
+        assert_eq!(
+            user_entry(&[0xCF], PROT32),
+            Some(UserEntry::IfFrameCsAt { offset: 4 })
+        );
+        assert_eq!(
+            user_entry(&[0x0F, 0x05], LONG),
+            None,
+            "SYSCALL leaves CPL 3"
+        );
+        assert_eq!(user_entry(&[0x9D], LONG), None);
+        assert_eq!(user_entry(&[0x66], LONG), None, "prefixes only");
+    }
 
     #[test]
     fn popf_and_iret_read_the_flags_image() {

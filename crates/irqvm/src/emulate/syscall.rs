@@ -58,6 +58,7 @@ const PF_VECTOR: u64 = 14;
 const PF_WRITE: u64 = 1 << 1;
 const PF_USER: u64 = 1 << 2;
 const RFLAGS_RF: u64 = 1 << 16;
+const RFLAGS_TF: u64 = 1 << 8;
 const RFLAGS_IF: u64 = 1 << 9;
 const RFLAGS_FIXED: u64 = 1 << 1;
 /// DR6.B3: breakpoint 3 was hit (SDM vol. 3 §18.2.3).
@@ -302,7 +303,10 @@ fn half_done_syscall(
     msrs: &SyscallMsrs,
 ) -> bool {
     const EFER_SCE: u64 = 1;
-    let masked = (regs.r11 & !msrs.fmask & !RFLAGS_RF) | RFLAGS_FIXED;
+    // TF aside: a frame pushed while KVM single-steps the vCPU can carry KVM's TF (measured:
+    // RFLAGS image 0x10102 with R11 = 0x206 and Linux's FMASK, `crate::backend::step`).
+    let ignored = RFLAGS_RF | RFLAGS_TF;
+    let masked = (regs.r11 & !msrs.fmask & !ignored) | RFLAGS_FIXED;
     sregs.efer & EFER_SCE != 0
         && msrs.lstar != 0
         && frame.rip == msrs.lstar
@@ -310,7 +314,7 @@ fn half_done_syscall(
         && frame.cs & 3 == 3
         && frame.error & PF_USER != 0
         && frame.error & PF_WRITE == 0
-        && frame.rflags & !RFLAGS_RF == masked
+        && frame.rflags & !ignored == masked
 }
 
 /// Completes SYSCALL (SDM vol. 2B, SYSCALL, 64-bit mode): CS and SS from STAR[47:32], CPL
@@ -437,6 +441,12 @@ mod tests {
             ..frame
         };
         assert!(!half_done_syscall(&write, &regs, &sregs, &MSRS));
+        // KVM's TF in the frame (the vCPU was being single-stepped) does not matter.
+        let stepped = Frame {
+            rflags: frame.rflags | RFLAGS_TF,
+            ..frame
+        };
+        assert!(half_done_syscall(&stepped, &regs, &sregs, &MSRS));
         // A user jump to LSTAR: its flags are not masked (IF set).
         let jump = Frame {
             rflags: 0x246 | RFLAGS_RF,
