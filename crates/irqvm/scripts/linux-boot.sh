@@ -7,7 +7,7 @@
 #
 # Usage: linux-boot.sh [--cpus N] [--irqchip user|split|kernel] [--format vmlinux|bzimage]
 #                      [--memory SIZE] [--timeout SECONDS] [--irqvm PATH] [--append ARGS]
-#                      [--api-sock PATH]
+#                      [--api-sock PATH] [--exact on|off]
 # --append adds kernel arguments; --api-sock serves irqvm's control API, for linux-profile.sh.
 # Needs: apt-get install -y linux-image-cloud-amd64 busybox-static lz4 gcc cpio
 # Exit status: 0 if the guest ended through isa-debug-exit with every check passed, 1 otherwise.
@@ -18,7 +18,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 die() { echo "linux-boot: $*" >&2; exit 1; }
 
-cpus=1 irqchip=user format=vmlinux timeout=2700 irqvm= memory=128M append= api= exact=off
+cpus=1 irqchip=user format=vmlinux timeout=2700 irqvm= memory=128M append= api= exact=
 while [ $# -gt 0 ]; do
 	case $1 in
 	--cpus) cpus=$2; shift 2 ;;
@@ -97,14 +97,12 @@ api_args=()
 echo "linux-boot: $(basename "$kernel") ($format), $cpus vCPUs, $irqchip irqchip; log $log"
 start=$(date +%s.%N)
 set +e
-# --exact-irq-boundaries=off: with the single-stepping to exact interrupt boundaries on (the default
-# in `user` and `split` mode), Linux's processes on this host meet intermittent SYSCALLs that
-# emulate::syscall's watch does not finish ("segfault at ffffffff81c00080 ... error 15", the fault of
-# the host's half-done SYSCALL reaching Linux); with it off the same boots pass (docs/benchmarks.md,
-# "Fourth session"). An open bug in how the stepper and the SYSCALL watch share the debug exits.
+# --exact on|off: irqvm's --exact-irq-boundaries (default: irqvm's own, on in `user` and `split`).
+exact_args=()
+[ -z "$exact" ] || exact_args=(--exact-irq-boundaries="$exact")
 timeout --signal=TERM "$timeout" "$irqvm" run --kernel "$kernel" --initrd "$work/initramfs.cpio" \
 	--cmdline "$cmdline" --cpus "$cpus" --memory "$memory" --irqchip "$irqchip" \
-	--exact-irq-boundaries="$exact" "${api_args[@]}" 2>&1 | tee "$log"
+	"${exact_args[@]}" "${api_args[@]}" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 end=$(date +%s.%N)
