@@ -3,26 +3,33 @@
  * IA32_KERNEL_GS_BASE).
  *
  * Each CPU has its own TSS (RSP0 on its own stack) in its own GDT slot, its own user stack page, its own
- * slots in the user-mapped TLS pages, and a per-CPU kernel area that IA32_KERNEL_GS_BASE points at while it
- * runs user code (Linux's per-CPU area). The GDT has Linux's layout for SYSCALL/SYSRET: STAR[47:32] = 0x18
- * (kernel CS 0x18, SS 0x20) and STAR[63:48] = 0x23 (SYSRETQ to CS 0x33, SS 0x2B: what this host loads
- * whatever STAR says, [pvm-sysret] in guests/README.md). Every CPU, for a few thousand iterations bounded by
- * time, with its LAPIC timer firing every `tick_us` microseconds and IPIs to its neighbour:
+ * slots in the user-mapped TLS pages (shared with the other CPUs' slots), and a per-CPU kernel area that
+ * IA32_GS_BASE points at in the kernel and IA32_KERNEL_GS_BASE in user mode (Linux's per-CPU area). The GDT
+ * has Linux's layout for SYSCALL/SYSRET: STAR[47:32] = 0x18 (kernel CS 0x18, SS 0x20) and STAR[63:48] = 0x23
+ * (SYSRETQ to CS 0x33, SS 0x2B: what this host loads whatever STAR says, [pvm-sysret] in guests/README.md);
+ * FMASK is Linux's. Every CPU, for a few thousand round trips bounded by time, with its LAPIC timer firing
+ * every `tick_us` microseconds, an IPI to its neighbour every 8 round trips and a HLT every 64:
  * - enters CPL 3 with SWAPGS and IRETQ;
- * - the user code makes SYSCALL 1; the handler at LSTAR does Linux's entry (SWAPGS, user RSP saved in and the
- *   kernel stack loaded from the per-CPU area through GS), records FS_BASE, GS_BASE and KERNEL_GS_BASE, writes
- *   a new per-CPU, per-iteration FS base with WRMSR (arch_prctl(ARCH_SET_FS)) and a new user GS base into
- *   IA32_KERNEL_GS_BASE (arch_prctl(ARCH_SET_GS) without FSGSBASE), and leaves with SWAPGS and SYSRETQ;
+ * - the user code makes SYSCALL 1; the handler at LSTAR does Linux's entry (SWAPGS, the user RSP saved in and
+ *   the kernel stack loaded from the per-CPU area through GS), records FS_BASE, GS_BASE and KERNEL_GS_BASE,
+ *   and does what Linux 6.1's arch_prctl(ARCH_SET_FS) and (ARCH_SET_GS) do without FSGSBASE: null selector
+ *   into FS, load_gs_index(0), WRMSR of a new per-CPU, per-iteration FS base and of a new user GS base into
+ *   KERNEL_GS_BASE; it leaves with SWAPGS and SYSRETQ;
  * - the user code reads `%fs:0` and `%gs:0`, which must give the tags the kernel placed at those bases, and
  *   reads them again in a loop long enough for timer interrupts to arrive in user mode (each read must give
  *   the same), then makes SYSCALL 2, whose handler records the three MSRs and the user's reads and returns
- *   to the kernel side.
+ *   to the kernel side;
+ * - a timer interrupt from user mode does Linux's SWAPGS in and out, checks the three MSRs, and on every
+ *   other such tick switches away to a task with bases 0 and back as Linux's context switch does
+ *   (load_seg_legacy() with X86_BUG_NULL_SEG: this host is an AMD one); the kernel side does the same
+ *   every fourth round trip. No interrupt may arrive where the interrupted code has IF = 0.
  * The kernel side checks everything recorded against what it must be, and RDMSRs the three again.
  * On this host (kvm_pvm) irqvm finishes every one of these SYSCALLs with KVM_GET_SREGS/KVM_SET_SREGS
  * (emulate/syscall.rs): a 4-vCPU Linux here had processes whose FS base was wrong (docs/benchmarks.md, "the
  * segfault is open"); this is the multi-vCPU form of guests/syscall.c's FS-base check.
  * Command line: iters=N (per CPU, default 3000), ms=N (time bound per CPU, default 3000), tick_us=N
- * (LAPIC timer period, default 100), verbose=1 (one line per bad iteration, up to 20 per CPU). */
+ * (LAPIC timer period, default 500; 100 livelocks the guest in its ticks on a loaded host), verbose=1 (one
+ * line per bad value, up to 20 per CPU). */
 #include "guest.h"
 
 #define KCODE 0x18                  /* the library's 64-bit code: STAR[47:32] */
@@ -72,7 +79,8 @@ struct pcpu {
 	u64 e2_fs, e2_gs, e2_kgs;   /* 104..120: at SYSCALL 2's entry, after SWAPGS */
 	u64 tss;                    /* 128: this CPU's TSS */
 	u64 entries1, entries2;     /* 136, 144 */
-	u64 pad[13];
+	u64 cur_fs, cur_ugs;        /* 152, 160: the user's FS and GS bases now (SYSCALL 1 updates them) */
+	u64 pad[11];
 } __attribute__((aligned(64)));
 _Static_assert(sizeof(struct pcpu) == 256, "the assembly's offsets");
 struct pcpu pcpu[MAX_CPUS];
@@ -129,8 +137,14 @@ __asm__(
 	"	jne 2f\n"
 	/* SYSCALL 1: record, write the new FS base and user GS base, back to the user code. */
 	"	movq %r9, %gs:80\n	movq %r10, %gs:88\n	movq %r12, %gs:96\n"
+	/* arch_prctl(ARCH_SET_FS) and (ARCH_SET_GS) in Linux 6.1 without FSGSBASE: loadsegment(fs, 0) and
+	 * load_gs_index(0) (SWAPGS around the load) before the WRMSRs. */
+	"	xorl %eax, %eax\n	movw %ax, %fs\n"
+	"	swapgs\n	movw %ax, %gs\n	swapgs\n"
 	"	movl $0xC0000100, %ecx\n	movq %gs:32, %rax\n	movq %rax, %rdx\n	shrq $32, %rdx\n	wrmsr\n"
 	"	movl $0xC0000102, %ecx\n	movq %gs:40, %rax\n	movq %rax, %rdx\n	shrq $32, %rdx\n	wrmsr\n"
+	"	movq %gs:32, %rax\n	movq %rax, %gs:152\n"
+	"	movq %gs:40, %rax\n	movq %rax, %gs:160\n"
 	"	incq %gs:136\n"
 	"	popq %r11\n"
 	"	popq %rcx\n"
@@ -215,12 +229,17 @@ enum bad_kind {
 	BAD_K_FS,           /* RDMSR on the kernel side after SYSCALL 2 */
 	BAD_K_GS,
 	BAD_K_KGS,
+	BAD_T_FS,           /* FS_BASE at a timer interrupt from user mode: the user's */
+	BAD_T_GS,           /* GS_BASE there after SWAPGS: this CPU's area */
+	BAD_T_KGS,          /* KERNEL_GS_BASE there after SWAPGS: the user's GS base */
 	BAD_KINDS
 };
 static const char *const bad_name[BAD_KINDS] = {
 	"user %fs:0", "user %gs:0", "user re-reads", "fs_base at syscall 1", "gs_base at syscall 1",
 	"kernel_gs_base at syscall 1", "fs_base at syscall 2", "gs_base at syscall 2", "kernel_gs_base at syscall 2",
 	"fs_base after return", "gs_base after return", "kernel_gs_base after return",
+	"fs_base at a tick from user mode", "gs_base at a tick from user mode",
+	"kernel_gs_base at a tick from user mode",
 };
 struct first_bad {
 	u64 iter, expected, seen;
@@ -232,6 +251,8 @@ struct cpu_stats {
 	u32 faulted;
 	u64 fault_vector, fault_rip, fault_cs, fault_error, fault_cr2, fault_iter;
 	volatile u32 user_ticks, ticks, ipis_sent;
+	u32 if_clear;                       /* interrupts taken where the interrupted code had IF = 0 */
+	u64 if_clear_rip, if_clear_rflags;
 	u64 ms;
 } __attribute__((aligned(64)));
 static struct cpu_stats stats[MAX_CPUS];
@@ -276,17 +297,60 @@ static void user_fault(struct irq_frame *f, u32 unused)
 	f->rflags = 2;
 }
 
+static void note(struct cpu_stats *s, u32 c, enum bad_kind k, u64 iter, u64 expected, u64 seen);
+static void expect_eq(struct cpu_stats *s, u32 c, enum bad_kind k, u64 iter, u64 expected, u64 seen);
+
+/* A context switch away from the user's task and back, as Linux 6.1's load_seg_legacy() does it without
+ * FSGSBASE on a CPU with X86_BUG_NULL_SEG (this host is an AMD one): the other task has FS and GS base 0,
+ * so FS and GS get __USER_DS and then the null selector (which loads base 0), GS through load_gs_index()
+ * (SWAPGS around the load: it is the user's GS that changes); coming back writes the task's bases with
+ * WRMSR to FS_BASE and KERNEL_GS_BASE. Runs with GS_BASE = this CPU's area. */
+static void switch_away_and_back(u64 fs, u64 ugs)
+{
+	__asm__ volatile("movw %w0, %%fs\n\tmovw %w1, %%fs" : : "r"(UDATA), "r"(0) : "memory");
+	__asm__ volatile("swapgs\n\tmovw %w0, %%gs\n\tmovw %w1, %%gs\n\tswapgs" : : "r"(UDATA), "r"(0) : "memory");
+	wrmsr(MSR_FS_BASE, fs);
+	wrmsr(MSR_KERNEL_GS_BASE, ugs);
+}
+
+/* The tick. From user mode it does what Linux's entry does (SWAPGS in and out), checks the three MSRs, and
+ * on every other such tick switches away and back (a preemption in user mode). */
+/* An interrupt the interrupted code could not take (IF = 0 in its frame: the SYSCALL handler, which FMASK
+ * runs with IF = 0, or a CLI section). A VMM that finishes a SYSCALL must not deliver one at LSTAR. */
+static void check_if(struct irq_frame *f, u32 cpu)
+{
+	struct cpu_stats *s = &stats[cpu];
+	if (f->rflags & 0x200)
+		return;
+	if (s->if_clear++ == 0) {
+		s->if_clear_rip = f->rip;
+		s->if_clear_rflags = f->rflags;
+	}
+}
+
 static void tick_handler(struct irq_frame *f, u32 cpu)
 {
 	struct cpu_stats *s = &stats[cpu];
+	check_if(f, cpu);
 	s->ticks++;
-	if (f->cs & 3)
+	if (f->cs & 3) {
+		struct pcpu *p = &pcpu[cpu];
 		s->user_ticks++;
+		__asm__ volatile("swapgs" ::: "memory");
+		u64 fs = rdmsr(MSR_FS_BASE), gs = rdmsr(MSR_GS_BASE), kgs = rdmsr(MSR_KERNEL_GS_BASE);
+		expect_eq(s, cpu, BAD_T_FS, s->iters, p->cur_fs, fs);
+		expect_eq(s, cpu, BAD_T_GS, s->iters, (u64)p, gs);
+		expect_eq(s, cpu, BAD_T_KGS, s->iters, p->cur_ugs, kgs);
+		if (s->user_ticks % 2 == 0)
+			switch_away_and_back(p->cur_fs, p->cur_ugs);
+		__asm__ volatile("swapgs" ::: "memory");
+	}
 	apic_eoi();
 }
 
 static void ipi_handler(struct irq_frame *f, u32 cpu)
 {
+	check_if(f, cpu);
 	ipis_received[cpu]++;
 	apic_eoi();
 }
@@ -354,6 +418,7 @@ static void worker(void *unused)
 	p->tss = (u64)tss[c];
 	u64 kgs = (u64)p;
 	/* Kernel side: GS_BASE = the per-CPU area, KERNEL_GS_BASE = the user's GS base (0 to start with). */
+	__asm__ volatile("movw %w0, %%fs\n\tmovw %w0, %%gs" : : "r"(0) : "memory"); /* Linux's user selectors */
 	wrmsr(MSR_GS_BASE, kgs);
 	wrmsr(MSR_KERNEL_GS_BASE, 0);
 	wrmsr(MSR_FS_BASE, 0);
@@ -370,6 +435,8 @@ static void worker(void *unused)
 		tls[GS_TLS_OFF / 8 + fs_slot(c, i)] = gs_tag(c, i);
 		p->next_fs = fs;
 		p->next_ugs = ugs;
+		p->cur_fs = prev_fs;
+		p->cur_ugs = prev_ugs;
 		p->u_fs = p->u_gs = p->u_bad = p->u_loops = ~0ul;
 		p->e1_fs = p->e1_gs = p->e1_kgs = p->e2_fs = p->e2_gs = p->e2_kgs = ~0ul;
 		u32 left = enter_user(USER_VA, user_rsp, USER_FLAGS);
@@ -398,6 +465,9 @@ static void worker(void *unused)
 		 * once, not again in every later iteration). */
 		prev_fs = k_fs;
 		prev_ugs = k_kgs;
+		/* Every fourth round trip a context switch on the kernel side too (a schedule() in a system call). */
+		if (i % 4 == 2)
+			switch_away_and_back(prev_fs, prev_ugs);
 		/* One IPI outstanding to the neighbour at a time (two of one vector waiting in its IRR are one). */
 		if (ncpus > 1 && i % 8 == 0 && READ_ONCE(ipis_received[next_cpu]) == s->ipis_sent &&
 		    apic_send_fixed(cpu_to_apic_id(next_cpu), V_IPI))
@@ -428,7 +498,7 @@ void guest_main(void)
 {
 	opt_iters = cmdline_u64("iters", 3000);
 	opt_ms = cmdline_u64("ms", 3000);
-	opt_tick_us = cmdline_u64("tick_us", 100);
+	opt_tick_us = cmdline_u64("tick_us", 500);
 	opt_verbose = cmdline_u64("verbose", 0);
 	platform_init(false);
 	irq_set_handler(6, user_fault);
@@ -450,7 +520,7 @@ void guest_main(void)
 	check(started && all_done, "the system call loop ran on every cpu", "started %d, %u of %u cpus done",
 	      started, workers_done, ncpus);
 
-	u64 total_iters = 0, bad[BAD_KINDS] = { 0 }, faulted = 0, min_iters = ~0ul, min_user_ticks = ~0ul;
+	u64 total_iters = 0, bad[BAD_KINDS] = { 0 }, faulted = 0, if_clear = 0, min_iters = ~0ul, min_user_ticks = ~0ul;
 	for (u32 c = 0; c < ncpus; c++) {
 		struct cpu_stats *s = &stats[c];
 		printf("INFO: cpu %u: %lu iterations in %lu ms, %lu syscall entries, %u ticks (%u in user mode), "
@@ -461,6 +531,10 @@ void guest_main(void)
 			printf("INFO: cpu %u: fault %lu at iteration %lu: rip %lx cs %lx error %lx cr2 %lx\n", c,
 			       s->fault_vector, s->fault_iter, s->fault_rip, s->fault_cs, s->fault_error,
 			       s->fault_cr2);
+		if (s->if_clear)
+			printf("INFO: cpu %u: %u interrupts taken with IF = 0, the first at rip %lx (rflags %lx)\n", c,
+			       s->if_clear, s->if_clear_rip, s->if_clear_rflags);
+		if_clear += s->if_clear;
 		for (u32 k = 0; k < BAD_KINDS; k++) {
 			bad[k] += s->bad[k];
 			if (s->bad[k])
@@ -491,6 +565,10 @@ void guest_main(void)
 	      "kernel gs base msr after swapgs holds the user gs base",
 	      "%lu wrong at syscall 1, %lu at syscall 2, %lu after", bad[BAD_E1_KGS], bad[BAD_E2_KGS],
 	      bad[BAD_K_KGS]);
+	check(bad[BAD_T_FS] + bad[BAD_T_GS] + bad[BAD_T_KGS] == 0,
+	      "timer interrupts from user mode see the user's fs base and gs bases",
+	      "%lu wrong fs_base, %lu gs_base, %lu kernel_gs_base", bad[BAD_T_FS], bad[BAD_T_GS], bad[BAD_T_KGS]);
+	check(if_clear == 0, "no interrupt is taken where the interrupted code has if = 0", "%lu taken", if_clear);
 	check(min_user_ticks > 0, "timer interrupts arrived in user mode on every cpu", "fewest %lu",
 	      min_user_ticks);
 	if (ncpus > 1)
