@@ -36,7 +36,11 @@ const HOST_DRIVEN: &[&str] = &["msi"];
 #[test]
 fn every_guest_runs_in_kernel_mode() {
     // protected_aps is user-mode only (`-` in this column of its expectation file).
-    common::assert_every_guest_runs(MODE, STANDALONE, &[HOST_DRIVEN, &["syscall"]].concat());
+    common::assert_every_guest_runs(
+        MODE,
+        STANDALONE,
+        &[HOST_DRIVEN, &["syscall", "syscall_smp"]].concat(),
+    );
 }
 
 #[test]
@@ -88,4 +92,11 @@ fn msi_from_host_reaches_the_addressed_cpu_exactly_once() {
 #[test]
 fn syscall() {
     common::check_syscall(MODE);
+}
+
+/// guests/syscall_smp.c: system calls that write FS and GS bases on every vCPU at once, under
+/// timer interrupts and IPIs, with irqvm's SYSCALL watch (`emulate::syscall`) on this host.
+#[test]
+fn syscall_smp() {
+    common::check_syscall_smp(MODE);
 }

@@ -45,7 +45,11 @@ const HOST_DRIVEN: &[&str] = &["msi"];
 #[test]
 fn every_guest_runs_in_split_mode() {
     // protected_aps is user-mode only (`-` in this column of its expectation file).
-    common::assert_every_guest_runs(MODE, STANDALONE, &[HOST_DRIVEN, &["syscall"]].concat());
+    common::assert_every_guest_runs(
+        MODE,
+        STANDALONE,
+        &[HOST_DRIVEN, &["syscall", "syscall_smp"]].concat(),
+    );
 }
 
 /// The built-in demo (`irqvm` with no arguments) on its 4 vCPUs.
@@ -73,4 +77,11 @@ fn msi_from_host_reaches_the_addressed_cpu_exactly_once() {
 #[test]
 fn syscall() {
     common::check_syscall(MODE);
+}
+
+/// guests/syscall_smp.c: system calls that write FS and GS bases on every vCPU at once, under
+/// timer interrupts and IPIs, with irqvm's SYSCALL watch (`emulate::syscall`) on this host.
+#[test]
+fn syscall_smp() {
+    common::check_syscall_smp(MODE);
 }

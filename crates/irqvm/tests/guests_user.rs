@@ -31,8 +31,9 @@ const HOST_DRIVEN: &[&str] = &["msi"];
 /// `--protected-state-aps`, which only this mode takes (its expectation file says `-` for the
 /// others, and their `every_guest_runs_in_*_mode` tests leave it out).
 const WITH_OPTIONS: &[&str] = &["protected_aps"];
-/// `syscall` checks the run's SYSCALL counters too (`common::check_syscall`).
-const WITH_COUNTERS: &[&str] = &["syscall"];
+/// `syscall` and `syscall_smp` check the runs' SYSCALL counters too (`common::check_syscall`,
+/// `common::check_syscall_smp`).
+const WITH_COUNTERS: &[&str] = &["syscall", "syscall_smp"];
 
 #[test]
 fn every_guest_runs_in_user_mode() {
@@ -86,4 +87,11 @@ fn msi_from_host_reaches_the_addressed_cpu_exactly_once() {
 #[test]
 fn syscall() {
     common::check_syscall(MODE);
+}
+
+/// guests/syscall_smp.c: system calls that write FS and GS bases on every vCPU at once, under
+/// timer interrupts and IPIs, with irqvm's SYSCALL watch (`emulate::syscall`) on this host.
+#[test]
+fn syscall_smp() {
+    common::check_syscall_smp(MODE);
 }

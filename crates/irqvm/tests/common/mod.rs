@@ -513,6 +513,43 @@ pub fn check_syscall(mode: IrqchipMode) {
     );
 }
 
+/// `syscall_smp` (guests/syscall_smp.c) on 1, 2 and 4 vCPUs: the checks of its expectation file
+/// (FS and GS bases written inside system calls on every CPU at once, under timer interrupts,
+/// IPIs, context switches and demand faults on the TLS pages), and on a kvm_pvm host the SYSCALL
+/// watch's counters: irqvm finished both SYSCALLs of every round trip the guest reports ("INFO: N
+/// round trips"), and the breakpoint hit those and the guest's page faults ("INFO: N page
+/// faults"), each once. Elsewhere the watch is never armed.
+pub fn check_syscall_smp(mode: IrqchipMode) {
+    let count = |output: &str, what: &str| -> u64 {
+        output
+            .lines()
+            .find_map(|l| l.strip_prefix("INFO: ")?.strip_suffix(what))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no \"{what}\" line:\n{output}"))
+    };
+    for cpus in expect::Expectations::load("syscall_smp").cpu_counts() {
+        let _one = exclusive();
+        let run = run_guest("syscall_smp", cpus, mode);
+        run.assert_expected("syscall_smp", mode, cpus);
+        let report = run.result.as_ref().expect("the VM runs");
+        let trips = count(&run.output, " round trips (SYSCALL 1 and 2 each) in all");
+        let faults = count(&run.output, " page faults in all");
+        let completed: u64 = report.vcpus.iter().map(|v| v.syscalls_completed).sum();
+        let hits: u64 = report.vcpus.iter().map(|v| v.syscall_watch_hits).sum();
+        let expected = if irqvm::emulate::syscall::host_needs_it() {
+            (2 * trips, 2 * trips + faults)
+        } else {
+            (0, 0)
+        };
+        assert_eq!(
+            (completed, hits),
+            expected,
+            "{cpus} vCPUs: SYSCALLs finished by irqvm, watch hits ({trips} round trips, {faults} page faults)\n{}",
+            run.output
+        );
+    }
+}
+
 /// One `#[test]` per guest, named after it, that runs it alone in `$mode` with [`check_guest`];
 /// also defines `STANDALONE`, the list of those guests, for [`assert_every_guest_runs`].
 #[macro_export]
