@@ -66,7 +66,7 @@
 //! TF. Measured in a `user`-mode Linux boot: a SYSCALL made while stepping was armed faulted
 //! at LSTAR with RFLAGS image 0x10102 (TF, RF), which the SYSCALL watch
 //! (`crate::emulate::syscall`) did not take for a half-done SYSCALL, and Linux killed init
-//! with "segfault at <LSTAR> ... error 15". So an episode ends, and the backend falls back to
+//! with "segfault at \<LSTAR\> ... error 15". So an episode ends, and the backend falls back to
 //! its window kicks, when the vCPU is at CPL 3 or the instruction at RIP can enter it
 //! (SYSRET, SYSEXIT, an IRET whose CS image has RPL 3: [`user_entry`]); the interrupt is then
 //! taken at the next exit, in user mode, where IF is 1.
