@@ -3,7 +3,7 @@
 # checks (linux-boot/init: CPUs online, IPIs and local timer per CPU, the serial interrupt on
 # the IOAPIC, a CPU offlined and onlined again). Not part of ./test.sh: Linux runs at roughly
 # 0.5 M instructions per second under this host's emulator, so one boot takes minutes. CI (.ci/run)
-# runs it on 2 vCPUs in `user` mode (.ci/run).
+# runs it on 1 vCPU in `user` mode (.ci/run).
 #
 # Usage: linux-boot.sh [--cpus N] [--irqchip user|split|kernel] [--format vmlinux|bzimage]
 #                      [--memory SIZE] [--timeout SECONDS] [--irqvm PATH] [--append ARGS]
