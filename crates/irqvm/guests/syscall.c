@@ -14,7 +14,11 @@
  * Linux's first system call from init met the host gap this guest reproduces in a second. The first system
  * call's handler also writes FS base (as Linux's arch_prctl(ARCH_SET_FS) does), and the kernel side checks
  * that the second system call, which irqvm finishes with KVM_GET_SREGS/KVM_SET_SREGS on this host, left it
- * alone (docs/benchmarks.md, "Fourth session": a 4-vCPU Linux whose processes lost their FS base). */
+ * alone (docs/benchmarks.md, "Fourth session": a 4-vCPU Linux whose processes lost their FS base).
+ * The same round trip from compatibility mode (as a 32-bit Linux process makes it through the vDSO on AMD): a
+ * 32-bit code page and stack at COMPAT_VA, entered with IRETQ to the 32-bit DPL-3 code segment 0x2B, SYSCALL to
+ * CSTAR (a handler of its own that notes the arrival, then LSTAR's) and SYSRETL back (AMD APM vol. 3, SYSCALL and
+ * SYSRET; SDM vol. 2B), once plainly and once with IF = 0 while an interrupt waits. */
 #include "guest.h"
 
 #define KCODE 0x18                 /* the library's 64-bit code: STAR[47:32] */
