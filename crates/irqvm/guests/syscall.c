@@ -196,10 +196,8 @@ __asm__(
 	"	syscall\n"
 	"user_after_first:\n"
 	"	movq %rcx, %r10\n"           /* SYSRETQ leaves RCX as it was */
-	"	xorl %ebx, %ebx\n"
-	"	movw %cs, %bx\n"
-	"	xorl %edx, %edx\n"
-	"	movw %ss, %dx\n"
+	"	movq %cs, %rbx\n"            /* no instruction here changes the flags (an earlier XOR did) */
+	"	movq %ss, %rdx\n"
 	"	pushfq\n"
 	"	popq %rsi\n"
 	"	movl $2, %eax\n"
@@ -220,10 +218,8 @@ __asm__(
 	"	syscall\n"
 	"compat_after_first:\n"
 	"	movl %ecx, %edi\n"           /* SYSRETL leaves ECX as it was */
-	"	xorl %ebx, %ebx\n"
-	"	movw %cs, %bx\n"
-	"	xorl %edx, %edx\n"
-	"	movw %ss, %dx\n"
+	"	movl %cs, %ebx\n"            /* no instruction here changes the flags */
+	"	movl %ss, %edx\n"
 	"	pushfl\n"
 	"	popl %esi\n"
 	"	movl $5, %eax\n"
@@ -338,11 +334,11 @@ static void check_user_round_trip(u32 left)
 	      "r11 %lx, the user code's flags %lx, expected %lx", first->r11, first->r8, USER_FLAGS);
 	check(first->rflags == (USER_FLAGS & ~SFMASK), "syscall clears the rflags bits set in sfmask",
 	      "rflags %lx, expected %lx", first->rflags, USER_FLAGS & ~SFMASK);
-	check(second->rbx == UCODE, "sysretq loads cs from star bits 63-48 + 16, rpl 3 [pvm-sysret]", "cs %lx", second->rbx);
-	check(second->rdx == UDATA, "sysretq loads ss from star bits 63-48 + 8, rpl 3 [pvm-sysret]", "ss %lx", second->rdx);
+	check((u16)second->rbx == UCODE, "sysretq loads cs from star bits 63-48 + 16, rpl 3 [pvm-sysret]", "cs %lx", second->rbx);
+	check((u16)second->rdx == UDATA, "sysretq loads ss from star bits 63-48 + 8, rpl 3 [pvm-sysret]", "ss %lx", second->rdx);
 	check(second->r10 == user_addr(user_after_first), "sysretq resumes at rcx with rcx kept", "rcx %lx",
 	      second->r10);
-	check(second->rsi == USER_FLAGS, "sysretq loads rflags from r11 [pvm-sysret]", "rflags %lx, expected %lx", second->rsi,
+	check(second->rsi == USER_FLAGS, "sysretq loads rflags from r11", "rflags %lx, expected %lx", second->rsi,
 	      USER_FLAGS);
 	u64 fs_base = rdmsr(0xC0000100);
 	check(fs_base == 0x12345000, "fs base written in a system call survives the next one", "fs base %lx",
@@ -378,7 +374,7 @@ static void check_compat_round_trip(u32 left)
 	check((u16)second->rdx == UDATA, "sysretl loads ss from star bits 63-48 + 8, rpl 3 [pvm-sysretl]", "ss %lx", second->rdx);
 	check((u32)second->rdi == compat_addr(compat_after_first), "sysretl resumes at ecx with ecx kept", "ecx %lx",
 	      second->rdi);
-	check((u32)second->rsi == USER_FLAGS, "sysretl loads rflags from r11 [pvm-sysretl]", "rflags %lx, expected %lx",
+	check((u32)second->rsi == USER_FLAGS, "sysretl loads rflags from r11", "rflags %lx, expected %lx",
 	      second->rsi, USER_FLAGS);
 	check(sc_cstar_seen[5] && second->cs == KCODE && second->ss == KDATA &&
 		      second->rcx == compat_addr(compat_after_second) && second->r11 == (u32)second->rsi,
