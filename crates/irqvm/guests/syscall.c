@@ -14,7 +14,11 @@
  * Linux's first system call from init met the host gap this guest reproduces in a second. The first system
  * call's handler also writes FS base (as Linux's arch_prctl(ARCH_SET_FS) does), and the kernel side checks
  * that the second system call, which irqvm finishes with KVM_GET_SREGS/KVM_SET_SREGS on this host, left it
- * alone (docs/benchmarks.md, "Fourth session": a 4-vCPU Linux whose processes lost their FS base). */
+ * alone (docs/benchmarks.md, "Fourth session": a 4-vCPU Linux whose processes lost their FS base).
+ * The same round trip from compatibility mode (as a 32-bit Linux process makes it through the vDSO on AMD): a
+ * 32-bit code page and stack at COMPAT_VA, entered with IRETQ to the 32-bit DPL-3 code segment 0x2B, SYSCALL to
+ * CSTAR (a handler of its own that notes the arrival, then LSTAR's) and SYSRETL back (AMD APM vol. 3, SYSCALL and
+ * SYSRET; SDM vol. 2B), once plainly and once with IF = 0 while an interrupt waits. */
 #include "guest.h"
 
 #define KCODE 0x18                 /* the library's 64-bit code: STAR[47:32] */
@@ -27,6 +31,7 @@
 #define MSR_EFER 0xC0000080
 #define MSR_STAR 0xC0000081
 #define MSR_LSTAR 0xC0000082
+#define MSR_CSTAR 0xC0000083
 #define MSR_SFMASK 0xC0000084
 #define EFER_SCE 1ul
 
@@ -40,17 +45,24 @@
 #define SFMASK (RFLAGS_IF | RFLAGS_DF | RFLAGS_AC)
 
 #define USER_VA 0x8000000000ul     /* PML4 slot 1: nothing else is mapped there */
+/* Compatibility-mode code addresses 32 bits: its page and stack go at 1 GiB, above the guest's RAM, whose 2 MiB
+ * page of the library's identity map this guest replaces with a page table of its own. */
+#define COMPAT_VA 0x40000000ul
+#define UCODE32 (SYSRET_BASE + 3)  /* SYSRETL's 32-bit CS: 0x2B */
 #define PTE_P 1ul
 #define PTE_W 2ul
 #define PTE_U 4ul
 
-/* What the handler at LSTAR saw, per system call number 1 and 2 (and 3: the kernel's own jump there). */
+/* What the handler at LSTAR saw, per system call number 1 and 2 (and 3: the kernel's own jump there; 4 and 5: the
+ * compatibility-mode calls, which arrive through CSTAR). */
 struct entry_record {
 	u64 cs, ss, rcx, r11, rflags;
 	/* registers the user code filled in before the call */
-	u64 rbx, rdx, rsi, r8, r9, r10;
+	u64 rbx, rdx, rsi, r8, r9, r10, rdi;
 };
-struct entry_record sc_rec[4];
+struct entry_record sc_rec[8];
+volatile u8 sc_cstar_seen[256];    /* arrivals at the CSTAR handler, per system call number (low byte of RAX) */
+u64 sc_tmp_rcx, sc_tmp_rdi;
 volatile u32 sc_entries;
 u64 sc_resume_rsp;                 /* enter_user's stack, where the way back to the kernel side resumes */
 u64 sc_user_rsp;
@@ -61,14 +73,15 @@ u32 sc_left_by;                    /* 0: the second system call; else the vector
 static volatile u64 fault_rip, fault_cs, fault_error, fault_rcx, fault_r11, fault_rflags, fault_ss, fault_rsp;
 
 extern char user_code[], user_code_end[], user_after_first[], user_after_second[], sc_entry[], sc_leave[];
-u32 enter_user(u64 rip, u64 rsp, u64 rflags);
+extern char compat_code[], compat_after_first[], compat_after_second[], sc_cstar_entry[];
+u32 enter_user(u64 rip, u64 rsp, u64 rflags, u64 cs);
 u32 jump_to_lstar(void);
 u32 touch(u64 addr);
 
 __asm__(
 	"	.text\n"
-	/* enter_user(rip, rsp, rflags): saves the callee-saved registers, points TSS.RSP0 below them, IRETQ to CPL 3.
-	 * Returns (through sc_leave) sc_left_by. */
+	/* enter_user(rip, rsp, rflags, cs): saves the callee-saved registers, points TSS.RSP0 below them, IRETQ to CPL 3
+	 * (64-bit or compatibility mode, as CS says). Returns (through sc_leave) sc_left_by. */
 	"	.globl enter_user\n"
 	"enter_user:\n"
 	"	pushq %rbp\n	pushq %rbx\n	pushq %r12\n	pushq %r13\n	pushq %r14\n	pushq %r15\n"
@@ -78,7 +91,7 @@ __asm__(
 	"	pushq $" "0x33" "\n"         /* SS */
 	"	pushq %rsi\n"                /* RSP */
 	"	pushq %rdx\n"                /* RFLAGS */
-	"	pushq $" "0x3B" "\n"         /* CS */
+	"	pushq %rcx\n"                /* CS */
 	"	pushq %rdi\n"                /* RIP */
 	"	iretq\n"
 	/* jump_to_lstar(): the kernel runs the LSTAR handler itself at CPL 0 (system call number 3). */
@@ -105,17 +118,33 @@ __asm__(
 	"	movl sc_left_by(%rip), %eax\n"
 	"	popq %r15\n	popq %r14\n	popq %r13\n	popq %r12\n	popq %rbx\n	popq %rbp\n"
 	"	ret\n"
-	/* The handler at LSTAR. RSP is still the caller's: switch to the kernel side's stack first. */
+	/* The handler at CSTAR (SYSCALL from compatibility mode): notes the arrival, then as at LSTAR. Nothing here
+	 * changes the flags. */
+	"	.balign 16\n"
+	"	.globl sc_cstar_entry\n"
+	"sc_cstar_entry:\n"
+	"	movq %rax, sc_tmp(%rip)\n"
+	"	movq %rcx, sc_tmp_rcx(%rip)\n"
+	"	movzbl %al, %ecx\n"
+	"	leaq sc_cstar_seen(%rip), %rax\n"
+	"	movb $1, (%rax,%rcx)\n"
+	"	movq sc_tmp_rcx(%rip), %rcx\n"
+	"	movq sc_tmp(%rip), %rax\n"
+	"	jmp sc_entry\n"
+	/* The handler at LSTAR. RSP is still the caller's: switch to the kernel side's stack first. RAX is the system
+	 * call number (its upper half undefined after compatibility mode: SDM vol. 1 3.4.1.1). */
 	"	.balign 16\n"
 	"	.globl sc_entry\n"
 	"sc_entry:\n"
+	"	movl %eax, %eax\n"
 	"	movq %rsp, sc_user_rsp(%rip)\n"
 	"	movq sc_resume_rsp(%rip), %rsp\n"
 	"	leaq -256(%rsp), %rsp\n"    /* not SUB: the flags are recorded next */
 	"	pushfq\n"
 	"	movq %rax, sc_tmp(%rip)\n"
-	"	andq $3, %rax\n"
-	"	imulq $88, %rax\n"           /* sizeof(struct entry_record) */
+	"	movq %rdi, sc_tmp_rdi(%rip)\n"
+	"	andq $7, %rax\n"
+	"	imulq $96, %rax\n"           /* sizeof(struct entry_record) */
 	"	leaq sc_rec(%rip), %rdi\n"
 	"	addq %rax, %rdi\n"
 	"	popq %rax\n"
@@ -133,7 +162,11 @@ __asm__(
 	"	movq %r8, 64(%rdi)\n"
 	"	movq %r9, 72(%rdi)\n"
 	"	movq %r10, 80(%rdi)\n"
+	"	movq sc_tmp_rdi(%rip), %rax\n"
+	"	movq %rax, 88(%rdi)\n"
 	"	lock incl sc_entries(%rip)\n"
+	"	cmpq $4, sc_tmp(%rip)\n"
+	"	je 2f\n"
 	"	cmpq $1, sc_tmp(%rip)\n"
 	"	jne 1f\n"
 	/* System call 1: FS base changed inside the call (as Linux's arch_prctl does), then back to the
@@ -148,6 +181,10 @@ __asm__(
 	"	sysretq\n"
 	"1:	movl $0, sc_left_by(%rip)\n"
 	"	jmp sc_leave\n"
+	/* System call 4, from compatibility mode: back there with SYSRETL (0F 07 without REX.W; SDM vol. 2B, SYSRET:
+	 * CS = STAR[63:48] | 3, SS = STAR[63:48] + 8 | 3, EIP = ECX, RFLAGS = R11). */
+	"2:	movq sc_user_rsp(%rip), %rsp\n"
+	"	sysretl\n"
 	/* The user code, alone on its page (mapped at USER_VA), position independent. */
 	"	.balign 4096\n"
 	"	.globl user_code, user_after_first, user_after_second, user_code_end\n"
@@ -159,10 +196,8 @@ __asm__(
 	"	syscall\n"
 	"user_after_first:\n"
 	"	movq %rcx, %r10\n"           /* SYSRETQ leaves RCX as it was */
-	"	xorl %ebx, %ebx\n"
-	"	movw %cs, %bx\n"
-	"	xorl %edx, %edx\n"
-	"	movw %ss, %dx\n"
+	"	movq %cs, %rbx\n"            /* no instruction here changes the flags (an earlier XOR did) */
+	"	movq %ss, %rdx\n"
 	"	pushfq\n"
 	"	popq %rsi\n"
 	"	movl $2, %eax\n"
@@ -170,7 +205,29 @@ __asm__(
 	"user_after_second:\n"
 	"	ud2\n"
 	"user_code_end:\n"
-	"	.balign 4096\n");
+	"	.balign 4096\n"
+	/* The compatibility-mode user code, alone on its page (mapped at COMPAT_VA): SYSCALL (to CSTAR, on AMD; Intel
+	 * raises #UD outside 64-bit mode) with number 4, whose handler returns with SYSRETL; then the CS, SS, flags
+	 * and ECX that SYSRETL left, and SYSCALL number 5, whose handler goes back to the kernel side. */
+	"	.code32\n"
+	"	.globl compat_code, compat_after_first, compat_after_second\n"
+	"compat_code:\n"
+	"	pushfl\n"
+	"	popl %esi\n"                 /* the flags SYSCALL must save in R11 */
+	"	movl $4, %eax\n"
+	"	syscall\n"
+	"compat_after_first:\n"
+	"	movl %ecx, %edi\n"           /* SYSRETL leaves ECX as it was */
+	"	movl %cs, %ebx\n"            /* no instruction here changes the flags */
+	"	movl %ss, %edx\n"
+	"	pushfl\n"
+	"	popl %esi\n"
+	"	movl $5, %eax\n"
+	"	syscall\n"
+	"compat_after_second:\n"
+	"	ud2\n"
+	"	.balign 4096\n"
+	"	.code64\n");
 
 /* GDT: the library's four descriptors, then this guest's (flat, 4 GiB limit). */
 static u64 gdt_sc[10] __attribute__((aligned(16))) = {
@@ -191,6 +248,8 @@ static u64 user_pdpt[512] __attribute__((aligned(4096)));
 static u64 user_pd[512] __attribute__((aligned(4096)));
 static u64 user_pt[512] __attribute__((aligned(4096)));
 static u8 user_stack[4096] __attribute__((aligned(4096)));
+static u64 compat_pt[512] __attribute__((aligned(4096)));
+static u8 compat_stack[4096] __attribute__((aligned(4096)));
 extern u64 pml4[512];
 
 static void load_gdt_and_tss(void)
@@ -215,11 +274,21 @@ static void map_user_pages(void)
 	user_pd[0] = (u64)user_pt | PTE_P | PTE_W | PTE_U;
 	user_pdpt[0] = (u64)user_pd | PTE_P | PTE_W | PTE_U;
 	pml4[USER_VA >> 39] = (u64)user_pdpt | PTE_P | PTE_W | PTE_U;
+	/* The compatibility-mode pages: U/S = 1 on the way down (the library's PML4[0] and PDPT entry for the
+	 * second GiB; their other leaves stay supervisor) and a page table for the 2 MiB page at COMPAT_VA. */
+	compat_pt[0] = (u64)compat_code | PTE_P | PTE_U;
+	compat_pt[1] = (u64)compat_stack | PTE_P | PTE_W | PTE_U;
+	pml4[0] |= PTE_U;
+	u64 *pdpt = (u64 *)(pml4[0] & ~0xFFFul);
+	pdpt[COMPAT_VA >> 30] |= PTE_U;
+	u64 *pd = (u64 *)(pdpt[COMPAT_VA >> 30] & ~0xFFFul);
+	pd[(COMPAT_VA >> 21) & 511] = (u64)compat_pt | PTE_P | PTE_W | PTE_U;
 	u64 cr3;
 	__asm__ volatile("mov %%cr3, %0; mov %0, %%cr3" : "=r"(cr3) : : "memory");
 }
 
 static u64 user_addr(const char *sym) { return USER_VA + (u64)(sym - user_code); }
+static u64 compat_addr(const char *sym) { return COMPAT_VA + (u64)(sym - compat_code); }
 
 /* A fault on the way to or in user mode: recorded, and the kernel side resumes at sc_leave. */
 static void user_fault(struct irq_frame *f, u32 cpu)
@@ -265,11 +334,11 @@ static void check_user_round_trip(u32 left)
 	      "r11 %lx, the user code's flags %lx, expected %lx", first->r11, first->r8, USER_FLAGS);
 	check(first->rflags == (USER_FLAGS & ~SFMASK), "syscall clears the rflags bits set in sfmask",
 	      "rflags %lx, expected %lx", first->rflags, USER_FLAGS & ~SFMASK);
-	check(second->rbx == UCODE, "sysretq loads cs from star bits 63-48 + 16, rpl 3 [pvm-sysret]", "cs %lx", second->rbx);
-	check(second->rdx == UDATA, "sysretq loads ss from star bits 63-48 + 8, rpl 3 [pvm-sysret]", "ss %lx", second->rdx);
+	check((u16)second->rbx == UCODE, "sysretq loads cs from star bits 63-48 + 16, rpl 3 [pvm-sysret]", "cs %lx", second->rbx);
+	check((u16)second->rdx == UDATA, "sysretq loads ss from star bits 63-48 + 8, rpl 3 [pvm-sysret]", "ss %lx", second->rdx);
 	check(second->r10 == user_addr(user_after_first), "sysretq resumes at rcx with rcx kept", "rcx %lx",
 	      second->r10);
-	check(second->rsi == USER_FLAGS, "sysretq loads rflags from r11 [pvm-sysret]", "rflags %lx, expected %lx", second->rsi,
+	check(second->rsi == USER_FLAGS, "sysretq loads rflags from r11", "rflags %lx, expected %lx", second->rsi,
 	      USER_FLAGS);
 	u64 fs_base = rdmsr(0xC0000100);
 	check(fs_base == 0x12345000, "fs base written in a system call survives the next one", "fs base %lx",
@@ -278,6 +347,40 @@ static void check_user_round_trip(u32 left)
 		      second->r11 == second->rsi,
 	      "a second syscall after sysretq reaches lstar at cpl 0", "cs %lx ss %lx rcx %lx r11 %lx (flags %lx)",
 	      second->cs, second->ss, second->rcx, second->r11, second->rsi);
+}
+
+/* SYSCALL from compatibility mode (CS 0x2B, L = 0) and SYSRETL back: on AMD, which this host is and irqvm's CPUID
+ * shows, RIP = CSTAR, RCX = the next EIP, R11 = RFLAGS, CS and SS from STAR[47:32] as from 64-bit mode (AMD APM vol.
+ * 3, SYSCALL; SDM vol. 2B, SYSCALL, which #UDs there on Intel). */
+static void check_compat_round_trip(u32 left)
+{
+	const struct entry_record *first = &sc_rec[4], *second = &sc_rec[5];
+	if (!check(left == 0 && sc_cstar_seen[4], "syscall from compatibility mode runs the cstar handler at cpl 0",
+		   "left by vector %u at rip %lx cs %lx error %lx (%u handler entries, cstar %u)", left - 1, fault_rip,
+		   fault_cs, fault_error, sc_entries, sc_cstar_seen[4])) {
+		printf("INFO: at the fault rcx %lx r11 %lx rflags %lx ss %lx rsp %lx\n", fault_rcx, fault_r11,
+		       fault_rflags, fault_ss, fault_rsp);
+		return;
+	}
+	check(first->cs == KCODE, "compat syscall loads cs from star bits 47-32", "cs %lx", first->cs);
+	check(first->ss == KDATA, "compat syscall loads ss from star bits 47-32 + 8", "ss %lx", first->ss);
+	check(first->rcx == compat_addr(compat_after_first), "compat syscall saves the next eip in rcx",
+	      "rcx %lx, expected %lx", first->rcx, compat_addr(compat_after_first));
+	check(first->r11 == USER_FLAGS && (u32)first->rsi == USER_FLAGS, "compat syscall saves rflags in r11",
+	      "r11 %lx, the user code's flags %lx, expected %lx", first->r11, first->rsi, USER_FLAGS);
+	check(first->rflags == (USER_FLAGS & ~SFMASK), "compat syscall clears the rflags bits set in sfmask",
+	      "rflags %lx, expected %lx", first->rflags, USER_FLAGS & ~SFMASK);
+	check((u16)second->rbx == UCODE32, "sysretl loads cs from star bits 63-48, rpl 3 [pvm-sysretl]", "cs %lx", second->rbx);
+	check((u16)second->rdx == UDATA, "sysretl loads ss from star bits 63-48 + 8, rpl 3 [pvm-sysretl]", "ss %lx", second->rdx);
+	check((u32)second->rdi == compat_addr(compat_after_first), "sysretl resumes at ecx with ecx kept", "ecx %lx",
+	      second->rdi);
+	check((u32)second->rsi == USER_FLAGS, "sysretl loads rflags from r11", "rflags %lx, expected %lx",
+	      second->rsi, USER_FLAGS);
+	check(sc_cstar_seen[5] && second->cs == KCODE && second->ss == KDATA &&
+		      second->rcx == compat_addr(compat_after_second) && second->r11 == (u32)second->rsi,
+	      "a second compat syscall after sysretl reaches cstar at cpl 0 [pvm-sysretl]",
+	      "cstar %u cs %lx ss %lx rcx %lx r11 %lx (flags %lx)", sc_cstar_seen[5], second->cs, second->ss,
+	      second->rcx, second->r11, second->rsi);
 }
 
 /* System calls while an interrupt waits for IF: the kernel side sends itself an IPI with IF = 0 and enters CPL 3
@@ -295,7 +398,7 @@ static void check_syscall_while_interrupt_waits(void)
 	u32 taken = irq_count[0][WAITING_VECTOR];
 	u64 flags = USER_FLAGS & ~RFLAGS_IF;
 	apic_icr_write(0, APIC_SH_SELF | WAITING_VECTOR);
-	u32 left = enter_user(USER_VA, USER_VA + 0x2000, flags);
+	u32 left = enter_user(USER_VA, USER_VA + 0x2000, flags, UCODE);
 	u32 in_user = irq_count[0][WAITING_VECTOR] - taken;
 	const struct entry_record *first = &sc_rec[1], *second = &sc_rec[2];
 	if (check(left == 0, "a syscall while an interrupt waits runs the lstar handler at cpl 0",
@@ -317,6 +420,43 @@ static void check_syscall_while_interrupt_waits(void)
 	      all, in_user);
 }
 
+/* The same from compatibility mode: SYSCALL to CSTAR (which this host completes itself) with IF = 0 in the IRETQ
+ * frame while an interrupt waits. Unlike 64-bit user code here, compatibility-mode code keeps IF = 0 (R11 shows it)
+ * and the interrupt waits for the kernel side's STI; `user` and `split` mode end their stepping at the IRETQ to
+ * CPL 3 (irqvm's backend::step), so it comes with their next interrupt-window kick, as in `kernel` mode
+ * ([kvm-late-window]): the kernel side waits for it with IF = 1. */
+static void check_compat_syscall_while_interrupt_waits(void)
+{
+	memset(sc_rec, 0, sizeof(sc_rec));
+	memset((void *)sc_cstar_seen, 0, sizeof(sc_cstar_seen));
+	cli();
+	u32 taken = irq_count[0][WAITING_VECTOR];
+	u64 flags = USER_FLAGS & ~RFLAGS_IF;
+	apic_icr_write(0, APIC_SH_SELF | WAITING_VECTOR);
+	u32 left = enter_user(COMPAT_VA, COMPAT_VA + 0x2000, flags, UCODE32);
+	u32 in_user = irq_count[0][WAITING_VECTOR] - taken;
+	const struct entry_record *first = &sc_rec[4];
+	if (check(left == 0 && sc_cstar_seen[4], "a compat syscall while an interrupt waits runs the cstar handler at cpl 0",
+		  "left by vector %u at rip %lx cs %lx error %lx rflags %lx (%u handler entries, cstar %u)", left - 1,
+		  fault_rip, fault_cs, fault_error, fault_rflags, sc_entries, sc_cstar_seen[4])) {
+		check(first->cs == KCODE && first->ss == KDATA && first->rcx == compat_addr(compat_after_first) &&
+			      (first->r11 & ~RFLAGS_IF) == flags && first->rflags == (flags & ~SFMASK),
+		      "a compat syscall while an interrupt waits loads cs, ss, rcx and r11 and masks rflags",
+		      "cs %lx ss %lx rcx %lx r11 %lx (flags %lx) rflags %lx", first->cs, first->ss, first->rcx,
+		      first->r11, flags, first->rflags);
+		check(first->r11 == flags && in_user == 0,
+		      "iretq to compatibility mode with if = 0 keeps the interrupt waiting in user mode",
+		      "r11 %lx (flags %lx), interrupt taken %u times in user mode", first->r11, flags, in_user);
+	}
+	sti();
+	for (u32 i = 0; i < 100000000 && irq_count[0][WAITING_VECTOR] == taken; i++)
+		__asm__ volatile("pause");
+	cli();
+	u32 all = irq_count[0][WAITING_VECTOR] - taken;
+	check(all == 1, "the interrupt waiting across the compat syscalls is taken once", "%u times (%u in user mode)",
+	      all, in_user);
+}
+
 void guest_main(void)
 {
 	u64 dr7_before = read_dr7();
@@ -324,18 +464,25 @@ void guest_main(void)
 	map_user_pages();
 	wrmsr(MSR_STAR, ((u64)SYSRET_BASE << 48) | ((u64)KCODE << 32));
 	wrmsr(MSR_LSTAR, (u64)sc_entry);
+	wrmsr(MSR_CSTAR, (u64)sc_cstar_entry);
 	wrmsr(MSR_SFMASK, SFMASK);
 	wrmsr(MSR_EFER, rdmsr(MSR_EFER) | EFER_SCE);
 	irq_set_handler(6, user_fault);
 	irq_set_handler(13, user_fault);
 	irq_set_handler(14, user_fault);
-	printf("INFO: user code at %lx (physical %lx), lstar %lx\n", USER_VA, (u64)user_code, (u64)sc_entry);
+	u32 vendor[4] = { 0 }, eax;
+	cpuid(0, 0, &eax, &vendor[0], &vendor[2], &vendor[1]);
+	printf("INFO: user code at %lx (physical %lx), lstar %lx; compatibility-mode code at %lx (physical %lx), "
+	       "cstar %lx; cpu vendor %s\n",
+	       USER_VA, (u64)user_code, (u64)sc_entry, COMPAT_VA, (u64)compat_code, (u64)sc_cstar_entry,
+	       (const char *)vendor);
 
-	check_user_round_trip(enter_user(USER_VA, USER_VA + 0x2000, USER_FLAGS));
+	check_user_round_trip(enter_user(USER_VA, USER_VA + 0x2000, USER_FLAGS, UCODE));
+	check_compat_round_trip(enter_user(COMPAT_VA, COMPAT_VA + 0x2000, USER_FLAGS, UCODE32));
 
 	/* Page faults that are no system call reach the guest's handler once each, with their own frame. */
 	u32 faults = irq_count[0][14];
-	u32 left = enter_user(USER_VA + 0x5000, USER_VA + 0x2000, USER_FLAGS);
+	u32 left = enter_user(USER_VA + 0x5000, USER_VA + 0x2000, USER_FLAGS, UCODE);
 	check(left == 15 && fault_rip == USER_VA + 0x5000 && (fault_cs & 3) == 3 && irq_count[0][14] == faults + 1,
 	      "a user-mode page fault elsewhere is delivered once", "left by %u at rip %lx cs %lx, %u faults", left,
 	      fault_rip, fault_cs, irq_count[0][14] - faults);
@@ -345,6 +492,7 @@ void guest_main(void)
 	      irq_count[0][14] - faults - 1);
 
 	check_syscall_while_interrupt_waits();
+	check_compat_syscall_while_interrupt_waits();
 
 	u32 entries = sc_entries;
 	u32 again = jump_to_lstar();
