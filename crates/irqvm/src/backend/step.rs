@@ -559,20 +559,10 @@ impl Stepper {
             Some(TfSource::R11) if regs.r11 & RFLAGS_TF == 0 => Plan::Step,
             Some(TfSource::R11) => Plan::Refuse,
             Some(TfSource::Stack { offset }) => {
-                let ss_base = if mode.long { 0 } else { sregs.ss.base };
-                let sp = if mode.long || sregs.ss.db != 0 {
-                    regs.rsp
-                } else {
-                    regs.rsp & 0xFFFF
-                };
                 // TF is bit 0 of the flags image's second byte, whatever its width. An
                 // unreadable image faults instead of loading anything.
-                let mut byte = [0u8; 1];
-                let at = ss_base
-                    .wrapping_add(sp)
-                    .wrapping_add(offset)
-                    .wrapping_add(1);
-                if self.read_linear(vcpu, at, &mut byte) == 1 && byte[0] & 1 != 0 {
+                let flags_high = self.stack_byte(vcpu, mode, regs, sregs, offset + 1);
+                if flags_high.is_some_and(|b| b & 1 != 0) {
                     return Plan::Refuse;
                 }
                 Plan::Step
@@ -601,18 +591,31 @@ impl Stepper {
         match user_entry(code, mode) {
             None => false,
             Some(UserEntry::Always) => true,
-            Some(UserEntry::IfFrameCsAt { offset }) => {
-                let ss_base = if mode.long { 0 } else { sregs.ss.base };
-                let sp = if mode.long || sregs.ss.db != 0 {
-                    regs.rsp
-                } else {
-                    regs.rsp & 0xFFFF
-                };
-                let mut cs = [0u8; 1];
-                let at = ss_base.wrapping_add(sp).wrapping_add(offset);
-                self.read_linear(vcpu, at, &mut cs) == 1 && cs[0] & 3 == 3
-            }
+            Some(UserEntry::IfFrameCsAt { offset }) => self
+                .stack_byte(vcpu, mode, regs, sregs, offset)
+                .is_some_and(|cs| cs & 3 == 3),
         }
+    }
+
+    /// The byte `offset` bytes above the stack pointer (SS base plus SP, ESP or RSP as the
+    /// stack's size says), if it translates.
+    fn stack_byte(
+        &self,
+        vcpu: &VcpuFd,
+        mode: CodeMode,
+        regs: &kvm_regs,
+        sregs: &kvm_sregs,
+        offset: u64,
+    ) -> Option<u8> {
+        let ss_base = if mode.long { 0 } else { sregs.ss.base };
+        let sp = if mode.long || sregs.ss.db != 0 {
+            regs.rsp
+        } else {
+            regs.rsp & 0xFFFF
+        };
+        let mut byte = [0u8; 1];
+        let at = ss_base.wrapping_add(sp).wrapping_add(offset);
+        (self.read_linear(vcpu, at, &mut byte) == 1).then_some(byte[0])
     }
 
     fn iretq_plan(&self, vcpu: &VcpuFd, regs: &kvm_regs, sregs: &kvm_sregs) -> Option<Plan> {
