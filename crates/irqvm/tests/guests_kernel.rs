@@ -39,7 +39,7 @@ fn every_guest_runs_in_kernel_mode() {
     common::assert_every_guest_runs(
         MODE,
         STANDALONE,
-        &[HOST_DRIVEN, &["syscall", "syscall_smp"]].concat(),
+        &[HOST_DRIVEN, &["syscall", "syscall_smp", "tlb_shootdown"]].concat(),
     );
 }
 
@@ -99,4 +99,12 @@ fn syscall() {
 #[test]
 fn syscall_smp() {
     common::check_syscall_smp(MODE);
+}
+
+/// guests/tlb_shootdown.c: a user-mode reader on one vCPU never sees a stale page after another
+/// vCPU remapped it and flushed with an IPI; the figures of the pv-flush and no-flush phases go to
+/// stderr.
+#[test]
+fn tlb_shootdown() {
+    common::check_tlb_shootdown(MODE);
 }

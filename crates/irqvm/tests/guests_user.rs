@@ -32,8 +32,8 @@ const HOST_DRIVEN: &[&str] = &["msi"];
 /// others, and their `every_guest_runs_in_*_mode` tests leave it out).
 const WITH_OPTIONS: &[&str] = &["protected_aps"];
 /// `syscall` and `syscall_smp` check the runs' SYSCALL counters too (`common::check_syscall`,
-/// `common::check_syscall_smp`).
-const WITH_COUNTERS: &[&str] = &["syscall", "syscall_smp"];
+/// `common::check_syscall_smp`); `tlb_shootdown` reports its figures (`common::check_tlb_shootdown`).
+const WITH_COUNTERS: &[&str] = &["syscall", "syscall_smp", "tlb_shootdown"];
 
 #[test]
 fn every_guest_runs_in_user_mode() {
@@ -94,4 +94,12 @@ fn syscall() {
 #[test]
 fn syscall_smp() {
     common::check_syscall_smp(MODE);
+}
+
+/// guests/tlb_shootdown.c: a user-mode reader on one vCPU never sees a stale page after another
+/// vCPU remapped it and flushed with an IPI; the figures of the pv-flush and no-flush phases go to
+/// stderr.
+#[test]
+fn tlb_shootdown() {
+    common::check_tlb_shootdown(MODE);
 }
