@@ -26,7 +26,8 @@
  * a stale read in a pv round prints `HOST-BUG pv-tlb-flush stale=N` (not a check: it depends on the host
  * preempting a reader's thread, which happens only on a loaded host; run it beside busy loops).
  * On 1 CPU the reader checks SKIP (they need a second CPU).
- * Command line: ms=N (time bound per phase, default 300), verbose=1 (more lines). */
+ * Command line: ms=N (time bound per phase, default 300), verbose=1 (more lines), ad=0 (X's PTEs without the
+ * accessed and dirty bits, which the writer otherwise sets). */
 #include "guest.h"
 
 #define KCODE 0x18
@@ -236,7 +237,7 @@ struct kcpu {
 static struct kcpu kcpu[MAX_CPUS];
 static volatile u32 flush_kind;     /* F_IPI or F_CR3: what the IPI handler does */
 static volatile u32 readers_done;
-static u64 opt_ms, opt_verbose;
+static u64 opt_ms, opt_verbose, opt_ad;
 /* Every phase: the writer's reads of the readers' `preempted` bytes, and how many were non-zero. */
 static u64 preempt_samples, preempt_nonzero;
 static bool steal_ok;
@@ -378,7 +379,14 @@ static void sample_preempted(void)
 	}
 }
 
+/* A user PTE; with ad=0 on the command line X's PTEs leave A and D clear (KVM then sets them itself, as it
+ * does in Linux's fresh PTEs). */
 static u64 pte_of(const volatile void *page, u64 flags) { return (u64)page | PTE_P | PTE_U | PTE_A | flags; }
+static u64 x_pte(const volatile void *page, u64 flags)
+{
+	u64 pte = pte_of(page, flags);
+	return opt_ad ? pte : pte & ~(PTE_A | PTE_D);
+}
 
 static void map_user_pages(void)
 {
@@ -458,7 +466,7 @@ static struct phase_result run_phase(enum kind kind, enum flush fl)
 	/* Round 0: X maps pool page 0 (tag 0), or the wp page writable. */
 	for (u32 i = 0; i < POOL; i++)
 		pool[i][0] = 0;
-	u64 first = kind == K_WP ? pte_of(wp_page, PTE_W | PTE_D) : pte_of(pool[0], 0);
+	u64 first = kind == K_WP ? x_pte(wp_page, PTE_W | PTE_D) : x_pte(pool[0], 0);
 	WRITE_ONCE(user_pt[X_PT], first);
 	reload_cr3();
 	shared_page.published = 0;
@@ -485,7 +493,7 @@ static struct phase_result run_phase(enum kind kind, enum flush fl)
 		if (kind == K_WP) {
 			WRITE_ONCE(shared_page.changing, r);
 			bool wp = r & 1;
-			WRITE_ONCE(user_pt[X_PT], pte_of(wp_page, wp ? 0 : PTE_W | PTE_D));
+			WRITE_ONCE(user_pt[X_PT], x_pte(wp_page, wp ? 0 : PTE_W | PTE_D));
 			if (wp)
 				mask = flush_readers(fl, r, &res, pending_flag);
 		} else {
@@ -494,9 +502,9 @@ static struct phase_result run_phase(enum kind kind, enum flush fl)
 			if (kind == K_UNMAP) {
 				WRITE_ONCE(user_pt[X_PT], 0);
 				mask = flush_readers(fl, r, &res, pending_flag);
-				WRITE_ONCE(user_pt[X_PT], pte_of(page, 0));
+				WRITE_ONCE(user_pt[X_PT], x_pte(page, 0));
 			} else {
-				WRITE_ONCE(user_pt[X_PT], pte_of(page, 0));
+				WRITE_ONCE(user_pt[X_PT], x_pte(page, 0));
 				mask = flush_readers(fl, r, &res, pending_flag);
 			}
 		}
@@ -547,6 +555,7 @@ void guest_main(void)
 {
 	opt_ms = cmdline_u64("ms", 300);
 	opt_verbose = cmdline_u64("verbose", 0);
+	opt_ad = cmdline_u64("ad", 1);
 	platform_init(false);
 	irq_set_handler(6, other_fault);
 	irq_set_handler(13, other_fault);
