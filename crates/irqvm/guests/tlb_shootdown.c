@@ -21,10 +21,14 @@
  * acknowledges; the writer waits for every acknowledgement), `cr3` (the handler reloads CR3 instead), `pv`
  * (Linux's: every CPU enables steal time; per reader, if its `preempted` byte has bit 0 set and a cmpxchg to
  * byte | 2 succeeds, no IPI; otherwise the IPI), `none` (the control: remap and publish with no flush: shows
- * whether this host lets a user-mode reader see the old page at all).
- * The ipi and cr3 phases must never be stale (checks). The pv and none phases print figures (`COUNT:` lines);
- * a stale read in a pv round prints `HOST-BUG pv-tlb-flush stale=N` (not a check: it depends on the host
- * preempting a reader's thread, which happens only on a loaded host; run it beside busy loops).
+ * whether this host lets a user-mode reader see the old page at all). Phases: remap, unmap and wp with
+ * `ipi`, remap with `cr3`, remap and wp with `pv`, all three with `none`. The ipi and cr3 phases must never
+ * be stale (checks). The pv and none phases print figures (`COUNT:` lines); a stale read in a pv round prints
+ * `HOST-BUG pv-tlb-flush stale=N` (not a check: it needs the host to show a reader preempted, which can only
+ * happen on a loaded host; run it beside busy loops). The writer also samples the readers' `preempted` bytes
+ * all along, and at the end sets each idle reader's byte to FLUSH_TLB and wakes it, to see whether the host
+ * rewrites the record at the vCPU's next entry. On this host KVM never marks a vCPU preempted, so the pv
+ * phases take the IPI path every round (docs/kvm-facts.md, "Remote TLB flushes here").
  * On 1 CPU the reader checks SKIP (they need a second CPU).
  * Command line: ms=N (time bound per phase, default 300), verbose=1 (more lines), ad=0 (X's PTEs without the
  * accessed and dirty bits, which the writer otherwise sets). */
@@ -621,6 +625,21 @@ void guest_main(void)
 	for (u32 c = 0; c < ncpus && steal_ok; c++)
 		printf("INFO: cpu %u steal-time record: steal %lu ns, version %u, flags %x, preempted %x\n", c,
 		       steal[c].steal, steal[c].version, steal[c].flags, steal[c].preempted);
+	/* Does the host rewrite the record's `preempted` byte at a vCPU's entry (KVM's record_steal_time: an
+	 * XCHG with 0, and a TLB flush if FLUSH_TLB was set)? The readers are idle in HLT now: the byte is set to
+	 * FLUSH_TLB and the reader woken with the flush IPI (its thread sleeps and wakes, so KVM loads it again). */
+	for (u32 c = 1; c < ncpus && steal_ok; c++) {
+		steal[c].preempted = KVM_VCPU_FLUSH_TLB;
+		u32 v0 = steal[c].version;
+		kcpu[c].flush_req = ~0ul;
+		apic_send_fixed(cpu_to_apic_id(c), V_FLUSH);
+		u64 t = rdtsc() + ms_to_tsc(200);
+		while ((steal[c].preempted != 0 || steal[c].version == v0) && rdtsc() < t)
+			cpu_relax();
+		printf("INFO: cpu %u: preempted byte set to FLUSH_TLB by the guest reads %x after a wake-up (record "
+		       "version %u -> %u)\n",
+		       c, steal[c].preempted, v0, steal[c].version);
+	}
 	printf("INFO: the readers' preempted bytes: %lu of %lu reads by the writer non-zero\n", preempt_nonzero,
 	       preempt_samples);
 	printf("INFO: pv path: %lu rounds flushed at least one reader through its steal-time record, %lu stale reads "
