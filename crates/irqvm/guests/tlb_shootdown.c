@@ -8,27 +8,31 @@
  *
  * CPU 0 is the writer (ring 0), every other CPU a reader that runs a loop at CPL 3 over a user page X (a
  * 4 KiB PTE with U/S = 1) and a "published" word on a user page that never changes. The writer does rounds,
- * each round r one of three kinds:
+ * each round r one of five kinds:
  * - remap: write tag r into a fresh page of a pool, point PTE(X) at it, flush, publish r;
  * - unmap: write tag r into a fresh page, clear PTE(X) (not present), flush, point PTE(X) at the page (no
  *   flush: a not-present entry is not cached), publish r; the reader's faults on X in between are retried;
  * - wp: the copy-on-write shape: PTE(X) alternates writable (even rounds, no flush needed) and
- *   write-protected (odd rounds: flush, then publish); the reader writes through X with a locked XCHG.
- * A reader that saw published == r must then read a tag >= r through X (remap, unmap), and its write through
- * X must fault if r is odd and the writer has not begun round r + 1 (wp). Anything else is a stale
+ *   write-protected (odd rounds: flush, then publish); the reader writes through X with a locked XCHG;
+ * - ptswap: a page-table page reused, as a new process's are: a page from a pool of page-table pages is
+ *   cleared (REP STOSQ), given X's entry (a fresh tagged page) while unlinked, then linked into the PDE in
+ *   place of the previous one; flush, publish;
+ * - large: X is a 2 MiB page (PDE with PS) remapped to a fresh tagged 2 MiB page; flush, publish.
+ * A reader that saw published == r must then read a tag >= r through X (all kinds but wp), and its write
+ * through X must fault if r is odd and the writer has not begun round r + 1 (wp). Anything else is a stale
  * translation, counted (the first few printed: round, tag, CPU).
- * Flush methods, one phase each: `ipi` (a fixed IPI to each reader, whose ring-0 handler runs INVLPG X and
- * acknowledges; the writer waits for every acknowledgement), `cr3` (the handler reloads CR3 instead), `pv`
- * (Linux's: every CPU enables steal time; per reader, if its `preempted` byte has bit 0 set and a cmpxchg to
- * byte | 2 succeeds, no IPI; otherwise the IPI), `none` (the control: remap and publish with no flush: shows
- * whether this host lets a user-mode reader see the old page at all). Phases: remap, unmap and wp with
- * `ipi`, remap with `cr3`, remap and wp with `pv`, all three with `none`. The ipi and cr3 phases must never
- * be stale (checks). The pv and none phases print figures (`COUNT:` lines); a stale read in a pv round prints
- * `HOST-BUG pv-tlb-flush stale=N` (not a check: it needs the host to show a reader preempted, which can only
- * happen on a loaded host; run it beside busy loops). The writer also samples the readers' `preempted` bytes
- * all along, and at the end sets each idle reader's byte to FLUSH_TLB and wakes it, to see whether the host
- * rewrites the record at the vCPU's next entry. On this host KVM never marks a vCPU preempted, so the pv
- * phases take the IPI path every round (docs/kvm-facts.md, "Remote TLB flushes here").
+ * Flush methods: `ipi` (a fixed IPI to each reader, whose ring-0 handler runs INVLPG X and acknowledges; the
+ * writer waits for every acknowledgement), `cr3` (the handler reloads CR3 instead), `pv` (Linux's: every CPU
+ * enables steal time; per reader, if its `preempted` byte has bit 0 set and a cmpxchg to byte | 2 succeeds,
+ * no IPI; otherwise the IPI), `none` (the control: change and publish with no flush: shows whether this host
+ * lets a user-mode reader see the old page at all). Phases: every kind with `ipi` and with `none`, remap
+ * with `cr3`, remap and wp with `pv`. The ipi and cr3 phases must never be stale (checks). The pv and none
+ * phases print figures (`COUNT:` lines); a stale read in a pv round prints `HOST-BUG pv-tlb-flush stale=N`
+ * (not a check: it needs the host to show a reader preempted, which can only happen on a loaded host; run it
+ * beside busy loops). The writer also samples the readers' `preempted` bytes all along, and at the end sets
+ * each idle reader's byte to FLUSH_TLB and wakes it, to see whether the host rewrites the record at the
+ * vCPU's next entry. On this host KVM never marks a vCPU preempted, so the pv phases take the IPI path every
+ * round (docs/kvm-facts.md, "Remote TLB flushes here").
  * On 1 CPU the reader checks SKIP (they need a second CPU).
  * Command line: ms=N (time bound per phase, default 300), verbose=1 (more lines), ad=0 (X's PTEs without the
  * accessed and dirty bits, which the writer otherwise sets). */
@@ -54,6 +58,12 @@
 #define SHARED_VA (USER_VA + SHARED_PT * 4096ul)
 #define EXIT_VA (USER_VA + EXIT_PT * 4096ul)
 #define X_VA (USER_VA + X_PT * 4096ul)
+#define X_PTSWAP_VA (USER_VA + (1ul << 21)) /* PD index 1: its page table is swapped (ptswap) */
+#define X_LARGE_VA (USER_VA + (2ul << 21))  /* PD index 2: a 2 MiB page (large) */
+#define PT_POOL 8                   /* page-table pages for ptswap */
+#define LARGE_BASE (32ul << 20)     /* 2 MiB pages for large: 32-48 MiB of RAM, identity-mapped */
+#define LARGE_POOL 8
+#define PDE_PS 0x80ul
 #define CPU_VA(c) (USER_VA + (CPU_PT + (c)) * 4096ul)
 
 #define V_FLUSH 0x50
@@ -90,7 +100,7 @@ struct ucpu {
 	volatile u64 stale_pv;      /* 16: stale in a round whose flush went through the steal-time record */
 	u64 pad0[2];
 	u64 cpu;                    /* 40 */
-	u64 pad1;
+	u64 xva;                    /* 48: X for this phase */
 	volatile u64 nrec;          /* 56 */
 	struct {
 		u64 published, seen; /* 64 + 16 i: the published word, the tag read (or the round being set up) */
@@ -131,7 +141,7 @@ __asm__(
 	/* remap and unmap: read the published word, then the tag through X; tag < round is stale. */
 	"user_read:\n"
 	"	movabsq $0x8000001000, %r12\n" /* SHARED_VA */
-	"	movabsq $0x8000008000, %r13\n" /* X_VA */
+	"	movq 48(%rbp), %r13\n"       /* X */
 	"	movq 40(%rbp), %rdi\n"
 	"1:	movq (%r12), %rdx\n"
 	"	movq (%r13), %rbx\n"
@@ -162,7 +172,7 @@ __asm__(
 	 * the write used a stale writable translation. The fault handler sets R14 and skips the XCHG. */
 	"user_write:\n"
 	"	movabsq $0x8000001000, %r12\n"
-	"	movabsq $0x8000008000, %r13\n"
+	"	movq 48(%rbp), %r13\n"
 	"	movq 40(%rbp), %rdi\n"
 	"	movq %rdi, %rsi\n"
 	"	shlq $6, %rsi\n"
@@ -201,7 +211,7 @@ __asm__(
 	"	ud2\n"
 	"	.balign 4096\n");
 
-_Static_assert(SHARED_VA == 0x8000001000ul && X_VA == 0x8000008000ul && EXIT_VA == 0x8000002000ul,
+_Static_assert(SHARED_VA == 0x8000001000ul && EXIT_VA == 0x8000002000ul,
 	       "the user code's constants");
 
 #define GDT_FIXED 8
@@ -226,9 +236,11 @@ static volatile u64 pool[POOL][512] __attribute__((aligned(4096)));
 static volatile u64 wp_page[512] __attribute__((aligned(4096)));
 extern u64 pml4[512];
 
-enum kind { K_REMAP, K_UNMAP, K_WP };
+enum kind { K_REMAP, K_UNMAP, K_WP, K_PTSWAP, K_LARGE };
 enum flush { F_IPI, F_CR3, F_PV, F_NONE };
-static const char *const kind_name[] = { "remap", "unmap", "wp" };
+static const char *const kind_name[] = { "remap", "unmap", "wp", "ptswap", "large" };
+static volatile u64 pt_pool[PT_POOL][512] __attribute__((aligned(4096)));
+static volatile u64 x_va = X_VA;     /* this phase's X: the fault and flush handlers use it */
 static const char *const flush_name[] = { "ipi", "cr3", "pv", "none" };
 
 /* Per reader, kernel side. */
@@ -266,6 +278,13 @@ static bool cmpxchg8(volatile u8 *p, u8 old, u8 new)
 	return prev == old;
 }
 
+static void clear_page_rep(volatile u64 *p)
+{
+	void *d = (void *)p;
+	u64 n = 512;
+	__asm__ volatile("rep stosq" : "+D"(d), "+c"(n) : "a"(0ul) : "memory");
+}
+
 static void invlpg(u64 va) { __asm__ volatile("invlpg (%0)" : : "r"(va) : "memory"); }
 static void reload_cr3(void)
 {
@@ -292,7 +311,7 @@ static void page_fault(struct irq_frame *f, u32 c)
 		leave_user(f, c);
 		return;
 	}
-	if ((f->cs & 3) == 3 && cr2 >> 12 == X_VA >> 12) {
+	if ((f->cs & 3) == 3 && cr2 >> 12 == x_va >> 12) {
 		u64 pte = READ_ONCE(user_pt[X_PT]);
 		k->faults_x++;
 		if (f->rip == (u64)wp_store - (u64)user_code + USER_VA) {
@@ -338,7 +357,7 @@ static void flush_handler(struct irq_frame *f, u32 c)
 	if (READ_ONCE(flush_kind) == F_CR3)
 		reload_cr3();
 	else
-		invlpg(X_VA);
+		invlpg(x_va);
 	WRITE_ONCE(kcpu[c].flush_ack, READ_ONCE(kcpu[c].flush_req));
 	apic_eoi();
 }
@@ -472,6 +491,12 @@ static struct phase_result run_phase(enum kind kind, enum flush fl)
 		pool[i][0] = 0;
 	u64 first = kind == K_WP ? x_pte(wp_page, PTE_W | PTE_D) : x_pte(pool[0], 0);
 	WRITE_ONCE(user_pt[X_PT], first);
+	clear_page_rep(pt_pool[0]);
+	pt_pool[0][0] = first;
+	WRITE_ONCE(user_pd[X_PTSWAP_VA >> 21 & 511], (u64)pt_pool[0] | PTE_P | PTE_W | PTE_U | PTE_A);
+	*(volatile u64 *)LARGE_BASE = 0;
+	WRITE_ONCE(user_pd[X_LARGE_VA >> 21 & 511], x_pte((void *)LARGE_BASE, PDE_PS));
+	x_va = kind == K_PTSWAP ? X_PTSWAP_VA : kind == K_LARGE ? X_LARGE_VA : X_VA;
 	reload_cr3();
 	shared_page.published = 0;
 	shared_page.changing = 0;
@@ -479,6 +504,7 @@ static struct phase_result run_phase(enum kind kind, enum flush fl)
 	for (u32 c = 1; c < ncpus; c++) {
 		memset(&ucpu[c], 0, sizeof(ucpu[c]));
 		ucpu[c].cpu = c;
+		ucpu[c].xva = x_va;
 		kcpu[c].faults_x = kcpu[c].spurious = kcpu[c].wp_faults = 0;
 		kcpu[c].flush_ack = kcpu[c].flush_req = 0;
 	}
@@ -500,6 +526,20 @@ static struct phase_result run_phase(enum kind kind, enum flush fl)
 			WRITE_ONCE(user_pt[X_PT], x_pte(wp_page, wp ? 0 : PTE_W | PTE_D));
 			if (wp)
 				mask = flush_readers(fl, r, &res, pending_flag);
+		} else if (kind == K_PTSWAP) {
+			/* A page-table page reused: cleared as Linux clears a new one (REP STOSQ), X's entry written
+			 * while it is not linked, then linked in place of the old one. */
+			volatile u64 *page = pool[r % POOL], *pt = pt_pool[r % PT_POOL];
+			page[0] = r;
+			clear_page_rep(pt);
+			pt[0] = x_pte(page, 0);
+			WRITE_ONCE(user_pd[X_PTSWAP_VA >> 21 & 511], (u64)pt | PTE_P | PTE_W | PTE_U | PTE_A);
+			mask = flush_readers(fl, r, &res, pending_flag);
+		} else if (kind == K_LARGE) {
+			volatile u64 *page = (volatile u64 *)(LARGE_BASE + (r % LARGE_POOL) * (2ul << 20));
+			page[0] = r;
+			WRITE_ONCE(user_pd[X_LARGE_VA >> 21 & 511], x_pte(page, PDE_PS));
+			mask = flush_readers(fl, r, &res, pending_flag);
 		} else {
 			volatile u64 *page = pool[r % POOL];
 			page[0] = r;
@@ -582,31 +622,44 @@ void guest_main(void)
 	       ncpus, opt_ms, kvm_features, kvm_features & KVM_FEATURE_STEAL_TIME ? "offered" : "not offered",
 	       steal_enabled, kvm_features & KVM_FEATURE_PV_TLB_FLUSH ? "offered" : "not offered");
 
-	static const char *const names[] = {
-		"no stale read after an invlpg ipi flush of a remapped pte",
-		"no stale read after a cr3 reload ipi flush of a remapped pte",
-		"no stale read after an invlpg ipi flush of a cleared then set pte",
-		"no write through a write-protected pte after an invlpg ipi flush",
+	static const char *const others[] = {
 		"readers ran in user mode in every phase",
 		"every flush ipi was acknowledged",
 		"no unexpected fault in user mode",
 	};
-	if (ncpus < 2) {
-		for (u32 i = 0; i < sizeof(names) / sizeof(names[0]); i++)
-			skip(names[i], "needs 2 CPUs, has %u", ncpus);
-		return;
-	}
-	struct {
+	/* The phases; those with a check name must never be stale, the others print figures. */
+	static const struct {
 		enum kind kind;
 		enum flush fl;
+		const char *check;
 	} phases[] = {
-		{ K_REMAP, F_IPI }, { K_REMAP, F_CR3 }, { K_UNMAP, F_IPI }, { K_WP, F_IPI },
-		{ K_REMAP, F_PV },  { K_WP, F_PV },     { K_REMAP, F_NONE }, { K_UNMAP, F_NONE }, { K_WP, F_NONE },
+		{ K_REMAP, F_IPI, "no stale read after an invlpg ipi flush of a remapped pte" },
+		{ K_REMAP, F_CR3, "no stale read after a cr3 reload ipi flush of a remapped pte" },
+		{ K_UNMAP, F_IPI, "no stale read after an invlpg ipi flush of a cleared then set pte" },
+		{ K_WP, F_IPI, "no write through a write-protected pte after an invlpg ipi flush" },
+		{ K_PTSWAP, F_IPI, "no stale read after an invlpg ipi flush of a swapped page table" },
+		{ K_LARGE, F_IPI, "no stale read after an invlpg ipi flush of a remapped 2 mib page" },
+		{ K_REMAP, F_PV, NULL },
+		{ K_WP, F_PV, NULL },
+		{ K_REMAP, F_NONE, NULL },
+		{ K_UNMAP, F_NONE, NULL },
+		{ K_WP, F_NONE, NULL },
+		{ K_PTSWAP, F_NONE, NULL },
+		{ K_LARGE, F_NONE, NULL },
 	};
+	const u32 n_phases = sizeof(phases) / sizeof(phases[0]);
+	if (ncpus < 2) {
+		for (u32 i = 0; i < n_phases; i++)
+			if (phases[i].check)
+				skip(phases[i].check, "needs 2 CPUs, has %u", ncpus);
+		for (u32 i = 0; i < sizeof(others) / sizeof(others[0]); i++)
+			skip(others[i], "needs 2 CPUs, has %u", ncpus);
+		return;
+	}
 	struct phase_result res[sizeof(phases) / sizeof(phases[0])];
 	bool all_ran = true;
 	u64 timeouts = 0, unexpected = 0, pv_stale = 0, pv_rounds = 0;
-	for (u32 i = 0; i < sizeof(phases) / sizeof(phases[0]); i++) {
+	for (u32 i = 0; i < n_phases; i++) {
 		res[i] = run_phase(phases[i].kind, phases[i].fl);
 		all_ran &= res[i].ran && res[i].rounds > 0;
 		timeouts += res[i].ack_timeouts;
@@ -616,12 +669,13 @@ void guest_main(void)
 			pv_rounds += res[i].pv_rounds;
 		}
 	}
-	for (u32 i = 0; i < 4; i++)
-		check(res[i].stale_ipi + res[i].stale_pv == 0, names[i], "%lu stale in %lu rounds",
-		      res[i].stale_ipi + res[i].stale_pv, res[i].rounds);
-	check(all_ran, names[4], "a phase did not start or end");
-	check(timeouts == 0, names[5], "%lu timed out", timeouts);
-	check(unexpected == 0, names[6], "%lu", unexpected);
+	for (u32 i = 0; i < n_phases; i++)
+		if (phases[i].check)
+			check(res[i].stale_ipi + res[i].stale_pv == 0, phases[i].check, "%lu stale in %lu rounds",
+			      res[i].stale_ipi + res[i].stale_pv, res[i].rounds);
+	check(all_ran, others[0], "a phase did not start or end");
+	check(timeouts == 0, others[1], "%lu timed out", timeouts);
+	check(unexpected == 0, others[2], "%lu", unexpected);
 	for (u32 c = 0; c < ncpus && steal_ok; c++)
 		printf("INFO: cpu %u steal-time record: steal %lu ns, version %u, flags %x, preempted %x\n", c,
 		       steal[c].steal, steal[c].version, steal[c].flags, steal[c].preempted);
