@@ -7,7 +7,7 @@
 #
 # Usage: linux-boot.sh [--cpus N] [--irqchip user|split|kernel] [--format vmlinux|bzimage]
 #                      [--memory SIZE] [--timeout SECONDS] [--irqvm PATH] [--append ARGS]
-#                      [--api-sock PATH] [--exact on|off]
+#                      [--api-sock PATH] [--exact on|off] [--tls-probe]
 # --append adds kernel arguments; --api-sock serves irqvm's control API, for linux-profile.sh.
 # Needs: apt-get install -y linux-image-cloud-amd64 busybox-static lz4 gcc cpio
 # Exit status: 0 if the guest ended through isa-debug-exit with every check passed, 1 otherwise.
@@ -18,7 +18,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 die() { echo "linux-boot: $*" >&2; exit 1; }
 
-cpus=1 irqchip=user format=vmlinux timeout=2700 irqvm= memory=128M append= api= exact=
+cpus=1 irqchip=user format=vmlinux timeout=2700 irqvm= memory=128M append= api= exact= tls_probe=
 while [ $# -gt 0 ]; do
 	case $1 in
 	--cpus) cpus=$2; shift 2 ;;
@@ -30,6 +30,7 @@ while [ $# -gt 0 ]; do
 	--append) append=$2; shift 2 ;;
 	--api-sock) api=$2; shift 2 ;;
 	--exact) exact=$2; shift 2 ;;
+	--tls-probe) tls_probe=1; shift ;;
 	*) die "unknown argument $1" ;;
 	esac
 done
@@ -59,6 +60,15 @@ mkdir -p "$root"/{bin,dev,proc,sys}
 cp /bin/busybox "$root/bin/busybox"
 cp "$here/linux-boot/init" "$root/init"
 gcc -static -O2 -o "$root/bin/irqvm-exit" "$here/linux-boot/irqvm-exit.c"
+# --tls-probe: /bin/tlsprobe runs first as PID 1 (rdinit=), execs fresh processes that check their TLS
+# the way static glibc sets it up (docs/benchmarks.md, "The FS-base fault: two suspects cleared"), then
+# execs /init.
+if [ -n "$tls_probe" ]; then
+	gcc -static -nostdlib -O2 -fno-builtin -fno-tree-loop-distribute-patterns -fno-stack-protector \
+		-o "$root/bin/tlsprobe" "$here/linux-boot/tlsprobe.c"
+	gcc -static -O2 -o "$root/bin/tlsglibc" "$here/linux-boot/tlsglibc.c"
+	append="$append rdinit=/bin/tlsprobe print-fatal-signals=1"
+fi
 mknod -m 600 "$root/dev/console" c 5 1 2>/dev/null || true
 (cd "$root" && find . | cpio -o -H newc --quiet) >"$work/initramfs.cpio"
 
