@@ -393,17 +393,7 @@ static void expect_eq(struct cpu_stats *s, u32 c, enum bad_kind k, u64 iter, u64
 
 static void load_gdt_and_tss(u32 c)
 {
-	u64 base = (u64)tss[c], limit = 104 - 1;
-	/* Available 64-bit TSS, present, DPL 0 (type 9, SDM vol. 3 8.2.3). */
-	gdt_sc[GDT_FIXED + 2 * c] = (limit & 0xFFFF) | ((base & 0xFFFFFF) << 16) | (0x89ul << 40) |
-				   (((limit >> 16) & 0xF) << 48) | (((base >> 24) & 0xFF) << 56);
-	gdt_sc[GDT_FIXED + 2 * c + 1] = base >> 32;
-	struct {
-		u16 limit;
-		u64 base;
-	} __attribute__((packed)) d = { sizeof(gdt_sc) - 1, (u64)gdt_sc };
-	__asm__ volatile("lgdt %0" : : "m"(d) : "memory");
-	__asm__ volatile("ltr %w0" : : "r"((u16)TSS_SEL(c)) : "memory");
+	load_gdt_with_tss(gdt_sc, sizeof(gdt_sc) / sizeof(gdt_sc[0]), GDT_FIXED + 2 * c, tss[c]);
 }
 
 static void map_user_pages(void)

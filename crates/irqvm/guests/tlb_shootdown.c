@@ -364,16 +364,7 @@ static void flush_handler(struct irq_frame *f, u32 c)
 
 static void load_gdt_and_tss(u32 c)
 {
-	u64 base = (u64)tss[c], limit = 104 - 1;
-	gdt_u[GDT_FIXED + 2 * c] = (limit & 0xFFFF) | ((base & 0xFFFFFF) << 16) | (0x89ul << 40) |
-				  (((limit >> 16) & 0xF) << 48) | (((base >> 24) & 0xFF) << 56);
-	gdt_u[GDT_FIXED + 2 * c + 1] = base >> 32;
-	struct {
-		u16 limit;
-		u64 base;
-	} __attribute__((packed)) d = { sizeof(gdt_u) - 1, (u64)gdt_u };
-	__asm__ volatile("lgdt %0" : : "m"(d) : "memory");
-	__asm__ volatile("ltr %w0" : : "r"((u16)TSS_SEL(c)) : "memory");
+	load_gdt_with_tss(gdt_u, sizeof(gdt_u) / sizeof(gdt_u[0]), GDT_FIXED + 2 * c, tss[c]);
 }
 
 /* Each CPU once: its TSS, and its steal-time record if the host has them. */

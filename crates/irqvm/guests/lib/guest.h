@@ -302,4 +302,6 @@ extern u32 multiboot_magic, multiboot_info;
 /* The decimal value of `key=` on the multiboot command line (a word starting with it), else `dflt`. */
 u64 cmdline_u64(const char *key, u64 dflt);
 void delay_us(u64 us);
+/* Writes a 64-bit TSS descriptor for `tss` at gdt[slot], loads that GDT and TR (selector slot * 8). */
+void load_gdt_with_tss(u64 *gdt, u32 entries, u32 slot, const void *tss);
 #endif

@@ -922,3 +922,20 @@ void bsp_main(void)
 	guest_main();
 	done();
 }
+
+/* Puts an available 64-bit TSS descriptor for `tss` (104 bytes, present, DPL 0; type 9, SDM vol. 3 8.2.3) in
+ * gdt[slot] and gdt[slot + 1], loads the GDT (`entries` descriptors) and the task register with selector
+ * slot * 8. */
+void load_gdt_with_tss(u64 *gdt, u32 entries, u32 slot, const void *tss)
+{
+	u64 base = (u64)tss, limit = 104 - 1;
+	gdt[slot] = (limit & 0xFFFF) | ((base & 0xFFFFFF) << 16) | (0x89ul << 40) | (((limit >> 16) & 0xF) << 48) |
+		    (((base >> 24) & 0xFF) << 56);
+	gdt[slot + 1] = base >> 32;
+	struct {
+		u16 limit;
+		u64 base;
+	} __attribute__((packed)) d = { (u16)(entries * 8 - 1), (u64)gdt };
+	__asm__ volatile("lgdt %0" : : "m"(d) : "memory");
+	__asm__ volatile("ltr %w0" : : "r"((u16)(slot * 8)) : "memory");
+}
