@@ -10,7 +10,9 @@
 //!
 //! With no STAT names, every statistic is printed.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
 use irqvm::vm::{Vm, VmConfig};
@@ -35,11 +37,10 @@ fn vcpu_fds() -> Vec<(String, i32)> {
     fds
 }
 
-fn pread(fd: i32, len: usize, off: u64) -> Vec<u8> {
+fn pread(file: &File, len: usize, off: u64) -> Vec<u8> {
     let mut buf = vec![0u8; len];
-    // SAFETY: `buf` is `len` bytes long and owned here.
-    let n = unsafe { libc::pread(fd, buf.as_mut_ptr().cast(), len, off as libc::off_t) };
-    assert_eq!(n, len as isize, "pread of the stats fd");
+    file.read_exact_at(&mut buf, off)
+        .expect("pread of the stats fd");
     buf
 }
 
@@ -48,16 +49,15 @@ fn u32_at(b: &[u8], i: usize) -> u32 {
 }
 
 /// A stats fd of `vcpu_fd` (taken before the vCPU runs: a vCPU ioctl waits for KVM_RUN to end).
-fn stats_fd(vcpu_fd: i32) -> Option<OwnedFd> {
+fn stats_fd(vcpu_fd: i32) -> Option<File> {
     // SAFETY: an ioctl without an argument on a file descriptor this process owns.
     let sfd = unsafe { libc::ioctl(vcpu_fd, KVM_GET_STATS_FD) };
     // SAFETY: KVM just opened `sfd` for this process; nothing else owns it.
-    (sfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(sfd) })
+    (sfd >= 0).then(|| unsafe { File::from_raw_fd(sfd) })
 }
 
 /// Every statistic in a stats fd (the first value of each).
-fn read_stats(sfd: &OwnedFd) -> Vec<(String, u64)> {
-    let raw = sfd.as_raw_fd();
+fn read_stats(raw: &File) -> Vec<(String, u64)> {
     let hdr = pread(raw, 24, 0);
     let (name_size, num_desc) = (u32_at(&hdr, 4) as usize, u32_at(&hdr, 8) as usize);
     let (desc_off, data_off) = (u32_at(&hdr, 16) as u64, u32_at(&hdr, 20) as u64);
@@ -102,7 +102,7 @@ fn main() {
     cfg.irqchip = mode;
     cfg.cmdline = cmdline;
     let vm = Vm::new(&cfg).expect("the VM");
-    let fds: Vec<(String, OwnedFd)> = vcpu_fds()
+    let fds: Vec<(String, File)> = vcpu_fds()
         .into_iter()
         .filter_map(|(link, fd)| Some((link, stats_fd(fd)?)))
         .collect();
