@@ -7,7 +7,7 @@
 #
 # Usage: linux-boot.sh [--cpus N] [--irqchip user|split|kernel] [--format vmlinux|bzimage]
 #                      [--memory SIZE] [--timeout SECONDS] [--irqvm PATH] [--append ARGS]
-#                      [--api-sock PATH] [--exact on|off] [--tls-probe]
+#                      [--api-sock PATH] [--exact on|off] [--tls-probe] [--cores]
 # --append adds kernel arguments; --api-sock serves irqvm's control API, for linux-profile.sh.
 # Needs: apt-get install -y linux-image-cloud-amd64 busybox-static lz4 gcc cpio
 # Exit status: 0 if the guest ended through isa-debug-exit with every check passed, 1 otherwise.
@@ -18,7 +18,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 die() { echo "linux-boot: $*" >&2; exit 1; }
 
-cpus=1 irqchip=user format=vmlinux timeout=2700 irqvm= memory=128M append= api= exact= tls_probe=
+cpus=1 irqchip=user format=vmlinux timeout=2700 irqvm= memory=128M append= api= exact= tls_probe= cores=
 while [ $# -gt 0 ]; do
 	case $1 in
 	--cpus) cpus=$2; shift 2 ;;
@@ -31,6 +31,7 @@ while [ $# -gt 0 ]; do
 	--api-sock) api=$2; shift 2 ;;
 	--exact) exact=$2; shift 2 ;;
 	--tls-probe) tls_probe=1; shift ;;
+	--cores) cores=1; shift ;;
 	*) die "unknown argument $1" ;;
 	esac
 done
@@ -68,6 +69,13 @@ if [ -n "$tls_probe" ]; then
 		-o "$root/bin/tlsprobe" "$here/linux-boot/tlsprobe.c"
 	gcc -static -O2 -o "$root/bin/tlsglibc" "$here/linux-boot/tlsglibc.c"
 	append="$append rdinit=/bin/tlsprobe print-fatal-signals=1"
+fi
+# --cores: processes that die dump core in the initramfs, and init prints each core's TLS block
+# (scripts/linux-boot/coreread.c) before its DONE line.
+if [ -n "$cores" ]; then
+	gcc -static -O2 -o "$root/bin/coreread" "$here/linux-boot/coreread.c"
+	mkdir -p "$root/tmp"
+	append="$append irqvm.cores=1 print-fatal-signals=1"
 fi
 mknod -m 600 "$root/dev/console" c 5 1 2>/dev/null || true
 (cd "$root" && find . | cpio -o -H newc --quiet) >"$work/initramfs.cpio"
