@@ -8,6 +8,7 @@
 # Usage: linux-boot.sh [--cpus N] [--irqchip user|split|kernel] [--format vmlinux|bzimage]
 #                      [--memory SIZE] [--timeout SECONDS] [--irqvm PATH] [--append ARGS]
 #                      [--api-sock PATH] [--exact on|off] [--tls-probe] [--cores]
+#                      [--stress SECONDS]
 # --append adds kernel arguments; --api-sock serves irqvm's control API, for linux-profile.sh.
 # Needs: apt-get install -y linux-image-cloud-amd64 busybox-static lz4 gcc cpio
 # Exit status: 0 if the guest ended through isa-debug-exit with every check passed, 1 otherwise.
@@ -18,7 +19,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 die() { echo "linux-boot: $*" >&2; exit 1; }
 
-cpus=1 irqchip=user format=vmlinux timeout=2700 irqvm= memory=128M append= api= exact= tls_probe= cores=
+cpus=1 irqchip=user format=vmlinux timeout=2700 irqvm= memory=128M append= api= exact= tls_probe= cores= stress=
 while [ $# -gt 0 ]; do
 	case $1 in
 	--cpus) cpus=$2; shift 2 ;;
@@ -32,6 +33,7 @@ while [ $# -gt 0 ]; do
 	--exact) exact=$2; shift 2 ;;
 	--tls-probe) tls_probe=1; shift ;;
 	--cores) cores=1; shift ;;
+	--stress) stress=$2; shift 2 ;;
 	*) die "unknown argument $1" ;;
 	esac
 done
@@ -76,6 +78,13 @@ if [ -n "$cores" ]; then
 	gcc -static -O2 -o "$root/bin/coreread" "$here/linux-boot/coreread.c"
 	mkdir -p "$root/tmp"
 	append="$append irqvm.cores=1 print-fatal-signals=1"
+fi
+# --stress SECONDS: before its checks, init runs /bin/imageprobe (scripts/linux-boot/imageprobe.c) in four
+# unpinned loops for SECONDS, each exec'd process checking that its own image reads back as the file holds
+# it, then four shell loops of busybox re-executing itself, the way the processes that died did.
+if [ -n "$stress" ]; then
+	gcc -static -O2 -o "$root/bin/imageprobe" "$here/linux-boot/imageprobe.c"
+	append="$append irqvm.stress=$stress print-fatal-signals=1"
 fi
 mknod -m 600 "$root/dev/console" c 5 1 2>/dev/null || true
 (cd "$root" && find . | cpio -o -H newc --quiet) >"$work/initramfs.cpio"
