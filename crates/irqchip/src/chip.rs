@@ -248,6 +248,16 @@ impl PcIrqChip {
         (Self::with_sink(config, apic), vcpus)
     }
 
+    /// [`Self::new`] with vCPU `i`'s inbox ringing and sleeping on `bell(i)`
+    /// ([`ApicSystem::with_bells`]).
+    pub fn with_bells(
+        config: PcIrqChipConfig,
+        bell: impl FnMut(VcpuIndex) -> Box<dyn crate::posting::Bell>,
+    ) -> (Self, Vec<VcpuInterrupts>) {
+        let (apic, vcpus) = ApicSystem::with_bells(config.apic, bell);
+        (Self::with_sink(config, apic), vcpus)
+    }
+
     /// The APIC bus and inboxes (for the VMM's kick/wake paths and VMM-originated messages).
     pub fn apic_system(&self) -> &ApicSystem {
         &self.sink

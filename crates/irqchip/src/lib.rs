@@ -90,5 +90,6 @@ pub mod sync;
 pub mod topology;
 pub mod types;
 pub mod vcpu;
+pub mod wake;
 
 pub use types::*;

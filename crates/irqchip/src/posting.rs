@@ -300,6 +300,20 @@ fn decode_events(word: u32) -> (ApicEvents, bool) {
     (events, word & EV_WAKEUP != 0)
 }
 
+/// How a blocked vCPU sleeps and how a poster wakes it: the doorbell of a [`VcpuInbox`].
+///
+/// Both implementations keep the property the posting protocol relies on: a ring that comes
+/// before the sleep is not lost (the next `wait` returns at once), and rings coalesce until a
+/// `wait` consumes them. [`Doorbell`] (a mutex and a condvar per vCPU) is the default and needs
+/// nothing from the host; [`crate::wake::SharedBell`] shares one kernel wait word between up to
+/// 32 vCPUs, so that a broadcast wakes all its sleepers with one syscall (issue 14).
+pub trait Bell: Send + Sync {
+    /// Wakes the waiter, or makes its next `wait` return at once.
+    fn ring(&self);
+    /// Sleeps until rung (returns at once if it was rung since the last `wait`), then clears it.
+    fn wait(&self);
+}
+
 /// A sleep/wake primitive that does not lose a ring that comes before the sleep: `ring` sets a
 /// flag under the lock, `wait` sleeps only while the flag is clear and consumes it.
 ///
@@ -364,6 +378,16 @@ impl Doorbell {
     }
 }
 
+impl Bell for Doorbell {
+    fn ring(&self) {
+        Doorbell::ring(self);
+    }
+
+    fn wait(&self) {
+        Doorbell::wait(self);
+    }
+}
+
 /// The posting inbox of one vCPU: written by any thread, drained only by the vCPU's own thread.
 pub struct VcpuInbox {
     pir: [AtomicU64; BITMAP_WORDS],
@@ -377,7 +401,7 @@ pub struct VcpuInbox {
     events: AtomicU32,
     mode: AtomicU8,
     ppr: AtomicU8,
-    doorbell: Doorbell,
+    doorbell: Box<dyn Bell>,
 }
 
 impl Default for VcpuInbox {
@@ -387,8 +411,13 @@ impl Default for VcpuInbox {
 }
 
 impl VcpuInbox {
-    /// An empty inbox for a vCPU outside guest mode, PPR 0.
+    /// An empty inbox for a vCPU outside guest mode, PPR 0, with a [`Doorbell`] of its own.
     pub fn new() -> Self {
+        Self::with_bell(Box::new(Doorbell::new()))
+    }
+
+    /// [`Self::new`] with the doorbell `bell` (e.g. a [`crate::wake::SharedBell`]).
+    pub fn with_bell(bell: Box<dyn Bell>) -> Self {
         Self {
             pir: std::array::from_fn(|_| AtomicU64::new(0)),
             level: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -396,7 +425,7 @@ impl VcpuInbox {
             events: AtomicU32::new(0),
             mode: AtomicU8::new(VcpuMode::OutsideGuest as u8),
             ppr: AtomicU8::new(0),
-            doorbell: Doorbell::new(),
+            doorbell: bell,
         }
     }
 

@@ -41,7 +41,7 @@ use std::sync::Arc;
 use crate::bus::ApicBus;
 use crate::lapic::{LapicConfig, LapicEffect, LocalApic};
 use crate::mpstate::{AcceptOutcome, InitBlocking, MpState, MpStateMachine, SipiDelivery};
-use crate::posting::{Posted, VcpuInbox};
+use crate::posting::{Bell, Doorbell, Posted, VcpuInbox};
 use crate::snapshot::{PendingEvents, SnapshotError, VcpuSnapshot};
 use crate::topology::ApicIdLayout;
 use crate::types::{
@@ -133,8 +133,18 @@ impl ApicSystem {
     /// with APIC ID 0 and vCPU n having the APIC ID `config.apic_ids` gives it (n when packed);
     /// see [`ApicSystemConfig::check`].
     pub fn new(config: ApicSystemConfig) -> (Self, Vec<VcpuInterrupts>) {
+        Self::with_bells(config, |_| Box::new(Doorbell::new()))
+    }
+
+    /// [`Self::new`] with vCPU `i`'s inbox ringing and sleeping on `bell(i)` instead of a
+    /// [`Doorbell`] of its own (e.g. [`crate::wake::SharedBell`]s, issue 14).
+    pub fn with_bells(
+        config: ApicSystemConfig,
+        bell: impl FnMut(VcpuIndex) -> Box<dyn Bell>,
+    ) -> (Self, Vec<VcpuInterrupts>) {
         let inboxes: Vec<Arc<VcpuInbox>> = (0..config.vcpus)
-            .map(|_| Arc::new(VcpuInbox::new()))
+            .map(bell)
+            .map(|bell| Arc::new(VcpuInbox::with_bell(bell)))
             .collect();
         let lapics: Vec<LocalApic> = (0..config.vcpus)
             .map(|index| LocalApic::new(lapic_config(&config, index)))

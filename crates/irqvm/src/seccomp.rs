@@ -314,7 +314,8 @@ fn rules(role: Role) -> Result<Rules, seccompiler::Error> {
 }
 
 /// What every filtered thread may do: the std runtime (locks, allocation, its signal stack,
-/// thread exit), log to stderr, write serial output, read clocks and sleep, kick a vCPU of this
+/// thread exit), sleep on and ring `user` mode's doorbells (futex FUTEX_WAIT_BITSET and
+/// FUTEX_WAKE_BITSET, `backend::user::futex`: any thread that posts may wake), log to stderr, write serial output, read clocks and sleep, kick a vCPU of this
 /// process (pthread_kill = getpid + tgkill between signal-mask changes), return from the kick
 /// handler, and close the fds it owns.
 fn common_rules() -> Result<Rules, seccompiler::Error> {

@@ -24,6 +24,7 @@
 //! access takes #GP, as before (KVM does not know it without SEV-ES).
 
 mod counters;
+mod futex;
 mod ghcb;
 mod notify;
 mod percpu;
@@ -159,12 +160,20 @@ impl UserIrqchip {
         // The guest's CPUID is derived from this table with leaf 80000008H unchanged.
         config.apic.max_phys_addr =
             crate::cpuid::max_phys_addr(&crate::cpuid::supported_cpuid(ctx.kvm)?);
-        let (chip, vcpus) = PcIrqChip::new(config);
+        // One futex word per 32 vCPUs, shared by their inboxes' doorbells (`notify`).
+        let bells = Arc::new(notify::Doorbells::new(
+            ctx.kicker.vcpus(),
+            futex::Futex::default(),
+        ));
+        let (chip, vcpus) = PcIrqChip::with_bells(config, |index| {
+            Box::new(irqchip::wake::SharedBell::new(bells.clone(), index))
+        });
         let bus = chip.bus().clone();
         bus.set_observer(Arc::new(crate::trace::BusObserver(ctx.tracer.clone())));
         let notifier = Arc::new(notify::Notifier::new(
             ctx.kicker.clone(),
             bus.clone(),
+            bells,
             ctx.tracer.clone(),
         ));
         let timers = {
@@ -476,6 +485,9 @@ impl Irqchip for UserIrqchip {
         self.shared
             .notifier
             .visit(&mut |index, name, value| out(Some(index), name, value));
+        self.shared
+            .notifier
+            .visit_doorbells(&mut |name, value| out(None, name, value));
         self.shared
             .tracer
             .latency()

@@ -1,19 +1,32 @@
 //! What a poster does with the [`Notify`] the posting protocol returns (seed 001): `Kick` forces
 //! the target out of KVM_RUN (real-time signal + `immediate_exit`, see `crate::kick`), `Wake`
 //! rings the doorbell the blocked target sleeps on.
+//!
+//! The doorbells are `irqchip::wake`'s shared ones on a futex word per 32 vCPUs (issue 14): the
+//! notify callback a delivery gets from [`Notifier::batched`] latches each ring as the bus
+//! posts and wakes every sleeper it rang with one futex call per group when the delivery is
+//! done, so that an IPI to several halted vCPUs is not left half-delivered while the sender's
+//! thread loses its core to the first vCPU it woke. Kicks go out at once, as before.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use irqchip::vcpu::VmBus;
+use irqchip::wake::{SharedDoorbells, WakeBatch};
 use irqchip::{Notify, VcpuIndex};
 
+use super::futex::Futex;
 use crate::backend::VcpuKicker;
+
+/// The doorbells of a VM's vCPUs.
+pub type Doorbells = SharedDoorbells<Futex>;
 
 /// Kick targets and inboxes of every vCPU of a VM.
 pub struct Notifier {
     kicker: Arc<dyn VcpuKicker>,
     bus: Arc<VmBus>,
+    /// The doorbells of the bus's inboxes (each inbox holds a `SharedBell` into them).
+    bells: Arc<Doorbells>,
     /// Per target: posts that asked for a kick, for a doorbell wake-up (relaxed counts for the
     /// control API; each sits beside a signal or a futex wake, which cost far more).
     kicks: Vec<AtomicU64>,
@@ -25,6 +38,7 @@ impl Notifier {
     pub fn new(
         kicker: Arc<dyn VcpuKicker>,
         bus: Arc<VmBus>,
+        bells: Arc<Doorbells>,
         tracer: Arc<crate::trace::Tracer>,
     ) -> Self {
         let counts = || (0..kicker.vcpus()).map(|_| AtomicU64::new(0)).collect();
@@ -33,6 +47,7 @@ impl Notifier {
             wakes: counts(),
             kicker,
             bus,
+            bells,
             tracer,
         }
     }
@@ -51,8 +66,26 @@ impl Notifier {
         }
     }
 
-    /// Acts on the result of a post to vCPU `target`.
+    /// The futex calls of the doorbells (VM-wide: one wake may serve several vCPUs).
+    pub fn visit_doorbells(&self, out: &mut dyn FnMut(&str, u64)) {
+        self.bells.wake_word().visit(out);
+    }
+
+    /// Acts on the result of a post to vCPU `target` (a delivery of one post).
     pub fn notify(&self, target: VcpuIndex, how: Notify) {
+        self.notify_into(&mut self.bells.batch(), target, how);
+    }
+
+    /// The notify callback for one delivery that may post to several vCPUs (an IPI, an MSI,
+    /// an IOAPIC pin): kicks at once; rings at once too, but the futex wakes of the rings that
+    /// found their vCPU asleep go out together when the callback is dropped, one per group of
+    /// 32 vCPUs (`irqchip::wake`). Drop it as soon as the delivery returns.
+    pub fn batched(&self) -> impl FnMut(VcpuIndex, Notify) + '_ {
+        let mut batch = self.bells.batch();
+        move |target, how| self.notify_into(&mut batch, target, how)
+    }
+
+    fn notify_into(&self, batch: &mut WakeBatch<'_, Futex>, target: VcpuIndex, how: Notify) {
         match how {
             Notify::None => {}
             Notify::Kick => {
@@ -63,16 +96,14 @@ impl Notifier {
             Notify::Wake => {
                 Self::count(&self.wakes, target);
                 crate::trace::hooks::notified(&self.tracer, target, false);
-                self.ring(target);
+                batch.ring(target);
             }
         }
     }
 
     /// Rings vCPU `target`'s doorbell (latched: a ring before it sleeps makes the sleep return).
     pub fn ring(&self, target: VcpuIndex) {
-        if let Some(inbox) = self.bus.sink(target) {
-            inbox.ring_doorbell();
-        }
+        self.bells.ring(target);
     }
 
     /// Asks vCPU `target` to re-evaluate its local state (its APIC timer expired).

@@ -985,7 +985,7 @@ impl UserVcpuChip {
         let eoi = self.in_service_before(index == X2APIC_EOI_MSR);
         let result = self
             .interrupts
-            .msr_write(index, value, now, &mut |t, how| notifier.notify(t, how));
+            .msr_write(index, value, now, &mut notifier.batched());
         self.eoi_done(eoi);
         match result {
             Ok(r) => self.notify_result(r),
@@ -1078,7 +1078,7 @@ impl VcpuIrqchip for UserVcpuChip {
                     let eoi = self.in_service_before(offset == APIC_EOI_OFFSET);
                     let r = self
                         .interrupts
-                        .mmio_write(offset, data, now, &mut |t, how| notifier.notify(t, how));
+                        .mmio_write(offset, data, now, &mut notifier.batched());
                     self.eoi_done(eoi);
                     self.notify_result(r);
                 } else if (IOAPIC_BASE..IOAPIC_BASE + IOAPIC_SIZE).contains(addr) {

@@ -41,7 +41,7 @@ impl Platform {
     }
 
     fn notify(&self) -> impl FnMut(usize, irqchip::Notify) + '_ {
-        |target, how| self.notifier.notify(target, how)
+        self.notifier.batched()
     }
 
     /// Drives GSI `gsi` to `level` (device lines: serial IRQ 4, pc-testdev lines).

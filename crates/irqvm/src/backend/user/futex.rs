@@ -1,0 +1,124 @@
+//! The futex under `user` mode's shared doorbells (`irqchip::wake`, issue 14): every vCPU of a
+//! group of 32 sleeps on its group's word with FUTEX_WAIT_BITSET and its own bit, and a poster
+//! wakes all the sleepers of a delivery in the group with one FUTEX_WAKE_BITSET. Through
+//! rustix's safe wrappers (raw syscalls, no libc); seccomp's common rules allow `futex` on every
+//! filtered thread (`crate::seccomp`), and every thread that posts (vCPUs, the timer thread,
+//! device and API threads) may ring.
+
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use rustix::thread::futex;
+
+/// FUTEX_WAKE's count: every waiter whose bitset matches (the kernel's count is an `int`, so
+/// `u32::MAX` would read as -1 and wake one).
+const WAKE_ALL: u32 = i32::MAX as u32;
+
+/// FUTEX_WAIT_BITSET / FUTEX_WAKE_BITSET on a process-private word, counting the calls.
+#[derive(Default)]
+pub struct Futex {
+    waits: AtomicU64,
+    wakes: AtomicU64,
+}
+
+impl Futex {
+    /// The calls so far, for the counters (`doorbell_waits`, `doorbell_wakes`).
+    pub fn visit(&self, out: &mut dyn FnMut(&str, u64)) {
+        out("doorbell_waits", self.waits.load(Ordering::Relaxed));
+        out("doorbell_wakes", self.wakes.load(Ordering::Relaxed));
+    }
+}
+
+impl irqchip::wake::WakeWord for Futex {
+    /// Returns on a wake, at once when the word moved on (EAGAIN), or on a signal (EINTR: the
+    /// vCPU's kick); the caller re-checks in every case, so the error is not needed.
+    fn wait(&self, word: &AtomicU32, expected: u32, mask: u32) {
+        let Some(mask) = NonZeroU32::new(mask) else {
+            return;
+        };
+        self.waits.fetch_add(1, Ordering::Relaxed);
+        let _ = futex::wait_bitset(word, futex::Flags::PRIVATE, expected, None, mask);
+    }
+
+    /// Wakes every sleeper of `mask`. It cannot fail on a valid word with a non-zero mask.
+    fn wake(&self, word: &AtomicU32, mask: u32) {
+        let Some(mask) = NonZeroU32::new(mask) else {
+            return;
+        };
+        self.wakes.fetch_add(1, Ordering::Relaxed);
+        let _ = futex::wake_bitset(word, futex::Flags::PRIVATE, WAKE_ALL, mask);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use irqchip::wake::SharedDoorbells;
+    use std::sync::Arc;
+    use std::thread;
+    use std::time::Duration;
+
+    /// Three threads asleep on one word are all woken by one FUTEX_WAKE_BITSET.
+    #[test]
+    fn one_wake_call_wakes_three_sleeping_threads() {
+        let bells = Arc::new(SharedDoorbells::new(4, Futex::default()));
+        let sleepers: Vec<_> = (1..4)
+            .map(|vcpu| {
+                let bells = bells.clone();
+                thread::spawn(move || bells.wait(vcpu))
+            })
+            .collect();
+        // Let them reach the kernel (a ring before that is kept and costs no wake at all).
+        while waits(&bells) < 3 {
+            thread::sleep(Duration::from_millis(1));
+        }
+        let mut batch = bells.batch();
+        for vcpu in 1..4 {
+            batch.ring(vcpu);
+        }
+        drop(batch);
+        for sleeper in sleepers {
+            sleeper.join().unwrap();
+        }
+        assert_eq!(count(&bells, "doorbell_wakes"), 1);
+    }
+
+    /// The bitset keeps a wake to its own: a sleeper not rung stays asleep until its own ring.
+    #[test]
+    fn a_wake_reaches_only_the_bits_it_carries() {
+        let bells = Arc::new(SharedDoorbells::new(2, Futex::default()));
+        let sleepers: Vec<_> = (0..2)
+            .map(|vcpu| {
+                let bells = bells.clone();
+                thread::spawn(move || bells.wait(vcpu))
+            })
+            .collect();
+        while waits(&bells) < 2 {
+            thread::sleep(Duration::from_millis(1));
+        }
+        bells.ring(0);
+        let mut sleepers = sleepers.into_iter();
+        sleepers.next().unwrap().join().unwrap();
+        let other = sleepers.next().unwrap();
+        // vCPU 1's wait may have returned spuriously and gone round (the word moved on), but it
+        // is still in `wait`: only its own ring ends that.
+        thread::sleep(Duration::from_millis(20));
+        assert!(!other.is_finished(), "vCPU 1 woke without its ring");
+        bells.ring(1);
+        other.join().unwrap();
+    }
+
+    fn count(bells: &SharedDoorbells<Futex>, name: &str) -> u64 {
+        let mut value = 0;
+        bells.wake_word().visit(&mut |n, v| {
+            if n == name {
+                value = v;
+            }
+        });
+        value
+    }
+
+    fn waits(bells: &SharedDoorbells<Futex>) -> u64 {
+        count(bells, "doorbell_waits")
+    }
+}
