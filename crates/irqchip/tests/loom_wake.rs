@@ -21,10 +21,13 @@
 
 use irqchip::posting::{Posted, VcpuInbox};
 use irqchip::sync::{Arc, AtomicBool, AtomicU32, Ordering};
+
+mod loom_support;
 use irqchip::wake::{SharedBell, SharedDoorbells, WakeWord};
 use irqchip::{InterruptSink, Notify, TriggerMode, Vector};
 use loom::sync::{Condvar, Mutex};
 use loom::thread;
+use loom_support::check;
 
 const VECTOR: Vector = 0x41;
 
@@ -151,24 +154,6 @@ fn broadcast(bells: &Bells, targets: &[(usize, &Arc<Vcpu>)]) {
         }
     }
     batch.flush();
-}
-
-/// Runs `model` under loom with `bound` (LOOM_MAX_PREEMPTIONS overrides it).
-fn check(bound: Option<usize>, model: impl Fn() + Sync + Send + 'static) {
-    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-    let executions = std::sync::Arc::new(AtomicUsize::new(0));
-    let mut builder = loom::model::Builder::new();
-    if builder.preemption_bound.is_none() {
-        builder.preemption_bound = bound;
-    }
-    let bound = builder.preemption_bound;
-    let counter = std::sync::Arc::clone(&executions);
-    builder.check(move || {
-        counter.fetch_add(1, Relaxed);
-        model();
-    });
-    let explored = executions.load(Relaxed);
-    eprintln!("loom explored {explored} executions (preemption bound {bound:?})");
 }
 
 /// A poster sends one IPI to two halted vCPUs of a group: both are woken (or never slept) and
