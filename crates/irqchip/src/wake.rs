@@ -245,7 +245,7 @@ mod tests {
 
     #[derive(Default)]
     struct Queue {
-        /// Masks of the threads asleep, with the wake generation each went to sleep in.
+        /// Per thread that slept: its mask (0 once it left) and whether a wake reached it.
         sleepers: Vec<(u32, bool)>,
         waits: usize,
         wakes: Vec<u32>,

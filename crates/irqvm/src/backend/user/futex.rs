@@ -62,16 +62,7 @@ mod tests {
     #[test]
     fn one_wake_call_wakes_three_sleeping_threads() {
         let bells = Arc::new(SharedDoorbells::new(4, Futex::default()));
-        let sleepers: Vec<_> = (1..4)
-            .map(|vcpu| {
-                let bells = bells.clone();
-                thread::spawn(move || bells.wait(vcpu))
-            })
-            .collect();
-        // Let them reach the kernel (a ring before that is kept and costs no wake at all).
-        while waits(&bells) < 3 {
-            thread::sleep(Duration::from_millis(1));
-        }
+        let sleepers = asleep_in_the_kernel(&bells, 1..4);
         let mut batch = bells.batch();
         for vcpu in 1..4 {
             batch.ring(vcpu);
@@ -87,15 +78,7 @@ mod tests {
     #[test]
     fn a_wake_reaches_only_the_bits_it_carries() {
         let bells = Arc::new(SharedDoorbells::new(2, Futex::default()));
-        let sleepers: Vec<_> = (0..2)
-            .map(|vcpu| {
-                let bells = bells.clone();
-                thread::spawn(move || bells.wait(vcpu))
-            })
-            .collect();
-        while waits(&bells) < 2 {
-            thread::sleep(Duration::from_millis(1));
-        }
+        let sleepers = asleep_in_the_kernel(&bells, 0..2);
         bells.ring(0);
         let mut sleepers = sleepers.into_iter();
         sleepers.next().unwrap().join().unwrap();
@@ -106,6 +89,25 @@ mod tests {
         assert!(!other.is_finished(), "vCPU 1 woke without its ring");
         bells.ring(1);
         other.join().unwrap();
+    }
+
+    /// A thread per vCPU of `vcpus` waiting on its doorbell, returned once each has made its
+    /// futex wait (a ring before that is kept and costs no wake at all).
+    fn asleep_in_the_kernel(
+        bells: &Arc<SharedDoorbells<Futex>>,
+        vcpus: std::ops::Range<usize>,
+    ) -> Vec<thread::JoinHandle<()>> {
+        let count = vcpus.len() as u64;
+        let sleepers = vcpus
+            .map(|vcpu| {
+                let bells = bells.clone();
+                thread::spawn(move || bells.wait(vcpu))
+            })
+            .collect();
+        while waits(bells) < count {
+            thread::sleep(Duration::from_millis(1));
+        }
+        sleepers
     }
 
     fn count(bells: &SharedDoorbells<Futex>, name: &str) -> u64 {
