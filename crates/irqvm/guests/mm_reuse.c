@@ -33,7 +33,8 @@
  *   does; the new image runs on whichever CPU takes it next) or exit. Before an address space's pages go back
  *   to the pool, every other CPU that still has it loaded lazily gets an IPI and loads the kernel's CR3.
  * A demand fault on a data page maps a page from the pool that the kernel has filled with a new tag (through
- * its identity map), and records the tag in the state page.
+ * its identity map), and records the tag in the state page; the last `files` data pages of every process are
+ * instead the page cache's, mapped read-only and shared by every process until a write copies them.
  *
  * The user code, one quantum: for each data page, touch it, read its tag from the state page, read all 512
  * words `reps` times, each must equal the tag; every other visit it writes a new tag to all 512 words and
@@ -47,15 +48,9 @@
  * the kernel clears and copies pages, default 0), zap=1|0 (clear an address space's entries before freeing its
  * pages, default 1), spread=1|0 (a page table per data page, default 1), pge=1|0 (global kernel pages, default
  * 1), ms=N (time bound per CPU, default 3000), quanta=N (per CPU, default 100000), procs=N, nv=N (data pages
- * per process, default 8, up to 16), life=N (quanta per process, default 6), reps=N (default 4), tick_us=N
+ * per process, default 8, up to 16), files=N (file-backed ones among them, default 2), life=N (quanta per process, default 6), reps=N (default 4), tick_us=N
  * (default 1000), seed=N, verbose=1 (the first bad reads with the pool pages that hold the value read). */
-#include "guest.h"
-
-#define KCODE 0x18                  /* the library's 64-bit code: STAR[47:32] */
-#define KDATA 0x20
-#define SYSRET_BASE 0x23            /* STAR[63:48], Linux's __USER32_CS */
-#define UDATA 0x2B                  /* SYSRETQ's SS */
-#define UCODE 0x33                  /* SYSRETQ's 64-bit CS */
+#include "usermode.h"
 
 #define MSR_EFER 0xC0000080
 #define MSR_STAR 0xC0000081
@@ -229,19 +224,6 @@ _Static_assert(ST_NV * 8 == 128 && ST_REPS * 8 == 136 && ST_ROUND * 8 == 144 && 
 		       ST_BAD * 8 == 160 && ST_BAD_VA * 8 == 168 && ST_TRIPS * 8 == 192 && ST_VA * 8 == 256,
 	       "the user code's offsets");
 
-/* GDT: the library's descriptors at 0x08-0x20, Linux's user pair for SYSRETQ, one TSS per CPU. */
-#define GDT_FIXED 8
-static u64 gdt_mm[GDT_FIXED + 2 * MAX_CPUS] __attribute__((aligned(16))) = {
-	0,
-	0x00CF9A000000FFFFul, /* 0x08: 32-bit code */
-	0x00CF92000000FFFFul, /* 0x10: data */
-	0x00AF9A000000FFFFul, /* 0x18: 64-bit code, DPL 0 */
-	0x00CF92000000FFFFul, /* 0x20: data, DPL 0 */
-	0x00CFF2000000FFFFul, /* 0x28: data, DPL 3 */
-	0x00AFFA000000FFFFul, /* 0x30: 64-bit code, DPL 3 */
-	0,
-};
-static u8 tss[MAX_CPUS][128] __attribute__((aligned(64)));
 extern u64 pml4[512];
 
 /* ---- the page pool --------------------------------------------------------------------------------------- */
@@ -263,7 +245,7 @@ static u32 pool_index(u64 pa) { return (u32)((pa - (u64)pool) / 4096); }
  * host's CPU; a tag is spread by an overlapping forward REP MOVSB), 2 one MOV per word (clear_page_orig). A
  * host's emulator may take a REP string instruction as one large write, which a shadow MMU must see as 512
  * paging entries changed. */
-static u64 opt_bulk;
+static u64 opt_bulk, opt_files, opt_nv;
 
 static void fill_page(u64 *page, u64 value)
 {
@@ -333,7 +315,7 @@ static struct proc procs[MAX_PROCS];
 static volatile u32 next_gen = 1;
 
 struct cpu_stats {
-	u64 quanta, created, forks, execs, exited, demand_faults, unmaps, moves, cow_copies, cow_reuses, tables_freed;
+	u64 quanta, created, forks, execs, exited, file_maps, demand_faults, unmaps, moves, cow_copies, cow_reuses, tables_freed;
 	u64 trips, migrations, leave_ipis, leave_timeouts;
 	u64 user_bad, kernel_bad, role_to_table, role_to_data, empty_pool;
 	u64 bad_va, bad_exp, bad_seen, bad_pa, bad_quantum;
@@ -341,11 +323,9 @@ struct cpu_stats {
 	u64 kbad_pa, kbad_exp, kbad_seen;
 	u32 faulted;
 	u64 fault_vector, fault_rip, fault_cs, fault_error, fault_cr2;
-	volatile u32 ipis_sent;
 	u64 ms, rng;
 } __attribute__((aligned(64)));
 static struct cpu_stats stats[MAX_CPUS];
-static volatile u32 ipis_received[MAX_CPUS];
 static volatile u32 workers_done;
 static volatile struct proc *running[MAX_CPUS];
 /* Lazy address spaces, as Linux keeps the last process's CR3 while the CPU runs the kernel: what each CPU has
@@ -353,7 +333,7 @@ static volatile struct proc *running[MAX_CPUS];
  * lazy CPU load the kernel's own CR3 before an exiting process's page tables go back to the pool. */
 static volatile u64 loaded_cr3[MAX_CPUS];
 static volatile u32 lazy[MAX_CPUS], leave_acks[MAX_CPUS];
-static u64 opt_ms, opt_quanta, opt_procs, opt_nv, opt_life, opt_reps, opt_tick_us, opt_seed, opt_verbose;
+static u64 opt_ms, opt_quanta, opt_procs, opt_life, opt_reps, opt_tick_us, opt_seed, opt_verbose;
 static bool opt_syscall, opt_lazy, opt_zap, opt_spread, opt_pge;
 
 static u64 data_va(u32 v)
@@ -490,8 +470,42 @@ static bool map_page(struct cpu_stats *s, struct proc *p, u64 va, u64 *page, u64
 
 /* Data page v of `p` gets a new page from the pool, filled with a new tag that the state page records (a
  * demand fault, or what exec writes into a new process before it runs). */
+/* The page cache: `files` pages the kernel filled once, which the last data pages of every process map
+ * read-only at their first touch (a file's private mapping: shared by every process until one writes, which
+ * copies). The cache's own reference keeps them. */
+#define MAX_FILES 8
+static u64 *file_page[MAX_FILES];
+static u64 file_tag(u32 f) { return 0xF11Eul << 48 | (u64)f << 24; }
+
+static bool is_file_backed(u32 v) { return v + opt_files >= opt_nv; }
+
+static bool fill_page_cache(void)
+{
+	for (u32 f = 0; f < opt_files; f++) {
+		file_page[f] = alloc_page(&stats[0], ROLE_DATA, 0, f);
+		if (!file_page[f])
+			return false;
+		fill_page(file_page[f], file_tag(f));
+	}
+	return true;
+}
+
+static bool map_file_page(struct cpu_stats *s, struct proc *p, u32 v)
+{
+	u32 f = v + opt_files - opt_nv;
+	if (!map_page(s, p, data_va(v), file_page[f], DATA_RO))
+		return false;
+	get_page(file_page[f]);
+	p->state[v] = file_tag(f);
+	p->data[v] = file_page[f];
+	s->file_maps++;
+	return true;
+}
+
 static bool map_new_data(struct cpu_stats *s, struct proc *p, u32 v)
 {
+	if (is_file_backed(v))
+		return map_file_page(s, p, v);
 	u64 tag = (u64)p->gen << 32 | (u64)v << 24 | (rng_next(s) & 0xFFF000);
 	u64 *page = alloc_page(s, ROLE_DATA, p->gen, v);
 	if (!page)
@@ -758,15 +772,6 @@ static void explain_bad_read(struct cpu_stats *s, u32 c, struct proc *p)
 			       (u64)pool[i], page_role[i], page_last_use[i], page_owner[i], page_vpage[i], page_refs[i]);
 }
 
-static u32 cpu_by_apic(void)
-{
-	u32 id = apic_id();
-	for (u32 c = 0; c < ncpus; c++)
-		if (cpu_apic_id[c] == id)
-			return c;
-	return 0;
-}
-
 /* Anything unexpected in user mode or the entries: recorded, and the quantum ends (RAX = 1 + vector). */
 static void unexpected(struct irq_frame *f, u32 unused)
 {
@@ -837,7 +842,7 @@ static void tick_handler(struct irq_frame *f, u32 cpu) { apic_eoi(); }
 
 static void ipi_handler(struct irq_frame *f, u32 cpu)
 {
-	ipis_received[cpu]++;
+	ring_received(cpu);
 	apic_eoi();
 }
 
@@ -944,20 +949,15 @@ static void enable_global_pages(void)
 	__asm__ volatile("mov %0, %%cr4" : : "r"(cr4 | 0x80) : "memory"); /* CR4.PGE */
 }
 
-static void load_gdt_and_tss(u32 c)
-{
-	load_gdt_with_tss(gdt_mm, sizeof(gdt_mm) / sizeof(gdt_mm[0]), GDT_FIXED + 2 * c, tss[c]);
-}
-
 static void worker(void *unused)
 {
 	u32 c = this_cpu();
 	struct cpu_stats *s = &stats[c];
 	struct pcpu *pc = &pcpu[c];
 	cli();
-	load_gdt_and_tss(c);
+	load_user_gdt(c);
 	pc->self = (u64)pc;
-	pc->tss = (u64)tss[c];
+	pc->tss = (u64)user_tss[c];
 	wrmsr(MSR_GS_BASE, (u64)pc);
 	if (opt_syscall) {
 		wrmsr(MSR_STAR, ((u64)SYSRET_BASE << 48) | ((u64)KCODE << 32));
@@ -973,7 +973,6 @@ static void worker(void *unused)
 	apic_write(APIC_LVT_TIMER, APIC_TIMER_PERIODIC | V_TICK);
 	apic_write(APIC_TMICT, (u32)(opt_tick_us * 1000));
 	sti();
-	u32 next_cpu = (c + 1) % ncpus;
 	u64 t0 = rdtsc(), deadline = t0 + ms_to_tsc(opt_ms);
 	while (s->quanta < opt_quanta && rdtsc() < deadline) {
 		struct proc *p = take_proc(s);
@@ -985,9 +984,8 @@ static void worker(void *unused)
 		WRITE_ONCE(p->busy, 0);
 		if (!go_on)
 			break;
-		if (ncpus > 1 && s->quanta % 16 == 0 && READ_ONCE(ipis_received[next_cpu]) == s->ipis_sent &&
-		    apic_send_fixed(cpu_to_apic_id(next_cpu), V_IPI))
-			s->ipis_sent++;
+		if (s->quanta % 16 == 0)
+			ring_ping(c, V_IPI);
 		if (s->quanta % 32 == 31) {
 			cli();
 			sti_hlt();
@@ -997,16 +995,6 @@ static void worker(void *unused)
 	apic_write(APIC_LVT_TIMER, APIC_LVT_MASKED);
 	s->ms = (rdtsc() - t0) / tsc_khz();
 	atomic_inc(&workers_done);
-}
-
-static bool ipis_all_landed(void *unused)
-{
-	u32 sent = 0, got = 0;
-	for (u32 c = 0; c < ncpus; c++) {
-		sent += stats[c].ipis_sent;
-		got += ipis_received[c];
-	}
-	return sent == got;
 }
 
 static void read_options(void)
@@ -1026,10 +1014,13 @@ static void read_options(void)
 	opt_zap = cmdline_u64("zap", 1) != 0;
 	opt_spread = cmdline_u64("spread", 1) != 0;
 	opt_pge = cmdline_u64("pge", 1) != 0;
+	opt_files = cmdline_u64("files", 2);
 	if (opt_procs == 0 || opt_procs > MAX_PROCS)
 		opt_procs = 3 * ncpus < MAX_PROCS ? 3 * ncpus : MAX_PROCS;
 	if (opt_nv == 0 || opt_nv > MAX_NV)
 		opt_nv = MAX_NV;
+	if (opt_files > MAX_FILES || opt_files >= opt_nv)
+		opt_files = opt_nv / 2 < MAX_FILES ? opt_nv / 2 : MAX_FILES;
 	if (opt_reps == 0)
 		opt_reps = 1;
 	if (opt_life == 0)
@@ -1040,11 +1031,11 @@ static void report_cpu(u32 c)
 {
 	struct cpu_stats *s = &stats[c];
 	printf("INFO: cpu %u: %lu quanta in %lu ms, %lu processes created (%lu by fork, %lu by exec), %lu exited, %lu moved in, "
-	       "%lu demand faults, %lu copy-on-write copies (%lu made writable), %lu unmaps (%lu page tables freed), "
+	       "%lu demand faults (%lu of file pages), %lu copy-on-write copies (%lu made writable), %lu unmaps (%lu page tables freed), "
 	       "%lu moves, %lu round trips, %lu lazy cpus sent away (%lu timed out), %u ipis sent, %u received\n",
-	       c, s->quanta, s->ms, s->created, s->forks, s->execs, s->exited, s->migrations, s->demand_faults, s->cow_copies,
+	       c, s->quanta, s->ms, s->created, s->forks, s->execs, s->exited, s->migrations, s->demand_faults, s->file_maps, s->cow_copies,
 	       s->cow_reuses, s->unmaps, s->tables_freed, s->moves, s->trips, s->leave_ipis, s->leave_timeouts,
-	       s->ipis_sent, ipis_received[c]);
+	       ring_sent[c], ring_got[c]);
 	if (s->faulted)
 		printf("INFO: cpu %u: %u unexpected faults, the first vector %lu at rip %lx cs %lx error %lx cr2 %lx\n",
 		       c, s->faulted, s->fault_vector, s->fault_rip, s->fault_cs, s->fault_error, s->fault_cr2);
@@ -1074,6 +1065,7 @@ void guest_main(void)
 		free_list[free_top++] = (u16)(POOL_PAGES - 1 - i);
 	if (opt_pge)
 		make_kernel_map_global();
+	check(fill_page_cache(), "the page cache filled", "the pool ran dry");
 	printf("INFO: %u cpus, %lu processes of %lu data pages, %lu quanta each, entry by %s, %s address spaces, up "
 	       "to %lu ms\n",
 	       ncpus, opt_procs, opt_nv, opt_life, opt_syscall ? "syscall" : "fault", opt_lazy ? "lazy" : "no lazy",
@@ -1126,7 +1118,7 @@ void guest_main(void)
 	check(kernel_bad == 0, "each page holds what user mode wrote through its mapping", "%lu sampled words differ",
 	      kernel_bad);
 	if (ncpus > 1)
-		check(wait_until(ipis_all_landed, NULL, WAIT_MS), "every ipi between the cpus arrived",
+		check(wait_until(ring_all_landed, NULL, WAIT_MS), "every ipi between the cpus arrived",
 		      "sent and received differ");
 	else
 		skip("every ipi between the cpus arrived", "only 1 CPU");

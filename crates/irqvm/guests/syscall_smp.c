@@ -32,14 +32,8 @@
  * Command line: iters=N (per CPU, default 3000), ms=N (time bound per CPU, default 3000), tick_us=N
  * (LAPIC timer period, default 500; 100 livelocks the guest in its ticks on a loaded host), verbose=1 (one
  * line per bad value, up to 20 per CPU). */
-#include "guest.h"
+#include "usermode.h"
 
-#define KCODE 0x18                  /* the library's 64-bit code: STAR[47:32] */
-#define KDATA 0x20                  /* SYSCALL's SS */
-#define SYSRET_BASE 0x23            /* STAR[63:48], Linux's __USER32_CS */
-#define UDATA 0x2B                  /* SYSRETQ's SS: STAR[63:48] + 8 */
-#define UCODE 0x33                  /* SYSRETQ's 64-bit CS: STAR[63:48] + 16 */
-#define TSS_SEL(c) (0x40 + 16 * (c))
 
 #define MSR_EFER 0xC0000080
 #define MSR_STAR 0xC0000081
@@ -187,22 +181,6 @@ __asm__(
 	"user_code_end:\n"
 	"	.balign 4096\n");
 
-/* GDT: the library's descriptors at 0x08-0x20 (the IDT's gates use 0x18), Linux's user pair for SYSRETQ,
- * then one 16-byte TSS descriptor per CPU. */
-#define GDT_FIXED 8
-static u64 gdt_sc[GDT_FIXED + 2 * MAX_CPUS] __attribute__((aligned(16))) = {
-	0,
-	0x00CF9A000000FFFFul, /* 0x08: 32-bit code */
-	0x00CF92000000FFFFul, /* 0x10: data */
-	0x00AF9A000000FFFFul, /* 0x18: 64-bit code, DPL 0 (KCODE) */
-	0x00CF92000000FFFFul, /* 0x20: data, DPL 0 (KDATA; also SYSRET's unused compatibility-mode CS slot) */
-	0x00CFF2000000FFFFul, /* 0x28: data, DPL 3 (UDATA) */
-	0x00AFFA000000FFFFul, /* 0x30: 64-bit code, DPL 3 (UCODE) */
-	0,
-};
-/* 64-bit TSSs (SDM vol. 3 8.7): RSP0 at offset 4. */
-static u8 tss[MAX_CPUS][128] __attribute__((aligned(64)));
-
 static u64 user_pdpt[512] __attribute__((aligned(4096)));
 static u64 user_pd[512] __attribute__((aligned(4096)));
 static u64 user_pt[512] __attribute__((aligned(4096)));
@@ -252,14 +230,13 @@ struct cpu_stats {
 	u32 printed;
 	u32 faulted;
 	u64 fault_vector, fault_rip, fault_cs, fault_error, fault_cr2, fault_iter;
-	volatile u32 user_ticks, ticks, ipis_sent;
+	volatile u32 user_ticks, ticks;
 	u32 if_clear;                       /* interrupts taken where the interrupted code had IF = 0 */
 	volatile u32 demand_faults;         /* user-mode page faults on a TLS page, mapped back in */
 	u64 if_clear_rip, if_clear_rflags;
 	u64 ms;
 } __attribute__((aligned(64)));
 static struct cpu_stats stats[MAX_CPUS];
-static volatile u32 ipis_received[MAX_CPUS];
 static volatile u32 workers_done;
 static u64 opt_iters, opt_ms, opt_tick_us, opt_verbose;
 
@@ -268,17 +245,6 @@ static u64 read_cr2(void)
 	u64 v;
 	__asm__ volatile("mov %%cr2, %0" : "=r"(v));
 	return v;
-}
-
-/* The CPU index from the APIC ID: a fault may come before the SYSCALL handler switched stacks (this_cpu()
- * goes by RSP). */
-static u32 cpu_by_apic(void)
-{
-	u32 id = apic_id();
-	for (u32 c = 0; c < ncpus; c++)
-		if (cpu_apic_id[c] == id)
-			return c;
-	return 0;
 }
 
 /* A fault in user mode or in the SYSCALL handler: recorded, and the kernel side resumes at sc_fault_leave. */
@@ -370,7 +336,7 @@ static void tick_handler(struct irq_frame *f, u32 cpu)
 static void ipi_handler(struct irq_frame *f, u32 cpu)
 {
 	check_if(f, cpu);
-	ipis_received[cpu]++;
+	ring_received(cpu);
 	apic_eoi();
 }
 
@@ -389,11 +355,6 @@ static void expect_eq(struct cpu_stats *s, u32 c, enum bad_kind k, u64 iter, u64
 {
 	if (expected != seen)
 		note(s, c, k, iter, expected, seen);
-}
-
-static void load_gdt_and_tss(u32 c)
-{
-	load_gdt_with_tss(gdt_sc, sizeof(gdt_sc) / sizeof(gdt_sc[0]), GDT_FIXED + 2 * c, tss[c]);
 }
 
 static void map_user_pages(void)
@@ -418,13 +379,13 @@ static void worker(void *unused)
 	struct cpu_stats *s = &stats[c];
 	struct pcpu *p = &pcpu[c];
 	cli();
-	load_gdt_and_tss(c);
+	load_user_gdt(c);
 	wrmsr(MSR_STAR, ((u64)SYSRET_BASE << 48) | ((u64)KCODE << 32));
 	wrmsr(MSR_LSTAR, (u64)sc_entry);
 	wrmsr(MSR_SFMASK, SFMASK);
 	wrmsr(MSR_EFER, rdmsr(MSR_EFER) | EFER_SCE);
 	p->self = (u64)p;
-	p->tss = (u64)tss[c];
+	p->tss = (u64)user_tss[c];
 	u64 kgs = (u64)p;
 	/* Kernel side: GS_BASE = the per-CPU area, KERNEL_GS_BASE = the user's GS base (0 to start with). */
 	__asm__ volatile("movw %w0, %%fs\n\tmovw %w0, %%gs" : : "r"(0) : "memory"); /* Linux's user selectors */
@@ -435,7 +396,6 @@ static void worker(void *unused)
 	apic_write(APIC_TDCR, 0xB); /* divide by 1: the 1 GHz bus clock */
 	apic_write(APIC_LVT_TIMER, APIC_TIMER_PERIODIC | V_TICK);
 	apic_write(APIC_TMICT, (u32)(opt_tick_us * 1000));
-	u32 next_cpu = (c + 1) % ncpus;
 	u64 t0 = rdtsc(), deadline = t0 + ms_to_tsc(opt_ms);
 	u64 user_rsp = USER_VA + (STACK_PT + c + 1) * 4096ul;
 	for (u64 i = 0; i < opt_iters && rdtsc() < deadline; i++) {
@@ -483,10 +443,8 @@ static void worker(void *unused)
 		/* Every fourth round trip a context switch on the kernel side too (a schedule() in a system call). */
 		if (i % 4 == 2)
 			switch_away_and_back(prev_fs, prev_ugs);
-		/* One IPI outstanding to the neighbour at a time (two of one vector waiting in its IRR are one). */
-		if (ncpus > 1 && i % 8 == 0 && READ_ONCE(ipis_received[next_cpu]) == s->ipis_sent &&
-		    apic_send_fixed(cpu_to_apic_id(next_cpu), V_IPI))
-			s->ipis_sent++;
+		if (i % 8 == 0)
+			ring_ping(c, V_IPI);
 		/* Now and then wait for the next tick: the vCPU thread sleeps and wakes (maybe on another core). */
 		if (i % 64 == 63) {
 			cli();
@@ -497,16 +455,6 @@ static void worker(void *unused)
 	apic_write(APIC_LVT_TIMER, APIC_LVT_MASKED);
 	s->ms = (rdtsc() - t0) / tsc_khz();
 	atomic_inc(&workers_done);
-}
-
-static bool ipis_all_landed(void *unused)
-{
-	u32 sent = 0, got = 0;
-	for (u32 c = 0; c < ncpus; c++) {
-		sent += stats[c].ipis_sent;
-		got += ipis_received[c];
-	}
-	return sent == got;
 }
 
 void guest_main(void)
@@ -541,7 +489,7 @@ void guest_main(void)
 		printf("INFO: cpu %u: %lu iterations in %lu ms, %lu syscall entries, %u ticks (%u in user mode), "
 		       "%u ipis sent, %u received\n",
 		       c, s->iters, s->ms, pcpu[c].entries1 + pcpu[c].entries2, s->ticks, s->user_ticks,
-		       s->ipis_sent, ipis_received[c]);
+		       ring_sent[c], ring_got[c]);
 		printf("INFO: cpu %u: %u tls page faults mapped in\n", c, s->demand_faults);
 		demand_faults += s->demand_faults;
 		page_faults += irq_count[c][14];
@@ -595,7 +543,7 @@ void guest_main(void)
 	check(min_user_ticks > 0, "timer interrupts arrived in user mode on every cpu", "fewest %lu",
 	      min_user_ticks);
 	if (ncpus > 1)
-		check(wait_until(ipis_all_landed, NULL, WAIT_MS), "every ipi between the cpus arrived",
+		check(wait_until(ring_all_landed, NULL, WAIT_MS), "every ipi between the cpus arrived",
 		      "sent and received differ");
 	else
 		skip("every ipi between the cpus arrived", "only 1 CPU");

@@ -36,12 +36,8 @@
  * On 1 CPU the reader checks SKIP (they need a second CPU).
  * Command line: ms=N (time bound per phase, default 300), verbose=1 (more lines), ad=0 (X's PTEs without the
  * accessed and dirty bits, which the writer otherwise sets). */
-#include "guest.h"
+#include "usermode.h"
 
-#define KCODE 0x18
-#define UDATA 0x2B
-#define UCODE 0x33
-#define TSS_SEL(c) (0x40 + 16 * (c))
 
 #define USER_VA 0x8000000000ul      /* PML4 slot 1: nothing else is mapped there */
 #define PTE_P 1ul
@@ -214,19 +210,6 @@ __asm__(
 _Static_assert(SHARED_VA == 0x8000001000ul && EXIT_VA == 0x8000002000ul,
 	       "the user code's constants");
 
-#define GDT_FIXED 8
-static u64 gdt_u[GDT_FIXED + 2 * MAX_CPUS] __attribute__((aligned(16))) = {
-	0,
-	0x00CF9A000000FFFFul, /* 0x08: 32-bit code */
-	0x00CF92000000FFFFul, /* 0x10: data */
-	0x00AF9A000000FFFFul, /* 0x18: 64-bit code, DPL 0 */
-	0x00CF92000000FFFFul, /* 0x20: data, DPL 0 */
-	0x00CFF2000000FFFFul, /* 0x28: data, DPL 3 */
-	0x00AFFA000000FFFFul, /* 0x30: 64-bit code, DPL 3 */
-	0,
-};
-static u8 tss[MAX_CPUS][128] __attribute__((aligned(64)));
-
 static u64 user_pdpt[512] __attribute__((aligned(4096)));
 static u64 user_pd[512] __attribute__((aligned(4096)));
 static volatile u64 user_pt[512] __attribute__((aligned(4096)));
@@ -362,17 +345,13 @@ static void flush_handler(struct irq_frame *f, u32 c)
 	apic_eoi();
 }
 
-static void load_gdt_and_tss(u32 c)
-{
-	load_gdt_with_tss(gdt_u, sizeof(gdt_u) / sizeof(gdt_u[0]), GDT_FIXED + 2 * c, tss[c]);
-}
 
 /* Each CPU once: its TSS, and its steal-time record if the host has them. */
 static volatile u32 steal_enabled;
 static void cpu_setup(void *unused)
 {
 	u32 c = this_cpu();
-	load_gdt_and_tss(c);
+	load_user_gdt(c);
 	if (steal_ok && wrmsr_catch(MSR_KVM_STEAL_TIME, (u64)&steal[c] | 1) == 0)
 		atomic_inc(&steal_enabled);
 }
@@ -381,7 +360,7 @@ static u64 reader_rip;
 static void reader(void *unused)
 {
 	u32 c = this_cpu();
-	enter_user(reader_rip, CPU_VA(c) + 4096, CPU_VA(c), (u64 *)&kcpu[c].resume, (u64 *)(tss[c] + 4));
+	enter_user(reader_rip, CPU_VA(c) + 4096, CPU_VA(c), (u64 *)&kcpu[c].resume, (u64 *)(user_tss[c] + 4));
 	atomic_inc(&readers_done);
 }
 
