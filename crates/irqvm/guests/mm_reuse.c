@@ -48,8 +48,9 @@
  * the kernel clears and copies pages, default 0), zap=1|0 (clear an address space's entries before freeing its
  * pages, default 1), spread=1|0 (a page table per data page, default 1), pge=1|0 (global kernel pages, default
  * 1), ms=N (time bound per CPU, default 3000), quanta=N (per CPU, default 100000), procs=N, nv=N (data pages
- * per process, default 8, up to 16), files=N (file-backed ones among them, default 2), life=N (quanta per process, default 6), reps=N (default 4), tick_us=N
- * (default 1000), seed=N, verbose=1 (the first bad reads with the pool pages that hold the value read). */
+ * per process, default 8, up to 64), files=N (file-backed ones among them, default 2, up to 8), life=N (quanta
+ * per process, default 6), reps=N (default 4), tick_us=N (default 1000), seed=N, verbose=1 (the first bad
+ * reads with the pool pages that hold the value read). */
 #include "usermode.h"
 
 #define MSR_EFER 0xC0000080
@@ -72,23 +73,23 @@
  * small guest: it recycles them). The code page and the state page in PDPT slot 8; PDPT slot 9 is never
  * mapped (the fault entry's address). */
 #define USER_VA 0x8000000000ul
-#define MAX_NV 16
+#define MAX_NV 64
 #define CODE_VA (USER_VA + (8ul << 30))
 #define STATE_VA (CODE_VA + 4096)
 #define MAGIC_VA (USER_VA + (9ul << 30))
 
 /* The state page, in words: the tag of each data page (0: not mapped), then what the kernel tells the user
  * code and what the user code reports; the user stack grows down from the page's end. */
-#define ST_NV 16
-#define ST_REPS 17
-#define ST_ROUND 18
-#define ST_SYSCALL 19               /* 1: SYSCALL entries, 0: fault entries */
-#define ST_BAD 20                   /* words that differed */
-#define ST_BAD_VA 21                /* the first one: its address, the tag, the word read */
-#define ST_BAD_EXP 22
-#define ST_BAD_SEEN 23
-#define ST_TRIPS 24                 /* round trips that returned the kernel's answer */
-#define ST_VA 32                    /* 32..47: data_va(v), for the user code */
+#define ST_NV 64
+#define ST_REPS 65
+#define ST_ROUND 66
+#define ST_SYSCALL 67               /* 1: SYSCALL entries, 0: fault entries */
+#define ST_BAD 68                   /* words that differed */
+#define ST_BAD_VA 69                /* the first one: its address, the tag, the word read */
+#define ST_BAD_EXP 70
+#define ST_BAD_SEEN 71
+#define ST_TRIPS 72                 /* round trips that returned the kernel's answer */
+#define ST_VA 128                   /* 128..191: data_va(v), for the user code */
 
 #define QUIT_DONE 0                 /* the user code's quantum is over */
 #define TRIP_ANSWER 0x5A5Aul        /* what a round trip returns in RAX */
@@ -159,14 +160,14 @@ __asm__(
 	"	.globl user_code, user_code_end\n"
 	"user_code:\n"
 	"	movabsq $0x8200001000, %rbx\n"  /* STATE_VA */
-	"	movq 128(%rbx), %r12\n"      /* ST_NV */
+	"	movq 512(%rbx), %r12\n"      /* ST_NV */
 	"	xorl %r13d, %r13d\n"
 	"1:	cmpq %r12, %r13\n"
 	"	jae 9f\n"
-	"	movq 256(%rbx,%r13,8), %r15\n" /* ST_VA: data_va(v) */
+	"	movq 1024(%rbx,%r13,8), %r15\n" /* ST_VA: data_va(v) */
 	"	movq (%r15), %rax\n"         /* the touch: a demand fault maps and tags the page */
 	"	movq (%rbx,%r13,8), %rcx\n"  /* its tag, read after the touch */
-	"	movq 136(%rbx), %r14\n"      /* ST_REPS */
+	"	movq 520(%rbx), %r14\n"      /* ST_REPS */
 	"2:	xorl %edx, %edx\n"
 	"3:	movq (%r15,%rdx,8), %rax\n"
 	"	cmpq %rax, %rcx\n"
@@ -177,7 +178,7 @@ __asm__(
 	"	decq %r14\n"
 	"	jnz 2b\n"
 	/* Every other visit (by round and page) a new tag, written to every word and then to the state page. */
-	"	movq 144(%rbx), %rax\n"      /* ST_ROUND */
+	"	movq 528(%rbx), %rax\n"      /* ST_ROUND */
 	"	addq %r13, %rax\n"
 	"	testq $1, %rax\n"
 	"	jz 6f\n"
@@ -190,38 +191,39 @@ __asm__(
 	"	movq %rcx, (%rbx,%r13,8)\n"
 	/* A round trip to the kernel. */
 	"6:	movl $1, %eax\n"
-	"	cmpq $0, 152(%rbx)\n"        /* ST_SYSCALL */
+	"	cmpq $0, 536(%rbx)\n"        /* ST_SYSCALL */
 	"	je 7f\n"
 	"	syscall\n"
 	"	jmp 8f\n"
 	"7:	ud2\n"
 	"8:	cmpq $0x5A5A, %rax\n"
 	"	jne 10f\n"
-	"	incq 192(%rbx)\n"            /* ST_TRIPS */
+	"	incq 576(%rbx)\n"            /* ST_TRIPS */
 	"10:	incq %r13\n"
 	"	jmp 1b\n"
 	/* The quantum's end. */
 	"9:	movl $0, %eax\n"            /* QUIT_DONE */
-	"	cmpq $0, 152(%rbx)\n"
+	"	cmpq $0, 536(%rbx)\n"
 	"	je 11f\n"
 	"	syscall\n"
 	"11:	movabsq $0x8240000000, %rcx\n" /* MAGIC_VA */
 	"	movq (%rcx), %rcx\n"
 	"	ud2\n"
 	/* A word that differs: counted, the first one recorded; the check goes on. */
-	"20:	cmpq $0, 160(%rbx)\n"       /* ST_BAD */
+	"20:	cmpq $0, 544(%rbx)\n"       /* ST_BAD */
 	"	jne 21f\n"
 	"	leaq (%r15,%rdx,8), %rsi\n"
-	"	movq %rsi, 168(%rbx)\n"
-	"	movq %rcx, 176(%rbx)\n"
-	"	movq %rax, 184(%rbx)\n"
-	"21:	incq 160(%rbx)\n"
+	"	movq %rsi, 552(%rbx)\n"
+	"	movq %rcx, 560(%rbx)\n"
+	"	movq %rax, 568(%rbx)\n"
+	"21:	incq 544(%rbx)\n"
 	"	jmp 4b\n"
 	"user_code_end:\n"
 	"	.balign 4096\n");
 _Static_assert(STATE_VA == 0x8200001000ul && MAGIC_VA == 0x8240000000ul, "the user code's constants");
-_Static_assert(ST_NV * 8 == 128 && ST_REPS * 8 == 136 && ST_ROUND * 8 == 144 && ST_SYSCALL * 8 == 152 &&
-		       ST_BAD * 8 == 160 && ST_BAD_VA * 8 == 168 && ST_TRIPS * 8 == 192 && ST_VA * 8 == 256,
+_Static_assert(ST_NV * 8 == 512 && ST_REPS * 8 == 520 && ST_ROUND * 8 == 528 && ST_SYSCALL * 8 == 536 &&
+		       ST_BAD * 8 == 544 && ST_BAD_VA * 8 == 552 && ST_BAD_EXP * 8 == 560 && ST_BAD_SEEN * 8 == 568 &&
+		       ST_TRIPS * 8 == 576 && ST_VA * 8 == 1024,
 	       "the user code's offsets");
 
 extern u64 pml4[512];
@@ -297,7 +299,7 @@ static void free_page(u64 pa);
 
 /* ---- processes ------------------------------------------------------------------------------------------- */
 #define MAX_PROCS 64
-#define MAX_TABLES 32
+#define MAX_TABLES 80
 #define DATA_RW (PTE_P | PTE_W | PTE_U)
 #define DATA_RO (PTE_P | PTE_U)     /* shared after a fork until a write copies it */
 struct proc {
@@ -315,7 +317,8 @@ static struct proc procs[MAX_PROCS];
 static volatile u32 next_gen = 1;
 
 struct cpu_stats {
-	u64 quanta, created, forks, execs, exited, file_maps, demand_faults, unmaps, moves, cow_copies, cow_reuses, tables_freed;
+	u64 quanta, created, forks, execs, exited, file_maps, demand_faults, unmaps, moves, cow_copies, cow_reuses;
+	u64 tables_freed;
 	u64 trips, migrations, leave_ipis, leave_timeouts;
 	u64 user_bad, kernel_bad, role_to_table, role_to_data, empty_pool;
 	u64 bad_va, bad_exp, bad_seen, bad_pa, bad_quantum;
@@ -1030,12 +1033,13 @@ static void read_options(void)
 static void report_cpu(u32 c)
 {
 	struct cpu_stats *s = &stats[c];
-	printf("INFO: cpu %u: %lu quanta in %lu ms, %lu processes created (%lu by fork, %lu by exec), %lu exited, %lu moved in, "
-	       "%lu demand faults (%lu of file pages), %lu copy-on-write copies (%lu made writable), %lu unmaps (%lu page tables freed), "
-	       "%lu moves, %lu round trips, %lu lazy cpus sent away (%lu timed out), %u ipis sent, %u received\n",
-	       c, s->quanta, s->ms, s->created, s->forks, s->execs, s->exited, s->migrations, s->demand_faults, s->file_maps, s->cow_copies,
-	       s->cow_reuses, s->unmaps, s->tables_freed, s->moves, s->trips, s->leave_ipis, s->leave_timeouts,
-	       ring_sent[c], ring_got[c]);
+	printf("INFO: cpu %u: %lu quanta in %lu ms, %lu processes created (%lu by fork, %lu by exec), %lu exited, "
+	       "%lu moved in, %lu demand faults (%lu of file pages), %lu copy-on-write copies (%lu made writable), "
+	       "%lu unmaps (%lu page tables freed), %lu moves, %lu round trips, %lu lazy cpus sent away "
+	       "(%lu timed out), %u ipis sent, %u received\n",
+	       c, s->quanta, s->ms, s->created, s->forks, s->execs, s->exited, s->migrations, s->demand_faults,
+	       s->file_maps, s->cow_copies, s->cow_reuses, s->unmaps, s->tables_freed, s->moves, s->trips,
+	       s->leave_ipis, s->leave_timeouts, ring_sent[c], ring_got[c]);
 	if (s->faulted)
 		printf("INFO: cpu %u: %u unexpected faults, the first vector %lu at rip %lx cs %lx error %lx cr2 %lx\n",
 		       c, s->faulted, s->fault_vector, s->fault_rip, s->fault_cs, s->fault_error, s->fault_cr2);
