@@ -2,10 +2,10 @@
 """Where the first AP's `boot_wake` goes at 2 vCPUs: the guest's figure beside the host scheduler's view
 (docs/benchmarks.md, "The 2-vCPU `boot_wake`").
 
-    boot_sched.py ROUNDS IRQVM [MODE,...] [OUTDIR]
+    boot_sched.py ROUNDS IRQVM [PEER,...] [OUTDIR]
 
-Runs `IRQVM run --kernel <guests>/bench_boot.elf --cpus 2 --irqchip MODE` (modes interleaved run by run,
-default `user,kernel`) under `perf record -a` of `sched:sched_wakeup` and `sched:sched_switch`, and prints
+Runs `IRQVM run --kernel <guests>/bench_boot.elf --cpus 2 --irqchip MODE` (peers interleaved run by run,
+default `user,kernel`; a PEER is a MODE of IRQVM or NAME=BINARY:MODE, another build's `irqvm`) under `perf record -a` of `sched:sched_wakeup` and `sched:sched_switch`, and prints
 per run: the guest's `boot_wake` (µs, the AP's only sample), and from the scheduler's events the last
 wake-up of the AP's thread (`vcpu1`) before its first stretch of more than 150 µs on a CPU (the start-up
 itself): how long the woken thread waited for a CPU, whether it was queued on the waker's CPU, and what the
@@ -84,27 +84,36 @@ def ap_wait(data):
     return None, None, None
 
 
+def peer(spec, irqvm):
+    """(name, binary, mode) of a PEER argument: MODE (of IRQVM) or NAME=BINARY:MODE."""
+    if "=" not in spec:
+        return spec, irqvm, spec
+    name, rest = spec.split("=", 1)
+    binary, mode = rest.rsplit(":", 1)
+    return name, binary, mode
+
+
 def main():
     if len(sys.argv) < 3:
         sys.exit(__doc__)
     rounds, irqvm = int(sys.argv[1]), sys.argv[2]
-    modes = sys.argv[3].split(",") if len(sys.argv) > 3 else ["user", "kernel"]
+    peers = [peer(p, irqvm) for p in (sys.argv[3].split(",") if len(sys.argv) > 3 else ["user", "kernel"])]
     outdir = sys.argv[4] if len(sys.argv) > 4 else "."
-    wakes = {m: [] for m in modes}
+    wakes = {name: [] for name, _, _ in peers}
     for r in range(rounds):
-        for mode in modes:
-            data = os.path.join(outdir, f"{mode}-{r}.data")
-            wake = run_one(irqvm, mode, data)
+        for name, binary, mode in peers:
+            data = os.path.join(outdir, f"{name}-{r}.data")
+            wake = run_one(binary, mode, data)
             waited, same_cpu, other = ap_wait(data)
             where = "?" if same_cpu is None else ("waker's CPU" if same_cpu else "other CPU")
-            print(f"{mode} {r}: boot_wake {wake and round(wake)} µs | AP thread waited {waited} µs for a CPU, "
+            print(f"{name} {r}: boot_wake {wake and round(wake)} µs | AP thread waited {waited} µs for a CPU, "
                   f"queued on the {where}; other CPU ran {other} | load {open('/proc/loadavg').read().split()[0]}",
                   flush=True)
             if wake is not None:
-                wakes[mode].append(wake)
-    for mode, xs in wakes.items():
+                wakes[name].append(wake)
+    for name, xs in wakes.items():
         if xs:
-            print(f"{mode}: boot_wake median {round(statistics.median(xs))} µs [{round(min(xs))}-{round(max(xs))}], "
+            print(f"{name}: boot_wake median {round(statistics.median(xs))} µs [{round(min(xs))}-{round(max(xs))}], "
                   f"{sum(x > 1000 for x in xs)}/{len(xs)} runs over 1 ms")
 
 

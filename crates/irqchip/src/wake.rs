@@ -178,10 +178,12 @@ pub struct WakeBatch<'a, W: WakeWord> {
 }
 
 impl<W: WakeWord> WakeBatch<'_, W> {
-    /// Rings `vcpu`'s doorbell; its wake, if it needs one, goes out with the batch's.
-    pub fn ring(&mut self, vcpu: VcpuIndex) {
+    /// Rings `vcpu`'s doorbell; its wake, if it needs one, goes out with the batch's. True when
+    /// this ring found `vcpu` asleep and owns its wake (false: it was running, polling, or
+    /// already rung).
+    pub fn ring(&mut self, vcpu: VcpuIndex) -> bool {
         if !self.bells.latch(vcpu) {
-            return;
+            return false;
         }
         let group = vcpu / GROUP_SIZE;
         if group != self.group {
@@ -189,6 +191,7 @@ impl<W: WakeWord> WakeBatch<'_, W> {
             self.group = group;
         }
         self.mask |= bit_of(vcpu);
+        true
     }
 
     /// Wakes the sleepers rung so far (one wake, or none if no ring found a sleeper).
@@ -323,10 +326,16 @@ mod tests {
         let bells = bells(70);
         asleep(&bells, &[1, 2, 3, 40, 41]);
         let mut batch = bells.batch();
-        for v in [0, 1, 2, 3, 5, 40, 41, 69] {
-            batch.ring(v);
-        }
+        let found_asleep: Vec<bool> = [0, 1, 2, 3, 5, 40, 41, 69]
+            .into_iter()
+            .map(|v| batch.ring(v))
+            .collect();
         drop(batch);
+        assert_eq!(
+            found_asleep,
+            [false, true, true, true, false, true, true, false],
+            "a ring owns a wake exactly where its vCPU sleeps"
+        );
         assert_eq!(
             bells.wake_word().wakes(),
             vec![0b1110, 0b11 << 8],
@@ -341,8 +350,10 @@ mod tests {
     fn a_second_ring_before_the_wake_adds_no_wake() {
         let bells = bells(2);
         asleep(&bells, &[1]);
-        bells.ring(1);
-        bells.ring(1);
+        let mut batch = bells.batch();
+        assert!(batch.ring(1), "the first ring owns the wake");
+        assert!(!batch.ring(1), "the second finds it rung");
+        drop(batch);
         assert_eq!(bells.wake_word().wakes(), vec![0b10]);
     }
 

@@ -148,7 +148,9 @@ fn broadcast(bells: &Bells, targets: &[(usize, &Arc<Vcpu>)]) {
     let mut batch = bells.batch();
     for &(index, vcpu) in targets {
         match vcpu.inbox.post_vector(VECTOR, TriggerMode::Edge) {
-            Notify::Wake => batch.ring(index),
+            Notify::Wake => {
+                batch.ring(index);
+            }
             Notify::None => {}
             Notify::Kick => panic!("a halted vCPU is never in guest mode"),
         }

@@ -24,6 +24,8 @@ pub struct VcpuCounters {
     pub single_steps: AtomicU64,
     /// Stepping episodes that gave up (budget spent, or the guest's own TF, DR7 breakpoints).
     pub step_fallbacks: AtomicU64,
+    /// sched_yields after an IPI of this vCPU woke a sleeping vCPU (`percpu`, `yield_to_woken`).
+    pub wake_yields: AtomicU64,
 }
 
 impl Default for VcpuCounters {
@@ -37,6 +39,7 @@ impl Default for VcpuCounters {
             halt_sleeps: AtomicU64::new(0),
             single_steps: AtomicU64::new(0),
             step_fallbacks: AtomicU64::new(0),
+            wake_yields: AtomicU64::new(0),
         }
     }
 }
@@ -61,6 +64,7 @@ impl VcpuCounters {
         out("halt_sleeps", get(&self.halt_sleeps));
         out("single_steps", get(&self.single_steps));
         out("step_fallbacks", get(&self.step_fallbacks));
+        out("wake_yields", get(&self.wake_yields));
         let mut total = 0;
         for (vector, count) in self.injected.iter().enumerate() {
             let n = get(count);

@@ -51,7 +51,7 @@ impl irqchip::wake::WakeWord for Futex {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use irqchip::wake::SharedDoorbells;
     use std::sync::Arc;
@@ -93,7 +93,7 @@ mod tests {
 
     /// A thread per vCPU of `vcpus` waiting on its doorbell, returned once each has made its
     /// futex wait (a ring before that is kept and costs no wake at all).
-    fn asleep_in_the_kernel(
+    pub(in crate::backend::user) fn asleep_in_the_kernel(
         bells: &Arc<SharedDoorbells<Futex>>,
         vcpus: std::ops::Range<usize>,
     ) -> Vec<thread::JoinHandle<()>> {

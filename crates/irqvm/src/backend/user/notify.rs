@@ -82,21 +82,38 @@ impl Notifier {
     /// 32 vCPUs (`irqchip::wake`). Drop it as soon as the delivery returns.
     pub fn batched(&self) -> impl FnMut(VcpuIndex, Notify) + '_ {
         let mut batch = self.bells.batch();
-        move |target, how| self.notify_into(&mut batch, target, how)
+        move |target, how| {
+            self.notify_into(&mut batch, target, how);
+        }
     }
 
-    fn notify_into(&self, batch: &mut WakeBatch<'_, Futex>, target: VcpuIndex, how: Notify) {
+    /// [`Self::batched`] for a delivery made on a vCPU's own thread (its ICR write): also
+    /// sets `woke` when a ring found its vCPU asleep, so that the sender can hand its host CPU
+    /// to the vCPU it woke once the wakes are out (`percpu`, `yield_to_woken`).
+    pub fn batched_noting<'a>(&'a self, woke: &'a mut bool) -> impl FnMut(VcpuIndex, Notify) + 'a {
+        let mut batch = self.bells.batch();
+        move |target, how| *woke |= self.notify_into(&mut batch, target, how)
+    }
+
+    /// True when a ring found `target` asleep (its futex wake goes out with `batch`'s).
+    fn notify_into(
+        &self,
+        batch: &mut WakeBatch<'_, Futex>,
+        target: VcpuIndex,
+        how: Notify,
+    ) -> bool {
         match how {
-            Notify::None => {}
+            Notify::None => false,
             Notify::Kick => {
                 Self::count(&self.kicks, target);
                 crate::trace::hooks::notified(&self.tracer, target, true);
                 self.kicker.kick(target);
+                false
             }
             Notify::Wake => {
                 Self::count(&self.wakes, target);
                 crate::trace::hooks::notified(&self.tracer, target, false);
-                batch.ring(target);
+                batch.ring(target)
             }
         }
     }
@@ -112,5 +129,59 @@ impl Notifier {
             let how = inbox.post_wakeup();
             self.notify(target, how);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::user::futex::tests::asleep_in_the_kernel;
+    use irqchip::chip::{PcIrqChip, PcIrqChipConfig};
+
+    /// Counts kicks instead of signalling threads.
+    struct Kicks(AtomicU64);
+
+    impl VcpuKicker for Kicks {
+        fn vcpus(&self) -> usize {
+            3
+        }
+        fn kick(&self, _: usize) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// `batched_noting` reports a ring that found its vCPU asleep (and wakes it), and nothing
+    /// for a vCPU that is awake or is kicked: only the first makes the sender yield.
+    #[test]
+    fn batched_noting_reports_only_rings_that_found_a_sleeper() {
+        let bells = Arc::new(Doorbells::new(3, Futex::default()));
+        let (chip, _vcpus) = PcIrqChip::with_bells(PcIrqChipConfig::new(3), |index| {
+            Box::new(irqchip::wake::SharedBell::new(bells.clone(), index))
+        });
+        let tracer = Arc::new(crate::trace::Tracer::new(
+            3,
+            std::time::Instant::now(),
+            "user",
+        ));
+        let kicker = Arc::new(Kicks(AtomicU64::new(0)));
+        let notifier = Notifier::new(kicker.clone(), chip.bus().clone(), bells.clone(), tracer);
+        let deliver = |posts: &[(VcpuIndex, Notify)]| {
+            let mut woke = false;
+            let mut notify = notifier.batched_noting(&mut woke);
+            for &(target, how) in posts {
+                notify(target, how);
+            }
+            drop(notify);
+            woke
+        };
+        assert!(!deliver(&[(0, Notify::Kick), (1, Notify::None)]));
+        assert!(
+            !deliver(&[(1, Notify::Wake)]),
+            "vCPU 1 is awake: its ring is latched"
+        );
+        let sleeper = asleep_in_the_kernel(&bells, 2..3);
+        assert!(deliver(&[(0, Notify::Kick), (2, Notify::Wake)]));
+        sleeper.into_iter().for_each(|t| t.join().unwrap());
+        assert_eq!(kicker.0.load(Ordering::Relaxed), 2);
     }
 }

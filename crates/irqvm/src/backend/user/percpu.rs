@@ -968,6 +968,22 @@ impl UserVcpuChip {
         (offset < APIC_PAGE_SIZE).then_some(offset)
     }
 
+    /// This vCPU's IPI (an ICR write: a SIPI, a fixed or NMI IPI) woke a vCPU asleep on its
+    /// doorbell. The woken thread is runnable, but on a host with fewer free cores than
+    /// runnable vCPU threads it can be queued on this thread's core, and this thread goes
+    /// back into the guest, often to spin until the woken vCPU answers (a BSP waiting for its
+    /// AP to come online, a sender waiting for its PONG), keeping the core until the
+    /// scheduler's next tick: 3-5 ms (HZ=250) at 2 vCPUs on 2 cores, docs/benchmarks.md "The
+    /// 2-vCPU `boot_wake`". sched_yield gives the core to the queued wakee at once; with
+    /// nothing queued it returns at once. KVM's in-kernel APIC has no such hand-over: its
+    /// sender goes straight back into the guest.
+    fn yield_to_woken(&self, woke: bool) {
+        if woke {
+            super::counters::bump(&self.counters().wake_yields);
+            std::thread::yield_now();
+        }
+    }
+
     fn handle_msr_read(&mut self, index: u32, data: &mut u64, error: &mut u8) {
         let now = self.shared.clock.now();
         match self.interrupts.msr_read(index, now) {
@@ -983,10 +999,12 @@ impl UserVcpuChip {
         let now = self.shared.clock.now();
         let notifier = self.shared.notifier.clone();
         let eoi = self.in_service_before(index == X2APIC_EOI_MSR);
-        let result = self
-            .interrupts
-            .msr_write(index, value, now, &mut notifier.batched());
+        let mut woke = false;
+        let result =
+            self.interrupts
+                .msr_write(index, value, now, &mut notifier.batched_noting(&mut woke));
         self.eoi_done(eoi);
+        self.yield_to_woken(woke);
         match result {
             Ok(r) => self.notify_result(r),
             Err(GuestFault::GeneralProtection(why)) => {
@@ -1076,10 +1094,15 @@ impl VcpuIrqchip for UserVcpuChip {
                 if let Some(offset) = self.apic_page_offset(*addr) {
                     let now = self.shared.clock.now();
                     let eoi = self.in_service_before(offset == APIC_EOI_OFFSET);
-                    let r = self
-                        .interrupts
-                        .mmio_write(offset, data, now, &mut notifier.batched());
+                    let mut woke = false;
+                    let r = self.interrupts.mmio_write(
+                        offset,
+                        data,
+                        now,
+                        &mut notifier.batched_noting(&mut woke),
+                    );
                     self.eoi_done(eoi);
+                    self.yield_to_woken(woke);
                     self.notify_result(r);
                 } else if (IOAPIC_BASE..IOAPIC_BASE + IOAPIC_SIZE).contains(addr) {
                     self.platform().ioapic_write(*addr - IOAPIC_BASE, data);
