@@ -113,6 +113,11 @@ pub struct VmConfig {
     /// ExtINT; `kernel`: ignored). On by default; see `backend::step` and docs/architecture.md,
     /// "Exact interrupt boundaries", for how and what it costs.
     pub exact_irq_boundaries: bool,
+    /// `--syscall-watch on|off`: on a kvm_pvm host, finish the SYSCALLs the host leaves half done
+    /// with a breakpoint on the guest's page-fault handler ([`crate::emulate::syscall`]). On by
+    /// default; `off` is a diagnostic that keeps irqvm out of every guest page fault, and with it
+    /// 64-bit user processes' system calls do not work on kvm_pvm. No effect on other hosts.
+    pub syscall_watch: bool,
 }
 
 impl VmConfig {
@@ -133,6 +138,7 @@ impl VmConfig {
             topology: None,
             cpu_features: FeatureEdits::default(),
             exact_irq_boundaries: true,
+            syscall_watch: true,
         }
     }
 }
@@ -307,7 +313,7 @@ impl Vm {
                 snapshot: snapshot.clone(),
                 syscall: crate::emulate::syscall::SyscallWatch::new(
                     memory.clone(),
-                    crate::emulate::syscall::host_needs_it(),
+                    cfg.syscall_watch && crate::emulate::syscall::host_needs_it(),
                 ),
             })
             .collect();
