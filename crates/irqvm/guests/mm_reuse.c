@@ -972,9 +972,7 @@ static void worker(void *unused)
 	loaded_cr3[c] = read_cr3();
 	if (opt_pge)
 		enable_global_pages();
-	apic_write(APIC_TDCR, 0xB); /* divide by 1 */
-	apic_write(APIC_LVT_TIMER, APIC_TIMER_PERIODIC | V_TICK);
-	apic_write(APIC_TMICT, (u32)(opt_tick_us * 1000));
+	start_periodic_tick(V_TICK, opt_tick_us);
 	sti();
 	u64 t0 = rdtsc(), deadline = t0 + ms_to_tsc(opt_ms);
 	while (s->quanta < opt_quanta && rdtsc() < deadline) {
@@ -994,8 +992,7 @@ static void worker(void *unused)
 			sti_hlt();
 		}
 	}
-	apic_write(APIC_TMICT, 0);
-	apic_write(APIC_LVT_TIMER, APIC_LVT_MASKED);
+	stop_tick();
 	s->ms = (rdtsc() - t0) / tsc_khz();
 	atomic_inc(&workers_done);
 }

@@ -393,9 +393,7 @@ static void worker(void *unused)
 	wrmsr(MSR_KERNEL_GS_BASE, 0);
 	wrmsr(MSR_FS_BASE, 0);
 	u64 prev_fs = 0, prev_ugs = 0;
-	apic_write(APIC_TDCR, 0xB); /* divide by 1: the 1 GHz bus clock */
-	apic_write(APIC_LVT_TIMER, APIC_TIMER_PERIODIC | V_TICK);
-	apic_write(APIC_TMICT, (u32)(opt_tick_us * 1000));
+	start_periodic_tick(V_TICK, opt_tick_us);
 	u64 t0 = rdtsc(), deadline = t0 + ms_to_tsc(opt_ms);
 	u64 user_rsp = USER_VA + (STACK_PT + c + 1) * 4096ul;
 	for (u64 i = 0; i < opt_iters && rdtsc() < deadline; i++) {
@@ -451,8 +449,7 @@ static void worker(void *unused)
 			sti_hlt();
 		}
 	}
-	apic_write(APIC_TMICT, 0);
-	apic_write(APIC_LVT_TIMER, APIC_LVT_MASKED);
+	stop_tick();
 	s->ms = (rdtsc() - t0) / tsc_khz();
 	atomic_inc(&workers_done);
 }

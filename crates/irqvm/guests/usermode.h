@@ -46,6 +46,21 @@ static inline u32 cpu_by_apic(void)
 	return 0;
 }
 
+/* This CPU's LAPIC timer, periodic every `us` microseconds on `vector` (divide by 1: the 1 GHz bus clock of
+ * the VMMs these guests run on), and stopped again. */
+static inline void start_periodic_tick(u32 vector, u64 us)
+{
+	apic_write(APIC_TDCR, 0xB);
+	apic_write(APIC_LVT_TIMER, APIC_TIMER_PERIODIC | vector);
+	apic_write(APIC_TMICT, (u32)(us * 1000));
+}
+
+static inline void stop_tick(void)
+{
+	apic_write(APIC_TMICT, 0);
+	apic_write(APIC_LVT_TIMER, APIC_LVT_MASKED);
+}
+
 /* The neighbour ring: CPU c sends an IPI to CPU c + 1, one outstanding at a time (two of one vector waiting in
  * an IRR are one); the handler counts it with ring_received(). */
 static volatile u32 ring_sent[MAX_CPUS], ring_got[MAX_CPUS];
