@@ -149,6 +149,8 @@ extern volatile u32 irq_last_vector[MAX_CPUS];
 u32 irq_count_total(u32 vector);                /* sum over CPUs */
 void irq_reset_counts(void);
 void idt_load(void);                            /* loads the shared IDT on this CPU (done by the library) */
+/* Sets the DPL of `vector`'s gate (0 by default): 3 lets CPL-3 code reach it with INT n (SDM vol. 3 6.12.1.1). */
+void idt_set_gate_dpl(u32 vector, u32 dpl);
 #define SPURIOUS_VECTOR 0xFF
 #define KICK_VECTOR 0xF0                        /* used by smp_call() to wake idle APs */
 

@@ -408,6 +408,8 @@ void idt_load(void)
 	} __attribute__((packed)) d = { sizeof(idt) - 1, (u64)idt };
 	__asm__ volatile("lidt %0" : : "m"(d));
 }
+/* Type 0x8E: present, 64-bit interrupt gate; DPL in bits 6:5 (SDM vol. 3 6.14.1). */
+void idt_set_gate_dpl(u32 v, u32 dpl) { idt[v & 255].type = (u8)(0x8E | (dpl & 3) << 5); }
 void irq_set_handler(u32 v, irq_handler_t h) { handlers[v & 255] = h; }
 u32 irq_count_total(u32 v)
 {
