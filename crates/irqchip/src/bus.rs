@@ -287,29 +287,69 @@ impl<S: InterruptSink> ApicBus<S> {
     }
 
     /// SDM vol. 3 §11.6.2.4: the candidate with the lowest PPR, ties rotated round-robin.
+    ///
+    /// The PPRs are published by the other vCPUs' threads and change under this one, so the
+    /// lowest PPR, the number of candidates tied at it and a winner are all decided from one
+    /// reading of each (the processors' priorities as arbitration saw them at one moment). The
+    /// round-robin pick reads them again and may find its turn's candidate moved; it then falls
+    /// back to that first winner. (Deciding the tie count from a second reading divided by zero
+    /// when every lowest candidate had raised its PPR in between: a `user`-mode vCPU thread's
+    /// panic, issue 10.)
     fn lowest_priority_winner(
         &self,
         candidates: &[VcpuIndex],
         tie_break: TieBreak,
     ) -> Option<VcpuIndex> {
         let ppr = |index: VcpuIndex| self.sinks[index].published_ppr();
-        let lowest = candidates.iter().map(|&index| ppr(index)).min()?;
-        let mut tied = candidates
-            .iter()
-            .copied()
-            .filter(|&index| ppr(index) == lowest);
-        let count = tied.clone().count();
-        if count == 1 {
-            return tied.next();
+        let Arbitration {
+            lowest,
+            tied,
+            first,
+        } = Arbitration::of(candidates.iter().map(|&index| (index, ppr(index))))?;
+        if tied == 1 {
+            return Some(first);
         }
         let turn = match tie_break {
             TieBreak::Peek => self.lowest_priority_turn.load(Ordering::Relaxed),
             TieBreak::Advance => self.lowest_priority_turn.fetch_add(1, Ordering::Relaxed),
         };
-        // u32 -> usize is lossless on every target this VMM supports (64-bit Linux). A PPR that
-        // changes between the two passes can only shorten the second: fall back to the first.
-        tied.nth(turn as usize % count)
-            .or_else(|| candidates.iter().copied().find(|&i| ppr(i) == lowest))
+        // u32 -> usize is lossless on every target this VMM supports (64-bit Linux).
+        let pick = candidates
+            .iter()
+            .copied()
+            .filter(|&index| ppr(index) == lowest)
+            .nth(turn as usize % tied);
+        Some(pick.unwrap_or(first))
+    }
+}
+
+/// One reading of the candidates' PPRs: the lowest, how many have it (at least 1) and the
+/// first of them in candidate order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Arbitration {
+    lowest: u8,
+    tied: usize,
+    first: VcpuIndex,
+}
+
+impl Arbitration {
+    /// `None` without candidates.
+    fn of(pprs: impl Iterator<Item = (VcpuIndex, u8)>) -> Option<Self> {
+        let mut best: Option<Self> = None;
+        for (index, ppr) in pprs {
+            match &mut best {
+                Some(b) if ppr == b.lowest => b.tied += 1,
+                Some(b) if ppr > b.lowest => {}
+                _ => {
+                    best = Some(Self {
+                        lowest: ppr,
+                        tied: 1,
+                        first: index,
+                    })
+                }
+            }
+        }
+        best
     }
 }
 
@@ -1273,6 +1313,74 @@ mod tests {
         set_ppr(&b, 0, 0x40);
         set_ppr(&b, 2, 0x40);
         assert_eq!(b.resolve(&lowest(phys(0xFF))), vec![1]);
+    }
+
+    /// A vCPU whose published PPR is `first` at its first reading and `then` afterwards: its
+    /// thread accepts an interrupt or raises its TPR while another thread's delivery arbitrates.
+    struct ShiftingPpr {
+        first: u8,
+        then: u8,
+        reads: AtomicU32,
+        posts: Mutex<Vec<Vector>>,
+    }
+
+    impl InterruptSink for ShiftingPpr {
+        fn post_vector(&self, vector: Vector, _: TriggerMode) -> Notify {
+            self.posts.lock().unwrap().push(vector);
+            Notify::None
+        }
+        fn post_events(&self, _: ApicEvents) -> Notify {
+            Notify::None
+        }
+        fn published_ppr(&self) -> u8 {
+            if self.reads.fetch_add(1, Ordering::Relaxed) == 0 {
+                self.first
+            } else {
+                self.then
+            }
+        }
+    }
+
+    /// Delivers a lowest-priority message to logical 0x07 (flat vCPUs 0-2 whose PPRs read
+    /// `pprs`: first reading, later ones) and returns how many it reached and each vCPU's posts.
+    fn lowest_priority_among_shifting(pprs: [(u8, u8); 3]) -> (usize, Vec<Vec<Vector>>) {
+        let sinks: Vec<Arc<ShiftingPpr>> = pprs
+            .iter()
+            .map(|&(first, then)| {
+                Arc::new(ShiftingPpr {
+                    first,
+                    then,
+                    reads: AtomicU32::new(0),
+                    posts: Mutex::new(Vec::new()),
+                })
+            })
+            .collect();
+        let bus = ApicBus::with_topology(sinks.clone(), vec![flat(0, 1), flat(1, 2), flat(2, 4)]);
+        let reached = bus.deliver(&lowest(logical(0x07)), &mut |_, _| {});
+        let posts = sinks
+            .iter()
+            .map(|s| s.posts.lock().unwrap().clone())
+            .collect();
+        (reached, posts)
+    }
+
+    /// Issue 10: the arbitration read the PPRs once for the lowest value and again to count the
+    /// candidates at it; a candidate that raised its PPR in between left none, and the
+    /// round-robin pick divided by zero on the sending vCPU's thread. SDM vol. 3 §11.6.2.4: one
+    /// processor accepts the message, the lowest-priority one as arbitration saw it.
+    #[test]
+    fn lowest_priority_arbitrates_on_one_reading_of_pprs_that_change_meanwhile() {
+        // vCPU 0 alone lowest at the first look, then the highest.
+        let (reached, posts) =
+            lowest_priority_among_shifting([(0x10, 0x30), (0x20, 0x20), (0x20, 0x20)]);
+        assert_eq!(reached, 1);
+        assert_eq!(posts, vec![vec![0x40], vec![], vec![]]);
+        // vCPUs 0 and 1 tied lowest at the first look, both higher than vCPU 2 at the next one:
+        // the turn's pick finds neither, and the first of the tie takes it.
+        let (reached, posts) =
+            lowest_priority_among_shifting([(0x10, 0x30), (0x10, 0x30), (0x20, 0x20)]);
+        assert_eq!(reached, 1);
+        assert_eq!(posts, vec![vec![0x40], vec![], vec![]]);
     }
 
     // ---- topology updates ----

@@ -42,6 +42,13 @@ const CTR_DEFAULT: u8 = 0x01 | 0x02 | 0x04 | 0x40;
 const CTR_KBD_DISABLED: u8 = 1 << 4;
 const CTR_AUX_DISABLED: u8 = 1 << 5;
 
+/// Bytes the controller holds for the host to read. The 8042 itself has a one-byte output
+/// buffer and produces the next byte only once the host has read it; a queue stands in for
+/// that, and like QEMU's PS/2 queue (`hw/input/ps2.c`, 16 bytes, a byte arriving when it is
+/// full is dropped) it is bounded, so that a guest writing commands without ever reading 0x60
+/// cannot grow irqvm's memory without end. Linux's `i8042_flush` drains at most 16 bytes too.
+pub const OUTPUT_QUEUE_BYTES: usize = 16;
+
 /// What the VMM does when the guest pulses the reset line.
 pub type OnReset = Box<dyn Fn() + Send + Sync>;
 
@@ -89,7 +96,7 @@ impl I8042 {
     /// Restores [`Self::state`].
     pub fn restore(&mut self, (ctr, output, pending): &I8042State) {
         self.ctr = *ctr;
-        self.output = output.iter().copied().collect();
+        self.output = output.iter().copied().take(OUTPUT_QUEUE_BYTES).collect();
         self.pending = *pending;
     }
 
@@ -112,9 +119,9 @@ impl I8042 {
     pub fn write_data(&mut self, value: u8) {
         match self.pending.take() {
             Some(0x60) => self.ctr = value,
-            Some(0xD3) => self.output.push_back((value, true)),
+            Some(0xD3) => self.queue(value, true),
             // 0xD2 (write keyboard output buffer) echoes as keyboard data.
-            Some(0xD2) => self.output.push_back((value, false)),
+            Some(0xD2) => self.queue(value, false),
             // Output port writes (0xD1) and data for the absent keyboard are dropped.
             _ => {}
         }
@@ -123,10 +130,10 @@ impl I8042 {
     pub fn write_command(&mut self, command: u8) -> Action {
         self.pending = None;
         match command {
-            0x20 => self.output.push_back((self.ctr, false)),
+            0x20 => self.queue(self.ctr, false),
             0x60 | 0xD1 | 0xD2 | 0xD3 => self.pending = Some(command),
-            0xAA => self.output.push_back((0x55, false)),
-            0xA9 | 0xAB => self.output.push_back((0x00, false)),
+            0xAA => self.queue(0x55, false),
+            0xA9 | 0xAB => self.queue(0x00, false),
             0xA7 => self.ctr |= CTR_AUX_DISABLED,
             0xA8 => self.ctr &= !CTR_AUX_DISABLED,
             0xAD => self.ctr |= CTR_KBD_DISABLED,
@@ -136,6 +143,15 @@ impl I8042 {
             _ => tracing::debug!(command, "i8042: command ignored"),
         }
         Action::None
+    }
+
+    /// A byte for the host (`aux`: from the aux port), dropped if [`OUTPUT_QUEUE_BYTES`] wait.
+    fn queue(&mut self, byte: u8, aux: bool) {
+        if self.output.len() < OUTPUT_QUEUE_BYTES {
+            self.output.push_back((byte, aux));
+        } else {
+            tracing::debug!(byte, aux, "i8042: output queue full, byte dropped");
+        }
     }
 }
 
@@ -237,6 +253,26 @@ mod tests {
             STATUS_OUTPUT_FULL | STATUS_AUX_DATA
         );
         assert_eq!(c.read_data(), 0x5A);
+    }
+
+    /// A guest that issues self-tests without ever reading the data port: the controller keeps
+    /// the first 16 answers and drops the rest, instead of queueing one per command forever.
+    #[test]
+    fn unread_output_is_bounded() {
+        let mut c = I8042::default();
+        for _ in 0..1000 {
+            c.write_command(0xAA);
+            c.write_command(0xD3);
+            c.write_data(0x5A);
+        }
+        assert_eq!(c.state().1.len(), OUTPUT_QUEUE_BYTES);
+        for _ in 0..OUTPUT_QUEUE_BYTES / 2 {
+            assert_eq!(c.read_data(), 0x55);
+            assert_eq!(c.read_data(), 0x5A);
+        }
+        assert_eq!(c.status() & STATUS_OUTPUT_FULL, 0, "nothing beyond the 16");
+        c.write_command(0x20);
+        assert_eq!(c.read_data(), CTR_DEFAULT, "answers again once read");
     }
 
     #[test]

@@ -377,6 +377,19 @@ pub enum VcpuError {
     Irqchip(#[from] IrqchipError),
     #[error(transparent)]
     Kvm(#[from] crate::kvm::KvmError),
+    /// The vCPU thread panicked (an irqvm bug), with the panic's message.
+    #[error("the vCPU thread panicked (an irqvm bug): {0}")]
+    Panicked(String),
+}
+
+/// The message of a panic's payload (`panic!` with a literal gives a `&str`, with arguments a
+/// `String`).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_string())
 }
 
 fn fmt_instruction(instruction: Option<&[u8]>, data: &[u64]) -> String {
@@ -578,10 +591,13 @@ impl VcpuThread {
             .syscall
             .resume(&self.fd)
             .map_err(VcpuError::from)
-            .and_then(|()| self.run_loop(immediate_exit, flush_armed));
+            .and_then(|()| self.run_loop_or_panic(immediate_exit, flush_armed));
         drop(registration);
-        // The final MP state, for the run report, before anyone can see Stopped.
-        self.record_mp_state();
+        // The final MP state, for the run report, before anyone can see Stopped (not after a
+        // panic: the backend may be what panicked).
+        if !matches!(result, Err(VcpuError::Panicked(_))) {
+            self.record_mp_state();
+        }
         shared.set_state(VcpuState::Stopped);
         if let Err(e) = result {
             let failure = VcpuFailure {
@@ -593,6 +609,22 @@ impl VcpuThread {
             tracing::error!(vcpu = shared.index, "{failure}");
             self.control.finish(Err(failure));
         }
+    }
+
+    /// [`Self::run_loop`], with a panic of this thread turned into a failure of the vCPU. A panic
+    /// is a bug of irqvm's (nothing a guest does may cause one), but if a guest finds one, the VM
+    /// must stop with the failure report (vCPU, last exit, registers) as for any other vCPU
+    /// failure, not run on without this vCPU until nothing answers: before this, a vCPU thread's
+    /// panic left `irqvm run` waiting forever (issue 10). The panic hook has already printed the
+    /// message and place (`seccomp::install_panic_report`, or Rust's own hook).
+    fn run_loop_or_panic(
+        &mut self,
+        immediate_exit: ImmediateExit,
+        flush_armed: bool,
+    ) -> Result<(), VcpuError> {
+        let run = std::panic::AssertUnwindSafe(|| self.run_loop(immediate_exit, flush_armed));
+        std::panic::catch_unwind(run)
+            .unwrap_or_else(|payload| Err(VcpuError::Panicked(panic_message(payload.as_ref()))))
     }
 
     fn run_loop(
@@ -955,6 +987,10 @@ fn handle_exit(
     bus: &IoBus,
     stats: &VcpuStats,
 ) -> Result<Step, VcpuError> {
+    #[cfg(test)]
+    if let VcpuExit::IoOut(port, _) = &exit {
+        tests::panic_if_armed(*port);
+    }
     let (counter, mut exit) = match exit {
         VcpuExit::X86Wrmsr(msr) if msr.index == crate::emulate::syscall::MSR_LSTAR => {
             bump(&stats.msr_exits);
@@ -1035,4 +1071,52 @@ fn unclaimed(exit: ChipExit<'_>, bus: &IoBus) -> Result<(), VcpuError> {
         ChipExit::IrqWindowOpen | ChipExit::IoapicEoi { .. } | ChipExit::SingleStep => {}
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loader::{CpuMode, RawImage};
+    use crate::vm::{Vm, VmConfig, VmError};
+
+    /// A port whose `out` makes the vCPU thread panic, once: a stand-in for a bug of irqvm's
+    /// that a guest reaches.
+    static PANIC_AT_PORT: Mutex<Option<u16>> = Mutex::new(None);
+
+    pub(super) fn panic_if_armed(port: u16) {
+        let mut armed = PANIC_AT_PORT.lock().unwrap_or_else(|p| p.into_inner());
+        if *armed == Some(port) {
+            *armed = None;
+            drop(armed);
+            panic!("injected at port {port:#x}");
+        }
+    }
+
+    /// A panic on a vCPU thread stops the VM with that vCPU's failure report (the panic's
+    /// message, the registers) within the run's bound; it used to leave the VM running without
+    /// the vCPU, and `irqvm run` waiting forever (issue 10).
+    #[test]
+    fn a_vcpu_thread_panic_stops_the_vm_with_a_failure_report() {
+        // 32-bit flat code: `mov al, 1; out 0x99, al`, then `hlt; jmp back to hlt`.
+        let code = [0xB0, 0x01, 0xE6, 0x99, 0xF4, 0xEB, 0xFD];
+        let mut cfg = VmConfig::new(code.to_vec(), "panic-at-port");
+        cfg.raw = Some(RawImage {
+            load_addr: 0x10_0000,
+            entry: 0x10_0000,
+            mode: CpuMode::Protected32,
+        });
+        cfg.cpus = 2;
+        cfg.irqchip = crate::IrqchipMode::User;
+        *PANIC_AT_PORT.lock().unwrap() = Some(0x99);
+        let result = Vm::new(&cfg).unwrap().run(Some(Duration::from_secs(20)));
+        assert_eq!(*PANIC_AT_PORT.lock().unwrap(), None, "the out never ran");
+        let Err(VmError::Vcpu(failure)) = result else {
+            panic!("expected a vCPU failure, got {result:?}");
+        };
+        assert_eq!(failure.vcpu, 0);
+        assert!(matches!(*failure.error, VcpuError::Panicked(_)));
+        let report = failure.report();
+        assert!(report.contains("injected at port 0x99"), "{report}");
+        assert!(failure.state.is_some(), "registers captured: {report}");
+    }
 }
