@@ -9,6 +9,7 @@
 #                      [--memory SIZE] [--timeout SECONDS] [--irqvm PATH] [--append ARGS]
 #                      [--api-sock PATH] [--exact on|off] [--tls-probe] [--cores]
 #                      [--stress SECONDS] [--init32 SECONDS [--init32-int80]] [--syscall-watch on|off]
+#                      [--kvm-stats FILE]
 # --append adds kernel arguments; --api-sock serves irqvm's control API, for linux-profile.sh.
 # Needs: apt-get install -y linux-image-cloud-amd64 busybox-static lz4 gcc cpio
 # Exit status: 0 if the guest ended through isa-debug-exit with every check passed, 1 otherwise.
@@ -19,7 +20,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 die() { echo "linux-boot: $*" >&2; exit 1; }
 
-cpus=1 irqchip=user format=vmlinux timeout=2700 irqvm= memory=128M append= api= exact= tls_probe= cores= stress= init32= init32_flags= syscall_watch=
+cpus=1 irqchip=user format=vmlinux timeout=2700 irqvm= memory=128M append= api= exact= tls_probe= cores= stress= init32= init32_flags= syscall_watch= kvm_stats=
 while [ $# -gt 0 ]; do
 	case $1 in
 	--cpus) cpus=$2; shift 2 ;;
@@ -37,6 +38,7 @@ while [ $# -gt 0 ]; do
 	--init32) init32=$2; shift 2 ;;
 	--init32-int80) init32_flags=-DINIT32_INT80; shift ;;
 	--syscall-watch) syscall_watch=$2; shift 2 ;;
+	--kvm-stats) kvm_stats=$2; shift 2 ;;
 	*) die "unknown argument $1" ;;
 	esac
 done
@@ -147,6 +149,9 @@ exact_args=()
 [ -z "$exact" ] || exact_args=(--exact-irq-boundaries="$exact")
 # --syscall-watch on|off: irqvm's (default on; docs/architecture.md, "SYSCALL from user mode").
 [ -z "$syscall_watch" ] || exact_args+=(--syscall-watch "$syscall_watch")
+# --kvm-stats FILE: irqvm's --kvm-stats, KVM's statistics of the VM every 10 s and at the end
+# (docs/operations.md); the boot is often ended by `timeout`, so the series matters.
+[ -z "$kvm_stats" ] || exact_args+=(--kvm-stats "$kvm_stats" --kvm-stats-every 10)
 timeout --signal=TERM "$timeout" "$irqvm" run --kernel "$kernel" --initrd "$work/initramfs.cpio" \
 	--cmdline "$cmdline" --cpus "$cpus" --memory "$memory" --irqchip "$irqchip" \
 	"${exact_args[@]}" "${api_args[@]}" 2>&1 | tee "$log"

@@ -212,6 +212,14 @@ pub struct RunArgs {
     /// on other hosts.
     #[arg(long, value_enum, value_name = "on|off", default_value = "on")]
     pub syscall_watch: Switch,
+    /// Diagnostic: write KVM's statistics of the VM (KVM_GET_STATS_FD of the VM fd, and of the
+    /// vCPU fds summed) to FILE as `name=value` lines, when the VM ends and every
+    /// --kvm-stats-every seconds; see docs/operations.md.
+    #[arg(long, value_name = "FILE")]
+    pub kvm_stats: Option<PathBuf>,
+    /// With --kvm-stats: also a reading every SECS seconds (a time series of a long run).
+    #[arg(long, value_name = "SECS", requires = "kvm_stats")]
+    pub kvm_stats_every: Option<f64>,
 }
 
 /// `--exact-irq-boundaries[=on|off]`, shared by `run` and `fuzz-guest`.
@@ -287,6 +295,10 @@ pub enum CliError {
     },
     #[error("--timeout must be a positive number of seconds")]
     BadTimeout,
+    #[error("--kvm-stats-every must be a positive number of seconds")]
+    BadStatsPeriod,
+    #[error(transparent)]
+    KvmStats(#[from] crate::kvm_stats::KvmStatsError),
     #[error(transparent)]
     Vm(#[from] VmError),
     #[error("control API: {0}")]
@@ -501,6 +513,7 @@ fn restore_request(
 /// Runs the command line; returns the process exit status.
 pub fn main_with(cli: Cli) -> Result<i32, CliError> {
     let mut incoming = None;
+    let mut stats = None;
     let (cfg, timeout, api_sock, vm, paused, trace) = match &cli.command {
         None => {
             let cfg = demo_config();
@@ -514,6 +527,7 @@ pub fn main_with(cli: Cli) -> Result<i32, CliError> {
             let trace = args.trace.as_deref().map(create_trace_file).transpose()?;
             let cfg = run_config(args)?;
             let vm = Vm::new(&cfg)?;
+            stats = start_kvm_stats(args, &vm, cfg.seccomp)?;
             (cfg, timeout, args.api_sock.clone(), vm, false, trace)
         }
         Some(Command::Restore(args)) if args.snapshot.is_none() && args.incoming.is_none() => {
@@ -557,7 +571,30 @@ pub fn main_with(cli: Cli) -> Result<i32, CliError> {
         },
         None => None,
     };
-    run_to_end(&cfg, vm, api, timeout, trace.map(|t| (t, tracer)))
+    let status = run_to_end(&cfg, vm, api, timeout, trace.map(|t| (t, tracer)));
+    if let Some(stats) = stats {
+        stats.finish();
+    }
+    status
+}
+
+/// `--kvm-stats FILE`: the stats fds, taken before the vCPUs run, and the thread that writes them.
+fn start_kvm_stats(
+    args: &RunArgs,
+    vm: &Vm,
+    seccomp: bool,
+) -> Result<Option<crate::kvm_stats::KvmStatsRecorder>, CliError> {
+    let Some(path) = &args.kvm_stats else {
+        return Ok(None);
+    };
+    let every = match args.kvm_stats_every {
+        None => None,
+        Some(s) if s.is_finite() && s > 0.0 => Some(Duration::from_secs_f64(s)),
+        Some(_) => return Err(CliError::BadStatsPeriod),
+    };
+    let recorder =
+        crate::kvm_stats::KvmStatsRecorder::start(vm.kvm_stats()?, path, every, seccomp)?;
+    Ok(Some(recorder))
 }
 
 /// A started VM's life from here: serial input, the main thread's filter, the wait, the API

@@ -14,6 +14,7 @@
 //! | [`cmos`], [`i8042`] | the CMOS RTC and the keyboard controller Linux expects on a PC |
 //! | [`backend`] | the interrupt-controller interface and its three backends, `kernel`, `split`, `user` |
 //! | [`kick`] | forcing a vCPU thread out of KVM_RUN, race-free |
+//! | [`kvm_stats`] | `--kvm-stats`: KVM's binary statistics of the VM fd and the vCPU fds, as `name=value` lines |
 //! | [`vcpu`] | the vCPU threads and their run loop |
 //! | [`snapshot`] | snapshots; the conversion between the model's state and KVM's |
 //! | [`migrate`] | live migration to another irqvm over a Unix socket (dirty-log pre-copy, the snapshot state) |
@@ -42,6 +43,7 @@ pub mod i8042;
 pub mod iobus;
 pub mod kick;
 pub mod kvm;
+pub mod kvm_stats;
 pub mod loader;
 pub mod memory;
 pub mod migrate;

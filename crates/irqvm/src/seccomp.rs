@@ -112,6 +112,9 @@ pub enum Role {
     /// Serves requests on the listening socket it was given, reads VM state, raises lines and
     /// signals MSIs.
     Api(IrqchipMode),
+    /// `--kvm-stats`'s `kvm-stats` thread (`crate::kvm_stats`): reads KVM's stats fds with
+    /// `pread64` and appends to the file it was given.
+    Stats,
 }
 
 /// A compiled filter for one role, ready to install on a thread.
@@ -278,6 +281,9 @@ fn rules(role: Role) -> Result<Rules, seccompiler::Error> {
             rules.insert(libc::SYS_shutdown, vec![]);
             rules.insert(libc::SYS_unlink, vec![]);
             rules.insert(libc::SYS_unlinkat, vec![]);
+        }
+        Role::Stats => {
+            rules.insert(libc::SYS_pread64, vec![]);
         }
         Role::Api(mode) => {
             allow_ioctls(&mut rules, &api_ioctls(mode))?;
@@ -683,6 +689,7 @@ pub(crate) mod tests {
                 Role::Main(mode),
                 Role::Api(mode),
                 Role::Timer,
+                Role::Stats,
             ] {
                 let f = ThreadFilter::new(role).unwrap();
                 assert!(!f.program.is_empty());

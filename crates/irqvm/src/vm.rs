@@ -440,6 +440,15 @@ impl Vm {
         Ok(vm)
     }
 
+    /// The stats fds of this VM's VM fd and vCPU fds (`--kvm-stats`), taken before the vCPUs
+    /// run: a vCPU ioctl waits for KVM_RUN to end.
+    pub fn kvm_stats(&self) -> Result<crate::kvm_stats::KvmStats, crate::kvm_stats::KvmStatsError> {
+        crate::kvm_stats::KvmStats::open(
+            self.machine.vm_fd.as_ref(),
+            self.vcpus.iter().map(|v| &v.fd),
+        )
+    }
+
     /// What the loader did (`None` for a restored VM).
     pub fn loaded_kernel(&self) -> Option<&LoadedKernel> {
         self.machine.loaded.as_ref()

@@ -219,3 +219,65 @@ fn run_trace_then_report() {
     let _ = std::fs::remove_file(trace);
     let _ = std::fs::remove_file(svg);
 }
+
+/// `run --kvm-stats` (its `kvm-stats` thread under the binary's seccomp filters) writes KVM's
+/// statistics of the VM fd and the summed vCPU fds, one block at the end marked `end=1`, with
+/// the vCPUs' exits to irqvm (the `hello` guest's serial output) counted.
+#[test]
+fn run_kvm_stats_writes_the_vm_and_vcpu_statistics() {
+    let file = std::env::temp_dir().join(format!("irqvm-cli-kvm-stats-{}.txt", std::process::id()));
+    let kernel = common::guest_path("hello");
+    let path = file.to_str().unwrap();
+    let (status, out, err) = irqvm(&[
+        "run",
+        "--kernel",
+        &kernel,
+        "--cpus",
+        "2",
+        "--irqchip",
+        "kernel",
+        "--kvm-stats",
+        path,
+    ]);
+    assert_eq!(status, 1, "{out}\n{err}");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let _ = std::fs::remove_file(&file);
+    let last = text.trim_end().rsplit("\n\n").next().unwrap();
+    let value = |name: &str| {
+        last.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix('='))
+            .map(|v| v.parse::<u64>().unwrap())
+    };
+    assert!(last.starts_with("t="), "{text}");
+    assert_eq!(value("end"), Some(1), "{text}");
+    assert!(value("vm.mmu_cache_miss").is_some(), "{text}");
+    // Every port write of the serial output leaves KVM_RUN (kvm_pvm counts no `io_exits`).
+    assert!(value("vcpu.exits").unwrap() > 0, "{text}");
+}
+
+/// `--kvm-stats-every` needs `--kvm-stats` and a positive period.
+#[test]
+fn kvm_stats_every_needs_a_file_and_a_positive_period() {
+    let kernel = common::guest_path("hello");
+    let (status, _, err) = irqvm(&["run", "--kernel", &kernel, "--kvm-stats-every", "1"]);
+    assert_eq!(status, 2, "{err}");
+    assert!(err.contains("--kvm-stats"), "{err}");
+    let file =
+        std::env::temp_dir().join(format!("irqvm-cli-kvm-stats0-{}.txt", std::process::id()));
+    let path = file.to_str().unwrap();
+    let (status, _, err) = irqvm(&[
+        "run",
+        "--kernel",
+        &kernel,
+        "--kvm-stats",
+        path,
+        "--kvm-stats-every",
+        "0",
+    ]);
+    let _ = std::fs::remove_file(&file);
+    assert_ne!(status, 1, "{err}");
+    assert!(
+        err.contains("--kvm-stats-every must be a positive number"),
+        "{err}"
+    );
+}
