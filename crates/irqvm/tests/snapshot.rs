@@ -143,6 +143,21 @@ fn snapstorm_restores_in_every_mode_pair() {
     );
 }
 
+/// The same with the local APICs in x2APIC mode, as Linux runs them. `kernel` and `split` keep
+/// KVM's APIC page with 32-bit x2APIC IDs (KVM_CAP_X2APIC_API), and KVM_SET_LAPIC refuses an AP
+/// whose page holds its ID in the xAPIC layout (EINVAL): a 4-vCPU Linux snapshot from `user`
+/// mode could not be restored in `kernel` mode for that reason, and only vCPU 0 (ID 0 in
+/// either layout) got through.
+#[test]
+fn snapstorm_x2apic_restores_in_every_mode_pair() {
+    every_mode_pair(
+        "snapstorm",
+        4,
+        Duration::from_millis(2000),
+        &["--cmdline", "rounds=80 x2apic=1"],
+    );
+}
+
 /// For each of the 9 (source, target) mode pairs: `guest` on `cpus` vCPUs (`extra` on its
 /// command line) snapshotted at a random moment of its first `window`, restored at once in the
 /// target, its checks over both halves of its life as its expectations say.

@@ -224,6 +224,13 @@ impl VcpuIrqchip for KernelVcpuChip {
     }
 }
 
+/// The APIC page's layout in `kernel` and `split` mode: both enable KVM_CAP_X2APIC_API with
+/// 32-bit IDs ([`enable_x2apic_api`]), so in x2APIC mode KVM reports and requires the whole
+/// x2APIC ID at 0x20 (KVM_SET_LAPIC fails with EINVAL for any other than the vCPU's), not
+/// `id << 24`. The legacy layout restored vCPU 0 (ID 0 either way) and refused every other.
+const KVM_PAGE_FORMAT: crate::snapshot::convert::LapicFormat =
+    crate::snapshot::convert::LapicFormat { x2apic_ids: true };
+
 /// A KVM local APIC's vCPU (`kernel`, `split`): KVM_GET_MP_STATE first (it accepts a pending
 /// INIT/SIPI, as the model's accept step would), then the events, KVM_GET_LAPIC (with the
 /// timer expiry KVM held back since the pause's flush added to IRR, `kvm_timer`) with
@@ -256,7 +263,7 @@ pub(crate) fn kvm_save_fabric(
         apic_base,
         tsc_deadline,
     };
-    let lapic = lapic_from_kvm(cfg, &state, Default::default())?;
+    let lapic = lapic_from_kvm(cfg, &state, KVM_PAGE_FORMAT)?;
     let model = events_from_kvm(&KvmVcpuEvents { events, mp_state }, cfg.bsp)?;
     Ok(VcpuFabric {
         model: irqchip::snapshot::VcpuSnapshot {
@@ -274,7 +281,7 @@ pub(crate) fn kvm_restore_apic(
     vcpu: &VcpuFd,
     fabric: &VcpuFabric,
 ) -> Result<Option<u64>, IrqchipError> {
-    let state = crate::snapshot::convert::lapic_to_kvm(&fabric.model.lapic, Default::default());
+    let state = crate::snapshot::convert::lapic_to_kvm(&fabric.model.lapic, KVM_PAGE_FORMAT);
     vcpu.set_lapic(&state.page)
         .map_err(KvmError::ioctl("KVM_SET_LAPIC"))?;
     Ok(Some(state.tsc_deadline))
