@@ -727,8 +727,14 @@ mod tests {
         }
     }
 
+    /// The chip with both 8259As masked (they start unmasked, as KVM's), as a guest that uses
+    /// the IOAPIC leaves them, so device lines show only as IOAPIC messages.
     fn sink_chip() -> PcIrqChip<RecordingSink> {
-        PcIrqChip::with_sink(PcIrqChipConfig::new(2), RecordingSink::default())
+        let chip = PcIrqChip::with_sink(PcIrqChipConfig::new(2), RecordingSink::default());
+        chip.pic_port_write(crate::pic::MASTER_DATA_PORT, 0xFF, &mut |_, _| {});
+        chip.pic_port_write(crate::pic::SLAVE_DATA_PORT, 0xFF, &mut |_, _| {});
+        take(&chip);
+        chip
     }
 
     fn take(chip: &PcIrqChip<RecordingSink>) -> Vec<SinkEvent> {

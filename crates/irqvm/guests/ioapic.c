@@ -36,6 +36,23 @@ static void basics(void)
 	u64 e = ioapic_get_entry(EDGE_LINE);
 	check((e & 0xFF) == V_EDGE && (e >> 56) == 0xAB && (e & IOAPIC_MASKED), "redirection entry reads back",
 	      "%lx", e);
+
+	/* Where KVM's IOAPIC fills what the 82093AA leaves reserved or undefined (section 3.2): registers
+	 * 0x03-0x0F and entries past the last pin read all ones; the reserved entry bits 55:17 are stored and
+	 * read back; a byte write to IOWIN is zero-extended to the whole dword. */
+	u32 undef = ioapic_read(0x03), past = ioapic_read(IOAPIC_REDTBL(ioapic_pin_count()));
+	check(undef == 0xFFFFFFFF && past == 0xFFFFFFFF, "kvm, undefined registers read all ones",
+	      "register 3 %x, past the table %x", undef, past);
+	u64 reserved = 0x0000FFFF00000000ul | 0xFFFE0000ul | IOAPIC_MASKED | V_EDGE;
+	ioapic_set_entry(EDGE_LINE, reserved);
+	e = ioapic_get_entry(EDGE_LINE);
+	check(e == reserved, "kvm, reserved entry bits read back", "wrote %lx, read %lx", reserved, e);
+	ioapic_set_entry(EDGE_LINE, IOAPIC_MASKED);
+	*(volatile u32 *)0xFEC00000ul = IOAPIC_REDTBL(EDGE_LINE);
+	*(volatile u8 *)0xFEC00010ul = 0x55;
+	u32 low = ioapic_read(IOAPIC_REDTBL(EDGE_LINE));
+	ioapic_set_entry(EDGE_LINE, IOAPIC_MASKED);
+	check(low == 0x55, "kvm, byte write to iowin is zero-extended", "low dword %x", low);
 }
 
 static void edge(void)

@@ -19,11 +19,12 @@ pub const CMD_OCW3: u8 = 1 << 3;
 
 /// ICW1 bits.
 pub const ICW1_IC4: u8 = 1 << 0;
-/// SNGL: single 8259A, no ICW3 follows (clear: cascade mode).
+/// SNGL: single 8259A, no ICW3 follows (clear: cascade mode). Recorded only, as in KVM.
 pub const ICW1_SNGL: u8 = 1 << 1;
 /// Call address interval (MCS-80/85 only): stored nowhere, ignored.
 pub const ICW1_ADI: u8 = 1 << 2;
 /// LTIM: level-triggered mode for all eight inputs (clear: edge, or per input by ELCR).
+/// Recorded only, as in KVM: edge/level comes from the ELCR.
 pub const ICW1_LTIM: u8 = 1 << 3;
 
 /// ICW2 in 8086 mode: T7-T3 are the vector base, bits 2:0 are replaced by the IR level.
@@ -165,16 +166,18 @@ pub struct Pic8259 {
 }
 
 impl Pic8259 {
-    /// The power-on state chosen here (the datasheet leaves it undefined and requires an
-    /// initialization sequence): initialized, vector base 0, every input masked, PC cascade
-    /// wiring in ICW3, 8086 mode, IR0 highest priority, IRR selected for reads.
+    /// The power-on state (the datasheet leaves it undefined and requires an initialization
+    /// sequence), KVM's: initialized, vector base 0, IMR 0 (nothing masked; kernel mode on
+    /// this host reads 0x00 from ports 0x21 and 0xA1 at boot), PC cascade wiring in ICW3,
+    /// 8086 mode, IR0 highest priority, IRR selected for reads. Nothing reaches a CPU before
+    /// the guest unmasks LINT0, whose reset state is masked.
     pub fn power_on(role: Role) -> Self {
         Self {
             role,
             lines: 0,
             irr: 0,
             isr: 0,
-            imr: 0xFF,
+            imr: 0,
             elcr: 0,
             init: InitState::Ready,
             ltim: false,
@@ -241,8 +244,8 @@ impl Pic8259 {
     pub fn auto_eoi(&self) -> bool {
         self.auto_eoi
     }
-    /// True in special mask mode: masking a level in IMR also lets lower levels in while that level
-    /// is in service ("Special Mask Mode").
+    /// True in special mask mode (OCW3 ESMM/SMM). Recorded only, as in KVM: the datasheet's
+    /// effect ("Special Mask Mode") is not applied (see `blocking_in_service`).
     pub fn special_mask_mode(&self) -> bool {
         self.special_mask
     }
@@ -250,7 +253,8 @@ impl Pic8259 {
     pub fn special_fully_nested(&self) -> bool {
         self.special_fully_nested
     }
-    /// True when ICW1 selected single mode (no cascade).
+    /// True when ICW1 selected single mode. Recorded only, as in KVM: ICW3 is still expected
+    /// and the slave still answers for IR2.
     pub fn single_mode(&self) -> bool {
         self.single
     }
@@ -268,14 +272,12 @@ impl Pic8259 {
         self.poll
     }
 
-    /// Inputs that are level-sensitive: all with LTIM, else the ELCR bits
-    /// ("Edge and Level Triggered Modes"; PC chipsets add the ELCR).
+    /// Inputs that are level-sensitive: the ELCR bits. ICW1.LTIM would make all eight inputs
+    /// level-sensitive ("Edge and Level Triggered Modes"); KVM's PIC ignores LTIM (edge/level
+    /// comes from the ELCR alone; on this host an IRQ 7 pulse after ICW1 0x19 stays latched in
+    /// IRR), and so does this model. LTIM is recorded only.
     pub fn level_mask(&self) -> u8 {
-        if self.ltim {
-            0xFF
-        } else {
-            self.elcr
-        }
+        self.elcr
     }
 
     /// The vector for `ir` in 8086 mode: T7-T3 from ICW2, the level in bits 2:0.
@@ -288,18 +290,27 @@ impl Pic8259 {
         self.vector(SPURIOUS_IR)
     }
 
-    /// For the master: IR2 has a slave behind it (ICW3 S2 in cascade mode). The slave then
-    /// supplies the vector in the INTA sequence ("Cascade Mode").
+    /// For the master: IR`ir` has a slave behind it, whose vector the INTA sequence then
+    /// returns ("Cascade Mode"). Always IR2 and only IR2: the board wires the slave there, and
+    /// KVM's PIC ignores ICW1.SNGL and ICW3 (the datasheet would take the slave inputs from
+    /// ICW3 in cascade mode and have none in single mode). This model follows KVM.
     pub fn has_slave_on(&self, ir: u8) -> bool {
-        self.role == Role::Master && !self.single && self.icw3 & bit(ir) != 0
+        self.role == Role::Master && ir == super::CASCADE_IR
     }
 
     // ---- Inputs ----
 
-    /// Drives IR input `ir` (0-7). A level input's IRR bit follows the pin; an edge input's
-    /// IRR bit is set on the rising edge and stays set until INTA ("Edge and Level Triggered
-    /// Modes"). The datasheet asks edge inputs to stay high until INTA; devices emulated by a
-    /// VMM pulse them, so the latch is kept (as KVM does).
+    /// Drives IR input `ir` (0-7). On a level input, driving the pin sets or clears its IRR
+    /// bit; on an edge input a rising edge sets the IRR bit, which stays set until INTA
+    /// ("Edge and Level Triggered Modes"). The datasheet asks edge inputs to stay high until
+    /// INTA; devices emulated by a VMM pulse them, so the latch is kept (as KVM does).
+    ///
+    /// As in KVM, a level IRR bit is state of its own, set and cleared when the pin is driven:
+    /// INTA leaves it set, a poll clears it until the pin is driven high again, and an ELCR
+    /// write does not resample it. `lines` is the last level driven, the edge detector's
+    /// memory. KVM's ICW1 also forgets it (driving a pin that is already high is then an edge);
+    /// here `lines` is the wire level the snapshot checks against the GSI routing, so ICW1
+    /// keeps it and a pin must fall and rise again, as the datasheet says.
     pub fn set_line(&mut self, ir: u8, high: bool) {
         let mask = bit(ir);
         let was_high = self.lines & mask != 0;
@@ -309,22 +320,21 @@ impl Pic8259 {
             self.lines &= !mask;
         }
         if self.level_mask() & mask != 0 {
-            self.sync_level_irr();
+            if high {
+                self.irr |= mask;
+            } else {
+                self.irr &= !mask;
+            }
         } else if high && !was_high {
             self.irr |= mask;
         }
     }
 
-    /// Makes the IRR bits of level inputs equal to their pins; edge bits keep their latch.
-    pub fn sync_level_irr(&mut self) {
-        let level = self.level_mask();
-        self.irr = (self.irr & !level) | (self.lines & level);
-    }
-
     /// Writes the ELCR; bits the chipset fixes as edge are ignored ([`Role::elcr_writable`]).
+    /// IRR is not resampled (KVM does not either): an edge latched before the switch to level
+    /// stays requested until INTA clears it or the pin is driven low.
     pub fn write_elcr(&mut self, value: u8) {
         self.elcr = value & self.role.elcr_writable();
-        self.sync_level_irr();
     }
 
     // ---- Priority resolution ("Interrupt Sequence", "Automatic Rotation") ----
@@ -341,15 +351,14 @@ impl Pic8259 {
             .find(|&ir| mask & bit(ir) != 0)
     }
 
-    /// In-service levels that block requests of equal or lower priority. In special mask
-    /// mode masked levels do not ("Special Mask Mode"); in special fully nested mode the
-    /// master's cascade input does not, so a higher-priority slave request can nest
-    /// ("Special Fully Nested Mode").
+    /// In-service levels that block requests of equal or lower priority. In special fully
+    /// nested mode the master's cascade input does not, so a higher-priority slave request can
+    /// nest ("Special Fully Nested Mode"). Special mask mode would stop masked in-service
+    /// levels from blocking ("Special Mask Mode"); KVM's PIC records OCW3's SMM but never
+    /// applies it (on this host an in-service, masked IR3 still blocks IR4 with SMM set), and
+    /// this model follows KVM.
     fn blocking_in_service(&self) -> u8 {
         let mut isr = self.isr;
-        if self.special_mask {
-            isr &= !self.imr;
-        }
         if self.special_fully_nested && self.has_slave_on(super::CASCADE_IR) {
             isr &= !bit(super::CASCADE_IR);
         }
@@ -357,12 +366,11 @@ impl Pic8259 {
     }
 
     /// The level this chip would put on INT now, if any: the highest unmasked request that
-    /// no in-service level of equal or higher priority blocks. An uninitialized chip (ICW
-    /// sequence incomplete) requests nothing.
+    /// no in-service level of equal or higher priority blocks. A chip in the middle of its
+    /// ICW sequence still requests (ICW1 cleared the IMR): the datasheet leaves that state
+    /// undefined, and KVM's PIC keeps resolving (on this host a poll between ICW1 and ICW2
+    /// returns a request pulsed after ICW1).
     pub fn resolve(&self) -> Option<u8> {
-        if self.init != InitState::Ready {
-            return None;
-        }
         let request = self.highest(self.irr & !self.imr)?;
         match self.highest(self.blocking_in_service()) {
             Some(serving) if self.rank(serving) <= self.rank(request) => None,
@@ -375,14 +383,13 @@ impl Pic8259 {
         self.resolve().is_some()
     }
 
-    /// The first INTA pulse for level `ir` ("Interrupt Sequence"): the IRR bit is cleared
-    /// (a level input's bit is set again at once while the pin stays high) and the ISR bit
-    /// set, unless in auto-EOI mode, where the ISR bit is cleared again at the end of the
-    /// sequence and "rotate in automatic EOI mode" makes `ir` the lowest priority.
+    /// The first INTA pulse for level `ir` ("Interrupt Sequence"): an edge input's IRR bit is
+    /// cleared (a level input's stays set while its pin is), and the ISR bit set, unless in
+    /// auto-EOI mode, where the ISR bit is cleared again at the end of the sequence and
+    /// "rotate in automatic EOI mode" makes `ir` the lowest priority.
     pub fn acknowledge(&mut self, ir: u8) {
         let mask = bit(ir);
-        self.irr &= !mask;
-        self.sync_level_irr();
+        self.irr &= !(mask & !self.level_mask());
         if self.auto_eoi {
             if self.rotate_on_auto_eoi {
                 self.lowest_priority = ir & LEVEL_MASK;
@@ -423,60 +430,64 @@ impl Pic8259 {
         }
     }
 
-    /// A read after the poll command ("Poll Command"): the read is an interrupt acknowledge
-    /// (ISR bit set, IRR bit cleared) and returns I in bit 7 and the level in bits 2:0. With
-    /// no request the word is 0 (the datasheet leaves W2-W0 undefined then). Returns the
-    /// acknowledged level with the word.
+    /// A read after the poll command ("Poll Command"): returns I in bit 7 and the level in
+    /// bits 2:0, and takes the request. The datasheet makes the read an interrupt acknowledge
+    /// that sets the ISR bit; KVM's PIC instead clears the level's IRR bit (level inputs
+    /// included) and its ISR bit, so nothing stays in service and no EOI is due. With no
+    /// request the word is 0x07 (the datasheet leaves W2-W0 undefined; KVM answers IR7 with
+    /// I clear). This model follows KVM, as checked on this host. Returns the level taken with
+    /// the word.
     pub fn poll_read(&mut self) -> (u8, Option<u8>) {
         self.poll = false;
         match self.resolve() {
             Some(ir) => {
-                self.acknowledge(ir);
+                self.irr &= !bit(ir);
+                self.isr &= !bit(ir);
                 (POLL_INTERRUPT | ir, Some(ir))
             }
-            None => (0, None),
+            None => (SPURIOUS_IR, None),
         }
     }
 
     // ---- Initialization Command Words ----
 
     /// ICW1 starts the sequence and ("Initialization Command Words", a-f): resets the edge
-    /// sense circuit (an edge input must go low-to-high again; its IRR latch is cleared),
-    /// clears the IMR, gives IR7 the lowest priority, clears special mask mode, selects IRR
-    /// for reads, and zeroes the ICW4 functions (ICW4, when IC4 asks for one, sets them
-    /// again before the chip can interrupt). Choices beyond the datasheet's list: ISR, the
-    /// poll latch and "rotate in AEOI" are cleared too, so a re-initialized chip carries
-    /// nothing from before (QEMU clears ISR, KVM keeps it); the slave ID is not reset to 7
-    /// because cascade addressing is fixed by the board (see the parent module).
+    /// sense circuit (latched edge requests are dropped, so an edge input must make a new
+    /// low-to-high transition; level IRR bits stay), clears the IMR, gives
+    /// IR7 the lowest priority, clears special mask mode and selects IRR for reads. When IC4
+    /// is clear the ICW4 functions (AEOI, SFNM, 8086 mode, buffered mode) become zero; when it
+    /// is set they keep their value until ICW4. As in KVM, ISR, a pending poll and "rotate in
+    /// AEOI" are kept (the datasheet's list does not touch them; on this host an in-service
+    /// IR4 is still in ISR after a new ICW1-ICW4). The slave ID is not reset to 7 because
+    /// cascade addressing is fixed by the board (see the parent module). KVM also drops ISR
+    /// bits whose line had an edge latched, through its ack notifiers, when a vCPU accepts
+    /// PIC interrupts; that side effect is not modelled.
     fn write_icw1(&mut self, value: u8) {
         self.ltim = value & ICW1_LTIM != 0;
         self.single = value & ICW1_SNGL != 0;
         self.icw4_needed = value & ICW1_IC4 != 0;
-        self.irr = self.lines & self.level_mask();
-        self.isr = 0;
+        self.irr &= self.level_mask();
         self.imr = 0;
         self.lowest_priority = LEVEL_MASK;
         self.special_mask = false;
         self.read_select = ReadSelect::Irr;
-        self.poll = false;
-        self.rotate_on_auto_eoi = false;
-        self.mode_8086 = false;
-        self.auto_eoi = false;
-        self.buffered = false;
-        self.buffered_master = false;
-        self.special_fully_nested = false;
+        if !self.icw4_needed {
+            self.mode_8086 = false;
+            self.auto_eoi = false;
+            self.buffered = false;
+            self.buffered_master = false;
+            self.special_fully_nested = false;
+        }
         self.init = InitState::AwaitIcw2;
     }
 
     /// ICW2: the vector base (8086 mode: T7-T3; A10-A8 of the MCS-80/85 call address are
-    /// dropped). Next comes ICW3 in cascade mode, else ICW4 or the end of the sequence.
+    /// dropped). ICW3 comes next even in single mode: KVM's PIC ignores ICW1.SNGL and always
+    /// takes a third byte (on this host ICW1 0x13, ICW2, ICW4 leaves the chip waiting for
+    /// ICW4), where the datasheet would skip ICW3. This model follows KVM.
     fn write_icw2(&mut self, value: u8) {
         self.vector_base = value & ICW2_VECTOR_BASE_MASK;
-        self.init = if !self.single {
-            InitState::AwaitIcw3
-        } else {
-            self.after_icw3()
-        };
+        self.init = InitState::AwaitIcw3;
     }
 
     /// ICW3: slave inputs (master) or cascade ID (slave), kept whole.
@@ -520,16 +531,13 @@ impl Pic8259 {
         }
     }
 
-    /// Non-specific EOI ("End of Interrupt"): clears the highest-priority ISR bit. In special
-    /// mask mode an ISR bit masked in the IMR is not cleared by it. With `rotate`, the level
-    /// cleared becomes the lowest priority ("Automatic Rotation").
+    /// Non-specific EOI ("End of Interrupt"): clears the highest-priority ISR bit. With
+    /// `rotate`, the level cleared becomes the lowest priority ("Automatic Rotation"). In
+    /// special mask mode the datasheet would skip ISR bits masked in the IMR; KVM ignores
+    /// special mask mode here too (on this host the EOI clears a masked in-service IR3), and
+    /// this model follows KVM.
     fn nonspecific_eoi(&mut self, rotate: bool) {
-        let candidates = if self.special_mask {
-            self.isr & !self.imr
-        } else {
-            self.isr
-        };
-        if let Some(ir) = self.highest(candidates) {
+        if let Some(ir) = self.highest(self.isr) {
             self.isr &= !bit(ir);
             if rotate {
                 self.lowest_priority = ir;
@@ -570,7 +578,6 @@ impl Pic8259 {
         self.elcr &= role.elcr_writable();
         self.vector_base &= ICW2_VECTOR_BASE_MASK;
         self.lowest_priority &= LEVEL_MASK;
-        self.sync_level_irr();
     }
 }
 

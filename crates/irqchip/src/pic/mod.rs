@@ -7,45 +7,53 @@
 //! master's INT pin out ([`DualPic::output`]), and the INTA cycle ([`DualPic::acknowledge`]).
 //! Datasheet references are to the Intel 8259A data sheet (order no. 231468) by section name.
 //!
+//! # KVM is the reference
+//!
+//! Where the datasheet leaves room, and where KVM's in-kernel PIC (arch/x86/kvm/i8259.c)
+//! departs from it, this model does what KVM does, so a guest sees the same PIC in every irqchip
+//! mode. Each departure was checked against KVM's PIC on this host (`kernel` mode) and is named
+//! at its function: ICW1.SNGL, ICW1.LTIM and ICW3 are recorded but ignored (ICW3 is always
+//! expected, the slave always sits on IR2, edge/level comes from the ELCR only); special mask
+//! mode is recorded but changes neither priority nor the non-specific EOI; a chip between
+//! ICW1 and its last ICW still requests; ICW1 keeps ISR; the poll command takes the request
+//! without putting it in service and answers 0x07 when nothing is pending.
+//!
 //! # Lines and trigger modes ("Edge and Level Triggered Modes")
 //!
 //! `set_irq(irq, level)` takes the logical level of ISA line 0-15 (asserted = true; a PCI INTx
 //! routed through the chipset is inverted before it reaches the PIC, so the caller passes
-//! "asserted"). An input is level-sensitive when its chip was initialized with ICW1.LTIM or its
-//! ELCR bit is set. Edge inputs latch IRR on a rising edge, and the latch survives the line
-//! dropping (devices emulated by a VMM pulse their line; the datasheet asks the line to stay
-//! high until INTA, KVM latches as we do). Level inputs have IRR equal to the line, so a line
+//! "asserted"). An input is level-sensitive when its ELCR bit is set. Edge inputs latch IRR on a
+//! rising edge, and the latch survives the line dropping (devices emulated by a VMM pulse their
+//! line; the datasheet asks the line to stay high until INTA, KVM latches as we do). A level
+//! input's IRR bit is set and cleared as the line is driven, and INTA leaves it set, so a line
 //! that drops before INTA leaves nothing and INTA yields the spurious vector. IRR sits before the
 //! mask: an edge on a masked input is remembered and delivered when it is unmasked.
 //!
 //! ISA IRQ 2 does not exist on an AT (the master's IR2 pin is wired to the slave's INT; the ISA
 //! bus's IRQ2 pin is IRQ 9), so `set_irq(2, _)` is ignored, as is any irq above 15. ELCR bits
 //! for IRQ 0, 1, 2, 8 and 13 are hard-wired to 0 (edge) as on PIIX/ICH chipsets (KVM and QEMU
-//! use the same masks, 0xF8 and 0xDE). ELCR is not touched by ICW1, only by [`DualPic::reset`].
+//! use the same masks, 0xF8 and 0xDE). ELCR is not touched by ICW1, only by [`DualPic::reset`],
+//! and writing it does not resample IRR (as in KVM).
 //!
 //! # Cascade ("Cascade Mode")
 //!
-//! The master's IR2 input follows the slave's INT output after every operation, through the
-//! master's own edge/level logic (IR2 is edge-sensitive unless the master was initialized with
-//! LTIM). When the master acknowledges IR2 and has a slave there (cascade mode and ICW3 bit 2
-//! set) the slave runs its own INTA and supplies the vector; if it has nothing to give it
-//! supplies its IR7 vector without setting its ISR, while the master's IR2 stays in service
-//! ("spurious IRQ 15": the guest must EOI the master only). Other ICW3 bits of the master have
-//! no chip behind them: those inputs, and IR2 when the master is in single mode or ICW3 bit 2
-//! is clear, are acknowledged by the master with its own vector (real hardware would leave the
-//! data bus floating). The slave's ICW3 ID is recorded but not compared with the cascade
-//! address: the board wiring makes the slave answer for IR2. During an INTA or poll of the
-//! slave its INT is taken low, so a request still pending on the slave afterwards (auto-EOI,
-//! special mask mode) is a fresh edge on the master's IR2 and is not lost.
+//! After every operation that leaves the slave requesting, the master's IR2 gets a fresh edge
+//! (IR2 is always edge-sensitive), as KVM pulses it; so the master's IRR bit 2 is set again even
+//! right after an acknowledge or poll cleared it. When the master acknowledges IR2 the slave runs
+//! its own INTA and supplies the vector; if it has nothing to give it supplies its IR7 vector
+//! without setting its ISR, while the master's IR2 stays in service ("spurious IRQ 15": the guest
+//! must EOI the master only). The slave's ICW3 ID and the master's ICW3 are recorded but not
+//! used: the board wiring makes the slave answer for IR2 (KVM does the same). A poll of the slave
+//! that takes a request also clears the master's IR2 request and in-service bit, as in KVM.
 //!
 //! # Power-on, incomplete initialization, hostile guests
 //!
 //! The datasheet leaves the power-on state undefined. [`DualPic::new`] and [`DualPic::reset`]
-//! give initialized chips with vector base 0, every input masked (so an unprogrammed PIC never
-//! interrupts with exception vectors; KVM and QEMU leave IMR 0), ELCR 0, IR0 highest priority,
-//! ICW3 as a PC wires it, 8086 mode, normal EOI. A chip whose ICW sequence is incomplete
-//! requests nothing (its INT stays low, INTA sees nothing pending) while IRR keeps latching;
-//! data-port writes feed the sequence as on hardware, and a command-port ICW1 restarts it.
+//! give initialized chips with vector base 0, IMR 0 as KVM's PIC starts (nothing reaches a CPU
+//! until the guest unmasks LINT0 in ExtINT mode, and a guest that does so before programming
+//! the PIC takes vector 0 + IR, in every mode alike), ELCR 0, IR0 highest priority, ICW3 as a PC wires
+//! it, 8086 mode, normal EOI. A chip whose ICW sequence is incomplete keeps requesting, as KVM's
+//! does; data-port writes feed the sequence as on hardware, and a command-port ICW1 restarts it.
 //! Command-port OCW2/OCW3 writes are decoded even in mid-sequence. Every port byte in any order
 //! is accepted; all arithmetic is on 3-bit level numbers and 8-bit masks, so nothing can panic
 //! or loop.
@@ -54,15 +62,16 @@
 //!
 //! MCS-80/85 mode (ICW4.µPM = 0, or no ICW4): vectors are always 8086-style (base | level),
 //! which is what every x86 guest programs. Buffered mode (ICW4.BUF, M/S): only changes the
-//! SP/EN pin, which has no meaning here. ICW1.ADI and the call-address bits are ignored.
-//! Special fully nested mode is modelled on the master (an in-service IR2 does not block IR2).
+//! SP/EN pin, which has no meaning here. ICW1.ADI and the call-address bits are ignored. ICW1
+//! SNGL and LTIM, ICW3 and OCW3's special mask mode are recorded only (see above). Special
+//! fully nested mode is modelled on the master (an in-service IR2 does not block IR2).
 //!
 //! # Snapshots
 //!
 //! [`DualPic`] serializes every register, latch, line level, the init sequencer position, the
 //! rotation pointer and the modes. Deserializing scrubs values a guest could not produce (ELCR
-//! fixed bits, vector base low bits, level IRR bits inconsistent with their lines) and settles
-//! the cascade wire, so a restored PIC is always self-consistent.
+//! fixed bits, vector base low bits, priority bits above 2) and settles the cascade, so a
+//! restored PIC is always self-consistent.
 
 mod chip;
 mod parts;
@@ -180,7 +189,6 @@ impl DualPic {
         *self = Self::new();
         self.master.lines = master_lines & !chip::bit(CASCADE_IR);
         self.slave.lines = slave_lines;
-        self.settle_cascade();
     }
 
     /// The ports this device decodes: both chips' command and data ports and the two ELCRs.
@@ -238,8 +246,9 @@ impl DualPic {
             MASTER_DATA_PORT => self.master.write_data(value),
             SLAVE_COMMAND_PORT => self.slave.write_command(value),
             SLAVE_DATA_PORT => self.slave.write_data(value),
-            ELCR_MASTER_PORT => self.master.write_elcr(value),
-            ELCR_SLAVE_PORT => self.slave.write_elcr(value),
+            // An ELCR write changes no request (KVM does not re-evaluate either).
+            ELCR_MASTER_PORT => return self.master.write_elcr(value),
+            ELCR_SLAVE_PORT => return self.slave.write_elcr(value),
             _ => return,
         }
         self.settle_cascade();
@@ -281,7 +290,7 @@ impl DualPic {
             }
             None => self.slave.spurious_vector(),
         };
-        self.slave_int_pulsed_low();
+        self.settle_cascade();
         vector
     }
 
@@ -333,12 +342,14 @@ impl DualPic {
             Role::Slave => &mut self.slave,
         };
         if chip.poll {
-            let (word, acknowledged) = chip.poll_read();
-            if role == Role::Slave && acknowledged.is_some() {
-                self.slave_int_pulsed_low();
-            } else {
-                self.settle_cascade();
+            let (word, taken) = chip.poll_read();
+            if role == Role::Slave && taken.is_some() {
+                // As in KVM: the slave's poll also takes the master's cascade request.
+                let cascade = chip::bit(CASCADE_IR);
+                self.master.irr &= !cascade;
+                self.master.isr &= !cascade;
             }
+            self.settle_cascade();
             word
         } else if data_port {
             chip.imr
@@ -347,17 +358,15 @@ impl DualPic {
         }
     }
 
-    /// The slave's INT went low for its acknowledge; whatever it requests afterwards reaches
-    /// the master's IR2 as a new edge.
-    fn slave_int_pulsed_low(&mut self) {
-        self.master.set_line(CASCADE_IR, false);
-        self.settle_cascade();
-    }
-
-    /// Drives the master's IR2 with the slave's INT output.
+    /// Passes the slave's INT output to the master's IR2 after an operation, the way KVM
+    /// does: while the slave requests, IR2 gets a fresh edge (a pulse), so the master's IRR
+    /// bit 2 is set again after every operation that left the slave requesting, even when an
+    /// acknowledge or poll just cleared it. (IR2's ELCR bit is fixed at edge.)
     fn settle_cascade(&mut self) {
-        let slave_int = self.slave.int_output();
-        self.master.set_line(CASCADE_IR, slave_int);
+        if self.slave.int_output() {
+            self.master.set_line(CASCADE_IR, true);
+            self.master.set_line(CASCADE_IR, false);
+        }
     }
 
     /// The chip and input an ISA line lands on; `None` for IRQ 2 and lines above 15.

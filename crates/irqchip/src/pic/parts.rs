@@ -112,8 +112,7 @@ impl Pic8259 {
 impl DualPic {
     /// The pair built from register values, scrubbed as a deserialized snapshot is: ELCR bits
     /// the chipset fixes as edge, vector base bits 2:0 and priority bits above 2 are dropped,
-    /// the IRR bits of level inputs follow their pins, and the master's IR2 input is the
-    /// slave's INT output.
+    /// and a requesting slave has its request on the master's IR2.
     pub fn from_registers(master: &PicRegisters, slave: &PicRegisters) -> Self {
         let mut pic = Self {
             master: Pic8259::from_registers(Role::Master, master),
