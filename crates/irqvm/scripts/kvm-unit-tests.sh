@@ -31,19 +31,16 @@ cfg=$kut/x86/unittests.cfg
 [ -f "$cfg" ] || { echo "no $cfg" >&2; exit 2; }
 mkdir -p "$logs"
 
-# Outcomes seen and classified in docs/kvm-unit-tests.md: "TEST MODE OUTCOME" (OUTCOME as printed in the
-# table). Any other outcome that is not PASS in an irqvm mode makes the exit status 1; the qemu runs are
+# Outcomes seen and classified as host limits in docs/kvm-unit-tests.md: "TEST MODE OUTCOME" (OUTCOME as
+# printed in the table). Any other outcome that is not PASS in an irqvm mode makes the exit status 1 (the
+# open split-mode hang in ioapic and the unexplained eventinj NMI hang do, until fixed); the qemu runs are
 # the reference and never do.
 KNOWN="
 apic user TIMEOUT
 apic split TIMEOUT
 apic kernel TIMEOUT
-ioapic split TIMEOUT
 ioapic kernel TIMEOUT
-ioapic-split split TIMEOUT
 ioapic-split kernel FAIL
-eventinj user TIMEOUT
-eventinj split TIMEOUT
 eventinj kernel TIMEOUT
 "
 
