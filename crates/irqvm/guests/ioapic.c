@@ -118,6 +118,40 @@ static void level(void)
 	irq_set_handler(V_LEVEL, NULL);
 }
 
+/* A level interrupt EOIed in its handler while the line is still high, the handler returning to `sti; hlt`:
+ * the EOI must reach the I/O APIC (Remote IRR clears) and the still-high line interrupt again, waking the HLT.
+ * In `split` mode the EOI goes from KVM's LAPIC to irqvm's I/O APIC as an exit that this host's KVM may keep
+ * pending while the vCPU halts (backend/eoi_probe.rs). The second interrupt lowers the line. */
+#define V_RETRIGGER 0x73
+static volatile u32 retrigger_count;
+static void retrigger_handler(struct irq_frame *f, u32 cpu)
+{
+	if (++retrigger_count == 2)
+		testdev_set_irq(LEVEL_LINE, 0);
+	apic_eoi();
+}
+
+static void level_eoi_then_hlt(void)
+{
+	irq_set_handler(V_RETRIGGER, retrigger_handler);
+	retrigger_count = 0;
+	ioapic_set_entry(LEVEL_LINE, V_RETRIGGER | IOAPIC_LEVEL);
+	__asm__ volatile("cli");
+	testdev_set_irq(LEVEL_LINE, 1);
+	for (u32 i = 0; i < 10 && retrigger_count < 2; i++)
+		__asm__ volatile("sti; hlt; cli" ::: "memory");
+	__asm__ volatile("sti");
+	/* Woken from HLT by the second interrupt; its handler lowered the line, so after its EOI reaches the
+	 * I/O APIC Remote IRR stays clear. (KVM's own I/O APIC here may deliver once more first: [isr-kept].) */
+	u32 woken = retrigger_count;
+	delay_ms(10);
+	check(woken >= 2 && !remote_irr(LEVEL_LINE), "level, eoi with the line high then hlt, delivered again",
+	      "%u interrupts, remote irr %u", woken, remote_irr(LEVEL_LINE));
+	testdev_set_irq(LEVEL_LINE, 0);
+	ioapic_set_entry(LEVEL_LINE, IOAPIC_MASKED);
+	irq_set_handler(V_RETRIGGER, NULL);
+}
+
 static void masked(void)
 {
 	/* Level entry, masked: raising the line delivers nothing. */
@@ -169,6 +203,7 @@ void guest_main(void)
 	basics();
 	edge();
 	level();
+	level_eoi_then_hlt();
 	masked();
 	to_ap();
 }

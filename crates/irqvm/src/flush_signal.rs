@@ -68,7 +68,20 @@ pub fn arm(vcpu: &VcpuFd) -> Result<(), KvmError> {
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut previous) };
     // SAFETY: `previous` was filled in by pthread_sigmask; sigdelset only clears one bit.
     unsafe { libc::sigdelset(&mut previous, flush_signal()) };
-    set_signal_mask(vcpu, Some(&previous))
+    set_signal_mask(vcpu, Some(&previous))?;
+    ARMED.with(|armed| armed.set(true));
+    Ok(())
+}
+
+thread_local! {
+    /// [`arm`] succeeded on this thread.
+    static ARMED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// True on a vCPU thread whose KVM_RUN can pass KVM's loop without entering the guest ([`arm`]
+/// succeeded on it).
+pub fn armed() -> bool {
+    ARMED.with(std::cell::Cell::get)
 }
 
 /// Makes the flush signal pending on the calling (vCPU) thread; [`arm`] must have run on it.

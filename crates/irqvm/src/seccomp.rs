@@ -41,6 +41,7 @@ ioctl_iow_nr!(KVM_INTERRUPT, KVMIO, 0x86, kvm_interrupt);
 ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
 ioctl_iow_nr!(KVM_SET_MSRS, KVMIO, 0x89, kvm_msrs);
 ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
+ioctl_iow_nr!(KVM_SET_MP_STATE, KVMIO, 0x99, kvm_mp_state);
 ioctl_io_nr!(KVM_NMI, KVMIO, 0x9a);
 ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
 ioctl_iow_nr!(KVM_SET_VCPU_EVENTS, KVMIO, 0xa0, kvm_vcpu_events);
@@ -251,8 +252,9 @@ fn rules(role: Role) -> Result<Rules, seccompiler::Error> {
             allow_ioctls(&mut rules, &vcpu_ioctls(mode))?;
             // Consuming the flush signal after a flushing KVM_RUN (`crate::flush_signal::take`).
             rules.insert(libc::SYS_rt_sigtimedwait, vec![]);
-            if mode == IrqchipMode::User {
-                // The per-vCPU kick timer (`kick::KickTimer`), a POSIX timer signalling its thread.
+            if mode != IrqchipMode::Kernel {
+                // The per-vCPU kick timer (`kick::KickTimer`), a POSIX timer signalling its thread
+                // (`user`: the window and timer kicks; `split`: the EOI probe, `eoi_probe`).
                 for nr in [
                     libc::SYS_timer_create,
                     libc::SYS_timer_settime,
@@ -416,6 +418,7 @@ fn vcpu_ioctls(mode: IrqchipMode) -> Vec<u64> {
             KVM_GET_MP_STATE(),
             KVM_INTERRUPT(),
             KVM_SET_GSI_ROUTING(),
+            KVM_SET_MP_STATE(),
             KVM_GET_LAPIC(),
             KVM_GET_MSRS(),
             KVM_GET_VCPU_EVENTS(),

@@ -62,6 +62,7 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use crate::api::model::{LapicInfo, PendingInfo, PlatformInfo};
 use crate::kvm::KvmError;
 
+mod eoi_probe;
 pub mod kernel;
 mod kvm_timer;
 pub mod split;
@@ -435,6 +436,13 @@ pub trait VcpuIrqchip: Send {
     /// pending and the guest is not entered (`crate::flush_signal`). False while an injection
     /// of irqvm's own must still enter the guest.
     fn flush_without_entry(&self) -> bool {
+        false
+    }
+
+    /// True if the next KVM_RUN must pass through KVM's `vcpu_run` loop without entering the
+    /// guest (run with the flush signal pending, `crate::flush_signal`), outside a pause too:
+    /// `split` mode's EOI probe (`eoi_probe`).
+    fn run_without_entry(&self) -> bool {
         false
     }
 

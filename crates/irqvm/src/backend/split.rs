@@ -76,6 +76,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Cap, VcpuFd, VmFd};
 
+use super::eoi_probe::{EoiProbe, OutstandingEois};
 use super::kernel::{
     kvm_mp_state, kvm_restore_apic, kvm_restore_events, kvm_save_fabric, kvm_signal_msi,
     set_initial_kvm_mp_state,
@@ -117,6 +118,9 @@ pub struct SplitStats {
     pub extint_kicks: AtomicU64,
     /// Well-formed MSIs from host threads and devices (`InterruptLines::signal_msi`).
     pub host_msis: AtomicU64,
+    /// EOI probes that found their vCPU halted with level EOIs outstanding and ran KVM's loop
+    /// for it ([`super::eoi_probe`]).
+    pub eoi_probe_wakes: AtomicU64,
 }
 
 /// A plain copy of [`SplitStats`].
@@ -129,6 +133,7 @@ pub struct SplitStatsSnapshot {
     pub window_requests: u64,
     pub extint_kicks: u64,
     pub host_msis: u64,
+    pub eoi_probe_wakes: u64,
 }
 
 impl SplitStats {
@@ -142,6 +147,7 @@ impl SplitStats {
             window_requests: get(&self.window_requests),
             extint_kicks: get(&self.extint_kicks),
             host_msis: get(&self.host_msis),
+            eoi_probe_wakes: get(&self.eoi_probe_wakes),
         }
     }
 }
@@ -164,6 +170,8 @@ pub struct KvmSink {
     /// The MSI route of each IOAPIC pin as last installed in KVM (index = pin = GSI), and the
     /// last KVM_SET_GSI_ROUTING failure, which the vCPU whose IOAPIC write caused it reports.
     routes: Mutex<InstalledRoutes>,
+    /// Level-triggered messages whose EOI exit has not come yet ([`super::eoi_probe`]).
+    outstanding: OutstandingEois,
 }
 
 #[derive(Default)]
@@ -235,6 +243,9 @@ impl MessageSink for KvmSink {
         let at = crate::trace::hooks::stamp(&self.tracer);
         let result = kvm_signal_msi(&self.vm, msi);
         let reached = matches!(result, Ok(MsiDelivery::Delivered));
+        if reached && message.trigger == irqchip::TriggerMode::Level {
+            self.outstanding.signalled();
+        }
         crate::trace::hooks::untargeted_post(&self.tracer, at, message, None, reached);
         match result {
             Ok(MsiDelivery::Delivered) => 1,
@@ -383,6 +394,7 @@ impl SplitShared {
     /// KVM_EXIT_IOAPIC_EOI: the guest EOIed a level-triggered vector of the IOAPIC.
     fn ioapic_eoi(&self, vector: Vector) {
         bump(&self.stats().ioapic_eois);
+        self.chip.sink().outstanding.eoi_seen();
         let source = crate::trace::Source::Ioapic(None);
         crate::trace::hooks::posting_for(self.tracer(), source, || {
             self.chip.eoi(EoiMessage { vector }, &mut self.notify())
@@ -454,6 +466,7 @@ impl SplitIrqchip {
             tracer: ctx.tracer.clone(),
             kicker: ctx.kicker.clone(),
             stats: SplitStats::default(),
+            outstanding: OutstandingEois::default(),
             routes: Mutex::new(InstalledRoutes {
                 installed: vec![None; pins],
                 failure: None,
@@ -547,6 +560,7 @@ impl Irqchip for SplitIrqchip {
             in_flight: false,
             stepper: Stepper::new(self.memory.clone(), self.exact_irq_boundaries),
             held_timer: Default::default(),
+            eoi_probe: EoiProbe::default(),
         }))
     }
 
@@ -578,6 +592,7 @@ impl Irqchip for SplitIrqchip {
             ("window_requests", s.window_requests),
             ("extint_kicks", s.extint_kicks),
             ("host_msis", s.host_msis),
+            ("eoi_probe_wakes", s.eoi_probe_wakes),
         ];
         for (name, value) in all {
             out(None, name, value);
@@ -617,6 +632,8 @@ struct SplitVcpuChip {
     stepper: Stepper,
     /// KVM's held-back LAPIC timer expiry across a pause.
     held_timer: super::kvm_timer::HeldTimer,
+    /// Gets a level EOI out of a vCPU that halted with it pending in KVM.
+    eoi_probe: EoiProbe,
 }
 
 impl SplitVcpuChip {
@@ -674,11 +691,22 @@ impl VcpuIrqchip for SplitVcpuChip {
             bump(&self.shared.stats().window_requests);
         }
         vcpu.get_kvm_run().request_interrupt_window = u8::from(window);
+        self.eoi_probe
+            .before_entry(&self.shared.chip.sink().outstanding);
         Ok(EntryDecision::Enter)
     }
 
-    fn after_exit(&mut self, _vcpu: &mut VcpuFd) -> Result<(), IrqchipError> {
+    fn after_exit(&mut self, vcpu: &mut VcpuFd) -> Result<(), IrqchipError> {
+        let outstanding = &self.shared.chip.sink().outstanding;
+        if self.eoi_probe.after_exit(vcpu, outstanding)? {
+            bump(&self.shared.stats().eoi_probe_wakes);
+        }
         Ok(())
+    }
+
+    /// The EOI probe's KVM_RUN passes KVM's loop only ([`super::eoi_probe`]).
+    fn run_without_entry(&self) -> bool {
+        self.eoi_probe.probing()
     }
 
     fn handle_exit(&mut self, exit: &mut ChipExit<'_>) -> Result<ExitHandled, IrqchipError> {

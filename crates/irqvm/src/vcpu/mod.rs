@@ -690,7 +690,8 @@ impl VcpuThread {
             self.fd.get_kvm_run().exit_reason = kvm_bindings::KVM_EXIT_UNKNOWN;
             // A flush that needs only KVM's loop runs with the flush signal pending, so the
             // guest is not entered (`crate::flush_signal`).
-            let loop_only = flush_armed && settling && self.chip.flush_without_entry();
+            let loop_only = flush_armed
+                && ((settling && self.chip.flush_without_entry()) || self.chip.run_without_entry());
             if loop_only {
                 crate::flush_signal::raise();
             }
