@@ -119,7 +119,7 @@ pub struct SplitStats {
     /// Well-formed MSIs from host threads and devices (`InterruptLines::signal_msi`).
     pub host_msis: AtomicU64,
     /// EOI probes that found their vCPU halted with level EOIs outstanding and ran KVM's loop
-    /// for it ([`super::eoi_probe`]).
+    /// for it (`backend::eoi_probe`).
     pub eoi_probe_wakes: AtomicU64,
 }
 
