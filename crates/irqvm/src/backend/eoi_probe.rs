@@ -15,7 +15,8 @@
 //! halted, the thread makes it runnable and runs one KVM_RUN that passes KVM's loop without
 //! entering the guest (`crate::flush_signal`): KVM processes its pending requests there, so a
 //! held EOI comes out as KVM_EXIT_IOAPIC_EOI, and the vCPU is then halted again
-//! (KVM_SET_MP_STATE), as it was: the guest sees its HLT end only for an interrupt. A probe that
+//! (KVM_SET_MP_STATE), as it was, unless an interrupt arrived for it in the meantime: the guest
+//! sees its HLT end only for an interrupt. A probe that
 //! finds nothing doubles the timer's delay (up to [`MAX_DELAY`]), so a guest that never EOIs
 //! costs little.
 
@@ -114,7 +115,7 @@ impl EoiProbe {
     ) -> Result<bool, IrqchipError> {
         if self.rehalt {
             self.rehalt = false;
-            set_mp_state(vcpu, KVM_MP_STATE_HALTED)?;
+            rehalt_unless_woken(vcpu)?;
             return Ok(false);
         }
         // Due once the timer's delay has passed (its kick is what ended a halted KVM_RUN).
@@ -144,6 +145,23 @@ impl EoiProbe {
     pub fn probing(&self) -> bool {
         self.rehalt
     }
+}
+
+/// After the probe's run: halted again, as the guest left it, unless KVM began an injection in
+/// that run (an interrupt that arrived meanwhile, kept as in flight because the guest was not
+/// entered). A halted vCPU would not look at an injection in flight, and that interrupt is what
+/// ends the HLT anyway, so the vCPU stays runnable and takes it at its next entry.
+fn rehalt_unless_woken(vcpu: &VcpuFd) -> Result<(), IrqchipError> {
+    let events = vcpu
+        .get_vcpu_events()
+        .map_err(KvmError::ioctl("KVM_GET_VCPU_EVENTS"))?;
+    let woken = events.interrupt.injected != 0
+        || events.nmi.injected != 0
+        || events.exception.injected != 0;
+    if woken {
+        return Ok(());
+    }
+    set_mp_state(vcpu, KVM_MP_STATE_HALTED)
 }
 
 fn set_mp_state(vcpu: &VcpuFd, mp_state: u32) -> Result<(), IrqchipError> {
