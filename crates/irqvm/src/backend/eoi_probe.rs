@@ -67,10 +67,6 @@ pub struct EoiProbe {
     armed: Option<(Duration, Instant)>,
     /// The vCPU was halted and made runnable for one loop-only KVM_RUN: halt it again after.
     rehalt: bool,
-    /// Probes run (counter).
-    pub probes: u64,
-    /// Probes that found the vCPU halted and ran KVM's loop for it (counter).
-    pub wakes: u64,
 }
 
 impl EoiProbe {
@@ -125,7 +121,6 @@ impl EoiProbe {
         if at.elapsed() < delay || !outstanding.any() || !crate::flush_signal::armed() {
             return Ok(false);
         }
-        self.probes += 1;
         // Rearmed with a longer delay: an EOI that stays outstanding is probed less often.
         self.arm((delay * 2).min(MAX_DELAY));
         let state = vcpu
@@ -135,7 +130,6 @@ impl EoiProbe {
             // A running vCPU passes KVM's loop at its next KVM_RUN anyway.
             return Ok(false);
         }
-        self.wakes += 1;
         set_mp_state(vcpu, KVM_MP_STATE_RUNNABLE)?;
         self.rehalt = true;
         Ok(true)
