@@ -102,6 +102,7 @@ impl PcIrqChipConfig {
                 clock: Default::default(),
                 x2apic: true,
                 directed_eoi: true,
+                cmci: false,
                 max_phys_addr: crate::lapic::regs::MAX_PHYS_ADDR_LIMIT,
                 apic_ids: Default::default(),
             },

@@ -45,11 +45,13 @@
 //!   index: usize                       // the vCPU (0 = BSP)
 //!   lapic: LocalApic {                 // lapic::LocalApic's serde form: every register
 //!     cfg: { index, apic_id, bsp, clock: { apic_bus_hz, tsc_hz, tsc_at_zero }, x2apic_supported,
-//!            directed_eoi_supported }  // must match the restoring vCPU, except `clock`, which is
+//!            directed_eoi_supported, cmci_supported (absent = false), max_phys_addr }
+//!                                      // must match the restoring vCPU, except `clock`, which is
 //!                                      // taken from the snapshot (tsc_at_zero = TSC at save)
 //!     apic_base, id, tpr, ldr, dfr, svr, esr_pending, esr_latched, icr_low, icr_high: integers
 //!     irr, isr, tmr: [u64; 4]          // 256-bit vector sets, bit v = vector v
 //!     lvt: [u32; 7]                    // timer, thermal, perf, LINT0, LINT1, error, CMCI
+//!                                      // (CMCI masked when the APIC has none)
 //!     timer: { clock, mode, dcr, initial_count, tsc_deadline,
 //!              countdown: "Stopped" | { Counting: { expiry, expiry_frac } },  // ns after save
 //!              pending: null | ns }     // an expiry not yet polled (0 = due at the save)
@@ -191,6 +193,8 @@ impl VcpuSnapshot {
             Some("x2APIC support")
         } else if saved.directed_eoi_supported != config.directed_eoi_supported {
             Some("directed EOI support")
+        } else if saved.cmci_supported != config.cmci_supported {
+            Some("CMCI support")
         } else if saved.max_phys_addr != config.max_phys_addr {
             Some("MAXPHYADDR")
         } else {
@@ -295,7 +299,7 @@ pub enum SnapshotError {
         found: VcpuIndex,
     },
     /// The saved local APIC was created with another configuration (index, APIC ID, BSP flag,
-    /// x2APIC or directed-EOI support).
+    /// x2APIC, directed-EOI or CMCI support, MAXPHYADDR).
     #[error("vCPU {vcpu}: the saved local APIC has another {field} than this vCPU's")]
     LapicConfig {
         /// The vCPU.

@@ -66,6 +66,9 @@ pub struct ApicSystemConfig {
     pub x2apic: bool,
     /// Offer directed EOI (version register bit 24, SVR bit 12).
     pub directed_eoi: bool,
+    /// Give every APIC the CMCI LVT ([`LapicConfig::cmci_supported`]; the VMM must then also
+    /// advertise MCG_CAP.MCG_CMCI_P).
+    pub cmci: bool,
     /// MAXPHYADDR as the VMM advertises it in CPUID 80000008H EAX\[7:0\]: IA32_APIC_BASE
     /// bits at and above it are reserved ([`LapicConfig::max_phys_addr`]).
     pub max_phys_addr: u8,
@@ -241,6 +244,7 @@ fn lapic_config(config: &ApicSystemConfig, index: VcpuIndex) -> LapicConfig {
         clock: config.clock,
         x2apic_supported: config.x2apic,
         directed_eoi_supported: config.directed_eoi,
+        cmci_supported: config.cmci,
         max_phys_addr: config.max_phys_addr,
     }
 }
@@ -711,6 +715,7 @@ mod tests {
             clock: ClockConfig::default(),
             x2apic: true,
             directed_eoi: true,
+            cmci: false,
             max_phys_addr: 39,
             apic_ids: Default::default(),
         })

@@ -16,6 +16,7 @@ fn config() -> LapicConfig {
         apic_id: ApicId(2),
         x2apic_supported: true,
         directed_eoi_supported: true,
+        cmci_supported: true,
         ..Default::default()
     }
 }

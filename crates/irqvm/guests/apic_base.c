@@ -1,6 +1,7 @@
 /* apic_base: IA32_APIC_BASE (MSR 0x1B) from inside the guest (SDM vol. 3 §11.4.3-§11.4.5, §11.12.5).
  *
- *  1. reset value: base FEE00000H, EN set, BSP set on CPU 0 only; CPUID.1:EDX[9] set.
+ *  1. reset value: base FEE00000H, EN set, BSP set on CPU 0 only; CPUID.1:EDX[9] set. The version register
+ *     as KVM builds it: six LVTs unless MCG_CAP has CMCI, directed EOI with x2APIC and an IOAPIC EOI register.
  *  2. relocation (§11.4.5): the xAPIC page moved to RELOC_BASE answers there (version, ID, a self-IPI taken
  *     and EOI'd through the new page); the old page reads all ones (nothing else claims it: irqvm answers an
  *     unclaimed MMIO read with all ones, QEMU's kvm-apic region reads all ones); moved back, the old page
@@ -28,6 +29,11 @@
 #define V_RELOC 0x40
 #define V_DISABLED 0x42
 #define GP_CAUGHT (13 + 1)
+#define MSR_MCG_CAP 0x179
+#define MCG_CMCI_P (1ul << 10) /* SDM vol. 3 §15.3.1.1: the CMCI LVT exists */
+#define X2APIC_LVT_CMCI 0x82F
+
+static bool has_cmci; /* MCG_CAP.MCG_CMCI_P, read by version_register() */
 
 static u32 page_read(u64 base, u32 reg) { return *(volatile u32 *)(base + reg); }
 static void page_write(u64 base, u32 reg, u32 v) { *(volatile u32 *)(base + reg) = v; }
@@ -149,6 +155,23 @@ static void x2apic_round_trip_on_ap(void *unused)
 	ap_back_base = base_msr();
 }
 
+/* The version register as KVM's LAPIC builds it (kvm_apic_set_version): version 14H; the LVT count is six
+ * (timer, thermal, performance, LINT0, LINT1, error), seven with the CMCI LVT, which exists only when
+ * MCG_CAP.MCG_CMCI_P says so (SDM vol. 3 §11.4.8, §15.3.1.1); bit 24 (directed EOI) only with x2APIC in
+ * CPUID and an IOAPIC that has the EOI register directed EOI needs (version 20H; KVM's own, 11H, has none). */
+static void version_register(u32 version)
+{
+	u64 mcg_cap = 0;
+	has_cmci = rdmsr_catch(MSR_MCG_CAP, &mcg_cap) == 0 && (mcg_cap & MCG_CMCI_P);
+	u32 lvts = ((version >> 16) & 0xFF) + 1;
+	check((version & 0xFF) == 0x14 && lvts == (has_cmci ? 7u : 6u),
+	      "kvm, version 14 with six lvts or seven with mcg_cap cmci", "version %x, MCG_CAP %lx", version, mcg_cap);
+	u32 io_version = ioapic_read(IOAPIC_VER) & 0xFF;
+	bool directed = (version >> 24) & 1, want = cpu_has_x2apic() && io_version >= 0x20;
+	check(directed == want, "kvm, directed eoi offered exactly with x2apic and an ioapic eoi register",
+	      "version %x, IOAPIC version %x, x2APIC %d", version, io_version, cpu_has_x2apic());
+}
+
 static void x2apic_transitions(u32 version)
 {
 	if (!cpu_has_x2apic()) {
@@ -168,6 +191,10 @@ static void x2apic_transitions(u32 version)
 	check(id == 0, "x2apic id msr gives the 32-bit id on cpu 0", "MSR 0x802 %lx", id);
 	check(ver == version, "x2apic version msr matches the xapic version", "MSR 0x803 %lx, xAPIC %x", ver,
 	      version);
+	u64 cmci_lvt = 0;
+	u32 r = rdmsr_catch(X2APIC_LVT_CMCI, &cmci_lvt);
+	check(has_cmci ? r == 0 : r == GP_CAUGHT, "kvm, cmci lvt msr exists exactly with mcg_cap cmci",
+	      "RDMSR 0x82F: vector+1 %u, MCG_CMCI_P %d", r, has_cmci);
 	expect_gp("x2apic to xapic directly raises gp", home);
 	expect_gp("x2apic extd without en raises gp", (x2 & ~(u64)APIC_BASE_EN));
 	expect_ok("x2apic to disabled", off);
@@ -276,6 +303,7 @@ void guest_main(void)
 	u32 version = apic_read(APIC_VERSION);
 	printf("INFO: %u CPU(s), APIC version %x, x2APIC %s\n", ncpus, version, cpu_has_x2apic() ? "yes" : "no");
 	reset_value(bsp_base);
+	version_register(version);
 	relocation(version);
 	illegal_writes();
 	x2apic_transitions(version);

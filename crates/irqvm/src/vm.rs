@@ -557,6 +557,7 @@ fn model_lapic_configs(
     config.apic.clock.tsc_hz = u64::from(tsc_khz) * 1000;
     config.apic.max_phys_addr = max_phys_addr;
     config.apic.x2apic = model.x2apic;
+    config.apic.directed_eoi = model.x2apic;
     config.apic.apic_ids = model.layout;
     (0..cpus)
         .filter_map(|index| config.apic.lapic(index))

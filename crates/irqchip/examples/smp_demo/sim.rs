@@ -100,6 +100,7 @@ pub fn run(vcpus: usize, rounds: u64, echo: bool) -> Report {
         clock: ClockConfig::default(),
         x2apic: true,
         directed_eoi: true,
+        cmci: false,
         max_phys_addr: irqchip::lapic::regs::MAX_PHYS_ADDR_LIMIT,
         apic_ids: Default::default(),
     };

@@ -280,6 +280,8 @@ pub fn run(data: &[u8]) {
         },
         x2apic_supported: flags & 4 == 0,
         directed_eoi_supported: flags & 8 == 0,
+        // Bits 5:4 = 3 select the same TSC rate as 0 (index mod 3), so they can also pick CMCI.
+        cmci_supported: flags & 0x30 == 0x30,
         max_phys_addr: irqchip::lapic::regs::MAX_PHYS_ADDR_LIMIT,
     };
     let mut apic = LocalApic::new(cfg);

@@ -63,6 +63,13 @@ pub struct LapicConfig {
     pub x2apic_supported: bool,
     /// Version bit 24: SVR bit 12 (suppress EOI broadcast) is writable.
     pub directed_eoi_supported: bool,
+    /// The CMCI LVT (0x2F0, x2APIC MSR 0x82F) exists: the processor signals corrected
+    /// machine-check errors (MCG_CAP.MCG_CMCI_P, SDM vol. 3 §16.5.1), and the version register
+    /// counts seven LVTs. Without it the slot is reserved (an xAPIC access sets ESR bit 7, an
+    /// x2APIC access raises #GP) and six LVTs are counted, as KVM's LAPIC does for a vCPU
+    /// without MCG_CMCI_P. Snapshots written before this field existed read as false.
+    #[serde(default)]
+    pub cmci_supported: bool,
     /// The processor's MAXPHYADDR as the guest sees it (CPUID 80000008H EAX\[7:0\]): the
     /// IA32_APIC_BASE bits at and above it are reserved (SDM vol. 3 §11.4.4). Taken within
     /// 32..=52. Snapshots written before this field existed read as 52.
@@ -75,7 +82,7 @@ fn default_max_phys_addr() -> u8 {
 }
 
 impl Default for LapicConfig {
-    /// vCPU 0 with APIC ID 0, not the BSP, default clocks, no x2APIC, no directed EOI, and
+    /// vCPU 0 with APIC ID 0, not the BSP, default clocks, no x2APIC, no directed EOI, no CMCI, and
     /// MAXPHYADDR 52 (the architectural maximum: only bits 52-63 of the base are reserved).
     fn default() -> Self {
         Self {
@@ -85,6 +92,7 @@ impl Default for LapicConfig {
             clock: ClockConfig::default(),
             x2apic_supported: false,
             directed_eoi_supported: false,
+            cmci_supported: false,
             max_phys_addr: MAX_PHYS_ADDR_LIMIT,
         }
     }
@@ -594,7 +602,7 @@ impl LocalApic {
     fn xapic_reg_or_error(&mut self, offset: u64) -> Option<Reg> {
         // offset < PAGE_SIZE, so it fits in u32.
         let slot = (offset & !0xF) as u32;
-        let reg = Reg::decode_xapic(slot);
+        let reg = self.present_reg(Reg::decode_xapic(slot));
         if reg.is_none() {
             self.raise_error(ESR_ILLEGAL_REGISTER);
         }
@@ -647,7 +655,8 @@ impl LocalApic {
             return Err(gp("x2APIC MSR access outside x2APIC mode"));
         }
         let offset = msr.wrapping_sub(X2APIC_MSR_BASE) << 4;
-        Reg::decode(offset).ok_or(gp("reserved x2APIC MSR"))
+        self.present_reg(Reg::decode(offset))
+            .ok_or(gp("reserved x2APIC MSR"))
     }
 
     fn x2apic_read(&mut self, msr: u32, now: Nanos) -> Result<u64, GuestFault> {
@@ -788,7 +797,18 @@ impl LocalApic {
         } else {
             0
         };
-        VERSION_NUMBER | (VERSION_MAX_LVT << VERSION_MAX_LVT_SHIFT) | directed
+        let max_lvt = if self.cfg.cmci_supported {
+            VERSION_MAX_LVT_CMCI
+        } else {
+            VERSION_MAX_LVT
+        };
+        VERSION_NUMBER | (max_lvt << VERSION_MAX_LVT_SHIFT) | directed
+    }
+
+    /// The register at an offset, as this APIC has it: the CMCI LVT's slot is reserved on an
+    /// APIC without CMCI.
+    fn present_reg(&self, reg: Option<Reg>) -> Option<Reg> {
+        reg.filter(|reg| self.cfg.cmci_supported || *reg != Reg::Lvt(LocalSource::Cmci))
     }
 
     fn write_xapic_id(&mut self, value: u32) -> LapicEffect {

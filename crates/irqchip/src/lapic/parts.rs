@@ -100,6 +100,10 @@ impl LocalApic {
         for source in LocalSource::ALL {
             apic.lvt[source.index()] = regs.lvt[source.index()] & source.writable_bits();
         }
+        if !cfg.cmci_supported {
+            // No write can reach an absent LVT: it keeps its reset value.
+            apic.lvt[LocalSource::Cmci.index()] = LVT_MASKED;
+        }
         let timer_lvt = &mut apic.lvt[LocalSource::Timer.index()];
         let mode = TimerMode::from_lvt(*timer_lvt).unwrap_or_else(|| {
             *timer_lvt &= !LVT_TIMER_MODE_MASK;

@@ -75,12 +75,16 @@ pub const X2APIC_MSR_LAST: u32 = 0x8FF;
 /// The 64-bit x2APIC ICR (SDM §11.12.9).
 pub const MSR_X2APIC_ICR: u32 = X2APIC_MSR_BASE + (REG_ICR_LOW >> 4);
 
-// Version register (SDM §11.4.8): version 0x14 (integrated APIC), max LVT entry 6 (seven LVTs
-// including CMCI), bit 24 "directed EOI (EOI-broadcast suppression) supported".
+// Version register (SDM §11.4.8): version 0x14 (integrated APIC), max LVT entry (the number of
+// LVTs minus one: 5 for timer, thermal, performance, LINT0, LINT1 and error, 6 with CMCI), bit 24
+// "directed EOI (EOI-broadcast suppression) supported".
 /// The APIC version, bits 7:0 of the version register.
 pub const VERSION_NUMBER: u32 = 0x14;
-/// The maximum LVT entry index, bits 23:16 of the version register.
-pub const VERSION_MAX_LVT: u32 = 6;
+/// The maximum LVT entry index, bits 23:16 of the version register, of an APIC without the
+/// CMCI LVT (six LVTs). KVM's LAPIC reports this unless the VMM gave the vCPU MCG_CAP.MCG_CMCI_P.
+pub const VERSION_MAX_LVT: u32 = 5;
+/// The maximum LVT entry index of an APIC with the CMCI LVT (seven LVTs, SDM §16.5.1).
+pub const VERSION_MAX_LVT_CMCI: u32 = 6;
 /// Shift of the maximum LVT entry field.
 pub const VERSION_MAX_LVT_SHIFT: u32 = 16;
 /// Version bit 24: directed EOI (suppress EOI broadcast, SVR bit 12) is supported.

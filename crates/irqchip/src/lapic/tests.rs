@@ -16,6 +16,7 @@ fn config() -> LapicConfig {
         clock: ClockConfig::default(),
         x2apic_supported: true,
         directed_eoi_supported: true,
+        cmci_supported: true,
         max_phys_addr: 52,
     }
 }
@@ -99,12 +100,54 @@ fn version_register_11_4_8() {
     assert_eq!(read(&mut apic, REG_VERSION), 0x0106_0014);
     let mut plain = LocalApic::new(LapicConfig {
         directed_eoi_supported: false,
+        cmci_supported: false,
         ..config()
     });
-    assert_eq!(read(&mut plain, REG_VERSION), 0x0006_0014);
+    assert_eq!(read(&mut plain, REG_VERSION), 0x0005_0014);
     // Read-only: writes are ignored.
     write(&mut plain, REG_VERSION, 0);
-    assert_eq!(read(&mut plain, REG_VERSION), 0x0006_0014);
+    assert_eq!(read(&mut plain, REG_VERSION), 0x0005_0014);
+    // Six LVTs and directed EOI: what KVM's LAPIC reports for an x2APIC vCPU without
+    // MCG_CMCI_P whose IOAPIC is in userspace.
+    let mut kvm_like = LocalApic::new(LapicConfig {
+        cmci_supported: false,
+        ..config()
+    });
+    assert_eq!(read(&mut kvm_like, REG_VERSION), 0x0105_0014);
+}
+
+/// Without CMCI (MCG_CAP.MCG_CMCI_P clear) the slot at 0x2F0 is reserved (SDM vol. 3 §16.5.1,
+/// §11.5.3): an xAPIC access reads 0, is ignored and sets ESR bit 7 (illegal register
+/// address); the x2APIC MSR 0x82F raises #GP both ways. With CMCI both views reach the LVT.
+#[test]
+fn cmci_lvt_exists_only_with_cmci_16_5_1() {
+    let no_cmci = LapicConfig {
+        cmci_supported: false,
+        ..config()
+    };
+    let mut apic = LocalApic::new(no_cmci);
+    write(&mut apic, REG_SVR, 0x1FF);
+    write(&mut apic, REG_LVT_CMCI, 0x44);
+    assert_eq!(read(&mut apic, REG_LVT_CMCI), 0);
+    assert_eq!(
+        apic.local_interrupt(LocalSource::Cmci),
+        ApicEvents::default()
+    );
+    write(&mut apic, REG_ESR, 0);
+    assert_eq!(read(&mut apic, REG_ESR), ESR_ILLEGAL_REGISTER);
+
+    let mut x2 = LocalApic::new(no_cmci);
+    let base = x2.apic_base() | APIC_BASE_EXTD;
+    x2.set_apic_base(base, false).unwrap();
+    let cmci_msr = X2APIC_MSR_BASE + (REG_LVT_CMCI >> 4);
+    assert!(x2.msr_read(cmci_msr, 0).is_err());
+    assert!(x2.msr_write(cmci_msr, 0x1_0044, 0).is_err());
+
+    let mut with = LocalApic::new(config());
+    with.set_apic_base(base, false).unwrap();
+    assert_eq!(with.msr_read(cmci_msr, 0), Ok(u64::from(LVT_MASKED)));
+    with.msr_write(cmci_msr, 0x1_0044, 0).unwrap();
+    assert_eq!(with.msr_read(cmci_msr, 0), Ok(0x1_0044));
 }
 
 #[test]
@@ -271,6 +314,7 @@ fn svr_writable_bits_with_and_without_directed_eoi_11_9() {
     assert_eq!(read(&mut apic, REG_SVR), 0x13FF);
     let mut plain = LocalApic::new(LapicConfig {
         directed_eoi_supported: false,
+        cmci_supported: false,
         ..config()
     });
     write(&mut plain, REG_SVR, 0xFFFF_FFFF);
@@ -543,6 +587,7 @@ fn eoi_broadcast_suppression_needs_directed_eoi_11_8_5() {
     assert!(apic.isr().is_empty());
     let mut plain = LocalApic::new(LapicConfig {
         directed_eoi_supported: false,
+        cmci_supported: false,
         ..config()
     });
     write(&mut plain, REG_SVR, 0x11FF);

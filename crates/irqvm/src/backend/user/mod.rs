@@ -155,6 +155,9 @@ impl UserIrqchip {
         let mut config = PcIrqChipConfig::new(ctx.kicker.vcpus());
         config.apic.clock = clock;
         config.apic.x2apic = ctx.cpu.x2apic;
+        // As KVM (`kvm_apic_set_version`): version bit 24 only with x2APIC in CPUID, with the
+        // IOAPIC outside KVM (irqvm's has the EOI register that directed EOI needs).
+        config.apic.directed_eoi = ctx.cpu.x2apic;
         config.apic.apic_ids = ctx.cpu.layout;
         config.extended_destination_id = ctx.cpu.ext_dest_id;
         // The guest's CPUID is derived from this table with leaf 80000008H unchanged.

@@ -24,6 +24,9 @@ fn config(x2apic: bool, id: u32) -> LapicConfig {
         apic_id: ApicId(id),
         bsp: true,
         x2apic_supported: x2apic,
+        // With the CMCI LVT, so that the page's 0x2F0 round-trips (without it the model keeps
+        // that LVT masked whatever the page holds).
+        cmci_supported: true,
         clock: ClockConfig {
             apic_bus_hz: 1_000_000_000,
             tsc_hz: 2_000_000_000,
