@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::expect::{all_guests, printed_checks, Expectations, Seen, EXPECT_DIR};
+use common::expect::{all_guests, printed_checks, Expectations, Seen, Vendor, EXPECT_DIR};
 use irqvm::IrqchipMode::{Kernel, Split, User};
 
 /// An expectation file in the real format, with every outcome.
@@ -130,6 +130,36 @@ fn a_flaky_check_may_not_skip() {
     let mut run = USER_2.to_vec();
     run[3] = "SKIP: timing-dependent host limit: no";
     assert!(problems(Split, 2, &run).contains("(expected Flaky)"));
+}
+
+/// Checks tagged `[amd]` or `[intel]` are expected only on a host of that vendor: on the other
+/// they are unexpected, and where they apply their absence is a missing check.
+#[test]
+fn vendor_tagged_checks_apply_on_their_vendor_only() {
+    let file = "\
+1      pass  pass  pass   everywhere
+1      pass  pass  pass   the amd way [amd]
+1      pass  fail  fail   the intel way [intel] [some-limit]
+";
+    let e = Expectations::parse("vendors", file).unwrap();
+    let amd = output(&["PASS: everywhere", "PASS: the amd way [amd]"]);
+    let intel = output(&[
+        "PASS: everywhere",
+        "FAIL: the intel way [intel] [some-limit]: no",
+    ]);
+    assert!(e.verify_on(User, 1, &amd, Vendor::Amd).is_ok());
+    assert!(e.verify_on(Kernel, 1, &intel, Vendor::Intel).is_ok());
+    let p = e.verify_on(User, 1, &amd, Vendor::Intel).unwrap_err();
+    assert!(
+        p.contains("unexpected check PASS \"the amd way [amd]\""),
+        "{p}"
+    );
+    assert!(
+        p.contains("missing check \"the intel way [intel] [some-limit]\""),
+        "{p}"
+    );
+    let p = e.verify_on(User, 1, &output(&["PASS: everywhere"]), Vendor::Other);
+    assert!(p.is_ok(), "neither applies on another vendor: {p:?}");
 }
 
 #[test]

@@ -9,9 +9,10 @@
 //! never fires (the page fault comes first), but one at the guest's page-fault handler does,
 //! since that handler runs at CPL 0, in KVM's emulator, where KVM checks code breakpoints.
 //!
-//! SYSCALL from compatibility mode (32-bit user code; on AMD, which this host is, RIP = IA32_CSTAR:
+//! SYSCALL from compatibility mode (32-bit user code; on an AMD host, RIP = IA32_CSTAR:
 //! AMD APM vol. 3, SYSCALL) is done in full by the host, CS, SS and CPL 0 included, without a
-//! fault or an exit (measured with guests/syscall.c in all three modes): CSTAR needs no watch and
+//! fault or an exit (measured with guests/syscall.c in all three modes; on an Intel host it
+//! raises #UD at the instruction, as the SDM says, also without an exit): CSTAR needs no watch and
 //! its writes are not filtered. SYSRETL, the way back, is not right here (CS 33H: the 32-bit code
 //! resumes in 64-bit mode) but shows no exit to correct (docs/kvm-facts.md).
 //!
