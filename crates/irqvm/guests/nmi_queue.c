@@ -7,7 +7,14 @@
  *     the first is pending or in service, the rule keeps it).
  *  3. (3+ CPUs) CPUs 1 and 2, released by one shared flag, each send CPU 0 an NMI at the same moment, ROUNDS
  *     times: CPU 0 takes exactly two every round.
- * The handler never prints (printf takes a lock) and needs no EOI (an NMI is not in the ISR). */
+ *  4. CPU 0's NMI handler sends itself an NMI and then works on (a line printed with port exits, lock-free)
+ *     before returning: the held NMI must be taken right after the handler's IRETQ, before the instruction it
+ *     returns to (SDM vol. 3 §6.7.1: NMIs are blocked until the next IRET), so its frame's RIP is the first
+ *     NMI's. kvm-unit-tests' eventinj makes the same check; taken any later, its nested NMI met the print
+ *     lock the interrupted code had taken in the meantime, and the guest hung.
+ *  5. The same with an IRETQ inside the handler, to a frame the handler builds (any IRET ends NMI blocking):
+ *     the held NMI is taken right there, its frame's RIP the address that IRETQ returned to.
+ * The handlers never printf (printf takes a lock) and need no EOI (an NMI is not in the ISR). */
 #include "guest.h"
 
 #define ROUNDS 20
@@ -48,6 +55,91 @@ static void burst_while_in_service(void)
 	      "nmis sent while one is in service, one is held and the rest coalesce",
 	      "%u NMIs sent from the handler, %u taken in all (want 1 + 1)", burst_sent_ok, got);
 	check(nested[0] == 0, "no nmi nests inside the nmi handler", "%u nested", nested[0]);
+}
+
+/* ---- 4 and 5: where the NMI held behind the one in service is taken ---- */
+enum { HELD_RETURN = 1, HELD_OWN_IRET = 2 };
+static volatile u32 held_mode, held_nmis, held_sent_ok;
+static volatile u64 held_frame_rip[3], held_own_iret_rip;
+
+/* Lock-free output with port exits, as much work as a printf of a line. */
+static void nmi_say(const char *s)
+{
+	while (*s)
+		putc_raw(*s++);
+}
+
+/* IRETQ to the next instruction with the current SS, RSP, RFLAGS and CS (SDM vol. 3 §6.14.3): ends NMI
+ * blocking without leaving the handler. Returns the address that IRETQ returned to. */
+static u64 iret_to_self(void)
+{
+	u64 at;
+	__asm__ volatile("movq %%rsp, %%rax\n\t"
+			 "movl %%ss, %%ecx\n\t"
+			 "pushq %%rcx\n\t"
+			 "pushq %%rax\n\t"
+			 "pushfq\n\t"
+			 "movl %%cs, %%ecx\n\t"
+			 "pushq %%rcx\n\t"
+			 "leaq 1f(%%rip), %%rcx\n\t"
+			 "pushq %%rcx\n\t"
+			 "iretq\n"
+			 "1:\tleaq 1b(%%rip), %0"
+			 : "=r"(at)
+			 :
+			 : "rax", "rcx", "memory", "cc");
+	return at;
+}
+
+static void held_handler(struct irq_frame *f, u32 cpu)
+{
+	u32 n = ++held_nmis;
+	if (n <= 2)
+		held_frame_rip[n] = f->rip;
+	if (n != 1)
+		return;
+	held_sent_ok = apic_icr_write(cpu_to_apic_id(0), APIC_DM_NMI);
+	nmi_say("INFO: nmi handler sent itself an nmi\n");
+	if (held_mode == HELD_OWN_IRET)
+		held_own_iret_rip = iret_to_self();
+}
+
+/* Sends CPU 0 the first NMI with one ICR write (xAPIC) or WRMSR (x2APIC) and nothing after it that exits
+ * (no delivery-status poll), then spins on memory: the held NMI must not wait for an exit. */
+static void send_first_nmi_quietly(void)
+{
+	if (apic_x2)
+		wrmsr(0x800 + (APIC_ICR >> 4), ((u64)cpu_to_apic_id(0) << 32) | APIC_DM_NMI);
+	else {
+		*(volatile u32 *)(0xFEE00000ul + APIC_ICR2) = cpu_to_apic_id(0) << 24;
+		*(volatile u32 *)(0xFEE00000ul + APIC_ICR) = APIC_DM_NMI;
+	}
+	u64 start = rdtsc(), limit = ms_to_tsc(WAIT_MS);
+	for (u64 i = 0; READ_ONCE(held_nmis) < 2 && i < WAIT_MS * 100000ul && rdtsc() - start < limit; i++)
+		cpu_relax();
+}
+
+static void held_nmi_taken_at_iret(u32 mode)
+{
+	held_mode = mode;
+	held_nmis = 0;
+	held_sent_ok = 0;
+	held_frame_rip[1] = held_frame_rip[2] = held_own_iret_rip = 0;
+	irq_set_handler(2, held_handler);
+	send_first_nmi_quietly();
+	delay_ms(QUIET_MS);
+	irq_set_handler(2, nmi_handler);
+	if (mode == HELD_RETURN)
+		check(held_sent_ok && held_nmis == 2 && held_frame_rip[2] == held_frame_rip[1],
+		      "an nmi held behind the one in service is taken right after its iretq [pvm-nmi-window]",
+		      "sent %u, %u taken, held one at rip %lx, the first returned to %lx", held_sent_ok, held_nmis,
+		      held_frame_rip[2], held_frame_rip[1]);
+	else
+		check(held_sent_ok && held_nmis == 2 && held_frame_rip[2] == held_own_iret_rip,
+		      "an nmi held behind the one in service is taken right after an iretq inside its handler "
+		      "[pvm-nmi-window]",
+		      "sent %u, %u taken, held one at rip %lx, the handler's iretq returned to %lx", held_sent_ok,
+		      held_nmis, held_frame_rip[2], held_own_iret_rip);
 }
 
 static volatile u32 pair_sent;
@@ -121,6 +213,8 @@ void guest_main(void)
 	u32 started = smp_start_all();
 	check(started == ncpus, "all cpus online", "%u of %u", started, ncpus);
 	burst_while_in_service();
+	held_nmi_taken_at_iret(HELD_RETURN);
+	held_nmi_taken_at_iret(HELD_OWN_IRET);
 	back_to_back();
 	same_moment();
 	u32 others = 0;

@@ -671,6 +671,9 @@ impl UserVcpuChip {
         };
         let mut next = self.interrupts.next_injection(pic_intr);
         if next == Some(Injection::Nmi) {
+            if self.step_to_nmi_window(vcpu)? {
+                return Ok(());
+            }
             // No NMI frame may see KVM's TF: stepping off first.
             self.stepper.end(vcpu)?;
             self.inject_nmis(vcpu)?;
@@ -751,6 +754,43 @@ impl UserVcpuChip {
         let outcome = self.stepper.step(vcpu)?;
         self.publish_steps();
         Ok(outcome != StepOutcome::Fallback)
+    }
+
+    /// An NMI is pending while the guest's NMI handler runs (NMIs blocked until the next IRET,
+    /// SDM vol. 3 §6.7.1: KVM_GET_VCPU_EVENTS `nmi.masked`). Hardware takes it right after that
+    /// IRET, before the instruction the IRET returns to. Handed to KVM now (KVM_NMI), this host
+    /// delivers it only at its next exit after the IRET (docs/kvm-facts.md, "NMIs held behind
+    /// an NMI in service"): the interrupted code runs on meanwhile, and kvm-unit-tests' eventinj
+    /// hung there, its nested NMI taken inside the `printf` the interrupted code had begun
+    /// (holding its print lock, which the nested handler's `printf` then waited for forever). So
+    /// the NMI stays in the model and the vCPU is stepped towards the IRET, which the stepper
+    /// stops at with a breakpoint at its return address ([`Stepper::step_nmi`]); at that exit
+    /// NMIs are unblocked and [`Self::inject_nmis`] hands it to KVM, which delivers it at that
+    /// boundary. True: stepping goes on. False (stepping off or refused, the budget spent, a HLT,
+    /// NMIs not blocked, or an event KVM delivers at this entry): the caller injects as before.
+    fn step_to_nmi_window(&mut self, vcpu: &mut VcpuFd) -> Result<bool, IrqchipError> {
+        if !self.stepper.enabled() || self.regs_rewritten || self.kvm_queued || self.fault_pending {
+            return Ok(false);
+        }
+        // KVM's events as of the last KVM_RUN return, if nothing of ours changed them since (one
+        // ioctl less per step), else read.
+        let internal_error =
+            vcpu.get_kvm_run().exit_reason == kvm_bindings::KVM_EXIT_INTERNAL_ERROR;
+        let events = if self.events_synced && !internal_error {
+            vcpu.sync_regs().events
+        } else {
+            vcpu.get_vcpu_events()
+                .map_err(KvmError::ioctl("KVM_GET_VCPU_EVENTS"))?
+        };
+        if events.nmi.masked == 0 || crate::backend::step::event_due(&events) {
+            return Ok(false);
+        }
+        // One NMI stays latched behind the one in service, the rest coalesce: the rule
+        // `inject_nmis` applies, applied while the NMI waits here.
+        self.interrupts.process_nmi(true);
+        let outcome = self.stepper.step_nmi(vcpu)?;
+        self.publish_steps();
+        Ok(outcome == StepOutcome::Stepping)
     }
 
     /// Records an injection: `Some(what)` if it is made at a stepped boundary.
