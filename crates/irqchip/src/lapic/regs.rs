@@ -87,7 +87,7 @@ pub const VERSION_MAX_LVT_SHIFT: u32 = 16;
 pub const VERSION_DIRECTED_EOI: u32 = 1 << 24;
 
 // IA32_APIC_BASE (SDM §11.4.4, §11.12.1).
-/// BSP flag, bit 8: this processor is the bootstrap processor (read-only to the guest).
+/// BSP flag, bit 8: this processor is the bootstrap processor (R/W, SDM vol. 4 table 2-2).
 pub const APIC_BASE_BSP: u64 = 1 << 8;
 /// EXTD, bit 10: x2APIC mode (with EN).
 pub const APIC_BASE_EXTD: u64 = 1 << 10;
