@@ -484,20 +484,18 @@ impl LocalApic {
 
     /// Writes IA32_APIC_BASE (SDM §11.4.4, §11.12.5). Reserved bits (0-7, 9, MAXPHYADDR-63;
     /// EXTD when x2APIC is not supported) and EN=0/EXTD=1 always fault, host-initiated or not
-    /// (KVM refuses them from userspace too), and change nothing. A guest write keeps the BSP bit
-    /// (read-only to the guest) and may only make the legal transitions disabled->xAPIC,
-    /// xAPIC->x2APIC, xAPIC->disabled, x2APIC->disabled; `host_initiated` (the VMM restoring
-    /// state) may also write the BSP bit and go x2APIC->xAPIC or disabled->x2APIC.
+    /// (KVM refuses them from userspace too), and change nothing. A guest write may only make the
+    /// legal transitions disabled->xAPIC, xAPIC->x2APIC, xAPIC->disabled, x2APIC->disabled;
+    /// `host_initiated` (the VMM restoring state) may also go x2APIC->xAPIC or disabled->x2APIC.
+    /// The BSP flag (bit 8) is an ordinary R/W bit (SDM vol. 4 table 2-2, IA32_APIC_BASE "BSP
+    /// flag (R/W)"; KVM's `kvm_apic_set_base` stores it from the guest too): a guest write sets or
+    /// clears it. Only the register changes: which vCPU restarts as the BSP on INIT stays the
+    /// configuration's ([`LapicConfig::bsp`]).
     pub fn set_apic_base(
         &mut self,
         value: u64,
         host_initiated: bool,
     ) -> Result<LapicEffect, GuestFault> {
-        let value = if host_initiated {
-            value
-        } else {
-            (value & !APIC_BASE_BSP) | (self.apic_base & APIC_BASE_BSP)
-        };
         if value == self.apic_base {
             return Ok(LapicEffect::None);
         }
@@ -901,15 +899,14 @@ impl LocalApic {
         if !self.sw_enabled() {
             value |= LVT_MASKED;
         }
+        self.lvt[slot] = value;
         if source != LocalSource::Timer {
-            self.lvt[slot] = value;
             return LapicEffect::None;
         }
-        // Timer mode 11b is reserved: the mode field keeps its previous value.
-        if Self::timer_mode_of(value).is_none() {
-            value = (value & !LVT_TIMER_MODE_MASK) | (self.lvt[slot] & LVT_TIMER_MODE_MASK);
-        }
-        self.lvt[slot] = value;
+        // Timer mode 11b is reserved (SDM §11.5.1). KVM stores it as written, so it reads back
+        // as 11b, and its timer then counts like a one-shot (neither periodic reload nor
+        // TSC-deadline; `apic_update_lvtt` disarms only when TSC-deadline mode is entered or
+        // left). The model does the same: the field keeps 11b, the timer runs one-shot.
         let mode = Self::timer_mode_of(value).unwrap_or(TimerMode::OneShot);
         if mode == self.timer.mode() {
             return LapicEffect::None;
@@ -938,22 +935,22 @@ impl LocalApic {
 
     // ----- ICR -----------------------------------------------------------------------------
 
-    /// Stores and sends an ICR write (§11.6.1). Reserved delivery modes leave the register
-    /// untouched and send nothing; an illegal vector is stored, sets ESR "send illegal vector"
-    /// and sends nothing.
+    /// Stores and sends an ICR write (§11.6.1). Every write is stored, as KVM stores it (all
+    /// bits but delivery status, reserved ones included; in x2APIC mode the reserved bits #GP
+    /// before this). A reserved delivery mode (011b, and ExtINT, 111b) sends nothing and
+    /// records no error (KVM sends nothing either); an illegal vector sets ESR "send illegal
+    /// vector" and sends nothing.
     fn write_icr(&mut self, low: u32, destination: u32, format: DestinationFormat) -> LapicEffect {
         let source = MessageSource::Vcpu(self.cfg.index);
         let result = decode_icr(low, destination, format, source);
-        if result == Err(IcrError::ReservedDeliveryMode) {
-            return LapicEffect::None;
-        }
         self.icr_low = low & ICR_LOW_MASK;
         if format == DestinationFormat::X2apic {
             self.icr_high = destination;
         }
         match result {
             Ok(message) => LapicEffect::SendIpi(message),
-            Err(_) => {
+            Err(IcrError::ReservedDeliveryMode) => LapicEffect::None,
+            Err(IcrError::IllegalVector) => {
                 self.raise_error(ESR_SEND_ILLEGAL_VECTOR);
                 LapicEffect::None
             }

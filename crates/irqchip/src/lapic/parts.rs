@@ -71,8 +71,8 @@ impl LocalApic {
     }
 
     /// An APIC built from register values, as if a guest (and the host, for the APIC base) had
-    /// written them: bits no write can set are dropped (reserved bits of every register, LVT
-    /// delivery status and remote IRR, a reserved timer mode 11b, which becomes one-shot), the
+    /// written them: bits no write can set are dropped (reserved bits of every register but ICR, LVT
+    /// delivery status and remote IRR; a reserved timer mode 11b is kept and counts one-shot), the
     /// xAPIC ID keeps 8 bits, in x2APIC mode the ID is the configured one (it is read-only), and
     /// the timer's mode follows the LVT timer's. Refused, as [`LocalApic::validate`] refuses a
     /// snapshot: an unreachable IA32_APIC_BASE, x2APIC without support, an invalid timer.
@@ -104,11 +104,9 @@ impl LocalApic {
             // No write can reach an absent LVT: it keeps its reset value.
             apic.lvt[LocalSource::Cmci.index()] = LVT_MASKED;
         }
-        let timer_lvt = &mut apic.lvt[LocalSource::Timer.index()];
-        let mode = TimerMode::from_lvt(*timer_lvt).unwrap_or_else(|| {
-            *timer_lvt &= !LVT_TIMER_MODE_MASK;
-            TimerMode::OneShot
-        });
+        // The reserved timer mode 11b is kept and counts one-shot, as after a guest write.
+        let mode =
+            TimerMode::from_lvt(apic.lvt[LocalSource::Timer.index()]).unwrap_or(TimerMode::OneShot);
         apic.icr_low = regs.icr_low & ICR_LOW_MASK;
         apic.icr_high = if apic.x2apic() {
             regs.icr_high

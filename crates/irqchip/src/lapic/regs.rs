@@ -91,7 +91,7 @@ pub const VERSION_MAX_LVT_SHIFT: u32 = 16;
 pub const VERSION_DIRECTED_EOI: u32 = 1 << 24;
 
 // IA32_APIC_BASE (SDM §11.4.4, §11.12.1).
-/// BSP flag, bit 8: this processor is the bootstrap processor (read-only to the guest).
+/// BSP flag, bit 8: this processor is the bootstrap processor (R/W, SDM vol. 4 table 2-2).
 pub const APIC_BASE_BSP: u64 = 1 << 8;
 /// EXTD, bit 10: x2APIC mode (with EN).
 pub const APIC_BASE_EXTD: u64 = 1 << 10;
@@ -180,9 +180,11 @@ pub const ICR_LEVEL_ASSERT: u32 = 1 << 14;
 pub const ICR_TRIGGER_LEVEL: u32 = 1 << 15;
 /// Shift of the destination shorthand field (bits 19:18).
 pub const ICR_SHORTHAND_SHIFT: u32 = 18;
-/// Bits of ICR low that hold state: vector, delivery mode, destination mode, level, trigger,
-/// shorthand. Delivery status (12) always reads 0 (idle): delivery is instantaneous here.
-pub const ICR_LOW_MASK: u32 = 0x000C_CFFF;
+/// Bits of ICR low that a write stores: all but delivery status (12), which always reads 0
+/// (idle: delivery is instantaneous here). The reserved bits 13, 17:16 and 31:20 read back as
+/// written, as KVM's in-kernel LAPIC stores them (the SDM leaves their read value open); the
+/// x2APIC view refuses them with #GP ([`ICR_X2APIC_RESERVED`]).
+pub const ICR_LOW_MASK: u32 = !ICR_DELIVERY_STATUS;
 /// The xAPIC destination field of ICR high, bits 31:24.
 pub const ICR_HIGH_XAPIC_MASK: u32 = 0xFF00_0000;
 /// Shift of the xAPIC destination field.

@@ -373,8 +373,8 @@ fn icr_registers_masks_and_idle_delivery_status_11_6_1() {
     write(&mut apic, REG_ICR_HIGH, 0xFFFF_FFFF);
     assert_eq!(read(&mut apic, REG_ICR_HIGH), 0xFF00_0000);
     write(&mut apic, REG_ICR_LOW, 0xFFF3_1040);
-    // Bit 12 (delivery status) reads 0; bits 13, 16-17, 20-31 reserved.
-    assert_eq!(read(&mut apic, REG_ICR_LOW), 0x0000_0040);
+    // Bit 12 (delivery status) reads 0; the reserved bits 13, 16-17, 20-31 read back, as in KVM.
+    assert_eq!(read(&mut apic, REG_ICR_LOW), 0xFFF3_0040);
 }
 
 #[test]
@@ -673,19 +673,41 @@ fn icr_init_level_deassert_is_sent_as_such_11_6_1() {
     assert_eq!(message.shorthand, Shorthand::AllIncludingSelf);
 }
 
+/// Delivery modes 011b and 111b (ExtINT) are reserved in the ICR (SDM §11.6.1): nothing is
+/// sent and no error recorded, but the write is stored and reads back, as in KVM's in-kernel
+/// LAPIC (`kvm_lapic_reg_write` stores every ICR write; the `lapic_regs` guest checks it).
 #[test]
-fn icr_reserved_delivery_modes_are_ignored_11_6_1() {
+fn icr_reserved_delivery_modes_are_stored_but_send_nothing_11_6_1() {
     for low in [0x0000_4340u32, 0x0000_4740] {
         let mut apic = xapic();
         write(&mut apic, REG_ICR_LOW, 0x40);
+        write(&mut apic, REG_ICR_HIGH, 0x5500_0000);
         assert_eq!(write(&mut apic, REG_ICR_LOW, low), LapicEffect::None);
-        assert_eq!(read(&mut apic, REG_ICR_LOW), 0x40, "write ignored");
+        assert_eq!(read(&mut apic, REG_ICR_LOW), low, "write stored");
+        assert_eq!(latched_esr(&mut apic), 0);
         let mut x2 = x2apic();
+        let value = 0x55_0000_0000 | u64::from(low);
         assert_eq!(
-            x2.msr_write(MSR_X2APIC_ICR, u64::from(low), 0),
+            x2.msr_write(MSR_X2APIC_ICR, value, 0),
             Ok(LapicEffect::None)
         );
+        assert_eq!(x2.msr_read(MSR_X2APIC_ICR, 0), Ok(value));
     }
+}
+
+/// KVM stores every xAPIC ICR bit but delivery status (12), the reserved bits 13, 17:16 and
+/// 31:20 included; the SDM leaves their read value open (§11.6.1), so the model reads them back
+/// too. The fields that matter decode as before. In x2APIC mode they #GP (§11.12.9, as KVM).
+#[test]
+fn icr_reserved_bits_read_back_in_xapic_mode_11_6_1() {
+    let mut apic = xapic();
+    let message = ipi(write(&mut apic, REG_ICR_LOW, 0xFFF3_3031));
+    assert_eq!(read(&mut apic, REG_ICR_LOW), 0xFFF3_2031, "all but bit 12");
+    assert_eq!(message.vector, 0x31);
+    assert_eq!(message.delivery_mode, DeliveryMode::Fixed);
+    assert_eq!(message.shorthand, Shorthand::None);
+    let mut x2 = x2apic();
+    assert!(x2.msr_write(MSR_X2APIC_ICR, 0x2031, 0).is_err());
 }
 
 #[test]
@@ -1043,15 +1065,24 @@ fn apic_base_host_initiated_bypasses_transition_checks() {
     );
 }
 
+/// SDM vol. 4 table 2-2 lists IA32_APIC_BASE bit 8 as "BSP flag (R/W)", and KVM's
+/// `kvm_apic_set_base` stores a guest's write of it: the bit is the guest's to set or clear
+/// (the `lapic_regs` guest checks it in every mode).
 #[test]
-fn apic_base_bsp_bit_read_only_to_guest_11_4_4() {
+fn apic_base_bsp_bit_is_writable_sdm_vol4_table_2_2() {
     let mut ap = xapic();
     ap.set_apic_base(0xFEE0_0900, false).unwrap();
-    assert_eq!(ap.apic_base(), 0xFEE0_0800);
-    ap.set_apic_base(0xFEE0_0900, true).unwrap();
     assert_eq!(ap.apic_base(), 0xFEE0_0900);
     ap.set_apic_base(0xFEE0_0800, false).unwrap();
-    assert_eq!(ap.apic_base(), 0xFEE0_0900);
+    assert_eq!(ap.apic_base(), 0xFEE0_0800);
+    let mut bsp = LocalApic::new(LapicConfig {
+        bsp: true,
+        ..config()
+    });
+    bsp.msr_write(MSR_APIC_BASE, 0xFEE0_0800, 0).unwrap();
+    assert_eq!(bsp.apic_base(), 0xFEE0_0800);
+    assert_eq!(bsp.mode(), ApicMode::XApic, "the mode is untouched");
+    assert!(bsp.config().bsp, "the configuration keeps the BSP");
 }
 
 #[test]
@@ -1195,10 +1226,45 @@ fn lvt_timer_mode_field_drives_the_timer_11_5_4() {
         LapicEffect::TimerChanged
     );
     assert_eq!(apic.timer().mode(), TimerMode::TscDeadline);
-    // Mode 11b is reserved: the mode field keeps its value, the rest is written.
-    assert_eq!(write(&mut apic, REG_LVT_TIMER, 0x6_0050), LapicEffect::None);
-    assert_eq!(read(&mut apic, REG_LVT_TIMER), 0x4_0050);
-    assert_eq!(apic.timer().mode(), TimerMode::TscDeadline);
+    // Mode 11b is reserved (§11.5.1); KVM stores it and counts one-shot: leaving TSC-deadline
+    // mode for it is a mode change, and it reads back as written.
+    assert_eq!(
+        write(&mut apic, REG_LVT_TIMER, 0x6_0050),
+        LapicEffect::TimerChanged
+    );
+    assert_eq!(read(&mut apic, REG_LVT_TIMER), 0x6_0050);
+    assert_eq!(apic.timer().mode(), TimerMode::OneShot);
+}
+
+/// A one-shot count keeps running through a switch to the reserved mode 11b and does not reload
+/// when it runs out (KVM: `apic_update_lvtt` keeps the count unless TSC-deadline mode is entered
+/// or left; mode 11b is not periodic). The TSC-deadline MSR ignores writes and reads 0.
+#[test]
+fn lvt_timer_mode_11b_counts_one_shot_like_kvm() {
+    let mut apic = xapic();
+    write(&mut apic, REG_TIMER_DCR, 0xB);
+    write(&mut apic, REG_LVT_TIMER, 0x2_00E0);
+    // 1 ms: above the 200 us periodic floor, so the count rate is the bus clock's.
+    write_at(&mut apic, REG_TIMER_INITIAL, 1_000_000, 0);
+    assert_eq!(
+        write_at(&mut apic, REG_LVT_TIMER, 0x6_00E0, 100),
+        LapicEffect::TimerChanged
+    );
+    assert_eq!(read_at(&mut apic, REG_TIMER_CURRENT, 400_000), 600_000);
+    assert_eq!(read_at(&mut apic, REG_TIMER_INITIAL, 400_000), 1_000_000);
+    assert_eq!(
+        apic.msr_write(MSR_TSC_DEADLINE, 5000, 400_000),
+        Ok(LapicEffect::None)
+    );
+    assert_eq!(apic.msr_read(MSR_TSC_DEADLINE, 400_000), Ok(0));
+    apic.poll_timer(1_000_000);
+    assert_eq!(apic.pending_interrupt(), Some(0xE0));
+    assert_eq!(
+        read_at(&mut apic, REG_TIMER_CURRENT, 1_500_000),
+        0,
+        "no reload"
+    );
+    assert_eq!(apic.next_timer_deadline(), None);
 }
 
 #[test]

@@ -237,13 +237,15 @@ fn periodic_tmcct_zero_restarts_a_full_period_as_kvm_does() {
     assert_eq!(back.timer().current_count(0), 500_000);
 }
 
+/// KVM keeps the reserved timer mode 11b in the LVT and counts it like one-shot; so does the
+/// model, and the conversion keeps the field.
 #[test]
-fn reserved_timer_mode_reads_as_one_shot() {
+fn reserved_timer_mode_is_kept_and_counts_one_shot() {
     let mut kvm = lapic_to_kvm(&LocalApic::new(config(false, 0)), XAPIC);
     set_page_reg(&mut kvm.page, 0x320, 0x6_00EC);
     let back = lapic_from_kvm(config(false, 0), &kvm, XAPIC).unwrap();
     assert_eq!(back.timer().mode(), TimerMode::OneShot);
-    assert_eq!(back.lvt(LocalSource::Timer), 0xEC);
+    assert_eq!(back.lvt(LocalSource::Timer), 0x6_00EC);
 }
 
 // ----- LAPIC round trips ---------------------------------------------------------------------
