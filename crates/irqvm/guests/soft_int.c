@@ -192,6 +192,107 @@ static void int_from_user_mode(void)
 	check(user_event_count == 5, "user mode sees one event per instruction", "%u events", user_event_count);
 }
 
+/* ---- Faults of the delivery itself (CPL 0) ----------------------------------------------------------------
+ * INT n checks its gate and the gate's code segment before it reaches the handler (SDM vol. 2A, INT n pseudocode,
+ * IA-32e mode; vol. 3 6.12.1, 6.14.1): an entry past the IDT limit or not a 64-bit interrupt/trap gate raises
+ * #GP(vector * 8 + 2), a gate not present #NP(vector * 8 + 2); a null selector #GP(0); a selector past its table,
+ * of a data segment or of DPL > CPL #GP(selector), of a segment not present #NP(selector), of one that is not 64-bit
+ * code #GP(selector). These are faults: the saved RIP is the INT instruction's. On this host irqvm makes these
+ * checks itself when it finishes `int n` (the host's own delivery loads any selector). */
+#define GATE_VECTOR 0x90
+#define NP_VECTOR 11
+#define GATE_INTERRUPT 0x8E
+
+struct gate {
+	u16 off_lo, sel;
+	u8 ist, type;
+	u16 off_mid;
+	u32 off_hi, zero;
+} __attribute__((packed));
+struct table_ptr {
+	u16 limit;
+	u64 base;
+} __attribute__((packed));
+
+/* The library's four descriptors, then the test's targets. */
+static u64 gate_gdt[7] __attribute__((aligned(16))) = {
+	0,
+	0x00CF9A000000FFFFul, /* 0x08: 32-bit code */
+	0x00CF92000000FFFFul, /* 0x10: data */
+	0x00AF9A000000FFFFul, /* 0x18: 64-bit code (KCODE) */
+	0x00AF1A000000FFFFul, /* 0x20: 64-bit code, not present */
+	0x00AFDA000000FFFFul, /* 0x28: 64-bit code, DPL 2 */
+	0x00AF9A000000FFFFul, /* 0x30: 64-bit code, present (the control) */
+};
+
+static volatile u32 gate_fault_vector;
+static volatile u64 gate_fault_rip, gate_fault_error;
+
+/* #NP and #GP at CPL 0 while the gate is tried: recorded, and the INT instruction (2 bytes) skipped. */
+static void gate_fault(struct irq_frame *f, u32 cpu)
+{
+	gate_fault_vector = (u32)f->vector;
+	gate_fault_rip = f->rip;
+	gate_fault_error = f->error;
+	f->rip += 2;
+}
+
+/* `int $GATE_VECTOR` through a gate with `sel` and `type`; checks that it faults with `vector` and `error` at the
+ * instruction (vector 0: that it reaches the handler with the next RIP). */
+static void try_gate(u16 sel, u8 type, u32 vector, u64 error, const char *name)
+{
+	struct table_ptr idtr;
+	__asm__ volatile("sidt %0" : "=m"(idtr));
+	volatile struct gate *g = (volatile struct gate *)(idtr.base + GATE_VECTOR * 16);
+	u16 old_sel = g->sel;
+	u8 old_type = g->type;
+	g->sel = sel;
+	g->type = type;
+	gate_fault_vector = 0;
+	u32 before = taken[GATE_VECTOR];
+	u64 at, after;
+	__asm__ volatile("lea 1f(%%rip), %0\n\tlea 2f(%%rip), %1\n1:\tint $0x90\n2:"
+			 : "=&r"(at), "=&r"(after)
+			 :
+			 : "memory");
+	g->sel = old_sel;
+	g->type = old_type;
+	u32 reached = taken[GATE_VECTOR] - before;
+	if (vector == 0)
+		check(reached == 1 && gate_fault_vector == 0 && saved_rip[GATE_VECTOR] == after, name,
+		      "handler %u times, fault vector %u, saved rip %lx (next %lx)", reached, gate_fault_vector,
+		      saved_rip[GATE_VECTOR], after);
+	else
+		check(reached == 0 && gate_fault_vector == vector && gate_fault_error == error && gate_fault_rip == at,
+		      name, "handler %u times, vector %u error %lx rip %lx (expected vector %u error %lx rip %lx)", reached,
+		      gate_fault_vector, gate_fault_error, gate_fault_rip, vector, error, at);
+}
+
+static void delivery_faults(void)
+{
+	struct table_ptr lib_gdt, gdtr = { sizeof(gate_gdt) - 1, (u64)gate_gdt };
+	cli();
+	__asm__ volatile("sgdt %0" : "=m"(lib_gdt));
+	__asm__ volatile("lgdt %0" : : "m"(gdtr) : "memory");
+	irq_set_handler(GATE_VECTOR, soft_handler);
+	irq_set_handler(NP_VECTOR, gate_fault);
+	irq_set_handler(GP_VECTOR, gate_fault);
+	const u64 idt_error = GATE_VECTOR * 8 + 2;
+	try_gate(0x30, GATE_INTERRUPT, 0, 0, "int n through a gate to another 64-bit code segment reaches the handler");
+	try_gate(0x18, 0x0E, NP_VECTOR, idt_error, "int n through a gate not present raises #np(vector * 8 + 2)");
+	try_gate(0x18, 0x8C, GP_VECTOR, idt_error, "int n through a call gate in the idt raises #gp(vector * 8 + 2)");
+	try_gate(0x00, GATE_INTERRUPT, GP_VECTOR, 0, "int n through a gate with a null selector raises #gp(0)");
+	try_gate(0x38, GATE_INTERRUPT, GP_VECTOR, 0x38, "int n through a selector past the gdt limit raises #gp(selector)");
+	try_gate(0x10, GATE_INTERRUPT, GP_VECTOR, 0x10, "int n through a data segment selector raises #gp(selector)");
+	try_gate(0x28, GATE_INTERRUPT, GP_VECTOR, 0x28, "int n to a dpl-2 code segment raises #gp(selector)");
+	try_gate(0x23, GATE_INTERRUPT, NP_VECTOR, 0x20,
+		 "int n to a code segment not present raises #np(selector) with rpl cleared");
+	try_gate(0x08, GATE_INTERRUPT, GP_VECTOR, 0x08, "int n to a 32-bit code segment raises #gp(selector)");
+	irq_set_handler(NP_VECTOR, 0);
+	irq_set_handler(GP_VECTOR, 0);
+	__asm__ volatile("lgdt %0" : : "m"(lib_gdt) : "memory");
+}
+
 void guest_main(void)
 {
 	u64 after_int3, after_int80;
@@ -208,5 +309,6 @@ void guest_main(void)
 	      "saved %lx, expected %lx", saved_rip[SOFT_VECTOR], after_int80);
 	__asm__ volatile("int3; int3" ::: "memory");
 	check(taken[3] == 3, "two int3 in a row each reach the handler", "%u times in all", taken[3]);
+	delivery_faults();
 	int_from_user_mode();
 }

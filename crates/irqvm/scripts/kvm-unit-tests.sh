@@ -33,8 +33,8 @@ mkdir -p "$logs"
 
 # Outcomes seen and classified as host limits in docs/kvm-unit-tests.md: "TEST MODE OUTCOME" (OUTCOME as
 # printed in the table). Any other outcome that is not PASS in an irqvm mode makes the exit status 1; the
-# qemu runs are the reference and never do. eventinj: `user` fails "vec 32/int $33" and "NP exception"
-# (the emulated `int n`), `split` hangs in its NMI check (an NMI held behind one in service comes at the
+# qemu runs are the reference and never do. eventinj: `user` fails "vec 32/int $33" (the emulated `int n`;
+# "NP exception" is raised by irqvm since, not re-run yet), `split` hangs in its NMI check (an NMI held behind one in service comes at the
 # next exit), `kernel` earlier, at the TPR check. `split`
 # fails ioapic's "simultaneous edge interrupts" only: KVM's LAPIC, as in `kernel`.
 KNOWN="

@@ -292,6 +292,11 @@ impl SyscallWatch {
         })
     }
 
+    /// The guest's RAM, which the watch reads frames from.
+    pub fn memory(&self) -> &GuestRam {
+        &self.memory
+    }
+
     /// Reads guest-linear memory ([`crate::memory::read_linear`]).
     fn read_linear(&self, vcpu: &VcpuFd, linear: u64, out: &mut [u8]) -> usize {
         crate::memory::read_linear(&self.memory, vcpu, linear, out)

@@ -735,7 +735,9 @@ impl VcpuThread {
                         self.chip.registers_written();
                     }
                 }
-                Step::InternalError if crate::emulate::try_recover(&mut self.fd) => {
+                Step::InternalError
+                    if crate::emulate::try_recover(&mut self.fd, self.syscall.memory()) =>
+                {
                     self.chip.registers_written();
                 }
                 Step::InternalError => return Err(self.internal_error()),
