@@ -13,8 +13,9 @@
 # --append adds kernel arguments; --api-sock serves irqvm's control API, for linux-profile.sh.
 # Needs: apt-get install -y linux-image-cloud-amd64 busybox-static lz4 gcc cpio
 # Exit status: 0 if the guest ended through isa-debug-exit with every check passed, 1 otherwise.
-# Time budget: --timeout (default 2700 s) per boot; on a quiet host 1 vCPU took 604 s, 2 vCPUs
-# 889 s (`kernel`), 4 vCPUs 937 s (`user`); under load several times that (docs/benchmarks.md).
+# Time budget: --timeout (default 2700 s) per boot; on a quiet AMD kvm_pvm host 1 vCPU took 604 s,
+# 2 vCPUs 889 s (`kernel`), 4 vCPUs 937 s (`user`); on the Intel one of 2026-12-04 166-188 s, 166-203 s
+# and 222-352 s; under load several times that (docs/benchmarks.md).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
