@@ -395,6 +395,11 @@ pub(crate) struct UserVcpuChip {
     /// The last injection made at a stepped boundary (what, and the RIP it interrupted), and
     /// whether the one before it was the same: see [`Self::step_to_window`].
     last_stepped: Option<(Injection, u64)>,
+    /// Where the handler of the interrupt injected last returns, when it was injected at a
+    /// stepped boundary in CPL-0 64-bit code: an interrupt that then waits for IF inside that
+    /// handler runs to there instead of being stepped (`Stepper::run_to_return`). Taken by the
+    /// next episode.
+    handler_returns_to: Option<crate::backend::step::ReturnPoint>,
     stepped_again: bool,
     /// An interrupt or NMI was handed to KVM (synced events, KVM_INTERRUPT, KVM_NMI) and no
     /// KVM_RUN has entered the guest since (a kick's `immediate_exit` returns before the entry):
@@ -467,6 +472,7 @@ impl UserVcpuChip {
             window_kick: WindowKick::new(),
             stepper,
             last_stepped: None,
+            handler_returns_to: None,
             stepped_again: false,
             kvm_queued: false,
             fault_pending: false,
@@ -700,6 +706,11 @@ impl UserVcpuChip {
         // The boundary is here: stepping off before the injection, so the frame gets the
         // guest's own RFLAGS.
         let stepped = self.stepper.active();
+        let returns_to = if stepped {
+            self.stepper.return_point()
+        } else {
+            None
+        };
         self.stepper.end(vcpu)?;
         self.note_boundary(vcpu, stepped.then_some(next))?;
         let vector = match next {
@@ -714,6 +725,7 @@ impl UserVcpuChip {
             },
         };
         self.queue_interrupt(vcpu, vector)?;
+        self.handler_returns_to = returns_to;
         self.in_flight = true;
         self.kvm_queued = true;
         self.counters().injected(vector);
@@ -751,7 +763,11 @@ impl UserVcpuChip {
             self.stepper.end(vcpu)?;
             return Ok(false);
         }
-        let outcome = self.stepper.step(vcpu)?;
+        // One use: a record that outlived its handler could only make a later episode late.
+        let outcome = match self.handler_returns_to.take() {
+            Some(ret) if !self.stepper.active() => self.stepper.run_to_return(vcpu, ret)?,
+            _ => self.stepper.step(vcpu)?,
+        };
         self.publish_steps();
         Ok(outcome != StepOutcome::Fallback)
     }
