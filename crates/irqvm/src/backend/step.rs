@@ -460,7 +460,7 @@ impl Stepper {
 
     /// [`Self::step`] for an interrupt that waits for IF while the vCPU runs the handler of the
     /// interrupt irqvm injected at `ret` (its stack pointer below `ret.rsp`, within
-    /// [`HANDLER_STACK`]): instead of stepping every instruction to that handler's IRETQ, an
+    /// `HANDLER_STACK`): instead of stepping every instruction to that handler's IRETQ, an
     /// execute breakpoint at `ret.rip` stops the guest right where the IRETQ returns, the
     /// boundary hardware takes the interrupt at (one exit instead of one per instruction: about
     /// 12 in the guest library's stub, ~30 µs each on the Intel host, docs/benchmarks.md §9).
