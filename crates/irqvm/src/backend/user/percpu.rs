@@ -788,16 +788,7 @@ impl UserVcpuChip {
         if !self.stepper.enabled() || self.regs_rewritten || self.kvm_queued || self.fault_pending {
             return Ok(false);
         }
-        // KVM's events as of the last KVM_RUN return, if nothing of ours changed them since (one
-        // ioctl less per step), else read.
-        let internal_error =
-            vcpu.get_kvm_run().exit_reason == kvm_bindings::KVM_EXIT_INTERNAL_ERROR;
-        let events = if self.events_synced && !internal_error {
-            vcpu.sync_regs().events
-        } else {
-            vcpu.get_vcpu_events()
-                .map_err(KvmError::ioctl("KVM_GET_VCPU_EVENTS"))?
-        };
+        let events = self.kvm_events(vcpu)?;
         if events.nmi.masked == 0 || crate::backend::step::event_due(&events) {
             return Ok(false);
         }
@@ -807,6 +798,18 @@ impl UserVcpuChip {
         let outcome = self.stepper.step_nmi(vcpu)?;
         self.publish_steps();
         Ok(outcome == StepOutcome::Stepping)
+    }
+
+    /// KVM's events: as of the last KVM_RUN return (`kvm_run`'s synced copy) if nothing of ours
+    /// changed them since (one ioctl less per step), else KVM_GET_VCPU_EVENTS. After an internal
+    /// error the recovery (`crate::emulate`) may have set events of its own: read them.
+    fn kvm_events(&self, vcpu: &mut VcpuFd) -> Result<kvm_bindings::kvm_vcpu_events, IrqchipError> {
+        if self.events_synced && !internal_error_exit(vcpu) {
+            return Ok(vcpu.sync_regs().events);
+        }
+        Ok(vcpu
+            .get_vcpu_events()
+            .map_err(KvmError::ioctl("KVM_GET_VCPU_EVENTS"))?)
     }
 
     /// Records an injection: `Some(what)` if it is made at a stepped boundary.
@@ -915,9 +918,7 @@ impl UserVcpuChip {
     /// queued after the events are applied. Otherwise (first entry, stale events, a KVM without
     /// the capability) KVM_INTERRUPT.
     fn queue_interrupt(&mut self, vcpu: &mut VcpuFd, vector: u8) -> Result<(), IrqchipError> {
-        let internal_error =
-            vcpu.get_kvm_run().exit_reason == kvm_bindings::KVM_EXIT_INTERNAL_ERROR;
-        if !std::mem::take(&mut self.events_synced) || internal_error {
+        if !std::mem::take(&mut self.events_synced) || internal_error_exit(vcpu) {
             // An internal error's recovery (`crate::emulate`) may have set events of its own.
             return Ok(inject_interrupt(vcpu, vector)?);
         }
@@ -1322,6 +1323,11 @@ impl VcpuIrqchip for UserVcpuChip {
         let held = u32::from(self.interrupts.pending_nmis());
         Ok((lapic, crate::api::lapic::kvm_pending(vcpu, held)?))
     }
+}
+
+/// The last KVM_RUN return was KVM_EXIT_INTERNAL_ERROR.
+fn internal_error_exit(vcpu: &mut VcpuFd) -> bool {
+    vcpu.get_kvm_run().exit_reason == kvm_bindings::KVM_EXIT_INTERNAL_ERROR
 }
 
 #[cfg(test)]
