@@ -321,6 +321,7 @@ fn drive_one(
     // Closed loop: each interrupt waits for the previous one to be counted. Marked like a guest
     // workload, with the same quiet pauses, for the parent's per-workload syscall counts.
     mark(vm, "begin", name, out);
+    let trace_to = closed_loop_trace(vm, name);
     let (c0, exits0, cpu0, drv0) = (count(), exits_so_far(vm), own_cpu_ns(), thread_cpu_ns());
     let mut samples = Vec::new();
     for _ in 0..spec.pulses {
@@ -336,6 +337,9 @@ fn drive_one(
         samples.push(t0.elapsed().as_nanos().to_string());
     }
     let (c1, exits1, cpu1, drv1) = (count(), exits_so_far(vm), own_cpu_ns(), thread_cpu_ns());
+    if let Some(path) = trace_to {
+        save_trace(vm, &path, out);
+    }
     mark(vm, "end", name, out);
     sent_total += u64::from(spec.pulses);
     let cpu = (cpu1 - cpu0).saturating_sub(drv1 - drv0);
@@ -349,6 +353,29 @@ fn drive_one(
         out.push(format!("HOSTSAMPLES: name={name} {}", chunk.join(" ")));
     }
     sent_total
+}
+
+/// IRQVM_BENCH_TRACE_DIR=DIR: the flight recorder on over the closed loop of workload `name`
+/// (where each microsecond goes: docs/benchmarks.md, issue 14), saved to DIR/NAME.json
+/// (Chrome trace format, `irqvm trace` reads it) when the loop ends.
+fn closed_loop_trace(vm: &RunningVm, name: &str) -> Option<std::path::PathBuf> {
+    let dir = std::env::var_os("IRQVM_BENCH_TRACE_DIR")?;
+    if let Err(e) = vm.tracer().start() {
+        eprintln!("{name}: flight recorder: {e}");
+        return None;
+    }
+    Some(std::path::Path::new(&dir).join(format!("{name}.json")))
+}
+
+fn save_trace(vm: &RunningVm, path: &std::path::Path, out: &mut Vec<String>) {
+    let saved = vm
+        .tracer()
+        .stop()
+        .and_then(|dump| irqvm::trace::chrome::write_file(&dump, path));
+    match saved {
+        Ok(()) => out.push(format!("TRACE: {}", path.display())),
+        Err(e) => out.push(format!("TRACE: {} not written: {e}", path.display())),
+    }
 }
 
 /// Prints a `MARK:` line now (the guest is halted and prints nothing meanwhile), records the

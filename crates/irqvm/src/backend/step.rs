@@ -106,13 +106,41 @@ pub const NMI_STEP_BUDGET: u32 = 4096;
 /// handler pushed, on the same stack.
 const HANDLER_STACK: u64 = 64 * 1024;
 
-/// Where an interrupt irqvm injected at CPL 0 in 64-bit code returns to: the RIP and RSP its
-/// frame holds, which its handler's IRETQ restores (SDM vol. 2, IRET; vol. 3 §6.14.3).
+/// Where an interrupt irqvm injected returns to: the RSP the interrupted code had, and the RIP
+/// its frame holds if irqvm knew it at the injection (a stepped boundary: the registers were
+/// synced and the instruction at RIP had completed), which its handler's IRETQ restores (SDM
+/// vol. 2, IRET; vol. 3 §6.14.3). Without the RIP (an injection at an exit whose instruction
+/// KVM completes at the next entry: an MMIO, port or MSR access, or a HLT), the frame on the
+/// stack says it ([`frame_at`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReturnPoint {
-    pub rip: u64,
+    pub rip: Option<u64>,
     pub rsp: u64,
 }
+
+/// Where a 64-bit interrupt frame pushed on the same stack at stack pointer `rsp` begins: the
+/// processor aligns RSP down to 16 bytes, then pushes SS, RSP, RFLAGS, CS and RIP, 8 bytes each
+/// (SDM vol. 3 §6.14.2), so the RIP slot is 40 bytes below the aligned value. An IST or a
+/// privilege change puts the frame on another stack, which [`frame_return_rip`] then rejects.
+pub fn frame_at(rsp: u64) -> u64 {
+    (rsp & !0xF).wrapping_sub(40)
+}
+
+/// The return RIP of the frame in `slots` (RIP, CS, RFLAGS, RSP, SS, as [`frame_at`] finds
+/// them) if it is still the frame of an interrupt taken at `rsp` in code segment `cs`: its RSP
+/// slot holds `rsp`, its CS slot `cs`, and its RFLAGS image has IF set (the interrupt was
+/// accepted with IF = 1) and TF clear (a breakpoint at the return would not be the boundary).
+pub fn frame_return_rip(slots: &[u64; 5], rsp: u64, cs: u16) -> Option<u64> {
+    let [rip, frame_cs, rflags, frame_rsp, _ss] = *slots;
+    let intact = frame_rsp == rsp
+        && frame_cs & 0xFFFF == u64::from(cs)
+        && rflags & RFLAGS_IF != 0
+        && rflags & RFLAGS_TF == 0;
+    intact.then_some(rip)
+}
+
+/// RFLAGS.IF (SDM vol. 1 §3.4.3.3).
+const RFLAGS_IF: u64 = 1 << 9;
 
 /// RFLAGS.TF (SDM vol. 1 §3.4.3.3).
 const RFLAGS_TF: u64 = 1 << 8;
@@ -335,6 +363,9 @@ pub struct Stepper {
     first: Option<FirstStep>,
     /// The registers of this entry, if the backend offered them ([`SyncedRegs`]).
     synced: Option<SyncedRegs>,
+    /// KVM's events as of the last KVM_RUN return, if the backend offered them
+    /// ([`Self::offer_events`]): they stand for a KVM_GET_VCPU_EVENTS.
+    events: Option<kvm_vcpu_events>,
     /// Steps taken, for the counters.
     pub steps: u64,
     /// Episodes that ended without reaching the boundary (budget spent, or the guest's own
@@ -352,6 +383,7 @@ impl Stepper {
             left: STEP_BUDGET,
             first: None,
             synced: None,
+            events: None,
             steps: 0,
             fallbacks: 0,
         }
@@ -371,6 +403,14 @@ impl Stepper {
     /// ioctls). The caller vouches that no ioctl wrote them since that return.
     pub fn offer_synced(&mut self, synced: Option<SyncedRegs>) {
         self.synced = synced;
+        self.events = None;
+    }
+
+    /// KVM's events as of the last KVM_RUN return (`kvm_run`'s synced copy), for the stepper's
+    /// next call only; [`Self::offer_synced`] withdraws them. The caller vouches that nothing
+    /// changed KVM's events since that return.
+    pub fn offer_events(&mut self, events: Option<kvm_vcpu_events>) {
+        self.events = events;
     }
 
     /// The vCPU's registers: the offered copy, else KVM_GET_REGS.
@@ -453,7 +493,7 @@ impl Stepper {
         let s = self.synced.as_ref()?;
         let long = s.sregs.cs.l != 0 && s.sregs.efer & (1 << 10) != 0;
         (long && s.sregs.cs.selector & 3 == 0).then_some(ReturnPoint {
-            rip: s.regs.rip,
+            rip: Some(s.regs.rip),
             rsp: s.regs.rsp,
         })
     }
@@ -461,15 +501,19 @@ impl Stepper {
     /// [`Self::step`] for an interrupt that waits for IF while the vCPU runs the handler of the
     /// interrupt irqvm injected at `ret` (its stack pointer below `ret.rsp`, within
     /// `HANDLER_STACK`): instead of stepping every instruction to that handler's IRETQ, an
-    /// execute breakpoint at `ret.rip` stops the guest right where the IRETQ returns, the
+    /// execute breakpoint at the return RIP stops the guest right where the IRETQ returns, the
     /// boundary hardware takes the interrupt at (one exit instead of one per instruction: about
     /// 12 in the guest library's stub, ~30 µs each on the Intel host, docs/benchmarks.md §9).
-    /// At that exit the backend injects if the interrupt is deliverable there, or steps on from
-    /// there ([`Self::step`]) if not (the handler reached `ret.rip` by another path, or the
-    /// vector is still blocked). If the handler sets IF itself before its IRETQ, the interrupt
-    /// is taken at `ret.rip` rather than after that STI: late, as the window kicks would take it.
+    /// The return RIP is `ret.rip` if the injection knew it, else the RIP slot of the frame,
+    /// read from the stack if that frame is still intact there ([`frame_at`],
+    /// [`frame_return_rip`]). At that exit the backend injects if the interrupt is deliverable
+    /// there, or steps on from there ([`Self::step`]) if not (the handler reached the return
+    /// RIP by another path, or the vector is still blocked). If the handler sets IF itself
+    /// before its IRETQ, the interrupt is taken at the return RIP rather than after that STI,
+    /// or at KVM's window exit if that comes first: late, as the window kicks would take it.
     /// Anything this cannot cover (an episode already stepping, the guest's own TF or
-    /// breakpoints, an event due, HLT or user mode at RIP) goes to [`Self::step`].
+    /// breakpoints, an event due, HLT or user mode at RIP, a frame not found) goes to
+    /// [`Self::step`].
     pub fn run_to_return(
         &mut self,
         vcpu: &VcpuFd,
@@ -479,17 +523,46 @@ impl Stepper {
             return self.step(vcpu);
         }
         let regs = self.regs(vcpu)?;
-        let inside =
-            regs.rip != ret.rip && regs.rsp < ret.rsp && ret.rsp - regs.rsp <= HANDLER_STACK;
-        if !inside || !matches!(self.plan(vcpu, &regs)?, Plan::Step | Plan::Break(_)) {
+        let inside = regs.rsp < ret.rsp && ret.rsp - regs.rsp <= HANDLER_STACK;
+        if !inside {
             return self.step(vcpu);
         }
-        tracing::trace!(rip = regs.rip, to = ret.rip, "run to the handler's return");
-        self.arm(vcpu, Armed::Break(ret.rip))?;
+        let to = match ret.rip {
+            Some(rip) => Some(rip),
+            None => self.read_frame_return(vcpu, ret.rsp)?,
+        };
+        let Some(to) = to.filter(|&to| to != regs.rip) else {
+            return self.step(vcpu);
+        };
+        if !matches!(self.plan(vcpu, &regs)?, Plan::Step | Plan::Break(_)) {
+            return self.step(vcpu);
+        }
+        tracing::trace!(rip = regs.rip, to, "run to the handler's return");
+        self.arm(vcpu, Armed::Break(to))?;
         self.on = true;
         self.left -= 1;
         self.steps += 1;
         Ok(StepOutcome::Stepping)
+    }
+
+    /// The return RIP of the frame an interrupt taken at `rsp` pushed, if that frame is still
+    /// on the stack ([`frame_return_rip`]) and the vCPU runs CPL-0 64-bit code in the same code
+    /// segment, where that RIP is a linear address (base 0) a breakpoint can name.
+    fn read_frame_return(&self, vcpu: &VcpuFd, rsp: u64) -> Result<Option<u64>, IrqchipError> {
+        let sregs = self.sregs(vcpu)?;
+        let long = sregs.cs.l != 0 && sregs.efer & (1 << 10) != 0;
+        if !long || sregs.cs.selector & 3 != 0 {
+            return Ok(None);
+        }
+        let mut bytes = [0u8; 40];
+        if self.read_linear(vcpu, frame_at(rsp), &mut bytes) != bytes.len() {
+            return Ok(None);
+        }
+        let mut slots = [0u64; 5];
+        for (slot, b) in slots.iter_mut().zip(bytes.chunks_exact(8)) {
+            *slot = u64::from_le_bytes(b.try_into().unwrap_or_default());
+        }
+        Ok(frame_return_rip(&slots, rsp, sregs.cs.selector))
     }
 
     /// [`Self::step`] for an NMI that waits for the IRET of the NMI handler in service: an
@@ -560,9 +633,12 @@ impl Stepper {
         // puts TF into the guest's RFLAGS until the instruction at RIP completes: an event KVM
         // delivers at this entry would carry it in its frame.
         if self.armed != Armed::Step {
-            let events = vcpu
-                .get_vcpu_events()
-                .map_err(KvmError::ioctl("KVM_GET_VCPU_EVENTS"))?;
+            let events = match self.events {
+                Some(events) => events,
+                None => vcpu
+                    .get_vcpu_events()
+                    .map_err(KvmError::ioctl("KVM_GET_VCPU_EVENTS"))?,
+            };
             if event_due(&events) {
                 return Ok(Plan::NotNow);
             }
@@ -968,6 +1044,39 @@ mod tests {
         far[2] = FIRST.rip + 16;
         assert_eq!(find_tf_frame(&far, &FIRST), None);
         assert_eq!(find_tf_frame(&[], &FIRST), None);
+    }
+
+    #[test]
+    fn an_interrupt_frame_is_found_below_the_aligned_stack_pointer() {
+        // SDM vol. 3 §6.14.2: RSP aligned down to 16, then five 8-byte pushes.
+        assert_eq!(frame_at(0x8000), 0x8000 - 40);
+        assert_eq!(frame_at(0x8008), 0x8000 - 40);
+        assert_eq!(frame_at(0x800F), 0x8000 - 40);
+        assert_eq!(frame_at(0x10), 0x10u64.wrapping_sub(40));
+    }
+
+    #[test]
+    fn a_frame_gives_its_return_rip_only_while_it_is_intact() {
+        let rsp = 0x7FF8;
+        let frame = [0x1234, 0x08, 0x246, rsp, 0x10];
+        assert_eq!(frame_return_rip(&frame, rsp, 0x08), Some(0x1234));
+        // Overwritten RSP slot (the stack reused), another code segment (a privilege change or
+        // another CS), IF clear (not an interrupt irqvm injected), TF set (the return would
+        // trap first): no return point.
+        let mut reused = frame;
+        reused[3] = rsp - 8;
+        assert_eq!(frame_return_rip(&reused, rsp, 0x08), None);
+        assert_eq!(frame_return_rip(&frame, rsp, 0x10), None);
+        let mut if_clear = frame;
+        if_clear[2] = 0x46;
+        assert_eq!(frame_return_rip(&if_clear, rsp, 0x08), None);
+        let mut tf = frame;
+        tf[2] = 0x346;
+        assert_eq!(frame_return_rip(&tf, rsp, 0x08), None);
+        // The CS slot is compared on its selector bits only (the pushed slot is 8 bytes).
+        let mut wide_cs = frame;
+        wide_cs[1] = 0xFFFF_0000_0000_0008;
+        assert_eq!(frame_return_rip(&wide_cs, rsp, 0x08), Some(0x1234));
     }
 
     #[test]

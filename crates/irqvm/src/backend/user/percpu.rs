@@ -44,7 +44,7 @@ use super::ghcb::{GhcbMsr, MSR_GHCB};
 use super::platform::{Platform, IOAPIC_BASE, IOAPIC_SIZE};
 use super::reset::{apply_init, apply_sipi, flush_staged, stage_sipi, write_msr, InitApplied};
 use super::{is_apic_msr, Shared, MSR_APIC_BASE};
-use crate::backend::step::{StepOutcome, Stepper, SyncedRegs};
+use crate::backend::step::{ReturnPoint, StepOutcome, Stepper, SyncedRegs};
 use crate::backend::{
     BlockReason, ChipExit, EntryDecision, ExitHandled, IrqchipError, VcpuFabric, VcpuIrqchip,
 };
@@ -399,7 +399,7 @@ pub(crate) struct UserVcpuChip {
     /// stepped boundary in CPL-0 64-bit code: an interrupt that then waits for IF inside that
     /// handler runs to there instead of being stepped (`Stepper::run_to_return`). Taken by the
     /// next episode.
-    handler_returns_to: Option<crate::backend::step::ReturnPoint>,
+    handler_returns_to: Option<ReturnPoint>,
     stepped_again: bool,
     /// An interrupt or NMI was handed to KVM (synced events, KVM_INTERRUPT, KVM_NMI) and no
     /// KVM_RUN has entered the guest since (a kick's `immediate_exit` returns before the entry):
@@ -428,8 +428,16 @@ pub(crate) struct UserVcpuChip {
     events_synced: bool,
     /// `kvm_valid_regs` has KVM_SYNC_X86_EVENTS set on this vCPU's `kvm_run`.
     sync_enabled: bool,
-    /// `kvm_valid_regs` has KVM_SYNC_X86_REGS and KVM_SYNC_X86_SREGS set: on while stepping.
+    /// `kvm_valid_regs` has KVM_SYNC_X86_REGS set: always, where KVM offers it (a copy of the
+    /// general registers at every return costs nothing measurable next to the exit itself).
+    regs_sync_always: bool,
+    /// `kvm_valid_regs` has KVM_SYNC_X86_SREGS set as well: on while stepping.
     regs_sync_on: bool,
+    /// The guest's RSP as of the last KVM_RUN return, from the synced registers, while no ioctl
+    /// wrote the registers since (`registers_written`, and INIT/SIPI or a restore set
+    /// `regs_rewritten`): an interrupt injected at this entry pushes its frame below it
+    /// ([`ReturnPoint`] without a RIP).
+    exit_rsp: Option<u64>,
     /// `kvm_run.s.regs.regs` and `.sregs` hold the registers as of the last KVM_RUN return and
     /// no ioctl wrote them since (cleared by `registers_written`, INIT/SIPI and restores set
     /// `regs_rewritten`).
@@ -480,7 +488,9 @@ impl UserVcpuChip {
             in_flight: false,
             events_synced: false,
             sync_enabled: false,
+            regs_sync_always: false,
             regs_sync_on: false,
+            exit_rsp: None,
             regs_fresh: false,
             after_init: None,
         }
@@ -706,11 +716,7 @@ impl UserVcpuChip {
         // The boundary is here: stepping off before the injection, so the frame gets the
         // guest's own RFLAGS.
         let stepped = self.stepper.active();
-        let returns_to = if stepped {
-            self.stepper.return_point()
-        } else {
-            None
-        };
+        let returns_to = self.return_point(stepped);
         self.stepper.end(vcpu)?;
         self.note_boundary(vcpu, stepped.then_some(next))?;
         let vector = match next {
@@ -740,6 +746,15 @@ impl UserVcpuChip {
         Ok(())
     }
 
+    /// Where an interrupt injected at this entry returns: RIP and RSP at a stepped boundary
+    /// (the registers synced, the stepped instruction complete), else the RSP of the last
+    /// return, which locates its frame ([`ReturnPoint`]).
+    fn return_point(&self, stepped: bool) -> Option<ReturnPoint> {
+        let exact = stepped.then(|| self.stepper.return_point()).flatten();
+        let rsp = self.exit_rsp.filter(|_| !self.regs_rewritten);
+        exact.or(rsp.map(|rsp| ReturnPoint { rip: None, rsp }))
+    }
+
     /// An interrupt waits for the guest to set IF or leave a shadow: single-step towards that
     /// boundary, or let a HLT run to its own exit (true), or false: stepping refused, its budget
     /// spent, not allowed to begin at this entry (an event KVM delivers here), or the flags may
@@ -753,7 +768,7 @@ impl UserVcpuChip {
     /// third such delivery is not stepped to, and takes the window kicks instead.
     fn step_to_window(
         &mut self,
-        vcpu: &VcpuFd,
+        vcpu: &mut VcpuFd,
         if_set: bool,
         next: Injection,
     ) -> Result<bool, IrqchipError> {
@@ -763,6 +778,7 @@ impl UserVcpuChip {
             self.stepper.end(vcpu)?;
             return Ok(false);
         }
+        self.offer_events(vcpu);
         // One use: a record that outlived its handler could only make a later episode late.
         let outcome = match self.handler_returns_to.take() {
             Some(ret) if !self.stepper.active() => self.stepper.run_to_return(vcpu, ret)?,
@@ -792,6 +808,7 @@ impl UserVcpuChip {
         if events.nmi.masked == 0 || crate::backend::step::event_due(&events) {
             return Ok(false);
         }
+        self.stepper.offer_events(Some(events));
         // One NMI stays latched behind the one in service, the rest coalesce: the rule
         // `inject_nmis` applies, applied while the NMI waits here.
         self.interrupts.process_nmi(true);
@@ -810,6 +827,14 @@ impl UserVcpuChip {
         Ok(vcpu
             .get_vcpu_events()
             .map_err(KvmError::ioctl("KVM_GET_VCPU_EVENTS"))?)
+    }
+
+    /// Offers the stepper KVM's events from `kvm_run` if they are fresh ([`Self::kvm_events`]'s
+    /// rule), so that planning a step costs no KVM_GET_VCPU_EVENTS.
+    fn offer_events(&mut self, vcpu: &mut VcpuFd) {
+        let fresh = self.events_synced && !internal_error_exit(vcpu);
+        self.stepper
+            .offer_events(fresh.then(|| vcpu.sync_regs().events));
     }
 
     /// Records an injection: `Some(what)` if it is made at a stepped boundary.
@@ -834,9 +859,10 @@ impl UserVcpuChip {
     /// instruction: step until one does (`sync_cr8_from_exit` reads CR8 back at every step), as
     /// long as the budget lasts. Otherwise stepping ends; off the fast path this costs nothing
     /// (no ioctl unless stepping was on).
-    fn step_while_tpr_holds(&mut self, vcpu: &VcpuFd) -> Result<(), IrqchipError> {
+    fn step_while_tpr_holds(&mut self, vcpu: &mut VcpuFd) -> Result<(), IrqchipError> {
         let event_due = self.kvm_queued || self.fault_pending;
         if !self.regs_rewritten && !event_due && self.held_by_tpr_only() {
+            self.offer_events(vcpu);
             self.stepper.step(vcpu)?;
             self.publish_steps();
             return Ok(());
@@ -932,11 +958,16 @@ impl UserVcpuChip {
         Ok(())
     }
 
-    /// Asks KVM to copy its events into `kvm_run` at every KVM_RUN return (once per vCPU).
+    /// Asks KVM to copy its events and the general registers into `kvm_run` at every KVM_RUN
+    /// return (once per vCPU).
     fn enable_event_sync(&mut self, vcpu: &mut VcpuFd) {
         if self.shared.sync_events && !self.sync_enabled {
             vcpu.set_sync_valid_reg(SyncReg::VcpuEvents);
             self.sync_enabled = true;
+        }
+        if self.shared.sync_regs && !self.regs_sync_always {
+            vcpu.set_sync_valid_reg(SyncReg::Register);
+            self.regs_sync_always = true;
         }
     }
 
@@ -956,21 +987,39 @@ impl UserVcpuChip {
         self.stepper.offer_synced(synced);
     }
 
-    /// While stepping, KVM copies the registers into `kvm_run` at every KVM_RUN return; off
-    /// otherwise, so that ordinary exits do not pay for the copy.
+    /// While stepping, KVM also copies the system registers into `kvm_run` at every KVM_RUN
+    /// return; off otherwise, so that ordinary exits do not pay for that copy (KVM reads every
+    /// segment, the descriptor tables and the control registers for it).
     fn sync_regs_while_stepping(&mut self, vcpu: &mut VcpuFd) {
-        let want = self.shared.sync_regs && self.stepper.active();
+        // Also while the handler of an interrupt with a known return point may run: the episode
+        // that runs it to its return ([`Stepper::run_to_return`]) then reads the frame and the
+        // code by walking the page tables in guest RAM instead of with KVM_GET_SREGS and
+        // KVM_TRANSLATEs (~100 µs of ioctls here, docs/benchmarks.md).
+        let want =
+            self.shared.sync_regs && (self.stepper.active() || self.handler_returns_to.is_some());
         if want == self.regs_sync_on {
             return;
         }
-        for reg in [SyncReg::Register, SyncReg::SystemRegister] {
-            if want {
-                vcpu.set_sync_valid_reg(reg);
-            } else {
-                vcpu.clear_sync_valid_reg(reg);
-            }
+        if want {
+            vcpu.set_sync_valid_reg(SyncReg::SystemRegister);
+        } else {
+            vcpu.clear_sync_valid_reg(SyncReg::SystemRegister);
         }
         self.regs_sync_on = want;
+    }
+
+    /// Once the interrupt injected last has been delivered (no longer `kvm_queued`: a real exit
+    /// since), a stack pointer back at (or above) where it was taken means its handler has
+    /// returned, and its return point must not send a later episode to a breakpoint the guest
+    /// may never reach again.
+    fn forget_returned_handler(&mut self) {
+        let returned = match (self.handler_returns_to, self.exit_rsp) {
+            (Some(ret), Some(rsp)) => !self.kvm_queued && rsp >= ret.rsp,
+            _ => false,
+        };
+        if returned {
+            self.handler_returns_to = None;
+        }
     }
 
     /// Before a write that may be an EOI: the vector it would end (the highest in service).
@@ -1121,11 +1170,14 @@ impl VcpuIrqchip for UserVcpuChip {
         // while stepping the registers.
         self.events_synced = self.sync_enabled;
         self.regs_fresh = self.regs_sync_on;
+        self.exit_rsp = self.regs_sync_always.then(|| vcpu.sync_regs().regs.rsp);
+        self.forget_returned_handler();
         Ok(())
     }
 
     fn registers_written(&mut self) {
         self.regs_fresh = false;
+        self.exit_rsp = None;
     }
 
     fn handle_exit(&mut self, exit: &mut ChipExit<'_>) -> Result<ExitHandled, IrqchipError> {
