@@ -368,6 +368,9 @@ pub struct Stepper {
     events: Option<kvm_vcpu_events>,
     /// Steps taken, for the counters.
     pub steps: u64,
+    /// Handlers run to their return with a breakpoint ([`Self::run_to_return`]), for the
+    /// counters.
+    pub return_runs: u64,
     /// Episodes that ended without reaching the boundary (budget spent, or the guest's own
     /// single-stepping or breakpoints): the backend fell back to its window kicks.
     pub fallbacks: u64,
@@ -385,6 +388,7 @@ impl Stepper {
             synced: None,
             events: None,
             steps: 0,
+            return_runs: 0,
             fallbacks: 0,
         }
     }
@@ -525,6 +529,7 @@ impl Stepper {
         let regs = self.regs(vcpu)?;
         let inside = regs.rsp < ret.rsp && ret.rsp - regs.rsp <= HANDLER_STACK;
         if !inside {
+            tracing::trace!(rsp = regs.rsp, ?ret, "not inside the handler: stepping");
             return self.step(vcpu);
         }
         let to = match ret.rip {
@@ -532,6 +537,7 @@ impl Stepper {
             None => self.read_frame_return(vcpu, ret.rsp)?,
         };
         let Some(to) = to.filter(|&to| to != regs.rip) else {
+            tracing::trace!(rip = regs.rip, ?ret, ?to, "no frame to return by: stepping");
             return self.step(vcpu);
         };
         if !matches!(self.plan(vcpu, &regs)?, Plan::Step | Plan::Break(_)) {
@@ -541,7 +547,7 @@ impl Stepper {
         self.arm(vcpu, Armed::Break(to))?;
         self.on = true;
         self.left -= 1;
-        self.steps += 1;
+        self.return_runs += 1;
         Ok(StepOutcome::Stepping)
     }
 

@@ -22,6 +22,9 @@ pub struct VcpuCounters {
     pub halt_sleeps: AtomicU64,
     /// Instructions single-stepped towards an interrupt boundary (`backend::step`).
     pub single_steps: AtomicU64,
+    /// Handlers of injected interrupts run to their return with an execute breakpoint instead
+    /// of being stepped (`backend::step`, `Stepper::run_to_return`).
+    pub return_runs: AtomicU64,
     /// Stepping episodes that gave up (budget spent, or the guest's own TF, DR7 breakpoints).
     pub step_fallbacks: AtomicU64,
     /// sched_yields after an IPI of this vCPU woke a sleeping vCPU (`percpu`, `yield_to_woken`).
@@ -39,6 +42,7 @@ impl Default for VcpuCounters {
             halt_sleeps: AtomicU64::new(0),
             single_steps: AtomicU64::new(0),
             step_fallbacks: AtomicU64::new(0),
+            return_runs: AtomicU64::new(0),
             wake_yields: AtomicU64::new(0),
         }
     }
@@ -64,6 +68,7 @@ impl VcpuCounters {
         out("halt_sleeps", get(&self.halt_sleeps));
         out("single_steps", get(&self.single_steps));
         out("step_fallbacks", get(&self.step_fallbacks));
+        out("return_runs", get(&self.return_runs));
         out("wake_yields", get(&self.wake_yields));
         let mut total = 0;
         for (vector, count) in self.injected.iter().enumerate() {

@@ -890,6 +890,10 @@ impl UserVcpuChip {
         counters
             .step_fallbacks
             .store(self.stepper.fallbacks, std::sync::atomic::Ordering::Relaxed);
+        counters.return_runs.store(
+            self.stepper.return_runs,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// Hands the pending NMIs to KVM, as many as KVM's `process_nmi` rule lets stay pending
