@@ -361,6 +361,8 @@ pub struct Stepper {
     left: u32,
     /// Where single-stepping was last armed, until the instruction there has run ([`FirstStep`]).
     first: Option<FirstStep>,
+    /// The return RIP [`Self::run_to_return`] armed its breakpoint at, until the vCPU is there.
+    returning: Option<u64>,
     /// The registers of this entry, if the backend offered them ([`SyncedRegs`]).
     synced: Option<SyncedRegs>,
     /// KVM's events as of the last KVM_RUN return, if the backend offered them
@@ -385,6 +387,7 @@ impl Stepper {
             on: false,
             left: STEP_BUDGET,
             first: None,
+            returning: None,
             synced: None,
             events: None,
             steps: 0,
@@ -449,6 +452,10 @@ impl Stepper {
             return Ok(StepOutcome::Fallback);
         }
         let regs = self.regs(vcpu)?;
+        if self.keeps_running_to_return(&regs) {
+            self.left -= 1;
+            return Ok(StepOutcome::Stepping);
+        }
         self.settle_first(vcpu, &regs)?;
         let plan = self.plan(vcpu, &regs)?;
         tracing::trace!(
@@ -545,10 +552,28 @@ impl Stepper {
         }
         tracing::trace!(rip = regs.rip, to, "run to the handler's return");
         self.arm(vcpu, Armed::Break(to))?;
+        self.returning = Some(to);
         self.on = true;
         self.left -= 1;
         self.return_runs += 1;
         Ok(StepOutcome::Stepping)
+    }
+
+    /// True if a run to a handler's return ([`Self::run_to_return`]) is under way and the vCPU is
+    /// not there yet: an exit of the handler's own came first (its EOI, an MMIO or port access,
+    /// a kick). The breakpoint stays armed and the handler runs on, one unit of the budget per
+    /// such exit, rather than being stepped from there. At the return RIP the run is over and
+    /// stepping goes on as usual if the interrupt still waits.
+    fn keeps_running_to_return(&mut self, regs: &kvm_regs) -> bool {
+        let Some(to) = self.returning else {
+            return false;
+        };
+        if regs.rip != to && self.armed == Armed::Break(to) {
+            tracing::trace!(rip = regs.rip, to, "still running to the handler's return");
+            return true;
+        }
+        self.returning = None;
+        false
     }
 
     /// The return RIP of the frame an interrupt taken at `rsp` pushed, if that frame is still
@@ -602,6 +627,7 @@ impl Stepper {
         self.arm(vcpu, Armed::Off)?;
         self.on = false;
         self.first = None;
+        self.returning = None;
         Ok(())
     }
 
