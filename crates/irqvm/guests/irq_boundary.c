@@ -8,7 +8,8 @@
  *    handlers see the same interrupted RIP;
  *  - `sti; nop; cli`: the one-instruction window takes the interrupt;
  *  - a vector that a handler (IF=0) uncovers with its EOI is taken right at the handler's IRETQ, before the
- *    `cli` the IRETQ returns to: one instruction late, the `cli` would hold it until the next `sti`;
+ *    `cli` the IRETQ returns to: one instruction late, the `cli` would hold it until the next `sti`; also for
+ *    a handler entered from HLT and one entered right after the ICR write that sent it;
  *  - TPR lowered by an xAPIC write, and by MOV CR8: right after that write;
  *  - an EOI (with IF=1 in the handler) that uncovers a vector held by the in-service one: right after the EOI;
  *  - unmasking an IOAPIC level entry whose line is high: right after the IOWIN write;
@@ -165,6 +166,45 @@ static void iret_to_cli(void)
 	      "vector uncovered in a handler taken at its iretq, before the cli [kvm-late-window] [kvm-iret-step]",
 	      "%u taken before cli (order %x %x), saved rip %lx, expected %lx", taken, order[0], order[1],
 	      rip_of[V_IRET_INNER], after);
+	irq_set_handler(V_IRET_OUTER, NULL);
+	irq_set_handler(V_IRET_INNER, NULL);
+}
+
+/* ---- the same for a handler entered where nothing was stepped: from HLT, and right after the ICR write (IF=1)
+ * that sent it. The VMM then does not see the interrupted RIP itself (the exiting instruction completes when
+ * the guest is entered again); irqvm's `user` mode reads the return address from the handler's frame. Both
+ * handlers must see the address right after the HLT or the store. ---- */
+static void iret_to_cli_unstepped(bool from_hlt)
+{
+	const char *name = from_hlt ? "vector uncovered in a handler entered from hlt taken at its iretq, before the "
+				      "cli [kvm-late-window] [kvm-iret-step]"
+				    : "vector uncovered in a handler entered at an icr write taken at its iretq, before "
+				      "the cli [kvm-late-window] [kvm-iret-step]";
+	irq_set_handler(V_IRET_OUTER, iret_outer_handler);
+	irq_set_handler(V_IRET_INNER, record_eoi);
+	reset();
+	cli();
+	u64 after;
+	if (from_hlt) {
+		self_ipi(V_IRET_OUTER);
+		__asm__ volatile("sti\n\thlt\n\t"
+				 "1: cli\n\tlea 1b(%%rip), %0"
+				 : "=r"(after)
+				 :
+				 : "memory");
+	} else {
+		__asm__ volatile("sti\n\tmovl %k1, (%2)\n\t"
+				 "1: cli\n\tlea 1b(%%rip), %0"
+				 : "=&r"(after)
+				 : "r"(APIC_SH_SELF | V_IRET_OUTER), "r"(XAPIC + APIC_ICR)
+				 : "memory");
+	}
+	u32 taken = norder;
+	drain();
+	check(taken == 2 && order[0] == V_IRET_OUTER && order[1] == V_IRET_INNER && rip_of[V_IRET_OUTER] == after &&
+		      rip_of[V_IRET_INNER] == after,
+	      name, "%u taken before cli (order %x %x), saved rips %lx %lx, expected %lx", taken, order[0], order[1],
+	      rip_of[V_IRET_OUTER], rip_of[V_IRET_INNER], after);
 	irq_set_handler(V_IRET_OUTER, NULL);
 	irq_set_handler(V_IRET_INNER, NULL);
 }
@@ -418,6 +458,8 @@ void guest_main(void)
 	two_pins();
 	sti_window();
 	iret_to_cli();
+	iret_to_cli_unstepped(true);
+	iret_to_cli_unstepped(false);
 	tpr_write();
 	cr8_write();
 	eoi_uncovers();
