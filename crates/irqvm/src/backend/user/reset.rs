@@ -473,6 +473,34 @@ mod tests {
         assert_eq!(after.interrupt.shadow, 0, "{after:?}");
     }
 
+    /// An IA32_APIC_BASE staged in the system registers KVM copied out (`stage_apic_base`) and
+    /// flushed before the next KVM_RUN (`flush_staged`, as INIT, a block or a pause do) reaches
+    /// KVM with KVM_SET_SREGS alone: the general registers in `kvm_run`, which KVM did not copy
+    /// out, must not be written over the vCPU's.
+    #[test]
+    fn a_flushed_apic_base_writes_the_system_registers_only() {
+        let kvm = kvm_ioctls::Kvm::new().unwrap();
+        let vm = kvm.create_vm().unwrap();
+        let mut vcpu = vm.create_vcpu(0).unwrap();
+        let regs = vcpu.get_regs().unwrap();
+        assert!(
+            !stage_apic_base(&mut vcpu, 0xFEE0_0000),
+            "nothing staged without the copy"
+        );
+        vcpu.set_sync_valid_reg(SyncReg::SystemRegister);
+        vcpu.get_kvm_run().immediate_exit = 1;
+        assert!(vcpu.run().is_err(), "EINTR at once");
+        vcpu.get_kvm_run().immediate_exit = 0;
+        let base = vcpu.sync_regs().sregs.apic_base;
+        let disabled = base & !(1 << 11);
+        vcpu.sync_regs_mut().regs.rip = regs.rip ^ 0x1000;
+        assert!(stage_apic_base(&mut vcpu, disabled));
+        flush_staged(&mut vcpu).unwrap();
+        assert_eq!(vcpu.get_kvm_run().kvm_dirty_regs, 0);
+        assert_eq!(vcpu.get_sregs().unwrap().apic_base, disabled);
+        assert_eq!(vcpu.get_regs().unwrap().rip, regs.rip);
+    }
+
     /// The policy for an ioctl on a guest-driven path that fails anyway (docs/architecture.md,
     /// "When the guest misbehaves"): the VM stops cleanly with the full report. A 2-vCPU `user`
     /// VM whose BSP sends INIT to the AP; the AP's KVM_SET_SREGS of the INIT state fails (EIO,
