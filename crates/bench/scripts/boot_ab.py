@@ -5,7 +5,8 @@
     boot_ab.py summary OUT.json
 
 `run` starts `BINARY --vm-child <guests>/bench_boot.elf --child-cpus N --child-irqchip MODE` (BINARY: a
-copy of target/release/irqvm-bench of each build) for every count, round and peer in turn, so that the
+copy of target/release/irqvm-bench of each build; MODE `qemu-kvm` runs BINARY, a qemu-system-x86_64, with
+the bench's QEMU/KVM options instead) for every count, round and peer in turn, so that the
 host's load falls on every peer alike, and keeps the `SAMPLES:` lines of the five `boot` workloads
 (guest TSC cycles, converted at TSC_GHZ: the environment's, else the host's "cpu MHz", which is
 its TSC rate on the kvm_pvm hosts; each run's log line prints the rate). `summary` prints, per
@@ -40,11 +41,21 @@ def guest():
     return os.path.join(where, "bench_boot.elf")
 
 
+def command(binary, mode, cpus):
+    """irqvm-bench's child run, or with MODE `qemu-kvm` QEMU/KVM as irqvm-bench runs it (runner.rs)."""
+    if mode == "qemu-kvm":
+        return [binary, "-machine", "pc", "-accel", "kvm", "-cpu", "max,-arch-capabilities",
+                "-smp", str(cpus), "-m", "128", "-kernel", guest(), "-append", "",
+                "-display", "none", "-serial", "stdio", "-monitor", "none", "-nic", "none",
+                "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
+                "-device", "pc-testdev"]
+    return [binary, "--vm-child", guest(), "--child-cpus", str(cpus), "--child-irqchip", mode,
+            "--child-timeout", "120"]
+
+
 def run_one(binary, mode, cpus):
-    out = subprocess.run(
-        [binary, "--vm-child", guest(), "--child-cpus", str(cpus), "--child-irqchip", mode,
-         "--child-timeout", "120"],
-        capture_output=True, text=True, timeout=300).stdout
+    out = subprocess.run(command(binary, mode, cpus), capture_output=True, text=True, timeout=300,
+                         stdin=subprocess.DEVNULL).stdout
     samples = {}
     for line in out.splitlines():
         m = re.match(r"SAMPLES: name=(\S+) (.*)", line)

@@ -239,3 +239,71 @@ fn synced_registers_are_applied_by_a_kvm_run_that_returns_at_once() {
     assert_eq!((sregs.cs.selector, sregs.cs.base), (0x0800, 0x8000));
     assert_eq!((regs.rip, regs.rbx), (0x42, 0x1234_5678));
 }
+
+/// `user` mode puts a guest's IA32_APIC_BASE change into KVM's copy through the system
+/// registers KVM copied into `kvm_run` at the exit (`reset::stage_apic_base`, issue 13) instead of
+/// KVM_SET_MSRS: the next KVM_RUN (here one that returns at once) must make it what KVM answers
+/// for MSR 0x1B and what it derives CPUID.1:EDX[9] (APIC present) from, and leave the rest of the
+/// system registers as they were.
+#[test]
+fn a_synced_apic_base_is_kvms_msr_and_cpuid_bit_after_the_next_kvm_run() {
+    use kvm_ioctls::SyncReg;
+    const APIC_BASE: u32 = 0x1B;
+    const EN: u64 = 1 << 11;
+    let kvm = open_kvm().unwrap();
+    let vm = create_vm(&kvm).unwrap();
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    let cpuid = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .unwrap();
+    vcpu.set_cpuid2(&cpuid).unwrap();
+    let run_at_once = |vcpu: &mut kvm_ioctls::VcpuFd| {
+        vcpu.get_kvm_run().immediate_exit = 1;
+        let ran = vcpu.run().map(|_| ()).map_err(|e| e.errno());
+        vcpu.get_kvm_run().immediate_exit = 0;
+        assert_eq!(ran, Err(libc::EINTR));
+    };
+    let msr = |vcpu: &kvm_ioctls::VcpuFd| {
+        let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+            index: APIC_BASE,
+            ..Default::default()
+        }])
+        .unwrap();
+        assert_eq!(vcpu.get_msrs(&mut msrs).unwrap(), 1);
+        msrs.as_slice()[0].data
+    };
+    let apic_bit = |vcpu: &kvm_ioctls::VcpuFd| {
+        let cpuid = vcpu
+            .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .unwrap();
+        let leaf1 = cpuid.as_slice().iter().find(|e| e.function == 1).unwrap();
+        leaf1.edx & (1 << 9) != 0
+    };
+    vcpu.set_sync_valid_reg(SyncReg::SystemRegister);
+    run_at_once(&mut vcpu);
+    let before = vcpu.sync_regs().sregs;
+    assert_eq!(
+        before.apic_base,
+        msr(&vcpu),
+        "KVM copied its IA32_APIC_BASE out"
+    );
+    assert!(before.apic_base & EN != 0 && apic_bit(&vcpu));
+
+    let disabled = before.apic_base & !EN;
+    vcpu.sync_regs_mut().sregs.apic_base = disabled;
+    vcpu.set_sync_dirty_reg(SyncReg::SystemRegister);
+    run_at_once(&mut vcpu);
+    assert_eq!(
+        vcpu.get_kvm_run().kvm_dirty_regs,
+        0,
+        "KVM took the dirty bit"
+    );
+    assert_eq!(msr(&vcpu), disabled);
+    assert!(!apic_bit(&vcpu), "CPUID.1:EDX[9] follows EN");
+    let after = vcpu.get_sregs().unwrap();
+    assert_eq!(after.apic_base, disabled);
+    assert_eq!(
+        (after.cs.selector, after.cs.base, after.cr0, after.efer),
+        (before.cs.selector, before.cs.base, before.cr0, before.efer)
+    );
+}

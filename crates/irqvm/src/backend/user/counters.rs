@@ -14,6 +14,9 @@ pub struct VcpuCounters {
     /// SIPIs whose CS and RIP went in through `kvm_run`'s synced registers, without
     /// KVM_SET_SREGS and KVM_SET_REGS (`reset::stage_sipi`).
     pub synced_sipis: AtomicU64,
+    /// Guest changes of IA32_APIC_BASE that went into KVM's copy through `kvm_run`'s synced
+    /// system registers, without KVM_SET_MSRS (`reset::stage_apic_base`).
+    pub synced_apic_bases: AtomicU64,
     /// KVM_NMI injections.
     pub nmis_injected: AtomicU64,
     /// Halts that ended while polling, with no sleep.
@@ -37,6 +40,7 @@ impl Default for VcpuCounters {
             injected: std::array::from_fn(|_| AtomicU64::new(0)),
             synced_injections: AtomicU64::new(0),
             synced_sipis: AtomicU64::new(0),
+            synced_apic_bases: AtomicU64::new(0),
             nmis_injected: AtomicU64::new(0),
             halt_polls_ok: AtomicU64::new(0),
             halt_sleeps: AtomicU64::new(0),
@@ -64,6 +68,7 @@ impl VcpuCounters {
         out("nmis_injected", get(&self.nmis_injected));
         out("synced_injections", get(&self.synced_injections));
         out("synced_sipis", get(&self.synced_sipis));
+        out("synced_apic_bases", get(&self.synced_apic_bases));
         out("halt_polls_ok", get(&self.halt_polls_ok));
         out("halt_sleeps", get(&self.halt_sleeps));
         out("single_steps", get(&self.single_steps));

@@ -227,8 +227,8 @@ fn sync_fields(kvm: &Kvm) -> u32 {
 /// out, and with `ghcb` (`--protected-state-aps`) the GHCB MSR too.
 ///
 /// RDMSR of IA32_APIC_BASE stays in KVM: its copy is the model's value whenever the guest runs
-/// (`percpu::sync_kvm_apic_base` after every exit, the register writes of INIT and restore
-/// carry it), and an AP's start-up reads it first thing, so a read exit would cost every AP
+/// (`percpu::sync_kvm_apic_base` after every exit, with KVM_SET_MSRS or the synced system
+/// registers of the next KVM_RUN; the register writes of INIT and restore carry it), and an AP's start-up reads it first thing, so a read exit would cost every AP
 /// one userspace round trip (issue 13, docs/benchmarks.md "AP bring-up").
 fn enable_msr_exits(kvm: &Kvm, vm: &VmFd, ghcb: bool) -> Result<(), KvmError> {
     require_cap(kvm, Cap::X86UserSpaceMsr, "KVM_CAP_X86_USER_SPACE_MSR")?;

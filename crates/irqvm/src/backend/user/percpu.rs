@@ -42,7 +42,9 @@ use irqchip::{GuestFault, Nanos};
 
 use super::ghcb::{GhcbMsr, MSR_GHCB};
 use super::platform::{Platform, IOAPIC_BASE, IOAPIC_SIZE};
-use super::reset::{apply_init, apply_sipi, flush_staged, stage_sipi, write_msr, InitApplied};
+use super::reset::{
+    apply_init, apply_sipi, flush_staged, stage_apic_base, stage_sipi, write_msr, InitApplied,
+};
 use super::{is_apic_msr, Shared, MSR_APIC_BASE};
 use crate::backend::step::{ReturnPoint, StepOutcome, Stepper, SyncedRegs};
 use crate::backend::{
@@ -77,6 +79,14 @@ const HALT_POLL_MISSES: u32 = 2;
 /// While switched off, every this many halts one open-ended poll probes whether polling pays
 /// again.
 const HALT_POLL_PROBE_EVERY: u32 = 8;
+
+/// KVM_RUNs after a SIPI with the system registers copied out at each return
+/// (`UserVcpuChip::apic_base_watch`), until the AP first changes IA32_APIC_BASE. An AP's start-up
+/// code enables its APIC or switches it to x2APIC mode among its first exits to userspace
+/// (`bench_boot`'s at the very first, issue 13); each copy costs KVM a `__get_sregs` at the
+/// return, where the change it serves saves a KVM_SET_MSRS ioctl (11-12 µs on the Intel kvm_pvm
+/// host, docs/benchmarks.md "Session 14").
+const APIC_BASE_WATCH: u8 = 8;
 
 /// How a halt poll ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -415,9 +425,15 @@ pub(crate) struct UserVcpuChip {
     /// [`crate::backend::step`]).
     fault_pending: bool,
     halt_poll: HaltPoll,
-    /// IA32_APIC_BASE as KVM last saw it. KVM derives CPUID.1:EDX[9] (APIC present) from its own
-    /// copy, which the MSR filter keeps it from updating: `after_exit` pushes the model's value.
+    /// IA32_APIC_BASE as KVM last saw it, or will see at the next KVM_RUN when it went into the
+    /// synced system registers. KVM derives CPUID.1:EDX[9] (APIC present) from its own copy and
+    /// answers the guest's RDMSR of 0x1B from it, and the MSR filter keeps the guest's WRMSR from
+    /// updating it: `after_exit` pushes the model's value ([`Self::sync_kvm_apic_base`]).
     kvm_apic_base: u64,
+    /// KVM_RUNs left for which KVM copies the system registers out at the return although no
+    /// stepping asks for them: from a SIPI, so that the AP's switch to x2APIC mode, one of its
+    /// first exits, reaches KVM through them instead of a KVM_SET_MSRS ([`APIC_BASE_WATCH`]).
+    apic_base_watch: u8,
     /// The flight recorder's and latency histograms' view of this vCPU (`crate::trace`).
     probe: VcpuProbe,
     /// A vector was handed to KVM (synced events or KVM_INTERRUPT) and no guest exit has been
@@ -466,6 +482,7 @@ impl UserVcpuChip {
         Self {
             probe: VcpuProbe::new(shared.tracer.clone(), interrupts.index()),
             kvm_apic_base,
+            apic_base_watch: 0,
             interrupts,
             sipi,
             ghcb,
@@ -521,6 +538,9 @@ impl UserVcpuChip {
         }
         if outcome.reset.is_some() || outcome.start.is_some() {
             self.events_synced = false;
+            // INIT and SIPI read and write the registers with ioctls (or stage their own): an
+            // IA32_APIC_BASE staged at the last exit goes in first.
+            flush_staged(vcpu)?;
         }
         let mut start = outcome.start;
         if let Some(reset) = outcome.reset {
@@ -545,6 +565,7 @@ impl UserVcpuChip {
             Some(start @ SipiAction::StartRealMode { .. }) => {
                 self.start_at_sipi(vcpu, &start, entering)?;
                 self.regs_rewritten = true;
+                self.apic_base_watch = APIC_BASE_WATCH;
             }
             Some(SipiAction::ResumeUntouched { first_boot }) => self.resume_untouched(first_boot),
             None => {}
@@ -1058,18 +1079,46 @@ impl UserVcpuChip {
     }
 
     /// SDM §11.4.3: a globally disabled APIC reads as absent in CPUID.1:EDX[9]. KVM computes
-    /// that bit from its IA32_APIC_BASE, so a guest write the model accepted is copied there
-    /// (KVM_SET_MSRS is host-initiated: the filter does not apply, no transition checks). KVM
-    /// still refuses reserved bits, MAXPHYADDR and above included; the model #GPs every such
-    /// write first (its `max_phys_addr` is the guest's CPUID 80000008H), so this cannot fail on
-    /// a guest's say-so.
-    fn sync_kvm_apic_base(&mut self, vcpu: &VcpuFd) -> Result<(), IrqchipError> {
+    /// that bit from its IA32_APIC_BASE and answers the guest's RDMSR of 0x1B (not filtered) from
+    /// it, so a guest write the model accepted is copied there, host-initiated (the filter does
+    /// not apply, no transition checks). KVM still refuses reserved bits, MAXPHYADDR and above
+    /// included; the model #GPs every such write first (its `max_phys_addr` is the guest's CPUID
+    /// 80000008H), so this cannot fail on a guest's say-so.
+    ///
+    /// Where KVM copied its system registers out at this return (stepping, or an AP's first
+    /// KVM_RUNs after its SIPI: `apic_base_watch`), the value goes into them for the next
+    /// KVM_RUN to load ([`stage_apic_base`]): this runs right after the exit, before anything
+    /// writes the registers, and every register access before that KVM_RUN flushes first. The
+    /// guest cannot tell: its next instruction runs after that KVM_RUN loaded the value. Else
+    /// KVM_SET_MSRS. Nothing else in KVM reads the copy without an in-kernel LAPIC (the x2APIC
+    /// MSRs exit to us, KVM_GET_SREGS and KVM_GET_MSRS come after a flush or a KVM_RUN).
+    fn sync_kvm_apic_base(&mut self, vcpu: &mut VcpuFd) -> Result<(), IrqchipError> {
         let base = self.interrupts.lapic().apic_base();
-        if base != self.kvm_apic_base {
-            write_msr(vcpu, MSR_APIC_BASE, base)?;
-            self.kvm_apic_base = base;
+        if base == self.kvm_apic_base {
+            return Ok(());
         }
+        self.apic_base_watch = 0;
+        if self.shared.sync_regs && stage_apic_base(vcpu, base) {
+            super::counters::bump(&self.counters().synced_apic_bases);
+        } else {
+            write_msr(vcpu, MSR_APIC_BASE, base)?;
+        }
+        self.kvm_apic_base = base;
         Ok(())
+    }
+
+    /// Asks KVM for the system registers at the next return while `apic_base_watch` runs (or
+    /// stepping wants them anyway: `sync_regs_while_stepping` owns the flag then).
+    fn watch_apic_base(&mut self, vcpu: &mut VcpuFd) {
+        if self.regs_sync_on || !self.shared.sync_regs {
+            return;
+        }
+        if self.apic_base_watch > 0 {
+            self.apic_base_watch -= 1;
+            vcpu.set_sync_valid_reg(SyncReg::SystemRegister);
+        } else {
+            vcpu.clear_sync_valid_reg(SyncReg::SystemRegister);
+        }
     }
 
     fn apic_page_offset(&self, addr: u64) -> Option<u64> {
@@ -1157,6 +1206,7 @@ impl VcpuIrqchip for UserVcpuChip {
         self.inject(vcpu, pic_intr)?;
         self.stepper.offer_synced(None);
         self.sync_regs_while_stepping(vcpu);
+        self.watch_apic_base(vcpu);
         self.after_init = None;
         self.regs_rewritten = false;
         self.flags_from_exit = false;
@@ -1182,6 +1232,13 @@ impl VcpuIrqchip for UserVcpuChip {
     fn registers_written(&mut self) {
         self.regs_fresh = false;
         self.exit_rsp = None;
+    }
+
+    /// A paused vCPU's registers are read and may be restored with ioctls: an IA32_APIC_BASE
+    /// staged at the last exit goes in first, or a restore's registers would be overwritten by
+    /// it at the next KVM_RUN.
+    fn pause_started(&mut self, vcpu: &mut VcpuFd, _entered: bool) -> Result<(), IrqchipError> {
+        Ok(flush_staged(vcpu)?)
     }
 
     fn handle_exit(&mut self, exit: &mut ChipExit<'_>) -> Result<ExitHandled, IrqchipError> {

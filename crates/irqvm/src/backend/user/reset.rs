@@ -351,21 +351,49 @@ pub fn stage_sipi(vcpu: &mut VcpuFd, start: &SipiAction, after_init: InitApplied
     true
 }
 
-/// Writes what [`stage_sipi`] left in `kvm_run` with the two ioctls instead, now, and takes the
-/// dirty marks back, for a caller that must read or write the registers before the next KVM_RUN.
+/// Writes what [`stage_sipi`] or [`stage_apic_base`] left in `kvm_run` with the ioctls instead,
+/// now, and takes the dirty marks back, for a caller that must read or write the registers before
+/// the next KVM_RUN. Only the sets marked dirty are written: a staged IA32_APIC_BASE marks the
+/// system registers alone, and the general registers in `kvm_run` are then not KVM's.
 pub fn flush_staged(vcpu: &mut VcpuFd) -> Result<(), KvmError> {
-    let wanted = (SyncReg::SystemRegister as u64) | (SyncReg::Register as u64);
-    let dirty = vcpu.get_kvm_run().kvm_dirty_regs & wanted;
+    let sregs = SyncReg::SystemRegister as u64;
+    let regs = SyncReg::Register as u64;
+    let dirty = vcpu.get_kvm_run().kvm_dirty_regs & (sregs | regs);
     if dirty == 0 {
         return Ok(());
     }
     let synced = vcpu.sync_regs();
-    vcpu.set_sregs(&synced.sregs)
-        .map_err(KvmError::ioctl("KVM_SET_SREGS"))?;
-    vcpu.set_regs(&synced.regs)
-        .map_err(KvmError::ioctl("KVM_SET_REGS"))?;
-    vcpu.get_kvm_run().kvm_dirty_regs &= !wanted;
+    if dirty & sregs != 0 {
+        vcpu.set_sregs(&synced.sregs)
+            .map_err(KvmError::ioctl("KVM_SET_SREGS"))?;
+    }
+    if dirty & regs != 0 {
+        vcpu.set_regs(&synced.regs)
+            .map_err(KvmError::ioctl("KVM_SET_REGS"))?;
+    }
+    vcpu.get_kvm_run().kvm_dirty_regs &= !dirty;
     Ok(())
+}
+
+/// Puts the model's IA32_APIC_BASE into KVM's copy without KVM_SET_MSRS: into the system
+/// registers KVM copied into `kvm_run` at the KVM_RUN return just handled
+/// (`kvm_valid_regs` had KVM_SYNC_X86_SREGS), marked dirty, so that the next KVM_RUN loads them
+/// with KVM_SET_SREGS's function, whose `apic_base` goes through the same host-initiated
+/// `kvm_set_apic_base` as KVM_SET_MSRS of 0x1B. Every other field is what KVM just reported and
+/// nothing has written since (the caller's condition), so it is written back unchanged; CR8 is
+/// then overwritten by `kvm_run.cr8`, which KVM loads after the synced registers. Returns false
+/// (nothing staged) when KVM did not copy the system registers at that return.
+///
+/// The same rule as for [`stage_sipi`]: the next KVM_RUN must be the next register access, or
+/// [`flush_staged`] first (INIT and SIPI do, a block does, a pause does).
+pub fn stage_apic_base(vcpu: &mut VcpuFd, value: u64) -> bool {
+    let sregs = SyncReg::SystemRegister as u64;
+    if vcpu.get_kvm_run().kvm_valid_regs & sregs == 0 {
+        return false;
+    }
+    vcpu.sync_regs_mut().sregs.apic_base = value;
+    vcpu.set_sync_dirty_reg(SyncReg::SystemRegister);
+    true
 }
 
 /// CS selector, CS base and RIP of a SIPI that starts the vCPU in real mode.
@@ -443,6 +471,34 @@ mod tests {
         assert_eq!(after.nmi.pending, 0, "{after:?}");
         assert_eq!(after.nmi.injected, 0, "{after:?}");
         assert_eq!(after.interrupt.shadow, 0, "{after:?}");
+    }
+
+    /// An IA32_APIC_BASE staged in the system registers KVM copied out (`stage_apic_base`) and
+    /// flushed before the next KVM_RUN (`flush_staged`, as INIT, a block or a pause do) reaches
+    /// KVM with KVM_SET_SREGS alone: the general registers in `kvm_run`, which KVM did not copy
+    /// out, must not be written over the vCPU's.
+    #[test]
+    fn a_flushed_apic_base_writes_the_system_registers_only() {
+        let kvm = kvm_ioctls::Kvm::new().unwrap();
+        let vm = kvm.create_vm().unwrap();
+        let mut vcpu = vm.create_vcpu(0).unwrap();
+        let regs = vcpu.get_regs().unwrap();
+        assert!(
+            !stage_apic_base(&mut vcpu, 0xFEE0_0000),
+            "nothing staged without the copy"
+        );
+        vcpu.set_sync_valid_reg(SyncReg::SystemRegister);
+        vcpu.get_kvm_run().immediate_exit = 1;
+        assert!(vcpu.run().is_err(), "EINTR at once");
+        vcpu.get_kvm_run().immediate_exit = 0;
+        let base = vcpu.sync_regs().sregs.apic_base;
+        let disabled = base & !(1 << 11);
+        vcpu.sync_regs_mut().regs.rip = regs.rip ^ 0x1000;
+        assert!(stage_apic_base(&mut vcpu, disabled));
+        flush_staged(&mut vcpu).unwrap();
+        assert_eq!(vcpu.get_kvm_run().kvm_dirty_regs, 0);
+        assert_eq!(vcpu.get_sregs().unwrap().apic_base, disabled);
+        assert_eq!(vcpu.get_regs().unwrap().rip, regs.rip);
     }
 
     /// The policy for an ioctl on a guest-driven path that fails anyway (docs/architecture.md,
