@@ -549,6 +549,8 @@ impl UserVcpuChip {
             // or wrote them since (`prepare_wait_for_init`): no write, the SIPI starts from it.
             let state = reset.arch_state(self.signature);
             self.regs_rewritten |= state.is_some();
+            // INIT ends whatever handler ran: no return point survives it.
+            self.handler_returns_to = None;
             if let Some(mut state) = state.filter(|_| self.after_init.is_none()) {
                 // A SIPI accepted with its INIT is folded into the INIT's register writes.
                 let folded = start.filter(|s| matches!(s, SipiAction::StartRealMode { .. }));
@@ -1393,6 +1395,8 @@ impl VcpuIrqchip for UserVcpuChip {
         self.kvm_apic_base = model.lapic.apic_base();
         self.after_init = None;
         self.regs_rewritten = true;
+        // The restored guest is at another point of its run: a return point of ours is not its.
+        self.handler_returns_to = None;
         Ok(None)
     }
 
