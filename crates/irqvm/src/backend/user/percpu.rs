@@ -405,10 +405,10 @@ pub(crate) struct UserVcpuChip {
     /// The last injection made at a stepped boundary (what, and the RIP it interrupted), and
     /// whether the one before it was the same: see [`Self::step_to_window`].
     last_stepped: Option<(Injection, u64)>,
-    /// Where the handler of the interrupt injected last returns, when it was injected at a
-    /// stepped boundary in CPL-0 64-bit code: an interrupt that then waits for IF inside that
-    /// handler runs to there instead of being stepped (`Stepper::run_to_return`). Taken by the
-    /// next episode.
+    /// Where the handler of the interrupt injected last returns ([`Self::return_point`]): an
+    /// interrupt that then waits for IF inside that handler runs to there instead of being
+    /// stepped (`Stepper::run_to_return`). Taken by the next episode; dropped once the stack
+    /// pointer is back above it ([`Self::forget_returned_handler`]), at INIT and at a restore.
     handler_returns_to: Option<ReturnPoint>,
     stepped_again: bool,
     /// An interrupt or NMI was handed to KVM (synced events, KVM_INTERRUPT, KVM_NMI) and no
