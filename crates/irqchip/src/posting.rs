@@ -25,16 +25,68 @@
 //! context and exactly once. ON therefore has two bits: ANNOUNCED (something to drain) and
 //! NOTIFIED (a kick or wake was sent for it). Every post sets ANNOUNCED; ordinary posts set
 //! NOTIFIED too and notify when they turn it on, so the first post after a deferred INIT wakes
-//! the AP. The deferring INIT poster owns nothing when ANNOUNCED was already set (the owner's
-//! notification, or its deferral, covers it). Everything posted while the INIT waits is drained
-//! with it, as it would be had it landed before the AP woke: INIT first, then the SIPI; an NMI,
-//! SMI or ExtINT of the same drain is cleared by the INIT, as KVM clears those queued before its
-//! target accepts an INIT (`kvm_vcpu_reset`). The AP cannot run guest code in between: every
+//! the AP. An INIT poster that finds NOTIFIED set owns nothing (that notification covers it);
+//! one that finds only ANNOUNCED decides by the mode it reads, like a first poster (what an
+//! earlier poster deferred, an INIT or a vector below, says nothing about this INIT). A poster
+//! that notifies after a deferral claims NOTIFIED with a second RMW (below). Everything posted
+//! while the INIT waits is drained with it, as it would be had it landed before the AP woke:
+//! INIT first, then the SIPI; an NMI, SMI or ExtINT of the same drain is cleared by the INIT, as
+//! KVM clears those queued before its target accepts an INIT (`kvm_vcpu_reset`). The AP cannot run guest code in between: every
 //! drain and [`VcpuInbox::try_block`] sees ANNOUNCED (memory ordering below).
 //!
 //! The vCPU clears ON before it takes the payload, so a post that lands after the clear sets ON
 //! again and notifies again. Before entering the guest the vCPU publishes `InGuest` FIRST and
 //! drains after; before sleeping it publishes `Blocked` first and checks ON after.
+//!
+//! # No kick below the in-service class (issue 14)
+//!
+//! A fixed (or lowest-priority) vector whose priority class (`vector >> 4`) is not above the
+//! class of the highest vector in the target's ISR cannot be delivered before that interrupt's
+//! EOI (SDM vol. 3 §11.8.3.1: PPR ≥ ISRV, and a vector is delivered only when its class is above
+//! PPR's). A VMM whose vCPUs exit on every EOI (`user` mode: the xAPIC page is MMIO and the
+//! x2APIC EOI MSR is filtered) then need not kick such a vCPU: the EOI's exit is followed by an
+//! entry, and the entry drains. The kick it saves costs the poster a signal and the target a
+//! signal handler and often an EINTR return; in `irq_host`, where the host thread's next
+//! interrupt lands while the previous handler runs, before its EOI, skipping it took the
+//! median from 112 to 90 µs (line) and 121 to 90 µs (MSI) per interrupt (docs/benchmarks.md).
+//!
+//! The vCPU publishes its in-service class ([`VcpuInbox::publish_in_service`], `Relaxed` like
+//! the PPR): [`VcpuInbox::begin_guest_entry_in_service`] stores it BEFORE `InGuest` and the
+//! drain, and the vCPU stores it again when an acknowledge raises it after the drain. The TPR
+//! is deliberately not part of it: a CR8 write lowers it without an exit on this host
+//! (docs/kvm-facts.md), so a kick may help a vector the TPR alone holds. A vector post
+//! (`raise_vector_notification`) then:
+//! 1. `fetch_or(ANNOUNCED)`; NOTIFIED already set → [`Notify::None`] (covered, as before);
+//! 2. reads the class and the mode (after the RMW); `InGuest` and the vector's class ≤ the
+//!    class → [`Notify::None`], NOTIFIED left clear (the skip);
+//! 3. otherwise claims NOTIFIED with a CAS from exactly ANNOUNCED (it gives up, with
+//!    [`Notify::None`], if another poster claimed it, whose notification covers this payload,
+//!    or a drain cleared ON, which took it), then notifies by the mode read after the CAS.
+//!
+//! So NOTIFIED is only ever set by an RMW that the mode read deciding its notification follows,
+//! as before; a skipped post leaves NOTIFIED clear, so the next post that can help (a higher
+//! class, an NMI, an INIT, a wake-up) still owns a notification and kicks. A drain between a
+//! poster's two RMWs makes the CAS fail (ON 0) or, if a skipped post announced again in
+//! between, makes its kick a spare one.
+//!
+//! Why a skip loses nothing. Let P be the skipping poster's RMW of ON. The vector is drained by
+//! the first drain after P in ON's order; until then every `try_block` reads ANNOUNCED and
+//! refuses to sleep. The only guest run that can happen before that drain is the one entered
+//! by the vCPU's last RMW before P (each entry drains first), call its drain D. P's RMW follows
+//! D, so it synchronizes with D (all later modifications of ON are RMWs, which continue D's
+//! release sequence), and the class P reads is the one stored before D or a later one: the rise
+//! of an acknowledge before that run's KVM_RUN (the class the run has), a fall from an EOI
+//! during the exit that ends it, or one stored before the next drain, which takes the vector
+//! anyway. None is above the class of the run itself, so the vector's class is not above the
+//! run's in-service class: the run cannot deliver it, and the EOI that could unblock it is an
+//! exit. Had the vCPU published a fall after D instead of before (the test-only
+//! `broken-class-order` build), P could read the class of an interrupt already EOId and skip
+//! the kick the guest needs; `tests/loom_posting.rs` finds that, and finds the loss when a
+//! skip sets NOTIFIED (`broken-deferral-notified`: the deliverable vector after it kicks
+//! nobody). One fall after D is left, an INIT's reset of the local APIC (the class goes to 0):
+//! the reset APIC is software-disabled and drops fixed vectors until the guest writes its SVR,
+//! which exits (SDM vol. 3 §11.4.7.2, §11.4.7.3), so what a post skipped then could not have
+//! been delivered either.
 //!
 //! # Memory ordering
 //!
@@ -73,17 +125,18 @@
 //! The payload rides on release/acquire: a poster's PIR `fetch_or` is `Release` and the drain's
 //! PIR `swap` is `Acquire`, so the trigger bit written before it (`Relaxed`) is visible to the
 //! drain that takes the PIR bit. The event word is its own payload (`Release`/`Acquire`). The
-//! mode carries no data (`Relaxed`, ordered by the ON RMWs above), and the published PPR is a
-//! hint for arbitration (`Relaxed`). [`VcpuInbox::has_pending`] is a plain load: a hint, never
-//! used for a decision that could lose a notification.
+//! mode carries no data (`Relaxed`, ordered by the ON RMWs above), the published PPR is a
+//! hint for arbitration (`Relaxed`), and the in-service class is ordered like the mode (above).
+//! [`VcpuInbox::has_pending`] is a plain load: a hint, never used for a decision that could lose
+//! a notification.
 //!
 //! # The vCPU's loop (what the VMM does)
 //!
 //! ```text
 //! loop {
 //!     kvm_run.immediate_exit = 0;             // before begin_guest_entry, or a kick is lost
-//!     let posted = inbox.begin_guest_entry(); // publishes InGuest, then drains
-//!     /* feed `posted` to the LAPIC / MP state, inject */
+//!     let posted = inbox.begin_guest_entry_in_service(isr.highest()); // class, InGuest, drain
+//!     /* feed `posted` to the LAPIC / MP state, inject; an acknowledge publishes the new class */
 //!     KVM_RUN;                                // a Kick = signal whose handler sets immediate_exit
 //!     inbox.end_guest_entry();
 //!     /* on HLT with nothing deliverable: */
