@@ -31,8 +31,9 @@
 //! that notifies after a deferral claims NOTIFIED with a second RMW (below). Everything posted
 //! while the INIT waits is drained with it, as it would be had it landed before the AP woke:
 //! INIT first, then the SIPI; an NMI, SMI or ExtINT of the same drain is cleared by the INIT, as
-//! KVM clears those queued before its target accepts an INIT (`kvm_vcpu_reset`). The AP cannot run guest code in between: every
-//! drain and [`VcpuInbox::try_block`] sees ANNOUNCED (memory ordering below).
+//! KVM clears those queued before its target accepts an INIT (`kvm_vcpu_reset`). The AP cannot
+//! run guest code in between: every drain and [`VcpuInbox::try_block`] sees ANNOUNCED (memory
+//! ordering below).
 //!
 //! The vCPU clears ON before it takes the payload, so a post that lands after the clear sets ON
 //! again and notifies again. Before entering the guest the vCPU publishes `InGuest` FIRST and
