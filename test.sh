@@ -7,5 +7,7 @@ cargo test --workspace
 cargo test -p irqchip --release --features loom --test loom_posting
 cargo test -p irqchip --release --features loom,broken-ordering --test loom_posting
 cargo test -p irqchip --release --features loom,broken-init-deferral --test loom_posting
+cargo test -p irqchip --release --features loom,broken-class-order --test loom_posting
+cargo test -p irqchip --release --features loom,broken-deferral-notified --test loom_posting
 cargo test -p irqchip --release --features loom --test loom_wake
 cargo test -p irqchip --release --features loom,broken-shared-bell --test loom_wake

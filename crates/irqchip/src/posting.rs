@@ -25,16 +25,69 @@
 //! context and exactly once. ON therefore has two bits: ANNOUNCED (something to drain) and
 //! NOTIFIED (a kick or wake was sent for it). Every post sets ANNOUNCED; ordinary posts set
 //! NOTIFIED too and notify when they turn it on, so the first post after a deferred INIT wakes
-//! the AP. The deferring INIT poster owns nothing when ANNOUNCED was already set (the owner's
-//! notification, or its deferral, covers it). Everything posted while the INIT waits is drained
-//! with it, as it would be had it landed before the AP woke: INIT first, then the SIPI; an NMI,
-//! SMI or ExtINT of the same drain is cleared by the INIT, as KVM clears those queued before its
-//! target accepts an INIT (`kvm_vcpu_reset`). The AP cannot run guest code in between: every
-//! drain and [`VcpuInbox::try_block`] sees ANNOUNCED (memory ordering below).
+//! the AP. An INIT poster that finds NOTIFIED set owns nothing (that notification covers it);
+//! one that finds only ANNOUNCED decides by the mode it reads, like a first poster (what an
+//! earlier poster deferred, an INIT or a vector below, says nothing about this INIT). A poster
+//! that notifies after a deferral claims NOTIFIED with a second RMW (below). Everything posted
+//! while the INIT waits is drained with it, as it would be had it landed before the AP woke:
+//! INIT first, then the SIPI; an NMI, SMI or ExtINT of the same drain is cleared by the INIT, as
+//! KVM clears those queued before its target accepts an INIT (`kvm_vcpu_reset`). The AP cannot
+//! run guest code in between: every drain and [`VcpuInbox::try_block`] sees ANNOUNCED (memory
+//! ordering below).
 //!
 //! The vCPU clears ON before it takes the payload, so a post that lands after the clear sets ON
 //! again and notifies again. Before entering the guest the vCPU publishes `InGuest` FIRST and
 //! drains after; before sleeping it publishes `Blocked` first and checks ON after.
+//!
+//! # No kick below the in-service class (issue 14)
+//!
+//! A fixed (or lowest-priority) vector whose priority class (`vector >> 4`) is not above the
+//! class of the highest vector in the target's ISR cannot be delivered before that interrupt's
+//! EOI (SDM vol. 3 §11.8.3.1: PPR ≥ ISRV, and a vector is delivered only when its class is above
+//! PPR's). A VMM whose vCPUs exit on every EOI (`user` mode: the xAPIC page is MMIO and the
+//! x2APIC EOI MSR is filtered) then need not kick such a vCPU: the EOI's exit is followed by an
+//! entry, and the entry drains. The kick it saves costs the poster a signal and the target a
+//! signal handler and often an EINTR return; in `irq_host`, where the host thread's next
+//! interrupt lands while the previous handler runs, before its EOI, skipping it took the
+//! median from 112 to 90 µs (line) and 121 to 90 µs (MSI) per interrupt (docs/benchmarks.md).
+//!
+//! The vCPU publishes its in-service class ([`VcpuInbox::publish_in_service`], `Relaxed` like
+//! the PPR): [`VcpuInbox::begin_guest_entry_in_service`] stores it BEFORE `InGuest` and the
+//! drain, and the vCPU stores it again when an acknowledge raises it after the drain. The TPR
+//! is deliberately not part of it: a CR8 write lowers it without an exit on this host
+//! (docs/kvm-facts.md), so a kick may help a vector the TPR alone holds. A vector post
+//! (`raise_vector_notification`) then:
+//! 1. `fetch_or(ANNOUNCED)`; NOTIFIED already set → [`Notify::None`] (covered, as before);
+//! 2. reads the class and the mode (after the RMW); `InGuest` and the vector's class ≤ the
+//!    class → [`Notify::None`], NOTIFIED left clear (the skip);
+//! 3. otherwise claims NOTIFIED with a CAS from exactly ANNOUNCED (it gives up, with
+//!    [`Notify::None`], if another poster claimed it, whose notification covers this payload,
+//!    or a drain cleared ON, which took it), then notifies by the mode read after the CAS.
+//!
+//! So NOTIFIED is only ever set by an RMW that the mode read deciding its notification follows,
+//! as before; a skipped post leaves NOTIFIED clear, so the next post that can help (a higher
+//! class, an NMI, an INIT, a wake-up) still owns a notification and kicks. A drain between a
+//! poster's two RMWs makes the CAS fail (ON 0) or, if a skipped post announced again in
+//! between, makes its kick a spare one.
+//!
+//! Why a skip loses nothing. Let P be the skipping poster's RMW of ON. The vector is drained by
+//! the first drain after P in ON's order; until then every `try_block` reads ANNOUNCED and
+//! refuses to sleep. The only guest run that can happen before that drain is the one entered
+//! by the vCPU's last RMW before P (each entry drains first), call its drain D. P's RMW follows
+//! D, so it synchronizes with D (all later modifications of ON are RMWs, which continue D's
+//! release sequence), and the class P reads is the one stored before D or a later one: the rise
+//! of an acknowledge before that run's KVM_RUN (the class the run has), a fall from an EOI
+//! during the exit that ends it, or one stored before the next drain, which takes the vector
+//! anyway. None is above the class of the run itself, so the vector's class is not above the
+//! run's in-service class: the run cannot deliver it, and the EOI that could unblock it is an
+//! exit. Had the vCPU published a fall after D instead of before (the test-only
+//! `broken-class-order` build), P could read the class of an interrupt already EOId and skip
+//! the kick the guest needs; `tests/loom_posting.rs` finds that, and finds the loss when a
+//! skip sets NOTIFIED (`broken-deferral-notified`: the deliverable vector after it kicks
+//! nobody). One fall after D is left, an INIT's reset of the local APIC (the class goes to 0):
+//! the reset APIC is software-disabled and drops fixed vectors until the guest writes its SVR,
+//! which exits (SDM vol. 3 §11.4.7.2, §11.4.7.3), so what a post skipped then could not have
+//! been delivered either.
 //!
 //! # Memory ordering
 //!
@@ -73,17 +126,18 @@
 //! The payload rides on release/acquire: a poster's PIR `fetch_or` is `Release` and the drain's
 //! PIR `swap` is `Acquire`, so the trigger bit written before it (`Relaxed`) is visible to the
 //! drain that takes the PIR bit. The event word is its own payload (`Release`/`Acquire`). The
-//! mode carries no data (`Relaxed`, ordered by the ON RMWs above), and the published PPR is a
-//! hint for arbitration (`Relaxed`). [`VcpuInbox::has_pending`] is a plain load: a hint, never
-//! used for a decision that could lose a notification.
+//! mode carries no data (`Relaxed`, ordered by the ON RMWs above), the published PPR is a
+//! hint for arbitration (`Relaxed`), and the in-service class is ordered like the mode (above).
+//! [`VcpuInbox::has_pending`] is a plain load: a hint, never used for a decision that could lose
+//! a notification.
 //!
 //! # The vCPU's loop (what the VMM does)
 //!
 //! ```text
 //! loop {
 //!     kvm_run.immediate_exit = 0;             // before begin_guest_entry, or a kick is lost
-//!     let posted = inbox.begin_guest_entry(); // publishes InGuest, then drains
-//!     /* feed `posted` to the LAPIC / MP state, inject */
+//!     let posted = inbox.begin_guest_entry_in_service(isr.highest()); // class, InGuest, drain
+//!     /* feed `posted` to the LAPIC / MP state, inject; an acknowledge publishes the new class */
 //!     KVM_RUN;                                // a Kick = signal whose handler sets immediate_exit
 //!     inbox.end_guest_entry();
 //!     /* on HLT with nothing deliverable: */
@@ -250,6 +304,15 @@ impl Posted {
     }
 }
 
+/// True when a fixed vector posted to a vCPU whose highest in-service vector has priority class
+/// `in_service_class` cannot be delivered before that vector's EOI: its class is not above it
+/// (SDM vol. 3 §11.8.3.1: PPR >= ISRV, and a vector is delivered only when its class is above
+/// PPR's). Vectors 0-15 are never held: the APIC refuses them with an error (§11.5.3), which
+/// must not wait; and class 0 means nothing in service.
+fn held_in_service(vector: Vector, in_service_class: u8) -> bool {
+    vector >= 16 && vector >> 4 <= in_service_class
+}
+
 fn word_and_mask(vector: Vector) -> (usize, u64) {
     (usize::from(vector >> 6), 1u64 << (vector & 63))
 }
@@ -401,6 +464,10 @@ pub struct VcpuInbox {
     events: AtomicU32,
     mode: AtomicU8,
     ppr: AtomicU8,
+    /// Priority class (vector >> 4) of the highest vector in the vCPU's ISR, 0 if none: a
+    /// fixed vector of this class or lower cannot be delivered before that interrupt's EOI, so
+    /// it needs no kick (module doc, "No kick below the in-service class").
+    in_service: AtomicU8,
     doorbell: Box<dyn Bell>,
 }
 
@@ -425,6 +492,7 @@ impl VcpuInbox {
             events: AtomicU32::new(0),
             mode: AtomicU8::new(VcpuMode::OutsideGuest as u8),
             ppr: AtomicU8::new(0),
+            in_service: AtomicU8::new(0),
             doorbell: bell,
         }
     }
@@ -459,13 +527,14 @@ impl VcpuInbox {
 
     /// Announces an INIT alone: like [`Self::raise_notification`], except that an AP asleep in
     /// wait-for-SIPI is not woken; the next ordinary post notifies (module doc). A poster that
-    /// finds anything announced already owns nothing. One that notifies leaves NOTIFIED clear,
-    /// so a later post may notify once more: a spare kick or ring, which the vCPU tolerates.
+    /// finds NOTIFIED set owns nothing; one that finds only ANNOUNCED (a deferred INIT or a
+    /// deferred vector) decides again by the mode it reads, since what was deferred for a vector
+    /// does not hold for an INIT.
     fn raise_init_notification(&self) -> Notify {
         #[cfg(feature = "broken-init-deferral")]
         let early_mode = self.mode();
         let old = self.on.fetch_or(ON_ANNOUNCED, Ordering::AcqRel);
-        if old != 0 {
+        if old & ON_NOTIFIED != 0 {
             return Notify::None;
         }
         // The test-only broken variant reads the mode before the RMW, which the loom model must
@@ -474,9 +543,62 @@ impl VcpuInbox {
         let mode = early_mode;
         #[cfg(not(feature = "broken-init-deferral"))]
         let mode = self.mode();
-        match mode {
-            VcpuMode::AwaitingSipi => Notify::None,
-            other => other.notify(),
+        if mode == VcpuMode::AwaitingSipi {
+            return Notify::None;
+        }
+        self.claim_notification()
+    }
+
+    /// Announces a fixed or lowest-priority vector: like [`Self::raise_notification`], except
+    /// that a vCPU in guest mode whose published in-service class is at least the vector's
+    /// class is not kicked (module doc, "No kick below the in-service class").
+    fn raise_vector_notification(&self, vector: Vector) -> Notify {
+        // The test-only broken variant sets NOTIFIED with ANNOUNCED, also when it defers: a
+        // later post of a vector the guest could take then kicks nobody (loom must catch it).
+        let broken = cfg!(feature = "broken-deferral-notified");
+        let bits = if broken {
+            ON_ANNOUNCED | ON_NOTIFIED
+        } else {
+            ON_ANNOUNCED
+        };
+        let old = self.on.fetch_or(bits, Ordering::AcqRel);
+        if old & ON_NOTIFIED != 0 {
+            return Notify::None;
+        }
+        // Both read after the RMW of ON, as `raise_notification` reads the mode: the class is
+        // then at least as new as the one the vCPU published before its last drain (module
+        // doc).
+        let class = self.in_service.load(Ordering::Relaxed);
+        let mode = self.mode();
+        if mode == VcpuMode::InGuest && held_in_service(vector, class) {
+            // Deferred: ANNOUNCED stays set with NOTIFIED clear, so the drain of the entry
+            // after the EOI's exit takes the vector, `try_block` refuses to sleep on it, and
+            // the next post that may help still owns a notification.
+            return Notify::None;
+        }
+        if broken {
+            return mode.notify();
+        }
+        self.claim_notification()
+    }
+
+    /// After this poster's RMW announced its payload and found NOTIFIED clear: turns NOTIFIED
+    /// on, unless another poster did so first (its notification covers this payload) or a
+    /// drain took the payload (ANNOUNCED cleared), and then notifies by the mode read after
+    /// this second RMW. NOTIFIED is therefore only ever set by an RMW followed by the mode read
+    /// that decided the notification, as in `raise_notification`; a drain between the two RMWs
+    /// at worst makes the notification a spare one (ANNOUNCED set again by a later poster).
+    fn claim_notification(&self) -> Notify {
+        // ON has two bits: the claim succeeds only from "announced, not notified".
+        let claimed = self.on.compare_exchange(
+            ON_ANNOUNCED,
+            ON_ANNOUNCED | ON_NOTIFIED,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
+        match claimed {
+            Ok(_) => self.mode().notify(),
+            Err(_) => Notify::None,
         }
     }
 
@@ -498,11 +620,40 @@ impl VcpuInbox {
         self.ppr.store(ppr, Ordering::Relaxed);
     }
 
+    /// Publishes the highest vector in the local APIC's ISR (`None`: nothing in service), which
+    /// spares kicks for vectors that cannot be delivered before its EOI. A rise (an interrupt
+    /// acknowledged for injection) may be published any time, even after the entry's drain: a
+    /// poster that reads the older, lower class only sends a spare kick. A fall (an EOI, an
+    /// INIT, a restore) must be published before the next [`Self::begin_guest_entry_in_service`]
+    /// drains, which that call does itself (module doc, "No kick below the in-service class").
+    /// The caller must only publish what its guest cannot change without an exit to it: in
+    /// `user` mode every EOI is one (MMIO or a filtered x2APIC MSR).
+    pub fn publish_in_service(&self, highest: Option<Vector>) {
+        self.in_service
+            .store(highest.map_or(0, |vector| vector >> 4), Ordering::Relaxed);
+    }
+
+    /// The priority class [`Self::publish_in_service`] last published (0: nothing in service).
+    pub fn published_in_service_class(&self) -> u8 {
+        self.in_service.load(Ordering::Relaxed)
+    }
+
     /// Call right before `KVM_RUN`: publishes `InGuest`, THEN drains. Any post the drain misses
     /// sees `InGuest` and kicks. Draining first would lose a post that lands in between: it sees
     /// `OutsideGuest` and does not kick, and the guest runs without it (seed 001, second race).
-    #[cfg(not(feature = "broken-ordering"))]
+    /// Publishes "nothing in service" first: [`Self::begin_guest_entry_in_service`] with `None`
+    /// (every post to this entry notifies as before issue 14's deferral).
     pub fn begin_guest_entry(&self) -> Posted {
+        self.begin_guest_entry_in_service(None)
+    }
+
+    /// [`Self::begin_guest_entry`] for a vCPU whose highest in-service vector is `highest`:
+    /// publishes its class, THEN `InGuest`, THEN drains, so that a poster whose RMW of ON
+    /// follows the drain reads this class or a newer one, never the higher class of an
+    /// interrupt whose EOI the vCPU has handled since (module doc).
+    #[cfg(not(any(feature = "broken-ordering", feature = "broken-class-order")))]
+    pub fn begin_guest_entry_in_service(&self, highest: Option<Vector>) -> Posted {
+        self.publish_in_service(highest);
         self.set_mode(VcpuMode::InGuest);
         self.drain()
     }
@@ -510,9 +661,21 @@ impl VcpuInbox {
     /// Test-only broken variant (feature `broken-ordering`): drains before publishing
     /// `InGuest`, the race of seed 001 that the loom model must catch.
     #[cfg(feature = "broken-ordering")]
-    pub fn begin_guest_entry(&self) -> Posted {
+    pub fn begin_guest_entry_in_service(&self, highest: Option<Vector>) -> Posted {
+        self.publish_in_service(highest);
         let posted = self.drain();
         self.set_mode(VcpuMode::InGuest);
+        posted
+    }
+
+    /// Test-only broken variant (feature `broken-class-order`): publishes the in-service class
+    /// after the drain, so a poster that follows the drain may still read the class of an
+    /// interrupt already EOId and skip a kick the guest needs (the loom model must catch it).
+    #[cfg(all(feature = "broken-class-order", not(feature = "broken-ordering")))]
+    pub fn begin_guest_entry_in_service(&self, highest: Option<Vector>) -> Posted {
+        self.set_mode(VcpuMode::InGuest);
+        let posted = self.drain();
+        self.publish_in_service(highest);
         posted
     }
 
@@ -609,7 +772,7 @@ impl InterruptSink for VcpuInbox {
         self.post_level_bit(vector, trigger);
         let (word, mask) = word_and_mask(vector);
         self.pir[word].fetch_or(mask, Ordering::Release);
-        self.raise_notification()
+        self.raise_vector_notification(vector)
     }
 
     /// Event bits, then ON. Empty: no-op. A SIPI replaces the vector of a pending one, and an
@@ -929,6 +1092,134 @@ mod tests {
             assert_eq!(post(&inbox), Notify::Kick);
             assert!(!inbox.drain().is_empty());
         }
+    }
+
+    /// Issue 14: with 0x30 in service (class 3), a vector of class 3 or lower cannot be
+    /// delivered before its EOI (SDM vol. 3 §11.8.3.1), so its post skips the kick, leaving it
+    /// announced but not notified; a vector of a higher class still kicks, once.
+    #[test]
+    fn a_vector_the_in_service_class_holds_skips_the_kick() {
+        let inbox = VcpuInbox::new();
+        assert!(inbox.begin_guest_entry_in_service(Some(0x30)).is_empty());
+        assert_eq!(inbox.published_in_service_class(), 3);
+        assert_eq!(edge(&inbox, 0x31), Notify::None);
+        assert_eq!(inbox.post_vector(0x20, TriggerMode::Level), Notify::None);
+        assert!(inbox.has_pending());
+        assert_eq!(edge(&inbox, 0x41), Notify::Kick, "class 4 is deliverable");
+        assert_eq!(edge(&inbox, 0x42), Notify::None, "notified already");
+        assert_eq!(edge(&inbox, 0x32), Notify::None);
+        inbox.end_guest_entry();
+        let posted = inbox.begin_guest_entry_in_service(Some(0x41));
+        assert_eq!(
+            posted.vectors().collect::<Vec<_>>(),
+            [0x20, 0x31, 0x32, 0x41, 0x42]
+        );
+        assert!(posted.is_level(0x20));
+        assert_eq!(edge(&inbox, 0x4F), Notify::None, "class 4 now in service");
+        assert_eq!(edge(&inbox, 0x50), Notify::Kick);
+    }
+
+    /// The skip needs the vCPU in guest mode (outside it nothing is kicked anyway, and a vCPU
+    /// halted in a handler is woken as before), something in service (the TPR alone holds
+    /// nothing: a CR8 write lowers it without an exit), and a legal vector (0-15 are refused
+    /// with an error that must not wait).
+    #[test]
+    fn only_a_running_vcpu_with_a_vector_in_service_skips_kicks() {
+        let inbox = VcpuInbox::new();
+        inbox.publish_in_service(Some(0xEF));
+        assert_eq!(edge(&inbox, 0x31), Notify::None, "outside guest mode");
+        inbox.drain();
+        assert!(inbox.try_block());
+        assert_eq!(edge(&inbox, 0x31), Notify::Wake, "halted in the handler");
+        inbox.ring_doorbell();
+        inbox.block_until_rung();
+        inbox.drain();
+
+        inbox.publish_ppr(0xF0);
+        inbox.begin_guest_entry_in_service(None);
+        assert_eq!(edge(&inbox, 0x31), Notify::Kick, "held by the TPR only");
+        inbox.end_guest_entry();
+        inbox.begin_guest_entry_in_service(Some(0x10));
+        assert_eq!(edge(&inbox, 0x05), Notify::Kick, "illegal vector");
+        inbox.end_guest_entry();
+        inbox.drain();
+        inbox.begin_guest_entry();
+        assert_eq!(inbox.published_in_service_class(), 0);
+        assert_eq!(edge(&inbox, 0x10), Notify::Kick, "nothing in service");
+    }
+
+    /// A rise of the class published after the entry's drain (an interrupt acknowledged for
+    /// injection) takes effect for the posts that read it.
+    #[test]
+    fn a_class_published_after_the_drain_applies_to_later_posts() {
+        let inbox = VcpuInbox::new();
+        inbox.begin_guest_entry();
+        inbox.publish_in_service(Some(0x61));
+        assert_eq!(edge(&inbox, 0x60), Notify::None);
+        assert_eq!(edge(&inbox, 0x70), Notify::Kick);
+    }
+
+    /// A vCPU that halts in the handler with a skipped vector announced refuses to sleep: its
+    /// drain finds the vector (still held by the in-service class, so it may then sleep).
+    #[test]
+    fn a_skipped_vector_keeps_the_vcpu_from_sleeping_until_drained() {
+        let inbox = VcpuInbox::new();
+        inbox.begin_guest_entry_in_service(Some(0x30));
+        assert_eq!(edge(&inbox, 0x31), Notify::None);
+        inbox.end_guest_entry();
+        assert!(!inbox.try_block());
+        assert_eq!(inbox.mode(), VcpuMode::OutsideGuest);
+        assert!(inbox.drain().contains(0x31));
+        assert!(inbox.try_block());
+    }
+
+    /// Only NOTIFIED owns a notification: an NMI, a wake-up or an INIT after a skipped kick
+    /// still kicks (an INIT is no vector an ISR holds).
+    #[test]
+    fn other_posts_after_a_skipped_kick_still_kick() {
+        let posts: [&dyn Fn(&VcpuInbox) -> Notify; 3] = [
+            &|i| {
+                i.post_events(ApicEvents {
+                    nmi: true,
+                    ..Default::default()
+                })
+            },
+            &|i| i.post_wakeup(),
+            &|i| {
+                i.post_events(ApicEvents {
+                    init: true,
+                    ..Default::default()
+                })
+            },
+        ];
+        for post in posts {
+            let inbox = VcpuInbox::new();
+            inbox.begin_guest_entry_in_service(Some(0x30));
+            assert_eq!(edge(&inbox, 0x31), Notify::None);
+            assert_eq!(post(&inbox), Notify::Kick);
+            assert_eq!(edge(&inbox, 0x90), Notify::None, "notified already");
+        }
+    }
+
+    /// The claim of NOTIFIED, the second RMW of a post that may help, with a drain between it
+    /// and the poster's first RMW (built by hand: the payload and ANNOUNCED, the drain, then
+    /// the claim). The drain took the payload: the claim gives up and sets nothing, so the
+    /// next post notifies. With a skipped post announced again in between, the claim notifies
+    /// (a spare kick) and owns NOTIFIED.
+    #[test]
+    fn a_drain_between_the_two_rmws_of_a_post() {
+        let inbox = VcpuInbox::new();
+        inbox.begin_guest_entry_in_service(Some(0x30));
+        inbox.pir[1].fetch_or(1 << 1, Ordering::Release); // vector 0x41
+        inbox.on.fetch_or(ON_ANNOUNCED, Ordering::AcqRel);
+        assert!(inbox.drain().contains(0x41), "the drain took the payload");
+        assert_eq!(inbox.claim_notification(), Notify::None);
+        assert!(!inbox.has_pending(), "no NOTIFIED without ANNOUNCED");
+        assert_eq!(edge(&inbox, 0x31), Notify::None, "skipped: held");
+        assert_eq!(inbox.claim_notification(), Notify::Kick, "a spare kick");
+        assert_eq!(edge(&inbox, 0x42), Notify::None, "the claim owns NOTIFIED");
+        assert!(inbox.drain().contains(0x31));
+        assert_eq!(edge(&inbox, 0x42), Notify::Kick);
     }
 
     #[test]

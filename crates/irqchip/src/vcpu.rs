@@ -326,10 +326,18 @@ impl VcpuInterrupts {
 
     // ---- guest entry and exit (seed 001) ----
 
-    /// Right before entering the guest: publishes "in guest", then drains what was posted.
-    /// Anything posted after this drain kicks the vCPU.
+    /// Right before entering the guest: publishes the highest in-service vector's class and
+    /// "in guest", then drains what was posted. Anything posted after this drain kicks the
+    /// vCPU, unless its vector cannot be delivered before an EOI, whose exit drains it
+    /// (`posting`, issue 14). Every change of ISR happens on this thread outside the guest, so
+    /// the class published here holds for the whole run, except for the rises published after
+    /// the drain by [`Self::acknowledge_interrupt`] (a poster that misses them kicks in vain)
+    /// and an INIT's reset by [`Self::accept_events`], after which the software-disabled APIC
+    /// drops fixed vectors (SDM vol. 3 §11.4.7.2) until an SVR write, which exits.
     pub fn begin_guest_entry(&mut self) {
-        let posted = self.inbox.begin_guest_entry();
+        let posted = self
+            .inbox
+            .begin_guest_entry_in_service(self.lapic.isr().highest());
         self.absorb(posted);
     }
 
@@ -627,8 +635,12 @@ impl VcpuInterrupts {
         }
     }
 
+    /// PPR for lowest-priority arbitration, and the in-service class for the posters' kick
+    /// decision (a rise must be published after an acknowledge; a fall is published again by
+    /// [`Self::begin_guest_entry`] before its drain, where it matters).
     fn publish_priority(&self) {
         self.inbox.publish_ppr(self.lapic.ppr());
+        self.inbox.publish_in_service(self.lapic.isr().highest());
     }
 
     /// SeqCst: pairs with the load in [`ApicSystem::wake_pic_acceptors`] (module documentation).

@@ -6,11 +6,17 @@
 //!     cargo test -p irqchip --release --features loom,broken-ordering --test loom_posting
 //!
 //!     cargo test -p irqchip --release --features loom,broken-init-deferral --test loom_posting
+//!     cargo test -p irqchip --release --features loom,broken-class-order --test loom_posting
+//!     cargo test -p irqchip --release --features loom,broken-deferral-notified --test loom_posting
 //!
 //! The second run builds `begin_guest_entry` with the drain BEFORE `InGuest` is published (seed
 //! 001's second race) and expects loom to find the lost interrupt. The third builds an INIT poster
 //! that reads the target's mode before its RMW of ON, and expects loom to find the INIT that
-//! an AP leaving wait-for-SIPI enters the guest without (the deferred INIT, issue 13).
+//! an AP leaving wait-for-SIPI enters the guest without (the deferred INIT, issue 13). The last two
+//! break issue 14's "no kick below the in-service class": the fourth publishes the vCPU's
+//! in-service class after its entry's drain (a poster may then read the class of an interrupt
+//! already EOId), the fifth sets NOTIFIED when a post skips its kick (a later post the guest could
+//! take then kicks nobody); the model must find the lost vector in both.
 //!
 //! A kick is modelled by its effect: the poster told [`Notify::Kick`] sets `immediate_exit` (in
 //! the VMM, a real-time signal whose handler sets `kvm_run.immediate_exit`, which makes KVM_RUN
@@ -33,6 +39,10 @@ const VECTOR_B: Vector = 0xB2;
 /// (about 2 s). The exhaustive run (LOOM_MAX_PREEMPTIONS=100: ~4.6 million executions, ~4.5 min
 /// here) passes too.
 const TWO_POSTER_BOUND: Option<usize> = Some(5);
+
+/// The EOI race with two posters has more steps than the model above (four entries, a class
+/// published after a drain): 3 preemptions keep it to a few seconds.
+const EOI_RACE_BOUND: Option<usize> = Some(3);
 
 /// A vCPU as the posters see it: its inbox and the `immediate_exit` byte of its `kvm_run`.
 struct FakeVcpu {
@@ -68,8 +78,26 @@ impl FakeVcpu {
     /// One iteration of the VMM's run loop up to KVM_RUN: clear `immediate_exit` (before
     /// publishing `InGuest`, so that no kick aimed at this entry is wiped), then enter.
     fn enter(&self) -> Posted {
+        self.enter_in_service(None)
+    }
+
+    /// [`Self::enter`] with `highest` the highest vector in service (issue 14).
+    fn enter_in_service(&self, highest: Option<Vector>) -> Posted {
         self.immediate_exit.store(false, Ordering::SeqCst);
-        self.inbox.begin_guest_entry()
+        self.inbox.begin_guest_entry_in_service(highest)
+    }
+
+    /// Enters with `highest` in service, and again as long as a kick is pending (KVM_RUN
+    /// returns at once), at most `tries` times: the guest then runs, or a kick is still pending.
+    fn enter_until_running(&self, highest: Option<Vector>, tries: usize, got: &mut Posted) {
+        got.merge(self.enter_in_service(highest));
+        for _ in 1..tries {
+            if !self.kicked() {
+                return;
+            }
+            self.inbox.end_guest_entry();
+            got.merge(self.enter_in_service(highest));
+        }
     }
 
     /// The vCPU halts with nothing to do: block unless work is pending, then drain.
@@ -366,6 +394,158 @@ mod broken_init_deferral {
     #[should_panic(expected = "lost INIT")]
     fn loom_finds_the_init_lost_when_the_mode_is_read_before_on() {
         init_vs_an_ap_leaving_wait_for_sipi();
+    }
+}
+
+/// Issue 14: the class of an interrupt in service (0x30, class 3) holds vector A' = 0x31 (same
+/// class) until its EOI, so its poster may skip the kick; vector B (0xB2, class 11) is
+/// deliverable and must kick. The guest runs with 0x30 in service (re-entering while kicked),
+/// while one thread posts A' and another B. When both posts are done, B must have been drained
+/// or a kick must be pending, whatever A's poster did before: a skipped kick must not swallow
+/// the next one. Then the handler EOIs: the exit's entry drains A'.
+const HELD: Vector = 0x31;
+const IN_SERVICE: Vector = 0x30;
+
+fn deferred_post_then_a_deliverable_one() {
+    check(TWO_POSTER_BOUND, || {
+        let vcpu = FakeVcpu::new();
+        let guest = {
+            let vcpu = Arc::clone(&vcpu);
+            thread::spawn(move || {
+                let mut got = Posted::default();
+                vcpu.enter_until_running(Some(IN_SERVICE), 3, &mut got);
+                got
+            })
+        };
+        let poster = {
+            let vcpu = Arc::clone(&vcpu);
+            thread::spawn(move || vcpu.post(HELD, TriggerMode::Edge))
+        };
+        vcpu.post(VECTOR_B, TriggerMode::Edge);
+        poster.join().unwrap();
+        let mut got = guest.join().unwrap();
+        assert!(
+            got.contains(VECTOR_B) || vcpu.kicked(),
+            "lost interrupt: the guest runs with deliverable vector B undrained and no kick"
+        );
+        // The handler's EOI exits; the next entry takes what waited for it.
+        vcpu.inbox.end_guest_entry();
+        got.merge(vcpu.enter());
+        assert!(got.contains(HELD) && got.contains(VECTOR_B));
+    });
+}
+
+/// Issue 14, the EOI racing with the post: the vCPU drains with nothing in service,
+/// acknowledges 0x30 for injection (the class rises after the drain), runs its handler,
+/// which EOIs (an exit; the class falls), and re-enters. Posters send A' = 0x31 (held only while
+/// 0x30 is in service) and, with `helpful`, B. Once all is done, the guest runs with nothing in
+/// service: every posted vector must have been drained, or a kick must be pending.
+fn deferral_vs_eoi(helpful: bool) {
+    let bound = if helpful { EOI_RACE_BOUND } else { None };
+    check(bound, move || {
+        let vcpu = FakeVcpu::new();
+        let guest = {
+            let vcpu = Arc::clone(&vcpu);
+            thread::spawn(move || {
+                let mut got = vcpu.enter();
+                vcpu.inbox.publish_in_service(Some(IN_SERVICE));
+                if vcpu.kicked() {
+                    vcpu.inbox.end_guest_entry();
+                    got.merge(vcpu.enter_in_service(Some(IN_SERVICE)));
+                }
+                // The handler EOIs: an exit, then the entry with nothing in service.
+                vcpu.inbox.end_guest_entry();
+                vcpu.enter_until_running(None, 2, &mut got);
+                got
+            })
+        };
+        let poster = helpful.then(|| {
+            let vcpu = Arc::clone(&vcpu);
+            thread::spawn(move || vcpu.post(VECTOR_B, TriggerMode::Edge))
+        });
+        vcpu.post(HELD, TriggerMode::Edge);
+        if let Some(poster) = poster {
+            poster.join().unwrap();
+        }
+        let got = guest.join().unwrap();
+        assert!(
+            got.contains(HELD) || vcpu.kicked(),
+            "lost interrupt: the guest runs after the EOI with vector A' undrained and no kick"
+        );
+        if helpful {
+            assert!(
+                got.contains(VECTOR_B) || vcpu.kicked(),
+                "lost interrupt: the guest runs with vector B undrained and no kick"
+            );
+        }
+    });
+}
+
+#[cfg(not(any(
+    feature = "broken-ordering",
+    feature = "broken-class-order",
+    feature = "broken-deferral-notified"
+)))]
+mod kick_skip {
+    use super::*;
+
+    #[test]
+    fn a_skipped_kick_does_not_swallow_the_next_one() {
+        deferred_post_then_a_deliverable_one();
+    }
+
+    #[test]
+    fn a_post_racing_with_the_eoi_is_drained_or_kicks() {
+        deferral_vs_eoi(false);
+    }
+
+    #[test]
+    fn two_posts_racing_with_the_eoi_are_drained_or_kick() {
+        deferral_vs_eoi(true);
+    }
+
+    /// A vector deferred, then an INIT alone to the running vCPU: the INIT is no vector its
+    /// in-service class holds, and kicks.
+    #[test]
+    fn an_init_after_a_deferred_vector_kicks() {
+        check(None, || {
+            let vcpu = FakeVcpu::new();
+            let mut got = Posted::default();
+            vcpu.enter_until_running(Some(IN_SERVICE), 1, &mut got);
+            let poster = {
+                let vcpu = Arc::clone(&vcpu);
+                thread::spawn(move || vcpu.post(HELD, TriggerMode::Edge))
+            };
+            vcpu.post_events(init());
+            poster.join().unwrap();
+            assert!(vcpu.kicked(), "lost INIT: a running vCPU was not kicked");
+        });
+    }
+}
+
+/// With `broken-class-order` the model must FAIL: the class of the EOId interrupt, published
+/// after the drain, lets a poster skip the kick the guest needs.
+#[cfg(all(feature = "broken-class-order", not(feature = "broken-ordering")))]
+mod broken_class_order {
+    use super::*;
+
+    #[test]
+    #[should_panic(expected = "lost interrupt")]
+    fn loom_finds_the_vector_lost_when_the_class_is_published_after_the_drain() {
+        deferral_vs_eoi(false);
+    }
+}
+
+/// With `broken-deferral-notified` the model must FAIL: the post that skipped its kick set
+/// NOTIFIED, so the deliverable vector after it kicks nobody.
+#[cfg(all(feature = "broken-deferral-notified", not(feature = "broken-ordering")))]
+mod broken_deferral_notified {
+    use super::*;
+
+    #[test]
+    #[should_panic(expected = "lost interrupt")]
+    fn loom_finds_the_deliverable_vector_behind_a_skipped_kick() {
+        deferred_post_then_a_deliverable_one();
     }
 }
 
