@@ -121,6 +121,16 @@ impl FakeVcpu {
     }
 }
 
+/// A poster on a thread of its own: posts `vector` to `vcpu`.
+fn spawn_post(
+    vcpu: &Arc<FakeVcpu>,
+    vector: Vector,
+    trigger: TriggerMode,
+) -> thread::JoinHandle<()> {
+    let vcpu = Arc::clone(vcpu);
+    thread::spawn(move || vcpu.post(vector, trigger))
+}
+
 fn init() -> ApicEvents {
     ApicEvents {
         init: true,
@@ -176,10 +186,7 @@ fn two_posters_one_notification() {
                 got
             })
         };
-        let poster = {
-            let vcpu = Arc::clone(&vcpu);
-            thread::spawn(move || vcpu.post(VECTOR_B, TriggerMode::Edge))
-        };
+        let poster = spawn_post(&vcpu, VECTOR_B, TriggerMode::Edge);
         vcpu.post(VECTOR_A, TriggerMode::Edge);
         poster.join().unwrap();
         let mut got = guest.join().unwrap();
@@ -204,10 +211,7 @@ fn drain_vs_level_post_behind_an_earlier_notification() {
     check(None, || {
         let vcpu = FakeVcpu::new();
         vcpu.post(VECTOR_A, TriggerMode::Edge); // ON set, before the threads start
-        let poster = {
-            let vcpu = Arc::clone(&vcpu);
-            thread::spawn(move || vcpu.post(VECTOR_B, TriggerMode::Level))
-        };
+        let poster = spawn_post(&vcpu, VECTOR_B, TriggerMode::Level);
         let drained = vcpu.enter();
         poster.join().unwrap();
         assert!(drained.contains(VECTOR_A));
@@ -417,10 +421,7 @@ fn deferred_post_then_a_deliverable_one() {
                 got
             })
         };
-        let poster = {
-            let vcpu = Arc::clone(&vcpu);
-            thread::spawn(move || vcpu.post(HELD, TriggerMode::Edge))
-        };
+        let poster = spawn_post(&vcpu, HELD, TriggerMode::Edge);
         vcpu.post(VECTOR_B, TriggerMode::Edge);
         poster.join().unwrap();
         let mut got = guest.join().unwrap();
@@ -459,10 +460,7 @@ fn deferral_vs_eoi(helpful: bool) {
                 got
             })
         };
-        let poster = helpful.then(|| {
-            let vcpu = Arc::clone(&vcpu);
-            thread::spawn(move || vcpu.post(VECTOR_B, TriggerMode::Edge))
-        });
+        let poster = helpful.then(|| spawn_post(&vcpu, VECTOR_B, TriggerMode::Edge));
         vcpu.post(HELD, TriggerMode::Edge);
         if let Some(poster) = poster {
             poster.join().unwrap();
@@ -512,10 +510,7 @@ mod kick_skip {
             let vcpu = FakeVcpu::new();
             let mut got = Posted::default();
             vcpu.enter_until_running(Some(IN_SERVICE), 1, &mut got);
-            let poster = {
-                let vcpu = Arc::clone(&vcpu);
-                thread::spawn(move || vcpu.post(HELD, TriggerMode::Edge))
-            };
+            let poster = spawn_post(&vcpu, HELD, TriggerMode::Edge);
             vcpu.post_events(init());
             poster.join().unwrap();
             assert!(vcpu.kicked(), "lost INIT: a running vCPU was not kicked");
