@@ -121,6 +121,21 @@ impl FakeVcpu {
     }
 }
 
+/// The vCPU's thread: enters with `highest` in service, again while kicked (KVM_RUN returns at
+/// once), at most `tries` times ([`FakeVcpu::enter_until_running`]); yields what it drained.
+fn spawn_guest(
+    vcpu: &Arc<FakeVcpu>,
+    highest: Option<Vector>,
+    tries: usize,
+) -> thread::JoinHandle<Posted> {
+    let vcpu = Arc::clone(vcpu);
+    thread::spawn(move || {
+        let mut got = Posted::default();
+        vcpu.enter_until_running(highest, tries, &mut got);
+        got
+    })
+}
+
 /// A poster on a thread of its own: posts `vector` to `vcpu`.
 fn spawn_post(
     vcpu: &Arc<FakeVcpu>,
@@ -172,20 +187,7 @@ fn entry_vs_post(trigger: TriggerMode) {
 fn two_posters_one_notification() {
     check(TWO_POSTER_BOUND, || {
         let vcpu = FakeVcpu::new();
-        let guest = {
-            let vcpu = Arc::clone(&vcpu);
-            thread::spawn(move || {
-                let mut got = Posted::default();
-                for _ in 0..3 {
-                    got.merge(vcpu.enter());
-                    if !vcpu.kicked() {
-                        break; // the guest runs
-                    }
-                    vcpu.inbox.end_guest_entry(); // KVM_RUN returned at once
-                }
-                got
-            })
-        };
+        let guest = spawn_guest(&vcpu, None, 3);
         let poster = spawn_post(&vcpu, VECTOR_B, TriggerMode::Edge);
         vcpu.post(VECTOR_A, TriggerMode::Edge);
         poster.join().unwrap();
@@ -413,14 +415,7 @@ const IN_SERVICE: Vector = 0x30;
 fn deferred_post_then_a_deliverable_one() {
     check(TWO_POSTER_BOUND, || {
         let vcpu = FakeVcpu::new();
-        let guest = {
-            let vcpu = Arc::clone(&vcpu);
-            thread::spawn(move || {
-                let mut got = Posted::default();
-                vcpu.enter_until_running(Some(IN_SERVICE), 3, &mut got);
-                got
-            })
-        };
+        let guest = spawn_guest(&vcpu, Some(IN_SERVICE), 3);
         let poster = spawn_post(&vcpu, HELD, TriggerMode::Edge);
         vcpu.post(VECTOR_B, TriggerMode::Edge);
         poster.join().unwrap();
