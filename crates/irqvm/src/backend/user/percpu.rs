@@ -430,8 +430,8 @@ pub(crate) struct UserVcpuChip {
     /// answers the guest's RDMSR of 0x1B from it, and the MSR filter keeps the guest's WRMSR from
     /// updating it: `after_exit` pushes the model's value ([`Self::sync_kvm_apic_base`]).
     kvm_apic_base: u64,
-    /// KVM_RUNs left for which KVM copies the system registers out at the return although no
-    /// stepping asks for them: from a SIPI, so that the AP's switch to x2APIC mode, one of its
+    /// KVM_RUNs left for which KVM copies the system registers out at the return although
+    /// nothing else asks for them ([`Self::sync_system_registers`]): from a SIPI, so that the AP's switch to x2APIC mode, one of its
     /// first exits, reaches KVM through them instead of a KVM_SET_MSRS ([`APIC_BASE_WATCH`]).
     apic_base_watch: u8,
     /// The flight recorder's and latency histograms' view of this vCPU (`crate::trace`).
@@ -447,7 +447,8 @@ pub(crate) struct UserVcpuChip {
     /// `kvm_valid_regs` has KVM_SYNC_X86_REGS set: always, where KVM offers it (a copy of the
     /// general registers at every return costs nothing measurable next to the exit itself).
     regs_sync_always: bool,
-    /// `kvm_valid_regs` has KVM_SYNC_X86_SREGS set as well: on while stepping.
+    /// `kvm_valid_regs` has KVM_SYNC_X86_SREGS set as well: while something here reads the
+    /// system registers at the next return ([`Self::sync_system_registers`]).
     regs_sync_on: bool,
     /// The guest's RSP as of the last KVM_RUN return, from the synced registers, while no ioctl
     /// wrote the registers since (`registers_written`, and INIT/SIPI or a restore set
@@ -1014,16 +1015,21 @@ impl UserVcpuChip {
         self.stepper.offer_synced(synced);
     }
 
-    /// While stepping, KVM also copies the system registers into `kvm_run` at every KVM_RUN
-    /// return; off otherwise, so that ordinary exits do not pay for that copy (KVM reads every
-    /// segment, the descriptor tables and the control registers for it).
-    fn sync_regs_while_stepping(&mut self, vcpu: &mut VcpuFd) {
-        // Also while the handler of an interrupt with a known return point may run: the episode
-        // that runs it to its return ([`Stepper::run_to_return`]) then reads the frame and the
-        // code by walking the page tables in guest RAM instead of with KVM_GET_SREGS and
-        // KVM_TRANSLATEs (~100 µs of ioctls here, docs/benchmarks.md).
-        let want =
-            self.shared.sync_regs && (self.stepper.active() || self.handler_returns_to.is_some());
+    /// KVM also copies the system registers into `kvm_run` at a KVM_RUN return while something
+    /// here reads them; off otherwise, so that ordinary exits do not pay for that copy (KVM reads
+    /// every segment, the descriptor tables and the control registers for it). The readers:
+    /// - stepping, which plans each step from them;
+    /// - the handler of an interrupt with a known return point, which may run: the episode that
+    ///   runs it to its return ([`Stepper::run_to_return`]) then reads the frame and the code by
+    ///   walking the page tables in guest RAM instead of with KVM_GET_SREGS and KVM_TRANSLATEs
+    ///   (~100 µs of ioctls here, docs/benchmarks.md);
+    /// - an AP's first KVM_RUNs after its SIPI ([`APIC_BASE_WATCH`]), so that its switch to
+    ///   x2APIC mode reaches KVM through them ([`Self::sync_kvm_apic_base`]).
+    fn sync_system_registers(&mut self, vcpu: &mut VcpuFd) {
+        let watching = self.apic_base_watch > 0;
+        self.apic_base_watch = self.apic_base_watch.saturating_sub(1);
+        let readers = self.stepper.active() || self.handler_returns_to.is_some() || watching;
+        let want = self.shared.sync_regs && readers;
         if want == self.regs_sync_on {
             return;
         }
@@ -1087,8 +1093,8 @@ impl UserVcpuChip {
     /// included; the model #GPs every such write first (its `max_phys_addr` is the guest's CPUID
     /// 80000008H), so this cannot fail on a guest's say-so.
     ///
-    /// Where KVM copied its system registers out at this return (stepping, or an AP's first
-    /// KVM_RUNs after its SIPI: `apic_base_watch`), the value goes into them for the next
+    /// Where KVM copied its system registers out at this return ([`Self::sync_system_registers`]:
+    /// stepping, a kept return point, or an AP's first KVM_RUNs after its SIPI), the value goes into them for the next
     /// KVM_RUN to load ([`stage_apic_base`]): this runs right after the exit, before anything
     /// writes the registers, and every register access before that KVM_RUN flushes first. The
     /// guest cannot tell: its next instruction runs after that KVM_RUN loaded the value. Else
@@ -1107,20 +1113,6 @@ impl UserVcpuChip {
         }
         self.kvm_apic_base = base;
         Ok(())
-    }
-
-    /// Asks KVM for the system registers at the next return while `apic_base_watch` runs (or
-    /// stepping wants them anyway: `sync_regs_while_stepping` owns the flag then).
-    fn watch_apic_base(&mut self, vcpu: &mut VcpuFd) {
-        if self.regs_sync_on || !self.shared.sync_regs {
-            return;
-        }
-        if self.apic_base_watch > 0 {
-            self.apic_base_watch -= 1;
-            vcpu.set_sync_valid_reg(SyncReg::SystemRegister);
-        } else {
-            vcpu.clear_sync_valid_reg(SyncReg::SystemRegister);
-        }
     }
 
     fn apic_page_offset(&self, addr: u64) -> Option<u64> {
@@ -1207,8 +1199,7 @@ impl VcpuIrqchip for UserVcpuChip {
         }
         self.inject(vcpu, pic_intr)?;
         self.stepper.offer_synced(None);
-        self.sync_regs_while_stepping(vcpu);
-        self.watch_apic_base(vcpu);
+        self.sync_system_registers(vcpu);
         self.after_init = None;
         self.regs_rewritten = false;
         self.flags_from_exit = false;
