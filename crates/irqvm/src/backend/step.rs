@@ -142,6 +142,19 @@ pub fn frame_return_rip(slots: &[u64; 5], rsp: u64, cs: u16) -> Option<u64> {
 /// RFLAGS.IF (SDM vol. 1 §3.4.3.3).
 const RFLAGS_IF: u64 = 1 << 9;
 
+/// EFER.LMA: IA-32e mode active (SDM vol. 3 §2.2.1).
+const EFER_LMA: u64 = 1 << 10;
+
+/// 64-bit code: CS.L in IA-32e mode (SDM vol. 3 §3.4.5).
+fn in_64bit_code(sregs: &kvm_sregs) -> bool {
+    sregs.cs.l != 0 && sregs.efer & EFER_LMA != 0
+}
+
+/// CPL-0 64-bit code, where a RIP is a linear address (CS base 0) a breakpoint can name.
+fn in_kernel_64bit_code(sregs: &kvm_sregs) -> bool {
+    in_64bit_code(sregs) && sregs.cs.selector & 3 == 0
+}
+
 /// RFLAGS.TF (SDM vol. 1 §3.4.3.3).
 const RFLAGS_TF: u64 = 1 << 8;
 /// DR7 L0-L3 / G0-G3: a breakpoint of the guest's own is enabled (SDM vol. 3 §18.2.4).
@@ -502,8 +515,7 @@ impl Stepper {
     /// of this entry were offered (a stepped boundary: no ioctl) and it is CPL-0 64-bit code.
     pub fn return_point(&self) -> Option<ReturnPoint> {
         let s = self.synced.as_ref()?;
-        let long = s.sregs.cs.l != 0 && s.sregs.efer & (1 << 10) != 0;
-        (long && s.sregs.cs.selector & 3 == 0).then_some(ReturnPoint {
+        in_kernel_64bit_code(&s.sregs).then_some(ReturnPoint {
             rip: Some(s.regs.rip),
             rsp: s.regs.rsp,
         })
@@ -581,8 +593,7 @@ impl Stepper {
     /// segment, where that RIP is a linear address (base 0) a breakpoint can name.
     fn read_frame_return(&self, vcpu: &VcpuFd, rsp: u64) -> Result<Option<u64>, IrqchipError> {
         let sregs = self.sregs(vcpu)?;
-        let long = sregs.cs.l != 0 && sregs.efer & (1 << 10) != 0;
-        if !long || sregs.cs.selector & 3 != 0 {
+        if !in_kernel_64bit_code(&sregs) {
             return Ok(None);
         }
         let mut bytes = [0u8; 40];
@@ -719,7 +730,7 @@ impl Stepper {
 
     fn plan_for(&self, vcpu: &VcpuFd, regs: &kvm_regs, sregs: &kvm_sregs) -> Plan {
         let mode = CodeMode {
-            long: sregs.cs.l != 0 && sregs.efer & (1 << 10) != 0,
+            long: in_64bit_code(sregs),
             default32: sregs.cs.db != 0,
         };
         let cs_base = if mode.long { 0 } else { sregs.cs.base };
@@ -886,7 +897,7 @@ impl FirstStep {
             rsp: regs.rsp,
             cs: sregs.cs.selector,
             ss: sregs.ss.selector,
-            long: sregs.cs.l != 0 && sregs.efer & (1 << 10) != 0,
+            long: in_64bit_code(sregs),
         }
     }
 }
