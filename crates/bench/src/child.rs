@@ -42,6 +42,8 @@ pub struct ChildSpec {
     pub irqchip: IrqchipMode,
     pub cmdline: String,
     pub host_driver: bool,
+    /// `VmConfig::exact_irq_boundaries` (off only in A/B runs).
+    pub exact_irq_boundaries: bool,
     /// Host-driven pulses per step, and the open-loop rates.
     pub pulses: u32,
     pub rates: Vec<u64>,
@@ -56,6 +58,7 @@ pub fn main(spec: ChildSpec) -> Result<i32, String> {
     cfg.cpus = spec.cpus;
     cfg.irqchip = spec.irqchip;
     cfg.cmdline = spec.cmdline.clone();
+    cfg.exact_irq_boundaries = spec.exact_irq_boundaries;
     let capture = SerialCapture::new();
     cfg.serial = SerialOutput::StdoutAndCapture(capture.clone());
     let vm = Vm::new(&cfg).map_err(|e| e.to_string())?;

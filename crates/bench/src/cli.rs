@@ -57,6 +57,10 @@ pub struct Args {
     pub child_cmdline: String,
     #[arg(long, hide = true)]
     pub child_host_driver: bool,
+    /// Internal, for A/B runs: the child's VM with `--exact-irq-boundaries off` (what exact
+    /// boundaries cost, docs/benchmarks.md).
+    #[arg(long, hide = true)]
+    pub child_inexact_boundaries: bool,
     #[arg(long, hide = true, default_value_t = 200)]
     pub child_pulses: u32,
     #[arg(

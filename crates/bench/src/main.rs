@@ -15,6 +15,7 @@
 
 mod child;
 mod cli;
+mod floor;
 mod parse;
 mod perfstat;
 mod plot;
@@ -51,6 +52,7 @@ fn run(args: &Args) -> i32 {
             irqchip: args.child_irqchip,
             cmdline: args.child_cmdline.clone(),
             host_driver: args.child_host_driver,
+            exact_irq_boundaries: !args.child_inexact_boundaries,
             pulses: args.child_pulses,
             rates: args.child_rates.clone(),
         };

@@ -83,6 +83,9 @@ impl Summary<'_> {
             rows,
         ));
 
+        let host_cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+        out.push(self.floor_table(host_cpus));
+
         let mut rows = Vec::new();
         for (n, cells) in &self.boot {
             let best = peers
@@ -367,7 +370,7 @@ fn cost_cell(c: &Cell) -> String {
 }
 
 /// ns as µs with 3 significant-ish digits.
-fn us(ns: f64) -> String {
+pub fn us(ns: f64) -> String {
     let u = ns / 1000.0;
     if u.abs() >= 100.0 {
         format!("{u:.0}")

@@ -35,6 +35,18 @@ pub const WORKLOADS: &[(&str, &str)] = &[
     ("ipi_halted", "IPI round trip, both vCPUs halted"),
     ("ipi_spin", "IPI round trip, both vCPUs spinning"),
     (
+        "apic_read",
+        "one APIC register read: an exit to the APIC's emulator",
+    ),
+    (
+        "apic_write",
+        "one APIC register write (EOI): an exit to the APIC's emulator",
+    ),
+    (
+        "port_read",
+        "one port read: an exit to the VMM's userspace, every mode",
+    ),
+    (
         "irq_host",
         "device line raised by a host thread (irqvm only), host-observed",
     ),
@@ -89,6 +101,9 @@ pub const FLOORS: &[(&str, f64, &str)] = &[
     ("timer_deadline_expired", 2.0, "WRMSR deadline, EOI"),
     ("ipi_halted", 5.0, "ICR2, ICR, ICR read, HLT, EOI"),
     ("ipi_spin", 4.0, "ICR2, ICR, ICR read, EOI"),
+    ("apic_read", 1.0, "the read, per access"),
+    ("apic_write", 1.0, "the write, per access"),
+    ("port_read", 1.0, "the read, per access"),
     ("irq_host", 2.0, "HLT, EOI"),
     ("ipi_storm_2", 5.0, "ICR2, ICR, ICR read, HLT, EOI"),
     (

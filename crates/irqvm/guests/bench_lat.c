@@ -9,6 +9,12 @@
  *                   interrupts enabled: handler TSC minus the TSC read before the write
  *   ipi_halted      IPI round trip CPU 0 -> CPU 1 -> CPU 0, both halted between IPIs (needs 2 CPUs)
  *   ipi_spin        the same with both CPUs spinning with interrupts enabled
+ *   apic_read       one read of the local APIC's version register, interrupts off: what one exit to whoever emulates
+ *                   the APIC costs (KVM's kernel in `kernel`/`split` and QEMU/KVM, irqvm's userspace in `user`)
+ *   apic_write      the same for a write: an EOI with nothing in service (ignored: SDM vol. 3 §11.8.5)
+ *   port_read       one read of the CMOS data port, interrupts off: what one exit to the VMM's userspace costs, in
+ *                   every mode (the RTC is userspace's in irqvm and QEMU alike; a read, which KVM cannot coalesce as
+ *                   QEMU has it coalesce writes of the CMOS index port)
  * Waits for halted delivery are bounded by the host's timeout; spinning waits by SPIN_WAIT_MS. */
 #include "bench.h"
 
@@ -293,6 +299,54 @@ static void ipi_round_trips(bool spin)
 	bench_report(name, sent, taken, taken + pings, 0);
 }
 
+/* ---- What one trapped access costs: the unit of the exits each workload above takes (docs/benchmarks.md, "The
+ * floor, measured") ---- */
+#define CMOS_INDEX 0x70
+#define CMOS_DATA 0x71
+#define CMOS_STATUS_D 0x0D /* a read-only register (MC146818A): reading it changes nothing */
+
+static u32 read_apic_version(void) { return apic_read(APIC_VERSION); }
+static u32 write_apic_eoi(void)
+{
+	apic_eoi();
+	return 0;
+}
+static u32 read_cmos_data(void) { return inb(CMOS_DATA); }
+
+/* Times `n` single accesses by `access`, each between two TSC reads, with interrupts off so that nothing but the
+ * access's own exit lands between them. Every access counts as one "interrupt" of the phase, so the cost table's
+ * per-interrupt figures are per access. */
+static void access_cost(const char *name, u32 (*access)(void))
+{
+	u32 n = bench_iterations(), sent = 0;
+	volatile u32 sink = 0;
+	for (u32 i = 0; i < BENCH_WARMUP + n; i++) {
+		if (i == BENCH_WARMUP)
+			bench_begin(name);
+		u64 flags = read_flags();
+		cli();
+		u64 t0 = rdtsc();
+		sink += access();
+		u64 t1 = rdtsc();
+		write_flags(flags);
+		if (i >= BENCH_WARMUP) {
+			sent++;
+			record(t1 - t0);
+		}
+	}
+	bench_end(name);
+	(void)sink;
+	bench_report(name, sent, sent, sent, 0);
+}
+
+static void access_costs(void)
+{
+	access_cost("apic_read", read_apic_version);
+	access_cost("apic_write", write_apic_eoi);
+	outb(CMOS_INDEX, CMOS_STATUS_D); /* NMI left enabled (bit 7 clear) */
+	access_cost("port_read", read_cmos_data);
+}
+
 void guest_main(void)
 {
 	platform_init(false);
@@ -310,4 +364,5 @@ void guest_main(void)
 	timer_deadline_expired();
 	ipi_round_trips(false);
 	ipi_round_trips(true);
+	access_costs();
 }

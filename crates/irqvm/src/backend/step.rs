@@ -386,6 +386,9 @@ pub struct Stepper {
     /// Handlers run to their return with a breakpoint ([`Self::run_to_return`]), for the
     /// counters.
     pub return_runs: u64,
+    /// Injections at a return breakpoint that kept it armed for the new handler
+    /// ([`Self::end_for_injection`]), for the counters.
+    pub kept_breakpoints: u64,
     /// Episodes that ended without reaching the boundary (budget spent, or the guest's own
     /// single-stepping or breakpoints): the backend fell back to its window kicks.
     pub fallbacks: u64,
@@ -398,6 +401,7 @@ impl Stepper {
             enabled,
             armed: Armed::Off,
             on: false,
+            kept_breakpoints: 0,
             left: STEP_BUDGET,
             first: None,
             returning: None,
@@ -621,6 +625,35 @@ impl Stepper {
     pub fn end(&mut self, vcpu: &VcpuFd) -> Result<(), IrqchipError> {
         self.end_run(vcpu)?;
         self.left = STEP_BUDGET;
+        Ok(())
+    }
+
+    /// [`Self::end`] for an injection at this entry. Made right where a run to a handler's
+    /// return stopped at its breakpoint ([`Self::run_to_return`]), the new handler's frame
+    /// returns to that same RIP, where the next interrupt that waits for its IRETQ will want the
+    /// same breakpoint: it stays armed (no KVM_SET_GUEST_DEBUG now, none when the next run to
+    /// that return re-arms it). The episode ends as in [`Self::end`]. The next entry that neither
+    /// runs to that return nor injects there disarms it through [`Self::end`], which every entry
+    /// without an episode reaches: at the new handler's EOI exit when nothing waits, so the
+    /// IRETQ does not stop for nothing. If the vCPU gets to the breakpoint without such an entry
+    /// (a handler with no exit before its IRETQ), that debug exit is one such entry. An
+    /// instruction breakpoint is a fault of the instruction at RIP, and an event injected at
+    /// entry is delivered before any guest instruction runs (SDM vol. 3, "Instruction-Breakpoint
+    /// Exception Condition" and "Event Injection"), so the handler runs first; the `irq_boundary`
+    /// guest checks that on this host. The guest's DR7 is read again at every re-arming
+    /// ([`Self::plan`]), as for a fresh one.
+    pub fn end_for_injection(&mut self, vcpu: &VcpuFd) -> Result<(), IrqchipError> {
+        let Armed::Break(at) = self.armed else {
+            return self.end(vcpu);
+        };
+        if self.first.is_some() || self.regs(vcpu)?.rip != at {
+            return self.end(vcpu);
+        }
+        tracing::trace!(at, "injected at the return breakpoint: kept armed");
+        self.on = false;
+        self.returning = None;
+        self.left = STEP_BUDGET;
+        self.kept_breakpoints += 1;
         Ok(())
     }
 

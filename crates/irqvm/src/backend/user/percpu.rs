@@ -741,7 +741,8 @@ impl UserVcpuChip {
         // guest's own RFLAGS.
         let stepped = self.stepper.active();
         let returns_to = self.return_point(stepped);
-        self.stepper.end(vcpu)?;
+        self.stepper.end_for_injection(vcpu)?;
+        self.publish_steps();
         self.note_boundary(vcpu, stepped.then_some(next))?;
         let vector = match next {
             Injection::Nmi => return Ok(()),
@@ -916,6 +917,10 @@ impl UserVcpuChip {
             .store(self.stepper.fallbacks, std::sync::atomic::Ordering::Relaxed);
         counters.return_runs.store(
             self.stepper.return_runs,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        counters.kept_breakpoints.store(
+            self.stepper.kept_breakpoints,
             std::sync::atomic::Ordering::Relaxed,
         );
     }
