@@ -641,7 +641,7 @@ impl Stepper {
     /// entry is delivered before any guest instruction runs (SDM vol. 3, "Instruction-Breakpoint
     /// Exception Condition" and "Event Injection"), so the handler runs first; the `irq_boundary`
     /// guest checks that on this host. The guest's DR7 is read again at every re-arming
-    /// ([`Self::plan`]), as for a fresh one.
+    /// (`plan`), as for a fresh one.
     pub fn end_for_injection(&mut self, vcpu: &VcpuFd) -> Result<(), IrqchipError> {
         let Armed::Break(at) = self.armed else {
             return self.end(vcpu);
