@@ -43,6 +43,7 @@
 //!   KVM_EXIT_HLT. The backend then saw a halt with IF=0 inside the handler and never woke the
 //!   vCPU again (`storm`, `latency`, `msi`: a vCPU halted at the second instruction of an
 //!   interrupt stub). Run unstepped, HLT exits as KVM_EXIT_HLT with RIP past it: the boundary.
+//!   Nor is the STI of `sti; hlt`: its shadow makes that HLT's exit the first boundary anyway.
 //! - **No stepping begins at an entry where KVM delivers an event.** KVM_SET_GUEST_DEBUG puts
 //!   TF into the guest's RFLAGS while RIP is still where stepping was armed (KVM's
 //!   `__kvm_set_rflags` adds it while RIP is `singlestep_rip`), so an event delivered at that
@@ -315,11 +316,27 @@ pub enum StepOutcome {
 /// the handler and only then exits as KVM_EXIT_HLT (docs/kvm-facts.md, "Single-stepping"). The
 /// VMM would then see a halt with IF=0 inside the handler and never wake it. Unstepped, HLT
 /// exits as KVM_EXIT_HLT with RIP past it, the exact boundary of an interrupt it waits for.
+///
+/// Also true for STI immediately followed by HLT (FB F4, the idle idiom of Linux's
+/// `native_safe_halt` and of the test guests): STI's shadow holds interrupts until the HLT
+/// after it has run (SDM vol. 2, STI), so the first boundary where the waiting interrupt can be
+/// taken is that HLT's exit either way, and running the pair unstepped saves the step over STI.
 pub fn exits_itself(code: &[u8], mode: CodeMode) -> bool {
-    code.iter()
-        .take(MAX_INSN)
-        .find(|&&b| !is_prefix(b, mode))
-        .is_some_and(|&b| b == 0xF4)
+    let Some((first, rest)) = first_opcode(code, mode) else {
+        return false;
+    };
+    match first {
+        0xF4 => true,
+        0xFB => first_opcode(rest, mode).is_some_and(|(next, _)| next == 0xF4),
+        _ => false,
+    }
+}
+
+/// The first opcode byte of `code` past its prefixes, and the bytes after it.
+fn first_opcode(code: &[u8], mode: CodeMode) -> Option<(u8, &[u8])> {
+    let code = &code[..code.len().min(MAX_INSN)];
+    let at = code.iter().position(|&b| !is_prefix(b, mode))?;
+    Some((code[at], &code[at + 1..]))
 }
 
 /// True if the instruction at RIP is IRETQ in 64-bit code (REX.W CF, SDM vol. 2 IRET), which
@@ -1050,9 +1067,12 @@ mod tests {
         assert!(exits_itself(&[0x66, 0xF4], REAL));
         assert!(exits_itself(&[0x48, 0xF4], LONG));
         assert!(
-            !exits_itself(&[0xFB, 0xF4], LONG),
-            "sti; hlt: the sti runs first"
+            exits_itself(&[0xFB, 0xF4], LONG),
+            "sti; hlt: the boundary is the HLT's exit"
         );
+        assert!(exits_itself(&[0xFB, 0x66, 0xF4], REAL));
+        assert!(!exits_itself(&[0xFB, 0x90, 0xF4], LONG), "sti; nop; hlt");
+        assert!(!exits_itself(&[0xFB], LONG), "sti, the HLT not readable");
         assert!(!exits_itself(&[0x90], LONG));
         assert!(!exits_itself(&[], LONG));
         assert!(!exits_itself(&[0x66; 15], LONG));
