@@ -658,20 +658,23 @@ impl Stepper {
     /// entry is delivered before any guest instruction runs (SDM vol. 3, "Instruction-Breakpoint
     /// Exception Condition" and "Event Injection"), so the handler runs first; the `irq_boundary`
     /// guest checks that on this host. The guest's DR7 is read again at every re-arming
-    /// (`plan`), as for a fresh one.
-    pub fn end_for_injection(&mut self, vcpu: &VcpuFd) -> Result<(), IrqchipError> {
+    /// (`plan`), as for a fresh one. True if the breakpoint was kept; a caller that then
+    /// injects nothing after all calls [`Self::end`], since the vCPU resumes right at it.
+    pub fn end_for_injection(&mut self, vcpu: &VcpuFd) -> Result<bool, IrqchipError> {
         let Armed::Break(at) = self.armed else {
-            return self.end(vcpu);
+            self.end(vcpu)?;
+            return Ok(false);
         };
         if self.first.is_some() || self.regs(vcpu)?.rip != at {
-            return self.end(vcpu);
+            self.end(vcpu)?;
+            return Ok(false);
         }
         tracing::trace!(at, "injected at the return breakpoint: kept armed");
         self.on = false;
         self.returning = None;
         self.left = STEP_BUDGET;
         self.kept_breakpoints += 1;
-        Ok(())
+        Ok(true)
     }
 
     /// Stepping off, after looking at what the first stepped instruction left ([`FirstStep`]).

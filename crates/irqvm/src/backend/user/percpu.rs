@@ -738,23 +738,27 @@ impl UserVcpuChip {
             return Ok(());
         }
         // The boundary is here: stepping off before the injection, so the frame gets the
-        // guest's own RFLAGS.
+        // guest's own RFLAGS (a return breakpoint the new handler returns to may stay armed).
         let stepped = self.stepper.active();
         let returns_to = self.return_point(stepped);
-        self.stepper.end_for_injection(vcpu)?;
-        self.publish_steps();
+        let kept = self.stepper.end_for_injection(vcpu)?;
         self.note_boundary(vcpu, stepped.then_some(next))?;
         let vector = match next {
-            Injection::Nmi => return Ok(()),
+            Injection::Nmi => None,
             Injection::ExtInt => {
                 self.interrupts.take_extint();
-                self.platform().pic_acknowledge()
+                Some(self.platform().pic_acknowledge())
             }
-            Injection::Vector(_) => match self.interrupts.acknowledge_interrupt() {
-                Some(v) => v,
-                None => return Ok(()),
-            },
+            Injection::Vector(_) => self.interrupts.acknowledge_interrupt(),
         };
+        let Some(vector) = vector else {
+            // Nothing goes in after all: no handler will return to a kept breakpoint, and the
+            // vCPU resumes right at it.
+            return self.stepper.end(vcpu);
+        };
+        if kept {
+            self.publish_steps();
+        }
         self.queue_interrupt(vcpu, vector)?;
         self.handler_returns_to = returns_to;
         self.in_flight = true;
