@@ -6,6 +6,7 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
+use crate::floor::Table;
 use crate::perfstat::{KERNEL_APIC_ACCESSES, SYSCALLS, SYSCALL_KINDS, USERSPACE_EXITS};
 use crate::plot;
 use crate::runner::Peer;
@@ -14,7 +15,7 @@ use crate::summary::{Cell, Summary, BOOT_PHASES, EXIT_REASONS, FLOORS, HOST_WORK
 
 impl Summary<'_> {
     /// The tables, each as (title, header, rows).
-    pub fn tables(&self) -> Vec<(String, Vec<String>, Vec<Vec<String>>)> {
+    pub fn tables(&self) -> Vec<Table> {
         let peers = &self.suite.peers;
         let mut header = vec!["workload".to_string()];
         header.extend(peers.iter().map(Peer::name));

@@ -431,8 +431,9 @@ pub(crate) struct UserVcpuChip {
     /// updating it: `after_exit` pushes the model's value ([`Self::sync_kvm_apic_base`]).
     kvm_apic_base: u64,
     /// KVM_RUNs left for which KVM copies the system registers out at the return although
-    /// nothing else asks for them ([`Self::sync_system_registers`]): from a SIPI, so that the AP's switch to x2APIC mode, one of its
-    /// first exits, reaches KVM through them instead of a KVM_SET_MSRS ([`APIC_BASE_WATCH`]).
+    /// nothing else asks for them ([`Self::sync_system_registers`]): from a SIPI, so that the
+    /// AP's switch to x2APIC mode, one of its first exits, reaches KVM through them instead of a
+    /// KVM_SET_MSRS ([`APIC_BASE_WATCH`]).
     apic_base_watch: u8,
     /// The flight recorder's and latency histograms' view of this vCPU (`crate::trace`).
     probe: VcpuProbe,
@@ -1102,9 +1103,9 @@ impl UserVcpuChip {
     /// included; the model #GPs every such write first (its `max_phys_addr` is the guest's CPUID
     /// 80000008H), so this cannot fail on a guest's say-so.
     ///
-    /// Where KVM copied its system registers out at this return ([`Self::sync_system_registers`]:
-    /// stepping, a kept return point, or an AP's first KVM_RUNs after its SIPI), the value goes into them for the next
-    /// KVM_RUN to load ([`stage_apic_base`]): this runs right after the exit, before anything
+    /// Where KVM copied its system registers out at this return
+    /// ([`Self::sync_system_registers`]: stepping, a kept return point, or an AP's first KVM_RUNs
+    /// after its SIPI), the value goes into them for the next KVM_RUN to load ([`stage_apic_base`]): this runs right after the exit, before anything
     /// writes the registers, and every register access before that KVM_RUN flushes first. The
     /// guest cannot tell: its next instruction runs after that KVM_RUN loaded the value. Else
     /// KVM_SET_MSRS. Nothing else in KVM reads the copy without an in-kernel LAPIC (the x2APIC
