@@ -15,6 +15,8 @@
  *  - unmasking an IOAPIC level entry whose line is high: right after the IOWIN write;
  *  - unmasking LVT LINT0 (ExtINT) while the 8259's INTR is high: right after the LVT write;
  *  - an 8259 interrupt (LINT0 in ExtINT mode) waiting for IF: right after `sti; nop`;
+ *  - a self-IPI and an 8259 interrupt waiting through a long IF-clear stretch (a called function's loop, far
+ *    more instructions than the VMM single-steps before it gives up) that ends in POPF: right after the POPF;
  * and whatever the VMM does to be exact must not show: the guest's own TF still traps, PUSHF sees no TF
  * of the VMM's, DR6 is unchanged, and an instruction that faults right where the VMM starts stepping (the
  * one after the ICR write that made an interrupt wait for IF) pushes no TF of the VMM's in its frame.
@@ -371,6 +373,69 @@ static void extint_sti(void)
 	irq_set_handler(V_EXTINT, NULL);
 }
 
+/* ---- a long IF-clear stretch ending in POPF: taken right after the POPF ---- */
+static volatile u32 stretch_rounds = 64;
+static volatile u64 stretch_sink;
+/* ~8 instructions a round with a branch or two: ~500 instructions with IF clear. */
+static __attribute__((noinline)) u64 stretch_mix(u32 rounds)
+{
+	u64 s = 1;
+	for (u32 i = 0; i < rounds; i++) {
+		if (s & 1)
+			s = s * 3 + i;
+		else
+			s ^= s >> 2;
+	}
+	return s;
+}
+/* Runs the stretch with IF clear, then POPF with IF set in its image; returns the address right after it. */
+static u64 stretch_then_popf(void)
+{
+	u64 flags, after;
+	__asm__ volatile("pushfq\n\tpop %0" : "=r"(flags));
+	stretch_sink = stretch_mix(stretch_rounds);
+	__asm__ volatile("push %1\n\tpopfq\n\t"
+			 "1: lea 1b(%%rip), %0\n\tcli"
+			 : "=&r"(after)
+			 : "r"(flags | 0x200)
+			 : "memory", "cc");
+	return after;
+}
+static void popf_after_stretch(void)
+{
+	irq_set_handler(V_LOW, record_eoi);
+	reset();
+	cli();
+	self_ipi(V_LOW);
+	u64 after = stretch_then_popf();
+	u32 taken = norder;
+	drain();
+	check(taken == 1 && rip_of[V_LOW] == after,
+	      "taken right after the popf ending a long IF-clear stretch [kvm-late-window]",
+	      "%u taken, saved rip %lx, expected %lx", taken, rip_of[V_LOW], after);
+	irq_set_handler(V_LOW, NULL);
+}
+static void extint_after_stretch(void)
+{
+	irq_set_handler(V_EXTINT, extint_handler);
+	reset();
+	pic_init(PIC_BASE, PIC_BASE + 8);
+	pic_set_mask((u16)~((1u << LINE_LOW) | (1u << 2)));
+	apic_write(APIC_LVT_LINT0, APIC_DM_EXTINT);
+	cli();
+	testdev_set_irq(LINE_LOW, 1);
+	u64 after = stretch_then_popf();
+	u32 taken = norder;
+	drain();
+	apic_write(APIC_LVT_LINT0, APIC_LVT_MASKED);
+	testdev_set_irq(LINE_LOW, 0);
+	pic_disable();
+	check(taken == 1 && rip_of[V_EXTINT] == after,
+	      "pic interrupt taken right after the popf ending a long IF-clear stretch [kvm-late-window]",
+	      "%u taken, saved rip %lx, expected %lx", taken, rip_of[V_EXTINT], after);
+	irq_set_handler(V_EXTINT, NULL);
+}
+
 /* ---- nothing of the VMM's shows: the guest's own TF, PUSHF, DR6 ---- */
 static volatile u32 db_count;
 static volatile u64 db_rip[8];
@@ -466,6 +531,8 @@ void guest_main(void)
 	ioapic_unmask();
 	lint0_unmask();
 	extint_sti();
+	popf_after_stretch();
+	extint_after_stretch();
 	no_leaks();
 	fault_at_first_step();
 	sti();

@@ -178,25 +178,93 @@ fn kvm_dirty_log_reports_guest_writes_once() {
     drop(mem);
 }
 
-/// KVM_GET_DEBUGREGS reports the guest's own DR7 while the VMM's guest debugging (an execute
-/// breakpoint in DR3, KVM_GUESTDBG_USE_HW_BP) is on: the exact-boundaries Stepper, which refuses
-/// to step a guest whose DR7 enables a breakpoint, still sees the guest's DR7 while the SYSCALL
-/// watch (`emulate::syscall`) holds DR3, and a guest's own DR7 is kept.
+/// KVM_GET_DEBUGREGS reports the guest's own DR7 while the VMM's guest debugging (execute
+/// breakpoints, KVM_GUESTDBG_USE_HW_BP) is on: the exact-boundaries Stepper, which refuses to
+/// step a guest whose DR7 enables a breakpoint, still sees the guest's DR7 while the SYSCALL
+/// watch (`emulate::syscall`) holds DR3 and while its own runs hold DR0-DR2, and a guest's own
+/// debug registers are kept.
 #[test]
 fn guest_debug_breakpoints_do_not_show_in_the_guests_dr7() {
+    use irqvm::guest_debug::{set_stepper, set_watch, Breaks, Want};
     let kvm = open_kvm().unwrap();
     let vm = create_vm(&kvm).unwrap();
     let vcpu = vm.create_vcpu(0).unwrap();
     let before = vcpu.get_debug_regs().unwrap();
-    irqvm::guest_debug::set_watch(&vcpu, irqvm::guest_debug::Want::Break(0x10_0240)).unwrap();
+    set_watch(&vcpu, Want::Break(Breaks::one(0x10_0240))).unwrap();
     let during = vcpu.get_debug_regs().unwrap();
     assert_eq!(
         during.dr7, before.dr7,
         "the guest's DR7 while DR3 is the VMM's"
     );
     assert_eq!(during.db, before.db, "the guest's DR0-DR3");
-    irqvm::guest_debug::set_watch(&vcpu, irqvm::guest_debug::Want::Nothing).unwrap();
+    let three = Breaks::new(&[0x10_0100, 0x10_0180, 0x10_01c0]).unwrap();
+    set_stepper(&vcpu, Want::Break(three)).unwrap();
+    let during = vcpu.get_debug_regs().unwrap();
+    assert_eq!(
+        (during.dr7, during.db),
+        (before.dr7, before.db),
+        "the guest's DR0-DR3 and DR7 while all four are the VMM's"
+    );
+    set_stepper(&vcpu, Want::Nothing).unwrap();
+    set_watch(&vcpu, Want::Nothing).unwrap();
     assert_eq!(vcpu.get_debug_regs().unwrap().dr7, before.dr7);
+}
+
+/// Each of the stepper's three execute breakpoints (DR0-DR2, `guest_debug::Breaks`) stops the guest
+/// right before its instruction (KVM_EXIT_DEBUG with RIP at the address) and the first one reached
+/// wins: the stepper's runs over an IF-clear stretch (`backend::stretch`) rely on it. Real mode,
+/// CS base 0, so an IP is a linear address; four NOPs then HLT at 0x1000, breakpoints at the second,
+/// third and fourth NOP, taken off one by one as they are hit.
+#[test]
+fn each_of_three_execute_breakpoints_stops_before_its_instruction() {
+    use irqvm::guest_debug::{set_stepper, Breaks, Want};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+    const SIZE: u64 = 64 << 10;
+    let kvm = open_kvm().unwrap();
+    let vm = create_vm(&kvm).unwrap();
+    let mem: GuestMemoryMmap =
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), SIZE as usize)]).unwrap();
+    mem.write_slice(&[0x90, 0x90, 0x90, 0x90, 0xF4], GuestAddress(0x1000))
+        .unwrap();
+    let host = mem.get_host_address(GuestAddress(0)).unwrap();
+    let region = kvm_bindings::kvm_userspace_memory_region {
+        slot: 0,
+        flags: 0,
+        guest_phys_addr: 0,
+        memory_size: SIZE,
+        userspace_addr: host as u64,
+    };
+    // SAFETY: `mem` maps SIZE bytes at `host` and outlives `vm` (dropped after it).
+    unsafe { vm.set_user_memory_region(region) }.unwrap();
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    let mut sregs = vcpu.get_sregs().unwrap();
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    vcpu.set_sregs(&sregs).unwrap();
+    let mut regs = vcpu.get_regs().unwrap();
+    regs.rip = 0x1000;
+    regs.rflags = 2;
+    vcpu.set_regs(&regs).unwrap();
+    // DR0 gets the last NOP, DR2 the first one reached.
+    let mut left = vec![0x1003, 0x1002, 0x1001];
+    while let Some(&first) = left.last() {
+        set_stepper(&vcpu, Want::Break(Breaks::new(&left).unwrap())).unwrap();
+        match vcpu.run().unwrap() {
+            kvm_ioctls::VcpuExit::Debug(_) => {}
+            other => panic!("unexpected exit {other:?} with breakpoints at {left:x?}"),
+        }
+        assert_eq!(vcpu.get_regs().unwrap().rip, first, "stopped before it");
+        left.pop();
+    }
+    set_stepper(&vcpu, Want::Nothing).unwrap();
+    match vcpu.run().unwrap() {
+        kvm_ioctls::VcpuExit::Hlt => {}
+        other => panic!("unexpected exit {other:?} after the breakpoints"),
+    }
+    assert_eq!(vcpu.get_regs().unwrap().rip, 0x1005, "past the HLT");
+    drop(vcpu);
+    drop(vm);
+    drop(mem);
 }
 
 /// Registers handed over through `kvm_run`'s synced registers (KVM_CAP_SYNC_REGS, marked dirty)

@@ -67,6 +67,7 @@ pub mod kernel;
 mod kvm_timer;
 pub mod split;
 pub mod step;
+pub mod stretch;
 pub mod user;
 
 /// Number of ISA / IOAPIC input lines a device can drive (GSIs 0-23).

@@ -78,15 +78,27 @@
 //! at the return address instead (KVM_GUESTDBG_USE_HW_BP, [`iretq`]), which stops the guest
 //! right there; the `irq_boundary` guest fails if it were late. (An earlier try of the
 //! breakpoint seemed to lose an IPI in a 4-vCPU storm: that was the HLT stall above.)
+//!
+//! **IF-clear code is run, not stepped, up to where IF may be set.** While IF is clear, a waiting
+//! interrupt can only become deliverable at an instruction that sets IF, so in CPL-0 64-bit code
+//! the stepper decodes forward from RIP ([`super::stretch`]) and arms execute breakpoints (DR0-DR2)
+//! on the first instructions, on every path, that may set IF or that the scan cannot follow
+//! (returns, indirect branches, software interrupts, control and debug register writes); the guest
+//! runs to whichever it reaches first, one exit for the whole stretch, and is stepped or scanned
+//! again there. Every path ending at a HLT needs no breakpoint at all. The `irq_boundary` guest
+//! runs a called function's loop of ~500 instructions with IF clear before a POPF that sets it:
+//! stepped, the episode's budget ran out and the interrupt came late; run, it is taken right after
+//! the POPF. Where IF is set (a shadow, a TPR that holds the vector) every instruction is stepped.
 
 use kvm_bindings::{kvm_regs, kvm_sregs, kvm_vcpu_events};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::guest_debug::{self, Want};
+use crate::guest_debug::{self, Breaks, Want};
 use crate::kvm::KvmError;
 use crate::memory::GuestRam;
 
+use super::stretch::{self, CodePages, Stretch};
 use super::IrqchipError;
 
 /// Steps one episode may take before the backend falls back to its window kicks: about a
@@ -244,10 +256,10 @@ enum Armed {
     Off,
     /// KVM_GUESTDBG_SINGLESTEP: after the next instruction.
     Step,
-    /// KVM_GUESTDBG_USE_HW_BP: an execute breakpoint at this linear address (DR0, DR7 L0 with
-    /// R/W0 = LEN0 = 0: SDM vol. 3 §18.2.4, set by `crate::guest_debug`), which stops the
-    /// guest before that instruction.
-    Break(u64),
+    /// KVM_GUESTDBG_USE_HW_BP: execute breakpoints at these linear addresses (DR0-DR2, DR7
+    /// Ln with R/Wn = LENn = 0: SDM vol. 3 §18.2.4, set by `crate::guest_debug`), which stop
+    /// the guest before such an instruction.
+    Break(Breaks),
 }
 
 /// What to do with the instruction at RIP.
@@ -257,6 +269,9 @@ enum Plan {
     Step,
     /// An IRETQ: stop at the instruction it returns to ([`iretq`]).
     Break(u64),
+    /// IF is clear and stays clear up to these instructions: run to whichever comes first
+    /// ([`stretch`]).
+    Run(Breaks),
     /// Run it unstepped: it exits by itself ([`exits_itself`]).
     Unstepped,
     /// Never step it: it may load TF or enable a breakpoint, or the guest debugs itself.
@@ -403,6 +418,9 @@ pub struct Stepper {
     /// Handlers run to their return with a breakpoint ([`Self::run_to_return`]), for the
     /// counters.
     pub return_runs: u64,
+    /// IF-clear stretches run to where they can end with breakpoints (`stretch_plan`),
+    /// for the counters.
+    pub stretch_runs: u64,
     /// Injections at a return breakpoint that kept it armed for the new handler
     /// ([`Self::end_for_injection`]), for the counters.
     pub kept_breakpoints: u64,
@@ -426,6 +444,7 @@ impl Stepper {
             events: None,
             steps: 0,
             return_runs: 0,
+            stretch_runs: 0,
             fallbacks: 0,
         }
     }
@@ -491,7 +510,7 @@ impl Stepper {
             return Ok(StepOutcome::Stepping);
         }
         self.settle_first(vcpu, &regs)?;
-        let plan = self.plan(vcpu, &regs)?;
+        let plan = self.plan(vcpu, &regs, true)?;
         tracing::trace!(
             rip = regs.rip,
             rflags = regs.rflags,
@@ -500,9 +519,16 @@ impl Stepper {
             "step"
         );
         match plan {
+            Plan::Run(breaks) => {
+                self.arm(vcpu, Armed::Break(breaks))?;
+                self.on = true;
+                self.left -= 1;
+                self.stretch_runs += 1;
+                Ok(StepOutcome::Stepping)
+            }
             plan @ (Plan::Step | Plan::Break(_)) => {
                 let armed = match plan {
-                    Plan::Break(at) => Armed::Break(at),
+                    Plan::Break(at) => Armed::Break(Breaks::one(at)),
                     _ => Armed::Step,
                 };
                 if armed == Armed::Step && self.armed != Armed::Step {
@@ -580,11 +606,11 @@ impl Stepper {
             tracing::trace!(rip = regs.rip, ?ret, ?to, "no frame to return by: stepping");
             return self.step(vcpu);
         };
-        if !matches!(self.plan(vcpu, &regs)?, Plan::Step | Plan::Break(_)) {
+        if !matches!(self.plan(vcpu, &regs, false)?, Plan::Step | Plan::Break(_)) {
             return self.step(vcpu);
         }
         tracing::trace!(rip = regs.rip, to, "run to the handler's return");
-        self.arm(vcpu, Armed::Break(to))?;
+        self.arm(vcpu, Armed::Break(Breaks::one(to)))?;
         self.returning = Some(to);
         self.on = true;
         self.left -= 1;
@@ -601,7 +627,7 @@ impl Stepper {
         let Some(to) = self.returning else {
             return false;
         };
-        if regs.rip != to && self.armed == Armed::Break(to) {
+        if regs.rip != to && self.armed == Armed::Break(Breaks::one(to)) {
             tracing::trace!(rip = regs.rip, to, "still running to the handler's return");
             return true;
         }
@@ -661,7 +687,10 @@ impl Stepper {
     /// (`plan`), as for a fresh one. True if the breakpoint was kept; a caller that then
     /// injects nothing after all calls [`Self::end`], since the vCPU resumes right at it.
     pub fn end_for_injection(&mut self, vcpu: &VcpuFd) -> Result<bool, IrqchipError> {
-        let Armed::Break(at) = self.armed else {
+        let Some(at) = (match self.armed {
+            Armed::Break(breaks) => breaks.single(),
+            _ => None,
+        }) else {
             self.end(vcpu)?;
             return Ok(false);
         };
@@ -703,7 +732,7 @@ impl Stepper {
         let part = match want {
             Armed::Off => Want::Nothing,
             Armed::Step => Want::Step,
-            Armed::Break(at) => Want::Break(at),
+            Armed::Break(breaks) => Want::Break(breaks),
         };
         guest_debug::set_stepper(vcpu, part).map_err(KvmError::ioctl("KVM_SET_GUEST_DEBUG"))?;
         self.armed = want;
@@ -714,8 +743,9 @@ impl Stepper {
     /// debug feature of its own that stepping would hide (checked while stepping is off: KVM hides
     /// TF from KVM_GET_REGS while it steps) or the instruction at RIP loads TF or enables a
     /// breakpoint; not now if KVM delivers an event at this entry and stepping would be armed
-    /// here ([`event_due`]).
-    fn plan(&self, vcpu: &VcpuFd, regs: &kvm_regs) -> Result<Plan, IrqchipError> {
+    /// here ([`event_due`]). With `scan`, an instruction to step in IF-clear code becomes a run
+    /// over the stretch it begins ([`Self::stretch_plan`]).
+    fn plan(&self, vcpu: &VcpuFd, regs: &kvm_regs, scan: bool) -> Result<Plan, IrqchipError> {
         if !self.on {
             let dr7 = vcpu
                 .get_debug_regs()
@@ -740,7 +770,32 @@ impl Stepper {
             }
         }
         let sregs = self.sregs(vcpu)?;
-        Ok(self.plan_for(vcpu, regs, &sregs))
+        Ok(match self.plan_for(vcpu, regs, &sregs) {
+            Plan::Step if scan => self.stretch_plan(vcpu, regs, &sregs),
+            plan => plan,
+        })
+    }
+
+    /// An instruction to step at RIP in CPL-0 64-bit code with IF clear: the interrupt cannot be
+    /// taken before an instruction that sets IF, so instead of stepping each instruction the
+    /// guest runs to the first place on its way that may end the stretch, with a breakpoint on
+    /// each ([`stretch::scan`]), or unstepped if every way ends at a HLT. Stepped as before where
+    /// IF is set (an STI or MOV SS shadow, a TPR that holds the vector), in other code, or if the
+    /// stretch ends in more places than the stepper has breakpoints.
+    fn stretch_plan(&self, vcpu: &VcpuFd, regs: &kvm_regs, sregs: &kvm_sregs) -> Plan {
+        if regs.rflags & RFLAGS_IF != 0 || !in_kernel_64bit_code(sregs) {
+            return Plan::Step;
+        }
+        let mut code = CodePages::new(|base, page: &mut [u8]| {
+            self.read_linear(vcpu, base, page) == page.len()
+        });
+        let stretch = stretch::scan(regs.rip, |at, out| code.fetch(at, out));
+        tracing::trace!(rip = regs.rip, ?stretch, "IF-clear stretch");
+        match stretch {
+            Stretch::Halts => Plan::Unstepped,
+            Stretch::StopAt(breaks) => Plan::Run(breaks),
+            Stretch::Step => Plan::Step,
+        }
     }
 
     /// After the first instruction of a stepping run: if it delivered an exception or interrupt

@@ -51,7 +51,7 @@ use kvm_ioctls::{
     Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuFd, VmFd,
 };
 
-use crate::guest_debug::{self, Want};
+use crate::guest_debug::{self, Breaks, Want};
 use crate::kvm::KvmError;
 use crate::memory::GuestRam;
 
@@ -200,7 +200,9 @@ impl SyscallWatch {
         let sregs = vcpu.get_sregs().map_err(KvmError::ioctl("KVM_GET_SREGS"))?;
         self.handler = self.page_fault_handler(vcpu, &sregs);
         self.stepping_past = false;
-        let want = self.handler.map_or(Want::Nothing, Want::Break);
+        let want = self
+            .handler
+            .map_or(Want::Nothing, |at| Want::Break(Breaks::one(at)));
         guest_debug::set_watch(vcpu, want).map_err(KvmError::ioctl("KVM_SET_GUEST_DEBUG"))?;
         tracing::debug!(handler = ?self.handler, "SYSCALL watch");
         Ok(())
@@ -233,7 +235,7 @@ impl SyscallWatch {
         };
         if self.stepping_past {
             self.stepping_past = false;
-            return guest_debug::set_watch(vcpu, Want::Break(handler))
+            return guest_debug::set_watch(vcpu, Want::Break(Breaks::one(handler)))
                 .map_err(KvmError::ioctl("KVM_SET_GUEST_DEBUG"));
         }
         if dr6 & DR6_B3 == 0 {

@@ -28,6 +28,9 @@ pub struct VcpuCounters {
     /// Handlers of injected interrupts run to their return with an execute breakpoint instead
     /// of being stepped (`backend::step`, `Stepper::run_to_return`).
     pub return_runs: AtomicU64,
+    /// IF-clear stretches run to where they can end with execute breakpoints instead of being
+    /// stepped (`backend::stretch`).
+    pub stretch_runs: AtomicU64,
     /// Injections at a handler's return breakpoint that kept it armed for the new handler
     /// (`Stepper::end_for_injection`).
     pub kept_breakpoints: AtomicU64,
@@ -50,6 +53,7 @@ impl Default for VcpuCounters {
             single_steps: AtomicU64::new(0),
             step_fallbacks: AtomicU64::new(0),
             return_runs: AtomicU64::new(0),
+            stretch_runs: AtomicU64::new(0),
             kept_breakpoints: AtomicU64::new(0),
             wake_yields: AtomicU64::new(0),
         }
@@ -78,6 +82,7 @@ impl VcpuCounters {
         out("single_steps", get(&self.single_steps));
         out("step_fallbacks", get(&self.step_fallbacks));
         out("return_runs", get(&self.return_runs));
+        out("stretch_runs", get(&self.stretch_runs));
         out("kept_breakpoints", get(&self.kept_breakpoints));
         out("wake_yields", get(&self.wake_yields));
         let mut total = 0;

@@ -928,6 +928,10 @@ impl UserVcpuChip {
             self.stepper.kept_breakpoints,
             std::sync::atomic::Ordering::Relaxed,
         );
+        counters.stretch_runs.store(
+            self.stepper.stretch_runs,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// Hands the pending NMIs to KVM, as many as KVM's `process_nmi` rule lets stay pending
