@@ -427,6 +427,53 @@ mod tests {
         assert_eq!(reads, [0x1000, 0x2000, 0x3000]);
     }
 
+    /// Walks one path the guest could take from `rip` (fall-throughs and direct jumps and
+    /// calls, as `classify` reads them) until it meets a stop, a HLT or an instruction seen
+    /// before: no instruction that may set IF or that leaves the scanned code is run on the way.
+    fn check_path(rip: u64, code: &mut dyn FnMut(u64, &mut [u8]) -> usize, stops: &[u64]) {
+        let mut at = rip;
+        let mut seen = BTreeSet::new();
+        while seen.insert(at) && seen.len() <= SCAN_BUDGET {
+            if stops.contains(&at) {
+                return;
+            }
+            let mut buf = [0u8; MAX_INSN];
+            let n = code(at, &mut buf);
+            match classify(at, &buf[..n]) {
+                Next::Halt => return,
+                Next::Stop => panic!("{at:#x} would run unstopped (stops {stops:x?})"),
+                Next::Go(to) | Next::Fork(to, _) => at = to,
+            }
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever the guest's code: no panic; at most three breakpoints, none at RIP, all
+        /// canonical; and the fall-through path from RIP meets one of them (or a HLT, or a
+        /// loop) before anything that may set IF.
+        #[test]
+        fn any_code_gives_a_sound_plan(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400),
+            start in 0usize..400,
+            high in proptest::prelude::any::<bool>(),
+        ) {
+            let base = if high { 0xFFFF_FFFF_8100_0000 } else { 0x10_0000 };
+            let rip = base + (start.min(bytes.len())) as u64;
+            let result = scan(rip, code_at(base, &bytes));
+            match result {
+                Stretch::StopAt(breaks) => {
+                    let at = breaks.addresses();
+                    proptest::prop_assert!(!at.is_empty() && at.len() <= Breaks::MAX);
+                    proptest::prop_assert!(!at.contains(&rip));
+                    proptest::prop_assert!(at.iter().all(|&a| canonical(a)));
+                    check_path(rip, &mut code_at(base, &bytes), at);
+                }
+                Stretch::Halts => check_path(rip, &mut code_at(base, &bytes), &[]),
+                Stretch::Step => {}
+            }
+        }
+    }
+
     #[test]
     fn a_branch_out_of_the_canonical_range_stops() {
         // jmp to 0x8000_0000_0000 + ...: from just below the canonical boundary.
