@@ -345,8 +345,8 @@ static void lint0_unmask(void)
 	irq_set_handler(V_EXTINT, NULL);
 }
 
-/* ---- an ExtINT (LINT0 open) waiting for IF: taken right after sti; nop ---- */
-static void extint_sti(void)
+/* The 8259 requests on LINE_LOW through an open LINT0 (ExtINT) while IF=0; true if its IRR shows it. */
+static bool extint_request_with_if_clear(void)
 {
 	irq_set_handler(V_EXTINT, extint_handler);
 	reset();
@@ -355,22 +355,33 @@ static void extint_sti(void)
 	apic_write(APIC_LVT_LINT0, APIC_DM_EXTINT);
 	cli();
 	testdev_set_irq(LINE_LOW, 1);
-	bool held = pic_read_irr() & (1u << LINE_LOW);
+	return pic_read_irr() & (1u << LINE_LOW);
+}
+/* Checks that the request (`held`) was taken once, at `after`, before anything else could take it; then takes
+ * what is left, closes LINT0, lowers the line and disables the 8259s. */
+static void extint_check_taken_at(bool held, u64 after, const char *name)
+{
+	u32 taken = norder;
+	drain();
+	apic_write(APIC_LVT_LINT0, APIC_LVT_MASKED);
+	testdev_set_irq(LINE_LOW, 0);
+	pic_disable();
+	check(held && taken == 1 && rip_of[V_EXTINT] == after, name,
+	      "requested %u, %u taken, saved rip %lx, expected %lx", held, taken, rip_of[V_EXTINT], after);
+	irq_set_handler(V_EXTINT, NULL);
+}
+
+/* ---- an ExtINT (LINT0 open) waiting for IF: taken right after sti; nop ---- */
+static void extint_sti(void)
+{
+	bool held = extint_request_with_if_clear();
 	u64 after;
 	__asm__ volatile("sti\n\tnop\n\t"
 			 "1: lea 1b(%%rip), %0\n\tcli"
 			 : "=r"(after)
 			 :
 			 : "memory");
-	u32 taken = norder;
-	drain();
-	apic_write(APIC_LVT_LINT0, APIC_LVT_MASKED);
-	testdev_set_irq(LINE_LOW, 0);
-	pic_disable();
-	check(held && taken == 1 && rip_of[V_EXTINT] == after,
-	      "pic interrupt waiting for IF taken right after sti; nop [kvm-late-window]",
-	      "requested %u, %u taken, saved rip %lx, expected %lx", held, taken, rip_of[V_EXTINT], after);
-	irq_set_handler(V_EXTINT, NULL);
+	extint_check_taken_at(held, after, "pic interrupt waiting for IF taken right after sti; nop [kvm-late-window]");
 }
 
 /* ---- a long IF-clear stretch ending in POPF: taken right after the POPF ---- */
@@ -417,23 +428,10 @@ static void popf_after_stretch(void)
 }
 static void extint_after_stretch(void)
 {
-	irq_set_handler(V_EXTINT, extint_handler);
-	reset();
-	pic_init(PIC_BASE, PIC_BASE + 8);
-	pic_set_mask((u16)~((1u << LINE_LOW) | (1u << 2)));
-	apic_write(APIC_LVT_LINT0, APIC_DM_EXTINT);
-	cli();
-	testdev_set_irq(LINE_LOW, 1);
+	bool held = extint_request_with_if_clear();
 	u64 after = stretch_then_popf();
-	u32 taken = norder;
-	drain();
-	apic_write(APIC_LVT_LINT0, APIC_LVT_MASKED);
-	testdev_set_irq(LINE_LOW, 0);
-	pic_disable();
-	check(taken == 1 && rip_of[V_EXTINT] == after,
-	      "pic interrupt taken right after the popf ending a long IF-clear stretch [kvm-late-window]",
-	      "%u taken, saved rip %lx, expected %lx", taken, rip_of[V_EXTINT], after);
-	irq_set_handler(V_EXTINT, NULL);
+	extint_check_taken_at(held, after,
+			      "pic interrupt taken right after the popf ending a long IF-clear stretch [kvm-late-window]");
 }
 
 /* ---- nothing of the VMM's shows: the guest's own TF, PUSHF, DR6 ---- */

@@ -116,28 +116,38 @@ fn the_xsave_area_carries_ymm_and_xcr0_to_another_vcpu() {
 /// KVM_MEM_LOG_DIRTY_PAGES reports in KVM_GET_DIRTY_LOG exactly the page a guest store hit, the
 /// read clears the log, and a page the guest only read is not reported. Live migration
 /// (`irqvm::migrate`) relies on it.
-#[test]
-fn kvm_dirty_log_reports_guest_writes_once() {
+/// 64 KiB of guest RAM at 0 for the real-mode tests.
+const REAL_MODE_RAM: u64 = 64 << 10;
+
+/// A VM with [`REAL_MODE_RAM`] at guest address 0 (memory slot flags `slot_flags`) and one vCPU
+/// in real mode at 0x1000 with CS and DS base 0, where `code` is placed: a real-mode IP is then a
+/// linear and a physical address. The fields drop in order: the vCPU, the VM, then the memory
+/// the VM maps.
+struct RealMode {
+    vcpu: kvm_ioctls::VcpuFd,
+    vm: kvm_ioctls::VmFd,
+    mem: vm_memory::GuestMemoryMmap,
+}
+
+fn real_mode_at_0x1000(code: &[u8], slot_flags: u32) -> RealMode {
     use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-    const SIZE: u64 = 64 << 10;
     let kvm = open_kvm().unwrap();
     let vm = create_vm(&kvm).unwrap();
     let mem: GuestMemoryMmap =
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), SIZE as usize)]).unwrap();
-    // Real mode at 0x1000: mov al, [0x7000]; mov byte [0x5000], 1; hlt.
-    let code = [0xA0, 0x00, 0x70, 0xC6, 0x06, 0x00, 0x50, 0x01, 0xF4];
-    mem.write_slice(&code, GuestAddress(0x1000)).unwrap();
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), REAL_MODE_RAM as usize)]).unwrap();
+    mem.write_slice(code, GuestAddress(0x1000)).unwrap();
     let host = mem.get_host_address(GuestAddress(0)).unwrap();
     let region = kvm_bindings::kvm_userspace_memory_region {
         slot: 0,
-        flags: kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES,
+        flags: slot_flags,
         guest_phys_addr: 0,
-        memory_size: SIZE,
+        memory_size: REAL_MODE_RAM,
         userspace_addr: host as u64,
     };
-    // SAFETY: `mem` maps SIZE bytes at `host` and outlives `vm` (dropped after it).
+    // SAFETY: `mem` maps REAL_MODE_RAM bytes at `host` and is dropped after `vm` (RealMode's
+    // field order).
     unsafe { vm.set_user_memory_region(region) }.unwrap();
-    let mut vcpu = vm.create_vcpu(0).unwrap();
+    let vcpu = vm.create_vcpu(0).unwrap();
     let mut sregs = vcpu.get_sregs().unwrap();
     sregs.cs.base = 0;
     sregs.cs.selector = 0;
@@ -148,6 +158,16 @@ fn kvm_dirty_log_reports_guest_writes_once() {
     regs.rip = 0x1000;
     regs.rflags = 2;
     vcpu.set_regs(&regs).unwrap();
+    RealMode { vcpu, vm, mem }
+}
+
+#[test]
+fn kvm_dirty_log_reports_guest_writes_once() {
+    const SIZE: u64 = REAL_MODE_RAM;
+    // mov al, [0x7000]; mov byte [0x5000], 1; hlt.
+    let code = [0xA0, 0x00, 0x70, 0xC6, 0x06, 0x00, 0x50, 0x01, 0xF4];
+    let RealMode { mut vcpu, vm, mem } =
+        real_mode_at_0x1000(&code, kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES);
     assert!(vm
         .get_dirty_log(0, SIZE as usize)
         .unwrap()
@@ -218,33 +238,7 @@ fn guest_debug_breakpoints_do_not_show_in_the_guests_dr7() {
 #[test]
 fn each_of_three_execute_breakpoints_stops_before_its_instruction() {
     use irqvm::guest_debug::{set_stepper, Breaks, Want};
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-    const SIZE: u64 = 64 << 10;
-    let kvm = open_kvm().unwrap();
-    let vm = create_vm(&kvm).unwrap();
-    let mem: GuestMemoryMmap =
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), SIZE as usize)]).unwrap();
-    mem.write_slice(&[0x90, 0x90, 0x90, 0x90, 0xF4], GuestAddress(0x1000))
-        .unwrap();
-    let host = mem.get_host_address(GuestAddress(0)).unwrap();
-    let region = kvm_bindings::kvm_userspace_memory_region {
-        slot: 0,
-        flags: 0,
-        guest_phys_addr: 0,
-        memory_size: SIZE,
-        userspace_addr: host as u64,
-    };
-    // SAFETY: `mem` maps SIZE bytes at `host` and outlives `vm` (dropped after it).
-    unsafe { vm.set_user_memory_region(region) }.unwrap();
-    let mut vcpu = vm.create_vcpu(0).unwrap();
-    let mut sregs = vcpu.get_sregs().unwrap();
-    sregs.cs.base = 0;
-    sregs.cs.selector = 0;
-    vcpu.set_sregs(&sregs).unwrap();
-    let mut regs = vcpu.get_regs().unwrap();
-    regs.rip = 0x1000;
-    regs.rflags = 2;
-    vcpu.set_regs(&regs).unwrap();
+    let RealMode { mut vcpu, vm, mem } = real_mode_at_0x1000(&[0x90, 0x90, 0x90, 0x90, 0xF4], 0);
     // DR0 gets the last NOP, DR2 the first one reached.
     let mut left = vec![0x1003, 0x1002, 0x1001];
     while let Some(&first) = left.last() {

@@ -574,9 +574,11 @@ impl Stepper {
     /// execute breakpoint at the return RIP stops the guest right where the IRETQ returns, the
     /// boundary hardware takes the interrupt at (one exit instead of one per instruction: about
     /// 12 in the guest library's stub, ~30 µs each on the Intel host, docs/benchmarks.md §9).
-    /// The return RIP is `ret.rip` if the injection knew it, else the RIP slot of the frame,
-    /// read from the stack if that frame is still intact there ([`frame_at`],
-    /// [`frame_return_rip`]). At that exit the backend injects if the interrupt is deliverable
+    /// The return RIP is the RIP slot of the frame, read from the stack if that frame is still
+    /// intact there ([`frame_at`], [`frame_return_rip`]), and must be `ret.rip` if the injection
+    /// knew it: RSP below `ret.rsp` alone does not tell the handler from a deeper call that the
+    /// interrupted code made after the handler returned without an exit (the `irq_boundary`
+    /// guest's stretch checks, right after its ExtINT check, met exactly that). At that exit the backend injects if the interrupt is deliverable
     /// there, or steps on from there ([`Self::step`]) if not (the handler reached the return
     /// RIP by another path, or the vector is still blocked). If the handler sets IF itself
     /// before its IRETQ, the interrupt is taken at the return RIP rather than after that STI,
@@ -598,10 +600,11 @@ impl Stepper {
             tracing::trace!(rsp = regs.rsp, ?ret, "not inside the handler: stepping");
             return self.step(vcpu);
         }
-        let to = match ret.rip {
-            Some(rip) => Some(rip),
-            None => self.read_frame_return(vcpu, ret.rsp)?,
-        };
+        // The frame must still be there even when the injection knew its RIP: a stack pointer
+        // below the interrupted one is also what a deeper call of the interrupted code has once
+        // the handler returned unseen, and a breakpoint at that old return would never be hit.
+        let framed = self.read_frame_return(vcpu, ret.rsp)?;
+        let to = framed.filter(|&rip| ret.rip.is_none_or(|known| known == rip));
         let Some(to) = to.filter(|&to| to != regs.rip) else {
             tracing::trace!(rip = regs.rip, ?ret, ?to, "no frame to return by: stepping");
             return self.step(vcpu);
