@@ -20,10 +20,7 @@ use irqvm::IrqchipMode;
 
 use crate::report::us;
 use crate::runner::Peer;
-use crate::summary::{Summary, WORKLOADS};
-
-/// A table: (title, header, rows).
-pub type Table = (String, Vec<String>, Vec<Vec<String>>);
+use crate::summary::{Summary, Table, WORKLOADS};
 
 impl Summary<'_> {
     /// The floor table: per workload `kernel`'s median, the round trips, the floor and `user`'s

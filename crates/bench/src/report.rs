@@ -6,12 +6,13 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
-use crate::floor::Table;
 use crate::perfstat::{KERNEL_APIC_ACCESSES, SYSCALLS, SYSCALL_KINDS, USERSPACE_EXITS};
 use crate::plot;
 use crate::runner::Peer;
 use crate::stats::{self, Spread};
-use crate::summary::{Cell, Summary, BOOT_PHASES, EXIT_REASONS, FLOORS, HOST_WORKLOADS, WORKLOADS};
+use crate::summary::{
+    Cell, Summary, Table, BOOT_PHASES, EXIT_REASONS, FLOORS, HOST_WORKLOADS, WORKLOADS,
+};
 
 impl Summary<'_> {
     /// The tables, each as (title, header, rows).

@@ -8,6 +8,9 @@ use crate::runner::Peer;
 use crate::stats;
 use crate::suite::{Run, RunKind, Suite};
 
+/// A table of the report: (title, header, rows).
+pub type Table = (String, Vec<String>, Vec<Vec<String>>);
+
 /// The latency workloads, in table order: (name, what it measures).
 pub const WORKLOADS: &[(&str, &str)] = &[
     ("selfipi", "self-IPI: send, take, EOI"),
