@@ -578,9 +578,10 @@ impl Stepper {
     /// intact there ([`frame_at`], [`frame_return_rip`]), and must be `ret.rip` if the injection
     /// knew it: RSP below `ret.rsp` alone does not tell the handler from a deeper call that the
     /// interrupted code made after the handler returned without an exit (the `irq_boundary`
-    /// guest's stretch checks, right after its ExtINT check, met exactly that). At that exit the backend injects if the interrupt is deliverable
-    /// there, or steps on from there ([`Self::step`]) if not (the handler reached the return
-    /// RIP by another path, or the vector is still blocked). If the handler sets IF itself
+    /// guest's stretch checks, right after its ExtINT check, met exactly that). At that exit the
+    /// backend injects if the interrupt is deliverable there, or steps on from there
+    /// ([`Self::step`]) if not (the handler reached the return RIP by another path, or the
+    /// vector is still blocked). If the handler sets IF itself
     /// before its IRETQ, the interrupt is taken at the return RIP rather than after that STI,
     /// or at KVM's window exit if that comes first: late, as the window kicks would take it.
     /// Anything this cannot cover (an episode already stepping, the guest's own TF or
