@@ -157,23 +157,16 @@ fn classify(at: u64, code: &[u8]) -> Next {
         _ => {}
     }
     let next = insn.next_ip();
-    let go = |to: u64| {
-        if canonical(to) {
-            Next::Go(to)
-        } else {
-            Next::Stop
-        }
-    };
     match insn.flow_control() {
-        FlowControl::Next if may_end_stretch(&insn) => Next::Stop,
-        FlowControl::Next => go(next),
+        FlowControl::Next if may_end_stretch(&insn) || !canonical(next) => Next::Stop,
+        FlowControl::Next => Next::Go(next),
         FlowControl::ConditionalBranch => match near_target(&insn, code) {
             Some(taken) if canonical(next) => Next::Fork(next, taken),
             _ => Next::Stop,
         },
         // A direct call is followed into the callee; its RET is a stop, as every return is.
         FlowControl::UnconditionalBranch | FlowControl::Call => {
-            near_target(&insn, code).map_or(Next::Stop, go)
+            near_target(&insn, code).map_or(Next::Stop, Next::Go)
         }
         // Returns (RET, IRET, SYSRET, RSM), indirect branches and calls, SYSCALL, VMCALL,
         // software interrupts and exceptions (INT n, INT3, INT1, UD2), transactions.
