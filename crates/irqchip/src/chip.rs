@@ -140,8 +140,9 @@ fn pin_is_active_low(pin: usize) -> bool {
 pub trait MessageSink: Send + Sync {
     /// Delivers one message (an IOAPIC pin, an MSI route, a decoded MSI) to the local APICs it
     /// names, reporting through `notify` which vCPUs to kick or wake. Returns how many local
-    /// APICs it reached, as far as the sink knows (a sink that cannot tell returns 1 for a
-    /// message it handed on, 0 for one it dropped).
+    /// APICs accepted it, as far as the sink knows (a sink that cannot tell returns 1 for a
+    /// message it handed on, 0 for one it dropped). An IOAPIC level entry whose message no
+    /// local APIC accepted keeps remote IRR clear (82093AA §3.2.4, [`IoApic`]).
     fn deliver(
         &self,
         message: &InterruptMessage,
@@ -207,7 +208,7 @@ impl Sinks<'_> {
                 let (sink, notes) = (self.sink, &mut *self.notes);
                 self.ioapic
                     .set_line(pin, ioapic_wire_level(pin, level), &mut |message| {
-                        post(sink, &message, notes);
+                        post(sink, &message, notes)
                     });
             }
             // The table sends an MSI target on rising edges only.
@@ -219,7 +220,8 @@ impl Sinks<'_> {
     }
 }
 
-/// Hands `message` to the sink and records the notifications it asks for.
+/// Hands `message` to the sink and records the notifications it asks for; returns how many
+/// local APICs accepted it.
 fn post(
     sink: &dyn MessageSink,
     message: &InterruptMessage,
@@ -298,7 +300,7 @@ impl<S: MessageSink> PcIrqChip<S> {
             IoApic::new(config.ioapic).with_extended_destination_id(config.extended_destination_id);
         for pin in (0..ioapic.pins()).filter(|pin| pin_is_active_low(*pin)) {
             // Every entry is masked at power-on: this delivers nothing.
-            ioapic.set_line(pin, ioapic_wire_level(pin, false), &mut |_| {});
+            ioapic.set_line(pin, ioapic_wire_level(pin, false), &mut |_| 0);
         }
         let routing = GsiRouting::pc_default(ioapic.pins());
         Self {
@@ -455,9 +457,9 @@ impl<S: MessageSink> PcIrqChip<S> {
     pub fn eoi(&self, eoi: EoiMessage, notify: &mut dyn FnMut(VcpuIndex, Notify)) {
         self.with_devices(notify, |_, sinks| {
             let (sink, notes) = (sinks.sink, &mut *sinks.notes);
-            sinks.ioapic.end_of_interrupt(eoi.vector, &mut |message| {
-                post(sink, &message, notes);
-            });
+            sinks
+                .ioapic
+                .end_of_interrupt(eoi.vector, &mut |message| post(sink, &message, notes));
         });
     }
 
@@ -479,9 +481,9 @@ impl<S: MessageSink> PcIrqChip<S> {
     ) {
         self.with_devices(notify, |_, sinks| {
             let (sink, notes) = (sinks.sink, &mut *sinks.notes);
-            sinks.ioapic.mmio_write(offset, data, &mut |message| {
-                post(sink, &message, notes);
-            });
+            sinks
+                .ioapic
+                .mmio_write(offset, data, &mut |message| post(sink, &message, notes));
             sink.redirection_changed(sinks.ioapic);
         });
     }
@@ -691,6 +693,33 @@ mod tests {
         })
         .unwrap();
         assert_eq!(seen, vec![(0, Notify::Wake, true, false)]);
+    }
+
+    /// 82093AA §3.2.4 (and KVM): a level entry's remote IRR is set only when a local APIC
+    /// accepted its message. Neither an absent APIC ID nor a software-disabled APIC accepts a
+    /// fixed interrupt (SDM vol. 3 §11.4.7.2), so the held line stays unblocked and goes out
+    /// again when the guest points the entry at a CPU that takes it.
+    #[test]
+    fn level_entry_remote_irr_waits_for_an_accepting_apic() {
+        let (chip, mut cpus) = chip(2);
+        // CPU 0 software-enabled; CPU 1 keeps its reset SVR (software-disabled).
+        cpus[0].mmio_write(0xF0, &0x1FFu32.to_le_bytes(), 0, &mut |_, _| {});
+        let program = |destination: u32| {
+            for (index, value) in [(0x19u32, destination << 24), (0x18, 0x44 | 1 << 15)] {
+                chip.ioapic_mmio_write(0, &index.to_le_bytes(), &mut |_, _| {});
+                chip.ioapic_mmio_write(0x10, &value.to_le_bytes(), &mut |_, _| {});
+            }
+        };
+        let remote_irr = || chip.save_devices().ioapic.entry(4).unwrap().remote_irr();
+        program(0x55);
+        chip.set_gsi(4, SourceId(0), true, &mut |_, _| {}).unwrap();
+        assert!(!remote_irr(), "absent destination");
+        program(1);
+        assert!(!remote_irr(), "software-disabled destination");
+        assert!(!cpus[1].inbox().has_pending());
+        program(0);
+        assert!(remote_irr(), "CPU 0 took it");
+        assert!(cpus[0].inbox().has_pending());
     }
 
     /// What a [`MessageSink`] was told, in order.

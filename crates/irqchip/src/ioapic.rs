@@ -48,7 +48,9 @@
 //!   entry is written, so unmasking an edge pin never delivers. (KVM does remember an
 //!   undelivered edge across KVM_SET_IOAPIC; there is no equivalent here.)
 //! * Level-sensitive entries deliver while asserted, unmasked and with remote IRR clear, and
-//!   the delivery sets remote IRR. An EOI for the entry's vector clears remote IRR and, if the
+//!   the delivery sets remote IRR once a local APIC accepted the message (the `out` callback
+//!   returns how many did; 82093AA §3.2.4, KVM alike): a message nobody accepts leaves remote
+//!   IRR clear, and the asserted pin is sent again at its entry's next write. An EOI for the entry's vector clears remote IRR and, if the
 //!   pin is still asserted and unmasked, delivers again. Unmasking an asserted level entry
 //!   delivers it. A level line held asserted is thus delivered once per EOI, never more.
 //! * NMI, INIT, SMI and ExtINT entries programmed level-triggered: the datasheet says NMI and
@@ -359,19 +361,26 @@ impl Pin {
 ///
 /// ```
 /// use irqchip::ioapic::{IoApic, IoApicConfig, IOREGSEL_OFFSET, IOWIN_OFFSET};
-/// use irqchip::{DeliveryMode, TriggerMode};
+/// use irqchip::{DeliveryMode, InterruptMessage, TriggerMode};
 ///
+/// // What the APIC bus does with a message: here one local APIC accepts each.
+/// fn accept(sent: &mut Vec<InterruptMessage>) -> impl FnMut(InterruptMessage) -> usize + '_ {
+///     move |m| {
+///         sent.push(m);
+///         1
+///     }
+/// }
 /// let mut ioapic = IoApic::new(IoApicConfig::default());
 /// let mut sent = Vec::new();
-/// ioapic.set_line(16, true, &mut |m| sent.push(m)); // PCI idles high
+/// ioapic.set_line(16, true, &mut accept(&mut sent)); // PCI idles high
 /// let mut program = |ioapic: &mut IoApic, index: u32, value: u32| {
-///     ioapic.mmio_write(IOREGSEL_OFFSET.into(), &index.to_le_bytes(), &mut |_| {});
-///     ioapic.mmio_write(IOWIN_OFFSET.into(), &value.to_le_bytes(), &mut |_| {});
+///     ioapic.mmio_write(IOREGSEL_OFFSET.into(), &index.to_le_bytes(), &mut |_| 1);
+///     ioapic.mmio_write(IOWIN_OFFSET.into(), &value.to_le_bytes(), &mut |_| 1);
 /// };
 /// program(&mut ioapic, 0x10 + 2 * 16 + 1, 3 << 24); // destination APIC ID 3
 /// program(&mut ioapic, 0x10 + 2 * 16, 0x41 | 1 << 13 | 1 << 15); // vector, active low, level
 ///
-/// ioapic.set_line(16, false, &mut |m| sent.push(m)); // the device pulls the wire low
+/// ioapic.set_line(16, false, &mut accept(&mut sent)); // the device pulls the wire low
 /// assert_eq!(sent.len(), 1);
 /// assert_eq!((sent[0].vector, sent[0].destination), (0x41, 3));
 /// assert_eq!(sent[0].delivery_mode, DeliveryMode::Fixed);
@@ -379,12 +388,19 @@ impl Pin {
 /// assert!(ioapic.entry(16).unwrap().remote_irr());
 ///
 /// // Still asserted at the EOI: delivered again. Deasserted: the EOI only clears remote IRR.
-/// ioapic.end_of_interrupt(0x41, &mut |m| sent.push(m));
+/// ioapic.end_of_interrupt(0x41, &mut accept(&mut sent));
 /// assert_eq!(sent.len(), 2);
-/// ioapic.set_line(16, true, &mut |m| sent.push(m));
-/// ioapic.end_of_interrupt(0x41, &mut |m| sent.push(m));
+/// ioapic.set_line(16, true, &mut accept(&mut sent));
+/// ioapic.end_of_interrupt(0x41, &mut accept(&mut sent));
 /// assert_eq!(sent.len(), 2);
 /// assert!(!ioapic.entry(16).unwrap().remote_irr());
+///
+/// // A message no local APIC accepts leaves remote IRR clear: the held line goes out again
+/// // when the entry is next written.
+/// ioapic.set_line(16, false, &mut |_| 0);
+/// assert!(!ioapic.entry(16).unwrap().remote_irr());
+/// program(&mut ioapic, 0x10 + 2 * 16 + 1, 0); // retargeted to APIC ID 0
+/// assert!(ioapic.entry(16).unwrap().remote_irr());
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "IoApicState")]
@@ -572,7 +588,12 @@ impl IoApic {
     /// §3.1; KVM writes the zero-extended value, so a byte write of 0x55 to a low dword leaves
     /// vector 0x55 and every other writable bit 0), the EOI register (version 0x20) the first
     /// byte. Writes starting anywhere else are ignored. Deliveries the write causes go to `out`.
-    pub fn mmio_write(&mut self, offset: u64, data: &[u8], out: &mut dyn FnMut(InterruptMessage)) {
+    pub fn mmio_write(
+        &mut self,
+        offset: u64,
+        data: &[u8],
+        out: &mut dyn FnMut(InterruptMessage) -> usize,
+    ) {
         let Some(&first) = data.first() else {
             return;
         };
@@ -616,7 +637,7 @@ impl IoApic {
         (max_entry << VERSION_MAX_ENTRY_SHIFT) | u32::from(self.config.version)
     }
 
-    fn write_indirect(&mut self, value: u32, out: &mut dyn FnMut(InterruptMessage)) {
+    fn write_indirect(&mut self, value: u32, out: &mut dyn FnMut(InterruptMessage) -> usize) {
         match self.ioregsel {
             REG_ID => self.id = ((value >> ID_SHIFT) as u8) & ID_MASK,
             REG_VERSION | REG_ARBITRATION => {} // read-only
@@ -646,7 +667,7 @@ impl IoApic {
         index: usize,
         high: bool,
         value: u32,
-        out: &mut dyn FnMut(InterruptMessage),
+        out: &mut dyn FnMut(InterruptMessage) -> usize,
     ) {
         let writable = self.writable_mask();
         let Some(pin) = self.pins.get_mut(index) else {
@@ -672,7 +693,12 @@ impl IoApic {
 
     /// Sets the raw wire level of `pin` (before the polarity bit). Out-of-range pins are
     /// ignored. Delivers per the entry's trigger mode (see the module documentation).
-    pub fn set_line(&mut self, pin: usize, level: bool, out: &mut dyn FnMut(InterruptMessage)) {
+    pub fn set_line(
+        &mut self,
+        pin: usize,
+        level: bool,
+        out: &mut dyn FnMut(InterruptMessage) -> usize,
+    ) {
         let Some(p) = self.pins.get_mut(pin) else {
             return;
         };
@@ -684,7 +710,11 @@ impl IoApic {
     /// An EOI for `vector`, from a local APIC's EOI broadcast or the EOI register: clears
     /// remote IRR of every entry with that vector and re-delivers those whose level line is
     /// still asserted and unmasked (82093AA §3.2.4, remote IRR; SDM vol. 3 §11.8.5).
-    pub fn end_of_interrupt(&mut self, vector: Vector, out: &mut dyn FnMut(InterruptMessage)) {
+    pub fn end_of_interrupt(
+        &mut self,
+        vector: Vector,
+        out: &mut dyn FnMut(InterruptMessage) -> usize,
+    ) {
         for index in 0..self.pins.len() {
             let pin = &mut self.pins[index];
             if pin.entry.vector() != vector {
@@ -736,7 +766,7 @@ impl IoApic {
         &mut self,
         index: usize,
         was_asserted: bool,
-        out: &mut dyn FnMut(InterruptMessage),
+        out: &mut dyn FnMut(InterruptMessage) -> usize,
     ) {
         let Some(pin) = self.pins.get(index) else {
             return;
@@ -753,18 +783,23 @@ impl IoApic {
         }
     }
 
-    /// Sends the entry's message if it is unmasked and sendable; a level-sensitive entry then
-    /// waits for its EOI (remote IRR set).
-    fn deliver(&mut self, index: usize, out: &mut dyn FnMut(InterruptMessage)) {
+    /// Sends the entry's message if it is unmasked and sendable. A level-sensitive entry whose
+    /// message a local APIC accepted then waits for its EOI (remote IRR set). 82093AA §3.2.4
+    /// sets remote IRR "when local APIC(s) accept the level interrupt", and KVM's IOAPIC only
+    /// when the delivery reached one (`ioapic_service`): a message nobody accepts (no such
+    /// destination, every one software-disabled) leaves it clear, so the still-asserted line is
+    /// sent again at the entry's next write or an EOI of its vector rather than staying
+    /// blocked by an EOI that cannot come.
+    fn deliver(&mut self, index: usize, out: &mut dyn FnMut(InterruptMessage) -> usize) {
         let Some(message) = self.pin_message(index) else {
             return;
         };
+        let accepted = out(message) > 0;
         if let Some(pin) = self.pins.get_mut(index) {
-            if pin.entry.awaits_eoi() {
+            if accepted && pin.entry.awaits_eoi() {
                 pin.entry.0 |= RTE_REMOTE_IRR;
             }
         }
-        out(message);
     }
 }
 
@@ -779,6 +814,14 @@ mod tests {
     use proptest::prelude::*;
 
     type Messages = Vec<InterruptMessage>;
+
+    /// The bus's side of a delivery: collects each message into `got`, one local APIC accepting.
+    fn accept(got: &mut Messages) -> impl FnMut(InterruptMessage) -> usize + '_ {
+        move |m| {
+            got.push(m);
+            1
+        }
+    }
 
     fn ioapic() -> IoApic {
         IoApic::new(IoApicConfig::default())
@@ -795,9 +838,11 @@ mod tests {
     fn write_reg(io: &mut IoApic, index: u8, value: u32) -> Messages {
         select(io, index);
         let mut got = Vec::new();
-        io.mmio_write(u64::from(IOWIN_OFFSET), &value.to_le_bytes(), &mut |m| {
-            got.push(m)
-        });
+        io.mmio_write(
+            u64::from(IOWIN_OFFSET),
+            &value.to_le_bytes(),
+            &mut accept(&mut got),
+        );
         got
     }
 
@@ -827,13 +872,13 @@ mod tests {
 
     fn set_line(io: &mut IoApic, pin: usize, level: bool) -> Messages {
         let mut got = Vec::new();
-        io.set_line(pin, level, &mut |m| got.push(m));
+        io.set_line(pin, level, &mut accept(&mut got));
         got
     }
 
     fn eoi(io: &mut IoApic, vector: Vector) -> Messages {
         let mut got = Vec::new();
-        io.end_of_interrupt(vector, &mut |m| got.push(m));
+        io.end_of_interrupt(vector, &mut accept(&mut got));
         got
     }
 
@@ -842,7 +887,7 @@ mod tests {
         io.mmio_write(
             u64::from(EOI_OFFSET),
             &u32::from(vector).to_le_bytes(),
-            &mut |m| got.push(m),
+            &mut accept(&mut got),
         );
         got
     }
@@ -1056,10 +1101,10 @@ mod tests {
         // word write of 0x1234 reads 0x0234 (bit 12 is read-only).
         let mut io = ioapic();
         select(&mut io, low_index(0));
-        io.mmio_write(0x10, &[0x55], &mut |_| {});
+        io.mmio_write(0x10, &[0x55], &mut |_| 1);
         assert_eq!(read_entry(&mut io, 0), 0x55);
         select(&mut io, low_index(0));
-        io.mmio_write(0x10, &0x1234u16.to_le_bytes(), &mut |_| {});
+        io.mmio_write(0x10, &0x1234u16.to_le_bytes(), &mut |_| 1);
         assert_eq!(read_entry(&mut io, 0), 0x0234);
         // Writes that start past 0x10 are ignored.
         write_entry(&mut io, 0, RTE_MASKED);
@@ -1074,10 +1119,10 @@ mod tests {
     fn accesses_decode_by_their_first_byte_as_kvm() {
         let mut io = ioapic();
         select(&mut io, low_index(0) + 1);
-        io.mmio_write(0x10, &0xFFFF_FFFF_0300_0000u64.to_le_bytes(), &mut |_| {});
+        io.mmio_write(0x10, &0xFFFF_FFFF_0300_0000u64.to_le_bytes(), &mut |_| 1);
         assert_eq!(read_reg(&mut io, low_index(0) + 1), 0x0300_0000);
         // A dword write at 0x00 sets IOREGSEL from its low byte.
-        io.mmio_write(0x00, &0x1234_5678u32.to_le_bytes(), &mut |_| {});
+        io.mmio_write(0x00, &0x1234_5678u32.to_le_bytes(), &mut |_| 1);
         assert_eq!(io.ioregsel(), 0x78);
         select(&mut io, low_index(0) + 1);
         // Byte and word reads at 0x10 truncate the register; at 0x13 they read 0.
@@ -1100,13 +1145,13 @@ mod tests {
     #[test]
     fn registers_repeat_every_256_bytes_datasheet_3_1() {
         let mut io = ioapic();
-        io.mmio_write(0x300, &[REG_VERSION], &mut |_| {});
+        io.mmio_write(0x300, &[REG_VERSION], &mut |_| 1);
         let mut data = [0u8; 4];
         io.mmio_read(0xF10, &mut data);
         assert_eq!(u32::from_le_bytes(data), 0x0017_0020);
         // Offsets near u64::MAX wrap without overflow.
         io.mmio_read(u64::MAX - 1, &mut data);
-        io.mmio_write(u64::MAX, &[1, 2, 3, 4, 5, 6, 7, 8], &mut |_| {});
+        io.mmio_write(u64::MAX, &[1, 2, 3, 4, 5, 6, 7, 8], &mut |_| 1);
     }
 
     // ---- Edge-triggered pins (82093AA §3.2.4, trigger mode and mask) ----
@@ -1155,6 +1200,51 @@ mod tests {
         assert_eq!(got[0].vector, 0x59);
         assert_ne!(read_entry(&mut io, 9) & RTE_REMOTE_IRR, 0);
         assert!(set_line(&mut io, 9, true).is_empty(), "remote IRR blocks");
+    }
+
+    /// Counts the messages in `sent`; no local APIC accepts them.
+    fn refuse(sent: &mut usize) -> impl FnMut(InterruptMessage) -> usize + '_ {
+        move |_| {
+            *sent += 1;
+            0
+        }
+    }
+
+    #[test]
+    fn level_message_nobody_accepts_leaves_remote_irr_clear_datasheet_3_2_4() {
+        // 82093AA §3.2.4: remote IRR is set when local APIC(s) accept the level interrupt.
+        // KVM alike (kernel mode on this host: a level entry to absent APIC ID 0x55 reads
+        // 0x8061 after the line rose, no remote IRR).
+        let mut io = ioapic();
+        level_pin(&mut io, 9, 0x59);
+        let mut sent = 0;
+        io.set_line(9, true, &mut refuse(&mut sent));
+        assert_eq!(sent, 1);
+        assert!(!io.entry(9).unwrap().remote_irr());
+        // Nothing blocks the held line: an EOI of its vector sends it again (still refused),
+        // and so does the next write of its entry, which a local APIC now takes.
+        io.end_of_interrupt(0x59, &mut refuse(&mut sent));
+        assert_eq!(sent, 2);
+        assert!(!io.entry(9).unwrap().remote_irr());
+        let got = write_reg(&mut io, low_index(9) + 1, 0);
+        assert_eq!(got.len(), 1, "retargeting the entry delivers the held line");
+        assert!(io.entry(9).unwrap().remote_irr());
+        // Accepted now: the pin waits for the EOI again.
+        assert!(write_reg(&mut io, low_index(9) + 1, 0).is_empty());
+    }
+
+    #[test]
+    fn edge_message_nobody_accepts_is_lost_datasheet_3_2_4() {
+        let mut io = ioapic();
+        write_entry(&mut io, 4, rte(0x34, false, 0x55));
+        let mut sent = 0;
+        io.set_line(4, true, &mut refuse(&mut sent));
+        assert_eq!(sent, 1);
+        assert!(!io.entry(4).unwrap().remote_irr());
+        assert!(
+            write_entry(&mut io, 4, rte(0x34, false, 0)).is_empty(),
+            "not latched"
+        );
     }
 
     #[test]
@@ -1266,7 +1356,7 @@ mod tests {
             "re-delivery while high"
         );
         let mut byte = Vec::new();
-        io.mmio_write(0x40, &[0x59], &mut |m| byte.push(m));
+        io.mmio_write(0x40, &[0x59], &mut accept(&mut byte));
         assert_eq!(byte.len(), 1, "a byte write carries the vector");
     }
 
@@ -1670,7 +1760,10 @@ mod tests {
                 .with_extended_destination_id(extended);
             for (kind, raw, data, pin) in ops {
                 let mut count = 0usize;
-                let mut out = |_m: InterruptMessage| count += 1;
+                let mut out = |_m: InterruptMessage| {
+                    count += 1;
+                    1
+                };
                 // Bias offsets to the live registers half of the time.
                 let offset = if raw % 2 == 0 { raw % 0x48 } else { raw };
                 match kind {

@@ -97,9 +97,9 @@ proptest! {
     ) {
         let mut ioapic = IoApic::new(IoApicConfig::default());
         for (index, value, pin, level) in ops {
-            ioapic.mmio_write(IOREGSEL_OFFSET.into(), &u32::from(index).to_le_bytes(), &mut |_| {});
-            ioapic.mmio_write(IOWIN_OFFSET.into(), &value.to_le_bytes(), &mut |_| {});
-            ioapic.set_line(pin, level, &mut |_| {});
+            ioapic.mmio_write(IOREGSEL_OFFSET.into(), &u32::from(index).to_le_bytes(), &mut |_| 1);
+            ioapic.mmio_write(IOWIN_OFFSET.into(), &value.to_le_bytes(), &mut |_| 1);
+            ioapic.set_line(pin, level, &mut |_| 1);
         }
         let pins: Vec<(RedirectionEntry, bool)> = (0..ioapic.pins())
             .map(|pin| (ioapic.entry(pin).unwrap(), ioapic.line(pin).unwrap()))

@@ -177,6 +177,38 @@ static void masked(void)
 	      irq_count[0][V_EDGE] - n);
 }
 
+/* 82093AA section 3.2.4: Remote IRR is set when a local APIC accepts the level interrupt. An entry aimed at an
+ * APIC ID no CPU has sends the held line to nobody, so Remote IRR stays clear and nothing blocks the pin (KVM
+ * alike: `ioapic_service` sets it only when the delivery reached a LAPIC); pointed at CPU 0 afterwards, the
+ * entry write itself delivers the line still held. Its handler lowers the line. */
+#define V_UNACCEPTED 0x74
+#define ABSENT_APIC_ID 0x55
+static void unaccepted_handler(struct irq_frame *f, u32 cpu)
+{
+	testdev_set_irq(LEVEL_LINE, 0);
+	apic_eoi();
+}
+
+static void unaccepted(void)
+{
+	irq_set_handler(V_UNACCEPTED, unaccepted_handler);
+	ioapic_set_entry(LEVEL_LINE, (u64)ABSENT_APIC_ID << 56 | IOAPIC_LEVEL | V_UNACCEPTED);
+	testdev_set_irq(LEVEL_LINE, 1);
+	delay_ms(20);
+	u64 e = ioapic_get_entry(LEVEL_LINE);
+	check(!(e & IOAPIC_REMOTE_IRR) && irq_count[0][V_UNACCEPTED] == 0,
+	      "level, entry to an absent apic id leaves remote irr clear", "entry %lx, %u interrupts", e,
+	      irq_count[0][V_UNACCEPTED]);
+	ioapic_set_entry(LEVEL_LINE, (u64)cpu_to_apic_id(0) << 56 | IOAPIC_LEVEL | V_UNACCEPTED);
+	bool got = wait_ge(&irq_count[0][V_UNACCEPTED], 1, WAIT_MS);
+	testdev_set_irq(LEVEL_LINE, 0);
+	delay_ms(10);
+	check(got && !remote_irr(LEVEL_LINE), "level, retargeting the entry delivers the held line",
+	      "%u interrupts, entry %lx", irq_count[0][V_UNACCEPTED], ioapic_get_entry(LEVEL_LINE));
+	ioapic_set_entry(LEVEL_LINE, IOAPIC_MASKED);
+	irq_set_handler(V_UNACCEPTED, NULL);
+}
+
 /* Delivery to an AP through a physical destination (the AP counts the vector). */
 static void to_ap(void)
 {
@@ -205,5 +237,6 @@ void guest_main(void)
 	level();
 	level_eoi_then_hlt();
 	masked();
+	unaccepted();
 	to_ap();
 }

@@ -816,8 +816,8 @@ mod tests {
     /// Writes redirection entry `pin` (82093AA §3.2.4: IOREGSEL at 0, IOWIN at 0x10).
     fn program(ioapic: &mut IoApic, pin: u32, low: u32) {
         for (index, value) in [(0x11 + 2 * pin, 0u32), (0x10 + 2 * pin, low)] {
-            ioapic.mmio_write(0, &index.to_le_bytes(), &mut |_| {});
-            ioapic.mmio_write(0x10, &value.to_le_bytes(), &mut |_| {});
+            ioapic.mmio_write(0, &index.to_le_bytes(), &mut |_| 1);
+            ioapic.mmio_write(0x10, &value.to_le_bytes(), &mut |_| 1);
         }
     }
 

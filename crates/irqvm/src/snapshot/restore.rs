@@ -147,7 +147,12 @@ pub fn settle_held_level_eois(state: &mut SnapshotState) -> Vec<irqchip::types::
     settled.dedup();
     let mut redeliver = Vec::new();
     for vector in settled {
-        ioapic.end_of_interrupt(vector, &mut |message| redeliver.push(message));
+        // Taken as accepted (remote IRR set again): the restored VM delivers them once its
+        // vCPUs exist, to the destinations the entries name.
+        ioapic.end_of_interrupt(vector, &mut |message| {
+            redeliver.push(message);
+            1
+        });
     }
     redeliver
 }

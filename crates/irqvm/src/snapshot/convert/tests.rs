@@ -490,8 +490,8 @@ proptest! {
 
 fn program(ioapic: &mut IoApic, pin: usize, entry: u64) {
     let mut write = |index: u32, value: u32| {
-        ioapic.mmio_write(IOREGSEL_OFFSET.into(), &index.to_le_bytes(), &mut |_| {});
-        ioapic.mmio_write(IOWIN_OFFSET.into(), &value.to_le_bytes(), &mut |_| {});
+        ioapic.mmio_write(IOREGSEL_OFFSET.into(), &index.to_le_bytes(), &mut |_| 1);
+        ioapic.mmio_write(IOWIN_OFFSET.into(), &value.to_le_bytes(), &mut |_| 1);
     };
     let index = 0x10 + 2 * pin as u32;
     // Truncations split the entry into its dwords.
@@ -508,18 +508,18 @@ fn entry_bits(state: &kvm_ioapic_state, pin: usize) -> u64 {
 fn ioapic_fields_and_polarity() {
     let mut ioapic = IoApic::new(IoApicConfig::default());
     // PCI pin 16: level, active-low, asserted (wire low), delivered (remote IRR).
-    ioapic.set_line(16, true, &mut |_| {});
+    ioapic.set_line(16, true, &mut |_| 1);
     program(&mut ioapic, 16, 0x0300_0000_0000_A041);
-    ioapic.set_line(16, false, &mut |_| {});
+    ioapic.set_line(16, false, &mut |_| 1);
     // ISA pin 4: edge, high and delivered.
     program(&mut ioapic, 4, 0x34);
-    ioapic.set_line(4, true, &mut |_| {});
+    ioapic.set_line(4, true, &mut |_| 1);
     // ISA pin 9: level, active-high, asserted but masked.
     program(&mut ioapic, 9, 0x1_8039);
-    ioapic.set_line(9, true, &mut |_| {});
+    ioapic.set_line(9, true, &mut |_| 1);
     // PCI pin 17 programmed active-high by a confused guest, idle (wire high): the model
     // sees it asserted, KVM sees the logical level (low).
-    ioapic.set_line(17, true, &mut |_| {});
+    ioapic.set_line(17, true, &mut |_| 1);
     program(&mut ioapic, 17, 0x1_8042);
 
     let kvm = ioapic_to_kvm(&ioapic).unwrap();
@@ -616,7 +616,7 @@ proptest! {
         for (i, (pin, entry)) in entries.iter().enumerate() {
             program(&mut ioapic, *pin, *entry);
             if let Some((pin, level)) = lines.get(i) {
-                ioapic.set_line(*pin, *level, &mut |_| {});
+                ioapic.set_line(*pin, *level, &mut |_| 1);
             }
         }
         let back = ioapic_from_kvm(&ioapic_to_kvm(&ioapic).unwrap(), IoApicConfig::default(), false)
