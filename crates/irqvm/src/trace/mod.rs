@@ -568,8 +568,8 @@ impl Tracer {
 
     /// Records a post of `vector` to `target` from `source` at `ns` (`arg`: the message), giving
     /// it a fresh id; for a vector that is injected (fixed, lowest priority, NMI as vector 2)
-    /// the target's injection takes the id, and a level-triggered IOAPIC post's id waits for the
-    /// EOI that clears its remote IRR (recorded here as set). Call only when [`Self::on`].
+    /// the target's injection takes the id, and a level-triggered IOAPIC post that reached a
+    /// local APIC has its id wait for the EOI that clears its remote IRR (recorded here as set). Call only when [`Self::on`].
     pub fn post(&self, ns: u64, target: usize, vector: u8, source: Source, arg: PostArg) -> u64 {
         let id = self.next_id();
         let joined = match arg.delivery_mode() {
@@ -586,7 +586,8 @@ impl Tracer {
             .id(id)
             .arg(arg.0);
         self.record(event);
-        if arg.level() && matches!(source, Source::Ioapic(_)) {
+        // A message no local APIC took leaves remote IRR clear (82093AA §3.2.4, `IoApic`).
+        if arg.level() && !arg.reached_none() && matches!(source, Source::Ioapic(_)) {
             self.remote_irr[usize::from(vector)].store(id, Ordering::Release);
             let set = Event::new(ns, Kind::RemoteIrr, usize::MAX)
                 .vector(vector)
