@@ -89,6 +89,15 @@
 //! which exits (SDM vol. 3 §11.4.7.2, §11.4.7.3), so what a post skipped then could not have
 //! been delivered either.
 //!
+//! The same rule spares the kicks into a run that cannot take any maskable interrupt before it
+//! exits ([`VcpuInbox::publish_interrupts_blocked_until_exit`], the highest class, published as
+//! a rise after the drain): the guest's IF is clear and the VMM stops it, with single steps or
+//! breakpoints, wherever IF may be set, while an interrupt already waits for that window. Its
+//! exit is the one that may unblock the vector, like the EOI's above. Where such a stop is
+//! missed (an exception or interrupt handler that sets IF where the VMM did not look), the
+//! vector waits for the same exit as the interrupt already waiting: KVM's interrupt-window
+//! exit, which the VMM requested for it.
+
 //! # Memory ordering
 //!
 //! Both halves have the shape of the store-buffering (Dekker) pattern: the poster writes ON then
@@ -303,6 +312,9 @@ impl Posted {
         self.wakeup |= later.wakeup;
     }
 }
+
+/// The highest priority class (vectors 0xF0-0xFF): published, it holds every vector.
+const HIGHEST_CLASS: u8 = 0xF;
 
 /// True when a fixed vector posted to a vCPU whose highest in-service vector has priority class
 /// `in_service_class` cannot be delivered before that vector's EOI: its class is not above it
@@ -631,6 +643,21 @@ impl VcpuInbox {
     pub fn publish_in_service(&self, highest: Option<Vector>) {
         self.in_service
             .store(highest.map_or(0, |vector| vector >> 4), Ordering::Relaxed);
+    }
+
+    /// Publishes that the run about to begin cannot take any fixed or lowest-priority vector
+    /// before it exits to the VMM: the guest's IF is clear (or an interrupt shadow or its TPR
+    /// holds what waits) and the VMM has made sure it exits where that may end (it single-steps
+    /// the guest, or stops it with breakpoints at every instruction ahead that may set IF or
+    /// write CR8, or at a HLT). The exit then
+    /// drains what was posted, exactly as the EOI's exit does for a vector the in-service class
+    /// holds, so posts of such vectors need not kick: this is the highest class (every vector
+    /// from 16 up is held), a rise with [`Self::publish_in_service`]'s rules (after the entry's
+    /// drain, before KVM_RUN; the next [`Self::begin_guest_entry_in_service`] publishes the
+    /// real class again before it drains). NMIs, INIT, SIPI, SMI, ExtINT and wake-ups still
+    /// notify.
+    pub fn publish_interrupts_blocked_until_exit(&self) {
+        self.in_service.store(HIGHEST_CLASS, Ordering::Relaxed);
     }
 
     /// The priority class [`Self::publish_in_service`] last published (0: nothing in service).
@@ -1146,6 +1173,34 @@ mod tests {
         inbox.begin_guest_entry();
         assert_eq!(inbox.published_in_service_class(), 0);
         assert_eq!(edge(&inbox, 0x10), Notify::Kick, "nothing in service");
+    }
+
+    /// A run that cannot take a maskable interrupt before it exits holds every legal vector
+    /// (no kick) but no event; the next entry publishes the real class again before it drains.
+    #[test]
+    fn a_run_blocked_until_its_exit_holds_every_vector_but_no_event() {
+        let inbox = VcpuInbox::new();
+        inbox.begin_guest_entry();
+        inbox.publish_interrupts_blocked_until_exit();
+        assert_eq!(edge(&inbox, 0xFF), Notify::None);
+        assert_eq!(edge(&inbox, 0x10), Notify::None);
+        assert_eq!(
+            edge(&inbox, 0x05),
+            Notify::Kick,
+            "illegal vectors are never held"
+        );
+        inbox.end_guest_entry();
+        assert_eq!(inbox.begin_guest_entry().vectors().count(), 3);
+        assert_eq!(inbox.published_in_service_class(), 0);
+        inbox.publish_interrupts_blocked_until_exit();
+        let nmi = ApicEvents {
+            nmi: true,
+            ..Default::default()
+        };
+        assert_eq!(inbox.post_events(nmi), Notify::Kick);
+        inbox.end_guest_entry();
+        inbox.begin_guest_entry();
+        assert_eq!(edge(&inbox, 0x20), Notify::Kick, "the next run takes it");
     }
 
     /// A rise of the class published after the entry's drain (an interrupt acknowledged for

@@ -474,6 +474,65 @@ fn deferral_vs_eoi(helpful: bool) {
     });
 }
 
+/// Issue 14: a run that cannot take a maskable interrupt before it exits (IF clear, the VMM
+/// stopping it wherever IF may be set) publishes the highest class after its drain, and posts
+/// of vectors to it skip the kick. The run ends at its stop (an exit), and the entry after it,
+/// with the window open and nothing in service, runs: vectors A and B posted meanwhile must
+/// have been drained by then, or a kick must be pending.
+fn blocked_run_then_its_stop() {
+    check(EOI_RACE_BOUND, || {
+        let vcpu = FakeVcpu::new();
+        let guest = {
+            let vcpu = Arc::clone(&vcpu);
+            thread::spawn(move || {
+                let mut got = vcpu.enter();
+                vcpu.inbox.publish_interrupts_blocked_until_exit();
+                // The stop's exit, then the entry where the window is open.
+                vcpu.inbox.end_guest_entry();
+                vcpu.enter_until_running(None, 2, &mut got);
+                got
+            })
+        };
+        let poster = spawn_post(&vcpu, VECTOR_A, TriggerMode::Edge);
+        vcpu.post(VECTOR_B, TriggerMode::Level);
+        poster.join().unwrap();
+        let got = guest.join().unwrap();
+        for vector in [VECTOR_A, VECTOR_B] {
+            assert!(
+                got.contains(vector) || vcpu.kicked(),
+                "lost interrupt: the guest runs with its window open, {vector:#x} undrained and no kick"
+            );
+        }
+    });
+}
+
+/// The same run never reaching its stop: a vector posted to it may wait, but an NMI, which IF
+/// does not block, must have been drained or must kick, even behind a vector that skipped.
+fn blocked_run_vs_nmi() {
+    check(TWO_POSTER_BOUND, || {
+        let vcpu = FakeVcpu::new();
+        let guest = {
+            let vcpu = Arc::clone(&vcpu);
+            thread::spawn(move || {
+                let got = vcpu.enter();
+                vcpu.inbox.publish_interrupts_blocked_until_exit();
+                got
+            })
+        };
+        let poster = spawn_post(&vcpu, VECTOR_A, TriggerMode::Edge);
+        vcpu.post_events(ApicEvents {
+            nmi: true,
+            ..Default::default()
+        });
+        poster.join().unwrap();
+        let got = guest.join().unwrap();
+        assert!(
+            got.events.nmi || vcpu.kicked(),
+            "lost NMI: the blocked run goes on without it and no kick"
+        );
+    });
+}
+
 #[cfg(not(any(
     feature = "broken-ordering",
     feature = "broken-class-order",
@@ -495,6 +554,16 @@ mod kick_skip {
     #[test]
     fn two_posts_racing_with_the_eoi_are_drained_or_kick() {
         deferral_vs_eoi(true);
+    }
+
+    #[test]
+    fn posts_to_a_run_blocked_until_its_stop_are_drained_at_the_stop_or_kick() {
+        blocked_run_then_its_stop();
+    }
+
+    #[test]
+    fn an_nmi_to_a_blocked_run_kicks_even_behind_a_skipped_vector() {
+        blocked_run_vs_nmi();
     }
 
     /// A vector deferred, then an INIT alone to the running vCPU: the INIT is no vector its
@@ -524,6 +593,14 @@ mod broken_class_order {
     fn loom_finds_the_vector_lost_when_the_class_is_published_after_the_drain() {
         deferral_vs_eoi(false);
     }
+
+    /// The blocked run's class, still published when the next entry has drained, holds a
+    /// vector the open window could take.
+    #[test]
+    #[should_panic(expected = "lost interrupt")]
+    fn loom_finds_the_vector_lost_behind_a_blocked_run() {
+        blocked_run_then_its_stop();
+    }
 }
 
 /// With `broken-deferral-notified` the model must FAIL: the post that skipped its kick set
@@ -536,6 +613,13 @@ mod broken_deferral_notified {
     #[should_panic(expected = "lost interrupt")]
     fn loom_finds_the_deliverable_vector_behind_a_skipped_kick() {
         deferred_post_then_a_deliverable_one();
+    }
+
+    /// The vector a blocked run skipped claims the notification the NMI then needs.
+    #[test]
+    #[should_panic(expected = "lost NMI")]
+    fn loom_finds_the_nmi_lost_behind_a_vector_a_blocked_run_skipped() {
+        blocked_run_vs_nmi();
     }
 }
 
