@@ -146,6 +146,15 @@ fn spawn_post(
     thread::spawn(move || vcpu.post(vector, trigger))
 }
 
+/// The vCPU's thread running `run` (its entries, exits and publications); yields what it drained.
+fn spawn_vcpu(
+    vcpu: &Arc<FakeVcpu>,
+    run: impl FnOnce(&FakeVcpu) -> Posted + Send + 'static,
+) -> thread::JoinHandle<Posted> {
+    let vcpu = Arc::clone(vcpu);
+    thread::spawn(move || run(&vcpu))
+}
+
 fn init() -> ApicEvents {
     ApicEvents {
         init: true,
@@ -440,21 +449,18 @@ fn deferral_vs_eoi(helpful: bool) {
     let bound = if helpful { EOI_RACE_BOUND } else { None };
     check(bound, move || {
         let vcpu = FakeVcpu::new();
-        let guest = {
-            let vcpu = Arc::clone(&vcpu);
-            thread::spawn(move || {
-                let mut got = vcpu.enter();
-                vcpu.inbox.publish_in_service(Some(IN_SERVICE));
-                if vcpu.kicked() {
-                    vcpu.inbox.end_guest_entry();
-                    got.merge(vcpu.enter_in_service(Some(IN_SERVICE)));
-                }
-                // The handler EOIs: an exit, then the entry with nothing in service.
+        let guest = spawn_vcpu(&vcpu, |vcpu| {
+            let mut got = vcpu.enter();
+            vcpu.inbox.publish_in_service(Some(IN_SERVICE));
+            if vcpu.kicked() {
                 vcpu.inbox.end_guest_entry();
-                vcpu.enter_until_running(None, 2, &mut got);
-                got
-            })
-        };
+                got.merge(vcpu.enter_in_service(Some(IN_SERVICE)));
+            }
+            // The handler EOIs: an exit, then the entry with nothing in service.
+            vcpu.inbox.end_guest_entry();
+            vcpu.enter_until_running(None, 2, &mut got);
+            got
+        });
         let poster = helpful.then(|| spawn_post(&vcpu, VECTOR_B, TriggerMode::Edge));
         vcpu.post(HELD, TriggerMode::Edge);
         if let Some(poster) = poster {
@@ -482,17 +488,14 @@ fn deferral_vs_eoi(helpful: bool) {
 fn blocked_run_then_its_stop() {
     check(EOI_RACE_BOUND, || {
         let vcpu = FakeVcpu::new();
-        let guest = {
-            let vcpu = Arc::clone(&vcpu);
-            thread::spawn(move || {
-                let mut got = vcpu.enter();
-                vcpu.inbox.publish_interrupts_blocked_until_exit();
-                // The stop's exit, then the entry where the window is open.
-                vcpu.inbox.end_guest_entry();
-                vcpu.enter_until_running(None, 2, &mut got);
-                got
-            })
-        };
+        let guest = spawn_vcpu(&vcpu, |vcpu| {
+            let mut got = vcpu.enter();
+            vcpu.inbox.publish_interrupts_blocked_until_exit();
+            // The stop's exit, then the entry where the window is open.
+            vcpu.inbox.end_guest_entry();
+            vcpu.enter_until_running(None, 2, &mut got);
+            got
+        });
         let poster = spawn_post(&vcpu, VECTOR_A, TriggerMode::Edge);
         vcpu.post(VECTOR_B, TriggerMode::Level);
         poster.join().unwrap();
@@ -511,14 +514,11 @@ fn blocked_run_then_its_stop() {
 fn blocked_run_vs_nmi() {
     check(TWO_POSTER_BOUND, || {
         let vcpu = FakeVcpu::new();
-        let guest = {
-            let vcpu = Arc::clone(&vcpu);
-            thread::spawn(move || {
-                let got = vcpu.enter();
-                vcpu.inbox.publish_interrupts_blocked_until_exit();
-                got
-            })
-        };
+        let guest = spawn_vcpu(&vcpu, |vcpu| {
+            let got = vcpu.enter();
+            vcpu.inbox.publish_interrupts_blocked_until_exit();
+            got
+        });
         let poster = spawn_post(&vcpu, VECTOR_A, TriggerMode::Edge);
         vcpu.post_events(ApicEvents {
             nmi: true,
