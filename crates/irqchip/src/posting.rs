@@ -646,10 +646,10 @@ impl VcpuInbox {
     }
 
     /// Publishes that the run about to begin cannot take any fixed or lowest-priority vector
-    /// before it exits to the VMM: the guest's IF is clear (or an interrupt shadow or its TPR
-    /// holds what waits) and the VMM has made sure it exits where that may end (it single-steps
-    /// the guest, or stops it with breakpoints at every instruction ahead that may set IF or
-    /// write CR8, or at a HLT). The exit then
+    /// before it exits to the VMM: the guest's IF is clear (or an interrupt shadow holds) and
+    /// the VMM has made sure it exits where that may end (it single-steps the guest, or stops it
+    /// with breakpoints at every instruction ahead that may set IF, or at a HLT), with an
+    /// interrupt-window exit requested in case a stop is missed. The exit then
     /// drains what was posted, exactly as the EOI's exit does for a vector the in-service class
     /// holds, so posts of such vectors need not kick: this is the highest class (every vector
     /// from 16 up is held), a rise with [`Self::publish_in_service`]'s rules (after the entry's

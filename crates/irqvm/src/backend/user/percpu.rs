@@ -902,14 +902,12 @@ impl UserVcpuChip {
     fn step_while_tpr_holds(&mut self, vcpu: &mut VcpuFd) -> Result<(), IrqchipError> {
         let event_due = self.kvm_queued || self.fault_pending;
         if !self.regs_rewritten && !event_due && self.held_by_tpr_only() {
+            // No kick is spared here (`step_to_window` spares them): nothing asks KVM for a
+            // window, so a step that faults into a handler that lowers CR8 and never exits
+            // would leave a vector above the new TPR waiting with nobody to kick the vCPU.
             self.offer_events(vcpu);
-            let outcome = self.stepper.step(vcpu)?;
+            self.stepper.step(vcpu)?;
             self.publish_steps();
-            if outcome != StepOutcome::Fallback {
-                // Each step exits (or a stop before any CR8 write): that exit drains, as in
-                // `step_to_window`.
-                self.interrupts.hold_vectors_until_exit();
-            }
             return Ok(());
         }
         self.stepper.end(vcpu)
