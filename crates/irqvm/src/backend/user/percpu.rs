@@ -34,11 +34,9 @@ use std::time::{Duration, Instant};
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{SyncReg, VcpuFd};
 
-use irqchip::lapic::regs::{ICR_SHORTHAND_SHIFT, MSR_X2APIC_ICR, REG_ICR_LOW};
 use irqchip::mpstate::{
     InitBlocking, MpState, ProtectedStateSipi, SipiAction, SipiDelivery, StandardSipi,
 };
-use irqchip::types::Shorthand;
 use irqchip::vcpu::{ApicAccessResult, Injection, VcpuInterrupts};
 use irqchip::{GuestFault, Nanos};
 
@@ -61,17 +59,24 @@ const APIC_PAGE_SIZE: u64 = 0x1000;
 /// The EOI register: xAPIC offset 0xB0, x2APIC MSR 0x80B (SDM vol. 3 §11.8.5, §11.12.1.2).
 const APIC_EOI_OFFSET: u64 = 0xB0;
 const X2APIC_EOI_MSR: u32 = 0x80B;
+/// The ICR: xAPIC offset 0x300 (its low dword sends), x2APIC MSR 0x830 (SDM vol. 3 §11.6.1,
+/// §11.12.9).
+const APIC_ICR_OFFSET: u64 = 0x300;
+const X2APIC_ICR_MSR: u32 = 0x830;
+/// ICR bits 19:18, the destination shorthand; 01b is "self" (SDM vol. 3 §11.6.1).
+const ICR_SHORTHAND_SHIFT: u32 = 18;
+const ICR_SHORTHAND_SELF: u32 = 0b01;
+
 /// The ICR low dword an xAPIC write of `data` stores: only a full dword write is one (byte and
 /// word writes are ignored, docs/irqchip-modes.md).
 fn icr_low(data: &[u8]) -> Option<u32> {
     Some(u32::from_le_bytes(data.try_into().ok()?))
 }
 
-/// Whether an IPI with this ICR low dword goes to other vCPUs: any shorthand but "self" (SDM
-/// vol. 3 §11.6.1; a destination field naming the sender itself counts as others: one yield
-/// too many).
+/// Whether an IPI with this ICR low dword goes to other vCPUs: any shorthand but "self" (a
+/// destination field naming the sender itself is counted as others: a yield too many).
 fn ipi_to_others(icr_low: u32) -> bool {
-    Shorthand::from_bits(icr_low >> ICR_SHORTHAND_SHIFT) != Shorthand::SelfOnly
+    (icr_low >> ICR_SHORTHAND_SHIFT) & 0b11 != ICR_SHORTHAND_SELF
 }
 
 /// Initial first delay of the self-kick that replaces KVM's interrupt window ([`WindowKick`]).
@@ -835,9 +840,9 @@ impl UserVcpuChip {
         // This run stops where the guest may open its window (a step, a breakpoint, a HLT), and
         // that exit drains the inbox: a kick for a vector posted meanwhile could only end the
         // run early and be stepped again (`ipi_storm_16`: kicks 0.75 -> 0.24 per interrupt,
-        // docs/benchmarks.md §14). Where the stop misses (an exception handler or an interrupt
-        // handler sets IF unscanned), KVM's window exit requested above still comes, for the
-        // waiting interrupt and these alike.
+        // docs/benchmarks.md §14). Where the stop
+        // misses (an exception handler or an interrupt handler sets IF unscanned), KVM's window
+        // exit requested above still comes, for the waiting interrupt and these alike.
         self.interrupts.hold_vectors_until_exit();
         Ok(true)
     }
@@ -1162,24 +1167,23 @@ impl UserVcpuChip {
         (offset < APIC_PAGE_SIZE).then_some(offset)
     }
 
-    /// After an ICR write, hands this thread's host CPU over with sched_yield:
-    /// - `woke`: the IPI (a SIPI, a fixed or NMI IPI) woke a vCPU asleep on its doorbell. The
-    ///   woken thread is runnable, but on a host with fewer free cores than runnable vCPU
-    ///   threads it can be queued on this thread's core, and this thread goes back into the
-    ///   guest, often to spin until the woken vCPU answers (a BSP waiting for its AP to come
-    ///   online, a sender waiting for its PONG), keeping the core until the scheduler's next
-    ///   tick: 3-5 ms (HZ=250) at 2 vCPUs on 2 cores, docs/benchmarks.md "The 2-vCPU
-    ///   `boot_wake`". KVM's in-kernel APIC has no such hand-over: its sender goes straight back
-    ///   into the guest.
-    /// - `to_others`, on a host with fewer CPUs than the VM has vCPUs: the IPI went to other
-    ///   vCPUs that were running. Such a target's thread may be waiting for a CPU, and a sender
-    ///   that waits for its answer (a function call, a TLB shootdown, the storm's
-    ///   acknowledgement) spins in the guest meanwhile, unseen by irqvm. KVM hands the CPU of a
-    ///   vCPU spinning in a PAUSE loop to a preempted one (`kvm_vcpu_on_spin`), which a
-    ///   userspace LAPIC's targets, preempted outside KVM_RUN, do not get. Without overcommit
-    ///   nobody waits for a CPU, and the yield is not made (docs/benchmarks.md §15).
-    ///
-    /// With nothing queued on the core, sched_yield returns at once.
+    /// This vCPU's IPI (an ICR write: a SIPI, a fixed or NMI IPI) woke a vCPU asleep on its
+    /// doorbell. The woken thread is runnable, but on a host with fewer free cores than
+    /// runnable vCPU threads it can be queued on this thread's core, and this thread goes
+    /// back into the guest, often to spin until the woken vCPU answers (a BSP waiting for its
+    /// AP to come online, a sender waiting for its PONG), keeping the core until the
+    /// scheduler's next tick: 3-5 ms (HZ=250) at 2 vCPUs on 2 cores, docs/benchmarks.md "The
+    /// 2-vCPU `boot_wake`". sched_yield gives the core to the queued wakee at once; with
+    /// nothing queued it returns at once. KVM's in-kernel APIC has no such hand-over: its
+    /// sender goes straight back into the guest.
+    /// After an ICR write: hands the host CPU to the vCPU the IPI woke (`woke`), or, where the
+    /// host has fewer CPUs than the VM has vCPUs, to the other vCPUs an IPI went to
+    /// (`to_others`) while they were running. Such a target's thread may be waiting for a CPU,
+    /// and a sender that waits for its answer (a function call, a TLB shootdown, the storm's
+    /// acknowledgement) spins in the guest meanwhile, unseen by irqvm: KVM hands the CPU of a
+    /// vCPU that spins in a PAUSE loop to a preempted one (`kvm_vcpu_on_spin`), which a
+    /// userspace LAPIC's targets, preempted outside KVM_RUN, do not get. Without overcommit a
+    /// yield has nobody to hand the CPU to, so it is not made (docs/benchmarks.md §15).
     fn yield_after_ipi(&self, woke: bool, to_others: bool) {
         if woke {
             super::counters::bump(&self.counters().wake_yields);
@@ -1210,7 +1214,7 @@ impl UserVcpuChip {
             self.interrupts
                 .msr_write(index, value, now, &mut notifier.batched_noting(&mut woke));
         self.eoi_done(eoi);
-        self.yield_after_ipi(woke, index == MSR_X2APIC_ICR && ipi_to_others(value as u32));
+        self.yield_after_ipi(woke, index == X2APIC_ICR_MSR && ipi_to_others(value as u32));
         match result {
             Ok(r) => self.notify_result(r),
             Err(GuestFault::GeneralProtection(why)) => {
@@ -1318,8 +1322,8 @@ impl VcpuIrqchip for UserVcpuChip {
                         &mut notifier.batched_noting(&mut woke),
                     );
                     self.eoi_done(eoi);
-                    let to_others = offset == u64::from(REG_ICR_LOW)
-                        && icr_low(data).is_some_and(ipi_to_others);
+                    let to_others =
+                        offset == APIC_ICR_OFFSET && icr_low(data).is_some_and(ipi_to_others);
                     self.yield_after_ipi(woke, to_others);
                     self.notify_result(r);
                 } else if (IOAPIC_BASE..IOAPIC_BASE + IOAPIC_SIZE).contains(addr) {
