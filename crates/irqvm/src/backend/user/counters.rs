@@ -36,11 +36,8 @@ pub struct VcpuCounters {
     pub kept_breakpoints: AtomicU64,
     /// Stepping episodes that gave up (budget spent, or the guest's own TF, DR7 breakpoints).
     pub step_fallbacks: AtomicU64,
-    /// sched_yields after an IPI of this vCPU woke a sleeping vCPU (`percpu`, `yield_after_ipi`).
+    /// sched_yields after an IPI of this vCPU woke a sleeping vCPU (`percpu`, `yield_to_woken`).
     pub wake_yields: AtomicU64,
-    /// sched_yields after an IPI of this vCPU to other vCPUs, none woken, on a host with fewer
-    /// CPUs than vCPUs (`percpu`, `yield_after_ipi`).
-    pub ipi_yields: AtomicU64,
 }
 
 impl Default for VcpuCounters {
@@ -59,7 +56,6 @@ impl Default for VcpuCounters {
             stretch_runs: AtomicU64::new(0),
             kept_breakpoints: AtomicU64::new(0),
             wake_yields: AtomicU64::new(0),
-            ipi_yields: AtomicU64::new(0),
         }
     }
 }
@@ -89,7 +85,6 @@ impl VcpuCounters {
         out("stretch_runs", get(&self.stretch_runs));
         out("kept_breakpoints", get(&self.kept_breakpoints));
         out("wake_yields", get(&self.wake_yields));
-        out("ipi_yields", get(&self.ipi_yields));
         let mut total = 0;
         for (vector, count) in self.injected.iter().enumerate() {
             let n = get(count);

@@ -99,11 +99,6 @@ impl VmClock {
     }
 }
 
-/// The host CPUs this process may run on (its affinity and CPU quota); 1 if unknown.
-fn host_cpus() -> usize {
-    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
-}
-
 /// What every vCPU half shares.
 pub(crate) struct Shared {
     pub clock: VmClock,
@@ -131,10 +126,6 @@ pub(crate) struct Shared {
     /// while it single-steps a vCPU reads its registers from `kvm_run` instead of two ioctls per
     /// step (`percpu::UserVcpuChip::offer_synced_regs`).
     pub sync_regs: bool,
-    /// More vCPUs than host CPUs this process may run on (`std::thread::available_parallelism`):
-    /// a vCPU then yields its host CPU after an IPI to other running vCPUs
-    /// (`percpu::UserVcpuChip::yield_after_ipi`).
-    pub overcommitted: bool,
 }
 
 /// The VM-wide half of the `user` backend.
@@ -214,7 +205,6 @@ impl UserIrqchip {
             exact_irq_boundaries: ctx.exact_irq_boundaries,
             sync_events: sync_fields(ctx.kvm) & kvm_bindings::KVM_SYNC_X86_EVENTS != 0,
             sync_regs: sync_fields(ctx.kvm) & SYNC_REGS_AND_SREGS == SYNC_REGS_AND_SREGS,
-            overcommitted: ctx.kicker.vcpus() > host_cpus(),
         });
         Ok(Self {
             shared,

@@ -89,7 +89,7 @@ impl Notifier {
 
     /// [`Self::batched`] for a delivery made on a vCPU's own thread (its ICR write): also
     /// sets `woke` when a ring found its vCPU asleep, so that the sender can hand its host CPU
-    /// to the vCPU it woke once the wakes are out (`percpu`, `yield_after_ipi`).
+    /// to the vCPU it woke once the wakes are out (`percpu`, `yield_to_woken`).
     pub fn batched_noting<'a>(&'a self, woke: &'a mut bool) -> impl FnMut(VcpuIndex, Notify) + 'a {
         let mut batch = self.bells.batch();
         move |target, how| *woke |= self.notify_into(&mut batch, target, how)

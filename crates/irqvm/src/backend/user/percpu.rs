@@ -59,25 +59,6 @@ const APIC_PAGE_SIZE: u64 = 0x1000;
 /// The EOI register: xAPIC offset 0xB0, x2APIC MSR 0x80B (SDM vol. 3 §11.8.5, §11.12.1.2).
 const APIC_EOI_OFFSET: u64 = 0xB0;
 const X2APIC_EOI_MSR: u32 = 0x80B;
-/// The ICR: xAPIC offset 0x300 (its low dword sends), x2APIC MSR 0x830 (SDM vol. 3 §11.6.1,
-/// §11.12.9).
-const APIC_ICR_OFFSET: u64 = 0x300;
-const X2APIC_ICR_MSR: u32 = 0x830;
-/// ICR bits 19:18, the destination shorthand; 01b is "self" (SDM vol. 3 §11.6.1).
-const ICR_SHORTHAND_SHIFT: u32 = 18;
-const ICR_SHORTHAND_SELF: u32 = 0b01;
-
-/// The ICR low dword an xAPIC write of `data` stores: only a full dword write is one (byte and
-/// word writes are ignored, docs/irqchip-modes.md).
-fn icr_low(data: &[u8]) -> Option<u32> {
-    Some(u32::from_le_bytes(data.try_into().ok()?))
-}
-
-/// Whether an IPI with this ICR low dword goes to other vCPUs: any shorthand but "self" (a
-/// destination field naming the sender itself is counted as others: a yield too many).
-fn ipi_to_others(icr_low: u32) -> bool {
-    (icr_low >> ICR_SHORTHAND_SHIFT) & 0b11 != ICR_SHORTHAND_SELF
-}
 
 /// Initial first delay of the self-kick that replaces KVM's interrupt window ([`WindowKick`]).
 const WINDOW_KICK_START: Duration = Duration::from_micros(35);
@@ -1176,20 +1157,9 @@ impl UserVcpuChip {
     /// 2-vCPU `boot_wake`". sched_yield gives the core to the queued wakee at once; with
     /// nothing queued it returns at once. KVM's in-kernel APIC has no such hand-over: its
     /// sender goes straight back into the guest.
-    /// After an ICR write: hands the host CPU to the vCPU the IPI woke (`woke`), or, where the
-    /// host has fewer CPUs than the VM has vCPUs, to the other vCPUs an IPI went to
-    /// (`to_others`) while they were running. Such a target's thread may be waiting for a CPU,
-    /// and a sender that waits for its answer (a function call, a TLB shootdown, the storm's
-    /// acknowledgement) spins in the guest meanwhile, unseen by irqvm: KVM hands the CPU of a
-    /// vCPU that spins in a PAUSE loop to a preempted one (`kvm_vcpu_on_spin`), which a
-    /// userspace LAPIC's targets, preempted outside KVM_RUN, do not get. Without overcommit a
-    /// yield has nobody to hand the CPU to, so it is not made (docs/benchmarks.md §15).
-    fn yield_after_ipi(&self, woke: bool, to_others: bool) {
+    fn yield_to_woken(&self, woke: bool) {
         if woke {
             super::counters::bump(&self.counters().wake_yields);
-            std::thread::yield_now();
-        } else if to_others && self.shared.overcommitted {
-            super::counters::bump(&self.counters().ipi_yields);
             std::thread::yield_now();
         }
     }
@@ -1214,7 +1184,7 @@ impl UserVcpuChip {
             self.interrupts
                 .msr_write(index, value, now, &mut notifier.batched_noting(&mut woke));
         self.eoi_done(eoi);
-        self.yield_after_ipi(woke, index == X2APIC_ICR_MSR && ipi_to_others(value as u32));
+        self.yield_to_woken(woke);
         match result {
             Ok(r) => self.notify_result(r),
             Err(GuestFault::GeneralProtection(why)) => {
@@ -1322,9 +1292,7 @@ impl VcpuIrqchip for UserVcpuChip {
                         &mut notifier.batched_noting(&mut woke),
                     );
                     self.eoi_done(eoi);
-                    let to_others =
-                        offset == APIC_ICR_OFFSET && icr_low(data).is_some_and(ipi_to_others);
-                    self.yield_after_ipi(woke, to_others);
+                    self.yield_to_woken(woke);
                     self.notify_result(r);
                 } else if (IOAPIC_BASE..IOAPIC_BASE + IOAPIC_SIZE).contains(addr) {
                     self.platform().ioapic_write(*addr - IOAPIC_BASE, data);
@@ -1500,20 +1468,6 @@ fn internal_error_exit(vcpu: &mut VcpuFd) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// SDM vol. 3 §11.6.1: only the "self" shorthand keeps an IPI at home; the others (none,
-    /// all including self, all excluding self) reach other vCPUs. Only a dword write is an ICR
-    /// write.
-    #[test]
-    fn an_ipi_goes_to_others_unless_its_shorthand_is_self() {
-        assert!(ipi_to_others(0x0000_4030)); // fixed, no shorthand
-        assert!(!ipi_to_others(0x0004_4030)); // self
-        assert!(ipi_to_others(0x0008_4030)); // all including self
-        assert!(ipi_to_others(0x000C_0500)); // NMI to all excluding self
-        assert_eq!(icr_low(&0x000C_4030u32.to_le_bytes()), Some(0x000C_4030));
-        assert_eq!(icr_low(&[0x30, 0x40]), None);
-        assert_eq!(icr_low(&0x000C_4030u64.to_le_bytes()), None);
-    }
 
     /// The halt-poll window grows after short sleeps (from 10 µs, doubling, capped at KVM's
     /// 200 µs) and halves after long ones.
