@@ -821,9 +821,9 @@ impl UserVcpuChip {
         // This run stops where the guest may open its window (a step, a breakpoint, a HLT), and
         // that exit drains the inbox: a kick for a vector posted meanwhile could only end the
         // run early and be stepped again (`ipi_storm_16`: kicks 0.75 -> 0.24 per interrupt,
-        // docs/benchmarks.md §14). Where the stop
-        // misses (an exception handler or an interrupt handler sets IF unscanned), KVM's window
-        // exit requested above still comes, for the waiting interrupt and these alike.
+        // docs/benchmarks.md §14). Where the stop misses (an exception handler or an interrupt
+        // handler sets IF unscanned), KVM's window exit requested above still comes, for the
+        // waiting interrupt and these alike.
         self.interrupts.hold_vectors_until_exit();
         Ok(true)
     }
