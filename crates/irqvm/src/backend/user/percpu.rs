@@ -815,17 +815,11 @@ impl UserVcpuChip {
             _ => self.stepper.step(vcpu)?,
         };
         self.publish_steps();
-        if outcome == StepOutcome::Fallback {
-            return Ok(false);
-        }
-        // This run stops where the guest may open its window (a step, a breakpoint, a HLT), and
-        // that exit drains the inbox: a kick for a vector posted meanwhile could only end the
-        // run early and be stepped again (`ipi_storm_16`: kicks 0.75 -> 0.24 per interrupt,
-        // docs/benchmarks.md §14). Where the stop misses (an exception handler or an interrupt
-        // handler sets IF unscanned), KVM's window exit requested above still comes, for the
-        // waiting interrupt and these alike.
-        self.interrupts.hold_vectors_until_exit();
-        Ok(true)
+        // Such a run could spare the kicks of the posts it will drain at its stop
+        // (`VcpuInterrupts::hold_vectors_until_exit`): measured, it took two in three of
+        // `ipi_storm_16`'s kicks away, but a 4-vCPU Linux boot hung with it (docs/benchmarks.md
+        // §14), so the kicks stay until that is understood.
+        Ok(outcome != StepOutcome::Fallback)
     }
 
     /// An NMI is pending while the guest's NMI handler runs (NMIs blocked until the next IRET,
