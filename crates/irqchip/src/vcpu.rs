@@ -341,14 +341,6 @@ impl VcpuInterrupts {
         self.absorb(posted);
     }
 
-    /// Call after [`Self::begin_guest_entry`], before the run, when the guest cannot take a
-    /// maskable interrupt before it exits (IF clear or a shadow, and the VMM stops it where that
-    /// may end): posts of fixed vectors then spare the kick, which could only end the run early
-    /// for nothing (`VcpuInbox::publish_interrupts_blocked_until_exit`).
-    pub fn hold_vectors_until_exit(&self) {
-        self.inbox.publish_interrupts_blocked_until_exit();
-    }
-
     /// Right after the guest exits.
     pub fn end_guest_entry(&mut self) {
         self.inbox.end_guest_entry();

@@ -816,7 +816,7 @@ impl UserVcpuChip {
         };
         self.publish_steps();
         // Such a run could spare the kicks of the posts it will drain at its stop
-        // (`VcpuInterrupts::hold_vectors_until_exit`): measured, it took two in three of
+        // (`VcpuInbox::publish_interrupts_blocked_until_exit`): measured, it took two in three of
         // `ipi_storm_16`'s kicks away, but a 4-vCPU Linux boot hung with it (docs/benchmarks.md
         // §14), so the kicks stay until that is understood.
         Ok(outcome != StepOutcome::Fallback)
@@ -896,9 +896,6 @@ impl UserVcpuChip {
     fn step_while_tpr_holds(&mut self, vcpu: &mut VcpuFd) -> Result<(), IrqchipError> {
         let event_due = self.kvm_queued || self.fault_pending;
         if !self.regs_rewritten && !event_due && self.held_by_tpr_only() {
-            // No kick is spared here (`step_to_window` spares them): nothing asks KVM for a
-            // window, so a step that faults into a handler that lowers CR8 and never exits
-            // would leave a vector above the new TPR waiting with nobody to kick the vCPU.
             self.offer_events(vcpu);
             self.stepper.step(vcpu)?;
             self.publish_steps();
