@@ -9,8 +9,12 @@
 #                      [--memory SIZE] [--timeout SECONDS] [--irqvm PATH] [--append ARGS]
 #                      [--api-sock PATH] [--exact on|off] [--tls-probe] [--cores]
 #                      [--stress SECONDS] [--init32 SECONDS [--init32-int80]] [--syscall-watch on|off]
-#                      [--kvm-stats FILE]
+#                      [--kvm-stats FILE] [--tsc-deadline on|off]
 # --append adds kernel arguments; --api-sock serves irqvm's control API, for linux-profile.sh.
+# --tsc-deadline off boots with lapic=notscdeadline (the default on 2 or more vCPUs): with the
+# TSC-deadline timer, a CPU whose first tick after the switch to kvm-clock comes late can stay in
+# Linux's tick catch-up loop forever under this host's emulator (docs/benchmarks.md, "The tick
+# livelock, found").
 # Needs: apt-get install -y linux-image-cloud-amd64 busybox-static lz4 gcc cpio
 # Exit status: 0 if the guest ended through isa-debug-exit with every check passed, 1 otherwise.
 # Time budget: --timeout (default 2700 s) per boot; on a quiet AMD kvm_pvm host 1 vCPU took 604 s,
@@ -21,7 +25,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 die() { echo "linux-boot: $*" >&2; exit 1; }
 
-cpus=1 irqchip=user format=vmlinux timeout=2700 irqvm= memory=128M append= api= exact= tls_probe= cores= stress= init32= init32_flags= syscall_watch= kvm_stats=
+cpus=1 irqchip=user format=vmlinux timeout=2700 irqvm= memory=128M append= api= exact= tls_probe= cores= stress= init32= init32_flags= syscall_watch= kvm_stats= tsc_deadline=
 while [ $# -gt 0 ]; do
 	case $1 in
 	--cpus) cpus=$2; shift 2 ;;
@@ -40,9 +44,15 @@ while [ $# -gt 0 ]; do
 	--init32-int80) init32_flags=-DINIT32_INT80; shift ;;
 	--syscall-watch) syscall_watch=$2; shift 2 ;;
 	--kvm-stats) kvm_stats=$2; shift 2 ;;
+	--tsc-deadline) tsc_deadline=$2; shift 2 ;;
 	*) die "unknown argument $1" ;;
 	esac
 done
+case $tsc_deadline in
+'') if [ "$cpus" -gt 1 ]; then tsc_deadline=off; else tsc_deadline=on; fi ;;
+on | off) ;;
+*) die "--tsc-deadline takes on or off, not $tsc_deadline" ;;
+esac
 
 bzimage=$(ls /boot/vmlinuz-*-cloud-amd64 2>/dev/null | sort -V | tail -1)
 [ -n "$bzimage" ] || die "no /boot/vmlinuz-*-cloud-amd64: apt-get install linux-image-cloud-amd64"
@@ -139,6 +149,12 @@ cmdline="$cmdline initcall_blacklist=cubictcp_register,bpf_rstat_kfunc_init,bpf_
 cmdline="$cmdline sysctl.kernel.hung_task_timeout_secs=0 nosoftlockup nmi_watchdog=0"
 cmdline="$cmdline tsc=reliable no_timer_check mitigations=off nokaslr audit=0 psi=0"
 cmdline="$cmdline cryptomgr.notests pci=off rcupdate.rcu_expedited=1"
+# Linux's periodic tick on a timer without a periodic mode (TSC deadline) runs a whole tick for
+# every period it finds already past, until one takes less than a period (4 ms): under this host's
+# emulator, with vCPUs sharing cores, one can take longer, and a CPU whose tick came late (the
+# switch to kvm-clock runs under stop_machine, IF clear everywhere) never gets out. The LAPIC
+# timer's periodic mode has no such loop (docs/benchmarks.md, "The tick livelock, found").
+[ "$tsc_deadline" = on ] || cmdline="$cmdline lapic=notscdeadline"
 [ -z "$append" ] || cmdline="$cmdline $append"
 api_args=()
 [ -z "$api" ] || api_args=(--api-sock "$api")
