@@ -118,6 +118,15 @@ static void tsc_deadline(void)
 	}
 	check(in_time && extra == 0, "tsc-deadline disarmed by writing 0", "%u interrupts after the disarm%s", extra,
 	      in_time ? "" : " (no attempt disarmed in time)");
+	/* A deadline the TSC has already reached fires at the WRMSR itself (SDM 11.5.4.1), so with IF set the
+	 * interrupt is taken before the instruction after it. */
+	u32 before = irq_count[0][V_DEADLINE];
+	wrmsr(MSR_TSC_DEADLINE, rdtsc());
+	__asm__ volatile("nop");
+	u32 at_once = irq_count[0][V_DEADLINE] - before;
+	check(at_once == 1, "tsc-deadline written as the current tsc fires at the wrmsr [kvm-late-window]",
+	      "%u interrupts before the next instruction", at_once);
+	delay_ms(20);
 	apic_write(APIC_LVT_TIMER, APIC_LVT_MASKED);
 }
 
