@@ -670,14 +670,7 @@ mod tests {
 
     /// When the model fires a TSC deadline `deadline` (VM ns), with the origin `origin`.
     fn model_fires_at(origin: u64, deadline: u64) -> Nanos {
-        let mut timer = ApicTimer::new(ClockConfig {
-            tsc_hz: HZ,
-            tsc_at_zero: origin,
-            ..ClockConfig::default()
-        });
-        timer.set_mode(TimerMode::TscDeadline, 0);
-        timer.write_tsc_deadline(deadline, 0);
-        timer.next_deadline().unwrap()
+        model_fires_at_hz(origin, deadline, HZ)
     }
 
     /// The first VM ns at which the fake host's real TSC has reached `deadline`.
@@ -830,6 +823,7 @@ mod tests {
         }
     }
 
+    /// [`model_fires_at`] for a TSC of `hz` ticks per second.
     fn model_fires_at_hz(origin: u64, deadline: u64, hz: u64) -> Nanos {
         let mut timer = ApicTimer::new(ClockConfig {
             tsc_hz: hz,
