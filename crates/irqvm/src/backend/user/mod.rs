@@ -8,11 +8,9 @@
 //!   (0x6E0) so both exit to the LAPIC model instead of being absorbed by KVM.
 //! * an [`irqchip::chip::PcIrqChip`] (IOAPIC, PIC, GSI routing, APIC bus with one inbox per
 //!   vCPU) wrapped in `platform::Platform`, and one timer thread (`timers::VmTimers`).
-//! * the VM clock ([`VmClock`]): `Nanos` since the VM's epoch, counted on the host TSC at the
-//!   guest TSC's frequency where the host keeps time with its TSC. The guest TSC is tied to it:
-//!   each vCPU's IA32_TSC is written at creation to `tsc_hz * (now - epoch)`, so TSC-deadline
-//!   compares against `ClockConfig { tsc_hz, tsc_at_zero: 0 }` (or, where KVM ignores the
-//!   write, against the origin measured at the epoch); `tsc_hz` is KVM_GET_TSC_KHZ of a probe
+//! * the VM clock: `Nanos` since the VM's epoch. The guest TSC is tied to it: each vCPU's
+//!   IA32_TSC is written at creation to `tsc_hz * (now - epoch)`, so TSC-deadline compares
+//!   against `ClockConfig { tsc_hz, tsc_at_zero: 0 }`; `tsc_hz` is KVM_GET_TSC_KHZ of a probe
 //!   vCPU (the frequency KVM gives guests by default).
 //!
 //! Per vCPU (`percpu::UserVcpuChip`): see the `percpu` submodule: publish, drain, accept INIT/SIPI,
@@ -75,109 +73,30 @@ pub fn is_apic_msr(index: u32) -> bool {
     index == MSR_APIC_BASE || index == MSR_TSC_DEADLINE || X2APIC_MSRS.contains(&index)
 }
 
-/// The VM clock: `Nanos` since the VM's epoch, counted on the host TSC where the host kernel
-/// keeps time with it ([`Self::for_host`]), else on CLOCK_MONOTONIC.
-///
-/// Why the TSC: the guest TSC runs on the host TSC (kvm_pvm runs guests on it; KVM without TSC
-/// scaling adds an offset), and the model converts a TSC deadline to VM time with the frequency
-/// KVM reports (KVM_GET_TSC_KHZ, whole kHz). Counted on CLOCK_MONOTONIC, VM time and the guest
-/// TSC part by the difference between that frequency and the TSC's true rate against
-/// CLOCK_MONOTONIC (kHz rounding, NTP's frequency corrections): on the AMD host 0.04 ppm, so
-/// after a day a deadline would fire 3.4 ms before the guest's TSC reaches it (SDM vol. 3
-/// §11.5.4.1: never before), and one written as the current TSC might not fire at its WRMSR.
-/// Counted in TSC ticks at that same frequency, VM time and the guest TSC cannot part.
+/// The VM clock: `Nanos` since the VM's epoch.
 #[derive(Clone, Copy, Debug)]
 pub struct VmClock {
     epoch: Instant,
-    tsc: Option<TscTime>,
-}
-
-/// VM time from the host TSC: the TSC at the epoch and the ticks per second VM time counts.
-#[derive(Clone, Copy, Debug)]
-struct TscTime {
-    at_epoch: u64,
-    hz: u64,
 }
 
 impl VmClock {
-    /// VM time on CLOCK_MONOTONIC.
     pub fn new(epoch: Instant) -> Self {
-        Self { epoch, tsc: None }
-    }
-
-    /// VM time on the host TSC at `hz` ticks per second where the host's clocksource is `tsc`
-    /// (its kernel found the TSC invariant and in step on every CPU), else on CLOCK_MONOTONIC.
-    pub fn for_host(epoch: Instant, hz: u64) -> Self {
-        if hz == 0 || !host_keeps_time_with_tsc() {
-            return Self::new(epoch);
-        }
-        Self::on_tsc(epoch, hz)
-    }
-
-    /// VM time on the host TSC at `hz` (non-zero) ticks per second, VM time now being the time
-    /// since `epoch`.
-    fn on_tsc(epoch: Instant, hz: u64) -> Self {
-        let since = Self::new(epoch).monotonic_since_epoch();
-        let at_epoch = host_tsc().wrapping_sub(tsc_ticks(since, hz));
-        Self {
-            epoch,
-            tsc: Some(TscTime { at_epoch, hz }),
-        }
-    }
-
-    /// True if VM time is counted on the host TSC.
-    pub fn on_host_tsc(&self) -> bool {
-        self.tsc.is_some()
+        Self { epoch }
     }
 
     pub fn now(&self) -> Nanos {
-        match self.tsc {
-            Some(t) => nanos_of_ticks(host_tsc().wrapping_sub(t.at_epoch), t.hz),
-            None => self.monotonic_since_epoch(),
-        }
+        self.to_nanos(Instant::now())
     }
 
-    fn monotonic_since_epoch(&self) -> Nanos {
-        u64::try_from(
-            Instant::now()
-                .saturating_duration_since(self.epoch)
-                .as_nanos(),
-        )
-        .unwrap_or(u64::MAX)
+    pub fn to_nanos(&self, t: Instant) -> Nanos {
+        u64::try_from(t.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
     }
 
-    /// The host instant at which VM time reaches `n`, for sleeping until then. On the TSC it is
-    /// reckoned from now (the two clocks part by parts per million, nothing over one sleep), and a
-    /// time already reached is now.
     pub fn to_instant(&self, n: Nanos) -> Instant {
-        if self.tsc.is_some() {
-            let now = Instant::now();
-            let ahead = Duration::from_nanos(n.saturating_sub(self.now()));
-            return now
-                .checked_add(ahead)
-                .unwrap_or_else(|| now + Duration::from_secs(1 << 32));
-        }
         self.epoch
             .checked_add(Duration::from_nanos(n))
             .unwrap_or_else(|| self.epoch + Duration::from_secs(1 << 32))
     }
-}
-
-/// The host's TSC (RDTSC). Needs no privilege: CR4.TSD is clear for Linux processes.
-fn host_tsc() -> u64 {
-    // SAFETY: RDTSC reads a counter and has no memory effects; every x86-64 CPU has it.
-    unsafe { core::arch::x86_64::_rdtsc() }
-}
-
-/// True if the host kernel's current clocksource is the TSC.
-fn host_keeps_time_with_tsc() -> bool {
-    std::fs::read_to_string("/sys/devices/system/clocksource/clocksource0/current_clocksource")
-        .is_ok_and(|name| name.trim() == "tsc")
-}
-
-/// `ticks` of a `hz` counter in ns (saturating).
-fn nanos_of_ticks(ticks: u64, hz: u64) -> Nanos {
-    u64::try_from(u128::from(ticks) * 1_000_000_000 / u128::from(hz)).unwrap_or(u64::MAX)
 }
 
 /// What every vCPU half shares.
@@ -220,12 +139,12 @@ pub struct UserIrqchip {
 impl UserIrqchip {
     pub fn new(ctx: ChipContext<'_>) -> Result<Self, IrqchipError> {
         enable_msr_exits(ctx.kvm, &ctx.vm, ctx.protected_state_aps.is_some())?;
-        let (tsc, vm_clock) = probe_tsc(ctx.kvm, ctx.epoch)?;
+        let vm_clock = VmClock::new(ctx.epoch);
+        let tsc = probe_tsc(ctx.kvm, &vm_clock)?;
         tracing::debug!(
             hz = tsc.hz,
             writable = tsc.writable,
             at_zero = tsc.at_zero,
-            on_host_tsc = vm_clock.on_host_tsc(),
             "guest TSC"
         );
         let clock = ClockConfig {
@@ -360,8 +279,7 @@ struct TscProbe {
     at_zero: u64,
 }
 
-/// Also builds the VM clock, counted at the guest TSC's frequency ([`VmClock::for_host`]).
-fn probe_tsc(kvm: &Kvm, epoch: Instant) -> Result<(TscProbe, VmClock), KvmError> {
+fn probe_tsc(kvm: &Kvm, clock: &VmClock) -> Result<TscProbe, KvmError> {
     let vm = kvm.create_vm().map_err(KvmError::ioctl("KVM_CREATE_VM"))?;
     let vcpu = vm
         .create_vcpu(0)
@@ -370,7 +288,6 @@ fn probe_tsc(kvm: &Kvm, epoch: Instant) -> Result<(TscProbe, VmClock), KvmError>
         .get_tsc_khz()
         .map_err(KvmError::ioctl("KVM_GET_TSC_KHZ"))?;
     let hz = u64::from(khz) * 1000;
-    let clock = VmClock::for_host(epoch, hz);
     // Write a value far from anything the TSC could hold by itself, read it back.
     const MARKER: u64 = 1 << 20;
     write_tsc(&vcpu, MARKER)?;
@@ -381,12 +298,11 @@ fn probe_tsc(kvm: &Kvm, epoch: Instant) -> Result<(TscProbe, VmClock), KvmError>
     } else {
         tsc_origin(|| clock.now(), || read_tsc(&vcpu), hz)?
     };
-    let probe = TscProbe {
+    Ok(TscProbe {
         hz,
         writable,
         at_zero,
-    };
-    Ok((probe, clock))
+    })
 }
 
 /// Readings of the guest TSC against the VM clock; the one with the narrowest bracket is used.
@@ -670,7 +586,14 @@ mod tests {
 
     /// When the model fires a TSC deadline `deadline` (VM ns), with the origin `origin`.
     fn model_fires_at(origin: u64, deadline: u64) -> Nanos {
-        model_fires_at_hz(origin, deadline, HZ)
+        let mut timer = ApicTimer::new(ClockConfig {
+            tsc_hz: HZ,
+            tsc_at_zero: origin,
+            ..ClockConfig::default()
+        });
+        timer.set_mode(TimerMode::TscDeadline, 0);
+        timer.write_tsc_deadline(deadline, 0);
+        timer.next_deadline().unwrap()
     }
 
     /// The first VM ns at which the fake host's real TSC has reached `deadline`.
@@ -755,83 +678,5 @@ mod tests {
         assert!(origin <= TRUE_ORIGIN);
         assert!(TRUE_ORIGIN - origin <= tsc_ticks(1_020, HZ) + 1);
         assert_eq!(calls.get(), TSC_ORIGIN_SAMPLES as u64);
-    }
-
-    /// The host TSC's rate, measured against CLOCK_MONOTONIC over 20 ms (both read around the
-    /// sleep, so a long sleep under load only makes the measurement better).
-    fn host_tsc_hz() -> u64 {
-        let (t0, i0) = (host_tsc(), Instant::now());
-        std::thread::sleep(Duration::from_millis(20));
-        let (t1, i1) = (host_tsc(), Instant::now());
-        let ns = i1.duration_since(i0).as_nanos();
-        u64::try_from(u128::from(t1 - t0) * 1_000_000_000 / ns).unwrap()
-    }
-
-    /// VM time on the TSC starts at the time since the epoch, never goes back, and a sleep
-    /// until a VM time is reckoned from now: a time already reached is now, one a second ahead
-    /// about a second ahead.
-    #[test]
-    fn vm_time_on_the_tsc_counts_from_the_epoch_and_converts_for_sleeping() {
-        let hz = host_tsc_hz();
-        let epoch = Instant::now() - Duration::from_millis(500);
-        let clock = VmClock::on_tsc(epoch, hz);
-        assert!(clock.on_host_tsc());
-        let first = clock.now();
-        assert!(
-            first >= 499_000_000,
-            "VM time {first} ns, 500 ms after the epoch"
-        );
-        let mut last = first;
-        for _ in 0..10_000 {
-            let now = clock.now();
-            assert!(now >= last, "VM time went back from {last} to {now}");
-            last = now;
-        }
-        let now = clock.now();
-        assert!(clock.to_instant(now.saturating_sub(1_000_000)) <= Instant::now());
-        let wake = clock.to_instant(now + 1_000_000_000);
-        let ahead = wake.saturating_duration_since(Instant::now());
-        assert!(
-            ahead > Duration::from_millis(900) && ahead <= Duration::from_secs(1),
-            "a second ahead wakes {ahead:?} from now"
-        );
-    }
-
-    /// With VM time on the TSC, a guest TSC that runs on the host TSC (here: the host TSC plus
-    /// an offset, as on kvm_pvm) and the origin `tsc_origin` measures against it, a TSC
-    /// deadline written as the guest's current TSC is due by the time the VMM looks, as at
-    /// the WRMSR of a guest that writes RDTSC's value (SDM vol. 3 §11.5.4.1: the interrupt
-    /// comes at once), however long the VM has run: VM time and the guest TSC cannot part.
-    #[test]
-    fn a_deadline_written_as_the_current_guest_tsc_is_due_on_the_tsc_clock() {
-        const OFFSET: u64 = 0x0123_4567_89AB;
-        let hz = host_tsc_hz();
-        for age_s in [0u64, 3_600, 86_400] {
-            let epoch = Instant::now()
-                .checked_sub(Duration::from_secs(age_s))
-                .unwrap_or_else(Instant::now);
-            let clock = VmClock::on_tsc(epoch, hz);
-            let origin =
-                tsc_origin(|| clock.now(), || Ok::<_, ()>(host_tsc() + OFFSET), hz).unwrap();
-            let deadline = host_tsc() + OFFSET;
-            let fires = model_fires_at_hz(origin, deadline, hz);
-            let now = clock.now();
-            assert!(
-                fires <= now,
-                "VM {age_s} s old: due at {fires} ns, VM time is {now} ns"
-            );
-        }
-    }
-
-    /// [`model_fires_at`] for a TSC of `hz` ticks per second.
-    fn model_fires_at_hz(origin: u64, deadline: u64, hz: u64) -> Nanos {
-        let mut timer = ApicTimer::new(ClockConfig {
-            tsc_hz: hz,
-            tsc_at_zero: origin,
-            ..ClockConfig::default()
-        });
-        timer.set_mode(TimerMode::TscDeadline, 0);
-        timer.write_tsc_deadline(deadline, 0);
-        timer.next_deadline().unwrap()
     }
 }
