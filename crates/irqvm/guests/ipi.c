@@ -60,8 +60,9 @@ static void logical_mixed_models(struct logical_setup *s)
 }
 
 /* xAPIC IDs are writable (SDM vol. 3 §11.4.6), so two APICs can hold the same one; a physical destination then
- * reaches both (KVM delivers to every APIC whose ID matches). The last CPU takes CPU 0's ID, waits with IF set
- * until the BSP is done, and takes its own back. */
+ * reaches both (§11.6.2.1: each APIC compares it with its own ID; KVM does so too unless the VMM enabled 32-bit
+ * x2APIC IDs, see [kvm-32bit-id-alias]). The last CPU takes CPU 0's ID, waits with IF set until the BSP is
+ * done, and takes its own back. */
 static volatile u32 alias_held, alias_done, alias_read;
 static void hold_alias_id(void *arg)
 {
