@@ -75,6 +75,15 @@ static void hold_alias_id(void *arg)
 	WRITE_ONCE(alias_held, 0);
 }
 
+/* Sends fixed `vector` to physical destination `dest`; true if exactly the CPUs in `expect` took it. */
+static bool physical_ipi(u32 dest, u32 expect, u32 vector, char *why, usize n)
+{
+	u32 before[MAX_CPUS];
+	snapshot(vector, before);
+	apic_icr_write(dest, vector);
+	return expect_delivery(vector, before, expect, why, n);
+}
+
 static void aliased_physical_id(void)
 {
 	if (ncpus < 2) {
@@ -82,24 +91,18 @@ static void aliased_physical_id(void)
 		return;
 	}
 	char why[96];
-	u32 last = ncpus - 1, own = cpu_to_apic_id(last), shared = cpu_to_apic_id(0), before[MAX_CPUS];
+	u32 last = ncpus - 1, own = cpu_to_apic_id(last), shared = cpu_to_apic_id(0);
 	alias_done = 0;
 	bool held = smp_call_async(last, hold_alias_id, (void *)(usize)shared) && wait_eq(&alias_held, 1, WAIT_MS);
 	check(held && alias_read == shared, "xapic id written on the last cpu reads back", "held %u, id %x", held,
 	      alias_read);
-	snapshot(V_ALIAS, before);
-	apic_icr_write(shared, V_ALIAS);
-	check(expect_delivery(V_ALIAS, before, 1u | 1u << last, why, sizeof why),
+	check(physical_ipi(shared, 1u | 1u << last, V_ALIAS, why, sizeof why),
 	      "physical ipi to an xapic id two apics hold reaches both [kvm-32bit-id-alias]", "%s", why);
-	snapshot(V_ALIAS, before);
-	apic_icr_write(own, V_ALIAS);
-	check(expect_delivery(V_ALIAS, before, 0, why, sizeof why), "physical ipi to the id given up reaches nobody",
-	      "%s", why);
+	check(physical_ipi(own, 0, V_ALIAS, why, sizeof why), "physical ipi to the id given up reaches nobody", "%s",
+	      why);
 	WRITE_ONCE(alias_done, 1);
 	bool back = smp_wait(last, WAIT_MS);
-	snapshot(V_ALIAS, before);
-	apic_icr_write(own, V_ALIAS);
-	check(back && expect_delivery(V_ALIAS, before, 1u << last, why, sizeof why),
+	check(back && physical_ipi(own, 1u << last, V_ALIAS, why, sizeof why),
 	      "physical ipi to the id taken back reaches its cpu alone", "returned %u: %s", back, why);
 }
 

@@ -126,7 +126,7 @@ static void tsc_deadline(void)
 	u32 at_once = irq_count[0][V_DEADLINE] - before;
 	check(at_once == 1, "tsc-deadline written as the current tsc fires at the wrmsr [kvm-late-window]",
 	      "%u interrupts before the next instruction", at_once);
-	delay_ms(20);
+	delay_ms(20); /* where it came late (KVM's LAPIC here), it lands before the masked checks below */
 	apic_write(APIC_LVT_TIMER, APIC_LVT_MASKED);
 }
 
