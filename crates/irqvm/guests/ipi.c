@@ -61,8 +61,8 @@ static void logical_mixed_models(struct logical_setup *s)
 
 /* xAPIC IDs are writable (SDM vol. 3 §11.4.6), so two APICs can hold the same one; a physical destination then
  * reaches both (§11.6.2.1: each APIC compares it with its own ID; KVM does so too unless the VMM enabled 32-bit
- * x2APIC IDs, see [kvm-32bit-id-alias]). The last CPU takes CPU 0's ID, waits with IF set until the BSP is
- * done, and takes its own back. */
+ * x2APIC IDs, which irqvm does only for APIC IDs past 254). The last CPU takes CPU 0's ID, waits with IF set
+ * until the BSP is done, and takes its own back. */
 static volatile u32 alias_held, alias_done, alias_read;
 static void hold_alias_id(void *arg)
 {
@@ -97,7 +97,7 @@ static void aliased_physical_id(void)
 	check(held && alias_read == shared, "xapic id written on the last cpu reads back", "held %u, id %x", held,
 	      alias_read);
 	check(physical_ipi(shared, 1u | 1u << last, V_ALIAS, why, sizeof why),
-	      "physical ipi to an xapic id two apics hold reaches both [kvm-32bit-id-alias]", "%s", why);
+	      "physical ipi to an xapic id two apics hold reaches both", "%s", why);
 	check(physical_ipi(own, 0, V_ALIAS, why, sizeof why), "physical ipi to the id given up reaches nobody", "%s",
 	      why);
 	WRITE_ONCE(alias_done, 1);

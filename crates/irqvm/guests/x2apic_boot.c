@@ -17,7 +17,8 @@
  *    the sender, and a logical IPI that reaches exactly its set (x2APIC: a cluster, from the ID, SDM §11.12.10;
  *    xAPIC: flat model with LDR bit (cpu mod 8), set by each CPU).
  * 5. Devices: IOAPIC pin 10 reaches the highest APIC ID below 255 with an 8-bit destination and, where CPUID
- *    offers KVM_FEATURE_MSI_EXT_DEST_ID, the highest APIC ID with the extended destination ID (bits 55:49).
+ *    offers KVM_FEATURE_MSI_EXT_DEST_ID, the highest APIC ID with the extended destination ID (bits 55:49),
+ *    and an extended destination past every APIC ID, whose low byte is CPU 0's, reaches nobody.
  * The command line's `x2apic=0/1` and `tscdl=0/1` (default 1) say what CPUID.1:ECX[21] and [24] must show
  * (irqvm's --cpu-features); with x2apic=0 the guest stays in xAPIC mode and checks that EXTD cannot be set. */
 #include "guest.h"
@@ -27,6 +28,7 @@
 #define V_ALL 0x62
 #define V_LOGICAL 0x63
 #define V_DEVICE 0x64
+#define V_NOBODY 0x65
 #define DEVICE_LINE 10
 #define STORM_ROUNDS 6
 
@@ -333,6 +335,15 @@ static bool device_reaches(u32 cpu, u32 id)
 	return ok;
 }
 
+/* How many times vector `v` was taken, on all CPUs. */
+static u32 total_count(u32 v)
+{
+	u32 n = 0;
+	for (u32 c = 0; c < ncpus; c++)
+		n += READ_ONCE(irq_count[c][v]);
+	return n;
+}
+
 /* Devices reach the CPUs: an 8-bit destination names IDs up to 254, the extended destination ID up to 32767. */
 static void device_destinations(void)
 {
@@ -344,6 +355,7 @@ static void device_destinations(void)
 	      "cpu %u (APIC ID %u) did not take it", low, low < ncpus ? seen[low].id : 0);
 	if (!has_ext_dest_id()) {
 		skip("ioapic extended destination id reaches the highest apic id", "KVM_FEATURE_MSI_EXT_DEST_ID is clear");
+		skip("ioapic extended destination past every apic id reaches nobody", "KVM_FEATURE_MSI_EXT_DEST_ID is clear");
 		return;
 	}
 	u32 high = 0;
@@ -352,6 +364,20 @@ static void device_destinations(void)
 			high = c;
 	check(device_reaches(high, seen[high].id), "ioapic extended destination id reaches the highest apic id",
 	      "cpu %u (APIC ID %u) did not take it", high, seen[high].id);
+	/* Past every APIC ID, with CPU 0's ID in bits 7:0: a CPU takes it only if bits 14:8 were dropped on the
+	 * way (a VMM that hands KVM 8 destination bits would deliver it to CPU 0). A vector of its own: APIC ID
+	 * 255 above is 0xFF, which `user` mode broadcasts (the x2APIC broadcast quirk), and that broadcast may
+	 * still be landing on other CPUs. */
+	u32 past = ((seen[high].id >> 8) + 1) << 8 | seen[0].id;
+	u32 before = total_count(V_NOBODY);
+	u64 dest = ((u64)(past & 0xFF) << 56) | ((u64)((past >> 8) & 0x7F) << 49);
+	ioapic_set_entry(DEVICE_LINE, dest | V_NOBODY);
+	testdev_set_irq(DEVICE_LINE, true);
+	testdev_set_irq(DEVICE_LINE, false);
+	delay_ms(20);
+	ioapic_set_entry(DEVICE_LINE, IOAPIC_MASKED);
+	check(total_count(V_NOBODY) == before, "ioapic extended destination past every apic id reaches nobody",
+	      "destination %x taken %u times", past, total_count(V_NOBODY) - before);
 }
 
 static void features(void)

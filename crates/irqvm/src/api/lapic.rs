@@ -57,16 +57,20 @@ fn page_vectors(page: &[u8; 1024], base: usize) -> Vec<u8> {
 }
 
 /// Decodes a KVM_GET_LAPIC register page with the IA32_APIC_BASE and IA32_TSC_DEADLINE values.
-/// irqvm enables KVM_CAP_X2APIC_API with 32-bit IDs (`backend::kernel::enable_x2apic_api`), so
-/// KVM returns the ID in the xAPIC position (bits 31:24) in xAPIC mode and whole in x2APIC mode
-/// (IA32_APIC_BASE.EXTD, bit 10).
+/// KVM returns the ID in the xAPIC position (bits 31:24) in xAPIC mode. In x2APIC mode
+/// (IA32_APIC_BASE.EXTD, bit 10) it is whole where irqvm enabled 32-bit IDs and `id << 24`
+/// where it did not (`backend::kernel::KvmApicIds`): without them every ID is below 255, with
+/// them below KVM's vCPU ID limit (4096), so an x2APIC-mode value whose bits 23:0 are clear and
+/// 31:24 are not is the shifted form.
 pub fn decode_kvm_page(page: &[u8; 1024], apic_base: u64, tsc_deadline: u64) -> LapicInfo {
     let r = |o| page_reg(page, o);
     const EXTD: u64 = 1 << 10;
-    let id = if apic_base & EXTD != 0 {
-        r(reg::ID)
+    let raw_id = r(reg::ID);
+    let shifted = raw_id & 0x00FF_FFFF == 0;
+    let id = if apic_base & EXTD != 0 && !shifted {
+        raw_id
     } else {
-        r(reg::ID) >> 24
+        raw_id >> 24
     };
     let lvt_timer = r(reg::LVT_TIMER);
     let mode = timer_mode_name(lvt_timer);
@@ -230,5 +234,28 @@ mod tests {
         assert_eq!(info.timer.divisor, 1);
         // The deadline MSR means nothing outside TSC-deadline mode.
         assert_eq!(info.timer.tsc_deadline, 0);
+    }
+
+    /// In x2APIC mode KVM reports the ID whole with 32-bit IDs and shifted without: both read
+    /// as the same ID, and ID 0 is 0 either way.
+    #[test]
+    fn a_kvm_page_in_x2apic_mode_decodes_either_id_layout() {
+        let x2apic_base = 0xFEE0_0D00;
+        for (raw, id) in [
+            (5, 5),
+            (5 << 24, 5),
+            (0x123, 0x123),
+            (0xFE << 24, 0xFE),
+            (0, 0),
+        ] {
+            let mut page = [0u8; 1024];
+            put(&mut page, reg::ID, raw);
+            let info = decode_kvm_page(&page, x2apic_base, 0);
+            assert_eq!(
+                (info.mode.as_str(), info.id),
+                ("x2apic", id),
+                "raw {raw:#x}"
+            );
+        }
     }
 }

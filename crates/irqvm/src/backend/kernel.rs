@@ -22,6 +22,7 @@ pub struct KernelIrqchip {
     vm: Arc<VmFd>,
     features: ChipFeatures,
     cpu: crate::cpumodel::CpuModel,
+    ids: KvmApicIds,
 }
 
 impl KernelIrqchip {
@@ -35,9 +36,15 @@ impl KernelIrqchip {
         crate::kvm::require_cap(kvm, Cap::Irqchip, "KVM_CAP_IRQCHIP")?;
         vm.create_irq_chip()
             .map_err(KvmError::ioctl("KVM_CREATE_IRQCHIP"))?;
-        enable_x2apic_api(kvm, &vm)?;
+        let ids = KvmApicIds::for_model(&cpu);
+        enable_x2apic_api(kvm, &vm, ids)?;
         let features = ChipFeatures::from(&cpu);
-        Ok(Self { vm, features, cpu })
+        Ok(Self {
+            vm,
+            features,
+            cpu,
+            ids,
+        })
     }
 }
 
@@ -61,22 +68,61 @@ impl InterruptLines for KernelIrqchip {
     }
 }
 
-/// KVM_ENABLE_CAP(KVM_CAP_X2APIC_API) with 32-bit APIC IDs and the x2APIC broadcast quirk
-/// disabled, as QEMU does for every in-kernel LAPIC (Linux Documentation/virt/kvm/api.rst,
-/// 7.8): KVM then gives an x2APIC-mode vCPU its whole vCPU ID as x2APIC ID (vCPU IDs past 255
-/// become addressable), reads destinations past 8 bits from MSI address bits 63:40
-/// (`address_hi[31:8]`), and no longer treats a device's destination 0xFF as a broadcast to
-/// x2APIC-mode vCPUs (it names APIC ID 255). Before any vCPU exists.
-pub(crate) fn enable_x2apic_api(kvm: &Kvm, vm: &VmFd) -> Result<(), KvmError> {
+/// How KVM reads APIC IDs in one VM (KVM_CAP_X2APIC_API, Linux Documentation/virt/kvm/api.rst
+/// 7.8), chosen from the VM's CPU model before any vCPU exists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum KvmApicIds {
+    /// Every APIC ID fits xAPIC's 8 bits (the highest is at most 254): 32-bit IDs stay off, as
+    /// QEMU leaves them for such VMs. KVM then keeps the architectural rule for a physical
+    /// destination that two APICs hold after a guest wrote one's xAPIC ID into the other: both
+    /// take the message (SDM vol. 3 §11.6.2.1). With 32-bit IDs on, KVM's APIC map keeps only the
+    /// first vCPU with that ID (its "hotplug hack", `kvm_recalculate_phys_map`).
+    Xapic,
+    /// Some APIC ID is 255 or more: KVM_X2APIC_API_USE_32BIT_IDS is on, so an x2APIC-mode vCPU
+    /// gets its whole vCPU ID as x2APIC ID and destinations past 8 bits are read from MSI
+    /// address bits 63:40 (`address_hi[31:8]`).
+    Wide,
+}
+
+impl KvmApicIds {
+    /// 32-bit IDs only where an APIC ID needs them.
+    pub(crate) fn for_model(cpu: &crate::cpumodel::CpuModel) -> Self {
+        if cpu.max_apic_id() >= crate::cpumodel::XAPIC_ID_LIMIT {
+            Self::Wide
+        } else {
+            Self::Xapic
+        }
+    }
+
+    /// How KVM lays out the APIC page's ID register in x2APIC mode with this setting: with
+    /// 32-bit IDs the whole x2APIC ID at 0x20 (KVM_SET_LAPIC fails with EINVAL for any other than
+    /// the vCPU's), without them `id << 24` (KVM ignores the field on set).
+    pub(crate) fn page_format(self) -> crate::snapshot::convert::LapicFormat {
+        crate::snapshot::convert::LapicFormat {
+            x2apic_ids: self == Self::Wide,
+        }
+    }
+
+    fn cap_flags(self) -> u32 {
+        let quirk_off = kvm_bindings::KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK;
+        match self {
+            Self::Xapic => quirk_off,
+            Self::Wide => quirk_off | kvm_bindings::KVM_X2APIC_API_USE_32BIT_IDS,
+        }
+    }
+}
+
+/// KVM_ENABLE_CAP(KVM_CAP_X2APIC_API), before any vCPU exists: 32-bit APIC IDs as `ids` says,
+/// and always the x2APIC broadcast quirk disabled, as QEMU does for every in-kernel LAPIC:
+/// KVM then no longer treats a device's destination 0xFF as a broadcast to x2APIC-mode vCPUs
+/// (it names APIC ID 255).
+pub(crate) fn enable_x2apic_api(kvm: &Kvm, vm: &VmFd, ids: KvmApicIds) -> Result<(), KvmError> {
     crate::kvm::require_cap(kvm, Cap::X2ApicApi, "KVM_CAP_X2APIC_API")?;
     let mut cap = kvm_bindings::kvm_enable_cap {
         cap: kvm_bindings::KVM_CAP_X2APIC_API,
         ..Default::default()
     };
-    cap.args[0] = u64::from(
-        kvm_bindings::KVM_X2APIC_API_USE_32BIT_IDS
-            | kvm_bindings::KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK,
-    );
+    cap.args[0] = u64::from(ids.cap_flags());
     vm.enable_cap(&cap)
         .map_err(KvmError::ioctl("KVM_ENABLE_CAP(KVM_CAP_X2APIC_API)"))
 }
@@ -119,7 +165,10 @@ impl Irqchip for KernelIrqchip {
         vcpu: &VcpuFd,
     ) -> Result<Box<dyn VcpuIrqchip>, IrqchipError> {
         set_initial_kvm_mp_state(index, vcpu)?;
-        Ok(Box::<KernelVcpuChip>::default())
+        Ok(Box::new(KernelVcpuChip {
+            held_timer: Default::default(),
+            ids: self.ids,
+        }))
     }
 
     /// Nothing to do: a kernel-mode vCPU blocks inside KVM_RUN, which the kick interrupts.
@@ -152,10 +201,11 @@ impl Irqchip for KernelIrqchip {
 }
 
 /// The per-vCPU half of `kernel` mode: KVM does everything.
-#[derive(Default)]
 struct KernelVcpuChip {
     /// KVM's held-back LAPIC timer expiry across a pause.
     held_timer: super::kvm_timer::HeldTimer,
+    /// How KVM lays out the APIC page's ID (the VM's setting).
+    ids: KvmApicIds,
 }
 
 impl VcpuIrqchip for KernelVcpuChip {
@@ -183,7 +233,7 @@ impl VcpuIrqchip for KernelVcpuChip {
         vcpu: &mut VcpuFd,
         lapic: LapicConfig,
     ) -> Result<VcpuFabric, IrqchipError> {
-        kvm_save_fabric(vcpu, lapic, &self.held_timer)
+        kvm_save_fabric(vcpu, lapic, &self.held_timer, self.ids)
     }
 
     fn injection_in_flight(&self) -> bool {
@@ -212,7 +262,7 @@ impl VcpuIrqchip for KernelVcpuChip {
         fabric: &VcpuFabric,
         _saved_tsc: u64,
     ) -> Result<Option<u64>, IrqchipError> {
-        kvm_restore_apic(vcpu, fabric)
+        kvm_restore_apic(vcpu, fabric, self.ids)
     }
 
     fn restore_events(
@@ -224,13 +274,6 @@ impl VcpuIrqchip for KernelVcpuChip {
     }
 }
 
-/// The APIC page's layout in `kernel` and `split` mode: both enable KVM_CAP_X2APIC_API with
-/// 32-bit IDs ([`enable_x2apic_api`]), so in x2APIC mode KVM reports and requires the whole
-/// x2APIC ID at 0x20 (KVM_SET_LAPIC fails with EINVAL for any other than the vCPU's), not
-/// `id << 24`. The legacy layout restored vCPU 0 (ID 0 either way) and refused every other.
-const KVM_PAGE_FORMAT: crate::snapshot::convert::LapicFormat =
-    crate::snapshot::convert::LapicFormat { x2apic_ids: true };
-
 /// A KVM local APIC's vCPU (`kernel`, `split`): KVM_GET_MP_STATE first (it accepts a pending
 /// INIT/SIPI, as the model's accept step would), then the events, KVM_GET_LAPIC (with the
 /// timer expiry KVM held back since the pause's flush added to IRR, `kvm_timer`) with
@@ -240,6 +283,7 @@ pub(crate) fn kvm_save_fabric(
     vcpu: &VcpuFd,
     mut cfg: LapicConfig,
     held_timer: &super::kvm_timer::HeldTimer,
+    ids: KvmApicIds,
 ) -> Result<VcpuFabric, IrqchipError> {
     use crate::snapshot::convert::{events_from_kvm, lapic_from_kvm, KvmLapic, KvmVcpuEvents};
     use crate::snapshot::cpu::{read_msr, MSR_TSC};
@@ -263,7 +307,7 @@ pub(crate) fn kvm_save_fabric(
         apic_base,
         tsc_deadline,
     };
-    let lapic = lapic_from_kvm(cfg, &state, KVM_PAGE_FORMAT)?;
+    let lapic = lapic_from_kvm(cfg, &state, ids.page_format())?;
     let model = events_from_kvm(&KvmVcpuEvents { events, mp_state }, cfg.bsp)?;
     Ok(VcpuFabric {
         model: irqchip::snapshot::VcpuSnapshot {
@@ -280,8 +324,9 @@ pub(crate) fn kvm_save_fabric(
 pub(crate) fn kvm_restore_apic(
     vcpu: &VcpuFd,
     fabric: &VcpuFabric,
+    ids: KvmApicIds,
 ) -> Result<Option<u64>, IrqchipError> {
-    let state = crate::snapshot::convert::lapic_to_kvm(&fabric.model.lapic, KVM_PAGE_FORMAT);
+    let state = crate::snapshot::convert::lapic_to_kvm(&fabric.model.lapic, ids.page_format());
     vcpu.set_lapic(&state.page)
         .map_err(KvmError::ioctl("KVM_SET_LAPIC"))?;
     Ok(Some(state.tsc_deadline))

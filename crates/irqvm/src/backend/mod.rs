@@ -473,7 +473,8 @@ pub trait VcpuIrqchip: Send {
 
 /// `kernel` and `split` mode: a host event as an MSI to KVM's LAPICs, physical destination =
 /// the vCPU's initial APIC ID (`cpu.apic_id(index)`, its index without a `--topology`), in
-/// KVM's 32-bit form (`address_hi[31:8]` holds bits 31:8, KVM_X2APIC_API is on). KVM_SIGNAL_MSI hands every delivery mode to the
+/// KVM's 32-bit form (`address_hi[31:8]` holds bits 31:8; they are 0, and KVM needs them, only
+/// where 32-bit IDs are on, `kernel::KvmApicIds`). KVM_SIGNAL_MSI hands every delivery mode to the
 /// same `__apic_accept_irq` an ICR write reaches, so NMI, INIT and start-up all arrive as
 /// IPIs would (a start-up MSI is reserved for devices, SDM §11.11.2, which is why this path
 /// skips [`validate_msi`]).

@@ -79,7 +79,7 @@ use kvm_ioctls::{Cap, VcpuFd, VmFd};
 use super::eoi_probe::{EoiProbe, OutstandingEois};
 use super::kernel::{
     kvm_mp_state, kvm_restore_apic, kvm_restore_events, kvm_save_fabric, kvm_signal_msi,
-    set_initial_kvm_mp_state,
+    set_initial_kvm_mp_state, KvmApicIds,
 };
 use super::step::Stepper;
 use super::{
@@ -167,6 +167,8 @@ pub struct KvmSink {
     /// How the guest's IOAPIC entries and MSIs carry destinations (extended destination ID
     /// when advertised).
     addressing: MsiAddressing,
+    /// How KVM reads APIC IDs in this VM (with or without 32-bit IDs).
+    ids: KvmApicIds,
     /// The MSI route of each IOAPIC pin as last installed in KVM (index = pin = GSI), and the
     /// last KVM_SET_GSI_ROUTING failure, which the vCPU whose IOAPIC write caused it reports.
     routes: Mutex<InstalledRoutes>,
@@ -227,8 +229,14 @@ impl MessageSink for KvmSink {
             );
             return 0;
         }
-        let msi = match kvm_msi(message, self.addressing) {
-            Ok(msi) => msi,
+        let msi = match kvm_msi(message, self.addressing, self.ids) {
+            Ok(Some(msi)) => msi,
+            Ok(None) => {
+                tracing::debug!(?message, "IOAPIC message names an APIC ID no vCPU has");
+                let at = crate::trace::hooks::stamp(&self.tracer);
+                crate::trace::hooks::untargeted_post(&self.tracer, at, message, None, false);
+                return 0;
+            }
             Err(e) => {
                 crate::warn_ratelimited!(?message, "IOAPIC message has no MSI form: {e}");
                 return 0;
@@ -274,7 +282,7 @@ impl MessageSink for KvmSink {
     /// Reinstalls the EOI routes if a pin's wanted route changed.
     fn redirection_changed(&self, ioapic: &IoApic) {
         let wanted: Vec<Option<MsiMessage>> = (0..ioapic.pins())
-            .map(|pin| eoi_route(ioapic, pin, self.addressing))
+            .map(|pin| eoi_route(ioapic, pin, self.addressing, self.ids))
             .collect();
         let mut routes = self.routes();
         if wanted == routes.installed {
@@ -289,8 +297,14 @@ impl MessageSink for KvmSink {
 
 /// The MSI route pin `pin` needs now: its entry's message whether masked or not, with the
 /// entry's trigger mode (a level route is what makes KVM exit on the EOI). `None` for delivery
-/// modes that have no EOI and no MSI form here (ExtINT, reserved).
-fn eoi_route(ioapic: &IoApic, pin: usize, addressing: MsiAddressing) -> Option<MsiMessage> {
+/// modes that have no EOI and no MSI form here (ExtINT, reserved), and for a destination no
+/// vCPU holds.
+fn eoi_route(
+    ioapic: &IoApic,
+    pin: usize,
+    addressing: MsiAddressing,
+    ids: KvmApicIds,
+) -> Option<MsiMessage> {
     let message = ioapic.entry_message(pin)?;
     if !matches!(
         message.delivery_mode,
@@ -298,28 +312,51 @@ fn eoi_route(ioapic: &IoApic, pin: usize, addressing: MsiAddressing) -> Option<M
     ) {
         return None;
     }
-    kvm_msi(&message, addressing).ok()
+    kvm_msi(&message, addressing, ids).ok().flatten()
 }
 
-/// `message` as an MSI in the form KVM reads with KVM_X2APIC_API_USE_32BIT_IDS (enabled by
-/// `kernel::enable_x2apic_api`).
-fn kvm_msi(message: &InterruptMessage, addressing: MsiAddressing) -> Result<MsiMessage, MsiError> {
-    MsiMessage::encode_with(message, addressing).map(to_kvm_format)
+/// `message` as an MSI in the form KVM reads with the VM's APIC ID setting (`None`: see
+/// [`to_kvm_format`]).
+fn kvm_msi(
+    message: &InterruptMessage,
+    addressing: MsiAddressing,
+    ids: KvmApicIds,
+) -> Result<Option<MsiMessage>, MsiError> {
+    MsiMessage::encode_with(message, addressing).map(|msi| to_kvm_format(msi, ids))
 }
 
-/// Moves an extended destination ID (address bits 11:5, destination bits 14:8) to where KVM
-/// with 32-bit APIC IDs reads destination bits 31:8: `address_hi[31:8]` (KVM's
-/// `x86_msi_msg_get_destid`). KVM itself ignores bits 11:5, and QEMU, which advertises
-/// KVM_FEATURE_MSI_EXT_DEST_ID the same way, translates the same way before handing an MSI to
-/// KVM. A message without the extended bits is unchanged.
-pub(crate) fn to_kvm_format(msi: MsiMessage) -> MsiMessage {
+/// Address bit 2: the destination mode (1 = logical, SDM vol. 3 §11.11.1).
+const MSI_LOGICAL: u64 = 1 << 2;
+
+/// An MSI with an extended destination ID (address bits 11:5, destination bits 14:8) as KVM
+/// must get it. KVM itself ignores bits 11:5; QEMU, which advertises
+/// KVM_FEATURE_MSI_EXT_DEST_ID the same way, translates before handing an MSI to KVM.
+/// - With 32-bit APIC IDs on ([`KvmApicIds::Wide`]) the bits move to where KVM reads
+///   destination bits 31:8: `address_hi[31:8]` (KVM's `x86_msi_msg_get_destid`).
+/// - Without them KVM reads 8 bits, and every APIC ID is below 255. A physical destination past
+///   8 bits names no vCPU: `None` (KVM would have truncated it to another vCPU's ID). A logical
+///   one keeps its low 8 bits; that loses only x2APIC-mode vCPUs 8-14 of cluster 0, which a
+///   15-bit logical destination could name and which no guest reaches this way (Linux uses the
+///   extended ID in physical mode only).
+///
+/// A message without the extended bits is unchanged.
+pub(crate) fn to_kvm_format(msi: MsiMessage, ids: KvmApicIds) -> Option<MsiMessage> {
     const EXT_DEST_SHIFT: u32 = 5;
     const EXT_DEST_MASK: u64 = 0x7F << EXT_DEST_SHIFT;
     let ext = (msi.address & EXT_DEST_MASK) >> EXT_DEST_SHIFT;
-    MsiMessage {
-        address: (msi.address & !EXT_DEST_MASK) | (ext << 8) << 32,
-        data: msi.data,
+    if ext == 0 {
+        return Some(msi);
     }
+    let low = msi.address & !EXT_DEST_MASK;
+    let address = match ids {
+        KvmApicIds::Wide => low | (ext << 8) << 32,
+        KvmApicIds::Xapic if msi.address & MSI_LOGICAL != 0 => low,
+        KvmApicIds::Xapic => return None,
+    };
+    Some(MsiMessage {
+        address,
+        data: msi.data,
+    })
 }
 
 /// One `KVM_IRQ_ROUTING_MSI` entry.
@@ -456,7 +493,9 @@ impl SplitIrqchip {
         let mut config = PcIrqChipConfig::new(ctx.kicker.vcpus());
         config.extended_destination_id = ctx.cpu.ext_dest_id;
         let pins = config.ioapic.clamped().pins;
+        let ids = KvmApicIds::for_model(&ctx.cpu);
         let sink = KvmSink {
+            ids,
             addressing: if ctx.cpu.ext_dest_id {
                 MsiAddressing::ExtendedDestId
             } else {
@@ -481,7 +520,7 @@ impl SplitIrqchip {
         ctx.vm
             .enable_cap(&cap)
             .map_err(KvmError::ioctl("KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)"))?;
-        super::kernel::enable_x2apic_api(ctx.kvm, &ctx.vm)?;
+        super::kernel::enable_x2apic_api(ctx.kvm, &ctx.vm, ids)?;
         Ok(Self {
             features: ChipFeatures::from(&ctx.cpu),
             cpu: ctx.cpu,
@@ -522,11 +561,14 @@ impl InterruptLines for SplitIrqchip {
         bump(&self.shared.stats().host_msis);
         let sink = self.shared.chip.sink();
         let kvm = match sink.addressing {
-            MsiAddressing::ExtendedDestId => to_kvm_format(msi),
-            MsiAddressing::Standard => msi,
+            MsiAddressing::ExtendedDestId => to_kvm_format(msi, sink.ids),
+            MsiAddressing::Standard => Some(msi),
         };
         let at = crate::trace::hooks::stamp(&sink.tracer);
-        let result = kvm_signal_msi(&sink.vm, kvm);
+        let result = match kvm {
+            Some(kvm) => kvm_signal_msi(&sink.vm, kvm),
+            None => Ok(MsiDelivery::NoTarget),
+        };
         if let Some(message) = at.and_then(|_| msi.decode_with(sink.addressing).ok()) {
             let reached = matches!(result, Ok(MsiDelivery::Delivered));
             let source = Some(crate::trace::Source::Msi);
@@ -754,7 +796,7 @@ impl VcpuIrqchip for SplitVcpuChip {
         vcpu: &mut VcpuFd,
         lapic: irqchip::lapic::LapicConfig,
     ) -> Result<VcpuFabric, IrqchipError> {
-        kvm_save_fabric(vcpu, lapic, &self.held_timer)
+        kvm_save_fabric(vcpu, lapic, &self.held_timer, self.shared.chip.sink().ids)
     }
 
     fn restore_apic(
@@ -763,7 +805,7 @@ impl VcpuIrqchip for SplitVcpuChip {
         fabric: &VcpuFabric,
         _saved_tsc: u64,
     ) -> Result<Option<u64>, IrqchipError> {
-        kvm_restore_apic(vcpu, fabric)
+        kvm_restore_apic(vcpu, fabric, self.shared.chip.sink().ids)
     }
 
     fn restore_events(
@@ -827,37 +869,65 @@ mod tests {
     fn eoi_routes_follow_the_redirection_entries() {
         let mut ioapic = IoApic::new(IoApicConfig::default());
         program(&mut ioapic, 4, 0x41 | 1 << 15 | 1 << 16);
-        let route = eoi_route(&ioapic, 4, MsiAddressing::Standard)
+        let route = eoi_route(&ioapic, 4, MsiAddressing::Standard, KvmApicIds::Xapic)
             .expect("a masked level entry keeps its route");
         let message = route.decode().unwrap();
         assert_eq!(message.vector, 0x41);
         assert_eq!(message.trigger, TriggerMode::Level);
         program(&mut ioapic, 5, 0x42 | 7 << 8);
         assert_eq!(
-            eoi_route(&ioapic, 5, MsiAddressing::Standard),
+            eoi_route(&ioapic, 5, MsiAddressing::Standard, KvmApicIds::Xapic),
             None,
             "ExtINT has no MSI form"
         );
     }
 
     /// APIC ID 0x123 through the extended destination ID (bits 11:5 = 0x01, bits 19:12 = 0x23)
-    /// reaches KVM as destination bits 31:8 in address_hi; an 8-bit destination is unchanged.
+    /// reaches KVM with 32-bit IDs as destination bits 31:8 in address_hi; an 8-bit destination
+    /// is unchanged.
     #[test]
     fn extended_destination_ids_move_to_address_hi_for_kvm() {
         let ext = MsiMessage {
             address: 0xFEE0_0000 | 0x23 << 12 | 0x01 << 5,
             data: 0x4041, // edge, asserted (as the model encodes it), vector 0x41
         };
-        let kvm = to_kvm_format(ext);
+        let kvm = to_kvm_format(ext, KvmApicIds::Wide).unwrap();
         assert_eq!(kvm.address, 0x0000_0100_FEE2_3000);
         assert_eq!(kvm.data, 0x4041);
         let plain = MsiMessage {
             address: 0xFEE0_5000,
             data: 0x41,
         };
-        assert_eq!(to_kvm_format(plain), plain);
+        assert_eq!(to_kvm_format(plain, KvmApicIds::Wide), Some(plain));
         let message = ext.decode_with(MsiAddressing::ExtendedDestId).unwrap();
         assert_eq!(message.destination, 0x123);
-        assert_eq!(kvm_msi(&message, MsiAddressing::ExtendedDestId), Ok(kvm));
+        let wide = kvm_msi(&message, MsiAddressing::ExtendedDestId, KvmApicIds::Wide);
+        assert_eq!(wide, Ok(Some(kvm)));
+    }
+
+    /// Without 32-bit IDs KVM reads 8 destination bits: a physical destination past them names
+    /// no vCPU and is not handed to KVM (which would truncate 0x123 to vCPU 0x23); a logical one
+    /// keeps its low byte; an 8-bit one is unchanged.
+    #[test]
+    fn extended_destination_ids_without_32bit_ids_never_reach_a_truncated_id() {
+        let physical = MsiMessage {
+            address: 0xFEE0_0000 | 0x23 << 12 | 0x01 << 5,
+            data: 0x41,
+        };
+        assert_eq!(to_kvm_format(physical, KvmApicIds::Xapic), None);
+        let logical = MsiMessage {
+            address: physical.address | MSI_LOGICAL,
+            data: 0x41,
+        };
+        let kept = to_kvm_format(logical, KvmApicIds::Xapic).unwrap();
+        assert_eq!(kept.address, 0xFEE2_3004);
+        let plain = MsiMessage {
+            address: 0xFEE0_5000,
+            data: 0x41,
+        };
+        assert_eq!(to_kvm_format(plain, KvmApicIds::Xapic), Some(plain));
+        let message = physical.decode_with(MsiAddressing::ExtendedDestId).unwrap();
+        let narrow = kvm_msi(&message, MsiAddressing::ExtendedDestId, KvmApicIds::Xapic);
+        assert_eq!(narrow, Ok(None));
     }
 }
