@@ -99,6 +99,12 @@ impl VmClock {
     }
 }
 
+impl timers::VmTime for VmClock {
+    fn now(&self) -> Nanos {
+        VmClock::now(self)
+    }
+}
+
 /// What every vCPU half shares.
 pub(crate) struct Shared {
     pub clock: VmClock,
@@ -182,7 +188,7 @@ impl UserIrqchip {
         let timers = {
             let notifier = notifier.clone();
             let on_expiry = Box::new(move |i| notifier.wake(i));
-            timers::VmTimers::start(ctx.kicker.vcpus(), on_expiry, ctx.seccomp)
+            timers::VmTimers::start(ctx.kicker.vcpus(), vm_clock, on_expiry, ctx.seccomp)
                 .map_err(IrqchipError::TimerThread)?
         };
         let msr_index = ctx
