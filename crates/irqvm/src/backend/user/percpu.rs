@@ -394,7 +394,7 @@ pub(crate) struct UserVcpuChip {
     halted_with_if_clear: bool,
     /// The registers were just rewritten (INIT/SIPI): KVM's ready flag and IF are stale.
     regs_rewritten: bool,
-    /// The deadline last given to the timer thread.
+    /// The deadline the timer thread holds for this vCPU (`None` once it fired it).
     armed: Option<Nanos>,
     /// KVM's `if_flag` / `ready_for_interrupt_injection` come from an exit handled here, not
     /// from a KVM_RUN that returned EINTR: the exiting instruction may not have completed yet
