@@ -8,10 +8,13 @@
 //!   (0x6E0) so both exit to the LAPIC model instead of being absorbed by KVM.
 //! * an [`irqchip::chip::PcIrqChip`] (IOAPIC, PIC, GSI routing, APIC bus with one inbox per
 //!   vCPU) wrapped in `platform::Platform`, and one timer thread (`timers::VmTimers`).
-//! * the VM clock: `Nanos` since the VM's epoch. The guest TSC is tied to it: each vCPU's
-//!   IA32_TSC is written at creation to `tsc_hz * (now - epoch)`, so TSC-deadline compares
-//!   against `ClockConfig { tsc_hz, tsc_at_zero: 0 }`; `tsc_hz` is KVM_GET_TSC_KHZ of a probe
-//!   vCPU (the frequency KVM gives guests by default).
+//! * the VM clock ([`VmClock`]): `Nanos` since the VM's epoch, counted on the host TSC at the
+//!   guest TSC's frequency where the host keeps time with an invariant TSC, else on
+//!   CLOCK_MONOTONIC. The guest TSC is tied to it: each vCPU's IA32_TSC is written at creation
+//!   to `tsc_hz * (now - epoch)`, so TSC-deadline compares against
+//!   `ClockConfig { tsc_hz, tsc_at_zero: 0 }` (or, where KVM ignores the write, against the
+//!   origin measured at the epoch); `tsc_hz` is KVM_GET_TSC_KHZ of a probe vCPU (the frequency
+//!   KVM gives guests by default).
 //!
 //! Per vCPU (`percpu::UserVcpuChip`): see the `percpu` submodule: publish, drain, accept INIT/SIPI,
 //! poll the timer, block or inject, with CR8 kept in step with the TPR.
@@ -73,30 +76,136 @@ pub fn is_apic_msr(index: u32) -> bool {
     index == MSR_APIC_BASE || index == MSR_TSC_DEADLINE || X2APIC_MSRS.contains(&index)
 }
 
-/// The VM clock: `Nanos` since the VM's epoch.
+/// The VM clock: `Nanos` since the VM's epoch, counted on the host TSC at the guest TSC's
+/// frequency where the host keeps time with an invariant TSC ([`Self::for_host`]), else on
+/// CLOCK_MONOTONIC.
+///
+/// Why the TSC: the guest TSC runs on the host TSC (KVM without TSC scaling adds an offset;
+/// kvm_pvm runs guests on it), and the model converts a TSC deadline to VM time with the
+/// frequency KVM reports (KVM_GET_TSC_KHZ, whole kHz). Counted on CLOCK_MONOTONIC, VM time and
+/// the guest TSC part by the difference between that frequency and the TSC's true rate against
+/// CLOCK_MONOTONIC (kHz rounding, NTP's frequency corrections): 0.04 ppm on the AMD host, so
+/// after a day a deadline would fire 3.4 ms before the guest's TSC reaches it (SDM vol. 3
+/// §11.5.4.1: never before). Counted in host TSC ticks at that same frequency, VM time and the
+/// guest TSC cannot part.
+///
+/// Every copy of a clock computes the same function of the host TSC (or of CLOCK_MONOTONIC), so
+/// the vCPUs and the timer thread share one VM time. It never goes back on one thread; across
+/// threads it is as monotonic as the host's own clock (the kernel picks the TSC as clocksource
+/// only once it found it in step on every CPU). The timer thread does not rely on that for its
+/// wake-ups (`timers`).
 #[derive(Clone, Copy, Debug)]
 pub struct VmClock {
     epoch: Instant,
+    tsc: Option<TscTime>,
+}
+
+/// VM time from the host TSC: the TSC at the epoch and the ticks per second VM time counts.
+#[derive(Clone, Copy, Debug)]
+struct TscTime {
+    at_epoch: u64,
+    hz: u64,
 }
 
 impl VmClock {
+    /// VM time on CLOCK_MONOTONIC.
     pub fn new(epoch: Instant) -> Self {
-        Self { epoch }
+        Self { epoch, tsc: None }
+    }
+
+    /// VM time on the host TSC at `hz` ticks per second where the host's TSC is invariant and
+    /// its clocksource (its kernel found the TSC stable and in step on every CPU), else on
+    /// CLOCK_MONOTONIC.
+    pub fn for_host(epoch: Instant, hz: u64) -> Self {
+        if hz == 0 || !host_keeps_time_with_tsc() {
+            return Self::new(epoch);
+        }
+        Self::on_tsc(epoch, hz)
+    }
+
+    /// VM time on the host TSC at `hz` (non-zero) ticks per second, VM time now being the time
+    /// since `epoch`.
+    fn on_tsc(epoch: Instant, hz: u64) -> Self {
+        let since = Self::new(epoch).now();
+        let at_epoch = host_tsc().saturating_sub(tsc_ticks(since, hz));
+        Self {
+            epoch,
+            tsc: Some(TscTime { at_epoch, hz }),
+        }
+    }
+
+    /// True if VM time is counted on the host TSC.
+    pub fn on_host_tsc(&self) -> bool {
+        self.tsc.is_some()
     }
 
     pub fn now(&self) -> Nanos {
-        self.to_nanos(Instant::now())
+        match self.tsc {
+            // Saturating: a CPU whose TSC lagged the one that read `at_epoch` reads 0, not 2^64.
+            Some(t) => nanos_of_ticks(host_tsc().saturating_sub(t.at_epoch), t.hz),
+            None => u64::try_from(
+                Instant::now()
+                    .saturating_duration_since(self.epoch)
+                    .as_nanos(),
+            )
+            .unwrap_or(u64::MAX),
+        }
     }
 
-    pub fn to_nanos(&self, t: Instant) -> Nanos {
-        u64::try_from(t.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
-    }
-
+    /// The host instant at which VM time reaches `n`, for a sleep that ends then (the halt
+    /// poll's deadline). On the TSC it is reckoned from now (the two clocks part by parts per
+    /// million, nothing over one sleep); a time already reached is now.
     pub fn to_instant(&self, n: Nanos) -> Instant {
+        if self.tsc.is_some() {
+            let now = Instant::now();
+            let ahead = Duration::from_nanos(n.saturating_sub(self.now()));
+            return now
+                .checked_add(ahead)
+                .unwrap_or_else(|| now + Duration::from_secs(1 << 32));
+        }
         self.epoch
             .checked_add(Duration::from_nanos(n))
             .unwrap_or_else(|| self.epoch + Duration::from_secs(1 << 32))
     }
+}
+
+impl timers::VmTime for VmClock {
+    fn now(&self) -> Nanos {
+        VmClock::now(self)
+    }
+}
+
+/// The host's TSC, read after every earlier instruction has executed (LFENCE, as the kernel's
+/// `rdtsc_ordered`), so a read that follows a wake-up is not taken before it. Needs no privilege:
+/// CR4.TSD is clear for Linux processes.
+fn host_tsc() -> u64 {
+    use core::arch::x86_64::{_mm_lfence, _rdtsc};
+    // SAFETY: LFENCE and RDTSC have no memory effects and no operands; every x86-64 CPU has both
+    // (SSE2 is part of x86-64).
+    unsafe {
+        _mm_lfence();
+        _rdtsc()
+    }
+}
+
+/// True if the host's TSC is invariant (CPUID.80000007H:EDX[8]: constant rate in every P-, C-
+/// and T-state) and the kernel's current clocksource. Where KVM gives the guest the host's TSC
+/// frequency (irqvm never sets another), the guest TSC then counts exactly the host's ticks.
+fn host_keeps_time_with_tsc() -> bool {
+    use core::arch::x86_64::__cpuid;
+    const INVARIANT_TSC: u32 = 1 << 8;
+    let max_extended = __cpuid(0x8000_0000).eax;
+    let invariant = max_extended >= 0x8000_0007 && __cpuid(0x8000_0007).edx & INVARIANT_TSC != 0;
+    invariant
+        && std::fs::read_to_string(
+            "/sys/devices/system/clocksource/clocksource0/current_clocksource",
+        )
+        .is_ok_and(|name| name.trim() == "tsc")
+}
+
+/// `ticks` of a `hz` counter in ns (saturating).
+fn nanos_of_ticks(ticks: u64, hz: u64) -> Nanos {
+    u64::try_from(u128::from(ticks) * 1_000_000_000 / u128::from(hz)).unwrap_or(u64::MAX)
 }
 
 /// What every vCPU half shares.
@@ -139,12 +248,12 @@ pub struct UserIrqchip {
 impl UserIrqchip {
     pub fn new(ctx: ChipContext<'_>) -> Result<Self, IrqchipError> {
         enable_msr_exits(ctx.kvm, &ctx.vm, ctx.protected_state_aps.is_some())?;
-        let vm_clock = VmClock::new(ctx.epoch);
-        let tsc = probe_tsc(ctx.kvm, &vm_clock)?;
+        let (tsc, vm_clock) = probe_tsc(ctx.kvm, ctx.epoch)?;
         tracing::debug!(
             hz = tsc.hz,
             writable = tsc.writable,
             at_zero = tsc.at_zero,
+            on_host_tsc = vm_clock.on_host_tsc(),
             "guest TSC"
         );
         let clock = ClockConfig {
@@ -182,7 +291,7 @@ impl UserIrqchip {
         let timers = {
             let notifier = notifier.clone();
             let on_expiry = Box::new(move |i| notifier.wake(i));
-            timers::VmTimers::start(ctx.kicker.vcpus(), on_expiry, ctx.seccomp)
+            timers::VmTimers::start(ctx.kicker.vcpus(), vm_clock, on_expiry, ctx.seccomp)
                 .map_err(IrqchipError::TimerThread)?
         };
         let msr_index = ctx
@@ -279,7 +388,8 @@ struct TscProbe {
     at_zero: u64,
 }
 
-fn probe_tsc(kvm: &Kvm, clock: &VmClock) -> Result<TscProbe, KvmError> {
+/// Also builds the VM clock, counted at the guest TSC's frequency ([`VmClock::for_host`]).
+fn probe_tsc(kvm: &Kvm, epoch: Instant) -> Result<(TscProbe, VmClock), KvmError> {
     let vm = kvm.create_vm().map_err(KvmError::ioctl("KVM_CREATE_VM"))?;
     let vcpu = vm
         .create_vcpu(0)
@@ -288,6 +398,7 @@ fn probe_tsc(kvm: &Kvm, clock: &VmClock) -> Result<TscProbe, KvmError> {
         .get_tsc_khz()
         .map_err(KvmError::ioctl("KVM_GET_TSC_KHZ"))?;
     let hz = u64::from(khz) * 1000;
+    let clock = VmClock::for_host(epoch, hz);
     // Write a value far from anything the TSC could hold by itself, read it back.
     const MARKER: u64 = 1 << 20;
     write_tsc(&vcpu, MARKER)?;
@@ -298,11 +409,12 @@ fn probe_tsc(kvm: &Kvm, clock: &VmClock) -> Result<TscProbe, KvmError> {
     } else {
         tsc_origin(|| clock.now(), || read_tsc(&vcpu), hz)?
     };
-    Ok(TscProbe {
+    let probe = TscProbe {
         hz,
         writable,
         at_zero,
-    })
+    };
+    Ok((probe, clock))
 }
 
 /// Readings of the guest TSC against the VM clock; the one with the narrowest bracket is used.
@@ -678,5 +790,91 @@ mod tests {
         assert!(origin <= TRUE_ORIGIN);
         assert!(TRUE_ORIGIN - origin <= tsc_ticks(1_020, HZ) + 1);
         assert_eq!(calls.get(), TSC_ORIGIN_SAMPLES as u64);
+    }
+
+    /// Whole VM clock conversions: ticks at `hz` to ns, and back through the model's TSC
+    /// deadline. VM time counted on the TSC reaches the model's time for a deadline exactly when
+    /// the ticks reach the deadline (to the ns): not one tick before, however long the VM ran.
+    #[test]
+    fn vm_time_on_tsc_ticks_reaches_a_tsc_deadline_only_with_the_ticks() {
+        let hz = 2_596_094_000;
+        assert_eq!(nanos_of_ticks(hz, hz), 1_000_000_000);
+        assert_eq!(nanos_of_ticks(hz * 86_400, hz), 86_400_000_000_000);
+        assert_eq!(nanos_of_ticks(u64::MAX, 1), u64::MAX, "saturates");
+        for deadline in [
+            1,
+            2,
+            3,
+            hz - 1,
+            hz,
+            hz * 86_400 + 12_345,
+            hz * 86_400 * 365 + 7,
+        ] {
+            let fires = model_fires_at_hz(0, deadline, hz);
+            assert!(
+                nanos_of_ticks(deadline - 1, hz) < fires,
+                "deadline {deadline}: due a tick early"
+            );
+            // Due within the ns the clock counts in (3 ticks at 2.6 GHz).
+            assert!(
+                nanos_of_ticks(deadline + 3, hz) >= fires,
+                "deadline {deadline}"
+            );
+            assert!(tsc_ticks(nanos_of_ticks(deadline, hz), hz) <= deadline);
+        }
+    }
+
+    /// VM time on the TSC starts at the time since the epoch, never goes back on a thread, and
+    /// a sleep until a VM time is reckoned from now: a time already reached is now, one a second
+    /// ahead at most a second from now. (`hz` need not be the TSC's true rate for these.)
+    #[test]
+    fn vm_time_on_the_tsc_counts_from_the_epoch_and_converts_for_sleeping() {
+        let hz = 2_000_000_000;
+        let epoch = Instant::now() - Duration::from_millis(500);
+        let clock = VmClock::on_tsc(epoch, hz);
+        assert!(clock.on_host_tsc());
+        let first = clock.now();
+        assert!(
+            first >= 499_999_999,
+            "VM time {first} ns, 500 ms after the epoch"
+        );
+        let mut last = first;
+        for _ in 0..100_000 {
+            let now = clock.now();
+            assert!(now >= last, "VM time went back from {last} to {now}");
+            last = now;
+        }
+        let now = clock.now();
+        assert!(clock.to_instant(now.saturating_sub(1_000_000)) <= Instant::now());
+        let before = Instant::now();
+        let wake = clock.to_instant(clock.now() + 1_000_000_000);
+        let after = Instant::now();
+        assert!(wake >= before && wake <= after + Duration::from_secs(1));
+    }
+
+    /// On CLOCK_MONOTONIC (where the host does not keep time with an invariant TSC) VM time is
+    /// the time since the epoch, and converts to the instant that far from it.
+    #[test]
+    fn vm_time_on_clock_monotonic_is_the_time_since_the_epoch() {
+        let epoch = Instant::now() - Duration::from_millis(500);
+        let clock = VmClock::new(epoch);
+        assert!(!clock.on_host_tsc());
+        assert!(clock.now() >= 500_000_000);
+        assert_eq!(clock.to_instant(7), epoch + Duration::from_nanos(7));
+        assert!(
+            !VmClock::for_host(epoch, 0).on_host_tsc(),
+            "no frequency, no TSC"
+        );
+    }
+
+    fn model_fires_at_hz(origin: u64, deadline: u64, hz: u64) -> Nanos {
+        let mut timer = ApicTimer::new(ClockConfig {
+            tsc_hz: hz,
+            tsc_at_zero: origin,
+            ..ClockConfig::default()
+        });
+        timer.set_mode(TimerMode::TscDeadline, 0);
+        timer.write_tsc_deadline(deadline, 0);
+        timer.next_deadline().unwrap()
     }
 }

@@ -7,7 +7,8 @@
 //!    clears (`reset`), SIPI -> real-mode start. The APIC's own reset happens inside the model.
 //!    A protected-state AP (`--protected-state-aps`, seed 004) gets no register write: its first
 //!    SIPI runs its launch state, a later one ends its AP Reset Hold (the GHCB MSR answer).
-//! 3. poll the APIC timer with the VM clock; arm the VM timer thread with the next deadline.
+//! 3. poll the APIC timer with the VM clock; arm the VM timer thread with the next deadline
+//!    when it changed or the thread fired the last one (`timers`: no lost wake-up).
 //! 4. block? (halted with nothing deliverable, or an AP waiting for SIPI): `end_guest_entry`
 //!    first, then `Block`; `block` sleeps on the inbox doorbell (try_block re-checks ON after
 //!    publishing Blocked). The timer thread's wake-up ends a block at the timer deadline. Before
@@ -393,7 +394,7 @@ pub(crate) struct UserVcpuChip {
     halted_with_if_clear: bool,
     /// The registers were just rewritten (INIT/SIPI): KVM's ready flag and IF are stale.
     regs_rewritten: bool,
-    /// The deadline last given to the timer thread.
+    /// The deadline the timer thread holds for this vCPU (`None` once it fired it).
     armed: Option<Nanos>,
     /// KVM's `if_flag` / `ready_for_interrupt_injection` come from an exit handled here, not
     /// from a KVM_RUN that returned EINTR: the exiting instruction may not have completed yet
@@ -647,9 +648,17 @@ impl UserVcpuChip {
         }
     }
 
-    /// Polls the APIC timer and keeps the timer thread's deadline in step.
+    /// Polls the APIC timer and keeps the timer thread's deadline in step: `armed` is the
+    /// deadline the thread holds for this vCPU. It holds it until it fires it; after a fire
+    /// (`take_fired`) it holds none, and the model's next deadline is armed even when it is the
+    /// same one, still ahead by this thread's reading of the VM clock (`timers`: so a wake-up
+    /// is never lost).
     fn run_timer(&mut self, now: Nanos) {
+        let index = self.interrupts.index();
         let due = self.armed.filter(|&d| d <= now);
+        if self.shared.timers.take_fired(index) {
+            self.armed = None;
+        }
         self.interrupts.poll_timer(now);
         if let Some(deadline) = due {
             self.timer_fired(deadline);
@@ -660,11 +669,7 @@ impl UserVcpuChip {
                 self.probe.event(Kind::TimerArm, next.unwrap_or(0));
             }
             self.armed = next;
-            let index = self.interrupts.index();
-            let clock = self.shared.clock;
-            self.shared
-                .timers
-                .arm(index, next.map(|n| clock.to_instant(n)));
+            self.shared.timers.arm(index, next);
         }
     }
 
