@@ -11,3 +11,5 @@ cargo test -p irqchip --release --features loom,broken-class-order --test loom_p
 cargo test -p irqchip --release --features loom,broken-deferral-notified --test loom_posting
 cargo test -p irqchip --release --features loom --test loom_wake
 cargo test -p irqchip --release --features loom,broken-shared-bell --test loom_wake
+cargo test -p irqchip --release --features loom --test loom_timer
+cargo test -p irqchip --release --features loom,broken-timer-rearm --test loom_timer

@@ -87,6 +87,7 @@ pub mod posting;
 pub mod routing;
 pub mod snapshot;
 pub mod sync;
+pub mod timer_slots;
 pub mod topology;
 pub mod types;
 pub mod vcpu;

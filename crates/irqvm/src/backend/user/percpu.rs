@@ -395,7 +395,7 @@ pub(crate) struct UserVcpuChip {
     /// The registers were just rewritten (INIT/SIPI): KVM's ready flag and IF are stale.
     regs_rewritten: bool,
     /// The deadline the timer thread holds for this vCPU (`None` once it fired it).
-    armed: Option<Nanos>,
+    armed: irqchip::timer_slots::ArmedDeadline,
     /// KVM's `if_flag` / `ready_for_interrupt_injection` come from an exit handled here, not
     /// from a KVM_RUN that returned EINTR: the exiting instruction may not have completed yet
     /// (at an MMIO read exit RIP is still on it), so "not ready" may be stale.
@@ -495,7 +495,7 @@ impl UserVcpuChip {
             cr8_synced: false,
             halted_with_if_clear: false,
             regs_rewritten: false,
-            armed: None,
+            armed: Default::default(),
             flags_from_exit: false,
             window_kick: WindowKick::new(),
             stepper,
@@ -648,29 +648,25 @@ impl UserVcpuChip {
         }
     }
 
-    /// Polls the APIC timer and keeps the timer thread's deadline in step: `armed` is the
-    /// deadline the thread holds for this vCPU. It holds it until it fires it; after a fire
-    /// (`take_fired`) it holds none, and the model's next deadline is armed even when it is the
-    /// same one, still ahead by this thread's reading of the VM clock (`timers`: so a wake-up
-    /// is never lost).
+    /// Polls the APIC timer and keeps the timer thread's deadline in step (`armed`, after the
+    /// drain: `irqchip::timer_slots`, so that a fire this vCPU's clock reading finds not yet due
+    /// is armed again and no wake-up is lost).
     fn run_timer(&mut self, now: Nanos) {
         let index = self.interrupts.index();
-        let due = self.armed.filter(|&d| d <= now);
-        if self.shared.timers.take_fired(index) {
-            self.armed = None;
-        }
+        let due = self.armed.armed().filter(|&d| d <= now);
         self.interrupts.poll_timer(now);
         if let Some(deadline) = due {
             self.timer_fired(deadline);
         }
         let next = self.interrupts.next_timer_deadline();
-        if next != self.armed {
-            if self.probe.on() {
-                self.probe.event(Kind::TimerArm, next.unwrap_or(0));
+        let timers = &self.shared.timers;
+        let probe = &self.probe;
+        self.armed.update(timers.fired(), index, next, |deadline| {
+            if probe.on() {
+                probe.event(Kind::TimerArm, deadline.unwrap_or(0));
             }
-            self.armed = next;
-            self.shared.timers.arm(index, next);
-        }
+            timers.arm(index, deadline);
+        });
     }
 
     /// The APIC timer's deadline passed: if its LVT is unmasked and its vector is now pending,
@@ -1217,7 +1213,7 @@ impl VcpuIrqchip for UserVcpuChip {
                 MpState::ApResetHold => BlockReason::ApResetHold,
                 _ => BlockReason::WaitForSipi,
             };
-            let deadline = self.armed.map(|n| self.shared.clock.to_instant(n));
+            let deadline = self.armed.armed().map(|n| self.shared.clock.to_instant(n));
             return Ok(EntryDecision::Block { reason, deadline });
         }
         self.inject(vcpu, pic_intr)?;

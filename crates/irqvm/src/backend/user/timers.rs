@@ -16,18 +16,16 @@
 //!
 //! No lost wake-up, whatever the clocks do: the thread empties a slot only by firing it, and a
 //! fire first raises that slot's `fired` flag, then posts the wake-up. The vCPU takes the flag
-//! (`take_fired`) in `run_timer`, after the drain that begins its entry, and arms again whenever
-//! the model still has a deadline the thread no longer holds. So when a vCPU goes to sleep,
-//! either the thread holds its deadline (and will fire and wake it), or a fire came after that
-//! drain and its wake-up is still posted, so the sleep does not begin. This holds even if the
-//! vCPU's reading of the VM clock is below the deadline when it wakes (it then re-arms the same
-//! deadline); before, such a wake-up left the deadline with nobody to fire it.
+//! in `run_timer`, after the drain that begins its entry, and arms again whenever the model still
+//! has a deadline the thread no longer holds, even the same one. The table, the flags and the
+//! vCPU's rule are `irqchip::timer_slots` (its module documentation gives the argument;
+//! tests/loom_timer.rs there checks it in every interleaving).
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use irqchip::timer_slots::{DeadlineTable, FiredFlags};
 use irqchip::Nanos;
 
 use crate::seccomp::{Role, ThreadFilter};
@@ -38,7 +36,7 @@ pub trait VmTime: Send + 'static {
 }
 
 struct State {
-    deadlines: Vec<Option<Nanos>>,
+    table: DeadlineTable,
     stop: bool,
 }
 
@@ -46,8 +44,8 @@ struct Shared {
     state: Mutex<State>,
     changed: Condvar,
     /// Index = vCPU: the thread emptied the slot by firing it since the vCPU last armed it.
-    /// Written under `state`'s lock; read without it by the vCPU ([`VmTimers::take_fired`]).
-    fired: Vec<AtomicBool>,
+    /// Written under `state`'s lock; read without it by the vCPU ([`VmTimers::fired`]).
+    fired: FiredFlags,
 }
 
 impl Shared {
@@ -75,11 +73,11 @@ impl VmTimers {
     ) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
-                deadlines: vec![None; vcpus],
+                table: DeadlineTable::new(vcpus),
                 stop: false,
             }),
             changed: Condvar::new(),
-            fired: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
+            fired: FiredFlags::new(vcpus),
         });
         let filter = seccomp
             .then(|| ThreadFilter::new(Role::Timer))
@@ -101,24 +99,15 @@ impl VmTimers {
     /// Sets (or with `None` clears) vCPU `index`'s deadline, in VM time.
     pub fn arm(&self, index: usize, deadline: Option<Nanos>) {
         let mut state = self.shared.lock();
-        if let Some(slot) = state.deadlines.get_mut(index) {
-            *slot = deadline;
-        }
-        if let Some(fired) = self.shared.fired.get(index) {
-            fired.store(false, Ordering::Relaxed);
-        }
+        state.table.arm(index, deadline, &self.shared.fired);
         drop(state);
         self.shared.changed.notify_one();
     }
 
-    /// True (once) if the thread fired vCPU `index`'s deadline since the vCPU last armed it: the
-    /// thread holds no deadline for it now. Called by that vCPU's thread only.
-    pub fn take_fired(&self, index: usize) -> bool {
-        // A load first: the flags of neighbouring vCPUs share a cache line, and this runs at
-        // every entry while a fire is rare.
-        self.shared.fired.get(index).is_some_and(|fired| {
-            fired.load(Ordering::Acquire) && fired.swap(false, Ordering::AcqRel)
-        })
+    /// The flags by which a vCPU learns that the thread fired its deadline (`take` them from
+    /// that vCPU's thread only).
+    pub fn fired(&self) -> &FiredFlags {
+        &self.shared.fired
     }
 }
 
@@ -135,15 +124,9 @@ fn run(shared: &Shared, clock: &dyn VmTime, on_expiry: OnExpiry) {
         }
         // VM time, read after every wake-up, early or not: a slot fires only once it is reached.
         let now = clock.now();
-        for (index, slot) in state.deadlines.iter_mut().enumerate() {
-            if slot.is_some_and(|d| d <= now) {
-                *slot = None;
-                // Before the wake-up is posted (module comment).
-                shared.fired[index].store(true, Ordering::Release);
-                expired.push(index);
-            }
-        }
+        let next = state.table.expire(now, &shared.fired, &mut expired);
         if !expired.is_empty() {
+            // The flags are up (`expire`): the wake-ups go out after them, off the lock.
             drop(state);
             for index in expired.drain(..) {
                 on_expiry(index);
@@ -151,7 +134,6 @@ fn run(shared: &Shared, clock: &dyn VmTime, on_expiry: OnExpiry) {
             state = shared.lock();
             continue;
         }
-        let next = state.deadlines.iter().flatten().min().copied();
         state = match next {
             None => shared
                 .changed
@@ -182,7 +164,7 @@ impl Drop for VmTimers {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicU64;
+    use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::mpsc;
 
     /// A VM clock the test sets by hand: it stands still while host time passes, so every sleep
@@ -219,7 +201,7 @@ mod tests {
     }
 
     /// A deadline VM time has reached fires at once, once, and says so once through
-    /// `take_fired`; a cleared one never fires.
+    /// `fired().take`; a cleared one never fires.
     #[test]
     fn expired_deadline_fires_once_and_cleared_never() {
         let clock = HandClock::default();
@@ -230,9 +212,9 @@ mod tests {
         timers.arm(0, Some(1_000));
         assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(0));
         assert!(quiet(&rx));
-        assert!(timers.take_fired(0));
-        assert!(!timers.take_fired(0), "taken once");
-        assert!(!timers.take_fired(1));
+        assert!(timers.fired().take(0));
+        assert!(!timers.fired().take(0), "taken once");
+        assert!(!timers.fired().take(1));
     }
 
     /// The lost wake-up of the first TSC clock: the host sleep for a deadline ends while VM time
@@ -247,19 +229,19 @@ mod tests {
         timers.arm(1, Some(1_000_000));
         timers.arm(1, None);
         assert!(quiet(&rx), "fired before VM time reached the deadline");
-        assert!(!timers.take_fired(0));
+        assert!(!timers.fired().take(0));
         clock.set(999_999);
         assert!(quiet(&rx), "fired 1 ns early");
         // Nothing tells the thread: it finds VM time there at the end of its own sleep.
         clock.set(5_000_000);
         assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(0));
         assert!(quiet(&rx), "fired twice, or the cleared deadline fired");
-        assert!(timers.take_fired(0));
-        assert!(!timers.take_fired(1));
+        assert!(timers.fired().take(0));
+        assert!(!timers.fired().take(1));
     }
 
     /// A vCPU that woke for a fired deadline and still sees it ahead arms it again (`run_timer`
-    /// after `take_fired`): the same deadline fires again, and an arm forgets an earlier fire.
+    /// after `fired().take`): the same deadline fires again, and an arm forgets an earlier fire.
     #[test]
     fn a_fired_deadline_armed_again_fires_again() {
         let clock = HandClock::default();
@@ -271,9 +253,9 @@ mod tests {
         assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(0));
         assert!(quiet(&rx));
         timers.arm(0, Some(1_000));
-        assert!(!timers.take_fired(0), "the arm forgot the fire");
+        assert!(!timers.fired().take(0), "the arm forgot the fire");
         clock.set(1_000);
         assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(0));
-        assert!(timers.take_fired(0));
+        assert!(timers.fired().take(0));
     }
 }

@@ -1,0 +1,164 @@
+//! Loom model check of the timer thread's deadlines and the vCPU's re-arm after a fire
+//! (`irqchip::timer_slots`): a vCPU woken for its APIC timer whose own reading of VM time is
+//! still short of the deadline must not go to sleep with nobody holding that deadline.
+//!
+//!     cargo test -p irqchip --release --features loom --test loom_timer
+//!     cargo test -p irqchip --release --features loom,broken-timer-rearm --test loom_timer
+//!
+//! The second run builds a vCPU that arms only a changed deadline (the rule before session 19)
+//! and expects loom to find it asleep with no deadline held and no wake-up pending.
+//!
+//! The wake-up is modelled as a flag the thread raises after its fire and the vCPU's drain
+//! swaps out (the doorbell's own protocol is loom-checked in tests/loom_wake.rs and
+//! tests/loom_posting.rs). The table is under a mutex, as the VMM keeps it under the lock its
+//! thread sleeps with. At the end of every execution the vCPU would sleep; it is stranded if no
+//! wake-up is pending and the thread holds no deadline for it.
+#![cfg(feature = "loom")]
+
+use irqchip::sync::Arc;
+use irqchip::timer_slots::{ArmedDeadline, DeadlineTable, FiredFlags};
+use irqchip::Nanos;
+use loom::sync::Mutex;
+use loom::thread;
+
+mod loom_support;
+use loom_support::check;
+
+/// The deadline both threads work with.
+const DEADLINE: Nanos = 1_000;
+
+struct Timers {
+    table: Mutex<DeadlineTable>,
+    fired: FiredFlags,
+    /// A wake-up posted to vCPU 0 and not yet drained.
+    wake_pending: Mutex<bool>,
+}
+
+impl Timers {
+    fn new() -> Self {
+        Self {
+            table: Mutex::new(DeadlineTable::new(1)),
+            fired: FiredFlags::new(1),
+            wake_pending: Mutex::new(false),
+        }
+    }
+
+    fn arm(&self, deadline: Option<Nanos>) {
+        self.table.lock().unwrap().arm(0, deadline, &self.fired);
+    }
+
+    /// One pass of the timer thread at VM time `now`: the fires under the lock, their wake-ups
+    /// after it.
+    fn thread_pass(&self, now: Nanos) {
+        let mut expired = Vec::new();
+        self.table
+            .lock()
+            .unwrap()
+            .expire(now, &self.fired, &mut expired);
+        for _ in expired {
+            *self.wake_pending.lock().unwrap() = true;
+        }
+    }
+
+    /// One entry of the vCPU: drain, then keep the thread's deadline in step with the model's
+    /// `next` (its own clock reading left the timer not yet due).
+    fn vcpu_entry(&self, armed: &mut ArmedDeadline, next: Option<Nanos>) {
+        *self.wake_pending.lock().unwrap() = false;
+        armed.update(&self.fired, 0, next, |d| self.arm(d));
+    }
+
+    fn assert_not_stranded(&self) {
+        let held = self.table.lock().unwrap().held(0);
+        let pending = *self.wake_pending.lock().unwrap();
+        assert!(
+            held.is_some() || pending,
+            "lost timer wake-up: the vCPU sleeps, no wake-up pending, the thread holds no deadline"
+        );
+    }
+}
+
+/// The thread reaches the deadline while the vCPU, whose clock reading is short of it, runs an
+/// entry: in every interleaving the vCPU ends with a wake-up pending or the deadline held.
+fn one_entry_beside_a_fire() {
+    check(None, || {
+        let timers = Arc::new(Timers::new());
+        let mut armed = ArmedDeadline::default();
+        armed.update(&timers.fired, 0, Some(DEADLINE), |d| timers.arm(d));
+        let thread = {
+            let timers = Arc::clone(&timers);
+            thread::spawn(move || timers.thread_pass(DEADLINE))
+        };
+        timers.vcpu_entry(&mut armed, Some(DEADLINE));
+        thread.join().unwrap();
+        timers.assert_not_stranded();
+    });
+}
+
+/// Two entries of the vCPU around one fire (the second after a wake-up it may have drained in
+/// the first): still never stranded.
+fn two_entries_beside_a_fire() {
+    check(None, || {
+        let timers = Arc::new(Timers::new());
+        let mut armed = ArmedDeadline::default();
+        armed.update(&timers.fired, 0, Some(DEADLINE), |d| timers.arm(d));
+        let thread = {
+            let timers = Arc::clone(&timers);
+            thread::spawn(move || timers.thread_pass(DEADLINE))
+        };
+        timers.vcpu_entry(&mut armed, Some(DEADLINE));
+        timers.vcpu_entry(&mut armed, Some(DEADLINE));
+        thread.join().unwrap();
+        timers.assert_not_stranded();
+    });
+}
+
+/// The vCPU moves its deadline later while the thread fires the old one: it ends with the new
+/// deadline held.
+fn a_deadline_moved_beside_a_fire() {
+    check(None, || {
+        let timers = Arc::new(Timers::new());
+        let mut armed = ArmedDeadline::default();
+        armed.update(&timers.fired, 0, Some(DEADLINE), |d| timers.arm(d));
+        let thread = {
+            let timers = Arc::clone(&timers);
+            thread::spawn(move || timers.thread_pass(DEADLINE))
+        };
+        timers.vcpu_entry(&mut armed, Some(2 * DEADLINE));
+        thread.join().unwrap();
+        timers.assert_not_stranded();
+        assert_eq!(timers.table.lock().unwrap().held(0), Some(2 * DEADLINE));
+    });
+}
+
+#[cfg(not(feature = "broken-timer-rearm"))]
+mod correct {
+    use super::*;
+
+    #[test]
+    fn a_fire_the_vcpu_finds_not_yet_due_is_armed_again() {
+        one_entry_beside_a_fire();
+    }
+
+    #[test]
+    fn two_entries_around_a_fire_are_never_stranded() {
+        two_entries_beside_a_fire();
+    }
+
+    #[test]
+    fn a_deadline_moved_during_a_fire_is_held() {
+        a_deadline_moved_beside_a_fire();
+    }
+}
+
+/// With `broken-timer-rearm` the model must FAIL: the proof that the re-arm after a fire
+/// matters.
+#[cfg(feature = "broken-timer-rearm")]
+mod broken {
+    use super::*;
+
+    #[test]
+    #[should_panic(expected = "lost timer wake-up")]
+    fn loom_finds_the_wake_up_lost_without_the_re_arm() {
+        one_entry_beside_a_fire();
+    }
+}
