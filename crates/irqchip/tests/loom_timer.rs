@@ -8,10 +8,12 @@
 //! The second run builds a vCPU that arms only a changed deadline (the rule before session 19)
 //! and expects loom to find it asleep with no deadline held and no wake-up pending.
 //!
-//! The wake-up is modelled as a flag the thread raises after its fire and the vCPU's drain
-//! swaps out (the doorbell's own protocol is loom-checked in tests/loom_wake.rs and
-//! tests/loom_posting.rs). The table is under a mutex, as the VMM keeps it under the lock its
-//! thread sleeps with. At the end of every execution the vCPU would sleep; it is stranded if no
+//! The wake-up is modelled as a flag under a mutex that the thread raises after its fire and the
+//! vCPU's drain clears (the doorbell's own protocol is loom-checked in tests/loom_wake.rs and
+//! tests/loom_posting.rs; a plain atomic here made loom 0.7 report a store followed by a load
+//! of the same flag on one thread reading the older value of another thread's earlier swap,
+//! which C11 coherence rules out). The table is under a mutex, as the VMM keeps it under the
+//! lock its thread sleeps with. At the end of every execution the vCPU would sleep; it is stranded if no
 //! wake-up is pending and the thread holds no deadline for it.
 #![cfg(feature = "loom")]
 
