@@ -10,9 +10,10 @@
 //!
 //! The wake-up is modelled as a flag under a mutex that the thread raises after its fire and the
 //! vCPU's drain clears (the doorbell's own protocol is loom-checked in tests/loom_wake.rs and
-//! tests/loom_posting.rs; a plain atomic here made loom 0.7 report a store followed by a load
-//! of the same flag on one thread reading the older value of another thread's earlier swap,
-//! which C11 coherence rules out). The table is under a mutex, as the VMM keeps it under the
+//! tests/loom_posting.rs; with a plain atomic here, loom 0.7 reported a store followed by a load
+//! of the same flag on one thread reading the value of another thread's earlier swap, which C11
+//! coherence rules out: loom's known mis-ordering of a store against a concurrent RMW,
+//! tokio-rs/loom issues 254 and 389). The table is under a mutex, as the VMM keeps it under the
 //! lock its thread sleeps with. At the end of every execution the vCPU would sleep; it is stranded if no
 //! wake-up is pending and the thread holds no deadline for it.
 #![cfg(feature = "loom")]
