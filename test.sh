@@ -9,6 +9,7 @@ cargo test -p irqchip --release --features loom,broken-ordering --test loom_post
 cargo test -p irqchip --release --features loom,broken-init-deferral --test loom_posting
 cargo test -p irqchip --release --features loom,broken-class-order --test loom_posting
 cargo test -p irqchip --release --features loom,broken-deferral-notified --test loom_posting
+cargo test -p irqchip --release --features loom,broken-pv-eoi-order --test loom_posting
 cargo test -p irqchip --release --features loom --test loom_wake
 cargo test -p irqchip --release --features loom,broken-shared-bell --test loom_wake
 cargo test -p irqchip --release --features loom --test loom_timer

@@ -660,6 +660,36 @@ impl VcpuInbox {
         self.in_service.store(HIGHEST_CLASS, Ordering::Relaxed);
     }
 
+    /// For a run about to begin in which the guest may retire its highest in-service vector
+    /// without an exit (a paravirtual EOI: the guest clears a flag in its memory instead of
+    /// writing the EOI register): publishes `highest_after`, the highest vector still in service
+    /// once that one is retired, THEN reads ON with an RMW. This is a fall published after the
+    /// entry's drain, which [`Self::publish_in_service`] otherwise forbids; the RMW makes it safe
+    /// (module doc, "No kick below the in-service class"):
+    /// - true: nothing was announced since the drain, and every poster whose RMW of ON comes later
+    ///   synchronizes with this one and reads this class or a newer one, so a vector the guest
+    ///   could take once it has retired the in-service one kicks;
+    /// - false: a post landed since the drain and may have read the higher class and skipped
+    ///   its kick. The VMM must then not let the guest skip its EOI write: that EOI exits, and
+    ///   the entry after it drains the post.
+    ///
+    /// Call it after everything else of the entry (drain, acknowledge), right before KVM_RUN.
+    #[cfg(not(feature = "broken-pv-eoi-order"))]
+    pub fn publish_eoi_without_exit(&self, highest_after: Option<Vector>) -> bool {
+        self.publish_in_service(highest_after);
+        self.on.fetch_or(0, Ordering::AcqRel) & ON_ANNOUNCED == 0
+    }
+
+    /// Test-only broken variant (feature `broken-pv-eoi-order`): reads ON before it publishes
+    /// the fall, so a poster between the two reads the higher class and skips the kick the
+    /// guest needs once it has retired its vector (the loom model must catch it).
+    #[cfg(feature = "broken-pv-eoi-order")]
+    pub fn publish_eoi_without_exit(&self, highest_after: Option<Vector>) -> bool {
+        let quiet = self.on.fetch_or(0, Ordering::AcqRel) & ON_ANNOUNCED == 0;
+        self.publish_in_service(highest_after);
+        quiet
+    }
+
     /// The priority class [`Self::publish_in_service`] last published (0: nothing in service).
     pub fn published_in_service_class(&self) -> u8 {
         self.in_service.load(Ordering::Relaxed)

@@ -463,6 +463,32 @@ impl VcpuInterrupts {
         vector
     }
 
+    // ---- paravirtual EOI ----
+
+    /// Arms a paravirtual EOI for the run about to begin (KVM's PV EOI, Linux
+    /// Documentation/virt/kvm/x86/msr.rst, MSR_KVM_PV_EOI_EN): returns the vector the guest may
+    /// then retire by clearing the flag in its memory instead of writing the EOI register, after
+    /// publishing the in-service class the run may fall to
+    /// ([`VcpuInbox::publish_eoi_without_exit`]). The VMM sets the guest's flag only for `Some`,
+    /// and at the run's exit calls [`Self::paravirtual_eoi`] if the guest cleared it. `None`: no
+    /// candidate ([`LocalApic::paravirtual_eoi_candidate`]) or something was posted since the
+    /// entry's drain. Call it last before KVM_RUN, after the injection.
+    pub fn arm_paravirtual_eoi(&mut self) -> Option<Vector> {
+        let vector = self.lapic.paravirtual_eoi_candidate()?;
+        let mut rest = self.lapic.isr();
+        rest.remove(vector);
+        self.inbox
+            .publish_eoi_without_exit(rest.highest())
+            .then_some(vector)
+    }
+
+    /// The guest cleared the flag of a paravirtual EOI armed by [`Self::arm_paravirtual_eoi`]:
+    /// the EOI its skipped register write would have made, with its effects.
+    pub fn paravirtual_eoi(&mut self) -> ApicAccessResult {
+        let effect = self.lapic.paravirtual_eoi();
+        self.after_write(effect, &mut |_, _| {})
+    }
+
     // ---- halting ----
 
     /// The guest executed HLT.
@@ -714,7 +740,7 @@ mod tests {
     //! on time).
     use super::*;
     use crate::mpstate::StandardSipi;
-    use crate::types::{ApicEvents, InterruptSink};
+    use crate::types::{ApicEvents, InterruptSink, TriggerMode};
 
     const NOW: Nanos = 0;
     /// xAPIC ICR low for an NMI (delivery mode 100b), physical destination.
@@ -760,6 +786,39 @@ mod tests {
             n += 1;
         }
         n
+    }
+
+    /// A paravirtual EOI: armed for the vector just injected, it publishes the class the run may
+    /// fall to (a lower vector posted then kicks); the guest's flag-clearing EOI retires it.
+    /// Not armed when something was posted since the entry's drain.
+    #[test]
+    fn paravirtual_eoi_arms_publishes_the_fall_and_retires_the_vector() {
+        let (_system, mut cpus) = system(1);
+        let cpu = &mut cpus[0];
+        write(cpu, 0xF0, SVR_ENABLED);
+        let _ = cpu.inbox().post_vector(0x50, TriggerMode::Edge);
+        cpu.begin_guest_entry();
+        assert_eq!(cpu.acknowledge_interrupt(), Some(0x50));
+        assert_eq!(cpu.inbox().published_in_service_class(), 5);
+        assert_eq!(cpu.arm_paravirtual_eoi(), Some(0x50));
+        assert_eq!(cpu.inbox().published_in_service_class(), 0);
+        assert_eq!(
+            cpu.inbox().post_vector(0x40, TriggerMode::Edge),
+            Notify::Kick,
+            "0x40 is deliverable once the guest clears its flag"
+        );
+        assert_eq!(cpu.paravirtual_eoi(), ApicAccessResult::Done);
+        assert!(cpu.lapic().isr().is_empty());
+        cpu.end_guest_entry();
+
+        cpu.begin_guest_entry();
+        assert_eq!(cpu.acknowledge_interrupt(), Some(0x40));
+        let _ = cpu.inbox().post_vector(0x30, TriggerMode::Edge);
+        assert_eq!(
+            cpu.arm_paravirtual_eoi(),
+            None,
+            "0x30 was posted after the drain and may have skipped its kick"
+        );
     }
 
     /// Two CPUs send vCPU 0 an NMI at the same moment (both before vCPU 0 drains), while no

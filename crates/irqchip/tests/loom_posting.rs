@@ -8,6 +8,7 @@
 //!     cargo test -p irqchip --release --features loom,broken-init-deferral --test loom_posting
 //!     cargo test -p irqchip --release --features loom,broken-class-order --test loom_posting
 //!     cargo test -p irqchip --release --features loom,broken-deferral-notified --test loom_posting
+//!     cargo test -p irqchip --release --features loom,broken-pv-eoi-order --test loom_posting
 //!
 //! The second run builds `begin_guest_entry` with the drain BEFORE `InGuest` is published (seed
 //! 001's second race) and expects loom to find the lost interrupt. The third builds an INIT poster
@@ -16,7 +17,9 @@
 //! break issue 14's "no kick below the in-service class": the fourth publishes the vCPU's
 //! in-service class after its entry's drain (a poster may then read the class of an interrupt
 //! already EOId), the fifth sets NOTIFIED when a post skips its kick (a later post the guest could
-//! take then kicks nobody); the model must find the lost vector in both.
+//! take then kicks nobody); the model must find the lost vector in both. The sixth reads ON before
+//! it publishes a paravirtual EOI's fall (a poster in between reads the class of the vector the
+//! guest then retires without an exit), and the model must find that lost vector too.
 //!
 //! A kick is modelled by its effect: the poster told [`Notify::Kick`] sets `immediate_exit` (in
 //! the VMM, a real-time signal whose handler sets `kvm_run.immediate_exit`, which makes KVM_RUN
@@ -42,6 +45,7 @@ const TWO_POSTER_BOUND: Option<usize> = Some(5);
 
 /// The EOI race with two posters has more steps than the model above (four entries, a class
 /// published after a drain): 3 preemptions keep it to a few seconds.
+#[cfg_attr(feature = "broken-pv-eoi-order", allow(dead_code))] // run by `kick_skip` only
 const EOI_RACE_BOUND: Option<usize> = Some(3);
 
 /// A vCPU as the posters see it: its inbox and the `immediate_exit` byte of its `kvm_run`.
@@ -421,6 +425,7 @@ mod broken_init_deferral {
 const HELD: Vector = 0x31;
 const IN_SERVICE: Vector = 0x30;
 
+#[cfg_attr(feature = "broken-pv-eoi-order", allow(dead_code))] // run by `kick_skip` only
 fn deferred_post_then_a_deliverable_one() {
     check(TWO_POSTER_BOUND, || {
         let vcpu = FakeVcpu::new();
@@ -445,6 +450,7 @@ fn deferred_post_then_a_deliverable_one() {
 /// which EOIs (an exit; the class falls), and re-enters. Posters send A' = 0x31 (held only while
 /// 0x30 is in service) and, with `helpful`, B. Once all is done, the guest runs with nothing in
 /// service: every posted vector must have been drained, or a kick must be pending.
+#[cfg_attr(feature = "broken-pv-eoi-order", allow(dead_code))] // run by `kick_skip` only
 fn deferral_vs_eoi(helpful: bool) {
     let bound = if helpful { EOI_RACE_BOUND } else { None };
     check(bound, move || {
@@ -480,11 +486,39 @@ fn deferral_vs_eoi(helpful: bool) {
     });
 }
 
+/// Issue 14, the paravirtual EOI: the vCPU enters with 0x30 in service and arms a PV EOI for it
+/// (`publish_eoi_without_exit`: the fall to "nothing in service" after its drain, then an RMW of
+/// ON). Armed, the guest may retire 0x30 without an exit and run on with nothing in service; not
+/// armed, its EOI exits and the entry after it drains. A poster sends A' = 0x31, held only while
+/// 0x30 is in service: once the guest runs with nothing in service, A' must have been drained or
+/// a kick must be pending.
+fn pv_eoi_vs_post() {
+    check(None, || {
+        let vcpu = FakeVcpu::new();
+        let guest = spawn_vcpu(&vcpu, |vcpu| {
+            let mut got = vcpu.enter_in_service(Some(IN_SERVICE));
+            if !vcpu.inbox.publish_eoi_without_exit(None) {
+                // The guest's EOI write exits; the next entry has nothing in service.
+                vcpu.inbox.end_guest_entry();
+                vcpu.enter_until_running(None, 2, &mut got);
+            }
+            got
+        });
+        vcpu.post(HELD, TriggerMode::Edge);
+        let got = guest.join().unwrap();
+        assert!(
+            got.contains(HELD) || vcpu.kicked(),
+            "lost interrupt: the guest retired 0x30 through its PV EOI flag and runs with A' undrained and no kick"
+        );
+    });
+}
+
 /// Issue 14: a run that cannot take a maskable interrupt before it exits (IF clear, the VMM
 /// stopping it wherever IF may be set) publishes the highest class after its drain, and posts
 /// of vectors to it skip the kick. The run ends at its stop (an exit), and the entry after it,
 /// with the window open and nothing in service, runs: vectors A and B posted meanwhile must
 /// have been drained by then, or a kick must be pending.
+#[cfg_attr(feature = "broken-pv-eoi-order", allow(dead_code))] // run by `kick_skip` only
 fn blocked_run_then_its_stop() {
     check(EOI_RACE_BOUND, || {
         let vcpu = FakeVcpu::new();
@@ -511,6 +545,7 @@ fn blocked_run_then_its_stop() {
 
 /// The same run never reaching its stop: a vector posted to it may wait, but an NMI, which IF
 /// does not block, must have been drained or must kick, even behind a vector that skipped.
+#[cfg_attr(feature = "broken-pv-eoi-order", allow(dead_code))] // run by `kick_skip` only
 fn blocked_run_vs_nmi() {
     check(TWO_POSTER_BOUND, || {
         let vcpu = FakeVcpu::new();
@@ -536,7 +571,8 @@ fn blocked_run_vs_nmi() {
 #[cfg(not(any(
     feature = "broken-ordering",
     feature = "broken-class-order",
-    feature = "broken-deferral-notified"
+    feature = "broken-deferral-notified",
+    feature = "broken-pv-eoi-order"
 )))]
 mod kick_skip {
     use super::*;
@@ -564,6 +600,11 @@ mod kick_skip {
     #[test]
     fn an_nmi_to_a_blocked_run_kicks_even_behind_a_skipped_vector() {
         blocked_run_vs_nmi();
+    }
+
+    #[test]
+    fn a_post_racing_with_a_paravirtual_eoi_is_drained_or_kicks() {
+        pv_eoi_vs_post();
     }
 
     /// A vector deferred, then an INIT alone to the running vCPU: the INIT is no vector its
@@ -620,6 +661,19 @@ mod broken_deferral_notified {
     #[should_panic(expected = "lost NMI")]
     fn loom_finds_the_nmi_lost_behind_a_vector_a_blocked_run_skipped() {
         blocked_run_vs_nmi();
+    }
+}
+
+/// With `broken-pv-eoi-order` the model must FAIL: ON read before the fall is published lets a
+/// poster in between read the class of the vector the guest then retires without an exit.
+#[cfg(all(feature = "broken-pv-eoi-order", not(feature = "broken-ordering")))]
+mod broken_pv_eoi_order {
+    use super::*;
+
+    #[test]
+    #[should_panic(expected = "lost interrupt")]
+    fn loom_finds_the_vector_lost_when_on_is_read_before_the_fall() {
+        pv_eoi_vs_post();
     }
 }
 

@@ -1024,6 +1024,31 @@ impl LocalApic {
         }
     }
 
+    /// The vector a paravirtual EOI would retire in the run about to begin, if the VMM may let
+    /// the guest skip its EOI write (KVM's PV EOI: Linux Documentation/virt/kvm/x86/msr.rst,
+    /// MSR_KVM_PV_EOI_EN; the guest clears a flag in its memory instead, and the VMM retires the
+    /// vector at its next exit). That is the highest in-service vector, when:
+    /// - nothing waits in IRR: an EOI that makes a pending vector deliverable must exit, so that
+    ///   the VMM can inject that vector at the boundary where it becomes deliverable;
+    /// - its EOI is not broadcast (TMR clear): a level-triggered vector's EOI must reach the
+    ///   IOAPICs at once, whose remote IRR holds the line until then (§11.8.5).
+    ///
+    /// KVM allows the same (`apic_sync_pv_eoi_to_guest`: no IRR bit, an in-service vector the
+    /// IOAPIC does not need the EOI of); it only re-evaluates less often.
+    pub fn paravirtual_eoi_candidate(&self) -> Option<Vector> {
+        if !self.hw_enabled() || !self.irr.is_empty() {
+            return None;
+        }
+        let vector = self.isr.highest()?;
+        (!self.tmr.contains(vector)).then_some(vector)
+    }
+
+    /// The EOI a guest made by clearing its paravirtual EOI flag: what the EOI register write
+    /// it skipped would have done (§11.8.5).
+    pub fn paravirtual_eoi(&mut self) -> LapicEffect {
+        self.eoi()
+    }
+
     /// The task-priority register: the priority class (bits 7:4) below which fixed interrupts wait
     /// in IRR (SDM §11.8.3.1).
     pub fn tpr(&self) -> u8 {

@@ -577,6 +577,41 @@ fn eoi_retires_highest_isr_and_broadcasts_level_only_11_8_5() {
     assert_eq!(write(&mut apic, REG_EOI, 0), LapicEffect::None, "empty ISR");
 }
 
+/// KVM's PV EOI (Linux Documentation/virt/kvm/x86/msr.rst): the guest may skip the EOI write of
+/// the highest in-service vector only when nothing waits in IRR and that vector's EOI is not
+/// broadcast; the EOI the VMM then makes is the register write's (§11.8.5).
+#[test]
+fn paravirtual_eoi_only_for_an_edge_vector_with_nothing_pending() {
+    let mut apic = xapic();
+    assert_eq!(apic.paravirtual_eoi_candidate(), None, "nothing in service");
+    apic.accept_vector(0x30, TriggerMode::Edge);
+    assert_eq!(apic.acknowledge_interrupt(), Some(0x30));
+    assert_eq!(apic.paravirtual_eoi_candidate(), Some(0x30));
+    apic.accept_vector(0x20, TriggerMode::Edge);
+    assert_eq!(
+        apic.paravirtual_eoi_candidate(),
+        None,
+        "0x20 waits in IRR: the EOI that unblocks it must exit"
+    );
+    apic.accept_vector(0x90, TriggerMode::Level);
+    assert_eq!(apic.acknowledge_interrupt(), Some(0x90));
+    assert_eq!(apic.acknowledge_interrupt(), None, "0x20 is below 0x90");
+    apic.irr = VectorSet::default();
+    assert_eq!(
+        apic.paravirtual_eoi_candidate(),
+        None,
+        "0x90 is level-triggered: its EOI goes to the IOAPICs"
+    );
+    assert_eq!(
+        apic.paravirtual_eoi(),
+        LapicEffect::Eoi(EoiMessage { vector: 0x90 })
+    );
+    assert_eq!(apic.paravirtual_eoi_candidate(), Some(0x30));
+    assert_eq!(apic.paravirtual_eoi(), LapicEffect::None);
+    assert!(apic.isr().is_empty());
+    assert_eq!(apic.ppr(), 0);
+}
+
 #[test]
 fn eoi_broadcast_suppression_needs_directed_eoi_11_8_5() {
     let mut apic = xapic();

@@ -38,6 +38,10 @@ pub struct VcpuCounters {
     pub step_fallbacks: AtomicU64,
     /// sched_yields after an IPI of this vCPU woke a sleeping vCPU (`percpu`, `yield_to_woken`).
     pub wake_yields: AtomicU64,
+    /// Runs entered with the guest's PV EOI flag set (`pv_eoi`).
+    pub pv_eoi_arms: AtomicU64,
+    /// EOIs the guest made by clearing that flag, without an exit.
+    pub pv_eois: AtomicU64,
 }
 
 impl Default for VcpuCounters {
@@ -56,6 +60,8 @@ impl Default for VcpuCounters {
             stretch_runs: AtomicU64::new(0),
             kept_breakpoints: AtomicU64::new(0),
             wake_yields: AtomicU64::new(0),
+            pv_eoi_arms: AtomicU64::new(0),
+            pv_eois: AtomicU64::new(0),
         }
     }
 }
@@ -85,6 +91,8 @@ impl VcpuCounters {
         out("stretch_runs", get(&self.stretch_runs));
         out("kept_breakpoints", get(&self.kept_breakpoints));
         out("wake_yields", get(&self.wake_yields));
+        out("pv_eoi_arms", get(&self.pv_eoi_arms));
+        out("pv_eois", get(&self.pv_eois));
         let mut total = 0;
         for (vector, count) in self.injected.iter().enumerate() {
             let n = get(count);

@@ -32,6 +32,7 @@ mod ghcb;
 mod notify;
 mod percpu;
 mod platform;
+mod pv_eoi;
 mod reset;
 mod timers;
 
@@ -61,6 +62,7 @@ use irqchip::{ApicEvents, InterruptSink};
 
 pub use ghcb::{AP_RESET_HOLD_RELEASED, MSR_GHCB};
 pub use platform::{IOAPIC_BASE, IOAPIC_SIZE};
+pub use pv_eoi::MSR_KVM_PV_EOI_EN;
 
 /// IA32_APIC_BASE.
 pub const MSR_APIC_BASE: u32 = 0x1B;
@@ -332,8 +334,9 @@ fn sync_fields(kvm: &Kvm) -> u32 {
     u32::try_from(kvm.check_extension_int(Cap::SyncRegs)).unwrap_or(0)
 }
 
-/// KVM_CAP_X86_USER_SPACE_MSR (INVAL | FILTER) and the filter that sends 0x1B writes and 0x6E0
-/// out, and with `ghcb` (`--protected-state-aps`) the GHCB MSR too.
+/// KVM_CAP_X86_USER_SPACE_MSR (INVAL | FILTER) and the filter that sends 0x1B writes, 0x6E0 and
+/// MSR_KVM_PV_EOI_EN writes (`pv_eoi`: KVM's copy answers the reads) out, and with `ghcb`
+/// (`--protected-state-aps`) the GHCB MSR too.
 ///
 /// RDMSR of IA32_APIC_BASE stays in KVM: its copy is the model's value whenever the guest runs
 /// (`percpu::sync_kvm_apic_base` after every exit, with KVM_SET_MSRS or the synced system
@@ -352,9 +355,9 @@ fn enable_msr_exits(kvm: &Kvm, vm: &VmFd, ghcb: bool) -> Result<(), KvmError> {
     // A 0 bit denies: one single-MSR range per MSR the LAPIC model owns.
     let deny = [0u8];
     let denied: &[u32] = if ghcb {
-        &[MSR_APIC_BASE, MSR_TSC_DEADLINE, MSR_GHCB]
+        &[MSR_APIC_BASE, MSR_TSC_DEADLINE, MSR_KVM_PV_EOI_EN, MSR_GHCB]
     } else {
-        &[MSR_APIC_BASE, MSR_TSC_DEADLINE]
+        &[MSR_APIC_BASE, MSR_TSC_DEADLINE, MSR_KVM_PV_EOI_EN]
     };
     // And the writes the SYSCALL watch applies itself (emulate::syscall), on hosts that need it.
     let watched = crate::emulate::syscall::watched_msr_writes();
@@ -362,7 +365,10 @@ fn enable_msr_exits(kvm: &Kvm, vm: &VmFd, ghcb: bool) -> Result<(), KvmError> {
         .iter()
         .chain(watched)
         .map(|&base| MsrFilterRange {
-            flags: if base == MSR_APIC_BASE || watched.contains(&base) {
+            flags: if base == MSR_APIC_BASE
+                || base == MSR_KVM_PV_EOI_EN
+                || watched.contains(&base)
+            {
                 MsrFilterRangeFlags::WRITE
             } else {
                 MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE

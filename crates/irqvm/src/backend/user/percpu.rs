@@ -43,6 +43,7 @@ use irqchip::{GuestFault, Nanos};
 
 use super::ghcb::{GhcbMsr, MSR_GHCB};
 use super::platform::{Platform, IOAPIC_BASE, IOAPIC_SIZE};
+use super::pv_eoi::{PvEoi, MSR_KVM_PV_EOI_EN};
 use super::reset::{
     apply_init, apply_sipi, flush_staged, stage_apic_base, stage_sipi, write_msr, InitApplied,
 };
@@ -465,6 +466,8 @@ pub(crate) struct UserVcpuChip {
     /// The registers the last INIT wrote, while the vCPU waits for its SIPI (dropped when it
     /// enters the guest or its registers are restored): the SIPI starts from them.
     after_init: Option<InitApplied>,
+    /// KVM's paravirtual EOI: the guest's MSR and the flag armed for the run in progress.
+    pv_eoi: PvEoi,
 }
 
 impl UserVcpuChip {
@@ -513,6 +516,7 @@ impl UserVcpuChip {
             exit_rsp: None,
             regs_fresh: false,
             after_init: None,
+            pv_eoi: PvEoi::default(),
         }
     }
 
@@ -552,6 +556,8 @@ impl UserVcpuChip {
             // or wrote them since (`prepare_wait_for_init`): no write, the SIPI starts from it.
             let state = reset.arch_state(self.signature);
             self.regs_rewritten |= state.is_some();
+            // `apply_init` below clears KVM's copy of the MSR with the other INIT-cleared MSRs.
+            self.pv_eoi.init(state.is_some());
             // INIT ends whatever handler ran: no return point survives it.
             self.handler_returns_to = None;
             if let Some(mut state) = state.filter(|_| self.after_init.is_none()) {
@@ -1156,6 +1162,30 @@ impl UserVcpuChip {
         }
     }
 
+    /// Right before KVM_RUN (`pv_eoi`): lets the guest skip the EOI write of its highest
+    /// in-service vector in this run where the model allows it.
+    fn arm_pv_eoi(&mut self) {
+        if !self.pv_eoi.enabled() {
+            return;
+        }
+        if let Some(vector) = self.interrupts.arm_paravirtual_eoi() {
+            if self.pv_eoi.arm(vector, &self.shared.memory) {
+                super::counters::bump(&self.counters().pv_eoi_arms);
+            }
+        }
+    }
+
+    /// At a KVM_RUN return, before anything else reads the model: the EOI the guest made by
+    /// clearing its PV EOI flag (`pv_eoi`), if it did.
+    fn retire_pv_eoi(&mut self) {
+        if let Some(vector) = self.pv_eoi.take_guest_eoi(&self.shared.memory) {
+            let result = self.interrupts.paravirtual_eoi();
+            super::counters::bump(&self.counters().pv_eois);
+            self.probe.eoi(vector);
+            self.notify_result(result);
+        }
+    }
+
     fn handle_msr_read(&mut self, index: u32, data: &mut u64, error: &mut u8) {
         let now = self.shared.clock.now();
         match self.interrupts.msr_read(index, now) {
@@ -1193,6 +1223,7 @@ impl VcpuIrqchip for UserVcpuChip {
         self.enable_event_sync(vcpu);
         self.interrupts.begin_guest_entry();
         self.accept_init_sipi(vcpu, true)?;
+        self.pv_eoi.push_to_kvm(vcpu)?;
         self.offer_synced_regs(vcpu);
         let now = self.shared.clock.now();
         self.run_timer(now);
@@ -1223,14 +1254,19 @@ impl VcpuIrqchip for UserVcpuChip {
         self.regs_rewritten = false;
         self.flags_from_exit = false;
         vcpu.get_kvm_run().cr8 = self.interrupts.lapic().cr8();
+        // Last: the model publishes the class the run may fall to after everything else.
+        self.arm_pv_eoi();
         Ok(EntryDecision::Enter)
     }
 
     fn after_exit(&mut self, vcpu: &mut VcpuFd) -> Result<(), IrqchipError> {
+        // An EINTR return has no `guest_ran` or `handle_exit`, but the guest may have run.
+        self.retire_pv_eoi();
         if !std::mem::take(&mut self.cr8_synced) {
             self.sync_cr8_from_exit();
         }
         self.sync_kvm_apic_base(vcpu)?;
+        self.pv_eoi.push_to_kvm(vcpu)?;
         self.interrupts.end_guest_entry();
         // Every KVM_RUN return, exit or EINTR, copied the events out (`kvm_valid_regs`), and
         // while stepping the registers.
@@ -1254,6 +1290,8 @@ impl VcpuIrqchip for UserVcpuChip {
     }
 
     fn handle_exit(&mut self, exit: &mut ChipExit<'_>) -> Result<ExitHandled, IrqchipError> {
+        // Before the exit reads the model (an ISR read, an EOI write): a no-op after `guest_ran`.
+        self.retire_pv_eoi();
         // A real exit: the guest was entered, so whatever KVM held was delivered.
         self.kvm_queued = false;
         self.fault_pending = false;
@@ -1309,6 +1347,15 @@ impl VcpuIrqchip for UserVcpuChip {
             } if is_apic_msr(*index) => {
                 self.handle_msr_write(*index, *data, error);
                 self.fault_pending = **error != 0;
+            }
+            ChipExit::WrMsr {
+                index, data, error, ..
+            } if *index == MSR_KVM_PV_EOI_EN => {
+                if !self.pv_eoi.guest_write(*data, &self.shared.memory) {
+                    tracing::debug!(value = *data, "WRMSR MSR_KVM_PV_EOI_EN #GP");
+                    **error = 1;
+                    self.fault_pending = true;
+                }
             }
             ChipExit::RdMsr { index, data, .. } if *index == MSR_GHCB && self.ghcb.is_some() => {
                 **data = self.ghcb.map_or(0, |g| g.read());
@@ -1425,6 +1472,9 @@ impl VcpuIrqchip for UserVcpuChip {
         vcpu.set_vcpu_events(&events)
             .map_err(KvmError::ioctl("KVM_SET_VCPU_EVENTS"))?;
         self.events_synced = false;
+        // The MSRs went in before this (`snapshot::restore::apply_vcpu`).
+        let pv_eoi = crate::snapshot::cpu::read_msr(vcpu, MSR_KVM_PV_EOI_EN)?;
+        self.pv_eoi.restored(pv_eoi);
         if self.interrupts.mp_state() == MpState::Halted {
             let regs = vcpu.get_regs().map_err(KvmError::ioctl("KVM_GET_REGS"))?;
             self.halted_with_if_clear = regs.rflags & (1 << 9) == 0;
@@ -1438,6 +1488,7 @@ impl VcpuIrqchip for UserVcpuChip {
 
     fn guest_ran(&mut self) {
         self.in_flight = false;
+        self.retire_pv_eoi();
     }
 
     /// The model's local APIC; NMIs the model holds plus those KVM queued (KVM_NMI).
