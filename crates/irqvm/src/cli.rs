@@ -160,7 +160,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "SPEC")]
     pub topology: Option<crate::cpumodel::Topology>,
     /// CPUID features, QEMU-style `+name,-name` items: x2apic, tsc-deadline,
-    /// kvm-msi-ext-dest-id, kvmclock; the features hidden for this host's emulator (cx16,
+    /// kvm-msi-ext-dest-id, kvmclock, kvm-pv-eoi; the features hidden for this host's emulator (cx16,
     /// popcnt, rdrand, ...) may only be turned off. What the mode or host cannot honour is
     /// refused (e.g. -x2apic with an APIC ID past 254, +kvm-msi-ext-dest-id in kernel mode).
     #[arg(long, value_name = "LIST", allow_hyphen_values = true)]

@@ -11,11 +11,13 @@
 //! On this host the guest does not see all of the table: XSAVE, AVX, FMA, F16C, RDRAND (leaf 1)
 //! and leaf 7 stay as the host has them (docs/kvm-facts.md, "CPUID here"), so a Linux guest also
 //! needs `noxsave nofsgsbase clearcpuid=151,158,306,308` (scripts/linux-boot.sh); the table is still what a host that honours it must see.
-//! KVM's paravirtual features that use hypercalls or KVM's own LAPIC are hidden too
-//! ([`kvm_features::HIDDEN`]); kvmclock and its TSC frequency stay as KVM offers them, so Linux
+//! KVM's paravirtual features that use hypercalls or that only KVM's own LAPIC delivers are hidden
+//! too ([`kvm_features::HIDDEN`]); kvmclock and its TSC frequency stay as KVM offers them, so Linux
 //! needs no PIT to calibrate the TSC. The APIC (leaf 1 EDX bit 9), x2APIC (leaf 1 ECX bit 21) and the
-//! TSC-deadline timer (leaf 1 ECX bit 24), KVM_FEATURE_MSI_EXT_DEST_ID, kvmclock and the topology
-//! leaves (1, 4, 0xB, 0x1F) follow the VM's [`CpuModel`] (`--topology`, `--cpu-features`).
+//! TSC-deadline timer (leaf 1 ECX bit 24), KVM_FEATURE_MSI_EXT_DEST_ID, kvmclock, KVM_FEATURE_PV_EOI
+//! (every mode's LAPIC implements it: KVM's in `kernel` and `split` mode, irqvm's in `user` mode)
+//! and the topology leaves (1, 4, 0xB, 0x1F) follow the VM's [`CpuModel`] (`--topology`,
+//! `--cpu-features`).
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::Kvm;
@@ -94,9 +96,8 @@ pub mod kvm_features {
     /// What irqvm hides: the hypercalls (`vmcall` never completes on this host; PV_SEND_IPI
     /// would also send IPIs around a userspace LAPIC, PV_UNHALT and PV_SCHED_YIELD are
     /// hypercalls too) and what KVM delivers through its own LAPIC, which the `user` mode does
-    /// not have (PV EOI, async page faults).
-    pub const HIDDEN: u32 =
-        ASYNC_PF | PV_EOI | PV_UNHALT | PV_SEND_IPI | PV_SCHED_YIELD | ASYNC_PF_INT;
+    /// not have (async page faults). PV_EOI is not hidden: it follows `CpuModel::pv_eoi`.
+    pub const HIDDEN: u32 = ASYNC_PF | PV_UNHALT | PV_SEND_IPI | PV_SCHED_YIELD | ASYNC_PF_INT;
 }
 const LEAF_KVM_FEATURES: u32 = 0x4000_0001;
 const LEAF_EXT1: u32 = 0x8000_0001;
@@ -230,6 +231,9 @@ fn adjust_entry(e: &mut kvm_cpuid_entry2, model: &CpuModel, apic_id: u32) {
         LEAF_KVM_FEATURES => {
             e.eax &= !kvm_features::HIDDEN;
             set_bit(&mut e.eax, KVM_FEATURE_MSI_EXT_DEST_ID, model.ext_dest_id);
+            // Set even where KVM's table lacks it: in `user` mode irqvm's LAPIC, not KVM's,
+            // implements MSR_KVM_PV_EOI_EN.
+            set_bit(&mut e.eax, kvm_features::PV_EOI, model.pv_eoi);
             if !model.kvmclock {
                 e.eax &= !KVM_FEATURE_KVMCLOCK;
             }
@@ -436,7 +440,12 @@ mod tests {
         );
         let kvm = find(&c, LEAF_KVM_FEATURES, 0).unwrap();
         assert_eq!(kvm.eax & kvm_features::HIDDEN, 0);
+        assert_eq!(
+            kvm.eax & (kvm_features::ASYNC_PF | kvm_features::PV_SEND_IPI),
+            0
+        );
         assert_ne!(kvm.eax & 1, 0, "kvmclock stays");
+        assert_ne!(kvm.eax & kvm_features::PV_EOI, 0, "PV EOI is on by default");
     }
 
     #[test]
@@ -554,20 +563,27 @@ mod tests {
     }
 
     #[test]
-    fn ext_dest_id_and_kvmclock_follow_the_model() {
+    fn ext_dest_id_kvmclock_and_pv_eoi_follow_the_model() {
         let c = vcpu_cpuid(&table(), &cfg(), 0);
-        assert_ne!(
-            find(&c, LEAF_KVM_FEATURES, 0).unwrap().eax & KVM_FEATURE_MSI_EXT_DEST_ID,
-            0
-        );
-        let off = model(2, None, "-kvm-msi-ext-dest-id,-kvmclock");
+        let eax = find(&c, LEAF_KVM_FEATURES, 0).unwrap().eax;
+        assert_ne!(eax & KVM_FEATURE_MSI_EXT_DEST_ID, 0);
+        assert_ne!(eax & kvm_features::PV_EOI, 0);
+        let off = model(2, None, "-kvm-msi-ext-dest-id,-kvmclock,-kvm-pv-eoi");
         let eax = find(&vcpu_cpuid(&table(), &off, 0), LEAF_KVM_FEATURES, 0)
             .unwrap()
             .eax;
         assert_eq!(
-            eax & (KVM_FEATURE_MSI_EXT_DEST_ID | KVM_FEATURE_KVMCLOCK),
+            eax & (KVM_FEATURE_MSI_EXT_DEST_ID | KVM_FEATURE_KVMCLOCK | kvm_features::PV_EOI),
             0
         );
+        // A host table without the bit still gets it when the model says so.
+        let mut bare = entry(LEAF_KVM_FEATURES, 0);
+        bare.eax = 0;
+        let host = CpuId::from_entries(&[entry(1, 0), bare]).unwrap();
+        let eax = find(&vcpu_cpuid(&host, &cfg(), 0), LEAF_KVM_FEATURES, 0)
+            .unwrap()
+            .eax;
+        assert_eq!(eax & kvm_features::PV_EOI, kvm_features::PV_EOI);
     }
 
     /// Past 255 the 8-bit fields keep the low byte; leaf 0BH has the whole ID.

@@ -125,6 +125,11 @@ pub enum Feature {
     MsiExtDestId,
     /// kvmclock (CPUID 0x40000001 EAX\[0\] and \[3\]).
     Kvmclock,
+    /// KVM_FEATURE_PV_EOI (CPUID 0x40000001 EAX\[6\]; MSR_KVM_PV_EOI_EN, Linux
+    /// Documentation/virt/kvm/x86/msr.rst): the guest may skip the EOI write of an interrupt whose
+    /// flag the hypervisor set. KVM's LAPIC implements it in `kernel` and `split` mode, irqvm's in
+    /// `user` mode.
+    PvEoi,
     /// Hidden because this host's instruction emulator cannot run it (`crate::cpuid`): may be
     /// turned off (it is) but never on.
     EmulatorGap(&'static str),
@@ -145,12 +150,13 @@ impl FromStr for Feature {
             "tsc-deadline" => Self::TscDeadline,
             "kvm-msi-ext-dest-id" | "msi-ext-dest-id" => Self::MsiExtDestId,
             "kvmclock" => Self::Kvmclock,
+            "kvm-pv-eoi" => Self::PvEoi,
             gap => match EMULATOR_GAPS.iter().find(|&&g| g == gap) {
                 Some(&g) => Self::EmulatorGap(g),
                 None => {
                     return Err(format!(
                         "unknown CPU feature '{name}' (x2apic, tsc-deadline, kvm-msi-ext-dest-id, \
-                         kvmclock, or one of the hidden {})",
+                         kvmclock, kvm-pv-eoi, or one of the hidden {})",
                         EMULATOR_GAPS.join(" ")
                     ))
                 }
@@ -252,6 +258,8 @@ pub struct CpuModel {
     /// KVM_FEATURE_MSI_EXT_DEST_ID is advertised and honoured by the IOAPIC and MSI decode.
     pub ext_dest_id: bool,
     pub kvmclock: bool,
+    /// KVM_FEATURE_PV_EOI is advertised: every mode's LAPIC implements MSR_KVM_PV_EOI_EN.
+    pub pv_eoi: bool,
 }
 
 impl CpuModel {
@@ -327,6 +335,8 @@ impl CpuModel {
             tsc_deadline,
             ext_dest_id,
             kvmclock: edits.get(Feature::Kvmclock).unwrap_or(true),
+            // KVM's LAPIC (kernel, split) and irqvm's (user) both implement it: on by default.
+            pv_eoi: edits.get(Feature::PvEoi).unwrap_or(true),
         })
     }
 
@@ -434,6 +444,13 @@ mod tests {
     fn features_follow_the_mode() {
         let user = resolve(2, None, "", IrqchipMode::User).unwrap();
         assert!(user.tsc_deadline && user.ext_dest_id && user.x2apic && user.kvmclock);
+        for mode in [IrqchipMode::User, IrqchipMode::Split, IrqchipMode::Kernel] {
+            assert!(resolve(2, None, "", mode).unwrap().pv_eoi, "{mode:?}");
+            assert!(
+                !resolve(2, None, "-kvm-pv-eoi", mode).unwrap().pv_eoi,
+                "{mode:?}"
+            );
+        }
         assert!(
             resolve(2, None, "", IrqchipMode::Split)
                 .unwrap()
@@ -466,7 +483,8 @@ mod tests {
             resolve(1, None, "+cx16", IrqchipMode::User).unwrap_err(),
             CpuModelError::EmulatorGap("cx16")
         );
-        assert!("+sse9".parse::<FeatureEdits>().is_err());
+        let err = "+sse9".parse::<FeatureEdits>().unwrap_err();
+        assert!(err.contains("kvm-pv-eoi"), "{err}");
         let edits: FeatureEdits = "x2apic,-x2apic".parse().unwrap();
         assert_eq!(edits.get(Feature::X2apic), Some(false));
     }

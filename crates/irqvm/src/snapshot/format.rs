@@ -441,6 +441,7 @@ mod tests {
                 tsc_deadline: true,
                 ext_dest_id: true,
                 kvmclock: true,
+                pv_eoi: true,
                 cpuid: vec![Vec::new(); n],
             },
         }

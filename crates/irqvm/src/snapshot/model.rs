@@ -1,6 +1,6 @@
 //! The CPU model a snapshot's guest saw (`--topology`, `--cpu-features` resolved, and every
 //! vCPU's CPUID table), carried so that a restore gives the guest the same CPUs: a guest reads
-//! CPUID once and relies on it (its APIC IDs, x2APIC, the TSC-deadline timer, kvmclock).
+//! CPUID once and relies on it (its APIC IDs, x2APIC, the TSC-deadline timer, kvmclock, PV EOI).
 //!
 //! `irqvm restore` builds its CPU model from the snapshot; an explicit `--topology` or
 //! `--cpu-features` that says otherwise is refused ([`CpuModelState::check_options`]), and the
@@ -87,16 +87,21 @@ pub struct CpuModelState {
     /// In the source's platform; the target's decides (module doc).
     pub ext_dest_id: bool,
     pub kvmclock: bool,
+    /// KVM_FEATURE_PV_EOI. Absent from snapshots written before irqvm offered it: their guests
+    /// saw it hidden, so they restore with it off (and the same CPUID).
+    #[serde(default)]
+    pub pv_eoi: bool,
     /// Index = vCPU: its CPUID table.
     pub cpuid: Vec<Vec<CpuidEntry>>,
 }
 
 /// The features `--cpu-features` can turn on, with the model's value of each.
-fn features(model: &CpuModelState) -> [(Feature, &'static str, bool); 4] {
+fn features(model: &CpuModelState) -> [(Feature, &'static str, bool); 5] {
     [
         (Feature::X2apic, "x2apic", model.x2apic),
         (Feature::TscDeadline, "tsc-deadline", model.tsc_deadline),
         (Feature::Kvmclock, "kvmclock", model.kvmclock),
+        (Feature::PvEoi, "kvm-pv-eoi", model.pv_eoi),
         (
             Feature::MsiExtDestId,
             "kvm-msi-ext-dest-id",
@@ -122,6 +127,7 @@ impl CpuModelState {
             tsc_deadline: model.tsc_deadline,
             ext_dest_id: model.ext_dest_id,
             kvmclock: model.kvmclock,
+            pv_eoi: model.pv_eoi,
             cpuid: tables
                 .iter()
                 .map(|t| t.as_slice().iter().map(CpuidEntry::from_kvm).collect())
@@ -301,10 +307,54 @@ mod tests {
         for mode in [IrqchipMode::User, IrqchipMode::Split, IrqchipMode::Kernel] {
             let edits = saved.edits_for(mode);
             let model = CpuModel::resolve(4, Some(saved.topology), &edits, mode, HOST).unwrap();
-            assert!(!model.x2apic && !model.tsc_deadline && model.kvmclock);
+            assert!(!model.x2apic && !model.tsc_deadline && model.kvmclock && model.pv_eoi);
             assert_eq!(model.ext_dest_id, mode != IrqchipMode::Kernel);
             assert_eq!(model.topology, saved.topology);
         }
+    }
+
+    /// A snapshot written before irqvm offered PV EOI has no `pv_eoi`: its guest saw the
+    /// feature hidden, so it reads as off, and the edits rebuild a model (and CPUID) without it.
+    #[test]
+    fn a_snapshot_without_pv_eoi_restores_with_it_off() {
+        // What an older irqvm wrote: CPUID 0x40000001 EAX without bit 6, no `pv_eoi` key.
+        let saved = state("cores=2", "-kvm-pv-eoi", IrqchipMode::Split);
+        assert_eq!(saved.cpuid[0][1].function, 0x4000_0001);
+        assert_eq!(
+            saved.cpuid[0][1].eax & crate::cpuid::kvm_features::PV_EOI,
+            0
+        );
+        let mut value = serde_json::to_value(&saved).unwrap();
+        let object = value.as_object_mut().unwrap();
+        assert_eq!(
+            object.remove("pv_eoi"),
+            Some(serde_json::Value::Bool(false))
+        );
+        let text = serde_json::to_string(&value).unwrap();
+        assert!(!text.contains("pv_eoi"));
+        let old: CpuModelState = serde_json::from_str(&text).unwrap();
+        assert!(!old.pv_eoi && old.kvmclock && old.x2apic);
+        assert_eq!(old, saved);
+        // Today's default would give the guest another CPUID than it saw.
+        let default = state("cores=2", "", IrqchipMode::Split);
+        assert!(old.check_cpuid(&default).is_err());
+        for mode in [IrqchipMode::User, IrqchipMode::Split, IrqchipMode::Kernel] {
+            let edits = old.edits_for(mode);
+            assert_eq!(edits.get(Feature::PvEoi), Some(false));
+            let model = CpuModel::resolve(2, Some(old.topology), &edits, mode, HOST).unwrap();
+            assert!(!model.pv_eoi);
+        }
+        assert!(old
+            .check_options(None, &"-kvm-pv-eoi".parse().unwrap())
+            .is_ok());
+        let err = old
+            .check_options(None, &"+kvm-pv-eoi".parse().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("+kvm-pv-eoi") && err.contains("-kvm-pv-eoi"),
+            "{err}"
+        );
     }
 
     /// Options that agree pass; each that differs is refused by name.
