@@ -87,6 +87,10 @@ pub fn round_trips(workload: &str, host_cpus: u32) -> Option<(f64, String)> {
         "timer_deadline_expired" => fixed(1.0, "the WRMSR (the timer fires at it)"),
         "ipi_halted" => fixed(8.0, "per side: ICR2, ICR, the target's wake-up, its EOI"),
         "ipi_spin" => fixed(8.0, "per side: ICR2, ICR, the target's kick, its EOI"),
+        "ipi_halted_pveoi" => fixed(
+            6.0,
+            "per side: ICR2, ICR, the target's wake-up (its EOI clears a flag in memory)",
+        ),
         "irq_host" | "irq_host_msi" => fixed(
             2.0,
             "the previous handler's EOI and the exit at its IRETQ (the host pulses when it sees the count, before that EOI)",

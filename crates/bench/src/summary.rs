@@ -38,6 +38,10 @@ pub const WORKLOADS: &[(&str, &str)] = &[
     ("ipi_halted", "IPI round trip, both vCPUs halted"),
     ("ipi_spin", "IPI round trip, both vCPUs spinning"),
     (
+        "ipi_halted_pveoi",
+        "IPI round trip, both vCPUs halted, EOIs through KVM's PV EOI",
+    ),
+    (
         "apic_read",
         "one APIC register read: an exit to the APIC's emulator",
     ),
@@ -104,6 +108,7 @@ pub const FLOORS: &[(&str, f64, &str)] = &[
     ("timer_deadline_expired", 2.0, "WRMSR deadline, EOI"),
     ("ipi_halted", 5.0, "ICR2, ICR, ICR read, HLT, EOI"),
     ("ipi_spin", 4.0, "ICR2, ICR, ICR read, EOI"),
+    ("ipi_halted_pveoi", 4.0, "ICR2, ICR, ICR read, HLT"),
     ("apic_read", 1.0, "the read, per access"),
     ("apic_write", 1.0, "the write, per access"),
     ("port_read", 1.0, "the read, per access"),

@@ -87,7 +87,11 @@
 //! nobody). One fall after D is left, an INIT's reset of the local APIC (the class goes to 0):
 //! the reset APIC is software-disabled and drops fixed vectors until the guest writes its SVR,
 //! which exits (SDM vol. 3 §11.4.7.2, §11.4.7.3), so what a post skipped then could not have
-//! been delivered either.
+//! been delivered either. And a VMM that lets its guest end an interrupt without an exit (a
+//! paravirtual EOI) publishes the class the run may fall to after D on purpose, with
+//! [`VcpuInbox::publish_eoi_without_exit`]: the store, then an RMW of ON, which tells it whether
+//! a post came in between (then the guest must not skip its EOI write, which stays an exit);
+//! every poster whose RMW follows synchronizes with it and reads the lower class.
 //!
 //! The same rule spares the kicks into a run that cannot take any maskable interrupt before it
 //! exits ([`VcpuInbox::publish_interrupts_blocked_until_exit`], the highest class, published as

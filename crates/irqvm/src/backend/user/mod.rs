@@ -365,9 +365,7 @@ fn enable_msr_exits(kvm: &Kvm, vm: &VmFd, ghcb: bool) -> Result<(), KvmError> {
         .iter()
         .chain(watched)
         .map(|&base| MsrFilterRange {
-            flags: if base == MSR_APIC_BASE
-                || base == MSR_KVM_PV_EOI_EN
-                || watched.contains(&base)
+            flags: if base == MSR_APIC_BASE || base == MSR_KVM_PV_EOI_EN || watched.contains(&base)
             {
                 MsrFilterRangeFlags::WRITE
             } else {

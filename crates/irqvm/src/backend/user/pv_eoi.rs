@@ -46,7 +46,7 @@ pub struct PvEoi {
 impl PvEoi {
     /// The guest's word, while the guest has PV EOI enabled.
     fn word(&self) -> Option<GuestAddress> {
-        (self.msr & ENABLED != 0).then(|| GuestAddress(self.msr & !ENABLED))
+        (self.msr & ENABLED != 0).then_some(GuestAddress(self.msr & !ENABLED))
     }
 
     /// The guest writes MSR_KVM_PV_EOI_EN: false means #GP, as KVM answers
@@ -148,7 +148,10 @@ mod tests {
         assert!(!pv.guest_write(0x1003, &ram), "bit 1 set, enabled");
         assert!(!pv.guest_write((2 << 20) | 1, &ram), "enabled past RAM");
         assert!(!pv.enabled());
-        assert!(pv.guest_write(2 << 20, &ram), "disabled: any aligned address");
+        assert!(
+            pv.guest_write(2 << 20, &ram),
+            "disabled: any aligned address"
+        );
         assert!(!pv.enabled());
         assert!(pv.guest_write(0x1001, &ram));
         assert!(pv.enabled());
