@@ -3,11 +3,11 @@
 //! lists in its `kernel` column.
 //!
 //! The host limits listed there (`fail`, by exact check name) are those of KVM's LAPIC here
-//! (docs/irqchip-modes.md, "Known KVM limits"): `[isr-kept]` (tpr, ioapic, once: a delivered
-//! vector does not stay in ISR until the EOI; in `once` KVM's IOAPIC always sees the early EOI
-//! while the line is still high), `[kvm-apic-en-keeps-regs]` (apic_base),
-//! `[kvm-init-fsgs-msr]` (init_state) and `[kvm-vector-hashing]` (ipi, x2apic); see
-//! guests_split.rs for each.
+//! (docs/irqchip-modes.md, "Known KVM limits"): `[isr-kept]` (tpr, ioapic, once, pv_eoi: a
+//! delivered vector does not stay in ISR until the EOI, so KVM never sets the PV EOI bit; in
+//! `once` and pv_eoi KVM's IOAPIC always sees the early EOI while the line is still high),
+//! `[kvm-apic-en-keeps-regs]` (apic_base), `[kvm-init-fsgs-msr]` (init_state) and
+//! `[kvm-vector-hashing]` (ipi, x2apic); see guests_split.rs for each.
 
 #[macro_use]
 mod common;
@@ -20,7 +20,7 @@ const MODE: IrqchipMode = IrqchipMode::Kernel;
 guest_tests!(MODE;
     hello, smp_boot, init_again, init_state, ipi, x2apic, timer, tpr, ioapic, pic, storm, demo,
     once, latency, apic_base, apic_base_rsvd, lapic_regs, timer_mode, nmi_queue, fuzz, soft_int, snapstorm, xstate,
-    x2apic_boot, irq_boundary, mm_reuse, lp_tpr_race,
+    x2apic_boot, irq_boundary, mm_reuse, lp_tpr_race, pv_eoi,
 );
 
 // x2apic_boot on the larger counts its expectation file lists (guest_tests! runs 1, 2 and 4).

@@ -5,13 +5,14 @@
 //! The host limits listed there (`fail`/`flaky`, by exact check name) are those of KVM's LAPIC
 //! here (docs/irqchip-modes.md, "Known KVM limits"), the same as in kernel mode because the LAPIC
 //! is KVM's in both:
-//! * `[isr-kept]` (tpr, ioapic, once): a delivered vector does not stay in KVM's LAPIC ISR until
-//!   the guest's EOI. For a level-triggered IOAPIC pin this means KVM reports the EOI
+//! * `[isr-kept]` (tpr, ioapic, once, pv_eoi): a delivered vector does not stay in KVM's LAPIC ISR
+//!   until the guest's EOI (KVM EOIs it as it delivers it), so KVM never sets the PV EOI bit
+//!   either. For a level-triggered IOAPIC pin this means KVM reports the EOI
 //!   (KVM_EXIT_IOAPIC_EOI) as soon as the vector is taken, so a line held high is delivered
 //!   again before the handler's own EOI. In `once`, a level line lowered by its handler before
 //!   the EOI is then delivered twice whenever the vCPU leaves the guest between taking the
 //!   vector and the handler's port write (rarely in split mode, where the early EOI reaches
-//!   userspace only at the vCPU's next exit: `flaky`).
+//!   userspace only at the vCPU's next exit: `flaky`; pv_eoi's level check alike).
 //! * `[kvm-apic-en-keeps-regs]` (apic_base): after EN = 0 -> 1 KVM keeps SVR, TPR, LDR, DFR and
 //!   the LVTs instead of loading the power-up state (SDM §11.4.3).
 //! * `[kvm-init-fsgs-msr]` (init_state): after KVM's INIT, RDMSR of IA32_FS_BASE / IA32_GS_BASE
@@ -29,7 +30,7 @@ const MODE: IrqchipMode = IrqchipMode::Split;
 guest_tests!(MODE;
     hello, smp_boot, init_again, init_state, ipi, x2apic, timer, tpr, ioapic, pic, storm, demo,
     once, latency, apic_base, apic_base_rsvd, lapic_regs, timer_mode, nmi_queue, fuzz, soft_int, snapstorm, xstate,
-    x2apic_boot, irq_boundary, mm_reuse, lp_tpr_race,
+    x2apic_boot, irq_boundary, mm_reuse, lp_tpr_race, pv_eoi,
 );
 
 // x2apic_boot on the larger counts its expectation file lists (guest_tests! runs 1, 2 and 4).
