@@ -440,8 +440,11 @@ pub(crate) struct UserVcpuChip {
     /// The flight recorder's and latency histograms' view of this vCPU (`crate::trace`).
     probe: VcpuProbe,
     /// A vector was handed to KVM (synced events or KVM_INTERRUPT) and no guest exit has been
-    /// seen since.
+    /// seen since, nor KVM's events at an EINTR return shown it taken ([`Self::note_taken`]).
     in_flight: bool,
+    /// That vector went in through the synced events, whose copy at every return shows whether
+    /// KVM still holds it (one queued with KVM_INTERRUPT does not show there before its entry).
+    in_flight_synced: bool,
     /// `kvm_run.s.regs.events` holds KVM's events as of the last KVM_RUN return and nothing
     /// has changed them since (see [`Self::queue_interrupt`]).
     events_synced: bool,
@@ -509,6 +512,7 @@ impl UserVcpuChip {
             fault_pending: false,
             halt_poll: HaltPoll::new(),
             in_flight: false,
+            in_flight_synced: false,
             events_synced: false,
             sync_enabled: false,
             regs_sync_always: false,
@@ -767,7 +771,7 @@ impl UserVcpuChip {
         if kept {
             self.publish_steps();
         }
-        self.queue_interrupt(vcpu, vector)?;
+        self.in_flight_synced = self.queue_interrupt(vcpu, vector)?;
         self.handler_returns_to = returns_to;
         self.in_flight = true;
         self.kvm_queued = true;
@@ -996,10 +1000,11 @@ impl UserVcpuChip {
     /// being re-injected. Anything KVM queues while completing the exit (an MSR write's #GP) is
     /// queued after the events are applied. Otherwise (first entry, stale events, a KVM without
     /// the capability) KVM_INTERRUPT.
-    fn queue_interrupt(&mut self, vcpu: &mut VcpuFd, vector: u8) -> Result<(), IrqchipError> {
+    fn queue_interrupt(&mut self, vcpu: &mut VcpuFd, vector: u8) -> Result<bool, IrqchipError> {
         if !std::mem::take(&mut self.events_synced) || internal_error_exit(vcpu) {
             // An internal error's recovery (`crate::emulate`) may have set events of its own.
-            return Ok(inject_interrupt(vcpu, vector)?);
+            inject_interrupt(vcpu, vector)?;
+            return Ok(false);
         }
         let events = &mut vcpu.sync_regs_mut().events;
         events.flags = 0;
@@ -1008,7 +1013,22 @@ impl UserVcpuChip {
         events.interrupt.soft = 0;
         vcpu.set_sync_dirty_reg(SyncReg::VcpuEvents);
         super::counters::bump(&self.counters().synced_injections);
-        Ok(())
+        Ok(true)
+    }
+
+    /// At a KVM_RUN return: an interrupt that went in through the synced events and that KVM no
+    /// longer holds (its events, copied out at every return, EINTR ones included) was taken by
+    /// the guest, even where no exit followed. A pause waits for that before it holds the vCPU
+    /// (`injection_in_flight`); a guest that runs on without exits after its handler (a PV EOI
+    /// needs none, `pv_eoi`) would otherwise keep it waiting through every kick of the pause.
+    fn note_taken(&mut self, vcpu: &mut VcpuFd) {
+        if self.in_flight
+            && self.in_flight_synced
+            && self.sync_enabled
+            && vcpu.sync_regs().events.interrupt.injected == 0
+        {
+            self.in_flight = false;
+        }
     }
 
     /// Asks KVM to copy its events and the general registers into `kvm_run` at every KVM_RUN
@@ -1267,6 +1287,7 @@ impl VcpuIrqchip for UserVcpuChip {
         }
         self.sync_kvm_apic_base(vcpu)?;
         self.pv_eoi.push_to_kvm(vcpu)?;
+        self.note_taken(vcpu);
         self.interrupts.end_guest_entry();
         // Every KVM_RUN return, exit or EINTR, copied the events out (`kvm_valid_regs`), and
         // while stepping the registers.
