@@ -270,11 +270,11 @@ static void pv_eoi_set(void *on)
 
 /* The EOI of an interrupt handler: the flag's bit cleared in one instruction if it was set (then the hypervisor
  * retires the vector), else the register write. */
-static void handler_eoi(void)
+static void handler_eoi(u32 cpu)
 {
 	if (pv_eoi_on) {
 		u8 was_set;
-		__asm__ volatile("btrl $0, %0; setc %1" : "+m"(pv_eoi_word[this_cpu()]), "=q"(was_set) : : "memory", "cc");
+		__asm__ volatile("btrl $0, %0; setc %1" : "+m"(pv_eoi_word[cpu]), "=q"(was_set) : : "memory", "cc");
 		if (was_set)
 			return;
 	}
@@ -287,7 +287,7 @@ static volatile u32 pings, stop_spinning;
 static void ping_handler(struct irq_frame *f, u32 cpu)
 {
 	pings++;
-	handler_eoi();
+	handler_eoi(cpu);
 	apic_send_fixed(cpu_to_apic_id(0), V_PONG);
 }
 
@@ -295,7 +295,7 @@ static void pong_handler(struct irq_frame *f, u32 cpu)
 {
 	handler_tsc = rdtsc();
 	taken++;
-	handler_eoi();
+	handler_eoi(cpu);
 }
 
 static void spin_on_ap(void *unused)
