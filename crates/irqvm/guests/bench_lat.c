@@ -242,43 +242,19 @@ static void timer_deadline_expired(void)
 	bench_report(name, sent, taken, taken, 0);
 }
 
-/* ---- KVM's paravirtual EOI (Linux Documentation/virt/kvm/x86/msr.rst, MSR_KVM_PV_EOI_EN) ---- */
-#define MSR_KVM_PV_EOI_EN 0x4b564d04
-#define KVM_FEATURE_PV_EOI (1u << 6)
-
-/* One 4-byte word per CPU; bit 0 is set by the hypervisor while this CPU may skip its EOI write. */
+/* ---- KVM's paravirtual EOI, as Linux's kvm_guest_apic_eoi_write uses it ---- */
 static volatile u32 pv_eoi_word[MAX_CPUS] __attribute__((aligned(4)));
 static volatile bool pv_eoi_on;
 
-static bool pv_eoi_offered(void)
-{
-	u32 a, b, c, d;
-	cpuid(0x40000000, 0, &a, &b, &c, &d);
-	if (b != 0x4b4d564b || c != 0x564b4d56 || d != 0x4d) /* "KVMKVMKVM\0\0\0" */
-		return false;
-	cpuid(0x40000001, 0, &a, &b, &c, &d);
-	return (a & KVM_FEATURE_PV_EOI) != 0;
-}
+/* This CPU's word on or off (run on each CPU through smp_call). */
+static void pv_eoi_set(void *on) { pv_eoi_enable(on ? &pv_eoi_word[this_cpu()] : NULL); }
 
-/* This CPU's word on (the guests run identity-mapped: its address is its guest-physical one) or off. */
-static void pv_eoi_set(void *on)
-{
-	u32 cpu = this_cpu();
-	pv_eoi_word[cpu] = 0;
-	wrmsr(MSR_KVM_PV_EOI_EN, on ? ((u64)(unsigned long)&pv_eoi_word[cpu] | 1) : 0);
-}
-
-/* The EOI of an interrupt handler: the flag's bit cleared in one instruction if it was set (then the hypervisor
- * retires the vector), else the register write. */
+/* The EOI of an interrupt handler on `cpu` (the dispatcher's: this_cpu()'s division would cost the emulated
+ * guest as much as the check): the flag if the hypervisor set it, else the register write. */
 static void handler_eoi(u32 cpu)
 {
-	if (pv_eoi_on) {
-		u8 was_set;
-		__asm__ volatile("btrl $0, %0; setc %1" : "+m"(pv_eoi_word[cpu]), "=q"(was_set) : : "memory", "cc");
-		if (was_set)
-			return;
-	}
-	apic_eoi();
+	if (!pv_eoi_on || !pv_eoi_take(&pv_eoi_word[cpu]))
+		apic_eoi();
 }
 
 /* ---- IPI round trips between CPU 0 and CPU 1 ---- */
@@ -312,7 +288,7 @@ static void ipi_round_trips(bool spin, bool pv_eoi)
 		skip(name, "needs 2 CPUs, has %u", ncpus);
 		return;
 	}
-	if (pv_eoi && !pv_eoi_offered()) {
+	if (pv_eoi && !cpu_has_kvm_pv_eoi()) {
 		skip(name, "the hypervisor offers no PV EOI");
 		return;
 	}

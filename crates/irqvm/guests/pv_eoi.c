@@ -33,7 +33,6 @@
  * Handlers never printf; the checks are made by the interrupted code afterwards. */
 #include "guest.h"
 
-#define MSR_KVM_PV_EOI_EN 0x4b564d04
 #define KVM_MSR_ENABLED 1ul
 #define KVM_FEATURE_PV_EOI (1u << 6)
 #define GP_CAUGHT (13 + 1) /* rdmsr_catch / wrmsr_catch: vector + 1 */

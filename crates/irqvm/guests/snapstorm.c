@@ -181,40 +181,23 @@ static void fence(void) { __asm__ volatile("mfence" ::: "memory"); }
 
 /* ---- handlers ----------------------------------------------------------------------------------------------- */
 /* ---- the EOI, paravirtual where offered ------------------------------------------------------------------- */
-#define MSR_KVM_PV_EOI_EN 0x4b564d04
 static bool pveoi;
 static volatile u32 pv_word[MAX_CPUS] __attribute__((aligned(4)));
 static volatile u32 pv_skipped[MAX_CPUS]; /* EOIs made by clearing the flag */
 static volatile u32 pv_stray[MAX_CPUS];   /* rounds that ended with the flag set outside any handler */
 
-static bool pv_eoi_offered(void)
+/* This CPU's word. An INIT clears the MSR, so the parked AP enables it again after its SIPI. */
+static void pv_eoi_on(u32 cpu)
 {
-	u32 a, b, c, d;
-	cpuid(0x40000000, 0, &a, &b, &c, &d);
-	if (b != 0x4b4d564b || c != 0x564b4d56 || d != 0x4d) /* "KVMKVMKVM\0\0\0" */
-		return false;
-	cpuid(0x40000001, 0, &a, &b, &c, &d);
-	return (a & (1u << 6)) != 0; /* KVM_FEATURE_PV_EOI */
+	if (pveoi)
+		pv_eoi_enable(&pv_word[cpu]);
 }
-/* This CPU's word (identity-mapped: its address is guest-physical). An INIT clears the MSR, so the parked AP
- * enables it again after its SIPI. */
-static void pv_eoi_enable(u32 cpu)
-{
-	if (!pveoi)
-		return;
-	pv_word[cpu] = 0;
-	wrmsr(MSR_KVM_PV_EOI_EN, (u64)(usize)&pv_word[cpu] | 1);
-}
-/* The flag is cleared by one instruction that also says whether it was set (the ABI's rule). */
+/* The flag if the hypervisor set it, else the EOI register. */
 static void storm_eoi(u32 cpu)
 {
-	if (pveoi) {
-		u8 was_set;
-		__asm__ volatile("btrl $0, %0; setc %1" : "+m"(pv_word[cpu]), "=q"(was_set) : : "memory", "cc");
-		if (was_set) {
-			pv_skipped[cpu]++;
-			return;
-		}
+	if (pveoi && pv_eoi_take(&pv_word[cpu])) {
+		pv_skipped[cpu]++;
+		return;
 	}
 	apic_eoi();
 }
@@ -486,7 +469,7 @@ static void worker(void *arg)
 {
 	u32 me = this_cpu();
 	apic_write(APIC_TDCR, 0xB); /* divide by 1 */
-	pv_eoi_enable(me);
+	pv_eoi_on(me);
 	for (u32 r = (u32)(usize)arg; r <= rounds && !READ_ONCE(aborted); r++) {
 		if (!run_wait(round_started, (void *)(usize)r)) {
 			give_up(me, r, S_ROUND);
@@ -678,8 +661,8 @@ void guest_main(void)
 	if (timer_fires == 0 || timer_fires > 100000)
 		timer_fires = TIMER_FIRES;
 	platform_init(cmdline_u64("x2apic", 0) != 0);
-	pveoi = cmdline_u64("pveoi", 1) != 0 && pv_eoi_offered();
-	pv_eoi_enable(0);
+	pveoi = cmdline_u64("pveoi", 1) != 0 && cpu_has_kvm_pv_eoi();
+	pv_eoi_on(0);
 	has_deadline = cpu_has_tsc_deadline();
 	has_doorbell = inl(MSI_DOORBELL) == MSI_DOORBELL_ID;
 	deadline_tsc = tsc_khz() * DEADLINE_US / 1000;

@@ -207,6 +207,22 @@ void idt_set_gate_dpl(u32 vector, u32 dpl);
 
 bool cpu_has_x2apic(void);         /* CPUID.1:ECX[21] */
 bool cpu_has_tsc_deadline(void);   /* CPUID.1:ECX[24] */
+/* KVM's paravirtual EOI (Linux Documentation/virt/kvm/x86/msr.rst, cpuid.rst): the KVM signature at CPUID
+ * 0x40000000 and KVM_FEATURE_PV_EOI (0x40000001 EAX bit 6). */
+#define MSR_KVM_PV_EOI_EN 0x4b564d04
+bool cpu_has_kvm_pv_eoi(void);
+/* This CPU's PV EOI word: `word` (4-byte aligned; the guests run identity-mapped, so its address is its
+ * guest-physical one) zeroed and enabled, or PV EOI off with NULL. */
+void pv_eoi_enable(volatile u32 *word);
+/* An interrupt handler's EOI through its PV EOI word: bit 0 cleared by one instruction that says whether it
+ * was set (the ABI's rule); true then, and the hypervisor retires the interrupt. False: the handler must
+ * write the EOI register. */
+static inline bool pv_eoi_take(volatile u32 *word)
+{
+	u8 was_set;
+	__asm__ volatile("btrl $0, %0; setc %1" : "+m"(*word), "=q"(was_set) : : "memory", "cc");
+	return was_set != 0;
+}
 /* Choose the mode for every CPU (call before smp_init; the APs follow). Returns false if x2APIC is asked for
  * but CPUID lacks it (the mode then stays xAPIC). */
 bool apic_use_x2apic(bool on);

@@ -486,6 +486,21 @@ bool cpu_has_tsc_deadline(void)
 	cpuid(1, 0, &a, &b, &c, &d);
 	return (c >> 24) & 1;
 }
+bool cpu_has_kvm_pv_eoi(void)
+{
+	u32 a, b, c, d;
+	cpuid(0x40000000, 0, &a, &b, &c, &d);
+	if (b != 0x4b4d564b || c != 0x564b4d56 || d != 0x4d || a < 0x40000001) /* "KVMKVMKVM\0\0\0" */
+		return false;
+	cpuid(0x40000001, 0, &a, &b, &c, &d);
+	return (a & (1u << 6)) != 0;
+}
+void pv_eoi_enable(volatile u32 *word)
+{
+	if (word)
+		*word = 0;
+	wrmsr(MSR_KVM_PV_EOI_EN, word ? ((u64)(usize)word | 1) : 0);
+}
 bool apic_use_x2apic(bool on)
 {
 	apic_x2 = on && cpu_has_x2apic();
