@@ -3,8 +3,9 @@
  * guest-facing interrupt surface: the xAPIC page at any offset with 1/2/4/8-byte and unaligned accesses, x2APIC MSRs 0x800-0x8FF, IA32_APIC_BASE
  * transitions (illegal ones and reserved bits included), TSC_DEADLINE, IOAPIC IOREGSEL/IOWIN with any index,
  * the PIC and ELCR ports, pc-testdev lines (raised far more often than lowered), irqvm's MSI doorbell, ICRs of every delivery mode,
- * trigger, shorthand and destination (to itself, to others, to absent IDs), TPR/CR8 games and EOIs with
- * nothing in service. The VMM must survive all of it; the guest only has to survive itself.
+ * trigger, shorthand and destination (to itself, to others, to absent IDs), TPR/CR8 games, EOIs with
+ * nothing in service, and KVM's paravirtual EOI (MSR_KVM_PV_EOI_EN: words of its own or another CPU's,
+ * unaligned or outside RAM, off again, and the word scribbled on while the hypervisor may have set it). The VMM must survive all of it; the guest only has to survive itself.
  *
  * What keeps the guest alive (and the run finite), so that any crash or hang is the VMM's:
  *  - CPU 0 is the controller and heartbeat: nothing ever sends it INIT or SMI (physical destinations other
@@ -164,6 +165,25 @@ static u32 sanitize_rte(u32 v)
 	return (v & ~0xFFu) | safe_vector(v & 0xFF);
 }
 
+/* ---- KVM's paravirtual EOI --------------------------------------------------------------------------------- */
+/* Each CPU's block of words for MSR_KVM_PV_EOI_EN. The MSR only ever points into these blocks (a CPU's own or
+ * another's), so whatever the hypervisor writes there lands in memory nothing else uses. */
+#define PV_WORDS 16
+static volatile u32 pv_words[MAX_CPUS][PV_WORDS] __attribute__((aligned(64)));
+static volatile u64 pv_eoi_msr[MAX_CPUS]; /* the value this CPU's MSR last accepted */
+
+/* The handler's EOI through the flag, as Linux does it: if PV EOI is on and bit 0 of the word is set, clearing
+ * it is the EOI. A flag the guest set itself (op_pv_eoi's scribbles) is taken the same way and leaves its
+ * vector in service: the guest's own harm, which only blocks this CPU's lower vectors. */
+static bool pv_eoi_taken(u32 cpu)
+{
+	u64 msr = pv_eoi_msr[cpu], word = msr & ~1ul;
+	u64 first = (u64)(usize)&pv_words[0][0], end = first + sizeof(pv_words);
+	/* Only a word in the blocks: a hypervisor that accepted an address without RAM (an APIC access page)
+	 * gets no guest access there. */
+	return (msr & 1) && word >= first && word < end && pv_eoi_take((volatile u32 *)(usize)word);
+}
+
 /* ---- interrupt handler: EOI in whatever APIC mode this CPU is in now --------------------------------------- */
 static void fuzz_irq(struct irq_frame *f, u32 cpu)
 {
@@ -171,6 +191,8 @@ static void fuzz_irq(struct irq_frame *f, u32 cpu)
 	 * and would otherwise keep the CPU in its handler forever (on hardware too). */
 	f->rflags &= ~0x200ul;
 	irqs[cpu]++;
+	if (pv_eoi_taken(cpu))
+		return;
 	u64 base = apic_base_now();
 	if (base & BASE_EXTD)
 		wrmsr_catch(0x80B, 0);
@@ -472,6 +494,34 @@ static void op_timer(u32 cpu)
 		apic_reg_write(cpu, APIC_LVT_TIMER, rnd(cpu));
 }
 
+/* MSR_KVM_PV_EOI_EN (offered in every mode): on at a word of this CPU's block or another CPU's (two CPUs
+ * sharing one flag), at an address not 4-byte aligned (#GP), outside RAM (#GP), off, read back; or the word
+ * itself scribbled on: bit 0 set or cleared by the guest, whether or not the hypervisor set it. */
+static void op_pv_eoi(u32 cpu)
+{
+	u32 other = below(cpu, ncpus);
+	u64 word = (u64)(usize)&pv_words[below(cpu, 4) ? cpu : other][below(cpu, PV_WORDS)];
+	u64 v;
+	switch (below(cpu, 8)) {
+	case 0: v = 0; break;
+	case 1: case 2: case 3: v = word | 1; break;
+	case 4: v = (word + 1 + below(cpu, 3)) | below(cpu, 2); break; /* not 4-byte aligned */
+	case 5: v = (below(cpu, 2) ? 0xFEE00000ul : 1ul << (36 + below(cpu, 12))) | 1; break; /* no RAM */
+	case 6: {
+		volatile u32 *w = (volatile u32 *)(usize)word;
+		*w = below(cpu, 2) ? *w ^ 1 : (u32)rnd(cpu);
+		return;
+	}
+	default:
+		count_fault(cpu, rdmsr_catch(MSR_KVM_PV_EOI_EN, &v));
+		return;
+	}
+	u32 r = wrmsr_catch(MSR_KVM_PV_EOI_EN, v);
+	count_fault(cpu, r);
+	if (!r)
+		pv_eoi_msr[cpu] = v;
+}
+
 /* Lets pending interrupts in; an AP may also halt (CPU 0 never does: it must end the run). */
 static void op_window(u32 cpu)
 {
@@ -484,7 +534,7 @@ static void op_window(u32 cpu)
 static void (*const ops[])(u32) = {
 	op_xapic_mmio, op_xapic_mmio, op_xapic_mmio, op_x2apic_msr, op_x2apic_msr, op_apic_base, op_tsc_deadline,
 	op_icr,        op_icr,        op_ioapic,     op_ioapic,     op_pic,        op_testdev,    op_tpr,
-	op_eoi,        op_timer,      op_window,     op_window,     op_doorbell,
+	op_eoi,        op_timer,      op_window,     op_window,     op_doorbell,   op_pv_eoi,
 };
 
 static volatile u32 started[MAX_CPUS];
