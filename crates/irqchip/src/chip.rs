@@ -93,8 +93,8 @@ pub struct PcIrqChipConfig {
 
 impl PcIrqChipConfig {
     /// `vcpus` vCPUs with the default clocks, x2APIC and directed EOI offered, MAXPHYADDR 52
-    /// (set `apic.max_phys_addr` to what the guest's CPUID says), a 24-pin IOAPIC with the EOI
-    /// register (version 0x20), 8-bit destinations.
+    /// (set `apic.max_phys_addr` to what the guest's CPUID says), no SMM (SMIs dropped), a
+    /// 24-pin IOAPIC with the EOI register (version 0x20), 8-bit destinations.
     pub fn new(vcpus: usize) -> Self {
         Self {
             apic: ApicSystemConfig {
@@ -105,6 +105,7 @@ impl PcIrqChipConfig {
                 cmci: false,
                 max_phys_addr: crate::lapic::regs::MAX_PHYS_ADDR_LIMIT,
                 apic_ids: Default::default(),
+                smm: false,
             },
             ioapic: IoApicConfig::default(),
             extended_destination_id: false,

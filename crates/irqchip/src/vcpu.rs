@@ -74,6 +74,14 @@ pub struct ApicSystemConfig {
     pub max_phys_addr: u8,
     /// The initial APIC ID of each vCPU (the VMM's CPUID topology must match it).
     pub apic_ids: ApicIdLayout,
+    /// The VMM can put a vCPU in system-management mode. Then an SMI a local APIC accepts
+    /// waits in [`VcpuInterrupts::smi_pending`] (and wakes a halted vCPU) until the VMM
+    /// delivers it ([`VcpuInterrupts::take_smi`]). Without SMM an accepted SMI is dropped at
+    /// the vCPU ([`VcpuInterrupts::dropped_smis`]): it wakes nothing and changes nothing, as
+    /// KVM's local APIC drops an SMI where KVM cannot enter SMM (`kvm_inject_smi` failing in
+    /// `__apic_accept_irq`). An SMI that stayed pending for a VMM that never delivers it
+    /// would end every later HLT of that vCPU at once.
+    pub smm: bool,
 }
 
 /// Why an [`ApicSystemConfig`] cannot be built as asked.
@@ -170,7 +178,9 @@ impl ApicSystem {
                 bus: bus.clone(),
                 pic_acceptors: pic_acceptors.clone(),
                 nmi_pending: 0,
+                smm: config.smm,
                 smi_pending: false,
+                dropped_smis: 0,
                 extint_pending: false,
                 published_topology: TopologyEntry::default(),
             })
@@ -281,8 +291,12 @@ pub struct VcpuInterrupts {
     bus: Arc<VmBus>,
     /// NMIs taken from the inbox and not yet injected, at most two (see [`Self::process_nmi`]).
     nmi_pending: u8,
+    /// SMIs are kept for the VMM to deliver ([`ApicSystemConfig::smm`]), else dropped.
+    smm: bool,
     /// Latched SMI/ExtINT requests taken from the inbox, not yet injected.
     smi_pending: bool,
+    /// SMIs taken from the inbox and dropped (no SMM).
+    dropped_smis: u64,
     extint_pending: bool,
     published_topology: TopologyEntry,
     pic_acceptors: PicAcceptors,
@@ -359,7 +373,10 @@ impl VcpuInterrupts {
         self.lapic.accept_posted(&posted.pir, &posted.level);
         self.mp.latch(posted.events);
         self.nmi_pending = (self.nmi_pending + posted.nmis).min(MAX_PENDING_NMIS);
-        self.smi_pending |= posted.events.smi;
+        if posted.events.smi && !self.smm {
+            self.dropped_smis += 1;
+        }
+        self.smi_pending |= posted.events.smi && self.smm;
         self.extint_pending |= posted.events.extint;
         self.publish_priority();
     }
@@ -454,6 +471,11 @@ impl VcpuInterrupts {
     /// The SMI is being delivered: consume it.
     pub fn take_smi(&mut self) -> bool {
         std::mem::take(&mut self.smi_pending)
+    }
+
+    /// How many SMIs this vCPU dropped for want of SMM ([`ApicSystemConfig::smm`]).
+    pub fn dropped_smis(&self) -> u64 {
+        self.dropped_smis
     }
 
     /// The vector is being injected: the INTA cycle moves it from IRR to ISR.
@@ -726,7 +748,8 @@ impl VcpuInterrupts {
         self.lapic = lapic;
         self.mp = snapshot.mp.clone();
         self.nmi_pending = u8::from(snapshot.pending.nmi) + u8::from(snapshot.pending.nmi_held);
-        self.smi_pending = snapshot.pending.smi;
+        // A pending SMI from a VMM with SMM cannot be delivered without it.
+        self.smi_pending = snapshot.pending.smi && self.smm;
         self.extint_pending = snapshot.pending.extint;
         self.publish_all();
         Ok(())
@@ -748,6 +771,10 @@ mod tests {
     const SVR_ENABLED: u32 = 0x1FF;
 
     fn system(vcpus: usize) -> (ApicSystem, Vec<VcpuInterrupts>) {
+        system_with_smm(vcpus, false)
+    }
+
+    fn system_with_smm(vcpus: usize, smm: bool) -> (ApicSystem, Vec<VcpuInterrupts>) {
         ApicSystem::new(ApicSystemConfig {
             vcpus,
             clock: ClockConfig::default(),
@@ -756,7 +783,15 @@ mod tests {
             cmci: false,
             max_phys_addr: 39,
             apic_ids: Default::default(),
+            smm,
         })
+    }
+
+    fn post_smi(cpu: &mut VcpuInterrupts) {
+        let _ = cpu.inbox().post_events(ApicEvents {
+            smi: true,
+            ..Default::default()
+        });
     }
 
     fn write(cpu: &mut VcpuInterrupts, offset: u64, value: u32) {
@@ -900,6 +935,55 @@ mod tests {
         cpu.drain();
         assert!(!cpu.should_block(InitBlocking::NONE, false));
         assert_eq!(cpu.next_injection(false), Some(Injection::Nmi));
+    }
+
+    /// Without SMM an SMI is dropped where the vCPU takes it: a vCPU halted before it stays
+    /// halted, nothing waits to be injected, and the drop is counted. The halt ends for an NMI
+    /// as before.
+    #[test]
+    fn without_smm_an_smi_is_dropped_and_wakes_nothing() {
+        let (_system, mut cpus) = system_with_smm(1, false);
+        let cpu = &mut cpus[0];
+        cpu.halt();
+        post_smi(cpu);
+        cpu.drain();
+        assert!(!cpu.smi_pending());
+        assert_eq!(cpu.dropped_smis(), 1);
+        assert!(cpu.should_block(InitBlocking::NONE, false));
+        assert_eq!(cpu.mp_state(), MpState::Halted);
+        post_nmi(cpu);
+        cpu.drain();
+        assert!(!cpu.should_block(InitBlocking::NONE, false));
+    }
+
+    /// With SMM the SMI waits for the VMM, wakes a halted vCPU, and is taken once.
+    #[test]
+    fn with_smm_an_smi_wakes_a_halted_vcpu_and_is_taken_once() {
+        let (_system, mut cpus) = system_with_smm(1, true);
+        let cpu = &mut cpus[0];
+        cpu.halt();
+        post_smi(cpu);
+        cpu.drain();
+        assert!(cpu.smi_pending());
+        assert!(!cpu.should_block(InitBlocking::NONE, false));
+        assert!(cpu.take_smi());
+        assert!(!cpu.take_smi());
+        assert_eq!(cpu.dropped_smis(), 0);
+    }
+
+    /// A snapshot's pending SMI is restored only into a vCPU that can deliver it.
+    #[test]
+    fn a_pending_smi_is_restored_only_with_smm() {
+        let (_system, mut cpus) = system_with_smm(1, true);
+        post_smi(&mut cpus[0]);
+        let saved = cpus[0].save(NOW);
+        assert!(saved.pending.smi);
+        let (_a, mut with) = system_with_smm(1, true);
+        with[0].restore(&saved, NOW).unwrap();
+        assert!(with[0].smi_pending());
+        let (_b, mut without) = system_with_smm(1, false);
+        without[0].restore(&saved, NOW).unwrap();
+        assert!(!without[0].smi_pending());
     }
 
     /// A snapshot keeps both pending NMIs, and an old snapshot without `nmi_held` reads as one.

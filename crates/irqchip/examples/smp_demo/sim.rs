@@ -103,6 +103,7 @@ pub fn run(vcpus: usize, rounds: u64, echo: bool) -> Report {
         cmci: false,
         max_phys_addr: irqchip::lapic::regs::MAX_PHYS_ADDR_LIMIT,
         apic_ids: Default::default(),
+        smm: false,
     };
     let (system, cpus) = ApicSystem::new(config);
     let shared = Arc::new(Shared {

@@ -19,6 +19,9 @@ pub struct VcpuCounters {
     pub synced_apic_bases: AtomicU64,
     /// KVM_NMI injections.
     pub nmis_injected: AtomicU64,
+    /// SMIs this vCPU's local APIC accepted and dropped: `user` mode offers no SMM (the
+    /// model's `ApicSystemConfig::smm`), as KVM's local APIC drops SMIs without SMM.
+    pub smis_dropped: AtomicU64,
     /// Halts that ended while polling, with no sleep.
     pub halt_polls_ok: AtomicU64,
     /// Halts that polled in vain and slept on the doorbell.
@@ -52,6 +55,7 @@ impl Default for VcpuCounters {
             synced_sipis: AtomicU64::new(0),
             synced_apic_bases: AtomicU64::new(0),
             nmis_injected: AtomicU64::new(0),
+            smis_dropped: AtomicU64::new(0),
             halt_polls_ok: AtomicU64::new(0),
             halt_sleeps: AtomicU64::new(0),
             single_steps: AtomicU64::new(0),
@@ -80,6 +84,7 @@ impl VcpuCounters {
     pub fn visit(&self, out: &mut dyn FnMut(&str, u64)) {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         out("nmis_injected", get(&self.nmis_injected));
+        out("smis_dropped", get(&self.smis_dropped));
         out("synced_injections", get(&self.synced_injections));
         out("synced_sipis", get(&self.synced_sipis));
         out("synced_apic_bases", get(&self.synced_apic_bases));

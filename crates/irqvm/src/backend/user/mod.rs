@@ -271,6 +271,9 @@ impl UserIrqchip {
         config.apic.directed_eoi = ctx.cpu.x2apic;
         config.apic.apic_ids = ctx.cpu.layout;
         config.extended_destination_id = ctx.cpu.ext_dest_id;
+        // No vCPU enters SMM here (that would take KVM_SMI and INIT held while in SMM): an SMI
+        // is dropped, as KVM's local APIC drops it where KVM has no SMM (kvm_pvm: none).
+        config.apic.smm = false;
         // The guest's CPUID is derived from this table with leaf 80000008H unchanged.
         config.apic.max_phys_addr =
             crate::cpuid::max_phys_addr(&crate::cpuid::supported_cpuid(ctx.kvm)?);

@@ -1244,6 +1244,10 @@ impl VcpuIrqchip for UserVcpuChip {
         self.interrupts.begin_guest_entry();
         self.accept_init_sipi(vcpu, true)?;
         self.pv_eoi.push_to_kvm(vcpu)?;
+        self.counters().smis_dropped.store(
+            self.interrupts.dropped_smis(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         self.offer_synced_regs(vcpu);
         let now = self.shared.clock.now();
         self.run_timer(now);
