@@ -1,4 +1,5 @@
-//! The synchronisation primitives used by the cross-thread parts of the chip (`posting`, `bus`).
+//! The synchronisation primitives used by the cross-thread parts of the chip (`posting`, `wake`,
+//! `timer_slots`).
 //! Under `--features loom` they are loom's, so the same code is model-checked.
 
 #[cfg(feature = "loom")]

@@ -12,13 +12,16 @@
 //! | [`iobus`] | the port-I/O and MMIO bus exits reach devices through (rust-vmm `vm-device`) |
 //! | [`devices`] | serial, isa-debug-exit, fw_cfg, pc-testdev interrupt lines, on the bus |
 //! | [`cmos`], [`i8042`] | the CMOS RTC and the keyboard controller Linux expects on a PC |
+//! | [`mode`] | [`IrqchipMode`]: which interrupt controllers run where |
 //! | [`backend`] | the interrupt-controller interface and its three backends, `kernel`, `split`, `user` |
 //! | [`kick`] | forcing a vCPU thread out of KVM_RUN, race-free |
+//! | [`flush_signal`] | a KVM_RUN that passes KVM's loop without entering the guest |
 //! | [`kvm_stats`] | `--kvm-stats`: KVM's binary statistics of the VM fd and the vCPU fds, as `name=value` lines |
 //! | [`vcpu`] | the vCPU threads and their run loop |
 //! | [`snapshot`] | snapshots; the conversion between the model's state and KVM's |
 //! | [`migrate`] | live migration to another irqvm over a Unix socket (dirty-log pre-copy, the snapshot state) |
-//! | [`emulate`] | finishing instructions this host's KVM emulator gives up on (`int3`, `int n`) |
+//! | [`emulate`] | finishing instructions this host's KVM emulator gives up on (`int3`, `int n`, `fwait`), and the SYSCALL watch |
+//! | [`guest_debug`] | the one caller of KVM_SET_GUEST_DEBUG (the stepper and the SYSCALL watch) |
 //! | [`vm`] | building and running a VM (and choosing the backend) |
 //! | [`seccomp`] | the per-thread seccomp filters (least privilege) |
 //! | [`api`] | the control API over a Unix socket (`--api-sock`) |

@@ -1,14 +1,18 @@
-//! The control API: `irqvm run --api-sock PATH` serves HTTP/1.1 with JSON bodies on a Unix
-//! socket (`curl --unix-socket PATH http://localhost/api/v1/vm.info`). Paths, verbs and bodies
-//! follow Cloud Hypervisor's where it has the operation (`vm.info`, `vm.pause`, `vm.resume`,
-//! `vm.shutdown`, `vm.snapshot`, `vm.counters`, `vmm.ping`); irqvm's own (vCPU and platform state, injection)
+//! The control API: `irqvm run --api-sock PATH` (and `irqvm restore --api-sock PATH`) serves
+//! HTTP/1.1 with JSON bodies on a Unix socket
+//! (`curl --unix-socket PATH http://localhost/api/v1/vm.info`). Paths, verbs and bodies follow
+//! Cloud Hypervisor's where it has the operation (`vm.info`, `vm.pause`, `vm.resume`,
+//! `vm.shutdown`, `vm.snapshot`, `vm.restore`, `vm.send-migration`, `vm.counters`, `vmm.ping`);
+//! irqvm's own (vCPU and platform state, injection, the flight recorder)
 //! sit under the same `/api/v1/` prefix. The reference with examples is docs/operations.md.
 //!
 //! Layout: [`model`] (the JSON shapes, one per object for all three irqchip modes), [`lapic`]
 //! and [`platform`] (filling them from KVM or the `irqchip` model), [`router`] (a pure function
 //! from method, path and body to status and body, over the [`router::Control`] trait, which is
-//! what the fuzz test drives), [`control`] (that trait over a running VM), [`server`] (the
-//! listening thread, on `tiny_http`).
+//! what the fuzz test drives), [`handle`] (the parts of a running VM the API and a snapshot
+//! use), [`control`] (that trait over a running VM), [`vmm`] (the API of an irqvm started
+//! without a VM, for `vm.restore`), [`server`] (the listening thread, on `tiny_http`) and
+//! [`files`] (the unfiltered thread for the API's file work).
 //!
 //! The API thread never blocks a vCPU thread: it reaches vCPUs through atomics, kicks and the
 //! doorbell; a vCPU answers a state request on its own thread at the top of its loop (or while

@@ -31,23 +31,27 @@
 //! * [`user`]: every controller in userspace, from the pure `irqchip` crate. Its
 //!   `handle_exit` takes xAPIC MMIO at the vCPU's APIC base (relocatable through IA32_APIC_BASE),
 //!   x2APIC MSRs 0x800-0x8FF (KVM_CAP_X86_USER_SPACE_MSR, exit reason INVAL), the TSC-deadline
-//!   MSR 0x6E0 (MSR filter deny range, reason FILTER; with `--protected-state-aps` also the GHCB
+//!   MSR 0x6E0 and writes of IA32_APIC_BASE and MSR_KVM_PV_EOI_EN (MSR filter, reason FILTER; with `--protected-state-aps` also the GHCB
 //!   MSR 0xC0010130, whose AP Reset Hold request parks an AP), IOAPIC MMIO at 0xFEC00000, the PIC's
 //!   ports, HLT (the vCPU becomes halted: `before_entry` then returns `Block` until an interrupt
 //!   is pending) and IRQ-window-open exits. Its `before_entry` drains the vCPU's posting inbox,
-//!   applies INIT (architectural reset) and SIPI (real mode at the vector) through
-//!   KVM_SET_REGS/SREGS, keeps an AP that has not had its SIPI out of KVM_RUN
-//!   (`Block { WaitForSipi }`), syncs CR8 with the TPR, and injects with KVM_INTERRUPT / KVM_NMI
-//!   only when `ready_for_interrupt_injection` and IF allow it, else sets
-//!   `request_interrupt_window`. Its `block` waits on the inbox's doorbell (a condvar latch from
-//!   `irqchip::posting`) with the APIC timer deadline as the timeout; its `wake_vcpu` rings that
-//!   doorbell, and posters that get `Notify::Kick` call [`VcpuKicker::kick`] (from
-//!   [`ChipContext::kicker`]). Its VM-wide setup (KVM_CAP_X86_USER_SPACE_MSR, the MSR filter)
-//!   happens in its constructor.
+//!   applies INIT (architectural reset, through KVM_SET_REGS/SREGS) and SIPI (real mode at the
+//!   vector, through `kvm_run`'s synced registers where it can), keeps an AP that has not had its
+//!   SIPI out of KVM_RUN (`Block { WaitForSipi }`), syncs CR8 with the TPR, and injects (an
+//!   interrupt through `kvm_run`'s synced events, or KVM_INTERRUPT where those are stale; NMIs
+//!   with KVM_NMI) only when `ready_for_interrupt_injection` and IF allow it, else sets
+//!   `request_interrupt_window` (and, with exact interrupt boundaries, steps towards the
+//!   boundary: [`step`]). Its `block` polls the inbox briefly (and up to an imminent APIC timer
+//!   deadline), then sleeps on the vCPU's doorbell (`irqchip::wake`'s shared doorbells on a
+//!   futex word per 32 vCPUs) until something rings it: a post, or the `vm-timers` thread when
+//!   the deadline passes; its `wake_vcpu` rings that doorbell, and posters that get
+//!   `Notify::Kick` call [`VcpuKicker::kick`] (from [`ChipContext::kicker`]). Its VM-wide setup
+//!   (KVM_CAP_X86_USER_SPACE_MSR, the MSR filter) happens in its constructor.
 //! * [`split`]: LAPICs in KVM (KVM_CAP_SPLIT_IRQCHIP), IOAPIC and PIC in userspace (the same
 //!   `irqchip::chip::PcIrqChip` as `user`, whose messages go to KVM_SIGNAL_MSI); its
-//!   `handle_exit` takes IOAPIC MMIO, the PIC's ports and KVM_EXIT_IOAPIC_EOI, and its
-//!   `before_entry` injects the PIC's ExtINT (KVM_INTERRUPT or an interrupt window).
+//!   `handle_exit` takes IOAPIC MMIO, the PIC's ports, KVM_EXIT_IOAPIC_EOI and its stepper's
+//!   exits, and its `before_entry` injects the PIC's ExtINT (KVM_INTERRUPT or an interrupt window,
+//!   with exact interrupt boundaries a step towards the boundary).
 //!
 //! A backend reaches the vCPU threads only through a [`VcpuKicker`] (force vCPU `i` out of
 //! KVM_RUN), never through the vCPU thread module: like OpenVMM's `ApicClient`, the chip gets a

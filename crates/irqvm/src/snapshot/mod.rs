@@ -9,6 +9,7 @@
 //! | [`model`](mod@model) | the CPU model and CPUID tables the guest saw, and the checks a restore makes of them |
 //! | [`platform`] | `kernel` mode's in-kernel PICs and IOAPIC as the model's devices |
 //! | [`memory`] | guest RAM to the file, and back as a private mapping of it |
+//! | [`source`] | what a save needs of a VM beside the control API's handle |
 //! | [`take`] | the whole save: pause, every vCPU, the platform, the devices, the files |
 //! | [`restore`] | the checks before a restore, and the order state is applied in |
 //! | [`convert`] | the one conversion between the model's state and KVM's formats |

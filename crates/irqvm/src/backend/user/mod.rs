@@ -1,11 +1,14 @@
 //! The `user` irqchip backend: every interrupt controller in userspace, from the pure `irqchip`
 //! crate. KVM gets no irqchip at all (no KVM_CREATE_IRQCHIP); the VMM sees the guest's APIC
-//! accesses as exits and injects with KVM_INTERRUPT / KVM_NMI.
+//! accesses as exits and injects interrupts through `kvm_run`'s synced events (KVM_INTERRUPT
+//! where those are stale) and NMIs with KVM_NMI.
 //!
 //! VM-wide ([`UserIrqchip`]):
 //! * KVM_CAP_X86_USER_SPACE_MSR with reasons INVAL (x2APIC MSRs 0x800-0x8FF, which no filter can
-//!   catch) and FILTER, and an MSR filter denying IA32_APIC_BASE (0x1B) and IA32_TSC_DEADLINE
-//!   (0x6E0) so both exit to the LAPIC model instead of being absorbed by KVM.
+//!   catch) and FILTER, and an MSR filter denying IA32_TSC_DEADLINE (0x6E0) and writes of
+//!   IA32_APIC_BASE (0x1B) and MSR_KVM_PV_EOI_EN (`pv_eoi`), so they exit to the LAPIC model
+//!   instead of being absorbed by KVM (KVM's copies, kept equal to the model's, answer the
+//!   reads of the latter two).
 //! * an [`irqchip::chip::PcIrqChip`] (IOAPIC, PIC, GSI routing, APIC bus with one inbox per
 //!   vCPU) wrapped in `platform::Platform`, and one timer thread (`timers::VmTimers`).
 //! * the VM clock ([`VmClock`]): `Nanos` since the VM's epoch, counted on the host TSC at the
