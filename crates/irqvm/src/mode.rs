@@ -7,9 +7,10 @@
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum IrqchipMode {
     /// KVM's in-kernel PIC, IOAPIC and local APICs.
-    #[default]
     Kernel,
     /// Every interrupt controller in userspace, from the `irqchip` crate (module `backend::user`).
+    /// irqvm's default, in the CLI and in [`crate::vm::VmConfig::new`].
+    #[default]
     User,
     /// Local APICs in KVM, IOAPIC and PIC in userspace (module `backend::split`).
     Split,

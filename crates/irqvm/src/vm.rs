@@ -121,7 +121,8 @@ pub struct VmConfig {
 }
 
 impl VmConfig {
-    /// A 1-vCPU, 128 MiB, kernel-irqchip VM with serial on stdout.
+    /// A 1-vCPU, 128 MiB VM in `user` irqchip mode (every interrupt controller in irqvm) with
+    /// serial on stdout.
     pub fn new(kernel: Vec<u8>, kernel_name: &str) -> Self {
         Self {
             kernel,
