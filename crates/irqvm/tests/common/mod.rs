@@ -106,9 +106,12 @@ pub fn run_guest(name: &str, cpus: u32, mode: IrqchipMode) -> GuestRun {
     run_vm(guest_config(name, cpus, mode))
 }
 
-/// A VM config for raw machine code loaded and entered at 1 MiB.
+/// A VM config for raw machine code loaded and entered at 1 MiB, in `kernel` irqchip mode (the
+/// mode the tests built on it were written for, e.g. an AP waiting for SIPI inside KVM_RUN in
+/// `kick.rs`; the tests of other modes set theirs).
 pub fn raw_config(code: &[u8], mode: CpuMode, cpus: u32) -> VmConfig {
     let mut cfg = VmConfig::new(code.to_vec(), "raw");
+    cfg.irqchip = IrqchipMode::Kernel;
     cfg.cpus = cpus;
     cfg.memory = 16 << 20;
     cfg.raw = Some(RawImage {
