@@ -238,7 +238,7 @@ pub enum GuestFault {
 }
 
 /// The non-vector events a local APIC latches for its processor: INIT, SIPI (with its vector),
-/// NMI, SMI and ExtINT (SDM vol. 3 §11.6.1, §8.4). Posters set them from any thread (see
+/// NMI, SMI and ExtINT (SDM vol. 3 §11.6.1, §9.4). Posters set them from any thread (see
 /// `posting`); only the target vCPU, in its own context, consumes them (see `mpstate`), so an INIT
 /// can never be lost to a HLT the target executes at the same moment (seed 000).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
