@@ -50,9 +50,10 @@
 //! * Level-sensitive entries deliver while asserted, unmasked and with remote IRR clear, and
 //!   the delivery sets remote IRR once a local APIC accepted the message (the `out` callback
 //!   returns how many did; 82093AA §3.2.4, KVM alike): a message nobody accepts leaves remote
-//!   IRR clear, and the asserted pin is sent again at its entry's next write. An EOI for the entry's vector clears remote IRR and, if the
-//!   pin is still asserted and unmasked, delivers again. Unmasking an asserted level entry
-//!   delivers it. A level line held asserted is thus delivered once per EOI, never more.
+//!   IRR clear, and the asserted pin is sent again at its entry's next write. An EOI for the
+//!   entry's vector clears remote IRR and, if the pin is still asserted and unmasked, delivers
+//!   again. Unmasking an asserted level entry delivers it. A level line held asserted is thus
+//!   delivered once per EOI, never more.
 //! * NMI, INIT, SMI and ExtINT entries programmed level-triggered: the datasheet says NMI and
 //!   INIT "are treated as edge triggered even if programmed as level" and that SMI and ExtINT
 //!   "require an edge trigger mode" (§3.2.4, delivery mode). KVM instead treats them like any
@@ -70,28 +71,30 @@
 //! 55:17 included, is stored and reads back as written, as in KVM (the datasheet leaves the
 //! reserved bits undefined; Linux writes them as 0). Whenever an entry is edge-triggered
 //! its remote IRR is cleared: Linux switches an entry to edge and back to clear a stuck remote
-//! IRR on IOAPICs without an EOI register, and KVM implements that. Reserved entry bits read 0.
-//! After every entry write the pin is re-evaluated: an asserted, unmasked level entry with
-//! remote IRR clear is delivered (this covers unmask-while-asserted and edge-to-level switches),
-//! and an edge entry delivers if the write itself asserted the pin (an INTPOL flip).
+//! IRR on IOAPICs without an EOI register, and KVM implements that. After every entry write the
+//! pin is re-evaluated: an asserted, unmasked level entry with remote IRR clear is delivered
+//! (this covers unmask-while-asserted and edge-to-level switches), and an edge entry delivers if
+//! the write itself asserted the pin (an INTPOL flip).
 //!
 //! # Extended destination ID
 //!
 //! An entry's destination is bits 63:56. With [`IoApic::with_extended_destination_id`], bits
 //! 55:49 (stored like every reserved bit, see above) carry destination bits 14:8 (15-bit APIC
-//! IDs); without it they do not route. This is the layout Linux
-//! uses for hypervisors that advertise an extended destination ID (its `virt_destid_8_14`
-//! field; the MSI equivalent is address bits 11:5). Bit 48, which chipsets documented as part
-//! of an 8-bit "EDID" field and which interrupt remapping uses as the format bit, stays
-//! reserved (stored, no effect). The message keeps `DestinationFormat::Xapic`: 0xFF is still broadcast.
+//! IDs); without it they do not route. This is the layout Linux uses for hypervisors that
+//! advertise an extended destination ID (its `virt_destid_8_14` field; the MSI equivalent is
+//! address bits 11:5). Bit 48, which chipsets documented as part of an 8-bit "EDID" field and
+//! which interrupt remapping uses as the format bit, stays reserved (stored, no effect). The
+//! message keeps `DestinationFormat::Xapic`: 0xFF is still broadcast.
 //!
 //! # What the caller must know
 //!
-//! Every delivery is a call of `out` with the message. The IOAPIC assumes a message is
-//! accepted: it sets remote IRR for a level entry even if the bus finds no target (the real part
-//! would keep retrying with delivery status set). There is no EOI-storm throttling (KVM delays
-//! re-delivery after 10,000 back-to-back EOIs of an asserted line): the chip has no clock, and
-//! every operation does at most one delivery per pin, so the work per call is bounded.
+//! Every delivery is one call of `out` with the message. A level entry sets remote IRR only
+//! when `out` reports that a local APIC accepted it (a caller that cannot tell returns 1 for a
+//! message it handed on), and a message nobody accepted is not retried: the real part would keep
+//! retrying with delivery status set; here the entry's next write or an EOI of its vector sends
+//! it again. There is no EOI-storm throttling (KVM delays re-delivery after 10,000 back-to-back
+//! EOIs of an asserted line): the chip has no clock, and every operation does at most one
+//! delivery per pin, so the work per call is bounded.
 
 use serde::{Deserialize, Serialize};
 
