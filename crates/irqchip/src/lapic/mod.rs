@@ -3,7 +3,8 @@
 //! The model covers the xAPIC register page (§11.4.1), the x2APIC MSR view (§11.12),
 //! IA32_APIC_BASE and its mode transitions (§11.4.4, §11.12.5), IRR/ISR/TMR and the priority
 //! rules (§11.8), EOI and EOI-broadcast suppression (§11.8.5), the error status register
-//! (§11.5.3), the LVT (§11.5.1) and the APIC timer (§11.5.4, in [`timer`]).
+//! (§11.5.3), the LVT (§11.5.1), the APIC timer (§11.5.4, in [`timer`]) and KVM's paravirtual
+//! EOI ([`LocalApic::paravirtual_eoi_candidate`]).
 //!
 //! Effects leave as values: an ICR write returns the [`InterruptMessage`] to route, an EOI of a
 //! level-triggered vector returns the [`EoiMessage`] for the IOAPICs, a change of ID / logical
@@ -412,8 +413,8 @@ pub struct LocalApic {
 
 impl LocalApic {
     /// Power-on state (SDM §11.4.7.1): xAPIC mode enabled at 0xFEE00000, BSP bit from the
-    /// config, ID = the initial APIC ID, all LVTs masked, SVR 0xFF (software disabled), DFR all
-    /// ones, everything else zero.
+    /// config, ID = the initial APIC ID's low 8 bits, all LVTs masked, SVR 0xFF (software
+    /// disabled), DFR all ones, everything else zero.
     pub fn new(cfg: LapicConfig) -> Self {
         let bsp = if cfg.bsp { APIC_BASE_BSP } else { 0 };
         Self {

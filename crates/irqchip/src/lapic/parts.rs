@@ -71,11 +71,13 @@ impl LocalApic {
     }
 
     /// An APIC built from register values, as if a guest (and the host, for the APIC base) had
-    /// written them: bits no write can set are dropped (reserved bits of every register but ICR, LVT
-    /// delivery status and remote IRR; a reserved timer mode 11b is kept and counts one-shot), the
-    /// xAPIC ID keeps 8 bits, in x2APIC mode the ID is the configured one (it is read-only), and
-    /// the timer's mode follows the LVT timer's. Refused, as [`LocalApic::validate`] refuses a
-    /// snapshot: an unreachable IA32_APIC_BASE, x2APIC without support, an invalid timer.
+    /// written them: bits no write can set are dropped (reserved bits of every register but ICR,
+    /// LVT delivery status and remote IRR; a reserved timer mode 11b is kept and counts
+    /// one-shot), the xAPIC ID keeps 8 bits, in x2APIC mode the ID is the configured one (it is
+    /// read-only), and an APIC without CMCI keeps its CMCI LVT masked. Refused: a `timer` whose
+    /// mode is not the LVT timer's, and, as [`LocalApic::validate`] refuses a snapshot, an
+    /// unreachable IA32_APIC_BASE, x2APIC without support, a timer whose clock is not `cfg`'s or
+    /// that is invalid.
     pub fn from_registers(
         cfg: LapicConfig,
         regs: &LapicRegisters,
