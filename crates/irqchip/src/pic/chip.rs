@@ -112,9 +112,10 @@ pub enum InitState {
     Ready,
     /// ICW1 was written: the next data-port write is ICW2 (the vector base).
     AwaitIcw2,
-    /// ICW2 was written in cascade mode: the next data-port write is ICW3.
+    /// ICW2 was written: the next data-port write is ICW3, in single mode too (as in KVM, see
+    /// `write_icw2`).
     AwaitIcw3,
-    /// ICW2 (or ICW3) was written and ICW1 asked for ICW4: the next data-port write is ICW4.
+    /// ICW3 was written and ICW1 asked for ICW4: the next data-port write is ICW4.
     AwaitIcw4,
 }
 
