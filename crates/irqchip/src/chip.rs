@@ -38,8 +38,11 @@
 //!
 //! # Locking
 //!
-//! Three mutexes, always taken in the order routing, PIC, IOAPIC; [`PcIrqChip::pic_intr`] and
-//! [`PcIrqChip::pic_acknowledge`] take the PIC alone. A routed level change is applied to the
+//! Three mutexes, always taken in the order routing, PIC, IOAPIC. A few calls take one alone:
+//! the PIC's INTA ([`PcIrqChip::pic_acknowledge`], [`PcIrqChip::pic_acknowledge_if_pending`])
+//! and [`PcIrqChip::pic_irq_of_vector`] the PIC, [`PcIrqChip::ioapic_mmio_read`] the IOAPIC,
+//! [`PcIrqChip::gsi_level`] the routing table; [`PcIrqChip::pic_intr`] takes none (one atomic
+//! load of the INTR every change of the PIC publishes). A routed level change is applied to the
 //! devices while the routing lock is held, so two threads changing the same line reach the
 //! devices in the order the table saw them. Posting to the bus is lock-free and never blocks.
 //! The `notify` callback (kick a vCPU in guest mode, ring a blocked one's doorbell) is called
