@@ -16,9 +16,9 @@
 //!   with a [`SnapshotError`] (or by the deserializer, for values no type can hold).
 //!
 //! Nothing is lost or doubled: `save` drains the vCPU's posting inbox into the state it saves
-//! (vectors into IRR/TMR, INIT/SIPI into the MP latch, NMI/SMI/ExtINT into `pending`), exactly as
-//! the vCPU's next drain would have, and `restore` discards whatever was posted to the inbox
-//! before it (that belongs to the state being replaced).
+//! (vectors into IRR/TMR, INIT/SIPI into the MP latch, NMI/ExtINT, and SMI with SMM, into
+//! `pending`), exactly as the vCPU's next drain would have, and `restore` discards whatever was
+//! posted to the inbox before it (that belongs to the state being replaced).
 //!
 //! # Time
 //!
@@ -45,7 +45,8 @@
 //!   index: usize                       // the vCPU (0 = BSP)
 //!   lapic: LocalApic {                 // lapic::LocalApic's serde form: every register
 //!     cfg: { index, apic_id, bsp, clock: { apic_bus_hz, tsc_hz, tsc_at_zero }, x2apic_supported,
-//!            directed_eoi_supported, cmci_supported (absent = false), max_phys_addr }
+//!            directed_eoi_supported, cmci_supported (absent = false),
+//!            max_phys_addr (absent = 52) }
 //!                                      // must match the restoring vCPU, except `clock`, which is
 //!                                      // taken from the snapshot (tsc_at_zero = TSC at save)
 //!     apic_base, id, tpr, ldr, dfr, svr, esr_pending, esr_latched, icr_low, icr_high: integers
@@ -58,7 +59,9 @@
 //!   }
 //!   mp: MpStateMachine { bsp, state, init_latched, sipi_latched: null | vector,
 //!                        last_sipi_vector }
-//!   pending: { nmi, nmi_held, smi, extint }  // latched for injection, not yet taken
+//!   pending: { nmi, nmi_held (absent = false), smi, extint }
+//!                                      // latched for injection, not yet taken (`smi` is
+//!                                      // restored only with SMM)
 //! }
 //! DeviceSnapshot {
 //!   pic: DualPic { master, slave }     // each 8259A: role, lines, irr, isr, imr, elcr, init
@@ -77,18 +80,22 @@
 //! # Checks on restore
 //!
 //! Version; vCPU count and indexes; each APIC's configuration against the restoring vCPU's
-//! (index, APIC ID, BSP, x2APIC and directed-EOI support) and its internal consistency
-//! (`LocalApic::validate`: reachable APIC base mode, timer invariants); the MP state's BSP flag;
-//! the IOAPIC's configuration (pin count, ID, version, extended destination ID) against the chip's;
-//! the routing table's pin count against the IOAPIC's; and the wire levels: every PIC line and
-//! IOAPIC wire must be what the routing table's levels drive (PCI pins inverted, see `chip`).
-//! The IOAPIC, PIC and routing deserializers add their own checks (entry and pin counts, bounds).
+//! (index, APIC ID, BSP, x2APIC, directed-EOI and CMCI support, MAXPHYADDR) and its internal
+//! consistency (`LocalApic::validate`: a reachable APIC base without reserved bits, x2APIC mode
+//! only with support, one clock in configuration and timer, timer invariants); the MP state's
+//! BSP flag; the IOAPIC's configuration (pin count, ID, version, extended destination ID)
+//! against the chip's; the routing table's pin count against the IOAPIC's; and the wire levels:
+//! every PIC line and IOAPIC wire must be what the routing table's levels drive (PCI pins
+//! inverted, see `chip`). The IOAPIC, PIC and routing deserializers add their own checks (entry
+//! and pin counts, bounds).
 //!
 //! # Not in the snapshot
 //!
-//! The bus's lowest-priority round-robin position restarts at 0 (it only decides ties between
-//! vCPUs of equal priority). Posting-inbox modes (in guest, blocked) are thread state, not chip
-//! state: a restored vCPU starts outside guest mode.
+//! The bus's lowest-priority round-robin position (it only decides ties between vCPUs of equal
+//! priority): a VMM that wants ties after a restore to go where they would have gone saves
+//! `ApicBus::lowest_priority_turn` with its own state and sets it back (irqvm's `user` mode
+//! does); otherwise it restarts at 0. Posting-inbox modes (in guest, blocked) are thread state,
+//! not chip state: a restored vCPU starts outside guest mode.
 
 use serde::{Deserialize, Serialize};
 
