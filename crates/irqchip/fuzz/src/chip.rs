@@ -23,7 +23,6 @@ use super::prio::{deliverable, Vectors};
 
 /// Steps per input: bounds the time one input takes.
 const MAX_STEPS: usize = 3000;
-/// Beyond this the fake clock stops advancing (no overflow in the model's time arithmetic is
 /// Beyond this the fake clock stops advancing: about 104 days, so that no guest TSC (at up to
 /// 3 GHz, from an origin below 2^60) wraps its 64 bits.
 const MAX_TIME: Nanos = 1 << 53;
