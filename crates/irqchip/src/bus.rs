@@ -137,8 +137,9 @@ impl<S: InterruptSink> ApicBus<S> {
         self.lowest_priority_turn.store(turn, Ordering::Relaxed);
     }
 
-    /// A bus for these vCPUs (index = position). Every vCPU starts with a default, hardware-disabled
-    /// topology entry, so it receives nothing until its local APIC publishes one.
+    /// A bus for these vCPUs (index = position). Every vCPU starts with a default,
+    /// hardware-disabled topology entry, so it receives nothing until its local APIC publishes
+    /// one.
     pub fn new(sinks: Vec<Arc<S>>) -> Self {
         let entries = vec![TopologyEntry::default(); sinks.len()];
         Self::with_topology(sinks, entries)

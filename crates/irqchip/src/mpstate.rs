@@ -516,7 +516,8 @@ impl MpStateMachine {
     }
 
     /// True while an INIT or SIPI is latched. A vCPU with one must not block before running
-    /// [`accept_events`](Self::accept_events), whatever its state (seed 000: no INIT is lost to HLT).
+    /// [`accept_events`](Self::accept_events), whatever its state (seed 000: no INIT is lost to
+    /// HLT).
     pub fn has_pending_init_or_sipi(&self) -> bool {
         self.init_latched || self.sipi_latched.is_some()
     }

@@ -55,7 +55,8 @@ impl IdTable {
         }
     }
 
-    /// The vCPUs with key `key`, ascending. One probe for a dense key, a binary search for a sparse one.
+    /// The vCPUs with key `key`, ascending. One probe for a dense key, a binary search for a
+    /// sparse one.
     pub(super) fn get(&self, key: u32) -> &[VcpuIndex] {
         if key < DENSE_KEY_LIMIT {
             return self.dense(key as usize);

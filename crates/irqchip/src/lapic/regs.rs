@@ -1,6 +1,6 @@
 //! Register map, bit fields and writable masks of the local APIC (SDM vol. 3 §11.4.1 table
-//! "Local APIC Register Address Map", §11.5, §11.6, §11.9, §11.12.1.2 table "Local APIC Register
-//! Address Map Supported by x2APIC").
+//! "Local APIC Register Address Map", §11.5, §11.6, §11.9, §11.12.1.2 table "Local APIC
+//! Register Address Map Supported by x2APIC").
 
 /// Size of the xAPIC register page (SDM §11.4.1: the 4 KiB at IA32_APIC_BASE).
 pub const PAGE_SIZE: u64 = 0x1000;

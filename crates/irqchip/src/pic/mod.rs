@@ -2,9 +2,10 @@
 //! 0x20/0x21, a slave at 0xA0/0xA1 whose INT output drives the master's IR2, and the edge/level
 //! control registers (ELCR) of the PIIX/ICH chipsets at 0x4D0 (master) and 0x4D1 (slave).
 //!
-//! The chip-level rules (command words, priority, EOI, poll) are in the `chip` submodule ([`Pic8259`]); this module wires
-//! the two chips together and gives the VMM its view: ISA lines in ([`DualPic::set_irq`]), the
-//! master's INT pin out ([`DualPic::output`]), and the INTA cycle ([`DualPic::acknowledge`]).
+//! The chip-level rules (command words, priority, EOI, poll) are in the `chip` submodule
+//! ([`Pic8259`]); this module wires the two chips together and gives the VMM its view: ISA lines
+//! in ([`DualPic::set_irq`]), the master's INT pin out ([`DualPic::output`]), and the INTA cycle
+//! ([`DualPic::acknowledge`]).
 //! Datasheet references are to the Intel 8259A data sheet (order no. 231468) by section name.
 //!
 //! # KVM is the reference
@@ -51,12 +52,12 @@
 //! The datasheet leaves the power-on state undefined. [`DualPic::new`] and [`DualPic::reset`]
 //! give initialized chips with vector base 0, IMR 0 as KVM's PIC starts (nothing reaches a CPU
 //! until the guest unmasks LINT0 in ExtINT mode, and a guest that does so before programming
-//! the PIC takes vector 0 + IR, in every mode alike), ELCR 0, IR0 highest priority, ICW3 as a PC wires
-//! it, 8086 mode, normal EOI. A chip whose ICW sequence is incomplete keeps requesting, as KVM's
-//! does; data-port writes feed the sequence as on hardware, and a command-port ICW1 restarts it.
-//! Command-port OCW2/OCW3 writes are decoded even in mid-sequence. Every port byte in any order
-//! is accepted; all arithmetic is on 3-bit level numbers and 8-bit masks, so nothing can panic
-//! or loop.
+//! the PIC takes vector 0 + IR, in every mode alike), ELCR 0, IR0 highest priority, ICW3 as a
+//! PC wires it, 8086 mode, normal EOI. A chip whose ICW sequence is incomplete keeps requesting,
+//! as KVM's does; data-port writes feed the sequence as on hardware, and a command-port ICW1
+//! restarts it. Command-port OCW2/OCW3 writes are decoded even in mid-sequence. Every port byte
+//! in any order is accepted; all arithmetic is on 3-bit level numbers and 8-bit masks, so
+//! nothing can panic or loop.
 //!
 //! # Modes recorded but not modelled
 //!
