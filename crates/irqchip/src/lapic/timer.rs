@@ -335,7 +335,8 @@ impl ApicTimer {
     /// state at `saved_at` becomes the state at `restored_at`, every pending or future expiry
     /// keeping its distance (exactly, to the fraction of a nanosecond). A snapshot thus keeps
     /// the time left, not absolute times. The TSC deadline is in guest-TSC units and is not
-    /// shifted: restore the guest TSC through the clock (`set_clock`) instead.
+    /// shifted: keep the guest TSC continuous through its origin instead
+    /// ([`set_tsc_at_zero`](Self::set_tsc_at_zero), as `LocalApic::rebase_timeline` does).
     pub fn rebase(&mut self, saved_at: Nanos, restored_at: Nanos) {
         self.settle(saved_at);
         if let Some(at) = self.pending {
