@@ -7,10 +7,10 @@
 //! The crate owns no threads, reads no host clock and has no dependency on KVM: a virtual machine
 //! monitor drives it. Register accesses go in, effects come out as values (an ICR write returns the
 //! IPI to route, an EOI returns the EOI message for the IOAPIC), and time is passed in by the
-//! caller. KVM's paravirtual EOI is modelled too: the VMM keeps the guest's flag in guest memory and
-//! asks [`vcpu::VcpuInterrupts::arm_paravirtual_eoi`] before each entry whether it may set it. See
-//! `docs/architecture.md` in the repository for the whole design. Where these docs
-//! cite "seed NNN", they mean one of the five upstream Linux KVM commits whose behaviour the crate
+//! caller. KVM's paravirtual EOI is modelled too: the VMM keeps the guest's flag in guest memory
+//! and asks [`vcpu::VcpuInterrupts::arm_paravirtual_eoi`] before each entry whether it may set it.
+//! See `docs/architecture.md` in the repository for the whole design. Where these docs cite
+//! "seed NNN", they mean one of the five upstream Linux KVM commits whose behaviour the crate
 //! reproduces; `docs/architecture.md` ("Seeds") names each by its title.
 //!
 //! # Embedding it

@@ -1319,7 +1319,7 @@ mod tests {
         assert!(!inbox.has_pending());
     }
 
-    // SDM vol. 3 §11.6.1 / §8.4: INIT, NMI, SMI, ExtINT latch; one start-up vector is held.
+    // SDM vol. 3 §11.6.1 / §9.4: INIT, NMI, SMI, ExtINT latch; one start-up vector is held.
     #[test]
     fn event_word_merges_flags_and_newer_sipi_wins() {
         let inbox = VcpuInbox::new();

@@ -58,7 +58,8 @@ pub type VmBus = ApicBus<VcpuInbox>;
 /// Shape of a VM's APIC system.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ApicSystemConfig {
-    /// Number of vCPUs; vCPU `i` gets APIC ID `i`, vCPU 0 is the BSP.
+    /// Number of vCPUs; vCPU 0 is the BSP, vCPU `i` gets the APIC ID [`Self::apic_ids`] gives
+    /// it (`i` when packed).
     pub vcpus: usize,
     /// The clocks every local APIC timer counts.
     pub clock: ClockConfig,

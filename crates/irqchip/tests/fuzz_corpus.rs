@@ -60,3 +60,15 @@ fn reference_priority_formulas() {
     let set = Vectors::from_registers(regs);
     assert_eq!(set.iter().collect::<Vec<_>>(), vec![0x45, 0xFF]);
 }
+
+/// `snapshot_restore`'s fixed workout decodes as its comment says: on 1 to 4 vCPUs it makes
+/// exactly one snapshot round trip (an encoding change once turned that step into a GSI's
+/// source ID and the round trip silently went away).
+#[test]
+fn workout_makes_its_snapshot_round_trip() {
+    for vcpus in 1..=4 {
+        let mut sim = harness::chip::Sim::new(irqchip::chip::PcIrqChipConfig::new(vcpus));
+        harness::snapshot::work_out(&mut sim);
+        assert_eq!(sim.stats.snapshots, 1, "{vcpus} vCPUs");
+    }
+}

@@ -26,12 +26,17 @@ fn matching_config(snapshot: &ChipSnapshot) -> Option<PcIrqChipConfig> {
     Some(config)
 }
 
-/// Fixed operations of `chip_sequence` (see `Sim::step`): for each vCPU run, EOI, run; time
-/// passes; IOAPIC EOIs via line pulses; a snapshot round trip; everyone runs again.
-const WORKOUT: &[u8] = &[
+/// Fixed operations of `chip_sequence`, in `Sim::step`'s encoding (a CPU byte, an operation
+/// byte, its arguments): for each vCPU run, EOI, run; time passes; everyone runs; a pulse of
+/// GSI 4 from source 1; a snapshot round trip 16 ns long; everyone runs; time passes; runs.
+/// `workout_makes_its_snapshot_round_trip` (tests/fuzz_corpus.rs) checks that it decodes so.
+pub const WORKOUT: &[u8] = &[
     0, 7, 7, 1, 6, 0, 7, 7, 1, 7, 7, 2, 7, 7, 3, 7, 7, 1, 6, 2, 6, 3, 6, 0, 8, 0xFF, 0xFF, 20, 0,
-    7, 7, 1, 7, 7, 2, 7, 7, 3, 7, 7, 0, 9, 0, 4, 4, 1, 0, 19, 0x10, 0, 0, 0, 7, 7, 1, 7, 7, 2, 7,
-    7, 3, 7, 7, 0, 8, 0xFF, 0xFF, 39, 0, 7, 7, 1, 7, 7,
+    7, 7, 1, 7, 7, 2, 7, 7, 3, 7, 7, // runs
+    0, 9, 0, 4, 1, 0, 0, 0, 0,
+    0, // pulse: GSI 4 (selector 0, then 4), source 1, level 0, pulse
+    0, 19, 0x10, 0, 0, // snapshot round trip: 0x0010 << 0 ns
+    0, 7, 7, 1, 7, 7, 2, 7, 7, 3, 7, 7, 0, 8, 0xFF, 0xFF, 39, 0, 7, 7, 1, 7, 7,
 ];
 
 /// The `snapshot_restore` target.
@@ -52,6 +57,11 @@ pub fn run(data: &[u8]) {
         "restore -> save changed an accepted snapshot {}",
         first_difference(&snapshot, &saved)
     );
+    work_out(&mut sim);
+}
+
+/// Runs [`WORKOUT`] on `sim`.
+pub fn work_out(sim: &mut Sim) {
     let mut workout = Input::new(WORKOUT);
     while !workout.is_empty() {
         sim.step(&mut workout);
