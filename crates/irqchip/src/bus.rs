@@ -70,7 +70,7 @@
 //! own arbitration counter or vector hashing; we do real PPR arbitration. The SDM's "focus
 //! processor" rule (a target already servicing the vector wins) is not modelled.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -123,6 +123,10 @@ pub struct ApicBus<S: InterruptSink> {
     lowest_priority_turn: AtomicU32,
     /// Set at most once, by the VMM, before the vCPUs run ([`ApicBus::set_observer`]).
     observer: std::sync::OnceLock<std::sync::Arc<dyn PostObserver>>,
+    /// The vCPUs can enter SMM, so an SMI is accepted ([`ApicBus::with_smm`]).
+    smm: bool,
+    /// SMI messages refused for want of SMM.
+    dropped_smis: AtomicU64,
 }
 
 impl<S: InterruptSink> ApicBus<S> {
@@ -154,7 +158,29 @@ impl<S: InterruptSink> ApicBus<S> {
             sinks,
             lowest_priority_turn: AtomicU32::new(0),
             observer: std::sync::OnceLock::new(),
+            smm: true,
+            dropped_smis: AtomicU64::new(0),
         }
+    }
+
+    /// Whether the vCPUs can enter system-management mode (a bus starts with it). Without SMM
+    /// no local APIC accepts an SMI: [`Self::deliver`] posts it nowhere, wakes nothing and
+    /// reports 0 targets (so a level-triggered IOAPIC entry sets no remote IRR), and
+    /// [`Self::resolve`] finds no target, as KVM's `__apic_accept_irq` refuses an SMI where
+    /// `kvm_inject_smi` fails. The refusals are counted ([`Self::dropped_smis`]).
+    pub fn with_smm(mut self, smm: bool) -> Self {
+        self.smm = smm;
+        self
+    }
+
+    /// SMI messages refused for want of SMM ([`Self::with_smm`]).
+    pub fn dropped_smis(&self) -> u64 {
+        self.dropped_smis.load(Ordering::Relaxed)
+    }
+
+    /// An SMI on a bus without SMM: nobody accepts it.
+    fn refuses(&self, msg: &InterruptMessage) -> bool {
+        !self.smm && msg.delivery_mode == DeliveryMode::Smi
     }
 
     /// Installs the observer of every later post; false (and nothing changes) if one is
@@ -204,7 +230,9 @@ impl<S: InterruptSink> ApicBus<S> {
     /// single winner the next delivery would pick. Sorted by index, no duplicates.
     pub fn resolve(&self, msg: &InterruptMessage) -> Vec<VcpuIndex> {
         let mut targets = Vec::new();
-        self.targets(msg, TieBreak::Peek, &mut targets);
+        if !self.refuses(msg) {
+            self.targets(msg, TieBreak::Peek, &mut targets);
+        }
         targets
     }
 
@@ -212,7 +240,9 @@ impl<S: InterruptSink> ApicBus<S> {
     pub fn resolve_with_cost(&self, msg: &InterruptMessage) -> (Vec<VcpuIndex>, ResolveCost) {
         let mut targets = Vec::new();
         let mut cost = ResolveCost::default();
-        self.targets_counted(msg, TieBreak::Peek, &mut targets, &mut cost);
+        if !self.refuses(msg) {
+            self.targets_counted(msg, TieBreak::Peek, &mut targets, &mut cost);
+        }
         (targets, cost)
     }
 
@@ -232,6 +262,10 @@ impl<S: InterruptSink> ApicBus<S> {
         let Some(post) = Post::for_message(msg) else {
             return 0;
         };
+        if self.refuses(msg) {
+            self.dropped_smis.fetch_add(1, Ordering::Relaxed);
+            return 0;
+        }
         // The delivery path allocates nothing (an interrupt's post-to-injection path takes no
         // lock, and an allocator may): the target list is a per-thread scratch buffer, taken
         // out for the call (a re-entrant delivery from `notify` would just get a fresh one).
@@ -1146,6 +1180,25 @@ mod tests {
             let reached = b.resolve(&with_mode(phys(0), mode));
             assert_eq!(reached == vec![0], expected, "{mode:?}");
         }
+    }
+
+    /// Without SMM an SMI reaches nobody (KVM's LAPIC refuses it where `kvm_inject_smi` fails):
+    /// no target, no post, 0 delivered (so no remote IRR for a level IOAPIC entry), counted
+    /// once per message. Every other mode is unaffected.
+    #[test]
+    fn without_smm_an_smi_is_accepted_by_nobody() {
+        let b = bus(&[flat(0, 1), flat(1, 2)]).with_smm(false);
+        let smi = with_mode(phys(0xFF), DeliveryMode::Smi);
+        assert!(b.resolve(&smi).is_empty());
+        assert!(b.resolve_with_cost(&smi).0.is_empty());
+        assert_eq!(deliver_collect(&b, &smi).0, 0);
+        assert_eq!(b.dropped_smis(), 1);
+        assert!(b.sink(0).unwrap().posts().is_empty() && b.sink(1).unwrap().posts().is_empty());
+        let nmi = with_mode(phys(0xFF), DeliveryMode::Nmi);
+        assert_eq!(deliver_collect(&b, &nmi).0, 2);
+        let with = bus(&[flat(0, 1), flat(1, 2)]);
+        assert_eq!(deliver_collect(&with, &smi).0, 2);
+        assert_eq!(with.dropped_smis(), 0);
     }
 
     // ---- delivery modes, SDM vol. 3 §11.6.1 ----

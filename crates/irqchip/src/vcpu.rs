@@ -77,11 +77,14 @@ pub struct ApicSystemConfig {
     pub apic_ids: ApicIdLayout,
     /// The VMM can put a vCPU in system-management mode. Then an SMI a local APIC accepts
     /// waits in [`VcpuInterrupts::smi_pending`] (and wakes a halted vCPU) until the VMM
-    /// delivers it ([`VcpuInterrupts::take_smi`]). Without SMM an accepted SMI is dropped at
-    /// the vCPU ([`VcpuInterrupts::dropped_smis`]): it wakes nothing and changes nothing, as
-    /// KVM's local APIC drops an SMI where KVM cannot enter SMM (`kvm_inject_smi` failing in
-    /// `__apic_accept_irq`). An SMI that stayed pending for a VMM that never delivers it
-    /// would end every later HLT of that vCPU at once.
+    /// delivers it ([`VcpuInterrupts::take_smi`]). Without SMM no local APIC accepts an SMI,
+    /// as KVM's refuses one where KVM cannot enter SMM (`kvm_inject_smi` failing in
+    /// `__apic_accept_irq`): the bus posts an SMI message nowhere and counts no target
+    /// ([`ApicBus::with_smm`], [`ApicBus::dropped_smis`]), and an SMI from the vCPU's own LVT
+    /// (LINT0/LINT1 in delivery mode SMI) is dropped where the vCPU takes it
+    /// ([`VcpuInterrupts::dropped_smis`]). Either way it wakes nothing and changes nothing. An
+    /// SMI that stayed pending for a VMM that never delivers it would end every later HLT of
+    /// that vCPU at once.
     pub smm: bool,
 }
 
@@ -162,7 +165,7 @@ impl ApicSystem {
             .map(|index| LocalApic::new(lapic_config(&config, index)))
             .collect();
         let topology = lapics.iter().map(LocalApic::topology).collect();
-        let bus = Arc::new(ApicBus::with_topology(inboxes.clone(), topology));
+        let bus = Arc::new(ApicBus::with_topology(inboxes.clone(), topology).with_smm(config.smm));
         let pic_acceptors: PicAcceptors = lapics
             .iter()
             .map(|lapic| AtomicBool::new(lapic.accepts_pic_interrupts()))
@@ -474,7 +477,8 @@ impl VcpuInterrupts {
         std::mem::take(&mut self.smi_pending)
     }
 
-    /// How many SMIs this vCPU dropped for want of SMM ([`ApicSystemConfig::smm`]).
+    /// How many SMIs from this vCPU's own LVT it dropped for want of SMM
+    /// ([`ApicSystemConfig::smm`]; the bus refuses the others, [`ApicBus::dropped_smis`]).
     pub fn dropped_smis(&self) -> u64 {
         self.dropped_smis
     }

@@ -11,6 +11,9 @@
  *  3. The same through the IOAPIC: a redirection entry with delivery mode SMI (pc-testdev line pulsed).
  *  4. CPU 0 sends an SMI to itself, then halts with IF=0 until CPU 1 sends it an NMI: the halt ends no earlier
  *     than that NMI was sent (an SMI dropped earlier must not linger and end a later halt).
+ *  5. (any CPU count) A level-triggered IOAPIC entry in delivery mode SMI, its line raised: remote IRR is set
+ *     only if a local APIC accepted the message (82093AA §3.2.4; KVM's `ioapic_service` sets it when the
+ *     delivery reports a target), so only if the SMI entered SMM.
  * Before the fix these checks found, irqvm's `user` mode kept an SMI it could not deliver pending for ever,
  * and every HLT of that CPU returned at once: a halted CPU spun its host thread. */
 #include "guest.h"
@@ -86,6 +89,21 @@ static void smi_by_ioapic(void)
 	ioapic_set_entry(SMI_PIN, APIC_LVT_MASKED);
 }
 
+static void level_smi_entry(void)
+{
+	u32 s0 = *smi_count;
+	u64 entry = ((u64)cpu_to_apic_id(0) << 56) | APIC_TRIGGER_LEVEL | APIC_DM_SMI;
+	ioapic_set_entry(SMI_PIN, entry);
+	testdev_set_irq(SMI_PIN, true);
+	delay_ms(QUIET_MS);
+	bool remote_irr = (ioapic_get_entry(SMI_PIN) >> 14) & 1;
+	u32 entered = *smi_count - s0;
+	testdev_set_irq(SMI_PIN, false);
+	ioapic_set_entry(SMI_PIN, APIC_LVT_MASKED);
+	check(remote_irr == (entered > 0), "a level ioapic smi entry sets remote irr only if the smi entered smm",
+	      "remote IRR %d, %u SMIs entered SMM", remote_irr, entered);
+}
+
 /* CPU 1's part of 4: once CPU 0 is halted (its flag), send it an NMI. */
 static volatile u32 cpu0_halting;
 static void nmi_to_cpu0_later(void *unused)
@@ -121,6 +139,7 @@ void guest_main(void)
 	irq_set_handler(2, nmi_handler);
 	u32 online = smp_start_all();
 	check(online == ncpus, "all cpus online", "%u of %u", online, ncpus);
+	level_smi_entry();
 	if (ncpus < 2) {
 		skip("an smi ends a halt with interrupts off at most once per smi entering smm", "one CPU");
 		skip("an nmi after the smi ends the halt once", "one CPU");

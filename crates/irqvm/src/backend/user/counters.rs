@@ -19,8 +19,9 @@ pub struct VcpuCounters {
     pub synced_apic_bases: AtomicU64,
     /// KVM_NMI injections.
     pub nmis_injected: AtomicU64,
-    /// SMIs this vCPU's local APIC accepted and dropped: `user` mode offers no SMM (the
-    /// model's `ApicSystemConfig::smm`), as KVM's local APIC drops SMIs without SMM.
+    /// SMIs from this vCPU's own LVT (LINT0/LINT1 in delivery mode SMI) dropped: `user` mode
+    /// offers no SMM (the model's `ApicSystemConfig::smm`). SMI messages (ICR, IOAPIC, MSI)
+    /// are refused by the bus instead (`irqchip.smis_refused`).
     pub smis_dropped: AtomicU64,
     /// Halts that ended while polling, with no sleep.
     pub halt_polls_ok: AtomicU64,

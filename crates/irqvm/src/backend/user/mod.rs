@@ -274,8 +274,8 @@ impl UserIrqchip {
         config.apic.directed_eoi = ctx.cpu.x2apic;
         config.apic.apic_ids = ctx.cpu.layout;
         config.extended_destination_id = ctx.cpu.ext_dest_id;
-        // No vCPU enters SMM here (that would take KVM_SMI and INIT held while in SMM): an SMI
-        // is dropped, as KVM's local APIC drops it where KVM has no SMM (kvm_pvm: none).
+        // No vCPU enters SMM here (that would take KVM_SMI and INIT held while in SMM): no local
+        // APIC accepts an SMI, as KVM's refuses one where KVM has no SMM (kvm_pvm: none).
         config.apic.smm = false;
         // The guest's CPUID is derived from this table with leaf 80000008H unchanged.
         config.apic.max_phys_addr =
@@ -617,6 +617,8 @@ impl Irqchip for UserIrqchip {
             .tracer
             .latency()
             .visit(&mut |name, value| out(None, name, value));
+        let refused = self.shared.platform.chip().bus().dropped_smis();
+        out(None, "smis_refused", refused);
     }
 
     /// The model's PICs, IOAPIC and routing, and the bus's round-robin position.
