@@ -799,6 +799,15 @@ mod tests {
         });
     }
 
+    /// One vCPU, halted, that then took an SMI from its inbox.
+    fn halted_with_an_smi(smm: bool) -> (ApicSystem, Vec<VcpuInterrupts>) {
+        let (system, mut cpus) = system_with_smm(1, smm);
+        cpus[0].halt();
+        post_smi(&mut cpus[0]);
+        cpus[0].drain();
+        (system, cpus)
+    }
+
     fn write(cpu: &mut VcpuInterrupts, offset: u64, value: u32) {
         cpu.mmio_write(offset, &value.to_le_bytes(), NOW, &mut |_, _| {});
     }
@@ -947,11 +956,8 @@ mod tests {
     /// as before.
     #[test]
     fn without_smm_an_smi_is_dropped_and_wakes_nothing() {
-        let (_system, mut cpus) = system_with_smm(1, false);
+        let (_system, mut cpus) = halted_with_an_smi(false);
         let cpu = &mut cpus[0];
-        cpu.halt();
-        post_smi(cpu);
-        cpu.drain();
         assert!(!cpu.smi_pending());
         assert_eq!(cpu.dropped_smis(), 1);
         assert!(cpu.should_block(InitBlocking::NONE, false));
@@ -964,11 +970,8 @@ mod tests {
     /// With SMM the SMI waits for the VMM, wakes a halted vCPU, and is taken once.
     #[test]
     fn with_smm_an_smi_wakes_a_halted_vcpu_and_is_taken_once() {
-        let (_system, mut cpus) = system_with_smm(1, true);
+        let (_system, mut cpus) = halted_with_an_smi(true);
         let cpu = &mut cpus[0];
-        cpu.halt();
-        post_smi(cpu);
-        cpu.drain();
         assert!(cpu.smi_pending());
         assert!(!cpu.should_block(InitBlocking::NONE, false));
         assert!(cpu.take_smi());
