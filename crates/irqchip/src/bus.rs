@@ -230,9 +230,7 @@ impl<S: InterruptSink> ApicBus<S> {
     /// single winner the next delivery would pick. Sorted by index, no duplicates.
     pub fn resolve(&self, msg: &InterruptMessage) -> Vec<VcpuIndex> {
         let mut targets = Vec::new();
-        if !self.refuses(msg) {
-            self.targets(msg, TieBreak::Peek, &mut targets);
-        }
+        self.targets(msg, TieBreak::Peek, &mut targets);
         targets
     }
 
@@ -240,9 +238,7 @@ impl<S: InterruptSink> ApicBus<S> {
     pub fn resolve_with_cost(&self, msg: &InterruptMessage) -> (Vec<VcpuIndex>, ResolveCost) {
         let mut targets = Vec::new();
         let mut cost = ResolveCost::default();
-        if !self.refuses(msg) {
-            self.targets_counted(msg, TieBreak::Peek, &mut targets, &mut cost);
-        }
+        self.targets_counted(msg, TieBreak::Peek, &mut targets, &mut cost);
         (targets, cost)
     }
 
@@ -303,6 +299,9 @@ impl<S: InterruptSink> ApicBus<S> {
         if msg.is_init_deassert() {
             // SDM vol. 3 §11.6.1: the INIT level de-assert message is not supported by Pentium 4
             // and Xeon processors and is ignored; it reaches nobody.
+            return;
+        }
+        if self.refuses(msg) {
             return;
         }
         let snapshot = self.snapshot.load();

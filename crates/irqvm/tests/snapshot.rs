@@ -734,16 +734,17 @@ const XSTATE_ATTEMPTS: u32 = 3;
 /// the output up to the snapshot, which must not have reached the end of the spin.
 fn snapshot_xstate(mode: IrqchipMode, dir: &Path, extra: &[&str]) -> String {
     let mut spin = XSTATE_SPIN;
-    for _ in 1..XSTATE_ATTEMPTS {
+    let mut attempt = 1;
+    loop {
         match try_snapshot_xstate(mode, dir, extra, spin) {
             SnapshotTry::Taken(text) => return text,
-            SnapshotTry::SpinEndedFirst(_) => spin *= 4,
-        }
-    }
-    match try_snapshot_xstate(mode, dir, extra, spin) {
-        SnapshotTry::Taken(text) => text,
-        SnapshotTry::SpinEndedFirst(text) => {
-            panic!("{mode:?}: the spin (spin={spin}) ended before the snapshot\n{text}")
+            SnapshotTry::SpinEndedFirst(text) if attempt == XSTATE_ATTEMPTS => {
+                panic!("{mode:?}: the spin (spin={spin}) ended before the snapshot\n{text}")
+            }
+            SnapshotTry::SpinEndedFirst(_) => {
+                spin *= 4;
+                attempt += 1;
+            }
         }
     }
 }
