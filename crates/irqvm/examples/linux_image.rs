@@ -36,7 +36,7 @@ impl Checks {
     }
 }
 
-fn read_bytes(mem: &vm_memory::GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
+fn read_bytes(mem: &irqvm::memory::GuestRam, addr: u64, len: usize) -> Vec<u8> {
     let mut b = vec![0u8; len];
     mem.read_slice(&mut b, GuestAddress(addr))
         .unwrap_or_default();
@@ -58,7 +58,7 @@ fn request<'a>(kernel: &'a [u8], initrd: Option<&'a [u8]>) -> LoadRequest<'a> {
     }
 }
 
-fn platform(mem: &vm_memory::GuestMemoryMmap) -> BootPlatform {
+fn platform(mem: &irqvm::memory::GuestRam) -> BootPlatform {
     let config = AcpiConfig {
         apic_ids: vec![0, 1],
         ioapic_id: 0,

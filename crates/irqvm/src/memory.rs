@@ -6,6 +6,8 @@
 //! from 4 GiB up.
 
 use kvm_ioctls::VmFd;
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::mmap::GuestRegionMmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 /// End of the RAM below the 32-bit device hole.
@@ -19,8 +21,11 @@ pub const MAX_MEMORY: u64 = 1 << 40;
 /// Guest page size; memory sizes are rounded to it.
 pub const PAGE_SIZE: u64 = 4096;
 
-/// The guest's RAM as vm-memory sees it.
-pub type GuestRam = GuestMemoryMmap;
+/// The guest's RAM as vm-memory sees it. Each region carries a bitmap of the pages irqvm itself
+/// wrote through vm-memory (`Bytes` writes mark it): KVM's dirty log records only what the
+/// guest and KVM write, and a live migration must also send what userspace wrote
+/// ([`take_dirty_pages`] reads both).
+pub type GuestRam = GuestMemoryMmap<AtomicBitmap>;
 
 /// Errors creating or registering guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -72,7 +77,7 @@ pub fn create_guest_memory(size: u64) -> Result<GuestRam, MemoryError> {
         .into_iter()
         .map(|(start, len)| (GuestAddress(start), len as usize))
         .collect();
-    Ok(GuestMemoryMmap::from_ranges(&ranges)?)
+    Ok(GuestRam::from_ranges(&ranges)?)
 }
 
 /// Registers every region of `mem` with the VM as one memory slot each.
@@ -83,9 +88,14 @@ pub fn register_guest_memory(vm: &VmFd, mem: &GuestRam) -> Result<(), MemoryErro
 /// Turns KVM's dirty page log of every slot of `mem` on or off (KVM_MEM_LOG_DIRTY_PAGES on the
 /// slots `register_guest_memory` made, changing only their flags, which KVM allows on a live
 /// slot). From the moment it is on, KVM records every page the guest (or KVM itself: kvmclock)
-/// writes; irqvm writes no guest RAM after boot. Measured here: docs/kvm-facts.md.
+/// writes. Measured here: docs/kvm-facts.md. Turning it on also clears the record of irqvm's
+/// own writes (each region's bitmap), so that [`take_dirty_pages`] starts from the same moment
+/// for both.
 pub fn set_dirty_logging(vm: &VmFd, mem: &GuestRam, on: bool) -> Result<(), MemoryError> {
     let flags = if on {
+        for region in mem.iter() {
+            own_writes(region).reset();
+        }
         kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
     } else {
         0
@@ -94,32 +104,56 @@ pub fn set_dirty_logging(vm: &VmFd, mem: &GuestRam, on: bool) -> Result<(), Memo
 }
 
 /// The pages of `mem` written since the last call (or since the log was turned on), as runs
-/// (guest-physical address, page count) in address order; KVM_GET_DIRTY_LOG clears the log.
+/// (guest-physical address, page count) in address order: those KVM's log names (the guest's
+/// and KVM's writes; KVM_GET_DIRTY_LOG clears it) and those irqvm wrote itself through
+/// vm-memory (the paravirtual EOI flag `user` mode sets and clears, the stepper's repair of a
+/// stacked RFLAGS), read and cleared from each region's bitmap.
 pub fn take_dirty_pages(vm: &VmFd, mem: &GuestRam) -> Result<Vec<(u64, u64)>, MemoryError> {
     let mut runs: Vec<(u64, u64)> = Vec::new();
     for (slot, region) in mem.iter().enumerate() {
         let slot = slot as u32;
-        let bitmap = vm
+        let mut words = vm
             .get_dirty_log(slot, region.len() as usize)
             .map_err(|source| MemoryError::DirtyLog { slot, source })?;
-        let pages = region.len() / PAGE_SIZE;
-        for (word_index, &word) in bitmap.iter().enumerate() {
-            let mut bits = word;
-            while bits != 0 {
-                let page = word_index as u64 * 64 + u64::from(bits.trailing_zeros());
-                bits &= bits - 1;
-                if page >= pages {
-                    break;
-                }
-                let gpa = region.start_addr().0 + page * PAGE_SIZE;
-                match runs.last_mut() {
-                    Some((start, count)) if *start + *count * PAGE_SIZE == gpa => *count += 1,
-                    _ => runs.push((gpa, 1)),
-                }
+        let ours = own_writes(region).get_and_reset();
+        for (word, mine) in words.iter_mut().zip(ours) {
+            *word |= mine;
+        }
+        append_runs(
+            &mut runs,
+            &words,
+            region.start_addr().0,
+            region.len() / PAGE_SIZE,
+        );
+    }
+    Ok(runs)
+}
+
+/// The bitmap of the pages irqvm wrote in `region` through vm-memory (the mapping's own, not
+/// the trait's bitmap slice).
+fn own_writes(region: &GuestRegionMmap<AtomicBitmap>) -> &AtomicBitmap {
+    let mapping: &vm_memory::mmap::MmapRegion<AtomicBitmap> = region;
+    mapping.bitmap()
+}
+
+/// Appends the pages set in `words` (bit `i` of word `w`: page `64 w + i` of a region of
+/// `pages` pages at `base`) to `runs`, extending the last run where a page follows it.
+fn append_runs(runs: &mut Vec<(u64, u64)>, words: &[u64], base: u64, pages: u64) {
+    for (word_index, &word) in words.iter().enumerate() {
+        let mut bits = word;
+        while bits != 0 {
+            let page = word_index as u64 * 64 + u64::from(bits.trailing_zeros());
+            bits &= bits - 1;
+            if page >= pages {
+                return;
+            }
+            let gpa = base + page * PAGE_SIZE;
+            match runs.last_mut() {
+                Some((start, count)) if *start + *count * PAGE_SIZE == gpa => *count += 1,
+                _ => runs.push((gpa, 1)),
             }
         }
     }
-    Ok(runs)
 }
 
 fn register_slots(vm: &VmFd, mem: &GuestRam, flags: u32) -> Result<(), MemoryError> {
@@ -285,12 +319,59 @@ pub fn read_linear_paged(
 mod tests {
     use super::*;
 
+    /// A page irqvm writes itself (through vm-memory, as the PV EOI flag and the stepper's
+    /// RFLAGS repair are written) is in the dirty pages of a live migration, as KVM's log would
+    /// not have it; once taken it is not reported again, and a write from before the log was
+    /// turned on is not reported at all. Guest RAM with a low and a high region, so that the
+    /// run's address is the region's.
+    #[test]
+    fn the_dirty_pages_include_irqvm_s_own_writes() {
+        use vm_memory::Bytes;
+        let kvm = kvm_ioctls::Kvm::new().unwrap();
+        let vm = kvm.create_vm().unwrap();
+        let ram = create_guest_memory(LOW_RAM_END + (4 << 20)).unwrap();
+        register_guest_memory(&vm, &ram).unwrap();
+        ram.write_obj(1u8, GuestAddress(0x7000)).unwrap();
+        set_dirty_logging(&vm, &ram, true).unwrap();
+        ram.write_obj(0u8, GuestAddress(0x1_2345)).unwrap();
+        ram.write_obj(7u64, GuestAddress(HIGH_RAM_START + 0x2FFC))
+            .unwrap();
+        assert_eq!(
+            take_dirty_pages(&vm, &ram).unwrap(),
+            vec![
+                (0x1_2000, 1),
+                (HIGH_RAM_START + 0x2000, 2), // the qword crosses into the next page
+            ]
+        );
+        assert!(take_dirty_pages(&vm, &ram).unwrap().is_empty());
+    }
+
+    /// Bits become page runs at the region's base; a run continues across words, and bits past
+    /// the region's last page are not pages.
+    #[test]
+    fn dirty_bits_become_runs() {
+        let mut runs = vec![(0x1000, 1)];
+        let words = [1u64 << 63 | 1 << 1 | 1, 1 | 1 << 5, u64::MAX];
+        append_runs(&mut runs, &words, 0x10_0000, 64 + 6 + 64 + 2);
+        let page = |i: u64| 0x10_0000 + i * PAGE_SIZE;
+        assert_eq!(
+            runs,
+            vec![
+                (0x1000, 1),
+                (page(0), 2),
+                (page(63), 2),
+                (page(69), 1),
+                (page(128), 8)
+            ]
+        );
+    }
+
     /// Page tables in guest RAM map a 4-KiB, a 2-MiB and a 1-GiB page; the walk finds each
     /// one's frame plus the offset, and has no answer for a hole or PS in a PML4E.
     #[test]
     fn four_level_walk_finds_each_page_size() {
         use vm_memory::Bytes;
-        let ram = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let ram = GuestRam::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
         let put = |at: u64, entry: u64| ram.write_obj(entry, GuestAddress(at)).unwrap();
         let (pml4, pdpt, pd, pt) = (0x1000u64, 0x2000u64, 0x3000u64, 0x4000u64);
         // Linear 0x7F80_0000_0000 (PML4 index 255): PDPT 0 -> PD, PDPT 1 -> 1 GiB page.

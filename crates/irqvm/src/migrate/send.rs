@@ -152,8 +152,7 @@ fn copy_all(
     let pause_ms = ms(paused_at.elapsed());
     let last = memory::take_dirty_pages(vm, mem)?;
     let mut final_pages = 0;
-    let ours = vmm_written_pages(&state, mem.last_addr().0);
-    for run in merge(&merge(&pending, &last), &ours) {
+    for run in merge(&pending, &last) {
         final_pages += wire::send_run(w, mem, run, &mut buf)?;
     }
     let text = serde_json::to_vec(&state)
@@ -234,24 +233,6 @@ fn is_zero(page: &[u8]) -> bool {
 }
 
 /// The union of two sorted lists of runs, as sorted runs without overlap.
-/// Pages irqvm writes from userspace, which KVM's dirty log does not record: each vCPU's
-/// paravirtual EOI word, whose flag `user` mode sets before KVM_RUN and clears after it
-/// (`backend::user::pv_eoi`). A round may have copied the page with the flag set; sent again
-/// with the VM paused, the target gets the last contents (a stale set flag would make the
-/// guest skip an EOI). One page run each, within RAM (`last` = its last byte's address).
-fn vmm_written_pages(state: &crate::snapshot::format::SnapshotState, last: u64) -> Vec<(u64, u64)> {
-    use crate::backend::user::MSR_KVM_PV_EOI_EN;
-    state
-        .vcpus
-        .iter()
-        .flat_map(|cpu| &cpu.msrs)
-        .filter(|m| m.index == MSR_KVM_PV_EOI_EN && m.data & 1 != 0)
-        .map(|m| (m.data & !1) / PAGE_SIZE * PAGE_SIZE)
-        .filter(|&page| page <= last)
-        .map(|page| (page, 1))
-        .collect()
-}
-
 fn merge(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
     let mut all: Vec<(u64, u64)> = a.iter().chain(b).copied().collect();
     all.sort_unstable();
@@ -272,22 +253,6 @@ fn merge(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Each enabled PV EOI word's page is sent again with the VM paused, if it is in RAM.
-    #[test]
-    fn the_pages_of_enabled_pv_eoi_words_are_sent_again() {
-        use crate::backend::user::MSR_KVM_PV_EOI_EN;
-        use crate::snapshot::format::MsrValue;
-        let mut state = crate::snapshot::format::tests::state(2);
-        let word = |data| MsrValue {
-            index: MSR_KVM_PV_EOI_EN,
-            data,
-        };
-        state.vcpus[0].msrs.push(word(0x1_2344 | 1));
-        state.vcpus[1].msrs.push(word(0x5000));
-        assert_eq!(vmm_written_pages(&state, 0xF_FFFF), vec![(0x1_2000, 1)]);
-        assert!(vmm_written_pages(&state, 0xFFFF).is_empty());
-    }
 
     #[test]
     fn runs_merge_without_overlap() {
