@@ -17,6 +17,7 @@
  *  - an 8259 interrupt (LINT0 in ExtINT mode) waiting for IF: right after `sti; nop`;
  *  - a self-IPI and an 8259 interrupt waiting through a long IF-clear stretch (a called function's loop, far
  *    more instructions than the VMM single-steps before it gives up) that ends in POPF: right after the POPF;
+ *  - a self-IPI held by CR8 through such a stretch with IF set, then MOV CR8 lowering it: right after that;
  * and whatever the VMM does to be exact must not show: the guest's own TF still traps, PUSHF sees no TF
  * of the VMM's, DR6 is unchanged, and an instruction that faults right where the VMM starts stepping (the
  * one after the ICR write that made an interrupt wait for IF) pushes no TF of the VMM's in its frame.
@@ -434,6 +435,32 @@ static void extint_after_stretch(void)
 			      "pic interrupt taken right after the popf ending a long IF-clear stretch [kvm-late-window]");
 }
 
+/* ---- a long stretch with IF set and the vector held by CR8, ending in MOV CR8: taken right after it ---- */
+static void cr8_after_stretch(void)
+{
+	irq_set_handler(V_CR8, record_eoi);
+	reset();
+	sti();
+	__asm__ volatile("mov %0, %%cr8" : : "r"(15ul) : "memory");
+	self_ipi(V_CR8);
+	stretch_sink = stretch_mix(stretch_rounds);
+	bool held = norder == 0;
+	u64 after;
+	__asm__ volatile("mov %1, %%cr8\n\t"
+			 "1: lea 1b(%%rip), %0"
+			 : "=r"(after)
+			 : "r"(0ul)
+			 : "memory");
+	cli();
+	u32 taken = norder;
+	drain();
+	check(held, "vector held by cr8 15 through a long stretch with IF set", "taken %u", taken);
+	check(taken == 1 && rip_of[V_CR8] == after,
+	      "taken right after the mov cr8 ending a long stretch the tpr held [kvm-late-window]",
+	      "%u taken, saved rip %lx, expected %lx", taken, rip_of[V_CR8], after);
+	irq_set_handler(V_CR8, NULL);
+}
+
 /* ---- nothing of the VMM's shows: the guest's own TF, PUSHF, DR6 ---- */
 static volatile u32 db_count;
 static volatile u64 db_rip[8];
@@ -531,6 +558,7 @@ void guest_main(void)
 	extint_sti();
 	popf_after_stretch();
 	extint_after_stretch();
+	cr8_after_stretch();
 	no_leaks();
 	fault_at_first_step();
 	sti();

@@ -413,6 +413,9 @@ pub struct Stepper {
     /// KVM's events as of the last KVM_RUN return, if the backend offered them
     /// ([`Self::offer_events`]): they stand for a KVM_GET_VCPU_EVENTS.
     events: Option<kvm_vcpu_events>,
+    /// The interrupt waits for the TPR to fall, not for IF ([`Self::step_past_tpr`]), for the
+    /// call under way.
+    tpr_wait: bool,
     /// Steps taken, for the counters.
     pub steps: u64,
     /// Handlers run to their return with a breakpoint ([`Self::run_to_return`]), for the
@@ -442,6 +445,7 @@ impl Stepper {
             returning: None,
             synced: None,
             events: None,
+            tpr_wait: false,
             steps: 0,
             return_runs: 0,
             stretch_runs: 0,
@@ -658,6 +662,20 @@ impl Stepper {
         Ok(frame_return_rip(&slots, rsp, sregs.cs.selector))
     }
 
+    /// [`Self::step`] for an interrupt that only the TPR holds (SDM vol. 3 §11.8.3.1): in CPL-0
+    /// 64-bit code the stretch from RIP runs to where it can end ([`Self::stretch_plan`]) with IF
+    /// set too. Only a TPR write can release the vector there. An xAPIC MMIO or x2APIC MSR write
+    /// exits by itself, and a MOV to CR8, which does not exit on this host (docs/kvm-facts.md),
+    /// is a control-register write, where every scan stops. So a Windows-style guest that keeps
+    /// an interrupt pending at a raised IRQL does not pay one exit per instruction until it
+    /// lowers CR8, nor lose the boundary once the budget is spent.
+    pub fn step_past_tpr(&mut self, vcpu: &VcpuFd) -> Result<StepOutcome, IrqchipError> {
+        self.tpr_wait = true;
+        let outcome = self.step(vcpu);
+        self.tpr_wait = false;
+        outcome
+    }
+
     /// [`Self::step`] for an NMI that waits for the IRET of the NMI handler in service: an
     /// episode that begins here gets [`NMI_STEP_BUDGET`] steps instead of [`STEP_BUDGET`].
     pub fn step_nmi(&mut self, vcpu: &VcpuFd) -> Result<StepOutcome, IrqchipError> {
@@ -783,18 +801,26 @@ impl Stepper {
     /// An instruction to step at RIP in CPL-0 64-bit code with IF clear: the interrupt cannot be
     /// taken before an instruction that sets IF, so instead of stepping each instruction the
     /// guest runs to the first place on its way that may end the stretch, with a breakpoint on
-    /// each ([`stretch::scan`]), or unstepped if every way ends at a HLT. Stepped as before where
-    /// IF is set (an STI or MOV SS shadow, a TPR that holds the vector), in other code, or if the
-    /// stretch ends in more places than the stepper has breakpoints.
+    /// each ([`stretch::scan`]), or unstepped if every way ends at a HLT. The same with IF set
+    /// where only the TPR holds the interrupt ([`Self::step_past_tpr`]): the scan's stops
+    /// include every control-register write, MOV CR8 among them. Stepped as before where IF is
+    /// set otherwise (an STI or MOV SS shadow), in other code, or if the stretch ends in more
+    /// places than the stepper has breakpoints.
     fn stretch_plan(&self, vcpu: &VcpuFd, regs: &kvm_regs, sregs: &kvm_sregs) -> Plan {
-        if regs.rflags & RFLAGS_IF != 0 || !in_kernel_64bit_code(sregs) {
+        let held = regs.rflags & RFLAGS_IF == 0 || self.tpr_wait;
+        if !held || !in_kernel_64bit_code(sregs) {
             return Plan::Step;
         }
         let mut code = CodePages::new(|base, page: &mut [u8]| {
             self.read_linear(vcpu, base, page) == page.len()
         });
         let stretch = stretch::scan(regs.rip, |at, out| code.fetch(at, out));
-        tracing::trace!(rip = regs.rip, ?stretch, "IF-clear stretch");
+        tracing::trace!(
+            rip = regs.rip,
+            tpr = self.tpr_wait,
+            ?stretch,
+            "held stretch"
+        );
         match stretch {
             Stretch::Halts => Plan::Unstepped,
             Stretch::StopAt(breaks) => Plan::Run(breaks),

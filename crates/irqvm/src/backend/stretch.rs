@@ -22,6 +22,9 @@
 //! - What the scan cannot see: an exception an ordinary instruction raises (a page fault) runs its
 //!   handler unscanned. If that handler set IF, the interrupt would be taken at the next exit, as
 //!   the window kicks would take it: late, never lost.
+//! - The same scan serves a vector that only the TPR holds, with IF set
+//!   (`Stepper::step_past_tpr`): there only a TPR write can release it, and the one that does not
+//!   exit by itself, MOV to CR8, is a control-register write, a stop like every other.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -319,6 +322,22 @@ mod tests {
                 "{insn:x?}"
             );
         }
+    }
+
+    /// A stretch the TPR holds (IF set) ends only where CR8 may be written: a loop, a read of
+    /// CR8 and memory stores run on, and the MOV to CR8 after them is the one stop.
+    #[test]
+    fn a_write_of_cr8_stops_and_a_read_does_not() {
+        let code = [
+            0x44, 0x0f, 0x20, 0xc1, // 1000 mov %cr8,%rcx
+            0x48, 0x89, 0x0f, // 1004 mov %rcx,(%rdi)
+            0xff, 0xca, // 1007 dec %edx
+            0x75, 0xf5, // 1009 jne 1000
+            0x44, 0x0f, 0x22, 0xc0, // 100b mov %rax,%cr8
+            0xfb, 0xf4, // 100f sti; hlt
+        ];
+        assert_eq!(scan(0x1000, code_at(0x1000, &code)), stops(&[0x100b]));
+        assert_eq!(scan(0x100b, code_at(0x1000, &code)), Stretch::Step);
     }
 
     #[test]

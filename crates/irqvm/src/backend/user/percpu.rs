@@ -900,15 +900,16 @@ impl UserVcpuChip {
     }
 
     /// Nothing is deliverable. If the highest requested vector is held only by the TPR, a CR8
-    /// write (which does not exit on this host, docs/kvm-facts.md) may release it at any
-    /// instruction: step until one does (`sync_cr8_from_exit` reads CR8 back at every step), as
-    /// long as the budget lasts. Otherwise stepping ends; off the fast path this costs nothing
-    /// (no ioctl unless stepping was on).
+    /// write (which does not exit on this host, docs/kvm-facts.md) may release it: run to the
+    /// next instruction that may write CR8 and step it (`Stepper::step_past_tpr`;
+    /// `sync_cr8_from_exit` reads CR8 back at every exit), as long as the budget lasts.
+    /// Otherwise stepping ends; off the fast path this costs nothing (no ioctl unless stepping
+    /// was on).
     fn step_while_tpr_holds(&mut self, vcpu: &mut VcpuFd) -> Result<(), IrqchipError> {
         let event_due = self.kvm_queued || self.fault_pending;
         if !self.regs_rewritten && !event_due && self.held_by_tpr_only() {
             self.offer_events(vcpu);
-            self.stepper.step(vcpu)?;
+            self.stepper.step_past_tpr(vcpu)?;
             self.publish_steps();
             return Ok(());
         }
