@@ -523,6 +523,14 @@ impl VcpuInterrupts {
         self.mp.halt();
     }
 
+    /// The hypervisor still holds an NMI for this vCPU that it has not delivered (one the VMM
+    /// handed it, which it delivers at a later entry): a halt ends as it ends for an NMI pending
+    /// here (SDM vol. 3 §6.7: an NMI takes the processor out of the HLT state). Halted becomes
+    /// Runnable; every other state stays (an NMI does not start a CPU waiting for a SIPI).
+    pub fn wake_for_held_nmi(&mut self) {
+        self.mp.wake();
+    }
+
     /// The guest parked itself with an AP Reset Hold request (protected-state guests).
     pub fn ap_reset_hold(&mut self) {
         self.mp.ap_reset_hold();
@@ -949,6 +957,26 @@ mod tests {
         cpu.drain();
         assert!(!cpu.should_block(InitBlocking::NONE, false));
         assert_eq!(cpu.next_injection(false), Some(Injection::Nmi));
+    }
+
+    /// An NMI the hypervisor holds ends a halt as one pending here does, with nothing for the
+    /// model to inject; a CPU waiting for its SIPI stays where it is.
+    #[test]
+    fn an_nmi_held_by_the_hypervisor_ends_a_halt_only() {
+        let (_system, mut cpus) = system(2);
+        let (bsp, ap) = cpus.split_at_mut(1);
+        let (bsp, ap) = (&mut bsp[0], &mut ap[0]);
+        bsp.halt();
+        assert!(bsp.should_block(InitBlocking::NONE, false));
+        bsp.wake_for_held_nmi();
+        assert_eq!(bsp.mp_state(), MpState::Runnable);
+        assert!(!bsp.should_block(InitBlocking::NONE, false));
+        assert_eq!(bsp.next_injection(false), None);
+        // An AP waits for its SIPI from the start.
+        assert_eq!(ap.mp_state(), MpState::Uninitialized);
+        ap.wake_for_held_nmi();
+        assert_eq!(ap.mp_state(), MpState::Uninitialized);
+        assert!(ap.should_block(InitBlocking::NONE, false));
     }
 
     /// Without SMM an SMI is dropped where the vCPU takes it: a vCPU halted before it stays

@@ -9,6 +9,7 @@
  *   +4 done       the host writes 1 when it has sent everything
  *   +8 count[16]  the guest counts V_MSI per CPU
  *   +72 expected[16]  the host writes how many it delivered to each CPU before `done`
+ *   +136 nmis[16]  the guest counts NMIs per CPU (the host sends NMIs by MSI, delivery mode 100b)
  * With no host thread (QEMU), nobody attaches within ATTACH_MS and the check is skipped. Otherwise the guest
  * spins with interrupts enabled until `done` and then checks that each CPU took exactly what the host says it
  * delivered (the host thread checks the same, plus that malformed messages were refused and delivered nothing). */
@@ -22,12 +23,18 @@ static volatile struct {
 	u32 attached, done;
 	u32 count[MAX_CPUS];
 	u32 expected[MAX_CPUS];
+	u32 nmis[MAX_CPUS];
 } msi_link;
 
 static void msi_handler(struct irq_frame *f, u32 cpu)
 {
 	atomic_inc(&msi_link.count[cpu]);
 	apic_eoi();
+}
+
+static void nmi_handler(struct irq_frame *f, u32 cpu)
+{
+	atomic_inc(&msi_link.nmis[cpu]);
 }
 
 /* Flat logical model, one LDR bit per CPU (SDM vol. 3 §11.6.2.2): CPUs 0-7 are addressable this way. */
@@ -47,6 +54,7 @@ void guest_main(void)
 	if (!check(online == ncpus, "all cpus online", "%u of %u online", online, ncpus))
 		return;
 	irq_set_handler(V_MSI, msi_handler);
+	irq_set_handler(2, nmi_handler);
 	set_logical_id(NULL);
 	for (u32 c = 1; c < ncpus; c++)
 		smp_call(c, set_logical_id, NULL);

@@ -650,6 +650,9 @@ const MSI_LINK_ATTACHED: u64 = 0;
 const MSI_LINK_DONE: u64 = 4;
 const MSI_LINK_COUNT: u64 = 8;
 const MSI_LINK_EXPECTED: u64 = 8 + 4 * 16;
+const MSI_LINK_NMIS: u64 = 8 + 2 * 4 * 16;
+/// MSI data, delivery mode NMI (100b, bits 10:8; the vector is ignored: SDM vol. 3 §11.11.2).
+const MSI_NMI: u32 = 4 << 8;
 /// MSIs of each kind the host sends.
 pub const MSIS_PER_KIND: u32 = 20;
 /// SDM vol. 3 §11.11.1-2: address 0xFEE, destination ID in bits 19:12, DM (logical) bit 2,
@@ -672,6 +675,9 @@ pub struct MsiRun {
     pub no_target: Option<String>,
     /// Per-vCPU counts unchanged across the malformed and no-target messages.
     pub nothing_after_refused: bool,
+    /// With 2+ vCPUs: the NMIs CPU 1 counted of two sent back to back while it idled in HLT
+    /// (`None` with one vCPU).
+    pub nmi_pair: Option<u32>,
 }
 
 /// msi.c on `cpus` vCPUs in `mode` while a host thread sends it MSIs through
@@ -810,6 +816,9 @@ fn send_msis(vm: &RunningVm, capture: &SerialCapture) -> MsiRun {
     ));
     std::thread::sleep(Duration::from_millis(50));
     out.nothing_after_refused = counts() == before;
+    if cpus.len() >= 2 {
+        out.nmi_pair = Some(send_nmi_pair(vm, link, cpus[1].0, &over));
+    }
     for (c, n) in out.delivered.iter().enumerate() {
         assert!(vm.store_guest_u32(link + MSI_LINK_EXPECTED + 4 * c as u64, *n));
     }
@@ -817,10 +826,36 @@ fn send_msis(vm: &RunningVm, capture: &SerialCapture) -> MsiRun {
     out
 }
 
+/// Two NMIs by MSI to CPU 1 (APIC ID `apic_id`), back to back, once it has idled in its HLT
+/// loop long enough to sleep: both reach it before its thread wakes, so a `user` vCPU hands
+/// both to KVM at one entry, and KVM delivers the second only after the first one's IRET. The
+/// NMIs CPU 1 counted within 2 s.
+fn send_nmi_pair(vm: &RunningVm, link: u64, apic_id: u32, over: &dyn Fn() -> bool) -> u32 {
+    let nmis = || vm.load_guest_u32(link + MSI_LINK_NMIS + 4).expect("in RAM");
+    std::thread::sleep(Duration::from_millis(50));
+    let address = MSI_BASE | u64::from(apic_id) << 12;
+    for _ in 0..2 {
+        let result = vm.signal_msi(address, MSI_NMI);
+        assert!(
+            matches!(result, Ok(irqvm::backend::MsiDelivery::Delivered)),
+            "NMI by MSI: {result:?}"
+        );
+    }
+    let t0 = Instant::now();
+    while nmis() < 2 && t0.elapsed() < Duration::from_secs(2) && !over() {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // A third would show here if one were taken twice.
+    std::thread::sleep(Duration::from_millis(20));
+    nmis()
+}
+
 /// msi.c on 1 and 2 vCPUs in `mode`: every MSI the host sent was accepted by the API and taken
 /// exactly once by the CPU it addressed (physical, logical, lowest priority among two), the
 /// guest agrees with the host's per-CPU counts, malformed MSIs are refused with `InvalidMsi`,
-/// an MSI to an absent APIC ID reports `NoTarget`, and neither delivers anything.
+/// an MSI to an absent APIC ID reports `NoTarget`, and neither delivers anything. With 2 vCPUs,
+/// two NMIs sent by MSI at once to CPU 1 idling in HLT are both taken, once each
+/// ([`send_nmi_pair`]; `user` mode took one before it stopped halting while KVM held the other).
 pub fn check_msi_from_host(mode: IrqchipMode) {
     for cpus in [1, 2] {
         let _one = exclusive();
@@ -855,6 +890,12 @@ pub fn check_msi_from_host(mode: IrqchipMode) {
         assert!(
             msi.nothing_after_refused,
             "{what}: refused MSIs delivered\n{}",
+            run.output
+        );
+        let pair = (cpus >= 2).then_some(2);
+        assert_eq!(
+            msi.nmi_pair, pair,
+            "{what}: two NMIs at once to a halted cpu 1, each taken once\n{}",
             run.output
         );
         eprintln!("{what}: {msi:?}");

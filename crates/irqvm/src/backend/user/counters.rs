@@ -23,6 +23,9 @@ pub struct VcpuCounters {
     /// offers no SMM (the model's `ApicSystemConfig::smm`). SMI messages (ICR, IOAPIC, MSI)
     /// are refused by the bus instead (`irqchip.smis_refused`).
     pub smis_dropped: AtomicU64,
+    /// HLT exits that ended the halt at once because KVM still held an NMI irqvm had handed it
+    /// (`percpu::end_halt_for_nmi_in_kvm`).
+    pub halts_for_kvm_nmi: AtomicU64,
     /// Halts that ended while polling, with no sleep.
     pub halt_polls_ok: AtomicU64,
     /// Halts that polled in vain and slept on the doorbell.
@@ -59,6 +62,7 @@ impl Default for VcpuCounters {
             smis_dropped: AtomicU64::new(0),
             halt_polls_ok: AtomicU64::new(0),
             halt_sleeps: AtomicU64::new(0),
+            halts_for_kvm_nmi: AtomicU64::new(0),
             single_steps: AtomicU64::new(0),
             step_fallbacks: AtomicU64::new(0),
             return_runs: AtomicU64::new(0),
@@ -91,6 +95,7 @@ impl VcpuCounters {
         out("synced_apic_bases", get(&self.synced_apic_bases));
         out("halt_polls_ok", get(&self.halt_polls_ok));
         out("halt_sleeps", get(&self.halt_sleeps));
+        out("halts_for_kvm_nmi", get(&self.halts_for_kvm_nmi));
         out("single_steps", get(&self.single_steps));
         out("step_fallbacks", get(&self.step_fallbacks));
         out("return_runs", get(&self.return_runs));

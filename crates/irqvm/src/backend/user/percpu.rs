@@ -418,6 +418,9 @@ pub(crate) struct UserVcpuChip {
     /// KVM still holds it and delivers it at the next entry. No stepping then: KVM would push
     /// its TF into that event's frame, and the handler's IRET would hand the guest a #DB of ours.
     kvm_queued: bool,
+    /// An NMI went to KVM (KVM_NMI) since KVM last showed none held: it may hold one still, past
+    /// the next entry ([`Self::end_halt_for_nmi_in_kvm`]).
+    nmi_in_kvm: bool,
     /// The last exit was an MSR access that takes #GP (`error` set): KVM raises it when the next
     /// KVM_RUN completes the exit, before any instruction runs. Stepping is off for that entry:
     /// KVM_SET_GUEST_DEBUG puts TF into the guest's RFLAGS while RIP is where stepping was armed,
@@ -509,6 +512,7 @@ impl UserVcpuChip {
             handler_returns_to: None,
             stepped_again: false,
             kvm_queued: false,
+            nmi_in_kvm: false,
             fault_pending: false,
             halt_poll: HaltPoll::new(),
             in_flight: false,
@@ -966,8 +970,32 @@ impl UserVcpuChip {
             vcpu.nmi().map_err(KvmError::ioctl("KVM_NMI"))?;
             self.events_synced = false;
             self.kvm_queued = true;
+            self.nmi_in_kvm = true;
             super::counters::bump(&self.counters().nmis_injected);
             self.probe.injected_nmi();
+        }
+        Ok(())
+    }
+
+    /// A HLT exit while KVM still holds an NMI irqvm handed it: KVM takes two NMIs at once (two
+    /// that reached the model in one drain, or one more while it held one), injects one and
+    /// delivers the other only at its first exit after that one's IRET (docs/kvm-facts.md, "NMIs
+    /// held behind an NMI in service here"), which may be this HLT. Blocking on the doorbell now
+    /// would leave that NMI in KVM until something else woke the vCPU: two NMIs sent to an idle
+    /// CPU at once were taken once (`common::check_msi_from_host`), and `snapstorm` on 4 vCPUs
+    /// lost one NMI in about 200 runs. The halt ends at once, as an NMI ends it, and the next
+    /// entry lets KVM deliver it. With synced events this costs no ioctl; without, one
+    /// KVM_GET_VCPU_EVENTS per halt until KVM shows no NMI held.
+    fn end_halt_for_nmi_in_kvm(&mut self, vcpu: &mut VcpuFd) -> Result<(), IrqchipError> {
+        if !self.nmi_in_kvm || self.interrupts.mp_state() != MpState::Halted {
+            return Ok(());
+        }
+        let events = self.kvm_events(vcpu)?;
+        self.nmi_in_kvm = events.nmi.pending != 0 || events.nmi.injected != 0;
+        if self.nmi_in_kvm {
+            tracing::debug!(?events.nmi, "halt ended: KVM still holds an NMI");
+            self.interrupts.wake_for_held_nmi();
+            super::counters::bump(&self.counters().halts_for_kvm_nmi);
         }
         Ok(())
     }
@@ -1300,7 +1328,7 @@ impl VcpuIrqchip for UserVcpuChip {
         self.regs_fresh = self.regs_sync_on;
         self.exit_rsp = self.regs_sync_always.then(|| vcpu.sync_regs().regs.rsp);
         self.forget_returned_handler();
-        Ok(())
+        self.end_halt_for_nmi_in_kvm(vcpu)
     }
 
     fn registers_written(&mut self) {
