@@ -14,6 +14,9 @@
  *     lock the interrupted code had taken in the meantime, and the guest hung.
  *  5. The same with an IRETQ inside the handler, to a frame the handler builds (any IRET ends NMI blocking):
  *     the held NMI is taken right there, its frame's RIP the address that IRETQ returned to.
+ *  6. (2+ CPUs) CPU 1's NMI handler sends itself an NMI and halts in a `cli; hlt` loop: the held NMI may not
+ *     end the halts while NMIs are blocked (SDM vol. 3 §6.7.1; KVM lets its request end the first one), so CPU 1
+ *     leaves its HLT at most once while CPU 0 watches; CPU 0 then restarts it with INIT-SIPI-SIPI.
  * The handlers never printf (printf takes a lock) and need no EOI (an NMI is not in the ISR). */
 #include "guest.h"
 
@@ -25,12 +28,23 @@ static volatile u32 nmis[MAX_CPUS], nested[MAX_CPUS], in_nmi[MAX_CPUS];
 static volatile u32 burst_armed, burst_sent_ok;
 #define SELF_BURST 3
 
+/* Set by CPU 0 before the NMI to CPU 1 whose handler halts for good (check 6). */
+static volatile u32 halt_armed, halt_nmi_sent, halt_returns;
+
 static void nmi_handler(struct irq_frame *f, u32 cpu)
 {
 	if (in_nmi[cpu])
 		nested[cpu]++;
 	in_nmi[cpu] = 1;
 	nmis[cpu]++;
+	if (cpu == 1 && halt_armed) {
+		halt_armed = 0;
+		halt_nmi_sent = apic_icr_write(cpu_to_apic_id(1), APIC_DM_NMI);
+		for (;;) {
+			__asm__ volatile("cli; hlt" ::: "memory");
+			atomic_inc(&halt_returns);
+		}
+	}
 	if (cpu == 0 && burst_armed) {
 		burst_armed = 0;
 		u32 ok = 0;
@@ -206,6 +220,30 @@ static void same_moment(void)
 	      called, bad_round, ROUNDS, bad_got, send_failed);
 }
 
+/* ---- 6: halted inside the NMI handler with another NMI held ---- */
+static void halt_inside_nmi(void)
+{
+	const char *name = "a cpu halted in its nmi handler with an nmi held leaves the halt at most once";
+	if (ncpus < 2) {
+		skip(name, "one CPU");
+		skip("that cpu restarts by init-sipi-sipi", "one CPU");
+		return;
+	}
+	u32 before = nmis[1];
+	halt_returns = 0;
+	halt_nmi_sent = 0;
+	halt_armed = 1;
+	apic_icr_write(cpu_to_apic_id(1), APIC_DM_NMI);
+	bool entered = wait_ge(&nmis[1], before + 1, WAIT_MS);
+	delay_ms(QUIET_MS);
+	u32 returns = halt_returns;
+	check(entered && halt_nmi_sent && returns <= 1, name, "entered %d, self-nmi sent %u, %u returns from hlt in %u ms",
+	      entered, halt_nmi_sent, returns, QUIET_MS);
+	bool back = smp_start_ap(1);
+	in_nmi[1] = 0;
+	check(back, "that cpu restarts by init-sipi-sipi", "not online again");
+}
+
 void guest_main(void)
 {
 	platform_init(false);
@@ -221,4 +259,5 @@ void guest_main(void)
 	for (u32 c = 1; c < ncpus; c++)
 		others += nmis[c];
 	check(others == 0, "no nmi reaches another cpu", "%u", others);
+	halt_inside_nmi();
 }

@@ -663,7 +663,7 @@ impl Stepper {
     }
 
     /// [`Self::step`] for an interrupt that only the TPR holds (SDM vol. 3 §11.8.3.1): in CPL-0
-    /// 64-bit code the stretch from RIP runs to where it can end ([`Self::stretch_plan`]) with IF
+    /// 64-bit code the stretch from RIP runs to where it can end (`stretch_plan`) with IF
     /// set too. Only a TPR write can release the vector there. An xAPIC MMIO or x2APIC MSR write
     /// exits by itself, and a MOV to CR8, which does not exit on this host (docs/kvm-facts.md),
     /// is a control-register write, where every scan stops. So a Windows-style guest that keeps

@@ -984,7 +984,7 @@ impl UserVcpuChip {
     /// would leave that NMI in KVM until something else woke the vCPU: two NMIs sent to an idle
     /// CPU at once were taken once (`common::check_msi_from_host`), and `snapstorm` on 4 vCPUs
     /// lost one NMI in about 200 runs. The halt ends at once, as an NMI ends it, and the next
-    /// entry lets KVM deliver it. With synced events this costs no ioctl; without, one
+    /// entry lets KVM deliver it; unless NMIs are blocked (guest `nmi_queue`, check 6). With synced events this costs no ioctl; without, one
     /// KVM_GET_VCPU_EVENTS per halt until KVM shows no NMI held.
     fn end_halt_for_nmi_in_kvm(&mut self, vcpu: &mut VcpuFd) -> Result<(), IrqchipError> {
         if !self.nmi_in_kvm || self.interrupts.mp_state() != MpState::Halted {
@@ -992,7 +992,12 @@ impl UserVcpuChip {
         }
         let events = self.kvm_events(vcpu)?;
         self.nmi_in_kvm = events.nmi.pending != 0 || events.nmi.injected != 0;
-        if self.nmi_in_kvm {
+        // Held behind an NMI in service (a HLT inside the handler), it waits for the IRET and
+        // the halt goes on, as in KVM, where only a deliverable NMI keeps a vCPU runnable: ending
+        // it would spin the vCPU through every HLT of such a loop (Linux's stop_this_cpu in NMI
+        // context is one).
+        let deliverable = events.nmi.injected != 0 || events.nmi.masked == 0;
+        if self.nmi_in_kvm && deliverable {
             tracing::debug!(?events.nmi, "halt ended: KVM still holds an NMI");
             self.interrupts.wake_for_held_nmi();
             super::counters::bump(&self.counters().halts_for_kvm_nmi);
