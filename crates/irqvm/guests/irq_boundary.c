@@ -212,7 +212,7 @@ static void iret_to_cli_unstepped(bool from_hlt)
 	irq_set_handler(V_IRET_INNER, NULL);
 }
 
-/* ---- TPR lowered by an xAPIC write, and by MOV CR8 ---- */
+/* ---- TPR lowered by an xAPIC write (MOV CR8: below, after the long stretch's code) ---- */
 static void tpr_write(void)
 {
 	irq_set_handler(V_TPR, record_eoi);
@@ -229,29 +229,6 @@ static void tpr_write(void)
 	check(taken == 1 && rip_of[V_TPR] == after, "taken right after the tpr write lowers it [kvm-late-window]",
 	      "%u taken, saved rip %lx, expected %lx", taken, rip_of[V_TPR], after);
 	irq_set_handler(V_TPR, NULL);
-}
-
-static void cr8_write(void)
-{
-	irq_set_handler(V_CR8, record_eoi);
-	reset();
-	sti();
-	__asm__ volatile("mov %0, %%cr8" : : "r"(15ul) : "memory");
-	self_ipi(V_CR8);
-	bool held = norder == 0;
-	u64 after;
-	__asm__ volatile("mov %1, %%cr8\n\t"
-			 "1: lea 1b(%%rip), %0"
-			 : "=r"(after)
-			 : "r"(0ul)
-			 : "memory");
-	cli();
-	u32 taken = norder;
-	drain();
-	check(held, "vector held by cr8 15", "taken %u", taken);
-	check(taken == 1 && rip_of[V_CR8] == after, "taken right after mov cr8 lowers tpr [kvm-late-window]",
-	      "%u taken, saved rip %lx, expected %lx", taken, rip_of[V_CR8], after);
-	irq_set_handler(V_CR8, NULL);
 }
 
 /* ---- an EOI (IF=1 in the handler) uncovers a vector the in-service one held ---- */
@@ -435,15 +412,17 @@ static void extint_after_stretch(void)
 			      "pic interrupt taken right after the popf ending a long IF-clear stretch [kvm-late-window]");
 }
 
-/* ---- a long stretch with IF set and the vector held by CR8, ending in MOV CR8: taken right after it ---- */
-static void cr8_after_stretch(void)
+/* ---- TPR lowered by MOV CR8, right after the self-IPI or after a long stretch with IF set: taken right after the
+ * MOV CR8 ---- */
+static void cr8_write(bool long_stretch, const char *held_name, const char *taken_name)
 {
 	irq_set_handler(V_CR8, record_eoi);
 	reset();
 	sti();
 	__asm__ volatile("mov %0, %%cr8" : : "r"(15ul) : "memory");
 	self_ipi(V_CR8);
-	stretch_sink = stretch_mix(stretch_rounds);
+	if (long_stretch)
+		stretch_sink = stretch_mix(stretch_rounds);
 	bool held = norder == 0;
 	u64 after;
 	__asm__ volatile("mov %1, %%cr8\n\t"
@@ -454,10 +433,9 @@ static void cr8_after_stretch(void)
 	cli();
 	u32 taken = norder;
 	drain();
-	check(held, "vector held by cr8 15 through a long stretch with IF set", "taken %u", taken);
-	check(taken == 1 && rip_of[V_CR8] == after,
-	      "taken right after the mov cr8 ending a long stretch the tpr held [kvm-late-window]",
-	      "%u taken, saved rip %lx, expected %lx", taken, rip_of[V_CR8], after);
+	check(held, held_name, "taken %u", taken);
+	check(taken == 1 && rip_of[V_CR8] == after, taken_name, "%u taken, saved rip %lx, expected %lx", taken,
+	      rip_of[V_CR8], after);
 	irq_set_handler(V_CR8, NULL);
 }
 
@@ -551,14 +529,15 @@ void guest_main(void)
 	iret_to_cli_unstepped(true);
 	iret_to_cli_unstepped(false);
 	tpr_write();
-	cr8_write();
+	cr8_write(false, "vector held by cr8 15", "taken right after mov cr8 lowers tpr [kvm-late-window]");
 	eoi_uncovers();
 	ioapic_unmask();
 	lint0_unmask();
 	extint_sti();
 	popf_after_stretch();
 	extint_after_stretch();
-	cr8_after_stretch();
+	cr8_write(true, "vector held by cr8 15 through a long stretch with IF set",
+		  "taken right after the mov cr8 ending a long stretch the tpr held [kvm-late-window]");
 	no_leaks();
 	fault_at_first_step();
 	sti();
