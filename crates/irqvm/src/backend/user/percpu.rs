@@ -984,8 +984,9 @@ impl UserVcpuChip {
     /// would leave that NMI in KVM until something else woke the vCPU: two NMIs sent to an idle
     /// CPU at once were taken once (`common::check_msi_from_host`), and `snapstorm` on 4 vCPUs
     /// lost one NMI in about 200 runs. The halt ends at once, as an NMI ends it, and the next
-    /// entry lets KVM deliver it; unless NMIs are blocked (guest `nmi_queue`, check 6). With synced events this costs no ioctl; without, one
-    /// KVM_GET_VCPU_EVENTS per halt until KVM shows no NMI held.
+    /// entry lets KVM deliver it; unless NMIs are blocked (guest `nmi_queue`, check 6). With
+    /// synced events this costs no ioctl; without, one KVM_GET_VCPU_EVENTS per halt until KVM
+    /// shows no NMI held.
     fn end_halt_for_nmi_in_kvm(&mut self, vcpu: &mut VcpuFd) -> Result<(), IrqchipError> {
         if !self.nmi_in_kvm || self.interrupts.mp_state() != MpState::Halted {
             return Ok(());
