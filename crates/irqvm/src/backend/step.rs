@@ -413,9 +413,6 @@ pub struct Stepper {
     /// KVM's events as of the last KVM_RUN return, if the backend offered them
     /// ([`Self::offer_events`]): they stand for a KVM_GET_VCPU_EVENTS.
     events: Option<kvm_vcpu_events>,
-    /// The interrupt waits for the TPR to fall, not for IF ([`Self::step_past_tpr`]), for the
-    /// call under way.
-    tpr_wait: bool,
     /// Steps taken, for the counters.
     pub steps: u64,
     /// Handlers run to their return with a breakpoint ([`Self::run_to_return`]), for the
@@ -445,7 +442,6 @@ impl Stepper {
             returning: None,
             synced: None,
             events: None,
-            tpr_wait: false,
             steps: 0,
             return_runs: 0,
             stretch_runs: 0,
@@ -498,6 +494,11 @@ impl Stepper {
     /// exit the instruction at RIP makes by itself ([`StepOutcome::ExitsItself`]: HLT).
     /// [`StepOutcome::Fallback`]: the caller falls back (and stepping is off).
     pub fn step(&mut self, vcpu: &VcpuFd) -> Result<StepOutcome, IrqchipError> {
+        self.step_waiting(vcpu, Wait::Flags)
+    }
+
+    /// [`Self::step`], the stretch scan told what the interrupt waits for.
+    fn step_waiting(&mut self, vcpu: &VcpuFd, wait: Wait) -> Result<StepOutcome, IrqchipError> {
         if !self.enabled {
             return Ok(StepOutcome::Fallback);
         }
@@ -514,7 +515,7 @@ impl Stepper {
             return Ok(StepOutcome::Stepping);
         }
         self.settle_first(vcpu, &regs)?;
-        let plan = self.plan(vcpu, &regs, true)?;
+        let plan = self.plan(vcpu, &regs, Some(wait))?;
         tracing::trace!(
             rip = regs.rip,
             rflags = regs.rflags,
@@ -614,7 +615,7 @@ impl Stepper {
             tracing::trace!(rip = regs.rip, ?ret, ?to, "no frame to return by: stepping");
             return self.step(vcpu);
         };
-        if !matches!(self.plan(vcpu, &regs, false)?, Plan::Step | Plan::Break(_)) {
+        if !matches!(self.plan(vcpu, &regs, None)?, Plan::Step | Plan::Break(_)) {
             return self.step(vcpu);
         }
         tracing::trace!(rip = regs.rip, to, "run to the handler's return");
@@ -670,10 +671,7 @@ impl Stepper {
     /// an interrupt pending at a raised IRQL does not pay one exit per instruction until it
     /// lowers CR8, nor lose the boundary once the budget is spent.
     pub fn step_past_tpr(&mut self, vcpu: &VcpuFd) -> Result<StepOutcome, IrqchipError> {
-        self.tpr_wait = true;
-        let outcome = self.step(vcpu);
-        self.tpr_wait = false;
-        outcome
+        self.step_waiting(vcpu, Wait::Tpr)
     }
 
     /// [`Self::step`] for an NMI that waits for the IRET of the NMI handler in service: an
@@ -765,9 +763,14 @@ impl Stepper {
     /// debug feature of its own that stepping would hide (checked while stepping is off: KVM hides
     /// TF from KVM_GET_REGS while it steps) or the instruction at RIP loads TF or enables a
     /// breakpoint; not now if KVM delivers an event at this entry and stepping would be armed
-    /// here ([`event_due`]). With `scan`, an instruction to step in IF-clear code becomes a run
-    /// over the stretch it begins ([`Self::stretch_plan`]).
-    fn plan(&self, vcpu: &VcpuFd, regs: &kvm_regs, scan: bool) -> Result<Plan, IrqchipError> {
+    /// here ([`event_due`]). With `scan` (what the interrupt waits for), an instruction to step
+    /// in code that holds it becomes a run over the stretch it begins ([`Self::stretch_plan`]).
+    fn plan(
+        &self,
+        vcpu: &VcpuFd,
+        regs: &kvm_regs,
+        scan: Option<Wait>,
+    ) -> Result<Plan, IrqchipError> {
         if !self.on {
             let dr7 = vcpu
                 .get_debug_regs()
@@ -793,7 +796,10 @@ impl Stepper {
         }
         let sregs = self.sregs(vcpu)?;
         Ok(match self.plan_for(vcpu, regs, &sregs) {
-            Plan::Step if scan => self.stretch_plan(vcpu, regs, &sregs),
+            Plan::Step => match scan {
+                Some(wait) => self.stretch_plan(vcpu, regs, &sregs, wait),
+                None => Plan::Step,
+            },
             plan => plan,
         })
     }
@@ -806,8 +812,8 @@ impl Stepper {
     /// include every control-register write, MOV CR8 among them. Stepped as before where IF is
     /// set otherwise (an STI or MOV SS shadow), in other code, or if the stretch ends in more
     /// places than the stepper has breakpoints.
-    fn stretch_plan(&self, vcpu: &VcpuFd, regs: &kvm_regs, sregs: &kvm_sregs) -> Plan {
-        let held = regs.rflags & RFLAGS_IF == 0 || self.tpr_wait;
+    fn stretch_plan(&self, vcpu: &VcpuFd, regs: &kvm_regs, sregs: &kvm_sregs, wait: Wait) -> Plan {
+        let held = regs.rflags & RFLAGS_IF == 0 || wait == Wait::Tpr;
         if !held || !in_kernel_64bit_code(sregs) {
             return Plan::Step;
         }
@@ -815,12 +821,7 @@ impl Stepper {
             self.read_linear(vcpu, base, page) == page.len()
         });
         let stretch = stretch::scan(regs.rip, |at, out| code.fetch(at, out));
-        tracing::trace!(
-            rip = regs.rip,
-            tpr = self.tpr_wait,
-            ?stretch,
-            "held stretch"
-        );
+        tracing::trace!(rip = regs.rip, ?wait, ?stretch, "held stretch");
         match stretch {
             Stretch::Halts => Plan::Unstepped,
             Stretch::StopAt(breaks) => Plan::Run(breaks),
@@ -994,6 +995,15 @@ impl Stepper {
                 .is_ok()
         })
     }
+}
+
+/// What an interrupt the stepper steps towards waits for, as far as the stretch scan goes: IF
+/// (or a shadow, or an IRET for an NMI), or the TPR to fall below its class
+/// ([`Stepper::step_past_tpr`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wait {
+    Flags,
+    Tpr,
 }
 
 /// True if KVM delivers an event at the next entry: an exception (one a completed exit raised,

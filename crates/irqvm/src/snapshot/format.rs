@@ -372,12 +372,12 @@ pub fn write_state(dir: &Path, state: &SnapshotState) -> Result<(), SnapshotErro
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
     use irqchip::chip::{PcIrqChip, PcIrqChipConfig};
 
     /// A valid state of `n` vCPUs (also for other modules' tests).
-    pub(crate) fn state(n: usize) -> SnapshotState {
+    fn state(n: usize) -> SnapshotState {
         let (chip, mut parts) = PcIrqChip::new(PcIrqChipConfig::new(n));
         let parts = parts.iter_mut().map(|v| v.save(0)).collect();
         let regs = kvm_regs {
