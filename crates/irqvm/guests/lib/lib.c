@@ -421,12 +421,16 @@ u32 irq_count_total(u32 v)
 /* Only the CPUs that exist: guest ring-0 code is slow on emulating hosts, and the array is 1 MiB at 1024 CPUs. */
 void irq_reset_counts(void) { memset((void *)irq_count, 0, ncpus * sizeof(irq_count[0])); }
 
-/* rdmsr_catch / wrmsr_catch: while a CPU has a catch armed, an exception raised by an RDMSR (0F 32) or WRMSR
- * (0F 30) is recorded and the instruction skipped instead of reaching the handler table. */
+/* rdmsr_catch / wrmsr_catch: while a CPU has a catch armed, a fault raised by an RDMSR (0F 32) or WRMSR (0F 30)
+ * is recorded and the instruction skipped instead of reaching the handler table. Only the faults these
+ * instructions raise count (SDM vol. 2B, RDMSR/WRMSR: #GP(0), #UD): an NMI or an interrupt taken with RIP at the
+ * instruction, before it ran, is not its fault and must not skip it. A catch nests: an NMI or interrupt handler
+ * that uses one in between the arming and the instruction (a handler's x2APIC EOI by wrmsr_catch) leaves the
+ * interrupted catch armed, as it found it. */
 static volatile u32 msr_catch_armed[MAX_CPUS], msr_caught[MAX_CPUS];
 static bool msr_fault_caught(struct irq_frame *f, u32 cpu, u32 v)
 {
-	if (v >= 32 || !msr_catch_armed[cpu])
+	if ((v != 13 && v != 6) || !msr_catch_armed[cpu])
 		return false;
 	const volatile u8 *ip = (const volatile u8 *)f->rip;
 	if (ip[0] != 0x0F || (ip[1] != 0x30 && ip[1] != 0x32))
@@ -435,24 +439,39 @@ static bool msr_fault_caught(struct irq_frame *f, u32 cpu, u32 v)
 	f->rip += 2;
 	return true;
 }
-u32 rdmsr_catch(u32 msr, u64 *val)
+struct msr_catch {
+	u32 cpu, outer_armed, outer_caught;
+};
+static struct msr_catch msr_catch_arm(void)
 {
-	u32 cpu = this_cpu(), lo = 0, hi = 0;
+	u32 cpu = this_cpu();
+	struct msr_catch c = { cpu, msr_catch_armed[cpu], msr_caught[cpu] };
 	msr_caught[cpu] = 0;
 	WRITE_ONCE(msr_catch_armed[cpu], 1);
+	return c;
+}
+/* The vector + 1 of the fault caught since msr_catch_arm (0: none); the interrupted catch's state back. */
+static u32 msr_catch_disarm(struct msr_catch c)
+{
+	u32 caught = READ_ONCE(msr_caught[c.cpu]);
+	WRITE_ONCE(msr_catch_armed[c.cpu], c.outer_armed);
+	msr_caught[c.cpu] = c.outer_caught;
+	return caught;
+}
+u32 rdmsr_catch(u32 msr, u64 *val)
+{
+	u32 lo = 0, hi = 0;
+	struct msr_catch c = msr_catch_arm();
 	__asm__ volatile("rdmsr" : "+a"(lo), "+d"(hi) : "c"(msr) : "memory");
-	WRITE_ONCE(msr_catch_armed[cpu], 0);
+	u32 caught = msr_catch_disarm(c);
 	*val = ((u64)hi << 32) | lo;
-	return msr_caught[cpu];
+	return caught;
 }
 u32 wrmsr_catch(u32 msr, u64 v)
 {
-	u32 cpu = this_cpu();
-	msr_caught[cpu] = 0;
-	WRITE_ONCE(msr_catch_armed[cpu], 1);
+	struct msr_catch c = msr_catch_arm();
 	__asm__ volatile("wrmsr" : : "c"(msr), "a"((u32)v), "d"((u32)(v >> 32)) : "memory");
-	WRITE_ONCE(msr_catch_armed[cpu], 0);
-	return msr_caught[cpu];
+	return msr_catch_disarm(c);
 }
 
 void isr_dispatch(struct irq_frame *f)
