@@ -485,6 +485,63 @@ static void no_leaks(void)
 	irq_set_handler(V_LOW, NULL);
 }
 
+/* ---- the guest's own execute breakpoint (DR0, DR7.L0: SDM vol. 3 §18.2.4) on an instruction of a handler that
+ * runs while a vector it uncovered waits for its IRETQ, where a VMM that runs the handler to its return with a
+ * breakpoint of its own would hide the guest's (mainline KVM runs the guest with the VMM's DR7 then; kvm_pvm
+ * keeps the guest's working, docs/kvm-facts.md). Each call must raise #DB with DR6.B0, and no other #DB may come
+ * (a debug exit of the VMM's own must not reach the guest); an instruction breakpoint is a fault, so the
+ * handler sets RF in its frame for the instruction to run on return (§18.3.1.1). The uncovered vector is taken
+ * once per round, whenever. ---- */
+#define BP_ROUNDS 3
+static __attribute__((noinline)) void bp_probe(void) { __asm__ volatile("nop" ::: "memory"); }
+static volatile u32 bp_hits, bp_other;
+static void bp_db_handler(struct irq_frame *f, u32 cpu)
+{
+	u64 dr6;
+	__asm__ volatile("mov %%dr6, %0" : "=r"(dr6));
+	if (f->rip == (u64)(usize)bp_probe && (dr6 & 1))
+		bp_hits++;
+	else
+		bp_other++;
+	__asm__ volatile("mov %0, %%dr6" : : "r"(0ul));
+	f->rflags |= 1ul << 16; /* RF */
+}
+static void bp_outer_handler(struct irq_frame *f, u32 cpu)
+{
+	record(f);
+	self_ipi(V_IRET_INNER); /* held: V_IRET_OUTER's class is in service */
+	apic_eoi();             /* uncovers it; IF=0 until the IRETQ */
+	bp_probe();
+}
+static void own_breakpoint(void)
+{
+	irq_set_handler(V_IRET_OUTER, bp_outer_handler);
+	irq_set_handler(V_IRET_INNER, record_eoi);
+	irq_set_handler(1, bp_db_handler);
+	bp_hits = bp_other = 0;
+	__asm__ volatile("mov %0, %%dr6\n\tmov %1, %%dr0\n\tmov %2, %%dr7"
+			 :
+			 : "r"(0ul), "r"((u64)(usize)bp_probe), "r"(1ul)
+			 : "memory");
+	u32 inner = 0;
+	for (u32 round = 0; round < BP_ROUNDS; round++) {
+		reset();
+		cli();
+		self_ipi(V_IRET_OUTER);
+		sti_nop_cli();
+		drain();
+		inner += norder == 2 && order[0] == V_IRET_OUTER && order[1] == V_IRET_INNER;
+	}
+	__asm__ volatile("mov %0, %%dr7" : : "r"(0ul) : "memory");
+	check(bp_hits == BP_ROUNDS && bp_other == 0 && inner == BP_ROUNDS,
+	      "guest's own breakpoint in a handler fires while a vector waits for its iretq",
+	      "%u #DB at the breakpoint, %u other, %u of %u rounds took both vectors", bp_hits, bp_other, inner,
+	      BP_ROUNDS);
+	irq_set_handler(1, NULL);
+	irq_set_handler(V_IRET_OUTER, NULL);
+	irq_set_handler(V_IRET_INNER, NULL);
+}
+
 /* ---- the first stepped instruction faults: its frame carries no TF of the VMM's ---- */
 static volatile u64 ud_rflags;
 static volatile u32 ud_count;
@@ -540,5 +597,6 @@ void guest_main(void)
 		  "taken right after the mov cr8 ending a long stretch the tpr held [kvm-late-window]");
 	no_leaks();
 	fault_at_first_step();
+	own_breakpoint();
 	sti();
 }

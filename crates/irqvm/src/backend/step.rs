@@ -170,6 +170,10 @@ fn in_kernel_64bit_code(sregs: &kvm_sregs) -> bool {
 
 /// RFLAGS.TF (SDM vol. 1 §3.4.3.3).
 const RFLAGS_TF: u64 = 1 << 8;
+/// Runs to a return in a row that may re-use a kept breakpoint without reading the guest's DR7
+/// again ([`Stepper::guest_breakpoints`]).
+const UNREAD_DR7_RUNS: u32 = 3;
+
 /// DR7 L0-L3 / G0-G3: a breakpoint of the guest's own is enabled (SDM vol. 3 §18.2.4).
 const DR7_ENABLES: u64 = 0xFF;
 /// The longest x86 instruction (SDM vol. 2 §2.3.11).
@@ -427,6 +431,9 @@ pub struct Stepper {
     /// Episodes that ended without reaching the boundary (budget spent, or the guest's own
     /// single-stepping or breakpoints): the backend fell back to its window kicks.
     pub fallbacks: u64,
+    /// Runs to a return begun on a kept breakpoint without reading the guest's DR7 since it
+    /// was last read ([`Self::guest_breakpoints`]).
+    unread_dr7_runs: u32,
 }
 
 impl Stepper {
@@ -446,6 +453,7 @@ impl Stepper {
             return_runs: 0,
             stretch_runs: 0,
             fallbacks: 0,
+            unread_dr7_runs: 0,
         }
     }
 
@@ -703,8 +711,8 @@ impl Stepper {
     /// instruction breakpoint is a fault of the instruction at RIP, and an event injected at
     /// entry is delivered before any guest instruction runs (SDM vol. 3, "Instruction-Breakpoint
     /// Exception Condition" and "Event Injection"), so the handler runs first; the `irq_boundary`
-    /// guest checks that on this host. The guest's DR7 is read again at every re-arming
-    /// (`plan`), as for a fresh one. True if the breakpoint was kept; a caller that then
+    /// guest checks that on this host. The guest's DR7 is read again at the next run to a
+    /// return only every few kept runs ([`Self::guest_breakpoints`]). True if the breakpoint was kept; a caller that then
     /// injects nothing after all calls [`Self::end`], since the vCPU resumes right at it.
     pub fn end_for_injection(&mut self, vcpu: &VcpuFd) -> Result<bool, IrqchipError> {
         let Some(at) = (match self.armed {
@@ -759,6 +767,28 @@ impl Stepper {
         Ok(())
     }
 
+    /// True if the guest's DR7 enables a breakpoint of its own, which armed breakpoints or
+    /// steps would hide (KVM runs the guest with the VMM's DR7 then). Read with
+    /// KVM_GET_DEBUGREGS (~10 µs on a nested host) at every arming, except that a breakpoint
+    /// kept armed since the last read ([`Self::end_for_injection`]) is re-used without one up
+    /// to [`UNREAD_DR7_RUNS`] times in a row: the guest's DR7 has been hidden since that read
+    /// and stays hidden until the next disarm. So a breakpoint the guest enables while a chain
+    /// of interrupts each taken at a kept return breakpoint runs (a closed-loop device, the
+    /// `irq_host` workload) takes effect at most that many runs to a return later than with a
+    /// read at every one; the chain saves the ioctl on the rest.
+    fn guest_breakpoints(&mut self, vcpu: &VcpuFd) -> Result<bool, IrqchipError> {
+        if matches!(self.armed, Armed::Break(_)) && self.unread_dr7_runs < UNREAD_DR7_RUNS {
+            self.unread_dr7_runs += 1;
+            return Ok(false);
+        }
+        self.unread_dr7_runs = 0;
+        let dr7 = vcpu
+            .get_debug_regs()
+            .map_err(KvmError::ioctl("KVM_GET_DEBUGREGS"))?
+            .dr7;
+        Ok(dr7 & DR7_ENABLES != 0)
+    }
+
     /// How to stop the guest after its next instruction ([`Plan`]): refused if the guest uses a
     /// debug feature of its own that stepping would hide (checked while stepping is off: KVM hides
     /// TF from KVM_GET_REGS while it steps) or the instruction at RIP loads TF or enables a
@@ -766,19 +796,13 @@ impl Stepper {
     /// here ([`event_due`]). With `scan` (what the interrupt waits for), an instruction to step
     /// in code that holds it becomes a run over the stretch it begins ([`Self::stretch_plan`]).
     fn plan(
-        &self,
+        &mut self,
         vcpu: &VcpuFd,
         regs: &kvm_regs,
         scan: Option<Wait>,
     ) -> Result<Plan, IrqchipError> {
-        if !self.on {
-            let dr7 = vcpu
-                .get_debug_regs()
-                .map_err(KvmError::ioctl("KVM_GET_DEBUGREGS"))?
-                .dr7;
-            if regs.rflags & RFLAGS_TF != 0 || dr7 & DR7_ENABLES != 0 {
-                return Ok(Plan::Refuse);
-            }
+        if !self.on && (regs.rflags & RFLAGS_TF != 0 || self.guest_breakpoints(vcpu)?) {
+            return Ok(Plan::Refuse);
         }
         // Arming KVM_GUESTDBG_SINGLESTEP here (not yet stepping, or stepping from a breakpoint)
         // puts TF into the guest's RFLAGS until the instruction at RIP completes: an event KVM
