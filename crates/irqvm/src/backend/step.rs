@@ -712,8 +712,9 @@ impl Stepper {
     /// entry is delivered before any guest instruction runs (SDM vol. 3, "Instruction-Breakpoint
     /// Exception Condition" and "Event Injection"), so the handler runs first; the `irq_boundary`
     /// guest checks that on this host. The guest's DR7 is read again at the next run to a
-    /// return only every few kept runs ([`Self::guest_breakpoints`]). True if the breakpoint was kept; a caller that then
-    /// injects nothing after all calls [`Self::end`], since the vCPU resumes right at it.
+    /// return only every few kept runs (`Stepper::guest_breakpoints`). True if the breakpoint
+    /// was kept; a caller that then injects nothing after all calls [`Self::end`], since the
+    /// vCPU resumes right at it.
     pub fn end_for_injection(&mut self, vcpu: &VcpuFd) -> Result<bool, IrqchipError> {
         let Some(at) = (match self.armed {
             Armed::Break(breaks) => breaks.single(),
