@@ -508,9 +508,7 @@ static void bp_db_handler(struct irq_frame *f, u32 cpu)
 }
 static void bp_outer_handler(struct irq_frame *f, u32 cpu)
 {
-	record(f);
-	self_ipi(V_IRET_INNER); /* held: V_IRET_OUTER's class is in service */
-	apic_eoi();             /* uncovers it; IF=0 until the IRETQ */
+	iret_outer_handler(f, cpu); /* V_IRET_INNER uncovered, IF=0 until the IRETQ */
 	bp_probe();
 }
 static void own_breakpoint(void)
