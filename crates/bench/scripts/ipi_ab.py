@@ -31,7 +31,7 @@ def cpu_ghz():
 
 
 TSC_GHZ = float(os.environ.get("TSC_GHZ") or cpu_ghz())
-COUNTERS = ["kvm_runs", "mmio_exits", "hlt_exits", "eintr_returns", "single_steps", "return_runs", "stretch_runs", "post_kicks",
+COUNTERS = ["kvm_runs", "mmio_exits", "hlt_exits", "eintr_returns", "single_steps", "return_runs", "stretch_runs", "finished_returns", "kept_breakpoints", "post_kicks",
             "post_wakes", "doorbell_wakes", "doorbell_waits", "halt_sleeps", "halt_polls_ok",
             "interrupts_injected", "wake_yields"]
 

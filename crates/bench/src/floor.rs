@@ -92,8 +92,8 @@ pub fn round_trips(workload: &str, host_cpus: u32) -> Option<(f64, String)> {
             "per side: ICR2, ICR, the target's wake-up (its EOI clears a flag in memory)",
         ),
         "irq_host" | "irq_host_msi" => fixed(
-            2.0,
-            "the previous handler's EOI and the exit at its IRETQ (the host pulses when it sees the count, before that EOI)",
+            1.0,
+            "the previous handler's EOI (the host pulses when it sees the count, before that EOI; the handler's way out to its IRETQ then runs in irqvm)",
         ),
         "apic_read" | "apic_write" => fixed(1.0, "the access"),
         "port_read" => fixed(0.0, "none: userspace's in both modes"),

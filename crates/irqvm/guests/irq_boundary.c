@@ -212,6 +212,137 @@ static void iret_to_cli_unstepped(bool from_hlt)
 	irq_set_handler(V_IRET_INNER, NULL);
 }
 
+/* ---- what the interrupted code holds at that boundary: a VMM that runs the handler's way out (its register
+ * restores and IRETQ) itself, as irqvm's `user` mode does where it can, must leave every general register, the
+ * flags (CF and DF set here) and RSP exactly as the IRETQ would. The interrupted code fills all fifteen registers
+ * with patterns before `sti; nop`; the inner vector's frame and the code after the `cli` must both see them. A way
+ * out that stores to memory after the EOI (a counter) must still store, once. ---- */
+static u64 pattern(u32 i) { return 0xA5A50000C3C30000ull + i * 0x0000000100010001ull; }
+static volatile u64 inner_regs[15], inner_flags, inner_rsp;
+static void record_regs_eoi(struct irq_frame *f, u32 cpu)
+{
+	const u64 r[15] = {f->rax, f->rbx, f->rcx, f->rdx, f->rsi, f->rdi, f->rbp, f->r8,
+			   f->r9,  f->r10, f->r11, f->r12, f->r13, f->r14, f->r15};
+	for (u32 i = 0; i < 15; i++)
+		inner_regs[i] = r[i];
+	inner_flags = f->rflags;
+	inner_rsp = f->rsp;
+	record_eoi(f, cpu);
+}
+/* Fills every general register but one with a value of its own right before its EOI (the exit after which the
+ * vector waits for the IRETQ), so that each register the way out restores differs from the interrupted code's:
+ * a restore gone to the wrong register, or skipped, shows. The callee-saved ones make the compiler save and
+ * restore them around this handler, which puts their POPs on the way out too. */
+static void clobbering_outer_handler(struct irq_frame *f, u32 cpu)
+{
+	record(f);
+	self_ipi(V_IRET_INNER);
+	__asm__ volatile("movabs $0x0BADBADBADBADBAD, %%rax\n\t"
+			 "mov %%rax, %%rbx\n\tmov %%rax, %%rcx\n\tmov %%rax, %%rdx\n\tmov %%rax, %%rsi\n\t"
+			 "mov %%rax, %%rbp\n\tmov %%rax, %%r8\n\tmov %%rax, %%r9\n\tmov %%rax, %%r10\n\t"
+			 "mov %%rax, %%r11\n\tmov %%rax, %%r12\n\tmov %%rax, %%r13\n\tmov %%rax, %%r14\n\t"
+			 "mov %%rax, %%r15\n\t"
+			 "movl $0, (%0)"
+			 :
+			 : "D"(XAPIC + APIC_EOI)
+			 : "rax", "rbx", "rcx", "rdx", "rsi", "rbp", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15",
+			   "memory", "cc");
+}
+static volatile u32 stores_after_eoi;
+static void storing_outer_handler(struct irq_frame *f, u32 cpu)
+{
+	iret_outer_handler(f, cpu);
+	stores_after_eoi++; /* after the EOI: the way out writes memory */
+}
+static bool registers_across_iret(irq_handler_t outer, bool *regs_ok)
+{
+	irq_set_handler(V_IRET_OUTER, outer);
+	irq_set_handler(V_IRET_INNER, record_regs_eoi);
+	reset();
+	cli();
+	self_ipi(V_IRET_OUTER);
+	/* out: rax rbx rcx rdx rsi rdi rbp r8-r15, then RFLAGS, RSP and the RIP after `sti; nop`. */
+	u64 out[18];
+	__asm__ volatile("push %%rbx\n\tpush %%rbp\n\tpush %%r12\n\tpush %%r13\n\tpush %%r14\n\tpush %%r15\n\t"
+			 "push %[out]\n\t"
+			 "movabs $0xA5A50000C3C30000, %%rax\n\t"
+			 "movabs $0xA5A50001C3C40001, %%rbx\n\t"
+			 "movabs $0xA5A50002C3C50002, %%rcx\n\t"
+			 "movabs $0xA5A50003C3C60003, %%rdx\n\t"
+			 "movabs $0xA5A50004C3C70004, %%rsi\n\t"
+			 "movabs $0xA5A50005C3C80005, %%rdi\n\t"
+			 "movabs $0xA5A50006C3C90006, %%rbp\n\t"
+			 "movabs $0xA5A50007C3CA0007, %%r8\n\t"
+			 "movabs $0xA5A50008C3CB0008, %%r9\n\t"
+			 "movabs $0xA5A50009C3CC0009, %%r10\n\t"
+			 "movabs $0xA5A5000AC3CD000A, %%r11\n\t"
+			 "movabs $0xA5A5000BC3CE000B, %%r12\n\t"
+			 "movabs $0xA5A5000CC3CF000C, %%r13\n\t"
+			 "movabs $0xA5A5000DC3D0000D, %%r14\n\t"
+			 "movabs $0xA5A5000EC3D1000E, %%r15\n\t"
+			 "stc\n\tstd\n\t"
+			 "sti\n\tnop\n\t"
+			 "1: cli\n\t"
+			 "pushfq\n\t"
+			 "push %%rax\n\t"
+			 "mov 16(%%rsp), %%rax\n\t"
+			 "mov %%rbx, 8(%%rax)\n\tmov %%rcx, 16(%%rax)\n\tmov %%rdx, 24(%%rax)\n\t"
+			 "mov %%rsi, 32(%%rax)\n\tmov %%rdi, 40(%%rax)\n\tmov %%rbp, 48(%%rax)\n\t"
+			 "mov %%r8, 56(%%rax)\n\tmov %%r9, 64(%%rax)\n\tmov %%r10, 72(%%rax)\n\t"
+			 "mov %%r11, 80(%%rax)\n\tmov %%r12, 88(%%rax)\n\tmov %%r13, 96(%%rax)\n\t"
+			 "mov %%r14, 104(%%rax)\n\tmov %%r15, 112(%%rax)\n\t"
+			 "pop %%rbx\n\tmov %%rbx, 0(%%rax)\n\t"
+			 "pop %%rbx\n\tmov %%rbx, 120(%%rax)\n\t"
+			 "mov %%rsp, %%rbx\n\tmov %%rbx, 128(%%rax)\n\t"
+			 "lea 1b(%%rip), %%rbx\n\tmov %%rbx, 136(%%rax)\n\t"
+			 "cld\n\t"
+			 "add $8, %%rsp\n\t"
+			 "pop %%r15\n\tpop %%r14\n\tpop %%r13\n\tpop %%r12\n\tpop %%rbp\n\tpop %%rbx"
+			 :
+			 : [out] "r"(out)
+			 : "rax", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r11", "memory", "cc");
+	u32 taken = norder;
+	drain();
+	/* The interrupted code's own view after its `cli`, and the inner vector's frame if it came in the window. */
+	bool after_ok = (out[15] & 0x401) == 0x401, frame_ok = true;
+	for (u32 i = 0; i < 15; i++) {
+		after_ok = after_ok && out[i] == pattern(i);
+		frame_ok = frame_ok && inner_regs[i] == pattern(i);
+		if (out[i] != pattern(i) || (taken == 2 && inner_regs[i] != pattern(i)))
+			printf("INFO: register %u: %lx in the frame, %lx after, %lx expected\n", i, inner_regs[i], out[i],
+			       pattern(i));
+	}
+	const u64 cf_df_if = 0x1 | 0x400 | 0x200;
+	frame_ok = frame_ok && (inner_flags & cf_df_if) == cf_df_if && inner_rsp == out[16];
+	bool at_iret = taken == 2 && order[0] == V_IRET_OUTER && order[1] == V_IRET_INNER && rip_of[V_IRET_INNER] == out[17];
+	if (!after_ok || !at_iret || !frame_ok)
+		printf("INFO: %u taken (order %x %x), rip %lx expected %lx, flags %lx in the frame, %lx after, rsp %lx in "
+		       "the frame, %lx after\n",
+		       taken, order[0], order[1], rip_of[V_IRET_INNER], out[17], inner_flags, out[15], inner_rsp, out[16]);
+	irq_set_handler(V_IRET_OUTER, NULL);
+	irq_set_handler(V_IRET_INNER, NULL);
+	*regs_ok = after_ok && (taken < 2 || frame_ok);
+	return at_iret;
+}
+
+static void registers_at_iret(void)
+{
+	bool regs_ok;
+	bool at_iret = registers_across_iret(clobbering_outer_handler, &regs_ok);
+	check(regs_ok, "registers and flags intact across a handler that uncovers a vector before its iretq",
+	      "see the INFO lines");
+	check(at_iret && regs_ok,
+	      "registers and flags intact where a vector uncovered in a handler is taken at its iretq "
+	      "[kvm-late-window]",
+	      "see the INFO lines");
+	stores_after_eoi = 0;
+	at_iret = registers_across_iret(storing_outer_handler, &regs_ok);
+	check(at_iret && regs_ok && stores_after_eoi == 1,
+	      "a handler's way out that stores after its eoi stores once, the vector taken at its iretq "
+	      "[kvm-late-window]",
+	      "%u stores", stores_after_eoi);
+}
+
 /* ---- TPR lowered by an xAPIC write (MOV CR8: below, after the long stretch's code) ---- */
 static void tpr_write(void)
 {
@@ -583,6 +714,7 @@ void guest_main(void)
 	iret_to_cli();
 	iret_to_cli_unstepped(true);
 	iret_to_cli_unstepped(false);
+	registers_at_iret();
 	tpr_write();
 	cr8_write(false, "vector held by cr8 15", "taken right after mov cr8 lowers tpr [kvm-late-window]");
 	eoi_uncovers();

@@ -282,6 +282,127 @@ pub fn walk_four_level(memory: &GuestRam, cr3: u64, linear: u64) -> Option<u64> 
     None
 }
 
+/// How a CPL-0 access that irqvm makes in the guest's place uses a page ([`walk_as_supervisor`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// An instruction fetch.
+    Fetch,
+    /// A data read (explicit, or an implicit supervisor read such as a descriptor's), with
+    /// RFLAGS.AC as the instruction runs with (SMAP lets an explicit CPL-0 read of a user page
+    /// through only with AC set; SDM vol. 3 §4.6.1).
+    Read { ac: bool },
+}
+
+/// The guest-physical address of `linear` for a CPL-0 access of kind `access` under 4-level
+/// paging, if the processor would make that access without a fault and without writing
+/// anything: every entry present and already accessed (the processor would set an A bit that
+/// is clear, SDM vol. 3 §4.8; irqvm does not write page tables), no reserved PS bit, execute
+/// allowed for a fetch (no XD with EFER.NXE, SDM §4.6.2), and no supervisor-mode protection in
+/// the way: a user page (U/S set at every level) is refused to a fetch with CR4.SMEP, to a read
+/// with CR4.SMAP unless AC is set, and to any read with CR4.PKE (its protection key would need
+/// PKRU); a supervisor page to any read with CR4.PKS. CR4.CET (shadow stacks) and anything but
+/// 4-level paging are refused whole: the caller then lets the guest make the access itself.
+pub fn walk_as_supervisor(
+    memory: &GuestRam,
+    paging: &Paging,
+    linear: u64,
+    access: Access,
+) -> Option<u64> {
+    const ADDRESS: u64 = 0x000F_FFFF_FFFF_F000;
+    const PRESENT: u64 = 1;
+    const USER: u64 = 1 << 2;
+    const ACCESSED: u64 = 1 << 5;
+    const PAGE_SIZE_BIT: u64 = 1 << 7;
+    const XD: u64 = 1 << 63;
+    const CR4_SMEP: u64 = 1 << 20;
+    const CR4_SMAP: u64 = 1 << 21;
+    const CR4_PKE: u64 = 1 << 22;
+    const CR4_CET: u64 = 1 << 23;
+    const CR4_PKS: u64 = 1 << 24;
+    const EFER_NXE: u64 = 1 << 11;
+    if !paging.four_level() || paging.cr4 & CR4_CET != 0 || !canonical(linear) {
+        return None;
+    }
+    let nxe = paging.efer & EFER_NXE != 0;
+    let (mut user, mut no_exec) = (true, false);
+    let mut table = paging.cr3 & ADDRESS;
+    for level in (0..4u32).rev() {
+        let shift = 12 + 9 * level;
+        let index = (linear >> shift) & 0x1FF;
+        let entry: u64 =
+            vm_memory::Bytes::read_obj(memory, GuestAddress(table + index * 8)).ok()?;
+        let leaf = level == 0 || (entry & PAGE_SIZE_BIT != 0);
+        let bad = entry & PRESENT == 0
+            || entry & ACCESSED == 0
+            || (level == 3 && entry & PAGE_SIZE_BIT != 0)
+            || (!nxe && entry & XD != 0)
+            || (leaf && level > 0 && large_page_reserved(entry, shift));
+        if bad {
+            return None;
+        }
+        user &= entry & USER != 0;
+        no_exec |= entry & XD != 0;
+        if leaf {
+            let refused = match access {
+                Access::Fetch => no_exec || (user && paging.cr4 & CR4_SMEP != 0),
+                Access::Read { ac } => {
+                    if user {
+                        (paging.cr4 & CR4_SMAP != 0 && !ac) || paging.cr4 & CR4_PKE != 0
+                    } else {
+                        paging.cr4 & CR4_PKS != 0
+                    }
+                }
+            };
+            if refused {
+                return None;
+            }
+            let offset = (1u64 << shift) - 1;
+            return Some((entry & ADDRESS & !offset) | (linear & offset));
+        }
+        table = entry & ADDRESS;
+    }
+    None
+}
+
+/// A 2-MiB or 1-GiB page entry with a reserved bit set between bit 13 and its frame (bit 12 is
+/// PAT there; SDM vol. 3 tables 4-17 and 4-19).
+fn large_page_reserved(entry: u64, shift: u32) -> bool {
+    let reserved = ((1u64 << shift) - 1) & !0x1FFF;
+    entry & reserved != 0
+}
+
+/// A 48-bit canonical address: bits 63:47 all equal (SDM vol. 1 §3.3.7.1).
+pub fn canonical(linear: u64) -> bool {
+    let top = (linear as i64) >> 47;
+    top == 0 || top == -1
+}
+
+/// Reads `out.len()` bytes at `linear` as [`walk_as_supervisor`] allows, page by page; false
+/// (and `out` partly written) if any byte is refused or not in guest RAM.
+pub fn read_as_supervisor(
+    memory: &GuestRam,
+    paging: &Paging,
+    linear: u64,
+    out: &mut [u8],
+    access: Access,
+) -> bool {
+    const PAGE: u64 = 4096;
+    let mut done = 0;
+    while done < out.len() {
+        let addr = linear.wrapping_add(done as u64);
+        let Some(gpa) = walk_as_supervisor(memory, paging, addr, access) else {
+            return false;
+        };
+        let chunk = ((PAGE - (addr % PAGE)) as usize).min(out.len() - done);
+        let dest = &mut out[done..done + chunk];
+        if vm_memory::Bytes::read_slice(memory, dest, GuestAddress(gpa)).is_err() {
+            return false;
+        }
+        done += chunk;
+    }
+    true
+}
+
 /// [`read_linear`], walking the page tables itself where `paging` is 4-level paging (no
 /// ioctl: ~5 µs a page less here), else, or where its walk has no plain answer, with
 /// KVM_TRANSLATE.
@@ -406,6 +527,97 @@ mod tests {
         );
         put(0x1000, 0x83);
         assert_eq!(walk_four_level(&ram, cr3, 0x1000), None, "PS in a PML4E");
+    }
+
+    /// The walk irqvm makes in the guest's place refuses what the processor would fault on or
+    /// would write: an A bit clear at any level, XD for a fetch (and XD without EFER.NXE), SMEP,
+    /// SMAP (unless AC), PKE on a user page, PKS on a supervisor page, CET, a reserved bit in a
+    /// large page, a non-canonical address.
+    #[test]
+    fn the_supervisor_walk_refuses_what_the_processor_would_fault_on_or_mark() {
+        use vm_memory::Bytes;
+        let ram = GuestRam::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let put = |at: u64, entry: u64| ram.write_obj(entry, GuestAddress(at)).unwrap();
+        let (pml4, pdpt, pd, pt) = (0x1000u64, 0x2000u64, 0x3000u64, 0x4000u64);
+        const A: u64 = 0x20;
+        const U: u64 = 0x4;
+        const XD: u64 = 1 << 63;
+        // PML4 0 -> PDPT 0 -> PD 0 -> PT; PD 1 is a 2 MiB page at 0x60_0000.
+        put(pml4, pdpt | 0x3 | U | A);
+        put(pdpt, pd | 0x3 | U | A);
+        put(pd, pt | 0x3 | U | A);
+        put(pd + 8, 0x60_0000 | 0x83 | A);
+        put(pt + 8, 0x9000 | 0x3 | A); // supervisor page
+        put(pt + 2 * 8, 0xA000 | 0x3 | U | A); // user page
+        put(pt + 3 * 8, 0xB000 | 0x3); // not accessed yet
+        put(pt + 4 * 8, 0xC000 | 0x3 | A | XD);
+        let paging = Paging {
+            cr0: 1 << 31,
+            cr3: pml4,
+            cr4: 1 << 5,
+            efer: (1 << 10) | (1 << 11),
+        };
+        let read = Access::Read { ac: false };
+        let walk = |p: &Paging, linear, access| walk_as_supervisor(&ram, p, linear, access);
+        assert_eq!(walk(&paging, 0x1234, read), Some(0x9234));
+        assert_eq!(walk(&paging, 0x1234, Access::Fetch), Some(0x9234));
+        assert_eq!(walk(&paging, 0x20_1234, read), Some(0x60_1234));
+        assert_eq!(walk(&paging, 0x2010, read), Some(0xA010));
+        assert_eq!(walk(&paging, 0x3000, read), None, "A bit clear");
+        assert_eq!(walk(&paging, 0x4000, read), Some(0xC000));
+        assert_eq!(walk(&paging, 0x4000, Access::Fetch), None, "XD");
+        let no_nxe = Paging {
+            efer: 1 << 10,
+            ..paging
+        };
+        assert_eq!(
+            walk(&no_nxe, 0x4000, read),
+            None,
+            "XD is reserved without NXE"
+        );
+        let smep = Paging {
+            cr4: paging.cr4 | (1 << 20),
+            ..paging
+        };
+        assert_eq!(walk(&smep, 0x2000, Access::Fetch), None, "SMEP");
+        assert_eq!(walk(&smep, 0x1000, Access::Fetch), Some(0x9000));
+        let smap = Paging {
+            cr4: paging.cr4 | (1 << 21),
+            ..paging
+        };
+        assert_eq!(walk(&smap, 0x2000, read), None, "SMAP");
+        assert_eq!(walk(&smap, 0x2000, Access::Read { ac: true }), Some(0xA000));
+        let pke = Paging {
+            cr4: paging.cr4 | (1 << 22),
+            ..paging
+        };
+        assert_eq!(walk(&pke, 0x2000, read), None, "PKE, user page");
+        assert_eq!(walk(&pke, 0x1000, read), Some(0x9000));
+        let pks = Paging {
+            cr4: paging.cr4 | (1 << 24),
+            ..paging
+        };
+        assert_eq!(walk(&pks, 0x1000, read), None, "PKS, supervisor page");
+        let cet = Paging {
+            cr4: paging.cr4 | (1 << 23),
+            ..paging
+        };
+        assert_eq!(walk(&cet, 0x1000, read), None, "CET");
+        assert_eq!(
+            walk(&paging, 0xFFFF_0000_0000_1000, read),
+            None,
+            "not canonical"
+        );
+        put(pd + 8, 0x60_0000 | 0x2000 | 0x83 | A);
+        assert_eq!(
+            walk(&paging, 0x20_1234, read),
+            None,
+            "reserved bit 13 in a 2 MiB entry"
+        );
+        put(pml4, pdpt | 0x3 | U);
+        assert_eq!(walk(&paging, 0x1234, read), None, "PML4E not accessed");
+        let mut out = [0u8; 8];
+        assert!(!read_as_supervisor(&ram, &paging, 0xFF8, &mut out, read));
     }
 
     #[test]

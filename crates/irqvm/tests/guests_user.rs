@@ -103,3 +103,40 @@ fn syscall_smp() {
 fn tlb_shootdown() {
     common::check_tlb_shootdown(MODE);
 }
+
+/// guests/irq_boundary.c's checks of a vector that a handler uncovers before its IRETQ: where the
+/// handler's way out is its library stub's register restores (an EOI by xAPIC MMIO write, then
+/// RET, POPs, ADD RSP and IRETQ), `user` mode runs that way out itself and injects right after
+/// the IRETQ (`backend::epilogue`, counter `finished_returns`) instead of running the guest to a
+/// breakpoint at the return address. The guest's checks (its registers, flags and RSP at that
+/// boundary and after it, the boundary's RIP) pass; the counter shows the way out was run here for
+/// at least the four checks made for it (three handlers that only EOI, one that fills every
+/// register before its EOI), not only by the breakpoint the checks would pass with as well.
+#[test]
+fn irq_boundary_handlers_way_out_run_by_irqvm() {
+    let _one = common::exclusive();
+    let mut cfg = common::guest_config("irq_boundary", 1, MODE);
+    let capture = irqvm::devices::SerialCapture::new();
+    cfg.serial = irqvm::devices::SerialOutput::Capture(capture.clone());
+    let vm = irqvm::vm::Vm::new(&cfg)
+        .expect("VM")
+        .start()
+        .expect("start");
+    let chip = vm.irqchip().clone();
+    let report = vm.wait(Some(std::time::Duration::from_secs(120)));
+    let output = capture.text();
+    assert!(report.is_ok(), "{report:?}\n{output}");
+    if let Err(problems) =
+        common::expect::Expectations::load("irq_boundary").verify(MODE, 1, &output)
+    {
+        panic!("{problems}\n{output}");
+    }
+    let mut finished = None;
+    chip.counters(&mut |vcpu, name, value| {
+        if vcpu == Some(0) && name == "finished_returns" {
+            finished = Some(value);
+        }
+    });
+    let finished = finished.expect("vCPU 0 counts finished_returns");
+    assert!(finished >= 4, "{finished} ways out run by irqvm\n{output}");
+}

@@ -67,6 +67,7 @@ use crate::api::model::{LapicInfo, PendingInfo, PlatformInfo};
 use crate::kvm::KvmError;
 
 mod eoi_probe;
+pub mod epilogue;
 pub mod kernel;
 mod kvm_timer;
 pub mod split;

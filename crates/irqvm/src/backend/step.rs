@@ -98,6 +98,7 @@ use crate::guest_debug::{self, Breaks, Want};
 use crate::kvm::KvmError;
 use crate::memory::GuestRam;
 
+use super::epilogue;
 use super::stretch::{self, CodePages, Stretch};
 use super::IrqchipError;
 
@@ -434,6 +435,8 @@ pub struct Stepper {
     /// Runs to a return begun on a kept breakpoint without reading the guest's DR7 since it
     /// was last read ([`Self::guest_breakpoints`]).
     unread_dr7_runs: u32,
+    /// Handlers whose way out irqvm ran itself ([`Self::finish_return`]), for the counters.
+    pub finished_returns: u64,
 }
 
 impl Stepper {
@@ -454,6 +457,7 @@ impl Stepper {
             stretch_runs: 0,
             fallbacks: 0,
             unread_dr7_runs: 0,
+            finished_returns: 0,
         }
     }
 
@@ -633,6 +637,86 @@ impl Stepper {
         self.left -= 1;
         self.return_runs += 1;
         Ok(StepOutcome::Stepping)
+    }
+
+    /// For an interrupt that waits for IF inside the handler of the interrupt irqvm injected at
+    /// `ret`: runs the rest of that handler, up to and including the IRETQ that consumes its
+    /// frame, in irqvm ([`super::epilogue`]), if that rest is a way out the module runs. Returns
+    /// the registers right after the IRETQ, the boundary where the waiting interrupt goes in;
+    /// the caller hands them to KVM with the injection, in the same KVM_RUN. `None`: nothing
+    /// changed, and [`Self::run_to_return`] takes over as before.
+    ///
+    /// Only from the registers, system registers and events KVM copied out at this return (no
+    /// ioctl for them), with no episode under way, and only where the processor itself would do
+    /// nothing more than those instructions: CPL-0 64-bit code, the stack pointer inside the
+    /// handler, TF clear, no breakpoint of the guest's own enabled (its DR7 is read: an enabled
+    /// one could match an instruction or a stack slot), no interrupt shadow, NMIs not blocked
+    /// (the IRETQ would unblock them), and nothing KVM is yet to deliver. The caller vouches that
+    /// the instruction of the last exit has completed (an MMIO write, a debug exit, a KVM_RUN
+    /// that returned without an exit), so that KVM has nothing left to finish at the next entry
+    /// that the new registers would contradict.
+    pub fn finish_return(
+        &mut self,
+        vcpu: &VcpuFd,
+        ret: ReturnPoint,
+    ) -> Result<Option<kvm_regs>, IrqchipError> {
+        let (Some(synced), Some(events)) = (self.synced, self.events) else {
+            return Ok(None);
+        };
+        let (regs, sregs) = (synced.regs, synced.sregs);
+        let inside = regs.rsp < ret.rsp && ret.rsp - regs.rsp <= HANDLER_STACK;
+        let quiet = events.interrupt.shadow == 0 && events.nmi.masked == 0 && !event_due(&events);
+        let plain = self.enabled
+            && !self.on
+            && inside
+            && quiet
+            && in_kernel_64bit_code(&sregs)
+            && regs.rflags & (RFLAGS_TF | RFLAGS_IF) == 0;
+        if !plain {
+            return Ok(None);
+        }
+        let Some(to) = self
+            .read_frame_return(vcpu, ret.rsp)?
+            .filter(|&rip| ret.rip.is_none_or(|known| known == rip))
+        else {
+            return Ok(None);
+        };
+        let dr7 = vcpu
+            .get_debug_regs()
+            .map_err(KvmError::ioctl("KVM_GET_DEBUGREGS"))?
+            .dr7;
+        if dr7 & DR7_ENABLES != 0 {
+            return Ok(None);
+        }
+        let target = epilogue::Target {
+            frame: frame_at(ret.rsp),
+            rip: to,
+            rsp: ret.rsp,
+            cs: sregs.cs,
+            ss: sregs.ss,
+            gdt_base: sregs.gdt.base,
+            gdt_limit: sregs.gdt.limit,
+        };
+        let mut memory = SupervisorReads {
+            memory: &self.memory,
+            paging: crate::memory::Paging::of(&sregs),
+        };
+        match epilogue::finish(&regs, &target, &mut memory) {
+            Ok(after) => {
+                tracing::trace!(rip = regs.rip, to, "ran the handler's way out here");
+                self.finished_returns += 1;
+                Ok(Some(after))
+            }
+            Err(stop) => {
+                tracing::trace!(
+                    rip = regs.rip,
+                    to,
+                    ?stop,
+                    "the handler's way out is the guest's"
+                );
+                Ok(None)
+            }
+        }
     }
 
     /// True if a run to a handler's return ([`Self::run_to_return`]) is under way and the vCPU is
@@ -1019,6 +1103,18 @@ impl Stepper {
                 .write_slice(&data[from..from + len], gpa)
                 .is_ok()
         })
+    }
+}
+
+/// Guest memory as the CPL-0 instructions [`Stepper::finish_return`] runs read it.
+struct SupervisorReads<'a> {
+    memory: &'a GuestRam,
+    paging: crate::memory::Paging,
+}
+
+impl epilogue::Memory for SupervisorReads<'_> {
+    fn read(&mut self, at: u64, out: &mut [u8], access: crate::memory::Access) -> bool {
+        crate::memory::read_as_supervisor(self.memory, &self.paging, at, out, access)
     }
 }
 

@@ -41,6 +41,10 @@ pub struct VcpuCounters {
     /// Injections at a handler's return breakpoint that kept it armed for the new handler
     /// (`Stepper::end_for_injection`).
     pub kept_breakpoints: AtomicU64,
+    /// Handlers whose way out (register restores, IRETQ) irqvm ran itself to inject a waiting
+    /// interrupt at their return, with no run of the guest to a breakpoint (`backend::epilogue`,
+    /// `Stepper::finish_return`).
+    pub finished_returns: AtomicU64,
     /// Stepping episodes that gave up (budget spent, or the guest's own TF, DR7 breakpoints).
     pub step_fallbacks: AtomicU64,
     /// sched_yields after an IPI of this vCPU woke a sleeping vCPU (`percpu`, `yield_to_woken`).
@@ -68,6 +72,7 @@ impl Default for VcpuCounters {
             return_runs: AtomicU64::new(0),
             stretch_runs: AtomicU64::new(0),
             kept_breakpoints: AtomicU64::new(0),
+            finished_returns: AtomicU64::new(0),
             wake_yields: AtomicU64::new(0),
             pv_eoi_arms: AtomicU64::new(0),
             pv_eois: AtomicU64::new(0),
@@ -101,6 +106,7 @@ impl VcpuCounters {
         out("return_runs", get(&self.return_runs));
         out("stretch_runs", get(&self.stretch_runs));
         out("kept_breakpoints", get(&self.kept_breakpoints));
+        out("finished_returns", get(&self.finished_returns));
         out("wake_yields", get(&self.wake_yields));
         out("pv_eoi_arms", get(&self.pv_eoi_arms));
         out("pv_eois", get(&self.pv_eois));

@@ -401,6 +401,11 @@ pub(crate) struct UserVcpuChip {
     /// from a KVM_RUN that returned EINTR: the exiting instruction may not have completed yet
     /// (at an MMIO read exit RIP is still on it), so "not ready" may be stale.
     flags_from_exit: bool,
+    /// The instruction of the last exit has completed, with nothing left for KVM to finish at
+    /// the next KVM_RUN (an MMIO write of one fragment, a debug or interrupt-window exit): its
+    /// RIP is a boundary where irqvm may hand KVM new registers ([`Self::finish_handler`]).
+    /// Kept through a KVM_RUN that returned without an exit.
+    exit_insn_done: bool,
     window_kick: WindowKick,
     /// Single-stepping to the exact interrupt boundary ([`crate::backend::step`]).
     stepper: Stepper,
@@ -506,6 +511,7 @@ impl UserVcpuChip {
             regs_rewritten: false,
             armed: Default::default(),
             flags_from_exit: false,
+            exit_insn_done: false,
             window_kick: WindowKick::new(),
             stepper,
             last_stepped: None,
@@ -746,7 +752,12 @@ impl UserVcpuChip {
             }
             return self.step_while_tpr_holds(vcpu);
         };
-        if !can_inject {
+        let finished = if can_inject {
+            None
+        } else {
+            self.finish_handler(vcpu, next)?
+        };
+        if !can_inject && finished.is_none() {
             vcpu.get_kvm_run().request_interrupt_window = 1;
             if !self.step_to_window(vcpu, if_set, next)? {
                 self.expedite_window(if_set, now, fired);
@@ -756,9 +767,12 @@ impl UserVcpuChip {
         // The boundary is here: stepping off before the injection, so the frame gets the
         // guest's own RFLAGS (a return breakpoint the new handler returns to may stay armed).
         let stepped = self.stepper.active();
-        let returns_to = self.return_point(stepped);
+        let returns_to = finished.or_else(|| self.return_point(stepped));
         let kept = self.stepper.end_for_injection(vcpu)?;
-        self.note_boundary(vcpu, stepped.then_some(next))?;
+        match finished {
+            Some(ReturnPoint { rip: Some(rip), .. }) => self.note_boundary_at(next, rip),
+            _ => self.note_boundary(vcpu, stepped.then_some(next))?,
+        }
         let vector = match next {
             Injection::Nmi => None,
             Injection::ExtInt => {
@@ -898,9 +912,58 @@ impl UserVcpuChip {
             return Ok(());
         };
         let rip = self.stepper.regs(vcpu)?.rip;
+        self.note_boundary_at(what, rip);
+        Ok(())
+    }
+
+    /// Records an injection of `what` made at an exact boundary at `rip` ([`Self::step_to_window`]'s
+    /// forward-progress rule counts these).
+    fn note_boundary_at(&mut self, what: Injection, rip: u64) {
         self.stepped_again = self.last_stepped == Some((what, rip));
         self.last_stepped = Some((what, rip));
-        Ok(())
+    }
+
+    /// An interrupt waits for IF inside the handler of the interrupt injected last: if the rest
+    /// of that handler is a way out irqvm can run itself (`Stepper::finish_return`), the
+    /// registers after its IRETQ go into `kvm_run` for the next KVM_RUN to load, and the
+    /// interrupt goes in with them: the boundary hardware takes it at, with no run of the guest
+    /// to a breakpoint there. Returns that boundary (the return RIP and RSP of the handler's
+    /// frame, which the new interrupt's handler returns to in turn).
+    ///
+    /// Only where the last exit's instruction has completed (`exit_insn_done`): KVM finishes an
+    /// MMIO read, a port access or an MSR access at the next KVM_RUN from the registers it
+    /// holds, after loading the synced ones (an MSR or port exit then skips the instruction at
+    /// the new RIP). And, as for stepping, not while registers were rewritten, an event waits in
+    /// KVM, an MSR exit's #GP is due, or the same interrupt came back at the same boundary
+    /// (`step_to_window`'s forward-progress rule).
+    fn finish_handler(
+        &mut self,
+        vcpu: &mut VcpuFd,
+        next: Injection,
+    ) -> Result<Option<ReturnPoint>, IrqchipError> {
+        let looping = self.stepped_again && self.last_stepped.is_some_and(|(what, _)| what == next);
+        let blocked = self.regs_rewritten || self.kvm_queued || self.fault_pending || looping;
+        let Some(ret) = self.handler_returns_to else {
+            return Ok(None);
+        };
+        if blocked || !self.exit_insn_done || !self.regs_sync_always || !self.stepper.enabled() {
+            return Ok(None);
+        }
+        self.offer_events(vcpu);
+        let Some(after) = self.stepper.finish_return(vcpu, ret)? else {
+            return Ok(None);
+        };
+        vcpu.sync_regs_mut().regs = after;
+        vcpu.set_sync_dirty_reg(SyncReg::Register);
+        self.handler_returns_to = None;
+        self.counters().finished_returns.store(
+            self.stepper.finished_returns,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        Ok(Some(ReturnPoint {
+            rip: Some(after.rip),
+            rsp: after.rsp,
+        }))
     }
 
     /// Nothing is deliverable. If the highest requested vector is held only by the TPR, a CR8
@@ -1358,6 +1421,7 @@ impl VcpuIrqchip for UserVcpuChip {
         self.sync_cr8_from_exit();
         self.cr8_synced = true;
         self.flags_from_exit = true;
+        self.exit_insn_done = insn_done_at(exit);
         let notifier = self.shared.notifier.clone();
         match exit {
             ChipExit::MmioRead { addr, data } => {
@@ -1548,6 +1612,7 @@ impl VcpuIrqchip for UserVcpuChip {
 
     fn guest_ran(&mut self) {
         self.in_flight = false;
+        self.exit_insn_done = false;
         self.retire_pv_eoi();
     }
 
@@ -1560,6 +1625,21 @@ impl VcpuIrqchip for UserVcpuChip {
             crate::api::lapic::model_lapic(self.interrupts.lapic(), self.shared.clock.now());
         let held = u32::from(self.interrupts.pending_nmis());
         Ok((lapic, crate::api::lapic::kvm_pending(vcpu, held)?))
+    }
+}
+
+/// True if KVM has nothing left to finish of `exit`'s instruction at the next KVM_RUN: an MMIO
+/// write of at most 8 bytes within one page (KVM's emulator wrote RIP back before the exit and
+/// makes no second exit for it), a debug exit (the instruction at RIP has not begun) or an
+/// interrupt-window exit. An MMIO read, a port or an MSR access is completed at that KVM_RUN,
+/// from KVM's registers.
+fn insn_done_at(exit: &ChipExit<'_>) -> bool {
+    match exit {
+        ChipExit::MmioWrite { addr, data } => {
+            data.len() <= 8 && (addr % 4096) + data.len() as u64 <= 4096
+        }
+        ChipExit::SingleStep | ChipExit::IrqWindowOpen => true,
+        _ => false,
     }
 }
 
