@@ -253,16 +253,19 @@ impl Paging {
     }
 }
 
+/// Bits 51:12 of CR3 and of a paging-structure entry: the next table or the page frame (SDM vol. 3
+/// §4.5).
+const ADDRESS: u64 = 0x000F_FFFF_FFFF_F000;
+/// An entry's P and PS bits.
+const PRESENT: u64 = 1;
+const PAGE_SIZE_BIT: u64 = 1 << 7;
+
 /// The guest-physical address `linear` maps to under 4-level paging with `cr3`, walked in guest
 /// RAM as the processor walks it (SDM vol. 3 §4.5, tables 4-15 to 4-20): a present entry at
 /// every level, a 1-GiB page at the PDPTE or a 2-MiB page at the PDE when its PS bit is set.
 /// `None` for anything else (an entry not present or not in RAM, PS in a PML4E), and the
 /// caller then asks KVM: the walk only saves KVM_TRANSLATE where its answer is plain.
 pub fn walk_four_level(memory: &GuestRam, cr3: u64, linear: u64) -> Option<u64> {
-    /// Bits 51:12 of CR3 and of an entry: the next table or the page frame.
-    const ADDRESS: u64 = 0x000F_FFFF_FFFF_F000;
-    const PRESENT: u64 = 1;
-    const PAGE_SIZE_BIT: u64 = 1 << 7;
     let mut table = cr3 & ADDRESS;
     // Level 3 is the PML4, 0 the page table; each indexes 9 bits of the address.
     for level in (0..4u32).rev() {
@@ -308,11 +311,8 @@ pub fn walk_as_supervisor(
     linear: u64,
     access: Access,
 ) -> Option<u64> {
-    const ADDRESS: u64 = 0x000F_FFFF_FFFF_F000;
-    const PRESENT: u64 = 1;
     const USER: u64 = 1 << 2;
     const ACCESSED: u64 = 1 << 5;
-    const PAGE_SIZE_BIT: u64 = 1 << 7;
     const XD: u64 = 1 << 63;
     const CR4_SMEP: u64 = 1 << 20;
     const CR4_SMAP: u64 = 1 << 21;
@@ -618,6 +618,72 @@ mod tests {
         assert_eq!(walk(&paging, 0x1234, read), None, "PML4E not accessed");
         let mut out = [0u8; 8];
         assert!(!read_as_supervisor(&ram, &paging, 0xFF8, &mut out, read));
+    }
+
+    /// The same walk's finer points: PAT (bit 12) in a large page is no reserved bit, a 1-GiB
+    /// entry with a reserved bit in 29:13 is refused, U/S clear at any level makes the page a
+    /// supervisor one (SMEP and SMAP then let it be), XD in a directory refuses a fetch through
+    /// the 4-KiB entry below it, and a read that runs from a good page into a refused one fails.
+    #[test]
+    fn the_supervisor_walk_takes_every_level_into_account() {
+        use vm_memory::Bytes;
+        let ram = GuestRam::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let put = |at: u64, entry: u64| ram.write_obj(entry, GuestAddress(at)).unwrap();
+        let (pml4, pdpt, pd, pt) = (0x1000u64, 0x2000u64, 0x3000u64, 0x4000u64);
+        const A: u64 = 0x20;
+        const U: u64 = 0x4;
+        const XD: u64 = 1 << 63;
+        put(pml4, pdpt | 0x3 | A); // U/S clear here: everything below is supervisor
+        put(pdpt, pd | 0x3 | U | A);
+        put(pdpt + 8, 0x4000_0000 | 0x1000 | 0x83 | U | A); // 1 GiB, PAT set
+        put(pdpt + 16, 0x8000_0000 | 0x2000 | 0x83 | A); // 1 GiB, bit 13 reserved
+        put(pd, pt | 0x3 | U | A);
+        put(pd + 8, pt | 0x3 | U | A | XD); // a directory with XD over the same table
+        put(pt, 0x9000 | 0x3 | U | A);
+        put(pt + 8, 0xA000 | 0x3 | U | A);
+        put(pt + 16, 0xB000 | 0x3 | U); // not accessed
+        let guarded = Paging {
+            cr0: 1 << 31,
+            cr3: pml4,
+            cr4: (1 << 5) | (1 << 20) | (1 << 21),
+            efer: (1 << 10) | (1 << 11),
+        };
+        let read = Access::Read { ac: false };
+        let walk = |linear, access| walk_as_supervisor(&ram, &guarded, linear, access);
+        assert_eq!(
+            walk(0x10, Access::Fetch),
+            Some(0x9010),
+            "supervisor through the PML4E"
+        );
+        assert_eq!(walk(0x10, read), Some(0x9010));
+        assert_eq!(
+            walk(0x4012_3456, read),
+            Some(0x4012_3456),
+            "PAT is no address bit"
+        );
+        assert_eq!(
+            walk(0x8000_0000, read),
+            None,
+            "reserved bit 13 of a 1-GiB entry"
+        );
+        assert_eq!(walk(0x20_0010, read), Some(0x9010));
+        assert_eq!(walk(0x20_0010, Access::Fetch), None, "XD in the PDE");
+        let mut out = [0u8; 16];
+        assert!(read_as_supervisor(
+            &ram,
+            &guarded,
+            0x1FF8,
+            &mut out[..8],
+            read
+        ));
+        assert!(
+            !read_as_supervisor(&ram, &guarded, 0x1FF8, &mut out, read),
+            "from a good page into one not yet accessed"
+        );
+        assert!(canonical(0x7FFF_FFFF_FFFF));
+        assert!(!canonical(0x8000_0000_0000));
+        assert!(canonical(0xFFFF_8000_0000_0000));
+        assert!(!canonical(0xFFFF_7FFF_FFFF_FFFF));
     }
 
     #[test]

@@ -219,8 +219,15 @@ impl Cpu {
         if image & !PLAIN_FLAGS != 0 || image & RFLAGS_IF == 0 {
             return Err(Stop::Flags { image });
         }
-        reloads_same(mem, target, &target.cs)?;
-        reloads_same(mem, target, &target.ss)?;
+        // A return to CPL 0: CS.RPL 0, and SS.RPL must equal it, null SS included (SDM vol. 2A
+        // IRET, IA-32e-MODE; a SYSCALL loads SS with whatever RPL STAR gives it).
+        if target.cs.selector & 3 != 0 || target.ss.selector & 3 != 0 {
+            return Err(Stop::Descriptor {
+                selector: target.ss.selector,
+            });
+        }
+        reloads_same(mem, target, &target.cs, false)?;
+        reloads_same(mem, target, &target.ss, true)?;
         let mut after = self.regs;
         after.rip = rip;
         after.rsp = rsp;
@@ -288,7 +295,10 @@ fn fetch(mem: &mut impl Memory, rip: u64, code: &mut [u8; 16]) -> usize {
     if !mem.read(rip, &mut code[..in_page], Access::Fetch) {
         return 0;
     }
-    if mem.read(rip + in_page as u64, &mut code[in_page..], Access::Fetch) {
+    // Past the top of the address space there is nothing to fetch: an instruction that needs
+    // bytes there stops as unreadable.
+    let next_page = rip.checked_add(in_page as u64);
+    if next_page.is_some_and(|at| mem.read(at, &mut code[in_page..], Access::Fetch)) {
         code.len()
     } else {
         in_page
@@ -390,23 +400,35 @@ fn add_flags(a: u64, b: u64, sum: u64) -> u64 {
 
 /// The IRETQ reloads `seg`'s selector from the GDT (SDM vol. 2A IRET; vol. 3 §3.4.2): the
 /// descriptor there must give back exactly what the vCPU has loaded, and already be marked
-/// accessed (the processor would write that bit). A null SS (allowed at CPL 0 in 64-bit mode)
-/// loads no descriptor; a selector into the LDT is not taken.
-fn reloads_same(mem: &mut impl Memory, target: &Target, seg: &kvm_segment) -> Result<(), Stop> {
+/// accessed (the processor would write that bit). A null SS (`null_allowed`: at CPL 0 in 64-bit
+/// mode) loads no descriptor; a null CS, or a selector into the LDT, is not taken.
+fn reloads_same(
+    mem: &mut impl Memory,
+    target: &Target,
+    seg: &kvm_segment,
+    null_allowed: bool,
+) -> Result<(), Stop> {
     let selector = seg.selector;
     let refused = Err(Stop::Descriptor { selector });
     if selector & !3 == 0 {
-        return if seg.unusable != 0 { Ok(()) } else { refused };
+        // Null: allowed for SS only (a null CS is #GP).
+        return if null_allowed && seg.unusable != 0 {
+            Ok(())
+        } else {
+            refused
+        };
     }
     let index = u64::from(selector & !7);
     if selector & 4 != 0 || index + 7 > u64::from(target.gdt_limit) {
         return refused;
     }
+    // An implicit supervisor-mode access: SMAP keeps it off user pages whatever AC says (SDM vol. 3
+    // §4.6.1).
     let mut raw = [0u8; 8];
     if !mem.read(
         target.gdt_base.wrapping_add(index),
         &mut raw,
-        Access::Read { ac: true },
+        Access::Read { ac: false },
     ) {
         return refused;
     }

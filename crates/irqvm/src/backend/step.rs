@@ -664,15 +664,7 @@ impl Stepper {
             return Ok(None);
         };
         let (regs, sregs) = (synced.regs, synced.sregs);
-        let inside = regs.rsp < ret.rsp && ret.rsp - regs.rsp <= HANDLER_STACK;
-        let quiet = events.interrupt.shadow == 0 && events.nmi.masked == 0 && !event_due(&events);
-        let plain = self.enabled
-            && !self.on
-            && inside
-            && quiet
-            && in_kernel_64bit_code(&sregs)
-            && regs.rflags & (RFLAGS_TF | RFLAGS_IF) == 0;
-        if !plain {
+        if !self.enabled || self.on || !way_out_allowed(&regs, &sregs, &events, ret) {
             return Ok(None);
         }
         let Some(to) = self
@@ -1106,6 +1098,21 @@ impl Stepper {
     }
 }
 
+/// What [`Stepper::finish_return`] asks of the vCPU before it runs anything: inside the handler
+/// irqvm entered at `ret` (RSP below the interrupted one, within [`HANDLER_STACK`]), CPL-0 64-bit
+/// code, IF and TF clear, no STI or MOV SS shadow, NMIs not blocked (the IRETQ would unblock
+/// them, SDM vol. 3 §6.7.1), and no event KVM has yet to deliver ([`event_due`]).
+fn way_out_allowed(
+    regs: &kvm_regs,
+    sregs: &kvm_sregs,
+    events: &kvm_vcpu_events,
+    ret: ReturnPoint,
+) -> bool {
+    let inside = regs.rsp < ret.rsp && ret.rsp - regs.rsp <= HANDLER_STACK;
+    let quiet = events.interrupt.shadow == 0 && events.nmi.masked == 0 && !event_due(events);
+    inside && quiet && in_kernel_64bit_code(sregs) && regs.rflags & (RFLAGS_TF | RFLAGS_IF) == 0
+}
+
 /// Guest memory as the CPL-0 instructions [`Stepper::finish_return`] runs read it.
 struct SupervisorReads<'a> {
     memory: &'a GuestRam,
@@ -1415,5 +1422,87 @@ mod tests {
         );
         assert_eq!(tf_source(&[0x66; 15], LONG), None);
         assert_eq!(tf_source(&[], LONG), None);
+    }
+
+    /// `Stepper::finish_return` runs nothing unless every condition of `way_out_allowed` holds;
+    /// each one alone refuses.
+    #[test]
+    fn a_way_out_is_run_only_from_a_plain_handler_state() {
+        let ret = ReturnPoint {
+            rip: Some(0x5000),
+            rsp: 0x1_8000,
+        };
+        let regs = kvm_regs {
+            rip: 0x1000,
+            rsp: 0x1_7F00,
+            rflags: 0x2,
+            ..Default::default()
+        };
+        let mut sregs = kvm_sregs::default();
+        sregs.cs.l = 1;
+        sregs.cs.selector = 0x08;
+        sregs.efer = EFER_LMA;
+        let events = kvm_vcpu_events::default();
+        assert!(way_out_allowed(&regs, &sregs, &events, ret));
+        let refused = |regs: kvm_regs, sregs: kvm_sregs, events: kvm_vcpu_events, what: &str| {
+            assert!(!way_out_allowed(&regs, &sregs, &events, ret), "{what}");
+        };
+        refused(
+            kvm_regs {
+                rflags: 0x202,
+                ..regs
+            },
+            sregs,
+            events,
+            "IF set",
+        );
+        refused(
+            kvm_regs {
+                rflags: 0x102,
+                ..regs
+            },
+            sregs,
+            events,
+            "TF set",
+        );
+        refused(
+            kvm_regs {
+                rsp: 0x1_8000,
+                ..regs
+            },
+            sregs,
+            events,
+            "RSP not below",
+        );
+        refused(
+            kvm_regs {
+                rsp: 0x1_8000 - HANDLER_STACK - 8,
+                ..regs
+            },
+            sregs,
+            events,
+            "too far",
+        );
+        let mut user = sregs;
+        user.cs.selector = 0x33;
+        refused(regs, user, events, "CPL 3");
+        let mut compat = sregs;
+        compat.cs.l = 0;
+        refused(regs, compat, events, "compatibility mode");
+        let mut e = events;
+        e.interrupt.shadow = 1;
+        refused(regs, sregs, e, "shadow");
+        let mut e = events;
+        e.nmi.masked = 1;
+        refused(regs, sregs, e, "NMI blocked");
+        let mut e = events;
+        e.nmi.pending = 1;
+        refused(regs, sregs, e, "NMI held");
+        let mut e = events;
+        e.exception.pending = 1;
+        refused(regs, sregs, e, "exception pending");
+        let mut e = events;
+        e.interrupt.injected = 1;
+        refused(regs, sregs, e, "interrupt in KVM");
     }
 }

@@ -5,6 +5,8 @@ struct Flat {
     bytes: Vec<u8>,
     holes: Vec<std::ops::Range<u64>>,
     fetches_only_below: Option<u64>,
+    /// User pages under SMAP: a read gets through only with AC.
+    smap_user: Option<std::ops::Range<u64>>,
 }
 
 impl Flat {
@@ -13,6 +15,7 @@ impl Flat {
             bytes: vec![0; 0x20000],
             holes: Vec::new(),
             fetches_only_below: None,
+            smap_user: None,
         }
     }
 
@@ -29,11 +32,20 @@ impl Flat {
 
 impl Memory for Flat {
     fn read(&mut self, at: u64, out: &mut [u8], access: Access) -> bool {
-        let end = at + out.len() as u64;
+        let Some(end) = at.checked_add(out.len() as u64) else {
+            return false;
+        };
         if end > self.bytes.len() as u64 || self.holes.iter().any(|h| h.start < end && at < h.end) {
             return false;
         }
         if access == Access::Fetch && self.fetches_only_below.is_some_and(|limit| end > limit) {
+            return false;
+        }
+        let user = self
+            .smap_user
+            .as_ref()
+            .is_some_and(|u| u.start < end && at < u.end);
+        if user && access == (Access::Read { ac: false }) {
             return false;
         }
         out.copy_from_slice(&self.bytes[at as usize..end as usize]);
@@ -408,4 +420,190 @@ fn add_sets_the_arithmetic_flags_as_the_sdm_defines_them() {
     assert_eq!(cpu.regs.r8, 0);
     assert_eq!(cpu.regs.rflags, 0x2 | cf | pf | af | zf);
     assert_eq!(cpu.regs.rip, 0x1007);
+}
+
+#[test]
+fn smap_guards_the_descriptor_read_whatever_ac_says() {
+    // The stack on a user page is read with the handler's AC; the GDT read is an implicit
+    // supervisor access, which SMAP refuses on a user page even with AC set (SDM vol. 3 §4.6.1).
+    let (mut mem, mut regs) = handler_at_ret(0x202);
+    regs.rflags |= 1 << 18;
+    mem.smap_user = Some(0x1_0000..0x2_0000);
+    assert_eq!(finish(&regs, &target(), &mut mem).unwrap().rip, RETURN_RIP);
+    mem.smap_user = Some(GDT..GDT + 0x1000);
+    assert_eq!(
+        finish(&regs, &target(), &mut mem),
+        Err(Stop::Descriptor { selector: 8 })
+    );
+    regs.rflags &= !(1 << 18);
+    mem.smap_user = Some(0x1_0000..0x2_0000);
+    assert!(matches!(
+        finish(&regs, &target(), &mut mem),
+        Err(Stop::Unreadable { .. })
+    ));
+}
+
+#[test]
+fn a_stack_selector_with_rpl_or_a_null_code_selector_is_not_returned_to() {
+    // SS = 0x13 (RPL 3) at CPL 0, as a SYSCALL with such a STAR leaves it: the IRETQ takes #GP.
+    let (mut mem, regs) = handler_at_ret(0x202);
+    mem.put_qwords(FRAME + 32, &[0x13]);
+    let t = Target {
+        ss: kvm_segment {
+            selector: 0x13,
+            ..stack_segment()
+        },
+        ..target()
+    };
+    assert_eq!(
+        finish(&regs, &t, &mut mem),
+        Err(Stop::Descriptor { selector: 0x13 })
+    );
+    // A null SS with RPL 1.
+    let (mut mem, regs) = handler_at_ret(0x202);
+    mem.put_qwords(FRAME + 32, &[0x1]);
+    let t = Target {
+        ss: kvm_segment {
+            selector: 0x1,
+            unusable: 1,
+            ..stack_segment()
+        },
+        ..target()
+    };
+    assert!(finish(&regs, &t, &mut mem).is_err());
+    // A null CS.
+    let (mut mem, regs) = handler_at_ret(0x202);
+    mem.put_qwords(FRAME + 8, &[0]);
+    let t = Target {
+        cs: kvm_segment {
+            selector: 0,
+            unusable: 1,
+            ..code_segment()
+        },
+        ..target()
+    };
+    assert_eq!(
+        finish(&regs, &t, &mut mem),
+        Err(Stop::Descriptor { selector: 0 })
+    );
+}
+
+#[test]
+fn a_descriptor_ending_at_the_gdt_limit_is_inside_it() {
+    let (mut mem, regs) = handler_at_ret(0x202);
+    let t = Target {
+        gdt_limit: 0x17,
+        ..target()
+    };
+    assert_eq!(finish(&regs, &t, &mut mem).unwrap().rip, RETURN_RIP);
+    let t = Target {
+        gdt_limit: 0x16,
+        ..target()
+    };
+    assert_eq!(
+        finish(&regs, &t, &mut mem),
+        Err(Stop::Descriptor { selector: 0x10 })
+    );
+}
+
+/// Encodings next to the ones run, which mean something else: each must stop the attempt at its
+/// first byte rather than run as its neighbour.
+#[test]
+fn look_alike_encodings_are_not_run() {
+    let cases: &[&[u8]] = &[
+        &[0x41, 0x90],                   // XCHG r8, rax, not NOP
+        &[0xcf],                         // IRETD: a 32-bit frame
+        &[0x83, 0xc4, 0x10],             // ADD esp, 16: zeroes RSP's upper half
+        &[0x48, 0x83, 0xc8, 0x10],       // OR rax, 16 (/1)
+        &[0x48, 0x83, 0x04, 0x24, 0x10], // ADD [rsp], 16: a store
+        &[0x48, 0x8d, 0x24, 0x24],       // LEA rsp, [rsp] with mod 0
+        &[0x49, 0x8d, 0x64, 0x24, 0x08], // LEA rsp, [r12+8] (REX.B)
+        &[0x4a, 0x8d, 0x64, 0x24, 0x08], // LEA with REX.X
+        &[0x48, 0xc3],                   // RET with REX.W
+        &[0x66, 0xc3],                   // RET with an operand-size prefix
+        &[0x48, 0xe9, 0, 0, 0, 0],       // JMP with REX
+        &[0xc2, 0x08, 0x00],             // RET imm16
+        &[0x8f, 0xc0],                   // POP r/m64
+    ];
+    for code in cases {
+        let mut mem = Flat::new();
+        mem.put(0x1000, code);
+        let regs = kvm_regs {
+            rip: 0x1000,
+            rsp: 0x8000,
+            ..Default::default()
+        };
+        assert_eq!(
+            finish(&regs, &target(), &mut mem),
+            Err(Stop::Unsupported {
+                rip: 0x1000,
+                opcode: code[0]
+            }),
+            "{code:02x?}"
+        );
+    }
+}
+
+#[test]
+fn add_rsp_with_a_negative_imm32_moves_it_down() {
+    let mut mem = Flat::new();
+    mem.put(
+        0x1000,
+        &[0x48, 0x81, 0xc4, 0xf0, 0xff, 0xff, 0xff, 0xeb, 0xfe],
+    );
+    let regs = kvm_regs {
+        rip: 0x1000,
+        rsp: 0x8000,
+        ..Default::default()
+    };
+    let mut cpu = Cpu { regs };
+    assert_eq!(cpu.execute(&target(), &mut mem), Ok(None));
+    assert_eq!((cpu.regs.rsp, cpu.regs.rip), (0x7FF0, 0x1007));
+}
+
+#[test]
+fn code_at_the_top_of_the_address_space_is_fetched_without_overflow() {
+    // Memory where every address reads as NOPs, the top page included.
+    struct Nops;
+    impl Memory for Nops {
+        fn read(&mut self, at: u64, out: &mut [u8], _: Access) -> bool {
+            out.fill(0x90);
+            at.checked_add(out.len() as u64 - 1).is_some()
+        }
+    }
+    // `add rsp, 16` in the last 3 bytes: its imm8 would lie past 2^64.
+    struct Top;
+    impl Memory for Top {
+        fn read(&mut self, at: u64, out: &mut [u8], _: Access) -> bool {
+            if at.checked_add(out.len() as u64 - 1).is_none() {
+                return false;
+            }
+            for (i, b) in out.iter_mut().enumerate() {
+                *b = match at.wrapping_add(i as u64).wrapping_neg() {
+                    3 => 0x48,
+                    2 => 0x83,
+                    1 => 0xc4,
+                    _ => 0x90,
+                };
+            }
+            true
+        }
+    }
+    let regs = kvm_regs {
+        rip: 0xFFFF_FFFF_FFFF_FFF8,
+        rsp: 0x8000,
+        ..Default::default()
+    };
+    let mut cpu = Cpu { regs };
+    assert_eq!(cpu.execute(&target(), &mut Nops), Ok(None));
+    assert_eq!(cpu.regs.rip, 0xFFFF_FFFF_FFFF_FFF9);
+    let regs = kvm_regs {
+        rip: 0xFFFF_FFFF_FFFF_FFFD,
+        ..regs
+    };
+    // The first byte it could not fetch is 2^64, reported as the address wraps.
+    assert_eq!(
+        finish(&regs, &target(), &mut Top),
+        Err(Stop::Unreadable { at: 0 })
+    );
 }

@@ -232,6 +232,9 @@ pub(crate) struct Shared {
     pub memory: crate::memory::GuestRam,
     /// `VmConfig::exact_irq_boundaries`.
     pub exact_irq_boundaries: bool,
+    /// The guest may count instructions with a virtual PMU ([`guest_may_have_pmu`]): irqvm then
+    /// never runs guest instructions itself (`backend::epilogue`), which the counters would miss.
+    pub guest_pmu: bool,
     /// KVM_CAP_SYNC_REGS has KVM_SYNC_X86_EVENTS: interrupts go in through `kvm_run`'s synced
     /// events instead of a KVM_INTERRUPT ioctl (`percpu::UserVcpuChip::queue_interrupt`).
     pub sync_events: bool,
@@ -320,6 +323,7 @@ impl UserIrqchip {
             tracer: ctx.tracer,
             memory: ctx.memory.clone(),
             exact_irq_boundaries: ctx.exact_irq_boundaries,
+            guest_pmu: guest_may_have_pmu(ctx.kvm),
             sync_events: sync_fields(ctx.kvm) & kvm_bindings::KVM_SYNC_X86_EVENTS != 0,
             sync_regs: sync_fields(ctx.kvm) & SYNC_REGS_AND_SREGS == SYNC_REGS_AND_SREGS,
         });
@@ -336,6 +340,24 @@ const SYNC_REGS_AND_SREGS: u32 = kvm_bindings::KVM_SYNC_X86_REGS | kvm_bindings:
 
 /// What KVM_CAP_SYNC_REGS lists (this host: 7, registers, system registers and events; 0 where
 /// KVM lacks the capability).
+/// True unless this host's KVM offers guests no performance counters: KVM_CAP_PMU_CAPABILITY
+/// reads 0 only where KVM's `enable_pmu` is off (or the kernel predates the capability, Linux
+/// 5.18), and CPUID leaf 0AH (the architectural PMU, which irqvm passes through) has version 0.
+/// KVM counts the instructions its own emulator runs for the guest's counters
+/// (`kvm_pmu_instruction_retired`); the instructions `backend::epilogue` runs in irqvm would be
+/// missing from them, so where a PMU may be there irqvm leaves every instruction to the guest.
+fn guest_may_have_pmu(kvm: &Kvm) -> bool {
+    const KVM_CAP_PMU_CAPABILITY: libc::c_ulong = 225;
+    let arch_pmu = crate::cpuid::supported_cpuid(kvm)
+        .map(|c| {
+            c.as_slice()
+                .iter()
+                .any(|e| e.function == 0xA && e.eax & 0xFF != 0)
+        })
+        .unwrap_or(true);
+    kvm.check_extension_raw(KVM_CAP_PMU_CAPABILITY) != 0 || arch_pmu
+}
+
 fn sync_fields(kvm: &Kvm) -> u32 {
     u32::try_from(kvm.check_extension_int(Cap::SyncRegs)).unwrap_or(0)
 }

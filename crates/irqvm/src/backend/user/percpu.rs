@@ -946,7 +946,8 @@ impl UserVcpuChip {
         let Some(ret) = self.handler_returns_to else {
             return Ok(None);
         };
-        if blocked || !self.exit_insn_done || !self.regs_sync_always || !self.stepper.enabled() {
+        let able = self.regs_sync_always && self.stepper.enabled() && !self.shared.guest_pmu;
+        if blocked || !self.exit_insn_done || !able {
             return Ok(None);
         }
         self.offer_events(vcpu);
@@ -1629,14 +1630,16 @@ impl VcpuIrqchip for UserVcpuChip {
 }
 
 /// True if KVM has nothing left to finish of `exit`'s instruction at the next KVM_RUN: an MMIO
-/// write of at most 8 bytes within one page (KVM's emulator wrote RIP back before the exit and
-/// makes no second exit for it), a debug exit (the instruction at RIP has not begun) or an
+/// write of less than 8 bytes that ends before the last byte of its page (KVM's emulator wrote RIP
+/// back before the exit, and such an access is one fragment: no second exit for it), a debug exit (the instruction at RIP has not begun) or an
 /// interrupt-window exit. An MMIO read, a port or an MSR access is completed at that KVM_RUN,
 /// from KVM's registers.
 fn insn_done_at(exit: &ChipExit<'_>) -> bool {
     match exit {
+        // KVM splits an access into 8-byte fragments and at a page boundary, and exits once for
+        // each: an access shorter than 8 bytes that ends before its page's last byte is one.
         ChipExit::MmioWrite { addr, data } => {
-            data.len() <= 8 && (addr % 4096) + data.len() as u64 <= 4096
+            data.len() < 8 && (addr % 4096) + (data.len() as u64) < 4096
         }
         ChipExit::SingleStep | ChipExit::IrqWindowOpen => true,
         _ => false,
@@ -1651,6 +1654,45 @@ fn internal_error_exit(vcpu: &mut VcpuFd) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Which exits leave the vCPU at a boundary where irqvm may hand KVM new registers: a write
+    /// KVM makes one fragment of (less than 8 bytes, ending before its page's last byte), a debug
+    /// or window exit; not the first fragment of a 16-byte or 8-byte store, nor one that reaches
+    /// a page's end, nor a read, port or MSR exit, which KVM completes at the next KVM_RUN.
+    #[test]
+    fn only_exits_whose_instruction_is_complete_allow_new_registers() {
+        let eoi = ChipExit::MmioWrite {
+            addr: 0xFEE0_00B0,
+            data: &[0; 4],
+        };
+        assert!(insn_done_at(&eoi));
+        for (addr, len) in [(0xFEE0_00B0u64, 8usize), (0xFEE0_0FFC, 4), (0xFEE0_0FFF, 1)] {
+            let data = vec![0u8; len];
+            let exit = ChipExit::MmioWrite { addr, data: &data };
+            assert!(!insn_done_at(&exit), "{addr:#x} {len}");
+        }
+        assert!(insn_done_at(&ChipExit::SingleStep));
+        assert!(insn_done_at(&ChipExit::IrqWindowOpen));
+        let mut buf = [0u8; 4];
+        let read = ChipExit::MmioRead {
+            addr: 0xFEE0_0030,
+            data: &mut buf,
+        };
+        assert!(!insn_done_at(&read));
+        assert!(!insn_done_at(&ChipExit::PioWrite {
+            port: 0x20,
+            data: &[0x20],
+        }));
+        let mut error = 0u8;
+        let wrmsr = ChipExit::WrMsr {
+            index: 0x80B,
+            reason: 0,
+            data: 0,
+            error: &mut error,
+        };
+        assert!(!insn_done_at(&wrmsr));
+        assert!(!insn_done_at(&ChipExit::Hlt));
+    }
 
     /// The halt-poll window grows after short sleeps (from 10 µs, doubling, capped at KVM's
     /// 200 µs) and halves after long ones.
