@@ -529,19 +529,26 @@ mod tests {
         assert_eq!(walk_four_level(&ram, cr3, 0x1000), None, "PS in a PML4E");
     }
 
+    /// The tables of the supervisor-walk tests: PML4, PDPT, PD and PT at these addresses, and
+    /// the A, U/S and XD bits of an entry.
+    const TABLES: (u64, u64, u64, u64) = (0x1000, 0x2000, 0x3000, 0x4000);
+    const A: u64 = 0x20;
+    const U: u64 = 0x4;
+    const XD: u64 = 1 << 63;
+
+    fn put_entry(ram: &GuestRam, at: u64, entry: u64) {
+        vm_memory::Bytes::write_obj(ram, entry, GuestAddress(at)).unwrap();
+    }
+
     /// The walk irqvm makes in the guest's place refuses what the processor would fault on or
     /// would write: an A bit clear at any level, XD for a fetch (and XD without EFER.NXE), SMEP,
     /// SMAP (unless AC), PKE on a user page, PKS on a supervisor page, CET, a reserved bit in a
     /// large page, a non-canonical address.
     #[test]
     fn the_supervisor_walk_refuses_what_the_processor_would_fault_on_or_mark() {
-        use vm_memory::Bytes;
         let ram = GuestRam::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
-        let put = |at: u64, entry: u64| ram.write_obj(entry, GuestAddress(at)).unwrap();
-        let (pml4, pdpt, pd, pt) = (0x1000u64, 0x2000u64, 0x3000u64, 0x4000u64);
-        const A: u64 = 0x20;
-        const U: u64 = 0x4;
-        const XD: u64 = 1 << 63;
+        let put = |at: u64, entry: u64| put_entry(&ram, at, entry);
+        let (pml4, pdpt, pd, pt) = TABLES;
         // PML4 0 -> PDPT 0 -> PD 0 -> PT; PD 1 is a 2 MiB page at 0x60_0000.
         put(pml4, pdpt | 0x3 | U | A);
         put(pdpt, pd | 0x3 | U | A);
@@ -626,13 +633,9 @@ mod tests {
     /// the 4-KiB entry below it, and a read that runs from a good page into a refused one fails.
     #[test]
     fn the_supervisor_walk_takes_every_level_into_account() {
-        use vm_memory::Bytes;
         let ram = GuestRam::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
-        let put = |at: u64, entry: u64| ram.write_obj(entry, GuestAddress(at)).unwrap();
-        let (pml4, pdpt, pd, pt) = (0x1000u64, 0x2000u64, 0x3000u64, 0x4000u64);
-        const A: u64 = 0x20;
-        const U: u64 = 0x4;
-        const XD: u64 = 1 << 63;
+        let put = |at: u64, entry: u64| put_entry(&ram, at, entry);
+        let (pml4, pdpt, pd, pt) = TABLES;
         put(pml4, pdpt | 0x3 | A); // U/S clear here: everything below is supervisor
         put(pdpt, pd | 0x3 | U | A);
         put(pdpt + 8, 0x4000_0000 | 0x1000 | 0x83 | U | A); // 1 GiB, PAT set

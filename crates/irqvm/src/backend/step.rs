@@ -1489,20 +1489,18 @@ mod tests {
         let mut compat = sregs;
         compat.cs.l = 0;
         refused(regs, compat, events, "compatibility mode");
-        let mut e = events;
-        e.interrupt.shadow = 1;
-        refused(regs, sregs, e, "shadow");
-        let mut e = events;
-        e.nmi.masked = 1;
-        refused(regs, sregs, e, "NMI blocked");
-        let mut e = events;
-        e.nmi.pending = 1;
-        refused(regs, sregs, e, "NMI held");
-        let mut e = events;
-        e.exception.pending = 1;
-        refused(regs, sregs, e, "exception pending");
-        let mut e = events;
-        e.interrupt.injected = 1;
-        refused(regs, sregs, e, "interrupt in KVM");
+        type SetEvent = fn(&mut kvm_vcpu_events);
+        let event_cases: [(SetEvent, &str); 5] = [
+            (|e| e.interrupt.shadow = 1, "shadow"),
+            (|e| e.nmi.masked = 1, "NMI blocked"),
+            (|e| e.nmi.pending = 1, "NMI held"),
+            (|e| e.exception.pending = 1, "exception pending"),
+            (|e| e.interrupt.injected = 1, "interrupt in KVM"),
+        ];
+        for (set, what) in event_cases {
+            let mut e = events;
+            set(&mut e);
+            refused(regs, sregs, e, what);
+        }
     }
 }
