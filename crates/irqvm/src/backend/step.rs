@@ -673,13 +673,6 @@ impl Stepper {
         else {
             return Ok(None);
         };
-        let dr7 = vcpu
-            .get_debug_regs()
-            .map_err(KvmError::ioctl("KVM_GET_DEBUGREGS"))?
-            .dr7;
-        if dr7 & DR7_ENABLES != 0 {
-            return Ok(None);
-        }
         let target = epilogue::Target {
             frame: frame_at(ret.rsp),
             rip: to,
@@ -693,12 +686,10 @@ impl Stepper {
             memory: &self.memory,
             paging: crate::memory::Paging::of(&sregs),
         };
-        match epilogue::finish(&regs, &target, &mut memory) {
-            Ok(after) => {
-                tracing::trace!(rip = regs.rip, to, "ran the handler's way out here");
-                self.finished_returns += 1;
-                Ok(Some(after))
-            }
+        // The attempt changes nothing until its registers go in, so the DR7 read (an ioctl) is
+        // made only for a way out that ran: a handler whose tail is the guest's costs none.
+        let after = match epilogue::finish(&regs, &target, &mut memory) {
+            Ok(after) => after,
             Err(stop) => {
                 tracing::trace!(
                     rip = regs.rip,
@@ -706,9 +697,19 @@ impl Stepper {
                     ?stop,
                     "the handler's way out is the guest's"
                 );
-                Ok(None)
+                return Ok(None);
             }
+        };
+        let dr7 = vcpu
+            .get_debug_regs()
+            .map_err(KvmError::ioctl("KVM_GET_DEBUGREGS"))?
+            .dr7;
+        if dr7 & DR7_ENABLES != 0 {
+            return Ok(None);
         }
+        tracing::trace!(rip = regs.rip, to, "ran the handler's way out here");
+        self.finished_returns += 1;
+        Ok(Some(after))
     }
 
     /// True if a run to a handler's return ([`Self::run_to_return`]) is under way and the vCPU is
