@@ -613,16 +613,14 @@ impl Stepper {
             return self.step(vcpu);
         }
         let regs = self.regs(vcpu)?;
-        let inside = regs.rsp < ret.rsp && ret.rsp - regs.rsp <= HANDLER_STACK;
-        if !inside {
+        if !inside_handler(regs.rsp, ret) {
             tracing::trace!(rsp = regs.rsp, ?ret, "not inside the handler: stepping");
             return self.step(vcpu);
         }
         // The frame must still be there even when the injection knew its RIP: a stack pointer
         // below the interrupted one is also what a deeper call of the interrupted code has once
         // the handler returned unseen, and a breakpoint at that old return would never be hit.
-        let framed = self.read_frame_return(vcpu, ret.rsp)?;
-        let to = framed.filter(|&rip| ret.rip.is_none_or(|known| known == rip));
+        let to = self.handler_return_rip(vcpu, ret)?;
         let Some(to) = to.filter(|&to| to != regs.rip) else {
             tracing::trace!(rip = regs.rip, ?ret, ?to, "no frame to return by: stepping");
             return self.step(vcpu);
@@ -667,10 +665,7 @@ impl Stepper {
         if !self.enabled || self.on || !way_out_allowed(&regs, &sregs, &events, ret) {
             return Ok(None);
         }
-        let Some(to) = self
-            .read_frame_return(vcpu, ret.rsp)?
-            .filter(|&rip| ret.rip.is_none_or(|known| known == rip))
-        else {
+        let Some(to) = self.handler_return_rip(vcpu, ret)? else {
             return Ok(None);
         };
         let target = epilogue::Target {
@@ -700,11 +695,7 @@ impl Stepper {
                 return Ok(None);
             }
         };
-        let dr7 = vcpu
-            .get_debug_regs()
-            .map_err(KvmError::ioctl("KVM_GET_DEBUGREGS"))?
-            .dr7;
-        if dr7 & DR7_ENABLES != 0 {
+        if guest_dr7_enables(vcpu)? {
             return Ok(None);
         }
         tracing::trace!(rip = regs.rip, to, "ran the handler's way out here");
@@ -727,6 +718,18 @@ impl Stepper {
         }
         self.returning = None;
         false
+    }
+
+    /// Where the handler of the interrupt injected at `ret` returns: the RIP of its frame, still
+    /// on the stack ([`Self::read_frame_return`]), which must be `ret.rip` where the injection
+    /// knew it.
+    fn handler_return_rip(
+        &self,
+        vcpu: &VcpuFd,
+        ret: ReturnPoint,
+    ) -> Result<Option<u64>, IrqchipError> {
+        let framed = self.read_frame_return(vcpu, ret.rsp)?;
+        Ok(framed.filter(|&rip| ret.rip.is_none_or(|known| known == rip)))
     }
 
     /// The return RIP of the frame an interrupt taken at `rsp` pushed, if that frame is still
@@ -860,11 +863,7 @@ impl Stepper {
             return Ok(false);
         }
         self.unread_dr7_runs = 0;
-        let dr7 = vcpu
-            .get_debug_regs()
-            .map_err(KvmError::ioctl("KVM_GET_DEBUGREGS"))?
-            .dr7;
-        Ok(dr7 & DR7_ENABLES != 0)
+        guest_dr7_enables(vcpu)
     }
 
     /// How to stop the guest after its next instruction ([`Plan`]): refused if the guest uses a
@@ -1099,6 +1098,22 @@ impl Stepper {
     }
 }
 
+/// True if a stack pointer `rsp` lies inside the handler of the interrupt irqvm injected at `ret`:
+/// below the interrupted RSP, within [`HANDLER_STACK`].
+fn inside_handler(rsp: u64, ret: ReturnPoint) -> bool {
+    rsp < ret.rsp && ret.rsp - rsp <= HANDLER_STACK
+}
+
+/// True if the guest's DR7 enables a breakpoint of its own (KVM_GET_DEBUGREGS reads the guest's
+/// DR7 also while the VMM's breakpoints are armed).
+fn guest_dr7_enables(vcpu: &VcpuFd) -> Result<bool, IrqchipError> {
+    let dr7 = vcpu
+        .get_debug_regs()
+        .map_err(KvmError::ioctl("KVM_GET_DEBUGREGS"))?
+        .dr7;
+    Ok(dr7 & DR7_ENABLES != 0)
+}
+
 /// What [`Stepper::finish_return`] asks of the vCPU before it runs anything: inside the handler
 /// irqvm entered at `ret` (RSP below the interrupted one, within [`HANDLER_STACK`]), CPL-0 64-bit
 /// code, IF and TF clear, no STI or MOV SS shadow, NMIs not blocked (the IRETQ would unblock
@@ -1109,9 +1124,11 @@ fn way_out_allowed(
     events: &kvm_vcpu_events,
     ret: ReturnPoint,
 ) -> bool {
-    let inside = regs.rsp < ret.rsp && ret.rsp - regs.rsp <= HANDLER_STACK;
     let quiet = events.interrupt.shadow == 0 && events.nmi.masked == 0 && !event_due(events);
-    inside && quiet && in_kernel_64bit_code(sregs) && regs.rflags & (RFLAGS_TF | RFLAGS_IF) == 0
+    inside_handler(regs.rsp, ret)
+        && quiet
+        && in_kernel_64bit_code(sregs)
+        && regs.rflags & (RFLAGS_TF | RFLAGS_IF) == 0
 }
 
 /// Guest memory as the CPL-0 instructions [`Stepper::finish_return`] runs read it.

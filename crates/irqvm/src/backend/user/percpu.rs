@@ -832,7 +832,7 @@ impl UserVcpuChip {
         next: Injection,
     ) -> Result<bool, IrqchipError> {
         let stale = self.regs_rewritten || (self.flags_from_exit && if_set);
-        let looping = self.stepped_again && self.last_stepped.is_some_and(|(what, _)| what == next);
+        let looping = self.came_back_again(next);
         if stale || self.kvm_queued || self.fault_pending || (looping && !self.stepper.active()) {
             self.stepper.end(vcpu)?;
             return Ok(false);
@@ -941,12 +941,12 @@ impl UserVcpuChip {
         vcpu: &mut VcpuFd,
         next: Injection,
     ) -> Result<Option<ReturnPoint>, IrqchipError> {
-        let looping = self.stepped_again && self.last_stepped.is_some_and(|(what, _)| what == next);
+        let looping = self.came_back_again(next);
         let blocked = self.regs_rewritten || self.kvm_queued || self.fault_pending || looping;
         let Some(ret) = self.handler_returns_to else {
             return Ok(None);
         };
-        let able = self.regs_sync_always && self.stepper.enabled() && !self.shared.guest_pmu;
+        let able = self.regs_sync_always && !self.shared.guest_pmu;
         if blocked || !self.exit_insn_done || !able {
             return Ok(None);
         }
@@ -957,10 +957,7 @@ impl UserVcpuChip {
         vcpu.sync_regs_mut().regs = after;
         vcpu.set_sync_dirty_reg(SyncReg::Register);
         self.handler_returns_to = None;
-        self.counters().finished_returns.store(
-            self.stepper.finished_returns,
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        self.publish_steps();
         Ok(Some(ReturnPoint {
             rip: Some(after.rip),
             rsp: after.rsp,
@@ -1016,6 +1013,16 @@ impl UserVcpuChip {
             self.stepper.stretch_runs,
             std::sync::atomic::Ordering::Relaxed,
         );
+        counters.finished_returns.store(
+            self.stepper.finished_returns,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// The forward-progress rule of [`Self::step_to_window`]: `next` was injected at the same
+    /// exact boundary twice in a row already.
+    fn came_back_again(&self, next: Injection) -> bool {
+        self.stepped_again && self.last_stepped.is_some_and(|(what, _)| what == next)
     }
 
     /// Hands the pending NMIs to KVM, as many as KVM's `process_nmi` rule lets stay pending
