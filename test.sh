@@ -12,5 +12,3 @@ cargo test -p irqchip --release --features loom,broken-deferral-notified --test 
 cargo test -p irqchip --release --features loom,broken-pv-eoi-order --test loom_posting
 cargo test -p irqchip --release --features loom --test loom_wake
 cargo test -p irqchip --release --features loom,broken-shared-bell --test loom_wake
-cargo test -p irqchip --release --features loom --test loom_timer
-cargo test -p irqchip --release --features loom,broken-timer-rearm --test loom_timer

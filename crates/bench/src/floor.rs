@@ -83,7 +83,9 @@ pub fn round_trips(workload: &str, host_cpus: u32) -> Option<(f64, String)> {
             "none: the port write exits to userspace in both modes, the handler stamps before its EOI",
         ),
         "timer_oneshot" => fixed(2.0, "the TMICT write (the count starts at it), the wake-up"),
-        "timer_deadline" => fixed(1.0, "the wake-up (the deadline is absolute)"),
+        "timer_deadline" | "timer_sleep" => {
+            fixed(1.0, "the wake-up (the deadline is absolute)")
+        }
         "timer_deadline_expired" => fixed(1.0, "the WRMSR (the timer fires at it)"),
         "ipi_halted" => fixed(8.0, "per side: ICR2, ICR, the target's wake-up, its EOI"),
         "ipi_spin" => fixed(8.0, "per side: ICR2, ICR, the target's kick, its EOI"),

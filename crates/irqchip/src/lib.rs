@@ -89,7 +89,6 @@ pub mod posting;
 pub mod routing;
 pub mod snapshot;
 pub mod sync;
-pub mod timer_slots;
 pub mod topology;
 pub mod types;
 pub mod vcpu;

@@ -197,6 +197,7 @@
 use crate::sync::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use crate::types::{ApicEvents, InterruptSink, Notify, TriggerMode, Vector};
 use std::sync::PoisonError;
+use std::time::Instant;
 
 #[cfg(feature = "loom")]
 use loom::sync::{Condvar, Mutex};
@@ -390,7 +391,9 @@ pub trait Bell: Send + Sync {
     /// Wakes the waiter, or makes its next `wait` return at once.
     fn ring(&self);
     /// Sleeps until rung (returns at once if it was rung since the last `wait`), then clears it.
-    fn wait(&self);
+    /// With `until`, returns at that instant too, rung or not, and may return earlier for a
+    /// signal to the sleeping thread ([`crate::wake::SharedBell`]); the caller re-checks.
+    fn wait(&self, until: Option<Instant>);
 }
 
 /// A sleep/wake primitive that does not lose a ring that comes before the sleep: `ring` sets a
@@ -444,13 +447,31 @@ impl Doorbell {
 
     /// Sleeps until rung (returns at once if it was rung since the last `wait`), then clears it.
     pub fn wait(&self) {
+        self.wait_until(None);
+    }
+
+    /// [`Self::wait`], returning at `until` too (a ring that comes after that is kept for the
+    /// next `wait`).
+    pub fn wait_until(&self, until: Option<Instant>) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         while !state.rung {
+            let left = until.map(|u| u.saturating_duration_since(Instant::now()));
+            if left.is_some_and(|left| left.is_zero()) {
+                return;
+            }
             state.sleeping = true;
-            state = self
-                .bell
-                .wait(state)
-                .unwrap_or_else(PoisonError::into_inner);
+            state = match left {
+                None => self
+                    .bell
+                    .wait(state)
+                    .unwrap_or_else(PoisonError::into_inner),
+                Some(left) => {
+                    self.bell
+                        .wait_timeout(state, left)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0
+                }
+            };
             state.sleeping = false;
         }
         state.rung = false;
@@ -462,8 +483,8 @@ impl Bell for Doorbell {
         Doorbell::ring(self);
     }
 
-    fn wait(&self) {
-        Doorbell::wait(self);
+    fn wait(&self, until: Option<Instant>) {
+        Doorbell::wait_until(self, until);
     }
 }
 
@@ -799,7 +820,14 @@ impl VcpuInbox {
     /// left over from a post that [`Self::try_block`] had already seen): the caller drains,
     /// re-evaluates and blocks again if there is still nothing to do.
     pub fn block_until_rung(&self) {
-        self.doorbell.wait();
+        self.block_until_rung_or(None);
+    }
+
+    /// [`Self::block_until_rung`], returning at `until` too (or at a signal, on a doorbell
+    /// that sees them): for a vCPU whose own APIC timer expires then, which no poster rings
+    /// for. A ring that comes later is kept for the next sleep.
+    pub fn block_until_rung_or(&self, until: Option<Instant>) {
+        self.doorbell.wait(until);
         self.set_mode(VcpuMode::OutsideGuest);
     }
 

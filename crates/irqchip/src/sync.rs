@@ -1,5 +1,5 @@
-//! The synchronisation primitives used by the cross-thread parts of the chip (`posting`, `wake`,
-//! `timer_slots`).
+//! The synchronisation primitives used by the cross-thread parts of the chip (`posting`,
+//! `wake`).
 //! Under `--features loom` they are loom's, so the same code is model-checked.
 
 #[cfg(feature = "loom")]

@@ -561,13 +561,19 @@ impl VcpuInterrupts {
     /// wait-for-SIPI sleeps through an INIT alone and takes it with the SIPI that follows
     /// (`posting`, issue 13): an INIT would leave it where it is.
     pub fn block(&mut self) {
+        self.block_until(None);
+    }
+
+    /// [`Self::block`], waking at `until` too, posted or not: the host instant of this vCPU's
+    /// own next timer deadline, which its VMM fires itself rather than posting it.
+    pub fn block_until(&mut self, until: Option<std::time::Instant>) {
         let blocked = if self.init_leaves_blocked() {
             self.inbox.try_block_awaiting_sipi()
         } else {
             self.inbox.try_block()
         };
         if blocked {
-            self.inbox.block_until_rung();
+            self.inbox.block_until_rung_or(until);
         }
         self.drain();
     }

@@ -51,6 +51,7 @@
 use crate::posting::Bell;
 use crate::sync::{Arc, AtomicU32, AtomicU8, Ordering};
 use crate::types::VcpuIndex;
+use std::time::Instant;
 
 /// vCPUs per shared word: a futex bitset is 32 bits wide.
 pub const GROUP_SIZE: usize = 32;
@@ -64,12 +65,24 @@ const SLEEPING: u8 = 1 << 1;
 /// FUTEX_WAKE_BITSET of a private futex.
 pub trait WakeWord: Send + Sync {
     /// Sleeps while `word` holds `expected`, until a [`Self::wake`] of `word` whose mask shares
-    /// a bit with `mask`. The load, the compare and the sleep must be atomic with respect to
-    /// `wake` (futex(2)). May return early for any reason (a signal, a changed word): the
-    /// caller re-checks.
-    fn wait(&self, word: &AtomicU32, expected: u32, mask: u32);
+    /// a bit with `mask`, or until `until` if given. The load, the compare and the sleep must
+    /// be atomic with respect to `wake` (futex(2)). May return early for any reason (a changed
+    /// word, a wake meant for another bit): the caller re-checks. Returns
+    /// [`SleepEnd::Interrupted`] when the sleep ended without a wake and should not be taken up
+    /// again: `until` passed, or a signal arrived (the sleeper's own thread has something to
+    /// do; on Linux the vCPU's kick and its APIC timer are signals).
+    fn wait(&self, word: &AtomicU32, expected: u32, mask: u32, until: Option<Instant>) -> SleepEnd;
     /// Wakes every thread sleeping on `word` whose mask shares a bit with `mask`.
     fn wake(&self, word: &AtomicU32, mask: u32);
+}
+
+/// How a [`WakeWord::wait`] ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SleepEnd {
+    /// A wake, a changed word, or a spurious return: the waiter looks for its ring again.
+    Woken,
+    /// Its time passed or a signal arrived: the waiter returns to its caller, rung or not.
+    Interrupted,
 }
 
 /// The doorbells of every vCPU of a VM, grouped by 32 on shared words (module doc).
@@ -122,6 +135,13 @@ impl<W: WakeWord> SharedDoorbells<W> {
     /// `wait`), then clears it. Only `vcpu`'s own thread may call it. An index past the VM's
     /// vCPUs returns at once.
     pub fn wait(&self, vcpu: VcpuIndex) {
+        self.wait_until(vcpu, None);
+    }
+
+    /// [`Self::wait`], ending also at `until` or at a signal ([`SleepEnd::Interrupted`]): then
+    /// the doorbell is cleared as by a ring's return, so that a ring that came meanwhile makes
+    /// no futex call and the caller's re-check after the return sees what it rang for.
+    pub fn wait_until(&self, vcpu: VcpuIndex, until: Option<Instant>) {
         let (Some(state), Some(sequence)) =
             (self.states.get(vcpu), self.sequences.get(vcpu / GROUP_SIZE))
         else {
@@ -139,7 +159,13 @@ impl<W: WakeWord> SharedDoorbells<W> {
                 state.swap(0, Ordering::AcqRel);
                 return;
             }
-            self.word.wait(sequence, expected, bit_of(vcpu));
+            if self.word.wait(sequence, expected, bit_of(vcpu), until) == SleepEnd::Interrupted {
+                // Not asleep any more: a ring from now on makes no wake call. A ring latched
+                // since the announcement is consumed here; its post was published before it
+                // (AcqRel), so the caller's drain after this return finds it.
+                state.swap(0, Ordering::AcqRel);
+                return;
+            }
         }
     }
 
@@ -227,8 +253,8 @@ impl<W: WakeWord> Bell for SharedBell<W> {
         self.bells.ring(self.vcpu);
     }
 
-    fn wait(&self) {
-        self.bells.wait(self.vcpu);
+    fn wait(&self, until: Option<Instant>) {
+        self.bells.wait_until(self.vcpu, until);
     }
 }
 
@@ -255,18 +281,35 @@ mod tests {
     }
 
     impl WakeWord for FakeFutex {
-        fn wait(&self, word: &AtomicU32, expected: u32, mask: u32) {
+        fn wait(
+            &self,
+            word: &AtomicU32,
+            expected: u32,
+            mask: u32,
+            until: Option<Instant>,
+        ) -> SleepEnd {
             let mut queue = self.queue.lock().unwrap();
             queue.waits += 1;
             if word.load(Ordering::SeqCst) != expected {
-                return;
+                return SleepEnd::Woken;
             }
             let slot = queue.sleepers.len();
             queue.sleepers.push((mask, false));
+            let mut end = SleepEnd::Woken;
             while !queue.sleepers[slot].1 {
-                queue = self.woken.wait(queue).unwrap();
+                let Some(until) = until else {
+                    queue = self.woken.wait(queue).unwrap();
+                    continue;
+                };
+                let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    end = SleepEnd::Interrupted;
+                    break;
+                }
+                queue = self.woken.wait_timeout(queue, left).unwrap().0;
             }
             queue.sleepers[slot].0 = 0;
+            end
         }
 
         fn wake(&self, _word: &AtomicU32, mask: u32) {
@@ -357,6 +400,43 @@ mod tests {
         assert_eq!(bells.wake_word().wakes(), vec![0b10]);
     }
 
+    /// A sleep that ends at its deadline leaves the doorbell clear and not asleep: a ring
+    /// after it makes no wake call and is kept for the next wait.
+    #[test]
+    fn a_sleep_that_times_out_leaves_no_sleeper_for_a_ring_to_wake() {
+        let bells = bells(2);
+        let until = Instant::now() + std::time::Duration::from_millis(5);
+        bells.wait_until(1, Some(until));
+        assert!(Instant::now() >= until, "returned before its deadline");
+        assert_eq!(bells.states[1].load(Ordering::SeqCst), 0);
+        assert!(
+            !bells.batch().ring(1),
+            "a ring after the sleep finds nobody asleep"
+        );
+        assert!(bells.wake_word().wakes().is_empty());
+        let waits = bells.wake_word().waits();
+        bells.wait_until(1, Some(until));
+        assert_eq!(
+            bells.wake_word().waits(),
+            waits,
+            "the kept ring ends the next wait at once"
+        );
+    }
+
+    /// A deadline already past when the sleep begins ends it at once, with no lost ring: this
+    /// is the sleep of a vCPU whose timer signal came just before its futex call.
+    #[test]
+    fn a_deadline_already_past_ends_the_sleep_at_once() {
+        let bells = bells(1);
+        bells.wait_until(0, Some(Instant::now()));
+        assert_eq!(bells.states[0].load(Ordering::SeqCst), 0);
+        assert_eq!(
+            bells.wake_word().waits(),
+            1,
+            "one wait, which found its time gone"
+        );
+    }
+
     #[test]
     fn out_of_range_indexes_do_nothing() {
         let bells = bells(2);
@@ -393,10 +473,10 @@ mod tests {
         let bells = bells(2);
         let bell = SharedBell::new(bells.clone(), 1);
         Bell::ring(&bell);
-        Bell::wait(&bell);
+        Bell::wait(&bell, None);
         let waiter = {
             let bells = bells.clone();
-            thread::spawn(move || SharedBell::new(bells, 1).wait())
+            thread::spawn(move || SharedBell::new(bells, 1).wait(None))
         };
         while bells.states[1].load(Ordering::SeqCst) & SLEEPING == 0 {
             thread::yield_now();

@@ -23,11 +23,12 @@ use irqchip::posting::{Posted, VcpuInbox};
 use irqchip::sync::{Arc, AtomicBool, AtomicU32, Ordering};
 
 mod loom_support;
-use irqchip::wake::{SharedBell, SharedDoorbells, WakeWord};
+use irqchip::wake::{SharedBell, SharedDoorbells, SleepEnd, WakeWord};
 use irqchip::{InterruptSink, Notify, TriggerMode, Vector};
 use loom::sync::{Condvar, Mutex};
 use loom::thread;
 use loom_support::check;
+use std::time::Instant;
 
 const VECTOR: Vector = 0x41;
 
@@ -35,6 +36,8 @@ const VECTOR: Vector = 0x41;
 const BOUND: Option<usize> = Some(3);
 
 /// The futex stand-in: who sleeps with which mask, and how many waits and wakes were made.
+/// A wait with a deadline also ends when the model's clock passes it ([`ModelFutex::time_out`]),
+/// and once it has, such a wait returns at once (its `until` is in the past).
 #[derive(Default)]
 struct ModelFutex {
     queue: Mutex<Queue>,
@@ -43,20 +46,29 @@ struct ModelFutex {
 
 #[derive(Default)]
 struct Queue {
-    /// One entry per wait that went to sleep: its mask, and whether a wake reached it.
-    sleepers: Vec<(u32, bool)>,
+    /// One entry per wait that went to sleep: its mask, whether it has a deadline, and how it
+    /// ended (`None` while asleep).
+    sleepers: Vec<(u32, bool, Option<SleepEnd>)>,
     wakes: usize,
+    /// The deadlines of every wait have passed.
+    timed_out: bool,
 }
 
 impl WakeWord for ModelFutex {
-    fn wait(&self, word: &AtomicU32, expected: u32, mask: u32) {
+    fn wait(&self, word: &AtomicU32, expected: u32, mask: u32, until: Option<Instant>) -> SleepEnd {
         let mut queue = self.queue.lock().unwrap();
+        if until.is_some() && queue.timed_out {
+            return SleepEnd::Interrupted; // ETIMEDOUT at once
+        }
         if word.load(Ordering::Relaxed) != expected {
-            return; // EAGAIN
+            return SleepEnd::Woken; // EAGAIN
         }
         let slot = queue.sleepers.len();
-        queue.sleepers.push((mask, false));
-        while !queue.sleepers[slot].1 {
+        queue.sleepers.push((mask, until.is_some(), None));
+        loop {
+            if let Some(end) = queue.sleepers[slot].2 {
+                return end;
+            }
             queue = self.woken.wait(queue).unwrap();
         }
     }
@@ -65,8 +77,8 @@ impl WakeWord for ModelFutex {
         let mut queue = self.queue.lock().unwrap();
         queue.wakes += 1;
         for sleeper in queue.sleepers.iter_mut() {
-            if sleeper.0 & mask != 0 {
-                sleeper.1 = true;
+            if sleeper.0 & mask != 0 && sleeper.2.is_none() {
+                sleeper.2 = Some(SleepEnd::Woken);
             }
         }
         drop(queue);
@@ -81,11 +93,25 @@ impl ModelFutex {
         queue
             .sleepers
             .iter()
-            .any(|&(m, woken)| m & mask != 0 && !woken)
+            .any(|&(m, _, end)| m & mask != 0 && end.is_none())
     }
 
     fn wakes(&self) -> usize {
         self.queue.lock().unwrap().wakes
+    }
+
+    /// The clock passes every deadline: sleeps that have one end, and later waits with one
+    /// return at once.
+    fn time_out(&self) {
+        let mut queue = self.queue.lock().unwrap();
+        queue.timed_out = true;
+        for sleeper in queue.sleepers.iter_mut() {
+            if sleeper.1 && sleeper.2.is_none() {
+                sleeper.2 = Some(SleepEnd::Interrupted);
+            }
+        }
+        drop(queue);
+        self.woken.notify_all();
     }
 
     /// Wakes every sleeper (after a lost wake-up was recorded, so that the execution ends).
@@ -226,6 +252,45 @@ fn separate_rings_in_one_group() {
     });
 }
 
+/// A halted vCPU whose own timer deadline is near sleeps until then (`VcpuInterrupts::
+/// block_until`) while a poster sends it an IPI and the clock passes the deadline, in any
+/// order. The timer's end of the sleep consumes a ring that came meanwhile, so the vCPU must
+/// find the IPI in the drain that follows, or in a second halt (with no deadline left), and
+/// never sleep through the ring.
+fn a_sleep_ended_by_the_timer_keeps_the_post() {
+    check(BOUND, || {
+        let bells = Arc::new(SharedDoorbells::new(1, ModelFutex::default()));
+        let cpus = vcpus(&bells, 1);
+        let halts = {
+            let vcpu = Arc::clone(&cpus[0]);
+            thread::spawn(move || {
+                let mut until = Some(Instant::now());
+                loop {
+                    if vcpu.inbox.try_block() {
+                        vcpu.inbox.block_until_rung_or(until.take());
+                    }
+                    if vcpu.inbox.drain().contains(VECTOR) {
+                        break;
+                    }
+                }
+                vcpu.done.store(true, Ordering::Release);
+            })
+        };
+        let timer = {
+            let bells = Arc::clone(&bells);
+            thread::spawn(move || bells.wake_word().time_out())
+        };
+        let mut batch = bells.batch();
+        if cpus[0].inbox.post_vector(VECTOR, TriggerMode::Edge) == Notify::Wake {
+            batch.ring(0);
+        }
+        drop(batch);
+        timer.join().unwrap();
+        assert_not_stranded(&bells, &cpus[0], 0);
+        halts.join().unwrap();
+    });
+}
+
 #[cfg(not(feature = "broken-shared-bell"))]
 mod correct {
     use super::*;
@@ -243,6 +308,10 @@ mod correct {
     #[test]
     fn rings_of_two_vcpus_of_a_group_both_arrive() {
         separate_rings_in_one_group();
+    }
+    #[test]
+    fn a_post_during_a_sleep_the_timer_ends_is_kept() {
+        a_sleep_ended_by_the_timer_keeps_the_post();
     }
 }
 

@@ -5,6 +5,8 @@
  *   irq_level       the same line, level-triggered: held until the handler lowers it, EOI broadcast to the IOAPIC
  *   timer_oneshot   LAPIC one-shot timer: programmed (TMICT write) to handler, minus the programmed interval
  *   timer_deadline  TSC-deadline timer: handler TSC minus the deadline
+ *   timer_sleep     the same with the deadline 1 ms ahead: longer than any halt poll (KVM's default 200 us, irqvm's),
+ *                   so the halted vCPU sleeps and its timer wakes it, as an idle Linux vCPU's tick does
  *   timer_deadline_expired  TSC deadline written already in the past (the TSC read just before the WRMSR), with
  *                   interrupts enabled: handler TSC minus the TSC read before the write
  *   ipi_halted      IPI round trip CPU 0 -> CPU 1 -> CPU 0, both halted between IPIs (needs 2 CPUs)
@@ -28,6 +30,7 @@
 #define V_PONG 0x54
 #define DEV_LINE 10
 #define TIMER_NS 50000u /* programmed timer interval: 50 us */
+#define SLEEP_NS 1000000u /* timer_sleep's interval: 1 ms */
 #define START_PAUSE_MS 500
 
 static volatile u64 handler_tsc;
@@ -168,15 +171,14 @@ static void irq_level(void)
 	bench_report("irq_level", sent, taken, taken, 0);
 }
 
-static void timer(bool deadline)
+static void timer(const char *name, bool deadline, u32 interval_ns)
 {
-	const char *name = deadline ? "timer_deadline" : "timer_oneshot";
 	if (deadline && !cpu_has_tsc_deadline()) {
 		skip(name, "CPUID.1:ECX[24] is clear");
 		return;
 	}
 	u32 n = bench_iterations(), sent = 0;
-	u64 interval = ms_to_tsc(1) * TIMER_NS / 1000000u;
+	u64 interval = ms_to_tsc(1) * interval_ns / 1000000u;
 	irq_set_handler(V_TIMER, stamp_handler);
 	apic_write(APIC_TDCR, 0xB); /* divide by 1: one tick per ns */
 	taken = 0;
@@ -195,7 +197,7 @@ static void timer(bool deadline)
 		} else {
 			apic_write(APIC_LVT_TIMER, APIC_TIMER_ONESHOT | V_TIMER);
 			due = rdtsc();
-			apic_write(APIC_TMICT, TIMER_NS);
+			apic_write(APIC_TMICT, interval_ns);
 		}
 		halt_until_taken(before);
 		if (i >= BENCH_WARMUP) {
@@ -205,7 +207,7 @@ static void timer(bool deadline)
 	}
 	bench_end(name);
 	apic_write(APIC_LVT_TIMER, APIC_LVT_MASKED);
-	bench_report(name, sent, taken, taken, deadline ? 0 : TIMER_NS);
+	bench_report(name, sent, taken, taken, deadline ? 0 : interval_ns);
 }
 
 /* A TSC deadline that has already passed when it is written fires at once (SDM vol. 3 §11.5.4.1: "if software
@@ -401,8 +403,9 @@ void guest_main(void)
 	self_ipi(true);
 	irq_guest();
 	irq_level();
-	timer(false);
-	timer(true);
+	timer("timer_oneshot", false, TIMER_NS);
+	timer("timer_deadline", true, TIMER_NS);
+	timer("timer_sleep", true, SLEEP_NS);
 	timer_deadline_expired();
 	ipi_round_trips(false, false);
 	ipi_round_trips(true, false);

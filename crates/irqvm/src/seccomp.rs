@@ -103,8 +103,6 @@ pub enum Role {
     /// A vCPU thread of a VM in this irqchip mode: KVM_RUN, the mode's vCPU and VM ioctls,
     /// device emulation (serial output), kicks, and in `user` mode its kick timer.
     Vcpu(IrqchipMode),
-    /// The `user` backend's APIC timer thread: sleeps, kicks and wakes vCPUs.
-    Timer,
     /// The `irqvm` binary's main thread after setup, and its serial-stdin reader: waits for the
     /// VM, raises the serial line, stops, joins and tears down, prints the report.
     Main(IrqchipMode),
@@ -162,8 +160,8 @@ impl ThreadFilter {
 /// glibc opens files from inside malloc in whichever thread gets there first: once more than 8
 /// threads allocate, `arena_get2` reads `/sys/devices/system/cpu/online` to size its arena limit,
 /// and the first shrink of a thread arena's heap reads `/proc/sys/vm/overcommit_memory`. Both are
-/// `openat`, which no filter allows: a VM with 255 vCPUs was stopped with SIGSYS in `vm-timers`
-/// at its end, and strace caught a `tiny_http` worker of the API doing the same. Setting
+/// `openat`, which no filter allows: a VM with 255 vCPUs was stopped with SIGSYS in its timer
+/// thread (since removed) at its end, and strace caught a `tiny_http` worker of the API doing the same. Setting
 /// M_ARENA_MAX (glibc's own default, 8 per online CPU on 64-bit) makes the limit known, and a
 /// M_TRIM_THRESHOLD of `i32::MAX` means no heap is ever trimmed, so neither file is read.
 /// Called before the first VM and again (a no-op then) by the first `ThreadFilter::apply`.
@@ -254,7 +252,8 @@ fn rules(role: Role) -> Result<Rules, seccompiler::Error> {
             rules.insert(libc::SYS_rt_sigtimedwait, vec![]);
             if mode != IrqchipMode::Kernel {
                 // The per-vCPU kick timer (`kick::KickTimer`), a POSIX timer signalling its thread
-                // (`user`: the window and timer kicks; `split`: the EOI probe, `eoi_probe`).
+                // (`user`: the window kicks and the APIC timer, `apic_timer`; `split`: the EOI
+                // probe, `eoi_probe`).
                 for nr in [
                     libc::SYS_timer_create,
                     libc::SYS_timer_settime,
@@ -263,11 +262,6 @@ fn rules(role: Role) -> Result<Rules, seccompiler::Error> {
                     rules.insert(nr, vec![]);
                 }
             }
-        }
-        Role::Timer => {
-            // `timers::run` asks for a 1 ns timer slack first.
-            let slack = arg_eq(0, libc::PR_SET_TIMERSLACK as u64)?;
-            rules.insert(libc::SYS_prctl, vec![SeccompRule::new(vec![slack])?]);
         }
         Role::Main(mode) => {
             allow_ioctls(&mut rules, &line_ioctls(mode))?;
@@ -691,7 +685,6 @@ pub(crate) mod tests {
                 Role::Vcpu(mode),
                 Role::Main(mode),
                 Role::Api(mode),
-                Role::Timer,
                 Role::Stats,
             ] {
                 let f = ThreadFilter::new(role).unwrap();
@@ -723,7 +716,7 @@ pub(crate) mod tests {
         for role in [
             Role::Main(IrqchipMode::User),
             Role::Api(IrqchipMode::User),
-            Role::Timer,
+            Role::Stats,
         ] {
             assert!(
                 !rules(role).unwrap().contains_key(&libc::SYS_ioctl),
@@ -758,7 +751,7 @@ pub(crate) mod tests {
     fn a_filtered_thread_keeps_allowed_calls() {
         let handle = spawn(
             "filtered".into(),
-            Some(ThreadFilter::new(Role::Timer).unwrap()),
+            Some(ThreadFilter::new(Role::Stats).unwrap()),
             || {
                 // futex, clock, write to stderr: all allowed.
                 std::thread::sleep(std::time::Duration::from_millis(1));

@@ -43,8 +43,8 @@
 //!   `request_interrupt_window` (and, with exact interrupt boundaries, steps towards the
 //!   boundary: [`step`]). Its `block` polls the inbox briefly (and up to an imminent APIC timer
 //!   deadline), then sleeps on the vCPU's doorbell (`irqchip::wake`'s shared doorbells on a
-//!   futex word per 32 vCPUs) until something rings it: a post, or the `vm-timers` thread when
-//!   the deadline passes; its `wake_vcpu` rings that doorbell, and posters that get
+//!   futex word per 32 vCPUs) until something rings it (a post) or until its APIC timer's
+//!   deadline, when the POSIX timer of its own thread signals it; its `wake_vcpu` rings that doorbell, and posters that get
 //!   `Notify::Kick` call [`VcpuKicker::kick`] (from [`ChipContext::kicker`]). Its VM-wide setup
 //!   (KVM_CAP_X86_USER_SPACE_MSR, the MSR filter) happens in its constructor.
 //! * [`split`]: LAPICs in KVM (KVM_CAP_SPLIT_IRQCHIP), IOAPIC and PIC in userspace (the same
@@ -85,9 +85,16 @@ pub use crate::mode::IrqchipMode;
 pub enum IrqchipError {
     #[error(transparent)]
     Kvm(#[from] KvmError),
-    /// `user` mode: the thread that runs every vCPU's APIC timer could not start.
-    #[error("user irqchip: cannot start the timer thread: {0}")]
-    TimerThread(#[source] std::io::Error),
+    /// `user` mode: the kernel refused a vCPU thread the POSIX timer that runs its APIC timer
+    /// (timer_create: RLIMIT_SIGPENDING or memory).
+    #[error(
+        "user irqchip: vCPU {vcpu}: cannot create the POSIX timer of its APIC timer: {source}"
+    )]
+    ApicTimer {
+        vcpu: usize,
+        #[source]
+        source: std::io::Error,
+    },
     /// `create_vcpu_chip` was called twice for one vCPU (or for an index the chip was not built
     /// for).
     #[error("irqchip: vCPU {0} created twice, or not one of this VM's")]

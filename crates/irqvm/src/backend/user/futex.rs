@@ -8,7 +8,11 @@
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
+use irqchip::wake::SleepEnd;
+use rustix::io::Errno;
 use rustix::thread::futex;
+use rustix::time::{clock_gettime, ClockId, Timespec};
+use std::time::Instant;
 
 /// FUTEX_WAKE's count: every waiter whose bitset matches (the kernel's count is an `int`, so
 /// `u32::MAX` would read as -1 and wake one).
@@ -30,14 +34,26 @@ impl Futex {
 }
 
 impl irqchip::wake::WakeWord for Futex {
-    /// Returns on a wake, at once when the word moved on (EAGAIN), or on a signal (EINTR: the
-    /// vCPU's kick); the caller re-checks in every case, so the error is not needed.
-    fn wait(&self, word: &AtomicU32, expected: u32, mask: u32) {
+    /// Returns on a wake or at once when the word moved on (EAGAIN): the caller looks for its
+    /// ring again. Ends the sleep on a signal (EINTR: the vCPU's kick, or its APIC timer's
+    /// POSIX timer) and at `until` (ETIMEDOUT), which FUTEX_WAIT_BITSET takes as an absolute
+    /// CLOCK_MONOTONIC time, the clock `Instant` reads on Linux.
+    fn wait(&self, word: &AtomicU32, expected: u32, mask: u32, until: Option<Instant>) -> SleepEnd {
         let Some(mask) = NonZeroU32::new(mask) else {
-            return;
+            return SleepEnd::Interrupted;
         };
+        let timeout = until.map(monotonic_at);
         self.waits.fetch_add(1, Ordering::Relaxed);
-        let _ = futex::wait_bitset(word, futex::Flags::PRIVATE, expected, None, mask);
+        match futex::wait_bitset(
+            word,
+            futex::Flags::PRIVATE,
+            expected,
+            timeout.as_ref(),
+            mask,
+        ) {
+            Err(Errno::INTR | Errno::TIMEDOUT) => SleepEnd::Interrupted,
+            _ => SleepEnd::Woken,
+        }
     }
 
     /// Wakes every sleeper of `mask`. It cannot fail on a valid word with a non-zero mask.
@@ -48,6 +64,19 @@ impl irqchip::wake::WakeWord for Futex {
         self.wakes.fetch_add(1, Ordering::Relaxed);
         let _ = futex::wake_bitset(word, futex::Flags::PRIVATE, WAKE_ALL, mask);
     }
+}
+
+/// `at` as a CLOCK_MONOTONIC time: now on that clock plus what is left until `at` (zero if it
+/// passed; far in the future if the sum would overflow, which no deadline reaches).
+fn monotonic_at(at: Instant) -> Timespec {
+    let now = clock_gettime(ClockId::Monotonic);
+    Timespec::try_from(at.saturating_duration_since(Instant::now()))
+        .ok()
+        .and_then(|left| now.checked_add(left))
+        .unwrap_or(Timespec {
+            tv_sec: i64::MAX,
+            tv_nsec: 0,
+        })
 }
 
 #[cfg(test)]
@@ -89,6 +118,32 @@ pub(super) mod tests {
         assert!(!other.is_finished(), "vCPU 1 woke without its ring");
         bells.ring(1);
         other.join().unwrap();
+    }
+
+    /// A sleep with a deadline ends there with no ring (the futex's absolute CLOCK_MONOTONIC
+    /// timeout is `Instant`'s clock), and one whose deadline has passed returns at once; a
+    /// ring still ends such a sleep before its deadline.
+    #[test]
+    fn a_sleep_with_a_deadline_ends_at_it_or_at_a_ring() {
+        let bells = Arc::new(SharedDoorbells::new(1, Futex::default()));
+        let start = std::time::Instant::now();
+        let until = start + Duration::from_millis(20);
+        bells.wait_until(0, Some(until));
+        assert!(
+            std::time::Instant::now() >= until,
+            "woke before the deadline"
+        );
+        bells.wait_until(0, Some(start));
+        let sleeper = {
+            let bells = bells.clone();
+            let far = std::time::Instant::now() + Duration::from_secs(3600);
+            thread::spawn(move || bells.wait_until(0, Some(far)))
+        };
+        while waits(&bells) < 3 {
+            thread::sleep(Duration::from_millis(1));
+        }
+        bells.ring(0);
+        sleeper.join().unwrap();
     }
 
     /// A thread per vCPU of `vcpus` waiting on its doorbell, returned once each has made its

@@ -10,7 +10,8 @@
 //!   instead of being absorbed by KVM (KVM's copies, kept equal to the model's, answer the
 //!   reads of the latter two).
 //! * an [`irqchip::chip::PcIrqChip`] (IOAPIC, PIC, GSI routing, APIC bus with one inbox per
-//!   vCPU) wrapped in `platform::Platform`, and one timer thread (`timers::VmTimers`).
+//!   vCPU) wrapped in `platform::Platform`. No timer thread: each vCPU's APIC timer is a POSIX
+//!   timer of its own thread (`apic_timer`).
 //! * the VM clock ([`VmClock`]): `Nanos` since the VM's epoch, counted on the host TSC at the
 //!   guest TSC's frequency where the host keeps time with an invariant TSC, else on
 //!   CLOCK_MONOTONIC. The guest TSC is tied to it: each vCPU's IA32_TSC is written at creation
@@ -29,6 +30,7 @@
 //! whose value irqvm keeps (`ghcb`). Without the option that MSR is not filtered and a guest
 //! access takes #GP, as before (KVM does not know it without SEV-ES).
 
+mod apic_timer;
 mod counters;
 mod futex;
 mod ghcb;
@@ -37,7 +39,6 @@ mod percpu;
 mod platform;
 mod pv_eoi;
 mod reset;
-mod timers;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -95,10 +96,10 @@ pub fn is_apic_msr(index: u32) -> bool {
 /// guest TSC cannot part.
 ///
 /// Every copy of a clock computes the same function of the host TSC (or of CLOCK_MONOTONIC), so
-/// the vCPUs and the timer thread share one VM time. It never goes back on one thread; across
-/// threads it is as monotonic as the host's own clock (the kernel picks the TSC as clocksource
-/// only once it found it in step on every CPU). The timer thread does not rely on that for its
-/// wake-ups (`timers`).
+/// the vCPUs share one VM time. It never goes back on one thread; across threads it is as
+/// monotonic as the host's own clock (the kernel picks the TSC as clocksource only once it found
+/// it in step on every CPU). A vCPU's APIC timer does not rely on that for its wake-ups: a POSIX
+/// timer that fires before VM time reaches the deadline is armed again (`apic_timer`).
 #[derive(Clone, Copy, Debug)]
 pub struct VmClock {
     epoch: Instant,
@@ -174,12 +175,6 @@ impl VmClock {
     }
 }
 
-impl timers::VmTime for VmClock {
-    fn now(&self) -> Nanos {
-        VmClock::now(self)
-    }
-}
-
 /// The host's TSC, read after every earlier instruction has executed (LFENCE, as the kernel's
 /// `rdtsc_ordered`), so a read that follows a wake-up is not taken before it. Needs no privilege:
 /// CR4.TSD is clear for Linux processes.
@@ -221,7 +216,6 @@ pub(crate) struct Shared {
     tsc: TscProbe,
     pub platform: platform::Platform,
     pub notifier: Arc<notify::Notifier>,
-    pub timers: timers::VmTimers,
     /// Index = vCPU; each written only by its vCPU's thread.
     pub counters: Vec<counters::VcpuCounters>,
     /// `--protected-state-aps`: APs' registers are off limits after launch.
@@ -295,16 +289,9 @@ impl UserIrqchip {
         bus.set_observer(Arc::new(crate::trace::BusObserver(ctx.tracer.clone())));
         let notifier = Arc::new(notify::Notifier::new(
             ctx.kicker.clone(),
-            bus.clone(),
             bells,
             ctx.tracer.clone(),
         ));
-        let timers = {
-            let notifier = notifier.clone();
-            let on_expiry = Box::new(move |i| notifier.wake(i));
-            timers::VmTimers::start(ctx.kicker.vcpus(), vm_clock, on_expiry, ctx.seccomp)
-                .map_err(IrqchipError::TimerThread)?
-        };
         let msr_index = ctx
             .kvm
             .get_msr_index_list()
@@ -315,7 +302,6 @@ impl UserIrqchip {
             tsc,
             platform: platform::Platform::new(chip, notifier.clone(), ctx.tracer.clone()),
             notifier,
-            timers,
             counters: (0..ctx.kicker.vcpus())
                 .map(|_| counters::VcpuCounters::default())
                 .collect(),

@@ -11,7 +11,6 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use irqchip::vcpu::VmBus;
 use irqchip::wake::{SharedDoorbells, WakeBatch};
 use irqchip::{Notify, VcpuIndex};
 
@@ -24,7 +23,6 @@ pub type Doorbells = SharedDoorbells<Futex>;
 /// Kick targets and inboxes of every vCPU of a VM.
 pub struct Notifier {
     kicker: Arc<dyn VcpuKicker>,
-    bus: Arc<VmBus>,
     /// The doorbells of the bus's inboxes (each inbox holds a `SharedBell` into them).
     bells: Arc<Doorbells>,
     /// Per target: posts that asked for a kick, for a doorbell wake-up (relaxed counts for the
@@ -37,7 +35,6 @@ pub struct Notifier {
 impl Notifier {
     pub fn new(
         kicker: Arc<dyn VcpuKicker>,
-        bus: Arc<VmBus>,
         bells: Arc<Doorbells>,
         tracer: Arc<crate::trace::Tracer>,
     ) -> Self {
@@ -46,7 +43,6 @@ impl Notifier {
             kicks: counts(),
             wakes: counts(),
             kicker,
-            bus,
             bells,
             tracer,
         }
@@ -122,21 +118,12 @@ impl Notifier {
     pub fn ring(&self, target: VcpuIndex) {
         self.bells.ring(target);
     }
-
-    /// Asks vCPU `target` to re-evaluate its local state (its APIC timer expired).
-    pub fn wake(&self, target: VcpuIndex) {
-        if let Some(inbox) = self.bus.sink(target) {
-            let how = inbox.post_wakeup();
-            self.notify(target, how);
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::backend::user::futex::tests::asleep_in_the_kernel;
-    use irqchip::chip::{PcIrqChip, PcIrqChipConfig};
 
     /// Counts kicks instead of signalling threads.
     struct Kicks(AtomicU64);
@@ -155,16 +142,13 @@ mod tests {
     #[test]
     fn batched_noting_reports_only_rings_that_found_a_sleeper() {
         let bells = Arc::new(Doorbells::new(3, Futex::default()));
-        let (chip, _vcpus) = PcIrqChip::with_bells(PcIrqChipConfig::new(3), |index| {
-            Box::new(irqchip::wake::SharedBell::new(bells.clone(), index))
-        });
         let tracer = Arc::new(crate::trace::Tracer::new(
             3,
             std::time::Instant::now(),
             "user",
         ));
         let kicker = Arc::new(Kicks(AtomicU64::new(0)));
-        let notifier = Notifier::new(kicker.clone(), chip.bus().clone(), bells.clone(), tracer);
+        let notifier = Notifier::new(kicker.clone(), bells.clone(), tracer);
         let deliver = |posts: &[(VcpuIndex, Notify)]| {
             let mut woke = false;
             let mut notify = notifier.batched_noting(&mut woke);

@@ -7,12 +7,13 @@
 //!    clears (`reset`), SIPI -> real-mode start. The APIC's own reset happens inside the model.
 //!    A protected-state AP (`--protected-state-aps`, seed 004) gets no register write: its first
 //!    SIPI runs its launch state, a later one ends its AP Reset Hold (the GHCB MSR answer).
-//! 3. poll the APIC timer with the VM clock; arm the VM timer thread with the next deadline
-//!    when it changed or the thread fired the last one (`timers`: no lost wake-up).
+//! 3. poll the APIC timer with the VM clock; arm this thread's POSIX timer for the next deadline
+//!    when it changed, or fired before VM time reached it (`apic_timer`).
 //! 4. block? (halted with nothing deliverable, or an AP waiting for SIPI): `end_guest_entry`
 //!    first, then `Block`; `block` sleeps on the inbox doorbell (try_block re-checks ON after
-//!    publishing Blocked). The timer thread's wake-up ends a block at the timer deadline. Before
-//!    sleeping, the vCPU polls its inbox and a near timer deadline for a while ([`HaltPoll`]).
+//!    publishing Blocked) no later than the timer deadline, whose signal also ends the sleep.
+//!    Before sleeping, the vCPU polls its inbox and a near timer deadline for a while
+//!    ([`HaltPoll`]).
 //! 5. inject: NMIs with KVM_NMI, up to two while none is in service and one while one is
 //!    (KVM's `process_nmi`; blocking read with KVM_GET_VCPU_EVENTS); ExtINT and APIC vectors
 //!    through `kvm_run`'s synced events (KVM_SYNC_X86_EVENTS; KVM_INTERRUPT where they are
@@ -41,6 +42,7 @@ use irqchip::mpstate::{
 use irqchip::vcpu::{ApicAccessResult, Injection, VcpuInterrupts};
 use irqchip::{GuestFault, Nanos};
 
+use super::apic_timer::HostTimer;
 use super::ghcb::{GhcbMsr, MSR_GHCB};
 use super::platform::{Platform, IOAPIC_BASE, IOAPIC_SIZE};
 use super::pv_eoi::{PvEoi, MSR_KVM_PV_EOI_EN};
@@ -395,8 +397,8 @@ pub(crate) struct UserVcpuChip {
     halted_with_if_clear: bool,
     /// The registers were just rewritten (INIT/SIPI): KVM's ready flag and IF are stale.
     regs_rewritten: bool,
-    /// The deadline the timer thread holds for this vCPU (`None` once it fired it).
-    armed: irqchip::timer_slots::ArmedDeadline,
+    /// The POSIX timer of this vCPU's thread that fires its APIC timer.
+    host_timer: HostTimer,
     /// KVM's `if_flag` / `ready_for_interrupt_injection` come from an exit handled here, not
     /// from a KVM_RUN that returned EINTR: the exiting instruction may not have completed yet
     /// (at an MMIO read exit RIP is still on it), so "not ready" may be stale.
@@ -509,7 +511,7 @@ impl UserVcpuChip {
             cr8_synced: false,
             halted_with_if_clear: false,
             regs_rewritten: false,
-            armed: Default::default(),
+            host_timer: HostTimer::default(),
             flags_from_exit: false,
             exit_insn_done: false,
             window_kick: WindowKick::new(),
@@ -668,25 +670,25 @@ impl UserVcpuChip {
         }
     }
 
-    /// Polls the APIC timer and keeps the timer thread's deadline in step (`armed`, after the
-    /// drain: `irqchip::timer_slots`, so that a fire this vCPU's clock reading finds not yet due
-    /// is armed again and no wake-up is lost).
-    fn run_timer(&mut self, now: Nanos) {
-        let index = self.interrupts.index();
-        let due = self.armed.armed().filter(|&d| d <= now);
+    /// Polls the APIC timer and keeps this thread's POSIX timer on the model's next deadline
+    /// (`apic_timer`).
+    fn run_timer(&mut self, now: Nanos) -> Result<(), IrqchipError> {
+        let due = self.host_timer.armed().filter(|&d| d <= now);
         self.interrupts.poll_timer(now);
         if let Some(deadline) = due {
             self.timer_fired(deadline);
         }
         let next = self.interrupts.next_timer_deadline();
-        let timers = &self.shared.timers;
-        let probe = &self.probe;
-        self.armed.update(timers.fired(), index, next, |deadline| {
-            if probe.on() {
-                probe.event(Kind::TimerArm, deadline.unwrap_or(0));
-            }
-            timers.arm(index, deadline);
-        });
+        if next != self.host_timer.armed() && self.probe.on() {
+            self.probe.event(Kind::TimerArm, next.unwrap_or(0));
+        }
+        let clock = &self.shared.clock;
+        self.host_timer
+            .follow(next, |deadline| clock.to_instant(deadline))
+            .map_err(|source| IrqchipError::ApicTimer {
+                vcpu: self.interrupts.index(),
+                source,
+            })
     }
 
     /// The APIC timer's deadline passed: if its LVT is unmasked and its vector is now pending,
@@ -1356,7 +1358,7 @@ impl VcpuIrqchip for UserVcpuChip {
         );
         self.offer_synced_regs(vcpu);
         let now = self.shared.clock.now();
-        self.run_timer(now);
+        self.run_timer(now)?;
         let pic_intr = self.platform().pic_intr();
         let block = self.should_block(pic_intr);
         if self.probe.on() {
@@ -1374,7 +1376,7 @@ impl VcpuIrqchip for UserVcpuChip {
                 MpState::ApResetHold => BlockReason::ApResetHold,
                 _ => BlockReason::WaitForSipi,
             };
-            let deadline = self.armed.armed().map(|n| self.shared.clock.to_instant(n));
+            let deadline = self.host_timer.wakes_at();
             return Ok(EntryDecision::Block { reason, deadline });
         }
         self.inject(vcpu, pic_intr)?;
@@ -1514,18 +1516,25 @@ impl VcpuIrqchip for UserVcpuChip {
         Ok(ExitHandled::Handled)
     }
 
-    /// Polls for work or the timer deadline ([`HaltPoll`]), then sleeps on the inbox doorbell.
-    /// The sleep needs no timeout: the VM timer thread posts a wake-up when the deadline passes,
-    /// which rings this doorbell.
+    /// Polls for work or the timer deadline ([`HaltPoll`]), then sleeps on the inbox doorbell
+    /// until rung, or until the deadline: the POSIX timer's signal ends the sleep then, and the
+    /// futex's own timeout covers a signal that came just before the sleep (`apic_timer`).
     fn block(&mut self, deadline: Option<Instant>) {
+        // A deadline the poll spins to needs no signal: the poll sees it pass.
+        let suspended = deadline
+            .filter(|&d| d <= Instant::now() + HALT_POLL_MAX)
+            .and_then(|_| self.host_timer.suspend());
         let outcome = self.halt_poll.poll(self.interrupts.inbox(), deadline);
         if !matches!(outcome, PollOutcome::GaveUp { .. }) {
             super::counters::bump(&self.counters().halt_polls_ok);
             return;
         }
+        if let Some(armed) = suspended {
+            self.host_timer.resume(armed);
+        }
         super::counters::bump(&self.counters().halt_sleeps);
         let start = Instant::now();
-        self.interrupts.block();
+        self.interrupts.block_until(deadline);
         self.halt_poll.slept(start.elapsed());
     }
 
@@ -1580,6 +1589,7 @@ impl VcpuIrqchip for UserVcpuChip {
             model.lapic.shift_guest_tsc(now.wrapping_sub(saved));
         }
         self.interrupts.restore(&model, self.shared.clock.now())?;
+        self.host_timer.forget();
         // KVM_SET_SREGS wrote the model's IA32_APIC_BASE into KVM's copy.
         self.kvm_apic_base = model.lapic.apic_base();
         self.after_init = None;
