@@ -211,6 +211,42 @@ mod tests {
         drop(registration);
     }
 
+    /// A poll that spins to the deadline suspends the timer (no kick comes, nothing armed);
+    /// resumed for a sleep, it kicks at the same instant. Suspending a fired timer does nothing.
+    #[test]
+    fn a_suspended_timer_is_silent_and_a_resumed_one_kicks_at_its_instant() {
+        use crate::kick::{install_kick_handler, ImmediateExit, KickTarget};
+        use std::sync::atomic::{AtomicU8, Ordering};
+        install_kick_handler().unwrap();
+        let byte = AtomicU8::new(0);
+        let target = KickTarget::default();
+        // SAFETY: `byte` outlives the registration, dropped at the end of this test.
+        let registration = target.register(unsafe { ImmediateExit::new(byte.as_ptr()) });
+        let mut timer = HostTimer::default();
+        let at = Instant::now() + Duration::from_millis(30);
+        timer.follow(Some(3), |_| at).unwrap();
+        let suspended = timer.suspend();
+        assert_eq!(suspended, Some((3, at)));
+        assert_eq!(timer.armed(), None);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(byte.load(Ordering::SeqCst), 0, "a suspended timer kicked");
+        let at = Instant::now() + Duration::from_millis(10);
+        timer.resume((3, at));
+        assert_eq!(timer.wakes_at(), Some(at));
+        let start = Instant::now();
+        while byte.load(Ordering::SeqCst) == 0 && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(Instant::now() >= at, "kicked before its instant");
+        assert_eq!(
+            byte.load(Ordering::SeqCst),
+            1,
+            "the resumed timer never kicked"
+        );
+        assert_eq!(timer.suspend(), None, "nothing to suspend once fired");
+        drop(registration);
+    }
+
     /// A deadline cancelled before it fires is disarmed: no kick comes.
     #[test]
     fn a_cancelled_deadline_does_not_kick() {
