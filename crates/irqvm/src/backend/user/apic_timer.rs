@@ -135,6 +135,8 @@ impl HostTimer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kick::{install_kick_handler, ImmediateExit, KickTarget};
+    use std::sync::atomic::{AtomicU8, Ordering};
     use std::time::Duration;
 
     #[test]
@@ -183,87 +185,79 @@ mod tests {
         }
     }
 
-    /// The POSIX timer is armed for the host instant of the deadline and fires there: the
-    /// kick signal's handler sets the thread's registered `immediate_exit` byte.
-    #[test]
-    fn an_armed_deadline_kicks_the_thread_at_its_instant() {
-        use crate::kick::{install_kick_handler, ImmediateExit, KickTarget};
-        use std::sync::atomic::{AtomicU8, Ordering};
+    /// Runs `test` on this thread with the kick handler installed and the thread's
+    /// `immediate_exit` registered as the byte `test` is given (1 once kicked).
+    fn with_kick_byte(test: impl FnOnce(&AtomicU8)) {
         install_kick_handler().unwrap();
         let byte = AtomicU8::new(0);
         let target = KickTarget::default();
-        // SAFETY: `byte` outlives the registration, dropped at the end of this test.
+        // SAFETY: `byte` outlives the registration, which is dropped first.
         let registration = target.register(unsafe { ImmediateExit::new(byte.as_ptr()) });
-        let mut timer = HostTimer::default();
+        test(&byte);
+        drop(registration);
+    }
+
+    /// Waits (10 s at most) for the kick; true if it came, and not before `at`.
+    fn kicked_at_or_after(byte: &AtomicU8, at: Instant) -> bool {
         let start = Instant::now();
-        let at = start + Duration::from_millis(20);
-        timer.follow(Some(1_000), |_| at).unwrap();
-        assert_eq!(timer.armed(), Some(1_000));
-        assert_eq!(timer.wakes_at(), Some(at));
-        timer.follow(Some(1_000), |_| unreachable!("kept")).unwrap();
         while byte.load(Ordering::SeqCst) == 0 && start.elapsed() < Duration::from_secs(10) {
             std::thread::sleep(Duration::from_millis(1));
         }
         assert!(Instant::now() >= at, "kicked before its instant");
-        assert_eq!(byte.load(Ordering::SeqCst), 1, "never kicked");
-        timer.follow(None, |_| unreachable!()).unwrap();
-        assert_eq!(timer.armed(), None);
-        drop(registration);
+        byte.load(Ordering::SeqCst) == 1
+    }
+
+    /// The POSIX timer is armed for the host instant of the deadline and fires there: the
+    /// kick signal's handler sets the thread's registered `immediate_exit` byte.
+    #[test]
+    fn an_armed_deadline_kicks_the_thread_at_its_instant() {
+        with_kick_byte(|byte| {
+            let mut timer = HostTimer::default();
+            let at = Instant::now() + Duration::from_millis(20);
+            timer.follow(Some(1_000), |_| at).unwrap();
+            assert_eq!(timer.armed(), Some(1_000));
+            assert_eq!(timer.wakes_at(), Some(at));
+            timer.follow(Some(1_000), |_| unreachable!("kept")).unwrap();
+            assert!(kicked_at_or_after(byte, at), "never kicked");
+            timer.follow(None, |_| unreachable!()).unwrap();
+            assert_eq!(timer.armed(), None);
+        });
     }
 
     /// A poll that spins to the deadline suspends the timer (no kick comes, nothing armed);
     /// resumed for a sleep, it kicks at the same instant. Suspending a fired timer does nothing.
     #[test]
     fn a_suspended_timer_is_silent_and_a_resumed_one_kicks_at_its_instant() {
-        use crate::kick::{install_kick_handler, ImmediateExit, KickTarget};
-        use std::sync::atomic::{AtomicU8, Ordering};
-        install_kick_handler().unwrap();
-        let byte = AtomicU8::new(0);
-        let target = KickTarget::default();
-        // SAFETY: `byte` outlives the registration, dropped at the end of this test.
-        let registration = target.register(unsafe { ImmediateExit::new(byte.as_ptr()) });
-        let mut timer = HostTimer::default();
-        let at = Instant::now() + Duration::from_millis(30);
-        timer.follow(Some(3), |_| at).unwrap();
-        let suspended = timer.suspend();
-        assert_eq!(suspended, Some((3, at)));
-        assert_eq!(timer.armed(), None);
-        std::thread::sleep(Duration::from_millis(50));
-        assert_eq!(byte.load(Ordering::SeqCst), 0, "a suspended timer kicked");
-        let at = Instant::now() + Duration::from_millis(10);
-        timer.resume((3, at));
-        assert_eq!(timer.wakes_at(), Some(at));
-        let start = Instant::now();
-        while byte.load(Ordering::SeqCst) == 0 && start.elapsed() < Duration::from_secs(10) {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        assert!(Instant::now() >= at, "kicked before its instant");
-        assert_eq!(
-            byte.load(Ordering::SeqCst),
-            1,
-            "the resumed timer never kicked"
-        );
-        assert_eq!(timer.suspend(), None, "nothing to suspend once fired");
-        drop(registration);
+        with_kick_byte(|byte| {
+            let mut timer = HostTimer::default();
+            let at = Instant::now() + Duration::from_millis(30);
+            timer.follow(Some(3), |_| at).unwrap();
+            assert_eq!(timer.suspend(), Some((3, at)));
+            assert_eq!(timer.armed(), None);
+            std::thread::sleep(Duration::from_millis(50));
+            assert_eq!(byte.load(Ordering::SeqCst), 0, "a suspended timer kicked");
+            let at = Instant::now() + Duration::from_millis(10);
+            timer.resume((3, at));
+            assert_eq!(timer.wakes_at(), Some(at));
+            assert!(
+                kicked_at_or_after(byte, at),
+                "the resumed timer never kicked"
+            );
+            assert_eq!(timer.suspend(), None, "nothing to suspend once fired");
+        });
     }
 
     /// A deadline cancelled before it fires is disarmed: no kick comes.
     #[test]
     fn a_cancelled_deadline_does_not_kick() {
-        use crate::kick::{install_kick_handler, ImmediateExit, KickTarget};
-        use std::sync::atomic::{AtomicU8, Ordering};
-        install_kick_handler().unwrap();
-        let byte = AtomicU8::new(0);
-        let target = KickTarget::default();
-        // SAFETY: `byte` outlives the registration, dropped at the end of this test.
-        let registration = target.register(unsafe { ImmediateExit::new(byte.as_ptr()) });
-        let mut timer = HostTimer::default();
-        timer
-            .follow(Some(7), |_| Instant::now() + Duration::from_millis(10))
-            .unwrap();
-        timer.follow(None, |_| unreachable!()).unwrap();
-        std::thread::sleep(Duration::from_millis(40));
-        assert_eq!(byte.load(Ordering::SeqCst), 0, "a disarmed timer kicked");
-        drop(registration);
+        with_kick_byte(|byte| {
+            let mut timer = HostTimer::default();
+            timer
+                .follow(Some(7), |_| Instant::now() + Duration::from_millis(10))
+                .unwrap();
+            timer.follow(None, |_| unreachable!()).unwrap();
+            std::thread::sleep(Duration::from_millis(40));
+            assert_eq!(byte.load(Ordering::SeqCst), 0, "a disarmed timer kicked");
+        });
     }
 }
