@@ -86,6 +86,7 @@ pub fn round_trips(workload: &str, host_cpus: u32) -> Option<(f64, String)> {
         "timer_deadline" | "timer_sleep" => {
             fixed(1.0, "the wake-up (the deadline is absolute)")
         }
+        "timer_spin" => fixed(1.0, "the kick out of the running guest"),
         "timer_deadline_expired" => fixed(1.0, "the WRMSR (the timer fires at it)"),
         "ipi_halted" => fixed(8.0, "per side: ICR2, ICR, the target's wake-up, its EOI"),
         "ipi_spin" => fixed(8.0, "per side: ICR2, ICR, the target's kick, its EOI"),

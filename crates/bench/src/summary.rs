@@ -36,6 +36,10 @@ pub const WORKLOADS: &[(&str, &str)] = &[
         "TSC-deadline timer 1 ms ahead, the vCPU asleep: past its deadline",
     ),
     (
+        "timer_spin",
+        "TSC-deadline timer 100 us ahead, the vCPU spinning: past its deadline",
+    ),
+    (
         "timer_deadline_expired",
         "TSC deadline already passed when written: WRMSR to handler",
     ),
@@ -110,6 +114,7 @@ pub const FLOORS: &[(&str, f64, &str)] = &[
     ("timer_oneshot", 4.0, "LVT, TMICT writes, HLT, EOI"),
     ("timer_deadline", 4.0, "LVT, WRMSR deadline, HLT, EOI"),
     ("timer_sleep", 4.0, "LVT, WRMSR deadline, HLT, EOI"),
+    ("timer_spin", 3.0, "LVT, WRMSR deadline, EOI"),
     ("timer_deadline_expired", 2.0, "WRMSR deadline, EOI"),
     ("ipi_halted", 5.0, "ICR2, ICR, ICR read, HLT, EOI"),
     ("ipi_spin", 4.0, "ICR2, ICR, ICR read, EOI"),

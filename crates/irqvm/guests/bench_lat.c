@@ -7,6 +7,8 @@
  *   timer_deadline  TSC-deadline timer: handler TSC minus the deadline
  *   timer_sleep     the same with the deadline 1 ms ahead: longer than any halt poll (KVM's default 200 us, irqvm's),
  *                   so the halted vCPU sleeps and its timer wakes it, as an idle Linux vCPU's tick does
+ *   timer_spin      TSC-deadline timer 100 us ahead while the guest spins with interrupts enabled (a busy vCPU's
+ *                   tick): handler TSC minus the deadline
  *   timer_deadline_expired  TSC deadline written already in the past (the TSC read just before the WRMSR), with
  *                   interrupts enabled: handler TSC minus the TSC read before the write
  *   ipi_halted      IPI round trip CPU 0 -> CPU 1 -> CPU 0, both halted between IPIs (needs 2 CPUs)
@@ -31,6 +33,7 @@
 #define DEV_LINE 10
 #define TIMER_NS 50000u /* programmed timer interval: 50 us */
 #define SLEEP_NS 1000000u /* timer_sleep's interval: 1 ms */
+#define SPIN_NS 100000u /* timer_spin's interval: 100 us */
 #define START_PAUSE_MS 500
 
 static volatile u64 handler_tsc;
@@ -171,7 +174,9 @@ static void irq_level(void)
 	bench_report("irq_level", sent, taken, taken, 0);
 }
 
-static void timer(const char *name, bool deadline, u32 interval_ns)
+/* One timer workload: one-shot or TSC-deadline, `interval_ns` ahead, the guest halted (or spinning with
+ * interrupts enabled when `spin`) until its handler ran. */
+static void timer(const char *name, bool deadline, u32 interval_ns, bool spin)
 {
 	if (deadline && !cpu_has_tsc_deadline()) {
 		skip(name, "CPUID.1:ECX[24] is clear");
@@ -199,10 +204,15 @@ static void timer(const char *name, bool deadline, u32 interval_ns)
 			due = rdtsc();
 			apic_write(APIC_TMICT, interval_ns);
 		}
-		halt_until_taken(before);
+		bool ok = true;
+		if (spin)
+			ok = spin_until_taken(before);
+		else
+			halt_until_taken(before);
 		if (i >= BENCH_WARMUP) {
 			sent++;
-			record(handler_tsc > due ? handler_tsc - due : 0);
+			if (ok)
+				record(handler_tsc > due ? handler_tsc - due : 0);
 		}
 	}
 	bench_end(name);
@@ -403,9 +413,10 @@ void guest_main(void)
 	self_ipi(true);
 	irq_guest();
 	irq_level();
-	timer("timer_oneshot", false, TIMER_NS);
-	timer("timer_deadline", true, TIMER_NS);
-	timer("timer_sleep", true, SLEEP_NS);
+	timer("timer_oneshot", false, TIMER_NS, false);
+	timer("timer_deadline", true, TIMER_NS, false);
+	timer("timer_sleep", true, SLEEP_NS, false);
+	timer("timer_spin", true, SPIN_NS, true);
 	timer_deadline_expired();
 	ipi_round_trips(false, false);
 	ipi_round_trips(true, false);
