@@ -2,7 +2,7 @@
 //! the same measurement for every peer, QEMU included, with nothing added to the VMM.
 //!
 //! `perf stat -I 10 -x, -p PID` is attached to the child once it printed its first line (its
-//! threads exist by then: irqvm starts its vCPU and timer threads, QEMU its vCPU and I/O
+//! threads exist by then: irqvm starts its vCPU threads, QEMU its vCPU and I/O
 //! threads, before the guest runs) and prints per-interval counts on a pipe that a thread reads
 //! as they come. A workload's figures are the sum of the intervals that end within its
 //! `MARK: begin` / `MARK: end` window shifted by half the guest's quiet pause: the guest pauses

@@ -1,7 +1,7 @@
 //! Lock-free posting of interrupts to a vCPU from any thread (seed 001).
 //!
 //! Every vCPU owns one [`VcpuInbox`], shared through an `Arc` with the threads that send it
-//! interrupts (other vCPUs' IPIs, device threads, the VMM's timer thread). It plays the part of
+//! interrupts (other vCPUs' IPIs, device threads, a VMM's timer thread). It plays the part of
 //! the posted-interrupt descriptor of VMX APIC virtualization (SDM vol. 3C, "Posted-Interrupt
 //! Processing", §29.6 / §30.6 by edition): a 256-bit posted-interrupt request bitmap (PIR), an
 //! "outstanding notification" bit (ON), plus what a userspace APIC also needs: the trigger mode

@@ -96,7 +96,7 @@ pub struct VmConfig {
     pub memory: u64,
     pub irqchip: IrqchipMode,
     pub serial: SerialOutput,
-    /// Run irqvm's threads of this VM (vCPUs, the `user` timer thread) under their seccomp
+    /// Run irqvm's threads of this VM (its vCPUs) under their seccomp
     /// filters (`crate::seccomp`, docs/security.md). On by default: the filters are per thread,
     /// so a process embedding the library (a test harness) keeps its own threads unfiltered.
     pub seccomp: bool,

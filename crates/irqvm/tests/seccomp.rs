@@ -1,5 +1,5 @@
 //! Which threads run under a seccomp filter (docs/security.md): irqvm's own threads (vCPUs, the
-//! `user` timer thread, the binary's main and serial-stdin threads, the control API's `api`
+//! binary's main and serial-stdin threads, the control API's `api`
 //! thread and the accept and worker threads `tiny_http` starts from it) do, in every irqchip mode,
 //! with the library defaults the guest suites use; the embedding process's threads do not; and
 //! `--no-seccomp` / `VmConfig::seccomp = false` turn it off. The refusal itself is tested in

@@ -2,7 +2,7 @@
 //!
 //! One [`Tracer`] per VM, shared by every thread. While recording is on, each thread that sees a
 //! step of an interrupt's life records an [`Event`] into a bounded lock-free ring: vCPU thread
-//! `i` into ring `i`, every other thread (devices, the API, the APIC timer thread) into the
+//! `i` into ring `i`, every other thread (devices, the API) into the
 //! platform ring. A full ring drops its oldest event and counts it ([`Ring`]). Stopping the
 //! recording drains the rings into a [`Dump`], which [`chrome`] writes as Chrome Trace Event
 //! JSON (Perfetto, chrome://tracing) and [`report`] reads back for percentiles and an SVG.

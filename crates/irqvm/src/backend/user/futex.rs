@@ -2,8 +2,8 @@
 //! group of 32 sleeps on its group's word with FUTEX_WAIT_BITSET and its own bit, and a poster
 //! wakes all the sleepers of a delivery in the group with one FUTEX_WAKE_BITSET. Through
 //! rustix's safe wrappers (raw syscalls, no libc); seccomp's common rules allow `futex` on every
-//! filtered thread (`crate::seccomp`), and every thread that posts (vCPUs, the timer thread,
-//! device and API threads) may ring.
+//! filtered thread (`crate::seccomp`), and every thread that posts (vCPUs, device and API
+//! threads) may ring.
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
