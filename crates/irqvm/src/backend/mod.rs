@@ -44,9 +44,10 @@
 //!   boundary: [`step`]). Its `block` polls the inbox briefly (and up to an imminent APIC timer
 //!   deadline), then sleeps on the vCPU's doorbell (`irqchip::wake`'s shared doorbells on a
 //!   futex word per 32 vCPUs) until something rings it (a post) or until its APIC timer's
-//!   deadline, when the POSIX timer of its own thread signals it; its `wake_vcpu` rings that doorbell, and posters that get
-//!   `Notify::Kick` call [`VcpuKicker::kick`] (from [`ChipContext::kicker`]). Its VM-wide setup
-//!   (KVM_CAP_X86_USER_SPACE_MSR, the MSR filter) happens in its constructor.
+//!   deadline, when the POSIX timer of its own thread signals it; its `wake_vcpu` rings that
+//!   doorbell, and posters that get `Notify::Kick` call [`VcpuKicker::kick`] (from
+//!   [`ChipContext::kicker`]). Its VM-wide setup (KVM_CAP_X86_USER_SPACE_MSR, the MSR filter)
+//!   happens in its constructor.
 //! * [`split`]: LAPICs in KVM (KVM_CAP_SPLIT_IRQCHIP), IOAPIC and PIC in userspace (the same
 //!   `irqchip::chip::PcIrqChip` as `user`, whose messages go to KVM_SIGNAL_MSI); its
 //!   `handle_exit` takes IOAPIC MMIO, the PIC's ports, KVM_EXIT_IOAPIC_EOI and its stepper's
