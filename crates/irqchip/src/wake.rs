@@ -132,8 +132,9 @@ impl<W: WakeWord> SharedDoorbells<W> {
     }
 
     /// Sleeps on `vcpu`'s doorbell until it is rung (at once if it was rung since the last
-    /// `wait`), then clears it. Only `vcpu`'s own thread may call it. An index past the VM's
-    /// vCPUs returns at once.
+    /// `wait`), then clears it; a signal to the sleeping thread ends the sleep too
+    /// ([`SleepEnd::Interrupted`]), and the caller re-checks. Only `vcpu`'s own thread may call
+    /// it. An index past the VM's vCPUs returns at once.
     pub fn wait(&self, vcpu: VcpuIndex) {
         self.wait_until(vcpu, None);
     }
