@@ -30,9 +30,9 @@ use crate::kick::KickTimer;
 enum Plan {
     /// It is armed for the model's deadline and has not fired: nothing.
     Keep,
-    /// Arm it for the model's deadline: a new one, or the same one again after a signal that
-    /// came before VM time reached it.
-    Arm,
+    /// Arm it for this deadline of the model: a new one, or the same one again after a signal
+    /// that came before VM time reached it.
+    Arm(Nanos),
     /// The model has no deadline any more and the timer has not fired yet: disarm it.
     Disarm,
     /// No deadline, and the timer fired (or never was armed): nothing.
@@ -44,7 +44,7 @@ enum Plan {
 fn plan(armed: Option<(Nanos, Instant)>, next: Option<Nanos>, now: Instant) -> Plan {
     match (armed, next) {
         (Some((deadline, at)), Some(next)) if deadline == next && now < at => Plan::Keep,
-        (_, Some(_)) => Plan::Arm,
+        (_, Some(next)) => Plan::Arm(next),
         (Some((_, at)), None) if now < at => Plan::Disarm,
         (_, None) => Plan::Idle,
     }
@@ -80,20 +80,20 @@ impl HostTimer {
         at: impl FnOnce(Nanos) -> Instant,
     ) -> std::io::Result<()> {
         let now = Instant::now();
-        match (plan(self.armed, next, now), next) {
-            (Plan::Arm, Some(deadline)) => {
+        match plan(self.armed, next, now) {
+            Plan::Keep => {}
+            Plan::Arm(deadline) => {
                 let at = at(deadline);
                 self.timer()?.arm(at.saturating_duration_since(now));
                 self.armed = Some((deadline, at));
             }
-            (Plan::Disarm, _) => {
+            Plan::Disarm => {
                 if let Some(timer) = &self.timer {
                     timer.disarm();
                 }
                 self.armed = None;
             }
-            (Plan::Idle, _) => self.armed = None,
-            _ => {}
+            Plan::Idle => self.armed = None,
         }
         Ok(())
     }
@@ -125,10 +125,11 @@ impl HostTimer {
     }
 
     fn timer(&mut self) -> std::io::Result<&KickTimer> {
-        if self.timer.is_none() {
-            self.timer = Some(KickTimer::for_current_thread()?);
-        }
-        Ok(self.timer.as_ref().expect("created above"))
+        let timer = match self.timer.take() {
+            Some(timer) => timer,
+            None => KickTimer::for_current_thread()?,
+        };
+        Ok(self.timer.insert(timer))
     }
 }
 
@@ -147,7 +148,7 @@ mod tests {
         let cases = [
             // (armed, next, plan, why)
             (None, None, Plan::Idle, "nothing armed, nothing to arm"),
-            (None, Some(5), Plan::Arm, "a first deadline"),
+            (None, Some(5), Plan::Arm(5), "a first deadline"),
             (
                 Some((5, later)),
                 Some(5),
@@ -157,19 +158,19 @@ mod tests {
             (
                 Some((5, later)),
                 Some(9),
-                Plan::Arm,
+                Plan::Arm(9),
                 "the guest moved its deadline",
             ),
             (
                 Some((5, earlier)),
                 Some(5),
-                Plan::Arm,
+                Plan::Arm(5),
                 "fired before VM time reached it: arm again for the rest",
             ),
             (
                 Some((5, earlier)),
                 Some(9),
-                Plan::Arm,
+                Plan::Arm(9),
                 "fired; the next period",
             ),
             (
