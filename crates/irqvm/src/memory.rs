@@ -377,11 +377,55 @@ pub fn canonical(linear: u64) -> bool {
     top == 0 || top == -1
 }
 
-/// Reads `out.len()` bytes at `linear` as [`walk_as_supervisor`] allows, page by page; false
-/// (and `out` partly written) if any byte is refused or not in guest RAM.
+/// Translations that [`walk_as_supervisor`] made for one run of CPL-0 accesses irqvm makes in
+/// the guest's place (one handler's way out, `backend::epilogue`), re-used for the rest of that
+/// run as the processor re-uses the translations its walks cached in the TLB (SDM vol. 3
+/// §4.10.2). A way out fetches and pops within a page or two, and each walk is four reads of
+/// guest RAM: most of the userspace time of an attempt before this cache. Keyed by linear page
+/// and kind of access, whose permission checks the walk applied; a refused walk is not kept.
+#[derive(Debug, Default)]
+pub struct SupervisorTlb {
+    entries: [Option<(u64, Access, u64)>; SUPERVISOR_TLB_ENTRIES],
+    next: usize,
+}
+
+/// Pages one [`SupervisorTlb`] holds: a way out's code, its stack, and the GDT it reads.
+const SUPERVISOR_TLB_ENTRIES: usize = 4;
+
+impl SupervisorTlb {
+    /// [`walk_as_supervisor`], answered from a translation this run already made where there is
+    /// one for `linear`'s page and `access`.
+    pub fn translate(
+        &mut self,
+        memory: &GuestRam,
+        paging: &Paging,
+        linear: u64,
+        access: Access,
+    ) -> Option<u64> {
+        const OFFSET: u64 = 0xFFF;
+        let page = linear & !OFFSET;
+        let cached = self
+            .entries
+            .iter()
+            .flatten()
+            .find(|&&(p, a, _)| p == page && a == access);
+        if let Some(&(_, _, frame)) = cached {
+            return Some(frame | (linear & OFFSET));
+        }
+        let gpa = walk_as_supervisor(memory, paging, linear, access)?;
+        self.entries[self.next] = Some((page, access, gpa & !OFFSET));
+        self.next = (self.next + 1) % SUPERVISOR_TLB_ENTRIES;
+        Some(gpa)
+    }
+}
+
+/// Reads `out.len()` bytes at `linear` as [`walk_as_supervisor`] allows, page by page, with the
+/// translations `tlb` holds; false (and `out` partly written) if any byte is refused or not in
+/// guest RAM.
 pub fn read_as_supervisor(
     memory: &GuestRam,
     paging: &Paging,
+    tlb: &mut SupervisorTlb,
     linear: u64,
     out: &mut [u8],
     access: Access,
@@ -390,7 +434,7 @@ pub fn read_as_supervisor(
     let mut done = 0;
     while done < out.len() {
         let addr = linear.wrapping_add(done as u64);
-        let Some(gpa) = walk_as_supervisor(memory, paging, addr, access) else {
+        let Some(gpa) = tlb.translate(memory, paging, addr, access) else {
             return false;
         };
         let chunk = ((PAGE - (addr % PAGE)) as usize).min(out.len() - done);
@@ -624,7 +668,14 @@ mod tests {
         put(pml4, pdpt | 0x3 | U);
         assert_eq!(walk(&paging, 0x1234, read), None, "PML4E not accessed");
         let mut out = [0u8; 8];
-        assert!(!read_as_supervisor(&ram, &paging, 0xFF8, &mut out, read));
+        assert!(!read_as_supervisor(
+            &ram,
+            &paging,
+            &mut SupervisorTlb::default(),
+            0xFF8,
+            &mut out,
+            read
+        ));
     }
 
     /// The same walk's finer points: PAT (bit 12) in a large page is no reserved bit, a 1-GiB
@@ -675,18 +726,78 @@ mod tests {
         assert!(read_as_supervisor(
             &ram,
             &guarded,
+            &mut SupervisorTlb::default(),
             0x1FF8,
             &mut out[..8],
             read
         ));
         assert!(
-            !read_as_supervisor(&ram, &guarded, 0x1FF8, &mut out, read),
+            !read_as_supervisor(
+                &ram,
+                &guarded,
+                &mut SupervisorTlb::default(),
+                0x1FF8,
+                &mut out,
+                read
+            ),
             "from a good page into one not yet accessed"
         );
         assert!(canonical(0x7FFF_FFFF_FFFF));
         assert!(!canonical(0x8000_0000_0000));
         assert!(canonical(0xFFFF_8000_0000_0000));
         assert!(!canonical(0xFFFF_7FFF_FFFF_FFFF));
+    }
+
+    /// One attempt's translations are re-used as a TLB's would be: a page's second read finds
+    /// its frame without a walk (a PTE cleared meanwhile does not refuse it, as a cached
+    /// translation would not fault), a fresh attempt walks again, a kind of access not yet
+    /// walked is checked on its own (XD refuses the fetch of a page read before), and the
+    /// oldest of more pages than the cache holds is walked again.
+    #[test]
+    fn an_attempt_reuses_its_translations_as_a_tlb_would() {
+        let ram = GuestRam::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let put = |at: u64, entry: u64| put_entry(&ram, at, entry);
+        let (pml4, pdpt, pd, pt) = TABLES;
+        put(pml4, pdpt | 0x3 | A);
+        put(pdpt, pd | 0x3 | A);
+        put(pd, pt | 0x3 | A);
+        for page in 0..6u64 {
+            put(pt + page * 8, (0x9000 + page * 0x1000) | 0x3 | A | XD);
+        }
+        let paging = Paging {
+            cr0: 1 << 31,
+            cr3: pml4,
+            cr4: 1 << 5,
+            efer: (1 << 10) | (1 << 11),
+        };
+        let read = Access::Read { ac: false };
+        let mut tlb = SupervisorTlb::default();
+        assert_eq!(tlb.translate(&ram, &paging, 0x10, read), Some(0x9010));
+        put(pt, 0);
+        assert_eq!(
+            tlb.translate(&ram, &paging, 0x18, read),
+            Some(0x9018),
+            "cached"
+        );
+        assert_eq!(
+            SupervisorTlb::default().translate(&ram, &paging, 0x18, read),
+            None,
+            "a new attempt walks"
+        );
+        assert_eq!(
+            tlb.translate(&ram, &paging, 0x1010, Access::Fetch),
+            None,
+            "XD, a fetch"
+        );
+        for page in 1..=SUPERVISOR_TLB_ENTRIES as u64 {
+            let at = page * 0x1000;
+            assert_eq!(tlb.translate(&ram, &paging, at, read), Some(0x9000 + at));
+        }
+        assert_eq!(
+            tlb.translate(&ram, &paging, 0x10, read),
+            None,
+            "the oldest entry was replaced: walked again"
+        );
     }
 
     #[test]

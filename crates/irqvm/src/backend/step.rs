@@ -680,6 +680,7 @@ impl Stepper {
         let mut memory = SupervisorReads {
             memory: &self.memory,
             paging: crate::memory::Paging::of(&sregs),
+            tlb: crate::memory::SupervisorTlb::default(),
         };
         // The attempt changes nothing until its registers go in, so the DR7 read (an ioctl) is
         // made only for a way out that ran: a handler whose tail is the guest's costs none.
@@ -1135,11 +1136,13 @@ fn way_out_allowed(
 struct SupervisorReads<'a> {
     memory: &'a GuestRam,
     paging: crate::memory::Paging,
+    /// The attempt's translations: it runs no instruction that could change them.
+    tlb: crate::memory::SupervisorTlb,
 }
 
 impl epilogue::Memory for SupervisorReads<'_> {
     fn read(&mut self, at: u64, out: &mut [u8], access: crate::memory::Access) -> bool {
-        crate::memory::read_as_supervisor(self.memory, &self.paging, at, out, access)
+        crate::memory::read_as_supervisor(self.memory, &self.paging, &mut self.tlb, at, out, access)
     }
 }
 
