@@ -1,7 +1,8 @@
 /* x2apic_boot: a large machine's start-up, the two ways firmware and Linux do it (SDM vol. 3 §9.4 "MP
  * initialization", §11.12 x2APIC), on up to 1024 CPUs (built against the MAX_CPUS=1024 library).
  *
- * 1. The CPUs come from the ACPI MADT (Processor Local APIC / x2APIC entries), which must agree with fw_cfg.
+ * 1. The CPUs come from the ACPI MADT (Processor Local APIC / x2APIC entries), which must agree with fw_cfg;
+ *    the RSDP's RSDT (ACPI 1.0 readers' way in) must find the same FADT and MADT as its XSDT.
  * 2. Firmware's way: INIT, SIPI, SIPI to "all excluding self" start every AP at once; each takes a CPU index in
  *    arrival order, switches itself to x2APIC mode (which INIT keeps, SDM §11.12.5.1: how firmware makes IDs
  *    past 255 addressable before the OS starts the APs again), and records what CPUID says about it: leaf 1
@@ -421,6 +422,7 @@ void guest_main(void)
 	printf("INFO: %u CPUs (MADT %u, fw_cfg %u), topology %u/%u/%u/%u, %s\n", ncpus, madt_cpus, fwcfg_cpus, topo_s,
 	       topo_d, topo_c, topo_t, apic_x2 ? "x2APIC" : "xAPIC");
 	check(madt_cpus == fwcfg_cpus, "madt lists fw_cfg's cpu count", "MADT %u, fw_cfg %u", madt_cpus, fwcfg_cpus);
+	check(acpi_rsdt_agrees(), "rsdt lists the fadt and madt the xsdt lists", "RSDT missing, invalid or different");
 	check(ncpus == topo_s * topo_d * topo_c * topo_t, "cpu count is the topology's product", "%u CPUs", ncpus);
 	check(cpu_apic_id[0] == cpu_enum_id[0], "bsp apic id is the madt's first", "BSP %u, MADT %u", cpu_apic_id[0],
 	      cpu_enum_id[0]);

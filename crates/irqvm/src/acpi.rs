@@ -1,8 +1,19 @@
-//! ACPI tables for booting Linux (ACPI 6.5 chapter 5): RSDP, XSDT, FADT, MADT and DSDT, built
-//! with the `acpi_tables` crate and written into the PC BIOS area 0xE0000-0xFFFFF, where Linux
-//! finds the RSDP by scanning (ACPI 6.5 §5.2.5.1) when no boot protocol passes its address
+//! ACPI tables for booting Linux (ACPI 6.5 chapter 5): RSDP, XSDT, RSDT, FADT, MADT and DSDT,
+//! built with the `acpi_tables` crate and written into the PC BIOS area 0xE0000-0xFFFFF, where
+//! Linux finds the RSDP by scanning (ACPI 6.5 §5.2.5.1) when no boot protocol passes its address
 //! (PVH's `hvm_start_info.rsdp_paddr` and the zero page's `acpi_rsdp_addr` do: see
 //! [`crate::loader::BootPlatform`]).
+//!
+//! # XSDT and RSDT
+//!
+//! The RSDP (revision 2) points to both: the XSDT (64-bit entries), which an ACPI 2.0 OS uses
+//! (Linux's ACPICA takes the XSDT whenever the RSDP's revision is above 1 and its address is set),
+//! and an RSDT (32-bit entries) listing the same tables, for readers that follow only the RSDP's
+//! ACPI 1.0 field. kvm-unit-tests' library is one: its `find_acpi_table_addr` (the FADT for the
+//! PM timer test of `vmexit`, the FADT and FACS for `s3`) walked only the RSDT until the library
+//! learnt the XSDT, and a multiboot test finds the RSDP the same way Linux does, by scanning
+//! 0xE0000-0xFFFFF (docs/kvm-unit-tests.md). Every table sits below 1 MiB, so 32 bits hold its
+//! address.
 //!
 //! # A hardware-reduced FADT, as Cloud Hypervisor's
 //!
@@ -54,7 +65,6 @@ use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::madt::{
     EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
 };
-use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::{Aml, AmlSink};
@@ -69,6 +79,8 @@ pub const ACPI_BASE: u64 = 0xE_0000;
 const ACPI_END: u64 = 0x10_0000;
 /// The RSDP is the first table, so a scan from 0xE0000 finds it at once.
 pub const RSDP_ADDR: u64 = ACPI_BASE;
+/// The RSDP's length with the ACPI 2.0 fields (ACPI 6.5 table 5.3).
+const RSDP_LEN: usize = 36;
 /// The LAPIC and IOAPIC MMIO bases (SDM vol. 3 §11.4.1; 82093AA datasheet §3.0).
 pub const LAPIC_BASE: u32 = 0xFEE0_0000;
 pub const IOAPIC_BASE: u32 = 0xFEC0_0000;
@@ -137,6 +149,8 @@ pub enum AcpiError {
     TooLarge { end: u64 },
     #[error("cannot write the ACPI tables at {addr:#x}: outside guest RAM")]
     OutOfRam { addr: u64 },
+    #[error("the {what} at {addr:#x} is beyond the RSDT's 32-bit addresses")]
+    Above4G { what: &'static str, addr: u64 },
 }
 
 /// One table and where it goes.
@@ -182,12 +196,14 @@ impl Placer {
 pub fn build(config: &AcpiConfig) -> Result<AcpiTables, AcpiError> {
     check_cpus(&config.apic_ids)?;
     let mut placer = Placer { next: RSDP_ADDR };
-    let rsdp_addr = placer.place(Rsdp::len())?;
+    let rsdp_addr = placer.place(RSDP_LEN)?;
     let dsdt = bytes(&dsdt(config));
     let madt = bytes(&madt(config));
     // The XSDT lists two tables: its size is known before their addresses.
     let xsdt_len = 36 + 2 * 8;
     let xsdt_addr = placer.place(xsdt_len)?;
+    let rsdt_len = 36 + 2 * 4;
+    let rsdt_addr = placer.place(rsdt_len)?;
     let dsdt_addr = placer.place(dsdt.len())?;
     let fadt = bytes(&fadt(config, dsdt_addr));
     let fadt_addr = placer.place(fadt.len())?;
@@ -197,12 +213,15 @@ pub fn build(config: &AcpiConfig) -> Result<AcpiTables, AcpiError> {
     xsdt.add_entry(madt_addr);
     let xsdt = bytes(&xsdt);
     debug_assert_eq!(xsdt.len(), xsdt_len);
-    let rsdp = bytes(&Rsdp::new(OEM_ID, xsdt_addr));
+    let rsdt = rsdt(&[fadt_addr, madt_addr])?;
+    debug_assert_eq!(rsdt.len(), rsdt_len);
+    let rsdp = rsdp(xsdt_addr, rsdt_addr)?;
     let table = |name, addr, bytes| Table { name, addr, bytes };
     Ok(AcpiTables {
         tables: vec![
             table("RSD PTR ", rsdp_addr, rsdp),
             table("XSDT", xsdt_addr, xsdt),
+            table("RSDT", rsdt_addr, rsdt),
             table("DSDT", dsdt_addr, dsdt),
             table("FACP", fadt_addr, fadt),
             table("APIC", madt_addr, madt),
@@ -234,6 +253,51 @@ fn check_cpus(apic_ids: &[u32]) -> Result<(), AcpiError> {
         }
     }
     Ok(())
+}
+
+/// The RSDP (ACPI 6.5 §5.2.5.3), revision 2, with both the RSDT's 32-bit address and the XSDT's
+/// 64-bit one; the first checksum covers the ACPI 1.0 part (bytes 0-19), the extended one all 36
+/// bytes. The crate's `Rsdp` leaves the RSDT address at 0, hence this one.
+fn rsdp(xsdt_addr: u64, rsdt_addr: u64) -> Result<Vec<u8>, AcpiError> {
+    let rsdt_addr = u32::try_from(rsdt_addr).map_err(|_| AcpiError::Above4G {
+        what: "RSDT",
+        addr: rsdt_addr,
+    })?;
+    let mut b = Vec::with_capacity(RSDP_LEN);
+    b.extend_from_slice(b"RSD PTR ");
+    b.push(0); // checksum, below
+    b.extend_from_slice(&OEM_ID);
+    b.push(2); // revision: ACPI 2.0 and later
+    b.extend_from_slice(&rsdt_addr.to_le_bytes());
+    b.extend_from_slice(&(RSDP_LEN as u32).to_le_bytes());
+    b.extend_from_slice(&xsdt_addr.to_le_bytes());
+    b.push(0); // extended checksum, below
+    b.extend_from_slice(&[0; 3]);
+    debug_assert_eq!(b.len(), RSDP_LEN);
+    b[8] = checksum(&b[..20]);
+    b[32] = checksum(&b);
+    Ok(b)
+}
+
+/// The RSDT (ACPI 6.5 §5.2.7): the same tables as the XSDT, as 32-bit addresses.
+fn rsdt(entries: &[u64]) -> Result<Vec<u8>, AcpiError> {
+    let mut rsdt = Sdt::new(*b"RSDT", 36, 1, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    for &addr in entries {
+        let entry = u32::try_from(addr).map_err(|_| AcpiError::Above4G {
+            what: "table",
+            addr,
+        })?;
+        rsdt.append(entry);
+    }
+    Ok(rsdt.as_slice().to_vec())
+}
+
+/// The byte that makes `bytes` (with that byte 0) sum to 0 modulo 256.
+fn checksum(bytes: &[u8]) -> u8 {
+    bytes
+        .iter()
+        .fold(0u8, |a, b| a.wrapping_add(*b))
+        .wrapping_neg()
 }
 
 fn bytes(table: &dyn Aml) -> Vec<u8> {

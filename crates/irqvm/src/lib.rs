@@ -3,7 +3,7 @@
 //!
 //! | module | what |
 //! |---|---|
-//! | [`acpi`] | ACPI tables (RSDP, XSDT, FADT, MADT, DSDT) for booting Linux |
+//! | [`acpi`] | ACPI tables (RSDP, XSDT and RSDT, FADT, MADT, DSDT) for booting Linux |
 //! | [`kvm`] | opening KVM, creating the VM, ioctls kvm-ioctls lacks |
 //! | [`memory`] | guest RAM (vm-memory) and its KVM memory slots |
 //! | [`loader`] | multiboot v1, Linux (bzImage, PVH vmlinux), ELF32/ELF64 and raw kernels, boot information |

@@ -279,6 +279,9 @@ extern volatile u32 cpu_enum_id[MAX_CPUS];
 static inline u32 cpu_to_apic_id(u32 cpu) { return cpu_enum_id[cpu]; }
 extern u32 madt_cpus;                      /* enabled CPUs the MADT lists (0 without one), uncapped */
 extern u32 fwcfg_cpus;                     /* fw_cfg's CPU count (1 without fw_cfg), uncapped */
+/* The RSDP's RSDT (its ACPI 1.0 field, which readers like kvm-unit-tests' library follow) is a valid RSDT that
+ * finds the same FADT and MADT as the table the RSDP's revision selects (the XSDT from revision 2). */
+bool acpi_rsdt_agrees(void);
 u32 this_cpu(void);                        /* CPU index, from the stack pointer (no register access) */
 /* Start AP `cpu` with INIT, 10 ms, SIPI, 200 us, SIPI (SDM vol. 3 "MP initialization", the universal start-up
  * algorithm); waits until it is online. Returns true on success. */

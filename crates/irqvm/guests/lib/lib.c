@@ -830,25 +830,46 @@ static const u8 *find_rsdp(void)
 	}
 	return NULL;
 }
-/* The table with `sig` that the RSDP's XSDT (revision 2+) or RSDT lists, or NULL. Tables must sit below 4 GiB
- * (the guests map only that). */
-static const u8 *find_acpi_table(const char *sig)
+/* The table with `sig` that the root table at `root` lists with `width`-byte entries (8: XSDT, 4: RSDT), or
+ * NULL. Tables must sit below 4 GiB (the guests map only that). */
+static const u8 *find_in_root(u64 root, const char *root_sig, u32 width, const char *sig)
 {
-	const u8 *rsdp = find_rsdp();
-	if (!rsdp)
-		return NULL;
-	u64 root = rsdp[15] >= 2 ? *(const u64 *)(rsdp + 24) : *(const u32 *)(rsdp + 16);
-	u32 width = rsdp[15] >= 2 ? 8 : 4;
 	if (!root || root >= (1ul << 32))
 		return NULL;
 	const u8 *sdt = (const u8 *)root;
 	u32 len = *(const u32 *)(sdt + 4);
+	if (memcmp(sdt, root_sig, 4) || len < 36 || !acpi_sum_ok(sdt, len))
+		return NULL;
 	for (u32 off = 36; off + width <= len; off += width) {
 		u64 t = width == 8 ? *(const u64 *)(sdt + off) : *(const u32 *)(sdt + off);
 		if (t && t < (1ul << 32) && !memcmp((const u8 *)t, sig, 4))
 			return (const u8 *)t;
 	}
 	return NULL;
+}
+/* The table with `sig` that the RSDP's XSDT (revision 2+) or RSDT lists, or NULL. */
+static const u8 *find_acpi_table(const char *sig)
+{
+	const u8 *rsdp = find_rsdp();
+	if (!rsdp)
+		return NULL;
+	if (rsdp[15] >= 2)
+		return find_in_root(*(const u64 *)(rsdp + 24), "XSDT", 8, sig);
+	return find_in_root(*(const u32 *)(rsdp + 16), "RSDT", 4, sig);
+}
+bool acpi_rsdt_agrees(void)
+{
+	const u8 *rsdp = find_rsdp();
+	if (!rsdp)
+		return false;
+	u64 rsdt = *(const u32 *)(rsdp + 16);
+	static const char *const sigs[] = { "FACP", "APIC" };
+	for (u32 i = 0; i < 2; i++) {
+		const u8 *via_rsdt = find_in_root(rsdt, "RSDT", 4, sigs[i]);
+		if (!via_rsdt || via_rsdt != find_acpi_table(sigs[i]))
+			return false;
+	}
+	return true;
 }
 /* This CPU's initial APIC ID: CPUID 0BH EDX (32 bits) if the leaf exists, else CPUID 1 EBX[31:24]. */
 static u32 initial_apic_id(void)

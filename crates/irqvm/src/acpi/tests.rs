@@ -55,10 +55,68 @@ fn checksums_lengths_and_placement() {
     assert_eq!(RSDP_ADDR % 16, 0, "Linux scans 16-byte boundaries");
     assert_eq!(sum(&rsdp[..20]), 0, "ACPI 1.0 checksum");
     assert_eq!((rsdp[15], u32_at(rsdp, 20)), (2, 36), "revision, length");
-    for name in ["XSDT", "DSDT", "FACP", "APIC"] {
+    assert_eq!(sum(rsdp), 0, "extended checksum");
+    for name in ["XSDT", "RSDT", "DSDT", "FACP", "APIC"] {
         let t = &tables.get(name).unwrap().bytes;
         assert_eq!(u32_at(t, 4) as usize, t.len(), "{name} length");
     }
+}
+
+#[test]
+fn rsdp_rsdt_lists_the_xsdt_tables_as_32_bit_addresses() {
+    let tables = build(&config(2, true)).unwrap();
+    let addr = |n| tables.get(n).unwrap().addr;
+    let rsdp = &tables.get("RSD PTR ").unwrap().bytes;
+    assert_eq!(u64::from(u32_at(rsdp, 16)), addr("RSDT"));
+    let rsdt = &tables.get("RSDT").unwrap().bytes;
+    assert_eq!(
+        (rsdt.len(), rsdt[8]),
+        (36 + 8, 1),
+        "two entries, revision 1"
+    );
+    assert_eq!(
+        [u32_at(rsdt, 36), u32_at(rsdt, 40)].map(u64::from),
+        [addr("FACP"), addr("APIC")]
+    );
+}
+
+/// What kvm-unit-tests' `find_acpi_table_addr` does on a multiboot boot, in either generation of
+/// its library: scan 0xE0000-0xFFFFF on 16-byte boundaries for "RSD PTR ", then walk the RSDT
+/// (every generation) or, for an RSDP of revision 2 or more, the XSDT (the newer one), comparing
+/// each entry's signature. Both walks find the FADT and the MADT in guest memory.
+#[test]
+fn a_scan_of_the_bios_area_finds_fadt_and_madt_through_rsdt_and_xsdt() {
+    let mem = create_guest_memory(16 << 20).unwrap();
+    write(&mem, &config(3, true)).unwrap();
+    let read = |addr: u64, len: usize| {
+        let mut b = vec![0u8; len];
+        mem.read_slice(&mut b, GuestAddress(addr)).unwrap();
+        b
+    };
+    let rsdp = (0xE_0000..0x10_0000u64)
+        .step_by(16)
+        .find(|&a| read(a, 8) == b"RSD PTR ")
+        .expect("RSDP in the BIOS area");
+    let rsdp = read(rsdp, 36);
+    let walk = |root: u64, signature: &[u8; 4], entry: usize| {
+        let header = read(root, 36);
+        assert_eq!(&header[..4], signature);
+        let table = read(root, u32_at(&header, 4) as usize);
+        assert_eq!(sum(&table), 0);
+        (36..table.len())
+            .step_by(entry)
+            .map(|at| match entry {
+                4 => u64::from(u32_at(&table, at)),
+                _ => u64_at(&table, at),
+            })
+            .map(|a| (String::from_utf8(read(a, 4)).unwrap(), a))
+            .collect::<Vec<_>>()
+    };
+    let via_rsdt = walk(u64::from(u32_at(&rsdp, 16)), b"RSDT", 4);
+    let via_xsdt = walk(u64_at(&rsdp, 24), b"XSDT", 8);
+    assert_eq!(via_rsdt, via_xsdt);
+    let names: Vec<&str> = via_rsdt.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["FACP", "APIC"]);
 }
 
 #[test]
