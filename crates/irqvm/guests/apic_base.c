@@ -260,6 +260,11 @@ static void global_disable(u32 version)
 {
 	u64 home = base_msr(), off = home & ~(u64)APIC_BASE_EN;
 	dirty_registers();
+	/* The xAPIC ID is writable (SDM §11.4.6); the write is undone by the disable and re-enable below (KVM's
+	 * kvm_lapic_set_base reloads the xAPIC ID from the vCPU ID when EN is set; kvm-unit-tests' apic test
+	 * "correct xapic id after reset"). ID 0x7E: no CPU of these runs has it. */
+	apic_write(APIC_ID, 0x7Eu << 24);
+	u32 written_id = apic_read(APIC_ID) >> 24;
 	irq_reset_counts();
 	bool called = ncpus >= 2 && smp_call_async(1, ipi_to_cpu0_on_go, NULL);
 	if (!expect_ok("global disable", off)) {
@@ -286,6 +291,8 @@ static void global_disable(u32 version)
 	v = page_read(XAPIC_BASE, APIC_VERSION);
 	u32 id = page_read(XAPIC_BASE, APIC_ID);
 	check(v == version && id == 0, "xapic page answers after re-enable", "version %x ID %x", v, id);
+	check(written_id == 0x7E && id == 0, "xapic id written before the disable is the initial id after re-enable",
+	      "ID %x after the write, %x after re-enable", written_id, id >> 24);
 	check_power_up_state();
 	bool irr = apic_vector_bit(APIC_IRR, V_DISABLED);
 	apic_enable();
