@@ -209,9 +209,9 @@ static void unaccepted(void)
 	irq_set_handler(V_UNACCEPTED, NULL);
 }
 
-/* The ID and arbitration registers (82093AA sections 3.2.1 and 3.2.3; KVM's ioapic.c stores and returns the
+/* The ID, version and arbitration registers (82093AA sections 3.2.1-3.2.3; KVM's ioapic.c stores and returns the
  * same four bits): IOAPICID keeps bits 27:24 of a write and reads the others as 0; IOAPICARB reads those four
- * bits of the ID and ignores writes. The ID is put back afterwards (the MADT names it). */
+ * bits of the ID and ignores writes; IOAPICVER is read-only. The ID is put back afterwards (the MADT names it). */
 #define IOAPIC_ARB 0x02
 static void id_and_arbitration(void)
 {
@@ -228,6 +228,11 @@ static void id_and_arbitration(void)
 	      "arbitration register follows the id and ignores writes", "reads %x, %x after a write", arb,
 	      arb_after);
 	ioapic_write(IOAPIC_ID, id);
+	u32 ver = ioapic_read(IOAPIC_VER);
+	ioapic_write(IOAPIC_VER, ~ver);
+	u32 ver_after = ioapic_read(IOAPIC_VER);
+	check(ver_after == ver, "version register ignores writes", "read %x, then %x after writing %x", ver, ver_after,
+	      ~ver);
 }
 
 /* TMR follows the trigger mode of each acceptance (SDM vol. 3 11.8.4): a level vector sets its bit, which stays
