@@ -1078,6 +1078,17 @@ mod tests {
         );
     }
 
+    /// kvm-unit-tests' ioapic "ioapic logical destination mode": an IOAPIC entry's 8-bit logical
+    /// destination 0x0D reaches x2APIC-mode APICs as the x2APIC logical ID 0x0000_000D, cluster 0
+    /// members 0, 2 and 3 (SDM vol. 3 §11.12.10.2; KVM's `kvm_apic_mda` passes a device's
+    /// destination on unchanged unless it is the 0xFF broadcast).
+    #[test]
+    fn device_xapic_format_logical_destination_in_x2apic_cluster_0() {
+        let b = bus(&[x2(0), x2(1), x2(2), x2(3)]);
+        assert_eq!(b.resolve(&logical(0x0D)), vec![0, 2, 3]);
+        assert_eq!(b.resolve(&logical(0x02)), vec![1]);
+    }
+
     // ---- shorthands, SDM vol. 3 §11.6.1 ----
 
     #[test]

@@ -1278,6 +1278,39 @@ mod tests {
         );
     }
 
+    /// kvm-unit-tests' ioapic "Reconfigure self": the handler lowers the line and moves the entry to
+    /// another APIC (the high dword alone) before its EOI. The EOI names the vector, not the
+    /// destination, so Remote IRR clears (82093AA §3.2.4; KVM's `__kvm_ioapic_update_eoi` matches
+    /// entries by vector too) and nothing is sent.
+    #[test]
+    fn eoi_clears_remote_irr_after_the_entry_moved_to_another_apic_datasheet_3_2_4() {
+        let mut io = ioapic();
+        level_pin(&mut io, 9, 0x59);
+        assert_eq!(set_line(&mut io, 9, true).len(), 1);
+        assert!(set_line(&mut io, 9, false).is_empty());
+        assert!(write_reg(&mut io, low_index(9) + 1, 1 << 24).is_empty());
+        let entry = io.entry(9).unwrap();
+        assert!(entry.remote_irr(), "a destination write keeps Remote IRR");
+        assert_eq!(read_entry(&mut io, 9) >> 56, 1);
+        assert!(eoi(&mut io, 0x59).is_empty(), "the line is low");
+        assert!(!io.entry(9).unwrap().remote_irr());
+    }
+
+    /// kvm-unit-tests' ioapic "coalesce simultaneous level interrupts": a level line that drops,
+    /// rises and drops again while Remote IRR is set is sampled, not latched, so the EOI with the
+    /// line low sends nothing (82093AA §3.2.4).
+    #[test]
+    fn pulse_while_remote_irr_set_is_gone_at_the_eoi_datasheet_3_2_4() {
+        let mut io = ioapic();
+        level_pin(&mut io, 9, 0x59);
+        assert_eq!(set_line(&mut io, 9, true).len(), 1);
+        for level in [false, true, false] {
+            assert!(set_line(&mut io, 9, level).is_empty(), "held by Remote IRR");
+        }
+        assert!(eoi(&mut io, 0x59).is_empty());
+        assert!(!io.entry(9).unwrap().remote_irr());
+    }
+
     #[test]
     fn reassert_before_eoi_waits_for_eoi_datasheet_3_2_4() {
         let mut io = ioapic();

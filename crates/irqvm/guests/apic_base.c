@@ -44,6 +44,13 @@ static bool cpuid_apic_bit(void)
 	return (d >> 9) & 1;
 }
 static u64 base_msr(void) { return rdmsr(APIC_BASE_MSR); }
+static u64 read_cr8(void)
+{
+	u64 v;
+	__asm__ volatile("mov %%cr8, %0" : "=r"(v));
+	return v;
+}
+static void write_cr8(u64 v) { __asm__ volatile("mov %0, %%cr8" : : "r"(v) : "memory"); }
 
 /* A write of IA32_APIC_BASE that must fault: #GP taken and the MSR unchanged. */
 static void expect_gp(const char *name, u64 value)
@@ -187,6 +194,18 @@ static void x2apic_transitions(u32 version)
 	}
 	u32 mmio = page_read(XAPIC_BASE, APIC_VERSION);
 	check(mmio == 0xFFFFFFFF, "xapic page reads all ones in x2apic mode", "version reads %x", mmio);
+	/* The dead page takes no write either (kvm-unit-tests' apic_disable fills it with ones): CR8 and the TPR MSR
+	 * keep their value, and a CR8 write shows in the TPR MSR as TPR[7:4] (SDM §11.8.6). */
+	u64 cr8_was = read_cr8();
+	page_write(XAPIC_BASE, APIC_TPR, 0xFFFFFFFF);
+	u64 cr8_kept = read_cr8(), tpr_kept = rdmsr(0x808);
+	write_cr8(cr8_was ^ 0xF);
+	u64 cr8_new = read_cr8(), tpr_new = rdmsr(0x808);
+	write_cr8(cr8_was);
+	check(cr8_kept == cr8_was && tpr_kept == cr8_was << 4, "xapic page write in x2apic mode leaves cr8 and the tpr alone",
+	      "CR8 %lx -> %lx, TPR MSR %lx", cr8_was, cr8_kept, tpr_kept);
+	check(cr8_new == (cr8_was ^ 0xF) && tpr_new == cr8_new << 4, "cr8 write reads back through the x2apic tpr msr",
+	      "wrote %lx: CR8 %lx, TPR MSR %lx", cr8_was ^ 0xF, cr8_new, tpr_new);
 	u64 id = rdmsr(0x802), ver = rdmsr(0x803);
 	check(id == 0, "x2apic id msr gives the 32-bit id on cpu 0", "MSR 0x802 %lx", id);
 	check(ver == version, "x2apic version msr matches the xapic version", "MSR 0x803 %lx, xAPIC %x", ver,
@@ -260,6 +279,11 @@ static void global_disable(u32 version)
 {
 	u64 home = base_msr(), off = home & ~(u64)APIC_BASE_EN;
 	dirty_registers();
+	/* The xAPIC ID is writable (SDM §11.4.6); the write is undone by the disable and re-enable below (KVM's
+	 * kvm_lapic_set_base reloads the xAPIC ID from the vCPU ID when EN is set; kvm-unit-tests' apic test
+	 * "correct xapic id after reset"). ID 0x7E: no CPU of these runs has it. */
+	apic_write(APIC_ID, 0x7Eu << 24);
+	u32 written_id = apic_read(APIC_ID) >> 24;
 	irq_reset_counts();
 	bool called = ncpus >= 2 && smp_call_async(1, ipi_to_cpu0_on_go, NULL);
 	if (!expect_ok("global disable", off)) {
@@ -269,6 +293,17 @@ static void global_disable(u32 version)
 	check(!cpuid_apic_bit(), "cpuid.1 edx apic bit clear while disabled [tcg-apic-gap]", "still set");
 	u32 v = page_read(XAPIC_BASE, APIC_VERSION);
 	check(v == 0xFFFFFFFF, "xapic page reads all ones while disabled [tcg-apic-gap]", "version reads %x", v);
+	/* CR8 is the processor's, not the disabled page's (kvm-unit-tests' apic_disable): a write of ones to the TPR
+	 * slot leaves it alone, and it takes a write and reads it back. Put back before the re-enable. */
+	u64 cr8_was = read_cr8();
+	page_write(XAPIC_BASE, APIC_TPR, 0xFFFFFFFF);
+	u64 cr8_kept = read_cr8();
+	write_cr8(cr8_was ^ 0xF);
+	u64 cr8_new = read_cr8();
+	write_cr8(cr8_was);
+	check(cr8_kept == cr8_was && cr8_new == (cr8_was ^ 0xF),
+	      "cr8 ignores the page and takes writes while the apic is disabled", "CR8 %lx, %lx after the page write, %lx after writing %lx",
+	      cr8_was, cr8_kept, cr8_new, cr8_was ^ 0xF);
 	if (ncpus >= 2) {
 		ipi_go = 1;
 		bool sent = called && wait_nonzero(&ipi_sent, WAIT_MS) && ipi_sent == 1;
@@ -286,6 +321,8 @@ static void global_disable(u32 version)
 	v = page_read(XAPIC_BASE, APIC_VERSION);
 	u32 id = page_read(XAPIC_BASE, APIC_ID);
 	check(v == version && id == 0, "xapic page answers after re-enable", "version %x ID %x", v, id);
+	check(written_id == 0x7E && id == 0, "xapic id written before the disable is the initial id after re-enable",
+	      "ID %x after the write, %x after re-enable", written_id, id >> 24);
 	check_power_up_state();
 	bool irr = apic_vector_bit(APIC_IRR, V_DISABLED);
 	apic_enable();

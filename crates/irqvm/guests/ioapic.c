@@ -209,6 +209,121 @@ static void unaccepted(void)
 	irq_set_handler(V_UNACCEPTED, NULL);
 }
 
+/* The ID, version and arbitration registers (82093AA sections 3.2.1-3.2.3; KVM's ioapic.c stores and returns the
+ * same four bits): IOAPICID keeps bits 27:24 of a write and reads the others as 0; IOAPICARB reads those four
+ * bits of the ID and ignores writes; IOAPICVER is read-only. The ID is put back afterwards (the MADT names it). */
+#define IOAPIC_ARB 0x02
+static void id_and_arbitration(void)
+{
+	u32 id = ioapic_read(IOAPIC_ID);
+	ioapic_write(IOAPIC_ID, ~id);
+	u32 flipped = ioapic_read(IOAPIC_ID);
+	check((id ^ flipped) == 0x0F000000u, "id register keeps only bits 27-24 of a write",
+	      "read %x, then %x after writing %x", id, flipped, ~id);
+	ioapic_write(IOAPIC_ID, 0x0A000000u);
+	u32 arb = ioapic_read(IOAPIC_ARB);
+	ioapic_write(IOAPIC_ARB, 0x05000000u);
+	u32 arb_after = ioapic_read(IOAPIC_ARB);
+	check(arb == 0x0A000000u && arb_after == 0x0A000000u,
+	      "arbitration register follows the id and ignores writes", "reads %x, %x after a write", arb,
+	      arb_after);
+	ioapic_write(IOAPIC_ID, id);
+	u32 ver = ioapic_read(IOAPIC_VER);
+	ioapic_write(IOAPIC_VER, ~ver);
+	u32 ver_after = ioapic_read(IOAPIC_VER);
+	check(ver_after == ver, "version register ignores writes", "read %x, then %x after writing %x", ver, ver_after,
+	      ~ver);
+}
+
+/* TMR follows the trigger mode of each acceptance (SDM vol. 3 11.8.4): a level vector sets its bit, which stays
+ * set through the EOI; the same vector accepted edge-triggered clears it. The handler records the bit and
+ * lowers the line before its EOI. */
+#define V_TMR 0x75
+static volatile u32 tmr_seen;
+static void tmr_handler(struct irq_frame *f, u32 cpu)
+{
+	tmr_seen = apic_vector_bit(APIC_TMR, V_TMR);
+	testdev_set_irq(LEVEL_LINE, 0);
+	apic_eoi();
+}
+
+static void tmr_follows_trigger(void)
+{
+	irq_set_handler(V_TMR, tmr_handler);
+	tmr_seen = 0;
+	ioapic_set_entry(LEVEL_LINE, (u64)cpu_to_apic_id(0) << 56 | IOAPIC_LEVEL | V_TMR);
+	testdev_set_irq(LEVEL_LINE, 1);
+	bool got = wait_ge(&irq_count[0][V_TMR], 1, WAIT_MS);
+	delay_ms(10);
+	bool after_eoi = apic_vector_bit(APIC_TMR, V_TMR);
+	check(got && tmr_seen && after_eoi, "level vector's tmr bit stays set after its eoi",
+	      "%u interrupts, TMR in the handler %u, after the EOI %u", irq_count[0][V_TMR], tmr_seen, after_eoi);
+	ioapic_set_entry(LEVEL_LINE, (u64)cpu_to_apic_id(0) << 56 | V_TMR); /* same vector, edge */
+	tmr_seen = 1;
+	testdev_set_irq(LEVEL_LINE, 1);
+	got = wait_ge(&irq_count[0][V_TMR], 2, WAIT_MS);
+	testdev_set_irq(LEVEL_LINE, 0);
+	check(got && !tmr_seen, "edge acceptance clears the tmr bit a level vector left", "%u interrupts, TMR %u",
+	      irq_count[0][V_TMR], tmr_seen);
+	ioapic_set_entry(LEVEL_LINE, IOAPIC_MASKED);
+	irq_set_handler(V_TMR, NULL);
+}
+
+/* A level entry whose handler points it at another APIC (the high dword only) before its EOI: the EOI still
+ * names the vector, so Remote IRR clears (82093AA 3.2.4; KVM matches EOIs to entries by vector) and the line,
+ * lowered in the handler, delivers nothing more. The new destination is CPU 1 when there is one (idle, and the
+ * line stays low), else an APIC ID no CPU has. */
+#define V_RECONF 0x76
+static volatile u32 reconf_dest;
+static void reconf_handler(struct irq_frame *f, u32 cpu)
+{
+	testdev_set_irq(LEVEL_LINE, 0);
+	ioapic_write(IOAPIC_REDTBL(LEVEL_LINE) + 1, reconf_dest << 24);
+	apic_eoi();
+}
+
+static void retarget_in_handler(void)
+{
+	irq_set_handler(V_RECONF, reconf_handler);
+	reconf_dest = ncpus >= 2 ? cpu_to_apic_id(1) : ABSENT_APIC_ID;
+	ioapic_set_entry(LEVEL_LINE, (u64)cpu_to_apic_id(0) << 56 | IOAPIC_LEVEL | V_RECONF);
+	testdev_set_irq(LEVEL_LINE, 1);
+	bool got = wait_ge(&irq_count[0][V_RECONF], 1, WAIT_MS);
+	delay_ms(20);
+	u64 e = ioapic_get_entry(LEVEL_LINE);
+	check(got && !(e & IOAPIC_REMOTE_IRR) && (e >> 56) == reconf_dest && irq_count_total(V_RECONF) == 1,
+	      "level, entry retargeted in its handler, the eoi still clears remote irr [isr-kept]",
+	      "%u interrupts, entry %lx", irq_count_total(V_RECONF), e);
+	ioapic_set_entry(LEVEL_LINE, IOAPIC_MASKED);
+	irq_set_handler(V_RECONF, NULL);
+}
+
+/* A level line that drops, rises and drops again while its Remote IRR is set, all before the EOI: the pulse
+ * is not remembered (the 82093AA samples a level input, it does not latch it), so after the EOI with the line
+ * low nothing is delivered again. */
+#define V_PULSE 0x77
+static void pulse_handler(struct irq_frame *f, u32 cpu)
+{
+	testdev_set_irq(LEVEL_LINE, 0);
+	testdev_set_irq(LEVEL_LINE, 1);
+	testdev_set_irq(LEVEL_LINE, 0);
+	apic_eoi();
+}
+
+static void pulse_before_eoi(void)
+{
+	irq_set_handler(V_PULSE, pulse_handler);
+	ioapic_set_entry(LEVEL_LINE, (u64)cpu_to_apic_id(0) << 56 | IOAPIC_LEVEL | V_PULSE);
+	testdev_set_irq(LEVEL_LINE, 1);
+	bool got = wait_ge(&irq_count[0][V_PULSE], 1, WAIT_MS);
+	delay_ms(30);
+	check(got && irq_count[0][V_PULSE] == 1 && !remote_irr(LEVEL_LINE),
+	      "level, a pulse while remote irr is set is not delivered after the eoi [isr-kept]",
+	      "%u interrupts, remote irr %u", irq_count[0][V_PULSE], remote_irr(LEVEL_LINE));
+	ioapic_set_entry(LEVEL_LINE, IOAPIC_MASKED);
+	irq_set_handler(V_PULSE, NULL);
+}
+
 /* Delivery to an AP through a physical destination (the AP counts the vector). */
 static void to_ap(void)
 {
@@ -238,5 +353,9 @@ void guest_main(void)
 	level_eoi_then_hlt();
 	masked();
 	unaccepted();
+	id_and_arbitration();
+	tmr_follows_trigger();
+	pulse_before_eoi();
 	to_ap();
+	retarget_in_handler();
 }

@@ -30,6 +30,37 @@ static void reserved_msrs(void)
 	irq_set_handler(13, NULL);
 }
 
+/* An I/O APIC entry in logical mode reaches x2APIC-mode CPUs through its 8-bit destination taken as an x2APIC
+ * logical ID: cluster 0, member bit n for the CPU whose x2APIC ID is n (SDM vol. 3 11.12.10.2; KVM passes a
+ * device's 8-bit destination on unchanged, 0xFF excepted, the broadcast). Every CPU but CPU 1 is named, as
+ * kvm-unit-tests' ioapic test does with 0x0D on 4 CPUs. Edge-triggered; pc-testdev drives the line. */
+#define V_IOAPIC_LOGICAL 0x5A
+#define IOAPIC_LOGICAL_LINE 10
+static void ioapic_logical(void)
+{
+	u32 dest = 0, expect = 0, before[MAX_CPUS];
+	char why[96];
+	for (u32 c = 0; c < ncpus; c++) {
+		if (c == 1 && ncpus >= 2)
+			continue;
+		if (cpu_to_apic_id(c) >= 8) {
+			skip("ioapic logical destination reaches the x2apic cluster 0 members it names",
+			     "cpu %u has x2APIC ID %u, past the 8-bit destination", c, cpu_to_apic_id(c));
+			return;
+		}
+		dest |= 1u << cpu_to_apic_id(c);
+		expect |= 1u << c;
+	}
+	snapshot(V_IOAPIC_LOGICAL, before);
+	ioapic_set_entry(IOAPIC_LOGICAL_LINE, (u64)dest << 56 | IOAPIC_LOGICAL | V_IOAPIC_LOGICAL);
+	testdev_set_irq(IOAPIC_LOGICAL_LINE, 1);
+	bool ok = expect_delivery(V_IOAPIC_LOGICAL, before, expect, why, sizeof why);
+	testdev_set_irq(IOAPIC_LOGICAL_LINE, 0);
+	ioapic_set_entry(IOAPIC_LOGICAL_LINE, IOAPIC_MASKED);
+	check(ok, "ioapic logical destination reaches the x2apic cluster 0 members it names", "dest %x: %s", dest,
+	      why);
+}
+
 void guest_main(void)
 {
 	if (!cpu_has_x2apic()) {
@@ -63,6 +94,7 @@ void guest_main(void)
 		logical_ipi("x2apic logical cluster 0, odd cpus", odd, odd, V_LOGICAL);
 	logical_ipi("x2apic logical cluster 0, all cpus", all, all, V_LOGICAL);
 	logical_ipi("x2apic logical cluster 1 (nobody)", (1u << 16) | 0xFFFF, 0, V_CLUSTER);
+	ioapic_logical();
 	lowest_priority(all);
 	nmi_ipi();
 }
