@@ -584,6 +584,16 @@ mod tests {
         vm_memory::Bytes::write_obj(ram, entry, GuestAddress(at)).unwrap();
     }
 
+    /// 4-level paging from the PML4 at `cr3`: CR0.PG, CR4.PAE, EFER.LME and NXE.
+    fn long_mode_paging(cr3: u64) -> Paging {
+        Paging {
+            cr0: 1 << 31,
+            cr3,
+            cr4: 1 << 5,
+            efer: (1 << 10) | (1 << 11),
+        }
+    }
+
     /// The walk irqvm makes in the guest's place refuses what the processor would fault on or
     /// would write: an A bit clear at any level, XD for a fetch (and XD without EFER.NXE), SMEP,
     /// SMAP (unless AC), PKE on a user page, PKS on a supervisor page, CET, a reserved bit in a
@@ -602,12 +612,7 @@ mod tests {
         put(pt + 2 * 8, 0xA000 | 0x3 | U | A); // user page
         put(pt + 3 * 8, 0xB000 | 0x3); // not accessed yet
         put(pt + 4 * 8, 0xC000 | 0x3 | A | XD);
-        let paging = Paging {
-            cr0: 1 << 31,
-            cr3: pml4,
-            cr4: 1 << 5,
-            efer: (1 << 10) | (1 << 11),
-        };
+        let paging = long_mode_paging(pml4);
         let read = Access::Read { ac: false };
         let walk = |p: &Paging, linear, access| walk_as_supervisor(&ram, p, linear, access);
         assert_eq!(walk(&paging, 0x1234, read), Some(0x9234));
@@ -764,12 +769,7 @@ mod tests {
         for page in 0..6u64 {
             put(pt + page * 8, (0x9000 + page * 0x1000) | 0x3 | A | XD);
         }
-        let paging = Paging {
-            cr0: 1 << 31,
-            cr3: pml4,
-            cr4: 1 << 5,
-            efer: (1 << 10) | (1 << 11),
-        };
+        let paging = long_mode_paging(pml4);
         let read = Access::Read { ac: false };
         let mut tlb = SupervisorTlb::default();
         assert_eq!(tlb.translate(&ram, &paging, 0x10, read), Some(0x9010));
