@@ -177,13 +177,21 @@ fn nearest_ends(rip: u64, next_of: &mut impl FnMut(u64) -> Next) -> Stretch {
             break;
         }
         let next = next_of(at);
-        let onward: Vec<u64> = match next {
-            Next::Go(to) => vec![to],
-            Next::Fork(fall, taken) => vec![fall, taken],
-            Next::Halt | Next::Stop => Vec::new(),
+        let (onward, count) = match next {
+            Next::Go(to) => ([to, to], 1),
+            Next::Fork(fall, taken) => ([fall, taken], 2),
+            Next::Halt | Next::Stop => ([0, 0], 0),
         };
-        let mut new: Vec<u64> = onward.into_iter().filter(|to| !seen.contains(to)).collect();
-        new.dedup();
+        // The successors not scanned or waiting yet, once each (no allocation: this runs at
+        // every stepping exit).
+        let (mut fresh, mut new) = ([0u64; 2], 0);
+        for to in onward.into_iter().take(count) {
+            if !seen.contains(&to) && !fresh[..new].contains(&to) {
+                fresh[new] = to;
+                new += 1;
+            }
+        }
+        let new = &fresh[..new];
         let stop = next == Next::Stop;
         if stop && at == rip {
             return Stretch::Step;
@@ -199,7 +207,7 @@ fn nearest_ends(rip: u64, next_of: &mut impl FnMut(u64) -> Next) -> Stretch {
             stops.push(at);
         }
         seen.extend(new.iter().copied());
-        ahead.extend(new);
+        ahead.extend(new.iter().copied());
     }
     let ends: Vec<u64> = stops.into_iter().chain(ahead).collect();
     Breaks::new(&ends).map_or(Stretch::Halts, Stretch::StopAt)
