@@ -922,7 +922,13 @@ impl Stepper {
         let mut code = CodePages::new(|base, page: &mut [u8]| {
             self.read_linear(vcpu, base, page) == page.len()
         });
-        let stretch = stretch::scan(regs.rip, |at, out| code.fetch(at, out));
+        let mut at_rip = GuestAtRip {
+            stepper: self,
+            vcpu,
+            regs,
+            sregs,
+        };
+        let stretch = stretch::scan_at(regs.rip, |at, out| code.fetch(at, out), &mut at_rip);
         tracing::trace!(rip = regs.rip, ?wait, ?stretch, "held stretch");
         match stretch {
             Stretch::Halts => Plan::Unstepped,
@@ -1096,6 +1102,51 @@ impl Stepper {
                 .write_slice(&data[from..from + len], gpa)
                 .is_ok()
         })
+    }
+}
+
+/// The guest at a stop, for the stretch scan to follow the returns and indirect branches ahead of
+/// RIP ([`stretch::AtRip`]): its registers, and memory read as its page tables map it.
+struct GuestAtRip<'a> {
+    stepper: &'a Stepper,
+    vcpu: &'a VcpuFd,
+    regs: &'a kvm_regs,
+    sregs: &'a kvm_sregs,
+}
+
+impl stretch::AtRip for GuestAtRip<'_> {
+    fn register(&self, reg: iced_x86::Register) -> Option<u64> {
+        use iced_x86::Register as R;
+        let r = self.regs;
+        Some(match reg {
+            R::RAX => r.rax,
+            R::RCX => r.rcx,
+            R::RDX => r.rdx,
+            R::RBX => r.rbx,
+            R::RSP => r.rsp,
+            R::RBP => r.rbp,
+            R::RSI => r.rsi,
+            R::RDI => r.rdi,
+            R::R8 => r.r8,
+            R::R9 => r.r9,
+            R::R10 => r.r10,
+            R::R11 => r.r11,
+            R::R12 => r.r12,
+            R::R13 => r.r13,
+            R::R14 => r.r14,
+            R::R15 => r.r15,
+            // 64-bit mode: only FS and GS have a base (SDM vol. 3 §3.4.4).
+            R::ES | R::CS | R::SS | R::DS => 0,
+            R::FS => self.sregs.fs.base,
+            R::GS => self.sregs.gs.base,
+            _ => return None,
+        })
+    }
+
+    fn read_u64(&mut self, linear: u64) -> Option<u64> {
+        let mut bytes = [0u8; 8];
+        (self.stepper.read_linear(self.vcpu, linear, &mut bytes) == bytes.len())
+            .then(|| u64::from_le_bytes(bytes))
     }
 }
 

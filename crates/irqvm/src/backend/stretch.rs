@@ -41,6 +41,9 @@ use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKi
 
 use crate::guest_debug::Breaks;
 
+mod known;
+pub use known::AtRip;
+
 /// Instructions one scan decodes at most. Far more than the stretches the exact boundaries meet
 /// (a `cli` … `sti; hlt` idle loop is ~15, a handler's tail ~30), and far less work than the one
 /// exit a breakpoint saves (decoding is ~0.1 µs an instruction, an exit ~10 µs here).
@@ -129,6 +132,43 @@ pub fn scan(rip: u64, mut fetch: impl FnMut(u64, &mut [u8]) -> usize) -> Stretch
         classify(at, &code[..n])
     };
     whole_stretch(rip, &mut next_of).unwrap_or_else(|| nearest_ends(rip, &mut next_of))
+}
+
+/// [`scan`] where the guest's registers and memory at RIP are known ([`known`]): the returns and
+/// indirect branches on the straight path from RIP whose operands it has not changed are followed
+/// to their targets instead of being stops, and the scan goes on from where that path ends.
+pub fn scan_at(
+    rip: u64,
+    mut fetch: impl FnMut(u64, &mut [u8]) -> usize,
+    at_rip: &mut impl AtRip,
+) -> Stretch {
+    known::straight_path(rip, &mut fetch, at_rip)
+        .and_then(|path| scan_past(rip, &path, &mut fetch))
+        .unwrap_or_else(|| scan(rip, fetch))
+}
+
+/// The stretch from where `path` ends. A breakpoint at RIP would stop the guest before it moves:
+/// where the scan from there comes back to RIP (a loop through an indirect branch at RIP, such
+/// as a call through a function pointer in a loop), the guest runs instead to the last branch
+/// the path followed after RIP, and `None` (the plain scan from RIP) if there is none.
+fn scan_past(
+    rip: u64,
+    path: &known::Path,
+    fetch: &mut impl FnMut(u64, &mut [u8]) -> usize,
+) -> Option<Stretch> {
+    let last_followed = || {
+        let at = *path.followed.iter().rev().find(|&&at| at != rip)?;
+        Some(Stretch::StopAt(Breaks::one(at)))
+    };
+    if path.from == rip {
+        return last_followed();
+    }
+    match scan(path.from, fetch) {
+        // The path's end is itself a stop: the guest runs there.
+        Stretch::Step => Some(Stretch::StopAt(Breaks::one(path.from))),
+        Stretch::StopAt(breaks) if breaks.addresses().contains(&rip) => last_followed(),
+        stretch => Some(stretch),
+    }
 }
 
 /// Every place the stretch from `rip` can end, if they fit the breakpoints; `None` if there are
@@ -315,7 +355,7 @@ mod tests {
     use super::*;
 
     /// Guest code at `base`: what `scan` may fetch.
-    fn code_at(base: u64, bytes: &[u8]) -> impl FnMut(u64, &mut [u8]) -> usize + '_ {
+    pub(super) fn code_at(base: u64, bytes: &[u8]) -> impl FnMut(u64, &mut [u8]) -> usize + '_ {
         move |at, buf| {
             let Some(off) = at.checked_sub(base).map(|o| o as usize) else {
                 return 0;
@@ -496,7 +536,11 @@ mod tests {
     /// before it runs any instruction the scan stops at (one that may set IF or cannot be
     /// followed), or ends at a HLT or in a loop: no such instruction is reachable from `rip`
     /// without passing an end.
-    fn every_path_meets(rip: u64, fetch: &mut impl FnMut(u64, &mut [u8]) -> usize, ends: &[u64]) {
+    pub(super) fn every_path_meets(
+        rip: u64,
+        fetch: &mut impl FnMut(u64, &mut [u8]) -> usize,
+        ends: &[u64],
+    ) {
         let mut seen = BTreeSet::from([rip]);
         let mut work = vec![rip];
         while let Some(at) = work.pop() {

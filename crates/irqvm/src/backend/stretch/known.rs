@@ -1,0 +1,591 @@
+//! Past a return or an indirect branch the scan meets on its way from RIP: the guest's registers
+//! and memory at RIP say where it goes, as long as nothing between RIP and it has changed the
+//! operands it reads.
+//!
+//! [`super::scan`] has to stop at every return and indirect branch: from the code alone it cannot
+//! know the target. But the stepper scans at a stop of the guest, where it has the registers, and
+//! the code from RIP up to the first conditional branch is one path the guest will take. Along that
+//! path a RET whose stack slot, or a `jmp *`/`call *` whose register or memory operand, no
+//! instruction before it writes, goes exactly where those values say. [`straight_path`] follows
+//! that path through such branches; the scan then starts where it ends. Before this, such a branch
+//! at RIP was stepped (one exit) and one further on got a breakpoint (one exit, then the step):
+//! kvm-unit-tests' `apic_icr_write` (`jmp *` through the APIC ops, then `wrmsr; ret`) paid two
+//! exits for each of them (docs/benchmarks.md §25).
+//!
+//! What counts as changed is what the instruction decoder says an instruction writes (its
+//! registers, explicit and implicit, and any memory: one write anywhere makes every memory operand
+//! unknown), and the segment bases after SWAPGS, WRFSBASE/WRGSBASE, WRMSR or a segment load. Only
+//! near 64-bit transfers are followed (RET, RET imm16, `jmp`/`call` through a 64-bit register or
+//! memory operand): an operand-size prefix makes them vendor-dependent, as for direct branches.
+//! A value another vCPU writes between the read and the guest's own (a code pointer or a return
+//! address under it) makes the guest go elsewhere than scanned: then an instruction that sets IF
+//! may run with no stop before it and the interrupt is taken at the next exit, late but not lost,
+//! as for an exception handler the scan cannot see.
+
+use iced_x86::{
+    Code, Decoder, DecoderOptions, Instruction, InstructionInfoFactory, Mnemonic, OpAccess, OpKind,
+    Register,
+};
+
+use super::{canonical, classify, operand_size_prefix, Next, MAX_INSN};
+
+/// Instructions [`straight_path`] walks at most.
+const PATH_BUDGET: usize = 64;
+
+/// What the scan may know of the guest at RIP.
+pub trait AtRip {
+    /// A 64-bit general-purpose register (RAX-R15), or a segment register's base.
+    fn register(&self, reg: Register) -> Option<u64>;
+    /// The 8 bytes at a linear address, as the guest reads them.
+    fn read_u64(&mut self, linear: u64) -> Option<u64>;
+}
+
+/// The one path from RIP through the branches [`straight_path`] resolved.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Path {
+    /// The instructions the guest runs from RIP, in order, before `from`.
+    pub passed: Vec<u64>,
+    /// The returns and indirect branches among them that were followed, in order.
+    pub followed: Vec<u64>,
+    /// Where the path leaves what is known: a conditional branch, a HLT, a stop that cannot be
+    /// resolved, or an instruction already passed (a loop).
+    pub from: u64,
+}
+
+/// Follows the path from `rip` through straight-line code and the returns and indirect branches
+/// on it whose operands are still as they were at RIP. `None` if it followed none (the plain
+/// scan from RIP is then the same).
+pub fn straight_path(
+    rip: u64,
+    fetch: &mut impl FnMut(u64, &mut [u8]) -> usize,
+    at_rip: &mut impl AtRip,
+) -> Option<Path> {
+    let mut walk = Walk::new(at_rip);
+    let mut passed = Vec::new();
+    let mut followed = Vec::new();
+    let mut at = rip;
+    while passed.len() < PATH_BUDGET && !passed.contains(&at) {
+        let mut code = [0u8; MAX_INSN];
+        let n = fetch(at, &mut code);
+        let onward = match classify(at, &code[..n]) {
+            Next::Go(to) => {
+                walk.ran(&decode(at, &code[..n]));
+                Some(to)
+            }
+            Next::Stop => {
+                let target = walk.transfer(&decode(at, &code[..n]), &code[..n]);
+                if target.is_some() {
+                    followed.push(at);
+                }
+                target
+            }
+            Next::Fork(..) | Next::Halt => None,
+        };
+        let Some(to) = onward else {
+            break;
+        };
+        passed.push(at);
+        at = to;
+    }
+    (!followed.is_empty()).then_some(Path {
+        passed,
+        followed,
+        from: at,
+    })
+}
+
+fn decode(at: u64, code: &[u8]) -> Instruction {
+    Decoder::with_ip(64, code, at, DecoderOptions::NONE).decode()
+}
+
+/// The registers and memory along the path, as far as they are still those of RIP.
+struct Walk<'a, K> {
+    at_rip: &'a mut K,
+    /// RAX-R15 by number: `None` once written (RSP is moved by each RET or CALL followed).
+    gprs: [Option<u64>; 16],
+    segment_bases_known: bool,
+    /// The return addresses the calls on the path pushed (address, value), the only memory
+    /// writes tracked: any other makes all memory unknown (`memory_written`).
+    pushed: Vec<(u64, u64)>,
+    memory_written: bool,
+    info: InstructionInfoFactory,
+}
+
+impl<'a, K: AtRip> Walk<'a, K> {
+    fn new(at_rip: &'a mut K) -> Self {
+        let mut gprs = [None; 16];
+        for (i, slot) in gprs.iter_mut().enumerate() {
+            *slot = gpr(i).and_then(|reg| at_rip.register(reg));
+        }
+        Self {
+            at_rip,
+            gprs,
+            segment_bases_known: true,
+            pushed: Vec::new(),
+            memory_written: false,
+            info: InstructionInfoFactory::new(),
+        }
+    }
+
+    /// An instruction on the path ran: forget what it wrote.
+    fn ran(&mut self, insn: &Instruction) {
+        if insn.code() == Code::Call_rel32_64 {
+            self.push_return(insn);
+            return;
+        }
+        if matches!(
+            insn.mnemonic(),
+            Mnemonic::Swapgs
+                | Mnemonic::Wrfsbase
+                | Mnemonic::Wrgsbase
+                | Mnemonic::Wrmsr
+                | Mnemonic::Wrmsrns
+                | Mnemonic::Wrmsrlist
+        ) {
+            self.segment_bases_known = false;
+        }
+        let info = self.info.info(insn);
+        for used in info.used_registers() {
+            if !writes(used.access()) {
+                continue;
+            }
+            let reg = used.register();
+            if reg.is_segment_register() {
+                self.segment_bases_known = false;
+            } else if let Some(i) = gpr_number(reg) {
+                self.gprs[i] = None;
+            }
+        }
+        if info.used_memory().iter().any(|m| writes(m.access())) {
+            self.memory_written = true;
+        }
+    }
+
+    /// Where a stop goes if it is a near 64-bit return or indirect branch (its bytes `code`)
+    /// whose operands are known, and the state after it.
+    fn transfer(&mut self, insn: &Instruction, code: &[u8]) -> Option<u64> {
+        if operand_size_prefix(&code[..insn.len()]) {
+            return None;
+        }
+        let target = match insn.code() {
+            Code::Retnq | Code::Retnq_imm16 => self.return_target(insn)?,
+            Code::Jmp_rm64 | Code::Call_rm64 => self.indirect_target(insn)?,
+            _ => return None,
+        };
+        if !canonical(target) {
+            return None;
+        }
+        if insn.code() == Code::Call_rm64 {
+            self.push_return(insn);
+        }
+        Some(target)
+    }
+
+    /// A near call pushes its return address: known where RSP is.
+    fn push_return(&mut self, insn: &Instruction) {
+        match self.gprs[RSP] {
+            Some(rsp) => {
+                let slot = rsp.wrapping_sub(8);
+                self.gprs[RSP] = Some(slot);
+                self.pushed.push((slot, insn.next_ip()));
+            }
+            None => self.memory_written = true,
+        }
+    }
+
+    /// The 8 bytes at `linear` as the path left them: a return address it pushed, else the
+    /// guest's memory if nothing else on the path wrote memory.
+    fn read_u64(&mut self, linear: u64) -> Option<u64> {
+        if self.memory_written {
+            return None;
+        }
+        let overlaps = |&&(at, _): &&(u64, u64)| linear.wrapping_sub(at).wrapping_add(7) < 15;
+        match self.pushed.iter().rev().find(overlaps) {
+            Some(&(at, value)) => (at == linear).then_some(value),
+            None => self.at_rip.read_u64(linear),
+        }
+    }
+
+    /// RET (and RET imm16): the slot at RSP; RSP then moves past it and the immediate.
+    fn return_target(&mut self, insn: &Instruction) -> Option<u64> {
+        let rsp = self.gprs[RSP]?;
+        let target = self.read_u64(rsp)?;
+        let pop = 8 + if insn.op_count() == 1 {
+            u64::from(insn.immediate16())
+        } else {
+            0
+        };
+        self.gprs[RSP] = Some(rsp.wrapping_add(pop));
+        Some(target)
+    }
+
+    /// `jmp`/`call` through a 64-bit register or memory operand (`Jmp_rm64`, `Call_rm64`).
+    fn indirect_target(&mut self, insn: &Instruction) -> Option<u64> {
+        match insn.op0_kind() {
+            OpKind::Register => self.gprs[gpr_number(insn.op0_register())?],
+            OpKind::Memory => {
+                let gprs = self.gprs;
+                let bases = self.segment_bases_known;
+                let at_rip = &*self.at_rip;
+                let linear = insn.virtual_address(0, 0, |reg, _, _| {
+                    if reg.is_segment_register() {
+                        return bases.then(|| at_rip.register(reg)).flatten();
+                    }
+                    let value = gprs[gpr_number(reg)?]?;
+                    Some(match reg.size() {
+                        8 => value,
+                        4 => value & 0xFFFF_FFFF,
+                        _ => return None,
+                    })
+                })?;
+                self.read_u64(linear)
+            }
+            _ => None,
+        }
+    }
+}
+
+const RSP: usize = 4;
+
+/// RAX-R15 by their encoding number (RSP is 4).
+fn gpr(i: usize) -> Option<Register> {
+    const GPRS: [Register; 16] = [
+        Register::RAX,
+        Register::RCX,
+        Register::RDX,
+        Register::RBX,
+        Register::RSP,
+        Register::RBP,
+        Register::RSI,
+        Register::RDI,
+        Register::R8,
+        Register::R9,
+        Register::R10,
+        Register::R11,
+        Register::R12,
+        Register::R13,
+        Register::R14,
+        Register::R15,
+    ];
+    GPRS.get(i).copied()
+}
+
+/// The encoding number of the 64-bit register a general-purpose register is part of.
+fn gpr_number(reg: Register) -> Option<usize> {
+    let full = reg.full_register();
+    (0..16).find(|&i| gpr(i) == Some(full))
+}
+
+fn writes(access: OpAccess) -> bool {
+    matches!(
+        access,
+        OpAccess::Write | OpAccess::CondWrite | OpAccess::ReadWrite | OpAccess::ReadCondWrite
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::super::{scan, scan_at, Stretch};
+    use super::*;
+    use crate::guest_debug::Breaks;
+
+    /// Guest code and data: code bytes at `base`, 8-byte words at addresses, registers.
+    struct Guest {
+        base: u64,
+        code: Vec<u8>,
+        words: BTreeMap<u64, u64>,
+        regs: BTreeMap<Register, u64>,
+    }
+
+    impl Guest {
+        fn new(base: u64, code: &[u8]) -> Self {
+            Self {
+                base,
+                code: code.to_vec(),
+                words: BTreeMap::new(),
+                regs: BTreeMap::from([(Register::RSP, 0x8000), (Register::GS, 0x9000)]),
+            }
+        }
+
+        fn reg(mut self, reg: Register, value: u64) -> Self {
+            self.regs.insert(reg, value);
+            self
+        }
+
+        fn word(mut self, at: u64, value: u64) -> Self {
+            self.words.insert(at, value);
+            self
+        }
+
+        fn fetch(&self) -> impl FnMut(u64, &mut [u8]) -> usize + '_ {
+            move |at, buf| {
+                let Some(off) = at.checked_sub(self.base).map(|o| o as usize) else {
+                    return 0;
+                };
+                let avail = self.code.get(off..).unwrap_or(&[]);
+                let n = avail.len().min(buf.len());
+                buf[..n].copy_from_slice(&avail[..n]);
+                n
+            }
+        }
+
+        fn scan(&self, rip: u64) -> Stretch {
+            let mut at_rip = Known(self);
+            scan_at(rip, self.fetch(), &mut at_rip)
+        }
+    }
+
+    struct Known<'a>(&'a Guest);
+
+    impl AtRip for Known<'_> {
+        fn register(&self, reg: Register) -> Option<u64> {
+            match reg {
+                Register::ES | Register::CS | Register::SS | Register::DS => Some(0),
+                _ => self.0.regs.get(&reg).copied(),
+            }
+        }
+
+        fn read_u64(&mut self, linear: u64) -> Option<u64> {
+            self.0.words.get(&linear).copied()
+        }
+    }
+
+    fn stops(at: &[u64]) -> Stretch {
+        Stretch::StopAt(Breaks::new(at).unwrap())
+    }
+
+    /// kvm-unit-tests' pending-NMI handler sends ten self-NMIs through `apic_icr_write`, a jump
+    /// through the APIC ops to `x2apic_icr_write` (`wrmsr; ret`), in a loop:
+    const ICR_BASE: u64 = 0x401af0;
+    fn icr_loop() -> Vec<u8> {
+        let mut code = vec![0x90u8; 0x1520];
+        let mut put = |at: u64, bytes: &[u8]| {
+            let at = (at - ICR_BASE) as usize;
+            code[at..at + bytes.len()].copy_from_slice(bytes);
+        };
+        // 401af0 x2apic_icr_write: mov %edi,%eax; mov %esi,%edx; mfence; mov $0x830,%ecx;
+        // 401afc wrmsr; 401afe ret
+        put(
+            0x401af0,
+            &[
+                0x89, 0xf8, 0x89, 0xf2, 0x0f, 0xae, 0xf0, 0xb9, 0x30, 0x08, 0x00, 0x00, 0x0f, 0x30,
+                0xc3,
+            ],
+        );
+        // 401b90 apic_icr_write: mov %gs:0x8,%rax; 401b99 jmp *0x10(%rax)
+        put(
+            0x401b90,
+            &[
+                0x65, 0x48, 0x8b, 0x04, 0x25, 0x08, 0x00, 0x00, 0x00, 0xff, 0x60, 0x10,
+            ],
+        );
+        // 402ff0: xor %esi,%esi; mov $0x400,%edi; call 401b90; 402ffc sub $1,%ebx;
+        // jne 402ff0; mov -8(%rbp),%rbx; leave; 403006 ret
+        put(
+            0x402ff0,
+            &[
+                0x31, 0xf6, 0xbf, 0x00, 0x04, 0x00, 0x00, 0xe8, 0x94, 0xeb, 0xff, 0xff, 0x83, 0xeb,
+                0x01, 0x75, 0xef, 0x48, 0x8b, 0x5d, 0xf8, 0xc9, 0xc3,
+            ],
+        );
+        code
+    }
+
+    #[test]
+    fn the_pending_nmi_handlers_icr_loop() {
+        let guest = Guest::new(ICR_BASE, &icr_loop())
+            .reg(Register::RAX, 0x40a700)
+            .word(0x40a710, 0x401af0)
+            .word(0x8000, 0x402ffc);
+        // Plain: the jump at RIP is stepped; from the WRMSR the RET is a stop.
+        assert_eq!(scan(0x401b99, guest.fetch()), Stretch::Step);
+        assert_eq!(scan(0x401afc, guest.fetch()), stops(&[0x401afe]));
+        // Known: from the WRMSR the RET goes back into the loop, which the scan follows to the
+        // jump and the handler's own RET.
+        assert_eq!(guest.scan(0x401afc), stops(&[0x401b99, 0x403006]));
+        // From the jump: through the ops to the WRMSR and its RET, back into the loop, whose
+        // way round comes back to the jump at RIP: the guest runs to the RET.
+        assert_eq!(guest.scan(0x401b99), stops(&[0x401afe]));
+        let path = straight_path(0x401b99, &mut guest.fetch(), &mut Known(&guest)).unwrap();
+        assert_eq!(path.followed, [0x401b99, 0x401afe]);
+        assert_eq!(path.from, 0x402fff, "the loop's JNE");
+    }
+
+    /// Each case: code at 0x1000 whose RET or indirect branch, after what precedes it, is or is
+    /// not followed: the target at 0x2000 is a POPF (a stop) after a NOP.
+    fn target_guest(code: &[u8]) -> Guest {
+        let mut bytes = code.to_vec();
+        bytes.resize(0x1000, 0x90);
+        bytes.extend([0x90, 0x9d]); // 2000: nop; 2001: popfq
+        Guest::new(0x1000, &bytes)
+            .reg(Register::RAX, 0x2000)
+            .reg(Register::RBX, 0x7000)
+            .word(0x8000, 0x2000) // the return address at RSP
+            .word(0x7010, 0x2000) // a code pointer
+            .word(0x9010, 0x2000) // a per-CPU code pointer (GS base 0x9000)
+    }
+
+    #[test]
+    fn a_branch_is_followed_only_while_its_operands_are_those_of_rip() {
+        let followed = stops(&[0x2001]);
+        for (code, want, what) in [
+            (&[0xc3][..], &followed, "ret"),
+            (&[0xc2, 0x10, 0x00], &followed, "ret $0x10"),
+            (&[0xff, 0xe0], &followed, "jmp *%rax"),
+            (&[0xff, 0x63, 0x10], &followed, "jmp *0x10(%rbx)"),
+            (
+                &[0x65, 0xff, 0x24, 0x25, 0x10, 0, 0, 0],
+                &followed,
+                "jmp *%gs:0x10",
+            ),
+            (
+                &[0x48, 0x89, 0xd9, 0xff, 0xe0],
+                &followed,
+                "mov %rbx,%rcx; jmp *%rax",
+            ),
+            (&[0x0f, 0x30, 0xc3], &followed, "wrmsr; ret"),
+        ] {
+            assert_eq!(target_guest(code).scan(0x1000), *want, "{what}");
+        }
+        for (code, what) in [
+            (
+                &[0x48, 0x89, 0x04, 0x24, 0xc3][..],
+                "mov %rax,(%rsp); ret (a retpoline's)",
+            ),
+            (&[0x50, 0xc3], "push %rax; ret"),
+            (&[0x58, 0xff, 0xe0], "pop %rax; jmp *%rax"),
+            (
+                &[0x48, 0x89, 0x03, 0xff, 0x63, 0x10],
+                "mov %rax,(%rbx); jmp *0x10(%rbx)",
+            ),
+            (
+                &[0x0f, 0x01, 0xf8, 0x65, 0xff, 0x24, 0x25, 0x10, 0, 0, 0],
+                "swapgs; jmp *%gs:0x10",
+            ),
+            (
+                &[0x0f, 0x30, 0x65, 0xff, 0x24, 0x25, 0x10, 0, 0, 0],
+                "wrmsr; jmp *%gs:0x10",
+            ),
+            (&[0x66, 0xc3], "ret with an operand-size prefix"),
+            (&[0x48, 0xcf], "iretq"),
+            (&[0xff, 0x2b], "ljmp *(%rbx)"),
+        ] {
+            let guest = target_guest(code);
+            assert_eq!(
+                guest.scan(0x1000),
+                scan(0x1000, guest.fetch()),
+                "{what}: as without registers"
+            );
+        }
+    }
+
+    #[test]
+    fn a_call_pushes_its_return_address_for_the_callee_s_ret() {
+        // 1000: call *%rax; 1002: popfq     2000: nop; ret (back to 1002)
+        let mut guest = target_guest(&[0xff, 0xd0, 0x9d]);
+        guest.code[0x1001] = 0xc3;
+        assert_eq!(guest.scan(0x1000), stops(&[0x1002]));
+        // 1000: call 2000 (direct); 1005: popfq
+        let mut guest = target_guest(&[0xe8, 0xfb, 0x0f, 0x00, 0x00, 0x9d]);
+        guest.code[0x1001] = 0xc3;
+        assert_eq!(guest.scan(0x1000), stops(&[0x1005]));
+        // The callee overwrites its return address's slot: no longer known.
+        // 2000: mov %rbx,(%rsp); ret
+        let mut guest = target_guest(&[0xe8, 0xfb, 0x0f, 0x00, 0x00, 0x9d]);
+        guest.code.truncate(0x1000);
+        guest.code.extend([0x48, 0x89, 0x1c, 0x24, 0xc3]);
+        assert_eq!(guest.scan(0x1000), stops(&[0x2004]), "the RET is a stop");
+    }
+
+    #[test]
+    fn a_target_out_of_reach_is_not_followed() {
+        let guest = target_guest(&[0xff, 0xe0]).reg(Register::RAX, 0x8000_0000_0000);
+        assert_eq!(guest.scan(0x1000), Stretch::Step, "not canonical");
+        let guest = target_guest(&[0xc3]).word(0x8000, 0x1000);
+        assert_eq!(guest.scan(0x1000), Stretch::Step, "a RET to itself");
+        let guest = Guest::new(0x1000, &[0xff, 0x63, 0x10]).reg(Register::RBX, 0x7000);
+        assert_eq!(guest.scan(0x1000), Stretch::Step, "an unreadable pointer");
+    }
+
+    proptest::proptest! {
+        /// Whatever the code, registers and memory: no panic; a plan of at most three
+        /// breakpoints, none at RIP; the path's instructions lead one to the next, each a
+        /// straight-line instruction or a branch it followed; and from where it ends, every
+        /// path meets a breakpoint (or a HLT, or a loop) before anything that may set IF.
+        #[test]
+        fn any_guest_gives_a_sound_plan(
+            bytes in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::prelude::any::<u8>(),
+                    proptest::sample::select(vec![0xc3u8, 0xff, 0xe0, 0xd0, 0x63, 0x9d, 0xf4, 0x74, 0x90, 0xe8]),
+                ],
+                0..300,
+            ),
+            start in 0usize..300,
+            lead in 0usize..6,
+            regs in proptest::collection::vec(0u64..0x140, 16),
+            words in proptest::collection::vec(
+                (
+                    proptest::sample::select(vec![0usize, 3, 4, 4, 4, 5]),
+                    proptest::sample::select(vec![0u64, 0, 0x10, 8]),
+                    0u64..0x140,
+                ),
+                0..8,
+            ),
+        ) {
+            // Often a return or an indirect branch at RIP.
+            let leads: [&[u8]; 6] = [&[], &[0xc3], &[0xff, 0xe0], &[0xff, 0x63, 0x10], &[0xff, 0xd0], &[0x0f, 0x30, 0xc3]];
+            let mut bytes = bytes;
+            let start = start.min(bytes.len());
+            bytes.splice(start..start, leads[lead].iter().copied());
+            let base = 0x1000;
+            let mut guest = Guest::new(base, &bytes);
+            for (i, &value) in regs.iter().enumerate() {
+                guest = guest.reg(gpr(i).unwrap(), base + value);
+            }
+            // Words where the registers point, so that returns and branches through memory
+            // find their targets.
+            for &(reg, offset, value) in &words {
+                guest = guest.word(base + regs[reg] + offset, base + value);
+            }
+            let rip = base + start as u64;
+            let stretch = guest.scan(rip);
+            if let Stretch::StopAt(b) = stretch {
+                proptest::prop_assert!(!b.addresses().contains(&rip));
+            }
+            let path = straight_path(rip, &mut guest.fetch(), &mut Known(&guest));
+            let Some(path) = path else {
+                proptest::prop_assert_eq!(stretch, scan(rip, guest.fetch()));
+                return Ok(());
+            };
+            let mut fetch = guest.fetch();
+            let mut chain = path.passed.clone();
+            chain.push(path.from);
+            proptest::prop_assert_eq!(chain[0], rip);
+            for pair in chain.windows(2) {
+                let mut code = [0u8; MAX_INSN];
+                let n = fetch(pair[0], &mut code);
+                match classify(pair[0], &code[..n]) {
+                    Next::Go(to) => proptest::prop_assert_eq!(to, pair[1]),
+                    Next::Stop => proptest::prop_assert!(path.followed.contains(&pair[0])),
+                    other => proptest::prop_assert!(false, "{other:?} inside the path"),
+                }
+            }
+            let plain = scan(rip, guest.fetch());
+            let last = path.followed.iter().rev().find(|&&at| at != rip);
+            match stretch {
+                s if s == plain => {}
+                Stretch::StopAt(b) if last.is_some_and(|&at| b == Breaks::one(at)) => {}
+                // The path ends at a stop: the guest runs to it.
+                Stretch::StopAt(b) if b == Breaks::one(path.from) => {}
+                Stretch::StopAt(b) => {
+                    super::super::tests::every_path_meets(path.from, &mut fetch, b.addresses())
+                }
+                Stretch::Halts => super::super::tests::every_path_meets(path.from, &mut fetch, &[]),
+                Stretch::Step => proptest::prop_assert!(false, "stepped though {plain:?}"),
+            }
+        }
+    }
+}
