@@ -136,12 +136,16 @@ pub fn scan(rip: u64, mut fetch: impl FnMut(u64, &mut [u8]) -> usize) -> Stretch
 
 /// [`scan`] where the guest's registers and memory at RIP are known ([`known`]): the returns and
 /// indirect branches on the straight path from RIP whose operands it has not changed are followed
-/// to their targets instead of being stops, and the scan goes on from where that path ends.
+/// to their targets instead of being stops, and the scan goes on from where that path ends. An
+/// STI at RIP runs with its shadow's instruction to the boundary after them.
 pub fn scan_at(
     rip: u64,
     mut fetch: impl FnMut(u64, &mut [u8]) -> usize,
     at_rip: &mut impl AtRip,
 ) -> Stretch {
+    if let Some(boundary) = known::past_sti_shadow(rip, &mut fetch, at_rip) {
+        return Stretch::StopAt(Breaks::one(boundary));
+    }
     known::straight_path(rip, &mut fetch, at_rip)
         .and_then(|path| scan_past(rip, &path, &mut fetch))
         .unwrap_or_else(|| scan(rip, fetch))
