@@ -134,7 +134,7 @@ pub fn scan(rip: u64, mut fetch: impl FnMut(u64, &mut [u8]) -> usize) -> Stretch
     whole_stretch(rip, &mut next_of).unwrap_or_else(|| nearest_ends(rip, &mut next_of))
 }
 
-/// [`scan`] where the guest's registers and memory at RIP are known ([`known`]): the returns and
+/// [`scan`] where the guest's registers and memory at RIP are known (`stretch::known`): the returns and
 /// indirect branches on the straight path from RIP whose operands it has not changed are followed
 /// to their targets instead of being stops, and the scan goes on from where that path ends. An
 /// STI at RIP runs with its shadow's instruction to the boundary after them.
