@@ -14,7 +14,8 @@
 //!
 //! What counts as changed is what the instruction decoder says an instruction writes (its
 //! registers, explicit and implicit, and any memory: one write anywhere makes every memory operand
-//! unknown), and the segment bases after SWAPGS, WRFSBASE/WRGSBASE, WRMSR or a segment load. Only
+//! unknown, except the return addresses the path's own calls push, which a callee's RET on the path
+//! then reads), and the segment bases after SWAPGS, WRFSBASE/WRGSBASE, WRMSR or a segment load. Only
 //! near 64-bit transfers are followed (RET, RET imm16, `jmp`/`call` through a 64-bit register or
 //! memory operand): an operand-size prefix makes them vendor-dependent, as for direct branches.
 //! A value another vCPU writes between the read and the guest's own (a code pointer or a return
