@@ -137,7 +137,8 @@ struct Walk<'a, K> {
     /// writes tracked: any other makes all memory unknown (`memory_written`).
     pushed: Vec<(u64, u64)>,
     memory_written: bool,
-    info: InstructionInfoFactory,
+    /// Made at the first instruction run (it allocates; most scans run none before a stop).
+    info: Option<InstructionInfoFactory>,
 }
 
 impl<'a, K: AtRip> Walk<'a, K> {
@@ -152,7 +153,7 @@ impl<'a, K: AtRip> Walk<'a, K> {
             segment_bases_known: true,
             pushed: Vec::new(),
             memory_written: false,
-            info: InstructionInfoFactory::new(),
+            info: None,
         }
     }
 
@@ -173,7 +174,10 @@ impl<'a, K: AtRip> Walk<'a, K> {
         ) {
             self.segment_bases_known = false;
         }
-        let info = self.info.info(insn);
+        let info = self
+            .info
+            .get_or_insert_with(InstructionInfoFactory::new)
+            .info(insn);
         for used in info.used_registers() {
             if !writes(used.access()) {
                 continue;
