@@ -1144,9 +1144,14 @@ impl stretch::AtRip for GuestAtRip<'_> {
     }
 
     fn read_u64(&mut self, linear: u64) -> Option<u64> {
+        // The scan's loads may point anywhere (MMIO, unmapped): a page walk, not a
+        // KVM_TRANSLATE, unless the guest's paging is not 4-level.
         let mut bytes = [0u8; 8];
-        (self.stepper.read_linear(self.vcpu, linear, &mut bytes) == bytes.len())
-            .then(|| u64::from_le_bytes(bytes))
+        let paging = crate::memory::Paging::of(self.sregs);
+        let memory = &self.stepper.memory;
+        let read = crate::memory::read_linear_walked(memory, paging, linear, &mut bytes)
+            .unwrap_or_else(|| self.stepper.read_linear(self.vcpu, linear, &mut bytes));
+        (read == bytes.len()).then(|| u64::from_le_bytes(bytes))
     }
 }
 

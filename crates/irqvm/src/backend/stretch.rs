@@ -41,6 +41,7 @@ use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKi
 
 use crate::guest_debug::Breaks;
 
+mod flow;
 mod known;
 pub use known::AtRip;
 
@@ -134,10 +135,13 @@ pub fn scan(rip: u64, mut fetch: impl FnMut(u64, &mut [u8]) -> usize) -> Stretch
     whole_stretch(rip, &mut next_of).unwrap_or_else(|| nearest_ends(rip, &mut next_of))
 }
 
-/// [`scan`] where the guest's registers and memory at RIP are known (`stretch::known`): the returns and
-/// indirect branches on the straight path from RIP whose operands it has not changed are followed
-/// to their targets instead of being stops, and the scan goes on from where that path ends. An
-/// STI at RIP runs with its shadow's instruction to the boundary after them.
+/// [`scan`] where the guest's registers and memory at RIP are known. An STI at RIP runs with its
+/// shadow's instruction to the boundary after them. Otherwise, where the plain scan's ends fit the
+/// breakpoints and one of them is a return, an indirect branch or a POPF, the whole stretch is
+/// scanned way by way with what is known of the guest (`stretch::flow`); where that does not fit
+/// either, or the plain scan's ends did not, the returns and indirect branches on the straight path
+/// from RIP whose operands are known are followed to their targets (`stretch::known`), and the plain
+/// scan goes on from where that path ends.
 pub fn scan_at(
     rip: u64,
     mut fetch: impl FnMut(u64, &mut [u8]) -> usize,
@@ -145,6 +149,21 @@ pub fn scan_at(
 ) -> Stretch {
     if let Some(boundary) = known::past_sti_shadow(rip, &mut fetch, at_rip) {
         return Stretch::StopAt(Breaks::one(boundary));
+    }
+    let mut next_of = |at: u64| {
+        let mut code = [0u8; MAX_INSN];
+        let n = fetch(at, &mut code);
+        classify(at, &code[..n])
+    };
+    // Where the plain scan's ends fit and none is a branch or POPF the values could resolve, the
+    // scans with the registers come to the same ends: the plain one is the cheapest.
+    if let Some(plain) = whole_stretch(rip, &mut next_of) {
+        if !flow::may_resolve(&plain, rip, &mut fetch) {
+            return plain;
+        }
+        if let Some(stretch) = flow::whole_stretch(rip, &mut fetch, at_rip) {
+            return stretch;
+        }
     }
     known::straight_path(rip, &mut fetch, at_rip)
         .and_then(|path| scan_past(rip, &path, &mut fetch))

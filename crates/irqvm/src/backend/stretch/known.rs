@@ -12,12 +12,16 @@
 //! kvm-unit-tests' `apic_icr_write` (`jmp *` through the APIC ops, then `wrmsr; ret`) paid two
 //! exits for each of them (docs/benchmarks.md §25).
 //!
-//! What counts as changed is what the instruction decoder says an instruction writes (its
-//! registers, explicit and implicit, and any memory: one write anywhere makes every memory operand
-//! unknown, except the return addresses the path's own calls push, which a callee's RET on the path
-//! then reads), and the segment bases after SWAPGS, WRFSBASE/WRGSBASE, WRMSR or a segment load. Only
-//! near 64-bit transfers are followed (RET, RET imm16, `jmp`/`call` through a 64-bit register or
-//! memory operand): an operand-size prefix makes them vendor-dependent, as for direct branches.
+//! What is known along the way is kept in [`Facts`]: what an instruction computes from known values
+//! stays known (moves of registers, immediates and loads of memory nothing has written over, pushes
+//! and pops, LEAVE, LEA, a constant added, a register zeroed, a call's return address, an 8-byte
+//! store of a known value at a known address); anything else the instruction decoder says an
+//! instruction writes is not known any more (registers explicit and implicit; a store at an address
+//! not known makes all memory unknown), nor are the segment bases after SWAPGS, WRFSBASE/WRGSBASE, a
+//! segment load, or a WRMSR whose ECX is not known or names a base MSR. Only near 64-bit transfers
+//! are followed (RET, RET imm16, `jmp`/`call` through a 64-bit register or memory operand): an
+//! operand-size prefix makes them vendor-dependent, as for direct branches. [`super::flow`] uses
+//! the same facts on every way of the stretch, past its conditional branches.
 //! A value another vCPU writes between the read and the guest's own (a code pointer or a return
 //! address under it) makes the guest go elsewhere than scanned: then an instruction that sets IF
 //! may run with no stop before it and the interrupt is taken at the next exit, late but not lost,
@@ -123,162 +127,433 @@ pub fn past_sti_shadow(
     (to != rip && to != shadow).then_some(to)
 }
 
-fn decode(at: u64, code: &[u8]) -> Instruction {
+pub(super) fn decode(at: u64, code: &[u8]) -> Instruction {
     Decoder::with_ip(64, code, at, DecoderOptions::NONE).decode()
 }
 
-/// The registers and memory along the path, as far as they are still those of RIP.
+/// The registers and memory along one path, with the guest at RIP to read what the path has not
+/// changed.
 struct Walk<'a, K> {
     at_rip: &'a mut K,
-    /// RAX-R15 by number: `None` once written (RSP is moved by each RET or CALL followed).
-    gprs: [Option<u64>; 16],
-    segment_bases_known: bool,
-    /// The return addresses the calls on the path pushed (address, value), the only memory
-    /// writes tracked: any other makes all memory unknown (`memory_written`).
-    pushed: Vec<(u64, u64)>,
-    memory_written: bool,
+    facts: Facts,
     /// Made at the first instruction run (it allocates; most scans run none before a stop).
     info: Option<InstructionInfoFactory>,
 }
 
 impl<'a, K: AtRip> Walk<'a, K> {
     fn new(at_rip: &'a mut K) -> Self {
+        let facts = Facts::at_rip(at_rip);
+        Self {
+            at_rip,
+            facts,
+            info: None,
+        }
+    }
+
+    fn ran(&mut self, insn: &Instruction) {
+        self.facts.ran(insn, &mut self.info, self.at_rip);
+    }
+
+    fn transfer(&mut self, insn: &Instruction, code: &[u8]) -> Option<u64> {
+        self.facts.transfer(insn, code, self.at_rip)
+    }
+}
+
+/// The 8-byte windows of memory a path wrote at known addresses that [`Facts`] keeps: a few
+/// calls' return addresses and pushes (one more write makes memory unknown).
+const SLOTS: usize = 8;
+
+/// What is known of the guest at one point of a way from RIP: the values of its general-purpose
+/// registers, whether the FS and GS bases are still those of RIP, and its memory, which is RIP's
+/// memory under the writes the way made at known addresses.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Facts {
+    /// RAX-R15 by encoding number (RSP is 4).
+    gprs: [Option<u64>; 16],
+    bases_known: bool,
+    /// The windows written (their address, and the value where an 8-byte store of a known value
+    /// wrote it), pairwise disjoint; `len` in use.
+    slots: [(u64, Option<u64>); SLOTS],
+    len: usize,
+    /// A write at an address or of a size not known, or more windows than kept: no memory is
+    /// known any more.
+    memory_unknown: bool,
+}
+
+impl PartialEq for Facts {
+    fn eq(&self, other: &Self) -> bool {
+        self.gprs == other.gprs
+            && self.bases_known == other.bases_known
+            && self.memory_unknown == other.memory_unknown
+            && self.len == other.len
+            && self.slots[..self.len]
+                .iter()
+                .all(|slot| other.slots[..other.len].contains(slot))
+    }
+}
+
+/// True if the 8-byte windows at `a` and `b` share a byte.
+fn overlap(a: u64, b: u64) -> bool {
+    a.wrapping_sub(b).wrapping_add(7) < 15
+}
+
+impl Facts {
+    /// The guest at RIP: every register, RIP's memory.
+    pub(super) fn at_rip(at_rip: &impl AtRip) -> Self {
         let mut gprs = [None; 16];
         for (i, slot) in gprs.iter_mut().enumerate() {
             *slot = gpr(i).and_then(|reg| at_rip.register(reg));
         }
         Self {
-            at_rip,
             gprs,
-            segment_bases_known: true,
-            pushed: Vec::new(),
-            memory_written: false,
-            info: None,
+            bases_known: true,
+            slots: [(0, None); SLOTS],
+            len: 0,
+            memory_unknown: false,
         }
     }
 
-    /// An instruction on the path ran: forget what it wrote.
-    fn ran(&mut self, insn: &Instruction) {
-        if insn.code() == Code::Call_rel32_64 {
-            self.push_return(insn);
+    /// A general-purpose register's value, read at 64 or 32 bits.
+    fn value(&self, reg: Register) -> Option<u64> {
+        let full = self.gprs[gpr_number(reg)?]?;
+        match reg.size() {
+            8 => Some(full),
+            4 => Some(full & 0xFFFF_FFFF),
+            _ => None,
+        }
+    }
+
+    /// A write of a general-purpose register: at 32 bits it zero-extends (SDM vol. 1
+    /// §3.4.1.1); at 16 or 8 bits the rest of the register stays, which is not tracked.
+    fn set(&mut self, reg: Register, value: Option<u64>) {
+        let Some(i) = gpr_number(reg) else {
+            return;
+        };
+        self.gprs[i] = match reg.size() {
+            8 => value,
+            4 => value.map(|v| v & 0xFFFF_FFFF),
+            _ => None,
+        };
+    }
+
+    /// What an address computation asks for: a register, or a segment's base while it is RIP's.
+    fn operand(&self, reg: Register, at_rip: &impl AtRip) -> Option<u64> {
+        if reg.is_segment_register() {
+            return self.bases_known.then(|| at_rip.register(reg)).flatten();
+        }
+        self.value(reg)
+    }
+
+    /// The linear address of the instruction's memory operand `op`.
+    fn address(&self, insn: &Instruction, op: u32, at_rip: &impl AtRip) -> Option<u64> {
+        insn.virtual_address(op, 0, |reg, _, _| self.operand(reg, at_rip))
+    }
+
+    /// The 8 bytes at `linear` as the way left them: a window it wrote, else RIP's memory.
+    fn read(&self, linear: u64, at_rip: &mut impl AtRip) -> Option<u64> {
+        if self.memory_unknown {
+            return None;
+        }
+        match self.slots[..self.len].iter().find(|s| overlap(s.0, linear)) {
+            Some(&(at, value)) => value.filter(|_| at == linear),
+            None => at_rip.read_u64(linear),
+        }
+    }
+
+    /// A store of `size` bytes at `linear` (`value` if an 8-byte store of a known value).
+    fn write(&mut self, linear: Option<u64>, size: usize, value: Option<u64>) {
+        if self.memory_unknown {
             return;
         }
-        if matches!(
-            insn.mnemonic(),
-            Mnemonic::Swapgs
-                | Mnemonic::Wrfsbase
-                | Mnemonic::Wrgsbase
-                | Mnemonic::Wrmsr
-                | Mnemonic::Wrmsrns
-                | Mnemonic::Wrmsrlist
-        ) {
-            self.segment_bases_known = false;
+        let value = value.filter(|_| size == 8);
+        let Some(linear) = linear.filter(|_| (1..=8).contains(&size)) else {
+            return self.forget_memory();
+        };
+        match self.slots[..self.len]
+            .iter()
+            .position(|s| overlap(s.0, linear))
+        {
+            // The same window again (the windows are disjoint: no other one overlaps it).
+            Some(i) if self.slots[i].0 == linear => self.slots[i].1 = value,
+            // Part of a window: the rest of it would read as RIP's memory.
+            Some(_) => self.forget_memory(),
+            None if self.len == SLOTS => self.forget_memory(),
+            None => {
+                self.slots[self.len] = (linear, value);
+                self.len += 1;
+            }
         }
-        let info = self
-            .info
+    }
+
+    fn forget_memory(&mut self) {
+        self.memory_unknown = true;
+        self.slots = [(0, None); SLOTS];
+        self.len = 0;
+    }
+
+    fn push(&mut self, value: Option<u64>) {
+        let rsp = self.gprs[RSP].map(|rsp| rsp.wrapping_sub(8));
+        self.write(rsp, 8, value);
+        self.gprs[RSP] = rsp;
+    }
+
+    fn pop(&mut self, at_rip: &mut impl AtRip) -> Option<u64> {
+        let rsp = self.gprs[RSP];
+        self.gprs[RSP] = rsp.map(|rsp| rsp.wrapping_add(8));
+        self.read(rsp?, at_rip)
+    }
+
+    /// What is known on both ways into one instruction.
+    pub(super) fn meet(&self, other: &Self, at_rip: &mut impl AtRip) -> Self {
+        let mut out = *self;
+        for (mine, theirs) in out.gprs.iter_mut().zip(other.gprs) {
+            if *mine != theirs {
+                *mine = None;
+            }
+        }
+        out.bases_known &= other.bases_known;
+        if self.memory_unknown || other.memory_unknown {
+            out.forget_memory();
+            return out;
+        }
+        // Each window either way wrote, as both ways see it (the other's may be RIP's memory).
+        out.slots = [(0, None); SLOTS];
+        out.len = 0;
+        let written = self.slots[..self.len]
+            .iter()
+            .chain(&other.slots[..other.len]);
+        for &(at, _) in written {
+            if out.slots[..out.len].iter().any(|s| s.0 == at) {
+                continue;
+            }
+            let (Some(mine), Some(theirs)) = (self.window(at, at_rip), other.window(at, at_rip))
+            else {
+                out.forget_memory();
+                return out;
+            };
+            out.write(Some(at), 8, mine.filter(|_| mine == theirs));
+        }
+        out
+    }
+
+    /// The window at `at` as this way knows it (`Some(None)`: known to be written, value not
+    /// known); `None` if the way wrote part of it.
+    fn window(&self, at: u64, at_rip: &mut impl AtRip) -> Option<Option<u64>> {
+        match self.slots[..self.len].iter().find(|s| overlap(s.0, at)) {
+            Some(&(slot, value)) => (slot == at).then_some(value),
+            None => Some(at_rip.read_u64(at)),
+        }
+    }
+
+    /// An instruction on the way ran: what it computed from known values, and nothing known of
+    /// what else it wrote.
+    pub(super) fn ran(
+        &mut self,
+        insn: &Instruction,
+        info: &mut Option<InstructionInfoFactory>,
+        at_rip: &mut impl AtRip,
+    ) {
+        if self.computed(insn, at_rip) {
+            return;
+        }
+        let msr = self.value(Register::ECX);
+        match insn.mnemonic() {
+            // WRMSR moves a base only through these (SDM vol. 4 table 2-2: FS_BASE, GS_BASE,
+            // KERNEL_GS_BASE, which SWAPGS then loads).
+            Mnemonic::Wrmsr if msr.is_some_and(|m| !(0xC000_0100..=0xC000_0102).contains(&m)) => {}
+            Mnemonic::Swapgs
+            | Mnemonic::Wrfsbase
+            | Mnemonic::Wrgsbase
+            | Mnemonic::Wrmsr
+            | Mnemonic::Wrmsrns
+            | Mnemonic::Wrmsrlist => self.bases_known = false,
+            _ => {}
+        }
+        let info = info
             .get_or_insert_with(InstructionInfoFactory::new)
             .info(insn);
+        // Stores first, at addresses from the registers before the instruction.
+        let repeated = insn.has_rep_prefix() || insn.has_repne_prefix();
+        let mut stores = [(None, 0); 4];
+        let mut n = 0;
+        for used in info.used_memory().iter().filter(|m| writes(m.access())) {
+            let linear = (!repeated && !used.index().is_vector_register())
+                .then(|| used.virtual_address(0, |reg, _, _| self.operand(reg, at_rip)))
+                .flatten();
+            match stores.get_mut(n) {
+                Some(store) => *store = (linear, used.memory_size().size()),
+                None => self.memory_unknown = true,
+            }
+            n += 1;
+        }
+        for &(linear, size) in &stores[..n.min(stores.len())] {
+            self.write(linear, size, None);
+        }
+        if self.memory_unknown {
+            self.forget_memory();
+        }
         for used in info.used_registers() {
             if !writes(used.access()) {
                 continue;
             }
             let reg = used.register();
             if reg.is_segment_register() {
-                self.segment_bases_known = false;
+                self.bases_known = false;
             } else if let Some(i) = gpr_number(reg) {
                 self.gprs[i] = None;
             }
         }
-        if info.used_memory().iter().any(|m| writes(m.access())) {
-            self.memory_written = true;
+    }
+
+    /// The instructions whose results are worked out from known values: moves, the stack's
+    /// pushes and pops, zeroing, LEA, constant adjustments of a register. False for the rest.
+    fn computed(&mut self, insn: &Instruction, at_rip: &mut impl AtRip) -> bool {
+        let reg0 = insn.op0_register();
+        let regs = insn.op0_kind() == OpKind::Register && insn.op1_kind() == OpKind::Register;
+        let onto_reg = insn.op0_kind() == OpKind::Register;
+        match insn.code() {
+            Code::Call_rel32_64 => self.push(Some(insn.next_ip())),
+            Code::Push_r64 => self.push(self.value(reg0)),
+            Code::Pushq_imm8 | Code::Pushq_imm32 => self.push(Some(insn.immediate(0))),
+            Code::Pushfq => self.push(None),
+            Code::Pop_r64 => {
+                let value = self.pop(at_rip);
+                self.set(reg0, value);
+            }
+            Code::Leaveq => {
+                self.gprs[RSP] = self.gprs[RBP];
+                self.gprs[RBP] = self.pop(at_rip);
+            }
+            Code::Mov_r64_imm64 | Code::Mov_r32_imm32 => self.set(reg0, Some(insn.immediate(1))),
+            Code::Mov_rm64_imm32 | Code::Mov_rm32_imm32 if onto_reg => {
+                self.set(reg0, Some(insn.immediate(1)));
+            }
+            Code::Mov_r64_rm64 | Code::Mov_rm64_r64 | Code::Mov_r32_rm32 | Code::Mov_rm32_r32 => {
+                self.mov(insn, at_rip);
+            }
+            Code::Xor_r32_rm32
+            | Code::Xor_rm32_r32
+            | Code::Xor_r64_rm64
+            | Code::Xor_rm64_r64
+            | Code::Sub_r32_rm32
+            | Code::Sub_rm32_r32
+            | Code::Sub_r64_rm64
+            | Code::Sub_rm64_r64
+                if regs && reg0 == insn.op1_register() =>
+            {
+                self.set(reg0, Some(0));
+            }
+            Code::Add_rm64_imm8 | Code::Add_rm64_imm32 if onto_reg => {
+                let sum = self.value(reg0).map(|v| v.wrapping_add(insn.immediate(1)));
+                self.set(reg0, sum);
+            }
+            Code::Sub_rm64_imm8 | Code::Sub_rm64_imm32 if onto_reg => {
+                let difference = self.value(reg0).map(|v| v.wrapping_sub(insn.immediate(1)));
+                self.set(reg0, difference);
+            }
+            // LEA computes the offset only: no segment base (SDM vol. 2, LEA).
+            Code::Lea_r64_m | Code::Lea_r32_m => {
+                let offset = insn.virtual_address(1, 0, |reg, _, _| {
+                    if reg.is_segment_register() {
+                        Some(0)
+                    } else {
+                        self.value(reg)
+                    }
+                });
+                self.set(reg0, offset);
+            }
+            _ => return false,
+        }
+        true
+    }
+
+    /// MOV between registers, or between a register and memory, at 64 or 32 bits.
+    fn mov(&mut self, insn: &Instruction, at_rip: &mut impl AtRip) {
+        let size = if matches!(insn.code(), Code::Mov_r64_rm64 | Code::Mov_rm64_r64) {
+            8
+        } else {
+            4
+        };
+        match (insn.op0_kind(), insn.op1_kind()) {
+            (OpKind::Register, OpKind::Register) => {
+                self.set(insn.op0_register(), self.value(insn.op1_register()));
+            }
+            (OpKind::Register, _) => {
+                let value = self
+                    .address(insn, 1, at_rip)
+                    .and_then(|at| self.read(at, at_rip));
+                self.set(insn.op0_register(), value);
+            }
+            _ => {
+                let at = self.address(insn, 0, at_rip);
+                self.write(at, size, self.value(insn.op1_register()));
+            }
         }
     }
 
     /// Where a stop goes if it is a near 64-bit return or indirect branch (its bytes `code`)
-    /// whose operands are known, and the state after it.
-    fn transfer(&mut self, insn: &Instruction, code: &[u8]) -> Option<u64> {
+    /// whose operands are known, and the state after it; unchanged if not.
+    pub(super) fn transfer(
+        &mut self,
+        insn: &Instruction,
+        code: &[u8],
+        at_rip: &mut impl AtRip,
+    ) -> Option<u64> {
         if operand_size_prefix(&code[..insn.len()]) {
             return None;
         }
-        let target = match insn.code() {
-            Code::Retnq | Code::Retnq_imm16 => self.return_target(insn)?,
-            Code::Jmp_rm64 | Code::Call_rm64 => self.indirect_target(insn)?,
+        let (target, rsp) = match insn.code() {
+            Code::Retnq | Code::Retnq_imm16 => {
+                let rsp = self.gprs[RSP]?;
+                let pop = 8 + if insn.op_count() == 1 {
+                    u64::from(insn.immediate16())
+                } else {
+                    0
+                };
+                (self.read(rsp, at_rip)?, rsp.wrapping_add(pop))
+            }
+            Code::Jmp_rm64 | Code::Call_rm64 => {
+                let target = match insn.op0_kind() {
+                    OpKind::Register => self.value(insn.op0_register())?,
+                    OpKind::Memory => {
+                        let at = self.address(insn, 0, at_rip)?;
+                        self.read(at, at_rip)?
+                    }
+                    _ => return None,
+                };
+                (target, self.gprs[RSP]?)
+            }
             _ => return None,
         };
         if !canonical(target) {
             return None;
         }
+        self.gprs[RSP] = Some(rsp);
         if insn.code() == Code::Call_rm64 {
-            self.push_return(insn);
+            self.push(Some(insn.next_ip()));
         }
         Some(target)
     }
 
-    /// A near call pushes its return address: known where RSP is.
-    fn push_return(&mut self, insn: &Instruction) {
-        match self.gprs[RSP] {
-            Some(rsp) => {
-                let slot = rsp.wrapping_sub(8);
-                self.gprs[RSP] = Some(slot);
-                self.pushed.push((slot, insn.next_ip()));
-            }
-            None => self.memory_written = true,
-        }
-    }
-
-    /// The 8 bytes at `linear` as the path left them: a return address it pushed, else the
-    /// guest's memory if nothing else on the path wrote memory.
-    fn read_u64(&mut self, linear: u64) -> Option<u64> {
-        if self.memory_written {
+    /// A POPFQ whose value is known: the flags it loads, RSP moved past them.
+    pub(super) fn popf(
+        &mut self,
+        insn: &Instruction,
+        code: &[u8],
+        at_rip: &mut impl AtRip,
+    ) -> Option<u64> {
+        if insn.code() != Code::Popfq || operand_size_prefix(&code[..insn.len()]) {
             return None;
         }
-        let overlaps = |&&(at, _): &&(u64, u64)| linear.wrapping_sub(at).wrapping_add(7) < 15;
-        match self.pushed.iter().rev().find(overlaps) {
-            Some(&(at, value)) => (at == linear).then_some(value),
-            None => self.at_rip.read_u64(linear),
-        }
-    }
-
-    /// RET (and RET imm16): the slot at RSP; RSP then moves past it and the immediate.
-    fn return_target(&mut self, insn: &Instruction) -> Option<u64> {
         let rsp = self.gprs[RSP]?;
-        let target = self.read_u64(rsp)?;
-        let pop = 8 + if insn.op_count() == 1 {
-            u64::from(insn.immediate16())
-        } else {
-            0
-        };
-        self.gprs[RSP] = Some(rsp.wrapping_add(pop));
-        Some(target)
-    }
-
-    /// `jmp`/`call` through a 64-bit register or memory operand (`Jmp_rm64`, `Call_rm64`).
-    fn indirect_target(&mut self, insn: &Instruction) -> Option<u64> {
-        match insn.op0_kind() {
-            OpKind::Register => self.gprs[gpr_number(insn.op0_register())?],
-            OpKind::Memory => {
-                let gprs = self.gprs;
-                let bases = self.segment_bases_known;
-                let at_rip = &*self.at_rip;
-                let linear = insn.virtual_address(0, 0, |reg, _, _| {
-                    if reg.is_segment_register() {
-                        return bases.then(|| at_rip.register(reg)).flatten();
-                    }
-                    let value = gprs[gpr_number(reg)?]?;
-                    Some(match reg.size() {
-                        8 => value,
-                        4 => value & 0xFFFF_FFFF,
-                        _ => return None,
-                    })
-                })?;
-                self.read_u64(linear)
-            }
-            _ => None,
-        }
+        let flags = self.read(rsp, at_rip)?;
+        self.gprs[RSP] = Some(rsp.wrapping_add(8));
+        Some(flags)
     }
 }
 
 const RSP: usize = 4;
+const RBP: usize = 5;
 
 /// RAX-R15 by their encoding number (RSP is 4).
 fn gpr(i: usize) -> Option<Register> {
@@ -430,13 +705,14 @@ mod tests {
     fn the_pending_nmi_handlers_icr_loop() {
         let guest = Guest::new(ICR_BASE, &icr_loop())
             .reg(Register::RAX, 0x40a700)
+            .reg(Register::RCX, 0x830)
             .word(0x40a710, 0x401af0)
             .word(0x8000, 0x402ffc);
         // Plain: the jump at RIP is stepped; from the WRMSR the RET is a stop.
         assert_eq!(scan(0x401b99, guest.fetch()), Stretch::Step);
         assert_eq!(scan(0x401afc, guest.fetch()), stops(&[0x401afe]));
-        // Known: from the WRMSR the RET goes back into the loop, which the scan follows to the
-        // jump and the handler's own RET.
+        // Known on the one path (no per-CPU pointer to load): from the WRMSR the RET goes back
+        // into the loop, which the scan follows to the jump and the handler's own RET.
         assert_eq!(guest.scan(0x401afc), stops(&[0x401b99, 0x403006]));
         // From the jump: through the ops to the WRMSR and its RET, back into the loop, whose
         // way round comes back to the jump at RIP: the guest runs to the RET.
@@ -444,14 +720,24 @@ mod tests {
         let path = straight_path(0x401b99, &mut guest.fetch(), &mut Known(&guest)).unwrap();
         assert_eq!(path.followed, [0x401b99, 0x401afe]);
         assert_eq!(path.from, 0x402fff, "the loop's JNE");
+        // With the per-CPU pointer the loop's `mov %gs:0x8,%rax` loads (GS base 0x9000), every
+        // way round is known: the WRMSR to the ICR leaves the GS base as it was, the call pushes
+        // the return address its callee's RET takes, and the guest runs to the handler's RET
+        // (RBP is not known, so neither is RSP after its LEAVE), exiting only at each WRMSR.
+        let guest = guest.word(0x9008, 0x40a700);
+        assert_eq!(guest.scan(0x401afc), stops(&[0x403006]));
+        assert_eq!(guest.scan(0x401b99), stops(&[0x403006]));
+        // An ICR write to the GS base's MSR instead: after it, the pointer is not known.
+        let to_gs_base = guest.reg(Register::RCX, 0xC000_0101);
+        assert_eq!(to_gs_base.scan(0x401afc), stops(&[0x401b99, 0x403006]));
     }
 
     /// Each case: code at 0x1000 whose RET or indirect branch, after what precedes it, is or is
-    /// not followed: the target at 0x2000 is a POPF (a stop) after a NOP.
+    /// not followed: the target at 0x2000 is an STI (a stop) after a NOP.
     fn target_guest(code: &[u8]) -> Guest {
         let mut bytes = code.to_vec();
         bytes.resize(0x1000, 0x90);
-        bytes.extend([0x90, 0x9d]); // 2000: nop; 2001: popfq
+        bytes.extend([0x90, 0xfb]); // 2000: nop; 2001: sti
         Guest::new(0x1000, &bytes)
             .reg(Register::RAX, 0x2000)
             .reg(Register::RBX, 0x7000)
@@ -479,19 +765,58 @@ mod tests {
                 "mov %rbx,%rcx; jmp *%rax",
             ),
             (&[0x0f, 0x30, 0xc3], &followed, "wrmsr; ret"),
+            // Values the path computes from known ones.
+            (
+                &[0x48, 0x89, 0x04, 0x24, 0xc3],
+                &followed,
+                "mov %rax,(%rsp); ret (a retpoline's)",
+            ),
+            (&[0x50, 0xc3], &followed, "push %rax; ret"),
+            (&[0x58, 0xff, 0xe0], &followed, "pop %rax; jmp *%rax"),
+            (
+                &[0x48, 0x89, 0x03, 0xff, 0x63, 0x10],
+                &followed,
+                "mov %rax,(%rbx); jmp *0x10(%rbx): another word",
+            ),
+            (
+                &[0x48, 0x8b, 0x4b, 0x10, 0xff, 0xe1],
+                &followed,
+                "mov 0x10(%rbx),%rcx; jmp *%rcx",
+            ),
+            (
+                &[0x48, 0x8d, 0x4b, 0x08, 0xff, 0x61, 0x08],
+                &followed,
+                "lea 8(%rbx),%rcx; jmp *8(%rcx)",
+            ),
+            (
+                &[
+                    0xb9, 0x30, 0x08, 0, 0, 0x0f, 0x30, 0x65, 0xff, 0x24, 0x25, 0x10, 0, 0, 0,
+                ],
+                &followed,
+                "mov $0x830,%ecx; wrmsr; jmp *%gs:0x10",
+            ),
         ] {
             assert_eq!(target_guest(code).scan(0x1000), *want, "{what}");
         }
         for (code, what) in [
+            (&[0x48, 0x01, 0x04, 0x24, 0xc3][..], "add %rax,(%rsp); ret"),
             (
-                &[0x48, 0x89, 0x04, 0x24, 0xc3][..],
-                "mov %rax,(%rsp); ret (a retpoline's)",
+                &[0x48, 0x89, 0x04, 0x0c, 0xc3],
+                "mov %rax,(%rsp,%rcx); ret: RCX not known",
             ),
-            (&[0x50, 0xc3], "push %rax; ret"),
-            (&[0x58, 0xff, 0xe0], "pop %rax; jmp *%rax"),
             (
-                &[0x48, 0x89, 0x03, 0xff, 0x63, 0x10],
-                "mov %rax,(%rbx); jmp *0x10(%rbx)",
+                &[0x48, 0x89, 0x44, 0x24, 0xfc, 0xc3],
+                "mov %rax,-4(%rsp); ret: half the slot",
+            ),
+            (&[0x0f, 0x31, 0xff, 0xe0], "rdtsc; jmp *%rax"),
+            (&[0x66, 0x50, 0xc3], "pushw %ax; ret"),
+            (
+                &[0x48, 0x31, 0xdb, 0xff, 0x63, 0x10],
+                "xor %rbx,%rbx; jmp *0x10(%rbx): no pointer at 0x10",
+            ),
+            (
+                &[0x48, 0x89, 0x4b, 0x10, 0xff, 0x63, 0x10],
+                "mov %rcx,0x10(%rbx); jmp *0x10(%rbx): the code pointer overwritten",
             ),
             (
                 &[0x0f, 0x01, 0xf8, 0x65, 0xff, 0x24, 0x25, 0x10, 0, 0, 0],
@@ -516,20 +841,25 @@ mod tests {
 
     #[test]
     fn a_call_pushes_its_return_address_for_the_callee_s_ret() {
-        // 1000: call *%rax; 1002: popfq     2000: nop; ret (back to 1002)
-        let mut guest = target_guest(&[0xff, 0xd0, 0x9d]);
+        // 1000: call *%rax; 1002: sti     2000: nop; ret (back to 1002)
+        let mut guest = target_guest(&[0xff, 0xd0, 0xfb]);
         guest.code[0x1001] = 0xc3;
         assert_eq!(guest.scan(0x1000), stops(&[0x1002]));
-        // 1000: call 2000 (direct); 1005: popfq
-        let mut guest = target_guest(&[0xe8, 0xfb, 0x0f, 0x00, 0x00, 0x9d]);
+        // 1000: call 2000 (direct); 1005: sti
+        let mut guest = target_guest(&[0xe8, 0xfb, 0x0f, 0x00, 0x00, 0xfb]);
         guest.code[0x1001] = 0xc3;
         assert_eq!(guest.scan(0x1000), stops(&[0x1005]));
-        // The callee overwrites its return address's slot: no longer known.
-        // 2000: mov %rbx,(%rsp); ret
-        let mut guest = target_guest(&[0xe8, 0xfb, 0x0f, 0x00, 0x00, 0x9d]);
+        // The callee adds to its return address: no longer known.
+        // 2000: add %rax,(%rsp); ret
+        let mut guest = target_guest(&[0xe8, 0xfb, 0x0f, 0x00, 0x00, 0xfb]);
         guest.code.truncate(0x1000);
-        guest.code.extend([0x48, 0x89, 0x1c, 0x24, 0xc3]);
+        guest.code.extend([0x48, 0x01, 0x04, 0x24, 0xc3]);
         assert_eq!(guest.scan(0x1000), stops(&[0x2004]), "the RET is a stop");
+        // It stores a known value there instead: the RET goes to it.
+        // 2000: mov %rbx,(%rsp); ret (to 0x7000: unreadable, a stop there)
+        guest.code[0x1001] = 0x89;
+        guest.code[0x1002] = 0x1c;
+        assert_eq!(guest.scan(0x1000), stops(&[0x7000]), "the stored value");
     }
 
     #[test]
@@ -633,6 +963,12 @@ mod tests {
                 let next = classify(shadow, &code[..n]);
                 proptest::prop_assert!(next == Next::Go(to) || next == Next::Stop);
                 proptest::prop_assert!(to != rip && to != shadow);
+                return Ok(());
+            }
+            // The whole stretch way by way, where the scan took it: its soundness is `flow`'s
+            // property.
+            let whole = super::super::flow::whole_stretch(rip, &mut guest.fetch(), &mut Known(&guest));
+            if whole == Some(stretch) {
                 return Ok(());
             }
             let path = straight_path(rip, &mut guest.fetch(), &mut Known(&guest));
