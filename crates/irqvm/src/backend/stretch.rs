@@ -139,9 +139,9 @@ pub fn scan(rip: u64, mut fetch: impl FnMut(u64, &mut [u8]) -> usize) -> Stretch
 /// shadow's instruction to the boundary after them. Otherwise, where the plain scan's ends fit the
 /// breakpoints and one of them is a return, an indirect branch or a POPF, the whole stretch is
 /// scanned way by way with what is known of the guest (`stretch::flow`); where that does not fit
-/// either, or the plain scan's ends did not, the returns and indirect branches on the straight path
-/// from RIP whose operands are known are followed to their targets (`stretch::known`), and the plain
-/// scan goes on from where that path ends.
+/// either, or the plain scan's ends did not, the returns and indirect branches on the straight
+/// path from RIP whose operands are known are followed to their targets (`stretch::known`), and
+/// the plain scan goes on from where that path ends.
 pub fn scan_at(
     rip: u64,
     mut fetch: impl FnMut(u64, &mut [u8]) -> usize,

@@ -24,9 +24,9 @@
 //! the facts may resolve ([`may_resolve`]: elsewhere it would come to the same ends, at several
 //! times the plain scan's cost), and its answer is used only where it is whole: every end fits the
 //! breakpoints, within the scan's budget, and none is at RIP. Otherwise the scan falls back to the
-//! single path and the plain scan, as before. The bound on what it cannot see is the single path's (`stretch::known`): a
-//! value another vCPU or a device changes under the scan makes the guest go elsewhere, and the
-//! interrupt is then taken at the next exit, late, never lost.
+//! single path and the plain scan, as before. The bound on what it cannot see is the single
+//! path's (`stretch::known`): a value another vCPU or a device changes under the scan makes the
+//! guest go elsewhere, and the interrupt is then taken at the next exit, late, never lost.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -633,9 +633,12 @@ mod tests {
         }
     }
 
+    /// Programs the property runs: 10,000 in a release build, 3,000 in `./test.sh`'s debug build
+    /// (~12 s).
+    const PROGRAMS: u32 = if cfg!(debug_assertions) { 3000 } else { 10000 };
+
     proptest::proptest! {
-        // 10,000 programs in a release build; 3,000 in `./test.sh`'s debug build (~12 s).
-        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(if cfg!(debug_assertions) { 3000 } else { 10000 }))]
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(PROGRAMS))]
         /// Whatever the program, registers and memory, every run from RIP meets the plan's
         /// breakpoints before an interrupt could be taken or code it cannot know runs.
         #[test]
@@ -652,7 +655,9 @@ mod tests {
             noise in proptest::collection::vec(0u32..0x2000, 1..8),
         ) {
             let (code, starts) = assemble(&ops);
-            let mut guest = Guest { regs: [0; 16], gs: [[GS, KERNEL_GS][gs.0], [GS, KERNEL_GS][gs.1]], words: BTreeMap::new() };
+            let bases = [GS, KERNEL_GS];
+            let gs = [bases[gs.0], bases[gs.1]];
+            let mut guest = Guest { regs: [0; 16], gs, words: BTreeMap::new() };
             for (i, &(kind, x)) in regs.iter().enumerate() {
                 guest.regs[i] = value(kind, x, &starts);
             }
@@ -675,7 +680,13 @@ mod tests {
                 let mut choice = choices.iter().copied().cycle().skip(round * 3);
                 let mut noise = noise.iter().copied().cycle();
                 let verdict = run(&guest, &ops, &starts, rip, &breaks, &mut choice, &mut noise);
-                proptest::prop_assert!(verdict.is_ok(), "{:?}: {:?} from {rip:#x} with {:?}", verdict, stretch, ops);
+                proptest::prop_assert!(
+                    verdict.is_ok(),
+                    "{:?}: {:?} from {rip:#x} with {:?}",
+                    verdict,
+                    stretch,
+                    ops
+                );
             }
         }
     }

@@ -16,9 +16,9 @@
 //! stays known (moves of registers, immediates and loads of memory nothing has written over, pushes
 //! and pops, LEAVE, LEA, a constant added, a register zeroed, a call's return address, an 8-byte
 //! store of a known value at a known address); anything else the instruction decoder says an
-//! instruction writes is not known any more (registers explicit and implicit; a store at an address
-//! not known makes all memory unknown), nor are the segment bases after SWAPGS, WRFSBASE/WRGSBASE, a
-//! segment load, or a WRMSR whose ECX is not known or names a base MSR. Only near 64-bit transfers
+//! instruction writes is not known any more (registers explicit and implicit; a store at an
+//! address not known makes all memory unknown), nor are the segment bases after SWAPGS,
+//! WRFSBASE/WRGSBASE, a segment load, or a WRMSR whose ECX is not known or names a base MSR. Only near 64-bit transfers
 //! are followed (RET, RET imm16, `jmp`/`call` through a 64-bit register or memory operand): an
 //! operand-size prefix makes them vendor-dependent, as for direct branches. [`super::flow`] uses
 //! the same facts on every way of the stretch, past its conditional branches.
