@@ -361,7 +361,9 @@ mod tests {
             match reg {
                 Register::ES | Register::CS | Register::SS | Register::DS | Register::FS => Some(0),
                 Register::GS => Some(self.gs[0]),
-                _ => (0..16).find(|&i| gpr(i) == Some(reg)).map(|i| self.regs[i]),
+                _ => (0..16)
+                    .find(|&i| super::super::known::gpr(i) == Some(reg))
+                    .map(|i| self.regs[i]),
             }
         }
 
@@ -370,31 +372,8 @@ mod tests {
         }
     }
 
-    fn gpr(i: usize) -> Option<Register> {
-        [
-            Register::RAX,
-            Register::RCX,
-            Register::RDX,
-            Register::RBX,
-            Register::RSP,
-            Register::RBP,
-            Register::RSI,
-            Register::RDI,
-        ]
-        .get(i)
-        .copied()
-    }
-
     fn fetch(code: &[u8]) -> impl FnMut(u64, &mut [u8]) -> usize + '_ {
-        move |at, buf| {
-            let Some(off) = at.checked_sub(CODE).map(|o| o as usize) else {
-                return 0;
-            };
-            let avail = code.get(off..).unwrap_or(&[]);
-            let n = avail.len().min(buf.len());
-            buf[..n].copy_from_slice(&avail[..n]);
-            n
-        }
+        super::super::tests::code_at(CODE, code)
     }
 
     /// The interpreter's memory, byte by byte (bytes never written read as 0).

@@ -556,7 +556,7 @@ const RSP: usize = 4;
 const RBP: usize = 5;
 
 /// RAX-R15 by their encoding number (RSP is 4).
-fn gpr(i: usize) -> Option<Register> {
+pub(super) fn gpr(i: usize) -> Option<Register> {
     const GPRS: [Register; 16] = [
         Register::RAX,
         Register::RCX,
