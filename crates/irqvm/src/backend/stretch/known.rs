@@ -356,11 +356,11 @@ impl Facts {
         if self.computed(insn, at_rip) {
             return;
         }
-        let msr = self.value(Register::ECX);
+        let base_msr = |msr: u64| (0xC000_0100..=0xC000_0102).contains(&msr);
         match insn.mnemonic() {
             // WRMSR moves a base only through these (SDM vol. 4 table 2-2: FS_BASE, GS_BASE,
             // KERNEL_GS_BASE, which SWAPGS then loads).
-            Mnemonic::Wrmsr if msr.is_some_and(|m| !(0xC000_0100..=0xC000_0102).contains(&m)) => {}
+            Mnemonic::Wrmsr if self.value(Register::ECX).is_some_and(|m| !base_msr(m)) => {}
             Mnemonic::Swapgs
             | Mnemonic::Wrfsbase
             | Mnemonic::Wrgsbase
