@@ -424,6 +424,17 @@ impl VcpuInterrupts {
         if self.nmi_pending > 0 {
             return Some(Injection::Nmi);
         }
+        self.next_maskable_injection(pic_intr)
+    }
+
+    /// What to inject next while NMIs are blocked (an NMI handler runs until its IRET): the
+    /// ExtINT or APIC vector [`Self::next_injection`] would give with no NMI pending. NMI
+    /// blocking holds back NMIs only; a maskable interrupt is taken as soon as IF allows it
+    /// (SDM vol. 3 §6.7.1, §6.8.1), and KVM injects one while its NMI waits for the NMI window.
+    pub fn next_maskable_injection(&self, pic_intr: bool) -> Option<Injection> {
+        if !self.mp.state().runs_guest() {
+            return None;
+        }
         if self.extint_pending || (pic_intr && self.lapic.accepts_pic_interrupts()) {
             return Some(Injection::ExtInt);
         }
@@ -963,6 +974,29 @@ mod tests {
         cpu.drain();
         assert!(!cpu.should_block(InitBlocking::NONE, false));
         assert_eq!(cpu.next_injection(false), Some(Injection::Nmi));
+    }
+
+    /// An NMI pending while NMIs are blocked does not hold back a vector: the vector is what
+    /// goes in beside it, and the NMI stays pending for the NMI window.
+    #[test]
+    fn a_vector_is_injected_beside_an_nmi_waiting_for_its_window() {
+        let (_system, mut cpus) = system(1);
+        let cpu = &mut cpus[0];
+        write(cpu, 0xF0, SVR_ENABLED);
+        // Fixed, vector 45H, destination shorthand self (SDM §11.6.1).
+        write(cpu, 0x300, 0x4_0045);
+        post_nmi(cpu);
+        cpu.drain();
+        assert_eq!(cpu.next_injection(false), Some(Injection::Nmi));
+        assert_eq!(
+            cpu.next_maskable_injection(false),
+            Some(Injection::Vector(0x45))
+        );
+        assert_eq!(cpu.acknowledge_interrupt(), Some(0x45));
+        assert_eq!(cpu.next_injection(false), Some(Injection::Nmi));
+        assert_eq!(cpu.next_maskable_injection(false), None);
+        cpu.halt();
+        assert_eq!(cpu.next_maskable_injection(false), None);
     }
 
     /// An NMI the hypervisor holds ends a halt as one pending here does, with nothing for the

@@ -21,6 +21,12 @@
  *     same moment, AFTER_ROUNDS times (kvm-unit-tests' apic "multiple nmi"): when the fixed vector's handler runs,
  *     CPU 0 has taken both NMIs. CPU 1's NMI left before its fixed IPI, and a pending NMI wins over a pending
  *     interrupt (SDM vol. 3 §6.9), also when it was held behind CPU 0's own until that one's IRETQ.
+ *  8. CPU 0's NMI handler sends itself an NMI and a fixed IPI, then sets IF for two instructions (`sti; nop;
+ *     nop; cli`): NMI blocking does not block maskable interrupts (SDM vol. 3 §6.7.1, §6.8.1), so the fixed
+ *     vector is taken inside the handler, right after the STI's shadow (KVM injects an interrupt while NMIs
+ *     are blocked, `kvm_check_and_inject_events`). That interrupt's IRETQ ends NMI blocking as any IRET
+ *     does (SDM vol. 3 §6.7.1), so the held NMI is taken right after it, nested in the first NMI's handler
+ *     (the case Linux's NMI entry code guards against).
  * The NMI handlers never printf (printf takes a lock) and need no EOI (an NMI is not in the ISR). */
 #include "guest.h"
 
@@ -126,7 +132,7 @@ static void held_handler(struct irq_frame *f, u32 cpu)
 
 /* Sends CPU 0 the first NMI with one ICR write (xAPIC) or WRMSR (x2APIC) and nothing after it that exits
  * (no delivery-status poll), then spins on memory: the held NMI must not wait for an exit. */
-static void send_first_nmi_quietly(void)
+static void send_first_nmi_quietly(volatile u32 *taken)
 {
 	if (apic_x2)
 		wrmsr(0x800 + (APIC_ICR >> 4), ((u64)cpu_to_apic_id(0) << 32) | APIC_DM_NMI);
@@ -135,7 +141,7 @@ static void send_first_nmi_quietly(void)
 		*(volatile u32 *)(0xFEE00000ul + APIC_ICR) = APIC_DM_NMI;
 	}
 	u64 start = rdtsc(), limit = ms_to_tsc(WAIT_MS);
-	for (u64 i = 0; READ_ONCE(held_nmis) < 2 && i < WAIT_MS * 100000ul && rdtsc() - start < limit; i++)
+	for (u64 i = 0; READ_ONCE(*taken) < 2 && i < WAIT_MS * 100000ul && rdtsc() - start < limit; i++)
 		cpu_relax();
 }
 
@@ -146,7 +152,7 @@ static void held_nmi_taken_at_iret(u32 mode)
 	held_sent_ok = 0;
 	held_frame_rip[1] = held_frame_rip[2] = held_own_iret_rip = 0;
 	irq_set_handler(2, held_handler);
-	send_first_nmi_quietly();
+	send_first_nmi_quietly(&held_nmis);
 	delay_ms(QUIET_MS);
 	irq_set_handler(2, nmi_handler);
 	if (mode == HELD_RETURN)
@@ -160,6 +166,62 @@ static void held_nmi_taken_at_iret(u32 mode)
 		      "[pvm-nmi-window]",
 		      "sent %u, %u taken, held one at rip %lx, the handler's iretq returned to %lx", held_sent_ok,
 		      held_nmis, held_frame_rip[2], held_own_iret_rip);
+}
+
+/* ---- 8: an interrupt that becomes deliverable inside the NMI handler ---- */
+#define V_IN_NMI 0x45
+static volatile u32 sti_nmis, sti_sent_ok, sti_irqs, sti_irq_nmis_seen;
+static volatile u64 sti_irq_rip, sti_window_rip, sti_nmi_rip[3];
+
+static void irq_in_nmi_handler(struct irq_frame *f, u32 cpu)
+{
+	sti_irq_rip = f->rip;
+	sti_irq_nmis_seen = sti_nmis;
+	sti_irqs++;
+	apic_eoi();
+}
+
+static void sti_nmi_handler(struct irq_frame *f, u32 cpu)
+{
+	u32 n = ++sti_nmis;
+	if (n <= 2)
+		sti_nmi_rip[n] = f->rip;
+	if (n != 1)
+		return;
+	sti_sent_ok = apic_icr_write(cpu_to_apic_id(0), APIC_DM_NMI);
+	sti_sent_ok += apic_icr_write(cpu_to_apic_id(0), V_IN_NMI);
+	u64 at;
+	/* The STI's shadow covers the first NOP; the vector is taken before the second (SDM vol. 2B, STI; vol. 3 §6.8.1). */
+	__asm__ volatile("leaq 1f(%%rip), %0\n\t"
+			 "sti\n\t"
+			 "nop\n"
+			 "1:\tnop\n\t"
+			 "cli"
+			 : "=r"(at)
+			 :
+			 : "memory");
+	sti_window_rip = at;
+}
+
+static void irq_taken_inside_nmi_handler(void)
+{
+	sti_nmis = sti_sent_ok = sti_irqs = sti_irq_nmis_seen = 0;
+	sti_irq_rip = sti_window_rip = sti_nmi_rip[1] = sti_nmi_rip[2] = 0;
+	irq_set_handler(V_IN_NMI, irq_in_nmi_handler);
+	irq_set_handler(2, sti_nmi_handler);
+	send_first_nmi_quietly(&sti_nmis);
+	delay_ms(QUIET_MS);
+	irq_set_handler(2, nmi_handler);
+	irq_set_handler(V_IN_NMI, NULL);
+	check(sti_sent_ok == 2 && sti_irqs == 1 && sti_irq_nmis_seen == 1 && sti_irq_rip == sti_window_rip,
+	      "an interrupt pending in an nmi handler is taken there right after its sti's shadow [kvm-late-window]",
+	      "sent %u, %u taken, with %u nmis taken, at rip %lx, the shadow ends at %lx", sti_sent_ok, sti_irqs,
+	      sti_irq_nmis_seen, sti_irq_rip, sti_window_rip);
+	check(sti_nmis == 2 && sti_nmi_rip[2] == sti_window_rip,
+	      "the nmi held beside it is taken right after that interrupt's iretq, which ends nmi blocking "
+	      "[pvm-nmi-window]",
+	      "%u nmis taken, the held one at rip %lx, the interrupt's iretq returned to %lx", sti_nmis,
+	      sti_nmi_rip[2], sti_window_rip);
 }
 
 static volatile u32 pair_sent;
@@ -308,6 +370,7 @@ void guest_main(void)
 	burst_while_in_service();
 	held_nmi_taken_at_iret(HELD_RETURN);
 	held_nmi_taken_at_iret(HELD_OWN_IRET);
+	irq_taken_inside_nmi_handler();
 	back_to_back();
 	same_moment();
 	nmi_before_fixed_ipi();

@@ -743,17 +743,21 @@ impl UserVcpuChip {
         };
         let mut next = self.interrupts.next_injection(pic_intr);
         if next == Some(Injection::Nmi) {
-            if self.step_to_nmi_window(vcpu)? {
-                return Ok(());
-            }
-            // No NMI frame may see KVM's TF: stepping off first.
-            self.stepper.end(vcpu)?;
-            self.inject_nmis(vcpu)?;
-            next = self.interrupts.next_injection(pic_intr);
-            if next.is_some() {
-                // KVM takes the NMI first; the interrupt after the next exit.
-                vcpu.get_kvm_run().request_interrupt_window = 1;
-                return Ok(());
+            if let Some(maskable) = self.maskable_beside_blocked_nmi(vcpu, can_inject, pic_intr)? {
+                next = Some(maskable);
+            } else {
+                if self.step_to_nmi_window(vcpu)? {
+                    return Ok(());
+                }
+                // No NMI frame may see KVM's TF: stepping off first.
+                self.stepper.end(vcpu)?;
+                self.inject_nmis(vcpu)?;
+                next = self.interrupts.next_injection(pic_intr);
+                if next.is_some() {
+                    // KVM takes the NMI first; the interrupt after the next exit.
+                    vcpu.get_kvm_run().request_interrupt_window = 1;
+                    return Ok(());
+                }
             }
         }
         let Some(next) = next else {
@@ -872,6 +876,29 @@ impl UserVcpuChip {
         // `ipi_storm_16`'s kicks away, but a 4-vCPU Linux boot hung with it (docs/benchmarks.md
         // §14), so the kicks stay until that is understood.
         Ok(outcome != StepOutcome::Fallback)
+    }
+
+    /// An NMI waits for the NMI window (the guest's NMI handler runs: NMIs blocked until the
+    /// next IRET, KVM_GET_VCPU_EVENTS `nmi.masked`) while the interrupt after it could go in at
+    /// this entry (IF set, no shadow). NMI blocking holds back NMIs only (SDM vol. 3 §6.7.1,
+    /// §6.8.1): a handler that sets IF takes maskable interrupts, and KVM injects one while its
+    /// own NMI waits for the window (`kvm_check_and_inject_events`). Returns that interrupt; the
+    /// NMI stays pending in the model for [`Self::step_to_nmi_window`] at the next exit. Without
+    /// this the interrupt waited for the NMI handler's IRET and the held NMI's handler after it.
+    fn maskable_beside_blocked_nmi(
+        &mut self,
+        vcpu: &mut VcpuFd,
+        can_inject: bool,
+        pic_intr: bool,
+    ) -> Result<Option<Injection>, IrqchipError> {
+        if !can_inject || self.regs_rewritten || self.kvm_queued || self.fault_pending {
+            return Ok(None);
+        }
+        let events = self.kvm_events(vcpu)?;
+        if events.nmi.masked == 0 || crate::backend::step::event_due(&events) {
+            return Ok(None);
+        }
+        Ok(self.interrupts.next_maskable_injection(pic_intr))
     }
 
     /// An NMI is pending while the guest's NMI handler runs (NMIs blocked until the next IRET,
