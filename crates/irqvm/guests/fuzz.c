@@ -205,6 +205,17 @@ static void spurious_irq(struct irq_frame *f, u32 cpu)
 	irqs[cpu]++;
 }
 
+/* Every other NMI sets IF for two instructions: NMI blocking holds back NMIs only (SDM vol. 3 §6.7.1), so an
+ * interrupt pending now is taken inside this handler, and its IRETQ ends NMI blocking, so an NMI held meanwhile
+ * nests here. fuzz_irq returns with IF=0, so at most one interrupt comes in; the NMI's IRETQ restores the IF
+ * of the code it interrupted (inside rdmsr_catch too, whose state nests). */
+static volatile u32 nmi_calls[MAX_CPUS];
+static void fuzz_nmi(struct irq_frame *f, u32 cpu)
+{
+	if (++nmi_calls[cpu] & 1)
+		__asm__ volatile("sti; nop; nop; cli" ::: "memory");
+}
+
 /* ---- the operations ---------------------------------------------------------------------------------------- */
 static const u64 safe_bases[] = { 0xFEE00000ul, 0xFEB00000ul, 0xFED00000ul, 0xC0000000ul };
 static const u32 lvt_regs[] = { 0x2F0, 0x320, 0x330, 0x340, 0x350, 0x360, 0x370 };
@@ -595,6 +606,7 @@ void guest_main(void)
 	for (u32 v = 0x20; v < 0xFF; v++)
 		irq_set_handler(v, fuzz_irq);
 	irq_set_handler(SPURIOUS_VECTOR, spurious_irq);
+	irq_set_handler(2, fuzz_nmi);
 	install_parking();
 	for (u32 c = 1; c < ncpus; c++)
 		smp_call_async(c, worker, NULL);

@@ -744,6 +744,10 @@ impl UserVcpuChip {
         let mut next = self.interrupts.next_injection(pic_intr);
         if next == Some(Injection::Nmi) {
             if let Some(maskable) = self.maskable_beside_blocked_nmi(vcpu, can_inject, pic_intr)? {
+                tracing::debug!(
+                    ?maskable,
+                    "interrupt goes in beside an NMI waiting for its window"
+                );
                 next = Some(maskable);
             } else {
                 if self.step_to_nmi_window(vcpu)? {
