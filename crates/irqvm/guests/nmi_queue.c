@@ -117,12 +117,19 @@ static u64 iret_to_self(void)
 	return at;
 }
 
+/* Counts an NMI of a pair and keeps the frame RIP of the first two; true for the first, whose handler goes
+ * on to provoke the second. */
+static bool first_of_pair(volatile u32 *count, volatile u64 rips[3], const struct irq_frame *f)
+{
+	u32 n = ++*count;
+	if (n <= 2)
+		rips[n] = f->rip;
+	return n == 1;
+}
+
 static void held_handler(struct irq_frame *f, u32 cpu)
 {
-	u32 n = ++held_nmis;
-	if (n <= 2)
-		held_frame_rip[n] = f->rip;
-	if (n != 1)
+	if (!first_of_pair(&held_nmis, held_frame_rip, f))
 		return;
 	held_sent_ok = apic_icr_write(cpu_to_apic_id(0), APIC_DM_NMI);
 	nmi_say("INFO: nmi handler sent itself an nmi\n");
@@ -183,10 +190,7 @@ static void irq_in_nmi_handler(struct irq_frame *f, u32 cpu)
 
 static void sti_nmi_handler(struct irq_frame *f, u32 cpu)
 {
-	u32 n = ++sti_nmis;
-	if (n <= 2)
-		sti_nmi_rip[n] = f->rip;
-	if (n != 1)
+	if (!first_of_pair(&sti_nmis, sti_nmi_rip, f))
 		return;
 	sti_sent_ok = apic_icr_write(cpu_to_apic_id(0), APIC_DM_NMI);
 	sti_sent_ok += apic_icr_write(cpu_to_apic_id(0), V_IN_NMI);

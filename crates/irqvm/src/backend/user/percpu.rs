@@ -743,14 +743,17 @@ impl UserVcpuChip {
         };
         let mut next = self.interrupts.next_injection(pic_intr);
         if next == Some(Injection::Nmi) {
-            if let Some(maskable) = self.maskable_beside_blocked_nmi(vcpu, can_inject, pic_intr)? {
+            let blocked = self.nmi_blocked_in_kvm(vcpu, can_inject)?;
+            let maskable =
+                blocked.and_then(|_| self.maskable_beside_blocked_nmi(can_inject, pic_intr));
+            if let Some(maskable) = maskable {
                 tracing::debug!(
                     ?maskable,
                     "interrupt goes in beside an NMI waiting for its window"
                 );
                 next = Some(maskable);
             } else {
-                if self.step_to_nmi_window(vcpu)? {
+                if self.step_to_nmi_window(vcpu, blocked)? {
                     return Ok(());
                 }
                 // No NMI frame may see KVM's TF: stepping off first.
@@ -882,27 +885,39 @@ impl UserVcpuChip {
         Ok(outcome != StepOutcome::Fallback)
     }
 
-    /// An NMI waits for the NMI window (the guest's NMI handler runs: NMIs blocked until the
-    /// next IRET, KVM_GET_VCPU_EVENTS `nmi.masked`) while the interrupt after it could go in at
-    /// this entry (IF set, no shadow). NMI blocking holds back NMIs only (SDM vol. 3 §6.7.1,
-    /// §6.8.1): a handler that sets IF takes maskable interrupts, and KVM injects one while its
-    /// own NMI waits for the window (`kvm_check_and_inject_events`). Returns that interrupt; the
-    /// NMI stays pending in the model for [`Self::step_to_nmi_window`] at the next exit. Without
-    /// this the interrupt waited for the NMI handler's IRET and the held NMI's handler after it.
-    fn maskable_beside_blocked_nmi(
+    /// KVM's events when an NMI pending in the model must wait for the NMI window: NMIs blocked
+    /// (the guest's NMI handler runs until its IRET, KVM_GET_VCPU_EVENTS `nmi.masked`), no event
+    /// KVM delivers at this entry, nothing of ours rewritten or queued in KVM, and one of the two
+    /// ways on open ([`Self::maskable_beside_blocked_nmi`] needs `can_inject`,
+    /// [`Self::step_to_nmi_window`] the stepper), so that neither reads the events again.
+    fn nmi_blocked_in_kvm(
         &mut self,
         vcpu: &mut VcpuFd,
         can_inject: bool,
-        pic_intr: bool,
-    ) -> Result<Option<Injection>, IrqchipError> {
-        if !can_inject || self.regs_rewritten || self.kvm_queued || self.fault_pending {
+    ) -> Result<Option<kvm_bindings::kvm_vcpu_events>, IrqchipError> {
+        if self.regs_rewritten || self.kvm_queued || self.fault_pending {
+            return Ok(None);
+        }
+        if !can_inject && !self.stepper.enabled() {
             return Ok(None);
         }
         let events = self.kvm_events(vcpu)?;
-        if events.nmi.masked == 0 || crate::backend::step::event_due(&events) {
-            return Ok(None);
+        let blocked = events.nmi.masked != 0 && !crate::backend::step::event_due(&events);
+        Ok(blocked.then_some(events))
+    }
+
+    /// An NMI waits for the NMI window ([`Self::nmi_blocked_in_kvm`]) while the interrupt after
+    /// it could go in at this entry (IF set, no shadow). NMI blocking holds back NMIs only (SDM
+    /// vol. 3 §6.7.1, §6.8.1): a handler that sets IF takes maskable interrupts, and KVM injects
+    /// one while its own NMI waits for the window (`kvm_check_and_inject_events`). Returns that
+    /// interrupt; the NMI stays pending in the model for [`Self::step_to_nmi_window`] at the next
+    /// exit. Without this the interrupt waited for the NMI handler's IRET and the held NMI's
+    /// handler after it.
+    fn maskable_beside_blocked_nmi(&self, can_inject: bool, pic_intr: bool) -> Option<Injection> {
+        if !can_inject {
+            return None;
         }
-        Ok(self.interrupts.next_maskable_injection(pic_intr))
+        self.interrupts.next_maskable_injection(pic_intr)
     }
 
     /// An NMI is pending while the guest's NMI handler runs (NMIs blocked until the next IRET,
@@ -915,14 +930,18 @@ impl UserVcpuChip {
     /// the NMI stays in the model and the vCPU is stepped towards the IRET, which the stepper
     /// stops at with a breakpoint at its return address ([`Stepper::step_nmi`]); at that exit
     /// NMIs are unblocked and [`Self::inject_nmis`] hands it to KVM, which delivers it at that
-    /// boundary. True: stepping goes on. False (stepping off or refused, the budget spent, a HLT,
-    /// NMIs not blocked, or an event KVM delivers at this entry): the caller injects as before.
-    fn step_to_nmi_window(&mut self, vcpu: &mut VcpuFd) -> Result<bool, IrqchipError> {
-        if !self.stepper.enabled() || self.regs_rewritten || self.kvm_queued || self.fault_pending {
+    /// boundary. `blocked`: KVM's events if the NMI must wait ([`Self::nmi_blocked_in_kvm`]).
+    /// True: stepping goes on. False (stepping off or refused, the budget spent, a HLT, NMIs not
+    /// blocked, or an event KVM delivers at this entry): the caller injects as before.
+    fn step_to_nmi_window(
+        &mut self,
+        vcpu: &mut VcpuFd,
+        blocked: Option<kvm_bindings::kvm_vcpu_events>,
+    ) -> Result<bool, IrqchipError> {
+        let Some(events) = blocked else {
             return Ok(false);
-        }
-        let events = self.kvm_events(vcpu)?;
-        if events.nmi.masked == 0 || crate::backend::step::event_due(&events) {
+        };
+        if !self.stepper.enabled() {
             return Ok(false);
         }
         self.stepper.offer_events(Some(events));
