@@ -15,6 +15,7 @@
 #define V_CLUSTER 0x47
 #define V_LOWEST 0x58
 #define V_PHYS_BCAST 0x49
+#define V_SELF_LEVEL 0x4D
 #define PING_ROUNDS 20
 #define QUIET_MS 30 /* how long "nobody else received it" is watched for */
 
@@ -79,6 +80,41 @@ static void self_ipis(void)
 		check(expect_delivery(V_SELF_MSR, before, 1, why, sizeof why), "self ipi (x2apic SELF_IPI msr)", "%s",
 		      why);
 	}
+}
+
+/* Level-triggered fixed IPIs, sent to this CPU's own APIC ID. KVM takes an IPI's trigger and level bits as they
+ * are written (kvm_apic_send_ipi): an asserted level message sets the vector's TMR bit on acceptance (SDM vol. 3
+ * §11.4.6: TMR is set for level-triggered interrupts), and a fixed or lowest-priority message with level trigger
+ * and the level bit clear (the form of an INIT level de-assert) is accepted by nobody (__apic_accept_irq).
+ * The SDM leaves both to the processor (§11.6.1: on Pentium 4 and Xeon the trigger bit of an IPI other than INIT
+ * de-assert is always issued as 0 and the level bit as 1), so these follow KVM: one behaviour in every mode. */
+static volatile u32 self_level_taken, self_level_tmr;
+static void self_level_handler(struct irq_frame *f, u32 cpu)
+{
+	self_level_taken++;
+	self_level_tmr = apic_vector_bit(APIC_TMR, V_SELF_LEVEL);
+	apic_eoi();
+}
+
+static void level_self_ipis(void)
+{
+	u32 own = apic_id();
+	irq_set_handler(V_SELF_LEVEL, self_level_handler);
+	self_level_taken = self_level_tmr = 0;
+	apic_icr_write(own, APIC_TRIGGER_LEVEL | APIC_LEVEL_ASSERT | V_SELF_LEVEL);
+	bool taken = wait_nonzero(&self_level_taken, WAIT_MS);
+	delay_ms(QUIET_MS);
+	check(taken && self_level_taken == 1 && self_level_tmr, "level-triggered self ipi is taken with its tmr bit set",
+	      "taken %u times, tmr bit %u in the handler", self_level_taken, self_level_tmr);
+	u32 before = self_level_taken;
+	apic_icr_write(own, APIC_TRIGGER_LEVEL | V_SELF_LEVEL);
+	apic_icr_write(own, APIC_TRIGGER_LEVEL | APIC_DM_LOWEST | V_SELF_LEVEL);
+	delay_ms(QUIET_MS);
+	u32 taken_after = self_level_taken - before;
+	check(taken_after == 0 && !apic_vector_bit(APIC_IRR, V_SELF_LEVEL),
+	      "fixed and lowest-priority ipis with level trigger and level de-assert reach nobody [tcg-apic-gap]",
+	      "taken %u times, irr bit %u", taken_after, apic_vector_bit(APIC_IRR, V_SELF_LEVEL));
+	irq_set_handler(V_SELF_LEVEL, NULL);
 }
 
 static void broadcasts(void)
@@ -253,5 +289,6 @@ static void core_ipi_checks(void)
 	else
 		ping_pong();
 	self_ipis();
+	level_self_ipis();
 	broadcasts();
 }

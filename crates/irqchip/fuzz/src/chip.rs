@@ -197,7 +197,9 @@ impl Sim {
         } else {
             ApicMode::XApic
         };
-        if delivery_mode != 0 || vector < 16 || !self.all_in(mode) {
+        // Level trigger with the level bit clear: KVM's rule, nobody accepts it.
+        let deassert = level && low & (1 << 14) == 0;
+        if delivery_mode != 0 || vector < 16 || deassert || !self.all_in(mode) {
             return;
         }
         let target = match (low >> 18) & 3 {

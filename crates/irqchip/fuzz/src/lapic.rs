@@ -38,6 +38,14 @@ impl Harness {
         destination: u32,
         format: DestinationFormat,
     ) {
+        let fixed_or_lowest = (low >> 8) & 7 <= 1;
+        if fixed_or_lowest && low & (1 << 15) != 0 && low & (1 << 14) == 0 {
+            assert_eq!(
+                effect,
+                LapicEffect::None,
+                "a fixed or lowest-priority de-assert sends nothing"
+            );
+        }
         if let LapicEffect::SendIpi(message) = effect {
             assert_eq!(message.vector, low as u8, "IPI vector");
             assert_eq!(

@@ -15,6 +15,12 @@ pub enum IcrError {
     /// Fixed or lowest-priority with a vector below 16: the sender sets ESR "send illegal
     /// vector" and sends nothing (SDM §11.5.3).
     IllegalVector,
+    /// Fixed or lowest-priority with level trigger (bit 15) and the level bit (14) clear, the
+    /// form of an INIT level de-assert. The SDM leaves it to the processor (§11.6.1: the level
+    /// bit must be 1 for every mode but INIT de-assert; Pentium 4 and Xeon issue it as 1
+    /// whatever is written). KVM takes the bits as written and no APIC accepts such a message
+    /// (`__apic_accept_irq`), so the write sends nothing, in every irqchip mode alike.
+    LevelDeassert,
 }
 
 /// Decodes ICR bits 31:0 plus the already-extracted destination (xAPIC: ICR bits 63:56,
@@ -32,6 +38,9 @@ pub fn decode_icr(
     let vector = (low & ICR_VECTOR_MASK) as u8;
     if delivery_mode.uses_irr() && vector < FIRST_LEGAL_VECTOR {
         return Err(IcrError::IllegalVector);
+    }
+    if delivery_mode.uses_irr() && low & ICR_TRIGGER_LEVEL != 0 && low & ICR_LEVEL_ASSERT == 0 {
+        return Err(IcrError::LevelDeassert);
     }
     Ok(InterruptMessage {
         vector,

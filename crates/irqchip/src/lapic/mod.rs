@@ -938,9 +938,10 @@ impl LocalApic {
 
     /// Stores and sends an ICR write (§11.6.1). Every write is stored, as KVM stores it (all
     /// bits but delivery status, reserved ones included; in x2APIC mode the reserved bits #GP
-    /// before this). A reserved delivery mode (011b, and ExtINT, 111b) sends nothing and
-    /// records no error (KVM sends nothing either); an illegal vector sets ESR "send illegal
-    /// vector" and sends nothing.
+    /// before this). A reserved delivery mode (011b, and ExtINT, 111b) and a fixed or
+    /// lowest-priority de-assert ([`IcrError::LevelDeassert`]) send nothing and record no error
+    /// (KVM sends or accepts nothing either); an illegal vector sets ESR "send illegal vector"
+    /// and sends nothing.
     fn write_icr(&mut self, low: u32, destination: u32, format: DestinationFormat) -> LapicEffect {
         let source = MessageSource::Vcpu(self.cfg.index);
         let result = decode_icr(low, destination, format, source);
@@ -950,7 +951,7 @@ impl LocalApic {
         }
         match result {
             Ok(message) => LapicEffect::SendIpi(message),
-            Err(IcrError::ReservedDeliveryMode) => LapicEffect::None,
+            Err(IcrError::ReservedDeliveryMode | IcrError::LevelDeassert) => LapicEffect::None,
             Err(IcrError::IllegalVector) => {
                 self.raise_error(ESR_SEND_ILLEGAL_VECTOR);
                 LapicEffect::None

@@ -730,6 +730,30 @@ fn icr_reserved_delivery_modes_are_stored_but_send_nothing_11_6_1() {
     }
 }
 
+/// A fixed or lowest-priority IPI with level trigger and the level bit clear (the form of an
+/// INIT level de-assert) reaches nobody in KVM (`__apic_accept_irq`), so the model sends nothing
+/// and records no error; the write is stored. Asserted, the same IPI is sent level-triggered
+/// (its target sets TMR), and INIT keeps its de-assert form (the bus ignores it).
+#[test]
+fn icr_fixed_and_lowest_level_deassert_send_nothing_11_6_1() {
+    for low in [0x0000_8041u32, 0x0000_8141] {
+        let mut apic = xapic();
+        assert_eq!(write(&mut apic, REG_ICR_LOW, low), LapicEffect::None);
+        assert_eq!(read(&mut apic, REG_ICR_LOW), low, "write stored");
+        assert_eq!(latched_esr(&mut apic), 0);
+        let mut x2 = x2apic();
+        assert_eq!(
+            x2.msr_write(MSR_X2APIC_ICR, u64::from(low), 0),
+            Ok(LapicEffect::None)
+        );
+        let asserted = ipi(write(&mut apic, REG_ICR_LOW, low | 0x4000));
+        assert_eq!(asserted.trigger, TriggerMode::Level);
+        assert!(asserted.level_assert);
+    }
+    let mut apic = xapic();
+    assert!(ipi(write(&mut apic, REG_ICR_LOW, 0x0000_8500)).is_init_deassert());
+}
+
 /// KVM stores every xAPIC ICR bit but delivery status (12), the reserved bits 13, 17:16 and
 /// 31:20 included; the SDM leaves their read value open (§11.6.1), so the model reads them back
 /// too. The fields that matter decode as before. In x2APIC mode they #GP (§11.12.9, as KVM).
