@@ -143,4 +143,5 @@ void guest_main(void)
 	logical_flat_two_bits(&s, all);
 	aliased_physical_id();
 	nmi_ipi();
+	remote_read_ipi();
 }

@@ -276,6 +276,54 @@ static void nmi_ipi(void)
 }
 
 /* Brings up the APs and runs the checks common to both APIC modes. */
+/* An IPI with delivery mode 011b (remote read on the P6 family, reserved since the Pentium 4: SDM vol. 3 §11.6.1)
+ * to a CPU halted with interrupts enabled. No interrupt, NMI, SMI or INIT reaches it, so it stays halted (SDM
+ * vol. 2A, HLT). KVM's in-kernel LAPIC reuses the mode for its paravirtual kick (__apic_accept_irq sets
+ * pv_unhalted), which ends the HLT with nothing taken: the check fails in `split` and `kernel` mode. */
+#define V_UNHALT_RELEASE 0x4E
+static volatile u32 hold_state, hold_irqs;
+static u32 irqs_taken(u32 cpu)
+{
+	u32 n = 0;
+	for (u32 v = 32; v < 256; v++)
+		n += irq_count[cpu][v];
+	return n;
+}
+static void halt_once(void *arg)
+{
+	u32 cpu = this_cpu();
+	__asm__ volatile("cli" ::: "memory");
+	hold_irqs = irqs_taken(cpu);
+	WRITE_ONCE(hold_state, 1);
+	sti_hlt();
+	__asm__ volatile("cli" ::: "memory");
+	hold_irqs = irqs_taken(cpu) - hold_irqs;
+	WRITE_ONCE(hold_state, 2);
+}
+
+static void remote_read_ipi(void)
+{
+	if (ncpus < 2) {
+		skip("remote read ipi (delivery mode 011b) leaves a halted cpu halted", "only %u CPU", ncpus);
+		return;
+	}
+	u32 ap = ncpus - 1;
+	hold_state = 0;
+	bool ready = smp_call_async(ap, halt_once, NULL) && wait_eq(&hold_state, 1, WAIT_MS);
+	delay_ms(QUIET_MS);
+	apic_icr_write(cpu_to_apic_id(ap), (3u << 8) | V_UNHALT_RELEASE);
+	delay_ms(QUIET_MS * 4);
+	u32 state = hold_state, irqs = hold_irqs;
+	check(ready && state == 1, "remote read ipi (delivery mode 011b) leaves a halted cpu halted [kvm-remrd-unhalt]",
+	      "halted %u, then state %u (2: the hlt ended, with %u interrupts taken)", ready, state,
+	      state == 2 ? irqs : 0);
+	if (state != 2)
+		apic_icr_write(cpu_to_apic_id(ap), V_UNHALT_RELEASE); /* a fixed IPI ends the HLT */
+	bool back = smp_wait(ap, WAIT_MS);
+	check(back && hold_state == 2, "the cpu held in hlt returns to its idle loop", "returned %u, state %u", back,
+	      hold_state);
+}
+
 static bool start_cpus(void)
 {
 	u32 n = smp_start_all();

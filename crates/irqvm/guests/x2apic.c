@@ -97,4 +97,5 @@ void guest_main(void)
 	ioapic_logical();
 	lowest_priority(all);
 	nmi_ipi();
+	remote_read_ipi();
 }
