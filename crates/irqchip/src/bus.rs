@@ -255,6 +255,7 @@ impl<S: InterruptSink> ApicBus<S> {
         msg: &InterruptMessage,
         notify: &mut dyn FnMut(VcpuIndex, Notify),
     ) -> usize {
+        let msg = &msg.as_delivered();
         let Some(post) = Post::for_message(msg) else {
             return 0;
         };
@@ -296,9 +297,10 @@ impl<S: InterruptSink> ApicBus<S> {
         cost: &mut ResolveCost,
     ) {
         targets.clear();
-        if msg.is_init_deassert() {
+        let msg = &msg.as_delivered();
+        if msg.is_deassert_nobody_accepts() {
             // SDM vol. 3 §11.6.1: the INIT level de-assert message is not supported by Pentium 4
-            // and Xeon processors and is ignored; it reaches nobody.
+            // and Xeon processors and is ignored; KVM refuses a fixed one too. It reaches nobody.
             return;
         }
         if self.refuses(msg) {
@@ -311,7 +313,7 @@ impl<S: InterruptSink> ApicBus<S> {
         // tables, flat-model bits); the sort is linear on an ascending list.
         targets.sort_unstable();
         targets.dedup();
-        if msg.delivery_mode == DeliveryMode::LowestPriority {
+        if msg.arbitrated() {
             // Only the accepting destinations compete: their PPRs are read, nobody else's.
             cost.visited += targets.len();
             let winner = self.lowest_priority_winner(targets, tie_break);
@@ -418,9 +420,9 @@ enum Post {
 }
 
 impl Post {
-    /// `None` for the ignored INIT level de-assert.
+    /// `None` for a de-assert nobody accepts (the INIT level de-assert and KVM's fixed one).
     fn for_message(msg: &InterruptMessage) -> Option<Self> {
-        if msg.is_init_deassert() {
+        if msg.is_deassert_nobody_accepts() {
             return None;
         }
         let event = |events: ApicEvents| Some(Self::Events(events));
@@ -1329,6 +1331,27 @@ mod tests {
         assert_eq!(b.resolve(&lowest(logical(0x05))), vec![2]);
     }
 
+    /// KVM delivers lowest priority to physical ID 0xFF as fixed to every APIC it addresses
+    /// (`kvm_irq_delivery_to_apic`); measured in `kernel` mode, an xAPIC broadcast reached both
+    /// vCPUs. The x2APIC broadcast 0xFFFFFFFF still picks one, and 0xFF in x2APIC format
+    /// addresses APIC ID 255 alone.
+    #[test]
+    fn lowest_priority_to_physical_0xff_goes_to_every_addressed_apic_as_kvm() {
+        let b = bus(&[flat(0, 1), flat(1, 2), flat(2, 4)]);
+        set_ppr(&b, 1, 0x10);
+        set_ppr(&b, 2, 0x20);
+        let m = lowest(phys(0xFF));
+        assert_eq!(b.resolve(&m), vec![0, 1, 2]);
+        assert_eq!(deliver_collect(&b, &m).0, 3);
+        let x2 = bus(&[x2(0), x2(1), x2(2)]);
+        set_ppr(&x2, 0, 0x30);
+        set_ppr(&x2, 2, 0x30);
+        assert_eq!(x2.resolve(&lowest(phys_x2(0xFFFF_FFFF))), vec![1]);
+        assert!(x2.resolve(&lowest(phys_x2(0xFF))).is_empty());
+        // From a device, 0xFF is the broadcast for x2APIC-mode APICs too (KVM's quirk).
+        assert_eq!(x2.resolve(&lowest(phys(0xFF))), vec![0, 1, 2]);
+    }
+
     #[test]
     fn sdm_11_6_2_4_lowest_priority_skips_sw_disabled_candidates() {
         let mut sleepy = flat(0, 1);
@@ -1369,14 +1392,6 @@ mod tests {
         }
         set_ppr(&b, 0, 0);
         assert_eq!(b.resolve(&m), vec![0]);
-    }
-
-    #[test]
-    fn lowest_priority_physical_broadcast_picks_one() {
-        let b = bus(&[flat(0, 1), flat(1, 2), flat(2, 4)]);
-        set_ppr(&b, 0, 0x40);
-        set_ppr(&b, 2, 0x40);
-        assert_eq!(b.resolve(&lowest(phys(0xFF))), vec![1]);
     }
 
     /// A vCPU whose published PPR is `first` at its first reading and `then` afterwards: its
@@ -1535,10 +1550,10 @@ mod tests {
                 any::<bool>(),
                 any::<bool>(),
             ),
-            (shorthand, dest, any::<bool>(), source),
+            (shorthand, dest, any::<bool>(), source, any::<bool>()),
         )
             .prop_map(
-                |((vector, mode, logical, level, assert), (shorthand, dest, x2, source))| {
+                |((vector, mode, logical, level, assert), (shorthand, dest, x2, source, hint))| {
                     InterruptMessage {
                         vector,
                         delivery_mode: mode,
@@ -1561,6 +1576,8 @@ mod tests {
                             DestinationFormat::Xapic
                         },
                         source,
+                        // Only MSIs carry the hint.
+                        redirection_hint: hint && source == MessageSource::Device,
                     }
                 },
             )
@@ -1633,14 +1650,43 @@ mod tests {
         entry.hw_enabled && (entry.sw_enabled || always.contains(&mode))
     }
 
+    /// KVM's delivery mode for `msg`: lowest priority or the redirection hint to the xAPIC
+    /// physical broadcast ID go fixed ("phys broadcast and lowest prio").
+    fn reference_mode(msg: &InterruptMessage) -> DeliveryMode {
+        let to_ff = msg.destination_mode == DestinationMode::Physical
+            && msg.format == DestinationFormat::Xapic
+            && msg.destination == 0xFF;
+        let lowest = msg.delivery_mode == DeliveryMode::LowestPriority || msg.redirection_hint;
+        if to_ff && lowest {
+            DeliveryMode::Fixed
+        } else {
+            msg.delivery_mode
+        }
+    }
+
     fn reference_set(entries: &[TopologyEntry], msg: &InterruptMessage) -> Vec<VcpuIndex> {
-        if msg.is_init_deassert() {
+        let mode = reference_mode(msg);
+        let vectored_or_init = matches!(
+            mode,
+            DeliveryMode::Fixed | DeliveryMode::LowestPriority | DeliveryMode::Init
+        );
+        if msg.trigger == TriggerMode::Level && !msg.level_assert && vectored_or_init {
             return Vec::new();
         }
         (0..entries.len())
             .filter(|&i| reference_addresses(&entries[i], i, msg))
-            .filter(|&i| reference_accepts(&entries[i], msg.delivery_mode))
+            .filter(|&i| reference_accepts(&entries[i], mode))
             .collect()
+    }
+
+    /// Lowest priority picks one target, except to the xAPIC physical broadcast 0xFF, which
+    /// KVM delivers to every addressed APIC as fixed (written out here apart from `as_delivered`).
+    fn arbitrated(msg: &InterruptMessage) -> bool {
+        let xapic_broadcast_id = msg.destination_mode == DestinationMode::Physical
+            && msg.format == DestinationFormat::Xapic
+            && msg.destination == 0xFF;
+        msg.redirection_hint
+            || msg.delivery_mode == DeliveryMode::LowestPriority && !xapic_broadcast_id
     }
 
     fn bus_with_pprs(entries: &[TopologyEntry], pprs: &[u8]) -> ApicBus<FakeVcpu> {
@@ -1657,7 +1703,7 @@ mod tests {
             let b = bus_with_pprs(&entries, &pprs);
             let expected = reference_set(&entries, &msg);
             let got = b.resolve(&msg);
-            if msg.delivery_mode == DeliveryMode::LowestPriority {
+            if arbitrated(&msg) {
                 prop_assert_eq!(got.len(), expected.len().min(1));
                 if let Some(&winner) = got.first() {
                     prop_assert!(expected.contains(&winner));
@@ -1910,7 +1956,7 @@ mod tests {
             for msg in &msgs {
                 let expected = reference_set(&entries, msg);
                 let (got, cost) = b.resolve_with_cost(msg);
-                if msg.delivery_mode == DeliveryMode::LowestPriority {
+                if arbitrated(msg) {
                     prop_assert_eq!(got.len(), expected.len().min(1));
                     if let Some(&winner) = got.first() {
                         let lowest = expected.iter().map(|&i| pprs[i]).min().unwrap();

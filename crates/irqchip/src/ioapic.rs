@@ -760,6 +760,7 @@ impl IoApic {
             destination: entry.destination(self.extended_destination_id),
             format: DestinationFormat::Xapic,
             source: MessageSource::Device,
+            redirection_hint: false,
         })
     }
 
@@ -1490,6 +1491,7 @@ mod tests {
                 destination: 2,
                 format: DestinationFormat::Xapic,
                 source: MessageSource::Device,
+                redirection_hint: false,
             };
             assert_eq!(got, vec![expected], "{mode:?}");
             assert_eq!(io.pin_message(0), Some(expected));

@@ -9,12 +9,15 @@
 //! start-up IPI by MSI), 14 level (only meaningful for level trigger), 15 trigger mode
 //! (1 = level); bits 31:16 reserved and ignored.
 //!
-//! Redirection hint: RH = 1 with DM = 1 means "the processor with the lowest interrupt priority
-//! among the logical destinations" (§11.11.1), so a fixed message with RH = DM = 1 decodes as
-//! [`DeliveryMode::LowestPriority`]. RH = 1 with DM = 0 is a plain physical destination, and RH = 0
-//! leaves the delivery mode as the data says; the destination mode always follows DM (as in KVM,
-//! which also reads DM regardless of RH). Encoding never sets RH: delivery mode 001 already says
-//! "lowest priority".
+//! Redirection hint: RH = 1 means "the processor with the lowest interrupt priority among the
+//! destinations" (§11.11.1). KVM arbitrates every message with RH set so, whatever its delivery
+//! mode or DM (`kvm_lowest_prio_delivery`), and the decoded message says so
+//! ([`InterruptMessage::redirection_hint`]); a fixed message with RH = DM = 1 also decodes as
+//! [`DeliveryMode::LowestPriority`], the same delivery. RH = 0 leaves the delivery mode as the
+//! data says; the destination mode always follows DM (as in KVM, which also reads DM regardless
+//! of RH). Encoding sets RH from the hint.
+//!
+//! Level: every decoded MSI asserts ([`InterruptMessage::level_assert`]), as in KVM.
 //!
 //! Extended destination ID ([`MsiAddressing::ExtendedDestId`]): the convention Linux guests use
 //! on hypervisors that advertise it (KVM's `KVM_FEATURE_MSI_EXT_DEST_ID`), where address bits
@@ -188,12 +191,16 @@ impl MsiMessage {
                 DestinationMode::Physical
             },
             trigger,
-            // The level bit is "don't care" for edge trigger (§11.11.2): an edge MSI asserts.
-            level_assert: trigger == TriggerMode::Edge || self.data & DATA_LEVEL_ASSERT != 0,
+            // Every MSI asserts. The level bit is "don't care" for edge trigger (§11.11.2); for
+            // level trigger the SDM reads it as the input's level, but KVM delivers every MSI as
+            // an assert (`kvm_set_msi_irq`), so a level-triggered INIT with bit 14 clear is an
+            // INIT, not an ignored de-assert, in every irqchip mode.
+            level_assert: true,
             shorthand: Shorthand::None,
             destination: self.destination(addressing),
             format: DestinationFormat::Xapic,
             source: MessageSource::Device,
+            redirection_hint: hint,
         })
     }
 
@@ -221,6 +228,9 @@ impl MsiMessage {
             | u64::from(destination >> EXT_DEST_DESTINATION_SHIFT) << ADDRESS_EXT_DEST_SHIFT;
         if msg.destination_mode == DestinationMode::Logical {
             address |= ADDRESS_DEST_LOGICAL;
+        }
+        if msg.redirection_hint {
+            address |= ADDRESS_REDIRECTION_HINT;
         }
         let mut data = u32::from(msg.vector) | msg.delivery_mode.bits() << DATA_DELIVERY_MODE_SHIFT;
         if msg.level_assert {
@@ -304,10 +314,12 @@ mod tests {
             (level.vector, level.trigger, level.level_assert),
             (0xA1, TriggerMode::Level, true)
         );
-        let deassert = decode(0xFEE0_0000, 0x0000_8000 | 5 << 8);
-        assert_eq!(deassert.trigger, TriggerMode::Level);
-        assert!(!deassert.level_assert);
-        assert!(deassert.is_init_deassert());
+        // Level trigger with bit 14 clear still asserts, as KVM takes every MSI (`kvm_set_msi_irq`
+        // sets the level to 1): a level-triggered INIT so is an INIT, not an ignored de-assert.
+        let init = decode(0xFEE0_0000, 0x0000_8000 | 5 << 8);
+        assert_eq!(init.trigger, TriggerMode::Level);
+        assert!(init.level_assert);
+        assert!(!init.is_init_deassert());
     }
 
     #[test]
@@ -362,21 +374,21 @@ mod tests {
             decode(0xFEE0_1000 | rh | dm, 0x41).delivery_mode,
             DeliveryMode::LowestPriority
         );
-        // RH with physical destination: no redirection.
-        assert_eq!(
-            decode(0xFEE0_1000 | rh, 0x41).delivery_mode,
-            DeliveryMode::Fixed
-        );
-        // RH does not turn other modes into lowest priority.
-        assert_eq!(
-            decode(0xFEE0_1000 | rh | dm, 4 << 8).delivery_mode,
-            DeliveryMode::Nmi
-        );
-        // RH = 0: the data's mode stands.
-        assert_eq!(
-            decode(0xFEE0_1000 | dm, 0x41).delivery_mode,
-            DeliveryMode::Fixed
-        );
+        // RH with physical destination: the mode stands, the message is arbitrated (KVM's
+        // `kvm_lowest_prio_delivery`: one APIC of a physical broadcast takes it).
+        let physical = decode(0xFEE0_1000 | rh, 0x41);
+        assert_eq!(physical.delivery_mode, DeliveryMode::Fixed);
+        assert!(physical.redirection_hint && physical.arbitrated());
+        // RH does not turn other modes into lowest priority, but arbitrates them too.
+        let nmi = decode(0xFEE0_1000 | rh | dm, 4 << 8);
+        assert_eq!(nmi.delivery_mode, DeliveryMode::Nmi);
+        assert!(nmi.arbitrated());
+        // RH = 0: the data's mode stands, no arbitration.
+        let plain = decode(0xFEE0_1000 | dm, 0x41);
+        assert_eq!(plain.delivery_mode, DeliveryMode::Fixed);
+        assert!(!plain.redirection_hint && !plain.arbitrated());
+        // Encoding keeps the hint.
+        assert_eq!(MsiMessage::encode(&nmi).unwrap().address & rh, rh);
     }
 
     #[test]
@@ -552,12 +564,16 @@ mod tests {
             0..=addressing.max_destination(),
         )
             .prop_map(
-                |(vector, delivery_mode, logical, level, assert, destination)| {
+                |(vector, mut delivery_mode, logical, level, hint, destination)| {
                     let trigger = if level {
                         TriggerMode::Level
                     } else {
                         TriggerMode::Edge
                     };
+                    // canonical: a fixed message with RH and DM decodes as lowest priority
+                    if hint && logical && delivery_mode == DeliveryMode::Fixed {
+                        delivery_mode = DeliveryMode::LowestPriority;
+                    }
                     InterruptMessage {
                         vector,
                         delivery_mode,
@@ -567,12 +583,13 @@ mod tests {
                             DestinationMode::Physical
                         },
                         trigger,
-                        // canonical: edge messages assert (the bit is don't-care)
-                        level_assert: trigger == TriggerMode::Edge || assert,
+                        // canonical: every decoded MSI asserts (KVM's rule)
+                        level_assert: true,
                         shorthand: Shorthand::None,
                         destination,
                         format: DestinationFormat::Xapic,
                         source: MessageSource::Device,
+                        redirection_hint: hint,
                     }
                 },
             )

@@ -164,6 +164,12 @@ pub struct InterruptMessage {
     pub format: DestinationFormat,
     /// Who sent it: the shorthands "self" and "all excluding self" need the sender.
     pub source: MessageSource,
+    /// The redirection hint of an MSI (address bit 3, SDM vol. 3 §11.11.1): the message goes to
+    /// one of its destinations, the one with the lowest priority, whatever its delivery mode,
+    /// as KVM arbitrates it (`kvm_lowest_prio_delivery`). False for IPIs and IOAPIC messages.
+    /// Absent in messages saved before it existed: false.
+    #[serde(default)]
+    pub redirection_hint: bool,
 }
 
 impl InterruptMessage {
@@ -179,7 +185,52 @@ impl InterruptMessage {
             destination: apic_id,
             format: DestinationFormat::Xapic,
             source: MessageSource::Device,
+            redirection_hint: false,
         }
+    }
+
+    /// The message as KVM's APIC bus delivers it (`kvm_irq_delivery_to_apic`, "phys broadcast
+    /// and lowest prio"): an arbitrated message ([`Self::arbitrated`]) to the xAPIC broadcast,
+    /// physical destination 0xFF, is delivered in fixed mode, whatever its shorthand or source.
+    /// A lowest-priority one then goes to every APIC it addresses; one with an MSI's
+    /// redirection hint is still arbitrated, to one APIC, and its NMI, SMI, INIT or ExtINT
+    /// becomes the vector field (measured: KVM delivered such an NMI to no CPU; by its code it
+    /// set the field's vector, 0 there, which is never taken). KVM tests the ID alone, so it converts an x2APIC-format 0xFF too, which addresses
+    /// the one APIC with ID 255 either way; that case is left as it is. The SDM describes no
+    /// arbitration among the APICs of a broadcast (§11.6.2.4 arbitrates among a destination
+    /// set, §11.11.1 forbids FFH with the hint), so this follows KVM; every other message is
+    /// unchanged.
+    pub fn as_delivered(&self) -> Self {
+        let lowest_to_broadcast_id = self.arbitrated()
+            && self.destination_mode == DestinationMode::Physical
+            && self.format == DestinationFormat::Xapic
+            && self.destination == 0xFF;
+        if lowest_to_broadcast_id {
+            Self {
+                delivery_mode: DeliveryMode::Fixed,
+                ..*self
+            }
+        } else {
+            *self
+        }
+    }
+
+    /// Whether the bus gives the message to one of its destinations, the lowest-priority one:
+    /// lowest-priority delivery mode, or an MSI's redirection hint (KVM's
+    /// `kvm_lowest_prio_delivery`).
+    pub fn arbitrated(&self) -> bool {
+        self.delivery_mode == DeliveryMode::LowestPriority || self.redirection_hint
+    }
+
+    /// True for a de-assert (level trigger, level bit clear) that no APIC accepts: the INIT
+    /// level de-assert, which Pentium 4 and later ignore (SDM vol. 3 §11.6.1), and a fixed or
+    /// lowest-priority one, which KVM's APICs refuse (`__apic_accept_irq`). The ICR never sends
+    /// the latter ([`crate::lapic::IcrError::LevelDeassert`]) and every MSI and IOAPIC message
+    /// asserts, so the bus meets it only as a message converted to fixed
+    /// ([`Self::as_delivered`]).
+    pub fn is_deassert_nobody_accepts(&self) -> bool {
+        let deasserts = self.trigger == TriggerMode::Level && !self.level_assert;
+        deasserts && (self.delivery_mode == DeliveryMode::Init || self.delivery_mode.uses_irr())
     }
 
     /// True for the INIT level de-assert IPI, which is accepted by the bus and then ignored.

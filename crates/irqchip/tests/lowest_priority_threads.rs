@@ -1,6 +1,6 @@
 //! Lowest-priority arbitration while the candidates' threads change their priorities (issue 10):
-//! a device thread signals lowest-priority MSIs to the physical broadcast ID while both vCPU
-//! threads rewrite their TPR as fast as they can, so their published PPRs change between any two
+//! a device thread signals lowest-priority MSIs to a logical destination naming both vCPUs while
+//! both vCPU threads rewrite their TPR as fast as they can, so their published PPRs change between any two
 //! readings the arbitration makes. SDM vol. 3 §11.6.2.4: every such message is accepted by
 //! exactly one processor. The arbitration once read the PPRs twice, for the lowest value and to
 //! count the candidates at it, and divided by zero when the second reading found none there (this
@@ -20,13 +20,17 @@ use irqchip::vcpu::VcpuInterrupts;
 
 /// Messages sent (about 3 s in a debug build here).
 const MESSAGES: u32 = 1_000_000;
-/// xAPIC TPR and SVR offsets (SDM vol. 3 Table 11-1).
+/// xAPIC TPR, LDR and SVR offsets (SDM vol. 3 Table 11-1).
 const TPR: u64 = 0x80;
+const LDR: u64 = 0xD0;
 const SVR: u64 = 0xF0;
 
-/// Software-enables the APIC (then meets the sender at `enabled`: a disabled APIC takes no
-/// lowest-priority message), then alternates the TPR between 0 and class 2 until `done`.
-fn flip_tpr(mut cpu: VcpuInterrupts, enabled: &Barrier, done: &AtomicBool) {
+/// Software-enables the APIC with logical ID bit `index` (flat model, the power-on DFR; then
+/// meets the sender at `enabled`: a disabled APIC takes no lowest-priority message), then
+/// alternates the TPR between 0 and class 2 until `done`.
+fn flip_tpr(mut cpu: VcpuInterrupts, index: usize, enabled: &Barrier, done: &AtomicBool) {
+    let ldr = 1u32 << (24 + index);
+    cpu.mmio_write(LDR, &ldr.to_le_bytes(), 0, &mut |_, _| {});
     cpu.mmio_write(SVR, &0x1FFu32.to_le_bytes(), 0, &mut |_, _| {});
     enabled.wait();
     let mut tpr = 0u32;
@@ -43,16 +47,18 @@ fn every_lowest_priority_message_reaches_one_vcpu_while_pprs_change() {
     let enabled = Arc::new(Barrier::new(cpus.len() + 1));
     let flippers: Vec<_> = cpus
         .into_iter()
-        .map(|cpu| {
+        .enumerate()
+        .map(|(index, cpu)| {
             let (enabled, done) = (enabled.clone(), done.clone());
-            thread::spawn(move || flip_tpr(cpu, &enabled, &done))
+            thread::spawn(move || flip_tpr(cpu, index, &enabled, &done))
         })
         .collect();
     enabled.wait();
-    // Physical destination FFH (broadcast), lowest priority (data bits 10:8 = 001), vector 0x40:
-    // SDM vol. 3 §11.11.1-2.
+    // Logical destination 03H (both vCPUs, address bit 2), lowest priority (data bits 10:8 =
+    // 001), vector 0x40: SDM vol. 3 §11.11.1-2. (Not the physical broadcast FFH: KVM delivers a
+    // lowest-priority message there to every APIC as fixed, and so does the model.)
     let msi = MsiMessage {
-        address: 0xFEEF_F000,
+        address: 0xFEE0_3004,
         data: 0x0140,
     };
     let mut reached_other_than_one = Vec::new();

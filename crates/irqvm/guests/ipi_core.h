@@ -133,6 +133,20 @@ static void broadcasts(void)
 	apic_icr_write(apic_x2 ? 0xFFFFFFFFu : 0xFF, V_PHYS_BCAST);
 	check(expect_delivery(V_PHYS_BCAST, before, all, why, sizeof why), "physical broadcast destination", "%s",
 	      why);
+	/* Lowest priority to the broadcast: KVM delivers the xAPIC broadcast ID FFH fixed, to every CPU
+	 * (kvm_irq_delivery_to_apic, "phys broadcast and lowest prio"), and arbitrates the x2APIC broadcast to one. */
+	u32 took = 0;
+	snapshot(V_PHYS_BCAST, before);
+	apic_icr_write(apic_x2 ? 0xFFFFFFFFu : 0xFF, APIC_DM_LOWEST | V_PHYS_BCAST);
+	delay_ms(QUIET_MS);
+	for (u32 c = 0; c < ncpus; c++)
+		took |= (irq_count[c][V_PHYS_BCAST] != before[c]) << c;
+	if (apic_x2)
+		check(took != 0 && (took & (took - 1)) == 0, "lowest-priority ipi to physical ffffffffh reaches one cpu",
+		      "cpus %x took it", took);
+	else
+		check(took == all, "lowest-priority ipi to physical ffh reaches every cpu", "cpus %x took it, all are %x",
+		      took, all);
 }
 
 /* Sends `vector` with logical destination `dest` and checks exactly the CPUs in `expect` took it. */

@@ -60,5 +60,6 @@ pub fn decode_icr(
         destination,
         format,
         source,
+        redirection_hint: false,
     })
 }
