@@ -1334,7 +1334,7 @@ mod tests {
     /// KVM delivers lowest priority to physical ID 0xFF as fixed to every APIC it addresses
     /// (`kvm_irq_delivery_to_apic`); measured in `kernel` mode, an xAPIC broadcast reached both
     /// vCPUs. The x2APIC broadcast 0xFFFFFFFF still picks one, and 0xFF in x2APIC format
-    /// addresses APIC ID 255 alone.
+    /// without a shorthand addresses APIC ID 255 alone.
     #[test]
     fn lowest_priority_to_physical_0xff_goes_to_every_addressed_apic_as_kvm() {
         let b = bus(&[flat(0, 1), flat(1, 2), flat(2, 4)]);
@@ -1348,6 +1348,13 @@ mod tests {
         set_ppr(&x2, 2, 0x30);
         assert_eq!(x2.resolve(&lowest(phys_x2(0xFFFF_FFFF))), vec![1]);
         assert!(x2.resolve(&lowest(phys_x2(0xFF))).is_empty());
+        // An all shorthand with 0xFF left in the destination field goes fixed to all, in
+        // either format (KVM tests the field).
+        let all = InterruptMessage {
+            shorthand: Shorthand::AllExcludingSelf,
+            ..from_vcpu(lowest(phys_x2(0xFF)), 0)
+        };
+        assert_eq!(x2.resolve(&all), vec![1, 2]);
         // From a device, 0xFF is the broadcast for x2APIC-mode APICs too (KVM's quirk).
         assert_eq!(x2.resolve(&lowest(phys(0xFF))), vec![0, 1, 2]);
     }
@@ -1653,9 +1660,7 @@ mod tests {
     /// KVM's delivery mode for `msg`: lowest priority or the redirection hint to the xAPIC
     /// physical broadcast ID go fixed ("phys broadcast and lowest prio").
     fn reference_mode(msg: &InterruptMessage) -> DeliveryMode {
-        let to_ff = msg.destination_mode == DestinationMode::Physical
-            && msg.format == DestinationFormat::Xapic
-            && msg.destination == 0xFF;
+        let to_ff = msg.destination_mode == DestinationMode::Physical && msg.destination == 0xFF;
         let lowest = msg.delivery_mode == DeliveryMode::LowestPriority || msg.redirection_hint;
         if to_ff && lowest {
             DeliveryMode::Fixed
@@ -1679,14 +1684,11 @@ mod tests {
             .collect()
     }
 
-    /// Lowest priority picks one target, except to the xAPIC physical broadcast 0xFF, which
-    /// KVM delivers to every addressed APIC as fixed (written out here apart from `as_delivered`).
+    /// Lowest priority picks one target, except to physical ID 0xFF, which KVM delivers to
+    /// every addressed APIC as fixed (written out here apart from `as_delivered`).
     fn arbitrated(msg: &InterruptMessage) -> bool {
-        let xapic_broadcast_id = msg.destination_mode == DestinationMode::Physical
-            && msg.format == DestinationFormat::Xapic
-            && msg.destination == 0xFF;
-        msg.redirection_hint
-            || msg.delivery_mode == DeliveryMode::LowestPriority && !xapic_broadcast_id
+        let to_ff = msg.destination_mode == DestinationMode::Physical && msg.destination == 0xFF;
+        msg.redirection_hint || msg.delivery_mode == DeliveryMode::LowestPriority && !to_ff
     }
 
     fn bus_with_pprs(entries: &[TopologyEntry], pprs: &[u8]) -> ApicBus<FakeVcpu> {
@@ -1766,12 +1768,15 @@ mod tests {
                     },
                     "n {n}"
                 );
+                // Lowest priority also reads the winner's PPR, except to ID 0xFF, which goes
+                // fixed (`InterruptMessage::as_delivered`).
                 let (_, cost) = b.resolve_with_cost(&lowest(m));
+                let visited = if m.destination == 0xFF { 1 } else { 2 };
                 assert_eq!(
                     cost,
                     ResolveCost {
                         lookups: 2,
-                        visited: 2
+                        visited
                     },
                     "n {n}"
                 );

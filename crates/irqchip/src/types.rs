@@ -190,20 +190,20 @@ impl InterruptMessage {
     }
 
     /// The message as KVM's APIC bus delivers it (`kvm_irq_delivery_to_apic`, "phys broadcast
-    /// and lowest prio"): an arbitrated message ([`Self::arbitrated`]) to the xAPIC broadcast,
-    /// physical destination 0xFF, is delivered in fixed mode, whatever its shorthand or source.
-    /// A lowest-priority one then goes to every APIC it addresses; one with an MSI's
+    /// and lowest prio"): an arbitrated message ([`Self::arbitrated`]) with physical destination
+    /// 0xFF is delivered in fixed mode, whatever its format, shorthand or source. A
+    /// lowest-priority one to the xAPIC broadcast then goes to every APIC it addresses (so does
+    /// one with an all shorthand and 0xFF left in the destination field); one with an MSI's
     /// redirection hint is still arbitrated, to one APIC, and its NMI, SMI, INIT or ExtINT
     /// becomes the vector field (measured: KVM delivered such an NMI to no CPU; by its code it
-    /// set the field's vector, 0 there, which is never taken). KVM tests the ID alone, so it converts an x2APIC-format 0xFF too, which addresses
-    /// the one APIC with ID 255 either way; that case is left as it is. The SDM describes no
-    /// arbitration among the APICs of a broadcast (§11.6.2.4 arbitrates among a destination
-    /// set, §11.11.1 forbids FFH with the hint), so this follows KVM; every other message is
-    /// unchanged.
+    /// set the field's vector, 0 there, which is never taken). In x2APIC format without a
+    /// shorthand 0xFF addresses the one APIC with ID 255, which takes it either way. The SDM
+    /// describes no arbitration among the APICs of a broadcast (§11.6.2.4 arbitrates among a
+    /// destination set, §11.11.1 forbids FFH with the hint), so this follows KVM; every other
+    /// message is unchanged.
     pub fn as_delivered(&self) -> Self {
         let lowest_to_broadcast_id = self.arbitrated()
             && self.destination_mode == DestinationMode::Physical
-            && self.format == DestinationFormat::Xapic
             && self.destination == 0xFF;
         if lowest_to_broadcast_id {
             Self {

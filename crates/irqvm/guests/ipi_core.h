@@ -147,6 +147,16 @@ static void broadcasts(void)
 	else
 		check(took == all, "lowest-priority ipi to physical ffh reaches every cpu", "cpus %x took it, all are %x",
 		      took, all);
+	/* KVM tests the destination field even under a shorthand: all-including-self with FFH there goes fixed to
+	 * every CPU, in either APIC mode. */
+	took = 0;
+	snapshot(V_PHYS_BCAST, before);
+	apic_icr_write(0xFF, APIC_SH_ALL | APIC_DM_LOWEST | V_PHYS_BCAST);
+	delay_ms(QUIET_MS);
+	for (u32 c = 0; c < ncpus; c++)
+		took |= (irq_count[c][V_PHYS_BCAST] != before[c]) << c;
+	check(took == all, "lowest-priority ipi to all with ffh in the destination field reaches every cpu",
+	      "cpus %x took it, all are %x", took, all);
 }
 
 /* Sends `vector` with logical destination `dest` and checks exactly the CPUs in `expect` took it. */
