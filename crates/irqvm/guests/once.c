@@ -2,7 +2,8 @@
  *  - ExtINT from the 8259 (line 10 on the slave, edge, through CPU 0's LINT0 in ExtINT mode, SDM vol. 3 11.5.1):
  *    raised while CPU 0 is running (spinning), halted (sti; hlt), or has interrupts disabled (IF=0: held until
  *    sti, 8259A datasheet: the request stays in IRR until the INTA cycle). On 2+ CPUs the last CPU raises the
- *    line while CPU 0 waits; on 1 CPU, CPU 0 raises it itself and the halted case is skipped.
+ *    line while CPU 0 waits; on 1 CPU, CPU 0 raises it itself and the halted case is skipped. Then the same
+ *    request through the IOAPIC's entry for the line in ExtINT mode, LINT0 masked (virtual wire mode).
  *  - A level-triggered IOAPIC line (pin 11) held high across its EOI (82093AA 3.2.4, remote IRR; SDM vol. 3
  *    11.8.5): the handler lowers the line before its EOI, so the EOI must not deliver it again. To CPU 0, and
  *    to a halted AP on 2+ CPUs.
@@ -94,6 +95,27 @@ static void extint_if_disabled(void)
 	      irq_count[0][V_PIC] - n);
 }
 
+/* Virtual wire mode through the I/O APIC (MultiProcessor Specification 1.4, §3.6.2): LINT0 masked, the line's
+ * IOAPIC entry in ExtINT mode. The IOAPIC's ExtINT message makes CPU 0 acknowledge the 8259 and take its vector
+ * (SDM vol. 3 §11.6.1, ExtINT), once. KVM's LAPIC accepts no ExtINT message (__apic_accept_irq), so `split` and
+ * `kernel` take nothing and the request stays in the 8259's IRR. */
+static void extint_virtual_wire(void)
+{
+	u32 n = irq_count[0][V_PIC];
+	ioapic_set_entry(PIC_LINE, (u64)cpu_to_apic_id(0) << 56 | APIC_DM_EXTINT);
+	raise_later(5);
+	bool got = wait_ge(&irq_count[0][V_PIC], n + 1, 500);
+	settle_raiser();
+	delay_ms(SETTLE_MS);
+	u32 irr = pic_read_irr();
+	check(got && irq_count[0][V_PIC] == n + 1,
+	      "extint through an ioapic entry in extint mode (virtual wire), exactly once [kvm-no-extint-msg]",
+	      "%u interrupts, 8259 IRR %x", irq_count[0][V_PIC] - n, irr);
+	ioapic_set_entry(PIC_LINE, IOAPIC_MASKED);
+	if (pic_read_isr())
+		pic_eoi(PIC_LINE);
+}
+
 static void extint(void)
 {
 	irq_set_handler(V_PIC, pic_handler);
@@ -105,6 +127,7 @@ static void extint(void)
 	extint_halted();
 	extint_if_disabled();
 	apic_write(APIC_LVT_LINT0, APIC_LVT_MASKED | APIC_DM_EXTINT);
+	extint_virtual_wire();
 	pic_set_mask(0xFFFF);
 }
 

@@ -23,32 +23,6 @@ static void pic_handler(struct irq_frame *f, u32 cpu)
 	/* ExtINT interrupts do not set the LAPIC's ISR: no LAPIC EOI. */
 }
 
-/* Virtual wire mode through the I/O APIC (MultiProcessor Specification 1.4, §3.6.2): the line's IOAPIC entry in
- * ExtINT mode, LINT0 masked. The IOAPIC's ExtINT message makes the CPU acknowledge the 8259 and take its vector
- * (SDM vol. 3 §11.6.1, ExtINT). KVM's LAPIC accepts no ExtINT message (__apic_accept_irq), so `split` and
- * `kernel` take nothing and the request stays in the 8259's IRR. */
-static void virtual_wire_through_ioapic(void)
-{
-	const u16 bit = 1u << LINE, cascade = 1u << 2;
-	pic_init(MASTER_BASE, SLAVE_BASE);
-	outb(0x4D1, inb(0x4D1) & ~(1u << (LINE - 8))); /* ELCR: edge */
-	pic_set_mask(~(bit | cascade));
-	eoi_in_handler = true;
-	u32 before = irq_count[0][VEC];
-	ioapic_set_entry(LINE, ((u64)cpu_to_apic_id(0) << 56) | APIC_DM_EXTINT);
-	testdev_set_irq(LINE, 1);
-	bool got = wait_ge(&irq_count[0][VEC], before + 1, 500);
-	testdev_set_irq(LINE, 0);
-	delay_ms(10);
-	check(got && irq_count[0][VEC] == before + 1,
-	      "an ioapic entry in extint mode takes the 8259's vector (virtual wire) [kvm-no-extint-msg]",
-	      "%u interrupts, 8259 IRR %x", irq_count[0][VEC] - before, pic_read_irr());
-	ioapic_set_entry(LINE, IOAPIC_MASKED);
-	pic_set_mask(0xFFFF);
-	if (pic_read_isr())
-		pic_eoi(LINE);
-}
-
 static u8 poll(u16 cmd)
 {
 	outb(cmd, 0x0C); /* OCW3: poll */
@@ -207,5 +181,4 @@ void guest_main(void)
 	/* Drop whatever the masked LINT0 left behind in the PIC. */
 	if (pic_read_isr())
 		pic_eoi(LINE);
-	virtual_wire_through_ioapic();
 }
