@@ -42,7 +42,8 @@
 //! OR of those GSIs' wires (as KVM keeps per-source levels at each chip pin), and it is told only
 //! about changes of that OR. An MSI target is a message, not a level: it is sent once on each
 //! rising edge of its GSI's wire and never on a falling edge (KVM's `kvm_set_msi` ignores
-//! level 0), like an irqfd trigger.
+//! level 0), like an irqfd trigger, and always as an assert (its level bit set, as
+//! `kvm_set_msi_irq` sets it).
 //!
 //! # Changing routes while a wire is asserted
 //!
@@ -477,10 +478,14 @@ impl GsiRouting {
         out: &mut dyn FnMut(RouteTarget, bool),
     ) {
         for target in targets {
-            if let Some(line) = target.line() {
-                self.drive(line, high, out);
-            } else if high {
-                out(*target, true);
+            match *target {
+                RouteTarget::Msi(msg) if high => out(RouteTarget::Msi(msg.asserting()), true),
+                RouteTarget::Msi(_) => {}
+                _ => {
+                    if let Some(line) = target.line() {
+                        self.drive(line, high, out);
+                    }
+                }
             }
         }
     }
@@ -719,6 +724,25 @@ mod tests {
         assert!(set(&mut t, 40, B, false).is_empty());
         assert_eq!(pulse(&mut t, 40, A), vec![(msi(0x41), true)]);
         assert!(!t.target_level(msi(0x41)));
+    }
+
+    /// Every MSI asserts (KVM's `kvm_set_msi_irq` sets the level to 1): a level-triggered message
+    /// stored with its level bit clear (by an embedder, or a snapshot from before the bus took
+    /// such a message as a de-assert nobody accepts) is sent asserting.
+    #[test]
+    fn msi_target_sends_an_assert_whatever_its_level_bit() {
+        let mut t = GsiRouting::new(24);
+        let deassert = InterruptMessage {
+            trigger: crate::types::TriggerMode::Level,
+            level_assert: false,
+            ..InterruptMessage::fixed(0x52, 1)
+        };
+        let sent = InterruptMessage {
+            level_assert: true,
+            ..deassert
+        };
+        assert!(route(&mut t, 41, &[RouteTarget::Msi(deassert)]).is_empty());
+        assert_eq!(pulse(&mut t, 41, A), vec![(RouteTarget::Msi(sent), true)]);
     }
 
     /// bind_msi makes the message the GSI's only target (as a KVM MSI route is).

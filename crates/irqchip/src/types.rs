@@ -233,6 +233,16 @@ impl InterruptMessage {
         deasserts && (self.delivery_mode == DeliveryMode::Init || self.delivery_mode.uses_irr())
     }
 
+    /// The message with its level bit set, as every MSI is delivered (KVM's `kvm_set_msi_irq`
+    /// sets the level to 1 whatever data bit 14 says; [`crate::msi::MsiMessage::decode`] does
+    /// the same).
+    pub fn asserting(&self) -> Self {
+        Self {
+            level_assert: true,
+            ..*self
+        }
+    }
+
     /// True for the INIT level de-assert IPI, which is accepted by the bus and then ignored.
     pub fn is_init_deassert(&self) -> bool {
         self.delivery_mode == DeliveryMode::Init

@@ -79,7 +79,7 @@ static void hold_alias_id(void *arg)
 static bool physical_ipi(u32 dest, u32 expect, u32 vector, char *why, usize n)
 {
 	u32 before[MAX_CPUS];
-	snapshot(vector, before);
+	irq_count_snapshot(vector, before);
 	apic_icr_write(dest, vector);
 	return expect_delivery(vector, before, expect, why, n);
 }

@@ -27,12 +27,6 @@ static void ping_handler(struct irq_frame *f, u32 cpu)
 	apic_icr_write(cpu_to_apic_id(0), V_PONG); /* answer the BSP */
 }
 
-/* Count snapshot for one vector on every CPU. */
-static void snapshot(u32 v, u32 *out)
-{
-	for (u32 c = 0; c < ncpus; c++)
-		out[c] = irq_count[c][v];
-}
 /* Wait until every CPU in `mask` took `v` once more than in `before`, then watch the others for QUIET_MS.
  * Returns true if exactly the CPUs in mask got exactly one more. Reports the first difference in `why`. */
 static bool expect_delivery(u32 v, const u32 *before, u32 mask, char *why, usize n)
@@ -71,11 +65,11 @@ static void self_ipis(void)
 {
 	char why[96];
 	u32 before[MAX_CPUS];
-	snapshot(V_SELF, before);
+	irq_count_snapshot(V_SELF, before);
 	apic_icr_write(0, APIC_SH_SELF | V_SELF);
 	check(expect_delivery(V_SELF, before, 1, why, sizeof why), "self ipi (icr shorthand)", "%s", why);
 	if (apic_x2) {
-		snapshot(V_SELF_MSR, before);
+		irq_count_snapshot(V_SELF_MSR, before);
 		wrmsr(0x83F, V_SELF_MSR); /* x2APIC SELF IPI register (SDM 11.12.11) */
 		check(expect_delivery(V_SELF_MSR, before, 1, why, sizeof why), "self ipi (x2apic SELF_IPI msr)", "%s",
 		      why);
@@ -121,26 +115,24 @@ static void broadcasts(void)
 {
 	char why[96];
 	u32 before[MAX_CPUS], all = (1u << ncpus) - 1;
-	snapshot(V_OTHERS, before);
+	irq_count_snapshot(V_OTHERS, before);
 	apic_icr_write(0, APIC_SH_OTHERS | V_OTHERS);
 	check(expect_delivery(V_OTHERS, before, all & ~1u, why, sizeof why), "broadcast all-excluding-self", "%s",
 	      why);
-	snapshot(V_ALL, before);
+	irq_count_snapshot(V_ALL, before);
 	apic_icr_write(0, APIC_SH_ALL | V_ALL);
 	check(expect_delivery(V_ALL, before, all, why, sizeof why), "broadcast all-including-self", "%s", why);
 	/* Physical destination 0xFF (xAPIC) / 0xFFFFFFFF (x2APIC) is a broadcast (SDM 11.6.2.1, 11.12.9). */
-	snapshot(V_PHYS_BCAST, before);
+	irq_count_snapshot(V_PHYS_BCAST, before);
 	apic_icr_write(apic_x2 ? 0xFFFFFFFFu : 0xFF, V_PHYS_BCAST);
 	check(expect_delivery(V_PHYS_BCAST, before, all, why, sizeof why), "physical broadcast destination", "%s",
 	      why);
 	/* Lowest priority to the broadcast: KVM delivers the xAPIC broadcast ID FFH fixed, to every CPU
 	 * (kvm_irq_delivery_to_apic, "phys broadcast and lowest prio"), and arbitrates the x2APIC broadcast to one. */
-	u32 took = 0;
-	snapshot(V_PHYS_BCAST, before);
+	irq_count_snapshot(V_PHYS_BCAST, before);
 	apic_icr_write(apic_x2 ? 0xFFFFFFFFu : 0xFF, APIC_DM_LOWEST | V_PHYS_BCAST);
 	delay_ms(QUIET_MS);
-	for (u32 c = 0; c < ncpus; c++)
-		took |= (irq_count[c][V_PHYS_BCAST] != before[c]) << c;
+	u32 took = irq_took_mask(V_PHYS_BCAST, before);
 	if (apic_x2)
 		check(took != 0 && (took & (took - 1)) == 0, "lowest-priority ipi to physical ffffffffh reaches one cpu",
 		      "cpus %x took it", took);
@@ -149,12 +141,10 @@ static void broadcasts(void)
 		      took, all);
 	/* KVM tests the destination field even under a shorthand: all-including-self with FFH there goes fixed to
 	 * every CPU, in either APIC mode. */
-	took = 0;
-	snapshot(V_PHYS_BCAST, before);
+	irq_count_snapshot(V_PHYS_BCAST, before);
 	apic_icr_write(0xFF, APIC_SH_ALL | APIC_DM_LOWEST | V_PHYS_BCAST);
 	delay_ms(QUIET_MS);
-	for (u32 c = 0; c < ncpus; c++)
-		took |= (irq_count[c][V_PHYS_BCAST] != before[c]) << c;
+	took = irq_took_mask(V_PHYS_BCAST, before);
 	check(took == all, "lowest-priority ipi to all with ffh in the destination field reaches every cpu",
 	      "cpus %x took it, all are %x", took, all);
 }
@@ -164,7 +154,7 @@ static void logical_ipi(const char *what, u32 dest, u32 expect, u32 vector)
 {
 	char why[96];
 	u32 before[MAX_CPUS];
-	snapshot(vector, before);
+	irq_count_snapshot(vector, before);
 	apic_icr_write(dest, APIC_DEST_LOGICAL | vector);
 	check(expect_delivery(vector, before, expect, why, sizeof why), what, "dest %x: %s", dest, why);
 }
@@ -205,7 +195,7 @@ static u32 send_lowest(u32 dest, u32 base, u32 step, u32 *who)
 	u32 singles = 0;
 	for (u32 i = 0; i < LOWEST_SENDS; i++) {
 		u32 v = base + i * step, before[MAX_CPUS], got = 0;
-		snapshot(v, before);
+		irq_count_snapshot(v, before);
 		apic_icr_write(dest, APIC_DEST_LOGICAL | APIC_DM_LOWEST | v);
 		u64 t0 = rdtsc(), limit = ms_to_tsc(WAIT_MS);
 		while (!got && rdtsc() - t0 < limit)

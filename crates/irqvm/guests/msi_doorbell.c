@@ -26,21 +26,17 @@ static void set_flat_ldr(void *arg) { apic_write(APIC_LDR, (1u << this_cpu()) <<
 static u32 send(u32 value, u32 *nmi_mask)
 {
 	u32 before[MAX_CPUS], nmi_before[MAX_CPUS];
-	for (u32 c = 0; c < ncpus; c++) {
-		before[c] = irq_count[c][V_DB];
+	irq_count_snapshot(V_DB, before);
+	for (u32 c = 0; c < ncpus; c++)
 		nmi_before[c] = nmis[c];
-	}
 	sti();
 	outl(MSI_DOORBELL, value);
 	delay_ms(SETTLE_MS);
 	cli();
-	u32 took = 0;
 	*nmi_mask = 0;
-	for (u32 c = 0; c < ncpus; c++) {
-		took |= (irq_count[c][V_DB] != before[c]) << c;
+	for (u32 c = 0; c < ncpus; c++)
 		*nmi_mask |= (nmis[c] != nmi_before[c]) << c;
-	}
-	return took;
+	return irq_took_mask(V_DB, before);
 }
 
 static u32 popcount(u32 x)

@@ -51,7 +51,7 @@ static void ioapic_logical(void)
 		dest |= 1u << cpu_to_apic_id(c);
 		expect |= 1u << c;
 	}
-	snapshot(V_IOAPIC_LOGICAL, before);
+	irq_count_snapshot(V_IOAPIC_LOGICAL, before);
 	ioapic_set_entry(IOAPIC_LOGICAL_LINE, (u64)dest << 56 | IOAPIC_LOGICAL | V_IOAPIC_LOGICAL);
 	testdev_set_irq(IOAPIC_LOGICAL_LINE, 1);
 	bool ok = expect_delivery(V_IOAPIC_LOGICAL, before, expect, why, sizeof why);

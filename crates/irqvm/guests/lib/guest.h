@@ -147,6 +147,8 @@ void irq_set_handler(u32 vector, irq_handler_t h);
 extern volatile u32 irq_count[MAX_CPUS][256];   /* per CPU, per vector: times the vector was taken */
 extern volatile u32 irq_last_vector[MAX_CPUS];
 u32 irq_count_total(u32 vector);                /* sum over CPUs */
+void irq_count_snapshot(u32 vector, u32 *out);  /* out[c] = irq_count[c][vector] for every CPU */
+u32 irq_took_mask(u32 vector, const u32 *before); /* bit c set: CPU c took `vector` since the snapshot */
 void irq_reset_counts(void);
 void idt_load(void);                            /* loads the shared IDT on this CPU (done by the library) */
 /* Sets the DPL of `vector`'s gate (0 by default): 3 lets CPL-3 code reach it with INT n (SDM vol. 3 6.12.1.1). */

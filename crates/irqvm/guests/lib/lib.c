@@ -418,6 +418,21 @@ u32 irq_count_total(u32 v)
 		n += irq_count[c][v & 255];
 	return n;
 }
+void irq_count_snapshot(u32 v, u32 *out)
+{
+	for (u32 c = 0; c < ncpus; c++)
+		out[c] = irq_count[c][v & 255];
+}
+
+/* A mask: CPUs 32 and up are not in it (the guests that use it run on at most 4). */
+u32 irq_took_mask(u32 v, const u32 *before)
+{
+	u32 took = 0;
+	for (u32 c = 0; c < ncpus && c < 32; c++)
+		took |= (u32)(irq_count[c][v & 255] != before[c]) << c;
+	return took;
+}
+
 /* Only the CPUs that exist: guest ring-0 code is slow on emulating hosts, and the array is 1 MiB at 1024 CPUs. */
 void irq_reset_counts(void) { memset((void *)irq_count, 0, ncpus * sizeof(irq_count[0])); }
 
