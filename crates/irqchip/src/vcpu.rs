@@ -675,8 +675,8 @@ impl VcpuInterrupts {
                 ApicAccessResult::Done
             }
             LapicEffect::Eoi(eoi) => ApicAccessResult::Eoi(eoi),
-            // A mode change may also have reset the APIC (global disable stops its timer), so
-            // the VMM re-reads the timer deadline too.
+            // A mode change also stops or resumes the timer (it does not fire while the APIC
+            // is globally disabled), so the VMM re-reads the timer deadline too.
             LapicEffect::TopologyChanged => {
                 self.publish_topology();
                 ApicAccessResult::TimerChanged

@@ -6,7 +6,7 @@
 //! (docs/irqchip-modes.md, "Known KVM limits"): `[isr-kept]` (tpr, ioapic, once, pv_eoi: a
 //! delivered vector does not stay in ISR until the EOI, so KVM never sets the PV EOI bit; in
 //! `once` and pv_eoi KVM's IOAPIC always sees the early EOI while the line is still high),
-//! `[kvm-apic-en-keeps-regs]` (apic_base), `[kvm-init-fsgs-msr]` (init_state) and
+//! `[kvm-init-fsgs-msr]` (init_state) and
 //! `[kvm-vector-hashing]` (ipi, x2apic); see guests_split.rs for each.
 
 #[macro_use]

@@ -13,8 +13,6 @@
 //!   the EOI is then delivered twice whenever the vCPU leaves the guest between taking the
 //!   vector and the handler's port write (rarely in split mode, where the early EOI reaches
 //!   userspace only at the vCPU's next exit: `flaky`; pv_eoi's level check alike).
-//! * `[kvm-apic-en-keeps-regs]` (apic_base): after EN = 0 -> 1 KVM keeps SVR, TPR, LDR, DFR and
-//!   the LVTs instead of loading the power-up state (SDM §11.4.3).
 //! * `[kvm-init-fsgs-msr]` (init_state): after KVM's INIT, RDMSR of IA32_FS_BASE / IA32_GS_BASE
 //!   returns the old values although memory accesses use base 0.
 //! * `[kvm-vector-hashing]` (ipi, x2apic): KVM picks the lowest-priority target by vector hashing,

@@ -2,7 +2,7 @@
 //! the `irqchip` crate), on 1, 2 and 4 vCPUs. Each run must print exactly the checks and
 //! outcomes guests/expect/NAME.txt lists in its `user` column: everything passes here, including
 //! the checks KVM's in-kernel LAPIC fails in the other modes (`[isr-kept]`,
-//! `[kvm-apic-en-keeps-regs]`, `[kvm-init-fsgs-msr]`) and the lowest-priority checks that need
+//! `[kvm-init-fsgs-msr]`) and the lowest-priority checks that need
 //! real PPR arbitration (lowest PPR wins, ties round-robin; `[kvm-vector-hashing]`).
 
 #[macro_use]

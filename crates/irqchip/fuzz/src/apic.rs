@@ -179,7 +179,8 @@ pub struct Step {
     pub acked: Option<u8>,
     /// The step was an EOI of this APIC.
     pub eoi: bool,
-    /// The step reset the APIC (INIT, global disable, restore): no transition rule applies.
+    /// The step reset the APIC (INIT, restore): no transition rule applies. (A global disable
+    /// keeps the registers, as KVM does, and is checked like any other step.)
     pub reset: bool,
 }
 

@@ -232,7 +232,7 @@ impl Sim {
 
     // ---- guest APIC accesses ----
 
-    fn after_access(&mut self, cpu: usize, result: ApicAccessResult, eoi: bool, reset: bool) {
+    fn after_access(&mut self, cpu: usize, result: ApicAccessResult, eoi: bool) {
         if let ApicAccessResult::Eoi(message) = result {
             assert!(eoi, "an EOI message from a write that is not an EOI");
             self.device_op(|sim| sim.chip.eoi(message, &mut ignore));
@@ -241,7 +241,6 @@ impl Sim {
             cpu,
             Step {
                 eoi,
-                reset,
                 ..Step::default()
             },
         );
@@ -262,7 +261,7 @@ impl Sim {
         }
         let is_eoi = xapic && aligned32 && offset == apic::EOI;
         let result = self.cpus[cpu].mmio_write(offset, data, self.now, &mut ignore);
-        self.after_access(cpu, result, is_eoi, false);
+        self.after_access(cpu, result, is_eoi);
     }
 
     fn msr_write(&mut self, cpu: usize, msr: u32, value: u64) {
@@ -279,8 +278,9 @@ impl Sim {
             self.icr_sent(cpu, value as u32, (value >> 32) as u32, true);
         }
         let is_eoi = ok && x2 && msr == msr_of(apic::EOI);
-        let reset = ok && msr == apic::MSR_APIC_BASE;
-        self.after_access(cpu, result.unwrap_or(ApicAccessResult::Done), is_eoi, reset);
+        // An IA32_APIC_BASE write keeps IRR, ISR and TMR (KVM's rule, `LocalApic::set_apic_base`),
+        // so it is held to every transition rule like any other access.
+        self.after_access(cpu, result.unwrap_or(ApicAccessResult::Done), is_eoi);
     }
 
     /// A 32-bit register write through the view of the APIC's current mode.

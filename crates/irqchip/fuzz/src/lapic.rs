@@ -99,7 +99,6 @@ impl Harness {
                 self.check_ipi(effect, low, high, DestinationFormat::X2apic);
             }
             step.eoi = x2 && msr == msr_of(apic::EOI);
-            step.reset = msr == apic::MSR_APIC_BASE;
             self.check_eoi(effect, step.eoi);
         }
         self.settle(step);

@@ -529,30 +529,33 @@ impl LocalApic {
             )
     }
 
+    /// The registers a change of IA32_APIC_BASE's EN/EXTD rewrites; every other register,
+    /// IRR, ISR and the timer's count included, is kept, as KVM keeps them
+    /// (`kvm_lapic_set_base` rewrites only the ID). The SDM leaves the choice open: clearing
+    /// EN means "prior initialization to the APIC may be lost" (§11.4.3), and across x2APIC
+    /// mode transitions the other registers are "not preserved" (§11.12.5.1), i.e. undefined.
+    /// While globally disabled the APIC accepts and delivers nothing, and its timer stops
+    /// firing ([`Self::pending_interrupt`], [`Self::next_timer_deadline`]); what was pending
+    /// is delivered once it is enabled again, as KVM does (measured in `kernel` mode).
     fn apply_mode_change(&mut self, old: ApicMode, new: ApicMode) {
         match new {
-            // §11.4.3: a globally disabled APIC returns to its power-up state; §11.12.5.1:
-            // nothing but the (hardware-assigned) x2APIC ID survives leaving x2APIC mode.
-            ApicMode::Disabled if old != ApicMode::Disabled => self.reset_registers(),
-            // §11.12.5.1: entering x2APIC mode loads the 32-bit x2APIC ID; LDR is derived.
-            ApicMode::X2Apic if old != ApicMode::X2Apic => self.id = self.cfg.apic_id.0,
-            // Host-initiated x2APIC->xAPIC (the only way back without a disable): the 8-bit
-            // xAPIC ID is the initial one and the stale xAPIC LDR is cleared.
-            ApicMode::XApic if old == ApicMode::X2Apic => {
-                self.id = self.cfg.apic_id.0 & 0xFF;
+            // §11.12.5.1: entering x2APIC mode loads the 32-bit x2APIC ID; LDR is derived
+            // from it (`Self::ldr`), and KVM's LDR register then holds that derived value,
+            // whose xAPIC logical ID (bits 31:24) is 0 for IDs below 4096.
+            ApicMode::X2Apic if old != ApicMode::X2Apic => {
+                self.id = self.cfg.apic_id.0;
                 self.ldr = 0;
             }
+            // Enabled in xAPIC mode again (from disabled, or host-initiated from x2APIC): the
+            // 8-bit xAPIC ID is the initial one, whatever the guest wrote before
+            // (`kvm_apic_set_xapic_id`).
+            ApicMode::XApic if old != ApicMode::XApic => {
+                self.id = self.cfg.apic_id.0 & 0xFF;
+                if old == ApicMode::X2Apic {
+                    self.ldr = 0;
+                }
+            }
             _ => {}
-        }
-    }
-
-    /// Power-up register state (§11.4.7.1) without touching IA32_APIC_BASE.
-    fn reset_registers(&mut self) {
-        let apic_base = self.apic_base;
-        *self = Self::new(self.cfg);
-        self.apic_base = apic_base;
-        if self.x2apic() {
-            self.id = self.cfg.apic_id.0;
         }
     }
 

@@ -1154,24 +1154,66 @@ fn apic_base_relocation_moves_the_page_11_4_4() {
     assert_eq!(apic.mmio_base(), Some(0x1_2345_6000));
 }
 
+/// A global disable keeps every register but the ID, as KVM does (`kvm_lapic_set_base`; SDM
+/// §11.4.3 allows it: prior initialization "may be lost"). While disabled nothing is delivered
+/// and the timer does not fire; on the enable the xAPIC ID is the initial one, the pending
+/// vector is deliverable again and a count that ran out meanwhile fires.
 #[test]
-fn global_disable_resets_to_power_on_state_11_4_3() {
+fn global_disable_keeps_registers_but_the_id_11_4_3() {
     let mut apic = xapic();
     write(&mut apic, REG_ID, 0x0900_0000);
+    write(&mut apic, REG_LDR, 0x2000_0000);
     write(&mut apic, REG_LVT_LINT0, 0x700);
     write(&mut apic, REG_TPR, 0x30);
-    write(&mut apic, REG_TIMER_INITIAL, 100);
+    write(&mut apic, REG_LVT_TIMER, 0x51);
+    write(&mut apic, REG_TIMER_DCR, 0xB);
+    write_at(&mut apic, REG_TIMER_INITIAL, 100, 0);
     apic.accept_vector(0x40, TriggerMode::Edge);
     apic.set_apic_base(0xFEE0_0000, false).unwrap();
     assert!(apic.accepts_pic_interrupts(), "disabled: LINT0 is INTR");
-    assert_eq!(apic.next_timer_deadline(), None);
+    assert_eq!(
+        apic.pending_interrupt(),
+        None,
+        "disabled: nothing delivered"
+    );
+    assert_eq!(
+        apic.next_timer_deadline(),
+        None,
+        "disabled: the timer is idle"
+    );
+    apic.poll_timer(1_000);
+    assert!(!apic.irr().contains(0x51), "no expiry while disabled");
+    apic.set_apic_base(0xFEE0_0800, false).unwrap();
+    assert_eq!(read(&mut apic, REG_ID), ID << 24, "the initial ID");
+    assert_eq!(read(&mut apic, REG_LDR), 0x2000_0000);
+    assert_eq!(read(&mut apic, REG_LVT_LINT0), 0x700);
+    assert_eq!(read(&mut apic, REG_SVR), 0x1FF);
+    assert_eq!(apic.tpr(), 0x30);
+    assert_eq!(read(&mut apic, REG_TIMER_INITIAL), 100);
+    assert!(apic.next_timer_deadline().is_some_and(|d| d <= 1_000));
+    apic.poll_timer(1_000);
+    assert!(apic.irr().contains(0x40) && apic.irr().contains(0x51));
+    assert_eq!(apic.pending_interrupt(), Some(0x51));
+}
+
+/// Leaving x2APIC mode through the disabled state keeps the registers too (SDM §11.12.5.1:
+/// they are "not preserved", undefined; KVM keeps them); the xAPIC ID is the initial one and
+/// the xAPIC LDR is the x2APIC one's bits 31:24 (0 here), the logical ID KVM's bus then sees.
+#[test]
+fn x2apic_to_disabled_to_xapic_keeps_registers_11_12_5_1() {
+    let mut apic = xapic();
+    write(&mut apic, REG_LDR, 0x2000_0000);
+    apic.set_apic_base(0xFEE0_0C00, false).unwrap();
+    apic.msr_write(msr(REG_TPR), 0x20, 0).unwrap();
+    apic.msr_write(msr(REG_LVT_LINT0), 0x700, 0).unwrap();
+    apic.accept_vector(0x40, TriggerMode::Edge);
+    apic.set_apic_base(0xFEE0_0000, false).unwrap();
     apic.set_apic_base(0xFEE0_0800, false).unwrap();
     assert_eq!(read(&mut apic, REG_ID), ID << 24);
-    assert_eq!(read(&mut apic, REG_LVT_LINT0), LVT_MASKED);
-    assert_eq!(read(&mut apic, REG_SVR), 0xFF);
-    assert_eq!(apic.tpr(), 0);
-    assert!(apic.irr().is_empty());
-    assert_eq!(read(&mut apic, REG_TIMER_INITIAL), 0);
+    assert_eq!(read(&mut apic, REG_LDR), 0);
+    assert_eq!(apic.tpr(), 0x20);
+    assert_eq!(read(&mut apic, REG_LVT_LINT0), 0x700);
+    assert_eq!(apic.pending_interrupt(), Some(0x40));
 }
 
 // ----- LVT and local interrupts (§11.5.1) ------------------------------------------------------
