@@ -344,6 +344,59 @@ static void to_ap(void)
 	ioapic_set_entry(EDGE_LINE, IOAPIC_MASKED);
 }
 
+/* Directed EOI (SDM vol. 3 §11.8.5; the IOxAPIC EOI register at 0x40, IOAPIC version 20H): with SVR bit 12 set
+ * the LAPIC's EOI of a level vector is not broadcast, so Remote IRR stays set and a line still high is not
+ * delivered again until the guest writes the vector to the I/O APIC's EOI register. Offered where the APIC
+ * version's bit 24 says so: `user` mode, and `split` mode (KVM_X2APIC_ENABLE_SUPPRESS_EOI_BROADCAST, without
+ * which KVM broadcast the EOI anyway); KVM's own I/O APIC has no EOI register and KVM offers none in `kernel`. */
+#define V_DIRECTED 0x78
+#define IOAPIC_EOI_REGISTER 0x40
+static volatile u32 directed_count;
+static void directed_handler(struct irq_frame *f, u32 cpu)
+{
+	directed_count++;
+	apic_eoi();
+}
+
+static void directed_eoi(void)
+{
+	const char *held = "directed eoi, a suppressed broadcast leaves remote irr set and the line undelivered";
+	const char *again = "directed eoi, the ioapic eoi register delivers the held line again";
+	const char *clear = "directed eoi, the ioapic eoi register clears remote irr";
+	if (!((apic_read(APIC_VERSION) >> 24) & 1)) {
+		skip(held, "APIC version %x offers no directed EOI", apic_read(APIC_VERSION));
+		skip(again, "no directed EOI");
+		skip(clear, "no directed EOI");
+		return;
+	}
+	u32 svr = apic_read(APIC_SVR);
+	volatile u32 *eoi_register = (volatile u32 *)(0xFEC00000ul + IOAPIC_EOI_REGISTER);
+	irq_set_handler(V_DIRECTED, directed_handler);
+	directed_count = 0;
+	apic_write(APIC_SVR, svr | APIC_SVR_SUPPRESS_EOI_BROADCAST);
+	ioapic_set_entry(LEVEL_LINE, V_DIRECTED | IOAPIC_LEVEL);
+	testdev_set_irq(LEVEL_LINE, 1);
+	wait_ge(&directed_count, 1, WAIT_MS);
+	delay_ms(20);
+	u32 first = directed_count;
+	bool irr_held = remote_irr(LEVEL_LINE);
+	check(first == 1 && irr_held, held, "taken %u times, remote irr %u", first, irr_held);
+	*eoi_register = V_DIRECTED;
+	wait_ge(&directed_count, 2, WAIT_MS);
+	delay_ms(20);
+	u32 second = directed_count;
+	check(second == 2 && remote_irr(LEVEL_LINE), again, "taken %u times in all, remote irr %u", second,
+	      remote_irr(LEVEL_LINE));
+	testdev_set_irq(LEVEL_LINE, 0);
+	*eoi_register = V_DIRECTED;
+	delay_ms(20);
+	check(!remote_irr(LEVEL_LINE) && directed_count == 2, clear, "remote irr %u, taken %u times in all",
+	      remote_irr(LEVEL_LINE), directed_count);
+	ioapic_set_entry(LEVEL_LINE, IOAPIC_MASKED);
+	apic_write(APIC_SVR, svr);
+	irq_set_handler(V_DIRECTED, NULL);
+}
+
 void guest_main(void)
 {
 	platform_init(false);
@@ -358,4 +411,5 @@ void guest_main(void)
 	pulse_before_eoi();
 	to_ap();
 	retarget_in_handler();
+	directed_eoi();
 }

@@ -170,6 +170,7 @@ void idt_set_gate_dpl(u32 vector, u32 dpl);
 #define APIC_LDR 0xD0
 #define APIC_DFR 0xE0
 #define APIC_SVR 0xF0
+#define APIC_SVR_SUPPRESS_EOI_BROADCAST 0x1000 /* SVR bit 12 (SDM vol. 3 §11.9), offered when APIC version bit 24 is set */
 #define APIC_ISR 0x100          /* 8 registers, 0x100 + 0x10*i */
 #define APIC_TMR 0x180
 #define APIC_IRR 0x200

@@ -37,7 +37,7 @@ impl KernelIrqchip {
         vm.create_irq_chip()
             .map_err(KvmError::ioctl("KVM_CREATE_IRQCHIP"))?;
         let ids = KvmApicIds::for_model(&cpu);
-        enable_x2apic_api(kvm, &vm, ids)?;
+        enable_x2apic_api(kvm, &vm, ids, SuppressEoiBroadcast::KvmDefault)?;
         let features = ChipFeatures::from(&cpu);
         Ok(Self {
             vm,
@@ -112,17 +112,57 @@ impl KvmApicIds {
     }
 }
 
-/// KVM_ENABLE_CAP(KVM_CAP_X2APIC_API), before any vCPU exists: 32-bit APIC IDs as `ids` says,
-/// and always the x2APIC broadcast quirk disabled, as QEMU does for every in-kernel LAPIC:
-/// KVM then no longer treats a device's destination 0xFF as a broadcast to x2APIC-mode vCPUs
-/// (it names APIC ID 255).
-pub(crate) fn enable_x2apic_api(kvm: &Kvm, vm: &VmFd, ids: KvmApicIds) -> Result<(), KvmError> {
+/// KVM_X2APIC_ENABLE_SUPPRESS_EOI_BROADCAST (Linux uapi asm/kvm.h, KVM_CAP_X2APIC_API flag
+/// bit 2, which an earlier form of the patch called ..._DISABLE_SUPPRESS_EOI_BROADCAST_QUIRK;
+/// not in kvm-bindings yet): with a split irqchip KVM honours SVR bit 12 and sends no
+/// KVM_EXIT_IOAPIC_EOI for an EOI the guest suppressed.
+const KVM_X2APIC_ENABLE_SUPPRESS_EOI_BROADCAST: u32 = 1 << 2;
+
+/// What KVM's LAPICs do with SVR bit 12 (Suppress EOI Broadcast, SDM vol. 3 §11.8.5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SuppressEoiBroadcast {
+    /// KVM's own choice: with its in-kernel IOAPIC it offers no directed EOI; with a split
+    /// irqchip, a KVM without the flag offers it and still broadcasts every EOI (its "legacy
+    /// quirky behavior", Documentation/virt/kvm/api.rst 7.8).
+    KvmDefault,
+    /// `split` mode, whose userspace IOAPIC has the EOI register (version 0x20): ask KVM to
+    /// honour the bit where it can (KVM_X2APIC_ENABLE_SUPPRESS_EOI_BROADCAST), so a guest that
+    /// suppresses the broadcast gets no EOI at the IOAPIC until it writes that register, as in
+    /// `user` mode.
+    HonourWhereOffered,
+}
+
+/// KVM_ENABLE_CAP(KVM_CAP_X2APIC_API), before any vCPU exists (for `split` after
+/// KVM_CAP_SPLIT_IRQCHIP, which the suppression flag needs): 32-bit APIC IDs as `ids` says,
+/// always the x2APIC broadcast quirk disabled, as QEMU does for every in-kernel LAPIC (KVM
+/// then no longer treats a device's destination 0xFF as a broadcast to x2APIC-mode vCPUs: it
+/// names APIC ID 255), and EOI broadcast suppression as `suppress` says.
+pub(crate) fn enable_x2apic_api(
+    kvm: &Kvm,
+    vm: &VmFd,
+    ids: KvmApicIds,
+    suppress: SuppressEoiBroadcast,
+) -> Result<(), KvmError> {
     crate::kvm::require_cap(kvm, Cap::X2ApicApi, "KVM_CAP_X2APIC_API")?;
     let mut cap = kvm_bindings::kvm_enable_cap {
         cap: kvm_bindings::KVM_CAP_X2APIC_API,
         ..Default::default()
     };
-    cap.args[0] = u64::from(ids.cap_flags());
+    let flags = ids.cap_flags();
+    if suppress == SuppressEoiBroadcast::HonourWhereOffered {
+        // Asked for, not checked first: KVM answers which flags it takes only for a VM that
+        // already has its split irqchip, in some versions. A KVM without the flag refuses the
+        // whole set (EINVAL, nothing changed) and gets it again without.
+        cap.args[0] = u64::from(flags | KVM_X2APIC_ENABLE_SUPPRESS_EOI_BROADCAST);
+        match vm.enable_cap(&cap) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.errno() == libc::EINVAL => {
+                tracing::info!("KVM cannot honour Suppress EOI Broadcast: EOIs are broadcast")
+            }
+            Err(e) => return Err(KvmError::ioctl("KVM_ENABLE_CAP(KVM_CAP_X2APIC_API)")(e)),
+        }
+    }
+    cap.args[0] = u64::from(flags);
     vm.enable_cap(&cap)
         .map_err(KvmError::ioctl("KVM_ENABLE_CAP(KVM_CAP_X2APIC_API)"))
 }

@@ -79,7 +79,7 @@ use kvm_ioctls::{Cap, VcpuFd, VmFd};
 use super::eoi_probe::{EoiProbe, OutstandingEois};
 use super::kernel::{
     kvm_mp_state, kvm_restore_apic, kvm_restore_events, kvm_save_fabric, kvm_signal_msi,
-    set_initial_kvm_mp_state, KvmApicIds,
+    set_initial_kvm_mp_state, KvmApicIds, SuppressEoiBroadcast,
 };
 use super::step::Stepper;
 use super::{
@@ -417,6 +417,11 @@ impl SplitShared {
     /// A guest write to the IOAPIC window: may send (unmasking a held level pin, the EOI
     /// register) and may change routes, which are reinstalled before the vCPU re-enters.
     fn ioapic_write(&self, offset: u64, data: &[u8]) -> Result<(), IrqchipError> {
+        if offset == u64::from(irqchip::ioapic::EOI_OFFSET) {
+            // A directed EOI (SVR bit 12 set): KVM, honouring the suppression, sent no EOI exit
+            // for it, so it is the EOI the probe waits for.
+            self.chip.sink().outstanding.eoi_seen();
+        }
         let source = crate::trace::Source::Ioapic(None);
         crate::trace::hooks::posting_for(self.tracer(), source, || {
             self.chip
@@ -520,7 +525,12 @@ impl SplitIrqchip {
         ctx.vm
             .enable_cap(&cap)
             .map_err(KvmError::ioctl("KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)"))?;
-        super::kernel::enable_x2apic_api(ctx.kvm, &ctx.vm, ids)?;
+        super::kernel::enable_x2apic_api(
+            ctx.kvm,
+            &ctx.vm,
+            ids,
+            SuppressEoiBroadcast::HonourWhereOffered,
+        )?;
         Ok(Self {
             features: ChipFeatures::from(&ctx.cpu),
             cpu: ctx.cpu,
