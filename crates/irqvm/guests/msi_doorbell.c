@@ -6,7 +6,9 @@
  *  2. the redirection hint (RH, address bit 3) arbitrates any message to one destination: a fixed one to physical
  *     FFH, an NMI to a logical set (kvm_lowest_prio_delivery; SDM vol. 3 §11.11.1);
  *  3. an INIT MSI, level-triggered with the level bit clear, is an INIT (KVM takes every MSI as an assert): the AP
- *     waits for a SIPI afterwards and runs the trampoline again on one.
+ *     waits for a SIPI afterwards and runs the trampoline again on one;
+ *  4. an ExtINT MSI makes the CPU acknowledge the 8259 (SDM vol. 3 §11.11.2), which KVM's LAPIC refuses
+ *     ([kvm-no-extint-msg], as `once`'s virtual wire).
  * Without the doorbell (QEMU) every check is skipped. */
 #include "guest.h"
 
@@ -22,11 +24,11 @@ static void nmi_handler(struct irq_frame *f, u32 cpu) { nmis[cpu]++; }
 static void set_flat_ldr(void *arg) { apic_write(APIC_LDR, (1u << this_cpu()) << 24); }
 
 /* Sends one doorbell message with interrupts open on CPU 0 around it (the APs idle in `sti; hlt`); returns the
- * CPUs that took vector V_DB, and those that took an NMI in `nmi_mask`. */
-static u32 send(u32 value, u32 *nmi_mask)
+ * CPUs that took vector `watch`, and those that took an NMI in `nmi_mask`. */
+static u32 send_watching(u32 value, u32 watch, u32 *nmi_mask)
 {
 	u32 before[MAX_CPUS], nmi_before[MAX_CPUS];
-	irq_count_snapshot(V_DB, before);
+	irq_count_snapshot(watch, before);
 	for (u32 c = 0; c < ncpus; c++)
 		nmi_before[c] = nmis[c];
 	sti();
@@ -36,8 +38,9 @@ static u32 send(u32 value, u32 *nmi_mask)
 	*nmi_mask = 0;
 	for (u32 c = 0; c < ncpus; c++)
 		*nmi_mask |= (nmis[c] != nmi_before[c]) << c;
-	return irq_took_mask(V_DB, before);
+	return irq_took_mask(watch, before);
 }
+static u32 send(u32 value, u32 *nmi_mask) { return send_watching(value, V_DB, nmi_mask); }
 
 static u32 popcount(u32 x)
 {
@@ -100,6 +103,23 @@ static void level_init(void)
 		cpu_online[ap] = 1;
 }
 
+/* An ExtINT MSI (delivery mode 111b, SDM vol. 3 §11.11.2): the CPU acknowledges the 8259 as for its INTR pin.
+ * With every 8259 line masked nothing is requested, and the INTA answers the master's IR7 (8259A datasheet: the
+ * spurious interrupt), vector base + 7, taken once. KVM's LAPIC accepts no ExtINT message (__apic_accept_irq),
+ * so `split` and `kernel` take nothing, as for the IOAPIC's virtual wire (`once`). */
+#define PIC_MASTER_BASE 0x20
+static void extint(void)
+{
+	u32 spurious = PIC_MASTER_BASE + 7, nmi_mask;
+	pic_init(PIC_MASTER_BASE, PIC_MASTER_BASE + 8);
+	u32 before = irq_count[0][spurious];
+	u32 took = send_watching(cpu_to_apic_id(0) << 24 | APIC_DM_EXTINT, spurious, &nmi_mask);
+	u32 times = irq_count[0][spurious] - before;
+	check(took == 1 && times == 1,
+	      "extint msi makes the cpu acknowledge the 8259, its spurious irq 7 once [kvm-no-extint-msg]",
+	      "cpus %x took vector %x, cpu 0 %u times", took, spurious, times);
+}
+
 void guest_main(void)
 {
 	platform_init(false);
@@ -115,4 +135,5 @@ void guest_main(void)
 	broadcasts(all);
 	hinted_nmi(all);
 	level_init();
+	extint();
 }
