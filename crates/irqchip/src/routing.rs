@@ -478,14 +478,10 @@ impl GsiRouting {
         out: &mut dyn FnMut(RouteTarget, bool),
     ) {
         for target in targets {
-            match *target {
-                RouteTarget::Msi(msg) if high => out(RouteTarget::Msi(msg.asserting()), true),
-                RouteTarget::Msi(_) => {}
-                _ => {
-                    if let Some(line) = target.line() {
-                        self.drive(line, high, out);
-                    }
-                }
+            if let Some(line) = target.line() {
+                self.drive(line, high, out);
+            } else if let (RouteTarget::Msi(msg), true) = (*target, high) {
+                out(RouteTarget::Msi(msg.asserting()), true);
             }
         }
     }

@@ -419,7 +419,9 @@ impl SplitShared {
     fn ioapic_write(&self, offset: u64, data: &[u8]) -> Result<(), IrqchipError> {
         if offset == u64::from(irqchip::ioapic::EOI_OFFSET) {
             // A directed EOI (SVR bit 12 set): KVM, honouring the suppression, sent no EOI exit
-            // for it, so it is the EOI the probe waits for.
+            // for it, so it is the EOI the probe waits for. (A guest that also writes the
+            // register after a broadcast EOI makes the count run low early: the probe then rests
+            // until the next level message, which is all the count decides.)
             self.chip.sink().outstanding.eoi_seen();
         }
         let source = crate::trace::Source::Ioapic(None);
