@@ -383,6 +383,8 @@ fn ioapic_guest_in_split_mode_joins_lines_messages_and_kvm_eoi_exits() {
     // The entry first aimed at an APIC ID no CPU has, then at CPU 0 (guests/ioapic.c).
     const V_UNACCEPTED: u8 = 0x74;
     const ABSENT_APIC_ID: u32 = 0x55;
+    // Level, with the EOI broadcast suppressed and a directed EOI (guests/ioapic.c).
+    const V_DIRECTED: u8 = 0x78;
     let (dump, counters) = traced_with_counters("ioapic", 1, IrqchipMode::Split);
     let posts: Vec<&Event> = dump
         .events
@@ -437,13 +439,28 @@ fn ioapic_guest_in_split_mode_joins_lines_messages_and_kvm_eoi_exits() {
     level_vectors.dedup();
     level_vectors.sort_unstable();
     level_vectors.dedup();
-    // V_LEVEL, V_MASKED, V_RETRIGGER, V_UNACCEPTED, V_TMR, V_RECONF and V_PULSE (guests/ioapic.c).
+    // V_LEVEL, V_MASKED, V_RETRIGGER, V_UNACCEPTED, V_TMR, V_RECONF, V_PULSE and V_DIRECTED
+    // (guests/ioapic.c).
     assert_eq!(
         level_vectors,
-        [0x71, 0x72, 0x73, V_UNACCEPTED, 0x75, 0x76, 0x77]
+        [0x71, 0x72, 0x73, V_UNACCEPTED, 0x75, 0x76, 0x77, V_DIRECTED]
     );
+    // The guest suppressed the EOI broadcast for V_DIRECTED: KVM sends no EOI exit, and each
+    // post's remote IRR is cleared by the guest's write of the IOAPIC's EOI register.
+    let directed: Vec<&&Event> = posts.iter().filter(|p| p.vector == V_DIRECTED).collect();
+    assert_eq!(directed.len(), 2, "{directed:?}");
+    for post in directed {
+        assert_eq!(
+            steps_of(&dump, post.id),
+            [
+                (Kind::Post, NO_VCPU, V_DIRECTED, post.arg),
+                (Kind::RemoteIrr, NO_VCPU, V_DIRECTED, 1),
+                (Kind::RemoteIrr, NO_VCPU, V_DIRECTED, 0),
+            ]
+        );
+    }
     let mut eoied = 0;
-    for vector in level_vectors {
+    for vector in level_vectors.into_iter().filter(|&v| v != V_DIRECTED) {
         let chain: Vec<&Event> = dump
             .events
             .iter()

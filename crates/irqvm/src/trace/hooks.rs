@@ -79,6 +79,17 @@ pub fn ioapic_eoi(tracer: &Tracer, vector: u8) {
     }
 }
 
+/// A guest write of the IOAPIC's EOI register (version 0x20, a directed EOI): the EOI of the
+/// written vector reaches the IOAPIC, as [`ioapic_eoi`] records it. Other offsets record nothing.
+#[inline]
+pub fn ioapic_eoi_register(tracer: &Tracer, offset: u64, data: &[u8]) {
+    if offset == u64::from(irqchip::ioapic::EOI_OFFSET) {
+        if let Some(&vector) = data.first() {
+            ioapic_eoi(tracer, vector);
+        }
+    }
+}
+
 /// A device (or the control API) drives GSI `gsi` to `level`: recorded before the change
 /// reaches the chip, so it precedes the posts it causes.
 #[inline]
