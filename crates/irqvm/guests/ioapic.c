@@ -350,7 +350,6 @@ static void to_ap(void)
  * version's bit 24 says so: `user` mode, and `split` mode (KVM_X2APIC_ENABLE_SUPPRESS_EOI_BROADCAST, without
  * which KVM broadcast the EOI anyway); KVM's own I/O APIC has no EOI register and KVM offers none in `kernel`. */
 #define V_DIRECTED 0x78
-#define IOAPIC_EOI_REGISTER 0x40
 static volatile u32 directed_count;
 static void directed_handler(struct irq_frame *f, u32 cpu)
 {
@@ -370,7 +369,6 @@ static void directed_eoi(void)
 		return;
 	}
 	u32 svr = apic_read(APIC_SVR);
-	volatile u32 *eoi_register = (volatile u32 *)(0xFEC00000ul + IOAPIC_EOI_REGISTER);
 	irq_set_handler(V_DIRECTED, directed_handler);
 	directed_count = 0;
 	apic_write(APIC_SVR, svr | APIC_SVR_SUPPRESS_EOI_BROADCAST);
@@ -381,14 +379,14 @@ static void directed_eoi(void)
 	u32 first = directed_count;
 	bool irr_held = remote_irr(LEVEL_LINE);
 	check(first == 1 && irr_held, held, "taken %u times, remote irr %u", first, irr_held);
-	*eoi_register = V_DIRECTED;
+	ioapic_eoi(V_DIRECTED);
 	wait_ge(&directed_count, 2, WAIT_MS);
 	delay_ms(20);
 	u32 second = directed_count;
 	check(second == 2 && remote_irr(LEVEL_LINE), again, "taken %u times in all, remote irr %u", second,
 	      remote_irr(LEVEL_LINE));
 	testdev_set_irq(LEVEL_LINE, 0);
-	*eoi_register = V_DIRECTED;
+	ioapic_eoi(V_DIRECTED);
 	delay_ms(20);
 	check(!remote_irr(LEVEL_LINE) && directed_count == 2, clear, "remote irr %u, taken %u times in all",
 	      remote_irr(LEVEL_LINE), directed_count);

@@ -282,6 +282,43 @@ fn without_time(mut state: serde_json::Value) -> serde_json::Value {
     state
 }
 
+/// Every leaf path where `a` and `b` differ, each with both values, so that a failure names
+/// the fields instead of printing two whole states.
+fn json_differences(a: &serde_json::Value, b: &serde_json::Value) -> Vec<String> {
+    let mut out = Vec::new();
+    collect_differences("", a, b, &mut out);
+    out
+}
+
+fn collect_differences(
+    path: &str,
+    a: &serde_json::Value,
+    b: &serde_json::Value,
+    out: &mut Vec<String>,
+) {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            for k in keys {
+                let (va, vb) = (x.get(k), y.get(k));
+                let child = format!("{path}.{k}");
+                match (va, vb) {
+                    (Some(va), Some(vb)) => collect_differences(&child, va, vb, out),
+                    _ => out.push(format!("{child}: {va:?} vs {vb:?}")),
+                }
+            }
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
+            for (i, (va, vb)) in x.iter().zip(y).enumerate() {
+                collect_differences(&format!("{path}[{i}]"), va, vb, out);
+            }
+        }
+        _ if a != b => out.push(format!("{path}: {a} vs {b}")),
+        _ => {}
+    }
+}
+
 fn read_state(dir: &Path) -> serde_json::Value {
     let text = std::fs::read(dir.join("state.json")).unwrap();
     serde_json::from_slice(&text).unwrap()
@@ -350,7 +387,12 @@ fn snapshot_of_a_paused_restore_is_the_same_state() {
             without_time(read_state(&first)),
             without_time(read_state(&second)),
         );
-        assert!(a == b, "{mode:?}: the states differ:\n{a}\n{b}");
+        let differences = json_differences(&a, &b);
+        assert!(
+            differences.is_empty(),
+            "{mode:?}: the states differ at:\n{}",
+            differences.join("\n")
+        );
         assert!(
             same_file(&first.join("memory"), &second.join("memory")),
             "{mode:?}: memory differs"

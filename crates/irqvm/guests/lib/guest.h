@@ -259,6 +259,7 @@ u64 ioapic_get_entry(u32 pin);
 void ioapic_set_entry(u32 pin, u64 entry);   /* writes the high half first, then the low half */
 u32 ioapic_pin_count(void);                  /* max redirection entry + 1 */
 void ioapic_mask_all(void);
+void ioapic_eoi(u8 vector);                  /* the EOI register (0x40, version 20H): a directed EOI */
 
 /* ---- 8259 PIC pair (master 0x20/0x21, slave 0xA0/0xA1) ------------------------------------------------------- */
 void pic_init(u8 master_base, u8 slave_base);   /* ICW1-4, 8086 mode, cascade on IRQ2, all lines masked */

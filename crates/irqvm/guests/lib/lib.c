@@ -618,6 +618,9 @@ void ioapic_set_entry(u32 pin, u64 e)
 	ioapic_write(IOAPIC_REDTBL(pin) + 1, (u32)(e >> 32));
 	ioapic_write(IOAPIC_REDTBL(pin), (u32)e);
 }
+/* The IOxAPIC EOI register (version 20H, SDM vol. 3 §11.8.5): clears remote IRR of every entry with
+ * this vector, as a broadcast EOI would. */
+void ioapic_eoi(u8 vector) { *(volatile u32 *)(IOAPIC_MMIO + 0x40) = vector; }
 u32 ioapic_pin_count(void) { return ((ioapic_read(IOAPIC_VER) >> 16) & 0xFF) + 1; }
 void ioapic_mask_all(void)
 {

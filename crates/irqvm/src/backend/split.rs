@@ -423,8 +423,8 @@ impl SplitShared {
             // register after a broadcast EOI makes the count run low early: the probe then rests
             // until the next level message, which is all the count decides.)
             self.chip.sink().outstanding.eoi_seen();
+            crate::trace::hooks::ioapic_eoi_register(self.tracer(), data);
         }
-        crate::trace::hooks::ioapic_eoi_register(self.tracer(), offset, data);
         let source = crate::trace::Source::Ioapic(None);
         crate::trace::hooks::posting_for(self.tracer(), source, || {
             self.chip

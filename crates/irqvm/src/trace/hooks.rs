@@ -79,14 +79,13 @@ pub fn ioapic_eoi(tracer: &Tracer, vector: u8) {
     }
 }
 
-/// A guest write of the IOAPIC's EOI register (version 0x20, a directed EOI): the EOI of the
-/// written vector reaches the IOAPIC, as [`ioapic_eoi`] records it. Other offsets record nothing.
+/// A guest write of `data` to the IOAPIC's EOI register (version 0x20, a directed EOI; the
+/// caller has checked the offset): the EOI of the written vector, its low byte, reaches the
+/// IOAPIC, as [`ioapic_eoi`] records it.
 #[inline]
-pub fn ioapic_eoi_register(tracer: &Tracer, offset: u64, data: &[u8]) {
-    if offset == u64::from(irqchip::ioapic::EOI_OFFSET) {
-        if let Some(&vector) = data.first() {
-            ioapic_eoi(tracer, vector);
-        }
+pub fn ioapic_eoi_register(tracer: &Tracer, data: &[u8]) {
+    if let Some(&vector) = data.first() {
+        ioapic_eoi(tracer, vector);
     }
 }
 

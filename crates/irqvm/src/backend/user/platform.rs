@@ -71,7 +71,9 @@ impl Platform {
     /// A guest write to the IOAPIC window (may deliver: unmasking an asserted level pin, the EOI
     /// register).
     pub fn ioapic_write(&self, offset: u64, data: &[u8]) {
-        hooks::ioapic_eoi_register(&self.tracer, offset, data);
+        if offset == u64::from(irqchip::ioapic::EOI_OFFSET) {
+            hooks::ioapic_eoi_register(&self.tracer, data);
+        }
         hooks::posting_for(&self.tracer, Source::Ioapic(None), || {
             self.chip
                 .ioapic_mmio_write(offset, data, &mut self.notify())
