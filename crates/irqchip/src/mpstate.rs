@@ -168,7 +168,8 @@ impl MpState {
     }
 
     /// An accepted INIT, from any state: an AP enters wait-for-SIPI, the BSP restarts at the
-    /// reset vector without waiting for a SIPI (seed 000; SDM §9.4.2).
+    /// reset vector without waiting for a SIPI (seed 000; SDM §9.4.2). `bsp`: the vCPU's
+    /// IA32_APIC_BASE.BSP flag at the INIT.
     pub fn after_init(self, bsp: bool) -> Self {
         if bsp {
             Self::Runnable
@@ -243,8 +244,8 @@ impl MpState {
     /// | Runnable → ApResetHold | AP Reset Hold |
     /// | Halted → Runnable | wake |
     /// | InitReceived → Runnable | SIPI |
-    /// | any → InitReceived | INIT, AP only |
-    /// | any → Runnable | INIT, BSP only |
+    /// | any → InitReceived | INIT, BSP flag clear (an AP) |
+    /// | any → Runnable | INIT, BSP flag set (the BSP) |
     pub fn transition_allowed(from: Self, to: Self, bsp: bool) -> bool {
         use MpState::*;
         if from == to {
@@ -487,7 +488,9 @@ impl MpStateMachine {
         self.state
     }
 
-    /// True for the bootstrap processor (INIT restarts it instead of parking it in wait-for-SIPI).
+    /// True for the bootstrap processor as configured at power-up. (INIT restarts a vCPU
+    /// instead of parking it in wait-for-SIPI by its IA32_APIC_BASE.BSP flag at the time: see
+    /// [`accept_events_with_bsp_flag`](Self::accept_events_with_bsp_flag).)
     pub fn is_bsp(&self) -> bool {
         self.bsp
     }
@@ -529,16 +532,33 @@ impl MpStateMachine {
         self.sipi_latched.is_some() || (self.init_latched && !blocking.blocks_init())
     }
 
-    /// Consumes latched INIT/SIPI in the vCPU's own context (KVM `kvm_apic_accept_events`).
-    ///
-    /// 1. INIT blocked: keep INIT latched, drop any SIPI, change nothing else (seed 002).
-    /// 2. INIT latched: reset (the caller applies [`AcceptOutcome::reset`]); AP → InitReceived,
-    ///    BSP → Runnable (seed 000).
-    /// 3. SIPI latched: honoured only in InitReceived — `sipi` decides how the vCPU starts and
-    ///    it becomes Runnable — otherwise dropped.
+    /// Consumes latched INIT/SIPI in the vCPU's own context (KVM `kvm_apic_accept_events`), with
+    /// the configured BSP restarting on INIT: what
+    /// [`accept_events_with_bsp_flag`](Self::accept_events_with_bsp_flag) does when the flag
+    /// is the power-up one.
     pub fn accept_events(
         &mut self,
         blocking: InitBlocking,
+        sipi: &mut dyn SipiDelivery,
+    ) -> AcceptOutcome {
+        self.accept_events_with_bsp_flag(blocking, self.bsp, sipi)
+    }
+
+    /// Consumes latched INIT/SIPI in the vCPU's own context (KVM `kvm_apic_accept_events`).
+    ///
+    /// 1. INIT blocked: keep INIT latched, drop any SIPI, change nothing else (seed 002).
+    /// 2. INIT latched: reset (the caller applies [`AcceptOutcome::reset`]); a vCPU whose
+    ///    IA32_APIC_BASE.BSP flag is set now (`bsp_flag`) → Runnable at the reset vector, any
+    ///    other → InitReceived (seed 000). The flag as the guest left it, not the power-up
+    ///    role: software may write it (SDM vol. 4 table 2-2, "BSP flag (R/W)"), INIT keeps it,
+    ///    and KVM decides by it (`kvm_vcpu_is_bsp`), so CPU 0 with its flag cleared waits for a
+    ///    SIPI like an AP (measured in `kernel` and `split` mode, guest `init_again`).
+    /// 3. SIPI latched: honoured only in InitReceived — `sipi` decides how the vCPU starts and
+    ///    it becomes Runnable — otherwise dropped.
+    pub fn accept_events_with_bsp_flag(
+        &mut self,
+        blocking: InitBlocking,
+        bsp_flag: bool,
         sipi: &mut dyn SipiDelivery,
     ) -> AcceptOutcome {
         let mut outcome = AcceptOutcome::default();
@@ -552,13 +572,13 @@ impl MpStateMachine {
             outcome.reset = Some(ResetKind::Init {
                 write_registers: sipi.registers_writable(),
             });
-            self.enter(self.state.after_init(self.bsp));
+            self.enter(self.state.after_init(bsp_flag), bsp_flag);
         }
         if let Some(vector) = self.sipi_latched.take() {
             match self.state.after_sipi() {
                 Some(next) => {
                     outcome.start = Some(sipi.deliver_sipi(vector));
-                    self.enter(next);
+                    self.enter(next, bsp_flag);
                 }
                 None => outcome.dropped_sipi = true,
             }
@@ -569,18 +589,18 @@ impl MpStateMachine {
     /// The vCPU executed HLT (or the VMM emulates one). Runnable → Halted; ignored otherwise.
     /// The latch is untouched: a latched INIT is accepted at the next step.
     pub fn halt(&mut self) {
-        self.enter(self.state.after_halt());
+        self.enter(self.state.after_halt(), self.bsp);
     }
 
     /// The guest requested AP Reset Hold (seed 004). Runnable → ApResetHold; ignored otherwise.
     pub fn ap_reset_hold(&mut self) {
-        self.enter(self.state.after_ap_reset_hold());
+        self.enter(self.state.after_ap_reset_hold(), self.bsp);
     }
 
     /// An interrupt, NMI or SMI became deliverable. Halted → Runnable; every other state ignores
     /// it (see [`MpState::is_woken_by`]).
     pub fn wake(&mut self) {
-        self.enter(self.state.after_wake());
+        self.enter(self.state.after_wake(), self.bsp);
     }
 
     /// KVM_SET_MP_STATE semantics (x86.c `kvm_arch_vcpu_ioctl_set_mpstate`), for restore and for
@@ -621,9 +641,10 @@ impl MpStateMachine {
         self.state.to_kvm()
     }
 
-    fn enter(&mut self, next: MpState) {
+    /// Moves to `next`; `bsp` is the BSP flag the transition was decided by.
+    fn enter(&mut self, next: MpState, bsp: bool) {
         debug_assert!(
-            MpState::transition_allowed(self.state, next, self.bsp),
+            MpState::transition_allowed(self.state, next, bsp),
             "illegal MP state transition {:?} -> {next:?}",
             self.state
         );

@@ -389,12 +389,17 @@ impl VcpuInterrupts {
 
     /// Consumes latched INIT/SIPI in this vCPU's own context. On INIT the local APIC is reset
     /// here; the caller applies `outcome.reset` to the registers and `outcome.start` (SIPI).
+    /// Whether INIT restarts the vCPU or parks it in wait-for-SIPI follows its IA32_APIC_BASE.BSP
+    /// flag now, as KVM's `kvm_vcpu_is_bsp` does ([`MpStateMachine::accept_events_with_bsp_flag`]).
     pub fn accept_events(
         &mut self,
         blocking: InitBlocking,
         sipi: &mut dyn SipiDelivery,
     ) -> AcceptOutcome {
-        let outcome = self.mp.accept_events(blocking, sipi);
+        let bsp_flag = self.lapic.bsp_flag();
+        let outcome = self
+            .mp
+            .accept_events_with_bsp_flag(blocking, bsp_flag, sipi);
         if outcome.reset.is_some() {
             // INIT clears pending NMI/SMI/ExtINT requests along with the processor state.
             self.lapic.init_reset();
@@ -1126,6 +1131,30 @@ mod tests {
                 cs_base: 0x10000,
                 rip: 0,
             })
+        );
+    }
+
+    /// INIT follows the vCPU's IA32_APIC_BASE.BSP flag as the guest left it: vCPU 0 with the
+    /// flag cleared waits for a SIPI (as in KVM, measured by the guest `init_again`), and its
+    /// LAPIC keeps the cleared flag across the INIT.
+    #[test]
+    fn init_parks_vcpu0_in_wait_for_sipi_once_its_bsp_flag_is_cleared() {
+        let (_system, mut cpus) = system(2);
+        let (bsp, ap) = cpus.split_at_mut(1);
+        let (bsp, ap) = (&mut bsp[0], &mut ap[0]);
+        let base = bsp.lapic().apic_base();
+        assert_ne!(base & crate::lapic::regs::APIC_BASE_BSP, 0);
+        bsp.set_apic_base(base & !crate::lapic::regs::APIC_BASE_BSP, false)
+            .expect("the BSP flag is writable");
+        write(ap, 0xF0, SVR_ENABLED);
+        ap.mmio_write(0x300, &0x4500u32.to_le_bytes(), NOW, &mut |_, _| {});
+        bsp.begin_guest_entry();
+        let outcome = bsp.accept_events(InitBlocking::NONE, &mut StandardSipi);
+        assert!(outcome.reset.is_some(), "the INIT was taken");
+        assert_eq!(bsp.mp_state(), MpState::InitReceived);
+        assert_eq!(
+            bsp.lapic().apic_base(),
+            base & !crate::lapic::regs::APIC_BASE_BSP
         );
     }
 

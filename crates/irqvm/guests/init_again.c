@@ -1,11 +1,47 @@
 /* init_again: an AP that has parked itself in a `cli; hlt` loop is sent INIT and then SIPI again, and must run
  * the trampoline a second time (SDM vol. 3: INIT puts the processor in wait-for-SIPI whatever it was doing, even
- * with IF=0). A SIPI to an AP that is running (not waiting for SIPI) must be ignored. INIT to the BSP is not
- * tested: it would restart the guest. */
+ * with IF=0). A SIPI to an AP that is running (not waiting for SIPI) must be ignored. INIT to the BSP as such is
+ * not tested: it would restart the guest at the reset vector. But whether INIT restarts a CPU or parks it in
+ * wait-for-SIPI follows its IA32_APIC_BASE.BSP flag as it is at the INIT, which software may write (SDM vol. 4
+ * table 2-2, "BSP flag (R/W)"; KVM's `kvm_vcpu_is_bsp` reads the flag): the last part clears CPU 0's flag, has
+ * the AP send CPU 0 INIT and SIPI, and CPU 0 must come up through the trampoline like an AP; the AP then ends the
+ * run. */
 #include "guest.h"
 
 static volatile u32 ran_on[MAX_CPUS];
 static void mark(void *arg) { atomic_inc(&ran_on[this_cpu()]); }
+
+static volatile u64 base_seen;
+static void read_apic_base(void *arg) { base_seen = rdmsr(APIC_BASE_MSR); }
+
+/* Runs on the AP while CPU 0, its BSP flag cleared, is parked in cli;hlt; ends the run. */
+static void restart_cpu0_as_an_ap(void *arg)
+{
+	const u32 bsp = 0;
+	while (!READ_ONCE(cpu_parked[bsp]))
+		cpu_relax();
+	smp_send_init(bsp);
+	delay_ms(20);
+	check(cpu_boot_count[bsp] == 1 && !cpu_online[bsp], "init to cpu 0 with its bsp flag clear waits for sipi",
+	      "boot count %u online %u", cpu_boot_count[bsp], cpu_online[bsp]);
+	smp_send_sipis(bsp);
+	bool up = wait_nonzero(&cpu_online[bsp], WAIT_MS);
+	check(up && cpu_boot_count[bsp] == 2, "sipi starts cpu 0 through the trampoline", "online %u boot count %u",
+	      up, cpu_boot_count[bsp]);
+	bool called = up && smp_call(bsp, read_apic_base, NULL);
+	check(called && !(base_seen & APIC_BASE_BSP) && (base_seen & APIC_BASE_EN),
+	      "cpu 0 keeps its cleared bsp flag across init", "call %u, IA32_APIC_BASE %lx", called, base_seen);
+	done();
+}
+
+/* The last part: CPU 0 hands the run to the AP and never returns. */
+static void init_cpu0_without_its_bsp_flag(u32 ap)
+{
+	wrmsr(APIC_BASE_MSR, rdmsr(APIC_BASE_MSR) & ~(u64)APIC_BASE_BSP);
+	if (!check(smp_call_async(ap, restart_cpu0_as_an_ap, NULL), "ap takes over the run", "kick failed"))
+		return;
+	smp_park_cli_hlt(NULL);
+}
 
 void guest_main(void)
 {
@@ -50,4 +86,5 @@ void guest_main(void)
 	      cpu_boot_count[ap]);
 	check(smp_call(ap, mark, NULL) && ran_on[ap] == 3, "ap runs calls after third start", "call did not run (%u)",
 	      ran_on[ap]);
+	init_cpu0_without_its_bsp_flag(ap);
 }

@@ -462,6 +462,13 @@ impl LocalApic {
         self.apic_base
     }
 
+    /// IA32_APIC_BASE.BSP as it is now (the guest may have written it): what decides whether
+    /// INIT restarts this processor or parks it in wait-for-SIPI
+    /// ([`crate::mpstate::MpStateMachine::accept_events_with_bsp_flag`]).
+    pub fn bsp_flag(&self) -> bool {
+        self.apic_base & APIC_BASE_BSP != 0
+    }
+
     /// The mode IA32_APIC_BASE selects (disabled, xAPIC or x2APIC).
     pub fn mode(&self) -> ApicMode {
         ApicMode::of_base(self.apic_base)
@@ -490,8 +497,7 @@ impl LocalApic {
     /// `host_initiated` (the VMM restoring state) may also go x2APIC->xAPIC or disabled->x2APIC.
     /// The BSP flag (bit 8) is an ordinary R/W bit (SDM vol. 4 table 2-2, IA32_APIC_BASE "BSP
     /// flag (R/W)"; KVM's `kvm_apic_set_base` stores it from the guest too): a guest write sets or
-    /// clears it. Only the register changes: which vCPU restarts as the BSP on INIT stays the
-    /// configuration's ([`LapicConfig::bsp`]).
+    /// clears it, and INIT then follows it ([`Self::bsp_flag`]), as in KVM.
     pub fn set_apic_base(
         &mut self,
         value: u64,

@@ -166,6 +166,41 @@ fn bsp_ignores_sipi_after_its_init_seed_000() {
     assert_eq!(m.state(), MpState::Runnable);
 }
 
+/// INIT decides between restart and wait-for-SIPI by the IA32_APIC_BASE.BSP flag it is given
+/// (the guest may write it; KVM `kvm_vcpu_is_bsp`), not by the power-up role: the configured
+/// BSP with its flag clear waits for a SIPI and starts at it; an AP with the flag set restarts.
+#[test]
+fn init_follows_the_bsp_flag_at_the_init_not_the_power_up_role() {
+    for state in [MpState::Runnable, MpState::Halted] {
+        let mut bsp = machine_in(state, true);
+        bsp.latch(INIT);
+        let out = bsp.accept_events_with_bsp_flag(InitBlocking::NONE, false, &mut StandardSipi);
+        assert!(out.reset.is_some());
+        assert_eq!(
+            bsp.state(),
+            MpState::InitReceived,
+            "BSP, flag clear, from {state:?}"
+        );
+        bsp.latch(sipi(0x10));
+        let out = bsp.accept_events_with_bsp_flag(InitBlocking::NONE, false, &mut StandardSipi);
+        assert!(out.start.is_some(), "the SIPI starts the former BSP");
+        assert_eq!(bsp.state(), MpState::Runnable);
+        assert!(bsp.is_bsp(), "the configured role does not change");
+
+        let mut ap = machine_in(state, false);
+        ap.latch(INIT);
+        ap.latch(sipi(0x10));
+        let out = ap.accept_events_with_bsp_flag(InitBlocking::NONE, true, &mut StandardSipi);
+        assert!(out.reset.is_some());
+        assert_eq!(
+            out.start, None,
+            "AP, flag set, from {state:?}: reset vector"
+        );
+        assert!(out.dropped_sipi);
+        assert_eq!(ap.state(), MpState::Runnable);
+    }
+}
+
 #[test]
 fn reset_kind_carries_arch_state_only_when_registers_writable() {
     let writable = ResetKind::Init {

@@ -375,8 +375,12 @@ pub(crate) fn kvm_restore_apic(
 /// KVM_SET_VCPU_EVENTS, then KVM_SET_MP_STATE last (a latched SIPI becomes SIPI_RECEIVED).
 pub(crate) fn kvm_restore_events(vcpu: &VcpuFd, fabric: &VcpuFabric) -> Result<(), IrqchipError> {
     let model = &fabric.model;
-    let kvm =
-        crate::snapshot::convert::events_to_kvm(&model.pending, &model.mp, &fabric.cpu_events);
+    let kvm = crate::snapshot::convert::events_to_kvm(
+        &model.pending,
+        &model.mp,
+        model.lapic.bsp_flag(),
+        &fabric.cpu_events,
+    );
     vcpu.set_vcpu_events(&kvm.events)
         .map_err(KvmError::ioctl("KVM_SET_VCPU_EVENTS"))?;
     vcpu.set_mp_state(kvm_mp_state {

@@ -37,12 +37,14 @@ pub struct KvmVcpuEvents {
 /// * A latched SIPI that the next accept step would honour (in wait-for-SIPI, or behind a
 ///   latched INIT on an AP, which puts it there first): MP state SIPI_RECEIVED, which KVM turns
 ///   into INIT_RECEIVED plus a pending SIPI with that vector. A SIPI the accept step would drop
-///   (BSP, or an AP not in wait-for-SIPI with no INIT latched) is dropped here.
+///   (behind an INIT on a vCPU whose IA32_APIC_BASE.BSP flag, `bsp_flag`, is set; or outside
+///   wait-for-SIPI with no INIT latched) is dropped here.
 /// * A pending ExtINT is dropped: in KVM's modes the PIC's INTR output, which the PIC state
 ///   keeps, raises it again.
 pub fn events_to_kvm(
     pending: &PendingEvents,
     mp: &MpStateMachine,
+    bsp_flag: bool,
     cpu: &kvm_vcpu_events,
 ) -> KvmVcpuEvents {
     let mut events = *cpu;
@@ -58,7 +60,7 @@ pub fn events_to_kvm(
     events.sipi_vector = u32::from(mp.last_sipi_vector());
     events.flags |=
         KVM_VCPUEVENT_VALID_NMI_PENDING | KVM_VCPUEVENT_VALID_SMM | KVM_VCPUEVENT_VALID_SIPI_VECTOR;
-    let sipi_honoured = mp.state() == MpState::InitReceived || (latched.init && !mp.is_bsp());
+    let sipi_honoured = mp.state() == MpState::InitReceived || (latched.init && !bsp_flag);
     let mp_state = match latched.sipi {
         Some(vector) if sipi_honoured => {
             events.sipi_vector = u32::from(vector);

@@ -792,6 +792,25 @@ fn mp_state() -> impl Strategy<Value = MpState> {
     ])
 }
 
+/// INIT and SIPI latched on vCPU 0 whose IA32_APIC_BASE.BSP flag the guest cleared: the
+/// INIT parks it in wait-for-SIPI (KVM `kvm_vcpu_is_bsp`), so the SIPI is kept, as
+/// SIPI_RECEIVED; with the flag set the INIT restarts it and the SIPI is dropped.
+#[test]
+fn a_sipi_behind_an_init_follows_the_bsp_flag() {
+    let mut cpu0 = MpStateMachine::new(true);
+    cpu0.latch(irqchip::ApicEvents {
+        init: true,
+        sipi: Some(0x9A),
+        ..Default::default()
+    });
+    let none = PendingEvents::default();
+    let cleared = events_to_kvm(&none, &cpu0, false, &kvm_vcpu_events::default());
+    assert_eq!(cleared.mp_state, kvm_abi::SIPI_RECEIVED);
+    assert_eq!(cleared.events.sipi_vector, 0x9A);
+    let set = events_to_kvm(&none, &cpu0, true, &kvm_vcpu_events::default());
+    assert_eq!(set.mp_state, kvm_abi::RUNNABLE);
+}
+
 #[test]
 fn latched_init_and_sipi_in_kvm_terms() {
     let mut ap = MpStateMachine::new(false);
@@ -806,7 +825,7 @@ fn latched_init_and_sipi_in_kvm_terms() {
         smi: true,
         extint: true,
     };
-    let kvm = events_to_kvm(&pending, &ap, &kvm_vcpu_events::default());
+    let kvm = events_to_kvm(&pending, &ap, false, &kvm_vcpu_events::default());
     assert_eq!(kvm.mp_state, kvm_abi::SIPI_RECEIVED);
     assert_eq!(kvm.events.sipi_vector, 0x9A);
     assert_eq!(kvm.events.smi.latched_init, 1);
@@ -848,7 +867,7 @@ fn cpu_events_are_kept_and_kvm_nmis_add_up() {
         nmi: true,
         ..Default::default()
     };
-    let kvm = events_to_kvm(&pending, &MpStateMachine::new(true), &cpu);
+    let kvm = events_to_kvm(&pending, &MpStateMachine::new(true), true, &cpu);
     assert_eq!(
         (kvm.events.exception, kvm.events.interrupt),
         (cpu.exception, cpu.interrupt)
@@ -907,7 +926,7 @@ proptest! {
     ) {
         let pending = PendingEvents { nmi: flags[0], nmi_held: flags[1], smi: flags[2], extint: flags[3] };
         let mp = MpStateMachine::from_parts(bsp, state, flags[4], sipi, last);
-        let kvm = events_to_kvm(&pending, &mp, &kvm_vcpu_events::default());
+        let kvm = events_to_kvm(&pending, &mp, bsp, &kvm_vcpu_events::default());
         let back = events_from_kvm(&kvm, bsp).unwrap();
         prop_assert_eq!((back.pending, back.mp), normalize(pending, &mp));
         prop_assert_eq!(back.cpu, kvm_vcpu_events { flags: kvm.events.flags, sipi_vector: kvm.events.sipi_vector, ..Default::default() });
@@ -933,7 +952,7 @@ proptest! {
         events.smi.latched_init = u8::from(init);
         let kvm = KvmVcpuEvents { events, mp_state };
         let model = events_from_kvm(&kvm, false).unwrap();
-        let again = events_to_kvm(&model.pending, &model.mp, &model.cpu);
+        let again = events_to_kvm(&model.pending, &model.mp, false, &model.cpu);
         prop_assert_eq!(again, kvm);
     }
 }
