@@ -1143,8 +1143,9 @@ mod tests {
         let (bsp, ap) = cpus.split_at_mut(1);
         let (bsp, ap) = (&mut bsp[0], &mut ap[0]);
         let base = bsp.lapic().apic_base();
-        assert_ne!(base & crate::lapic::regs::APIC_BASE_BSP, 0);
-        bsp.set_apic_base(base & !crate::lapic::regs::APIC_BASE_BSP, false)
+        assert!(bsp.lapic().bsp_flag());
+        let cleared = base & !crate::lapic::regs::APIC_BASE_BSP;
+        bsp.set_apic_base(cleared, false)
             .expect("the BSP flag is writable");
         write(ap, 0xF0, SVR_ENABLED);
         ap.mmio_write(0x300, &0x4500u32.to_le_bytes(), NOW, &mut |_, _| {});
@@ -1152,10 +1153,8 @@ mod tests {
         let outcome = bsp.accept_events(InitBlocking::NONE, &mut StandardSipi);
         assert!(outcome.reset.is_some(), "the INIT was taken");
         assert_eq!(bsp.mp_state(), MpState::InitReceived);
-        assert_eq!(
-            bsp.lapic().apic_base(),
-            base & !crate::lapic::regs::APIC_BASE_BSP
-        );
+        assert_eq!(bsp.lapic().apic_base(), cleared);
+        assert!(!bsp.lapic().bsp_flag());
     }
 
     /// The APIC system hands its MAXPHYADDR to every local APIC.

@@ -1,4 +1,4 @@
-//! Command line: `irqvm run --kernel FILE ...`, `irqvm restore ...`, `irqvm fuzz-guest ...`,
+//! Command line: `irqvm run --kernel FILE ...`, `irqvm restore ...`, `irqvm fuzz-guest ...`, `irqvm diff-guest ...`,
 //! `irqvm trace report ...`, and `irqvm` alone for the built-in demo.
 
 use std::path::{Path, PathBuf};
@@ -45,6 +45,11 @@ pub enum Command {
     /// 1, 2 and 4 vCPUs (or those given), each run under a watchdog; stops at the first failing
     /// seed and prints the command that replays it.
     FuzzGuest(FuzzArgs),
+    /// Run the differential guest (guests/regdiff.c) seed after seed in `kernel` mode, KVM's
+    /// interrupt controllers, and in `user` and `split` mode, and compare: each mode must print
+    /// the same transcript of register reads. Stops at the first difference and names the
+    /// registers that differ.
+    DiffGuest(DiffArgs),
     /// Read a flight-recorder trace (`run --trace FILE`, or the API's trace.start/stop).
     #[command(subcommand)]
     Trace(TraceCommand),
@@ -103,6 +108,22 @@ pub struct FuzzArgs {
     pub ops: u32,
     #[command(flatten)]
     pub boundaries: ExactIrqBoundaries,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DiffArgs {
+    /// Keep running seeds for this many seconds (without it: one seed).
+    #[arg(long, value_name = "N")]
+    pub seconds: Option<u64>,
+    /// The first seed (default: from the clock); later ones count up from it.
+    #[arg(long, value_name = "S")]
+    pub seed: Option<u64>,
+    /// Compare only this mode with `kernel` mode (default: user and split).
+    #[arg(long, value_enum)]
+    pub irqchip: Option<IrqchipMode>,
+    /// Operations in each run.
+    #[arg(long, value_name = "N", default_value_t = crate::diffguest::DEFAULT_OPS)]
+    pub ops: u32,
 }
 
 #[derive(Debug, clap::Args)]
@@ -522,6 +543,7 @@ pub fn main_with(cli: Cli) -> Result<i32, CliError> {
             (cfg, None, None, vm, false, None)
         }
         Some(Command::FuzzGuest(args)) => return Ok(fuzz_guest(args)),
+        Some(Command::DiffGuest(args)) => return Ok(diff_guest(args)),
         Some(Command::Trace(TraceCommand::Report(args))) => return trace_report(args),
         Some(Command::Run(args)) => {
             let timeout = parse_timeout(args.timeout)?;
@@ -726,6 +748,37 @@ fn fuzz_guest(args: &FuzzArgs) -> i32 {
                 run.cpus,
                 run.replay_command()
             );
+            1
+        }
+    }
+}
+
+/// `irqvm diff-guest`: 0 if every seed gave the same transcripts, 1 at the first difference or
+/// failed run (reported on stderr), 2 when asked to compare `kernel` mode with itself.
+fn diff_guest(args: &DiffArgs) -> i32 {
+    use crate::diffguest::{run_plan, DiffPlan, REFERENCE};
+    let modes = match args.irqchip {
+        Some(mode) if mode == REFERENCE => {
+            eprintln!("diff-guest: --irqchip kernel is the reference every mode is compared with; give user or split");
+            return 2;
+        }
+        Some(mode) => vec![mode],
+        None => vec![IrqchipMode::User, IrqchipMode::Split],
+    };
+    let plan = DiffPlan {
+        first_seed: args.seed.unwrap_or_else(crate::fuzzguest::clock_seed),
+        duration: args.seconds.map(Duration::from_secs),
+        modes,
+        ops: args.ops,
+    };
+    println!("diff-guest: first seed {}", plan.first_seed);
+    match run_plan(&plan) {
+        Ok(seeds) => {
+            println!("diff-guest: {seeds} seed(s), no difference");
+            0
+        }
+        Err(failure) => {
+            eprintln!("diff-guest: FAILED: {failure}");
             1
         }
     }

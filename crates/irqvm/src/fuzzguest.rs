@@ -81,6 +81,17 @@ pub enum FuzzFailure {
 pub fn run_once(run: &FuzzRun, timeout: Duration) -> Result<String, (FuzzFailure, String)> {
     let capture = SerialCapture::new();
     let cfg = run.config(capture.clone());
+    run_watched(cfg, &capture, timeout)
+}
+
+/// Runs the VM `cfg` describes, whose serial output goes to `capture`, under the watchdog: it
+/// passes when the guest ends it itself with every check passed. `Ok` with the guest's output,
+/// or the failure and the output.
+pub fn run_watched(
+    cfg: VmConfig,
+    capture: &SerialCapture,
+    timeout: Duration,
+) -> Result<String, (FuzzFailure, String)> {
     let (tx, rx) = mpsc::channel();
     let spawned = std::thread::Builder::new()
         .name("fuzz-vm".into())

@@ -38,6 +38,7 @@ pub mod cmos;
 pub mod cpuid;
 pub mod cpumodel;
 pub mod devices;
+pub mod diffguest;
 pub mod emulate;
 pub mod flush_signal;
 pub mod fuzzguest;

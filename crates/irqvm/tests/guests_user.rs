@@ -15,7 +15,7 @@ const MODE: IrqchipMode = IrqchipMode::User;
 guest_tests!(MODE;
     hello, smp_boot, init_again, init_state, ipi, x2apic, timer, tpr, ioapic, pic, storm, demo,
     once, latency, apic_base, apic_base_rsvd, lapic_regs, timer_mode, nmi_queue, fuzz, soft_int, snapstorm, xstate,
-    x2apic_boot, irq_boundary, mm_reuse, lp_tpr_race, pv_eoi, smi, msi_doorbell,
+    x2apic_boot, irq_boundary, mm_reuse, lp_tpr_race, pv_eoi, smi, msi_doorbell, regdiff,
 );
 
 // x2apic_boot on the larger counts its expectation file lists (guest_tests! runs 1, 2 and 4).
