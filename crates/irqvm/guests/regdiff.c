@@ -25,9 +25,10 @@
  *  - Nothing reaches CPU 0 that would restart it: INIT goes only to "all excluding self" (from the ICR; in
  *    an LVT or an IOAPIC entry it becomes fixed), and no SIPI is sent.
  *  - Vectors are 32-255.
- *  - IOAPIC lines are driven only on pins 16-23 (pc-testdev lines, not wired to the PIC), and only to the
- *    other level (a pulse only from low), so the PIC never has a request: its registers are programmed and read, never its
- *    interrupts.
+ *  - Lines are driven through pc-testdev: ISA IRQs 1 and 3-15 (to the 8259s and IOAPIC pins 1, 3-15; not
+ *    IRQ 0, which goes to pin 2, nor the cascade IRQ 2) and pins 16-23 (the IOAPIC only), each only to the
+ *    other level (a pulse only from low). The 8259s' requests are read through OCW3 and polls, never
+ *    acknowledged by the CPU (IF stays clear).
  *  - The xAPIC page is never moved.
  * What differs between the modes by design (docs/irqchip-modes.md) is left out of the state or never written:
  *  - the LAPIC version's bit 24 (directed EOI: KVM offers it only with the IOAPIC outside KVM), so SVR bit 12
@@ -50,6 +51,8 @@
  *  - a CR8 write of the class TPR already holds while TPR's bits 3:0 are not zero (`[user-cr8-same-class]`:
  *    MOV to CR8 clears them, SDM vol. 3 §11.8.6.1, but KVM reports CR8 to a userspace LAPIC only as a
  *    value at its exits, so `user` mode cannot see a write that does not change it);
+ *  - an IOAPIC entry's bits 55:49 (the extended destination ID of KVM_FEATURE_MSI_EXT_DEST_ID, which
+ *    `user` and `split` mode offer and read; KVM's in-kernel IOAPIC reads only bits 63:56): written 0;
  *  - lowest-priority delivery (`[kvm-vector-hashing]`: sent as fixed), IOAPIC delivery modes 011b, 110b and
  *    ExtINT (sent as fixed), IOAPIC polarity (KVM ignores INTPOL; irqvm models the wire, and PCI pins
  *    16-23 idle high: entries are programmed as the pins are wired, ISA active high, PCI active low).
@@ -370,11 +373,14 @@ static u64 op_tsc_deadline(u64 base)
 }
 static u64 op_cr8(u64 base)
 {
-	u64 v = below(16), tpr = read_cr8() << 4;
+	/* See the header: no CR8 write of the class TPR holds while TPR bits 3:0 may be set (always
+	 * so while the APIC is disabled: TPR cannot be read then). */
+	u64 v = below(16);
+	bool low_bits = true;
 	if (base & APIC_BASE_EN)
-		tpr = base & APIC_BASE_EXTD ? rdmsr(0x808) : xapic_read(APIC_TPR);
-	if (v == tpr >> 4 && (tpr & 0xF))
-		v ^= 1; /* see the header: a CR8 write of the class TPR holds */
+		low_bits = (base & APIC_BASE_EXTD ? rdmsr(0x808) : xapic_read(APIC_TPR)) & 0xF;
+	if (v == read_cr8() && low_bits)
+		v ^= 1;
 	sfmt(what, sizeof(what), "cr8 <- %lx", v);
 	write_cr8(v);
 	return 0;
@@ -392,8 +398,12 @@ static u64 op_eoi(u64 base)
 static u32 ioapic_value(u32 sel)
 {
 	u32 v = any32();
-	if (sel >= 0x10 && sel < 0x10 + 2 * IOAPIC_PINS && !(sel & 1))
-		v = shared_redirection((sel - 0x10) / 2, v);
+	if (sel >= 0x10 && sel < 0x10 + 2 * IOAPIC_PINS) {
+		if (sel & 1)
+			v &= ~0x00FE0000u; /* bits 55:49, the extended destination ID (see the header) */
+		else
+			v = shared_redirection((sel - 0x10) / 2, v);
+	}
 	return v;
 }
 /* The pc-testdev lines driven high (bit n: line n). A line only ever changes level: KVM re-evaluates a line
@@ -415,7 +425,9 @@ static u64 op_ioapic(void)
 		return 0;
 	}
 	default: {
-		u32 pin = 16 + below(8);
+		u32 pin = chance(2) ? 16 + below(8) : 3 + below(13);
+		if (chance(14))
+			pin = 1;
 		bool high = (lines_high >> pin) & 1, pulse = !high && chance(2);
 		sfmt(what, sizeof(what), "line %u %s", pin, high ? "low" : pulse ? "pulse" : "high");
 		testdev_set_irq(pin, !high);

@@ -129,6 +129,20 @@ pub enum ReadSelect {
 }
 
 /// One 8259A. Fields are the chip's registers and mode latches; `lines` are the levels of its
+/// Whether the pair's outputs are evaluated after a port write. KVM's PIC runs its
+/// `pic_update_irq` after OCW1, the EOI and priority commands of OCW2 and line changes, but not
+/// after ICW1-ICW4, OCW3 or the rotate-in-AEOI commands; the evaluation is what gives the
+/// master's cascade input IR2 a fresh edge while the slave requests (parent module), so after
+/// an ICW1 of the master IR2 stays clear until the next evaluation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use]
+pub enum Reevaluate {
+    /// The outputs are evaluated after the write.
+    Yes,
+    /// They are not: the cascade input keeps what it had.
+    No,
+}
+
 /// IR input pins (for the master's IR2: the slave's INT output).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Pic8259 {
@@ -402,25 +416,33 @@ impl Pic8259 {
 
     // ---- Port accesses ----
 
-    /// A write to the command port (A0 = 0).
-    pub fn write_command(&mut self, value: u8) {
+    /// A write to the command port (A0 = 0). Says whether the pair's outputs are evaluated
+    /// after it, as KVM's PIC does after some commands only (see [`Reevaluate`]).
+    pub fn write_command(&mut self, value: u8) -> Reevaluate {
         if value & CMD_ICW1 != 0 {
             self.write_icw1(value);
+            Reevaluate::No
         } else if value & CMD_OCW3 != 0 {
             self.write_ocw3(value);
+            Reevaluate::No
         } else {
-            self.write_ocw2(value);
+            self.write_ocw2(value)
         }
     }
 
-    /// A write to the data port (A0 = 1): the next ICW while initializing, else OCW1.
-    pub fn write_data(&mut self, value: u8) {
+    /// A write to the data port (A0 = 1): the next ICW while initializing, else OCW1. OCW1 is
+    /// followed by an evaluation of the outputs, an ICW is not (KVM's `pic_ioport_write`).
+    pub fn write_data(&mut self, value: u8) -> Reevaluate {
         match self.init {
-            InitState::Ready => self.imr = value,
+            InitState::Ready => {
+                self.imr = value;
+                return Reevaluate::Yes;
+            }
             InitState::AwaitIcw2 => self.write_icw2(value),
             InitState::AwaitIcw3 => self.write_icw3(value),
             InitState::AwaitIcw4 => self.write_icw4(value),
         }
+        Reevaluate::No
     }
 
     /// A command-port read without a pending poll: IRR or ISR per OCW3.
@@ -518,18 +540,27 @@ impl Pic8259 {
     // ---- Operation Command Words ----
 
     /// OCW2: EOI, rotation and priority commands, decoded on R, SL, EOI.
-    fn write_ocw2(&mut self, value: u8) {
+    /// OCW2. The outputs are evaluated after an EOI that cleared a bit, a specific EOI and a
+    /// priority change, not after the rotate-in-AEOI commands or a no-op (KVM).
+    fn write_ocw2(&mut self, value: u8) -> Reevaluate {
         let level = value & OCW2_LEVEL_MASK;
         match value & OCW2_COMMAND_MASK {
-            OCW2_EOI => self.nonspecific_eoi(false),
+            OCW2_EOI => return self.nonspecific_eoi(false),
             c if c == OCW2_SL | OCW2_EOI => self.specific_eoi(level, false),
-            c if c == OCW2_R | OCW2_EOI => self.nonspecific_eoi(true),
-            OCW2_R => self.rotate_on_auto_eoi = true,
-            0 => self.rotate_on_auto_eoi = false,
+            c if c == OCW2_R | OCW2_EOI => return self.nonspecific_eoi(true),
+            OCW2_R => {
+                self.rotate_on_auto_eoi = true;
+                return Reevaluate::No;
+            }
+            0 => {
+                self.rotate_on_auto_eoi = false;
+                return Reevaluate::No;
+            }
             c if c == OCW2_R | OCW2_SL | OCW2_EOI => self.specific_eoi(level, true),
             c if c == OCW2_R | OCW2_SL => self.lowest_priority = level,
-            _ => {} // SL alone: no operation
+            _ => return Reevaluate::No, // SL alone: no operation
         }
+        Reevaluate::Yes
     }
 
     /// Non-specific EOI ("End of Interrupt"): clears the highest-priority ISR bit. With
@@ -537,13 +568,15 @@ impl Pic8259 {
     /// special mask mode the datasheet would skip ISR bits masked in the IMR; KVM ignores
     /// special mask mode here too (on this host the EOI clears a masked in-service IR3), and
     /// this model follows KVM.
-    fn nonspecific_eoi(&mut self, rotate: bool) {
-        if let Some(ir) = self.highest(self.isr) {
-            self.isr &= !bit(ir);
-            if rotate {
-                self.lowest_priority = ir;
-            }
+    fn nonspecific_eoi(&mut self, rotate: bool) -> Reevaluate {
+        let Some(ir) = self.highest(self.isr) else {
+            return Reevaluate::No;
+        };
+        self.isr &= !bit(ir);
+        if rotate {
+            self.lowest_priority = ir;
         }
+        Reevaluate::Yes
     }
 
     /// Specific EOI: clears ISR bit `ir`; with `rotate` ("Specific Rotation"), `ir` becomes the

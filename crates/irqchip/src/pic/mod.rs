@@ -38,9 +38,15 @@
 //!
 //! # Cascade ("Cascade Mode")
 //!
-//! After every operation that leaves the slave requesting, the master's IR2 gets a fresh edge
-//! (IR2 is always edge-sensitive), as KVM pulses it; so the master's IRR bit 2 is set again even
-//! right after an acknowledge or poll cleared it. When the master acknowledges IR2 the slave runs
+//! After an operation that leaves the slave requesting, the master's IR2 gets a fresh edge (IR2
+//! is always edge-sensitive), as KVM pulses it when it evaluates the pair's outputs: after
+//! OCW1, the EOI and priority commands of OCW2, line changes, INTA and polls, so the master's
+//! IRR bit 2 is set again right after an acknowledge cleared it. KVM does not evaluate after
+//! ICW1-ICW4, OCW3, the rotate-in-AEOI commands, an EOI with nothing in service, or a poll of
+//! the master that took IR2 ([`Reevaluate`]); after those IR2 stays as it was, so a master ICW1
+//! or such a poll leaves it clear while the slave still requests, until the next evaluation.
+//! (The datasheet's master sees the slave's INT as a level that needs a new rising edge after
+//! ICW1; KVM's pulse at each evaluation is what this model follows.) When the master acknowledges IR2 the slave runs
 //! its own INTA and supplies the vector; if it has nothing to give it supplies its IR7 vector
 //! without setting its ISR, while the master's IR2 stays in service ("spurious IRQ 15": the guest
 //! must EOI the master only). The slave's ICW3 ID and the master's ICW3 are recorded but not
@@ -71,8 +77,9 @@
 //!
 //! [`DualPic`] serializes every register, latch, line level, the init sequencer position, the
 //! rotation pointer and the modes. Deserializing scrubs values a guest could not produce (ELCR
-//! fixed bits, vector base low bits, priority bits above 2) and settles the cascade, so a
-//! restored PIC is always self-consistent.
+//! fixed bits, vector base low bits, priority bits above 2). The master's IR2 request is kept as
+//! saved: it may be clear while the slave requests (see "Cascade"), and KVM's PIC state carries
+//! it the same way.
 
 mod chip;
 mod parts;
@@ -163,7 +170,6 @@ impl From<DualPicState> for DualPic {
         };
         pic.master.sanitize(Role::Master);
         pic.slave.sanitize(Role::Slave);
-        pic.settle_cascade();
         pic
     }
 }
@@ -242,7 +248,7 @@ impl DualPic {
     /// A one-byte guest write. Command ports take ICW1/OCW2/OCW3, data ports ICW2-4 or OCW1,
     /// ELCR ports the trigger-mode bits (fixed bits ignored). Undecoded ports are ignored.
     pub fn port_write(&mut self, port: u16, value: u8) {
-        match port {
+        let reevaluate = match port {
             MASTER_COMMAND_PORT => self.master.write_command(value),
             MASTER_DATA_PORT => self.master.write_data(value),
             SLAVE_COMMAND_PORT => self.slave.write_command(value),
@@ -251,8 +257,10 @@ impl DualPic {
             ELCR_MASTER_PORT => return self.master.write_elcr(value),
             ELCR_SLAVE_PORT => return self.slave.write_elcr(value),
             _ => return,
+        };
+        if reevaluate == Reevaluate::Yes {
+            self.settle_cascade();
         }
-        self.settle_cascade();
     }
 
     /// Sets the logical level of ISA line `irq` (0-15). IRQ 2 and lines above 15 are ignored.
@@ -350,7 +358,11 @@ impl DualPic {
                 self.master.irr &= !cascade;
                 self.master.isr &= !cascade;
             }
-            self.settle_cascade();
+            // KVM evaluates the outputs after every poll but the master's that took IR2, so
+            // that one leaves IR2 clear while the slave still requests.
+            if !(role == Role::Master && taken == Some(CASCADE_IR)) {
+                self.settle_cascade();
+            }
             word
         } else if data_port {
             chip.imr

@@ -111,14 +111,13 @@ impl Pic8259 {
 
 impl DualPic {
     /// The pair built from register values, scrubbed as a deserialized snapshot is: ELCR bits
-    /// the chipset fixes as edge, vector base bits 2:0 and priority bits above 2 are dropped,
-    /// and a requesting slave has its request on the master's IR2.
+    /// the chipset fixes as edge, vector base bits 2:0 and priority bits above 2 are dropped.
+    /// The master's IR2 request is taken as given (it may be clear while the slave requests,
+    /// as after an ICW1 of the master; see the module documentation, "Cascade").
     pub fn from_registers(master: &PicRegisters, slave: &PicRegisters) -> Self {
-        let mut pic = Self {
+        Self {
             master: Pic8259::from_registers(Role::Master, master),
             slave: Pic8259::from_registers(Role::Slave, slave),
-        };
-        pic.settle_cascade();
-        pic
+        }
     }
 }

@@ -695,6 +695,59 @@ fn ocw3_poll_on_master_and_slave_for_a_cascaded_request() {
     assert!(!pic.output());
 }
 
+/// KVM evaluates the pair's outputs (and so pulses IR2 while the slave requests) after OCW1,
+/// EOIs, priority commands, line changes, INTA and polls, but not after a poll of the master
+/// that took IR2 nor after ICW1-ICW4 or OCW3. Kernel mode on this host, found by the
+/// differential guest: a master poll right after the master's ICW1 with the slave requesting
+/// reads 0x07, not 0x82.
+#[test]
+fn a_master_poll_that_takes_the_cascade_leaves_ir2_clear_until_the_next_evaluation() {
+    let mut pic = linux_pic();
+    pulse(&mut pic, 10);
+    pic.port_write(MASTER_COMMAND_PORT, OCW3_POLL_CMD);
+    assert_eq!(pic.port_read(MASTER_COMMAND_PORT), POLL_INTERRUPT | 2);
+    assert_eq!(
+        pic.master().irr() & 0x04,
+        0,
+        "no fresh edge after that poll"
+    );
+    pic.port_write(MASTER_COMMAND_PORT, OCW3_POLL_CMD);
+    assert_eq!(
+        pic.port_read(MASTER_COMMAND_PORT),
+        0x07,
+        "nothing left to poll"
+    );
+    assert_eq!(
+        pic.master().irr() & 0x04,
+        0x04,
+        "the empty poll evaluated the outputs"
+    );
+    assert_eq!(pic.slave().irr(), 0x04);
+
+    // ICW1 of the master drops the edge; no evaluation until OCW1 ends the sequence.
+    pic.port_write(MASTER_COMMAND_PORT, CMD_ICW1);
+    assert_eq!(pic.master().irr() & 0x04, 0);
+    pic.port_write(MASTER_COMMAND_PORT, OCW3_POLL_CMD);
+    assert_eq!(pic.port_read(MASTER_COMMAND_PORT), 0x07);
+    pic.port_write(MASTER_DATA_PORT, LINUX_MASTER_BASE);
+    pic.port_write(MASTER_DATA_PORT, 1 << CASCADE_IR);
+    assert_eq!(
+        pic.master().irr() & 0x04,
+        0x04,
+        "the poll after ICW1 evaluated"
+    );
+    pic.port_write(MASTER_COMMAND_PORT, CMD_ICW1);
+    pic.port_write(MASTER_DATA_PORT, LINUX_MASTER_BASE);
+    pic.port_write(MASTER_DATA_PORT, 1 << CASCADE_IR);
+    assert_eq!(
+        pic.master().irr() & 0x04,
+        0,
+        "ICW2 and ICW3 do not evaluate"
+    );
+    pic.port_write(MASTER_DATA_PORT, 0x00);
+    assert_eq!(pic.master().irr() & 0x04, 0x04, "OCW1 does");
+}
+
 // ---- Reading the 8259A Status ----
 
 #[test]
@@ -944,8 +997,9 @@ fn check_invariants(pic: &DualPic) -> Result<(), TestCaseError> {
     for chip in [pic.master(), pic.slave()] {
         prop_assert!(chip.lowest_priority() < 8);
     }
-    // The cascade: a requesting slave has a request on the master's IR2.
-    prop_assert!(!pic.slave().int_output() || pic.master().irr() & (1 << CASCADE_IR) != 0);
+    // (A requesting slave need not have a request on the master's IR2: a poll of the master
+    // that took IR2 leaves it clear until the next evaluation of the outputs, as in KVM;
+    // `a_master_poll_that_takes_the_cascade_leaves_ir2_clear_until_the_next_evaluation`.)
     Ok(())
 }
 
