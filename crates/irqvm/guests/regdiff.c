@@ -53,9 +53,14 @@
  *    value at its exits, so `user` mode cannot see a write that does not change it);
  *  - an IOAPIC entry's bits 55:49 (the extended destination ID of KVM_FEATURE_MSI_EXT_DEST_ID, which
  *    `user` and `split` mode offer and read; KVM's in-kernel IOAPIC reads only bits 63:56): written 0;
+ *  - an IOAPIC entry's destination FFH (`[kvm-ioapic-remote-irr-nobody]`: KVM delivers a broadcast
+ *    outside its APIC map and sets remote IRR for a level message that found no enabled APIC there, e.g.
+ *    with the APIC globally disabled, so the pin waits for an EOI that cannot come; the model sets it only
+ *    when an APIC accepted the message, 82093AA §3.2.4): written FEH;
  *  - lowest-priority delivery (`[kvm-vector-hashing]`: sent as fixed), IOAPIC delivery modes 011b, 110b and
- *    ExtINT (sent as fixed), IOAPIC polarity (KVM ignores INTPOL; irqvm models the wire, and PCI pins
- *    16-23 idle high: entries are programmed as the pins are wired, ISA active high, PCI active low).
+ *    ExtINT (sent as fixed), IOAPIC polarity (KVM ignores INTPOL; irqvm models the wire, PCI pins 16-23
+ *    idle high, and a write that flips INTPOL is an edge): entries are programmed as the pins are wired,
+ *    from the start and in every write, ISA active high, PCI active low.
  */
 #include "guest.h"
 
@@ -399,9 +404,11 @@ static u32 ioapic_value(u32 sel)
 {
 	u32 v = any32();
 	if (sel >= 0x10 && sel < 0x10 + 2 * IOAPIC_PINS) {
-		if (sel & 1)
+		if (sel & 1) {
 			v &= ~0x00FE0000u; /* bits 55:49, the extended destination ID (see the header) */
-		else
+			if (v >> 24 == 0xFF)
+				v &= ~0x01000000u; /* not the broadcast destination (see the header) */
+		} else
 			v = shared_redirection((sel - 0x10) / 2, v);
 	}
 	return v;
@@ -488,6 +495,8 @@ void guest_main(void)
 	cli();
 	pic_disable();
 	ioapic_mask_all();
+	for (u32 pin = 16; pin < IOAPIC_PINS; pin++) /* PCI pins active low from the start (see the header) */
+		ioapic_set_entry(pin, IOAPIC_MASKED | IOAPIC_ACTIVE_LOW);
 	u32 a, b, c, d;
 	cpuid(0x80000008, 0, &a, &b, &c, &d);
 	max_phys_addr = a & 0xFF;
