@@ -91,12 +91,8 @@ fn parse_vector(text: &str) -> Result<u8, String> {
 #[derive(Debug, clap::Args)]
 #[command(mut_arg("exact_irq_boundaries", |arg| arg.help("As `irqvm run --exact-irq-boundaries`")))]
 pub struct FuzzArgs {
-    /// Keep running seeds for this many seconds (without it: one round with one seed).
-    #[arg(long, value_name = "N")]
-    pub seconds: Option<u64>,
-    /// The first seed (default: from the clock); later rounds count up from it.
-    #[arg(long, value_name = "S")]
-    pub seed: Option<u64>,
+    #[command(flatten)]
+    pub seeds: SeedArgs,
     /// Only this irqchip mode (default: user, split and kernel).
     #[arg(long, value_enum)]
     pub irqchip: Option<IrqchipMode>,
@@ -110,14 +106,31 @@ pub struct FuzzArgs {
     pub boundaries: ExactIrqBoundaries,
 }
 
+/// The seeds a guest campaign (`fuzz-guest`, `diff-guest`) runs.
 #[derive(Debug, clap::Args)]
-pub struct DiffArgs {
-    /// Keep running seeds for this many seconds (without it: one seed).
+pub struct SeedArgs {
+    /// Keep running seeds for this many seconds (without it: one seed, in every mode asked for).
     #[arg(long, value_name = "N")]
     pub seconds: Option<u64>,
     /// The first seed (default: from the clock); later ones count up from it.
     #[arg(long, value_name = "S")]
     pub seed: Option<u64>,
+}
+
+impl SeedArgs {
+    fn first_seed(&self) -> u64 {
+        self.seed.unwrap_or_else(crate::fuzzguest::clock_seed)
+    }
+
+    fn duration(&self) -> Option<Duration> {
+        self.seconds.map(Duration::from_secs)
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DiffArgs {
+    #[command(flatten)]
+    pub seeds: SeedArgs,
     /// Compare only this mode with `kernel` mode (default: user and split).
     #[arg(long, value_enum)]
     pub irqchip: Option<IrqchipMode>,
@@ -722,10 +735,10 @@ pub const VMM_ERROR_STATUS: i32 = 2;
 
 /// `irqvm fuzz-guest`: 0 if every run passed, 1 at the first failure (reported on stderr).
 fn fuzz_guest(args: &FuzzArgs) -> i32 {
-    use crate::fuzzguest::{clock_seed, run_plan, FuzzPlan};
+    use crate::fuzzguest::{run_plan, FuzzPlan};
     let plan = FuzzPlan {
-        first_seed: args.seed.unwrap_or_else(clock_seed),
-        duration: args.seconds.map(Duration::from_secs),
+        first_seed: args.seeds.first_seed(),
+        duration: args.seeds.duration(),
         modes: match args.irqchip {
             Some(mode) => vec![mode],
             None => vec![IrqchipMode::User, IrqchipMode::Split, IrqchipMode::Kernel],
@@ -766,8 +779,8 @@ fn diff_guest(args: &DiffArgs) -> i32 {
         None => vec![IrqchipMode::User, IrqchipMode::Split],
     };
     let plan = DiffPlan {
-        first_seed: args.seed.unwrap_or_else(crate::fuzzguest::clock_seed),
-        duration: args.seconds.map(Duration::from_secs),
+        first_seed: args.seeds.first_seed(),
+        duration: args.seeds.duration(),
         modes,
         ops: args.ops,
     };
