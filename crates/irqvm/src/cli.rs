@@ -1,5 +1,5 @@
-//! Command line: `irqvm run --kernel FILE ...`, `irqvm restore ...`, `irqvm fuzz-guest ...`, `irqvm diff-guest ...`,
-//! `irqvm trace report ...`, and `irqvm` alone for the built-in demo.
+//! Command line: `irqvm run --kernel FILE ...`, `irqvm restore ...`, `irqvm fuzz-guest ...`,
+//! `irqvm diff-guest ...`, `irqvm trace report ...`, and `irqvm` alone for the built-in demo.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
