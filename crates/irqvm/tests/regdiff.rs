@@ -13,7 +13,7 @@ use irqvm::IrqchipMode;
 
 /// The seeds CI runs, and their operations.
 const SEEDS: [u64; 2] = [1, 2];
-const OPS: u32 = 800;
+const OPS: u32 = 500;
 
 #[test]
 fn user_and_split_mode_read_what_kernel_mode_reads() {
