@@ -128,7 +128,6 @@ pub enum ReadSelect {
     Isr,
 }
 
-/// One 8259A. Fields are the chip's registers and mode latches; `lines` are the levels of its
 /// Whether the pair's outputs are evaluated after a port write. KVM's PIC runs its
 /// `pic_update_irq` after OCW1, the EOI and priority commands of OCW2 and line changes, but not
 /// after ICW1-ICW4, OCW3 or the rotate-in-AEOI commands; the evaluation is what gives the
@@ -143,6 +142,7 @@ pub enum Reevaluate {
     No,
 }
 
+/// One 8259A. Fields are the chip's registers and mode latches; `lines` are the levels of its
 /// IR input pins (for the master's IR2: the slave's INT output).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Pic8259 {
@@ -539,9 +539,9 @@ impl Pic8259 {
 
     // ---- Operation Command Words ----
 
-    /// OCW2: EOI, rotation and priority commands, decoded on R, SL, EOI.
-    /// OCW2. The outputs are evaluated after an EOI that cleared a bit, a specific EOI and a
-    /// priority change, not after the rotate-in-AEOI commands or a no-op (KVM).
+    /// OCW2: EOI, rotation and priority commands, decoded on R, SL, EOI. The outputs are
+    /// evaluated after an EOI that cleared a bit, a specific EOI and a priority change, not after
+    /// the rotate-in-AEOI commands or a no-op (KVM).
     fn write_ocw2(&mut self, value: u8) -> Reevaluate {
         let level = value & OCW2_LEVEL_MASK;
         match value & OCW2_COMMAND_MASK {

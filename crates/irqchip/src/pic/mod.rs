@@ -46,8 +46,8 @@
 //! the master that took IR2 ([`Reevaluate`]); after those IR2 stays as it was, so a master ICW1
 //! or such a poll leaves it clear while the slave still requests, until the next evaluation.
 //! (The datasheet's master sees the slave's INT as a level that needs a new rising edge after
-//! ICW1; KVM's pulse at each evaluation is what this model follows.) When the master acknowledges IR2 the slave runs
-//! its own INTA and supplies the vector; if it has nothing to give it supplies its IR7 vector
+//! ICW1; KVM's pulse at each evaluation is what this model follows.) When the master
+//! acknowledges IR2 the slave runs its own INTA and supplies the vector; if it has nothing to give it supplies its IR7 vector
 //! without setting its ISR, while the master's IR2 stays in service ("spurious IRQ 15": the guest
 //! must EOI the master only). The slave's ICW3 ID and the master's ICW3 are recorded but not
 //! used: the board wiring makes the slave answer for IR2 (KVM does the same). A poll of the slave
