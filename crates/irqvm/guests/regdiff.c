@@ -14,7 +14,7 @@
  *
  * What keeps the transcript independent of timing, so that a difference is a difference in behaviour:
  *  - Interrupts are never taken (IF stays clear): vectors collect in IRR, with TMR, and IOAPIC entries keep
- *    remote IRR until the EOI register clears it. (KVM's LAPIC on this host drops a vector from ISR when it
+ *    remote IRR until they are switched to edge. (KVM's LAPIC on this host drops a vector from ISR when it
  *    delivers it, docs/kvm-facts.md, so ISR and PPR after a delivery cannot be compared.) NMIs are taken;
  *    KVM takes them at its next exit, which the operation's closing exits provide.
  *  - Every operation ends with a port exit and an IA32_APIC_BASE read (an exit KVM handles itself in
@@ -47,9 +47,10 @@
  *    TMCCT goes on reading the previous count, the model counts as in one-shot mode): written as periodic;
  *  - a TSC deadline already passed when written while the timer cannot interrupt (LVT masked or APIC
  *    software-disabled; `[kvm-timer-masked-pending]`: KVM keeps the expiry pending, the deadline reading
- *    armed, and delivers it when the LVT is unmasked; the model, as SDM vol. 3 §11.5.1 says of a masked LVT,
+ *    armed; the model, as SDM vol. 3 §11.5.1 says of a masked LVT,
  *    fires into the mask and the interrupt is lost): such a write is 2^42 cycles ahead instead;
- *  - a CR8 write of the class TPR already holds while TPR's bits 3:0 are not zero (`[user-cr8-same-class]`:
+ *  - a CR8 write of the class TPR already holds while TPR's bits 3:0 are not zero, or may not be (the APIC
+ *    disabled: TPR cannot be read) (`[user-cr8-same-class]`:
  *    MOV to CR8 clears them, SDM vol. 3 §11.8.6.1, but KVM reports CR8 to a userspace LAPIC only as a
  *    value at its exits, so `user` mode cannot see a write that does not change it);
  *  - an IOAPIC entry's bits 55:49 (the extended destination ID of KVM_FEATURE_MSI_EXT_DEST_ID, which
