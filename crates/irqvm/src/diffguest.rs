@@ -104,10 +104,12 @@ pub fn first_divergence(reference: &str, other: &str) -> Option<Divergence> {
     }
 }
 
-/// The operation number a transcript line starts with (`0042 mmio 350 <- ... s=...`).
+/// The operation number a transcript line starts with (`0042 mmio 350 <- ... s=...`; at least
+/// four digits, more past operation 9999).
 fn operation_of(line: &str) -> Option<u32> {
     let number = line.split_whitespace().next()?;
-    (number.len() == 4).then(|| number.parse().ok())?
+    let digits = number.len() >= 4 && number.bytes().all(|b| b.is_ascii_digit());
+    digits.then(|| number.parse().ok())?
 }
 
 /// One value that differs between two `dump=1` lines: what it is, the reference's and the other's.
@@ -412,6 +414,7 @@ mod tests {
     #[test]
     fn transcript_lines_carry_their_operation_number() {
         assert_eq!(operation_of("0042 line 17 high -> 0 s=1234abcd"), Some(42));
+        assert_eq!(operation_of("12345 eoi -> 0 s=1234abcd"), Some(12345));
         assert_eq!(operation_of("regdiff seed 1 ops 800"), None);
         assert_eq!(operation_of("PASS: regdiff ran every op"), None);
     }
