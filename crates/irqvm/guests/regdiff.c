@@ -1,7 +1,14 @@
-/* regdiff: a seeded random program over CPU 0's interrupt controllers whose transcript must be the same in
+/* regdiff: a seeded random program over the interrupt controllers whose transcript must be the same in
  * every irqchip mode: `kernel` mode (KVM's LAPIC, IOAPIC and PIC) is the reference, `split` compares irqvm's
  * IOAPIC and PIC against it, `user` all three. `irqvm diff-guest` and tests/regdiff.rs run it in each mode and
  * compare the transcripts line by line.
+ *
+ * On one vCPU, CPU 0 runs every operation. On two or more, CPU 0 and CPU 1 take turns (a third of the
+ * operations run on CPU 1, marked `cpu1`; CPUs 2 and up park with interrupts off): CPU 1 waits in a loop with
+ * interrupts off until CPU 0 hands it an operation or asks for its state, so both CPUs act in one order in
+ * every mode. IPIs then pass between the CPUs (fixed, NMI, level-triggered, to physical and logical
+ * destinations chosen to reach CPU 0, CPU 1, both or neither), IOAPIC entries name either CPU, and each line
+ * carries CPU 1's state hash after CPU 0's (`s=CPU0/CPU1`; in `dump=1` lines CPU 1's keys start with `1.`).
  *
  * Command line: `seed=S` (default 1), `ops=N` (default 200, the guest suites' run; `irqvm diff-guest` asks
  * for 800), `dump=1` (each line lists every value read instead of their hash: run it with the seed and mode
@@ -23,8 +30,10 @@
  *  - The APIC timer never fires by itself: initial counts are 0 or at least 2^31 with a divider of 64 or
  *    128 (over two minutes at KVM's 1 GHz APIC bus); a TSC deadline is 0, 1 (already passed: fires at the
  *    write, into IRR) or 2^42 cycles ahead. The current count is read as zero or not.
- *  - Nothing reaches CPU 0 that would restart it: INIT goes only to "all excluding self" (from the ICR; in
- *    an LVT or an IOAPIC entry it becomes fixed), and no SIPI is sent.
+ *  - Nothing reaches a CPU that would restart it: INIT goes only to "all excluding self" on one vCPU and
+ *    is only the level de-assert (which no APIC acts on) on two (from the ICR; in an LVT or an IOAPIC entry
+ *    it becomes fixed); a SIPI is sent only on two vCPUs, where no CPU waits for one (only a CPU in the
+ *    wait-for-SIPI state acts on a SIPI; a running one ignores it, as KVM's `kvm_apic_accept_events` does).
  *  - Vectors are 32-255.
  *  - Lines are driven through pc-testdev: ISA IRQs 1 and 3-15 (to the 8259s and IOAPIC pins 1, 3-15; not
  *    IRQ 0, which goes to pin 2, nor the cascade IRQ 2) and pins 16-23 (the IOAPIC only), each only to the
@@ -58,11 +67,29 @@
  *  - an IOAPIC entry's destination FFH (`[kvm-ioapic-remote-irr-nobody]`: KVM delivers a broadcast
  *    outside its APIC map and sets remote IRR for a level message that found no enabled APIC there, e.g.
  *    with the APIC globally disabled, so the pin waits for an EOI that cannot come; the model sets it only
- *    when an APIC accepted the message, 82093AA §3.2.4): written FEH;
+ *    when an APIC accepted the message, 82093AA §3.2.4): written FEH; for the same reason no level-triggered
+ *    entry with a logical destination that matches no enabled APIC is unmasked or has its line changed (KVM
+ *    takes its slow path whenever its APIC map is off, e.g. for an LDR with several bits or APICs in different
+ *    DFR models, and counts "no APIC matched" as delivered): such a write goes physical, the line is kept;
  *  - lowest-priority delivery (`[kvm-vector-hashing]`: sent as fixed), IOAPIC delivery modes 011b, 110b and
  *    ExtINT (sent as fixed), IOAPIC polarity (KVM ignores INTPOL; irqvm models the wire, PCI pins 16-23
  *    idle high, and a write that flips INTPOL is an edge): entries are programmed as the pins are wired,
- *    from the start and in every write, ISA active high, PCI active low.
+ *    from the start and in every write, ISA active high, PCI active low;
+ *  - with two CPUs, while one APIC is in xAPIC and the other in x2APIC mode (both enabled; a configuration
+ *    the SDM does not provide for): no logical destination (IPIs go physical; an IOAPIC entry's low word is
+ *    written physical, a logical entry's high word is not written and its line is kept) and no physical
+ *    broadcast ID from either mode (`[kvm-mixed-apic-modes]`: KVM resolves such messages through its APIC
+ *    map, built for one mode, so an xAPIC APIC is reached through x2APIC cluster arithmetic and an xAPIC
+ *    sender's FFH is no broadcast; irqvm has each APIC match the message by its own mode);
+ *  - a logical NMI (from the ICR or an IOAPIC entry) that names a software-disabled APIC
+ *    (`[kvm-logical-map-sw-disabled]`: KVM's APIC map takes its logical model from the software-enabled
+ *    APICs only and leaves software-disabled ones out of its xAPIC tables, so it drops such an NMI in xAPIC
+ *    mode while the map is on, and in any mode while no software-enabled APIC has an LDR; irqvm delivers
+ *    it, as SDM vol. 3 §11.4.7.2 says a software-disabled APIC takes NMIs): sent as fixed, which such an
+ *    APIC drops;
+ *  - a DFR model other than flat (1111b) or cluster (0000b) (`[kvm-dfr-reserved-model]`: KVM's APIC map
+ *    reads any other model as cluster and its slow path as matching nothing): the model written is 1111b or
+ *    0000b.
  */
 #include "guest.h"
 
@@ -72,6 +99,8 @@
 #define IOAPIC_PINS 24
 
 static u64 seed = 1, ops = 200, dump;
+/* CPU 1 takes part (the VM has two vCPUs or more; any others are parked with interrupts off). */
+static bool two_cpus;
 
 /* ---- deterministic random numbers (splitmix64 seeding, xorshift64*) ---------------------------------------- */
 static u64 rng_state;
@@ -99,17 +128,72 @@ static u32 any32(void)
 }
 
 /* ---- NMIs taken (interrupts never are: IF stays clear) ---------------------------------------------------- */
-static volatile u32 nmi_count;
-static void on_nmi(struct irq_frame *f, u32 cpu) { nmi_count++; }
+static volatile u32 nmi_count[2];
+static void on_nmi(struct irq_frame *f, u32 cpu)
+{
+	if (cpu < 2)
+		nmi_count[cpu]++;
+}
 
 /* ---- the state read after every operation --------------------------------------------------------------- */
-/* Whether the ICR's destination has been written since the last mode change (see the header). */
-static bool icr_destination_written;
+/* Per CPU: whether the ICR's destination has been written since the last mode change (see the header). */
+static bool icr_written[2];
+#define icr_destination_written icr_written[this_cpu()]
+/* Per CPU: IA32_APIC_BASE as last read (after every operation, by the CPU itself). */
+static volatile u64 apic_base_of[2];
+/* Both APICs enabled, one in xAPIC and one in x2APIC mode (see the header: no logical destination then). */
+static bool modes_mixed(void)
+{
+	u64 a = apic_base_of[0], b = apic_base_of[1];
+	return (a & b & APIC_BASE_EN) && ((a ^ b) & APIC_BASE_EXTD);
+}
+/* Per CPU: LDR, DFR and SVR as last read (with IA32_APIC_BASE). */
+static volatile u32 ldr_of[2], dfr_of[2], svr_of[2];
+/* Whether CPU c's APIC is enabled and matches the logical destination `dest` (8 bits) in its own mode
+ * (SDM vol. 3 §11.6.2.2, §11.12.10.2; with one vCPU CPU 1 is never enabled). */
+static bool logical_match(u32 c, u32 dest)
+{
+	u64 base = apic_base_of[c];
+	u32 ldr = ldr_of[c], id = ldr >> 24;
+	if (!(base & APIC_BASE_EN))
+		return false;
+	if (base & APIC_BASE_EXTD)
+		return (ldr >> 16) == (dest >> 16) && (ldr & dest & 0xFFFF);
+	if (dfr_of[c] >> 28 == 0xF)
+		return (id & dest) != 0;
+	return (id >> 4) == (dest >> 4) && (id & dest & 0xF);
+}
+static bool logical_reaches_an_apic(u32 dest) { return logical_match(0, dest) || logical_match(1, dest); }
+/* Whether a logical destination names a software-disabled APIC (see the header). */
+static bool logical_reaches_sw_disabled(u32 dest)
+{
+	for (u32 c = 0; c < 2; c++)
+		if (!(svr_of[c] & 0x100) && logical_match(c, dest))
+			return true;
+	return false;
+}
+/* An ICR low word as the modes share it: a logical NMI that would reach a software-disabled APIC is sent as
+ * fixed (see the header). */
+static u32 shared_nmi(u32 lo, u32 dest)
+{
+	bool logical_nmi = ((lo >> 8) & 7) == 4 && (lo & APIC_DEST_LOGICAL) && !(lo & 0xC0000);
+	return logical_nmi && logical_reaches_sw_disabled(dest) ? lo & ~0x700u : lo;
+}
+/* Whether an unmasked IOAPIC entry (low and high word) could send what the modes treat differently by
+ * design (see the header): a logical destination while the APIC modes are mixed, a level-triggered
+ * logical destination no APIC matches, or a logical NMI to a software-disabled xAPIC. */
+static bool entry_differs_by_design(u32 lo, u32 hi)
+{
+	if (!(lo & APIC_DEST_LOGICAL) || (lo & IOAPIC_MASKED))
+		return false;
+	return modes_mixed() || ((lo & IOAPIC_LEVEL) && !logical_reaches_an_apic(hi >> 24)) ||
+	       (((lo >> 8) & 7) == 4 && logical_reaches_sw_disabled(hi >> 24));
+}
 static u32 state_hash;
 static void note(u32 key, u64 value)
 {
 	if (dump)
-		printf(" %x=%lx", key, value);
+		printf(this_cpu() ? " 1.%x=%lx" : " %x=%lx", key, value);
 	state_hash = (state_hash ^ key) * 16777619u;
 	state_hash = (state_hash ^ (u32)value) * 16777619u;
 	state_hash = (state_hash ^ (u32)(value >> 32)) * 16777619u;
@@ -201,35 +285,83 @@ static bool timer_unmasked(u64 base)
 	u64 lvt = x2 ? rdmsr(0x832) : xapic_read(APIC_LVT_TIMER);
 	return (svr >> 8) & 1 && !(lvt & APIC_LVT_MASKED);
 }
-static void note_state(void)
+/* What this CPU reads of its own: its APIC, CR8, TSC deadline and NMIs. */
+static void note_cpu(void)
 {
 	u64 base = rdmsr(APIC_BASE_MSR), deadline = 0;
-	state_hash = 2166136261u;
+	u32 cpu = this_cpu();
+	apic_base_of[cpu] = base;
+	if (base & APIC_BASE_EXTD) {
+		ldr_of[cpu] = (u32)rdmsr(0x80D);
+		svr_of[cpu] = (u32)rdmsr(0x80F);
+	} else if (base & APIC_BASE_EN) {
+		ldr_of[cpu] = xapic_read(APIC_LDR);
+		dfr_of[cpu] = xapic_read(APIC_DFR);
+		svr_of[cpu] = xapic_read(APIC_SVR);
+	}
 	note(0x1B, base);
 	note(0xC8, read_cr8());
 	u32 fault = rdmsr_catch(MSR_TSC_DEADLINE, &deadline);
 	note(0x6E0, fault ? 0xFA000000ul | fault : deadline != 0);
 	note_lapic(base);
+	note(0x2000, nmi_count[this_cpu()]);
+}
+/* CPU 0's state hash: its own registers and the shared ones (IOAPIC, ELCRs). */
+static u64 note_cpu0(void)
+{
+	settle();
+	state_hash = 2166136261u;
+	note_cpu();
 	note_ioapic();
 	note(0x4D0, inb(0x4D0));
 	note(0x4D1, inb(0x4D1));
-	note(0x2000, nmi_count);
+	return state_hash;
+}
+/* CPU 1's state hash: its own registers (dump=1 names them 1.key). */
+static u64 note_cpu1(void)
+{
+	settle();
+	state_hash = 2166136261u;
+	note_cpu();
+	return state_hash;
 }
 
 /* ---- values within what the modes share (see the header) --------------------------------------------------- */
 static u32 delivery_mode(u32 lo) { return (lo >> 8) & 7; }
 static u32 as_fixed(u32 lo) { return lo & ~0x700u; }
 static u32 vector_at_least_32(u32 v) { return (v & 0xFF) < 32 ? v | 0x20 : v; }
-/* An ICR low word: lowest priority and SIPI sent as fixed, INIT only to "all excluding self" (shorthand 11b). */
+/* An ICR low word: lowest priority sent as fixed; on one vCPU SIPI as fixed and INIT only to "all excluding
+ * self" (shorthand 11b); on two a SIPI (both CPUs run, so it is ignored) and only the INIT level de-assert. */
 static u32 shared_icr(u32 lo)
 {
 	u32 mode = delivery_mode(lo);
 	lo = vector_at_least_32(lo);
-	if (mode == 1 || mode == 6)
+	if (two_cpus && modes_mixed())
+		lo &= ~(u32)APIC_DEST_LOGICAL;
+	if (mode == 1 || (mode == 6 && !two_cpus))
 		return as_fixed(lo);
+	if (mode == 5 && two_cpus) /* only the level de-assert, which nobody acts on (see the header) */
+		return (lo & 0xC000) == 0x8000 ? lo : as_fixed(lo);
 	if (mode == 5)
 		return lo | APIC_SH_OTHERS;
 	return lo;
+}
+/* An x2APIC ICR destination: not the broadcast while the modes are mixed (see the header). */
+static u32 x2apic_destination(u32 dest) { return modes_mixed() && dest == 0xFFFFFFFFu ? 0xFFFFFFFEu : dest; }
+/* Whether an xAPIC ICR2 value names the broadcast while the modes are mixed (see the header). */
+static bool xapic_broadcast_mixed(u32 icr2) { return two_cpus && modes_mixed() && icr2 >> 24 == 0xFF; }
+/* With two CPUs, a destination that reaches CPU 0, CPU 1, both or neither in some addressing mode: physical
+ * IDs 0-3, the broadcast ID, xAPIC flat bits or clusters 0-15 (members in bits 3:0), x2APIC clusters 0 and 1,
+ * or anything. */
+static u32 destination(bool x2)
+{
+	switch (below(6)) {
+	case 0: return below(4);
+	case 1: return x2 ? 0xFFFFFFFFu : 0xFF;
+	case 2: return x2 ? below(2) << 16 | below(16) : below(16);
+	case 3: return x2 ? (u32)rnd() : below(256);
+	default: return x2 ? below(4) : below(16) << 4 | below(16);
+	}
 }
 /* An LVT: INIT and SIPI become fixed. */
 static u32 shared_lvt(u32 lo)
@@ -276,6 +408,8 @@ static u32 lapic_value(u32 off, bool x2)
 	u32 v = any32();
 	switch (off) {
 	case APIC_ICR: return shared_icr(v);
+	case APIC_ICR2: return two_cpus && chance(2) ? destination(false) << 24 | (v & 0xFFFFFF) : v;
+	case APIC_DFR: return v & 0x10000000u ? v | 0xF0000000u : v & 0x0FFFFFFFu; /* flat or cluster */
 	case APIC_LVT_TIMER:
 		if ((v & 0x60000) == 0x60000)
 			v &= ~0x40000u; /* mode 11b (reserved) becomes periodic, see the header */
@@ -313,9 +447,11 @@ static u64 op_lapic_write(u64 base)
 	u32 off = lapic_offset(x2), v = lapic_value(off, x2);
 	if (x2) {
 		u64 v64 = v;
-		if (off == APIC_ICR)
-			v64 |= (u64)(chance(2) ? 0 : chance(2) ? 0xFFFFFFFFu : (u32)rnd()) << 32;
-		else if (chance(16))
+		if (off == APIC_ICR) {
+			u32 dest = two_cpus ? x2apic_destination(destination(true))
+					    : chance(2) ? 0 : chance(2) ? 0xFFFFFFFFu : (u32)rnd();
+			v64 = (u64)dest << 32 | shared_nmi(v, dest);
+		} else if (chance(16))
 			v64 |= (u64)(u32)rnd() << 32;
 		sfmt(what, sizeof(what), "wrmsr %x %lx", 0x800 + off / 16, v64);
 		if (wrmsr_catch(0x800 + off / 16, v64))
@@ -323,10 +459,21 @@ static u64 op_lapic_write(u64 base)
 		icr_destination_written |= off == APIC_ICR;
 		return 0;
 	}
-	if (off == APIC_ICR && !icr_destination_written) {
-		u32 destination = (u32)rnd();
-		sfmt(what, sizeof(what), "mmio 310 <- %x, 300 <- %x", destination, v);
-		xapic_write(APIC_ICR2, destination);
+	if (off == APIC_ICR) {
+		bool write_icr2 = !icr_destination_written;
+		u32 icr2 = write_icr2 ? (two_cpus ? destination(false) << 24 : (u32)rnd()) : xapic_read(APIC_ICR2);
+		if (xapic_broadcast_mixed(icr2)) {
+			icr2 ^= 1u << 24;
+			write_icr2 = true;
+		}
+		v = shared_nmi(v, icr2 >> 24);
+		if (!write_icr2) {
+			sfmt(what, sizeof(what), "mmio 300 <- %x", v);
+			xapic_write(APIC_ICR, v);
+			return 0;
+		}
+		sfmt(what, sizeof(what), "mmio 310 <- %x, 300 <- %x", icr2, v);
+		xapic_write(APIC_ICR2, icr2);
 		xapic_write(APIC_ICR, v);
 		icr_destination_written = true;
 		return 0;
@@ -407,6 +554,8 @@ static u32 ioapic_value(u32 sel)
 	u32 v = any32();
 	if (sel >= 0x10 && sel < 0x10 + 2 * IOAPIC_PINS) {
 		if (sel & 1) {
+			if (two_cpus && chance(2))
+				v = destination(false) << 24 | (v & 0xFFFFFF);
 			v &= ~0x00FE0000u; /* bits 55:49, the extended destination ID (see the header) */
 			if (v >> 24 == 0xFF)
 				v &= ~0x01000000u; /* not the broadcast destination (see the header) */
@@ -414,6 +563,33 @@ static u32 ioapic_value(u32 sel)
 			v = shared_redirection((sel - 0x10) / 2, v);
 	}
 	return v;
+}
+/* Pin's redirection entry, low and high word (IOREGSEL kept). */
+static void ioapic_entry(u32 pin, u32 *lo, u32 *hi)
+{
+	u32 sel = ioregsel_read();
+	ioregsel_write(0x10 + 2 * pin);
+	*lo = iowin_read();
+	ioregsel_write(0x11 + 2 * pin);
+	*hi = iowin_read();
+	ioregsel_write(sel);
+}
+/* An IOWIN write of `v` to register `sel`, made physical where the entry would differ by design. */
+static void iowin_write_shared(u32 sel, u32 v)
+{
+	if (sel >= 0x10 && sel < 0x10 + 2 * IOAPIC_PINS) {
+		u32 lo, hi;
+		ioapic_entry((sel - 0x10) / 2, &lo, &hi);
+		if (sel & 1 ? entry_differs_by_design(lo, v) : entry_differs_by_design(v, hi)) {
+			if (sel & 1) { /* the high word stays: the low word is written physical instead */
+				ioregsel_write(--sel);
+				v = lo;
+			}
+			v &= ~(u32)APIC_DEST_LOGICAL;
+		}
+	}
+	sfmt(what, sizeof(what), "iowin %x <- %x", sel, v);
+	iowin_write(v);
 }
 /* The pc-testdev lines driven high (bit n: line n). A line only ever changes level: KVM re-evaluates a line
  * driven to the level it has, irqvm forwards only changes (docs/irqchip-modes.md). */
@@ -428,9 +604,8 @@ static u64 op_ioapic(void)
 		return 0;
 	}
 	case 1: case 2: {
-		u32 v = ioapic_value(ioregsel_read() & 0xFF);
-		sfmt(what, sizeof(what), "iowin <- %x", v);
-		iowin_write(v);
+		u32 sel = ioregsel_read() & 0xFF;
+		iowin_write_shared(sel, ioapic_value(sel));
 		return 0;
 	}
 	default: {
@@ -438,6 +613,12 @@ static u64 op_ioapic(void)
 		if (chance(14))
 			pin = 1;
 		bool high = (lines_high >> pin) & 1, pulse = !high && chance(2);
+		u32 lo, hi;
+		ioapic_entry(pin, &lo, &hi);
+		if (entry_differs_by_design(lo, hi)) {
+			sfmt(what, sizeof(what), "line %u kept (see the header)", pin);
+			return 0;
+		}
 		sfmt(what, sizeof(what), "line %u %s", pin, high ? "low" : pulse ? "pulse" : "high");
 		testdev_set_irq(pin, !high);
 		if (pulse)
@@ -465,9 +646,44 @@ static u64 op_pic(void)
 	return 0;
 }
 
+/* With two CPUs: an IPI shaped to arrive somewhere (fixed mostly, NMI, a level trigger, the INIT level
+ * de-assert; physical or logical; a shorthand at times) to a destination that matters. */
+static u64 op_ipi(u64 base)
+{
+	static const u32 modes[] = { 0x000, 0x000, 0x000, 0x400, 0x100, 0x200, 0x8500, 0x600 };
+	bool x2 = (base & APIC_BASE_EXTD) != 0;
+	u32 lo = (32 + below(224)) | modes[below(sizeof(modes) / sizeof(modes[0]))];
+	if (chance(3))
+		lo |= APIC_DEST_LOGICAL;
+	if (chance(5))
+		lo |= 0x8000 | (chance(2) ? 0x4000 : 0);
+	if (chance(5))
+		lo |= below(4) << 18;
+	lo = shared_icr(lo);
+	u32 dest = x2 ? x2apic_destination(destination(true)) : destination(false);
+	if (!x2 && xapic_broadcast_mixed(dest << 24))
+		dest = 0xFE;
+	lo = shared_nmi(lo, dest);
+	if (!(base & APIC_BASE_EN)) {
+		sfmt(what, sizeof(what), "ipi %x to %x (apic disabled)", lo, dest);
+		return 0;
+	}
+	icr_destination_written = true;
+	if (x2) {
+		sfmt(what, sizeof(what), "wrmsr 830 %lx", (u64)dest << 32 | lo);
+		return wrmsr_catch(0x830, (u64)dest << 32 | lo) ? 0xFA000000ul | GP_CAUGHT : 0;
+	}
+	sfmt(what, sizeof(what), "mmio 310 <- %x, 300 <- %x", dest << 24, lo);
+	xapic_write(APIC_ICR2, dest << 24);
+	xapic_write(APIC_ICR, lo);
+	return 0;
+}
+
 static u64 run_op(void)
 {
 	u64 base = rdmsr(APIC_BASE_MSR);
+	if (two_cpus && chance(6))
+		return op_ipi(base);
 	u32 pick = below(100);
 	if (pick < 22)
 		return op_lapic_write(base);
@@ -484,6 +700,61 @@ static u64 run_op(void)
 	if (pick < 80)
 		return op_ioapic();
 	return op_pic();
+}
+
+/* ---- two CPUs in lock step ------------------------------------------------------------------------------- */
+/* CPU 1 runs one piece of work at a time when CPU 0 asks and waits for it, so both CPUs' operations and
+ * reads happen in one order in every mode. */
+static volatile u32 work_asked, work_done, cpu1_ready;
+static u64 (*volatile cpu1_work)(void);
+static volatile u64 cpu1_result;
+static u64 op_number;
+
+static void serve(void *unused)
+{
+	(void)unused;
+	/* The kick that started this call may still wait in IRR (KVM injects it at an exit of its choosing):
+	 * take it with interrupts on, so that CPU 1 starts from an empty IRR in every mode. */
+	while (apic_vector_bit(APIC_IRR, KICK_VECTOR) || apic_vector_bit(APIC_ISR, KICK_VECTOR))
+		cpu_relax();
+	cli();
+	apic_write(APIC_TDCR, 0xA); /* as on CPU 0 (see the header) */
+	apic_base_of[1] = rdmsr(APIC_BASE_MSR);
+	WRITE_ONCE(cpu1_ready, 1);
+	for (;;) {
+		u32 asked = READ_ONCE(work_asked);
+		if (asked == work_done) {
+			cpu_relax();
+			continue;
+		}
+		cpu1_result = cpu1_work();
+		barrier();
+		WRITE_ONCE(work_done, asked);
+	}
+}
+/* `work` on `cpu` (0 or 1), its result once it has returned. */
+static u64 on_cpu(u32 cpu, u64 (*work)(void))
+{
+	if (cpu == 0)
+		return work();
+	cpu1_work = work;
+	barrier();
+	u32 asked = work_asked + 1;
+	WRITE_ONCE(work_asked, asked);
+	if (!wait_eq(&work_done, asked, 20000))
+		panic("cpu 1 did not finish its part of operation %lu", op_number);
+	barrier();
+	return cpu1_result;
+}
+/* Starts the APs; CPU 1 serves on_cpu, the others park with interrupts off. */
+static void start_cpus(void)
+{
+	check(smp_start_all() == ncpus, "all cpus online", "%u CPUs", ncpus);
+	for (u32 c = 2; c < ncpus; c++)
+		smp_call_async(c, smp_park_cli_hlt, NULL);
+	check(smp_call_async(1, serve, NULL) && wait_eq(&cpu1_ready, 1, WAIT_MS), "cpu 1 serves",
+	      "cpu 1 did not start");
+	two_cpus = true;
 }
 
 void guest_main(void)
@@ -508,18 +779,25 @@ void guest_main(void)
 	apic_enable();
 	apic_write(APIC_TDCR, 0xA); /* divide by 128 from the start (see the header) */
 	irq_set_handler(2, on_nmi);
-	printf("regdiff seed %lu ops %lu\n", seed, ops);
+	apic_base_of[0] = rdmsr(APIC_BASE_MSR);
+	if (ncpus > 1)
+		start_cpus();
+	printf("regdiff seed %lu ops %lu cpus %u\n", seed, ops, two_cpus ? 2 : 1);
 	u64 i;
 	for (i = 0; i < ops; i++) {
-		u64 result = run_op();
+		op_number = i;
+		u32 cpu = two_cpus && chance(3);
+		u64 result = on_cpu(cpu, run_op);
 		settle();
 		if (dump)
-			printf("%04lu %s -> %lx |", i, what, result);
-		note_state();
+			printf("%04lu %s%s -> %lx |", i, cpu ? "cpu1 " : "", what, result);
+		u32 state0 = (u32)note_cpu0(), state1 = two_cpus ? (u32)on_cpu(1, note_cpu1) : 0;
 		if (dump)
 			printf("\n");
+		else if (two_cpus)
+			printf("%04lu %s%s -> %lx s=%08x/%08x\n", i, cpu ? "cpu1 " : "", what, result, state0, state1);
 		else
-			printf("%04lu %s -> %lx s=%08x\n", i, what, result, state_hash);
+			printf("%04lu %s -> %lx s=%08x\n", i, what, result, state0);
 	}
 	check(i == ops, "regdiff ran every op", "%lu of %lu", i, ops);
 	done();

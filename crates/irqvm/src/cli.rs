@@ -137,6 +137,10 @@ pub struct DiffArgs {
     /// Operations in each run.
     #[arg(long, value_name = "N", default_value_t = crate::diffguest::DEFAULT_OPS)]
     pub ops: u32,
+    /// vCPUs: 1 (CPU 0 alone) or 2 (CPU 0 and CPU 1 operate in turn, IPIs pass between them).
+    #[arg(long, value_name = "N", default_value_t = crate::diffguest::DEFAULT_CPUS,
+          value_parser = clap::value_parser!(u32).range(1..=2))]
+    pub cpus: u32,
 }
 
 #[derive(Debug, clap::Args)]
@@ -783,6 +787,7 @@ fn diff_guest(args: &DiffArgs) -> i32 {
         duration: args.seeds.duration(),
         modes,
         ops: args.ops,
+        cpus: args.cpus,
     };
     println!("diff-guest: first seed {}", plan.first_seed);
     match run_plan(&plan) {

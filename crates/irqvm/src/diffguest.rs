@@ -27,26 +27,41 @@ pub const RUN_TIMEOUT: Duration = Duration::from_secs(240);
 /// The mode every other mode is compared with.
 pub const REFERENCE: IrqchipMode = IrqchipMode::Kernel;
 
+/// The vCPUs a run has by default: CPU 0 and CPU 1 both operate, and IPIs pass between them.
+pub const DEFAULT_CPUS: u32 = 2;
+
+/// What every mode runs the same: the guest's seed, its operations, and the vCPUs (1: CPU 0
+/// alone; 2: CPU 0 and CPU 1 in lock step; more: the others parked with interrupts off).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiffCase {
+    pub seed: u64,
+    pub ops: u32,
+    pub cpus: u32,
+}
+
 /// One run of the guest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DiffRun {
-    pub seed: u64,
-    pub ops: u32,
+    pub case: DiffCase,
     pub mode: IrqchipMode,
     /// `dump=1`: every value listed instead of the hash.
     pub dump: bool,
 }
 
 impl DiffRun {
+    fn cmdline(&self) -> String {
+        format!(
+            "seed={} ops={} dump={}",
+            self.case.seed,
+            self.case.ops,
+            u8::from(self.dump)
+        )
+    }
+
     fn config(&self, capture: SerialCapture) -> VmConfig {
         let mut cfg = VmConfig::new(DIFF_GUEST.to_vec(), "regdiff.elf");
-        cfg.cmdline = format!(
-            "seed={} ops={} dump={}",
-            self.seed,
-            self.ops,
-            u8::from(self.dump)
-        );
-        cfg.cpus = 1;
+        cfg.cmdline = self.cmdline();
+        cfg.cpus = self.case.cpus;
         cfg.irqchip = self.mode;
         cfg.serial = SerialOutput::Capture(capture);
         cfg
@@ -61,12 +76,11 @@ impl DiffRun {
     /// The command that shows this run's transcript.
     pub fn show_command(&self) -> String {
         format!(
-            "irqvm run --kernel {}/regdiff.elf --cpus 1 --irqchip {} --cmdline 'seed={} ops={} dump={}'",
+            "irqvm run --kernel {}/regdiff.elf --cpus {} --irqchip {} --cmdline '{}'",
             env!("IRQVM_GUESTS_DIR"),
+            self.case.cpus,
             mode_name(self.mode),
-            self.seed,
-            self.ops,
-            u8::from(self.dump)
+            self.cmdline()
         )
     }
 }
@@ -160,8 +174,11 @@ fn split_dump_line(line: &str) -> (&str, BTreeMap<&str, &str>) {
     (head.trim_end(), values)
 }
 
-/// What a `dump=1` key (hex) names; see `note_state` in guests/regdiff.c.
+/// What a `dump=1` key (hex; `1.` before it: CPU 1's) names; see `note_cpu` in guests/regdiff.c.
 fn key_name(key: &str) -> String {
+    if let Some(cpu1_key) = key.strip_prefix("1.") {
+        return format!("CPU 1's {}", key_name(cpu1_key));
+    }
     let Ok(k) = u32::from_str_radix(key, 16) else {
         return key.to_string();
     };
@@ -181,8 +198,7 @@ fn key_name(key: &str) -> String {
 /// A mode whose transcript differs from the reference's.
 #[derive(Clone, Debug)]
 pub struct Finding {
-    pub seed: u64,
-    pub ops: u32,
+    pub case: DiffCase,
     pub mode: IrqchipMode,
     pub divergence: Divergence,
     /// The values that differ after the first diverging operation (empty when the `dump=1`
@@ -195,8 +211,9 @@ impl fmt::Display for Finding {
         let d = &self.divergence;
         writeln!(
             f,
-            "seed {}: {} mode differs from {} mode at line {}:\n  {}: {}\n  {}: {}",
-            self.seed,
+            "seed {} ({} vCPUs): {} mode differs from {} mode at line {}:\n  {}: {}\n  {}: {}",
+            self.case.seed,
+            self.case.cpus,
             mode_name(self.mode),
             mode_name(REFERENCE),
             d.line,
@@ -218,8 +235,7 @@ impl fmt::Display for Finding {
         }
         for mode in [REFERENCE, self.mode] {
             let run = DiffRun {
-                seed: self.seed,
-                ops: self.ops,
+                case: self.case,
                 mode,
                 dump: true,
             };
@@ -251,8 +267,9 @@ impl fmt::Display for DiffFailure {
                 output,
             } => write!(
                 f,
-                "seed {} in {} mode: {failure}\n--- guest output ---\n{output}--- show ---\n{}",
-                run.seed,
+                "seed {} ({} vCPUs) in {} mode: {failure}\n--- guest output ---\n{output}--- show ---\n{}",
+                run.case.seed,
+                run.case.cpus,
                 mode_name(run.mode),
                 run.show_command()
             ),
@@ -270,31 +287,28 @@ fn transcript_of(run: DiffRun, timeout: Duration) -> Result<String, DiffFailure>
         })
 }
 
-/// Runs `seed` in the reference mode and in each of `modes`, and compares.
+/// Runs `case` in the reference mode and in each of `modes`, and compares.
 pub fn compare_seed(
-    seed: u64,
-    ops: u32,
+    case: DiffCase,
     modes: &[IrqchipMode],
     timeout: Duration,
 ) -> Result<(), DiffFailure> {
-    let run = |mode, dump, ops| DiffRun {
-        seed,
-        ops,
+    let run = |mode| DiffRun {
+        case,
         mode,
-        dump,
+        dump: false,
     };
-    let reference = transcript_of(run(REFERENCE, false, ops), timeout)?;
+    let reference = transcript_of(run(REFERENCE), timeout)?;
     for &mode in modes.iter().filter(|&&m| m != REFERENCE) {
-        let other = transcript_of(run(mode, false, ops), timeout)?;
+        let other = transcript_of(run(mode), timeout)?;
         let Some(divergence) = first_divergence(&reference, &other) else {
             continue;
         };
         let values = operation_of(&divergence.reference)
-            .map(|op| explain(seed, op, mode, timeout))
+            .map(|op| explain(case, op, mode, timeout))
             .unwrap_or_default();
         return Err(DiffFailure::Diverged(Box::new(Finding {
-            seed,
-            ops,
+            case,
             mode,
             divergence,
             values,
@@ -305,11 +319,13 @@ pub fn compare_seed(
 
 /// The values that differ after operation `op`, from `dump=1` runs that stop there; empty when
 /// they cannot tell.
-fn explain(seed: u64, op: u32, mode: IrqchipMode, timeout: Duration) -> Vec<ValueDifference> {
+fn explain(case: DiffCase, op: u32, mode: IrqchipMode, timeout: Duration) -> Vec<ValueDifference> {
     let dump = |mode| {
         DiffRun {
-            seed,
-            ops: op + 1,
+            case: DiffCase {
+                ops: op + 1,
+                ..case
+            },
             mode,
             dump: true,
         }
@@ -337,6 +353,7 @@ pub struct DiffPlan {
     /// The modes compared with the reference.
     pub modes: Vec<IrqchipMode>,
     pub ops: u32,
+    pub cpus: u32,
 }
 
 /// Runs the plan, printing one line per seed to stdout; returns how many seeds passed, or the
@@ -346,7 +363,12 @@ pub fn run_plan(plan: &DiffPlan) -> Result<u64, DiffFailure> {
     let mut seed = plan.first_seed;
     loop {
         let t = Instant::now();
-        compare_seed(seed, plan.ops, &plan.modes, RUN_TIMEOUT)?;
+        let case = DiffCase {
+            seed,
+            ops: plan.ops,
+            cpus: plan.cpus,
+        };
+        compare_seed(case, &plan.modes, RUN_TIMEOUT)?;
         println!(
             "diff-guest: seed {seed}: {} the same as {} ({:.1} s)",
             plan.modes
@@ -409,27 +431,42 @@ mod tests {
         let missing = differing_values("0001 eoi -> 0 | 6e0=1", "0001 eoi -> 0 |");
         assert_eq!(missing[0].what, "IA32_TSC_DEADLINE armed");
         assert_eq!(missing[0].other, "(not read)");
+
+        let cpu1 = differing_values(
+            "0009 cpu1 eoi -> 0 | 200=0 1.200=10",
+            "0009 cpu1 eoi -> 0 | 200=0 1.200=0",
+        );
+        assert_eq!(cpu1.len(), 1);
+        assert_eq!(cpu1[0].what, "CPU 1's LAPIC register 0x200");
     }
 
     #[test]
     fn transcript_lines_carry_their_operation_number() {
         assert_eq!(operation_of("0042 line 17 high -> 0 s=1234abcd"), Some(42));
         assert_eq!(operation_of("12345 eoi -> 0 s=1234abcd"), Some(12345));
+        assert_eq!(
+            operation_of("0007 cpu1 eoi -> 0 s=1234abcd/0badf00d"),
+            Some(7)
+        );
         assert_eq!(operation_of("regdiff seed 1 ops 800"), None);
         assert_eq!(operation_of("PASS: regdiff ran every op"), None);
     }
 
     #[test]
-    fn a_run_is_one_vcpu_with_its_seed_ops_and_dump_on_the_command_line() {
+    fn a_run_has_its_vcpus_and_its_seed_ops_and_dump_on_the_command_line() {
         let run = DiffRun {
-            seed: 7,
-            ops: 30,
+            case: DiffCase {
+                seed: 7,
+                ops: 30,
+                cpus: 2,
+            },
             mode: IrqchipMode::Split,
             dump: true,
         };
         let cfg = run.config(SerialCapture::new());
         assert_eq!(cfg.cmdline, "seed=7 ops=30 dump=1");
-        assert_eq!((cfg.cpus, cfg.irqchip), (1, IrqchipMode::Split));
-        assert!(run.show_command().contains("--irqchip split"));
+        assert_eq!((cfg.cpus, cfg.irqchip), (2, IrqchipMode::Split));
+        let show = run.show_command();
+        assert!(show.contains("--cpus 2 --irqchip split --cmdline 'seed=7 ops=30 dump=1'"));
     }
 }
