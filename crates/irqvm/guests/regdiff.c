@@ -147,7 +147,8 @@ static bool modes_mixed(void)
 	u64 a = apic_base_of[0], b = apic_base_of[1];
 	return (a & b & APIC_BASE_EN) && ((a ^ b) & APIC_BASE_EXTD);
 }
-/* Per CPU: LDR, DFR and SVR as last read (with IA32_APIC_BASE). */
+/* Per CPU: LDR, DFR and SVR as last read (by note_lapic, with IA32_APIC_BASE; kept while the APIC is
+ * disabled, when no destination matches it anyway). */
 static volatile u32 ldr_of[2], dfr_of[2], svr_of[2];
 /* Whether CPU c's APIC is enabled and matches the logical destination `dest` (8 bits) in its own mode
  * (SDM vol. 3 §11.6.2.2, §11.12.10.2; with one vCPU CPU 1 is never enabled). */
@@ -181,7 +182,7 @@ static u32 shared_nmi(u32 lo, u32 dest)
 }
 /* Whether an unmasked IOAPIC entry (low and high word) could send what the modes treat differently by
  * design (see the header): a logical destination while the APIC modes are mixed, a level-triggered
- * logical destination no APIC matches, or a logical NMI to a software-disabled xAPIC. */
+ * logical destination no APIC matches, or a logical NMI to a software-disabled APIC. */
 static bool entry_differs_by_design(u32 lo, u32 hi)
 {
 	if (!(lo & APIC_DEST_LOGICAL) || (lo & IOAPIC_MASKED))
@@ -240,6 +241,17 @@ static u64 shared_value(u32 off, u64 v, bool x2)
 	default: return v;
 	}
 }
+/* Keeps the registers a destination is matched with (ldr_of, dfr_of, svr_of). */
+static void keep_destination_registers(u32 off, u64 v)
+{
+	u32 cpu = this_cpu();
+	if (off == APIC_LDR)
+		ldr_of[cpu] = (u32)v;
+	else if (off == APIC_DFR)
+		dfr_of[cpu] = (u32)v;
+	else if (off == APIC_SVR)
+		svr_of[cpu] = (u32)v;
+}
 static void note_lapic(u64 base)
 {
 	bool x2 = (base & APIC_BASE_EXTD) != 0;
@@ -255,6 +267,7 @@ static void note_lapic(u64 base)
 		} else {
 			v = xapic_read(off);
 		}
+		keep_destination_registers(off, v);
 		if (off == APIC_APR || (off == APIC_ICR2 && !icr_destination_written))
 			continue;
 		if (off == APIC_ICR && x2 && !icr_destination_written)
@@ -291,20 +304,12 @@ static void note_cpu(void)
 	u64 base = rdmsr(APIC_BASE_MSR), deadline = 0;
 	u32 cpu = this_cpu();
 	apic_base_of[cpu] = base;
-	if (base & APIC_BASE_EXTD) {
-		ldr_of[cpu] = (u32)rdmsr(0x80D);
-		svr_of[cpu] = (u32)rdmsr(0x80F);
-	} else if (base & APIC_BASE_EN) {
-		ldr_of[cpu] = xapic_read(APIC_LDR);
-		dfr_of[cpu] = xapic_read(APIC_DFR);
-		svr_of[cpu] = xapic_read(APIC_SVR);
-	}
 	note(0x1B, base);
 	note(0xC8, read_cr8());
 	u32 fault = rdmsr_catch(MSR_TSC_DEADLINE, &deadline);
 	note(0x6E0, fault ? 0xFA000000ul | fault : deadline != 0);
 	note_lapic(base);
-	note(0x2000, nmi_count[this_cpu()]);
+	note(0x2000, nmi_count[cpu]);
 }
 /* CPU 0's state hash: its own registers and the shared ones (IOAPIC, ELCRs). */
 static u64 note_cpu0(void)
