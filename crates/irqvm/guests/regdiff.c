@@ -351,10 +351,13 @@ static u32 shared_icr(u32 lo)
 		return lo | APIC_SH_OTHERS;
 	return lo;
 }
-/* An x2APIC ICR destination: not the broadcast while the modes are mixed (see the header). */
-static u32 x2apic_destination(u32 dest) { return modes_mixed() && dest == 0xFFFFFFFFu ? 0xFFFFFFFEu : dest; }
-/* Whether an xAPIC ICR2 value names the broadcast while the modes are mixed (see the header). */
-static bool xapic_broadcast_mixed(u32 icr2) { return two_cpus && modes_mixed() && icr2 >> 24 == 0xFF; }
+/* An ICR destination (x2APIC: 32 bits; xAPIC: ICR2, the ID in bits 31:24) as the modes share it: not the
+ * broadcast ID while the modes are mixed (see the header). */
+static u32 unmixed(bool x2, u32 dest)
+{
+	bool broadcast = x2 ? dest == 0xFFFFFFFFu : dest >> 24 == 0xFF;
+	return two_cpus && modes_mixed() && broadcast ? dest ^ (x2 ? 1u : 1u << 24) : dest;
+}
 /* With two CPUs, a destination that reaches CPU 0, CPU 1, both or neither in some addressing mode: physical
  * IDs 0-3, the broadcast ID, xAPIC flat bits or clusters 0-15 (members in bits 3:0), x2APIC clusters 0 and 1,
  * or anything. */
@@ -446,41 +449,46 @@ static u32 lapic_offset(bool x2)
 /* ---- the operations ------------------------------------------------------------------------------------- */
 static char what[96];
 
+/* Sends `lo` to `dest` (as unmixed() has it) through the ICR, xAPIC ICR2 first; names the access in `what`
+ * and returns an x2APIC #GP as the operation's result. */
+static u64 write_icr(bool x2, u32 dest, u32 lo)
+{
+	if (x2) {
+		u64 v = (u64)dest << 32 | lo;
+		sfmt(what, sizeof(what), "wrmsr 830 %lx", v);
+		if (wrmsr_catch(0x830, v))
+			return 0xFA000000ul | GP_CAUGHT;
+	} else {
+		sfmt(what, sizeof(what), "mmio 310 <- %x, 300 <- %x", dest, lo);
+		xapic_write(APIC_ICR2, dest);
+		xapic_write(APIC_ICR, lo);
+	}
+	icr_destination_written = true;
+	return 0;
+}
 static u64 op_lapic_write(u64 base)
 {
 	bool x2 = (base & APIC_BASE_EXTD) != 0;
 	u32 off = lapic_offset(x2), v = lapic_value(off, x2);
+	if (x2 && off == APIC_ICR) {
+		u32 dest = two_cpus ? unmixed(true, destination(true))
+				    : chance(2) ? 0 : chance(2) ? 0xFFFFFFFFu : (u32)rnd();
+		return write_icr(true, dest, shared_nmi(v, dest));
+	}
 	if (x2) {
-		u64 v64 = v;
-		if (off == APIC_ICR) {
-			u32 dest = two_cpus ? x2apic_destination(destination(true))
-					    : chance(2) ? 0 : chance(2) ? 0xFFFFFFFFu : (u32)rnd();
-			v64 = (u64)dest << 32 | shared_nmi(v, dest);
-		} else if (chance(16))
-			v64 |= (u64)(u32)rnd() << 32;
+		u64 v64 = chance(16) ? (u64)(u32)rnd() << 32 | v : v;
 		sfmt(what, sizeof(what), "wrmsr %x %lx", 0x800 + off / 16, v64);
-		if (wrmsr_catch(0x800 + off / 16, v64))
-			return 0xFA000000ul | GP_CAUGHT;
-		icr_destination_written |= off == APIC_ICR;
-		return 0;
+		return wrmsr_catch(0x800 + off / 16, v64) ? 0xFA000000ul | GP_CAUGHT : 0;
 	}
 	if (off == APIC_ICR) {
-		bool write_icr2 = !icr_destination_written;
-		u32 icr2 = write_icr2 ? (two_cpus ? destination(false) << 24 : (u32)rnd()) : xapic_read(APIC_ICR2);
-		if (xapic_broadcast_mixed(icr2)) {
-			icr2 ^= 1u << 24;
-			write_icr2 = true;
-		}
-		v = shared_nmi(v, icr2 >> 24);
-		if (!write_icr2) {
-			sfmt(what, sizeof(what), "mmio 300 <- %x", v);
-			xapic_write(APIC_ICR, v);
-			return 0;
-		}
-		sfmt(what, sizeof(what), "mmio 310 <- %x, 300 <- %x", icr2, v);
-		xapic_write(APIC_ICR2, icr2);
+		u32 icr2 = icr_destination_written ? xapic_read(APIC_ICR2)
+						   : two_cpus ? destination(false) << 24 : (u32)rnd();
+		u32 dest = unmixed(false, icr2);
+		v = shared_nmi(v, dest >> 24);
+		if (!icr_destination_written || dest != icr2)
+			return write_icr(false, dest, v);
+		sfmt(what, sizeof(what), "mmio 300 <- %x", v);
 		xapic_write(APIC_ICR, v);
-		icr_destination_written = true;
 		return 0;
 	}
 	icr_destination_written |= off == APIC_ICR2;
@@ -665,23 +673,14 @@ static u64 op_ipi(u64 base)
 	if (chance(5))
 		lo |= below(4) << 18;
 	lo = shared_icr(lo);
-	u32 dest = x2 ? x2apic_destination(destination(true)) : destination(false);
-	if (!x2 && xapic_broadcast_mixed(dest << 24))
-		dest = 0xFE;
-	lo = shared_nmi(lo, dest);
+	u32 dest = x2 ? unmixed(true, destination(true)) : unmixed(false, destination(false) << 24);
+	u32 id = x2 ? dest : dest >> 24;
+	lo = shared_nmi(lo, id);
 	if (!(base & APIC_BASE_EN)) {
-		sfmt(what, sizeof(what), "ipi %x to %x (apic disabled)", lo, dest);
+		sfmt(what, sizeof(what), "ipi %x to %x (apic disabled)", lo, id);
 		return 0;
 	}
-	icr_destination_written = true;
-	if (x2) {
-		sfmt(what, sizeof(what), "wrmsr 830 %lx", (u64)dest << 32 | lo);
-		return wrmsr_catch(0x830, (u64)dest << 32 | lo) ? 0xFA000000ul | GP_CAUGHT : 0;
-	}
-	sfmt(what, sizeof(what), "mmio 310 <- %x, 300 <- %x", dest << 24, lo);
-	xapic_write(APIC_ICR2, dest << 24);
-	xapic_write(APIC_ICR, lo);
-	return 0;
+	return write_icr(x2, dest, lo);
 }
 
 static u64 run_op(void)
